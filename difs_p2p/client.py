@@ -1,0 +1,654 @@
+"""The Python API: publish, fetch, delete, stat and list versions by name.
+
+A :class:`Client` talks to one peer (its *entry peer*) for DHT work, and fetches segments
+straight from their holders. It never trusts what it is told: manifests and holder entries
+are verified again here, the hash list against the signed integrity root, and every segment
+against its hash before a byte of it is written out.
+
+Example::
+
+    async with Client(("127.0.0.1", 4000), publisher=Identity.generate()) as client:
+        await client.put(Path("izone.mp4"), "/a.com/izone.mp4")
+        await client.get("/a.com/izone.mp4", Path("copy.mp4"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from difs_p2p import segments, wire
+from difs_p2p.errors import (
+    AlreadyExistsError,
+    DeletedError,
+    DifsError,
+    IntegrityError,
+    NotFoundError,
+    PeerError,
+    PermissionDeniedError,
+    UsageError,
+    WireError,
+)
+from difs_p2p.identity import Identity
+from difs_p2p.manifest import (
+    HolderEntry,
+    Manifest,
+    build_manifest,
+    parse_holder_entry,
+    parse_manifest,
+)
+from difs_p2p.names import name_key, normalize_name
+from difs_p2p.transfer import Connection, remote_error
+
+# Requests in flight per connection: enough to keep a loopback link busy (measured: 8).
+PIPELINE = 8
+# Parallel holder connections per fetch.
+MAX_SOURCES = 8
+# Segments a stream fetch may run ahead of the next one it must write (bounds memory).
+STREAM_WINDOW = 64
+# Default replica count, as in Storj/Garage-style triple replication.
+DEFAULT_REPLICAS = 3
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """What the entry peer found for a name, verified here."""
+
+    manifest: Manifest
+    history: list[Manifest]
+    holders: list[HolderEntry]
+
+    def holders_for(self, manifest: Manifest) -> list[HolderEntry]:
+        integrity = bytes.fromhex(manifest.integrity)
+        return [
+            h for h in self.holders if h.version == manifest.version and h.integrity == integrity
+        ]
+
+
+@dataclass(slots=True)
+class PublishResult:
+    manifest: Manifest
+    accepted: int
+    ranges: list[dict[str, Any]]
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class FetchResult:
+    manifest: Manifest
+    bytes: int
+    seconds: float
+    first_byte: float
+    sources: int
+    retries: int
+
+
+def _verify_resolved(
+    key: bytes, body: dict[str, Any]
+) -> tuple[list[Manifest], list[Manifest], list[HolderEntry]]:
+    manifests, history, holders = [], [], []
+    for raw in body.get("manifests", []):
+        with contextlib.suppress(DifsError, TypeError):
+            manifests.append(parse_manifest(raw.encode(), key))
+    for raw in body.get("history", []):
+        with contextlib.suppress(DifsError, TypeError):
+            history.append(parse_manifest(raw.encode(), key))
+    for raw in body.get("holders", []):
+        with contextlib.suppress(DifsError, TypeError, ValueError):
+            entry = parse_holder_entry(bytes.fromhex(raw))
+            if entry.key == key:
+                holders.append(entry)
+    return manifests, history, holders
+
+
+def _read_chunks(path: Path, size: int) -> Iterator[bytes]:
+    with path.open("rb") as fh:
+        while chunk := fh.read(size):
+            yield chunk
+
+
+class Client:
+    """A connection to an entry peer, plus direct connections to holders while fetching."""
+
+    def __init__(
+        self,
+        peer: tuple[str, int],
+        *,
+        publisher: Identity | None = None,
+        io_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.peer = peer
+        self.publisher = publisher
+        self.io_timeout = io_timeout
+        self.clock = clock
+        self._conn: Connection | None = None
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _call(self, op: str, **args: Any) -> dict[str, Any]:
+        if self._conn is None:
+            self._conn = await Connection.open(self.peer, io_timeout=self.io_timeout)
+        try:
+            return await self._conn.call(op, **args)
+        except (PeerError, OSError):
+            self._conn.close()
+            self._conn = None
+            raise
+
+    # -- resolve ---------------------------------------------------------------------------
+
+    async def resolve(self, name: str) -> Resolved:
+        """The newest valid manifest of ``name``, its history and its holders."""
+        norm = normalize_name(name)
+        key = name_key(norm)
+        body = await self._call("resolve", key=key.hex())
+        manifests, history, holders = _verify_resolved(key, body)
+        if not manifests:
+            raise NotFoundError(f"{norm} is not published")
+        best = max(manifests, key=lambda m: m.version)
+        by_version = {m.version: m for m in [*history, *manifests] if m.publisher == best.publisher}
+        return Resolved(best, sorted(by_version.values(), key=lambda m: m.version), holders)
+
+    async def versions(self, name: str) -> list[Manifest]:
+        """Every known version of ``name`` from the current publisher, oldest first."""
+        return (await self.resolve(name)).history
+
+    # -- publish ---------------------------------------------------------------------------
+
+    async def put(
+        self,
+        source: Path,
+        name: str,
+        *,
+        segment_size: int = segments.DEFAULT_SEGMENT_SIZE,
+        replicas: int = DEFAULT_REPLICAS,
+        update: bool = False,
+        progress: Progress | None = None,
+    ) -> PublishResult:
+        """Publish the file ``source`` under ``name`` (a new version with ``update``)."""
+        if self.publisher is None:
+            raise UsageError("publishing needs a publisher key")
+        if replicas < 1:
+            raise UsageError("replicas must be at least 1")
+        norm = normalize_name(name)
+        segment_size = segments.validate_segment_size(segment_size)
+        started = time.perf_counter()
+        try:
+            size = (await asyncio.to_thread(source.stat)).st_size
+        except OSError as exc:
+            raise UsageError(f"cannot read {source}: {exc.strerror}") from None
+        layout = segments.Layout(size, segment_size)
+        try:
+            previous: Manifest | None = (await self.resolve(norm)).manifest
+        except NotFoundError:
+            previous = None
+        if previous is not None:
+            if previous.publisher != self.publisher.public_key:
+                raise PermissionDeniedError(f"{norm} belongs to another publisher")
+            if not update and not previous.deleted:
+                raise AlreadyExistsError(
+                    f"{norm} already exists (version {previous.version}); "
+                    "use --update to publish a new version"
+                )
+        hashes = await self._upload(source, segment_size, progress)
+        if len(hashes) != layout.count:
+            raise UsageError(f"{source} changed while it was being published")
+        hash_list = segments.encode_hash_list(hashes)
+        integrity = bytes(segments.hash_list_root(hash_list))
+        await self._put_blob(integrity, hash_list)
+        version = previous.version + 1 if previous else 1
+        stripes = segments.default_stripes(layout.count)
+        placed = await self._call(
+            "place",
+            key=name_key(norm).hex(),
+            version=version,
+            integrity=integrity.hex(),
+            segment_count=layout.count,
+            stripes=stripes,
+            replicas=replicas,
+        )
+        manifest = build_manifest(
+            self.publisher,
+            name=norm,
+            version=version,
+            parent=previous.hash if previous else None,
+            root=previous.lineage_root if previous else None,
+            size=size,
+            segment_size=segment_size,
+            segment_count=layout.count,
+            stripes=stripes,
+            replicas=replicas,
+            integrity=integrity.hex(),
+            created=self.clock(),
+        )
+        return await self._publish(manifest, placed, started)
+
+    async def _publish(
+        self, manifest: Manifest, placed: dict[str, Any], started: float
+    ) -> PublishResult:
+        result = await self._call(
+            "publish", manifest=manifest.raw.decode(), entries=placed.get("entries", [])
+        )
+        if result.get("winner") != manifest.hash:
+            raise AlreadyExistsError(
+                f"{manifest.name} was published by another publisher at the same time"
+            )
+        return PublishResult(
+            manifest=manifest,
+            accepted=int(result.get("accepted", 0)),
+            ranges=list(placed.get("ranges", [])),
+            seconds=time.perf_counter() - started,
+            warnings=list(placed.get("warnings", [])),
+        )
+
+    async def _put_blob(self, seg_id: bytes, data: bytes) -> None:
+        conn = await self._data_conn()
+        await conn.send(wire.PutSeg(request_id=0, seg_id=seg_id, data=data))
+        frame = await conn.read_frame()
+        if isinstance(frame, wire.Error):
+            raise remote_error(frame)
+
+    async def _data_conn(self) -> Connection:
+        if self._conn is None:
+            self._conn = await Connection.open(self.peer, io_timeout=self.io_timeout)
+        return self._conn
+
+    async def _upload(
+        self, source: Path, segment_size: int, progress: Progress | None
+    ) -> list[bytes]:
+        """Send every segment to the entry peer with PIPELINE puts in flight."""
+        conn = await self._data_conn()
+        hashes: list[bytes] = []
+        pending: collections.deque[int] = collections.deque()
+
+        async def take_ack() -> None:
+            frame = await conn.read_frame()
+            if isinstance(frame, wire.Error):
+                raise remote_error(frame)
+            if not isinstance(frame, wire.Ack):
+                raise PeerError("expected an ACK")
+            length = pending.popleft()
+            if progress:
+                progress(length)
+
+        fh = await asyncio.to_thread(source.open, "rb")
+        try:
+            while True:
+                chunk = await asyncio.to_thread(fh.read, segment_size)
+                if not chunk:
+                    break
+                seg_id = await asyncio.to_thread(segments.segment_hash, chunk)
+                hashes.append(seg_id)
+                if len(pending) >= PIPELINE:
+                    await take_ack()
+                await conn.send(wire.PutSeg(request_id=len(hashes), seg_id=seg_id, data=chunk))
+                pending.append(len(chunk))
+            while pending:
+                await take_ack()
+        finally:
+            fh.close()
+        return hashes
+
+    async def rm(self, name: str) -> Manifest:
+        """Delete ``name``: publish a signed tombstone; holders then free the segments."""
+        if self.publisher is None:
+            raise UsageError("deleting needs the publisher key")
+        resolved = await self.resolve(name)
+        current = resolved.manifest
+        if current.publisher != self.publisher.public_key:
+            raise PermissionDeniedError(f"{current.name} belongs to another publisher")
+        if current.deleted:
+            raise DeletedError(f"{current.name} is already deleted")
+        tombstone = build_manifest(
+            self.publisher,
+            name=current.name,
+            version=current.version + 1,
+            parent=current.hash,
+            root=current.lineage_root,
+            size=0,
+            segment_size=current.segment_size,
+            segment_count=0,
+            stripes=0,
+            replicas=0,
+            integrity=segments.hash_list_root(b"").hex(),
+            deleted=True,
+            created=self.clock(),
+        )
+        await self._publish(tombstone, {}, time.perf_counter())
+        return tombstone
+
+    async def stat(self, name: str) -> dict[str, Any]:
+        """The manifest in the seed's shape, with holders per range and who answers now."""
+        resolved = await self.resolve(name)
+        m = resolved.manifest
+        holders = resolved.holders_for(m)
+        addresses = list(dict.fromkeys((h.host, h.port) for h in holders))
+        live = dict(
+            zip(addresses, await asyncio.gather(*(_alive(a) for a in addresses)), strict=True)
+        )
+        info = m.info()
+        info["publisher"] = m.publisher.hex()
+        info["hash_of_manifest"] = m.hash
+        storages = [
+            {
+                "storage": h.node_id.hex(),
+                "address": f"{h.host}:{h.port}",
+                "segment": {"start": h.start, "end": h.end},
+                "live": live[(h.host, h.port)],
+            }
+            for h in sorted(holders, key=lambda h: (h.start, h.end, h.node_id))
+        ]
+        ranges = segments.stripe_ranges(m.segment_count, m.stripes)
+        per_range = []
+        for start, end in ranges:
+            covering = [h for h in holders if h.start <= start and end <= h.end]
+            alive = sum(1 for h in covering if live[(h.host, h.port)])
+            per_range.append(
+                {
+                    "start": start,
+                    "end": end,
+                    "holders": len(covering),
+                    "live": alive,
+                    "margin": alive - 1,
+                }
+            )
+        return {
+            "info": info,
+            "storages": storages,
+            "ranges": per_range,
+            "versions": [v.version for v in resolved.history],
+        }
+
+    # -- fetch -----------------------------------------------------------------------------
+
+    async def get(
+        self,
+        name: str,
+        out: Path | IO[bytes],
+        *,
+        version: int | None = None,
+        byte_range: tuple[int, int] | None = None,
+        progress: Progress | None = None,
+    ) -> FetchResult:
+        """Fetch ``name`` (or one version, or an inclusive byte range) into ``out``."""
+        started = time.perf_counter()
+        resolved = await self.resolve(name)
+        manifest = resolved.manifest
+        if version is not None:
+            match = [m for m in resolved.history if m.version == version]
+            if not match:
+                raise NotFoundError(f"{manifest.name} has no version {version}")
+            manifest = match[0]
+        if manifest.deleted:
+            raise DeletedError(f"{manifest.name} was deleted (version {manifest.version})")
+        holders = resolved.holders_for(manifest)
+        fetch = _Fetch(self, manifest, holders, byte_range, progress)
+        return await fetch.run(out, started)
+
+
+async def _alive(address: tuple[str, int]) -> bool:
+    """Whether a peer answers a HELLO within 2 s."""
+    try:
+        conn = await Connection.open(address, io_timeout=2.0, connect_timeout=2.0)
+    except DifsError:
+        return False
+    try:
+        await conn.send(wire.Hello(request_id=0, peer=None))
+        return isinstance(await conn.read_frame(), wire.Hello)
+    except (DifsError, OSError):
+        return False
+    finally:
+        conn.close()
+
+
+class _Fetch:
+    """One verified, parallel, fail-over fetch into a file or a stream."""
+
+    def __init__(
+        self,
+        client: Client,
+        manifest: Manifest,
+        holders: list[HolderEntry],
+        byte_range: tuple[int, int] | None,
+        progress: Progress | None,
+    ) -> None:
+        self.client = client
+        self.manifest = manifest
+        self.holders = holders
+        self.layout = segments.Layout(manifest.size, manifest.segment_size)
+        if byte_range is None:
+            self.first, self.last = 0, manifest.size - 1
+        else:
+            self.first, self.last = byte_range
+            if not (0 <= self.first <= self.last < manifest.size):
+                raise UsageError(
+                    f"range {self.first}-{self.last} is outside the object (size {manifest.size})"
+                )
+        self.progress = progress
+        self.hashes: list[bytes] = []
+        self.retries = 0
+        self.first_byte = 0.0
+        self.written = 0
+
+    def _sources(self) -> list[tuple[str, int]]:
+        return list(dict.fromkeys((h.host, h.port) for h in self.holders))
+
+    def _covering(self, index: int) -> list[tuple[str, int]]:
+        return [(h.host, h.port) for h in self.holders if h.start <= index <= h.end]
+
+    async def _hash_list(self) -> list[bytes]:
+        root = bytes.fromhex(self.manifest.integrity)
+        if self.manifest.segment_count == 0:
+            return []
+        errors: list[str] = []
+        for address in self._sources():
+            try:
+                conn = await Connection.open(address, io_timeout=self.client.io_timeout)
+            except DifsError as exc:
+                errors.append(str(exc))
+                continue
+            try:
+                await conn.send(wire.GetSeg(request_id=0, seg_id=root, offset=0, length=0))
+                frame = await conn.read_frame()
+                if isinstance(frame, wire.Data):
+                    return list(
+                        segments.verify_hash_list(
+                            bytes(frame.data), root, self.manifest.segment_count
+                        )
+                    )
+                errors.append(f"{address[0]}:{address[1]} has no hash list")
+            except (DifsError, WireError) as exc:
+                errors.append(str(exc))
+            finally:
+                conn.close()
+        raise NotFoundError(
+            f"no holder of {self.manifest.name} answered with its hash list "
+            f"({len(self._sources())} tried: {'; '.join(errors[:3])})"
+        )
+
+    async def run(self, out: Path | IO[bytes], started: float) -> FetchResult:
+        self.hashes = await self._hash_list()
+        if self.manifest.size == 0:
+            if isinstance(out, Path):
+                await asyncio.to_thread(out.write_bytes, b"")
+            return FetchResult(self.manifest, 0, time.perf_counter() - started, 0.0, 0, 0)
+        wanted = list(self.layout.segments_for_bytes(self.first, self.last))
+        if isinstance(out, Path):
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                await self._fetch(wanted, fd, None, started)
+                await asyncio.to_thread(os.fsync, fd)
+            finally:
+                os.close(fd)
+        else:
+            await self._fetch(wanted, None, out, started)
+        return FetchResult(
+            self.manifest,
+            self.written,
+            time.perf_counter() - started,
+            self.first_byte,
+            len(self._sources()),
+            self.retries,
+        )
+
+    def _slice(self, index: int) -> tuple[int, int, int]:
+        """(offset in object, start within segment, length) of what we need of segment i."""
+        offset, length = self.layout.bounds(index)
+        lo = max(self.first, offset)
+        hi = min(self.last, offset + length - 1)
+        return lo, lo - offset, hi - lo + 1
+
+    async def _fetch(
+        self, wanted: list[int], fd: int | None, stream: IO[bytes] | None, started: float
+    ) -> None:
+        queue: collections.deque[int] = collections.deque(wanted)
+        failed: dict[int, set[tuple[str, int]]] = collections.defaultdict(set)
+        # in-order delivery for streams: index -> data (bounded by the pipelines' depth)
+        ready: dict[int, bytes] = {}
+        order = collections.deque(wanted)
+        done = asyncio.Event()
+        remaining = {"n": len(wanted)}
+        problems: list[str] = []
+        sources = self._sources()
+        if not sources:
+            raise NotFoundError(f"no holder of {self.manifest.name} is known")
+
+        def deliver_stream() -> None:
+            assert stream is not None
+            while order and order[0] in ready:
+                data = ready.pop(order.popleft())
+                stream.write(data)
+
+        async def store(index: int, data: bytes | memoryview) -> None:
+            pos, skip, length = self._slice(index)
+            piece = data[skip : skip + length]
+            if not self.first_byte:
+                self.first_byte = time.perf_counter() - started
+            if fd is not None:
+                await asyncio.to_thread(os.pwrite, fd, piece, pos - self.first)
+            else:
+                ready[index] = bytes(piece)
+                deliver_stream()
+            self.written += len(piece)
+            if self.progress:
+                self.progress(len(piece))
+            remaining["n"] -= 1
+            if remaining["n"] == 0:
+                done.set()
+
+        def next_for(address: tuple[str, int]) -> int | None:
+            for _ in range(len(queue)):
+                index = queue.popleft()
+                too_far = stream is not None and order and index - order[0] > STREAM_WINDOW
+                if (
+                    not too_far
+                    and address in self._covering(index)
+                    and address not in failed[index]
+                ):
+                    return index
+                queue.append(index)
+            return None
+
+        def give_up_check() -> None:
+            for index in list(queue):
+                candidates = set(self._covering(index)) - failed[index]
+                if not candidates:
+                    raise IntegrityError(
+                        f"segment {index} of {self.manifest.name} could not be fetched from "
+                        f"any holder: {'; '.join(problems[-3:])}"
+                    )
+
+        async def worker(address: tuple[str, int]) -> None:
+            try:
+                conn = await Connection.open(address, io_timeout=self.client.io_timeout)
+            except DifsError as exc:
+                problems.append(str(exc))
+                for index in list(queue):
+                    failed[index].add(address)
+                return
+            inflight: collections.deque[int] = collections.deque()
+            try:
+                while True:
+                    while len(inflight) < PIPELINE:
+                        picked = next_for(address)
+                        if picked is None:
+                            break
+                        await conn.send(
+                            wire.GetSeg(
+                                request_id=picked, seg_id=self.hashes[picked], offset=0, length=0
+                            )
+                        )
+                        inflight.append(picked)
+                    if not inflight:
+                        return
+                    index = inflight[0]
+                    header = await conn.read_header()
+                    if header is None:
+                        raise PeerError("connection closed")
+                    payload = await conn.read_payload(header)
+                    frame = wire.decode_payload(header, payload)
+                    inflight.popleft()
+                    if isinstance(frame, wire.Data):
+                        data = frame.data
+                        try:
+                            await asyncio.to_thread(
+                                segments.verify_segment, self.hashes[index], data
+                            )
+                        except IntegrityError as exc:
+                            problems.append(f"{address[0]}:{address[1]}: {exc}")
+                            failed[index].add(address)
+                            self.retries += 1
+                            queue.appendleft(index)
+                            continue
+                        await store(index, data)
+                    else:
+                        message = frame.message if isinstance(frame, wire.Error) else "bad frame"
+                        problems.append(f"{address[0]}:{address[1]}: {message}")
+                        failed[index].add(address)
+                        self.retries += 1
+                        queue.appendleft(index)
+            except (DifsError, OSError) as exc:
+                problems.append(f"{address[0]}:{address[1]}: {exc}")
+                for index in inflight:
+                    failed[index].add(address)
+                    queue.appendleft(index)
+                    self.retries += 1
+                for index in list(queue):
+                    failed[index].add(address)
+            finally:
+                conn.close()
+
+        active = sources[: MAX_SOURCES * 4]
+        while remaining["n"] > 0:
+            give_up_check()
+            workers = [asyncio.create_task(worker(a)) for a in active]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for task in workers:
+                    task.cancel()
+            if remaining["n"] > 0 and not queue:
+                raise PeerError("fetch stalled")
+        if stream is not None:
+            deliver_stream()
+            stream.flush()

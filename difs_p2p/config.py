@@ -1,0 +1,152 @@
+"""Validated, frozen configuration, built once at the edge (CLI or API).
+
+Every default says where it comes from. Tests build configs; nothing patches module
+constants.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from difs_p2p.errors import UsageError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "ki": 1 << 10,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "mi": 1 << 20,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "gi": 1 << 30,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+    "ti": 1 << 40,
+    "p": 1000**5,
+    "pb": 1000**5,
+    "pib": 1 << 50,
+    "pi": 1 << 50,
+}
+
+
+def parse_size(text: str) -> int:
+    """Parse a size such as ``10GiB``, ``500MB``, ``4096`` or ``1.5G`` into bytes.
+
+    Decimal units (kB, MB, GB) are powers of 1000, binary units (KiB, MiB, GiB) powers of 1024.
+    """
+    match = _SIZE_RE.match(text)
+    unit = (match.group(2) or "").lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise UsageError(f"not a size: {text!r} (examples: 4096, 500MB, 10GiB)")
+    value = float(match.group(1)) * _UNITS[unit]
+    if value != int(value) and unit in ("", "b"):
+        raise UsageError(f"not a size: {text!r} (bytes must be a whole number)")
+    return int(value)
+
+
+def format_size(n: float) -> str:
+    """Format a byte count for humans (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover - loop always returns
+
+
+def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (IPv4 address or ``localhost``) into a tuple.
+
+    The DHT runs on IPv4 only (one address family per DHT), so ``localhost`` maps to
+    127.0.0.1 and IPv6 literals are refused with a clear message.
+    """
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise UsageError(f"malformed address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:4000")
+        host, port_text = text.strip(), str(default_port)
+    if host.startswith("[") or ":" in host:
+        raise UsageError(f"malformed address {text!r}: IPv6 is not supported, use an IPv4 address")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise UsageError(f"malformed address {text!r}: {host!r} is not an IPv4 address") from None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UsageError(f"malformed address {text!r}: port must be 1-65535")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True, slots=True)
+class DhtConfig:
+    """Tuning of the DHT adapter."""
+
+    # k and alpha from the Kademlia paper, as in the library's defaults.
+    ksize: int = 20
+    alpha: int = 3
+    # The library waits 5 s per RPC; a LAN answers in well under 1 ms, so 2 s is generous.
+    rpc_timeout: float = 2.0
+    # The library evicts a contact after one lost reply; the paper suggests tolerating several.
+    evict_after_failures: int = 3
+    # The kernel default (208 KiB) drops replies during parallel lookups; 4 MiB is rmem_max here.
+    recv_buffer: int = 4 << 20
+    # Largest datagram we decode: the library's request cap is 8,192 B plus headers.
+    max_datagram: int = 9000
+    # Re-run bootstrap (far-bucket refresh) this often, as the paper's bucket refresh.
+    refresh_interval: float = 600.0
+    # Contacts are pinged this often; a crashed peer is evicted after evict_after_failures
+    # pings, so within about liveness_interval x evict_after_failures (3 min by default).
+    liveness_interval: float = 60.0
+    # Stored records expire unless re-stored within this time (republish interval x 2).
+    record_ttl: float = 48 * 3600.0
+    # Caps on what one peer stores for the network: count of records and of set entries.
+    max_records: int = 100_000
+    max_entries_per_key: int = 512
+
+    def __post_init__(self) -> None:
+        if self.ksize < 1 or self.alpha < 1:
+            raise UsageError("ksize and alpha must be at least 1")
+        if self.rpc_timeout <= 0:
+            raise UsageError("rpc_timeout must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """Everything a storage peer needs to start."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    # 0 picks a free port; the same number serves UDP (DHT) and TCP (segments).
+    port: int = 0
+    bootstrap: tuple[tuple[str, int], ...] = ()
+    # 10 GiB: a storage peer's default share of its disk; set with --capacity.
+    capacity: int = 10 << 30
+    dht: DhtConfig = field(default_factory=DhtConfig)
+    # Bootstrap retries: 5 attempts with exponential backoff from 0.5 s (about 15 s in all).
+    bootstrap_attempts: int = 5
+    bootstrap_backoff: float = 0.5
+    # How long a TCP peer may stall on one frame before we drop the connection.
+    io_timeout: float = 30.0
+    # Bound on concurrent inbound TCP connections.
+    max_connections: int = 256
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.IPv4Address(self.host)
+        except ValueError:
+            raise UsageError(f"--host must be an IPv4 address, not {self.host!r}") from None
+        if not 0 <= self.port < 65536:
+            raise UsageError(f"--port must be 0-65535, not {self.port}")
+        if self.capacity < 0:
+            raise UsageError("--capacity must not be negative")

@@ -1,0 +1,749 @@
+"""The DHT adapter: the only module that imports ``kademlia`` or ``rpcudp``.
+
+The rest of DIFS-P2P sees :class:`Dht`: start, bootstrap, put/get a validated record by
+20-byte key, add/get signed entries under a key, the k closest live peers, stop.
+
+From the library we keep the wire format (rpcudp's msgpack datagrams, so stock peers can
+still talk to us), the routing table's k-buckets and the ``Node`` type. We replace what
+loses lookups or lets peers hurt us (each has a test that fails on the stock behaviour):
+
+* ``find_neighbors`` stops after two empty buckets and returns ``[]`` while contacts exist:
+  we sort every contact by XOR distance.
+* ``bootstrap`` only looks up its own ID: we also refresh the far buckets, seeding those
+  lookups with the bootstrap contacts only, as the Kademlia paper asks.
+* one lost reply evicts a contact: we evict after ``evict_after_failures`` in a row.
+* ``set`` reports success when every STORE failed: :meth:`Dht.put` returns how many peers
+  accepted.
+* malformed datagrams raise inside handler tasks, and malformed replies raise on the
+  honest caller: every request and reply is shape-checked; bad ones are dropped.
+* the 5 s RPC timeout and the 208 KiB default socket buffer: both come from
+  :class:`~difs_p2p.config.DhtConfig`.
+* ``welcome_if_new`` hashes keys twice and hands newcomers the wrong records: we hand over
+  the records the newcomer is now among the k closest to, in an owned background task.
+* ``get`` trusts a local copy or the first answer: :meth:`Dht.get` asks the k closest peers
+  and returns every valid record, best first, and repairs peers that had older ones.
+
+Datagrams are handled synchronously in ``datagram_received`` (no task per datagram), and
+every background task belongs to the ``Dht`` and is cancelled by :meth:`Dht.stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import umsgpack
+from kademlia.node import Node
+from kademlia.protocol import KademliaProtocol
+from kademlia.routing import RoutingTable
+
+from difs_p2p.config import DhtConfig
+from difs_p2p.errors import NetworkError
+from difs_p2p.recordstore import RecordPolicy, RecordStore
+
+log = logging.getLogger(__name__)
+
+KEY_SIZE = 20
+_REQUEST = b"\x00"
+_REPLY = b"\x01"
+_MSG_ID_SIZE = 20
+# rpcudp refuses outgoing requests over 8,192 bytes of msgpack; a record must fit in one.
+MAX_VALUE_SIZE = 8000
+# Entries per add_entries request and per find_entries reply page, under the same cap.
+_ENTRY_BATCH_BYTES = 7000
+_RPCS = frozenset(
+    {"ping", "store", "find_node", "find_value", "stun", "add_entries", "find_entries", "leave"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """A peer as the DHT knows it. Its TCP port has the same number as its UDP port."""
+
+    node_id: bytes
+    host: str
+    port: int
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+@dataclass(slots=True)
+class LookupResult:
+    """What an iterative lookup found."""
+
+    closest: list[Contact]
+    values: list[tuple[Contact, bytes]] = field(default_factory=list)
+    entries: list[bytes] = field(default_factory=list)
+    rounds: int = 0
+    queried: int = 0
+    # peers among the closest that answered without a value (read-repair targets)
+    without_value: list[Contact] = field(default_factory=list)
+    # peers whose find_entries reply had more pages, with the next offset
+    more_pages: list[tuple[Contact, int]] = field(default_factory=list)
+
+
+def _distance(a: bytes, b: bytes) -> int:
+    return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+
+
+def _neg(value: bytes) -> tuple[int, ...]:
+    """A sort key under which smaller bytes sort later (for reverse sorts)."""
+    return (*(-b for b in value), -len(value))
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, bytes) and len(value) == KEY_SIZE
+
+
+def _contact(node: Node) -> Contact:
+    return Contact(node_id=bytes(node.id), host=str(node.ip), port=int(node.port))
+
+
+def _parse_node_list(reply: object, limit: int) -> list[Node] | None:
+    """The contacts in a find_* reply, or None when the reply is malformed."""
+    if not isinstance(reply, list) or len(reply) > limit:
+        return None
+    nodes = []
+    for item in reply:
+        if not (isinstance(item, list) and len(item) == 3):
+            return None
+        nid, ip, port = item
+        if not (_is_id(nid) and isinstance(ip, str) and len(ip) <= 64):
+            return None
+        if not (isinstance(port, int) and 0 < port < 65536):
+            return None
+        nodes.append(Node(nid, ip, port))
+    return nodes
+
+
+class _ExactRoutingTable(RoutingTable):  # type: ignore[misc]
+    """The library's k-buckets, with an exact ``find_neighbors``.
+
+    Unlike the library's, it also returns a contact whose ID equals the target, so that a
+    lookup of a peer's ID finds that peer.
+    """
+
+    def find_neighbors(
+        self, node: Node, k: int | None = None, exclude: Node | None = None
+    ) -> list[Node]:
+        k = k or self.ksize
+        index = self.get_bucket_for(node)
+        if index is not None:
+            self.buckets[index].touch_last_updated()
+        found = [
+            n
+            for bucket in self.buckets
+            for n in bucket.nodes.values()
+            if exclude is None or not n.same_home_as(exclude)
+        ]
+        found.sort(key=node.distance_to)
+        return found[:k]
+
+    def add_contact(self, node: Node) -> None:
+        """As the library's, but the ping of a full bucket's head is an owned task."""
+        index = self.get_bucket_for(node)
+        if index is None:
+            return
+        bucket = self.buckets[index]
+        if bucket.add_node(node):
+            return
+        if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
+            self.split_bucket(index)
+            self.add_contact(node)
+        else:
+            self.protocol.dht.spawn(self.protocol.call_ping(bucket.head()))
+
+    def all_contacts(self) -> list[Node]:
+        return [n for bucket in self.buckets for n in bucket.nodes.values()]
+
+
+class _Protocol(KademliaProtocol):  # type: ignore[misc]
+    """rpcudp + kademlia protocol with checked requests and replies and owned tasks."""
+
+    def __init__(self, dht: Dht) -> None:
+        super().__init__(dht.node, dht.store, dht.config.ksize)
+        self.dht = dht
+        self.router = _ExactRoutingTable(self, dht.config.ksize, dht.node)
+        self._wait_timeout = dht.config.rpc_timeout
+        self._expected: dict[bytes, tuple[str, int]] = {}
+        self._failures: dict[bytes, int] = {}
+        self.dropped = 0
+
+    # -- incoming --------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self._handle_datagram(data, addr)
+        except Exception as exc:  # a peer's garbage must never hurt us
+            self.dropped += 1
+            self.dht.peer_warning(addr, f"dropped datagram: {type(exc).__name__}: {exc}")
+
+    def _handle_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        if len(data) < 1 + _MSG_ID_SIZE + 1 or len(data) > self.dht.config.max_datagram:
+            self.dropped += 1
+            self.dht.peer_warning(addr, f"dropped datagram of {len(data)} bytes")
+            return
+        kind, msg_id = data[:1], data[1 : 1 + _MSG_ID_SIZE]
+        body = umsgpack.unpackb(data[1 + _MSG_ID_SIZE :])
+        if kind == _REQUEST:
+            self._handle_request(msg_id, body, addr)
+        elif kind == _REPLY:
+            self._handle_reply(msg_id, body, addr)
+        else:
+            self.dropped += 1
+
+    def _handle_request(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
+        if not (isinstance(body, list) and len(body) == 2):
+            raise ValueError("request is not [name, args]")
+        name, args = body
+        if not (isinstance(name, str) and name in _RPCS and isinstance(args, list)):
+            raise ValueError(f"unknown request {name!r}")
+        if name == "stun":
+            result: object = list(addr)
+        elif name == "leave":
+            # A peer that stops says so; no reply (stock peers ignore the unknown name).
+            if args and _is_id(args[0]):
+                self.router.remove_contact(Node(args[0], addr[0], addr[1]))
+                self._failures.pop(args[0], None)
+            return
+        else:
+            if not args or not _is_id(args[0]):
+                raise ValueError("sender id is not 20 bytes")
+            sender = Node(args[0], addr[0], addr[1])
+            result = self._dispatch(name, sender, args[1:])
+            self.welcome_if_new(sender)
+        reply = _REPLY + msg_id + umsgpack.packb(result)
+        if self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+    def _dispatch(self, name: str, sender: Node, args: list[Any]) -> object:
+        now = self.dht.clock()
+        store = self.dht.store
+        if name == "ping":
+            return self.source_node.id
+        if len(args) < 1 or not _is_id(args[0]):
+            raise ValueError("key is not 20 bytes")
+        key = bytes(args[0])
+        neighbors = [list(tuple(n)) for n in self.router.find_neighbors(Node(key), exclude=sender)]
+        if name == "find_node":
+            return neighbors
+        if name == "find_value":
+            value = store.get(key, now)
+            return {"value": value} if value is not None else neighbors
+        if name == "store":
+            if len(args) != 2 or not isinstance(args[1], bytes):
+                return False
+            if len(args[1]) > MAX_VALUE_SIZE:
+                return False
+            return store.put(key, args[1], now).accepted
+        if name == "add_entries":
+            if len(args) != 2 or not isinstance(args[1], list):
+                return 0
+            items = [e for e in args[1] if isinstance(e, bytes) and len(e) <= MAX_VALUE_SIZE]
+            return sum(store.add_entry(key, e, now).accepted for e in items)
+        # find_entries: one page of entries starting at an offset, plus closer contacts
+        offset = args[1] if len(args) > 1 and isinstance(args[1], int) else 0
+        all_entries = store.entries(key, now)
+        page, size, nxt = [], 0, -1
+        for i in range(max(offset, 0), len(all_entries)):
+            if size + len(all_entries[i]) > _ENTRY_BATCH_BYTES:
+                nxt = i
+                break
+            page.append(all_entries[i])
+            size += len(all_entries[i])
+        return {"entries": page, "next": nxt, "nodes": neighbors[: self.dht.config.ksize // 2]}
+
+    def _handle_reply(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
+        pending = self._outstanding.get(msg_id)
+        if pending is None or self._expected.get(msg_id) != addr:
+            self.dropped += 1
+            return
+        future, timer = pending
+        timer.cancel()
+        del self._outstanding[msg_id]
+        del self._expected[msg_id]
+        if not future.done():
+            future.set_result((True, body))
+
+    # -- outgoing --------------------------------------------------------------------------
+
+    def call(self, address: tuple[str, int], name: str, *args: Any) -> asyncio.Future[Any]:
+        """Send request ``name(*args)`` to ``address``; the future gives (ok, reply)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        msg_id = os.urandom(_MSG_ID_SIZE)
+        data = umsgpack.packb([name, list(args)])
+        if len(data) > 8192 or self.transport is None or self.transport.is_closing():
+            future.set_result((False, None))
+            return future
+        timer = loop.call_later(self._wait_timeout, self._on_timeout, msg_id)
+        self._outstanding[msg_id] = (future, timer)
+        self._expected[msg_id] = address
+        self.transport.sendto(_REQUEST + msg_id + data, address)
+        return future
+
+    def _on_timeout(self, msg_id: bytes) -> None:
+        pending = self._outstanding.pop(msg_id, None)
+        self._expected.pop(msg_id, None)
+        if pending is not None and not pending[0].done():
+            pending[0].set_result((False, None))
+
+    def notify(self, address: tuple[str, int], name: str, *args: Any) -> None:
+        """Send a request that expects no reply."""
+        if self.transport is not None and not self.transport.is_closing():
+            msg_id = os.urandom(_MSG_ID_SIZE)
+            self.transport.sendto(_REQUEST + msg_id + umsgpack.packb([name, list(args)]), address)
+
+    def cancel_outstanding(self) -> None:
+        for future, timer in self._outstanding.values():
+            timer.cancel()
+            if not future.done():
+                future.set_result((False, None))
+        self._outstanding.clear()
+        self._expected.clear()
+
+    async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
+        result = await self.call((node_to_ask.ip, node_to_ask.port), "ping", self.source_node.id)
+        ok = result[0] and _is_id(result[1]) and result[1] == node_to_ask.id
+        return self.handle_call_response((ok, result[1]), node_to_ask)
+
+    async def call_find(self, node: Node, name: str, key: bytes, *extra: Any) -> tuple[bool, Any]:
+        result = await self.call((node.ip, node.port), name, self.source_node.id, key, *extra)
+        return self.handle_call_response(result, node)
+
+    async def call_store(self, node_to_ask: Node, key: bytes, value: bytes) -> tuple[bool, Any]:
+        result = await self.call(
+            (node_to_ask.ip, node_to_ask.port), "store", self.source_node.id, key, value
+        )
+        return self.handle_call_response(result, node_to_ask)
+
+    def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
+        """Count a failure (evicting after several in a row) or welcome the node."""
+        if not result[0]:
+            failures = self._failures.get(node.id, 0) + 1
+            self._failures[node.id] = failures
+            if failures >= self.dht.config.evict_after_failures:
+                self._failures.pop(node.id, None)
+                self.router.remove_contact(node)
+            return result
+        self._failures.pop(node.id, None)
+        self.welcome_if_new(node)
+        return result
+
+    def welcome_if_new(self, node: Node) -> None:
+        if not self.router.is_new_node(node) or node.id == self.source_node.id:
+            return
+        self.router.add_contact(node)
+        self.dht.spawn(self.dht._hand_over(node))
+
+
+class Dht:
+    """A Kademlia node with validated records. See the module docstring."""
+
+    def __init__(
+        self,
+        node_id: bytes,
+        policy: RecordPolicy,
+        config: DhtConfig | None = None,
+        *,
+        db_path: Path | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not _is_id(node_id):
+            raise ValueError("node id must be 20 bytes")
+        self.config = config or DhtConfig()
+        self.node = Node(node_id)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.store = RecordStore(
+            db_path,
+            policy,
+            ttl=self.config.record_ttl,
+            max_records=self.config.max_records,
+            max_entries_per_key=self.config.max_entries_per_key,
+        )
+        self.protocol: _Protocol | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+        self.seeds: list[tuple[str, int]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._warned: set[tuple[str, int]] = set()
+        self.stats: dict[str, int] = {"lookups": 0, "rounds": 0, "rpcs": 0}
+
+    @property
+    def node_id(self) -> bytes:
+        return bytes(self.node.id)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int, *, sock: socket.socket | None = None) -> int:
+        """Listen on UDP ``host:port`` (or on a ready socket); return the bound port."""
+        loop = asyncio.get_running_loop()
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                sock.close()
+                raise NetworkError(f"cannot listen on UDP {host}:{port}: {exc.strerror}") from None
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.recv_buffer)
+        protocol = _Protocol(self)
+        transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+        self.transport = transport
+        self.protocol = protocol
+        self.node.ip, self.node.port = sock.getsockname()[:2]
+        self.spawn(self._refresh_loop())
+        self.spawn(self._liveness_loop())
+        return int(self.node.port)
+
+    async def stop(self) -> None:
+        """Tell contacts we leave, cancel every task, fail outstanding RPCs, close the socket."""
+        if self.protocol is not None:
+            for contact in self.contacts():
+                self.protocol.notify(contact.address, "leave", self.node_id)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self.protocol is not None:
+            self.protocol.cancel_outstanding()
+        if self.transport is not None:
+            self.transport.close()
+            await asyncio.sleep(0)  # let the transport release the port
+        self.store.close()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` as a task owned by this node (cancelled by stop)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("dht task failed: %r", task.exception())
+
+    def peer_warning(self, addr: tuple[str, int], message: str) -> None:
+        """Log a peer-caused problem once per address at WARNING, then at DEBUG."""
+        level = logging.DEBUG if addr in self._warned else logging.WARNING
+        if len(self._warned) < 10_000:
+            self._warned.add(addr)
+        log.log(level, "peer_error addr=%s:%s %s", addr[0], addr[1], message)
+
+    def _proto(self) -> _Protocol:
+        if self.protocol is None:
+            raise NetworkError("the DHT is not started")
+        return self.protocol
+
+    # -- routing table ---------------------------------------------------------------------
+
+    def contacts(self) -> list[Contact]:
+        return [_contact(n) for n in self._proto().router.all_contacts()]
+
+    def neighbors(self, key: bytes, count: int | None = None) -> list[Contact]:
+        nodes = self._proto().router.find_neighbors(Node(key), count or self.config.ksize)
+        return [_contact(n) for n in nodes]
+
+    @property
+    def me(self) -> Contact:
+        return _contact(self.node)
+
+    async def ping(self, address: tuple[str, int]) -> bytes | None:
+        """Ping an address; on success the peer joins the routing table and its ID returns."""
+        proto = self._proto()
+        ok, reply = await proto.call(address, "ping", self.node_id)
+        if not ok or not _is_id(reply):
+            return None
+        node = Node(reply, address[0], address[1])
+        proto.handle_call_response((True, reply), node)
+        return bytes(reply)
+
+    async def bootstrap(self, seeds: Sequence[tuple[str, int]]) -> int:
+        """Join through ``seeds``: look up our own ID, then refresh the far buckets.
+
+        Returns the number of contacts in the routing table afterwards.
+        """
+        self.seeds = list(dict.fromkeys(list(seeds) + self.seeds))
+        pinged = await asyncio.gather(*(self.ping(a) for a in seeds))
+        seed_nodes = [Node(i, a[0], a[1]) for i, a in zip(pinged, seeds, strict=True) if i]
+        if not seed_nodes:
+            return len(self.contacts())
+        await self.lookup(self.node_id, "find_node", start=seed_nodes)
+        await self._refresh_far(seed_nodes)
+        return len(self.contacts())
+
+    async def _refresh_far(self, start: list[Node]) -> None:
+        """Look up a random ID under each of the 8 farthest prefixes, one at a time."""
+        me = int.from_bytes(self.node_id, "big")
+        for bit in range(8):
+            flip = 1 << (159 - bit)
+            low = self.rng.getrandbits(159 - bit)
+            target = ((me ^ flip) >> (159 - bit) << (159 - bit)) | low
+            await self.lookup(target.to_bytes(KEY_SIZE, "big"), "find_node", start=start)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.refresh_interval)
+            self.store.expire(self.clock())
+            known = self._proto().router.find_neighbors(self.node, self.config.alpha)
+            if known:
+                await self._refresh_far(known)
+            elif self.seeds:
+                await self.bootstrap(self.seeds)
+
+    async def _liveness_loop(self) -> None:
+        """Ping contacts regularly so that crashed peers are noticed and evicted."""
+        while True:
+            await asyncio.sleep(self.config.liveness_interval)
+            proto = self._proto()
+            nodes = proto.router.all_contacts()
+            await asyncio.gather(*(proto.call_ping(n) for n in nodes))
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    async def lookup(
+        self, key: bytes, rpc: str = "find_node", *, start: Iterable[Node] | None = None
+    ) -> LookupResult:
+        """Iterative Kademlia lookup with ``alpha`` requests in flight.
+
+        ``find_node`` finds the k closest live peers; ``find_value`` and ``find_entries``
+        also collect what every one of those k peers holds (they never stop at the first
+        answer).
+        """
+        proto = self._proto()
+        k, alpha = self.config.ksize, self.config.alpha
+        target = Node(key)
+        shortlist: dict[bytes, Node] = {}
+        for n in start if start is not None else proto.router.find_neighbors(target, k):
+            if n.id != self.node.id:
+                shortlist[n.id] = n
+        contacted: set[bytes] = set()
+        responded: dict[bytes, Node] = {}
+        result = LookupResult(closest=[])
+        in_flight: dict[asyncio.Task[tuple[bool, Any]], Node] = {}
+        self.stats["lookups"] += 1
+
+        def candidates() -> list[Node]:
+            ordered = sorted(shortlist.values(), key=target.distance_to)[:k]
+            return [n for n in ordered if n.id not in contacted]
+
+        depth: dict[bytes, int] = dict.fromkeys(shortlist, 1)
+        try:
+            while True:
+                for node in candidates()[: max(0, alpha - len(in_flight))]:
+                    contacted.add(node.id)
+                    extra = (0,) if rpc == "find_entries" else ()
+                    task = asyncio.ensure_future(proto.call_find(node, rpc, key, *extra))
+                    in_flight[task] = node
+                    result.queried += 1
+                if not in_flight:
+                    break
+                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    node = in_flight.pop(task)
+                    ok, reply = task.result()
+                    nodes = self._absorb(rpc, key, node, reply, result) if ok else None
+                    if nodes is None:
+                        shortlist.pop(node.id, None)
+                        continue
+                    responded[node.id] = node
+                    for n in nodes:
+                        if n.id != self.node.id and n.id not in shortlist:
+                            shortlist[n.id] = n
+                            depth[n.id] = depth.get(node.id, 1) + 1
+        finally:
+            for task in in_flight:
+                task.cancel()
+        self.stats["rounds"] += result.rounds
+        self.stats["rpcs"] += result.queried
+        ordered = sorted(responded.values(), key=target.distance_to)[:k]
+        result.rounds = max((depth.get(n.id, 1) for n in ordered[:1]), default=0)
+        result.closest = [_contact(n) for n in ordered]
+        have = {c.node_id for c, _ in result.values}
+        result.without_value = [c for c in result.closest if c.node_id not in have]
+        return result
+
+    def _absorb(
+        self, rpc: str, key: bytes, node: Node, reply: object, result: LookupResult
+    ) -> list[Node] | None:
+        """Take one reply into ``result``; the contacts it names, or None if malformed."""
+        limit = self.config.ksize * 2
+        if rpc == "find_node":
+            return _parse_node_list(reply, limit)
+        if rpc == "find_value":
+            if isinstance(reply, dict):
+                value = reply.get("value")
+                if len(reply) != 1 or not isinstance(value, bytes):
+                    return None
+                result.values.append((_contact(node), value))
+                return []
+            return _parse_node_list(reply, limit)
+        if not isinstance(reply, dict):
+            return None
+        entries, nodes = reply.get("entries"), _parse_node_list(reply.get("nodes"), limit)
+        if not isinstance(entries, list) or nodes is None:
+            return None
+        result.entries.extend(e for e in entries if isinstance(e, bytes))
+        nxt = reply.get("next")
+        if isinstance(nxt, int) and nxt > 0:
+            result.more_pages.append((_contact(node), nxt))
+        return nodes
+
+    async def closest(self, key: bytes, count: int | None = None) -> list[Contact]:
+        """The ``count`` closest live peers to ``key``, this peer included, closest first."""
+        count = count or self.config.ksize
+        found = (await self.lookup(key, "find_node")).closest
+        everyone = [*found, self.me]
+        everyone.sort(key=lambda c: _distance(c.node_id, key))
+        return everyone[:count]
+
+    # -- records ---------------------------------------------------------------------------
+
+    async def put(self, key: bytes, value: bytes) -> int:
+        """Store a record on the k closest peers (and here, if we are among them).
+
+        Returns how many peers accepted it; 0 means nobody did.
+        """
+        if len(value) > MAX_VALUE_SIZE:
+            raise ValueError(f"record of {len(value)} bytes exceeds {MAX_VALUE_SIZE}")
+        proto = self._proto()
+        peers = (await self.lookup(key, "find_node")).closest
+        accepted = 0
+        if len(peers) < self.config.ksize or _distance(self.node_id, key) < _distance(
+            peers[-1].node_id, key
+        ):
+            accepted += self.store.put(key, value, self.clock()).accepted
+        replies = await asyncio.gather(
+            *(proto.call_store(Node(c.node_id, c.host, c.port), key, value) for c in peers)
+        )
+        accepted += sum(1 for ok, reply in replies if ok and reply is True)
+        return accepted
+
+    async def get(self, key: bytes) -> list[bytes]:
+        """Every valid record the k closest peers (and this one) hold, best first.
+
+        Peers among the k closest that answered with an older record or none get the best
+        one (read-repair).
+        """
+        now = self.clock()
+        policy = self.store.policy
+        found = await self.lookup(key, "find_value")
+        candidates = [v for _, v in found.values]
+        local = self.store.get(key, now)
+        if local is not None:
+            candidates.append(local)
+        ranked: dict[bytes, tuple[int, ...]] = {}
+        votes: dict[bytes, int] = {}
+        for value in candidates:
+            if value not in ranked:
+                rank = policy.record_rank(key, value, now)
+                if rank is None:
+                    continue
+                ranked[value] = rank
+            votes[value] = votes.get(value, 0) + 1
+        # Best rank first; between equal ranks (two first publishers racing), the value
+        # more of the k closest peers hold, then the smaller bytes: every reader agrees.
+        best = sorted(ranked, key=lambda v: (ranked[v], votes[v], _neg(v)), reverse=True)
+        if best:
+            stale = [c for c, v in found.values if v != best[0]] + found.without_value
+            if local is not None and local != best[0]:
+                self.store.put(key, best[0], now)
+            self.spawn(self._repair(key, best[0], stale))
+        return best
+
+    async def _repair(self, key: bytes, value: bytes, peers: list[Contact]) -> None:
+        proto = self._proto()
+        await asyncio.gather(
+            *(proto.call_store(Node(c.node_id, c.host, c.port), key, value) for c in peers)
+        )
+
+    async def add_entries(self, key: bytes, entries: Sequence[bytes]) -> int:
+        """Add signed entries under ``key`` on the k closest peers; returns acceptances."""
+        proto = self._proto()
+        peers = (await self.lookup(key, "find_node")).closest
+        now = self.clock()
+        accepted = sum(self.store.add_entry(key, e, now).accepted for e in entries)
+        batches: list[list[bytes]] = [[]]
+        size = 0
+        for e in entries:
+            if size + len(e) > _ENTRY_BATCH_BYTES and batches[-1]:
+                batches.append([])
+                size = 0
+            batches[-1].append(e)
+            size += len(e)
+        calls: list[Awaitable[tuple[bool, Any]]] = [
+            proto.call_find(Node(c.node_id, c.host, c.port), "add_entries", key, batch)
+            for c in peers
+            for batch in batches
+            if batch
+        ]
+        for ok, reply in await asyncio.gather(*calls):
+            if ok and isinstance(reply, int) and reply > 0:
+                accepted += reply
+        return accepted
+
+    async def get_entries(self, key: bytes) -> list[bytes]:
+        """The union of the entries under ``key`` held by the k closest peers and here."""
+        proto = self._proto()
+        found = await self.lookup(key, "find_entries")
+        entries = list(found.entries)
+        for contact, offset in found.more_pages:
+            node = Node(contact.node_id, contact.host, contact.port)
+            for _ in range(1000):
+                ok, reply = await proto.call_find(node, "find_entries", key, offset)
+                if not ok or not isinstance(reply, dict):
+                    break
+                page = reply.get("entries")
+                if isinstance(page, list):
+                    entries.extend(e for e in page if isinstance(e, bytes))
+                nxt = reply.get("next")
+                if not isinstance(nxt, int) or nxt <= offset:
+                    break
+                offset = nxt
+        entries.extend(self.store.entries(key, self.clock()))
+        return list(dict.fromkeys(entries))
+
+    # -- handing records to newcomers ------------------------------------------------------
+
+    async def _hand_over(self, node: Node) -> None:
+        """Send a newly seen peer the records it is now among the k closest to."""
+        proto = self._proto()
+        now = self.clock()
+        k = self.config.ksize
+        sent = 0
+        for i, key in enumerate(self.store.keys(now)):
+            if i % 64 == 63:
+                await asyncio.sleep(0)  # keep the loop responsive with many keys
+            keynode = Node(key)
+            neighbors = [n for n in proto.router.find_neighbors(keynode, k + 1) if n.id != node.id]
+            neighbors = neighbors[:k]
+            new_close = len(neighbors) < k or node.distance_to(keynode) < neighbors[-1].distance_to(
+                keynode
+            )
+            me_closest = not neighbors or self.node.distance_to(keynode) < neighbors[0].distance_to(
+                keynode
+            )
+            if not (new_close and me_closest):
+                continue
+            value = self.store.get(key, now)
+            if value is not None:
+                await proto.call_store(node, key, value)
+                sent += 1
+            entries = self.store.entries(key, now)
+            if entries:
+                await proto.call_find(node, "add_entries", key, entries[:32])
+        if sent:
+            log.debug("handover peer=%s records=%d", node.id.hex()[:8], sent)

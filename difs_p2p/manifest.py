@@ -1,0 +1,371 @@
+"""Signed records: the publisher's manifest and the holders' entries (docs/PROTOCOL.md).
+
+**Manifest** (one per name and version, signed by the publisher, about 700 bytes for any
+object size). Canonical JSON (sorted keys, no spaces, UTF-8)::
+
+    {"info": {"name", "key", "version", "parent", "root", "size", "segment_size",
+              "segment_count", "stripes", "replicas", "integrity", "hash", "deleted",
+              "created"},
+     "publisher": hex Ed25519 public key, "sig": hex signature, "t": "difs-manifest",
+     "v": 1}
+
+The signature covers ``b"difs-manifest-v1\\x00"`` + the canonical JSON of the object
+without ``sig``. ``parent`` is the record hash (BLAKE3 of the signed record bytes) of the
+previous version, ``root`` that of version 1 (both null in version 1). ``integrity`` is the
+BLAKE3 root of the hash list (see segments.py). A tombstone is a manifest with
+``deleted: true`` and no content.
+
+**Holder entry** (signed by the peer that holds a segment range; 179 bytes, binary)::
+
+    0   u8   kind = 1
+    1   20B  name key
+    21  u64  manifest version
+    29  32B  integrity root of that version
+    61  u32  first segment (inclusive)
+    65  u32  last segment (inclusive)
+    69  4B   IPv4 address
+    73  u16  TCP port
+    75  u64  issued at (unix seconds)
+    83  32B  holder's Ed25519 public key (its node ID derives from it)
+    115 64B  signature over b"difs-holder-v1\\x00" + bytes 0..114
+
+Entries live in the DHT's entry set under the name key, beside the manifest; so do earlier
+manifests (the version history). Holders renew entries; whoever holds a range may announce
+it, without the publisher.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+
+from difs_p2p.errors import IntegrityError, WireError
+from difs_p2p.identity import (
+    PUBLIC_KEY_SIZE,
+    SIGNATURE_SIZE,
+    Identity,
+    node_id_for,
+    verify_signature,
+)
+from difs_p2p.names import name_key, normalize_name
+
+MANIFEST_DOMAIN = b"difs-manifest-v1\x00"
+HOLDER_DOMAIN = b"difs-holder-v1\x00"
+MANIFEST_FORMAT = 1
+# A manifest must fit one DHT value (8,000 bytes); real ones are about 700 bytes.
+MAX_MANIFEST_SIZE = 4096
+HOLDER_KIND = 1
+_HOLDER = struct.Struct("!B20sQ32sII4sHQ32s")
+HOLDER_SIZE = _HOLDER.size + SIGNATURE_SIZE
+# Clocks of honest peers may differ this much; entries issued further ahead are refused.
+CLOCK_SKEW = 600.0
+_HEX64 = frozenset("0123456789abcdef")
+
+
+def record_hash(record: bytes) -> str:
+    """The hash that names a signed record (parent/root links): BLAKE3, hex."""
+    return blake3.blake3(record).hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
+
+
+def _is_hex(value: object, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and set(value) <= _HEX64
+
+
+def _is_uint(value: object, limit: int = 1 << 63) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < limit
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A verified manifest; ``raw`` holds the exact signed bytes."""
+
+    name: str
+    key: bytes
+    version: int
+    parent: str | None
+    root: str | None
+    size: int
+    segment_size: int
+    segment_count: int
+    stripes: int
+    replicas: int
+    integrity: str
+    deleted: bool
+    created: float
+    publisher: bytes
+    raw: bytes
+
+    @property
+    def hash(self) -> str:
+        return record_hash(self.raw)
+
+    @property
+    def lineage_root(self) -> str:
+        """The hash of version 1 of this name's history."""
+        return self.root if self.root is not None else self.hash
+
+    def info(self) -> dict[str, Any]:
+        return json.loads(self.raw)["info"]  # type: ignore[no-any-return]
+
+
+def build_manifest(
+    identity: Identity,
+    *,
+    name: str,
+    version: int,
+    parent: str | None,
+    root: str | None,
+    size: int,
+    segment_size: int,
+    segment_count: int,
+    stripes: int,
+    replicas: int,
+    integrity: str,
+    deleted: bool = False,
+    created: float,
+) -> Manifest:
+    """Sign a manifest with the publisher's key."""
+    norm = normalize_name(name)
+    body = {
+        "t": "difs-manifest",
+        "v": MANIFEST_FORMAT,
+        "info": {
+            "name": norm,
+            "key": name_key(norm).hex(),
+            "version": version,
+            "parent": parent,
+            "root": root,
+            "size": size,
+            "segment_size": segment_size,
+            "segment_count": segment_count,
+            "stripes": stripes,
+            "replicas": replicas,
+            "integrity": integrity,
+            "hash": "blake3",
+            "deleted": deleted,
+            "created": round(created, 3),
+        },
+        "publisher": identity.public_key.hex(),
+    }
+    body["sig"] = identity.sign(MANIFEST_DOMAIN + canonical_json(body)).hex()
+    return parse_manifest(canonical_json(body))
+
+
+def parse_manifest(raw: bytes, key: bytes | None = None) -> Manifest:
+    """Decode and verify a signed manifest (shape, limits, signature, name key).
+
+    Raises WireError for malformed bytes and IntegrityError for a bad signature or a
+    record stored under the wrong key.
+    """
+    if len(raw) > MAX_MANIFEST_SIZE:
+        raise WireError(f"manifest of {len(raw)} bytes exceeds {MAX_MANIFEST_SIZE}")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise WireError("manifest is not JSON") from None
+    if not isinstance(obj, dict) or obj.get("t") != "difs-manifest":
+        raise WireError("not a manifest", field="t")
+    if obj.get("v") != MANIFEST_FORMAT:
+        raise WireError(f"unsupported manifest format {obj.get('v')!r}", field="v")
+    info, pub, sig = obj.get("info"), obj.get("publisher"), obj.get("sig")
+    if not isinstance(info, dict):
+        raise WireError("info is not an object", field="info")
+    if not _is_hex(pub, 2 * PUBLIC_KEY_SIZE) or not _is_hex(sig, 2 * SIGNATURE_SIZE):
+        raise WireError("publisher key or signature malformed", field="publisher")
+    expected = {
+        "name",
+        "key",
+        "version",
+        "parent",
+        "root",
+        "size",
+        "segment_size",
+        "segment_count",
+        "stripes",
+        "replicas",
+        "integrity",
+        "hash",
+        "deleted",
+        "created",
+    }
+    if set(info) != expected or set(obj) != {"t", "v", "info", "publisher", "sig"}:
+        raise WireError("unexpected or missing fields", field="info")
+    name = info["name"]
+    if not isinstance(name, str):
+        raise WireError("name is not a string", field="info.name")
+    try:
+        norm = normalize_name(name)
+    except Exception as exc:
+        raise WireError(f"bad name: {exc}", field="info.name") from None
+    if norm != name or info["key"] != name_key(norm).hex():
+        raise IntegrityError("manifest name and key do not match")
+    for field_name in ("version", "size", "segment_size", "segment_count", "stripes", "replicas"):
+        if not _is_uint(info[field_name]):
+            raise WireError("not a non-negative integer", field=f"info.{field_name}")
+    if info["version"] < 1 or info["hash"] != "blake3" or not isinstance(info["deleted"], bool):
+        raise WireError("bad version, hash or deleted flag", field="info")
+    for link in ("parent", "root"):
+        if info[link] is not None and not _is_hex(info[link], 64):
+            raise WireError("bad link", field=f"info.{link}")
+    if (info["version"] == 1) != (info["parent"] is None) or (info["version"] == 1) != (
+        info["root"] is None
+    ):
+        raise WireError("version 1 has no parent/root, later versions have both", field="info")
+    if not _is_hex(info["integrity"], 64):
+        raise WireError("bad integrity root", field="info.integrity")
+    created = info["created"]
+    if not isinstance(created, int | float) or isinstance(created, bool):
+        raise WireError("bad created time", field="info.created")
+    size, seg, count = info["size"], info["segment_size"], info["segment_count"]
+    if seg <= 0 or count != -(-size // seg) or info["stripes"] > max(count, 1):
+        raise WireError("size, segment size and segment count disagree", field="info")
+    if info["deleted"] and size != 0:
+        raise WireError("a tombstone has no content", field="info.deleted")
+    if key is not None and bytes.fromhex(info["key"]) != key:
+        raise IntegrityError("manifest stored under the wrong key")
+    unsigned = {k: v for k, v in obj.items() if k != "sig"}
+    verify_signature(
+        bytes.fromhex(str(pub)), bytes.fromhex(str(sig)), MANIFEST_DOMAIN + canonical_json(unsigned)
+    )
+    return Manifest(
+        name=name,
+        key=bytes.fromhex(info["key"]),
+        version=info["version"],
+        parent=info["parent"],
+        root=info["root"],
+        size=size,
+        segment_size=seg,
+        segment_count=count,
+        stripes=info["stripes"],
+        replicas=info["replicas"],
+        integrity=info["integrity"],
+        deleted=info["deleted"],
+        created=float(created),
+        publisher=bytes.fromhex(str(pub)),
+        raw=raw,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HolderEntry:
+    """A peer's signed claim to hold segments ``start..end`` of one version of a name."""
+
+    key: bytes
+    version: int
+    integrity: bytes
+    start: int
+    end: int
+    host: str
+    port: int
+    issued: int
+    public_key: bytes
+    raw: bytes
+
+    @property
+    def node_id(self) -> bytes:
+        return bytes(node_id_for(self.public_key))
+
+    @property
+    def identity(self) -> bytes:
+        """Entries with one identity replace each other (the fresher one wins)."""
+        return b"h" + self.node_id + struct.pack("!QI", self.version, self.start)
+
+
+def build_holder_entry(
+    identity: Identity,
+    *,
+    key: bytes,
+    version: int,
+    integrity: bytes,
+    start: int,
+    end: int,
+    host: str,
+    port: int,
+    issued: int,
+) -> HolderEntry:
+    body = _HOLDER.pack(
+        HOLDER_KIND,
+        key,
+        version,
+        integrity,
+        start,
+        end,
+        ipaddress.IPv4Address(host).packed,
+        port,
+        issued,
+        identity.public_key,
+    )
+    return parse_holder_entry(body + identity.sign(HOLDER_DOMAIN + body))
+
+
+def parse_holder_entry(raw: bytes) -> HolderEntry:
+    """Decode and verify a holder entry (WireError / IntegrityError)."""
+    if len(raw) != HOLDER_SIZE:
+        raise WireError(f"holder entry of {len(raw)} bytes, expected {HOLDER_SIZE}")
+    kind, key, version, integrity, start, end, ip, port, issued, pub = _HOLDER.unpack_from(raw)
+    if kind != HOLDER_KIND:
+        raise WireError("not a holder entry", field="kind", offset=0)
+    if end < start or port == 0 or version == 0:
+        raise WireError("bad range, port or version", field="range", offset=61)
+    body = raw[: _HOLDER.size]
+    verify_signature(pub, raw[_HOLDER.size :], HOLDER_DOMAIN + body)
+    return HolderEntry(
+        key=key,
+        version=version,
+        integrity=integrity,
+        start=start,
+        end=end,
+        host=str(ipaddress.IPv4Address(ip)),
+        port=port,
+        issued=issued,
+        public_key=pub,
+        raw=raw,
+    )
+
+
+class RecordValidator:
+    """The DHT policy for DIFS records (see recordstore.RecordPolicy).
+
+    * a record under key K must be a valid manifest whose name hashes to K;
+    * it replaces the stored one only with a strictly greater version from the same
+      publisher key (the first publisher owns the name); equal versions only with
+      identical bytes;
+    * entries under K are holder entries for K, or earlier manifests of K (history).
+    """
+
+    def record_rank(self, key: bytes, value: bytes, now: float) -> tuple[int, ...] | None:
+        try:
+            m = parse_manifest(value, key)
+        except (WireError, IntegrityError):
+            return None
+        return (m.version,)
+
+    def may_replace(self, key: bytes, new: bytes, current: bytes, now: float) -> bool:
+        try:
+            m_new, m_cur = parse_manifest(new, key), parse_manifest(current, key)
+        except (WireError, IntegrityError):
+            return True  # a damaged stored record may be replaced by a valid one
+        return m_new.publisher == m_cur.publisher and m_new.version > m_cur.version
+
+    def entry_identity(self, key: bytes, entry: bytes, now: float) -> tuple[bytes, int] | None:
+        try:
+            if entry[:1] == b"{":
+                m = parse_manifest(entry, key)
+                return b"m" + struct.pack("!Q", m.version) + m.publisher, 0
+            h = parse_holder_entry(entry)
+        except (WireError, IntegrityError):
+            return None
+        if h.key != key or h.issued > now + CLOCK_SKEW:
+            return None
+        return h.identity, h.issued

@@ -1,0 +1,610 @@
+"""A storage peer: identity, DHT node, segment store and TCP service in one process.
+
+One port number serves both UDP (the DHT) and TCP (segments and control calls). The data
+directory holds everything the peer must keep across restarts::
+
+    DATA/peer.key         Ed25519 private key (hex, mode 0600); the node ID derives from it
+    DATA/contacts.json    known contacts, rewritten atomically, used to rejoin after a restart
+    DATA/records.sqlite3  DHT records and holder entries this peer stores for the network
+    DATA/store/           segments (see store.py)
+    DATA/address          HOST:PORT while the peer runs (how the CLI finds its local peer)
+    DATA/lock             held (flock) while a peer uses the directory
+
+The peer owns every task it starts; :meth:`Peer.stop` cancels them, closes the sockets,
+saves the contacts and removes the address file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import IO, Any
+
+from difs_p2p import segments, wire
+from difs_p2p.config import PeerConfig
+from difs_p2p.dht import Contact, Dht
+from difs_p2p.errors import (
+    DifsError,
+    IntegrityError,
+    NetworkError,
+    NotFoundError,
+    StorageError,
+    UsageError,
+)
+from difs_p2p.identity import Identity, load_or_create
+from difs_p2p.manifest import (
+    HolderEntry,
+    RecordValidator,
+    build_holder_entry,
+    parse_holder_entry,
+    parse_manifest,
+    record_hash,
+)
+from difs_p2p.store import SegmentStore
+from difs_p2p.transfer import Connection, Server, error_code
+
+log = logging.getLogger(__name__)
+
+CONTACTS_VERSION = 1
+# How often the contact list is saved while running (it is also saved on stop).
+CONTACTS_SAVE_INTERVAL = 60.0
+# Contacts kept in contacts.json: enough to rejoin even if most of them are gone.
+CONTACTS_SAVED = 64
+
+ControlHandler = Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def bind_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """Bind a TCP listener and a UDP socket on the same port number.
+
+    With port 0 the kernel picks a free TCP port and we retry until UDP is free too.
+    """
+    for _ in range(50 if port == 0 else 1):
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            tcp.bind((host, port))
+        except OSError as exc:
+            tcp.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise NetworkError(f"port {port} is in use on {host} (TCP)") from None
+            raise NetworkError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        actual = tcp.getsockname()[1]
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            udp.bind((host, actual))
+        except OSError as exc:
+            tcp.close()
+            udp.close()
+            if port == 0 and exc.errno == errno.EADDRINUSE:
+                continue
+            if exc.errno == errno.EADDRINUSE:
+                raise NetworkError(f"port {port} is in use on {host} (UDP)") from None
+            raise NetworkError(f"cannot listen on UDP {host}:{actual}: {exc.strerror}") from None
+        tcp.listen(512)
+        return tcp, udp
+    raise NetworkError(f"no free port on {host} for both TCP and UDP")
+
+
+def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def load_contacts(path: Path) -> list[tuple[str, int]]:
+    """Saved contacts as addresses; a missing or damaged file gives an empty list."""
+    try:
+        data = json.loads(path.read_text())
+        items = data["contacts"] if data.get("version") == CONTACTS_VERSION else []
+        return [(str(c["host"]), int(c["port"])) for c in items][:CONTACTS_SAVED]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+class Peer:
+    """A storage peer. ``await peer.start()``, then ``await peer.stop()``."""
+
+    def __init__(self, config: PeerConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.data_dir = config.data_dir
+        self.identity: Identity | None = None
+        self.dht: Dht | None = None
+        self.store: SegmentStore | None = None
+        self.server: Server | None = None
+        self.port = 0
+        self.started_at = 0.0
+        self._lock_file: IO[bytes] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._controls: dict[str, ControlHandler] = {
+            "status": self._op_status,
+            "resolve": self._op_resolve,
+            "place": self._op_place,
+            "hold": self._op_hold,
+            "publish": self._op_publish,
+            "release": self._op_release,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _prepare_data_dir(self) -> None:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.data_dir / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageError(
+                f"data directory {self.data_dir} is not writable: {exc.strerror or exc}"
+            ) from None
+        lock = (self.data_dir / "lock").open("wb")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise StorageError(
+                f"data directory {self.data_dir} is in use by another peer"
+            ) from None
+        self._lock_file = lock
+
+    async def start(self) -> None:
+        """Open the data directory, bind the port, start serving and join the network."""
+        cfg = self.config
+        self._prepare_data_dir()
+        try:
+            self.identity = load_or_create(self.data_dir / "peer.key")
+            self.store = await asyncio.to_thread(
+                SegmentStore, self.data_dir / "store", cfg.capacity
+            )
+            tcp, udp = bind_sockets(cfg.host, cfg.port)
+            self.dht = Dht(
+                self.identity.node_id,
+                RecordValidator(),
+                cfg.dht,
+                db_path=self.data_dir / "records.sqlite3",
+                clock=self.clock,
+            )
+            self.port = await self.dht.start(cfg.host, 0, sock=udp)
+            self.server = Server(
+                tcp, self._serve, max_connections=cfg.max_connections, io_timeout=cfg.io_timeout
+            )
+            self.server.start()
+            self.started_at = self.clock()
+            await self._join()
+            _atomic_write(self.data_dir / "address", f"{cfg.host}:{self.port}\n".encode())
+            self.spawn(self._save_contacts_loop())
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _join(self) -> None:
+        """Bootstrap from --bootstrap addresses (retrying), else from saved contacts."""
+        cfg = self.config
+        dht = self._dht()
+        if cfg.bootstrap:
+            delay = cfg.bootstrap_backoff
+            for attempt in range(1, cfg.bootstrap_attempts + 1):
+                if await dht.bootstrap(list(cfg.bootstrap)) > 0:
+                    return
+                if attempt < cfg.bootstrap_attempts:
+                    log.info("bootstrap_retry attempt=%d delay=%.1f", attempt, delay)
+                    await asyncio.sleep(delay)
+                    delay *= 2
+            tried = ", ".join(f"{h}:{p}" for h, p in cfg.bootstrap)
+            raise NetworkError(
+                f"bootstrap failed: no answer from {tried} after {cfg.bootstrap_attempts} attempts"
+            )
+        saved = load_contacts(self.data_dir / "contacts.json")
+        if saved:
+            found = await dht.bootstrap(saved)
+            log.info("rejoin saved=%d contacts=%d", len(saved), found)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task owned by the peer (cancelled by stop)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _save_contacts_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CONTACTS_SAVE_INTERVAL)
+            self.save_contacts()
+
+    def save_contacts(self) -> None:
+        if self.dht is None or self.dht.protocol is None:
+            return
+        contacts = self.dht.neighbors(self.dht.node_id, CONTACTS_SAVED)
+        if not contacts:
+            return
+        data = {
+            "version": CONTACTS_VERSION,
+            "contacts": [{"id": c.node_id.hex(), "host": c.host, "port": c.port} for c in contacts],
+        }
+        try:
+            _atomic_write(self.data_dir / "contacts.json", json.dumps(data, indent=1).encode())
+        except OSError as exc:
+            log.warning("contacts_save_failed error=%s", exc)
+
+    async def stop(self) -> None:
+        """Stop serving, cancel every task, save contacts and release the data directory."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        self.save_contacts()
+        if self.dht is not None:
+            await self.dht.stop()
+            self.dht = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        with contextlib.suppress(OSError):
+            (self.data_dir / "address").unlink()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    # -- accessors -------------------------------------------------------------------------
+
+    def _dht(self) -> Dht:
+        if self.dht is None:
+            raise NetworkError("the peer is not running")
+        return self.dht
+
+    def _store(self) -> SegmentStore:
+        if self.store is None:
+            raise NetworkError("the peer is not running")
+        return self.store
+
+    @property
+    def node_id(self) -> bytes:
+        if self.identity is None:
+            raise NetworkError("the peer is not started")
+        return bytes(self.identity.node_id)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.config.host, self.port)
+
+    @property
+    def contact(self) -> Contact:
+        return Contact(self.node_id, self.config.host, self.port)
+
+    def status(self) -> dict[str, Any]:
+        """A view of this peer and of the network as it sees it."""
+        dht = self._dht()
+        store = self._store()
+        contacts = dht.contacts()
+        records, entries = dht.store.counts()
+        return {
+            "node_id": self.node_id.hex(),
+            "address": f"{self.config.host}:{self.port}",
+            "uptime": round(self.clock() - self.started_at, 3),
+            "routing_table": len(contacts),
+            "contacts": [
+                {"id": c.node_id.hex(), "address": f"{c.host}:{c.port}"}
+                for c in dht.neighbors(self.node_id, 10)
+            ],
+            "records": records,
+            "entries": entries,
+            "storage": {
+                "used": store.used,
+                "capacity": store.capacity,
+                "segments": store.count,
+            },
+            "connections": self.server.connections if self.server else 0,
+        }
+
+    # -- TCP service -----------------------------------------------------------------------
+
+    async def _serve(self, conn: Connection) -> None:
+        """Answer frames on one connection until the peer closes it."""
+        while True:
+            try:
+                header = await conn.read_header()
+                if header is None:
+                    return
+                frame = wire.decode_payload(header, await conn.read_payload(header))
+            except wire.WireError as exc:
+                await conn.send(
+                    wire.Error(
+                        request_id=0, code=wire.ErrorCode.BAD_REQUEST, message=str(exc)[:1000]
+                    )
+                )
+                return
+            try:
+                reply = await self._answer(conn, frame)
+            except DifsError as exc:
+                reply = wire.Error(
+                    request_id=frame.request_id, code=error_code(exc), message=str(exc)[:1000]
+                )
+            if reply is not None:
+                await conn.send(reply)
+
+    async def _answer(self, conn: Connection, frame: wire.Frame) -> wire.Frame | None:
+        if isinstance(frame, wire.Call):
+            handler = self._controls.get(frame.op)
+            if handler is None:
+                raise UsageError(f"unknown operation {frame.op!r}")
+            body = await handler(conn, frame.args)
+            return wire.Reply(request_id=frame.request_id, body=body)
+        if isinstance(frame, wire.Hello):
+            return wire.Hello(request_id=frame.request_id, peer=self.node_id.hex())
+        if isinstance(frame, wire.PutSeg):
+            stored = await asyncio.to_thread(self._store().put, frame.seg_id, frame.data)
+            return wire.Ack(request_id=frame.request_id, seg_id=frame.seg_id, stored=stored)
+        if isinstance(frame, wire.GetSeg):
+            data = await asyncio.to_thread(self._read_segment, frame)
+            return wire.Data(request_id=frame.request_id, data=data)
+        raise UsageError(f"unexpected {type(frame).__name__} frame")
+
+    def _read_segment(self, frame: wire.GetSeg) -> bytes:
+        store = self._store()
+        if not store.has(frame.seg_id):
+            raise NotFoundError(f"segment {frame.seg_id.hex()[:16]} is not stored here")
+        length = frame.length or None
+        whole = frame.offset == 0 and length is None
+        return store.read(frame.seg_id, frame.offset, length, verify=whole)
+
+    async def _op_status(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    # -- content operations (see docs/ARCHITECTURE.md, "Publish" and "Fetch") -------------
+
+    async def _op_resolve(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        """The valid manifests under a name key (best first), its history and holders."""
+        key = _key_arg(args)
+        dht = self._dht()
+        records, entries = await asyncio.gather(dht.get(key), dht.get_entries(key))
+        history = [e.decode() for e in entries if e[:1] == b"{"]
+        holders = [e.hex() for e in entries if e[:1] != b"{"]
+        return {"manifests": [r.decode() for r in records], "history": history, "holders": holders}
+
+    async def _op_place(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        """Keep a copy of a just-uploaded object and push replicas of each range.
+
+        Range i goes to the closest live peers to BLAKE3(integrity || i) that accept it
+        (a peer without space refuses and the next one is asked), r copies in all
+        counting ours.
+        """
+        key, version, integrity = (
+            _key_arg(args),
+            _int_arg(args, "version"),
+            _hex_arg(args, "integrity", 32),
+        )
+        count, stripes = _int_arg(args, "segment_count"), _int_arg(args, "stripes")
+        replicas = max(1, _int_arg(args, "replicas"))
+        hold = await self._hold(key, version, integrity, count, 0, max(count - 1, 0))
+        entries = [hold.raw.hex()]
+        ranges = segments.stripe_ranges(count, stripes)
+        hashes = await self._hash_list(integrity, count)
+        sem = asyncio.Semaphore(4)
+        warnings: list[str] = []
+
+        async def place_range(i: int, start: int, end: int) -> dict[str, Any]:
+            range_key = segments.segment_hash(integrity + i.to_bytes(4, "big"))[:20]
+            candidates = [
+                c
+                for c in await self._dht().closest(range_key, replicas + 8)
+                if c.node_id != self.node_id
+            ]
+            holders = [self.node_id.hex()]
+            async with sem:
+                for contact in candidates:
+                    if len(holders) >= replicas:
+                        break
+                    try:
+                        entry = await self._push_range(
+                            contact.address, key, version, integrity, hashes, start, end
+                        )
+                    except DifsError as exc:
+                        log.info("place_skip peer=%s reason=%s", contact.address, exc)
+                        continue
+                    entries.append(entry.raw.hex())
+                    holders.append(entry.node_id.hex())
+            if len(holders) < replicas:
+                warnings.append(
+                    f"range {start}..{end} has {len(holders)} of {replicas} copies: only "
+                    f"{len(candidates)} other peers could be asked"
+                )
+            return {"start": start, "end": end, "holders": holders}
+
+        placed = await asyncio.gather(*(place_range(i, a, b) for i, (a, b) in enumerate(ranges)))
+        return {"entries": entries, "ranges": list(placed), "warnings": sorted(set(warnings))}
+
+    async def _hash_list(self, integrity: bytes, count: int) -> list[bytes]:
+        store = self._store()
+        if not store.has(integrity):
+            raise NotFoundError(f"hash list {integrity.hex()[:16]} is not stored here")
+        data = await asyncio.to_thread(store.read, integrity)
+        return list(segments.verify_hash_list(data, integrity, count))
+
+    async def _push_range(
+        self,
+        address: tuple[str, int],
+        key: bytes,
+        version: int,
+        integrity: bytes,
+        hashes: list[bytes],
+        start: int,
+        end: int,
+    ) -> HolderEntry:
+        """Copy segments start..end (and the hash list) to a peer; return its holder entry."""
+        store = self._store()
+        conn = await Connection.open(address, io_timeout=self.config.io_timeout)
+        try:
+            ids = [integrity, *hashes[start : end + 1]]
+            pending = 0
+            for seg_id in ids:
+                data = await asyncio.to_thread(store.read, seg_id, 0, None, False)
+                await conn.send(wire.PutSeg(request_id=0, seg_id=seg_id, data=data))
+                pending += 1
+                if pending >= 8:
+                    await _expect_ack(conn)
+                    pending -= 1
+            for _ in range(pending):
+                await _expect_ack(conn)
+            reply = await conn.call(
+                "hold",
+                key=key.hex(),
+                version=version,
+                integrity=integrity.hex(),
+                segment_count=len(hashes),
+                start=start,
+                end=end,
+            )
+        finally:
+            conn.close()
+        entry = parse_holder_entry(bytes.fromhex(str(reply.get("entry", ""))))
+        if (entry.key, entry.version, entry.start, entry.end) != (key, version, start, end):
+            raise IntegrityError("holder signed an entry for something else")
+        return entry
+
+    async def _op_hold(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        """Check that segments start..end are stored here and sign a holder entry."""
+        key, version, integrity = (
+            _key_arg(args),
+            _int_arg(args, "version"),
+            _hex_arg(args, "integrity", 32),
+        )
+        count = _int_arg(args, "segment_count")
+        start, end = _int_arg(args, "start"), _int_arg(args, "end")
+        entry = await self._hold(key, version, integrity, count, start, end)
+        return {"entry": entry.raw.hex()}
+
+    async def _hold(
+        self, key: bytes, version: int, integrity: bytes, count: int, start: int, end: int
+    ) -> HolderEntry:
+        if count and not start <= end < count:
+            raise UsageError("range outside the object")
+        hashes = await self._hash_list(integrity, count)
+        store = self._store()
+        owner = key + version.to_bytes(8, "big")
+        wanted = [integrity, *hashes[start : end + 1]]
+        missing = [h for h in wanted if not store.has(h)]
+        if missing:
+            raise NotFoundError(f"{len(missing)} segments of the range are not stored here")
+        for seg_id in wanted:
+            store.add_ref(seg_id, owner)
+        assert self.identity is not None
+        return build_holder_entry(
+            self.identity,
+            key=key,
+            version=version,
+            integrity=integrity,
+            start=start,
+            end=end,
+            host=self.config.host,
+            port=self.port,
+            issued=int(self.clock()),
+        )
+
+    async def _op_publish(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        """Store a signed manifest and its holder entries on the name's key/value peers."""
+        raw = str(args.get("manifest", "")).encode()
+        manifest = parse_manifest(raw)
+        dht = self._dht()
+        accepted = await dht.put(manifest.key, raw)
+        entries = [bytes.fromhex(str(e)) for e in args.get("entries", []) if isinstance(e, str)]
+        await dht.add_entries(manifest.key, [*entries, raw])
+        best = await dht.get(manifest.key)
+        winner = record_hash(best[0]) if best else None
+        if manifest.deleted and winner == manifest.hash:
+            self.spawn(self._release_everywhere(manifest.key))
+        return {"accepted": accepted, "winner": winner}
+
+    async def _release_everywhere(self, key: bytes) -> None:
+        """Tell every known holder of a deleted name to free its segments."""
+        dht = self._dht()
+        addresses = set()
+        for raw in await dht.get_entries(key):
+            if raw[:1] != b"{":
+                with contextlib.suppress(DifsError):
+                    entry = parse_holder_entry(raw)
+                    addresses.add((entry.host, entry.port))
+        for address in addresses:
+            if address == self.address:
+                await self._release(key)
+                continue
+            try:
+                conn = await Connection.open(address, io_timeout=self.config.io_timeout)
+                try:
+                    await conn.call("release", key=key.hex())
+                finally:
+                    conn.close()
+            except DifsError as exc:
+                log.info("release_failed peer=%s reason=%s", address, exc)
+
+    async def _op_release(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        return {"freed": await self._release(_key_arg(args))}
+
+    async def _release(self, key: bytes) -> int:
+        """Free segments of a name whose newest manifest (checked in the DHT) is a tombstone."""
+        records = await self._dht().get(key)
+        if not records:
+            raise NotFoundError("no manifest for this key")
+        newest = parse_manifest(records[0], key)
+        if not newest.deleted:
+            raise UsageError("the name is not deleted")
+        store = self._store()
+        freed = 0
+        for version in range(1, newest.version):
+            orphans = store.drop_refs(key + version.to_bytes(8, "big"))
+            for seg_id in orphans:
+                freed += await asyncio.to_thread(store.delete, seg_id)
+        return freed
+
+
+async def _expect_ack(conn: Connection) -> None:
+    frame = await conn.read_frame()
+    if isinstance(frame, wire.Error):
+        from difs_p2p.transfer import remote_error
+
+        raise remote_error(frame)
+    if not isinstance(frame, wire.Ack):
+        raise IntegrityError("expected an ACK")
+
+
+def _key_arg(args: dict[str, Any]) -> bytes:
+    return _hex_arg(args, "key", 20)
+
+
+def _hex_arg(args: dict[str, Any], name: str, size: int) -> bytes:
+    value = args.get(name)
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != size:
+        raise UsageError(f"{name} must be {size} bytes of hex")
+    return raw
+
+
+def _int_arg(args: dict[str, Any], name: str) -> int:
+    value = args.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
+        raise UsageError(f"{name} must be a non-negative integer")
+    return value

@@ -1,0 +1,86 @@
+"""Shared helpers for the test suite: waiting on conditions, starting local networks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from difs_p2p.config import DhtConfig, PeerConfig
+from difs_p2p.dht import Dht
+from difs_p2p.recordstore import AcceptAll, RecordPolicy
+
+if TYPE_CHECKING:
+    from difs_p2p.peer import Peer
+
+# A LAN-fast DHT for tests: short RPC timeout, quick liveness checks.
+FAST_DHT = DhtConfig(rpc_timeout=0.5, liveness_interval=3600.0)
+
+
+async def wait_for(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, step: float = 0.02
+) -> None:
+    """Wait until ``condition()`` is true, failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(step)
+
+
+def wait_for_sync(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.05)
+
+
+async def start_dhts(
+    n: int,
+    *,
+    policy: RecordPolicy | None = None,
+    config: DhtConfig = FAST_DHT,
+    concurrent: bool = False,
+) -> list[Dht]:
+    """``n`` DHT nodes on 127.0.0.1 (port 0), all bootstrapped from the first."""
+    nodes = [Dht(os.urandom(20), policy or AcceptAll(), config) for _ in range(n)]
+    for node in nodes:
+        await node.start("127.0.0.1", 0)
+    seed = [nodes[0].me.address]
+    if concurrent:
+        await asyncio.gather(*(node.bootstrap(seed) for node in nodes[1:]))
+    else:
+        for node in nodes[1:]:
+            await node.bootstrap(seed)
+    return nodes
+
+
+async def stop_all(nodes: list[Dht] | list[Peer]) -> None:
+    await asyncio.gather(*(node.stop() for node in nodes))
+
+
+def peer_config(data_dir: Path, **kwargs: object) -> PeerConfig:
+    return PeerConfig(data_dir=data_dir, dht=FAST_DHT, **kwargs)  # type: ignore[arg-type]
+
+
+async def start_peers(root: Path, n: int, **kwargs: object) -> list[Peer]:
+    """``n`` real peers on 127.0.0.1, each with its own data dir under ``root``."""
+    from difs_p2p.peer import Peer
+
+    first = Peer(peer_config(root / "p0", **kwargs))
+    await first.start()
+    peers = [first]
+    for i in range(1, n):
+        peer = Peer(peer_config(root / f"p{i}", bootstrap=(first.address,), **kwargs))
+        await peer.start()
+        peers.append(peer)
+    return peers

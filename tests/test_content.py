@@ -1,0 +1,165 @@
+"""Publish, fetch, update, delete by name across real peers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from difs_p2p.client import Client
+from difs_p2p.errors import AlreadyExistsError, DeletedError, NotFoundError, PermissionDeniedError
+from difs_p2p.identity import Identity
+from difs_p2p.peer import Peer
+from tests.helpers import start_peers, stop_all
+
+SEG = 64 << 10  # small segments keep multi-segment cases fast
+
+
+@pytest.fixture
+async def network(tmp_path: Path) -> AsyncIterator[list[Peer]]:
+    peers = await start_peers(tmp_path / "net", 6)
+    yield peers
+    await stop_all(peers)
+
+
+def _used(peer: Peer) -> int:
+    assert peer.store is not None
+    return peer.store.used
+
+
+def write(tmp_path: Path, size: int) -> Path:
+    path = tmp_path / f"src-{size}"
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+@pytest.mark.parametrize("size", [0, 1, SEG, 2 * SEG, 3 * SEG, SEG + 1, 20 * SEG + 7])
+async def test_fetch_from_every_peer_is_byte_identical(
+    network: list[Peer], tmp_path: Path, size: int
+) -> None:
+    """Any size (empty, 1 B, exact multiples, +1 B) round-trips through every peer."""
+    src = write(tmp_path, size)
+    name = f"/a.com/file-{size}.bin"
+    async with Client(network[0].address, publisher=Identity.generate()) as client:
+        result = await client.put(src, name, segment_size=SEG)
+    assert result.manifest.size == size
+    for i, peer in enumerate(network):
+        out = tmp_path / f"out-{i}"
+        async with Client(peer.address) as client:
+            fetched = await client.get(name, out)
+        assert out.read_bytes() == src.read_bytes()
+        assert fetched.bytes == size
+
+
+async def test_non_ascii_names_and_ranges(network: list[Peer], tmp_path: Path) -> None:
+    """A non-ASCII name works; a byte range fetch returns exactly those bytes."""
+    src = write(tmp_path, 5 * SEG + 100)
+    name = "/日本/ファイル.mp4"
+    async with Client(network[1].address, publisher=Identity.generate()) as client:
+        await client.put(src, name, segment_size=SEG)
+    data = src.read_bytes()
+    async with Client(network[4].address) as client:
+        for lo, hi in [(0, 0), (SEG - 1, SEG), (3, 4 * SEG + 50), (len(data) - 1, len(data) - 1)]:
+            buf = io.BytesIO()
+            await client.get(name, buf, byte_range=(lo, hi))
+            assert buf.getvalue() == data[lo : hi + 1]
+
+
+async def test_replicas_are_striped_over_peers(network: list[Peer], tmp_path: Path) -> None:
+    """r copies of each range exist, on more peers than r (striping)."""
+    src = write(tmp_path, 64 * SEG)
+    async with Client(network[0].address, publisher=Identity.generate()) as client:
+        result = await client.put(src, "/striped", segment_size=SEG, replicas=3)
+    assert len(result.ranges) == 8
+    assert all(len(r["holders"]) == 3 for r in result.ranges)
+    assert len({h for r in result.ranges for h in r["holders"]}) > 3
+
+
+async def test_update_versions_and_history(network: list[Peer], tmp_path: Path) -> None:
+    """Publishing again needs --update; versions link by parent/root; old ones stay fetchable."""
+    me = Identity.generate()
+    v1, v2 = write(tmp_path, 1000), write(tmp_path, 3 * SEG)
+    async with Client(network[0].address, publisher=me) as client:
+        m1 = (await client.put(v1, "/v", segment_size=SEG)).manifest
+        with pytest.raises(AlreadyExistsError):
+            await client.put(v2, "/v", segment_size=SEG)
+        m2 = (await client.put(v2, "/v", segment_size=SEG, update=True)).manifest
+    assert m2.version == 2 and m2.parent == m1.hash and m2.root == m1.hash
+    async with Client(network[3].address) as client:
+        assert [m.version for m in await client.versions("/v")] == [1, 2]
+        out = tmp_path / "old"
+        await client.get("/v", out, version=1)
+        assert out.read_bytes() == v1.read_bytes()
+        await client.get("/v", out)
+        assert out.read_bytes() == v2.read_bytes()
+
+
+async def test_other_publisher_cannot_take_a_name(network: list[Peer], tmp_path: Path) -> None:
+    """The first publisher owns a name; another key is refused even with --update."""
+    src = write(tmp_path, 100)
+    async with Client(network[0].address, publisher=Identity.generate()) as client:
+        await client.put(src, "/owned", segment_size=SEG)
+    async with Client(network[2].address, publisher=Identity.generate()) as client:
+        with pytest.raises(PermissionDeniedError):
+            await client.put(src, "/owned", segment_size=SEG, update=True)
+
+
+async def test_racing_publishers_one_wins(network: list[Peer], tmp_path: Path) -> None:
+    """Two publishers racing on one name: exactly one succeeds, the other gets an error."""
+    a, b = write(tmp_path, 2000), write(tmp_path, 3000)
+
+    async def publish(peer: Peer, src: Path) -> object:
+        async with Client(peer.address, publisher=Identity.generate()) as client:
+            return await client.put(src, "/race", segment_size=SEG)
+
+    results = await asyncio.gather(
+        publish(network[0], a), publish(network[5], b), return_exceptions=True
+    )
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert len(errors) == 1 and isinstance(errors[0], PermissionDeniedError), results
+
+
+async def test_delete_then_fetch(network: list[Peer], tmp_path: Path) -> None:
+    """After rm, a fetch says the name was deleted and holders free the segments."""
+    src = write(tmp_path, 10 * SEG)
+    me = Identity.generate()
+    async with Client(network[0].address, publisher=me) as client:
+        await client.put(src, "/gone", segment_size=SEG)
+        used = sum(_used(p) for p in network)
+        assert used >= 3 * 10 * SEG
+        await client.rm("/gone")
+    async with Client(network[2].address) as client:
+        with pytest.raises(DeletedError):
+            await client.get("/gone", tmp_path / "x")
+        with pytest.raises(NotFoundError):
+            await client.get("/never-published", tmp_path / "x")
+    from tests.helpers import wait_for
+
+    await wait_for(lambda: sum(_used(p) for p in network) == 0)
+
+
+async def test_tampered_segment_is_fetched_from_another_holder(
+    network: list[Peer], tmp_path: Path
+) -> None:
+    """A corrupt copy on one holder is detected and the segment comes from another."""
+    src = write(tmp_path, 8 * SEG)
+    async with Client(network[0].address, publisher=Identity.generate()) as client:
+        await client.put(src, "/tamper", segment_size=SEG, replicas=3)
+    damaged = 0
+    for peer in network[:1]:
+        for path in (peer.data_dir / "store" / "segments").glob("*/*/*"):
+            if path.stat().st_size == SEG:
+                raw = bytearray(path.read_bytes())
+                raw[100] ^= 0xFF
+                path.write_bytes(bytes(raw))
+                damaged += 1
+    assert damaged
+    async with Client(network[3].address) as client:
+        out = tmp_path / "out"
+        result = await client.get("/tamper", out)
+    assert out.read_bytes() == src.read_bytes()
+    assert result.retries >= 1

@@ -1,0 +1,280 @@
+"""The DHT adapter: lookups, records, and the fixes to the stock library's behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import socket
+from pathlib import Path
+
+import umsgpack
+
+from difs_p2p.config import DhtConfig
+from difs_p2p.dht import Dht
+from difs_p2p.recordstore import AcceptAll
+from tests.helpers import FAST_DHT, start_dhts, stop_all, wait_for
+
+
+class RefuseAll(AcceptAll):
+    """A policy under which no record is valid."""
+
+    def record_rank(self, key: bytes, value: bytes, now: float) -> tuple[int, ...] | None:
+        return None
+
+
+async def test_thirty_peers_find_each_other() -> None:
+    """30 peers bootstrapped from one seed each find every other peer's ID by lookup."""
+    nodes = await start_dhts(30)
+    try:
+        for node in nodes:
+            for other in nodes:
+                if other is node:
+                    continue
+                found = await node.lookup(other.node_id)
+                assert found.closest and found.closest[0].node_id == other.node_id
+    finally:
+        await stop_all(nodes)
+
+
+async def test_put_and_get_from_every_node() -> None:
+    """A record put through one node is got, by key, through every other."""
+    nodes = await start_dhts(12)
+    try:
+        key = os.urandom(20)
+        accepted = await nodes[3].put(key, b"\x01value")
+        assert accepted >= 11
+        for node in nodes:
+            assert (await node.get(key))[0] == b"\x01value"
+    finally:
+        await stop_all(nodes)
+
+
+async def test_get_returns_newest_and_repairs_stale_peers() -> None:
+    """get() asks all k closest and prefers the best value, not the first or the local one."""
+    nodes = await start_dhts(10)
+    try:
+        key = os.urandom(20)
+        await nodes[0].put(key, b"\x01old")
+        stale = nodes[5]
+        await nodes[1].put(key, b"\x02new")
+        stale.store._db.execute("UPDATE records SET v=? WHERE k=?", (b"\x01old", key))
+        assert stale.store.get(key, stale.clock()) == b"\x01old"
+        assert (await stale.get(key))[0] == b"\x02new"
+        await wait_for(lambda: stale.store.get(key, stale.clock()) == b"\x02new")
+    finally:
+        await stop_all(nodes)
+
+
+async def test_find_neighbors_returns_contacts_when_near_buckets_are_empty() -> None:
+    """The stock traverser returns [] after two empty buckets; ours returns the contacts."""
+    nodes = await start_dhts(2)
+    try:
+        a, b = nodes
+        router = a.protocol.router  # type: ignore[union-attr]
+        # Split until b sits alone in a far bucket and the target's buckets are empty.
+        target = bytes(x ^ 0xFF for x in b.node_id)
+        for _ in range(3):
+            router.split_bucket(len(router.buckets) - 1)
+        assert a.neighbors(target, 5)[0].node_id == b.node_id
+    finally:
+        await stop_all(nodes)
+
+
+async def test_simultaneous_join_fills_far_buckets() -> None:
+    """40 peers joining at once through one seed all learn both halves of the ID space."""
+    nodes = await start_dhts(40, concurrent=True)
+    try:
+        for node in nodes:
+            halves = {c.node_id[0] >> 7 for c in node.contacts()}
+            others = {n.node_id[0] >> 7 for n in nodes if n is not node}
+            assert halves == others, "a peer knows only its own half of the ID space"
+        key_misses = 0
+        for _ in range(20):
+            key = os.urandom(20)
+            await nodes[1].put(key, b"\x01v")
+            got = await nodes[-1].get(key)
+            key_misses += not got
+        assert key_misses == 0
+    finally:
+        await stop_all(nodes)
+
+
+async def test_one_lost_reply_does_not_evict() -> None:
+    """A contact is evicted after evict_after_failures missed replies, not after one."""
+    config = DhtConfig(rpc_timeout=0.2, evict_after_failures=3, liveness_interval=3600)
+    nodes = await start_dhts(3, config=config)
+    try:
+        a, b = nodes[0], nodes[1]
+        proto = a.protocol
+        assert proto is not None
+        node_b = next(n for n in proto.router.all_contacts() if n.id == b.node_id)
+        b.transport.close()  # type: ignore[union-attr]  # b goes silent, no goodbye
+        for expected_present in (True, True, False):
+            ok, _ = await proto.call_ping(node_b)
+            assert not ok
+            present = b.node_id in {c.node_id for c in a.contacts()}
+            assert present is expected_present
+    finally:
+        await stop_all(nodes)
+
+
+async def test_put_counts_acceptances_not_answers() -> None:
+    """put() returns 0 when every peer answered but refused (stock set() says True)."""
+    nodes = await start_dhts(5, policy=RefuseAll())
+    try:
+        assert await nodes[2].put(os.urandom(20), b"\x01x") == 0
+    finally:
+        await stop_all(nodes)
+
+
+async def test_put_with_dead_closest_peers_does_not_raise() -> None:
+    """put() survives the closest peers dying during the lookup (stock raises ValueError)."""
+    nodes = await start_dhts(6)
+    try:
+        for node in nodes[1:]:
+            node.transport.close()  # type: ignore[union-attr]
+        assert await nodes[0].put(os.urandom(20), b"\x01x") == 1  # only the local copy
+    finally:
+        await stop_all(nodes)
+
+
+async def test_garbage_datagrams_do_not_hurt_a_peer() -> None:
+    """Garbage, truncated, oversized and ill-typed datagrams are dropped; the peer serves on."""
+    nodes = await start_dhts(4)
+    try:
+        victim = nodes[0]
+        before = {c.node_id for c in victim.contacts()}
+        good = b"\x00" + os.urandom(20) + umsgpack.packb(["ping", [victim.node_id]])
+        junk = [
+            b"",
+            b"\x00",
+            os.urandom(10),
+            os.urandom(200),
+            b"\x00" + os.urandom(20) + b"\xc1",
+            good[:-5],
+            b"\x00" + os.urandom(20) + umsgpack.packb({"x": 1}),
+            b"\x00" + os.urandom(20) + umsgpack.packb(["ping", [b"short"]]),
+            b"\x00" + os.urandom(20) + umsgpack.packb(["ping", 5]),
+            b"\x00" + os.urandom(20) + umsgpack.packb(["store", [os.urandom(20), 1, 2]]),
+            b"\x00" + os.urandom(20) + b"\x91" * 8000,
+            b"\x00" + os.urandom(20) + umsgpack.packb(["nope", []]),
+            b"\x01" + os.urandom(20) + umsgpack.packb(["abc", 1]),
+            b"\x00" + os.urandom(20) + os.urandom(60_000),
+        ]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for datagram in junk * 20:
+                sock.sendto(datagram, victim.me.address)
+        finally:
+            sock.close()
+        await wait_for(lambda: victim.protocol.dropped >= len(junk) * 10)  # type: ignore[union-attr]
+        assert await nodes[1].ping(victim.me.address) == victim.node_id
+        assert {c.node_id for c in victim.contacts()} >= before
+        assert (await victim.lookup(nodes[3].node_id)).closest[0].node_id == nodes[3].node_id
+    finally:
+        await stop_all(nodes)
+
+
+async def test_malformed_replies_do_not_raise_on_the_caller() -> None:
+    """A hostile peer answering every request with junk cannot make lookups or gets raise."""
+    nodes = await start_dhts(5)
+    evil = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    evil.bind(("127.0.0.1", 0))
+    evil.setblocking(False)
+    evil_id = os.urandom(20)
+    stop = asyncio.Event()
+
+    async def answer_with_junk() -> None:
+        loop = asyncio.get_running_loop()
+        replies = [["abc", 1], {"x": 1}, {"value": [1, 2]}, 42, [[b"x", "1.2.3.4", 1]]]
+        i = 0
+        while not stop.is_set():
+            try:
+                data, addr = await asyncio.wait_for(loop.sock_recvfrom(evil, 9000), 0.1)
+            except TimeoutError:
+                continue
+            if data[:1] == b"\x00":
+                body = umsgpack.unpackb(data[21:])
+                reply = evil_id if body[0] == "ping" else replies[i % len(replies)]
+                i += 1
+                await loop.sock_sendto(evil, b"\x01" + data[1:21] + umsgpack.packb(reply), addr)
+
+    task = asyncio.create_task(answer_with_junk())
+    try:
+        client = nodes[0]
+        assert await client.ping(evil.getsockname()) == evil_id
+        key = os.urandom(20)
+        await nodes[1].put(key, b"\x01ok")
+        for _ in range(5):
+            assert (await client.get(key))[0] == b"\x01ok"
+            await client.lookup(os.urandom(20))
+        await client.bootstrap([evil.getsockname()])
+    finally:
+        stop.set()
+        await task
+        evil.close()
+        await stop_all(nodes)
+
+
+async def test_rpc_timeout_and_receive_buffer_come_from_config() -> None:
+    """The RPC timeout is configurable (stock: 5 s) and the receive buffer is enlarged."""
+    config = DhtConfig(rpc_timeout=0.3)
+    node = Dht(os.urandom(20), AcceptAll(), config)
+    await node.start("127.0.0.1", 0)
+    try:
+        dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        dead.bind(("127.0.0.1", 0))
+        async with asyncio.timeout(3):
+            assert await node.ping(dead.getsockname()) is None
+        dead.close()
+        sock = node.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        rmem_max = int(await asyncio.to_thread(Path("/proc/sys/net/core/rmem_max").read_text))
+        expected = min(config.recv_buffer, rmem_max)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= expected
+    finally:
+        await node.stop()
+
+
+async def test_newcomer_closest_to_a_key_receives_the_record() -> None:
+    """A peer that joins next to a key is handed the record (stock hashes the key twice)."""
+    nodes = await start_dhts(8)
+    key = os.urandom(20)
+    await nodes[2].put(key, b"\x01handed")
+    newcomer = Dht(bytes([key[0]]) + key[1:19] + bytes([key[19] ^ 1]), AcceptAll(), FAST_DHT)
+    await newcomer.start("127.0.0.1", 0)
+    try:
+        await newcomer.bootstrap([nodes[0].me.address])
+        await wait_for(lambda: newcomer.store.get(key, newcomer.clock()) == b"\x01handed")
+    finally:
+        await stop_all([*nodes, newcomer])
+
+
+async def test_entries_merge_and_page() -> None:
+    """Entries from many adders under one key are merged and read back across pages."""
+    nodes = await start_dhts(6)
+    try:
+        key = os.urandom(20)
+        entries = [os.urandom(8) + os.urandom(300) for _ in range(60)]  # ~18 KB: 3+ pages
+        for i, node in enumerate(nodes):
+            await node.add_entries(key, entries[i * 10 : (i + 1) * 10])
+        got = await nodes[0].get_entries(key)
+        assert set(got) == set(entries)
+    finally:
+        await stop_all(nodes)
+
+
+async def test_leave_is_noticed_at_once() -> None:
+    """A peer that stops tells its contacts, which drop it without waiting for timeouts."""
+    nodes = await start_dhts(4)
+    try:
+        leaving = nodes[2]
+        await leaving.stop()
+
+        def forgotten(node: Dht) -> bool:
+            return leaving.node_id not in {c.node_id for c in node.contacts()}
+
+        for node in (nodes[0], nodes[1], nodes[3]):
+            await wait_for(functools.partial(forgotten, node))
+    finally:
+        await stop_all([nodes[0], nodes[1], nodes[3]])

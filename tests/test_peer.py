@@ -1,0 +1,115 @@
+"""Storage peers: identity, restart, status and the errors a user meets when starting one."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+
+from difs_p2p.errors import NetworkError, StorageError
+from difs_p2p.peer import Peer
+from tests.helpers import peer_config, start_peers, stop_all, wait_for
+
+
+async def test_identity_is_persistent_and_private(tmp_path: Path) -> None:
+    """The key file is mode 0600 and a restarted peer keeps its node ID."""
+    peer = Peer(peer_config(tmp_path / "p"))
+    await peer.start()
+    first_id = peer.node_id
+    await peer.stop()
+    mode = stat.S_IMODE(os.stat(tmp_path / "p" / "peer.key").st_mode)
+    assert mode == 0o600
+    again = Peer(peer_config(tmp_path / "p"))
+    await again.start()
+    try:
+        assert again.node_id == first_id
+    finally:
+        await again.stop()
+
+
+async def test_restarted_peer_rejoins_from_saved_contacts(tmp_path: Path) -> None:
+    """A restarted peer rejoins from contacts.json (JSON, not pickle) without --bootstrap."""
+    peers = await start_peers(tmp_path, 4)
+    try:
+        leaver = peers[3]
+        await leaver.stop()
+        saved = json.loads((tmp_path / "p3" / "contacts.json").read_text())
+        assert saved["version"] == 1 and len(saved["contacts"]) == 3
+        back = Peer(peer_config(tmp_path / "p3"))
+        await back.start()
+        peers[3] = back
+        assert len(back.dht.contacts()) == 3  # type: ignore[union-attr]
+        await wait_for(
+            lambda: all(back.node_id in {c.node_id for c in p.dht.contacts()} for p in peers[:3])  # type: ignore[union-attr]
+        )
+    finally:
+        await stop_all(peers)
+
+
+async def test_status_reports_network_and_storage(tmp_path: Path) -> None:
+    """status() shows ID, address, routing table size, a contact sample and storage."""
+    peers = await start_peers(tmp_path, 3, capacity=5 << 20)
+    try:
+        status = peers[1].status()
+        assert status["node_id"] == peers[1].node_id.hex()
+        assert status["address"] == f"127.0.0.1:{peers[1].port}"
+        assert status["routing_table"] == 2
+        assert {c["id"] for c in status["contacts"]} == {
+            peers[0].node_id.hex(),
+            peers[2].node_id.hex(),
+        }
+        assert status["storage"] == {"used": 0, "capacity": 5 << 20, "segments": 0}
+    finally:
+        await stop_all(peers)
+
+
+async def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    """Starting on a taken port fails with NetworkError and leaves nothing running."""
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    blocker.bind(("127.0.0.1", 0))
+    port = blocker.getsockname()[1]
+    try:
+        peer = Peer(peer_config(tmp_path / "p", port=port))
+        with pytest.raises(NetworkError, match="in use"):
+            await peer.start()
+        assert not (tmp_path / "p" / "address").exists()
+    finally:
+        blocker.close()
+
+
+async def test_data_dir_not_writable(tmp_path: Path) -> None:
+    """A data directory that cannot be created is a StorageError naming it."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StorageError, match="not writable"):
+        await Peer(peer_config(blocker / "data")).start()
+
+
+async def test_one_data_dir_one_peer(tmp_path: Path) -> None:
+    """A second peer on the same data directory is refused while the first runs."""
+    first = Peer(peer_config(tmp_path / "p"))
+    await first.start()
+    try:
+        with pytest.raises(StorageError, match="in use"):
+            await Peer(peer_config(tmp_path / "p")).start()
+    finally:
+        await first.stop()
+
+
+async def test_unreachable_bootstrap_gives_up_saying_what_was_tried(tmp_path: Path) -> None:
+    """Bootstrap retries with backoff, then fails naming the addresses it tried."""
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead.bind(("127.0.0.1", 0))
+    address = dead.getsockname()
+    try:
+        config = peer_config(
+            tmp_path / "p", bootstrap=(address,), bootstrap_attempts=2, bootstrap_backoff=0.05
+        )
+        with pytest.raises(NetworkError, match=f"127.0.0.1:{address[1]} after 2 attempts"):
+            await Peer(config).start()
+    finally:
+        dead.close()
