@@ -8,6 +8,7 @@ one peer and fetches it by name through another, then stops every peer with SIGT
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -64,8 +65,6 @@ def main() -> int:
             if out.returncode != 0:
                 print(out.stderr)
                 return 1
-            import json
-
             status = json.loads(out.stdout)
             print(
                 f"  peer{i} {status['node_id'][:16]}... knows {status['routing_table']} "
@@ -106,7 +105,25 @@ def _publish_and_fetch(root: Path, addresses: list[str]) -> int:
         return 1
     print(f"  published in {put_s:.2f} s ({DEMO_SIZE / put_s / 1e6:.0f} MB/s)")
     stat = _run([difs, "stat", DEMO_NAME, "--peer", addresses[-1]], env=env)
-    print(stat.stdout)
+    if stat.returncode != 0:
+        print(stat.stderr)
+        return 1
+    manifest = json.loads(stat.stdout)
+    info = manifest["info"]
+    print(
+        f"  manifest: version {info['version']}, {info['segment_count']} segments of "
+        f"{info['segment_size'] >> 10} KiB in {info['stripes']} ranges, "
+        f"integrity root {info['integrity'][:16]}..."
+    )
+    for r in manifest["ranges"]:
+        holders = [
+            s["address"]
+            for s in manifest["storages"]
+            if s["segment"]["start"] <= r["start"] and r["end"] <= s["segment"]["end"]
+        ]
+        print(
+            f"  segments {r['start']:>3}..{r['end']:<3} live on {r['live']}: {', '.join(holders)}"
+        )
     out = root / "fetched.bin"
     t0 = time.perf_counter()
     get = _run([difs, "get", DEMO_NAME, "-o", str(out), "--peer", addresses[-1]], env=env)
