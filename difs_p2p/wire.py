@@ -46,6 +46,7 @@ import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Final, NamedTuple, TypeAlias, TypeGuard
 
 from difs_p2p.errors import UsageError, WireError
@@ -117,10 +118,9 @@ _GET_SEG: Final = struct.Struct("!32sQI")
 _ACK: Final = struct.Struct("!32sB")
 _ACK_STORED: Final = 0x01
 _NODE_ID_HEX = re.compile(rf"[0-9a-f]{{{2 * NODE_ID_SIZE}}}")
-# Lone surrogates can only come from "\\udXXX" escapes (the UTF-8 decoder refuses encoded
-# ones); this finds texts that might hold one, so that only those are walked string by string.
+# Surrogate escapes in JSON text: "\ud83d\ude00" is one character; "\ud800" alone is not UTF-8.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTAINERS: Final = (dict, list, tuple)
 
 
 class MsgType(enum.IntEnum):
@@ -350,34 +350,41 @@ _JSON_DECODER: Final = json.JSONDecoder(
 )
 
 
-def _json_problem(obj: object, *, check_strings: bool) -> str | None:
-    """Why ``obj`` cannot travel in a JSON frame (depth, key types, lone surrogates), or None.
+def _json_problem(obj: object, *, check_keys: bool) -> str | None:
+    """Why ``obj`` cannot travel in a JSON frame (too deep, a key not a string), or None.
 
-    The walk uses its own stack, so it never recurses however deep ``obj`` is.
+    The walk goes one nesting level at a time: it never recurses, however deep ``obj`` is,
+    and stops after MAX_JSON_DEPTH levels.
     """
-    stack: list[tuple[object, int]] = [(obj, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            if depth > MAX_JSON_DEPTH:
-                return f"nested deeper than {MAX_JSON_DEPTH} levels"
-            for key, value in node.items():
-                if not isinstance(key, str):
-                    return f"object key {key!r} is not a string"
-                if check_strings and _SURROGATE.search(key):
-                    return "lone surrogate in a string"
-                stack.append((value, depth + 1))
-        elif isinstance(node, list | tuple):
-            if depth > MAX_JSON_DEPTH:
-                return f"nested deeper than {MAX_JSON_DEPTH} levels"
-            stack.extend((value, depth + 1) for value in node)
-        elif check_strings and isinstance(node, str) and _SURROGATE.search(node):
-            return "lone surrogate in a string"
-    return None
+    level: list[Any] = [obj]
+    for _ in range(MAX_JSON_DEPTH):
+        if check_keys:
+            for node in level:
+                if isinstance(node, dict) and not all(isinstance(key, str) for key in node):
+                    return "an object key is not a string"
+        children = chain.from_iterable(
+            node.values() if isinstance(node, dict) else node for node in level
+        )
+        below = [child for child in children if isinstance(child, _CONTAINERS)]
+        if not below:
+            return None
+        level = below
+    return f"nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+def _has_lone_surrogate(obj: object) -> bool:
+    """True if a string in ``obj`` holds half of a surrogate pair (it cannot be UTF-8)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _encode_json(obj: dict[str, Any], what: str) -> bytes:
-    problem = _json_problem(obj, check_strings=False)
+    if not isinstance(obj, dict):
+        raise UsageError(f"{what} must be a JSON object, not {type(obj).__name__}")
+    problem = _json_problem(obj, check_keys=True)
     if problem is not None:
         raise UsageError(f"{what} cannot be sent: {problem}")
     try:
@@ -418,14 +425,16 @@ def _decode_json(payload: Buffer) -> dict[str, Any]:
             field="json",
             offset=HEADER_SIZE,
         )
-    # Depth can only exceed the limit with that many brackets, and lone surrogates can only
-    # come from escapes: most control frames skip the walk.
-    brackets = text.count("[") + text.count("{")
-    check_strings = _SURROGATE_ESCAPE.search(text) is not None
-    if brackets > MAX_JSON_DEPTH or check_strings:
-        problem = _json_problem(obj, check_strings=check_strings)
+    # Cheap tests on the text spare most frames the walks: depth can only exceed the limit
+    # with that many brackets, and a lone surrogate can only come from a "\udXXX" escape.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:
+        problem = _json_problem(obj, check_keys=False)
         if problem is not None:
             raise WireError(f"invalid JSON: {problem}", field="json", offset=HEADER_SIZE)
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
+        raise WireError(
+            "invalid JSON: lone surrogate in a string", field="json", offset=HEADER_SIZE
+        )
     return obj
 
 
