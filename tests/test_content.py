@@ -163,3 +163,53 @@ async def test_tampered_segment_is_fetched_from_another_holder(
         result = await client.get("/tamper", out)
     assert out.read_bytes() == src.read_bytes()
     assert result.retries >= 1
+
+
+async def test_concurrent_publishers_of_different_names(
+    network: list[Peer], tmp_path: Path
+) -> None:
+    """Six publishers at once, one per peer, each name fetched back intact elsewhere."""
+    files = [write(tmp_path, 3 * SEG + i) for i in range(len(network))]
+
+    async def publish(i: int) -> None:
+        async with Client(network[i].address, publisher=Identity.generate()) as client:
+            await client.put(files[i], f"/many/{i}", segment_size=SEG)
+
+    await asyncio.gather(*(publish(i) for i in range(len(network))))
+    for i in range(len(network)):
+        async with Client(network[(i + 1) % len(network)].address) as client:
+            out = tmp_path / f"many-{i}"
+            await client.get(f"/many/{i}", out)
+            assert out.read_bytes() == files[i].read_bytes()
+
+
+async def test_fifty_mib_with_a_holder_killed_mid_fetch(
+    network: list[Peer], tmp_path: Path
+) -> None:
+    """A 50 MiB fetch completes byte-identical when a holder dies halfway through."""
+    src = write(tmp_path, 50 << 20)
+    async with Client(network[0].address, publisher=Identity.generate()) as client:
+        result = await client.put(src, "/big", replicas=3)
+    victims = {h for r in result.ranges for h in r["holders"]} - {network[0].node_id.hex()}
+    victim = next(p for p in network[1:] if p.node_id.hex() in victims)
+    received = 0
+    killed = asyncio.Event()
+
+    def progress(n: int) -> None:
+        nonlocal received
+        received += n
+        if received > 20 << 20 and not killed.is_set():
+            killed.set()
+
+    async def kill_when_halfway() -> None:
+        await killed.wait()
+        await victim.stop()
+
+    fetcher = next(p for p in network if p is not victim and p is not network[0])
+    killer = asyncio.create_task(kill_when_halfway())
+    out = tmp_path / "big.out"
+    async with Client(fetcher.address) as client:
+        await client.get("/big", out, progress=progress)
+    killed.set()
+    await killer
+    assert out.read_bytes() == src.read_bytes()
