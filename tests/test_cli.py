@@ -50,7 +50,10 @@ def status(address: str) -> dict[str, object]:
 
 def test_every_command_has_help() -> None:
     """Each command answers --help with a description and an example."""
-    for binary, commands in (("difs-peer", ["join", "status"]), ("difs", ["peers"])):
+    for binary, commands in (
+        ("difs-peer", ["join", "status"]),
+        ("difs", ["peers", "put", "get", "rm", "stat", "versions"]),
+    ):
         for command in commands:
             out = subprocess.run(
                 [str(BIN / binary), command, "--help"], capture_output=True, text=True, check=False
@@ -164,3 +167,70 @@ def test_no_local_peer_is_a_clear_error(tmp_path: Path) -> None:
     env.pop("DIFS_PEER", None)
     out = difs("peers", env=env)
     assert out.returncode == 9 and "difs-peer join" in out.stderr
+
+
+def test_put_get_stat_versions_rm_as_processes(tmp_path: Path) -> None:
+    """The content commands end to end: put, get (file and stdout), stat, versions, rm."""
+    procs = []
+    env = dict(os.environ, DIFS_HOME=str(tmp_path / "home"))
+    try:
+        first, seed = start_peer(tmp_path / "a")
+        procs.append(first)
+        procs.append(start_peer(tmp_path / "b", "--bootstrap", seed)[0])
+        other = (tmp_path / "b" / "address").read_text().strip()
+        src = tmp_path / "in.bin"
+        src.write_bytes(os.urandom(300_000))
+        out = difs(
+            "put",
+            str(src),
+            "/cli/x.bin",
+            "--peer",
+            seed,
+            "--segment-size",
+            "64KiB",
+            "--json",
+            env=env,
+        )
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["version"] == 1
+        again = difs("put", str(src), "/cli/x.bin", "--peer", seed, env=env)
+        assert again.returncode == 7 and "already exists" in again.stderr
+        bad = difs("put", str(src), "/cli//x", "--peer", seed, env=env)
+        assert bad.returncode == 2 and "empty component" in bad.stderr
+        got = difs("get", "/cli/x.bin", "-o", str(tmp_path / "out.bin"), "--peer", other, env=env)
+        assert got.returncode == 0, got.stderr
+        assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
+        piped = subprocess.run(
+            [
+                str(BIN / "difs"),
+                "get",
+                "/cli/x.bin",
+                "-o",
+                "-",
+                "--peer",
+                other,
+                "--range",
+                "10-19",
+            ],
+            capture_output=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+        assert piped.returncode == 0 and piped.stdout == src.read_bytes()[10:20]
+        stat = json.loads(difs("stat", "/cli/x.bin", "--peer", other, env=env).stdout)
+        assert stat["info"]["name"] == "/cli/x.bin" and stat["storages"]
+        assert all(s["live"] for s in stat["storages"])
+        assert difs("rm", "/cli/x.bin", "--peer", seed, env=env).returncode == 0
+        versions = json.loads(
+            difs("versions", "/cli/x.bin", "--peer", other, "--json", env=env).stdout
+        )
+        assert [v["deleted"] for v in versions] == [False, True]
+        gone = difs("get", "/cli/x.bin", "-o", str(tmp_path / "o2"), "--peer", other, env=env)
+        assert gone.returncode == 4 and "deleted" in gone.stderr
+        missing = difs("get", "/cli/nothing", "--peer", other, env=env)
+        assert missing.returncode == 3
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=15)
