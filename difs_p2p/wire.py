@@ -100,13 +100,13 @@ MAX_SEGMENT: Final = 16 * 1024 * 1024
 # The largest payload of any frame: a segment plus room for its fixed fields (PUT_SEG uses
 # 32 of the 64 bytes). Receive buffers sized to this fit every frame.
 MAX_PAYLOAD: Final = MAX_SEGMENT + 64
-# JSON frames (HELLO, CALL, REPLY) carry control data: lookups, status, small listings.
-# 256 KiB is far above any answer we build and bounds the JSON parser's work per frame.
+# JSON frames (HELLO, CALL, REPLY) carry control data; bulk data travels as segments.
+# 256 KiB bounds the JSON parser's time and memory per frame (tens of milliseconds at worst).
 MAX_CONTROL_PAYLOAD: Final = 256 * 1024
 # Error messages are diagnostics for a human; longer ones are cut when encoding.
 MAX_ERROR_MESSAGE: Final = 1024
-# Control messages are shallow; 32 levels leave room and stay far below Python's recursion
-# limit when the decoded object is walked.
+# Control messages are shallow; 32 levels leave room, and code that recurses over a decoded
+# object (json.dumps included) stays far from Python's recursion limit.
 MAX_JSON_DEPTH: Final = 32
 # Operation names are short identifiers ("find_value", "status").
 MAX_OP_LENGTH: Final = 64
@@ -674,10 +674,10 @@ class FrameDecoder:
         """Bytes held for a frame that is not complete yet."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: Buffer) -> list[Frame]:
         """Add received bytes; return the frames they complete, in order."""
         if self._error is not None:
-            raise self._error
+            raise self._error.with_traceback(None)
         frames: list[Frame] = []
         view = memoryview(data)
         pos, end = 0, len(view)
@@ -712,7 +712,7 @@ class FrameDecoder:
     def eof(self) -> None:
         """The stream ended: raise WireError if it stopped inside a frame or was broken."""
         if self._error is not None:
-            raise self._error
+            raise self._error.with_traceback(None)
         if self._header is not None:
             error = WireError(
                 "stream ended inside a payload",
