@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -20,9 +22,7 @@ from typing import Any
 import blake3
 
 from difs_p2p.client import Client
-from difs_p2p.config import DhtConfig, PeerConfig
 from difs_p2p.identity import Identity
-from difs_p2p.peer import Peer
 
 MiB = 1 << 20
 
@@ -89,29 +89,57 @@ def limit_disk(directory: Path, total: int = 512 * MiB) -> float:
     return total / seconds / 1e6
 
 
+def start_peer_process(data: Path, bootstrap: str | None) -> tuple[subprocess.Popen[str], str]:
+    """A real ``difs-peer join`` process; returns it with its address."""
+    cmd = [
+        str(Path(sys.executable).with_name("difs-peer")),
+        "join",
+        "--data",
+        str(data),
+        "--capacity",
+        "64GiB",
+    ]
+    if bootstrap:
+        cmd += ["--bootstrap", bootstrap]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("peer ready"):
+        proc.kill()
+        raise SystemExit(f"peer did not start: {line!r}")
+    return proc, dict(p.split("=", 1) for p in line.split()[2:])["address"]
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a running process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 async def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any]]:
-    dht = DhtConfig(liveness_interval=3600)
-    peers: list[Peer] = []
-    first = Peer(PeerConfig(data_dir=root / "p0", dht=dht, capacity=64 << 30))
-    await first.start()
-    peers.append(first)
+    """Publish and fetch ``size`` bytes between peer processes, with r = 1 and r = 3."""
+    procs: list[subprocess.Popen[str]] = []
+    first, seed = start_peer_process(root / "p0", None)
+    procs.append(first)
+    addresses = [seed]
     for i in range(1, peers_n):
-        peer = Peer(
-            PeerConfig(
-                data_dir=root / f"p{i}", dht=dht, capacity=64 << 30, bootstrap=(first.address,)
-            )
-        )
-        await peer.start()
-        peers.append(peer)
+        proc, address = start_peer_process(root / f"p{i}", seed)
+        procs.append(proc)
+        addresses.append(address)
     src = root / "src.bin"
     with src.open("wb") as fh:
         for _ in range(size // MiB):
             fh.write(os.urandom(MiB))
+    host, port = addresses[0].split(":")
+    entry = (host, int(port))
+    last_host, last_port = addresses[-1].split(":")
     rows = []
     try:
         for replicas in (1, 3):
             name = f"/bench/{size}-{replicas}"
-            async with Client(peers[0].address, publisher=Identity.generate()) as client:
+            async with Client(entry, publisher=Identity.generate()) as client:
                 t0 = time.perf_counter()
                 await client.put(src, name, replicas=replicas)
                 seconds = time.perf_counter() - t0
@@ -124,7 +152,8 @@ async def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[st
                 }
             )
             out = root / "out.bin"
-            async with Client(peers[-1].address) as client:
+            cpu0 = time.process_time()
+            async with Client((last_host, int(last_port))) as client:
                 result = await client.get(name, out)
             rows.append(
                 {
@@ -133,11 +162,30 @@ async def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[st
                     "seconds": result.seconds,
                     "mb_s": size / result.seconds / 1e6,
                     "first_byte_ms": result.first_byte * 1000,
+                    "fetcher_cpu_s": time.process_time() - cpu0,
                 }
             )
             out.unlink()
+            async with Client((last_host, int(last_port))) as client:
+                with open(os.devnull, "wb") as sink:  # noqa: ASYNC230 (no I/O)
+                    result = await client.get(name, sink)
+            rows.append(
+                {
+                    "op": f"fetch to null ({replicas})",
+                    "bytes": size,
+                    "seconds": result.seconds,
+                    "mb_s": size / result.seconds / 1e6,
+                    "first_byte_ms": result.first_byte * 1000,
+                }
+            )
+        rows.append(
+            {"op": "peak RSS of peers (MB)", "peers": [round(peak_rss_mb(p.pid), 1) for p in procs]}
+        )
     finally:
-        await asyncio.gather(*(p.stop() for p in peers))
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=30)
     return rows
 
 
@@ -155,6 +203,9 @@ def main() -> int:
     for name, value in limits.items():
         print(f"{name:<24}{value:>10.0f}")
     for row in rows:
+        if "mb_s" not in row:
+            print(f"{row['op']:<24}{row['peers']}")
+            continue
         ratio = row["mb_s"] / limits["loopback_tcp_mb_s"]
         ttfb = f"{row['first_byte_ms']:.1f}" if "first_byte_ms" in row else ""
         print(f"{row['op']:<24}{row['mb_s']:>10.0f}{ratio:>12.2f}{ttfb:>10}")

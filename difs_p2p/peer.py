@@ -26,8 +26,9 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from difs_p2p import segments, wire
 from difs_p2p.config import PeerConfig
@@ -59,6 +60,35 @@ CONTACTS_VERSION = 1
 CONTACTS_SAVE_INTERVAL = 60.0
 # Contacts kept in contacts.json: enough to rejoin even if most of them are gone.
 CONTACTS_SAVED = 64
+
+# Requests answered concurrently per connection (replies still leave in order).
+SERVE_PIPELINE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class FileReply:
+    """A DATA reply whose bytes come straight from a file (sent with sendfile)."""
+
+    request_id: int
+    file: BinaryIO
+    offset: int
+    length: int
+
+
+Reply = wire.Frame | FileReply | None
+
+
+async def _ready(frame: wire.Frame) -> Reply:
+    return frame
+
+
+def _drain(replies: asyncio.Queue[asyncio.Task[Reply] | None]) -> None:
+    """Cancel replies that will not be sent (the connection is gone)."""
+    while not replies.empty():
+        task = replies.get_nowait()
+        if task is not None:
+            task.cancel()
+
 
 ControlHandler = Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -321,30 +351,61 @@ class Peer:
     # -- TCP service -----------------------------------------------------------------------
 
     async def _serve(self, conn: Connection) -> None:
-        """Answer frames on one connection until the peer closes it."""
-        while True:
-            try:
-                header = await conn.read_header()
-                if header is None:
-                    return
-                frame = wire.decode_payload(header, await conn.read_payload(header))
-            except wire.WireError as exc:
-                await conn.send(
-                    wire.Error(
-                        request_id=0, code=wire.ErrorCode.BAD_REQUEST, message=str(exc)[:1000]
+        """Answer frames on one connection until the peer closes it.
+
+        Requests are read as they arrive and answered concurrently (up to
+        ``SERVE_PIPELINE`` at once), but replies leave in request order, so clients can
+        pipeline. Segment bytes go out with sendfile, without passing through Python.
+        """
+        replies: asyncio.Queue[asyncio.Task[Reply] | None] = asyncio.Queue(SERVE_PIPELINE)
+        writer = asyncio.create_task(self._write_replies(conn, replies))
+        try:
+            while not writer.done():
+                try:
+                    header = await conn.read_header()
+                    if header is None:
+                        break
+                    frame = wire.decode_payload(header, await conn.read_payload(header))
+                except wire.WireError as exc:
+                    bad = wire.Error(
+                        request_id=0, code=wire.ErrorCode.BAD_REQUEST, message=str(exc)
                     )
-                )
-                return
+                    await replies.put(asyncio.create_task(_ready(bad)))
+                    break
+                await replies.put(asyncio.create_task(self._answer(conn, frame)))
+        finally:
+            if writer.done():
+                _drain(replies)
+            else:
+                await replies.put(None)
             try:
-                reply = await self._answer(conn, frame)
+                await writer
+            finally:
+                _drain(replies)
+
+    async def _write_replies(
+        self, conn: Connection, replies: asyncio.Queue[asyncio.Task[Reply] | None]
+    ) -> None:
+        while (task := await replies.get()) is not None:
+            try:
+                reply = await task
             except DifsError as exc:
-                reply = wire.Error(
-                    request_id=frame.request_id, code=error_code(exc), message=str(exc)[:1000]
-                )
-            if reply is not None:
+                reply = wire.Error(request_id=0, code=error_code(exc), message=str(exc))
+            if isinstance(reply, FileReply):
+                try:
+                    await conn.send_file(reply.request_id, reply.file, reply.offset, reply.length)
+                finally:
+                    reply.file.close()
+            elif reply is not None:
                 await conn.send(reply)
 
-    async def _answer(self, conn: Connection, frame: wire.Frame) -> wire.Frame | None:
+    async def _answer(self, conn: Connection, frame: wire.Frame) -> Reply:
+        try:
+            return await self._answer_frame(conn, frame)
+        except DifsError as exc:
+            return wire.Error(request_id=frame.request_id, code=error_code(exc), message=str(exc))
+
+    async def _answer_frame(self, conn: Connection, frame: wire.Frame) -> Reply:
         if isinstance(frame, wire.Call):
             handler = self._controls.get(frame.op)
             if handler is None:
@@ -357,17 +418,22 @@ class Peer:
             stored = await asyncio.to_thread(self._store().put, frame.seg_id, frame.data)
             return wire.Ack(request_id=frame.request_id, seg_id=frame.seg_id, stored=stored)
         if isinstance(frame, wire.GetSeg):
-            data = await asyncio.to_thread(self._read_segment, frame)
-            return wire.Data(request_id=frame.request_id, data=data)
+            return await asyncio.to_thread(self._open_segment, frame)
         raise UsageError(f"unexpected {type(frame).__name__} frame")
 
-    def _read_segment(self, frame: wire.GetSeg) -> bytes:
-        store = self._store()
-        if not store.has(frame.seg_id):
-            raise NotFoundError(f"segment {frame.seg_id.hex()[:16]} is not stored here")
-        length = frame.length or None
-        whole = frame.offset == 0 and length is None
-        return store.read(frame.seg_id, frame.offset, length, verify=whole)
+    def _open_segment(self, frame: wire.GetSeg) -> FileReply:
+        """Open a stored segment for sending (the fetcher verifies what it receives)."""
+        path, size = self._store().locate(frame.seg_id)
+        if frame.offset > size:
+            raise UsageError(f"offset {frame.offset} is past the segment's {size} bytes")
+        length = size - frame.offset
+        if frame.length:
+            length = min(length, frame.length)
+        try:
+            fh = path.open("rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"segment {frame.seg_id.hex()[:16]} is not stored here") from None
+        return FileReply(frame.request_id, fh, frame.offset, length)
 
     async def _op_status(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         return self.status()

@@ -126,6 +126,14 @@ class SegmentStore:
         self.size_of(seg_id)
         return self._path(seg_id)
 
+    def locate(self, seg_id: bytes) -> tuple[Path, int]:
+        """The file and size of a stored segment, without touching the index."""
+        path = self._path(seg_id)
+        try:
+            return path, path.stat().st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"segment {seg_id.hex()[:16]} is not stored here") from None
+
     def _write_file(self, tmp: Path, data: bytes | memoryview) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:

@@ -16,7 +16,7 @@ import errno
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import difs_p2p.wire as wire
 from difs_p2p.errors import (
@@ -156,6 +156,20 @@ class Connection:
                 async with asyncio.timeout(self.io_timeout):
                     for part in parts:
                         await self.loop.sock_sendall(self.sock, part)
+            except TimeoutError:
+                raise DifsTimeoutError("peer stopped reading") from None
+            except OSError as exc:
+                raise PeerError(f"connection lost: {exc.strerror or exc}") from None
+
+    async def send_file(self, request_id: int, file: BinaryIO, offset: int, length: int) -> None:
+        """Send a DATA frame whose payload is ``length`` bytes of ``file`` from ``offset``."""
+        header = wire.encode_header(wire.MsgType.DATA, request_id, length)
+        async with self._send_lock:
+            try:
+                async with asyncio.timeout(self.io_timeout + length / 50e6):
+                    await self.loop.sock_sendall(self.sock, header)
+                    if length:
+                        await self.loop.sock_sendfile(self.sock, file, offset, length)
             except TimeoutError:
                 raise DifsTimeoutError("peer stopped reading") from None
             except OSError as exc:
