@@ -30,7 +30,6 @@ every background task belongs to the ``Dht`` and is cancelled by :meth:`Dht.stop
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -48,6 +47,7 @@ from kademlia.routing import RoutingTable
 
 from difs_p2p.config import DhtConfig
 from difs_p2p.errors import NetworkError
+from difs_p2p.net import DatagramNetwork, DatagramTransport, UdpNetwork
 from difs_p2p.recordstore import RecordPolicy, RecordStore
 
 log = logging.getLogger(__name__)
@@ -375,7 +375,7 @@ class Dht:
             max_entries_per_key=self.config.max_entries_per_key,
         )
         self.protocol: _Protocol | None = None
-        self.transport: asyncio.DatagramTransport | None = None
+        self.transport: DatagramTransport | None = None
         self.seeds: list[tuple[str, int]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warned: set[tuple[str, int]] = set()
@@ -387,26 +387,27 @@ class Dht:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int, *, sock: socket.socket | None = None) -> int:
-        """Listen on UDP ``host:port`` (or on a ready socket); return the bound port."""
-        loop = asyncio.get_running_loop()
-        if sock is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                sock.close()
-                raise NetworkError(f"cannot listen on UDP {host}:{port}: {exc.strerror}") from None
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.recv_buffer)
+    async def start(
+        self,
+        host: str,
+        port: int,
+        *,
+        sock: socket.socket | None = None,
+        network: DatagramNetwork | None = None,
+    ) -> int:
+        """Listen on ``host:port`` (a ready UDP socket, or another network); return the port."""
         protocol = _Protocol(self)
-        transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+        net = network or UdpNetwork(sock)
+        transport, (ip, bound) = await net.open_datagram(
+            host, port, protocol, recv_buffer=self.config.recv_buffer
+        )
+        protocol.transport = transport
         self.transport = transport
         self.protocol = protocol
-        self.node.ip, self.node.port = sock.getsockname()[:2]
+        self.node.ip, self.node.port = ip, bound
         self.spawn(self._refresh_loop())
         self.spawn(self._liveness_loop())
-        return int(self.node.port)
+        return bound
 
     async def stop(self) -> None:
         """Tell contacts we leave, cancel every task, fail outstanding RPCs, close the socket."""
