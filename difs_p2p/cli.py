@@ -22,6 +22,7 @@ import typer
 
 from difs_p2p import errors
 from difs_p2p.config import PeerConfig, format_size, parse_hostport, parse_size
+from difs_p2p.repair import RepairConfig
 from difs_p2p.transfer import Connection
 
 T = TypeVar("T")
@@ -125,6 +126,15 @@ def _print_status(status: dict[str, Any]) -> None:
     for c in status["contacts"]:
         table.add_row(c["id"], c["address"])
     console.print(table)
+    m = status.get("maintenance") or {}
+    if m:
+        console.print(
+            f"holdings: {status.get('holdings', 0)}   maintenance rounds: {m['rounds']}   "
+            f"repaired ranges: {m['repaired_ranges']} ({format_size(m['repair_bytes'])})   "
+            f"trimmed: {m['trimmed_ranges']}   collected versions: {m['collected_versions']} "
+            f"({format_size(m['freed_bytes'])})   healed segments: {m['healed_segments']}   "
+            f"dead peers seen: {m['dead_peers']}"
+        )
 
 
 # -- difs-peer -----------------------------------------------------------------------------
@@ -152,6 +162,12 @@ def join(
         Path | None, typer.Option(help="data directory (default: $DIFS_HOME/peer)")
     ] = None,
     capacity: Annotated[str, typer.Option(help="storage offered, e.g. 10GiB")] = "10GiB",
+    repair_interval: Annotated[
+        float, typer.Option(help="seconds between maintenance rounds (repair, GC, republish)")
+    ] = 60.0,
+    dead_after: Annotated[
+        int, typer.Option(help="failed maintenance probes in a row before a holder is dead")
+    ] = 3,
     retries: Annotated[
         int, typer.Option(help="bootstrap attempts before giving up (backoff 0.5 s, doubling)")
     ] = 5,
@@ -170,6 +186,7 @@ def join(
             bootstrap=tuple(parse_hostport(b) for b in bootstrap or ()),
             capacity=parse_size(capacity),
             bootstrap_attempts=max(1, retries),
+            repair=RepairConfig(interval=repair_interval, dead_after=dead_after),
         )
     except errors.DifsError as exc:
         raise _fail(exc) from None
@@ -214,6 +231,40 @@ def status(peer: PeerOpt = None, as_json: JsonOpt = False) -> None:
 
 async def _status(peer: str | None) -> dict[str, Any]:
     return await call_peer(resolve_peer(peer), "status")
+
+
+@peer_app.command()
+def check(
+    repair: Annotated[
+        bool, typer.Option("--repair", help="quarantine damage and fetch good copies")
+    ] = False,
+    peer: PeerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify every segment a running peer stores against its hash.
+
+    Example: difs-peer check --repair --peer 127.0.0.1:4000
+    """
+    result = run(lambda: _check(peer, repair))
+    if as_json:
+        _print_json(result)
+        return
+    typer.echo(
+        f"checked {result['checked']} segments: {result['ok']} ok, "
+        f"{len(result['corrupt'])} corrupt, {len(result['missing'])} missing, "
+        f"{result['healed']} healed"
+    )
+    if result["corrupt"] and not repair:
+        raise typer.Exit(5)
+
+
+async def _check(peer: str | None, repair: bool) -> dict[str, Any]:
+    address = resolve_peer(peer)
+    conn = await Connection.open(address, io_timeout=3600.0)
+    try:
+        return await conn.call("check", repair=repair)
+    finally:
+        conn.close()
 
 
 # -- difs ----------------------------------------------------------------------------------

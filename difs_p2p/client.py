@@ -449,6 +449,8 @@ class _Fetch:
         self.retries = 0
         self.first_byte = 0.0
         self.written = 0
+        # (holder, segment) pairs that failed verification, reported after the fetch
+        self.suspects: list[tuple[tuple[str, int], bytes]] = []
 
     def _sources(self) -> list[tuple[str, int]]:
         return list(dict.fromkeys((h.host, h.port) for h in self.holders))
@@ -615,6 +617,7 @@ class _Fetch:
                                 segments.verify_segment, self.hashes[index], data
                             )
                         except IntegrityError as exc:
+                            self.suspects.append((address, self.hashes[index]))
                             problems.append(f"{address[0]}:{address[1]}: {exc}")
                             failed[index].add(address)
                             self.retries += 1
@@ -652,3 +655,15 @@ class _Fetch:
         if stream is not None:
             deliver_stream()
             stream.flush()
+        await self._report_suspects()
+
+    async def _report_suspects(self) -> None:
+        """Tell holders that served corrupt copies, so they check and heal them."""
+        for address, seg_id in self.suspects[:16]:
+            with contextlib.suppress(DifsError, OSError, TimeoutError):
+                async with asyncio.timeout(5):
+                    conn = await Connection.open(address, io_timeout=5)
+                    try:
+                        await conn.call("suspect", segment=seg_id.hex())
+                    finally:
+                        conn.close()

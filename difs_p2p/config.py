@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from difs_p2p.errors import UsageError
+from difs_p2p.repair import RepairConfig
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -140,6 +141,7 @@ class PeerConfig:
     io_timeout: float = 30.0
     # Bound on concurrent inbound TCP connections.
     max_connections: int = 256
+    repair: RepairConfig = field(default_factory=RepairConfig)
 
     def __post_init__(self) -> None:
         try:

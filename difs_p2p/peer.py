@@ -50,6 +50,7 @@ from difs_p2p.manifest import (
     parse_manifest,
     record_hash,
 )
+from difs_p2p.repair import Holding, Holdings, Maintainer, holding_owner
 from difs_p2p.store import SegmentStore
 from difs_p2p.transfer import Connection, Server, error_code
 
@@ -164,6 +165,8 @@ class Peer:
         self.port = 0
         self.started_at = 0.0
         self._lock_file: IO[bytes] | None = None
+        self.holdings: Holdings | None = None
+        self.maintainer: Maintainer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._controls: dict[str, ControlHandler] = {
             "status": self._op_status,
@@ -172,6 +175,9 @@ class Peer:
             "hold": self._op_hold,
             "publish": self._op_publish,
             "release": self._op_release,
+            "holds": self._op_holds,
+            "check": self._op_check,
+            "suspect": self._op_suspect,
         }
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -219,9 +225,12 @@ class Peer:
             )
             self.server.start()
             self.started_at = self.clock()
+            self.holdings = Holdings(self.data_dir / "holdings.sqlite3")
+            self.maintainer = Maintainer(self, cfg.repair)
             await self._join()
             _atomic_write(self.data_dir / "address", f"{cfg.host}:{self.port}\n".encode())
             self.spawn(self._save_contacts_loop())
+            self.spawn(self.maintainer.run())
         except BaseException:
             await self.stop()
             raise
@@ -291,6 +300,9 @@ class Peer:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self.holdings is not None:
+            self.holdings.close()
+            self.holdings = None
         with contextlib.suppress(OSError):
             (self.data_dir / "address").unlink()
         if self._lock_file is not None:
@@ -346,6 +358,8 @@ class Peer:
                 "segments": store.count,
             },
             "connections": self.server.connections if self.server else 0,
+            "holdings": len(self.holdings_db().all()),
+            "maintenance": self.maintainer.stats.as_dict() if self.maintainer else {},
         }
 
     # -- TCP service -----------------------------------------------------------------------
@@ -483,8 +497,8 @@ class Peer:
                     if len(holders) >= replicas:
                         break
                     try:
-                        entry = await self._push_range(
-                            contact.address, key, version, integrity, hashes, start, end
+                        entry = await self.push_range(
+                            contact.address, key, version, integrity, start, end, None, hashes
                         )
                     except DifsError as exc:
                         log.info("place_skip peer=%s reason=%s", contact.address, exc)
@@ -508,24 +522,34 @@ class Peer:
         data = await asyncio.to_thread(store.read, integrity)
         return list(segments.verify_hash_list(data, integrity, count))
 
-    async def _push_range(
+    async def push_range(
         self,
         address: tuple[str, int],
         key: bytes,
         version: int,
         integrity: bytes,
-        hashes: list[bytes],
         start: int,
         end: int,
+        pace: Callable[[int], Awaitable[None]] | None = None,
+        hashes: list[bytes] | None = None,
     ) -> HolderEntry:
-        """Copy segments start..end (and the hash list) to a peer; return its holder entry."""
+        """Copy segments start..end (and the hash list) to a peer; return its holder entry.
+
+        The peer acknowledges each segment only once it is verified and durable, then
+        checks it has the whole range and signs its own holder entry.
+        """
         store = self._store()
+        if hashes is None:
+            count = store.size_of(integrity) // segments.HASH_SIZE
+            hashes = await self._hash_list(integrity, count)
         conn = await Connection.open(address, io_timeout=self.config.io_timeout)
         try:
             ids = [integrity, *hashes[start : end + 1]]
             pending = 0
             for seg_id in ids:
                 data = await asyncio.to_thread(store.read, seg_id, 0, None, False)
+                if pace is not None:
+                    await pace(len(data))
                 await conn.send(wire.PutSeg(request_id=0, seg_id=seg_id, data=data))
                 pending += 1
                 if pending >= 8:
@@ -568,13 +592,19 @@ class Peer:
             raise UsageError("range outside the object")
         hashes = await self._hash_list(integrity, count)
         store = self._store()
-        owner = key + version.to_bytes(8, "big")
+        owner = holding_owner(key, version, start)
         wanted = [integrity, *hashes[start : end + 1]]
         missing = [h for h in wanted if not store.has(h)]
         if missing:
             raise NotFoundError(f"{len(missing)} segments of the range are not stored here")
         for seg_id in wanted:
             store.add_ref(seg_id, owner)
+        self.holdings_db().add(Holding(key, version, integrity, count, start, end, self.clock()))
+        return self._sign_entry(key, version, integrity, start, end)
+
+    def _sign_entry(
+        self, key: bytes, version: int, integrity: bytes, start: int, end: int
+    ) -> HolderEntry:
         assert self.identity is not None
         return build_holder_entry(
             self.identity,
@@ -587,6 +617,22 @@ class Peer:
             port=self.port,
             issued=int(self.clock()),
         )
+
+    def own_entries(self, key: bytes) -> list[HolderEntry]:
+        """Freshly signed holder entries for everything this peer holds of ``key``."""
+        return [
+            self._sign_entry(h.key, h.version, h.integrity, h.start, h.end)
+            for h in self.holdings_db().of_key(key)
+        ]
+
+    async def free_holding(self, h: Holding) -> int:
+        """Forget a holding and delete the segments nothing else here needs; bytes freed."""
+        store = self._store()
+        self.holdings_db().remove(h)
+        freed = 0
+        for seg_id in store.drop_refs(h.owner):
+            freed += await asyncio.to_thread(store.delete, seg_id)
+        return freed
 
     async def _op_publish(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         """Store a signed manifest and its holder entries on the name's key/value peers."""
@@ -635,13 +681,107 @@ class Peer:
         newest = parse_manifest(records[0], key)
         if not newest.deleted:
             raise UsageError("the name is not deleted")
-        store = self._store()
         freed = 0
-        for version in range(1, newest.version):
-            orphans = store.drop_refs(key + version.to_bytes(8, "big"))
-            for seg_id in orphans:
-                freed += await asyncio.to_thread(store.delete, seg_id)
+        for h in self.holdings_db().of_key(key):
+            freed += await self.free_holding(h)
         return freed
+
+    async def _op_holds(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        """Whether this peer holds a range (asked by other holders for failure detection)."""
+        key, version = _key_arg(args), _int_arg(args, "version")
+        start, end = _int_arg(args, "start"), _int_arg(args, "end")
+        return {"holds": self.holdings_db().covers(key, version, start, end)}
+
+    async def probe_holder(
+        self, address: tuple[str, int], args: dict[str, Any], *, limit: float
+    ) -> bool | None:
+        """Ask a peer whether it holds a range: True/False, or None if it did not answer."""
+        try:
+            async with asyncio.timeout(limit):
+                conn = await Connection.open(address, io_timeout=limit, connect_timeout=limit)
+                try:
+                    reply = await conn.call("holds", **args)
+                finally:
+                    conn.close()
+        except (TimeoutError, DifsError, OSError):
+            return None
+        return reply.get("holds") is True
+
+    async def _op_check(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        """Verify every stored segment; with repair, quarantine damage and fetch good copies."""
+        repair = args.get("repair") is True
+        report = await asyncio.to_thread(self._store().check, repair)
+        healed = 0
+        if repair:
+            for seg_id in [*report.corrupt, *report.missing]:
+                healed += await self.heal(seg_id)
+        return {
+            "checked": report.checked,
+            "ok": report.ok,
+            "corrupt": [c.hex() for c in report.corrupt],
+            "missing": [m.hex() for m in report.missing],
+            "healed": healed,
+        }
+
+    async def _op_suspect(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        """A fetcher got a bad copy of a segment from us: verify it, heal it if damaged."""
+        seg_id = _hex_arg(args, "segment", 32)
+        store = self._store()
+        if not store.has(seg_id):
+            return {"damaged": False, "healed": 0}
+        try:
+            await asyncio.to_thread(store.read, seg_id)
+            return {"damaged": False, "healed": 0}
+        except IntegrityError:
+            pass
+        return {"damaged": True, "healed": await self.heal(seg_id)}
+
+    async def heal(self, seg_id: bytes) -> int:
+        """Fetch a good copy of a damaged or missing segment from another holder."""
+        store = self._store()
+        dht = self._dht()
+        for h in self.holdings_db().all():
+            try:
+                hashes = await self._hash_list(h.integrity, h.segment_count)
+            except DifsError:
+                hashes = []
+            if seg_id != h.integrity and seg_id not in hashes[h.start : h.end + 1]:
+                continue
+            for raw in await dht.get_entries(h.key):
+                if raw[:1] == b"{":
+                    continue
+                with contextlib.suppress(DifsError):
+                    entry = parse_holder_entry(raw)
+                    if entry.node_id == self.node_id or entry.version != h.version:
+                        continue
+                    data = await self._fetch_segment((entry.host, entry.port), seg_id)
+                    await asyncio.to_thread(store.put, seg_id, data, h.owner)
+                    if self.maintainer is not None:
+                        self.maintainer.stats.healed_segments += 1
+                    log.info("healed segment=%s from=%s", seg_id.hex()[:12], entry.host)
+                    return 1
+        return 0
+
+    async def _fetch_segment(self, address: tuple[str, int], seg_id: bytes) -> bytes:
+        conn = await Connection.open(address, io_timeout=self.config.io_timeout)
+        try:
+            await conn.send(wire.GetSeg(request_id=0, seg_id=seg_id, offset=0, length=0))
+            frame = await conn.read_frame()
+        finally:
+            conn.close()
+        if not isinstance(frame, wire.Data):
+            raise NotFoundError("holder has no copy")
+        data = bytes(frame.data)
+        segments.verify_segment(seg_id, data)
+        return data
+
+    def holdings_db(self) -> Holdings:
+        if self.holdings is None:
+            raise NetworkError("the peer is not running")
+        return self.holdings
+
+    def dht_node(self) -> Dht:
+        return self._dht()
 
 
 async def _expect_ack(conn: Connection) -> None:

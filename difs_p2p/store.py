@@ -1,39 +1,125 @@
 """Content-addressed segment storage on disk.
 
-Segments live in fan-out directories (``segments/ab/cd/<hex id>``), written to ``tmp/``,
-fsynced and renamed into place, so a crash never leaves a partial segment visible; ``tmp/``
-is emptied on open. An sqlite index records sizes and references (who needs a segment, for
-garbage collection); capacity is enforced before any byte is written. ``check()`` rehashes
-everything and moves damaged files to ``quarantine/``.
+Layout of a store directory::
+
+    ROOT/segments/ab/cd/abcd...   one file per segment, named by the hex of its 32-byte id
+    ROOT/tmp/                     writes in progress (emptied on open)
+    ROOT/quarantine/              files that failed verification, kept for inspection
+    ROOT/index.sqlite3            segments(id, size, stored_at) and refs(id, owner)
+    ROOT/lock                     held (flock) while a store object has the directory open
+
+Placement, index and verification are kept apart:
+
+* **placement**: a segment's path is derived only from the hex form of its id, two
+  fan-out levels deep so no directory grows past a few thousand entries;
+* **writes** go to ``tmp/``, are fsynced, renamed into place, and the directory is fsynced
+  before the index row is inserted. A crash therefore leaves either a partial file in
+  ``tmp/`` (deleted on open) or a complete file without a row (rehashed and re-indexed on
+  open), never a row for a partial file;
+* **index**: sqlite in WAL mode. The in-memory ``used`` total is loaded from it on open;
+  capacity counts segment bytes only (not the index or directory overhead) and is
+  checked, with the space reserved, before any byte is written;
+* **verification**: a whole-segment ``read`` checks the hash, ``check()`` rehashes
+  everything; a damaged file is moved to ``quarantine/`` and its row dropped, while its
+  refs stay so the owner can still find that it needs a good copy.
+
+``refs`` records who needs a segment (an opaque owner tag, e.g. name key + version), for
+garbage collection: ``drop_refs(owner)`` returns the segments nobody needs any more.
 
 The API is synchronous and thread-safe; the peer calls it through ``asyncio.to_thread``.
+One lock guards the sqlite connection and the space accounting; hashing and file I/O run
+outside it. Errors from the OS and sqlite are translated here: no space ->
+``CapacityError``, anything else -> ``StorageError``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 import blake3
 
 from difs_p2p.errors import CapacityError, IntegrityError, NotFoundError, StorageError, UsageError
 
+log = logging.getLogger(__name__)
+
 ID_SIZE = 32
+# Files are hashed in chunks of this size so a check never holds a whole segment twice.
+_HASH_CHUNK = 1 << 20
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS segments(
+    id BLOB PRIMARY KEY, size INTEGER NOT NULL, stored_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS refs(
+    id BLOB NOT NULL, owner BLOB NOT NULL, PRIMARY KEY(id, owner));
+CREATE INDEX IF NOT EXISTS refs_owner ON refs(owner);
+"""
 
 
 def _blake3(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
+def _short(seg_id: bytes) -> str:
+    return seg_id.hex()[:16]
+
+
+def _as_bytes_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """A flat byte view of ``data``, so that ``len()`` counts bytes."""
+    try:
+        return memoryview(data).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"segment data must be a contiguous bytes-like object: {exc}") from None
+
+
+def _check_id(seg_id: bytes) -> bytes:
+    if not isinstance(seg_id, bytes | bytearray | memoryview):
+        raise UsageError(f"a segment id is bytes, not {type(seg_id).__name__}")
+    seg_id = bytes(seg_id)
+    if len(seg_id) != ID_SIZE:
+        raise UsageError(f"a segment id is {ID_SIZE} bytes, got {len(seg_id)}")
+    return seg_id
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_fd(fd: int) -> bytes:
+    hasher = blake3.blake3()
+    offset = 0
+    while chunk := os.pread(fd, _HASH_CHUNK, offset):
+        hasher.update(chunk)
+        offset += len(chunk)
+    return hasher.digest()
+
+
+def _os_error(exc: OSError, doing: str) -> CapacityError | StorageError:
+    if exc.errno in _NO_SPACE:
+        return CapacityError(f"no space left on the disk while {doing}")
+    return StorageError(f"{doing} failed: {exc.strerror or exc}")
+
+
 @dataclass(frozen=True, slots=True)
 class CheckReport:
+    """What ``SegmentStore.check`` found: every indexed segment is ok, corrupt or missing."""
+
     checked: int
     ok: int
     corrupt: list[bytes] = field(default_factory=list)
@@ -41,234 +127,639 @@ class CheckReport:
 
 
 class SegmentStore:
-    def __init__(self, root: Path, capacity: int) -> None:
-        self.root = root
-        self.capacity = capacity
-        self._lock = threading.Lock()
-        try:
-            for sub in ("segments", "tmp", "quarantine"):
-                (root / sub).mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                str(root / "index.sqlite3"), check_same_thread=False, isolation_level=None
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(
-                """
-                CREATE TABLE IF NOT EXISTS segments(
-                    id BLOB PRIMARY KEY, size INTEGER NOT NULL, stored_at REAL NOT NULL);
-                CREATE TABLE IF NOT EXISTS refs(
-                    id BLOB NOT NULL, owner BLOB NOT NULL, PRIMARY KEY(id, owner));
-                CREATE INDEX IF NOT EXISTS refs_owner ON refs(owner);
-                """
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise StorageError(f"cannot use storage directory {root}: {exc}") from None
-        self._recover()
-        (used,) = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM segments").fetchone()
-        self._used = int(used)
-        self._reserved = 0
+    """Segments on disk under ``root``, at most ``capacity`` bytes of them."""
 
-    def _path(self, seg_id: bytes) -> Path:
-        if len(seg_id) != ID_SIZE:
-            raise UsageError(f"segment id must be {ID_SIZE} bytes")
-        h = seg_id.hex()
-        return self.root / "segments" / h[:2] / h[2:4] / h
+    def __init__(self, root: Path, capacity: int) -> None:
+        if capacity < 0:
+            raise UsageError(f"capacity must not be negative, got {capacity}")
+        self.root = Path(root)
+        self._capacity = capacity
+        self._segments = self.root / "segments"
+        self._tmp = self.root / "tmp"
+        self._quarantine_dir = self.root / "quarantine"
+        self._lock = threading.Lock()
+        # Signalled when a write finishes, for puts waiting on the same id.
+        self._written = threading.Condition(self._lock)
+        self._writing: set[bytes] = set()
+        self._reserved = 0
+        self._closed = False
+        self._lock_fd = self._open_root()
+        try:
+            self._db = self._open_index()
+            try:
+                self._recover()
+                with self._sql("loading the segment index"):
+                    used, count = self._db.execute(
+                        "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM segments"
+                    ).fetchone()
+            except BaseException:
+                self._db.close()
+                raise
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._used = int(used)
+        self._count = int(count)
+        log.info(
+            "store opened root=%s segments=%d used=%d capacity=%d",
+            self.root,
+            self._count,
+            self._used,
+            capacity,
+        )
+
+    # -- opening and recovery -------------------------------------------------------------
+
+    def _open_root(self) -> int:
+        """Create the directories, prove they are writable and take the directory lock."""
+        try:
+            for sub in (self._segments, self._tmp, self._quarantine_dir):
+                sub.mkdir(parents=True, exist_ok=True)
+            probe = self._tmp / f".probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot use {self.root} as a segment store (it must be a writable "
+                f"directory): {exc.strerror or exc}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(
+                f"segment store {self.root} is already open (by another peer or process)"
+            ) from exc
+        return fd
+
+    def _open_index(self) -> sqlite3.Connection:
+        path = self.root / "index.sqlite3"
+        try:
+            db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the segment index {path}: {exc}") from exc
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode can lose the last commits on power loss, never corrupt the
+            # index. A lost row is recovered by rehashing its file on open, and a lost ref
+            # change only keeps a segment longer than needed.
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            db.close()
+            raise StorageError(f"cannot use the segment index {path}: {exc}") from exc
+        return db
 
     def _recover(self) -> None:
-        """Drop partial writes; reconcile the index with the files on disk."""
-        for tmp in (self.root / "tmp").iterdir():
-            tmp.unlink(missing_ok=True)
-        indexed = {bytes(r[0]) for r in self._db.execute("SELECT id FROM segments")}
-        on_disk: set[bytes] = set()
-        for path in (self.root / "segments").glob("*/*/*"):
-            try:
-                seg_id = bytes.fromhex(path.name)
-            except ValueError:
-                continue
-            if len(seg_id) != ID_SIZE:
-                continue
-            on_disk.add(seg_id)
-            if seg_id not in indexed:
-                data = path.read_bytes()
-                if _blake3(data) == seg_id:
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO segments VALUES(?,?,?)",
-                        (seg_id, len(data), time.time()),
-                    )
+        """Drop partial writes and reconcile the index with the files on disk.
+
+        Indexed files are only compared by size, not rehashed, so opening stays fast;
+        ``check()`` is the full verification.
+        """
+        try:
+            for entry in os.scandir(self._tmp):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
                 else:
-                    os.replace(path, self.root / "quarantine" / path.name)
-        for seg_id in indexed - on_disk:
-            self._db.execute("DELETE FROM segments WHERE id=?", (seg_id,))
+                    os.unlink(entry.path)
+        except OSError as exc:
+            raise StorageError(f"cannot empty {self._tmp}: {exc.strerror or exc}") from exc
+        with self._sql("reading the segment index"):
+            indexed = {
+                bytes(seg_id): int(size)
+                for seg_id, size in self._db.execute("SELECT id, size FROM segments")
+            }
+        added: list[tuple[bytes, int, float]] = []
+        dropped: list[bytes] = []
+        try:
+            for path, seg_id in self._scan_segments():
+                if seg_id is None:
+                    self._move_to_quarantine(path, "misplaced file in segments/")
+                    continue
+                size = path.stat(follow_symlinks=False).st_size
+                known = indexed.pop(seg_id, None)
+                if known is not None:
+                    if size != known:
+                        self._move_to_quarantine(path, f"size {size} but indexed as {known}")
+                        dropped.append(seg_id)
+                    continue
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    digest = _hash_fd(fd)
+                finally:
+                    os.close(fd)
+                if digest == seg_id:
+                    added.append((seg_id, size, time.time()))
+                else:
+                    self._move_to_quarantine(path, "unindexed file does not match its hash")
+        except OSError as exc:
+            raise StorageError(
+                f"cannot scan {self._segments}: {exc.strerror or exc}"
+            ) from exc
+        dropped.extend(indexed)  # rows whose file is gone
+        with self._sql("repairing the segment index"), self._transaction():
+            self._db.executemany("INSERT INTO segments VALUES(?,?,?)", added)
+            self._db.executemany("DELETE FROM segments WHERE id=?", [(i,) for i in dropped])
+        if added or dropped:
+            log.warning(
+                "store recovered root=%s reindexed=%d dropped=%d",
+                self.root,
+                len(added),
+                len(dropped),
+            )
+
+    def _scan_segments(self) -> Iterator[tuple[Path, bytes | None]]:
+        """Every file under ``segments/`` with its id, or None when it is not where its id
+        says it should be."""
+        for top in os.scandir(self._segments):
+            if not top.is_dir(follow_symlinks=False):
+                yield Path(top.path), None
+                continue
+            for mid in os.scandir(top.path):
+                if not mid.is_dir(follow_symlinks=False):
+                    yield Path(mid.path), None
+                    continue
+                for leaf in os.scandir(mid.path):
+                    if leaf.is_dir(follow_symlinks=False):
+                        log.warning("store ignores directory path=%s", leaf.path)
+                        continue
+                    path = Path(leaf.path)
+                    seg_id = _id_from_name(leaf.name)
+                    if seg_id is None or self._path(seg_id) != path:
+                        yield path, None
+                    else:
+                        yield path, seg_id
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _path(self, seg_id: bytes) -> Path:
+        h = seg_id.hex()
+        return self._segments / h[:2] / h[2:4] / h
+
+    def _move_to_quarantine(self, path: Path, reason: str) -> None:
+        target = self._quarantine_dir / f"{path.name}.{time.time_ns()}"
+        os.replace(path, target)
+        log.warning("segment quarantined file=%s reason=%s", path.name, reason)
+
+    @contextlib.contextmanager
+    def _sql(self, doing: str) -> Iterator[None]:
+        """Translate sqlite errors raised while ``doing`` something."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise CapacityError(f"no space left on the disk while {doing}") from exc
+            raise StorageError(f"segment index failed while {doing}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError(f"segment store {self.root} is closed")
+
+    def _size_locked(self, seg_id: bytes) -> int | None:
+        row = self._db.execute("SELECT size FROM segments WHERE id=?", (seg_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def _drop_row_locked(self, seg_id: bytes) -> int:
+        """Forget a segment's row (not its refs); the bytes it accounted for."""
+        size = self._size_locked(seg_id)
+        if size is None:
+            return 0
+        self._db.execute("DELETE FROM segments WHERE id=?", (seg_id,))
+        self._used -= size
+        self._count -= 1
+        return size
+
+    def _quarantine(self, seg_id: bytes, inode: int | None, reason: str) -> None:
+        """Move a damaged segment aside and drop its row.
+
+        ``inode`` is the file that was found damaged: if the path now holds another file
+        (a good copy written since), it is left alone.
+        """
+        path = self._path(seg_id)
+        with self._lock, self._sql("dropping a damaged segment"):
+            if self._closed:
+                return
+            try:
+                if inode is not None and path.stat().st_ino != inode:
+                    return
+                self._move_to_quarantine(path, reason)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise _os_error(exc, f"quarantining segment {_short(seg_id)}") from exc
+            self._drop_row_locked(seg_id)
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """The most segment bytes this store accepts."""
+        return self._capacity
 
     @property
     def used(self) -> int:
+        """Bytes of stored segments (as indexed)."""
         return self._used
 
     @property
     def count(self) -> int:
-        with self._lock:
-            (n,) = self._db.execute("SELECT COUNT(*) FROM segments").fetchone()
-        return int(n)
+        """Number of stored segments."""
+        return self._count
 
-    def has(self, seg_id: bytes) -> bool:
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM segments WHERE id=?", (seg_id,)).fetchone()
-        return row is not None
+    # -- writing ----------------------------------------------------------------------------
 
-    def size_of(self, seg_id: bytes) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT size FROM segments WHERE id=?", (seg_id,)).fetchone()
-        if row is None:
-            raise NotFoundError(f"segment {seg_id.hex()[:16]} is not stored")
-        return int(row[0])
-
-    def path_of(self, seg_id: bytes) -> Path:
-        self.size_of(seg_id)
-        return self._path(seg_id)
-
-    def locate(self, seg_id: bytes) -> tuple[Path, int]:
-        """The file and size of a stored segment, without touching the index."""
-        path = self._path(seg_id)
-        try:
-            return path, path.stat().st_size
-        except FileNotFoundError:
-            raise NotFoundError(f"segment {seg_id.hex()[:16]} is not stored here") from None
-
-    def _write_file(self, tmp: Path, data: bytes | memoryview) -> None:
+    def _write_file(self, tmp: Path, data: memoryview) -> None:
+        """Write ``data`` to a new file ``tmp`` and fsync it."""
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            while data:
+                n = os.write(fd, data)
+                data = data[n:]
             os.fsync(fd)
         finally:
             os.close(fd)
 
-    def put(self, seg_id: bytes, data: bytes | memoryview, owner: bytes | None = None) -> bool:
-        """Store a segment after checking its hash; False if it was already stored."""
-        path = self._path(seg_id)
-        if _blake3(data) != seg_id:
-            raise IntegrityError(f"segment {seg_id.hex()[:16]} does not match its hash")
-        size = len(data)
-        with self._lock:
-            exists = self._db.execute("SELECT 1 FROM segments WHERE id=?", (seg_id,)).fetchone()
-            if exists:
-                if owner is not None:
-                    self._db.execute("INSERT OR IGNORE INTO refs VALUES(?,?)", (seg_id, owner))
-                return False
-            if self._used + self._reserved + size > self.capacity:
-                raise CapacityError(
-                    f"no space: {self._used + self._reserved} of {self.capacity} bytes used, "
-                    f"segment needs {size}"
-                )
-            self._reserved += size
-        tmp = self.root / "tmp" / f"{seg_id.hex()}.{threading.get_ident()}.{time.monotonic_ns()}"
-        try:
-            self._write_file(tmp, data)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(tmp, path)
-            dfd = os.open(path.parent, os.O_RDONLY)
+    def _make_parent(self, path: Path, touched: set[Path]) -> None:
+        """Create the fan-out directories of ``path``; note every directory to fsync."""
+        leaf = path.parent
+        touched.add(leaf)
+        if leaf.is_dir():
+            return
+        for directory in (leaf.parent, leaf):
             try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            with self._lock:
-                self._reserved -= size
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise CapacityError(f"no space left on the disk for {self.root}") from None
-            raise StorageError(f"cannot write segment: {exc.strerror or exc}") from None
-        with self._lock:
-            self._reserved -= size
-            self._db.execute(
-                "INSERT OR REPLACE INTO segments VALUES(?,?,?)", (seg_id, size, time.time())
-            )
-            if owner is not None:
-                self._db.execute("INSERT OR IGNORE INTO refs VALUES(?,?)", (seg_id, owner))
-            self._used += size
-        return True
+                directory.mkdir()
+            except FileExistsError:
+                continue
+            touched.add(directory.parent)
+
+    def put(
+        self, seg_id: bytes, data: bytes | bytearray | memoryview, owner: bytes | None = None
+    ) -> bool:
+        """Store a segment after checking that ``seg_id`` is the BLAKE3 of ``data``.
+
+        Returns False if it was already stored (``owner``'s ref is added all the same).
+        Raises IntegrityError on a hash mismatch and CapacityError when the capacity or
+        the disk is full; in both cases nothing is written.
+        """
+        return self.put_many([(seg_id, data)], owner) == 1
 
     def put_many(
-        self, items: Sequence[tuple[bytes, bytes | memoryview]], owner: bytes | None = None
+        self,
+        items: Sequence[tuple[bytes, bytes | bytearray | memoryview]],
+        owner: bytes | None = None,
     ) -> int:
-        return sum(self.put(seg_id, data, owner) for seg_id, data in items)
+        """Store several segments at once; the number newly stored.
+
+        All or nothing: every hash is checked and the space for all new segments reserved
+        before the first write. Each touched directory is fsynced once and the index is
+        updated in one transaction, which makes this the fast path for many small segments.
+        """
+        self._check_open()
+        batch: dict[bytes, memoryview] = {}
+        for i, (raw_id, data) in enumerate(items):
+            seg_id = _check_id(raw_id)
+            view = _as_bytes_view(data)
+            if _blake3(view) != seg_id:
+                where = f" (item {i})" if len(items) > 1 else ""
+                raise IntegrityError(
+                    f"segment {_short(seg_id)}{where} does not match its BLAKE3 hash"
+                )
+            batch.setdefault(seg_id, view)
+        if owner is not None:
+            owner = bytes(owner)
+
+        new = self._claim(batch)
+        need = sum(len(batch[seg_id]) for seg_id in new)
+        placed: list[Path] = []
+        try:
+            self._write_all(new, batch, placed)
+            self._index_batch(new, batch, list(batch), owner, need)
+        except BaseException:
+            for path in placed:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            with self._written:
+                self._reserved -= need
+                self._writing.difference_update(new)
+                self._written.notify_all()
+            raise
+        if new:
+            log.debug("segments stored count=%d bytes=%d", len(new), need)
+        return len(new)
+
+    def _claim(self, batch: dict[bytes, memoryview]) -> list[bytes]:
+        """Reserve space for the segments of ``batch`` not stored yet, and claim their ids.
+
+        Waits while another thread is writing one of them, so one segment is never written
+        (or counted) twice.
+        """
+        with self._written, self._sql("looking up segments"):
+            while self._writing.intersection(batch):
+                self._written.wait()
+            self._check_open()
+            new = [i for i in batch if self._size_locked(i) is None]
+            need = sum(len(batch[i]) for i in new)
+            committed = self._used + self._reserved
+            if committed + need > self._capacity:
+                raise CapacityError(
+                    f"no space: {need} more bytes would exceed the store's capacity "
+                    f"({committed}/{self._capacity} bytes used)"
+                )
+            self._reserved += need
+            self._writing.update(new)
+        return new
+
+    def _write_all(
+        self, new: list[bytes], batch: dict[bytes, memoryview], placed: list[Path]
+    ) -> None:
+        """Write, fsync and rename every new segment, then fsync each touched directory."""
+        touched: set[Path] = set()
+        for seg_id in new:
+            path = self._path(seg_id)
+            tmp = self._tmp / f"{seg_id.hex()}.{uuid.uuid4().hex}"
+            try:
+                self._make_parent(path, touched)
+                self._write_file(tmp, batch[seg_id])
+                os.rename(tmp, path)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise _os_error(exc, f"writing segment {_short(seg_id)}") from exc
+            placed.append(path)
+        try:
+            for directory in sorted(touched, key=lambda p: len(p.parts), reverse=True):
+                _fsync_dir(directory)
+        except OSError as exc:
+            raise _os_error(exc, "syncing segment directories") from exc
+
+    def _index_batch(
+        self,
+        new: list[bytes],
+        batch: dict[bytes, memoryview],
+        all_ids: list[bytes],
+        owner: bytes | None,
+        need: int,
+    ) -> None:
+        now = time.time()
+        with self._written, self._sql("indexing segments"):
+            self._check_open()
+            with self._transaction():
+                self._db.executemany(
+                    "INSERT INTO segments VALUES(?,?,?)",
+                    [(i, len(batch[i]), now) for i in new],
+                )
+                if owner is not None:
+                    self._db.executemany(
+                        "INSERT OR IGNORE INTO refs VALUES(?,?)", [(i, owner) for i in all_ids]
+                    )
+            self._reserved -= need
+            self._used += need
+            self._count += len(new)
+            self._writing.difference_update(new)
+            self._written.notify_all()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def has(self, seg_id: bytes) -> bool:
+        """Whether the segment is stored (indexed)."""
+        seg_id = _check_id(seg_id)
+        with self._lock, self._sql("looking up a segment"):
+            self._check_open()
+            return self._size_locked(seg_id) is not None
+
+    def size_of(self, seg_id: bytes) -> int:
+        """The size of a stored segment; NotFoundError if it is not stored."""
+        seg_id = _check_id(seg_id)
+        with self._lock, self._sql("looking up a segment"):
+            self._check_open()
+            size = self._size_locked(seg_id)
+        if size is None:
+            raise NotFoundError(f"segment {_short(seg_id)} is not stored here")
+        return size
+
+    def path_of(self, seg_id: bytes) -> Path:
+        """The file of a stored segment, for ``os.pread`` or ``sendfile``.
+
+        The file is not verified; whoever reads it checks the hash. NotFoundError if the
+        segment is not stored.
+        """
+        self.size_of(seg_id)
+        return self._path(_check_id(seg_id))
+
+    def locate(self, seg_id: bytes) -> tuple[Path, int]:
+        """The file and size of a segment from the file system alone (no index lookup).
+
+        For the serving path, which must not wait on the index lock; the file is not
+        verified. NotFoundError if there is no file.
+        """
+        self._check_open()
+        path = self._path(_check_id(seg_id))
+        try:
+            return path, path.stat().st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"segment {_short(seg_id)} is not stored here") from None
+        except OSError as exc:
+            raise _os_error(exc, f"locating segment {_short(seg_id)}") from exc
 
     def read(
         self, seg_id: bytes, offset: int = 0, length: int | None = None, verify: bool = True
     ) -> bytes:
-        """Read a segment (or a part); a whole read with verify checks the hash."""
+        """Read a segment, or ``length`` bytes of it from ``offset`` (None: to the end).
+
+        When the whole segment is read and ``verify`` is set, its hash is checked: a
+        damaged file is quarantined, its row dropped, and IntegrityError raised. A partial
+        read cannot be verified here (the hash covers the whole segment); its reader must
+        check it against the hash list.
+        """
+        seg_id = _check_id(seg_id)
+        self._check_open()
+        if offset < 0 or (length is not None and length < 0):
+            raise UsageError(f"bad range: offset {offset}, length {length}")
         path = self._path(seg_id)
         try:
-            with path.open("rb") as fh:
-                fh.seek(offset)
-                data = fh.read() if length is None else fh.read(length)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            raise NotFoundError(f"segment {seg_id.hex()[:16]} is not stored") from None
+            raise NotFoundError(f"segment {_short(seg_id)} is not stored here") from None
         except OSError as exc:
-            raise StorageError(f"cannot read segment: {exc.strerror or exc}") from None
-        if verify and offset == 0 and length is None and _blake3(data) != seg_id:
-            self._quarantine(seg_id)
-            raise IntegrityError(f"stored segment {seg_id.hex()[:16]} is damaged")
+            raise _os_error(exc, f"opening segment {_short(seg_id)}") from exc
+        try:
+            st = os.fstat(fd)
+            if offset > st.st_size:
+                raise UsageError(
+                    f"offset {offset} is past the end of segment {_short(seg_id)} "
+                    f"({st.st_size} bytes)"
+                )
+            want = st.st_size - offset if length is None else min(length, st.st_size - offset)
+            data = _pread_all(fd, want, offset)
+        except OSError as exc:
+            raise _os_error(exc, f"reading segment {_short(seg_id)}") from exc
+        finally:
+            os.close(fd)
+        whole = offset == 0 and len(data) == st.st_size
+        if verify and whole and _blake3(data) != seg_id:
+            self._quarantine(seg_id, st.st_ino, "read found a hash mismatch")
+            raise IntegrityError(f"stored segment {_short(seg_id)} is damaged (quarantined)")
         return data
 
-    def _quarantine(self, seg_id: bytes) -> None:
-        path = self._path(seg_id)
-        with contextlib.suppress(OSError):
-            os.replace(path, self.root / "quarantine" / path.name)
-        with self._lock:
-            row = self._db.execute("SELECT size FROM segments WHERE id=?", (seg_id,)).fetchone()
-            if row is not None:
-                self._db.execute("DELETE FROM segments WHERE id=?", (seg_id,))
-                self._used -= int(row[0])
+    # -- references and deletion -----------------------------------------------------------
 
     def add_ref(self, seg_id: bytes, owner: bytes) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO refs VALUES(?,?)", (seg_id, owner))
+        """Record that ``owner`` needs a stored segment; NotFoundError if it is not stored."""
+        seg_id = _check_id(seg_id)
+        with self._lock, self._sql("adding a ref"):
+            self._check_open()
+            if self._size_locked(seg_id) is None:
+                raise NotFoundError(f"segment {_short(seg_id)} is not stored here")
+            self._db.execute("INSERT OR IGNORE INTO refs VALUES(?,?)", (seg_id, bytes(owner)))
 
     def drop_refs(self, owner: bytes) -> list[bytes]:
-        with self._lock:
-            ids = [
-                bytes(r[0]) for r in self._db.execute("SELECT id FROM refs WHERE owner=?", (owner,))
-            ]
-            self._db.execute("DELETE FROM refs WHERE owner=?", (owner,))
-            orphans = [
-                i
-                for i in ids
-                if self._db.execute("SELECT 1 FROM refs WHERE id=?", (i,)).fetchone() is None
-            ]
-        return orphans
+        """Drop every ref of ``owner``; the ids it referenced that nobody else does.
+
+        Those segments are not deleted here: the caller decides (``delete``).
+        """
+        owner = bytes(owner)
+        with self._lock, self._sql("dropping refs"):
+            self._check_open()
+            with self._transaction():
+                ids = [
+                    bytes(r[0])
+                    for r in self._db.execute("SELECT id FROM refs WHERE owner=?", (owner,))
+                ]
+                self._db.execute("DELETE FROM refs WHERE owner=?", (owner,))
+                return [
+                    i
+                    for i in ids
+                    if self._db.execute("SELECT 1 FROM refs WHERE id=?", (i,)).fetchone() is None
+                ]
 
     def delete(self, seg_id: bytes) -> int:
+        """Remove a segment, its file and all its refs; the bytes freed (0 if not stored)."""
+        seg_id = _check_id(seg_id)
         path = self._path(seg_id)
-        with self._lock:
-            row = self._db.execute("SELECT size FROM segments WHERE id=?", (seg_id,)).fetchone()
-            if row is None:
+        with self._lock, self._sql("deleting a segment"):
+            self._check_open()
+            if self._size_locked(seg_id) is None:
                 return 0
-            self._db.execute("DELETE FROM segments WHERE id=?", (seg_id,))
-            self._used -= int(row[0])
-        path.unlink(missing_ok=True)
-        return int(row[0])
+            # The file goes first: a crash in between leaves a row without a file, which
+            # the next open drops, rather than an unreferenced file it would re-index.
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise _os_error(exc, f"deleting segment {_short(seg_id)}") from exc
+            with self._transaction():
+                freed = self._drop_row_locked(seg_id)
+                self._db.execute("DELETE FROM refs WHERE id=?", (seg_id,))
+        return freed
+
+    # -- verification -----------------------------------------------------------------------
 
     def check(self, fix: bool = False) -> CheckReport:
-        with self._lock:
+        """Rehash every stored segment.
+
+        With ``fix``, corrupt files are quarantined and the rows of corrupt and missing
+        segments dropped, so they can be stored again from a good copy.
+        """
+        with self._lock, self._sql("listing segments"):
+            self._check_open()
             ids = [bytes(r[0]) for r in self._db.execute("SELECT id FROM segments")]
-        corrupt, missing, ok = [], [], 0
+        corrupt: list[bytes] = []
+        missing: list[bytes] = []
+        ok = 0
         for seg_id in ids:
             try:
-                data = self._path(seg_id).read_bytes()
+                fd = os.open(self._path(seg_id), os.O_RDONLY)
             except FileNotFoundError:
-                missing.append(seg_id)
+                if self.has(seg_id):  # else deleted while we were checking
+                    missing.append(seg_id)
                 continue
-            if _blake3(data) == seg_id:
+            except OSError as exc:
+                raise _os_error(exc, f"checking segment {_short(seg_id)}") from exc
+            try:
+                inode = os.fstat(fd).st_ino
+                digest = _hash_fd(fd)
+            except OSError as exc:
+                raise _os_error(exc, f"checking segment {_short(seg_id)}") from exc
+            finally:
+                os.close(fd)
+            if digest == seg_id:
                 ok += 1
-            else:
-                corrupt.append(seg_id)
-                if fix:
-                    self._quarantine(seg_id)
-        return CheckReport(len(ids), ok, corrupt, missing)
+                continue
+            corrupt.append(seg_id)
+            if fix:
+                self._quarantine(seg_id, inode, "check found a hash mismatch")
+        if fix and missing:
+            with self._lock, self._sql("dropping missing segments"):
+                self._check_open()
+                with self._transaction():
+                    for seg_id in missing:
+                        if not self._path(seg_id).exists():
+                            self._drop_row_locked(seg_id)
+        report = CheckReport(ok + len(corrupt) + len(missing), ok, corrupt, missing)
+        log.info(
+            "store checked=%d ok=%d corrupt=%d missing=%d fix=%s",
+            report.checked,
+            ok,
+            len(corrupt),
+            len(missing),
+            fix,
+        )
+        return report
+
+    # -- lifetime ---------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Close the index and release the directory; later calls raise UsageError."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._written.notify_all()
             self._db.close()
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> SegmentStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _id_from_name(name: str) -> bytes | None:
+    """The id a file name encodes (lowercase hex of 32 bytes), or None."""
+    if len(name) != 2 * ID_SIZE or name != name.lower():
+        return None
+    try:
+        return bytes.fromhex(name)
+    except ValueError:
+        return None
+
+
+def _pread_all(fd: int, length: int, offset: int) -> bytes:
+    """Exactly ``length`` bytes from ``offset``, fewer only if the file is shorter."""
+    parts: list[bytes] = []
+    while length > 0:
+        chunk = os.pread(fd, length, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        offset += len(chunk)
+        length -= len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
