@@ -595,12 +595,12 @@ class _Fetch:
                         picked = next_for(address)
                         if picked is None:
                             break
+                        inflight.append(picked)  # before sending: a failed send requeues it
                         await conn.send(
                             wire.GetSeg(
                                 request_id=picked, seg_id=self.hashes[picked], offset=0, length=0
                             )
                         )
-                        inflight.append(picked)
                     if not inflight:
                         return
                     index = inflight[0]

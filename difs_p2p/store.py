@@ -254,9 +254,7 @@ class SegmentStore:
                 else:
                     self._move_to_quarantine(path, "unindexed file does not match its hash")
         except OSError as exc:
-            raise StorageError(
-                f"cannot scan {self._segments}: {exc.strerror or exc}"
-            ) from exc
+            raise StorageError(f"cannot scan {self._segments}: {exc.strerror or exc}") from exc
         dropped.extend(indexed)  # rows whose file is gone
         with self._sql("repairing the segment index"), self._transaction():
             self._db.executemany("INSERT INTO segments VALUES(?,?,?)", added)
@@ -286,7 +284,8 @@ class SegmentStore:
                         continue
                     path = Path(leaf.path)
                     seg_id = _id_from_name(leaf.name)
-                    if seg_id is None or self._path(seg_id) != path:
+                    regular = leaf.is_file(follow_symlinks=False)
+                    if seg_id is None or not regular or self._path(seg_id) != path:
                         yield path, None
                     else:
                         yield path, seg_id
@@ -317,10 +316,11 @@ class SegmentStore:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     def _check_open(self) -> None:
         if self._closed:
