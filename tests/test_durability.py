@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,9 +75,9 @@ class Net:
 
 
 @pytest.fixture
-def net(tmp_path: Path) -> Net:
+def net(tmp_path: Path) -> Iterator[Net]:
     network = Net(tmp_path)
-    yield network  # type: ignore[misc]
+    yield network
     network.stop_all()
 
 
@@ -109,7 +110,7 @@ async def test_kill9_two_holders_during_fetches_then_repair(net: Net, tmp_path: 
         async with Client(net.addresses["p2"]) as client:
             out = tmp_path / (name.replace("/", "_") + ".out")
             await client.get(name, out, progress=lambda n: started.set())
-            return out.read_bytes() == src.read_bytes()
+            return await asyncio.to_thread(lambda: out.read_bytes() == src.read_bytes())
 
     fetches = [asyncio.create_task(fetch(n, s)) for n, s in files.items()]
     await started.wait()
