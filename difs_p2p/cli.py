@@ -292,6 +292,22 @@ def _publisher(key_file: Path | None) -> Any:
     return load_or_create(key_file or difs_home() / "publisher.key")
 
 
+TrustOpt = Annotated[
+    str | None,
+    typer.Option("--trust", help="pin this publisher key (64 hex) for the name, then use it"),
+]
+
+
+def _pins(name: str, trust: str | None) -> Any:
+    """The client's pin file, with ``trust`` pinned for ``name`` first."""
+    from difs_p2p.pins import Pins, parse_key
+
+    pins = Pins(difs_home() / "pins.json")
+    if trust is not None:
+        pins.pin(name, parse_key(trust))
+    return pins
+
+
 KeyOpt = Annotated[
     Path | None,
     typer.Option("--key", help="publisher key file (default: $DIFS_HOME/publisher.key)"),
@@ -353,7 +369,9 @@ def put(
         seg = parse_size(segment_size)
         size = file.stat().st_size if file.exists() else 0
         bar = _progress_bar(size, "publishing")
-        async with Client(resolve_peer(peer), publisher=_publisher(key)) as client:
+        async with Client(
+            resolve_peer(peer), publisher=_publisher(key), pins=_pins(name, None)
+        ) as client:
             if bar is None:
                 return await client.put(
                     file, name, segment_size=seg, replicas=replicas, update=update
@@ -408,6 +426,7 @@ def get(
         str | None, typer.Option("--range", help="inclusive byte range START-END")
     ] = None,
     peer: PeerOpt = None,
+    trust: TrustOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fetch NAME from its holders, verifying every byte (default output: the last component).
@@ -422,7 +441,7 @@ def get(
         target: Any = (
             sys.stdout.buffer if output == "-" else Path(output or name_components(name)[-1])
         )
-        async with Client(resolve_peer(peer)) as client:
+        async with Client(resolve_peer(peer), pins=_pins(name, trust)) as client:
             bar = _progress_bar(0, "fetching") if output != "-" else None
             if bar is None:
                 return await client.get(name, target, version=version, byte_range=rng)
@@ -470,7 +489,9 @@ def rm(
     from difs_p2p.client import Client
 
     async def go() -> Any:
-        async with Client(resolve_peer(peer), publisher=_publisher(key)) as client:
+        async with Client(
+            resolve_peer(peer), publisher=_publisher(key), pins=_pins(name, None)
+        ) as client:
             return await client.rm(name)
 
     tombstone = run(go)
@@ -478,7 +499,11 @@ def rm(
 
 
 @client_app.command()
-def stat(name: Annotated[str, typer.Argument(help="content name")], peer: PeerOpt = None) -> None:
+def stat(
+    name: Annotated[str, typer.Argument(help="content name")],
+    peer: PeerOpt = None,
+    trust: TrustOpt = None,
+) -> None:
     """Show NAME's manifest as JSON: info, storages per range and which answer now.
 
     Example: difs stat /a.com/izone.mp4
@@ -486,7 +511,7 @@ def stat(name: Annotated[str, typer.Argument(help="content name")], peer: PeerOp
     from difs_p2p.client import Client
 
     async def go() -> Any:
-        async with Client(resolve_peer(peer)) as client:
+        async with Client(resolve_peer(peer), pins=_pins(name, trust)) as client:
             return await client.stat(name)
 
     _print_json(run(go))
@@ -505,7 +530,7 @@ def versions(
     from difs_p2p.client import Client
 
     async def go() -> Any:
-        async with Client(resolve_peer(peer)) as client:
+        async with Client(resolve_peer(peer), pins=_pins(name, None)) as client:
             return await client.versions(name)
 
     history = run(go)
@@ -526,6 +551,28 @@ def versions(
     for r in rows:
         state = "deleted" if r["deleted"] else format_size(r["size"])
         typer.echo(f"v{r['version']}  {state:>12}  {r['manifest'][:16]}")
+
+
+@client_app.command()
+def whoami(key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the publisher key, its fingerprint and its self-certifying namespace.
+
+    Example: difs whoami
+    """
+    try:
+        me = _publisher(key)
+    except errors.DifsError as exc:
+        raise _fail(exc) from None
+    info = {
+        "public_key": me.public_key.hex(),
+        "fingerprint": me.fingerprint,
+        "namespace": f"/key/{me.fingerprint}/",
+    }
+    if as_json:
+        _print_json(info)
+        return
+    for k, v in info.items():
+        typer.echo(f"{k}: {v}")
 
 
 def peer_main() -> None:

@@ -45,6 +45,7 @@ from difs_p2p.manifest import (
     parse_manifest,
 )
 from difs_p2p.names import name_key, normalize_name
+from difs_p2p.pins import Pins
 from difs_p2p.transfer import Connection, remote_error
 
 # Requests in flight per connection: enough to keep a loopback link busy (measured: 8).
@@ -125,11 +126,13 @@ class Client:
         peer: tuple[str, int],
         *,
         publisher: Identity | None = None,
+        pins: Pins | None = None,
         io_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.peer = peer
         self.publisher = publisher
+        self.pins = pins
         self.io_timeout = io_timeout
         self.clock = clock
         self._conn: Connection | None = None
@@ -166,8 +169,28 @@ class Client:
         if not manifests:
             raise NotFoundError(f"{norm} is not published")
         best = max(manifests, key=lambda m: m.version)
+        best = self._check_pin(norm, best, [*manifests, *history])
         by_version = {m.version: m for m in [*history, *manifests] if m.publisher == best.publisher}
         return Resolved(best, sorted(by_version.values(), key=lambda m: m.version), holders)
+
+    def _check_pin(self, name: str, best: Manifest, seen: list[Manifest]) -> Manifest:
+        """Apply the pinned key of ``name`` (pinning it on first sight)."""
+        if self.pins is None:
+            return best
+        pin = self.pins.pinned(name)
+        if pin is None:
+            self.pins.pin(name, best.publisher)
+            return best
+        prefix, key = pin
+        if best.publisher == key:
+            return best
+        mine = [m for m in seen if m.publisher == key]
+        if mine:
+            return max(mine, key=lambda m: m.version)
+        raise PermissionDeniedError(
+            f"{name} is now signed by key {best.publisher.hex()}, but {prefix} is pinned to "
+            f"{key.hex()}; pass --trust {best.publisher.hex()} to accept the new key"
+        )
 
     async def versions(self, name: str) -> list[Manifest]:
         """Every known version of ``name`` from the current publisher, oldest first."""
@@ -253,6 +276,8 @@ class Client:
             raise AlreadyExistsError(
                 f"{manifest.name} was published by another publisher at the same time"
             )
+        if self.pins is not None and self.pins.pinned(manifest.name) is None:
+            self.pins.pin(manifest.name, manifest.publisher)
         return PublishResult(
             manifest=manifest,
             accepted=int(result.get("accepted", 0)),

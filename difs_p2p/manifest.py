@@ -49,10 +49,11 @@ from difs_p2p.identity import (
     PUBLIC_KEY_SIZE,
     SIGNATURE_SIZE,
     Identity,
+    fingerprint,
     node_id_for,
     verify_signature,
 )
-from difs_p2p.names import name_key, normalize_name
+from difs_p2p.names import key_namespace_owner, name_key, normalize_name
 
 MANIFEST_DOMAIN = b"difs-manifest-v1\x00"
 HOLDER_DOMAIN = b"difs-holder-v1\x00"
@@ -228,12 +229,16 @@ def parse_manifest(raw: bytes, key: bytes | None = None) -> Manifest:
     if not isinstance(created, int | float) or isinstance(created, bool):
         raise WireError("bad created time", field="info.created")
     size, seg, count = info["size"], info["segment_size"], info["segment_count"]
-    if seg <= 0 or count != -(-size // seg) or info["stripes"] > max(count, 1):
+    stripes_ok = (1 if count else 0) <= info["stripes"] <= max(count, 1)
+    if seg <= 0 or count != -(-size // seg) or not stripes_ok:
         raise WireError("size, segment size and segment count disagree", field="info")
     if info["deleted"] and size != 0:
         raise WireError("a tombstone has no content", field="info.deleted")
     if key is not None and bytes.fromhex(info["key"]) != key:
         raise IntegrityError("manifest stored under the wrong key")
+    owner = key_namespace_owner(name)
+    if owner is not None and owner != fingerprint(bytes.fromhex(str(pub))):
+        raise IntegrityError(f"{name} belongs to key {owner}, not to the signer")
     unsigned = {k: v for k, v in obj.items() if k != "sig"}
     verify_signature(
         bytes.fromhex(str(pub)), bytes.fromhex(str(sig)), MANIFEST_DOMAIN + canonical_json(unsigned)

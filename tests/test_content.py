@@ -11,9 +11,17 @@ from pathlib import Path
 import pytest
 
 from difs_p2p.client import Client
-from difs_p2p.errors import AlreadyExistsError, DeletedError, NotFoundError, PermissionDeniedError
+from difs_p2p.errors import (
+    AlreadyExistsError,
+    DeletedError,
+    IntegrityError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from difs_p2p.identity import Identity
+from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
+from difs_p2p.pins import Pins
 from tests.helpers import start_peers, stop_all
 
 SEG = 64 << 10  # small segments keep multi-segment cases fast
@@ -213,3 +221,47 @@ async def test_fifty_mib_with_a_holder_killed_mid_fetch(
     killed.set()
     await killer
     assert out.read_bytes() == src.read_bytes()
+
+
+async def test_self_certifying_names_belong_to_their_key(
+    network: list[Peer], tmp_path: Path
+) -> None:
+    """/key/<fingerprint>/... can only be published by that key, by anyone's peer."""
+    owner, other = Identity.generate(), Identity.generate()
+    src = write(tmp_path, 100)
+    name = f"/key/{owner.fingerprint}/photo.jpg"
+    async with Client(network[1].address, publisher=other) as client:
+        with pytest.raises(IntegrityError):
+            await client.put(src, name, segment_size=SEG)
+    async with Client(network[1].address, publisher=owner) as client:
+        await client.put(src, name, segment_size=SEG)
+    async with Client(network[2].address) as client:
+        assert (await client.resolve(name)).manifest.publisher == owner.public_key
+
+
+async def test_pinned_key_refuses_a_new_publisher(network: list[Peer], tmp_path: Path) -> None:
+    """A client pins the first key it sees for a name and refuses another unless trusted."""
+    first, second = Identity.generate(), Identity.generate()
+    src = write(tmp_path, 100)
+    pins = Pins(tmp_path / "pins.json")
+    async with Client(network[0].address, publisher=first) as client:
+        await client.put(src, "/pinned", segment_size=SEG)
+    async with Client(network[3].address, pins=pins) as client:
+        await client.resolve("/pinned")
+    assert pins.pinned("/pinned") == ("/pinned", first.public_key)
+    # The name is taken over at the key/value peers (as Sybils next to its key could):
+    # simulated by deleting the records and publishing from another key.
+    key = name_key("/pinned")
+    for peer in network:
+        assert peer.dht is not None
+        peer.dht.store._db.execute("DELETE FROM records WHERE k=?", (key,))
+        peer.dht.store._db.execute("DELETE FROM entries WHERE k=?", (key,))
+    async with Client(network[0].address, publisher=second) as client:
+        await client.put(src, "/pinned", segment_size=SEG)
+    async with Client(network[3].address, pins=Pins(tmp_path / "pins.json")) as client:
+        with pytest.raises(PermissionDeniedError, match="--trust"):
+            await client.resolve("/pinned")
+    trusted = Pins(tmp_path / "pins.json")
+    trusted.pin("/pinned", second.public_key)
+    async with Client(network[3].address, pins=trusted) as client:
+        assert (await client.resolve("/pinned")).manifest.publisher == second.public_key

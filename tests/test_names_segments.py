@@ -111,3 +111,15 @@ def test_decode_hash_list_only_raises_wire_error(data: bytes, count: int) -> Non
     """Random bytes decode or raise WireError (never IndexError and the like)."""
     with contextlib.suppress(WireError):
         assert len(segments.decode_hash_list(data, count)) == count
+
+
+def test_key_namespace_names_need_a_fingerprint() -> None:
+    """/key/<32 hex>/<name> is self-certifying; anything else under /key/ is refused."""
+    from difs_p2p.names import key_namespace_owner
+
+    fp = "0123456789abcdef" * 2
+    assert key_namespace_owner(f"/key/{fp}/photo.jpg") == fp
+    assert key_namespace_owner("/a.com/photo.jpg") is None
+    for bad in ("/key/abc/x", f"/key/{fp}", f"/key/{fp.upper()}/x"):
+        with pytest.raises(BadNameError, match="fingerprint"):
+            normalize_name(bad)
