@@ -114,6 +114,16 @@ class DhtConfig:
     # Caps on what one peer stores for the network: count of records and of set entries.
     max_records: int = 100_000
     max_entries_per_key: int = 512
+    # Sybil cost: routing-table contacts per IPv4 address (S/Kademlia-style limit).
+    max_contacts_per_ip: int = 4
+    # store/add_entries requests per second per sender address, with this burst.
+    write_rate: float = 50.0
+    write_burst: float = 200.0
+    # Loopback addresses are exempt from the two limits above (local networks, tests),
+    # unless this is set.
+    limit_loopback: bool = False
+    # Proven node IDs remembered (public keys), times 10 before the cache is reset.
+    max_verified: int = 1000
 
     def __post_init__(self) -> None:
         if self.ksize < 1 or self.alpha < 1:

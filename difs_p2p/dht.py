@@ -46,7 +46,8 @@ from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
 
 from difs_p2p.config import DhtConfig
-from difs_p2p.errors import NetworkError
+from difs_p2p.errors import IntegrityError, NetworkError
+from difs_p2p.identity import Identity, node_id_for, verify_signature
 from difs_p2p.net import DatagramNetwork, DatagramTransport, UdpNetwork
 from difs_p2p.recordstore import RecordPolicy, RecordStore
 
@@ -60,9 +61,22 @@ _MSG_ID_SIZE = 20
 MAX_VALUE_SIZE = 8000
 # Entries per add_entries request and per find_entries reply page, under the same cap.
 _ENTRY_BATCH_BYTES = 7000
+IDENTIFY_DOMAIN = b"difs-identify-v1\x00"
+_NONCE_SIZE = 16
 _RPCS = frozenset(
-    {"ping", "store", "find_node", "find_value", "stun", "add_entries", "find_entries", "leave"}
+    {
+        "ping",
+        "store",
+        "find_node",
+        "find_value",
+        "stun",
+        "add_entries",
+        "find_entries",
+        "leave",
+        "identify",
+    }
 )
+_WRITES = frozenset({"store", "add_entries"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +246,10 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         store = self.dht.store
         if name == "ping":
             return self.source_node.id
+        if name == "identify":
+            return self.dht.prove_identity(args)
+        if name in _WRITES and not self.dht.allow_write(sender.ip, now):
+            return False if name == "store" else 0
         if len(args) < 1 or not _is_id(args[0]):
             raise ValueError("key is not 20 bytes")
         key = bytes(args[0])
@@ -344,6 +362,11 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
     def welcome_if_new(self, node: Node) -> None:
         if not self.router.is_new_node(node) or node.id == self.source_node.id:
             return
+        if self.dht.identity is not None and node.id not in self.dht.verified:
+            self.dht.verify_later(node)  # added once it proves its ID
+            return
+        if not self.dht.ip_allowed(node, self.router.all_contacts()):
+            return
         self.router.add_contact(node)
         self.dht.spawn(self.dht._hand_over(node))
 
@@ -360,9 +383,18 @@ class Dht:
         db_path: Path | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        identity: Identity | None = None,
     ) -> None:
+        """``identity``: this peer's key; with it, contacts must prove their IDs (identify)."""
         if not _is_id(node_id):
             raise ValueError("node id must be 20 bytes")
+        if identity is not None and identity.node_id != node_id:
+            raise ValueError("node id does not derive from the identity's key")
+        self.identity = identity
+        # node id -> public key of contacts that proved their ID (bounded)
+        self.verified: dict[bytes, bytes] = {}
+        self._verifying: dict[bytes, asyncio.Task[Any]] = {}
+        self._write_buckets: dict[str, tuple[float, float]] = {}
         self.config = config or DhtConfig()
         self.node = Node(node_id)
         self.clock = clock
@@ -462,6 +494,88 @@ class Dht:
     def me(self) -> Contact:
         return _contact(self.node)
 
+    # -- node identity and per-sender limits -------------------------------------------------
+
+    def prove_identity(self, args: list[Any]) -> object:
+        """Answer an identify challenge: our public key and a signature over the nonce."""
+        if self.identity is None or len(args) != 1 or not isinstance(args[0], bytes):
+            return False
+        nonce = args[0]
+        if len(nonce) != _NONCE_SIZE:
+            return False
+        message = IDENTIFY_DOMAIN + nonce + self.node_id
+        return [self.identity.public_key, self.identity.sign(message)]
+
+    async def verify(self, node: Node) -> bool:
+        """Challenge ``node`` to prove that its ID derives from a key it holds."""
+        if node.id in self.verified:
+            return True
+        nonce = os.urandom(_NONCE_SIZE)
+        ok, reply = await self._proto().call((node.ip, node.port), "identify", self.node_id, nonce)
+        if not (ok and isinstance(reply, list) and len(reply) == 2):
+            return False
+        public_key, signature = reply
+        if not (isinstance(public_key, bytes) and isinstance(signature, bytes)):
+            return False
+        if node_id_for(public_key) != node.id:
+            return False
+        try:
+            verify_signature(public_key, signature, IDENTIFY_DOMAIN + nonce + bytes(node.id))
+        except IntegrityError:
+            return False
+        if len(self.verified) >= 10 * self.config.max_verified:
+            self.verified.clear()
+        self.verified[bytes(node.id)] = public_key
+        return True
+
+    def verify_later(self, node: Node) -> None:
+        """Verify a new contact in the background and add it to the table if it passes."""
+        if node.id in self._verifying or len(self._verifying) >= 64:
+            return
+
+        async def run() -> None:
+            try:
+                if await self.verify(node):
+                    self._proto().welcome_if_new(node)
+            finally:
+                self._verifying.pop(node.id, None)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._verifying[node.id] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    async def settle(self) -> None:
+        """Wait for pending identity checks (so the routing table reflects them)."""
+        while self._verifying:
+            await asyncio.gather(*list(self._verifying.values()), return_exceptions=True)
+
+    def _limited(self, ip: str | None) -> bool:
+        if ip is None:
+            return False
+        return self.config.limit_loopback or not ip.startswith("127.")
+
+    def ip_allowed(self, node: Node, contacts: list[Node]) -> bool:
+        """At most ``max_contacts_per_ip`` contacts per IPv4 address (loopback exempt)."""
+        if not self._limited(node.ip):
+            return True
+        return sum(1 for c in contacts if c.ip == node.ip) < self.config.max_contacts_per_ip
+
+    def allow_write(self, ip: str | None, now: float) -> bool:
+        """Per-sender token bucket for store/add_entries requests."""
+        if not self._limited(ip) or ip is None:
+            return True
+        rate, burst = self.config.write_rate, self.config.write_burst
+        tokens, last = self._write_buckets.get(ip, (burst, now))
+        tokens = min(burst, tokens + (now - last) * rate)
+        if len(self._write_buckets) > 10_000:
+            self._write_buckets.clear()
+        if tokens < 1:
+            self._write_buckets[ip] = (tokens, now)
+            return False
+        self._write_buckets[ip] = (tokens - 1, now)
+        return True
+
     async def ping(self, address: tuple[str, int]) -> bytes | None:
         """Ping an address; on success the peer joins the routing table and its ID returns."""
         proto = self._proto()
@@ -469,6 +583,9 @@ class Dht:
         if not ok or not _is_id(reply):
             return None
         node = Node(reply, address[0], address[1])
+        if self.identity is not None and not await self.verify(node):
+            self.peer_warning(address, "contact failed to prove its node ID")
+            return None
         proto.handle_call_response((True, reply), node)
         return bytes(reply)
 
@@ -484,6 +601,7 @@ class Dht:
             return len(self.contacts())
         await self.lookup(self.node_id, "find_node", start=seed_nodes)
         await self._refresh_far(seed_nodes)
+        await self.settle()
         return len(self.contacts())
 
     async def _refresh_far(self, start: list[Node]) -> None:

@@ -218,6 +218,7 @@ class Peer:
                 cfg.dht,
                 db_path=self.data_dir / "records.sqlite3",
                 clock=self.clock,
+                identity=self.identity,
             )
             self.port = await self.dht.start(cfg.host, 0, sock=udp)
             self.server = Server(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from difs_p2p.config import DhtConfig, PeerConfig
 from difs_p2p.dht import Dht
+from difs_p2p.identity import Identity
 from difs_p2p.recordstore import AcceptAll, RecordPolicy
 
 if TYPE_CHECKING:
@@ -44,6 +44,12 @@ def wait_for_sync(condition: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+def new_dht(policy: RecordPolicy, config: DhtConfig = FAST_DHT) -> Dht:
+    """A DHT node with its own key (contacts must prove their IDs)."""
+    me = Identity.generate()
+    return Dht(me.node_id, policy, config, identity=me)
+
+
 async def start_dhts(
     n: int,
     *,
@@ -52,7 +58,7 @@ async def start_dhts(
     concurrent: bool = False,
 ) -> list[Dht]:
     """``n`` DHT nodes on 127.0.0.1 (port 0), all bootstrapped from the first."""
-    nodes = [Dht(os.urandom(20), policy or AcceptAll(), config) for _ in range(n)]
+    nodes = [new_dht(policy or AcceptAll(), config) for _ in range(n)]
     for node in nodes:
         await node.start("127.0.0.1", 0)
     seed = [nodes[0].me.address]

@@ -11,9 +11,10 @@ from pathlib import Path
 import umsgpack
 
 from difs_p2p.config import DhtConfig
-from difs_p2p.dht import Dht
+from difs_p2p.dht import IDENTIFY_DOMAIN, Dht
+from difs_p2p.identity import Identity
 from difs_p2p.recordstore import AcceptAll
-from tests.helpers import FAST_DHT, start_dhts, stop_all, wait_for
+from tests.helpers import new_dht, start_dhts, stop_all, wait_for
 
 
 class RefuseAll(AcceptAll):
@@ -182,7 +183,8 @@ async def test_malformed_replies_do_not_raise_on_the_caller() -> None:
     evil = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     evil.bind(("127.0.0.1", 0))
     evil.setblocking(False)
-    evil_id = os.urandom(20)
+    evil_key = Identity.generate()  # a hostile peer with a real key proves its ID...
+    evil_id = evil_key.node_id
     stop = asyncio.Event()
 
     async def answer_with_junk() -> None:
@@ -196,7 +198,12 @@ async def test_malformed_replies_do_not_raise_on_the_caller() -> None:
                 continue
             if data[:1] == b"\x00":
                 body = umsgpack.unpackb(data[21:])
-                reply = evil_id if body[0] == "ping" else replies[i % len(replies)]
+                if body[0] == "identify":  # ...and then answers everything else with junk
+                    nonce = body[1][1]
+                    proof = evil_key.sign(IDENTIFY_DOMAIN + nonce + evil_id)
+                    reply: object = [evil_key.public_key, proof]
+                else:
+                    reply = evil_id if body[0] == "ping" else replies[i % len(replies)]
                 i += 1
                 await loop.sock_sendto(evil, b"\x01" + data[1:21] + umsgpack.packb(reply), addr)
 
@@ -239,9 +246,9 @@ async def test_rpc_timeout_and_receive_buffer_come_from_config() -> None:
 async def test_newcomer_closest_to_a_key_receives_the_record() -> None:
     """A peer that joins next to a key is handed the record (stock hashes the key twice)."""
     nodes = await start_dhts(8)
-    key = os.urandom(20)
+    newcomer = new_dht(AcceptAll())  # IDs come from keys, so pick the key next to the peer
+    key = newcomer.node_id[:19] + bytes([newcomer.node_id[19] ^ 1])
     await nodes[2].put(key, b"\x01handed")
-    newcomer = Dht(bytes([key[0]]) + key[1:19] + bytes([key[19] ^ 1]), AcceptAll(), FAST_DHT)
     await newcomer.start("127.0.0.1", 0)
     try:
         await newcomer.bootstrap([nodes[0].me.address])
@@ -278,3 +285,57 @@ async def test_leave_is_noticed_at_once() -> None:
             await wait_for(functools.partial(forgotten, node))
     finally:
         await stop_all([nodes[0], nodes[1], nodes[3]])
+
+
+async def test_unproven_node_ids_are_not_trusted() -> None:
+    """A sender claiming an ID (here: any 20 bytes) it cannot prove never enters the table."""
+    nodes = await start_dhts(3)
+    liar = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    liar.bind(("127.0.0.1", 0))
+    try:
+        victim = nodes[0]
+        claimed = os.urandom(20)
+        for _ in range(5):
+            ping = umsgpack.packb(["ping", [claimed]])
+            liar.sendto(b"\x00" + os.urandom(20) + ping, victim.me.address)
+        await victim.settle()
+        await wait_for(lambda: not victim._verifying)
+        assert claimed not in {c.node_id for c in victim.contacts()}
+        assert len(victim.contacts()) == 2
+    finally:
+        liar.close()
+        await stop_all(nodes)
+
+
+async def test_contacts_per_ip_are_capped() -> None:
+    """With the per-IP cap applied, one address cannot fill a routing table."""
+    config = DhtConfig(
+        rpc_timeout=0.5, liveness_interval=3600, max_contacts_per_ip=2, limit_loopback=True
+    )
+    nodes = await start_dhts(6, config=config)
+    try:
+        assert all(len(n.contacts()) <= 2 for n in nodes)
+    finally:
+        await stop_all(nodes)
+
+
+async def test_store_flood_is_rate_limited() -> None:
+    """One sender's flood of stores is cut to the per-sender rate; the peer keeps serving."""
+    config = DhtConfig(
+        rpc_timeout=0.5, liveness_interval=3600, write_rate=10, write_burst=20, limit_loopback=True
+    )
+    nodes = await start_dhts(2, config=config)
+    flooder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        victim = nodes[0]
+        for _ in range(500):
+            request = umsgpack.packb(["store", [os.urandom(20), os.urandom(20), b"\x01" * 4000]])
+            flooder.sendto(b"\x00" + os.urandom(20) + request, victim.me.address)
+        # The ping is queued behind the flood on the victim's socket: its answer means the
+        # whole flood was handled.
+        assert await nodes[1].ping(victim.me.address) == victim.node_id
+        records, _ = victim.store.counts()
+        assert 1 <= records <= 40, records
+    finally:
+        flooder.close()
+        await stop_all(nodes)
