@@ -113,3 +113,37 @@ async def test_unreachable_bootstrap_gives_up_saying_what_was_tried(tmp_path: Pa
             await Peer(config).start()
     finally:
         dead.close()
+
+
+async def test_stalled_tcp_peer_is_dropped_and_others_are_served(tmp_path: Path) -> None:
+    """A connection that stalls mid-frame is closed after the I/O timeout; service goes on."""
+    import asyncio
+
+    from difs_p2p.transfer import Connection
+
+    peer = Peer(peer_config(tmp_path / "p", io_timeout=0.3))
+    await peer.start()
+    loop = asyncio.get_running_loop()
+    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stalled.setblocking(False)
+    try:
+        await loop.sock_connect(stalled, peer.address)
+        await loop.sock_sendall(stalled, b"\x01\x02\x00")  # 3 of 12 header bytes, then silence
+        async with asyncio.timeout(5):
+            assert await loop.sock_recv(stalled, 100) == b""  # closed by the peer
+        conn = await Connection.open(peer.address, io_timeout=5)
+        try:
+            assert (await conn.call("status"))["node_id"] == peer.node_id.hex()
+        finally:
+            conn.close()
+        oversized = b"\x01\x02\x00\x00\x00\x00\x00\x01\xff\xff\xff\xff"  # CALL of 4 GiB
+        bad = await Connection.open(peer.address, io_timeout=5)
+        try:
+            await loop.sock_sendall(bad.sock, oversized)
+            frame = await bad.read_frame()
+            assert frame is not None and type(frame).__name__ == "Error"
+        finally:
+            bad.close()
+    finally:
+        stalled.close()
+        await peer.stop()
