@@ -453,6 +453,7 @@ def get(
                     version=version,
                     byte_range=rng,
                     progress=lambda n: progress.advance(task, n),
+                    on_size=lambda n: progress.update(task, total=n),
                 )
 
     result = run(go)

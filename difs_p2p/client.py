@@ -414,8 +414,13 @@ class Client:
         version: int | None = None,
         byte_range: tuple[int, int] | None = None,
         progress: Progress | None = None,
+        on_size: Progress | None = None,
     ) -> FetchResult:
-        """Fetch ``name`` (or one version, or an inclusive byte range) into ``out``."""
+        """Fetch ``name`` (or one version, or an inclusive byte range) into ``out``.
+
+        ``on_size`` is called once with the number of bytes that will be written, before
+        the first ``progress`` call.
+        """
         started = time.perf_counter()
         resolved = await self.resolve(name)
         manifest = resolved.manifest
@@ -428,6 +433,8 @@ class Client:
             raise DeletedError(f"{manifest.name} was deleted (version {manifest.version})")
         holders = resolved.holders_for(manifest)
         fetch = _Fetch(self, manifest, holders, byte_range, progress)
+        if on_size is not None:
+            on_size(max(0, fetch.last - fetch.first + 1))
         return await fetch.run(out, started)
 
 

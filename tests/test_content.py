@@ -265,3 +265,25 @@ async def test_pinned_key_refuses_a_new_publisher(network: list[Peer], tmp_path:
     trusted.pin("/pinned", second.public_key)
     async with Client(network[3].address, pins=trusted) as client:
         assert (await client.resolve("/pinned")).manifest.publisher == second.public_key
+
+
+async def test_full_peer_is_a_clear_error_and_keeps_its_data(tmp_path: Path) -> None:
+    """Publishing more than the entry peer can hold fails with "no space"; nothing is lost."""
+    from difs_p2p.errors import CapacityError
+
+    peers = await start_peers(tmp_path / "net", 3, capacity=6 * SEG)
+    try:
+        small = write(tmp_path, 2 * SEG)
+        async with Client(peers[0].address, publisher=Identity.generate()) as client:
+            await client.put(small, "/fits", segment_size=SEG)
+            with pytest.raises(CapacityError, match="no space"):
+                await client.put(write(tmp_path, 20 * SEG), "/too-big", segment_size=SEG)
+        async with Client(peers[2].address) as client:
+            out = tmp_path / "fits.out"
+            await client.get("/fits", out)
+        assert out.read_bytes() == small.read_bytes()
+        assert peers[0].store is not None
+        assert peers[0].store.check().corrupt == []
+        assert not list((peers[0].data_dir / "store" / "tmp").iterdir())
+    finally:
+        await stop_all(peers)

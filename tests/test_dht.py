@@ -339,3 +339,19 @@ async def test_store_flood_is_rate_limited() -> None:
     finally:
         flooder.close()
         await stop_all(nodes)
+
+
+def test_records_nobody_restores_expire() -> None:
+    """A record or entry not stored again within the TTL is gone; a re-stored one stays."""
+    from difs_p2p.recordstore import RecordStore
+
+    store = RecordStore(None, AcceptAll(), ttl=100.0, max_records=10, max_entries_per_key=10)
+    a, b = os.urandom(20), os.urandom(20)
+    store.put(a, b"\x01a", now=0.0)
+    store.put(b, b"\x01b", now=0.0)
+    store.add_entry(a, b"entry-01", now=0.0)
+    store.put(b, b"\x01b", now=90.0)  # republished
+    assert store.get(a, now=150.0) is None and store.entries(a, now=150.0) == []
+    assert store.get(b, now=150.0) == b"\x01b"
+    assert store.expire(now=150.0) == 2
+    store.close()

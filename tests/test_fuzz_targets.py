@@ -143,39 +143,81 @@ def test_samples_are_valid_records() -> None:
 
 # -- failures found by the fuzzer -----------------------------------------------------------
 
-# The valid sample manifest with "created":0.0 replaced by NaN (json.loads accepts NaN,
-# Infinity and overflowing numbers like 1e999). parse_manifest reaches the signature check,
-# where canonical_json(..., allow_nan=False) raises ValueError.
-NAN_CREATED_MANIFEST = (
-    b'{"info":{"created":NaN,"deleted":false,"hash":"blake3","integrity":"'
-    + b"0" * 64
-    + b'","key":"97ac427c49391fb77bb306bdb09d772d73e38434","name":"/a/b","parent":null,'
-    b'"replicas":3,"root":null,"segment_count":1,"segment_size":4096,"size":10,"stripes":1,'
-    b'"version":1},"publisher":'
-    b'"3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29","sig":'
-    b'"67d79253d4ab756cad2cadeea0cb1cedccfe698be0d67b330568d22f19becf13'
-    b'abc56521802edabcdee4ee3d3c90df343044dacf0c296cffa25a4f66fde59f0a",'
-    b'"t":"difs-manifest","v":1}'
+
+def _manifest(created: bytes, sig: str) -> bytes:
+    """The sample manifest (/a/b, version 1) with the given 'created' text and signature."""
+    return (
+        b'{"info":{"created":'
+        + created
+        + b',"deleted":false,"hash":"blake3","integrity":"'
+        + b"0" * 64
+        + b'","key":"97ac427c49391fb77bb306bdb09d772d73e38434","name":"/a/b","parent":null,'
+        b'"replicas":3,"root":null,"segment_count":1,"segment_size":4096,"size":10,"stripes":1,'
+        b'"version":1},"publisher":'
+        b'"3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29","sig":"'
+        + sig.encode()
+        + b'","t":"difs-manifest","v":1}'
+    )
+
+
+# json.loads accepts NaN, Infinity and overflowing numbers such as 1e999; parse_manifest
+# then reaches the signature check, where canonical_json(..., allow_nan=False) raises
+# ValueError. No valid signature is needed (this one is the sample's, for created 0.0).
+NAN_CREATED_MANIFEST = _manifest(
+    b"NaN",
+    "67d79253d4ab756cad2cadeea0cb1cedccfe698be0d67b330568d22f19becf13"
+    "abc56521802edabcdee4ee3d3c90df343044dacf0c296cffa25a4f66fde59f0a",
+)
+# Validly signed (by the sample key) with a 400-digit 'created': every check passes, then
+# float(created) raises OverflowError.
+HUGE_CREATED_MANIFEST = _manifest(
+    b"9" * 400,
+    "c94ed4c9f01e6b6611dda4f971b6f91e77c0fa88708942af9ae91cb42906a0ab"
+    "96cbb7c538e2a0a8321e3a6500f830bd599d29418cbe66058508aaf9df105000",
+)
+# A structured dht_datagram input: get() of the sample manifest's key, whose find_value
+# request is answered {"value": NAN_CREATED_MANIFEST} (with sorted keys, as it is).
+GET_ANSWERED_WITH_NAN_CREATED = bytes.fromhex(
+    "80000100" + "11" * 20 + "00000101010000000d010103000100"
+)
+_NON_FINITE = (
+    "parse_manifest lets ValueError escape for a non-finite 'created' (NaN, Infinity, 1e999): "
+    "canonical_json refuses it while checking the signature"
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="parse_manifest lets ValueError escape for a non-finite 'created' (NaN, Infinity, "
-    "1e999): canonical_json refuses it while checking the signature",
-)
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=_NON_FINITE)
 def test_manifest_with_nan_created_is_refused_with_wire_error() -> None:
     """A manifest whose 'created' is NaN is refused with WireError, not ValueError."""
     targets.manifest_record(NAN_CREATED_MANIFEST)
 
 
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=_NON_FINITE)
+def test_manifest_with_overflowing_created_is_refused_with_wire_error() -> None:
+    """A manifest whose 'created' overflows to infinity is refused with WireError."""
+    targets.manifest_record(NAN_CREATED_MANIFEST.replace(b"NaN", b"1e999"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=OverflowError,
+    reason="parse_manifest calls float() on a signed integer 'created' of any size",
+)
+def test_signed_manifest_with_huge_created_is_refused_with_wire_error() -> None:
+    """A validly signed manifest whose 'created' does not fit a float is refused with WireError."""
+    targets.manifest_record(HUGE_CREATED_MANIFEST)
+
+
 @pytest.mark.xfail(
     strict=True,
     raises=ValueError,
-    reason="parse_manifest lets ValueError escape for a non-finite 'created' (NaN, Infinity, "
-    "1e999): canonical_json refuses it while checking the signature",
+    reason="Dht.get lets record_rank's ValueError escape: one peer answering find_value with "
+    "a manifest whose 'created' is NaN makes every get of that key fail",
 )
-def test_manifest_with_overflowing_created_is_refused_with_wire_error() -> None:
-    """A manifest whose 'created' overflows to infinity is refused with WireError."""
-    targets.manifest_record(NAN_CREATED_MANIFEST.replace(b'"created":NaN', b'"created":1e999'))
+def test_get_survives_a_find_value_reply_with_nan_created() -> None:
+    """Dht.get skips a peer's unparseable record instead of failing."""
+    harness = targets.DhtHarness()
+    try:
+        harness.run(GET_ANSWERED_WITH_NAN_CREATED)
+    finally:
+        harness.close()
