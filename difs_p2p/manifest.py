@@ -68,6 +68,14 @@ CLOCK_SKEW = 600.0
 _HEX64 = frozenset("0123456789abcdef")
 
 
+# Creation times are unix seconds; anything beyond the year 33658 is malformed.
+MAX_CREATED = 1e12
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
 def record_hash(record: bytes) -> str:
     """The hash that names a signed record (parent/root links): BLAKE3, hex."""
     return blake3.blake3(record).hexdigest()
@@ -172,7 +180,7 @@ def parse_manifest(raw: bytes, key: bytes | None = None) -> Manifest:
     if len(raw) > MAX_MANIFEST_SIZE:
         raise WireError(f"manifest of {len(raw)} bytes exceeds {MAX_MANIFEST_SIZE}")
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise WireError("manifest is not JSON") from None
     if not isinstance(obj, dict) or obj.get("t") != "difs-manifest":
@@ -226,7 +234,11 @@ def parse_manifest(raw: bytes, key: bytes | None = None) -> Manifest:
     if not _is_hex(info["integrity"], 64):
         raise WireError("bad integrity root", field="info.integrity")
     created = info["created"]
-    if not isinstance(created, int | float) or isinstance(created, bool):
+    if (
+        not isinstance(created, int | float)
+        or isinstance(created, bool)
+        or not 0 <= created < MAX_CREATED
+    ):
         raise WireError("bad created time", field="info.created")
     size, seg, count = info["size"], info["segment_size"], info["segment_count"]
     stripes_ok = (1 if count else 0) <= info["stripes"] <= max(count, 1)
@@ -239,6 +251,9 @@ def parse_manifest(raw: bytes, key: bytes | None = None) -> Manifest:
     owner = key_namespace_owner(name)
     if owner is not None and owner != fingerprint(bytes.fromhex(str(pub))):
         raise IntegrityError(f"{name} belongs to key {owner}, not to the signer")
+    if canonical_json(obj) != raw:
+        # One manifest, one encoding: its record hash (parent/root links) is then unique.
+        raise WireError("manifest is not in canonical JSON form")
     unsigned = {k: v for k, v in obj.items() if k != "sig"}
     verify_signature(
         bytes.fromhex(str(pub)), bytes.fromhex(str(sig)), MANIFEST_DOMAIN + canonical_json(unsigned)
