@@ -558,7 +558,7 @@ class _Fetch:
         queue: collections.deque[int] = collections.deque(wanted)
         failed: dict[int, set[tuple[str, int]]] = collections.defaultdict(set)
         # in-order delivery for streams: index -> data (bounded by the pipelines' depth)
-        ready: dict[int, bytes] = {}
+        ready: dict[int, bytes | memoryview] = {}
         order = collections.deque(wanted)
         done = asyncio.Event()
         remaining = {"n": len(wanted)}
@@ -567,21 +567,39 @@ class _Fetch:
         if not sources:
             raise NotFoundError(f"no holder of {self.manifest.name} is known")
 
+        # Receive buffers are reused: a fresh 1 MiB bytearray costs page faults every time.
+        pool: list[bytearray] = []
+        owners: dict[int, bytearray] = {}
+
+        def take_buffer(size: int) -> bytearray:
+            while pool:
+                buf = pool.pop()
+                if len(buf) >= size:
+                    return buf
+            return bytearray(max(size, self.manifest.segment_size))
+
+        def give_back(buf: bytearray) -> None:
+            if len(pool) < 2 * PIPELINE * MAX_SOURCES:
+                pool.append(buf)
+
         def deliver_stream() -> None:
             assert stream is not None
             while order and order[0] in ready:
-                data = ready.pop(order.popleft())
-                stream.write(data)
+                index = order.popleft()
+                stream.write(ready.pop(index))
+                give_back(owners.pop(index))
 
-        async def store(index: int, data: bytes | memoryview) -> None:
+        async def store(index: int, data: bytes | memoryview, buf: bytearray) -> None:
             pos, skip, length = self._slice(index)
             piece = data[skip : skip + length]
             if not self.first_byte:
                 self.first_byte = time.perf_counter() - started
             if fd is not None:
                 await asyncio.to_thread(os.pwrite, fd, piece, pos - self.first)
+                give_back(buf)
             else:
-                ready[index] = bytes(piece)
+                ready[index] = piece  # a view of the receive buffer, written out in order
+                owners[index] = buf
                 deliver_stream()
             self.written += len(piece)
             if self.progress:
@@ -612,6 +630,27 @@ class _Fetch:
                         f"any holder: {'; '.join(problems[-3:])}"
                     )
 
+        slots = asyncio.Semaphore(2 * PIPELINE)
+
+        async def process(
+            address: tuple[str, int], index: int, data: memoryview | bytes, buf: bytearray
+        ) -> None:
+            try:
+                await asyncio.to_thread(segments.verify_segment, self.hashes[index], data)
+            except IntegrityError as exc:
+                give_back(buf)
+                self.suspects.append((address, self.hashes[index]))
+                problems.append(f"{address[0]}:{address[1]}: {exc}")
+                failed[index].add(address)
+                self.retries += 1
+                queue.appendleft(index)
+                return
+            finally:
+                slots.release()
+            await store(index, data, buf)
+
+        processing: set[asyncio.Task[None]] = set()
+
         async def worker(address: tuple[str, int]) -> None:
             try:
                 conn = await Connection.open(address, io_timeout=self.client.io_timeout)
@@ -623,40 +662,37 @@ class _Fetch:
             inflight: collections.deque[int] = collections.deque()
             try:
                 while True:
+                    requests = []
                     while len(inflight) < PIPELINE:
                         picked = next_for(address)
                         if picked is None:
                             break
                         inflight.append(picked)  # before sending: a failed send requeues it
-                        await conn.send(
+                        requests.append(
                             wire.GetSeg(
                                 request_id=picked, seg_id=self.hashes[picked], offset=0, length=0
                             )
                         )
+                    if requests:
+                        await conn.send_many(requests)  # one syscall for the batch
                     if not inflight:
                         return
                     index = inflight[0]
                     header = await conn.read_header()
                     if header is None:
                         raise PeerError("connection closed")
-                    payload = await conn.read_payload(header)
+                    buf = take_buffer(header.length)
+                    payload = await conn.read_payload(header, memoryview(buf))
                     frame = wire.decode_payload(header, payload)
                     inflight.popleft()
                     if isinstance(frame, wire.Data):
-                        data = frame.data
-                        try:
-                            await asyncio.to_thread(
-                                segments.verify_segment, self.hashes[index], data
-                            )
-                        except IntegrityError as exc:
-                            self.suspects.append((address, self.hashes[index]))
-                            problems.append(f"{address[0]}:{address[1]}: {exc}")
-                            failed[index].add(address)
-                            self.retries += 1
-                            queue.appendleft(index)
-                            continue
-                        await store(index, data)
+                        # verify and write while this connection receives the next segment
+                        await slots.acquire()
+                        task = asyncio.create_task(process(address, index, frame.data, buf))
+                        processing.add(task)
+                        task.add_done_callback(processing.discard)
                     else:
+                        give_back(buf)
                         message = frame.message if isinstance(frame, wire.Error) else "bad frame"
                         problems.append(f"{address[0]}:{address[1]}: {message}")
                         failed[index].add(address)
@@ -674,16 +710,21 @@ class _Fetch:
                 conn.close()
 
         active = sources[: MAX_SOURCES * 4]
-        while remaining["n"] > 0:
-            give_up_check()
-            workers = [asyncio.create_task(worker(a)) for a in active]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for task in workers:
-                    task.cancel()
-            if remaining["n"] > 0 and not queue:
-                raise PeerError("fetch stalled")
+        try:
+            while remaining["n"] > 0:
+                give_up_check()
+                workers = [asyncio.create_task(worker(a)) for a in active]
+                try:
+                    await asyncio.gather(*workers)
+                finally:
+                    for task in workers:
+                        task.cancel()
+                await asyncio.gather(*list(processing))
+                if remaining["n"] > 0 and not queue:
+                    raise PeerError("fetch stalled")
+        finally:
+            for task in list(processing):
+                task.cancel()
         if stream is not None:
             deliver_stream()
             stream.flush()
