@@ -355,6 +355,10 @@ def put(
     segment_size: Annotated[str, typer.Option(help="segment size, e.g. 1MiB")] = "1MiB",
     replicas: Annotated[int, typer.Option(help="copies of every segment range")] = 3,
     update: Annotated[bool, typer.Option("--update", help="publish a new version")] = False,
+    delegation: Annotated[
+        Path | None,
+        typer.Option(help="delegation file from the name's owner (difs delegate)"),
+    ] = None,
     peer: PeerOpt = None,
     key: KeyOpt = None,
     as_json: JsonOpt = False,
@@ -367,6 +371,7 @@ def put(
 
     async def go() -> Any:
         seg = parse_size(segment_size)
+        cert = _load_delegation(delegation) if delegation is not None else None
         size = file.stat().st_size if file.exists() else 0
         bar = _progress_bar(size, "publishing")
         async with Client(
@@ -374,7 +379,7 @@ def put(
         ) as client:
             if bar is None:
                 return await client.put(
-                    file, name, segment_size=seg, replicas=replicas, update=update
+                    file, name, segment_size=seg, replicas=replicas, update=update, delegation=cert
                 )
             progress, task = bar
             with progress:
@@ -384,6 +389,7 @@ def put(
                     segment_size=seg,
                     replicas=replicas,
                     update=update,
+                    delegation=cert,
                     progress=lambda n: progress.advance(task, n),
                 )
 
@@ -552,6 +558,65 @@ def versions(
     for r in rows:
         state = "deleted" if r["deleted"] else format_size(r["size"])
         typer.echo(f"v{r['version']}  {state:>12}  {r['manifest'][:16]}")
+
+
+def _load_delegation(path: Path) -> Any:
+    from difs_p2p.manifest import parse_delegation
+
+    try:
+        return parse_delegation(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise errors.UsageError(f"cannot read delegation {path}: {exc}") from None
+
+
+@client_app.command()
+def delegate(
+    prefix: Annotated[str, typer.Argument(help="name prefix to delegate, e.g. /a.com/blog")],
+    writer: Annotated[str, typer.Argument(help="the writer's public key (64 hex)")],
+    days: Annotated[float, typer.Option(help="validity in days")] = 30.0,
+    key: KeyOpt = None,
+) -> None:
+    """As a name owner, let WRITER publish names under PREFIX; prints the delegation JSON.
+
+    Example: difs delegate /a.com/blog 3b6a27...29 > blog.delegation
+    """
+    import time
+
+    from difs_p2p.manifest import build_delegation
+    from difs_p2p.pins import parse_key
+
+    try:
+        cert = build_delegation(
+            _publisher(key),
+            prefix=prefix,
+            writer=parse_key(writer),
+            expires=time.time() + days * 86400,
+        )
+    except errors.DifsError as exc:
+        raise _fail(exc) from None
+    _print_json(cert.as_json())
+
+
+@client_app.command()
+def revoke(
+    prefix: Annotated[str, typer.Argument(help="the delegated prefix")],
+    writer: Annotated[str, typer.Argument(help="the writer's public key (64 hex)")],
+    peer: PeerOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """As a name owner, revoke WRITER's delegation for PREFIX (readers refuse its versions).
+
+    Example: difs revoke /a.com/blog 3b6a27...29
+    """
+    from difs_p2p.client import Client
+    from difs_p2p.pins import parse_key
+
+    async def go() -> Any:
+        async with Client(resolve_peer(peer), publisher=_publisher(key)) as client:
+            return await client.revoke(prefix, parse_key(writer))
+
+    listing = run(go)
+    typer.echo(f"revoked {writer[:16]}... under {prefix} ({listing.name} v{listing.version})")
 
 
 @client_app.command()

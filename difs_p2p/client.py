@@ -17,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import io
+import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +41,8 @@ from difs_p2p.errors import (
 )
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import (
+    REVOCATIONS,
+    Delegation,
     HolderEntry,
     Manifest,
     build_manifest,
@@ -170,8 +175,55 @@ class Client:
             raise NotFoundError(f"{norm} is not published")
         best = max(manifests, key=lambda m: m.version)
         best = self._check_pin(norm, best, [*manifests, *history])
-        by_version = {m.version: m for m in [*history, *manifests] if m.publisher == best.publisher}
+        if best.delegation is not None and not norm.endswith("/" + REVOCATIONS):
+            await self._check_revocation(best)
+        by_version = {m.version: m for m in [*history, *manifests] if m.owner == best.owner}
         return Resolved(best, sorted(by_version.values(), key=lambda m: m.version), holders)
+
+    async def _check_revocation(self, m: Manifest) -> None:
+        """Refuse a delegated manifest whose writer the owner has revoked since."""
+        assert m.delegation is not None
+        listing = m.delegation.prefix.rstrip("/") + "/" + REVOCATIONS
+        try:
+            resolved = await self.resolve(listing)
+        except NotFoundError:
+            return
+        if resolved.manifest.publisher != m.owner or resolved.manifest.deleted:
+            return  # only the owner's own list counts
+        buf = io.BytesIO()
+        await self.get(listing, buf)
+        try:
+            revoked = {bytes.fromhex(k) for k in json.loads(buf.getvalue())["revoked"]}
+        except (ValueError, KeyError, TypeError):
+            raise IntegrityError(f"the revocation list {listing} is malformed") from None
+        if m.publisher in revoked:
+            raise PermissionDeniedError(
+                f"{m.name} version {m.version} was written by key {m.publisher.hex()}, whose "
+                f"delegation for {m.delegation.prefix} the owner revoked"
+            )
+
+    async def revoke(self, prefix: str, writer: bytes) -> Manifest:
+        """As the owner of ``prefix``: add ``writer`` to the prefix's revocation list."""
+        if self.publisher is None:
+            raise UsageError("revoking needs the owner's key")
+        listing = normalize_name(prefix).rstrip("/") + "/" + REVOCATIONS
+        revoked: list[str] = []
+        exists = True
+        try:
+            buf = io.BytesIO()
+            await self.get(listing, buf)
+            revoked = list(json.loads(buf.getvalue())["revoked"])
+        except (NotFoundError, DeletedError):
+            exists = False
+        if writer.hex() not in revoked:
+            revoked.append(writer.hex())
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "revoked.json"
+            path.write_text(json.dumps({"revoked": sorted(revoked)}))
+            result = await self.put(
+                path, listing, segment_size=segments.MIN_SEGMENT_SIZE, update=exists
+            )
+        return result.manifest
 
     def _check_pin(self, name: str, best: Manifest, seen: list[Manifest]) -> Manifest:
         """Apply the pinned key of ``name`` (pinning it on first sight)."""
@@ -179,17 +231,17 @@ class Client:
             return best
         pin = self.pins.pinned(name)
         if pin is None:
-            self.pins.pin(name, best.publisher)
+            self.pins.pin(name, best.owner)
             return best
         prefix, key = pin
-        if best.publisher == key:
+        if best.owner == key:
             return best
-        mine = [m for m in seen if m.publisher == key]
+        mine = [m for m in seen if m.owner == key]
         if mine:
             return max(mine, key=lambda m: m.version)
         raise PermissionDeniedError(
-            f"{name} is now signed by key {best.publisher.hex()}, but {prefix} is pinned to "
-            f"{key.hex()}; pass --trust {best.publisher.hex()} to accept the new key"
+            f"{name} is now signed by key {best.owner.hex()}, but {prefix} is pinned to "
+            f"{key.hex()}; pass --trust {best.owner.hex()} to accept the new key"
         )
 
     async def versions(self, name: str) -> list[Manifest]:
@@ -207,8 +259,12 @@ class Client:
         replicas: int = DEFAULT_REPLICAS,
         update: bool = False,
         progress: Progress | None = None,
+        delegation: Delegation | None = None,
     ) -> PublishResult:
-        """Publish the file ``source`` under ``name`` (a new version with ``update``)."""
+        """Publish the file ``source`` under ``name`` (a new version with ``update``).
+
+        A delegate of the name's owner passes its ``delegation``; the name stays the owner's.
+        """
         if self.publisher is None:
             raise UsageError("publishing needs a publisher key")
         if replicas < 1:
@@ -225,8 +281,13 @@ class Client:
             previous: Manifest | None = (await self.resolve(norm)).manifest
         except NotFoundError:
             previous = None
+        owner = delegation.owner if delegation is not None else self.publisher.public_key
+        if delegation is not None and (
+            delegation.writer != self.publisher.public_key or not delegation.covers(norm)
+        ):
+            raise UsageError(f"the delegation is not for this key or does not cover {norm}")
         if previous is not None:
-            if previous.publisher != self.publisher.public_key:
+            if previous.owner != owner:
                 raise PermissionDeniedError(f"{norm} belongs to another publisher")
             if not update and not previous.deleted:
                 raise AlreadyExistsError(
@@ -263,6 +324,7 @@ class Client:
             replicas=replicas,
             integrity=integrity.hex(),
             created=self.clock(),
+            delegation=delegation,
         )
         return await self._publish(manifest, placed, started)
 
@@ -277,7 +339,7 @@ class Client:
                 f"{manifest.name} was published by another publisher at the same time"
             )
         if self.pins is not None and self.pins.pinned(manifest.name) is None:
-            self.pins.pin(manifest.name, manifest.publisher)
+            self.pins.pin(manifest.name, manifest.owner)
         return PublishResult(
             manifest=manifest,
             accepted=int(result.get("accepted", 0)),
@@ -340,7 +402,7 @@ class Client:
             raise UsageError("deleting needs the publisher key")
         resolved = await self.resolve(name)
         current = resolved.manifest
-        if current.publisher != self.publisher.public_key:
+        if current.owner != self.publisher.public_key:
             raise PermissionDeniedError(f"{current.name} belongs to another publisher")
         if current.deleted:
             raise DeletedError(f"{current.name} is already deleted")
@@ -373,6 +435,7 @@ class Client:
         )
         info = m.info()
         info["publisher"] = m.publisher.hex()
+        info["owner"] = m.owner.hex()
         info["hash_of_manifest"] = m.hash
         storages = [
             {

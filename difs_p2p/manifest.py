@@ -114,6 +114,9 @@ class Manifest:
     created: float
     publisher: bytes
     raw: bytes
+    # The key the name belongs to: the publisher, or the owner that delegated to it.
+    owner: bytes = b""
+    delegation: Delegation | None = None
 
     @property
     def hash(self) -> str:
@@ -143,8 +146,9 @@ def build_manifest(
     integrity: str,
     deleted: bool = False,
     created: float,
+    delegation: Delegation | None = None,
 ) -> Manifest:
-    """Sign a manifest with the publisher's key."""
+    """Sign a manifest with the publisher's key (a delegate passes its delegation)."""
     norm = normalize_name(name)
     body = {
         "t": "difs-manifest",
@@ -167,6 +171,8 @@ def build_manifest(
         },
         "publisher": identity.public_key.hex(),
     }
+    if delegation is not None:
+        body["delegation"] = delegation.as_json()
     body["sig"] = identity.sign(MANIFEST_DOMAIN + canonical_json(body)).hex()
     return parse_manifest(canonical_json(body))
 
@@ -208,7 +214,8 @@ def parse_manifest(raw: bytes, key: bytes | None = None) -> Manifest:
         "deleted",
         "created",
     }
-    if set(info) != expected or set(obj) != {"t", "v", "info", "publisher", "sig"}:
+    top = {"t", "v", "info", "publisher", "sig"}
+    if set(info) != expected or set(obj) - {"delegation"} != top:
         raise WireError("unexpected or missing fields", field="info")
     name = info["name"]
     if not isinstance(name, str):
@@ -248,9 +255,21 @@ def parse_manifest(raw: bytes, key: bytes | None = None) -> Manifest:
         raise WireError("a tombstone has no content", field="info.deleted")
     if key is not None and bytes.fromhex(info["key"]) != key:
         raise IntegrityError("manifest stored under the wrong key")
-    owner = key_namespace_owner(name)
-    if owner is not None and owner != fingerprint(bytes.fromhex(str(pub))):
-        raise IntegrityError(f"{name} belongs to key {owner}, not to the signer")
+    publisher = bytes.fromhex(str(pub))
+    delegation = None
+    owner = publisher
+    if "delegation" in obj:
+        delegation = parse_delegation(obj["delegation"])
+        if delegation.writer != publisher:
+            raise IntegrityError("the delegation is for another writer key")
+        if not delegation.covers(name):
+            raise IntegrityError(f"the delegation for {delegation.prefix} does not cover {name}")
+        if created > delegation.expires:
+            raise IntegrityError("the delegation had expired when this version was made")
+        owner = delegation.owner
+    namespace = key_namespace_owner(name)
+    if namespace is not None and namespace != fingerprint(owner):
+        raise IntegrityError(f"{name} belongs to key {namespace}, not to the signer")
     if canonical_json(obj) != raw:
         # One manifest, one encoding: its record hash (parent/root links) is then unique.
         raise WireError("manifest is not in canonical JSON form")
@@ -272,9 +291,88 @@ def parse_manifest(raw: bytes, key: bytes | None = None) -> Manifest:
         integrity=info["integrity"],
         deleted=info["deleted"],
         created=float(created),
-        publisher=bytes.fromhex(str(pub)),
+        publisher=publisher,
         raw=raw,
+        owner=owner,
+        delegation=delegation,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Delegation:
+    """An owner's signed permission for a writer key to publish names under a prefix.
+
+    Canonical JSON ``{"expires", "owner", "prefix", "sig", "t": "difs-delegation",
+    "writer"}``; the signature covers ``b"difs-delegation-v1\x00"`` + the canonical JSON
+    without ``sig``. Revocation: certificates expire, and readers refuse writers listed in
+    the owner's revocation list (the object ``<prefix>/@revoked``).
+    """
+
+    prefix: str
+    owner: bytes
+    writer: bytes
+    expires: float
+    sig: bytes
+
+    def covers(self, name: str) -> bool:
+        return name == self.prefix or name.startswith(self.prefix.rstrip("/") + "/")
+
+    def unsigned(self) -> dict[str, Any]:
+        return {
+            "t": "difs-delegation",
+            "prefix": self.prefix,
+            "owner": self.owner.hex(),
+            "writer": self.writer.hex(),
+            "expires": self.expires,
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        return {**self.unsigned(), "sig": self.sig.hex()}
+
+
+DELEGATION_DOMAIN = b"difs-delegation-v1\x00"
+# Reserved last component of the object listing revoked writer keys under a prefix.
+REVOCATIONS = "@revoked"
+
+
+def build_delegation(owner: Identity, *, prefix: str, writer: bytes, expires: float) -> Delegation:
+    """Sign a delegation of ``prefix`` to ``writer`` until ``expires`` (unix seconds)."""
+    d = Delegation(normalize_name(prefix), owner.public_key, writer, round(expires, 3), b"")
+    sig = owner.sign(DELEGATION_DOMAIN + canonical_json(d.unsigned()))
+    return parse_delegation({**d.unsigned(), "sig": sig.hex()})
+
+
+def parse_delegation(obj: object) -> Delegation:
+    """Decode and verify a delegation certificate (WireError / IntegrityError)."""
+    fields = {"t", "prefix", "owner", "writer", "expires", "sig"}
+    if not isinstance(obj, dict) or set(obj) != fields or obj["t"] != "difs-delegation":
+        raise WireError("malformed delegation", field="delegation")
+    prefix, owner, writer, expires, sig = (
+        obj["prefix"],
+        obj["owner"],
+        obj["writer"],
+        obj["expires"],
+        obj["sig"],
+    )
+    if not (_is_hex(owner, 64) and _is_hex(writer, 64) and _is_hex(sig, 128)):
+        raise WireError("malformed delegation keys", field="delegation")
+    if not isinstance(expires, int | float) or isinstance(expires, bool):
+        raise WireError("malformed delegation expiry", field="delegation.expires")
+    if not 0 <= expires < MAX_CREATED:
+        raise WireError("malformed delegation expiry", field="delegation.expires")
+    if not isinstance(prefix, str):
+        raise WireError("malformed delegation prefix", field="delegation.prefix")
+    try:
+        norm = normalize_name(prefix)
+    except Exception as exc:
+        raise WireError(f"bad delegation prefix: {exc}", field="delegation.prefix") from None
+    if norm != prefix:
+        raise WireError("delegation prefix is not in normal form", field="delegation.prefix")
+    d = Delegation(
+        prefix, bytes.fromhex(owner), bytes.fromhex(writer), float(expires), bytes.fromhex(sig)
+    )
+    verify_signature(d.owner, d.sig, DELEGATION_DOMAIN + canonical_json(d.unsigned()))
+    return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,13 +474,13 @@ class RecordValidator:
             m_new, m_cur = parse_manifest(new, key), parse_manifest(current, key)
         except (WireError, IntegrityError):
             return True  # a damaged stored record may be replaced by a valid one
-        return m_new.publisher == m_cur.publisher and m_new.version > m_cur.version
+        return m_new.owner == m_cur.owner and m_new.version > m_cur.version
 
     def entry_identity(self, key: bytes, entry: bytes, now: float) -> tuple[bytes, int] | None:
         try:
             if entry[:1] == b"{":
                 m = parse_manifest(entry, key)
-                return b"m" + struct.pack("!Q", m.version) + m.publisher, 0
+                return b"m" + struct.pack("!Q", m.version) + m.owner, 0
             h = parse_holder_entry(entry)
         except (WireError, IntegrityError):
             return None

@@ -51,8 +51,8 @@ def status(address: str) -> dict[str, object]:
 def test_every_command_has_help() -> None:
     """Each command answers --help with a description and an example."""
     for binary, commands in (
-        ("difs-peer", ["join", "status"]),
-        ("difs", ["peers", "put", "get", "rm", "stat", "versions"]),
+        ("difs-peer", ["join", "status", "check"]),
+        ("difs", ["peers", "put", "get", "rm", "stat", "versions", "whoami", "delegate", "revoke"]),
     ):
         for command in commands:
             out = subprocess.run(

@@ -14,6 +14,7 @@ from difs_p2p.client import Client
 from difs_p2p.errors import (
     AlreadyExistsError,
     DeletedError,
+    DifsError,
     IntegrityError,
     NotFoundError,
     PermissionDeniedError,
@@ -287,3 +288,38 @@ async def test_full_peer_is_a_clear_error_and_keeps_its_data(tmp_path: Path) -> 
         assert not list((peers[0].data_dir / "store" / "tmp").iterdir())
     finally:
         await stop_all(peers)
+
+
+async def test_delegated_writer_publishes_under_the_owners_prefix_until_revoked(
+    network: list[Peer], tmp_path: Path
+) -> None:
+    """An owner lets a writer publish under a prefix, then revokes it; others stay out."""
+    import time
+
+    from difs_p2p.manifest import build_delegation
+
+    owner, writer, stranger = Identity.generate(), Identity.generate(), Identity.generate()
+    src = write(tmp_path, 100)
+    prefix = f"/key/{owner.fingerprint}/blog"
+    cert = build_delegation(
+        owner, prefix=prefix, writer=writer.public_key, expires=time.time() + 3600
+    )
+    async with Client(network[0].address, publisher=writer) as client:
+        result = await client.put(src, f"{prefix}/post1", segment_size=SEG, delegation=cert)
+    assert result.manifest.owner == owner.public_key
+    assert result.manifest.publisher == writer.public_key
+    async with Client(network[0].address, publisher=stranger) as client:
+        with pytest.raises(IntegrityError):  # not the owner's namespace, no delegation
+            await client.put(src, f"{prefix}/post2", segment_size=SEG)
+        with pytest.raises(DifsError):  # someone else's delegation is of no use
+            await client.put(src, f"{prefix}/post2", segment_size=SEG, delegation=cert)
+    async with Client(network[0].address, publisher=owner) as client:  # the owner may update
+        await client.put(src, f"{prefix}/post1", segment_size=SEG, update=True)
+    async with Client(network[2].address, publisher=writer) as client:
+        await client.put(src, f"{prefix}/post3", segment_size=SEG, delegation=cert)
+    async with Client(network[1].address, publisher=owner) as client:
+        await client.revoke(prefix, writer.public_key)
+    async with Client(network[3].address) as client:
+        assert (await client.resolve(f"{prefix}/post1")).manifest.publisher == owner.public_key
+        with pytest.raises(PermissionDeniedError, match="revoked"):
+            await client.resolve(f"{prefix}/post3")
