@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -594,7 +595,9 @@ class _Fetch:
             fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 await self._fetch(wanted, fd, None, started)
-                await asyncio.to_thread(os.fsync, fd)
+                # A device such as /dev/null cannot be synced (EINVAL); only files are.
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    await asyncio.to_thread(os.fsync, fd)
             finally:
                 os.close(fd)
         else:

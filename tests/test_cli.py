@@ -200,6 +200,10 @@ def test_put_get_stat_versions_rm_as_processes(tmp_path: Path) -> None:
         got = difs("get", "/cli/x.bin", "-o", str(tmp_path / "out.bin"), "--peer", other, env=env)
         assert got.returncode == 0, got.stderr
         assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
+        # A device is a valid output: /dev/null cannot be fsynced, and need not be.
+        null = difs("get", "/cli/x.bin", "-o", os.devnull, "--peer", other, "--json", env=env)
+        assert null.returncode == 0, null.stderr
+        assert json.loads(null.stdout)["bytes"] == 300_000
         piped = subprocess.run(
             [
                 str(BIN / "difs"),
