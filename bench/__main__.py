@@ -1,7 +1,10 @@
 """``make bench``: publish and fetch by name on 127.0.0.1, against limits measured in the run.
 
-Prints a table and writes ``bench/results/latest.json``. Every figure is also shown as a
-ratio to the machine limit measured in the same run (loopback TCP, BLAKE3, disk + fsync).
+For each size (``DIFS_BENCH_MIB``, default ``256,1024``) a fresh network of 5 peer
+processes; the object is published with r = 1, 3 and 5 and fetched through another peer
+from 1, 3 and 5 holders, to a file and to /dev/null. Prints a table and writes
+``bench/results/latest.json``; every figure is also shown as a ratio to the limits measured
+in the same run (loopback TCP, BLAKE3, disk + fsync).
 """
 
 from __future__ import annotations
@@ -20,9 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import blake3
-
-from difs_p2p.client import Client
-from difs_p2p.identity import Identity
 
 MiB = 1 << 20
 
@@ -118,8 +118,35 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any]]:
-    """Publish and fetch ``size`` bytes between peer processes, with r = 1 and r = 3."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_client(args: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float, float]:
+    """Run one ``difs ... --json`` command; its JSON, CPU seconds and peak RSS (MB)."""
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("difs")), *args, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"difs {args[0]} failed: {err.decode(errors='replace').strip()}")
+    return json.loads(out), usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any]]:
+    """Publish ``size`` bytes with r = 1, 3, 5 and fetch each through another peer.
+
+    Publisher and fetcher are ``difs`` processes (their CPU time and peak RSS come from
+    ``wait4``); the serving peers' CPU time is read from /proc around each fetch.
+    """
     procs: list[subprocess.Popen[str]] = []
     first, seed = start_peer_process(root / "p0", None)
     procs.append(first)
@@ -132,54 +159,53 @@ async def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[st
     with src.open("wb") as fh:
         for _ in range(size // MiB):
             fh.write(os.urandom(MiB))
-    host, port = addresses[0].split(":")
-    entry = (host, int(port))
-    last_host, last_port = addresses[-1].split(":")
-    rows = []
+    env = dict(os.environ, DIFS_HOME=str(root / "home"))
+    label = f"{size // MiB} MiB"
+    rows: list[dict[str, Any]] = []
     try:
-        for replicas in (1, 3):
+        for replicas in (1, 3, 5):
             name = f"/bench/{size}-{replicas}"
-            async with Client(entry, publisher=Identity.generate()) as client:
-                t0 = time.perf_counter()
-                await client.put(src, name, replicas=replicas)
-                seconds = time.perf_counter() - t0
+            put, cpu, rss = run_client(
+                ["put", str(src), name, "--replicas", str(replicas), "--peer", addresses[0]], env
+            )
             rows.append(
                 {
-                    "op": f"publish r={replicas}",
+                    "op": f"publish {label} r={replicas}",
                     "bytes": size,
-                    "seconds": seconds,
-                    "mb_s": size / seconds / 1e6,
+                    "seconds": put["seconds"],
+                    "mb_s": size / put["seconds"] / 1e6,
+                    "client_cpu_s": cpu,
+                    "client_rss_mb": rss,
                 }
             )
             out = root / "out.bin"
-            cpu0 = time.process_time()
-            async with Client((last_host, int(last_port))) as client:
-                result = await client.get(name, out)
-            rows.append(
-                {
-                    "op": f"fetch ({replicas} holders)",
-                    "bytes": size,
-                    "seconds": result.seconds,
-                    "mb_s": size / result.seconds / 1e6,
-                    "first_byte_ms": result.first_byte * 1000,
-                    "fetcher_cpu_s": time.process_time() - cpu0,
-                }
-            )
+            for target, what in ((out, "file"), (Path(os.devnull), "null")):
+                before = [cpu_seconds(p.pid) for p in procs]
+                got, cpu, rss = run_client(
+                    ["get", name, "-o", str(target), "--peer", addresses[-1]], env
+                )
+                served = sum(cpu_seconds(p.pid) - b for p, b in zip(procs, before, strict=True))
+                rows.append(
+                    {
+                        "op": f"fetch {label} {replicas}h {what}",
+                        "bytes": size,
+                        "seconds": got["seconds"],
+                        "mb_s": size / got["seconds"] / 1e6,
+                        "first_byte_ms": got["first_byte_ms"],
+                        "client_cpu_s": cpu,
+                        "client_rss_mb": rss,
+                        "peers_cpu_s": served,
+                        "sources": got["sources"],
+                    }
+                )
+            if out.read_bytes() != src.read_bytes():
+                raise SystemExit(f"fetched bytes of {name} differ from the source")
             out.unlink()
-            async with Client((last_host, int(last_port))) as client:
-                with open(os.devnull, "wb") as sink:  # noqa: ASYNC230 (no I/O)
-                    result = await client.get(name, sink)
-            rows.append(
-                {
-                    "op": f"fetch to null ({replicas})",
-                    "bytes": size,
-                    "seconds": result.seconds,
-                    "mb_s": size / result.seconds / 1e6,
-                    "first_byte_ms": result.first_byte * 1000,
-                }
-            )
         rows.append(
-            {"op": "peak RSS of peers (MB)", "peers": [round(peak_rss_mb(p.pid), 1) for p in procs]}
+            {
+                "op": f"peak RSS of peers {label}",
+                "peers_rss_mb": [round(peak_rss_mb(p.pid), 1) for p in procs],
+            }
         )
     finally:
         for proc in procs:
@@ -190,7 +216,7 @@ async def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[st
 
 
 def main() -> int:
-    size = int(os.environ.get("DIFS_BENCH_MIB", "256")) * MiB
+    sizes = [int(s) * MiB for s in os.environ.get("DIFS_BENCH_MIB", "256,1024").split(",")]
     with tempfile.TemporaryDirectory(prefix="difs-bench-") as tmp:
         root = Path(tmp)
         limits = {
@@ -198,21 +224,31 @@ def main() -> int:
             "blake3_mb_s": limit_blake3(),
             "disk_write_fsync_mb_s": limit_disk(root),
         }
-        rows = asyncio.run(content_bench(root, size))
-    print(f"{'measure':<24}{'MB/s':>10}{'x loopback':>12}{'TTFB ms':>10}")
+        rows: list[dict[str, Any]] = []
+        for size in sizes:
+            rows += content_bench(root / str(size), size)
+    print(f"{'limit':<26}{'MB/s':>8}")
     for name, value in limits.items():
-        print(f"{name:<24}{value:>10.0f}")
+        print(f"{name:<26}{value:>8.0f}")
+    print()
+    head = ("measure", "MB/s", "xTCP", "xdisk", "TTFB ms", "cli CPU", "peers CPU", "cli RSS")
+    print(f"{head[0]:<26}" + "".join(f"{h:>10}" for h in head[1:]))
     for row in rows:
         if "mb_s" not in row:
-            print(f"{row['op']:<24}{row['peers']}")
+            print(f"{row['op']:<26}{row['peers_rss_mb']} MB")
             continue
-        ratio = row["mb_s"] / limits["loopback_tcp_mb_s"]
+        tcp = row["mb_s"] / limits["loopback_tcp_mb_s"]
+        disk = row["mb_s"] / limits["disk_write_fsync_mb_s"]
         ttfb = f"{row['first_byte_ms']:.1f}" if "first_byte_ms" in row else ""
-        print(f"{row['op']:<24}{row['mb_s']:>10.0f}{ratio:>12.2f}{ttfb:>10}")
+        peers = f"{row['peers_cpu_s']:.2f}" if "peers_cpu_s" in row else ""
+        print(
+            f"{row['op']:<26}{row['mb_s']:>10.0f}{tcp:>10.2f}{disk:>10.2f}{ttfb:>10}"
+            f"{row['client_cpu_s']:>10.2f}{peers:>10}{row['client_rss_mb']:>10.0f}"
+        )
     out = Path("bench/results")
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(
-        json.dumps({"limits": limits, "rows": rows, "size": size}, indent=2)
+        json.dumps({"limits": limits, "rows": rows, "sizes": sizes}, indent=2)
     )
     return 0
 
