@@ -433,6 +433,9 @@ def get(
     ] = None,
     peer: PeerOpt = None,
     trust: TrustOpt = None,
+    sync: Annotated[
+        bool, typer.Option("--sync", help="fsync the output file before exiting")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fetch NAME from its holders, verifying every byte (default output: the last component).
@@ -450,7 +453,7 @@ def get(
         async with Client(resolve_peer(peer), pins=_pins(name, trust)) as client:
             bar = _progress_bar(0, "fetching") if output != "-" else None
             if bar is None:
-                return await client.get(name, target, version=version, byte_range=rng)
+                return await client.get(name, target, version=version, byte_range=rng, sync=sync)
             progress, task = bar
             with progress:
                 return await client.get(
@@ -460,6 +463,7 @@ def get(
                     byte_range=rng,
                     progress=lambda n: progress.advance(task, n),
                     on_size=lambda n: progress.update(task, total=n),
+                    sync=sync,
                 )
 
     result = run(go)

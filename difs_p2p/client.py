@@ -479,11 +479,14 @@ class Client:
         byte_range: tuple[int, int] | None = None,
         progress: Progress | None = None,
         on_size: Progress | None = None,
+        sync: bool = False,
     ) -> FetchResult:
         """Fetch ``name`` (or one version, or an inclusive byte range) into ``out``.
 
         ``on_size`` is called once with the number of bytes that will be written, before
-        the first ``progress`` call.
+        the first ``progress`` call. With ``sync`` a file ``out`` is fsynced before this
+        returns; without, the bytes are in the page cache, as after ``cp`` or ``curl``
+        (the network keeps its own durable copies).
         """
         started = time.perf_counter()
         resolved = await self.resolve(name)
@@ -496,7 +499,7 @@ class Client:
         if manifest.deleted:
             raise DeletedError(f"{manifest.name} was deleted (version {manifest.version})")
         holders = resolved.holders_for(manifest)
-        fetch = _Fetch(self, manifest, holders, byte_range, progress)
+        fetch = _Fetch(self, manifest, holders, byte_range, progress, sync)
         if on_size is not None:
             on_size(max(0, fetch.last - fetch.first + 1))
         return await fetch.run(out, started)
@@ -527,8 +530,10 @@ class _Fetch:
         holders: list[HolderEntry],
         byte_range: tuple[int, int] | None,
         progress: Progress | None,
+        sync: bool = False,
     ) -> None:
         self.client = client
+        self.sync = sync
         self.manifest = manifest
         self.holders = holders
         self.layout = segments.Layout(manifest.size, manifest.segment_size)
@@ -596,7 +601,7 @@ class _Fetch:
             try:
                 await self._fetch(wanted, fd, None, started)
                 # A device such as /dev/null cannot be synced (EINVAL); only files are.
-                if stat.S_ISREG(os.fstat(fd).st_mode):
+                if self.sync and stat.S_ISREG(os.fstat(fd).st_mode):
                     await asyncio.to_thread(os.fsync, fd)
             finally:
                 os.close(fd)

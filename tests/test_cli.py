@@ -197,7 +197,9 @@ def test_put_get_stat_versions_rm_as_processes(tmp_path: Path) -> None:
         assert again.returncode == 7 and "already exists" in again.stderr
         bad = difs("put", str(src), "/cli//x", "--peer", seed, env=env)
         assert bad.returncode == 2 and "empty component" in bad.stderr
-        got = difs("get", "/cli/x.bin", "-o", str(tmp_path / "out.bin"), "--peer", other, env=env)
+        got = difs(
+            "get", "/cli/x.bin", "-o", str(tmp_path / "out.bin"), "--peer", other, "--sync", env=env
+        )
         assert got.returncode == 0, got.stderr
         assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
         # A device is a valid output: /dev/null cannot be fsynced, and need not be.
