@@ -101,6 +101,8 @@ class LookupResult:
     entries: list[bytes] = field(default_factory=list)
     rounds: int = 0
     queried: int = 0
+    # requests that went unanswered for lookup_stall (the lookup went on without them)
+    stalled: int = 0
     # peers among the closest that answered without a value (read-repair targets)
     without_value: list[Contact] = field(default_factory=list)
     # peers whose find_entries reply had more pages, with the next offset
@@ -411,7 +413,7 @@ class Dht:
         self.seeds: list[tuple[str, int]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warned: set[tuple[str, int]] = set()
-        self.stats: dict[str, int] = {"lookups": 0, "rounds": 0, "rpcs": 0}
+        self.stats: dict[str, int] = {"lookups": 0, "rounds": 0, "rpcs": 0, "stalled": 0}
 
     @property
     def node_id(self) -> bytes:
@@ -460,7 +462,10 @@ class Dht:
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` as a task owned by this node (cancelled by stop)."""
-        task = asyncio.get_running_loop().create_task(coro)
+        self._adopt(asyncio.get_running_loop().create_task(coro))
+
+    def _adopt(self, task: asyncio.Task[Any]) -> None:
+        """Own an already running task (cancelled by stop)."""
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
@@ -640,7 +645,9 @@ class Dht:
 
         ``find_node`` finds the k closest live peers; ``find_value`` and ``find_entries``
         also collect what every one of those k peers holds (they never stop at the first
-        answer).
+        answer). A request unanswered after ``lookup_stall`` frees its slot, and the
+        lookup ends once only such stalled requests are left: a dead contact costs
+        ``lookup_stall``, not ``rpc_timeout``.
         """
         proto = self._proto()
         k, alpha = self.config.ksize, self.config.alpha
@@ -653,6 +660,11 @@ class Dht:
         responded: dict[bytes, Node] = {}
         result = LookupResult(closest=[])
         in_flight: dict[asyncio.Task[tuple[bool, Any]], Node] = {}
+        # when each request stops holding a slot (sent + lookup_stall)
+        stalls_at: dict[asyncio.Task[tuple[bool, Any]], float] = {}
+        loop = asyncio.get_running_loop()
+        stall = self.config.lookup_stall
+        late: set[asyncio.Task[tuple[bool, Any]]] = set()
         self.stats["lookups"] += 1
 
         def candidates() -> list[Node]:
@@ -660,18 +672,29 @@ class Dht:
             return [n for n in ordered if n.id not in contacted]
 
         depth: dict[bytes, int] = dict.fromkeys(shortlist, 1)
+        finished = False
         try:
             while True:
-                for node in candidates()[: max(0, alpha - len(in_flight))]:
+                now = loop.time()
+                active = [t for t in in_flight if now < stalls_at[t]]
+                late.update(t for t in in_flight if now >= stalls_at[t])
+                for node in candidates()[: max(0, alpha - len(active))]:
                     contacted.add(node.id)
                     extra = (0,) if rpc == "find_entries" else ()
                     task = asyncio.ensure_future(proto.call_find(node, rpc, key, *extra))
                     in_flight[task] = node
+                    stalls_at[task] = now + stall
+                    active.append(task)
                     result.queried += 1
-                if not in_flight:
-                    break
-                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                if not active:
+                    break  # nothing left to ask but stalled requests: done without them
+                # positive: every active request stalls strictly after now
+                wake = min(stalls_at[t] for t in active) - now
+                done, _ = await asyncio.wait(
+                    in_flight, timeout=wake, return_when=asyncio.FIRST_COMPLETED
+                )
                 for task in done:
+                    del stalls_at[task]
                     node = in_flight.pop(task)
                     ok, reply = task.result()
                     nodes = self._absorb(rpc, key, node, reply, result) if ok else None
@@ -683,11 +706,19 @@ class Dht:
                         if n.id != self.node.id and n.id not in shortlist:
                             shortlist[n.id] = n
                             depth[n.id] = depth.get(node.id, 1) + 1
+            finished = True
         finally:
             for task in in_flight:
-                task.cancel()
+                if finished:
+                    # a stalled request runs to its answer or timeout, which counts
+                    # towards evicting a dead contact
+                    self._adopt(task)
+                else:
+                    task.cancel()
+        result.stalled = len(late)
         self.stats["rounds"] += result.rounds
         self.stats["rpcs"] += result.queried
+        self.stats["stalled"] += result.stalled
         ordered = sorted(responded.values(), key=target.distance_to)[:k]
         result.rounds = max((depth.get(n.id, 1) for n in ordered[:1]), default=0)
         result.closest = [_contact(n) for n in ordered]

@@ -120,6 +120,32 @@ async def test_one_lost_reply_does_not_evict() -> None:
         await stop_all(nodes)
 
 
+async def test_dead_contacts_cost_a_lookup_the_stall_time_not_the_rpc_timeout() -> None:
+    """Unanswered requests free their slot after lookup_stall, and the lookup ends.
+
+    The stock loop (and ours before) waited rpc_timeout for every dead contact among the
+    k closest, so under churn most lookups took the full timeout.
+    """
+    config = DhtConfig(rpc_timeout=30.0, lookup_stall=0.1, liveness_interval=3600)
+    nodes = await start_dhts(8, config=config)
+    try:
+        dead = nodes[5:]
+        for node in dead:
+            node.transport.close()  # type: ignore[union-attr]  # silent, no goodbye
+        asker = nodes[0]
+        assert {d.node_id for d in dead} <= {c.node_id for c in asker.contacts()}
+        # A lookup that waited for any of the three would hit the 30 s test timeout.
+        async with asyncio.timeout(10):
+            found = await asyncio.gather(*(asker.lookup(d.node_id) for d in dead))
+        for d, result in zip(dead, found, strict=True):
+            assert result.stalled >= 1
+            assert d.node_id not in {c.node_id for c in result.closest}
+            assert {c.node_id for c in result.closest} == {n.node_id for n in nodes[1:5]}
+        assert asker.stats["stalled"] >= 3
+    finally:
+        await stop_all(nodes)
+
+
 async def test_put_counts_acceptances_not_answers() -> None:
     """put() returns 0 when every peer answered but refused (stock set() says True)."""
     nodes = await start_dhts(5, policy=RefuseAll())
