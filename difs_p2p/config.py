@@ -98,11 +98,14 @@ class DhtConfig:
     alpha: int = 3
     # The library waits 5 s per RPC; a LAN answers in well under 1 ms, so 2 s is generous.
     rpc_timeout: float = 2.0
-    # A lookup request unanswered after this long stops holding one of the alpha slots,
+    # A lookup request unanswered for the stall time stops holding one of the alpha slots,
     # and the lookup may end without it (as libtorrent's "short timeout"): a dead contact
-    # then costs a lookup this much instead of rpc_timeout. Its reply still counts if it
-    # comes before the lookup ends. Above any healthy round trip on the Internet.
+    # then costs a lookup the stall time instead of rpc_timeout. Its reply still counts if
+    # it comes before the lookup ends. The stall time adapts like TCP's retransmission
+    # timeout (smoothed round trip + 4 deviations, from this peer's lookup replies),
+    # between lookup_stall_min and lookup_stall (also the value before any reply).
     lookup_stall: float = 0.5
+    lookup_stall_min: float = 0.1
     # The library evicts a contact after one lost reply; the paper suggests tolerating several.
     evict_after_failures: int = 3
     # The kernel default (208 KiB) drops replies during parallel lookups; 4 MiB is rmem_max here.
@@ -135,8 +138,8 @@ class DhtConfig:
             raise UsageError("ksize and alpha must be at least 1")
         if self.rpc_timeout <= 0:
             raise UsageError("rpc_timeout must be positive")
-        if self.lookup_stall <= 0:
-            raise UsageError("lookup_stall must be positive")
+        if not 0 < self.lookup_stall_min <= self.lookup_stall:
+            raise UsageError("need 0 < lookup_stall_min <= lookup_stall")
 
 
 @dataclass(frozen=True, slots=True)

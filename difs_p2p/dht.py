@@ -103,10 +103,33 @@ class LookupResult:
     queried: int = 0
     # requests that went unanswered for lookup_stall (the lookup went on without them)
     stalled: int = 0
+    # most requests in flight at once (alpha, then up to k in the last round)
+    peak_in_flight: int = 0
     # peers among the closest that answered without a value (read-repair targets)
     without_value: list[Contact] = field(default_factory=list)
     # peers whose find_entries reply had more pages, with the next offset
     more_pages: list[tuple[Contact, int]] = field(default_factory=list)
+
+
+class RttEstimator:
+    """Smoothed round trip and its deviation (Jacobson/Karels, as TCP's RFC 6298)."""
+
+    def __init__(self) -> None:
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+
+    def observe(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+
+    def timeout(self, floor: float, cap: float) -> float:
+        """srtt + 4 rttvar within [floor, cap]; ``cap`` before the first sample."""
+        if self.srtt is None:
+            return cap
+        return min(cap, max(floor, self.srtt + 4 * self.rttvar))
 
 
 def _distance(a: bytes, b: bytes) -> int:
@@ -414,6 +437,8 @@ class Dht:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warned: set[tuple[str, int]] = set()
         self.stats: dict[str, int] = {"lookups": 0, "rounds": 0, "rpcs": 0, "stalled": 0}
+        # round trips of lookup replies, for the stall time
+        self.rtt = RttEstimator()
 
     @property
     def node_id(self) -> bytes:
@@ -645,9 +670,11 @@ class Dht:
 
         ``find_node`` finds the k closest live peers; ``find_value`` and ``find_entries``
         also collect what every one of those k peers holds (they never stop at the first
-        answer). A request unanswered after ``lookup_stall`` frees its slot, and the
-        lookup ends once only such stalled requests are left: a dead contact costs
-        ``lookup_stall``, not ``rpc_timeout``.
+        answer). Once no candidate is closer than the closest peer that answered, the
+        remaining k closest are asked at once (the paper's last round). A request
+        unanswered for the stall time (adaptive, see ``RttEstimator``) frees its slot,
+        and the lookup ends once only such stalled requests are left: a dead contact
+        costs the stall time, not ``rpc_timeout``.
         """
         proto = self._proto()
         k, alpha = self.config.ksize, self.config.alpha
@@ -660,10 +687,11 @@ class Dht:
         responded: dict[bytes, Node] = {}
         result = LookupResult(closest=[])
         in_flight: dict[asyncio.Task[tuple[bool, Any]], Node] = {}
-        # when each request stops holding a slot (sent + lookup_stall)
+        # when each request was sent, and when it stops holding a slot
+        sent_at: dict[asyncio.Task[tuple[bool, Any]], float] = {}
         stalls_at: dict[asyncio.Task[tuple[bool, Any]], float] = {}
         loop = asyncio.get_running_loop()
-        stall = self.config.lookup_stall
+        stall = self.rtt.timeout(self.config.lookup_stall_min, self.config.lookup_stall)
         late: set[asyncio.Task[tuple[bool, Any]]] = set()
         self.stats["lookups"] += 1
 
@@ -678,14 +706,24 @@ class Dht:
                 now = loop.time()
                 active = [t for t in in_flight if now < stalls_at[t]]
                 late.update(t for t in in_flight if now >= stalls_at[t])
-                for node in candidates()[: max(0, alpha - len(active))]:
+                waiting = candidates()
+                # The paper's last round: once no candidate is closer than the closest
+                # peer that answered, ask all remaining k closest at once, not alpha.
+                best = min((target.distance_to(n) for n in responded.values()), default=None)
+                closing = best is not None and (
+                    not waiting or target.distance_to(waiting[0]) > best
+                )
+                width = k if closing else alpha
+                for node in waiting[: max(0, width - len(active))]:
                     contacted.add(node.id)
                     extra = (0,) if rpc == "find_entries" else ()
                     task = asyncio.ensure_future(proto.call_find(node, rpc, key, *extra))
                     in_flight[task] = node
+                    sent_at[task] = now
                     stalls_at[task] = now + stall
                     active.append(task)
                     result.queried += 1
+                result.peak_in_flight = max(result.peak_in_flight, len(active))
                 if not active:
                     break  # nothing left to ask but stalled requests: done without them
                 # positive: every active request stalls strictly after now
@@ -697,6 +735,8 @@ class Dht:
                     del stalls_at[task]
                     node = in_flight.pop(task)
                     ok, reply = task.result()
+                    if ok:
+                        self.rtt.observe(loop.time() - sent_at.pop(task))
                     nodes = self._absorb(rpc, key, node, reply, result) if ok else None
                     if nodes is None:
                         shortlist.pop(node.id, None)

@@ -11,7 +11,7 @@ from pathlib import Path
 import umsgpack
 
 from difs_p2p.config import DhtConfig
-from difs_p2p.dht import IDENTIFY_DOMAIN, Dht
+from difs_p2p.dht import IDENTIFY_DOMAIN, Dht, RttEstimator
 from difs_p2p.identity import Identity
 from difs_p2p.recordstore import AcceptAll
 from tests.helpers import new_dht, start_dhts, stop_all, wait_for
@@ -34,6 +34,30 @@ async def test_thirty_peers_find_each_other() -> None:
                     continue
                 found = await node.lookup(other.node_id)
                 assert found.closest and found.closest[0].node_id == other.node_id
+    finally:
+        await stop_all(nodes)
+
+
+async def test_last_round_asks_the_remaining_closest_at_once() -> None:
+    """Once nothing closer turns up, a lookup asks all remaining k closest in parallel.
+
+    With alpha requests at a time to the end (the loop before), asking k peers took k/alpha
+    round trips; the result must still be the exact k closest.
+    """
+    config = DhtConfig(
+        ksize=8, rpc_timeout=2.0, lookup_stall=2.0, lookup_stall_min=2.0, liveness_interval=3600
+    )
+    nodes = await start_dhts(24, config=config)
+    try:
+        for node in nodes[:4]:
+            key = os.urandom(20)
+            found = await node.lookup(key)
+            assert found.peak_in_flight > config.alpha
+            truth = sorted(
+                (n for n in nodes if n is not node),
+                key=lambda n: int.from_bytes(n.node_id, "big") ^ int.from_bytes(key, "big"),
+            )[: config.ksize]
+            assert [c.node_id for c in found.closest] == [n.node_id for n in truth]
     finally:
         await stop_all(nodes)
 
@@ -144,6 +168,21 @@ async def test_dead_contacts_cost_a_lookup_the_stall_time_not_the_rpc_timeout() 
         assert asker.stats["stalled"] >= 3
     finally:
         await stop_all(nodes)
+
+
+def test_stall_time_follows_the_round_trip_within_bounds() -> None:
+    """The stall time is the cap before any reply, then srtt + 4 rttvar, clamped."""
+    rtt = RttEstimator()
+    assert rtt.timeout(0.1, 0.5) == 0.5
+    for _ in range(50):
+        rtt.observe(0.001)  # a LAN
+    assert rtt.timeout(0.1, 0.5) == 0.1
+    for _ in range(50):
+        rtt.observe(0.2)  # a slow path
+    assert 0.2 <= rtt.timeout(0.1, 0.5) <= 0.5
+    for sample in (0.05, 3.0, 0.05, 3.0):
+        rtt.observe(sample)  # wild jitter hits the cap
+    assert rtt.timeout(0.1, 0.5) == 0.5
 
 
 async def test_put_counts_acceptances_not_answers() -> None:
