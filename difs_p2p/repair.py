@@ -9,8 +9,12 @@ looks at every name version it holds:
   them when it comes back);
 * **failure detection**: it asks every other holder of its ranges whether it still holds
   them (``holds``). A holder that does not answer becomes *suspect*; after
-  ``dead_after`` failed rounds in a row it is *dead*. A holder that answers late is slow,
-  not dead. Detection therefore takes at most ``dead_after x interval``;
+  ``dead_after`` failed rounds in a row it is *dead* (a holder is probed until it fails
+  once per round, however many ranges it shares). A holder that answers late is slow,
+  not dead. Detection therefore takes at most ``dead_after x interval`` for a peer
+  holding up to ``max_keys_per_round`` names; one holding more looks after a share of
+  them per round (:func:`keys_for_round`), which multiplies that bound by
+  ``ceil(names / max_keys_per_round)`` and keeps its background traffic bounded;
 * **repair**: for a range with fewer than r live copies, the live holder closest to the
   range key (the *leader*; every holder computes the same one) copies it to the closest live
   peers to the range key that do not hold it, which sign and announce their own holder
@@ -66,9 +70,26 @@ class RepairConfig:
     republish_every: float = 3600.0
     # A holding without any manifest in the DHT after this long belongs to a failed publish.
     orphan_after: float = 3600.0
+    # Names looked after per round at most: each costs two DHT lookups and a probe per
+    # co-holder, so a peer holding many names spreads them over several rounds (a name
+    # comes up every ceil(names / max_keys_per_round) rounds) and its background traffic
+    # stays bounded however much it holds.
+    max_keys_per_round: int = 64
 
 
 # -- pure decisions --------------------------------------------------------------------------
+
+
+def keys_for_round(keys: Sequence[bytes], round_no: int, per_round: int) -> list[bytes]:
+    """The names one round looks after: all of them, or a share when there are many.
+
+    Keys are split into ``ceil(len / per_round)`` phases by their first bytes (uniform:
+    they are hashes), and round n takes phase n mod phases, so every key comes up once per
+    that many rounds and a round takes about ``per_round`` keys.
+    """
+    phases = max(1, -(-len(keys) // max(1, per_round)))
+    phase = round_no % phases
+    return [k for k in keys if int.from_bytes(k[:8], "big") % phases == phase]
 
 
 class Health(enum.Enum):
@@ -277,6 +298,8 @@ class Maintainer:
         self.stats = RepairStats()
         self._last_republish: dict[bytes, float] = {}
         self._lock = asyncio.Lock()
+        # holders that did not answer a probe this round: not probed (or counted) again
+        self._silent: set[bytes] = set()
 
     async def run(self) -> None:
         while True:
@@ -293,7 +316,12 @@ class Maintainer:
             by_key: dict[bytes, list[Holding]] = {}
             for h in holdings:
                 by_key.setdefault(h.key, []).append(h)
-            for key, held in by_key.items():
+            self._silent = set()
+            chosen = keys_for_round(
+                sorted(by_key), self.stats.rounds, self.config.max_keys_per_round
+            )
+            for key in chosen:
+                held = by_key[key]
                 try:
                     await self._maintain_key(key, held)
                 except DifsError as exc:
@@ -391,6 +419,8 @@ class Maintainer:
         ALIVE: it answered that it holds the range; SUSPECT: no answer yet, not dead;
         DEAD: no answer for ``dead_after`` rounds in a row, or it no longer holds the range.
         """
+        if entry.node_id in self._silent:
+            return self.detector.health(entry.node_id)  # one failure per peer and round
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         answer = await self.peer.probe_holder(
@@ -400,6 +430,8 @@ class Maintainer:
         )
         before = self.detector.health(entry.node_id)
         health = self.detector.record(entry.node_id, answer is not None, loop.time() - t0)
+        if answer is None:
+            self._silent.add(entry.node_id)
         if health is Health.DEAD and before is not Health.DEAD:
             self.stats.dead_peers += 1
             log.info("holder_dead peer=%s:%d", entry.host, entry.port)

@@ -13,7 +13,15 @@ from difs_p2p.client import Client
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import Manifest
 from difs_p2p.peer import Peer
-from difs_p2p.repair import Action, FailureDetector, Health, TokenBucket, gc_due, plan_range
+from difs_p2p.repair import (
+    Action,
+    FailureDetector,
+    Health,
+    TokenBucket,
+    gc_due,
+    keys_for_round,
+    plan_range,
+)
 from tests.helpers import start_peers, stop_all
 
 SEG = 64 << 10
@@ -43,6 +51,18 @@ def test_failure_detector_tells_suspect_from_dead() -> None:
     for _ in range(3):
         state = detector.record(peer, False)
     assert state is Health.DEAD
+
+
+def test_rounds_share_out_many_names_and_cover_each_once() -> None:
+    """Up to max_keys_per_round names: every round takes all; more: each once per cycle."""
+    few = [os.urandom(20) for _ in range(10)]
+    assert keys_for_round(few, 0, 64) == few and keys_for_round(few, 7, 64) == few
+    many = [os.urandom(20) for _ in range(1000)]
+    cycle = [keys_for_round(many, n, 100) for n in range(10)]
+    assert sorted(k for share in cycle for k in share) == sorted(many)
+    assert all(40 <= len(share) <= 160 for share in cycle)
+    assert keys_for_round(many, 10, 100) == cycle[0]
+    assert keys_for_round([], 3, 100) == []
 
 
 def test_token_bucket_bounds_rate() -> None:
