@@ -552,6 +552,8 @@ class _Fetch:
         self.written = 0
         # (holder, segment) pairs that failed verification, reported after the fetch
         self.suspects: list[tuple[tuple[str, int], bytes]] = []
+        # connections opened before the transfer, handed to the workers
+        self._opened: dict[tuple[str, int], Connection] = {}
 
     def _sources(self) -> list[tuple[str, int]]:
         return list(dict.fromkeys((h.host, h.port) for h in self.holders))
@@ -574,22 +576,32 @@ class _Fetch:
                 await conn.send(wire.GetSeg(request_id=0, seg_id=root, offset=0, length=0))
                 frame = await conn.read_frame()
                 if isinstance(frame, wire.Data):
-                    return list(
+                    hashes: list[bytes] = list(
                         segments.verify_hash_list(
                             bytes(frame.data), root, self.manifest.segment_count
                         )
                     )
+                    # this holder's worker starts on the connection we already have
+                    self._opened[address] = conn
+                    return hashes
                 errors.append(f"{address[0]}:{address[1]} has no hash list")
             except (DifsError, WireError) as exc:
                 errors.append(str(exc))
-            finally:
-                conn.close()
+            conn.close()
         raise NotFoundError(
             f"no holder of {self.manifest.name} answered with its hash list "
             f"({len(self._sources())} tried: {'; '.join(errors[:3])})"
         )
 
     async def run(self, out: Path | IO[bytes], started: float) -> FetchResult:
+        try:
+            return await self._run(out, started)
+        finally:
+            for conn in self._opened.values():
+                conn.close()
+            self._opened.clear()
+
+    async def _run(self, out: Path | IO[bytes], started: float) -> FetchResult:
         self.hashes = await self._hash_list()
         if self.manifest.size == 0:
             if isinstance(out, Path):
@@ -724,7 +736,9 @@ class _Fetch:
 
         async def worker(address: tuple[str, int]) -> None:
             try:
-                conn = await Connection.open(address, io_timeout=self.client.io_timeout)
+                conn = self._opened.pop(address, None) or await Connection.open(
+                    address, io_timeout=self.client.io_timeout
+                )
             except DifsError as exc:
                 problems.append(str(exc))
                 for index in list(queue):
