@@ -105,7 +105,7 @@ class DhtConfig:
     # timeout (smoothed round trip + 4 deviations, from this peer's lookup replies),
     # between lookup_stall_min and lookup_stall (also the value before any reply).
     lookup_stall: float = 0.5
-    lookup_stall_min: float = 0.1
+    lookup_stall_min: float = 0.2
     # The library evicts a contact after one lost reply; the paper suggests tolerating several.
     evict_after_failures: int = 3
     # The kernel default (208 KiB) drops replies during parallel lookups; 4 MiB is rmem_max here.

@@ -30,6 +30,7 @@ every background task belongs to the ``Dht`` and is cancelled by :meth:`Dht.stop
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -489,6 +490,14 @@ class Dht:
         """Run ``coro`` as a task owned by this node (cancelled by stop)."""
         self._adopt(asyncio.get_running_loop().create_task(coro))
 
+    def _timed_reply(
+        self, loop: asyncio.AbstractEventLoop, sent: float, task: asyncio.Task[tuple[bool, Any]]
+    ) -> None:
+        """Feed the round trip of an answered lookup request, stalled ones included (so
+        that a loaded peer's slow replies raise the stall time instead of being cut)."""
+        if not task.cancelled() and task.exception() is None and task.result()[0]:
+            self.rtt.observe(loop.time() - sent)
+
     def _adopt(self, task: asyncio.Task[Any]) -> None:
         """Own an already running task (cancelled by stop)."""
         self._tasks.add(task)
@@ -687,8 +696,7 @@ class Dht:
         responded: dict[bytes, Node] = {}
         result = LookupResult(closest=[])
         in_flight: dict[asyncio.Task[tuple[bool, Any]], Node] = {}
-        # when each request was sent, and when it stops holding a slot
-        sent_at: dict[asyncio.Task[tuple[bool, Any]], float] = {}
+        # when each request stops holding a slot
         stalls_at: dict[asyncio.Task[tuple[bool, Any]], float] = {}
         loop = asyncio.get_running_loop()
         stall = self.rtt.timeout(self.config.lookup_stall_min, self.config.lookup_stall)
@@ -719,7 +727,7 @@ class Dht:
                     extra = (0,) if rpc == "find_entries" else ()
                     task = asyncio.ensure_future(proto.call_find(node, rpc, key, *extra))
                     in_flight[task] = node
-                    sent_at[task] = now
+                    task.add_done_callback(functools.partial(self._timed_reply, loop, now))
                     stalls_at[task] = now + stall
                     active.append(task)
                     result.queried += 1
@@ -735,8 +743,6 @@ class Dht:
                     del stalls_at[task]
                     node = in_flight.pop(task)
                     ok, reply = task.result()
-                    if ok:
-                        self.rtt.observe(loop.time() - sent_at.pop(task))
                     nodes = self._absorb(rpc, key, node, reply, result) if ok else None
                     if nodes is None:
                         shortlist.pop(node.id, None)

@@ -150,7 +150,9 @@ async def test_dead_contacts_cost_a_lookup_the_stall_time_not_the_rpc_timeout() 
     The stock loop (and ours before) waited rpc_timeout for every dead contact among the
     k closest, so under churn most lookups took the full timeout.
     """
-    config = DhtConfig(rpc_timeout=30.0, lookup_stall=0.1, liveness_interval=3600)
+    config = DhtConfig(
+        rpc_timeout=30.0, lookup_stall=0.1, lookup_stall_min=0.1, liveness_interval=3600
+    )
     nodes = await start_dhts(8, config=config)
     try:
         dead = nodes[5:]
