@@ -207,6 +207,7 @@ def test_scenario_errors_name_the_key() -> None:
 # -- whole runs --------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(300)  # about 45 s alone on 2 cores; room for a loaded machine
 def test_smoke_scenario_runs_and_is_sane(tmp_path: Path) -> None:
     """The CI smoke scenario (200 peers, churn) succeeds, prints its seed, writes its files."""
     result = CliRunner().invoke(app, ["smoke", "--seed", "3", "--out", str(tmp_path)])
