@@ -31,6 +31,7 @@ test: lint types unit
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.small
 	$(BIN)/python -m bench.repair
 
 fuzz: $(STAMP)

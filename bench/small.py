@@ -1,0 +1,450 @@
+"""Small-object benchmark: 4 KiB publishes and fetches on a 20-peer network on 127.0.0.1.
+
+Run with ``python -m bench.small``. For each concurrency level C (``1`` and ``32`` unless
+``DIFS_BENCH_SMALL_C`` says otherwise, e.g. ``1,8,32``), C clients publish
+``DIFS_BENCH_SMALL_N`` (default 500) distinct 4 KiB objects with r = 3, then C other
+clients fetch them all back in a shuffled order and compare every byte with the source.
+Client j enters the network through peer j mod 20 (publish) or j + 10 mod 20 (fetch) and
+is reused for all its operations, after one untimed warm-up operation.
+
+The limit for each level is measured in the same run: 4 KiB request and 4 KiB reply round
+trips at the same concurrency, between this process and a trivial echo server in another
+process over loopback TCP, with the raw asyncio socket calls the transport uses. Every
+figure is shown as a ratio to it. Where the time goes: CPU time per operation of this
+(client) process and of all peer processes together (for the limit rows: of the echo
+server), and UDP datagrams (DHT traffic) sent per operation on the host.
+
+Prints a table and writes ``bench/results/small.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import math
+import multiprocessing
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection as Pipe
+from pathlib import Path
+from typing import Any
+
+from bench.__main__ import peak_rss_mb, start_peer_process
+from difs_p2p.client import Client
+from difs_p2p.errors import DifsError, IntegrityError
+from difs_p2p.identity import Identity
+from difs_p2p.transfer import Connection
+
+OBJECT_SIZE = 4096
+PEERS = 20
+REPLICAS = 3
+# A network of PEERS peers is formed when every peer has all the others in its routing
+# table (ksize = 20 >= PEERS - 1, so nothing is left out); joining takes about a second.
+FORM_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+# Round trips timed for the limit (at least): it is cheap, and a short run is noisy.
+LIMIT_OPS = 20_000
+SEED = 1
+
+Op = Callable[[int], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Phase:
+    """What one timed phase measured."""
+
+    ops: int
+    seconds: float
+    latencies: list[float]
+    client_cpu: float
+    peers_cpu: float
+    datagrams: int
+    errors: list[str] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+
+    @property
+    def ops_s(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds > 0 else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        """Nearest-rank percentile of the successful operations' latencies, in ms."""
+        if not self.latencies:
+            return math.nan
+        ranked = sorted(self.latencies)
+        return ranked[max(0, math.ceil(q * len(ranked)) - 1)] * 1000
+
+
+def udp_datagrams_sent() -> int:
+    """Datagrams sent by every process on this host so far (from /proc/net/snmp)."""
+    lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()]
+    names, values = [ln for ln in lines if ln[0] == "Udp:"][:2]
+    return int(values[names.index("OutDatagrams")])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def timed(ops: Sequence[Op], items: Sequence[int], pids: Sequence[int]) -> Phase:
+    """Run ``items`` through the ``ops`` (each serving one at a time), all ops concurrently.
+
+    A failed operation is counted, with its error, and left out of the latencies.
+    """
+    queue: Iterator[int] = iter(items)
+    latencies: list[float] = []
+    errors: list[str] = []
+    failed: list[int] = []
+
+    async def drive(op: Op) -> None:
+        for item in queue:  # shared: each op takes the next item when it is free
+            t0 = time.perf_counter()
+            try:
+                await op(item)
+            except (DifsError, OSError) as exc:
+                errors.append(f"{item}: {type(exc).__name__}: {exc}")
+                failed.append(item)
+                continue
+            latencies.append(time.perf_counter() - t0)
+
+    peers0 = sum(cpu_seconds(p) for p in pids)
+    datagrams0 = udp_datagrams_sent()
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for op in ops:
+            tg.create_task(drive(op))
+    seconds = time.perf_counter() - t0
+    return Phase(
+        ops=len(items),
+        seconds=seconds,
+        latencies=latencies,
+        client_cpu=time.process_time() - cpu0,
+        peers_cpu=sum(cpu_seconds(p) for p in pids) - peers0,
+        datagrams=udp_datagrams_sent() - datagrams0,
+        errors=errors,
+        failed=failed,
+    )
+
+
+# -- the limit: 4 KiB request/response over loopback TCP -------------------------------------
+
+
+async def _recv_exactly(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, buf: bytearray
+) -> bool:
+    view, got = memoryview(buf), 0
+    while got < len(buf):
+        n = await loop.sock_recv_into(sock, view[got:])
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
+async def _echo_serve(pipe: Pipe) -> None:
+    loop = asyncio.get_running_loop()
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(128)
+    server.setblocking(False)
+    pipe.send(server.getsockname()[1])
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def echo(sock: socket.socket) -> None:
+        buf = bytearray(OBJECT_SIZE)
+        with sock:
+            while await _recv_exactly(loop, sock, buf):
+                await loop.sock_sendall(sock, buf)
+
+    while True:
+        sock, _ = await loop.sock_accept(server)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = loop.create_task(echo(sock))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+
+def echo_server_main(pipe: Pipe) -> None:
+    """Child process: echo every 4 KiB request back until SIGTERM."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    asyncio.run(_echo_serve(pipe))
+
+
+class EchoClient:
+    """One connection to the echo server; ``call`` is one 4 KiB round trip."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.request = os.urandom(OBJECT_SIZE)
+        self.reply = bytearray(OBJECT_SIZE)
+
+    @classmethod
+    async def open(cls, port: int) -> EchoClient:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        return cls(sock)
+
+    async def call(self, _item: int) -> None:
+        await self.loop.sock_sendall(self.sock, self.request)
+        if not await _recv_exactly(self.loop, self.sock, self.reply):
+            raise ConnectionResetError("echo server closed the connection")
+
+
+async def measure_limit(port: int, concurrency: int, n: int, pid: int) -> Phase:
+    clients = [await EchoClient.open(port) for _ in range(concurrency)]
+    try:
+        for c in clients:  # warm up: first round trip outside the timed part
+            await c.call(0)
+        return await timed([c.call for c in clients], range(n), [pid])
+    finally:
+        for c in clients:
+            c.sock.close()
+
+
+# -- the network ------------------------------------------------------------------------------
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, port = text.rsplit(":", 1)
+    return host, int(port)
+
+
+async def peer_status(address: tuple[str, int]) -> dict[str, Any]:
+    conn = await Connection.open(address, io_timeout=10.0)
+    try:
+        return await conn.call("status")
+    finally:
+        conn.close()
+
+
+async def wait_formed(addresses: Sequence[tuple[str, int]]) -> list[int]:
+    """Poll every peer's status until each knows all the others; their table sizes."""
+    sizes: list[int] = []
+    try:
+        async with asyncio.timeout(FORM_TIMEOUT):
+            while True:
+                statuses = await asyncio.gather(*(peer_status(a) for a in addresses))
+                sizes = [int(s["routing_table"]) for s in statuses]
+                if min(sizes) >= len(addresses) - 1:
+                    return sizes
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise SystemExit(
+            f"the network did not form within {FORM_TIMEOUT:.0f} s: routing tables {sizes}"
+        ) from None
+
+
+def stop_processes(procs: Sequence[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            print(f"peer pid {proc.pid} ignored SIGTERM; killing it", file=sys.stderr)
+            proc.kill()
+            proc.wait()
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+
+
+def row(op: str, concurrency: int, phase: Phase, limit: Phase) -> dict[str, Any]:
+    done = max(1, len(phase.latencies))
+    return {
+        "op": op,
+        "concurrency": concurrency,
+        "ops": phase.ops,
+        "ok": len(phase.latencies),
+        "errors": len(phase.errors),
+        "first_errors": phase.errors[:5],
+        "seconds": phase.seconds,
+        "ops_s": phase.ops_s,
+        "p50_ms": phase.percentile_ms(0.50),
+        "p99_ms": phase.percentile_ms(0.99),
+        "x_limit": phase.ops_s / limit.ops_s if limit.ops_s else math.nan,
+        "client_cpu_ms_per_op": phase.client_cpu / done * 1000,
+        "peers_cpu_ms_per_op": phase.peers_cpu / done * 1000,
+        "udp_datagrams_per_op": phase.datagrams / done,
+    }
+
+
+def write_sources(directory: Path, indexes: Sequence[int]) -> dict[int, bytes]:
+    """One file of OBJECT_SIZE random bytes per index; their contents."""
+    data = {i: os.urandom(OBJECT_SIZE) for i in indexes}
+    for i, blob in data.items():
+        (directory / str(i)).write_bytes(blob)
+    return data
+
+
+def object_name(i: int) -> str:
+    return f"/bench/small/{i}"
+
+
+async def bench_level(
+    concurrency: int,
+    indexes: Sequence[int],
+    addresses: Sequence[tuple[str, int]],
+    pids: Sequence[int],
+    sources: Path,
+) -> tuple[Phase, Phase]:
+    """Publish, then fetch, ``indexes`` with ``concurrency`` clients.
+
+    The first ``concurrency`` indexes are warm-ups, one per client, outside the timings.
+    """
+    warmups, timed_indexes = indexes[:concurrency], indexes[concurrency:]
+    data = await asyncio.to_thread(write_sources, sources, indexes)
+
+    # Publish: client j enters through peer j.
+    publishers = [
+        Client(addresses[j % len(addresses)], publisher=Identity.generate())
+        for j in range(concurrency)
+    ]
+
+    def publish_op(client: Client) -> Op:
+        async def op(i: int) -> None:
+            await client.put(sources / str(i), object_name(i), replicas=REPLICAS)
+
+        return op
+
+    try:
+        ops = [publish_op(c) for c in publishers]
+        await asyncio.gather(*(op(i) for op, i in zip(ops, warmups, strict=True)))
+        published = await timed(ops, timed_indexes, pids)
+    finally:
+        for c in publishers:
+            await c.close()
+
+    # Fetch through other entry peers than the publishers', in a shuffled order.
+    fetchers = [
+        Client(addresses[(j + len(addresses) // 2) % len(addresses)]) for j in range(concurrency)
+    ]
+
+    def fetch_op(client: Client) -> Op:
+        async def op(i: int) -> None:
+            buf = io.BytesIO()
+            await client.get(object_name(i), buf)
+            if buf.getvalue() != data[i]:  # comparing 4 KiB takes well under a microsecond
+                raise IntegrityError(f"{object_name(i)}: fetched bytes differ from the source")
+
+        return op
+
+    order = sorted(set(timed_indexes) - set(published.failed))
+    random.Random(SEED + concurrency).shuffle(order)
+    try:
+        ops = [fetch_op(c) for c in fetchers]
+        await asyncio.gather(*(op(i) for op, i in zip(ops, warmups, strict=True)))
+        fetched = await timed(ops, order, pids)
+    finally:
+        for c in fetchers:
+            await c.close()
+    return published, fetched
+
+
+async def run(
+    root: Path, n: int, levels: Sequence[int], echo_port: int, echo_pid: int
+) -> dict[str, Any]:
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        proc, seed = start_peer_process(root / "p0", None)
+        procs.append(proc)
+        texts = [seed]
+        for i in range(1, PEERS):
+            proc, address = start_peer_process(root / f"p{i}", seed)
+            procs.append(proc)
+            texts.append(address)
+        addresses = [parse_address(t) for t in texts]
+        t0 = time.perf_counter()
+        tables = await wait_formed(addresses)
+        formed = time.perf_counter() - t0
+        pids = [p.pid for p in procs]
+        sources = root / "sources"
+        sources.mkdir()
+        limits: list[dict[str, Any]] = []
+        rows: list[dict[str, Any]] = []
+        first = 0
+        for c in levels:
+            limit = await measure_limit(echo_port, c, max(n, LIMIT_OPS), echo_pid)
+            limits.append(row("loopback 4 KiB round trip", c, limit, limit))
+            published, fetched = await bench_level(
+                c, range(first, first + c + n), addresses, pids, sources
+            )
+            rows += [row("publish", c, published, limit), row("fetch", c, fetched, limit)]
+            first += c + n
+        return {
+            "peers": PEERS,
+            "formed_after_s": formed,
+            "routing_tables": tables,
+            "limits": limits,
+            "rows": rows,
+            "peers_peak_rss_mb": [round(peak_rss_mb(p), 1) for p in pids],
+        }
+    finally:
+        stop_processes(procs)
+
+
+def main() -> int:
+    n = int(os.environ.get("DIFS_BENCH_SMALL_N", "500"))
+    levels = [int(c) for c in os.environ.get("DIFS_BENCH_SMALL_C", "1,32").split(",")]
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    echo = ctx.Process(target=echo_server_main, args=(child,), daemon=True)
+    echo.start()
+    try:
+        echo_port = int(parent.recv())
+        assert echo.pid is not None
+        with tempfile.TemporaryDirectory(prefix="difs-bench-small-") as tmp:
+            result = asyncio.run(run(Path(tmp), n, levels, echo_port, echo.pid))
+    finally:
+        echo.terminate()
+        echo.join(timeout=STOP_TIMEOUT)
+    result.update(
+        {
+            "object_size": OBJECT_SIZE,
+            "replicas": REPLICAS,
+            "ops_per_phase": n,
+            "concurrency": levels,
+            "loadavg": os.getloadavg(),
+            "cpus": os.cpu_count(),
+        }
+    )
+    print(
+        f"{'op':<28}{'C':>4}{'ops/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'x limit':>9}{'errors':>7}"
+        f"{'client CPU':>11}{'peers CPU':>10}{'UDP dgrams':>11}"
+    )
+    for r in [*result["limits"], *result["rows"]]:
+        print(
+            f"{r['op']:<28}{r['concurrency']:>4}{r['ops_s']:>9.0f}{r['p50_ms']:>9.2f}"
+            f"{r['p99_ms']:>9.2f}{r['x_limit']:>9.4f}{r['errors']:>7}"
+            f"{r['client_cpu_ms_per_op']:>11.2f}{r['peers_cpu_ms_per_op']:>10.2f}"
+            f"{r['udp_datagrams_per_op']:>11.0f}"
+        )
+    print(
+        "CPU columns: ms per operation of this process and of all peers together; UDP: "
+        f"datagrams sent per operation on the host. {os.cpu_count()} CPUs, load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}."
+    )
+    out = Path("bench/results")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "small.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
