@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import logging
 import os
 import random
@@ -181,14 +182,13 @@ class _ExactRoutingTable(RoutingTable):  # type: ignore[misc]
         index = self.get_bucket_for(node)
         if index is not None:
             self.buckets[index].touch_last_updated()
-        found = [
-            n
-            for bucket in self.buckets
-            for n in bucket.nodes.values()
-            if exclude is None or not n.same_home_as(exclude)
-        ]
-        found.sort(key=node.distance_to)
-        return found[:k]
+        found = self.all_contacts()
+        if exclude is not None:
+            home = (exclude.ip, exclude.port)
+            found = [n for n in found if (n.ip, n.port) != home]
+        target = node.long_id
+        # served for every find_* request: nsmallest is O(n log k) against a full sort
+        return heapq.nsmallest(k, found, key=lambda n: n.long_id ^ target)
 
     def add_contact(self, node: Node) -> None:
         """As the library's, but the ping of a full bucket's head is an owned task."""
