@@ -151,6 +151,19 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def file_hash(path: Path) -> bytes:
+    """BLAKE3 of a file read in 1 MiB pieces.
+
+    Never read whole files here: a child's peak RSS as ``wait4`` reports it starts from
+    this process's peak at fork time (Linux keeps the pre-exec high-water mark).
+    """
+    h = blake3.blake3()
+    with path.open("rb") as fh:
+        while chunk := fh.read(MiB):
+            h.update(chunk)
+    return h.digest()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a running process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -231,7 +244,7 @@ def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any
                         "sources": got["sources"],
                     }
                 )
-            if out.read_bytes() != src.read_bytes():
+            if file_hash(out) != file_hash(src):
                 raise SystemExit(f"fetched bytes of {name} differ from the source")
             out.unlink()
         rows.append(
