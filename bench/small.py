@@ -293,6 +293,10 @@ def write_sources(directory: Path, indexes: Sequence[int]) -> dict[int, bytes]:
     return data
 
 
+def progress(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
 def object_name(i: int) -> str:
     return f"/bench/small/{i}"
 
@@ -323,6 +327,7 @@ async def bench_level(
 
         return op
 
+    progress(f"publish C={concurrency}: {len(timed_indexes)} objects")
     try:
         ops = [publish_op(c) for c in publishers]
         await asyncio.gather(*(op(i) for op, i in zip(ops, warmups, strict=True)))
@@ -347,6 +352,7 @@ async def bench_level(
 
     order = sorted(set(timed_indexes) - set(published.failed))
     random.Random(SEED + concurrency).shuffle(order)
+    progress(f"fetch C={concurrency}: {len(order)} objects")
     try:
         ops = [fetch_op(c) for c in fetchers]
         await asyncio.gather(*(op(i) for op, i in zip(ops, warmups, strict=True)))
@@ -360,6 +366,10 @@ async def bench_level(
 async def run(
     root: Path, n: int, levels: Sequence[int], echo_port: int, echo_pid: int
 ) -> dict[str, Any]:
+    # SIGTERM cancels the run, so that the peers are still stopped (below) and waited for.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     procs: list[subprocess.Popen[str]] = []
     try:
         proc, seed = start_peer_process(root / "p0", None)
@@ -411,6 +421,9 @@ def main() -> int:
         assert echo.pid is not None
         with tempfile.TemporaryDirectory(prefix="difs-bench-small-") as tmp:
             result = asyncio.run(run(Path(tmp), n, levels, echo_port, echo.pid))
+    except asyncio.CancelledError:
+        print("interrupted by SIGTERM; peers stopped", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
         echo.terminate()
         echo.join(timeout=STOP_TIMEOUT)
