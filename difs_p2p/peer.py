@@ -600,7 +600,8 @@ class Peer:
             raise NotFoundError(f"{len(missing)} segments of the range are not stored here")
         for seg_id in wanted:
             store.add_ref(seg_id, owner)
-        self.holdings_db().add(Holding(key, version, integrity, count, start, end, self.clock()))
+        holding = Holding(key, version, integrity, count, start, end, self.clock())
+        await asyncio.to_thread(self.holdings_db().add, holding)
         return self._sign_entry(key, version, integrity, start, end)
 
     def _sign_entry(

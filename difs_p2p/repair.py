@@ -214,6 +214,11 @@ class Holdings:
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            # As the segment index: a kill -9 loses no commit; a power loss may lose the
+            # last ones, after which the other holders' repair restores the copies. The
+            # default (rollback journal, full sync) cost ~20 ms per publish on this disk.
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS holdings(key BLOB, version INTEGER, integrity BLOB,"
                 " count INTEGER, start INTEGER, end_ INTEGER, since REAL,"
