@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+
+from bench.peers import cpu_seconds, peak_rss_mb, start_network, stop_processes
 
 MiB = 1 << 20
 
@@ -122,35 +123,6 @@ def limit_disk_segments(directory: Path, total: int = 256 * MiB, threads: int = 
     return total / seconds / 1e6
 
 
-def start_peer_process(data: Path, bootstrap: str | None) -> tuple[subprocess.Popen[str], str]:
-    """A real ``difs-peer join`` process; returns it with its address."""
-    cmd = [
-        str(Path(sys.executable).with_name("difs-peer")),
-        "join",
-        "--data",
-        str(data),
-        "--capacity",
-        "64GiB",
-    ]
-    if bootstrap:
-        cmd += ["--bootstrap", bootstrap]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("peer ready"):
-        proc.kill()
-        raise SystemExit(f"peer did not start: {line!r}")
-    return proc, dict(p.split("=", 1) for p in line.split()[2:])["address"]
-
-
-def peak_rss_mb(pid: int) -> float:
-    """Peak resident set size (VmHWM) of a running process, in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def file_hash(path: Path) -> bytes:
     """BLAKE3 of a file read in 1 MiB pieces.
 
@@ -162,12 +134,6 @@ def file_hash(path: Path) -> bytes:
         while chunk := fh.read(MiB):
             h.update(chunk)
     return h.digest()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a running process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_client(args: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float, float]:
@@ -193,14 +159,8 @@ def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any
     Publisher and fetcher are ``difs`` processes (their CPU time and peak RSS come from
     ``wait4``); the serving peers' CPU time is read from /proc around each fetch.
     """
-    procs: list[subprocess.Popen[str]] = []
-    first, seed = start_peer_process(root / "p0", None)
-    procs.append(first)
-    addresses = [seed]
-    for i in range(1, peers_n):
-        proc, address = start_peer_process(root / f"p{i}", seed)
-        procs.append(proc)
-        addresses.append(address)
+    procs, addresses = start_network(root, peers_n)
+    entry, last = (f"{h}:{p}" for h, p in (addresses[0], addresses[-1]))
     src = root / "src.bin"
     with src.open("wb") as fh:
         for _ in range(size // MiB):
@@ -212,7 +172,7 @@ def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any
         for replicas in (1, 3, 5):
             name = f"/bench/{size}-{replicas}"
             put, cpu, rss = run_client(
-                ["put", str(src), name, "--replicas", str(replicas), "--peer", addresses[0]], env
+                ["put", str(src), name, "--replicas", str(replicas), "--peer", entry], env
             )
             rows.append(
                 {
@@ -227,9 +187,7 @@ def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any
             out = root / "out.bin"
             for target, what in ((out, "file"), (Path(os.devnull), "null")):
                 before = [cpu_seconds(p.pid) for p in procs]
-                got, cpu, rss = run_client(
-                    ["get", name, "-o", str(target), "--peer", addresses[-1]], env
-                )
+                got, cpu, rss = run_client(["get", name, "-o", str(target), "--peer", last], env)
                 served = sum(cpu_seconds(p.pid) - b for p, b in zip(procs, before, strict=True))
                 rows.append(
                     {
@@ -254,10 +212,7 @@ def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any
             }
         )
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(timeout=30)
+        stop_processes(procs)
     return rows
 
 

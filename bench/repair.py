@@ -9,13 +9,13 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.peers import peer_status, start_network, stop_processes
 from difs_p2p.client import Client
 from difs_p2p.identity import Identity
 
@@ -24,46 +24,10 @@ INTERVAL = 1.0
 DEAD_AFTER = 3
 
 
-def start(data: Path, seed: str | None) -> tuple[subprocess.Popen[str], tuple[str, int]]:
-    cmd = [
-        str(Path(sys.executable).with_name("difs-peer")),
-        "join",
-        "--data",
-        str(data),
-        "--capacity",
-        "64GiB",
-        "--repair-interval",
-        str(INTERVAL),
-        "--dead-after",
-        str(DEAD_AFTER),
-    ]
-    if seed:
-        cmd += ["--bootstrap", seed]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    host, port = dict(p.split("=", 1) for p in line.split()[2:])["address"].split(":")
-    return proc, (host, int(port))
-
-
-async def status(address: tuple[str, int]) -> dict[str, Any]:
-    from difs_p2p.transfer import Connection
-
-    conn = await Connection.open(address, io_timeout=10)
-    try:
-        return await conn.call("status")
-    finally:
-        conn.close()
-
-
 async def run(root: Path, size: int, peers: int = 10) -> dict[str, Any]:
-    procs: list[subprocess.Popen[str]] = []
-    addresses: list[tuple[str, int]] = []
-    for i in range(peers):
-        seed = f"{addresses[0][0]}:{addresses[0][1]}" if addresses else None
-        proc, address = start(root / f"p{i}", seed)
-        procs.append(proc)
-        addresses.append(address)
+    procs, addresses = start_network(
+        root, peers, "--repair-interval", str(INTERVAL), "--dead-after", str(DEAD_AFTER)
+    )
     try:
         src = root / "src"
         with src.open("wb") as fh:
@@ -72,7 +36,7 @@ async def run(root: Path, size: int, peers: int = 10) -> dict[str, Any]:
         async with Client(addresses[0], publisher=Identity.generate()) as client:
             await client.put(src, "/repair/bench", replicas=3)
         victim = 1  # a peer other than the publisher's entry peer
-        lost = (await status(addresses[victim]))["storage"]["used"]
+        lost = (await peer_status(addresses[victim]))["storage"]["used"]
         procs[victim].send_signal(signal.SIGKILL)
         procs[victim].wait()
         killed_at = time.perf_counter()
@@ -87,7 +51,7 @@ async def run(root: Path, size: int, peers: int = 10) -> dict[str, Any]:
         traffic = 0
         for i, address in enumerate(addresses):
             if i != victim:
-                traffic += (await status(address))["maintenance"]["repair_bytes"]
+                traffic += (await peer_status(address))["maintenance"]["repair_bytes"]
         return {
             "object_bytes": size,
             "lost_bytes": lost,
@@ -97,11 +61,7 @@ async def run(root: Path, size: int, peers: int = 10) -> dict[str, Any]:
             "repair_bytes_per_lost_gib": traffic / lost * (1 << 30) if lost else None,
         }
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(timeout=30)
+        stop_processes(procs)
 
 
 def main() -> int:

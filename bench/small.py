@@ -38,11 +38,16 @@ from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any
 
-from bench.__main__ import peak_rss_mb, start_peer_process
+from bench.peers import (
+    cpu_seconds,
+    peak_rss_mb,
+    peer_status,
+    start_network,
+    stop_processes,
+)
 from difs_p2p.client import Client
 from difs_p2p.errors import DifsError, IntegrityError
 from difs_p2p.identity import Identity
-from difs_p2p.transfer import Connection
 
 OBJECT_SIZE = 4096
 PEERS = 20
@@ -88,12 +93,6 @@ def udp_datagrams_sent() -> int:
     lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()]
     names, values = [ln for ln in lines if ln[0] == "Udp:"][:2]
     return int(values[names.index("OutDatagrams")])
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (from /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def timed(ops: Sequence[Op], items: Sequence[int], pids: Sequence[int]) -> Phase:
@@ -219,19 +218,6 @@ async def measure_limit(port: int, concurrency: int, n: int, pid: int) -> Phase:
 # -- the network ------------------------------------------------------------------------------
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    host, port = text.rsplit(":", 1)
-    return host, int(port)
-
-
-async def peer_status(address: tuple[str, int]) -> dict[str, Any]:
-    conn = await Connection.open(address, io_timeout=10.0)
-    try:
-        return await conn.call("status")
-    finally:
-        conn.close()
-
-
 async def wait_formed(addresses: Sequence[tuple[str, int]]) -> list[int]:
     """Poll every peer's status until each knows all the others; their table sizes."""
     sizes: list[int] = []
@@ -247,19 +233,6 @@ async def wait_formed(addresses: Sequence[tuple[str, int]]) -> list[int]:
         raise SystemExit(
             f"the network did not form within {FORM_TIMEOUT:.0f} s: routing tables {sizes}"
         ) from None
-
-
-def stop_processes(procs: Sequence[subprocess.Popen[str]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            print(f"peer pid {proc.pid} ignored SIGTERM; killing it", file=sys.stderr)
-            proc.kill()
-            proc.wait()
 
 
 # -- the benchmark ----------------------------------------------------------------------------
@@ -372,14 +345,7 @@ async def run(
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     procs: list[subprocess.Popen[str]] = []
     try:
-        proc, seed = start_peer_process(root / "p0", None)
-        procs.append(proc)
-        texts = [seed]
-        for i in range(1, PEERS):
-            proc, address = start_peer_process(root / f"p{i}", seed)
-            procs.append(proc)
-            texts.append(address)
-        addresses = [parse_address(t) for t in texts]
+        procs, addresses = start_network(root, PEERS)
         t0 = time.perf_counter()
         tables = await wait_formed(addresses)
         formed = time.perf_counter() - t0
