@@ -51,6 +51,7 @@ from difs_p2p.manifest import (
     parse_manifest,
 )
 from difs_p2p.names import name_key, normalize_name
+from difs_p2p.net import HOST_NETWORK, Connector
 from difs_p2p.pins import Pins
 from difs_p2p.transfer import Connection, remote_error
 
@@ -135,8 +136,11 @@ class Client:
         pins: Pins | None = None,
         io_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
+        network: Connector = HOST_NETWORK,
     ) -> None:
         self.peer = peer
+        # How connections are opened: the host's sockets, or the simulator's relay.
+        self.network = network
         self.publisher = publisher
         self.pins = pins
         self.io_timeout = io_timeout
@@ -156,7 +160,9 @@ class Client:
 
     async def _call(self, op: str, **args: Any) -> dict[str, Any]:
         if self._conn is None:
-            self._conn = await Connection.open(self.peer, io_timeout=self.io_timeout)
+            self._conn = await Connection.open(
+                self.peer, io_timeout=self.io_timeout, network=self.network
+            )
         try:
             return await self._conn.call(op, **args)
         except (PeerError, OSError):
@@ -358,7 +364,9 @@ class Client:
 
     async def _data_conn(self) -> Connection:
         if self._conn is None:
-            self._conn = await Connection.open(self.peer, io_timeout=self.io_timeout)
+            self._conn = await Connection.open(
+                self.peer, io_timeout=self.io_timeout, network=self.network
+            )
         return self._conn
 
     async def _upload(
@@ -432,7 +440,11 @@ class Client:
         holders = resolved.holders_for(m)
         addresses = list(dict.fromkeys((h.host, h.port) for h in holders))
         live = dict(
-            zip(addresses, await asyncio.gather(*(_alive(a) for a in addresses)), strict=True)
+            zip(
+                addresses,
+                await asyncio.gather(*(_alive(a, self.network) for a in addresses)),
+                strict=True,
+            )
         )
         info = m.info()
         info["publisher"] = m.publisher.hex()
@@ -505,10 +517,10 @@ class Client:
         return await fetch.run(out, started)
 
 
-async def _alive(address: tuple[str, int]) -> bool:
+async def _alive(address: tuple[str, int], network: Connector) -> bool:
     """Whether a peer answers a HELLO within 2 s."""
     try:
-        conn = await Connection.open(address, io_timeout=2.0, connect_timeout=2.0)
+        conn = await Connection.open(address, io_timeout=2.0, connect_timeout=2.0, network=network)
     except DifsError:
         return False
     try:
@@ -568,7 +580,9 @@ class _Fetch:
         errors: list[str] = []
         for address in self._sources():
             try:
-                conn = await Connection.open(address, io_timeout=self.client.io_timeout)
+                conn = await Connection.open(
+                    address, io_timeout=self.client.io_timeout, network=self.client.network
+                )
             except DifsError as exc:
                 errors.append(str(exc))
                 continue
@@ -737,7 +751,7 @@ class _Fetch:
         async def worker(address: tuple[str, int]) -> None:
             try:
                 conn = self._opened.pop(address, None) or await Connection.open(
-                    address, io_timeout=self.client.io_timeout
+                    address, io_timeout=self.client.io_timeout, network=self.client.network
                 )
             except DifsError as exc:
                 problems.append(str(exc))
@@ -820,7 +834,7 @@ class _Fetch:
         for address, seg_id in self.suspects[:16]:
             with contextlib.suppress(DifsError, OSError, TimeoutError):
                 async with asyncio.timeout(5):
-                    conn = await Connection.open(address, io_timeout=5)
+                    conn = await Connection.open(address, io_timeout=5, network=self.client.network)
                     try:
                         await conn.call("suspect", segment=seg_id.hex())
                     finally:

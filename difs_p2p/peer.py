@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -50,6 +48,7 @@ from difs_p2p.manifest import (
     parse_manifest,
     record_hash,
 )
+from difs_p2p.net import HOST_NETWORK, PeerNetwork
 from difs_p2p.repair import Holding, Holdings, Maintainer, holding_owner
 from difs_p2p.store import SegmentStore
 from difs_p2p.transfer import Connection, Server, error_code
@@ -94,38 +93,6 @@ def _drain(replies: asyncio.Queue[asyncio.Task[Reply] | None]) -> None:
 ControlHandler = Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-def bind_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
-    """Bind a TCP listener and a UDP socket on the same port number.
-
-    With port 0 the kernel picks a free TCP port and we retry until UDP is free too.
-    """
-    for _ in range(50 if port == 0 else 1):
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            tcp.bind((host, port))
-        except OSError as exc:
-            tcp.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise NetworkError(f"port {port} is in use on {host} (TCP)") from None
-            raise NetworkError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        actual = tcp.getsockname()[1]
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            udp.bind((host, actual))
-        except OSError as exc:
-            tcp.close()
-            udp.close()
-            if port == 0 and exc.errno == errno.EADDRINUSE:
-                continue
-            if exc.errno == errno.EADDRINUSE:
-                raise NetworkError(f"port {port} is in use on {host} (UDP)") from None
-            raise NetworkError(f"cannot listen on UDP {host}:{actual}: {exc.strerror}") from None
-        tcp.listen(512)
-        return tcp, udp
-    raise NetworkError(f"no free port on {host} for both TCP and UDP")
-
-
 def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -154,9 +121,19 @@ def load_contacts(path: Path) -> list[tuple[str, int]]:
 class Peer:
     """A storage peer. ``await peer.start()``, then ``await peer.stop()``."""
 
-    def __init__(self, config: PeerConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: PeerConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        network: PeerNetwork = HOST_NETWORK,
+    ) -> None:
         self.config = config
         self.clock = clock
+        # The host's sockets; the simulator passes its relay network.
+        self.network = network
+        # The address other peers reach us at (set when the DHT socket is open).
+        self.host = config.host
         self.data_dir = config.data_dir
         self.identity: Identity | None = None
         self.dht: Dht | None = None
@@ -211,7 +188,7 @@ class Peer:
             self.store = await asyncio.to_thread(
                 SegmentStore, self.data_dir / "store", cfg.capacity
             )
-            tcp, udp = bind_sockets(cfg.host, cfg.port)
+            tcp, datagrams = await self.network.listen(cfg.host, cfg.port)
             self.dht = Dht(
                 self.identity.node_id,
                 RecordValidator(),
@@ -220,7 +197,8 @@ class Peer:
                 clock=self.clock,
                 identity=self.identity,
             )
-            self.port = await self.dht.start(cfg.host, 0, sock=udp)
+            self.port = await self.dht.start(cfg.host, cfg.port, network=datagrams)
+            self.host = self.dht.me.host
             self.server = Server(
                 tcp, self._serve, max_connections=cfg.max_connections, io_timeout=cfg.io_timeout
             )
@@ -229,7 +207,7 @@ class Peer:
             self.holdings = Holdings(self.data_dir / "holdings.sqlite3")
             self.maintainer = Maintainer(self, cfg.repair)
             await self._join()
-            _atomic_write(self.data_dir / "address", f"{cfg.host}:{self.port}\n".encode())
+            _atomic_write(self.data_dir / "address", f"{self.host}:{self.port}\n".encode())
             self.spawn(self._save_contacts_loop())
             self.spawn(self.maintainer.run())
         except BaseException:
@@ -330,11 +308,11 @@ class Peer:
 
     @property
     def address(self) -> tuple[str, int]:
-        return (self.config.host, self.port)
+        return (self.host, self.port)
 
     @property
     def contact(self) -> Contact:
-        return Contact(self.node_id, self.config.host, self.port)
+        return Contact(self.node_id, self.host, self.port)
 
     def status(self) -> dict[str, Any]:
         """A view of this peer and of the network as it sees it."""
@@ -344,7 +322,7 @@ class Peer:
         records, entries = dht.store.counts()
         return {
             "node_id": self.node_id.hex(),
-            "address": f"{self.config.host}:{self.port}",
+            "address": f"{self.host}:{self.port}",
             "uptime": round(self.clock() - self.started_at, 3),
             "routing_table": len(contacts),
             "contacts": [
@@ -543,7 +521,9 @@ class Peer:
         if hashes is None:
             count = store.size_of(integrity) // segments.HASH_SIZE
             hashes = await self._hash_list(integrity, count)
-        conn = await Connection.open(address, io_timeout=self.config.io_timeout)
+        conn = await Connection.open(
+            address, io_timeout=self.config.io_timeout, network=self.network
+        )
         try:
             ids = [integrity, *hashes[start : end + 1]]
             pending = 0
@@ -615,7 +595,7 @@ class Peer:
             integrity=integrity,
             start=start,
             end=end,
-            host=self.config.host,
+            host=self.host,
             port=self.port,
             issued=int(self.clock()),
         )
@@ -664,7 +644,9 @@ class Peer:
                 await self._release(key)
                 continue
             try:
-                conn = await Connection.open(address, io_timeout=self.config.io_timeout)
+                conn = await Connection.open(
+                    address, io_timeout=self.config.io_timeout, network=self.network
+                )
                 try:
                     await conn.call("release", key=key.hex())
                 finally:
@@ -700,7 +682,9 @@ class Peer:
         """Ask a peer whether it holds a range: True/False, or None if it did not answer."""
         try:
             async with asyncio.timeout(limit):
-                conn = await Connection.open(address, io_timeout=limit, connect_timeout=limit)
+                conn = await Connection.open(
+                    address, io_timeout=limit, connect_timeout=limit, network=self.network
+                )
                 try:
                     reply = await conn.call("holds", **args)
                 finally:
@@ -765,7 +749,9 @@ class Peer:
         return 0
 
     async def _fetch_segment(self, address: tuple[str, int], seg_id: bytes) -> bytes:
-        conn = await Connection.open(address, io_timeout=self.config.io_timeout)
+        conn = await Connection.open(
+            address, io_timeout=self.config.io_timeout, network=self.network
+        )
         try:
             await conn.send(wire.GetSeg(request_id=0, seg_id=seg_id, offset=0, length=0))
             frame = await conn.read_frame()

@@ -34,6 +34,7 @@ from difs_p2p.errors import (
     UsageError,
     WireError,
 )
+from difs_p2p.net import HOST_NETWORK, Connector
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +93,19 @@ class Connection:
 
     @classmethod
     async def open(
-        cls, address: tuple[str, int], *, io_timeout: float, connect_timeout: float = 5.0
+        cls,
+        address: tuple[str, int],
+        *,
+        io_timeout: float,
+        connect_timeout: float = 5.0,
+        network: Connector = HOST_NETWORK,
     ) -> Connection:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
         try:
             async with asyncio.timeout(connect_timeout):
-                await loop.sock_connect(sock, address)
+                sock = await network.connect(address)
         except TimeoutError:
-            sock.close()
             raise DifsTimeoutError(f"connect to {address[0]}:{address[1]} timed out") from None
         except OSError as exc:
-            sock.close()
             raise NetworkError(
                 f"cannot connect to {address[0]}:{address[1]}: {exc.strerror or exc}"
             ) from None
