@@ -61,6 +61,9 @@ class NetStats:
     lost: int = 0
     partitioned: int = 0
     unreachable: int = 0
+    # TCP through the relay (full-peer mode): connections and bytes carried.
+    streams: int = 0
+    stream_bytes: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -69,6 +72,8 @@ class NetStats:
             "lost": self.lost,
             "partitioned": self.partitioned,
             "unreachable": self.unreachable,
+            "tcp_connections": self.streams,
+            "tcp_bytes": self.stream_bytes,
         }
 
 
@@ -102,6 +107,14 @@ class NetworkModel:
             return None
         if self.link.loss and self.rng.random() < self.link.loss:
             stats.lost += 1
+            return None
+        return self.one_way()
+
+    def stream_delay(self, src: Address, dst: Address) -> float | None:
+        """The one-way delay of a new TCP connection's bytes, or None if it cannot connect."""
+        self.stats.streams += 1
+        if not self.reachable(src, dst):
+            self.stats.partitioned += 1
             return None
         return self.one_way()
 

@@ -2,7 +2,9 @@
 
 Memory mode runs each :class:`~sim.world.World` on a fresh
 :class:`~sim.vloop.VirtualEventLoop` over a :class:`~sim.memnet.MemoryNetwork`; sockets mode
-on a standard event loop over a :class:`~sim.relay.RelayNetwork`.
+on a standard event loop over a :class:`~sim.relay.RelayNetwork`; peers mode runs a
+:class:`~sim.peerworld.PeerWorld` of full peers, each with a data directory in a temporary
+directory removed after the run, over the same relay.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ from typing import Any
 
 from sim.memnet import MemoryNetwork
 from sim.models import Address, NetworkModel
+from sim.peerworld import PeerWorld
 from sim.relay import RelayNetwork
 from sim.scenario import RunSpec, Scenario
 from sim.vloop import VirtualEventLoop
@@ -87,6 +91,20 @@ def _sockets_run(
         return runner.run(main())
 
 
+def _peers_run(scenario: Scenario, spec: RunSpec, seed: int, progress: Progress) -> dict[str, Any]:
+    async def main(root: Path) -> dict[str, Any]:
+        model = NetworkModel(scenario.link, random.Random(f"{seed}:net"))
+        async with RelayNetwork(model) as network:
+            world = PeerWorld(scenario, spec, seed, network, model, root, progress)
+            return await world.run()
+
+    with tempfile.TemporaryDirectory(prefix="difs-sim-") as root, asyncio.Runner() as runner:
+        return runner.run(main(Path(root)))
+
+
+RUNS = {"memory": _memory_run, "sockets": _sockets_run, "peers": _peers_run}
+
+
 def run_scenario(
     scenario: Scenario,
     seed: int | None = None,
@@ -96,7 +114,7 @@ def run_scenario(
     """Run every run of ``scenario`` with ``seed`` (default: the scenario's)."""
     seed = scenario.seed if seed is None else seed
     result = SimResult(scenario, seed)
-    run = _memory_run if scenario.mode == "memory" else _sockets_run
+    run = RUNS[scenario.mode]
     for spec in scenario.runs():
         if progress is not None:
             progress(f"run {spec.label}: {spec.peers} peers, {scenario.mode} mode")

@@ -1,8 +1,9 @@
 """Scenarios: a TOML file read once into frozen, validated dataclasses.
 
 A scenario describes a population of peers, its network, churn and workload, and what to
-check at the end. Times are seconds of simulated time; ``start``/``heal`` of partitions and
-the workload windows count from the end of the warm-up (when churn and workload begin).
+check at the end. Times are seconds of simulated time; ``start``/``heal`` of partitions,
+``at`` of crashes (``[[crash]]``: some holders of one published name crash at once) and the
+workload windows count from the end of the warm-up (when churn and workload begin).
 Two settings may be lists, and then every combination runs as its own *run* with the same
 seed: ``peers`` (``[100, 1000, 10000]``) and ``repair.enabled`` (``[false, true]``).
 Unknown keys are refused, so that a typo does not silently fall back to a default.
@@ -24,7 +25,7 @@ from difs_p2p.errors import UsageError
 from sim.models import LinkConfig, SessionConfig, SizeConfig
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
-MODES = ("memory", "sockets")
+MODES = ("memory", "sockets", "peers")
 
 
 class ScenarioError(UsageError):
@@ -39,6 +40,16 @@ class Partition:
     heal: float
     # Share of the peers in each group (normalized); at least two groups.
     groups: tuple[float, ...] = (0.5, 0.5)
+
+
+@dataclass(frozen=True, slots=True)
+class Crash:
+    """At ``at``, ``holders`` of the peers holding the ``name``-th published name crash."""
+
+    at: float
+    # Index of the name in publish order (0: the first name published).
+    name: int = 0
+    holders: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +125,7 @@ class Scenario:
     dht: DhtConfig = field(default_factory=lambda: DhtConfig(rpc_timeout=2.0))
     link: LinkConfig = field(default_factory=LinkConfig)
     partitions: tuple[Partition, ...] = ()
+    crashes: tuple[Crash, ...] = ()
     churn: Churn = field(default_factory=Churn)
     workload: Workload = field(default_factory=Workload)
     repair_arms: tuple[bool, ...] = (False,)
@@ -309,6 +321,16 @@ def _partition(t: _Table) -> Partition:
     return Partition(start=start, heal=heal, groups=groups)
 
 
+def _crash(t: _Table) -> Crash:
+    crash = Crash(
+        at=t.number("at", 0.0),
+        name=t.integer("name", 0),
+        holders=t.integer("holders", 1, minimum=1),
+    )
+    t.done()
+    return crash
+
+
 def _churn(t: _Table) -> Churn:
     d = Churn()
     try:
@@ -414,6 +436,7 @@ def parse_scenario(data: Mapping[str, Any], name: str = "scenario") -> Scenario:
     t = _Table(data, "")
     arms, repair = _repair(t.table("repair"))
     partitions = tuple(_partition(p) for p in t.tables("partition"))
+    crashes = tuple(_crash(c) for c in t.tables("crash"))
     scenario = Scenario(
         name=t.string("name", name),
         description=t.string("description", ""),
@@ -428,6 +451,7 @@ def parse_scenario(data: Mapping[str, Any], name: str = "scenario") -> Scenario:
         dht=_dht_config(t.table("dht")),
         link=_link(t.table("network")),
         partitions=partitions,
+        crashes=crashes,
         churn=_churn(t.table("churn")),
         workload=_workload(t.table("workload")),
         repair_arms=arms,

@@ -58,7 +58,7 @@ from difs_p2p.repair import Action, plan_range, range_key
 from difs_p2p.segments import default_stripes, segment_hash, stripe_ranges
 from sim.metrics import Recorder
 from sim.models import Address, NetworkModel, fetch_time, pick_group, transfer_time
-from sim.scenario import RunSpec, Scenario
+from sim.scenario import Crash, RunSpec, Scenario
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ class SimPeer:
 
     index: int
     identity: Identity
-    dht: Dht
+    # The peer's DHT node; None until it has started (full peers create their own).
+    node: Dht | None
     address: Address
     joined: float
     alive: bool = True
@@ -91,6 +92,12 @@ class SimPeer:
     @property
     def node_id(self) -> bytes:
         return bytes(self.identity.node_id)
+
+    @property
+    def dht(self) -> Dht:
+        if self.node is None:
+            raise RuntimeError(f"simulated peer {self.index} has not started")
+        return self.node
 
 
 @dataclass(slots=True)
@@ -240,6 +247,7 @@ class World:
             self._tg = None
             self.sample()
             await self._final_checks()
+            self._collect()
             return self.rec.summary(self)
         finally:
             await self._teardown()
@@ -254,6 +262,8 @@ class World:
         for p in sc.partitions:
             self.at(self.start + p.start, functools.partial(self._split, p.groups))
             self.at(self.start + p.heal, self._heal)
+        for c in sc.crashes:
+            self.at(self.start + c.at, functools.partial(self._crash_holders, c))
 
         def spread(n: int, window: tuple[float, float]) -> list[float]:
             lo, hi = (self.start + f * sc.duration for f in window)
@@ -278,11 +288,15 @@ class World:
     async def _teardown(self) -> None:
         """Stop every peer without goodbyes (closing first, so nothing more is sent)."""
         for peer in self.peers:
-            if peer.alive:
+            if peer.alive and peer.node is not None:
                 peer.alive = False
-                if peer.dht.transport is not None:
-                    peer.dht.transport.close()
-                await peer.dht.stop()
+                await self._halt(peer, crash=True)
+
+    async def _halt(self, peer: SimPeer, *, crash: bool) -> None:
+        """Stop a started peer: a crash closes its socket first, so no goodbye gets out."""
+        if crash and peer.dht.transport is not None:
+            peer.dht.transport.close()
+        await peer.dht.stop()
 
     # -- membership ------------------------------------------------------------------------
 
@@ -353,17 +367,36 @@ class World:
         delay = self.rng_churn.expovariate(1.0 / max(self.scenario.churn.rejoin_delay, 1e-9))
         if self.now() + delay < self.scenario.end:
             self.at(self.now() + delay, self._join_action(initial=False))
+        self._depart(peer, crash=crash)
+
+    def _crash_holders(self, crash: Crash) -> None:
+        """A ``[[crash]]`` event: some live holders of one name crash (no replacement)."""
+        if crash.name >= len(self.names):
+            self.rec.event(self.now(), f"no name {crash.name} to crash holders of")
+            return
+        obj = self.latest[self.names[crash.name]]
+        holders = sorted(self._holders_of(obj), key=lambda p: p.index)
+        chosen = self.rng_churn.sample(holders, min(crash.holders, len(holders)))
+        for peer in chosen:
+            self._depart(peer, crash=True)
+        self.rec.event(self.now(), f"{len(chosen)} holders of {obj.name} crashed")
+
+    def _holders_of(self, obj: StoredObject) -> list[SimPeer]:
+        """The live peers holding some range of ``obj``."""
+        held = {i for h in obj.holders for i in h}
+        return [self.peers[i] for i in held if self.peers[i].alive]
+
+    def _depart(self, peer: SimPeer, *, crash: bool) -> None:
         peer.alive = False
         peer.left = self.now()
         self.alive.remove(peer)
         self.ready.remove(peer)
         if crash:
             self.rec.crashes += 1
-            if peer.dht.transport is not None:
-                peer.dht.transport.close()
         else:
             self.rec.leaves += 1
-        self.spawn(peer.dht.stop())
+        if peer.node is not None:
+            self.spawn(self._halt(peer, crash=crash))
 
     def _split(self, shares: tuple[float, ...]) -> None:
         self._shares = shares
@@ -628,7 +661,7 @@ class World:
         available = 0
         for name in self.names:
             obj = self.latest[name]
-            counts = [sum(1 for i in h if self.peers[i].alive) for h in obj.holders]
+            counts = self._live_copies(obj)
             per_range.extend(counts)
             available += all(counts)
         copies: dict[bytes, int] = {}
@@ -652,6 +685,13 @@ class World:
                 f"{self.model.stats.sent} datagrams, {self.rec.publish_ok} publishes, "
                 f"{self.rec.fetch_ok} fetches, {len(self.rec.hops)} lookups"
             )
+
+    def _collect(self) -> None:
+        """Gather what the peers counted themselves into the recorder (full peers)."""
+
+    def _live_copies(self, obj: StoredObject) -> list[int]:
+        """Per range of ``obj``, how many live peers hold it."""
+        return [sum(1 for i in h if self.peers[i].alive) for h in obj.holders]
 
     async def _final_checks(self) -> None:
         checks = self.scenario.checks
