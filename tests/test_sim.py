@@ -230,6 +230,38 @@ def test_smoke_scenario_runs_and_is_sane(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.glob("*.png"))
 
 
+def test_crash_event_crashes_holders_of_one_name() -> None:
+    """``[[crash]]``: two of the three holders of the first name crash at once, nobody else."""
+    scenario = parse_scenario(
+        {
+            "name": "crash",
+            "peers": 20,
+            "join_period": 5.0,
+            "warmup": 5.0,
+            "duration": 100.0,
+            "sample_interval": 10.0,
+            "workload": {
+                "publishes": 1,
+                "size_median": "1MiB",
+                "size_max": "1MiB",
+                "publish_window": [0.0, 0.1],
+            },
+            "crash": [{"at": 50.0, "name": 0, "holders": 2}, {"at": 60.0, "name": 5}],
+        }
+    )
+    (run,) = run_scenario(scenario, 4).runs
+    assert run["population"]["crashes"] == 2
+    assert run["population"]["live_at_end"] == 18
+    assert [e["what"] for e in run["events"]] == [
+        "2 holders of /sim/u4/obj-1 crashed",
+        "no name 5 to crash holders of",
+    ]
+    before = [s for s in run["samples"] if s["t"] < 60.0 and s["names"]]
+    after = [s for s in run["samples"] if s["t"] > 60.0]
+    assert before and before[0]["min_live_replicas"] == 3
+    assert after and all(s["min_live_replicas"] == 1 for s in after)
+
+
 def test_same_seed_gives_identical_metrics() -> None:
     """Two runs with one seed give byte-identical metrics JSON; another seed differs."""
     first = run_scenario(_tiny(), 11).metrics_json()
