@@ -132,6 +132,11 @@ class DhtConfig:
     limit_loopback: bool = False
     # Proven node IDs remembered (public keys), times 10 before the cache is reset.
     max_verified: int = 1000
+    # A store or add_entries within this many seconds of a lookup of the same key goes to
+    # the k closest peers that lookup found instead of looking them up again (a publish
+    # resolves its name first). Short, so that peers that left since are rarely asked;
+    # 0 always looks up.
+    closest_reuse: float = 10.0
 
     def __post_init__(self) -> None:
         if self.ksize < 1 or self.alpha < 1:
@@ -140,6 +145,8 @@ class DhtConfig:
             raise UsageError("rpc_timeout must be positive")
         if not 0 < self.lookup_stall_min <= self.lookup_stall:
             raise UsageError("need 0 < lookup_stall_min <= lookup_stall")
+        if self.closest_reuse < 0:
+            raise UsageError("closest_reuse must not be negative")
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,8 @@ _RPCS = frozenset(
     }
 )
 _WRITES = frozenset({"store", "add_entries"})
+# Keys whose k closest peers a Dht remembers for closest_reuse seconds.
+_RECENT_CLOSEST_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,15 @@ class Contact:
     @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What storing a record (and entries) on the k closest peers achieved."""
+
+    accepted: int  # peers (this one included) that now hold the record
+    refused: int  # peers that refused it or did not answer
+    entries_accepted: int  # entry acceptances summed over peers
 
 
 @dataclass(slots=True)
@@ -111,6 +122,9 @@ class LookupResult:
     without_value: list[Contact] = field(default_factory=list)
     # peers whose find_entries reply had more pages, with the next offset
     more_pages: list[tuple[Contact, int]] = field(default_factory=list)
+    # peers asked for entries with the value that answered without a "value" key (peers
+    # that predate the flag): whether they hold a record is unknown
+    value_unknown: list[Contact] = field(default_factory=list)
 
 
 class RttEstimator:
@@ -296,17 +310,28 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
                 return 0
             items = [e for e in args[1] if isinstance(e, bytes) and len(e) <= MAX_VALUE_SIZE]
             return sum(store.add_entry(key, e, now).accepted for e in items)
-        # find_entries: one page of entries starting at an offset, plus closer contacts
+        # find_entries: one page of entries starting at an offset, plus closer contacts;
+        # with the optional flag, also the record (so one lookup reads both)
         offset = args[1] if len(args) > 1 and isinstance(args[1], int) else 0
+        with_value = len(args) > 2 and args[2] is True
+        value = store.get(key, now) if with_value else None
+        budget = _ENTRY_BATCH_BYTES - (len(value) if value is not None else 0)
         all_entries = store.entries(key, now)
         page, size, nxt = [], 0, -1
         for i in range(max(offset, 0), len(all_entries)):
-            if size + len(all_entries[i]) > _ENTRY_BATCH_BYTES:
+            if size + len(all_entries[i]) > budget:
                 nxt = i
                 break
             page.append(all_entries[i])
             size += len(all_entries[i])
-        return {"entries": page, "next": nxt, "nodes": neighbors[: self.dht.config.ksize // 2]}
+        reply: dict[str, object] = {
+            "entries": page,
+            "next": nxt,
+            "nodes": neighbors[: self.dht.config.ksize // 2],
+        }
+        if with_value:
+            reply["value"] = value
+        return reply
 
     def _handle_reply(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
         pending = self._outstanding.get(msg_id)
@@ -440,6 +465,8 @@ class Dht:
         self.stats: dict[str, int] = {"lookups": 0, "rounds": 0, "rpcs": 0, "stalled": 0}
         # round trips of lookup replies, for the stall time
         self.rtt = RttEstimator()
+        # key -> (loop time, k closest peers that answered a lookup of it), oldest first
+        self._recent_closest: dict[bytes, tuple[float, list[Contact]]] = {}
 
     @property
     def node_id(self) -> bytes:
@@ -673,20 +700,28 @@ class Dht:
     # -- lookups ---------------------------------------------------------------------------
 
     async def lookup(
-        self, key: bytes, rpc: str = "find_node", *, start: Iterable[Node] | None = None
+        self,
+        key: bytes,
+        rpc: str = "find_node",
+        *,
+        start: Iterable[Node] | None = None,
+        k: int | None = None,
+        with_value: bool = False,
     ) -> LookupResult:
         """Iterative Kademlia lookup with ``alpha`` requests in flight.
 
-        ``find_node`` finds the k closest live peers; ``find_value`` and ``find_entries``
-        also collect what every one of those k peers holds (they never stop at the first
-        answer). Once no candidate is closer than the closest peer that answered, the
+        ``find_node`` finds the k closest live peers (``k`` defaults to ``ksize``; a
+        placement that needs fewer asks fewer); ``find_value`` and ``find_entries`` also
+        collect what every one of those k peers holds (they never stop at the first
+        answer); ``find_entries`` ``with_value`` collects records and entries at once.
+        Once no candidate is closer than the closest peer that answered, the
         remaining k closest are asked at once (the paper's last round). A request
         unanswered for the stall time (adaptive, see ``RttEstimator``) frees its slot,
         and the lookup ends once only such stalled requests are left: a dead contact
         costs the stall time, not ``rpc_timeout``.
         """
         proto = self._proto()
-        k, alpha = self.config.ksize, self.config.alpha
+        k, alpha = min(k or self.config.ksize, self.config.ksize), self.config.alpha
         target = Node(key)
         shortlist: dict[bytes, Node] = {}
         for n in start if start is not None else proto.router.find_neighbors(target, k):
@@ -724,7 +759,9 @@ class Dht:
                 width = k if closing else alpha
                 for node in waiting[: max(0, width - len(active))]:
                     contacted.add(node.id)
-                    extra = (0,) if rpc == "find_entries" else ()
+                    extra: tuple[object, ...] = ()
+                    if rpc == "find_entries":
+                        extra = (0, True) if with_value else (0,)
                     task = asyncio.ensure_future(proto.call_find(node, rpc, key, *extra))
                     in_flight[task] = node
                     task.add_done_callback(functools.partial(self._timed_reply, loop, now))
@@ -743,7 +780,7 @@ class Dht:
                     del stalls_at[task]
                     node = in_flight.pop(task)
                     ok, reply = task.result()
-                    nodes = self._absorb(rpc, key, node, reply, result) if ok else None
+                    nodes = self._absorb(rpc, key, node, reply, result, with_value) if ok else None
                     if nodes is None:
                         shortlist.pop(node.id, None)
                         continue
@@ -769,11 +806,20 @@ class Dht:
         result.rounds = max((depth.get(n.id, 1) for n in ordered[:1]), default=0)
         result.closest = [_contact(n) for n in ordered]
         have = {c.node_id for c, _ in result.values}
+        have.update(c.node_id for c in result.value_unknown)
         result.without_value = [c for c in result.closest if c.node_id not in have]
+        if k == self.config.ksize and result.closest:
+            self._remember_closest(key, result.closest)
         return result
 
     def _absorb(
-        self, rpc: str, key: bytes, node: Node, reply: object, result: LookupResult
+        self,
+        rpc: str,
+        key: bytes,
+        node: Node,
+        reply: object,
+        result: LookupResult,
+        with_value: bool = False,
     ) -> list[Node] | None:
         """Take one reply into ``result``; the contacts it names, or None if malformed."""
         limit = self.config.ksize * 2
@@ -792,9 +838,17 @@ class Dht:
         entries, nodes = reply.get("entries"), _parse_node_list(reply.get("nodes"), limit)
         if not isinstance(entries, list) or nodes is None:
             return None
+        if with_value and "value" not in reply:
+            result.value_unknown.append(_contact(node))
+        elif with_value:
+            value = reply["value"]
+            if value is not None and not isinstance(value, bytes):
+                return None
+            if value is not None:
+                result.values.append((_contact(node), value))
         result.entries.extend(e for e in entries if isinstance(e, bytes))
         nxt = reply.get("next")
-        if isinstance(nxt, int) and nxt > 0:
+        if isinstance(nxt, int) and (nxt > 0 or (nxt == 0 and with_value)):
             result.more_pages.append((_contact(node), nxt))
         return nodes
 
@@ -815,18 +869,58 @@ class Dht:
         """
         if len(value) > MAX_VALUE_SIZE:
             raise ValueError(f"record of {len(value)} bytes exceeds {MAX_VALUE_SIZE}")
+        return (await self.put_with_entries(key, value, [])).accepted
+
+    async def put_with_entries(self, key: bytes, value: bytes, entries: Sequence[bytes]) -> Stored:
+        """Store a record and add ``entries`` on the k closest peers, found by one lookup
+        (or taken from a lookup of the same key in the last ``closest_reuse`` seconds).
+
+        ``Stored.refused`` counts the peers that refused the record or did not answer: 0
+        means every one of those k peers now holds it (no other record can win there).
+        """
+        if len(value) > MAX_VALUE_SIZE:
+            raise ValueError(f"record of {len(value)} bytes exceeds {MAX_VALUE_SIZE}")
         proto = self._proto()
-        peers = (await self.lookup(key, "find_node")).closest
-        accepted = 0
-        if len(peers) < self.config.ksize or _distance(self.node_id, key) < _distance(
-            peers[-1].node_id, key
-        ):
-            accepted += self.store.put(key, value, self.clock()).accepted
-        replies = await asyncio.gather(
+        peers = await self._closest_for_write(key)
+        accepted = refused = 0
+        if self._among_closest(key, peers):
+            if self.store.put(key, value, self.clock()).accepted:
+                accepted += 1
+            else:
+                refused += 1
+        stores = asyncio.gather(
             *(proto.call_store(Node(c.node_id, c.host, c.port), key, value) for c in peers)
         )
-        accepted += sum(1 for ok, reply in replies if ok and reply is True)
-        return accepted
+        added = self._add_entries_to(key, entries, peers)
+        replies, entries_accepted = await asyncio.gather(stores, added)
+        for ok, reply in replies:
+            if ok and reply is True:
+                accepted += 1
+            else:
+                refused += 1
+        return Stored(accepted, refused, entries_accepted)
+
+    def _among_closest(self, key: bytes, peers: list[Contact]) -> bool:
+        return len(peers) < self.config.ksize or _distance(self.node_id, key) < _distance(
+            peers[-1].node_id, key
+        )
+
+    def _remember_closest(self, key: bytes, closest: list[Contact]) -> None:
+        if self.config.closest_reuse <= 0:
+            return
+        if len(self._recent_closest) >= _RECENT_CLOSEST_MAX:
+            self._recent_closest.pop(next(iter(self._recent_closest)))  # the oldest
+        self._recent_closest.pop(key, None)
+        self._recent_closest[key] = (asyncio.get_running_loop().time(), closest)
+
+    async def _closest_for_write(self, key: bytes) -> list[Contact]:
+        """The k closest peers to ``key``: from a lookup moments ago, else a new lookup."""
+        recent = self._recent_closest.get(key)
+        if recent is not None:
+            at, closest = recent
+            if asyncio.get_running_loop().time() - at <= self.config.closest_reuse:
+                return closest
+        return (await self.lookup(key, "find_node")).closest
 
     async def get(self, key: bytes) -> list[bytes]:
         """Every valid record the k closest peers (and this one) hold, best first.
@@ -834,9 +928,38 @@ class Dht:
         Peers among the k closest that answered with an older record or none get the best
         one (read-repair).
         """
+        return self._best_records(key, await self.lookup(key, "find_value"))
+
+    async def resolve(self, key: bytes) -> tuple[list[bytes], list[bytes]]:
+        """``get`` and ``get_entries`` in one lookup: (valid records best first, entries).
+
+        Each of the k closest peers is asked once for its record and its entries
+        (``find_entries`` with the value flag); a peer that answers without saying whether
+        it holds a record (it predates the flag) is asked with ``find_value``.
+        """
+        proto = self._proto()
+        found = await self.lookup(key, "find_entries", with_value=True)
+        if found.value_unknown:
+            asked = found.value_unknown
+            replies = await asyncio.gather(
+                *(
+                    proto.call_find(Node(c.node_id, c.host, c.port), "find_value", key)
+                    for c in asked
+                )
+            )
+            for contact, (ok, reply) in zip(asked, replies, strict=True):
+                value = reply.get("value") if ok and isinstance(reply, dict) else None
+                if isinstance(value, bytes):
+                    found.values.append((contact, value))
+                else:
+                    found.without_value.append(contact)
+        records = self._best_records(key, found)
+        return records, await self._all_entries(key, found)
+
+    def _best_records(self, key: bytes, found: LookupResult) -> list[bytes]:
+        """Every valid record of a lookup and this peer, best first; read-repair the rest."""
         now = self.clock()
         policy = self.store.policy
-        found = await self.lookup(key, "find_value")
         candidates = [v for _, v in found.values]
         local = self.store.get(key, now)
         if local is not None:
@@ -868,8 +991,14 @@ class Dht:
 
     async def add_entries(self, key: bytes, entries: Sequence[bytes]) -> int:
         """Add signed entries under ``key`` on the k closest peers; returns acceptances."""
+        return await self._add_entries_to(key, entries, await self._closest_for_write(key))
+
+    async def _add_entries_to(
+        self, key: bytes, entries: Sequence[bytes], peers: list[Contact]
+    ) -> int:
+        if not entries:
+            return 0
         proto = self._proto()
-        peers = (await self.lookup(key, "find_node")).closest
         now = self.clock()
         accepted = sum(self.store.add_entry(key, e, now).accepted for e in entries)
         batches: list[list[bytes]] = [[]]
@@ -893,8 +1022,11 @@ class Dht:
 
     async def get_entries(self, key: bytes) -> list[bytes]:
         """The union of the entries under ``key`` held by the k closest peers and here."""
+        return await self._all_entries(key, await self.lookup(key, "find_entries"))
+
+    async def _all_entries(self, key: bytes, found: LookupResult) -> list[bytes]:
+        """The entries of a lookup, the further pages of each peer, and ours."""
         proto = self._proto()
-        found = await self.lookup(key, "find_entries")
         entries = list(found.entries)
         for contact, offset in found.more_pages:
             node = Node(contact.node_id, contact.host, contact.port)

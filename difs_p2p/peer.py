@@ -437,7 +437,7 @@ class Peer:
         """The valid manifests under a name key (best first), its history and holders."""
         key = _key_arg(args)
         dht = self._dht()
-        records, entries = await asyncio.gather(dht.get(key), dht.get_entries(key))
+        records, entries = await dht.resolve(key)
         history = [e.decode() for e in entries if e[:1] == b"{"]
         holders = [e.hex() for e in entries if e[:1] != b"{"]
         return {"manifests": [r.decode() for r in records], "history": history, "holders": holders}
@@ -617,15 +617,23 @@ class Peer:
         return freed
 
     async def _op_publish(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        """Store a signed manifest and its holder entries on the name's key/value peers."""
+        """Store a signed manifest and its holder entries on the name's key/value peers.
+
+        If every one of the k closest peers took the manifest, no other record can win
+        there; otherwise (a racing publisher, a peer that did not answer) the name is read
+        back to learn which record won.
+        """
         raw = str(args.get("manifest", "")).encode()
         manifest = parse_manifest(raw)
         dht = self._dht()
-        accepted = await dht.put(manifest.key, raw)
         entries = [bytes.fromhex(str(e)) for e in args.get("entries", []) if isinstance(e, str)]
-        await dht.add_entries(manifest.key, [*entries, raw])
-        best = await dht.get(manifest.key)
-        winner = record_hash(best[0]) if best else None
+        stored = await dht.put_with_entries(manifest.key, raw, [*entries, raw])
+        accepted = stored.accepted
+        if stored.refused == 0 and accepted > 0:
+            winner: str | None = manifest.hash
+        else:
+            best = await dht.get(manifest.key)
+            winner = record_hash(best[0]) if best else None
         if manifest.deleted and winner == manifest.hash:
             self.spawn(self._release_everywhere(manifest.key))
         return {"accepted": accepted, "winner": winner}

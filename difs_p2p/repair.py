@@ -337,7 +337,7 @@ class Maintainer:
     async def _maintain_key(self, key: bytes, held: list[Holding]) -> None:
         dht = self.peer.dht_node()
         now = self.peer.clock()
-        records, raw_entries = await asyncio.gather(dht.get(key), dht.get_entries(key))
+        records, raw_entries = await dht.resolve(key)
         manifests: dict[int, Manifest] = {}
         for raw in [*records, *(e for e in raw_entries if e[:1] == b"{")]:
             with contextlib.suppress(DifsError):

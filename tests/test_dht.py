@@ -256,7 +256,14 @@ async def test_malformed_replies_do_not_raise_on_the_caller() -> None:
 
     async def answer_with_junk() -> None:
         loop = asyncio.get_running_loop()
-        replies = [["abc", 1], {"x": 1}, {"value": [1, 2]}, 42, [[b"x", "1.2.3.4", 1]]]
+        replies = [
+            ["abc", 1],
+            {"x": 1},
+            {"value": [1, 2]},
+            42,
+            [[b"x", "1.2.3.4", 1]],
+            {"entries": [], "next": -1, "nodes": [], "value": 5},
+        ]
         i = 0
         while not stop.is_set():
             try:
@@ -280,8 +287,9 @@ async def test_malformed_replies_do_not_raise_on_the_caller() -> None:
         assert await client.ping(evil.getsockname()) == evil_id
         key = os.urandom(20)
         await nodes[1].put(key, b"\x01ok")
-        for _ in range(5):
+        for _ in range(6):
             assert (await client.get(key))[0] == b"\x01ok"
+            assert (await client.resolve(key))[0][0] == b"\x01ok"
             await client.lookup(os.urandom(20))
         await client.bootstrap([evil.getsockname()])
     finally:
@@ -334,6 +342,96 @@ async def test_entries_merge_and_page() -> None:
             await node.add_entries(key, entries[i * 10 : (i + 1) * 10])
         got = await nodes[0].get_entries(key)
         assert set(got) == set(entries)
+    finally:
+        await stop_all(nodes)
+
+
+async def test_resolve_reads_records_and_entries_in_one_lookup() -> None:
+    """resolve() = get() + get_entries() with one request to each of the k closest peers."""
+    nodes = await start_dhts(8)
+    try:
+        key = os.urandom(20)
+        entries = [os.urandom(8) + os.urandom(100) for _ in range(5)]
+        await nodes[1].put(key, b"\x02newest")
+        await nodes[2].add_entries(key, entries)
+        reader = nodes[5]
+        lookups, rpcs = reader.stats["lookups"], reader.stats["rpcs"]
+        records, got = await reader.resolve(key)
+        assert records[0] == b"\x02newest"
+        assert set(got) == set(entries)
+        assert reader.stats["lookups"] == lookups + 1
+        assert reader.stats["rpcs"] - rpcs <= len(nodes) - 1
+    finally:
+        await stop_all(nodes)
+
+
+async def test_resolve_pages_entries_after_a_large_record() -> None:
+    """A record that fills the reply pushes the entries to further pages; none is lost."""
+    nodes = await start_dhts(5)
+    try:
+        key = os.urandom(20)
+        value = b"\x01" + os.urandom(7500)
+        entries = [os.urandom(8) + os.urandom(300) for _ in range(40)]
+        await nodes[0].put(key, value)
+        await nodes[1].add_entries(key, entries)
+        records, got = await nodes[3].resolve(key)
+        assert records == [value]
+        assert set(got) == set(entries)
+    finally:
+        await stop_all(nodes)
+
+
+async def test_resolve_asks_peers_without_the_value_flag_with_find_value() -> None:
+    """A peer that answers find_entries without the record (older code) is asked for it."""
+    nodes = await start_dhts(6)
+    try:
+        key = os.urandom(20)
+        await nodes[1].put(key, b"\x01old")
+        newest = nodes[4]  # the only peer with the newest record predates the flag
+        newest.store.put(key, b"\x02new", newest.clock())
+        proto = newest.protocol
+        assert proto is not None
+        plain = proto._dispatch
+
+        def without_value(name: str, sender: object, args: list[object]) -> object:
+            reply = plain(name, sender, args)
+            if name == "find_entries" and isinstance(reply, dict):
+                reply.pop("value", None)
+            return reply
+
+        proto._dispatch = without_value  # type: ignore[method-assign]
+        records, _ = await nodes[0].resolve(key)
+        assert records[0] == b"\x02new"
+    finally:
+        await stop_all(nodes)
+
+
+async def test_a_store_right_after_a_lookup_reuses_its_closest_peers() -> None:
+    """put_with_entries() just after a lookup of the key stores without a second lookup."""
+    nodes = await start_dhts(8)
+    try:
+        key = os.urandom(20)
+        writer = nodes[2]
+        await writer.resolve(key)
+        lookups = writer.stats["lookups"]
+        stored = await writer.put_with_entries(key, b"\x01v", [b"e" * 20])
+        assert writer.stats["lookups"] == lookups
+        assert stored.refused == 0
+        assert stored.accepted == len(nodes)
+        for node in nodes:
+            assert node.store.get(key, node.clock()) == b"\x01v"
+            assert node.store.entries(key, node.clock()) == [b"e" * 20]
+    finally:
+        await stop_all(nodes)
+
+
+async def test_put_with_entries_counts_refusals() -> None:
+    """Peers that refuse the record count as refused, so the caller knows to read back."""
+    nodes = await start_dhts(5, policy=RefuseAll())
+    try:
+        stored = await nodes[0].put_with_entries(os.urandom(20), b"\x01x", [])
+        assert stored.accepted == 0
+        assert stored.refused == len(nodes)
     finally:
         await stop_all(nodes)
 
