@@ -855,7 +855,7 @@ class Dht:
     async def closest(self, key: bytes, count: int | None = None) -> list[Contact]:
         """The ``count`` closest live peers to ``key``, this peer included, closest first."""
         count = count or self.config.ksize
-        found = (await self.lookup(key, "find_node")).closest
+        found = (await self.lookup(key, "find_node", k=count)).closest
         everyone = [*found, self.me]
         everyone.sort(key=lambda c: _distance(c.node_id, key))
         return everyone[:count]

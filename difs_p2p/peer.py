@@ -471,19 +471,29 @@ class Peer:
                 if c.node_id != self.node_id
             ]
             holders = [self.node_id.hex()]
+            untried = list(candidates)
             async with sem:
-                for contact in candidates:
-                    if len(holders) >= replicas:
-                        break
-                    try:
-                        entry = await self.push_range(
-                            contact.address, key, version, integrity, start, end, None, hashes
-                        )
-                    except DifsError as exc:
-                        log.info("place_skip peer=%s reason=%s", contact.address, exc)
-                        continue
-                    entries.append(entry.raw.hex())
-                    holders.append(entry.node_id.hex())
+                # the missing copies are pushed in parallel; a refusal moves on to the next
+                while len(holders) < replicas and untried:
+                    batch = untried[: replicas - len(holders)]
+                    del untried[: len(batch)]
+                    pushed = await asyncio.gather(
+                        *(
+                            self.push_range(
+                                c.address, key, version, integrity, start, end, None, hashes
+                            )
+                            for c in batch
+                        ),
+                        return_exceptions=True,
+                    )
+                    for contact, outcome in zip(batch, pushed, strict=True):
+                        if isinstance(outcome, DifsError):
+                            log.info("place_skip peer=%s reason=%s", contact.address, outcome)
+                        elif isinstance(outcome, BaseException):
+                            raise outcome
+                        else:
+                            entries.append(outcome.raw.hex())
+                            holders.append(outcome.node_id.hex())
             if len(holders) < replicas:
                 warnings.append(
                     f"range {start}..{end} has {len(holders)} of {replicas} copies: only "

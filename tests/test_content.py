@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from difs_p2p import segments
 from difs_p2p.client import Client
 from difs_p2p.errors import (
     AlreadyExistsError,
@@ -23,7 +24,8 @@ from difs_p2p.identity import Identity
 from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
 from difs_p2p.pins import Pins
-from tests.helpers import start_peers, stop_all
+from difs_p2p.repair import range_key
+from tests.helpers import peer_config, start_peers, stop_all
 
 SEG = 64 << 10  # small segments keep multi-segment cases fast
 
@@ -86,6 +88,42 @@ async def test_replicas_are_striped_over_peers(network: list[Peer], tmp_path: Pa
     assert len(result.ranges) == 8
     assert all(len(r["holders"]) == 3 for r in result.ranges)
     assert len({h for r in result.ranges for h in r["holders"]}) > 3
+
+
+async def test_placement_passes_over_full_peers_to_make_r_copies(tmp_path: Path) -> None:
+    """Peers without space refuse a range; the next closest take it: r copies in all."""
+    first = Peer(peer_config(tmp_path / "p0"))
+    await first.start()
+    peers = [first]
+    try:
+        for i in range(1, 6):
+            capacity = 0 if i <= 2 else 1 << 30
+            peer = Peer(
+                peer_config(tmp_path / f"p{i}", bootstrap=(first.address,), capacity=capacity)
+            )
+            await peer.start()
+            peers.append(peer)
+        full = {p.node_id for p in peers[1:3]}
+        while True:  # content whose range key is closest to a full peer, so one refuses
+            data = os.urandom(4096)
+            hash_list = segments.encode_hash_list([segments.segment_hash(data)])
+            key = int.from_bytes(range_key(bytes(segments.hash_list_root(hash_list)), 0), "big")
+            nearest = min(peers[1:], key=lambda p: int.from_bytes(p.node_id, "big") ^ key)
+            if nearest.node_id in full:
+                break
+        src = tmp_path / "src"
+        src.write_bytes(data)
+        async with Client(first.address, publisher=Identity.generate()) as client:
+            result = await client.put(src, "/placed", replicas=3)
+        holders = {bytes.fromhex(h) for h in result.ranges[0]["holders"]}
+        assert len(holders) == 3
+        assert not holders & full
+        async with Client(peers[4].address) as client:
+            buf = io.BytesIO()
+            await client.get("/placed", buf)
+        assert buf.getvalue() == data
+    finally:
+        await stop_all(peers)
 
 
 async def test_update_versions_and_history(network: list[Peer], tmp_path: Path) -> None:
