@@ -212,6 +212,31 @@ async def test_tampered_segment_is_fetched_from_another_holder(
     assert result.retries >= 1
 
 
+async def test_small_object_fails_over_from_a_damaged_holder(
+    network: list[Peer], tmp_path: Path
+) -> None:
+    """A one-segment object (one worker at a time) moves on from holder to holder while
+    their copies are damaged."""
+    src = write(tmp_path, 4096)
+    async with Client(network[0].address, publisher=Identity.generate()) as client:
+        await client.put(src, "/small", replicas=3)
+    async with Client(network[3].address) as client:
+        holders = (await client.resolve("/small")).holders
+        addresses = list(dict.fromkeys((h.host, h.port) for h in holders))
+        assert len(addresses) == 3
+        for peer in network:
+            if peer.address in addresses[:-1]:  # all but the last holder asked
+                for path in (peer.data_dir / "store" / "segments").glob("*/*/*"):
+                    if path.stat().st_size == 4096:
+                        raw = bytearray(path.read_bytes())
+                        raw[7] ^= 0xFF
+                        path.write_bytes(bytes(raw))
+        buf = io.BytesIO()
+        result = await client.get("/small", buf)
+    assert buf.getvalue() == src.read_bytes()
+    assert result.retries == 2
+
+
 async def test_concurrent_publishers_of_different_names(
     network: list[Peer], tmp_path: Path
 ) -> None:
