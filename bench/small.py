@@ -12,7 +12,8 @@ trips at the same concurrency, between this process and a trivial echo server in
 process over loopback TCP, with the raw asyncio socket calls the transport uses. Every
 figure is shown as a ratio to it. Where the time goes: CPU time per operation of this
 (client) process and of all peer processes together (for the limit rows: of the echo
-server), and UDP datagrams (DHT traffic) sent per operation on the host.
+server), and UDP datagrams (DHT traffic, background maintenance included) sent by the
+peers per operation.
 
 Prints a table and writes ``bench/results/small.json``.
 """
@@ -88,14 +89,26 @@ class Phase:
         return ranked[max(0, math.ceil(q * len(ranked)) - 1)] * 1000
 
 
-def udp_datagrams_sent() -> int:
-    """Datagrams sent by every process on this host so far (from /proc/net/snmp)."""
-    lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()]
-    names, values = [ln for ln in lines if ln[0] == "Udp:"][:2]
-    return int(values[names.index("OutDatagrams")])
+async def datagrams_sent(addresses: Sequence[tuple[str, int]]) -> int:
+    """DHT datagrams the peers at ``addresses`` have sent so far (from their status).
+
+    Counted by the peers rather than the host (/proc/net/snmp), so that other programs'
+    UDP traffic on a shared machine does not show up as ours.
+    """
+    statuses = await asyncio.gather(*(peer_status(a) for a in addresses))
+    return sum(int(s["dht"]["sent"]) for s in statuses)
 
 
-async def timed(ops: Sequence[Op], items: Sequence[int], pids: Sequence[int]) -> Phase:
+async def _no_datagrams() -> int:
+    return 0
+
+
+async def timed(
+    ops: Sequence[Op],
+    items: Sequence[int],
+    pids: Sequence[int],
+    datagrams: Callable[[], Awaitable[int]] = _no_datagrams,
+) -> Phase:
     """Run ``items`` through the ``ops`` (each serving one at a time), all ops concurrently.
 
     A failed operation is counted, with its error, and left out of the latencies.
@@ -116,21 +129,23 @@ async def timed(ops: Sequence[Op], items: Sequence[int], pids: Sequence[int]) ->
                 continue
             latencies.append(time.perf_counter() - t0)
 
+    datagrams0 = await datagrams()
     peers0 = sum(cpu_seconds(p) for p in pids)
-    datagrams0 = udp_datagrams_sent()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     async with asyncio.TaskGroup() as tg:
         for op in ops:
             tg.create_task(drive(op))
     seconds = time.perf_counter() - t0
+    client_cpu = time.process_time() - cpu0
+    peers_cpu = sum(cpu_seconds(p) for p in pids) - peers0
     return Phase(
         ops=len(items),
         seconds=seconds,
         latencies=latencies,
-        client_cpu=time.process_time() - cpu0,
-        peers_cpu=sum(cpu_seconds(p) for p in pids) - peers0,
-        datagrams=udp_datagrams_sent() - datagrams0,
+        client_cpu=client_cpu,
+        peers_cpu=peers_cpu,
+        datagrams=await datagrams() - datagrams0,
         errors=errors,
         failed=failed,
     )
@@ -304,7 +319,7 @@ async def bench_level(
     try:
         ops = [publish_op(c) for c in publishers]
         await asyncio.gather(*(op(i) for op, i in zip(ops, warmups, strict=True)))
-        published = await timed(ops, timed_indexes, pids)
+        published = await timed(ops, timed_indexes, pids, lambda: datagrams_sent(addresses))
     finally:
         for c in publishers:
             await c.close()
@@ -329,7 +344,7 @@ async def bench_level(
     try:
         ops = [fetch_op(c) for c in fetchers]
         await asyncio.gather(*(op(i) for op, i in zip(ops, warmups, strict=True)))
-        fetched = await timed(ops, order, pids)
+        fetched = await timed(ops, order, pids, lambda: datagrams_sent(addresses))
     finally:
         for c in fetchers:
             await c.close()
@@ -416,7 +431,7 @@ def main() -> int:
         )
     print(
         "CPU columns: ms per operation of this process and of all peers together; UDP: "
-        f"datagrams sent per operation on the host. {os.cpu_count()} CPUs, load average "
+        f"datagrams the peers sent per operation. {os.cpu_count()} CPUs, load average "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}."
     )
     out = Path("bench/results")

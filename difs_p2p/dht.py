@@ -233,10 +233,14 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         self._expected: dict[bytes, tuple[str, int]] = {}
         self._failures: dict[bytes, int] = {}
         self.dropped = 0
+        # datagrams sent and received (requests and replies), for status and benchmarks
+        self.sent = 0
+        self.received = 0
 
     # -- incoming --------------------------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.received += 1
         try:
             self._handle_datagram(data, addr)
         except Exception as exc:  # a peer's garbage must never hurt us
@@ -280,6 +284,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         reply = _REPLY + msg_id + umsgpack.packb(result)
         if self.transport is not None:
             self.transport.sendto(reply, addr)
+            self.sent += 1
 
     def _dispatch(self, name: str, sender: Node, args: list[Any]) -> object:
         now = self.dht.clock()
@@ -360,6 +365,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         self._outstanding[msg_id] = (future, timer)
         self._expected[msg_id] = address
         self.transport.sendto(_REQUEST + msg_id + data, address)
+        self.sent += 1
         return future
 
     def _on_timeout(self, msg_id: bytes) -> None:
@@ -373,6 +379,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         if self.transport is not None and not self.transport.is_closing():
             msg_id = os.urandom(_MSG_ID_SIZE)
             self.transport.sendto(_REQUEST + msg_id + umsgpack.packb([name, list(args)]), address)
+            self.sent += 1
 
     def cancel_outstanding(self) -> None:
         for future, timer in self._outstanding.values():
@@ -546,6 +553,16 @@ class Dht:
         if self.protocol is None:
             raise NetworkError("the DHT is not started")
         return self.protocol
+
+    def traffic(self) -> dict[str, int]:
+        """Datagrams sent, received and dropped so far, and the lookup counters."""
+        proto = self._proto()
+        return {
+            "sent": proto.sent,
+            "received": proto.received,
+            "dropped": proto.dropped,
+            **self.stats,
+        }
 
     # -- routing table ---------------------------------------------------------------------
 

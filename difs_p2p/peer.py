@@ -339,6 +339,7 @@ class Peer:
             "connections": self.server.connections if self.server else 0,
             "holdings": len(self.holdings_db().all()),
             "maintenance": self.maintainer.stats.as_dict() if self.maintainer else {},
+            "dht": dht.traffic(),
         }
 
     # -- TCP service -----------------------------------------------------------------------

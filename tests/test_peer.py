@@ -51,7 +51,8 @@ async def test_restarted_peer_rejoins_from_saved_contacts(tmp_path: Path) -> Non
 
 
 async def test_status_reports_network_and_storage(tmp_path: Path) -> None:
-    """status() shows ID, address, routing table size, a contact sample and storage."""
+    """status() shows ID, address, routing table size, a contact sample, storage and DHT
+    traffic."""
     peers = await start_peers(tmp_path, 3, capacity=5 << 20)
     try:
         status = peers[1].status()
@@ -63,6 +64,9 @@ async def test_status_reports_network_and_storage(tmp_path: Path) -> None:
             peers[2].node_id.hex(),
         }
         assert status["storage"] == {"used": 0, "capacity": 5 << 20, "segments": 0}
+        dht = status["dht"]
+        assert dht["sent"] > 0 and dht["received"] > 0  # joining took datagrams
+        assert dht["lookups"] >= 1
     finally:
         await stop_all(peers)
 
