@@ -1,7 +1,9 @@
 """The Python API: publish, fetch, delete, stat and list versions by name.
 
 A :class:`Client` talks to one peer (its *entry peer*) for DHT work, and fetches segments
-straight from their holders. It never trusts what it is told: manifests and holder entries
+straight from their holders. Concurrent tasks may share a Client: their exchanges with the
+entry peer take turns on its one connection (``Connection.exchange``), and each fetch
+opens its own holder connections. It never trusts what it is told: manifests and holder entries
 are verified again here, the hash list against the signed integrity root, and every segment
 against its hash before a byte of it is written out.
 
@@ -168,15 +170,11 @@ class Client:
             self._conn = None
 
     async def _call(self, op: str, **args: Any) -> dict[str, Any]:
-        if self._conn is None:
-            self._conn = await Connection.open(
-                self.peer, io_timeout=self.io_timeout, network=self.network
-            )
+        conn = await self._data_conn()
         try:
-            return await self._conn.call(op, **args)
+            return await conn.call(op, **args)
         except (PeerError, OSError):
-            self._conn.close()
-            self._conn = None
+            conn.close()
             raise
 
     # -- resolve ---------------------------------------------------------------------------
@@ -362,7 +360,8 @@ class Client:
         )
 
     async def _data_conn(self) -> Connection:
-        if self._conn is None:
+        """The connection to the entry peer (a new one if the last was closed)."""
+        if self._conn is None or self._conn.closed:
             self._conn = await Connection.open(
                 self.peer, io_timeout=self.io_timeout, network=self.network
             )
@@ -387,29 +386,38 @@ class Client:
             if progress and length:
                 progress(length)
 
-        fh = await asyncio.to_thread(source.open, "rb")
-        try:
-            while True:
-                chunk, seg_id = await asyncio.to_thread(_read_and_hash, fh, segment_size)
-                if not chunk:
-                    break
-                hashes.append(seg_id)
-                if len(pending) >= PIPELINE:
-                    await take_ack()
-                await conn.send(wire.PutSeg(request_id=len(hashes), seg_id=seg_id, data=chunk))
-                pending.append(len(chunk))
-            # the hash list goes in the same pipeline (no round trip of its own)
-            hash_list = segments.encode_hash_list(hashes)
-            if len(hash_list) > INLINE_HASH:
-                integrity = bytes(await asyncio.to_thread(segments.hash_list_root, hash_list))
-            else:
-                integrity = bytes(segments.hash_list_root(hash_list))
+        async def put(seg_id: bytes, data: bytes, progress_bytes: int) -> None:
             if len(pending) >= PIPELINE:
                 await take_ack()
-            await conn.send(wire.PutSeg(request_id=0, seg_id=integrity, data=hash_list))
-            pending.append(0)
-            while pending:
-                await take_ack()
+            await conn.send(wire.PutSeg(request_id=len(hashes), seg_id=seg_id, data=data))
+            pending.append(progress_bytes)
+
+        integrity = b""
+        fh = await asyncio.to_thread(source.open, "rb")
+        try:
+            async with conn.exchange:  # the ACKs are ours alone
+                complete = False
+                try:
+                    while True:
+                        chunk, seg_id = await asyncio.to_thread(_read_and_hash, fh, segment_size)
+                        if not chunk:
+                            break
+                        hashes.append(seg_id)
+                        await put(seg_id, chunk, len(chunk))
+                    # the hash list goes in the same pipeline (no round trip of its own)
+                    hash_list = segments.encode_hash_list(hashes)
+                    if len(hash_list) > INLINE_HASH:
+                        root = await asyncio.to_thread(segments.hash_list_root, hash_list)
+                    else:
+                        root = segments.hash_list_root(hash_list)
+                    integrity = bytes(root)
+                    await put(integrity, hash_list, 0)
+                    while pending:
+                        await take_ack()
+                    complete = True
+                finally:
+                    if not complete:
+                        conn.close()  # ACKs may still be on their way
         finally:
             fh.close()
         return hashes, integrity

@@ -85,6 +85,11 @@ class Connection:
         self.loop = asyncio.get_running_loop()
         self._header = bytearray(wire.HEADER_SIZE)
         self._send_lock = asyncio.Lock()
+        # Held for a whole request/reply exchange (``call``, or a caller's pipelined
+        # uploads), so that tasks sharing the connection take turns instead of reading
+        # each other's replies. An exchange cut short (cancelled, failed) closes the
+        # connection: its reply may still arrive, and nobody may read it as theirs.
+        self.exchange = asyncio.Lock()
         self.closed = False
         try:
             self.peer_address: tuple[str, int] = sock.getpeername()[:2]
@@ -195,9 +200,19 @@ class Connection:
                 raise PeerError(f"connection lost: {exc.strerror or exc}") from None
 
     async def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """Send a CALL and return its REPLY body (or raise the remote error)."""
-        await self.send(wire.Call(request_id=0, op=op, args=args))
-        frame = await self.read_frame()
+        """Send a CALL and return its REPLY body (or raise the remote error).
+
+        Safe to use from concurrent tasks: calls on one connection take turns.
+        """
+        async with self.exchange:
+            complete = False
+            try:
+                await self.send(wire.Call(request_id=0, op=op, args=args))
+                frame = await self.read_frame()
+                complete = True
+            finally:
+                if not complete:
+                    self.close()
         if frame is None:
             raise PeerError("connection closed before the reply")
         if isinstance(frame, wire.Error):

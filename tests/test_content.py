@@ -25,7 +25,7 @@ from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
 from difs_p2p.pins import Pins
 from difs_p2p.repair import range_key
-from tests.helpers import peer_config, start_peers, stop_all
+from tests.helpers import peer_config, start_peers, stop_all, wait_for
 
 SEG = 64 << 10  # small segments keep multi-segment cases fast
 
@@ -235,6 +235,28 @@ async def test_small_object_fails_over_from_a_damaged_holder(
         result = await client.get("/small", buf)
     assert buf.getvalue() == src.read_bytes()
     assert result.retries == 2
+
+
+async def test_one_client_runs_operations_concurrently(network: list[Peer], tmp_path: Path) -> None:
+    """Concurrent operations on one Client take turns on its entry connection; one that is
+    cancelled midway leaves the client usable."""
+    names = [f"/shared/{i}" for i in range(4)]
+    sources = {name: write(tmp_path, 1000 + i) for i, name in enumerate(names)}
+    async with Client(network[2].address, publisher=Identity.generate()) as client:
+        await asyncio.gather(*(client.put(sources[n], n) for n in names))
+        resolved = await asyncio.gather(*(client.resolve(n) for n in names * 3))
+        assert [r.manifest.name for r in resolved] == names * 3
+        bufs = {n: io.BytesIO() for n in names}
+        await asyncio.gather(*(client.get(n, bufs[n]) for n in names))
+        assert all(bufs[n].getvalue() == sources[n].read_bytes() for n in names)
+
+        task = asyncio.create_task(client.resolve(names[0]))
+        # cancel it between its request and its reply
+        await wait_for(lambda: client._conn is not None and client._conn.exchange.locked(), step=0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [(await client.resolve(n)).manifest.name for n in names] == names
 
 
 async def test_concurrent_publishers_of_different_names(
