@@ -21,6 +21,7 @@ from difs_p2p.repair import (
     gc_due,
     keys_for_round,
     plan_range,
+    round_phase,
 )
 from tests.helpers import start_peers, stop_all
 
@@ -63,6 +64,16 @@ def test_rounds_share_out_many_names_and_cover_each_once() -> None:
     assert all(40 <= len(share) <= 160 for share in cycle)
     assert keys_for_round(many, 10, 100) == cycle[0]
     assert keys_for_round([], 3, 100) == []
+
+
+def test_round_phases_spread_peers_over_the_interval() -> None:
+    """Peers' rounds fall at phases in [0, 1) spread over the interval, not all at once."""
+    phases = [round_phase(Identity.generate().node_id) for _ in range(400)]
+    assert all(0 <= p < 1 for p in phases)
+    quarters = [sum(1 for p in phases if q / 4 <= p < (q + 1) / 4) for q in range(4)]
+    assert min(quarters) > 50  # about 100 each
+    node = Identity.generate().node_id
+    assert round_phase(node) == round_phase(node)
 
 
 def test_token_bucket_bounds_rate() -> None:
