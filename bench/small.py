@@ -13,7 +13,10 @@ process over loopback TCP, with the raw asyncio socket calls the transport uses.
 figure is shown as a ratio to it. Where the time goes: CPU time per operation of this
 (client) process and of all peer processes together (for the limit rows: of the echo
 server), and UDP datagrams (DHT traffic, background maintenance included) sent by the
-peers per operation.
+peers per operation. After each level the idle peers' own datagrams/s and CPU are
+measured too: maintenance rounds resolve every held name, so with hundreds of objects
+stored they weigh on every phase. ``DIFS_BENCH_SMALL_REPAIR`` sets the peers'
+``--repair-interval`` (e.g. 3600 to leave maintenance out of the per-operation figures).
 
 Prints a table and writes ``bench/results/small.json``.
 """
@@ -60,6 +63,11 @@ STOP_TIMEOUT = 30.0
 # Round trips timed for the limit (at least): it is cheap, and a short run is noisy.
 LIMIT_OPS = 20_000
 SEED = 1
+# Idle time after each level in which the peers' own traffic (maintenance rounds resolve
+# every held name) is measured: with hundreds of objects stored, it is part of every
+# phase's per-operation figures. DIFS_BENCH_SMALL_REPAIR=3600 (--repair-interval of the
+# peers) leaves it out of them.
+BACKGROUND_WINDOW = 10.0
 
 Op = Callable[[int], Awaitable[None]]
 
@@ -351,8 +359,24 @@ async def bench_level(
     return published, fetched
 
 
+async def background(addresses: Sequence[tuple[str, int]], pids: Sequence[int]) -> dict[str, float]:
+    """What the idle peers do by themselves (maintenance, liveness pings) over
+    BACKGROUND_WINDOW seconds: datagrams per second and CPU seconds per second, all peers."""
+    datagrams0, cpu0 = await datagrams_sent(addresses), sum(cpu_seconds(p) for p in pids)
+    await asyncio.sleep(BACKGROUND_WINDOW)
+    return {
+        "datagrams_s": (await datagrams_sent(addresses) - datagrams0) / BACKGROUND_WINDOW,
+        "peers_cpu_s_per_s": (sum(cpu_seconds(p) for p in pids) - cpu0) / BACKGROUND_WINDOW,
+    }
+
+
 async def run(
-    root: Path, n: int, levels: Sequence[int], echo_port: int, echo_pid: int
+    root: Path,
+    n: int,
+    levels: Sequence[int],
+    echo_port: int,
+    echo_pid: int,
+    repair_interval: str | None = None,
 ) -> dict[str, Any]:
     # SIGTERM cancels the run, so that the peers are still stopped (below) and waited for.
     task = asyncio.current_task()
@@ -360,7 +384,8 @@ async def run(
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     procs: list[subprocess.Popen[str]] = []
     try:
-        procs, addresses = start_network(root, PEERS)
+        extra = ("--repair-interval", repair_interval) if repair_interval else ()
+        procs, addresses = start_network(root, PEERS, *extra)
         t0 = time.perf_counter()
         tables = await wait_formed(addresses)
         formed = time.perf_counter() - t0
@@ -369,6 +394,7 @@ async def run(
         sources.mkdir()
         limits: list[dict[str, Any]] = []
         rows: list[dict[str, Any]] = []
+        idle: list[dict[str, Any]] = []
         first = 0
         for c in levels:
             limit = await measure_limit(echo_port, c, max(n, LIMIT_OPS), echo_pid)
@@ -378,12 +404,14 @@ async def run(
             )
             rows += [row("publish", c, published, limit), row("fetch", c, fetched, limit)]
             first += c + n
+            idle.append({"concurrency": c, "stored": first, **await background(addresses, pids)})
         return {
             "peers": PEERS,
             "formed_after_s": formed,
             "routing_tables": tables,
             "limits": limits,
             "rows": rows,
+            "background": idle,
             "peers_peak_rss_mb": [round(peak_rss_mb(p), 1) for p in pids],
         }
     finally:
@@ -393,6 +421,7 @@ async def run(
 def main() -> int:
     n = int(os.environ.get("DIFS_BENCH_SMALL_N", "500"))
     levels = [int(c) for c in os.environ.get("DIFS_BENCH_SMALL_C", "1,32").split(",")]
+    repair = os.environ.get("DIFS_BENCH_SMALL_REPAIR")
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     echo = ctx.Process(target=echo_server_main, args=(child,), daemon=True)
@@ -401,7 +430,7 @@ def main() -> int:
         echo_port = int(parent.recv())
         assert echo.pid is not None
         with tempfile.TemporaryDirectory(prefix="difs-bench-small-") as tmp:
-            result = asyncio.run(run(Path(tmp), n, levels, echo_port, echo.pid))
+            result = asyncio.run(run(Path(tmp), n, levels, echo_port, echo.pid, repair))
     except asyncio.CancelledError:
         print("interrupted by SIGTERM; peers stopped", file=sys.stderr)
         return 128 + signal.SIGTERM
@@ -414,6 +443,7 @@ def main() -> int:
             "replicas": REPLICAS,
             "ops_per_phase": n,
             "concurrency": levels,
+            "repair_interval": repair or "default",
             "loadavg": os.getloadavg(),
             "cpus": os.cpu_count(),
         }
@@ -434,6 +464,12 @@ def main() -> int:
         f"datagrams the peers sent per operation. {os.cpu_count()} CPUs, load average "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}."
     )
+    for b in result["background"]:
+        print(
+            f"idle after C={b['concurrency']} ({b['stored']} objects stored): "
+            f"{b['datagrams_s']:.0f} datagrams/s, peers {b['peers_cpu_s_per_s']:.2f} CPU s/s "
+            "(maintenance; included in the rows above)"
+        )
     out = Path("bench/results")
     out.mkdir(parents=True, exist_ok=True)
     (out / "small.json").write_text(json.dumps(result, indent=2))
