@@ -9,9 +9,11 @@ import socket
 from pathlib import Path
 
 import umsgpack
+from hypothesis import given
+from hypothesis import strategies as st
 
 from difs_p2p.config import DhtConfig
-from difs_p2p.dht import IDENTIFY_DOMAIN, Dht, RttEstimator
+from difs_p2p.dht import IDENTIFY_DOMAIN, Dht, RttEstimator, _pack, _unpack
 from difs_p2p.identity import Identity
 from difs_p2p.recordstore import AcceptAll
 from tests.helpers import new_dht, start_dhts, stop_all, wait_for
@@ -22,6 +24,24 @@ class RefuseAll(AcceptAll):
 
     def record_rank(self, key: bytes, value: bytes, now: float) -> tuple[int, ...] | None:
         return None
+
+
+_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.binary(max_size=300)
+    | st.text(max_size=50),
+    lambda inner: st.lists(inner, max_size=8) | st.dictionaries(st.text(max_size=10), inner),
+    max_leaves=30,
+)
+
+
+@given(_VALUES)
+def test_datagram_codec_is_the_stock_encoding_byte_for_byte(value: object) -> None:
+    """Our C msgpack codec writes exactly what u-msgpack (rpcudp's) writes, and reads it."""
+    assert _pack(value) == umsgpack.packb(value)
+    assert _unpack(umsgpack.packb(value)) == value
 
 
 async def test_thirty_peers_find_each_other() -> None:
