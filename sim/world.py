@@ -11,13 +11,13 @@ What the simulator adds around the peers:
   operations, samples, repair passes), run in time order, each long action as a task of
   one :class:`asyncio.TaskGroup`.
 * **Publish**: a real signed manifest (version 1, or n+1 with parent and root for an
-  update) stored with ``Dht.put``, and real holder entries, each signed by its holder,
-  added with ``Dht.add_entries`` together with the manifest (history). Placement follows
+  update) and real holder entries, each signed by its holder, stored together with the
+  manifest (history) by ``Dht.put_with_entries``, as the peer's publish does. Placement follows
   the peer's ``place``: the entry peer keeps the whole object, and range i goes to the
   closest live peers to its range key (``Dht.closest``) until r copies exist. Segment bytes
   are not materialized: the simulator records who holds which range, and a range exists
   only on peers that are alive and hold it. Transfers take time from the bandwidth model.
-* **Fetch**: ``Dht.get`` and ``Dht.get_entries`` of the name key, the manifest verified by
+* **Fetch**: ``Dht.resolve`` of the name key (one lookup, as the peer's), the manifest verified by
   ``parse_manifest``, holder entries by ``parse_holder_entry``; the live holders of every
   range; time to first byte = resolve time + one round trip + the first segment's transfer.
 * **Repair (the simulator's policy)**: every ``interval``, for each range of each name's
@@ -507,10 +507,10 @@ class World:
         if any(len(h) < w.replicas for h in obj.holders):
             self.rec.underreplicated += 1
         try:
-            stored, _ = await asyncio.gather(
-                entry.dht.put(key, manifest.raw),
-                entry.dht.add_entries(key, [manifest.raw, *(e.raw for e in entries)]),
+            result = await entry.dht.put_with_entries(
+                key, manifest.raw, [manifest.raw, *(e.raw for e in entries)]
             )
+            stored = result.accepted
         except Exception:
             if entry.alive:
                 raise
@@ -569,7 +569,7 @@ class World:
         t0 = self.now()
         dht = fetcher.dht
         try:
-            records, raw_entries = await asyncio.gather(dht.get(key), dht.get_entries(key))
+            records, raw_entries = await dht.resolve(key)
         except Exception:
             if fetcher.alive:
                 raise
