@@ -398,6 +398,14 @@ class Peer:
             return await self._answer_frame(conn, frame)
         except DifsError as exc:
             return wire.Error(request_id=frame.request_id, code=error_code(exc), message=str(exc))
+        except Exception as exc:
+            # A bug must not leave the caller waiting for a reply that never comes.
+            log.exception("request_failed frame=%s", type(frame).__name__)
+            return wire.Error(
+                request_id=frame.request_id,
+                code=wire.ErrorCode.INTERNAL,
+                message=f"internal error in the peer ({type(exc).__name__})",
+            )
 
     async def _answer_frame(self, conn: Connection, frame: wire.Frame) -> Reply:
         if isinstance(frame, wire.Call):

@@ -151,3 +151,31 @@ async def test_stalled_tcp_peer_is_dropped_and_others_are_served(tmp_path: Path)
     finally:
         stalled.close()
         await peer.stop()
+
+
+async def test_a_failing_handler_answers_with_an_internal_error(tmp_path: Path) -> None:
+    """A bug in a control handler gets an INTERNAL error reply, and the connection goes on."""
+    import asyncio
+
+    from difs_p2p.errors import DifsError
+    from difs_p2p.transfer import Connection
+
+    peer = Peer(peer_config(tmp_path / "p"))
+    await peer.start()
+
+    async def broken(conn: Connection, args: dict[str, object]) -> dict[str, object]:
+        raise KeyError("a bug")
+
+    peer._controls["status"] = broken
+    try:
+        conn = await Connection.open(peer.address, io_timeout=5)
+        try:
+            async with asyncio.timeout(5):
+                with pytest.raises(DifsError, match="internal error in the peer"):
+                    await conn.call("status")
+                holds = await conn.call("holds", key="00" * 20, version=1, start=0, end=0)
+            assert holds == {"holds": False}
+        finally:
+            conn.close()
+    finally:
+        await peer.stop()
