@@ -1,4 +1,4 @@
-"""``python -m sim SCENARIO [--seed N] [--out DIR]``: run a scenario, write its results.
+"""``python -m sim SCENARIO [--seed N] [--peers N] [--out DIR]``: run a scenario, write results.
 
 Prints the seed first, progress on stderr, and the one-screen summary at the end. Exit
 codes: 0 done, 2 a bad scenario or option.
@@ -7,6 +7,7 @@ codes: 0 done, 2 a bad scenario or option.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -30,11 +31,19 @@ def simulate(
         Path | None,
         typer.Option(help="Directory for metrics.json, summary.txt and the plots."),
     ] = None,
+    peers: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="Run only this population (repeat for several) instead of the scenario's list."
+        ),
+    ] = None,
     plots: Annotated[bool, typer.Option(help="Write PNG plots.")] = True,
 ) -> None:
     """Run a DIFS-P2P network simulation.
 
     Example: python -m sim smoke --seed 7 --out /tmp/smoke
+
+    Example: python -m sim scale --peers 10000 --out /tmp/scale10k
     """
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s %(message)s")
     try:
@@ -42,6 +51,11 @@ def simulate(
     except ScenarioError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    if peers:
+        if min(peers) < 2:
+            typer.echo("error: --peers must be at least 2", err=True)
+            raise typer.Exit(2)
+        sc = replace(sc, peers=tuple(peers))
     seed = sc.seed if seed is None else seed
     typer.echo(f"seed {seed}")
     result = run_scenario(sc, seed, progress=lambda line: typer.echo(line, err=True))

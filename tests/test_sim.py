@@ -394,3 +394,20 @@ def test_difs_p2p_never_imports_the_simulator() -> None:
     for source in sorted(package.glob("*.py")):
         for line in source.read_text(encoding="utf-8").splitlines():
             assert not line.startswith(("import sim", "from sim")), f"{source.name}: {line}"
+
+
+def test_cli_peers_option_runs_only_that_population(tmp_path: Path) -> None:
+    """--peers replaces the scenario's list of populations; below 2 it exits with code 2."""
+    scenario = tmp_path / "few.toml"
+    scenario.write_text(
+        'name = "few"\npeers = [30, 40]\njoin_period = 5.0\nwarmup = 5.0\nduration = 10.0\n'
+        "[churn]\nenabled = false\n[workload]\nlookups = 3\n"
+    )
+    out = tmp_path / "out"
+    runner = CliRunner()
+    done = runner.invoke(app, [str(scenario), "--peers", "6", "--out", str(out), "--no-plots"])
+    assert done.exit_code == 0, done.output
+    runs = json.loads((out / "metrics.json").read_text())["runs"]
+    assert [(r["label"], r["peers"]) for r in runs] == [("N=6", 6)]
+    refused = runner.invoke(app, [str(scenario), "--peers", "1"])
+    assert refused.exit_code == 2
