@@ -30,6 +30,7 @@ every background task belongs to the ``Dht`` and is cancelled by :meth:`Dht.stop
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import heapq
 import logging
@@ -197,26 +198,88 @@ def _parse_node_list(reply: object, limit: int) -> list[Node] | None:
 
 
 class _ExactRoutingTable(RoutingTable):  # type: ignore[misc]
-    """The library's k-buckets, with an exact ``find_neighbors``.
+    """The library's k-buckets, with an exact ``find_neighbors`` and two indexes.
 
-    Unlike the library's, it also returns a contact whose ID equals the target, so that a
-    lookup of a peer's ID finds that peer.
+    Unlike the library's, ``find_neighbors`` also returns a contact whose ID equals the
+    target, so that a lookup of a peer's ID finds that peer.
+
+    Every change to the buckets' contacts goes through ``add_contact``, ``remove_contact``,
+    ``split_bucket`` or ``flush``; each compares the buckets it touched before and after
+    (at most k contacts each) and updates two indexes of the table's contacts: their IDs
+    in sorted order (``find_neighbors`` then reads only the smallest ID-prefix subtree
+    around the target holding k of them, not the whole table) and how many there are per
+    IP address (the per-IP cap reads one counter). Replacement-cache entries are not
+    contacts: they count once promoted (by a removal or a split).
     """
 
-    def find_neighbors(
-        self, node: Node, k: int | None = None, exclude: Node | None = None
-    ) -> list[Node]:
-        k = k or self.ksize
+    def flush(self) -> None:
+        super().flush()
+        # the upper bound of each bucket's range, in bucket order (for get_bucket_for)
+        self._uppers: list[int] = [b.range[1] for b in self.buckets]
+        # sorted distinct IDs (as integers) of the contacts, and the contacts with each ID
+        self._ids: list[int] = []
+        self._members: dict[int, list[Node]] = {}
+        self._per_ip: dict[str | None, int] = {}
+
+    # -- the indexes -----------------------------------------------------------------------
+
+    def _index(self, node: Node) -> None:
+        members = self._members.get(node.long_id)
+        if members is None:
+            members = self._members[node.long_id] = []
+            bisect.insort(self._ids, node.long_id)
+        members.append(node)
+        self._per_ip[node.ip] = self._per_ip.get(node.ip, 0) + 1
+
+    def _unindex(self, node: Node) -> None:
+        members = self._members[node.long_id]
+        members.remove(node)
+        if not members:
+            del self._members[node.long_id]
+            del self._ids[bisect.bisect_left(self._ids, node.long_id)]
+        left = self._per_ip[node.ip] - 1
+        if left:
+            self._per_ip[node.ip] = left
+        else:
+            del self._per_ip[node.ip]
+
+    def _reindex(self, before: dict[bytes, Node], after: dict[bytes, Node]) -> None:
+        """The contacts of some buckets went from ``before`` to ``after`` (by ID)."""
+        for nid, node in before.items():
+            if after.get(nid) is not node:
+                self._unindex(node)
+        for nid, node in after.items():
+            if before.get(nid) is not node:
+                self._index(node)
+
+    def contacts_at(self, ip: str | None) -> int:
+        """How many contacts of the table have this IP address."""
+        return self._per_ip.get(ip, 0)
+
+    # -- the library's table, with the indexes kept ----------------------------------------
+
+    def get_bucket_for(self, node: Node) -> int | None:
+        """The first bucket whose range's upper bound is above the ID (as the library's)."""
+        index = bisect.bisect_right(self._uppers, node.long_id)
+        return index if index < len(self._uppers) else None
+
+    def split_bucket(self, index: int) -> None:
+        before = dict(self.buckets[index].nodes)
+        super().split_bucket(index)
+        self._uppers[index : index + 1] = [
+            self.buckets[index].range[1],
+            self.buckets[index + 1].range[1],
+        ]
+        self._reindex(before, {**self.buckets[index].nodes, **self.buckets[index + 1].nodes})
+
+    def remove_contact(self, node: Node) -> None:
         index = self.get_bucket_for(node)
-        if index is not None:
-            self.buckets[index].touch_last_updated()
-        found = self.all_contacts()
-        if exclude is not None:
-            home = (exclude.ip, exclude.port)
-            found = [n for n in found if (n.ip, n.port) != home]
-        target = node.long_id
-        # served for every find_* request: nsmallest is O(n log k) against a full sort
-        return heapq.nsmallest(k, found, key=lambda n: n.long_id ^ target)
+        if index is None:
+            return
+        bucket = self.buckets[index]
+        before = dict(bucket.nodes)
+        bucket.remove_node(node)
+        self._reindex(before, bucket.nodes)
 
     def add_contact(self, node: Node) -> None:
         """As the library's, but the ping of a full bucket's head is an owned task."""
@@ -224,13 +287,69 @@ class _ExactRoutingTable(RoutingTable):  # type: ignore[misc]
         if index is None:
             return
         bucket = self.buckets[index]
-        if bucket.add_node(node):
+        before = dict(bucket.nodes)
+        added = bucket.add_node(node)
+        self._reindex(before, bucket.nodes)
+        if added:
             return
-        if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
+        if bucket.has_in_range(self.node) or self._depth(bucket) % 5 != 0:
             self.split_bucket(index)
             self.add_contact(node)
         else:
             self.protocol.dht.spawn(self.protocol.call_ping(bucket.head()))
+
+    @staticmethod
+    def _depth(bucket: Any) -> int:
+        """The library's ``KBucket.depth`` (bits shared by all its IDs) on integers.
+
+        The prefix every ID shares is the one the smallest and the largest share.
+        """
+        ids: list[int] = [n.long_id for n in bucket.nodes.values()]
+        return KEY_SIZE * 8 - (min(ids) ^ max(ids)).bit_length()
+
+    def find_neighbors(
+        self, node: Node, k: int | None = None, exclude: Node | None = None
+    ) -> list[Node]:
+        """The ``k`` contacts closest to ``node`` by XOR, closest first, exactly.
+
+        Contacts whose ID shares the target's first ``160 - s`` bits are all closer than
+        any other (distance below ``2**s``), and they are one slice of the sorted IDs:
+        the smallest such subtree that holds ``k`` contacts holds the answer.
+        """
+        k = k or self.ksize
+        index = self.get_bucket_for(node)
+        if index is not None:
+            self.buckets[index].touch_last_updated()
+        target = node.long_id
+        home = (exclude.ip, exclude.port) if exclude is not None else None
+        ids = self._ids
+        top = KEY_SIZE * 8
+        # smallest s whose subtree holds k IDs (a count never falls as s grows)
+        lo, hi = 0, top
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._slice_len(target, mid) >= k:
+                hi = mid
+            else:
+                lo = mid + 1
+        shift = lo
+        while True:
+            first = (target >> shift) << shift
+            a = bisect.bisect_left(ids, first)
+            b = bisect.bisect_left(ids, first + (1 << shift))
+            found = [n for i in ids[a:b] for n in self._members[i]]
+            if home is not None:
+                found = [n for n in found if (n.ip, n.port) != home]
+            if len(found) >= k or shift >= top:
+                break
+            shift += 1
+        return heapq.nsmallest(k, found, key=lambda n: n.long_id ^ target)
+
+    def _slice_len(self, target: int, shift: int) -> int:
+        """How many distinct IDs share the target's first ``160 - shift`` bits."""
+        first = (target >> shift) << shift
+        ids = self._ids
+        return bisect.bisect_left(ids, first + (1 << shift)) - bisect.bisect_left(ids, first)
 
     def all_contacts(self) -> list[Node]:
         return [n for bucket in self.buckets for n in bucket.nodes.values()]
@@ -437,7 +556,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         if self.dht.identity is not None and node.id not in self.dht.verified:
             self.dht.verify_later(node)  # added once it proves its ID
             return
-        if not self.dht.ip_allowed(node, self.router.all_contacts()):
+        if not self.dht.ip_allowed(node):
             return
         self.router.add_contact(node)
         self.dht.spawn(self.dht._hand_over(node))
@@ -652,11 +771,11 @@ class Dht:
             return False
         return self.config.limit_loopback or not ip.startswith("127.")
 
-    def ip_allowed(self, node: Node, contacts: list[Node]) -> bool:
+    def ip_allowed(self, node: Node) -> bool:
         """At most ``max_contacts_per_ip`` contacts per IPv4 address (loopback exempt)."""
         if not self._limited(node.ip):
             return True
-        return sum(1 for c in contacts if c.ip == node.ip) < self.config.max_contacts_per_ip
+        return self._proto().router.contacts_at(node.ip) < self.config.max_contacts_per_ip
 
     def allow_write(self, ip: str | None, now: float) -> bool:
         """Per-sender token bucket for store/add_entries requests."""
