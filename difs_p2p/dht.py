@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
-import heapq
 import logging
 import os
 import random
@@ -206,8 +205,8 @@ class _ExactRoutingTable(RoutingTable):  # type: ignore[misc]
     Every change to the buckets' contacts goes through ``add_contact``, ``remove_contact``,
     ``split_bucket`` or ``flush``; each compares the buckets it touched before and after
     (at most k contacts each) and updates two indexes of the table's contacts: their IDs
-    in sorted order (``find_neighbors`` then reads only the smallest ID-prefix subtree
-    around the target holding k of them, not the whole table) and how many there are per
+    in sorted order (``find_neighbors`` then collects the k nearest subtree by subtree,
+    see ``_nearest_ids``, instead of reading the whole table) and how many there are per
     IP address (the per-IP cap reads one counter). Replacement-cache entries are not
     contacts: they count once promoted (by a removal or a split).
     """
@@ -310,46 +309,72 @@ class _ExactRoutingTable(RoutingTable):  # type: ignore[misc]
     def find_neighbors(
         self, node: Node, k: int | None = None, exclude: Node | None = None
     ) -> list[Node]:
-        """The ``k`` contacts closest to ``node`` by XOR, closest first, exactly.
-
-        Contacts whose ID shares the target's first ``160 - s`` bits are all closer than
-        any other (distance below ``2**s``), and they are one slice of the sorted IDs:
-        the smallest such subtree that holds ``k`` contacts holds the answer.
-        """
+        """The ``k`` contacts closest to ``node`` by XOR, closest first (as a full scan)."""
         k = k or self.ksize
         index = self.get_bucket_for(node)
         if index is not None:
             self.buckets[index].touch_last_updated()
         target = node.long_id
-        home = (exclude.ip, exclude.port) if exclude is not None else None
-        ids = self._ids
-        top = KEY_SIZE * 8
-        # smallest s whose subtree holds k IDs (a count never falls as s grows)
-        lo, hi = 0, top
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self._slice_len(target, mid) >= k:
-                hi = mid
-            else:
-                lo = mid + 1
-        shift = lo
+        want = k if exclude is None else k + 1  # the excluded address is usually one contact
         while True:
-            first = (target >> shift) << shift
-            a = bisect.bisect_left(ids, first)
-            b = bisect.bisect_left(ids, first + (1 << shift))
-            found = [n for i in ids[a:b] for n in self._members[i]]
-            if home is not None:
+            found = [n for i in self._nearest_ids(target, want) for n in self._members[i]]
+            if exclude is not None:
+                home = (exclude.ip, exclude.port)
                 found = [n for n in found if (n.ip, n.port) != home]
-            if len(found) >= k or shift >= top:
+            if len(found) >= k or want >= len(self._ids):
                 break
-            shift += 1
-        return heapq.nsmallest(k, found, key=lambda n: n.long_id ^ target)
+            want += k
+        found.sort(key=lambda n: n.long_id ^ target)
+        return found[:k]
 
-    def _slice_len(self, target: int, shift: int) -> int:
-        """How many distinct IDs share the target's first ``160 - shift`` bits."""
-        first = (target >> shift) << shift
+    def _nearest_ids(self, target: int, count: int) -> list[int]:
+        """The ``count`` contact IDs closest to ``target`` (all if fewer), in no order.
+
+        The IDs sharing the target's bits above bit ``s`` (its subtree at ``s``) are one
+        slice of the sorted IDs, and all of them are closer than any other ID. Take the
+        smallest subtree holding ``count`` IDs: the half of it that holds the target has
+        fewer, and all of those are in the answer; the rest are the closest in the other
+        half, which is the same question for the target with bit ``s - 1`` flipped
+        (XOR distances within that half keep their order).
+        """
         ids = self._ids
-        return bisect.bisect_left(ids, first + (1 << shift)) - bisect.bisect_left(ids, first)
+        if count >= len(ids):
+            return list(ids)
+        out: list[int] = []
+        a, b, shift = 0, len(ids), KEY_SIZE * 8
+        while count > 0:
+            # smallest s <= shift whose subtree holds count IDs (the one at shift does)
+            lo, hi = 0, shift
+            while lo < hi:
+                mid = (lo + hi) // 2
+                first = (target >> mid) << mid
+                n = bisect.bisect_left(ids, first + (1 << mid), a, b) - bisect.bisect_left(
+                    ids, first, a, b
+                )
+                if n >= count:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            first = (target >> lo) << lo
+            a = bisect.bisect_left(ids, first, a, b)
+            b = bisect.bisect_left(ids, first + (1 << lo), a, b)
+            if b - a == count:
+                out.extend(ids[a:b])
+                break
+            # the target's half (fewer than count IDs) is in; go on in the other half
+            half = lo - 1
+            first = (target >> half) << half
+            inner_a = bisect.bisect_left(ids, first, a, b)
+            inner_b = bisect.bisect_left(ids, first + (1 << half), inner_a, b)
+            out.extend(ids[inner_a:inner_b])
+            count -= inner_b - inner_a
+            if inner_a == a:
+                a = inner_b
+            else:
+                b = inner_a
+            target ^= 1 << half
+            shift = half
+        return out
 
     def all_contacts(self) -> list[Node]:
         return [n for bucket in self.buckets for n in bucket.nodes.values()]
