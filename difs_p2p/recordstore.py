@@ -74,6 +74,9 @@ class RecordStore:
         self.max_records = max_records
         self.max_entries_per_key = max_entries_per_key
         self._lock = threading.Lock()
+        # False while nothing was ever stored in this (in-memory) database: keys() then
+        # needs no query. The DHT asks for every new contact, to hand records over.
+        self._maybe_stored = path is not None
         try:
             self._db = sqlite3.connect(
                 str(path) if path is not None else ":memory:",
@@ -125,6 +128,7 @@ class RecordStore:
                 self._expire_locked(now)
                 if self._count("records") >= self.max_records:
                     return StoreResult(False, "record store is full")
+            self._maybe_stored = True
             self._db.execute(
                 "INSERT OR REPLACE INTO records(k, v, stored) VALUES(?,?,?)", (key, value, now)
             )
@@ -140,6 +144,8 @@ class RecordStore:
             yield bytes(k), bytes(v)
 
     def keys(self, now: float) -> list[bytes]:
+        if not self._maybe_stored:
+            return []
         with self._lock:
             rows = self._db.execute(
                 "SELECT k FROM records WHERE stored>=? UNION SELECT DISTINCT k FROM entries "
@@ -176,6 +182,7 @@ class RecordStore:
                     ).fetchone()
                     if count >= self.max_entries_per_key:
                         return StoreResult(False, "entry set is full")
+            self._maybe_stored = True
             self._db.execute(
                 "INSERT OR REPLACE INTO entries(k, ident, fresh, e, stored) VALUES(?,?,?,?,?)",
                 (key, identity, fresh, entry, now),

@@ -640,3 +640,28 @@ def test_records_nobody_restores_expire() -> None:
     assert store.get(b, now=150.0) == b"\x01b"
     assert store.expire(now=150.0) == 2
     store.close()
+
+
+def test_record_store_keys_list_records_and_entry_sets(tmp_path: Path) -> None:
+    """keys() names every key with a live record or entry, also after a reopen from disk."""
+    from difs_p2p.recordstore import RecordStore
+
+    def open_store(path: Path | None) -> RecordStore:
+        return RecordStore(path, AcceptAll(), ttl=100.0, max_records=10, max_entries_per_key=10)
+
+    a, b = os.urandom(20), os.urandom(20)
+    store = open_store(None)
+    assert store.keys(now=0.0) == []
+    store.add_entry(a, b"entry-01", now=0.0)
+    assert store.keys(now=0.0) == [a]
+    store.put(b, b"\x01b", now=0.0)
+    assert sorted(store.keys(now=0.0)) == sorted([a, b])
+    assert store.keys(now=150.0) == []
+    store.close()
+    disk = tmp_path / "records.db"
+    first = open_store(disk)
+    first.put(a, b"\x01a", now=0.0)
+    first.close()
+    again = open_store(disk)
+    assert again.keys(now=0.0) == [a]
+    again.close()
