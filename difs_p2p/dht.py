@@ -898,9 +898,14 @@ class Dht:
         proto = self._proto()
         k, alpha = min(k or self.config.ksize, self.config.ksize), self.config.alpha
         target = Node(key)
+        goal = target.long_id
         shortlist: dict[bytes, Node] = {}
+        # (distance, id) of every shortlist entry, kept sorted (IDs differ, so distances do)
+        order: list[tuple[int, bytes]] = []
         for n in start if start is not None else proto.router.find_neighbors(target, k):
             if n.id != self.node.id:
+                if n.id not in shortlist:
+                    bisect.insort(order, (n.long_id ^ goal, n.id))
                 shortlist[n.id] = n
         contacted: set[bytes] = set()
         responded: dict[bytes, Node] = {}
@@ -914,9 +919,10 @@ class Dht:
         self.stats["lookups"] += 1
 
         def candidates() -> list[Node]:
-            ordered = sorted(shortlist.values(), key=target.distance_to)[:k]
-            return [n for n in ordered if n.id not in contacted]
+            return [shortlist[i] for _, i in order[:k] if i not in contacted]
 
+        # the distance of the closest peer that answered
+        best: int | None = None
         depth: dict[bytes, int] = dict.fromkeys(shortlist, 1)
         finished = False
         try:
@@ -927,10 +933,7 @@ class Dht:
                 waiting = candidates()
                 # The paper's last round: once no candidate is closer than the closest
                 # peer that answered, ask all remaining k closest at once, not alpha.
-                best = min((target.distance_to(n) for n in responded.values()), default=None)
-                closing = best is not None and (
-                    not waiting or target.distance_to(waiting[0]) > best
-                )
+                closing = best is not None and (not waiting or waiting[0].long_id ^ goal > best)
                 width = k if closing else alpha
                 for node in waiting[: max(0, width - len(active))]:
                     contacted.add(node.id)
@@ -957,12 +960,16 @@ class Dht:
                     ok, reply = task.result()
                     nodes = self._absorb(rpc, key, node, reply, result, with_value) if ok else None
                     if nodes is None:
-                        shortlist.pop(node.id, None)
+                        if shortlist.pop(node.id, None) is not None:
+                            del order[bisect.bisect_left(order, (node.long_id ^ goal, node.id))]
                         continue
                     responded[node.id] = node
+                    if best is None or node.long_id ^ goal < best:
+                        best = node.long_id ^ goal
                     for n in nodes:
                         if n.id != self.node.id and n.id not in shortlist:
                             shortlist[n.id] = n
+                            bisect.insort(order, (n.long_id ^ goal, n.id))
                             depth[n.id] = depth.get(node.id, 1) + 1
             finished = True
         finally:
