@@ -3,7 +3,9 @@
 Every peer is a real :class:`difs_p2p.dht.Dht` with the real
 :class:`~difs_p2p.manifest.RecordValidator` policy and a seeded identity
 (:meth:`Identity.from_seed`); only its network (:mod:`sim.memnet` or :mod:`sim.relay`) and
-its clock (the event loop's, plus a fixed epoch) come from the simulator.
+its clock (the event loop's, plus a fixed epoch) come from the simulator. The ``Dht`` is
+given the node ID but not the key, so it does not run the identify challenge: contacts
+enter routing tables without proving their IDs (peers mode runs it).
 
 What the simulator adds around the peers:
 
