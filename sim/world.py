@@ -3,9 +3,9 @@
 Every peer is a real :class:`difs_p2p.dht.Dht` with the real
 :class:`~difs_p2p.manifest.RecordValidator` policy and a seeded identity
 (:meth:`Identity.from_seed`); only its network (:mod:`sim.memnet` or :mod:`sim.relay`) and
-its clock (the event loop's, plus a fixed epoch) come from the simulator. The ``Dht`` is
-given the node ID but not the key, so it does not run the identify challenge: contacts
-enter routing tables without proving their IDs (peers mode runs it).
+its clock (the event loop's, plus a fixed epoch) come from the simulator. With the
+scenario's ``identify`` (the default) the ``Dht`` has the peer's key and runs the identify
+challenge, as in production; without, contacts enter routing tables unproven.
 
 What the simulator adds around the peers:
 
@@ -326,6 +326,7 @@ class World:
             self.scenario.dht,
             clock=self.clock,
             rng=random.Random(f"{self.seed}:dht:{index}"),
+            identity=identity if self.scenario.identify else None,
         )
         peer = SimPeer(index, identity, dht, ("0.0.0.0", 0), joined=self.now())
         self.peers.append(peer)
