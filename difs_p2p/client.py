@@ -68,6 +68,8 @@ DEFAULT_REPLICAS = 3
 # Buffers up to this size are hashed on the event loop: BLAKE3 takes about 10 us for
 # 64 KiB here, less than a hop to a worker thread and back.
 INLINE_HASH = 64 << 10
+# How long the other holders wait for the lead holder's first segment before they start.
+LEAD_HEAD_START = 0.05
 
 Progress = Callable[[int], None]
 
@@ -708,6 +710,7 @@ class _Fetch:
             piece = data[skip : skip + length]
             if not self.first_byte:
                 self.first_byte = time.perf_counter() - started
+                first_out.set()
             if fd is not None:
                 await asyncio.to_thread(os.pwrite, fd, piece, pos - self.first)
                 give_back(buf)
@@ -745,6 +748,8 @@ class _Fetch:
                     )
 
         slots = asyncio.Semaphore(2 * PIPELINE)
+        # set once the first segment is out (or the lead holder gave up)
+        first_out = asyncio.Event()
 
         async def process(
             address: tuple[str, int], index: int, data: memoryview | bytes, buf: bytearray
@@ -768,7 +773,7 @@ class _Fetch:
 
         processing: set[asyncio.Task[None]] = set()
 
-        async def worker(address: tuple[str, int]) -> None:
+        async def worker(address: tuple[str, int], lead: bool) -> None:
             try:
                 conn = self._opened.pop(address, None) or await Connection.open(
                     address, io_timeout=self.client.io_timeout, network=self.client.network
@@ -777,7 +782,15 @@ class _Fetch:
                 problems.append(str(exc))
                 for index in list(queue):
                     failed[index].add(address)
+                if lead:
+                    first_out.set()
                 return
+            if not lead and not first_out.is_set():
+                # The first segment comes alone from the lead holder (connected already):
+                # started together, every holder's pipeline would compete with it.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LEAD_HEAD_START):
+                        await first_out.wait()
             inflight: collections.deque[int] = collections.deque()
             try:
                 while True:
@@ -831,6 +844,8 @@ class _Fetch:
                     failed[index].add(address)
             finally:
                 conn.close()
+                if lead:
+                    first_out.set()
 
         def pick_active() -> list[tuple[str, int]]:
             """Holders to run workers on: the one already connected first; with fewer
@@ -849,7 +864,8 @@ class _Fetch:
         try:
             while remaining["n"] > 0:
                 give_up_check()
-                workers = [asyncio.create_task(worker(a)) for a in pick_active()]
+                active = pick_active()
+                workers = [asyncio.create_task(worker(a, i == 0)) for i, a in enumerate(active)]
                 try:
                     await asyncio.gather(*workers)
                 finally:
