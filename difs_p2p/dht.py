@@ -1207,22 +1207,33 @@ class Dht:
         return await self._all_entries(key, await self.lookup(key, "find_entries"))
 
     async def _all_entries(self, key: bytes, found: LookupResult) -> list[bytes]:
-        """The entries of a lookup, the further pages of each peer, and ours."""
+        """The entries of a lookup, the further pages of each peer, and ours.
+
+        Each peer's further pages come one after another; different peers are read at
+        the same time (a name with many holders has several pages at every one of them).
+        """
         proto = self._proto()
-        entries = list(found.entries)
-        for contact, offset in found.more_pages:
+
+        async def rest(contact: Contact, offset: int) -> list[bytes]:
             node = Node(contact.node_id, contact.host, contact.port)
+            got: list[bytes] = []
             for _ in range(1000):
                 ok, reply = await proto.call_find(node, "find_entries", key, offset)
                 if not ok or not isinstance(reply, dict):
                     break
                 page = reply.get("entries")
                 if isinstance(page, list):
-                    entries.extend(e for e in page if isinstance(e, bytes))
+                    got.extend(e for e in page if isinstance(e, bytes))
                 nxt = reply.get("next")
                 if not isinstance(nxt, int) or nxt <= offset:
                     break
                 offset = nxt
+            return got
+
+        entries = list(found.entries)
+        pages = await asyncio.gather(*(rest(c, o) for c, o in found.more_pages))
+        for got in pages:
+            entries.extend(got)
         entries.extend(self.store.entries(key, self.clock()))
         return list(dict.fromkeys(entries))
 
