@@ -106,6 +106,8 @@ class FetchResult:
     first_byte: float
     sources: int
     retries: int
+    # seconds of `seconds` spent resolving the name (before the first holder is asked)
+    resolve: float = 0.0
 
 
 def _verify_resolved(
@@ -521,6 +523,7 @@ class Client:
         """
         started = time.perf_counter()
         resolved = await self.resolve(name)
+        resolve = time.perf_counter() - started
         manifest = resolved.manifest
         if version is not None:
             match = [m for m in resolved.history if m.version == version]
@@ -533,7 +536,9 @@ class Client:
         fetch = _Fetch(self, manifest, holders, byte_range, progress, sync)
         if on_size is not None:
             on_size(max(0, fetch.last - fetch.first + 1))
-        return await fetch.run(out, started)
+        result = await fetch.run(out, started)
+        result.resolve = resolve
+        return result
 
 
 async def _alive(address: tuple[str, int], network: Connector) -> bool:

@@ -110,10 +110,11 @@ class NetworkModel:
             return None
         return self.one_way()
 
-    def stream_delay(self, src: Address, dst: Address) -> float | None:
-        """The one-way delay of a new TCP connection's bytes, or None if it cannot connect."""
+    def stream_delay(self, src: Address | None, dst: Address) -> float | None:
+        """The one-way delay of a new TCP connection's bytes, or None if it cannot connect
+        (``src`` None: from outside the simulated peers, never cut by a partition)."""
         self.stats.streams += 1
-        if not self.reachable(src, dst):
+        if src is not None and not self.reachable(src, dst):
             self.stats.partitioned += 1
             return None
         return self.one_way()

@@ -38,8 +38,7 @@ from difs_p2p.config import PeerConfig
 from difs_p2p.errors import DifsError
 from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
-from difs_p2p.repair import RepairConfig, range_key
-from difs_p2p.segments import stripe_ranges
+from difs_p2p.repair import RepairConfig
 from sim.models import NetworkModel
 from sim.relay import RelayedPeerNetwork, RelayNetwork
 from sim.scenario import RunSpec, Scenario
@@ -193,41 +192,17 @@ class PeerWorld(World):
             return
         finally:
             source.unlink()
-        m = result.manifest
-        integrity = bytes.fromhex(m.integrity)
-        ranges = stripe_ranges(m.segment_count, m.stripes)
-        obj = StoredObject(
-            name=name,
-            key=m.key,
-            manifest=m,
-            user=user,
-            ranges=ranges,
-            range_keys=[range_key(integrity, i) for i in range(len(ranges))],
-            range_bytes=[
-                min(size, (b + 1) * m.segment_size) - a * m.segment_size for a, b in ranges
-            ],
-            holders=[[] for _ in ranges],
-            published=t0,
-            during_split=split,
-        )
+        obj = StoredObject.of(result.manifest, user, t0, split)
         self.digests[(name, version)] = hashlib.blake2b(data).digest()
         self.rec.publish_bytes += size * w.replicas
         if result.warnings:
             self.rec.underreplicated += 1
-        self.objects[(name, version)] = obj
-        if previous is None:
-            self.names.append(name)
-            self.names_of.setdefault(user, []).append(name)
-        self.latest[name] = obj
-        self.rec.published(self.now() - t0)
+        self._published_ok(obj, new_name=previous is None)
 
     async def _fetch(self, fetcher: SimPeer, name: str, expected: int) -> None:
         sink = _Digest()
         try:
             async with self._client(fetcher) as client:
-                t0 = self.now()
-                await client.resolve(name)
-                resolve = self.now() - t0
                 result = await client.get(name, cast(IO[bytes], sink))
         except DifsError as exc:
             if fetcher.alive:
@@ -240,7 +215,9 @@ class PeerWorld(World):
             self.rec.fetch_failed("bytes differ from the published ones")
             return
         self.rec.fetch_bytes += sink.size
-        self.rec.fetched(resolve, result.first_byte, result.seconds, sink.size, version < expected)
+        self.rec.fetched(
+            result.resolve, result.first_byte, result.seconds, sink.size, version < expected
+        )
 
     def _repair_pass(self) -> None:
         """Nothing: full peers find and repair lost copies themselves."""

@@ -102,14 +102,14 @@ class RelayedPeerNetwork:
     async def connect(self, address: tuple[str, int]) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
-        relayed = self.public is not None and self.relay.is_face(address)
         source: Address | None = None
         try:
-            if relayed:
+            if self.public is not None and self.relay.is_face(address):
+                # bound first, so the relay knows whose connection it accepts
                 sock.bind((self.relay.host, 0))
                 name = sock.getsockname()
                 source = (str(name[0]), int(name[1]))
-                self.relay.stream_sources[source] = self.public  # type: ignore[assignment]
+                self.relay.stream_sources[source] = self.public
             await asyncio.get_running_loop().sock_connect(sock, address)
         except BaseException:
             sock.close()
@@ -227,7 +227,7 @@ class RelayNetwork:
         """Carry one accepted connection to ``face``'s peer, both ways, through the model."""
         loop = asyncio.get_running_loop()
         client.setblocking(False)
-        delay = self.model.stream_delay(sender, face.public) if sender else self.model.one_way()
+        delay = self.model.stream_delay(sender, face.public)
         server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         server.setblocking(False)
         try:

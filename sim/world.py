@@ -40,7 +40,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from difs_p2p.dht import Dht
@@ -107,17 +107,47 @@ class SimPeer:
 class StoredObject:
     """One published version of a name, and who holds each of its ranges."""
 
-    name: str
-    key: bytes
     manifest: Manifest
     user: int
+    published: float
+    during_split: bool
+    # per range of the manifest's stripes: (first, last) segment, range key, bytes
     ranges: list[tuple[int, int]]
     range_keys: list[bytes]
     range_bytes: list[int]
+    # per range: indexes of the peers holding it, and whether a repair is running
     holders: list[list[int]]
-    published: float
-    during_split: bool
-    repairing: list[bool] = field(default_factory=list)
+    repairing: list[bool]
+
+    @classmethod
+    def of(
+        cls, manifest: Manifest, user: int, published: float, during_split: bool
+    ) -> StoredObject:
+        """The object ``manifest`` describes, with its ranges and nobody holding them yet."""
+        m = manifest
+        integrity = bytes.fromhex(m.integrity)
+        ranges = stripe_ranges(m.segment_count, m.stripes)
+        return cls(
+            manifest=m,
+            user=user,
+            published=published,
+            during_split=during_split,
+            ranges=ranges,
+            range_keys=[range_key(integrity, i) for i in range(len(ranges))],
+            range_bytes=[
+                min(m.size, (b + 1) * m.segment_size) - a * m.segment_size for a, b in ranges
+            ],
+            holders=[[] for _ in ranges],
+            repairing=[False] * len(ranges),
+        )
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def key(self) -> bytes:
+        return self.manifest.key
 
     @property
     def version(self) -> int:
@@ -471,47 +501,33 @@ class World:
             integrity=integrity.hex(),
             created=self.clock(),
         )
-        key = manifest.key
-        ranges = stripe_ranges(count, stripes)
-        rkeys = [range_key(integrity, i) for i in range(len(ranges))]
-        rbytes = [min(size, (b + 1) * w.segment_size) - a * w.segment_size for a, b in ranges]
+        obj = StoredObject.of(manifest, user, t0, split)
         try:
-            places = await asyncio.gather(*(self._place(entry, k, w.replicas) for k in rkeys))
+            places = await asyncio.gather(
+                *(self._place(entry, k, w.replicas) for k in obj.range_keys)
+            )
         except Exception:
             if entry.alive:
                 raise
             self.rec.publish_failed("entry peer left")
             return
-        pushed = sum(n * (len(p) - 1) for n, p in zip(rbytes, places, strict=True))
+        pushed = sum(n * (len(p) - 1) for n, p in zip(obj.range_bytes, places, strict=True))
         bw = self.scenario.link.bandwidth
         await asyncio.sleep(transfer_time(pushed, bw, bw))
         if not entry.alive:
             self.rec.publish_failed("entry peer left")
             return
-        obj = StoredObject(
-            name=name,
-            key=key,
-            manifest=manifest,
-            user=user,
-            ranges=ranges,
-            range_keys=rkeys,
-            range_bytes=rbytes,
-            holders=[[] for _ in ranges],
-            published=t0,
-            during_split=split,
-            repairing=[False] * len(ranges),
-        )
         entries = [self._hold(entry, obj, 0, max(count - 1, 0))]
         for i, chosen in enumerate(places):
             for peer in chosen[1:]:
                 if peer.alive:
-                    entries.append(self._hold(peer, obj, *ranges[i]))
+                    entries.append(self._hold(peer, obj, *obj.ranges[i]))
         self.rec.publish_bytes += pushed
         if any(len(h) < w.replicas for h in obj.holders):
             self.rec.underreplicated += 1
         try:
             result = await entry.dht.put_with_entries(
-                key, manifest.raw, [manifest.raw, *(e.raw for e in entries)]
+                obj.key, manifest.raw, [manifest.raw, *(e.raw for e in entries)]
             )
             stored = result.accepted
         except Exception:
@@ -521,12 +537,16 @@ class World:
         if stored == 0:
             self.rec.publish_failed("no peer stored the manifest")
             return
-        self.objects[(name, version)] = obj
-        if previous is None:
-            self.names.append(name)
-            self.names_of.setdefault(user, []).append(name)
-        self.latest[name] = obj
-        self.rec.published(self.now() - t0)
+        self._published_ok(obj, new_name=previous is None)
+
+    def _published_ok(self, obj: StoredObject, *, new_name: bool) -> None:
+        """``obj`` is published: it becomes its name's newest version."""
+        self.objects[(obj.name, obj.version)] = obj
+        if new_name:
+            self.names.append(obj.name)
+            self.names_of.setdefault(obj.user, []).append(obj.name)
+        self.latest[obj.name] = obj
+        self.rec.published(self.now() - obj.published)
 
     async def _place(self, entry: SimPeer, rkey: bytes, replicas: int) -> list[SimPeer]:
         """The entry peer, then the closest live peers to ``rkey``: r holders in all."""
