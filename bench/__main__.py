@@ -26,7 +26,7 @@ from typing import Any
 
 import blake3
 
-from bench.peers import cpu_seconds, peak_rss_mb, start_network, stop_processes
+from bench.peers import cpu_seconds, peak_rss_mb, start_network, stop_processes, write_results
 
 MiB = 1 << 20
 
@@ -247,11 +247,7 @@ def main() -> int:
             f"{row['op']:<26}{row['mb_s']:>10.0f}{tcp:>10.2f}{disk:>10.2f}{ttfb:>10}"
             f"{row['client_cpu_s']:>10.2f}{peers:>10}{row['client_rss_mb']:>10.0f}"
         )
-    out = Path("bench/results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.json").write_text(
-        json.dumps({"limits": limits, "rows": rows, "sizes": sizes}, indent=2)
-    )
+    write_results("latest", {"limits": limits, "rows": rows, "sizes": sizes})
     return 0
 
 

@@ -1,7 +1,9 @@
-"""Peer processes for the benchmarks: start a network, ask a peer's status, stop them all."""
+"""Peer processes for the benchmarks: start a network, ask a peer's status, stop them all;
+and where every benchmark writes its JSON."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -99,3 +101,12 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a running process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def write_results(name: str, result: dict[str, Any]) -> Path:
+    """Write ``result`` to ``bench/results/NAME.json``; return the path."""
+    out = Path("bench/results")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2))
+    return path

@@ -6,7 +6,6 @@ Run by ``make bench`` after the transfer benchmark (or alone: ``python -m bench.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -15,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.peers import peer_status, start_network, stop_processes
+from bench.peers import peer_status, start_network, stop_processes, write_results
 from difs_p2p.client import Client
 from difs_p2p.identity import Identity
 
@@ -70,9 +69,7 @@ def main() -> int:
         result = asyncio.run(run(Path(tmp), size))
     for name, value in result.items():
         print(f"{name:<28}{value}")
-    out = Path("bench/results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "repair.json").write_text(json.dumps(result, indent=2))
+    write_results("repair", result)
     return 0
 
 

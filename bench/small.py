@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import math
 import multiprocessing
 import os
@@ -48,6 +47,7 @@ from bench.peers import (
     peer_status,
     start_network,
     stop_processes,
+    write_results,
 )
 from difs_p2p.client import Client
 from difs_p2p.errors import DifsError, IntegrityError
@@ -323,14 +323,20 @@ async def bench_level(
 
         return op
 
+    async def phase(
+        clients: Sequence[Client], make: Callable[[Client], Op], items: list[int]
+    ) -> Phase:
+        """One untimed warm-up per client, then ``items`` timed; the clients closed after."""
+        try:
+            ops = [make(c) for c in clients]
+            await asyncio.gather(*(op(i) for op, i in zip(ops, warmups, strict=True)))
+            return await timed(ops, items, pids, lambda: datagrams_sent(addresses))
+        finally:
+            for c in clients:
+                await c.close()
+
     progress(f"publish C={concurrency}: {len(timed_indexes)} objects")
-    try:
-        ops = [publish_op(c) for c in publishers]
-        await asyncio.gather(*(op(i) for op, i in zip(ops, warmups, strict=True)))
-        published = await timed(ops, timed_indexes, pids, lambda: datagrams_sent(addresses))
-    finally:
-        for c in publishers:
-            await c.close()
+    published = await phase(publishers, publish_op, list(timed_indexes))
 
     # Fetch through other entry peers than the publishers', in a shuffled order.
     fetchers = [
@@ -349,14 +355,7 @@ async def bench_level(
     order = sorted(set(timed_indexes) - set(published.failed))
     random.Random(SEED + concurrency).shuffle(order)
     progress(f"fetch C={concurrency}: {len(order)} objects")
-    try:
-        ops = [fetch_op(c) for c in fetchers]
-        await asyncio.gather(*(op(i) for op, i in zip(ops, warmups, strict=True)))
-        fetched = await timed(ops, order, pids, lambda: datagrams_sent(addresses))
-    finally:
-        for c in fetchers:
-            await c.close()
-    return published, fetched
+    return published, await phase(fetchers, fetch_op, order)
 
 
 async def background(addresses: Sequence[tuple[str, int]], pids: Sequence[int]) -> dict[str, float]:
@@ -470,9 +469,7 @@ def main() -> int:
             f"{b['datagrams_s']:.0f} datagrams/s, peers {b['peers_cpu_s_per_s']:.2f} CPU s/s "
             "(maintenance; included in the rows above)"
         )
-    out = Path("bench/results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "small.json").write_text(json.dumps(result, indent=2))
+    write_results("small", result)
     return 0
 
 
