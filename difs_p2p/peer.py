@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ from difs_p2p.manifest import (
 from difs_p2p.net import HOST_NETWORK, PeerNetwork
 from difs_p2p.repair import Holding, Holdings, Maintainer, holding_owner
 from difs_p2p.store import SegmentStore
-from difs_p2p.transfer import Connection, Server, error_code
+from difs_p2p.transfer import BufferPool, Connection, Server, error_code
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,13 @@ Reply = wire.Frame | FileReply | None
 
 async def _ready(frame: wire.Frame) -> Reply:
     return frame
+
+
+def _give_back(pool: BufferPool, buf: bytearray, answer: asyncio.Task[Reply]) -> None:
+    """Return a frame's receive buffer once its answer is done; a cancelled answer may
+    have left a worker thread still reading it, so that buffer is not reused."""
+    if not answer.cancelled():
+        pool.give(buf)
 
 
 def _drain(replies: asyncio.Queue[asyncio.Task[Reply] | None]) -> None:
@@ -353,20 +361,29 @@ class Peer:
         """
         replies: asyncio.Queue[asyncio.Task[Reply] | None] = asyncio.Queue(SERVE_PIPELINE)
         writer = asyncio.create_task(self._write_replies(conn, replies))
+        pool = BufferPool(SERVE_PIPELINE // 2)
         try:
             while not writer.done():
+                buf: bytearray | None = None
                 try:
                     header = await conn.read_header()
                     if header is None:
                         break
-                    frame = wire.decode_payload(header, await conn.read_payload(header))
+                    if header.type == wire.MsgType.PUT_SEG:
+                        # the segment is a view of this buffer until its answer is done
+                        buf = pool.take(header.length)
+                    into = memoryview(buf) if buf is not None else None
+                    frame = wire.decode_payload(header, await conn.read_payload(header, into))
                 except wire.WireError as exc:
                     bad = wire.Error(
                         request_id=0, code=wire.ErrorCode.BAD_REQUEST, message=str(exc)
                     )
                     await replies.put(asyncio.create_task(_ready(bad)))
                     break
-                await replies.put(asyncio.create_task(self._answer(conn, frame)))
+                answer = asyncio.create_task(self._answer(conn, frame))
+                if buf is not None:
+                    answer.add_done_callback(functools.partial(_give_back, pool, buf))
+                await replies.put(answer)
         finally:
             if writer.done():
                 _drain(replies)

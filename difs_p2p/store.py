@@ -93,7 +93,7 @@ def _check_id(seg_id: bytes) -> bytes:
     return seg_id
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -296,6 +296,10 @@ class SegmentStore:
         h = seg_id.hex()
         return self._segments / h[:2] / h[2:4] / h
 
+    def _path_str(self, seg_id: bytes) -> str:
+        h = seg_id.hex()
+        return f"{self._segments}/{h[:2]}/{h[2:4]}/{h}"
+
     def _move_to_quarantine(self, path: Path, reason: str) -> None:
         target = self._quarantine_dir / f"{path.name}.{time.time_ns()}"
         os.replace(path, target)
@@ -379,7 +383,7 @@ class SegmentStore:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def _write_file(self, tmp: Path, data: memoryview) -> None:
+    def _write_file(self, tmp: str, data: memoryview) -> None:
         """Write ``data`` to a new file ``tmp`` and fsync it."""
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -390,18 +394,22 @@ class SegmentStore:
         finally:
             os.close(fd)
 
-    def _make_parent(self, path: Path, touched: set[Path]) -> None:
-        """Create the fan-out directories of ``path``; note every directory to fsync."""
-        leaf = path.parent
+    def _make_parent(self, path: str, touched: set[str]) -> None:
+        """Create the fan-out directories of ``path``; note every directory to fsync.
+
+        Paths are strings on the write path: building and formatting ``Path`` objects
+        was a tenth of a storing peer's Python time.
+        """
+        leaf = os.path.dirname(path)
         touched.add(leaf)
-        if leaf.is_dir():
+        if os.path.isdir(leaf):
             return
-        for directory in (leaf.parent, leaf):
+        for directory in (os.path.dirname(leaf), leaf):
             try:
-                directory.mkdir()
+                os.mkdir(directory)
             except FileExistsError:
                 continue
-            touched.add(directory.parent)
+            touched.add(os.path.dirname(directory))
 
     def put(
         self, seg_id: bytes, data: bytes | bytearray | memoryview, owner: bytes | None = None
@@ -441,14 +449,14 @@ class SegmentStore:
 
         new = self._claim(batch)
         need = sum(len(batch[seg_id]) for seg_id in new)
-        placed: list[Path] = []
+        placed: list[str] = []
         try:
             self._write_all(new, batch, placed)
             self._index_batch(new, batch, list(batch), owner, need)
         except BaseException:
             for path in placed:
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    os.unlink(path)
             with self._written:
                 self._reserved -= need
                 self._writing.difference_update(new)
@@ -481,24 +489,24 @@ class SegmentStore:
         return new
 
     def _write_all(
-        self, new: list[bytes], batch: dict[bytes, memoryview], placed: list[Path]
+        self, new: list[bytes], batch: dict[bytes, memoryview], placed: list[str]
     ) -> None:
         """Write, fsync and rename every new segment, then fsync each touched directory."""
-        touched: set[Path] = set()
+        touched: set[str] = set()
         for seg_id in new:
-            path = self._path(seg_id)
-            tmp = self._tmp / f"{seg_id.hex()}.{uuid.uuid4().hex}"
+            path = self._path_str(seg_id)
+            tmp = f"{self._tmp}/{seg_id.hex()}.{uuid.uuid4().hex}"
             try:
                 self._make_parent(path, touched)
                 self._write_file(tmp, batch[seg_id])
                 os.rename(tmp, path)
             except OSError as exc:
                 with contextlib.suppress(OSError):
-                    tmp.unlink()
+                    os.unlink(tmp)
                 raise _os_error(exc, f"writing segment {_short(seg_id)}") from exc
             placed.append(path)
         try:
-            for directory in sorted(touched, key=lambda p: len(p.parts), reverse=True):
+            for directory in sorted(touched, key=lambda p: p.count(os.sep), reverse=True):
                 _fsync_dir(directory)
         except OSError as exc:
             raise _os_error(exc, "syncing segment directories") from exc

@@ -42,6 +42,32 @@ log = logging.getLogger(__name__)
 # payloads go out as they are, without a copy.
 _COALESCE = 64 << 10
 
+
+class BufferPool:
+    """Receive buffers reused from frame to frame on one connection.
+
+    A fresh 1 MiB ``bytearray`` is zero-filled and page-faulted in while the GIL is held:
+    about a third of a storing peer's Python time when an upload arrives. A buffer taken
+    belongs to its frame until it is given back; at most ``keep`` are kept.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._free: list[bytearray] = []
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes (kept ones that are too small are dropped)."""
+        while self._free:
+            buf = self._free.pop()
+            if len(buf) >= size:
+                return buf
+        return bytearray(size)
+
+    def give(self, buf: bytearray) -> None:
+        if len(self._free) < self.keep:
+            self._free.append(buf)
+
+
 # Error classes sent as codes, checked most specific first, and back.
 _CODES: list[tuple[type[DifsError], wire.ErrorCode]] = [
     (AlreadyExistsError, wire.ErrorCode.EXISTS),

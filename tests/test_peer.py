@@ -179,3 +179,62 @@ async def test_a_failing_handler_answers_with_an_internal_error(tmp_path: Path) 
             conn.close()
     finally:
         await peer.stop()
+
+
+async def test_pipelined_segments_are_stored_each_with_its_own_bytes(tmp_path: Path) -> None:
+    """Segments sent back to back, of different sizes and with a corrupt one among them,
+    are each stored intact: a receive buffer serves the next frame only once the segment
+    it held is written, and a refused segment leaves the others alone."""
+    import asyncio
+
+    import blake3
+
+    from difs_p2p import wire
+    from difs_p2p.transfer import Connection
+
+    peer = Peer(peer_config(tmp_path / "p"))
+    await peer.start()
+    sizes = [1 << 20, 300_000, 1 << 20, (1 << 20) + 7, 5, 1 << 20] * 3
+    blobs = [os.urandom(n) for n in sizes]
+    ids = [blake3.blake3(b).digest() for b in blobs]
+    corrupt = 4
+    try:
+        conn = await Connection.open(peer.address, io_timeout=10)
+        try:
+            async with asyncio.timeout(30):
+                for i, (seg_id, data) in enumerate(zip(ids, blobs, strict=True)):
+                    sent = data[::-1] if i == corrupt else data
+                    await conn.send(wire.PutSeg(request_id=i, seg_id=seg_id, data=sent))
+                replies = [await conn.read_frame() for _ in blobs]
+        finally:
+            conn.close()
+        for i, reply in enumerate(replies):
+            assert reply is not None and reply.request_id == i
+            assert isinstance(reply, wire.Error if i == corrupt else wire.Ack), reply
+        store = peer._store()
+        for i, (seg_id, data) in enumerate(zip(ids, blobs, strict=True)):
+            if i == corrupt:
+                assert not store.has(seg_id)
+            else:
+                assert store.read(seg_id) == data
+    finally:
+        await peer.stop()
+
+
+def test_buffer_pool_reuses_buffers_large_enough_and_keeps_a_few() -> None:
+    from difs_p2p.transfer import BufferPool
+
+    pool = BufferPool(keep=2)
+    a = pool.take(100)
+    assert len(a) == 100
+    pool.give(a)
+    assert pool.take(50) is a  # large enough: reused
+    pool.give(a)
+    b = pool.take(200)  # `a` is too small: dropped, a new one made
+    assert b is not a and len(b) == 200
+    given = [bytearray(10), bytearray(10), bytearray(10)]
+    for buf in given:
+        pool.give(buf)  # the third is beyond `keep`: not kept
+    taken = [pool.take(1), pool.take(1), pool.take(1)]
+    assert taken[0] is given[1] and taken[1] is given[0]
+    assert all(t is not g for t in taken[2:] for g in given)

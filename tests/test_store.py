@@ -53,8 +53,8 @@ def store(root: Path) -> Iterator[SegmentStore]:
 def simulate_full_disk(monkeypatch: pytest.MonkeyPatch, s: SegmentStore) -> None:
     """Make the store's file writes fail with ENOSPC after writing part of the file."""
 
-    def write_then_fail(tmp: Path, data: memoryview) -> None:
-        tmp.write_bytes(bytes(data[: len(data) // 2]))
+    def write_then_fail(tmp: str, data: memoryview) -> None:
+        Path(tmp).write_bytes(bytes(data[: len(data) // 2]))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(s, "_write_file", write_then_fail)
@@ -266,8 +266,8 @@ def test_other_write_errors_are_storage_errors(
 ) -> None:
     """An I/O error other than a full disk is a StorageError, cleaned up the same way."""
 
-    def fail(tmp: Path, data: memoryview) -> None:
-        tmp.write_bytes(b"x")
+    def fail(tmp: str, data: memoryview) -> None:
+        Path(tmp).write_bytes(b"x")
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(store, "_write_file", fail)
@@ -321,7 +321,7 @@ def test_put_many_on_full_disk_leaves_nothing(
     calls = 0
     real_write = store._write_file
 
-    def fail_third(tmp: Path, data: memoryview) -> None:
+    def fail_third(tmp: str, data: memoryview) -> None:
         nonlocal calls
         calls += 1
         if calls == 3:
