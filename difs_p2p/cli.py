@@ -473,6 +473,7 @@ def get(
         "bytes": result.bytes,
         "seconds": round(result.seconds, 3),
         "first_byte_ms": round(result.first_byte * 1000, 1),
+        "resolve_ms": round(result.resolve * 1000, 1),
         "sources": result.sources,
         "retries": result.retries,
         "mb_per_s": round(result.bytes / result.seconds / 1e6, 1) if result.seconds else 0,

@@ -205,7 +205,9 @@ def test_put_get_stat_versions_rm_as_processes(tmp_path: Path) -> None:
         # A device is a valid output: /dev/null cannot be fsynced, and need not be.
         null = difs("get", "/cli/x.bin", "-o", os.devnull, "--peer", other, "--json", env=env)
         assert null.returncode == 0, null.stderr
-        assert json.loads(null.stdout)["bytes"] == 300_000
+        summary = json.loads(null.stdout)
+        assert summary["bytes"] == 300_000
+        assert 0 < summary["resolve_ms"] <= summary["first_byte_ms"]
         piped = subprocess.run(
             [
                 str(BIN / "difs"),
