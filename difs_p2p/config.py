@@ -103,7 +103,9 @@ class DhtConfig:
     # then costs a lookup the stall time instead of rpc_timeout. Its reply still counts if
     # it comes before the lookup ends. The stall time adapts like TCP's retransmission
     # timeout (smoothed round trip + 4 deviations, from this peer's lookup replies),
-    # between lookup_stall_min and lookup_stall (also the value before any reply).
+    # between lookup_stall_min and lookup_stall (also the value before any reply). Writes
+    # to the k closest (put_with_entries, add_entries) stop waiting for a peer the stall
+    # time after the latest reply the same way.
     lookup_stall: float = 0.5
     lookup_stall_min: float = 0.2
     # The library evicts a contact after one lost reply; the paper suggests tolerating several.

@@ -1070,8 +1070,8 @@ class Dht:
                 accepted += 1
             else:
                 refused += 1
-        stores = asyncio.gather(
-            *(proto.call_store(Node(c.node_id, c.host, c.port), key, value) for c in peers)
+        stores = self._answers(
+            [proto.call_store(Node(c.node_id, c.host, c.port), key, value) for c in peers]
         )
         added = self._add_entries_to(key, entries, peers)
         replies, entries_accepted = await asyncio.gather(stores, added)
@@ -1197,10 +1197,38 @@ class Dht:
             for batch in batches
             if batch
         ]
-        for ok, reply in await asyncio.gather(*calls):
+        for ok, reply in await self._answers(calls):
             if ok and isinstance(reply, int) and reply > 0:
                 accepted += reply
         return accepted
+
+    async def _answers(
+        self, calls: Sequence[Awaitable[tuple[bool, Any]]]
+    ) -> list[tuple[bool, Any]]:
+        """The replies to requests sent at once, in order.
+
+        A request still unanswered a stall time after the latest reply (adaptive, as in
+        lookups) counts as unanswered, ``(False, None)``: a dead peer among the k closest
+        costs a write the stall time, not ``rpc_timeout``. It runs on in the background:
+        a late store still lands, and a timeout still counts towards evicting the contact.
+        """
+        tasks = [asyncio.ensure_future(c) for c in calls]
+        stall = self.rtt.timeout(self.config.lookup_stall_min, self.config.lookup_stall)
+        pending: set[asyncio.Future[tuple[bool, Any]]] = set(tasks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(
+                    pending, timeout=stall, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    break
+        except BaseException:
+            for task in pending:
+                task.cancel()
+            raise
+        for task in pending:
+            self._adopt(task)  # type: ignore[arg-type]
+        return [t.result() if t.done() else (False, None) for t in tasks]
 
     async def get_entries(self, key: bytes) -> list[bytes]:
         """The union of the entries under ``key`` held by the k closest peers and here."""

@@ -206,6 +206,33 @@ async def test_dead_contacts_cost_a_lookup_the_stall_time_not_the_rpc_timeout() 
         await stop_all(nodes)
 
 
+async def test_a_dead_peer_among_the_closest_costs_a_write_the_stall_time() -> None:
+    """put_with_entries to k closest of which some died since the lookup returns once the
+    live ones answered and the stall time passed, counting the dead as refused; the live
+    ones hold the record and the entries."""
+    config = DhtConfig(
+        rpc_timeout=30.0, lookup_stall=0.1, lookup_stall_min=0.1, liveness_interval=3600
+    )
+    nodes = await start_dhts(8, config=config)
+    try:
+        writer, key = nodes[0], os.urandom(20)
+        await writer.lookup(key, "find_node")  # remembered for the write (closest_reuse)
+        dead = nodes[5:]
+        for node in dead:
+            node.transport.close()  # type: ignore[union-attr]  # silent, no goodbye
+        # Waiting for the dead peers' replies would hit the 30 s RPC timeout.
+        async with asyncio.timeout(10):
+            stored = await writer.put_with_entries(key, b"\x01x", [b"\x02entry"])
+        assert stored.refused == len(dead)
+        live = nodes[1:5]
+        assert stored.accepted >= len(live)
+        for node in live:
+            assert node.store.get(key, node.clock()) == b"\x01x"
+            assert node.store.entries(key, node.clock()) == [b"\x02entry"]
+    finally:
+        await stop_all(nodes)
+
+
 def test_stall_time_follows_the_round_trip_within_bounds() -> None:
     """The stall time is the cap before any reply, then srtt + 4 rttvar, clamped."""
     rtt = RttEstimator()
