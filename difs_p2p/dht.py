@@ -166,6 +166,20 @@ def _distance(a: bytes, b: bytes) -> int:
     return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
 
 
+def _entry_batches(entries: Sequence[bytes], first: int = _ENTRY_BATCH_BYTES) -> list[list[bytes]]:
+    """``entries`` cut into request-sized batches, in order; the first batch holds at most
+    ``first`` bytes (room left beside a record) and may be empty."""
+    batches: list[list[bytes]] = [[]]
+    size, budget = 0, first
+    for e in entries:
+        if size + len(e) > budget and (batches[-1] or budget < _ENTRY_BATCH_BYTES):
+            batches.append([])
+            size, budget = 0, _ENTRY_BATCH_BYTES
+        batches[-1].append(e)
+        size += len(e)
+    return batches
+
+
 def _neg(value: bytes) -> tuple[int, ...]:
     """A sort key under which smaller bytes sort later (for reverse sorts)."""
     return (*(-b for b in value), -len(value))
@@ -463,16 +477,20 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
             value = store.get(key, now)
             return {"value": value} if value is not None else neighbors
         if name == "store":
-            if len(args) != 2 or not isinstance(args[1], bytes):
+            # optionally with entries to add (one request where two were needed): the
+            # reply is then [record accepted, entries accepted]
+            if len(args) not in (2, 3) or not isinstance(args[1], bytes):
                 return False
             if len(args[1]) > MAX_VALUE_SIZE:
                 return False
-            return store.put(key, args[1], now).accepted
+            accepted = store.put(key, args[1], now).accepted
+            if len(args) == 2:
+                return accepted
+            return [accepted, self._add_entries(key, args[2], now)]
         if name == "add_entries":
-            if len(args) != 2 or not isinstance(args[1], list):
+            if len(args) != 2:
                 return 0
-            items = [e for e in args[1] if isinstance(e, bytes) and len(e) <= MAX_VALUE_SIZE]
-            return sum(store.add_entry(key, e, now).accepted for e in items)
+            return self._add_entries(key, args[1], now)
         # find_entries: one page of entries starting at an offset, plus closer contacts;
         # with the optional flag, also the record (so one lookup reads both)
         offset = args[1] if len(args) > 1 and isinstance(args[1], int) else 0
@@ -495,6 +513,16 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         if with_value:
             reply["value"] = value
         return reply
+
+    def _add_entries(self, key: bytes, items: object, now: float) -> int:
+        if not isinstance(items, list):
+            return 0
+        store = self.dht.store
+        return sum(
+            store.add_entry(key, e, now).accepted
+            for e in items
+            if isinstance(e, bytes) and len(e) <= MAX_VALUE_SIZE
+        )
 
     def _handle_reply(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
         pending = self._outstanding.get(msg_id)
@@ -556,9 +584,13 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         result = await self.call((node.ip, node.port), name, self.source_node.id, key, *extra)
         return self.handle_call_response(result, node)
 
-    async def call_store(self, node_to_ask: Node, key: bytes, value: bytes) -> tuple[bool, Any]:
+    async def call_store(
+        self, node_to_ask: Node, key: bytes, value: bytes, entries: Sequence[bytes] = ()
+    ) -> tuple[bool, Any]:
+        """``store``, with ``entries`` to add in the same request when there are any."""
+        extra: tuple[object, ...] = (list(entries),) if entries else ()
         result = await self.call(
-            (node_to_ask.ip, node_to_ask.port), "store", self.source_node.id, key, value
+            (node_to_ask.ip, node_to_ask.port), "store", self.source_node.id, key, value, *extra
         )
         return self.handle_call_response(result, node_to_ask)
 
@@ -1070,16 +1102,41 @@ class Dht:
                 accepted += 1
             else:
                 refused += 1
+        now = self.clock()
+        entries_accepted = sum(self.store.add_entry(key, e, now).accepted for e in entries)
+        # The first batch of entries rides with the record (one request per peer); the
+        # rest go as add_entries. A peer that predates entries in `store` refuses the
+        # request with a bare `false` and is asked again the old way.
+        batches = _entry_batches(entries, first=_ENTRY_BATCH_BYTES - len(value))
+        first, rest = batches[0], batches[1:]
         stores = self._answers(
-            [proto.call_store(Node(c.node_id, c.host, c.port), key, value) for c in peers]
+            [proto.call_store(Node(c.node_id, c.host, c.port), key, value, first) for c in peers]
         )
-        added = self._add_entries_to(key, entries, peers)
-        replies, entries_accepted = await asyncio.gather(stores, added)
-        for ok, reply in replies:
-            if ok and reply is True:
-                accepted += 1
+        added = self._send_entries(key, rest, peers)
+        replies, more = await asyncio.gather(stores, added)
+        entries_accepted += more
+        older: list[Contact] = []
+        for contact, (ok, reply) in zip(peers, replies, strict=True):
+            if ok and isinstance(reply, list) and len(reply) == 2:
+                took, added_here = reply
+                accepted += took is True
+                refused += took is not True
+                entries_accepted += added_here if isinstance(added_here, int) else 0
+            elif ok and reply is True:
+                accepted += 1  # without entries in the request
+            elif ok and reply is False and first:
+                older.append(contact)
             else:
                 refused += 1
+        if older:
+            again = self._answers(
+                [proto.call_store(Node(c.node_id, c.host, c.port), key, value) for c in older]
+            )
+            replies, more = await asyncio.gather(again, self._send_entries(key, [first], older))
+            entries_accepted += more
+            took_old = sum(ok and reply is True for ok, reply in replies)
+            accepted += took_old
+            refused += len(older) - took_old
         return Stored(accepted, refused, entries_accepted)
 
     def _among_closest(self, key: bytes, peers: list[Contact]) -> bool:
@@ -1180,23 +1237,24 @@ class Dht:
     ) -> int:
         if not entries:
             return 0
-        proto = self._proto()
         now = self.clock()
         accepted = sum(self.store.add_entry(key, e, now).accepted for e in entries)
-        batches: list[list[bytes]] = [[]]
-        size = 0
-        for e in entries:
-            if size + len(e) > _ENTRY_BATCH_BYTES and batches[-1]:
-                batches.append([])
-                size = 0
-            batches[-1].append(e)
-            size += len(e)
+        return accepted + await self._send_entries(key, _entry_batches(entries), peers)
+
+    async def _send_entries(
+        self, key: bytes, batches: Sequence[Sequence[bytes]], peers: list[Contact]
+    ) -> int:
+        """``add_entries`` of each batch to each peer; the acceptances."""
+        proto = self._proto()
+        accepted = 0
         calls: list[Awaitable[tuple[bool, Any]]] = [
-            proto.call_find(Node(c.node_id, c.host, c.port), "add_entries", key, batch)
+            proto.call_find(Node(c.node_id, c.host, c.port), "add_entries", key, list(batch))
             for c in peers
             for batch in batches
             if batch
         ]
+        if not calls:
+            return 0
         for ok, reply in await self._answers(calls):
             if ok and isinstance(reply, int) and reply > 0:
                 accepted += reply

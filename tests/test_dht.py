@@ -486,6 +486,59 @@ async def test_a_store_right_after_a_lookup_reuses_its_closest_peers() -> None:
         await stop_all(nodes)
 
 
+async def test_record_and_entries_go_in_one_request_per_peer() -> None:
+    """put_with_entries sends the record and the first batch of entries together (one
+    request per peer instead of two); entries beyond one datagram follow as add_entries."""
+    nodes = await start_dhts(6)
+    try:
+        writer, key = nodes[1], os.urandom(20)
+        await writer.lookup(key, "find_node")
+        peers = len(nodes) - 1
+        few = [os.urandom(179) for _ in range(3)]
+        sent = writer._proto().sent
+        stored = await writer.put_with_entries(key, b"\x01v", few)
+        assert writer._proto().sent - sent == peers
+        assert (stored.accepted, stored.refused) == (len(nodes), 0)
+        assert stored.entries_accepted == len(few) * len(nodes)
+        many = [os.urandom(179) for _ in range(60)]  # 10,740 bytes: two batches
+        sent = writer._proto().sent
+        stored = await writer.put_with_entries(key, b"\x01w", many)
+        assert writer._proto().sent - sent == 2 * peers
+        assert stored.entries_accepted == len(many) * len(nodes)
+        for node in nodes:
+            assert node.store.get(key, node.clock()) == b"\x01w"
+            assert set(node.store.entries(key, node.clock())) == set(few + many)
+    finally:
+        await stop_all(nodes)
+
+
+async def test_a_peer_refusing_entries_in_a_store_is_asked_the_old_way() -> None:
+    """A peer of the previous release answers a store carrying entries with a bare false;
+    the writer then sends it store and add_entries separately, and it ends up with both.
+
+    The previous release cannot run here, so one peer's request handler is wrapped to
+    answer as it did (a store with other than two arguments is refused)."""
+    nodes = await start_dhts(5)
+    try:
+        old = nodes[3]._proto()
+        dispatch = old._dispatch
+
+        def previous_release(name: str, sender: Any, args: list[Any]) -> object:
+            if name == "store" and len(args) != 2:
+                return False
+            return dispatch(name, sender, args)
+
+        old._dispatch = previous_release  # type: ignore[method-assign]
+        writer, key = nodes[0], os.urandom(20)
+        stored = await writer.put_with_entries(key, b"\x01v", [b"\x02e"])
+        assert (stored.accepted, stored.refused) == (len(nodes), 0)
+        assert stored.entries_accepted == len(nodes)
+        assert nodes[3].store.get(key, nodes[3].clock()) == b"\x01v"
+        assert nodes[3].store.entries(key, nodes[3].clock()) == [b"\x02e"]
+    finally:
+        await stop_all(nodes)
+
+
 async def test_put_with_entries_counts_refusals() -> None:
     """Peers that refuse the record count as refused, so the caller knows to read back."""
     nodes = await start_dhts(5, policy=RefuseAll())
