@@ -1067,11 +1067,20 @@ class Dht:
         return nodes
 
     async def closest(self, key: bytes, count: int | None = None) -> list[Contact]:
-        """The ``count`` closest live peers to ``key``, this peer included, closest first."""
+        """The ``count`` closest live peers to ``key``, this peer included, closest first.
+
+        A lookup keeps only the peers that answered within the stall time; on a loaded
+        machine a live peer may be late. If fewer than ``count`` answered, the closest
+        other known contacts follow them (the caller's transfer finds out which are up).
+        """
         count = count or self.config.ksize
         found = (await self.lookup(key, "find_node", k=count)).closest
         everyone = [*found, self.me]
         everyone.sort(key=lambda c: _distance(c.node_id, key))
+        if len(everyone) < count:
+            have = {c.node_id for c in everyone}
+            known = self._proto().router.find_neighbors(Node(key), count)
+            everyone += [_contact(n) for n in known if n.id not in have][: count - len(everyone)]
         return everyone[:count]
 
     # -- records ---------------------------------------------------------------------------

@@ -233,6 +233,29 @@ async def test_a_dead_peer_among_the_closest_costs_a_write_the_stall_time() -> N
         await stop_all(nodes)
 
 
+async def test_closest_fills_up_with_known_contacts_that_were_late() -> None:
+    """closest() lists the peers that answered first, then known contacts that did not
+    answer in time (a slow peer on a loaded machine is still worth a transfer attempt)."""
+    config = DhtConfig(
+        rpc_timeout=30.0, lookup_stall=0.1, lookup_stall_min=0.1, liveness_interval=3600
+    )
+    nodes = await start_dhts(6, config=config)
+    try:
+        asker, silent = nodes[0], nodes[5]
+        silent.transport.close()  # type: ignore[union-attr]
+        key = os.urandom(20)
+        async with asyncio.timeout(10):
+            answered = (await asker.lookup(key, "find_node")).closest
+            got = await asker.closest(key, len(nodes))
+        assert silent.node_id not in {c.node_id for c in answered}
+        ids = [c.node_id for c in got]
+        assert ids[-1] == silent.node_id
+        assert set(ids) == {n.node_id for n in nodes}
+        assert len(await asker.closest(key, 3)) == 3
+    finally:
+        await stop_all(nodes)
+
+
 def test_stall_time_follows_the_round_trip_within_bounds() -> None:
     """The stall time is the cap before any reply, then srtt + 4 rttvar, clamped."""
     rtt = RttEstimator()
