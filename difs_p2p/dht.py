@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
+import hashlib
 import logging
 import os
 import random
@@ -81,6 +82,21 @@ _RPCS = frozenset(
 _WRITES = frozenset({"store", "add_entries"})
 # Keys whose k closest peers a Dht remembers for closest_reuse seconds.
 _RECENT_CLOSEST_MAX = 1024
+# Bytes of the entry-set digest in a find_entries reply (128 bits: matching an honest
+# set's digest with another set is a second preimage). A peer that lies about its
+# digest gains nothing: the reader checks the pages it reads against it.
+ENTRY_DIGEST_SIZE = 16
+_ENTRY_DIGEST_DOMAIN = b"difs-entries-v1\x00"
+
+
+def entry_set_digest(entries: Iterable[bytes]) -> bytes:
+    """The digest of a set of entries, whatever order they come in: SHA-256 over the
+    entries in byte order, each after its length (4 bytes), the first 16 bytes."""
+    h = hashlib.sha256(_ENTRY_DIGEST_DOMAIN)
+    for entry in sorted(set(entries)):
+        h.update(len(entry).to_bytes(4, "big"))
+        h.update(entry)
+    return h.digest()[:ENTRY_DIGEST_SIZE]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +121,18 @@ class Stored:
     entries_accepted: int  # entry acceptances summed over peers
 
 
+@dataclass(frozen=True, slots=True)
+class MorePages:
+    """A find_entries reply that had further pages: who sent it, where the next page
+    starts, the digest of the sender's whole entry set (None if it sent none) and the
+    entries of the page it sent."""
+
+    contact: Contact
+    next: int
+    digest: bytes | None
+    first: list[bytes]
+
+
 @dataclass(slots=True)
 class LookupResult:
     """What an iterative lookup found."""
@@ -120,11 +148,30 @@ class LookupResult:
     peak_in_flight: int = 0
     # peers among the closest that answered without a value (read-repair targets)
     without_value: list[Contact] = field(default_factory=list)
-    # peers whose find_entries reply had more pages, with the next offset
-    more_pages: list[tuple[Contact, int]] = field(default_factory=list)
+    # find_entries replies that had more pages
+    more_pages: list[MorePages] = field(default_factory=list)
     # peers asked for entries with the value that answered without a "value" key (peers
     # that predate the flag): whether they hold a record is unknown
     value_unknown: list[Contact] = field(default_factory=list)
+
+
+def page_plan(
+    more_pages: Sequence[MorePages], local_digest: bytes
+) -> tuple[list[MorePages], list[list[MorePages]]]:
+    """Which further pages to read: (peers to read whole, groups of peers with one digest).
+
+    Peers that sent no digest are read whole, as before digests existed. Peers whose
+    digest equals ``local_digest`` (the reader's own set) are not read at all. The rest
+    are grouped by digest, in the order they answered, so that one peer per group is read.
+    """
+    whole: list[MorePages] = []
+    groups: dict[bytes, list[MorePages]] = {}
+    for more in more_pages:
+        if more.digest is None:
+            whole.append(more)
+        elif more.digest != local_digest:
+            groups.setdefault(more.digest, []).append(more)
+    return whole, list(groups.values())
 
 
 class RttEstimator:
@@ -510,6 +557,10 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
             "next": nxt,
             "nodes": neighbors[: self.dht.config.ksize // 2],
         }
+        if offset <= 0 and nxt >= 0:
+            # the first page of several: readers need the further pages of only one
+            # peer per distinct entry set
+            reply["digest"] = entry_set_digest(all_entries)
         if with_value:
             reply["value"] = value
         return reply
@@ -1060,10 +1111,14 @@ class Dht:
                 return None
             if value is not None:
                 result.values.append((_contact(node), value))
-        result.entries.extend(e for e in entries if isinstance(e, bytes))
+        page = [e for e in entries if isinstance(e, bytes)]
+        result.entries.extend(page)
         nxt = reply.get("next")
         if isinstance(nxt, int) and (nxt > 0 or (nxt == 0 and with_value)):
-            result.more_pages.append((_contact(node), nxt))
+            digest = reply.get("digest")
+            if not (isinstance(digest, bytes) and len(digest) == ENTRY_DIGEST_SIZE):
+                digest = None  # a peer that predates the digest, or a malformed one
+            result.more_pages.append(MorePages(_contact(node), nxt, digest, page))
         return nodes
 
     async def closest(self, key: bytes, count: int | None = None) -> list[Contact]:
@@ -1302,16 +1357,21 @@ class Dht:
         return await self._all_entries(key, await self.lookup(key, "find_entries"))
 
     async def _all_entries(self, key: bytes, found: LookupResult) -> list[bytes]:
-        """The entries of a lookup, the further pages of each peer, and ours.
+        """The entries of a lookup, the further pages of the peers that had more, and ours.
 
-        Each peer's further pages come one after another; different peers are read at
-        the same time (a name with many holders has several pages at every one of them).
+        Peers that sent the digest of their entry set are grouped by it (``page_plan``):
+        a set that equals ours is not read again, and of each other set the further
+        pages of one peer are read, checked against the digest, and only if they do not
+        match are the other peers of that group read. Peers without a digest are read
+        whole. Each peer's pages come one after another; different peers are read at
+        the same time.
         """
         proto = self._proto()
+        local = self.store.entries(key, self.clock())
 
-        async def rest(contact: Contact, offset: int) -> list[bytes]:
-            node = Node(contact.node_id, contact.host, contact.port)
-            got: list[bytes] = []
+        async def rest(more: MorePages) -> list[bytes]:
+            node = Node(more.contact.node_id, more.contact.host, more.contact.port)
+            got, offset = list(more.first), more.next
             for _ in range(1000):
                 ok, reply = await proto.call_find(node, "find_entries", key, offset)
                 if not ok or not isinstance(reply, dict):
@@ -1325,11 +1385,22 @@ class Dht:
                 offset = nxt
             return got
 
+        async def one_of(group: list[MorePages]) -> list[bytes]:
+            digest = group[0].digest
+            got = await rest(group[0])
+            if entry_set_digest(got) == digest:
+                return got
+            # the peer did not send the set it announced: read the others of its group
+            for more in await asyncio.gather(*(rest(m) for m in group[1:])):
+                got.extend(more)
+            return got
+
+        whole, groups = page_plan(found.more_pages, entry_set_digest(local))
+        pages = await asyncio.gather(*(rest(m) for m in whole), *(one_of(g) for g in groups))
         entries = list(found.entries)
-        pages = await asyncio.gather(*(rest(c, o) for c, o in found.more_pages))
         for got in pages:
             entries.extend(got)
-        entries.extend(self.store.entries(key, self.clock()))
+        entries.extend(local)
         return list(dict.fromkeys(entries))
 
     # -- handing records to newcomers ------------------------------------------------------

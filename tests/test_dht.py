@@ -22,11 +22,16 @@ from kademlia.routing import KBucket, RoutingTable
 from difs_p2p.config import DhtConfig
 from difs_p2p.dht import (
     IDENTIFY_DOMAIN,
+    Contact,
     Dht,
+    LookupResult,
+    MorePages,
     RttEstimator,
     _ExactRoutingTable,
     _pack,
     _unpack,
+    entry_set_digest,
+    page_plan,
 )
 from difs_p2p.identity import Identity
 from difs_p2p.recordstore import AcceptAll
@@ -461,6 +466,133 @@ async def test_resolve_pages_entries_after_a_large_record() -> None:
         records, got = await nodes[3].resolve(key)
         assert records == [value]
         assert set(got) == set(entries)
+    finally:
+        await stop_all(nodes)
+
+
+@given(st.lists(st.binary(min_size=1, max_size=40), max_size=20), st.randoms())
+def test_entry_set_digest_depends_on_the_set_not_its_order(
+    entries: list[bytes], rng: random.Random
+) -> None:
+    """The digest of an entry set is the same in any order; another set has another."""
+    shuffled = list(entries)
+    rng.shuffle(shuffled)
+    assert entry_set_digest(shuffled) == entry_set_digest(entries)
+    assert entry_set_digest([*entries, b"\x00" * 41]) != entry_set_digest(entries)
+    # lengths are part of the digest: moving a byte between entries changes it
+    assert entry_set_digest([b"ab", b"c"]) != entry_set_digest([b"a", b"bc"])
+
+
+def test_page_plan_reads_one_peer_per_entry_set() -> None:
+    """Peers without a digest are read whole; one group per other digest; ours is skipped."""
+
+    def more(i: int, digest: bytes | None) -> MorePages:
+        return MorePages(Contact(bytes([i]) * 20, "127.0.0.1", 1000 + i), 5, digest, [])
+
+    ours, other, third = b"o" * 16, b"x" * 16, b"t" * 16
+    peers = [more(0, other), more(1, None), more(2, ours), more(3, other), more(4, third)]
+    whole, groups = page_plan(peers, ours)
+    assert whole == [peers[1]]
+    assert groups == [[peers[0], peers[3]], [peers[4]]]
+
+
+def _count_page_requests(node: Dht, counts: Counter[bytes]) -> None:
+    """Count the find_entries requests for a further page (offset > 0) that ``node`` gets."""
+    proto = node.protocol
+    assert proto is not None
+    plain = proto._dispatch
+
+    def counting(name: str, sender: Node, args: list[object]) -> object:
+        if name == "find_entries" and len(args) > 1 and args[1] != 0:
+            counts[node.node_id] += 1
+        return plain(name, sender, args)
+
+    proto._dispatch = counting  # type: ignore[method-assign]
+
+
+async def test_further_pages_come_from_one_peer_per_entry_set() -> None:
+    """Peers holding the same entries are not all read page by page: a reader that holds
+    the set reads no further pages, one that does not reads them from one peer."""
+    nodes = await start_dhts(6)
+    try:
+        key = os.urandom(20)
+        entries = [os.urandom(8) + os.urandom(300) for _ in range(60)]  # ~18 KB: 3+ pages
+        await nodes[0].add_entries(key, entries)
+        assert all(len(n.store.entries(key, n.clock())) == 60 for n in nodes)
+        counts: Counter[bytes] = Counter()
+        for node in nodes:
+            _count_page_requests(node, counts)
+        reader = nodes[5]
+        _, got = await reader.resolve(key)
+        assert set(got) == set(entries)
+        assert sum(counts.values()) == 0  # every peer's set equals the reader's
+
+        reader.store.remove_entries(key, [e[:8] for e in entries])
+        _, got = await reader.resolve(key)
+        assert set(got) == set(entries)
+        assert len(counts) == 1  # one peer's further pages, not all five
+        assert sum(counts.values()) >= 2
+    finally:
+        await stop_all(nodes)
+
+
+async def test_a_peer_that_lies_about_its_entry_set_does_not_hide_entries() -> None:
+    """A peer that announces another peer's digest but sends other pages is caught by
+    the digest check, and the other peers of its group are read."""
+    nodes = await start_dhts(4)
+    try:
+        key = os.urandom(20)
+        entries = [os.urandom(8) + os.urandom(300) for _ in range(60)]
+        await nodes[0].add_entries(key, entries)
+        liar, honest, reader = nodes[1], nodes[2], nodes[3]
+        liar.store.remove_entries(key, [e[:8] for e in entries[30:]])  # it hides half
+        reader.store.remove_entries(key, [e[:8] for e in entries])
+        digest = entry_set_digest(entries)
+
+        def first_page(node: Dht) -> MorePages:
+            page = node.store.entries(key, node.clock())[:5]
+            return MorePages(node.me, 5, digest, page)
+
+        # the liar answered first, claiming the honest peers' digest
+        found = LookupResult(
+            closest=[liar.me, honest.me],
+            entries=[],
+            more_pages=[first_page(liar), first_page(honest)],
+        )
+        got = await reader._all_entries(key, found)
+        assert set(got) == set(entries)
+    finally:
+        await stop_all(nodes)
+
+
+async def test_peers_without_the_digest_are_read_whole() -> None:
+    """A peer that predates the entry-set digest is read page by page, as before."""
+    nodes = await start_dhts(5)
+    try:
+        key = os.urandom(20)
+        entries = [os.urandom(8) + os.urandom(300) for _ in range(60)]
+        await nodes[0].add_entries(key, entries)
+        counts: Counter[bytes] = Counter()
+        for node in nodes[:4]:
+            proto = node.protocol
+            assert proto is not None
+            plain = proto._dispatch
+
+            def without_digest(
+                name: str, sender: Node, args: list[object], plain: Any = plain
+            ) -> object:
+                reply = plain(name, sender, args)
+                if name == "find_entries" and isinstance(reply, dict):
+                    reply.pop("digest", None)
+                return reply
+
+            proto._dispatch = without_digest  # type: ignore[method-assign]
+            _count_page_requests(node, counts)
+        reader = nodes[4]
+        reader.store.remove_entries(key, [e[:8] for e in entries])
+        _, got = await reader.resolve(key)
+        assert set(got) == set(entries)
+        assert len(counts) == 4
     finally:
         await stop_all(nodes)
 
