@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
+import socket
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -441,6 +442,17 @@ def build_holder_entry(
 
 def parse_holder_entry(raw: bytes) -> HolderEntry:
     """Decode and verify a holder entry (WireError / IntegrityError)."""
+    entry = decode_holder_entry(raw)
+    verify_holder_entry(entry)
+    return entry
+
+
+def decode_holder_entry(raw: bytes) -> HolderEntry:
+    """Decode a holder entry **without** checking its signature (WireError).
+
+    For a reader that receives many entries and uses few of them at first (a fetch):
+    it must call :func:`verify_holder_entry` on an entry before using it.
+    """
     if len(raw) != HOLDER_SIZE:
         raise WireError(f"holder entry of {len(raw)} bytes, expected {HOLDER_SIZE}")
     kind, key, version, integrity, start, end, ip, port, issued, pub = _HOLDER.unpack_from(raw)
@@ -448,20 +460,24 @@ def parse_holder_entry(raw: bytes) -> HolderEntry:
         raise WireError("not a holder entry", field="kind", offset=0)
     if end < start or port == 0 or version == 0:
         raise WireError("bad range, port or version", field="range", offset=61)
-    body = raw[: _HOLDER.size]
-    verify_signature(pub, raw[_HOLDER.size :], HOLDER_DOMAIN + body)
     return HolderEntry(
         key=key,
         version=version,
         integrity=integrity,
         start=start,
         end=end,
-        host=str(ipaddress.IPv4Address(ip)),
+        host=socket.inet_ntoa(ip),
         port=port,
         issued=issued,
         public_key=pub,
-        raw=raw,
+        raw=bytes(raw),
     )
+
+
+def verify_holder_entry(entry: HolderEntry) -> None:
+    """Raise IntegrityError unless the entry's signature is its holder's over its fields."""
+    body = entry.raw[: _HOLDER.size]
+    verify_signature(entry.public_key, entry.raw[_HOLDER.size :], HOLDER_DOMAIN + body)
 
 
 class RecordValidator:

@@ -7,11 +7,13 @@ import io
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from difs_p2p import client as client_module
 from difs_p2p import segments
-from difs_p2p.client import Client
+from difs_p2p.client import Client, in_spans, merged_spans
 from difs_p2p.errors import (
     AlreadyExistsError,
     DeletedError,
@@ -21,6 +23,12 @@ from difs_p2p.errors import (
     PermissionDeniedError,
 )
 from difs_p2p.identity import Identity
+from difs_p2p.manifest import (
+    HolderEntry,
+    build_holder_entry,
+    decode_holder_entry,
+    verify_holder_entry,
+)
 from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
 from difs_p2p.pins import Pins
@@ -408,3 +416,106 @@ async def test_delegated_writer_publishes_under_the_owners_prefix_until_revoked(
         assert (await client.resolve(f"{prefix}/post1")).manifest.publisher == owner.public_key
         with pytest.raises(PermissionDeniedError, match="revoked"):
             await client.resolve(f"{prefix}/post3")
+
+
+def _forged(entry: HolderEntry, port: int) -> str:
+    """``entry`` moved to ``port`` on this host, its signature no longer valid (hex)."""
+    forged = build_holder_entry(
+        Identity.generate(),
+        key=entry.key,
+        version=entry.version,
+        integrity=entry.integrity,
+        start=0,
+        end=entry.end,
+        host="127.0.0.1",
+        port=port,
+        issued=entry.issued,
+    )
+    raw = bytearray(forged.raw)
+    raw[-1] ^= 0x01
+    return bytes(raw).hex()
+
+
+@pytest.fixture
+async def trap() -> AsyncIterator[tuple[int, list[int]]]:
+    """A TCP port that counts the connections made to it (none may be)."""
+    connections: list[int] = []
+
+    def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1], connections
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_fetch_checks_holder_signatures_as_it_uses_entries(
+    network: list[Peer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolving checks no holder entry's signature; fetching the first segment checks
+    only the entries it relies on, not every entry of the object."""
+    src = write(tmp_path, 128 * segments.MIN_SEGMENT_SIZE)  # 16 stripes
+    async with Client(network[0].address, publisher=Identity.generate()) as client:
+        await client.put(src, "/lazy", segment_size=segments.MIN_SEGMENT_SIZE, replicas=3)
+    checked: list[bytes] = []
+
+    def counting(entry: HolderEntry) -> None:
+        checked.append(entry.raw)
+        verify_holder_entry(entry)
+
+    monkeypatch.setattr(client_module, "verify_holder_entry", counting)
+    async with Client(network[4].address) as client:
+        resolved = await client.resolve("/lazy")
+        assert len(resolved.entries) >= 20
+        assert checked == []
+        buf = io.BytesIO()
+        await client.get("/lazy", buf, byte_range=(0, 99))
+        assert buf.getvalue() == src.read_bytes()[:100]
+        assert 1 <= len(set(checked)) <= 2
+        buf = io.BytesIO()
+        await client.get("/lazy", buf)
+    assert buf.getvalue() == src.read_bytes()
+
+
+async def test_holder_entries_with_bad_signatures_are_never_used(
+    network: list[Peer], tmp_path: Path, trap: tuple[int, list[int]]
+) -> None:
+    """An entry peer that adds forged holder entries (first in its answer) cannot make the
+    client connect to them; the fetch uses the valid entries, and fails if none is left."""
+    port, connections = trap
+    src = write(tmp_path, 5 * SEG)
+    async with Client(network[0].address, publisher=Identity.generate()) as client:
+        await client.put(src, "/forged", segment_size=SEG, replicas=2)
+
+    class Forging(Client):
+        keep_valid = True
+
+        async def _call(self, op: str, **args: Any) -> dict[str, Any]:
+            body = await super()._call(op, **args)
+            if op == "resolve":
+                valid = [str(h) for h in body["holders"]]
+                entry = decode_holder_entry(bytes.fromhex(valid[0]))
+                body["holders"] = [_forged(entry, port)] + (valid if self.keep_valid else [])
+            return body
+
+    forging = Forging(network[4].address)
+    async with forging:
+        buf = io.BytesIO()
+        await forging.get("/forged", buf)
+        assert buf.getvalue() == src.read_bytes()
+        assert port not in [h.port for h in (await forging.resolve("/forged")).holders]
+        forging.keep_valid = False
+        with pytest.raises(NotFoundError):
+            await forging.get("/forged", io.BytesIO())
+    assert connections == []
+
+
+def test_merged_spans_and_membership() -> None:
+    """Ranges merge where they overlap or touch; membership is exact at the edges."""
+    merged = merged_spans([(10, 12), (0, 3), (4, 5), (11, 20), (30, 30)])
+    assert merged == [(0, 5), (10, 20), (30, 30)]
+    inside = {i for i in range(40) if in_spans(merged, i)}
+    assert inside == set(range(6)) | set(range(10, 21)) | {30}
+    assert not in_spans([], 0)
