@@ -1,8 +1,9 @@
 """``make bench``: publish and fetch by name on 127.0.0.1, against limits measured in the run.
 
 For each size (``DIFS_BENCH_MIB``, default ``256,1024``) a fresh network of 5 peer
-processes; the object is published with r = 1, 3 and 5 and fetched through another peer
-from 1, 3 and 5 holders, to a file and to /dev/null. Prints a table and writes
+processes; the object is published with r = 1, 3 and 5 (segments of
+``DIFS_BENCH_SEGMENT``, default 1MiB) and fetched through another peer from 1, 3 and 5
+holders, to a file and to /dev/null. Prints a table and writes
 ``bench/results/latest.json``; every figure is also shown as a ratio to the limits measured
 in the same run (loopback TCP, BLAKE3, disk + fsync: one large file, and 1 MiB segment
 files written and fsynced in parallel as a peer stores them; "xdisk" is against the latter).
@@ -171,9 +172,22 @@ def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any
     try:
         for replicas in (1, 3, 5):
             name = f"/bench/{size}-{replicas}"
+            before = [cpu_seconds(p.pid) for p in procs]
             put, cpu, rss = run_client(
-                ["put", str(src), name, "--replicas", str(replicas), "--peer", entry], env
+                [
+                    "put",
+                    str(src),
+                    name,
+                    "--replicas",
+                    str(replicas),
+                    "--segment-size",
+                    os.environ.get("DIFS_BENCH_SEGMENT", "1MiB"),
+                    "--peer",
+                    entry,
+                ],
+                env,
             )
+            stored = sum(cpu_seconds(p.pid) - b for p, b in zip(procs, before, strict=True))
             rows.append(
                 {
                     "op": f"publish {label} r={replicas}",
@@ -182,6 +196,7 @@ def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any
                     "mb_s": size / put["seconds"] / 1e6,
                     "client_cpu_s": cpu,
                     "client_rss_mb": rss,
+                    "peers_cpu_s": stored,
                 }
             )
             out = root / "out.bin"
