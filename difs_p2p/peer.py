@@ -50,7 +50,7 @@ from difs_p2p.manifest import (
     record_hash,
 )
 from difs_p2p.net import HOST_NETWORK, PeerNetwork
-from difs_p2p.repair import Holding, Holdings, Maintainer, holding_owner
+from difs_p2p.repair import Holding, Holdings, Maintainer, Query, holding_owner
 from difs_p2p.store import SegmentStore
 from difs_p2p.transfer import BufferPool, Connection, Server, error_code
 
@@ -64,6 +64,9 @@ CONTACTS_SAVED = 64
 
 # Requests answered concurrently per connection (replies still leave in order).
 SERVE_PIPELINE = 16
+# Ranges asked in one holds_ranges request: ~90 bytes of JSON each, well inside a CALL
+# frame's 256 KiB; a holder sharing more is asked in several requests on one connection.
+MAX_PROBE_RANGES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +164,7 @@ class Peer:
             "publish": self._op_publish,
             "release": self._op_release,
             "holds": self._op_holds,
+            "holds_ranges": self._op_holds_ranges,
             "check": self._op_check,
             "suspect": self._op_suspect,
         }
@@ -720,6 +724,60 @@ class Peer:
         start, end = _int_arg(args, "start"), _int_arg(args, "end")
         return {"holds": self.holdings_db().covers(key, version, start, end)}
 
+    async def _op_holds_ranges(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        """Whether this peer holds each of up to ``MAX_PROBE_RANGES`` ranges, in order (one
+        request per co-holder and maintenance round)."""
+        queries = _ranges_arg(args)
+        db = self.holdings_db()
+
+        def answer() -> list[bool]:
+            return [db.covers(key, version, start, end) for key, version, start, end in queries]
+
+        return {"holds": await asyncio.to_thread(answer)}
+
+    async def probe_ranges(
+        self, address: tuple[str, int], queries: list[Query], *, limit: float
+    ) -> list[bool] | None:
+        """Ask a peer over one connection whether it holds each range (key, version, start,
+        end): its answers in order, or None if it did not answer within ``limit`` seconds
+        per request. A peer without ``holds_ranges`` is asked range by range (``holds``)."""
+        try:
+            async with asyncio.timeout(limit):
+                conn = await Connection.open(
+                    address, io_timeout=limit, connect_timeout=limit, network=self.network
+                )
+            try:
+                answers: list[bool] = []
+                batched = True
+                for first in range(0, len(queries), MAX_PROBE_RANGES):
+                    chunk = queries[first : first + MAX_PROBE_RANGES]
+                    if batched:
+                        try:
+                            async with asyncio.timeout(limit):
+                                reply = await conn.call(
+                                    "holds_ranges",
+                                    ranges=[[k.hex(), v, a, b] for k, v, a, b in chunk],
+                                )
+                        except UsageError:
+                            batched = False  # an older peer: unknown operation
+                        else:
+                            holds = reply.get("holds")
+                            if not isinstance(holds, list) or len(holds) != len(chunk):
+                                return None
+                            answers += [x is True for x in holds]
+                            continue
+                    for key, version, start, end in chunk:
+                        async with asyncio.timeout(limit):
+                            reply = await conn.call(
+                                "holds", key=key.hex(), version=version, start=start, end=end
+                            )
+                        answers.append(reply.get("holds") is True)
+                return answers
+            finally:
+                conn.close()
+        except (TimeoutError, DifsError, OSError):
+            return None
+
     async def probe_holder(
         self, address: tuple[str, int], args: dict[str, Any], *, limit: float
     ) -> bool | None:
@@ -824,6 +882,27 @@ async def _expect_ack(conn: Connection) -> None:
         raise remote_error(frame)
     if not isinstance(frame, wire.Ack):
         raise IntegrityError("expected an ACK")
+
+
+def _ranges_arg(args: dict[str, Any]) -> list[Query]:
+    """The ``ranges`` argument of ``holds_ranges``: [[key hex, version, start, end], ...]."""
+    items = args.get("ranges")
+    if not isinstance(items, list) or len(items) > MAX_PROBE_RANGES:
+        raise UsageError(f"ranges must be a list of at most {MAX_PROBE_RANGES} ranges")
+    queries: list[Query] = []
+    for item in items:
+        if not isinstance(item, list) or len(item) != 4:
+            raise UsageError("each range must be [key, version, start, end]")
+        fields = dict(zip(("key", "version", "start", "end"), item, strict=True))
+        queries.append(
+            (
+                _key_arg(fields),
+                _int_arg(fields, "version"),
+                _int_arg(fields, "start"),
+                _int_arg(fields, "end"),
+            )
+        )
+    return queries
 
 
 def _key_arg(args: dict[str, Any]) -> bytes:

@@ -276,6 +276,10 @@ class Holdings:
             self._db.close()
 
 
+# What one range check asks a co-holder: (name key, version, first segment, last segment).
+Query = tuple[bytes, int, int, int]
+
+
 # -- the asyncio shell ----------------------------------------------------------------------
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from difs_p2p import segments
 from difs_p2p.client import Client
+from difs_p2p.errors import UsageError
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import Manifest
 from difs_p2p.peer import Peer
@@ -23,6 +25,7 @@ from difs_p2p.repair import (
     plan_range,
     round_phase,
 )
+from difs_p2p.transfer import Connection
 from tests.helpers import start_peers, stop_all
 
 SEG = 64 << 10
@@ -209,3 +212,78 @@ async def test_holder_down_during_delete_frees_segments_on_return(
     assert back.store is not None and back.store.used == used_before  # nothing lost offline
     await rounds([back], 1)
     assert back.store.used == 0
+
+
+def count_probe_connections(peers: list[Peer]) -> dict[bytes, list[object]]:
+    """Record, per peer, every connection on which it was asked whether it holds a range."""
+    seen: dict[bytes, list[object]] = {p.node_id: [] for p in peers}
+    for p in peers:
+        for op in ("holds", "holds_ranges"):
+            handler = p._controls.get(op)
+            if handler is None:
+                continue
+
+            async def counting(
+                conn: Connection,
+                args: dict[str, Any],
+                handler: Any = handler,
+                into: list[object] = seen[p.node_id],
+            ) -> dict[str, Any]:
+                if not any(c is conn for c in into):
+                    into.append(conn)
+                result: dict[str, Any] = await handler(conn, args)
+                return result
+
+            p._controls[op] = counting
+    return seen
+
+
+async def test_holds_ranges_answers_each_range_in_order(
+    network: list[Peer], tmp_path: Path
+) -> None:
+    """The batched probe: one answer per range, in order; malformed ranges are refused."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(8 * SEG))
+    async with Client(network[0].address, publisher=Identity.generate()) as client:
+        result = await client.put(src, "/probe", segment_size=SEG, replicas=3)
+    key = result.manifest.key.hex()
+    conn = await Connection.open(network[0].address, io_timeout=5)
+    try:
+        reply = await conn.call(
+            "holds_ranges",
+            ranges=[[key, 1, 0, 7], [key, 2, 0, 7], [key, 1, 0, 8], ["00" * 20, 1, 0, 0]],
+        )
+        assert reply == {"holds": [True, False, False, False]}
+        for bad in (
+            [[key, 1, 0]],
+            [[key, -1, 0, 0]],
+            [["zz", 1, 0, 0]],
+            "x",
+            [[key, 1, 0, 0]] * 1025,
+        ):
+            with pytest.raises(UsageError):
+                await conn.call("holds_ranges", ranges=bad)
+    finally:
+        conn.close()
+
+
+async def test_peers_without_holds_ranges_are_asked_range_by_range(
+    network: list[Peer], tmp_path: Path
+) -> None:
+    """An older peer that does not know holds_ranges still answers every range (holds),
+    on the same connection."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(8 * SEG))
+    async with Client(network[0].address, publisher=Identity.generate()) as client:
+        result = await client.put(src, "/old", segment_size=SEG, replicas=3)
+    old = network[0]
+    del old._controls["holds_ranges"]
+    seen = count_probe_connections([old])
+    key = result.manifest.key
+    answers = await network[1].probe_ranges(
+        old.address, [(key, 1, 0, 7), (key, 2, 0, 7), (key, 1, 0, 3)], limit=5.0
+    )
+    assert answers == [True, False, True]
+    assert len(seen[old.node_id]) == 1
+    await crash(old)
+    assert await network[1].probe_ranges(old.address, [(key, 1, 0, 7)], limit=5.0) is None
