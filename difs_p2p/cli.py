@@ -168,6 +168,13 @@ def join(
     dead_after: Annotated[
         int, typer.Option(help="failed maintenance probes in a row before a holder is dead")
     ] = 3,
+    resolve_every: Annotated[
+        int,
+        typer.Option(
+            help="read each held name from the DHT one maintenance round in N (GC within N"
+            " rounds); the rounds between only probe its holders"
+        ),
+    ] = 10,
     retries: Annotated[
         int, typer.Option(help="bootstrap attempts before giving up (backoff 0.5 s, doubling)")
     ] = 5,
@@ -186,7 +193,9 @@ def join(
             bootstrap=tuple(parse_hostport(b) for b in bootstrap or ()),
             capacity=parse_size(capacity),
             bootstrap_attempts=max(1, retries),
-            repair=RepairConfig(interval=repair_interval, dead_after=dead_after),
+            repair=RepairConfig(
+                interval=repair_interval, dead_after=dead_after, resolve_every=resolve_every
+            ),
         )
     except errors.DifsError as exc:
         raise _fail(exc) from None

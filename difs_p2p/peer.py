@@ -778,23 +778,6 @@ class Peer:
         except (TimeoutError, DifsError, OSError):
             return None
 
-    async def probe_holder(
-        self, address: tuple[str, int], args: dict[str, Any], *, limit: float
-    ) -> bool | None:
-        """Ask a peer whether it holds a range: True/False, or None if it did not answer."""
-        try:
-            async with asyncio.timeout(limit):
-                conn = await Connection.open(
-                    address, io_timeout=limit, connect_timeout=limit, network=self.network
-                )
-                try:
-                    reply = await conn.call("holds", **args)
-                finally:
-                    conn.close()
-        except (TimeoutError, DifsError, OSError):
-            return None
-        return reply.get("holds") is True
-
     async def _op_check(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         """Verify every stored segment; with repair, quarantine damage and fetch good copies."""
         repair = args.get("repair") is True

@@ -3,29 +3,47 @@
 Every storage peer runs a :class:`Maintainer`. Each round (``RepairConfig.interval``) it
 looks at every name version it holds:
 
-* it reads the name's newest manifest and holder entries from the DHT;
-* **GC**: if the name is deleted, or the held version is ``keep`` or more versions behind
-  the newest, it frees the segments (so a holder that was offline during a delete frees
-  them when it comes back);
+* **views**: it reads a name's newest manifest, history and holder entries from the DHT
+  (a resolve: one Kademlia lookup, about 40 datagrams) only on one round in
+  ``resolve_every`` (10), and keeps what it read (a :class:`NameView`) for the rounds in
+  between. It reads at once when it has no view (after a start; the first rereads are then
+  spread over the period by key, :func:`first_rounds`), when it holds a version the view
+  has no manifest for (a new holding), when republishing, and when the probes below find
+  a range short of copies or a holder that turned suspect or dead (:func:`needs_fresh_view`):
+  repair, and which holder leads it, are always decided on a fresh holder set;
+* **GC** (on each read): if the name is deleted, or the held version is ``keep`` or more
+  versions behind the newest, it frees the segments (so a holder that was offline during a
+  delete frees them when it comes back: it starts without views). Superseded and deleted
+  versions are thus collected within ``resolve_every`` rounds of the name;
 * **failure detection**: it asks every other holder of its ranges whether it still holds
-  them (``holds``). A holder that does not answer becomes *suspect*; after
-  ``dead_after`` failed rounds in a row it is *dead* (a holder is probed until it fails
-  once per round, however many ranges it shares). A holder that answers late is slow,
-  not dead. Detection therefore takes at most ``dead_after x interval`` for a peer
-  holding up to ``max_keys_per_round`` names; one holding more looks after a share of
-  them per round (:func:`keys_for_round`), which multiplies that bound by
-  ``ceil(names / max_keys_per_round)`` and keeps its background traffic bounded;
+  them, **one request per holder and round** carrying every range the two share, over one
+  connection (``holds_ranges``; range by range with ``holds`` for peers without it). A
+  holder that does not answer becomes *suspect*; after ``dead_after`` failed rounds in a
+  row it is *dead*; the failure detector counts one probe per holder and round, however
+  many names and ranges it shares. A holder that answers late is slow, not dead; one that
+  answers that it does not hold a range counts as gone for that range. Detection therefore
+  takes at most ``dead_after x interval`` for a peer holding up to ``max_keys_per_round``
+  names; one holding more looks after a share of them per round (:func:`keys_for_round`),
+  which multiplies that bound by ``ceil(names / max_keys_per_round)`` and keeps its
+  background traffic bounded;
 * **repair**: for a range with fewer than r live copies, the live holder closest to the
   range key (the *leader*; every holder computes the same one) copies it to the closest live
   peers to the range key that do not hold it, which sign and announce their own holder
   entries. Repair traffic goes through a token bucket (``bandwidth``);
 * **trim**: if two leaders repaired at once and a range has more than r live copies, the
-  single-range holders farthest from the range key drop theirs, so extra copies do not stay;
+  single-range holders farthest from the range key drop theirs, so extra copies do not stay
+  (a holder that learns of the extra copy only at its next read trims then);
 * **republish**: it re-announces its holder entries and re-stores the manifest and history
-  (``republish_every``), so records outlive the peers that first stored them.
+  (``republish_every`` after the holding began, or after the last time), so records
+  outlive the peers that first stored them.
 
-The decisions are pure functions (``plan_range``, ``gc_due``, :class:`FailureDetector`,
-:class:`TokenBucket`); :class:`Maintainer` is the thin asyncio shell around them.
+So an idle peer's round costs one TCP connection per co-holder and, per name, a resolve
+one round in ``resolve_every``, instead of a resolve and a connection per range and name.
+
+The decisions are pure functions (``resolve_due``, ``collect_due``, ``range_checks``,
+``probe_batches``, ``range_health``, ``needs_fresh_view``, ``plan_range``, ``gc_due``,
+``republish_due``, :class:`FailureDetector`, :class:`TokenBucket`); :class:`Maintainer` is
+the thin asyncio shell around them.
 """
 
 from __future__ import annotations
@@ -36,13 +54,13 @@ import enum
 import logging
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difs_p2p import segments
-from difs_p2p.errors import DifsError, StorageError
+from difs_p2p.errors import DifsError, StorageError, UsageError
 from difs_p2p.manifest import HolderEntry, Manifest, parse_holder_entry, parse_manifest
 
 if TYPE_CHECKING:
@@ -70,11 +88,21 @@ class RepairConfig:
     republish_every: float = 3600.0
     # A holding without any manifest in the DHT after this long belongs to a failed publish.
     orphan_after: float = 3600.0
-    # Names looked after per round at most: each costs two DHT lookups and a probe per
-    # co-holder, so a peer holding many names spreads them over several rounds (a name
-    # comes up every ceil(names / max_keys_per_round) rounds) and its background traffic
-    # stays bounded however much it holds.
+    # Names looked after per round at most: each adds its ranges to the probes (and now
+    # and then a DHT lookup), so a peer holding many names spreads them over several
+    # rounds (a name comes up every ceil(names / max_keys_per_round) rounds) and its
+    # background traffic stays bounded however much it holds.
     max_keys_per_round: int = 64
+    # A name is read from the DHT (one lookup, ~40 datagrams) on one round in
+    # `resolve_every` (and at once when one of its holders turns suspect or dead, or a
+    # range looks short of copies); the rounds in between probe the holders the last read
+    # found. Superseded and deleted versions are thus collected within resolve_every
+    # rounds of the name (10 minutes by default); 1 reads every name every round.
+    resolve_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.resolve_every < 1:
+            raise UsageError("resolve_every must be at least 1")
 
 
 # -- pure decisions --------------------------------------------------------------------------
@@ -276,8 +304,212 @@ class Holdings:
             self._db.close()
 
 
+# -- the view of a name between resolves, and the probes of one round ----------------------
+
 # What one range check asks a co-holder: (name key, version, first segment, last segment).
 Query = tuple[bytes, int, int, int]
+
+
+@dataclass(slots=True)
+class NameView:
+    """A name as its last DHT resolve found it, used until the next one.
+
+    ``rounds`` counts the rounds that used it, the resolving one included.
+    """
+
+    newest: Manifest | None
+    manifests: dict[int, Manifest]
+    entries: list[HolderEntry]
+    rounds: int = 1
+
+
+def read_view(key: bytes, records: Sequence[bytes], raw_entries: Sequence[bytes]) -> NameView:
+    """What a resolve of ``key`` says: the manifests by version (newest record first, then
+    the history), and the valid holder entries. Invalid items are skipped."""
+    manifests: dict[int, Manifest] = {}
+    for raw in [*records, *(e for e in raw_entries if e[:1] == b"{")]:
+        with contextlib.suppress(DifsError):
+            m = parse_manifest(raw, key)
+            manifests.setdefault(m.version, m)
+    newest: Manifest | None = None
+    if records:
+        with contextlib.suppress(DifsError):
+            newest = parse_manifest(records[0], key)
+    entries: list[HolderEntry] = []
+    for raw in raw_entries:
+        if raw[:1] != b"{":
+            with contextlib.suppress(DifsError):
+                entries.append(parse_holder_entry(raw))
+    return NameView(newest, manifests, entries)
+
+
+def first_rounds(key: bytes, every: int) -> int:
+    """Where a name's first view after a start begins its count towards the next resolve:
+    spread over 1..every by the key, so that names read together at a start are read again
+    on different rounds, not all on one."""
+    return 1 + int.from_bytes(key[8:16], "big") % max(1, every)
+
+
+def republish_due(last: float | None, held: Sequence[Holding], now: float, every: float) -> bool:
+    """Whether to store a name's records and own entries again: ``every`` seconds after
+    the last time, or (none yet in this run) after the oldest holding began; a new holding's
+    entry and manifest were stored by its publish or repair moments ago."""
+    if last is None:
+        if not held:
+            return False
+        last = min(h.since for h in held)
+    return now - last >= every
+
+
+def resolve_due(
+    view: NameView | None,
+    held: Sequence[Holding],
+    every: int,
+    republish_due: bool,
+) -> bool:
+    """Whether a name must be read from the DHT before this round checks it.
+
+    It must when nothing was read yet (a restart starts with no views), every ``every``
+    rounds (to see new versions and deletes: GC), when republishing (which stores what it
+    read), and when the peer holds a version the view has no matching manifest for (a new
+    holding, or a publish that has not stored its manifest yet).
+    """
+    if view is None or republish_due or view.rounds >= every:
+        return True
+    for h in held:
+        m = view.manifests.get(h.version)
+        if m is None or m.integrity != h.integrity.hex():
+            return True
+    return False
+
+
+def collect_due(
+    held: Sequence[Holding], view: NameView, now: float, keep: int, orphan_after: float
+) -> list[Holding]:
+    """The holdings a fresh view says to free: deleted or superseded (``gc_due``), or
+    orphaned (no manifest at all ``orphan_after`` seconds after the holding began)."""
+    return [
+        h
+        for h in held
+        if gc_due(h.version, view.newest, keep)
+        or (view.newest is None and now - h.since > orphan_after)
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class RangeCheck:
+    """One range this peer holds, and the other holders of it that the view knows."""
+
+    holding: Holding
+    manifest: Manifest
+    index: int
+    start: int
+    end: int
+    others: tuple[HolderEntry, ...]
+
+    @property
+    def query(self) -> Query:
+        return (self.holding.key, self.holding.version, self.start, self.end)
+
+    @property
+    def key(self) -> bytes:
+        return range_key(self.holding.integrity, self.index)
+
+    @property
+    def can_trim(self) -> bool:
+        """Only a holding of exactly this range may be dropped for it."""
+        return self.holding.start == self.start and self.holding.end == self.end
+
+
+def range_checks(held: Sequence[Holding], view: NameView, me: bytes) -> list[RangeCheck]:
+    """Every range of ``held`` whose version the view has a matching manifest for, with the
+    view's other holders covering it (one entry per holder)."""
+    checks: list[RangeCheck] = []
+    for h in held:
+        manifest = view.manifests.get(h.version)
+        if manifest is None or manifest.integrity != h.integrity.hex():
+            continue
+        ranges = segments.stripe_ranges(manifest.segment_count, manifest.stripes)
+        for index, (start, end) in enumerate(ranges):
+            if not (h.start <= start and end <= h.end):
+                continue
+            others: dict[bytes, HolderEntry] = {}
+            for e in view.entries:
+                if (
+                    e.version == h.version
+                    and e.integrity == h.integrity
+                    and e.start <= start
+                    and end <= e.end
+                    and e.node_id != me
+                ):
+                    others[e.node_id] = e
+            checks.append(RangeCheck(h, manifest, index, start, end, tuple(others.values())))
+    return checks
+
+
+@dataclass(slots=True)
+class ProbeBatch:
+    """Everything one round asks one co-holder, over one connection."""
+
+    address: tuple[str, int]
+    queries: list[Query]
+
+
+def probe_batches(
+    checks: Sequence[RangeCheck], answers: Mapping[bytes, Mapping[Query, bool] | None]
+) -> dict[bytes, ProbeBatch]:
+    """Group the queries of ``checks`` by co-holder, one batch each, leaving out what
+    ``answers`` (this round's) already has and holders that did not answer this round."""
+    batches: dict[bytes, ProbeBatch] = {}
+    for check in checks:
+        query = check.query
+        for e in check.others:
+            node = e.node_id
+            if node in answers:
+                known = answers[node]
+                if known is None or query in known:
+                    continue
+            batch = batches.setdefault(node, ProbeBatch((e.host, e.port), []))
+            if query not in batch.queries:
+                batch.queries.append(query)
+    return batches
+
+
+def range_health(
+    check: RangeCheck,
+    answers: Mapping[bytes, Mapping[Query, bool] | None],
+    health: Callable[[bytes], Health],
+) -> tuple[list[bytes], list[bytes]]:
+    """The other holders of a range that answered holding it (alive), and those that may
+    still hold it (suspect): silent this round but not yet dead, or not asked yet.
+
+    A holder that answered that it does not hold the range counts as gone for it, as does
+    one ``dead_after`` rounds silent.
+    """
+    alive: list[bytes] = []
+    suspect: list[bytes] = []
+    for e in check.others:
+        node = e.node_id
+        known = answers.get(node)
+        if node in answers and known is None:
+            if health(node) is Health.SUSPECT:
+                suspect.append(node)
+        elif known is None or check.query not in known:
+            suspect.append(node)
+        elif known[check.query]:
+            alive.append(node)
+    return alive, suspect
+
+
+def needs_fresh_view(
+    check: RangeCheck, alive: Sequence[bytes], suspect: Sequence[bytes], turned: Set[bytes]
+) -> bool:
+    """Whether a range's check must be redone on a fresh resolve before acting: it looks
+    short of copies (repair, and who leads it, need the current holder set: another
+    holder may have repaired it already), or one of its holders turned suspect or dead
+    this round."""
+    short = len({*alive, *suspect}) + 1 < check.manifest.replicas
+    return short or any(e.node_id in turned for e in check.others)
 
 
 # -- the asyncio shell ----------------------------------------------------------------------
@@ -293,13 +525,19 @@ class RepairStats:
     freed_bytes: int = 0
     healed_segments: int = 0
     dead_peers: int = 0
+    # DHT resolves of names, and holders probed (one connection each)
+    resolves: int = 0
+    probes: int = 0
     last_round: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
-Probe = Callable[[tuple[str, int], dict[str, Any]], Awaitable[bool]]
+# Co-holders probed at once: a round's probes all run in parallel (a silent holder takes
+# up to 2 x slow_after), but a peer sharing names with hundreds of others does not open
+# hundreds of connections at once.
+PROBES_IN_FLIGHT = 32
 
 
 class Maintainer:
@@ -311,10 +549,15 @@ class Maintainer:
         self.detector = FailureDetector(config.dead_after)
         self.bucket = TokenBucket(config.bandwidth)
         self.stats = RepairStats()
+        # when this run last republished each name
         self._last_republish: dict[bytes, float] = {}
         self._lock = asyncio.Lock()
-        # holders that did not answer a probe this round: not probed (or counted) again
-        self._silent: set[bytes] = set()
+        # what the last resolve of each held name found
+        self._views: dict[bytes, NameView] = {}
+        # this round's answers per co-holder (None: it did not answer), and the holders
+        # whose health got worse this round
+        self._answers: dict[bytes, dict[Query, bool] | None] = {}
+        self._turned: set[bytes] = set()
 
     async def run(self) -> None:
         # Peers started together would all run their rounds at once (with 20 peers and
@@ -329,53 +572,83 @@ class Maintainer:
             await asyncio.sleep(self.config.interval)
 
     async def round(self) -> None:
-        """One pass over everything this peer holds."""
+        """One pass over the names this round looks after (see the module docstring)."""
         async with self._lock:
             holdings = self.peer.holdings_db().all()
             by_key: dict[bytes, list[Holding]] = {}
             for h in holdings:
                 by_key.setdefault(h.key, []).append(h)
-            self._silent = set()
+            self._views = {k: v for k, v in self._views.items() if k in by_key}
+            self._answers = {}
+            self._turned = set()
             chosen = keys_for_round(
                 sorted(by_key), self.stats.rounds, self.config.max_keys_per_round
             )
+            checks: dict[bytes, list[RangeCheck]] = {}
+            fresh: set[bytes] = set()
             for key in chosen:
-                held = by_key[key]
+                view = self._views.get(key)
                 try:
-                    await self._maintain_key(key, held)
+                    republish = republish_due(
+                        self._last_republish.get(key),
+                        by_key[key],
+                        self.peer.clock(),
+                        self.config.republish_every,
+                    )
+                    if resolve_due(view, by_key[key], self.config.resolve_every, republish):
+                        view, by_key[key] = await self._resolve(key, by_key[key])
+                        fresh.add(key)
+                    else:
+                        assert view is not None
+                        view.rounds += 1
+                    checks[key] = range_checks(by_key[key], view, self.peer.node_id)
                 except DifsError as exc:
                     log.info("maintain_failed key=%s reason=%s", key.hex()[:12], exc)
+                    if view is not None:  # the DHT failed us: probe whom we knew of
+                        checks[key] = range_checks(by_key[key], view, self.peer.node_id)
+            await self._probe(checks)
+            stale = [
+                key
+                for key, cs in checks.items()
+                if key not in fresh
+                and any(needs_fresh_view(c, *self._health_of(c), self._turned) for c in cs)
+            ]
+            for key in stale:
+                try:
+                    view, by_key[key] = await self._resolve(key, by_key[key])
+                    checks[key] = range_checks(by_key[key], view, self.peer.node_id)
+                except DifsError as exc:
+                    log.info("maintain_failed key=%s reason=%s", key.hex()[:12], exc)
+            if stale:
+                await self._probe({key: checks[key] for key in stale})
+            for key, cs in checks.items():
+                for check in cs:
+                    try:
+                        await self._act(check)
+                    except DifsError as exc:
+                        log.info("maintain_failed key=%s reason=%s", key.hex()[:12], exc)
             self.stats.rounds += 1
             self.stats.last_round = self.peer.clock()
 
-    async def _maintain_key(self, key: bytes, held: list[Holding]) -> None:
-        dht = self.peer.dht_node()
+    async def _resolve(self, key: bytes, held: list[Holding]) -> tuple[NameView, list[Holding]]:
+        """Read a name from the DHT, free what it says to free, republish when due; the
+        view and the holdings left."""
         now = self.peer.clock()
-        records, raw_entries = await dht.resolve(key)
-        manifests: dict[int, Manifest] = {}
-        for raw in [*records, *(e for e in raw_entries if e[:1] == b"{")]:
-            with contextlib.suppress(DifsError):
-                m = parse_manifest(raw, key)
-                manifests.setdefault(m.version, m)
-        newest = parse_manifest(records[0], key) if records else None
-        entries: list[HolderEntry] = []
-        for raw in raw_entries:
-            if raw[:1] != b"{":
-                with contextlib.suppress(DifsError):
-                    entries.append(parse_holder_entry(raw))
-        for h in held:
-            manifest = manifests.get(h.version)
-            if gc_due(h.version, newest, self.config.keep) or (
-                newest is None and now - h.since > self.config.orphan_after
-            ):
-                await self._collect(h)
-                continue
-            if manifest is None or manifest.integrity != h.integrity.hex():
-                continue
-            await self._check_ranges(h, manifest, entries)
-        if now - self._last_republish.get(key, 0.0) >= self.config.republish_every:
+        records, raw_entries = await self.peer.dht_node().resolve(key)
+        self.stats.resolves += 1
+        view = read_view(key, records, raw_entries)
+        if key not in self._views:
+            view.rounds = first_rounds(key, self.config.resolve_every)
+        self._views[key] = view
+        collect = collect_due(held, view, now, self.config.keep, self.config.orphan_after)
+        for h in collect:
+            await self._collect(h)
+        left = [h for h in held if h not in collect]
+        last = self._last_republish.get(key)
+        if republish_due(last, left, now, self.config.republish_every):
             self._last_republish[key] = now
             await self._republish(key, records, raw_entries)
+        return view, left
 
     async def _republish(self, key: bytes, records: list[bytes], raw: list[bytes]) -> None:
         dht = self.peer.dht_node()
@@ -392,84 +665,80 @@ class Maintainer:
         self.stats.freed_bytes += freed
         log.info("gc key=%s version=%d freed=%d", h.key.hex()[:12], h.version, freed)
 
-    async def _check_ranges(
-        self, h: Holding, manifest: Manifest, entries: list[HolderEntry]
-    ) -> None:
-        me = self.peer.node_id
-        ranges = segments.stripe_ranges(manifest.segment_count, manifest.stripes)
-        for index, (start, end) in enumerate(ranges):
-            if not (h.start <= start and end <= h.end):
+    def _health_of(self, check: RangeCheck) -> tuple[list[bytes], list[bytes]]:
+        return range_health(check, self._answers, self.detector.health)
+
+    async def _probe(self, checks: Mapping[bytes, Sequence[RangeCheck]]) -> None:
+        """Ask every co-holder of ``checks`` about all its ranges at once, all holders in
+        parallel, and feed the failure detector once per holder and round."""
+        batches = probe_batches([c for cs in checks.values() for c in cs], self._answers)
+        nodes = list(batches)
+        slots = asyncio.Semaphore(PROBES_IN_FLIGHT)
+
+        async def probe(batch: ProbeBatch) -> tuple[list[bool], float] | None:
+            async with slots:
+                return await self._probe_holder(batch)
+
+        replies = await asyncio.gather(*(probe(batches[n]) for n in nodes))
+        for node, batch, reply in zip(nodes, batches.values(), replies, strict=True):
+            self.stats.probes += 1
+            if node in self._answers:
+                # asked again after a fresh resolve: its health was recorded this round
+                known = self._answers[node]
+                if known is not None and reply is not None:
+                    known.update(zip(batch.queries, reply[0], strict=True))
                 continue
-            rkey = range_key(h.integrity, index)
-            others: dict[bytes, HolderEntry] = {}
-            for e in entries:
-                if (
-                    e.version == h.version
-                    and e.integrity == h.integrity
-                    and e.start <= start
-                    and end <= e.end
-                    and e.node_id != me
-                ):
-                    others[e.node_id] = e
-            answers = await asyncio.gather(*(self._probe(e, start, end) for e in others.values()))
-            alive = [me] + [n for n, a in zip(others, answers, strict=True) if a is Health.ALIVE]
-            suspect = [n for n, a in zip(others, answers, strict=True) if a is Health.SUSPECT]
-            can_trim = h.start == start and h.end == end
-            action, missing = plan_range(me, rkey, alive, manifest.replicas, can_trim, suspect)
-            log.debug(
-                "range key=%s range=%d..%d alive=%d suspect=%d action=%s",
-                h.key.hex()[:12],
-                start,
-                end,
-                len(alive),
-                len(suspect),
-                action.value,
+            before = self.detector.health(node)
+            health = self.detector.record(node, reply is not None, reply[1] if reply else 0.0)
+            self._answers[node] = (
+                None if reply is None else dict(zip(batch.queries, reply[0], strict=True))
             )
-            if action is Action.REPAIR:
-                avoid = set(others)
-                await self._repair(h, manifest, index, start, end, rkey, missing, avoid)
-            elif action is Action.TRIM:
-                await self.peer.free_holding(h)
-                self.stats.trimmed_ranges += 1
+            if health is not Health.ALIVE and health is not before:
+                self._turned.add(node)
+            if health is Health.DEAD and before is not Health.DEAD:
+                self.stats.dead_peers += 1
+                log.info("holder_dead peer=%s:%d", *batch.address)
 
-    async def _probe(self, entry: HolderEntry, start: int, end: int) -> Health:
-        """Ask a holder whether it still holds a range; feed the failure detector.
-
-        ALIVE: it answered that it holds the range; SUSPECT: no answer yet, not dead;
-        DEAD: no answer for ``dead_after`` rounds in a row, or it no longer holds the range.
-        """
-        if entry.node_id in self._silent:
-            return self.detector.health(entry.node_id)  # one failure per peer and round
+    async def _probe_holder(self, batch: ProbeBatch) -> tuple[list[bool], float] | None:
+        """One holder's answers to a batch and how long they took, or None if silent."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        answer = await self.peer.probe_holder(
-            (entry.host, entry.port),
-            {"key": entry.key.hex(), "version": entry.version, "start": start, "end": end},
-            limit=2 * self.config.slow_after,
+        answer = await self.peer.probe_ranges(
+            batch.address, batch.queries, limit=2 * self.config.slow_after
         )
-        before = self.detector.health(entry.node_id)
-        health = self.detector.record(entry.node_id, answer is not None, loop.time() - t0)
-        if answer is None:
-            self._silent.add(entry.node_id)
-        if health is Health.DEAD and before is not Health.DEAD:
-            self.stats.dead_peers += 1
-            log.info("holder_dead peer=%s:%d", entry.host, entry.port)
-        if answer is False:
-            return Health.DEAD
-        return health
+        return None if answer is None else (answer, loop.time() - t0)
+
+    async def _act(self, check: RangeCheck) -> None:
+        """Repair or trim one range as ``plan_range`` says, from this round's answers."""
+        me = self.peer.node_id
+        h = check.holding
+        others, suspect = self._health_of(check)
+        alive = [me, *others]
+        rkey = check.key
+        action, missing = plan_range(
+            me, rkey, alive, check.manifest.replicas, check.can_trim, suspect
+        )
+        log.debug(
+            "range key=%s range=%d..%d alive=%d suspect=%d action=%s",
+            h.key.hex()[:12],
+            check.start,
+            check.end,
+            len(alive),
+            len(suspect),
+            action.value,
+        )
+        if action is Action.REPAIR:
+            avoid = {e.node_id for e in check.others}
+            await self._repair(check, rkey, missing, avoid)
+        elif action is Action.TRIM:
+            await self.peer.free_holding(h)
+            self.stats.trimmed_ranges += 1
 
     async def _repair(
-        self,
-        h: Holding,
-        manifest: Manifest,
-        index: int,
-        start: int,
-        end: int,
-        rkey: bytes,
-        missing: int,
-        avoid: set[bytes],
+        self, check: RangeCheck, rkey: bytes, missing: int, avoid: set[bytes]
     ) -> None:
         dht = self.peer.dht_node()
+        h, manifest, start, end = check.holding, check.manifest, check.start, check.end
         candidates = [
             c
             for c in await dht.closest(rkey, manifest.replicas + 8)
@@ -491,6 +760,10 @@ class Maintainer:
             placed.append(entry)
         if placed:
             await dht.add_entries(h.key, [e.raw for e in placed])
+            view = self._views.get(h.key)
+            if view is not None:
+                # the next rounds probe the new holders without reading the name again
+                view.entries.extend(placed)
             self.stats.repaired_ranges += 1
             log.info(
                 "repaired key=%s version=%d range=%d..%d copies=%d",

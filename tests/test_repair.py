@@ -13,16 +13,29 @@ from difs_p2p import segments
 from difs_p2p.client import Client
 from difs_p2p.errors import UsageError
 from difs_p2p.identity import Identity
-from difs_p2p.manifest import Manifest
+from difs_p2p.manifest import HolderEntry, Manifest, build_holder_entry
 from difs_p2p.peer import Peer
 from difs_p2p.repair import (
     Action,
     FailureDetector,
     Health,
+    Holding,
+    NameView,
+    Query,
+    RepairConfig,
     TokenBucket,
+    collect_due,
+    first_rounds,
     gc_due,
     keys_for_round,
+    needs_fresh_view,
     plan_range,
+    probe_batches,
+    range_checks,
+    range_health,
+    read_view,
+    republish_due,
+    resolve_due,
     round_phase,
 )
 from difs_p2p.transfer import Connection
@@ -214,6 +227,177 @@ async def test_holder_down_during_delete_frees_segments_on_return(
     assert back.store.used == 0
 
 
+# -- maintenance traffic: views between resolves, one probe per co-holder -------------------
+
+
+def holding(
+    key: bytes, version: int = 1, since: float = 0.0, start: int = 0, end: int = 15
+) -> Holding:
+    return Holding(key, version, b"i" * 32, 16, start, end, since)
+
+
+def manifest_for(h: Holding, *, version: int | None = None, deleted: bool = False) -> Manifest:
+    return Manifest(
+        "/x",
+        h.key,
+        h.version if version is None else version,
+        None,
+        None,
+        16 * 4096,
+        4096,
+        h.segment_count,
+        2,
+        3,
+        h.integrity.hex(),
+        deleted,
+        0.0,
+        b"p" * 32,
+        b"",
+    )
+
+
+def entry_of(node: Identity, h: Holding, start: int = 0, end: int = 15) -> HolderEntry:
+    return build_holder_entry(
+        node,
+        key=h.key,
+        version=h.version,
+        integrity=h.integrity,
+        start=start,
+        end=end,
+        host="127.0.0.1",
+        port=4000,
+        issued=1,
+    )
+
+
+def view_of(h: Holding, entries: list[HolderEntry], rounds: int = 1) -> NameView:
+    m = manifest_for(h)
+    return NameView(m, {h.version: m}, entries, rounds)
+
+
+def test_names_are_read_again_every_n_rounds_and_at_once_when_needed() -> None:
+    """A view serves until resolve_every rounds used it; a new holding or a republish needs
+    a fresh read, and a first view is read at once."""
+    h = holding(b"k" * 20)
+    assert resolve_due(None, [h], 10, False)
+    assert not resolve_due(view_of(h, [], rounds=9), [h], 10, False)
+    assert resolve_due(view_of(h, [], rounds=10), [h], 10, False)
+    assert resolve_due(view_of(h, [], rounds=1), [h], 10, True)
+    newer = holding(b"k" * 20, version=2)
+    assert resolve_due(view_of(h, [], rounds=1), [h, newer], 10, False)
+    other = Holding(h.key, 1, b"j" * 32, 16, 0, 15, 0.0)  # same version, other content
+    assert resolve_due(view_of(h, [], rounds=1), [other], 10, False)
+    assert resolve_due(view_of(h, [], rounds=1), [h], 1, False)  # every round, as before
+
+
+def test_first_views_are_spread_over_the_resolve_period() -> None:
+    """Names first read together at a start come up again on different rounds."""
+    starts = [first_rounds(os.urandom(20), 10) for _ in range(1000)]
+    assert all(1 <= s <= 10 for s in starts)
+    assert min(starts.count(s) for s in range(1, 11)) > 50  # about 100 each
+    assert first_rounds(b"k" * 20, 1) == 1
+
+
+def test_republish_comes_an_hour_after_the_holding_began_then_hourly() -> None:
+    """A new holding's records were just stored by its publish: no republish at once."""
+    h = holding(b"k" * 20, since=1000.0)
+    assert not republish_due(None, [h], 1000.0 + 10, 3600.0)
+    assert republish_due(None, [h], 1000.0 + 3600, 3600.0)
+    assert republish_due(None, [h, holding(b"k" * 20, 2, since=4000.0)], 4610.0, 3600.0)
+    assert not republish_due(5000.0, [h], 5000.0 + 3599, 3600.0)
+    assert republish_due(5000.0, [h], 5000.0 + 3600, 3600.0)
+    assert not republish_due(None, [], 1e9, 3600.0)
+
+
+def test_collect_due_frees_deleted_superseded_and_orphaned_versions() -> None:
+    h1, h2 = holding(b"k" * 20, 1, since=0.0), holding(b"k" * 20, 2, since=0.0)
+    newest = manifest_for(h1, version=4)
+    view = NameView(newest, {4: newest}, [])
+    assert collect_due([h1, h2], view, 10.0, keep=3, orphan_after=3600.0) == [h1]
+    orphan = NameView(None, {}, [])
+    assert collect_due([h1], orphan, 10.0, 3, 3600.0) == []
+    assert collect_due([h1], orphan, 3601.0, 3, 3600.0) == [h1]
+    gone = manifest_for(h1, version=2, deleted=True)
+    assert collect_due([h1], NameView(gone, {2: gone}, []), 0.0, 3, 3600.0) == [h1]
+
+
+def test_probes_are_batched_per_co_holder_and_never_repeated_in_a_round() -> None:
+    """All ranges a co-holder shares go in one batch; answered or silent holders are not
+    asked again, except for ranges they were not asked about yet."""
+    me, a, b = Identity.generate(), Identity.generate(), Identity.generate()
+    h1, h2 = holding(b"1" * 20), holding(b"2" * 20)
+    view1 = view_of(h1, [entry_of(a, h1), entry_of(b, h1, 0, 7), entry_of(me, h1)])
+    view2 = view_of(h2, [entry_of(a, h2)])
+    checks = range_checks([h1], view1, me.node_id) + range_checks([h2], view2, me.node_id)
+    assert [(c.start, c.end) for c in checks] == [(0, 7), (8, 15), (0, 7), (8, 15)]
+    assert [len(c.others) for c in checks] == [2, 1, 1, 1]  # b holds only 0..7 of h1
+    batches = probe_batches(checks, {})
+    assert set(batches) == {a.node_id, b.node_id}
+    assert len(batches[a.node_id].queries) == 4 and len(batches[b.node_id].queries) == 1
+    answered: dict[bytes, dict[Query, bool] | None] = {
+        a.node_id: {q: True for q in batches[a.node_id].queries},
+        b.node_id: None,
+    }
+    assert probe_batches(checks, answered) == {}
+    partly: dict[bytes, dict[Query, bool] | None] = {a.node_id: {checks[0].query: True}}
+    assert probe_batches(checks, partly)[a.node_id].queries == [c.query for c in checks[1:]]
+
+
+def test_range_health_from_one_rounds_answers() -> None:
+    """Answered yes: alive; silent: suspect until dead; answered no: gone for that range;
+    not asked yet: suspect (neither repaired around nor trimmed for)."""
+    me = Identity.generate()
+    a, b, c, d = (Identity.generate() for _ in range(4))
+    h = holding(b"k" * 20, end=7)
+    view = view_of(h, [entry_of(x, h, 0, 7) for x in (a, b, c, d)])
+    (check,) = range_checks([h], view, me.node_id)
+    dead = {c.node_id}
+    answers: dict[bytes, dict[Query, bool] | None] = {
+        a.node_id: {check.query: True},
+        b.node_id: None,
+        c.node_id: None,
+        # d not asked
+    }
+
+    def health(node: bytes) -> Health:
+        return Health.DEAD if node in dead else Health.SUSPECT
+
+    alive, suspect = range_health(check, answers, health)
+    assert alive == [a.node_id] and suspect == [b.node_id, d.node_id]
+    answers[a.node_id] = {check.query: False}
+    assert range_health(check, answers, health) == ([], [b.node_id, d.node_id])
+
+
+def test_a_fresh_view_is_needed_when_short_or_a_holder_turned() -> None:
+    """Repair decisions are made on a fresh holder set: when a range looks short of copies
+    or one of its holders turned suspect or dead this round."""
+    me, a, b = Identity.generate(), Identity.generate(), Identity.generate()
+    h = holding(b"k" * 20, end=7)
+    (check,) = range_checks(
+        [h], view_of(h, [entry_of(a, h, 0, 7), entry_of(b, h, 0, 7)]), me.node_id
+    )
+    assert not needs_fresh_view(check, [a.node_id, b.node_id], [], set())
+    assert not needs_fresh_view(check, [a.node_id], [b.node_id], set())  # suspect counts
+    assert needs_fresh_view(check, [a.node_id], [b.node_id], {b.node_id})  # ...once
+    assert needs_fresh_view(check, [a.node_id], [], set())  # b dead or gone: short
+    assert not needs_fresh_view(check, [a.node_id, b.node_id], [], {os.urandom(20)})
+
+
+def test_read_view_keeps_valid_items() -> None:
+    """A resolve's manifests by version and its holder entries; garbage is skipped."""
+    node = Identity.generate()
+    h = holding(b"k" * 20)
+    entry = entry_of(node, h)
+    view = read_view(h.key, [b"not a manifest"], [entry.raw, b"\x01junk", b"{junk"])
+    assert view.newest is None and view.manifests == {} and view.entries == [entry]
+    assert view.rounds == 1
+
+
+# -- maintenance traffic with real peers ----------------------------------------------------
+
+QUIET = RepairConfig(interval=3600.0, resolve_every=10**6)  # rounds only when a test asks
+
+
 def count_probe_connections(peers: list[Peer]) -> dict[bytes, list[object]]:
     """Record, per peer, every connection on which it was asked whether it holds a range."""
     seen: dict[bytes, list[object]] = {p.node_id: [] for p in peers}
@@ -236,6 +420,104 @@ def count_probe_connections(peers: list[Peer]) -> dict[bytes, list[object]]:
 
             p._controls[op] = counting
     return seen
+
+
+async def publish_many(peer: Peer, root: Path, names: int, segments_each: int) -> list[str]:
+    out = []
+    async with Client(peer.address, publisher=Identity.generate()) as client:
+        for i in range(names):
+            src = root / f"src{i}"
+            src.write_bytes(os.urandom(segments_each * SEG))
+            await client.put(src, f"/many/{i}", segment_size=SEG, replicas=3)
+            out.append(f"/many/{i}")
+    return out
+
+
+async def test_a_round_asks_each_co_holder_once_whatever_it_shares(tmp_path: Path) -> None:
+    """One connection per co-holder per round, carrying every range the two share."""
+    peers = await start_peers(tmp_path / "net", 4, repair=QUIET)
+    try:
+        await publish_many(peers[0], tmp_path, 3, 16)  # 2 ranges each: 6 ranges
+        me = peers[0]
+        assert me.holdings is not None and len(me.holdings.all()) >= 3
+        seen = count_probe_connections(peers)
+        await rounds([me], 1)
+        asked = {node: len(conns) for node, conns in seen.items() if conns}
+        assert asked and all(n == 1 for n in asked.values()), asked
+        assert me.maintainer is not None and me.maintainer.stats.probes == len(asked)
+    finally:
+        await stop_all(peers)
+
+
+async def test_rounds_between_resolves_send_no_datagrams(tmp_path: Path) -> None:
+    """Between resolves a round only probes co-holders over TCP: no DHT traffic at all."""
+    peers = await start_peers(tmp_path / "net", 4, repair=QUIET)
+    try:
+        await publish_many(peers[0], tmp_path, 3, 8)
+        me = peers[0]
+        assert me.dht is not None and me.maintainer is not None
+        await rounds([me], 1)
+        resolves = me.maintainer.stats.resolves
+        assert resolves == 3
+        sent = me.dht.traffic()["sent"]
+        await rounds([me], 3)
+        assert me.dht.traffic()["sent"] == sent
+        assert me.maintainer.stats.resolves == resolves
+        assert me.maintainer.stats.probes > 3
+    finally:
+        await stop_all(peers)
+
+
+async def test_crashed_holders_are_repaired_without_waiting_for_a_periodic_resolve(
+    tmp_path: Path,
+) -> None:
+    """With views cached, a holder turning suspect or dead makes the name be read again at
+    once; repair restores r copies within dead_after + 1 rounds."""
+    peers = await start_peers(tmp_path / "net", 8, repair=QUIET)
+    try:
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(40 * SEG))
+        async with Client(peers[0].address, publisher=Identity.generate()) as client:
+            result = await client.put(src, "/cached", segment_size=SEG, replicas=3)
+        integrity = bytes.fromhex(result.manifest.integrity)
+        ranges = segments.stripe_ranges(result.manifest.segment_count, result.manifest.stripes)
+        await rounds(peers, 1)  # every holder now has a view of the name
+        holders = {h for r in result.ranges for h in r["holders"]} - {peers[0].node_id.hex()}
+        victims = [p for p in peers if p.node_id.hex() in holders][:2]
+        for victim in victims:
+            await crash(victim)
+        assert min(live_copies(peers, integrity, a, b) for a, b in ranges) < 3
+        await rounds(peers, QUIET.dead_after + 1)
+        assert [live_copies(peers, integrity, a, b) for a, b in ranges] == [3] * len(ranges)
+    finally:
+        await stop_all(peers)
+
+
+async def test_superseded_versions_are_collected_within_resolve_every_rounds(
+    tmp_path: Path,
+) -> None:
+    """A holder that read the name before three updates frees the old version within
+    resolve_every rounds, though its view said nothing about them."""
+    config = RepairConfig(interval=3600.0, resolve_every=3)
+    peers = await start_peers(tmp_path / "net", 5, repair=config)
+    try:
+        me = Identity.generate()
+        src = tmp_path / "src"
+        async with Client(peers[0].address, publisher=me) as client:
+            src.write_bytes(os.urandom(4 * SEG))
+            first = await client.put(src, "/gcv", segment_size=SEG, replicas=3)
+        old = [p for p in peers if p.holdings is not None and p.holdings.of_key(first.manifest.key)]
+        await rounds(old, 1)
+        async with Client(peers[0].address, publisher=me) as client:
+            for _ in range(3):
+                src.write_bytes(os.urandom(4 * SEG))
+                await client.put(src, "/gcv", segment_size=SEG, replicas=3, update=True)
+        await rounds(peers, config.resolve_every)
+        for p in old:
+            assert p.holdings is not None
+            assert 1 not in {h.version for h in p.holdings.of_key(first.manifest.key)}
+    finally:
+        await stop_all(peers)
 
 
 async def test_holds_ranges_answers_each_range_in_order(
