@@ -14,9 +14,14 @@ figure is shown as a ratio to it. Where the time goes: CPU time per operation of
 (client) process and of all peer processes together (for the limit rows: of the echo
 server), and UDP datagrams (DHT traffic, background maintenance included) sent by the
 peers per operation. After each level the idle peers' own datagrams/s and CPU are
-measured too: maintenance rounds resolve every held name, so with hundreds of objects
-stored they weigh on every phase. ``DIFS_BENCH_SMALL_REPAIR`` sets the peers'
+measured too: maintenance rounds read held names from the DHT (each one round in ten, and
+every new one at its first round), so with hundreds of objects stored they weigh on every
+phase. ``DIFS_BENCH_SMALL_REPAIR`` sets the peers'
 ``--repair-interval`` (e.g. 3600 to leave maintenance out of the per-operation figures).
+``DIFS_BENCH_SMALL_IDLE=WAIT,WINDOW`` (default ``0,10``) waits WAIT seconds after a level
+before measuring the idle traffic over WINDOW seconds: right after a level the peers are
+still reading the names they were just given for the first time, so ``60,60`` (one whole
+default interval, after each peer had a round) shows the settled background instead.
 
 Prints a table and writes ``bench/results/small.json``.
 """
@@ -63,8 +68,8 @@ STOP_TIMEOUT = 30.0
 # Round trips timed for the limit (at least): it is cheap, and a short run is noisy.
 LIMIT_OPS = 20_000
 SEED = 1
-# Idle time after each level in which the peers' own traffic (maintenance rounds resolve
-# every held name) is measured: with hundreds of objects stored, it is part of every
+# Idle time after each level in which the peers' own traffic (maintenance rounds read
+# held names from the DHT) is measured: with hundreds of objects stored, it is part of every
 # phase's per-operation figures. DIFS_BENCH_SMALL_REPAIR=3600 (--repair-interval of the
 # peers) leaves it out of them.
 BACKGROUND_WINDOW = 10.0
@@ -358,14 +363,23 @@ async def bench_level(
     return published, await phase(fetchers, fetch_op, order)
 
 
-async def background(addresses: Sequence[tuple[str, int]], pids: Sequence[int]) -> dict[str, float]:
-    """What the idle peers do by themselves (maintenance, liveness pings) over
-    BACKGROUND_WINDOW seconds: datagrams per second and CPU seconds per second, all peers."""
+async def background(
+    addresses: Sequence[tuple[str, int]],
+    pids: Sequence[int],
+    wait: float = 0.0,
+    window: float = BACKGROUND_WINDOW,
+) -> dict[str, float]:
+    """What the idle peers do by themselves (maintenance, liveness pings) over ``window``
+    seconds from ``wait`` seconds on: datagrams per second and CPU seconds per second, all
+    peers."""
+    await asyncio.sleep(wait)
     datagrams0, cpu0 = await datagrams_sent(addresses), sum(cpu_seconds(p) for p in pids)
-    await asyncio.sleep(BACKGROUND_WINDOW)
+    await asyncio.sleep(window)
     return {
-        "datagrams_s": (await datagrams_sent(addresses) - datagrams0) / BACKGROUND_WINDOW,
-        "peers_cpu_s_per_s": (sum(cpu_seconds(p) for p in pids) - cpu0) / BACKGROUND_WINDOW,
+        "wait_s": wait,
+        "window_s": window,
+        "datagrams_s": (await datagrams_sent(addresses) - datagrams0) / window,
+        "peers_cpu_s_per_s": (sum(cpu_seconds(p) for p in pids) - cpu0) / window,
     }
 
 
@@ -376,6 +390,7 @@ async def run(
     echo_port: int,
     echo_pid: int,
     repair_interval: str | None = None,
+    idle_window: tuple[float, float] = (0.0, BACKGROUND_WINDOW),
 ) -> dict[str, Any]:
     # SIGTERM cancels the run, so that the peers are still stopped (below) and waited for.
     task = asyncio.current_task()
@@ -403,7 +418,8 @@ async def run(
             )
             rows += [row("publish", c, published, limit), row("fetch", c, fetched, limit)]
             first += c + n
-            idle.append({"concurrency": c, "stored": first, **await background(addresses, pids)})
+            quiet = await background(addresses, pids, *idle_window)
+            idle.append({"concurrency": c, "stored": first, **quiet})
         return {
             "peers": PEERS,
             "formed_after_s": formed,
@@ -421,6 +437,7 @@ def main() -> int:
     n = int(os.environ.get("DIFS_BENCH_SMALL_N", "500"))
     levels = [int(c) for c in os.environ.get("DIFS_BENCH_SMALL_C", "1,32").split(",")]
     repair = os.environ.get("DIFS_BENCH_SMALL_REPAIR")
+    wait, window = (float(x) for x in os.environ.get("DIFS_BENCH_SMALL_IDLE", "0,10").split(","))
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     echo = ctx.Process(target=echo_server_main, args=(child,), daemon=True)
@@ -429,7 +446,9 @@ def main() -> int:
         echo_port = int(parent.recv())
         assert echo.pid is not None
         with tempfile.TemporaryDirectory(prefix="difs-bench-small-") as tmp:
-            result = asyncio.run(run(Path(tmp), n, levels, echo_port, echo.pid, repair))
+            result = asyncio.run(
+                run(Path(tmp), n, levels, echo_port, echo.pid, repair, (wait, window))
+            )
     except asyncio.CancelledError:
         print("interrupted by SIGTERM; peers stopped", file=sys.stderr)
         return 128 + signal.SIGTERM
@@ -465,7 +484,8 @@ def main() -> int:
     )
     for b in result["background"]:
         print(
-            f"idle after C={b['concurrency']} ({b['stored']} objects stored): "
+            f"idle after C={b['concurrency']} ({b['stored']} objects stored), "
+            f"{b['window_s']:.0f} s from {b['wait_s']:.0f} s on: "
             f"{b['datagrams_s']:.0f} datagrams/s, peers {b['peers_cpu_s_per_s']:.2f} CPU s/s "
             "(maintenance; included in the rows above)"
         )
