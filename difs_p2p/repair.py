@@ -21,7 +21,11 @@ looks at every name version it holds:
   holder that does not answer becomes *suspect*; after ``dead_after`` failed rounds in a
   row it is *dead*; the failure detector counts one probe per holder and round, however
   many names and ranges it shares. A holder that answers late is slow, not dead; one that
-  answers that it does not hold a range counts as gone for that range. Detection therefore
+  answers that it does not hold a range counts as gone for that range. A dead holder is
+  tried again after 1, 2, 4... rounds, at least every ``dead_backoff`` (16) rounds, not
+  every round: its entries stay in the DHT until they expire (48 h), and every co-holder
+  would otherwise keep trying it; one that comes back counts again once it answers.
+  Detection therefore
   takes at most ``dead_after x interval`` for a peer holding up to ``max_keys_per_round``
   names; one holding more looks after a share of them per round (:func:`keys_for_round`),
   which multiplies that bound by ``ceil(names / max_keys_per_round)`` and keeps its
@@ -99,10 +103,13 @@ class RepairConfig:
     # found. Superseded and deleted versions are thus collected within resolve_every
     # rounds of the name (10 minutes by default); 1 reads every name every round.
     resolve_every: int = 10
+    # A dead holder is probed again after 1, 2, 4... rounds, at least every `dead_backoff`
+    # rounds (16 minutes by default): its entries outlive it by up to 48 h.
+    dead_backoff: int = 16
 
     def __post_init__(self) -> None:
-        if self.resolve_every < 1:
-            raise UsageError("resolve_every must be at least 1")
+        if self.resolve_every < 1 or self.dead_backoff < 1:
+            raise UsageError("resolve_every and dead_backoff must be at least 1")
 
 
 # -- pure decisions --------------------------------------------------------------------------
@@ -128,19 +135,40 @@ class Health(enum.Enum):
 
 @dataclass(slots=True)
 class FailureDetector:
-    """Counts failed probes in a row per peer; ``dead_after`` of them make a peer dead."""
+    """Counts failed probes in a row per peer; ``dead_after`` of them make a peer dead.
+
+    A dead peer is probed less and less often (:meth:`due`): on the 1st, 2nd, 4th... round
+    after each failure, at least every ``dead_backoff`` rounds. Its holder entries stay in
+    the DHT until they expire (48 h), and every co-holder would otherwise try it every
+    round; one that comes back is counted again within ``dead_backoff`` rounds.
+    """
 
     dead_after: int
+    dead_backoff: int = 16
     failures: dict[bytes, int] = field(default_factory=dict)
     slow: dict[bytes, float] = field(default_factory=dict)
+    skipped: dict[bytes, int] = field(default_factory=dict)
 
     def record(self, node_id: bytes, ok: bool, seconds: float = 0.0) -> Health:
+        self.skipped.pop(node_id, None)
         if ok:
             self.failures.pop(node_id, None)
             self.slow[node_id] = seconds
             return Health.ALIVE
         self.failures[node_id] = self.failures.get(node_id, 0) + 1
         return self.health(node_id)
+
+    def due(self, node_id: bytes) -> bool:
+        """Whether to probe a peer this round; if not, the round is counted as skipped."""
+        beyond = self.failures.get(node_id, 0) - self.dead_after
+        if beyond < 0:
+            return True
+        gap = min(self.dead_backoff, 2 ** min(beyond, 30))
+        skipped = self.skipped.get(node_id, 0)
+        if skipped + 1 >= gap:
+            return True
+        self.skipped[node_id] = skipped + 1
+        return False
 
     def health(self, node_id: bytes) -> Health:
         n = self.failures.get(node_id, 0)
@@ -546,7 +574,7 @@ class Maintainer:
     def __init__(self, peer: Peer, config: RepairConfig) -> None:
         self.peer = peer
         self.config = config
-        self.detector = FailureDetector(config.dead_after)
+        self.detector = FailureDetector(config.dead_after, config.dead_backoff)
         self.bucket = TokenBucket(config.bandwidth)
         self.stats = RepairStats()
         # when this run last republished each name
@@ -672,6 +700,10 @@ class Maintainer:
         """Ask every co-holder of ``checks`` about all its ranges at once, all holders in
         parallel, and feed the failure detector once per holder and round."""
         batches = probe_batches([c for cs in checks.values() for c in cs], self._answers)
+        for node in list(batches):
+            if node not in self._answers and not self.detector.due(node):
+                self._answers[node] = None  # dead and not due: counts as silent
+                del batches[node]
         nodes = list(batches)
         slots = asyncio.Semaphore(PROBES_IN_FLIGHT)
 

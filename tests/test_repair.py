@@ -70,6 +70,24 @@ def test_failure_detector_tells_suspect_from_dead() -> None:
     assert state is Health.DEAD
 
 
+def test_dead_peers_are_probed_less_and_less_often() -> None:
+    """Alive and suspect peers are probed every round; a dead one after 1, 2, 4, 8...
+    rounds, at least every dead_backoff rounds; an answer puts it back to every round."""
+    detector = FailureDetector(dead_after=2, dead_backoff=4)
+    peer = b"p" * 20
+    probed = []
+    for n in range(16):
+        if detector.due(peer):
+            probed.append(n)
+            detector.record(peer, False)
+    assert probed == [0, 1, 2, 4, 8, 12]
+    assert detector.health(peer) is Health.DEAD
+    while not detector.due(peer):
+        pass
+    detector.record(peer, True)
+    assert detector.due(peer) and detector.due(peer)
+
+
 def test_rounds_share_out_many_names_and_cover_each_once() -> None:
     """Up to max_keys_per_round names: every round takes all; more: each once per cycle."""
     few = [os.urandom(20) for _ in range(10)]
@@ -569,3 +587,31 @@ async def test_peers_without_holds_ranges_are_asked_range_by_range(
     assert len(seen[old.node_id]) == 1
     await crash(old)
     assert await network[1].probe_ranges(old.address, [(key, 1, 0, 7)], limit=5.0) is None
+
+
+async def test_a_dead_holder_is_not_tried_every_round(tmp_path: Path) -> None:
+    """Once dead, a holder whose entries remain in the DHT is probed after 1, 2, 4...
+    rounds, not on every round of every co-holder."""
+    peers = await start_peers(tmp_path / "net", 5, repair=QUIET)
+    try:
+        await publish_many(peers[0], tmp_path, 1, 8)
+        me = peers[0]
+        asked: list[tuple[str, int]] = []
+        probe = me.probe_ranges
+
+        async def counting(
+            address: tuple[str, int], queries: list[Query], *, limit: float
+        ) -> list[bool] | None:
+            asked.append(address)
+            return await probe(address, queries, limit=limit)
+
+        me.probe_ranges = counting  # type: ignore[method-assign]
+        await rounds([me], 1)
+        victim = next(p for p in peers[1:] if p.address in asked)
+        await crash(victim)
+        asked.clear()
+        await rounds([me], 10)
+        # silent 3 times (dead), then after 1, 2 and 4 rounds: 0, 1, 2, 3, 5, 9
+        assert asked.count(victim.address) == 6
+    finally:
+        await stop_all(peers)
