@@ -211,6 +211,7 @@ def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any
                         "seconds": got["seconds"],
                         "mb_s": size / got["seconds"] / 1e6,
                         "first_byte_ms": got["first_byte_ms"],
+                        "resolve_ms": got["resolve_ms"],
                         "client_cpu_s": cpu,
                         "client_rss_mb": rss,
                         "peers_cpu_s": served,
@@ -248,7 +249,17 @@ def main() -> int:
     for name, value in limits.items():
         print(f"{name:<26}{value:>8.0f}")
     print()
-    head = ("measure", "MB/s", "xTCP", "xdisk", "TTFB ms", "cli CPU", "peers CPU", "cli RSS")
+    head = (
+        "measure",
+        "MB/s",
+        "xTCP",
+        "xdisk",
+        "TTFB ms",
+        "resolve",
+        "cli CPU",
+        "peers CPU",
+        "cli RSS",
+    )
     print(f"{head[0]:<26}" + "".join(f"{h:>10}" for h in head[1:]))
     for row in rows:
         if "mb_s" not in row:
@@ -257,9 +268,10 @@ def main() -> int:
         tcp = row["mb_s"] / limits["loopback_tcp_mb_s"]
         disk = row["mb_s"] / limits["disk_segments_fsync_mb_s"]
         ttfb = f"{row['first_byte_ms']:.1f}" if "first_byte_ms" in row else ""
+        resolve = f"{row['resolve_ms']:.1f}" if "resolve_ms" in row else ""
         peers = f"{row['peers_cpu_s']:.2f}" if "peers_cpu_s" in row else ""
         print(
-            f"{row['op']:<26}{row['mb_s']:>10.0f}{tcp:>10.2f}{disk:>10.2f}{ttfb:>10}"
+            f"{row['op']:<26}{row['mb_s']:>10.0f}{tcp:>10.2f}{disk:>10.2f}{ttfb:>10}{resolve:>10}"
             f"{row['client_cpu_s']:>10.2f}{peers:>10}{row['client_rss_mb']:>10.0f}"
         )
     write_results("latest", {"limits": limits, "rows": rows, "sizes": sizes})
