@@ -211,15 +211,29 @@ class Connection:
             except OSError as exc:
                 raise PeerError(f"connection lost: {exc.strerror or exc}") from None
 
-    async def send_file(self, request_id: int, file: BinaryIO, offset: int, length: int) -> None:
-        """Send a DATA frame whose payload is ``length`` bytes of ``file`` from ``offset``."""
-        header = wire.encode_header(wire.MsgType.DATA, request_id, length)
+    async def send_file(
+        self,
+        request_id: int,
+        file: BinaryIO,
+        offset: int,
+        length: int,
+        *,
+        msg_type: wire.MsgType = wire.MsgType.DATA,
+        prefix: bytes = b"",
+    ) -> None:
+        """Send a frame whose payload is ``prefix`` then ``length`` bytes of ``file`` from
+        ``offset`` (a DATA frame, or a PUT_SEG with the segment id as prefix), the file's
+        bytes with sendfile. A file that turns out shorter closes the connection."""
+        header = wire.encode_header(msg_type, request_id, len(prefix) + length)
         async with self._send_lock:
             try:
                 async with asyncio.timeout(self.io_timeout + length / 50e6):
-                    await self.loop.sock_sendall(self.sock, header)
+                    await self.loop.sock_sendall(self.sock, header + prefix)
                     if length:
-                        await self.loop.sock_sendfile(self.sock, file, offset, length)
+                        sent = await self.loop.sock_sendfile(self.sock, file, offset, length)
+                        if sent != length:
+                            self.close()  # the frame cannot be completed
+                            raise PeerError(f"file ended after {sent} of {length} bytes")
             except TimeoutError:
                 raise DifsTimeoutError("peer stopped reading") from None
             except OSError as exc:

@@ -238,3 +238,39 @@ def test_buffer_pool_reuses_buffers_large_enough_and_keeps_a_few() -> None:
     taken = [pool.take(1), pool.take(1), pool.take(1)]
     assert taken[0] is given[1] and taken[1] is given[0]
     assert all(t is not g for t in taken[2:] for g in given)
+
+
+async def test_a_file_shorter_than_announced_closes_the_connection(tmp_path: Path) -> None:
+    """send_file announces the length it was given; if the file ends early the frame
+    cannot be completed, so the sender raises and closes instead of leaving the
+    receiver waiting for bytes that never come."""
+    import asyncio
+
+    from difs_p2p import wire
+    from difs_p2p.errors import PeerError
+    from difs_p2p.transfer import Connection
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(listener.getsockname())
+    b, _ = listener.accept()
+    listener.close()
+    a.setblocking(False)
+    b.setblocking(False)
+    sender, receiver = Connection(a, io_timeout=5), Connection(b, io_timeout=5)
+    path = tmp_path / "seg"
+    path.write_bytes(b"x" * 1000)
+    try:
+        with path.open("rb") as fh:
+            await sender.send_file(7, fh, 0, 1000, msg_type=wire.MsgType.PUT_SEG, prefix=b"i" * 32)
+            frame = await receiver.read_frame()
+            assert isinstance(frame, wire.PutSeg) and frame.seg_id == b"i" * 32
+            assert bytes(frame.data) == b"x" * 1000
+            with pytest.raises(PeerError, match="ended after 1000 of 5000"):
+                await sender.send_file(8, fh, 0, 5000)
+        assert sender.closed
+        async with asyncio.timeout(5):
+            with pytest.raises(PeerError):
+                await receiver.read_frame()  # the truncated frame ends with the connection
+    finally:
+        sender.close()
+        receiver.close()
