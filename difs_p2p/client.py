@@ -58,7 +58,7 @@ from difs_p2p.manifest import (
 from difs_p2p.names import name_key, normalize_name
 from difs_p2p.net import HOST_NETWORK, Connector
 from difs_p2p.pins import Pins
-from difs_p2p.transfer import Connection, remote_error
+from difs_p2p.transfer import BufferPool, Connection, remote_error
 
 # Requests in flight per connection: enough to keep a loopback link busy (measured: 8).
 PIPELINE = 8
@@ -775,26 +775,15 @@ class _Fetch:
             raise NotFoundError(f"no holder of {self.manifest.name} is known")
 
         # Receive buffers are reused: a fresh 1 MiB bytearray costs page faults every time.
-        pool: list[bytearray] = []
+        pool = BufferPool(2 * PIPELINE * MAX_SOURCES, minimum=self.manifest.segment_size)
         owners: dict[int, bytearray] = {}
-
-        def take_buffer(size: int) -> bytearray:
-            while pool:
-                buf = pool.pop()
-                if len(buf) >= size:
-                    return buf
-            return bytearray(max(size, self.manifest.segment_size))
-
-        def give_back(buf: bytearray) -> None:
-            if len(pool) < 2 * PIPELINE * MAX_SOURCES:
-                pool.append(buf)
 
         def deliver_stream() -> None:
             assert stream is not None
             while order and order[0] in ready:
                 index = order.popleft()
                 stream.write(ready.pop(index))
-                give_back(owners.pop(index))
+                pool.give(owners.pop(index))
 
         async def store(index: int, data: bytes | memoryview, buf: bytearray) -> None:
             pos, skip, length = self._slice(index)
@@ -804,7 +793,7 @@ class _Fetch:
                 first_out.set()
             if fd is not None:
                 await asyncio.to_thread(os.pwrite, fd, piece, pos - self.first)
-                give_back(buf)
+                pool.give(buf)
             else:
                 ready[index] = piece  # a view of the receive buffer, written out in order
                 owners[index] = buf
@@ -859,7 +848,7 @@ class _Fetch:
                 else:
                     await asyncio.to_thread(segments.verify_segment, self.hashes[index], data)
             except IntegrityError as exc:
-                give_back(buf)
+                pool.give(buf)
                 self.suspects.append((address, self.hashes[index]))
                 problems.append(f"{address[0]}:{address[1]}: {exc}")
                 failed[index].add(address)
@@ -919,7 +908,7 @@ class _Fetch:
                     header = await conn.read_header()
                     if header is None:
                         raise PeerError("connection closed")
-                    buf = take_buffer(header.length)
+                    buf = pool.take(header.length)
                     payload = await conn.read_payload(header, memoryview(buf))
                     frame = wire.decode_payload(header, payload)
                     inflight.popleft()
@@ -934,7 +923,7 @@ class _Fetch:
                         # (8 MiB, ~15 ms) before the first segment is verified and written.
                         await asyncio.sleep(0)
                     else:
-                        give_back(buf)
+                        pool.give(buf)
                         message = frame.message if isinstance(frame, wire.Error) else "bad frame"
                         problems.append(f"{address[0]}:{address[1]}: {message}")
                         failed[index].add(address)

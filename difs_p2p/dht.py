@@ -38,7 +38,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1166,8 +1166,7 @@ class Dht:
                 accepted += 1
             else:
                 refused += 1
-        now = self.clock()
-        entries_accepted = sum(self.store.add_entry(key, e, now).accepted for e in entries)
+        entries_accepted = self._add_here(key, entries)
         # The first batch of entries rides with the record (one request per peer); the
         # rest go as add_entries. A peer that predates entries in `store` refuses the
         # request with a bare `false` and is asked again the old way.
@@ -1301,9 +1300,13 @@ class Dht:
     ) -> int:
         if not entries:
             return 0
-        now = self.clock()
-        accepted = sum(self.store.add_entry(key, e, now).accepted for e in entries)
+        accepted = self._add_here(key, entries)
         return accepted + await self._send_entries(key, _entry_batches(entries), peers)
+
+    def _add_here(self, key: bytes, entries: Sequence[bytes]) -> int:
+        """Add ``entries`` to this peer's own store; the number accepted."""
+        now = self.clock()
+        return sum(self.store.add_entry(key, e, now).accepted for e in entries)
 
     async def _send_entries(
         self, key: bytes, batches: Sequence[Sequence[bytes]], peers: list[Contact]
@@ -1311,7 +1314,7 @@ class Dht:
         """``add_entries`` of each batch to each peer; the acceptances."""
         proto = self._proto()
         accepted = 0
-        calls: list[Awaitable[tuple[bool, Any]]] = [
+        calls: list[Coroutine[Any, Any, tuple[bool, Any]]] = [
             proto.call_find(Node(c.node_id, c.host, c.port), "add_entries", key, list(batch))
             for c in peers
             for batch in batches
@@ -1325,7 +1328,7 @@ class Dht:
         return accepted
 
     async def _answers(
-        self, calls: Sequence[Awaitable[tuple[bool, Any]]]
+        self, calls: Sequence[Coroutine[Any, Any, tuple[bool, Any]]]
     ) -> list[tuple[bool, Any]]:
         """The replies to requests sent at once, in order.
 
@@ -1334,9 +1337,9 @@ class Dht:
         costs a write the stall time, not ``rpc_timeout``. It runs on in the background:
         a late store still lands, and a timeout still counts towards evicting the contact.
         """
-        tasks = [asyncio.ensure_future(c) for c in calls]
+        tasks = [asyncio.create_task(c) for c in calls]
         stall = self.rtt.timeout(self.config.lookup_stall_min, self.config.lookup_stall)
-        pending: set[asyncio.Future[tuple[bool, Any]]] = set(tasks)
+        pending = set(tasks)
         try:
             while pending:
                 done, pending = await asyncio.wait(
@@ -1349,7 +1352,7 @@ class Dht:
                 task.cancel()
             raise
         for task in pending:
-            self._adopt(task)  # type: ignore[arg-type]
+            self._adopt(task)
         return [t.result() if t.done() else (False, None) for t in tasks]
 
     async def get_entries(self, key: bytes) -> list[bytes]:

@@ -449,16 +449,13 @@ class Peer:
 
     def _open_segment(self, frame: wire.GetSeg) -> FileReply:
         """Open a stored segment for sending (the fetcher verifies what it receives)."""
-        path, size = self._store().locate(frame.seg_id)
+        fh, size = _open_stored(self._store(), frame.seg_id)
         if frame.offset > size:
+            fh.close()
             raise UsageError(f"offset {frame.offset} is past the segment's {size} bytes")
         length = size - frame.offset
         if frame.length:
             length = min(length, frame.length)
-        try:
-            fh = path.open("rb")
-        except FileNotFoundError:
-            raise NotFoundError(f"segment {frame.seg_id.hex()[:16]} is not stored here") from None
         return FileReply(frame.request_id, fh, frame.offset, length)
 
     async def _op_status(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:

@@ -51,8 +51,10 @@ class BufferPool:
     belongs to its frame until it is given back; at most ``keep`` are kept.
     """
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, minimum: int = 0) -> None:
         self.keep = keep
+        # new buffers are at least this large, so that one serves frames of any size up to it
+        self.minimum = minimum
         self._free: list[bytearray] = []
 
     def take(self, size: int) -> bytearray:
@@ -61,7 +63,7 @@ class BufferPool:
             buf = self._free.pop()
             if len(buf) >= size:
                 return buf
-        return bytearray(size)
+        return bytearray(max(size, self.minimum))
 
     def give(self, buf: bytearray) -> None:
         if len(self._free) < self.keep:

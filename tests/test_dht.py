@@ -63,6 +63,13 @@ def test_datagram_codec_is_the_stock_encoding_byte_for_byte(value: object) -> No
     assert _unpack(umsgpack.packb(value)) == value
 
 
+# Silent peers cost a 0.1 s stall; waiting for their 30 s RPC timeout would overrun the
+# tests' 10 s deadlines. No liveness pings evict them meanwhile.
+SILENT_COSTS_STALL = DhtConfig(
+    rpc_timeout=30.0, lookup_stall=0.1, lookup_stall_min=0.1, liveness_interval=3600
+)
+
+
 async def test_thirty_peers_find_each_other() -> None:
     """30 peers bootstrapped from one seed each find every other peer's ID by lookup."""
     nodes = await start_dhts(30)
@@ -189,10 +196,7 @@ async def test_dead_contacts_cost_a_lookup_the_stall_time_not_the_rpc_timeout() 
     The stock loop (and ours before) waited rpc_timeout for every dead contact among the
     k closest, so under churn most lookups took the full timeout.
     """
-    config = DhtConfig(
-        rpc_timeout=30.0, lookup_stall=0.1, lookup_stall_min=0.1, liveness_interval=3600
-    )
-    nodes = await start_dhts(8, config=config)
+    nodes = await start_dhts(8, config=SILENT_COSTS_STALL)
     try:
         dead = nodes[5:]
         for node in dead:
@@ -215,10 +219,7 @@ async def test_a_dead_peer_among_the_closest_costs_a_write_the_stall_time() -> N
     """put_with_entries to k closest of which some died since the lookup returns once the
     live ones answered and the stall time passed, counting the dead as refused; the live
     ones hold the record and the entries."""
-    config = DhtConfig(
-        rpc_timeout=30.0, lookup_stall=0.1, lookup_stall_min=0.1, liveness_interval=3600
-    )
-    nodes = await start_dhts(8, config=config)
+    nodes = await start_dhts(8, config=SILENT_COSTS_STALL)
     try:
         writer, key = nodes[0], os.urandom(20)
         await writer.lookup(key, "find_node")  # remembered for the write (closest_reuse)
@@ -241,10 +242,7 @@ async def test_a_dead_peer_among_the_closest_costs_a_write_the_stall_time() -> N
 async def test_closest_fills_up_with_known_contacts_that_were_late() -> None:
     """closest() lists the peers that answered first, then known contacts that did not
     answer in time (a slow peer on a loaded machine is still worth a transfer attempt)."""
-    config = DhtConfig(
-        rpc_timeout=30.0, lookup_stall=0.1, lookup_stall_min=0.1, liveness_interval=3600
-    )
-    nodes = await start_dhts(6, config=config)
+    nodes = await start_dhts(6, config=SILENT_COSTS_STALL)
     try:
         asker, silent = nodes[0], nodes[5]
         silent.transport.close()  # type: ignore[union-attr]

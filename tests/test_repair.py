@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from difs_p2p import segments
-from difs_p2p.client import Client
+from difs_p2p.client import Client, PublishResult
 from difs_p2p.errors import UsageError
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import HolderEntry, Manifest, build_holder_entry
@@ -168,6 +168,16 @@ def live_copies(peers: list[Peer], integrity: bytes, start: int, end: int) -> in
     return count
 
 
+async def publish_random(
+    entry: Peer, tmp_path: Path, name: str, segment_count: int, replicas: int
+) -> PublishResult:
+    """Publish ``segment_count`` random segments under ``name`` through ``entry``."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(segment_count * SEG))
+    async with Client(entry.address, publisher=Identity.generate()) as client:
+        return await client.put(src, name, segment_size=SEG, replicas=replicas)
+
+
 async def rounds(peers: list[Peer], n: int) -> None:
     for _ in range(n):
         for p in peers:
@@ -179,10 +189,7 @@ async def test_repair_restores_r_copies_after_two_crashes(
     network: list[Peer], tmp_path: Path
 ) -> None:
     """Two holders crash; after dead_after rounds every range has r live copies again."""
-    src = tmp_path / "src"
-    src.write_bytes(os.urandom(40 * SEG))
-    async with Client(network[0].address, publisher=Identity.generate()) as client:
-        result = await client.put(src, "/durable", segment_size=SEG, replicas=3)
+    result = await publish_random(network[0], tmp_path, "/durable", 40, 3)
     integrity = bytes.fromhex(result.manifest.integrity)
     ranges = segments.stripe_ranges(result.manifest.segment_count, result.manifest.stripes)
     holders = {h for r in result.ranges for h in r["holders"]} - {network[0].node_id.hex()}
@@ -199,15 +206,12 @@ async def test_repair_restores_r_copies_after_two_crashes(
     ) as client:
         out = tmp_path / "out"
         await client.get("/durable", out)
-    assert out.read_bytes() == src.read_bytes()
+    assert out.read_bytes() == (tmp_path / "src").read_bytes()
 
 
 async def test_extra_copies_are_trimmed(network: list[Peer], tmp_path: Path) -> None:
     """A range copied to more than r peers goes back to r after a maintenance round."""
-    src = tmp_path / "src"
-    src.write_bytes(os.urandom(8 * SEG))
-    async with Client(network[0].address, publisher=Identity.generate()) as client:
-        result = await client.put(src, "/trim", segment_size=SEG, replicas=2)
+    result = await publish_random(network[0], tmp_path, "/trim", 8, 2)
     integrity = bytes.fromhex(result.manifest.integrity)
     holders = set(result.ranges[0]["holders"])
     extra = next(p for p in network if p.node_id.hex() not in holders)
@@ -493,10 +497,7 @@ async def test_crashed_holders_are_repaired_without_waiting_for_a_periodic_resol
     once; repair restores r copies within dead_after + 1 rounds."""
     peers = await start_peers(tmp_path / "net", 8, repair=QUIET)
     try:
-        src = tmp_path / "src"
-        src.write_bytes(os.urandom(40 * SEG))
-        async with Client(peers[0].address, publisher=Identity.generate()) as client:
-            result = await client.put(src, "/cached", segment_size=SEG, replicas=3)
+        result = await publish_random(peers[0], tmp_path, "/cached", 40, 3)
         integrity = bytes.fromhex(result.manifest.integrity)
         ranges = segments.stripe_ranges(result.manifest.segment_count, result.manifest.stripes)
         await rounds(peers, 1)  # every holder now has a view of the name
@@ -542,10 +543,7 @@ async def test_holds_ranges_answers_each_range_in_order(
     network: list[Peer], tmp_path: Path
 ) -> None:
     """The batched probe: one answer per range, in order; malformed ranges are refused."""
-    src = tmp_path / "src"
-    src.write_bytes(os.urandom(8 * SEG))
-    async with Client(network[0].address, publisher=Identity.generate()) as client:
-        result = await client.put(src, "/probe", segment_size=SEG, replicas=3)
+    result = await publish_random(network[0], tmp_path, "/probe", 8, 3)
     key = result.manifest.key.hex()
     conn = await Connection.open(network[0].address, io_timeout=5)
     try:
@@ -572,10 +570,7 @@ async def test_peers_without_holds_ranges_are_asked_range_by_range(
 ) -> None:
     """An older peer that does not know holds_ranges still answers every range (holds),
     on the same connection."""
-    src = tmp_path / "src"
-    src.write_bytes(os.urandom(8 * SEG))
-    async with Client(network[0].address, publisher=Identity.generate()) as client:
-        result = await client.put(src, "/old", segment_size=SEG, replicas=3)
+    result = await publish_random(network[0], tmp_path, "/old", 8, 3)
     old = network[0]
     del old._controls["holds_ranges"]
     seen = count_probe_connections([old])
