@@ -141,11 +141,12 @@ class DhtConfig:
     closest_reuse: float = 10.0
     # Node-ID work (S/Kademlia's static crypto puzzle): a contact's node ID must hash
     # (SHA-256 under a domain, see ``difs_p2p.idwork``) to this many leading zero bits,
-    # or it fails the identify check. 12 bits is ~4,100 key generations on average: about
-    # 0.2 s at ~19,500 keys/s on one core here, once, at a peer's first start (the key is
-    # kept); every ID an attacker grinds near a key costs 4,096 times more. 0 turns the
+    # or it fails the identify check. 11 bits is 2,048 key generations on average: about
+    # 0.1 s at ~19,500 keys/s on one core here (0.3 s on a loaded machine), once, at a
+    # peer's first start, in a thread (the key is kept); every ID an attacker grinds near a
+    # key costs 2,048 times more. 0 turns the
     # check off (the simulator and the tests, which create many identities).
-    id_difficulty: int = 12
+    id_difficulty: int = 11
     # Record and entry lookups (get, resolve, get_entries) and writes run over this many
     # disjoint paths (S/Kademlia): a peer asked by one path is not asked by another, and
     # each path ends at its own k closest, so a cluster of IDs near a key cannot be every

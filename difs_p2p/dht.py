@@ -23,6 +23,19 @@ loses lookups or lets peers hurt us (each has a test that fails on the stock beh
 * ``get`` trusts a local copy or the first answer: :meth:`Dht.get` asks the k closest peers
   and returns every valid record, best first, and repairs peers that had older ones.
 
+Every datagram field is the sender's choice, so (docs/PROTOCOL.md, "DHT datagrams"):
+
+* contacts must be IPv4 addresses with valid ports (``valid_address``), and every datagram
+  leaves through ``_Protocol.send``, which checks the address again: asyncio closes a
+  datagram transport for good when ``sendto`` raises anything but ``OSError``;
+* ``leave`` removes a contact only when it comes from that contact's address;
+* identify proofs are bound to (id, ip, port) and to the node-ID work (``idwork``), and a
+  contact named in a reply proves its ID before a lookup asks it anything;
+* a source that has not proved it receives at its address gets no reply larger than its
+  request (return-routability tokens, handed out by the padded identify exchange);
+* ``get``, ``resolve`` and writes run over disjoint paths (``lookup_paths``), and a write
+  is reported stored only if a quorum of paths serves the record back.
+
 Datagrams are handled synchronously in ``datagram_received`` (no task per datagram), and
 every background task belongs to the ``Dht`` and is cancelled by :meth:`Dht.stop`.
 """

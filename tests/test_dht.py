@@ -949,12 +949,14 @@ def test_only_ipv4_addresses_with_ports_are_contacts() -> None:
 
 
 async def test_contact_without_node_id_work_is_not_added() -> None:
-    """A peer whose node ID lacks the node-ID work is not added; one with it is."""
-    config = dataclasses.replace(FAST_DHT, id_difficulty=6)
+    """At the default difficulty, a peer whose node ID lacks the node-ID work is not
+    added; one with it is."""
+    bits = DhtConfig().id_difficulty
+    config = dataclasses.replace(FAST_DHT, id_difficulty=bits)
     weak = Identity.generate()
-    while has_work(weak.node_id, 6):
+    while has_work(weak.node_id, bits):
         weak = Identity.generate()
-    keys = [generate_with_work(6), weak, generate_with_work(6)]
+    keys = [generate_with_work(bits), weak, generate_with_work(bits)]
     nodes = [Dht(k.node_id, AcceptAll(), config, identity=k) for k in keys]
     try:
         for node in nodes:
