@@ -260,7 +260,7 @@ class _RawPeer(asyncio.DatagramProtocol):
         future: asyncio.Future[tuple[int, object]] = asyncio.get_running_loop().create_future()
         self.pending[msg_id] = future
         self.transport.sendto(data, addr)
-        size, reply = await asyncio.wait_for(future, 2.0)
+        size, reply = await asyncio.wait_for(future, 5.0)
         return len(data), size, reply
 
     async def request(self, addr: tuple[str, int], name: str, args: list[object]) -> object:
@@ -291,7 +291,7 @@ async def test_dht_contact_that_is_no_ip_address_cannot_silence_peers() -> None:
         evil.contacts = [[os.urandom(20), "evil\x00host", 4000]]
         for node in nodes:
             await evil.join(node.me.address)
-        await wait_for(lambda: all(_knows(n, evil.node_id) for n in nodes))
+        await wait_for(lambda: all(_knows(n, evil.node_id) for n in nodes), 30.0)
         for node in nodes:
             await node.lookup(os.urandom(20), "find_node")
         await newcomer.start("127.0.0.1", 0)
@@ -401,7 +401,7 @@ async def _sybils(key: bytes, count: int, join: list[Dht]) -> list[_RawPeer]:
         s.contacts = [o.contact() for o in sybils if o is not s][:20]
         for node in join:
             await s.join(node.me.address)
-    await wait_for(lambda: all(_knows(n, s.node_id) for n in join for s in sybils))
+    await wait_for(lambda: all(_knows(n, s.node_id) for n in join for s in sybils), 30.0)
     return sybils
 
 
