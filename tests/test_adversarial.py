@@ -182,6 +182,7 @@ class _RawPeer(asyncio.DatagramProtocol):
         self.tokens: dict[tuple[str, int], bytes] = {}
         self.contacts: list[list[object]] = []
         self.swallow = False
+        self.asked: list[str] = []  # names of the requests received
 
     @classmethod
     async def open(cls, identity: Identity | None = None) -> _RawPeer:
@@ -218,6 +219,7 @@ class _RawPeer(asyncio.DatagramProtocol):
             if future is not None and not future.done():
                 future.set_result((len(data), body))
             return
+        self.asked.append(body[0])
         reply = self.answer(body[0], body[1])
         if reply is not None:
             self.transport.sendto(b"\x01" + msg_id + msgpack.packb(reply, use_bin_type=True), addr)
@@ -444,3 +446,26 @@ async def test_dht_write_no_path_can_read_back_is_not_reported_stored() -> None:
         for s in sybils:
             s.close()
         await writer.stop()
+
+
+async def test_dht_contacts_named_in_replies_prove_their_ids_before_use() -> None:
+    """A contact a hostile peer names in its replies (an ID it does not hold, at an
+    address that answers) is not asked, listed among the closest or written to."""
+    nodes = await start_dhts(4)
+    evil, accomplice = await _RawPeer.open(), await _RawPeer.open()
+    try:
+        fake = os.urandom(20)
+        evil.contacts = [[fake, *accomplice.address]]
+        accomplice.swallow = True
+        for node in nodes:
+            await evil.join(node.me.address)
+        await wait_for(lambda: all(_knows(n, evil.node_id) for n in nodes), 30.0)
+        found = await nodes[1].lookup(fake, "find_node")
+        assert fake not in {c.node_id for c in found.closest}
+        await nodes[2].put_with_entries(fake, b"\x01record", [])
+        # the accomplice was only challenged (identify), never asked or written to
+        assert set(accomplice.asked) <= {"identify"}
+    finally:
+        evil.close()
+        accomplice.close()
+        await stop_all(nodes)
