@@ -139,6 +139,28 @@ class DhtConfig:
     # resolves its name first). Short, so that peers that left since are rarely asked;
     # 0 always looks up.
     closest_reuse: float = 10.0
+    # Node-ID work (S/Kademlia's static crypto puzzle): a contact's node ID must hash
+    # (SHA-256 under a domain, see ``difs_p2p.idwork``) to this many leading zero bits,
+    # or it fails the identify check. 11 bits is 2,048 key generations on average: about
+    # 0.1 s at ~19,500 keys/s on one core here (0.3 s on a loaded machine), once, at a
+    # peer's first start, in a thread (the key is kept); every ID an attacker grinds near a
+    # key costs 2,048 times more. 0 turns the
+    # check off (the simulator and the tests, which create many identities).
+    id_difficulty: int = 11
+    # Record and entry lookups (get, resolve, get_entries) and writes run over this many
+    # disjoint paths (S/Kademlia): a peer asked by one path is not asked by another, and
+    # each path ends at its own k closest, so a cluster of IDs near a key cannot be every
+    # path's answer. Writes go to every path's k closest (up to paths x k peers).
+    disjoint_paths: int = 2
+    # A write reads its record back from the peers of each path that took it; it is
+    # reported done only if this many paths serve it (at most the paths that found peers).
+    write_quorum_paths: int = 2
+    # Return-routability tokens (as BEP 5's token, QUIC's address validation): a source
+    # that has not proved it receives at its address gets replies no larger than its
+    # request; the token it is given lasts one to two periods of this length.
+    token_period: float = 300.0
+    # Hand-over to a newcomer: at most this many records (each with at most 32 entries).
+    handover_max_records: int = 1000
 
     def __post_init__(self) -> None:
         if self.ksize < 1 or self.alpha < 1:
@@ -149,6 +171,14 @@ class DhtConfig:
             raise UsageError("need 0 < lookup_stall_min <= lookup_stall")
         if self.closest_reuse < 0:
             raise UsageError("closest_reuse must not be negative")
+        if not 0 <= self.id_difficulty <= 32:
+            raise UsageError("id_difficulty must be 0-32 bits")
+        if self.disjoint_paths < 1 or self.write_quorum_paths < 1:
+            raise UsageError("disjoint_paths and write_quorum_paths must be at least 1")
+        if self.token_period <= 0:
+            raise UsageError("token_period must be positive")
+        if self.handover_max_records < 0:
+            raise UsageError("handover_max_records must not be negative")
 
 
 @dataclass(frozen=True, slots=True)

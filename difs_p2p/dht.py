@@ -23,6 +23,19 @@ loses lookups or lets peers hurt us (each has a test that fails on the stock beh
 * ``get`` trusts a local copy or the first answer: :meth:`Dht.get` asks the k closest peers
   and returns every valid record, best first, and repairs peers that had older ones.
 
+Every datagram field is the sender's choice, so (docs/PROTOCOL.md, "DHT datagrams"):
+
+* contacts must be IPv4 addresses with valid ports (``valid_address``), and every datagram
+  leaves through ``_Protocol.send``, which checks the address again: asyncio closes a
+  datagram transport for good when ``sendto`` raises anything but ``OSError``;
+* ``leave`` removes a contact only when it comes from that contact's address;
+* identify proofs are bound to (id, ip, port) and to the node-ID work (``idwork``), and a
+  contact named in a reply proves its ID before a lookup asks it anything;
+* a source that has not proved it receives at its address gets no reply larger than its
+  request (return-routability tokens, handed out by the padded identify exchange);
+* ``get``, ``resolve`` and writes run over disjoint paths (``lookup_paths``), and a write
+  is reported stored only if a quorum of paths serves the record back.
+
 Datagrams are handled synchronously in ``datagram_received`` (no task per datagram), and
 every background task belongs to the ``Dht`` and is cancelled by :meth:`Dht.stop`.
 """
@@ -33,6 +46,8 @@ import asyncio
 import bisect
 import functools
 import hashlib
+import hmac
+import ipaddress
 import logging
 import os
 import random
@@ -51,6 +66,7 @@ from kademlia.routing import RoutingTable
 from difs_p2p.config import DhtConfig
 from difs_p2p.errors import IntegrityError, NetworkError
 from difs_p2p.identity import Identity, node_id_for, verify_signature
+from difs_p2p.idwork import has_work
 from difs_p2p.net import DatagramNetwork, DatagramTransport, UdpNetwork
 from difs_p2p.recordstore import RecordPolicy, RecordStore
 
@@ -66,6 +82,15 @@ MAX_VALUE_SIZE = 8000
 _ENTRY_BATCH_BYTES = 7000
 IDENTIFY_DOMAIN = b"difs-identify-v1\x00"
 _NONCE_SIZE = 16
+# Padding of an identify request, so that the reply (key, signature, token: 140 bytes)
+# is no larger than the request (147 bytes) even to a source that has not proved its
+# address. A request may carry at most _MAX_PAD bytes of padding.
+IDENTIFY_PAD = 80
+_MAX_PAD = 256
+# Return-routability tokens: HMAC-SHA-256 of the source address and the period, cut.
+TOKEN_SIZE = 16
+_TOKEN_DOMAIN = b"difs-token-v1\x00"
+_TOKENS_MAX = 10_000
 _RPCS = frozenset(
     {
         "ping",
@@ -119,6 +144,18 @@ class Stored:
     accepted: int  # peers (this one included) that now hold the record
     refused: int  # peers that refused it or did not answer
     entries_accepted: int  # entry acceptances summed over peers
+    # disjoint paths that found peers, how many of them served the record when read
+    # back, and how many had to (write_quorum_paths, at most ``paths``). Below the
+    # quorum, ``accepted`` counts only the peers that served it (this one included) and
+    # ``refused`` the others: a write nobody can read is not reported as stored.
+    paths: int = 0
+    readable_paths: int = 0
+    quorum: int = 0
+
+    @property
+    def readable(self) -> bool:
+        """Whether a quorum of disjoint paths served the record back."""
+        return self.readable_paths >= self.quorum
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +190,8 @@ class LookupResult:
     # peers asked for entries with the value that answered without a "value" key (peers
     # that predate the flag): whether they hold a record is unknown
     value_unknown: list[Contact] = field(default_factory=list)
+    # the k closest of each disjoint path (lookup_paths), disjoint from one another
+    paths: list[list[Contact]] = field(default_factory=list)
 
 
 def page_plan(
@@ -227,6 +266,15 @@ def _entry_batches(entries: Sequence[bytes], first: int = _ENTRY_BATCH_BYTES) ->
     return batches
 
 
+def _union(paths: Sequence[Sequence[Contact]], key: bytes) -> list[Contact]:
+    """The contacts of all paths, each once, closest to ``key`` first."""
+    seen: dict[bytes, Contact] = {}
+    for path in paths:
+        for c in path:
+            seen.setdefault(c.node_id, c)
+    return sorted(seen.values(), key=lambda c: _distance(c.node_id, key))
+
+
 def _neg(value: bytes) -> tuple[int, ...]:
     """A sort key under which smaller bytes sort later (for reverse sorts)."""
     return (*(-b for b in value), -len(value))
@@ -234,6 +282,45 @@ def _neg(value: bytes) -> tuple[int, ...]:
 
 def _is_id(value: object) -> bool:
     return isinstance(value, bytes) and len(value) == KEY_SIZE
+
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+@functools.lru_cache(maxsize=4096)
+def valid_host(host: object) -> bool:
+    """Whether ``host`` is an IPv4 address in dotted form that a datagram may go to.
+
+    Anything else from a peer is refused before it reaches a socket: a host name would
+    be resolved (blocking the loop), and a string the socket layer cannot encode (a NUL
+    byte) raises an error that is not an ``OSError``, which closes an asyncio datagram
+    transport for good. IPv6 is refused too: the DHT runs on IPv4 (one family per DHT).
+    """
+    if not isinstance(host, str) or len(host) > 15:
+        return False
+    try:
+        ip = ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return not (ip.is_unspecified or ip.is_multicast or ip == _BROADCAST)
+
+
+def valid_address(addr: object) -> bool:
+    """Whether ``addr`` is an ``(IPv4 address, port 1-65535)`` pair."""
+    if not (isinstance(addr, tuple) and len(addr) == 2):
+        return False
+    host, port = addr
+    return type(port) is int and 0 < port < 65536 and isinstance(host, str) and valid_host(host)
+
+
+def _is_token_reply(reply: object) -> bool:
+    """Whether a reply is the token a source that has not proved its address gets."""
+    return (
+        isinstance(reply, dict)
+        and len(reply) == 1
+        and isinstance(reply.get("token"), bytes)
+        and len(reply["token"]) == TOKEN_SIZE
+    )
 
 
 def _contact(node: Node) -> Contact:
@@ -249,11 +336,10 @@ def _parse_node_list(reply: object, limit: int) -> list[Node] | None:
         if not (isinstance(item, list) and len(item) == 3):
             return None
         nid, ip, port = item
-        if not (_is_id(nid) and isinstance(ip, str) and len(ip) <= 64):
+        # a contact must be a real IPv4 address and port: see valid_host
+        if not (_is_id(nid) and valid_address((ip, port))):
             return None
-        if not (isinstance(port, int) and 0 < port < 65536):
-            return None
-        nodes.append(Node(nid, ip, port))
+        nodes.append(Node(bytes(nid), ip, port))
     return nodes
 
 
@@ -333,10 +419,18 @@ class _ExactRoutingTable(RoutingTable):  # type: ignore[misc]
         self._reindex(before, {**self.buckets[index].nodes, **self.buckets[index + 1].nodes})
 
     def remove_contact(self, node: Node) -> None:
+        """Remove the contact with ``node``'s ID only if it is at ``node``'s address: a
+        claim to the ID from another address (a forged ``leave``, a stale contact) does
+        not remove the peer that holds it."""
         index = self.get_bucket_for(node)
         if index is None:
             return
         bucket = self.buckets[index]
+        current = bucket.nodes.get(node.id)
+        if current is None:
+            current = bucket.replacement_nodes.get(node.id)
+        if current is None or (current.ip, current.port) != (node.ip, node.port):
+            return
         before = dict(bucket.nodes)
         bucket.remove_node(node)
         self._reindex(before, bucket.nodes)
@@ -455,6 +549,8 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         # datagrams sent and received (requests and replies), for status and benchmarks
         self.sent = 0
         self.received = 0
+        # replies cut to a token because the source had not proved its address
+        self.token_replies = 0
 
     # -- incoming --------------------------------------------------------------------------
 
@@ -466,6 +562,10 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
             self.dropped += 1
             self.dht.peer_warning(addr, f"dropped datagram: {type(exc).__name__}: {exc}")
 
+    def error_received(self, exc: Exception) -> None:
+        """An ICMP error for an earlier datagram (a peer gone): not fatal, not ours."""
+        log.debug("datagram_error %s", exc)
+
     def _handle_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) < 1 + _MSG_ID_SIZE + 1 or len(data) > self.dht.config.max_datagram:
             self.dropped += 1
@@ -474,36 +574,58 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         kind, msg_id = data[:1], data[1 : 1 + _MSG_ID_SIZE]
         body = _unpack(data[1 + _MSG_ID_SIZE :])
         if kind == _REQUEST:
-            self._handle_request(msg_id, body, addr)
+            self._handle_request(msg_id, body, addr, len(data))
         elif kind == _REPLY:
             self._handle_reply(msg_id, body, addr)
         else:
             self.dropped += 1
 
-    def _handle_request(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
-        if not (isinstance(body, list) and len(body) == 2):
-            raise ValueError("request is not [name, args]")
-        name, args = body
+    def _handle_request(
+        self, msg_id: bytes, body: object, addr: tuple[str, int], size: int
+    ) -> None:
+        """Answer one request. A source that has not proved it receives at ``addr``
+        (no valid token in the request, never passed our identify challenge there) gets
+        no reply larger than its request: a token if that fits, else nothing."""
+        if not (isinstance(body, list) and len(body) in (2, 3)):
+            raise ValueError("request is not [name, args] or [name, args, token]")
+        name, args = body[0], body[1]
         if not (isinstance(name, str) and name in _RPCS and isinstance(args, list)):
             raise ValueError(f"unknown request {name!r}")
+        proven = self.dht.address_proven(addr, body[2] if len(body) == 3 else None)
         if name == "stun":
             result: object = list(addr)
         elif name == "leave":
             # A peer that stops says so; no reply (stock peers ignore the unknown name).
+            # Only the contact's own address may say it: a forged leave changes nothing.
             if args and _is_id(args[0]):
-                self.router.remove_contact(Node(args[0], addr[0], addr[1]))
-                self._failures.pop(args[0], None)
+                node = Node(bytes(args[0]), addr[0], addr[1])
+                if not self.router.is_new_node(node) and self._at_address(node):
+                    self.router.remove_contact(node)
+                    self._failures.pop(node.id, None)
             return
         else:
             if not args or not _is_id(args[0]):
                 raise ValueError("sender id is not 20 bytes")
-            sender = Node(args[0], addr[0], addr[1])
+            sender = Node(bytes(args[0]), addr[0], addr[1])
             result = self._dispatch(name, sender, args[1:])
-            self.welcome_if_new(sender)
+            if proven:
+                # an unproven source could be spoofed: do not send it identify challenges
+                self.welcome_if_new(sender)
         reply = _REPLY + msg_id + _pack(result)
-        if self.transport is not None:
-            self.transport.sendto(reply, addr)
-            self.sent += 1
+        if not proven and len(reply) > size:
+            reply = _REPLY + msg_id + _pack({"token": self.dht.token_for(addr)})
+            if len(reply) > size:
+                return
+            self.token_replies += 1
+        self.send(reply, addr)
+
+    def _at_address(self, node: Node) -> bool:
+        """Whether the routing table's contact with ``node``'s ID has ``node``'s address."""
+        index = self.router.get_bucket_for(node)
+        if index is None:
+            return False
+        current = self.router.buckets[index].nodes.get(node.id)
+        return current is not None and (current.ip, current.port) == (node.ip, node.port)
 
     def _dispatch(self, name: str, sender: Node, args: list[Any]) -> object:
         now = self.dht.clock()
@@ -511,7 +633,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         if name == "ping":
             return self.source_node.id
         if name == "identify":
-            return self.dht.prove_identity(args)
+            return self.dht.prove_identity(args, (sender.ip, sender.port))
         if name in _WRITES and not self.dht.allow_write(sender.ip, now):
             return False if name == "store" else 0
         if len(args) < 1 or not _is_id(args[0]):
@@ -589,21 +711,54 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
 
     # -- outgoing --------------------------------------------------------------------------
 
+    def send(self, data: bytes, address: tuple[str, int]) -> bool:
+        """Send one datagram; False if it could not go (closed, or not an IPv4 address).
+
+        The address is checked first: asyncio closes a datagram transport for good when
+        ``sendto`` raises anything but ``OSError`` (``OSError`` goes to
+        ``error_received``), so no peer-supplied address reaches it unchecked.
+        """
+        if self.transport is None or self.transport.is_closing():
+            return False
+        if not valid_address(address):
+            self.dht.peer_warning(("?", 0), f"refused to send to {address!r}")
+            return False
+        try:
+            self.transport.sendto(data, address)
+        except OSError as exc:
+            log.debug("send_failed addr=%s:%s %s", address[0], address[1], exc)
+            return False
+        self.sent += 1
+        return True
+
     def call(self, address: tuple[str, int], name: str, *args: Any) -> asyncio.Future[Any]:
-        """Send request ``name(*args)`` to ``address``; the future gives (ok, reply)."""
+        """Send request ``name(*args)`` to ``address``; the future gives (ok, reply).
+
+        The request carries the token ``address`` gave us, if we hold a fresh one.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         msg_id = os.urandom(_MSG_ID_SIZE)
-        data = _pack([name, list(args)])
-        if len(data) > 8192 or self.transport is None or self.transport.is_closing():
+        token = self.dht.token_from(address)
+        data = _pack([name, list(args)] if token is None else [name, list(args), token])
+        if len(data) > 8192 or not self.send(_REQUEST + msg_id + data, address):
             future.set_result((False, None))
             return future
         timer = loop.call_later(self._wait_timeout, self._on_timeout, msg_id)
         self._outstanding[msg_id] = (future, timer)
         self._expected[msg_id] = address
-        self.transport.sendto(_REQUEST + msg_id + data, address)
-        self.sent += 1
         return future
+
+    async def request(self, address: tuple[str, int], name: str, *args: Any) -> tuple[bool, Any]:
+        """``call``, once more with the token if the reply was one (our address was not
+        yet proven there: one extra round trip, then never again for that period)."""
+        ok, reply = await self.call(address, name, *args)
+        if ok and _is_token_reply(reply):
+            self.dht.remember_token(address, reply["token"])
+            ok, reply = await self.call(address, name, *args)
+            if ok and _is_token_reply(reply):
+                return False, None
+        return ok, reply
 
     def _on_timeout(self, msg_id: bytes) -> None:
         pending = self._outstanding.pop(msg_id, None)
@@ -613,10 +768,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
 
     def notify(self, address: tuple[str, int], name: str, *args: Any) -> None:
         """Send a request that expects no reply."""
-        if self.transport is not None and not self.transport.is_closing():
-            msg_id = os.urandom(_MSG_ID_SIZE)
-            self.transport.sendto(_REQUEST + msg_id + _pack([name, list(args)]), address)
-            self.sent += 1
+        self.send(_REQUEST + os.urandom(_MSG_ID_SIZE) + _pack([name, list(args)]), address)
 
     def cancel_outstanding(self) -> None:
         for future, timer in self._outstanding.values():
@@ -627,12 +779,12 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         self._expected.clear()
 
     async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
-        result = await self.call((node_to_ask.ip, node_to_ask.port), "ping", self.source_node.id)
+        result = await self.request((node_to_ask.ip, node_to_ask.port), "ping", self.source_node.id)
         ok = result[0] and _is_id(result[1]) and result[1] == node_to_ask.id
         return self.handle_call_response((ok, result[1]), node_to_ask)
 
     async def call_find(self, node: Node, name: str, key: bytes, *extra: Any) -> tuple[bool, Any]:
-        result = await self.call((node.ip, node.port), name, self.source_node.id, key, *extra)
+        result = await self.request((node.ip, node.port), name, self.source_node.id, key, *extra)
         return self.handle_call_response(result, node)
 
     async def call_store(
@@ -640,7 +792,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
     ) -> tuple[bool, Any]:
         """``store``, with ``entries`` to add in the same request when there are any."""
         extra: tuple[object, ...] = (list(entries),) if entries else ()
-        result = await self.call(
+        result = await self.request(
             (node_to_ask.ip, node_to_ask.port), "store", self.source_node.id, key, value, *extra
         )
         return self.handle_call_response(result, node_to_ask)
@@ -659,9 +811,10 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         return result
 
     def welcome_if_new(self, node: Node) -> None:
+        """Add a new contact, once it proved its ID at its address (identify)."""
         if not self.router.is_new_node(node) or node.id == self.source_node.id:
             return
-        if self.dht.identity is not None and node.id not in self.dht.verified:
+        if self.dht.identity is not None and not self.dht.is_verified(node):
             self.dht.verify_later(node)  # added once it proves its ID
             return
         if not self.dht.ip_allowed(node):
@@ -690,9 +843,16 @@ class Dht:
         if identity is not None and identity.node_id != node_id:
             raise ValueError("node id does not derive from the identity's key")
         self.identity = identity
-        # node id -> public key of contacts that proved their ID (bounded)
-        self.verified: dict[bytes, bytes] = {}
-        self._verifying: dict[bytes, asyncio.Task[Any]] = {}
+        # (node id, ip, port) -> public key of contacts that proved their ID at that
+        # address (bounded): a proof holds for the address it was made at, nowhere else
+        self.verified: dict[tuple[bytes, str, int], bytes] = {}
+        # addresses that answered our identify challenge: they receive at that address,
+        # so they get full replies without a token
+        self._proven: dict[tuple[str, int], None] = {}
+        # address -> (token it gave us, when): sent with our requests to it
+        self._tokens: dict[tuple[str, int], tuple[bytes, float]] = {}
+        self._token_key = os.urandom(32)
+        self._verifying: dict[tuple[bytes, str, int], asyncio.Task[Any]] = {}
         self._write_buckets: dict[str, tuple[float, float]] = {}
         self.config = config or DhtConfig()
         self.node = Node(node_id)
@@ -714,7 +874,8 @@ class Dht:
         # round trips of lookup replies, for the stall time
         self.rtt = RttEstimator()
         # key -> (loop time, k closest peers that answered a lookup of it), oldest first
-        self._recent_closest: dict[bytes, tuple[float, list[Contact]]] = {}
+        # (per disjoint path)
+        self._recent_closest: dict[bytes, tuple[float, list[list[Contact]]]] = {}
 
     @property
     def node_id(self) -> bytes:
@@ -820,41 +981,64 @@ class Dht:
 
     # -- node identity and per-sender limits -------------------------------------------------
 
-    def prove_identity(self, args: list[Any]) -> object:
-        """Answer an identify challenge: our public key and a signature over the nonce."""
-        if self.identity is None or len(args) != 1 or not isinstance(args[0], bytes):
+    def prove_identity(self, args: list[Any], addr: tuple[str, int]) -> object:
+        """Answer an identify challenge: our public key and a signature over the nonce,
+        and, when the request is padded (newer peers), the token for its address."""
+        if self.identity is None or len(args) not in (1, 2) or not isinstance(args[0], bytes):
             return False
         nonce = args[0]
         if len(nonce) != _NONCE_SIZE:
             return False
         message = IDENTIFY_DOMAIN + nonce + self.node_id
-        return [self.identity.public_key, self.identity.sign(message)]
+        proof: list[object] = [self.identity.public_key, self.identity.sign(message)]
+        if len(args) == 2:
+            if not (isinstance(args[1], bytes) and len(args[1]) <= _MAX_PAD):
+                return False
+            proof.append(self.token_for(addr))
+        return proof
+
+    def is_verified(self, node: Node) -> bool:
+        """Whether ``node`` proved its ID at its address (identify)."""
+        return (bytes(node.id), node.ip, node.port) in self.verified
 
     async def verify(self, node: Node) -> bool:
-        """Challenge ``node`` to prove that its ID derives from a key it holds."""
-        if node.id in self.verified:
+        """Challenge ``node`` to prove, at its address, that its ID derives from a key it
+        holds and (``id_difficulty``) carries the node-ID work. The answer also proves
+        that the address receives what we send it, and brings its token for ours."""
+        if self.is_verified(node):
             return True
         nonce = os.urandom(_NONCE_SIZE)
-        ok, reply = await self._proto().call((node.ip, node.port), "identify", self.node_id, nonce)
-        if not (ok and isinstance(reply, list) and len(reply) == 2):
+        address = (node.ip, node.port)
+        ok, reply = await self._proto().call(
+            address, "identify", self.node_id, nonce, bytes(IDENTIFY_PAD)
+        )
+        if not (ok and isinstance(reply, list) and len(reply) in (2, 3)):
             return False
-        public_key, signature = reply
+        public_key, signature = reply[0], reply[1]
         if not (isinstance(public_key, bytes) and isinstance(signature, bytes)):
             return False
         if node_id_for(public_key) != node.id:
+            return False
+        if not has_work(bytes(node.id), self.config.id_difficulty):
+            self.peer_warning(address, "node ID lacks the node-ID work")
             return False
         try:
             verify_signature(public_key, signature, IDENTIFY_DOMAIN + nonce + bytes(node.id))
         except IntegrityError:
             return False
+        if len(reply) == 3 and isinstance(reply[2], bytes) and len(reply[2]) == TOKEN_SIZE:
+            self.remember_token(address, reply[2])
         if len(self.verified) >= 10 * self.config.max_verified:
             self.verified.clear()
-        self.verified[bytes(node.id)] = public_key
+            self._proven.clear()
+        self.verified[(bytes(node.id), node.ip, node.port)] = public_key
+        self._proven[address] = None
         return True
 
     def verify_later(self, node: Node) -> None:
         """Verify a new contact in the background and add it to the table if it passes."""
-        if node.id in self._verifying or len(self._verifying) >= 64:
+        claim = (bytes(node.id), node.ip, node.port)
+        if claim in self._verifying or len(self._verifying) >= 64:
             return
 
         async def run() -> None:
@@ -862,12 +1046,51 @@ class Dht:
                 if await self.verify(node):
                     self._proto().welcome_if_new(node)
             finally:
-                self._verifying.pop(node.id, None)
+                self._verifying.pop(claim, None)
 
         task = asyncio.get_running_loop().create_task(run())
-        self._verifying[node.id] = task
+        self._verifying[claim] = task
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+
+    # -- return-routability tokens ------------------------------------------------------------
+
+    def _token(self, addr: tuple[str, int], period: int) -> bytes:
+        message = b"%b%d\x00%b:%d" % (_TOKEN_DOMAIN, period, addr[0].encode(), addr[1])
+        return hmac.digest(self._token_key, message, "sha256")[:TOKEN_SIZE]
+
+    def token_for(self, addr: tuple[str, int]) -> bytes:
+        """The token we give ``addr``: valid in this period and the next."""
+        return self._token(addr, int(self.clock() // self.config.token_period))
+
+    def address_proven(self, addr: tuple[str, int], token: object) -> bool:
+        """Whether ``addr`` proved it receives there: it answered our identify challenge,
+        or its request carries a token we gave that address (this period or the last)."""
+        if addr in self._proven:
+            return True
+        if not (isinstance(token, bytes) and len(token) == TOKEN_SIZE):
+            return False
+        period = int(self.clock() // self.config.token_period)
+        return hmac.compare_digest(token, self._token(addr, period)) or hmac.compare_digest(
+            token, self._token(addr, period - 1)
+        )
+
+    def remember_token(self, addr: tuple[str, int], token: bytes) -> None:
+        if len(self._tokens) >= _TOKENS_MAX:
+            self._tokens.pop(next(iter(self._tokens)))  # the oldest
+        self._tokens.pop(addr, None)
+        self._tokens[addr] = (bytes(token), self.clock())
+
+    def token_from(self, addr: tuple[str, int]) -> bytes | None:
+        """The token ``addr`` gave us, while it is surely still valid there."""
+        held = self._tokens.get(addr)
+        if held is None:
+            return None
+        token, at = held
+        if self.clock() - at >= self.config.token_period:
+            del self._tokens[addr]
+            return None
+        return token
 
     async def settle(self) -> None:
         """Wait for pending identity checks (so the routing table reflects them)."""
@@ -965,8 +1188,14 @@ class Dht:
         start: Iterable[Node] | None = None,
         k: int | None = None,
         with_value: bool = False,
+        claimed: set[bytes] | None = None,
+        remember: bool = True,
     ) -> LookupResult:
         """Iterative Kademlia lookup with ``alpha`` requests in flight.
+
+        ``claimed``, shared by the paths of a disjoint lookup (``lookup_paths``), holds
+        the peers some path asked: this lookup neither asks nor counts them. A contact
+        named in a reply is asked only once it proved its ID at its address (identify).
 
         ``find_node`` finds the k closest live peers (``k`` defaults to ``ksize``; a
         placement that needs fewer asks fewer); ``find_value`` and ``find_entries`` also
@@ -991,6 +1220,7 @@ class Dht:
                     bisect.insort(order, (n.long_id ^ goal, n.id))
                 shortlist[n.id] = n
         contacted: set[bytes] = set()
+        taken = contacted if claimed is None else claimed
         responded: dict[bytes, Node] = {}
         result = LookupResult(closest=[])
         in_flight: dict[asyncio.Task[tuple[bool, Any]], Node] = {}
@@ -999,10 +1229,25 @@ class Dht:
         loop = asyncio.get_running_loop()
         stall = self.rtt.timeout(self.config.lookup_stall_min, self.config.lookup_stall)
         late: set[asyncio.Task[tuple[bool, Any]]] = set()
-        self.stats["lookups"] += 1
+        if claimed is None:
+            self.stats["lookups"] += 1  # a disjoint lookup counts once (lookup_paths)
 
         def candidates() -> list[Node]:
-            return [shortlist[i] for _, i in order[:k] if i not in contacted]
+            """Not yet asked among the k closest of the shortlist that this path may use."""
+            if claimed is None:
+                return [shortlist[i] for _, i in order[:k] if i not in contacted]
+            out: list[Node] = []
+            usable = 0
+            for _, i in order:
+                mine = i in contacted
+                if i in taken and not mine:
+                    continue  # another path's
+                if not mine:
+                    out.append(shortlist[i])
+                usable += 1
+                if usable >= k:
+                    break
+            return out
 
         # the distance of the closest peer that answered
         best: int | None = None
@@ -1020,10 +1265,11 @@ class Dht:
                 width = k if closing else alpha
                 for node in waiting[: max(0, width - len(active))]:
                     contacted.add(node.id)
+                    taken.add(node.id)
                     extra: tuple[object, ...] = ()
                     if rpc == "find_entries":
                         extra = (0, True) if with_value else (0,)
-                    task = asyncio.ensure_future(proto.call_find(node, rpc, key, *extra))
+                    task = asyncio.ensure_future(self._ask(node, rpc, key, *extra))
                     in_flight[task] = node
                     task.add_done_callback(functools.partial(self._timed_reply, loop, now))
                     stalls_at[task] = now + stall
@@ -1073,9 +1319,66 @@ class Dht:
         have = {c.node_id for c, _ in result.values}
         have.update(c.node_id for c in result.value_unknown)
         result.without_value = [c for c in result.closest if c.node_id not in have]
-        if k == self.config.ksize and result.closest:
-            self._remember_closest(key, result.closest)
+        if remember and k == self.config.ksize and result.closest:
+            self._remember_closest(key, [result.closest])
         return result
+
+    async def _ask(self, node: Node, rpc: str, key: bytes, *extra: Any) -> tuple[bool, Any]:
+        """A lookup request to ``node``, once it proved its ID at its address: a contact
+        named in a reply is only a claim until then (and the identify answer brings the
+        token that gets us full replies from it)."""
+        if self.identity is not None and not self.is_verified(node) and not await self.verify(node):
+            return False, None
+        result: tuple[bool, Any] = await self._proto().call_find(node, rpc, key, *extra)
+        return result
+
+    async def lookup_paths(
+        self, key: bytes, rpc: str = "find_node", *, with_value: bool = False
+    ) -> LookupResult:
+        """A lookup over ``disjoint_paths`` disjoint paths (S/Kademlia), merged.
+
+        The ``paths x k`` closest known contacts are dealt round-robin to the paths;
+        each path is an iterative lookup that never asks a peer another path asked, and
+        ends at its own k closest. Values and entries of every path are collected, so a
+        cluster of IDs near the key that answers "nothing" hides a record only if it is
+        every path's whole answer. ``closest`` is the union of the paths' k closest,
+        closest first; ``paths`` each path's.
+        """
+        d = self.config.disjoint_paths
+        if d <= 1:
+            found = await self.lookup(key, rpc, with_value=with_value)
+            found.paths = [found.closest]
+            return found
+        k = self.config.ksize
+        known = self._proto().router.find_neighbors(Node(key), d * k)
+        starts = [known[i::d] for i in range(d) if known[i::d]]
+        claimed: set[bytes] = set()
+        self.stats["lookups"] += 1
+        results = await asyncio.gather(
+            *(
+                self.lookup(
+                    key, rpc, start=s, with_value=with_value, claimed=claimed, remember=False
+                )
+                for s in starts
+            )
+        )
+        merged = LookupResult(closest=[])
+        for r in results:
+            merged.closest.extend(r.closest)
+            merged.values.extend(r.values)
+            merged.entries.extend(r.entries)
+            merged.without_value.extend(r.without_value)
+            merged.more_pages.extend(r.more_pages)
+            merged.value_unknown.extend(r.value_unknown)
+            merged.queried += r.queried
+            merged.stalled += r.stalled
+            merged.peak_in_flight += r.peak_in_flight
+            merged.rounds = max(merged.rounds, r.rounds)
+        merged.closest.sort(key=lambda c: _distance(c.node_id, key))
+        merged.paths = [r.closest for r in results if r.closest]
+        if merged.closest:
+            self._remember_closest(key, merged.paths)
+        return merged
 
     def _absorb(
         self,
@@ -1150,20 +1453,26 @@ class Dht:
         return (await self.put_with_entries(key, value, [])).accepted
 
     async def put_with_entries(self, key: bytes, value: bytes, entries: Sequence[bytes]) -> Stored:
-        """Store a record and add ``entries`` on the k closest peers, found by one lookup
-        (or taken from a lookup of the same key in the last ``closest_reuse`` seconds).
+        """Store a record and add ``entries`` on the k closest peers of each disjoint
+        path, found by one lookup (or taken from a lookup of the same key in the last
+        ``closest_reuse`` seconds), then read the record back from each path's peers.
 
         ``Stored.refused`` counts the peers that refused the record or did not answer: 0
-        means every one of those k peers now holds it (no other record can win there).
+        means every one of those peers now holds it (no other record can win there). If
+        fewer than ``write_quorum_paths`` paths serve it back (peers that say they took
+        it and then answer without it), only the peers that served it count as accepted.
         """
         if len(value) > MAX_VALUE_SIZE:
             raise ValueError(f"record of {len(value)} bytes exceeds {MAX_VALUE_SIZE}")
         proto = self._proto()
-        peers = await self._closest_for_write(key)
+        paths = await self._closest_for_write(key)
+        peers = _union(paths, key)
         accepted = refused = 0
+        here = False
         if self._among_closest(key, peers):
             if self.store.put(key, value, self.clock()).accepted:
                 accepted += 1
+                here = True
             else:
                 refused += 1
         entries_accepted = self._add_here(key, entries)
@@ -1179,14 +1488,17 @@ class Dht:
         replies, more = await asyncio.gather(stores, added)
         entries_accepted += more
         older: list[Contact] = []
+        took: set[bytes] = set()
         for contact, (ok, reply) in zip(peers, replies, strict=True):
             if ok and isinstance(reply, list) and len(reply) == 2:
-                took, added_here = reply
-                accepted += took is True
-                refused += took is not True
+                took_it, added_here = reply
+                if took_it is True:
+                    took.add(contact.node_id)
+                else:
+                    refused += 1
                 entries_accepted += added_here if isinstance(added_here, int) else 0
             elif ok and reply is True:
-                accepted += 1  # without entries in the request
+                took.add(contact.node_id)  # without entries in the request
             elif ok and reply is False and first:
                 older.append(contact)
             else:
@@ -1197,17 +1509,71 @@ class Dht:
             )
             replies, more = await asyncio.gather(again, self._send_entries(key, [first], older))
             entries_accepted += more
-            took_old = sum(ok and reply is True for ok, reply in replies)
-            accepted += took_old
-            refused += len(older) - took_old
-        return Stored(accepted, refused, entries_accepted)
+            for contact, (ok, reply) in zip(older, replies, strict=True):
+                if ok and reply is True:
+                    took.add(contact.node_id)
+                else:
+                    refused += 1
+        accepted += len(took)
+        used = [p for p in paths if p]
+        served: set[bytes] = set()
+        readable = sum(
+            await asyncio.gather(
+                *(
+                    self._read_back(key, value, [c for c in p if c.node_id in took], served)
+                    for p in used
+                )
+            )
+        )
+        quorum = min(self.config.write_quorum_paths, len(used))
+        if readable < quorum:
+            log.warning(
+                "write_unreadable key=%s paths=%d readable=%d took=%d served=%d",
+                key.hex()[:12],
+                len(used),
+                readable,
+                len(took),
+                len(served),
+            )
+            accepted = len(served) + here
+            refused += len(took) - len(served)
+        return Stored(accepted, refused, entries_accepted, len(used), readable, quorum)
+
+    async def _read_back(
+        self, key: bytes, value: bytes, peers: list[Contact], served: set[bytes]
+    ) -> bool:
+        """Whether one of ``peers`` (one path's, closest first) serves ``value`` (or a
+        better record) at ``key``: asked in waves of 1, 2, 4, ... peers until one does,
+        so an honest path costs one request; adds the peers that served it to ``served``."""
+        proto = self._proto()
+        policy = self.store.policy
+        mine = policy.record_rank(key, value, self.clock())
+        start, wave = 0, 1
+        while start < len(peers):
+            batch = peers[start : start + wave]
+            start, wave = start + wave, wave * 2
+            replies = await self._answers(
+                [proto.call_find(Node(c.node_id, c.host, c.port), "find_value", key) for c in batch]
+            )
+            found = False
+            for contact, (ok, reply) in zip(batch, replies, strict=True):
+                got = reply.get("value") if ok and isinstance(reply, dict) else None
+                if not isinstance(got, bytes):
+                    continue
+                rank = None if got == value else policy.record_rank(key, got, self.clock())
+                if got == value or (mine is not None and rank is not None and rank > mine):
+                    served.add(contact.node_id)
+                    found = True
+            if found:
+                return True
+        return False
 
     def _among_closest(self, key: bytes, peers: list[Contact]) -> bool:
-        return len(peers) < self.config.ksize or _distance(self.node_id, key) < _distance(
-            peers[-1].node_id, key
-        )
+        """Whether this peer is among the k closest to ``key`` (``peers`` sorted)."""
+        k = self.config.ksize
+        return len(peers) < k or _distance(self.node_id, key) < _distance(peers[k - 1].node_id, key)
 
-    def _remember_closest(self, key: bytes, closest: list[Contact]) -> None:
+    def _remember_closest(self, key: bytes, closest: list[list[Contact]]) -> None:
         if self.config.closest_reuse <= 0:
             return
         if len(self._recent_closest) >= _RECENT_CLOSEST_MAX:
@@ -1215,14 +1581,15 @@ class Dht:
         self._recent_closest.pop(key, None)
         self._recent_closest[key] = (asyncio.get_running_loop().time(), closest)
 
-    async def _closest_for_write(self, key: bytes) -> list[Contact]:
-        """The k closest peers to ``key``: from a lookup moments ago, else a new lookup."""
+    async def _closest_for_write(self, key: bytes) -> list[list[Contact]]:
+        """The k closest peers to ``key`` of each disjoint path: from a lookup moments
+        ago, else a new one."""
         recent = self._recent_closest.get(key)
         if recent is not None:
             at, closest = recent
             if asyncio.get_running_loop().time() - at <= self.config.closest_reuse:
                 return closest
-        return (await self.lookup(key, "find_node")).closest
+        return (await self.lookup_paths(key, "find_node")).paths
 
     async def get(self, key: bytes) -> list[bytes]:
         """Every valid record the k closest peers (and this one) hold, best first.
@@ -1230,7 +1597,7 @@ class Dht:
         Peers among the k closest that answered with an older record or none get the best
         one (read-repair).
         """
-        return self._best_records(key, await self.lookup(key, "find_value"))
+        return self._best_records(key, await self.lookup_paths(key, "find_value"))
 
     async def resolve(self, key: bytes) -> tuple[list[bytes], list[bytes]]:
         """``get`` and ``get_entries`` in one lookup: (valid records best first, entries).
@@ -1240,7 +1607,7 @@ class Dht:
         it holds a record (it predates the flag) is asked with ``find_value``.
         """
         proto = self._proto()
-        found = await self.lookup(key, "find_entries", with_value=True)
+        found = await self.lookup_paths(key, "find_entries", with_value=True)
         if found.value_unknown:
             asked = found.value_unknown
             replies = await asyncio.gather(
@@ -1293,7 +1660,8 @@ class Dht:
 
     async def add_entries(self, key: bytes, entries: Sequence[bytes]) -> int:
         """Add signed entries under ``key`` on the k closest peers; returns acceptances."""
-        return await self._add_entries_to(key, entries, await self._closest_for_write(key))
+        paths = await self._closest_for_write(key)
+        return await self._add_entries_to(key, entries, _union(paths, key))
 
     async def _add_entries_to(
         self, key: bytes, entries: Sequence[bytes], peers: list[Contact]
@@ -1357,7 +1725,7 @@ class Dht:
 
     async def get_entries(self, key: bytes) -> list[bytes]:
         """The union of the entries under ``key`` held by the k closest peers and here."""
-        return await self._all_entries(key, await self.lookup(key, "find_entries"))
+        return await self._all_entries(key, await self.lookup_paths(key, "find_entries"))
 
     async def _all_entries(self, key: bytes, found: LookupResult) -> list[bytes]:
         """The entries of a lookup, the further pages of the peers that had more, and ours.
@@ -1409,12 +1777,21 @@ class Dht:
     # -- handing records to newcomers ------------------------------------------------------
 
     async def _hand_over(self, node: Node) -> None:
-        """Send a newly seen peer the records it is now among the k closest to."""
+        """Send a newly seen peer the records it is now among the k closest to.
+
+        Only what this peer would store itself today: records that still validate under
+        the policy, with at most 32 of their entries that validate too (entries under a
+        key without a valid record, as a flood of junk keys leaves, are not spread), and
+        at most ``handover_max_records`` records per newcomer.
+        """
         proto = self._proto()
         now = self.clock()
         k = self.config.ksize
+        policy = self.store.policy
         sent = 0
         for i, key in enumerate(self.store.keys(now)):
+            if sent >= self.config.handover_max_records:
+                break
             if i % 64 == 63:
                 await asyncio.sleep(0)  # keep the loop responsive with many keys
             keynode = Node(key)
@@ -1429,10 +1806,15 @@ class Dht:
             if not (new_close and me_closest):
                 continue
             value = self.store.get(key, now)
-            if value is not None:
-                await proto.call_store(node, key, value)
-                sent += 1
-            entries = self.store.entries(key, now)
+            if value is None or policy.record_rank(key, value, now) is None:
+                continue
+            await proto.call_store(node, key, value)
+            sent += 1
+            entries = [
+                e
+                for e in self.store.entries(key, now)
+                if policy.entry_identity(key, e, now) is not None
+            ]
             if entries:
                 await proto.call_find(node, "add_entries", key, entries[:32])
         if sent:

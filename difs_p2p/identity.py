@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NewType
@@ -101,12 +102,13 @@ class Identity:
         return fingerprint(self.public_key)
 
 
-def load_or_create(path: Path) -> Identity:
-    """Load the identity stored at ``path``, creating it (mode 0600) when missing."""
+def load_or_create(path: Path, *, generate: Callable[[], Identity] = Identity.generate) -> Identity:
+    """Load the identity stored at ``path``, creating it (mode 0600) with ``generate``
+    when missing."""
     try:
         text = path.read_text().strip()
     except FileNotFoundError:
-        identity = Identity.generate()
+        identity = generate()
         raw = identity.private_key.private_bytes_raw()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,8 @@ from difs_p2p.errors import (
     StorageError,
     UsageError,
 )
-from difs_p2p.identity import Identity, load_or_create
+from difs_p2p.identity import Identity
+from difs_p2p.idwork import load_or_create_with_work
 from difs_p2p.manifest import (
     HolderEntry,
     RecordValidator,
@@ -196,7 +197,10 @@ class Peer:
         cfg = self.config
         self._prepare_data_dir()
         try:
-            self.identity = load_or_create(self.data_dir / "peer.key")
+            # the node-ID puzzle costs ~0.2 s of CPU at the first start: off the loop
+            self.identity = await asyncio.to_thread(
+                load_or_create_with_work, self.data_dir / "peer.key", cfg.dht.id_difficulty
+            )
             self.store = await asyncio.to_thread(
                 SegmentStore, self.data_dir / "store", cfg.capacity
             )

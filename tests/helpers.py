@@ -20,8 +20,14 @@ if TYPE_CHECKING:
 # Tens of in-process nodes share one event loop, so a reply's round trip includes the
 # whole loop's backlog; these tests want exact lookups, so a request stalls only when it
 # times out (test_dht covers the adaptive stall; peer processes and the simulator use it).
+# Node-ID work is off (id_difficulty=0): tests create many identities; test_dht and
+# test_adversarial cover the puzzle itself.
 FAST_DHT = DhtConfig(
-    rpc_timeout=0.5, lookup_stall=0.5, lookup_stall_min=0.5, liveness_interval=3600.0
+    rpc_timeout=0.5,
+    lookup_stall=0.5,
+    lookup_stall_min=0.5,
+    liveness_interval=3600.0,
+    id_difficulty=0,
 )
 
 

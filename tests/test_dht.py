@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import heapq
 import os
@@ -32,10 +33,12 @@ from difs_p2p.dht import (
     _unpack,
     entry_set_digest,
     page_plan,
+    valid_address,
 )
 from difs_p2p.identity import Identity
+from difs_p2p.idwork import generate_with_work, has_work, load_or_create_with_work, work_bits
 from difs_p2p.recordstore import AcceptAll
-from tests.helpers import new_dht, start_dhts, stop_all, wait_for
+from tests.helpers import FAST_DHT, new_dht, start_dhts, stop_all, wait_for
 
 
 class RefuseAll(AcceptAll):
@@ -66,7 +69,11 @@ def test_datagram_codec_is_the_stock_encoding_byte_for_byte(value: object) -> No
 # Silent peers cost a 0.1 s stall; waiting for their 30 s RPC timeout would overrun the
 # tests' 10 s deadlines. No liveness pings evict them meanwhile.
 SILENT_COSTS_STALL = DhtConfig(
-    rpc_timeout=30.0, lookup_stall=0.1, lookup_stall_min=0.1, liveness_interval=3600
+    id_difficulty=0,
+    rpc_timeout=30.0,
+    lookup_stall=0.1,
+    lookup_stall_min=0.1,
+    liveness_interval=3600,
 )
 
 
@@ -91,7 +98,12 @@ async def test_last_round_asks_the_remaining_closest_at_once() -> None:
     round trips; the result must still be the exact k closest.
     """
     config = DhtConfig(
-        ksize=8, rpc_timeout=2.0, lookup_stall=2.0, lookup_stall_min=2.0, liveness_interval=3600
+        id_difficulty=0,
+        ksize=8,
+        rpc_timeout=2.0,
+        lookup_stall=2.0,
+        lookup_stall_min=2.0,
+        liveness_interval=3600,
     )
     nodes = await start_dhts(24, config=config)
     try:
@@ -173,7 +185,9 @@ async def test_simultaneous_join_fills_far_buckets() -> None:
 
 async def test_one_lost_reply_does_not_evict() -> None:
     """A contact is evicted after evict_after_failures missed replies, not after one."""
-    config = DhtConfig(rpc_timeout=0.2, evict_after_failures=3, liveness_interval=3600)
+    config = DhtConfig(
+        id_difficulty=0, rpc_timeout=0.2, evict_after_failures=3, liveness_interval=3600
+    )
     nodes = await start_dhts(3, config=config)
     try:
         a, b = nodes[0], nodes[1]
@@ -388,7 +402,7 @@ async def test_malformed_replies_do_not_raise_on_the_caller() -> None:
 
 async def test_rpc_timeout_and_receive_buffer_come_from_config() -> None:
     """The RPC timeout is configurable (stock: 5 s) and the receive buffer is enlarged."""
-    config = DhtConfig(rpc_timeout=0.3)
+    config = DhtConfig(id_difficulty=0, rpc_timeout=0.3)
     node = Dht(os.urandom(20), AcceptAll(), config)
     await node.start("127.0.0.1", 0)
     try:
@@ -650,13 +664,14 @@ async def test_record_and_entries_go_in_one_request_per_peer() -> None:
         few = [os.urandom(179) for _ in range(3)]
         sent = writer._proto().sent
         stored = await writer.put_with_entries(key, b"\x01v", few)
-        assert writer._proto().sent - sent == peers
+        # plus one read-back request: the (single) path's closest peer serves the record
+        assert writer._proto().sent - sent == peers + 1
         assert (stored.accepted, stored.refused) == (len(nodes), 0)
         assert stored.entries_accepted == len(few) * len(nodes)
         many = [os.urandom(179) for _ in range(60)]  # 10,740 bytes: two batches
         sent = writer._proto().sent
         stored = await writer.put_with_entries(key, b"\x01w", many)
-        assert writer._proto().sent - sent == 2 * peers
+        assert writer._proto().sent - sent == 2 * peers + 1
         assert stored.entries_accepted == len(many) * len(nodes)
         for node in nodes:
             assert node.store.get(key, node.clock()) == b"\x01w"
@@ -742,7 +757,11 @@ async def test_unproven_node_ids_are_not_trusted() -> None:
 async def test_contacts_per_ip_are_capped() -> None:
     """With the per-IP cap applied, one address cannot fill a routing table."""
     config = DhtConfig(
-        rpc_timeout=0.5, liveness_interval=3600, max_contacts_per_ip=2, limit_loopback=True
+        id_difficulty=0,
+        rpc_timeout=0.5,
+        liveness_interval=3600,
+        max_contacts_per_ip=2,
+        limit_loopback=True,
     )
     nodes = await start_dhts(6, config=config)
     try:
@@ -840,7 +859,12 @@ def test_routing_table_indexes_follow_every_change() -> None:
 async def test_store_flood_is_rate_limited() -> None:
     """One sender's flood of stores is cut to the per-sender rate; the peer keeps serving."""
     config = DhtConfig(
-        rpc_timeout=0.5, liveness_interval=3600, write_rate=10, write_burst=20, limit_loopback=True
+        id_difficulty=0,
+        rpc_timeout=0.5,
+        liveness_interval=3600,
+        write_rate=10,
+        write_burst=20,
+        limit_loopback=True,
     )
     nodes = await start_dhts(2, config=config)
     flooder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -898,3 +922,106 @@ def test_record_store_keys_list_records_and_entry_sets(tmp_path: Path) -> None:
     again = open_store(disk)
     assert again.keys(now=0.0) == [a]
     again.close()
+
+
+def test_only_ipv4_addresses_with_ports_are_contacts() -> None:
+    """A contact address is a dotted IPv4 address (not unspecified, multicast or
+    broadcast) and a port 1-65535; nothing else can reach a socket."""
+    assert valid_address(("127.0.0.1", 4000)) and valid_address(("10.0.0.7", 1))
+    for bad in [
+        ("evil\x00host", 4000),
+        ("localhost", 4000),
+        ("example.com", 4000),
+        ("::1", 4000),
+        ("1.2.3.4.5", 4000),
+        ("0.0.0.0", 4000),
+        ("224.0.0.1", 4000),
+        ("255.255.255.255", 4000),
+        ("127.0.0.1", 0),
+        ("127.0.0.1", 65536),
+        ("127.0.0.1", True),
+        ("127.0.0.1", "80"),
+        (b"127.0.0.1", 80),
+        ("a" * 64, 80),
+        ("127.0.0.1",),
+    ]:
+        assert not valid_address(bad), bad
+
+
+async def test_contact_without_node_id_work_is_not_added() -> None:
+    """At the default difficulty, a peer whose node ID lacks the node-ID work is not
+    added; one with it is."""
+    bits = DhtConfig().id_difficulty
+    config = dataclasses.replace(FAST_DHT, id_difficulty=bits)
+    weak = Identity.generate()
+    while has_work(weak.node_id, bits):
+        weak = Identity.generate()
+    keys = [generate_with_work(bits), weak, generate_with_work(bits)]
+    nodes = [Dht(k.node_id, AcceptAll(), config, identity=k) for k in keys]
+    try:
+        for node in nodes:
+            await node.start("127.0.0.1", 0)
+        for node in nodes[1:]:
+            await node.bootstrap([nodes[0].me.address])
+        await nodes[0].settle()
+        known = {c.node_id for c in nodes[0].contacts()}
+        assert nodes[2].node_id in known
+        assert nodes[1].node_id not in known
+    finally:
+        await stop_all(nodes)
+
+
+def test_peer_key_is_ground_and_a_weak_key_replaced(tmp_path: Path) -> None:
+    """A peer key is made with the node-ID work and kept; a key without it is moved
+    aside to peer.key.weak and replaced by one with it."""
+    path = tmp_path / "peer.key"
+    first = load_or_create_with_work(path, 8)
+    assert work_bits(first.node_id) >= 8
+    assert load_or_create_with_work(path, 8).node_id == first.node_id
+    weak = Identity.generate()
+    while has_work(weak.node_id, 10):
+        weak = Identity.generate()
+    text = weak.private_key.private_bytes_raw().hex() + "\n"
+    path.write_text(text)
+    new = load_or_create_with_work(path, 10)
+    assert has_work(new.node_id, 10) and new.node_id != weak.node_id
+    assert path.with_name("peer.key.weak").read_text() == text
+
+
+class _Picky(AcceptAll):
+    """Refuses records starting with 0x00 and entries starting with b"bad"."""
+
+    def record_rank(self, key: bytes, value: bytes, now: float) -> tuple[int, ...] | None:
+        return None if value[:1] == b"\x00" else tuple(value[:8])
+
+    def entry_identity(self, key: bytes, entry: bytes, now: float) -> tuple[bytes, int] | None:
+        return None if entry.startswith(b"bad") else (entry[:8], 0)
+
+
+async def test_hand_over_sends_only_what_validates() -> None:
+    """Hand-over gives a newcomer only records that validate, with only valid entries,
+    nothing for keys without a valid record, and at most handover_max_records."""
+    config = dataclasses.replace(FAST_DHT, handover_max_records=2)
+    old, new = new_dht(AcceptAll(), config), new_dht(AcceptAll(), config)
+    try:
+        await old.start("127.0.0.1", 0)
+        await new.start("127.0.0.1", 0)
+        now = old.clock()
+        good = [os.urandom(20) for _ in range(3)]
+        for key in good:
+            old.store.put(key, b"\x01good", now)
+            old.store.add_entry(key, b"entry-ok" + key, now)
+            old.store.add_entry(key, b"bad-entry" + key, now)
+        junk, entries_only = os.urandom(20), os.urandom(20)
+        old.store.put(junk, b"\x00junk", now)
+        old.store.add_entry(entries_only, b"entry-ok-alone", now)
+        old.store.policy = _Picky()  # stored before the policy refused them
+        await old._hand_over(Node(new.node_id, *new.me.address))
+        got = [k for k in good if new.store.get(k, now) == b"\x01good"]
+        assert len(got) == 2
+        for key in got:
+            assert new.store.entries(key, now) == [b"entry-ok" + key]
+        assert new.store.get(junk, now) is None
+        assert new.store.entries(entries_only, now) == []
+    finally:
+        await stop_all([old, new])
