@@ -778,7 +778,9 @@ class _Fetch:
         finally:
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            for outcome in await asyncio.gather(*pending, return_exceptions=True):
+                if isinstance(outcome, tuple):
+                    outcome[0].close()  # a second list that came in the same instant
         raise NotFoundError(
             f"no holder of {self.manifest.name} answered with its hash list "
             f"({len(self._sources())} tried: {'; '.join(errors[:3])})"
