@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import signal
@@ -10,12 +11,17 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from difs_p2p.client import Client
 from difs_p2p.config import parse_hostport
+from difs_p2p.errors import IntegrityError
+from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.identity import Identity
+from difs_p2p.manifest import build_holder_entry, decode_holder_entry
+from tests.helpers import start_peers, stop_all
 
 BIN = Path(sys.executable).parent
 SEG = 64 << 10
@@ -94,3 +100,65 @@ async def test_a_paused_holder_does_not_hold_up_a_fetch(
     for fetched in (result, streamed):
         assert paused in fetched.late
         assert fetched.hedged >= 1
+
+
+async def test_a_range_only_a_silent_holder_claims_fails_after_its_derived_give_up(
+    tmp_path: Path,
+) -> None:
+    """When the only holder listed for a range accepts and never answers, the fetch gives it
+    up after the plan's give-up time (not the connection's I/O timeout) and fails clearly."""
+    peers = await start_peers(tmp_path / "net", 4)
+    silent_conns: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent_conns.append(writer)
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):
+                pass
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    try:
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(64 * SEG))
+        async with Client(peers[0].address, publisher=Identity.generate()) as client:
+            await client.put(src, "/stall/lonely", segment_size=SEG, replicas=2)
+        first, last = 56, 63  # the last of 8 ranges of 8 segments
+
+        class OnlySilentForTheEnd(Client):
+            async def _call(self, op: str, **args: Any) -> dict[str, Any]:
+                body = await super()._call(op, **args)
+                if op == "resolve":
+                    kept = [
+                        h
+                        for h in body["holders"]
+                        if decode_holder_entry(bytes.fromhex(h)).end < last
+                    ]
+                    entry = decode_holder_entry(bytes.fromhex(kept[0]))
+                    false = build_holder_entry(
+                        Identity.generate(),
+                        key=entry.key,
+                        version=entry.version,
+                        integrity=entry.integrity,
+                        start=first,
+                        end=last,
+                        host=host,
+                        port=port,
+                        issued=0,
+                    )
+                    body["holders"] = [*kept, false.raw.hex()]
+                return body
+
+        quick = PlanConfig(initial_deadline=0.2, quiet_floor=0.5, give_up_floor=1.0)
+        async with OnlySilentForTheEnd(
+            peers[1].address, io_timeout=FOREVER, fetch_config=quick
+        ) as client:
+            async with asyncio.timeout(60):  # a guard: waiting for the listener never ends
+                with pytest.raises(IntegrityError, match="stalled"):
+                    await client.get("/stall/lonely", tmp_path / "out")
+        assert silent_conns, "the silent holder was asked"
+    finally:
+        server.close()
+        for writer in silent_conns:
+            writer.close()
+        await stop_all(peers)
