@@ -159,6 +159,9 @@ class FetchPlan:
         # segment -> holders that failed it (error, corrupt copy, lost connection)
         self.failed: dict[int, set[Holder]] = collections.defaultdict(set)
         self.holders: dict[Holder, _Holder] = {}
+        # holders late now, in the order they became late (usually none: asking for a
+        # segment looks here first)
+        self._late: dict[Holder, None] = {}
         self.overall = Estimate()
         # requests that failed, segments asked of a second holder, holders ever late
         self.retries = 0
@@ -230,10 +233,11 @@ class FetchPlan:
         return any(h not in self.failed[i] and serves(i) for i in segments)
 
     def _hedge_candidates(self) -> list[int]:
+        if not self._late:
+            return []
         found: list[int] = []
-        for state in self.holders.values():
-            if state.late and not state.dead:
-                found.extend(r.index for r in state.inflight if self._hedgeable(r.index))
+        for h in self._late:
+            found.extend(r.index for r in self.holders[h].inflight if self._hedgeable(r.index))
         return list(dict.fromkeys(found))
 
     def stuck(self, possible: Callable[[int, set[Holder]], bool]) -> int | None:
@@ -297,6 +301,7 @@ class FetchPlan:
             deadline = self.deadline(h, head.size)
             if not state.late and now - active > deadline:
                 state.late = True
+                self._late[h] = None
                 late.append(h)
                 if h not in self.late_seen:
                     self.late_seen.append(h)
@@ -341,6 +346,7 @@ class FetchPlan:
         state.head_first_byte = None
         state.waiting = None
         state.late = False
+        self._late.pop(h, None)
         flying = self.flying.get(head.index)
         if flying is not None and h in flying:
             flying.remove(h)
@@ -377,6 +383,7 @@ class FetchPlan:
         """``h`` failed or was given up: what it owed goes elsewhere; the indexes."""
         state = self.holder(h)
         state.dead = True
+        self._late.pop(h, None)
         owed = [r.index for r in state.inflight]
         state.inflight.clear()
         for index in reversed(owed):  # back to the front of the queue in their order

@@ -258,7 +258,6 @@ async def test_false_holder_entries_do_not_hold_up_an_honest_fetch(
                 result = await client.get("/film", out)
         assert out.read_bytes() == src.read_bytes()
         assert liars.asked, "false holders were asked"
-        assert liars.asked <= set(result.late) | set(addresses)
         assert set(result.late) & set(addresses)
         assert result.hedged >= 1
     finally:
