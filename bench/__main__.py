@@ -3,7 +3,8 @@
 For each size (``DIFS_BENCH_MIB``, default ``256,1024``) a fresh network of 5 peer
 processes; the object is published with r = 1, 3 and 5 (segments of
 ``DIFS_BENCH_SEGMENT``, default 1MiB) and fetched through another peer from 1, 3 and 5
-holders, to a file and to /dev/null. Prints a table and writes
+holders, to a file and to /dev/null; the r = 3 object is fetched again with one of its
+holders stopped (SIGSTOP) for the whole fetch, against the normal time. Prints a table and writes
 ``bench/results/latest.json``; every figure is also shown as a ratio to the limits measured
 in the same run (loopback TCP, BLAKE3, disk + fsync: one large file, and 1 MiB segment
 files written and fsynced in parallel as a peer stores them; "xdisk" is against the latter).
@@ -15,6 +16,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from typing import Any
 import blake3
 
 from bench.peers import cpu_seconds, peak_rss_mb, start_network, stop_processes, write_results
+from difs_p2p.client import Client
 
 MiB = 1 << 20
 
@@ -154,6 +157,55 @@ def run_client(args: list[str], env: dict[str, str]) -> tuple[dict[str, Any], fl
     return json.loads(out), usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
+def holders_of(peer: tuple[str, int], name: str) -> set[tuple[str, int]]:
+    """The addresses of the holders of ``name``'s newest version."""
+
+    async def ask() -> set[tuple[str, int]]:
+        async with Client(peer) as client:
+            resolved = await client.resolve(name)
+        return {(h.host, h.port) for h in resolved.holders_for(resolved.manifest)}
+
+    return asyncio.run(ask())
+
+
+def paused_fetch(
+    procs: list[subprocess.Popen[str]],
+    addresses: list[tuple[str, int]],
+    name: str,
+    out: Path,
+    env: dict[str, str],
+    normal: dict[str, Any],
+) -> dict[str, Any]:
+    """Fetch ``name`` through the last peer with one of its holders (neither the first
+    peer nor the last) stopped for the whole fetch; the time against ``normal``'s."""
+    holders = holders_of(addresses[-1], name)
+    victim = next(i for i, a in enumerate(addresses[1:-1], 1) if a in holders)
+    procs[victim].send_signal(signal.SIGSTOP)
+    try:
+        got, cpu, rss = run_client(
+            ["get", name, "-o", str(out), "--peer", "{}:{}".format(*addresses[-1])], env
+        )
+    finally:
+        procs[victim].send_signal(signal.SIGCONT)
+    transfer = got["seconds"] - got["resolve_ms"] / 1000
+    normal_transfer = normal["seconds"] - normal["resolve_ms"] / 1000
+    return {
+        "op": normal["op"].replace(" file", " paused"),
+        "bytes": normal["bytes"],
+        "seconds": got["seconds"],
+        "mb_s": normal["bytes"] / got["seconds"] / 1e6,
+        "first_byte_ms": got["first_byte_ms"],
+        "resolve_ms": got["resolve_ms"],
+        "client_cpu_s": cpu,
+        "client_rss_mb": rss,
+        "sources": got["sources"],
+        "paused": "{}:{}".format(*addresses[victim]),
+        "normal_seconds": normal["seconds"],
+        "ratio": got["seconds"] / normal["seconds"],
+        "transfer_ratio": transfer / normal_transfer,
+    }
+
+
 def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any]]:
     """Publish ``size`` bytes with r = 1, 3, 5 and fetch each through another peer.
 
@@ -221,6 +273,12 @@ def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any
             if file_hash(out) != file_hash(src):
                 raise SystemExit(f"fetched bytes of {name} differ from the source")
             out.unlink()
+            if replicas == 3:
+                normal = next(r for r in rows if r["op"] == f"fetch {label} 3h file")
+                rows.append(paused_fetch(procs, addresses, name, out, env, normal))
+                if file_hash(out) != file_hash(src):
+                    raise SystemExit(f"fetched bytes of {name} differ with a holder paused")
+                out.unlink()
         rows.append(
             {
                 "op": f"peak RSS of peers {label}",
@@ -274,6 +332,18 @@ def main() -> int:
             f"{row['op']:<26}{row['mb_s']:>10.0f}{tcp:>10.2f}{disk:>10.2f}{ttfb:>10}{resolve:>10}"
             f"{row['client_cpu_s']:>10.2f}{peers:>10}{row['client_rss_mb']:>10.0f}"
         )
+    paused = [row for row in rows if "ratio" in row]
+    if paused:
+        print()
+        print(
+            f"{'one of 3 holders paused':<26}{'normal s':>10}{'paused s':>10}{'ratio':>10}"
+            f"{'w/o resolve':>12}"
+        )
+        for row in paused:
+            print(
+                f"{row['op']:<26}{row['normal_seconds']:>10.3f}{row['seconds']:>10.3f}"
+                f"{row['ratio']:>10.2f}{row['transfer_ratio']:>12.2f}"
+            )
     write_results("latest", {"limits": limits, "rows": rows, "sizes": sizes})
     return 0
 

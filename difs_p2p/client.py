@@ -20,6 +20,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import functools
 import io
 import json
 import math
@@ -44,6 +45,7 @@ from difs_p2p.errors import (
     UsageError,
     WireError,
 )
+from difs_p2p.fetchplan import FetchPlan, PlanConfig
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import (
     REVOCATIONS,
@@ -73,6 +75,11 @@ DEFAULT_REPLICAS = 3
 INLINE_HASH = 64 << 10
 # How long the other holders wait for the lead holder's first segment before they start.
 LEAD_HEAD_START = 0.05
+# The hash list is asked of one more holder after this long without an answer (or 3 x the
+# fastest connect of the fetch, if longer): a LAN answers in about 1 ms.
+HASH_LIST_HEDGE = 0.05
+# How often a fetch looks at its holders' deadlines (late ones are hedged within this).
+SUPERVISE_TICK = 0.02
 
 Progress = Callable[[int], None]
 
@@ -132,6 +139,10 @@ class FetchResult:
     retries: int
     # seconds of `seconds` spent resolving the name (before the first holder is asked)
     resolve: float = 0.0
+    # segments also asked of another holder because the one asked first was late
+    hedged: int = 0
+    # holders that were late at least once (slow, stalled, or never answering)
+    late: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _decode_resolved(
@@ -195,6 +206,7 @@ class Client:
         io_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
         network: Connector = HOST_NETWORK,
+        fetch_config: PlanConfig | None = None,
     ) -> None:
         self.peer = peer
         # How connections are opened: the host's sockets, or the simulator's relay.
@@ -203,6 +215,8 @@ class Client:
         self.pins = pins
         self.io_timeout = io_timeout
         self.clock = clock
+        # when a fetch counts a holder as late, and when it gives one up
+        self.fetch_config = fetch_config or PlanConfig()
         self._conn: Connection | None = None
 
     async def __aenter__(self) -> Client:
@@ -638,13 +652,15 @@ class _Fetch:
                 )
         self.progress = progress
         self.hashes: list[bytes] = []
-        self.retries = 0
         self.first_byte = 0.0
         self.written = 0
         # (holder, segment) pairs that failed verification, reported after the fetch
         self.suspects: list[tuple[tuple[str, int], bytes]] = []
         # connections opened before the transfer, handed to the workers
         self._opened: dict[tuple[str, int], Connection] = {}
+        # the hash list's exchange: (holder, first-byte delay, bytes, seconds receiving)
+        self._seed: tuple[tuple[str, int], float, int, float] | None = None
+        self.plan: FetchPlan | None = None
 
     def _sources(self) -> list[tuple[str, int]]:
         return list(self._by_address)
@@ -672,6 +688,13 @@ class _Fetch:
             for h in self._by_address.get(address, ())
         )
 
+    def _may_serve(self, address: tuple[str, int], index: int) -> bool:
+        """Whether an entry of ``address`` covering ``index`` is valid or not yet checked."""
+        return any(
+            h.start <= index <= h.end and self._checked.get(h.raw, True)
+            for h in self._by_address.get(address, ())
+        )
+
     def _may_cover(self, index: int) -> list[tuple[str, int]]:
         """Holders with an entry covering ``index`` that is valid or not yet checked."""
         return [
@@ -681,37 +704,83 @@ class _Fetch:
         ]
 
     async def _hash_list(self) -> list[bytes]:
+        """The verified hash list, asked of one holder; after each
+        ``max(50 ms, 3 x the fastest connect seen)`` without an answer, of as many more
+        holders as are asked already (1, 2, 4...), and of one more at once when one fails.
+        The first verified list wins; the other requests are dropped. N holders that accept
+        connections and never answer cost the fetch about log2(N) such delays."""
         root = bytes.fromhex(self.manifest.integrity)
         if self.manifest.segment_count == 0:
             return []
+        loop = asyncio.get_running_loop()
         errors: list[str] = []
-        for address in self._sources():
-            if not self._usable(address):
-                errors.append(f"{address[0]}:{address[1]}: no entry with a valid signature")
-                continue
-            try:
-                conn = await Connection.open(
-                    address, io_timeout=self.client.io_timeout, network=self.client.network
-                )
-            except DifsError as exc:
-                errors.append(str(exc))
-                continue
+        rtts: list[float] = []
+
+        async def ask(address: tuple[str, int]) -> tuple[Connection, list[bytes]]:
+            t0 = loop.time()
+            conn = await Connection.open(
+                address, io_timeout=self.client.io_timeout, network=self.client.network
+            )
+            sent = loop.time()
+            rtts.append(sent - t0)
             try:
                 await conn.send(wire.GetSeg(request_id=0, seg_id=root, offset=0, length=0))
-                frame = await conn.read_frame()
-                if isinstance(frame, wire.Data):
-                    hashes: list[bytes] = list(
-                        segments.verify_hash_list(
-                            bytes(frame.data), root, self.manifest.segment_count
-                        )
-                    )
+                header = await conn.read_header()
+                first = loop.time()
+                if header is None:
+                    raise PeerError("connection closed")
+                frame = wire.decode_payload(header, await conn.read_payload(header))
+                if not isinstance(frame, wire.Data):
+                    raise NotFoundError(f"{address[0]}:{address[1]} has no hash list")
+                hashes: list[bytes] = list(
+                    segments.verify_hash_list(bytes(frame.data), root, self.manifest.segment_count)
+                )
+                self._seed = (address, first - sent, len(frame.data), loop.time() - first)
+                return conn, hashes
+            except BaseException:
+                conn.close()
+                raise
+
+        candidates = collections.deque(self._sources())
+        pending: dict[asyncio.Task[tuple[Connection, list[bytes]]], tuple[str, int]] = {}
+
+        def launch(count: int = 1) -> None:
+            while candidates and count > 0:
+                address = candidates.popleft()
+                if self._usable(address):
+                    pending[asyncio.create_task(ask(address))] = address
+                    count -= 1
+                else:
+                    errors.append(f"{address[0]}:{address[1]}: no entry with a valid signature")
+
+        try:
+            launch()
+            while pending:
+                hedge = max(HASH_LIST_HEDGE, 3 * min(rtts)) if rtts else HASH_LIST_HEDGE
+                finished, _ = await asyncio.wait(
+                    pending,
+                    timeout=hedge if candidates else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not finished:
+                    launch(len(pending))  # no answer within the hedge delay
+                for task in finished:
+                    address = pending.pop(task)
+                    try:
+                        conn, hashes = task.result()
+                    except (DifsError, WireError, OSError) as exc:
+                        errors.append(f"{address[0]}:{address[1]}: {exc}")
+                        launch()
+                        continue
                     # this holder's worker starts on the connection we already have
                     self._opened[address] = conn
                     return hashes
-                errors.append(f"{address[0]}:{address[1]} has no hash list")
-            except (DifsError, WireError) as exc:
-                errors.append(str(exc))
-            conn.close()
+        finally:
+            for task in pending:
+                task.cancel()
+            for outcome in await asyncio.gather(*pending, return_exceptions=True):
+                if isinstance(outcome, tuple):
+                    outcome[0].close()  # a second list that came in the same instant
         raise NotFoundError(
             f"no holder of {self.manifest.name} answered with its hash list "
             f"({len(self._sources())} tried: {'; '.join(errors[:3])})"
@@ -743,13 +812,16 @@ class _Fetch:
                 os.close(fd)
         else:
             await self._fetch(wanted, None, out, started)
+        plan = self.plan
         return FetchResult(
             self.manifest,
             self.written,
             time.perf_counter() - started,
             self.first_byte,
             len(self._sources()),
-            self.retries,
+            plan.retries if plan else 0,
+            hedged=plan.hedged if plan else 0,
+            late=list(plan.late_seen) if plan else [],
         )
 
     def _slice(self, index: int) -> tuple[int, int, int]:
@@ -759,31 +831,69 @@ class _Fetch:
         hi = min(self.last, offset + length - 1)
         return lo, lo - offset, hi - lo + 1
 
+    def _possible(self, plan: FetchPlan) -> Callable[[int, set[tuple[str, int]]], bool]:
+        """Whether some holder outside a set may still have a segment (for ``stuck``)."""
+        dead = plan.dead
+        # Segments no holder failed only need some entry not known to be bad: one look-up
+        # in the merged ranges, not a pass over every entry per segment (1,024 segments x
+        # 257 entries took 15 ms before the first request).
+        spans = merged_spans(
+            (h.start, h.end)
+            for h in self.holders
+            if self._checked.get(h.raw, True) and (h.host, h.port) not in dead
+        )
+
+        def possible(index: int, excluded: set[tuple[str, int]]) -> bool:
+            if excluded <= dead:
+                return in_spans(spans, index)
+            return bool(set(self._may_cover(index)) - excluded)
+
+        return possible
+
     async def _fetch(
         self, wanted: list[int], fd: int | None, stream: IO[bytes] | None, started: float
     ) -> None:
-        queue: collections.deque[int] = collections.deque(wanted)
-        failed: dict[int, set[tuple[str, int]]] = collections.defaultdict(set)
+        loop = asyncio.get_running_loop()
+        plan = self.plan = FetchPlan(
+            wanted, lambda i: self.layout.bounds(i)[1], self.client.fetch_config
+        )
+        if self._seed is not None:
+            plan.seed(*self._seed)
         # in-order delivery for streams: index -> data (bounded by the pipelines' depth)
         ready: dict[int, bytes | memoryview] = {}
         order = collections.deque(wanted)
-        done = asyncio.Event()
-        remaining = {"n": len(wanted)}
         problems: list[str] = []
         sources = self._sources()
         if not sources:
             raise NotFoundError(f"no holder of {self.manifest.name} is known")
+        pipeline = plan.config.pipeline
 
         # Receive buffers are reused: a fresh 1 MiB bytearray costs page faults every time.
-        pool = BufferPool(2 * PIPELINE * MAX_SOURCES, minimum=self.manifest.segment_size)
+        pool = BufferPool(2 * pipeline * MAX_SOURCES, minimum=self.manifest.segment_size)
         owners: dict[int, bytearray] = {}
+        # set when the supervisor should look again (a worker ended, the fetch is done)
+        supervise = asyncio.Event()
+        # idle workers wait on this; a new one replaces it each time the plan changes
+        wake = [asyncio.Event()]
+        idle: set[tuple[str, int]] = set()
+        # errors of verify-and-write tasks (a failed write ends the fetch)
+        crashed: list[BaseException] = []
+
+        def kick() -> None:
+            if idle:
+                old, wake[0] = wake[0], asyncio.Event()
+                old.set()
 
         def deliver_stream() -> None:
             assert stream is not None
+            moved = False
             while order and order[0] in ready:
                 index = order.popleft()
                 stream.write(ready.pop(index))
                 pool.give(owners.pop(index))
+                moved = True
+            if moved:
+                kick()  # the window moved on
 
         async def store(index: int, data: bytes | memoryview, buf: bytearray) -> None:
             pos, skip, length = self._slice(index)
@@ -799,40 +909,16 @@ class _Fetch:
                 owners[index] = buf
                 deliver_stream()
             self.written += len(piece)
+            plan.verified(index)
             if self.progress:
                 self.progress(len(piece))
-            remaining["n"] -= 1
-            if remaining["n"] == 0:
-                done.set()
+            if plan.remaining == 0:
+                supervise.set()
 
-        def next_for(address: tuple[str, int]) -> int | None:
-            for _ in range(len(queue)):
-                index = queue.popleft()
-                too_far = stream is not None and order and index - order[0] > STREAM_WINDOW
-                if not too_far and address not in failed[index] and self._serves(address, index):
-                    return index
-                queue.append(index)
-            return None
+        def limit() -> int | None:
+            return order[0] + STREAM_WINDOW if stream is not None and order else None
 
-        def give_up_check() -> None:
-            # Segments no holder failed only need some entry not known to be bad: one
-            # look-up in the merged ranges, not a pass over every entry per segment
-            # (1,024 segments x 257 entries took 15 ms before the first request).
-            spans = merged_spans(
-                (h.start, h.end) for h in self.holders if self._checked.get(h.raw, True)
-            )
-            for index in list(queue):
-                if failed.get(index):
-                    possible = bool(set(self._may_cover(index)) - failed[index])
-                else:
-                    possible = in_spans(spans, index)
-                if not possible:
-                    raise IntegrityError(
-                        f"segment {index} of {self.manifest.name} could not be fetched from "
-                        f"any holder: {'; '.join(problems[-3:])}"
-                    )
-
-        slots = asyncio.Semaphore(2 * PIPELINE)
+        slots = asyncio.Semaphore(2 * pipeline)
         # set once the first segment is out (or the lead holder gave up)
         first_out = asyncio.Event()
 
@@ -851,9 +937,9 @@ class _Fetch:
                 pool.give(buf)
                 self.suspects.append((address, self.hashes[index]))
                 problems.append(f"{address[0]}:{address[1]}: {exc}")
-                failed[index].add(address)
-                self.retries += 1
-                queue.appendleft(index)
+                plan.corrupt(address, index)
+                kick()
+                supervise.set()
                 return
             finally:
                 slots.release()
@@ -861,24 +947,41 @@ class _Fetch:
 
         processing: set[asyncio.Task[None]] = set()
 
+        def processed(task: asyncio.Task[None]) -> None:
+            processing.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                crashed.append(task.exception())  # type: ignore[arg-type]
+                supervise.set()
+
+        async def receive(conn: Connection, view: memoryview, address: tuple[str, int]) -> None:
+            """Fill ``view`` from ``conn``, telling the plan as bytes come (no deadline here:
+            the supervisor decides when the holder is late or given up)."""
+            got, total = 0, len(view)
+            while got < total:
+                n = await loop.sock_recv_into(conn.sock, view[got:])
+                if n == 0:
+                    raise PeerError(f"connection closed by {address[0]}:{address[1]}")
+                got += n
+                plan.received(address, n, loop.time())
+
+        def fail(address: tuple[str, int], reason: str, lead: bool) -> None:
+            problems.append(reason)
+            plan.lost(address)
+            kick()
+            supervise.set()
+            if lead:
+                first_out.set()
+
         async def worker(address: tuple[str, int], lead: bool) -> None:
             if address not in self._opened and not self._usable(address):
-                problems.append(f"{address[0]}:{address[1]}: no entry with a valid signature")
-                for index in list(queue):
-                    failed[index].add(address)
-                if lead:
-                    first_out.set()
+                fail(address, f"{address[0]}:{address[1]}: no entry with a valid signature", lead)
                 return
             try:
                 conn = self._opened.pop(address, None) or await Connection.open(
                     address, io_timeout=self.client.io_timeout, network=self.client.network
                 )
             except DifsError as exc:
-                problems.append(str(exc))
-                for index in list(queue):
-                    failed[index].add(address)
-                if lead:
-                    first_out.set()
+                fail(address, str(exc), lead)
                 return
             if not lead and not first_out.is_set():
                 # The first segment comes alone from the lead holder (connected already):
@@ -886,15 +989,13 @@ class _Fetch:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(LEAD_HEAD_START):
                         await first_out.wait()
-            inflight: collections.deque[int] = collections.deque()
+            header_buf = bytearray(wire.HEADER_SIZE)
+            serves = functools.partial(self._serves, address)
             try:
                 while True:
                     requests = []
-                    while len(inflight) < PIPELINE:
-                        picked = next_for(address)
-                        if picked is None:
-                            break
-                        inflight.append(picked)  # before sending: a failed send requeues it
+                    now = loop.time()
+                    while (picked := plan.next_for(address, now, serves, limit())) is not None:
                         requests.append(
                             wire.GetSeg(
                                 request_id=picked, seg_id=self.hashes[picked], offset=0, length=0
@@ -902,76 +1003,125 @@ class _Fetch:
                         )
                     if requests:
                         await conn.send_many(requests)  # one syscall for the batch
-                    if not inflight:
-                        return
-                    index = inflight[0]
-                    header = await conn.read_header()
-                    if header is None:
-                        raise PeerError("connection closed")
+                    if not plan.owes(address):
+                        if plan.remaining == 0 or plan.is_dead(address):
+                            return
+                        # nothing for this holder now: wait for a change (a requeue, a late
+                        # holder's segments to hedge, the stream window moving on)
+                        event = wake[0]
+                        idle.add(address)
+                        try:
+                            await event.wait()
+                        finally:
+                            idle.discard(address)
+                        continue
+                    plan.waiting(address, loop.time())
+                    await receive(conn, memoryview(header_buf), address)
+                    header = wire.parse_header(header_buf)
                     buf = pool.take(header.length)
-                    payload = await conn.read_payload(header, memoryview(buf))
-                    frame = wire.decode_payload(header, payload)
-                    inflight.popleft()
+                    view = memoryview(buf)[: header.length]
+                    await receive(conn, view, address)
+                    frame = wire.decode_payload(header, view)
                     if isinstance(frame, wire.Data):
+                        index, keep = plan.arrived(address, loop.time(), header.length)
+                        if not keep:
+                            pool.give(buf)  # another holder's copy came first
+                            continue
                         # verify and write while this connection receives the next segment
                         await slots.acquire()
                         task = asyncio.create_task(process(address, index, frame.data, buf))
                         processing.add(task)
-                        task.add_done_callback(processing.discard)
+                        task.add_done_callback(processed)
                         # Let it start: while bytes keep arriving, sock_recv_into returns
                         # without suspending, and this loop would read the whole pipeline
                         # (8 MiB, ~15 ms) before the first segment is verified and written.
                         await asyncio.sleep(0)
                     else:
                         pool.give(buf)
+                        plan.refused(address, loop.time())
                         message = frame.message if isinstance(frame, wire.Error) else "bad frame"
                         problems.append(f"{address[0]}:{address[1]}: {message}")
-                        failed[index].add(address)
-                        self.retries += 1
-                        queue.appendleft(index)
+                        kick()
+                        supervise.set()
             except (DifsError, OSError) as exc:
-                problems.append(f"{address[0]}:{address[1]}: {exc}")
-                for index in inflight:
-                    failed[index].add(address)
-                    queue.appendleft(index)
-                    self.retries += 1
-                for index in list(queue):
-                    failed[index].add(address)
+                fail(address, f"{address[0]}:{address[1]}: {exc}", lead)
             finally:
                 conn.close()
                 if lead:
                     first_out.set()
+
+        workers: dict[tuple[str, int], asyncio.Task[None]] = {}
+
+        def start(address: tuple[str, int], lead: bool = False) -> None:
+            workers[address] = asyncio.create_task(worker(address, lead))
+            workers[address].add_done_callback(lambda _: supervise.set())
 
         def pick_active() -> list[tuple[str, int]]:
             """Holders to run workers on: the one already connected first; with fewer
             segments queued than holders, only as many as there are segments (a 4 KiB
             object needs one connection, not one per holder)."""
             ordered = sorted(sources, key=lambda a: a not in self._opened)
-            if len(queue) >= len(ordered):
+            if len(plan.queue) >= len(ordered):
                 return ordered[: MAX_SOURCES * 4]
-            able = [
-                a
-                for a in ordered
-                if any(a not in failed[i] and a in self._may_cover(i) for i in queue)
-            ]
-            return able[: len(queue)]
+            able = [a for a in ordered if any(a in self._may_cover(i) for i in plan.queue)]
+            return able[: len(plan.queue)]
 
+        def start_more() -> None:
+            """Workers on further holders when the running ones cannot take what is queued
+            or owed by late holders (a hedge needs a holder that is not late)."""
+            running = [a for a, t in workers.items() if not t.done()]
+            need = plan.unserved(running, idle, self._may_serve)
+            if not need:
+                return
+            busy = sum(1 for a in running if not plan.is_late(a) and a not in idle)
+            for address in sources:
+                if busy >= MAX_SOURCES * 4:
+                    return
+                if address in workers or plan.is_dead(address):
+                    continue
+                if plan.could_take(address, need, functools.partial(self._may_serve, address)):
+                    start(address)
+                    busy += 1
+
+        failures = -1
         try:
-            while remaining["n"] > 0:
-                give_up_check()
-                active = pick_active()
-                workers = [asyncio.create_task(worker(a, i == 0)) for i, a in enumerate(active)]
-                try:
-                    await asyncio.gather(*workers)
-                finally:
-                    for task in workers:
+            for i, address in enumerate(pick_active()):
+                start(address, i == 0)
+            while plan.remaining > 0:
+                if crashed:
+                    raise crashed[0]
+                running = [a for a, t in workers.items() if not t.done()]
+                if plan.failures != failures or all(a in idle for a in running):
+                    failures = plan.failures
+                    index = plan.stuck(self._possible(plan))
+                    if index is not None:
+                        raise IntegrityError(
+                            f"segment {index} of {self.manifest.name} could not be fetched "
+                            f"from any holder: {'; '.join(problems[-3:])}"
+                        )
+                tick = plan.tick(loop.time())
+                for address in tick.give_up:
+                    problems.append(f"{address[0]}:{address[1]}: stalled")
+                    plan.lost(address)
+                    task = workers.get(address)
+                    if task is not None:
                         task.cancel()
-                await asyncio.gather(*list(processing))
-                if remaining["n"] > 0 and not queue:
-                    raise PeerError("fetch stalled")
+                if tick.late or tick.give_up:
+                    kick()
+                start_more()
+                if not any(not t.done() for t in workers.values()) and not processing:
+                    raise PeerError(
+                        f"fetch of {self.manifest.name} stalled: {'; '.join(problems[-3:])}"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(SUPERVISE_TICK):
+                        await supervise.wait()
+                supervise.clear()
+            await asyncio.gather(*list(processing))
         finally:
-            for task in list(processing):
+            for task in [*workers.values(), *processing]:
                 task.cancel()
+            await asyncio.gather(*workers.values(), *processing, return_exceptions=True)
         if stream is not None:
             deliver_stream()
             stream.flush()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -160,7 +162,6 @@ async def test_hostile_holder_entries_cannot_break_a_fetch(
 
 # --- dht ---
 
-import asyncio  # noqa: E402
 from typing import Any  # noqa: E402
 
 import msgpack  # noqa: E402
@@ -469,3 +470,107 @@ async def test_dht_contacts_named_in_replies_prove_their_ids_before_use() -> Non
         evil.close()
         accomplice.close()
         await stop_all(nodes)
+
+
+# --- fetch ---
+
+
+class FalseHolders:
+    """Listeners behind false holder entries: ``silent`` ones accept and never answer;
+    the ``trickle`` one answers one byte a second. Records who was sent a request."""
+
+    def __init__(self) -> None:
+        self.servers: list[asyncio.Server] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.asked: set[tuple[str, int]] = set()
+        self.sent = 0
+
+    async def start(self, silent: int) -> list[tuple[str, int]]:
+        addresses = []
+        for i in range(silent + 1):
+            handler = self._trickle if i == silent else self._silent
+            server = await asyncio.start_server(handler, "127.0.0.1", 0)
+            self.servers.append(server)
+            addresses.append(server.sockets[0].getsockname()[:2])
+        return addresses
+
+    def _own(self, writer: asyncio.StreamWriter) -> tuple[str, int]:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        return writer.get_extra_info("sockname")[:2]  # type: ignore[no-any-return]
+
+    async def _silent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        me = self._own(writer)
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while await reader.read(65536):
+                self.asked.add(me)
+        writer.close()
+
+    async def _trickle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        me = self._own(writer)
+        # a DATA frame header announcing 1 MiB, then its bytes, one a second
+        frame = bytes([1, 7, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0]) + bytes(1 << 20)
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            await reader.read(65536)
+            self.asked.add(me)
+            for byte in frame:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                self.sent += 1
+                await asyncio.sleep(1.0)
+        writer.close()
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def test_false_holder_entries_do_not_hold_up_an_honest_fetch(
+    world: tuple[list[Peer], Dht], tmp_path: Path
+) -> None:
+    """Holder entries signed by a stranger's key for listeners that never answer, or answer
+    one byte a second, cost an honest fetch nothing: it returns the exact bytes although
+    its I/O timeout is an hour, with what it asked of them asked of honest holders."""
+    from difs_p2p.manifest import build_holder_entry
+
+    peers, evil = world
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(64 * SEG))
+    async with Client(peers[0].address, publisher=Identity.generate()) as client:
+        await client.put(src, "/film", segment_size=SEG, replicas=2)
+    m = (await Client(peers[1].address).resolve("/film")).manifest
+    liars = FalseHolders()
+    addresses = await liars.start(silent=4)
+    try:
+        entries = [
+            build_holder_entry(
+                Identity.generate(),  # the stranger's keys, one per listener
+                key=m.key,
+                version=m.version,
+                integrity=bytes.fromhex(m.integrity),
+                start=0,
+                end=m.segment_count - 1,
+                host=host,
+                port=port,
+                issued=0,
+            ).raw
+            for host, port in addresses
+        ]
+        assert await evil.add_entries(m.key, entries) >= 1
+        async with Client(peers[3].address, io_timeout=3600.0) as client:
+            resolved = await client.resolve("/film")
+            listed = {(h.host, h.port) for h in resolved.holders}
+            assert set(addresses) <= listed, "the false entries reach the fetcher"
+            out = tmp_path / "out"
+            async with asyncio.timeout(120):  # a guard: waiting for a false holder never ends
+                result = await client.get("/film", out)
+        assert out.read_bytes() == src.read_bytes()
+        assert liars.asked, "false holders were asked"
+        assert set(result.late) & set(addresses)
+        assert result.hedged >= 1
+    finally:
+        await liars.stop()

@@ -1,0 +1,268 @@
+"""The fetch plan's decisions, replayed on exact timelines (no sockets, no clock)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from difs_p2p.errors import UsageError
+from difs_p2p.fetchplan import Estimate, FetchPlan, PlanConfig
+
+A, B, C = ("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.3", 3)
+MiB = 1 << 20
+CONFIG = PlanConfig(
+    pipeline=2, late_floor=0.1, initial_deadline=1.0, quiet_floor=10.0, give_up_floor=30.0
+)
+
+
+def everything(index: int) -> bool:
+    return True
+
+
+def make(n: int = 6, config: PlanConfig = CONFIG) -> FetchPlan:
+    return FetchPlan(range(n), lambda i: MiB, config)
+
+
+def run(plan: FetchPlan, steps: list[tuple[Any, ...]]) -> None:
+    """Apply ``steps`` in order: (operation, arguments..., expected result)."""
+    for number, (op, *args, expected) in enumerate(steps):
+        if op == "next":
+            holder, now, *rest = args
+            serves = rest[0] if rest else everything
+            limit = rest[1] if len(rest) > 1 else None
+            got: Any = plan.next_for(holder, now, serves, limit)
+        elif op == "fill":  # ask until the pipeline is full: the indexes given
+            holder, now = args
+            got = []
+            while (index := plan.next_for(holder, now, everything)) is not None:
+                got.append(index)
+        elif op == "wait":
+            plan.waiting(args[0], args[1])
+            got = None
+        elif op == "bytes":
+            plan.received(args[0], args[1], args[2])
+            got = None
+        elif op == "arrive":  # a whole frame: first byte at args[1], complete at args[2]
+            holder, first, done = args
+            plan.received(holder, MiB, first)
+            got = plan.arrived(holder, done, MiB)
+        elif op == "tick":
+            tick = plan.tick(args[0])
+            got = (tick.late, tick.give_up)
+        elif op == "verified":
+            plan.verified(args[0])
+            got = None
+        elif op == "corrupt":
+            plan.corrupt(args[0], args[1])
+            got = None
+        elif op == "refused":
+            got = plan.refused(args[0], args[1])
+        elif op == "lost":
+            got = plan.lost(args[0])
+        elif op == "remaining":
+            got = plan.remaining
+        elif op == "hedged":
+            got = plan.hedged
+        elif op == "queue":
+            got = list(plan.queue)
+        elif op == "late":
+            got = plan.is_late(args[0])
+        else:  # pragma: no cover - a typo in a table
+            raise AssertionError(op)
+        assert got == expected, f"step {number} {op}{tuple(args)}: {got!r} != {expected!r}"
+
+
+CASES: dict[str, list[tuple[Any, ...]]] = {
+    "segments go out in order, a pipeline's worth per holder": [
+        ("fill", A, 0.0, [0, 1]),
+        ("fill", B, 0.0, [2, 3]),
+        ("next", A, 0.0, None),
+        ("queue", [4, 5]),
+    ],
+    "a holder is not asked for what it does not serve or beyond the window": [
+        ("next", A, 0.0, lambda i: i >= 3, None, 3),
+        ("next", A, 0.0, lambda i: i >= 3, 3, None),
+        ("queue", [0, 1, 2, 4, 5]),
+    ],
+    "before any segment arrived, a silent holder is late after the initial deadline": [
+        ("fill", A, 0.0, [0, 1]),
+        ("wait", A, 0.0, None),
+        ("tick", 0.9, ([], [])),
+        ("tick", 1.01, ([A], [])),
+        ("tick", 1.5, ([], [])),  # reported once
+        ("late", A, True),
+    ],
+    "a holder with no record is judged by the others' figures": [
+        ("fill", A, 0.0, [0, 1]),
+        ("fill", B, 0.0, [2, 3]),
+        ("wait", A, 0.0, None),
+        ("arrive", B, 0.001, 0.002, (2, True)),
+        # B: first byte in 1 ms, 1 MiB in 1 ms: B's and the fetch's deadline is the floor
+        ("tick", 0.09, ([], [])),
+        ("tick", 0.11, ([A], [])),
+    ],
+    "a late holder's segments are hedged to another holder; the first copy wins": [
+        ("fill", A, 0.0, [0, 1]),
+        ("fill", B, 0.0, [2, 3]),
+        ("wait", A, 0.0, None),
+        ("arrive", B, 0.001, 0.002, (2, True)),
+        ("arrive", B, 0.002, 0.003, (3, True)),
+        ("tick", 0.2, ([A], [])),
+        ("next", A, 0.2, None),  # demoted: nothing new for A
+        ("fill", B, 0.2, [0, 1]),  # what A owes comes before the queue
+        ("hedged", 2),
+        ("arrive", B, 0.201, 0.202, (0, True)),
+        ("verified", 0, None),
+        ("arrive", A, 0.3, 0.4, (0, False)),  # A's late copy is dropped
+        ("late", A, False),  # A delivered: promoted again
+        ("next", A, 0.4, 4),
+    ],
+    "a segment asked of a late holder and of a live one is not hedged a third time": [
+        ("fill", A, 0.0, [0, 1]),
+        ("wait", A, 0.0, None),
+        ("tick", 1.1, ([A], [])),
+        ("next", B, 1.1, 0),
+        ("next", C, 1.1, 1),
+        ("next", C, 1.1, 2),  # 0 is asked of B, who is not late: C takes the queue
+        ("hedged", 2),
+    ],
+    "a holder that trickles bytes is late by its rate, then given up": [
+        ("fill", B, 0.0, [0, 1]),
+        ("arrive", B, 0.001, 0.002, (0, True)),
+        ("fill", A, 0.002, [2, 3]),
+        ("wait", A, 0.002, None),
+        ("bytes", A, 1, 0.05, None),
+        ("bytes", A, 1, 0.1, None),
+        ("tick", 0.2, ([A], [])),
+        ("bytes", A, 1, 29.0, None),
+        ("tick", 29.5, ([], [])),
+        ("tick", 30.1, ([], [A])),
+    ],
+    "a holder that sends nothing is given up after the quiet time": [
+        ("fill", A, 0.0, [0, 1]),
+        ("wait", A, 0.0, None),
+        ("tick", 15.9, ([A], [])),  # 16 initial deadlines, more than the quiet floor
+        ("tick", 16.1, ([], [A])),
+        ("lost", A, [0, 1]),
+        ("queue", [0, 1, 2, 3, 4, 5]),
+        ("next", A, 16.1, None),
+    ],
+    "a slow but live holder is judged by its own record and stays in use": [
+        ("fill", A, 0.0, [0, 1]),
+        ("arrive", A, 0.5, 2.0, (0, True)),  # first byte 0.5 s, then 1 MiB in 1.5 s
+        ("tick", 5.0, ([], [])),  # deadline about 0.5 + 4 * 0.25 + 2 * 1.5 = 4.5 s
+        ("arrive", A, 2.5, 4.0, (1, True)),
+        ("late", A, False),
+        ("fill", A, 4.0, [2, 3]),
+    ],
+    "time the fetch spends not waiting for a holder does not count against it": [
+        ("fill", B, 0.0, [0, 1]),
+        ("arrive", B, 0.001, 0.002, (0, True)),
+        ("tick", 5.0, ([], [])),  # B's next frame is not waited for yet
+        ("wait", B, 5.0, None),
+        ("tick", 5.05, ([], [])),
+        ("tick", 5.2, ([B], [])),
+    ],
+    "a corrupt copy goes back to the front of the queue, never to the same holder": [
+        ("fill", A, 0.0, [0, 1]),
+        ("arrive", A, 0.001, 0.002, (0, True)),
+        ("corrupt", A, 0, None),
+        ("queue", [0, 2, 3, 4, 5]),
+        ("next", A, 0.01, 2),
+        ("next", B, 0.01, 0),
+        ("remaining", 6),
+    ],
+    "an error answer sends the segment elsewhere": [
+        ("fill", A, 0.0, [0, 1]),
+        ("wait", A, 0.0, None),
+        ("refused", A, 0.001, 0),
+        ("next", A, 0.001, 2),
+        ("next", B, 0.001, 0),
+    ],
+    "every segment verified: nothing remains": [
+        ("fill", A, 0.0, [0, 1]),
+        ("arrive", A, 0.001, 0.002, (0, True)),
+        ("arrive", A, 0.002, 0.003, (1, True)),
+        ("verified", 0, None),
+        ("verified", 1, None),
+        ("verified", 1, None),  # counted once
+        ("remaining", 4),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fetch_plan_timelines(name: str) -> None:
+    """Each timeline of events gives exactly the decisions listed with it."""
+    run(make(), CASES[name])
+
+
+def test_a_segment_no_holder_can_serve_is_stuck() -> None:
+    """A queued segment every possible holder failed is reported; others are not."""
+    plan = make(3)
+    assert plan.next_for(A, 0.0, everything) == 0
+    plan.refused(A, 0.001)
+    covers = {A, B}
+
+    def possible(index: int, excluded: set[tuple[str, int]]) -> bool:
+        return bool(covers - excluded) if index == 0 else True
+
+    assert plan.stuck(possible) is None
+    assert plan.next_for(B, 0.0, everything) == 0
+    plan.lost(B)
+    assert plan.stuck(possible) == 0
+
+
+def test_unserved_segments_ask_for_a_new_holder() -> None:
+    """A late holder's segments nobody running can take, and a queue the idle workers left,
+    call for workers on other holders."""
+    plan = make(4)
+    assert [plan.next_for(A, 0.0, everything) for _ in range(2)] == [0, 1]
+    plan.waiting(A, 0.0)
+    assert plan.unserved([A], [], lambda h, i: True) == []
+    plan.tick(1.5)
+    assert plan.unserved([A], [], lambda h, i: True) == [0, 1, 2, 3]
+    assert plan.unserved([A, B], [], lambda h, i: True) == []
+    assert plan.unserved([A, B], [B], lambda h, i: h != B or i > 1) == [0, 1, 2, 3]
+    assert plan.could_take(C, [0, 1], everything)
+    assert not plan.could_take(A, [0, 1], everything)
+
+
+@pytest.mark.parametrize(
+    ("samples", "srtt", "rttvar"),
+    [
+        ([0.1], 0.1, 0.05),
+        ([0.1, 0.1], 0.1, 0.0375),
+        ([0.1, 0.9], 0.2, 0.2375),
+    ],
+)
+def test_first_byte_estimate_follows_rfc6298(
+    samples: list[float], srtt: float, rttvar: float
+) -> None:
+    """SRTT and RTTVAR move as RFC 6298 says (alpha 1/8, beta 1/4)."""
+    estimate = Estimate()
+    for sample in samples:
+        estimate.first_byte(sample)
+    assert estimate.srtt == pytest.approx(srtt)
+    assert estimate.rttvar == pytest.approx(rttvar)
+
+
+def test_deadline_grows_with_size_and_keeps_its_floor() -> None:
+    """The deadline is srtt + 4 rttvar + twice the transfer time, at least the floor."""
+    estimate = Estimate()
+    assert estimate.deadline(MiB, CONFIG) == CONFIG.initial_deadline
+    estimate.first_byte(0.01)
+    estimate.transfer(MiB, 0.5)
+    assert estimate.deadline(MiB, CONFIG) == pytest.approx(0.01 + 0.02 + 1.0)
+    assert estimate.deadline(1, CONFIG) == CONFIG.late_floor
+
+
+def test_plan_config_is_validated() -> None:
+    """Nonsense settings are refused at the edge."""
+    with pytest.raises(UsageError):
+        PlanConfig(pipeline=0)
+    with pytest.raises(UsageError):
+        PlanConfig(late_floor=2.0, initial_deadline=1.0)
+    with pytest.raises(UsageError):
+        PlanConfig(quiet_floor=0)

@@ -1,0 +1,164 @@
+"""Fetches around holders that stall: real ``difs-peer`` processes, one of them paused."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from difs_p2p.client import Client
+from difs_p2p.config import parse_hostport
+from difs_p2p.errors import IntegrityError
+from difs_p2p.fetchplan import PlanConfig
+from difs_p2p.identity import Identity
+from difs_p2p.manifest import build_holder_entry, decode_holder_entry
+from tests.helpers import start_peers, stop_all
+
+BIN = Path(sys.executable).parent
+SEG = 64 << 10
+# An I/O timeout no fetch may rely on: a fetch that waits for a paused holder never ends.
+FOREVER = 3600.0
+
+
+def start_peer(data: Path, *extra: str) -> tuple[subprocess.Popen[str], tuple[str, int]]:
+    proc = subprocess.Popen(
+        [str(BIN / "difs-peer"), "join", "--data", str(data), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("peer ready"), line
+    fields = dict(part.split("=", 1) for part in line.split()[2:])
+    return proc, parse_hostport(fields["address"])
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[list[tuple[subprocess.Popen[str], tuple[str, int]]]]:
+    """Four peer processes, all bootstrapped from the first; stopped (and resumed) after."""
+    started: list[tuple[subprocess.Popen[str], tuple[str, int]]] = []
+    try:
+        started.append(start_peer(tmp_path / "p0"))
+        seed = f"{started[0][1][0]}:{started[0][1][1]}"
+        for i in range(1, 4):
+            started.append(start_peer(tmp_path / f"p{i}", "--bootstrap", seed))
+        yield started
+    finally:
+        for proc, _ in started:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.send_signal(signal.SIGTERM)
+        for proc, _ in started:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped by a signal (state T in /proc)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+async def test_a_paused_holder_does_not_hold_up_a_fetch(
+    processes: list[tuple[subprocess.Popen[str], tuple[str, int]]], tmp_path: Path
+) -> None:
+    """With one holder stopped (SIGSTOP) and two others of every range up, a fetch to a file
+    and one to a stream return the exact bytes without waiting for it (what it owed was
+    asked of the others) and report progress for every segment."""
+    entry = processes[0][1]
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(256 * SEG))
+    async with Client(entry, publisher=Identity.generate()) as client:
+        await client.put(src, "/stall/video", segment_size=SEG, replicas=3)
+        resolved = await client.resolve("/stall/video")
+    holders = {(h.host, h.port) for h in resolved.holders}
+    proc, paused = next((p, a) for p, a in processes[1:] if a in holders)
+    proc.send_signal(signal.SIGSTOP)
+    out = tmp_path / "out"
+    progressed: list[int] = []
+    async with asyncio.timeout(120):  # only a guard: a fetch that waits never ends
+        async with Client(entry, io_timeout=FOREVER) as client:
+            result = await client.get("/stall/video", out, progress=progressed.append)
+            stream = io.BytesIO()
+            streamed = await client.get("/stall/video", stream)
+    assert stopped(proc.pid), "the holder was paused during both fetches"
+    assert out.read_bytes() == src.read_bytes()
+    assert stream.getvalue() == src.read_bytes()
+    assert sum(progressed) == len(src.read_bytes()) and len(progressed) == 256
+    for fetched in (result, streamed):
+        assert paused in fetched.late
+        assert fetched.hedged >= 1
+
+
+async def test_a_range_only_a_silent_holder_claims_fails_after_its_derived_give_up(
+    tmp_path: Path,
+) -> None:
+    """When the only holder listed for a range accepts and never answers, the fetch gives it
+    up after the plan's give-up time (not the connection's I/O timeout) and fails clearly."""
+    peers = await start_peers(tmp_path / "net", 4)
+    silent_conns: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent_conns.append(writer)
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):
+                pass
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    try:
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(64 * SEG))
+        async with Client(peers[0].address, publisher=Identity.generate()) as client:
+            await client.put(src, "/stall/lonely", segment_size=SEG, replicas=2)
+        first, last = 56, 63  # the last of 8 ranges of 8 segments
+
+        class OnlySilentForTheEnd(Client):
+            async def _call(self, op: str, **args: Any) -> dict[str, Any]:
+                body = await super()._call(op, **args)
+                if op == "resolve":
+                    kept = [
+                        h
+                        for h in body["holders"]
+                        if decode_holder_entry(bytes.fromhex(h)).end < last
+                    ]
+                    entry = decode_holder_entry(bytes.fromhex(kept[0]))
+                    false = build_holder_entry(
+                        Identity.generate(),
+                        key=entry.key,
+                        version=entry.version,
+                        integrity=entry.integrity,
+                        start=first,
+                        end=last,
+                        host=host,
+                        port=port,
+                        issued=0,
+                    )
+                    body["holders"] = [*kept, false.raw.hex()]
+                return body
+
+        quick = PlanConfig(initial_deadline=0.2, quiet_floor=0.5, give_up_floor=1.0)
+        async with OnlySilentForTheEnd(
+            peers[1].address, io_timeout=FOREVER, fetch_config=quick
+        ) as client:
+            async with asyncio.timeout(60):  # a guard: waiting for the listener never ends
+                with pytest.raises(IntegrityError, match="stalled"):
+                    await client.get("/stall/lonely", tmp_path / "out")
+        assert silent_conns, "the silent holder was asked"
+    finally:
+        server.close()
+        for writer in silent_conns:
+            writer.close()
+        await stop_all(peers)
