@@ -407,6 +407,9 @@ class Peer:
                 "segments": store.count,
             },
             "connections": self.server.connections if self.server else 0,
+            # refused at accept (per-address or total limit), closed to make room
+            "connections_refused": self.server.refused if self.server else 0,
+            "connections_evicted": self.server.evicted if self.server else 0,
             "holdings": len(self.holdings_db().all()),
             "maintenance": self.maintainer.stats.as_dict() if self.maintainer else {},
             "dht": dht.traffic(),
@@ -437,6 +440,8 @@ class Peer:
                     header = await self._next_header(conn)
                     if header is None:
                         break
+                    if header.type != wire.MsgType.HELLO:
+                        conn.last_work = time.monotonic()  # a request is arriving
                     if header.type == wire.MsgType.PUT_SEG:
                         if not self._may(conn, CONTROL_TABLE["PUT_SEG"], None):
                             # refused from the header: the payload is never read

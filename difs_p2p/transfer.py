@@ -121,6 +121,9 @@ def remote_error(frame: wire.Error) -> DifsError:
     cls = _ERRORS.get(int(frame.code))
     if cls is None:
         return RemoteError(int(frame.code), frame.message)
+    if frame.code == wire.ErrorCode.FORBIDDEN:
+        # the peer's refusal, told apart from a local one
+        return cls(f"permission denied by the peer: {frame.message}")
     return cls(frame.message)
 
 

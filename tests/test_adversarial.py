@@ -601,6 +601,10 @@ def test_the_cli_finds_the_local_peers_token_and_explains_a_missing_one(
         assert refused.returncode == 6 and "--token-file" in refused.stderr
         token = str(tmp_path / "other" / "control.token")
         assert difs("peers", "--peer", other, "--token-file", token).returncode == 0
+        wrong = tmp_path / "wrong.token"
+        wrong.write_text(os.urandom(32).hex())
+        denied = difs("peers", "--peer", other, "--token-file", str(wrong))
+        assert denied.returncode == 6 and "permission denied" in denied.stderr.lower()
     finally:
         for proc in procs:
             proc.terminate()
