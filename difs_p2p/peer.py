@@ -494,7 +494,8 @@ class Peer:
         request received or being answered) for ``idle_timeout``."""
         idle = self.config.idle_timeout
         while True:
-            left = conn.last_work + idle - time.monotonic()
+            # while requests are being answered, their replies will renew the idle time
+            left = idle if conn.in_flight > 0 else conn.last_work + idle - time.monotonic()
             try:
                 return await conn.read_header(idle=max(left, 0.001))
             except IdleTimeoutError:
