@@ -219,6 +219,7 @@ def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any
         for _ in range(size // MiB):
             fh.write(os.urandom(MiB))
     env = dict(os.environ, DIFS_HOME=str(root / "home"))
+    env["DIFS_TOKEN_FILE"] = str(root / "p0" / "control.token")  # the entry peer's
     label = f"{size // MiB} MiB"
     rows: list[dict[str, Any]] = []
     try:

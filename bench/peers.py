@@ -12,9 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from difs_p2p.control import OperatorCredential, read_token_file
 from difs_p2p.transfer import Connection
 
 STOP_TIMEOUT = 30.0
+# The control token of each peer started here, by address: the benchmarks are its operator.
+TOKENS: dict[tuple[str, int], bytes] = {}
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -33,6 +36,8 @@ def start_peer_process(
         str(data),
         "--capacity",
         "64GiB",
+        # every benchmark client connects from 127.0.0.1: no per-address limit for it
+        "--no-limit-loopback",
         *extra,
     ]
     if bootstrap:
@@ -43,7 +48,14 @@ def start_peer_process(
     if not line.startswith("peer ready"):
         proc.kill()
         raise SystemExit(f"peer did not start: {line!r}")
-    return proc, dict(p.split("=", 1) for p in line.split()[2:])["address"]
+    address = dict(p.split("=", 1) for p in line.split()[2:])["address"]
+    TOKENS[parse_address(address)] = read_token_file(data / "control.token")
+    return proc, address
+
+
+def token_of(address: tuple[str, int]) -> bytes:
+    """The control token of the peer started at ``address``."""
+    return TOKENS[address]
 
 
 def start_network(
@@ -81,8 +93,10 @@ def stop_processes(procs: Sequence[subprocess.Popen[str]]) -> None:
 
 
 async def peer_status(address: tuple[str, int]) -> dict[str, Any]:
-    """A peer's ``status`` control operation."""
-    conn = await Connection.open(address, io_timeout=10.0)
+    """A peer's ``status`` control operation (as its operator)."""
+    conn = await Connection.open(
+        address, io_timeout=10.0, credential=OperatorCredential(token_of(address))
+    )
     try:
         return await conn.call("status")
     finally:

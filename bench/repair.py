@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.peers import peer_status, start_network, stop_processes, write_results
+from bench.peers import peer_status, start_network, stop_processes, token_of, write_results
 from difs_p2p.client import Client
 from difs_p2p.identity import Identity
 
@@ -32,7 +32,8 @@ async def run(root: Path, size: int, peers: int = 10) -> dict[str, Any]:
         with src.open("wb") as fh:
             for _ in range(size // MiB):
                 fh.write(os.urandom(MiB))
-        async with Client(addresses[0], publisher=Identity.generate()) as client:
+        token = token_of(addresses[0])
+        async with Client(addresses[0], publisher=Identity.generate(), token=token) as client:
             await client.put(src, "/repair/bench", replicas=3)
         victim = 1  # a peer other than the publisher's entry peer
         lost = (await peer_status(addresses[victim]))["storage"]["used"]

@@ -52,6 +52,7 @@ from bench.peers import (
     peer_status,
     start_network,
     stop_processes,
+    token_of,
     write_results,
 )
 from difs_p2p.client import Client
@@ -318,7 +319,11 @@ async def bench_level(
 
     # Publish: client j enters through peer j.
     publishers = [
-        Client(addresses[j % len(addresses)], publisher=Identity.generate())
+        Client(
+            addresses[j % len(addresses)],
+            publisher=Identity.generate(),
+            token=token_of(addresses[j % len(addresses)]),
+        )
         for j in range(concurrency)
     ]
 

@@ -95,8 +95,52 @@ def resolve_peer(peer: str | None) -> tuple[str, int]:
         ) from None
 
 
-async def call_peer(address: tuple[str, int], op: str, **args: Any) -> dict[str, Any]:
-    conn = await Connection.open(address, io_timeout=30.0)
+def resolve_token(peer: str | None, token_file: Path | None, address: tuple[str, int]) -> bytes:
+    """The control token for ``address``: --token-file, else $DIFS_TOKEN_FILE, else the
+    local peer's ($DIFS_HOME/peer/control.token) when ``address`` is the local peer's."""
+    from difs_p2p.control import read_token_file
+
+    text = str(token_file) if token_file else os.environ.get("DIFS_TOKEN_FILE")
+    local = difs_home() / "peer"
+    path: Path | None = None
+    if text:
+        path = Path(text)
+    elif not (peer or os.environ.get("DIFS_PEER")) or _local_address(local) == address:
+        path = local / "control.token"
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            return read_token_file(path)
+    missing = f" ({path} not found)" if path is not None else ""
+    raise errors.PermissionDeniedError(
+        f"permission denied: this needs the control token of the peer at {address[0]}:"
+        f"{address[1]} (its DATA/control.token){missing}; pass --token-file PATH or set "
+        "DIFS_TOKEN_FILE"
+    )
+
+
+def _local_address(data: Path) -> tuple[str, int] | None:
+    try:
+        return parse_hostport((data / "address").read_text().strip())
+    except (OSError, errors.UsageError):
+        return None
+
+
+TokenOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--token-file",
+        help="the peer's control token (default: $DIFS_TOKEN_FILE, else the local peer's)",
+    ),
+]
+
+
+async def call_peer(
+    address: tuple[str, int], op: str, *, token: bytes | None = None, **args: Any
+) -> dict[str, Any]:
+    from difs_p2p.control import OperatorCredential
+
+    credential = OperatorCredential(token) if token is not None else None
+    conn = await Connection.open(address, io_timeout=30.0, credential=credential)
     try:
         return await conn.call(op, **args)
     finally:
@@ -178,6 +222,10 @@ def join(
     retries: Annotated[
         int, typer.Option(help="bootstrap attempts before giving up (backoff 0.5 s, doubling)")
     ] = 5,
+    limit_loopback: Annotated[
+        bool,
+        typer.Option(help="count 127.0.0.0/8 clients against the per-address TCP limit"),
+    ] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
 ) -> None:
     """Start a peer: a new network without --bootstrap, else join through the given peers.
@@ -196,6 +244,7 @@ def join(
             repair=RepairConfig(
                 interval=repair_interval, dead_after=dead_after, resolve_every=resolve_every
             ),
+            tcp_limit_loopback=limit_loopback,
         )
     except errors.DifsError as exc:
         raise _fail(exc) from None
@@ -229,17 +278,18 @@ async def _run_peer(config: PeerConfig) -> None:
 
 
 @peer_app.command()
-def status(peer: PeerOpt = None, as_json: JsonOpt = False) -> None:
+def status(peer: PeerOpt = None, token_file: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Show a peer's view of the network: ID, address, contacts, storage.
 
     Example: difs-peer status --peer 127.0.0.1:4000
     """
-    result = run(lambda: _status(peer))
+    result = run(lambda: _status(peer, token_file))
     _print_json(result) if as_json else _print_status(result)
 
 
-async def _status(peer: str | None) -> dict[str, Any]:
-    return await call_peer(resolve_peer(peer), "status")
+async def _status(peer: str | None, token_file: Path | None) -> dict[str, Any]:
+    address = resolve_peer(peer)
+    return await call_peer(address, "status", token=resolve_token(peer, token_file, address))
 
 
 @peer_app.command()
@@ -248,13 +298,14 @@ def check(
         bool, typer.Option("--repair", help="quarantine damage and fetch good copies")
     ] = False,
     peer: PeerOpt = None,
+    token_file: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Verify every segment a running peer stores against its hash.
 
     Example: difs-peer check --repair --peer 127.0.0.1:4000
     """
-    result = run(lambda: _check(peer, repair))
+    result = run(lambda: _check(peer, repair, token_file))
     if as_json:
         _print_json(result)
         return
@@ -267,9 +318,12 @@ def check(
         raise typer.Exit(5)
 
 
-async def _check(peer: str | None, repair: bool) -> dict[str, Any]:
+async def _check(peer: str | None, repair: bool, token_file: Path | None) -> dict[str, Any]:
+    from difs_p2p.control import OperatorCredential
+
     address = resolve_peer(peer)
-    conn = await Connection.open(address, io_timeout=3600.0)
+    token = resolve_token(peer, token_file, address)
+    conn = await Connection.open(address, io_timeout=3600.0, credential=OperatorCredential(token))
     try:
         return await conn.call("check", repair=repair)
     finally:
@@ -286,12 +340,12 @@ client_app = typer.Typer(
 
 
 @client_app.command()
-def peers(peer: PeerOpt = None, as_json: JsonOpt = False) -> None:
+def peers(peer: PeerOpt = None, token_file: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Show the network as a peer sees it (same as difs-peer status).
 
     Example: difs peers --peer 127.0.0.1:4000
     """
-    result = run(lambda: _status(peer))
+    result = run(lambda: _status(peer, token_file))
     _print_json(result) if as_json else _print_status(result)
 
 
@@ -370,6 +424,7 @@ def put(
     ] = None,
     peer: PeerOpt = None,
     key: KeyOpt = None,
+    token_file: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Publish FILE under NAME: segments go to storage peers, the signed manifest to the DHT.
@@ -383,8 +438,10 @@ def put(
         cert = _load_delegation(delegation) if delegation is not None else None
         size = file.stat().st_size if file.exists() else 0
         bar = _progress_bar(size, "publishing")
+        address = resolve_peer(peer)
+        token = resolve_token(peer, token_file, address)
         async with Client(
-            resolve_peer(peer), publisher=_publisher(key), pins=_pins(name, None)
+            address, publisher=_publisher(key), pins=_pins(name, None), token=token
         ) as client:
             if bar is None:
                 return await client.put(
@@ -502,6 +559,7 @@ def rm(
     name: Annotated[str, typer.Argument(help="content name")],
     peer: PeerOpt = None,
     key: KeyOpt = None,
+    token_file: TokenOpt = None,
 ) -> None:
     """Delete NAME: publish a signed tombstone; holders free its segments.
 
@@ -510,8 +568,10 @@ def rm(
     from difs_p2p.client import Client
 
     async def go() -> Any:
+        address = resolve_peer(peer)
+        token = resolve_token(peer, token_file, address)
         async with Client(
-            resolve_peer(peer), publisher=_publisher(key), pins=_pins(name, None)
+            address, publisher=_publisher(key), pins=_pins(name, None), token=token
         ) as client:
             return await client.rm(name)
 
@@ -617,6 +677,7 @@ def revoke(
     writer: Annotated[str, typer.Argument(help="the writer's public key (64 hex)")],
     peer: PeerOpt = None,
     key: KeyOpt = None,
+    token_file: TokenOpt = None,
 ) -> None:
     """As a name owner, revoke WRITER's delegation for PREFIX (readers refuse its versions).
 
@@ -626,7 +687,9 @@ def revoke(
     from difs_p2p.pins import parse_key
 
     async def go() -> Any:
-        async with Client(resolve_peer(peer), publisher=_publisher(key)) as client:
+        address = resolve_peer(peer)
+        token = resolve_token(peer, token_file, address)
+        async with Client(address, publisher=_publisher(key), token=token) as client:
             return await client.revoke(prefix, parse_key(writer))
 
     listing = run(go)

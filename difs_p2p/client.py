@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from difs_p2p import segments, wire
+from difs_p2p.control import OperatorCredential
 from difs_p2p.errors import (
     AlreadyExistsError,
     DeletedError,
@@ -207,8 +208,13 @@ class Client:
         clock: Callable[[], float] = time.time,
         network: Connector = HOST_NETWORK,
         fetch_config: PlanConfig | None = None,
+        token: bytes | None = None,
     ) -> None:
+        """``token``: the entry peer's control token (DATA/control.token); with it the
+        client proves itself the peer's operator, which publishing, deleting and ``status``
+        need. Without it the client is a stranger: it can resolve and fetch."""
         self.peer = peer
+        self.token = token
         # How connections are opened: the host's sockets, or the simulator's relay.
         self.network = network
         self.publisher = publisher
@@ -342,6 +348,11 @@ class Client:
         """
         if self.publisher is None:
             raise UsageError("publishing needs a publisher key")
+        if self.token is None:
+            raise PermissionDeniedError(
+                "permission denied: uploading needs the entry peer's control token "
+                "(Client(token=...); difs: pass --token-file)"
+            )
         if replicas < 1:
             raise UsageError("replicas must be at least 1")
         norm = normalize_name(name)
@@ -424,7 +435,10 @@ class Client:
         """The connection to the entry peer (a new one if the last was closed)."""
         if self._conn is None or self._conn.closed:
             self._conn = await Connection.open(
-                self.peer, io_timeout=self.io_timeout, network=self.network
+                self.peer,
+                io_timeout=self.io_timeout,
+                network=self.network,
+                credential=OperatorCredential(self.token) if self.token is not None else None,
             )
         return self._conn
 

@@ -201,6 +201,22 @@ class PeerConfig:
     # Bound on concurrent inbound TCP connections.
     max_connections: int = 256
     repair: RepairConfig = field(default_factory=RepairConfig)
+    # Inbound TCP connections from one IP address: an eighth of max_connections, so that
+    # one address cannot take every slot (a fetch opens up to 8 holder connections, a
+    # client one more to its entry peer).
+    max_connections_per_address: int = 32
+    # Loopback addresses count against that limit like any other; local benchmarks and
+    # simulations that send every connection through 127.0.0.1 turn this off.
+    tcp_limit_loopback: bool = True
+    # A connection without a request (HELLO does not count) for this long is closed, even
+    # if it keeps sending HELLOs: an idle slot goes back to the pool. As the I/O timeout.
+    idle_timeout: float = 30.0
+    # Upload bytes (PUT_SEG payloads) held in memory at once, over all connections: 16
+    # maximal segments. Buffers are allocated only after the sender proved its role.
+    upload_budget: int = 256 << 20
+    # Work a stranger may queue (`suspect`: re-verify a segment): per second, with a burst.
+    open_work_rate: float = 1.0
+    open_work_burst: float = 8.0
 
     def __post_init__(self) -> None:
         try:
@@ -211,3 +227,9 @@ class PeerConfig:
             raise UsageError(f"--port must be 0-65535, not {self.port}")
         if self.capacity < 0:
             raise UsageError("--capacity must not be negative")
+        if self.max_connections < 1 or self.max_connections_per_address < 1:
+            raise UsageError("max_connections and max_connections_per_address must be >= 1")
+        if self.idle_timeout <= 0:
+            raise UsageError("idle_timeout must be positive")
+        if self.upload_budget < 16 * 1024 * 1024 + 64:
+            raise UsageError("upload_budget must hold at least one maximal segment frame")

@@ -61,7 +61,8 @@ def main() -> int:
             print(f"  peer{i} joined through {seed}, listening at {address}")
         print("\neach peer's view of the network:")
         for i, address in enumerate(addresses):
-            out = _run([_bin("difs"), "peers", "--peer", address, "--json"])
+            token = str(root / f"peer{i}" / "control.token")  # status is for its operator
+            out = _run([_bin("difs"), "peers", "--peer", address, "--token-file", token, "--json"])
             if out.returncode != 0:
                 print(out.stderr)
                 return 1
@@ -96,6 +97,7 @@ def _publish_and_fetch(root: Path, addresses: list[str]) -> int:
     with src.open("wb") as fh:
         fh.write(os.urandom(DEMO_SIZE))
     env = dict(os.environ, DIFS_HOME=str(root / "publisher"))
+    env["DIFS_TOKEN_FILE"] = str(root / "peer0" / "control.token")  # the entry peer's operator
     print(f"\npublishing {src.name} ({DEMO_SIZE >> 20} MiB) as {DEMO_NAME} via {addresses[0]}")
     t0 = time.perf_counter()
     put = _run([difs, "put", str(src), DEMO_NAME, "--peer", addresses[0], "--json"], env=env)

@@ -14,6 +14,7 @@
     +-- PermissionDeniedError         the name belongs to another publisher / exists already
     |   +-- AlreadyExistsError        publish without --update over an existing name
     +-- CapacityError                 not enough space (disk full, capacity reached)
+    |   +-- BusyError                 a peer refused work for now (rate limit): try later
     +-- NetworkError                  cannot reach the network (bind failed, no peers)
     |   +-- DifsTimeoutError          an operation ran out of time (also a TimeoutError)
     +-- StorageError                  the local data directory cannot be used
@@ -89,6 +90,10 @@ class AlreadyExistsError(PermissionDeniedError):
 
 class CapacityError(DifsError):
     """Not enough space: the disk is full or the configured capacity is reached."""
+
+
+class BusyError(CapacityError):
+    """A peer refused a request for now (too many of its kind): try again later."""
 
 
 class NetworkError(DifsError):

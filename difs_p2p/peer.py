@@ -4,6 +4,8 @@ One port number serves both UDP (the DHT) and TCP (segments and control calls). 
 directory holds everything the peer must keep across restarts::
 
     DATA/peer.key         Ed25519 private key (hex, mode 0600); the node ID derives from it
+    DATA/control.token    the operator's credential: 32 random bytes as hex, mode 0600,
+                          created once (see control.py; the CLI reads it)
     DATA/contacts.json    known contacts, rewritten atomically, used to rejoin after a restart
     DATA/records.sqlite3  DHT records and holder entries this peer stores for the network
     DATA/store/           segments (see store.py)
@@ -29,14 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from difs_p2p import segments, wire
+from difs_p2p import control, segments, wire
 from difs_p2p.config import PeerConfig
+from difs_p2p.control import CONTROL_TABLE, OpRule, Role
 from difs_p2p.dht import Contact, Dht
 from difs_p2p.errors import (
+    BusyError,
     DifsError,
     IntegrityError,
     NetworkError,
     NotFoundError,
+    PermissionDeniedError,
     StorageError,
     UsageError,
 )
@@ -53,7 +58,14 @@ from difs_p2p.manifest import (
 from difs_p2p.net import HOST_NETWORK, PeerNetwork
 from difs_p2p.repair import Holding, Holdings, Maintainer, Query, holding_owner
 from difs_p2p.store import SegmentStore
-from difs_p2p.transfer import BufferPool, Connection, Server, error_code
+from difs_p2p.transfer import (
+    BudgetedPool,
+    ByteBudget,
+    Connection,
+    IdleTimeoutError,
+    Server,
+    error_code,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +99,37 @@ async def _ready(frame: wire.Frame) -> Reply:
     return frame
 
 
-def _give_back(pool: BufferPool, buf: bytearray, answer: asyncio.Task[Reply]) -> None:
+def _give_back(pool: BudgetedPool, buf: bytearray, answer: asyncio.Task[Reply]) -> None:
     """Return a frame's receive buffer once its answer is done; a cancelled answer may
     have left a worker thread still reading it, so that buffer is not reused."""
-    if not answer.cancelled():
+    if answer.cancelled():
+        pool.drop(buf)
+    else:
         pool.give(buf)
+
+
+def _refusal(request_id: int, exc: DifsError) -> asyncio.Task[Reply]:
+    return asyncio.create_task(
+        _ready(wire.Error(request_id=request_id, code=error_code(exc), message=str(exc)))
+    )
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """Requests per second with a burst; a request over the rate is refused, not delayed."""
+
+    rate: float
+    burst: float
+    tokens: float
+    last: float
+
+    def allow(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
 
 def _drain(replies: asyncio.Queue[asyncio.Task[Reply] | None]) -> None:
@@ -157,6 +195,11 @@ class Peer:
         self.holdings: Holdings | None = None
         self.maintainer: Maintainer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._token: bytes | None = None
+        self._uploads = ByteBudget(config.upload_budget)
+        self._open_work = _Bucket(
+            config.open_work_rate, config.open_work_burst, config.open_work_burst, 0.0
+        )
         self._controls: dict[str, ControlHandler] = {
             "status": self._op_status,
             "resolve": self._op_resolve,
@@ -169,6 +212,8 @@ class Peer:
             "check": self._op_check,
             "suspect": self._op_suspect,
         }
+        # every control operation has its row in the permission table, and no row is unused
+        assert set(self._controls) == {op for op in CONTROL_TABLE if op.islower()}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -201,6 +246,7 @@ class Peer:
             self.identity = await asyncio.to_thread(
                 load_or_create_with_work, self.data_dir / "peer.key", cfg.dht.id_difficulty
             )
+            self._token = control.load_or_create_token(self.data_dir / "control.token")
             self.store = await asyncio.to_thread(
                 SegmentStore, self.data_dir / "store", cfg.capacity
             )
@@ -216,7 +262,12 @@ class Peer:
             self.port = await self.dht.start(cfg.host, cfg.port, network=datagrams)
             self.host = self.dht.me.host
             self.server = Server(
-                tcp, self._serve, max_connections=cfg.max_connections, io_timeout=cfg.io_timeout
+                tcp,
+                self._serve,
+                max_connections=cfg.max_connections,
+                io_timeout=cfg.io_timeout,
+                max_per_address=cfg.max_connections_per_address,
+                limit_loopback=cfg.tcp_limit_loopback,
             )
             self.server.start()
             self.started_at = self.clock()
@@ -323,6 +374,13 @@ class Peer:
         return bytes(self.identity.node_id)
 
     @property
+    def control_token(self) -> bytes:
+        """The operator's credential (DATA/control.token), for in-process callers."""
+        if self._token is None:
+            raise NetworkError("the peer is not started")
+        return self._token
+
+    @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
 
@@ -353,6 +411,9 @@ class Peer:
                 "segments": store.count,
             },
             "connections": self.server.connections if self.server else 0,
+            # refused at accept (per-address or total limit), closed to make room
+            "connections_refused": self.server.refused if self.server else 0,
+            "connections_evicted": self.server.evicted if self.server else 0,
             "holdings": len(self.holdings_db().all()),
             "maintenance": self.maintainer.stats.as_dict() if self.maintainer else {},
             "dht": dht.traffic(),
@@ -366,29 +427,58 @@ class Peer:
         Requests are read as they arrive and answered concurrently (up to
         ``SERVE_PIPELINE`` at once), but replies leave in request order, so clients can
         pipeline. Segment bytes go out with sendfile, without passing through Python.
+
+        Each request is checked against the permission table (control.CONTROL_TABLE)
+        in this loop, before any work: a stranger's upload is refused from its header,
+        before its payload is read, and the connection closes. Upload buffers are taken
+        from the peer's upload budget. A connection without a request for
+        ``idle_timeout`` (HELLOs do not count) is closed.
         """
         replies: asyncio.Queue[asyncio.Task[Reply] | None] = asyncio.Queue(SERVE_PIPELINE)
         writer = asyncio.create_task(self._write_replies(conn, replies))
-        pool = BufferPool(SERVE_PIPELINE // 2)
+        pool = BudgetedPool(self._uploads, SERVE_PIPELINE // 4)
         try:
             while not writer.done():
                 buf: bytearray | None = None
                 try:
-                    header = await conn.read_header()
+                    header = await self._next_header(conn)
                     if header is None:
                         break
+                    if header.type != wire.MsgType.HELLO:
+                        conn.last_work = time.monotonic()  # a request is arriving
                     if header.type == wire.MsgType.PUT_SEG:
+                        if not self._may(conn, CONTROL_TABLE["PUT_SEG"], None):
+                            # refused from the header: the payload is never read
+                            refused = PermissionDeniedError(
+                                "uploads need a peer's or the operator's proof (HELLO)"
+                            )
+                            await replies.put(_refusal(header.request_id, refused))
+                            break
                         # the segment is a view of this buffer until its answer is done
-                        buf = pool.take(header.length)
+                        buf = await pool.take(header.length)
                     into = memoryview(buf) if buf is not None else None
-                    frame = wire.decode_payload(header, await conn.read_payload(header, into))
+                    try:
+                        payload = await conn.read_payload(header, into)
+                    except BaseException:
+                        if buf is not None:
+                            pool.drop(buf)
+                        raise
+                    frame = wire.decode_payload(header, payload)
                 except wire.WireError as exc:
                     bad = wire.Error(
                         request_id=0, code=wire.ErrorCode.BAD_REQUEST, message=str(exc)
                     )
                     await replies.put(asyncio.create_task(_ready(bad)))
                     break
-                answer = asyncio.create_task(self._answer(conn, frame))
+                if isinstance(frame, wire.Hello):
+                    answer, keep_open = self._hello(conn, frame)
+                    await replies.put(answer)
+                    if not keep_open:
+                        break
+                    continue
+                conn.last_work = time.monotonic()
+                conn.in_flight += 1
+                answer = self._dispatch(conn, frame)
                 if buf is not None:
                     answer.add_done_callback(functools.partial(_give_back, pool, buf))
                 await replies.put(answer)
@@ -401,6 +491,72 @@ class Peer:
                 await writer
             finally:
                 _drain(replies)
+                pool.close()
+
+    async def _next_header(self, conn: Connection) -> wire.Header | None:
+        """The next frame header; DifsTimeoutError once the connection has been idle (no
+        request received or being answered) for ``idle_timeout``."""
+        idle = self.config.idle_timeout
+        while True:
+            # while requests are being answered, their replies will renew the idle time
+            left = idle if conn.in_flight > 0 else conn.last_work + idle - time.monotonic()
+            try:
+                return await conn.read_header(idle=max(left, 0.001))
+            except IdleTimeoutError:
+                if conn.in_flight > 0 or conn.last_work + idle > time.monotonic():
+                    continue  # still answering, or a reply went out meanwhile
+                raise
+
+    def _may(self, conn: Connection, rule: OpRule, request: object) -> bool:
+        return control.permitted(Role[conn.role.upper()], rule, request)
+
+    def _hello(self, conn: Connection, frame: wire.Hello) -> tuple[asyncio.Task[Reply], bool]:
+        """Answer a HELLO: a fresh nonce, or (with a proof over the last nonce) the role
+        granted. A wrong proof is refused and closes the connection."""
+        me = self.node_id
+        if frame.auth is None:
+            conn.nonce = control.new_nonce()
+            hello = wire.Hello(request_id=frame.request_id, peer=me.hex(), nonce=conn.nonce)
+            return asyncio.create_task(_ready(hello)), True
+        nonce, conn.nonce = conn.nonce, None
+        try:
+            if nonce is None:
+                raise IntegrityError("a proof must follow the HELLO that sent its nonce")
+            role, remote_id = control.check_proof(frame.auth, nonce, me, self.control_token)
+        except IntegrityError as exc:
+            log.info("auth_refused peer=%s reason=%s", conn.peer_address[0], exc)
+            refused = PermissionDeniedError(f"authentication refused: {exc}")
+            return _refusal(frame.request_id, refused), False
+        conn.role, conn.remote_id = role.label, remote_id
+        hello = wire.Hello(request_id=frame.request_id, peer=me.hex(), role=role.label)
+        return asyncio.create_task(_ready(hello)), True
+
+    def _dispatch(self, conn: Connection, frame: wire.Frame) -> asyncio.Task[Reply]:
+        """Check a request against the permission table, then start answering it."""
+        try:
+            if isinstance(frame, wire.Call):
+                rule = CONTROL_TABLE.get(frame.op)
+                if rule is None or frame.op not in self._controls:
+                    raise UsageError(f"unknown operation {frame.op!r}")
+                role = Role[conn.role.upper()]
+                forbidden = PermissionDeniedError(
+                    f"{frame.op} needs the role {rule.access.value!r}; this connection is a "
+                    f"{conn.role} (see the HELLO exchange in docs/PROTOCOL.md)"
+                )
+                if not control.may_ask(role, rule):
+                    raise forbidden
+                request = rule.check(frame.args)
+                if not control.permitted(role, rule, request):
+                    raise forbidden
+                if (
+                    rule.access == control.Access.ANYONE_RATED
+                    and conn.role == "stranger"
+                    and not self._open_work.allow(time.monotonic())
+                ):
+                    raise BusyError(f"too many {frame.op} requests from strangers: try later")
+        except DifsError as exc:
+            return _refusal(frame.request_id, exc)
+        return asyncio.create_task(self._answer(conn, frame))
 
     async def _write_replies(
         self, conn: Connection, replies: asyncio.Queue[asyncio.Task[Reply] | None]
@@ -410,13 +566,20 @@ class Peer:
                 reply = await task
             except DifsError as exc:
                 reply = wire.Error(request_id=0, code=error_code(exc), message=str(exc))
-            if isinstance(reply, FileReply):
-                try:
-                    await conn.send_file(reply.request_id, reply.file, reply.offset, reply.length)
-                finally:
-                    reply.file.close()
-            elif reply is not None:
-                await conn.send(reply)
+            try:
+                if isinstance(reply, FileReply):
+                    try:
+                        await conn.send_file(
+                            reply.request_id, reply.file, reply.offset, reply.length
+                        )
+                    finally:
+                        reply.file.close()
+                elif reply is not None:
+                    await conn.send(reply)
+            finally:
+                if not isinstance(reply, wire.Hello):
+                    conn.in_flight = max(0, conn.in_flight - 1)
+                    conn.last_work = time.monotonic()
 
     async def _answer(self, conn: Connection, frame: wire.Frame) -> Reply:
         try:
@@ -434,13 +597,9 @@ class Peer:
 
     async def _answer_frame(self, conn: Connection, frame: wire.Frame) -> Reply:
         if isinstance(frame, wire.Call):
-            handler = self._controls.get(frame.op)
-            if handler is None:
-                raise UsageError(f"unknown operation {frame.op!r}")
+            handler = self._controls[frame.op]
             body = await handler(conn, frame.args)
             return wire.Reply(request_id=frame.request_id, body=body)
-        if isinstance(frame, wire.Hello):
-            return wire.Hello(request_id=frame.request_id, peer=self.node_id.hex())
         if isinstance(frame, wire.PutSeg):
             stored = await asyncio.to_thread(self._store().put, frame.seg_id, frame.data)
             return wire.Ack(request_id=frame.request_id, seg_id=frame.seg_id, stored=stored)
@@ -514,7 +673,15 @@ class Peer:
                     pushed = await asyncio.gather(
                         *(
                             self.push_range(
-                                c.address, key, version, integrity, start, end, None, hashes
+                                c.address,
+                                key,
+                                version,
+                                integrity,
+                                start,
+                                end,
+                                None,
+                                hashes,
+                                kind="place",
                             )
                             for c in batch
                         ),
@@ -555,18 +722,25 @@ class Peer:
         end: int,
         pace: Callable[[int], Awaitable[None]] | None = None,
         hashes: list[bytes] | None = None,
+        *,
+        kind: str = "repair",
     ) -> HolderEntry:
         """Copy segments start..end (and the hash list) to a peer; return its holder entry.
 
-        The peer acknowledges each segment only once it is verified and durable, then
-        checks it has the whole range and signs its own holder entry.
+        The connection proves this peer's node key (uploads and ``hold`` need a peer), and
+        ``hold`` says why (``kind``: "place" for a new upload, "repair" for a co-holder's
+        copy). The peer acknowledges each segment only once it is verified and durable,
+        then checks it has the whole range and signs its own holder entry.
         """
         store = self._store()
         if hashes is None:
             count = store.size_of(integrity) // segments.HASH_SIZE
             hashes = await self._hash_list(integrity, count)
         conn = await Connection.open(
-            address, io_timeout=self.config.io_timeout, network=self.network
+            address,
+            io_timeout=self.config.io_timeout,
+            network=self.network,
+            credential=self._peer_credential(),
         )
         try:
             ids = [integrity, *hashes[start : end + 1]]
@@ -596,6 +770,13 @@ class Peer:
                 segment_count=len(hashes),
                 start=start,
                 end=end,
+                reason={
+                    "kind": kind,
+                    "key": key.hex(),
+                    "version": version,
+                    "start": start,
+                    "end": end,
+                },
             )
         finally:
             conn.close()
@@ -613,8 +794,35 @@ class Peer:
         )
         count = _int_arg(args, "segment_count")
         start, end = _int_arg(args, "start"), _int_arg(args, "end")
+        reason = args.get("reason")
+        if conn.role == "peer" and isinstance(reason, dict) and reason.get("kind") == "repair":
+            await self._check_co_holder(conn, key, version, start, end)
         entry = await self._hold(key, version, integrity, count, start, end)
         return {"entry": entry.raw.hex()}
+
+    async def _check_co_holder(
+        self, conn: Connection, key: bytes, version: int, start: int, end: int
+    ) -> None:
+        """A peer repairing a range must hold it: its own entry for that version, covering
+        the range, is in the DHT (entries are signed, so it cannot borrow another's)."""
+        for raw in await self._dht().get_entries(key):
+            if raw[:1] == b"{":
+                continue
+            with contextlib.suppress(DifsError):
+                entry = parse_holder_entry(raw)
+                if (
+                    entry.node_id == conn.remote_id
+                    and entry.version == version
+                    and entry.start <= start
+                    and end <= entry.end
+                ):
+                    return
+        raise PermissionDeniedError("a repair comes from a holder of the range; this peer is not")
+
+    def _peer_credential(self) -> control.PeerCredential:
+        if self.identity is None:
+            raise NetworkError("the peer is not started")
+        return control.PeerCredential(self.identity)
 
     async def _hold(
         self, key: bytes, version: int, integrity: bytes, count: int, start: int, end: int

@@ -5,22 +5,33 @@ are received with ``loop.sock_recv_into`` straight into preallocated buffers, an
 ``loop.sock_sendall`` part by part, so a segment is never copied to build a frame.
 
 Every receive runs under a deadline (``io_timeout``): a peer that stalls mid-frame is
-dropped with :class:`~difs_p2p.errors.DifsTimeoutError`.
+dropped with :class:`~difs_p2p.errors.DifsTimeoutError`. Memory follows the bytes: a
+payload is received in chunks as it arrives, so a header announcing 16 MiB costs nothing
+until the bytes come (a caller may pass a buffer of its own once it decided to accept them).
+
+A connection may prove a role in the HELLO exchange (:meth:`Connection.authenticate`, see
+:mod:`difs_p2p.control`). The :class:`Server` bounds connections in all and per remote
+address, and when it is full makes room by closing the idlest connection of the address
+holding the most, so that every address gets a fair share of the slots.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
+import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import difs_p2p.wire as wire
 from difs_p2p.errors import (
     AlreadyExistsError,
+    BusyError,
     CapacityError,
     DeletedError,
     DifsError,
@@ -36,11 +47,21 @@ from difs_p2p.errors import (
 )
 from difs_p2p.net import HOST_NETWORK, Connector
 
+if TYPE_CHECKING:
+    from difs_p2p.control import Credential
+
 log = logging.getLogger(__name__)
 
 # Frames up to this size are sent with one syscall (header and payload joined); larger
 # payloads go out as they are, without a copy.
 _COALESCE = 64 << 10
+# Payloads received without a caller's buffer grow by at most this much per receive, so
+# memory follows the bytes that actually arrived.
+_CHUNK = 64 << 10
+
+
+class IdleTimeoutError(DifsTimeoutError):
+    """No frame began within the idle time (nothing of the next frame was consumed)."""
 
 
 class BufferPool:
@@ -76,6 +97,7 @@ _CODES: list[tuple[type[DifsError], wire.ErrorCode]] = [
     (DeletedError, wire.ErrorCode.DELETED),
     (NotFoundError, wire.ErrorCode.NOT_FOUND),
     (IntegrityError, wire.ErrorCode.INTEGRITY),
+    (BusyError, wire.ErrorCode.BUSY),
     (CapacityError, wire.ErrorCode.NO_SPACE),
     (PermissionDeniedError, wire.ErrorCode.FORBIDDEN),
     (UsageError, wire.ErrorCode.BAD_REQUEST),
@@ -99,6 +121,9 @@ def remote_error(frame: wire.Error) -> DifsError:
     cls = _ERRORS.get(int(frame.code))
     if cls is None:
         return RemoteError(int(frame.code), frame.message)
+    if frame.code == wire.ErrorCode.FORBIDDEN:
+        # the peer's refusal, told apart from a local one
+        return cls(f"permission denied by the peer: {frame.message}")
     return cls(frame.message)
 
 
@@ -119,6 +144,16 @@ class Connection:
         # connection: its reply may still arrive, and nobody may read it as theirs.
         self.exchange = asyncio.Lock()
         self.closed = False
+        # What the remote side proved (server side): a role name of control.Role, and the
+        # node id of a peer; what the serving peer granted (client side).
+        self.role = "stranger"
+        self.remote_id: bytes | None = None
+        # the nonce of the latest HELLO answer, consumed by the proof that follows it
+        self.nonce: bytes | None = None
+        # monotonic time of the last real request or reply (not HELLO): idle connections
+        # are closed, and the idlest make room when the server is full
+        self.last_work = time.monotonic()
+        self.in_flight = 0
         try:
             self.peer_address: tuple[str, int] = sock.getpeername()[:2]
         except OSError:
@@ -132,7 +167,11 @@ class Connection:
         io_timeout: float,
         connect_timeout: float = 5.0,
         network: Connector = HOST_NETWORK,
+        credential: Credential | None = None,
+        expect_id: bytes | None = None,
     ) -> Connection:
+        """Connect to ``address``; with a ``credential``, prove it in the HELLO exchange
+        (and refuse a peer that says its node id is not ``expect_id``, when given)."""
         try:
             async with asyncio.timeout(connect_timeout):
                 sock = await network.connect(address)
@@ -142,7 +181,51 @@ class Connection:
             raise NetworkError(
                 f"cannot connect to {address[0]}:{address[1]}: {exc.strerror or exc}"
             ) from None
-        return cls(sock, io_timeout)
+        conn = cls(sock, io_timeout)
+        if credential is not None:
+            try:
+                await conn.authenticate(credential, expect_id)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    async def authenticate(self, credential: Credential, expect_id: bytes | None = None) -> str:
+        """Prove ``credential`` to the serving peer: HELLO, its nonce, the proof, its
+        answer. The granted role; PermissionDeniedError if the peer refused the proof."""
+        me = credential.node_id
+        async with self.exchange:
+            complete = False
+            try:
+                await self.send(wire.Hello(request_id=0, peer=me.hex() if me else None))
+                challenge = await self.read_frame()
+                if isinstance(challenge, wire.Error):
+                    raise remote_error(challenge)
+                if not isinstance(challenge, wire.Hello) or challenge.nonce is None:
+                    raise PeerError("the peer sent no HELLO nonce: it cannot authenticate")
+                if challenge.peer is None:
+                    raise PeerError("the peer did not say its node id")
+                server_id = bytes.fromhex(challenge.peer)
+                if expect_id is not None and server_id != expect_id:
+                    raise PeerError(
+                        f"{self.peer_address[0]}:{self.peer_address[1]} is node "
+                        f"{challenge.peer[:16]}, not {expect_id.hex()[:16]}"
+                    )
+                auth = credential.prove(challenge.nonce, server_id)
+                await self.send(wire.Hello(request_id=0, peer=me.hex() if me else None, auth=auth))
+                answer = await self.read_frame()
+                complete = True
+            finally:
+                if not complete:
+                    self.close()
+        if isinstance(answer, wire.Error):
+            self.close()
+            raise remote_error(answer)
+        if not isinstance(answer, wire.Hello) or answer.role != auth.role:
+            self.close()
+            raise PeerError("the peer did not grant the role it was shown a proof of")
+        self.role = answer.role
+        return answer.role
 
     async def _recv_exactly(self, view: memoryview) -> None:
         got, total = 0, len(view)
@@ -152,15 +235,25 @@ class Connection:
                 raise PeerError(f"connection closed by {self.peer_address[0]}")
             got += n
 
-    async def read_header(self) -> wire.Header | None:
-        """The next frame header, or None on a clean close between frames."""
+    async def read_header(self, idle: float | None = None) -> wire.Header | None:
+        """The next frame header, or None on a clean close between frames.
+
+        The first byte may take ``idle`` seconds (default: the I/O timeout), the rest of
+        the header the I/O timeout; nothing is consumed if the first wait times out.
+        """
         view = memoryview(self._header)
         try:
-            async with asyncio.timeout(self.io_timeout):
+            async with asyncio.timeout(self.io_timeout if idle is None else idle):
                 n = await self.loop.sock_recv_into(self.sock, view)
-                if n == 0:
-                    return None
-                if n < wire.HEADER_SIZE:
+        except TimeoutError:
+            raise IdleTimeoutError("peer stalled: no frame within the I/O timeout") from None
+        except OSError as exc:
+            raise PeerError(f"connection lost: {exc.strerror or exc}") from None
+        if n == 0:
+            return None
+        try:
+            if n < wire.HEADER_SIZE:
+                async with asyncio.timeout(self.io_timeout):
                     await self._recv_exactly(view[n:])
         except TimeoutError:
             raise DifsTimeoutError("peer stalled: no frame within the I/O timeout") from None
@@ -169,16 +262,28 @@ class Connection:
         return wire.parse_header(self._header)
 
     async def read_payload(self, header: wire.Header, into: memoryview | None = None) -> memoryview:
-        """Receive the payload of ``header``, into ``into`` when given (must be large enough)."""
-        buf = into[: header.length] if into is not None else memoryview(bytearray(header.length))
+        """Receive the payload of ``header``, into ``into`` when given (must be large enough);
+        else into a buffer that grows as the bytes arrive."""
         try:
             async with asyncio.timeout(self.io_timeout):
+                if into is None:
+                    return memoryview(await self._recv_growing(header.length))
+                buf = into[: header.length]
                 await self._recv_exactly(buf)
         except TimeoutError:
             raise DifsTimeoutError("peer stalled mid-frame") from None
         except OSError as exc:
             raise PeerError(f"connection lost: {exc.strerror or exc}") from None
         return buf
+
+    async def _recv_growing(self, total: int) -> bytearray:
+        out = bytearray()
+        while len(out) < total:
+            chunk = await self.loop.sock_recv(self.sock, min(_CHUNK, total - len(out)))
+            if not chunk:
+                raise PeerError(f"connection closed by {self.peer_address[0]}")
+            out += chunk
+        return out
 
     async def read_frame(self) -> wire.Frame | None:
         header = await self.read_header()
@@ -273,20 +378,122 @@ class Connection:
 Handler = Callable[[Connection], Awaitable[None]]
 
 
+class ByteBudget:
+    """Bytes of uploads held in memory at once, across connections: a receiver takes a
+    frame's size before it allocates a buffer, and gives it back when the frame is done.
+    Waiters are served first come, first served."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def take(self, n: int) -> None:
+        if n > self.limit:
+            raise UsageError(f"{n} bytes exceed the whole budget of {self.limit}")
+        if not self._waiters and self.used + n <= self.limit:
+            self.used += n
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.give(n)  # granted just as it was cancelled
+            raise
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        while self._waiters:
+            size, waiter = self._waiters[0]
+            if waiter.done():
+                self._waiters.popleft()
+                continue
+            if self.used + size > self.limit:
+                break
+            self._waiters.popleft()
+            self.used += size
+            waiter.set_result(None)
+
+
+class BudgetedPool:
+    """A connection's upload buffers, counted against a shared :class:`ByteBudget` for as
+    long as they exist (in use or kept for the next frame), so that uploads on every
+    connection together never hold more than the budget."""
+
+    def __init__(self, budget: ByteBudget, keep: int) -> None:
+        self.budget = budget
+        self.keep = keep
+        self._free: list[bytearray] = []
+
+    async def take(self, size: int) -> bytearray:
+        while self._free:
+            buf = self._free.pop()
+            if len(buf) >= size:
+                return buf
+            self.budget.give(len(buf))
+        await self.budget.take(size)
+        return bytearray(size)
+
+    def give(self, buf: bytearray) -> None:
+        """A buffer whose frame is done: kept for the next one, or dropped."""
+        if len(self._free) < self.keep:
+            self._free.append(buf)
+        else:
+            self.budget.give(len(buf))
+
+    def drop(self, buf: bytearray) -> None:
+        """A buffer that will not be reused (a worker thread may still read it)."""
+        self.budget.give(len(buf))
+
+    def close(self) -> None:
+        for buf in self._free:
+            self.budget.give(len(buf))
+        self._free.clear()
+
+
+def _counted(host: str, limit_loopback: bool) -> bool:
+    try:
+        return limit_loopback or not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
 class Server:
-    """Accepts TCP connections and runs ``handler`` for each, as owned tasks."""
+    """Accepts TCP connections and runs ``handler`` for each, as owned tasks.
+
+    At most ``max_connections`` at once, and ``max_per_address`` from one remote IP
+    address (loopback addresses too, unless ``limit_loopback`` is False). When all slots
+    are taken, a newcomer from an address holding fewer connections than the address
+    holding the most takes the slot of that address's idlest connection (one that is not
+    being answered), so that no address keeps more than its share while others wait.
+    """
 
     def __init__(
-        self, sock: socket.socket, handler: Handler, *, max_connections: int, io_timeout: float
+        self,
+        sock: socket.socket,
+        handler: Handler,
+        *,
+        max_connections: int,
+        io_timeout: float,
+        max_per_address: int | None = None,
+        limit_loopback: bool = True,
     ) -> None:
         sock.setblocking(False)
         self.io_timeout = io_timeout
         self.sock = sock
         self.handler = handler
         self.max_connections = max_connections
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.max_per_address = max_per_address or max_connections
+        self.limit_loopback = limit_loopback
+        self._tasks: dict[asyncio.Task[None], Connection] = {}
+        self._per_address: collections.Counter[str] = collections.Counter()
+        # evicted connections, cancelled but maybe not done yet
+        self._dying: set[asyncio.Task[None]] = set()
         self._accept_task: asyncio.Task[None] | None = None
         self.refused = 0
+        self.evicted = 0
 
     def start(self) -> None:
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
@@ -295,23 +502,63 @@ class Server:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                client, _ = await loop.sock_accept(self.sock)
+                client, address = await loop.sock_accept(self.sock)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("accept_failed error=%s", exc.strerror)
                     await asyncio.sleep(0.1)
                     continue
                 raise
-            if len(self._tasks) >= self.max_connections:
+            host = str(address[0])
+            if not self._admit(host):
                 self.refused += 1
                 client.close()
                 continue
-            task = loop.create_task(self._serve(client))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            try:
+                conn = Connection(client, io_timeout=self.io_timeout)
+            except OSError:
+                client.close()
+                continue
+            task = loop.create_task(self._serve(conn, host))
+            self._tasks[task] = conn
+            self._per_address[host] += 1
 
-    async def _serve(self, client: socket.socket) -> None:
-        conn = Connection(client, io_timeout=self.io_timeout)
+    def _admit(self, host: str) -> bool:
+        """Whether a connection from ``host`` may take a slot (making room if fair)."""
+        mine = self._per_address[host]
+        if mine >= self.max_per_address and _counted(host, self.limit_loopback):
+            return False
+        if len(self._tasks) < self.max_connections:
+            return True
+        busiest, most = self._per_address.most_common(1)[0]
+        if most <= mine + 1:
+            return False
+        idle = [
+            (conn.last_work, task)
+            for task, conn in self._tasks.items()
+            if conn.peer_address[0] == busiest and conn.in_flight == 0 and not task.done()
+        ]
+        if not idle:
+            return False
+        _, victim = min(idle, key=lambda pair: pair[0])
+        victim.cancel()
+        self.evicted += 1
+        # its slot is given to the newcomer now; it ends at its next await
+        self._forget(victim)
+        self._dying.add(victim)
+        victim.add_done_callback(self._dying.discard)
+        return True
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        conn = self._tasks.pop(task, None)
+        if conn is None:
+            return
+        host = conn.peer_address[0]
+        self._per_address[host] -= 1
+        if self._per_address[host] <= 0:
+            del self._per_address[host]
+
+    async def _serve(self, conn: Connection, host: str) -> None:
         try:
             await self.handler(conn)
         except (PeerError, DifsTimeoutError) as exc:
@@ -320,13 +567,19 @@ class Server:
             log.exception("connection handler failed peer=%s", conn.peer_address)
         finally:
             conn.close()
+            task = asyncio.current_task()
+            if task is not None:
+                self._forget(task)
 
     @property
     def connections(self) -> int:
         return len(self._tasks)
 
+    def connections_from(self, host: str) -> int:
+        return self._per_address.get(host, 0)
+
     async def stop(self) -> None:
-        tasks = [t for t in (self._accept_task, *self._tasks) if t is not None]
+        tasks = [t for t in (self._accept_task, *self._tasks, *self._dying) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

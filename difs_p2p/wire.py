@@ -12,7 +12,7 @@ Every frame is a 12-byte header followed by its payload. All integers are big-en
 
 Payloads by type::
 
-    1 HELLO    JSON  {"peer": hex node id or null, "v": 1}
+    1 HELLO    JSON  {"peer": hex node id or null, "v": 1, optional "nonce", "auth", "role"}
     2 CALL     JSON  {"op": name, ...args}           a control request
     3 REPLY    JSON  any object                       the successful answer to a CALL
     4 ERROR    u16 code, UTF-8 message (<= 1024 bytes)
@@ -55,6 +55,7 @@ from difs_p2p.identity import NODE_ID_SIZE
 __all__ = [
     "HEADER",
     "HEADER_SIZE",
+    "HELLO_ROLES",
     "MAX_CONTROL_PAYLOAD",
     "MAX_ERROR_MESSAGE",
     "MAX_JSON_DEPTH",
@@ -65,6 +66,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SEGMENT_ID_SIZE",
     "Ack",
+    "Auth",
     "Call",
     "Data",
     "Error",
@@ -121,6 +123,11 @@ _NODE_ID_HEX = re.compile(rf"[0-9a-f]{{{2 * NODE_ID_SIZE}}}")
 # Surrogate escapes in JSON text: "\ud83d\ude00" is one character; "\ud800" alone is not UTF-8.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _CONTAINERS: Final = (dict, list, tuple)
+# HELLO authentication (see difs_p2p.control): a 32-byte nonce; an operator's proof is a
+# 32-byte HMAC, a peer's a 32-byte Ed25519 key and a 64-byte signature.
+NONCE_SIZE: Final = 32
+HELLO_ROLES: Final = ("stranger", "peer", "operator")
+_AUTH_SIZES: Final = {"operator": (0, 32), "peer": (32, 64)}
 
 
 class MsgType(enum.IntEnum):
@@ -197,11 +204,29 @@ class Header:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Auth:
+    """A proof of a role in a HELLO: ``role`` "operator" (``proof``: 32-byte HMAC, no
+    ``key``) or "peer" (``key``: 32-byte Ed25519 node key, ``proof``: 64-byte signature)."""
+
+    role: str
+    key: bytes | None
+    proof: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Hello:
-    """Opens a connection: who is speaking (``peer`` is a hex node id; None for clients)."""
+    """Opens a connection: who is speaking (``peer`` is a hex node id; None for clients).
+
+    Authentication (all optional, absent in a plain HELLO): a peer answers a HELLO with a
+    fresh ``nonce``; the other side sends a HELLO with ``auth``, a proof over that nonce;
+    the peer answers with the ``role`` it granted.
+    """
 
     request_id: int
     peer: str | None
+    nonce: bytes | None = None
+    auth: Auth | None = None
+    role: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -444,11 +469,60 @@ def _decode_json(payload: Buffer) -> dict[str, Any]:
 def _encode_hello(frame: Hello) -> bytes:
     if frame.peer is not None and not _NODE_ID_HEX.fullmatch(frame.peer):
         raise UsageError(f"HELLO peer must be {2 * NODE_ID_SIZE} lowercase hex digits or None")
-    return _encode_json({"peer": frame.peer, "v": PROTOCOL_VERSION}, "HELLO")
+    body: dict[str, Any] = {"peer": frame.peer, "v": PROTOCOL_VERSION}
+    if frame.nonce is not None:
+        if not isinstance(frame.nonce, bytes) or len(frame.nonce) != NONCE_SIZE:
+            raise UsageError(f"HELLO nonce must be {NONCE_SIZE} bytes")
+        body["nonce"] = frame.nonce.hex()
+    if frame.auth is not None:
+        auth = frame.auth
+        sizes = _AUTH_SIZES.get(auth.role)
+        key_size = len(auth.key) if auth.key is not None else 0
+        if sizes is None or (key_size, len(auth.proof)) != sizes:
+            raise UsageError(f"HELLO auth for role {auth.role!r} has the wrong sizes")
+        body["auth"] = {"role": auth.role, "proof": auth.proof.hex()}
+        if auth.key is not None:
+            body["auth"]["key"] = auth.key.hex()
+    if frame.role is not None:
+        if frame.role not in HELLO_ROLES:
+            raise UsageError(f"HELLO role must be one of {', '.join(HELLO_ROLES)}")
+        body["role"] = frame.role
+    return _encode_json(body, "HELLO")
+
+
+def _hello_hex(value: object, size: int, field: str) -> bytes:
+    raw = b""
+    if isinstance(value, str) and len(value) == 2 * size and value == value.lower():
+        try:
+            raw = bytes.fromhex(value)
+        except ValueError:
+            raw = b""
+    if len(raw) != size:
+        raise WireError(
+            f"HELLO {field} must be {2 * size} lowercase hex digits",
+            field=field,
+            offset=HEADER_SIZE,
+        )
+    return raw
+
+
+def _decode_auth(value: object) -> Auth:
+    role = value.get("role") if isinstance(value, dict) else None
+    if not isinstance(value, dict) or not isinstance(role, str) or role not in _AUTH_SIZES:
+        raise WireError(
+            'HELLO auth must be {"role": "operator" or "peer", ...}',
+            field="auth",
+            offset=HEADER_SIZE,
+        )
+    key_size, proof_size = _AUTH_SIZES[role]
+    key = _hello_hex(value.get("key"), key_size, "auth.key") if key_size else None
+    if not key_size and "key" in value:
+        raise WireError("an operator proof has no key", field="auth.key", offset=HEADER_SIZE)
+    return Auth(role=role, key=key, proof=_hello_hex(value.get("proof"), proof_size, "auth.proof"))
 
 
 def _decode_hello(request_id: int, payload: Buffer) -> Hello:
-    # Keys other than "peer" and "v" are ignored: later versions may add some.
+    # Keys other than these are ignored: later versions may add some.
     body = _decode_json(payload)
     version = body.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
@@ -462,7 +536,14 @@ def _decode_hello(request_id: int, payload: Buffer) -> Hello:
             field="peer",
             offset=HEADER_SIZE,
         )
-    return Hello(request_id=request_id, peer=peer)
+    nonce = _hello_hex(body["nonce"], NONCE_SIZE, "nonce") if "nonce" in body else None
+    auth = _decode_auth(body["auth"]) if "auth" in body else None
+    role = body.get("role")
+    if role is not None and role not in HELLO_ROLES:
+        raise WireError(
+            f"HELLO role must be one of {', '.join(HELLO_ROLES)}", field="role", offset=HEADER_SIZE
+        )
+    return Hello(request_id=request_id, peer=peer, nonce=nonce, auth=auth, role=role)
 
 
 def _valid_op(op: object) -> TypeGuard[str]:

@@ -128,6 +128,8 @@ class PeerWorld(World):
             bootstrap_attempts=2,
             bootstrap_backoff=0.5,
             repair=self.repair_config,
+            # every TCP connection reaches a peer through the relay on 127.0.0.1
+            tcp_limit_loopback=False,
         )
         node = Peer(config, network=net)
         try:
@@ -164,8 +166,9 @@ class PeerWorld(World):
     def _client(self, peer: SimPeer, publisher: Identity | None = None) -> Client:
         """A client on ``peer``'s host: its entry peer directly, holders through the relay."""
         net = self.nets[peer.index]
+        node = self.full[peer.index]
         assert net.inner is not None
-        return Client(net.inner, publisher=publisher, network=net)
+        return Client(net.inner, publisher=publisher, network=net, token=node.control_token)
 
     async def _publish(
         self, entry: SimPeer, user: int, name: str, size: int, previous: StoredObject | None

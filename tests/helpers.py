@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from difs_p2p.config import DhtConfig, PeerConfig
 from difs_p2p.dht import Dht
@@ -14,6 +14,7 @@ from difs_p2p.identity import Identity
 from difs_p2p.recordstore import AcceptAll, RecordPolicy
 
 if TYPE_CHECKING:
+    from difs_p2p.client import Client
     from difs_p2p.peer import Peer
 
 # A LAN-fast DHT for tests: short RPC timeout, quick liveness checks.
@@ -101,3 +102,10 @@ async def start_peers(root: Path, n: int, **kwargs: object) -> list[Peer]:
         await peer.start()
         peers.append(peer)
     return peers
+
+
+def client_for(peer: Peer, **kwargs: Any) -> Client:
+    """A client of ``peer`` as its operator (with its control token): it may publish."""
+    from difs_p2p.client import Client
+
+    return Client(peer.address, token=peer.control_token, **kwargs)

@@ -6,19 +6,28 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
+import stat
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from difs_p2p import segments, wire
 from difs_p2p.client import Client
+from difs_p2p.control import OperatorCredential, PeerCredential
 from difs_p2p.dht import Dht
+from difs_p2p.errors import BusyError, PeerError, PermissionDeniedError
 from difs_p2p.identity import Identity
-from difs_p2p.manifest import build_manifest, canonical_json
+from difs_p2p.manifest import build_manifest, canonical_json, parse_holder_entry
 from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
 from difs_p2p.recordstore import AcceptAll
-from tests.helpers import FAST_DHT, start_peers, stop_all
+from difs_p2p.transfer import Connection
+from tests.helpers import FAST_DHT, client_for, peer_config, start_peers, stop_all, wait_for
 
 SEG = 64 << 10
 
@@ -56,7 +65,7 @@ async def publish(
 ) -> bytes:
     src = tmp_path / f"src-{os.urandom(4).hex()}"
     src.write_bytes(os.urandom(3 * SEG))
-    async with Client(peers[0].address, publisher=owner) as client:
+    async with client_for(peers[0], publisher=owner) as client:
         await client.put(src, name, segment_size=SEG, update=update)
     return src.read_bytes()
 
@@ -167,7 +176,7 @@ from typing import Any  # noqa: E402
 import msgpack  # noqa: E402
 
 from difs_p2p.dht import IDENTIFY_DOMAIN  # noqa: E402
-from tests.helpers import new_dht, start_dhts, wait_for  # noqa: E402
+from tests.helpers import new_dht, start_dhts  # noqa: E402
 
 
 class _RawPeer(asyncio.DatagramProtocol):
@@ -574,3 +583,445 @@ async def test_false_holder_entries_do_not_hold_up_an_honest_fetch(
         assert result.hedged >= 1
     finally:
         await liars.stop()
+
+
+# --- control ---
+
+
+async def _stranger(peer: Peer) -> Connection:
+    return await Connection.open(peer.address, io_timeout=10)
+
+
+async def _operator(peer: Peer) -> Connection:
+    return await Connection.open(
+        peer.address, io_timeout=10, credential=OperatorCredential(peer.control_token)
+    )
+
+
+async def _refused(conn: Connection, op: str, **args: object) -> None:
+    with pytest.raises(PermissionDeniedError):
+        await conn.call(op, **args)
+
+
+def _one_segment_object() -> tuple[bytes, bytes, bytes, bytes]:
+    """A one-segment object: its bytes, segment id, hash list and integrity root."""
+    data = os.urandom(SEG)
+    seg_id = bytes(segments.segment_hash(data))
+    hash_list = segments.encode_hash_list([seg_id])
+    return data, seg_id, hash_list, bytes(segments.hash_list_root(hash_list))
+
+
+async def _upload(conn: Connection, seg_id: bytes, data: bytes) -> wire.Frame | None:
+    await conn.send(wire.PutSeg(request_id=1, seg_id=seg_id, data=data))
+    return await conn.read_frame()
+
+
+async def _connect_from(source: str, address: tuple[str, int]) -> socket.socket:
+    """A raw TCP connection to ``address`` from the loopback address ``source``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.bind((source, 0))
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _closed_by_peer(sock: socket.socket) -> bool:
+    """Read until the peer closes the connection (True) or nothing comes for 10 s."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(10):
+            while await loop.sock_recv(sock, 65536):
+                pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+async def trio(tmp_path: Path) -> AsyncIterator[list[Peer]]:
+    """Three honest peers with default connection limits."""
+    peers = await start_peers(tmp_path / "net", 3)
+    yield peers
+    await stop_all(peers)
+
+
+async def test_a_strangers_control_requests_are_refused_before_any_work(
+    trio: list[Peer], tmp_path: Path
+) -> None:
+    """hold, check, place, publish, status and uploads from a stranger are FORBIDDEN and
+    change nothing: no entry signed, no segment stored, quarantined or pushed, no record."""
+    peer = trio[0]
+    data, seg_id, hash_list, root = _one_segment_object()
+    key = name_key("/ctl/victim")
+    stranger = await _stranger(peer)
+    try:
+        frame = await _upload(stranger, seg_id, data)
+        assert isinstance(frame, wire.Error) and frame.code == wire.ErrorCode.FORBIDDEN
+        with contextlib.suppress(PeerError):  # closed (reset: the payload was never read)
+            assert await stranger.read_frame() is None
+    finally:
+        stranger.close()
+    assert not peer._store().has(seg_id)
+    operator = await _operator(peer)
+    try:
+        for sid, blob in ((seg_id, data), (root, hash_list)):
+            assert isinstance(await _upload(operator, sid, blob), wire.Ack)
+    finally:
+        operator.close()
+    stored = [p._store().count for p in trio]
+    # damage the segment on disk: a check with repair would quarantine it
+    path, _ = peer._store().locate(seg_id)
+    path.write_bytes(b"\x00" + path.read_bytes()[1:])
+    manifest = build_manifest(
+        Identity.generate(),
+        name="/ctl/victim",
+        version=1,
+        parent=None,
+        root=None,
+        size=SEG,
+        segment_size=SEG,
+        segment_count=1,
+        stripes=1,
+        replicas=3,
+        integrity=root.hex(),
+        created=0.0,
+    )
+    hold = {
+        "key": key.hex(),
+        "version": 1,
+        "integrity": root.hex(),
+        "segment_count": 1,
+        "start": 0,
+        "end": 0,
+    }
+    stranger = await _stranger(peer)
+    try:
+        await _refused(stranger, "hold", **hold)
+        await _refused(stranger, "check", repair=True)
+        await _refused(stranger, "place", **{**hold, "stripes": 1, "replicas": 1000})
+        await _refused(stranger, "publish", manifest=manifest.raw.decode(), entries=[])
+        await _refused(stranger, "status")
+    finally:
+        stranger.close()
+    assert peer.holdings_db().of_key(key) == []
+    assert [p._store().count for p in trio] == stored
+    assert peer._store().has(seg_id)  # not quarantined: no check ran
+    assert await trio[1].dht_node().get(key) == []
+
+
+async def test_the_operator_with_the_token_may_do_everything(
+    trio: list[Peer], tmp_path: Path
+) -> None:
+    """With the control token: upload, hold, place, publish, check, status, suspect."""
+    peer = trio[0]
+    token_file = peer.data_dir / "control.token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert bytes.fromhex(token_file.read_text().strip()) == peer.control_token
+    data, seg_id, hash_list, root = _one_segment_object()
+    key = name_key("/ctl/mine")
+    operator = await _operator(peer)
+    try:
+        assert operator.role == "operator"
+        for sid, blob in ((seg_id, data), (root, hash_list)):
+            assert isinstance(await _upload(operator, sid, blob), wire.Ack)
+        args = {"key": key.hex(), "version": 1, "integrity": root.hex(), "segment_count": 1}
+        held = await operator.call("hold", **args, start=0, end=0)
+        assert parse_holder_entry(bytes.fromhex(held["entry"])).key == key
+        placed = await operator.call("place", **args, stripes=1, replicas=2)
+        assert len(placed["entries"]) >= 2
+        owner = Identity.generate()
+        manifest = build_manifest(
+            owner,
+            name="/ctl/mine",
+            version=1,
+            parent=None,
+            root=None,
+            size=SEG,
+            segment_size=SEG,
+            segment_count=1,
+            stripes=1,
+            replicas=2,
+            integrity=root.hex(),
+            created=0.0,
+        )
+        published = await operator.call(
+            "publish", manifest=manifest.raw.decode(), entries=placed["entries"]
+        )
+        assert published["winner"] == manifest.hash
+        assert (await operator.call("status"))["node_id"] == peer.node_id.hex()
+        assert (await operator.call("check"))["ok"] >= 2
+        assert (await operator.call("suspect", segment=seg_id.hex()))["damaged"] is False
+    finally:
+        operator.close()
+    out = tmp_path / "out"
+    async with Client(trio[2].address) as client:  # a stranger reads it
+        await client.get("/ctl/mine", out)
+    assert out.read_bytes() == data
+
+
+async def test_a_wrong_operator_proof_is_refused(trio: list[Peer]) -> None:
+    """An HMAC made with another token, or a proof without a nonce, is refused and the
+    connection closed; a token never leaves the client."""
+    peer = trio[0]
+    with pytest.raises(PermissionDeniedError):
+        await Connection.open(
+            peer.address, io_timeout=5, credential=OperatorCredential(os.urandom(32))
+        )
+    conn = await _stranger(peer)
+    try:
+        proof = OperatorCredential(peer.control_token).prove(os.urandom(32), peer.node_id)
+        await conn.send(wire.Hello(request_id=1, peer=None, auth=proof))  # no nonce asked
+        frame = await conn.read_frame()
+        assert isinstance(frame, wire.Error) and frame.code == wire.ErrorCode.FORBIDDEN
+        assert await conn.read_frame() is None
+    finally:
+        conn.close()
+
+
+async def test_a_peer_may_push_a_range_but_not_control_the_peer(trio: list[Peer]) -> None:
+    """A proven node key may upload and ask for a hold with a reason; a repair needs its
+    own entry for the range in the DHT; place and status stay the operator's."""
+    peer = trio[0]
+    other = Identity.generate()
+    conn = await Connection.open(peer.address, io_timeout=10, credential=PeerCredential(other))
+    try:
+        assert conn.role == "peer"
+        data, seg_id, hash_list, root = _one_segment_object()
+        for sid, blob in ((seg_id, data), (root, hash_list)):
+            assert isinstance(await _upload(conn, sid, blob), wire.Ack)
+        key = name_key("/ctl/pushed")
+        args = {
+            "key": key.hex(),
+            "version": 1,
+            "integrity": root.hex(),
+            "segment_count": 1,
+            "start": 0,
+            "end": 0,
+        }
+        reason = {"key": key.hex(), "version": 1, "start": 0, "end": 0}
+        await _refused(conn, "hold", **args)
+        await _refused(conn, "hold", **args, reason={**reason, "kind": "repair"})
+        assert peer.holdings_db().of_key(key) == []
+        held = await conn.call("hold", **args, reason={**reason, "kind": "place"})
+        assert parse_holder_entry(bytes.fromhex(held["entry"])).node_id == peer.node_id
+        await _refused(conn, "place", **args, stripes=1, replicas=3)
+        await _refused(conn, "status")
+        await _refused(conn, "check")
+    finally:
+        conn.close()
+
+
+async def test_suspect_reports_from_strangers_are_rate_limited(trio: list[Peer]) -> None:
+    """A fetcher (a stranger) may report a bad copy, but 100 reports at once re-verify at
+    most the burst (8) and the rest are refused BUSY without work."""
+    peer = trio[0]
+    conn = await _stranger(peer)
+    busy = 0
+    try:
+        for _ in range(100):
+            try:
+                await conn.call("suspect", segment=os.urandom(32).hex())
+            except BusyError:
+                busy += 1
+    finally:
+        conn.close()
+    assert busy >= 100 - 8 - 2  # the burst, and what the rate refilled meanwhile
+
+
+async def test_hello_keepalive_connections_from_one_address_do_not_block_a_fetch(
+    trio: list[Peer], tmp_path: Path
+) -> None:
+    """256 connections from one address that only send HELLOs get 32 slots; an honest
+    fetch through that peer completes."""
+    owner = Identity.generate()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(8 * SEG))
+    async with client_for(trio[0], publisher=owner) as client:
+        await client.put(src, "/ctl/busy", segment_size=SEG)
+    target = trio[2]
+
+    async def honest_fetch() -> float:
+        out = tmp_path / f"out-{os.urandom(4).hex()}"
+        t0 = time.perf_counter()
+        async with Client(target.address) as client:
+            await client.get("/ctl/busy", out)
+        assert out.read_bytes() == src.read_bytes()
+        return time.perf_counter() - t0
+
+    before = await honest_fetch()
+    loop = asyncio.get_running_loop()
+    hello = wire.encode_bytes(wire.Hello(request_id=0, peer=None))
+    attackers: list[socket.socket] = []
+    try:
+        for _ in range(256):
+            sock = await _connect_from("127.0.0.2", target.address)
+            attackers.append(sock)
+            with contextlib.suppress(OSError):
+                await loop.sock_sendall(sock, hello)
+        assert target.server is not None
+        await wait_for(lambda: target.server is not None and target.server.refused >= 224)
+        assert target.server.connections_from("127.0.0.2") <= 32
+        during = await honest_fetch()
+    finally:
+        for sock in attackers:
+            sock.close()
+    print(
+        f"\nhonest fetch before {before * 1000:.1f} ms, under 256 HELLO connections "
+        f"{during * 1000:.1f} ms"
+    )
+
+
+async def test_an_idle_connection_sending_only_hellos_is_closed(tmp_path: Path) -> None:
+    """HELLOs are not work: a connection that sends nothing else is closed after the idle
+    time, however often it says HELLO."""
+    peer = Peer(peer_config(tmp_path / "p", idle_timeout=0.5))
+    await peer.start()
+    loop = asyncio.get_running_loop()
+    sock = await _connect_from("127.0.0.1", peer.address)
+    hello = wire.encode_bytes(wire.Hello(request_id=0, peer=None))
+    try:
+
+        async def keepalive() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    await loop.sock_sendall(sock, hello)
+                    await asyncio.sleep(0.05)
+
+        pinger = asyncio.create_task(keepalive())
+        try:
+            assert await _closed_by_peer(sock)
+        finally:
+            pinger.cancel()
+            await asyncio.gather(pinger, return_exceptions=True)
+    finally:
+        sock.close()
+        await peer.stop()
+
+
+async def test_a_full_peer_makes_room_for_another_address(tmp_path: Path) -> None:
+    """When one address holds every slot with idle connections, a newcomer from another
+    address takes the slot of the idlest one and is served."""
+    peer = Peer(peer_config(tmp_path / "p", max_connections=16, max_connections_per_address=16))
+    await peer.start()
+    hogs: list[socket.socket] = []
+    try:
+        for _ in range(16):
+            hogs.append(await _connect_from("127.0.0.2", peer.address))
+        assert peer.server is not None
+        await wait_for(lambda: peer.server is not None and peer.server.connections == 16)
+        conn = await _operator(peer)
+        try:
+            assert (await conn.call("status"))["node_id"] == peer.node_id.hex()
+        finally:
+            conn.close()
+        assert peer.server.evicted >= 1
+        assert await _closed_by_peer(hogs[0])  # the idlest one, the first to come
+    finally:
+        for sock in hogs:
+            sock.close()
+        await peer.stop()
+
+
+def _peer_process(data: Path) -> tuple[subprocess.Popen[str], tuple[str, int]]:
+    """A real difs-peer process with default settings, and its address."""
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "difs-peer"), "join", "--data", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("peer ready"), line
+    host, port = dict(p.split("=", 1) for p in line.split()[2:])["address"].split(":")
+    return proc, (host, int(port))
+
+
+async def test_upload_headers_without_bytes_do_not_grow_a_peers_memory(tmp_path: Path) -> None:
+    """256 connections that each send only a PUT_SEG header announcing 16 MiB: the peer
+    (a real difs-peer process) allocates nothing for them and its RSS stays bounded."""
+    proc, address = _peer_process(tmp_path / "peer")
+    socks: list[socket.socket] = []
+    try:
+        before = _rss_mb(proc.pid)
+        header = wire.HEADER.pack(1, wire.MsgType.PUT_SEG, 0, 1, 32 + wire.MAX_SEGMENT)
+        loop = asyncio.get_running_loop()
+        for i in range(256):
+            # 8 addresses x 32: every connection is let in, so memory is what is tested
+            sock = await _connect_from(f"127.0.0.{2 + i // 32}", address)
+            socks.append(sock)
+            await loop.sock_sendall(sock, header)
+        answers = await asyncio.gather(*(_closed_by_peer(s) for s in socks))
+        after = max(_rss_mb(proc.pid) for _ in range(5))
+        print(f"\npeer RSS before {before:.0f} MB, after 256 upload headers {after:.0f} MB")
+        assert all(answers)  # each refused (FORBIDDEN) and closed, never left waiting
+        assert after < 300
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_the_cli_finds_the_local_peers_token_and_explains_a_missing_one(
+    tmp_path: Path,
+) -> None:
+    """difs finds the default local peer's token by itself; for another peer without
+    --token-file it exits 6 saying how to pass one."""
+    home = tmp_path / "home"
+    env = dict(os.environ, DIFS_HOME=str(home))
+    env.pop("DIFS_PEER", None)
+    env.pop("DIFS_TOKEN_FILE", None)
+    bin_dir = Path(sys.executable).parent
+    procs = []
+    try:
+        for data in (home / "peer", tmp_path / "other"):
+            proc = subprocess.Popen(
+                [str(bin_dir / "difs-peer"), "join", "--data", str(data)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env=env,
+            )
+            procs.append(proc)
+            assert proc.stdout is not None and proc.stdout.readline().startswith("peer ready")
+        local = (home / "peer" / "address").read_text().strip()
+        other = (tmp_path / "other" / "address").read_text().strip()
+
+        def difs(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [str(bin_dir / "difs"), *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=env,
+                check=False,
+            )
+
+        assert difs("peers", "--json").returncode == 0
+        assert difs("peers", "--peer", local, "--json").returncode == 0
+        refused = difs("peers", "--peer", other, "--json")
+        assert refused.returncode == 6 and "--token-file" in refused.stderr
+        token = str(tmp_path / "other" / "control.token")
+        assert difs("peers", "--peer", other, "--token-file", token).returncode == 0
+        wrong = tmp_path / "wrong.token"
+        wrong.write_text(os.urandom(32).hex())
+        denied = difs("peers", "--peer", other, "--token-file", str(wrong))
+        assert denied.returncode == 6 and "permission denied" in denied.stderr.lower()
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=15)

@@ -42,8 +42,8 @@ def start_peer(data: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     return proc, fields["address"]
 
 
-def status(address: str) -> dict[str, object]:
-    out = difs("peers", "--peer", address, "--json")
+def status(address: str, data: Path) -> dict[str, object]:
+    out = difs("peers", "--peer", address, "--token-file", str(data / "control.token"), "--json")
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
@@ -70,13 +70,14 @@ def test_three_processes_form_a_network_and_notice_a_leaver(tmp_path: Path) -> N
         for name in ("b", "c"):
             procs.append(start_peer(tmp_path / name, "--bootstrap", seed)[0])
         addresses = [seed] + [(tmp_path / n / "address").read_text().strip() for n in ("b", "c")]
-        wait_for_sync(lambda: all(status(a)["routing_table"] == 2 for a in addresses))
+        dirs = dict(zip(addresses, (tmp_path / n for n in "abc"), strict=True))
+        wait_for_sync(lambda: all(status(a, dirs[a])["routing_table"] == 2 for a in addresses))
         leaver = procs[2]
         leaver.send_signal(signal.SIGTERM)
         assert leaver.wait(timeout=15) == 0
         assert not (tmp_path / "c" / "address").exists()
         assert not list((tmp_path / "c").glob("*.tmp"))
-        wait_for_sync(lambda: all(status(a)["routing_table"] == 1 for a in addresses[:2]))
+        wait_for_sync(lambda: all(status(a, dirs[a])["routing_table"] == 1 for a in addresses[:2]))
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -173,6 +174,7 @@ def test_put_get_stat_versions_rm_as_processes(tmp_path: Path) -> None:
     """The content commands end to end: put, get (file and stdout), stat, versions, rm."""
     procs = []
     env = dict(os.environ, DIFS_HOME=str(tmp_path / "home"))
+    env["DIFS_TOKEN_FILE"] = str(tmp_path / "a" / "control.token")  # the entry peer's
     try:
         first, seed = start_peer(tmp_path / "a")
         procs.append(first)

@@ -33,7 +33,7 @@ from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
 from difs_p2p.pins import Pins
 from difs_p2p.repair import range_key
-from tests.helpers import peer_config, start_peers, stop_all, wait_for
+from tests.helpers import client_for, peer_config, start_peers, stop_all, wait_for
 
 SEG = 64 << 10  # small segments keep multi-segment cases fast
 
@@ -63,7 +63,7 @@ async def test_fetch_from_every_peer_is_byte_identical(
     """Any size (empty, 1 B, exact multiples, +1 B) round-trips through every peer."""
     src = write(tmp_path, size)
     name = f"/a.com/file-{size}.bin"
-    async with Client(network[0].address, publisher=Identity.generate()) as client:
+    async with client_for(network[0], publisher=Identity.generate()) as client:
         result = await client.put(src, name, segment_size=SEG)
     assert result.manifest.size == size
     for i, peer in enumerate(network):
@@ -78,7 +78,7 @@ async def test_non_ascii_names_and_ranges(network: list[Peer], tmp_path: Path) -
     """A non-ASCII name works; a byte range fetch returns exactly those bytes."""
     src = write(tmp_path, 5 * SEG + 100)
     name = "/日本/ファイル.mp4"
-    async with Client(network[1].address, publisher=Identity.generate()) as client:
+    async with client_for(network[1], publisher=Identity.generate()) as client:
         await client.put(src, name, segment_size=SEG)
     data = src.read_bytes()
     async with Client(network[4].address) as client:
@@ -91,7 +91,7 @@ async def test_non_ascii_names_and_ranges(network: list[Peer], tmp_path: Path) -
 async def test_replicas_are_striped_over_peers(network: list[Peer], tmp_path: Path) -> None:
     """r copies of each range exist, on more peers than r (striping)."""
     src = write(tmp_path, 64 * SEG)
-    async with Client(network[0].address, publisher=Identity.generate()) as client:
+    async with client_for(network[0], publisher=Identity.generate()) as client:
         result = await client.put(src, "/striped", segment_size=SEG, replicas=3)
     assert len(result.ranges) == 8
     assert all(len(r["holders"]) == 3 for r in result.ranges)
@@ -121,7 +121,7 @@ async def test_placement_passes_over_full_peers_to_make_r_copies(tmp_path: Path)
                 break
         src = tmp_path / "src"
         src.write_bytes(data)
-        async with Client(first.address, publisher=Identity.generate()) as client:
+        async with client_for(first, publisher=Identity.generate()) as client:
             result = await client.put(src, "/placed", replicas=3)
         holders = {bytes.fromhex(h) for h in result.ranges[0]["holders"]}
         assert len(holders) == 3
@@ -138,7 +138,7 @@ async def test_update_versions_and_history(network: list[Peer], tmp_path: Path) 
     """Publishing again needs --update; versions link by parent/root; old ones stay fetchable."""
     me = Identity.generate()
     v1, v2 = write(tmp_path, 1000), write(tmp_path, 3 * SEG)
-    async with Client(network[0].address, publisher=me) as client:
+    async with client_for(network[0], publisher=me) as client:
         m1 = (await client.put(v1, "/v", segment_size=SEG)).manifest
         with pytest.raises(AlreadyExistsError):
             await client.put(v2, "/v", segment_size=SEG)
@@ -156,9 +156,9 @@ async def test_update_versions_and_history(network: list[Peer], tmp_path: Path) 
 async def test_other_publisher_cannot_take_a_name(network: list[Peer], tmp_path: Path) -> None:
     """The first publisher owns a name; another key is refused even with --update."""
     src = write(tmp_path, 100)
-    async with Client(network[0].address, publisher=Identity.generate()) as client:
+    async with client_for(network[0], publisher=Identity.generate()) as client:
         await client.put(src, "/owned", segment_size=SEG)
-    async with Client(network[2].address, publisher=Identity.generate()) as client:
+    async with client_for(network[2], publisher=Identity.generate()) as client:
         with pytest.raises(PermissionDeniedError):
             await client.put(src, "/owned", segment_size=SEG, update=True)
 
@@ -168,7 +168,7 @@ async def test_racing_publishers_one_wins(network: list[Peer], tmp_path: Path) -
     a, b = write(tmp_path, 2000), write(tmp_path, 3000)
 
     async def publish(peer: Peer, src: Path) -> object:
-        async with Client(peer.address, publisher=Identity.generate()) as client:
+        async with client_for(peer, publisher=Identity.generate()) as client:
             return await client.put(src, "/race", segment_size=SEG)
 
     results = await asyncio.gather(
@@ -182,7 +182,7 @@ async def test_delete_then_fetch(network: list[Peer], tmp_path: Path) -> None:
     """After rm, a fetch says the name was deleted and holders free the segments."""
     src = write(tmp_path, 10 * SEG)
     me = Identity.generate()
-    async with Client(network[0].address, publisher=me) as client:
+    async with client_for(network[0], publisher=me) as client:
         await client.put(src, "/gone", segment_size=SEG)
         used = sum(_used(p) for p in network)
         assert used >= 3 * 10 * SEG
@@ -202,7 +202,7 @@ async def test_tampered_segment_is_fetched_from_another_holder(
 ) -> None:
     """Corrupt copies are detected and each segment comes from its one good holder."""
     src = write(tmp_path, 32 * SEG)
-    async with Client(network[0].address, publisher=Identity.generate()) as client:
+    async with client_for(network[0], publisher=Identity.generate()) as client:
         await client.put(src, "/tamper", segment_size=SEG, replicas=3)
     damaged = 0
     for peer in network[1:]:  # every copy but the publisher's
@@ -226,7 +226,7 @@ async def test_small_object_fails_over_from_a_damaged_holder(
     """A one-segment object (one worker at a time) moves on from holder to holder while
     their copies are damaged."""
     src = write(tmp_path, 4096)
-    async with Client(network[0].address, publisher=Identity.generate()) as client:
+    async with client_for(network[0], publisher=Identity.generate()) as client:
         await client.put(src, "/small", replicas=3)
     async with Client(network[3].address) as client:
         holders = (await client.resolve("/small")).holders
@@ -250,7 +250,7 @@ async def test_one_client_runs_operations_concurrently(network: list[Peer], tmp_
     cancelled midway leaves the client usable."""
     names = [f"/shared/{i}" for i in range(4)]
     sources = {name: write(tmp_path, 1000 + i) for i, name in enumerate(names)}
-    async with Client(network[2].address, publisher=Identity.generate()) as client:
+    async with client_for(network[2], publisher=Identity.generate()) as client:
         await asyncio.gather(*(client.put(sources[n], n) for n in names))
         resolved = await asyncio.gather(*(client.resolve(n) for n in names * 3))
         assert [r.manifest.name for r in resolved] == names * 3
@@ -274,7 +274,7 @@ async def test_concurrent_publishers_of_different_names(
     files = [write(tmp_path, 3 * SEG + i) for i in range(len(network))]
 
     async def publish(i: int) -> None:
-        async with Client(network[i].address, publisher=Identity.generate()) as client:
+        async with client_for(network[i], publisher=Identity.generate()) as client:
             await client.put(files[i], f"/many/{i}", segment_size=SEG)
 
     await asyncio.gather(*(publish(i) for i in range(len(network))))
@@ -290,7 +290,7 @@ async def test_fifty_mib_with_a_holder_killed_mid_fetch(
 ) -> None:
     """A 50 MiB fetch completes byte-identical when a holder dies halfway through."""
     src = write(tmp_path, 50 << 20)
-    async with Client(network[0].address, publisher=Identity.generate()) as client:
+    async with client_for(network[0], publisher=Identity.generate()) as client:
         result = await client.put(src, "/big", replicas=3)
     victims = {h for r in result.ranges for h in r["holders"]} - {network[0].node_id.hex()}
     victim = next(p for p in network[1:] if p.node_id.hex() in victims)
@@ -324,10 +324,10 @@ async def test_self_certifying_names_belong_to_their_key(
     owner, other = Identity.generate(), Identity.generate()
     src = write(tmp_path, 100)
     name = f"/key/{owner.fingerprint}/photo.jpg"
-    async with Client(network[1].address, publisher=other) as client:
+    async with client_for(network[1], publisher=other) as client:
         with pytest.raises(IntegrityError):
             await client.put(src, name, segment_size=SEG)
-    async with Client(network[1].address, publisher=owner) as client:
+    async with client_for(network[1], publisher=owner) as client:
         await client.put(src, name, segment_size=SEG)
     async with Client(network[2].address) as client:
         assert (await client.resolve(name)).manifest.publisher == owner.public_key
@@ -338,7 +338,7 @@ async def test_pinned_key_refuses_a_new_publisher(network: list[Peer], tmp_path:
     first, second = Identity.generate(), Identity.generate()
     src = write(tmp_path, 100)
     pins = Pins(tmp_path / "pins.json")
-    async with Client(network[0].address, publisher=first) as client:
+    async with client_for(network[0], publisher=first) as client:
         await client.put(src, "/pinned", segment_size=SEG)
     async with Client(network[3].address, pins=pins) as client:
         await client.resolve("/pinned")
@@ -350,7 +350,7 @@ async def test_pinned_key_refuses_a_new_publisher(network: list[Peer], tmp_path:
         assert peer.dht is not None
         peer.dht.store._db.execute("DELETE FROM records WHERE k=?", (key,))
         peer.dht.store._db.execute("DELETE FROM entries WHERE k=?", (key,))
-    async with Client(network[0].address, publisher=second) as client:
+    async with client_for(network[0], publisher=second) as client:
         await client.put(src, "/pinned", segment_size=SEG)
     async with Client(network[3].address, pins=Pins(tmp_path / "pins.json")) as client:
         with pytest.raises(PermissionDeniedError, match="--trust"):
@@ -368,7 +368,7 @@ async def test_full_peer_is_a_clear_error_and_keeps_its_data(tmp_path: Path) -> 
     peers = await start_peers(tmp_path / "net", 3, capacity=6 * SEG)
     try:
         small = write(tmp_path, 2 * SEG)
-        async with Client(peers[0].address, publisher=Identity.generate()) as client:
+        async with client_for(peers[0], publisher=Identity.generate()) as client:
             await client.put(small, "/fits", segment_size=SEG)
             with pytest.raises(CapacityError, match="no space"):
                 await client.put(write(tmp_path, 20 * SEG), "/too-big", segment_size=SEG)
@@ -397,20 +397,20 @@ async def test_delegated_writer_publishes_under_the_owners_prefix_until_revoked(
     cert = build_delegation(
         owner, prefix=prefix, writer=writer.public_key, expires=time.time() + 3600
     )
-    async with Client(network[0].address, publisher=writer) as client:
+    async with client_for(network[0], publisher=writer) as client:
         result = await client.put(src, f"{prefix}/post1", segment_size=SEG, delegation=cert)
     assert result.manifest.owner == owner.public_key
     assert result.manifest.publisher == writer.public_key
-    async with Client(network[0].address, publisher=stranger) as client:
+    async with client_for(network[0], publisher=stranger) as client:
         with pytest.raises(IntegrityError):  # not the owner's namespace, no delegation
             await client.put(src, f"{prefix}/post2", segment_size=SEG)
         with pytest.raises(DifsError):  # someone else's delegation is of no use
             await client.put(src, f"{prefix}/post2", segment_size=SEG, delegation=cert)
-    async with Client(network[0].address, publisher=owner) as client:  # the owner may update
+    async with client_for(network[0], publisher=owner) as client:  # the owner may update
         await client.put(src, f"{prefix}/post1", segment_size=SEG, update=True)
-    async with Client(network[2].address, publisher=writer) as client:
+    async with client_for(network[2], publisher=writer) as client:
         await client.put(src, f"{prefix}/post3", segment_size=SEG, delegation=cert)
-    async with Client(network[1].address, publisher=owner) as client:
+    async with client_for(network[1], publisher=owner) as client:
         await client.revoke(prefix, writer.public_key)
     async with Client(network[3].address) as client:
         assert (await client.resolve(f"{prefix}/post1")).manifest.publisher == owner.public_key
@@ -457,7 +457,7 @@ async def test_a_fetch_checks_holder_signatures_as_it_uses_entries(
     """Resolving checks no holder entry's signature; fetching the first segment checks
     only the entries it relies on, not every entry of the object."""
     src = write(tmp_path, 128 * segments.MIN_SEGMENT_SIZE)  # 16 stripes
-    async with Client(network[0].address, publisher=Identity.generate()) as client:
+    async with client_for(network[0], publisher=Identity.generate()) as client:
         await client.put(src, "/lazy", segment_size=segments.MIN_SEGMENT_SIZE, replicas=3)
     checked: list[bytes] = []
 
@@ -486,7 +486,7 @@ async def test_holder_entries_with_bad_signatures_are_never_used(
     client connect to them; the fetch uses the valid entries, and fails if none is left."""
     port, connections = trap
     src = write(tmp_path, 5 * SEG)
-    async with Client(network[0].address, publisher=Identity.generate()) as client:
+    async with client_for(network[0], publisher=Identity.generate()) as client:
         await client.put(src, "/forged", segment_size=SEG, replicas=2)
 
     class Forging(Client):

@@ -68,6 +68,15 @@ class Net:
                 return name
         raise KeyError(node_hex)
 
+    def token(self, name: str) -> bytes:
+        """The control token of peer ``name`` (its operator's credential)."""
+        from difs_p2p.control import read_token_file
+
+        return read_token_file(self.root / name / "control.token")
+
+    def token_file(self, name: str) -> str:
+        return str(self.root / name / "control.token")
+
     def _id(self, name: str) -> str:
         from difs_p2p.identity import load_or_create
 
@@ -93,7 +102,7 @@ async def test_kill9_two_holders_during_fetches_then_repair(net: Net, tmp_path: 
         net.start(f"p{i}")
     files = {}
     publisher = Identity.generate()
-    async with Client(net.addresses["p0"], publisher=publisher) as client:
+    async with Client(net.addresses["p0"], token=net.token("p0"), publisher=publisher) as client:
         for i in range(20):
             src = tmp_path / f"obj{i}"
             src.write_bytes(os.urandom(16 * SEG + i))
@@ -140,16 +149,21 @@ async def test_corrupt_segment_on_disk_is_healed(net: Net, tmp_path: Path) -> No
         net.start(f"p{i}")
     src = tmp_path / "src"
     src.write_bytes(os.urandom(8 * SEG))
-    async with Client(net.addresses["p0"], publisher=Identity.generate()) as client:
+    token = net.token("p0")
+    async with Client(net.addresses["p0"], token=token, publisher=Identity.generate()) as client:
         await client.put(src, "/heal", segment_size=SEG, replicas=3)
     victim = next(net.root.joinpath("p0", "store", "segments").glob("*/*/*"))
     raw = bytearray(victim.read_bytes())
     raw[0] ^= 1
     victim.write_bytes(bytes(raw))
     address = "{}:{}".format(*net.addresses["p0"])
-    report = json.loads(peer_cli("check", "--repair", "--peer", address, "--json").stdout)
+    token_file = net.token_file("p0")
+    args = ["check", "--repair", "--peer", address, "--token-file", token_file, "--json"]
+    report = json.loads(peer_cli(*args).stdout)
     assert len(report["corrupt"]) == 1 and report["healed"] == 1
-    again = json.loads(peer_cli("check", "--peer", address, "--json").stdout)
+    again = json.loads(
+        peer_cli("check", "--peer", address, "--token-file", net.token_file("p0"), "--json").stdout
+    )
     assert again["corrupt"] == [] and again["ok"] == again["checked"]
 
 
@@ -168,7 +182,8 @@ async def test_kill9_mid_publish_restarts_clean(net: Net, tmp_path: Path) -> Non
             progressed.set()
 
     async def publish() -> None:
-        async with Client(net.addresses["p1"], publisher=Identity.generate()) as client:
+        me, token = Identity.generate(), net.token("p1")
+        async with Client(net.addresses["p1"], token=token, publisher=me) as client:
             await client.put(src, "/crash", progress=progress)
 
     task = asyncio.create_task(publish())
@@ -180,7 +195,9 @@ async def test_kill9_mid_publish_restarts_clean(net: Net, tmp_path: Path) -> Non
     net.start("p1")
     assert not list((net.root / "p1" / "store" / "tmp").iterdir())
     address = "{}:{}".format(*net.addresses["p1"])
-    report = json.loads(peer_cli("check", "--peer", address, "--json").stdout)
+    report = json.loads(
+        peer_cli("check", "--peer", address, "--token-file", net.token_file("p1"), "--json").stdout
+    )
     assert report["corrupt"] == [] and report["missing"] == []
     async with Client(net.addresses["p2"]) as client:
         with pytest.raises(DifsError):
@@ -194,11 +211,11 @@ async def test_holder_down_during_delete_frees_on_return(net: Net, tmp_path: Pat
     src = tmp_path / "src"
     src.write_bytes(os.urandom(8 * SEG))
     me = Identity.generate()
-    async with Client(net.addresses["p0"], publisher=me) as client:
+    async with Client(net.addresses["p0"], token=net.token("p0"), publisher=me) as client:
         result = await client.put(src, "/gone", segment_size=SEG, replicas=3)
     holder = next(net.name_of(h) for h in result.ranges[0]["holders"] if net.name_of(h) != "p0")
     net.kill9(holder)
-    async with Client(net.addresses["p0"], publisher=me) as client:
+    async with Client(net.addresses["p0"], token=net.token("p0"), publisher=me) as client:
         await client.rm("/gone")
     segment_files = list((net.root / holder / "store" / "segments").glob("*/*/*"))
     assert segment_files

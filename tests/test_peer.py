@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from difs_p2p.control import OperatorCredential
 from difs_p2p.errors import NetworkError, StorageError
 from difs_p2p.peer import Peer
 from tests.helpers import peer_config, start_peers, stop_all, wait_for
@@ -135,7 +136,9 @@ async def test_stalled_tcp_peer_is_dropped_and_others_are_served(tmp_path: Path)
         await loop.sock_sendall(stalled, b"\x01\x02\x00")  # 3 of 12 header bytes, then silence
         async with asyncio.timeout(5):
             assert await loop.sock_recv(stalled, 100) == b""  # closed by the peer
-        conn = await Connection.open(peer.address, io_timeout=5)
+        conn = await Connection.open(
+            peer.address, io_timeout=5, credential=OperatorCredential(peer.control_token)
+        )
         try:
             assert (await conn.call("status"))["node_id"] == peer.node_id.hex()
         finally:
@@ -168,7 +171,9 @@ async def test_a_failing_handler_answers_with_an_internal_error(tmp_path: Path) 
 
     peer._controls["status"] = broken
     try:
-        conn = await Connection.open(peer.address, io_timeout=5)
+        conn = await Connection.open(
+            peer.address, io_timeout=5, credential=OperatorCredential(peer.control_token)
+        )
         try:
             async with asyncio.timeout(5):
                 with pytest.raises(DifsError, match="internal error in the peer"):
@@ -199,7 +204,9 @@ async def test_pipelined_segments_are_stored_each_with_its_own_bytes(tmp_path: P
     ids = [blake3.blake3(b).digest() for b in blobs]
     corrupt = 4
     try:
-        conn = await Connection.open(peer.address, io_timeout=10)
+        conn = await Connection.open(
+            peer.address, io_timeout=10, credential=OperatorCredential(peer.control_token)
+        )
         try:
             async with asyncio.timeout(30):
                 for i, (seg_id, data) in enumerate(zip(ids, blobs, strict=True)):

@@ -39,7 +39,7 @@ from difs_p2p.repair import (
     round_phase,
 )
 from difs_p2p.transfer import Connection
-from tests.helpers import start_peers, stop_all
+from tests.helpers import client_for, start_peers, stop_all
 
 SEG = 64 << 10
 
@@ -174,7 +174,7 @@ async def publish_random(
     """Publish ``segment_count`` random segments under ``name`` through ``entry``."""
     src = tmp_path / "src"
     src.write_bytes(os.urandom(segment_count * SEG))
-    async with Client(entry.address, publisher=Identity.generate()) as client:
+    async with client_for(entry, publisher=Identity.generate()) as client:
         return await client.put(src, name, segment_size=SEG, replicas=replicas)
 
 
@@ -231,7 +231,7 @@ async def test_holder_down_during_delete_frees_segments_on_return(
     src = tmp_path / "src"
     src.write_bytes(os.urandom(8 * SEG))
     me = Identity.generate()
-    async with Client(network[0].address, publisher=me) as client:
+    async with client_for(network[0], publisher=me) as client:
         result = await client.put(src, "/gc", segment_size=SEG, replicas=3)
     holder_id = next(h for h in result.ranges[0]["holders"] if h != network[0].node_id.hex())
     index = next(i for i, p in enumerate(network) if p.node_id.hex() == holder_id)
@@ -239,7 +239,7 @@ async def test_holder_down_during_delete_frees_segments_on_return(
     used_before = away.store.used  # type: ignore[union-attr]
     assert used_before >= 8 * SEG
     await away.stop()
-    async with Client(network[0].address, publisher=me) as client:
+    async with client_for(network[0], publisher=me) as client:
         await client.rm("/gc")
     back = Peer(away.config)
     await back.start()
@@ -446,7 +446,7 @@ def count_probe_connections(peers: list[Peer]) -> dict[bytes, list[object]]:
 
 async def publish_many(peer: Peer, root: Path, names: int, segments_each: int) -> list[str]:
     out = []
-    async with Client(peer.address, publisher=Identity.generate()) as client:
+    async with client_for(peer, publisher=Identity.generate()) as client:
         for i in range(names):
             src = root / f"src{i}"
             src.write_bytes(os.urandom(segments_each * SEG))
@@ -522,12 +522,12 @@ async def test_superseded_versions_are_collected_within_resolve_every_rounds(
     try:
         me = Identity.generate()
         src = tmp_path / "src"
-        async with Client(peers[0].address, publisher=me) as client:
+        async with client_for(peers[0], publisher=me) as client:
             src.write_bytes(os.urandom(4 * SEG))
             first = await client.put(src, "/gcv", segment_size=SEG, replicas=3)
         old = [p for p in peers if p.holdings is not None and p.holdings.of_key(first.manifest.key)]
         await rounds(old, 1)
-        async with Client(peers[0].address, publisher=me) as client:
+        async with client_for(peers[0], publisher=me) as client:
             for _ in range(3):
                 src.write_bytes(os.urandom(4 * SEG))
                 await client.put(src, "/gcv", segment_size=SEG, replicas=3, update=True)

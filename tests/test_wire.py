@@ -28,6 +28,7 @@ from difs_p2p.wire import (
     MAX_SEGMENT,
     MESSAGES,
     Ack,
+    Auth,
     Call,
     Data,
     Error,
@@ -68,11 +69,31 @@ GOLDEN: dict[str, Frame] = {
 }
 
 
+# The HELLO exchange that proves a role (docs/PROTOCOL.md, "Authentication"): the peer's
+# nonce, an operator's proof, a peer's proof, the role granted.
+GOLDEN_AUTH: dict[str, Frame] = {
+    "hello_nonce": Hello(
+        request_id=5, peer="00112233445566778899aabbccddeeff01234567", nonce=bytes(range(32))
+    ),
+    "hello_operator": Hello(
+        request_id=6, peer=None, auth=Auth(role="operator", key=None, proof=b"\xa5" * 32)
+    ),
+    "hello_peer": Hello(
+        request_id=7,
+        peer="ffeeddccbbaa99887766554433221100fedcba98",
+        auth=Auth(role="peer", key=bytes(range(32, 64)), proof=bytes(range(64))),
+    ),
+    "hello_granted": Hello(
+        request_id=6, peer="00112233445566778899aabbccddeeff01234567", role="operator"
+    ),
+}
+
+
 def golden_bytes(name: str) -> bytes:
     path = GOLDEN_DIR / f"{name}.bin"
     if REGEN_GOLDEN:
         GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode_bytes(GOLDEN[name]))
+        path.write_bytes(encode_bytes({**GOLDEN, **GOLDEN_AUTH}[name]))
     return path.read_bytes()
 
 
@@ -516,6 +537,68 @@ def test_hello_ignores_unknown_keys() -> None:
     """Keys added by later versions do not break HELLO."""
     frame = decode_one(frame_bytes(MsgType.HELLO, b'{"peer":null,"v":1,"caps":["x"]}'))
     assert frame == Hello(request_id=1, peer=None)
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_AUTH))
+def test_golden_hello_authentication_vectors(name: str) -> None:
+    """The authentication HELLOs encode to the checked-in bytes and decode back."""
+    raw = golden_bytes(name)
+    assert encode_bytes(GOLDEN_AUTH[name]) == raw
+    assert decode_one(raw) == GOLDEN_AUTH[name]
+    assert FrameDecoder().feed(raw) == [GOLDEN_AUTH[name]]
+
+
+def test_plain_hello_bytes_are_unchanged_by_authentication() -> None:
+    """A HELLO without nonce, proof or role is the version-1 HELLO, byte for byte."""
+    raw = encode_bytes(Hello(request_id=1, peer=None, nonce=None, auth=None, role=None))
+    assert raw[HEADER_SIZE:] == b'{"peer":null,"v":1}'
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        (b'{"peer":null,"v":1,"nonce":"00"}', "nonce"),
+        (b'{"peer":null,"v":1,"nonce":"%s"}' % (b"AB" * 32), "nonce"),
+        (b'{"peer":null,"v":1,"nonce":7}', "nonce"),
+        (b'{"peer":null,"v":1,"auth":"x"}', "auth"),
+        (b'{"peer":null,"v":1,"auth":{"role":["operator"]}}', "auth"),
+        (b'{"peer":null,"v":1,"auth":{"role":"root","proof":"00"}}', "auth"),
+        (b'{"peer":null,"v":1,"auth":{"role":"operator","proof":"00"}}', "auth.proof"),
+        (
+            b'{"peer":null,"v":1,"auth":{"role":"operator","key":"%s","proof":"%s"}}'
+            % (b"00" * 32, b"00" * 32),
+            "auth.key",
+        ),
+        (b'{"peer":null,"v":1,"auth":{"role":"peer","proof":"%s"}}' % (b"00" * 64), "auth.key"),
+        (
+            b'{"peer":null,"v":1,"auth":{"role":"peer","key":"%s","proof":"%s"}}'
+            % (b"00" * 32, b"00" * 32),
+            "auth.proof",
+        ),
+        (b'{"peer":null,"v":1,"role":"admin"}', "role"),
+        (b'{"peer":null,"v":1,"role":["operator"]}', "role"),
+    ],
+)
+def test_hello_authentication_fields_are_checked(payload: bytes, field: str) -> None:
+    """A HELLO nonce is 32 bytes, an operator proof 32, a peer's key 32 and signature 64,
+    all as lowercase hex; roles are stranger, peer or operator."""
+    expect_wire_error(frame_bytes(MsgType.HELLO, payload), field, 12)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        Hello(request_id=1, peer=None, nonce=b"short"),
+        Hello(request_id=1, peer=None, auth=Auth(role="operator", key=None, proof=b"x" * 31)),
+        Hello(request_id=1, peer=None, auth=Auth(role="peer", key=None, proof=b"x" * 64)),
+        Hello(request_id=1, peer=None, auth=Auth(role="admin", key=None, proof=b"x" * 32)),
+        Hello(request_id=1, peer=None, role="admin"),
+    ],
+)
+def test_encoder_refuses_hello_authentication_the_decoder_would_refuse(frame: Frame) -> None:
+    """A peer never sends a HELLO with a malformed nonce, proof or role."""
+    with pytest.raises(UsageError):
+        encode(frame)
 
 
 # -- binary payloads -------------------------------------------------------------------------

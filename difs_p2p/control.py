@@ -1,0 +1,441 @@
+"""Who may ask a peer for what: roles, the one permission table, proofs. No I/O.
+
+A TCP connection starts as a **stranger**. In the HELLO exchange (docs/PROTOCOL.md) the
+peer sends a fresh 32-byte nonce; the other side may then prove a role:
+
+* **operator**: knows the peer's control token (DATA/control.token) and sends
+  ``HMAC-SHA256(token, nonce || peer node id)``; the token itself never travels (traffic is
+  not encrypted);
+* **peer**: another storage peer sends its Ed25519 node key and its signature over
+  ``b"difs-peer-auth-v1\\x00" || nonce || peer node id``; its node ID (SHA-256 of the key,
+  see identity.py) is then known to the serving peer.
+
+:data:`CONTROL_TABLE` is the one table of every request a connection can make: the frames
+(HELLO, GET_SEG, PUT_SEG) and each control operation (CALL), with the role it needs and the
+check that turns its arguments into a typed request. docs/PROTOCOL.md shows the same table
+(a test compares them). A request is refused with FORBIDDEN before any work when the
+connection's role is not enough, and with BAD_REQUEST when its arguments do not check.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from difs_p2p import wire
+from difs_p2p.errors import IntegrityError, StorageError, UsageError
+from difs_p2p.identity import Identity, node_id_for, verify_signature
+
+__all__ = [
+    "CONTROL_TABLE",
+    "NONCE_SIZE",
+    "TOKEN_SIZE",
+    "Access",
+    "Credential",
+    "OpRule",
+    "OperatorCredential",
+    "PeerCredential",
+    "Role",
+    "check_proof",
+    "load_or_create_token",
+    "may_ask",
+    "new_nonce",
+    "permitted",
+    "read_token_file",
+]
+
+NONCE_SIZE: Final = 32
+TOKEN_SIZE: Final = 32
+PEER_AUTH_LABEL: Final = b"difs-peer-auth-v1\x00"
+# Replicas one `place` may ask for: far above any sensible r (3 by default), far below
+# "every known peer".
+MAX_REPLICAS: Final = 64
+
+
+class Role(enum.IntEnum):
+    """What a connection proved, in increasing order of trust."""
+
+    STRANGER = 0
+    PEER = 1
+    OPERATOR = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Access(enum.Enum):
+    """Who may make a request (the column of the permission table)."""
+
+    ANYONE = "anyone"
+    # anyone, but strangers share a small rate (see PeerConfig.open_work_rate)
+    ANYONE_RATED = "anyone (rate-limited)"
+    PEER = "peer"
+    # a peer must give a reason ({kind: place|repair, key, version, start, end})
+    PEER_WITH_REASON = "peer with reason"
+    OPERATOR = "operator"
+
+
+# -- typed requests ----------------------------------------------------------------------
+
+
+def _hex(args: dict[str, Any], name: str, size: int) -> bytes:
+    value = args.get(name)
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != size:
+        raise UsageError(f"{name} must be {size} bytes of hex")
+    return raw
+
+
+def _int(args: dict[str, Any], name: str) -> int:
+    value = args.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
+        raise UsageError(f"{name} must be a non-negative integer")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class NoArgs:
+    """A request without arguments (``status``), or a frame checked by the wire codec."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRequest:
+    """A request about one name key (``resolve``, ``release``)."""
+
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RangeRequest:
+    """``holds``: one range of one version."""
+
+    key: bytes
+    version: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class RangesRequest:
+    """``holds_ranges``: up to MAX_PROBE_RANGES ranges."""
+
+    ranges: tuple[RangeRequest, ...]
+
+
+# Ranges asked in one holds_ranges request (see peer.MAX_PROBE_RANGES).
+MAX_PROBE_RANGES: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HoldReason:
+    """Why a peer asks another to hold a range: it places a new upload or repairs a range."""
+
+    kind: str
+    key: bytes
+    version: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    key: bytes
+    version: int
+    integrity: bytes
+    segment_count: int
+    start: int
+    end: int
+    reason: HoldReason | None
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceRequest:
+    key: bytes
+    version: int
+    integrity: bytes
+    segment_count: int
+    stripes: int
+    replicas: int
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRequest:
+    manifest: str
+    entries: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRequest:
+    repair: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SuspectRequest:
+    segment: bytes
+
+
+def _no_args(args: dict[str, Any]) -> NoArgs:
+    return NoArgs()
+
+
+def _key_request(args: dict[str, Any]) -> KeyRequest:
+    return KeyRequest(_hex(args, "key", 20))
+
+
+def _range_request(args: dict[str, Any]) -> RangeRequest:
+    return RangeRequest(
+        _hex(args, "key", 20), _int(args, "version"), _int(args, "start"), _int(args, "end")
+    )
+
+
+def _ranges_request(args: dict[str, Any]) -> RangesRequest:
+    items = args.get("ranges")
+    if not isinstance(items, list) or len(items) > MAX_PROBE_RANGES:
+        raise UsageError(f"ranges must be a list of at most {MAX_PROBE_RANGES} ranges")
+    ranges = []
+    for item in items:
+        if not isinstance(item, list) or len(item) != 4:
+            raise UsageError("each range must be [key, version, start, end]")
+        fields = dict(zip(("key", "version", "start", "end"), item, strict=True))
+        ranges.append(_range_request(fields))
+    return RangesRequest(tuple(ranges))
+
+
+def _hold_reason(value: object) -> HoldReason | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("kind") not in ("place", "repair"):
+        raise UsageError('reason must be {"kind": "place" or "repair", key, version, start, end}')
+    r = _range_request(value)
+    return HoldReason(str(value["kind"]), r.key, r.version, r.start, r.end)
+
+
+def _hold_request(args: dict[str, Any]) -> HoldRequest:
+    request = HoldRequest(
+        _hex(args, "key", 20),
+        _int(args, "version"),
+        _hex(args, "integrity", 32),
+        _int(args, "segment_count"),
+        _int(args, "start"),
+        _int(args, "end"),
+        _hold_reason(args.get("reason")),
+    )
+    reason = request.reason
+    if reason is not None and (reason.key, reason.version, reason.start, reason.end) != (
+        request.key,
+        request.version,
+        request.start,
+        request.end,
+    ):
+        raise UsageError("the reason is for another range than the one to hold")
+    return request
+
+
+def _place_request(args: dict[str, Any]) -> PlaceRequest:
+    request = PlaceRequest(
+        _hex(args, "key", 20),
+        _int(args, "version"),
+        _hex(args, "integrity", 32),
+        _int(args, "segment_count"),
+        _int(args, "stripes"),
+        _int(args, "replicas"),
+    )
+    if request.replicas > MAX_REPLICAS:
+        raise UsageError(f"replicas must be at most {MAX_REPLICAS}")
+    return request
+
+
+def _publish_request(args: dict[str, Any]) -> PublishRequest:
+    manifest, entries = args.get("manifest"), args.get("entries", [])
+    if not isinstance(manifest, str):
+        raise UsageError("manifest must be the manifest's JSON text")
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise UsageError("entries must be a list of hex strings")
+    return PublishRequest(manifest, tuple(entries))
+
+
+def _check_request(args: dict[str, Any]) -> CheckRequest:
+    repair = args.get("repair", False)
+    if not isinstance(repair, bool):
+        raise UsageError("repair must be true or false")
+    return CheckRequest(repair)
+
+
+def _suspect_request(args: dict[str, Any]) -> SuspectRequest:
+    return SuspectRequest(_hex(args, "segment", 32))
+
+
+@dataclass(frozen=True, slots=True)
+class OpRule:
+    """One row of the table: who may make the request, and how its arguments are checked
+    (the check raises UsageError; unknown arguments are ignored, for later versions)."""
+
+    access: Access
+    check: Callable[[dict[str, Any]], object]
+    what: str
+
+
+# Frames are named in capitals, control operations (CALL "op") in lower case.
+CONTROL_TABLE: Final[dict[str, OpRule]] = {
+    "HELLO": OpRule(Access.ANYONE, _no_args, "open a connection, prove a role"),
+    "GET_SEG": OpRule(Access.ANYONE, _no_args, "read a segment"),
+    "PUT_SEG": OpRule(Access.PEER, _no_args, "upload a segment"),
+    "resolve": OpRule(Access.ANYONE, _key_request, "read a name's records"),
+    "holds": OpRule(Access.ANYONE, _range_request, "probe one range"),
+    "holds_ranges": OpRule(Access.ANYONE, _ranges_request, "probe many ranges"),
+    "release": OpRule(Access.ANYONE, _key_request, "free a deleted name (owner-signed proof)"),
+    "suspect": OpRule(Access.ANYONE_RATED, _suspect_request, "re-verify a segment"),
+    "hold": OpRule(Access.PEER_WITH_REASON, _hold_request, "sign a holder entry"),
+    "place": OpRule(Access.OPERATOR, _place_request, "place an upload's replicas"),
+    "publish": OpRule(Access.OPERATOR, _publish_request, "store a manifest and entries"),
+    "check": OpRule(Access.OPERATOR, _check_request, "verify every stored segment"),
+    "status": OpRule(Access.OPERATOR, _no_args, "the peer's view of itself"),
+}
+
+
+def may_ask(role: Role, rule: OpRule) -> bool:
+    """Whether ``role`` may make requests of this kind at all (checked before the
+    arguments are even looked at; :func:`permitted` then decides on the request)."""
+    match rule.access:
+        case Access.ANYONE | Access.ANYONE_RATED:
+            return True
+        case Access.PEER | Access.PEER_WITH_REASON:
+            return role >= Role.PEER
+        case Access.OPERATOR:
+            return role == Role.OPERATOR
+
+
+def permitted(role: Role, rule: OpRule, request: object) -> bool:
+    """Whether a connection with ``role`` may make ``request`` (checked by ``rule``)."""
+    match rule.access:
+        case Access.ANYONE | Access.ANYONE_RATED:
+            return True
+        case Access.PEER:
+            return role >= Role.PEER
+        case Access.PEER_WITH_REASON:
+            if role == Role.OPERATOR:
+                return True
+            return role == Role.PEER and getattr(request, "reason", None) is not None
+        case Access.OPERATOR:
+            return role == Role.OPERATOR
+
+
+# -- proofs -------------------------------------------------------------------------------
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_SIZE)
+
+
+def operator_mac(token: bytes, nonce: bytes, server_id: bytes) -> bytes:
+    """The operator's proof: HMAC-SHA256(token, nonce || the serving peer's node id)."""
+    return hmac.new(token, nonce + server_id, hashlib.sha256).digest()
+
+
+def peer_auth_message(nonce: bytes, server_id: bytes) -> bytes:
+    return PEER_AUTH_LABEL + nonce + server_id
+
+
+class Credential(Protocol):
+    """What a connecting side proves in the HELLO exchange."""
+
+    @property
+    def node_id(self) -> bytes | None: ...
+
+    def prove(self, nonce: bytes, server_id: bytes) -> wire.Auth: ...
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorCredential:
+    """The local operator: holds the peer's control token."""
+
+    token: bytes
+
+    @property
+    def node_id(self) -> bytes | None:
+        return None
+
+    def prove(self, nonce: bytes, server_id: bytes) -> wire.Auth:
+        proof = operator_mac(self.token, nonce, server_id)
+        return wire.Auth(role="operator", key=None, proof=proof)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredential:
+    """Another storage peer: proves its node key."""
+
+    identity: Identity
+
+    @property
+    def node_id(self) -> bytes | None:
+        return bytes(self.identity.node_id)
+
+    def prove(self, nonce: bytes, server_id: bytes) -> wire.Auth:
+        signature = self.identity.sign(peer_auth_message(nonce, server_id))
+        return wire.Auth(role="peer", key=self.identity.public_key, proof=signature)
+
+
+def check_proof(
+    auth: wire.Auth, nonce: bytes, server_id: bytes, token: bytes
+) -> tuple[Role, bytes | None]:
+    """The role ``auth`` proves (and the node id of a peer), or IntegrityError."""
+    if auth.role == "operator":
+        if not hmac.compare_digest(auth.proof, operator_mac(token, nonce, server_id)):
+            raise IntegrityError("wrong operator proof")
+        return Role.OPERATOR, None
+    if auth.role == "peer" and auth.key is not None:
+        verify_signature(auth.key, auth.proof, peer_auth_message(nonce, server_id))
+        return Role.PEER, bytes(node_id_for(auth.key))
+    raise IntegrityError(f"unknown role {auth.role!r}")
+
+
+# -- the token file -----------------------------------------------------------------------
+
+
+def load_or_create_token(path: Path) -> bytes:
+    """The peer's control token: read from ``path``, or created there once (0600)."""
+    try:
+        return read_token_file(path)
+    except FileNotFoundError:
+        pass
+    except UsageError as exc:
+        raise StorageError(str(exc)) from None
+    token = os.urandom(TOKEN_SIZE)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token.hex() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return token
+
+
+def read_token_file(path: Path) -> bytes:
+    """A control token file's 32 bytes (FileNotFoundError if missing, else UsageError)."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise UsageError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+    try:
+        token = bytes.fromhex(text)
+    except ValueError:
+        token = b""
+    if len(token) != TOKEN_SIZE:
+        raise UsageError(f"token file {path} is damaged (expected {2 * TOKEN_SIZE} hex digits)")
+    return token
