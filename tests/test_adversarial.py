@@ -549,7 +549,7 @@ async def test_false_holder_entries_do_not_hold_up_an_honest_fetch(
     peers, evil = world
     src = tmp_path / "src"
     src.write_bytes(os.urandom(64 * SEG))
-    async with Client(peers[0].address, publisher=Identity.generate()) as client:
+    async with client_for(peers[0], publisher=Identity.generate()) as client:
         await client.put(src, "/film", segment_size=SEG, replicas=2)
     m = (await Client(peers[1].address).resolve("/film")).manifest
     liars = FalseHolders()

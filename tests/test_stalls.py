@@ -17,11 +17,12 @@ import pytest
 
 from difs_p2p.client import Client
 from difs_p2p.config import parse_hostport
+from difs_p2p.control import read_token_file
 from difs_p2p.errors import IntegrityError
 from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import build_holder_entry, decode_holder_entry
-from tests.helpers import start_peers, stop_all
+from tests.helpers import client_for, start_peers, stop_all
 
 BIN = Path(sys.executable).parent
 SEG = 64 << 10
@@ -80,7 +81,8 @@ async def test_a_paused_holder_does_not_hold_up_a_fetch(
     entry = processes[0][1]
     src = tmp_path / "src"
     src.write_bytes(os.urandom(256 * SEG))
-    async with Client(entry, publisher=Identity.generate()) as client:
+    token = read_token_file(tmp_path / "p0" / "control.token")
+    async with Client(entry, publisher=Identity.generate(), token=token) as client:
         await client.put(src, "/stall/video", segment_size=SEG, replicas=3)
         resolved = await client.resolve("/stall/video")
     holders = {(h.host, h.port) for h in resolved.holders}
@@ -121,7 +123,7 @@ async def test_a_range_only_a_silent_holder_claims_fails_after_its_derived_give_
     try:
         src = tmp_path / "src"
         src.write_bytes(os.urandom(64 * SEG))
-        async with Client(peers[0].address, publisher=Identity.generate()) as client:
+        async with client_for(peers[0], publisher=Identity.generate()) as client:
             await client.put(src, "/stall/lonely", segment_size=SEG, replicas=2)
         first, last = 56, 63  # the last of 8 ranges of 8 segments
 
