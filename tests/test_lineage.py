@@ -313,3 +313,131 @@ def test_sources_are_addresses_or_loopback_ports() -> None:
     """Writes count per IPv4 address; on loopback, where local peers share one, per port."""
     assert write_source("10.1.2.3", 4000) == write_source("10.1.2.3", 4001) == "10.1.2.3"
     assert write_source("127.0.0.1", 4000) != write_source("127.0.0.1", 4001)
+
+
+# -- with real peers ------------------------------------------------------------------------
+
+SEG = 64 << 10
+
+
+async def test_revoking_a_delegate_leaves_the_owner_in_charge(tmp_path: Path) -> None:
+    """After the owner revokes a writer that published version 2, readers fall back to
+    version 1, and the owner's get, get --version 1, versions, put --update and rm work."""
+    import os
+    import time
+
+    from difs_p2p.client import Client
+    from difs_p2p.errors import DeletedError, PermissionDeniedError
+    from tests.helpers import start_peers, stop_all
+
+    peers = await start_peers(tmp_path / "net", 4)
+    try:
+        alice, bob = Identity.generate(), Identity.generate()
+        name = "/t.com/page"
+        v1, v2, v3 = (os.urandom(n * SEG // 2) for n in (3, 4, 5))
+        files = []
+        for i, data in enumerate((v1, v2, v3)):
+            files.append(tmp_path / f"v{i + 1}")
+            files[-1].write_bytes(data)
+        cert = build_delegation(
+            alice, prefix="/t.com", writer=bob.public_key, expires=time.time() + 3600
+        )
+        async with Client(peers[0].address, publisher=alice) as client:
+            await client.put(files[0], name, segment_size=SEG)
+        async with Client(peers[1].address, publisher=bob) as client:
+            await client.put(files[1], name, segment_size=SEG, update=True, delegation=cert)
+        async with Client(peers[2].address, publisher=alice) as client:
+            assert (await client.resolve(name)).manifest.version == 2  # before the revocation
+            await client.revoke("/t.com", bob.public_key)
+            out = tmp_path / "out"
+            await client.get(name, out)
+            assert out.read_bytes() == v1
+            await client.get(name, out, version=1)
+            assert out.read_bytes() == v1
+            with pytest.raises(Exception, match="no version 2"):
+                await client.get(name, out, version=2)
+            assert [m.version for m in await client.versions(name)] == [1]
+            result = await client.put(files[2], name, segment_size=SEG, update=True)
+            assert result.manifest.version == 3  # above the revoked version 2
+            assert result.manifest.parent == (await client.versions(name))[0].hash
+        async with Client(peers[3].address) as reader:
+            await reader.get(name, out)
+            assert out.read_bytes() == v3
+            assert [m.version for m in await reader.versions(name)] == [1, 3]
+        async with Client(peers[0].address, publisher=alice) as client:
+            tomb = await client.rm(name)
+            assert tomb.version == 4
+        async with Client(peers[3].address) as reader:
+            with pytest.raises(DeletedError):
+                await reader.get(name, out)
+        async with Client(peers[1].address, publisher=bob) as client:
+            # storage peers still take a revoked writer's new name (a known limit), but
+            # readers refuse every version of it
+            await client.put(files[1], "/t.com/other", segment_size=SEG, delegation=cert)
+            with pytest.raises(PermissionDeniedError, match="revoked"):
+                await client.resolve("/t.com/other")
+    finally:
+        await stop_all(peers)
+
+
+async def test_versions_tell_which_are_still_retrievable(tmp_path: Path) -> None:
+    """With --keep-versions 1, a superseded version is collected and `versions` says so;
+    the current one is retrievable."""
+    import os
+
+    from difs_p2p.client import Client
+    from difs_p2p.repair import RepairConfig
+    from tests.helpers import start_peers, stop_all, wait_for
+
+    peers = await start_peers(tmp_path / "net", 4, repair=RepairConfig(keep=1))
+    try:
+        owner = Identity.generate()
+        src = tmp_path / "src"
+        async with Client(peers[0].address, publisher=owner) as client:
+            src.write_bytes(os.urandom(3 * SEG))
+            await client.put(src, "/r.net/a", segment_size=SEG)
+            assert [ok for _, ok in await client.version_status("/r.net/a")] == [True]
+            src.write_bytes(os.urandom(3 * SEG))
+            await client.put(src, "/r.net/a", segment_size=SEG, update=True)
+
+            async def first_collected() -> bool:
+                status = await client.version_status("/r.net/a")
+                return [(m.version, ok) for m, ok in status] == [(1, False), (2, True)]
+
+            await wait_for(first_collected)
+            out = tmp_path / "out"
+            await client.get("/r.net/a", out)
+            assert out.read_bytes() == src.read_bytes()
+    finally:
+        await stop_all(peers)
+
+
+def test_retention_is_a_validated_peer_option() -> None:
+    """keep-versions is a RepairConfig field of at least 1, 3 by default."""
+    from difs_p2p.errors import UsageError
+    from difs_p2p.repair import RepairConfig
+
+    assert RepairConfig().keep == 3
+    assert RepairConfig(keep=1).keep == 1
+    with pytest.raises(UsageError):
+        RepairConfig(keep=0)
+
+
+def test_keep_versions_is_a_peer_command_line_option(tmp_path: Path) -> None:
+    """`difs-peer join --keep-versions N` sets retention; 0 is refused with exit 2."""
+    import subprocess
+    import sys
+
+    peer = Path(sys.executable).with_name("difs-peer")
+    bad = subprocess.run(
+        [str(peer), "join", "--keep-versions", "0", "--data", str(tmp_path / "p")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "--keep-versions must be at least 1" in bad.stderr
+    shown = subprocess.run(
+        [str(peer), "join", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert "--keep-versions" in shown.stdout
