@@ -189,6 +189,9 @@ class RecordStore:
                 CREATE INDEX IF NOT EXISTS entries_signer ON entries(k, signer);
                 """
             )
+            # Totals kept in memory (a COUNT(*) scans the table): quotas read them per write.
+            self._records = self._count("records")
+            self._entries = self._count("entries")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open the record database {path}: {exc}") from None
 
@@ -231,13 +234,18 @@ class RecordStore:
                 if not expired and not self.policy.may_replace(key, value, current, now):
                     return StoreResult(False, "stored record is newer or owned by another key")
             else:
-                if source and self._source_records(source) >= self.records_per_source:
+                # a source can be over its share only once the store holds that many
+                if (
+                    source
+                    and self._records >= self.records_per_source
+                    and self._source_count("records", source) >= self.records_per_source
+                ):
                     self._expire_locked(now)
-                    if self._source_records(source) >= self.records_per_source:
+                    if self._source_count("records", source) >= self.records_per_source:
                         return StoreResult(False, "this source's share of the records is full")
-                if self._count("records") >= self.max_records:
+                if self._records >= self.max_records:
                     self._expire_locked(now)
-                    if self._count("records") >= self.max_records:
+                    if self._records >= self.max_records:
                         return StoreResult(False, "record store is full")
             self._maybe_stored = True
             # a replaced record keeps the source that first stored its key: an update by
@@ -247,12 +255,13 @@ class RecordStore:
                     "INSERT INTO records(k, v, stored, src) VALUES(?,?,?,?)",
                     (key, value, now, source),
                 )
+                self._records += 1
             else:
                 self._db.execute("UPDATE records SET v=?, stored=? WHERE k=?", (value, now, key))
         return StoreResult(True, "stored")
 
-    def _source_records(self, source: str) -> int:
-        (n,) = self._db.execute("SELECT COUNT(*) FROM records WHERE src=?", (source,)).fetchone()
+    def _source_count(self, table: str, source: str) -> int:
+        (n,) = self._db.execute(f"SELECT COUNT(*) FROM {table} WHERE src=?", (source,)).fetchone()
         return int(n)
 
     def items(self, now: float) -> Iterator[tuple[bytes, bytes]]:
@@ -307,6 +316,7 @@ class RecordStore:
                 refused = self._make_room(key, facts, source, now)
                 if refused:
                     return StoreResult(False, refused)
+                self._entries += 1
             self._maybe_stored = True
             self._db.execute(
                 "INSERT OR REPLACE INTO entries(k, ident, fresh, e, stored, src, signer, ver, hist)"
@@ -342,21 +352,23 @@ class RecordStore:
                 key, facts, "AND src=?", (source,)
             ):
                 return "this source's share of the entry set is full"
-            (n,) = db.execute("SELECT COUNT(*) FROM entries WHERE src=?", (source,)).fetchone()
-            if n >= self.entries_per_source:
+            if (
+                self._entries >= self.entries_per_source
+                and self._source_count("entries", source) >= self.entries_per_source
+            ):
                 self._expire_locked(now)
-                (n,) = db.execute("SELECT COUNT(*) FROM entries WHERE src=?", (source,)).fetchone()
-                if n >= self.entries_per_source:
+                if self._source_count("entries", source) >= self.entries_per_source:
                     return "this source's share of the entries is full"
         (count,) = db.execute("SELECT COUNT(*) FROM entries WHERE k=?", (key,)).fetchone()
         if count >= self.max_entries_per_key:
-            db.execute("DELETE FROM entries WHERE k=? AND stored<?", (key, now - self.ttl))
+            old = db.execute("DELETE FROM entries WHERE k=? AND stored<?", (key, now - self.ttl))
+            self._entries -= int(old.rowcount)
             (count,) = db.execute("SELECT COUNT(*) FROM entries WHERE k=?", (key,)).fetchone()
             if count >= self.max_entries_per_key and not self._evict_older(key, facts, "", ()):
                 return "entry set is full"
-        if self._count("entries") >= self.max_entries:
+        if self._entries >= self.max_entries:
             self._expire_locked(now)
-            if self._count("entries") >= self.max_entries:
+            if self._entries >= self.max_entries:
                 return "entry store is full"
         return ""
 
@@ -373,6 +385,7 @@ class RecordStore:
         if row is None:
             return False
         self._db.execute("DELETE FROM entries WHERE k=? AND ident=?", (key, row[0]))
+        self._entries -= 1
         return True
 
     def entries(self, key: bytes, now: float) -> list[bytes]:
@@ -385,9 +398,10 @@ class RecordStore:
 
     def remove_entries(self, key: bytes, identities: list[bytes]) -> None:
         with self._lock:
-            self._db.executemany(
+            gone = self._db.executemany(
                 "DELETE FROM entries WHERE k=? AND ident=?", [(key, i) for i in identities]
             )
+            self._entries -= int(gone.rowcount)
 
     # -- housekeeping ----------------------------------------------------------------------
 
@@ -397,9 +411,11 @@ class RecordStore:
 
     def _expire_locked(self, now: float) -> int:
         cutoff = now - self.ttl
-        a = self._db.execute("DELETE FROM records WHERE stored<?", (cutoff,)).rowcount
-        b = self._db.execute("DELETE FROM entries WHERE stored<?", (cutoff,)).rowcount
-        return int(a) + int(b)
+        a = int(self._db.execute("DELETE FROM records WHERE stored<?", (cutoff,)).rowcount)
+        b = int(self._db.execute("DELETE FROM entries WHERE stored<?", (cutoff,)).rowcount)
+        self._records -= a
+        self._entries -= b
+        return a + b
 
     def _count(self, table: str) -> int:
         (n,) = self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()

@@ -373,6 +373,7 @@ async def test_revoking_a_delegate_leaves_the_owner_in_charge(tmp_path: Path) ->
         async with Client(peers[1].address, publisher=bob) as client:
             # storage peers still take a revoked writer's new name (a known limit), but
             # readers refuse every version of it
+            files[1].write_bytes(os.urandom(SEG))
             await client.put(files[1], "/t.com/other", segment_size=SEG, delegation=cert)
             with pytest.raises(PermissionDeniedError, match="revoked"):
                 await client.resolve("/t.com/other")
@@ -441,3 +442,23 @@ def test_keep_versions_is_a_peer_command_line_option(tmp_path: Path) -> None:
         [str(peer), "join", "--help"], capture_output=True, text=True, timeout=60
     )
     assert "--keep-versions" in shown.stdout
+
+
+def test_quota_totals_follow_every_insert_eviction_and_expiry(tmp_path: Path) -> None:
+    """The in-memory totals the quotas read agree with the database, across a reopen."""
+    path = tmp_path / "records.sqlite3"
+    s = RecordStore(path, RecordValidator(), ttl=10.0, max_records=8, max_entries_per_key=4)
+    s.put(KEY, V1.raw, 0.0, "10.0.0.1")
+    for _ in range(4):
+        s.add_entry(KEY, holder(1, "11" * 32), 0.0, "10.0.0.2")
+    s.put(KEY, V2.raw, 1.0, "10.0.0.1")
+    s.add_entry(KEY, holder(2, "22" * 32), 1.0, "10.0.0.3")  # evicts one of version 1
+    assert s.counts() == (s._records, s._entries) == (1, 4)
+    s.expire(100.0)
+    assert s.counts() == (s._records, s._entries) == (0, 0)
+    s.put(KEY, V2.raw, 100.0)
+    s.add_entry(KEY, holder(2, "22" * 32), 100.0)
+    s.close()
+    again = RecordStore(path, RecordValidator(), ttl=10.0, max_records=8, max_entries_per_key=4)
+    assert again.counts() == (again._records, again._entries) == (1, 1)
+    again.close()
