@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difs_p2p import segments
-from difs_p2p.errors import DifsError, StorageError, UsageError
+from difs_p2p.errors import AlreadyExistsError, DifsError, StorageError, UsageError
 from difs_p2p.manifest import (
     HolderEntry,
     Lineage,
@@ -317,17 +317,27 @@ class Holdings:
             raise StorageError(f"cannot open {path}: {exc}") from None
 
     def add(self, h: Holding) -> None:
-        """Record a holding; one already known keeps the lineage it has."""
+        """Record a holding; one already known keeps the lineage it has.
+
+        A holding bound to its owner's lineage is never replaced by another object under
+        the same name, version and range (someone placing other bytes under a version the
+        owner published): AlreadyExistsError. An unbound one may be (its version's manifest was
+        not seen yet, so the newcomer may be the owner's).
+        """
         with self._lock:
             lin = h.lineage
-            if lin is None:
-                row = self._db.execute(
-                    "SELECT owner_key, root, manifest FROM holdings WHERE key=? AND version=?"
-                    " AND start=? AND integrity=? AND owner_key IS NOT NULL",
-                    (h.key, h.version, h.start, h.integrity),
-                ).fetchone()
-                if row is not None:
-                    lin = Lineage(bytes(row[0]), str(row[1]), h.version, str(row[2] or ""))
+            row = self._db.execute(
+                "SELECT owner_key, root, manifest, integrity FROM holdings WHERE key=?"
+                " AND version=? AND start=? AND owner_key IS NOT NULL",
+                (h.key, h.version, h.start),
+            ).fetchone()
+            if row is not None and bytes(row[3]) != h.integrity:
+                raise AlreadyExistsError(
+                    f"version {h.version} of this name is held here as another object, "
+                    "signed by its owner"
+                )
+            if lin is None and row is not None:
+                lin = Lineage(bytes(row[0]), str(row[1]), h.version, str(row[2] or ""))
             self._db.execute(
                 "INSERT OR REPLACE INTO holdings(key, version, integrity, count, start, end_,"
                 " since, owner_key, root, manifest) VALUES(?,?,?,?,?,?,?,?,?,?)",

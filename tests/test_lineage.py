@@ -462,3 +462,23 @@ def test_quota_totals_follow_every_insert_eviction_and_expiry(tmp_path: Path) ->
     again = RecordStore(path, RecordValidator(), ttl=10.0, max_records=8, max_entries_per_key=4)
     assert again.counts() == (again._records, again._entries) == (1, 1)
     again.close()
+
+
+def test_a_bound_holding_is_not_replaced_by_other_bytes_under_its_version(
+    tmp_path: Path,
+) -> None:
+    """Placing other bytes under a version the owner published does not evict the
+    owner's holding; before the lineage is known, the later placement is recorded."""
+    from difs_p2p.errors import AlreadyExistsError
+
+    holdings = Holdings(tmp_path / "h.sqlite3")
+    mine = Holding(KEY, 1, b"\x11" * 32, 1, 0, 0, 1.0)
+    other = Holding(KEY, 1, b"\x99" * 32, 1, 0, 0, 2.0)
+    holdings.add(other)
+    holdings.add(mine)  # unbound: the owner's placement replaces it
+    holdings.bind(KEY, 1, b"\x11" * 32, V1.lineage)
+    with pytest.raises(AlreadyExistsError):
+        holdings.add(other)
+    (kept,) = holdings.all()
+    assert kept.integrity == b"\x11" * 32 and kept.lineage == V1.lineage
+    holdings.close()
