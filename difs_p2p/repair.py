@@ -816,7 +816,9 @@ class Maintainer:
         mine = [e.raw for e in self.peer.own_entries(key)]
         history = [e for e in raw if e[:1] == b"{"]
         if mine or history:
-            await dht.add_entries(key, [*mine, *history])
+            # history first: peers admit a holder entry only once they have the manifest
+            # of its version (the record, or a history manifest)
+            await dht.add_entries(key, [*history, *mine])
 
     async def _collect(self, h: Holding) -> None:
         freed = await self.peer.free_holding(h)
