@@ -106,7 +106,8 @@ class AcceptAll:
     def best_records(self, key: bytes, values: Sequence[bytes], now: float) -> list[bytes]:
         votes: dict[bytes, int] = {}
         for value in values:
-            votes[value] = votes.get(value, 0) + 1
+            if self.record_rank(key, value, now) is not None:
+                votes[value] = votes.get(value, 0) + 1
         # highest bytes first; between equal prefixes, more peers, then the smaller bytes
         return sorted(votes, key=lambda v: (tuple(v[:8]), votes[v], _neg(v)), reverse=True)
 

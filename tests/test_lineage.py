@@ -449,10 +449,10 @@ def test_quota_totals_follow_every_insert_eviction_and_expiry(tmp_path: Path) ->
     path = tmp_path / "records.sqlite3"
     s = RecordStore(path, RecordValidator(), ttl=10.0, max_records=8, max_entries_per_key=4)
     s.put(KEY, V1.raw, 0.0, "10.0.0.1")
-    for _ in range(4):
-        s.add_entry(KEY, holder(1, "11" * 32), 0.0, "10.0.0.2")
+    for i in range(4):
+        assert s.add_entry(KEY, holder(1, "11" * 32), 0.0, f"10.0.0.{i + 2}").accepted
     s.put(KEY, V2.raw, 1.0, "10.0.0.1")
-    s.add_entry(KEY, holder(2, "22" * 32), 1.0, "10.0.0.3")  # evicts one of version 1
+    assert s.add_entry(KEY, holder(2, "22" * 32), 1.0, "10.0.0.9").accepted  # evicts a v1
     assert s.counts() == (s._records, s._entries) == (1, 4)
     s.expire(100.0)
     assert s.counts() == (s._records, s._entries) == (0, 0)
