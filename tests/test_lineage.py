@@ -482,3 +482,30 @@ def test_a_bound_holding_is_not_replaced_by_other_bytes_under_its_version(
     (kept,) = holdings.all()
     assert kept.integrity == b"\x11" * 32 and kept.lineage == V1.lineage
     holdings.close()
+
+
+def test_one_source_fills_only_its_share_of_all_entries() -> None:
+    """Entries under many names from one source stop at its share of the overall cap."""
+    s = RecordStore(
+        None, RecordValidator(), ttl=3600.0, max_records=100, max_entries_per_key=512, max_entries=8
+    )
+    names = [version_of_name(OWNER, f"/many/{i}") for i in range(4)]
+    for m in names:
+        assert s.put(m.key, m.raw, 0.0).accepted
+
+    def entry(m: Manifest) -> bytes:
+        return build_holder_entry(
+            Identity.generate(),
+            key=m.key,
+            version=1,
+            integrity=bytes(32),
+            start=0,
+            end=0,
+            host="127.0.0.1",
+            port=4000,
+            issued=1,
+        ).raw
+
+    spam = [s.add_entry(m.key, entry(m), 0.0, "10.0.0.66").accepted for m in names]
+    assert spam == [True, True, False, False]
+    assert all(s.add_entry(m.key, entry(m), 0.0, "10.0.0.1").accepted for m in names[:2])
