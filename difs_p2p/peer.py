@@ -750,7 +750,8 @@ class Peer:
         ``keep`` versions newer). Holdings whose lineage is not known yet learn it first
         from the name's view, as maintenance does; the proof alone decides what goes."""
         held = self.holdings_db().of_key(key)
-        if any(h.lineage is None for h in held) and self.maintainer is not None:
+        unbound = [h for h in held if h.lineage is None and h.version < proof.version]
+        if unbound and self.maintainer is not None:
             held = await self.maintainer.bind_from_dht(key, held)
         keep = self.config.repair.keep
         freed = 0
