@@ -12,10 +12,10 @@ Two kinds of data live under a 20-byte key:
 
 **Quotas** (attacks on the store's capacity): every write carries its *source* (the sender's
 address, ``""`` for this peer's own writes, which are not metered). One source may hold at
-most ``source_share`` of the record cap and of the overall entry cap, and at most half of a
-key's entry set; one signer (a holder key) at most ``max_entries_per_signer`` entries per
+most ``source_share`` of the record cap and of the overall entry cap, and at most three quarters
+of a key's entry set; one signer (a holder key) at most ``max_entries_per_signer`` entries per
 key. A stranger filling its share therefore leaves the rest for honest names. When a key's
-entry set (or a source's half of it) is full, an entry for a newer version takes the place
+entry set (or a source's share of it) is full, an entry for a newer version takes the place
 of one of the oldest version there, so junk for an old version cannot keep a new version's
 holders out.
 
@@ -147,7 +147,10 @@ class RecordStore:
         # what one source may fill: of the record cap, of the overall entry cap, of a key
         self.records_per_source = max(1, int(max_records * source_share))
         self.entries_per_source = max(1, int(max_entries * source_share))
-        self.key_entries_per_source = max(1, max_entries_per_key // 2)
+        # three quarters of a key's set: an honest entry peer adds 1 + 64 x (r - 1) entries
+        # for one version (257 for r = 5); two sources could fill a set with any share,
+        # and a newer version displaces the oldest one's entries when it is full
+        self.key_entries_per_source = max(1, max_entries_per_key * 3 // 4)
         self._lock = threading.Lock()
         # False while nothing was ever stored in this (in-memory) database: keys() then
         # needs no query. The DHT asks for every new contact, to hand records over.

@@ -439,10 +439,11 @@ async def test_junk_entries_under_a_name_do_not_starve_the_owners_update(
         ).raw
         for _ in range(508)
     ]
-    await evil.add_entries(key, junk)
+    for _ in range(2):  # twice, so that datagrams lost on the way do not leave room
+        await evil.add_entries(key, junk)
     for p in peers:
         count = len(p.dht_node().store.entries(key, p.clock()))
-        assert count <= 256 + 16, f"entries under the name at one peer: {count}"
+        assert count <= 384 + 16, f"entries under the name at one peer: {count}"
     data = await publish(peers, tmp_path, owner, name, update=True)
     resolved = await Client(peers[2].address).resolve(name)
     assert resolved.manifest.version == 2

@@ -267,7 +267,7 @@ def test_one_signer_holds_a_bounded_share_of_a_name() -> None:
 
 
 def test_one_source_fills_only_its_share_of_records_and_of_a_name() -> None:
-    """A source may take a quarter of the record cap and half of a key's entry set; other
+    """A source may take a quarter of the record cap and 3/4 of a key's entry set; other
     sources' names and entries still fit."""
     s = store(max_records=8, max_entries_per_key=8)
     names = [f"/spam/{i}" for i in range(4)]
@@ -275,9 +275,9 @@ def test_one_source_fills_only_its_share_of_records_and_of_a_name() -> None:
     took = [s.put(name_key(m.name), m.raw, 0.0, "10.0.0.66").accepted for m in spam]
     assert took == [True, True, False, False]
     assert s.put(KEY, V2.raw, 0.0, "10.0.0.1").accepted  # an honest name from elsewhere
-    junk = [s.add_entry(KEY, holder(2, "22" * 32), 0.0, "10.0.0.66").accepted for _ in range(6)]
-    assert junk == [True] * 4 + [False] * 2
-    assert all(s.add_entry(KEY, holder(2, "22" * 32), 0.0, "10.0.0.1").accepted for _ in range(4))
+    junk = [s.add_entry(KEY, holder(2, "22" * 32), 0.0, "10.0.0.66").accepted for _ in range(8)]
+    assert junk == [True] * 6 + [False] * 2
+    assert all(s.add_entry(KEY, holder(2, "22" * 32), 0.0, "10.0.0.1").accepted for _ in range(2))
     assert s.add_entry(KEY, holder(2, "22" * 32), 0.0, "").accepted is False  # set full
 
 
