@@ -219,6 +219,10 @@ def join(
             " rounds); the rounds between only probe its holders"
         ),
     ] = 10,
+    keep_versions: Annotated[
+        int,
+        typer.Option(help="versions of a name kept: older ones are collected once N newer exist"),
+    ] = 3,
     retries: Annotated[
         int, typer.Option(help="bootstrap attempts before giving up (backoff 0.5 s, doubling)")
     ] = 5,
@@ -242,7 +246,10 @@ def join(
             capacity=parse_size(capacity),
             bootstrap_attempts=max(1, retries),
             repair=RepairConfig(
-                interval=repair_interval, dead_after=dead_after, resolve_every=resolve_every
+                interval=repair_interval,
+                dead_after=dead_after,
+                resolve_every=resolve_every,
+                keep=keep_versions,
             ),
             tcp_limit_loopback=limit_loopback,
         )
@@ -604,7 +611,10 @@ def versions(
     peer: PeerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List NAME's versions, oldest first.
+    """List NAME's versions, oldest first, and whether each is still retrievable.
+
+    Peers keep the newest versions (3 by default, `difs-peer join --keep-versions`) and
+    collect older ones.
 
     Example: difs versions /a.com/izone.mp4
     """
@@ -612,7 +622,7 @@ def versions(
 
     async def go() -> Any:
         async with Client(resolve_peer(peer), pins=_pins(name, None)) as client:
-            return await client.versions(name)
+            return await client.version_status(name)
 
     history = run(go)
     rows = [
@@ -623,15 +633,17 @@ def versions(
             "created": m.created,
             "manifest": m.hash,
             "parent": m.parent,
+            "retrievable": ok,
         }
-        for m in history
+        for m, ok in history
     ]
     if as_json:
         _print_json(rows)
         return
     for r in rows:
         state = "deleted" if r["deleted"] else format_size(r["size"])
-        typer.echo(f"v{r['version']}  {state:>12}  {r['manifest'][:16]}")
+        kept = "retrievable" if r["retrievable"] else "collected"
+        typer.echo(f"v{r['version']}  {state:>12}  {kept:<11}  {r['manifest'][:16]}")
 
 
 def _load_delegation(path: Path) -> Any:

@@ -55,6 +55,7 @@ from difs_p2p.manifest import (
     Manifest,
     build_manifest,
     decode_holder_entry,
+    linked,
     parse_manifest,
     verify_holder_entry,
 )
@@ -94,6 +95,9 @@ class Resolved:
     history: list[Manifest]
     # holder entries with valid shape and the name's key, signatures not yet checked
     entries: list[HolderEntry]
+    # the highest version number the name's lineage has used, valid or not (a version by
+    # a revoked writer is skipped by readers but its number is taken): the next is top + 1
+    top: int = 0
 
     @property
     def holders(self) -> list[HolderEntry]:
@@ -247,41 +251,58 @@ class Client:
     # -- resolve ---------------------------------------------------------------------------
 
     async def resolve(self, name: str) -> Resolved:
-        """The newest valid manifest of ``name``, its history and its holders."""
+        """The newest valid manifest of ``name``, its history and its holders.
+
+        The record comes from the owner the entry peer's lookup chose (the one most of the
+        k closest peers vouch for: ``manifest.choose_records``), or from the pinned owner
+        when this client pinned one. Only that owner's lineage counts: history from other
+        keys or other lineages is ignored, and versions written by a writer the owner has
+        since revoked are skipped (the newest valid version is used).
+        """
         norm = normalize_name(name)
         key = name_key(norm)
         body = await self._call("resolve", key=key.hex())
         manifests, history, holders = _decode_resolved(key, body)
         if not manifests:
             raise NotFoundError(f"{norm} is not published")
-        best = max(manifests, key=lambda m: m.version)
-        best = self._check_pin(norm, best, [*manifests, *history])
-        if best.delegation is not None and not norm.endswith("/" + REVOCATIONS):
-            await self._check_revocation(best)
-        by_version = {m.version: m for m in [*history, *manifests] if m.owner == best.owner}
-        return Resolved(best, sorted(by_version.values(), key=lambda m: m.version), holders)
+        best = self._check_pin(norm, manifests, history)
+        lineage = {m.version: m for m in [*history, *manifests] if linked(m, best)}
+        lineage[best.version] = best
+        valid = sorted(lineage.values(), key=lambda m: m.version)
+        if not norm.endswith("/" + REVOCATIONS) and any(m.delegation for m in valid):
+            revoked = await self._revoked_writers(valid)
+            valid = [m for m in valid if not _revoked(m, revoked)]
+            if not valid:
+                raise PermissionDeniedError(
+                    f"every version of {norm} was written by a key whose delegation the "
+                    f"owner revoked (newest: version {best.version}, key {best.publisher.hex()})"
+                )
+        return Resolved(valid[-1], valid, holders, top=best.version)
 
-    async def _check_revocation(self, m: Manifest) -> None:
-        """Refuse a delegated manifest whose writer the owner has revoked since."""
+    async def _revoked_writers(self, versions: list[Manifest]) -> dict[str, set[bytes]]:
+        """The writer keys the owner revoked, per delegated prefix among ``versions``."""
+        revoked: dict[str, set[bytes]] = {}
+        for m in versions:
+            if m.delegation is not None and m.delegation.prefix not in revoked:
+                revoked[m.delegation.prefix] = await self._revocations(m)
+        return revoked
+
+    async def _revocations(self, m: Manifest) -> set[bytes]:
+        """The writers listed in the owner's revocation list for ``m``'s delegation."""
         assert m.delegation is not None
         listing = m.delegation.prefix.rstrip("/") + "/" + REVOCATIONS
         try:
             resolved = await self.resolve(listing)
         except NotFoundError:
-            return
+            return set()
         if resolved.manifest.publisher != m.owner or resolved.manifest.deleted:
-            return  # only the owner's own list counts
+            return set()  # only the owner's own list counts
         buf = io.BytesIO()
         await self.get(listing, buf)
         try:
-            revoked = {bytes.fromhex(k) for k in json.loads(buf.getvalue())["revoked"]}
+            return {bytes.fromhex(k) for k in json.loads(buf.getvalue())["revoked"]}
         except (ValueError, KeyError, TypeError):
             raise IntegrityError(f"the revocation list {listing} is malformed") from None
-        if m.publisher in revoked:
-            raise PermissionDeniedError(
-                f"{m.name} version {m.version} was written by key {m.publisher.hex()}, whose "
-                f"delegation for {m.delegation.prefix} the owner revoked"
-            )
 
     async def revoke(self, prefix: str, writer: bytes) -> Manifest:
         """As the owner of ``prefix``: add ``writer`` to the prefix's revocation list."""
@@ -306,8 +327,11 @@ class Client:
             )
         return result.manifest
 
-    def _check_pin(self, name: str, best: Manifest, seen: list[Manifest]) -> Manifest:
-        """Apply the pinned key of ``name`` (pinning it on first sight)."""
+    def _check_pin(self, name: str, records: list[Manifest], history: list[Manifest]) -> Manifest:
+        """The record to use: the entry peer's first choice, or the pinned owner's newest
+        record (else its newest history manifest) when ``name`` is pinned; pins the
+        owner on first sight."""
+        best = records[0]
         if self.pins is None:
             return best
         pin = self.pins.pinned(name)
@@ -315,9 +339,7 @@ class Client:
             self.pins.pin(name, best.owner)
             return best
         prefix, key = pin
-        if best.owner == key:
-            return best
-        mine = [m for m in seen if m.owner == key]
+        mine = [m for m in records if m.owner == key] or [m for m in history if m.owner == key]
         if mine:
             return max(mine, key=lambda m: m.version)
         raise PermissionDeniedError(
@@ -326,8 +348,38 @@ class Client:
         )
 
     async def versions(self, name: str) -> list[Manifest]:
-        """Every known version of ``name`` from the current publisher, oldest first."""
+        """Every known valid version of ``name`` in its owner's lineage, oldest first."""
         return (await self.resolve(name)).history
+
+    async def version_status(self, name: str) -> list[tuple[Manifest, bool]]:
+        """Every known valid version of ``name``, oldest first, each with whether it is
+        still retrievable: not deleted, and every range of it held by a holder that says
+        so now (holders answer ``holds_ranges``; a collected version has none left,
+        although its holder entries stay in the DHT until they expire)."""
+        resolved = await self.resolve(name)
+        probes: dict[tuple[str, int], list[HolderEntry]] = {}
+        for m in resolved.history:
+            if not m.deleted:
+                for h in resolved.holders_for(m):
+                    probes.setdefault((h.host, h.port), []).append(h)
+        answers = await asyncio.gather(
+            *(_holds(a, entries, self.network) for a, entries in probes.items())
+        )
+        held = [h for got in answers for h in got]
+        out = []
+        for m in resolved.history:
+            integrity = bytes.fromhex(m.integrity)
+            spans = merged_spans(
+                (h.start, h.end)
+                for h in held
+                if h.version == m.version and h.integrity == integrity
+            )
+            ranges = segments.stripe_ranges(m.segment_count, m.stripes)
+            ok = not m.deleted and all(
+                any(a <= start and end <= b for a, b in spans) for start, end in ranges
+            )
+            out.append((m, ok))
+        return out
 
     # -- publish ---------------------------------------------------------------------------
 
@@ -364,9 +416,11 @@ class Client:
             raise UsageError(f"cannot read {source}: {exc.strerror}") from None
         layout = segments.Layout(size, segment_size)
         try:
-            previous: Manifest | None = (await self.resolve(norm)).manifest
+            known = await self.resolve(norm)
+            previous: Manifest | None = known.manifest
+            top = known.top
         except NotFoundError:
-            previous = None
+            previous, top = None, 0
         owner = delegation.owner if delegation is not None else self.publisher.public_key
         if delegation is not None and (
             delegation.writer != self.publisher.public_key or not delegation.covers(norm)
@@ -383,7 +437,9 @@ class Client:
         hashes, integrity = await self._upload(source, segment_size, progress)
         if len(hashes) != layout.count:
             raise UsageError(f"{source} changed while it was being published")
-        version = previous.version + 1 if previous else 1
+        # above every version the lineage used, even one by a since-revoked writer (the
+        # name's peers only take a higher version); parented on the newest valid one
+        version = max(top, previous.version) + 1 if previous else 1
         stripes = segments.default_stripes(layout.count)
         placed = await self._call(
             "place",
@@ -510,7 +566,7 @@ class Client:
         tombstone = build_manifest(
             self.publisher,
             name=current.name,
-            version=current.version + 1,
+            version=max(resolved.top, current.version) + 1,
             parent=current.hash,
             root=current.lineage_root,
             size=0,
@@ -611,6 +667,36 @@ class Client:
         result = await fetch.run(out, started)
         result.resolve = resolve
         return result
+
+
+def _revoked(m: Manifest, revoked: dict[str, set[bytes]]) -> bool:
+    """Whether ``m`` was written by a delegate its owner has revoked."""
+    d = m.delegation
+    return d is not None and m.publisher in revoked.get(d.prefix, set())
+
+
+async def _holds(
+    address: tuple[str, int], entries: list[HolderEntry], network: Connector
+) -> list[HolderEntry]:
+    """The entries whose holder at ``address`` says it holds their range (2 s limit)."""
+    try:
+        async with asyncio.timeout(2.0):
+            conn = await Connection.open(
+                address, io_timeout=2.0, connect_timeout=2.0, network=network
+            )
+            try:
+                reply = await conn.call(
+                    "holds_ranges",
+                    ranges=[[h.key.hex(), h.version, h.start, h.end] for h in entries[:1024]],
+                )
+            finally:
+                conn.close()
+    except (DifsError, OSError, TimeoutError):
+        return []
+    holds = reply.get("holds")
+    if not isinstance(holds, list):
+        return []
+    return [h for h, ok in zip(entries, holds, strict=False) if ok is True]
 
 
 async def _alive(address: tuple[str, int], network: Connector) -> bool:

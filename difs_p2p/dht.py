@@ -68,7 +68,7 @@ from difs_p2p.errors import IntegrityError, NetworkError
 from difs_p2p.identity import Identity, node_id_for, verify_signature
 from difs_p2p.idwork import has_work
 from difs_p2p.net import DatagramNetwork, DatagramTransport, UdpNetwork
-from difs_p2p.recordstore import RecordPolicy, RecordStore
+from difs_p2p.recordstore import RecordPolicy, RecordStore, write_source
 
 log = logging.getLogger(__name__)
 
@@ -652,14 +652,15 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
                 return False
             if len(args[1]) > MAX_VALUE_SIZE:
                 return False
-            accepted = store.put(key, args[1], now).accepted
+            source = write_source(sender.ip, sender.port)
+            accepted = store.put(key, args[1], now, source).accepted
             if len(args) == 2:
                 return accepted
-            return [accepted, self._add_entries(key, args[2], now)]
+            return [accepted, self._add_entries(key, args[2], now, source)]
         if name == "add_entries":
             if len(args) != 2:
                 return 0
-            return self._add_entries(key, args[1], now)
+            return self._add_entries(key, args[1], now, write_source(sender.ip, sender.port))
         # find_entries: one page of entries starting at an offset, plus closer contacts;
         # with the optional flag, also the record (so one lookup reads both)
         offset = args[1] if len(args) > 1 and isinstance(args[1], int) else 0
@@ -687,12 +688,12 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
             reply["value"] = value
         return reply
 
-    def _add_entries(self, key: bytes, items: object, now: float) -> int:
+    def _add_entries(self, key: bytes, items: object, now: float, source: str) -> int:
         if not isinstance(items, list):
             return 0
         store = self.dht.store
         return sum(
-            store.add_entry(key, e, now).accepted
+            store.add_entry(key, e, now, source).accepted
             for e in items
             if isinstance(e, bytes) and len(e) <= MAX_VALUE_SIZE
         )
@@ -1628,23 +1629,13 @@ class Dht:
     def _best_records(self, key: bytes, found: LookupResult) -> list[bytes]:
         """Every valid record of a lookup and this peer, best first; read-repair the rest."""
         now = self.clock()
-        policy = self.store.policy
         candidates = [v for _, v in found.values]
         local = self.store.get(key, now)
         if local is not None:
             candidates.append(local)
-        ranked: dict[bytes, tuple[int, ...]] = {}
-        votes: dict[bytes, int] = {}
-        for value in candidates:
-            if value not in ranked:
-                rank = policy.record_rank(key, value, now)
-                if rank is None:
-                    continue
-                ranked[value] = rank
-            votes[value] = votes.get(value, 0) + 1
-        # Best rank first; between equal ranks (two first publishers racing), the value
-        # more of the k closest peers hold, then the smaller bytes: every reader agrees.
-        best = sorted(ranked, key=lambda v: (ranked[v], votes[v], _neg(v)), reverse=True)
+        # The policy ranks them, counting how many peers returned each (for DIFS: the
+        # owner most peers vouch for, then its highest version); every reader agrees.
+        best = self.store.policy.best_records(key, candidates, now)
         if best:
             stale = [c for c, v in found.values if v != best[0]] + found.without_value
             if local is not None and local != best[0]:

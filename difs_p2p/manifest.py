@@ -36,11 +36,13 @@ it, without the publisher.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import json
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +58,7 @@ from difs_p2p.identity import (
     verify_signature,
 )
 from difs_p2p.names import key_namespace_owner, name_key, normalize_name
+from difs_p2p.recordstore import EntryFacts
 
 MANIFEST_DOMAIN = b"difs-manifest-v1\x00"
 HOLDER_DOMAIN = b"difs-holder-v1\x00"
@@ -129,8 +132,81 @@ class Manifest:
         """The hash of version 1 of this name's history."""
         return self.root if self.root is not None else self.hash
 
+    @property
+    def lineage(self) -> Lineage:
+        """Who owns this version, which history it belongs to, and where in it."""
+        return Lineage(self.owner, self.lineage_root, self.version, self.hash)
+
     def info(self) -> dict[str, Any]:
         return json.loads(self.raw)["info"]  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class Lineage:
+    """What a holder remembers of the version it holds: the name's owner key, the hash of
+    version 1 (the lineage root), the version and its manifest hash."""
+
+    owner: bytes
+    root: str
+    version: int
+    manifest: str = ""
+
+
+def supersedes(new: Manifest, held: Lineage) -> bool:
+    """Whether ``new`` proves that the held version is superseded (newer or deleted).
+
+    Only a manifest of the same owner (signed by the owner, or by a writer the owner
+    delegated to: ``parse_manifest`` checked the certificate), in the same lineage (same
+    version-1 hash), with a strictly higher version. A stranger's manifest, one of another
+    history of the name, or a replay of an older version never is. Pure; ``new`` is a
+    verified manifest.
+    """
+    return new.owner == held.owner and new.lineage_root == held.root and new.version > held.version
+
+
+def linked(m: Manifest, to: Manifest) -> bool:
+    """Whether ``m`` belongs to the history of ``to``: same owner and lineage, not newer,
+    and the very same record when it has the same version."""
+    if m.owner != to.owner or m.lineage_root != to.lineage_root or m.version > to.version:
+        return False
+    return m.version < to.version or m.raw == to.raw
+
+
+def choose_records(
+    found: Sequence[tuple[Manifest, int]], pinned: bytes | None = None
+) -> list[Manifest]:
+    """A reader's order of the valid records the k closest peers returned, best first.
+
+    ``found`` holds each distinct record with the number of peers that returned it. The
+    records are grouped by owner key; the owners are ranked:
+
+    1. the ``pinned`` owner (the reader pinned a key for the name), if it has a record;
+    2. then the owner whose records **more peers** returned (a stranger's record planted
+       at one peer, or carried by a peer it runs, loses to the owner's record that the
+       other k-1 peers hold);
+    3. ties (two first publishers racing, each at as many peers): the owner with the
+       smaller public key bytes, an arbitrary rule that every reader applies alike.
+
+    Within an owner: the highest version first; equal versions (a fork the owner signed)
+    by more peers, then the smaller bytes. The first record is the one to use; the rest
+    follow owner by owner. Pure.
+    """
+    votes: dict[bytes, int] = {}
+    by_raw: dict[bytes, Manifest] = {}
+    for m, n in found:
+        by_raw[m.raw] = m
+        votes[m.raw] = votes.get(m.raw, 0) + n
+    per_owner: dict[bytes, int] = {}
+    for raw, m in by_raw.items():
+        per_owner[m.owner] = per_owner.get(m.owner, 0) + votes[raw]
+
+    def owner_rank(owner: bytes) -> tuple[int, int, bytes]:
+        return (0 if owner == pinned else 1, -per_owner[owner], owner)
+
+    def record_rank(m: Manifest) -> tuple[tuple[int, int, bytes], int, int, bytes]:
+        return (owner_rank(m.owner), -m.version, -votes[m.raw], m.raw)
+
+    return sorted(by_raw.values(), key=record_rank)
 
 
 def build_manifest(
@@ -483,11 +559,13 @@ def verify_holder_entry(entry: HolderEntry) -> None:
 class RecordValidator:
     """The DHT policy for DIFS records (see recordstore.RecordPolicy).
 
-    * a record under key K must be a valid manifest whose name hashes to K;
+    * a record under K must be a valid manifest whose name hashes to K;
     * it replaces the stored one only with a strictly greater version from the same
-      publisher key (the first publisher owns the name); equal versions only with
-      identical bytes;
-    * entries under K are holder entries for K, or earlier manifests of K (history).
+      owner (the first publisher owns the name); equal versions only with identical bytes;
+    * readers rank the records of the k closest peers with :func:`choose_records` (the
+      owner most peers vouch for, then its highest version), never by version alone;
+    * entries under K are holder entries for K, or earlier manifests of K (history),
+      admitted only in the lineage of the stored record (:meth:`entry_admission`).
     """
 
     def record_rank(self, key: bytes, value: bytes, now: float) -> tuple[int, ...] | None:
@@ -504,6 +582,18 @@ class RecordValidator:
             return True  # a damaged stored record may be replaced by a valid one
         return m_new.owner == m_cur.owner and m_new.version > m_cur.version
 
+    def best_records(self, key: bytes, values: Sequence[bytes], now: float) -> list[bytes]:
+        counted: dict[bytes, int] = {}
+        for value in values:
+            counted[value] = counted.get(value, 0) + 1
+        found: list[tuple[Manifest, int]] = []
+        for value, n in counted.items():
+            try:
+                found.append((parse_manifest(value, key), n))
+            except (WireError, IntegrityError):
+                continue
+        return [m.raw for m in choose_records(found)]
+
     def entry_identity(self, key: bytes, entry: bytes, now: float) -> tuple[bytes, int] | None:
         try:
             if entry[:1] == b"{":
@@ -515,3 +605,38 @@ class RecordValidator:
         if h.key != key or h.issued > now + CLOCK_SKEW:
             return None
         return h.identity, h.issued
+
+    def entry_admission(
+        self, key: bytes, entry: bytes, record: bytes | None, history: Sequence[bytes], now: float
+    ) -> EntryFacts | str:
+        """Entries only for versions the owner of the stored record signed.
+
+        A history manifest is admitted only if it is linked to the stored record (same
+        owner and lineage, an earlier version, or the record itself); a holder entry only
+        if the record or an admitted history manifest has its version and integrity root
+        in that lineage. With no record stored yet nothing is admitted: a publish stores
+        the record first in the same request, and the publisher re-sends what was refused.
+        """
+        if record is None:
+            return "no record for this key: entries follow their manifest"
+        try:
+            current = parse_manifest(record, key)
+            if entry[:1] == b"{":
+                m = parse_manifest(entry, key)
+                if not linked(m, current):
+                    return "history from another owner or lineage than the record's"
+                return EntryFacts(b"", m.version, history=True)
+            h = decode_holder_entry(entry)
+        except (WireError, IntegrityError):
+            return "invalid entry"
+        versions = [current]
+        for raw in history:
+            with contextlib.suppress(WireError, IntegrityError):
+                versions.append(parse_manifest(raw, key))
+        integrity = h.integrity.hex()
+        if not any(
+            m.version == h.version and m.integrity == integrity and linked(m, current)
+            for m in versions
+        ):
+            return "no manifest of the owner for this version and integrity"
+        return EntryFacts(h.public_key, h.version)

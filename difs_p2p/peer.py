@@ -44,11 +44,13 @@ from difs_p2p.errors import (
     PermissionDeniedError,
     StorageError,
     UsageError,
+    WireError,
 )
 from difs_p2p.identity import Identity
 from difs_p2p.idwork import load_or_create_with_work
 from difs_p2p.manifest import (
     HolderEntry,
+    Manifest,
     RecordValidator,
     build_holder_entry,
     parse_holder_entry,
@@ -56,7 +58,7 @@ from difs_p2p.manifest import (
     record_hash,
 )
 from difs_p2p.net import HOST_NETWORK, PeerNetwork
-from difs_p2p.repair import Holding, Holdings, Maintainer, Query, holding_owner
+from difs_p2p.repair import Holding, Holdings, Maintainer, Query, gc_due, holding_owner
 from difs_p2p.store import SegmentStore
 from difs_p2p.transfer import (
     BudgetedPool,
@@ -879,61 +881,95 @@ class Peer:
 
         If every one of the k closest peers took the manifest, no other record can win
         there; otherwise (a racing publisher, a peer that did not answer) the name is read
-        back to learn which record won.
+        back to learn which record won. Peers admit entries only after the manifest they
+        belong to (the record rides first in the same request); if some peer refused
+        entries, they are sent again once the record is there.
         """
         raw = str(args.get("manifest", "")).encode()
         manifest = parse_manifest(raw)
         dht = self._dht()
         entries = [bytes.fromhex(str(e)) for e in args.get("entries", []) if isinstance(e, str)]
-        stored = await dht.put_with_entries(manifest.key, raw, [*entries, raw])
+        items = [raw, *entries]
+        stored = await dht.put_with_entries(manifest.key, raw, items)
         accepted = stored.accepted
+        if accepted and stored.entries_accepted < accepted * len(items):
+            await dht.add_entries(manifest.key, items)
         if stored.refused == 0 and accepted > 0:
             winner: str | None = manifest.hash
         else:
             best = await dht.get(manifest.key)
             winner = record_hash(best[0]) if best else None
-        if manifest.deleted and winner == manifest.hash:
-            self.spawn(self._release_everywhere(manifest.key))
+        if winner == manifest.hash and not manifest.deleted:
+            # this peer holds what it placed: it knows the lineage at once
+            await asyncio.to_thread(
+                self.holdings_db().bind,
+                manifest.key,
+                manifest.version,
+                bytes.fromhex(manifest.integrity),
+                manifest.lineage,
+            )
+        if winner == manifest.hash and (
+            manifest.deleted or manifest.version > self.config.repair.keep
+        ):
+            self.spawn(self._release_everywhere(manifest))
         return {"accepted": accepted, "winner": winner}
 
-    async def _release_everywhere(self, key: bytes) -> None:
-        """Tell every known holder of a deleted name to free its segments."""
+    async def _release_everywhere(self, proof: Manifest) -> None:
+        """Show every known holder of the name the owner's new manifest (a tombstone, or
+        a version that may retire old ones), so each frees what it proves superseded."""
         dht = self._dht()
+        key = proof.key
         addresses = set()
         for raw in await dht.get_entries(key):
             if raw[:1] != b"{":
                 with contextlib.suppress(DifsError):
                     entry = parse_holder_entry(raw)
-                    addresses.add((entry.host, entry.port))
+                    if entry.version < proof.version:
+                        addresses.add((entry.host, entry.port))
         for address in addresses:
             if address == self.address:
-                await self._release(key)
+                await self._release(key, proof)
                 continue
             try:
                 conn = await Connection.open(
                     address, io_timeout=self.config.io_timeout, network=self.network
                 )
                 try:
-                    await conn.call("release", key=key.hex())
+                    await conn.call("release", key=key.hex(), proof=proof.raw.decode())
                 finally:
                     conn.close()
             except DifsError as exc:
                 log.info("release_failed peer=%s reason=%s", address, exc)
 
     async def _op_release(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        return {"freed": await self._release(_key_arg(args))}
+        """Free what an owner-signed manifest (``proof``) supersedes; open to anyone, as
+        the proof alone decides."""
+        key = _key_arg(args)
+        proof = args.get("proof")
+        if not isinstance(proof, str):
+            raise UsageError(
+                "release needs the owner's signed proof: a tombstone or newer manifest"
+            )
+        try:
+            manifest = parse_manifest(proof.encode(), key)
+        except WireError as exc:
+            raise UsageError(f"malformed proof: {exc}") from None
+        return {"freed": await self._release(key, manifest)}
 
-    async def _release(self, key: bytes) -> int:
-        """Free segments of a name whose newest manifest (checked in the DHT) is a tombstone."""
-        records = await self._dht().get(key)
-        if not records:
-            raise NotFoundError("no manifest for this key")
-        newest = parse_manifest(records[0], key)
-        if not newest.deleted:
-            raise UsageError("the name is not deleted")
+    async def _release(self, key: bytes, proof: Manifest) -> int:
+        """Free the holdings of ``key`` that ``proof`` supersedes in their own lineage
+        (``repair.gc_due``: same owner or delegate, same lineage root, a tombstone or
+        ``keep`` versions newer). Holdings whose lineage is not known yet learn it first
+        from the name's view, as maintenance does; the proof alone decides what goes."""
+        held = self.holdings_db().of_key(key)
+        unbound = [h for h in held if h.lineage is None and h.version < proof.version]
+        if unbound and self.maintainer is not None:
+            held = await self.maintainer.bind_from_dht(key, held)
+        keep = self.config.repair.keep
         freed = 0
-        for h in self.holdings_db().of_key(key):
-            freed += await self.free_holding(h)
+        for h in held:
+            if gc_due(h.lineage, proof, keep):
+                freed += await self.free_holding(h)
         return freed
 
     async def _op_holds(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:

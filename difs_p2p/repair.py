@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import sqlite3
@@ -64,8 +65,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difs_p2p import segments
-from difs_p2p.errors import DifsError, StorageError, UsageError
-from difs_p2p.manifest import HolderEntry, Manifest, parse_holder_entry, parse_manifest
+from difs_p2p.errors import AlreadyExistsError, DifsError, StorageError, UsageError
+from difs_p2p.manifest import (
+    HolderEntry,
+    Lineage,
+    Manifest,
+    linked,
+    parse_holder_entry,
+    parse_manifest,
+    supersedes,
+)
 
 if TYPE_CHECKING:
     from difs_p2p.peer import Peer
@@ -86,7 +95,10 @@ class RepairConfig:
     slow_after: float = 2.0
     # Repair traffic per peer, bytes per second (50 MB/s leaves most of a link to users).
     bandwidth: float = 50e6
-    # Superseded versions kept: the newest `keep` versions stay, older ones are collected.
+    # Retention (`difs-peer join --keep-versions N`): a holder keeps a version until its
+    # owner has published `keep` newer ones (or deleted the name), so the newest `keep`
+    # versions stay retrievable and older ones are collected. 3 as in the original design
+    # (`get --version` of the last few versions); 1 keeps only the current version.
     keep: int = 3
     # Re-announce holder entries and re-store manifests this often (records expire in 48 h).
     republish_every: float = 3600.0
@@ -110,6 +122,8 @@ class RepairConfig:
     def __post_init__(self) -> None:
         if self.resolve_every < 1 or self.dead_backoff < 1:
             raise UsageError("resolve_every and dead_backoff must be at least 1")
+        if self.keep < 1:
+            raise UsageError("--keep-versions must be at least 1")
 
 
 # -- pure decisions --------------------------------------------------------------------------
@@ -239,11 +253,14 @@ def plan_range(
     return Action.NONE, 0
 
 
-def gc_due(held_version: int, newest: Manifest | None, keep: int) -> bool:
-    """Whether a held version may be freed: the name is deleted or ``keep`` versions newer."""
-    if newest is None:
+def gc_due(held: Lineage | None, proof: Manifest | None, keep: int) -> bool:
+    """Whether ``proof`` lets a held version be freed: it supersedes the holding (same
+    owner or a delegate of it, same lineage, higher version: :func:`manifest.supersedes`)
+    and is a tombstone or ``keep`` versions newer. A holding whose lineage is not known
+    yet is never freed this way; nor by a stranger's manifest, whatever its version."""
+    if held is None or proof is None or not supersedes(proof, held):
         return False
-    return newest.deleted or newest.version - held_version >= keep
+    return proof.deleted or proof.version - held.version >= keep
 
 
 # -- what this peer holds ---------------------------------------------------------------------
@@ -258,6 +275,9 @@ class Holding:
     start: int
     end: int
     since: float
+    # The owner, lineage root and manifest of the held version, once a manifest of it was
+    # seen (a range is held before its manifest is signed: place comes before publish).
+    lineage: Lineage | None = None
 
     @property
     def owner(self) -> bytes:
@@ -270,7 +290,8 @@ def holding_owner(key: bytes, version: int, start: int) -> bytes:
 
 
 class Holdings:
-    """The ranges this peer has signed holder entries for (sqlite, survives restarts)."""
+    """The ranges this peer has signed holder entries for (sqlite, survives restarts),
+    with the lineage of each once known (owner key, lineage root, manifest hash)."""
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
@@ -286,15 +307,64 @@ class Holdings:
                 " count INTEGER, start INTEGER, end_ INTEGER, since REAL,"
                 " PRIMARY KEY(key, version, start))"
             )
+            # Databases from before lineages get the columns in place; their rows learn
+            # their lineage from the next view of their name (bind).
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(holdings)")}
+            for column, decl in (("owner_key", "BLOB"), ("root", "TEXT"), ("manifest", "TEXT")):
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE holdings ADD COLUMN {column} {decl}")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open {path}: {exc}") from None
 
     def add(self, h: Holding) -> None:
+        """Record a holding; one already known keeps the lineage it has.
+
+        A holding bound to its owner's lineage is never replaced by another object under
+        the same name, version and range (someone placing other bytes under a version the
+        owner published): AlreadyExistsError. An unbound one may be (its version's manifest was
+        not seen yet, so the newcomer may be the owner's).
+        """
         with self._lock:
+            lin = h.lineage
+            row = self._db.execute(
+                "SELECT owner_key, root, manifest, integrity FROM holdings WHERE key=?"
+                " AND version=? AND start=? AND owner_key IS NOT NULL",
+                (h.key, h.version, h.start),
+            ).fetchone()
+            if row is not None and bytes(row[3]) != h.integrity:
+                raise AlreadyExistsError(
+                    f"version {h.version} of this name is held here as another object, "
+                    "signed by its owner"
+                )
+            if lin is None and row is not None:
+                lin = Lineage(bytes(row[0]), str(row[1]), h.version, str(row[2] or ""))
             self._db.execute(
-                "INSERT OR REPLACE INTO holdings VALUES(?,?,?,?,?,?,?)",
-                (h.key, h.version, h.integrity, h.segment_count, h.start, h.end, h.since),
+                "INSERT OR REPLACE INTO holdings(key, version, integrity, count, start, end_,"
+                " since, owner_key, root, manifest) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                (
+                    h.key,
+                    h.version,
+                    h.integrity,
+                    h.segment_count,
+                    h.start,
+                    h.end,
+                    h.since,
+                    lin.owner if lin else None,
+                    lin.root if lin else None,
+                    lin.manifest if lin else None,
+                ),
             )
+
+    def bind(self, key: bytes, version: int, integrity: bytes, lineage: Lineage) -> int:
+        """Record the lineage of held ranges of (key, version, integrity) that have none
+        yet; a lineage once bound never changes. How many rows were bound."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE holdings SET owner_key=?, root=?, manifest=? WHERE key=? AND version=?"
+                " AND integrity=? AND owner_key IS NULL",
+                (lineage.owner, lineage.root, lineage.manifest, key, version, integrity),
+            )
+            return int(cur.rowcount)
 
     def remove(self, h: Holding) -> None:
         with self._lock:
@@ -305,11 +375,20 @@ class Holdings:
 
     def all(self) -> list[Holding]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM holdings ORDER BY key, version, start")
-            return [Holding(bytes(r[0]), r[1], bytes(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
+            rows = self._db.execute(
+                "SELECT key, version, integrity, count, start, end_, since, owner_key, root,"
+                " manifest FROM holdings ORDER BY key, version, start"
+            ).fetchall()
+        return [_holding(r) for r in rows]
 
     def of_key(self, key: bytes) -> list[Holding]:
-        return [h for h in self.all() if h.key == key]
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, version, integrity, count, start, end_, since, owner_key, root,"
+                " manifest FROM holdings WHERE key=? ORDER BY version, start",
+                (key,),
+            ).fetchall()
+        return [_holding(r) for r in rows]
 
     def covers(self, key: bytes, version: int, start: int, end: int) -> bool:
         with self._lock:
@@ -332,6 +411,27 @@ class Holdings:
             self._db.close()
 
 
+def _holding(r: Sequence[Any]) -> Holding:
+    lineage = None
+    if r[7] is not None and r[8] is not None:
+        lineage = Lineage(bytes(r[7]), str(r[8]), int(r[1]), str(r[9] or ""))
+    return Holding(bytes(r[0]), r[1], bytes(r[2]), r[3], r[4], r[5], r[6], lineage)
+
+
+def bind_lineage(h: Holding, view: NameView) -> Lineage | None:
+    """The lineage an unbound holding takes from a view: that of the manifest with its
+    version and integrity in the history of the view's chosen record (the owner most of
+    the k closest peers vouch for), or None. Pure."""
+    newest = view.newest
+    if h.lineage is not None or newest is None:
+        return None
+    integrity = h.integrity.hex()
+    for m in (newest, *view.proofs):
+        if m.version == h.version and m.integrity == integrity and linked(m, newest):
+            return m.lineage
+    return None
+
+
 # -- the view of a name between resolves, and the probes of one round ----------------------
 
 # What one range check asks a co-holder: (name key, version, first segment, last segment).
@@ -349,26 +449,33 @@ class NameView:
     manifests: dict[int, Manifest]
     entries: list[HolderEntry]
     rounds: int = 1
+    # every valid manifest read, whoever signed it: GC frees a holding only on one of
+    # these that supersedes it in its own lineage (gc_due)
+    proofs: list[Manifest] = field(default_factory=list)
 
 
 def read_view(key: bytes, records: Sequence[bytes], raw_entries: Sequence[bytes]) -> NameView:
-    """What a resolve of ``key`` says: the manifests by version (newest record first, then
-    the history), and the valid holder entries. Invalid items are skipped."""
-    manifests: dict[int, Manifest] = {}
+    """What a resolve of ``key`` says: the best record (``records`` come best first, as
+    the DHT's policy ranks them), the manifests of its lineage by version, every valid
+    manifest (``proofs``) and the valid holder entries. Invalid items are skipped."""
+    proofs: list[Manifest] = []
     for raw in [*records, *(e for e in raw_entries if e[:1] == b"{")]:
         with contextlib.suppress(DifsError):
-            m = parse_manifest(raw, key)
-            manifests.setdefault(m.version, m)
+            proofs.append(parse_manifest(raw, key))
     newest: Manifest | None = None
     if records:
         with contextlib.suppress(DifsError):
             newest = parse_manifest(records[0], key)
+    manifests: dict[int, Manifest] = {}
+    for m in proofs:
+        if newest is None or linked(m, newest):
+            manifests.setdefault(m.version, m)
     entries: list[HolderEntry] = []
     for raw in raw_entries:
         if raw[:1] != b"{":
             with contextlib.suppress(DifsError):
                 entries.append(parse_holder_entry(raw))
-    return NameView(newest, manifests, entries)
+    return NameView(newest, manifests, entries, proofs=proofs)
 
 
 def first_rounds(key: bytes, every: int) -> int:
@@ -414,12 +521,17 @@ def resolve_due(
 def collect_due(
     held: Sequence[Holding], view: NameView, now: float, keep: int, orphan_after: float
 ) -> list[Holding]:
-    """The holdings a fresh view says to free: deleted or superseded (``gc_due``), or
-    orphaned (no manifest at all ``orphan_after`` seconds after the holding began)."""
+    """The holdings a fresh view says to free: superseded in their own lineage by a
+    tombstone or by a version ``keep`` newer (``gc_due``, against every manifest the view
+    read), or orphaned (no manifest at all ``orphan_after`` seconds after the holding
+    began)."""
+    proofs = [*view.proofs, *view.manifests.values()]
+    if view.newest is not None:
+        proofs.append(view.newest)
     return [
         h
         for h in held
-        if gc_due(h.version, view.newest, keep)
+        if any(gc_due(h.lineage, m, keep) for m in proofs)
         or (view.newest is None and now - h.since > orphan_after)
     ]
 
@@ -668,6 +780,7 @@ class Maintainer:
         if key not in self._views:
             view.rounds = first_rounds(key, self.config.resolve_every)
         self._views[key] = view
+        held = await self._bind(held, view)
         collect = collect_due(held, view, now, self.config.keep, self.config.orphan_after)
         for h in collect:
             await self._collect(h)
@@ -678,6 +791,24 @@ class Maintainer:
             await self._republish(key, records, raw_entries)
         return view, left
 
+    async def bind_from_dht(self, key: bytes, held: list[Holding]) -> list[Holding]:
+        """Read ``key`` from the DHT and record the lineage of ``held`` holdings that have
+        none yet (a release can come before this peer's first maintenance read)."""
+        records, raw_entries = await self.peer.dht_node().resolve(key)
+        return await self._bind(held, read_view(key, records, raw_entries))
+
+    async def _bind(self, held: list[Holding], view: NameView) -> list[Holding]:
+        """Record the lineage of holdings that have none yet from ``view``."""
+        out = []
+        for h in held:
+            lineage = bind_lineage(h, view)
+            if lineage is not None:
+                db = self.peer.holdings_db()
+                await asyncio.to_thread(db.bind, h.key, h.version, h.integrity, lineage)
+                h = dataclasses.replace(h, lineage=lineage)
+            out.append(h)
+        return out
+
     async def _republish(self, key: bytes, records: list[bytes], raw: list[bytes]) -> None:
         dht = self.peer.dht_node()
         if records:
@@ -685,7 +816,9 @@ class Maintainer:
         mine = [e.raw for e in self.peer.own_entries(key)]
         history = [e for e in raw if e[:1] == b"{"]
         if mine or history:
-            await dht.add_entries(key, [*mine, *history])
+            # history first: peers admit a holder entry only once they have the manifest
+            # of its version (the record, or a history manifest)
+            await dht.add_entries(key, [*history, *mine])
 
     async def _collect(self, h: Holding) -> None:
         freed = await self.peer.free_holding(h)

@@ -230,9 +230,10 @@ def samples() -> Samples:
         root=None,
         **common,
     )
+    # for version 1 of /a/b: peers admit holder entries only for a version its owner signed
     holder = build_holder_entry(
         identity,
-        key=bytes(20),
+        key=first.key,
         version=1,
         integrity=bytes(32),
         start=0,
@@ -246,7 +247,7 @@ def samples() -> Samples:
         manifests=(first.raw, second.raw, tombstone.raw, owned.raw),
         manifest_key=first.key,
         holder=holder.raw,
-        holder_key=bytes(20),
+        holder_key=first.key,
     )
 
 

@@ -13,7 +13,7 @@ from difs_p2p import segments
 from difs_p2p.client import Client, PublishResult
 from difs_p2p.errors import UsageError
 from difs_p2p.identity import Identity
-from difs_p2p.manifest import HolderEntry, Manifest, build_holder_entry
+from difs_p2p.manifest import HolderEntry, Lineage, Manifest, build_holder_entry, record_hash
 from difs_p2p.peer import Peer
 from difs_p2p.repair import (
     Action,
@@ -136,10 +136,11 @@ def test_gc_policy() -> None:
             b"",
         )
 
-    assert gc_due(1, manifest(2, True), keep=3)
-    assert not gc_due(1, manifest(3, False), keep=3)
-    assert gc_due(1, manifest(4, False), keep=3)
-    assert not gc_due(1, None, keep=3)
+    held = Lineage(b"", record_hash(b""), 1)  # the lineage of these test manifests
+    assert gc_due(held, manifest(2, True), keep=3)
+    assert not gc_due(held, manifest(3, False), keep=3)
+    assert gc_due(held, manifest(4, False), keep=3)
+    assert not gc_due(held, None, keep=3)
 
 
 @pytest.fixture
@@ -255,7 +256,8 @@ async def test_holder_down_during_delete_frees_segments_on_return(
 def holding(
     key: bytes, version: int = 1, since: float = 0.0, start: int = 0, end: int = 15
 ) -> Holding:
-    return Holding(key, version, b"i" * 32, 16, start, end, since)
+    lineage = Lineage(b"", record_hash(b""), version)  # that of manifest_for's manifests
+    return Holding(key, version, b"i" * 32, 16, start, end, since, lineage)
 
 
 def manifest_for(h: Holding, *, version: int | None = None, deleted: bool = False) -> Manifest:
