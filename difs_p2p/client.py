@@ -40,6 +40,7 @@ from difs_p2p.errors import (
     DeletedError,
     DifsError,
     IntegrityError,
+    NetworkError,
     NotFoundError,
     PeerError,
     PermissionDeniedError,
@@ -473,6 +474,12 @@ class Client:
         result = await self._call(
             "publish", manifest=manifest.raw.decode(), entries=placed.get("entries", [])
         )
+        readable, quorum = result.get("readable_paths", 0), result.get("quorum", 0)
+        if isinstance(readable, int) and isinstance(quorum, int) and readable < quorum:
+            raise NetworkError(
+                f"{manifest.name} was stored but could be read back on only {readable} of "
+                f"{quorum} independent lookup paths: it is not published (try again)"
+            )
         if result.get("winner") != manifest.hash:
             raise AlreadyExistsError(
                 f"{manifest.name} was published by another publisher at the same time"

@@ -894,8 +894,11 @@ class Peer:
         accepted = stored.accepted
         if accepted and stored.entries_accepted < accepted * len(items):
             await dht.add_entries(manifest.key, items)
-        if stored.refused == 0 and accepted > 0:
-            winner: str | None = manifest.hash
+        if not stored.readable:
+            # only peers off the honest paths (Sybils near the key) took it: not published
+            winner: str | None = None
+        elif stored.refused == 0 and accepted > 0:
+            winner = manifest.hash
         else:
             best = await dht.get(manifest.key)
             winner = record_hash(best[0]) if best else None
@@ -912,7 +915,12 @@ class Peer:
             manifest.deleted or manifest.version > self.config.repair.keep
         ):
             self.spawn(self._release_everywhere(manifest))
-        return {"accepted": accepted, "winner": winner}
+        return {
+            "accepted": accepted,
+            "winner": winner,
+            "readable_paths": stored.readable_paths,
+            "quorum": stored.quorum,
+        }
 
     async def _release_everywhere(self, proof: Manifest) -> None:
         """Show every known holder of the name the owner's new manifest (a tombstone, or
