@@ -529,6 +529,8 @@ def test_exit_codes_follow_the_table(net: Net, tmp_path: Path) -> None:
         peer,
     )
     assert expired.returncode == 6 and "expired" in expired.stderr, expired.stderr
+    decimal = net.difs("put", str(src), "/r/x", "--segment-size", "1mb", "--peer", peer)
+    assert decimal.returncode == 2 and "1,000,000 bytes" in decimal.stderr, decimal.stderr
     for args in (
         ["get", "/everyday/x", "--version", "0"],
         ["get", "/everyday/x", "--version", "-1"],
@@ -759,15 +761,12 @@ def test_summaries_count_serving_peers_and_use_plurals(net: Net, tmp_path: Path)
     assert "from 1 peer," in got.stderr, got.stderr
 
 
-def test_progress_shows_placement_and_binary_units(net: Net, tmp_path: Path) -> None:
-    """On a terminal the put shows an upload bar then a placement phase, in MiB."""
-    peer = next(iter(net.procs))
-    src = tmp_path / "p.bin"
-    src.write_bytes(os.urandom(3 << 20))
+def _on_terminal(net: Net, *args: str) -> tuple[int, str, str]:
+    """Run difs with stderr on a pseudo-terminal: (exit code, stdout, what stderr showed)."""
     leader, follower = pty.openpty()
     try:
         proc = subprocess.run(
-            [str(BIN / "difs"), "put", str(src), "/everyday/progress", "--peer", peer],
+            [str(BIN / "difs"), *args],
             stdout=subprocess.PIPE,
             stderr=follower,
             env=dict(net.env, COLUMNS="150"),
@@ -781,12 +780,25 @@ def test_progress_shows_placement_and_binary_units(net: Net, tmp_path: Path) -> 
                 shown += chunk
     finally:
         os.close(leader)
-    assert proc.returncode == 0
-    text = shown.decode(errors="replace")
-    assert "uploading" in text and "placing 3 replicas" in text, text
-    assert "MiB" in text and " MB" not in text, text
-    summary = proc.stdout.decode()
+    return proc.returncode, proc.stdout.decode(), shown.decode(errors="replace")
+
+
+def test_progress_shows_placement_and_binary_units(net: Net, tmp_path: Path) -> None:
+    """On a terminal: an upload bar then a placement phase, a get bar sized from the
+    start, all in binary units like the summaries."""
+    peer = next(iter(net.procs))
+    src = tmp_path / "p.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    rc, summary, shown = _on_terminal(net, "put", str(src), "/everyday/progress", "--peer", peer)
+    assert rc == 0
+    assert "uploading" in shown and "placing 3 replicas" in shown, shown
+    assert "MiB" in shown and " MB" not in shown, shown
     assert "MiB/s" in summary and "MB/s" not in summary
+    out = str(tmp_path / "o.bin")
+    rc, _, shown = _on_terminal(net, "get", "/everyday/progress", "-o", out, "--peer", peer)
+    assert rc == 0
+    assert "fetching" in shown and "0/0" not in shown and "/3.0 MiB" in shown, shown
+    assert " MB" not in shown, shown
 
 
 def test_not_a_difs_peer_fails_at_once(tmp_path: Path) -> None:
