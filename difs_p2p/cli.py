@@ -564,18 +564,36 @@ class _Bars:
         )
         from rich.text import Text
 
-        class Speed(ProgressColumn):
+        class Amount(ProgressColumn):
+            """Bytes done of the total for a transfer; the time taken for other phases."""
+
+            sizes = DownloadColumn(binary_units=True)
+
             def render(self, task: Task) -> Text:
-                speed = task.finished_speed or task.speed
-                shown = f"{format_size(speed)}/s" if speed else ""
+                if task.fields.get("transfer"):
+                    return self.sizes.render(task)
+                elapsed = task.finished_time if task.finished else task.elapsed
+                return Text(f"{elapsed or 0:.1f} s", style="progress.elapsed")
+
+        class Speed(ProgressColumn):
+            """The recent rate while running; once the command is done, the rate its
+            summary reports (``settle``)."""
+
+            def render(self, task: Task) -> Text:
+                speed = task.fields.get("rate") or task.speed
+                shown = f"{format_size(speed)}/s" if speed and task.fields.get("transfer") else ""
                 return Text(shown, style="progress.data.speed")
+
+        class Remaining(TimeRemainingColumn):
+            def render(self, task: Task) -> Text:
+                return super().render(task) if task.fields.get("transfer") else Text("")
 
         self.progress = Progress(
             "[progress.description]{task.description}",
             BarColumn(),
-            DownloadColumn(binary_units=True),
+            Amount(),
             Speed(),
-            TimeRemainingColumn(),
+            Remaining(),
             console=Console(stderr=True),
         )
 
@@ -586,17 +604,30 @@ class _Bars:
 
     def __exit__(self, *exc: object) -> None:
         if self.progress is not None:
+            self._finish()
             self.progress.stop()
 
-    def phase(self, label: str, total: int | None) -> None:
-        """Finish the current bar and start one for ``label`` (None: size unknown)."""
+    def phase(self, label: str, total: int | None, transfer: bool = True) -> None:
+        """Finish the current bar and start one for ``label``: a transfer of ``total``
+        bytes (None: unknown), or a phase without bytes (``transfer`` false)."""
         if self.progress is None:
             return
+        self._finish()
+        self.task = self.progress.add_task(label, total=total, transfer=transfer)
+
+    def _finish(self) -> None:
         if self.task is not None:
-            done = self.progress.tasks[-1].completed
+            task = self.progress.tasks[-1]
+            done = task.completed if task.fields.get("transfer") else 1
             self.progress.update(self.task, total=done, completed=done)
             self.progress.stop_task(self.task)
-        self.task = self.progress.add_task(label, total=total)
+            self.task = None
+
+    def settle(self, index: int, nbytes: int, seconds: float) -> None:
+        """Show on the ``index``-th bar the rate the summary reports: ``nbytes`` in
+        ``seconds`` as the client measured them."""
+        if self.progress is not None and seconds > 0 and index < len(self.progress.tasks):
+            self.progress.update(self.progress.task_ids[index], rate=nbytes / seconds)
 
     def advance(self, n: int) -> None:
         if self.progress is not None and self.task is not None:
@@ -652,11 +683,11 @@ def put(
                         size = source.stat().st_size if isinstance(source, Path) else None
                         bars.phase("uploading", size if size else None)
                     elif phase == "place":
-                        bars.phase(f"placing {_plural(replicas, 'replica')}", None)
+                        bars.phase(f"placing {_plural(replicas, 'replica')}", None, False)
                     else:
-                        bars.phase("publishing the manifest", None)
+                        bars.phase("publishing the manifest", None, False)
 
-                return await client.put(
+                result = await client.put(
                     source,
                     name,
                     segment_size=seg,
@@ -666,6 +697,8 @@ def put(
                     progress=bars.advance,
                     on_phase=on_phase,
                 )
+                bars.settle(0, result.manifest.size, result.upload_seconds)
+                return result
 
     result = run(go, as_json)
     m = result.manifest
@@ -762,6 +795,7 @@ def get(
                     on_size=lambda n: bars.phase("fetching", n),
                     sync=sync,
                 )
+                bars.settle(0, result.bytes, result.seconds - result.resolve)
         pin_trusted()
         return result
 
@@ -783,8 +817,9 @@ def get(
     elif not to_stdout:
         typer.echo(
             f"fetched {summary['name']} version {summary['version']}: "
-            f"{format_size(result.bytes)} from {_plural(result.sources, 'peer')}, "
-            f"{_rate(result.bytes, result.seconds)}",
+            f"{format_size(result.bytes)} from {_plural(result.sources, 'peer')} in "
+            f"{result.seconds:.2f} s: {result.resolve * 1000:.0f} ms to resolve the name, then "
+            f"{_rate(result.bytes, result.seconds - result.resolve)}",
             err=True,
         )
 

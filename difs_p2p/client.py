@@ -131,7 +131,8 @@ class PublishResult:
     ranges: list[dict[str, Any]]
     seconds: float
     warnings: list[str] = field(default_factory=list)
-    # seconds of `seconds` spent sending the segments to the entry peer
+    # seconds of `seconds` spent sending the segments to the entry peer (the upload alone,
+    # without resolving the name before it nor placing the replicas after it)
     upload_seconds: float = 0.0
 
 
@@ -414,11 +415,12 @@ class Client:
                 )
         if on_phase is not None:
             on_phase("upload")
+        upload_started = time.perf_counter()
         hashes, integrity, size = await self._upload(source, segment_size, progress)
+        uploaded = time.perf_counter() - upload_started
         layout = segments.Layout(size, segment_size)
         if (expected is not None and size != expected) or len(hashes) != layout.count:
             raise UsageError(f"{source} changed while it was being published")
-        uploaded = time.perf_counter() - started
         version = previous.version + 1 if previous else 1
         stripes = segments.default_stripes(layout.count)
         if on_phase is not None:
