@@ -335,10 +335,11 @@ def join(
     """
     _setup_logging(log_level.value)
     try:
-        if data is not None and data.exists() and not data.is_dir():
-            raise errors.StorageError(f"--data {data} is not a directory")
+        data_dir = data or difs_home() / "peer"
+        if data_dir.exists() and not data_dir.is_dir():
+            raise errors.StorageError(f"data directory {data_dir} is not a directory")
         config = PeerConfig(
-            data_dir=data or difs_home() / "peer",
+            data_dir=data_dir,
             host=host,
             port=port,
             bootstrap=tuple(parse_hostport(b) for b in bootstrap or ()),
@@ -672,6 +673,8 @@ def put(
     async def go() -> Any:
         seg = _segment_size(segment_size)
         cert = _load_delegation(delegation) if delegation is not None else None
+        if file == "-" and sys.stdin.isatty():
+            raise errors.UsageError("put - reads the content from stdin: pipe it in")
         source: Any = sys.stdin.buffer if file == "-" else Path(file)
         publisher = _publisher(key)
         pins, _ = _pins(name, None)

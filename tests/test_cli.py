@@ -476,6 +476,21 @@ def test_bad_outputs_and_inputs_are_usage_errors(net: Net, tmp_path: Path) -> No
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert not (tmp_path / "nodir").exists()
+    leader, follower = pty.openpty()  # stdin a terminal: nothing to publish
+    try:
+        typed = subprocess.run(
+            [str(BIN / "difs"), "put", "-", "/everyday/tty", "--peer", peer],
+            stdin=follower,
+            capture_output=True,
+            text=True,
+            env=net.env,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert typed.returncode == 2 and "pipe it in" in typed.stderr, typed.stderr
 
 
 def test_json_summary_goes_to_stderr_when_stdout_carries_data(net: Net, tmp_path: Path) -> None:
@@ -838,7 +853,7 @@ def test_data_that_is_a_file_and_failed_starts_leave_nothing(tmp_path: Path) -> 
         timeout=30,
         check=False,
     )
-    assert out.returncode == 11 and "not a directory" in out.stderr, out.stderr
+    assert out.returncode == 11 and "is not a directory" in out.stderr, out.stderr
     blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
