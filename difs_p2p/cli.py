@@ -2,28 +2,36 @@
 
 A thin typer layer over :mod:`difs_p2p.peer` and :mod:`difs_p2p.client`. Each error is one
 line on stderr and its own exit code (``EXIT_CODES``); ``--json`` prints machine-readable
-output on stdout.
+output on stdout (on stderr when stdout carries the fetched data), and errors as one JSON
+object on stderr. SIGINT and SIGTERM cancel a command cleanly (exit 130 and 143).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from difs_p2p import errors
+from difs_p2p import errors, wire
 from difs_p2p.config import PeerConfig, format_size, parse_hostport, parse_size
 from difs_p2p.repair import RepairConfig
 from difs_p2p.transfer import Connection
+
+if TYPE_CHECKING:
+    from difs_p2p.identity import Identity
+    from difs_p2p.pins import Pins
 
 T = TypeVar("T")
 
@@ -44,6 +52,30 @@ EXIT_CODES: list[tuple[type[errors.DifsError], int]] = [
 ]
 
 
+# The short name of each exit code: the "code" of a --json error object.
+EXIT_NAMES: dict[int, str] = {
+    1: "unexpected",
+    2: "usage",
+    3: "not_found",
+    4: "deleted",
+    5: "integrity",
+    6: "permission_denied",
+    7: "already_exists",
+    8: "no_space",
+    9: "network",
+    10: "timeout",
+    11: "local_storage",
+    12: "peer_misbehaved",
+    130: "interrupted",
+    143: "terminated",
+}
+# How long a peer may take to answer the HELLO that opens each command: a DIFS peer
+# answers at once; anything else listening on the port is not one.
+HELLO_TIMEOUT = 3.0
+# Help on -h as well as --help, for every command.
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
 def exit_code(exc: errors.DifsError) -> int:
     for cls, code in EXIT_CODES:
         if isinstance(exc, cls):
@@ -56,17 +88,71 @@ def difs_home() -> Path:
     return Path(os.environ.get("DIFS_HOME") or Path.home() / ".difs")
 
 
-def _fail(exc: errors.DifsError) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(exit_code(exc))
+def _report_error(message: str, code: int, as_json: bool) -> None:
+    """One line on stderr: plain text, or with ``as_json`` a JSON object."""
+    if as_json:
+        obj = {"error": message, "code": EXIT_NAMES.get(code, "unexpected"), "exit": code}
+        typer.echo(json.dumps(obj, sort_keys=True), err=True)
+    else:
+        typer.echo(f"error: {message}", err=True)
 
 
-def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+def _fail(exc: errors.DifsError, as_json: bool = False) -> typer.Exit:
+    code = exit_code(exc)
+    _report_error(str(exc), code, as_json)
+    return typer.Exit(code)
+
+
+class _Interrupted(Exception):
+    """The command was cancelled by a signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+async def _cancellable(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``coro_fn()``; SIGINT or SIGTERM cancel it, so that its cleanup runs (a get
+    removes its temporary file) before the process exits."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await coro_fn()
+    except asyncio.CancelledError:
+        if received:
+            raise _Interrupted(received[0]) from None
+        raise
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def run(coro_fn: Callable[[], Coroutine[Any, Any, T]], as_json: bool = False) -> T:
     """Run an async command, turning our errors into one line and an exit code."""
     try:
-        return asyncio.run(coro_fn())
+        return asyncio.run(_cancellable(coro_fn))
     except errors.DifsError as exc:
-        raise _fail(exc) from None
+        raise _fail(exc, as_json) from None
+    except _Interrupted as exc:
+        code = 128 + exc.signum
+        _report_error(f"interrupted ({exc})", code, as_json)
+        raise typer.Exit(code) from None
+
+
+class LogLevel(enum.StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
 
 
 def _setup_logging(level: str) -> None:
@@ -134,11 +220,41 @@ TokenOpt = Annotated[
 ]
 
 
+async def check_peer(address: tuple[str, int]) -> None:
+    """NetworkError unless a DIFS peer listens at ``address``: it must answer a HELLO
+    within HELLO_TIMEOUT (anything else on the port fails here, not after a 30 s stall)."""
+    where = f"{address[0]}:{address[1]}"
+    conn = await Connection.open(address, io_timeout=HELLO_TIMEOUT, connect_timeout=HELLO_TIMEOUT)
+    try:
+        await conn.send(wire.Hello(request_id=0, peer=None))
+        frame = await conn.read_frame()
+    except errors.DifsTimeoutError:
+        raise errors.NetworkError(
+            f"{where} is not a DIFS peer (or it is stalled): no answer to HELLO within "
+            f"{HELLO_TIMEOUT:g} s"
+        ) from None
+    except (errors.DifsError, OSError) as exc:
+        raise errors.NetworkError(f"{where} is not a DIFS peer: {exc}") from None
+    finally:
+        conn.close()
+    if not isinstance(frame, wire.Hello):
+        got = "closed the connection" if frame is None else f"sent {type(frame).__name__}"
+        raise errors.NetworkError(f"{where} is not a DIFS peer: it {got} in reply to HELLO")
+
+
+async def entry_peer(peer: str | None) -> tuple[str, int]:
+    """The peer to talk to (``resolve_peer``), checked to be a DIFS peer."""
+    address = resolve_peer(peer)
+    await check_peer(address)
+    return address
+
+
 async def call_peer(
     address: tuple[str, int], op: str, *, token: bytes | None = None, **args: Any
 ) -> dict[str, Any]:
     from difs_p2p.control import OperatorCredential
 
+    await check_peer(address)
     credential = OperatorCredential(token) if token is not None else None
     conn = await Connection.open(address, io_timeout=30.0, credential=credential)
     try:
@@ -183,15 +299,47 @@ def _print_status(status: dict[str, Any]) -> None:
 
 # -- difs-peer -----------------------------------------------------------------------------
 
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"difs-p2p {version('difs-p2p')}")
+        raise typer.Exit()
+
+
+VersionOpt = Annotated[
+    bool,
+    typer.Option(
+        "--version",
+        callback=_show_version,
+        is_eager=True,
+        metavar="",
+        help="print the version and exit",
+    ),
+]
+
 peer_app = typer.Typer(
-    help="Run a DIFS-P2P storage peer.", no_args_is_help=True, add_completion=False
+    help="Run a DIFS-P2P storage peer.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    context_settings=CONTEXT,
 )
+
+
+@peer_app.callback()
+def _peer_options(show_version: VersionOpt = False) -> None:
+    """Run a DIFS-P2P storage peer."""
+
 
 PeerOpt = Annotated[
     str | None,
     typer.Option("--peer", help="HOST:PORT of the peer (default: $DIFS_PEER or the local peer)"),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", metavar="", help="print JSON for scripts (errors too)")
+]
 
 
 @peer_app.command()
@@ -230,16 +378,21 @@ def join(
         bool,
         typer.Option(help="count 127.0.0.0/8 clients against the per-address TCP limit"),
     ] = True,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+    log_level: Annotated[LogLevel, typer.Option(help="how much to log on stderr")] = (
+        LogLevel.warning
+    ),
 ) -> None:
     """Start a peer: a new network without --bootstrap, else join through the given peers.
 
     Example: difs-peer join --bootstrap 127.0.0.1:4000 --data ./peer2 --capacity 5GiB
     """
-    _setup_logging(log_level)
+    _setup_logging(log_level.value)
     try:
+        data_dir = data or difs_home() / "peer"
+        if data_dir.exists() and not data_dir.is_dir():
+            raise errors.StorageError(f"data directory {data_dir} is not a directory")
         config = PeerConfig(
-            data_dir=data or difs_home() / "peer",
+            data_dir=data_dir,
             host=host,
             port=port,
             bootstrap=tuple(parse_hostport(b) for b in bootstrap or ()),
@@ -255,22 +408,41 @@ def join(
         )
     except errors.DifsError as exc:
         raise _fail(exc) from None
-    run(lambda: _run_peer(config))
+    created = _missing_ancestor(config.data_dir)
+    started: list[bool] = []
+    try:
+        run(lambda: _run_peer(config, started))
+    except typer.Exit as exc:
+        # a peer that failed to start leaves no data directory it created behind
+        if exc.exit_code != 0 and created is not None and not started:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
-async def _run_peer(config: PeerConfig) -> None:
+def _missing_ancestor(path: Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (None if it exists)."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+async def _run_peer(config: PeerConfig, started: list[bool]) -> None:
     from difs_p2p.peer import Peer
 
     peer = Peer(config)
+    try:
+        await peer.start()  # a signal meanwhile cancels the start (see run)
+    except BaseException:
+        await peer.stop()
+        raise
+    started.append(True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await peer.start()
-    except BaseException:
-        await peer.stop()
-        raise
     try:
         status = peer.status()
         typer.echo(
@@ -290,7 +462,7 @@ def status(peer: PeerOpt = None, token_file: TokenOpt = None, as_json: JsonOpt =
 
     Example: difs-peer status --peer 127.0.0.1:4000
     """
-    result = run(lambda: _status(peer, token_file))
+    result = run(lambda: _status(peer, token_file), as_json)
     _print_json(result) if as_json else _print_status(result)
 
 
@@ -302,7 +474,7 @@ async def _status(peer: str | None, token_file: Path | None) -> dict[str, Any]:
 @peer_app.command()
 def check(
     repair: Annotated[
-        bool, typer.Option("--repair", help="quarantine damage and fetch good copies")
+        bool, typer.Option("--repair", metavar="", help="quarantine damage and fetch good copies")
     ] = False,
     peer: PeerOpt = None,
     token_file: TokenOpt = None,
@@ -312,7 +484,7 @@ def check(
 
     Example: difs-peer check --repair --peer 127.0.0.1:4000
     """
-    result = run(lambda: _check(peer, repair, token_file))
+    result = run(lambda: _check(peer, repair, token_file), as_json)
     if as_json:
         _print_json(result)
         return
@@ -328,7 +500,7 @@ def check(
 async def _check(peer: str | None, repair: bool, token_file: Path | None) -> dict[str, Any]:
     from difs_p2p.control import OperatorCredential
 
-    address = resolve_peer(peer)
+    address = await entry_peer(peer)
     token = resolve_token(peer, token_file, address)
     conn = await Connection.open(address, io_timeout=3600.0, credential=OperatorCredential(token))
     try:
@@ -343,7 +515,14 @@ client_app = typer.Typer(
     help="Publish, fetch, delete and version content by name on a DIFS-P2P network.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
+    context_settings=CONTEXT,
 )
+
+
+@client_app.callback()
+def _client_options(show_version: VersionOpt = False) -> None:
+    """Publish, fetch, delete and version content by name on a DIFS-P2P network."""
 
 
 @client_app.command()
@@ -352,79 +531,191 @@ def peers(peer: PeerOpt = None, token_file: TokenOpt = None, as_json: JsonOpt = 
 
     Example: difs peers --peer 127.0.0.1:4000
     """
-    result = run(lambda: _status(peer, token_file))
+    result = run(lambda: _status(peer, token_file), as_json)
     _print_json(result) if as_json else _print_status(result)
 
 
-def _publisher(key_file: Path | None) -> Any:
+def default_key_file() -> Path:
+    return difs_home() / "publisher.key"
+
+
+def _publisher(key_file: Path | None) -> Identity:
+    """The publisher key: --key FILE, which must exist (``difs key new`` creates one), else
+    the default key in $DIFS_HOME, created on first use."""
     from difs_p2p.identity import load_or_create
 
-    return load_or_create(key_file or difs_home() / "publisher.key")
+    if key_file is None:
+        return load_or_create(default_key_file())
+    return _read_key(key_file)
+
+
+def _read_key(path: Path) -> Identity:
+    """The identity in the key file ``path``; UsageError when there is none."""
+    from difs_p2p.identity import load_or_create
+
+    if path.is_dir():
+        raise errors.UsageError(f"key file {path} is a directory")
+    if not path.exists():
+        raise errors.UsageError(
+            f"key file {path} does not exist (create one with 'difs key new {path}')"
+        )
+    return load_or_create(path)  # exists: only read
 
 
 TrustOpt = Annotated[
     str | None,
-    typer.Option("--trust", help="pin this publisher key (64 hex) for the name, then use it"),
+    typer.Option(
+        "--trust", help="use this publisher key (64 hex) for the name; pinned once it succeeds"
+    ),
 ]
 
 
-def _pins(name: str, trust: str | None) -> Any:
-    """The client's pin file, with ``trust`` pinned for ``name`` first."""
+def _pins(name: str, trust: str | None) -> tuple[Pins, Callable[[], None]]:
+    """The pins to check ``name`` against, and what to call once the command succeeded:
+    with ``trust``, the key is used for this command and pinned only then (a typo or a
+    failed fetch pins nothing)."""
+    from difs_p2p.names import normalize_name
     from difs_p2p.pins import Pins, parse_key
 
     pins = Pins(difs_home() / "pins.json")
-    if trust is not None:
-        pins.pin(name, parse_key(trust))
-    return pins
+    if trust is None:
+        return pins, lambda: None
+    key = parse_key(trust)
+    # An in-memory copy (never saved): names first seen by this command, such as a
+    # revocation list, are pinned again on their next use.
+    trial = Pins(None)
+    trial.pins = {**pins.pins, normalize_name(name): key}
+    return trial, lambda: pins.pin(name, key)
 
 
 KeyOpt = Annotated[
     Path | None,
-    typer.Option("--key", help="publisher key file (default: $DIFS_HOME/publisher.key)"),
+    typer.Option(
+        "--key",
+        help="publisher key file, which must exist (default: $DIFS_HOME/publisher.key,"
+        " created on first use)",
+    ),
 ]
 
 
-def _progress_bar(total: int, label: str) -> Any:
-    """A rich progress bar on stderr when it is a terminal, else None."""
-    if not sys.stderr.isatty():
-        return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    progress = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
-    task = progress.add_task(label, total=total)
-    return progress, task
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _parse_range(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    start, sep, end = text.partition("-")
-    if not sep or not start.isdigit() or not end.isdigit() or int(end) < int(start):
-        raise errors.UsageError(f"bad range {text!r}: expected START-END, e.g. 0-1023")
-    return int(start), int(end)
+def _rate(nbytes: int, seconds: float) -> str:
+    """A transfer rate in the bars' binary units."""
+    return f"{format_size(nbytes / seconds)}/s" if seconds > 0 else "-"
+
+
+class _Bars:
+    """Progress bars on stderr when it is a terminal (else nothing): one task per phase,
+    sizes and rates in binary units (KiB, MiB), as the summaries."""
+
+    def __init__(self) -> None:
+        self.progress: Any = None
+        self.task: Any = None
+        if not sys.stderr.isatty():
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            ProgressColumn,
+            Task,
+            TimeRemainingColumn,
+        )
+        from rich.text import Text
+
+        class Amount(ProgressColumn):
+            """Bytes done of the total for a transfer; the time taken for other phases."""
+
+            sizes = DownloadColumn(binary_units=True)
+
+            def render(self, task: Task) -> Text:
+                if task.fields.get("transfer"):
+                    return self.sizes.render(task)
+                elapsed = task.finished_time if task.finished else task.elapsed
+                return Text(f"{elapsed or 0:.1f} s", style="progress.elapsed")
+
+        class Speed(ProgressColumn):
+            """The recent rate while running; once the command is done, the rate its
+            summary reports (``settle``)."""
+
+            def render(self, task: Task) -> Text:
+                speed = task.fields.get("rate") or task.speed
+                shown = f"{format_size(speed)}/s" if speed and task.fields.get("transfer") else ""
+                return Text(shown, style="progress.data.speed")
+
+        class Remaining(TimeRemainingColumn):
+            def render(self, task: Task) -> Text:
+                return super().render(task) if task.fields.get("transfer") else Text("")
+
+        self.progress = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            Amount(),
+            Speed(),
+            Remaining(),
+            console=Console(stderr=True),
+        )
+
+    def __enter__(self) -> _Bars:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self._finish()
+            self.progress.stop()
+
+    def phase(self, label: str, total: int | None, transfer: bool = True) -> None:
+        """Finish the current bar and start one for ``label``: a transfer of ``total``
+        bytes (None: unknown), or a phase without bytes (``transfer`` false)."""
+        if self.progress is None:
+            return
+        self._finish()
+        self.task = self.progress.add_task(label, total=total, transfer=transfer)
+
+    def _finish(self) -> None:
+        if self.task is not None:
+            task = self.progress.tasks[-1]
+            done = task.completed if task.fields.get("transfer") else 1
+            self.progress.update(self.task, total=done, completed=done)
+            self.progress.stop_task(self.task)
+            self.task = None
+
+    def settle(self, index: int, nbytes: int, seconds: float) -> None:
+        """Show on the ``index``-th bar the rate the summary reports: ``nbytes`` in
+        ``seconds`` as the client measured them."""
+        if self.progress is not None and seconds > 0 and index < len(self.progress.tasks):
+            self.progress.update(self.progress.task_ids[index], rate=nbytes / seconds)
+
+    def advance(self, n: int) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task, n)
+
+
+def _parse_range(text: str | None) -> Any:
+    from difs_p2p.ranges import parse_range
+
+    return None if text is None else parse_range(text)
 
 
 @client_app.command()
 def put(
-    file: Annotated[Path, typer.Argument(help="the file to publish")],
+    file: Annotated[str, typer.Argument(help="the file to publish, or - for stdin")],
     name: Annotated[str, typer.Argument(help="content name, e.g. /a.com/izone.mp4")],
-    segment_size: Annotated[str, typer.Option(help="segment size, e.g. 1MiB")] = "1MiB",
-    replicas: Annotated[int, typer.Option(help="copies of every segment range")] = 3,
-    update: Annotated[bool, typer.Option("--update", help="publish a new version")] = False,
+    segment_size: Annotated[
+        str, typer.Option(help="segment size: a multiple of 4KiB from 4KiB to 16MiB")
+    ] = "1MiB",
+    replicas: Annotated[
+        int, typer.Option(min=1, max=16, help="copies of every segment range (1-16)")
+    ] = 3,
+    update: Annotated[
+        bool, typer.Option("--update", metavar="", help="publish a new version")
+    ] = False,
     delegation: Annotated[
         Path | None,
         typer.Option(help="delegation file from the name's owner (difs delegate)"),
@@ -436,37 +727,48 @@ def put(
 ) -> None:
     """Publish FILE under NAME: segments go to storage peers, the signed manifest to the DHT.
 
-    Example: difs put izone.mp4 /a.com/izone.mp4 --replicas 3
+    FILE may be - (stdin) or any pipe: it is read once, segment by segment.
+
+    Example: tar c photos | difs put - /backups/photos.tar --replicas 3
     """
     from difs_p2p.client import Client
 
     async def go() -> Any:
-        seg = parse_size(segment_size)
+        seg = _segment_size(segment_size)
         cert = _load_delegation(delegation) if delegation is not None else None
-        size = file.stat().st_size if file.exists() else 0
-        bar = _progress_bar(size, "publishing")
-        address = resolve_peer(peer)
+        if file == "-" and sys.stdin.isatty():
+            raise errors.UsageError("put - reads the content from stdin: pipe it in")
+        source: Any = sys.stdin.buffer if file == "-" else Path(file)
+        publisher = _publisher(key)
+        pins, _ = _pins(name, None)
+        address = await entry_peer(peer)
         token = resolve_token(peer, token_file, address)
-        async with Client(
-            address, publisher=_publisher(key), pins=_pins(name, None), token=token
-        ) as client:
-            if bar is None:
-                return await client.put(
-                    file, name, segment_size=seg, replicas=replicas, update=update, delegation=cert
-                )
-            progress, task = bar
-            with progress:
-                return await client.put(
-                    file,
+        async with Client(address, publisher=publisher, pins=pins, token=token) as client:
+            with _Bars() as bars:
+
+                def on_phase(phase: str) -> None:
+                    if phase == "upload":
+                        size = source.stat().st_size if isinstance(source, Path) else None
+                        bars.phase("uploading", size if size else None)
+                    elif phase == "place":
+                        bars.phase(f"placing {_plural(replicas, 'replica')}", None, False)
+                    else:
+                        bars.phase("publishing the manifest", None, False)
+
+                result = await client.put(
+                    source,
                     name,
                     segment_size=seg,
                     replicas=replicas,
                     update=update,
                     delegation=cert,
-                    progress=lambda n: progress.advance(task, n),
+                    progress=bars.advance,
+                    on_phase=on_phase,
                 )
+                bars.settle(0, result.manifest.size, result.upload_seconds)
+                return result
 
-    result = run(go)
+    result = run(go, as_json)
     m = result.manifest
     summary = {
         "name": m.name,
@@ -478,6 +780,7 @@ def put(
         "accepted_by": result.accepted,
         "ranges": result.ranges,
         "seconds": round(result.seconds, 3),
+        "upload_seconds": round(result.upload_seconds, 3),
         "mb_per_s": round(m.size / result.seconds / 1e6, 1) if result.seconds else 0,
         "warnings": result.warnings,
     }
@@ -489,9 +792,27 @@ def put(
     holders = {h for r in result.ranges for h in r["holders"]}
     typer.echo(
         f"published {m.name} version {m.version}: {format_size(m.size)} in "
-        f"{m.segment_count} segments, {len(result.ranges)} ranges on {len(holders)} peers, "
-        f"{summary['mb_per_s']} MB/s"
+        f"{_plural(m.segment_count, 'segment')}, {_plural(len(result.ranges), 'range')} on "
+        f"{_plural(len(holders), 'peer')}; uploaded in {result.upload_seconds:.2f} s "
+        f"({_rate(m.size, result.upload_seconds)}), placed and published in "
+        f"{result.seconds - result.upload_seconds:.2f} s"
     )
+
+
+def _segment_size(text: str) -> int:
+    """--segment-size: a size that is a valid segment size, with a hint for decimal units."""
+    from difs_p2p.segments import validate_segment_size
+
+    n = parse_size(text)
+    try:
+        return validate_segment_size(n)
+    except errors.UsageError as exc:
+        if n % 4096 and n % 1000 == 0:
+            raise errors.UsageError(
+                f"{exc} ({text} is {n:,} bytes: decimal units are powers of 1000; "
+                "did you mean KiB or MiB?)"
+            ) from None
+        raise
 
 
 @client_app.command()
@@ -500,46 +821,53 @@ def get(
     output: Annotated[
         str | None, typer.Option("-o", "--output", help="file to write, '-' for stdout")
     ] = None,
-    version: Annotated[int | None, typer.Option(help="fetch this older version")] = None,
+    version: Annotated[int | None, typer.Option(min=1, help="fetch this older version")] = None,
     byte_range: Annotated[
-        str | None, typer.Option("--range", help="inclusive byte range START-END")
+        str | None,
+        typer.Option(
+            "--range",
+            help="bytes to fetch, HTTP style: START-END (inclusive), START- or -N (last N)",
+        ),
     ] = None,
     peer: PeerOpt = None,
     trust: TrustOpt = None,
     sync: Annotated[
-        bool, typer.Option("--sync", help="fsync the output file before exiting")
+        bool, typer.Option("--sync", metavar="", help="fsync the output file before exiting")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fetch NAME from its holders, verifying every byte (default output: the last component).
+
+    The output file is replaced only once every byte is verified: a failed or interrupted
+    fetch leaves it as it was. With -o - the data goes to stdout and summaries to stderr.
 
     Example: difs get /a.com/izone.mp4 -o izone.mp4
     """
     from difs_p2p.client import Client
     from difs_p2p.names import name_components
 
+    to_stdout = output == "-"
+
     async def go() -> Any:
         rng = _parse_range(byte_range)
-        target: Any = (
-            sys.stdout.buffer if output == "-" else Path(output or name_components(name)[-1])
-        )
-        async with Client(resolve_peer(peer), pins=_pins(name, trust)) as client:
-            bar = _progress_bar(0, "fetching") if output != "-" else None
-            if bar is None:
-                return await client.get(name, target, version=version, byte_range=rng, sync=sync)
-            progress, task = bar
-            with progress:
-                return await client.get(
+        target: Any = sys.stdout.buffer if to_stdout else Path(output or name_components(name)[-1])
+        pins, pin_trusted = _pins(name, trust)
+        async with Client(await entry_peer(peer), pins=pins) as client:
+            with _Bars() as bars:
+                result = await client.get(
                     name,
                     target,
                     version=version,
                     byte_range=rng,
-                    progress=lambda n: progress.advance(task, n),
-                    on_size=lambda n: progress.update(task, total=n),
+                    progress=bars.advance,
+                    on_size=lambda n: bars.phase("fetching", n),
                     sync=sync,
                 )
+                bars.settle(0, result.bytes, result.seconds - result.resolve)
+        pin_trusted()
+        return result
 
-    result = run(go)
+    result = run(go, as_json)
     summary = {
         "name": result.manifest.name,
         "version": result.manifest.version,
@@ -552,11 +880,14 @@ def get(
         "mb_per_s": round(result.bytes / result.seconds / 1e6, 1) if result.seconds else 0,
     }
     if as_json:
-        _print_json(summary)
-    elif output != "-":
+        # stdout carries the data with -o -
+        typer.echo(json.dumps(summary, indent=2, sort_keys=True), err=to_stdout)
+    elif not to_stdout:
         typer.echo(
             f"fetched {summary['name']} version {summary['version']}: "
-            f"{format_size(result.bytes)} from {result.sources} peers, {summary['mb_per_s']} MB/s",
+            f"{format_size(result.bytes)} from {_plural(result.sources, 'peer')} in "
+            f"{result.seconds:.2f} s: {result.resolve * 1000:.0f} ms to resolve the name, then "
+            f"{_rate(result.bytes, result.seconds - result.resolve)}",
             err=True,
         )
 
@@ -567,6 +898,7 @@ def rm(
     peer: PeerOpt = None,
     key: KeyOpt = None,
     token_file: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Delete NAME: publish a signed tombstone; holders free its segments.
 
@@ -575,14 +907,17 @@ def rm(
     from difs_p2p.client import Client
 
     async def go() -> Any:
-        address = resolve_peer(peer)
+        publisher = _publisher(key)
+        pins, _ = _pins(name, None)
+        address = await entry_peer(peer)
         token = resolve_token(peer, token_file, address)
-        async with Client(
-            address, publisher=_publisher(key), pins=_pins(name, None), token=token
-        ) as client:
+        async with Client(address, publisher=publisher, pins=pins, token=token) as client:
             return await client.rm(name)
 
-    tombstone = run(go)
+    tombstone = run(go, as_json)
+    if as_json:
+        _print_json({"name": tombstone.name, "version": tombstone.version, "deleted": True})
+        return
     typer.echo(f"deleted {tombstone.name} (tombstone version {tombstone.version})")
 
 
@@ -591,18 +926,63 @@ def stat(
     name: Annotated[str, typer.Argument(help="content name")],
     peer: PeerOpt = None,
     trust: TrustOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Show NAME's manifest as JSON: info, storages per range and which answer now.
+    """Show NAME's manifest, the holders of each range and which of them answer now.
+
+    --json prints it in the seed's shape: info, storages, ranges, versions.
 
     Example: difs stat /a.com/izone.mp4
     """
     from difs_p2p.client import Client
 
     async def go() -> Any:
-        async with Client(resolve_peer(peer), pins=_pins(name, trust)) as client:
-            return await client.stat(name)
+        pins, pin_trusted = _pins(name, trust)
+        async with Client(await entry_peer(peer), pins=pins) as client:
+            result = await client.stat(name)
+        pin_trusted()
+        return result
 
-    _print_json(run(go))
+    result = run(go, as_json)
+    _print_json(result) if as_json else _print_stat(result)
+
+
+def _when(created: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(created))
+
+
+def _print_stat(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    info = result["info"]
+    state = "deleted" if info.get("deleted") else format_size(info["size"])
+    console.print(f"[bold]{info['name']}[/] version {info['version']}  {state}")
+    console.print(f"created:   {_when(info['created'])}")
+    console.print(
+        f"segments:  {info['segment_count']} of {format_size(info['segment_size'])}, "
+        f"{_plural(info['stripes'], 'range')}, {_plural(info['replicas'], 'replica')} asked"
+    )
+    console.print(f"owner:     {info['owner']}")
+    if info["publisher"] != info["owner"]:
+        console.print(f"publisher: {info['publisher']} (delegate)")
+    console.print(f"manifest:  {info['hash_of_manifest']}")
+    console.print(f"versions:  {', '.join(str(v) for v in result['versions'])}")
+    ranges = Table("segments", "holders", "answering", title="ranges")
+    for r in result["ranges"]:
+        ranges.add_row(f"{r['start']}-{r['end']}", str(r["holders"]), str(r["live"]))
+    console.print(ranges)
+    holders = Table("storage", "address", "segments", "answers", title="holders")
+    for h in result["storages"]:
+        seg = h["segment"]
+        holders.add_row(
+            h["storage"][:16],
+            h["address"],
+            f"{seg['start']}-{seg['end']}",
+            "yes" if h["live"] else "no",
+        )
+    console.print(holders)
 
 
 @client_app.command()
@@ -611,7 +991,7 @@ def versions(
     peer: PeerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List NAME's versions, oldest first, and whether each is still retrievable.
+    """List NAME's versions, oldest first, with their dates and whether each is still retrievable.
 
     Peers keep the newest versions (3 by default, `difs-peer join --keep-versions`) and
     collect older ones.
@@ -621,10 +1001,11 @@ def versions(
     from difs_p2p.client import Client
 
     async def go() -> Any:
-        async with Client(resolve_peer(peer), pins=_pins(name, None)) as client:
+        pins, _ = _pins(name, None)
+        async with Client(await entry_peer(peer), pins=pins) as client:
             return await client.version_status(name)
 
-    history = run(go)
+    history = run(go, as_json)
     rows = [
         {
             "version": m.version,
@@ -643,7 +1024,9 @@ def versions(
     for r in rows:
         state = "deleted" if r["deleted"] else format_size(r["size"])
         kept = "retrievable" if r["retrievable"] else "collected"
-        typer.echo(f"v{r['version']}  {state:>12}  {kept:<11}  {r['manifest'][:16]}")
+        typer.echo(
+            f"v{r['version']}  {_when(r['created'])}  {state:>12}  {kept:<11}  {r['manifest'][:16]}"
+        )
 
 
 def _load_delegation(path: Path) -> Any:
@@ -651,7 +1034,7 @@ def _load_delegation(path: Path) -> Any:
 
     try:
         return parse_delegation(json.loads(path.read_text()))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, errors.WireError, errors.IntegrityError) as exc:
         raise errors.UsageError(f"cannot read delegation {path}: {exc}") from None
 
 
@@ -659,19 +1042,19 @@ def _load_delegation(path: Path) -> Any:
 def delegate(
     prefix: Annotated[str, typer.Argument(help="name prefix to delegate, e.g. /a.com/blog")],
     writer: Annotated[str, typer.Argument(help="the writer's public key (64 hex)")],
-    days: Annotated[float, typer.Option(help="validity in days")] = 30.0,
+    days: Annotated[float, typer.Option(help="validity in days (more than 0)")] = 30.0,
     key: KeyOpt = None,
 ) -> None:
     """As a name owner, let WRITER publish names under PREFIX; prints the delegation JSON.
 
     Example: difs delegate /a.com/blog 3b6a27...29 > blog.delegation
     """
-    import time
-
     from difs_p2p.manifest import build_delegation
     from difs_p2p.pins import parse_key
 
     try:
+        if not days > 0 or days == float("inf"):
+            raise errors.UsageError(f"--days must be more than 0, not {days:g}")
         cert = build_delegation(
             _publisher(key),
             prefix=prefix,
@@ -690,6 +1073,7 @@ def revoke(
     peer: PeerOpt = None,
     key: KeyOpt = None,
     token_file: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """As a name owner, revoke WRITER's delegation for PREFIX (readers refuse its versions).
 
@@ -699,30 +1083,32 @@ def revoke(
     from difs_p2p.pins import parse_key
 
     async def go() -> Any:
-        address = resolve_peer(peer)
+        writer_key = parse_key(writer)
+        publisher = _publisher(key)
+        address = await entry_peer(peer)
         token = resolve_token(peer, token_file, address)
-        async with Client(address, publisher=_publisher(key), token=token) as client:
-            return await client.revoke(prefix, parse_key(writer))
+        async with Client(address, publisher=publisher, token=token) as client:
+            return await client.revoke(prefix, writer_key)
 
-    listing = run(go)
+    listing = run(go, as_json)
+    if as_json:
+        _print_json(
+            {"prefix": prefix, "writer": writer, "list": listing.name, "version": listing.version}
+        )
+        return
     typer.echo(f"revoked {writer[:16]}... under {prefix} ({listing.name} v{listing.version})")
 
 
-@client_app.command()
-def whoami(key: KeyOpt = None, as_json: JsonOpt = False) -> None:
-    """Show the publisher key, its fingerprint and its self-certifying namespace.
-
-    Example: difs whoami
-    """
-    try:
-        me = _publisher(key)
-    except errors.DifsError as exc:
-        raise _fail(exc) from None
-    info = {
+def _key_info(me: Identity, path: Path) -> dict[str, str]:
+    return {
+        "key_file": str(path),
         "public_key": me.public_key.hex(),
         "fingerprint": me.fingerprint,
         "namespace": f"/key/{me.fingerprint}/",
     }
+
+
+def _print_key_info(info: dict[str, str], as_json: bool) -> None:
     if as_json:
         _print_json(info)
         return
@@ -730,11 +1116,82 @@ def whoami(key: KeyOpt = None, as_json: JsonOpt = False) -> None:
         typer.echo(f"{k}: {v}")
 
 
+@client_app.command()
+def whoami(key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the publisher key, its fingerprint and its self-certifying namespace.
+
+    Read only: it never creates a key (difs key new does; difs put creates the default one).
+
+    Example: difs whoami
+    """
+    path = key or default_key_file()
+    try:
+        if key is None and not path.exists():
+            raise errors.UsageError(
+                f"no publisher key yet ({path}): it is created on first publish, "
+                "or now with 'difs key new'"
+            )
+        me = _read_key(path)
+    except errors.DifsError as exc:
+        raise _fail(exc, as_json) from None
+    _print_key_info(_key_info(me, path), as_json)
+
+
+key_app = typer.Typer(
+    help="Create publisher keys.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    context_settings=CONTEXT,
+)
+client_app.add_typer(key_app, name="key")
+
+
+@key_app.command("new")
+def key_new(
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="key file to create (default: $DIFS_HOME/publisher.key)"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a new publisher key file (mode 0600); an existing file is never overwritten.
+
+    Example: difs key new ~/keys/blog.key
+    """
+    from difs_p2p.identity import load_or_create
+
+    target = path or default_key_file()
+    try:
+        if target.exists() or target.is_symlink():
+            raise errors.AlreadyExistsError(f"key file {target} already exists; not overwritten")
+        me = load_or_create(target)
+    except errors.DifsError as exc:
+        raise _fail(exc, as_json) from None
+    _print_key_info(_key_info(me, target), as_json)
+
+
+def _main(app: typer.Typer) -> None:
+    """Run ``app``: usage errors as one line (a JSON object with --json) and exit 2."""
+    as_json = "--json" in sys.argv[1:]
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # bad options and arguments
+        if as_json:
+            _report_error(exc.format_message(), exc.exit_code, True)
+        else:
+            exc.show()  # type: ignore[attr-defined]
+        code = exc.exit_code
+    except typer.Abort:
+        code = 130
+    except BrokenPipeError:
+        code = 0
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def peer_main() -> None:
-    with contextlib.suppress(BrokenPipeError):
-        peer_app()
+    _main(peer_app)
 
 
 def client_main() -> None:
-    with contextlib.suppress(BrokenPipeError):
-        client_app()
+    _main(client_app)

@@ -44,11 +44,12 @@ from difs_p2p.errors import (
     NotFoundError,
     PeerError,
     PermissionDeniedError,
+    StorageError,
     UsageError,
     WireError,
 )
 from difs_p2p.fetchplan import FetchPlan, PlanConfig
-from difs_p2p.identity import Identity
+from difs_p2p.identity import Identity, fingerprint
 from difs_p2p.manifest import (
     REVOCATIONS,
     Delegation,
@@ -60,9 +61,10 @@ from difs_p2p.manifest import (
     parse_manifest,
     verify_holder_entry,
 )
-from difs_p2p.names import name_key, normalize_name
+from difs_p2p.names import key_namespace_owner, name_key, normalize_name
 from difs_p2p.net import HOST_NETWORK, Connector
 from difs_p2p.pins import Pins
+from difs_p2p.ranges import ByteRange
 from difs_p2p.transfer import BufferPool, Connection, remote_error
 
 # Requests in flight per connection: enough to keep a loopback link busy (measured: 8).
@@ -73,6 +75,11 @@ MAX_SOURCES = 8
 STREAM_WINDOW = 64
 # Default replica count, as in Storj/Garage-style triple replication.
 DEFAULT_REPLICAS = 3
+# Most copies one publish may ask for: each is a full upload by the entry peer, and a
+# range's holders are looked up among the closest peers to it (k = 20).
+MAX_REPLICAS = 16
+# Ending of the temporary file a fetch writes beside its output (".NAME.<hex>.part").
+PARTIAL_SUFFIX = ".part"
 # Buffers up to this size are hashed on the event loop: BLAKE3 takes about 10 us for
 # 64 KiB here, less than a hop to a worker thread and back.
 INLINE_HASH = 64 << 10
@@ -85,6 +92,9 @@ HASH_LIST_HEDGE = 0.05
 SUPERVISE_TICK = 0.02
 
 Progress = Callable[[int], None]
+# Called with the name of each publish phase as it begins: "upload" (segments to the
+# entry peer), "place" (the entry peer pushes replicas), "publish" (manifest to the DHT).
+Phase = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +143,9 @@ class PublishResult:
     ranges: list[dict[str, Any]]
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    # seconds of `seconds` spent sending the segments to the entry peer (the upload alone,
+    # without resolving the name before it nor placing the replicas after it)
+    upload_seconds: float = 0.0
 
 
 @dataclass(slots=True)
@@ -189,9 +202,38 @@ def in_spans(merged: list[tuple[int, int]], index: int) -> bool:
 
 
 def _read_and_hash(fh: IO[bytes], size: int) -> tuple[bytes, bytes]:
-    """The next segment of ``fh`` and its id (in a worker thread: one hop for both)."""
+    """The next segment of ``fh`` and its id (in a worker thread: one hop for both).
+
+    A pipe returns what it has; reads go on until the segment is full or the input ends.
+    """
     chunk = fh.read(size)
+    if chunk and len(chunk) < size:
+        parts = [chunk]
+        got = len(chunk)
+        while got < size and (more := fh.read(size - got)):
+            parts.append(more)
+            got += len(more)
+        chunk = b"".join(parts)
     return chunk, bytes(segments.segment_hash(chunk)) if chunk else b""
+
+
+def _source_size(path: Path) -> int | None:
+    """The size of the regular file ``path``, None for a FIFO or device (read as a
+    stream); UsageError for a directory or a path that cannot be read."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"cannot publish {path}: it is a directory")
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _open_source(path: Path) -> IO[bytes]:
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _read_chunks(path: Path, size: int) -> Iterator[bytes]:
@@ -386,7 +428,7 @@ class Client:
 
     async def put(
         self,
-        source: Path,
+        source: Path | IO[bytes],
         name: str,
         *,
         segment_size: int = segments.DEFAULT_SEGMENT_SIZE,
@@ -394,10 +436,15 @@ class Client:
         update: bool = False,
         progress: Progress | None = None,
         delegation: Delegation | None = None,
+        on_phase: Phase | None = None,
     ) -> PublishResult:
-        """Publish the file ``source`` under ``name`` (a new version with ``update``).
+        """Publish ``source`` under ``name`` (a new version with ``update``).
 
-        A delegate of the name's owner passes its ``delegation``; the name stays the owner's.
+        ``source`` is a file path, or a binary stream (a pipe, stdin) read once, segment by
+        segment: memory stays bounded by the upload pipeline whatever the size, which is
+        known only at the end (the manifest is signed after the upload). A path to a FIFO
+        or a character device is read as a stream. A delegate of the name's owner passes
+        its ``delegation``; the name stays the owner's.
         """
         if self.publisher is None:
             raise UsageError("publishing needs a publisher key")
@@ -406,16 +453,15 @@ class Client:
                 "permission denied: uploading needs the entry peer's control token "
                 "(Client(token=...); difs: pass --token-file)"
             )
-        if replicas < 1:
-            raise UsageError("replicas must be at least 1")
+        if not 1 <= replicas <= MAX_REPLICAS:
+            raise UsageError(f"replicas must be between 1 and {MAX_REPLICAS}, not {replicas}")
         norm = normalize_name(name)
         segment_size = segments.validate_segment_size(segment_size)
         started = time.perf_counter()
-        try:
-            size = (await asyncio.to_thread(source.stat)).st_size
-        except OSError as exc:
-            raise UsageError(f"cannot read {source}: {exc.strerror}") from None
-        layout = segments.Layout(size, segment_size)
+        # the size of a regular file, checked against what is read; None for a stream
+        expected = (
+            await asyncio.to_thread(_source_size, source) if isinstance(source, Path) else None
+        )
         try:
             known = await self.resolve(norm)
             previous: Manifest | None = known.manifest
@@ -427,6 +473,17 @@ class Client:
             delegation.writer != self.publisher.public_key or not delegation.covers(norm)
         ):
             raise UsageError(f"the delegation is not for this key or does not cover {norm}")
+        if delegation is not None and delegation.expires < self.clock():
+            expired = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(delegation.expires))
+            raise PermissionDeniedError(
+                f"the delegation for {delegation.prefix} expired on {expired}"
+            )
+        namespace = key_namespace_owner(norm)
+        if namespace is not None and namespace != fingerprint(owner):
+            raise PermissionDeniedError(
+                f"{norm} is in the namespace of key {namespace}; this key's namespace is "
+                f"/key/{fingerprint(owner)}/"
+            )
         if previous is not None:
             if previous.owner != owner:
                 raise PermissionDeniedError(f"{norm} belongs to another publisher")
@@ -435,13 +492,20 @@ class Client:
                     f"{norm} already exists (version {previous.version}); "
                     "use --update to publish a new version"
                 )
-        hashes, integrity = await self._upload(source, segment_size, progress)
-        if len(hashes) != layout.count:
+        if on_phase is not None:
+            on_phase("upload")
+        upload_started = time.perf_counter()
+        hashes, integrity, size = await self._upload(source, segment_size, progress)
+        uploaded = time.perf_counter() - upload_started
+        layout = segments.Layout(size, segment_size)
+        if (expected is not None and size != expected) or len(hashes) != layout.count:
             raise UsageError(f"{source} changed while it was being published")
         # above every version the lineage used, even one by a since-revoked writer (the
         # name's peers only take a higher version); parented on the newest valid one
         version = max(top, previous.version) + 1 if previous else 1
         stripes = segments.default_stripes(layout.count)
+        if on_phase is not None:
+            on_phase("place")
         placed = await self._call(
             "place",
             key=name_key(norm).hex(),
@@ -466,7 +530,11 @@ class Client:
             created=self.clock(),
             delegation=delegation,
         )
-        return await self._publish(manifest, placed, started)
+        if on_phase is not None:
+            on_phase("publish")
+        result = await self._publish(manifest, placed, started)
+        result.upload_seconds = uploaded
+        return result
 
     async def _publish(
         self, manifest: Manifest, placed: dict[str, Any], started: float
@@ -506,10 +574,10 @@ class Client:
         return self._conn
 
     async def _upload(
-        self, source: Path, segment_size: int, progress: Progress | None
-    ) -> tuple[list[bytes], bytes]:
+        self, source: Path | IO[bytes], segment_size: int, progress: Progress | None
+    ) -> tuple[list[bytes], bytes, int]:
         """Send every segment, then the hash list, to the entry peer with PIPELINE puts in
-        flight; the segment hashes and the integrity root."""
+        flight; the segment hashes, the integrity root and the number of bytes sent."""
         conn = await self._data_conn()
         hashes: list[bytes] = []
         pending: collections.deque[int] = collections.deque()
@@ -531,7 +599,8 @@ class Client:
             pending.append(progress_bytes)
 
         integrity = b""
-        fh = await asyncio.to_thread(source.open, "rb")
+        size = 0
+        fh = await asyncio.to_thread(_open_source, source) if isinstance(source, Path) else source
         try:
             async with conn.exchange:  # the ACKs are ours alone
                 complete = False
@@ -541,6 +610,7 @@ class Client:
                         if not chunk:
                             break
                         hashes.append(seg_id)
+                        size += len(chunk)
                         await put(seg_id, chunk, len(chunk))
                     # the hash list goes in the same pipeline (no round trip of its own)
                     hash_list = segments.encode_hash_list(hashes)
@@ -557,8 +627,9 @@ class Client:
                     if not complete:
                         conn.close()  # ACKs may still be on their way
         finally:
-            fh.close()
-        return hashes, integrity
+            if fh is not source:
+                fh.close()
+        return hashes, integrity, size
 
     async def rm(self, name: str) -> Manifest:
         """Delete ``name``: publish a signed tombstone; holders then free the segments."""
@@ -643,35 +714,58 @@ class Client:
         out: Path | IO[bytes],
         *,
         version: int | None = None,
-        byte_range: tuple[int, int] | None = None,
+        byte_range: tuple[int, int] | ByteRange | None = None,
         progress: Progress | None = None,
         on_size: Progress | None = None,
         sync: bool = False,
     ) -> FetchResult:
-        """Fetch ``name`` (or one version, or an inclusive byte range) into ``out``.
+        """Fetch ``name`` (or one version, or a byte range) into ``out``.
 
-        ``on_size`` is called once with the number of bytes that will be written, before
-        the first ``progress`` call. With ``sync`` a file ``out`` is fsynced before this
-        returns; without, the bytes are in the page cache, as after ``cp`` or ``curl``
-        (the network keeps its own durable copies).
+        ``byte_range`` is a :class:`~difs_p2p.ranges.ByteRange` or an inclusive (first,
+        last) pair, with HTTP Range semantics: an end past the object is trimmed, a start
+        past it is a UsageError. A path ``out`` is written through a temporary file beside
+        it, renamed over it only once every byte is verified: a fetch that fails or is
+        cancelled leaves the path as it was (an existing file keeps its content). A device
+        or FIFO path is written in place. ``on_size`` is called once with the number of
+        bytes that will be written, before the first ``progress`` call. With ``sync`` a
+        file ``out`` is fsynced before this returns; without, the bytes are in the page
+        cache, as after ``cp`` or ``curl`` (the network keeps its own durable copies).
         """
+        if isinstance(out, Path):
+            await asyncio.to_thread(_check_output, out)
         started = time.perf_counter()
         resolved = await self.resolve(name)
         resolve = time.perf_counter() - started
         manifest = resolved.manifest
         if version is not None:
+            if version < 1:
+                raise UsageError(f"version {version}: versions start at 1")
             match = [m for m in resolved.history if m.version == version]
             if not match:
                 raise NotFoundError(f"{manifest.name} has no version {version}")
             manifest = match[0]
         if manifest.deleted:
             raise DeletedError(f"{manifest.name} was deleted (version {manifest.version})")
+        span: tuple[int, int] | None = None
+        if byte_range is not None:
+            if not isinstance(byte_range, ByteRange):
+                byte_range = ByteRange(start=byte_range[0], end=byte_range[1])
+            span = byte_range.resolve(manifest.size)
         # signatures are checked as the fetch comes to each entry (_Fetch._trusted)
         entries = resolved.entries_for(manifest)
-        fetch = _Fetch(self, manifest, entries, byte_range, progress, sync)
+        fetch = _Fetch(self, manifest, entries, span, progress, sync)
         if on_size is not None:
             on_size(max(0, fetch.last - fetch.first + 1))
-        result = await fetch.run(out, started)
+        try:
+            if isinstance(out, Path):
+                result = await _into_file(fetch, out, started, sync)
+            else:
+                result = await fetch.run(out, started)
+        except IntegrityError as exc:
+            if fetch.suspects:
+                raise
+            # No holder served a bad copy: the holders could not be reached or refused.
+            raise NetworkError(str(exc)) from None
         result.resolve = resolve
         return result
 
@@ -704,6 +798,81 @@ async def _holds(
     if not isinstance(holds, list):
         return []
     return [h for h, ok in zip(entries, holds, strict=False) if ok is True]
+
+
+def _check_output(path: Path) -> None:
+    """UsageError unless ``path`` can be a fetch's output: not a directory, in one."""
+    if path.is_dir():
+        raise UsageError(f"cannot write {path}: it is a directory")
+    parent = Path(os.path.realpath(path)).parent
+    if not parent.exists():
+        raise UsageError(f"cannot write {path}: directory {path.parent} does not exist")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {path}: {path.parent} is not a directory")
+
+
+def _open_temporary(path: Path) -> tuple[Path, Path]:
+    """(temporary file beside the real ``path``, the real path); the temporary file has
+    the mode of the file it will replace, else the usual mode for a new file."""
+    real = Path(os.path.realpath(path))
+    _check_output(real)
+    try:
+        old_mode: int | None = stat.S_IMODE(os.stat(real).st_mode)
+    except FileNotFoundError:
+        old_mode = None
+    for _ in range(8):
+        tmp = real.with_name(f".{real.name}.{os.urandom(4).hex()}{PARTIAL_SUFFIX}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
+        try:
+            if old_mode is not None:
+                os.fchmod(fd, old_mode)
+        finally:
+            os.close(fd)
+        return tmp, real
+    raise StorageError(f"cannot create a temporary file beside {path}")  # pragma: no cover
+
+
+def _writes_in_place(path: Path) -> bool:
+    """Whether ``path`` is a device, FIFO or socket (written directly, never replaced)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+async def _into_file(fetch: _Fetch, path: Path, started: float, sync: bool) -> FetchResult:
+    """Run ``fetch`` into a temporary file, renamed over ``path`` once complete."""
+    if await asyncio.to_thread(_writes_in_place, path):
+        return await fetch.run(path, started)
+    tmp, real = await asyncio.to_thread(_open_temporary, path)
+    try:
+        result = await fetch.run(tmp, started)
+        await asyncio.to_thread(os.replace, tmp, real)
+        if sync:
+            await asyncio.to_thread(_fsync_directory, real.parent)
+    except BaseException:
+        # also on cancellation (Ctrl-C, SIGTERM): synchronous, so a second cancel cannot
+        # skip it
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return result
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 async def _alive(address: tuple[str, int], network: Connector) -> bool:
@@ -768,6 +937,8 @@ class _Fetch:
         # the hash list's exchange: (holder, first-byte delay, bytes, seconds receiving)
         self._seed: tuple[tuple[str, int], float, int, float] | None = None
         self.plan: FetchPlan | None = None
+        # holders that served at least one verified segment
+        self.served: set[tuple[str, int]] = set()
 
     def _sources(self) -> list[tuple[str, int]]:
         return list(self._by_address)
@@ -822,12 +993,18 @@ class _Fetch:
         loop = asyncio.get_running_loop()
         errors: list[str] = []
         rtts: list[float] = []
+        unreachable = 0
 
         async def ask(address: tuple[str, int]) -> tuple[Connection, list[bytes]]:
+            nonlocal unreachable
             t0 = loop.time()
-            conn = await Connection.open(
-                address, io_timeout=self.client.io_timeout, network=self.client.network
-            )
+            try:
+                conn = await Connection.open(
+                    address, io_timeout=self.client.io_timeout, network=self.client.network
+                )
+            except DifsError:
+                unreachable += 1
+                raise
             sent = loop.time()
             rtts.append(sent - t0)
             try:
@@ -888,7 +1065,9 @@ class _Fetch:
             for outcome in await asyncio.gather(*pending, return_exceptions=True):
                 if isinstance(outcome, tuple):
                     outcome[0].close()  # a second list that came in the same instant
-        raise NotFoundError(
+        # every holder unreachable is a network failure, not a missing object
+        cls = NetworkError if unreachable and unreachable == len(errors) else NotFoundError
+        raise cls(
             f"no holder of {self.manifest.name} answered with its hash list "
             f"({len(self._sources())} tried: {'; '.join(errors[:3])})"
         )
@@ -925,7 +1104,7 @@ class _Fetch:
             self.written,
             time.perf_counter() - started,
             self.first_byte,
-            len(self._sources()),
+            len(self.served),
             plan.retries if plan else 0,
             hedged=plan.hedged if plan else 0,
             late=list(plan.late_seen) if plan else [],
@@ -1050,6 +1229,7 @@ class _Fetch:
                 return
             finally:
                 slots.release()
+            self.served.add(address)
             await store(index, data, buf)
 
         processing: set[asyncio.Task[None]] = set()

@@ -105,8 +105,8 @@ def _publish_and_fetch(root: Path, addresses: list[str]) -> int:
     if put.returncode != 0:
         print(put.stderr)
         return 1
-    print(f"  published in {put_s:.2f} s ({DEMO_SIZE / put_s / 1e6:.0f} MB/s)")
-    stat = _run([difs, "stat", DEMO_NAME, "--peer", addresses[-1]], env=env)
+    print(f"  published in {put_s:.2f} s ({DEMO_SIZE / put_s / (1 << 20):.0f} MiB/s)")
+    stat = _run([difs, "stat", DEMO_NAME, "--peer", addresses[-1], "--json"], env=env)
     if stat.returncode != 0:
         print(stat.stderr)
         return 1
@@ -136,7 +136,7 @@ def _publish_and_fetch(root: Path, addresses: list[str]) -> int:
     same = hashlib.sha256(src.read_bytes()).digest() == hashlib.sha256(out.read_bytes()).digest()
     print(
         f"fetched {DEMO_NAME} by name via {addresses[-1]} in {get_s:.2f} s "
-        f"({DEMO_SIZE / get_s / 1e6:.0f} MB/s), byte-identical: {same}"
+        f"({DEMO_SIZE / get_s / (1 << 20):.0f} MiB/s), byte-identical: {same}"
     )
     return 0 if same else 1
 

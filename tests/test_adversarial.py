@@ -1137,7 +1137,7 @@ async def test_a_strangers_deleted_v1000_record_deletes_nothing(
     assert _used(peers) == used, f"bytes freed: {used - _used(peers)}"
     assert sum(p.maintainer.stats.freed_bytes for p in peers if p.maintainer) == 0
 
-    async with Client(peers[2].address, publisher=owner, pins=Pins(None)) as client:
+    async with client_for(peers[2], publisher=owner, pins=Pins(None)) as client:
         out = tmp_path / "owner-read"
         await client.get(name, out)
         assert out.read_bytes() == data
@@ -1176,8 +1176,10 @@ async def test_a_strangers_entries_and_history_for_a_victims_name_are_refused(
 
     swap = tmp_path / "swap"
     swap.write_bytes(os.urandom(3 * SEG))
-    async with Client(peers[0].address, publisher=stranger) as client:
-        hashes, integrity = await client._upload(swap, SEG, None)
+    # the stranger operates a peer of its own (here peers[0]): the control plane does not
+    # stop it, so the entry sets and holders must
+    async with client_for(peers[0], publisher=stranger) as client:
+        hashes, integrity, _ = await client._upload(swap, SEG, None)
         placed = await client._call(
             "place",
             key=key.hex(),

@@ -18,7 +18,6 @@ from difs_p2p.errors import (
     AlreadyExistsError,
     DeletedError,
     DifsError,
-    IntegrityError,
     NotFoundError,
     PermissionDeniedError,
 )
@@ -325,7 +324,7 @@ async def test_self_certifying_names_belong_to_their_key(
     src = write(tmp_path, 100)
     name = f"/key/{owner.fingerprint}/photo.jpg"
     async with client_for(network[1], publisher=other) as client:
-        with pytest.raises(IntegrityError):
+        with pytest.raises(PermissionDeniedError):
             await client.put(src, name, segment_size=SEG)
     async with client_for(network[1], publisher=owner) as client:
         await client.put(src, name, segment_size=SEG)
@@ -402,7 +401,7 @@ async def test_delegated_writer_publishes_under_the_owners_prefix_until_revoked(
     assert result.manifest.owner == owner.public_key
     assert result.manifest.publisher == writer.public_key
     async with client_for(network[0], publisher=stranger) as client:
-        with pytest.raises(IntegrityError):  # not the owner's namespace, no delegation
+        with pytest.raises(PermissionDeniedError):  # not the owner's namespace, no delegation
             await client.put(src, f"{prefix}/post2", segment_size=SEG)
         with pytest.raises(DifsError):  # someone else's delegation is of no use
             await client.put(src, f"{prefix}/post2", segment_size=SEG, delegation=cert)

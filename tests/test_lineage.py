@@ -328,7 +328,7 @@ async def test_revoking_a_delegate_leaves_the_owner_in_charge(tmp_path: Path) ->
 
     from difs_p2p.client import Client
     from difs_p2p.errors import DeletedError, PermissionDeniedError
-    from tests.helpers import start_peers, stop_all
+    from tests.helpers import client_for, start_peers, stop_all
 
     peers = await start_peers(tmp_path / "net", 4)
     try:
@@ -342,11 +342,11 @@ async def test_revoking_a_delegate_leaves_the_owner_in_charge(tmp_path: Path) ->
         cert = build_delegation(
             alice, prefix="/t.com", writer=bob.public_key, expires=time.time() + 3600
         )
-        async with Client(peers[0].address, publisher=alice) as client:
+        async with client_for(peers[0], publisher=alice) as client:
             await client.put(files[0], name, segment_size=SEG)
-        async with Client(peers[1].address, publisher=bob) as client:
+        async with client_for(peers[1], publisher=bob) as client:
             await client.put(files[1], name, segment_size=SEG, update=True, delegation=cert)
-        async with Client(peers[2].address, publisher=alice) as client:
+        async with client_for(peers[2], publisher=alice) as client:
             assert (await client.resolve(name)).manifest.version == 2  # before the revocation
             await client.revoke("/t.com", bob.public_key)
             out = tmp_path / "out"
@@ -364,13 +364,13 @@ async def test_revoking_a_delegate_leaves_the_owner_in_charge(tmp_path: Path) ->
             await reader.get(name, out)
             assert out.read_bytes() == v3
             assert [m.version for m in await reader.versions(name)] == [1, 3]
-        async with Client(peers[0].address, publisher=alice) as client:
+        async with client_for(peers[0], publisher=alice) as client:
             tomb = await client.rm(name)
             assert tomb.version == 4
         async with Client(peers[3].address) as reader:
             with pytest.raises(DeletedError):
                 await reader.get(name, out)
-        async with Client(peers[1].address, publisher=bob) as client:
+        async with client_for(peers[1], publisher=bob) as client:
             # storage peers still take a revoked writer's new name (a known limit), but
             # readers refuse every version of it
             files[1].write_bytes(os.urandom(SEG))
@@ -386,15 +386,14 @@ async def test_versions_tell_which_are_still_retrievable(tmp_path: Path) -> None
     the current one is retrievable."""
     import os
 
-    from difs_p2p.client import Client
     from difs_p2p.repair import RepairConfig
-    from tests.helpers import start_peers, stop_all, wait_for
+    from tests.helpers import client_for, start_peers, stop_all, wait_for
 
     peers = await start_peers(tmp_path / "net", 4, repair=RepairConfig(keep=1))
     try:
         owner = Identity.generate()
         src = tmp_path / "src"
-        async with Client(peers[0].address, publisher=owner) as client:
+        async with client_for(peers[0], publisher=owner) as client:
             src.write_bytes(os.urandom(3 * SEG))
             await client.put(src, "/r.net/a", segment_size=SEG)
             assert [ok for _, ok in await client.version_status("/r.net/a")] == [True]

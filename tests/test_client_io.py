@@ -1,0 +1,194 @@
+"""Where a get writes and what a put reads: all-or-nothing files, streams, byte ranges."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from difs_p2p.client import Client
+from difs_p2p.errors import NetworkError, UsageError
+from difs_p2p.identity import Identity
+from difs_p2p.peer import Peer
+from difs_p2p.ranges import ByteRange, parse_range
+from tests.helpers import client_for, start_peers, stop_all
+
+SEG = 64 << 10
+OLD = b"what the file held before\n"
+
+
+@pytest.fixture
+async def network(tmp_path: Path) -> AsyncIterator[list[Peer]]:
+    peers = await start_peers(tmp_path / "net", 3)
+    yield peers
+    await stop_all(peers)
+
+
+@pytest.mark.parametrize(
+    ("text", "size", "span"),
+    [
+        ("0-9", 100, (0, 9)),
+        ("10-19", 100, (10, 19)),
+        ("90-200", 100, (90, 99)),
+        ("99-99", 100, (99, 99)),
+        ("50-", 100, (50, 99)),
+        ("0-", 1, (0, 0)),
+        ("-10", 100, (90, 99)),
+        ("-1000", 100, (0, 99)),
+        (" 5-6 ", 100, (5, 6)),
+    ],
+)
+def test_ranges_resolve_like_http(text: str, size: int, span: tuple[int, int]) -> None:
+    """START-END, START- and -N give RFC 9110's bytes, an END past the end trimmed."""
+    assert parse_range(text).resolve(size) == span
+
+
+@pytest.mark.parametrize(
+    ("text", "size", "message"),
+    [
+        ("10-5", 100, "the end (5) is before the start (10)"),
+        ("100-", 100, "past the end of the object (100 bytes"),
+        ("100-200", 100, "starts at byte 100"),
+        ("0-", 0, "the object is empty"),
+        ("-5", 0, "the object is empty"),
+        ("-0", 100, "at least 1 byte"),
+        ("-", 100, "expected START-END"),
+        ("", 100, "expected START-END"),
+        ("5", 100, "expected START-END"),
+        ("a-5", 100, "'a' is not a byte offset"),
+        ("1-2-3", 100, "'2-3' is not a byte offset"),
+        ("١-٢", 100, "is not a byte offset"),
+    ],
+)
+def test_bad_ranges_say_what_is_wrong(text: str, size: int, message: str) -> None:
+    """Every malformed or unsatisfiable range is a UsageError naming the problem."""
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_range(text).resolve(size)
+
+
+async def _publish(network: list[Peer], src: Path, name: str) -> None:
+    async with client_for(network[0], publisher=Identity.generate()) as client:
+        await client.put(src, name, segment_size=SEG)
+
+
+async def test_a_failed_get_leaves_the_file_as_it_was(network: list[Peer], tmp_path: Path) -> None:
+    """A get that fails midway leaves the path's old content and no temporary file."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(20 * SEG))
+    await _publish(network, src, "/io/fail")
+    out = tmp_path / "out" / "copy.bin"
+    out.parent.mkdir()
+    out.write_bytes(OLD)
+    out.chmod(0o640)
+
+    def explode(_: int) -> None:
+        raise RuntimeError("disk on fire")
+
+    async with Client(network[1].address) as client:
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            await client.get("/io/fail", out, progress=explode)
+        assert out.read_bytes() == OLD
+        assert os.listdir(out.parent) == ["copy.bin"]
+        await client.get("/io/fail", out)
+    assert out.read_bytes() == src.read_bytes()
+    assert out.stat().st_mode & 0o777 == 0o640  # the replaced file's mode is kept
+    assert os.listdir(out.parent) == ["copy.bin"]
+
+
+async def test_a_cancelled_get_leaves_the_file_as_it_was(
+    network: list[Peer], tmp_path: Path
+) -> None:
+    """Cancelling a get (as Ctrl-C does) after its first bytes keeps the old file."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(40 * SEG))
+    await _publish(network, src, "/io/cancel")
+    out = tmp_path / "out" / "copy.bin"
+    out.parent.mkdir()
+    out.write_bytes(OLD)
+    async with Client(network[2].address) as client:
+        task: asyncio.Task[object] | None = None
+
+        def cancel(_: int) -> None:
+            assert task is not None
+            task.cancel()
+
+        task = asyncio.create_task(client.get("/io/cancel", out, progress=cancel))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert out.read_bytes() == OLD
+    assert os.listdir(out.parent) == ["copy.bin"]
+
+
+async def test_unreachable_holders_are_a_network_error(network: list[Peer], tmp_path: Path) -> None:
+    """With every holder stopped, a get raises NetworkError and keeps the file."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * SEG))
+    async with client_for(network[0], publisher=Identity.generate()) as client:
+        result = await client.put(src, "/io/gone", segment_size=SEG, replicas=1)
+    # the placed holders, and the entry peer (which may keep a copy)
+    holders = {h for r in result.ranges for h in r["holders"]} | {
+        f"{network[0].host}:{network[0].port}"
+    }
+    entry = next(p for p in network if f"{p.host}:{p.port}" not in holders)
+    for peer in network:
+        if f"{peer.host}:{peer.port}" in holders:
+            await peer.stop()
+    out = tmp_path / "copy.bin"
+    out.write_bytes(OLD)
+    async with Client(entry.address) as client:
+        with pytest.raises(NetworkError):
+            await client.get("/io/gone", out)
+    assert out.read_bytes() == OLD
+    assert sorted(os.listdir(tmp_path)) == ["copy.bin", "net", "src"]
+
+
+async def test_output_paths_that_cannot_work_are_usage_errors(
+    network: list[Peer], tmp_path: Path
+) -> None:
+    """A get into a missing directory or onto a directory, or a put of one, is refused."""
+    async with client_for(network[0], publisher=Identity.generate()) as client:
+        with pytest.raises(UsageError, match="does not exist"):
+            await client.get("/io/x", tmp_path / "no" / "x")
+        with pytest.raises(UsageError, match="is a directory"):
+            await client.get("/io/x", tmp_path)
+        with pytest.raises(UsageError, match="is a directory"):
+            await client.put(tmp_path, "/io/dir")
+
+
+async def test_put_streams_and_pipes(network: list[Peer], tmp_path: Path) -> None:
+    """put takes a binary stream or a pipe, of a size known only at its end."""
+    data = os.urandom(5 * SEG + 123)
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(write_fd, "wb") as w:
+            for i in range(0, len(data), 1000):  # short writes: reads come back short
+                w.write(data[i : i + 1000])
+                w.flush()
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    async with client_for(network[0], publisher=Identity.generate()) as client:
+        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+            piped = await client.put(pipe, "/io/pipe", segment_size=SEG)
+        writer.join()
+        streamed = await client.put(io.BytesIO(data), "/io/stream", segment_size=SEG)
+        assert piped.manifest.size == streamed.manifest.size == len(data)
+        assert piped.manifest.integrity == streamed.manifest.integrity
+        for name in ("/io/pipe", "/io/stream"):
+            buf = io.BytesIO()
+            await client.get(name, buf)
+            assert buf.getvalue() == data
+        tail = io.BytesIO()
+        await client.get("/io/pipe", tail, byte_range=ByteRange(suffix=100))
+        assert tail.getvalue() == data[-100:]
+        trimmed = io.BytesIO()
+        await client.get("/io/pipe", trimmed, byte_range=(len(data) - 10, len(data) + 10))
+        assert trimmed.getvalue() == data[-10:]
+        with pytest.raises(UsageError, match="past the end"):
+            await client.get("/io/pipe", io.BytesIO(), byte_range=(len(data), len(data) + 1))
