@@ -543,7 +543,8 @@ class Client:
             "publish", manifest=manifest.raw.decode(), entries=placed.get("entries", [])
         )
         readable, quorum = result.get("readable_paths", 0), result.get("quorum", 0)
-        if isinstance(readable, int) and isinstance(quorum, int) and readable < quorum:
+        unread = isinstance(readable, int) and isinstance(quorum, int) and readable < quorum
+        if result.get("winner") is None and unread:
             raise NetworkError(
                 f"{manifest.name} was stored but could be read back on only {readable} of "
                 f"{quorum} independent lookup paths: it is not published (try again)"

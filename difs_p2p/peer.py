@@ -894,14 +894,15 @@ class Peer:
         accepted = stored.accepted
         if accepted and stored.entries_accepted < accepted * len(items):
             await dht.add_entries(manifest.key, items)
-        if not stored.readable:
-            # only peers off the honest paths (Sybils near the key) took it: not published
-            winner: str | None = None
-        elif stored.refused == 0 and accepted > 0:
-            winner = manifest.hash
+        if stored.readable and stored.refused == 0 and accepted > 0:
+            winner: str | None = manifest.hash
         else:
             best = await dht.get(manifest.key)
             winner = record_hash(best[0]) if best else None
+            if winner == manifest.hash and not stored.readable:
+                # only this peer and peers off the read paths (Sybils near the key, say)
+                # serve it: not published
+                winner = None
         if winner == manifest.hash and not manifest.deleted:
             # this peer holds what it placed: it knows the lineage at once
             await asyncio.to_thread(

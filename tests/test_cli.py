@@ -267,8 +267,19 @@ class Net:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.data: dict[str, Path] = {}
         self.env = dict(os.environ, DIFS_HOME=str(root / "home"))
         self.env.pop("DIFS_PEER", None)
+
+    def env_for(self, args: tuple[str, ...]) -> dict[str, str]:
+        """The environment of a difs command: the control token of the peer it names with
+        ``--peer`` (this test suite operates its peers)."""
+        env = dict(self.env)
+        if "--peer" in args:
+            address = args[args.index("--peer") + 1]
+            if address in self.data:
+                env["DIFS_TOKEN_FILE"] = str(self.data[address] / "control.token")
+        return env
 
     def start(self, count: int) -> list[str]:
         seed = ""
@@ -278,6 +289,7 @@ class Net:
             )
             seed = seed or address
             self.procs[address] = proc
+            self.data[address] = self.root / f"p{i}"
         return list(self.procs)
 
     def signal(self, sig: int, addresses: list[str] | None = None) -> None:
@@ -292,12 +304,12 @@ class Net:
             proc.wait(timeout=15)
 
     def difs(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return difs(*args, env=self.env)
+        return difs(*args, env=self.env_for(args))
 
     def popen(self, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [str(BIN / "difs"), *args],
-            env=self.env,
+            env=self.env_for(args),
             stdout=kwargs.pop("stdout", subprocess.PIPE),
             stderr=subprocess.PIPE,
             **kwargs,
@@ -485,7 +497,7 @@ def test_bad_outputs_and_inputs_are_usage_errors(net: Net, tmp_path: Path) -> No
             stdin=follower,
             capture_output=True,
             text=True,
-            env=net.env,
+            env=net.env_for(("--peer", peer)),
             timeout=30,
             check=False,
         )
@@ -505,7 +517,7 @@ def test_json_summary_goes_to_stderr_when_stdout_carries_data(net: Net, tmp_path
     out = subprocess.run(
         [str(BIN / "difs"), "get", "/everyday/d.bin", "-o", "-", "--json", "--peer", peer],
         capture_output=True,
-        env=net.env,
+        env=net.env_for(("--peer", peer)),
         timeout=60,
         check=False,
     )
@@ -612,7 +624,7 @@ def test_put_reads_a_pipe_in_bounded_memory(net: Net, tmp_path: Path) -> None:
     got = subprocess.run(
         [str(BIN / "difs"), "get", "/everyday/pipe.bin", "-o", "-", "--peer", peer],
         capture_output=True,
-        env=net.env,
+        env=net.env_for(("--peer", peer)),
         timeout=60,
         check=False,
     )
@@ -622,7 +634,7 @@ def test_put_reads_a_pipe_in_bounded_memory(net: Net, tmp_path: Path) -> None:
         [str(BIN / "difs"), "put", "/dev/stdin", "/everyday/stdin.bin", "--peer", peer],
         input=small,
         capture_output=True,
-        env=net.env,
+        env=net.env_for(("--peer", peer)),
         timeout=60,
         check=False,
     )
@@ -630,7 +642,7 @@ def test_put_reads_a_pipe_in_bounded_memory(net: Net, tmp_path: Path) -> None:
     back = subprocess.run(
         [str(BIN / "difs"), "get", "/everyday/stdin.bin", "-o", "-", "--peer", peer],
         capture_output=True,
-        env=net.env,
+        env=net.env_for(("--peer", peer)),
         timeout=60,
         check=False,
     )
@@ -670,7 +682,7 @@ def test_get_ranges_use_http_semantics(
             peer,
         ],
         capture_output=True,
-        env=net.env,
+        env=net.env_for(("--peer", peer)),
         timeout=60,
         check=False,
     )
@@ -787,7 +799,7 @@ def _on_terminal(net: Net, *args: str) -> tuple[int, str, str]:
             [str(BIN / "difs"), *args],
             stdout=subprocess.PIPE,
             stderr=follower,
-            env=dict(net.env, COLUMNS="150"),
+            env=dict(net.env_for(args), COLUMNS="150"),
             timeout=60,
             check=False,
         )
