@@ -178,6 +178,13 @@ def join(
     retries: Annotated[
         int, typer.Option(help="bootstrap attempts before giving up (backoff 0.5 s, doubling)")
     ] = 5,
+    orphan_grace: Annotated[
+        float,
+        typer.Option(
+            help="seconds before what a failed publish left is collected: segments nothing"
+            " keeps, idle uploads, ranges whose manifest never appeared"
+        ),
+    ] = 300.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
 ) -> None:
     """Start a peer: a new network without --bootstrap, else join through the given peers.
@@ -194,7 +201,10 @@ def join(
             capacity=parse_size(capacity),
             bootstrap_attempts=max(1, retries),
             repair=RepairConfig(
-                interval=repair_interval, dead_after=dead_after, resolve_every=resolve_every
+                interval=repair_interval,
+                dead_after=dead_after,
+                resolve_every=resolve_every,
+                orphan_grace=orphan_grace,
             ),
         )
     except errors.DifsError as exc:
@@ -263,6 +273,14 @@ def check(
         f"{len(result['corrupt'])} corrupt, {len(result['missing'])} missing, "
         f"{result['healed']} healed"
     )
+    orphans, uploading = result.get("orphans"), result.get("uploading")
+    if isinstance(orphans, dict) and isinstance(uploading, dict):
+        typer.echo(
+            f"{orphans['segments']} orphaned segments ({format_size(orphans['bytes'])}) to be "
+            f"collected within {result.get('orphan_grace', '?')} s; "
+            f"{uploading['segments']} segments ({format_size(uploading['bytes'])}) of uploads "
+            "in progress"
+        )
     if result["corrupt"] and not repair:
         raise typer.Exit(5)
 
