@@ -427,12 +427,16 @@ def orphaned(
 ) -> bool:
     """Whether a holding belongs to a publish that never happened: the view has no manifest
     of its version with its integrity root, no newer version either (an old version whose
-    manifest left the history is ``gc_due``'s to judge), and ``grace`` seconds plus
-    ``per_segment`` per segment of the object have passed since the holding began."""
+    manifest left the history is ``gc_due``'s to judge), no holder entry for it (a publish
+    announces its holders with the manifest; ``place`` alone announces nothing), and
+    ``grace`` seconds plus ``per_segment`` per segment of the object have passed since the
+    holding began."""
     m = view.manifests.get(h.version)
     if m is not None and m.integrity == h.integrity.hex():
         return False
     if view.newest is not None and view.newest.version > h.version:
+        return False
+    if any(e.version == h.version and e.integrity == h.integrity for e in view.entries):
         return False
     return now - h.since > grace + per_segment * h.segment_count
 

@@ -315,6 +315,37 @@ async def test_small_peers_take_two_mib_objects_with_one_replica_through_one_ent
         await stop_all(peers)
 
 
+def test_a_holding_is_orphaned_only_without_manifest_entries_or_newer_version() -> None:
+    """A range whose version never appeared (no manifest, no holder entry, no newer version)
+    is orphaned once the grace time and the per-segment allowance have passed."""
+    from difs_p2p.manifest import Manifest, build_holder_entry
+    from difs_p2p.repair import Holding, NameView, orphaned
+
+    key, root = b"k" * 20, b"i" * 32
+    h = Holding(key, 2, root, 100, 0, 99, since=0.0)
+
+    def manifest(version: int, integrity: bytes = root) -> Manifest:
+        return Manifest(
+            "/x", key, version, None, None, 100 * 4096, 4096, 100, 2, 3, integrity.hex(),
+            False, 0.0, b"p" * 32, b"",
+        )  # fmt: skip
+
+    v1, v2, v3 = manifest(1), manifest(2), manifest(3)
+    other = manifest(2, b"j" * 32)  # the version another upload won
+    entry = build_holder_entry(
+        Identity.generate(), key=key, version=2, integrity=root, start=0, end=99,
+        host="127.0.0.1", port=4000, issued=1,
+    )  # fmt: skip
+    never = NameView(None, {}, [])
+    assert not orphaned(h, never, 10.0, grace=10.0, per_segment=0.1)  # 10 + 100 x 0.1
+    assert orphaned(h, never, 20.5, grace=10.0, per_segment=0.1)
+    assert orphaned(h, NameView(v1, {1: v1}, []), 11.0, 10.0)  # an update that failed
+    assert orphaned(h, NameView(other, {2: other}, []), 11.0, 10.0)
+    assert not orphaned(h, NameView(v2, {2: v2}, []), 1e9, 10.0)
+    assert not orphaned(h, NameView(v3, {3: v3}, []), 1e9, 10.0)  # GC's to judge
+    assert not orphaned(h, NameView(None, {}, [entry]), 1e9, 10.0)  # manifest hidden
+
+
 # -- the commands, as processes ---------------------------------------------------------------
 
 
