@@ -260,7 +260,8 @@ def check(
     peer: PeerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Verify every segment a running peer stores against its hash.
+    """Verify every segment a running peer stores against its hash, and report the
+    orphaned segments (left by failed publishes) waiting to be collected.
 
     Example: difs-peer check --repair --peer 127.0.0.1:4000
     """
