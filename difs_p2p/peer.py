@@ -90,6 +90,21 @@ class UploadSession:
     active: float
     placed: dict[tuple[bytes, int, bytes], list[Holding]]
     busy: int = 0
+    # set before the store forgets the session; a write still in a thread then drops its
+    # own pending row (see _store_pending)
+    ended: bool = False
+
+
+def _store_pending(
+    store: SegmentStore, session: UploadSession, seg_id: bytes, data: bytes | memoryview
+) -> bool:
+    """Store an uploaded segment as pending in ``session`` (in a worker thread). A write
+    that finishes after the session ended (its answer was cancelled with the connection)
+    drops its own pending row, so that nothing stays pending for a session that is gone."""
+    stored = store.put(seg_id, data, None, session.id)
+    if session.ended:
+        store.end_session(session.id, [seg_id])
+    return stored
 
 
 def orphan_sweep_every(grace: float) -> float:
@@ -423,6 +438,7 @@ class Peer:
         """Free the ranges a session placed but did not publish, and the segments it sent
         that nothing else keeps; the bytes freed (as charged)."""
         freed = 0
+        session.ended = True
         try:
             for holdings in list(session.placed.values()):
                 for h in holdings:
@@ -557,7 +573,7 @@ class Peer:
         if isinstance(frame, wire.PutSeg):
             session = self._session(conn)
             stored = await asyncio.to_thread(
-                self._store().put, frame.seg_id, frame.data, None, session.id
+                _store_pending, self._store(), session, frame.seg_id, frame.data
             )
             session.active = asyncio.get_running_loop().time()
             return wire.Ack(request_id=frame.request_id, seg_id=frame.seg_id, stored=stored)

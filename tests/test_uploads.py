@@ -141,6 +141,35 @@ async def test_the_entry_peer_frees_a_failed_upload_at_once(tmp_path: Path) -> N
         await stop_all(peers)
 
 
+async def test_a_put_cancelled_mid_upload_is_freed_at_once(tmp_path: Path) -> None:
+    """A put task cancelled while it uploads (Ctrl-C) leaves nothing at the entry peer
+    within seconds, with the default grace time."""
+    peers = await start_peers(tmp_path / "net", 3)
+    try:
+        src = random_file(tmp_path, 64 * SEG)
+        halfway = asyncio.Event()
+        sent = 0
+
+        def progress(n: int) -> None:
+            nonlocal sent
+            sent += n
+            if sent >= 16 * SEG:
+                halfway.set()
+
+        async def put() -> None:
+            async with Client(peers[0].address, publisher=Identity.generate()) as client:
+                await client.put(src, "/cancelled", segment_size=SEG, progress=progress)
+
+        task = asyncio.create_task(put())
+        await halfway.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_for(lambda: all(used(p) == 0 for p in peers))
+    finally:
+        await stop_all(peers)
+
+
 async def test_a_put_whose_publish_loses_a_race_frees_its_upload_at_the_entry_peer(
     tmp_path: Path,
 ) -> None:
@@ -371,6 +400,44 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
         env=env,
         check=False,
     )
+
+
+def test_pending_uploads_of_a_killed_peer_are_collected_after_its_restart(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of a peer process with an upload open: after the restart, the segments it
+    had received are collected within the grace time."""
+    env = dict(os.environ, DIFS_HOME=str(tmp_path / "home"))
+    proc, address = start_peer_process(tmp_path / "a", "--orphan-grace", "1")
+    try:
+
+        async def upload() -> None:
+            host, port = address.rsplit(":", 1)
+            conn = await Connection.open((host, int(port)), io_timeout=10)
+            try:
+                for i in range(8):
+                    chunk = os.urandom(SEG)
+                    seg_id = blake3.blake3(chunk).digest()
+                    await conn.send(wire.PutSeg(request_id=i, seg_id=seg_id, data=chunk))
+                    assert isinstance(await conn.read_frame(), wire.Ack)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=15)
+            finally:
+                conn.close()
+
+        asyncio.run(upload())
+        assert len(list((tmp_path / "a" / "store" / "segments").glob("*/*/*"))) == 8
+        proc, address = start_peer_process(tmp_path / "a", "--orphan-grace", "1")
+
+        def storage_used() -> int:
+            out = run_cli("difs-peer", "status", "--peer", address, "--json", env=env)
+            return int(json.loads(out.stdout)["storage"]["used"])
+
+        wait_for_sync(lambda: storage_used() == 0)
+        assert not list((tmp_path / "a" / "store" / "segments").glob("*/*/*"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
 
 
 def test_a_refused_put_on_small_peers_leaves_no_storage_used(tmp_path: Path) -> None:
