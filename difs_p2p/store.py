@@ -226,6 +226,13 @@ class SegmentStore:
                         " FROM segments",
                         (block, block, block, per_file),
                     ).fetchone()
+                    # what nothing keeps now is collected a grace time after it was stored
+                    self._candidates: dict[bytes, float] = {
+                        bytes(i): float(t)
+                        for i, t in self._db.execute(
+                            f"SELECT id, stored_at FROM segments WHERE {_UNNEEDED}"
+                        )
+                    }
             except BaseException:
                 self._db.close()
                 raise
@@ -646,6 +653,8 @@ class SegmentStore:
                     [(i, len(batch[i]), now) for i in new],
                 )
                 self._keep_locked(new, owner, session, now)
+            if owner is None and session is None:
+                self._candidates.update((i, now) for i in new)
             self._reserved -= need
             self._used += need
             self._count += len(new)
@@ -770,11 +779,14 @@ class SegmentStore:
                     for r in self._db.execute("SELECT id FROM refs WHERE owner=?", (owner,))
                 ]
                 self._db.execute("DELETE FROM refs WHERE owner=?", (owner,))
-                return [
+                unreferenced = [
                     i
                     for i in ids
                     if self._db.execute("SELECT 1 FROM refs WHERE id=?", (i,)).fetchone() is None
                 ]
+            # collected in time if the caller does not delete them
+            self._note_candidates_locked(unreferenced)
+            return unreferenced
 
     def release(self, owner: bytes) -> int:
         """Drop every ref of ``owner`` and delete the segments nothing keeps any more (no
@@ -828,29 +840,42 @@ class SegmentStore:
         with self._lock, self._sql("dropping pending rows of ended sessions"):
             self._check_open()
             marks = ",".join("?" * len(live))
-            self._db.execute(
-                f"DELETE FROM pending WHERE since < ? AND session NOT IN ({marks})",
-                (before, *live),
-            )
-        segments = freed = 0
-        while True:
-            with self._lock, self._sql("collecting orphans"):
-                self._check_open()
-                ids = [
+            where = f"since < ? AND session NOT IN ({marks})"
+            with self._transaction():
+                dropped = [
                     bytes(r[0])
                     for r in self._db.execute(
-                        f"SELECT id FROM segments WHERE stored_at < ? AND {_UNNEEDED} LIMIT ?",
-                        (before, _COLLECT_BATCH),
+                        f"SELECT id FROM pending WHERE {where}", (before, *live)
                     )
                 ]
-                n, b = self._delete_unneeded_locked(ids)
+                self._db.execute(f"DELETE FROM pending WHERE {where}", (before, *live))
+            self._note_candidates_locked(dropped)
+            # Only candidates are looked at, not the whole index: segments nothing kept
+            # when the store opened, stored without a keeper, or left by a dropped ref or
+            # pending row that was not followed by a deletion.
+            due = [i for i, t in self._candidates.items() if t < before]
+            for seg_id in due:
+                del self._candidates[seg_id]
+        segments = freed = 0
+        for first in range(0, len(due), _COLLECT_BATCH):
+            with self._lock, self._sql("collecting orphans"):
+                self._check_open()
+                n, b = self._delete_unneeded_locked(due[first : first + _COLLECT_BATCH])
             segments += n
             freed += b
-            if len(ids) < _COLLECT_BATCH:
-                break
         if segments:
             log.info("orphans collected segments=%d bytes=%d", segments, freed)
         return segments, freed
+
+    def _note_candidates_locked(self, ids: Sequence[bytes]) -> None:
+        """Remember those of ``ids`` that are stored as orphan candidates, with the time
+        they were stored."""
+        for seg_id in ids:
+            row = self._db.execute(
+                "SELECT stored_at FROM segments WHERE id=?", (seg_id,)
+            ).fetchone()
+            if row is not None:
+                self._candidates[seg_id] = float(row[0])
 
     def orphans(self) -> Orphans:
         """Segments no ref keeps: pending in an upload session, or orphaned."""
