@@ -671,7 +671,8 @@ class Peer:
                 holding, entry = await self._hold(
                     key, version, integrity, count, start, end, hashes
                 )
-                mine.append(holding)
+                if holding is not None:
+                    mine.append(holding)
                 return entry
             return await self.push_range(
                 contact.address, key, version, integrity, start, end, None, hashes
@@ -795,11 +796,24 @@ class Peer:
         start: int,
         end: int,
         hashes: list[bytes] | None = None,
-    ) -> tuple[Holding, HolderEntry]:
+    ) -> tuple[Holding | None, HolderEntry]:
         """Keep segments start..end (and the hash list) here: refs in the store, a
-        holding, and a signed holder entry. NotFoundError if one of them is not stored."""
+        holding, and a signed holder entry. NotFoundError if one of them is not stored.
+
+        The holding is None when this peer already held that range (nothing new to free
+        if the publish fails). A holding of the same version's range with other content
+        is never replaced (its refs share the owner tag, so freeing the new one would
+        free the old): UsageError.
+        """
         if count and not start <= end < count:
             raise UsageError("range outside the object")
+        existing = await asyncio.to_thread(self.holdings_db().get, key, version, start)
+        if existing is not None:
+            if (existing.integrity, existing.end) != (integrity, end):
+                raise UsageError(
+                    f"this peer holds other content for version {version} of that name"
+                )
+            return None, self._sign_entry(key, version, integrity, start, end)
         if hashes is None:
             hashes = await self._hash_list(integrity, count)
         store = self._store()

@@ -319,6 +319,17 @@ class Holdings:
             rows = self._db.execute("SELECT * FROM holdings ORDER BY key, version, start")
             return [Holding(bytes(r[0]), r[1], bytes(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
 
+    def get(self, key: bytes, version: int, start: int) -> Holding | None:
+        """The holding of a range starting at ``start`` of one version, if any."""
+        with self._lock:
+            r = self._db.execute(
+                "SELECT * FROM holdings WHERE key=? AND version=? AND start=?",
+                (key, version, start),
+            ).fetchone()
+        return (
+            None if r is None else Holding(bytes(r[0]), r[1], bytes(r[2]), r[3], r[4], r[5], r[6])
+        )
+
     def of_key(self, key: bytes) -> list[Holding]:
         return [h for h in self.all() if h.key == key]
 

@@ -344,6 +344,35 @@ async def test_small_peers_take_two_mib_objects_with_one_replica_through_one_ent
         await stop_all(peers)
 
 
+async def test_a_place_of_other_content_under_a_held_version_frees_nothing(
+    network: list[Peer], tmp_path: Path
+) -> None:
+    """Someone uploads other bytes and places them under a published name and version,
+    then goes away: every holder keeps the published copy (holding and segments)."""
+    src = random_file(tmp_path, 8 * SEG)
+    async with Client(network[0].address, publisher=Identity.generate()) as client:
+        published = await client.put(src, "/victim", segment_size=SEG, replicas=5)
+    integrity = bytes.fromhex(published.manifest.integrity)
+    other = random_file(tmp_path, 8 * SEG)
+    await interrupt(network[0], other, "/victim", "placed, not published")
+    for _ in range(3):  # maintenance rounds until past the grace time: nothing is collected
+        for peer in network:
+            assert peer.maintainer is not None
+            await peer.maintainer.round()
+        await asyncio.sleep(0.5)
+    data = src.read_bytes()
+    for peer in network:
+        held = peer.holdings_db().get(published.manifest.key, 1, 0)
+        assert held is not None and held.integrity == integrity
+        assert peer.store is not None
+        for i in range(8):
+            assert peer.store.has(segments.segment_hash(data[i * SEG : (i + 1) * SEG]))
+    async with Client(network[2].address) as client:
+        buf = io.BytesIO()
+        await client.get("/victim", buf)
+    assert buf.getvalue() == data
+
+
 def test_a_holding_is_orphaned_only_without_manifest_entries_or_newer_version() -> None:
     """A range whose version never appeared (no manifest, no holder entry, no newer version)
     is orphaned once the grace time and the per-segment allowance have passed."""
