@@ -36,7 +36,9 @@ a pending row; one with neither is an *orphan*. ``end_session`` drops a session'
 rows and deletes the segments that become orphans at once (a failed or abandoned upload);
 ``collect_orphans`` deletes orphans stored before a cut-off (a grace time), which catches
 what a crash left: sessions do not survive a restart, so opening the store drops every
-pending row, and files re-indexed on open have no row at all.
+pending row, and files re-indexed on open have no row at all. A sweep looks only at
+candidates kept in memory (what nothing kept at open, segments stored without a keeper,
+ids left by ``drop_refs`` or by pending rows of ended sessions), never the whole index.
 
 The API is synchronous and thread-safe; the peer calls it through ``asyncio.to_thread``.
 One lock guards the sqlite connection and the space accounting; hashing and file I/O run
