@@ -378,6 +378,13 @@ def join(
         bool,
         typer.Option(help="count 127.0.0.0/8 clients against the per-address TCP limit"),
     ] = True,
+    orphan_grace: Annotated[
+        float,
+        typer.Option(
+            help="seconds before what a failed publish left is collected: segments nothing"
+            " keeps, idle uploads, ranges whose manifest never appeared"
+        ),
+    ] = 300.0,
     log_level: Annotated[LogLevel, typer.Option(help="how much to log on stderr")] = (
         LogLevel.warning
     ),
@@ -403,6 +410,7 @@ def join(
                 dead_after=dead_after,
                 resolve_every=resolve_every,
                 keep=keep_versions,
+                orphan_grace=orphan_grace,
             ),
             tcp_limit_loopback=limit_loopback,
         )
@@ -480,7 +488,8 @@ def check(
     token_file: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Verify every segment a running peer stores against its hash.
+    """Verify every segment a running peer stores against its hash, and report the
+    orphaned segments (left by failed publishes) waiting to be collected.
 
     Example: difs-peer check --repair --peer 127.0.0.1:4000
     """
@@ -493,6 +502,14 @@ def check(
         f"{len(result['corrupt'])} corrupt, {len(result['missing'])} missing, "
         f"{result['healed']} healed"
     )
+    orphans, uploading = result.get("orphans"), result.get("uploading")
+    if isinstance(orphans, dict) and isinstance(uploading, dict):
+        typer.echo(
+            f"{orphans['segments']} orphaned segments ({format_size(orphans['bytes'])}) to be "
+            f"collected within {result.get('orphan_grace', '?')} s; "
+            f"{uploading['segments']} segments ({format_size(uploading['bytes'])}) of uploads "
+            "in progress"
+        )
     if result["corrupt"] and not repair:
         raise typer.Exit(5)
 

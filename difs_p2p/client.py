@@ -492,49 +492,69 @@ class Client:
                     f"{norm} already exists (version {previous.version}); "
                     "use --update to publish a new version"
                 )
-        if on_phase is not None:
-            on_phase("upload")
-        upload_started = time.perf_counter()
-        hashes, integrity, size = await self._upload(source, segment_size, progress)
-        uploaded = time.perf_counter() - upload_started
-        layout = segments.Layout(size, segment_size)
-        if (expected is not None and size != expected) or len(hashes) != layout.count:
-            raise UsageError(f"{source} changed while it was being published")
-        # above every version the lineage used, even one by a since-revoked writer (the
-        # name's peers only take a higher version); parented on the newest valid one
-        version = max(top, previous.version) + 1 if previous else 1
-        stripes = segments.default_stripes(layout.count)
-        if on_phase is not None:
-            on_phase("place")
-        placed = await self._call(
-            "place",
-            key=name_key(norm).hex(),
-            version=version,
-            integrity=integrity.hex(),
-            segment_count=layout.count,
-            stripes=stripes,
-            replicas=replicas,
-        )
-        manifest = build_manifest(
-            self.publisher,
-            name=norm,
-            version=version,
-            parent=previous.hash if previous else None,
-            root=previous.lineage_root if previous else None,
-            size=size,
-            segment_size=segment_size,
-            segment_count=layout.count,
-            stripes=stripes,
-            replicas=replicas,
-            integrity=integrity.hex(),
-            created=self.clock(),
-            delegation=delegation,
-        )
-        if on_phase is not None:
-            on_phase("publish")
-        result = await self._publish(manifest, placed, started)
-        result.upload_seconds = uploaded
-        return result
+        try:
+            if on_phase is not None:
+                on_phase("upload")
+            upload_started = time.perf_counter()
+            hashes, integrity, size = await self._upload(source, segment_size, progress)
+            uploaded = time.perf_counter() - upload_started
+            layout = segments.Layout(size, segment_size)
+            if (expected is not None and size != expected) or len(hashes) != layout.count:
+                raise UsageError(f"{source} changed while it was being published")
+            # above every version the lineage used, even one by a since-revoked writer (the
+            # name's peers only take a higher version); parented on the newest valid one
+            version = max(top, previous.version) + 1 if previous else 1
+            stripes = segments.default_stripes(layout.count)
+            if on_phase is not None:
+                on_phase("place")
+            placed = await self._call(
+                "place",
+                key=name_key(norm).hex(),
+                version=version,
+                integrity=integrity.hex(),
+                segment_count=layout.count,
+                stripes=stripes,
+                replicas=replicas,
+            )
+            manifest = build_manifest(
+                self.publisher,
+                name=norm,
+                version=version,
+                parent=previous.hash if previous else None,
+                root=previous.lineage_root if previous else None,
+                size=size,
+                segment_size=segment_size,
+                segment_count=layout.count,
+                stripes=stripes,
+                replicas=replicas,
+                integrity=integrity.hex(),
+                created=self.clock(),
+                delegation=delegation,
+            )
+            if on_phase is not None:
+                on_phase("publish")
+            result = await self._publish(manifest, placed, started)
+            result.upload_seconds = uploaded
+            return result
+        except BaseException as exc:
+            await self._abandon(exc)
+            raise
+
+    async def _abandon(self, exc: BaseException) -> None:
+        """After a failed publish, tell the entry peer to drop what this connection uploaded
+        and placed (``abandon``). Interrupted, or if the peer does not answer, just close
+        the connection: the peer then drops it on its own."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return
+        if not isinstance(exc, Exception):  # cancelled or interrupted: do not wait
+            conn.close()
+            return
+        try:
+            async with asyncio.timeout(min(self.io_timeout, 10.0)):
+                await conn.call("abandon")
+        except (DifsError, OSError, TimeoutError):
+            conn.close()
 
     async def _publish(
         self, manifest: Manifest, placed: dict[str, Any], started: float

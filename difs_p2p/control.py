@@ -300,6 +300,7 @@ CONTROL_TABLE: Final[dict[str, OpRule]] = {
     "publish": OpRule(Access.OPERATOR, _publish_request, "store a manifest and entries"),
     "check": OpRule(Access.OPERATOR, _check_request, "verify every stored segment"),
     "status": OpRule(Access.OPERATOR, _no_args, "the peer's view of itself"),
+    "abandon": OpRule(Access.PEER, _no_args, "drop what this connection uploaded"),
 }
 
 

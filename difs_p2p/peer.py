@@ -14,6 +14,14 @@ directory holds everything the peer must keep across restarts::
 
 The peer owns every task it starts; :meth:`Peer.stop` cancels them, closes the sockets,
 saves the contacts and removes the address file.
+
+Uploads are metered: each connection that sends segments is an *upload session*
+(:class:`UploadSession`). What it sends stays pending in the store until ``place`` gives
+this peer the ranges placement picks for it (the rest is deleted once the copies are
+pushed), and what it placed is freed again unless ``publish`` stored the manifest, when the
+client says ``abandon``, when its connection closes, or after ``orphan_grace`` without a
+segment sent. Segments nothing keeps (a crash's leftovers) are collected ``orphan_grace``
+after they were stored; see docs/ARCHITECTURE.md, "Orphaned uploads".
 """
 
 from __future__ import annotations
@@ -58,8 +66,16 @@ from difs_p2p.manifest import (
     record_hash,
 )
 from difs_p2p.net import HOST_NETWORK, PeerNetwork
-from difs_p2p.repair import Holding, Holdings, Maintainer, Query, gc_due, holding_owner
-from difs_p2p.store import SegmentStore
+from difs_p2p.repair import (
+    Holding,
+    Holdings,
+    Maintainer,
+    Query,
+    gc_due,
+    holding_owner,
+    range_key,
+)
+from difs_p2p.store import DiskCost, SegmentStore
 from difs_p2p.transfer import (
     BudgetedPool,
     ByteBudget,
@@ -79,6 +95,47 @@ CONTACTS_SAVED = 64
 
 # Requests answered concurrently per connection (replies still leave in order).
 SERVE_PIPELINE = 16
+# Ranges placed at once by one ``place`` (each pushes to up to r peers in parallel).
+PLACE_PARALLEL = 4
+
+
+@dataclass(slots=True)
+class UploadSession:
+    """What one connection uploaded and placed but has not published yet.
+
+    ``id`` tags the connection's pending segments in the store; ``placed`` holds the
+    ranges ``place`` kept here per (key, version, integrity), freed unless ``publish``
+    stores that manifest; ``active`` is the loop time of the last segment or placement,
+    and ``busy`` counts placements running (a busy session never expires).
+    """
+
+    id: bytes
+    active: float
+    placed: dict[tuple[bytes, int, bytes], list[Holding]]
+    busy: int = 0
+    # set before the store forgets the session; a write still in a thread then drops its
+    # own pending row (see _store_pending)
+    ended: bool = False
+
+
+def _store_pending(
+    store: SegmentStore, session: UploadSession, seg_id: bytes, data: bytes | memoryview
+) -> bool:
+    """Store an uploaded segment as pending in ``session`` (in a worker thread). A write
+    that finishes after the session ended (its answer was cancelled with the connection)
+    drops its own pending row, so that nothing stays pending for a session that is gone."""
+    stored = store.put(seg_id, data, None, session.id)
+    if session.ended:
+        store.end_session(session.id, [seg_id])
+    return stored
+
+
+def orphan_sweep_every(grace: float) -> float:
+    """Seconds between two sweeps for orphans: a quarter of the grace time, between 0.1 s
+    and 60 s, so an orphan is collected within 1.25 x grace (at most grace + 60 s)."""
+    return min(60.0, max(0.1, grace / 4))
+
+
 # Ranges asked in one holds_ranges request: ~90 bytes of JSON each, well inside a CALL
 # frame's 256 KiB; a holder sharing more is asked in several requests on one connection.
 MAX_PROBE_RANGES = 1024
@@ -213,9 +270,11 @@ class Peer:
             "holds_ranges": self._op_holds_ranges,
             "check": self._op_check,
             "suspect": self._op_suspect,
+            "abandon": self._op_abandon,
         }
         # every control operation has its row in the permission table, and no row is unused
         assert set(self._controls) == {op for op in CONTROL_TABLE if op.islower()}
+        self._sessions: dict[Connection, UploadSession] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -249,8 +308,9 @@ class Peer:
                 load_or_create_with_work, self.data_dir / "peer.key", cfg.dht.id_difficulty
             )
             self._token = control.load_or_create_token(self.data_dir / "control.token")
+            cost = await asyncio.to_thread(DiskCost.of_filesystem, self.data_dir)
             self.store = await asyncio.to_thread(
-                SegmentStore, self.data_dir / "store", cfg.capacity
+                functools.partial(SegmentStore, self.data_dir / "store", cfg.capacity, cost=cost)
             )
             tcp, datagrams = await self.network.listen(cfg.host, cfg.port)
             self.dht = Dht(
@@ -265,7 +325,7 @@ class Peer:
             self.host = self.dht.me.host
             self.server = Server(
                 tcp,
-                self._serve,
+                self._serve_uploads,
                 max_connections=cfg.max_connections,
                 io_timeout=cfg.io_timeout,
                 max_per_address=cfg.max_connections_per_address,
@@ -279,6 +339,7 @@ class Peer:
             _atomic_write(self.data_dir / "address", f"{self.host}:{self.port}\n".encode())
             self.spawn(self._save_contacts_loop())
             self.spawn(self.maintainer.run())
+            self.spawn(self._orphan_loop())
         except BaseException:
             await self.stop()
             raise
@@ -420,6 +481,83 @@ class Peer:
             "maintenance": self.maintainer.stats.as_dict() if self.maintainer else {},
             "dht": dht.traffic(),
         }
+
+    # -- upload sessions and orphans ---------------------------------------------------------
+
+    def _session(self, conn: Connection) -> UploadSession:
+        """The upload session of a connection (a new one on its first upload)."""
+        session = self._sessions.get(conn)
+        if session is None:
+            session = UploadSession(os.urandom(16), asyncio.get_running_loop().time(), {})
+            self._sessions[conn] = session
+        return session
+
+    async def _serve_uploads(self, conn: Connection) -> None:
+        """Serve a connection; when it closes, free what its uploads left unpublished."""
+        try:
+            await self._serve(conn)
+        except asyncio.CancelledError:
+            # the peer is stopping: the next start drops the pending rows, and the
+            # maintenance collects placed but unpublished ranges after the grace time
+            self._sessions.pop(conn, None)
+            raise
+        finally:
+            session = self._sessions.pop(conn, None)
+            if session is not None:
+                await self._end_session(session, "connection closed")
+
+    async def _end_session(self, session: UploadSession, reason: str) -> int:
+        """Free the ranges a session placed but did not publish, and the segments it sent
+        that nothing else keeps; the bytes freed (as charged)."""
+        freed = 0
+        session.ended = True
+        try:
+            for holdings in list(session.placed.values()):
+                for h in holdings:
+                    freed += await self.free_holding(h)
+            session.placed.clear()
+            freed += await asyncio.to_thread(self._store().end_session, session.id)
+        except DifsError as exc:
+            log.warning("upload_cleanup_failed reason=%s error=%s", reason, exc)
+        if freed:
+            log.info("upload_dropped reason=%s freed=%d", reason, freed)
+        return freed
+
+    async def _op_abandon(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        """The client gives up a publish: drop what this connection uploaded and placed
+        but did not publish."""
+        session = self._sessions.pop(conn, None)
+        freed = 0 if session is None else await self._end_session(session, "abandoned")
+        return {"freed": freed}
+
+    def _published(self, conn: Connection, key: bytes, version: int, integrity: str) -> None:
+        """A manifest placed on this connection is published: its ranges here stay."""
+        session = self._sessions.get(conn)
+        if session is not None:
+            with contextlib.suppress(ValueError):
+                session.placed.pop((key, version, bytes.fromhex(integrity)), None)
+
+    async def collect_orphans(self) -> tuple[int, int]:
+        """Expire upload sessions idle for the grace time and delete the segments nothing
+        has kept for the grace time; (segments, bytes as charged) deleted."""
+        grace = self.config.repair.orphan_grace
+        now = asyncio.get_running_loop().time()
+        for conn, session in list(self._sessions.items()):
+            if not session.busy and now - session.active > grace:
+                if self._sessions.get(conn) is session:
+                    del self._sessions[conn]
+                await self._end_session(session, "idle")
+        live = [s.id for s in self._sessions.values()]
+        return await asyncio.to_thread(self._store().collect_orphans, time.time() - grace, live)
+
+    async def _orphan_loop(self) -> None:
+        every = orphan_sweep_every(self.config.repair.orphan_grace)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.collect_orphans()
+            except DifsError as exc:
+                log.warning("orphan_sweep_failed error=%s", exc)
 
     # -- TCP service -----------------------------------------------------------------------
 
@@ -603,7 +741,11 @@ class Peer:
             body = await handler(conn, frame.args)
             return wire.Reply(request_id=frame.request_id, body=body)
         if isinstance(frame, wire.PutSeg):
-            stored = await asyncio.to_thread(self._store().put, frame.seg_id, frame.data)
+            session = self._session(conn)
+            stored = await asyncio.to_thread(
+                _store_pending, self._store(), session, frame.seg_id, frame.data
+            )
+            session.active = asyncio.get_running_loop().time()
             return wire.Ack(request_id=frame.request_id, seg_id=frame.seg_id, stored=stored)
         if isinstance(frame, wire.GetSeg):
             # In the loop, not a thread: a stat and an open, while the hop to a thread and
@@ -638,11 +780,14 @@ class Peer:
         return {"manifests": [r.decode() for r in records], "history": history, "holders": holders}
 
     async def _op_place(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        """Keep a copy of a just-uploaded object and push replicas of each range.
+        """Place a just-uploaded object: r copies of each range, this peer included only
+        where placement picks it.
 
         Range i goes to the closest live peers to BLAKE3(integrity || i) that accept it
-        (a peer without space refuses and the next one is asked), r copies in all
-        counting ours.
+        (a peer without space refuses and the next one is asked), r copies in all. This
+        peer keeps the ranges it is among those peers for; the copies for the others are
+        pushed from the uploaded segments, which are then dropped unless kept. The ranges
+        kept are freed again unless ``publish`` on this connection stores the manifest.
         """
         key, version, integrity = (
             _key_arg(args),
@@ -651,45 +796,72 @@ class Peer:
         )
         count, stripes = _int_arg(args, "segment_count"), _int_arg(args, "stripes")
         replicas = max(1, _int_arg(args, "replicas"))
-        hold = await self._hold(key, version, integrity, count, 0, max(count - 1, 0))
-        entries = [hold.raw.hex()]
-        ranges = segments.stripe_ranges(count, stripes)
-        hashes = await self._hash_list(integrity, count)
-        sem = asyncio.Semaphore(4)
+        session = self._session(conn)
+        session.busy += 1
+        mine: list[Holding] = []
+        hashes: list[bytes] = []
+        try:
+            hashes = await self._hash_list(integrity, count)
+            # an empty object is its hash list alone: one range of no segments
+            ranges = segments.stripe_ranges(count, stripes) or [(0, 0)]
+            placed = await self._place_ranges(
+                key, version, integrity, count, hashes, ranges, replicas, mine
+            )
+        except BaseException:
+            for h in mine:
+                with contextlib.suppress(DifsError):
+                    await self.free_holding(h)
+            raise
+        else:
+            session.placed[(key, version, integrity)] = mine
+        finally:
+            session.busy -= 1
+            session.active = asyncio.get_running_loop().time()
+            # what placement did not give this peer is not needed here any more
+            await asyncio.to_thread(self._store().end_session, session.id, [integrity, *hashes])
+        return placed
+
+    async def _place_ranges(
+        self,
+        key: bytes,
+        version: int,
+        integrity: bytes,
+        count: int,
+        hashes: list[bytes],
+        ranges: list[tuple[int, int]],
+        replicas: int,
+        mine: list[Holding],
+    ) -> dict[str, Any]:
+        entries: list[str] = []
+        sem = asyncio.Semaphore(PLACE_PARALLEL)
         warnings: list[str] = []
 
+        async def copy(contact: Contact, start: int, end: int) -> HolderEntry:
+            if contact.node_id == self.node_id:
+                holding, entry = await self._hold(
+                    key, version, integrity, count, start, end, hashes
+                )
+                if holding is not None:
+                    mine.append(holding)
+                return entry
+            return await self.push_range(
+                contact.address, key, version, integrity, start, end, None, hashes, kind="place"
+            )
+
         async def place_range(i: int, start: int, end: int) -> dict[str, Any]:
-            range_key = segments.segment_hash(integrity + i.to_bytes(4, "big"))[:20]
-            candidates = [
-                c
-                for c in await self._dht().closest(range_key, replicas + 8)
-                if c.node_id != self.node_id
-            ]
-            holders = [self.node_id.hex()]
+            # the closest peers to the range key, this one included
+            candidates = await self._dht().closest(range_key(integrity, i), replicas + 8)
+            holders: list[str] = []
             untried = list(candidates)
             async with sem:
-                # the missing copies are pushed in parallel; a refusal moves on to the next
+                # the missing copies are made in parallel; a refusal moves on to the next
                 while len(holders) < replicas and untried:
                     batch = untried[: replicas - len(holders)]
                     del untried[: len(batch)]
-                    pushed = await asyncio.gather(
-                        *(
-                            self.push_range(
-                                c.address,
-                                key,
-                                version,
-                                integrity,
-                                start,
-                                end,
-                                None,
-                                hashes,
-                                kind="place",
-                            )
-                            for c in batch
-                        ),
-                        return_exceptions=True,
+                    made = await asyncio.gather(
+                        *(copy(c, start, end) for c in batch), return_exceptions=True
                     )
-                    for contact, outcome in zip(batch, pushed, strict=True):
+                    for contact, outcome in zip(batch, made, strict=True):
                         if isinstance(outcome, DifsError):
                             log.info("place_skip peer=%s reason=%s", contact.address, outcome)
                         elif isinstance(outcome, BaseException):
@@ -700,7 +872,7 @@ class Peer:
             if len(holders) < replicas:
                 warnings.append(
                     f"range {start}..{end} has {len(holders)} of {replicas} copies: only "
-                    f"{len(candidates)} other peers could be asked"
+                    f"{len(candidates)} peers could be asked"
                 )
             return {"start": start, "end": end, "holders": holders}
 
@@ -799,7 +971,7 @@ class Peer:
         reason = args.get("reason")
         if conn.role == "peer" and isinstance(reason, dict) and reason.get("kind") == "repair":
             await self._check_co_holder(conn, key, version, start, end)
-        entry = await self._hold(key, version, integrity, count, start, end)
+        _, entry = await self._hold(key, version, integrity, count, start, end)
         return {"entry": entry.raw.hex()}
 
     async def _check_co_holder(
@@ -827,22 +999,41 @@ class Peer:
         return control.PeerCredential(self.identity)
 
     async def _hold(
-        self, key: bytes, version: int, integrity: bytes, count: int, start: int, end: int
-    ) -> HolderEntry:
+        self,
+        key: bytes,
+        version: int,
+        integrity: bytes,
+        count: int,
+        start: int,
+        end: int,
+        hashes: list[bytes] | None = None,
+    ) -> tuple[Holding | None, HolderEntry]:
+        """Keep segments start..end (and the hash list) here: refs in the store, a
+        holding, and a signed holder entry. NotFoundError if one of them is not stored.
+
+        The holding is None when this peer already held that range (nothing new to free
+        if the publish fails). A holding of the same version's range with other content
+        is never replaced (its refs share the owner tag, so freeing the new one would
+        free the old): UsageError.
+        """
         if count and not start <= end < count:
             raise UsageError("range outside the object")
-        hashes = await self._hash_list(integrity, count)
+        existing = await asyncio.to_thread(self.holdings_db().get, key, version, start)
+        if existing is not None:
+            if (existing.integrity, existing.end) != (integrity, end):
+                raise UsageError(
+                    f"this peer holds other content for version {version} of that name"
+                )
+            return None, self._sign_entry(key, version, integrity, start, end)
+        if hashes is None:
+            hashes = await self._hash_list(integrity, count)
         store = self._store()
         owner = holding_owner(key, version, start)
         wanted = [integrity, *hashes[start : end + 1]]
-        missing = [h for h in wanted if not store.has(h)]
-        if missing:
-            raise NotFoundError(f"{len(missing)} segments of the range are not stored here")
-        for seg_id in wanted:
-            store.add_ref(seg_id, owner)
+        await asyncio.to_thread(store.add_refs, wanted, owner)
         holding = Holding(key, version, integrity, count, start, end, self.clock())
         await asyncio.to_thread(self.holdings_db().add, holding)
-        return self._sign_entry(key, version, integrity, start, end)
+        return holding, self._sign_entry(key, version, integrity, start, end)
 
     def _sign_entry(
         self, key: bytes, version: int, integrity: bytes, start: int, end: int
@@ -871,10 +1062,7 @@ class Peer:
         """Forget a holding and delete the segments nothing else here needs; bytes freed."""
         store = self._store()
         self.holdings_db().remove(h)
-        freed = 0
-        for seg_id in store.drop_refs(h.owner):
-            freed += await asyncio.to_thread(store.delete, seg_id)
-        return freed
+        return await asyncio.to_thread(store.release, h.owner)
 
     async def _op_publish(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         """Store a signed manifest and its holder entries on the name's key/value peers.
@@ -903,6 +1091,8 @@ class Peer:
                 # only this peer and peers off the read paths (Sybils near the key, say)
                 # serve it: not published
                 winner = None
+        if winner == manifest.hash:
+            self._published(conn, manifest.key, manifest.version, manifest.integrity)
         if winner == manifest.hash and not manifest.deleted:
             # this peer holds what it placed: it knows the lineage at once
             await asyncio.to_thread(
@@ -1049,12 +1239,18 @@ class Peer:
         if repair:
             for seg_id in [*report.corrupt, *report.missing]:
                 healed += await self.heal(seg_id)
+        orphans = await asyncio.to_thread(self._store().orphans)
         return {
             "checked": report.checked,
             "ok": report.ok,
             "corrupt": [c.hex() for c in report.corrupt],
             "missing": [m.hex() for m in report.missing],
             "healed": healed,
+            # segments no holding keeps: sent by an upload in progress, or orphaned (left
+            # by a failed one and collected within the grace time)
+            "uploading": {"segments": orphans.pending, "bytes": orphans.pending_bytes},
+            "orphans": {"segments": orphans.orphaned, "bytes": orphans.orphaned_bytes},
+            "orphan_grace": self.config.repair.orphan_grace,
         }
 
     async def _op_suspect(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:

@@ -102,8 +102,17 @@ class RepairConfig:
     keep: int = 3
     # Re-announce holder entries and re-store manifests this often (records expire in 48 h).
     republish_every: float = 3600.0
-    # A holding without any manifest in the DHT after this long belongs to a failed publish.
-    orphan_after: float = 3600.0
+    # Orphans: a holding whose version has no manifest in the DHT this long after it began
+    # (plus orphan_per_segment for each segment of the object: a large object's place
+    # takes a while before the manifest is published) belongs to a failed publish and is
+    # freed; a segment nothing keeps (no holding, no upload in progress) is deleted this
+    # long after it was stored; an upload connection idle this long is dropped. A publish
+    # stores its manifest seconds after its segments, so 5 minutes leaves a wide margin
+    # while bounding what failed uploads cost (the entry peer frees them at once).
+    orphan_grace: float = 300.0
+    # 0.05 s per segment: room for a placement as slow as 20 segments/s (20 MiB/s with
+    # 1 MiB segments; `make bench` places at 130-350 MB/s).
+    orphan_per_segment: float = 0.05
     # Names looked after per round at most: each adds its ranges to the probes (and now
     # and then a DHT lookup), so a peer holding many names spreads them over several
     # rounds (a name comes up every ceil(names / max_keys_per_round) rounds) and its
@@ -124,6 +133,8 @@ class RepairConfig:
             raise UsageError("resolve_every and dead_backoff must be at least 1")
         if self.keep < 1:
             raise UsageError("--keep-versions must be at least 1")
+        if self.orphan_grace < 0 or self.orphan_per_segment < 0:
+            raise UsageError("orphan_grace and orphan_per_segment must not be negative")
 
 
 # -- pure decisions --------------------------------------------------------------------------
@@ -381,6 +392,17 @@ class Holdings:
             ).fetchall()
         return [_holding(r) for r in rows]
 
+    def get(self, key: bytes, version: int, start: int) -> Holding | None:
+        """The holding of a range starting at ``start`` of one version, if any."""
+        with self._lock:
+            r = self._db.execute(
+                "SELECT * FROM holdings WHERE key=? AND version=? AND start=?",
+                (key, version, start),
+            ).fetchone()
+        return (
+            None if r is None else Holding(bytes(r[0]), r[1], bytes(r[2]), r[3], r[4], r[5], r[6])
+        )
+
     def of_key(self, key: bytes) -> list[Holding]:
         with self._lock:
             rows = self._db.execute(
@@ -518,13 +540,39 @@ def resolve_due(
     return False
 
 
+def orphaned(
+    h: Holding, view: NameView, now: float, grace: float, per_segment: float = 0.0
+) -> bool:
+    """Whether a holding belongs to a publish that never happened: the view has no manifest
+    of its version with its integrity root, no newer version either (an old version whose
+    manifest left the history is ``gc_due``'s to judge), no holder entry for it (a publish
+    announces its holders with the manifest; ``place`` alone announces nothing), and
+    ``grace`` seconds plus ``per_segment`` per segment of the object have passed since the
+    holding began."""
+    m = view.manifests.get(h.version)
+    if m is not None and m.integrity == h.integrity.hex():
+        return False
+    if view.newest is not None and view.newest.version > h.version:
+        return False
+    if any(e.version == h.version and e.integrity == h.integrity for e in view.entries):
+        return False
+    return now - h.since > grace + per_segment * h.segment_count
+
+
 def collect_due(
-    held: Sequence[Holding], view: NameView, now: float, keep: int, orphan_after: float
+    held: Sequence[Holding],
+    view: NameView,
+    now: float,
+    keep: int,
+    orphan_after: float,
+    per_segment: float = 0.0,
 ) -> list[Holding]:
     """The holdings a fresh view says to free: superseded in their own lineage by a
     tombstone or by a version ``keep`` newer (``gc_due``, against every manifest the view
-    read), or orphaned (no manifest at all ``orphan_after`` seconds after the holding
-    began)."""
+    read), or orphaned (:func:`orphaned`: no manifest of the version ``orphan_after``
+    seconds after the holding began, plus ``per_segment`` per segment). A holding bound to
+    its owner's lineage is never orphaned: its manifest was seen, and only the owner's
+    proof frees it."""
     proofs = [*view.proofs, *view.manifests.values()]
     if view.newest is not None:
         proofs.append(view.newest)
@@ -532,7 +580,7 @@ def collect_due(
         h
         for h in held
         if any(gc_due(h.lineage, m, keep) for m in proofs)
-        or (view.newest is None and now - h.since > orphan_after)
+        or (h.lineage is None and orphaned(h, view, now, orphan_after, per_segment))
     ]
 
 
@@ -781,7 +829,14 @@ class Maintainer:
             view.rounds = first_rounds(key, self.config.resolve_every)
         self._views[key] = view
         held = await self._bind(held, view)
-        collect = collect_due(held, view, now, self.config.keep, self.config.orphan_after)
+        collect = collect_due(
+            held,
+            view,
+            now,
+            self.config.keep,
+            self.config.orphan_grace,
+            self.config.orphan_per_segment,
+        )
         for h in collect:
             await self._collect(h)
         left = [h for h in held if h not in collect]

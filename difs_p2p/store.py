@@ -5,7 +5,8 @@ Layout of a store directory::
     ROOT/segments/ab/cd/abcd...   one file per segment, named by the hex of its 32-byte id
     ROOT/tmp/                     writes in progress (emptied on open)
     ROOT/quarantine/              files that failed verification, kept for inspection
-    ROOT/index.sqlite3            segments(id, size, stored_at) and refs(id, owner)
+    ROOT/index.sqlite3            segments(id, size, stored_at), refs(id, owner) and
+                                  pending(id, session, since)
     ROOT/lock                     held (flock) while a store object has the directory open
 
 Placement, index and verification are kept apart:
@@ -17,14 +18,27 @@ Placement, index and verification are kept apart:
   ``tmp/`` (deleted on open) or a complete file without a row (rehashed and re-indexed on
   open), never a row for a partial file;
 * **index**: sqlite in WAL mode. The in-memory ``used`` total is loaded from it on open;
-  capacity counts segment bytes only (not the index or directory overhead) and is
-  checked, with the space reserved, before any byte is written;
+  it is what the segments are charged (:class:`DiskCost`: a peer charges each segment its
+  size rounded up to the file system's block, plus one block for its inode, directory
+  entry, index rows and share of the fan-out directories), and capacity is checked against
+  it, with the space reserved, before any byte is written;
 * **verification**: a whole-segment ``read`` checks the hash, ``check()`` rehashes
   everything; a damaged file is moved to ``quarantine/`` and its row dropped, while its
   refs stay so the owner can still find that it needs a good copy.
 
 ``refs`` records who needs a segment (an opaque owner tag, e.g. name key + version), for
-garbage collection: ``drop_refs(owner)`` returns the segments nobody needs any more.
+garbage collection: ``drop_refs(owner)`` returns the segments nobody needs any more, and
+``release(owner)`` drops the refs and deletes those segments at once.
+
+``pending`` records the upload sessions (an opaque session tag, e.g. one per connection)
+that stored a segment and have not placed it yet. A segment is *kept* while it has a ref or
+a pending row; one with neither is an *orphan*. ``end_session`` drops a session's pending
+rows and deletes the segments that become orphans at once (a failed or abandoned upload);
+``collect_orphans`` deletes orphans stored before a cut-off (a grace time), which catches
+what a crash left: sessions do not survive a restart, so opening the store drops every
+pending row, and files re-indexed on open have no row at all. A sweep looks only at
+candidates kept in memory (what nothing kept at open, segments stored without a keeper,
+ids left by ``drop_refs`` or by pending rows of ended sessions), never the whole index.
 
 The API is synchronous and thread-safe; the peer calls it through ``asyncio.to_thread``.
 One lock guards the sqlite connection and the space accounting; hashing and file I/O run
@@ -44,7 +58,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -65,7 +79,17 @@ CREATE TABLE IF NOT EXISTS segments(
 CREATE TABLE IF NOT EXISTS refs(
     id BLOB NOT NULL, owner BLOB NOT NULL, PRIMARY KEY(id, owner));
 CREATE INDEX IF NOT EXISTS refs_owner ON refs(owner);
+CREATE TABLE IF NOT EXISTS pending(
+    id BLOB NOT NULL, session BLOB NOT NULL, since REAL NOT NULL, PRIMARY KEY(id, session));
+CREATE INDEX IF NOT EXISTS pending_session ON pending(session);
 """
+# A segment nothing keeps: no ref and no pending upload.
+_UNNEEDED = (
+    "NOT EXISTS (SELECT 1 FROM refs r WHERE r.id = segments.id)"
+    " AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.id = segments.id)"
+)
+# Orphans deleted per lock hold by collect_orphans, so that other calls get a turn.
+_COLLECT_BATCH = 256
 
 
 def _blake3(data: bytes | bytearray | memoryview) -> bytes:
@@ -117,6 +141,54 @@ def _os_error(exc: OSError, doing: str) -> CapacityError | StorageError:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskCost:
+    """What a segment of ``size`` bytes is charged against a store's capacity.
+
+    ``block`` rounds the size up (a file occupies whole blocks), and ``per_file`` is added
+    for what each file costs besides its data. The default charges the bytes alone;
+    :meth:`of_filesystem` charges what a segment really costs on the disk under a path.
+    """
+
+    block: int = 1
+    per_file: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block < 1 or self.per_file < 0:
+            raise UsageError("a disk cost needs block >= 1 and per_file >= 0")
+
+    def charge(self, size: int) -> int:
+        return -(-size // self.block) * self.block + self.per_file
+
+    @classmethod
+    def of_filesystem(cls, path: str | Path) -> DiskCost:
+        """The cost rule of the file system holding ``path``: sizes rounded up to its block
+        (``statvfs`` fragment size, 4096 on ext4 and tmpfs), plus one block per file for
+        the inode (256 B on ext4), the directory entry, the index rows and the file's
+        share of the fan-out directories (one block each, up to 65,792 of them).
+
+        Measured on ext4: 8-byte segments take 8.5 KiB each at 10,000 segments (13.5 KiB
+        at 1,000, when most of them need a new directory); they are charged 8 KiB.
+        """
+        try:
+            st = os.statvfs(path)
+        except OSError as exc:
+            raise StorageError(f"cannot measure the file system of {path}: {exc}") from exc
+        block = max(512, int(st.f_frsize or st.f_bsize or 4096))
+        return cls(block, block)
+
+
+@dataclass(frozen=True, slots=True)
+class Orphans:
+    """Segments no ref keeps: still pending in an upload session, or orphaned (waiting to
+    be collected). Bytes are as charged."""
+
+    pending: int
+    pending_bytes: int
+    orphaned: int
+    orphaned_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class CheckReport:
     """What ``SegmentStore.check`` found: every indexed segment is ok, corrupt or missing."""
 
@@ -129,11 +201,12 @@ class CheckReport:
 class SegmentStore:
     """Segments on disk under ``root``, at most ``capacity`` bytes of them."""
 
-    def __init__(self, root: Path, capacity: int) -> None:
+    def __init__(self, root: Path, capacity: int, *, cost: DiskCost | None = None) -> None:
         if capacity < 0:
             raise UsageError(f"capacity must not be negative, got {capacity}")
         self.root = Path(root)
         self._capacity = capacity
+        self._cost = cost or DiskCost()
         self._segments = self.root / "segments"
         self._tmp = self.root / "tmp"
         self._quarantine_dir = self.root / "quarantine"
@@ -148,10 +221,20 @@ class SegmentStore:
             self._db = self._open_index()
             try:
                 self._recover()
+                block, per_file = self._cost.block, self._cost.per_file
                 with self._sql("loading the segment index"):
                     used, count = self._db.execute(
-                        "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM segments"
+                        "SELECT COALESCE(SUM((size + ? - 1) / ? * ? + ?), 0), COUNT(*)"
+                        " FROM segments",
+                        (block, block, block, per_file),
                     ).fetchone()
+                    # what nothing keeps now is collected a grace time after it was stored
+                    self._candidates: dict[bytes, float] = {
+                        bytes(i): float(t)
+                        for i, t in self._db.execute(
+                            f"SELECT id, stored_at FROM segments WHERE {_UNNEEDED}"
+                        )
+                    }
             except BaseException:
                 self._db.close()
                 raise
@@ -259,6 +342,11 @@ class SegmentStore:
         with self._sql("repairing the segment index"), self._transaction():
             self._db.executemany("INSERT INTO segments VALUES(?,?,?)", added)
             self._db.executemany("DELETE FROM segments WHERE id=?", [(i,) for i in dropped])
+            # Upload sessions end with the process that served them: what they left
+            # unplaced is orphaned, and collected a grace time after it was stored.
+            stale = self._db.execute("DELETE FROM pending").rowcount
+        if stale > 0:
+            log.info("store dropped pending uploads of a previous run rows=%d", stale)
         if added or dropped:
             log.warning(
                 "store recovered root=%s reindexed=%d dropped=%d",
@@ -340,9 +428,10 @@ class SegmentStore:
         if size is None:
             return 0
         self._db.execute("DELETE FROM segments WHERE id=?", (seg_id,))
-        self._used -= size
+        charged = self._cost.charge(size)
+        self._used -= charged
         self._count -= 1
-        return size
+        return charged
 
     def _quarantine(self, seg_id: bytes, inode: int | None, reason: str) -> None:
         """Move a damaged segment aside and drop its row.
@@ -373,8 +462,17 @@ class SegmentStore:
 
     @property
     def used(self) -> int:
-        """Bytes of stored segments (as indexed)."""
+        """What the stored segments are charged (as indexed; see :class:`DiskCost`)."""
         return self._used
+
+    @property
+    def cost(self) -> DiskCost:
+        """How segments are charged against the capacity."""
+        return self._cost
+
+    def charge(self, size: int) -> int:
+        """What a segment of ``size`` bytes is charged against the capacity."""
+        return self._cost.charge(size)
 
     @property
     def count(self) -> int:
@@ -412,20 +510,26 @@ class SegmentStore:
             touched.add(os.path.dirname(directory))
 
     def put(
-        self, seg_id: bytes, data: bytes | bytearray | memoryview, owner: bytes | None = None
+        self,
+        seg_id: bytes,
+        data: bytes | bytearray | memoryview,
+        owner: bytes | None = None,
+        session: bytes | None = None,
     ) -> bool:
         """Store a segment after checking that ``seg_id`` is the BLAKE3 of ``data``.
 
-        Returns False if it was already stored (``owner``'s ref is added all the same).
-        Raises IntegrityError on a hash mismatch and CapacityError when the capacity or
-        the disk is full; in both cases nothing is written.
+        Returns False if it was already stored (``owner``'s ref and ``session``'s pending
+        row are added all the same). Raises IntegrityError on a hash mismatch and
+        CapacityError when the capacity or the disk is full; in both cases nothing is
+        written.
         """
-        return self.put_many([(seg_id, data)], owner) == 1
+        return self.put_many([(seg_id, data)], owner, session) == 1
 
     def put_many(
         self,
         items: Sequence[tuple[bytes, bytes | bytearray | memoryview]],
         owner: bytes | None = None,
+        session: bytes | None = None,
     ) -> int:
         """Store several segments at once; the number newly stored.
 
@@ -446,13 +550,15 @@ class SegmentStore:
             batch.setdefault(seg_id, view)
         if owner is not None:
             owner = bytes(owner)
+        if session is not None:
+            session = bytes(session)
 
-        new = self._claim(batch)
-        need = sum(len(batch[seg_id]) for seg_id in new)
+        new = self._claim(batch, owner, session)
+        need = sum(self._cost.charge(len(batch[seg_id])) for seg_id in new)
         placed: list[str] = []
         try:
             self._write_all(new, batch, placed)
-            self._index_batch(new, batch, list(batch), owner, need)
+            self._index_batch(new, batch, owner, session, need)
         except BaseException:
             for path in placed:
                 with contextlib.suppress(OSError):
@@ -466,27 +572,48 @@ class SegmentStore:
             log.debug("segments stored count=%d bytes=%d", len(new), need)
         return len(new)
 
-    def _claim(self, batch: dict[bytes, memoryview]) -> list[bytes]:
+    def _claim(
+        self, batch: dict[bytes, memoryview], owner: bytes | None, session: bytes | None
+    ) -> list[bytes]:
         """Reserve space for the segments of ``batch`` not stored yet, and claim their ids.
 
         Waits while another thread is writing one of them, so one segment is never written
-        (or counted) twice.
+        (or counted) twice. The segments already stored get ``owner``'s ref and
+        ``session``'s pending row here, under the lock, so that no collection deletes
+        them between this check and the caller's use of them.
         """
         with self._written, self._sql("looking up segments"):
             while self._writing.intersection(batch):
                 self._written.wait()
             self._check_open()
             new = [i for i in batch if self._size_locked(i) is None]
-            need = sum(len(batch[i]) for i in new)
+            need = sum(self._cost.charge(len(batch[i])) for i in new)
             committed = self._used + self._reserved
             if committed + need > self._capacity:
                 raise CapacityError(
                     f"no space: {need} more bytes would exceed the store's capacity "
                     f"({committed}/{self._capacity} bytes used)"
                 )
+            old = [i for i in batch if i not in new]
+            if old and (owner is not None or session is not None):
+                with self._transaction():
+                    self._keep_locked(old, owner, session, time.time())
             self._reserved += need
             self._writing.update(new)
         return new
+
+    def _keep_locked(
+        self, ids: list[bytes], owner: bytes | None, session: bytes | None, now: float
+    ) -> None:
+        """Add ``owner``'s refs and ``session``'s pending rows for ``ids``."""
+        if owner is not None:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO refs VALUES(?,?)", [(i, owner) for i in ids]
+            )
+        if session is not None:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO pending VALUES(?,?,?)", [(i, session, now) for i in ids]
+            )
 
     def _write_all(
         self, new: list[bytes], batch: dict[bytes, memoryview], placed: list[str]
@@ -515,8 +642,8 @@ class SegmentStore:
         self,
         new: list[bytes],
         batch: dict[bytes, memoryview],
-        all_ids: list[bytes],
         owner: bytes | None,
+        session: bytes | None,
         need: int,
     ) -> None:
         now = time.time()
@@ -527,10 +654,9 @@ class SegmentStore:
                     "INSERT INTO segments VALUES(?,?,?)",
                     [(i, len(batch[i]), now) for i in new],
                 )
-                if owner is not None:
-                    self._db.executemany(
-                        "INSERT OR IGNORE INTO refs VALUES(?,?)", [(i, owner) for i in all_ids]
-                    )
+                self._keep_locked(new, owner, session, now)
+            if owner is None and session is None:
+                self._candidates.update((i, now) for i in new)
             self._reserved -= need
             self._used += need
             self._count += len(new)
@@ -624,17 +750,27 @@ class SegmentStore:
 
     def add_ref(self, seg_id: bytes, owner: bytes) -> None:
         """Record that ``owner`` needs a stored segment; NotFoundError if it is not stored."""
-        seg_id = _check_id(seg_id)
-        with self._lock, self._sql("adding a ref"):
+        self.add_refs([seg_id], owner)
+
+    def add_refs(self, seg_ids: Sequence[bytes], owner: bytes) -> None:
+        """Record that ``owner`` needs every one of ``seg_ids``, in one transaction: all or
+        none (NotFoundError, and no ref added, if one of them is not stored)."""
+        ids = [_check_id(i) for i in seg_ids]
+        with self._lock, self._sql("adding refs"):
             self._check_open()
-            if self._size_locked(seg_id) is None:
-                raise NotFoundError(f"segment {_short(seg_id)} is not stored here")
-            self._db.execute("INSERT OR IGNORE INTO refs VALUES(?,?)", (seg_id, bytes(owner)))
+            missing = [i for i in ids if self._size_locked(i) is None]
+            if missing:
+                raise NotFoundError(
+                    f"{len(missing)} segments are not stored here (first: {_short(missing[0])})"
+                )
+            with self._transaction():
+                self._keep_locked(ids, bytes(owner), None, 0.0)
 
     def drop_refs(self, owner: bytes) -> list[bytes]:
         """Drop every ref of ``owner``; the ids it referenced that nobody else does.
 
-        Those segments are not deleted here: the caller decides (``delete``).
+        Those segments are not deleted here: the caller decides (``delete``, or use
+        ``release``, which also spares segments an upload in progress has sent again).
         """
         owner = bytes(owner)
         with self._lock, self._sql("dropping refs"):
@@ -645,11 +781,147 @@ class SegmentStore:
                     for r in self._db.execute("SELECT id FROM refs WHERE owner=?", (owner,))
                 ]
                 self._db.execute("DELETE FROM refs WHERE owner=?", (owner,))
-                return [
+                unreferenced = [
                     i
                     for i in ids
                     if self._db.execute("SELECT 1 FROM refs WHERE id=?", (i,)).fetchone() is None
                 ]
+            # collected in time if the caller does not delete them
+            self._note_candidates_locked(unreferenced)
+            return unreferenced
+
+    def release(self, owner: bytes) -> int:
+        """Drop every ref of ``owner`` and delete the segments nothing keeps any more (no
+        other ref, no pending upload), at once; the bytes freed (as charged)."""
+        owner = bytes(owner)
+        with self._lock, self._sql("releasing refs"):
+            self._check_open()
+            with self._transaction():
+                ids = [
+                    bytes(r[0])
+                    for r in self._db.execute("SELECT id FROM refs WHERE owner=?", (owner,))
+                ]
+                self._db.execute("DELETE FROM refs WHERE owner=?", (owner,))
+            return self._delete_unneeded_locked(ids)[1]
+
+    def end_session(self, session: bytes, seg_ids: Sequence[bytes] | None = None) -> int:
+        """Forget ``session``'s pending uploads (only ``seg_ids`` of them, when given) and
+        delete the segments nothing keeps any more, at once; the bytes freed (as charged).
+
+        A session ends when its upload is placed (the segments placement gave this store
+        have refs by then) or fails, is abandoned, or its connection closes.
+        """
+        session = bytes(session)
+        with self._lock, self._sql("ending an upload session"):
+            self._check_open()
+            with self._transaction():
+                if seg_ids is None:
+                    ids = [
+                        bytes(r[0])
+                        for r in self._db.execute(
+                            "SELECT id FROM pending WHERE session=?", (session,)
+                        )
+                    ]
+                    self._db.execute("DELETE FROM pending WHERE session=?", (session,))
+                else:
+                    ids = [_check_id(i) for i in seg_ids]
+                    self._db.executemany(
+                        "DELETE FROM pending WHERE id=? AND session=?",
+                        [(i, session) for i in ids],
+                    )
+            return self._delete_unneeded_locked(ids)[1]
+
+    def collect_orphans(self, before: float, live: Collection[bytes] = ()) -> tuple[int, int]:
+        """Delete the segments stored before ``before`` (a ``time.time()``) that nothing
+        keeps: no ref, no pending upload; (segments, bytes as charged) freed.
+
+        Pending rows from before ``before`` of sessions not in ``live`` are dropped first:
+        a segment whose write finished after its session had ended.
+        """
+        live = [bytes(s) for s in live]
+        with self._lock, self._sql("dropping pending rows of ended sessions"):
+            self._check_open()
+            marks = ",".join("?" * len(live))
+            where = f"since < ? AND session NOT IN ({marks})"
+            with self._transaction():
+                dropped = [
+                    bytes(r[0])
+                    for r in self._db.execute(
+                        f"SELECT id FROM pending WHERE {where}", (before, *live)
+                    )
+                ]
+                self._db.execute(f"DELETE FROM pending WHERE {where}", (before, *live))
+            self._note_candidates_locked(dropped)
+            # Only candidates are looked at, not the whole index: segments nothing kept
+            # when the store opened, stored without a keeper, or left by a dropped ref or
+            # pending row that was not followed by a deletion.
+            due = [i for i, t in self._candidates.items() if t < before]
+            for seg_id in due:
+                del self._candidates[seg_id]
+        segments = freed = 0
+        for first in range(0, len(due), _COLLECT_BATCH):
+            with self._lock, self._sql("collecting orphans"):
+                self._check_open()
+                n, b = self._delete_unneeded_locked(due[first : first + _COLLECT_BATCH])
+            segments += n
+            freed += b
+        if segments:
+            log.info("orphans collected segments=%d bytes=%d", segments, freed)
+        return segments, freed
+
+    def _note_candidates_locked(self, ids: Sequence[bytes]) -> None:
+        """Remember those of ``ids`` that are stored as orphan candidates, with the time
+        they were stored."""
+        for seg_id in ids:
+            row = self._db.execute(
+                "SELECT stored_at FROM segments WHERE id=?", (seg_id,)
+            ).fetchone()
+            if row is not None:
+                self._candidates[seg_id] = float(row[0])
+
+    def orphans(self) -> Orphans:
+        """Segments no ref keeps: pending in an upload session, or orphaned."""
+        block, per_file = self._cost.block, self._cost.per_file
+        charged = "COALESCE(SUM((size + ? - 1) / ? * ? + ?), 0)"
+        params = (block, block, block, per_file)
+        no_ref = "NOT EXISTS (SELECT 1 FROM refs r WHERE r.id = segments.id)"
+        in_pending = "EXISTS (SELECT 1 FROM pending p WHERE p.id = segments.id)"
+        with self._lock, self._sql("counting orphans"):
+            self._check_open()
+            pending = self._db.execute(
+                f"SELECT COUNT(*), {charged} FROM segments WHERE {no_ref} AND {in_pending}",
+                params,
+            ).fetchone()
+            orphaned = self._db.execute(
+                f"SELECT COUNT(*), {charged} FROM segments WHERE {_UNNEEDED}", params
+            ).fetchone()
+        return Orphans(int(pending[0]), int(pending[1]), int(orphaned[0]), int(orphaned[1]))
+
+    def _delete_unneeded_locked(self, ids: Sequence[bytes]) -> tuple[int, int]:
+        """Delete those of ``ids`` that are stored and that nothing keeps; (count, bytes)."""
+        doomed: list[bytes] = []
+        for seg_id in dict.fromkeys(ids):
+            row = self._db.execute(
+                f"SELECT 1 FROM segments WHERE id=? AND {_UNNEEDED}", (seg_id,)
+            ).fetchone()
+            if row is not None:
+                doomed.append(seg_id)
+        if not doomed:
+            return 0, 0
+        # Files first, as in delete: a crash in between leaves rows without files, which
+        # the next open drops.
+        for seg_id in doomed:
+            try:
+                self._path(seg_id).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise _os_error(exc, f"deleting segment {_short(seg_id)}") from exc
+        freed = 0
+        with self._transaction():
+            for seg_id in doomed:
+                freed += self._drop_row_locked(seg_id)
+        return len(doomed), freed
 
     def delete(self, seg_id: bytes) -> int:
         """Remove a segment, its file and all its refs; the bytes freed (0 if not stored)."""
@@ -670,6 +942,7 @@ class SegmentStore:
             with self._transaction():
                 freed = self._drop_row_locked(seg_id)
                 self._db.execute("DELETE FROM refs WHERE id=?", (seg_id,))
+                self._db.execute("DELETE FROM pending WHERE id=?", (seg_id,))
         return freed
 
     # -- verification -----------------------------------------------------------------------

@@ -15,8 +15,9 @@ What the simulator adds around the peers:
 * **Publish**: a real signed manifest (version 1, or n+1 with parent and root for an
   update) and real holder entries, each signed by its holder, stored together with the
   manifest (history) by ``Dht.put_with_entries``, as the peer's publish does. Placement follows
-  the peer's ``place``: the entry peer keeps the whole object, and range i goes to the
-  closest live peers to its range key (``Dht.closest``) until r copies exist. Segment bytes
+  the peer's ``place``: range i goes to the closest live peers to its range key
+  (``Dht.closest``, the entry peer included) until r copies exist; the entry peer keeps a
+  range only when it is one of them. Segment bytes
   are not materialized: the simulator records who holds which range, and a range exists
   only on peers that are alive and hold it. Transfers take time from the bandwidth model.
 * **Fetch**: ``Dht.resolve`` of the name key (one lookup, as the peer's), the manifest verified by
@@ -511,17 +512,21 @@ class World:
                 raise
             self.rec.publish_failed("entry peer left")
             return
-        pushed = sum(n * (len(p) - 1) for n, p in zip(obj.range_bytes, places, strict=True))
+        pushed = sum(
+            n * sum(peer is not entry for peer in p)
+            for n, p in zip(obj.range_bytes, places, strict=True)
+        )
         bw = self.scenario.link.bandwidth
         await asyncio.sleep(transfer_time(pushed, bw, bw))
         if not entry.alive:
             self.rec.publish_failed("entry peer left")
             return
-        entries = [self._hold(entry, obj, 0, max(count - 1, 0))]
-        for i, chosen in enumerate(places):
-            for peer in chosen[1:]:
-                if peer.alive:
-                    entries.append(self._hold(peer, obj, *obj.ranges[i]))
+        entries = [
+            self._hold(peer, obj, *obj.ranges[i])
+            for i, chosen in enumerate(places)
+            for peer in chosen
+            if peer.alive
+        ]
         self.rec.publish_bytes += pushed
         if any(len(h) < w.replicas for h in obj.holders):
             self.rec.underreplicated += 1
@@ -549,13 +554,14 @@ class World:
         self.rec.published(self.now() - obj.published)
 
     async def _place(self, entry: SimPeer, rkey: bytes, replicas: int) -> list[SimPeer]:
-        """The entry peer, then the closest live peers to ``rkey``: r holders in all."""
-        chosen = [entry]
+        """The closest live peers to ``rkey`` as the entry peer finds them (itself
+        included): r holders in all."""
+        chosen: list[SimPeer] = []
         for contact in await entry.dht.closest(rkey, replicas + 8):
             peer = self.by_id.get(contact.node_id)
             if len(chosen) >= replicas:
                 break
-            if peer is not None and peer.alive and peer is not entry:
+            if peer is not None and peer.alive:
                 chosen.append(peer)
         return chosen
 

@@ -1323,3 +1323,65 @@ async def test_junk_entries_under_a_name_do_not_starve_the_owners_update(
     assert resolved.manifest.version == 2
     assert len(resolved.holders_for(resolved.manifest)) >= 3
     assert await fetch(peers, tmp_path, name) == data
+
+
+# --- storage ---
+
+
+async def test_a_strangers_unpublished_uploads_are_collected_and_honest_publishes_succeed(
+    tmp_path: Path,
+) -> None:
+    """Segments a stranger uploads and never publishes (1,000 tiny ones, then large ones
+    until refused, on connections kept alive) are collected; an honest publish then works.
+    Strangers cannot upload at all; the stranger here proves a fresh node key (the peer
+    role costs only a key pair), which lets it upload."""
+    import asyncio
+
+    import blake3
+
+    from difs_p2p import wire
+    from difs_p2p.control import PeerCredential
+    from difs_p2p.repair import RepairConfig
+    from difs_p2p.transfer import Connection
+    from tests.helpers import wait_for
+
+    quick = RepairConfig(interval=0.2, orphan_grace=1.0)
+    peers = await start_peers(tmp_path / "net", 4, capacity=4 << 20, repair=quick)
+    target = peers[0]
+    conns: list[Connection] = []
+
+    async def keep_alive() -> None:
+        while True:
+            for conn in conns:
+                await conn.send(wire.Hello(request_id=0, peer=None))
+                await conn.read_frame()
+            await asyncio.sleep(0.2)
+
+    try:
+        for size, count in ((8, 1000), (256 << 10, 64)):
+            conn = await Connection.open(
+                target.address, io_timeout=30, credential=PeerCredential(Identity.generate())
+            )
+            conns.append(conn)
+            for i in range(count):
+                data = os.urandom(size)
+                put = wire.PutSeg(request_id=i, seg_id=blake3.blake3(data).digest(), data=data)
+                await conn.send(put)
+                if isinstance(await conn.read_frame(), wire.Error):
+                    break  # no space (or refused outright)
+        pinger = asyncio.create_task(keep_alive())
+        try:
+            assert target.store is not None
+            await wait_for(lambda: target.store is not None and target.store.used == 0, 20)
+            src = tmp_path / "honest"
+            src.write_bytes(os.urandom(3 << 20))
+            async with client_for(target, publisher=Identity.generate()) as client:
+                await client.put(src, "/honest", replicas=3)
+            assert await fetch(peers, tmp_path, "/honest") == src.read_bytes()
+        finally:
+            pinger.cancel()
+            await asyncio.gather(pinger, return_exceptions=True)
+    finally:
+        for conn in conns:
+            conn.close()
+        await stop_all(peers)

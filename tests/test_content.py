@@ -202,11 +202,15 @@ async def test_tampered_segment_is_fetched_from_another_holder(
     """Corrupt copies are detected and each segment comes from its one good holder."""
     src = write(tmp_path, 32 * SEG)
     async with client_for(network[0], publisher=Identity.generate()) as client:
-        await client.put(src, "/tamper", segment_size=SEG, replicas=3)
+        published = await client.put(src, "/tamper", segment_size=SEG, replicas=3)
+    data = src.read_bytes()
     damaged = 0
-    for peer in network[1:]:  # every copy but the publisher's
-        for path in (peer.data_dir / "store" / "segments").glob("*/*/*"):
-            if path.stat().st_size == SEG:
+    for placed in published.ranges:  # every copy but the first holder's of each range
+        for holder in placed["holders"][1:]:
+            peer = next(p for p in network if p.node_id.hex() == holder)
+            for i in range(placed["start"], placed["end"] + 1):
+                h = segments.segment_hash(data[i * SEG : (i + 1) * SEG]).hex()
+                path = peer.data_dir / "store" / "segments" / h[:2] / h[2:4] / h
                 raw = bytearray(path.read_bytes())
                 raw[100] ^= 0xFF
                 path.write_bytes(bytes(raw))

@@ -152,12 +152,17 @@ async def test_corrupt_segment_on_disk_is_healed(net: Net, tmp_path: Path) -> No
     token = net.token("p0")
     async with Client(net.addresses["p0"], token=token, publisher=Identity.generate()) as client:
         await client.put(src, "/heal", segment_size=SEG, replicas=3)
-    victim = next(net.root.joinpath("p0", "store", "segments").glob("*/*/*"))
+    holder = next(
+        p
+        for p in sorted(net.addresses)
+        if any(net.root.joinpath(p, "store", "segments").glob("*/*/*"))
+    )
+    victim = next(net.root.joinpath(holder, "store", "segments").glob("*/*/*"))
     raw = bytearray(victim.read_bytes())
     raw[0] ^= 1
     victim.write_bytes(bytes(raw))
-    address = "{}:{}".format(*net.addresses["p0"])
-    token_file = net.token_file("p0")
+    address = "{}:{}".format(*net.addresses[holder])
+    token_file = net.token_file(holder)
     args = ["check", "--repair", "--peer", address, "--token-file", token_file, "--json"]
     report = json.loads(peer_cli(*args).stdout)
     assert len(report["corrupt"]) == 1 and report["healed"] == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -597,3 +598,86 @@ def test_closed_store_refuses_calls(root: Path) -> None:
         s.put(seg_id, data)
     with pytest.raises(UsageError, match="closed"):
         s.has(seg_id)
+
+
+# -- disk cost, upload sessions and orphans ---------------------------------------------------
+
+
+def test_disk_cost_rounds_up_to_the_block_and_adds_a_file() -> None:
+    """A segment is charged whole blocks plus one per file: 8 bytes cost 8 KiB on 4 KiB."""
+    cost = store_module.DiskCost(4096, 4096)
+    assert [cost.charge(n) for n in (0, 1, 8, 4096, 4097)] == [4096, 8192, 8192, 8192, 12288]
+    assert store_module.DiskCost().charge(8) == 8
+    measured = store_module.DiskCost.of_filesystem(Path("/"))
+    assert measured.block >= 512 and measured.per_file == measured.block
+    with pytest.raises(UsageError):
+        store_module.DiskCost(0, 0)
+
+
+def test_tiny_segments_are_refused_at_their_disk_cost(root: Path) -> None:
+    """Capacity counts what tiny segments cost on disk, not their bytes."""
+    cost = store_module.DiskCost(4096, 4096)
+    with SegmentStore(root, 10 * 8192, cost=cost) as s:
+        for tag in range(10):
+            s.put(*seg(tag, 8))
+        assert (s.used, s.count) == (10 * 8192, 10)
+        with pytest.raises(CapacityError):
+            s.put(*seg(10, 8))
+        assert s.delete(seg(0, 8)[0]) == 8192
+    with SegmentStore(root, 10 * 8192, cost=cost) as s:
+        assert (s.used, s.count) == (9 * 8192, 9)  # reloaded as charged
+
+
+def test_ending_a_session_deletes_what_nothing_else_keeps(store: SegmentStore) -> None:
+    """A session's segments go when it ends, except those a ref or another session keeps."""
+    held, shared, alone = seg(1), seg(2), seg(3)
+    for item in (held, shared, alone):
+        store.put(*item, session=b"s1")
+    store.put(*shared, session=b"s2")  # sent again by another upload
+    store.add_refs([held[0]], b"holding")
+    assert store.orphans() == store_module.Orphans(2, 2000, 0, 0)
+    assert store.end_session(b"s1") == 1000
+    assert [store.has(i[0]) for i in (held, shared, alone)] == [True, True, False]
+    assert store.end_session(b"s2", [shared[0]]) == 1000
+    assert not store.has(shared[0]) and store.has(held[0])
+    assert store.orphans() == store_module.Orphans(0, 0, 0, 0)
+
+
+def test_add_refs_is_all_or_nothing(store: SegmentStore) -> None:
+    """Refs for a range are added only if every segment of it is stored."""
+    a, b = seg(1), seg(2)
+    store.put(*a, session=b"s")
+    with pytest.raises(NotFoundError):
+        store.add_refs([a[0], b[0]], b"o")
+    store.end_session(b"s")
+    assert not store.has(a[0])
+
+
+def test_orphans_are_collected_after_the_grace_and_pending_rows_end_with_the_process(
+    root: Path,
+) -> None:
+    """Unreferenced segments go once older than the cut-off; a reopen ends every session."""
+    with SegmentStore(root, 1 << 20) as s:
+        s.put(*seg(1), session=b"live")
+        s.put(*seg(2), session=b"gone")
+        s.put(*seg(3))
+        s.put(*seg(4), owner=b"holding")
+        assert s.collect_orphans(time.time() + 1, live=[b"live", b"gone"]) == (1, 1000)
+        assert s.orphans() == store_module.Orphans(2, 2000, 0, 0)
+        assert s.collect_orphans(0.0) == (0, 0)  # nothing stored before the cut-off
+        assert s.collect_orphans(time.time() + 1, live=[b"live"]) == (1, 1000)
+        assert s.has(seg(1)[0]) and not s.has(seg(2)[0])
+    with SegmentStore(root, 1 << 20) as s:  # as after kill -9: no session survives
+        assert s.orphans() == store_module.Orphans(0, 0, 1, 1000)
+        assert s.collect_orphans(time.time() + 1, live=[b"live"]) == (1, 1000)
+        assert (s.count, s.has(seg(4)[0])) == (1, True)
+
+
+def test_release_spares_segments_an_upload_sent_again(store: SegmentStore) -> None:
+    """Freeing a holding keeps a segment that an upload in progress has just sent again."""
+    a, b = seg(1), seg(2)
+    store.put(*a, owner=b"v1")
+    store.put(*b, owner=b"v1")
+    store.put(*a, session=b"upload")
+    assert store.release(b"v1") == 1000
+    assert store.has(a[0]) and not store.has(b[0])
