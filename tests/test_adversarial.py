@@ -678,51 +678,53 @@ async def test_a_strangers_control_requests_are_refused_before_any_work(
     finally:
         stranger.close()
     assert not peer._store().has(seg_id)
+    # the operator's upload stays pending while its connection is open (closing it frees
+    # the unpublished segments at once)
     operator = await _operator(peer)
     try:
         for sid, blob in ((seg_id, data), (root, hash_list)):
             assert isinstance(await _upload(operator, sid, blob), wire.Ack)
+        stored = [p._store().count for p in trio]
+        # damage the segment on disk: a check with repair would quarantine it
+        path, _ = peer._store().locate(seg_id)
+        path.write_bytes(b"\x00" + path.read_bytes()[1:])
+        manifest = build_manifest(
+            Identity.generate(),
+            name="/ctl/victim",
+            version=1,
+            parent=None,
+            root=None,
+            size=SEG,
+            segment_size=SEG,
+            segment_count=1,
+            stripes=1,
+            replicas=3,
+            integrity=root.hex(),
+            created=0.0,
+        )
+        hold = {
+            "key": key.hex(),
+            "version": 1,
+            "integrity": root.hex(),
+            "segment_count": 1,
+            "start": 0,
+            "end": 0,
+        }
+        stranger = await _stranger(peer)
+        try:
+            await _refused(stranger, "hold", **hold)
+            await _refused(stranger, "check", repair=True)
+            await _refused(stranger, "place", **{**hold, "stripes": 1, "replicas": 1000})
+            await _refused(stranger, "publish", manifest=manifest.raw.decode(), entries=[])
+            await _refused(stranger, "status")
+        finally:
+            stranger.close()
+        assert peer.holdings_db().of_key(key) == []
+        assert [p._store().count for p in trio] == stored
+        assert peer._store().has(seg_id)  # not quarantined: no check ran
+        assert await trio[1].dht_node().get(key) == []
     finally:
         operator.close()
-    stored = [p._store().count for p in trio]
-    # damage the segment on disk: a check with repair would quarantine it
-    path, _ = peer._store().locate(seg_id)
-    path.write_bytes(b"\x00" + path.read_bytes()[1:])
-    manifest = build_manifest(
-        Identity.generate(),
-        name="/ctl/victim",
-        version=1,
-        parent=None,
-        root=None,
-        size=SEG,
-        segment_size=SEG,
-        segment_count=1,
-        stripes=1,
-        replicas=3,
-        integrity=root.hex(),
-        created=0.0,
-    )
-    hold = {
-        "key": key.hex(),
-        "version": 1,
-        "integrity": root.hex(),
-        "segment_count": 1,
-        "start": 0,
-        "end": 0,
-    }
-    stranger = await _stranger(peer)
-    try:
-        await _refused(stranger, "hold", **hold)
-        await _refused(stranger, "check", repair=True)
-        await _refused(stranger, "place", **{**hold, "stripes": 1, "replicas": 1000})
-        await _refused(stranger, "publish", manifest=manifest.raw.decode(), entries=[])
-        await _refused(stranger, "status")
-    finally:
-        stranger.close()
-    assert peer.holdings_db().of_key(key) == []
-    assert [p._store().count for p in trio] == stored
-    assert peer._store().has(seg_id)  # not quarantined: no check ran
-    assert await trio[1].dht_node().get(key) == []
 
 
 async def test_the_operator_with_the_token_may_do_everything(

@@ -18,7 +18,7 @@ import pytest
 from difs_p2p.client import Client
 from difs_p2p.config import parse_hostport
 from difs_p2p.control import read_token_file
-from difs_p2p.errors import IntegrityError
+from difs_p2p.errors import NetworkError
 from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import build_holder_entry, decode_holder_entry
@@ -156,7 +156,7 @@ async def test_a_range_only_a_silent_holder_claims_fails_after_its_derived_give_
             peers[1].address, io_timeout=FOREVER, fetch_config=quick
         ) as client:
             async with asyncio.timeout(60):  # a guard: waiting for the listener never ends
-                with pytest.raises(IntegrityError, match="stalled"):
+                with pytest.raises(NetworkError, match="stalled"):
                     await client.get("/stall/lonely", tmp_path / "out")
         assert silent_conns, "the silent holder was asked"
     finally:

@@ -27,6 +27,8 @@ from difs_p2p.transfer import Connection
 from tests.helpers import client_for, peer_config, start_peers, stop_all, wait_for, wait_for_sync
 
 SEG = 64 << 10
+# Uploads need a proof: any key pair makes a peer, which may upload (strangers may not).
+UPLOADER = PeerCredential(Identity.generate())
 BIN = Path(sys.executable).parent
 
 
@@ -209,7 +211,7 @@ async def test_an_upload_cut_by_a_peer_restart_is_collected_after_the_grace_time
     peers = await start_peers(tmp_path / "net", 2, repair=quick())
     try:
         entry = peers[0]
-        conn = await Connection.open(entry.address, io_timeout=10)
+        conn = await Connection.open(entry.address, io_timeout=10, credential=UPLOADER)
         try:
             for i in range(8):
                 chunk = os.urandom(SEG)
@@ -231,7 +233,7 @@ async def test_an_idle_upload_connection_is_dropped_after_the_grace_time(
     network: list[Peer],
 ) -> None:
     """A connection that sent segments and then nothing is dropped after the grace time."""
-    conn = await Connection.open(network[0].address, io_timeout=10)
+    conn = await Connection.open(network[0].address, io_timeout=10, credential=UPLOADER)
     try:
         for i in range(4):
             chunk = os.urandom(SEG)
@@ -258,7 +260,7 @@ async def test_a_thousand_tiny_uploads_are_charged_their_disk_cost(tmp_path: Pat
     peer = Peer(peer_config(tmp_path / "p", capacity=capacity))
     await peer.start()
     try:
-        conn = await Connection.open(peer.address, io_timeout=10)
+        conn = await Connection.open(peer.address, io_timeout=10, credential=UPLOADER)
         try:
             answers = []
             for i in range(1000):
