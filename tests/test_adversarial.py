@@ -13,13 +13,15 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import pytest
 
 from difs_p2p import segments, wire
 from difs_p2p.client import Client
 from difs_p2p.control import OperatorCredential, PeerCredential
-from difs_p2p.dht import Dht
+from difs_p2p.dht import IDENTIFY_DOMAIN, Dht
 from difs_p2p.errors import BusyError, PeerError, PermissionDeniedError
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import build_manifest, canonical_json, parse_holder_entry
@@ -27,7 +29,16 @@ from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
 from difs_p2p.recordstore import AcceptAll
 from difs_p2p.transfer import Connection
-from tests.helpers import FAST_DHT, client_for, peer_config, start_peers, stop_all, wait_for
+from tests.helpers import (
+    FAST_DHT,
+    client_for,
+    new_dht,
+    peer_config,
+    start_dhts,
+    start_peers,
+    stop_all,
+    wait_for,
+)
 
 SEG = 64 << 10
 
@@ -170,13 +181,6 @@ async def test_hostile_holder_entries_cannot_break_a_fetch(
 
 
 # --- dht ---
-
-from typing import Any  # noqa: E402
-
-import msgpack  # noqa: E402
-
-from difs_p2p.dht import IDENTIFY_DOMAIN  # noqa: E402
-from tests.helpers import new_dht, start_dhts  # noqa: E402
 
 
 class _RawPeer(asyncio.DatagramProtocol):
@@ -1106,7 +1110,7 @@ async def _release_call(address: tuple[str, int], key: bytes, **args: str) -> di
 async def test_a_strangers_deleted_v1000_record_deletes_nothing(
     lineage_world: tuple[list[Peer], Dht], tmp_path: Path
 ) -> None:
-    """Attack 1: a stranger's tombstone v1000, planted in one peer's record store and
+    """A stranger's tombstone v1000, planted in one peer's record store and
     carried by the stranger's own node, loses to the owner's record at every reader;
     release calls and maintenance free nothing; the owner still reads, updates, deletes."""
     from difs_p2p.errors import DeletedError
@@ -1166,7 +1170,7 @@ def blake3_hex(raw: bytes) -> str:
 async def test_a_strangers_entries_and_history_for_a_victims_name_are_refused(
     lineage_world: tuple[list[Peer], Dht], tmp_path: Path
 ) -> None:
-    """Attack 2: a stranger's bytes placed under the victim's name at version 1000 and
+    """A stranger's bytes placed under the victim's name at version 1000 and
     published (holder entries signed by honest peers, and its own history manifest) are
     refused by every peer; readers get the victim's bytes; holders keep the victim's copy."""
     from difs_p2p import segments
@@ -1254,7 +1258,7 @@ async def _junk_records(evil: Dht, target: Peer, n: int) -> int:
 
 
 async def test_one_source_cannot_fill_a_peers_record_store(tmp_path: Path) -> None:
-    """Attack 8 (records): a stranger storing junk records from one address stops at its
+    """A stranger storing junk records from one address stops at its
     share of the record cap; honest names from other addresses are still stored."""
     import dataclasses
 
@@ -1290,7 +1294,7 @@ async def test_one_source_cannot_fill_a_peers_record_store(tmp_path: Path) -> No
 async def test_junk_entries_under_a_name_do_not_starve_the_owners_update(
     lineage_world: tuple[list[Peer], Dht], tmp_path: Path
 ) -> None:
-    """Attack 7 (entries): 508 junk holder entries from one address under a name (for
+    """508 junk holder entries from one address under a name (for
     the owner's own version, the only kind peers admit now) leave room for the owner's
     update: it gets its holder entries and fetches work."""
     from difs_p2p.manifest import build_holder_entry
