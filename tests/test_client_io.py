@@ -130,13 +130,11 @@ async def test_unreachable_holders_are_a_network_error(network: list[Peer], tmp_
     src.write_bytes(os.urandom(3 * SEG))
     async with client_for(network[0], publisher=Identity.generate()) as client:
         result = await client.put(src, "/io/gone", segment_size=SEG, replicas=1)
-    # the placed holders, and the entry peer (which may keep a copy)
-    holders = {h for r in result.ranges for h in r["holders"]} | {
-        f"{network[0].host}:{network[0].port}"
-    }
-    entry = next(p for p in network if f"{p.host}:{p.port}" not in holders)
+    # the placed holders (node IDs; the entry peer keeps a copy only if it is one)
+    holders = {h for r in result.ranges for h in r["holders"]}
+    entry = next(p for p in network if p.node_id.hex() not in holders)
     for peer in network:
-        if f"{peer.host}:{peer.port}" in holders:
+        if peer.node_id.hex() in holders:
             await peer.stop()
     out = tmp_path / "copy.bin"
     out.write_bytes(OLD)
