@@ -249,7 +249,11 @@ class HolderProver:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        own_key: bytes = b"",
     ) -> None:
+        """``own_key``: this peer's node key (its own entries, sent back by others, are
+        not challenged)."""
+        self.own_key = own_key
         self.book = ProofBook(config)
         self.stats = ProofStats()
         self._store = store
@@ -279,6 +283,8 @@ class HolderProver:
         try:
             entry = decode_holder_entry(raw)
         except WireError:
+            return
+        if entry.public_key == self.own_key:
             return
         claim = Claim.of(entry)
         want = self.book.want(claim, self._clock())

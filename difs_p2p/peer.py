@@ -331,6 +331,7 @@ class Peer:
                 config=cfg.proof,
                 network=self.network,
                 wall_clock=self.clock,
+                own_key=self.identity.public_key,
             )
             self.dht.entry_gate = self.prover
             self.port = await self.dht.start(cfg.host, cfg.port, network=datagrams)

@@ -1545,3 +1545,48 @@ def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() ->
     assert check_segment(manifest, hash_list, 3, blocks[2]) != ""
     forged = segments.encode_hash_list([ids[0], ids[0], ids[0]])
     assert check_segment(manifest, forged, 0, blocks[0]) != ""
+
+
+async def test_a_holder_serving_a_bad_segment_fails_a_sampled_challenge(tmp_path: Path) -> None:
+    """With every challenge sampled, honest holders pass the segment check, and a holder
+    that still signs for its range but serves damaged segments loses its entries."""
+    from difs_p2p.config import ProofConfig
+
+    peers = await start_peers(tmp_path / "net", 4, proof=ProofConfig(segment_share=1.0))
+    try:
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(4 * SEG))
+        async with client_for(peers[0], publisher=Identity.generate()) as client:
+            await client.put(src, "/sampled", segment_size=SEG, replicas=2)
+        m = (await Client(peers[1].address).resolve("/sampled")).manifest
+        provers = [p.prover for p in peers if p.prover is not None]
+        await wait_for(lambda: all(not pr.book.pending for pr in provers), 30)
+        assert sum(pr.stats.segments for pr in provers) >= 1
+        assert sum(pr.stats.failed for pr in provers) == 0, "honest holders pass"
+        liar = next(p for p in peers[1:] if p.holdings_db().of_key(m.key))
+        store = liar._store()
+        ids = segments.verify_hash_list(
+            store.read(bytes.fromhex(m.integrity)), bytes.fromhex(m.integrity), m.segment_count
+        )
+        for h in liar.holdings_db().of_key(m.key):
+            for seg_id in ids[h.start : h.end + 1]:
+                path = store.path_of(seg_id)
+                path.write_bytes(b"\x00" + path.read_bytes()[1:])
+        sender = peers[0]
+        assert liar.identity is not None
+        liar_key = liar.identity.public_key
+        assert sender.dht is not None
+        its_entries = [
+            e
+            for e in sender.dht.store.entries(m.key, time.time())
+            if e[:1] != b"{" and parse_holder_entry(e).public_key == liar_key
+        ]
+        assert its_entries
+        for pr in provers:
+            pr.book.proven.clear()  # as if its proofs had aged out
+        await sender.dht.add_entries(m.key, its_entries)  # re-announced
+        others = [p for p in peers if p is not sender and p is not liar]
+        await wait_for(lambda: all(liar_key not in _signers_at(p, m.key) for p in others), 30)
+        assert sum(pr.stats.failed for pr in provers) >= len(others)
+    finally:
+        await stop_all(peers)
