@@ -182,6 +182,39 @@ class DhtConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProofConfig:
+    """How a DHT peer challenges the holder entries it admits (holdproof.py)."""
+
+    # share of challenges that also read one segment: 2/k with k = 20 (DhtConfig.ksize)
+    segment_share: float = 0.1
+    # a challenge that took longer failed: a live holder answers in milliseconds
+    # (2.7 ms on loopback), so 5 s is generous to slow links and loaded peers
+    timeout: float = 5.0
+    # a proven claim is not challenged again for an hour (entries are re-announced)
+    proven_ttl: float = 3600.0
+    # a failed (signer, address) is refused for ten minutes
+    failed_ttl: float = 600.0
+    # claims remembered in each cache (about 100 bytes each)
+    remembered: int = 10_000
+    # challenges waiting or running, in all, per key and per signer
+    max_pending: int = 256
+    max_pending_per_key: int = 32
+    max_pending_per_signer: int = 8
+    # challenges running at once
+    concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.segment_share <= 1.0:
+            raise UsageError("segment_share must be between 0 and 1")
+        if self.timeout <= 0 or self.proven_ttl < 0 or self.failed_ttl < 0:
+            raise UsageError("proof timeout must be positive and the cache times not negative")
+        if min(self.remembered, self.max_pending, self.concurrency) < 1:
+            raise UsageError("proof caches, pending challenges and concurrency must be >= 1")
+        if min(self.max_pending_per_key, self.max_pending_per_signer) < 1:
+            raise UsageError("pending challenges per key and per signer must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
 class PeerConfig:
     """Everything a storage peer needs to start."""
 
@@ -201,6 +234,8 @@ class PeerConfig:
     # Bound on concurrent inbound TCP connections.
     max_connections: int = 256
     repair: RepairConfig = field(default_factory=RepairConfig)
+    # Challenges of the holder entries other peers send (docs/SECURITY.md).
+    proof: ProofConfig = field(default_factory=ProofConfig)
     # Inbound TCP connections from one IP address: an eighth of max_connections, so that
     # one address cannot take every slot (a fetch opens up to 8 holder connections, a
     # client one more to its entry peer).

@@ -126,6 +126,17 @@ class RangeRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ProveRequest:
+    """``prove``: sign a challenge over one range of one version (see holdproof.py)."""
+
+    key: bytes
+    version: int
+    start: int
+    end: int
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class RangesRequest:
     """``holds_ranges``: up to MAX_PROBE_RANGES ranges."""
 
@@ -196,6 +207,13 @@ def _range_request(args: dict[str, Any]) -> RangeRequest:
     return RangeRequest(
         _hex(args, "key", 20), _int(args, "version"), _int(args, "start"), _int(args, "end")
     )
+
+
+def _prove_request(args: dict[str, Any]) -> ProveRequest:
+    r = _range_request(args)
+    if r.end < r.start:
+        raise UsageError("end must not be before start")
+    return ProveRequest(r.key, r.version, r.start, r.end, _hex(args, "nonce", NONCE_SIZE))
 
 
 def _ranges_request(args: dict[str, Any]) -> RangesRequest:
@@ -293,6 +311,7 @@ CONTROL_TABLE: Final[dict[str, OpRule]] = {
     "resolve": OpRule(Access.ANYONE, _key_request, "read a name's records"),
     "holds": OpRule(Access.ANYONE, _range_request, "probe one range"),
     "holds_ranges": OpRule(Access.ANYONE, _ranges_request, "probe many ranges"),
+    "prove": OpRule(Access.ANYONE, _prove_request, "prove holding a range (signed nonce)"),
     "release": OpRule(Access.ANYONE, _key_request, "free a deleted name (owner-signed proof)"),
     "suspect": OpRule(Access.ANYONE_RATED, _suspect_request, "re-verify a segment"),
     "hold": OpRule(Access.PEER_WITH_REASON, _hold_request, "sign a holder entry"),

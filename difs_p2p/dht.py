@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 from kademlia.node import Node
@@ -535,6 +535,19 @@ class _ExactRoutingTable(RoutingTable):  # type: ignore[misc]
         return [n for bucket in self.buckets for n in bucket.nodes.values()]
 
 
+class EntryGate(Protocol):
+    """What decides, beyond the record store's policy, on entries other peers send
+    (holdproof.HolderProver: entries of holders that failed a proof are refused, new
+    claims are challenged). Called synchronously from the datagram handler: it must
+    only decide and schedule, never wait."""
+
+    def admit(self, key: bytes, entry: bytes) -> bool:
+        """Whether an entry another peer sent may be stored."""
+
+    def admitted(self, key: bytes, entry: bytes) -> None:
+        """An entry another peer sent was stored."""
+
+
 class _Protocol(KademliaProtocol):  # type: ignore[misc]
     """rpcudp + kademlia protocol with checked requests and replies and owned tasks."""
 
@@ -692,11 +705,18 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         if not isinstance(items, list):
             return 0
         store = self.dht.store
-        return sum(
-            store.add_entry(key, e, now, source).accepted
-            for e in items
-            if isinstance(e, bytes) and len(e) <= MAX_VALUE_SIZE
-        )
+        gate = self.dht.entry_gate
+        accepted = 0
+        for e in items:
+            if not isinstance(e, bytes) or len(e) > MAX_VALUE_SIZE:
+                continue
+            if gate is not None and not gate.admit(key, e):
+                continue
+            if store.add_entry(key, e, now, source).accepted:
+                accepted += 1
+                if gate is not None:
+                    gate.admitted(key, e)
+        return accepted
 
     def _handle_reply(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
         pending = self._outstanding.get(msg_id)
@@ -866,6 +886,8 @@ class Dht:
             max_records=self.config.max_records,
             max_entries_per_key=self.config.max_entries_per_key,
         )
+        # checks on entries other peers send, beyond the policy (None: the policy alone)
+        self.entry_gate: EntryGate | None = None
         self.protocol: _Protocol | None = None
         self.transport: DatagramTransport | None = None
         self.seeds: list[tuple[str, int]] = []

@@ -54,6 +54,7 @@ from difs_p2p.errors import (
     UsageError,
     WireError,
 )
+from difs_p2p.holdproof import HolderProver, prove_message
 from difs_p2p.identity import Identity
 from difs_p2p.idwork import load_or_create_with_work
 from difs_p2p.manifest import (
@@ -253,6 +254,8 @@ class Peer:
         self._lock_file: IO[bytes] | None = None
         self.holdings: Holdings | None = None
         self.maintainer: Maintainer | None = None
+        # challenges the holder entries other peers send (holdproof.py)
+        self.prover: HolderProver | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._token: bytes | None = None
         self._uploads = ByteBudget(config.upload_budget)
@@ -268,6 +271,7 @@ class Peer:
             "release": self._op_release,
             "holds": self._op_holds,
             "holds_ranges": self._op_holds_ranges,
+            "prove": self._op_prove,
             "check": self._op_check,
             "suspect": self._op_suspect,
             "abandon": self._op_abandon,
@@ -321,6 +325,15 @@ class Peer:
                 clock=self.clock,
                 identity=self.identity,
             )
+            self.prover = HolderProver(
+                lambda: self._dht().store,
+                self.spawn,
+                config=cfg.proof,
+                network=self.network,
+                wall_clock=self.clock,
+                own_key=self.identity.public_key,
+            )
+            self.dht.entry_gate = self.prover
             self.port = await self.dht.start(cfg.host, cfg.port, network=datagrams)
             self.host = self.dht.me.host
             self.server = Server(
@@ -1187,6 +1200,20 @@ class Peer:
             return [db.covers(key, version, start, end) for key, version, start, end in queries]
 
         return {"holds": await asyncio.to_thread(answer)}
+
+    async def _op_prove(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        """Prove to a DHT peer listing our entry that we hold a range: our node key's
+        signature over its nonce and the range (holdproof.prove_message), if we hold it."""
+        request = CONTROL_TABLE["prove"].check(args)
+        assert isinstance(request, control.ProveRequest)
+        key, version, start, end = request.key, request.version, request.start, request.end
+        if not self.holdings_db().covers(key, version, start, end):
+            return {"holds": False}
+        identity = self.identity
+        if identity is None:
+            raise NetworkError("the peer is not started")
+        message = prove_message(request.nonce, key, version, start, end)
+        return {"holds": True, "sig": identity.sign(message).hex()}
 
     async def probe_ranges(
         self, address: tuple[str, int], queries: list[Query], *, limit: float

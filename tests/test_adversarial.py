@@ -1391,3 +1391,208 @@ async def test_a_strangers_unpublished_uploads_are_collected_and_honest_publishe
         for conn in conns:
             conn.close()
         await stop_all(peers)
+
+
+# --- proof ---
+
+
+def _signers_at(peer: Peer, key: bytes) -> set[bytes]:
+    """The signer keys of the holder entries ``peer`` lists under ``key``."""
+    assert peer.dht is not None
+    return {
+        parse_holder_entry(e).public_key
+        for e in peer.dht.store.entries(key, time.time())
+        if e[:1] != b"{"
+    }
+
+
+async def test_holder_entries_whose_holder_cannot_prove_them_are_dropped(
+    world: tuple[list[Peer], Dht], tmp_path: Path
+) -> None:
+    """Entries signed by a stranger's keys for silent listeners, a 1 byte/s one and an
+    honest peer's address are dropped by every listing peer once its challenge fails, and
+    refused when sent again; honest entries all stay, and a publish is fetched at once."""
+    from difs_p2p.manifest import build_holder_entry
+
+    peers, evil = world
+    owner = Identity.generate()
+    data = await publish(peers, tmp_path, owner, "/proved")
+    m = (await Client(peers[1].address).resolve("/proved")).manifest
+    honest = {p.node_id: _signers_at(p, m.key) for p in peers}
+    assert all(honest.values()), "every peer lists the published entries"
+    liars = FalseHolders()
+    addresses = [*await liars.start(silent=2), peers[2].address]
+    strangers = [Identity.generate() for _ in addresses]
+    entries = [
+        build_holder_entry(
+            key_,
+            key=m.key,
+            version=m.version,
+            integrity=bytes.fromhex(m.integrity),
+            start=0,
+            end=m.segment_count - 1,
+            host=host,
+            port=port,
+            issued=int(time.time()),
+        ).raw
+        for key_, (host, port) in zip(strangers, addresses, strict=True)
+    ]
+    false_keys = {s.public_key for s in strangers}
+    try:
+        assert await evil.add_entries(m.key, entries) > len(entries), "peers admit them"
+        assert any(_signers_at(p, m.key) & false_keys for p in peers)
+
+        def dropped() -> bool:
+            return all(not _signers_at(p, m.key) & false_keys for p in peers)
+
+        await wait_for(dropped, 60)
+        for p in peers:
+            assert honest[p.node_id] <= _signers_at(p, m.key), "honest entries stay"
+        # the honest holders proved their claims to the peers they were sent to (the
+        # entry peer stores its publish's entries itself)
+        assert all(p.prover is not None and p.prover.stats.proven >= 1 for p in peers[1:])
+        # sent again, they are refused outright: their holders failed a proof
+        await evil.add_entries(m.key, entries)
+        assert dropped()
+        assert await fetch(peers, tmp_path, "/proved") == data
+        # an update fetched at once, while its holders are being challenged
+        data2 = await publish(peers, tmp_path, owner, "/proved", update=True)
+        assert await fetch(peers, tmp_path, "/proved") == data2
+    finally:
+        await liars.stop()
+
+
+def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() -> None:
+    """A new claim is challenged once (then remembered as proven or failed, in bounded
+    caches), about segment_share of challenges read a segment, and only the entry key's
+    signature over the nonce and range, or the right segment, proves anything."""
+    import random
+
+    from difs_p2p.config import ProofConfig
+    from difs_p2p.holdproof import (
+        Claim,
+        ProofBook,
+        check_prove_reply,
+        check_segment,
+        prove_message,
+    )
+    from difs_p2p.manifest import build_holder_entry
+
+    holder, other = Identity.generate(), Identity.generate()
+    key = name_key("/proof")
+    entry = build_holder_entry(
+        holder,
+        key=key,
+        version=3,
+        integrity=bytes(32),
+        start=0,
+        end=9,
+        host="127.0.0.1",
+        port=4000,
+        issued=0,
+    )
+    claim = Claim.of(entry)
+    book = ProofBook(ProofConfig(segment_share=0.1, remembered=2, max_pending_per_key=2))
+    rng = random.Random(7)
+    assert book.want(claim, 0.0) is True
+    c = book.challenge(claim, [(0, 9)], rng, bytes(32))
+    assert book.want(claim, 0.0) is False, "one challenge per claim at a time"
+    book.settle(claim, True, 0.0)
+    assert book.want(claim, 1.0) is False, "a proven claim is not asked again"
+    assert book.want(claim, 3601.0) is True, "until its proof is an hour old"
+    assert not book.refused(entry, 1.0)
+    book.settle(claim, False, 10.0)
+    assert book.refused(entry, 11.0) and not book.refused(entry, 611.0)
+    # bounds: pending per key, and caches of `remembered` claims
+    others = [Claim(bytes([i]) * 32, "127.0.0.1", 5000 + i, key, 3) for i in range(3)]
+    for o in others[:2]:
+        assert book.want(o, 0.0) is True
+        book.challenge(o, [(0, 0)], rng, bytes(32))
+    assert book.want(others[2], 0.0) is None, "too many pending for this key"
+    for o in others[:2]:
+        book.settle(o, False, 0.0)
+    assert len(book.failed) == 2
+    # sampling: about a tenth of the challenges read a segment, inside the range
+    picks = [book.challenge(claim, [(2, 5)], rng, bytes(32)).segment for _ in range(2000)]
+    sampled = [s for s in picks if s is not None]
+    assert 120 <= len(sampled) <= 280 and all(2 <= s <= 5 for s in sampled)
+    # what a reply proves
+    nonce = os.urandom(32)
+    c = type(c)(claim, 0, 9, nonce, None)
+    good = holder.sign(prove_message(nonce, key, 3, 0, 9)).hex()
+    assert check_prove_reply(c, {"holds": True, "sig": good}) == ""
+    assert check_prove_reply(c, {"holds": False}) != ""
+    assert check_prove_reply(c, {"holds": True, "sig": other.sign(b"x").hex()}) != ""
+    wrong_range = holder.sign(prove_message(nonce, key, 3, 0, 8)).hex()
+    assert check_prove_reply(c, {"holds": True, "sig": wrong_range}) != ""
+    replayed = holder.sign(prove_message(bytes(32), key, 3, 0, 9)).hex()
+    assert check_prove_reply(c, {"holds": True, "sig": replayed}) != ""
+    assert check_prove_reply(c, ["holds"]) != "" and check_prove_reply(c, {"holds": 1}) != ""
+    # a segment is checked against the hash list and the manifest's integrity root
+    blocks = [os.urandom(100) for _ in range(3)]
+    ids = [bytes(segments.segment_hash(b)) for b in blocks]
+    hash_list = segments.encode_hash_list(ids)
+    manifest = build_manifest(
+        holder,
+        name="/proof",
+        version=1,
+        parent=None,
+        root=None,
+        size=300,
+        segment_size=100,
+        segment_count=3,
+        stripes=1,
+        replicas=1,
+        integrity=bytes(segments.hash_list_root(hash_list)).hex(),
+        created=0.0,
+    )
+    assert check_segment(manifest, hash_list, 1, blocks[1]) == ""
+    assert check_segment(manifest, hash_list, 1, blocks[2]) != ""
+    assert check_segment(manifest, hash_list, 3, blocks[2]) != ""
+    forged = segments.encode_hash_list([ids[0], ids[0], ids[0]])
+    assert check_segment(manifest, forged, 0, blocks[0]) != ""
+
+
+async def test_a_holder_serving_a_bad_segment_fails_a_sampled_challenge(tmp_path: Path) -> None:
+    """With every challenge sampled, honest holders pass the segment check, and a holder
+    that still signs for its range but serves damaged segments loses its entries."""
+    from difs_p2p.config import ProofConfig
+
+    peers = await start_peers(tmp_path / "net", 4, proof=ProofConfig(segment_share=1.0))
+    try:
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(4 * SEG))
+        async with client_for(peers[0], publisher=Identity.generate()) as client:
+            await client.put(src, "/sampled", segment_size=SEG, replicas=2)
+        m = (await Client(peers[1].address).resolve("/sampled")).manifest
+        provers = [p.prover for p in peers if p.prover is not None]
+        await wait_for(lambda: all(not pr.book.pending for pr in provers), 30)
+        assert sum(pr.stats.segments for pr in provers) >= 1
+        assert sum(pr.stats.failed for pr in provers) == 0, "honest holders pass"
+        liar = next(p for p in peers[1:] if p.holdings_db().of_key(m.key))
+        store = liar._store()
+        ids = segments.verify_hash_list(
+            store.read(bytes.fromhex(m.integrity)), bytes.fromhex(m.integrity), m.segment_count
+        )
+        for h in liar.holdings_db().of_key(m.key):
+            for seg_id in ids[h.start : h.end + 1]:
+                path = store.path_of(seg_id)
+                path.write_bytes(b"\x00" + path.read_bytes()[1:])
+        sender = peers[0]
+        assert liar.identity is not None
+        liar_key = liar.identity.public_key
+        assert sender.dht is not None
+        its_entries = [
+            e
+            for e in sender.dht.store.entries(m.key, time.time())
+            if e[:1] != b"{" and parse_holder_entry(e).public_key == liar_key
+        ]
+        assert its_entries
+        for pr in provers:
+            pr.book.proven.clear()  # as if its proofs had aged out
+        await sender.dht.add_entries(m.key, its_entries)  # re-announced
+        others = [p for p in peers if p is not sender and p is not liar]
+        await wait_for(lambda: all(liar_key not in _signers_at(p, m.key) for p in others), 30)
+        assert sum(pr.stats.failed for pr in provers) >= len(others)
+    finally:
+        await stop_all(peers)

@@ -58,7 +58,7 @@ def test_strangers_may_only_read_probe_resolve_release_and_report() -> None:
     """The stranger's part of the table is exactly the one the design allows."""
     open_to_strangers = {op for op, rule in CONTROL_TABLE.items() if may_ask(Role.STRANGER, rule)}
     assert open_to_strangers == {
-        "HELLO", "GET_SEG", "holds", "holds_ranges", "resolve", "release", "suspect",
+        "HELLO", "GET_SEG", "holds", "holds_ranges", "resolve", "release", "suspect", "prove",
     }  # fmt: skip
     assert CONTROL_TABLE["suspect"].access is Access.ANYONE_RATED
 
