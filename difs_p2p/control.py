@@ -43,6 +43,8 @@ __all__ = [
     "PeerCredential",
     "Role",
     "check_proof",
+    "hex_arg",
+    "int_arg",
     "load_or_create_token",
     "may_ask",
     "new_nonce",
@@ -85,7 +87,8 @@ class Access(enum.Enum):
 # -- typed requests ----------------------------------------------------------------------
 
 
-def _hex(args: dict[str, Any], name: str, size: int) -> bytes:
+def hex_arg(args: dict[str, Any], name: str, size: int) -> bytes:
+    """Argument ``name``: exactly ``size`` bytes, sent as hex (UsageError otherwise)."""
     value = args.get(name)
     try:
         raw = bytes.fromhex(value) if isinstance(value, str) else b""
@@ -96,7 +99,8 @@ def _hex(args: dict[str, Any], name: str, size: int) -> bytes:
     return raw
 
 
-def _int(args: dict[str, Any], name: str) -> int:
+def int_arg(args: dict[str, Any], name: str) -> int:
+    """Argument ``name``: a non-negative integer below 2**62 (UsageError otherwise)."""
     value = args.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
         raise UsageError(f"{name} must be a non-negative integer")
@@ -200,12 +204,15 @@ def _no_args(args: dict[str, Any]) -> NoArgs:
 
 
 def _key_request(args: dict[str, Any]) -> KeyRequest:
-    return KeyRequest(_hex(args, "key", 20))
+    return KeyRequest(hex_arg(args, "key", 20))
 
 
 def _range_request(args: dict[str, Any]) -> RangeRequest:
     return RangeRequest(
-        _hex(args, "key", 20), _int(args, "version"), _int(args, "start"), _int(args, "end")
+        hex_arg(args, "key", 20),
+        int_arg(args, "version"),
+        int_arg(args, "start"),
+        int_arg(args, "end"),
     )
 
 
@@ -213,7 +220,7 @@ def _prove_request(args: dict[str, Any]) -> ProveRequest:
     r = _range_request(args)
     if r.end < r.start:
         raise UsageError("end must not be before start")
-    return ProveRequest(r.key, r.version, r.start, r.end, _hex(args, "nonce", NONCE_SIZE))
+    return ProveRequest(r.key, r.version, r.start, r.end, hex_arg(args, "nonce", NONCE_SIZE))
 
 
 def _ranges_request(args: dict[str, Any]) -> RangesRequest:
@@ -240,12 +247,12 @@ def _hold_reason(value: object) -> HoldReason | None:
 
 def _hold_request(args: dict[str, Any]) -> HoldRequest:
     request = HoldRequest(
-        _hex(args, "key", 20),
-        _int(args, "version"),
-        _hex(args, "integrity", 32),
-        _int(args, "segment_count"),
-        _int(args, "start"),
-        _int(args, "end"),
+        hex_arg(args, "key", 20),
+        int_arg(args, "version"),
+        hex_arg(args, "integrity", 32),
+        int_arg(args, "segment_count"),
+        int_arg(args, "start"),
+        int_arg(args, "end"),
         _hold_reason(args.get("reason")),
     )
     reason = request.reason
@@ -261,12 +268,12 @@ def _hold_request(args: dict[str, Any]) -> HoldRequest:
 
 def _place_request(args: dict[str, Any]) -> PlaceRequest:
     request = PlaceRequest(
-        _hex(args, "key", 20),
-        _int(args, "version"),
-        _hex(args, "integrity", 32),
-        _int(args, "segment_count"),
-        _int(args, "stripes"),
-        _int(args, "replicas"),
+        hex_arg(args, "key", 20),
+        int_arg(args, "version"),
+        hex_arg(args, "integrity", 32),
+        int_arg(args, "segment_count"),
+        int_arg(args, "stripes"),
+        int_arg(args, "replicas"),
     )
     if request.replicas > MAX_REPLICAS:
         raise UsageError(f"replicas must be at most {MAX_REPLICAS}")
@@ -290,7 +297,7 @@ def _check_request(args: dict[str, Any]) -> CheckRequest:
 
 
 def _suspect_request(args: dict[str, Any]) -> SuspectRequest:
-    return SuspectRequest(_hex(args, "segment", 32))
+    return SuspectRequest(hex_arg(args, "segment", 32))
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from typing import IO, Any, BinaryIO
 
 from difs_p2p import control, segments, wire
 from difs_p2p.config import PeerConfig
-from difs_p2p.control import CONTROL_TABLE, OpRule, Role
+from difs_p2p.control import CONTROL_TABLE, OpRule, Role, hex_arg, int_arg
 from difs_p2p.dht import Contact, Dht
 from difs_p2p.errors import (
     BusyError,
@@ -804,11 +804,11 @@ class Peer:
         """
         key, version, integrity = (
             _key_arg(args),
-            _int_arg(args, "version"),
-            _hex_arg(args, "integrity", 32),
+            int_arg(args, "version"),
+            hex_arg(args, "integrity", 32),
         )
-        count, stripes = _int_arg(args, "segment_count"), _int_arg(args, "stripes")
-        replicas = max(1, _int_arg(args, "replicas"))
+        count, stripes = int_arg(args, "segment_count"), int_arg(args, "stripes")
+        replicas = max(1, int_arg(args, "replicas"))
         session = self._session(conn)
         session.busy += 1
         mine: list[Holding] = []
@@ -976,11 +976,11 @@ class Peer:
         """Check that segments start..end are stored here and sign a holder entry."""
         key, version, integrity = (
             _key_arg(args),
-            _int_arg(args, "version"),
-            _hex_arg(args, "integrity", 32),
+            int_arg(args, "version"),
+            hex_arg(args, "integrity", 32),
         )
-        count = _int_arg(args, "segment_count")
-        start, end = _int_arg(args, "start"), _int_arg(args, "end")
+        count = int_arg(args, "segment_count")
+        start, end = int_arg(args, "start"), int_arg(args, "end")
         reason = args.get("reason")
         if conn.role == "peer" and isinstance(reason, dict) and reason.get("kind") == "repair":
             await self._check_co_holder(conn, key, version, start, end)
@@ -1186,8 +1186,8 @@ class Peer:
 
     async def _op_holds(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         """Whether this peer holds a range (asked by other holders for failure detection)."""
-        key, version = _key_arg(args), _int_arg(args, "version")
-        start, end = _int_arg(args, "start"), _int_arg(args, "end")
+        key, version = _key_arg(args), int_arg(args, "version")
+        start, end = int_arg(args, "start"), int_arg(args, "end")
         return {"holds": self.holdings_db().covers(key, version, start, end)}
 
     async def _op_holds_ranges(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
@@ -1282,7 +1282,7 @@ class Peer:
 
     async def _op_suspect(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         """A fetcher got a bad copy of a segment from us: verify it, heal it if damaged."""
-        seg_id = _hex_arg(args, "segment", 32)
+        seg_id = hex_arg(args, "segment", 32)
         store = self._store()
         if not store.has(seg_id):
             return {"damaged": False, "healed": 0}
@@ -1375,31 +1375,13 @@ def _ranges_arg(args: dict[str, Any]) -> list[Query]:
         queries.append(
             (
                 _key_arg(fields),
-                _int_arg(fields, "version"),
-                _int_arg(fields, "start"),
-                _int_arg(fields, "end"),
+                int_arg(fields, "version"),
+                int_arg(fields, "start"),
+                int_arg(fields, "end"),
             )
         )
     return queries
 
 
 def _key_arg(args: dict[str, Any]) -> bytes:
-    return _hex_arg(args, "key", 20)
-
-
-def _hex_arg(args: dict[str, Any], name: str, size: int) -> bytes:
-    value = args.get(name)
-    try:
-        raw = bytes.fromhex(value) if isinstance(value, str) else b""
-    except ValueError:
-        raw = b""
-    if len(raw) != size:
-        raise UsageError(f"{name} must be {size} bytes of hex")
-    return raw
-
-
-def _int_arg(args: dict[str, Any], name: str) -> int:
-    value = args.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
-        raise UsageError(f"{name} must be a non-negative integer")
-    return value
+    return hex_arg(args, "key", 20)
