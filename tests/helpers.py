@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -109,3 +111,24 @@ def client_for(peer: Peer, **kwargs: Any) -> Client:
     from difs_p2p.client import Client
 
     return Client(peer.address, token=peer.control_token, **kwargs)
+
+
+# The console scripts of the Python running the tests (difs, difs-peer).
+BIN = Path(sys.executable).parent
+
+
+def start_peer_process(
+    data: Path, *extra: str, stderr: int = subprocess.PIPE
+) -> tuple[subprocess.Popen[str], str]:
+    """A real ``difs-peer join`` process (data directory ``data``, more options in
+    ``extra``), once it printed ``peer ready``; and the HOST:PORT it printed."""
+    proc = subprocess.Popen(
+        [str(BIN / "difs-peer"), "join", "--data", str(data), *extra],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("peer ready"), line + (proc.stderr.read() if proc.stderr else "")
+    return proc, dict(part.split("=", 1) for part in line.split()[2:])["address"]

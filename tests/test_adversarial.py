@@ -20,6 +20,7 @@ import pytest
 
 from difs_p2p import segments, wire
 from difs_p2p.client import Client
+from difs_p2p.config import parse_hostport
 from difs_p2p.control import OperatorCredential, PeerCredential
 from difs_p2p.dht import IDENTIFY_DOMAIN, Dht
 from difs_p2p.errors import BusyError, PeerError, PermissionDeniedError
@@ -35,6 +36,7 @@ from tests.helpers import (
     new_dht,
     peer_config,
     start_dhts,
+    start_peer_process,
     start_peers,
     stop_all,
     wait_for,
@@ -946,17 +948,8 @@ async def test_a_full_peer_makes_room_for_another_address(tmp_path: Path) -> Non
 
 def _peer_process(data: Path) -> tuple[subprocess.Popen[str], tuple[str, int]]:
     """A real difs-peer process with default settings, and its address."""
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "difs-peer"), "join", "--data", str(data)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith("peer ready"), line
-    host, port = dict(p.split("=", 1) for p in line.split()[2:])["address"].split(":")
-    return proc, (host, int(port))
+    proc, address = start_peer_process(data, stderr=subprocess.DEVNULL)
+    return proc, parse_hostport(address)
 
 
 async def test_upload_headers_without_bytes_do_not_grow_a_peers_memory(tmp_path: Path) -> None:

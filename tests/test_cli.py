@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import wait_for_sync
+from tests.helpers import start_peer_process, wait_for_sync
 
 BIN = Path(sys.executable).parent
 
@@ -32,20 +32,6 @@ def difs(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         env=env,
         check=False,
     )
-
-
-def start_peer(data: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [str(BIN / "difs-peer"), "join", "--data", str(data), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith("peer ready"), line + (proc.stderr.read() if proc.stderr else "")
-    fields = dict(part.split("=", 1) for part in line.split()[2:])
-    return proc, fields["address"]
 
 
 def status(address: str, data: Path) -> dict[str, object]:
@@ -75,10 +61,10 @@ def test_three_processes_form_a_network_and_notice_a_leaver(tmp_path: Path) -> N
     """3 difs-peer processes find each other; SIGTERM stops one cleanly and the others notice."""
     procs = []
     try:
-        first, seed = start_peer(tmp_path / "a")
+        first, seed = start_peer_process(tmp_path / "a")
         procs.append(first)
         for name in ("b", "c"):
-            procs.append(start_peer(tmp_path / name, "--bootstrap", seed)[0])
+            procs.append(start_peer_process(tmp_path / name, "--bootstrap", seed)[0])
         addresses = [seed] + [(tmp_path / n / "address").read_text().strip() for n in ("b", "c")]
         dirs = dict(zip(addresses, (tmp_path / n for n in "abc"), strict=True))
         wait_for_sync(lambda: all(status(a, dirs[a])["routing_table"] == 2 for a in addresses))
@@ -186,9 +172,9 @@ def test_put_get_stat_versions_rm_as_processes(tmp_path: Path) -> None:
     env = dict(os.environ, DIFS_HOME=str(tmp_path / "home"))
     env["DIFS_TOKEN_FILE"] = str(tmp_path / "a" / "control.token")  # the entry peer's
     try:
-        first, seed = start_peer(tmp_path / "a")
+        first, seed = start_peer_process(tmp_path / "a")
         procs.append(first)
-        procs.append(start_peer(tmp_path / "b", "--bootstrap", seed)[0])
+        procs.append(start_peer_process(tmp_path / "b", "--bootstrap", seed)[0])
         other = (tmp_path / "b" / "address").read_text().strip()
         src = tmp_path / "in.bin"
         src.write_bytes(os.urandom(300_000))
@@ -284,7 +270,7 @@ class Net:
     def start(self, count: int) -> list[str]:
         seed = ""
         for i in range(count):
-            proc, address = start_peer(
+            proc, address = start_peer_process(
                 self.root / f"p{i}", *(["--bootstrap", seed] if seed else [])
             )
             seed = seed or address

@@ -22,7 +22,7 @@ from difs_p2p.errors import NetworkError
 from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import build_holder_entry, decode_holder_entry
-from tests.helpers import client_for, start_peers, stop_all
+from tests.helpers import client_for, start_peer_process, start_peers, stop_all
 
 BIN = Path(sys.executable).parent
 SEG = 64 << 10
@@ -31,17 +31,8 @@ FOREVER = 3600.0
 
 
 def start_peer(data: Path, *extra: str) -> tuple[subprocess.Popen[str], tuple[str, int]]:
-    proc = subprocess.Popen(
-        [str(BIN / "difs-peer"), "join", "--data", str(data), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith("peer ready"), line
-    fields = dict(part.split("=", 1) for part in line.split()[2:])
-    return proc, parse_hostport(fields["address"])
+    proc, address = start_peer_process(data, *extra, stderr=subprocess.DEVNULL)
+    return proc, parse_hostport(address)
 
 
 @pytest.fixture

@@ -24,7 +24,15 @@ from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
 from difs_p2p.repair import RepairConfig, range_key
 from difs_p2p.transfer import Connection
-from tests.helpers import client_for, peer_config, start_peers, stop_all, wait_for, wait_for_sync
+from tests.helpers import (
+    client_for,
+    peer_config,
+    start_peer_process,
+    start_peers,
+    stop_all,
+    wait_for,
+    wait_for_sync,
+)
 
 SEG = 64 << 10
 # Uploads need a proof: any key pair makes a peer, which may upload (strangers may not).
@@ -408,19 +416,6 @@ def test_a_holding_is_orphaned_only_without_manifest_entries_or_newer_version() 
 
 
 # -- the commands, as processes ---------------------------------------------------------------
-
-
-def start_peer_process(data: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [str(BIN / "difs-peer"), "join", "--data", str(data), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith("peer ready"), line + (proc.stderr.read() if proc.stderr else "")
-    return proc, dict(part.split("=", 1) for part in line.split()[2:])["address"]
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
