@@ -291,7 +291,7 @@ def _print_status(status: dict[str, Any]) -> None:
         console.print(
             f"holdings: {status.get('holdings', 0)}   maintenance rounds: {m['rounds']}   "
             f"repaired ranges: {m['repaired_ranges']} ({format_size(m['repair_bytes'])})   "
-            f"trimmed: {m['trimmed_ranges']}   collected versions: {m['collected_versions']} "
+            f"collected versions: {m['collected_versions']} "
             f"({format_size(m['freed_bytes'])})   healed segments: {m['healed_segments']}   "
             f"dead peers seen: {m['dead_peers']}"
         )

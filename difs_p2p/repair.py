@@ -221,7 +221,6 @@ class TokenBucket:
 class Action(enum.Enum):
     NONE = "none"
     REPAIR = "repair"
-    TRIM = "trim"
 
 
 def _distance(a: bytes, b: bytes) -> int:
@@ -244,23 +243,23 @@ def plan_range(
     key: bytes,
     alive: Sequence[bytes],
     replicas: int,
-    i_can_trim: bool,
     suspect: Sequence[bytes] = (),
 ) -> tuple[Action, int]:
     """What this holder should do for one range.
 
     ``alive`` are the holders that answered (``me`` included), ``suspect`` those that did
-    not answer but are not yet dead. Suspects count against repair (a slow peer is not
-    replaced at once) but not against trimming (a copy is only dropped when enough others
-    answered). The live holder closest to ``key`` repairs a shortfall; a holder that may trim
-    (it holds just this range) drops its copy when it is not among the ``replicas`` closest.
+    not answer but are not yet dead; they count against repair (a slow peer is not replaced
+    at once). The live holder closest to ``key`` repairs a shortfall.
+
+    A holder never drops its copy because others say they hold the range: an answer to a
+    probe is a claim, and keys nearer a range key cost an attacker little to grind, so
+    "extra copies" could be claimed to make every honest holder drop its own. Copies that
+    two racing repairs made stay (they cost disk, never data).
     """
     ordered = sorted(set(alive), key=lambda n: _distance(n, key))
     maybe = sorted(set(alive) | set(suspect), key=lambda n: _distance(n, key))
     if len(maybe) < replicas:
         return (Action.REPAIR, replicas - len(maybe)) if ordered[0] == me else (Action.NONE, 0)
-    if len(ordered) > replicas and i_can_trim and me not in ordered[:replicas]:
-        return Action.TRIM, 0
     return Action.NONE, 0
 
 
@@ -603,11 +602,6 @@ class RangeCheck:
     def key(self) -> bytes:
         return range_key(self.holding.integrity, self.index)
 
-    @property
-    def can_trim(self) -> bool:
-        """Only a holding of exactly this range may be dropped for it."""
-        return self.holding.start == self.start and self.holding.end == self.end
-
 
 def range_checks(held: Sequence[Holding], view: NameView, me: bytes) -> list[RangeCheck]:
     """Every range of ``held`` whose version the view has a matching manifest for, with the
@@ -708,7 +702,6 @@ class RepairStats:
     rounds: int = 0
     repaired_ranges: int = 0
     repair_bytes: int = 0
-    trimmed_ranges: int = 0
     collected_versions: int = 0
     freed_bytes: int = 0
     healed_segments: int = 0
@@ -929,15 +922,13 @@ class Maintainer:
         return None if answer is None else (answer, loop.time() - t0)
 
     async def _act(self, check: RangeCheck) -> None:
-        """Repair or trim one range as ``plan_range`` says, from this round's answers."""
+        """Repair one range if ``plan_range`` says so, from this round's answers."""
         me = self.peer.node_id
         h = check.holding
         others, suspect = self._health_of(check)
         alive = [me, *others]
         rkey = check.key
-        action, missing = plan_range(
-            me, rkey, alive, check.manifest.replicas, check.can_trim, suspect
-        )
+        action, missing = plan_range(me, rkey, alive, check.manifest.replicas, suspect)
         log.debug(
             "range key=%s range=%d..%d alive=%d suspect=%d action=%s",
             h.key.hex()[:12],
@@ -950,9 +941,6 @@ class Maintainer:
         if action is Action.REPAIR:
             avoid = {e.node_id for e in check.others}
             await self._repair(check, rkey, missing, avoid)
-        elif action is Action.TRIM:
-            await self.peer.free_holding(h)
-            self.stats.trimmed_ranges += 1
 
     async def _repair(
         self, check: RangeCheck, rkey: bytes, missing: int, avoid: set[bytes]

@@ -782,7 +782,7 @@ class World:
                 rkey = obj.range_keys[i]
                 leader = min(alive, key=lambda p: _distance(p.node_id, rkey))
                 action, missing = plan_range(
-                    leader.node_id, rkey, [p.node_id for p in alive], r, False, suspect
+                    leader.node_id, rkey, [p.node_id for p in alive], r, suspect
                 )
                 if action is Action.REPAIR:
                     obj.repairing[i] = True

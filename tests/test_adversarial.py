@@ -1589,3 +1589,68 @@ async def test_a_holder_serving_a_bad_segment_fails_a_sampled_challenge(tmp_path
         assert sum(pr.stats.failed for pr in provers) >= len(others)
     finally:
         await stop_all(peers)
+
+
+# --- claimed copies ---
+
+
+async def test_nearer_claimants_cannot_make_honest_holders_drop_their_copies(
+    tmp_path: Path,
+) -> None:
+    """Peers whose keys were ground nearer a range key than any holder, holding the public
+    data and answering probes, make no honest holder drop its copy; when they leave, every
+    honest copy is still there and the object is fetched whole."""
+    from difs_p2p.repair import range_key
+
+    net = await start_peers(tmp_path / "net", 6)
+    attackers: list[Peer] = []
+    try:
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(4 * SEG))
+        async with client_for(net[0], publisher=Identity.generate()) as client:
+            result = await client.put(src, "/victim/copies", segment_size=SEG, replicas=2)
+        m = result.manifest
+        integrity = bytes.fromhex(m.integrity)
+        ranges = segments.stripe_ranges(m.segment_count, m.stripes)
+        assert len(ranges) == 1
+        first, last = ranges[0]
+        rkey = range_key(integrity, 0)
+        honest = [p for p in net if p.holdings_db().covers_integrity(integrity, first, last)]
+        assert len(honest) == 2
+        nearest = min(_xor(p.node_id, rkey) for p in net)
+        keys: list[Identity] = []
+        while len(keys) < m.replicas:  # about 6 tries each in a 6-peer network
+            candidate = Identity.generate()
+            if _xor(candidate.node_id, rkey) < nearest:
+                keys.append(candidate)
+        for n, key in enumerate(keys):
+            data = tmp_path / f"evil{n}"
+            data.mkdir()
+            (data / "peer.key").write_text(key.private_key.private_bytes_raw().hex() + "\n")
+            os.chmod(data / "peer.key", 0o600)
+            attacker = Peer(peer_config(data, bootstrap=(net[0].address,)))
+            await attacker.start()
+            attackers.append(attacker)
+        for attacker in attackers:  # a copy of the public data, and its own signed entries
+            entry = await honest[0].push_range(
+                attacker.address, m.key, m.version, integrity, first, last
+            )
+            await attacker.dht_node().add_entries(m.key, [entry.raw])
+        for _ in range(3):
+            for peer in net:
+                assert peer.maintainer is not None
+                await peer.maintainer.round()
+        for attacker in attackers:
+            await attacker.stop()
+        attackers.clear()
+        kept = [p for p in net if p.holdings_db().covers_integrity(integrity, first, last)]
+        assert len(kept) == 2  # the attack freed every honest copy before
+        assert await fetch(net, tmp_path, "/victim/copies") == src.read_bytes()
+    finally:
+        for attacker in attackers:
+            await attacker.stop()
+        await stop_all(net)
+
+
+def _xor(a: bytes, b: bytes) -> int:
+    return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
