@@ -1177,10 +1177,10 @@ class Peer:
         unbound = [h for h in held if h.lineage is None and h.version < proof.version]
         if unbound and self.maintainer is not None:
             held = await self.maintainer.bind_from_dht(key, held)
-        keep = self.config.repair.keep
+        keep, now = self.config.repair.keep, time.time()
         freed = 0
         for h in held:
-            if gc_due(h.lineage, proof, keep):
+            if gc_due(h.lineage, proof, keep, now):
                 freed += await self.free_holding(h)
         return freed
 

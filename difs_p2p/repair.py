@@ -263,12 +263,17 @@ def plan_range(
     return Action.NONE, 0
 
 
-def gc_due(held: Lineage | None, proof: Manifest | None, keep: int) -> bool:
-    """Whether ``proof`` lets a held version be freed: it supersedes the holding (same
-    owner or a delegate of it, same lineage, higher version: :func:`manifest.supersedes`)
-    and is a tombstone or ``keep`` versions newer. A holding whose lineage is not known
-    yet is never freed this way; nor by a stranger's manifest, whatever its version."""
+def gc_due(held: Lineage | None, proof: Manifest | None, keep: int, now: float) -> bool:
+    """Whether ``proof`` lets a held version be freed at time ``now``: it supersedes the
+    holding (same owner or a delegate of it, same lineage, higher version:
+    :func:`manifest.supersedes`) and is a tombstone or ``keep`` versions newer. A holding
+    whose lineage is not known yet is never freed this way; nor by a stranger's manifest,
+    whatever its version. A delegate's proof counts only while its delegation runs by this
+    peer's clock: the ``created`` time it signed is the delegate's own word, and a writer
+    whose delegation ran out could otherwise backdate a tombstone."""
     if held is None or proof is None or not supersedes(proof, held):
+        return False
+    if proof.delegation is not None and now > proof.delegation.expires:
         return False
     return proof.deleted or proof.version - held.version >= keep
 
@@ -578,7 +583,7 @@ def collect_due(
     return [
         h
         for h in held
-        if any(gc_due(h.lineage, m, keep) for m in proofs)
+        if any(gc_due(h.lineage, m, keep, now) for m in proofs)
         or (h.lineage is None and orphaned(h, view, now, orphan_after, per_segment))
     ]
 

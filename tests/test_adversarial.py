@@ -1654,3 +1654,51 @@ async def test_nearer_claimants_cannot_make_honest_holders_drop_their_copies(
 
 def _xor(a: bytes, b: bytes) -> int:
     return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+
+
+async def test_a_writer_whose_delegation_ran_out_cannot_delete_by_backdating(
+    tmp_path: Path,
+) -> None:
+    """A writer whose delegation expired a month ago signs a tombstone for the owner's post
+    with a ``created`` time from before the expiry and shows it to every holder in
+    ``release``: nothing is freed, and the post is still fetched whole."""
+    from difs_p2p.manifest import build_delegation
+
+    net = await start_peers(tmp_path / "net", 5)
+    try:
+        owner, writer = Identity.generate(), Identity.generate()
+        prefix = f"/key/{owner.fingerprint}/blog"
+        expired = time.time() - 30 * 86400
+        cert = build_delegation(owner, prefix=prefix, writer=writer.public_key, expires=expired)
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(4 * SEG))
+        async with client_for(net[0], publisher=owner) as client:
+            m = (await client.put(src, f"{prefix}/post1", segment_size=SEG)).manifest
+        tomb = build_manifest(
+            writer,
+            name=m.name,
+            version=m.version + 1,
+            parent=m.hash,
+            root=m.lineage_root,
+            size=0,
+            segment_size=SEG,
+            segment_count=0,
+            stripes=0,
+            replicas=3,
+            integrity="00" * 32,
+            deleted=True,
+            created=expired - 60,
+            delegation=cert,
+        )
+        freed = 0
+        for peer in net:
+            conn = await Connection.open(peer.address, io_timeout=5.0)  # a stranger
+            try:
+                reply = await conn.call("release", key=m.key.hex(), proof=tomb.raw.decode())
+                freed += int(reply.get("freed", 0))
+            finally:
+                conn.close()
+        assert freed == 0  # before: every copy (860,160 bytes) freed
+        assert await fetch(net, tmp_path, m.name) == src.read_bytes()
+    finally:
+        await stop_all(net)

@@ -189,11 +189,11 @@ def test_gc_frees_only_on_the_owners_proof() -> None:
     """A holding is collected on its owner's tombstone or keep-newer version, never on a
     stranger's deleted v1000, and never before its lineage is known."""
     h = Holding(KEY, 1, bytes.fromhex("11" * 32), 1, 0, 0, 0.0, V1.lineage)
-    assert gc_due(h.lineage, TOMB, keep=3)
-    assert not gc_due(h.lineage, V2, keep=3)
-    assert gc_due(h.lineage, V2, keep=1)
-    assert not gc_due(h.lineage, EVIL_TOMB, keep=1)
-    assert not gc_due(None, TOMB, keep=1)
+    assert gc_due(h.lineage, TOMB, keep=3, now=0.0)
+    assert not gc_due(h.lineage, V2, keep=3, now=0.0)
+    assert gc_due(h.lineage, V2, keep=1, now=0.0)
+    assert not gc_due(h.lineage, EVIL_TOMB, keep=1, now=0.0)
+    assert not gc_due(None, TOMB, keep=1, now=0.0)
     evil_view = NameView(EVIL_TOMB, {}, [], proofs=[EVIL_TOMB, EVIL_FORGED_LINK])
     assert collect_due([h], evil_view, 0.0, keep=1, orphan_after=3600.0) == []
     own_view = NameView(TOMB, {}, [], proofs=[TOMB, EVIL_TOMB])

@@ -138,10 +138,10 @@ def test_gc_policy() -> None:
         )
 
     held = Lineage(b"", record_hash(b""), 1)  # the lineage of these test manifests
-    assert gc_due(held, manifest(2, True), keep=3)
-    assert not gc_due(held, manifest(3, False), keep=3)
-    assert gc_due(held, manifest(4, False), keep=3)
-    assert not gc_due(held, None, keep=3)
+    assert gc_due(held, manifest(2, True), keep=3, now=0.0)
+    assert not gc_due(held, manifest(3, False), keep=3, now=0.0)
+    assert gc_due(held, manifest(4, False), keep=3, now=0.0)
+    assert not gc_due(held, None, keep=3, now=0.0)
 
 
 @pytest.fixture
