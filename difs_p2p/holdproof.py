@@ -173,14 +173,26 @@ class ProofBook:
             self.proven.pop(claim, None)
             _put_bounded(self.failed, claim.holder, now + cfg.failed_ttl, cfg.remembered)
 
+    def settle_not_held(self, claim: Claim) -> None:
+        """The holder answered, truthfully, that it no longer holds the challenged range:
+        neither proven nor failed (its other entries stay, it is not refused)."""
+        self.pending.discard(claim)
+
+
+# The one answer that is no failure: an honest holder that dropped one range (a stale entry
+# of it was announced again) says so; only that range's entries go.
+NOT_HELD = "the holder says it does not hold the range"
+
 
 def check_prove_reply(challenge: Challenge, reply: object) -> str:
     """What a ``prove`` reply proves: "" if the claim's signer holds the range (its key
     signed the challenge), else why not."""
     if not isinstance(reply, dict):
         return "malformed reply"
+    if reply.get("holds") is False:
+        return NOT_HELD
     if reply.get("holds") is not True:
-        return "the holder says it does not hold the range"
+        return "malformed reply"
     sig = reply.get("sig")
     try:
         raw = bytes.fromhex(sig) if isinstance(sig, str) else b""
@@ -315,7 +327,7 @@ class HolderProver:
 
     async def _run(self, challenge: Challenge, integrity: bytes) -> None:
         claim = challenge.claim
-        ok = False
+        ok, why = False, "cancelled"
         try:
             async with self._slots:
                 self.stats.challenges += 1
@@ -331,13 +343,20 @@ class HolderProver:
                     why,
                 )
         finally:
-            self.book.settle(claim, ok, self._clock())
+            if why == NOT_HELD:
+                self.book.settle_not_held(claim)
+            else:
+                self.book.settle(claim, ok, self._clock())
         if ok:
             self.stats.proven += 1
             return
-        self.stats.failed += 1
+        entries = self._entries_of(claim)
+        if why == NOT_HELD:  # a stale entry: only the entries of that range go
+            entries = [e for e in entries if (e.start, e.end) == (challenge.start, challenge.end)]
+        else:
+            self.stats.failed += 1
         store = self._store()
-        gone = [e.identity for e in self._entries_of(claim)]
+        gone = [e.identity for e in entries]
         if gone:
             store.remove_entries(claim.key, gone)
             self.stats.removed += len(gone)

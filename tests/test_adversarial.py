@@ -1463,6 +1463,7 @@ def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() ->
 
     from difs_p2p.config import ProofConfig
     from difs_p2p.holdproof import (
+        NOT_HELD,
         Claim,
         ProofBook,
         check_prove_reply,
@@ -1514,7 +1515,14 @@ def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() ->
     c = type(c)(claim, 0, 9, nonce, None)
     good = holder.sign(prove_message(nonce, key, 3, 0, 9)).hex()
     assert check_prove_reply(c, {"holds": True, "sig": good}) == ""
-    assert check_prove_reply(c, {"holds": False}) != ""
+    assert check_prove_reply(c, {"holds": False}) == NOT_HELD
+    # a holder that says it no longer holds one range (a stale entry of it was announced
+    # again) is neither proven nor refused: only that range's entries go
+    stale = Claim(b"s" * 32, "127.0.0.1", 6000, key, 3)
+    book.challenge(stale, [(0, 0)], rng, bytes(32))
+    book.settle_not_held(stale)
+    assert stale not in book.pending and stale not in book.proven
+    assert (stale.signer, stale.host, stale.port) not in book.failed
     assert check_prove_reply(c, {"holds": True, "sig": other.sign(b"x").hex()}) != ""
     wrong_range = holder.sign(prove_message(nonce, key, 3, 0, 8)).hex()
     assert check_prove_reply(c, {"holds": True, "sig": wrong_range}) != ""
