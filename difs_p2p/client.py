@@ -37,6 +37,7 @@ from difs_p2p import segments, wire
 from difs_p2p.control import OperatorCredential
 from difs_p2p.errors import (
     AlreadyExistsError,
+    CapacityError,
     DeletedError,
     DifsError,
     IntegrityError,
@@ -516,6 +517,7 @@ class Client:
                 stripes=stripes,
                 replicas=replicas,
             )
+            _check_placed(placed)
             manifest = build_manifest(
                 self.publisher,
                 name=norm,
@@ -789,6 +791,19 @@ class Client:
             raise NetworkError(str(exc)) from None
         result.resolve = resolve
         return result
+
+
+def _check_placed(placed: dict[str, Any]) -> None:
+    """CapacityError if some range of an upload has no copy anywhere: publishing it would
+    make a version nobody can fetch (and, once the peers keep only the newest versions,
+    could retire the versions before it)."""
+    for r in placed.get("ranges", []):
+        if isinstance(r, dict) and not r.get("holders"):
+            why = "; ".join(str(w) for w in placed.get("warnings", [])[:2])
+            raise CapacityError(
+                f"segments {r.get('start')}..{r.get('end')} could not be placed on any peer"
+                f", so nothing was published ({why or 'no peer took them'})"
+            )
 
 
 def _revoked(m: Manifest, revoked: dict[str, set[bytes]]) -> bool:

@@ -1710,3 +1710,59 @@ async def test_a_writer_whose_delegation_ran_out_cannot_delete_by_backdating(
         assert await fetch(net, tmp_path, m.name) == src.read_bytes()
     finally:
         await stop_all(net)
+
+
+async def _squat(address: tuple[str, int], key: bytes, version: int, me: Identity) -> None:
+    """As a peer (any key pair), make the peer at ``address`` hold one junk segment under
+    ``key``'s ``version``, range 0 (a `hold` with a `place` reason)."""
+    junk = os.urandom(100)
+    seg_id = bytes(segments.segment_hash(junk))
+    hash_list = segments.encode_hash_list([seg_id])
+    root = bytes(segments.hash_list_root(hash_list))
+    conn = await Connection.open(address, io_timeout=5, credential=PeerCredential(me))
+    try:
+        for i, (sid, data) in enumerate(((root, hash_list), (seg_id, junk))):
+            await conn.send(wire.PutSeg(request_id=i + 1, seg_id=sid, data=data))
+            assert isinstance(await conn.read_frame(), wire.Ack)
+        reason = {"kind": "place", "key": key.hex(), "version": version, "start": 0, "end": 0}
+        await conn.call(
+            "hold",
+            key=key.hex(),
+            version=version,
+            integrity=root.hex(),
+            segment_count=1,
+            start=0,
+            end=0,
+            reason=reason,
+        )
+    finally:
+        conn.close()
+
+
+async def test_junk_held_under_the_next_version_cannot_retire_the_current_one(
+    tmp_path: Path,
+) -> None:
+    """A peer that makes every peer hold junk under an owner's next version blocks that
+    update (it fails: no range could be placed, nothing is published) but cannot turn it
+    into a loss: with peers keeping one version, the current one stays whole."""
+    from difs_p2p.errors import CapacityError
+    from difs_p2p.repair import RepairConfig
+
+    net = await start_peers(tmp_path / "net", 5, repair=RepairConfig(keep=1))
+    try:
+        owner = Identity.generate()
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(4 * SEG))
+        async with client_for(net[0], publisher=owner) as client:
+            await client.put(src, "/upd", segment_size=SEG, replicas=2)
+        for peer in net:
+            await _squat(peer.address, name_key("/upd"), 2, Identity.generate())
+        update = tmp_path / "update"
+        update.write_bytes(os.urandom(4 * SEG))
+        async with client_for(net[0], publisher=owner) as client:
+            with pytest.raises(CapacityError, match="nothing was published"):
+                await client.put(update, "/upd", segment_size=SEG, replicas=2, update=True)
+        # before: the update was published with no holder, and version 1 was retired
+        assert await fetch(net, tmp_path, "/upd") == src.read_bytes()
+    finally:
+        await stop_all(net)
