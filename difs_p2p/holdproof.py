@@ -343,18 +343,23 @@ class HolderProver:
                     why,
                 )
         finally:
-            if why == NOT_HELD:
+            # "not held" for one of several ranges: a stale entry of a holder that still
+            # holds others; "not held" for its only range is a failure like any other
+            entries = self._entries_of(claim) if why == NOT_HELD else []
+            stale = [e for e in entries if (e.start, e.end) == (challenge.start, challenge.end)]
+            only_stale = why == NOT_HELD and len(stale) < len(entries)
+            if only_stale:
                 self.book.settle_not_held(claim)
             else:
                 self.book.settle(claim, ok, self._clock())
         if ok:
             self.stats.proven += 1
             return
-        entries = self._entries_of(claim)
-        if why == NOT_HELD:  # a stale entry: only the entries of that range go
-            entries = [e for e in entries if (e.start, e.end) == (challenge.start, challenge.end)]
+        if only_stale:
+            entries = stale
         else:
             self.stats.failed += 1
+            entries = self._entries_of(claim)
         store = self._store()
         gone = [e.identity for e in entries]
         if gone:
