@@ -911,6 +911,19 @@ async def _alive(address: tuple[str, int], network: Connector) -> bool:
         conn.close()
 
 
+async def _finish(futures: set[asyncio.Future[int]]) -> None:
+    """Wait until every future in ``futures`` is done, even if cancelled meanwhile (the
+    cancellation is raised once they are)."""
+    cancelled = False
+    while futures:
+        try:
+            await asyncio.wait(set(futures))
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 class _Fetch:
     """One verified, parallel, fail-over fetch into a file or a stream.
 
@@ -1185,6 +1198,8 @@ class _Fetch:
         idle: set[tuple[str, int]] = set()
         # errors of verify-and-write tasks (a failed write ends the fetch)
         crashed: list[BaseException] = []
+        # writes to ``fd`` under way in threads
+        writes: set[asyncio.Future[int]] = set()
 
         def kick() -> None:
             if idle:
@@ -1209,7 +1224,12 @@ class _Fetch:
                 self.first_byte = time.perf_counter() - started
                 first_out.set()
             if fd is not None:
-                await asyncio.to_thread(os.pwrite, fd, piece, pos - self.first)
+                # Shielded: a cancel cannot stop the thread, so the write is awaited (by
+                # the finally below) before the fd can be closed and its number reused.
+                write = loop.run_in_executor(None, os.pwrite, fd, piece, pos - self.first)
+                writes.add(write)
+                write.add_done_callback(writes.discard)
+                await asyncio.shield(write)
                 pool.give(buf)
             else:
                 ready[index] = piece  # a view of the receive buffer, written out in order
@@ -1427,9 +1447,12 @@ class _Fetch:
                 supervise.clear()
             await asyncio.gather(*list(processing))
         finally:
-            for task in [*workers.values(), *processing]:
-                task.cancel()
-            await asyncio.gather(*workers.values(), *processing, return_exceptions=True)
+            try:
+                for task in [*workers.values(), *processing]:
+                    task.cancel()
+                await asyncio.gather(*workers.values(), *processing, return_exceptions=True)
+            finally:
+                await _finish(writes)
         if stream is not None:
             deliver_stream()
             stream.flush()

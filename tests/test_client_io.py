@@ -16,7 +16,7 @@ from difs_p2p.errors import NetworkError, UsageError
 from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
 from difs_p2p.ranges import ByteRange, parse_range
-from tests.helpers import client_for, start_peers, stop_all
+from tests.helpers import client_for, start_peers, stop_all, wait_for
 
 SEG = 64 << 10
 OLD = b"what the file held before\n"
@@ -122,6 +122,53 @@ async def test_a_cancelled_get_leaves_the_file_as_it_was(
             await task
     assert out.read_bytes() == OLD
     assert os.listdir(out.parent) == ["copy.bin"]
+
+
+async def test_a_cancelled_get_closes_its_file_only_after_its_writes(
+    network: list[Peer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A get cancelled while a segment is being written keeps its fd open until the write ends."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(8 * SEG))
+    await _publish(network, src, "/io/slow-disk")
+    real_pwrite = os.pwrite
+    started, fetch_over = threading.Event(), threading.Event()
+    lock = threading.Lock()
+    active: list[int] = []
+    stale: list[int] = []
+
+    def slow_pwrite(fd: int, data: bytes, offset: int) -> int:
+        inode = os.fstat(fd).st_ino
+        with lock:
+            active.append(offset)
+        started.set()
+        try:
+            fetch_over.wait(timeout=0.5)  # a slow disk: the fetch may end meanwhile
+            try:
+                same = os.fstat(fd).st_ino == inode
+            except OSError:
+                same = False
+            if not same:
+                stale.append(offset)
+                return len(data)
+            return real_pwrite(fd, data, offset)
+        finally:
+            with lock:
+                active.remove(offset)
+
+    monkeypatch.setattr(os, "pwrite", slow_pwrite)
+    out = tmp_path / "out"
+    async with Client(network[1].address) as client:
+        task = asyncio.create_task(client.get("/io/slow-disk", out))
+        await wait_for(started.is_set)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        fetch_over.set()
+        await wait_for(lambda: not active)
+    assert stale == []
+    assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == ["net", "src"]
 
 
 async def test_unreachable_holders_are_a_network_error(network: list[Peer], tmp_path: Path) -> None:
