@@ -83,8 +83,6 @@ PARTIAL_SUFFIX = ".part"
 # Buffers up to this size are hashed on the event loop: BLAKE3 takes about 10 us for
 # 64 KiB here, less than a hop to a worker thread and back.
 INLINE_HASH = 64 << 10
-# How long the other holders wait for the lead holder's first segment before they start.
-LEAD_HEAD_START = 0.05
 # The hash list is asked of one more holder after this long without an answer (or 3 x the
 # fastest connect of the fetch, if longer): a LAN answers in about 1 ms.
 HASH_LIST_HEDGE = 0.05
@@ -1311,15 +1309,15 @@ class _Fetch:
             except DifsError as exc:
                 fail(address, str(exc), lead)
                 return
-            if not lead and not first_out.is_set():
-                # The first segment comes alone from the lead holder (connected already):
-                # started together, every holder's pipeline would compete with it.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(LEAD_HEAD_START):
-                        await first_out.wait()
             header_buf = bytearray(wire.HEADER_SIZE)
             serves = functools.partial(self._serves, address)
             try:
+                if not lead and not first_out.is_set():
+                    # The first segment comes alone from the lead holder (connected
+                    # already): started together, every holder's pipeline would compete.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(plan.config.lead_head_start):
+                            await first_out.wait()
                 while True:
                     requests = []
                     now = loop.time()

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import socket
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from difs_p2p import segments
 from difs_p2p.client import Client
-from difs_p2p.errors import NetworkError, UsageError
+from difs_p2p.errors import IntegrityError, NetworkError, UsageError
+from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.identity import Identity
+from difs_p2p.net import HOST_NETWORK
 from difs_p2p.peer import Peer
 from difs_p2p.ranges import ByteRange, parse_range
 from tests.helpers import client_for, start_peers, stop_all, wait_for
@@ -169,6 +173,48 @@ async def test_a_cancelled_get_closes_its_file_only_after_its_writes(
     assert stale == []
     assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == ["net", "src"]
+
+
+class _Recording:
+    """The host's sockets, each one kept in a list (to see which are closed)."""
+
+    def __init__(self) -> None:
+        self.sockets: list[socket.socket] = []
+
+    async def connect(self, address: tuple[str, int]) -> socket.socket:
+        sock = await HOST_NETWORK.connect(address)
+        self.sockets.append(sock)
+        return sock
+
+    def open(self) -> int:
+        return sum(s.fileno() != -1 for s in self.sockets)
+
+
+async def test_a_get_cancelled_in_the_lead_head_start_closes_every_connection(
+    network: list[Peer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A get cancelled while holders wait for the lead holder's first segment closes them all."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(16 * SEG))
+    async with client_for(network[0], publisher=Identity.generate()) as publisher:
+        await publisher.put(src, "/io/head-start", segment_size=SEG, replicas=3)
+    checked: list[int] = []
+
+    def corrupt(expected: bytes, data: object) -> None:
+        checked.append(1)
+        raise IntegrityError("no copy verifies")  # the first segment never comes out
+
+    monkeypatch.setattr(segments, "verify_segment", corrupt)
+    recording = _Recording()
+    config = PlanConfig(lead_head_start=3600.0)
+    async with Client(network[1].address, network=recording, fetch_config=config) as client:
+        task = asyncio.create_task(client.get("/io/head-start", tmp_path / "out"))
+        # the client's own connection, the lead holder's and the two waiting holders'
+        await wait_for(lambda: bool(checked) and recording.open() >= 4)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert recording.open() == 0
 
 
 async def test_unreachable_holders_are_a_network_error(network: list[Peer], tmp_path: Path) -> None:
