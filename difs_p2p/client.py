@@ -830,15 +830,19 @@ def _check_output(path: Path) -> None:
         raise UsageError(f"cannot write {path}: {path.parent} is not a directory")
 
 
-def _open_temporary(path: Path) -> tuple[Path, Path]:
-    """(temporary file beside the real ``path``, the real path); the temporary file has
-    the mode of the file it will replace, else the usual mode for a new file."""
+def _output_target(path: Path) -> tuple[Path, int | None]:
+    """(the real ``path``, the mode of the file there, None if there is none)."""
     real = Path(os.path.realpath(path))
     _check_output(real)
     try:
-        old_mode: int | None = stat.S_IMODE(os.stat(real).st_mode)
+        return real, stat.S_IMODE(os.stat(real).st_mode)
     except FileNotFoundError:
-        old_mode = None
+        return real, None
+
+
+def _create_temporary(path: Path, real: Path, mode: int | None) -> Path:
+    """A new empty file beside ``real``, with ``mode`` (else the usual mode for a new
+    file); left behind by nothing that fails here."""
     for _ in range(8):
         tmp = real.with_name(f".{real.name}.{os.urandom(4).hex()}{PARTIAL_SUFFIX}")
         try:
@@ -848,11 +852,15 @@ def _open_temporary(path: Path) -> tuple[Path, Path]:
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
         try:
-            if old_mode is not None:
-                os.fchmod(fd, old_mode)
+            if mode is not None:
+                os.fchmod(fd, mode)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         finally:
             os.close(fd)
-        return tmp, real
+        return tmp
     raise StorageError(f"cannot create a temporary file beside {path}")  # pragma: no cover
 
 
@@ -869,7 +877,10 @@ async def _into_file(fetch: _Fetch, path: Path, started: float, sync: bool) -> F
     """Run ``fetch`` into a temporary file, renamed over ``path`` once complete."""
     if await asyncio.to_thread(_writes_in_place, path):
         return await fetch.run(path, started)
-    tmp, real = await asyncio.to_thread(_open_temporary, path)
+    real, mode = await asyncio.to_thread(_output_target, path)
+    # Created on the loop (one open call): from a thread, a cancel could come between the
+    # file's creation and the try that removes it.
+    tmp = _create_temporary(path, real, mode)
     try:
         result = await fetch.run(tmp, started)
         await asyncio.to_thread(os.replace, tmp, real)

@@ -128,6 +128,42 @@ async def test_a_cancelled_get_leaves_the_file_as_it_was(
     assert os.listdir(out.parent) == ["copy.bin"]
 
 
+async def test_a_get_cancelled_while_creating_its_temporary_file_leaves_none(
+    network: list[Peer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A get cancelled while its temporary file is being created leaves no such file."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(4 * SEG))
+    await _publish(network, src, "/io/create")
+    out = tmp_path / "out" / "copy.bin"
+    out.parent.mkdir()
+    out.write_bytes(OLD)
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.current_thread()
+    real_fchmod = os.fchmod
+    release, done = threading.Event(), threading.Event()
+    task: asyncio.Task[object] | None = None
+
+    def fchmod(fd: int, mode: int) -> None:
+        # the cancel comes while the file exists and is given the old file's mode
+        assert task is not None
+        loop.call_soon_threadsafe(task.cancel)
+        if threading.current_thread() is not loop_thread:
+            release.wait(timeout=10)
+        real_fchmod(fd, mode)
+        done.set()
+
+    monkeypatch.setattr(os, "fchmod", fchmod)
+    async with Client(network[1].address) as client:
+        task = asyncio.create_task(client.get("/io/create", out))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    release.set()
+    await wait_for(done.is_set)
+    assert out.read_bytes() == OLD
+    assert os.listdir(out.parent) == ["copy.bin"]
+
+
 async def test_a_cancelled_get_closes_its_file_only_after_its_writes(
     network: list[Peer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
