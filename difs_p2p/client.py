@@ -1355,6 +1355,15 @@ class _Fetch:
                     plan.waiting(address, loop.time())
                     await receive(conn, memoryview(header_buf), address)
                     header = wire.parse_header(header_buf)
+                    # checked before a buffer is taken: a holder that announces 16 MiB and
+                    # stalls must not make each worker hold that much
+                    if header.type is wire.MsgType.DATA:
+                        if header.length != (size := plan.next_size(address)):
+                            raise PeerError(
+                                f"{header.length} bytes of data for a segment of {size} bytes"
+                            )
+                    elif header.type is not wire.MsgType.ERROR:
+                        raise PeerError(f"unexpected {header.type.name} frame")
                     buf = pool.take(header.length)
                     view = memoryview(buf)[: header.length]
                     await receive(conn, view, address)

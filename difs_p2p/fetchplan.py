@@ -198,6 +198,12 @@ class FetchPlan:
         state = self.holders.get(h)
         return len(state.inflight) if state is not None else 0
 
+    def next_size(self, h: Holder) -> int | None:
+        """The size of the segment ``h`` answers next (its oldest request), None if it owes
+        none."""
+        state = self.holders.get(h)
+        return state.inflight[0].size if state is not None and state.inflight else None
+
     @property
     def dead(self) -> set[Holder]:
         return {h for h, s in self.holders.items() if s.dead}
