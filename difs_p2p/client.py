@@ -84,8 +84,6 @@ PARTIAL_SUFFIX = ".part"
 # Buffers up to this size are hashed on the event loop: BLAKE3 takes about 10 us for
 # 64 KiB here, less than a hop to a worker thread and back.
 INLINE_HASH = 64 << 10
-# How long the other holders wait for the lead holder's first segment before they start.
-LEAD_HEAD_START = 0.05
 # The hash list is asked of one more holder after this long without an answer (or 3 x the
 # fastest connect of the fetch, if longer): a LAN answers in about 1 ms.
 HASH_LIST_HEDGE = 0.05
@@ -847,15 +845,19 @@ def _check_output(path: Path) -> None:
         raise UsageError(f"cannot write {path}: {path.parent} is not a directory")
 
 
-def _open_temporary(path: Path) -> tuple[Path, Path]:
-    """(temporary file beside the real ``path``, the real path); the temporary file has
-    the mode of the file it will replace, else the usual mode for a new file."""
+def _output_target(path: Path) -> tuple[Path, int | None]:
+    """(the real ``path``, the mode of the file there, None if there is none)."""
     real = Path(os.path.realpath(path))
     _check_output(real)
     try:
-        old_mode: int | None = stat.S_IMODE(os.stat(real).st_mode)
+        return real, stat.S_IMODE(os.stat(real).st_mode)
     except FileNotFoundError:
-        old_mode = None
+        return real, None
+
+
+def _create_temporary(path: Path, real: Path, mode: int | None) -> Path:
+    """A new empty file beside ``real``, with ``mode`` (else the usual mode for a new
+    file); left behind by nothing that fails here."""
     for _ in range(8):
         tmp = real.with_name(f".{real.name}.{os.urandom(4).hex()}{PARTIAL_SUFFIX}")
         try:
@@ -865,11 +867,15 @@ def _open_temporary(path: Path) -> tuple[Path, Path]:
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
         try:
-            if old_mode is not None:
-                os.fchmod(fd, old_mode)
+            if mode is not None:
+                os.fchmod(fd, mode)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         finally:
             os.close(fd)
-        return tmp, real
+        return tmp
     raise StorageError(f"cannot create a temporary file beside {path}")  # pragma: no cover
 
 
@@ -886,7 +892,10 @@ async def _into_file(fetch: _Fetch, path: Path, started: float, sync: bool) -> F
     """Run ``fetch`` into a temporary file, renamed over ``path`` once complete."""
     if await asyncio.to_thread(_writes_in_place, path):
         return await fetch.run(path, started)
-    tmp, real = await asyncio.to_thread(_open_temporary, path)
+    real, mode = await asyncio.to_thread(_output_target, path)
+    # Created on the loop (one open call): from a thread, a cancel could come between the
+    # file's creation and the try that removes it.
+    tmp = _create_temporary(path, real, mode)
     try:
         result = await fetch.run(tmp, started)
         await asyncio.to_thread(os.replace, tmp, real)
@@ -924,6 +933,19 @@ async def _alive(address: tuple[str, int], network: Connector) -> bool:
         return False
     finally:
         conn.close()
+
+
+async def _finish(futures: set[asyncio.Future[int]]) -> None:
+    """Wait until every future in ``futures`` is done, even if cancelled meanwhile (the
+    cancellation is raised once they are)."""
+    cancelled = False
+    while futures:
+        try:
+            await asyncio.wait(set(futures))
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 class _Fetch:
@@ -1200,6 +1222,8 @@ class _Fetch:
         idle: set[tuple[str, int]] = set()
         # errors of verify-and-write tasks (a failed write ends the fetch)
         crashed: list[BaseException] = []
+        # writes to ``fd`` under way in threads
+        writes: set[asyncio.Future[int]] = set()
 
         def kick() -> None:
             if idle:
@@ -1224,7 +1248,12 @@ class _Fetch:
                 self.first_byte = time.perf_counter() - started
                 first_out.set()
             if fd is not None:
-                await asyncio.to_thread(os.pwrite, fd, piece, pos - self.first)
+                # Shielded: a cancel cannot stop the thread, so the write is awaited (by
+                # the finally below) before the fd can be closed and its number reused.
+                write = loop.run_in_executor(None, os.pwrite, fd, piece, pos - self.first)
+                writes.add(write)
+                write.add_done_callback(writes.discard)
+                await asyncio.shield(write)
                 pool.give(buf)
             else:
                 ready[index] = piece  # a view of the receive buffer, written out in order
@@ -1306,15 +1335,15 @@ class _Fetch:
             except DifsError as exc:
                 fail(address, str(exc), lead)
                 return
-            if not lead and not first_out.is_set():
-                # The first segment comes alone from the lead holder (connected already):
-                # started together, every holder's pipeline would compete with it.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(LEAD_HEAD_START):
-                        await first_out.wait()
             header_buf = bytearray(wire.HEADER_SIZE)
             serves = functools.partial(self._serves, address)
             try:
+                if not lead and not first_out.is_set():
+                    # The first segment comes alone from the lead holder (connected
+                    # already): started together, every holder's pipeline would compete.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(plan.config.lead_head_start):
+                            await first_out.wait()
                 while True:
                     requests = []
                     now = loop.time()
@@ -1341,6 +1370,15 @@ class _Fetch:
                     plan.waiting(address, loop.time())
                     await receive(conn, memoryview(header_buf), address)
                     header = wire.parse_header(header_buf)
+                    # checked before a buffer is taken: a holder that announces 16 MiB and
+                    # stalls must not make each worker hold that much
+                    if header.type is wire.MsgType.DATA:
+                        if header.length != (size := plan.next_size(address)):
+                            raise PeerError(
+                                f"{header.length} bytes of data for a segment of {size} bytes"
+                            )
+                    elif header.type is not wire.MsgType.ERROR:
+                        raise PeerError(f"unexpected {header.type.name} frame")
                     buf = pool.take(header.length)
                     view = memoryview(buf)[: header.length]
                     await receive(conn, view, address)
@@ -1442,9 +1480,12 @@ class _Fetch:
                 supervise.clear()
             await asyncio.gather(*list(processing))
         finally:
-            for task in [*workers.values(), *processing]:
-                task.cancel()
-            await asyncio.gather(*workers.values(), *processing, return_exceptions=True)
+            try:
+                for task in [*workers.values(), *processing]:
+                    task.cancel()
+                await asyncio.gather(*workers.values(), *processing, return_exceptions=True)
+            finally:
+                await _finish(writes)
         if stream is not None:
             deliver_stream()
             stream.flush()

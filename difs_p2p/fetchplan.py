@@ -66,6 +66,11 @@ class PlanConfig:
     give_up_floor: float = 30.0
     # Deadlines in a give-up time (16 as in TCP's backoff limit of about 2^4 RTOs).
     give_up_factor: float = 16.0
+    # How long other holders wait for the lead holder's first segment before they start:
+    # the first segment comes alone from the holder connected already (started together,
+    # every holder's pipeline would compete with it). 50 ms: a LAN delivers a first segment
+    # in a few ms, and a slow lead holder delays the others by little.
+    lead_head_start: float = 0.05
 
     def __post_init__(self) -> None:
         if self.pipeline < 1:
@@ -74,6 +79,8 @@ class PlanConfig:
             raise UsageError("need 0 < late_floor <= initial_deadline")
         if self.quiet_floor <= 0 or self.give_up_floor <= 0 or self.give_up_factor < 1:
             raise UsageError("give-up times must be positive")
+        if self.lead_head_start < 0:
+            raise UsageError("lead_head_start must not be negative")
 
 
 class Estimate:
@@ -190,6 +197,12 @@ class FetchPlan:
         """Requests ``h`` has not answered yet."""
         state = self.holders.get(h)
         return len(state.inflight) if state is not None else 0
+
+    def next_size(self, h: Holder) -> int | None:
+        """The size of the segment ``h`` answers next (its oldest request), None if it owes
+        none."""
+        state = self.holders.get(h)
+        return state.inflight[0].size if state is not None and state.inflight else None
 
     @property
     def dead(self) -> set[Holder]:

@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import socket
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from difs_p2p import segments
 from difs_p2p.client import Client
-from difs_p2p.errors import NetworkError, UsageError
+from difs_p2p.errors import IntegrityError, NetworkError, UsageError
+from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.identity import Identity
+from difs_p2p.net import HOST_NETWORK
 from difs_p2p.peer import Peer
 from difs_p2p.ranges import ByteRange, parse_range
-from tests.helpers import client_for, start_peers, stop_all
+from tests.helpers import client_for, start_peers, stop_all, wait_for
 
 SEG = 64 << 10
 OLD = b"what the file held before\n"
@@ -122,6 +126,131 @@ async def test_a_cancelled_get_leaves_the_file_as_it_was(
             await task
     assert out.read_bytes() == OLD
     assert os.listdir(out.parent) == ["copy.bin"]
+
+
+async def test_a_get_cancelled_while_creating_its_temporary_file_leaves_none(
+    network: list[Peer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A get cancelled while its temporary file is being created leaves no such file."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(4 * SEG))
+    await _publish(network, src, "/io/create")
+    out = tmp_path / "out" / "copy.bin"
+    out.parent.mkdir()
+    out.write_bytes(OLD)
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.current_thread()
+    real_fchmod = os.fchmod
+    release, done = threading.Event(), threading.Event()
+    task: asyncio.Task[object] | None = None
+
+    def fchmod(fd: int, mode: int) -> None:
+        # the cancel comes while the file exists and is given the old file's mode
+        assert task is not None
+        loop.call_soon_threadsafe(task.cancel)
+        if threading.current_thread() is not loop_thread:
+            release.wait(timeout=10)
+        real_fchmod(fd, mode)
+        done.set()
+
+    monkeypatch.setattr(os, "fchmod", fchmod)
+    async with Client(network[1].address) as client:
+        task = asyncio.create_task(client.get("/io/create", out))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    release.set()
+    await wait_for(done.is_set)
+    assert out.read_bytes() == OLD
+    assert os.listdir(out.parent) == ["copy.bin"]
+
+
+async def test_a_cancelled_get_closes_its_file_only_after_its_writes(
+    network: list[Peer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A get cancelled while a segment is being written keeps its fd open until the write ends."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(8 * SEG))
+    await _publish(network, src, "/io/slow-disk")
+    real_pwrite = os.pwrite
+    started, fetch_over = threading.Event(), threading.Event()
+    lock = threading.Lock()
+    active: list[int] = []
+    stale: list[int] = []
+
+    def slow_pwrite(fd: int, data: bytes, offset: int) -> int:
+        inode = os.fstat(fd).st_ino
+        with lock:
+            active.append(offset)
+        started.set()
+        try:
+            fetch_over.wait(timeout=0.5)  # a slow disk: the fetch may end meanwhile
+            try:
+                same = os.fstat(fd).st_ino == inode
+            except OSError:
+                same = False
+            if not same:
+                stale.append(offset)
+                return len(data)
+            return real_pwrite(fd, data, offset)
+        finally:
+            with lock:
+                active.remove(offset)
+
+    monkeypatch.setattr(os, "pwrite", slow_pwrite)
+    out = tmp_path / "out"
+    async with Client(network[1].address) as client:
+        task = asyncio.create_task(client.get("/io/slow-disk", out))
+        await wait_for(started.is_set)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        fetch_over.set()
+        await wait_for(lambda: not active)
+    assert stale == []
+    assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == ["net", "src"]
+
+
+class _Recording:
+    """The host's sockets, each one kept in a list (to see which are closed)."""
+
+    def __init__(self) -> None:
+        self.sockets: list[socket.socket] = []
+
+    async def connect(self, address: tuple[str, int]) -> socket.socket:
+        sock = await HOST_NETWORK.connect(address)
+        self.sockets.append(sock)
+        return sock
+
+    def open(self) -> int:
+        return sum(s.fileno() != -1 for s in self.sockets)
+
+
+async def test_a_get_cancelled_in_the_lead_head_start_closes_every_connection(
+    network: list[Peer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A get cancelled while holders wait for the lead holder's first segment closes them all."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(16 * SEG))
+    async with client_for(network[0], publisher=Identity.generate()) as publisher:
+        await publisher.put(src, "/io/head-start", segment_size=SEG, replicas=3)
+    checked: list[int] = []
+
+    def corrupt(expected: bytes, data: object) -> None:
+        checked.append(1)
+        raise IntegrityError("no copy verifies")  # the first segment never comes out
+
+    monkeypatch.setattr(segments, "verify_segment", corrupt)
+    recording = _Recording()
+    config = PlanConfig(lead_head_start=3600.0)
+    async with Client(network[1].address, network=recording, fetch_config=config) as client:
+        task = asyncio.create_task(client.get("/io/head-start", tmp_path / "out"))
+        # the client's own connection, the lead holder's and the two waiting holders'
+        await wait_for(lambda: bool(checked) and recording.open() >= 4)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert recording.open() == 0
 
 
 async def test_unreachable_holders_are_a_network_error(network: list[Peer], tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from difs_p2p import wire
 from difs_p2p.client import Client
 from difs_p2p.config import parse_hostport
 from difs_p2p.control import read_token_file
@@ -22,6 +23,7 @@ from difs_p2p.errors import NetworkError
 from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import build_holder_entry, decode_holder_entry
+from difs_p2p.transfer import BufferPool
 from tests.helpers import client_for, start_peer_process, start_peers, stop_all
 
 BIN = Path(sys.executable).parent
@@ -153,5 +155,69 @@ async def test_a_range_only_a_silent_holder_claims_fails_after_its_derived_give_
     finally:
         server.close()
         for writer in silent_conns:
+            writer.close()
+        await stop_all(peers)
+
+
+async def test_a_holder_announcing_more_data_than_a_segment_is_refused_before_allocating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A false holder answering with a 16 MiB DATA header and stalling gets no buffer of that
+    size; the fetch is done by the honest holders."""
+    peers = await start_peers(tmp_path / "net", 3)
+    conns: list[asyncio.StreamWriter] = []
+
+    async def boastful(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conns.append(writer)
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            header = wire.parse_header(await reader.readexactly(wire.HEADER_SIZE))
+            writer.write(wire.encode_header(wire.MsgType.DATA, header.request_id, wire.MAX_SEGMENT))
+            while await reader.read(65536):  # and never the bytes announced
+                pass
+
+    server = await asyncio.start_server(boastful, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    taken: list[int] = []
+    real_take = BufferPool.take
+
+    def take(pool: BufferPool, size: int) -> bytearray:
+        taken.append(size)
+        return real_take(pool, size)
+
+    try:
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(64 * SEG))
+        async with client_for(peers[0], publisher=Identity.generate()) as client:
+            await client.put(src, "/stall/boast", segment_size=SEG, replicas=3)
+
+        class WithABoastfulHolder(Client):
+            async def _call(self, op: str, **args: Any) -> dict[str, Any]:
+                body = await super()._call(op, **args)
+                if op == "resolve":
+                    entry = decode_holder_entry(bytes.fromhex(body["holders"][0]))
+                    false = build_holder_entry(
+                        Identity.generate(),
+                        key=entry.key,
+                        version=entry.version,
+                        integrity=entry.integrity,
+                        start=0,
+                        end=63,
+                        host=host,
+                        port=port,
+                        issued=0,
+                    )
+                    body["holders"] = [false.raw.hex(), *body["holders"]]
+                return body
+
+        monkeypatch.setattr(BufferPool, "take", take)
+        async with WithABoastfulHolder(peers[1].address, io_timeout=FOREVER) as client:
+            async with asyncio.timeout(60):  # a guard: waiting for the false holder never ends
+                await client.get("/stall/boast", tmp_path / "out")
+        assert (tmp_path / "out").read_bytes() == src.read_bytes()
+        assert conns, "the false holder was asked"
+        assert taken and max(taken) <= SEG
+    finally:
+        server.close()
+        for writer in conns:
             writer.close()
         await stop_all(peers)
