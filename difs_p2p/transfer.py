@@ -488,6 +488,9 @@ class Server:
         self.max_per_address = max_per_address or max_connections
         self.limit_loopback = limit_loopback
         self._tasks: dict[asyncio.Task[None], Connection] = {}
+        # the address each connection is counted under, as accept gave it (getpeername
+        # fails once the remote end has reset the connection)
+        self._hosts: dict[asyncio.Task[None], str] = {}
         self._per_address: collections.Counter[str] = collections.Counter()
         # evicted connections, cancelled but maybe not done yet
         self._dying: set[asyncio.Task[None]] = set()
@@ -521,6 +524,7 @@ class Server:
                 continue
             task = loop.create_task(self._serve(conn, host))
             self._tasks[task] = conn
+            self._hosts[task] = host
             self._per_address[host] += 1
 
     def _admit(self, host: str) -> bool:
@@ -536,7 +540,7 @@ class Server:
         idle = [
             (conn.last_work, task)
             for task, conn in self._tasks.items()
-            if conn.peer_address[0] == busiest and conn.in_flight == 0 and not task.done()
+            if self._hosts[task] == busiest and conn.in_flight == 0 and not task.done()
         ]
         if not idle:
             return False
@@ -550,10 +554,9 @@ class Server:
         return True
 
     def _forget(self, task: asyncio.Task[None]) -> None:
-        conn = self._tasks.pop(task, None)
-        if conn is None:
+        if self._tasks.pop(task, None) is None:
             return
-        host = conn.peer_address[0]
+        host = self._hosts.pop(task)
         self._per_address[host] -= 1
         if self._per_address[host] <= 0:
             del self._per_address[host]

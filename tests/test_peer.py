@@ -6,13 +6,16 @@ import json
 import os
 import socket
 import stat
+import struct
 from pathlib import Path
 
 import pytest
 
-from difs_p2p.control import OperatorCredential
-from difs_p2p.errors import NetworkError, StorageError
+from difs_p2p.control import OperatorCredential, PeerCredential
+from difs_p2p.errors import NetworkError, PeerError, StorageError
+from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
+from difs_p2p.transfer import Connection
 from tests.helpers import peer_config, start_peers, stop_all, wait_for
 
 
@@ -281,3 +284,33 @@ async def test_a_file_shorter_than_announced_closes_the_connection(tmp_path: Pat
     finally:
         sender.close()
         receiver.close()
+
+
+async def test_connections_reset_by_the_client_give_back_their_address_slots(
+    tmp_path: Path,
+) -> None:
+    """Connections reset right after connecting free their per-address slots."""
+    peers = await start_peers(tmp_path, 1, max_connections_per_address=4)
+    server = peers[0].server
+    assert server is not None
+    try:
+        for _ in range(4):
+            with socket.create_connection(peers[0].address) as sock:
+                # close with RST: the server's getpeername fails on these
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+        async def served() -> bool:
+            # refused while the resets still hold (or, unfixed, keep) the address's slots
+            try:
+                conn = await Connection.open(
+                    peers[0].address, io_timeout=5, credential=PeerCredential(Identity.generate())
+                )
+            except (NetworkError, PeerError):
+                return False
+            conn.close()
+            return True
+
+        await wait_for(served)
+        await wait_for(lambda: server.connections_from("127.0.0.1") == 0)
+    finally:
+        await stop_all(peers)
