@@ -94,6 +94,11 @@ CONTACTS_SAVE_INTERVAL = 60.0
 # Contacts kept in contacts.json: enough to rejoin even if most of them are gone.
 CONTACTS_SAVED = 64
 
+# The frame types a peer answers; any other closes the connection unread.
+REQUEST_TYPES = frozenset(
+    {wire.MsgType.HELLO, wire.MsgType.CALL, wire.MsgType.GET_SEG, wire.MsgType.PUT_SEG}
+)
+
 # Requests answered concurrently per connection (replies still leave in order).
 SERVE_PIPELINE = 16
 # Ranges placed at once by one ``place`` (each pushes to up to r peers in parallel).
@@ -596,6 +601,16 @@ class Peer:
                 try:
                     header = await self._next_header(conn)
                     if header is None:
+                        break
+                    if header.type not in REQUEST_TYPES:
+                        # a reply, DATA or ACK is never a request: refused from the
+                        # header, its payload never read
+                        unexpected = wire.Error(
+                            request_id=header.request_id,
+                            code=wire.ErrorCode.BAD_REQUEST,
+                            message=f"unexpected {header.type.name} frame",
+                        )
+                        await replies.put(asyncio.create_task(_ready(unexpected)))
                         break
                     if header.type != wire.MsgType.HELLO:
                         conn.last_work = time.monotonic()  # a request is arriving

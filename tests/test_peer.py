@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ from difs_p2p.errors import NetworkError, PeerError, StorageError
 from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
 from difs_p2p.transfer import Connection
+from difs_p2p.wire import MESSAGES, Error, ErrorCode, MsgType, encode_header
 from tests.helpers import peer_config, start_peers, stop_all, wait_for
 
 
@@ -312,5 +314,30 @@ async def test_connections_reset_by_the_client_give_back_their_address_slots(
 
         await wait_for(served)
         await wait_for(lambda: server.connections_from("127.0.0.1") == 0)
+    finally:
+        await stop_all(peers)
+
+
+@pytest.mark.parametrize(
+    "msg_type", [MsgType.DATA, MsgType.REPLY, MsgType.ACK, MsgType.ERROR], ids=lambda t: t.name
+)
+async def test_frames_that_are_never_requests_are_refused_from_their_header(
+    tmp_path: Path, msg_type: MsgType
+) -> None:
+    """A DATA, REPLY, ACK or ERROR frame is refused unread and closes the connection."""
+    peers = await start_peers(tmp_path, 1)
+    try:
+        conn = await Connection.open(peers[0].address, io_timeout=5)
+        try:
+            length = MESSAGES[msg_type].max_payload  # the most it may announce
+            # only the header: the peer must answer without waiting for the payload
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(conn.sock, encode_header(msg_type, 7, length))
+            answer = await conn.read_frame()
+            assert isinstance(answer, Error) and answer.code == ErrorCode.BAD_REQUEST
+            assert answer.request_id == 7
+            assert await conn.read_frame() is None
+        finally:
+            conn.close()
     finally:
         await stop_all(peers)
