@@ -197,12 +197,49 @@ class _Bucket:
         return True
 
 
+def _close_file(task: asyncio.Task[Reply]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        reply = task.result()
+        if isinstance(reply, FileReply):
+            reply.file.close()
+
+
+def _discard(task: asyncio.Task[Reply]) -> None:
+    """Cancel a reply that will not be sent, closing its file if it opened one."""
+    task.cancel()
+    task.add_done_callback(_close_file)
+
+
 def _drain(replies: asyncio.Queue[asyncio.Task[Reply] | None]) -> None:
     """Cancel replies that will not be sent (the connection is gone)."""
     while not replies.empty():
         task = replies.get_nowait()
         if task is not None:
-            task.cancel()
+            _discard(task)
+
+
+async def _enqueue(
+    replies: asyncio.Queue[asyncio.Task[Reply] | None],
+    writer: asyncio.Task[None],
+    task: asyncio.Task[Reply] | None,
+) -> bool:
+    """Queue a reply for ``writer``, waiting for room; False (the reply discarded) if the
+    writer has ended, as when a send failed: its queue will never drain."""
+    if not writer.done():
+        if not replies.full():
+            replies.put_nowait(task)
+            return True
+        put = asyncio.ensure_future(replies.put(task))
+        try:
+            await asyncio.wait((put, writer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not put.done():
+                put.cancel()  # nothing is queued by a cancelled put
+        if put.done() and not put.cancelled():
+            return True
+    if task is not None:
+        _discard(task)
+    return False
 
 
 ControlHandler = Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -599,7 +636,7 @@ class Peer:
             while not writer.done():
                 buf: bytearray | None = None
                 try:
-                    header = await self._next_header(conn)
+                    header = await self._next_header(conn, writer)
                     if header is None:
                         break
                     if header.type not in REQUEST_TYPES:
@@ -610,7 +647,7 @@ class Peer:
                             code=wire.ErrorCode.BAD_REQUEST,
                             message=f"unexpected {header.type.name} frame",
                         )
-                        await replies.put(asyncio.create_task(_ready(unexpected)))
+                        await _enqueue(replies, writer, asyncio.create_task(_ready(unexpected)))
                         break
                     if header.type != wire.MsgType.HELLO:
                         conn.last_work = time.monotonic()  # a request is arriving
@@ -620,7 +657,7 @@ class Peer:
                             refused = PermissionDeniedError(
                                 "uploads need a peer's or the operator's proof (HELLO)"
                             )
-                            await replies.put(_refusal(header.request_id, refused))
+                            await _enqueue(replies, writer, _refusal(header.request_id, refused))
                             break
                         # the segment is a view of this buffer until its answer is done
                         buf = await pool.take(header.length)
@@ -636,12 +673,11 @@ class Peer:
                     bad = wire.Error(
                         request_id=0, code=wire.ErrorCode.BAD_REQUEST, message=str(exc)
                     )
-                    await replies.put(asyncio.create_task(_ready(bad)))
+                    await _enqueue(replies, writer, asyncio.create_task(_ready(bad)))
                     break
                 if isinstance(frame, wire.Hello):
                     answer, keep_open = self._hello(conn, frame)
-                    await replies.put(answer)
-                    if not keep_open:
+                    if not await _enqueue(replies, writer, answer) or not keep_open:
                         break
                     continue
                 conn.last_work = time.monotonic()
@@ -649,21 +685,23 @@ class Peer:
                 answer = self._dispatch(conn, frame)
                 if buf is not None:
                     answer.add_done_callback(functools.partial(_give_back, pool, buf))
-                await replies.put(answer)
+                if not await _enqueue(replies, writer, answer):
+                    break  # a send failed: nothing more will be answered
         finally:
-            if writer.done():
+            if not await _enqueue(replies, writer, None):
                 _drain(replies)
-            else:
-                await replies.put(None)
             try:
                 await writer
             finally:
                 _drain(replies)
                 pool.close()
 
-    async def _next_header(self, conn: Connection) -> wire.Header | None:
+    async def _next_header(
+        self, conn: Connection, writer: asyncio.Task[None]
+    ) -> wire.Header | None:
         """The next frame header; DifsTimeoutError once the connection has been idle (no
-        request received or being answered) for ``idle_timeout``."""
+        request received or being answered) for ``idle_timeout``. Requests left unanswered
+        when the reply writer ended (a send failed) do not count."""
         idle = self.config.idle_timeout
         while True:
             # while requests are being answered, their replies will renew the idle time
@@ -671,7 +709,8 @@ class Peer:
             try:
                 return await conn.read_header(idle=max(left, 0.001))
             except IdleTimeoutError:
-                if conn.in_flight > 0 or conn.last_work + idle > time.monotonic():
+                answering = conn.in_flight > 0 and not writer.done()
+                if answering or conn.last_work + idle > time.monotonic():
                     continue  # still answering, or a reply went out meanwhile
                 raise
 
