@@ -631,7 +631,7 @@ class Peer:
         """
         replies: asyncio.Queue[asyncio.Task[Reply] | None] = asyncio.Queue(SERVE_PIPELINE)
         writer = asyncio.create_task(self._write_replies(conn, replies))
-        pool = BudgetedPool(self._uploads, SERVE_PIPELINE // 4)
+        pool = BudgetedPool(self._uploads, SERVE_PIPELINE // 4, conn.io_timeout)
         try:
             while not writer.done():
                 buf: bytearray | None = None
@@ -660,7 +660,12 @@ class Peer:
                             await _enqueue(replies, writer, _refusal(header.request_id, refused))
                             break
                         # the segment is a view of this buffer until its answer is done
-                        buf = await pool.take(header.length)
+                        try:
+                            buf = await pool.take(header.length)
+                        except BusyError as exc:
+                            # the payload is left unread: the connection cannot go on
+                            await _enqueue(replies, writer, _refusal(header.request_id, exc))
+                            break
                     into = memoryview(buf) if buf is not None else None
                     try:
                         payload = await conn.read_payload(header, into)
