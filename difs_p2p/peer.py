@@ -94,6 +94,11 @@ CONTACTS_SAVE_INTERVAL = 60.0
 # Contacts kept in contacts.json: enough to rejoin even if most of them are gone.
 CONTACTS_SAVED = 64
 
+# The frame types a peer answers; any other closes the connection unread.
+REQUEST_TYPES = frozenset(
+    {wire.MsgType.HELLO, wire.MsgType.CALL, wire.MsgType.GET_SEG, wire.MsgType.PUT_SEG}
+)
+
 # Requests answered concurrently per connection (replies still leave in order).
 SERVE_PIPELINE = 16
 # Ranges placed at once by one ``place`` (each pushes to up to r peers in parallel).
@@ -192,12 +197,49 @@ class _Bucket:
         return True
 
 
+def _close_file(task: asyncio.Task[Reply]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        reply = task.result()
+        if isinstance(reply, FileReply):
+            reply.file.close()
+
+
+def _discard(task: asyncio.Task[Reply]) -> None:
+    """Cancel a reply that will not be sent, closing its file if it opened one."""
+    task.cancel()
+    task.add_done_callback(_close_file)
+
+
 def _drain(replies: asyncio.Queue[asyncio.Task[Reply] | None]) -> None:
     """Cancel replies that will not be sent (the connection is gone)."""
     while not replies.empty():
         task = replies.get_nowait()
         if task is not None:
-            task.cancel()
+            _discard(task)
+
+
+async def _enqueue(
+    replies: asyncio.Queue[asyncio.Task[Reply] | None],
+    writer: asyncio.Task[None],
+    task: asyncio.Task[Reply] | None,
+) -> bool:
+    """Queue a reply for ``writer``, waiting for room; False (the reply discarded) if the
+    writer has ended, as when a send failed: its queue will never drain."""
+    if not writer.done():
+        if not replies.full():
+            replies.put_nowait(task)
+            return True
+        put = asyncio.ensure_future(replies.put(task))
+        try:
+            await asyncio.wait((put, writer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not put.done():
+                put.cancel()  # nothing is queued by a cancelled put
+        if put.done() and not put.cancelled():
+            return True
+    if task is not None:
+        _discard(task)
+    return False
 
 
 ControlHandler = Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -589,13 +631,23 @@ class Peer:
         """
         replies: asyncio.Queue[asyncio.Task[Reply] | None] = asyncio.Queue(SERVE_PIPELINE)
         writer = asyncio.create_task(self._write_replies(conn, replies))
-        pool = BudgetedPool(self._uploads, SERVE_PIPELINE // 4)
+        pool = BudgetedPool(self._uploads, SERVE_PIPELINE // 4, conn.io_timeout)
         try:
             while not writer.done():
                 buf: bytearray | None = None
                 try:
-                    header = await self._next_header(conn)
+                    header = await self._next_header(conn, writer)
                     if header is None:
+                        break
+                    if header.type not in REQUEST_TYPES:
+                        # a reply, DATA or ACK is never a request: refused from the
+                        # header, its payload never read
+                        unexpected = wire.Error(
+                            request_id=header.request_id,
+                            code=wire.ErrorCode.BAD_REQUEST,
+                            message=f"unexpected {header.type.name} frame",
+                        )
+                        await _enqueue(replies, writer, asyncio.create_task(_ready(unexpected)))
                         break
                     if header.type != wire.MsgType.HELLO:
                         conn.last_work = time.monotonic()  # a request is arriving
@@ -605,10 +657,15 @@ class Peer:
                             refused = PermissionDeniedError(
                                 "uploads need a peer's or the operator's proof (HELLO)"
                             )
-                            await replies.put(_refusal(header.request_id, refused))
+                            await _enqueue(replies, writer, _refusal(header.request_id, refused))
                             break
                         # the segment is a view of this buffer until its answer is done
-                        buf = await pool.take(header.length)
+                        try:
+                            buf = await pool.take(header.length)
+                        except BusyError as exc:
+                            # the payload is left unread: the connection cannot go on
+                            await _enqueue(replies, writer, _refusal(header.request_id, exc))
+                            break
                     into = memoryview(buf) if buf is not None else None
                     try:
                         payload = await conn.read_payload(header, into)
@@ -621,12 +678,11 @@ class Peer:
                     bad = wire.Error(
                         request_id=0, code=wire.ErrorCode.BAD_REQUEST, message=str(exc)
                     )
-                    await replies.put(asyncio.create_task(_ready(bad)))
+                    await _enqueue(replies, writer, asyncio.create_task(_ready(bad)))
                     break
                 if isinstance(frame, wire.Hello):
                     answer, keep_open = self._hello(conn, frame)
-                    await replies.put(answer)
-                    if not keep_open:
+                    if not await _enqueue(replies, writer, answer) or not keep_open:
                         break
                     continue
                 conn.last_work = time.monotonic()
@@ -634,21 +690,23 @@ class Peer:
                 answer = self._dispatch(conn, frame)
                 if buf is not None:
                     answer.add_done_callback(functools.partial(_give_back, pool, buf))
-                await replies.put(answer)
+                if not await _enqueue(replies, writer, answer):
+                    break  # a send failed: nothing more will be answered
         finally:
-            if writer.done():
+            if not await _enqueue(replies, writer, None):
                 _drain(replies)
-            else:
-                await replies.put(None)
             try:
                 await writer
             finally:
                 _drain(replies)
                 pool.close()
 
-    async def _next_header(self, conn: Connection) -> wire.Header | None:
+    async def _next_header(
+        self, conn: Connection, writer: asyncio.Task[None]
+    ) -> wire.Header | None:
         """The next frame header; DifsTimeoutError once the connection has been idle (no
-        request received or being answered) for ``idle_timeout``."""
+        request received or being answered) for ``idle_timeout``. Requests left unanswered
+        when the reply writer ended (a send failed) do not count."""
         idle = self.config.idle_timeout
         while True:
             # while requests are being answered, their replies will renew the idle time
@@ -656,7 +714,8 @@ class Peer:
             try:
                 return await conn.read_header(idle=max(left, 0.001))
             except IdleTimeoutError:
-                if conn.in_flight > 0 or conn.last_work + idle > time.monotonic():
+                answering = conn.in_flight > 0 and not writer.done()
+                if answering or conn.last_work + idle > time.monotonic():
                     continue  # still answering, or a reply went out meanwhile
                 raise
 

@@ -388,7 +388,8 @@ class ByteBudget:
         self.used = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
-    async def take(self, n: int) -> None:
+    async def take(self, n: int, within: float | None = None) -> None:
+        """Take ``n`` bytes, waiting for room; BusyError after ``within`` seconds."""
         if n > self.limit:
             raise UsageError(f"{n} bytes exceed the whole budget of {self.limit}")
         if not self._waiters and self.used + n <= self.limit:
@@ -397,11 +398,16 @@ class ByteBudget:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((n, waiter))
         try:
-            await waiter
+            async with asyncio.timeout(within):
+                await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.give(n)  # granted just as it was cancelled
             raise
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled():
+                self.give(n)
+            raise BusyError(f"no room for {n} bytes of uploads in {within} s: try later") from None
 
     def give(self, n: int) -> None:
         self.used -= n
@@ -420,32 +426,45 @@ class ByteBudget:
 class BudgetedPool:
     """A connection's upload buffers, counted against a shared :class:`ByteBudget` for as
     long as they exist (in use or kept for the next frame), so that uploads on every
-    connection together never hold more than the budget."""
+    connection together never hold more than the budget. Buffers are kept only while the
+    connection has an upload in flight: an idle connection holds none of the budget."""
 
-    def __init__(self, budget: ByteBudget, keep: int) -> None:
+    def __init__(self, budget: ByteBudget, keep: int, timeout: float | None = None) -> None:
         self.budget = budget
         self.keep = keep
+        self.timeout = timeout
+        self.in_use = 0
         self._free: list[bytearray] = []
 
     async def take(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes; BusyError if the budget has no room
+        within ``timeout``."""
         while self._free:
             buf = self._free.pop()
             if len(buf) >= size:
+                self.in_use += 1
                 return buf
             self.budget.give(len(buf))
-        await self.budget.take(size)
+        await self.budget.take(size, self.timeout)
+        self.in_use += 1
         return bytearray(size)
 
     def give(self, buf: bytearray) -> None:
         """A buffer whose frame is done: kept for the next one, or dropped."""
-        if len(self._free) < self.keep:
+        self.in_use -= 1
+        if self.in_use > 0 and len(self._free) < self.keep:
             self._free.append(buf)
         else:
             self.budget.give(len(buf))
+            if self.in_use == 0:
+                self.close()  # no upload in flight: keep nothing
 
     def drop(self, buf: bytearray) -> None:
         """A buffer that will not be reused (a worker thread may still read it)."""
+        self.in_use -= 1
         self.budget.give(len(buf))
+        if self.in_use == 0:
+            self.close()
 
     def close(self) -> None:
         for buf in self._free:
@@ -488,6 +507,9 @@ class Server:
         self.max_per_address = max_per_address or max_connections
         self.limit_loopback = limit_loopback
         self._tasks: dict[asyncio.Task[None], Connection] = {}
+        # the address each connection is counted under, as accept gave it (getpeername
+        # fails once the remote end has reset the connection)
+        self._hosts: dict[asyncio.Task[None], str] = {}
         self._per_address: collections.Counter[str] = collections.Counter()
         # evicted connections, cancelled but maybe not done yet
         self._dying: set[asyncio.Task[None]] = set()
@@ -521,6 +543,7 @@ class Server:
                 continue
             task = loop.create_task(self._serve(conn, host))
             self._tasks[task] = conn
+            self._hosts[task] = host
             self._per_address[host] += 1
 
     def _admit(self, host: str) -> bool:
@@ -536,7 +559,7 @@ class Server:
         idle = [
             (conn.last_work, task)
             for task, conn in self._tasks.items()
-            if conn.peer_address[0] == busiest and conn.in_flight == 0 and not task.done()
+            if self._hosts[task] == busiest and conn.in_flight == 0 and not task.done()
         ]
         if not idle:
             return False
@@ -550,10 +573,9 @@ class Server:
         return True
 
     def _forget(self, task: asyncio.Task[None]) -> None:
-        conn = self._tasks.pop(task, None)
-        if conn is None:
+        if self._tasks.pop(task, None) is None:
             return
-        host = conn.peer_address[0]
+        host = self._hosts.pop(task)
         self._per_address[host] -= 1
         if self._per_address[host] <= 0:
             del self._per_address[host]

@@ -23,11 +23,12 @@ from difs_p2p.control import (
     may_ask,
     permitted,
 )
-from difs_p2p.errors import IntegrityError, StorageError, UsageError
+from difs_p2p.errors import BusyError, IntegrityError, StorageError, UsageError
 from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
-from difs_p2p.transfer import BudgetedPool, ByteBudget
-from tests.helpers import peer_config
+from difs_p2p.segments import segment_hash
+from difs_p2p.transfer import BudgetedPool, ByteBudget, Connection
+from tests.helpers import peer_config, start_peers, stop_all, wait_for
 
 PROTOCOL = Path(__file__).parent.parent / "docs" / "PROTOCOL.md"
 
@@ -157,18 +158,55 @@ async def test_the_upload_budget_bounds_bytes_held_across_connections() -> None:
     come first served, and gets it when another gives back."""
     budget = ByteBudget(100)
     a, b = BudgetedPool(budget, keep=1), BudgetedPool(budget, keep=1)
-    first = await a.take(60)
+    first, other = await a.take(30), await a.take(30)
     assert budget.used == 60
     waiting = asyncio.create_task(b.take(50))
     await asyncio.sleep(0)
     assert not waiting.done()
-    a.give(first)  # kept by a: still counted
+    a.give(first)  # kept by a while its other upload is in flight: still counted
     await asyncio.sleep(0)
     assert not waiting.done() and budget.used == 60
-    a.close()  # a's connection ends: its kept buffer goes
+    a.give(other)  # a has no upload in flight: it keeps nothing
     second = await asyncio.wait_for(waiting, 1)
     assert len(second) == 50 and budget.used == 50
     b.drop(second)
     assert budget.used == 0
     with pytest.raises(UsageError):
         await budget.take(101)
+
+
+async def test_a_wait_for_upload_budget_is_bounded() -> None:
+    """A taker that finds no room within its time is refused BUSY and leaves no claim."""
+    budget = ByteBudget(100)
+    await budget.take(80)
+    with pytest.raises(BusyError):
+        await budget.take(40, within=0.05)
+    budget.give(80)
+    assert budget.used == 0
+    await budget.take(100, within=0.05)
+
+
+async def test_an_idle_connection_holds_none_of_the_upload_budget(tmp_path: Path) -> None:
+    """Once its upload is answered, a connection's buffer goes back to the shared budget."""
+    peers = await start_peers(tmp_path, 1, upload_budget=(16 << 20) + 64)
+    try:
+        first = await Connection.open(
+            peers[0].address, io_timeout=10, credential=PeerCredential(Identity.generate())
+        )
+        second = await Connection.open(
+            peers[0].address, io_timeout=10, credential=PeerCredential(Identity.generate())
+        )
+        try:
+            data = os.urandom(16 << 20)
+            await first.send(wire.PutSeg(request_id=1, seg_id=segment_hash(data), data=data))
+            assert isinstance(await first.read_frame(), wire.Ack)
+            # first stays open, idle; the whole budget is free for another upload
+            small = b"y" * 1024
+            await second.send(wire.PutSeg(request_id=2, seg_id=segment_hash(small), data=small))
+            assert isinstance(await second.read_frame(), wire.Ack)
+            await wait_for(lambda: peers[0]._uploads.used == 0)
+        finally:
+            first.close()
+            second.close()
+    finally:
+        await stop_all(peers)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import stat
+import struct
 from pathlib import Path
 
 import pytest
 
-from difs_p2p.control import OperatorCredential
-from difs_p2p.errors import NetworkError, StorageError
+from difs_p2p.control import OperatorCredential, PeerCredential
+from difs_p2p.errors import NetworkError, PeerError, StorageError
+from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
-from tests.helpers import peer_config, start_peers, stop_all, wait_for
+from difs_p2p.segments import segment_hash
+from difs_p2p.transfer import Connection
+from difs_p2p.wire import MESSAGES, Error, ErrorCode, GetSeg, MsgType, encode_header
+from tests.helpers import client_for, peer_config, start_peers, stop_all, wait_for
 
 
 async def test_identity_is_persistent_and_private(tmp_path: Path) -> None:
@@ -281,3 +287,94 @@ async def test_a_file_shorter_than_announced_closes_the_connection(tmp_path: Pat
     finally:
         sender.close()
         receiver.close()
+
+
+async def test_connections_reset_by_the_client_give_back_their_address_slots(
+    tmp_path: Path,
+) -> None:
+    """Connections reset right after connecting free their per-address slots."""
+    peers = await start_peers(tmp_path, 1, max_connections_per_address=4)
+    server = peers[0].server
+    assert server is not None
+    try:
+        for _ in range(4):
+            with socket.create_connection(peers[0].address) as sock:
+                # close with RST: the server's getpeername fails on these
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+        async def served() -> bool:
+            # refused while the resets still hold (or, unfixed, keep) the address's slots
+            try:
+                conn = await Connection.open(
+                    peers[0].address, io_timeout=5, credential=PeerCredential(Identity.generate())
+                )
+            except (NetworkError, PeerError):
+                return False
+            conn.close()
+            return True
+
+        await wait_for(served)
+        await wait_for(lambda: server.connections_from("127.0.0.1") == 0)
+    finally:
+        await stop_all(peers)
+
+
+@pytest.mark.parametrize(
+    "msg_type", [MsgType.DATA, MsgType.REPLY, MsgType.ACK, MsgType.ERROR], ids=lambda t: t.name
+)
+async def test_frames_that_are_never_requests_are_refused_from_their_header(
+    tmp_path: Path, msg_type: MsgType
+) -> None:
+    """A DATA, REPLY, ACK or ERROR frame is refused unread and closes the connection."""
+    peers = await start_peers(tmp_path, 1)
+    try:
+        conn = await Connection.open(peers[0].address, io_timeout=5)
+        try:
+            length = MESSAGES[msg_type].max_payload  # the most it may announce
+            # only the header: the peer must answer without waiting for the payload
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(conn.sock, encode_header(msg_type, 7, length))
+            answer = await conn.read_frame()
+            assert isinstance(answer, Error) and answer.code == ErrorCode.BAD_REQUEST
+            assert answer.request_id == 7
+            assert await conn.read_frame() is None
+        finally:
+            conn.close()
+    finally:
+        await stop_all(peers)
+
+
+async def test_a_client_that_never_reads_its_segments_loses_its_connection(
+    tmp_path: Path,
+) -> None:
+    """A send that times out with the reply queue full closes the connection and its files."""
+    peers = await start_peers(tmp_path / "net", 1, io_timeout=1.0, idle_timeout=600.0)
+    peer = peers[0]
+    assert peer.server is not None
+    server = peer.server
+    try:
+        client = client_for(peer, publisher=Identity.generate())
+        data = os.urandom(1 << 20)
+        (tmp_path / "src").write_bytes(data)
+        await client.put(tmp_path / "src", "/w/x", segment_size=1 << 20, replicas=1)
+        await client.close()
+        await wait_for(lambda: server.connections == 0)
+        seg_id = segment_hash(data)
+        conn = await Connection.open(peer.address, io_timeout=5)
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            # far more than the socket buffers and the reply queue hold; no reply is read
+            await conn.send_many(
+                [GetSeg(request_id=i, seg_id=seg_id, offset=0, length=0) for i in range(64)]
+            )
+            await wait_for(lambda: server.connections == 0, timeout=20)
+        finally:
+            conn.close()
+
+        def segment_files_open() -> int:
+            fds = Path("/proc/self/fd")
+            return sum(seg_id.hex() in str(fd.readlink()) for fd in fds.iterdir() if fd.exists())
+
+        await wait_for(lambda: segment_files_open() == 0)
+    finally:
+        await stop_all(peers)
