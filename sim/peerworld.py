@@ -5,7 +5,7 @@ and failure detection, a run in this mode runs all of it, unchanged:
 
 * each peer is a ``Peer`` with its own data directory (segment store, record and holdings
   databases, a seeded ``peer.key``), its TCP segment service and its
-  :class:`~difs_p2p.repair.Maintainer` (``holds`` probes, repair, trimming, GC);
+  :class:`~difs_p2p.repair.Maintainer` (``holds`` probes, repair, GC);
 * it gets its sockets from :meth:`sim.relay.RelayNetwork.peer_network`, so every DHT
   datagram and every TCP byte between peers crosses the relay and its network model
   (latency, loss of datagrams, bandwidth, partitions);
