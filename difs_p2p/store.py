@@ -772,15 +772,10 @@ class SegmentStore:
         Those segments are not deleted here: the caller decides (``delete``, or use
         ``release``, which also spares segments an upload in progress has sent again).
         """
-        owner = bytes(owner)
         with self._lock, self._sql("dropping refs"):
             self._check_open()
             with self._transaction():
-                ids = [
-                    bytes(r[0])
-                    for r in self._db.execute("SELECT id FROM refs WHERE owner=?", (owner,))
-                ]
-                self._db.execute("DELETE FROM refs WHERE owner=?", (owner,))
+                ids = self._drop_refs_locked(bytes(owner))
                 unreferenced = [
                     i
                     for i in ids
@@ -793,16 +788,17 @@ class SegmentStore:
     def release(self, owner: bytes) -> int:
         """Drop every ref of ``owner`` and delete the segments nothing keeps any more (no
         other ref, no pending upload), at once; the bytes freed (as charged)."""
-        owner = bytes(owner)
         with self._lock, self._sql("releasing refs"):
             self._check_open()
             with self._transaction():
-                ids = [
-                    bytes(r[0])
-                    for r in self._db.execute("SELECT id FROM refs WHERE owner=?", (owner,))
-                ]
-                self._db.execute("DELETE FROM refs WHERE owner=?", (owner,))
+                ids = self._drop_refs_locked(bytes(owner))
             return self._delete_unneeded_locked(ids)[1]
+
+    def _drop_refs_locked(self, owner: bytes) -> list[bytes]:
+        """Delete ``owner``'s refs (in the caller's transaction); the ids they named."""
+        ids = [bytes(r[0]) for r in self._db.execute("SELECT id FROM refs WHERE owner=?", (owner,))]
+        self._db.execute("DELETE FROM refs WHERE owner=?", (owner,))
+        return ids
 
     def end_session(self, session: bytes, seg_ids: Sequence[bytes] | None = None) -> int:
         """Forget ``session``'s pending uploads (only ``seg_ids`` of them, when given) and
