@@ -167,7 +167,7 @@ async def test_corrupt_segment_on_disk_is_healed(net: Net, tmp_path: Path) -> No
     report = json.loads(peer_cli(*args).stdout)
     assert len(report["corrupt"]) == 1 and report["healed"] == 1
     again = json.loads(
-        peer_cli("check", "--peer", address, "--token-file", net.token_file("p0"), "--json").stdout
+        peer_cli("check", "--peer", address, "--token-file", token_file, "--json").stdout
     )
     assert again["corrupt"] == [] and again["ok"] == again["checked"]
 
