@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from difs_p2p import errors, wire
-from difs_p2p.config import PeerConfig, format_size, parse_hostport, parse_size
-from difs_p2p.repair import RepairConfig
+from difs_p2p.config import PeerConfig, RepairConfig, format_size, parse_hostport, parse_size
 from difs_p2p.transfer import Connection
 
 if TYPE_CHECKING:

@@ -65,7 +65,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difs_p2p import segments
-from difs_p2p.errors import AlreadyExistsError, DifsError, StorageError, UsageError
+from difs_p2p.config import RepairConfig
+from difs_p2p.errors import AlreadyExistsError, DifsError, StorageError
 from difs_p2p.manifest import (
     HolderEntry,
     Lineage,
@@ -80,61 +81,6 @@ if TYPE_CHECKING:
     from difs_p2p.peer import Peer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class RepairConfig:
-    """How a peer looks after what it holds."""
-
-    # Seconds between maintenance rounds.
-    interval: float = 60.0
-    # Failed rounds in a row before a holder is dead: detection within 3 minutes by default.
-    dead_after: int = 3
-    # A holder answering a probe slower than this is slow (still alive); probes time out at
-    # 2x this.
-    slow_after: float = 2.0
-    # Repair traffic per peer, bytes per second (50 MB/s leaves most of a link to users).
-    bandwidth: float = 50e6
-    # Retention (`difs-peer join --keep-versions N`): a holder keeps a version until its
-    # owner has published `keep` newer ones (or deleted the name), so the newest `keep`
-    # versions stay retrievable and older ones are collected. 3 as in the original design
-    # (`get --version` of the last few versions); 1 keeps only the current version.
-    keep: int = 3
-    # Re-announce holder entries and re-store manifests this often (records expire in 48 h).
-    republish_every: float = 3600.0
-    # Orphans: a holding whose version has no manifest in the DHT this long after it began
-    # (plus orphan_per_segment for each segment of the object: a large object's place
-    # takes a while before the manifest is published) belongs to a failed publish and is
-    # freed; a segment nothing keeps (no holding, no upload in progress) is deleted this
-    # long after it was stored; an upload connection idle this long is dropped. A publish
-    # stores its manifest seconds after its segments, so 5 minutes leaves a wide margin
-    # while bounding what failed uploads cost (the entry peer frees them at once).
-    orphan_grace: float = 300.0
-    # 0.05 s per segment: room for a placement as slow as 20 segments/s (20 MiB/s with
-    # 1 MiB segments; `make bench` places at 130-350 MB/s).
-    orphan_per_segment: float = 0.05
-    # Names looked after per round at most: each adds its ranges to the probes (and now
-    # and then a DHT lookup), so a peer holding many names spreads them over several
-    # rounds (a name comes up every ceil(names / max_keys_per_round) rounds) and its
-    # background traffic stays bounded however much it holds.
-    max_keys_per_round: int = 64
-    # A name is read from the DHT (one lookup, ~40 datagrams) on one round in
-    # `resolve_every` (and at once when one of its holders turns suspect or dead, or a
-    # range looks short of copies); the rounds in between probe the holders the last read
-    # found. Superseded and deleted versions are thus collected within resolve_every
-    # rounds of the name (10 minutes by default); 1 reads every name every round.
-    resolve_every: int = 10
-    # A dead holder is probed again after 1, 2, 4... rounds, at least every `dead_backoff`
-    # rounds (16 minutes by default): its entries outlive it by up to 48 h.
-    dead_backoff: int = 16
-
-    def __post_init__(self) -> None:
-        if self.resolve_every < 1 or self.dead_backoff < 1:
-            raise UsageError("resolve_every and dead_backoff must be at least 1")
-        if self.keep < 1:
-            raise UsageError("--keep-versions must be at least 1")
-        if self.orphan_grace < 0 or self.orphan_per_segment < 0:
-            raise UsageError("orphan_grace and orphan_per_segment must not be negative")
 
 
 # -- pure decisions --------------------------------------------------------------------------

@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import IO, cast
 
 from difs_p2p.client import Client
-from difs_p2p.config import PeerConfig
+from difs_p2p.config import PeerConfig, RepairConfig
 from difs_p2p.errors import DifsError
 from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
-from difs_p2p.repair import RepairConfig
 from sim.models import NetworkModel
 from sim.relay import RelayedPeerNetwork, RelayNetwork
 from sim.scenario import RunSpec, Scenario

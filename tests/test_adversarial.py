@@ -1043,7 +1043,7 @@ class _Carrier(AcceptAll):
 async def lineage_world(tmp_path: Path) -> AsyncIterator[tuple[list[Peer], Dht]]:
     """6 honest peers that read every held name each maintenance round, and a hostile DHT
     node run by the stranger that carries whatever record it stores first."""
-    from difs_p2p.repair import RepairConfig
+    from difs_p2p.config import RepairConfig
 
     peers = await start_peers(tmp_path / "net", 6, repair=RepairConfig(resolve_every=1))
     evil_key = Identity.generate()
@@ -1339,8 +1339,8 @@ async def test_a_strangers_unpublished_uploads_are_collected_and_honest_publishe
     import blake3
 
     from difs_p2p import wire
+    from difs_p2p.config import RepairConfig
     from difs_p2p.control import PeerCredential
-    from difs_p2p.repair import RepairConfig
     from difs_p2p.transfer import Connection
     from tests.helpers import wait_for
 
@@ -1745,8 +1745,8 @@ async def test_junk_held_under_the_next_version_cannot_retire_the_current_one(
     """A peer that makes every peer hold junk under an owner's next version blocks that
     update (it fails: no range could be placed, nothing is published) but cannot turn it
     into a loss: with peers keeping one version, the current one stays whole."""
+    from difs_p2p.config import RepairConfig
     from difs_p2p.errors import CapacityError
-    from difs_p2p.repair import RepairConfig
 
     net = await start_peers(tmp_path / "net", 5, repair=RepairConfig(keep=1))
     try:

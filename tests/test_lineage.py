@@ -386,7 +386,7 @@ async def test_versions_tell_which_are_still_retrievable(tmp_path: Path) -> None
     the current one is retrievable."""
     import os
 
-    from difs_p2p.repair import RepairConfig
+    from difs_p2p.config import RepairConfig
     from tests.helpers import client_for, start_peers, stop_all, wait_for
 
     peers = await start_peers(tmp_path / "net", 4, repair=RepairConfig(keep=1))
@@ -414,8 +414,8 @@ async def test_versions_tell_which_are_still_retrievable(tmp_path: Path) -> None
 
 def test_retention_is_a_validated_peer_option() -> None:
     """keep-versions is a RepairConfig field of at least 1, 3 by default."""
+    from difs_p2p.config import RepairConfig
     from difs_p2p.errors import UsageError
-    from difs_p2p.repair import RepairConfig
 
     assert RepairConfig().keep == 3
     assert RepairConfig(keep=1).keep == 1

@@ -12,6 +12,7 @@ import pytest
 
 from difs_p2p import segments
 from difs_p2p.client import Client, PublishResult
+from difs_p2p.config import RepairConfig
 from difs_p2p.errors import UsageError
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import HolderEntry, Lineage, Manifest, build_holder_entry, record_hash
@@ -23,7 +24,6 @@ from difs_p2p.repair import (
     Holding,
     NameView,
     Query,
-    RepairConfig,
     TokenBucket,
     collect_due,
     first_rounds,

@@ -18,11 +18,12 @@ import pytest
 
 from difs_p2p import segments, wire
 from difs_p2p.client import Client
+from difs_p2p.config import RepairConfig
 from difs_p2p.control import PeerCredential
 from difs_p2p.identity import Identity
 from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
-from difs_p2p.repair import RepairConfig, range_key
+from difs_p2p.repair import range_key
 from difs_p2p.transfer import Connection
 from tests.helpers import (
     client_for,
