@@ -65,7 +65,7 @@ from kademlia.routing import RoutingTable
 
 from difs_p2p.config import DhtConfig
 from difs_p2p.errors import IntegrityError, NetworkError
-from difs_p2p.identity import Identity, node_id_for, verify_signature
+from difs_p2p.identity import Identity, distance, node_id_for, verify_signature
 from difs_p2p.idwork import has_work
 from difs_p2p.net import DatagramNetwork, DatagramTransport, UdpNetwork
 from difs_p2p.recordstore import RecordPolicy, RecordStore, write_source
@@ -248,10 +248,6 @@ def _unpack(data: bytes) -> object:
     return msgpack.unpackb(data, raw=False)
 
 
-def _distance(a: bytes, b: bytes) -> int:
-    return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
-
-
 def _entry_batches(entries: Sequence[bytes], first: int = _ENTRY_BATCH_BYTES) -> list[list[bytes]]:
     """``entries`` cut into request-sized batches, in order; the first batch holds at most
     ``first`` bytes (room left beside a record) and may be empty."""
@@ -272,7 +268,7 @@ def _union(paths: Sequence[Sequence[Contact]], key: bytes) -> list[Contact]:
     for path in paths:
         for c in path:
             seen.setdefault(c.node_id, c)
-    return sorted(seen.values(), key=lambda c: _distance(c.node_id, key))
+    return sorted(seen.values(), key=lambda c: distance(c.node_id, key))
 
 
 def _neg(value: bytes) -> tuple[int, ...]:
@@ -1397,7 +1393,7 @@ class Dht:
             merged.stalled += r.stalled
             merged.peak_in_flight += r.peak_in_flight
             merged.rounds = max(merged.rounds, r.rounds)
-        merged.closest.sort(key=lambda c: _distance(c.node_id, key))
+        merged.closest.sort(key=lambda c: distance(c.node_id, key))
         merged.paths = [r.closest for r in results if r.closest]
         if merged.closest:
             self._remember_closest(key, merged.paths)
@@ -1457,7 +1453,7 @@ class Dht:
         count = count or self.config.ksize
         found = (await self.lookup(key, "find_node", k=count)).closest
         everyone = [*found, self.me]
-        everyone.sort(key=lambda c: _distance(c.node_id, key))
+        everyone.sort(key=lambda c: distance(c.node_id, key))
         if len(everyone) < count:
             have = {c.node_id for c in everyone}
             known = self._proto().router.find_neighbors(Node(key), count)
@@ -1594,7 +1590,7 @@ class Dht:
     def _among_closest(self, key: bytes, peers: list[Contact]) -> bool:
         """Whether this peer is among the k closest to ``key`` (``peers`` sorted)."""
         k = self.config.ksize
-        return len(peers) < k or _distance(self.node_id, key) < _distance(peers[k - 1].node_id, key)
+        return len(peers) < k or distance(self.node_id, key) < distance(peers[k - 1].node_id, key)
 
     def _remember_closest(self, key: bytes, closest: list[list[Contact]]) -> None:
         if self.config.closest_reuse <= 0:

@@ -36,6 +36,11 @@ def node_id_for(public_key: bytes) -> NodeId:
     return NodeId(hashlib.sha256(b"difs-node-v1\x00" + public_key).digest()[:NODE_ID_SIZE])
 
 
+def distance(a: bytes, b: bytes) -> int:
+    """Kademlia's XOR distance between two IDs (node IDs, name keys, range keys)."""
+    return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+
+
 def fingerprint(public_key: bytes) -> str:
     """A short, stable, printable form of a public key (hex of the node ID derivation)."""
     return hashlib.sha256(b"difs-key-v1\x00" + public_key).hexdigest()[:32]

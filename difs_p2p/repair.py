@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 from difs_p2p import segments
 from difs_p2p.config import RepairConfig
 from difs_p2p.errors import AlreadyExistsError, DifsError, StorageError
+from difs_p2p.identity import distance
 from difs_p2p.manifest import (
     HolderEntry,
     Lineage,
@@ -169,10 +170,6 @@ class Action(enum.Enum):
     REPAIR = "repair"
 
 
-def _distance(a: bytes, b: bytes) -> int:
-    return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
-
-
 def round_phase(node_id: bytes) -> float:
     """Where in the interval a peer's maintenance rounds fall, in [0, 1): spread evenly
     over peers, the same for one peer across restarts."""
@@ -202,8 +199,8 @@ def plan_range(
     "extra copies" could be claimed to make every honest holder drop its own. Copies that
     two racing repairs made stay (they cost disk, never data).
     """
-    ordered = sorted(set(alive), key=lambda n: _distance(n, key))
-    maybe = sorted(set(alive) | set(suspect), key=lambda n: _distance(n, key))
+    ordered = sorted(set(alive), key=lambda n: distance(n, key))
+    maybe = sorted(set(alive) | set(suspect), key=lambda n: distance(n, key))
     if len(maybe) < replicas:
         return (Action.REPAIR, replicas - len(maybe)) if ordered[0] == me else (Action.NONE, 0)
     return Action.NONE, 0

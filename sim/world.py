@@ -46,7 +46,7 @@ from typing import Any
 
 from difs_p2p.dht import Dht
 from difs_p2p.errors import DifsError
-from difs_p2p.identity import Identity
+from difs_p2p.identity import Identity, distance
 from difs_p2p.manifest import (
     HolderEntry,
     Manifest,
@@ -70,10 +70,6 @@ log = logging.getLogger(__name__)
 EPOCH = 1_700_000_000.0
 # Bootstrap contacts given to a joining peer.
 SEEDS_PER_JOIN = 3
-
-
-def _distance(a: bytes, b: bytes) -> int:
-    return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
 
 
 @dataclass(slots=True)
@@ -676,7 +672,7 @@ class World:
         elapsed = self.now() - t0
         best = min(
             (p for p in self.alive if p is not peer and self._same_side(p, peer)),
-            key=lambda p: _distance(p.node_id, target),
+            key=lambda p: distance(p.node_id, target),
             default=None,
         )
         exact = bool(result.closest) and best is not None
@@ -780,7 +776,7 @@ class World:
                     continue
                 suspect = [p.node_id for p in peers if not p.alive and now - p.left < delay]
                 rkey = obj.range_keys[i]
-                leader = min(alive, key=lambda p: _distance(p.node_id, rkey))
+                leader = min(alive, key=lambda p: distance(p.node_id, rkey))
                 action, missing = plan_range(
                     leader.node_id, rkey, [p.node_id for p in alive], r, suspect
                 )
