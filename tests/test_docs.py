@@ -3,7 +3,7 @@
 As sqlite-utils tests its docs: every fenced ``python`` block of README.md and docs/*.md
 runs as a script against a real local network; every ``difs``/``difs-peer`` command and
 option that a shell block or a table names exists in that command's ``--help``; the exit
-code table matches ``cli.EXIT_CODES``; the limits table matches the constants.
+code table matches ``cli_common.EXIT_CODES``; the limits table matches the constants.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from difs_p2p import cli, client, names, segments
+from difs_p2p import cli_common, client, names, segments
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -204,11 +204,11 @@ def test_join_table_matches_the_help() -> None:
 def test_exit_code_table_matches_the_code() -> None:
     """The README's exit-code table lists exactly the codes the CLI uses."""
     table = {int(code): meaning for code, meaning in _table("## Exit codes")}
-    used = {code for _, code in cli.EXIT_CODES} | {0, 1, 130, 143}
+    used = {code for _, code in cli_common.EXIT_CODES} | {0, 1, 130, 143}
     assert set(table) == used
-    assert set(cli.EXIT_NAMES) == used - {0}
+    assert set(cli_common.EXIT_NAMES) == used - {0}
     # each error class's code is described by the words of its class
-    for cls, code in cli.EXIT_CODES:
+    for cls, code in cli_common.EXIT_CODES:
         word = {
             "BadNameError": "name",
             "UsageError": "usage",

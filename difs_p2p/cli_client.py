@@ -1,0 +1,383 @@
+"""The ``difs`` commands that move content: peers, put, get, rm, stat, versions.
+
+Each is a thin layer over :class:`difs_p2p.client.Client`: it resolves the entry peer,
+the pins and the publisher key (cli_common), runs one client call under ``run`` and prints
+the result (cli_output). The typer app that holds them is wired in cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from difs_p2p import errors
+from difs_p2p.cli_common import (
+    JsonOpt,
+    KeyOpt,
+    PeerOpt,
+    TokenOpt,
+    difs_home,
+    entry_peer,
+    load_publisher,
+    peer_status,
+    resolve_token,
+    run,
+)
+from difs_p2p.cli_output import (
+    Bars,
+    fetched_line,
+    plural,
+    print_json,
+    print_stat,
+    print_status,
+    published_line,
+    version_line,
+)
+from difs_p2p.config import parse_size
+
+if TYPE_CHECKING:
+    from difs_p2p.manifest import Delegation
+    from difs_p2p.pins import Pins
+    from difs_p2p.ranges import ByteRange
+
+TrustOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--trust", help="use this publisher key (64 hex) for the name; pinned once it succeeds"
+    ),
+]
+
+
+def peers(peer: PeerOpt = None, token_file: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the network as a peer sees it (same as difs-peer status).
+
+    Example: difs peers --peer 127.0.0.1:4000
+    """
+    result = run(lambda: peer_status(peer, token_file), as_json)
+    print_json(result) if as_json else print_status(result)
+
+
+def pins_for(name: str, trust: str | None) -> tuple[Pins, Callable[[], None]]:
+    """The pins to check ``name`` against, and what to call once the command succeeded:
+    with ``trust``, the key is used for this command and pinned only then (a typo or a
+    failed fetch pins nothing)."""
+    from difs_p2p.names import normalize_name
+    from difs_p2p.pins import Pins, parse_key
+
+    pins = Pins(difs_home() / "pins.json")
+    if trust is None:
+        return pins, lambda: None
+    key = parse_key(trust)
+    # An in-memory copy (never saved): names first seen by this command, such as a
+    # revocation list, are pinned again on their next use.
+    trial = Pins(None)
+    trial.pins = {**pins.pins, normalize_name(name): key}
+    return trial, lambda: pins.pin(name, key)
+
+
+def parse_segment_size(text: str) -> int:
+    """--segment-size: a size that is a valid segment size, with a hint for decimal units."""
+    from difs_p2p.segments import validate_segment_size
+
+    n = parse_size(text)
+    try:
+        return validate_segment_size(n)
+    except errors.UsageError as exc:
+        if n % 4096 and n % 1000 == 0:
+            raise errors.UsageError(
+                f"{exc} ({text} is {n:,} bytes: decimal units are powers of 1000; "
+                "did you mean KiB or MiB?)"
+            ) from None
+        raise
+
+
+def parse_byte_range(text: str | None) -> ByteRange | None:
+    """--range: None (the whole content) when absent."""
+    from difs_p2p.ranges import parse_range
+
+    return None if text is None else parse_range(text)
+
+
+def load_delegation(path: Path) -> Delegation:
+    """--delegation: the delegation file an owner's ``difs delegate`` printed."""
+    from difs_p2p.manifest import parse_delegation
+
+    try:
+        return parse_delegation(json.loads(path.read_text()))
+    except (OSError, ValueError, errors.WireError, errors.IntegrityError) as exc:
+        raise errors.UsageError(f"cannot read delegation {path}: {exc}") from None
+
+
+def put(
+    file: Annotated[str, typer.Argument(help="the file to publish, or - for stdin")],
+    name: Annotated[str, typer.Argument(help="content name, e.g. /a.com/izone.mp4")],
+    segment_size: Annotated[
+        str, typer.Option(help="segment size: a multiple of 4KiB from 4KiB to 16MiB")
+    ] = "1MiB",
+    replicas: Annotated[
+        int, typer.Option(min=1, max=16, help="copies of every segment range (1-16)")
+    ] = 3,
+    update: Annotated[
+        bool, typer.Option("--update", metavar="", help="publish a new version")
+    ] = False,
+    delegation: Annotated[
+        Path | None,
+        typer.Option(help="delegation file from the name's owner (difs delegate)"),
+    ] = None,
+    peer: PeerOpt = None,
+    key: KeyOpt = None,
+    token_file: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish FILE under NAME: segments go to storage peers, the signed manifest to the DHT.
+
+    FILE may be - (stdin) or any pipe: it is read once, segment by segment.
+
+    Example: tar c photos | difs put - /backups/photos.tar --replicas 3
+    """
+    from difs_p2p.client import Client
+
+    async def go() -> Any:
+        seg = parse_segment_size(segment_size)
+        cert = load_delegation(delegation) if delegation is not None else None
+        if file == "-" and sys.stdin.isatty():
+            raise errors.UsageError("put - reads the content from stdin: pipe it in")
+        source: Any = sys.stdin.buffer if file == "-" else Path(file)
+        publisher = load_publisher(key)
+        pins, _ = pins_for(name, None)
+        address = await entry_peer(peer)
+        token = resolve_token(peer, token_file, address)
+        async with Client(address, publisher=publisher, pins=pins, token=token) as client:
+            with Bars() as bars:
+
+                def on_phase(phase: str) -> None:
+                    if phase == "upload":
+                        size = source.stat().st_size if isinstance(source, Path) else None
+                        bars.phase("uploading", size if size else None)
+                    elif phase == "place":
+                        bars.phase(f"placing {plural(replicas, 'replica')}", None, False)
+                    else:
+                        bars.phase("publishing the manifest", None, False)
+
+                result = await client.put(
+                    source,
+                    name,
+                    segment_size=seg,
+                    replicas=replicas,
+                    update=update,
+                    delegation=cert,
+                    progress=bars.advance,
+                    on_phase=on_phase,
+                )
+                bars.settle(0, result.manifest.size, result.upload_seconds)
+                return result
+
+    result = run(go, as_json)
+    m = result.manifest
+    summary = {
+        "name": m.name,
+        "version": m.version,
+        "size": m.size,
+        "segments": m.segment_count,
+        "key": m.key.hex(),
+        "manifest": m.hash,
+        "accepted_by": result.accepted,
+        "ranges": result.ranges,
+        "seconds": round(result.seconds, 3),
+        "upload_seconds": round(result.upload_seconds, 3),
+        "mb_per_s": round(m.size / result.seconds / 1e6, 1) if result.seconds else 0,
+        "warnings": result.warnings,
+    }
+    if as_json:
+        print_json(summary)
+        return
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(
+        published_line(
+            m.name,
+            m.version,
+            m.size,
+            m.segment_count,
+            result.ranges,
+            result.seconds,
+            result.upload_seconds,
+        )
+    )
+
+
+def get(
+    name: Annotated[str, typer.Argument(help="content name")],
+    output: Annotated[
+        str | None, typer.Option("-o", "--output", help="file to write, '-' for stdout")
+    ] = None,
+    version: Annotated[int | None, typer.Option(min=1, help="fetch this older version")] = None,
+    byte_range: Annotated[
+        str | None,
+        typer.Option(
+            "--range",
+            help="bytes to fetch, HTTP style: START-END (inclusive), START- or -N (last N)",
+        ),
+    ] = None,
+    peer: PeerOpt = None,
+    trust: TrustOpt = None,
+    sync: Annotated[
+        bool, typer.Option("--sync", metavar="", help="fsync the output file before exiting")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fetch NAME from its holders, verifying every byte (default output: the last component).
+
+    The output file is replaced only once every byte is verified: a failed or interrupted
+    fetch leaves it as it was. With -o - the data goes to stdout and summaries to stderr.
+
+    Example: difs get /a.com/izone.mp4 -o izone.mp4
+    """
+    from difs_p2p.client import Client
+    from difs_p2p.names import name_components
+
+    to_stdout = output == "-"
+
+    async def go() -> Any:
+        rng = parse_byte_range(byte_range)
+        target: Any = sys.stdout.buffer if to_stdout else Path(output or name_components(name)[-1])
+        pins, pin_trusted = pins_for(name, trust)
+        async with Client(await entry_peer(peer), pins=pins) as client:
+            with Bars() as bars:
+                result = await client.get(
+                    name,
+                    target,
+                    version=version,
+                    byte_range=rng,
+                    progress=bars.advance,
+                    on_size=lambda n: bars.phase("fetching", n),
+                    sync=sync,
+                )
+                bars.settle(0, result.bytes, result.seconds - result.resolve)
+        pin_trusted()
+        return result
+
+    result = run(go, as_json)
+    summary = {
+        "name": result.manifest.name,
+        "version": result.manifest.version,
+        "bytes": result.bytes,
+        "seconds": round(result.seconds, 3),
+        "first_byte_ms": round(result.first_byte * 1000, 1),
+        "resolve_ms": round(result.resolve * 1000, 1),
+        "sources": result.sources,
+        "retries": result.retries,
+        "mb_per_s": round(result.bytes / result.seconds / 1e6, 1) if result.seconds else 0,
+    }
+    if as_json:
+        # stdout carries the data with -o -
+        typer.echo(json.dumps(summary, indent=2, sort_keys=True), err=to_stdout)
+    elif not to_stdout:
+        typer.echo(
+            fetched_line(
+                summary["name"],
+                summary["version"],
+                result.bytes,
+                result.sources,
+                result.seconds,
+                result.resolve,
+            ),
+            err=True,
+        )
+
+
+def rm(
+    name: Annotated[str, typer.Argument(help="content name")],
+    peer: PeerOpt = None,
+    key: KeyOpt = None,
+    token_file: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete NAME: publish a signed tombstone; holders free its segments.
+
+    Example: difs rm /a.com/izone.mp4
+    """
+    from difs_p2p.client import Client
+
+    async def go() -> Any:
+        publisher = load_publisher(key)
+        pins, _ = pins_for(name, None)
+        address = await entry_peer(peer)
+        token = resolve_token(peer, token_file, address)
+        async with Client(address, publisher=publisher, pins=pins, token=token) as client:
+            return await client.rm(name)
+
+    tombstone = run(go, as_json)
+    if as_json:
+        print_json({"name": tombstone.name, "version": tombstone.version, "deleted": True})
+        return
+    typer.echo(f"deleted {tombstone.name} (tombstone version {tombstone.version})")
+
+
+def stat(
+    name: Annotated[str, typer.Argument(help="content name")],
+    peer: PeerOpt = None,
+    trust: TrustOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show NAME's manifest, the holders of each range and which of them answer now.
+
+    --json prints it in the seed's shape: info, storages, ranges, versions.
+
+    Example: difs stat /a.com/izone.mp4
+    """
+    from difs_p2p.client import Client
+
+    async def go() -> Any:
+        pins, pin_trusted = pins_for(name, trust)
+        async with Client(await entry_peer(peer), pins=pins) as client:
+            result = await client.stat(name)
+        pin_trusted()
+        return result
+
+    result = run(go, as_json)
+    print_json(result) if as_json else print_stat(result)
+
+
+def versions(
+    name: Annotated[str, typer.Argument(help="content name")],
+    peer: PeerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List NAME's versions, oldest first, with their dates and whether each is still retrievable.
+
+    Peers keep the newest versions (3 by default, `difs-peer join --keep-versions`) and
+    collect older ones.
+
+    Example: difs versions /a.com/izone.mp4
+    """
+    from difs_p2p.client import Client
+
+    async def go() -> Any:
+        pins, _ = pins_for(name, None)
+        async with Client(await entry_peer(peer), pins=pins) as client:
+            return await client.version_status(name)
+
+    history = run(go, as_json)
+    rows = [
+        {
+            "version": m.version,
+            "size": m.size,
+            "deleted": m.deleted,
+            "created": m.created,
+            "manifest": m.hash,
+            "parent": m.parent,
+            "retrievable": ok,
+        }
+        for m, ok in history
+    ]
+    if as_json:
+        print_json(rows)
+        return
+    for r in rows:
+        typer.echo(version_line(r))

@@ -1,0 +1,317 @@
+"""What every CLI command shares: errors as exit codes, cancellation, options, resolution.
+
+Each error is one line on stderr and its own exit code (``EXIT_CODES``); with ``--json``
+the error is one JSON object on stderr. ``run`` runs an async command: SIGINT and SIGTERM
+cancel it cleanly (its cleanup runs; exit 130 and 143). The peer to talk to, its control
+token and the publisher key are found here from the options, the environment and
+$DIFS_HOME, the same way for every command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from difs_p2p import errors, wire
+from difs_p2p.config import parse_hostport
+from difs_p2p.transfer import Connection
+
+if TYPE_CHECKING:
+    from difs_p2p.identity import Identity
+
+T = TypeVar("T")
+
+# Exit codes, most specific class first. 2 is also what typer uses for bad options.
+EXIT_CODES: list[tuple[type[errors.DifsError], int]] = [
+    (errors.BadNameError, 2),
+    (errors.UsageError, 2),
+    (errors.DeletedError, 4),
+    (errors.NotFoundError, 3),
+    (errors.IntegrityError, 5),
+    (errors.AlreadyExistsError, 7),
+    (errors.PermissionDeniedError, 6),
+    (errors.CapacityError, 8),
+    (errors.DifsTimeoutError, 10),
+    (errors.NetworkError, 9),
+    (errors.StorageError, 11),
+    (errors.PeerError, 12),
+]
+
+
+# The short name of each exit code: the "code" of a --json error object.
+EXIT_NAMES: dict[int, str] = {
+    1: "unexpected",
+    2: "usage",
+    3: "not_found",
+    4: "deleted",
+    5: "integrity",
+    6: "permission_denied",
+    7: "already_exists",
+    8: "no_space",
+    9: "network",
+    10: "timeout",
+    11: "local_storage",
+    12: "peer_misbehaved",
+    130: "interrupted",
+    143: "terminated",
+}
+# How long a peer may take to answer the HELLO that opens each command: a DIFS peer
+# answers at once; anything else listening on the port is not one.
+HELLO_TIMEOUT = 3.0
+# Help on -h as well as --help, for every command.
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def exit_code(exc: errors.DifsError) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return 1
+
+
+def difs_home() -> Path:
+    """Where the CLI keeps its files: $DIFS_HOME, else ~/.difs."""
+    return Path(os.environ.get("DIFS_HOME") or Path.home() / ".difs")
+
+
+def report_error(message: str, code: int, as_json: bool) -> None:
+    """One line on stderr: plain text, or with ``as_json`` a JSON object."""
+    if as_json:
+        obj = {"error": message, "code": EXIT_NAMES.get(code, "unexpected"), "exit": code}
+        typer.echo(json.dumps(obj, sort_keys=True), err=True)
+    else:
+        typer.echo(f"error: {message}", err=True)
+
+
+def fail(exc: errors.DifsError, as_json: bool = False) -> typer.Exit:
+    """Report ``exc`` and return the exit that carries its code (for ``raise``)."""
+    code = exit_code(exc)
+    report_error(str(exc), code, as_json)
+    return typer.Exit(code)
+
+
+class _Interrupted(Exception):
+    """The command was cancelled by a signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+async def _cancellable(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``coro_fn()``; SIGINT or SIGTERM cancel it, so that its cleanup runs (a get
+    removes its temporary file) before the process exits."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await coro_fn()
+    except asyncio.CancelledError:
+        if received:
+            raise _Interrupted(received[0]) from None
+        raise
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def run(coro_fn: Callable[[], Coroutine[Any, Any, T]], as_json: bool = False) -> T:
+    """Run an async command, turning our errors into one line and an exit code."""
+    try:
+        return asyncio.run(_cancellable(coro_fn))
+    except errors.DifsError as exc:
+        raise fail(exc, as_json) from None
+    except _Interrupted as exc:
+        code = 128 + exc.signum
+        report_error(f"interrupted ({exc})", code, as_json)
+        raise typer.Exit(code) from None
+
+
+class LogLevel(enum.StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    # The library logs every lost reply at ERROR and values at INFO.
+    for name in ("kademlia", "rpcudp"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+# -- options shared by several commands ----------------------------------------------------
+
+PeerOpt = Annotated[
+    str | None,
+    typer.Option("--peer", help="HOST:PORT of the peer (default: $DIFS_PEER or the local peer)"),
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", metavar="", help="print JSON for scripts (errors too)")
+]
+TokenOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--token-file",
+        help="the peer's control token (default: $DIFS_TOKEN_FILE, else the local peer's)",
+    ),
+]
+KeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--key",
+        help="publisher key file, which must exist (default: $DIFS_HOME/publisher.key,"
+        " created on first use)",
+    ),
+]
+
+
+# -- the peer, its control token, the publisher key ----------------------------------------
+
+
+def resolve_peer(peer: str | None) -> tuple[str, int]:
+    """The peer to talk to: --peer, else $DIFS_PEER, else the local peer's address file."""
+    text = peer or os.environ.get("DIFS_PEER")
+    if text:
+        return parse_hostport(text)
+    address_file = difs_home() / "peer" / "address"
+    try:
+        return parse_hostport(address_file.read_text().strip())
+    except OSError:
+        raise errors.NetworkError(
+            f"no local peer ({address_file} not found): start one with 'difs-peer join' "
+            "or pass --peer HOST:PORT"
+        ) from None
+
+
+def resolve_token(peer: str | None, token_file: Path | None, address: tuple[str, int]) -> bytes:
+    """The control token for ``address``: --token-file, else $DIFS_TOKEN_FILE, else the
+    local peer's ($DIFS_HOME/peer/control.token) when ``address`` is the local peer's."""
+    from difs_p2p.control import read_token_file
+
+    text = str(token_file) if token_file else os.environ.get("DIFS_TOKEN_FILE")
+    local = difs_home() / "peer"
+    path: Path | None = None
+    if text:
+        path = Path(text)
+    elif not (peer or os.environ.get("DIFS_PEER")) or _local_address(local) == address:
+        path = local / "control.token"
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            return read_token_file(path)
+    missing = f" ({path} not found)" if path is not None else ""
+    raise errors.PermissionDeniedError(
+        f"permission denied: this needs the control token of the peer at {address[0]}:"
+        f"{address[1]} (its DATA/control.token){missing}; pass --token-file PATH or set "
+        "DIFS_TOKEN_FILE"
+    )
+
+
+def _local_address(data: Path) -> tuple[str, int] | None:
+    try:
+        return parse_hostport((data / "address").read_text().strip())
+    except (OSError, errors.UsageError):
+        return None
+
+
+def default_key_file() -> Path:
+    return difs_home() / "publisher.key"
+
+
+def load_publisher(key_file: Path | None) -> Identity:
+    """The publisher key: --key FILE, which must exist (``difs key new`` creates one), else
+    the default key in $DIFS_HOME, created on first use."""
+    from difs_p2p.identity import load_or_create
+
+    if key_file is None:
+        return load_or_create(default_key_file())
+    return read_key(key_file)
+
+
+def read_key(path: Path) -> Identity:
+    """The identity in the key file ``path``; UsageError when there is none."""
+    from difs_p2p.identity import load_or_create
+
+    if path.is_dir():
+        raise errors.UsageError(f"key file {path} is a directory")
+    if not path.exists():
+        raise errors.UsageError(
+            f"key file {path} does not exist (create one with 'difs key new {path}')"
+        )
+    return load_or_create(path)  # exists: only read
+
+
+# -- talking to a peer ---------------------------------------------------------------------
+
+
+async def check_peer(address: tuple[str, int]) -> None:
+    """NetworkError unless a DIFS peer listens at ``address``: it must answer a HELLO
+    within HELLO_TIMEOUT (anything else on the port fails here, not after a 30 s stall)."""
+    where = f"{address[0]}:{address[1]}"
+    conn = await Connection.open(address, io_timeout=HELLO_TIMEOUT, connect_timeout=HELLO_TIMEOUT)
+    try:
+        await conn.send(wire.Hello(request_id=0, peer=None))
+        frame = await conn.read_frame()
+    except errors.DifsTimeoutError:
+        raise errors.NetworkError(
+            f"{where} is not a DIFS peer (or it is stalled): no answer to HELLO within "
+            f"{HELLO_TIMEOUT:g} s"
+        ) from None
+    except (errors.DifsError, OSError) as exc:
+        raise errors.NetworkError(f"{where} is not a DIFS peer: {exc}") from None
+    finally:
+        conn.close()
+    if not isinstance(frame, wire.Hello):
+        got = "closed the connection" if frame is None else f"sent {type(frame).__name__}"
+        raise errors.NetworkError(f"{where} is not a DIFS peer: it {got} in reply to HELLO")
+
+
+async def entry_peer(peer: str | None) -> tuple[str, int]:
+    """The peer to talk to (``resolve_peer``), checked to be a DIFS peer."""
+    address = resolve_peer(peer)
+    await check_peer(address)
+    return address
+
+
+async def call_peer(
+    address: tuple[str, int], op: str, *, token: bytes | None = None, **args: Any
+) -> dict[str, Any]:
+    from difs_p2p.control import OperatorCredential
+
+    await check_peer(address)
+    credential = OperatorCredential(token) if token is not None else None
+    conn = await Connection.open(address, io_timeout=30.0, credential=credential)
+    try:
+        return await conn.call(op, **args)
+    finally:
+        conn.close()
+
+
+async def peer_status(peer: str | None, token_file: Path | None) -> dict[str, Any]:
+    """The status of the peer (an operator operation: it needs the peer's token)."""
+    address = resolve_peer(peer)
+    return await call_peer(address, "status", token=resolve_token(peer, token_file, address))

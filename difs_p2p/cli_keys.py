@@ -1,0 +1,128 @@
+"""The ``difs`` commands about publisher keys and delegations: whoami, key new, delegate,
+revoke. The typer apps that hold them are wired in cli.py."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from difs_p2p import errors
+from difs_p2p.cli_common import (
+    JsonOpt,
+    KeyOpt,
+    PeerOpt,
+    TokenOpt,
+    default_key_file,
+    entry_peer,
+    fail,
+    load_publisher,
+    read_key,
+    resolve_token,
+    run,
+)
+from difs_p2p.cli_output import key_info, print_json, print_key_info
+
+
+def delegate(
+    prefix: Annotated[str, typer.Argument(help="name prefix to delegate, e.g. /a.com/blog")],
+    writer: Annotated[str, typer.Argument(help="the writer's public key (64 hex)")],
+    days: Annotated[float, typer.Option(help="validity in days (more than 0)")] = 30.0,
+    key: KeyOpt = None,
+) -> None:
+    """As a name owner, let WRITER publish names under PREFIX; prints the delegation JSON.
+
+    Example: difs delegate /a.com/blog 3b6a27...29 > blog.delegation
+    """
+    from difs_p2p.manifest import build_delegation
+    from difs_p2p.pins import parse_key
+
+    try:
+        if not days > 0 or days == float("inf"):
+            raise errors.UsageError(f"--days must be more than 0, not {days:g}")
+        cert = build_delegation(
+            load_publisher(key),
+            prefix=prefix,
+            writer=parse_key(writer),
+            expires=time.time() + days * 86400,
+        )
+    except errors.DifsError as exc:
+        raise fail(exc) from None
+    print_json(cert.as_json())
+
+
+def revoke(
+    prefix: Annotated[str, typer.Argument(help="the delegated prefix")],
+    writer: Annotated[str, typer.Argument(help="the writer's public key (64 hex)")],
+    peer: PeerOpt = None,
+    key: KeyOpt = None,
+    token_file: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """As a name owner, revoke WRITER's delegation for PREFIX (readers refuse its versions).
+
+    Example: difs revoke /a.com/blog 3b6a27...29
+    """
+    from difs_p2p.client import Client
+    from difs_p2p.pins import parse_key
+
+    async def go() -> Any:
+        writer_key = parse_key(writer)
+        publisher = load_publisher(key)
+        address = await entry_peer(peer)
+        token = resolve_token(peer, token_file, address)
+        async with Client(address, publisher=publisher, token=token) as client:
+            return await client.revoke(prefix, writer_key)
+
+    listing = run(go, as_json)
+    if as_json:
+        print_json(
+            {"prefix": prefix, "writer": writer, "list": listing.name, "version": listing.version}
+        )
+        return
+    typer.echo(f"revoked {writer[:16]}... under {prefix} ({listing.name} v{listing.version})")
+
+
+def whoami(key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the publisher key, its fingerprint and its self-certifying namespace.
+
+    Read only: it never creates a key (difs key new does; difs put creates the default one).
+
+    Example: difs whoami
+    """
+    path = key or default_key_file()
+    try:
+        if key is None and not path.exists():
+            raise errors.UsageError(
+                f"no publisher key yet ({path}): it is created on first publish, "
+                "or now with 'difs key new'"
+            )
+        me = read_key(path)
+    except errors.DifsError as exc:
+        raise fail(exc, as_json) from None
+    print_key_info(key_info(me, path), as_json)
+
+
+def key_new(
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="key file to create (default: $DIFS_HOME/publisher.key)"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a new publisher key file (mode 0600); an existing file is never overwritten.
+
+    Example: difs key new ~/keys/blog.key
+    """
+    from difs_p2p.identity import load_or_create
+
+    target = path or default_key_file()
+    try:
+        if target.exists() or target.is_symlink():
+            raise errors.AlreadyExistsError(f"key file {target} already exists; not overwritten")
+        me = load_or_create(target)
+    except errors.DifsError as exc:
+        raise fail(exc, as_json) from None
+    print_key_info(key_info(me, target), as_json)
