@@ -26,6 +26,14 @@ from difs_p2p.cli_common import (
 from difs_p2p.cli_output import key_info, print_json, print_key_info
 
 
+def delegation_expiry(days: float, now: float) -> float:
+    """When a delegation valid for ``days`` from ``now`` expires; UsageError unless ``days``
+    is a finite number more than 0."""
+    if not days > 0 or days == float("inf"):
+        raise errors.UsageError(f"--days must be more than 0, not {days:g}")
+    return now + days * 86400
+
+
 def delegate(
     prefix: Annotated[str, typer.Argument(help="name prefix to delegate, e.g. /a.com/blog")],
     writer: Annotated[str, typer.Argument(help="the writer's public key (64 hex)")],
@@ -40,13 +48,9 @@ def delegate(
     from difs_p2p.pins import parse_key
 
     try:
-        if not days > 0 or days == float("inf"):
-            raise errors.UsageError(f"--days must be more than 0, not {days:g}")
+        expires = delegation_expiry(days, time.time())
         cert = build_delegation(
-            load_publisher(key),
-            prefix=prefix,
-            writer=parse_key(writer),
-            expires=time.time() + days * 86400,
+            load_publisher(key), prefix=prefix, writer=parse_key(writer), expires=expires
         )
     except errors.DifsError as exc:
         raise fail(exc) from None

@@ -16,6 +16,7 @@ from rich.console import Console
 from difs_p2p import errors
 from difs_p2p.cli_client import parse_byte_range, parse_segment_size, pins_for
 from difs_p2p.cli_common import EXIT_CODES, EXIT_NAMES, exit_code, resolve_peer, resolve_token
+from difs_p2p.cli_keys import delegation_expiry
 from difs_p2p.cli_output import (
     Bars,
     check_lines,
@@ -219,6 +220,22 @@ def test_check_lines_with_and_without_orphan_counts() -> None:
         "2 orphaned segments (2.0 MiB) to be collected within 300.0 s; "
         "1 segments (4.0 KiB) of uploads in progress",
     ]
+
+
+@pytest.mark.parametrize(
+    ("days", "expires"),
+    [(1.0, 1000.0 + 86400), (0.5, 1000.0 + 43200), (30.0, 1000.0 + 30 * 86400)],
+)
+def test_delegation_expiry(days: float, expires: float) -> None:
+    """difs delegate --days counts whole or part days from now."""
+    assert delegation_expiry(days, 1000.0) == expires
+
+
+@pytest.mark.parametrize("days", [0.0, -1.0, float("inf"), float("-inf"), float("nan")])
+def test_delegation_expiry_refuses_what_never_or_always_expires(days: float) -> None:
+    """--days must be a finite number more than 0."""
+    with pytest.raises(errors.UsageError, match="--days must be more than 0"):
+        delegation_expiry(days, 1000.0)
 
 
 def bars_on(buffer: io.StringIO) -> Bars:
