@@ -21,7 +21,7 @@
 
 Lower-layer exceptions (OSError, struct.error, cryptography's InvalidSignature...) are
 translated at the module boundary that sees them; the CLI maps each class to one line
-on stderr and its own exit code (see ``difs_p2p.cli.EXIT_CODES``).
+on stderr and its own exit code (see ``difs_p2p.cli_common.EXIT_CODES``).
 """
 
 from __future__ import annotations
