@@ -605,17 +605,6 @@ def test_closed_store_refuses_calls(root: Path) -> None:
 # -- disk cost, upload sessions and orphans ---------------------------------------------------
 
 
-def test_disk_cost_rounds_up_to_the_block_and_adds_a_file() -> None:
-    """A segment is charged whole blocks plus one per file: 8 bytes cost 8 KiB on 4 KiB."""
-    cost = DiskCost(4096, 4096)
-    assert [cost.charge(n) for n in (0, 1, 8, 4096, 4097)] == [4096, 8192, 8192, 8192, 12288]
-    assert DiskCost().charge(8) == 8
-    measured = DiskCost.of_filesystem(Path("/"))
-    assert measured.block >= 512 and measured.per_file == measured.block
-    with pytest.raises(UsageError):
-        DiskCost(0, 0)
-
-
 def test_tiny_segments_are_refused_at_their_disk_cost(root: Path) -> None:
     """Capacity counts what tiny segments cost on disk, not their bytes."""
     cost = DiskCost(4096, 4096)
