@@ -567,6 +567,7 @@ class SegmentStore:
                 return
             self._closed = True
             self._written.notify_all()
+            # the connection itself: Database.close would take the lock held here
             self._db.conn.close()
             self._files.close()
 
