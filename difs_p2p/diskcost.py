@@ -1,4 +1,5 @@
-"""What a segment is charged against a store's capacity: its disk cost (pure).
+"""What a segment is charged against a store's capacity: its disk cost (a pure rule; only
+:meth:`DiskCost.of_filesystem` measures a file system, once, when a peer opens its store).
 
 A peer charges each segment its size rounded up to the file system's block, plus one block
 for its inode, directory entry, index rows and share of the fan-out directories, so that a
