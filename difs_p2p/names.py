@@ -33,7 +33,7 @@ import re
 import unicodedata
 from typing import NewType
 
-from difs_p2p.errors import BadNameError, UsageError
+from difs_p2p.errors import BadNameError
 
 NameKey = NewType("NameKey", bytes)
 """The 20-byte DHT key of a name (see :func:`name_key`)."""
@@ -66,7 +66,6 @@ _MAX_RAW_CHARS = _MAX_DECOMPOSITION * MAX_NAME_BYTES
 _SEPARATORS = frozenset("\u2028\u2029")
 # How much of a long name or component an error message shows.
 _SHOWN_CHARS = 48
-_HEX_KEY = re.compile(r"[0-9A-Fa-f]{40}")
 # Self-certifying names: /key/<fingerprint of the publisher key>/... (key_namespace_owner).
 KEY_NAMESPACE = "key"
 _FINGERPRINT = re.compile(r"[0-9a-f]{32}")
@@ -158,10 +157,3 @@ def name_key(name: str) -> NameKey:
     norm = normalize_name(name)
     digest = hashlib.sha256(_NAME_KEY_DOMAIN + norm.encode("utf-8")).digest()
     return NameKey(digest[:NAME_KEY_SIZE])
-
-
-def parse_name_key_hex(text: str) -> NameKey:
-    """A name key from exactly 40 hex digits (either case); UsageError otherwise."""
-    if not isinstance(text, str) or _HEX_KEY.fullmatch(text) is None:
-        raise UsageError(f"not a name key: {text!r:.60} (expected {2 * NAME_KEY_SIZE} hex digits)")
-    return NameKey(bytes.fromhex(text))

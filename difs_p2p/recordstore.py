@@ -26,14 +26,12 @@ event loop.
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from difs_p2p.errors import StorageError
+from difs_p2p.sqlitedb import Database
 
 
 class RecordPolicy(Protocol):
@@ -78,6 +76,23 @@ MAX_ENTRIES_PER_SIGNER = 64 * 4
 SOURCE_SHARE = 0.25
 # Entries stored for the network in all, over every key (about 180 bytes each).
 MAX_ENTRIES = 1_000_000
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records(
+    k BLOB PRIMARY KEY, v BLOB NOT NULL, stored REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS records_stored ON records(stored);
+CREATE TABLE IF NOT EXISTS entries(
+    k BLOB NOT NULL, ident BLOB NOT NULL, fresh INTEGER NOT NULL,
+    e BLOB NOT NULL, stored REAL NOT NULL, PRIMARY KEY(k, ident));
+CREATE INDEX IF NOT EXISTS entries_stored ON entries(stored);
+"""
+# Made once the columns of the quotas exist (added in place to older databases).
+_QUOTA_INDEXES = """
+CREATE INDEX IF NOT EXISTS records_src ON records(src);
+CREATE INDEX IF NOT EXISTS entries_src ON entries(src, k);
+CREATE INDEX IF NOT EXISTS entries_signer ON entries(k, signer);
+"""
 
 
 def write_source(host: str, port: int) -> str:
@@ -151,33 +166,17 @@ class RecordStore:
         # for one version (257 for r = 5); two sources could fill a set with any share,
         # and a newer version displaces the oldest one's entries when it is full
         self.key_entries_per_source = max(1, max_entries_per_key * 3 // 4)
-        self._lock = threading.Lock()
         # False while nothing was ever stored in this (in-memory) database: keys() then
         # needs no query. The DHT asks for every new contact, to hand records over.
         self._maybe_stored = path is not None
+        self._database = Database(path, "the record database", _SCHEMA)
+        # the connection, used only under the database's lock
+        self._db = self._database.conn
         try:
-            self._db = sqlite3.connect(
-                str(path) if path is not None else ":memory:",
-                check_same_thread=False,
-                isolation_level=None,
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(
-                """
-                CREATE TABLE IF NOT EXISTS records(
-                    k BLOB PRIMARY KEY, v BLOB NOT NULL, stored REAL NOT NULL);
-                CREATE INDEX IF NOT EXISTS records_stored ON records(stored);
-                CREATE TABLE IF NOT EXISTS entries(
-                    k BLOB NOT NULL, ident BLOB NOT NULL, fresh INTEGER NOT NULL,
-                    e BLOB NOT NULL, stored REAL NOT NULL, PRIMARY KEY(k, ident));
-                CREATE INDEX IF NOT EXISTS entries_stored ON entries(stored);
-                """
-            )
             # Databases from before quotas get the new columns in place (old rows: this
             # peer's own, version 0, no signer).
-            self._add_columns("records", {"src": "TEXT NOT NULL DEFAULT ''"})
-            self._add_columns(
+            self._database.add_columns("records", {"src": "TEXT NOT NULL DEFAULT ''"})
+            self._database.add_columns(
                 "entries",
                 {
                     "src": "TEXT NOT NULL DEFAULT ''",
@@ -186,29 +185,19 @@ class RecordStore:
                     "hist": "INTEGER NOT NULL DEFAULT 0",
                 },
             )
-            self._db.executescript(
-                """
-                CREATE INDEX IF NOT EXISTS records_src ON records(src);
-                CREATE INDEX IF NOT EXISTS entries_src ON entries(src, k);
-                CREATE INDEX IF NOT EXISTS entries_signer ON entries(k, signer);
-                """
-            )
+            with self._database.sql("indexing the record database"):
+                self._db.executescript(_QUOTA_INDEXES)
             # Totals kept in memory (a COUNT(*) scans the table): quotas read them per write.
-            self._records = self._count("records")
-            self._entries = self._count("entries")
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open the record database {path}: {exc}") from None
-
-    def _add_columns(self, table: str, columns: dict[str, str]) -> None:
-        have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-        for name, decl in columns.items():
-            if name not in have:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            self._records = self._database.count("records")
+            self._entries = self._database.count("entries")
+        except BaseException:
+            self._database.close()
+            raise
 
     # -- records ---------------------------------------------------------------------------
 
     def get(self, key: bytes, now: float) -> bytes | None:
-        with self._lock:
+        with self._database.locked("reading a record"):
             return self._get_locked(key, now)
 
     def _get_locked(self, key: bytes, now: float) -> bytes | None:
@@ -227,7 +216,7 @@ class RecordStore:
             return StoreResult(False, "key is not 20 bytes")
         if self.policy.record_rank(key, value, now) is None:
             return StoreResult(False, "invalid record")
-        with self._lock:
+        with self._database.locked("storing a record"):
             row = self._db.execute("SELECT v, stored FROM records WHERE k=?", (key,)).fetchone()
             if row is not None:
                 current = bytes(row[0])
@@ -270,7 +259,7 @@ class RecordStore:
 
     def items(self, now: float) -> Iterator[tuple[bytes, bytes]]:
         """Every live record (a snapshot, safe to iterate while the store changes)."""
-        with self._lock:
+        with self._database.locked("listing records"):
             rows = self._db.execute(
                 "SELECT k, v FROM records WHERE stored>=?", (now - self.ttl,)
             ).fetchall()
@@ -280,7 +269,7 @@ class RecordStore:
     def keys(self, now: float) -> list[bytes]:
         if not self._maybe_stored:
             return []
-        with self._lock:
+        with self._database.locked("listing keys"):
             rows = self._db.execute(
                 "SELECT k FROM records WHERE stored>=? UNION SELECT DISTINCT k FROM entries "
                 "WHERE stored>=?",
@@ -299,7 +288,7 @@ class RecordStore:
         if ident is None:
             return StoreResult(False, "invalid entry")
         identity, fresh = ident
-        with self._lock:
+        with self._database.locked("adding an entry"):
             record = self._get_locked(key, now)
             history = [
                 bytes(r[0])
@@ -393,7 +382,7 @@ class RecordStore:
         return True
 
     def entries(self, key: bytes, now: float) -> list[bytes]:
-        with self._lock:
+        with self._database.locked("reading an entry set"):
             rows = self._db.execute(
                 "SELECT e FROM entries WHERE k=? AND stored>=? ORDER BY ident",
                 (key, now - self.ttl),
@@ -401,7 +390,7 @@ class RecordStore:
         return [bytes(r[0]) for r in rows]
 
     def remove_entries(self, key: bytes, identities: list[bytes]) -> None:
-        with self._lock:
+        with self._database.locked("removing entries"):
             gone = self._db.executemany(
                 "DELETE FROM entries WHERE k=? AND ident=?", [(key, i) for i in identities]
             )
@@ -410,7 +399,7 @@ class RecordStore:
     # -- housekeeping ----------------------------------------------------------------------
 
     def expire(self, now: float) -> int:
-        with self._lock:
+        with self._database.locked("expiring records and entries"):
             return self._expire_locked(now)
 
     def _expire_locked(self, now: float) -> int:
@@ -421,14 +410,12 @@ class RecordStore:
         self._entries -= b
         return a + b
 
-    def _count(self, table: str) -> int:
-        (n,) = self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
-        return int(n)
-
     def counts(self) -> tuple[int, int]:
-        with self._lock:
-            return self._count("records"), self._count("entries")
+        """(records, entries) stored, expired ones included."""
+        with self._database.locked("counting records and entries") as db:
+            (records,) = db.execute("SELECT COUNT(*) FROM records").fetchone()
+            (entries,) = db.execute("SELECT COUNT(*) FROM entries").fetchone()
+        return int(records), int(entries)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._database.close()

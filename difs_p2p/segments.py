@@ -21,7 +21,6 @@ near-equal length (:func:`stripe_ranges`); each range is stored on its own set o
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NewType
@@ -181,14 +180,6 @@ def default_stripes(count: int) -> int:
     return max(1, min(_MAX_STRIPES, count // _MIN_SEGMENTS_PER_STRIPE))
 
 
-def range_for_segment(ranges: Sequence[tuple[int, int]], i: int) -> int:
-    """The index in ``ranges`` (sorted, as from stripe_ranges) of the range holding ``i``."""
-    index = bisect.bisect_right(ranges, i, key=lambda r: r[0]) - 1
-    if index < 0 or not ranges[index][0] <= i <= ranges[index][1]:
-        raise UsageError(f"segment {i} is in no range")
-    return index
-
-
 def encode_hash_list(hashes: Sequence[bytes]) -> bytes:
     """The hash list: the segment ids concatenated in order."""
     if len(hashes) > MAX_SEGMENTS:
@@ -244,87 +235,3 @@ def verify_segment(expected: bytes, data: bytes | bytearray | memoryview) -> Non
     """IntegrityError unless BLAKE3 of ``data`` is ``expected``."""
     if _blake3(data) != expected:
         raise IntegrityError(f"segment {bytes(expected).hex()[:16]} does not match its hash")
-
-
-class Segmenter:
-    """Cuts a stream of chunks into segments, numbering them from 0.
-
-    ``feed`` returns the segments a chunk completes and ``finish`` the final short one.
-    Bytes are copied into the returned segments directly from the chunk, except those of
-    a segment that straddles chunks, which pass through one internal buffer; a ``bytes``
-    chunk that is exactly one segment and starts on a boundary is returned as it is.
-    The stream may not exceed MAX_SEGMENTS segments (UsageError, and the chunk is not
-    consumed).
-    """
-
-    __slots__ = ("_buffer", "_count", "_finished", "_total", "segment_size")
-
-    def __init__(self, segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
-        if segment_size < 1:
-            raise UsageError(f"segment size {segment_size} must be at least 1")
-        self.segment_size = segment_size
-        self._buffer = bytearray()
-        self._count = 0
-        self._total = 0
-        self._finished = False
-
-    @property
-    def total(self) -> int:
-        """Bytes fed so far."""
-        return self._total
-
-    @property
-    def count(self) -> int:
-        """Segments returned so far."""
-        return self._count
-
-    def feed(self, chunk: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
-        """Take the next chunk; return the ``(index, bytes)`` segments it completes."""
-        if self._finished:
-            raise UsageError("segmenter already finished")
-        with memoryview(chunk) as raw, raw.cast("B") as view:
-            n = len(view)
-            limit = MAX_SEGMENTS * self.segment_size
-            if self._total + n > limit:
-                raise UsageError(
-                    f"stream is too large: at most {limit} bytes ({MAX_SEGMENTS} segments) "
-                    f"with {self.segment_size}-byte segments"
-                )
-            self._total += n
-            return self._cut(chunk, view)
-
-    def _cut(self, chunk: object, view: memoryview) -> list[tuple[int, bytes]]:
-        size, n = self.segment_size, len(view)
-        out: list[tuple[int, bytes]] = []
-        pos = 0
-        if self._buffer:
-            pos = min(size - len(self._buffer), n)
-            self._buffer += view[:pos]
-            if len(self._buffer) < size:
-                return out
-            out.append(self._emit(bytes(self._buffer)))
-            self._buffer.clear()
-        if pos == 0 and n == size and type(chunk) is bytes:
-            return [self._emit(chunk)]
-        while n - pos >= size:
-            out.append(self._emit(bytes(view[pos : pos + size])))
-            pos += size
-        if pos < n:
-            self._buffer += view[pos:]
-        return out
-
-    def finish(self) -> list[tuple[int, bytes]]:
-        """End the stream; return the final short segment, if there is one."""
-        if self._finished:
-            raise UsageError("segmenter already finished")
-        self._finished = True
-        if not self._buffer:
-            return []
-        last = self._emit(bytes(self._buffer))
-        self._buffer = bytearray()
-        return [last]
-
-    def _emit(self, segment: bytes) -> tuple[int, bytes]:
-        index = self._count
-        self._count += 1
-        return index, segment

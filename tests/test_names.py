@@ -16,10 +16,10 @@ from difs_p2p.names import (
     MAX_COMPONENT_BYTES,
     MAX_COMPONENTS,
     MAX_NAME_BYTES,
+    key_namespace_owner,
     name_components,
     name_key,
     normalize_name,
-    parse_name_key_hex,
 )
 
 # Four components of 255 bytes: exactly MAX_NAME_BYTES (1024) bytes.
@@ -146,21 +146,14 @@ def test_golden_name_key() -> None:
     assert name_key("/日本/ファイル.mp4") == japanese
 
 
-def test_parse_name_key_hex() -> None:
-    """A name key parses from exactly 40 hex digits in either case."""
-    key = name_key("/a.com/izone.mp4")
-    assert parse_name_key_hex(key.hex()) == key
-    assert parse_name_key_hex(key.hex().upper()) == key
-
-
-@pytest.mark.parametrize(
-    "text",
-    ["", "00" * 19, "00" * 21, "zz" * 20, "00 " * 13 + "0", " " + "00" * 20, "00" * 20 + "\n"],
-)
-def test_parse_name_key_hex_refuses(text: str) -> None:
-    """Anything but 40 hex digits (even with spaces bytes.fromhex allows) is a UsageError."""
-    with pytest.raises(UsageError, match="not a name key"):
-        parse_name_key_hex(text)
+def test_key_namespace_names_need_a_fingerprint() -> None:
+    """/key/<32 hex>/<name> is self-certifying; anything else under /key/ is refused."""
+    fp = "0123456789abcdef" * 2
+    assert key_namespace_owner(f"/key/{fp}/photo.jpg") == fp
+    assert key_namespace_owner("/a.com/photo.jpg") is None
+    for bad in ("/key/abc/x", f"/key/{fp}", f"/key/{fp.upper()}/x"):
+        with pytest.raises(BadNameError, match="fingerprint"):
+            normalize_name(bad)
 
 
 def test_decomposition_bound_holds() -> None:
@@ -228,4 +221,3 @@ def test_equivalent_names_share_one_20_byte_key(text: str) -> None:
     assert name_key(unicodedata.normalize("NFC", text)) == key
     if not text.endswith("/"):
         assert name_key(text + "/") == key
-    assert parse_name_key_hex(key.hex()) == key

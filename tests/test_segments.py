@@ -1,8 +1,7 @@
-"""Segment layout, striping, the hash list and the Segmenter, as the specification."""
+"""Segment layout, striping and the hash list, as the specification."""
 
 from __future__ import annotations
 
-import itertools
 import random
 
 import blake3
@@ -18,12 +17,10 @@ from difs_p2p.segments import (
     MAX_SEGMENTS,
     MIN_SEGMENT_SIZE,
     Layout,
-    Segmenter,
     decode_hash_list,
     default_stripes,
     encode_hash_list,
     hash_list_root,
-    range_for_segment,
     segment_hash,
     stripe_ranges,
     validate_segment_size,
@@ -38,22 +35,9 @@ def _data(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def _segment_all(data: bytes, segment_size: int) -> list[tuple[int, bytes]]:
-    seg = Segmenter(segment_size)
-    return seg.feed(data) + seg.finish()
-
-
 def _sliced(data: bytes, segment_size: int) -> list[tuple[int, bytes]]:
     starts = range(0, len(data), segment_size)
     return [(i, data[s : s + segment_size]) for i, s in enumerate(starts)]
-
-
-def _as(kind: str, piece: bytes) -> bytes | bytearray | memoryview:
-    if kind == "bytearray":
-        return bytearray(piece)
-    if kind == "memoryview":
-        return memoryview(piece)
-    return piece
 
 
 # -- constants and sizes -------------------------------------------------------------------
@@ -95,8 +79,7 @@ def test_layout_edges(segment_size: int, segments: int, extra: int, count: int |
     assert [offset for offset, _ in bounds] == [i * segment_size for i in range(layout.count)]
     assert sum(length for _, length in bounds) == size
     assert all(length > 0 for _, length in bounds)
-    assert _segment_all(_data(size), segment_size) == _sliced(_data(size), segment_size)
-    assert [len(s) for _, s in _segment_all(_data(size), segment_size)] == [
+    assert [len(s) for _, s in _sliced(_data(size), segment_size)] == [
         length for _, length in bounds
     ]
 
@@ -219,32 +202,12 @@ def test_default_stripes_gives_ranges_of_at_least_8(count: int) -> None:
         assert min(lengths) >= 8
 
 
-@given(st.integers(1, 3000), st.integers(1, 70), st.data())
-def test_range_for_segment_agrees_with_a_scan(
-    count: int, stripes: int, data: st.DataObject
-) -> None:
-    """The bisected range index is the one a linear scan finds."""
-    ranges = stripe_ranges(count, stripes)
-    i = data.draw(st.integers(0, count - 1))
-    scan = next(k for k, (a, b) in enumerate(ranges) if a <= i <= b)
-    assert range_for_segment(ranges, i) == scan
-
-
-@pytest.mark.parametrize("i", [-1, 10, 1000])
-def test_range_for_segment_outside(i: int) -> None:
-    """A segment outside every range is a UsageError."""
-    with pytest.raises(UsageError, match="in no range"):
-        range_for_segment(stripe_ranges(10, 3), i)
-    with pytest.raises(UsageError):
-        range_for_segment([], 0)
-
-
 # -- hashing and the hash list -------------------------------------------------------------
 
 
 def test_golden_root_of_abc() -> None:
     """b"abc" in 4096-byte segments: one segment, root = BLAKE3(BLAKE3(b"abc"))."""
-    pieces = _segment_all(b"abc", 4096)
+    pieces = _sliced(b"abc", 4096)
     assert pieces == [(0, b"abc")]
     hash_list = encode_hash_list([segment_hash(s) for _, s in pieces])
     abc = blake3.blake3(b"abc").digest()
@@ -385,84 +348,3 @@ def test_verify_segment_detects_any_flipped_bit(segment: bytes, data: st.DataObj
     flipped[bit // 8] ^= 1 << (bit % 8)
     with pytest.raises(IntegrityError, match=f"segment {expected.hex()[:16]} does not match"):
         verify_segment(expected, flipped)
-
-
-# -- the segmenter -------------------------------------------------------------------------
-
-
-@given(
-    st.integers(0, 3000),
-    st.integers(1, 300),
-    st.lists(st.integers(0, 3000), max_size=30),
-    st.sampled_from(["bytes", "bytearray", "memoryview"]),
-)
-def test_segmenter_matches_slicing_for_any_chunking(
-    size: int, segment_size: int, cuts: list[int], kind: str
-) -> None:
-    """However the stream is chunked, the segments are those of slicing the whole object."""
-    data = _data(size, seed=size)
-    edges = sorted({0, size, *(c for c in cuts if c <= size)})
-    seg = Segmenter(segment_size)
-    out: list[tuple[int, bytes]] = []
-    for a, b in itertools.pairwise(edges):
-        out += seg.feed(_as(kind, data[a:b]))
-    out += seg.finish()
-    assert out == _sliced(data, segment_size)
-    assert seg.total == size
-    assert seg.count == len(out) == Layout(size, segment_size).count
-    assert all(type(s) is bytes for _, s in out)
-
-
-def test_segmenter_one_byte_at_a_time() -> None:
-    """Feeding single bytes (and empty chunks) gives the same segments."""
-    data = _data(4 * 7 + 3)
-    seg = Segmenter(7)
-    out: list[tuple[int, bytes]] = []
-    for i in range(len(data)):
-        out += seg.feed(b"")
-        out += seg.feed(data[i : i + 1])
-    out += seg.finish()
-    assert out == _sliced(data, 7)
-
-
-def test_segmenter_passes_aligned_bytes_through() -> None:
-    """A bytes chunk of exactly one segment on a boundary is returned without a copy."""
-    chunk = _data(4096)
-    seg = Segmenter(4096)
-    [(index, segment)] = seg.feed(chunk)
-    assert index == 0
-    assert segment is chunk
-    assert seg.finish() == []
-
-
-def test_segmenter_copies_mutable_chunks() -> None:
-    """Segments do not change when the caller reuses or resizes a fed bytearray."""
-    buf = bytearray(b"abcdefgh")
-    seg = Segmenter(4)
-    out = seg.feed(buf)
-    out += seg.feed(memoryview(buf)[:2])
-    buf[:] = b"XXXXXXXXXX"
-    buf.extend(b"more")
-    out += seg.finish()
-    assert out == [(0, b"abcd"), (1, b"efgh"), (2, b"ab")]
-
-
-def test_segmenter_lifecycle() -> None:
-    """An empty stream has no segments; nothing may be fed or finished after finish()."""
-    seg = Segmenter(4096)
-    assert seg.finish() == []
-    with pytest.raises(UsageError, match="already finished"):
-        seg.feed(b"x")
-    with pytest.raises(UsageError, match="already finished"):
-        seg.finish()
-    with pytest.raises(UsageError, match="segment size 0"):
-        Segmenter(0)
-
-
-def test_segmenter_refuses_more_than_max_segments() -> None:
-    """A stream over MAX_SEGMENTS segments is refused, and the refused chunk is not consumed."""
-    seg = Segmenter(1)
-    with pytest.raises(UsageError, match=f"at most {MAX_SEGMENTS} bytes"):
-        seg.feed(bytes(MAX_SEGMENTS + 1))
-    assert seg.total == 0
-    assert seg.feed(b"ab") == [(0, b"a"), (1, b"b")]

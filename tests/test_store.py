@@ -12,7 +12,9 @@ from pathlib import Path
 import blake3
 import pytest
 
+from difs_p2p import segfiles
 from difs_p2p import store as store_module
+from difs_p2p.diskcost import DiskCost
 from difs_p2p.errors import (
     CapacityError,
     IntegrityError,
@@ -58,7 +60,7 @@ def simulate_full_disk(monkeypatch: pytest.MonkeyPatch, s: SegmentStore) -> None
         Path(tmp).write_bytes(bytes(data[: len(data) // 2]))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(s, "_write_file", write_then_fail)
+    monkeypatch.setattr(s._files, "write_file", write_then_fail)
 
 
 # -- writing and reading ----------------------------------------------------------------------
@@ -271,7 +273,7 @@ def test_other_write_errors_are_storage_errors(
         Path(tmp).write_bytes(b"x")
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(store, "_write_file", fail)
+    monkeypatch.setattr(store._files, "write_file", fail)
     seg_id, data = seg(1)
     with pytest.raises(StorageError):
         store.put(seg_id, data)
@@ -320,7 +322,7 @@ def test_put_many_on_full_disk_leaves_nothing(
 ) -> None:
     """A batch failing midway removes what it wrote (stand-in for a full disk, see above)."""
     calls = 0
-    real_write = store._write_file
+    real_write = store._files.write_file
 
     def fail_third(tmp: str, data: memoryview) -> None:
         nonlocal calls
@@ -329,7 +331,7 @@ def test_put_many_on_full_disk_leaves_nothing(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(tmp, data)
 
-    monkeypatch.setattr(store, "_write_file", fail_third)
+    monkeypatch.setattr(store._files, "write_file", fail_third)
     with pytest.raises(CapacityError):
         store.put_many([seg(i) for i in range(5)])
     assert files_under(root / "segments") == []
@@ -365,7 +367,7 @@ def test_reopen_reindexes_file_without_row(root: Path) -> None:
     seg_id, data = seg(1)
     with SegmentStore(root, 10_000) as s:
         s.put(seg_id, data)
-        s._db.execute("DELETE FROM segments")
+        s._db.conn.execute("DELETE FROM segments")
     with SegmentStore(root, 10_000) as s:
         assert s.has(seg_id)
         assert (s.used, s.count) == (len(data), 1)
@@ -433,7 +435,7 @@ def test_reopen_does_not_rehash_indexed_files(root: Path, monkeypatch: pytest.Mo
     def no_hashing(fd: int) -> bytes:
         raise AssertionError("a file was rehashed on open")
 
-    monkeypatch.setattr(store_module, "_hash_fd", no_hashing)
+    monkeypatch.setattr(segfiles, "hash_fd", no_hashing)
     with SegmentStore(root, 1 << 20) as s:
         assert s.count == 20
 
@@ -603,20 +605,9 @@ def test_closed_store_refuses_calls(root: Path) -> None:
 # -- disk cost, upload sessions and orphans ---------------------------------------------------
 
 
-def test_disk_cost_rounds_up_to_the_block_and_adds_a_file() -> None:
-    """A segment is charged whole blocks plus one per file: 8 bytes cost 8 KiB on 4 KiB."""
-    cost = store_module.DiskCost(4096, 4096)
-    assert [cost.charge(n) for n in (0, 1, 8, 4096, 4097)] == [4096, 8192, 8192, 8192, 12288]
-    assert store_module.DiskCost().charge(8) == 8
-    measured = store_module.DiskCost.of_filesystem(Path("/"))
-    assert measured.block >= 512 and measured.per_file == measured.block
-    with pytest.raises(UsageError):
-        store_module.DiskCost(0, 0)
-
-
 def test_tiny_segments_are_refused_at_their_disk_cost(root: Path) -> None:
     """Capacity counts what tiny segments cost on disk, not their bytes."""
-    cost = store_module.DiskCost(4096, 4096)
+    cost = DiskCost(4096, 4096)
     with SegmentStore(root, 10 * 8192, cost=cost) as s:
         for tag in range(10):
             s.put(*seg(tag, 8))
