@@ -49,17 +49,23 @@ class World:
     """
 
     def __init__(self, run: Run, mode: Mode, progress: Callable[[str], None] | None = None) -> None:
-        self.run_state = run
+        self.scenario = run.scenario
+        self.spec = run.spec
+        self.model = run.model
+        self.users = run.users
         self.mode = mode
         self.progress = progress
+        # One random stream per concern (see the module docstring).
         seed = run.seed
         self.rng_churn = random.Random(f"{seed}:churn")
         self.rng_join = random.Random(f"{seed}:join")
         self.rng_ids = random.Random(f"{seed}:ids")
         self.rng_work = random.Random(f"{seed}:workload")
         sc = run.scenario
+        # When churn and workload start: after the join period and the warm-up.
         self.start = sc.join_period + sc.warmup
         self.churn = ChurnRule(sc.churn, self.start, sc.end, self.rng_churn)
+        # The parts of the run this world drives; the mode is given the same ones.
         self.timeline = run.timeline
         self.population = run.population
         self.catalog = run.catalog
@@ -74,10 +80,9 @@ class World:
 
     async def run(self) -> dict[str, Any]:
         """Run the scenario; return this run's metrics."""
-        run = self.run_state
         self.timeline.begin()
-        self._ops = asyncio.Semaphore(run.scenario.max_concurrent)
-        for event in plan(run.scenario, run.spec, self.rng_join, self.rng_work):
+        self._ops = asyncio.Semaphore(self.scenario.max_concurrent)
+        for event in plan(self.scenario, self.spec, self.rng_join, self.rng_work):
             self.timeline.at(event.at, self._action(event))
         try:
             await self.timeline.run()
@@ -85,7 +90,7 @@ class World:
             await self._final_checks()
             self.mode.collect()
             live = self.population.live_segments()
-            return self.rec.summary(run.spec, live, run.model.stats)
+            return self.rec.summary(self.spec, live, self.model.stats)
         finally:
             await self._teardown()
 
@@ -132,7 +137,7 @@ class World:
         def action() -> None:
             pop = self.population
             peer = self.mode.create_peer(len(pop.peers), self.rng_ids.randbytes(32))
-            pop.add(peer, split=self.run_state.model.partitioned, rng=self.rng_join)
+            pop.add(peer, split=self.model.partitioned, rng=self.rng_join)
             seeds = pop.seeds_for(peer, self.rng_join)
             leave = self.churn.leave_at(self.now(), initial=initial)
             if leave is not None:
@@ -154,7 +159,7 @@ class World:
             return
         group = self.population.group_of(peer)
         if group is not None:
-            self.run_state.model.groups[peer.address] = group
+            self.model.groups[peer.address] = group
         self.population.alive.add(peer)
         self.rec.joins += 1
         if not await self.mode.bootstrap(peer, seeds):
@@ -194,20 +199,20 @@ class World:
 
     def _split(self, shares: tuple[float, ...]) -> None:
         assignment = self.population.split(shares, self.rng_join)
-        self.run_state.model.split(assignment)
+        self.model.split(assignment)
         self.rec.event(self.now(), f"split into {len(shares)} groups")
 
     def _heal(self) -> None:
         self.population.heal()
-        self.run_state.model.heal()
+        self.model.heal()
         self.rec.event(self.now(), "healed")
 
     # -- workload --------------------------------------------------------------------------
 
     def _publish_action(self) -> None:
-        w = self.run_state.scenario.workload
+        w = self.scenario.workload
         entry = self.population.ready.choice(self.rng_work)
-        user = self.rng_work.randrange(len(self.run_state.users))
+        user = self.rng_work.randrange(len(self.users))
         size = w.sizes.sample(self.rng_work)
         update = self.rng_work.random() < w.update_fraction
         if entry is None:
@@ -296,13 +301,13 @@ class World:
         )
         if self.progress is not None:
             self.progress(
-                f"  [{self.run_state.spec.label}] t={self.now():.0f} s: {len(pop.alive)} peers, "
-                f"{self.run_state.model.stats.sent} datagrams, {self.rec.publish_ok} publishes, "
+                f"  [{self.spec.label}] t={self.now():.0f} s: {len(pop.alive)} peers, "
+                f"{self.model.stats.sent} datagrams, {self.rec.publish_ok} publishes, "
                 f"{self.rec.fetch_ok} fetches, {len(self.rec.hops)} lookups"
             )
 
     async def _final_checks(self) -> None:
-        checks = self.run_state.scenario.checks
+        checks = self.scenario.checks
         if checks.settle > 0:
             await asyncio.sleep(checks.settle)
         pop, catalog = self.population, self.catalog
