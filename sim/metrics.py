@@ -7,13 +7,12 @@ and seed give byte-identical JSON (memory mode). Floats are rounded to 6 decimal
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sim.models import gini, percentile
-
-if TYPE_CHECKING:
-    from sim.world import World
+from sim.models import NetStats, gini, percentile
+from sim.scenario import RunSpec
 
 
 def _r(x: float) -> float:
@@ -66,7 +65,7 @@ class Sample:
 
 @dataclass(slots=True)
 class Recorder:
-    """Counters and samples filled in by :class:`sim.world.World` during a run."""
+    """Counters and samples filled in during a run (by the world and the run's mode)."""
 
     joins: int = 0
     failed_joins: int = 0
@@ -153,21 +152,26 @@ class Recorder:
             )
         )
 
-    def summary(self, world: World) -> dict[str, Any]:
-        """The metrics of a finished run, as a JSON-ready dictionary."""
-        live = [p for p in world.peers if p.alive]
-        held = [float(p.segments) for p in live]
+    def summary(
+        self, spec: RunSpec, live_segments: Sequence[int], network: NetStats
+    ) -> dict[str, Any]:
+        """The metrics of a finished run, as a JSON-ready dictionary.
+
+        ``live_segments``: the segments held by each peer live at the end; ``network``:
+        what the network model carried.
+        """
+        held = [float(n) for n in live_segments]
         last = self.samples[-1] if self.samples else None
-        net = world.model.stats.as_dict()
+        net = network.as_dict()
         return {
-            "label": world.spec.label,
-            "peers": world.spec.peers,
+            "label": spec.label,
+            "peers": spec.peers,
             "population": {
                 "joins": self.joins,
                 "failed_joins": self.failed_joins,
                 "crashes": self.crashes,
                 "graceful_leaves": self.leaves,
-                "live_at_end": len(live),
+                "live_at_end": len(held),
             },
             "lookups": {
                 "hops": _dist(self.hops),
@@ -205,7 +209,7 @@ class Recorder:
             },
             "network": net,
             "repair": {
-                "enabled": world.spec.repair.enabled,
+                "enabled": spec.repair.enabled,
                 "repaired_ranges": self.repaired_ranges,
                 "bytes": self.repair_bytes,
             },

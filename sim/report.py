@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from difs_p2p.config import format_size
-
-if TYPE_CHECKING:
-    from sim.runner import SimResult
+from sim.result import SimResult
 
 
 def _ms(seconds: float) -> str:

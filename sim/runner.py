@@ -1,28 +1,31 @@
 """Running a scenario: one event loop per run, then the metrics, plots and summary files.
 
-Memory mode runs each :class:`~sim.world.World` on a fresh
+Each run is a :class:`~sim.world.World` composed with the scenario's mode. Memory mode runs
+it with a :class:`~sim.modelled.ModelledMode` on a fresh
 :class:`~sim.vloop.VirtualEventLoop` over a :class:`~sim.memnet.MemoryNetwork`; sockets mode
-on a standard event loop over a :class:`~sim.relay.RelayNetwork`; peers mode runs a
-:class:`~sim.peerworld.PeerWorld` of full peers, each with a data directory in a temporary
-directory removed after the run, over the same relay.
+with the same mode on a standard event loop over a :class:`~sim.relay.RelayNetwork`; peers
+mode with a :class:`~sim.fullpeers.FullPeerMode` of full peers, each with a data directory
+in a temporary directory removed after the run, over the same relay.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sim.fullpeers import FullPeerMode
 from sim.memnet import MemoryNetwork
+from sim.mode import Run
+from sim.modelled import ModelledMode
 from sim.models import Address, NetworkModel
-from sim.peerworld import PeerWorld
 from sim.relay import RelayNetwork
+from sim.report import plot_all, summary_text
+from sim.result import SimResult
 from sim.scenario import RunSpec, Scenario
 from sim.vloop import VirtualEventLoop
 from sim.world import World
@@ -41,29 +44,6 @@ def socket_address(index: int) -> Address:
     return ("127.0.0.1", 0)
 
 
-@dataclass(slots=True)
-class SimResult:
-    """The metrics of every run of a scenario, and how long each took on the wall clock."""
-
-    scenario: Scenario
-    seed: int
-    runs: list[dict[str, Any]] = field(default_factory=list)
-    wall: list[float] = field(default_factory=list)
-
-    def metrics(self) -> dict[str, Any]:
-        """Everything deterministic about the result (what ``metrics.json`` holds)."""
-        return {
-            "scenario": self.scenario.name,
-            "description": self.scenario.description,
-            "mode": self.scenario.mode,
-            "seed": self.seed,
-            "runs": self.runs,
-        }
-
-    def metrics_json(self) -> str:
-        return json.dumps(self.metrics(), sort_keys=True, indent=1) + "\n"
-
-
 Progress = Callable[[str], None] | None
 
 
@@ -71,8 +51,8 @@ def _memory_run(scenario: Scenario, spec: RunSpec, seed: int, progress: Progress
     async def main() -> dict[str, Any]:
         model = NetworkModel(scenario.link, random.Random(f"{seed}:net"))
         network = MemoryNetwork(model)
-        world = World(scenario, spec, seed, network, model, memory_address, progress)
-        return await world.run()
+        run = Run.new(scenario, spec, seed, model)
+        return await World(run, ModelledMode(run, network, memory_address), progress).run()
 
     with asyncio.Runner(loop_factory=VirtualEventLoop) as runner:
         return runner.run(main())
@@ -84,8 +64,8 @@ def _sockets_run(
     async def main() -> dict[str, Any]:
         model = NetworkModel(scenario.link, random.Random(f"{seed}:net"))
         async with RelayNetwork(model) as network:
-            world = World(scenario, spec, seed, network, model, socket_address, progress)
-            return await world.run()
+            run = Run.new(scenario, spec, seed, model)
+            return await World(run, ModelledMode(run, network, socket_address), progress).run()
 
     with asyncio.Runner() as runner:
         return runner.run(main())
@@ -95,8 +75,8 @@ def _peers_run(scenario: Scenario, spec: RunSpec, seed: int, progress: Progress)
     async def main(root: Path) -> dict[str, Any]:
         model = NetworkModel(scenario.link, random.Random(f"{seed}:net"))
         async with RelayNetwork(model) as network:
-            world = PeerWorld(scenario, spec, seed, network, model, root, progress)
-            return await world.run()
+            run = Run.new(scenario, spec, seed, model)
+            return await World(run, FullPeerMode(run, network, root), progress).run()
 
     with tempfile.TemporaryDirectory(prefix="difs-sim-") as root, asyncio.Runner() as runner:
         return runner.run(main(Path(root)))
@@ -128,8 +108,6 @@ def run_scenario(
 
 def write_outputs(result: SimResult, out: Path) -> list[Path]:
     """Write metrics.json, summary.txt and the plots into ``out``; return their paths."""
-    from sim.report import plot_all, summary_text
-
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.json"
     metrics.write_text(result.metrics_json(), encoding="utf-8")

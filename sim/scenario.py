@@ -83,7 +83,7 @@ class Workload:
 
 @dataclass(frozen=True, slots=True)
 class Repair:
-    """The simulator's repair policy (see ``sim.world``), per run."""
+    """The simulator's repair policy (see ``sim.modelled``), per run."""
 
     enabled: bool = False
     # Seconds between two passes over every range.

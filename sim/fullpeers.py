@@ -1,7 +1,8 @@
 """Full peers: every simulated peer is a whole :class:`difs_p2p.peer.Peer` (``mode = "peers"``).
 
-Where :class:`sim.world.World` runs only the DHT of each peer and models segment transfer
-and failure detection, a run in this mode runs all of it, unchanged:
+Where :class:`sim.modelled.ModelledMode` runs only the DHT of each peer and models segment
+transfer and failure detection, this mode runs all of it, unchanged, under the same
+:class:`sim.world.World` (timeline, population, workload, measurements):
 
 * each peer is a ``Peer`` with its own data directory (segment store, record and holdings
   databases, a seeded ``peer.key``), its TCP segment service and its
@@ -29,7 +30,6 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, cast
 
@@ -38,10 +38,11 @@ from difs_p2p.config import PeerConfig, RepairConfig
 from difs_p2p.errors import DifsError
 from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
-from sim.models import NetworkModel
+from sim.catalog import StoredObject
+from sim.mode import Run
+from sim.models import Address
+from sim.population import SimPeer
 from sim.relay import RelayedPeerNetwork, RelayNetwork
-from sim.scenario import RunSpec, Scenario
-from sim.world import SimPeer, StoredObject, World
 
 
 class _Digest:
@@ -68,20 +69,11 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-class PeerWorld(World):
-    """A run of a scenario with full peers on real sockets behind the relay."""
+class FullPeerMode:
+    """Whole peers on real sockets behind the relay; the workload is the real client."""
 
-    def __init__(
-        self,
-        scenario: Scenario,
-        spec: RunSpec,
-        seed: int,
-        relay: RelayNetwork,
-        model: NetworkModel,
-        root: Path,
-        progress: Callable[[str], None] | None = None,
-    ) -> None:
-        super().__init__(scenario, spec, seed, relay, model, lambda i: ("127.0.0.1", 0), progress)
+    def __init__(self, run: Run, relay: RelayNetwork, root: Path) -> None:
+        self.run = run
         self.relay = relay
         self.root = root
         self.full: dict[int, Peer] = {}
@@ -89,7 +81,7 @@ class PeerWorld(World):
         # BLAKE2b of every published version's bytes, to check fetched bytes against.
         self.digests: dict[tuple[str, int], bytes] = {}
         self._sources = itertools.count()
-        rep = spec.repair
+        rep = run.spec.repair
         self.repair_config = RepairConfig(
             interval=rep.interval if rep.enabled else 1e9,
             dead_after=max(1, math.ceil(rep.detection_delay / rep.interval)),
@@ -100,30 +92,25 @@ class PeerWorld(World):
 
     # -- membership ------------------------------------------------------------------------
 
-    def _new_peer(self) -> SimPeer:
-        index = len(self.peers)
-        seed = self.rng_ids.randbytes(32)
-        identity = Identity.from_seed(seed)
+    def create_peer(self, index: int, key_seed: bytes) -> SimPeer:
+        """A peer with a data directory holding its seeded ``peer.key``."""
+        identity = Identity.from_seed(key_seed)
         data_dir = self.root / f"peer-{index}"
         data_dir.mkdir(parents=True)
         key = data_dir / "peer.key"
-        key.write_text(seed.hex() + "\n")
+        key.write_text(key_seed.hex() + "\n")
         key.chmod(0o600)
-        peer = SimPeer(index, identity, None, ("0.0.0.0", 0), joined=self.now())
-        self.peers.append(peer)
-        self.by_id[peer.node_id] = peer
-        return peer
+        return SimPeer(index, identity, None, ("0.0.0.0", 0), joined=self.run.now())
 
-    async def _join(self, peer: SimPeer, seeds: list[tuple[str, int]]) -> None:
-        if not peer.alive:
-            return
+    async def start(self, peer: SimPeer, seeds: list[Address]) -> bool:
+        """Start a whole peer; it bootstraps from ``seeds`` itself."""
         net = self.relay.peer_network()
         config = PeerConfig(
             data_dir=self.root / f"peer-{peer.index}",
             host="127.0.0.1",
             port=0,
             bootstrap=tuple(seeds),
-            dht=self.scenario.dht,
+            dht=self.run.scenario.dht,
             bootstrap_attempts=2,
             bootstrap_backoff=0.5,
             repair=self.repair_config,
@@ -134,22 +121,18 @@ class PeerWorld(World):
         try:
             await node.start()
         except DifsError:
-            self.rec.failed_joins += 1
-            peer.alive = False
-            peer.left = self.now()
-            return
+            return False
         self.full[peer.index] = node
         self.nets[peer.index] = net
         peer.node = node.dht
         peer.address = node.address
-        if not peer.alive:  # its session ended while it was starting
-            await self._halt(peer, crash=True)
-            return
-        self.alive.add(peer)
-        self.ready.add(peer)
-        self.rec.joins += 1
+        return True
 
-    async def _halt(self, peer: SimPeer, *, crash: bool) -> None:
+    async def bootstrap(self, peer: SimPeer, seeds: list[Address]) -> bool:
+        """Nothing more: the peer bootstrapped as it started."""
+        return True
+
+    async def stop(self, peer: SimPeer, *, crash: bool) -> None:
         node = self.full.get(peer.index)
         if node is None:
             return
@@ -169,19 +152,20 @@ class PeerWorld(World):
         assert net.inner is not None
         return Client(net.inner, publisher=publisher, network=net, token=node.control_token)
 
-    async def _publish(
+    async def publish(
         self, entry: SimPeer, user: int, name: str, size: int, previous: StoredObject | None
-    ) -> None:
-        w = self.scenario.workload
-        t0 = self.now()
-        split = self.model.partitioned
+    ) -> StoredObject | None:
+        run = self.run
+        w = run.scenario.workload
+        t0 = run.now()
+        split = run.model.partitioned
         version = previous.version + 1 if previous else 1
-        data = random.Random(f"{self.seed}|{name}|{version}").randbytes(size)
+        data = random.Random(f"{run.seed}|{name}|{version}").randbytes(size)
         source = self.root / "objects" / f"{next(self._sources)}"
         source.parent.mkdir(exist_ok=True)
         await asyncio.to_thread(source.write_bytes, data)
         try:
-            async with self._client(entry, self.users[user]) as client:
+            async with self._client(entry, run.users[user]) as client:
                 result = await client.put(
                     source,
                     name,
@@ -190,53 +174,56 @@ class PeerWorld(World):
                     update=previous is not None,
                 )
         except DifsError as exc:
-            self.rec.publish_failed(_reason(exc))
-            return
+            run.rec.publish_failed(_reason(exc))
+            return None
         finally:
             source.unlink()
         obj = StoredObject.of(result.manifest, user, t0, split)
         self.digests[(name, version)] = hashlib.blake2b(data).digest()
-        self.rec.publish_bytes += size * w.replicas
+        run.rec.publish_bytes += size * w.replicas
         if result.warnings:
-            self.rec.underreplicated += 1
-        self._published_ok(obj, new_name=previous is None)
+            run.rec.underreplicated += 1
+        return obj
 
-    async def _fetch(self, fetcher: SimPeer, name: str, expected: int) -> None:
+    async def fetch(self, fetcher: SimPeer, name: str, expected: int) -> None:
+        rec = self.run.rec
         sink = _Digest()
         try:
             async with self._client(fetcher) as client:
                 result = await client.get(name, cast(IO[bytes], sink))
         except DifsError as exc:
             if fetcher.alive:
-                self.rec.fetch_failed(_reason(exc))
+                rec.fetch_failed(_reason(exc))
             else:
-                self.rec.fetch_failed("fetching peer left")
+                rec.fetch_failed("fetching peer left")
             return
         version = result.manifest.version
         if sink.digest() != self.digests.get((name, version)):
-            self.rec.fetch_failed("bytes differ from the published ones")
+            rec.fetch_failed("bytes differ from the published ones")
             return
-        self.rec.fetch_bytes += sink.size
-        self.rec.fetched(
+        rec.fetch_bytes += sink.size
+        rec.fetched(
             result.resolve, result.first_byte, result.seconds, sink.size, version < expected
         )
 
-    def _repair_pass(self) -> None:
+    def repair_pass(self) -> None:
         """Nothing: full peers find and repair lost copies themselves."""
 
-    # -- measurements ----------------------------------------------------------------------
+    # -- what the simulator counts ---------------------------------------------------------
 
-    def _holders_of(self, obj: StoredObject) -> list[SimPeer]:
+    def holders_of(self, obj: StoredObject) -> list[SimPeer]:
+        """The live peers whose holdings index has some range of ``obj``."""
         held = []
-        for peer in self.alive:
+        for peer in self.run.population.alive:
             holdings = self.full[peer.index].holdings
             if holdings is not None and holdings.of_key(obj.key):
                 held.append(peer)
         return held
 
-    def _live_copies(self, obj: StoredObject) -> list[int]:
+    def live_copies(self, obj: StoredObject) -> list[int]:
+        """Per range, the live peers whose holdings index covers it."""
         counts = [0] * len(obj.ranges)
-        for peer in self.alive:
+        for peer in self.run.population.alive:
             holdings = self.full[peer.index].holdings
             if holdings is None:
                 continue
@@ -244,16 +231,18 @@ class PeerWorld(World):
                 counts[i] += holdings.covers(obj.key, obj.version, a, b)
         return counts
 
-    def sample(self) -> None:
-        for peer in self.alive:
+    def before_sample(self) -> None:
+        """Each live peer's segment count, from its store."""
+        for peer in self.run.population.alive:
             store = self.full[peer.index].store
             if store is not None:
                 peer.segments = store.count
-        super().sample()
 
-    def _collect(self) -> None:
+    def collect(self) -> None:
+        """The peers' own repair statistics."""
+        rec = self.run.rec
         for node in self.full.values():
             if node.maintainer is not None:
                 stats = node.maintainer.stats
-                self.rec.repair_bytes += stats.repair_bytes
-                self.rec.repaired_ranges += stats.repaired_ranges
+                rec.repair_bytes += stats.repair_bytes
+                rec.repaired_ranges += stats.repaired_ranges
