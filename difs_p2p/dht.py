@@ -1,4 +1,4 @@
-"""The DHT adapter: the only module that imports ``kademlia`` or ``rpcudp``.
+"""The DHT adapter: with :mod:`difs_p2p.routing`, the only module that imports ``kademlia``.
 
 The rest of DIFS-P2P sees :class:`Dht`: start, bootstrap, put/get a validated record by
 20-byte key, add/get signed entries under a key, the k closest live peers, stop.
@@ -36,81 +36,64 @@ Every datagram field is the sender's choice, so (docs/PROTOCOL.md, "DHT datagram
 * ``get``, ``resolve`` and writes run over disjoint paths (``lookup_paths``), and a write
   is reported stored only if a quorum of paths serves the record back.
 
-Datagrams are handled synchronously in ``datagram_received`` (no task per datagram), and
-every background task belongs to the ``Dht`` and is cancelled by :meth:`Dht.stop`.
+This module is the asyncio shell. The decisions are pure modules: the routing table and
+address checks (:mod:`~difs_p2p.routing`), the datagram codec (:mod:`~difs_p2p.dhtwire`),
+the lookup state machine (:mod:`~difs_p2p.lookup`). Datagrams are handled synchronously in
+``datagram_received`` (no task per datagram), and every background task belongs to the
+``Dht``'s :class:`~difs_p2p.tasks.TaskSet` and is cancelled by :meth:`Dht.stop`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import functools
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import random
 import socket
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import msgpack
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
-from kademlia.routing import RoutingTable
 
+from difs_p2p import dhtwire
 from difs_p2p.config import DhtConfig
-from difs_p2p.errors import IntegrityError, NetworkError
+from difs_p2p.errors import DifsError, IntegrityError, NetworkError, WireError
 from difs_p2p.identity import Identity, distance, node_id_for, verify_signature
 from difs_p2p.idwork import has_work
+from difs_p2p.lookup import Lookup, LookupResult, MorePages, RttEstimator, deal_paths, merge
 from difs_p2p.net import DatagramNetwork, DatagramTransport, UdpNetwork
 from difs_p2p.recordstore import RecordPolicy, RecordStore, write_source
+from difs_p2p.routing import (
+    KEY_SIZE,
+    Contact,
+    ExactRoutingTable,
+    contact_of,
+    is_id,
+    valid_address,
+)
+from difs_p2p.tasks import TaskSet
+
+# Contact is re-exported for peer.py until it imports it from difs_p2p.routing.
+__all__ = ["Contact", "Dht", "EntryGate", "Stored", "entry_set_digest", "page_plan"]
 
 log = logging.getLogger(__name__)
 
-KEY_SIZE = 20
-_REQUEST = b"\x00"
-_REPLY = b"\x01"
-_MSG_ID_SIZE = 20
-# rpcudp refuses outgoing requests over 8,192 bytes of msgpack; a record must fit in one.
-MAX_VALUE_SIZE = 8000
-# Entries per add_entries request and per find_entries reply page, under the same cap.
-_ENTRY_BATCH_BYTES = 7000
 IDENTIFY_DOMAIN = b"difs-identify-v1\x00"
-_NONCE_SIZE = 16
-# Padding of an identify request, so that the reply (key, signature, token: 140 bytes)
-# is no larger than the request (147 bytes) even to a source that has not proved its
-# address. A request may carry at most _MAX_PAD bytes of padding.
-IDENTIFY_PAD = 80
-_MAX_PAD = 256
 # Return-routability tokens: HMAC-SHA-256 of the source address and the period, cut.
-TOKEN_SIZE = 16
 _TOKEN_DOMAIN = b"difs-token-v1\x00"
 _TOKENS_MAX = 10_000
-_RPCS = frozenset(
-    {
-        "ping",
-        "store",
-        "find_node",
-        "find_value",
-        "stun",
-        "add_entries",
-        "find_entries",
-        "leave",
-        "identify",
-    }
-)
-_WRITES = frozenset({"store", "add_entries"})
 # Keys whose k closest peers a Dht remembers for closest_reuse seconds.
 _RECENT_CLOSEST_MAX = 1024
-# Bytes of the entry-set digest in a find_entries reply (128 bits: matching an honest
-# set's digest with another set is a second preimage). A peer that lies about its
-# digest gains nothing: the reader checks the pages it reads against it.
-ENTRY_DIGEST_SIZE = 16
+# The entry-set digest in a find_entries reply (128 bits: matching an honest set's
+# digest with another set is a second preimage). A peer that lies about its digest
+# gains nothing: the reader checks the pages it reads against it.
 _ENTRY_DIGEST_DOMAIN = b"difs-entries-v1\x00"
 
 
@@ -121,20 +104,7 @@ def entry_set_digest(entries: Iterable[bytes]) -> bytes:
     for entry in sorted(set(entries)):
         h.update(len(entry).to_bytes(4, "big"))
         h.update(entry)
-    return h.digest()[:ENTRY_DIGEST_SIZE]
-
-
-@dataclass(frozen=True, slots=True)
-class Contact:
-    """A peer as the DHT knows it. Its TCP port has the same number as its UDP port."""
-
-    node_id: bytes
-    host: str
-    port: int
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
+    return h.digest()[: dhtwire.ENTRY_DIGEST_SIZE]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,42 +128,6 @@ class Stored:
         return self.readable_paths >= self.quorum
 
 
-@dataclass(frozen=True, slots=True)
-class MorePages:
-    """A find_entries reply that had further pages: who sent it, where the next page
-    starts, the digest of the sender's whole entry set (None if it sent none) and the
-    entries of the page it sent."""
-
-    contact: Contact
-    next: int
-    digest: bytes | None
-    first: list[bytes]
-
-
-@dataclass(slots=True)
-class LookupResult:
-    """What an iterative lookup found."""
-
-    closest: list[Contact]
-    values: list[tuple[Contact, bytes]] = field(default_factory=list)
-    entries: list[bytes] = field(default_factory=list)
-    rounds: int = 0
-    queried: int = 0
-    # requests that went unanswered for lookup_stall (the lookup went on without them)
-    stalled: int = 0
-    # most requests in flight at once (alpha, then up to k in the last round)
-    peak_in_flight: int = 0
-    # peers among the closest that answered without a value (read-repair targets)
-    without_value: list[Contact] = field(default_factory=list)
-    # find_entries replies that had more pages
-    more_pages: list[MorePages] = field(default_factory=list)
-    # peers asked for entries with the value that answered without a "value" key (peers
-    # that predate the flag): whether they hold a record is unknown
-    value_unknown: list[Contact] = field(default_factory=list)
-    # the k closest of each disjoint path (lookup_paths), disjoint from one another
-    paths: list[list[Contact]] = field(default_factory=list)
-
-
 def page_plan(
     more_pages: Sequence[MorePages], local_digest: bytes
 ) -> tuple[list[MorePages], list[list[MorePages]]]:
@@ -213,50 +147,17 @@ def page_plan(
     return whole, list(groups.values())
 
 
-class RttEstimator:
-    """Smoothed round trip and its deviation (Jacobson/Karels, as TCP's RFC 6298)."""
-
-    def __init__(self) -> None:
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-
-    def observe(self, rtt: float) -> None:
-        if self.srtt is None:
-            self.srtt, self.rttvar = rtt, rtt / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
-
-    def timeout(self, floor: float, cap: float) -> float:
-        """srtt + 4 rttvar within [floor, cap]; ``cap`` before the first sample."""
-        if self.srtt is None:
-            return cap
-        return min(cap, max(floor, self.srtt + 4 * self.rttvar))
-
-
-def _pack(obj: object) -> bytes:
-    """msgpack as rpcudp writes it (u-msgpack: bytes as bin, str as str), byte for byte,
-    with the C implementation (about 20x faster; pack and unpack were ~15% of a
-    peer's CPU)."""
-    data: bytes = msgpack.packb(obj, use_bin_type=True)
-    return data
-
-
-def _unpack(data: bytes) -> object:
-    """Decode one msgpack value (str as str, bin as bytes); raises on malformed input or
-    trailing bytes (the caller drops the datagram). Lengths are bounded by ``data``."""
-    return msgpack.unpackb(data, raw=False)
-
-
-def _entry_batches(entries: Sequence[bytes], first: int = _ENTRY_BATCH_BYTES) -> list[list[bytes]]:
+def _entry_batches(
+    entries: Sequence[bytes], first: int = dhtwire.ENTRY_BATCH_BYTES
+) -> list[list[bytes]]:
     """``entries`` cut into request-sized batches, in order; the first batch holds at most
     ``first`` bytes (room left beside a record) and may be empty."""
     batches: list[list[bytes]] = [[]]
     size, budget = 0, first
     for e in entries:
-        if size + len(e) > budget and (batches[-1] or budget < _ENTRY_BATCH_BYTES):
+        if size + len(e) > budget and (batches[-1] or budget < dhtwire.ENTRY_BATCH_BYTES):
             batches.append([])
-            size, budget = 0, _ENTRY_BATCH_BYTES
+            size, budget = 0, dhtwire.ENTRY_BATCH_BYTES
         batches[-1].append(e)
         size += len(e)
     return batches
@@ -269,266 +170,6 @@ def _union(paths: Sequence[Sequence[Contact]], key: bytes) -> list[Contact]:
         for c in path:
             seen.setdefault(c.node_id, c)
     return sorted(seen.values(), key=lambda c: distance(c.node_id, key))
-
-
-def _neg(value: bytes) -> tuple[int, ...]:
-    """A sort key under which smaller bytes sort later (for reverse sorts)."""
-    return (*(-b for b in value), -len(value))
-
-
-def _is_id(value: object) -> bool:
-    return isinstance(value, bytes) and len(value) == KEY_SIZE
-
-
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
-
-
-@functools.lru_cache(maxsize=4096)
-def valid_host(host: object) -> bool:
-    """Whether ``host`` is an IPv4 address in dotted form that a datagram may go to.
-
-    Anything else from a peer is refused before it reaches a socket: a host name would
-    be resolved (blocking the loop), and a string the socket layer cannot encode (a NUL
-    byte) raises an error that is not an ``OSError``, which closes an asyncio datagram
-    transport for good. IPv6 is refused too: the DHT runs on IPv4 (one family per DHT).
-    """
-    if not isinstance(host, str) or len(host) > 15:
-        return False
-    try:
-        ip = ipaddress.IPv4Address(host)
-    except ValueError:
-        return False
-    return not (ip.is_unspecified or ip.is_multicast or ip == _BROADCAST)
-
-
-def valid_address(addr: object) -> bool:
-    """Whether ``addr`` is an ``(IPv4 address, port 1-65535)`` pair."""
-    if not (isinstance(addr, tuple) and len(addr) == 2):
-        return False
-    host, port = addr
-    return type(port) is int and 0 < port < 65536 and isinstance(host, str) and valid_host(host)
-
-
-def _is_token_reply(reply: object) -> bool:
-    """Whether a reply is the token a source that has not proved its address gets."""
-    return (
-        isinstance(reply, dict)
-        and len(reply) == 1
-        and isinstance(reply.get("token"), bytes)
-        and len(reply["token"]) == TOKEN_SIZE
-    )
-
-
-def _contact(node: Node) -> Contact:
-    return Contact(node_id=bytes(node.id), host=str(node.ip), port=int(node.port))
-
-
-def _parse_node_list(reply: object, limit: int) -> list[Node] | None:
-    """The contacts in a find_* reply, or None when the reply is malformed."""
-    if not isinstance(reply, list) or len(reply) > limit:
-        return None
-    nodes = []
-    for item in reply:
-        if not (isinstance(item, list) and len(item) == 3):
-            return None
-        nid, ip, port = item
-        # a contact must be a real IPv4 address and port: see valid_host
-        if not (_is_id(nid) and valid_address((ip, port))):
-            return None
-        nodes.append(Node(bytes(nid), ip, port))
-    return nodes
-
-
-class _ExactRoutingTable(RoutingTable):  # type: ignore[misc]
-    """The library's k-buckets, with an exact ``find_neighbors`` and two indexes.
-
-    Unlike the library's, ``find_neighbors`` also returns a contact whose ID equals the
-    target, so that a lookup of a peer's ID finds that peer.
-
-    Every change to the buckets' contacts goes through ``add_contact``, ``remove_contact``,
-    ``split_bucket`` or ``flush``; each compares the buckets it touched before and after
-    (at most k contacts each) and updates two indexes of the table's contacts: their IDs
-    in sorted order (``find_neighbors`` then collects the k nearest subtree by subtree,
-    see ``_nearest_ids``, instead of reading the whole table) and how many there are per
-    IP address (the per-IP cap reads one counter). Replacement-cache entries are not
-    contacts: they count once promoted (by a removal or a split).
-    """
-
-    def flush(self) -> None:
-        super().flush()
-        # the upper bound of each bucket's range, in bucket order (for get_bucket_for)
-        self._uppers: list[int] = [b.range[1] for b in self.buckets]
-        # sorted distinct IDs (as integers) of the contacts, and the contacts with each ID
-        self._ids: list[int] = []
-        self._members: dict[int, list[Node]] = {}
-        self._per_ip: dict[str | None, int] = {}
-
-    # -- the indexes -----------------------------------------------------------------------
-
-    def _index(self, node: Node) -> None:
-        members = self._members.get(node.long_id)
-        if members is None:
-            members = self._members[node.long_id] = []
-            bisect.insort(self._ids, node.long_id)
-        members.append(node)
-        self._per_ip[node.ip] = self._per_ip.get(node.ip, 0) + 1
-
-    def _unindex(self, node: Node) -> None:
-        members = self._members[node.long_id]
-        members.remove(node)
-        if not members:
-            del self._members[node.long_id]
-            del self._ids[bisect.bisect_left(self._ids, node.long_id)]
-        left = self._per_ip[node.ip] - 1
-        if left:
-            self._per_ip[node.ip] = left
-        else:
-            del self._per_ip[node.ip]
-
-    def _reindex(self, before: dict[bytes, Node], after: dict[bytes, Node]) -> None:
-        """The contacts of some buckets went from ``before`` to ``after`` (by ID)."""
-        for nid, node in before.items():
-            if after.get(nid) is not node:
-                self._unindex(node)
-        for nid, node in after.items():
-            if before.get(nid) is not node:
-                self._index(node)
-
-    def contacts_at(self, ip: str | None) -> int:
-        """How many contacts of the table have this IP address."""
-        return self._per_ip.get(ip, 0)
-
-    # -- the library's table, with the indexes kept ----------------------------------------
-
-    def get_bucket_for(self, node: Node) -> int | None:
-        """The first bucket whose range's upper bound is above the ID (as the library's)."""
-        index = bisect.bisect_right(self._uppers, node.long_id)
-        return index if index < len(self._uppers) else None
-
-    def split_bucket(self, index: int) -> None:
-        before = dict(self.buckets[index].nodes)
-        super().split_bucket(index)
-        self._uppers[index : index + 1] = [
-            self.buckets[index].range[1],
-            self.buckets[index + 1].range[1],
-        ]
-        self._reindex(before, {**self.buckets[index].nodes, **self.buckets[index + 1].nodes})
-
-    def remove_contact(self, node: Node) -> None:
-        """Remove the contact with ``node``'s ID only if it is at ``node``'s address: a
-        claim to the ID from another address (a forged ``leave``, a stale contact) does
-        not remove the peer that holds it."""
-        index = self.get_bucket_for(node)
-        if index is None:
-            return
-        bucket = self.buckets[index]
-        current = bucket.nodes.get(node.id)
-        if current is None:
-            current = bucket.replacement_nodes.get(node.id)
-        if current is None or (current.ip, current.port) != (node.ip, node.port):
-            return
-        before = dict(bucket.nodes)
-        bucket.remove_node(node)
-        self._reindex(before, bucket.nodes)
-
-    def add_contact(self, node: Node) -> None:
-        """As the library's, but the ping of a full bucket's head is an owned task."""
-        index = self.get_bucket_for(node)
-        if index is None:
-            return
-        bucket = self.buckets[index]
-        before = dict(bucket.nodes)
-        added = bucket.add_node(node)
-        self._reindex(before, bucket.nodes)
-        if added:
-            return
-        if bucket.has_in_range(self.node) or self._depth(bucket) % 5 != 0:
-            self.split_bucket(index)
-            self.add_contact(node)
-        else:
-            self.protocol.dht.spawn(self.protocol.call_ping(bucket.head()))
-
-    @staticmethod
-    def _depth(bucket: Any) -> int:
-        """The library's ``KBucket.depth`` (bits shared by all its IDs) on integers.
-
-        The prefix every ID shares is the one the smallest and the largest share.
-        """
-        ids: list[int] = [n.long_id for n in bucket.nodes.values()]
-        return KEY_SIZE * 8 - (min(ids) ^ max(ids)).bit_length()
-
-    def find_neighbors(
-        self, node: Node, k: int | None = None, exclude: Node | None = None
-    ) -> list[Node]:
-        """The ``k`` contacts closest to ``node`` by XOR, closest first (as a full scan)."""
-        k = k or self.ksize
-        index = self.get_bucket_for(node)
-        if index is not None:
-            self.buckets[index].touch_last_updated()
-        target = node.long_id
-        want = k if exclude is None else k + 1  # the excluded address is usually one contact
-        while True:
-            found = [n for i in self._nearest_ids(target, want) for n in self._members[i]]
-            if exclude is not None:
-                home = (exclude.ip, exclude.port)
-                found = [n for n in found if (n.ip, n.port) != home]
-            if len(found) >= k or want >= len(self._ids):
-                break
-            want += k
-        found.sort(key=lambda n: n.long_id ^ target)
-        return found[:k]
-
-    def _nearest_ids(self, target: int, count: int) -> list[int]:
-        """The ``count`` contact IDs closest to ``target`` (all if fewer), in no order.
-
-        The IDs sharing the target's bits above bit ``s`` (its subtree at ``s``) are one
-        slice of the sorted IDs, and all of them are closer than any other ID. Take the
-        smallest subtree holding ``count`` IDs: the half of it that holds the target has
-        fewer, and all of those are in the answer; the rest are the closest in the other
-        half, which is the same question for the target with bit ``s - 1`` flipped
-        (XOR distances within that half keep their order).
-        """
-        ids = self._ids
-        if count >= len(ids):
-            return list(ids)
-        out: list[int] = []
-        a, b, shift = 0, len(ids), KEY_SIZE * 8
-        while count > 0:
-            # smallest s <= shift whose subtree holds count IDs (the one at shift does)
-            lo, hi = 0, shift
-            while lo < hi:
-                mid = (lo + hi) // 2
-                first = (target >> mid) << mid
-                n = bisect.bisect_left(ids, first + (1 << mid), a, b) - bisect.bisect_left(
-                    ids, first, a, b
-                )
-                if n >= count:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            first = (target >> lo) << lo
-            a = bisect.bisect_left(ids, first, a, b)
-            b = bisect.bisect_left(ids, first + (1 << lo), a, b)
-            if b - a == count:
-                out.extend(ids[a:b])
-                break
-            # the target's half (fewer than count IDs) is in; go on in the other half
-            half = lo - 1
-            first = (target >> half) << half
-            inner_a = bisect.bisect_left(ids, first, a, b)
-            inner_b = bisect.bisect_left(ids, first + (1 << half), inner_a, b)
-            out.extend(ids[inner_a:inner_b])
-            count -= inner_b - inner_a
-            if inner_a == a:
-                a = inner_b
-            else:
-                b = inner_a
-            target ^= 1 << half
-            shift = half
-        return out
-
-    def all_contacts(self) -> list[Node]:
-        return [n for bucket in self.buckets for n in bucket.nodes.values()]
 
 
 class EntryGate(Protocol):
@@ -545,12 +186,15 @@ class EntryGate(Protocol):
 
 
 class _Protocol(KademliaProtocol):  # type: ignore[misc]
-    """rpcudp + kademlia protocol with checked requests and replies and owned tasks."""
+    """rpcudp + kademlia protocol with checked requests and replies and owned tasks.
+
+    Datagrams are decoded by :mod:`difs_p2p.dhtwire`; one that does not decode
+    (``WireError``) is counted, logged once per address and dropped."""
 
     def __init__(self, dht: Dht) -> None:
         super().__init__(dht.node, dht.store, dht.config.ksize)
         self.dht = dht
-        self.router = _ExactRoutingTable(self, dht.config.ksize, dht.node)
+        self.router = ExactRoutingTable(self, dht.config.ksize, dht.node)
         self._wait_timeout = dht.config.rpc_timeout
         self._expected: dict[bytes, tuple[str, int]] = {}
         self._failures: dict[bytes, int] = {}
@@ -566,63 +210,49 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.received += 1
         try:
-            self._handle_datagram(data, addr)
-        except Exception as exc:  # a peer's garbage must never hurt us
+            message = dhtwire.decode_datagram(data, self.dht.config.max_datagram)
+            if isinstance(message, dhtwire.Reply):
+                self._handle_reply(message.msg_id, message.body, addr)
+            else:
+                self._handle_request(message, addr, len(data))
+        except WireError as exc:  # a peer's garbage must never hurt us
             self.dropped += 1
-            self.dht.peer_warning(addr, f"dropped datagram: {type(exc).__name__}: {exc}")
+            self.dht.peer_warning(addr, f"dropped datagram: {exc}")
 
     def error_received(self, exc: Exception) -> None:
         """An ICMP error for an earlier datagram (a peer gone): not fatal, not ours."""
         log.debug("datagram_error %s", exc)
 
-    def _handle_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
-        if len(data) < 1 + _MSG_ID_SIZE + 1 or len(data) > self.dht.config.max_datagram:
-            self.dropped += 1
-            self.dht.peer_warning(addr, f"dropped datagram of {len(data)} bytes")
-            return
-        kind, msg_id = data[:1], data[1 : 1 + _MSG_ID_SIZE]
-        body = _unpack(data[1 + _MSG_ID_SIZE :])
-        if kind == _REQUEST:
-            self._handle_request(msg_id, body, addr, len(data))
-        elif kind == _REPLY:
-            self._handle_reply(msg_id, body, addr)
-        else:
-            self.dropped += 1
-
-    def _handle_request(
-        self, msg_id: bytes, body: object, addr: tuple[str, int], size: int
-    ) -> None:
+    def _handle_request(self, request: dhtwire.Request, addr: tuple[str, int], size: int) -> None:
         """Answer one request. A source that has not proved it receives at ``addr``
         (no valid token in the request, never passed our identify challenge there) gets
         no reply larger than its request: a token if that fits, else nothing."""
-        if not (isinstance(body, list) and len(body) in (2, 3)):
-            raise ValueError("request is not [name, args] or [name, args, token]")
-        name, args = body[0], body[1]
-        if not (isinstance(name, str) and name in _RPCS and isinstance(args, list)):
-            raise ValueError(f"unknown request {name!r}")
-        proven = self.dht.address_proven(addr, body[2] if len(body) == 3 else None)
+        name, args = request.name, request.args
+        proven = self.dht.address_proven(addr, request.token)
         if name == "stun":
             result: object = list(addr)
         elif name == "leave":
             # A peer that stops says so; no reply (stock peers ignore the unknown name).
             # Only the contact's own address may say it: a forged leave changes nothing.
-            if args and _is_id(args[0]):
-                node = Node(bytes(args[0]), addr[0], addr[1])
+            leave = dhtwire.decode_args(name, args)
+            assert isinstance(leave, dhtwire.LeaveArgs)
+            if leave.sender is not None:
+                node = Node(leave.sender, addr[0], addr[1])
                 if not self.router.is_new_node(node) and self._at_address(node):
                     self.router.remove_contact(node)
                     self._failures.pop(node.id, None)
             return
         else:
-            if not args or not _is_id(args[0]):
-                raise ValueError("sender id is not 20 bytes")
+            if not args or not is_id(args[0]):
+                raise WireError("sender id is not 20 bytes", field=f"{name}.sender")
             sender = Node(bytes(args[0]), addr[0], addr[1])
             result = self._dispatch(name, sender, args[1:])
             if proven:
                 # an unproven source could be spoofed: do not send it identify challenges
                 self.welcome_if_new(sender)
-        reply = _REPLY + msg_id + _pack(result)
+        reply = dhtwire.encode_reply(request.msg_id, result)
         if not proven and len(reply) > size:
-            reply = _REPLY + msg_id + _pack({"token": self.dht.token_for(addr)})
+            reply = dhtwire.encode_reply(request.msg_id, {"token": self.dht.token_for(addr)})
             if len(reply) > size:
                 return
             self.token_replies += 1
@@ -637,46 +267,51 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         return current is not None and (current.ip, current.port) == (node.ip, node.port)
 
     def _dispatch(self, name: str, sender: Node, args: list[Any]) -> object:
+        """The reply to request ``name`` from ``sender`` (``args`` after the sender id),
+        as msgpack will write it; ``WireError`` if the arguments do not decode."""
+        request = dhtwire.decode_args(name, [bytes(sender.id), *args])
         now = self.dht.clock()
         store = self.dht.store
-        if name == "ping":
+        if isinstance(request, dhtwire.PingArgs):
             return self.source_node.id
-        if name == "identify":
-            return self.dht.prove_identity(args, (sender.ip, sender.port))
-        if name in _WRITES and not self.dht.allow_write(sender.ip, now):
+        if isinstance(request, dhtwire.IdentifyArgs):
+            return self.dht.prove_identity(request, (sender.ip, sender.port))
+        if name in dhtwire.WRITES and not self.dht.allow_write(sender.ip, now):
             return False if name == "store" else 0
-        if len(args) < 1 or not _is_id(args[0]):
-            raise ValueError("key is not 20 bytes")
-        key = bytes(args[0])
-        neighbors = [list(tuple(n)) for n in self.router.find_neighbors(Node(key), exclude=sender)]
-        if name == "find_node":
-            return neighbors
-        if name == "find_value":
-            value = store.get(key, now)
-            return {"value": value} if value is not None else neighbors
-        if name == "store":
+        assert not isinstance(request, dhtwire.StunArgs | dhtwire.LeaveArgs)
+        key = request.key
+        neighbors = [contact_of(n) for n in self.router.find_neighbors(Node(key), exclude=sender)]
+        if isinstance(request, dhtwire.FindArgs):
+            if name == "find_value":
+                value = store.get(key, now)
+                if value is not None:
+                    return {"value": value}
+            return dhtwire.encode_contacts(neighbors)
+        source = write_source(sender.ip, sender.port)
+        if isinstance(request, dhtwire.StoreArgs):
             # optionally with entries to add (one request where two were needed): the
             # reply is then [record accepted, entries accepted]
-            if len(args) not in (2, 3) or not isinstance(args[1], bytes):
+            if request.value is None:
                 return False
-            if len(args[1]) > MAX_VALUE_SIZE:
-                return False
-            source = write_source(sender.ip, sender.port)
-            accepted = store.put(key, args[1], now, source).accepted
-            if len(args) == 2:
-                return accepted
-            return [accepted, self._add_entries(key, args[2], now, source)]
-        if name == "add_entries":
-            if len(args) != 2:
-                return 0
-            return self._add_entries(key, args[1], now, write_source(sender.ip, sender.port))
-        # find_entries: one page of entries starting at an offset, plus closer contacts;
-        # with the optional flag, also the record (so one lookup reads both)
-        offset = args[1] if len(args) > 1 and isinstance(args[1], int) else 0
-        with_value = len(args) > 2 and args[2] is True
-        value = store.get(key, now) if with_value else None
-        budget = _ENTRY_BATCH_BYTES - (len(value) if value is not None else 0)
-        all_entries = store.entries(key, now)
+            value = request.value
+            accepted = self._policy(lambda: store.put(key, value, now, source).accepted)
+            added = None
+            if request.entries is not None:
+                added = self._add_entries(key, request.entries, now, source)
+            return dhtwire.StoreReply(accepted is True, added).encode()
+        if isinstance(request, dhtwire.AddEntriesArgs):
+            return self._add_entries(key, request.entries, now, source)
+        return self._entries_page(request, neighbors, now).encode()
+
+    def _entries_page(
+        self, request: dhtwire.FindEntriesArgs, neighbors: list[Contact], now: float
+    ) -> dhtwire.EntriesReply:
+        """find_entries: one page of entries starting at an offset, plus closer contacts;
+        with the optional flag, also the record (so one lookup reads both)."""
+        store, offset = self.dht.store, request.offset
+        value = store.get(request.key, now) if request.with_value else None
+        budget = dhtwire.ENTRY_BATCH_BYTES - (len(value) if value is not None else 0)
+        all_entries = store.entries(request.key, now)
         page, size, nxt = [], 0, -1
         for i in range(max(offset, 0), len(all_entries)):
             if size + len(all_entries[i]) > budget:
@@ -684,35 +319,46 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
                 break
             page.append(all_entries[i])
             size += len(all_entries[i])
-        reply: dict[str, object] = {
-            "entries": page,
-            "next": nxt,
-            "nodes": neighbors[: self.dht.config.ksize // 2],
-        }
-        if offset <= 0 and nxt >= 0:
-            # the first page of several: readers need the further pages of only one
-            # peer per distinct entry set
-            reply["digest"] = entry_set_digest(all_entries)
-        if with_value:
-            reply["value"] = value
-        return reply
+        # the first page of several carries the digest: readers need the further pages
+        # of only one peer per distinct entry set
+        first_of_several = offset <= 0 and nxt >= 0
+        return dhtwire.EntriesReply(
+            entries=page,
+            next=nxt,
+            nodes=neighbors[: self.dht.config.ksize // 2],
+            digest=entry_set_digest(all_entries) if first_of_several else None,
+            has_value=request.with_value,
+            value=value,
+        )
 
-    def _add_entries(self, key: bytes, items: object, now: float, source: str) -> int:
-        if not isinstance(items, list):
-            return 0
+    def _policy(self, call: Callable[[], object]) -> object:
+        """Run a call into the record store, whose policy and gate are other modules'
+        code fed a peer's bytes: one of our errors from there (a policy that raises
+        instead of refusing, the database failing) refuses this request and is logged;
+        it must not escape into the event loop."""
+        try:
+            return call()
+        except DifsError as exc:
+            log.warning("record_store_error %s: %s", type(exc).__name__, exc)
+            return False
+
+    def _add_entries(self, key: bytes, items: Sequence[bytes], now: float, source: str) -> int:
         store = self.dht.store
         gate = self.dht.entry_gate
-        accepted = 0
-        for e in items:
-            if not isinstance(e, bytes) or len(e) > MAX_VALUE_SIZE:
-                continue
-            if gate is not None and not gate.admit(key, e):
-                continue
-            if store.add_entry(key, e, now, source).accepted:
-                accepted += 1
-                if gate is not None:
-                    gate.admitted(key, e)
-        return accepted
+
+        def add() -> int:
+            accepted = 0
+            for e in items:
+                if gate is not None and not gate.admit(key, e):
+                    continue
+                if store.add_entry(key, e, now, source).accepted:
+                    accepted += 1
+                    if gate is not None:
+                        gate.admitted(key, e)
+            return accepted
+
+        added = self._policy(add)
+        return added if isinstance(added, int) and not isinstance(added, bool) else 0
 
     def _handle_reply(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
         pending = self._outstanding.get(msg_id)
@@ -755,10 +401,12 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        msg_id = os.urandom(_MSG_ID_SIZE)
-        token = self.dht.token_from(address)
-        data = _pack([name, list(args)] if token is None else [name, list(args), token])
-        if len(data) > 8192 or not self.send(_REQUEST + msg_id + data, address):
+        msg_id = os.urandom(dhtwire.MSG_ID_SIZE)
+        try:
+            data = dhtwire.encode_request(msg_id, name, list(args), self.dht.token_from(address))
+        except ValueError:
+            data = b""  # too large for one request
+        if not data or not self.send(data, address):
             future.set_result((False, None))
             return future
         timer = loop.call_later(self._wait_timeout, self._on_timeout, msg_id)
@@ -770,10 +418,11 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         """``call``, once more with the token if the reply was one (our address was not
         yet proven there: one extra round trip, then never again for that period)."""
         ok, reply = await self.call(address, name, *args)
-        if ok and _is_token_reply(reply):
-            self.dht.remember_token(address, reply["token"])
+        token = dhtwire.token_reply(reply) if ok else None
+        if token is not None:
+            self.dht.remember_token(address, token)
             ok, reply = await self.call(address, name, *args)
-            if ok and _is_token_reply(reply):
+            if ok and dhtwire.token_reply(reply) is not None:
                 return False, None
         return ok, reply
 
@@ -785,7 +434,8 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
 
     def notify(self, address: tuple[str, int], name: str, *args: Any) -> None:
         """Send a request that expects no reply."""
-        self.send(_REQUEST + os.urandom(_MSG_ID_SIZE) + _pack([name, list(args)]), address)
+        msg_id = os.urandom(dhtwire.MSG_ID_SIZE)
+        self.send(dhtwire.encode_request(msg_id, name, list(args), None), address)
 
     def cancel_outstanding(self) -> None:
         for future, timer in self._outstanding.values():
@@ -797,7 +447,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
 
     async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
         result = await self.request((node_to_ask.ip, node_to_ask.port), "ping", self.source_node.id)
-        ok = result[0] and _is_id(result[1]) and result[1] == node_to_ask.id
+        ok = result[0] and is_id(result[1]) and result[1] == node_to_ask.id
         return self.handle_call_response((ok, result[1]), node_to_ask)
 
     async def call_find(self, node: Node, name: str, key: bytes, *extra: Any) -> tuple[bool, Any]:
@@ -855,7 +505,7 @@ class Dht:
         identity: Identity | None = None,
     ) -> None:
         """``identity``: this peer's key; with it, contacts must prove their IDs (identify)."""
-        if not _is_id(node_id):
+        if not is_id(node_id):
             raise ValueError("node id must be 20 bytes")
         if identity is not None and identity.node_id != node_id:
             raise ValueError("node id does not derive from the identity's key")
@@ -887,7 +537,7 @@ class Dht:
         self.protocol: _Protocol | None = None
         self.transport: DatagramTransport | None = None
         self.seeds: list[tuple[str, int]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("dht")
         self._warned: set[tuple[str, int]] = set()
         self.stats: dict[str, int] = {"lookups": 0, "rounds": 0, "rpcs": 0, "stalled": 0}
         # round trips of lookup replies, for the stall time
@@ -929,11 +579,7 @@ class Dht:
         if self.protocol is not None:
             for contact in self.contacts():
                 self.protocol.notify(contact.address, "leave", self.node_id)
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.close()
         if self.protocol is not None:
             self.protocol.cancel_outstanding()
         if self.transport is not None:
@@ -943,7 +589,7 @@ class Dht:
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` as a task owned by this node (cancelled by stop)."""
-        self._adopt(asyncio.get_running_loop().create_task(coro))
+        self._tasks.spawn(coro)
 
     def _timed_reply(
         self, loop: asyncio.AbstractEventLoop, sent: float, task: asyncio.Task[tuple[bool, Any]]
@@ -952,16 +598,6 @@ class Dht:
         that a loaded peer's slow replies raise the stall time instead of being cut)."""
         if not task.cancelled() and task.exception() is None and task.result()[0]:
             self.rtt.observe(loop.time() - sent)
-
-    def _adopt(self, task: asyncio.Task[Any]) -> None:
-        """Own an already running task (cancelled by stop)."""
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("dht task failed: %r", task.exception())
 
     def peer_warning(self, addr: tuple[str, int], message: str) -> None:
         """Log a peer-caused problem once per address at WARNING, then at DEBUG."""
@@ -988,33 +624,28 @@ class Dht:
     # -- routing table ---------------------------------------------------------------------
 
     def contacts(self) -> list[Contact]:
-        return [_contact(n) for n in self._proto().router.all_contacts()]
+        return [contact_of(n) for n in self._proto().router.all_contacts()]
 
     def neighbors(self, key: bytes, count: int | None = None) -> list[Contact]:
         nodes = self._proto().router.find_neighbors(Node(key), count or self.config.ksize)
-        return [_contact(n) for n in nodes]
+        return [contact_of(n) for n in nodes]
 
     @property
     def me(self) -> Contact:
-        return _contact(self.node)
+        return contact_of(self.node)
 
     # -- node identity and per-sender limits -------------------------------------------------
 
-    def prove_identity(self, args: list[Any], addr: tuple[str, int]) -> object:
+    def prove_identity(self, request: dhtwire.IdentifyArgs, addr: tuple[str, int]) -> object:
         """Answer an identify challenge: our public key and a signature over the nonce,
         and, when the request is padded (newer peers), the token for its address."""
-        if self.identity is None or len(args) not in (1, 2) or not isinstance(args[0], bytes):
+        if self.identity is None or request.nonce is None:
             return False
-        nonce = args[0]
-        if len(nonce) != _NONCE_SIZE:
-            return False
-        message = IDENTIFY_DOMAIN + nonce + self.node_id
-        proof: list[object] = [self.identity.public_key, self.identity.sign(message)]
-        if len(args) == 2:
-            if not (isinstance(args[1], bytes) and len(args[1]) <= _MAX_PAD):
-                return False
-            proof.append(self.token_for(addr))
-        return proof
+        message = IDENTIFY_DOMAIN + request.nonce + self.node_id
+        token = self.token_for(addr) if request.padded else None
+        return dhtwire.IdentifyReply(
+            self.identity.public_key, self.identity.sign(message), token
+        ).encode()
 
     def is_verified(self, node: Node) -> bool:
         """Whether ``node`` proved its ID at its address (identify)."""
@@ -1026,16 +657,17 @@ class Dht:
         that the address receives what we send it, and brings its token for ours."""
         if self.is_verified(node):
             return True
-        nonce = os.urandom(_NONCE_SIZE)
+        nonce = os.urandom(dhtwire.NONCE_SIZE)
         address = (node.ip, node.port)
-        ok, reply = await self._proto().call(
-            address, "identify", self.node_id, nonce, bytes(IDENTIFY_PAD)
-        )
-        if not (ok and isinstance(reply, list) and len(reply) in (2, 3)):
+        ask = dhtwire.IdentifyArgs(self.node_id, nonce, padded=True)
+        ok, reply = await self._proto().call(address, "identify", *dhtwire.encode_args(ask))
+        if not ok:
             return False
-        public_key, signature = reply[0], reply[1]
-        if not (isinstance(public_key, bytes) and isinstance(signature, bytes)):
+        try:
+            proof = dhtwire.decode_identify(reply)
+        except WireError:
             return False
+        public_key, signature = proof.public_key, proof.signature
         if node_id_for(public_key) != node.id:
             return False
         if not has_work(bytes(node.id), self.config.id_difficulty):
@@ -1045,8 +677,8 @@ class Dht:
             verify_signature(public_key, signature, IDENTIFY_DOMAIN + nonce + bytes(node.id))
         except IntegrityError:
             return False
-        if len(reply) == 3 and isinstance(reply[2], bytes) and len(reply[2]) == TOKEN_SIZE:
-            self.remember_token(address, reply[2])
+        if proof.token is not None:
+            self.remember_token(address, proof.token)
         if len(self.verified) >= 10 * self.config.max_verified:
             self.verified.clear()
             self._proven.clear()
@@ -1067,16 +699,13 @@ class Dht:
             finally:
                 self._verifying.pop(claim, None)
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._verifying[claim] = task
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        self._verifying[claim] = self._tasks.spawn(run())
 
     # -- return-routability tokens ------------------------------------------------------------
 
     def _token(self, addr: tuple[str, int], period: int) -> bytes:
         message = b"%b%d\x00%b:%d" % (_TOKEN_DOMAIN, period, addr[0].encode(), addr[1])
-        return hmac.digest(self._token_key, message, "sha256")[:TOKEN_SIZE]
+        return hmac.digest(self._token_key, message, "sha256")[: dhtwire.TOKEN_SIZE]
 
     def token_for(self, addr: tuple[str, int]) -> bytes:
         """The token we give ``addr``: valid in this period and the next."""
@@ -1087,7 +716,7 @@ class Dht:
         or its request carries a token we gave that address (this period or the last)."""
         if addr in self._proven:
             return True
-        if not (isinstance(token, bytes) and len(token) == TOKEN_SIZE):
+        if not (isinstance(token, bytes) and len(token) == dhtwire.TOKEN_SIZE):
             return False
         period = int(self.clock() // self.config.token_period)
         return hmac.compare_digest(token, self._token(addr, period)) or hmac.compare_digest(
@@ -1146,7 +775,7 @@ class Dht:
         """Ping an address; on success the peer joins the routing table and its ID returns."""
         proto = self._proto()
         ok, reply = await proto.call(address, "ping", self.node_id)
-        if not ok or not _is_id(reply):
+        if not ok or not is_id(reply):
             return None
         node = Node(reply, address[0], address[1])
         if self.identity is not None and not await self.verify(node):
@@ -1210,7 +839,8 @@ class Dht:
         claimed: set[bytes] | None = None,
         remember: bool = True,
     ) -> LookupResult:
-        """Iterative Kademlia lookup with ``alpha`` requests in flight.
+        """Iterative Kademlia lookup with ``alpha`` requests in flight (the rules are
+        :class:`~difs_p2p.lookup.Lookup`'s; this sends what it says and feeds it back).
 
         ``claimed``, shared by the paths of a disjoint lookup (``lookup_paths``), holds
         the peers some path asked: this lookup neither asks nor counts them. A contact
@@ -1220,124 +850,67 @@ class Dht:
         placement that needs fewer asks fewer); ``find_value`` and ``find_entries`` also
         collect what every one of those k peers holds (they never stop at the first
         answer); ``find_entries`` ``with_value`` collects records and entries at once.
-        Once no candidate is closer than the closest peer that answered, the
-        remaining k closest are asked at once (the paper's last round). A request
-        unanswered for the stall time (adaptive, see ``RttEstimator``) frees its slot,
-        and the lookup ends once only such stalled requests are left: a dead contact
-        costs the stall time, not ``rpc_timeout``.
+        The stall time adapts to the round trips of lookup replies (``RttEstimator``).
         """
         proto = self._proto()
-        k, alpha = min(k or self.config.ksize, self.config.ksize), self.config.alpha
-        target = Node(key)
-        goal = target.long_id
-        shortlist: dict[bytes, Node] = {}
-        # (distance, id) of every shortlist entry, kept sorted (IDs differ, so distances do)
-        order: list[tuple[int, bytes]] = []
-        for n in start if start is not None else proto.router.find_neighbors(target, k):
-            if n.id != self.node.id:
-                if n.id not in shortlist:
-                    bisect.insort(order, (n.long_id ^ goal, n.id))
-                shortlist[n.id] = n
-        contacted: set[bytes] = set()
-        taken = contacted if claimed is None else claimed
-        responded: dict[bytes, Node] = {}
-        result = LookupResult(closest=[])
-        in_flight: dict[asyncio.Task[tuple[bool, Any]], Node] = {}
-        # when each request stops holding a slot
-        stalls_at: dict[asyncio.Task[tuple[bool, Any]], float] = {}
+        k = min(k or self.config.ksize, self.config.ksize)
+        if start is None:
+            start = proto.router.find_neighbors(Node(key), k)
+        machine = Lookup(
+            key,
+            rpc,
+            [contact_of(n) for n in start],
+            k=k,
+            alpha=self.config.alpha,
+            stall=self.rtt.timeout(self.config.lookup_stall_min, self.config.lookup_stall),
+            me=self.node_id,
+            claimed=claimed,
+            with_value=with_value,
+        )
+        extra: tuple[object, ...] = ()
+        if rpc == "find_entries":
+            extra = (0, True) if with_value else (0,)
+        in_flight: dict[asyncio.Task[tuple[bool, Any]], Contact] = {}
         loop = asyncio.get_running_loop()
-        stall = self.rtt.timeout(self.config.lookup_stall_min, self.config.lookup_stall)
-        late: set[asyncio.Task[tuple[bool, Any]]] = set()
         if claimed is None:
             self.stats["lookups"] += 1  # a disjoint lookup counts once (lookup_paths)
-
-        def candidates() -> list[Node]:
-            """Not yet asked among the k closest of the shortlist that this path may use."""
-            if claimed is None:
-                return [shortlist[i] for _, i in order[:k] if i not in contacted]
-            out: list[Node] = []
-            usable = 0
-            for _, i in order:
-                mine = i in contacted
-                if i in taken and not mine:
-                    continue  # another path's
-                if not mine:
-                    out.append(shortlist[i])
-                usable += 1
-                if usable >= k:
-                    break
-            return out
-
-        # the distance of the closest peer that answered
-        best: int | None = None
-        depth: dict[bytes, int] = dict.fromkeys(shortlist, 1)
         finished = False
         try:
             while True:
                 now = loop.time()
-                active = [t for t in in_flight if now < stalls_at[t]]
-                late.update(t for t in in_flight if now >= stalls_at[t])
-                waiting = candidates()
-                # The paper's last round: once no candidate is closer than the closest
-                # peer that answered, ask all remaining k closest at once, not alpha.
-                closing = best is not None and (not waiting or waiting[0].long_id ^ goal > best)
-                width = k if closing else alpha
-                for node in waiting[: max(0, width - len(active))]:
-                    contacted.add(node.id)
-                    taken.add(node.id)
-                    extra: tuple[object, ...] = ()
-                    if rpc == "find_entries":
-                        extra = (0, True) if with_value else (0,)
+                for contact in machine.ask(now):
+                    node = Node(contact.node_id, contact.host, contact.port)
                     task = asyncio.ensure_future(self._ask(node, rpc, key, *extra))
-                    in_flight[task] = node
+                    in_flight[task] = contact
                     task.add_done_callback(functools.partial(self._timed_reply, loop, now))
-                    stalls_at[task] = now + stall
-                    active.append(task)
-                    result.queried += 1
-                result.peak_in_flight = max(result.peak_in_flight, len(active))
-                if not active:
-                    break  # nothing left to ask but stalled requests: done without them
+                if machine.done:
+                    break
+                wake = machine.wake_at()
                 # positive: every active request stalls strictly after now
-                wake = min(stalls_at[t] for t in active) - now
+                timeout = None if wake is None else wake - now
                 done, _ = await asyncio.wait(
-                    in_flight, timeout=wake, return_when=asyncio.FIRST_COMPLETED
+                    in_flight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done:
-                    del stalls_at[task]
-                    node = in_flight.pop(task)
+                    contact = in_flight.pop(task)
                     ok, reply = task.result()
-                    nodes = self._absorb(rpc, key, node, reply, result, with_value) if ok else None
-                    if nodes is None:
-                        if shortlist.pop(node.id, None) is not None:
-                            del order[bisect.bisect_left(order, (node.long_id ^ goal, node.id))]
-                        continue
-                    responded[node.id] = node
-                    if best is None or node.long_id ^ goal < best:
-                        best = node.long_id ^ goal
-                    for n in nodes:
-                        if n.id != self.node.id and n.id not in shortlist:
-                            shortlist[n.id] = n
-                            bisect.insort(order, (n.long_id ^ goal, n.id))
-                            depth[n.id] = depth.get(node.id, 1) + 1
+                    if ok:
+                        machine.reply(contact, reply, loop.time())
+                    else:
+                        machine.timeout(contact)
             finished = True
         finally:
             for task in in_flight:
                 if finished:
                     # a stalled request runs to its answer or timeout, which counts
                     # towards evicting a dead contact
-                    self._adopt(task)
+                    self._tasks.adopt(task)
                 else:
                     task.cancel()
-        result.stalled = len(late)
+        result = machine.result()
         self.stats["rounds"] += result.rounds
         self.stats["rpcs"] += result.queried
         self.stats["stalled"] += result.stalled
-        ordered = sorted(responded.values(), key=target.distance_to)[:k]
-        result.rounds = max((depth.get(n.id, 1) for n in ordered[:1]), default=0)
-        result.closest = [_contact(n) for n in ordered]
-        have = {c.node_id for c, _ in result.values}
-        have.update(c.node_id for c in result.value_unknown)
-        result.without_value = [c for c in result.closest if c.node_id not in have]
         if remember and k == self.config.ksize and result.closest:
             self._remember_closest(key, [result.closest])
         return result
@@ -1369,79 +942,26 @@ class Dht:
             found.paths = [found.closest]
             return found
         k = self.config.ksize
-        known = self._proto().router.find_neighbors(Node(key), d * k)
-        starts = [known[i::d] for i in range(d) if known[i::d]]
+        known = [contact_of(n) for n in self._proto().router.find_neighbors(Node(key), d * k)]
         claimed: set[bytes] = set()
         self.stats["lookups"] += 1
         results = await asyncio.gather(
             *(
                 self.lookup(
-                    key, rpc, start=s, with_value=with_value, claimed=claimed, remember=False
+                    key,
+                    rpc,
+                    start=[Node(c.node_id, c.host, c.port) for c in s],
+                    with_value=with_value,
+                    claimed=claimed,
+                    remember=False,
                 )
-                for s in starts
+                for s in deal_paths(known, d)
             )
         )
-        merged = LookupResult(closest=[])
-        for r in results:
-            merged.closest.extend(r.closest)
-            merged.values.extend(r.values)
-            merged.entries.extend(r.entries)
-            merged.without_value.extend(r.without_value)
-            merged.more_pages.extend(r.more_pages)
-            merged.value_unknown.extend(r.value_unknown)
-            merged.queried += r.queried
-            merged.stalled += r.stalled
-            merged.peak_in_flight += r.peak_in_flight
-            merged.rounds = max(merged.rounds, r.rounds)
-        merged.closest.sort(key=lambda c: distance(c.node_id, key))
-        merged.paths = [r.closest for r in results if r.closest]
+        merged = merge(results, key)
         if merged.closest:
             self._remember_closest(key, merged.paths)
         return merged
-
-    def _absorb(
-        self,
-        rpc: str,
-        key: bytes,
-        node: Node,
-        reply: object,
-        result: LookupResult,
-        with_value: bool = False,
-    ) -> list[Node] | None:
-        """Take one reply into ``result``; the contacts it names, or None if malformed."""
-        limit = self.config.ksize * 2
-        if rpc == "find_node":
-            return _parse_node_list(reply, limit)
-        if rpc == "find_value":
-            if isinstance(reply, dict):
-                value = reply.get("value")
-                if len(reply) != 1 or not isinstance(value, bytes):
-                    return None
-                result.values.append((_contact(node), value))
-                return []
-            return _parse_node_list(reply, limit)
-        if not isinstance(reply, dict):
-            return None
-        entries, nodes = reply.get("entries"), _parse_node_list(reply.get("nodes"), limit)
-        if not isinstance(entries, list) or nodes is None:
-            return None
-        if with_value and "value" not in reply:
-            result.value_unknown.append(_contact(node))
-        elif with_value:
-            value = reply["value"]
-            if value is not None and not isinstance(value, bytes):
-                return None
-            if value is not None:
-                result.values.append((_contact(node), value))
-        page = [e for e in entries if isinstance(e, bytes)]
-        result.entries.extend(page)
-        nxt = reply.get("next")
-        if isinstance(nxt, int) and (nxt > 0 or (nxt == 0 and with_value)):
-            digest = reply.get("digest")
-            if not (isinstance(digest, bytes) and len(digest) == ENTRY_DIGEST_SIZE):
-                digest = None  # a peer that predates the digest, or a malformed one
-            result.more_pages.append(MorePages(_contact(node), nxt, digest, page))
-        return nodes
 
     async def closest(self, key: bytes, count: int | None = None) -> list[Contact]:
         """The ``count`` closest live peers to ``key``, this peer included, closest first.
@@ -1457,7 +977,7 @@ class Dht:
         if len(everyone) < count:
             have = {c.node_id for c in everyone}
             known = self._proto().router.find_neighbors(Node(key), count)
-            everyone += [_contact(n) for n in known if n.id not in have][: count - len(everyone)]
+            everyone += [contact_of(n) for n in known if n.id not in have][: count - len(everyone)]
         return everyone[:count]
 
     # -- records ---------------------------------------------------------------------------
@@ -1467,8 +987,8 @@ class Dht:
 
         Returns how many peers accepted it; 0 means nobody did.
         """
-        if len(value) > MAX_VALUE_SIZE:
-            raise ValueError(f"record of {len(value)} bytes exceeds {MAX_VALUE_SIZE}")
+        if len(value) > dhtwire.MAX_VALUE_SIZE:
+            raise ValueError(f"record of {len(value)} bytes exceeds {dhtwire.MAX_VALUE_SIZE}")
         return (await self.put_with_entries(key, value, [])).accepted
 
     async def put_with_entries(self, key: bytes, value: bytes, entries: Sequence[bytes]) -> Stored:
@@ -1481,8 +1001,8 @@ class Dht:
         fewer than ``write_quorum_paths`` paths serve it back (peers that say they took
         it and then answer without it), only the peers that served it count as accepted.
         """
-        if len(value) > MAX_VALUE_SIZE:
-            raise ValueError(f"record of {len(value)} bytes exceeds {MAX_VALUE_SIZE}")
+        if len(value) > dhtwire.MAX_VALUE_SIZE:
+            raise ValueError(f"record of {len(value)} bytes exceeds {dhtwire.MAX_VALUE_SIZE}")
         proto = self._proto()
         paths = await self._closest_for_write(key)
         peers = _union(paths, key)
@@ -1498,7 +1018,7 @@ class Dht:
         # The first batch of entries rides with the record (one request per peer); the
         # rest go as add_entries. A peer that predates entries in `store` refuses the
         # request with a bare `false` and is asked again the old way.
-        batches = _entry_batches(entries, first=_ENTRY_BATCH_BYTES - len(value))
+        batches = _entry_batches(entries, first=dhtwire.ENTRY_BATCH_BYTES - len(value))
         first, rest = batches[0], batches[1:]
         stores = self._answers(
             [proto.call_store(Node(c.node_id, c.host, c.port), key, value, first) for c in peers]
@@ -1729,7 +1249,7 @@ class Dht:
                 task.cancel()
             raise
         for task in pending:
-            self._adopt(task)
+            self._tasks.adopt(task)
         return [t.result() if t.done() else (False, None) for t in tasks]
 
     async def get_entries(self, key: bytes) -> list[bytes]:
