@@ -1,4 +1,4 @@
-"""The DHT adapter: with :mod:`difs_p2p.routing`, the only module that imports ``kademlia``.
+"""The DHT adapter: with the modules split out of it, the only code that imports ``kademlia``.
 
 The rest of DIFS-P2P sees :class:`Dht`: start, bootstrap, put/get a validated record by
 20-byte key, add/get signed entries under a key, the k closest live peers, stop.
@@ -26,7 +26,7 @@ loses lookups or lets peers hurt us (each has a test that fails on the stock beh
 Every datagram field is the sender's choice, so (docs/PROTOCOL.md, "DHT datagrams"):
 
 * contacts must be IPv4 addresses with valid ports (``valid_address``), and every datagram
-  leaves through ``_Protocol.send``, which checks the address again: asyncio closes a
+  leaves through ``DhtProtocol.send``, which checks the address again: asyncio closes a
   datagram transport for good when ``sendto`` raises anything but ``OSError``;
 * ``leave`` removes a contact only when it comes from that contact's address;
 * identify proofs are bound to (id, ip, port) and to the node-ID work (``idwork``), and a
@@ -38,7 +38,9 @@ Every datagram field is the sender's choice, so (docs/PROTOCOL.md, "DHT datagram
 
 This module is the asyncio shell. The decisions are pure modules: the routing table and
 address checks (:mod:`~difs_p2p.routing`), the datagram codec (:mod:`~difs_p2p.dhtwire`),
-the lookup state machine (:mod:`~difs_p2p.lookup`). Datagrams are handled synchronously in
+the lookup state machine (:mod:`~difs_p2p.lookup`); requests are answered by
+:mod:`~difs_p2p.dhtproto`, and records and entries handled by :mod:`~difs_p2p.dhtrecords`
+through this ``Dht``. Datagrams are handled synchronously in
 ``datagram_received`` (no task per datagram), and every background task belongs to the
 ``Dht``'s :class:`~difs_p2p.tasks.TaskSet` and is cancelled by :meth:`Dht.stop`.
 """
@@ -47,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import hmac
 import logging
 import os
@@ -55,33 +56,26 @@ import random
 import socket
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from kademlia.node import Node
-from kademlia.protocol import KademliaProtocol
 
 from difs_p2p import dhtwire
 from difs_p2p.config import DhtConfig
-from difs_p2p.errors import DifsError, IntegrityError, NetworkError, WireError
+from difs_p2p.dhtproto import DhtProtocol, EntryGate
+from difs_p2p.dhtrecords import Records, Stored
+from difs_p2p.errors import IntegrityError, NetworkError, WireError
 from difs_p2p.identity import Identity, distance, node_id_for, verify_signature
 from difs_p2p.idwork import has_work
-from difs_p2p.lookup import Lookup, LookupResult, MorePages, RttEstimator, deal_paths, merge
+from difs_p2p.lookup import Lookup, LookupResult, RttEstimator, deal_paths, merge
 from difs_p2p.net import DatagramNetwork, DatagramTransport, UdpNetwork
-from difs_p2p.recordstore import RecordPolicy, RecordStore, write_source
-from difs_p2p.routing import (
-    KEY_SIZE,
-    Contact,
-    ExactRoutingTable,
-    contact_of,
-    is_id,
-    valid_address,
-)
+from difs_p2p.recordstore import RecordPolicy, RecordStore
+from difs_p2p.routing import KEY_SIZE, Contact, contact_of, is_id
 from difs_p2p.tasks import TaskSet
 
 # Contact is re-exported for peer.py until it imports it from difs_p2p.routing.
-__all__ = ["Contact", "Dht", "EntryGate", "Stored", "entry_set_digest", "page_plan"]
+__all__ = ["IDENTIFY_DOMAIN", "Contact", "Dht", "Stored"]
 
 log = logging.getLogger(__name__)
 
@@ -89,405 +83,6 @@ IDENTIFY_DOMAIN = b"difs-identify-v1\x00"
 # Return-routability tokens: HMAC-SHA-256 of the source address and the period, cut.
 _TOKEN_DOMAIN = b"difs-token-v1\x00"
 _TOKENS_MAX = 10_000
-# Keys whose k closest peers a Dht remembers for closest_reuse seconds.
-_RECENT_CLOSEST_MAX = 1024
-# The entry-set digest in a find_entries reply (128 bits: matching an honest set's
-# digest with another set is a second preimage). A peer that lies about its digest
-# gains nothing: the reader checks the pages it reads against it.
-_ENTRY_DIGEST_DOMAIN = b"difs-entries-v1\x00"
-
-
-def entry_set_digest(entries: Iterable[bytes]) -> bytes:
-    """The digest of a set of entries, whatever order they come in: SHA-256 over the
-    entries in byte order, each after its length (4 bytes), the first 16 bytes."""
-    h = hashlib.sha256(_ENTRY_DIGEST_DOMAIN)
-    for entry in sorted(set(entries)):
-        h.update(len(entry).to_bytes(4, "big"))
-        h.update(entry)
-    return h.digest()[: dhtwire.ENTRY_DIGEST_SIZE]
-
-
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """What storing a record (and entries) on the k closest peers achieved."""
-
-    accepted: int  # peers (this one included) that now hold the record
-    refused: int  # peers that refused it or did not answer
-    entries_accepted: int  # entry acceptances summed over peers
-    # disjoint paths that found peers, how many of them served the record when read
-    # back, and how many had to (write_quorum_paths, at most ``paths``). Below the
-    # quorum, ``accepted`` counts only the peers that served it (this one included) and
-    # ``refused`` the others: a write nobody can read is not reported as stored.
-    paths: int = 0
-    readable_paths: int = 0
-    quorum: int = 0
-
-    @property
-    def readable(self) -> bool:
-        """Whether a quorum of disjoint paths served the record back."""
-        return self.readable_paths >= self.quorum
-
-
-def page_plan(
-    more_pages: Sequence[MorePages], local_digest: bytes
-) -> tuple[list[MorePages], list[list[MorePages]]]:
-    """Which further pages to read: (peers to read whole, groups of peers with one digest).
-
-    Peers that sent no digest are read whole, as before digests existed. Peers whose
-    digest equals ``local_digest`` (the reader's own set) are not read at all. The rest
-    are grouped by digest, in the order they answered, so that one peer per group is read.
-    """
-    whole: list[MorePages] = []
-    groups: dict[bytes, list[MorePages]] = {}
-    for more in more_pages:
-        if more.digest is None:
-            whole.append(more)
-        elif more.digest != local_digest:
-            groups.setdefault(more.digest, []).append(more)
-    return whole, list(groups.values())
-
-
-def _entry_batches(
-    entries: Sequence[bytes], first: int = dhtwire.ENTRY_BATCH_BYTES
-) -> list[list[bytes]]:
-    """``entries`` cut into request-sized batches, in order; the first batch holds at most
-    ``first`` bytes (room left beside a record) and may be empty."""
-    batches: list[list[bytes]] = [[]]
-    size, budget = 0, first
-    for e in entries:
-        if size + len(e) > budget and (batches[-1] or budget < dhtwire.ENTRY_BATCH_BYTES):
-            batches.append([])
-            size, budget = 0, dhtwire.ENTRY_BATCH_BYTES
-        batches[-1].append(e)
-        size += len(e)
-    return batches
-
-
-def _union(paths: Sequence[Sequence[Contact]], key: bytes) -> list[Contact]:
-    """The contacts of all paths, each once, closest to ``key`` first."""
-    seen: dict[bytes, Contact] = {}
-    for path in paths:
-        for c in path:
-            seen.setdefault(c.node_id, c)
-    return sorted(seen.values(), key=lambda c: distance(c.node_id, key))
-
-
-class EntryGate(Protocol):
-    """What decides, beyond the record store's policy, on entries other peers send
-    (holdproof.HolderProver: entries of holders that failed a proof are refused, new
-    claims are challenged). Called synchronously from the datagram handler: it must
-    only decide and schedule, never wait."""
-
-    def admit(self, key: bytes, entry: bytes) -> bool:
-        """Whether an entry another peer sent may be stored."""
-
-    def admitted(self, key: bytes, entry: bytes) -> None:
-        """An entry another peer sent was stored."""
-
-
-class _Protocol(KademliaProtocol):  # type: ignore[misc]
-    """rpcudp + kademlia protocol with checked requests and replies and owned tasks.
-
-    Datagrams are decoded by :mod:`difs_p2p.dhtwire`; one that does not decode
-    (``WireError``) is counted, logged once per address and dropped."""
-
-    def __init__(self, dht: Dht) -> None:
-        super().__init__(dht.node, dht.store, dht.config.ksize)
-        self.dht = dht
-        self.router = ExactRoutingTable(self, dht.config.ksize, dht.node)
-        self._wait_timeout = dht.config.rpc_timeout
-        self._expected: dict[bytes, tuple[str, int]] = {}
-        self._failures: dict[bytes, int] = {}
-        self.dropped = 0
-        # datagrams sent and received (requests and replies), for status and benchmarks
-        self.sent = 0
-        self.received = 0
-        # replies cut to a token because the source had not proved its address
-        self.token_replies = 0
-
-    # -- incoming --------------------------------------------------------------------------
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.received += 1
-        try:
-            message = dhtwire.decode_datagram(data, self.dht.config.max_datagram)
-            if isinstance(message, dhtwire.Reply):
-                self._handle_reply(message.msg_id, message.body, addr)
-            else:
-                self._handle_request(message, addr, len(data))
-        except WireError as exc:  # a peer's garbage must never hurt us
-            self.dropped += 1
-            self.dht.peer_warning(addr, f"dropped datagram: {exc}")
-
-    def error_received(self, exc: Exception) -> None:
-        """An ICMP error for an earlier datagram (a peer gone): not fatal, not ours."""
-        log.debug("datagram_error %s", exc)
-
-    def _handle_request(self, request: dhtwire.Request, addr: tuple[str, int], size: int) -> None:
-        """Answer one request. A source that has not proved it receives at ``addr``
-        (no valid token in the request, never passed our identify challenge there) gets
-        no reply larger than its request: a token if that fits, else nothing."""
-        name, args = request.name, request.args
-        proven = self.dht.address_proven(addr, request.token)
-        if name == "stun":
-            result: object = list(addr)
-        elif name == "leave":
-            # A peer that stops says so; no reply (stock peers ignore the unknown name).
-            # Only the contact's own address may say it: a forged leave changes nothing.
-            leave = dhtwire.decode_args(name, args)
-            assert isinstance(leave, dhtwire.LeaveArgs)
-            if leave.sender is not None:
-                node = Node(leave.sender, addr[0], addr[1])
-                if not self.router.is_new_node(node) and self._at_address(node):
-                    self.router.remove_contact(node)
-                    self._failures.pop(node.id, None)
-            return
-        else:
-            if not args or not is_id(args[0]):
-                raise WireError("sender id is not 20 bytes", field=f"{name}.sender")
-            sender = Node(bytes(args[0]), addr[0], addr[1])
-            result = self._dispatch(name, sender, args[1:])
-            if proven:
-                # an unproven source could be spoofed: do not send it identify challenges
-                self.welcome_if_new(sender)
-        reply = dhtwire.encode_reply(request.msg_id, result)
-        if not proven and len(reply) > size:
-            reply = dhtwire.encode_reply(request.msg_id, {"token": self.dht.token_for(addr)})
-            if len(reply) > size:
-                return
-            self.token_replies += 1
-        self.send(reply, addr)
-
-    def _at_address(self, node: Node) -> bool:
-        """Whether the routing table's contact with ``node``'s ID has ``node``'s address."""
-        index = self.router.get_bucket_for(node)
-        if index is None:
-            return False
-        current = self.router.buckets[index].nodes.get(node.id)
-        return current is not None and (current.ip, current.port) == (node.ip, node.port)
-
-    def _dispatch(self, name: str, sender: Node, args: list[Any]) -> object:
-        """The reply to request ``name`` from ``sender`` (``args`` after the sender id),
-        as msgpack will write it; ``WireError`` if the arguments do not decode."""
-        request = dhtwire.decode_args(name, [bytes(sender.id), *args])
-        now = self.dht.clock()
-        store = self.dht.store
-        if isinstance(request, dhtwire.PingArgs):
-            return self.source_node.id
-        if isinstance(request, dhtwire.IdentifyArgs):
-            return self.dht.prove_identity(request, (sender.ip, sender.port))
-        if name in dhtwire.WRITES and not self.dht.allow_write(sender.ip, now):
-            return False if name == "store" else 0
-        assert not isinstance(request, dhtwire.StunArgs | dhtwire.LeaveArgs)
-        key = request.key
-        neighbors = [contact_of(n) for n in self.router.find_neighbors(Node(key), exclude=sender)]
-        if isinstance(request, dhtwire.FindArgs):
-            if name == "find_value":
-                value = store.get(key, now)
-                if value is not None:
-                    return {"value": value}
-            return dhtwire.encode_contacts(neighbors)
-        source = write_source(sender.ip, sender.port)
-        if isinstance(request, dhtwire.StoreArgs):
-            # optionally with entries to add (one request where two were needed): the
-            # reply is then [record accepted, entries accepted]
-            if request.value is None:
-                return False
-            value = request.value
-            accepted = self._policy(lambda: store.put(key, value, now, source).accepted)
-            added = None
-            if request.entries is not None:
-                added = self._add_entries(key, request.entries, now, source)
-            return dhtwire.StoreReply(accepted is True, added).encode()
-        if isinstance(request, dhtwire.AddEntriesArgs):
-            return self._add_entries(key, request.entries, now, source)
-        return self._entries_page(request, neighbors, now).encode()
-
-    def _entries_page(
-        self, request: dhtwire.FindEntriesArgs, neighbors: list[Contact], now: float
-    ) -> dhtwire.EntriesReply:
-        """find_entries: one page of entries starting at an offset, plus closer contacts;
-        with the optional flag, also the record (so one lookup reads both)."""
-        store, offset = self.dht.store, request.offset
-        value = store.get(request.key, now) if request.with_value else None
-        budget = dhtwire.ENTRY_BATCH_BYTES - (len(value) if value is not None else 0)
-        all_entries = store.entries(request.key, now)
-        page, size, nxt = [], 0, -1
-        for i in range(max(offset, 0), len(all_entries)):
-            if size + len(all_entries[i]) > budget:
-                nxt = i
-                break
-            page.append(all_entries[i])
-            size += len(all_entries[i])
-        # the first page of several carries the digest: readers need the further pages
-        # of only one peer per distinct entry set
-        first_of_several = offset <= 0 and nxt >= 0
-        return dhtwire.EntriesReply(
-            entries=page,
-            next=nxt,
-            nodes=neighbors[: self.dht.config.ksize // 2],
-            digest=entry_set_digest(all_entries) if first_of_several else None,
-            has_value=request.with_value,
-            value=value,
-        )
-
-    def _policy(self, call: Callable[[], object]) -> object:
-        """Run a call into the record store, whose policy and gate are other modules'
-        code fed a peer's bytes: one of our errors from there (a policy that raises
-        instead of refusing, the database failing) refuses this request and is logged;
-        it must not escape into the event loop."""
-        try:
-            return call()
-        except DifsError as exc:
-            log.warning("record_store_error %s: %s", type(exc).__name__, exc)
-            return False
-
-    def _add_entries(self, key: bytes, items: Sequence[bytes], now: float, source: str) -> int:
-        store = self.dht.store
-        gate = self.dht.entry_gate
-
-        def add() -> int:
-            accepted = 0
-            for e in items:
-                if gate is not None and not gate.admit(key, e):
-                    continue
-                if store.add_entry(key, e, now, source).accepted:
-                    accepted += 1
-                    if gate is not None:
-                        gate.admitted(key, e)
-            return accepted
-
-        added = self._policy(add)
-        return added if isinstance(added, int) and not isinstance(added, bool) else 0
-
-    def _handle_reply(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
-        pending = self._outstanding.get(msg_id)
-        if pending is None or self._expected.get(msg_id) != addr:
-            self.dropped += 1
-            return
-        future, timer = pending
-        timer.cancel()
-        del self._outstanding[msg_id]
-        del self._expected[msg_id]
-        if not future.done():
-            future.set_result((True, body))
-
-    # -- outgoing --------------------------------------------------------------------------
-
-    def send(self, data: bytes, address: tuple[str, int]) -> bool:
-        """Send one datagram; False if it could not go (closed, or not an IPv4 address).
-
-        The address is checked first: asyncio closes a datagram transport for good when
-        ``sendto`` raises anything but ``OSError`` (``OSError`` goes to
-        ``error_received``), so no peer-supplied address reaches it unchecked.
-        """
-        if self.transport is None or self.transport.is_closing():
-            return False
-        if not valid_address(address):
-            self.dht.peer_warning(("?", 0), f"refused to send to {address!r}")
-            return False
-        try:
-            self.transport.sendto(data, address)
-        except OSError as exc:
-            log.debug("send_failed addr=%s:%s %s", address[0], address[1], exc)
-            return False
-        self.sent += 1
-        return True
-
-    def call(self, address: tuple[str, int], name: str, *args: Any) -> asyncio.Future[Any]:
-        """Send request ``name(*args)`` to ``address``; the future gives (ok, reply).
-
-        The request carries the token ``address`` gave us, if we hold a fresh one.
-        """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        msg_id = os.urandom(dhtwire.MSG_ID_SIZE)
-        try:
-            data = dhtwire.encode_request(msg_id, name, list(args), self.dht.token_from(address))
-        except ValueError:
-            data = b""  # too large for one request
-        if not data or not self.send(data, address):
-            future.set_result((False, None))
-            return future
-        timer = loop.call_later(self._wait_timeout, self._on_timeout, msg_id)
-        self._outstanding[msg_id] = (future, timer)
-        self._expected[msg_id] = address
-        return future
-
-    async def request(self, address: tuple[str, int], name: str, *args: Any) -> tuple[bool, Any]:
-        """``call``, once more with the token if the reply was one (our address was not
-        yet proven there: one extra round trip, then never again for that period)."""
-        ok, reply = await self.call(address, name, *args)
-        token = dhtwire.token_reply(reply) if ok else None
-        if token is not None:
-            self.dht.remember_token(address, token)
-            ok, reply = await self.call(address, name, *args)
-            if ok and dhtwire.token_reply(reply) is not None:
-                return False, None
-        return ok, reply
-
-    def _on_timeout(self, msg_id: bytes) -> None:
-        pending = self._outstanding.pop(msg_id, None)
-        self._expected.pop(msg_id, None)
-        if pending is not None and not pending[0].done():
-            pending[0].set_result((False, None))
-
-    def notify(self, address: tuple[str, int], name: str, *args: Any) -> None:
-        """Send a request that expects no reply."""
-        msg_id = os.urandom(dhtwire.MSG_ID_SIZE)
-        self.send(dhtwire.encode_request(msg_id, name, list(args), None), address)
-
-    def cancel_outstanding(self) -> None:
-        for future, timer in self._outstanding.values():
-            timer.cancel()
-            if not future.done():
-                future.set_result((False, None))
-        self._outstanding.clear()
-        self._expected.clear()
-
-    async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
-        result = await self.request((node_to_ask.ip, node_to_ask.port), "ping", self.source_node.id)
-        ok = result[0] and is_id(result[1]) and result[1] == node_to_ask.id
-        return self.handle_call_response((ok, result[1]), node_to_ask)
-
-    async def call_find(self, node: Node, name: str, key: bytes, *extra: Any) -> tuple[bool, Any]:
-        result = await self.request((node.ip, node.port), name, self.source_node.id, key, *extra)
-        return self.handle_call_response(result, node)
-
-    async def call_store(
-        self, node_to_ask: Node, key: bytes, value: bytes, entries: Sequence[bytes] = ()
-    ) -> tuple[bool, Any]:
-        """``store``, with ``entries`` to add in the same request when there are any."""
-        extra: tuple[object, ...] = (list(entries),) if entries else ()
-        result = await self.request(
-            (node_to_ask.ip, node_to_ask.port), "store", self.source_node.id, key, value, *extra
-        )
-        return self.handle_call_response(result, node_to_ask)
-
-    def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
-        """Count a failure (evicting after several in a row) or welcome the node."""
-        if not result[0]:
-            failures = self._failures.get(node.id, 0) + 1
-            self._failures[node.id] = failures
-            if failures >= self.dht.config.evict_after_failures:
-                self._failures.pop(node.id, None)
-                self.router.remove_contact(node)
-            return result
-        self._failures.pop(node.id, None)
-        self.welcome_if_new(node)
-        return result
-
-    def welcome_if_new(self, node: Node) -> None:
-        """Add a new contact, once it proved its ID at its address (identify)."""
-        if not self.router.is_new_node(node) or node.id == self.source_node.id:
-            return
-        if self.dht.identity is not None and not self.dht.is_verified(node):
-            self.dht.verify_later(node)  # added once it proves its ID
-            return
-        if not self.dht.ip_allowed(node):
-            return
-        self.router.add_contact(node)
-        self.dht.spawn(self.dht._hand_over(node))
 
 
 class Dht:
@@ -534,7 +129,7 @@ class Dht:
         )
         # checks on entries other peers send, beyond the policy (None: the policy alone)
         self.entry_gate: EntryGate | None = None
-        self.protocol: _Protocol | None = None
+        self.protocol: DhtProtocol | None = None
         self.transport: DatagramTransport | None = None
         self.seeds: list[tuple[str, int]] = []
         self._tasks = TaskSet("dht")
@@ -542,9 +137,7 @@ class Dht:
         self.stats: dict[str, int] = {"lookups": 0, "rounds": 0, "rpcs": 0, "stalled": 0}
         # round trips of lookup replies, for the stall time
         self.rtt = RttEstimator()
-        # key -> (loop time, k closest peers that answered a lookup of it), oldest first
-        # (per disjoint path)
-        self._recent_closest: dict[bytes, tuple[float, list[list[Contact]]]] = {}
+        self.records = Records(self)
 
     @property
     def node_id(self) -> bytes:
@@ -561,7 +154,7 @@ class Dht:
         network: DatagramNetwork | None = None,
     ) -> int:
         """Listen on ``host:port`` (a ready UDP socket, or another network); return the port."""
-        protocol = _Protocol(self)
+        protocol = DhtProtocol(self)
         net = network or UdpNetwork(sock)
         transport, (ip, bound) = await net.open_datagram(
             host, port, protocol, recv_buffer=self.config.recv_buffer
@@ -606,7 +199,7 @@ class Dht:
             self._warned.add(addr)
         log.log(level, "peer_error addr=%s:%s %s", addr[0], addr[1], message)
 
-    def _proto(self) -> _Protocol:
+    def _proto(self) -> DhtProtocol:
         if self.protocol is None:
             raise NetworkError("the DHT is not started")
         return self.protocol
@@ -912,7 +505,7 @@ class Dht:
         self.stats["rpcs"] += result.queried
         self.stats["stalled"] += result.stalled
         if remember and k == self.config.ksize and result.closest:
-            self._remember_closest(key, [result.closest])
+            self.records.remember_closest(key, [result.closest])
         return result
 
     async def _ask(self, node: Node, rpc: str, key: bytes, *extra: Any) -> tuple[bool, Any]:
@@ -960,7 +553,7 @@ class Dht:
         )
         merged = merge(results, key)
         if merged.closest:
-            self._remember_closest(key, merged.paths)
+            self.records.remember_closest(key, merged.paths)
         return merged
 
     async def closest(self, key: bytes, count: int | None = None) -> list[Contact]:
@@ -980,328 +573,56 @@ class Dht:
             everyone += [contact_of(n) for n in known if n.id not in have][: count - len(everyone)]
         return everyone[:count]
 
-    # -- records ---------------------------------------------------------------------------
+    # -- records (difs_p2p.dhtrecords.Records) --------------------------------------------
 
     async def put(self, key: bytes, value: bytes) -> int:
         """Store a record on the k closest peers (and here, if we are among them).
 
         Returns how many peers accepted it; 0 means nobody did.
         """
-        if len(value) > dhtwire.MAX_VALUE_SIZE:
-            raise ValueError(f"record of {len(value)} bytes exceeds {dhtwire.MAX_VALUE_SIZE}")
-        return (await self.put_with_entries(key, value, [])).accepted
+        return await self.records.put(key, value)
 
     async def put_with_entries(self, key: bytes, value: bytes, entries: Sequence[bytes]) -> Stored:
-        """Store a record and add ``entries`` on the k closest peers of each disjoint
-        path, found by one lookup (or taken from a lookup of the same key in the last
-        ``closest_reuse`` seconds), then read the record back from each path's peers.
-
-        ``Stored.refused`` counts the peers that refused the record or did not answer: 0
-        means every one of those peers now holds it (no other record can win there). If
-        fewer than ``write_quorum_paths`` paths serve it back (peers that say they took
-        it and then answer without it), only the peers that served it count as accepted.
-        """
-        if len(value) > dhtwire.MAX_VALUE_SIZE:
-            raise ValueError(f"record of {len(value)} bytes exceeds {dhtwire.MAX_VALUE_SIZE}")
-        proto = self._proto()
-        paths = await self._closest_for_write(key)
-        peers = _union(paths, key)
-        accepted = refused = 0
-        here = False
-        if self._among_closest(key, peers):
-            if self.store.put(key, value, self.clock()).accepted:
-                accepted += 1
-                here = True
-            else:
-                refused += 1
-        entries_accepted = self._add_here(key, entries)
-        # The first batch of entries rides with the record (one request per peer); the
-        # rest go as add_entries. A peer that predates entries in `store` refuses the
-        # request with a bare `false` and is asked again the old way.
-        batches = _entry_batches(entries, first=dhtwire.ENTRY_BATCH_BYTES - len(value))
-        first, rest = batches[0], batches[1:]
-        stores = self._answers(
-            [proto.call_store(Node(c.node_id, c.host, c.port), key, value, first) for c in peers]
-        )
-        added = self._send_entries(key, rest, peers)
-        replies, more = await asyncio.gather(stores, added)
-        entries_accepted += more
-        older: list[Contact] = []
-        took: set[bytes] = set()
-        for contact, (ok, reply) in zip(peers, replies, strict=True):
-            if ok and isinstance(reply, list) and len(reply) == 2:
-                took_it, added_here = reply
-                if took_it is True:
-                    took.add(contact.node_id)
-                else:
-                    refused += 1
-                entries_accepted += added_here if isinstance(added_here, int) else 0
-            elif ok and reply is True:
-                took.add(contact.node_id)  # without entries in the request
-            elif ok and reply is False and first:
-                older.append(contact)
-            else:
-                refused += 1
-        if older:
-            again = self._answers(
-                [proto.call_store(Node(c.node_id, c.host, c.port), key, value) for c in older]
-            )
-            replies, more = await asyncio.gather(again, self._send_entries(key, [first], older))
-            entries_accepted += more
-            for contact, (ok, reply) in zip(older, replies, strict=True):
-                if ok and reply is True:
-                    took.add(contact.node_id)
-                else:
-                    refused += 1
-        accepted += len(took)
-        used = [p for p in paths if p]
-        served: set[bytes] = set()
-        readable = sum(
-            await asyncio.gather(
-                *(
-                    self._read_back(key, value, [c for c in p if c.node_id in took], served)
-                    for p in used
-                )
-            )
-        )
-        quorum = min(self.config.write_quorum_paths, len(used))
-        if readable < quorum:
-            log.warning(
-                "write_unreadable key=%s paths=%d readable=%d took=%d served=%d",
-                key.hex()[:12],
-                len(used),
-                readable,
-                len(took),
-                len(served),
-            )
-            accepted = len(served) + here
-            refused += len(took) - len(served)
-        return Stored(accepted, refused, entries_accepted, len(used), readable, quorum)
-
-    async def _read_back(
-        self, key: bytes, value: bytes, peers: list[Contact], served: set[bytes]
-    ) -> bool:
-        """Whether one of ``peers`` (one path's, closest first) serves ``value`` (or a
-        better record) at ``key``: asked in waves of 1, 2, 4, ... peers until one does,
-        so an honest path costs one request; adds the peers that served it to ``served``."""
-        proto = self._proto()
-        policy = self.store.policy
-        mine = policy.record_rank(key, value, self.clock())
-        start, wave = 0, 1
-        while start < len(peers):
-            batch = peers[start : start + wave]
-            start, wave = start + wave, wave * 2
-            replies = await self._answers(
-                [proto.call_find(Node(c.node_id, c.host, c.port), "find_value", key) for c in batch]
-            )
-            found = False
-            for contact, (ok, reply) in zip(batch, replies, strict=True):
-                got = reply.get("value") if ok and isinstance(reply, dict) else None
-                if not isinstance(got, bytes):
-                    continue
-                rank = None if got == value else policy.record_rank(key, got, self.clock())
-                if got == value or (mine is not None and rank is not None and rank > mine):
-                    served.add(contact.node_id)
-                    found = True
-            if found:
-                return True
-        return False
-
-    def _among_closest(self, key: bytes, peers: list[Contact]) -> bool:
-        """Whether this peer is among the k closest to ``key`` (``peers`` sorted)."""
-        k = self.config.ksize
-        return len(peers) < k or distance(self.node_id, key) < distance(peers[k - 1].node_id, key)
-
-    def _remember_closest(self, key: bytes, closest: list[list[Contact]]) -> None:
-        if self.config.closest_reuse <= 0:
-            return
-        if len(self._recent_closest) >= _RECENT_CLOSEST_MAX:
-            self._recent_closest.pop(next(iter(self._recent_closest)))  # the oldest
-        self._recent_closest.pop(key, None)
-        self._recent_closest[key] = (asyncio.get_running_loop().time(), closest)
-
-    async def _closest_for_write(self, key: bytes) -> list[list[Contact]]:
-        """The k closest peers to ``key`` of each disjoint path: from a lookup moments
-        ago, else a new one."""
-        recent = self._recent_closest.get(key)
-        if recent is not None:
-            at, closest = recent
-            if asyncio.get_running_loop().time() - at <= self.config.closest_reuse:
-                return closest
-        return (await self.lookup_paths(key, "find_node")).paths
+        """Store a record and add entries on the k closest peers (``Records``)."""
+        return await self.records.put_with_entries(key, value, entries)
 
     async def get(self, key: bytes) -> list[bytes]:
-        """Every valid record the k closest peers (and this one) hold, best first.
-
-        Peers among the k closest that answered with an older record or none get the best
-        one (read-repair).
-        """
-        return self._best_records(key, await self.lookup_paths(key, "find_value"))
+        """Every valid record the k closest peers (and this one) hold, best first."""
+        return await self.records.get(key)
 
     async def resolve(self, key: bytes) -> tuple[list[bytes], list[bytes]]:
-        """``get`` and ``get_entries`` in one lookup: (valid records best first, entries).
-
-        Each of the k closest peers is asked once for its record and its entries
-        (``find_entries`` with the value flag); a peer that answers without saying whether
-        it holds a record (it predates the flag) is asked with ``find_value``.
-        """
-        proto = self._proto()
-        found = await self.lookup_paths(key, "find_entries", with_value=True)
-        if found.value_unknown:
-            asked = found.value_unknown
-            replies = await asyncio.gather(
-                *(
-                    proto.call_find(Node(c.node_id, c.host, c.port), "find_value", key)
-                    for c in asked
-                )
-            )
-            for contact, (ok, reply) in zip(asked, replies, strict=True):
-                value = reply.get("value") if ok and isinstance(reply, dict) else None
-                if isinstance(value, bytes):
-                    found.values.append((contact, value))
-                else:
-                    found.without_value.append(contact)
-        records = self._best_records(key, found)
-        return records, await self._all_entries(key, found)
-
-    def _best_records(self, key: bytes, found: LookupResult) -> list[bytes]:
-        """Every valid record of a lookup and this peer, best first; read-repair the rest."""
-        now = self.clock()
-        candidates = [v for _, v in found.values]
-        local = self.store.get(key, now)
-        if local is not None:
-            candidates.append(local)
-        # The policy ranks them, counting how many peers returned each (for DIFS: the
-        # owner most peers vouch for, then its highest version); every reader agrees.
-        best = self.store.policy.best_records(key, candidates, now)
-        if best:
-            stale = [c for c, v in found.values if v != best[0]] + found.without_value
-            if local is not None and local != best[0]:
-                self.store.put(key, best[0], now)
-            self.spawn(self._repair(key, best[0], stale))
-        return best
-
-    async def _repair(self, key: bytes, value: bytes, peers: list[Contact]) -> None:
-        proto = self._proto()
-        await asyncio.gather(
-            *(proto.call_store(Node(c.node_id, c.host, c.port), key, value) for c in peers)
-        )
+        """``get`` and ``get_entries`` in one lookup: (valid records best first, entries)."""
+        return await self.records.resolve(key)
 
     async def add_entries(self, key: bytes, entries: Sequence[bytes]) -> int:
         """Add signed entries under ``key`` on the k closest peers; returns acceptances."""
-        paths = await self._closest_for_write(key)
-        return await self._add_entries_to(key, entries, _union(paths, key))
-
-    async def _add_entries_to(
-        self, key: bytes, entries: Sequence[bytes], peers: list[Contact]
-    ) -> int:
-        if not entries:
-            return 0
-        accepted = self._add_here(key, entries)
-        return accepted + await self._send_entries(key, _entry_batches(entries), peers)
-
-    def _add_here(self, key: bytes, entries: Sequence[bytes]) -> int:
-        """Add ``entries`` to this peer's own store; the number accepted."""
-        now = self.clock()
-        return sum(self.store.add_entry(key, e, now).accepted for e in entries)
-
-    async def _send_entries(
-        self, key: bytes, batches: Sequence[Sequence[bytes]], peers: list[Contact]
-    ) -> int:
-        """``add_entries`` of each batch to each peer; the acceptances."""
-        proto = self._proto()
-        accepted = 0
-        calls: list[Coroutine[Any, Any, tuple[bool, Any]]] = [
-            proto.call_find(Node(c.node_id, c.host, c.port), "add_entries", key, list(batch))
-            for c in peers
-            for batch in batches
-            if batch
-        ]
-        if not calls:
-            return 0
-        for ok, reply in await self._answers(calls):
-            if ok and isinstance(reply, int) and reply > 0:
-                accepted += reply
-        return accepted
-
-    async def _answers(
-        self, calls: Sequence[Coroutine[Any, Any, tuple[bool, Any]]]
-    ) -> list[tuple[bool, Any]]:
-        """The replies to requests sent at once, in order.
-
-        A request still unanswered a stall time after the latest reply (adaptive, as in
-        lookups) counts as unanswered, ``(False, None)``: a dead peer among the k closest
-        costs a write the stall time, not ``rpc_timeout``. It runs on in the background:
-        a late store still lands, and a timeout still counts towards evicting the contact.
-        """
-        tasks = [asyncio.create_task(c) for c in calls]
-        stall = self.rtt.timeout(self.config.lookup_stall_min, self.config.lookup_stall)
-        pending = set(tasks)
-        try:
-            while pending:
-                done, pending = await asyncio.wait(
-                    pending, timeout=stall, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:
-                    break
-        except BaseException:
-            for task in pending:
-                task.cancel()
-            raise
-        for task in pending:
-            self._tasks.adopt(task)
-        return [t.result() if t.done() else (False, None) for t in tasks]
+        return await self.records.add_entries(key, entries)
 
     async def get_entries(self, key: bytes) -> list[bytes]:
         """The union of the entries under ``key`` held by the k closest peers and here."""
-        return await self._all_entries(key, await self.lookup_paths(key, "find_entries"))
+        return await self.records.get_entries(key)
 
     async def _all_entries(self, key: bytes, found: LookupResult) -> list[bytes]:
-        """The entries of a lookup, the further pages of the peers that had more, and ours.
+        return await self.records.all_entries(key, found)
 
-        Peers that sent the digest of their entry set are grouped by it (``page_plan``):
-        a set that equals ours is not read again, and of each other set the further
-        pages of one peer are read, checked against the digest, and only if they do not
-        match are the other peers of that group read. Peers without a digest are read
-        whole. Each peer's pages come one after another; different peers are read at
-        the same time.
-        """
-        proto = self._proto()
-        local = self.store.entries(key, self.clock())
+    async def call_store(
+        self, contact: Contact, key: bytes, value: bytes, entries: Sequence[bytes] = ()
+    ) -> tuple[bool, Any]:
+        """A ``store`` request to ``contact`` (the protocol's, by contact)."""
+        node = Node(contact.node_id, contact.host, contact.port)
+        return await self._proto().call_store(node, key, value, entries)
 
-        async def rest(more: MorePages) -> list[bytes]:
-            node = Node(more.contact.node_id, more.contact.host, more.contact.port)
-            got, offset = list(more.first), more.next
-            for _ in range(1000):
-                ok, reply = await proto.call_find(node, "find_entries", key, offset)
-                if not ok or not isinstance(reply, dict):
-                    break
-                page = reply.get("entries")
-                if isinstance(page, list):
-                    got.extend(e for e in page if isinstance(e, bytes))
-                nxt = reply.get("next")
-                if not isinstance(nxt, int) or nxt <= offset:
-                    break
-                offset = nxt
-            return got
+    async def call_find(
+        self, contact: Contact, rpc: str, key: bytes, *extra: Any
+    ) -> tuple[bool, Any]:
+        """A ``find_*`` or ``add_entries`` request to ``contact``."""
+        node = Node(contact.node_id, contact.host, contact.port)
+        result: tuple[bool, Any] = await self._proto().call_find(node, rpc, key, *extra)
+        return result
 
-        async def one_of(group: list[MorePages]) -> list[bytes]:
-            digest = group[0].digest
-            got = await rest(group[0])
-            if entry_set_digest(got) == digest:
-                return got
-            # the peer did not send the set it announced: read the others of its group
-            for more in await asyncio.gather(*(rest(m) for m in group[1:])):
-                got.extend(more)
-            return got
-
-        whole, groups = page_plan(found.more_pages, entry_set_digest(local))
-        pages = await asyncio.gather(*(rest(m) for m in whole), *(one_of(g) for g in groups))
-        entries = list(found.entries)
-        for got in pages:
-            entries.extend(got)
-        entries.extend(local)
-        return list(dict.fromkeys(entries))
+    def adopt(self, task: asyncio.Task[Any]) -> None:
+        """Own an already running task (cancelled by stop)."""
+        self._tasks.adopt(task)
 
     # -- handing records to newcomers ------------------------------------------------------
 

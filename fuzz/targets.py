@@ -28,7 +28,8 @@ from kademlia.node import Node
 
 from difs_p2p import dhtwire, wire
 from difs_p2p.config import DhtConfig
-from difs_p2p.dht import Dht, _Protocol
+from difs_p2p.dht import Dht
+from difs_p2p.dhtproto import DhtProtocol
 from difs_p2p.errors import BadNameError, IntegrityError, UsageError, WireError
 from difs_p2p.manifest import (
     HOLDER_SIZE,
@@ -147,7 +148,7 @@ class _FailureLog(logging.Handler):
 @dataclass(slots=True)
 class _Node:
     dht: Dht
-    protocol: _Protocol
+    protocol: DhtProtocol
     transport: FakeTransport
 
 
@@ -173,7 +174,7 @@ class DhtHarness:
 
     def _build(self) -> _Node:
         dht = Dht(node_id=bytes(KEY_SIZE), policy=RecordValidator(), config=DhtConfig())
-        protocol = _Protocol(dht)
+        protocol = DhtProtocol(dht)
         transport = FakeTransport()
         protocol.transport = transport
         dht.protocol = protocol

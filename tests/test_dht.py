@@ -21,7 +21,8 @@ from kademlia.node import Node
 from kademlia.routing import KBucket, RoutingTable
 
 from difs_p2p.config import DhtConfig
-from difs_p2p.dht import IDENTIFY_DOMAIN, Dht, entry_set_digest, page_plan
+from difs_p2p.dht import IDENTIFY_DOMAIN, Dht
+from difs_p2p.dhtrecords import entry_set_digest, page_plan
 from difs_p2p.dhtwire import pack as _pack
 from difs_p2p.dhtwire import unpack as _unpack
 from difs_p2p.identity import Identity
