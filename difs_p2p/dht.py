@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import logging
 import os
 import random
@@ -63,6 +62,7 @@ from kademlia.node import Node
 
 from difs_p2p import dhtwire
 from difs_p2p.config import DhtConfig
+from difs_p2p.dhtguard import AddressGuard
 from difs_p2p.dhtproto import DhtProtocol, EntryGate
 from difs_p2p.dhtrecords import Records, Stored
 from difs_p2p.errors import IntegrityError, NetworkError, WireError
@@ -80,9 +80,6 @@ __all__ = ["IDENTIFY_DOMAIN", "Contact", "Dht", "Stored"]
 log = logging.getLogger(__name__)
 
 IDENTIFY_DOMAIN = b"difs-identify-v1\x00"
-# Return-routability tokens: HMAC-SHA-256 of the source address and the period, cut.
-_TOKEN_DOMAIN = b"difs-token-v1\x00"
-_TOKENS_MAX = 10_000
 
 
 class Dht:
@@ -108,17 +105,12 @@ class Dht:
         # (node id, ip, port) -> public key of contacts that proved their ID at that
         # address (bounded): a proof holds for the address it was made at, nowhere else
         self.verified: dict[tuple[bytes, str, int], bytes] = {}
-        # addresses that answered our identify challenge: they receive at that address,
-        # so they get full replies without a token
-        self._proven: dict[tuple[str, int], None] = {}
-        # address -> (token it gave us, when): sent with our requests to it
-        self._tokens: dict[tuple[str, int], tuple[bytes, float]] = {}
-        self._token_key = os.urandom(32)
         self._verifying: dict[tuple[bytes, str, int], asyncio.Task[Any]] = {}
-        self._write_buckets: dict[str, tuple[float, float]] = {}
         self.config = config or DhtConfig()
         self.node = Node(node_id)
         self.clock = clock
+        # tokens, proven addresses and write limits
+        self.guard = AddressGuard(self.config, clock)
         self.rng = rng or random.Random()
         self.store = RecordStore(
             db_path,
@@ -235,7 +227,7 @@ class Dht:
         if self.identity is None or request.nonce is None:
             return False
         message = IDENTIFY_DOMAIN + request.nonce + self.node_id
-        token = self.token_for(addr) if request.padded else None
+        token = self.guard.token_for(addr) if request.padded else None
         return dhtwire.IdentifyReply(
             self.identity.public_key, self.identity.sign(message), token
         ).encode()
@@ -271,12 +263,12 @@ class Dht:
         except IntegrityError:
             return False
         if proof.token is not None:
-            self.remember_token(address, proof.token)
+            self.guard.remember_token(address, proof.token)
         if len(self.verified) >= 10 * self.config.max_verified:
             self.verified.clear()
-            self._proven.clear()
+            self.guard.forget_proven()
         self.verified[(bytes(node.id), node.ip, node.port)] = public_key
-        self._proven[address] = None
+        self.guard.mark_proven(address)
         return True
 
     def verify_later(self, node: Node) -> None:
@@ -296,73 +288,16 @@ class Dht:
 
     # -- return-routability tokens ------------------------------------------------------------
 
-    def _token(self, addr: tuple[str, int], period: int) -> bytes:
-        message = b"%b%d\x00%b:%d" % (_TOKEN_DOMAIN, period, addr[0].encode(), addr[1])
-        return hmac.digest(self._token_key, message, "sha256")[: dhtwire.TOKEN_SIZE]
-
-    def token_for(self, addr: tuple[str, int]) -> bytes:
-        """The token we give ``addr``: valid in this period and the next."""
-        return self._token(addr, int(self.clock() // self.config.token_period))
-
-    def address_proven(self, addr: tuple[str, int], token: object) -> bool:
-        """Whether ``addr`` proved it receives there: it answered our identify challenge,
-        or its request carries a token we gave that address (this period or the last)."""
-        if addr in self._proven:
-            return True
-        if not (isinstance(token, bytes) and len(token) == dhtwire.TOKEN_SIZE):
-            return False
-        period = int(self.clock() // self.config.token_period)
-        return hmac.compare_digest(token, self._token(addr, period)) or hmac.compare_digest(
-            token, self._token(addr, period - 1)
-        )
-
-    def remember_token(self, addr: tuple[str, int], token: bytes) -> None:
-        if len(self._tokens) >= _TOKENS_MAX:
-            self._tokens.pop(next(iter(self._tokens)))  # the oldest
-        self._tokens.pop(addr, None)
-        self._tokens[addr] = (bytes(token), self.clock())
-
-    def token_from(self, addr: tuple[str, int]) -> bytes | None:
-        """The token ``addr`` gave us, while it is surely still valid there."""
-        held = self._tokens.get(addr)
-        if held is None:
-            return None
-        token, at = held
-        if self.clock() - at >= self.config.token_period:
-            del self._tokens[addr]
-            return None
-        return token
-
     async def settle(self) -> None:
         """Wait for pending identity checks (so the routing table reflects them)."""
         while self._verifying:
             await asyncio.gather(*list(self._verifying.values()), return_exceptions=True)
 
-    def _limited(self, ip: str | None) -> bool:
-        if ip is None:
-            return False
-        return self.config.limit_loopback or not ip.startswith("127.")
-
     def ip_allowed(self, node: Node) -> bool:
         """At most ``max_contacts_per_ip`` contacts per IPv4 address (loopback exempt)."""
-        if not self._limited(node.ip):
+        if not self.guard.limited(node.ip):
             return True
         return self._proto().router.contacts_at(node.ip) < self.config.max_contacts_per_ip
-
-    def allow_write(self, ip: str | None, now: float) -> bool:
-        """Per-sender token bucket for store/add_entries requests."""
-        if not self._limited(ip) or ip is None:
-            return True
-        rate, burst = self.config.write_rate, self.config.write_burst
-        tokens, last = self._write_buckets.get(ip, (burst, now))
-        tokens = min(burst, tokens + (now - last) * rate)
-        if len(self._write_buckets) > 10_000:
-            self._write_buckets.clear()
-        if tokens < 1:
-            self._write_buckets[ip] = (tokens, now)
-            return False
-        self._write_buckets[ip] = (tokens - 1, now)
-        return True
 
     async def ping(self, address: tuple[str, int]) -> bytes | None:
         """Ping an address; on success the peer joins the routing table and its ID returns."""

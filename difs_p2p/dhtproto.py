@@ -19,6 +19,7 @@ from kademlia.protocol import KademliaProtocol
 
 from difs_p2p import dhtwire
 from difs_p2p.config import DhtConfig
+from difs_p2p.dhtguard import AddressGuard
 from difs_p2p.dhtrecords import entry_set_digest
 from difs_p2p.errors import DifsError, WireError
 from difs_p2p.identity import Identity
@@ -37,15 +38,11 @@ class DhtHost(Protocol):
     identity: Identity | None
     entry_gate: EntryGate | None
     clock: Callable[[], float]
+    guard: AddressGuard
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
     def peer_warning(self, addr: tuple[str, int], message: str) -> None: ...
-    def address_proven(self, addr: tuple[str, int], token: object) -> bool: ...
-    def token_for(self, addr: tuple[str, int]) -> bytes: ...
-    def token_from(self, addr: tuple[str, int]) -> bytes | None: ...
-    def remember_token(self, addr: tuple[str, int], token: bytes) -> None: ...
     def prove_identity(self, request: dhtwire.IdentifyArgs, addr: tuple[str, int]) -> object: ...
-    def allow_write(self, ip: str | None, now: float) -> bool: ...
     def is_verified(self, node: Node) -> bool: ...
     def verify_later(self, node: Node) -> None: ...
     def ip_allowed(self, node: Node) -> bool: ...
@@ -108,7 +105,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         (no valid token in the request, never passed our identify challenge there) gets
         no reply larger than its request: a token if that fits, else nothing."""
         name, args = request.name, request.args
-        proven = self.dht.address_proven(addr, request.token)
+        proven = self.dht.guard.address_proven(addr, request.token)
         if name == "stun":
             result: object = list(addr)
         elif name == "leave":
@@ -132,7 +129,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
                 self.welcome_if_new(sender)
         reply = dhtwire.encode_reply(request.msg_id, result)
         if not proven and len(reply) > size:
-            reply = dhtwire.encode_reply(request.msg_id, {"token": self.dht.token_for(addr)})
+            reply = dhtwire.encode_reply(request.msg_id, {"token": self.dht.guard.token_for(addr)})
             if len(reply) > size:
                 return
             self.token_replies += 1
@@ -156,7 +153,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             return self.source_node.id
         if isinstance(request, dhtwire.IdentifyArgs):
             return self.dht.prove_identity(request, (sender.ip, sender.port))
-        if name in dhtwire.WRITES and not self.dht.allow_write(sender.ip, now):
+        if name in dhtwire.WRITES and not self.dht.guard.allow_write(sender.ip, now):
             return False if name == "store" else 0
         assert not isinstance(request, dhtwire.StunArgs | dhtwire.LeaveArgs)
         key = request.key
@@ -283,7 +280,9 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         future: asyncio.Future[Any] = loop.create_future()
         msg_id = os.urandom(dhtwire.MSG_ID_SIZE)
         try:
-            data = dhtwire.encode_request(msg_id, name, list(args), self.dht.token_from(address))
+            data = dhtwire.encode_request(
+                msg_id, name, list(args), self.dht.guard.token_from(address)
+            )
         except ValueError:
             data = b""  # too large for one request
         if not data or not self.send(data, address):
@@ -300,7 +299,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         ok, reply = await self.call(address, name, *args)
         token = dhtwire.token_reply(reply) if ok else None
         if token is not None:
-            self.dht.remember_token(address, token)
+            self.dht.guard.remember_token(address, token)
             ok, reply = await self.call(address, name, *args)
             if ok and dhtwire.token_reply(reply) is not None:
                 return False, None
