@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from difs_p2p import dhtwire
 from difs_p2p.config import DhtConfig
+from difs_p2p.errors import WireError
 from difs_p2p.identity import distance
 from difs_p2p.lookup import LookupResult, MorePages, RttEstimator
 from difs_p2p.recordstore import RecordStore
@@ -109,6 +110,16 @@ def union(paths: Sequence[Sequence[Contact]], key: bytes) -> list[Contact]:
     return sorted(seen.values(), key=lambda c: distance(c.node_id, key))
 
 
+def _store_reply(ok: bool, reply: object) -> dhtwire.StoreReply | None:
+    """The decoded reply to a store request, or None if there was none or it is not one."""
+    if not ok:
+        return None
+    try:
+        return dhtwire.decode_store(reply)
+    except WireError:
+        return None
+
+
 class RecordsHost(Protocol):
     """What :class:`Records` asks of the node that owns it (:class:`difs_p2p.dht.Dht`)."""
 
@@ -186,17 +197,17 @@ class Records:
         older: list[Contact] = []
         took: set[bytes] = set()
         for contact, (ok, reply) in zip(peers, replies, strict=True):
-            if ok and isinstance(reply, list) and len(reply) == 2:
-                took_it, added_here = reply
-                if took_it is True:
+            answer = _store_reply(ok, reply)
+            if answer is not None and answer.entries is not None:
+                if answer.stored:
                     took.add(contact.node_id)
                 else:
                     refused += 1
-                entries_accepted += added_here if isinstance(added_here, int) else 0
-            elif ok and reply is True:
+                entries_accepted += answer.entries
+            elif answer is not None and answer.stored:
                 took.add(contact.node_id)  # without entries in the request
-            elif ok and reply is False and first:
-                older.append(contact)
+            elif answer is not None and first:
+                older.append(contact)  # a bare false: it predates entries in store
             else:
                 refused += 1
         if older:
@@ -204,7 +215,7 @@ class Records:
             replies, more = await asyncio.gather(again, self._send_entries(key, [first], older))
             entries_accepted += more
             for contact, (ok, reply) in zip(older, replies, strict=True):
-                if ok and reply is True:
+                if _store_reply(ok, reply) == dhtwire.StoreReply(True):
                     took.add(contact.node_id)
                 else:
                     refused += 1
@@ -250,7 +261,7 @@ class Records:
             )
             found = False
             for contact, (ok, reply) in zip(batch, replies, strict=True):
-                got = reply.get("value") if ok and isinstance(reply, dict) else None
+                got = dhtwire.value_of(reply) if ok else None
                 if not isinstance(got, bytes):
                     continue
                 rank = None if got == value else policy.record_rank(key, got, self.host.clock())
@@ -308,7 +319,7 @@ class Records:
                 *(self.host.call_find(c, "find_value", key) for c in asked)
             )
             for contact, (ok, reply) in zip(asked, replies, strict=True):
-                value = reply.get("value") if ok and isinstance(reply, dict) else None
+                value = dhtwire.value_of(reply) if ok else None
                 if isinstance(value, bytes):
                     found.values.append((contact, value))
                 else:
@@ -368,8 +379,8 @@ class Records:
         if not calls:
             return 0
         for ok, reply in await self._answers(calls):
-            if ok and isinstance(reply, int) and reply > 0:
-                accepted += reply
+            if ok:
+                accepted += dhtwire.decode_count(reply)
         return accepted
 
     async def _answers(
@@ -422,13 +433,14 @@ class Records:
             got, offset = list(more.first), more.next
             for _ in range(1000):
                 ok, reply = await self.host.call_find(more.contact, "find_entries", key, offset)
-                if not ok or not isinstance(reply, dict):
+                if not ok:
                     break
-                page = reply.get("entries")
-                if isinstance(page, list):
-                    got.extend(e for e in page if isinstance(e, bytes))
-                nxt = reply.get("next")
-                if not isinstance(nxt, int) or nxt <= offset:
+                try:
+                    page, nxt = dhtwire.decode_page(reply)
+                except WireError:
+                    break
+                got.extend(page)
+                if nxt <= offset:
                     break
                 offset = nxt
             return got

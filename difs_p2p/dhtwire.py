@@ -330,6 +330,14 @@ def decode_find_value(body: object, limit: int) -> ValueReply | list[Contact]:
     return decode_contacts(body, limit)
 
 
+def value_of(body: object) -> bytes | None:
+    """The record in a find_value reply read for the record alone (a read-back, or a
+    peer asked after a lookup): a map whose ``"value"`` is bytes; anything else, a
+    contact list included, holds none."""
+    value = body.get("value") if isinstance(body, dict) else None
+    return value if isinstance(value, bytes) else None
+
+
 @dataclass(frozen=True, slots=True)
 class EntriesReply:
     """A find_entries reply: one page, where the next starts (-1: none), closer

@@ -248,7 +248,8 @@ class Lookup:
 
     def timeout(self, contact: Contact) -> None:
         """The request to ``contact`` failed (no answer, or it could not be sent): the
-        contact leaves the shortlist."""
+        contact leaves the shortlist (a later reply naming it adds it back, but it is
+        never asked again)."""
         if self._stalls_at.pop(contact.node_id, None) is None:
             return
         if self._shortlist.pop(contact.node_id, None) is not None:
@@ -268,11 +269,6 @@ class Lookup:
             return
         del self._stalls_at[contact.node_id]
         nodes = self._absorb(contact, decoded)
-        if nodes is None:
-            if self._shortlist.pop(contact.node_id, None) is not None:
-                i = bisect.bisect_left(self._order, (self._dist(contact), contact.node_id))
-                del self._order[i]
-            return
         self._responded[contact.node_id] = contact
         if self._best is None or self._dist(contact) < self._best:
             self._best = self._dist(contact)
@@ -284,9 +280,8 @@ class Lookup:
 
     def _absorb(
         self, contact: Contact, reply: list[Contact] | ValueReply | EntriesReply
-    ) -> list[Contact] | None:
-        """Take one decoded reply into the result; the contacts it names, or None if it
-        is not an answer to this lookup."""
+    ) -> list[Contact]:
+        """Take one decoded reply into the result; the contacts it names."""
         result = self._result
         if isinstance(reply, ValueReply):
             result.values.append((contact, reply.value))

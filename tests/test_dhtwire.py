@@ -239,6 +239,15 @@ def test_entries_reply_without_the_flag_or_digest() -> None:
     assert got == EntriesReply([b"a"], -1, [], None, has_value=False, value=None)
 
 
+@pytest.mark.parametrize(
+    ("body", "value"),
+    [({"value": b"r"}, b"r"), ({"value": b"r", "x": 1}, b"r"), ({"value": 5}, None), ([], None)],
+)
+def test_value_of_a_reply_read_for_the_record(body: object, value: bytes | None) -> None:
+    """A record read on its own is any map with bytes under "value"; else there is none."""
+    assert dhtwire.value_of(body) == value
+
+
 def test_oversized_request_is_refused_by_the_encoder() -> None:
     """A request body over 8,192 bytes is never sent (rpcudp's limit)."""
     with pytest.raises(ValueError, match="exceeds"):
@@ -334,6 +343,7 @@ def test_random_bytes_raise_only_wire_error(data: bytes) -> None:
                 decode(body)
         dhtwire.token_reply(body)
         dhtwire.decode_count(body)
+        dhtwire.value_of(body)
 
 
 _VALUES = st.recursive(
