@@ -112,8 +112,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             # A peer that stops says so; no reply (stock peers ignore the unknown name).
             # Only the contact's own address may say it: a forged leave changes nothing.
             leave = dhtwire.decode_args(name, args)
-            assert isinstance(leave, dhtwire.LeaveArgs)
-            if leave.sender is not None:
+            if isinstance(leave, dhtwire.LeaveArgs) and leave.sender is not None:
                 node = Node(leave.sender, addr[0], addr[1])
                 if not self.router.is_new_node(node) and self._at_address(node):
                     self.router.remove_contact(node)
@@ -123,7 +122,18 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             if not args or not is_id(args[0]):
                 raise WireError("sender id is not 20 bytes", field=f"{name}.sender")
             sender = Node(bytes(args[0]), addr[0], addr[1])
-            result = self._dispatch(name, sender, args[1:])
+            try:
+                result = self._dispatch(name, sender, args[1:])
+            except WireError:
+                raise
+            except DifsError as exc:
+                # The handlers call into the record store, whose policy and entry gate
+                # are other modules' code fed a peer's bytes, and whose database may
+                # fail: one of our errors from there drops this request (logged), as a
+                # malformed one is; it must not escape into the event loop.
+                self.dropped += 1
+                log.warning("record_store_error %s: %s", type(exc).__name__, exc)
+                return
             if proven:
                 # an unproven source could be spoofed: do not send it identify challenges
                 self.welcome_if_new(sender)
@@ -155,7 +165,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             return self.dht.prove_identity(request, (sender.ip, sender.port))
         if name in dhtwire.WRITES and not self.dht.guard.allow_write(sender.ip, now):
             return False if name == "store" else 0
-        assert not isinstance(request, dhtwire.StunArgs | dhtwire.LeaveArgs)
+        if isinstance(request, dhtwire.StunArgs | dhtwire.LeaveArgs):
+            raise WireError(f"{name} is answered before dispatch", field="name")
         key = request.key
         neighbors = [contact_of(n) for n in self.router.find_neighbors(Node(key), exclude=sender)]
         if isinstance(request, dhtwire.FindArgs):
@@ -170,8 +181,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             # reply is then [record accepted, entries accepted]
             if request.value is None:
                 return False
-            value = request.value
-            accepted = self._policy(lambda: store.put(key, value, now, source).accepted)
+            accepted = store.put(key, request.value, now, source).accepted
             added = None
             if request.entries is not None:
                 added = self._add_entries(key, request.entries, now, source)
@@ -208,34 +218,18 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             value=value,
         )
 
-    def _policy(self, call: Callable[[], object]) -> object:
-        """Run a call into the record store, whose policy and gate are other modules'
-        code fed a peer's bytes: one of our errors from there (a policy that raises
-        instead of refusing, the database failing) refuses this request and is logged;
-        it must not escape into the event loop."""
-        try:
-            return call()
-        except DifsError as exc:
-            log.warning("record_store_error %s: %s", type(exc).__name__, exc)
-            return False
-
     def _add_entries(self, key: bytes, items: Sequence[bytes], now: float, source: str) -> int:
         store = self.dht.store
         gate = self.dht.entry_gate
-
-        def add() -> int:
-            accepted = 0
-            for e in items:
-                if gate is not None and not gate.admit(key, e):
-                    continue
-                if store.add_entry(key, e, now, source).accepted:
-                    accepted += 1
-                    if gate is not None:
-                        gate.admitted(key, e)
-            return accepted
-
-        added = self._policy(add)
-        return added if isinstance(added, int) and not isinstance(added, bool) else 0
+        accepted = 0
+        for e in items:
+            if gate is not None and not gate.admit(key, e):
+                continue
+            if store.add_entry(key, e, now, source).accepted:
+                accepted += 1
+                if gate is not None:
+                    gate.admitted(key, e)
+        return accepted
 
     def _handle_reply(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
         pending = self._outstanding.get(msg_id)
