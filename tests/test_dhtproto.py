@@ -32,8 +32,8 @@ async def _ask(sock: socket.socket, addr: tuple[str, int], body: list[Any]) -> o
         while True:
             data, _ = await asyncio.wait_for(loop.sock_recvfrom(sock, 9000), 1.0)
             if data[1:21] == msg_id:
-                body: object = umsgpack.unpackb(data[21:])
-                return body
+                answer: object = umsgpack.unpackb(data[21:])
+                return answer
     except TimeoutError:
         return None
 
