@@ -1,4 +1,4 @@
-"""The DHT adapter: the only module that imports ``kademlia`` or ``rpcudp``.
+"""The DHT adapter: with the modules split out of it, the only code that imports ``kademlia``.
 
 The rest of DIFS-P2P sees :class:`Dht`: start, bootstrap, put/get a validated record by
 20-byte key, add/get signed entries under a key, the k closest live peers, stop.
@@ -26,7 +26,7 @@ loses lookups or lets peers hurt us (each has a test that fails on the stock beh
 Every datagram field is the sender's choice, so (docs/PROTOCOL.md, "DHT datagrams"):
 
 * contacts must be IPv4 addresses with valid ports (``valid_address``), and every datagram
-  leaves through ``_Protocol.send``, which checks the address again: asyncio closes a
+  leaves through ``DhtProtocol.send``, which checks the address again: asyncio closes a
   datagram transport for good when ``sendto`` raises anything but ``OSError``;
 * ``leave`` removes a contact only when it comes from that contact's address;
 * identify proofs are bound to (id, ip, port) and to the node-ID work (``idwork``), and a
@@ -36,808 +36,50 @@ Every datagram field is the sender's choice, so (docs/PROTOCOL.md, "DHT datagram
 * ``get``, ``resolve`` and writes run over disjoint paths (``lookup_paths``), and a write
   is reported stored only if a quorum of paths serves the record back.
 
-Datagrams are handled synchronously in ``datagram_received`` (no task per datagram), and
-every background task belongs to the ``Dht`` and is cancelled by :meth:`Dht.stop`.
+This module is the asyncio shell. The decisions are pure modules: the routing table and
+address checks (:mod:`~difs_p2p.routing`), the datagram codec (:mod:`~difs_p2p.dhtwire`),
+the lookup state machine (:mod:`~difs_p2p.lookup`); requests are answered by
+:mod:`~difs_p2p.dhtproto`, and records and entries handled by :mod:`~difs_p2p.dhtrecords`
+through this ``Dht``. Datagrams are handled synchronously in
+``datagram_received`` (no task per datagram), and every background task belongs to the
+``Dht``'s :class:`~difs_p2p.tasks.TaskSet` and is cancelled by :meth:`Dht.stop`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import functools
-import hashlib
-import hmac
-import ipaddress
 import logging
 import os
 import random
 import socket
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import msgpack
 from kademlia.node import Node
-from kademlia.protocol import KademliaProtocol
-from kademlia.routing import RoutingTable
 
+from difs_p2p import dhtwire
 from difs_p2p.config import DhtConfig
-from difs_p2p.errors import IntegrityError, NetworkError
+from difs_p2p.dhtguard import AddressGuard
+from difs_p2p.dhtproto import DhtProtocol, EntryGate
+from difs_p2p.dhtrecords import Records, Stored
+from difs_p2p.errors import IntegrityError, NetworkError, WireError
 from difs_p2p.identity import Identity, distance, node_id_for, verify_signature
 from difs_p2p.idwork import has_work
+from difs_p2p.lookup import Lookup, LookupResult, RttEstimator, deal_paths, merge
 from difs_p2p.net import DatagramNetwork, DatagramTransport, UdpNetwork
-from difs_p2p.recordstore import RecordPolicy, RecordStore, write_source
+from difs_p2p.recordstore import RecordPolicy, RecordStore
+from difs_p2p.routing import KEY_SIZE, Contact, contact_of, is_id
+from difs_p2p.tasks import TaskSet
+
+# Contact is re-exported for peer.py until it imports it from difs_p2p.routing.
+__all__ = ["IDENTIFY_DOMAIN", "Contact", "Dht", "Stored"]
 
 log = logging.getLogger(__name__)
 
-KEY_SIZE = 20
-_REQUEST = b"\x00"
-_REPLY = b"\x01"
-_MSG_ID_SIZE = 20
-# rpcudp refuses outgoing requests over 8,192 bytes of msgpack; a record must fit in one.
-MAX_VALUE_SIZE = 8000
-# Entries per add_entries request and per find_entries reply page, under the same cap.
-_ENTRY_BATCH_BYTES = 7000
 IDENTIFY_DOMAIN = b"difs-identify-v1\x00"
-_NONCE_SIZE = 16
-# Padding of an identify request, so that the reply (key, signature, token: 140 bytes)
-# is no larger than the request (147 bytes) even to a source that has not proved its
-# address. A request may carry at most _MAX_PAD bytes of padding.
-IDENTIFY_PAD = 80
-_MAX_PAD = 256
-# Return-routability tokens: HMAC-SHA-256 of the source address and the period, cut.
-TOKEN_SIZE = 16
-_TOKEN_DOMAIN = b"difs-token-v1\x00"
-_TOKENS_MAX = 10_000
-_RPCS = frozenset(
-    {
-        "ping",
-        "store",
-        "find_node",
-        "find_value",
-        "stun",
-        "add_entries",
-        "find_entries",
-        "leave",
-        "identify",
-    }
-)
-_WRITES = frozenset({"store", "add_entries"})
-# Keys whose k closest peers a Dht remembers for closest_reuse seconds.
-_RECENT_CLOSEST_MAX = 1024
-# Bytes of the entry-set digest in a find_entries reply (128 bits: matching an honest
-# set's digest with another set is a second preimage). A peer that lies about its
-# digest gains nothing: the reader checks the pages it reads against it.
-ENTRY_DIGEST_SIZE = 16
-_ENTRY_DIGEST_DOMAIN = b"difs-entries-v1\x00"
-
-
-def entry_set_digest(entries: Iterable[bytes]) -> bytes:
-    """The digest of a set of entries, whatever order they come in: SHA-256 over the
-    entries in byte order, each after its length (4 bytes), the first 16 bytes."""
-    h = hashlib.sha256(_ENTRY_DIGEST_DOMAIN)
-    for entry in sorted(set(entries)):
-        h.update(len(entry).to_bytes(4, "big"))
-        h.update(entry)
-    return h.digest()[:ENTRY_DIGEST_SIZE]
-
-
-@dataclass(frozen=True, slots=True)
-class Contact:
-    """A peer as the DHT knows it. Its TCP port has the same number as its UDP port."""
-
-    node_id: bytes
-    host: str
-    port: int
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """What storing a record (and entries) on the k closest peers achieved."""
-
-    accepted: int  # peers (this one included) that now hold the record
-    refused: int  # peers that refused it or did not answer
-    entries_accepted: int  # entry acceptances summed over peers
-    # disjoint paths that found peers, how many of them served the record when read
-    # back, and how many had to (write_quorum_paths, at most ``paths``). Below the
-    # quorum, ``accepted`` counts only the peers that served it (this one included) and
-    # ``refused`` the others: a write nobody can read is not reported as stored.
-    paths: int = 0
-    readable_paths: int = 0
-    quorum: int = 0
-
-    @property
-    def readable(self) -> bool:
-        """Whether a quorum of disjoint paths served the record back."""
-        return self.readable_paths >= self.quorum
-
-
-@dataclass(frozen=True, slots=True)
-class MorePages:
-    """A find_entries reply that had further pages: who sent it, where the next page
-    starts, the digest of the sender's whole entry set (None if it sent none) and the
-    entries of the page it sent."""
-
-    contact: Contact
-    next: int
-    digest: bytes | None
-    first: list[bytes]
-
-
-@dataclass(slots=True)
-class LookupResult:
-    """What an iterative lookup found."""
-
-    closest: list[Contact]
-    values: list[tuple[Contact, bytes]] = field(default_factory=list)
-    entries: list[bytes] = field(default_factory=list)
-    rounds: int = 0
-    queried: int = 0
-    # requests that went unanswered for lookup_stall (the lookup went on without them)
-    stalled: int = 0
-    # most requests in flight at once (alpha, then up to k in the last round)
-    peak_in_flight: int = 0
-    # peers among the closest that answered without a value (read-repair targets)
-    without_value: list[Contact] = field(default_factory=list)
-    # find_entries replies that had more pages
-    more_pages: list[MorePages] = field(default_factory=list)
-    # peers asked for entries with the value that answered without a "value" key (peers
-    # that predate the flag): whether they hold a record is unknown
-    value_unknown: list[Contact] = field(default_factory=list)
-    # the k closest of each disjoint path (lookup_paths), disjoint from one another
-    paths: list[list[Contact]] = field(default_factory=list)
-
-
-def page_plan(
-    more_pages: Sequence[MorePages], local_digest: bytes
-) -> tuple[list[MorePages], list[list[MorePages]]]:
-    """Which further pages to read: (peers to read whole, groups of peers with one digest).
-
-    Peers that sent no digest are read whole, as before digests existed. Peers whose
-    digest equals ``local_digest`` (the reader's own set) are not read at all. The rest
-    are grouped by digest, in the order they answered, so that one peer per group is read.
-    """
-    whole: list[MorePages] = []
-    groups: dict[bytes, list[MorePages]] = {}
-    for more in more_pages:
-        if more.digest is None:
-            whole.append(more)
-        elif more.digest != local_digest:
-            groups.setdefault(more.digest, []).append(more)
-    return whole, list(groups.values())
-
-
-class RttEstimator:
-    """Smoothed round trip and its deviation (Jacobson/Karels, as TCP's RFC 6298)."""
-
-    def __init__(self) -> None:
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-
-    def observe(self, rtt: float) -> None:
-        if self.srtt is None:
-            self.srtt, self.rttvar = rtt, rtt / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
-
-    def timeout(self, floor: float, cap: float) -> float:
-        """srtt + 4 rttvar within [floor, cap]; ``cap`` before the first sample."""
-        if self.srtt is None:
-            return cap
-        return min(cap, max(floor, self.srtt + 4 * self.rttvar))
-
-
-def _pack(obj: object) -> bytes:
-    """msgpack as rpcudp writes it (u-msgpack: bytes as bin, str as str), byte for byte,
-    with the C implementation (about 20x faster; pack and unpack were ~15% of a
-    peer's CPU)."""
-    data: bytes = msgpack.packb(obj, use_bin_type=True)
-    return data
-
-
-def _unpack(data: bytes) -> object:
-    """Decode one msgpack value (str as str, bin as bytes); raises on malformed input or
-    trailing bytes (the caller drops the datagram). Lengths are bounded by ``data``."""
-    return msgpack.unpackb(data, raw=False)
-
-
-def _entry_batches(entries: Sequence[bytes], first: int = _ENTRY_BATCH_BYTES) -> list[list[bytes]]:
-    """``entries`` cut into request-sized batches, in order; the first batch holds at most
-    ``first`` bytes (room left beside a record) and may be empty."""
-    batches: list[list[bytes]] = [[]]
-    size, budget = 0, first
-    for e in entries:
-        if size + len(e) > budget and (batches[-1] or budget < _ENTRY_BATCH_BYTES):
-            batches.append([])
-            size, budget = 0, _ENTRY_BATCH_BYTES
-        batches[-1].append(e)
-        size += len(e)
-    return batches
-
-
-def _union(paths: Sequence[Sequence[Contact]], key: bytes) -> list[Contact]:
-    """The contacts of all paths, each once, closest to ``key`` first."""
-    seen: dict[bytes, Contact] = {}
-    for path in paths:
-        for c in path:
-            seen.setdefault(c.node_id, c)
-    return sorted(seen.values(), key=lambda c: distance(c.node_id, key))
-
-
-def _neg(value: bytes) -> tuple[int, ...]:
-    """A sort key under which smaller bytes sort later (for reverse sorts)."""
-    return (*(-b for b in value), -len(value))
-
-
-def _is_id(value: object) -> bool:
-    return isinstance(value, bytes) and len(value) == KEY_SIZE
-
-
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
-
-
-@functools.lru_cache(maxsize=4096)
-def valid_host(host: object) -> bool:
-    """Whether ``host`` is an IPv4 address in dotted form that a datagram may go to.
-
-    Anything else from a peer is refused before it reaches a socket: a host name would
-    be resolved (blocking the loop), and a string the socket layer cannot encode (a NUL
-    byte) raises an error that is not an ``OSError``, which closes an asyncio datagram
-    transport for good. IPv6 is refused too: the DHT runs on IPv4 (one family per DHT).
-    """
-    if not isinstance(host, str) or len(host) > 15:
-        return False
-    try:
-        ip = ipaddress.IPv4Address(host)
-    except ValueError:
-        return False
-    return not (ip.is_unspecified or ip.is_multicast or ip == _BROADCAST)
-
-
-def valid_address(addr: object) -> bool:
-    """Whether ``addr`` is an ``(IPv4 address, port 1-65535)`` pair."""
-    if not (isinstance(addr, tuple) and len(addr) == 2):
-        return False
-    host, port = addr
-    return type(port) is int and 0 < port < 65536 and isinstance(host, str) and valid_host(host)
-
-
-def _is_token_reply(reply: object) -> bool:
-    """Whether a reply is the token a source that has not proved its address gets."""
-    return (
-        isinstance(reply, dict)
-        and len(reply) == 1
-        and isinstance(reply.get("token"), bytes)
-        and len(reply["token"]) == TOKEN_SIZE
-    )
-
-
-def _contact(node: Node) -> Contact:
-    return Contact(node_id=bytes(node.id), host=str(node.ip), port=int(node.port))
-
-
-def _parse_node_list(reply: object, limit: int) -> list[Node] | None:
-    """The contacts in a find_* reply, or None when the reply is malformed."""
-    if not isinstance(reply, list) or len(reply) > limit:
-        return None
-    nodes = []
-    for item in reply:
-        if not (isinstance(item, list) and len(item) == 3):
-            return None
-        nid, ip, port = item
-        # a contact must be a real IPv4 address and port: see valid_host
-        if not (_is_id(nid) and valid_address((ip, port))):
-            return None
-        nodes.append(Node(bytes(nid), ip, port))
-    return nodes
-
-
-class _ExactRoutingTable(RoutingTable):  # type: ignore[misc]
-    """The library's k-buckets, with an exact ``find_neighbors`` and two indexes.
-
-    Unlike the library's, ``find_neighbors`` also returns a contact whose ID equals the
-    target, so that a lookup of a peer's ID finds that peer.
-
-    Every change to the buckets' contacts goes through ``add_contact``, ``remove_contact``,
-    ``split_bucket`` or ``flush``; each compares the buckets it touched before and after
-    (at most k contacts each) and updates two indexes of the table's contacts: their IDs
-    in sorted order (``find_neighbors`` then collects the k nearest subtree by subtree,
-    see ``_nearest_ids``, instead of reading the whole table) and how many there are per
-    IP address (the per-IP cap reads one counter). Replacement-cache entries are not
-    contacts: they count once promoted (by a removal or a split).
-    """
-
-    def flush(self) -> None:
-        super().flush()
-        # the upper bound of each bucket's range, in bucket order (for get_bucket_for)
-        self._uppers: list[int] = [b.range[1] for b in self.buckets]
-        # sorted distinct IDs (as integers) of the contacts, and the contacts with each ID
-        self._ids: list[int] = []
-        self._members: dict[int, list[Node]] = {}
-        self._per_ip: dict[str | None, int] = {}
-
-    # -- the indexes -----------------------------------------------------------------------
-
-    def _index(self, node: Node) -> None:
-        members = self._members.get(node.long_id)
-        if members is None:
-            members = self._members[node.long_id] = []
-            bisect.insort(self._ids, node.long_id)
-        members.append(node)
-        self._per_ip[node.ip] = self._per_ip.get(node.ip, 0) + 1
-
-    def _unindex(self, node: Node) -> None:
-        members = self._members[node.long_id]
-        members.remove(node)
-        if not members:
-            del self._members[node.long_id]
-            del self._ids[bisect.bisect_left(self._ids, node.long_id)]
-        left = self._per_ip[node.ip] - 1
-        if left:
-            self._per_ip[node.ip] = left
-        else:
-            del self._per_ip[node.ip]
-
-    def _reindex(self, before: dict[bytes, Node], after: dict[bytes, Node]) -> None:
-        """The contacts of some buckets went from ``before`` to ``after`` (by ID)."""
-        for nid, node in before.items():
-            if after.get(nid) is not node:
-                self._unindex(node)
-        for nid, node in after.items():
-            if before.get(nid) is not node:
-                self._index(node)
-
-    def contacts_at(self, ip: str | None) -> int:
-        """How many contacts of the table have this IP address."""
-        return self._per_ip.get(ip, 0)
-
-    # -- the library's table, with the indexes kept ----------------------------------------
-
-    def get_bucket_for(self, node: Node) -> int | None:
-        """The first bucket whose range's upper bound is above the ID (as the library's)."""
-        index = bisect.bisect_right(self._uppers, node.long_id)
-        return index if index < len(self._uppers) else None
-
-    def split_bucket(self, index: int) -> None:
-        before = dict(self.buckets[index].nodes)
-        super().split_bucket(index)
-        self._uppers[index : index + 1] = [
-            self.buckets[index].range[1],
-            self.buckets[index + 1].range[1],
-        ]
-        self._reindex(before, {**self.buckets[index].nodes, **self.buckets[index + 1].nodes})
-
-    def remove_contact(self, node: Node) -> None:
-        """Remove the contact with ``node``'s ID only if it is at ``node``'s address: a
-        claim to the ID from another address (a forged ``leave``, a stale contact) does
-        not remove the peer that holds it."""
-        index = self.get_bucket_for(node)
-        if index is None:
-            return
-        bucket = self.buckets[index]
-        current = bucket.nodes.get(node.id)
-        if current is None:
-            current = bucket.replacement_nodes.get(node.id)
-        if current is None or (current.ip, current.port) != (node.ip, node.port):
-            return
-        before = dict(bucket.nodes)
-        bucket.remove_node(node)
-        self._reindex(before, bucket.nodes)
-
-    def add_contact(self, node: Node) -> None:
-        """As the library's, but the ping of a full bucket's head is an owned task."""
-        index = self.get_bucket_for(node)
-        if index is None:
-            return
-        bucket = self.buckets[index]
-        before = dict(bucket.nodes)
-        added = bucket.add_node(node)
-        self._reindex(before, bucket.nodes)
-        if added:
-            return
-        if bucket.has_in_range(self.node) or self._depth(bucket) % 5 != 0:
-            self.split_bucket(index)
-            self.add_contact(node)
-        else:
-            self.protocol.dht.spawn(self.protocol.call_ping(bucket.head()))
-
-    @staticmethod
-    def _depth(bucket: Any) -> int:
-        """The library's ``KBucket.depth`` (bits shared by all its IDs) on integers.
-
-        The prefix every ID shares is the one the smallest and the largest share.
-        """
-        ids: list[int] = [n.long_id for n in bucket.nodes.values()]
-        return KEY_SIZE * 8 - (min(ids) ^ max(ids)).bit_length()
-
-    def find_neighbors(
-        self, node: Node, k: int | None = None, exclude: Node | None = None
-    ) -> list[Node]:
-        """The ``k`` contacts closest to ``node`` by XOR, closest first (as a full scan)."""
-        k = k or self.ksize
-        index = self.get_bucket_for(node)
-        if index is not None:
-            self.buckets[index].touch_last_updated()
-        target = node.long_id
-        want = k if exclude is None else k + 1  # the excluded address is usually one contact
-        while True:
-            found = [n for i in self._nearest_ids(target, want) for n in self._members[i]]
-            if exclude is not None:
-                home = (exclude.ip, exclude.port)
-                found = [n for n in found if (n.ip, n.port) != home]
-            if len(found) >= k or want >= len(self._ids):
-                break
-            want += k
-        found.sort(key=lambda n: n.long_id ^ target)
-        return found[:k]
-
-    def _nearest_ids(self, target: int, count: int) -> list[int]:
-        """The ``count`` contact IDs closest to ``target`` (all if fewer), in no order.
-
-        The IDs sharing the target's bits above bit ``s`` (its subtree at ``s``) are one
-        slice of the sorted IDs, and all of them are closer than any other ID. Take the
-        smallest subtree holding ``count`` IDs: the half of it that holds the target has
-        fewer, and all of those are in the answer; the rest are the closest in the other
-        half, which is the same question for the target with bit ``s - 1`` flipped
-        (XOR distances within that half keep their order).
-        """
-        ids = self._ids
-        if count >= len(ids):
-            return list(ids)
-        out: list[int] = []
-        a, b, shift = 0, len(ids), KEY_SIZE * 8
-        while count > 0:
-            # smallest s <= shift whose subtree holds count IDs (the one at shift does)
-            lo, hi = 0, shift
-            while lo < hi:
-                mid = (lo + hi) // 2
-                first = (target >> mid) << mid
-                n = bisect.bisect_left(ids, first + (1 << mid), a, b) - bisect.bisect_left(
-                    ids, first, a, b
-                )
-                if n >= count:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            first = (target >> lo) << lo
-            a = bisect.bisect_left(ids, first, a, b)
-            b = bisect.bisect_left(ids, first + (1 << lo), a, b)
-            if b - a == count:
-                out.extend(ids[a:b])
-                break
-            # the target's half (fewer than count IDs) is in; go on in the other half
-            half = lo - 1
-            first = (target >> half) << half
-            inner_a = bisect.bisect_left(ids, first, a, b)
-            inner_b = bisect.bisect_left(ids, first + (1 << half), inner_a, b)
-            out.extend(ids[inner_a:inner_b])
-            count -= inner_b - inner_a
-            if inner_a == a:
-                a = inner_b
-            else:
-                b = inner_a
-            target ^= 1 << half
-            shift = half
-        return out
-
-    def all_contacts(self) -> list[Node]:
-        return [n for bucket in self.buckets for n in bucket.nodes.values()]
-
-
-class EntryGate(Protocol):
-    """What decides, beyond the record store's policy, on entries other peers send
-    (holdproof.HolderProver: entries of holders that failed a proof are refused, new
-    claims are challenged). Called synchronously from the datagram handler: it must
-    only decide and schedule, never wait."""
-
-    def admit(self, key: bytes, entry: bytes) -> bool:
-        """Whether an entry another peer sent may be stored."""
-
-    def admitted(self, key: bytes, entry: bytes) -> None:
-        """An entry another peer sent was stored."""
-
-
-class _Protocol(KademliaProtocol):  # type: ignore[misc]
-    """rpcudp + kademlia protocol with checked requests and replies and owned tasks."""
-
-    def __init__(self, dht: Dht) -> None:
-        super().__init__(dht.node, dht.store, dht.config.ksize)
-        self.dht = dht
-        self.router = _ExactRoutingTable(self, dht.config.ksize, dht.node)
-        self._wait_timeout = dht.config.rpc_timeout
-        self._expected: dict[bytes, tuple[str, int]] = {}
-        self._failures: dict[bytes, int] = {}
-        self.dropped = 0
-        # datagrams sent and received (requests and replies), for status and benchmarks
-        self.sent = 0
-        self.received = 0
-        # replies cut to a token because the source had not proved its address
-        self.token_replies = 0
-
-    # -- incoming --------------------------------------------------------------------------
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.received += 1
-        try:
-            self._handle_datagram(data, addr)
-        except Exception as exc:  # a peer's garbage must never hurt us
-            self.dropped += 1
-            self.dht.peer_warning(addr, f"dropped datagram: {type(exc).__name__}: {exc}")
-
-    def error_received(self, exc: Exception) -> None:
-        """An ICMP error for an earlier datagram (a peer gone): not fatal, not ours."""
-        log.debug("datagram_error %s", exc)
-
-    def _handle_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
-        if len(data) < 1 + _MSG_ID_SIZE + 1 or len(data) > self.dht.config.max_datagram:
-            self.dropped += 1
-            self.dht.peer_warning(addr, f"dropped datagram of {len(data)} bytes")
-            return
-        kind, msg_id = data[:1], data[1 : 1 + _MSG_ID_SIZE]
-        body = _unpack(data[1 + _MSG_ID_SIZE :])
-        if kind == _REQUEST:
-            self._handle_request(msg_id, body, addr, len(data))
-        elif kind == _REPLY:
-            self._handle_reply(msg_id, body, addr)
-        else:
-            self.dropped += 1
-
-    def _handle_request(
-        self, msg_id: bytes, body: object, addr: tuple[str, int], size: int
-    ) -> None:
-        """Answer one request. A source that has not proved it receives at ``addr``
-        (no valid token in the request, never passed our identify challenge there) gets
-        no reply larger than its request: a token if that fits, else nothing."""
-        if not (isinstance(body, list) and len(body) in (2, 3)):
-            raise ValueError("request is not [name, args] or [name, args, token]")
-        name, args = body[0], body[1]
-        if not (isinstance(name, str) and name in _RPCS and isinstance(args, list)):
-            raise ValueError(f"unknown request {name!r}")
-        proven = self.dht.address_proven(addr, body[2] if len(body) == 3 else None)
-        if name == "stun":
-            result: object = list(addr)
-        elif name == "leave":
-            # A peer that stops says so; no reply (stock peers ignore the unknown name).
-            # Only the contact's own address may say it: a forged leave changes nothing.
-            if args and _is_id(args[0]):
-                node = Node(bytes(args[0]), addr[0], addr[1])
-                if not self.router.is_new_node(node) and self._at_address(node):
-                    self.router.remove_contact(node)
-                    self._failures.pop(node.id, None)
-            return
-        else:
-            if not args or not _is_id(args[0]):
-                raise ValueError("sender id is not 20 bytes")
-            sender = Node(bytes(args[0]), addr[0], addr[1])
-            result = self._dispatch(name, sender, args[1:])
-            if proven:
-                # an unproven source could be spoofed: do not send it identify challenges
-                self.welcome_if_new(sender)
-        reply = _REPLY + msg_id + _pack(result)
-        if not proven and len(reply) > size:
-            reply = _REPLY + msg_id + _pack({"token": self.dht.token_for(addr)})
-            if len(reply) > size:
-                return
-            self.token_replies += 1
-        self.send(reply, addr)
-
-    def _at_address(self, node: Node) -> bool:
-        """Whether the routing table's contact with ``node``'s ID has ``node``'s address."""
-        index = self.router.get_bucket_for(node)
-        if index is None:
-            return False
-        current = self.router.buckets[index].nodes.get(node.id)
-        return current is not None and (current.ip, current.port) == (node.ip, node.port)
-
-    def _dispatch(self, name: str, sender: Node, args: list[Any]) -> object:
-        now = self.dht.clock()
-        store = self.dht.store
-        if name == "ping":
-            return self.source_node.id
-        if name == "identify":
-            return self.dht.prove_identity(args, (sender.ip, sender.port))
-        if name in _WRITES and not self.dht.allow_write(sender.ip, now):
-            return False if name == "store" else 0
-        if len(args) < 1 or not _is_id(args[0]):
-            raise ValueError("key is not 20 bytes")
-        key = bytes(args[0])
-        neighbors = [list(tuple(n)) for n in self.router.find_neighbors(Node(key), exclude=sender)]
-        if name == "find_node":
-            return neighbors
-        if name == "find_value":
-            value = store.get(key, now)
-            return {"value": value} if value is not None else neighbors
-        if name == "store":
-            # optionally with entries to add (one request where two were needed): the
-            # reply is then [record accepted, entries accepted]
-            if len(args) not in (2, 3) or not isinstance(args[1], bytes):
-                return False
-            if len(args[1]) > MAX_VALUE_SIZE:
-                return False
-            source = write_source(sender.ip, sender.port)
-            accepted = store.put(key, args[1], now, source).accepted
-            if len(args) == 2:
-                return accepted
-            return [accepted, self._add_entries(key, args[2], now, source)]
-        if name == "add_entries":
-            if len(args) != 2:
-                return 0
-            return self._add_entries(key, args[1], now, write_source(sender.ip, sender.port))
-        # find_entries: one page of entries starting at an offset, plus closer contacts;
-        # with the optional flag, also the record (so one lookup reads both)
-        offset = args[1] if len(args) > 1 and isinstance(args[1], int) else 0
-        with_value = len(args) > 2 and args[2] is True
-        value = store.get(key, now) if with_value else None
-        budget = _ENTRY_BATCH_BYTES - (len(value) if value is not None else 0)
-        all_entries = store.entries(key, now)
-        page, size, nxt = [], 0, -1
-        for i in range(max(offset, 0), len(all_entries)):
-            if size + len(all_entries[i]) > budget:
-                nxt = i
-                break
-            page.append(all_entries[i])
-            size += len(all_entries[i])
-        reply: dict[str, object] = {
-            "entries": page,
-            "next": nxt,
-            "nodes": neighbors[: self.dht.config.ksize // 2],
-        }
-        if offset <= 0 and nxt >= 0:
-            # the first page of several: readers need the further pages of only one
-            # peer per distinct entry set
-            reply["digest"] = entry_set_digest(all_entries)
-        if with_value:
-            reply["value"] = value
-        return reply
-
-    def _add_entries(self, key: bytes, items: object, now: float, source: str) -> int:
-        if not isinstance(items, list):
-            return 0
-        store = self.dht.store
-        gate = self.dht.entry_gate
-        accepted = 0
-        for e in items:
-            if not isinstance(e, bytes) or len(e) > MAX_VALUE_SIZE:
-                continue
-            if gate is not None and not gate.admit(key, e):
-                continue
-            if store.add_entry(key, e, now, source).accepted:
-                accepted += 1
-                if gate is not None:
-                    gate.admitted(key, e)
-        return accepted
-
-    def _handle_reply(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
-        pending = self._outstanding.get(msg_id)
-        if pending is None or self._expected.get(msg_id) != addr:
-            self.dropped += 1
-            return
-        future, timer = pending
-        timer.cancel()
-        del self._outstanding[msg_id]
-        del self._expected[msg_id]
-        if not future.done():
-            future.set_result((True, body))
-
-    # -- outgoing --------------------------------------------------------------------------
-
-    def send(self, data: bytes, address: tuple[str, int]) -> bool:
-        """Send one datagram; False if it could not go (closed, or not an IPv4 address).
-
-        The address is checked first: asyncio closes a datagram transport for good when
-        ``sendto`` raises anything but ``OSError`` (``OSError`` goes to
-        ``error_received``), so no peer-supplied address reaches it unchecked.
-        """
-        if self.transport is None or self.transport.is_closing():
-            return False
-        if not valid_address(address):
-            self.dht.peer_warning(("?", 0), f"refused to send to {address!r}")
-            return False
-        try:
-            self.transport.sendto(data, address)
-        except OSError as exc:
-            log.debug("send_failed addr=%s:%s %s", address[0], address[1], exc)
-            return False
-        self.sent += 1
-        return True
-
-    def call(self, address: tuple[str, int], name: str, *args: Any) -> asyncio.Future[Any]:
-        """Send request ``name(*args)`` to ``address``; the future gives (ok, reply).
-
-        The request carries the token ``address`` gave us, if we hold a fresh one.
-        """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        msg_id = os.urandom(_MSG_ID_SIZE)
-        token = self.dht.token_from(address)
-        data = _pack([name, list(args)] if token is None else [name, list(args), token])
-        if len(data) > 8192 or not self.send(_REQUEST + msg_id + data, address):
-            future.set_result((False, None))
-            return future
-        timer = loop.call_later(self._wait_timeout, self._on_timeout, msg_id)
-        self._outstanding[msg_id] = (future, timer)
-        self._expected[msg_id] = address
-        return future
-
-    async def request(self, address: tuple[str, int], name: str, *args: Any) -> tuple[bool, Any]:
-        """``call``, once more with the token if the reply was one (our address was not
-        yet proven there: one extra round trip, then never again for that period)."""
-        ok, reply = await self.call(address, name, *args)
-        if ok and _is_token_reply(reply):
-            self.dht.remember_token(address, reply["token"])
-            ok, reply = await self.call(address, name, *args)
-            if ok and _is_token_reply(reply):
-                return False, None
-        return ok, reply
-
-    def _on_timeout(self, msg_id: bytes) -> None:
-        pending = self._outstanding.pop(msg_id, None)
-        self._expected.pop(msg_id, None)
-        if pending is not None and not pending[0].done():
-            pending[0].set_result((False, None))
-
-    def notify(self, address: tuple[str, int], name: str, *args: Any) -> None:
-        """Send a request that expects no reply."""
-        self.send(_REQUEST + os.urandom(_MSG_ID_SIZE) + _pack([name, list(args)]), address)
-
-    def cancel_outstanding(self) -> None:
-        for future, timer in self._outstanding.values():
-            timer.cancel()
-            if not future.done():
-                future.set_result((False, None))
-        self._outstanding.clear()
-        self._expected.clear()
-
-    async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
-        result = await self.request((node_to_ask.ip, node_to_ask.port), "ping", self.source_node.id)
-        ok = result[0] and _is_id(result[1]) and result[1] == node_to_ask.id
-        return self.handle_call_response((ok, result[1]), node_to_ask)
-
-    async def call_find(self, node: Node, name: str, key: bytes, *extra: Any) -> tuple[bool, Any]:
-        result = await self.request((node.ip, node.port), name, self.source_node.id, key, *extra)
-        return self.handle_call_response(result, node)
-
-    async def call_store(
-        self, node_to_ask: Node, key: bytes, value: bytes, entries: Sequence[bytes] = ()
-    ) -> tuple[bool, Any]:
-        """``store``, with ``entries`` to add in the same request when there are any."""
-        extra: tuple[object, ...] = (list(entries),) if entries else ()
-        result = await self.request(
-            (node_to_ask.ip, node_to_ask.port), "store", self.source_node.id, key, value, *extra
-        )
-        return self.handle_call_response(result, node_to_ask)
-
-    def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
-        """Count a failure (evicting after several in a row) or welcome the node."""
-        if not result[0]:
-            failures = self._failures.get(node.id, 0) + 1
-            self._failures[node.id] = failures
-            if failures >= self.dht.config.evict_after_failures:
-                self._failures.pop(node.id, None)
-                self.router.remove_contact(node)
-            return result
-        self._failures.pop(node.id, None)
-        self.welcome_if_new(node)
-        return result
-
-    def welcome_if_new(self, node: Node) -> None:
-        """Add a new contact, once it proved its ID at its address (identify)."""
-        if not self.router.is_new_node(node) or node.id == self.source_node.id:
-            return
-        if self.dht.identity is not None and not self.dht.is_verified(node):
-            self.dht.verify_later(node)  # added once it proves its ID
-            return
-        if not self.dht.ip_allowed(node):
-            return
-        self.router.add_contact(node)
-        self.dht.spawn(self.dht._hand_over(node))
 
 
 class Dht:
@@ -855,7 +97,7 @@ class Dht:
         identity: Identity | None = None,
     ) -> None:
         """``identity``: this peer's key; with it, contacts must prove their IDs (identify)."""
-        if not _is_id(node_id):
+        if not is_id(node_id):
             raise ValueError("node id must be 20 bytes")
         if identity is not None and identity.node_id != node_id:
             raise ValueError("node id does not derive from the identity's key")
@@ -863,17 +105,12 @@ class Dht:
         # (node id, ip, port) -> public key of contacts that proved their ID at that
         # address (bounded): a proof holds for the address it was made at, nowhere else
         self.verified: dict[tuple[bytes, str, int], bytes] = {}
-        # addresses that answered our identify challenge: they receive at that address,
-        # so they get full replies without a token
-        self._proven: dict[tuple[str, int], None] = {}
-        # address -> (token it gave us, when): sent with our requests to it
-        self._tokens: dict[tuple[str, int], tuple[bytes, float]] = {}
-        self._token_key = os.urandom(32)
         self._verifying: dict[tuple[bytes, str, int], asyncio.Task[Any]] = {}
-        self._write_buckets: dict[str, tuple[float, float]] = {}
         self.config = config or DhtConfig()
         self.node = Node(node_id)
         self.clock = clock
+        # tokens, proven addresses and write limits
+        self.guard = AddressGuard(self.config, clock)
         self.rng = rng or random.Random()
         self.store = RecordStore(
             db_path,
@@ -884,17 +121,15 @@ class Dht:
         )
         # checks on entries other peers send, beyond the policy (None: the policy alone)
         self.entry_gate: EntryGate | None = None
-        self.protocol: _Protocol | None = None
+        self.protocol: DhtProtocol | None = None
         self.transport: DatagramTransport | None = None
         self.seeds: list[tuple[str, int]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("dht")
         self._warned: set[tuple[str, int]] = set()
         self.stats: dict[str, int] = {"lookups": 0, "rounds": 0, "rpcs": 0, "stalled": 0}
         # round trips of lookup replies, for the stall time
         self.rtt = RttEstimator()
-        # key -> (loop time, k closest peers that answered a lookup of it), oldest first
-        # (per disjoint path)
-        self._recent_closest: dict[bytes, tuple[float, list[list[Contact]]]] = {}
+        self.records = Records(self)
 
     @property
     def node_id(self) -> bytes:
@@ -911,7 +146,7 @@ class Dht:
         network: DatagramNetwork | None = None,
     ) -> int:
         """Listen on ``host:port`` (a ready UDP socket, or another network); return the port."""
-        protocol = _Protocol(self)
+        protocol = DhtProtocol(self)
         net = network or UdpNetwork(sock)
         transport, (ip, bound) = await net.open_datagram(
             host, port, protocol, recv_buffer=self.config.recv_buffer
@@ -929,11 +164,7 @@ class Dht:
         if self.protocol is not None:
             for contact in self.contacts():
                 self.protocol.notify(contact.address, "leave", self.node_id)
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.close()
         if self.protocol is not None:
             self.protocol.cancel_outstanding()
         if self.transport is not None:
@@ -943,7 +174,7 @@ class Dht:
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` as a task owned by this node (cancelled by stop)."""
-        self._adopt(asyncio.get_running_loop().create_task(coro))
+        self._tasks.spawn(coro)
 
     def _timed_reply(
         self, loop: asyncio.AbstractEventLoop, sent: float, task: asyncio.Task[tuple[bool, Any]]
@@ -953,16 +184,6 @@ class Dht:
         if not task.cancelled() and task.exception() is None and task.result()[0]:
             self.rtt.observe(loop.time() - sent)
 
-    def _adopt(self, task: asyncio.Task[Any]) -> None:
-        """Own an already running task (cancelled by stop)."""
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("dht task failed: %r", task.exception())
-
     def peer_warning(self, addr: tuple[str, int], message: str) -> None:
         """Log a peer-caused problem once per address at WARNING, then at DEBUG."""
         level = logging.DEBUG if addr in self._warned else logging.WARNING
@@ -970,7 +191,7 @@ class Dht:
             self._warned.add(addr)
         log.log(level, "peer_error addr=%s:%s %s", addr[0], addr[1], message)
 
-    def _proto(self) -> _Protocol:
+    def _proto(self) -> DhtProtocol:
         if self.protocol is None:
             raise NetworkError("the DHT is not started")
         return self.protocol
@@ -988,33 +209,28 @@ class Dht:
     # -- routing table ---------------------------------------------------------------------
 
     def contacts(self) -> list[Contact]:
-        return [_contact(n) for n in self._proto().router.all_contacts()]
+        return [contact_of(n) for n in self._proto().router.all_contacts()]
 
     def neighbors(self, key: bytes, count: int | None = None) -> list[Contact]:
         nodes = self._proto().router.find_neighbors(Node(key), count or self.config.ksize)
-        return [_contact(n) for n in nodes]
+        return [contact_of(n) for n in nodes]
 
     @property
     def me(self) -> Contact:
-        return _contact(self.node)
+        return contact_of(self.node)
 
     # -- node identity and per-sender limits -------------------------------------------------
 
-    def prove_identity(self, args: list[Any], addr: tuple[str, int]) -> object:
+    def prove_identity(self, request: dhtwire.IdentifyArgs, addr: tuple[str, int]) -> object:
         """Answer an identify challenge: our public key and a signature over the nonce,
         and, when the request is padded (newer peers), the token for its address."""
-        if self.identity is None or len(args) not in (1, 2) or not isinstance(args[0], bytes):
+        if self.identity is None or request.nonce is None:
             return False
-        nonce = args[0]
-        if len(nonce) != _NONCE_SIZE:
-            return False
-        message = IDENTIFY_DOMAIN + nonce + self.node_id
-        proof: list[object] = [self.identity.public_key, self.identity.sign(message)]
-        if len(args) == 2:
-            if not (isinstance(args[1], bytes) and len(args[1]) <= _MAX_PAD):
-                return False
-            proof.append(self.token_for(addr))
-        return proof
+        message = IDENTIFY_DOMAIN + request.nonce + self.node_id
+        token = self.guard.token_for(addr) if request.padded else None
+        return dhtwire.IdentifyReply(
+            self.identity.public_key, self.identity.sign(message), token
+        ).encode()
 
     def is_verified(self, node: Node) -> bool:
         """Whether ``node`` proved its ID at its address (identify)."""
@@ -1026,16 +242,17 @@ class Dht:
         that the address receives what we send it, and brings its token for ours."""
         if self.is_verified(node):
             return True
-        nonce = os.urandom(_NONCE_SIZE)
+        nonce = os.urandom(dhtwire.NONCE_SIZE)
         address = (node.ip, node.port)
-        ok, reply = await self._proto().call(
-            address, "identify", self.node_id, nonce, bytes(IDENTIFY_PAD)
-        )
-        if not (ok and isinstance(reply, list) and len(reply) in (2, 3)):
+        ask = dhtwire.IdentifyArgs(self.node_id, nonce, padded=True)
+        ok, reply = await self._proto().call(address, "identify", *dhtwire.encode_args(ask))
+        if not ok:
             return False
-        public_key, signature = reply[0], reply[1]
-        if not (isinstance(public_key, bytes) and isinstance(signature, bytes)):
+        try:
+            proof = dhtwire.decode_identify(reply)
+        except WireError:
             return False
+        public_key, signature = proof.public_key, proof.signature
         if node_id_for(public_key) != node.id:
             return False
         if not has_work(bytes(node.id), self.config.id_difficulty):
@@ -1045,13 +262,13 @@ class Dht:
             verify_signature(public_key, signature, IDENTIFY_DOMAIN + nonce + bytes(node.id))
         except IntegrityError:
             return False
-        if len(reply) == 3 and isinstance(reply[2], bytes) and len(reply[2]) == TOKEN_SIZE:
-            self.remember_token(address, reply[2])
+        if proof.token is not None:
+            self.guard.remember_token(address, proof.token)
         if len(self.verified) >= 10 * self.config.max_verified:
             self.verified.clear()
-            self._proven.clear()
+            self.guard.forget_proven()
         self.verified[(bytes(node.id), node.ip, node.port)] = public_key
-        self._proven[address] = None
+        self.guard.mark_proven(address)
         return True
 
     def verify_later(self, node: Node) -> None:
@@ -1067,86 +284,26 @@ class Dht:
             finally:
                 self._verifying.pop(claim, None)
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._verifying[claim] = task
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        self._verifying[claim] = self._tasks.spawn(run())
 
     # -- return-routability tokens ------------------------------------------------------------
-
-    def _token(self, addr: tuple[str, int], period: int) -> bytes:
-        message = b"%b%d\x00%b:%d" % (_TOKEN_DOMAIN, period, addr[0].encode(), addr[1])
-        return hmac.digest(self._token_key, message, "sha256")[:TOKEN_SIZE]
-
-    def token_for(self, addr: tuple[str, int]) -> bytes:
-        """The token we give ``addr``: valid in this period and the next."""
-        return self._token(addr, int(self.clock() // self.config.token_period))
-
-    def address_proven(self, addr: tuple[str, int], token: object) -> bool:
-        """Whether ``addr`` proved it receives there: it answered our identify challenge,
-        or its request carries a token we gave that address (this period or the last)."""
-        if addr in self._proven:
-            return True
-        if not (isinstance(token, bytes) and len(token) == TOKEN_SIZE):
-            return False
-        period = int(self.clock() // self.config.token_period)
-        return hmac.compare_digest(token, self._token(addr, period)) or hmac.compare_digest(
-            token, self._token(addr, period - 1)
-        )
-
-    def remember_token(self, addr: tuple[str, int], token: bytes) -> None:
-        if len(self._tokens) >= _TOKENS_MAX:
-            self._tokens.pop(next(iter(self._tokens)))  # the oldest
-        self._tokens.pop(addr, None)
-        self._tokens[addr] = (bytes(token), self.clock())
-
-    def token_from(self, addr: tuple[str, int]) -> bytes | None:
-        """The token ``addr`` gave us, while it is surely still valid there."""
-        held = self._tokens.get(addr)
-        if held is None:
-            return None
-        token, at = held
-        if self.clock() - at >= self.config.token_period:
-            del self._tokens[addr]
-            return None
-        return token
 
     async def settle(self) -> None:
         """Wait for pending identity checks (so the routing table reflects them)."""
         while self._verifying:
             await asyncio.gather(*list(self._verifying.values()), return_exceptions=True)
 
-    def _limited(self, ip: str | None) -> bool:
-        if ip is None:
-            return False
-        return self.config.limit_loopback or not ip.startswith("127.")
-
     def ip_allowed(self, node: Node) -> bool:
         """At most ``max_contacts_per_ip`` contacts per IPv4 address (loopback exempt)."""
-        if not self._limited(node.ip):
+        if not self.guard.limited(node.ip):
             return True
         return self._proto().router.contacts_at(node.ip) < self.config.max_contacts_per_ip
-
-    def allow_write(self, ip: str | None, now: float) -> bool:
-        """Per-sender token bucket for store/add_entries requests."""
-        if not self._limited(ip) or ip is None:
-            return True
-        rate, burst = self.config.write_rate, self.config.write_burst
-        tokens, last = self._write_buckets.get(ip, (burst, now))
-        tokens = min(burst, tokens + (now - last) * rate)
-        if len(self._write_buckets) > 10_000:
-            self._write_buckets.clear()
-        if tokens < 1:
-            self._write_buckets[ip] = (tokens, now)
-            return False
-        self._write_buckets[ip] = (tokens - 1, now)
-        return True
 
     async def ping(self, address: tuple[str, int]) -> bytes | None:
         """Ping an address; on success the peer joins the routing table and its ID returns."""
         proto = self._proto()
         ok, reply = await proto.call(address, "ping", self.node_id)
-        if not ok or not _is_id(reply):
+        if not ok or not is_id(reply):
             return None
         node = Node(reply, address[0], address[1])
         if self.identity is not None and not await self.verify(node):
@@ -1210,7 +367,8 @@ class Dht:
         claimed: set[bytes] | None = None,
         remember: bool = True,
     ) -> LookupResult:
-        """Iterative Kademlia lookup with ``alpha`` requests in flight.
+        """Iterative Kademlia lookup with ``alpha`` requests in flight (the rules are
+        :class:`~difs_p2p.lookup.Lookup`'s; this sends what it says and feeds it back).
 
         ``claimed``, shared by the paths of a disjoint lookup (``lookup_paths``), holds
         the peers some path asked: this lookup neither asks nor counts them. A contact
@@ -1220,126 +378,69 @@ class Dht:
         placement that needs fewer asks fewer); ``find_value`` and ``find_entries`` also
         collect what every one of those k peers holds (they never stop at the first
         answer); ``find_entries`` ``with_value`` collects records and entries at once.
-        Once no candidate is closer than the closest peer that answered, the
-        remaining k closest are asked at once (the paper's last round). A request
-        unanswered for the stall time (adaptive, see ``RttEstimator``) frees its slot,
-        and the lookup ends once only such stalled requests are left: a dead contact
-        costs the stall time, not ``rpc_timeout``.
+        The stall time adapts to the round trips of lookup replies (``RttEstimator``).
         """
         proto = self._proto()
-        k, alpha = min(k or self.config.ksize, self.config.ksize), self.config.alpha
-        target = Node(key)
-        goal = target.long_id
-        shortlist: dict[bytes, Node] = {}
-        # (distance, id) of every shortlist entry, kept sorted (IDs differ, so distances do)
-        order: list[tuple[int, bytes]] = []
-        for n in start if start is not None else proto.router.find_neighbors(target, k):
-            if n.id != self.node.id:
-                if n.id not in shortlist:
-                    bisect.insort(order, (n.long_id ^ goal, n.id))
-                shortlist[n.id] = n
-        contacted: set[bytes] = set()
-        taken = contacted if claimed is None else claimed
-        responded: dict[bytes, Node] = {}
-        result = LookupResult(closest=[])
-        in_flight: dict[asyncio.Task[tuple[bool, Any]], Node] = {}
-        # when each request stops holding a slot
-        stalls_at: dict[asyncio.Task[tuple[bool, Any]], float] = {}
+        k = min(k or self.config.ksize, self.config.ksize)
+        if start is None:
+            start = proto.router.find_neighbors(Node(key), k)
+        machine = Lookup(
+            key,
+            rpc,
+            [contact_of(n) for n in start],
+            k=k,
+            alpha=self.config.alpha,
+            stall=self.rtt.timeout(self.config.lookup_stall_min, self.config.lookup_stall),
+            me=self.node_id,
+            claimed=claimed,
+            with_value=with_value,
+        )
+        extra: tuple[object, ...] = ()
+        if rpc == "find_entries":
+            extra = (0, True) if with_value else (0,)
+        in_flight: dict[asyncio.Task[tuple[bool, Any]], Contact] = {}
         loop = asyncio.get_running_loop()
-        stall = self.rtt.timeout(self.config.lookup_stall_min, self.config.lookup_stall)
-        late: set[asyncio.Task[tuple[bool, Any]]] = set()
         if claimed is None:
             self.stats["lookups"] += 1  # a disjoint lookup counts once (lookup_paths)
-
-        def candidates() -> list[Node]:
-            """Not yet asked among the k closest of the shortlist that this path may use."""
-            if claimed is None:
-                return [shortlist[i] for _, i in order[:k] if i not in contacted]
-            out: list[Node] = []
-            usable = 0
-            for _, i in order:
-                mine = i in contacted
-                if i in taken and not mine:
-                    continue  # another path's
-                if not mine:
-                    out.append(shortlist[i])
-                usable += 1
-                if usable >= k:
-                    break
-            return out
-
-        # the distance of the closest peer that answered
-        best: int | None = None
-        depth: dict[bytes, int] = dict.fromkeys(shortlist, 1)
         finished = False
         try:
             while True:
                 now = loop.time()
-                active = [t for t in in_flight if now < stalls_at[t]]
-                late.update(t for t in in_flight if now >= stalls_at[t])
-                waiting = candidates()
-                # The paper's last round: once no candidate is closer than the closest
-                # peer that answered, ask all remaining k closest at once, not alpha.
-                closing = best is not None and (not waiting or waiting[0].long_id ^ goal > best)
-                width = k if closing else alpha
-                for node in waiting[: max(0, width - len(active))]:
-                    contacted.add(node.id)
-                    taken.add(node.id)
-                    extra: tuple[object, ...] = ()
-                    if rpc == "find_entries":
-                        extra = (0, True) if with_value else (0,)
+                for contact in machine.ask(now):
+                    node = Node(contact.node_id, contact.host, contact.port)
                     task = asyncio.ensure_future(self._ask(node, rpc, key, *extra))
-                    in_flight[task] = node
+                    in_flight[task] = contact
                     task.add_done_callback(functools.partial(self._timed_reply, loop, now))
-                    stalls_at[task] = now + stall
-                    active.append(task)
-                    result.queried += 1
-                result.peak_in_flight = max(result.peak_in_flight, len(active))
-                if not active:
-                    break  # nothing left to ask but stalled requests: done without them
+                if machine.done:
+                    break
+                wake = machine.wake_at()
                 # positive: every active request stalls strictly after now
-                wake = min(stalls_at[t] for t in active) - now
+                timeout = None if wake is None else wake - now
                 done, _ = await asyncio.wait(
-                    in_flight, timeout=wake, return_when=asyncio.FIRST_COMPLETED
+                    in_flight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done:
-                    del stalls_at[task]
-                    node = in_flight.pop(task)
+                    contact = in_flight.pop(task)
                     ok, reply = task.result()
-                    nodes = self._absorb(rpc, key, node, reply, result, with_value) if ok else None
-                    if nodes is None:
-                        if shortlist.pop(node.id, None) is not None:
-                            del order[bisect.bisect_left(order, (node.long_id ^ goal, node.id))]
-                        continue
-                    responded[node.id] = node
-                    if best is None or node.long_id ^ goal < best:
-                        best = node.long_id ^ goal
-                    for n in nodes:
-                        if n.id != self.node.id and n.id not in shortlist:
-                            shortlist[n.id] = n
-                            bisect.insort(order, (n.long_id ^ goal, n.id))
-                            depth[n.id] = depth.get(node.id, 1) + 1
+                    if ok:
+                        machine.reply(contact, reply, loop.time())
+                    else:
+                        machine.timeout(contact)
             finished = True
         finally:
             for task in in_flight:
                 if finished:
                     # a stalled request runs to its answer or timeout, which counts
                     # towards evicting a dead contact
-                    self._adopt(task)
+                    self._tasks.adopt(task)
                 else:
                     task.cancel()
-        result.stalled = len(late)
+        result = machine.result()
         self.stats["rounds"] += result.rounds
         self.stats["rpcs"] += result.queried
         self.stats["stalled"] += result.stalled
-        ordered = sorted(responded.values(), key=target.distance_to)[:k]
-        result.rounds = max((depth.get(n.id, 1) for n in ordered[:1]), default=0)
-        result.closest = [_contact(n) for n in ordered]
-        have = {c.node_id for c, _ in result.values}
-        have.update(c.node_id for c in result.value_unknown)
-        result.without_value = [c for c in result.closest if c.node_id not in have]
         if remember and k == self.config.ksize and result.closest:
-            self._remember_closest(key, [result.closest])
+            self.records.remember_closest(key, [result.closest])
         return result
 
     async def _ask(self, node: Node, rpc: str, key: bytes, *extra: Any) -> tuple[bool, Any]:
@@ -1369,79 +470,26 @@ class Dht:
             found.paths = [found.closest]
             return found
         k = self.config.ksize
-        known = self._proto().router.find_neighbors(Node(key), d * k)
-        starts = [known[i::d] for i in range(d) if known[i::d]]
+        known = [contact_of(n) for n in self._proto().router.find_neighbors(Node(key), d * k)]
         claimed: set[bytes] = set()
         self.stats["lookups"] += 1
         results = await asyncio.gather(
             *(
                 self.lookup(
-                    key, rpc, start=s, with_value=with_value, claimed=claimed, remember=False
+                    key,
+                    rpc,
+                    start=[Node(c.node_id, c.host, c.port) for c in s],
+                    with_value=with_value,
+                    claimed=claimed,
+                    remember=False,
                 )
-                for s in starts
+                for s in deal_paths(known, d)
             )
         )
-        merged = LookupResult(closest=[])
-        for r in results:
-            merged.closest.extend(r.closest)
-            merged.values.extend(r.values)
-            merged.entries.extend(r.entries)
-            merged.without_value.extend(r.without_value)
-            merged.more_pages.extend(r.more_pages)
-            merged.value_unknown.extend(r.value_unknown)
-            merged.queried += r.queried
-            merged.stalled += r.stalled
-            merged.peak_in_flight += r.peak_in_flight
-            merged.rounds = max(merged.rounds, r.rounds)
-        merged.closest.sort(key=lambda c: distance(c.node_id, key))
-        merged.paths = [r.closest for r in results if r.closest]
+        merged = merge(results, key)
         if merged.closest:
-            self._remember_closest(key, merged.paths)
+            self.records.remember_closest(key, merged.paths)
         return merged
-
-    def _absorb(
-        self,
-        rpc: str,
-        key: bytes,
-        node: Node,
-        reply: object,
-        result: LookupResult,
-        with_value: bool = False,
-    ) -> list[Node] | None:
-        """Take one reply into ``result``; the contacts it names, or None if malformed."""
-        limit = self.config.ksize * 2
-        if rpc == "find_node":
-            return _parse_node_list(reply, limit)
-        if rpc == "find_value":
-            if isinstance(reply, dict):
-                value = reply.get("value")
-                if len(reply) != 1 or not isinstance(value, bytes):
-                    return None
-                result.values.append((_contact(node), value))
-                return []
-            return _parse_node_list(reply, limit)
-        if not isinstance(reply, dict):
-            return None
-        entries, nodes = reply.get("entries"), _parse_node_list(reply.get("nodes"), limit)
-        if not isinstance(entries, list) or nodes is None:
-            return None
-        if with_value and "value" not in reply:
-            result.value_unknown.append(_contact(node))
-        elif with_value:
-            value = reply["value"]
-            if value is not None and not isinstance(value, bytes):
-                return None
-            if value is not None:
-                result.values.append((_contact(node), value))
-        page = [e for e in entries if isinstance(e, bytes)]
-        result.entries.extend(page)
-        nxt = reply.get("next")
-        if isinstance(nxt, int) and (nxt > 0 or (nxt == 0 and with_value)):
-            digest = reply.get("digest")
-            if not (isinstance(digest, bytes) and len(digest) == ENTRY_DIGEST_SIZE):
-                digest = None  # a peer that predates the digest, or a malformed one
-            result.more_pages.append(MorePages(_contact(node), nxt, digest, page))
-        return nodes
 
     async def closest(self, key: bytes, count: int | None = None) -> list[Contact]:
         """The ``count`` closest live peers to ``key``, this peer included, closest first.
@@ -1457,331 +505,59 @@ class Dht:
         if len(everyone) < count:
             have = {c.node_id for c in everyone}
             known = self._proto().router.find_neighbors(Node(key), count)
-            everyone += [_contact(n) for n in known if n.id not in have][: count - len(everyone)]
+            everyone += [contact_of(n) for n in known if n.id not in have][: count - len(everyone)]
         return everyone[:count]
 
-    # -- records ---------------------------------------------------------------------------
+    # -- records (difs_p2p.dhtrecords.Records) --------------------------------------------
 
     async def put(self, key: bytes, value: bytes) -> int:
         """Store a record on the k closest peers (and here, if we are among them).
 
         Returns how many peers accepted it; 0 means nobody did.
         """
-        if len(value) > MAX_VALUE_SIZE:
-            raise ValueError(f"record of {len(value)} bytes exceeds {MAX_VALUE_SIZE}")
-        return (await self.put_with_entries(key, value, [])).accepted
+        return await self.records.put(key, value)
 
     async def put_with_entries(self, key: bytes, value: bytes, entries: Sequence[bytes]) -> Stored:
-        """Store a record and add ``entries`` on the k closest peers of each disjoint
-        path, found by one lookup (or taken from a lookup of the same key in the last
-        ``closest_reuse`` seconds), then read the record back from each path's peers.
-
-        ``Stored.refused`` counts the peers that refused the record or did not answer: 0
-        means every one of those peers now holds it (no other record can win there). If
-        fewer than ``write_quorum_paths`` paths serve it back (peers that say they took
-        it and then answer without it), only the peers that served it count as accepted.
-        """
-        if len(value) > MAX_VALUE_SIZE:
-            raise ValueError(f"record of {len(value)} bytes exceeds {MAX_VALUE_SIZE}")
-        proto = self._proto()
-        paths = await self._closest_for_write(key)
-        peers = _union(paths, key)
-        accepted = refused = 0
-        here = False
-        if self._among_closest(key, peers):
-            if self.store.put(key, value, self.clock()).accepted:
-                accepted += 1
-                here = True
-            else:
-                refused += 1
-        entries_accepted = self._add_here(key, entries)
-        # The first batch of entries rides with the record (one request per peer); the
-        # rest go as add_entries. A peer that predates entries in `store` refuses the
-        # request with a bare `false` and is asked again the old way.
-        batches = _entry_batches(entries, first=_ENTRY_BATCH_BYTES - len(value))
-        first, rest = batches[0], batches[1:]
-        stores = self._answers(
-            [proto.call_store(Node(c.node_id, c.host, c.port), key, value, first) for c in peers]
-        )
-        added = self._send_entries(key, rest, peers)
-        replies, more = await asyncio.gather(stores, added)
-        entries_accepted += more
-        older: list[Contact] = []
-        took: set[bytes] = set()
-        for contact, (ok, reply) in zip(peers, replies, strict=True):
-            if ok and isinstance(reply, list) and len(reply) == 2:
-                took_it, added_here = reply
-                if took_it is True:
-                    took.add(contact.node_id)
-                else:
-                    refused += 1
-                entries_accepted += added_here if isinstance(added_here, int) else 0
-            elif ok and reply is True:
-                took.add(contact.node_id)  # without entries in the request
-            elif ok and reply is False and first:
-                older.append(contact)
-            else:
-                refused += 1
-        if older:
-            again = self._answers(
-                [proto.call_store(Node(c.node_id, c.host, c.port), key, value) for c in older]
-            )
-            replies, more = await asyncio.gather(again, self._send_entries(key, [first], older))
-            entries_accepted += more
-            for contact, (ok, reply) in zip(older, replies, strict=True):
-                if ok and reply is True:
-                    took.add(contact.node_id)
-                else:
-                    refused += 1
-        accepted += len(took)
-        used = [p for p in paths if p]
-        served: set[bytes] = set()
-        readable = sum(
-            await asyncio.gather(
-                *(
-                    self._read_back(key, value, [c for c in p if c.node_id in took], served)
-                    for p in used
-                )
-            )
-        )
-        quorum = min(self.config.write_quorum_paths, len(used))
-        if readable < quorum:
-            log.warning(
-                "write_unreadable key=%s paths=%d readable=%d took=%d served=%d",
-                key.hex()[:12],
-                len(used),
-                readable,
-                len(took),
-                len(served),
-            )
-            accepted = len(served) + here
-            refused += len(took) - len(served)
-        return Stored(accepted, refused, entries_accepted, len(used), readable, quorum)
-
-    async def _read_back(
-        self, key: bytes, value: bytes, peers: list[Contact], served: set[bytes]
-    ) -> bool:
-        """Whether one of ``peers`` (one path's, closest first) serves ``value`` (or a
-        better record) at ``key``: asked in waves of 1, 2, 4, ... peers until one does,
-        so an honest path costs one request; adds the peers that served it to ``served``."""
-        proto = self._proto()
-        policy = self.store.policy
-        mine = policy.record_rank(key, value, self.clock())
-        start, wave = 0, 1
-        while start < len(peers):
-            batch = peers[start : start + wave]
-            start, wave = start + wave, wave * 2
-            replies = await self._answers(
-                [proto.call_find(Node(c.node_id, c.host, c.port), "find_value", key) for c in batch]
-            )
-            found = False
-            for contact, (ok, reply) in zip(batch, replies, strict=True):
-                got = reply.get("value") if ok and isinstance(reply, dict) else None
-                if not isinstance(got, bytes):
-                    continue
-                rank = None if got == value else policy.record_rank(key, got, self.clock())
-                if got == value or (mine is not None and rank is not None and rank > mine):
-                    served.add(contact.node_id)
-                    found = True
-            if found:
-                return True
-        return False
-
-    def _among_closest(self, key: bytes, peers: list[Contact]) -> bool:
-        """Whether this peer is among the k closest to ``key`` (``peers`` sorted)."""
-        k = self.config.ksize
-        return len(peers) < k or distance(self.node_id, key) < distance(peers[k - 1].node_id, key)
-
-    def _remember_closest(self, key: bytes, closest: list[list[Contact]]) -> None:
-        if self.config.closest_reuse <= 0:
-            return
-        if len(self._recent_closest) >= _RECENT_CLOSEST_MAX:
-            self._recent_closest.pop(next(iter(self._recent_closest)))  # the oldest
-        self._recent_closest.pop(key, None)
-        self._recent_closest[key] = (asyncio.get_running_loop().time(), closest)
-
-    async def _closest_for_write(self, key: bytes) -> list[list[Contact]]:
-        """The k closest peers to ``key`` of each disjoint path: from a lookup moments
-        ago, else a new one."""
-        recent = self._recent_closest.get(key)
-        if recent is not None:
-            at, closest = recent
-            if asyncio.get_running_loop().time() - at <= self.config.closest_reuse:
-                return closest
-        return (await self.lookup_paths(key, "find_node")).paths
+        """Store a record and add entries on the k closest peers (``Records``)."""
+        return await self.records.put_with_entries(key, value, entries)
 
     async def get(self, key: bytes) -> list[bytes]:
-        """Every valid record the k closest peers (and this one) hold, best first.
-
-        Peers among the k closest that answered with an older record or none get the best
-        one (read-repair).
-        """
-        return self._best_records(key, await self.lookup_paths(key, "find_value"))
+        """Every valid record the k closest peers (and this one) hold, best first."""
+        return await self.records.get(key)
 
     async def resolve(self, key: bytes) -> tuple[list[bytes], list[bytes]]:
-        """``get`` and ``get_entries`` in one lookup: (valid records best first, entries).
-
-        Each of the k closest peers is asked once for its record and its entries
-        (``find_entries`` with the value flag); a peer that answers without saying whether
-        it holds a record (it predates the flag) is asked with ``find_value``.
-        """
-        proto = self._proto()
-        found = await self.lookup_paths(key, "find_entries", with_value=True)
-        if found.value_unknown:
-            asked = found.value_unknown
-            replies = await asyncio.gather(
-                *(
-                    proto.call_find(Node(c.node_id, c.host, c.port), "find_value", key)
-                    for c in asked
-                )
-            )
-            for contact, (ok, reply) in zip(asked, replies, strict=True):
-                value = reply.get("value") if ok and isinstance(reply, dict) else None
-                if isinstance(value, bytes):
-                    found.values.append((contact, value))
-                else:
-                    found.without_value.append(contact)
-        records = self._best_records(key, found)
-        return records, await self._all_entries(key, found)
-
-    def _best_records(self, key: bytes, found: LookupResult) -> list[bytes]:
-        """Every valid record of a lookup and this peer, best first; read-repair the rest."""
-        now = self.clock()
-        candidates = [v for _, v in found.values]
-        local = self.store.get(key, now)
-        if local is not None:
-            candidates.append(local)
-        # The policy ranks them, counting how many peers returned each (for DIFS: the
-        # owner most peers vouch for, then its highest version); every reader agrees.
-        best = self.store.policy.best_records(key, candidates, now)
-        if best:
-            stale = [c for c, v in found.values if v != best[0]] + found.without_value
-            if local is not None and local != best[0]:
-                self.store.put(key, best[0], now)
-            self.spawn(self._repair(key, best[0], stale))
-        return best
-
-    async def _repair(self, key: bytes, value: bytes, peers: list[Contact]) -> None:
-        proto = self._proto()
-        await asyncio.gather(
-            *(proto.call_store(Node(c.node_id, c.host, c.port), key, value) for c in peers)
-        )
+        """``get`` and ``get_entries`` in one lookup: (valid records best first, entries)."""
+        return await self.records.resolve(key)
 
     async def add_entries(self, key: bytes, entries: Sequence[bytes]) -> int:
         """Add signed entries under ``key`` on the k closest peers; returns acceptances."""
-        paths = await self._closest_for_write(key)
-        return await self._add_entries_to(key, entries, _union(paths, key))
-
-    async def _add_entries_to(
-        self, key: bytes, entries: Sequence[bytes], peers: list[Contact]
-    ) -> int:
-        if not entries:
-            return 0
-        accepted = self._add_here(key, entries)
-        return accepted + await self._send_entries(key, _entry_batches(entries), peers)
-
-    def _add_here(self, key: bytes, entries: Sequence[bytes]) -> int:
-        """Add ``entries`` to this peer's own store; the number accepted."""
-        now = self.clock()
-        return sum(self.store.add_entry(key, e, now).accepted for e in entries)
-
-    async def _send_entries(
-        self, key: bytes, batches: Sequence[Sequence[bytes]], peers: list[Contact]
-    ) -> int:
-        """``add_entries`` of each batch to each peer; the acceptances."""
-        proto = self._proto()
-        accepted = 0
-        calls: list[Coroutine[Any, Any, tuple[bool, Any]]] = [
-            proto.call_find(Node(c.node_id, c.host, c.port), "add_entries", key, list(batch))
-            for c in peers
-            for batch in batches
-            if batch
-        ]
-        if not calls:
-            return 0
-        for ok, reply in await self._answers(calls):
-            if ok and isinstance(reply, int) and reply > 0:
-                accepted += reply
-        return accepted
-
-    async def _answers(
-        self, calls: Sequence[Coroutine[Any, Any, tuple[bool, Any]]]
-    ) -> list[tuple[bool, Any]]:
-        """The replies to requests sent at once, in order.
-
-        A request still unanswered a stall time after the latest reply (adaptive, as in
-        lookups) counts as unanswered, ``(False, None)``: a dead peer among the k closest
-        costs a write the stall time, not ``rpc_timeout``. It runs on in the background:
-        a late store still lands, and a timeout still counts towards evicting the contact.
-        """
-        tasks = [asyncio.create_task(c) for c in calls]
-        stall = self.rtt.timeout(self.config.lookup_stall_min, self.config.lookup_stall)
-        pending = set(tasks)
-        try:
-            while pending:
-                done, pending = await asyncio.wait(
-                    pending, timeout=stall, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:
-                    break
-        except BaseException:
-            for task in pending:
-                task.cancel()
-            raise
-        for task in pending:
-            self._adopt(task)
-        return [t.result() if t.done() else (False, None) for t in tasks]
+        return await self.records.add_entries(key, entries)
 
     async def get_entries(self, key: bytes) -> list[bytes]:
         """The union of the entries under ``key`` held by the k closest peers and here."""
-        return await self._all_entries(key, await self.lookup_paths(key, "find_entries"))
+        return await self.records.get_entries(key)
 
     async def _all_entries(self, key: bytes, found: LookupResult) -> list[bytes]:
-        """The entries of a lookup, the further pages of the peers that had more, and ours.
+        return await self.records.all_entries(key, found)
 
-        Peers that sent the digest of their entry set are grouped by it (``page_plan``):
-        a set that equals ours is not read again, and of each other set the further
-        pages of one peer are read, checked against the digest, and only if they do not
-        match are the other peers of that group read. Peers without a digest are read
-        whole. Each peer's pages come one after another; different peers are read at
-        the same time.
-        """
-        proto = self._proto()
-        local = self.store.entries(key, self.clock())
+    async def call_store(
+        self, contact: Contact, key: bytes, value: bytes, entries: Sequence[bytes] = ()
+    ) -> tuple[bool, Any]:
+        """A ``store`` request to ``contact`` (the protocol's, by contact)."""
+        node = Node(contact.node_id, contact.host, contact.port)
+        return await self._proto().call_store(node, key, value, entries)
 
-        async def rest(more: MorePages) -> list[bytes]:
-            node = Node(more.contact.node_id, more.contact.host, more.contact.port)
-            got, offset = list(more.first), more.next
-            for _ in range(1000):
-                ok, reply = await proto.call_find(node, "find_entries", key, offset)
-                if not ok or not isinstance(reply, dict):
-                    break
-                page = reply.get("entries")
-                if isinstance(page, list):
-                    got.extend(e for e in page if isinstance(e, bytes))
-                nxt = reply.get("next")
-                if not isinstance(nxt, int) or nxt <= offset:
-                    break
-                offset = nxt
-            return got
+    async def call_find(
+        self, contact: Contact, rpc: str, key: bytes, *extra: Any
+    ) -> tuple[bool, Any]:
+        """A ``find_*`` or ``add_entries`` request to ``contact``."""
+        node = Node(contact.node_id, contact.host, contact.port)
+        result: tuple[bool, Any] = await self._proto().call_find(node, rpc, key, *extra)
+        return result
 
-        async def one_of(group: list[MorePages]) -> list[bytes]:
-            digest = group[0].digest
-            got = await rest(group[0])
-            if entry_set_digest(got) == digest:
-                return got
-            # the peer did not send the set it announced: read the others of its group
-            for more in await asyncio.gather(*(rest(m) for m in group[1:])):
-                got.extend(more)
-            return got
-
-        whole, groups = page_plan(found.more_pages, entry_set_digest(local))
-        pages = await asyncio.gather(*(rest(m) for m in whole), *(one_of(g) for g in groups))
-        entries = list(found.entries)
-        for got in pages:
-            entries.extend(got)
-        entries.extend(local)
-        return list(dict.fromkeys(entries))
+    def adopt(self, task: asyncio.Task[Any]) -> None:
+        """Own an already running task (cancelled by stop)."""
+        self._tasks.adopt(task)
 
     # -- handing records to newcomers ------------------------------------------------------
 

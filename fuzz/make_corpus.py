@@ -65,6 +65,21 @@ def _dht_seeds() -> dict[str, bytes]:
     }
 
 
+def _codec_seeds() -> dict[str, bytes]:
+    """One datagram of each kind the codec decodes, and two structured inputs."""
+    seeds = {name: data for name, data in _dht_seeds().items() if not name.startswith("structured")}
+    seeds["identify"] = _request("identify", _SENDER, bytes(16), bytes(80))
+    seeds["store_entries"] = _request("store", _SENDER, bytes(20), b"\x01v", [b"e"])
+    seeds["entries_reply"] = (
+        b"\x01"
+        + _MSG_ID
+        + umsgpack.packb({"entries": [b"e"], "next": -1, "nodes": [[_SENDER, "192.0.2.1", 1]]})
+    )
+    seeds["structured_request"] = b"\x80\x00" + bytes(range(1, 64))
+    seeds["structured_reply"] = b"\x80\x01" + bytes(range(1, 64))
+    return seeds
+
+
 def _manifest_seeds() -> dict[str, bytes]:
     sample = samples()
     seeds = {
@@ -115,6 +130,7 @@ def seed_inputs() -> dict[str, dict[str, bytes]]:
     return {
         "wire_frames": _wire_seeds(),
         "dht_datagram": _dht_seeds(),
+        "dht_codec": _codec_seeds(),
         "manifest_record": _manifest_seeds(),
         "holder_entry": _holder_seeds(),
         "names": _name_seeds(),

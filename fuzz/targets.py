@@ -26,9 +26,10 @@ from typing import Any, Final, TypeVar
 import umsgpack
 from kademlia.node import Node
 
-from difs_p2p import wire
+from difs_p2p import dhtwire, wire
 from difs_p2p.config import DhtConfig
-from difs_p2p.dht import KEY_SIZE, Dht, _Protocol
+from difs_p2p.dht import Dht
+from difs_p2p.dhtproto import DhtProtocol
 from difs_p2p.errors import BadNameError, IntegrityError, UsageError, WireError
 from difs_p2p.manifest import (
     HOLDER_SIZE,
@@ -37,6 +38,7 @@ from difs_p2p.manifest import (
     parse_manifest,
 )
 from difs_p2p.names import MAX_NAME_BYTES, key_namespace_owner, name_key, normalize_name
+from difs_p2p.routing import KEY_SIZE
 from difs_p2p.segments import HASH_SIZE, decode_hash_list
 from fuzz.structure import (
     ByteSource,
@@ -146,7 +148,7 @@ class _FailureLog(logging.Handler):
 @dataclass(slots=True)
 class _Node:
     dht: Dht
-    protocol: _Protocol
+    protocol: DhtProtocol
     transport: FakeTransport
 
 
@@ -172,7 +174,7 @@ class DhtHarness:
 
     def _build(self) -> _Node:
         dht = Dht(node_id=bytes(KEY_SIZE), policy=RecordValidator(), config=DhtConfig())
-        protocol = _Protocol(dht)
+        protocol = DhtProtocol(dht)
         transport = FakeTransport()
         protocol.transport = transport
         dht.protocol = protocol
@@ -334,6 +336,61 @@ def dht_datagram(data: bytes) -> None:
     dht_harness().run(data)
 
 
+def _check_reply_decoders(body: object) -> None:
+    """Every reply decoder on ``body``: a typed value that re-encodes to itself, or
+    WireError."""
+    for rpc in ("find_node", "find_value", "find_entries"):
+        try:
+            reply = dhtwire.decode_lookup_reply(rpc, body, 2 * DhtConfig().ksize)
+        except WireError:
+            continue
+        if isinstance(reply, dhtwire.EntriesReply):
+            again = dhtwire.unpack(dhtwire.pack(reply.encode()))
+            assert dhtwire.decode_find_entries(again, 2 * DhtConfig().ksize) == reply
+    for decode in (dhtwire.decode_identify, dhtwire.decode_store, dhtwire.decode_page):
+        with contextlib.suppress(WireError):
+            decode(body)
+    dhtwire.token_reply(body)
+    dhtwire.decode_count(body)
+
+
+def dht_codec(data: bytes) -> None:
+    """The datagram codec alone: any bytes decode or raise WireError, and a request's
+    typed arguments encode to a request that decodes to the same arguments.
+
+    From 0x80 up, the rest chooses a well-formed request (or, after an odd second byte,
+    a reply) as ``dht_datagram`` does.
+    """
+    if _structured(data):
+        src = ByteSource(data[1:])
+        known, keys = [bytes(range(1, 21))], [bytes(20)]
+        if src.flag():
+            body = dht_reply_body(src, known, keys)
+            data = b"\x01" + bytes(20) + umsgpack.packb(body)
+        else:
+            data = dht_request(src, known, keys)
+    try:
+        message = dhtwire.decode_datagram(data)
+    except WireError:
+        return
+    if isinstance(message, dhtwire.Reply):
+        _check_reply_decoders(message.body)
+        return
+    try:
+        args = dhtwire.decode_args(message.name, message.args)
+    except WireError:
+        return
+    try:
+        again = dhtwire.encode_request(
+            message.msg_id, message.name, dhtwire.encode_args(args), message.token
+        )
+    except ValueError:
+        return  # over the request size limit (a peer may send up to max_datagram)
+    decoded = dhtwire.decode_datagram(again)
+    assert isinstance(decoded, dhtwire.Request) and decoded.name == message.name
+    assert dhtwire.decode_args(decoded.name, decoded.args) == args
+
+
 # -- 3. manifests ---------------------------------------------------------------------------
 
 
@@ -433,6 +490,7 @@ class Target:
 TARGETS: Final[dict[str, Target]] = {
     "wire_frames": Target(wire_frames, 70_000),
     "dht_datagram": Target(dht_datagram, 70_000),
+    "dht_codec": Target(dht_codec, 70_000),
     "manifest_record": Target(manifest_record, 8192),
     "holder_entry": Target(holder_entry, 1024),
     "names": Target(names, 4096),

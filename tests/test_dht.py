@@ -21,23 +21,16 @@ from kademlia.node import Node
 from kademlia.routing import KBucket, RoutingTable
 
 from difs_p2p.config import DhtConfig
-from difs_p2p.dht import (
-    IDENTIFY_DOMAIN,
-    Contact,
-    Dht,
-    LookupResult,
-    MorePages,
-    RttEstimator,
-    _ExactRoutingTable,
-    _pack,
-    _unpack,
-    entry_set_digest,
-    page_plan,
-    valid_address,
-)
+from difs_p2p.dht import IDENTIFY_DOMAIN, Dht
+from difs_p2p.dhtrecords import entry_set_digest, page_plan
+from difs_p2p.dhtwire import pack as _pack
+from difs_p2p.dhtwire import unpack as _unpack
 from difs_p2p.identity import Identity
 from difs_p2p.idwork import generate_with_work, has_work, load_or_create_with_work, work_bits
+from difs_p2p.lookup import LookupResult, MorePages, RttEstimator
 from difs_p2p.recordstore import AcceptAll
+from difs_p2p.routing import Contact, valid_address
+from difs_p2p.routing import ExactRoutingTable as _ExactRoutingTable
 from tests.helpers import FAST_DHT, new_dht, start_dhts, stop_all, wait_for
 
 
