@@ -25,7 +25,7 @@ What the simulator adds around the peers:
   range; time to first byte = resolve time + one round trip + the first segment's transfer.
 * **Repair (the simulator's policy)**: every ``interval``, for each range of each name's
   newest version, holders that left count as suspects for ``detection_delay`` and as dead
-  after; the decision is the peer's own pure ``difs_p2p.repair.plan_range`` (the live
+  after; the decision is the peer's own pure ``difs_p2p.maintenance.plan_range`` (the live
   holder closest to the range key repairs a shortfall), and the leader places new copies
   on the closest live peers from ``Dht.closest``, whose signed entries it adds to the DHT.
   Failure detection by probing (``holds``) and the TCP pushes are modelled, not run
@@ -47,6 +47,7 @@ from typing import Any
 from difs_p2p.dht import Dht
 from difs_p2p.errors import DifsError
 from difs_p2p.identity import Identity, distance
+from difs_p2p.maintenance import Action, plan_range
 from difs_p2p.manifest import (
     HolderEntry,
     Manifest,
@@ -58,7 +59,7 @@ from difs_p2p.manifest import (
 )
 from difs_p2p.names import name_key
 from difs_p2p.net import DatagramNetwork
-from difs_p2p.repair import Action, plan_range, range_key
+from difs_p2p.placement import choose_targets, range_key
 from difs_p2p.segments import default_stripes, segment_hash, stripe_ranges
 from sim.metrics import Recorder
 from sim.models import Address, NetworkModel, fetch_time, pick_group, transfer_time
@@ -552,14 +553,9 @@ class World:
     async def _place(self, entry: SimPeer, rkey: bytes, replicas: int) -> list[SimPeer]:
         """The closest live peers to ``rkey`` as the entry peer finds them (itself
         included): r holders in all."""
-        chosen: list[SimPeer] = []
-        for contact in await entry.dht.closest(rkey, replicas + 8):
-            peer = self.by_id.get(contact.node_id)
-            if len(chosen) >= replicas:
-                break
-            if peer is not None and peer.alive:
-                chosen.append(peer)
-        return chosen
+        contacts = await entry.dht.closest(rkey, replicas + 8)
+        live = [c for c in contacts if (p := self.by_id.get(c.node_id)) is not None and p.alive]
+        return [self.by_id[c.node_id] for c in choose_targets(live, replicas)]
 
     def _hold(self, peer: SimPeer, obj: StoredObject, start: int, end: int) -> HolderEntry:
         """``peer`` now holds segments start..end of ``obj``: record it; its signed entry."""
@@ -787,13 +783,9 @@ class World:
     async def _repair_range(self, obj: StoredObject, i: int, leader: SimPeer, missing: int) -> None:
         try:
             contacts = await leader.dht.closest(obj.range_keys[i], obj.manifest.replicas + 8)
-            chosen: list[SimPeer] = []
-            for c in contacts:
-                peer = self.by_id.get(c.node_id)
-                if len(chosen) >= missing:
-                    break
-                if peer is not None and peer.alive and peer.index not in obj.holders[i]:
-                    chosen.append(peer)
+            live = [c for c in contacts if (p := self.by_id.get(c.node_id)) is not None and p.alive]
+            holders = {self.peers[h].node_id for h in obj.holders[i]}
+            chosen = [self.by_id[c.node_id] for c in choose_targets(live, missing, holders)]
             nbytes = obj.range_bytes[i] * len(chosen)
             bw = self.scenario.link.bandwidth
             await asyncio.sleep(transfer_time(nbytes, bw, bw))
