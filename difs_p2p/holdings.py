@@ -35,6 +35,9 @@ _COLUMNS = "key, version, integrity, count, start, end_, since, owner_key, root,
 
 @dataclass(frozen=True, slots=True)
 class Holding:
+    """One range of one name version kept here (segments ``start..end`` of ``integrity``),
+    held since ``since`` (wall-clock seconds)."""
+
     key: bytes
     version: int
     integrity: bytes

@@ -188,17 +188,7 @@ class Peer:
             self.port = await self.dht.start(cfg.host, cfg.port, network=datagrams)
             self.host = self.dht.me.host
             self.holdings = Holdings(self.data_dir / "holdings.sqlite3")
-            uploads = self._compose(self.identity, self.store, self.dht, self.holdings)
-            service = Service(
-                cfg,
-                identity=self.identity,
-                token=self._token,
-                store=self.store,
-                uploads=uploads,
-                controls=self._controls,
-                budget=self._uploads,
-                open_work=self._open_work,
-            )
+            service = self._compose(self.identity, self._token, self.store, self.dht, self.holdings)
             self.server = Server(
                 tcp,
                 service.serve,
@@ -213,16 +203,17 @@ class Peer:
             _atomic_write(self.data_dir / "address", f"{self.host}:{self.port}\n".encode())
             self.spawn(self._save_contacts_loop())
             self.spawn(self._maintainer().run())
-            self.spawn(uploads.sweep())
+            self.spawn(service.uploads.sweep())
         except BaseException:
             await self.stop()
             raise
 
     def _compose(
-        self, identity: Identity, store: SegmentStore, dht: Dht, holdings: Holdings
-    ) -> Uploads:
-        """Build the replication parts and the control operations over the running
-        store, DHT and holdings; the upload sessions the service feeds."""
+        self, identity: Identity, token: bytes, store: SegmentStore, dht: Dht, holdings: Holdings
+    ) -> Service:
+        """Build the parts over the running store, DHT and holdings: the replicator, the
+        maintenance loop, upload sessions, the control operations, and the TCP service
+        that answers connections with them."""
         cfg = self.config
         replicator = Replicator(
             identity=identity,
@@ -252,7 +243,16 @@ class Peer:
             status=self.status,
             spawn=self.spawn,
         )
-        return uploads
+        return Service(
+            cfg,
+            identity=identity,
+            token=token,
+            store=store,
+            uploads=uploads,
+            controls=self._controls,
+            budget=self._uploads,
+            open_work=self._open_work,
+        )
 
     async def _control(self, op: str, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         """Run control operation ``op`` on the running peer's operations."""
