@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from difs_p2p.manifest import Manifest
-from difs_p2p.repair import range_key
+from difs_p2p.placement import range_key
 from difs_p2p.segments import stripe_ranges
 
 

@@ -23,7 +23,7 @@ What this mode models around the peers:
   segment's transfer.
 * **Repair (the simulator's policy)**: every ``interval``, for each range of each name's
   newest version, holders that left count as suspects for ``detection_delay`` and as dead
-  after; the decision is the peer's own pure ``difs_p2p.repair.plan_range`` (the live
+  after; the decision is the peer's own pure ``difs_p2p.maintenance.plan_range`` (the live
   holder closest to the range key repairs a shortfall), and the leader places new copies
   on the closest live peers from ``Dht.closest``, whose signed entries it adds to the DHT.
   Failure detection by probing (``holds``) and the TCP pushes are modelled, not run
@@ -39,6 +39,7 @@ from collections.abc import Callable, Collection
 from difs_p2p.dht import Dht
 from difs_p2p.errors import DifsError
 from difs_p2p.identity import Identity, distance
+from difs_p2p.maintenance import Action, plan_range
 from difs_p2p.manifest import (
     HolderEntry,
     RecordValidator,
@@ -49,7 +50,7 @@ from difs_p2p.manifest import (
 )
 from difs_p2p.names import name_key
 from difs_p2p.net import DatagramNetwork
-from difs_p2p.repair import Action, plan_range
+from difs_p2p.placement import choose_targets
 from difs_p2p.segments import default_stripes, segment_hash
 from sim.catalog import StoredObject
 from sim.mode import Run
@@ -183,14 +184,11 @@ class ModelledMode:
         object with ``replicas`` copies), the closest live peers to it as ``asker`` finds
         them (itself included), leaving out the peer indexes in ``exclude`` (holders
         already). A publish asks for r holders; a repair for the missing ones."""
-        chosen: list[SimPeer] = []
-        for contact in await asker.dht.closest(rkey, replicas + 8):
-            peer = self.run.population.by_id.get(contact.node_id)
-            if len(chosen) >= count:
-                break
-            if peer is not None and peer.alive and peer.index not in exclude:
-                chosen.append(peer)
-        return chosen
+        by_id = self.run.population.by_id
+        contacts = await asker.dht.closest(rkey, replicas + 8)
+        live = [c for c in contacts if (p := by_id.get(c.node_id)) is not None and p.alive]
+        holders = {self.run.population.peers[i].node_id for i in exclude}
+        return [by_id[c.node_id] for c in choose_targets(live, count, holders)]
 
     def _hold(self, peer: SimPeer, obj: StoredObject, start: int, end: int) -> HolderEntry:
         """``peer`` now holds segments start..end of ``obj``: record it; its signed entry."""

@@ -94,7 +94,7 @@ async def test_forged_signature_is_refused(world: tuple[list[Peer], Dht], tmp_pa
     peers, evil = world
     owner = Identity.generate()
     data = await publish(peers, tmp_path, owner, "/bank/statement")
-    real = (await peers[1].dht_node().get(name_key("/bank/statement")))[0]
+    real = (await peers[1].replicator.dht.get(name_key("/bank/statement")))[0]
     forged = json.loads(real)
     forged["info"]["version"] = 99
     forged["info"]["parent"] = forged["info"]["root"] = "0" * 64
@@ -134,7 +134,7 @@ async def test_replay_of_an_old_version_is_refused(
     owner = Identity.generate()
     await publish(peers, tmp_path, owner, "/news")
     key = name_key("/news")
-    v1 = (await peers[1].dht_node().get(key))[0]
+    v1 = (await peers[1].replicator.dht.get(key))[0]
     v2_data = await publish(peers, tmp_path, owner, "/news", update=True)
     assert await raw_store(evil, key, v1) == 0
     assert await fetch(peers, tmp_path, "/news") == v2_data
@@ -151,7 +151,7 @@ async def test_oversized_and_garbage_values_are_refused(
     assert proto is not None
     ok, reply = await proto.call(peers[0].address, "store", evil.node_id, key, b"x" * 8150)
     assert not (ok and reply is True)
-    assert all(p.dht_node().store.counts()[0] == 0 for p in peers)
+    assert all(p.replicator.dht.store.counts()[0] == 0 for p in peers)
 
 
 async def test_hostile_holder_entries_cannot_break_a_fetch(
@@ -725,10 +725,10 @@ async def test_a_strangers_control_requests_are_refused_before_any_work(
             await _refused(stranger, "status")
         finally:
             stranger.close()
-        assert peer.holdings_db().of_key(key) == []
+        assert peer.replicator.holdings.of_key(key) == []
         assert [p._store().count for p in trio] == stored
         assert peer._store().has(seg_id)  # not quarantined: no check ran
-        assert await trio[1].dht_node().get(key) == []
+        assert await trio[1].replicator.dht.get(key) == []
     finally:
         operator.close()
 
@@ -825,7 +825,7 @@ async def test_a_peer_may_push_a_range_but_not_control_the_peer(trio: list[Peer]
         reason = {"key": key.hex(), "version": 1, "start": 0, "end": 0}
         await _refused(conn, "hold", **args)
         await _refused(conn, "hold", **args, reason={**reason, "kind": "repair"})
-        assert peer.holdings_db().of_key(key) == []
+        assert peer.replicator.holdings.of_key(key) == []
         held = await conn.call("hold", **args, reason={**reason, "kind": "place"})
         assert parse_holder_entry(bytes.fromhex(held["entry"])).node_id == peer.node_id
         await _refused(conn, "place", **args, stripes=1, replicas=3)
@@ -1115,21 +1115,21 @@ async def test_a_strangers_deleted_v1000_record_deletes_nothing(
     name = "/bank.com/statement.pdf"
     key = name_key(name)
     data = await publish(peers, tmp_path, owner, name)
-    v1 = (await peers[1].dht_node().get(key))[0]
+    v1 = (await peers[1].replicator.dht.get(key))[0]
     forged = _strangers_tombstone(name, stranger, blake3_hex(v1))
     # carried by the stranger's node, and planted in one honest peer's store (as if it
     # had arrived while that peer held no record for the key)
     evil.store._db.execute(
         "INSERT OR REPLACE INTO records(k, v, stored) VALUES(?,?,?)", (key, forged, evil.clock())
     )
-    planted = peers[4].dht_node().store
+    planted = peers[4].replicator.dht.store
     planted._db.execute("UPDATE records SET v=? WHERE k=?", (forged, key))
     assert planted.get(key, peers[4].clock()) == forged
     used = _used(peers)
     assert used >= 3 * 3 * SEG
 
     assert await fetch(peers, tmp_path, name) == data  # a first-time reader
-    holders = {p.address for p in peers if p.holdings_db().of_key(key)}
+    holders = {p.address for p in peers if p.replicator.holdings.of_key(key)}
     assert len(holders) >= 3
     for address in holders:
         no_proof = await _release_call(address, key)
@@ -1173,7 +1173,7 @@ async def test_a_strangers_entries_and_history_for_a_victims_name_are_refused(
     name = "/victim.org/index.html"
     key = name_key(name)
     data = await publish(peers, tmp_path, victim, name)
-    victim_v1 = (await peers[1].dht_node().get(key))[0]
+    victim_v1 = (await peers[1].replicator.dht.get(key))[0]
     used = _used(peers)
 
     swap = tmp_path / "swap"
@@ -1211,14 +1211,16 @@ async def test_a_strangers_entries_and_history_for_a_victims_name_are_refused(
     await evil.add_entries(key, [fake.raw, *(bytes.fromhex(e) for e in placed["entries"])])
 
     for p in peers:
-        stored = p.dht_node().store.entries(key, p.clock())
+        stored = p.replicator.dht.store.entries(key, p.clock())
         assert fake.raw not in stored
         assert not [e for e in stored if e[:1] != b"{" and e[21:29] == (1000).to_bytes(8, "big")]
     assert await fetch(peers, tmp_path, name) == data
     async with Client(peers[5].address) as client:
         assert [m.version for m in await client.versions(name)] == [1]
     await _maintain(peers, 3)
-    victim_holdings = [h for p in peers for h in p.holdings_db().of_key(key) if h.version == 1]
+    victim_holdings = [
+        h for p in peers for h in p.replicator.holdings.of_key(key) if h.version == 1
+    ]
     assert len(victim_holdings) >= 3
     assert _used(peers) >= used  # the victim's copies stay (the stranger's upload is extra)
     assert await fetch(peers, tmp_path, name) == data
@@ -1276,7 +1278,7 @@ async def test_one_source_cannot_fill_a_peers_record_store(tmp_path: Path) -> No
         names = [f"/honest/{i}" for i in range(5)]
         for n in names:
             await publish(peers, tmp_path, owner, n)
-        stored = target.dht_node().store
+        stored = target.replicator.dht.store
         assert all(stored.get(name_key(n), target.clock()) is not None for n in names)
         assert await fetch(peers, tmp_path, names[-1])
     finally:
@@ -1315,7 +1317,7 @@ async def test_junk_entries_under_a_name_do_not_starve_the_owners_update(
     for _ in range(2):  # twice, so that datagrams lost on the way do not leave room
         await evil.add_entries(key, junk)
     for p in peers:
-        count = len(p.dht_node().store.entries(key, p.clock()))
+        count = len(p.replicator.dht.store.entries(key, p.clock()))
         assert count <= 384 + 16, f"entries under the name at one peer: {count}"
     data = await publish(peers, tmp_path, owner, name, update=True)
     resolved = await Client(peers[2].address).resolve(name)
@@ -1570,12 +1572,12 @@ async def test_a_holder_serving_a_bad_segment_fails_a_sampled_challenge(tmp_path
         await wait_for(lambda: all(not pr.book.pending for pr in provers), 30)
         assert sum(pr.stats.segments for pr in provers) >= 1
         assert sum(pr.stats.failed for pr in provers) == 0, "honest holders pass"
-        liar = next(p for p in peers[1:] if p.holdings_db().of_key(m.key))
+        liar = next(p for p in peers[1:] if p.replicator.holdings.of_key(m.key))
         store = liar._store()
         ids = segments.verify_hash_list(
             store.read(bytes.fromhex(m.integrity)), bytes.fromhex(m.integrity), m.segment_count
         )
-        for h in liar.holdings_db().of_key(m.key):
+        for h in liar.replicator.holdings.of_key(m.key):
             for seg_id in ids[h.start : h.end + 1]:
                 path = store.path_of(seg_id)
                 path.write_bytes(b"\x00" + path.read_bytes()[1:])
@@ -1608,7 +1610,7 @@ async def test_nearer_claimants_cannot_make_honest_holders_drop_their_copies(
     """Peers whose keys were ground nearer a range key than any holder, holding the public
     data and answering probes, make no honest holder drop its copy; when they leave, every
     honest copy is still there and the object is fetched whole."""
-    from difs_p2p.repair import range_key
+    from difs_p2p.placement import range_key
 
     net = await start_peers(tmp_path / "net", 6)
     attackers: list[Peer] = []
@@ -1623,7 +1625,7 @@ async def test_nearer_claimants_cannot_make_honest_holders_drop_their_copies(
         assert len(ranges) == 1
         first, last = ranges[0]
         rkey = range_key(integrity, 0)
-        honest = [p for p in net if p.holdings_db().covers_integrity(integrity, first, last)]
+        honest = [p for p in net if _holds(p, integrity, first, last)]
         assert len(honest) == 2
         nearest = min(_xor(p.node_id, rkey) for p in net)
         keys: list[Identity] = []
@@ -1640,10 +1642,10 @@ async def test_nearer_claimants_cannot_make_honest_holders_drop_their_copies(
             await attacker.start()
             attackers.append(attacker)
         for attacker in attackers:  # a copy of the public data, and its own signed entries
-            entry = await honest[0].push_range(
+            entry = await honest[0].replicator.push_range(
                 attacker.address, m.key, m.version, integrity, first, last
             )
-            await attacker.dht_node().add_entries(m.key, [entry.raw])
+            await attacker.replicator.dht.add_entries(m.key, [entry.raw])
         for _ in range(3):
             for peer in net:
                 assert peer.maintainer is not None
@@ -1651,7 +1653,7 @@ async def test_nearer_claimants_cannot_make_honest_holders_drop_their_copies(
         for attacker in attackers:
             await attacker.stop()
         attackers.clear()
-        kept = [p for p in net if p.holdings_db().covers_integrity(integrity, first, last)]
+        kept = [p for p in net if _holds(p, integrity, first, last)]
         assert len(kept) == 2  # the attack freed every honest copy before
         assert await fetch(net, tmp_path, "/victim/copies") == src.read_bytes()
     finally:
@@ -1662,6 +1664,14 @@ async def test_nearer_claimants_cannot_make_honest_holders_drop_their_copies(
 
 def _xor(a: bytes, b: bytes) -> int:
     return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+
+
+def _holds(peer: Peer, integrity: bytes, start: int, end: int) -> bool:
+    """Whether one of the peer's holdings of object ``integrity`` covers start..end."""
+    return any(
+        h.integrity == integrity and h.start <= start and end <= h.end
+        for h in peer.replicator.holdings.all()
+    )
 
 
 async def test_a_writer_whose_delegation_ran_out_cannot_delete_by_backdating(

@@ -31,7 +31,7 @@ from difs_p2p.manifest import (
 from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
 from difs_p2p.pins import Pins
-from difs_p2p.repair import range_key
+from difs_p2p.placement import range_key
 from tests.helpers import client_for, peer_config, start_peers, stop_all, wait_for
 
 SEG = 64 << 10  # small segments keep multi-segment cases fast

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from difs_p2p.holdings import Holding, Holdings
 from difs_p2p.identity import Identity
+from difs_p2p.maintenance import NameView, bind_lineage, collect_due, gc_due
 from difs_p2p.manifest import (
     Lineage,
     Manifest,
@@ -21,7 +23,6 @@ from difs_p2p.manifest import (
 )
 from difs_p2p.names import name_key
 from difs_p2p.recordstore import RecordStore, write_source
-from difs_p2p.repair import Holding, Holdings, NameView, bind_lineage, collect_due, gc_due
 
 NAME = "/a.com/x"
 KEY = name_key(NAME)

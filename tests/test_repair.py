@@ -14,16 +14,13 @@ from difs_p2p import segments
 from difs_p2p.client import Client, PublishResult
 from difs_p2p.config import RepairConfig
 from difs_p2p.errors import UsageError
+from difs_p2p.holdings import Holding, Query
 from difs_p2p.identity import Identity
-from difs_p2p.manifest import HolderEntry, Lineage, Manifest, build_holder_entry, record_hash
-from difs_p2p.peer import Peer
-from difs_p2p.repair import (
+from difs_p2p.maintenance import (
     Action,
     FailureDetector,
     Health,
-    Holding,
     NameView,
-    Query,
     TokenBucket,
     collect_due,
     first_rounds,
@@ -39,6 +36,8 @@ from difs_p2p.repair import (
     resolve_due,
     round_phase,
 )
+from difs_p2p.manifest import HolderEntry, Lineage, Manifest, build_holder_entry, record_hash
+from difs_p2p.peer import Peer
 from difs_p2p.transfer import Connection
 from tests.helpers import client_for, start_peers, stop_all
 
@@ -165,7 +164,9 @@ def live_copies(peers: list[Peer], integrity: bytes, start: int, end: int) -> in
     for p in peers:
         if p.server is None or p.store is None or p.holdings is None:
             continue
-        if p.holdings.covers_integrity(integrity, start, end):
+        if any(
+            h.integrity == integrity and h.start <= start and end <= h.end for h in p.holdings.all()
+        ):
             count += 1
     return count
 
@@ -219,10 +220,10 @@ async def test_extra_copies_are_kept(network: list[Peer], tmp_path: Path) -> Non
     holders = set(result.ranges[0]["holders"])
     extra = next(p for p in network if p.node_id.hex() not in holders)
     holder = next(p for p in network if p.node_id.hex() in holders)
-    entry = await holder.push_range(
+    entry = await holder.replicator.push_range(
         extra.address, result.manifest.key, 1, integrity, 0, result.manifest.segment_count - 1
     )
-    await holder.dht_node().add_entries(result.manifest.key, [entry.raw])
+    await holder.replicator.dht.add_entries(result.manifest.key, [entry.raw])
     assert live_copies(network, integrity, 0, 7) == 3
     await rounds(network, 2)
     assert live_copies(network, integrity, 0, 7) == 3
@@ -469,7 +470,7 @@ async def test_a_round_asks_each_co_holder_once_whatever_it_shares(tmp_path: Pat
     peers = await start_peers(tmp_path / "net", 4, repair=QUIET)
     try:
         await publish_many(peers[0], tmp_path, 3, 16)  # 2 ranges each: 6 ranges
-        me = max(peers, key=lambda p: len(p.holdings_db().all()))
+        me = max(peers, key=lambda p: len(p.replicator.holdings.all()))
         assert me.holdings is not None and len(me.holdings.all()) >= 3
         seen = count_probe_connections(peers)
         await rounds([me], 1)
@@ -485,11 +486,11 @@ async def test_rounds_between_resolves_send_no_datagrams(tmp_path: Path) -> None
     peers = await start_peers(tmp_path / "net", 4, repair=QUIET)
     try:
         await publish_many(peers[0], tmp_path, 3, 8)
-        me = max(peers, key=lambda p: len(p.holdings_db().all()))
+        me = max(peers, key=lambda p: len(p.replicator.holdings.all()))
         assert me.dht is not None and me.maintainer is not None
         await rounds([me], 1)
         resolves = me.maintainer.stats.resolves
-        assert resolves == len({h.key for h in me.holdings_db().all()}) >= 2
+        assert resolves == len({h.key for h in me.replicator.holdings.all()}) >= 2
         sent = me.dht.traffic()["sent"]
         await rounds([me], 3)
         assert me.dht.traffic()["sent"] == sent
@@ -586,13 +587,13 @@ async def test_peers_without_holds_ranges_are_asked_range_by_range(
     del old._controls["holds_ranges"]
     seen = count_probe_connections([old])
     key = result.manifest.key
-    answers = await asker.probe_ranges(
+    answers = await asker.replicator.probe_ranges(
         old.address, [(key, 1, 0, 7), (key, 2, 0, 7), (key, 1, 0, 3)], limit=5.0
     )
     assert answers == [True, False, True]
     assert len(seen[old.node_id]) == 1
     await crash(old)
-    assert await asker.probe_ranges(old.address, [(key, 1, 0, 7)], limit=5.0) is None
+    assert await asker.replicator.probe_ranges(old.address, [(key, 1, 0, 7)], limit=5.0) is None
 
 
 async def test_a_dead_holder_is_not_tried_every_round(tmp_path: Path) -> None:
@@ -601,9 +602,9 @@ async def test_a_dead_holder_is_not_tried_every_round(tmp_path: Path) -> None:
     peers = await start_peers(tmp_path / "net", 5, repair=QUIET)
     try:
         await publish_many(peers[0], tmp_path, 1, 8)
-        me = next(p for p in peers if p.holdings_db().all())
+        me = next(p for p in peers if p.replicator.holdings.all())
         asked: list[tuple[str, int]] = []
-        probe = me.probe_ranges
+        probe = me.replicator.probe_ranges
 
         async def counting(
             address: tuple[str, int], queries: list[Query], *, limit: float
@@ -611,7 +612,7 @@ async def test_a_dead_holder_is_not_tried_every_round(tmp_path: Path) -> None:
             asked.append(address)
             return await probe(address, queries, limit=limit)
 
-        me.probe_ranges = counting  # type: ignore[method-assign]
+        me.replicator.probe_ranges = counting  # type: ignore[method-assign]
         await rounds([me], 1)
         victim = next(p for p in peers if p is not me and p.address in asked)
         await crash(victim)

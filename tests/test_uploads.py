@@ -23,7 +23,7 @@ from difs_p2p.control import PeerCredential
 from difs_p2p.identity import Identity
 from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
-from difs_p2p.repair import range_key
+from difs_p2p.placement import range_key
 from difs_p2p.transfer import Connection
 from tests.helpers import (
     client_for,
@@ -59,7 +59,7 @@ def used(peer: Peer) -> int:
 
 
 def nothing_kept(peers: list[Peer]) -> bool:
-    return all(used(p) == 0 and not p.holdings_db().all() for p in peers)
+    return all(used(p) == 0 and not p.replicator.holdings.all() for p in peers)
 
 
 def random_file(tmp_path: Path, size: int) -> Path:
@@ -121,7 +121,7 @@ async def test_an_interrupted_publish_leaves_no_storage_after_the_grace_time(
     src = random_file(tmp_path, 16 * SEG)
     await interrupt(network[0], src, "/gave-up", point)
     if point.startswith("placed"):
-        assert sum(len(p.holdings_db().all()) for p in network) >= 3
+        assert sum(len(p.replicator.holdings.all()) for p in network) >= 3
     await wait_for(lambda: nothing_kept(network), timeout=30)
     await network[0].stop()
     network[0] = Peer(network[0].config)
@@ -144,11 +144,11 @@ async def test_the_entry_peer_frees_a_failed_upload_at_once(tmp_path: Path) -> N
         assert entry.config.repair.orphan_grace >= 60
         for point in ("some segments sent", "uploaded, not placed", "placed, not published"):
             await interrupt(entry, random_file(tmp_path, 16 * SEG), f"/p{len(point)}", point)
-            await wait_for(lambda: used(entry) == 0 and not entry.holdings_db().all())
+            await wait_for(lambda: used(entry) == 0 and not entry.replicator.holdings.all())
         await interrupt(
             entry, random_file(tmp_path, 16 * SEG), "/abandon", "placed, publish abandoned"
         )
-        assert used(entry) == 0 and not entry.holdings_db().all()
+        assert used(entry) == 0 and not entry.replicator.holdings.all()
     finally:
         await stop_all(peers)
 
@@ -374,7 +374,7 @@ async def test_a_place_of_other_content_under_a_held_version_frees_nothing(
         await asyncio.sleep(0.5)
     data = src.read_bytes()
     for peer in network:
-        held = [(h.version, h.start, h.integrity) for h in peer.holdings_db().all()]
+        held = [(h.version, h.start, h.integrity) for h in peer.replicator.holdings.all()]
         assert held == [(1, 0, integrity)]
         assert peer.store is not None
         for i in range(8):
@@ -388,8 +388,9 @@ async def test_a_place_of_other_content_under_a_held_version_frees_nothing(
 def test_a_holding_is_orphaned_only_without_manifest_entries_or_newer_version() -> None:
     """A range whose version never appeared (no manifest, no holder entry, no newer version)
     is orphaned once the grace time and the per-segment allowance have passed."""
+    from difs_p2p.holdings import Holding
+    from difs_p2p.maintenance import NameView, orphaned
     from difs_p2p.manifest import Manifest, build_holder_entry
-    from difs_p2p.repair import Holding, NameView, orphaned
 
     key, root = b"k" * 20, b"i" * 32
     h = Holding(key, 2, root, 100, 0, 99, since=0.0)

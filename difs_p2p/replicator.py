@@ -1,0 +1,408 @@
+"""The outbound replication operations of a peer, and keeping a range here.
+
+A :class:`Replicator` is built by the peer from its parts (identity, segment store,
+holdings, DHT, config, clock, network) and used by the peer's ``place`` and ``check``, and
+by the maintenance loop (repair.py): push a range to another peer (``push_range``), ask a
+co-holder which ranges it still holds (``probe_ranges``), place the ranges of a new
+upload (``place``: the I/O half of placement.py's decisions), fetch a good copy of a
+damaged segment from another holder (``heal``), keep a range here and sign its holder
+entry (``hold``), and free a holding (``free_holding``). It knows nothing of the peer
+that built it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence, Set
+from typing import Any, BinaryIO
+
+from difs_p2p import control, segments, wire
+from difs_p2p.config import PeerConfig
+from difs_p2p.control import MAX_PROBE_RANGES
+from difs_p2p.dht import Contact, Dht
+from difs_p2p.errors import DifsError, IntegrityError, NotFoundError, UsageError
+from difs_p2p.holdings import Holding, Holdings, Query, holding_owner
+from difs_p2p.identity import Identity
+from difs_p2p.manifest import HolderEntry, build_holder_entry, parse_holder_entry
+from difs_p2p.net import PeerNetwork
+from difs_p2p.placement import choose_targets, range_key, shortfall
+from difs_p2p.store import SegmentStore
+from difs_p2p.transfer import Connection, remote_error
+
+__all__ = ["PLACE_PARALLEL", "Replicator", "open_stored"]
+
+log = logging.getLogger(__name__)
+
+# Ranges placed at once by one ``place`` (each pushes to up to r peers in parallel).
+PLACE_PARALLEL = 4
+
+# Segments sent ahead of their acknowledgements when pushing a range.
+PUSH_WINDOW = 8
+
+Pace = Callable[[int], Awaitable[None]]
+
+
+def open_stored(store: SegmentStore, seg_id: bytes) -> tuple[BinaryIO, int]:
+    """A stored segment's file, open for reading, and its size (NotFoundError if gone)."""
+    path, size = store.locate(seg_id)
+    try:
+        return path.open("rb"), size
+    except FileNotFoundError:
+        raise NotFoundError(f"segment {seg_id.hex()[:16]} is not stored here") from None
+
+
+async def _expect_ack(conn: Connection) -> None:
+    frame = await conn.read_frame()
+    if isinstance(frame, wire.Error):
+        raise remote_error(frame)
+    if not isinstance(frame, wire.Ack):
+        raise IntegrityError("expected an ACK")
+
+
+class Replicator:
+    """Copies ranges between peers and keeps them here (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        store: SegmentStore,
+        holdings: Holdings,
+        dht: Dht,
+        config: PeerConfig,
+        address: tuple[str, int],
+        clock: Callable[[], float],
+        network: PeerNetwork,
+    ) -> None:
+        self.identity = identity
+        self.store = store
+        self.holdings = holdings
+        self.dht = dht
+        self.config = config
+        # where other peers reach this one (signed into its holder entries)
+        self.address = address
+        self.clock = clock
+        self.network = network
+
+    @property
+    def node_id(self) -> bytes:
+        return bytes(self.identity.node_id)
+
+    # -- keeping ranges here -----------------------------------------------------------------
+
+    async def hash_list(self, integrity: bytes, count: int) -> list[bytes]:
+        """The verified hash list ``integrity`` of ``count`` segments, stored here."""
+        if not self.store.has(integrity):
+            raise NotFoundError(f"hash list {integrity.hex()[:16]} is not stored here")
+        data = await asyncio.to_thread(self.store.read, integrity)
+        return list(segments.verify_hash_list(data, integrity, count))
+
+    async def hold(
+        self,
+        key: bytes,
+        version: int,
+        integrity: bytes,
+        count: int,
+        start: int,
+        end: int,
+        hashes: list[bytes] | None = None,
+    ) -> tuple[Holding | None, HolderEntry]:
+        """Keep segments start..end (and the hash list) here: refs in the store, a
+        holding, and a signed holder entry. NotFoundError if one of them is not stored.
+
+        The holding is None when this peer already held that range (nothing new to free
+        if the publish fails). A holding of the same version's range with other content
+        is never replaced (its refs share the owner tag, so freeing the new one would
+        free the old): UsageError.
+        """
+        if count and not start <= end < count:
+            raise UsageError("range outside the object")
+        existing = await asyncio.to_thread(self.holdings.get, key, version, start)
+        if existing is not None:
+            if (existing.integrity, existing.end) != (integrity, end):
+                raise UsageError(
+                    f"this peer holds other content for version {version} of that name"
+                )
+            return None, self.sign_entry(key, version, integrity, start, end)
+        if hashes is None:
+            hashes = await self.hash_list(integrity, count)
+        owner = holding_owner(key, version, start)
+        wanted = [integrity, *hashes[start : end + 1]]
+        await asyncio.to_thread(self.store.add_refs, wanted, owner)
+        holding = Holding(key, version, integrity, count, start, end, self.clock())
+        await asyncio.to_thread(self.holdings.add, holding)
+        return holding, self.sign_entry(key, version, integrity, start, end)
+
+    def sign_entry(
+        self, key: bytes, version: int, integrity: bytes, start: int, end: int
+    ) -> HolderEntry:
+        host, port = self.address
+        return build_holder_entry(
+            self.identity,
+            key=key,
+            version=version,
+            integrity=integrity,
+            start=start,
+            end=end,
+            host=host,
+            port=port,
+            issued=int(self.clock()),
+        )
+
+    def own_entries(self, key: bytes) -> list[HolderEntry]:
+        """Freshly signed holder entries for everything this peer holds of ``key``."""
+        return [
+            self.sign_entry(h.key, h.version, h.integrity, h.start, h.end)
+            for h in self.holdings.of_key(key)
+        ]
+
+    async def free_holding(self, h: Holding) -> int:
+        """Forget a holding and delete the segments nothing else here needs; bytes freed."""
+        self.holdings.remove(h)
+        return await asyncio.to_thread(self.store.release, h.owner)
+
+    # -- copies to other peers ---------------------------------------------------------------
+
+    async def push_range(
+        self,
+        address: tuple[str, int],
+        key: bytes,
+        version: int,
+        integrity: bytes,
+        start: int,
+        end: int,
+        pace: Pace | None = None,
+        hashes: list[bytes] | None = None,
+        *,
+        kind: str = "repair",
+    ) -> HolderEntry:
+        """Copy segments start..end (and the hash list) to a peer; return its holder entry.
+
+        The connection proves this peer's node key (uploads and ``hold`` need a peer), and
+        ``hold`` says why (``kind``: "place" for a new upload, "repair" for a co-holder's
+        copy). The peer acknowledges each segment only once it is verified and durable,
+        then checks it has the whole range and signs its own holder entry.
+        """
+        store = self.store
+        if hashes is None:
+            count = store.size_of(integrity) // segments.HASH_SIZE
+            hashes = await self.hash_list(integrity, count)
+        conn = await Connection.open(
+            address,
+            io_timeout=self.config.io_timeout,
+            network=self.network,
+            credential=control.PeerCredential(self.identity),
+        )
+        try:
+            ids = [integrity, *hashes[start : end + 1]]
+            pending = 0
+            for seg_id in ids:
+                # straight from the segment file with sendfile (the receiver verifies)
+                fh, size = await asyncio.to_thread(open_stored, store, seg_id)
+                try:
+                    if pace is not None:
+                        await pace(size)
+                    await conn.send_file(
+                        0, fh, 0, size, msg_type=wire.MsgType.PUT_SEG, prefix=seg_id
+                    )
+                finally:
+                    fh.close()
+                pending += 1
+                if pending >= PUSH_WINDOW:
+                    await _expect_ack(conn)
+                    pending -= 1
+            for _ in range(pending):
+                await _expect_ack(conn)
+            reply = await conn.call(
+                "hold",
+                key=key.hex(),
+                version=version,
+                integrity=integrity.hex(),
+                segment_count=len(hashes),
+                start=start,
+                end=end,
+                reason={
+                    "kind": kind,
+                    "key": key.hex(),
+                    "version": version,
+                    "start": start,
+                    "end": end,
+                },
+            )
+        finally:
+            conn.close()
+        entry = parse_holder_entry(bytes.fromhex(str(reply.get("entry", ""))))
+        if (entry.key, entry.version, entry.start, entry.end) != (key, version, start, end):
+            raise IntegrityError("holder signed an entry for something else")
+        return entry
+
+    async def make_copies(
+        self,
+        candidates: Sequence[Contact],
+        missing: int,
+        copy: Callable[[Contact], Awaitable[HolderEntry]],
+        *,
+        asked: Set[bytes] = frozenset(),
+        parallel: bool = True,
+        doing: str = "place",
+    ) -> list[HolderEntry]:
+        """Ask ``candidates`` in the order placement.choose_targets gives for ``missing``
+        copies (all missing ones at once if ``parallel``, else one by one), the next one
+        when a peer refuses or fails; the holder entries made. Peers in ``asked`` are not
+        asked."""
+        made: list[HolderEntry] = []
+        done = set(asked)
+        while len(made) < missing:
+            batch = choose_targets(candidates, missing - len(made) if parallel else 1, done)
+            if not batch:
+                break
+            done.update(c.node_id for c in batch)
+            outcomes = await asyncio.gather(*(copy(c) for c in batch), return_exceptions=True)
+            for contact, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, DifsError):
+                    log.info("%s_skip peer=%s reason=%s", doing, contact.address, outcome)
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    made.append(outcome)
+        return made
+
+    async def place(
+        self,
+        key: bytes,
+        version: int,
+        integrity: bytes,
+        count: int,
+        hashes: list[bytes],
+        ranges: list[tuple[int, int]],
+        replicas: int,
+        mine: list[Holding],
+    ) -> dict[str, Any]:
+        """Make r copies of each range on the closest peers to its range key that accept
+        it, this peer included where placement picks it (its new holdings are appended
+        to ``mine``); the entries, holders per range and warnings ``place`` answers."""
+        entries: list[str] = []
+        sem = asyncio.Semaphore(PLACE_PARALLEL)
+        warnings: list[str] = []
+        me = self.node_id
+
+        async def place_range(i: int, start: int, end: int) -> dict[str, Any]:
+            async def copy(contact: Contact) -> HolderEntry:
+                if contact.node_id == me:
+                    holding, entry = await self.hold(
+                        key, version, integrity, count, start, end, hashes
+                    )
+                    if holding is not None:
+                        mine.append(holding)
+                    return entry
+                return await self.push_range(
+                    contact.address,
+                    key,
+                    version,
+                    integrity,
+                    start,
+                    end,
+                    None,
+                    hashes,
+                    kind="place",
+                )
+
+            # the closest peers to the range key, this one included
+            candidates = await self.dht.closest(range_key(integrity, i), replicas + 8)
+            async with sem:
+                # the missing copies are made in parallel; a refusal moves on to the next
+                made = await self.make_copies(candidates, replicas, copy)
+            entries.extend(e.raw.hex() for e in made)
+            warning = shortfall(start, end, len(made), replicas, len(candidates))
+            if warning is not None:
+                warnings.append(warning)
+            return {"start": start, "end": end, "holders": [e.node_id.hex() for e in made]}
+
+        placed = await asyncio.gather(*(place_range(i, a, b) for i, (a, b) in enumerate(ranges)))
+        return {"entries": entries, "ranges": list(placed), "warnings": sorted(set(warnings))}
+
+    async def probe_ranges(
+        self, address: tuple[str, int], queries: list[Query], *, limit: float
+    ) -> list[bool] | None:
+        """Ask a peer over one connection whether it holds each range (key, version, start,
+        end): its answers in order, or None if it did not answer within ``limit`` seconds
+        per request. A peer without ``holds_ranges`` is asked range by range (``holds``)."""
+        try:
+            async with asyncio.timeout(limit):
+                conn = await Connection.open(
+                    address, io_timeout=limit, connect_timeout=limit, network=self.network
+                )
+            try:
+                answers: list[bool] = []
+                batched = True
+                for first in range(0, len(queries), MAX_PROBE_RANGES):
+                    chunk = queries[first : first + MAX_PROBE_RANGES]
+                    if batched:
+                        try:
+                            async with asyncio.timeout(limit):
+                                reply = await conn.call(
+                                    "holds_ranges",
+                                    ranges=[[k.hex(), v, a, b] for k, v, a, b in chunk],
+                                )
+                        except UsageError:
+                            batched = False  # an older peer: unknown operation
+                        else:
+                            holds = reply.get("holds")
+                            if not isinstance(holds, list) or len(holds) != len(chunk):
+                                return None
+                            answers += [x is True for x in holds]
+                            continue
+                    for key, version, start, end in chunk:
+                        async with asyncio.timeout(limit):
+                            reply = await conn.call(
+                                "holds", key=key.hex(), version=version, start=start, end=end
+                            )
+                        answers.append(reply.get("holds") is True)
+                return answers
+            finally:
+                conn.close()
+        except (TimeoutError, DifsError, OSError):
+            return None
+
+    # -- healing -----------------------------------------------------------------------------
+
+    async def heal(self, seg_id: bytes) -> int:
+        """Fetch a good copy of a damaged or missing segment from another holder; 1 if
+        healed, else 0."""
+        for h in self.holdings.all():
+            try:
+                hashes = await self.hash_list(h.integrity, h.segment_count)
+            except DifsError:
+                hashes = []
+            if seg_id != h.integrity and seg_id not in hashes[h.start : h.end + 1]:
+                continue
+            for raw in await self.dht.get_entries(h.key):
+                if raw[:1] == b"{":
+                    continue
+                with contextlib.suppress(DifsError):
+                    entry = parse_holder_entry(raw)
+                    if entry.node_id == self.node_id or entry.version != h.version:
+                        continue
+                    data = await self.fetch_segment((entry.host, entry.port), seg_id)
+                    await asyncio.to_thread(self.store.put, seg_id, data, h.owner)
+                    log.info("healed segment=%s from=%s", seg_id.hex()[:12], entry.host)
+                    return 1
+        return 0
+
+    async def fetch_segment(self, address: tuple[str, int], seg_id: bytes) -> bytes:
+        """One segment from a holder, verified against its id."""
+        conn = await Connection.open(
+            address, io_timeout=self.config.io_timeout, network=self.network
+        )
+        try:
+            await conn.send(wire.GetSeg(request_id=0, seg_id=seg_id, offset=0, length=0))
+            frame = await conn.read_frame()
+        finally:
+            conn.close()
+        if not isinstance(frame, wire.Data):
+            raise NotFoundError("holder has no copy")
+        data = bytes(frame.data)
+        segments.verify_segment(seg_id, data)
+        return data

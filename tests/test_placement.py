@@ -1,0 +1,137 @@
+"""Placement decisions (placement.py): which peers are asked for a range's copies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from difs_p2p import segments
+from difs_p2p.placement import choose_targets, range_key, shortfall
+
+
+@dataclass(frozen=True)
+class Peer:
+    node_id: bytes
+
+
+def peers(*names: str) -> list[Peer]:
+    return [Peer(n.encode()) for n in names]
+
+
+def place(
+    candidates: Sequence[Peer],
+    replicas: int,
+    answers: Callable[[Peer], bool],
+    *,
+    asked: set[bytes] | None = None,
+    parallel: bool = True,
+) -> tuple[list[str], list[str]]:
+    """Drive choose_targets as the peer and repair do: ask a batch, record the outcomes,
+    ask again for what is still missing. Returns (holders made, every peer asked in order)."""
+    made: list[str] = []
+    order: list[str] = []
+    done = set(asked or ())
+    while len(made) < replicas:
+        batch = choose_targets(candidates, replicas - len(made) if parallel else 1, done)
+        if not batch:
+            break
+        done.update(p.node_id for p in batch)
+        for p in batch:
+            order.append(p.node_id.decode())
+            if answers(p):
+                made.append(p.node_id.decode())
+    return made, order
+
+
+def accept_all(p: Peer) -> bool:
+    return True
+
+
+def refuse(*names: str) -> Callable[[Peer], bool]:
+    return lambda p: p.node_id.decode() not in names
+
+
+# (case, candidates in lookup order, r, answers, already holding, made, asked in order)
+CASES = [
+    ("enough candidates", "abcdef", 3, accept_all, "", "abc", "abc"),
+    ("one refuses: the next is asked", "abcdef", 3, refuse("b"), "", "acd", "abcd"),
+    ("some fail: the next ones are asked", "abcdef", 3, refuse("a", "c", "d"), "", "bef", "abcdef"),
+    ("too few candidates", "ab", 3, accept_all, "", "ab", "ab"),
+    ("every candidate refuses", "abc", 2, refuse("a", "b", "c"), "", "", "abc"),
+    ("holders present are not re-asked", "abcdef", 2, accept_all, "ab", "cd", "cd"),
+    ("no copy missing asks no one", "abc", 0, accept_all, "", "", ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("candidates", "replicas", "answers", "holding", "made", "order"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_choose_targets_asks_the_closest_peers_that_accept(
+    candidates: str,
+    replicas: int,
+    answers: Callable[[Peer], bool],
+    holding: str,
+    made: str,
+    order: str,
+) -> None:
+    """The copies go to the first candidates that accept, each peer asked at most once."""
+    got, asked = place(peers(*candidates), replicas, answers, asked={h.encode() for h in holding})
+    assert "".join(got) == made
+    assert "".join(asked) == order
+
+
+def test_one_by_one_asks_the_same_peers_as_in_parallel() -> None:
+    """Repair asks one peer at a time; it reaches the same holders as a parallel place."""
+    candidates = peers(*"abcdefg")
+    answers = refuse("b", "e")
+    assert place(candidates, 4, answers, parallel=False) == place(candidates, 4, answers)
+
+
+@pytest.mark.parametrize(("position", "keeps"), [(0, True), (2, True), (3, False), (5, False)])
+def test_the_entry_peer_keeps_a_copy_only_among_the_r_closest(position: int, keeps: bool) -> None:
+    """The entry peer is a candidate like any other: a copy only if among the r closest."""
+    others = peers(*"abcde")
+    me = Peer(b"me")
+    candidates = [*others[:position], me, *others[position:]]
+    made, _ = place(candidates, 3, accept_all)
+    assert ("me" in made) is keeps
+    assert len(made) == 3
+
+
+def test_the_entry_peer_replaces_a_refusal_when_next_in_line() -> None:
+    """When a closer peer refuses, the next candidate, the entry peer too, is asked."""
+    candidates = [*peers("a", "b", "c"), Peer(b"me"), *peers("d")]
+    made, _ = place(candidates, 3, refuse("b"))
+    assert made == ["a", "c", "me"]
+
+
+def test_duplicate_candidates_are_asked_once() -> None:
+    """A lookup listing a peer twice does not make it two copies."""
+    assert choose_targets(peers("a", "a", "b", "c"), 3) == peers("a", "b", "c")
+
+
+@pytest.mark.parametrize(
+    ("copies", "replicas", "found", "warning"),
+    [
+        (3, 3, 11, None),
+        (4, 3, 11, None),
+        (2, 3, 2, "range 0..9 has 2 of 3 copies: only 2 peers could be asked"),
+        (0, 1, 0, "range 0..9 has 0 of 1 copies: only 0 peers could be asked"),
+    ],
+)
+def test_shortfall_warns_when_the_network_is_too_small(
+    copies: int, replicas: int, found: int, warning: str | None
+) -> None:
+    """A range short of copies gets the warning place returns; a full one none."""
+    assert shortfall(0, 9, copies, replicas, found) == warning
+
+
+def test_range_key_is_the_hash_of_the_root_and_index() -> None:
+    """Range i lives at BLAKE3(integrity || i)[:20]; ranges of one object differ."""
+    root = bytes(range(32))
+    assert range_key(root, 1) == bytes(segments.segment_hash(root + b"\0\0\0\1"))[:20]
+    assert len({range_key(root, i) for i in range(16)}) == 16
