@@ -7,19 +7,19 @@ from pathlib import Path
 
 import pytest
 
+from difs_p2p.delegation import build_delegation
+from difs_p2p.holders import build_holder_entry
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import (
     Lineage,
     Manifest,
-    RecordValidator,
-    build_delegation,
-    build_holder_entry,
     build_manifest,
     choose_records,
     linked,
     supersedes,
 )
 from difs_p2p.names import name_key
+from difs_p2p.recordpolicy import RecordValidator
 from difs_p2p.recordstore import RecordStore, write_source
 from difs_p2p.repair import Holding, Holdings, NameView, bind_lineage, collect_due, gc_due
 

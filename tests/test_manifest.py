@@ -10,28 +10,27 @@ from typing import Any
 import blake3
 import pytest
 
+from difs_p2p.delegation import Delegation, build_delegation, parse_delegation
 from difs_p2p.errors import IntegrityError, WireError
-from difs_p2p.identity import Identity
-from difs_p2p.manifest import (
-    CLOCK_SKEW,
+from difs_p2p.holders import (
     HOLDER_SIZE,
-    Delegation,
     HolderEntry,
-    Lineage,
-    Manifest,
-    RecordValidator,
-    build_delegation,
     build_holder_entry,
-    build_manifest,
-    canonical_json,
-    choose_records,
     decode_holder_entry,
-    parse_delegation,
     parse_holder_entry,
-    parse_manifest,
     verify_holder_entry,
 )
+from difs_p2p.identity import Identity
+from difs_p2p.manifest import (
+    Lineage,
+    Manifest,
+    build_manifest,
+    choose_records,
+    parse_manifest,
+)
 from difs_p2p.names import name_key
+from difs_p2p.recordpolicy import CLOCK_SKEW, RecordValidator
+from difs_p2p.records import canonical_json
 
 
 def test_a_remembered_parse_checks_the_key_and_the_bytes_each_time() -> None:
@@ -423,6 +422,9 @@ def test_a_tampered_holder_entry_fails_verification(offset: int) -> None:
         (holder().raw[:-1] + b"\x00", KEY, False),  # a forged signature
         (V1.raw, KEY, True),  # history
         (V1.raw, name_key("/a.com/y"), False),
+        (b"", KEY, False),  # neither kind
+        (b"\x02" + holder().raw[1:], KEY, False),  # another kind byte
+        (b'{"t":"difs-manifest"}', KEY, False),  # JSON, not a manifest
     ],
 )
 def test_entry_identity_refuses_future_foreign_and_forged_entries(
@@ -430,3 +432,12 @@ def test_entry_identity_refuses_future_foreign_and_forged_entries(
 ) -> None:
     """The policy gives an identity only to a valid entry of this key, not issued too late."""
     assert (RecordValidator().entry_identity(key, entry, 1000.0) is not None) is valid
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [b"", b"\x01", b"\x02" + holder().raw[1:], b'{"t":"difs-manifest"}', b"[]"],
+)
+def test_entry_admission_refuses_a_value_of_neither_kind_or_malformed(entry: bytes) -> None:
+    """With a record stored, an entry that is no valid manifest or holder entry is refused."""
+    assert RecordValidator().entry_admission(KEY, entry, V1.raw, [], 1000.0) == "invalid entry"
