@@ -68,7 +68,7 @@ class Manifest:
     segment_count: int
     stripes: int
     replicas: int
-    integrity: str
+    integrity: bytes  # the hash list's BLAKE3 root (hex in the JSON)
     deleted: bool
     created: float
     publisher: bytes
@@ -175,7 +175,7 @@ def build_manifest(
     segment_count: int,
     stripes: int,
     replicas: int,
-    integrity: str,
+    integrity: bytes,
     deleted: bool = False,
     created: float,
     delegation: Delegation | None = None,
@@ -196,7 +196,7 @@ def build_manifest(
             "segment_count": segment_count,
             "stripes": stripes,
             "replicas": replicas,
-            "integrity": integrity,
+            "integrity": integrity.hex(),
             "hash": "blake3",
             "deleted": deleted,
             "created": round(created, 3),
@@ -327,7 +327,7 @@ def _parse_manifest(raw: bytes, key: bytes | None) -> Manifest:
         segment_count=count,
         stripes=info["stripes"],
         replicas=info["replicas"],
-        integrity=info["integrity"],
+        integrity=bytes.fromhex(info["integrity"]),
         deleted=info["deleted"],
         created=float(created),
         publisher=publisher,

@@ -97,9 +97,8 @@ class RecordValidator:
         for raw in history:
             with contextlib.suppress(WireError, IntegrityError):
                 versions.append(parse_manifest(raw, key))
-        integrity = h.integrity.hex()
         if not any(
-            m.version == h.version and m.integrity == integrity and linked(m, current)
+            m.version == h.version and m.integrity == h.integrity and linked(m, current)
             for m in versions
         ):
             return "no manifest of the owner for this version and integrity"

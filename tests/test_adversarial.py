@@ -119,7 +119,7 @@ async def test_other_key_cannot_overwrite_even_with_a_higher_version(
         segment_count=0,
         stripes=0,
         replicas=0,
-        integrity="c" * 64,
+        integrity=b"\xcc" * 32,
         deleted=True,
         created=0.0,
     )
@@ -169,7 +169,7 @@ async def test_hostile_holder_entries_cannot_break_a_fetch(
             Identity.generate(),
             key=m.key,
             version=1,
-            integrity=bytes.fromhex(m.integrity),
+            integrity=m.integrity,
             start=0,
             end=m.segment_count - 1,
             host="127.0.0.1",
@@ -569,7 +569,7 @@ async def test_false_holder_entries_do_not_hold_up_an_honest_fetch(
                 Identity.generate(),  # the stranger's keys, one per listener
                 key=m.key,
                 version=m.version,
-                integrity=bytes.fromhex(m.integrity),
+                integrity=m.integrity,
                 start=0,
                 end=m.segment_count - 1,
                 host=host,
@@ -705,7 +705,7 @@ async def test_a_strangers_control_requests_are_refused_before_any_work(
             segment_count=1,
             stripes=1,
             replicas=3,
-            integrity=root.hex(),
+            integrity=root,
             created=0.0,
         )
         hold = {
@@ -765,7 +765,7 @@ async def test_the_operator_with_the_token_may_do_everything(
             segment_count=1,
             stripes=1,
             replicas=2,
-            integrity=root.hex(),
+            integrity=root,
             created=0.0,
         )
         published = await operator.call(
@@ -1080,7 +1080,7 @@ def _strangers_tombstone(name: str, stranger: Identity, victim_v1: str) -> bytes
         segment_count=0,
         stripes=0,
         replicas=0,
-        integrity="00" * 32,
+        integrity=bytes(32),
         deleted=True,
         created=1.0,
     ).raw
@@ -1203,7 +1203,7 @@ async def test_a_strangers_entries_and_history_for_a_victims_name_are_refused(
             segment_count=len(hashes),
             stripes=segments.default_stripes(len(hashes)),
             replicas=3,
-            integrity=integrity.hex(),
+            integrity=integrity,
             created=1.0,
         )
         await client._call("publish", manifest=fake.raw.decode(), entries=placed["entries"])
@@ -1242,7 +1242,7 @@ async def _junk_records(evil: Dht, target: Peer, n: int) -> int:
             segment_count=0,
             stripes=1,
             replicas=1,
-            integrity="00" * 32,
+            integrity=bytes(32),
             created=1.0,
         )
         ok, reply = await proto.call(target.address, "store", evil.node_id, m.key, m.raw)
@@ -1303,7 +1303,7 @@ async def test_junk_entries_under_a_name_do_not_starve_the_owners_update(
             Identity.generate(),
             key=key,
             version=1,
-            integrity=bytes.fromhex(m.integrity),
+            integrity=m.integrity,
             start=0,
             end=m.segment_count - 1,
             host="127.0.0.1",
@@ -1421,7 +1421,7 @@ async def test_holder_entries_whose_holder_cannot_prove_them_are_dropped(
             key_,
             key=m.key,
             version=m.version,
-            integrity=bytes.fromhex(m.integrity),
+            integrity=m.integrity,
             start=0,
             end=m.segment_count - 1,
             host=host,
@@ -1544,7 +1544,7 @@ def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() ->
         segment_count=3,
         stripes=1,
         replicas=1,
-        integrity=bytes(segments.hash_list_root(hash_list)).hex(),
+        integrity=bytes(segments.hash_list_root(hash_list)),
         created=0.0,
     )
     assert check_segment(manifest, hash_list, 1, blocks[1]) == ""
@@ -1572,9 +1572,7 @@ async def test_a_holder_serving_a_bad_segment_fails_a_sampled_challenge(tmp_path
         assert sum(pr.stats.failed for pr in provers) == 0, "honest holders pass"
         liar = next(p for p in peers[1:] if p.holdings_db().of_key(m.key))
         store = liar._store()
-        ids = segments.verify_hash_list(
-            store.read(bytes.fromhex(m.integrity)), bytes.fromhex(m.integrity), m.segment_count
-        )
+        ids = segments.verify_hash_list(store.read(m.integrity), m.integrity, m.segment_count)
         for h in liar.holdings_db().of_key(m.key):
             for seg_id in ids[h.start : h.end + 1]:
                 path = store.path_of(seg_id)
@@ -1618,7 +1616,7 @@ async def test_nearer_claimants_cannot_make_honest_holders_drop_their_copies(
         async with client_for(net[0], publisher=Identity.generate()) as client:
             result = await client.put(src, "/victim/copies", segment_size=SEG, replicas=2)
         m = result.manifest
-        integrity = bytes.fromhex(m.integrity)
+        integrity = m.integrity
         ranges = segments.stripe_ranges(m.segment_count, m.stripes)
         assert len(ranges) == 1
         first, last = ranges[0]
@@ -1693,7 +1691,7 @@ async def test_a_writer_whose_delegation_ran_out_cannot_delete_by_backdating(
             segment_count=0,
             stripes=0,
             replicas=3,
-            integrity="00" * 32,
+            integrity=bytes(32),
             deleted=True,
             created=expired - 60,
             delegation=cert,

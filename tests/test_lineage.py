@@ -54,7 +54,7 @@ def version_of(
         segment_count=0 if deleted else 1,
         stripes=0 if deleted else 1,
         replicas=3,
-        integrity=integrity,
+        integrity=bytes.fromhex(integrity),
         deleted=deleted,
         created=created,
         delegation=delegation,
@@ -82,7 +82,7 @@ EVIL_FORGED_LINK = build_manifest(
     segment_count=0,
     stripes=0,
     replicas=0,
-    integrity="00" * 32,
+    integrity=bytes(32),
     deleted=True,
     created=1.0,
 )
@@ -304,7 +304,7 @@ def version_of_name(signer: Identity, name: str) -> Manifest:
         segment_count=0,
         stripes=1,
         replicas=1,
-        integrity="00" * 32,
+        integrity=bytes(32),
         created=1.0,
     )
 

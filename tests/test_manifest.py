@@ -47,7 +47,7 @@ def test_a_remembered_parse_checks_the_key_and_the_bytes_each_time() -> None:
         segment_count=1,
         stripes=1,
         replicas=3,
-        integrity="00" * 32,
+        integrity=bytes(32),
         created=1.0,
     )
     key = name_key("/a/b")
@@ -78,7 +78,7 @@ def make(
     version: int = 1,
     parent: Manifest | None = None,
     size: int = 10_000,
-    integrity: str = "11" * 32,
+    integrity: bytes = b"\x11" * 32,
     delegation: Delegation | None = None,
     created: float = 1.0,
 ) -> Manifest:
@@ -101,7 +101,7 @@ def make(
 
 
 V1 = make()
-V2 = make(version=2, parent=V1, integrity="22" * 32)
+V2 = make(version=2, parent=V1, integrity=b"\x22" * 32)
 
 
 def reencode(raw: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
@@ -232,7 +232,7 @@ FORGED = make(STRANGER, version=5, parent=V2)  # a stranger's copy of the owner'
         (V2.raw, V1.raw, True),  # the owner's next version
         (V1.raw, V2.raw, False),  # a stale version replayed
         (V2.raw, V2.raw, False),  # not newer
-        (make(version=2, parent=V1, integrity="99" * 32).raw, V2.raw, False),  # a fork
+        (make(version=2, parent=V1, integrity=b"\x99" * 32).raw, V2.raw, False),  # a fork
         (FORGED.raw, V2.raw, False),  # forged by a stranger, whatever its version
         (V2.raw, b"damaged", True),  # a damaged stored record gives way
     ],
@@ -270,8 +270,8 @@ def test_best_records_drops_invalid_values_and_counts_repeats() -> None:
 def test_choose_records_orders_forks_and_owners() -> None:
     """Within an owner, equal versions go by more peers then smaller bytes; owners follow
     one another, and repeated records add their votes."""
-    fork_a = make(version=2, parent=V1, integrity="aa" * 32)
-    fork_b = make(version=2, parent=V1, integrity="bb" * 32)
+    fork_a = make(version=2, parent=V1, integrity=b"\xaa" * 32)
+    fork_b = make(version=2, parent=V1, integrity=b"\xbb" * 32)
     small, large = sorted([fork_a, fork_b], key=lambda m: m.raw)
     assert choose_records([(large, 2), (small, 1)]) == [large, small]
     assert choose_records([(large, 1), (small, 1)]) == [small, large]

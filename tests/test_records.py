@@ -35,7 +35,7 @@ MANIFEST = build_manifest(
     segment_count=1,
     stripes=1,
     replicas=3,
-    integrity="00" * 32,
+    integrity=bytes(32),
     created=1.0,
 ).raw
 HOLDER = build_holder_entry(

@@ -130,7 +130,7 @@ def test_gc_policy() -> None:
             0,
             0,
             0,
-            "0" * 64,
+            bytes(32),
             deleted,
             0.0,
             b"p" * 32,
@@ -192,7 +192,7 @@ async def test_repair_restores_r_copies_after_two_crashes(
 ) -> None:
     """Two holders crash; after dead_after rounds every range has r live copies again."""
     result = await publish_random(network[0], tmp_path, "/durable", 40, 3)
-    integrity = bytes.fromhex(result.manifest.integrity)
+    integrity = result.manifest.integrity
     ranges = segments.stripe_ranges(result.manifest.segment_count, result.manifest.stripes)
     holders = {h for r in result.ranges for h in r["holders"]} - {network[0].node_id.hex()}
     victims = [p for p in network if p.node_id.hex() in holders][:2]
@@ -215,7 +215,7 @@ async def test_extra_copies_are_kept(network: list[Peer], tmp_path: Path) -> Non
     """A range copied to more than r peers keeps every copy: no holder drops its own
     because others answer that they hold the range."""
     result = await publish_random(network[0], tmp_path, "/trim", 8, 2)
-    integrity = bytes.fromhex(result.manifest.integrity)
+    integrity = result.manifest.integrity
     holders = set(result.ranges[0]["holders"])
     extra = next(p for p in network if p.node_id.hex() not in holders)
     holder = next(p for p in network if p.node_id.hex() in holders)
@@ -275,7 +275,7 @@ def manifest_for(h: Holding, *, version: int | None = None, deleted: bool = Fals
         h.segment_count,
         2,
         3,
-        h.integrity.hex(),
+        h.integrity,
         deleted,
         0.0,
         b"p" * 32,
@@ -507,7 +507,7 @@ async def test_crashed_holders_are_repaired_without_waiting_for_a_periodic_resol
     peers = await start_peers(tmp_path / "net", 8, repair=QUIET)
     try:
         result = await publish_random(peers[0], tmp_path, "/cached", 40, 3)
-        integrity = bytes.fromhex(result.manifest.integrity)
+        integrity = result.manifest.integrity
         ranges = segments.stripe_ranges(result.manifest.segment_count, result.manifest.stripes)
         await rounds(peers, 1)  # every holder now has a view of the name
         holders = {h for r in result.ranges for h in r["holders"]} - {peers[0].node_id.hex()}

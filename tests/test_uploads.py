@@ -364,7 +364,7 @@ async def test_a_place_of_other_content_under_a_held_version_frees_nothing(
     src = random_file(tmp_path, 8 * SEG)
     async with client_for(network[0], publisher=Identity.generate()) as client:
         published = await client.put(src, "/victim", segment_size=SEG, replicas=5)
-    integrity = bytes.fromhex(published.manifest.integrity)
+    integrity = published.manifest.integrity
     other = random_file(tmp_path, 8 * SEG)
     await interrupt(network[0], other, "/victim", "placed, not published")
     for _ in range(3):  # maintenance rounds until past the grace time: nothing is collected
@@ -396,7 +396,7 @@ def test_a_holding_is_orphaned_only_without_manifest_entries_or_newer_version() 
 
     def manifest(version: int, integrity: bytes = root) -> Manifest:
         return Manifest(
-            "/x", key, version, None, None, 100 * 4096, 4096, 100, 2, 3, integrity.hex(),
+            "/x", key, version, None, None, 100 * 4096, 4096, 100, 2, 3, integrity,
             False, 0.0, b"p" * 32, b"",
         )  # fmt: skip
 
