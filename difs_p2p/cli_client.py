@@ -41,7 +41,7 @@ from difs_p2p.cli_output import (
 from difs_p2p.config import parse_size
 
 if TYPE_CHECKING:
-    from difs_p2p.manifest import Delegation
+    from difs_p2p.delegation import Delegation
     from difs_p2p.pins import Pins
     from difs_p2p.ranges import ByteRange
 
@@ -105,7 +105,7 @@ def parse_byte_range(text: str | None) -> ByteRange | None:
 
 def load_delegation(path: Path) -> Delegation:
     """--delegation: the delegation file an owner's ``difs delegate`` printed."""
-    from difs_p2p.manifest import parse_delegation
+    from difs_p2p.delegation import parse_delegation
 
     try:
         return parse_delegation(json.loads(path.read_text()))

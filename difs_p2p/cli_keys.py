@@ -44,7 +44,7 @@ def delegate(
 
     Example: difs delegate /a.com/blog 3b6a27...29 > blog.delegation
     """
-    from difs_p2p.manifest import build_delegation
+    from difs_p2p.delegation import build_delegation
     from difs_p2p.pins import parse_key
 
     try:

@@ -41,9 +41,11 @@ from typing import Any, Final
 from difs_p2p import segments, wire
 from difs_p2p.config import ProofConfig
 from difs_p2p.errors import DifsError, IntegrityError, WireError
+from difs_p2p.holders import HolderEntry, decode_holder_entry
 from difs_p2p.identity import verify_signature
-from difs_p2p.manifest import HolderEntry, Manifest, decode_holder_entry, parse_manifest
+from difs_p2p.manifest import Manifest, parse_manifest
 from difs_p2p.net import Connector
+from difs_p2p.records import RecordKind, record_kind, split_entries
 from difs_p2p.recordstore import RecordStore
 from difs_p2p.transfer import Connection
 
@@ -215,9 +217,7 @@ def check_segment(
     """Whether ``data`` is segment ``index`` of ``manifest``: "" if so, else why not
     (the hash list is checked against the manifest's integrity root first)."""
     try:
-        ids = segments.verify_hash_list(
-            hash_list, bytes.fromhex(manifest.integrity), manifest.segment_count
-        )
+        ids = segments.verify_hash_list(hash_list, manifest.integrity, manifest.segment_count)
         if not 0 <= index < len(ids):
             return "segment index outside the object"
         segments.verify_segment(ids[index], data)
@@ -231,13 +231,13 @@ def find_manifest(
 ) -> Manifest | None:
     """The owner's manifest of ``version`` with ``integrity`` in the record store (the
     record, or a history entry), as entry admission found it."""
-    candidates = [store.get(key, now), *(e for e in store.entries(key, now) if e[:1] == b"{")]
+    candidates = [store.get(key, now), *split_entries(store.entries(key, now)).history]
     for raw in candidates:
         if raw is None:
             continue
         with contextlib.suppress(WireError, IntegrityError):
             m = parse_manifest(raw, key)
-            if m.version == version and m.integrity == integrity.hex():
+            if m.version == version and m.integrity == integrity:
                 return m
     return None
 
@@ -280,9 +280,9 @@ class HolderProver:
 
     def admit(self, key: bytes, raw: bytes) -> bool:
         """Whether the DHT may store this entry (False: its holder failed a challenge)."""
-        if raw[:1] == b"{":
-            return True  # history: a signed manifest, nothing to prove
         try:
+            if record_kind(raw) is RecordKind.MANIFEST:
+                return True  # history: a signed manifest, nothing to prove
             entry = decode_holder_entry(raw)
         except WireError:
             return True  # the record store refuses it anyway
@@ -290,9 +290,9 @@ class HolderProver:
 
     def admitted(self, key: bytes, raw: bytes) -> None:
         """An entry from another peer was stored: challenge its claim if it is new."""
-        if raw[:1] == b"{":
-            return
         try:
+            if record_kind(raw) is RecordKind.MANIFEST:
+                return
             entry = decode_holder_entry(raw)
         except WireError:
             return
@@ -311,9 +311,7 @@ class HolderProver:
 
     def _entries_of(self, claim: Claim) -> list[HolderEntry]:
         found = []
-        for raw in self._store().entries(claim.key, self._wall()):
-            if raw[:1] == b"{":
-                continue
+        for raw in split_entries(self._store().entries(claim.key, self._wall())).holders:
             with contextlib.suppress(WireError):
                 e = decode_holder_entry(raw)
                 if Claim.of(e) == claim:

@@ -13,18 +13,12 @@ from dataclasses import dataclass, field
 
 from difs_p2p import segments
 from difs_p2p.errors import DifsError
+from difs_p2p.holders import HolderEntry, parse_holder_entry
 from difs_p2p.holdings import Holding, Query
 from difs_p2p.identity import distance
-from difs_p2p.manifest import (
-    HolderEntry,
-    Lineage,
-    Manifest,
-    linked,
-    parse_holder_entry,
-    parse_manifest,
-    supersedes,
-)
+from difs_p2p.manifest import Lineage, Manifest, linked, parse_manifest, supersedes
 from difs_p2p.placement import range_key
+from difs_p2p.records import split_entries
 
 # -- pure decisions --------------------------------------------------------------------------
 
@@ -165,9 +159,8 @@ def bind_lineage(h: Holding, view: NameView) -> Lineage | None:
     newest = view.newest
     if h.lineage is not None or newest is None:
         return None
-    integrity = h.integrity.hex()
     for m in (newest, *view.proofs):
-        if m.version == h.version and m.integrity == integrity and linked(m, newest):
+        if m.version == h.version and m.integrity == h.integrity and linked(m, newest):
             return m.lineage
     return None
 
@@ -198,7 +191,7 @@ def read_view(key: bytes, records: Sequence[bytes], raw_entries: Sequence[bytes]
     the DHT's policy ranks them), the manifests of its lineage by version, every valid
     manifest (``proofs``) and the valid holder entries. Invalid items are skipped."""
     proofs: list[Manifest] = []
-    for raw in [*records, *(e for e in raw_entries if e[:1] == b"{")]:
+    for raw in [*records, *split_entries(raw_entries).history]:
         with contextlib.suppress(DifsError):
             proofs.append(parse_manifest(raw, key))
     newest: Manifest | None = None
@@ -210,10 +203,9 @@ def read_view(key: bytes, records: Sequence[bytes], raw_entries: Sequence[bytes]
         if newest is None or linked(m, newest):
             manifests.setdefault(m.version, m)
     entries: list[HolderEntry] = []
-    for raw in raw_entries:
-        if raw[:1] != b"{":
-            with contextlib.suppress(DifsError):
-                entries.append(parse_holder_entry(raw))
+    for raw in split_entries(raw_entries).holders:
+        with contextlib.suppress(DifsError):
+            entries.append(parse_holder_entry(raw))
     return NameView(newest, manifests, entries, proofs=proofs)
 
 
@@ -252,7 +244,7 @@ def resolve_due(
         return True
     for h in held:
         m = view.manifests.get(h.version)
-        if m is None or m.integrity != h.integrity.hex():
+        if m is None or m.integrity != h.integrity:
             return True
     return False
 
@@ -267,7 +259,7 @@ def orphaned(
     ``grace`` seconds plus ``per_segment`` per segment of the object have passed since the
     holding began."""
     m = view.manifests.get(h.version)
-    if m is not None and m.integrity == h.integrity.hex():
+    if m is not None and m.integrity == h.integrity:
         return False
     if view.newest is not None and view.newest.version > h.version:
         return False
@@ -327,7 +319,7 @@ def range_checks(held: Sequence[Holding], view: NameView, me: bytes) -> list[Ran
     checks: list[RangeCheck] = []
     for h in held:
         manifest = view.manifests.get(h.version)
-        if manifest is None or manifest.integrity != h.integrity.hex():
+        if manifest is None or manifest.integrity != h.integrity:
             continue
         ranges = segments.stripe_ranges(manifest.segment_count, manifest.stripes)
         for index, (start, end) in enumerate(ranges):

@@ -1,7 +1,7 @@
-"""Signed records: the publisher's manifest and the holders' entries (docs/PROTOCOL.md).
+"""Signed manifests and the lineage rules over them (docs/PROTOCOL.md, "Manifest").
 
 **Manifest** (one per name and version, signed by the publisher, about 700 bytes for any
-object size). Canonical JSON (sorted keys, no spaces, UTF-8)::
+object size). Canonical JSON (sorted keys, no spaces, UTF-8; records.canonical_json)::
 
     {"info": {"name", "key", "version", "parent", "root", "size", "segment_size",
               "segment_count", "stripes", "replicas", "integrity", "hash", "deleted",
@@ -13,91 +13,45 @@ The signature covers ``b"difs-manifest-v1\\x00"`` + the canonical JSON of the ob
 without ``sig``. ``parent`` is the record hash (BLAKE3 of the signed record bytes) of the
 previous version, ``root`` that of version 1 (both null in version 1). ``integrity`` is the
 BLAKE3 root of the hash list (see segments.py). A tombstone is a manifest with
-``deleted: true`` and no content.
+``deleted: true`` and no content. A writer the owner delegated to adds its certificate
+(delegation.py).
 
-**Holder entry** (signed by the peer that holds a segment range; 179 bytes, binary)::
+**Lineage**: a name's versions signed by one owner and linked to one version 1 form its
+history. :func:`supersedes`, :func:`linked` and :func:`choose_records` are the rules that
+holders, the DHT's policy (recordpolicy.py) and readers apply to it. Pure.
 
-    0   u8   kind = 1
-    1   20B  name key
-    21  u64  manifest version
-    29  32B  integrity root of that version
-    61  u32  first segment (inclusive)
-    65  u32  last segment (inclusive)
-    69  4B   IPv4 address
-    73  u16  TCP port
-    75  u64  issued at (unix seconds)
-    83  32B  holder's Ed25519 public key (its node ID derives from it)
-    115 64B  signature over b"difs-holder-v1\\x00" + bytes 0..114
-
-Entries live in the DHT's entry set under the name key, beside the manifest; so do earlier
-manifests (the version history). Holders renew entries; whoever holds a range may announce
-it, without the publisher.
+Holder entries are in holders.py; how a value is told to be a manifest or a holder entry,
+in records.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import ipaddress
 import json
-import socket
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import blake3
-
+from difs_p2p.delegation import Delegation, parse_delegation
 from difs_p2p.errors import IntegrityError, WireError
 from difs_p2p.identity import (
     PUBLIC_KEY_SIZE,
     SIGNATURE_SIZE,
     Identity,
     fingerprint,
-    node_id_for,
     verify_signature,
 )
 from difs_p2p.names import key_namespace_owner, name_key, normalize_name
-from difs_p2p.recordstore import EntryFacts
+from difs_p2p.records import canonical_json, is_hex, is_time, is_uint, record_hash
 
 MANIFEST_DOMAIN = b"difs-manifest-v1\x00"
-HOLDER_DOMAIN = b"difs-holder-v1\x00"
 MANIFEST_FORMAT = 1
 # A manifest must fit one DHT value (8,000 bytes); real ones are about 700 bytes.
 MAX_MANIFEST_SIZE = 4096
-HOLDER_KIND = 1
-_HOLDER = struct.Struct("!B20sQ32sII4sHQ32s")
-HOLDER_SIZE = _HOLDER.size + SIGNATURE_SIZE
-# Clocks of honest peers may differ this much; entries issued further ahead are refused.
-CLOCK_SKEW = 600.0
-_HEX64 = frozenset("0123456789abcdef")
-
-
-# Creation times are unix seconds; anything beyond the year 33658 is malformed.
-MAX_CREATED = 1e12
 
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
-
-
-def record_hash(record: bytes) -> str:
-    """The hash that names a signed record (parent/root links): BLAKE3, hex."""
-    return blake3.blake3(record).hexdigest()
-
-
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode()
-
-
-def _is_hex(value: object, length: int) -> bool:
-    return isinstance(value, str) and len(value) == length and set(value) <= _HEX64
-
-
-def _is_uint(value: object, limit: int = 1 << 63) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +68,7 @@ class Manifest:
     segment_count: int
     stripes: int
     replicas: int
-    integrity: str
+    integrity: bytes  # the hash list's BLAKE3 root (hex in the JSON)
     deleted: bool
     created: float
     publisher: bytes
@@ -221,7 +175,7 @@ def build_manifest(
     segment_count: int,
     stripes: int,
     replicas: int,
-    integrity: str,
+    integrity: bytes,
     deleted: bool = False,
     created: float,
     delegation: Delegation | None = None,
@@ -242,7 +196,7 @@ def build_manifest(
             "segment_count": segment_count,
             "stripes": stripes,
             "replicas": replicas,
-            "integrity": integrity,
+            "integrity": integrity.hex(),
             "hash": "blake3",
             "deleted": deleted,
             "created": round(created, 3),
@@ -285,7 +239,7 @@ def _parse_manifest(raw: bytes, key: bytes | None) -> Manifest:
     info, pub, sig = obj.get("info"), obj.get("publisher"), obj.get("sig")
     if not isinstance(info, dict):
         raise WireError("info is not an object", field="info")
-    if not _is_hex(pub, 2 * PUBLIC_KEY_SIZE) or not _is_hex(sig, 2 * SIGNATURE_SIZE):
+    if not is_hex(pub, 2 * PUBLIC_KEY_SIZE) or not is_hex(sig, 2 * SIGNATURE_SIZE):
         raise WireError("publisher key or signature malformed", field="publisher")
     expected = {
         "name",
@@ -316,25 +270,21 @@ def _parse_manifest(raw: bytes, key: bytes | None) -> Manifest:
     if norm != name or info["key"] != name_key(norm).hex():
         raise IntegrityError("manifest name and key do not match")
     for field_name in ("version", "size", "segment_size", "segment_count", "stripes", "replicas"):
-        if not _is_uint(info[field_name]):
+        if not is_uint(info[field_name]):
             raise WireError("not a non-negative integer", field=f"info.{field_name}")
     if info["version"] < 1 or info["hash"] != "blake3" or not isinstance(info["deleted"], bool):
         raise WireError("bad version, hash or deleted flag", field="info")
     for link in ("parent", "root"):
-        if info[link] is not None and not _is_hex(info[link], 64):
+        if info[link] is not None and not is_hex(info[link], 64):
             raise WireError("bad link", field=f"info.{link}")
     if (info["version"] == 1) != (info["parent"] is None) or (info["version"] == 1) != (
         info["root"] is None
     ):
         raise WireError("version 1 has no parent/root, later versions have both", field="info")
-    if not _is_hex(info["integrity"], 64):
+    if not is_hex(info["integrity"], 64):
         raise WireError("bad integrity root", field="info.integrity")
     created = info["created"]
-    if (
-        not isinstance(created, int | float)
-        or isinstance(created, bool)
-        or not 0 <= created < MAX_CREATED
-    ):
+    if not is_time(created):
         raise WireError("bad created time", field="info.created")
     size, seg, count = info["size"], info["segment_size"], info["segment_count"]
     stripes_ok = (1 if count else 0) <= info["stripes"] <= max(count, 1)
@@ -377,7 +327,7 @@ def _parse_manifest(raw: bytes, key: bytes | None) -> Manifest:
         segment_count=count,
         stripes=info["stripes"],
         replicas=info["replicas"],
-        integrity=info["integrity"],
+        integrity=bytes.fromhex(info["integrity"]),
         deleted=info["deleted"],
         created=float(created),
         publisher=publisher,
@@ -387,256 +337,15 @@ def _parse_manifest(raw: bytes, key: bytes | None) -> Manifest:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Delegation:
-    """An owner's signed permission for a writer key to publish names under a prefix.
-
-    Canonical JSON ``{"expires", "owner", "prefix", "sig", "t": "difs-delegation",
-    "writer"}``; the signature covers ``b"difs-delegation-v1\x00"`` + the canonical JSON
-    without ``sig``. Revocation: certificates expire, and readers refuse writers listed in
-    the owner's revocation list (the object ``<prefix>/@revoked``).
-    """
-
-    prefix: str
-    owner: bytes
-    writer: bytes
-    expires: float
-    sig: bytes
-
-    def covers(self, name: str) -> bool:
-        return name == self.prefix or name.startswith(self.prefix.rstrip("/") + "/")
-
-    def unsigned(self) -> dict[str, Any]:
-        return {
-            "t": "difs-delegation",
-            "prefix": self.prefix,
-            "owner": self.owner.hex(),
-            "writer": self.writer.hex(),
-            "expires": self.expires,
-        }
-
-    def as_json(self) -> dict[str, Any]:
-        return {**self.unsigned(), "sig": self.sig.hex()}
-
-
-DELEGATION_DOMAIN = b"difs-delegation-v1\x00"
-# Reserved last component of the object listing revoked writer keys under a prefix.
-REVOCATIONS = "@revoked"
-
-
-def build_delegation(owner: Identity, *, prefix: str, writer: bytes, expires: float) -> Delegation:
-    """Sign a delegation of ``prefix`` to ``writer`` until ``expires`` (unix seconds)."""
-    d = Delegation(normalize_name(prefix), owner.public_key, writer, round(expires, 3), b"")
-    sig = owner.sign(DELEGATION_DOMAIN + canonical_json(d.unsigned()))
-    return parse_delegation({**d.unsigned(), "sig": sig.hex()})
-
-
-def parse_delegation(obj: object) -> Delegation:
-    """Decode and verify a delegation certificate (WireError / IntegrityError)."""
-    fields = {"t", "prefix", "owner", "writer", "expires", "sig"}
-    if not isinstance(obj, dict) or set(obj) != fields or obj["t"] != "difs-delegation":
-        raise WireError("malformed delegation", field="delegation")
-    prefix, owner, writer, expires, sig = (
-        obj["prefix"],
-        obj["owner"],
-        obj["writer"],
-        obj["expires"],
-        obj["sig"],
-    )
-    if not (_is_hex(owner, 64) and _is_hex(writer, 64) and _is_hex(sig, 128)):
-        raise WireError("malformed delegation keys", field="delegation")
-    if not isinstance(expires, int | float) or isinstance(expires, bool):
-        raise WireError("malformed delegation expiry", field="delegation.expires")
-    if not 0 <= expires < MAX_CREATED:
-        raise WireError("malformed delegation expiry", field="delegation.expires")
-    if not isinstance(prefix, str):
-        raise WireError("malformed delegation prefix", field="delegation.prefix")
-    try:
-        norm = normalize_name(prefix)
-    except Exception as exc:
-        raise WireError(f"bad delegation prefix: {exc}", field="delegation.prefix") from None
-    if norm != prefix:
-        raise WireError("delegation prefix is not in normal form", field="delegation.prefix")
-    d = Delegation(
-        prefix, bytes.fromhex(owner), bytes.fromhex(writer), float(expires), bytes.fromhex(sig)
-    )
-    verify_signature(d.owner, d.sig, DELEGATION_DOMAIN + canonical_json(d.unsigned()))
-    return d
-
-
-@dataclass(frozen=True, slots=True)
-class HolderEntry:
-    """A peer's signed claim to hold segments ``start..end`` of one version of a name."""
-
-    key: bytes
-    version: int
-    integrity: bytes
-    start: int
-    end: int
-    host: str
-    port: int
-    issued: int
-    public_key: bytes
-    raw: bytes
-
-    @property
-    def node_id(self) -> bytes:
-        return bytes(node_id_for(self.public_key))
-
-    @property
-    def identity(self) -> bytes:
-        """Entries with one identity replace each other (the fresher one wins)."""
-        return b"h" + self.node_id + struct.pack("!QI", self.version, self.start)
-
-
-def build_holder_entry(
-    identity: Identity,
-    *,
-    key: bytes,
-    version: int,
-    integrity: bytes,
-    start: int,
-    end: int,
-    host: str,
-    port: int,
-    issued: int,
-) -> HolderEntry:
-    body = _HOLDER.pack(
-        HOLDER_KIND,
-        key,
-        version,
-        integrity,
-        start,
-        end,
-        ipaddress.IPv4Address(host).packed,
-        port,
-        issued,
-        identity.public_key,
-    )
-    return parse_holder_entry(body + identity.sign(HOLDER_DOMAIN + body))
-
-
-def parse_holder_entry(raw: bytes) -> HolderEntry:
-    """Decode and verify a holder entry (WireError / IntegrityError)."""
-    entry = decode_holder_entry(raw)
-    verify_holder_entry(entry)
-    return entry
-
-
-def decode_holder_entry(raw: bytes) -> HolderEntry:
-    """Decode a holder entry **without** checking its signature (WireError).
-
-    For a reader that receives many entries and uses few of them at first (a fetch):
-    it must call :func:`verify_holder_entry` on an entry before using it.
-    """
-    if len(raw) != HOLDER_SIZE:
-        raise WireError(f"holder entry of {len(raw)} bytes, expected {HOLDER_SIZE}")
-    kind, key, version, integrity, start, end, ip, port, issued, pub = _HOLDER.unpack_from(raw)
-    if kind != HOLDER_KIND:
-        raise WireError("not a holder entry", field="kind", offset=0)
-    if end < start or port == 0 or version == 0:
-        raise WireError("bad range, port or version", field="range", offset=61)
-    return HolderEntry(
-        key=key,
-        version=version,
-        integrity=integrity,
-        start=start,
-        end=end,
-        host=socket.inet_ntoa(ip),
-        port=port,
-        issued=issued,
-        public_key=pub,
-        raw=bytes(raw),
-    )
-
-
-def verify_holder_entry(entry: HolderEntry) -> None:
-    """Raise IntegrityError unless the entry's signature is its holder's over its fields."""
-    body = entry.raw[: _HOLDER.size]
-    verify_signature(entry.public_key, entry.raw[_HOLDER.size :], HOLDER_DOMAIN + body)
-
-
-class RecordValidator:
-    """The DHT policy for DIFS records (see recordstore.RecordPolicy).
-
-    * a record under K must be a valid manifest whose name hashes to K;
-    * it replaces the stored one only with a strictly greater version from the same
-      owner (the first publisher owns the name); equal versions only with identical bytes;
-    * readers rank the records of the k closest peers with :func:`choose_records` (the
-      owner most peers vouch for, then its highest version), never by version alone;
-    * entries under K are holder entries for K, or earlier manifests of K (history),
-      admitted only in the lineage of the stored record (:meth:`entry_admission`).
-    """
-
-    def record_rank(self, key: bytes, value: bytes, now: float) -> tuple[int, ...] | None:
-        try:
-            m = parse_manifest(value, key)
-        except (WireError, IntegrityError):
-            return None
-        return (m.version,)
-
-    def may_replace(self, key: bytes, new: bytes, current: bytes, now: float) -> bool:
-        try:
-            m_new, m_cur = parse_manifest(new, key), parse_manifest(current, key)
-        except (WireError, IntegrityError):
-            return True  # a damaged stored record may be replaced by a valid one
-        return m_new.owner == m_cur.owner and m_new.version > m_cur.version
-
-    def best_records(self, key: bytes, values: Sequence[bytes], now: float) -> list[bytes]:
-        counted: dict[bytes, int] = {}
-        for value in values:
-            counted[value] = counted.get(value, 0) + 1
-        found: list[tuple[Manifest, int]] = []
-        for value, n in counted.items():
-            try:
-                found.append((parse_manifest(value, key), n))
-            except (WireError, IntegrityError):
-                continue
-        return [m.raw for m in choose_records(found)]
-
-    def entry_identity(self, key: bytes, entry: bytes, now: float) -> tuple[bytes, int] | None:
-        try:
-            if entry[:1] == b"{":
-                m = parse_manifest(entry, key)
-                return b"m" + struct.pack("!Q", m.version) + m.owner, 0
-            h = parse_holder_entry(entry)
-        except (WireError, IntegrityError):
-            return None
-        if h.key != key or h.issued > now + CLOCK_SKEW:
-            return None
-        return h.identity, h.issued
-
-    def entry_admission(
-        self, key: bytes, entry: bytes, record: bytes | None, history: Sequence[bytes], now: float
-    ) -> EntryFacts | str:
-        """Entries only for versions the owner of the stored record signed.
-
-        A history manifest is admitted only if it is linked to the stored record (same
-        owner and lineage, an earlier version, or the record itself); a holder entry only
-        if the record or an admitted history manifest has its version and integrity root
-        in that lineage. With no record stored yet nothing is admitted: a publish stores
-        the record first in the same request, and the publisher re-sends what was refused.
-        """
-        if record is None:
-            return "no record for this key: entries follow their manifest"
-        try:
-            current = parse_manifest(record, key)
-            if entry[:1] == b"{":
-                m = parse_manifest(entry, key)
-                if not linked(m, current):
-                    return "history from another owner or lineage than the record's"
-                return EntryFacts(b"", m.version, history=True)
-            h = decode_holder_entry(entry)
-        except (WireError, IntegrityError):
-            return "invalid entry"
-        versions = [current]
-        for raw in history:
-            with contextlib.suppress(WireError, IntegrityError):
-                versions.append(parse_manifest(raw, key))
-        integrity = h.integrity.hex()
-        if not any(
-            m.version == h.version and m.integrity == integrity and linked(m, current)
-            for m in versions
-        ):
-            return "no manifest of the owner for this version and integrity"
-        return EntryFacts(h.public_key, h.version)
+__all__ = [
+    "MANIFEST_DOMAIN",
+    "MANIFEST_FORMAT",
+    "MAX_MANIFEST_SIZE",
+    "Lineage",
+    "Manifest",
+    "build_manifest",
+    "choose_records",
+    "linked",
+    "parse_manifest",
+    "supersedes",
+]

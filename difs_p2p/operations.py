@@ -28,12 +28,14 @@ from difs_p2p.errors import (
     UsageError,
     WireError,
 )
+from difs_p2p.holders import parse_holder_entry
 from difs_p2p.holdings import Holding, Holdings, Query
 from difs_p2p.holdproof import prove_message
 from difs_p2p.identity import Identity
 from difs_p2p.maintenance import gc_due
-from difs_p2p.manifest import Manifest, parse_holder_entry, parse_manifest, record_hash
+from difs_p2p.manifest import Manifest, parse_manifest
 from difs_p2p.net import PeerNetwork
+from difs_p2p.records import record_hash, split_entries
 from difs_p2p.repair import Maintainer
 from difs_p2p.replicator import Replicator
 from difs_p2p.service import ControlHandler
@@ -107,8 +109,9 @@ class Operations:
         key = _key_arg(args)
         dht = self.dht
         records, entries = await dht.resolve(key)
-        history = [e.decode() for e in entries if e[:1] == b"{"]
-        holders = [e.hex() for e in entries if e[:1] != b"{"]
+        split = split_entries(entries)
+        history = [e.decode() for e in split.history]
+        holders = [e.hex() for e in split.holders]
         return {"manifests": [r.decode() for r in records], "history": history, "holders": holders}
 
     async def _op_place(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
@@ -173,9 +176,7 @@ class Operations:
     ) -> None:
         """A peer repairing a range must hold it: its own entry for that version, covering
         the range, is in the DHT (entries are signed, so it cannot borrow another's)."""
-        for raw in await self.dht.get_entries(key):
-            if raw[:1] == b"{":
-                continue
+        for raw in split_entries(await self.dht.get_entries(key)).holders:
             with contextlib.suppress(DifsError):
                 entry = parse_holder_entry(raw)
                 if (
@@ -222,7 +223,7 @@ class Operations:
                 self.holdings.bind,
                 manifest.key,
                 manifest.version,
-                bytes.fromhex(manifest.integrity),
+                manifest.integrity,
                 manifest.lineage,
             )
         if winner == manifest.hash and (
@@ -242,12 +243,11 @@ class Operations:
         dht = self.dht
         key = proof.key
         addresses = set()
-        for raw in await dht.get_entries(key):
-            if raw[:1] != b"{":
-                with contextlib.suppress(DifsError):
-                    entry = parse_holder_entry(raw)
-                    if entry.version < proof.version:
-                        addresses.add((entry.host, entry.port))
+        for raw in split_entries(await dht.get_entries(key)).holders:
+            with contextlib.suppress(DifsError):
+                entry = parse_holder_entry(raw)
+                if entry.version < proof.version:
+                    addresses.add((entry.host, entry.port))
         for address in addresses:
             if address == self.address:
                 await self._release(key, proof)

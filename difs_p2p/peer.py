@@ -44,9 +44,9 @@ from difs_p2p.holdings import Holdings
 from difs_p2p.holdproof import HolderProver
 from difs_p2p.identity import Identity
 from difs_p2p.idwork import load_or_create_with_work
-from difs_p2p.manifest import RecordValidator
 from difs_p2p.net import HOST_NETWORK, PeerNetwork
 from difs_p2p.operations import OPERATIONS, Operations
+from difs_p2p.recordpolicy import RecordValidator
 from difs_p2p.repair import Maintainer
 from difs_p2p.replicator import Replicator
 from difs_p2p.service import ControlHandler, RateBucket, Service

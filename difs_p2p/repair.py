@@ -64,6 +64,7 @@ from typing import Any
 from difs_p2p.config import RepairConfig
 from difs_p2p.dht import Contact, Dht
 from difs_p2p.errors import DifsError
+from difs_p2p.holders import HolderEntry
 from difs_p2p.holdings import Holding, Holdings, Query
 from difs_p2p.maintenance import (
     Action,
@@ -87,7 +88,7 @@ from difs_p2p.maintenance import (
     resolve_due,
     round_phase,
 )
-from difs_p2p.manifest import HolderEntry
+from difs_p2p.records import split_entries
 from difs_p2p.replicator import Replicator
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ class Maintainer:
         if records:
             await dht.put(key, records[0])
         mine = [e.raw for e in self.replicator.own_entries(key)]
-        history = [e for e in raw if e[:1] == b"{"]
+        history = split_entries(raw).history
         if mine or history:
             # history first: peers admit a holder entry only once they have the manifest
             # of its version (the record, or a history manifest)

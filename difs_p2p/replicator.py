@@ -23,11 +23,12 @@ from difs_p2p.config import PeerConfig
 from difs_p2p.control import MAX_PROBE_RANGES
 from difs_p2p.dht import Contact, Dht
 from difs_p2p.errors import DifsError, IntegrityError, NotFoundError, UsageError
+from difs_p2p.holders import HolderEntry, build_holder_entry, parse_holder_entry
 from difs_p2p.holdings import Holding, Holdings, Query, holding_owner
 from difs_p2p.identity import Identity
-from difs_p2p.manifest import HolderEntry, build_holder_entry, parse_holder_entry
 from difs_p2p.net import PeerNetwork
 from difs_p2p.placement import choose_targets, range_key, shortfall
+from difs_p2p.records import split_entries
 from difs_p2p.store import SegmentStore
 from difs_p2p.transfer import Connection, remote_error
 
@@ -378,9 +379,7 @@ class Replicator:
                 hashes = []
             if seg_id != h.integrity and seg_id not in hashes[h.start : h.end + 1]:
                 continue
-            for raw in await self.dht.get_entries(h.key):
-                if raw[:1] == b"{":
-                    continue
+            for raw in split_entries(await self.dht.get_entries(h.key)).holders:
                 with contextlib.suppress(DifsError):
                     entry = parse_holder_entry(raw)
                     if entry.node_id == self.node_id or entry.version != h.version:

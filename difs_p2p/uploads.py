@@ -12,7 +12,6 @@ after they were stored; see docs/ARCHITECTURE.md, "Orphaned uploads".
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -125,12 +124,11 @@ class Uploads:
         session = self.forget(conn)
         return 0 if session is None else await self.end(session, "abandoned")
 
-    def published(self, conn: Connection, key: bytes, version: int, integrity: str) -> None:
+    def published(self, conn: Connection, key: bytes, version: int, integrity: bytes) -> None:
         """A manifest placed on this connection is published: its ranges here stay."""
         session = self._sessions.get(conn)
         if session is not None:
-            with contextlib.suppress(ValueError):
-                session.placed.pop((key, version, bytes.fromhex(integrity)), None)
+            session.placed.pop((key, version, integrity), None)
 
     async def collect_orphans(self) -> tuple[int, int]:
         """Expire upload sessions idle for the grace time and delete the segments nothing

@@ -18,14 +18,10 @@ from typing import Any, Final, TypeVar
 
 import umsgpack
 
+from difs_p2p.holders import HOLDER_DOMAIN, build_holder_entry
 from difs_p2p.identity import Identity
-from difs_p2p.manifest import (
-    HOLDER_DOMAIN,
-    MANIFEST_DOMAIN,
-    build_holder_entry,
-    build_manifest,
-    canonical_json,
-)
+from difs_p2p.manifest import MANIFEST_DOMAIN, build_manifest
+from difs_p2p.records import canonical_json
 
 T = TypeVar("T")
 

@@ -31,13 +31,10 @@ from difs_p2p.config import DhtConfig
 from difs_p2p.dht import Dht
 from difs_p2p.dhtproto import DhtProtocol
 from difs_p2p.errors import BadNameError, IntegrityError, UsageError, WireError
-from difs_p2p.manifest import (
-    HOLDER_SIZE,
-    RecordValidator,
-    parse_holder_entry,
-    parse_manifest,
-)
+from difs_p2p.holders import HOLDER_SIZE, parse_holder_entry
+from difs_p2p.manifest import parse_manifest
 from difs_p2p.names import MAX_NAME_BYTES, key_namespace_owner, name_key, normalize_name
+from difs_p2p.recordpolicy import RecordValidator
 from difs_p2p.routing import KEY_SIZE
 from difs_p2p.segments import HASH_SIZE, decode_hash_list
 from fuzz.structure import (

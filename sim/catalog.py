@@ -38,7 +38,7 @@ class StoredObject:
     ) -> StoredObject:
         """The object ``manifest`` describes, with its ranges and nobody holding them yet."""
         m = manifest
-        integrity = bytes.fromhex(m.integrity)
+        integrity = m.integrity
         ranges = stripe_ranges(m.segment_count, m.stripes)
         return cls(
             manifest=m,

@@ -1,7 +1,7 @@
 """The modelled mode (``memory`` and ``sockets``): real DHT peers, modelled segments.
 
 Every peer is a real :class:`difs_p2p.dht.Dht` with the real
-:class:`~difs_p2p.manifest.RecordValidator` policy and a seeded identity
+:class:`~difs_p2p.recordpolicy.RecordValidator` policy and a seeded identity
 (:meth:`Identity.from_seed`); only its network (:mod:`sim.memnet` or :mod:`sim.relay`) and
 its clock (the event loop's, plus a fixed epoch) come from the simulator. With the
 scenario's ``identify`` (the default) the ``Dht`` has the peer's key and runs the identify
@@ -38,19 +38,15 @@ from collections.abc import Callable, Collection
 
 from difs_p2p.dht import Dht
 from difs_p2p.errors import DifsError
+from difs_p2p.holders import HolderEntry, build_holder_entry, parse_holder_entry
 from difs_p2p.identity import Identity, distance
 from difs_p2p.maintenance import Action, plan_range
-from difs_p2p.manifest import (
-    HolderEntry,
-    RecordValidator,
-    build_holder_entry,
-    build_manifest,
-    parse_holder_entry,
-    parse_manifest,
-)
+from difs_p2p.manifest import build_manifest, parse_manifest
 from difs_p2p.names import name_key
 from difs_p2p.net import DatagramNetwork
 from difs_p2p.placement import choose_targets
+from difs_p2p.recordpolicy import RecordValidator
+from difs_p2p.records import split_entries
 from difs_p2p.segments import default_stripes, segment_hash
 from sim.catalog import StoredObject
 from sim.mode import Run
@@ -132,7 +128,7 @@ class ModelledMode:
             segment_count=count,
             stripes=stripes,
             replicas=w.replicas,
-            integrity=integrity.hex(),
+            integrity=integrity,
             created=self.clock(),
         )
         obj = StoredObject.of(manifest, user, t0, split)
@@ -200,7 +196,7 @@ class ModelledMode:
             peer.identity,
             key=obj.key,
             version=obj.version,
-            integrity=bytes.fromhex(obj.manifest.integrity),
+            integrity=obj.manifest.integrity,
             start=start,
             end=end,
             host=peer.address[0],
@@ -251,10 +247,8 @@ class ModelledMode:
     def _live_holders(self, obj: StoredObject, raw_entries: list[bytes]) -> list[list[int]]:
         """Per range, the peers named by valid entries that are alive and hold it."""
         entries: list[HolderEntry] = []
-        integrity = bytes.fromhex(obj.manifest.integrity)
-        for raw in raw_entries:
-            if raw[:1] == b"{":
-                continue
+        integrity = obj.manifest.integrity
+        for raw in split_entries(raw_entries).holders:
             try:
                 e = parse_holder_entry(raw)
             except DifsError:

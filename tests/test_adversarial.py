@@ -24,10 +24,12 @@ from difs_p2p.config import parse_hostport
 from difs_p2p.control import OperatorCredential, PeerCredential
 from difs_p2p.dht import IDENTIFY_DOMAIN, Dht
 from difs_p2p.errors import BusyError, PeerError, PermissionDeniedError
+from difs_p2p.holders import parse_holder_entry
 from difs_p2p.identity import Identity
-from difs_p2p.manifest import build_manifest, canonical_json, parse_holder_entry
+from difs_p2p.manifest import build_manifest
 from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
+from difs_p2p.records import canonical_json
 from difs_p2p.recordstore import AcceptAll
 from difs_p2p.transfer import Connection
 from tests.helpers import (
@@ -119,7 +121,7 @@ async def test_other_key_cannot_overwrite_even_with_a_higher_version(
         segment_count=0,
         stripes=0,
         replicas=0,
-        integrity="c" * 64,
+        integrity=b"\xcc" * 32,
         deleted=True,
         created=0.0,
     )
@@ -158,7 +160,7 @@ async def test_hostile_holder_entries_cannot_break_a_fetch(
     world: tuple[list[Peer], Dht], tmp_path: Path
 ) -> None:
     """Entries claiming holders that do not exist cost retries, not the fetch."""
-    from difs_p2p.manifest import build_holder_entry
+    from difs_p2p.holders import build_holder_entry
 
     peers, evil = world
     owner = Identity.generate()
@@ -169,7 +171,7 @@ async def test_hostile_holder_entries_cannot_break_a_fetch(
             Identity.generate(),
             key=m.key,
             version=1,
-            integrity=bytes.fromhex(m.integrity),
+            integrity=m.integrity,
             start=0,
             end=m.segment_count - 1,
             host="127.0.0.1",
@@ -553,7 +555,7 @@ async def test_false_holder_entries_do_not_hold_up_an_honest_fetch(
     """Holder entries signed by a stranger's key for listeners that never answer, or answer
     one byte a second, cost an honest fetch nothing: it returns the exact bytes although
     its I/O timeout is an hour, with what it asked of them asked of honest holders."""
-    from difs_p2p.manifest import build_holder_entry
+    from difs_p2p.holders import build_holder_entry
 
     peers, evil = world
     src = tmp_path / "src"
@@ -569,7 +571,7 @@ async def test_false_holder_entries_do_not_hold_up_an_honest_fetch(
                 Identity.generate(),  # the stranger's keys, one per listener
                 key=m.key,
                 version=m.version,
-                integrity=bytes.fromhex(m.integrity),
+                integrity=m.integrity,
                 start=0,
                 end=m.segment_count - 1,
                 host=host,
@@ -705,7 +707,7 @@ async def test_a_strangers_control_requests_are_refused_before_any_work(
             segment_count=1,
             stripes=1,
             replicas=3,
-            integrity=root.hex(),
+            integrity=root,
             created=0.0,
         )
         hold = {
@@ -765,7 +767,7 @@ async def test_the_operator_with_the_token_may_do_everything(
             segment_count=1,
             stripes=1,
             replicas=2,
-            integrity=root.hex(),
+            integrity=root,
             created=0.0,
         )
         published = await operator.call(
@@ -1080,7 +1082,7 @@ def _strangers_tombstone(name: str, stranger: Identity, victim_v1: str) -> bytes
         segment_count=0,
         stripes=0,
         replicas=0,
-        integrity="00" * 32,
+        integrity=bytes(32),
         deleted=True,
         created=1.0,
     ).raw
@@ -1155,7 +1157,7 @@ async def test_a_strangers_deleted_v1000_record_deletes_nothing(
 
 
 def blake3_hex(raw: bytes) -> str:
-    from difs_p2p.manifest import record_hash
+    from difs_p2p.records import record_hash
 
     return record_hash(raw)
 
@@ -1203,7 +1205,7 @@ async def test_a_strangers_entries_and_history_for_a_victims_name_are_refused(
             segment_count=len(hashes),
             stripes=segments.default_stripes(len(hashes)),
             replicas=3,
-            integrity=integrity.hex(),
+            integrity=integrity,
             created=1.0,
         )
         await client._call("publish", manifest=fake.raw.decode(), entries=placed["entries"])
@@ -1244,7 +1246,7 @@ async def _junk_records(evil: Dht, target: Peer, n: int) -> int:
             segment_count=0,
             stripes=1,
             replicas=1,
-            integrity="00" * 32,
+            integrity=bytes(32),
             created=1.0,
         )
         ok, reply = await proto.call(target.address, "store", evil.node_id, m.key, m.raw)
@@ -1292,7 +1294,7 @@ async def test_junk_entries_under_a_name_do_not_starve_the_owners_update(
     """508 junk holder entries from one address under a name (for
     the owner's own version, the only kind peers admit now) leave room for the owner's
     update: it gets its holder entries and fetches work."""
-    from difs_p2p.manifest import build_holder_entry
+    from difs_p2p.holders import build_holder_entry
 
     peers, evil = lineage_world
     owner = Identity.generate()
@@ -1305,7 +1307,7 @@ async def test_junk_entries_under_a_name_do_not_starve_the_owners_update(
             Identity.generate(),
             key=key,
             version=1,
-            integrity=bytes.fromhex(m.integrity),
+            integrity=m.integrity,
             start=0,
             end=m.segment_count - 1,
             host="127.0.0.1",
@@ -1407,7 +1409,7 @@ async def test_holder_entries_whose_holder_cannot_prove_them_are_dropped(
     """Entries signed by a stranger's keys for silent listeners, a 1 byte/s one and an
     honest peer's address are dropped by every listing peer once its challenge fails, and
     refused when sent again; honest entries all stay, and a publish is fetched at once."""
-    from difs_p2p.manifest import build_holder_entry
+    from difs_p2p.holders import build_holder_entry
 
     peers, evil = world
     owner = Identity.generate()
@@ -1423,7 +1425,7 @@ async def test_holder_entries_whose_holder_cannot_prove_them_are_dropped(
             key_,
             key=m.key,
             version=m.version,
-            integrity=bytes.fromhex(m.integrity),
+            integrity=m.integrity,
             start=0,
             end=m.segment_count - 1,
             host=host,
@@ -1464,6 +1466,7 @@ def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() ->
     import random
 
     from difs_p2p.config import ProofConfig
+    from difs_p2p.holders import build_holder_entry
     from difs_p2p.holdproof import (
         NOT_HELD,
         Claim,
@@ -1472,7 +1475,6 @@ def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() ->
         check_segment,
         prove_message,
     )
-    from difs_p2p.manifest import build_holder_entry
 
     holder, other = Identity.generate(), Identity.generate()
     key = name_key("/proof")
@@ -1546,7 +1548,7 @@ def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() ->
         segment_count=3,
         stripes=1,
         replicas=1,
-        integrity=bytes(segments.hash_list_root(hash_list)).hex(),
+        integrity=bytes(segments.hash_list_root(hash_list)),
         created=0.0,
     )
     assert check_segment(manifest, hash_list, 1, blocks[1]) == ""
@@ -1574,9 +1576,7 @@ async def test_a_holder_serving_a_bad_segment_fails_a_sampled_challenge(tmp_path
         assert sum(pr.stats.failed for pr in provers) == 0, "honest holders pass"
         liar = next(p for p in peers[1:] if p.replicator.holdings.of_key(m.key))
         store = liar._store()
-        ids = segments.verify_hash_list(
-            store.read(bytes.fromhex(m.integrity)), bytes.fromhex(m.integrity), m.segment_count
-        )
+        ids = segments.verify_hash_list(store.read(m.integrity), m.integrity, m.segment_count)
         for h in liar.replicator.holdings.of_key(m.key):
             for seg_id in ids[h.start : h.end + 1]:
                 path = store.path_of(seg_id)
@@ -1620,7 +1620,7 @@ async def test_nearer_claimants_cannot_make_honest_holders_drop_their_copies(
         async with client_for(net[0], publisher=Identity.generate()) as client:
             result = await client.put(src, "/victim/copies", segment_size=SEG, replicas=2)
         m = result.manifest
-        integrity = bytes.fromhex(m.integrity)
+        integrity = m.integrity
         ranges = segments.stripe_ranges(m.segment_count, m.stripes)
         assert len(ranges) == 1
         first, last = ranges[0]
@@ -1680,7 +1680,7 @@ async def test_a_writer_whose_delegation_ran_out_cannot_delete_by_backdating(
     """A writer whose delegation expired a month ago signs a tombstone for the owner's post
     with a ``created`` time from before the expiry and shows it to every holder in
     ``release``: nothing is freed, and the post is still fetched whole."""
-    from difs_p2p.manifest import build_delegation
+    from difs_p2p.delegation import build_delegation
 
     net = await start_peers(tmp_path / "net", 5)
     try:
@@ -1703,7 +1703,7 @@ async def test_a_writer_whose_delegation_ran_out_cannot_delete_by_backdating(
             segment_count=0,
             stripes=0,
             replicas=3,
-            integrity="00" * 32,
+            integrity=bytes(32),
             deleted=True,
             created=expired - 60,
             delegation=cert,

@@ -21,13 +21,13 @@ from difs_p2p.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from difs_p2p.identity import Identity
-from difs_p2p.manifest import (
+from difs_p2p.holders import (
     HolderEntry,
     build_holder_entry,
     decode_holder_entry,
     verify_holder_entry,
 )
+from difs_p2p.identity import Identity
 from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
 from difs_p2p.pins import Pins
@@ -392,7 +392,7 @@ async def test_delegated_writer_publishes_under_the_owners_prefix_until_revoked(
     """An owner lets a writer publish under a prefix, then revokes it; others stay out."""
     import time
 
-    from difs_p2p.manifest import build_delegation
+    from difs_p2p.delegation import build_delegation
 
     owner, writer, stranger = Identity.generate(), Identity.generate(), Identity.generate()
     src = write(tmp_path, 100)

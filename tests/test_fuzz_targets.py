@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from difs_p2p.manifest import RecordValidator
+from difs_p2p.recordpolicy import RecordValidator
 from fuzz import targets
 from fuzz.make_corpus import seed_inputs, write_corpus
 from fuzz.runner import CORPUS_DIR, REPO_ROOT, crash_signature, keep_going

@@ -7,21 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from difs_p2p.delegation import build_delegation
+from difs_p2p.holders import build_holder_entry
 from difs_p2p.holdings import Holding, Holdings
 from difs_p2p.identity import Identity
 from difs_p2p.maintenance import NameView, bind_lineage, collect_due, gc_due
-from difs_p2p.manifest import (
-    Lineage,
-    Manifest,
-    RecordValidator,
-    build_delegation,
-    build_holder_entry,
-    build_manifest,
-    choose_records,
-    linked,
-    supersedes,
-)
+from difs_p2p.manifest import Lineage, Manifest, build_manifest, choose_records, linked, supersedes
 from difs_p2p.names import name_key
+from difs_p2p.recordpolicy import RecordValidator
 from difs_p2p.recordstore import RecordStore, write_source
 
 NAME = "/a.com/x"
@@ -55,7 +48,7 @@ def version_of(
         segment_count=0 if deleted else 1,
         stripes=0 if deleted else 1,
         replicas=3,
-        integrity=integrity,
+        integrity=bytes.fromhex(integrity),
         deleted=deleted,
         created=created,
         delegation=delegation,
@@ -83,7 +76,7 @@ EVIL_FORGED_LINK = build_manifest(
     segment_count=0,
     stripes=0,
     replicas=0,
-    integrity="00" * 32,
+    integrity=bytes(32),
     deleted=True,
     created=1.0,
 )
@@ -305,7 +298,7 @@ def version_of_name(signer: Identity, name: str) -> Manifest:
         segment_count=0,
         stripes=1,
         replicas=1,
-        integrity="00" * 32,
+        integrity=bytes(32),
         created=1.0,
     )
 

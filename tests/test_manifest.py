@@ -10,28 +10,21 @@ from typing import Any
 import blake3
 import pytest
 
+from difs_p2p.delegation import Delegation, build_delegation, parse_delegation
 from difs_p2p.errors import IntegrityError, WireError
-from difs_p2p.identity import Identity
-from difs_p2p.manifest import (
-    CLOCK_SKEW,
+from difs_p2p.holders import (
     HOLDER_SIZE,
-    Delegation,
     HolderEntry,
-    Lineage,
-    Manifest,
-    RecordValidator,
-    build_delegation,
     build_holder_entry,
-    build_manifest,
-    canonical_json,
-    choose_records,
     decode_holder_entry,
-    parse_delegation,
     parse_holder_entry,
-    parse_manifest,
     verify_holder_entry,
 )
+from difs_p2p.identity import Identity
+from difs_p2p.manifest import Lineage, Manifest, build_manifest, choose_records, parse_manifest
 from difs_p2p.names import name_key
+from difs_p2p.recordpolicy import CLOCK_SKEW, RecordValidator
+from difs_p2p.records import canonical_json
 
 
 def test_a_remembered_parse_checks_the_key_and_the_bytes_each_time() -> None:
@@ -48,7 +41,7 @@ def test_a_remembered_parse_checks_the_key_and_the_bytes_each_time() -> None:
         segment_count=1,
         stripes=1,
         replicas=3,
-        integrity="00" * 32,
+        integrity=bytes(32),
         created=1.0,
     )
     key = name_key("/a/b")
@@ -79,7 +72,7 @@ def make(
     version: int = 1,
     parent: Manifest | None = None,
     size: int = 10_000,
-    integrity: str = "11" * 32,
+    integrity: bytes = b"\x11" * 32,
     delegation: Delegation | None = None,
     created: float = 1.0,
 ) -> Manifest:
@@ -102,7 +95,7 @@ def make(
 
 
 V1 = make()
-V2 = make(version=2, parent=V1, integrity="22" * 32)
+V2 = make(version=2, parent=V1, integrity=b"\x22" * 32)
 
 
 def reencode(raw: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
@@ -233,7 +226,7 @@ FORGED = make(STRANGER, version=5, parent=V2)  # a stranger's copy of the owner'
         (V2.raw, V1.raw, True),  # the owner's next version
         (V1.raw, V2.raw, False),  # a stale version replayed
         (V2.raw, V2.raw, False),  # not newer
-        (make(version=2, parent=V1, integrity="99" * 32).raw, V2.raw, False),  # a fork
+        (make(version=2, parent=V1, integrity=b"\x99" * 32).raw, V2.raw, False),  # a fork
         (FORGED.raw, V2.raw, False),  # forged by a stranger, whatever its version
         (V2.raw, b"damaged", True),  # a damaged stored record gives way
     ],
@@ -271,8 +264,8 @@ def test_best_records_drops_invalid_values_and_counts_repeats() -> None:
 def test_choose_records_orders_forks_and_owners() -> None:
     """Within an owner, equal versions go by more peers then smaller bytes; owners follow
     one another, and repeated records add their votes."""
-    fork_a = make(version=2, parent=V1, integrity="aa" * 32)
-    fork_b = make(version=2, parent=V1, integrity="bb" * 32)
+    fork_a = make(version=2, parent=V1, integrity=b"\xaa" * 32)
+    fork_b = make(version=2, parent=V1, integrity=b"\xbb" * 32)
     small, large = sorted([fork_a, fork_b], key=lambda m: m.raw)
     assert choose_records([(large, 2), (small, 1)]) == [large, small]
     assert choose_records([(large, 1), (small, 1)]) == [small, large]
@@ -423,6 +416,9 @@ def test_a_tampered_holder_entry_fails_verification(offset: int) -> None:
         (holder().raw[:-1] + b"\x00", KEY, False),  # a forged signature
         (V1.raw, KEY, True),  # history
         (V1.raw, name_key("/a.com/y"), False),
+        (b"", KEY, False),  # neither kind
+        (b"\x02" + holder().raw[1:], KEY, False),  # another kind byte
+        (b'{"t":"difs-manifest"}', KEY, False),  # JSON, not a manifest
     ],
 )
 def test_entry_identity_refuses_future_foreign_and_forged_entries(
@@ -430,3 +426,12 @@ def test_entry_identity_refuses_future_foreign_and_forged_entries(
 ) -> None:
     """The policy gives an identity only to a valid entry of this key, not issued too late."""
     assert (RecordValidator().entry_identity(key, entry, 1000.0) is not None) is valid
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [b"", b"\x01", b"\x02" + holder().raw[1:], b'{"t":"difs-manifest"}', b"[]"],
+)
+def test_entry_admission_refuses_a_value_of_neither_kind_or_malformed(entry: bytes) -> None:
+    """With a record stored, an entry that is no valid manifest or holder entry is refused."""
+    assert RecordValidator().entry_admission(KEY, entry, V1.raw, [], 1000.0) == "invalid entry"

@@ -14,6 +14,7 @@ from difs_p2p import segments
 from difs_p2p.client import Client, PublishResult
 from difs_p2p.config import RepairConfig
 from difs_p2p.errors import UsageError
+from difs_p2p.holders import HolderEntry, build_holder_entry
 from difs_p2p.holdings import Holding, Query
 from difs_p2p.identity import Identity
 from difs_p2p.maintenance import (
@@ -36,8 +37,9 @@ from difs_p2p.maintenance import (
     resolve_due,
     round_phase,
 )
-from difs_p2p.manifest import HolderEntry, Lineage, Manifest, build_holder_entry, record_hash
+from difs_p2p.manifest import Lineage, Manifest
 from difs_p2p.peer import Peer
+from difs_p2p.records import record_hash
 from difs_p2p.transfer import Connection
 from tests.helpers import client_for, start_peers, stop_all
 
@@ -129,7 +131,7 @@ def test_gc_policy() -> None:
             0,
             0,
             0,
-            "0" * 64,
+            bytes(32),
             deleted,
             0.0,
             b"p" * 32,
@@ -193,7 +195,7 @@ async def test_repair_restores_r_copies_after_two_crashes(
 ) -> None:
     """Two holders crash; after dead_after rounds every range has r live copies again."""
     result = await publish_random(network[0], tmp_path, "/durable", 40, 3)
-    integrity = bytes.fromhex(result.manifest.integrity)
+    integrity = result.manifest.integrity
     ranges = segments.stripe_ranges(result.manifest.segment_count, result.manifest.stripes)
     holders = {h for r in result.ranges for h in r["holders"]} - {network[0].node_id.hex()}
     victims = [p for p in network if p.node_id.hex() in holders][:2]
@@ -216,7 +218,7 @@ async def test_extra_copies_are_kept(network: list[Peer], tmp_path: Path) -> Non
     """A range copied to more than r peers keeps every copy: no holder drops its own
     because others answer that they hold the range."""
     result = await publish_random(network[0], tmp_path, "/trim", 8, 2)
-    integrity = bytes.fromhex(result.manifest.integrity)
+    integrity = result.manifest.integrity
     holders = set(result.ranges[0]["holders"])
     extra = next(p for p in network if p.node_id.hex() not in holders)
     holder = next(p for p in network if p.node_id.hex() in holders)
@@ -276,7 +278,7 @@ def manifest_for(h: Holding, *, version: int | None = None, deleted: bool = Fals
         h.segment_count,
         2,
         3,
-        h.integrity.hex(),
+        h.integrity,
         deleted,
         0.0,
         b"p" * 32,
@@ -508,7 +510,7 @@ async def test_crashed_holders_are_repaired_without_waiting_for_a_periodic_resol
     peers = await start_peers(tmp_path / "net", 8, repair=QUIET)
     try:
         result = await publish_random(peers[0], tmp_path, "/cached", 40, 3)
-        integrity = bytes.fromhex(result.manifest.integrity)
+        integrity = result.manifest.integrity
         ranges = segments.stripe_ranges(result.manifest.segment_count, result.manifest.stripes)
         await rounds(peers, 1)  # every holder now has a view of the name
         holders = {h for r in result.ranges for h in r["holders"]} - {peers[0].node_id.hex()}

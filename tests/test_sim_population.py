@@ -123,7 +123,7 @@ def _object(name: str, version: int, size: int, user: int = 0) -> StoredObject:
         segment_count=count,
         stripes=default_stripes(count),
         replicas=3,
-        integrity=(b"\x01" * 32).hex(),
+        integrity=b"\x01" * 32,
         created=1.0,
     )
     return StoredObject.of(manifest, user, 0.0, during_split=False)

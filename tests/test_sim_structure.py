@@ -12,7 +12,7 @@ import pytest
 
 from difs_p2p.dht import Dht
 from difs_p2p.identity import Identity
-from difs_p2p.manifest import RecordValidator
+from difs_p2p.recordpolicy import RecordValidator
 from sim.catalog import StoredObject
 from sim.mode import Mode, Run
 from sim.models import Address, NetworkModel

@@ -21,8 +21,8 @@ from difs_p2p.config import parse_hostport
 from difs_p2p.control import read_token_file
 from difs_p2p.errors import NetworkError
 from difs_p2p.fetchplan import PlanConfig
+from difs_p2p.holders import build_holder_entry, decode_holder_entry
 from difs_p2p.identity import Identity
-from difs_p2p.manifest import build_holder_entry, decode_holder_entry
 from difs_p2p.transfer import BufferPool
 from tests.helpers import client_for, start_peer_process, start_peers, stop_all
 

@@ -364,7 +364,7 @@ async def test_a_place_of_other_content_under_a_held_version_frees_nothing(
     src = random_file(tmp_path, 8 * SEG)
     async with client_for(network[0], publisher=Identity.generate()) as client:
         published = await client.put(src, "/victim", segment_size=SEG, replicas=5)
-    integrity = bytes.fromhex(published.manifest.integrity)
+    integrity = published.manifest.integrity
     other = random_file(tmp_path, 8 * SEG)
     await interrupt(network[0], other, "/victim", "placed, not published")
     for _ in range(3):  # maintenance rounds until past the grace time: nothing is collected
@@ -388,16 +388,17 @@ async def test_a_place_of_other_content_under_a_held_version_frees_nothing(
 def test_a_holding_is_orphaned_only_without_manifest_entries_or_newer_version() -> None:
     """A range whose version never appeared (no manifest, no holder entry, no newer version)
     is orphaned once the grace time and the per-segment allowance have passed."""
+    from difs_p2p.holders import build_holder_entry
     from difs_p2p.holdings import Holding
     from difs_p2p.maintenance import NameView, orphaned
-    from difs_p2p.manifest import Manifest, build_holder_entry
+    from difs_p2p.manifest import Manifest
 
     key, root = b"k" * 20, b"i" * 32
     h = Holding(key, 2, root, 100, 0, 99, since=0.0)
 
     def manifest(version: int, integrity: bytes = root) -> Manifest:
         return Manifest(
-            "/x", key, version, None, None, 100 * 4096, 4096, 100, 2, 3, integrity.hex(),
+            "/x", key, version, None, None, 100 * 4096, 4096, 100, 2, 3, integrity,
             False, 0.0, b"p" * 32, b"",
         )  # fmt: skip
 

@@ -1,0 +1,126 @@
+"""Holder entries: a peer's signed claim to hold a range of one version's segments
+(docs/PROTOCOL.md, "Holder entry"). 179 bytes, binary::
+
+    0   u8   kind = 1 (records.HOLDER_KIND)
+    1   20B  name key
+    21  u64  manifest version
+    29  32B  integrity root of that version
+    61  u32  first segment (inclusive)
+    65  u32  last segment (inclusive)
+    69  4B   IPv4 address
+    73  u16  TCP port
+    75  u64  issued at (unix seconds)
+    83  32B  holder's Ed25519 public key (its node ID derives from it)
+    115 64B  signature over b"difs-holder-v1\\x00" + bytes 0..114
+
+Entries live in the DHT's entry set under the name key, beside the manifest; so do earlier
+manifests (the version history). Holders renew entries; whoever holds a range may announce
+it, without the publisher. Pure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+
+from difs_p2p.errors import WireError
+from difs_p2p.identity import SIGNATURE_SIZE, Identity, node_id_for, verify_signature
+from difs_p2p.records import HOLDER_KIND
+
+HOLDER_DOMAIN = b"difs-holder-v1\x00"
+_HOLDER = struct.Struct("!B20sQ32sII4sHQ32s")
+HOLDER_SIZE = _HOLDER.size + SIGNATURE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class HolderEntry:
+    """A peer's signed claim to hold segments ``start..end`` of one version of a name."""
+
+    key: bytes
+    version: int
+    integrity: bytes
+    start: int
+    end: int
+    host: str
+    port: int
+    issued: int
+    public_key: bytes
+    raw: bytes
+
+    @property
+    def node_id(self) -> bytes:
+        return bytes(node_id_for(self.public_key))
+
+    @property
+    def identity(self) -> bytes:
+        """Entries with one identity replace each other (the fresher one wins)."""
+        return b"h" + self.node_id + struct.pack("!QI", self.version, self.start)
+
+
+def build_holder_entry(
+    identity: Identity,
+    *,
+    key: bytes,
+    version: int,
+    integrity: bytes,
+    start: int,
+    end: int,
+    host: str,
+    port: int,
+    issued: int,
+) -> HolderEntry:
+    body = _HOLDER.pack(
+        HOLDER_KIND,
+        key,
+        version,
+        integrity,
+        start,
+        end,
+        ipaddress.IPv4Address(host).packed,
+        port,
+        issued,
+        identity.public_key,
+    )
+    return parse_holder_entry(body + identity.sign(HOLDER_DOMAIN + body))
+
+
+def parse_holder_entry(raw: bytes) -> HolderEntry:
+    """Decode and verify a holder entry (WireError / IntegrityError)."""
+    entry = decode_holder_entry(raw)
+    verify_holder_entry(entry)
+    return entry
+
+
+def decode_holder_entry(raw: bytes) -> HolderEntry:
+    """Decode a holder entry **without** checking its signature (WireError).
+
+    For a reader that receives many entries and uses few of them at first (a fetch):
+    it must call :func:`verify_holder_entry` on an entry before using it.
+    """
+    if len(raw) != HOLDER_SIZE:
+        raise WireError(f"holder entry of {len(raw)} bytes, expected {HOLDER_SIZE}")
+    kind, key, version, integrity, start, end, ip, port, issued, pub = _HOLDER.unpack_from(raw)
+    if kind != HOLDER_KIND:
+        raise WireError("not a holder entry", field="kind", offset=0)
+    if end < start or port == 0 or version == 0:
+        raise WireError("bad range, port or version", field="range", offset=61)
+    return HolderEntry(
+        key=key,
+        version=version,
+        integrity=integrity,
+        start=start,
+        end=end,
+        host=socket.inet_ntoa(ip),
+        port=port,
+        issued=issued,
+        public_key=pub,
+        raw=bytes(raw),
+    )
+
+
+def verify_holder_entry(entry: HolderEntry) -> None:
+    """Raise IntegrityError unless the entry's signature is its holder's over its fields."""
+    body = entry.raw[: _HOLDER.size]
+    verify_signature(entry.public_key, entry.raw[_HOLDER.size :], HOLDER_DOMAIN + body)
