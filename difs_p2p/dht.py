@@ -75,7 +75,7 @@ from difs_p2p.routing import KEY_SIZE, Contact, contact_of, is_id
 from difs_p2p.tasks import TaskSet
 
 # Contact is re-exported for peer.py until it imports it from difs_p2p.routing.
-__all__ = ["IDENTIFY_DOMAIN", "Contact", "Dht", "Stored"]
+__all__ = ["IDENTIFY_DOMAIN", "Dht"]
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,8 @@ from typing import IO, Any
 
 from difs_p2p import control
 from difs_p2p.config import PeerConfig
-from difs_p2p.dht import Contact, Dht
+from difs_p2p.dht import Dht
+from difs_p2p.diskcost import DiskCost
 from difs_p2p.errors import NetworkError, StorageError
 from difs_p2p.holdings import Holdings
 from difs_p2p.holdproof import HolderProver
@@ -49,8 +50,9 @@ from difs_p2p.operations import OPERATIONS, Operations
 from difs_p2p.recordpolicy import RecordValidator
 from difs_p2p.repair import Maintainer
 from difs_p2p.replicator import Replicator
+from difs_p2p.routing import Contact
 from difs_p2p.service import ControlHandler, RateBucket, Service
-from difs_p2p.store import DiskCost, SegmentStore
+from difs_p2p.store import SegmentStore
 from difs_p2p.tasks import TaskSet
 from difs_p2p.transfer import ByteBudget, Connection, Server
 from difs_p2p.uploads import Uploads

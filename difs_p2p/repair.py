@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from difs_p2p.config import RepairConfig
-from difs_p2p.dht import Contact, Dht
+from difs_p2p.dht import Dht
 from difs_p2p.errors import DifsError
 from difs_p2p.holders import HolderEntry
 from difs_p2p.holdings import Holding, Holdings, Query
@@ -90,6 +90,7 @@ from difs_p2p.maintenance import (
 )
 from difs_p2p.records import split_entries
 from difs_p2p.replicator import Replicator
+from difs_p2p.routing import Contact
 
 log = logging.getLogger(__name__)
 

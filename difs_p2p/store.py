@@ -60,7 +60,7 @@ from difs_p2p.errors import CapacityError, IntegrityError, NotFoundError, UsageE
 from difs_p2p.segfiles import SegmentFiles, as_bytes_view, blake3_digest, check_id, short
 from difs_p2p.segindex import SegmentIndex
 
-__all__ = ["CheckReport", "DiskCost", "Orphans", "SegmentStore"]
+__all__ = ["CheckReport", "Orphans", "SegmentStore"]
 
 log = logging.getLogger(__name__)
 
