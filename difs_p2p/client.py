@@ -606,7 +606,7 @@ class Client:
         async def take_ack() -> None:
             frame = await conn.read_frame()
             if isinstance(frame, wire.Error):
-                raise remote_error(frame)
+                raise remote_error(frame, conn.peer_address)
             if not isinstance(frame, wire.Ack):
                 raise PeerError("expected an ACK")
             length = pending.popleft()

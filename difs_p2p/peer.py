@@ -50,7 +50,9 @@ from difs_p2p.errors import (
     NetworkError,
     NotFoundError,
     PermissionDeniedError,
+    RemoteRejectedError,
     StorageError,
+    UnsupportedError,
     UsageError,
     WireError,
 )
@@ -749,7 +751,7 @@ class Peer:
             if isinstance(frame, wire.Call):
                 rule = CONTROL_TABLE.get(frame.op)
                 if rule is None or frame.op not in self._controls:
-                    raise UsageError(f"unknown operation {frame.op!r}")
+                    raise UnsupportedError(f"unknown operation {frame.op!r}")
                 role = Role[conn.role.upper()]
                 forbidden = PermissionDeniedError(
                     f"{frame.op} needs the role {rule.access.value!r}; this connection is a "
@@ -1297,7 +1299,7 @@ class Peer:
                                     "holds_ranges",
                                     ranges=[[k.hex(), v, a, b] for k, v, a, b in chunk],
                                 )
-                        except UsageError:
+                        except RemoteRejectedError:
                             batched = False  # an older peer: unknown operation
                         else:
                             holds = reply.get("holds")

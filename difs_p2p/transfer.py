@@ -41,7 +41,18 @@ from difs_p2p.errors import (
     NotFoundError,
     PeerError,
     PermissionDeniedError,
+    RemoteAlreadyExistsError,
+    RemoteBusyError,
+    RemoteCapacityError,
+    RemoteDeletedError,
     RemoteError,
+    RemoteIntegrityError,
+    RemoteNotFoundError,
+    RemotePermissionDeniedError,
+    RemoteRejectedError,
+    RemoteTimeoutError,
+    RemoteUnsupportedError,
+    UnsupportedError,
     UsageError,
     WireError,
 )
@@ -91,7 +102,8 @@ class BufferPool:
             self._free.append(buf)
 
 
-# Error classes sent as codes, checked most specific first, and back.
+# Error classes sent as codes, checked most specific first (an error a peer answered with
+# and that is passed on keeps its code: see ``error_code``).
 _CODES: list[tuple[type[DifsError], wire.ErrorCode]] = [
     (AlreadyExistsError, wire.ErrorCode.EXISTS),
     (DeletedError, wire.ErrorCode.DELETED),
@@ -100,31 +112,46 @@ _CODES: list[tuple[type[DifsError], wire.ErrorCode]] = [
     (BusyError, wire.ErrorCode.BUSY),
     (CapacityError, wire.ErrorCode.NO_SPACE),
     (PermissionDeniedError, wire.ErrorCode.FORBIDDEN),
+    (UnsupportedError, wire.ErrorCode.UNSUPPORTED),
     (UsageError, wire.ErrorCode.BAD_REQUEST),
     (WireError, wire.ErrorCode.BAD_REQUEST),
     (DifsTimeoutError, wire.ErrorCode.TIMEOUT),
 ]
-_ERRORS: dict[int, type[DifsError]] = {int(code): cls for cls, code in reversed(_CODES)}
-_ERRORS[int(wire.ErrorCode.BAD_REQUEST)] = UsageError
+# Codes received, and the error each becomes: always a RemoteError (the peer's verdict),
+# also of the local class when the code carries a meaning the user needs.
+_REMOTE: dict[int, type[RemoteError]] = {
+    wire.ErrorCode.BAD_REQUEST: RemoteRejectedError,
+    wire.ErrorCode.NOT_FOUND: RemoteNotFoundError,
+    wire.ErrorCode.INTEGRITY: RemoteIntegrityError,
+    wire.ErrorCode.NO_SPACE: RemoteCapacityError,
+    wire.ErrorCode.FORBIDDEN: RemotePermissionDeniedError,
+    wire.ErrorCode.EXISTS: RemoteAlreadyExistsError,
+    wire.ErrorCode.DELETED: RemoteDeletedError,
+    wire.ErrorCode.BUSY: RemoteBusyError,
+    wire.ErrorCode.INTERNAL: RemoteError,
+    wire.ErrorCode.UNSUPPORTED: RemoteUnsupportedError,
+    wire.ErrorCode.TIMEOUT: RemoteTimeoutError,
+}
+assert set(_REMOTE) == set(wire.ErrorCode)
 
 
 def error_code(exc: BaseException) -> wire.ErrorCode:
-    """The wire code that reports ``exc`` to a remote caller."""
+    """The wire code that reports ``exc`` to a remote caller (an error another peer
+    answered with is passed on with its code)."""
+    if isinstance(exc, RemoteError) and exc.code in _REMOTE:
+        return wire.ErrorCode(exc.code)
     for cls, code in _CODES:
         if isinstance(exc, cls):
             return code
     return wire.ErrorCode.INTERNAL
 
 
-def remote_error(frame: wire.Error) -> DifsError:
-    """The local exception for an ERROR frame: the matching class, else RemoteError."""
-    cls = _ERRORS.get(int(frame.code))
-    if cls is None:
-        return RemoteError(int(frame.code), frame.message)
-    if frame.code == wire.ErrorCode.FORBIDDEN:
-        # the peer's refusal, told apart from a local one
-        return cls(f"permission denied by the peer: {frame.message}")
-    return cls(frame.message)
+def remote_error(frame: wire.Error, peer: tuple[str, int] | None = None) -> RemoteError:
+    """The exception for an ERROR frame ``peer`` answered with (see errors.py)."""
+    cls = _REMOTE.get(int(frame.code), RemoteError)
+    name = frame.code.name if isinstance(frame.code, wire.ErrorCode) else ""
+    where = f"{peer[0]}:{peer[1]}" if peer is not None else ""
+    return cls(int(frame.code), frame.message, peer=where, code_name=name)
 
 
 class Connection:
@@ -200,7 +227,7 @@ class Connection:
                 await self.send(wire.Hello(request_id=0, peer=me.hex() if me else None))
                 challenge = await self.read_frame()
                 if isinstance(challenge, wire.Error):
-                    raise remote_error(challenge)
+                    raise remote_error(challenge, self.peer_address)
                 if not isinstance(challenge, wire.Hello) or challenge.nonce is None:
                     raise PeerError("the peer sent no HELLO nonce: it cannot authenticate")
                 if challenge.peer is None:
@@ -220,7 +247,7 @@ class Connection:
                     self.close()
         if isinstance(answer, wire.Error):
             self.close()
-            raise remote_error(answer)
+            raise remote_error(answer, self.peer_address)
         if not isinstance(answer, wire.Hello) or answer.role != auth.role:
             self.close()
             raise PeerError("the peer did not grant the role it was shown a proof of")
@@ -363,7 +390,7 @@ class Connection:
         if frame is None:
             raise PeerError("connection closed before the reply")
         if isinstance(frame, wire.Error):
-            raise remote_error(frame)
+            raise remote_error(frame, self.peer_address)
         if not isinstance(frame, wire.Reply):
             raise PeerError(f"unexpected {type(frame).__name__} frame in reply to {op}")
         return dict(frame.body)
