@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from difs_p2p import segments, wire
 from difs_p2p.control import OperatorCredential
@@ -64,6 +64,20 @@ from difs_p2p.manifest import (
 )
 from difs_p2p.names import key_namespace_owner, name_key, normalize_name
 from difs_p2p.net import HOST_NETWORK, Connector
+from difs_p2p.ops import (
+    AbandonRequest,
+    Op,
+    PlaceReply,
+    PlaceRequest,
+    PublishRequest,
+    RangeRequest,
+    RangesRequest,
+    ResolveReply,
+    ResolveRequest,
+    SuspectRequest,
+    decode_reply,
+    encode_request,
+)
 from difs_p2p.pins import Pins
 from difs_p2p.ranges import ByteRange
 from difs_p2p.transfer import BufferPool, Connection, remote_error
@@ -89,6 +103,8 @@ INLINE_HASH = 64 << 10
 HASH_LIST_HEDGE = 0.05
 # How often a fetch looks at its holders' deadlines (late ones are hedged within this).
 SUPERVISE_TICK = 0.02
+
+R = TypeVar("R")
 
 Progress = Callable[[int], None]
 # Called with the name of each publish phase as it begins: "upload" (segments to the
@@ -164,17 +180,17 @@ class FetchResult:
 
 
 def _decode_resolved(
-    key: bytes, body: dict[str, Any]
+    key: bytes, reply: ResolveReply
 ) -> tuple[list[Manifest], list[Manifest], list[HolderEntry]]:
     """Manifests verified; holder entries only decoded (see ``Resolved``)."""
     manifests, history, holders = [], [], []
-    for raw in body.get("manifests", []):
+    for raw in reply.manifests:
         with contextlib.suppress(DifsError, TypeError):
             manifests.append(parse_manifest(raw.encode(), key))
-    for raw in body.get("history", []):
+    for raw in reply.history:
         with contextlib.suppress(DifsError, TypeError):
             history.append(parse_manifest(raw.encode(), key))
-    for raw in body.get("holders", []):
+    for raw in reply.holders:
         with contextlib.suppress(DifsError, TypeError, ValueError):
             entry = decode_holder_entry(bytes.fromhex(raw))
             if entry.key == key:
@@ -290,6 +306,12 @@ class Client:
             conn.close()
             raise
 
+    async def _request(self, request: Op[R]) -> R:
+        """A typed control request to the entry peer (ops.py), sent through ``_call``."""
+        op, args = encode_request(request)
+        reply: R = decode_reply(op, await self._call(op, **args))
+        return reply
+
     # -- resolve ---------------------------------------------------------------------------
 
     async def resolve(self, name: str) -> Resolved:
@@ -303,8 +325,8 @@ class Client:
         """
         norm = normalize_name(name)
         key = name_key(norm)
-        body = await self._call("resolve", key=key.hex())
-        manifests, history, holders = _decode_resolved(key, body)
+        reply = await self._request(ResolveRequest(key))
+        manifests, history, holders = _decode_resolved(key, reply)
         if not manifests:
             raise NotFoundError(f"{norm} is not published")
         best = self._check_pin(norm, manifests, history)
@@ -506,14 +528,15 @@ class Client:
             stripes = segments.default_stripes(layout.count)
             if on_phase is not None:
                 on_phase("place")
-            placed = await self._call(
-                "place",
-                key=name_key(norm).hex(),
-                version=version,
-                integrity=integrity.hex(),
-                segment_count=layout.count,
-                stripes=stripes,
-                replicas=replicas,
+            placed = await self._request(
+                PlaceRequest(
+                    key=name_key(norm),
+                    version=version,
+                    integrity=integrity,
+                    segment_count=layout.count,
+                    stripes=stripes,
+                    replicas=replicas,
+                )
             )
             _check_placed(placed)
             manifest = build_manifest(
@@ -552,24 +575,21 @@ class Client:
             return
         try:
             async with asyncio.timeout(min(self.io_timeout, 10.0)):
-                await conn.call("abandon")
+                await conn.request(AbandonRequest())
         except (DifsError, OSError, TimeoutError):
             conn.close()
 
     async def _publish(
-        self, manifest: Manifest, placed: dict[str, Any], started: float
+        self, manifest: Manifest, placed: PlaceReply, started: float
     ) -> PublishResult:
-        result = await self._call(
-            "publish", manifest=manifest.raw.decode(), entries=placed.get("entries", [])
-        )
-        readable, quorum = result.get("readable_paths", 0), result.get("quorum", 0)
-        unread = isinstance(readable, int) and isinstance(quorum, int) and readable < quorum
-        if result.get("winner") is None and unread:
+        result = await self._request(PublishRequest(manifest.raw.decode(), placed.entries))
+        readable, quorum = result.readable_paths, result.quorum
+        if result.winner is None and readable < quorum:
             raise NetworkError(
                 f"{manifest.name} was stored but could be read back on only {readable} of "
                 f"{quorum} independent lookup paths: it is not published (try again)"
             )
-        if result.get("winner") != manifest.hash:
+        if result.winner != manifest.hash:
             raise AlreadyExistsError(
                 f"{manifest.name} was published by another publisher at the same time"
             )
@@ -577,10 +597,12 @@ class Client:
             self.pins.pin(manifest.name, manifest.owner)
         return PublishResult(
             manifest=manifest,
-            accepted=int(result.get("accepted", 0)),
-            ranges=list(placed.get("ranges", [])),
+            accepted=result.accepted,
+            ranges=[
+                {"start": r.start, "end": r.end, "holders": list(r.holders)} for r in placed.ranges
+            ],
             seconds=time.perf_counter() - started,
-            warnings=list(placed.get("warnings", [])),
+            warnings=list(placed.warnings),
         )
 
     async def _data_conn(self) -> Connection:
@@ -677,7 +699,7 @@ class Client:
             deleted=True,
             created=self.clock(),
         )
-        await self._publish(tombstone, {}, time.perf_counter())
+        await self._publish(tombstone, PlaceReply((), (), ()), time.perf_counter())
         return tombstone
 
     async def stat(self, name: str) -> dict[str, Any]:
@@ -791,15 +813,15 @@ class Client:
         return result
 
 
-def _check_placed(placed: dict[str, Any]) -> None:
+def _check_placed(placed: PlaceReply) -> None:
     """CapacityError if some range of an upload has no copy anywhere: publishing it would
     make a version nobody can fetch (and, once the peers keep only the newest versions,
     could retire the versions before it)."""
-    for r in placed.get("ranges", []):
-        if isinstance(r, dict) and not r.get("holders"):
-            why = "; ".join(str(w) for w in placed.get("warnings", [])[:2])
+    for r in placed.ranges:
+        if not r.holders:
+            why = "; ".join(placed.warnings[:2])
             raise CapacityError(
-                f"segments {r.get('start')}..{r.get('end')} could not be placed on any peer"
+                f"segments {r.start}..{r.end} could not be placed on any peer"
                 f", so nothing was published ({why or 'no peer took them'})"
             )
 
@@ -820,18 +842,13 @@ async def _holds(
                 address, io_timeout=2.0, connect_timeout=2.0, network=network
             )
             try:
-                reply = await conn.call(
-                    "holds_ranges",
-                    ranges=[[h.key.hex(), h.version, h.start, h.end] for h in entries[:1024]],
-                )
+                ranges = (RangeRequest(h.key, h.version, h.start, h.end) for h in entries[:1024])
+                reply = await conn.request(RangesRequest(tuple(ranges)))
             finally:
                 conn.close()
     except (DifsError, OSError, TimeoutError):
         return []
-    holds = reply.get("holds")
-    if not isinstance(holds, list):
-        return []
-    return [h for h, ok in zip(entries, holds, strict=False) if ok is True]
+    return [h for h, ok in zip(entries, reply.holds, strict=False) if ok]
 
 
 def _check_output(path: Path) -> None:
@@ -1498,6 +1515,6 @@ class _Fetch:
                 async with asyncio.timeout(5):
                     conn = await Connection.open(address, io_timeout=5, network=self.client.network)
                     try:
-                        await conn.call("suspect", segment=seg_id.hex())
+                        await conn.request(SuspectRequest(seg_id))
                     finally:
                         conn.close()

@@ -26,9 +26,10 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import difs_p2p.wire as wire
+from difs_p2p import ops
 from difs_p2p.errors import (
     AlreadyExistsError,
     BusyError,
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
     from difs_p2p.control import Credential
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 # Frames up to this size are sent with one syscall (header and payload joined); larger
 # payloads go out as they are, without a copy.
@@ -372,6 +375,17 @@ class Connection:
                 raise DifsTimeoutError("peer stopped reading") from None
             except OSError as exc:
                 raise PeerError(f"connection lost: {exc.strerror or exc}") from None
+
+    async def request(self, request: ops.Op[R]) -> R:
+        """Send a typed control request and return its typed reply (see ops.py).
+
+        UsageError before anything is sent if the request would not pass the peer's check;
+        the remote error if the peer answers one; WireError if the reply does not decode.
+        """
+        op, args = ops.encode_request(request)
+        body = await self.call(op, **args)
+        reply: R = ops.decode_reply(op, body)
+        return reply
 
     async def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send a CALL and return its REPLY body (or raise the remote error).
