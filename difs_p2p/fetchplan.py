@@ -2,7 +2,7 @@
 a holder is late, which segments to ask of another holder meanwhile, and when to give up.
 
 :class:`FetchPlan` is a state machine fed events with the time they happened (``now``, in
-seconds on any monotonic clock) and asked for decisions; ``client._Fetch`` owns the sockets
+seconds on any monotonic clock) and asked for decisions; ``fetch.Fetch`` owns the sockets
 and does what it says. Nothing here sleeps, reads a clock or touches a socket, so the table
 tests in ``tests/test_fetchplan.py`` replay exact timelines.
 
