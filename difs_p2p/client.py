@@ -17,43 +17,40 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import io
 import json
-import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from difs_p2p import segments, wire
+from difs_p2p import segments
 from difs_p2p.control import OperatorCredential
 from difs_p2p.errors import (
-    AlreadyExistsError,
-    CapacityError,
     DeletedError,
     DifsError,
     IntegrityError,
-    NetworkError,
     NotFoundError,
     PeerError,
     PermissionDeniedError,
     UsageError,
 )
 from difs_p2p.fetch import (
-    INLINE_HASH,
     Fetch,
     FetchResult,
     Progress,
     check_output,
-    into_file,
+    choose_version,
+    fetch_into,
+    is_alive,
     merged_spans,
+    probe_holds,
 )
 from difs_p2p.fetchplan import PlanConfig
-from difs_p2p.identity import Identity, fingerprint
+from difs_p2p.identity import Identity
 from difs_p2p.manifest import (
     REVOCATIONS,
     Delegation,
@@ -65,7 +62,7 @@ from difs_p2p.manifest import (
     parse_manifest,
     verify_holder_entry,
 )
-from difs_p2p.names import key_namespace_owner, name_key, normalize_name
+from difs_p2p.names import name_key, normalize_name
 from difs_p2p.net import HOST_NETWORK, Connector
 from difs_p2p.ops import (
     AbandonRequest,
@@ -73,19 +70,23 @@ from difs_p2p.ops import (
     PlaceReply,
     PlaceRequest,
     PublishRequest,
-    RangeRequest,
-    RangesRequest,
     ResolveReply,
     ResolveRequest,
     decode_reply,
     encode_request,
 )
 from difs_p2p.pins import Pins
+from difs_p2p.publish import (
+    build_tombstone,
+    check_placed,
+    check_publish,
+    check_published,
+    source_size,
+    upload,
+)
 from difs_p2p.ranges import ByteRange
-from difs_p2p.transfer import Connection, remote_error
+from difs_p2p.transfer import Connection
 
-# Requests in flight per connection: enough to keep a loopback link busy (measured: 8).
-PIPELINE = 8
 # Default replica count, as in Storj/Garage-style triple replication.
 DEFAULT_REPLICAS = 3
 # Most copies one publish may ask for: each is a full upload by the entry peer, and a
@@ -167,47 +168,6 @@ def _decode_resolved(
             if entry.key == key:
                 holders.append(entry)
     return manifests, history, holders
-
-
-def _read_and_hash(fh: IO[bytes], size: int) -> tuple[bytes, bytes]:
-    """The next segment of ``fh`` and its id (in a worker thread: one hop for both).
-
-    A pipe returns what it has; reads go on until the segment is full or the input ends.
-    """
-    chunk = fh.read(size)
-    if chunk and len(chunk) < size:
-        parts = [chunk]
-        got = len(chunk)
-        while got < size and (more := fh.read(size - got)):
-            parts.append(more)
-            got += len(more)
-        chunk = b"".join(parts)
-    return chunk, bytes(segments.segment_hash(chunk)) if chunk else b""
-
-
-def _source_size(path: Path) -> int | None:
-    """The size of the regular file ``path``, None for a FIFO or device (read as a
-    stream); UsageError for a directory or a path that cannot be read."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"cannot publish {path}: it is a directory")
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
-
-
-def _open_source(path: Path) -> IO[bytes]:
-    try:
-        return path.open("rb")
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _read_chunks(path: Path, size: int) -> Iterator[bytes]:
-    with path.open("rb") as fh:
-        while chunk := fh.read(size):
-            yield chunk
 
 
 class Client:
@@ -380,7 +340,7 @@ class Client:
                 for h in resolved.holders_for(m):
                     probes.setdefault((h.host, h.port), []).append(h)
         answers = await asyncio.gather(
-            *(_holds(a, entries, self.network) for a, entries in probes.items())
+            *(probe_holds(a, entries, self.network) for a, entries in probes.items())
         )
         held = [h for got in answers for h in got]
         out = []
@@ -434,7 +394,7 @@ class Client:
         started = time.perf_counter()
         # the size of a regular file, checked against what is read; None for a stream
         expected = (
-            await asyncio.to_thread(_source_size, source) if isinstance(source, Path) else None
+            await asyncio.to_thread(source_size, source) if isinstance(source, Path) else None
         )
         try:
             known = await self.resolve(norm)
@@ -442,30 +402,7 @@ class Client:
             top = known.top
         except NotFoundError:
             previous, top = None, 0
-        owner = delegation.owner if delegation is not None else self.publisher.public_key
-        if delegation is not None and (
-            delegation.writer != self.publisher.public_key or not delegation.covers(norm)
-        ):
-            raise UsageError(f"the delegation is not for this key or does not cover {norm}")
-        if delegation is not None and delegation.expires < self.clock():
-            expired = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(delegation.expires))
-            raise PermissionDeniedError(
-                f"the delegation for {delegation.prefix} expired on {expired}"
-            )
-        namespace = key_namespace_owner(norm)
-        if namespace is not None and namespace != fingerprint(owner):
-            raise PermissionDeniedError(
-                f"{norm} is in the namespace of key {namespace}; this key's namespace is "
-                f"/key/{fingerprint(owner)}/"
-            )
-        if previous is not None:
-            if previous.owner != owner:
-                raise PermissionDeniedError(f"{norm} belongs to another publisher")
-            if not update and not previous.deleted:
-                raise AlreadyExistsError(
-                    f"{norm} already exists (version {previous.version}); "
-                    "use --update to publish a new version"
-                )
+        check_publish(norm, previous, self.publisher.public_key, delegation, update, self.clock())
         try:
             if on_phase is not None:
                 on_phase("upload")
@@ -491,7 +428,7 @@ class Client:
                     replicas=replicas,
                 )
             )
-            _check_placed(placed)
+            check_placed(placed)
             manifest = build_manifest(
                 self.publisher,
                 name=norm,
@@ -536,16 +473,7 @@ class Client:
         self, manifest: Manifest, placed: PlaceReply, started: float
     ) -> PublishResult:
         result = await self._request(PublishRequest(manifest.raw.decode(), placed.entries))
-        readable, quorum = result.readable_paths, result.quorum
-        if result.winner is None and readable < quorum:
-            raise NetworkError(
-                f"{manifest.name} was stored but could be read back on only {readable} of "
-                f"{quorum} independent lookup paths: it is not published (try again)"
-            )
-        if result.winner != manifest.hash:
-            raise AlreadyExistsError(
-                f"{manifest.name} was published by another publisher at the same time"
-            )
+        check_published(manifest, result)
         if self.pins is not None and self.pins.pinned(manifest.name) is None:
             self.pins.pin(manifest.name, manifest.owner)
         return PublishResult(
@@ -572,86 +500,15 @@ class Client:
     async def _upload(
         self, source: Path | IO[bytes], segment_size: int, progress: Progress | None
     ) -> tuple[list[bytes], bytes, int]:
-        """Send every segment, then the hash list, to the entry peer with PIPELINE puts in
-        flight; the segment hashes, the integrity root and the number of bytes sent."""
-        conn = await self._data_conn()
-        hashes: list[bytes] = []
-        pending: collections.deque[int] = collections.deque()
-
-        async def take_ack() -> None:
-            frame = await conn.read_frame()
-            if isinstance(frame, wire.Error):
-                raise remote_error(frame, conn.peer_address)
-            if not isinstance(frame, wire.Ack):
-                raise PeerError("expected an ACK")
-            length = pending.popleft()
-            if progress and length:
-                progress(length)
-
-        async def put(seg_id: bytes, data: bytes, progress_bytes: int) -> None:
-            if len(pending) >= PIPELINE:
-                await take_ack()
-            await conn.send(wire.PutSeg(request_id=len(hashes), seg_id=seg_id, data=data))
-            pending.append(progress_bytes)
-
-        integrity = b""
-        size = 0
-        fh = await asyncio.to_thread(_open_source, source) if isinstance(source, Path) else source
-        try:
-            async with conn.exchange:  # the ACKs are ours alone
-                complete = False
-                try:
-                    while True:
-                        chunk, seg_id = await asyncio.to_thread(_read_and_hash, fh, segment_size)
-                        if not chunk:
-                            break
-                        hashes.append(seg_id)
-                        size += len(chunk)
-                        await put(seg_id, chunk, len(chunk))
-                    # the hash list goes in the same pipeline (no round trip of its own)
-                    hash_list = segments.encode_hash_list(hashes)
-                    if len(hash_list) > INLINE_HASH:
-                        root = await asyncio.to_thread(segments.hash_list_root, hash_list)
-                    else:
-                        root = segments.hash_list_root(hash_list)
-                    integrity = bytes(root)
-                    await put(integrity, hash_list, 0)
-                    while pending:
-                        await take_ack()
-                    complete = True
-                finally:
-                    if not complete:
-                        conn.close()  # ACKs may still be on their way
-        finally:
-            if fh is not source:
-                fh.close()
-        return hashes, integrity, size
+        """Send the object's segments and hash list to the entry peer (publish.upload)."""
+        return await upload(await self._data_conn(), source, segment_size, progress)
 
     async def rm(self, name: str) -> Manifest:
         """Delete ``name``: publish a signed tombstone; holders then free the segments."""
         if self.publisher is None:
             raise UsageError("deleting needs the publisher key")
         resolved = await self.resolve(name)
-        current = resolved.manifest
-        if current.owner != self.publisher.public_key:
-            raise PermissionDeniedError(f"{current.name} belongs to another publisher")
-        if current.deleted:
-            raise DeletedError(f"{current.name} is already deleted")
-        tombstone = build_manifest(
-            self.publisher,
-            name=current.name,
-            version=max(resolved.top, current.version) + 1,
-            parent=current.hash,
-            root=current.lineage_root,
-            size=0,
-            segment_size=current.segment_size,
-            segment_count=0,
-            stripes=0,
-            replicas=0,
-            integrity=segments.hash_list_root(b"").hex(),
-            deleted=True,
-            created=self.clock(),
-        )
+        tombstone = build_tombstone(self.publisher, resolved.manifest, resolved.top, self.clock())
         await self._publish(tombstone, PlaceReply((), (), ()), time.perf_counter())
         return tombstone
 
@@ -664,7 +521,7 @@ class Client:
         live = dict(
             zip(
                 addresses,
-                await asyncio.gather(*(_alive(a, self.network) for a in addresses)),
+                await asyncio.gather(*(is_alive(a, self.network) for a in addresses)),
                 strict=True,
             )
         )
@@ -732,16 +589,7 @@ class Client:
         started = time.perf_counter()
         resolved = await self.resolve(name)
         resolve = time.perf_counter() - started
-        manifest = resolved.manifest
-        if version is not None:
-            if version < 1:
-                raise UsageError(f"version {version}: versions start at 1")
-            match = [m for m in resolved.history if m.version == version]
-            if not match:
-                raise NotFoundError(f"{manifest.name} has no version {version}")
-            manifest = match[0]
-        if manifest.deleted:
-            raise DeletedError(f"{manifest.name} was deleted (version {manifest.version})")
+        manifest = choose_version(resolved.manifest, resolved.history, version)
         span: tuple[int, int] | None = None
         if byte_range is not None:
             if not isinstance(byte_range, ByteRange):
@@ -761,68 +609,12 @@ class Client:
         )
         if on_size is not None:
             on_size(max(0, fetch.last - fetch.first + 1))
-        try:
-            if isinstance(out, Path):
-                result = await into_file(fetch, out, started, sync)
-            else:
-                result = await fetch.run(out, started)
-        except IntegrityError as exc:
-            if fetch.suspects:
-                raise
-            # No holder served a bad copy: the holders could not be reached or refused.
-            raise NetworkError(str(exc)) from None
+        result = await fetch_into(fetch, out, started, sync)
         result.resolve = resolve
         return result
-
-
-def _check_placed(placed: PlaceReply) -> None:
-    """CapacityError if some range of an upload has no copy anywhere: publishing it would
-    make a version nobody can fetch (and, once the peers keep only the newest versions,
-    could retire the versions before it)."""
-    for r in placed.ranges:
-        if not r.holders:
-            why = "; ".join(placed.warnings[:2])
-            raise CapacityError(
-                f"segments {r.start}..{r.end} could not be placed on any peer"
-                f", so nothing was published ({why or 'no peer took them'})"
-            )
 
 
 def _revoked(m: Manifest, revoked: dict[str, set[bytes]]) -> bool:
     """Whether ``m`` was written by a delegate its owner has revoked."""
     d = m.delegation
     return d is not None and m.publisher in revoked.get(d.prefix, set())
-
-
-async def _holds(
-    address: tuple[str, int], entries: list[HolderEntry], network: Connector
-) -> list[HolderEntry]:
-    """The entries whose holder at ``address`` says it holds their range (2 s limit)."""
-    try:
-        async with asyncio.timeout(2.0):
-            conn = await Connection.open(
-                address, io_timeout=2.0, connect_timeout=2.0, network=network
-            )
-            try:
-                ranges = (RangeRequest(h.key, h.version, h.start, h.end) for h in entries[:1024])
-                reply = await conn.request(RangesRequest(tuple(ranges)))
-            finally:
-                conn.close()
-    except (DifsError, OSError, TimeoutError):
-        return []
-    return [h for h, ok in zip(entries, reply.holds, strict=False) if ok]
-
-
-async def _alive(address: tuple[str, int], network: Connector) -> bool:
-    """Whether a peer answers a HELLO within 2 s."""
-    try:
-        conn = await Connection.open(address, io_timeout=2.0, connect_timeout=2.0, network=network)
-    except DifsError:
-        return False
-    try:
-        await conn.send(wire.Hello(request_id=0, peer=None))
-        return isinstance(await conn.read_frame(), wire.Hello)
-    except (DifsError, OSError):
-        return False
-    finally:
-        conn.close()

@@ -27,6 +27,7 @@ from typing import IO
 
 from difs_p2p import segments, wire
 from difs_p2p.errors import (
+    DeletedError,
     DifsError,
     IntegrityError,
     NetworkError,
@@ -39,7 +40,7 @@ from difs_p2p.errors import (
 from difs_p2p.fetchplan import FetchPlan, PlanConfig
 from difs_p2p.manifest import HolderEntry, Manifest, verify_holder_entry
 from difs_p2p.net import Connector
-from difs_p2p.ops import SuspectRequest
+from difs_p2p.ops import RangeRequest, RangesRequest, SuspectRequest
 from difs_p2p.transfer import BufferPool, Connection
 
 # Parallel holder connections per fetch.
@@ -191,6 +192,72 @@ async def _finish(futures: set[asyncio.Future[int]]) -> None:
             cancelled = True
     if cancelled:
         raise asyncio.CancelledError
+
+
+def choose_version(newest: Manifest, history: list[Manifest], version: int | None) -> Manifest:
+    """The manifest a fetch reads: ``newest``, or ``version`` of the name's ``history``;
+    UsageError, NotFoundError, or DeletedError if that version is a tombstone."""
+    manifest = newest
+    if version is not None:
+        if version < 1:
+            raise UsageError(f"version {version}: versions start at 1")
+        match = [m for m in history if m.version == version]
+        if not match:
+            raise NotFoundError(f"{newest.name} has no version {version}")
+        manifest = match[0]
+    if manifest.deleted:
+        raise DeletedError(f"{manifest.name} was deleted (version {manifest.version})")
+    return manifest
+
+
+async def fetch_into(
+    fetch: Fetch, out: Path | IO[bytes], started: float, sync: bool
+) -> FetchResult:
+    """Run ``fetch`` into a stream, or a path through a temporary file (``into_file``).
+    A fetch that fails without any holder having served a bad copy failed to reach or
+    was refused by the holders: NetworkError, not IntegrityError."""
+    try:
+        if isinstance(out, Path):
+            return await into_file(fetch, out, started, sync)
+        return await fetch.run(out, started)
+    except IntegrityError as exc:
+        if fetch.suspects:
+            raise
+        raise NetworkError(str(exc)) from None
+
+
+async def probe_holds(
+    address: tuple[str, int], entries: list[HolderEntry], network: Connector
+) -> list[HolderEntry]:
+    """The entries whose holder at ``address`` says it holds their range (2 s limit)."""
+    try:
+        async with asyncio.timeout(2.0):
+            conn = await Connection.open(
+                address, io_timeout=2.0, connect_timeout=2.0, network=network
+            )
+            try:
+                ranges = (RangeRequest(h.key, h.version, h.start, h.end) for h in entries[:1024])
+                reply = await conn.request(RangesRequest(tuple(ranges)))
+            finally:
+                conn.close()
+    except (DifsError, OSError, TimeoutError):
+        return []
+    return [h for h, ok in zip(entries, reply.holds, strict=False) if ok]
+
+
+async def is_alive(address: tuple[str, int], network: Connector) -> bool:
+    """Whether a peer answers a HELLO within 2 s."""
+    try:
+        conn = await Connection.open(address, io_timeout=2.0, connect_timeout=2.0, network=network)
+    except DifsError:
+        return False
+    try:
+        await conn.send(wire.Hello(request_id=0, peer=None))
+        return isinstance(await conn.read_frame(), wire.Hello)
+    except (DifsError, OSError):
+        return False
+    finally:
+        conn.close()
 
 
 class Fetch:
