@@ -15,7 +15,6 @@ import asyncio
 import bisect
 import collections
 import contextlib
-import functools
 import math
 import os
 import stat
@@ -38,27 +37,31 @@ from difs_p2p.errors import (
     WireError,
 )
 from difs_p2p.fetchplan import FetchPlan, PlanConfig
+from difs_p2p.fetchrun import Output, Progress, SegmentRun
+
+__all__ = [
+    "Fetch",
+    "FetchResult",
+    "Progress",
+    "check_output",
+    "choose_version",
+    "fetch_into",
+    "in_spans",
+    "into_file",
+    "is_alive",
+    "merged_spans",
+    "probe_holds",
+]
 from difs_p2p.manifest import HolderEntry, Manifest, verify_holder_entry
 from difs_p2p.net import Connector
 from difs_p2p.ops import RangeRequest, RangesRequest, SuspectRequest
-from difs_p2p.transfer import BufferPool, Connection
+from difs_p2p.transfer import Connection
 
-# Parallel holder connections per fetch.
-MAX_SOURCES = 8
-# Segments a stream fetch may run ahead of the next one it must write (bounds memory).
-STREAM_WINDOW = 64
 # Ending of the temporary file a fetch writes beside its output (".NAME.<hex>.part").
 PARTIAL_SUFFIX = ".part"
-# Buffers up to this size are hashed on the event loop: BLAKE3 takes about 10 us for
-# 64 KiB here, less than a hop to a worker thread and back.
-INLINE_HASH = 64 << 10
 # The hash list is asked of one more holder after this long without an answer (or 3 x the
 # fastest connect of the fetch, if longer): a LAN answers in about 1 ms.
 HASH_LIST_HEDGE = 0.05
-# How often a fetch looks at its holders' deadlines (late ones are hedged within this).
-SUPERVISE_TICK = 0.02
-
-Progress = Callable[[int], None]
 
 
 @dataclass(slots=True)
@@ -179,19 +182,6 @@ def _fsync_directory(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-async def _finish(futures: set[asyncio.Future[int]]) -> None:
-    """Wait until every future in ``futures`` is done, even if cancelled meanwhile (the
-    cancellation is raised once they are)."""
-    cancelled = False
-    while futures:
-        try:
-            await asyncio.wait(set(futures))
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
 
 
 def choose_version(newest: Manifest, history: list[Manifest], version: int | None) -> Manifest:
@@ -315,7 +305,7 @@ class Fetch:
         # holders that served at least one verified segment
         self.served: set[tuple[str, int]] = set()
 
-    def _sources(self) -> list[tuple[str, int]]:
+    def sources(self) -> list[tuple[str, int]]:
         return list(self._by_address)
 
     def _trusted(self, entry: HolderEntry) -> bool:
@@ -330,25 +320,25 @@ class Fetch:
             self._checked[entry.raw] = ok
         return ok
 
-    def _usable(self, address: tuple[str, int]) -> bool:
+    def usable(self, address: tuple[str, int]) -> bool:
         """Whether ``address`` has an entry with a valid signature (checked up to the first)."""
         return any(self._trusted(h) for h in self._by_address.get(address, ()))
 
-    def _serves(self, address: tuple[str, int], index: int) -> bool:
+    def serves(self, address: tuple[str, int], index: int) -> bool:
         """Whether a valid entry of ``address`` covers segment ``index``."""
         return any(
             h.start <= index <= h.end and self._trusted(h)
             for h in self._by_address.get(address, ())
         )
 
-    def _may_serve(self, address: tuple[str, int], index: int) -> bool:
+    def may_serve(self, address: tuple[str, int], index: int) -> bool:
         """Whether an entry of ``address`` covering ``index`` is valid or not yet checked."""
         return any(
             h.start <= index <= h.end and self._checked.get(h.raw, True)
             for h in self._by_address.get(address, ())
         )
 
-    def _may_cover(self, index: int) -> list[tuple[str, int]]:
+    def may_cover(self, index: int) -> list[tuple[str, int]]:
         """Holders with an entry covering ``index`` that is valid or not yet checked."""
         return [
             address
@@ -400,13 +390,13 @@ class Fetch:
                 conn.close()
                 raise
 
-        candidates = collections.deque(self._sources())
+        candidates = collections.deque(self.sources())
         pending: dict[asyncio.Task[tuple[Connection, list[bytes]]], tuple[str, int]] = {}
 
         def launch(count: int = 1) -> None:
             while candidates and count > 0:
                 address = candidates.popleft()
-                if self._usable(address):
+                if self.usable(address):
                     pending[asyncio.create_task(ask(address))] = address
                     count -= 1
                 else:
@@ -444,7 +434,7 @@ class Fetch:
         cls = NetworkError if unreachable and unreachable == len(errors) else NotFoundError
         raise cls(
             f"no holder of {self.manifest.name} answered with its hash list "
-            f"({len(self._sources())} tried: {'; '.join(errors[:3])})"
+            f"({len(self.sources())} tried: {'; '.join(errors[:3])})"
         )
 
     async def run(self, out: Path | IO[bytes], started: float) -> FetchResult:
@@ -492,7 +482,7 @@ class Fetch:
         hi = min(self.last, offset + length - 1)
         return lo, lo - offset, hi - lo + 1
 
-    def _possible(self, plan: FetchPlan) -> Callable[[int, set[tuple[str, int]]], bool]:
+    def possible(self, plan: FetchPlan) -> Callable[[int, set[tuple[str, int]]], bool]:
         """Whether some holder outside a set may still have a segment (for ``stuck``)."""
         dead = plan.dead
         # Segments no holder failed only need some entry not known to be bad: one look-up
@@ -507,303 +497,38 @@ class Fetch:
         def possible(index: int, excluded: set[tuple[str, int]]) -> bool:
             if excluded <= dead:
                 return in_spans(spans, index)
-            return bool(set(self._may_cover(index)) - excluded)
+            return bool(set(self.may_cover(index)) - excluded)
 
         return possible
 
     async def _fetch(
         self, wanted: list[int], fd: int | None, stream: IO[bytes] | None, started: float
     ) -> None:
-        loop = asyncio.get_running_loop()
         plan = self.plan = FetchPlan(wanted, lambda i: self.layout.bounds(i)[1], self.config)
         if self._seed is not None:
             plan.seed(*self._seed)
-        # in-order delivery for streams: index -> data (bounded by the pipelines' depth)
-        ready: dict[int, bytes | memoryview] = {}
-        order = collections.deque(wanted)
-        problems: list[str] = []
-        sources = self._sources()
-        if not sources:
+        if not self.sources():
             raise NotFoundError(f"no holder of {self.manifest.name} is known")
-        pipeline = plan.config.pipeline
-
-        # Receive buffers are reused: a fresh 1 MiB bytearray costs page faults every time.
-        pool = BufferPool(2 * pipeline * MAX_SOURCES, minimum=self.manifest.segment_size)
-        owners: dict[int, bytearray] = {}
-        # set when the supervisor should look again (a worker ended, the fetch is done)
-        supervise = asyncio.Event()
-        # idle workers wait on this; a new one replaces it each time the plan changes
-        wake = [asyncio.Event()]
-        idle: set[tuple[str, int]] = set()
-        # errors of verify-and-write tasks (a failed write ends the fetch)
-        crashed: list[BaseException] = []
-        # writes to ``fd`` under way in threads
-        writes: set[asyncio.Future[int]] = set()
-
-        def kick() -> None:
-            if idle:
-                old, wake[0] = wake[0], asyncio.Event()
-                old.set()
-
-        def deliver_stream() -> None:
-            assert stream is not None
-            moved = False
-            while order and order[0] in ready:
-                index = order.popleft()
-                stream.write(ready.pop(index))
-                pool.give(owners.pop(index))
-                moved = True
-            if moved:
-                kick()  # the window moved on
-
-        async def store(index: int, data: bytes | memoryview, buf: bytearray) -> None:
-            pos, skip, length = self._slice(index)
-            piece = data[skip : skip + length]
-            if not self.first_byte:
-                self.first_byte = time.perf_counter() - started
-                first_out.set()
-            if fd is not None:
-                # Shielded: a cancel cannot stop the thread, so the write is awaited (by
-                # the finally below) before the fd can be closed and its number reused.
-                write = loop.run_in_executor(None, os.pwrite, fd, piece, pos - self.first)
-                writes.add(write)
-                write.add_done_callback(writes.discard)
-                await asyncio.shield(write)
-                pool.give(buf)
-            else:
-                ready[index] = piece  # a view of the receive buffer, written out in order
-                owners[index] = buf
-                deliver_stream()
-            self.written += len(piece)
-            plan.verified(index)
-            if self.progress:
-                self.progress(len(piece))
-            if plan.remaining == 0:
-                supervise.set()
-
-        def limit() -> int | None:
-            return order[0] + STREAM_WINDOW if stream is not None and order else None
-
-        slots = asyncio.Semaphore(2 * pipeline)
-        # set once the first segment is out (or the lead holder gave up)
-        first_out = asyncio.Event()
-
-        async def process(
-            address: tuple[str, int], index: int, data: memoryview | bytes, buf: bytearray
-        ) -> None:
-            try:
-                # The first segment out is verified here, without a thread: a thread's
-                # result waits for the loop, which is busy receiving the rest of the
-                # pipeline (~4 ms of time to first byte for ~0.3 ms of hashing).
-                if len(data) <= INLINE_HASH or not self.first_byte:
-                    segments.verify_segment(self.hashes[index], data)
-                else:
-                    await asyncio.to_thread(segments.verify_segment, self.hashes[index], data)
-            except IntegrityError as exc:
-                pool.give(buf)
-                self.suspects.append((address, self.hashes[index]))
-                problems.append(f"{address[0]}:{address[1]}: {exc}")
-                plan.corrupt(address, index)
-                kick()
-                supervise.set()
-                return
-            finally:
-                slots.release()
-            self.served.add(address)
-            await store(index, data, buf)
-
-        processing: set[asyncio.Task[None]] = set()
-
-        def processed(task: asyncio.Task[None]) -> None:
-            processing.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                crashed.append(task.exception())  # type: ignore[arg-type]
-                supervise.set()
-
-        async def receive(conn: Connection, view: memoryview, address: tuple[str, int]) -> None:
-            """Fill ``view`` from ``conn``, telling the plan as bytes come (no deadline here:
-            the supervisor decides when the holder is late or given up)."""
-            got, total = 0, len(view)
-            while got < total:
-                n = await loop.sock_recv_into(conn.sock, view[got:])
-                if n == 0:
-                    raise PeerError(f"connection closed by {address[0]}:{address[1]}")
-                got += n
-                plan.received(address, n, loop.time())
-
-        def fail(address: tuple[str, int], reason: str, lead: bool) -> None:
-            problems.append(reason)
-            plan.lost(address)
-            kick()
-            supervise.set()
-            if lead:
-                first_out.set()
-
-        async def worker(address: tuple[str, int], lead: bool) -> None:
-            if address not in self._opened and not self._usable(address):
-                fail(address, f"{address[0]}:{address[1]}: no entry with a valid signature", lead)
-                return
-            try:
-                conn = self._opened.pop(address, None) or await Connection.open(
-                    address, io_timeout=self.io_timeout, network=self.network
-                )
-            except DifsError as exc:
-                fail(address, str(exc), lead)
-                return
-            header_buf = bytearray(wire.HEADER_SIZE)
-            serves = functools.partial(self._serves, address)
-            try:
-                if not lead and not first_out.is_set():
-                    # The first segment comes alone from the lead holder (connected
-                    # already): started together, every holder's pipeline would compete.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(plan.config.lead_head_start):
-                            await first_out.wait()
-                while True:
-                    requests = []
-                    now = loop.time()
-                    while (picked := plan.next_for(address, now, serves, limit())) is not None:
-                        requests.append(
-                            wire.GetSeg(
-                                request_id=picked, seg_id=self.hashes[picked], offset=0, length=0
-                            )
-                        )
-                    if requests:
-                        await conn.send_many(requests)  # one syscall for the batch
-                    if not plan.owes(address):
-                        if plan.remaining == 0 or plan.is_dead(address):
-                            return
-                        # nothing for this holder now: wait for a change (a requeue, a late
-                        # holder's segments to hedge, the stream window moving on)
-                        event = wake[0]
-                        idle.add(address)
-                        try:
-                            await event.wait()
-                        finally:
-                            idle.discard(address)
-                        continue
-                    plan.waiting(address, loop.time())
-                    await receive(conn, memoryview(header_buf), address)
-                    header = wire.parse_header(header_buf)
-                    # checked before a buffer is taken: a holder that announces 16 MiB and
-                    # stalls must not make each worker hold that much
-                    if header.type is wire.MsgType.DATA:
-                        if header.length != (size := plan.next_size(address)):
-                            raise PeerError(
-                                f"{header.length} bytes of data for a segment of {size} bytes"
-                            )
-                    elif header.type is not wire.MsgType.ERROR:
-                        raise PeerError(f"unexpected {header.type.name} frame")
-                    buf = pool.take(header.length)
-                    view = memoryview(buf)[: header.length]
-                    await receive(conn, view, address)
-                    frame = wire.decode_payload(header, view)
-                    if isinstance(frame, wire.Data):
-                        index, keep = plan.arrived(address, loop.time(), header.length)
-                        if not keep:
-                            pool.give(buf)  # another holder's copy came first
-                            continue
-                        # verify and write while this connection receives the next segment
-                        await slots.acquire()
-                        task = asyncio.create_task(process(address, index, frame.data, buf))
-                        processing.add(task)
-                        task.add_done_callback(processed)
-                        # Let it start: while bytes keep arriving, sock_recv_into returns
-                        # without suspending, and this loop would read the whole pipeline
-                        # (8 MiB, ~15 ms) before the first segment is verified and written.
-                        await asyncio.sleep(0)
-                    else:
-                        pool.give(buf)
-                        plan.refused(address, loop.time())
-                        message = frame.message if isinstance(frame, wire.Error) else "bad frame"
-                        problems.append(f"{address[0]}:{address[1]}: {message}")
-                        kick()
-                        supervise.set()
-            except (DifsError, OSError) as exc:
-                fail(address, f"{address[0]}:{address[1]}: {exc}", lead)
-            finally:
-                conn.close()
-                if lead:
-                    first_out.set()
-
-        workers: dict[tuple[str, int], asyncio.Task[None]] = {}
-
-        def start(address: tuple[str, int], lead: bool = False) -> None:
-            workers[address] = asyncio.create_task(worker(address, lead))
-            workers[address].add_done_callback(lambda _: supervise.set())
-
-        def pick_active() -> list[tuple[str, int]]:
-            """Holders to run workers on: the one already connected first; with fewer
-            segments queued than holders, only as many as there are segments (a 4 KiB
-            object needs one connection, not one per holder)."""
-            ordered = sorted(sources, key=lambda a: a not in self._opened)
-            if len(plan.queue) >= len(ordered):
-                return ordered[: MAX_SOURCES * 4]
-            able = [a for a in ordered if any(a in self._may_cover(i) for i in plan.queue)]
-            return able[: len(plan.queue)]
-
-        def start_more() -> None:
-            """Workers on further holders when the running ones cannot take what is queued
-            or owed by late holders (a hedge needs a holder that is not late)."""
-            running = [a for a, t in workers.items() if not t.done()]
-            need = plan.unserved(running, idle, self._may_serve)
-            if not need:
-                return
-            busy = sum(1 for a in running if not plan.is_late(a) and a not in idle)
-            for address in sources:
-                if busy >= MAX_SOURCES * 4:
-                    return
-                if address in workers or plan.is_dead(address):
-                    continue
-                if plan.could_take(address, need, functools.partial(self._may_serve, address)):
-                    start(address)
-                    busy += 1
-
-        failures = -1
+        run = SegmentRun(
+            self.manifest.name,
+            self.hashes,
+            plan,
+            self,
+            self._slice,
+            Output(fd, stream, self.first),
+            wanted=wanted,
+            opened=self._opened,
+            segment_size=self.manifest.segment_size,
+            io_timeout=self.io_timeout,
+            network=self.network,
+            progress=self.progress,
+            started=started,
+        )
         try:
-            for i, address in enumerate(pick_active()):
-                start(address, i == 0)
-            while plan.remaining > 0:
-                if crashed:
-                    raise crashed[0]
-                running = [a for a, t in workers.items() if not t.done()]
-                if plan.failures != failures or all(a in idle for a in running):
-                    failures = plan.failures
-                    index = plan.stuck(self._possible(plan))
-                    if index is not None:
-                        raise IntegrityError(
-                            f"segment {index} of {self.manifest.name} could not be fetched "
-                            f"from any holder: {'; '.join(problems[-3:])}"
-                        )
-                tick = plan.tick(loop.time())
-                for address in tick.give_up:
-                    problems.append(f"{address[0]}:{address[1]}: stalled")
-                    plan.lost(address)
-                    task = workers.get(address)
-                    if task is not None:
-                        task.cancel()
-                if tick.late or tick.give_up:
-                    kick()
-                start_more()
-                if not any(not t.done() for t in workers.values()) and not processing:
-                    raise PeerError(
-                        f"fetch of {self.manifest.name} stalled: {'; '.join(problems[-3:])}"
-                    )
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(SUPERVISE_TICK):
-                        await supervise.wait()
-                supervise.clear()
-            await asyncio.gather(*list(processing))
+            await run.run()
         finally:
-            try:
-                for task in [*workers.values(), *processing]:
-                    task.cancel()
-                await asyncio.gather(*workers.values(), *processing, return_exceptions=True)
-            finally:
-                await _finish(writes)
-        if stream is not None:
-            deliver_stream()
-            stream.flush()
+            self.first_byte, self.written = run.first_byte, run.written
+            self.served, self.suspects = run.served, run.suspects
         await self._report_suspects()
 
     async def _report_suspects(self) -> None:

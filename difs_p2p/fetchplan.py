@@ -253,6 +253,20 @@ class FetchPlan:
             found.extend(r.index for r in self.holders[h].inflight if self._hedgeable(r.index))
         return list(dict.fromkeys(found))
 
+    def answer_problem(self, h: Holder, frame: str, length: int) -> str | None:
+        """Why the frame header ``h`` just sent (type name, payload length) is not an answer
+        to its oldest request, or None: only DATA of exactly the segment's size, or ERROR,
+        may answer a GET_SEG. Checked before a byte of the payload is read: a holder that
+        announces 16 MiB and stalls must not make the fetch hold that much."""
+        if frame == "DATA":
+            size = self.next_size(h)
+            if length != size:
+                return f"{length} bytes of data for a segment of {size} bytes"
+            return None
+        if frame == "ERROR":
+            return None
+        return f"unexpected {frame} frame"
+
     def stuck(self, possible: Callable[[int, set[Holder]], bool]) -> int | None:
         """A queued segment no holder can serve any more, or None.
 
@@ -414,3 +428,21 @@ class FetchPlan:
         if self.state.get(index) == FLYING and not self.flying.get(index):
             self.state[index] = QUEUED
             self.queue.appendleft(index)
+
+
+def first_holders(
+    sources: list[Holder],
+    connected: set[Holder],
+    queued: list[int],
+    may_cover: Callable[[int], list[Holder]],
+    most: int,
+) -> list[Holder]:
+    """The holders a fetch starts workers on: the ones connected already first (the lead
+    is the first); with fewer segments ``queued`` than holders, only as many holders as
+    there are segments, among those that may cover one (a 4 KiB object needs one
+    connection, not one per holder); never more than ``most``."""
+    ordered = sorted(sources, key=lambda a: a not in connected)
+    if len(queued) >= len(ordered):
+        return ordered[:most]
+    able = [a for a in ordered if any(a in may_cover(i) for i in queued)]
+    return able[: len(queued)]

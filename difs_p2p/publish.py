@@ -28,7 +28,7 @@ from difs_p2p.errors import (
     PermissionDeniedError,
     UsageError,
 )
-from difs_p2p.fetch import INLINE_HASH
+from difs_p2p.fetchrun import INLINE_HASH
 from difs_p2p.identity import Identity, fingerprint
 from difs_p2p.manifest import Delegation, Manifest, build_manifest
 from difs_p2p.names import key_namespace_owner
