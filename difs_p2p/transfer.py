@@ -1,5 +1,11 @@
 """TCP transport for frames (see docs/PROTOCOL.md): a connection, a server and a client.
 
+Frames are decoded with the pure functions of :mod:`difs_p2p.wire` that its
+``FrameDecoder`` (fuzzed) uses: ``parse_header`` on the 12 header bytes, ``decode_payload``
+on the payload, ``truncated`` when the stream ends inside a frame; the connection only
+receives and sends bytes. A peer's bad bytes raise WireError (a PeerError): the caller
+closes the connection (the serving peer answers BAD_REQUEST first).
+
 The bulk path avoids asyncio streams (about 3.5x slower than raw socket calls here): frames
 are received with ``loop.sock_recv_into`` straight into preallocated buffers, and sent with
 ``loop.sock_sendall`` part by part, so a segment is never copied to build a frame.
@@ -257,12 +263,14 @@ class Connection:
         self.role = answer.role
         return answer.role
 
-    async def _recv_exactly(self, view: memoryview) -> None:
+    async def _recv_exactly(self, view: memoryview, *, in_payload: bool, before: int) -> None:
+        """Fill ``view``; WireError if the stream ends first (``before`` bytes of the
+        header or payload were received already)."""
         got, total = 0, len(view)
         while got < total:
             n = await self.loop.sock_recv_into(self.sock, view[got:])
             if n == 0:
-                raise PeerError(f"connection closed by {self.peer_address[0]}")
+                raise wire.truncated(in_payload, before + got)
             got += n
 
     async def read_header(self, idle: float | None = None) -> wire.Header | None:
@@ -284,7 +292,7 @@ class Connection:
         try:
             if n < wire.HEADER_SIZE:
                 async with asyncio.timeout(self.io_timeout):
-                    await self._recv_exactly(view[n:])
+                    await self._recv_exactly(view[n:], in_payload=False, before=n)
         except TimeoutError:
             raise DifsTimeoutError("peer stalled: no frame within the I/O timeout") from None
         except OSError as exc:
@@ -299,7 +307,7 @@ class Connection:
                 if into is None:
                     return memoryview(await self._recv_growing(header.length))
                 buf = into[: header.length]
-                await self._recv_exactly(buf)
+                await self._recv_exactly(buf, in_payload=True, before=0)
         except TimeoutError:
             raise DifsTimeoutError("peer stalled mid-frame") from None
         except OSError as exc:
@@ -311,7 +319,7 @@ class Connection:
         while len(out) < total:
             chunk = await self.loop.sock_recv(self.sock, min(_CHUNK, total - len(out)))
             if not chunk:
-                raise PeerError(f"connection closed by {self.peer_address[0]}")
+                raise wire.truncated(True, len(out))
             out += chunk
         return out
 
