@@ -87,6 +87,17 @@ from difs_p2p.publish import (
 from difs_p2p.ranges import ByteRange
 from difs_p2p.transfer import Connection
 
+__all__ = [
+    "DEFAULT_REPLICAS",
+    "MAX_REPLICAS",
+    "Client",
+    "FetchResult",
+    "Phase",
+    "Progress",
+    "PublishResult",
+    "Resolved",
+]
+
 # Default replica count, as in Storj/Garage-style triple replication.
 DEFAULT_REPLICAS = 3
 # Most copies one publish may ask for: each is a full upload by the entry peer, and a
