@@ -36,7 +36,7 @@ from difs_p2p.errors import (
     UsageError,
     WireError,
 )
-from difs_p2p.fetchplan import FetchPlan, PlanConfig
+from difs_p2p.fetchplan import FetchPlan, PlanConfig, hedge_delay
 from difs_p2p.fetchrun import Output, Progress, SegmentRun
 
 __all__ = [
@@ -59,9 +59,6 @@ from difs_p2p.transfer import Connection
 
 # Ending of the temporary file a fetch writes beside its output (".NAME.<hex>.part").
 PARTIAL_SUFFIX = ".part"
-# The hash list is asked of one more holder after this long without an answer (or 3 x the
-# fastest connect of the fetch, if longer): a LAN answers in about 1 ms.
-HASH_LIST_HEDGE = 0.05
 
 
 @dataclass(slots=True)
@@ -250,6 +247,11 @@ async def is_alive(address: tuple[str, int], network: Connector) -> bool:
         conn.close()
 
 
+# What asking one holder for the hash list gives: the holder, its connection, the list,
+# and the figures the plan is seeded with.
+_Answer = tuple[tuple[str, int], Connection, list[bytes], tuple[tuple[str, int], float, int, float]]
+
+
 class Fetch:
     """One verified, parallel, fail-over fetch into a file or a stream.
 
@@ -347,95 +349,16 @@ class Fetch:
         ]
 
     async def _hash_list(self) -> list[bytes]:
-        """The verified hash list, asked of one holder; after each
-        ``max(50 ms, 3 x the fastest connect seen)`` without an answer, of as many more
-        holders as are asked already (1, 2, 4...), and of one more at once when one fails.
-        The first verified list wins; the other requests are dropped. N holders that accept
-        connections and never answer cost the fetch about log2(N) such delays."""
-        root = bytes.fromhex(self.manifest.integrity)
+        """The verified hash list (see :class:`_HashListAsk`); the connection it came on
+        is kept for that holder's worker."""
         if self.manifest.segment_count == 0:
             return []
-        loop = asyncio.get_running_loop()
-        errors: list[str] = []
-        rtts: list[float] = []
-        unreachable = 0
-
-        async def ask(address: tuple[str, int]) -> tuple[Connection, list[bytes]]:
-            nonlocal unreachable
-            t0 = loop.time()
-            try:
-                conn = await Connection.open(
-                    address, io_timeout=self.io_timeout, network=self.network
-                )
-            except DifsError:
-                unreachable += 1
-                raise
-            sent = loop.time()
-            rtts.append(sent - t0)
-            try:
-                await conn.send(wire.GetSeg(request_id=0, seg_id=root, offset=0, length=0))
-                header = await conn.read_header()
-                first = loop.time()
-                if header is None:
-                    raise PeerError("connection closed")
-                frame = wire.decode_payload(header, await conn.read_payload(header))
-                if not isinstance(frame, wire.Data):
-                    raise NotFoundError(f"{address[0]}:{address[1]} has no hash list")
-                hashes: list[bytes] = list(
-                    segments.verify_hash_list(bytes(frame.data), root, self.manifest.segment_count)
-                )
-                self._seed = (address, first - sent, len(frame.data), loop.time() - first)
-                return conn, hashes
-            except BaseException:
-                conn.close()
-                raise
-
-        candidates = collections.deque(self.sources())
-        pending: dict[asyncio.Task[tuple[Connection, list[bytes]]], tuple[str, int]] = {}
-
-        def launch(count: int = 1) -> None:
-            while candidates and count > 0:
-                address = candidates.popleft()
-                if self.usable(address):
-                    pending[asyncio.create_task(ask(address))] = address
-                    count -= 1
-                else:
-                    errors.append(f"{address[0]}:{address[1]}: no entry with a valid signature")
-
-        try:
-            launch()
-            while pending:
-                hedge = max(HASH_LIST_HEDGE, 3 * min(rtts)) if rtts else HASH_LIST_HEDGE
-                finished, _ = await asyncio.wait(
-                    pending,
-                    timeout=hedge if candidates else None,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if not finished:
-                    launch(len(pending))  # no answer within the hedge delay
-                for task in finished:
-                    address = pending.pop(task)
-                    try:
-                        conn, hashes = task.result()
-                    except (DifsError, WireError, OSError) as exc:
-                        errors.append(f"{address[0]}:{address[1]}: {exc}")
-                        launch()
-                        continue
-                    # this holder's worker starts on the connection we already have
-                    self._opened[address] = conn
-                    return hashes
-        finally:
-            for task in pending:
-                task.cancel()
-            for outcome in await asyncio.gather(*pending, return_exceptions=True):
-                if isinstance(outcome, tuple):
-                    outcome[0].close()  # a second list that came in the same instant
-        # every holder unreachable is a network failure, not a missing object
-        cls = NetworkError if unreachable and unreachable == len(errors) else NotFoundError
-        raise cls(
-            f"no holder of {self.manifest.name} answered with its hash list "
-            f"({len(self.sources())} tried: {'; '.join(errors[:3])})"
-        )
+        ask = _HashListAsk(self)
+        address, conn, hashes, seed = await ask.run()
+        self._seed = seed
+        # this holder's worker starts on the connection we already have
+        self._opened[address] = conn
+        return hashes
 
     async def run(self, out: Path | IO[bytes], started: float) -> FetchResult:
         try:
@@ -541,3 +464,98 @@ class Fetch:
                         await conn.request(SuspectRequest(seg_id))
                     finally:
                         conn.close()
+
+
+class _HashListAsk:
+    """The hash list, asked of one holder; after each :func:`hedge_delay` without an
+    answer, of as many more holders as are asked already (1, 2, 4...), and of one more at
+    once when one fails. The first verified list wins; the other requests are dropped. N
+    holders that accept connections and never answer cost the fetch about log2(N) such
+    delays."""
+
+    def __init__(self, fetch: Fetch) -> None:
+        self.fetch = fetch
+        self.root = bytes.fromhex(fetch.manifest.integrity)
+        self.loop = asyncio.get_running_loop()
+        self.errors: list[str] = []
+        self.connects: list[float] = []
+        self.unreachable = 0
+        self.candidates = collections.deque(fetch.sources())
+        self.pending: dict[asyncio.Task[_Answer], tuple[str, int]] = {}
+
+    async def ask(self, address: tuple[str, int]) -> _Answer:
+        """Ask ``address``: its connection, the verified list, and the exchange's figures
+        (the plan's seed: holder, first-byte delay, bytes, seconds receiving)."""
+        fetch, loop = self.fetch, self.loop
+        t0 = loop.time()
+        try:
+            conn = await Connection.open(
+                address, io_timeout=fetch.io_timeout, network=fetch.network
+            )
+        except DifsError:
+            self.unreachable += 1
+            raise
+        sent = loop.time()
+        self.connects.append(sent - t0)
+        try:
+            await conn.send(wire.GetSeg(request_id=0, seg_id=self.root, offset=0, length=0))
+            header = await conn.read_header()
+            first = loop.time()
+            if header is None:
+                raise PeerError("connection closed")
+            frame = wire.decode_payload(header, await conn.read_payload(header))
+            if not isinstance(frame, wire.Data):
+                raise NotFoundError(f"{address[0]}:{address[1]} has no hash list")
+            count = fetch.manifest.segment_count
+            hashes: list[bytes] = list(
+                segments.verify_hash_list(bytes(frame.data), self.root, count)
+            )
+            seed = (address, first - sent, len(frame.data), loop.time() - first)
+            return address, conn, hashes, seed
+        except BaseException:
+            conn.close()
+            raise
+
+    def launch(self, count: int = 1) -> None:
+        """Ask ``count`` more holders (skipping those without a valid entry)."""
+        while self.candidates and count > 0:
+            address = self.candidates.popleft()
+            if self.fetch.usable(address):
+                self.pending[asyncio.create_task(self.ask(address))] = address
+                count -= 1
+            else:
+                self.errors.append(f"{address[0]}:{address[1]}: no entry with a valid signature")
+
+    async def run(self) -> _Answer:
+        try:
+            self.launch()
+            while self.pending:
+                finished, _ = await asyncio.wait(
+                    self.pending,
+                    timeout=hedge_delay(self.connects) if self.candidates else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not finished:
+                    self.launch(len(self.pending))  # no answer within the hedge delay
+                for task in finished:
+                    address = self.pending.pop(task)
+                    try:
+                        return task.result()
+                    except (DifsError, WireError, OSError) as exc:
+                        self.errors.append(f"{address[0]}:{address[1]}: {exc}")
+                        self.launch()
+        finally:
+            for task in self.pending:
+                task.cancel()
+            for outcome in await asyncio.gather(*self.pending, return_exceptions=True):
+                if isinstance(outcome, tuple):
+                    outcome[1].close()  # a second list that came in the same instant
+        # every holder unreachable is a network failure, not a missing object
+        errors = self.errors
+        cls = (
+            NetworkError if self.unreachable and self.unreachable == len(errors) else NotFoundError
+        )
+        raise cls(
+            f"no holder of {self.fetch.manifest.name} answered with its hash list "
+            f"({len(self.fetch.sources())} tried: {'; '.join(errors[:3])})"
+        )

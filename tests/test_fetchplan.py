@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from difs_p2p.errors import UsageError
-from difs_p2p.fetchplan import Estimate, FetchPlan, PlanConfig, first_holders
+from difs_p2p.fetchplan import Estimate, FetchPlan, PlanConfig, first_holders, hedge_delay
 
 A, B, C = ("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.3", 3)
 MiB = 1 << 20
@@ -332,3 +332,14 @@ def test_first_holders_start_few_workers_for_small_objects(
 ) -> None:
     """The connected holder leads; no more holders than segments, nor than allowed."""
     assert first_holders(sources, connected, queued, lambda i: covers.get(i, []), most) == expected
+
+
+@pytest.mark.parametrize(
+    ("connects", "delay"),
+    [([], 0.05), ([0.001], 0.05), ([0.1, 0.02], 0.06), ([0.5], 1.5)],
+)
+def test_the_hash_list_is_hedged_after_three_fastest_connects(
+    connects: list[float], delay: float
+) -> None:
+    """One more holder is asked after max(50 ms, 3 x the fastest connect seen)."""
+    assert hedge_delay(connects) == pytest.approx(delay)
