@@ -19,6 +19,9 @@ A connection may prove a role in the HELLO exchange (:meth:`Connection.authentic
 :mod:`difs_p2p.control`). The :class:`Server` bounds connections in all and per remote
 address, and when it is full makes room by closing the idlest connection of the address
 holding the most, so that every address gets a fair share of the slots.
+
+The module is longer than most (about 650 lines): the connection, the server, the upload
+budgets and the error codes share the connection's lifecycle and are read together.
 """
 
 from __future__ import annotations
