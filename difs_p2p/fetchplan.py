@@ -2,9 +2,12 @@
 a holder is late, which segments to ask of another holder meanwhile, and when to give up.
 
 :class:`FetchPlan` is a state machine fed events with the time they happened (``now``, in
-seconds on any monotonic clock) and asked for decisions; ``fetch.Fetch`` owns the sockets
-and does what it says. Nothing here sleeps, reads a clock or touches a socket, so the table
-tests in ``tests/test_fetchplan.py`` replay exact timelines.
+seconds on any monotonic clock) and asked for decisions; ``fetchrun.SegmentRun`` owns the
+sockets and does what it says. Three decisions stand alone: :func:`first_holders` (which
+holders a fetch starts with), :func:`hedge_delay` (when the hash list is asked of one more
+holder) and :meth:`FetchPlan.answer_problem` (whether a frame header may answer a request).
+Nothing here sleeps, reads a clock or touches a socket, so the table tests in
+``tests/test_fetchplan.py`` replay exact timelines.
 
 A segment is *queued*, *flying* (asked of one or more holders), *arrived* (a copy is being
 verified) or *done*. Each holder answers its requests in order (docs/PROTOCOL.md), so its
