@@ -17,80 +17,87 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import bisect
-import collections
 import contextlib
-import functools
 import io
 import json
-import math
-import os
-import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
-from difs_p2p import segments, wire
+from difs_p2p import segments
 from difs_p2p.control import OperatorCredential
+from difs_p2p.delegation import REVOCATIONS, Delegation
 from difs_p2p.errors import (
-    AlreadyExistsError,
-    CapacityError,
     DeletedError,
     DifsError,
     IntegrityError,
-    NetworkError,
     NotFoundError,
     PeerError,
     PermissionDeniedError,
-    StorageError,
     UsageError,
-    WireError,
 )
-from difs_p2p.fetchplan import FetchPlan, PlanConfig
-from difs_p2p.identity import Identity, fingerprint
-from difs_p2p.manifest import (
-    REVOCATIONS,
-    Delegation,
-    HolderEntry,
-    Manifest,
-    build_manifest,
-    decode_holder_entry,
-    linked,
-    parse_manifest,
-    verify_holder_entry,
+from difs_p2p.fetch import (
+    Fetch,
+    FetchResult,
+    Progress,
+    check_output,
+    choose_version,
+    fetch_into,
+    is_alive,
+    merged_spans,
+    probe_holds,
 )
-from difs_p2p.names import key_namespace_owner, name_key, normalize_name
+from difs_p2p.fetchplan import PlanConfig
+from difs_p2p.holders import HolderEntry, decode_holder_entry, verify_holder_entry
+from difs_p2p.identity import Identity
+from difs_p2p.manifest import Manifest, build_manifest, linked, parse_manifest
+from difs_p2p.names import name_key, normalize_name
 from difs_p2p.net import HOST_NETWORK, Connector
+from difs_p2p.ops import (
+    AbandonRequest,
+    Op,
+    PlaceReply,
+    PlaceRequest,
+    PublishRequest,
+    ResolveReply,
+    ResolveRequest,
+    decode_reply,
+    encode_request,
+)
 from difs_p2p.pins import Pins
+from difs_p2p.publish import (
+    build_tombstone,
+    check_placed,
+    check_publish,
+    check_published,
+    source_size,
+    upload,
+)
 from difs_p2p.ranges import ByteRange
-from difs_p2p.transfer import BufferPool, Connection, remote_error
+from difs_p2p.transfer import Connection
 
-# Requests in flight per connection: enough to keep a loopback link busy (measured: 8).
-PIPELINE = 8
-# Parallel holder connections per fetch.
-MAX_SOURCES = 8
-# Segments a stream fetch may run ahead of the next one it must write (bounds memory).
-STREAM_WINDOW = 64
+__all__ = [
+    "DEFAULT_REPLICAS",
+    "MAX_REPLICAS",
+    "Client",
+    "FetchResult",
+    "Phase",
+    "Progress",
+    "PublishResult",
+    "Resolved",
+]
+
 # Default replica count, as in Storj/Garage-style triple replication.
 DEFAULT_REPLICAS = 3
 # Most copies one publish may ask for: each is a full upload by the entry peer, and a
 # range's holders are looked up among the closest peers to it (k = 20).
 MAX_REPLICAS = 16
-# Ending of the temporary file a fetch writes beside its output (".NAME.<hex>.part").
-PARTIAL_SUFFIX = ".part"
-# Buffers up to this size are hashed on the event loop: BLAKE3 takes about 10 us for
-# 64 KiB here, less than a hop to a worker thread and back.
-INLINE_HASH = 64 << 10
-# The hash list is asked of one more holder after this long without an answer (or 3 x the
-# fastest connect of the fetch, if longer): a LAN answers in about 1 ms.
-HASH_LIST_HEDGE = 0.05
-# How often a fetch looks at its holders' deadlines (late ones are hedged within this).
-SUPERVISE_TICK = 0.02
 
-Progress = Callable[[int], None]
+R = TypeVar("R")
+
 # Called with the name of each publish phase as it begins: "upload" (segments to the
 # entry peer), "place" (the entry peer pushes replicas), "publish" (manifest to the DHT).
 Phase = Callable[[str], None]
@@ -116,7 +123,7 @@ class Resolved:
 
     def entries_for(self, manifest: Manifest) -> list[HolderEntry]:
         """The holder entries of ``manifest``'s version, signatures not yet checked."""
-        integrity = bytes.fromhex(manifest.integrity)
+        integrity = manifest.integrity
         return [
             h for h in self.entries if h.version == manifest.version and h.integrity == integrity
         ]
@@ -147,98 +154,23 @@ class PublishResult:
     upload_seconds: float = 0.0
 
 
-@dataclass(slots=True)
-class FetchResult:
-    manifest: Manifest
-    bytes: int
-    seconds: float
-    first_byte: float
-    sources: int
-    retries: int
-    # seconds of `seconds` spent resolving the name (before the first holder is asked)
-    resolve: float = 0.0
-    # segments also asked of another holder because the one asked first was late
-    hedged: int = 0
-    # holders that were late at least once (slow, stalled, or never answering)
-    late: list[tuple[str, int]] = field(default_factory=list)
-
-
 def _decode_resolved(
-    key: bytes, body: dict[str, Any]
+    key: bytes, reply: ResolveReply
 ) -> tuple[list[Manifest], list[Manifest], list[HolderEntry]]:
     """Manifests verified; holder entries only decoded (see ``Resolved``)."""
     manifests, history, holders = [], [], []
-    for raw in body.get("manifests", []):
+    for raw in reply.manifests:
         with contextlib.suppress(DifsError, TypeError):
             manifests.append(parse_manifest(raw.encode(), key))
-    for raw in body.get("history", []):
+    for raw in reply.history:
         with contextlib.suppress(DifsError, TypeError):
             history.append(parse_manifest(raw.encode(), key))
-    for raw in body.get("holders", []):
+    for raw in reply.holders:
         with contextlib.suppress(DifsError, TypeError, ValueError):
             entry = decode_holder_entry(bytes.fromhex(raw))
             if entry.key == key:
                 holders.append(entry)
     return manifests, history, holders
-
-
-def merged_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Inclusive ranges merged where they overlap or touch, in order."""
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(spans):
-        if merged and start <= merged[-1][1] + 1:
-            if end > merged[-1][1]:
-                merged[-1] = (merged[-1][0], end)
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def in_spans(merged: list[tuple[int, int]], index: int) -> bool:
-    """Whether ``index`` lies in one of the ``merged_spans``."""
-    i = bisect.bisect_right(merged, (index, math.inf)) - 1
-    return i >= 0 and merged[i][0] <= index <= merged[i][1]
-
-
-def _read_and_hash(fh: IO[bytes], size: int) -> tuple[bytes, bytes]:
-    """The next segment of ``fh`` and its id (in a worker thread: one hop for both).
-
-    A pipe returns what it has; reads go on until the segment is full or the input ends.
-    """
-    chunk = fh.read(size)
-    if chunk and len(chunk) < size:
-        parts = [chunk]
-        got = len(chunk)
-        while got < size and (more := fh.read(size - got)):
-            parts.append(more)
-            got += len(more)
-        chunk = b"".join(parts)
-    return chunk, bytes(segments.segment_hash(chunk)) if chunk else b""
-
-
-def _source_size(path: Path) -> int | None:
-    """The size of the regular file ``path``, None for a FIFO or device (read as a
-    stream); UsageError for a directory or a path that cannot be read."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"cannot publish {path}: it is a directory")
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
-
-
-def _open_source(path: Path) -> IO[bytes]:
-    try:
-        return path.open("rb")
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _read_chunks(path: Path, size: int) -> Iterator[bytes]:
-    with path.open("rb") as fh:
-        while chunk := fh.read(size):
-            yield chunk
 
 
 class Client:
@@ -290,6 +222,12 @@ class Client:
             conn.close()
             raise
 
+    async def _request(self, request: Op[R]) -> R:
+        """A typed control request to the entry peer (ops.py), sent through ``_call``."""
+        op, args = encode_request(request)
+        reply: R = decode_reply(op, await self._call(op, **args))
+        return reply
+
     # -- resolve ---------------------------------------------------------------------------
 
     async def resolve(self, name: str) -> Resolved:
@@ -303,8 +241,8 @@ class Client:
         """
         norm = normalize_name(name)
         key = name_key(norm)
-        body = await self._call("resolve", key=key.hex())
-        manifests, history, holders = _decode_resolved(key, body)
+        reply = await self._request(ResolveRequest(key))
+        manifests, history, holders = _decode_resolved(key, reply)
         if not manifests:
             raise NotFoundError(f"{norm} is not published")
         best = self._check_pin(norm, manifests, history)
@@ -405,12 +343,12 @@ class Client:
                 for h in resolved.holders_for(m):
                     probes.setdefault((h.host, h.port), []).append(h)
         answers = await asyncio.gather(
-            *(_holds(a, entries, self.network) for a, entries in probes.items())
+            *(probe_holds(a, entries, self.network) for a, entries in probes.items())
         )
         held = [h for got in answers for h in got]
         out = []
         for m in resolved.history:
-            integrity = bytes.fromhex(m.integrity)
+            integrity = m.integrity
             spans = merged_spans(
                 (h.start, h.end)
                 for h in held
@@ -459,7 +397,7 @@ class Client:
         started = time.perf_counter()
         # the size of a regular file, checked against what is read; None for a stream
         expected = (
-            await asyncio.to_thread(_source_size, source) if isinstance(source, Path) else None
+            await asyncio.to_thread(source_size, source) if isinstance(source, Path) else None
         )
         try:
             known = await self.resolve(norm)
@@ -467,30 +405,7 @@ class Client:
             top = known.top
         except NotFoundError:
             previous, top = None, 0
-        owner = delegation.owner if delegation is not None else self.publisher.public_key
-        if delegation is not None and (
-            delegation.writer != self.publisher.public_key or not delegation.covers(norm)
-        ):
-            raise UsageError(f"the delegation is not for this key or does not cover {norm}")
-        if delegation is not None and delegation.expires < self.clock():
-            expired = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(delegation.expires))
-            raise PermissionDeniedError(
-                f"the delegation for {delegation.prefix} expired on {expired}"
-            )
-        namespace = key_namespace_owner(norm)
-        if namespace is not None and namespace != fingerprint(owner):
-            raise PermissionDeniedError(
-                f"{norm} is in the namespace of key {namespace}; this key's namespace is "
-                f"/key/{fingerprint(owner)}/"
-            )
-        if previous is not None:
-            if previous.owner != owner:
-                raise PermissionDeniedError(f"{norm} belongs to another publisher")
-            if not update and not previous.deleted:
-                raise AlreadyExistsError(
-                    f"{norm} already exists (version {previous.version}); "
-                    "use --update to publish a new version"
-                )
+        check_publish(norm, previous, self.publisher.public_key, delegation, update, self.clock())
         try:
             if on_phase is not None:
                 on_phase("upload")
@@ -506,16 +421,17 @@ class Client:
             stripes = segments.default_stripes(layout.count)
             if on_phase is not None:
                 on_phase("place")
-            placed = await self._call(
-                "place",
-                key=name_key(norm).hex(),
-                version=version,
-                integrity=integrity.hex(),
-                segment_count=layout.count,
-                stripes=stripes,
-                replicas=replicas,
+            placed = await self._request(
+                PlaceRequest(
+                    key=name_key(norm),
+                    version=version,
+                    integrity=integrity,
+                    segment_count=layout.count,
+                    stripes=stripes,
+                    replicas=replicas,
+                )
             )
-            _check_placed(placed)
+            check_placed(placed)
             manifest = build_manifest(
                 self.publisher,
                 name=norm,
@@ -527,7 +443,7 @@ class Client:
                 segment_count=layout.count,
                 stripes=stripes,
                 replicas=replicas,
-                integrity=integrity.hex(),
+                integrity=integrity,
                 created=self.clock(),
                 delegation=delegation,
             )
@@ -552,35 +468,25 @@ class Client:
             return
         try:
             async with asyncio.timeout(min(self.io_timeout, 10.0)):
-                await conn.call("abandon")
+                await conn.request(AbandonRequest())
         except (DifsError, OSError, TimeoutError):
             conn.close()
 
     async def _publish(
-        self, manifest: Manifest, placed: dict[str, Any], started: float
+        self, manifest: Manifest, placed: PlaceReply, started: float
     ) -> PublishResult:
-        result = await self._call(
-            "publish", manifest=manifest.raw.decode(), entries=placed.get("entries", [])
-        )
-        readable, quorum = result.get("readable_paths", 0), result.get("quorum", 0)
-        unread = isinstance(readable, int) and isinstance(quorum, int) and readable < quorum
-        if result.get("winner") is None and unread:
-            raise NetworkError(
-                f"{manifest.name} was stored but could be read back on only {readable} of "
-                f"{quorum} independent lookup paths: it is not published (try again)"
-            )
-        if result.get("winner") != manifest.hash:
-            raise AlreadyExistsError(
-                f"{manifest.name} was published by another publisher at the same time"
-            )
+        result = await self._request(PublishRequest(manifest.raw.decode(), placed.entries))
+        check_published(manifest, result)
         if self.pins is not None and self.pins.pinned(manifest.name) is None:
             self.pins.pin(manifest.name, manifest.owner)
         return PublishResult(
             manifest=manifest,
-            accepted=int(result.get("accepted", 0)),
-            ranges=list(placed.get("ranges", [])),
+            accepted=result.accepted,
+            ranges=[
+                {"start": r.start, "end": r.end, "holders": list(r.holders)} for r in placed.ranges
+            ],
             seconds=time.perf_counter() - started,
-            warnings=list(placed.get("warnings", [])),
+            warnings=list(placed.warnings),
         )
 
     async def _data_conn(self) -> Connection:
@@ -597,87 +503,16 @@ class Client:
     async def _upload(
         self, source: Path | IO[bytes], segment_size: int, progress: Progress | None
     ) -> tuple[list[bytes], bytes, int]:
-        """Send every segment, then the hash list, to the entry peer with PIPELINE puts in
-        flight; the segment hashes, the integrity root and the number of bytes sent."""
-        conn = await self._data_conn()
-        hashes: list[bytes] = []
-        pending: collections.deque[int] = collections.deque()
-
-        async def take_ack() -> None:
-            frame = await conn.read_frame()
-            if isinstance(frame, wire.Error):
-                raise remote_error(frame)
-            if not isinstance(frame, wire.Ack):
-                raise PeerError("expected an ACK")
-            length = pending.popleft()
-            if progress and length:
-                progress(length)
-
-        async def put(seg_id: bytes, data: bytes, progress_bytes: int) -> None:
-            if len(pending) >= PIPELINE:
-                await take_ack()
-            await conn.send(wire.PutSeg(request_id=len(hashes), seg_id=seg_id, data=data))
-            pending.append(progress_bytes)
-
-        integrity = b""
-        size = 0
-        fh = await asyncio.to_thread(_open_source, source) if isinstance(source, Path) else source
-        try:
-            async with conn.exchange:  # the ACKs are ours alone
-                complete = False
-                try:
-                    while True:
-                        chunk, seg_id = await asyncio.to_thread(_read_and_hash, fh, segment_size)
-                        if not chunk:
-                            break
-                        hashes.append(seg_id)
-                        size += len(chunk)
-                        await put(seg_id, chunk, len(chunk))
-                    # the hash list goes in the same pipeline (no round trip of its own)
-                    hash_list = segments.encode_hash_list(hashes)
-                    if len(hash_list) > INLINE_HASH:
-                        root = await asyncio.to_thread(segments.hash_list_root, hash_list)
-                    else:
-                        root = segments.hash_list_root(hash_list)
-                    integrity = bytes(root)
-                    await put(integrity, hash_list, 0)
-                    while pending:
-                        await take_ack()
-                    complete = True
-                finally:
-                    if not complete:
-                        conn.close()  # ACKs may still be on their way
-        finally:
-            if fh is not source:
-                fh.close()
-        return hashes, integrity, size
+        """Send the object's segments and hash list to the entry peer (publish.upload)."""
+        return await upload(await self._data_conn(), source, segment_size, progress)
 
     async def rm(self, name: str) -> Manifest:
         """Delete ``name``: publish a signed tombstone; holders then free the segments."""
         if self.publisher is None:
             raise UsageError("deleting needs the publisher key")
         resolved = await self.resolve(name)
-        current = resolved.manifest
-        if current.owner != self.publisher.public_key:
-            raise PermissionDeniedError(f"{current.name} belongs to another publisher")
-        if current.deleted:
-            raise DeletedError(f"{current.name} is already deleted")
-        tombstone = build_manifest(
-            self.publisher,
-            name=current.name,
-            version=max(resolved.top, current.version) + 1,
-            parent=current.hash,
-            root=current.lineage_root,
-            size=0,
-            segment_size=current.segment_size,
-            segment_count=0,
-            stripes=0,
-            replicas=0,
-            integrity=segments.hash_list_root(b"").hex(),
-            deleted=True,
-            created=self.clock(),
-        )
-        await self._publish(tombstone, {}, time.perf_counter())
+        tombstone = build_tombstone(self.publisher, resolved.manifest, resolved.top, self.clock())
+        await self._publish(tombstone, PlaceReply((), (), ()), time.perf_counter())
         return tombstone
 
     async def stat(self, name: str) -> dict[str, Any]:
@@ -689,7 +524,7 @@ class Client:
         live = dict(
             zip(
                 addresses,
-                await asyncio.gather(*(_alive(a, self.network) for a in addresses)),
+                await asyncio.gather(*(is_alive(a, self.network) for a in addresses)),
                 strict=True,
             )
         )
@@ -753,751 +588,36 @@ class Client:
         cache, as after ``cp`` or ``curl`` (the network keeps its own durable copies).
         """
         if isinstance(out, Path):
-            await asyncio.to_thread(_check_output, out)
+            await asyncio.to_thread(check_output, out)
         started = time.perf_counter()
         resolved = await self.resolve(name)
         resolve = time.perf_counter() - started
-        manifest = resolved.manifest
-        if version is not None:
-            if version < 1:
-                raise UsageError(f"version {version}: versions start at 1")
-            match = [m for m in resolved.history if m.version == version]
-            if not match:
-                raise NotFoundError(f"{manifest.name} has no version {version}")
-            manifest = match[0]
-        if manifest.deleted:
-            raise DeletedError(f"{manifest.name} was deleted (version {manifest.version})")
+        manifest = choose_version(resolved.manifest, resolved.history, version)
         span: tuple[int, int] | None = None
         if byte_range is not None:
             if not isinstance(byte_range, ByteRange):
                 byte_range = ByteRange(start=byte_range[0], end=byte_range[1])
             span = byte_range.resolve(manifest.size)
-        # signatures are checked as the fetch comes to each entry (_Fetch._trusted)
+        # signatures are checked as the fetch comes to each entry (Fetch._trusted)
         entries = resolved.entries_for(manifest)
-        fetch = _Fetch(self, manifest, entries, span, progress, sync)
+        fetch = Fetch(
+            manifest,
+            entries,
+            span,
+            progress,
+            sync,
+            io_timeout=self.io_timeout,
+            network=self.network,
+            config=self.fetch_config,
+        )
         if on_size is not None:
             on_size(max(0, fetch.last - fetch.first + 1))
-        try:
-            if isinstance(out, Path):
-                result = await _into_file(fetch, out, started, sync)
-            else:
-                result = await fetch.run(out, started)
-        except IntegrityError as exc:
-            if fetch.suspects:
-                raise
-            # No holder served a bad copy: the holders could not be reached or refused.
-            raise NetworkError(str(exc)) from None
+        result = await fetch_into(fetch, out, started, sync)
         result.resolve = resolve
         return result
-
-
-def _check_placed(placed: dict[str, Any]) -> None:
-    """CapacityError if some range of an upload has no copy anywhere: publishing it would
-    make a version nobody can fetch (and, once the peers keep only the newest versions,
-    could retire the versions before it)."""
-    for r in placed.get("ranges", []):
-        if isinstance(r, dict) and not r.get("holders"):
-            why = "; ".join(str(w) for w in placed.get("warnings", [])[:2])
-            raise CapacityError(
-                f"segments {r.get('start')}..{r.get('end')} could not be placed on any peer"
-                f", so nothing was published ({why or 'no peer took them'})"
-            )
 
 
 def _revoked(m: Manifest, revoked: dict[str, set[bytes]]) -> bool:
     """Whether ``m`` was written by a delegate its owner has revoked."""
     d = m.delegation
     return d is not None and m.publisher in revoked.get(d.prefix, set())
-
-
-async def _holds(
-    address: tuple[str, int], entries: list[HolderEntry], network: Connector
-) -> list[HolderEntry]:
-    """The entries whose holder at ``address`` says it holds their range (2 s limit)."""
-    try:
-        async with asyncio.timeout(2.0):
-            conn = await Connection.open(
-                address, io_timeout=2.0, connect_timeout=2.0, network=network
-            )
-            try:
-                reply = await conn.call(
-                    "holds_ranges",
-                    ranges=[[h.key.hex(), h.version, h.start, h.end] for h in entries[:1024]],
-                )
-            finally:
-                conn.close()
-    except (DifsError, OSError, TimeoutError):
-        return []
-    holds = reply.get("holds")
-    if not isinstance(holds, list):
-        return []
-    return [h for h, ok in zip(entries, holds, strict=False) if ok is True]
-
-
-def _check_output(path: Path) -> None:
-    """UsageError unless ``path`` can be a fetch's output: not a directory, in one."""
-    if path.is_dir():
-        raise UsageError(f"cannot write {path}: it is a directory")
-    parent = Path(os.path.realpath(path)).parent
-    if not parent.exists():
-        raise UsageError(f"cannot write {path}: directory {path.parent} does not exist")
-    if not parent.is_dir():
-        raise UsageError(f"cannot write {path}: {path.parent} is not a directory")
-
-
-def _output_target(path: Path) -> tuple[Path, int | None]:
-    """(the real ``path``, the mode of the file there, None if there is none)."""
-    real = Path(os.path.realpath(path))
-    _check_output(real)
-    try:
-        return real, stat.S_IMODE(os.stat(real).st_mode)
-    except FileNotFoundError:
-        return real, None
-
-
-def _create_temporary(path: Path, real: Path, mode: int | None) -> Path:
-    """A new empty file beside ``real``, with ``mode`` (else the usual mode for a new
-    file); left behind by nothing that fails here."""
-    for _ in range(8):
-        tmp = real.with_name(f".{real.name}.{os.urandom(4).hex()}{PARTIAL_SUFFIX}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
-        try:
-            if mode is not None:
-                os.fchmod(fd, mode)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        finally:
-            os.close(fd)
-        return tmp
-    raise StorageError(f"cannot create a temporary file beside {path}")  # pragma: no cover
-
-
-def _writes_in_place(path: Path) -> bool:
-    """Whether ``path`` is a device, FIFO or socket (written directly, never replaced)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False
-    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
-
-
-async def _into_file(fetch: _Fetch, path: Path, started: float, sync: bool) -> FetchResult:
-    """Run ``fetch`` into a temporary file, renamed over ``path`` once complete."""
-    if await asyncio.to_thread(_writes_in_place, path):
-        return await fetch.run(path, started)
-    real, mode = await asyncio.to_thread(_output_target, path)
-    # Created on the loop (one open call): from a thread, a cancel could come between the
-    # file's creation and the try that removes it.
-    tmp = _create_temporary(path, real, mode)
-    try:
-        result = await fetch.run(tmp, started)
-        await asyncio.to_thread(os.replace, tmp, real)
-        if sync:
-            await asyncio.to_thread(_fsync_directory, real.parent)
-    except BaseException:
-        # also on cancellation (Ctrl-C, SIGTERM): synchronous, so a second cancel cannot
-        # skip it
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return result
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-async def _alive(address: tuple[str, int], network: Connector) -> bool:
-    """Whether a peer answers a HELLO within 2 s."""
-    try:
-        conn = await Connection.open(address, io_timeout=2.0, connect_timeout=2.0, network=network)
-    except DifsError:
-        return False
-    try:
-        await conn.send(wire.Hello(request_id=0, peer=None))
-        return isinstance(await conn.read_frame(), wire.Hello)
-    except (DifsError, OSError):
-        return False
-    finally:
-        conn.close()
-
-
-async def _finish(futures: set[asyncio.Future[int]]) -> None:
-    """Wait until every future in ``futures`` is done, even if cancelled meanwhile (the
-    cancellation is raised once they are)."""
-    cancelled = False
-    while futures:
-        try:
-            await asyncio.wait(set(futures))
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-
-
-class _Fetch:
-    """One verified, parallel, fail-over fetch into a file or a stream.
-
-    It is given holder entries whose signatures are not checked yet, so that the first
-    segment does not wait for hundreds of checks: an entry's signature is checked when
-    the fetch first relies on it (before connecting to its holder, before asking that
-    holder for a segment of its range); an entry that fails is never used.
-    """
-
-    def __init__(
-        self,
-        client: Client,
-        manifest: Manifest,
-        holders: list[HolderEntry],
-        byte_range: tuple[int, int] | None,
-        progress: Progress | None,
-        sync: bool = False,
-    ) -> None:
-        self.client = client
-        self.sync = sync
-        self.manifest = manifest
-        self.holders = holders
-        # each holder's entries, and what checking an entry's signature gave (by raw bytes)
-        self._by_address: dict[tuple[str, int], list[HolderEntry]] = {}
-        for h in holders:
-            self._by_address.setdefault((h.host, h.port), []).append(h)
-        self._checked: dict[bytes, bool] = {}
-        self.layout = segments.Layout(manifest.size, manifest.segment_size)
-        if byte_range is None:
-            self.first, self.last = 0, manifest.size - 1
-        else:
-            self.first, self.last = byte_range
-            if not (0 <= self.first <= self.last < manifest.size):
-                raise UsageError(
-                    f"range {self.first}-{self.last} is outside the object (size {manifest.size})"
-                )
-        self.progress = progress
-        self.hashes: list[bytes] = []
-        self.first_byte = 0.0
-        self.written = 0
-        # (holder, segment) pairs that failed verification, reported after the fetch
-        self.suspects: list[tuple[tuple[str, int], bytes]] = []
-        # connections opened before the transfer, handed to the workers
-        self._opened: dict[tuple[str, int], Connection] = {}
-        # the hash list's exchange: (holder, first-byte delay, bytes, seconds receiving)
-        self._seed: tuple[tuple[str, int], float, int, float] | None = None
-        self.plan: FetchPlan | None = None
-        # holders that served at least one verified segment
-        self.served: set[tuple[str, int]] = set()
-
-    def _sources(self) -> list[tuple[str, int]]:
-        return list(self._by_address)
-
-    def _trusted(self, entry: HolderEntry) -> bool:
-        """Whether the entry's signature is valid (checked once, on first use)."""
-        ok = self._checked.get(entry.raw)
-        if ok is None:
-            try:
-                verify_holder_entry(entry)
-                ok = True
-            except IntegrityError:
-                ok = False
-            self._checked[entry.raw] = ok
-        return ok
-
-    def _usable(self, address: tuple[str, int]) -> bool:
-        """Whether ``address`` has an entry with a valid signature (checked up to the first)."""
-        return any(self._trusted(h) for h in self._by_address.get(address, ()))
-
-    def _serves(self, address: tuple[str, int], index: int) -> bool:
-        """Whether a valid entry of ``address`` covers segment ``index``."""
-        return any(
-            h.start <= index <= h.end and self._trusted(h)
-            for h in self._by_address.get(address, ())
-        )
-
-    def _may_serve(self, address: tuple[str, int], index: int) -> bool:
-        """Whether an entry of ``address`` covering ``index`` is valid or not yet checked."""
-        return any(
-            h.start <= index <= h.end and self._checked.get(h.raw, True)
-            for h in self._by_address.get(address, ())
-        )
-
-    def _may_cover(self, index: int) -> list[tuple[str, int]]:
-        """Holders with an entry covering ``index`` that is valid or not yet checked."""
-        return [
-            address
-            for address, entries in self._by_address.items()
-            if any(h.start <= index <= h.end and self._checked.get(h.raw, True) for h in entries)
-        ]
-
-    async def _hash_list(self) -> list[bytes]:
-        """The verified hash list, asked of one holder; after each
-        ``max(50 ms, 3 x the fastest connect seen)`` without an answer, of as many more
-        holders as are asked already (1, 2, 4...), and of one more at once when one fails.
-        The first verified list wins; the other requests are dropped. N holders that accept
-        connections and never answer cost the fetch about log2(N) such delays."""
-        root = bytes.fromhex(self.manifest.integrity)
-        if self.manifest.segment_count == 0:
-            return []
-        loop = asyncio.get_running_loop()
-        errors: list[str] = []
-        rtts: list[float] = []
-        unreachable = 0
-
-        async def ask(address: tuple[str, int]) -> tuple[Connection, list[bytes]]:
-            nonlocal unreachable
-            t0 = loop.time()
-            try:
-                conn = await Connection.open(
-                    address, io_timeout=self.client.io_timeout, network=self.client.network
-                )
-            except DifsError:
-                unreachable += 1
-                raise
-            sent = loop.time()
-            rtts.append(sent - t0)
-            try:
-                await conn.send(wire.GetSeg(request_id=0, seg_id=root, offset=0, length=0))
-                header = await conn.read_header()
-                first = loop.time()
-                if header is None:
-                    raise PeerError("connection closed")
-                frame = wire.decode_payload(header, await conn.read_payload(header))
-                if not isinstance(frame, wire.Data):
-                    raise NotFoundError(f"{address[0]}:{address[1]} has no hash list")
-                hashes: list[bytes] = list(
-                    segments.verify_hash_list(bytes(frame.data), root, self.manifest.segment_count)
-                )
-                self._seed = (address, first - sent, len(frame.data), loop.time() - first)
-                return conn, hashes
-            except BaseException:
-                conn.close()
-                raise
-
-        candidates = collections.deque(self._sources())
-        pending: dict[asyncio.Task[tuple[Connection, list[bytes]]], tuple[str, int]] = {}
-
-        def launch(count: int = 1) -> None:
-            while candidates and count > 0:
-                address = candidates.popleft()
-                if self._usable(address):
-                    pending[asyncio.create_task(ask(address))] = address
-                    count -= 1
-                else:
-                    errors.append(f"{address[0]}:{address[1]}: no entry with a valid signature")
-
-        try:
-            launch()
-            while pending:
-                hedge = max(HASH_LIST_HEDGE, 3 * min(rtts)) if rtts else HASH_LIST_HEDGE
-                finished, _ = await asyncio.wait(
-                    pending,
-                    timeout=hedge if candidates else None,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if not finished:
-                    launch(len(pending))  # no answer within the hedge delay
-                for task in finished:
-                    address = pending.pop(task)
-                    try:
-                        conn, hashes = task.result()
-                    except (DifsError, WireError, OSError) as exc:
-                        errors.append(f"{address[0]}:{address[1]}: {exc}")
-                        launch()
-                        continue
-                    # this holder's worker starts on the connection we already have
-                    self._opened[address] = conn
-                    return hashes
-        finally:
-            for task in pending:
-                task.cancel()
-            for outcome in await asyncio.gather(*pending, return_exceptions=True):
-                if isinstance(outcome, tuple):
-                    outcome[0].close()  # a second list that came in the same instant
-        # every holder unreachable is a network failure, not a missing object
-        cls = NetworkError if unreachable and unreachable == len(errors) else NotFoundError
-        raise cls(
-            f"no holder of {self.manifest.name} answered with its hash list "
-            f"({len(self._sources())} tried: {'; '.join(errors[:3])})"
-        )
-
-    async def run(self, out: Path | IO[bytes], started: float) -> FetchResult:
-        try:
-            return await self._run(out, started)
-        finally:
-            for conn in self._opened.values():
-                conn.close()
-            self._opened.clear()
-
-    async def _run(self, out: Path | IO[bytes], started: float) -> FetchResult:
-        self.hashes = await self._hash_list()
-        if self.manifest.size == 0:
-            if isinstance(out, Path):
-                await asyncio.to_thread(out.write_bytes, b"")
-            return FetchResult(self.manifest, 0, time.perf_counter() - started, 0.0, 0, 0)
-        wanted = list(self.layout.segments_for_bytes(self.first, self.last))
-        if isinstance(out, Path):
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                await self._fetch(wanted, fd, None, started)
-                # A device such as /dev/null cannot be synced (EINVAL); only files are.
-                if self.sync and stat.S_ISREG(os.fstat(fd).st_mode):
-                    await asyncio.to_thread(os.fsync, fd)
-            finally:
-                os.close(fd)
-        else:
-            await self._fetch(wanted, None, out, started)
-        plan = self.plan
-        return FetchResult(
-            self.manifest,
-            self.written,
-            time.perf_counter() - started,
-            self.first_byte,
-            len(self.served),
-            plan.retries if plan else 0,
-            hedged=plan.hedged if plan else 0,
-            late=list(plan.late_seen) if plan else [],
-        )
-
-    def _slice(self, index: int) -> tuple[int, int, int]:
-        """(offset in object, start within segment, length) of what we need of segment i."""
-        offset, length = self.layout.bounds(index)
-        lo = max(self.first, offset)
-        hi = min(self.last, offset + length - 1)
-        return lo, lo - offset, hi - lo + 1
-
-    def _possible(self, plan: FetchPlan) -> Callable[[int, set[tuple[str, int]]], bool]:
-        """Whether some holder outside a set may still have a segment (for ``stuck``)."""
-        dead = plan.dead
-        # Segments no holder failed only need some entry not known to be bad: one look-up
-        # in the merged ranges, not a pass over every entry per segment (1,024 segments x
-        # 257 entries took 15 ms before the first request).
-        spans = merged_spans(
-            (h.start, h.end)
-            for h in self.holders
-            if self._checked.get(h.raw, True) and (h.host, h.port) not in dead
-        )
-
-        def possible(index: int, excluded: set[tuple[str, int]]) -> bool:
-            if excluded <= dead:
-                return in_spans(spans, index)
-            return bool(set(self._may_cover(index)) - excluded)
-
-        return possible
-
-    async def _fetch(
-        self, wanted: list[int], fd: int | None, stream: IO[bytes] | None, started: float
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        plan = self.plan = FetchPlan(
-            wanted, lambda i: self.layout.bounds(i)[1], self.client.fetch_config
-        )
-        if self._seed is not None:
-            plan.seed(*self._seed)
-        # in-order delivery for streams: index -> data (bounded by the pipelines' depth)
-        ready: dict[int, bytes | memoryview] = {}
-        order = collections.deque(wanted)
-        problems: list[str] = []
-        sources = self._sources()
-        if not sources:
-            raise NotFoundError(f"no holder of {self.manifest.name} is known")
-        pipeline = plan.config.pipeline
-
-        # Receive buffers are reused: a fresh 1 MiB bytearray costs page faults every time.
-        pool = BufferPool(2 * pipeline * MAX_SOURCES, minimum=self.manifest.segment_size)
-        owners: dict[int, bytearray] = {}
-        # set when the supervisor should look again (a worker ended, the fetch is done)
-        supervise = asyncio.Event()
-        # idle workers wait on this; a new one replaces it each time the plan changes
-        wake = [asyncio.Event()]
-        idle: set[tuple[str, int]] = set()
-        # errors of verify-and-write tasks (a failed write ends the fetch)
-        crashed: list[BaseException] = []
-        # writes to ``fd`` under way in threads
-        writes: set[asyncio.Future[int]] = set()
-
-        def kick() -> None:
-            if idle:
-                old, wake[0] = wake[0], asyncio.Event()
-                old.set()
-
-        def deliver_stream() -> None:
-            assert stream is not None
-            moved = False
-            while order and order[0] in ready:
-                index = order.popleft()
-                stream.write(ready.pop(index))
-                pool.give(owners.pop(index))
-                moved = True
-            if moved:
-                kick()  # the window moved on
-
-        async def store(index: int, data: bytes | memoryview, buf: bytearray) -> None:
-            pos, skip, length = self._slice(index)
-            piece = data[skip : skip + length]
-            if not self.first_byte:
-                self.first_byte = time.perf_counter() - started
-                first_out.set()
-            if fd is not None:
-                # Shielded: a cancel cannot stop the thread, so the write is awaited (by
-                # the finally below) before the fd can be closed and its number reused.
-                write = loop.run_in_executor(None, os.pwrite, fd, piece, pos - self.first)
-                writes.add(write)
-                write.add_done_callback(writes.discard)
-                await asyncio.shield(write)
-                pool.give(buf)
-            else:
-                ready[index] = piece  # a view of the receive buffer, written out in order
-                owners[index] = buf
-                deliver_stream()
-            self.written += len(piece)
-            plan.verified(index)
-            if self.progress:
-                self.progress(len(piece))
-            if plan.remaining == 0:
-                supervise.set()
-
-        def limit() -> int | None:
-            return order[0] + STREAM_WINDOW if stream is not None and order else None
-
-        slots = asyncio.Semaphore(2 * pipeline)
-        # set once the first segment is out (or the lead holder gave up)
-        first_out = asyncio.Event()
-
-        async def process(
-            address: tuple[str, int], index: int, data: memoryview | bytes, buf: bytearray
-        ) -> None:
-            try:
-                # The first segment out is verified here, without a thread: a thread's
-                # result waits for the loop, which is busy receiving the rest of the
-                # pipeline (~4 ms of time to first byte for ~0.3 ms of hashing).
-                if len(data) <= INLINE_HASH or not self.first_byte:
-                    segments.verify_segment(self.hashes[index], data)
-                else:
-                    await asyncio.to_thread(segments.verify_segment, self.hashes[index], data)
-            except IntegrityError as exc:
-                pool.give(buf)
-                self.suspects.append((address, self.hashes[index]))
-                problems.append(f"{address[0]}:{address[1]}: {exc}")
-                plan.corrupt(address, index)
-                kick()
-                supervise.set()
-                return
-            finally:
-                slots.release()
-            self.served.add(address)
-            await store(index, data, buf)
-
-        processing: set[asyncio.Task[None]] = set()
-
-        def processed(task: asyncio.Task[None]) -> None:
-            processing.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                crashed.append(task.exception())  # type: ignore[arg-type]
-                supervise.set()
-
-        async def receive(conn: Connection, view: memoryview, address: tuple[str, int]) -> None:
-            """Fill ``view`` from ``conn``, telling the plan as bytes come (no deadline here:
-            the supervisor decides when the holder is late or given up)."""
-            got, total = 0, len(view)
-            while got < total:
-                n = await loop.sock_recv_into(conn.sock, view[got:])
-                if n == 0:
-                    raise PeerError(f"connection closed by {address[0]}:{address[1]}")
-                got += n
-                plan.received(address, n, loop.time())
-
-        def fail(address: tuple[str, int], reason: str, lead: bool) -> None:
-            problems.append(reason)
-            plan.lost(address)
-            kick()
-            supervise.set()
-            if lead:
-                first_out.set()
-
-        async def worker(address: tuple[str, int], lead: bool) -> None:
-            if address not in self._opened and not self._usable(address):
-                fail(address, f"{address[0]}:{address[1]}: no entry with a valid signature", lead)
-                return
-            try:
-                conn = self._opened.pop(address, None) or await Connection.open(
-                    address, io_timeout=self.client.io_timeout, network=self.client.network
-                )
-            except DifsError as exc:
-                fail(address, str(exc), lead)
-                return
-            header_buf = bytearray(wire.HEADER_SIZE)
-            serves = functools.partial(self._serves, address)
-            try:
-                if not lead and not first_out.is_set():
-                    # The first segment comes alone from the lead holder (connected
-                    # already): started together, every holder's pipeline would compete.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(plan.config.lead_head_start):
-                            await first_out.wait()
-                while True:
-                    requests = []
-                    now = loop.time()
-                    while (picked := plan.next_for(address, now, serves, limit())) is not None:
-                        requests.append(
-                            wire.GetSeg(
-                                request_id=picked, seg_id=self.hashes[picked], offset=0, length=0
-                            )
-                        )
-                    if requests:
-                        await conn.send_many(requests)  # one syscall for the batch
-                    if not plan.owes(address):
-                        if plan.remaining == 0 or plan.is_dead(address):
-                            return
-                        # nothing for this holder now: wait for a change (a requeue, a late
-                        # holder's segments to hedge, the stream window moving on)
-                        event = wake[0]
-                        idle.add(address)
-                        try:
-                            await event.wait()
-                        finally:
-                            idle.discard(address)
-                        continue
-                    plan.waiting(address, loop.time())
-                    await receive(conn, memoryview(header_buf), address)
-                    header = wire.parse_header(header_buf)
-                    # checked before a buffer is taken: a holder that announces 16 MiB and
-                    # stalls must not make each worker hold that much
-                    if header.type is wire.MsgType.DATA:
-                        if header.length != (size := plan.next_size(address)):
-                            raise PeerError(
-                                f"{header.length} bytes of data for a segment of {size} bytes"
-                            )
-                    elif header.type is not wire.MsgType.ERROR:
-                        raise PeerError(f"unexpected {header.type.name} frame")
-                    buf = pool.take(header.length)
-                    view = memoryview(buf)[: header.length]
-                    await receive(conn, view, address)
-                    frame = wire.decode_payload(header, view)
-                    if isinstance(frame, wire.Data):
-                        index, keep = plan.arrived(address, loop.time(), header.length)
-                        if not keep:
-                            pool.give(buf)  # another holder's copy came first
-                            continue
-                        # verify and write while this connection receives the next segment
-                        await slots.acquire()
-                        task = asyncio.create_task(process(address, index, frame.data, buf))
-                        processing.add(task)
-                        task.add_done_callback(processed)
-                        # Let it start: while bytes keep arriving, sock_recv_into returns
-                        # without suspending, and this loop would read the whole pipeline
-                        # (8 MiB, ~15 ms) before the first segment is verified and written.
-                        await asyncio.sleep(0)
-                    else:
-                        pool.give(buf)
-                        plan.refused(address, loop.time())
-                        message = frame.message if isinstance(frame, wire.Error) else "bad frame"
-                        problems.append(f"{address[0]}:{address[1]}: {message}")
-                        kick()
-                        supervise.set()
-            except (DifsError, OSError) as exc:
-                fail(address, f"{address[0]}:{address[1]}: {exc}", lead)
-            finally:
-                conn.close()
-                if lead:
-                    first_out.set()
-
-        workers: dict[tuple[str, int], asyncio.Task[None]] = {}
-
-        def start(address: tuple[str, int], lead: bool = False) -> None:
-            workers[address] = asyncio.create_task(worker(address, lead))
-            workers[address].add_done_callback(lambda _: supervise.set())
-
-        def pick_active() -> list[tuple[str, int]]:
-            """Holders to run workers on: the one already connected first; with fewer
-            segments queued than holders, only as many as there are segments (a 4 KiB
-            object needs one connection, not one per holder)."""
-            ordered = sorted(sources, key=lambda a: a not in self._opened)
-            if len(plan.queue) >= len(ordered):
-                return ordered[: MAX_SOURCES * 4]
-            able = [a for a in ordered if any(a in self._may_cover(i) for i in plan.queue)]
-            return able[: len(plan.queue)]
-
-        def start_more() -> None:
-            """Workers on further holders when the running ones cannot take what is queued
-            or owed by late holders (a hedge needs a holder that is not late)."""
-            running = [a for a, t in workers.items() if not t.done()]
-            need = plan.unserved(running, idle, self._may_serve)
-            if not need:
-                return
-            busy = sum(1 for a in running if not plan.is_late(a) and a not in idle)
-            for address in sources:
-                if busy >= MAX_SOURCES * 4:
-                    return
-                if address in workers or plan.is_dead(address):
-                    continue
-                if plan.could_take(address, need, functools.partial(self._may_serve, address)):
-                    start(address)
-                    busy += 1
-
-        failures = -1
-        try:
-            for i, address in enumerate(pick_active()):
-                start(address, i == 0)
-            while plan.remaining > 0:
-                if crashed:
-                    raise crashed[0]
-                running = [a for a, t in workers.items() if not t.done()]
-                if plan.failures != failures or all(a in idle for a in running):
-                    failures = plan.failures
-                    index = plan.stuck(self._possible(plan))
-                    if index is not None:
-                        raise IntegrityError(
-                            f"segment {index} of {self.manifest.name} could not be fetched "
-                            f"from any holder: {'; '.join(problems[-3:])}"
-                        )
-                tick = plan.tick(loop.time())
-                for address in tick.give_up:
-                    problems.append(f"{address[0]}:{address[1]}: stalled")
-                    plan.lost(address)
-                    task = workers.get(address)
-                    if task is not None:
-                        task.cancel()
-                if tick.late or tick.give_up:
-                    kick()
-                start_more()
-                if not any(not t.done() for t in workers.values()) and not processing:
-                    raise PeerError(
-                        f"fetch of {self.manifest.name} stalled: {'; '.join(problems[-3:])}"
-                    )
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(SUPERVISE_TICK):
-                        await supervise.wait()
-                supervise.clear()
-            await asyncio.gather(*list(processing))
-        finally:
-            try:
-                for task in [*workers.values(), *processing]:
-                    task.cancel()
-                await asyncio.gather(*workers.values(), *processing, return_exceptions=True)
-            finally:
-                await _finish(writes)
-        if stream is not None:
-            deliver_stream()
-            stream.flush()
-        await self._report_suspects()
-
-    async def _report_suspects(self) -> None:
-        """Tell holders that served corrupt copies, so they check and heal them."""
-        for address, seg_id in self.suspects[:16]:
-            with contextlib.suppress(DifsError, OSError, TimeoutError):
-                async with asyncio.timeout(5):
-                    conn = await Connection.open(address, io_timeout=5, network=self.client.network)
-                    try:
-                        await conn.call("suspect", segment=seg_id.hex())
-                    finally:
-                        conn.close()

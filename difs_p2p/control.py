@@ -12,9 +12,10 @@ peer sends a fresh 32-byte nonce; the other side may then prove a role:
 
 :data:`CONTROL_TABLE` is the one table of every request a connection can make: the frames
 (HELLO, GET_SEG, PUT_SEG) and each control operation (CALL), with the role it needs and the
-check that turns its arguments into a typed request. docs/PROTOCOL.md shows the same table
-(a test compares them). A request is refused with FORBIDDEN before any work when the
-connection's role is not enough, and with BAD_REQUEST when its arguments do not check.
+check that turns its arguments into a typed request (the request decoders of
+:mod:`difs_p2p.ops`). docs/PROTOCOL.md shows the same table (a test compares them). A
+request is refused with FORBIDDEN before any work when the connection's role is not enough,
+and with BAD_REQUEST when its arguments do not check.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from difs_p2p import wire
+from difs_p2p import ops, wire
 from difs_p2p.errors import IntegrityError, StorageError, UsageError
 from difs_p2p.identity import Identity, node_id_for, verify_signature
+
+# Re-exported for the serving peer's handlers (defined in ops.py).
+from difs_p2p.ops import OPS, ProveRequest, hex_arg, int_arg
 
 __all__ = [
     "CONTROL_TABLE",
@@ -41,6 +45,7 @@ __all__ = [
     "OpRule",
     "OperatorCredential",
     "PeerCredential",
+    "ProveRequest",
     "Role",
     "check_proof",
     "hex_arg",
@@ -55,9 +60,6 @@ __all__ = [
 NONCE_SIZE: Final = 32
 TOKEN_SIZE: Final = 32
 PEER_AUTH_LABEL: Final = b"difs-peer-auth-v1\x00"
-# Replicas one `place` may ask for: far above any sensible r (3 by default), far below
-# "every known peer".
-MAX_REPLICAS: Final = 64
 
 
 class Role(enum.IntEnum):
@@ -84,222 +86,6 @@ class Access(enum.Enum):
     OPERATOR = "operator"
 
 
-# -- typed requests ----------------------------------------------------------------------
-
-
-def hex_arg(args: dict[str, Any], name: str, size: int) -> bytes:
-    """Argument ``name``: exactly ``size`` bytes, sent as hex (UsageError otherwise)."""
-    value = args.get(name)
-    try:
-        raw = bytes.fromhex(value) if isinstance(value, str) else b""
-    except ValueError:
-        raw = b""
-    if len(raw) != size:
-        raise UsageError(f"{name} must be {size} bytes of hex")
-    return raw
-
-
-def int_arg(args: dict[str, Any], name: str) -> int:
-    """Argument ``name``: a non-negative integer below 2**62 (UsageError otherwise)."""
-    value = args.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
-        raise UsageError(f"{name} must be a non-negative integer")
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class NoArgs:
-    """A request without arguments (``status``), or a frame checked by the wire codec."""
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRequest:
-    """A request about one name key (``resolve``, ``release``)."""
-
-    key: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class RangeRequest:
-    """``holds``: one range of one version."""
-
-    key: bytes
-    version: int
-    start: int
-    end: int
-
-
-@dataclass(frozen=True, slots=True)
-class ProveRequest:
-    """``prove``: sign a challenge over one range of one version (see holdproof.py)."""
-
-    key: bytes
-    version: int
-    start: int
-    end: int
-    nonce: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class RangesRequest:
-    """``holds_ranges``: up to MAX_PROBE_RANGES ranges."""
-
-    ranges: tuple[RangeRequest, ...]
-
-
-# Ranges asked in one holds_ranges request (see peer.MAX_PROBE_RANGES).
-MAX_PROBE_RANGES: Final = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class HoldReason:
-    """Why a peer asks another to hold a range: it places a new upload or repairs a range."""
-
-    kind: str
-    key: bytes
-    version: int
-    start: int
-    end: int
-
-
-@dataclass(frozen=True, slots=True)
-class HoldRequest:
-    key: bytes
-    version: int
-    integrity: bytes
-    segment_count: int
-    start: int
-    end: int
-    reason: HoldReason | None
-
-
-@dataclass(frozen=True, slots=True)
-class PlaceRequest:
-    key: bytes
-    version: int
-    integrity: bytes
-    segment_count: int
-    stripes: int
-    replicas: int
-
-
-@dataclass(frozen=True, slots=True)
-class PublishRequest:
-    manifest: str
-    entries: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class CheckRequest:
-    repair: bool
-
-
-@dataclass(frozen=True, slots=True)
-class SuspectRequest:
-    segment: bytes
-
-
-def _no_args(args: dict[str, Any]) -> NoArgs:
-    return NoArgs()
-
-
-def _key_request(args: dict[str, Any]) -> KeyRequest:
-    return KeyRequest(hex_arg(args, "key", 20))
-
-
-def _range_request(args: dict[str, Any]) -> RangeRequest:
-    return RangeRequest(
-        hex_arg(args, "key", 20),
-        int_arg(args, "version"),
-        int_arg(args, "start"),
-        int_arg(args, "end"),
-    )
-
-
-def _prove_request(args: dict[str, Any]) -> ProveRequest:
-    r = _range_request(args)
-    if r.end < r.start:
-        raise UsageError("end must not be before start")
-    return ProveRequest(r.key, r.version, r.start, r.end, hex_arg(args, "nonce", NONCE_SIZE))
-
-
-def _ranges_request(args: dict[str, Any]) -> RangesRequest:
-    items = args.get("ranges")
-    if not isinstance(items, list) or len(items) > MAX_PROBE_RANGES:
-        raise UsageError(f"ranges must be a list of at most {MAX_PROBE_RANGES} ranges")
-    ranges = []
-    for item in items:
-        if not isinstance(item, list) or len(item) != 4:
-            raise UsageError("each range must be [key, version, start, end]")
-        fields = dict(zip(("key", "version", "start", "end"), item, strict=True))
-        ranges.append(_range_request(fields))
-    return RangesRequest(tuple(ranges))
-
-
-def _hold_reason(value: object) -> HoldReason | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict) or value.get("kind") not in ("place", "repair"):
-        raise UsageError('reason must be {"kind": "place" or "repair", key, version, start, end}')
-    r = _range_request(value)
-    return HoldReason(str(value["kind"]), r.key, r.version, r.start, r.end)
-
-
-def _hold_request(args: dict[str, Any]) -> HoldRequest:
-    request = HoldRequest(
-        hex_arg(args, "key", 20),
-        int_arg(args, "version"),
-        hex_arg(args, "integrity", 32),
-        int_arg(args, "segment_count"),
-        int_arg(args, "start"),
-        int_arg(args, "end"),
-        _hold_reason(args.get("reason")),
-    )
-    reason = request.reason
-    if reason is not None and (reason.key, reason.version, reason.start, reason.end) != (
-        request.key,
-        request.version,
-        request.start,
-        request.end,
-    ):
-        raise UsageError("the reason is for another range than the one to hold")
-    return request
-
-
-def _place_request(args: dict[str, Any]) -> PlaceRequest:
-    request = PlaceRequest(
-        hex_arg(args, "key", 20),
-        int_arg(args, "version"),
-        hex_arg(args, "integrity", 32),
-        int_arg(args, "segment_count"),
-        int_arg(args, "stripes"),
-        int_arg(args, "replicas"),
-    )
-    if request.replicas > MAX_REPLICAS:
-        raise UsageError(f"replicas must be at most {MAX_REPLICAS}")
-    return request
-
-
-def _publish_request(args: dict[str, Any]) -> PublishRequest:
-    manifest, entries = args.get("manifest"), args.get("entries", [])
-    if not isinstance(manifest, str):
-        raise UsageError("manifest must be the manifest's JSON text")
-    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
-        raise UsageError("entries must be a list of hex strings")
-    return PublishRequest(manifest, tuple(entries))
-
-
-def _check_request(args: dict[str, Any]) -> CheckRequest:
-    repair = args.get("repair", False)
-    if not isinstance(repair, bool):
-        raise UsageError("repair must be true or false")
-    return CheckRequest(repair)
-
-
-def _suspect_request(args: dict[str, Any]) -> SuspectRequest:
-    return SuspectRequest(hex_arg(args, "segment", 32))
-
-
 @dataclass(frozen=True, slots=True)
 class OpRule:
     """One row of the table: who may make the request, and how its arguments are checked
@@ -311,23 +97,28 @@ class OpRule:
 
 
 # Frames are named in capitals, control operations (CALL "op") in lower case.
+# A control operation's check is its request decoder in ops.OPS (the asking side encodes
+# with the same row).
 CONTROL_TABLE: Final[dict[str, OpRule]] = {
-    "HELLO": OpRule(Access.ANYONE, _no_args, "open a connection, prove a role"),
-    "GET_SEG": OpRule(Access.ANYONE, _no_args, "read a segment"),
-    "PUT_SEG": OpRule(Access.PEER, _no_args, "upload a segment"),
-    "resolve": OpRule(Access.ANYONE, _key_request, "read a name's records"),
-    "holds": OpRule(Access.ANYONE, _range_request, "probe one range"),
-    "holds_ranges": OpRule(Access.ANYONE, _ranges_request, "probe many ranges"),
-    "prove": OpRule(Access.ANYONE, _prove_request, "prove holding a range (signed nonce)"),
-    "release": OpRule(Access.ANYONE, _key_request, "free a deleted name (owner-signed proof)"),
-    "suspect": OpRule(Access.ANYONE_RATED, _suspect_request, "re-verify a segment"),
-    "hold": OpRule(Access.PEER_WITH_REASON, _hold_request, "sign a holder entry"),
-    "place": OpRule(Access.OPERATOR, _place_request, "place an upload's replicas"),
-    "publish": OpRule(Access.OPERATOR, _publish_request, "store a manifest and entries"),
-    "check": OpRule(Access.OPERATOR, _check_request, "verify every stored segment"),
-    "status": OpRule(Access.OPERATOR, _no_args, "the peer's view of itself"),
-    "abandon": OpRule(Access.PEER, _no_args, "drop what this connection uploaded"),
+    "HELLO": OpRule(Access.ANYONE, ops.no_args, "open a connection, prove a role"),
+    "GET_SEG": OpRule(Access.ANYONE, ops.no_args, "read a segment"),
+    "PUT_SEG": OpRule(Access.PEER, ops.no_args, "upload a segment"),
+    "resolve": OpRule(Access.ANYONE, OPS["resolve"].check, "read a name's records"),
+    "holds": OpRule(Access.ANYONE, OPS["holds"].check, "probe one range"),
+    "holds_ranges": OpRule(Access.ANYONE, OPS["holds_ranges"].check, "probe many ranges"),
+    "prove": OpRule(Access.ANYONE, OPS["prove"].check, "prove holding a range (signed nonce)"),
+    "release": OpRule(
+        Access.ANYONE, OPS["release"].check, "free a deleted name (owner-signed proof)"
+    ),
+    "suspect": OpRule(Access.ANYONE_RATED, OPS["suspect"].check, "re-verify a segment"),
+    "hold": OpRule(Access.PEER_WITH_REASON, OPS["hold"].check, "sign a holder entry"),
+    "place": OpRule(Access.OPERATOR, OPS["place"].check, "place an upload's replicas"),
+    "publish": OpRule(Access.OPERATOR, OPS["publish"].check, "store a manifest and entries"),
+    "check": OpRule(Access.OPERATOR, OPS["check"].check, "verify every stored segment"),
+    "status": OpRule(Access.OPERATOR, OPS["status"].check, "the peer's view of itself"),
+    "abandon": OpRule(Access.PEER, OPS["abandon"].check, "drop what this connection uploaded"),
 }
+assert {op for op in CONTROL_TABLE if op.islower()} == set(OPS)
 
 
 def may_ask(role: Role, rule: OpRule) -> bool:

@@ -5,9 +5,14 @@
     DifsError                         base of everything we raise on purpose
     +-- UsageError                    the caller's mistake (bad name, bad option, bad size)
     |   +-- BadNameError              a content name breaks a rule (the message names it)
+    |   +-- UnsupportedError          a request names an operation this side does not know
     +-- PeerError                     a remote peer misbehaved or failed
     |   +-- WireError                 bytes from the wire do not decode (field + offset)
-    |   +-- RemoteError               a peer answered with an error code
+    |   +-- RemoteError               a peer answered with an error code (and which peer)
+    |       +-- RemoteRejectedError       the peer rejected our request (BAD_REQUEST)
+    |       |   +-- RemoteUnsupportedError   ... it does not know the operation (UNSUPPORTED)
+    |       +-- Remote*Error              codes with a meaning the user needs: also a
+    |                                     NotFoundError, BusyError... (see below)
     +-- NotFoundError                 no such name / version / segment
     |   +-- DeletedError              the name exists but its newest version is a tombstone
     +-- IntegrityError                a hash or signature does not match
@@ -18,6 +23,13 @@
     +-- NetworkError                  cannot reach the network (bind failed, no peers)
     |   +-- DifsTimeoutError          an operation ran out of time (also a TimeoutError)
     +-- StorageError                  the local data directory cannot be used
+
+An ERROR frame from a peer becomes a :class:`RemoteError` naming the peer and the code
+(``transfer.remote_error``), never a local class alone: a peer's refusal of our request is
+not our misuse of the API. Codes that carry a meaning the user needs map to a subclass that
+is also the local class of that meaning (``RemoteNotFoundError`` is a ``NotFoundError``,
+``RemoteBusyError`` a ``BusyError``...), so callers and the CLI's exit codes treat them
+alike, while ``isinstance(exc, RemoteError)`` tells where they came from.
 
 Lower-layer exceptions (OSError, struct.error, cryptography's InvalidSignature...) are
 translated at the module boundary that sees them; the CLI maps each class to one line
@@ -59,13 +71,8 @@ class WireError(PeerError):
         self.offset = offset
 
 
-class RemoteError(PeerError):
-    """A peer answered a request with an error code."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"remote error {code}: {message}")
-        self.code = code
-        self.remote_message = message
+class UnsupportedError(UsageError):
+    """A request names an operation this side does not know (sent as UNSUPPORTED)."""
 
 
 class NotFoundError(DifsError):
@@ -106,3 +113,71 @@ class DifsTimeoutError(NetworkError, TimeoutError):
 
 class StorageError(DifsError):
     """The local data directory cannot be used."""
+
+
+# -- errors a peer answered with ----------------------------------------------------------
+
+
+class RemoteError(PeerError):
+    """A peer answered a request with an error code.
+
+    ``code`` is the wire code (an int), ``remote_message`` the peer's own words and
+    ``peer`` who answered ("host:port", or "" when unknown). The message reads
+    "<summary> peer <host:port> (<CODE>): <the peer's message>".
+    """
+
+    summary = "error from"
+
+    def __init__(self, code: int, message: str, *, peer: str = "", code_name: str = "") -> None:
+        who = f"peer {peer}" if peer else "the peer"
+        super().__init__(f"{self.summary} {who} ({code_name or code}): {message}")
+        self.code = code
+        self.remote_message = message
+        self.peer = peer
+
+
+class RemoteRejectedError(RemoteError):
+    """The peer rejected our request as malformed (BAD_REQUEST): the peer's verdict, not a
+    misuse of this API, which raises UsageError before anything is sent."""
+
+    summary = "request rejected by"
+
+
+class RemoteUnsupportedError(RemoteRejectedError):
+    """The peer does not know the operation (UNSUPPORTED; an older peer)."""
+
+    summary = "operation not supported by"
+
+
+class RemoteNotFoundError(RemoteError, NotFoundError):
+    """The peer has no such name, version or segment (NOT_FOUND)."""
+
+
+class RemoteDeletedError(RemoteError, DeletedError):
+    """The peer says the name was deleted (DELETED)."""
+
+
+class RemoteIntegrityError(RemoteError, IntegrityError):
+    """The peer found a hash or signature that does not match (INTEGRITY)."""
+
+
+class RemotePermissionDeniedError(RemoteError, PermissionDeniedError):
+    """The peer refused the request to this connection (FORBIDDEN)."""
+
+    summary = "permission denied by"
+
+
+class RemoteAlreadyExistsError(RemoteError, AlreadyExistsError):
+    """The peer holds the name already (EXISTS)."""
+
+
+class RemoteCapacityError(RemoteError, CapacityError):
+    """The peer has no space (NO_SPACE)."""
+
+
+class RemoteBusyError(RemoteError, BusyError):
+    """The peer refused work for now (BUSY): try again later."""
+
+
+class RemoteTimeoutError(RemoteError, DifsTimeoutError):
+    """The peer ran out of time doing what was asked (TIMEOUT)."""

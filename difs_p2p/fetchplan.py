@@ -2,9 +2,12 @@
 a holder is late, which segments to ask of another holder meanwhile, and when to give up.
 
 :class:`FetchPlan` is a state machine fed events with the time they happened (``now``, in
-seconds on any monotonic clock) and asked for decisions; ``client._Fetch`` owns the sockets
-and does what it says. Nothing here sleeps, reads a clock or touches a socket, so the table
-tests in ``tests/test_fetchplan.py`` replay exact timelines.
+seconds on any monotonic clock) and asked for decisions; ``fetchrun.SegmentRun`` owns the
+sockets and does what it says. Three decisions stand alone: :func:`first_holders` (which
+holders a fetch starts with), :func:`hedge_delay` (when the hash list is asked of one more
+holder) and :meth:`FetchPlan.answer_problem` (whether a frame header may answer a request).
+Nothing here sleeps, reads a clock or touches a socket, so the table tests in
+``tests/test_fetchplan.py`` replay exact timelines.
 
 A segment is *queued*, *flying* (asked of one or more holders), *arrived* (a copy is being
 verified) or *done*. Each holder answers its requests in order (docs/PROTOCOL.md), so its
@@ -39,6 +42,10 @@ from dataclasses import dataclass, field
 from difs_p2p.errors import UsageError
 
 Holder = tuple[str, int]
+
+# The hash list is asked of one more holder after this long without an answer (or 3 x the
+# fastest connect of the fetch, if longer): a LAN answers in about 1 ms.
+HASH_LIST_HEDGE = 0.05
 
 # Segment states.
 QUEUED, FLYING, ARRIVED, DONE = range(4)
@@ -253,6 +260,20 @@ class FetchPlan:
             found.extend(r.index for r in self.holders[h].inflight if self._hedgeable(r.index))
         return list(dict.fromkeys(found))
 
+    def answer_problem(self, h: Holder, frame: str, length: int) -> str | None:
+        """Why the frame header ``h`` just sent (type name, payload length) is not an answer
+        to its oldest request, or None: only DATA of exactly the segment's size, or ERROR,
+        may answer a GET_SEG. Checked before a byte of the payload is read: a holder that
+        announces 16 MiB and stalls must not make the fetch hold that much."""
+        if frame == "DATA":
+            size = self.next_size(h)
+            if length != size:
+                return f"{length} bytes of data for a segment of {size} bytes"
+            return None
+        if frame == "ERROR":
+            return None
+        return f"unexpected {frame} frame"
+
     def stuck(self, possible: Callable[[int, set[Holder]], bool]) -> int | None:
         """A queued segment no holder can serve any more, or None.
 
@@ -414,3 +435,27 @@ class FetchPlan:
         if self.state.get(index) == FLYING and not self.flying.get(index):
             self.state[index] = QUEUED
             self.queue.appendleft(index)
+
+
+def first_holders(
+    sources: list[Holder],
+    connected: set[Holder],
+    queued: list[int],
+    may_cover: Callable[[int], list[Holder]],
+    most: int,
+) -> list[Holder]:
+    """The holders a fetch starts workers on: the ones connected already first (the lead
+    is the first); with fewer segments ``queued`` than holders, only as many holders as
+    there are segments, among those that may cover one (a 4 KiB object needs one
+    connection, not one per holder); never more than ``most``."""
+    ordered = sorted(sources, key=lambda a: a not in connected)
+    if len(queued) >= len(ordered):
+        return ordered[:most]
+    able = [a for a in ordered if any(a in may_cover(i) for i in queued)]
+    return able[: len(queued)]
+
+
+def hedge_delay(connects: list[float]) -> float:
+    """How long a fetch waits for the hash list before it asks one more holder:
+    ``max(HASH_LIST_HEDGE, 3 x the fastest connect seen)``."""
+    return max(HASH_LIST_HEDGE, 3 * min(connects)) if connects else HASH_LIST_HEDGE

@@ -45,6 +45,7 @@ from difs_p2p.holders import HolderEntry, decode_holder_entry
 from difs_p2p.identity import verify_signature
 from difs_p2p.manifest import Manifest, parse_manifest
 from difs_p2p.net import Connector
+from difs_p2p.ops import ProveReply, ProveRequest, decode_reply, encode_reply
 from difs_p2p.records import RecordKind, record_kind, split_entries
 from difs_p2p.recordstore import RecordStore
 from difs_p2p.transfer import Connection
@@ -186,22 +187,20 @@ class ProofBook:
 NOT_HELD = "the holder says it does not hold the range"
 
 
-def check_prove_reply(challenge: Challenge, reply: object) -> str:
-    """What a ``prove`` reply proves: "" if the claim's signer holds the range (its key
-    signed the challenge), else why not."""
-    if not isinstance(reply, dict):
-        return "malformed reply"
-    if reply.get("holds") is False:
+def check_prove_reply(challenge: Challenge, reply: ProveReply | object) -> str:
+    """What a ``prove`` reply (typed, or its JSON body) proves: "" if the claim's signer
+    holds the range (its key signed the challenge), else why not."""
+    if not isinstance(reply, ProveReply):
+        if not isinstance(reply, dict):
+            return "malformed reply"
+        try:
+            reply = decode_reply("prove", reply)
+        except WireError as exc:
+            return f"malformed reply: {exc}"
+    assert isinstance(reply, ProveReply)
+    if not reply.holds:
         return NOT_HELD
-    if reply.get("holds") is not True:
-        return "malformed reply"
-    sig = reply.get("sig")
-    try:
-        raw = bytes.fromhex(sig) if isinstance(sig, str) else b""
-    except ValueError:
-        raw = b""
-    if len(raw) != 64:
-        return "malformed signature"
+    raw = reply.sig or b""
     c = challenge
     message = prove_message(c.nonce, c.claim.key, c.claim.version, c.start, c.end)
     try:
@@ -377,15 +376,10 @@ class HolderProver:
                     network=self._network,
                 )
                 try:
-                    reply = await conn.call(
-                        "prove",
-                        key=claim.key.hex(),
-                        version=claim.version,
-                        start=challenge.start,
-                        end=challenge.end,
-                        nonce=challenge.nonce.hex(),
-                    )
-                    self.stats.bytes_in += len(repr(reply))
+                    c = challenge
+                    request = ProveRequest(claim.key, claim.version, c.start, c.end, c.nonce)
+                    reply = await conn.request(request)
+                    self.stats.bytes_in += len(repr(encode_reply("prove", reply)))
                     why = check_prove_reply(challenge, reply)
                     if why or challenge.segment is None:
                         return why

@@ -19,7 +19,7 @@ from typing import Any
 
 from difs_p2p import control, segments
 from difs_p2p.config import PeerConfig
-from difs_p2p.control import CONTROL_TABLE, MAX_PROBE_RANGES, hex_arg, int_arg
+from difs_p2p.control import CONTROL_TABLE
 from difs_p2p.dht import Dht
 from difs_p2p.errors import (
     DifsError,
@@ -35,6 +35,7 @@ from difs_p2p.identity import Identity
 from difs_p2p.maintenance import gc_due
 from difs_p2p.manifest import Manifest, parse_manifest
 from difs_p2p.net import PeerNetwork
+from difs_p2p.ops import MAX_PROBE_RANGES, hex_arg, int_arg
 from difs_p2p.records import record_hash, split_entries
 from difs_p2p.repair import Maintainer
 from difs_p2p.replicator import Replicator

@@ -20,13 +20,19 @@ from typing import Any, BinaryIO
 
 from difs_p2p import control, segments, wire
 from difs_p2p.config import PeerConfig
-from difs_p2p.control import MAX_PROBE_RANGES
 from difs_p2p.dht import Dht
-from difs_p2p.errors import DifsError, IntegrityError, NotFoundError, UsageError
+from difs_p2p.errors import (
+    DifsError,
+    IntegrityError,
+    NotFoundError,
+    RemoteRejectedError,
+    UsageError,
+)
 from difs_p2p.holders import HolderEntry, build_holder_entry, parse_holder_entry
 from difs_p2p.holdings import Holding, Holdings, Query, holding_owner
 from difs_p2p.identity import Identity
 from difs_p2p.net import PeerNetwork
+from difs_p2p.ops import MAX_PROBE_RANGES
 from difs_p2p.placement import choose_targets, range_key, shortfall
 from difs_p2p.records import split_entries
 from difs_p2p.routing import Contact
@@ -348,7 +354,7 @@ class Replicator:
                                     "holds_ranges",
                                     ranges=[[k.hex(), v, a, b] for k, v, a, b in chunk],
                                 )
-                        except UsageError:
+                        except RemoteRejectedError:
                             batched = False  # an older peer: unknown operation
                         else:
                             holds = reply.get("holds")

@@ -25,6 +25,7 @@ from difs_p2p.errors import (
     DifsError,
     IntegrityError,
     PermissionDeniedError,
+    UnsupportedError,
     UsageError,
 )
 from difs_p2p.identity import Identity
@@ -317,7 +318,7 @@ class Service:
             if isinstance(frame, wire.Call):
                 rule = CONTROL_TABLE.get(frame.op)
                 if rule is None or frame.op not in self.controls:
-                    raise UsageError(f"unknown operation {frame.op!r}")
+                    raise UnsupportedError(f"unknown operation {frame.op!r}")
                 role = Role[conn.role.upper()]
                 forbidden = PermissionDeniedError(
                     f"{frame.op} needs the role {rule.access.value!r}; this connection is a "

@@ -31,6 +31,11 @@ byte of the frame's header; no length field is trusted before it is checked agai
 limit of its type. Encoders refuse (with :class:`~difs_p2p.errors.UsageError`) any frame
 that the decoder would refuse, so a peer never sends one.
 
+:class:`FrameDecoder` turns a byte stream into frames for tests and fuzzing;
+``transfer.Connection`` receives the same frames from a socket with the same functions
+(:func:`parse_header`, :func:`decode_payload`, :func:`truncated`), so what is fuzzed is
+what runs.
+
 Segment bytes are never copied: :func:`encode` returns the header and the payload as
 separate parts (for ``socket.sendmsg`` or ``writelines``), and :func:`decode_payload`
 returns the segment bytes of PUT_SEG and DATA as a view of the buffer it was given, so
@@ -87,6 +92,7 @@ __all__ = [
     "encode_bytes",
     "encode_header",
     "parse_header",
+    "truncated",
 ]
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
@@ -731,6 +737,16 @@ def decode_payload(header: Header, payload: Buffer) -> Frame:
     return decoder(header.request_id, payload)
 
 
+def truncated(in_payload: bool, received: int) -> WireError:
+    """The error for a stream that ended inside a frame, after ``received`` bytes of its
+    header or (``in_payload``) of its payload."""
+    if in_payload:
+        return WireError(
+            "stream ended inside a payload", field="payload", offset=HEADER_SIZE + received
+        )
+    return WireError("stream ended inside a header", field="header", offset=received)
+
+
 class FrameDecoder:
     """Turns a byte stream into frames, whatever the chunking (no I/O of its own).
 
@@ -794,16 +810,9 @@ class FrameDecoder:
         """The stream ended: raise WireError if it stopped inside a frame or was broken."""
         if self._error is not None:
             raise self._error.with_traceback(None)
-        if self._header is not None:
-            error = WireError(
-                "stream ended inside a payload",
-                field="payload",
-                offset=HEADER_SIZE + len(self._buf),
-            )
-        elif self._buf:
-            error = WireError("stream ended inside a header", field="header", offset=len(self._buf))
-        else:
+        if self._header is None and not self._buf:
             return
+        error = truncated(self._header is not None, len(self._buf))
         self._fail(error)
         raise error
 

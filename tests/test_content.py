@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from difs_p2p import client as client_module
+from difs_p2p import fetch as fetch_module
 from difs_p2p import segments
-from difs_p2p.client import Client, in_spans, merged_spans
+from difs_p2p.client import Client
 from difs_p2p.errors import (
     AlreadyExistsError,
     DeletedError,
@@ -21,6 +22,7 @@ from difs_p2p.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from difs_p2p.fetch import in_spans, merged_spans
 from difs_p2p.holders import (
     HolderEntry,
     build_holder_entry,
@@ -468,7 +470,8 @@ async def test_a_fetch_checks_holder_signatures_as_it_uses_entries(
         checked.append(entry.raw)
         verify_holder_entry(entry)
 
-    monkeypatch.setattr(client_module, "verify_holder_entry", counting)
+    for module in (client_module, fetch_module):
+        monkeypatch.setattr(module, "verify_holder_entry", counting)
     async with Client(network[4].address) as client:
         resolved = await client.resolve("/lazy")
         assert len(resolved.entries) >= 20

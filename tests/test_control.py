@@ -4,6 +4,7 @@ proofs, the control token, and the upload byte budget."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import stat
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from difs_p2p import wire
+from difs_p2p import ops, wire
 from difs_p2p.control import (
     CONTROL_TABLE,
     Access,
@@ -23,11 +24,22 @@ from difs_p2p.control import (
     may_ask,
     permitted,
 )
-from difs_p2p.errors import BusyError, IntegrityError, StorageError, UsageError
+from difs_p2p.errors import (
+    BusyError,
+    IntegrityError,
+    NotFoundError,
+    RemoteNotFoundError,
+    RemotePermissionDeniedError,
+    RemoteRejectedError,
+    RemoteUnsupportedError,
+    StorageError,
+    UsageError,
+    WireError,
+)
 from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
 from difs_p2p.segments import segment_hash
-from difs_p2p.transfer import BudgetedPool, ByteBudget, Connection
+from difs_p2p.transfer import BudgetedPool, ByteBudget, Connection, remote_error
 from tests.helpers import peer_config, start_peers, stop_all, wait_for
 
 PROTOCOL = Path(__file__).parent.parent / "docs" / "PROTOCOL.md"
@@ -208,5 +220,142 @@ async def test_an_idle_connection_holds_none_of_the_upload_budget(tmp_path: Path
         finally:
             first.close()
             second.close()
+    finally:
+        await stop_all(peers)
+
+
+# -- typed control operations (ops.py) ------------------------------------------------------
+
+KEY, INTEGRITY, NONCE = b"\x0a" * 20, b"\x0b" * 32, b"\x0c" * 32
+SAMPLES: dict[str, tuple[object, object]] = {
+    "status": (ops.StatusRequest(), ops.StatusReply({"id": "ab", "contacts": 3})),
+    "resolve": (ops.ResolveRequest(KEY), ops.ResolveReply(("{}",), ("{}", "{}"), ("ee",))),
+    "place": (
+        ops.PlaceRequest(KEY, 2, INTEGRITY, 9, 3, 3),
+        ops.PlaceReply(("aa",), (ops.PlacedRange(0, 4, ("01", "02")),), ("w",)),
+    ),
+    "hold": (
+        ops.HoldRequest(KEY, 2, INTEGRITY, 9, 0, 4, ops.HoldReason("repair", KEY, 2, 0, 4)),
+        ops.HoldReply("abcd"),
+    ),
+    "publish": (ops.PublishRequest("{}", ("aa", "bb")), ops.PublishReply(2, "h", 3, 3)),
+    "release": (ops.ReleaseRequest(KEY, "{}"), ops.ReleaseReply(4096)),
+    "holds": (ops.RangeRequest(KEY, 1, 0, 7), ops.HoldsReply(True)),
+    "holds_ranges": (
+        ops.RangesRequest((ops.RangeRequest(KEY, 1, 0, 7), ops.RangeRequest(KEY, 2, 8, 9))),
+        ops.HoldsRangesReply((True, False)),
+    ),
+    "prove": (ops.ProveRequest(KEY, 1, 0, 7, NONCE), ops.ProveReply(True, b"\x01" * 64)),
+    "check": (
+        ops.CheckRequest(True),
+        ops.CheckReply(5, 4, ("aa",), (), 1, (2, 8192), (0, 0), 300.0),
+    ),
+    "suspect": (ops.SuspectRequest(INTEGRITY), ops.SuspectReply(True, 1)),
+    "abandon": (ops.AbandonRequest(), ops.AbandonReply(0)),
+}
+
+
+def test_every_control_operation_has_a_typed_request_and_reply() -> None:
+    """ops.OPS has a row for exactly the control operations of the permission table."""
+    assert set(ops.OPS) == {op for op in CONTROL_TABLE if op.islower()} == set(SAMPLES)
+
+
+@pytest.mark.parametrize("op", sorted(SAMPLES))
+def test_requests_and_replies_round_trip_through_the_one_codec(op: str) -> None:
+    """What the asking side encodes, the serving side's check reads back; replies alike."""
+    request, reply = SAMPLES[op]
+    name, args = ops.encode_request(request)  # type: ignore[arg-type]
+    assert name == op
+    assert CONTROL_TABLE[op].check(json.loads(json.dumps(args))) == request
+    body = json.loads(json.dumps(ops.encode_reply(op, reply)))
+    assert ops.decode_reply(op, body) == reply
+
+
+def test_the_documented_replies_cover_every_operation() -> None:
+    """docs/PROTOCOL.md's control-operation table has a reply for each operation."""
+    text = PROTOCOL.read_text()
+    section = text[text.index("### Control operations (CALL)") :]
+    rows = {}
+    for line in section.splitlines()[4:]:  # the heading, a blank line, the head, ---
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[2]
+    assert set(rows) == set(ops.OPS) and all(rows.values())
+
+
+@pytest.mark.parametrize(
+    ("op", "body", "field"),
+    [
+        ("resolve", {"manifests": "x"}, "resolve.manifests"),
+        ("resolve", {"holders": [1]}, "resolve.holders"),
+        ("holds", {}, "holds.holds"),
+        ("holds_ranges", {"holds": [True, 1]}, "holds_ranges.holds"),
+        ("prove", {"holds": True, "sig": "zz"}, "prove.sig"),
+        ("prove", {"holds": "yes"}, "prove.holds"),
+        ("place", {"ranges": [{"start": 0, "end": -1}]}, "place.end"),
+        ("publish", {"accepted": 1, "winner": 7}, "publish.winner"),
+        ("abandon", {"freed": True}, "abandon.freed"),
+        ("check", {"checked": 1, "ok": 1, "uploading": []}, "check.uploading"),
+        ("suspect", {"damaged": False}, "suspect.healed"),
+    ],
+)
+def test_a_malformed_reply_is_the_peers_fault(op: str, body: dict[str, object], field: str) -> None:
+    """A reply that does not decode raises WireError naming the field, never KeyError."""
+    with pytest.raises(WireError) as caught:
+        ops.decode_reply(op, body)
+    assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        ops.ProveRequest(KEY, 1, 7, 0, NONCE),  # end before start
+        ops.ResolveRequest(b"short"),
+        ops.PlaceRequest(KEY, 1, INTEGRITY, 1, 1, 1000),  # over MAX_REPLICAS
+        ops.HoldRequest(KEY, 1, INTEGRITY, 9, 0, 4, ops.HoldReason("place", KEY, 1, 0, 3)),
+        ops.RangesRequest((ops.RangeRequest(KEY, 1, 0, 0),) * 1025),
+    ],
+    ids=["prove-range", "short-key", "replicas", "reason-range", "too-many-ranges"],
+)
+def test_our_own_bad_request_is_a_usage_error_before_sending(request_: ops.Op[object]) -> None:
+    """A request the peer's check would refuse is refused here (UsageError), unsent."""
+    with pytest.raises(UsageError):
+        ops.encode_request(request_)
+
+
+async def test_remote_errors_name_the_peer_and_stay_apart_from_misuse(tmp_path: Path) -> None:
+    """A peer's BAD_REQUEST is a RemoteRejectedError, an unknown op UNSUPPORTED, NOT_FOUND a
+    RemoteNotFoundError; each names the peer; exit codes follow the local meaning."""
+    from difs_p2p.cli_common import EXIT_CODES
+
+    def exit_code(exc: Exception) -> int:
+        return next(code for cls, code in EXIT_CODES if isinstance(exc, cls))
+
+    peers = await start_peers(tmp_path, 1)
+    try:
+        conn = await Connection.open(peers[0].address, io_timeout=10)
+        where = f"{peers[0].address[0]}:{peers[0].address[1]}"
+        try:
+            with pytest.raises(RemoteRejectedError) as rejected:
+                await conn.call("holds", key="zz", version=1, start=0, end=0)
+            assert not isinstance(rejected.value, UsageError)
+            assert where in str(rejected.value) and "BAD_REQUEST" in str(rejected.value)
+            with pytest.raises(RemoteUnsupportedError) as unknown:
+                await conn.call("teleport")
+            assert unknown.value.code == wire.ErrorCode.UNSUPPORTED
+            with pytest.raises(RemotePermissionDeniedError):
+                await conn.request(ops.StatusRequest())  # a stranger
+            reply = await conn.request(ops.RangeRequest(KEY, 1, 0, 0))
+            assert reply == ops.HoldsReply(False)
+            await conn.send(wire.GetSeg(request_id=0, seg_id=INTEGRITY, offset=0, length=0))
+            frame = await conn.read_frame()
+            assert isinstance(frame, wire.Error)
+            missing = remote_error(frame, conn.peer_address)
+            assert isinstance(missing, RemoteNotFoundError) and isinstance(missing, NotFoundError)
+            assert exit_code(missing) == 3 and exit_code(rejected.value) == 12
+            assert exit_code(unknown.value) == 12
+        finally:
+            conn.close()
     finally:
         await stop_all(peers)

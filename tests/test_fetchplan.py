@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
 
 from difs_p2p.errors import UsageError
-from difs_p2p.fetchplan import Estimate, FetchPlan, PlanConfig
+from difs_p2p.fetchplan import Estimate, FetchPlan, PlanConfig, first_holders, hedge_delay
 
 A, B, C = ("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.3", 3)
 MiB = 1 << 20
@@ -22,6 +23,11 @@ def everything(index: int) -> bool:
 
 def make(n: int = 6, config: PlanConfig = CONFIG) -> FetchPlan:
     return FetchPlan(range(n), lambda i: MiB, config)
+
+
+def any_left(holders: set[tuple[str, int]], index: int, excluded: set[tuple[str, int]]) -> bool:
+    """Whether a holder of ``holders`` outside ``excluded`` remains (for ``stuck``)."""
+    return bool(holders - excluded)
 
 
 def run(plan: FetchPlan, steps: list[tuple[Any, ...]]) -> None:
@@ -68,6 +74,10 @@ def run(plan: FetchPlan, steps: list[tuple[Any, ...]]) -> None:
             got = list(plan.queue)
         elif op == "late":
             got = plan.is_late(args[0])
+        elif op == "header":  # a frame header arrived: (type name, payload length)
+            got = plan.answer_problem(args[0], args[1], args[2])
+        elif op == "stuck":  # the holders of every segment: those of args[0] not excluded
+            got = plan.stuck(functools.partial(any_left, set(args[0])))
         else:  # pragma: no cover - a typo in a table
             raise AssertionError(op)
         assert got == expected, f"step {number} {op}{tuple(args)}: {got!r} != {expected!r}"
@@ -180,6 +190,40 @@ CASES: dict[str, list[tuple[Any, ...]]] = {
         ("next", A, 0.001, 2),
         ("next", B, 0.001, 0),
     ],
+    "a holder that stalls after delivering is late by its record, then given up": [
+        ("fill", A, 0.0, [0, 1]),
+        ("wait", A, 0.0, None),
+        ("arrive", A, 0.01, 0.02, (0, True)),
+        ("verified", 0, None),
+        ("wait", A, 0.02, None),
+        ("tick", 0.1, ([], [])),  # its deadline: max(0.1, 0.01 + 4 * 0.005 + 2 * 0.01)
+        ("tick", 0.2, ([A], [])),
+        ("tick", 10.1, ([], [A])),  # nothing for the quiet floor (10 s)
+        ("lost", A, [1]),
+        ("queue", [1, 2, 3, 4, 5]),
+        ("next", A, 10.2, None),
+        ("next", B, 10.2, 1),
+    ],
+    "a holder that lies about a segment's size is refused before its payload": [
+        ("fill", A, 0.0, [0, 1]),
+        ("header", A, "DATA", MiB, None),
+        ("header", A, "DATA", 16 * MiB, f"{16 * MiB} bytes of data for a segment of {MiB} bytes"),
+        ("header", A, "ERROR", 40, None),
+        ("header", A, "ACK", 33, "unexpected ACK frame"),
+        ("header", B, "DATA", 5, "5 bytes of data for a segment of None bytes"),  # owes none
+    ],
+    "a holder that lies (corrupt copy) and then every holder gone: the segment is stuck": [
+        ("fill", A, 0.0, [0, 1]),
+        ("fill", B, 0.0, [2, 3]),
+        ("arrive", A, 0.001, 0.002, (0, True)),
+        ("corrupt", A, 0, None),
+        ("stuck", [A, B], None),  # B may still have segment 0
+        ("lost", B, [2, 3]),
+        ("stuck", [A, B], 0),  # A failed it, B is gone
+        ("queue", [2, 3, 0, 4, 5]),
+        ("lost", A, [1]),
+        ("stuck", [A, B], 1),
+    ],
     "every segment verified: nothing remains": [
         ("fill", A, 0.0, [0, 1]),
         ("arrive", A, 0.001, 0.002, (0, True)),
@@ -266,3 +310,36 @@ def test_plan_config_is_validated() -> None:
         PlanConfig(late_floor=2.0, initial_deadline=1.0)
     with pytest.raises(UsageError):
         PlanConfig(quiet_floor=0)
+
+
+@pytest.mark.parametrize(
+    ("sources", "connected", "queued", "covers", "most", "expected"),
+    [
+        ([A, B, C], {B}, [0, 1, 2, 3], {}, 32, [B, A, C]),  # the connected holder leads
+        ([A, B, C], set(), [0], {0: [C]}, 32, [C]),  # one segment: one holder that has it
+        ([A, B, C], {A}, [0, 1], {0: [A, B], 1: [B]}, 32, [A, B]),
+        ([A, B, C], set(), [0, 1], {}, 32, []),  # nobody may cover them
+        ([A, B, C], set(), [0, 1, 2, 3, 4], {}, 2, [A, B]),  # at most ``most``
+    ],
+)
+def test_first_holders_start_few_workers_for_small_objects(
+    sources: list[tuple[str, int]],
+    connected: set[tuple[str, int]],
+    queued: list[int],
+    covers: dict[int, list[tuple[str, int]]],
+    most: int,
+    expected: list[tuple[str, int]],
+) -> None:
+    """The connected holder leads; no more holders than segments, nor than allowed."""
+    assert first_holders(sources, connected, queued, lambda i: covers.get(i, []), most) == expected
+
+
+@pytest.mark.parametrize(
+    ("connects", "delay"),
+    [([], 0.05), ([0.001], 0.05), ([0.1, 0.02], 0.06), ([0.5], 1.5)],
+)
+def test_the_hash_list_is_hedged_after_three_fastest_connects(
+    connects: list[float], delay: float
+) -> None:
+    """One more holder is asked after max(50 ms, 3 x the fastest connect seen)."""
+    assert hedge_delay(connects) == pytest.approx(delay)

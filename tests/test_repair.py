@@ -13,7 +13,7 @@ import pytest
 from difs_p2p import segments
 from difs_p2p.client import Client, PublishResult
 from difs_p2p.config import RepairConfig
-from difs_p2p.errors import UsageError
+from difs_p2p.errors import RemoteRejectedError
 from difs_p2p.holders import HolderEntry, build_holder_entry
 from difs_p2p.holdings import Holding, Query
 from difs_p2p.identity import Identity
@@ -572,7 +572,7 @@ async def test_holds_ranges_answers_each_range_in_order(
             "x",
             [[key, 1, 0, 0]] * 1025,
         ):
-            with pytest.raises(UsageError):
+            with pytest.raises(RemoteRejectedError):
                 await conn.call("holds_ranges", ranges=bad)
     finally:
         conn.close()

@@ -1,0 +1,854 @@
+"""Control operations (CALL frames): one typed request and one typed reply per operation,
+and the one codec both sides use. No I/O.
+
+A CALL carries ``{"op": name, ...args}`` and its REPLY a JSON object (docs/PROTOCOL.md,
+"Control operations"). Each row of :data:`OPS` gives, for one operation, its request class,
+its reply class, and four functions:
+
+* ``check`` (args -> request): how the serving side reads the arguments; UsageError if
+  they do not check (the peer answers BAD_REQUEST). ``control.CONTROL_TABLE`` pairs it
+  with the operation's permission rule;
+* ``encode_request`` (request -> args): what the asking side sends; the result is run
+  through ``check`` before anything is sent, so our own bad arguments are a local
+  UsageError and never reach the peer;
+* ``encode_reply`` (reply -> body) and ``decode_reply`` (body -> reply): the answer; a
+  body that does not decode is the peer's fault (:class:`~difs_p2p.errors.WireError`
+  naming the field).
+
+Unknown arguments and reply fields are ignored, for later versions. Requests name their
+reply type (``Op[ReplyType]``), so ``transfer.Connection.request(req)`` is typed.
+
+This module is longer than most (a codec table): every operation's request, reply and
+codecs sit side by side, so that a change to one operation is made in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+from difs_p2p.errors import UsageError, WireError
+
+__all__ = [
+    "MAX_PROBE_RANGES",
+    "MAX_REPLICAS",
+    "OPS",
+    "AbandonReply",
+    "AbandonRequest",
+    "CheckReply",
+    "CheckRequest",
+    "HoldReason",
+    "HoldReply",
+    "HoldRequest",
+    "HoldsRangesReply",
+    "HoldsReply",
+    "NoArgs",
+    "Op",
+    "OpCodec",
+    "PlaceReply",
+    "PlaceRequest",
+    "PlacedRange",
+    "ProveReply",
+    "ProveRequest",
+    "PublishReply",
+    "PublishRequest",
+    "RangeRequest",
+    "RangesRequest",
+    "ReleaseReply",
+    "ReleaseRequest",
+    "ResolveReply",
+    "ResolveRequest",
+    "StatusReply",
+    "StatusRequest",
+    "SuspectReply",
+    "SuspectRequest",
+    "codec_of",
+    "decode_reply",
+    "encode_reply",
+    "encode_request",
+    "hex_arg",
+    "int_arg",
+    "no_args",
+]
+
+R = TypeVar("R")
+
+NONCE_SIZE: Final = 32
+# Replicas one `place` may ask for: far above any sensible r (3 by default), far below
+# "every known peer".
+MAX_REPLICAS: Final = 64
+# Ranges asked in one holds_ranges request: a probe of every range two peers share is
+# split into requests of at most this many (replicator.probe_ranges).
+MAX_PROBE_RANGES: Final = 1024
+
+
+class Op(Generic[R]):
+    """Base of the typed requests; ``R`` is the type of the reply."""
+
+    __slots__ = ()
+
+
+# -- argument checks ----------------------------------------------------------------------
+
+
+def hex_arg(args: dict[str, Any], name: str, size: int) -> bytes:
+    """Argument ``name``: exactly ``size`` bytes, sent as hex (UsageError otherwise)."""
+    value = args.get(name)
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != size:
+        raise UsageError(f"{name} must be {size} bytes of hex")
+    return raw
+
+
+def int_arg(args: dict[str, Any], name: str) -> int:
+    """Argument ``name``: a non-negative integer below 2**62 (UsageError otherwise)."""
+    value = args.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
+        raise UsageError(f"{name} must be a non-negative integer")
+    return value
+
+
+# -- reply field checks (the peer's fault when they fail) ---------------------------------
+
+
+def _bad(op: str, name: str, what: str) -> WireError:
+    return WireError(f"{op} reply: {name} must be {what}", field=f"{op}.{name}")
+
+
+def _int(body: dict[str, Any], op: str, name: str, default: int | None = None) -> int:
+    value = body.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _bad(op, name, "a non-negative integer")
+    return value
+
+
+def _bool(body: dict[str, Any], op: str, name: str) -> bool:
+    value = body.get(name)
+    if not isinstance(value, bool):
+        raise _bad(op, name, "true or false")
+    return value
+
+
+def _strings(body: dict[str, Any], op: str, name: str) -> tuple[str, ...]:
+    value = body.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _bad(op, name, "a list of strings")
+    return tuple(value)
+
+
+def _hex(value: object, op: str, name: str, size: int) -> bytes:
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != size:
+        raise _bad(op, name, f"{size} bytes of hex")
+    return raw
+
+
+# -- frames and operations without arguments ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NoArgs:
+    """A frame checked by the wire codec (HELLO, GET_SEG, PUT_SEG): no arguments."""
+
+
+def no_args(args: dict[str, Any]) -> NoArgs:
+    return NoArgs()
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    """``status``: the peer's view of itself (a report for people: its shape is free)."""
+
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest(Op[StatusReply]):
+    """``status``: no arguments."""
+
+
+@dataclass(frozen=True, slots=True)
+class AbandonReply:
+    """``abandon``: the bytes of this connection's upload the peer dropped."""
+
+    freed: int
+
+
+@dataclass(frozen=True, slots=True)
+class AbandonRequest(Op[AbandonReply]):
+    """``abandon``: no arguments."""
+
+
+# -- names ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveReply:
+    """``resolve``: manifests (JSON text, best first), history manifests, holder entries
+    (hex), all unverified: the asking side checks them."""
+
+    manifests: tuple[str, ...]
+    history: tuple[str, ...]
+    holders: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveRequest(Op[ResolveReply]):
+    """``resolve``: the records of one name key."""
+
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseReply:
+    freed: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRequest(Op[ReleaseReply]):
+    """``release``: free what the owner-signed manifest ``proof`` (JSON text) supersedes."""
+
+    key: bytes
+    proof: str
+
+
+# -- probes and proofs ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HoldsReply:
+    holds: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RangeRequest(Op[HoldsReply]):
+    """``holds``: one range of one version."""
+
+    key: bytes
+    version: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class HoldsRangesReply:
+    """``holds_ranges``: one answer per range, in order."""
+
+    holds: tuple[bool, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RangesRequest(Op[HoldsRangesReply]):
+    """``holds_ranges``: up to MAX_PROBE_RANGES ranges."""
+
+    ranges: tuple[RangeRequest, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProveReply:
+    """``prove``: whether the peer holds the range, and then its node key's signature
+    over the challenge (see holdproof.py)."""
+
+    holds: bool
+    sig: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProveRequest(Op[ProveReply]):
+    """``prove``: sign a challenge over one range of one version (see holdproof.py)."""
+
+    key: bytes
+    version: int
+    start: int
+    end: int
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SuspectReply:
+    damaged: bool
+    healed: int
+
+
+@dataclass(frozen=True, slots=True)
+class SuspectRequest(Op[SuspectReply]):
+    """``suspect``: a fetcher got a bad copy of this segment."""
+
+    segment: bytes
+
+
+# -- uploads ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HoldReason:
+    """Why a peer asks another to hold a range: it places a new upload or repairs a range."""
+
+    kind: str
+    key: bytes
+    version: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class HoldReply:
+    """``hold``: the holder entry the peer signed (hex)."""
+
+    entry: str
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest(Op[HoldReply]):
+    key: bytes
+    version: int
+    integrity: bytes
+    segment_count: int
+    start: int
+    end: int
+    reason: HoldReason | None
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedRange:
+    """One range of a ``place``: the node ids (hex) that hold a copy."""
+
+    start: int
+    end: int
+    holders: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceReply:
+    """``place``: the holder entries signed (hex), the copies per range, warnings."""
+
+    entries: tuple[str, ...]
+    ranges: tuple[PlacedRange, ...]
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceRequest(Op[PlaceReply]):
+    key: bytes
+    version: int
+    integrity: bytes
+    segment_count: int
+    stripes: int
+    replicas: int
+
+
+@dataclass(frozen=True, slots=True)
+class PublishReply:
+    """``publish``: entries accepted, the record hash that won (None: none could be read
+    back), and on how many of ``quorum`` lookup paths it was read back."""
+
+    accepted: int
+    winner: str | None
+    readable_paths: int = 0
+    quorum: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRequest(Op[PublishReply]):
+    manifest: str
+    entries: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReply:
+    """``check``: segments checked and ok, corrupt and missing ids (hex), healed, and the
+    segments no holding keeps ((segments, bytes) uploading and orphaned)."""
+
+    checked: int
+    ok: int
+    corrupt: tuple[str, ...]
+    missing: tuple[str, ...]
+    healed: int
+    uploading: tuple[int, int]
+    orphans: tuple[int, int]
+    orphan_grace: float
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRequest(Op[CheckReply]):
+    repair: bool
+
+
+# -- requests: args -> typed (the serving side) -------------------------------------------
+
+
+def _resolve_request(args: dict[str, Any]) -> ResolveRequest:
+    return ResolveRequest(hex_arg(args, "key", 20))
+
+
+def _release_request(args: dict[str, Any]) -> ReleaseRequest:
+    proof = args.get("proof")
+    if not isinstance(proof, str):
+        raise UsageError("release needs the owner's signed proof: a tombstone or newer manifest")
+    return ReleaseRequest(hex_arg(args, "key", 20), proof)
+
+
+def _range_request(args: dict[str, Any]) -> RangeRequest:
+    return RangeRequest(
+        hex_arg(args, "key", 20),
+        int_arg(args, "version"),
+        int_arg(args, "start"),
+        int_arg(args, "end"),
+    )
+
+
+def _prove_request(args: dict[str, Any]) -> ProveRequest:
+    r = _range_request(args)
+    if r.end < r.start:
+        raise UsageError("end must not be before start")
+    return ProveRequest(r.key, r.version, r.start, r.end, hex_arg(args, "nonce", NONCE_SIZE))
+
+
+def _ranges_request(args: dict[str, Any]) -> RangesRequest:
+    items = args.get("ranges")
+    if not isinstance(items, list) or len(items) > MAX_PROBE_RANGES:
+        raise UsageError(f"ranges must be a list of at most {MAX_PROBE_RANGES} ranges")
+    ranges = []
+    for item in items:
+        if not isinstance(item, list) or len(item) != 4:
+            raise UsageError("each range must be [key, version, start, end]")
+        fields = dict(zip(("key", "version", "start", "end"), item, strict=True))
+        ranges.append(_range_request(fields))
+    return RangesRequest(tuple(ranges))
+
+
+def _hold_reason(value: object) -> HoldReason | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("kind") not in ("place", "repair"):
+        raise UsageError('reason must be {"kind": "place" or "repair", key, version, start, end}')
+    r = _range_request(value)
+    return HoldReason(str(value["kind"]), r.key, r.version, r.start, r.end)
+
+
+def _hold_request(args: dict[str, Any]) -> HoldRequest:
+    request = HoldRequest(
+        hex_arg(args, "key", 20),
+        int_arg(args, "version"),
+        hex_arg(args, "integrity", 32),
+        int_arg(args, "segment_count"),
+        int_arg(args, "start"),
+        int_arg(args, "end"),
+        _hold_reason(args.get("reason")),
+    )
+    reason = request.reason
+    if reason is not None and (reason.key, reason.version, reason.start, reason.end) != (
+        request.key,
+        request.version,
+        request.start,
+        request.end,
+    ):
+        raise UsageError("the reason is for another range than the one to hold")
+    return request
+
+
+def _place_request(args: dict[str, Any]) -> PlaceRequest:
+    request = PlaceRequest(
+        hex_arg(args, "key", 20),
+        int_arg(args, "version"),
+        hex_arg(args, "integrity", 32),
+        int_arg(args, "segment_count"),
+        int_arg(args, "stripes"),
+        int_arg(args, "replicas"),
+    )
+    if request.replicas > MAX_REPLICAS:
+        raise UsageError(f"replicas must be at most {MAX_REPLICAS}")
+    return request
+
+
+def _publish_request(args: dict[str, Any]) -> PublishRequest:
+    manifest, entries = args.get("manifest"), args.get("entries", [])
+    if not isinstance(manifest, str):
+        raise UsageError("manifest must be the manifest's JSON text")
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise UsageError("entries must be a list of hex strings")
+    return PublishRequest(manifest, tuple(entries))
+
+
+def _check_request(args: dict[str, Any]) -> CheckRequest:
+    repair = args.get("repair", False)
+    if not isinstance(repair, bool):
+        raise UsageError("repair must be true or false")
+    return CheckRequest(repair)
+
+
+def _suspect_request(args: dict[str, Any]) -> SuspectRequest:
+    return SuspectRequest(hex_arg(args, "segment", 32))
+
+
+# -- requests: typed -> args (the asking side) --------------------------------------------
+
+
+def _range_args(r: RangeRequest | ProveRequest | HoldReason) -> dict[str, Any]:
+    return {"key": r.key.hex(), "version": r.version, "start": r.start, "end": r.end}
+
+
+def _encode_none(request: object) -> dict[str, Any]:
+    return {}
+
+
+def _encode_key(request: ResolveRequest) -> dict[str, Any]:
+    return {"key": request.key.hex()}
+
+
+def _encode_release(request: ReleaseRequest) -> dict[str, Any]:
+    return {"key": request.key.hex(), "proof": request.proof}
+
+
+def _encode_range(request: RangeRequest) -> dict[str, Any]:
+    return _range_args(request)
+
+
+def _encode_ranges(request: RangesRequest) -> dict[str, Any]:
+    return {"ranges": [[r.key.hex(), r.version, r.start, r.end] for r in request.ranges]}
+
+
+def _encode_prove(request: ProveRequest) -> dict[str, Any]:
+    return {**_range_args(request), "nonce": request.nonce.hex()}
+
+
+def _encode_suspect(request: SuspectRequest) -> dict[str, Any]:
+    return {"segment": request.segment.hex()}
+
+
+def _encode_hold(request: HoldRequest) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "key": request.key.hex(),
+        "version": request.version,
+        "integrity": request.integrity.hex(),
+        "segment_count": request.segment_count,
+        "start": request.start,
+        "end": request.end,
+    }
+    if request.reason is not None:
+        args["reason"] = {"kind": request.reason.kind, **_range_args(request.reason)}
+    return args
+
+
+def _encode_place(request: PlaceRequest) -> dict[str, Any]:
+    return {
+        "key": request.key.hex(),
+        "version": request.version,
+        "integrity": request.integrity.hex(),
+        "segment_count": request.segment_count,
+        "stripes": request.stripes,
+        "replicas": request.replicas,
+    }
+
+
+def _encode_publish(request: PublishRequest) -> dict[str, Any]:
+    return {"manifest": request.manifest, "entries": list(request.entries)}
+
+
+def _encode_check(request: CheckRequest) -> dict[str, Any]:
+    return {"repair": request.repair}
+
+
+# -- replies: typed <-> body ----------------------------------------------------------------
+
+
+def _status_reply(body: dict[str, Any]) -> StatusReply:
+    return StatusReply(dict(body))
+
+
+def _freed_reply(op: str) -> Callable[[dict[str, Any]], Any]:
+    cls = AbandonReply if op == "abandon" else ReleaseReply
+
+    def decode(body: dict[str, Any]) -> Any:
+        return cls(_int(body, op, "freed"))
+
+    return decode
+
+
+def _resolve_reply(body: dict[str, Any]) -> ResolveReply:
+    return ResolveReply(
+        _strings(body, "resolve", "manifests"),
+        _strings(body, "resolve", "history"),
+        _strings(body, "resolve", "holders"),
+    )
+
+
+def _holds_reply(body: dict[str, Any]) -> HoldsReply:
+    return HoldsReply(_bool(body, "holds", "holds"))
+
+
+def _holds_ranges_reply(body: dict[str, Any]) -> HoldsRangesReply:
+    holds = body.get("holds")
+    if not isinstance(holds, list) or not all(isinstance(h, bool) for h in holds):
+        raise _bad("holds_ranges", "holds", "a list of true or false")
+    return HoldsRangesReply(tuple(holds))
+
+
+def _prove_reply(body: dict[str, Any]) -> ProveReply:
+    if not _bool(body, "prove", "holds"):
+        return ProveReply(False)
+    return ProveReply(True, _hex(body.get("sig"), "prove", "sig", 64))
+
+
+def _suspect_reply(body: dict[str, Any]) -> SuspectReply:
+    return SuspectReply(_bool(body, "suspect", "damaged"), _int(body, "suspect", "healed"))
+
+
+def _hold_reply(body: dict[str, Any]) -> HoldReply:
+    entry = body.get("entry")
+    if not isinstance(entry, str):
+        raise _bad("hold", "entry", "a hex string")
+    return HoldReply(entry)
+
+
+def _place_reply(body: dict[str, Any]) -> PlaceReply:
+    items = body.get("ranges", [])
+    if not isinstance(items, list) or not all(isinstance(r, dict) for r in items):
+        raise _bad("place", "ranges", 'a list of {"start", "end", "holders"}')
+    ranges = tuple(
+        PlacedRange(
+            _int(r, "place", "start"), _int(r, "place", "end"), _strings(r, "place", "holders")
+        )
+        for r in items
+    )
+    return PlaceReply(
+        _strings(body, "place", "entries"), ranges, _strings(body, "place", "warnings")
+    )
+
+
+def _publish_reply(body: dict[str, Any]) -> PublishReply:
+    winner = body.get("winner")
+    if winner is not None and not isinstance(winner, str):
+        raise _bad("publish", "winner", "a record hash or null")
+    return PublishReply(
+        _int(body, "publish", "accepted", 0),
+        winner,
+        _int(body, "publish", "readable_paths", 0),
+        _int(body, "publish", "quorum", 0),
+    )
+
+
+def _pair(body: dict[str, Any], name: str) -> tuple[int, int]:
+    value = body.get(name, {})
+    if not isinstance(value, dict):
+        raise _bad("check", name, '{"segments", "bytes"}')
+    pair = (value.get("segments", 0), value.get("bytes", 0))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair):
+        raise _bad("check", name, "counts of segments and bytes")
+    return pair
+
+
+def _check_reply(body: dict[str, Any]) -> CheckReply:
+    grace = body.get("orphan_grace", 0)
+    if not isinstance(grace, int | float) or isinstance(grace, bool):
+        raise _bad("check", "orphan_grace", "a number of seconds")
+    return CheckReply(
+        _int(body, "check", "checked"),
+        _int(body, "check", "ok"),
+        _strings(body, "check", "corrupt"),
+        _strings(body, "check", "missing"),
+        _int(body, "check", "healed", 0),
+        _pair(body, "uploading"),
+        _pair(body, "orphans"),
+        float(grace),
+    )
+
+
+def _encode_status_reply(reply: StatusReply) -> dict[str, Any]:
+    return dict(reply.report)
+
+
+def _encode_freed(reply: AbandonReply | ReleaseReply) -> dict[str, Any]:
+    return {"freed": reply.freed}
+
+
+def _encode_resolve_reply(reply: ResolveReply) -> dict[str, Any]:
+    return {
+        "manifests": list(reply.manifests),
+        "history": list(reply.history),
+        "holders": list(reply.holders),
+    }
+
+
+def _encode_holds_reply(reply: HoldsReply | HoldsRangesReply) -> dict[str, Any]:
+    return {"holds": reply.holds if isinstance(reply.holds, bool) else list(reply.holds)}
+
+
+def _encode_prove_reply(reply: ProveReply) -> dict[str, Any]:
+    if not reply.holds or reply.sig is None:
+        return {"holds": False}
+    return {"holds": True, "sig": reply.sig.hex()}
+
+
+def _encode_suspect_reply(reply: SuspectReply) -> dict[str, Any]:
+    return {"damaged": reply.damaged, "healed": reply.healed}
+
+
+def _encode_hold_reply(reply: HoldReply) -> dict[str, Any]:
+    return {"entry": reply.entry}
+
+
+def _encode_place_reply(reply: PlaceReply) -> dict[str, Any]:
+    return {
+        "entries": list(reply.entries),
+        "ranges": [
+            {"start": r.start, "end": r.end, "holders": list(r.holders)} for r in reply.ranges
+        ],
+        "warnings": list(reply.warnings),
+    }
+
+
+def _encode_publish_reply(reply: PublishReply) -> dict[str, Any]:
+    return {
+        "accepted": reply.accepted,
+        "winner": reply.winner,
+        "readable_paths": reply.readable_paths,
+        "quorum": reply.quorum,
+    }
+
+
+def _encode_check_reply(reply: CheckReply) -> dict[str, Any]:
+    return {
+        "checked": reply.checked,
+        "ok": reply.ok,
+        "corrupt": list(reply.corrupt),
+        "missing": list(reply.missing),
+        "healed": reply.healed,
+        "uploading": {"segments": reply.uploading[0], "bytes": reply.uploading[1]},
+        "orphans": {"segments": reply.orphans[0], "bytes": reply.orphans[1]},
+        "orphan_grace": reply.orphan_grace,
+    }
+
+
+# -- the table ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OpCodec:
+    """One control operation: its typed request and reply, and their codecs."""
+
+    request: type
+    reply: type
+    check: Callable[[dict[str, Any]], Any]
+    encode_request: Callable[[Any], dict[str, Any]]
+    decode_reply: Callable[[dict[str, Any]], Any]
+    encode_reply: Callable[[Any], dict[str, Any]]
+
+
+OPS: Final[dict[str, OpCodec]] = {
+    "status": OpCodec(
+        StatusRequest,
+        StatusReply,
+        lambda args: StatusRequest(),
+        _encode_none,
+        _status_reply,
+        _encode_status_reply,
+    ),
+    "resolve": OpCodec(
+        ResolveRequest,
+        ResolveReply,
+        _resolve_request,
+        _encode_key,
+        _resolve_reply,
+        _encode_resolve_reply,
+    ),
+    "place": OpCodec(
+        PlaceRequest, PlaceReply, _place_request, _encode_place, _place_reply, _encode_place_reply
+    ),
+    "hold": OpCodec(
+        HoldRequest, HoldReply, _hold_request, _encode_hold, _hold_reply, _encode_hold_reply
+    ),
+    "publish": OpCodec(
+        PublishRequest,
+        PublishReply,
+        _publish_request,
+        _encode_publish,
+        _publish_reply,
+        _encode_publish_reply,
+    ),
+    "release": OpCodec(
+        ReleaseRequest,
+        ReleaseReply,
+        _release_request,
+        _encode_release,
+        _freed_reply("release"),
+        _encode_freed,
+    ),
+    "holds": OpCodec(
+        RangeRequest, HoldsReply, _range_request, _encode_range, _holds_reply, _encode_holds_reply
+    ),
+    "holds_ranges": OpCodec(
+        RangesRequest,
+        HoldsRangesReply,
+        _ranges_request,
+        _encode_ranges,
+        _holds_ranges_reply,
+        _encode_holds_reply,
+    ),
+    "prove": OpCodec(
+        ProveRequest, ProveReply, _prove_request, _encode_prove, _prove_reply, _encode_prove_reply
+    ),
+    "check": OpCodec(
+        CheckRequest, CheckReply, _check_request, _encode_check, _check_reply, _encode_check_reply
+    ),
+    "suspect": OpCodec(
+        SuspectRequest,
+        SuspectReply,
+        _suspect_request,
+        _encode_suspect,
+        _suspect_reply,
+        _encode_suspect_reply,
+    ),
+    "abandon": OpCodec(
+        AbandonRequest,
+        AbandonReply,
+        lambda args: AbandonRequest(),
+        _encode_none,
+        _freed_reply("abandon"),
+        _encode_freed,
+    ),
+}
+_BY_TYPE: Final[dict[type, str]] = {codec.request: op for op, codec in OPS.items()}
+assert len(_BY_TYPE) == len(OPS)
+
+
+def codec_of(request: Op[Any]) -> tuple[str, OpCodec]:
+    """The operation name and codec of a typed request."""
+    op = _BY_TYPE.get(type(request))
+    if op is None:
+        raise UsageError(f"not a control request: {type(request).__name__}")
+    return op, OPS[op]
+
+
+def encode_request(request: Op[Any]) -> tuple[str, dict[str, Any]]:
+    """(op, CALL arguments) for ``request``, checked as the serving peer will check them:
+    UsageError here, before anything is sent, if they would not pass."""
+    op, codec = codec_of(request)
+    args = codec.encode_request(request)
+    codec.check(args)
+    return op, args
+
+
+def encode_reply(op: str, reply: object) -> dict[str, Any]:
+    """The REPLY body for ``reply`` to ``op`` (the serving side)."""
+    codec = OPS.get(op)
+    if codec is None or not isinstance(reply, codec.reply):
+        raise UsageError(f"not a reply to {op!r}: {type(reply).__name__}")
+    return codec.encode_reply(reply)
+
+
+def decode_reply(op: str, body: dict[str, Any]) -> Any:
+    """The typed reply to ``op``; WireError (the peer's fault) if ``body`` does not decode."""
+    codec = OPS.get(op)
+    if codec is None:
+        raise UsageError(f"unknown operation {op!r}")
+    if not isinstance(body, dict):
+        raise WireError(f"{op} reply must be a JSON object", field=op)
+    return codec.decode_reply(body)
