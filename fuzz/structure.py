@@ -202,7 +202,7 @@ def samples() -> Samples:
         "segment_count": 1,
         "stripes": 1,
         "replicas": 3,
-        "integrity": "0" * 64,
+        "integrity": bytes(32),
         "created": 0.0,
     }
     first = build_manifest(identity, name="/a/b", version=1, parent=None, root=None, **common)
