@@ -22,6 +22,7 @@ from difs_p2p import control, segments, wire
 from difs_p2p.config import PeerConfig
 from difs_p2p.dht import Dht
 from difs_p2p.errors import (
+    AlreadyExistsError,
     DifsError,
     IntegrityError,
     NotFoundError,
@@ -123,14 +124,14 @@ class Replicator:
         The holding is None when this peer already held that range (nothing new to free
         if the publish fails). A holding of the same version's range with other content
         is never replaced (its refs share the owner tag, so freeing the new one would
-        free the old): UsageError.
+        free the old): AlreadyExistsError (two puts of one version raced; one keeps it).
         """
         if count and not start <= end < count:
             raise UsageError("range outside the object")
         existing = await asyncio.to_thread(self.holdings.get, key, version, start)
         if existing is not None:
             if (existing.integrity, existing.end) != (integrity, end):
-                raise UsageError(
+                raise AlreadyExistsError(
                     f"this peer holds other content for version {version} of that name"
                 )
             return None, self.sign_entry(key, version, integrity, start, end)
@@ -297,7 +298,16 @@ class Replicator:
         me = self.node_id
 
         async def place_range(i: int, start: int, end: int) -> dict[str, Any]:
+            taken: list[AlreadyExistsError] = []
+
             async def copy(contact: Contact) -> HolderEntry:
+                try:
+                    return await copy_to(contact)
+                except AlreadyExistsError as exc:
+                    taken.append(exc)
+                    raise
+
+            async def copy_to(contact: Contact) -> HolderEntry:
                 if contact.node_id == me:
                     holding, entry = await self.hold(
                         key, version, integrity, count, start, end, hashes
@@ -322,14 +332,30 @@ class Replicator:
             async with sem:
                 # the missing copies are made in parallel; a refusal moves on to the next
                 made = await self.make_copies(candidates, replicas, copy)
+            if not made and taken:
+                # the peers hold this version as another object its owner signed: another
+                # put of the same version won the race (their publish bound it first)
+                raise AlreadyExistsError(
+                    f"version {version} of this name was published at the same time with "
+                    f"other content (segments {start}..{end} are held as that version)"
+                )
             entries.extend(e.raw.hex() for e in made)
             warning = shortfall(start, end, len(made), replicas, len(candidates))
             if warning is not None:
                 warnings.append(warning)
             return {"start": start, "end": end, "holders": [e.node_id.hex() for e in made]}
 
-        placed = await asyncio.gather(*(place_range(i, a, b) for i, (a, b) in enumerate(ranges)))
-        return {"entries": entries, "ranges": list(placed), "warnings": sorted(set(warnings))}
+        # every range's placement ends before a failure is raised, so that ``mine`` lists
+        # every holding made here (the caller frees them) and no push outlives the call
+        outcomes = await asyncio.gather(
+            *(place_range(i, a, b) for i, (a, b) in enumerate(ranges)), return_exceptions=True
+        )
+        placed = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            placed.append(outcome)
+        return {"entries": entries, "ranges": placed, "warnings": sorted(set(warnings))}
 
     async def probe_ranges(
         self, address: tuple[str, int], queries: list[Query], *, limit: float
