@@ -3,7 +3,9 @@
 As sqlite-utils tests its docs: every fenced ``python`` block of README.md and docs/*.md
 runs as a script against a real local network; every ``difs``/``difs-peer`` command and
 option that a shell block or a table names exists in that command's ``--help``; the exit
-code table matches ``cli_common.EXIT_CODES``; the limits table matches the constants.
+code table matches ``cli_common.EXIT_CODES``; the limits table matches the constants;
+the layers docs/ARCHITECTURE.md shows are pyproject.toml's import-linter contract, and its
+module table names every module of difs_p2p once, in layer order.
 """
 
 from __future__ import annotations
@@ -304,3 +306,15 @@ def test_module_table_names_every_module_once_in_layer_order() -> None:
     }
     depths = [layer_of[row] for row in rows]
     assert depths == sorted(depths), "rows out of layer order"
+
+
+def test_pure_marks_match_the_io_column() -> None:
+    """A module is marked pure in the layer list exactly when its table row says it does no I/O."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    block = _FENCE.search(text.split("<!-- layers of difs_p2p:", 1)[1])
+    assert block is not None
+    marked = set(re.findall(r"(\w+)\*", block.group(2)))
+    section = _architecture_section("Modules and who calls whom")
+    rows = re.findall(r"^\| `(\w+)\.py` \|.*\| ([^|]+) \|$", section, re.MULTILINE)
+    assert len(rows) == len(re.findall(r"^\| `\w+\.py` \|", section, re.MULTILINE))
+    assert marked == {module for module, io in rows if io.strip() == "no"}
