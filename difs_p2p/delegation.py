@@ -2,7 +2,7 @@
 under a prefix (docs/PROTOCOL.md, "Manifest": the optional ``delegation`` field).
 
 A certificate travels inside the manifests its writer signs; manifest.py checks that it
-covers the manifest (writer, prefix, expiry) and takes the name's owner from it.
+covers the manifest (writer, prefix, expiry) and takes the name's owner from it. Pure.
 """
 
 from __future__ import annotations

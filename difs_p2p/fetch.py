@@ -1,12 +1,16 @@
-"""The socket side of a fetch: holder connections, the hash list, segments received
-straight into reusable buffers, verified and written out; and the output file.
+"""The I/O of a fetch around its segment transfer: holder entries checked as they are
+used, the hash list, the output, the holders told of bad copies; and the output file.
 
-:class:`Fetch` owns the I/O of one verified, parallel, fail-over fetch; every decision
-that is not I/O (which segment next from which holder, when a holder is late, hedging,
-giving a holder up, when no holder is left) is :class:`~difs_p2p.fetchplan.FetchPlan`'s.
-:func:`into_file` runs a fetch into a temporary file beside the output path, renamed over
-it once every byte is verified. :class:`~difs_p2p.client.Client.get` resolves the name and
-starts both.
+:class:`Fetch` owns one verified, parallel, fail-over fetch: it gets the hash list (asking
+one more holder after each :func:`~difs_p2p.fetchplan.hedge_delay`), opens and syncs the
+output, and hands the segments to :class:`~difs_p2p.fetchrun.SegmentRun` (the holder
+connections, segments received straight into reusable buffers, verified and written out).
+Every decision that is not I/O (which segment next from which holder, when a holder is
+late, hedging, giving a holder up, when no holder is left) is
+:class:`~difs_p2p.fetchplan.FetchPlan`'s. :func:`into_file` runs a fetch into a temporary
+file beside the output path, renamed over it once every byte is verified;
+:func:`probe_holds` asks a holder which ranges it still has (``stat``, ``versions``).
+:meth:`difs_p2p.client.Client.get` resolves the name and starts both.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""The DHT's routing table and contacts: pure, no sockets.
+"""The DHT's routing table and contacts, without sockets (a full bucket asks its protocol
+to ping its oldest contact; nothing else here leads to I/O).
 
 :class:`ExactRoutingTable` is the ``kademlia`` package's k-buckets with an exact
 ``find_neighbors`` (the library's stops after two empty buckets and returns ``[]`` while
 contacts exist) and two indexes; :class:`Contact` is a peer as the rest of DIFS-P2P sees
 it; ``valid_host``/``valid_address`` are the one check of an address a peer names before
-anything is sent there. Only this module and :mod:`difs_p2p.dht` import ``kademlia``.
+anything is sent there. Only this module, :mod:`difs_p2p.dhtproto` and :mod:`difs_p2p.dht`
+import ``kademlia``.
 """
 
 from __future__ import annotations

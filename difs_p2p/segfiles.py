@@ -1,6 +1,6 @@
 """The files of a segment store: placement, crash-safe writes, reads, recovery and quarantine.
 
-Layout under a store's root (see :mod:`difs_p2p.store` for the index beside it)::
+Layout under a store's root (see :mod:`difs_p2p.segindex` for the index beside it)::
 
     ROOT/segments/ab/cd/abcd...   one file per segment, named by the hex of its 32-byte id
     ROOT/tmp/                     writes in progress (emptied on open)

@@ -6,7 +6,7 @@ transfer and failure detection, this mode runs all of it, unchanged, under the s
 
 * each peer is a ``Peer`` with its own data directory (segment store, record and holdings
   databases, a seeded ``peer.key``), its TCP segment service and its
-  :class:`~difs_p2p.repair.Maintainer` (``holds`` probes, repair, GC);
+  :class:`~difs_p2p.repair.Maintainer` (``holds_ranges`` probes, repair, GC);
 * it gets its sockets from :meth:`sim.relay.RelayNetwork.peer_network`, so every DHT
   datagram and every TCP byte between peers crosses the relay and its network model
   (latency, loss of datagrams, bandwidth, partitions);

@@ -26,7 +26,7 @@ What this mode models around the peers:
   after; the decision is the peer's own pure ``difs_p2p.maintenance.plan_range`` (the live
   holder closest to the range key repairs a shortfall), and the leader places new copies
   on the closest live peers from ``Dht.closest``, whose signed entries it adds to the DHT.
-  Failure detection by probing (``holds``) and the TCP pushes are modelled, not run
+  Failure detection by probing (``holds_ranges``) and the TCP pushes are modelled, not run
   here; :mod:`sim.fullpeers` (peers mode) runs whole peers, where nothing is modelled.
 """
 

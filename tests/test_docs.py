@@ -3,7 +3,9 @@
 As sqlite-utils tests its docs: every fenced ``python`` block of README.md and docs/*.md
 runs as a script against a real local network; every ``difs``/``difs-peer`` command and
 option that a shell block or a table names exists in that command's ``--help``; the exit
-code table matches ``cli_common.EXIT_CODES``; the limits table matches the constants.
+code table matches ``cli_common.EXIT_CODES``; the limits table matches the constants;
+the layers docs/ARCHITECTURE.md shows are pyproject.toml's import-linter contract, and its
+module table names every module of difs_p2p once, in layer order.
 """
 
 from __future__ import annotations
@@ -248,3 +250,71 @@ def test_pyproject_has_no_deprecated_setuptools_settings() -> None:
     assert set(tool["package-data"]) <= set(tool["packages"])
     for package in tool["packages"]:
         assert (ROOT / package.replace(".", "/")).is_dir(), package
+
+
+def _architecture_section(title: str) -> str:
+    """The text of ARCHITECTURE.md's section ``## title``, up to the next ``## `` heading."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    section = text.split(f"\n## {title}\n", 1)[1]
+    return section.split("\n## ", 1)[0]
+
+
+def _documented_layers(container: str) -> list[str]:
+    """The layers ARCHITECTURE.md shows for ``container``: the indented lines of the
+    block after its ``<!-- layers of CONTAINER`` marker, pure marks (``*``) dropped."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    after = text.split(f"<!-- layers of {container}:", 1)[1]
+    match = _FENCE.search(after)
+    assert match is not None, f"no layer block after the {container} marker"
+    return [
+        " | ".join(part.strip() for part in line.replace("*", "").split("|"))
+        for line in match.group(2).splitlines()
+        if line.startswith("    ")
+    ]
+
+
+def _contract_layers(container: str) -> list[str]:
+    """The layers of pyproject.toml's import-linter contract for ``container``."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    contracts = [
+        c
+        for c in project["tool"]["importlinter"]["contracts"]
+        if c["type"] == "layers" and c.get("containers") == [container]
+    ]
+    assert len(contracts) == 1, container
+    return [" | ".join(p.strip() for p in layer.split("|")) for layer in contracts[0]["layers"]]
+
+
+@pytest.mark.parametrize("container", ["difs_p2p", "sim"])
+def test_documented_layers_are_the_checked_contract(container: str) -> None:
+    """ARCHITECTURE.md shows the same layers, in the same order, as the import-linter contract."""
+    assert _documented_layers(container) == _contract_layers(container)
+
+
+def test_module_table_names_every_module_once_in_layer_order() -> None:
+    """The module table has one row per module of difs_p2p, none extra, in layer order."""
+    section = _architecture_section("Modules and who calls whom")
+    rows = re.findall(r"^\| `(\w+)\.py` \|", section, re.MULTILINE)
+    files = {p.stem for p in (ROOT / "difs_p2p").glob("*.py")} - {"__init__"}
+    assert sorted(rows) == sorted(set(rows)), "a module has two rows"
+    assert set(rows) - files == set(), "rows for modules that do not exist"
+    assert files - set(rows) == set(), "modules without a row"
+    layer_of = {
+        name.strip(): depth
+        for depth, layer in enumerate(_contract_layers("difs_p2p"))
+        for name in layer.split("|")
+    }
+    depths = [layer_of[row] for row in rows]
+    assert depths == sorted(depths), "rows out of layer order"
+
+
+def test_pure_marks_match_the_io_column() -> None:
+    """A module is marked pure in the layer list exactly when its table row says it does no I/O."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    block = _FENCE.search(text.split("<!-- layers of difs_p2p:", 1)[1])
+    assert block is not None
+    marked = set(re.findall(r"(\w+)\*", block.group(2)))
+    section = _architecture_section("Modules and who calls whom")
+    rows = re.findall(r"^\| `(\w+)\.py` \|.*\| ([^|]+) \|$", section, re.MULTILINE)
+    assert len(rows) == len(re.findall(r"^\| `\w+\.py` \|", section, re.MULTILINE))
+    assert marked == {module for module, io in rows if io.strip() == "no"}
