@@ -20,6 +20,7 @@ from difs_p2p import segments, wire
 from difs_p2p.client import Client
 from difs_p2p.config import RepairConfig
 from difs_p2p.control import PeerCredential
+from difs_p2p.errors import AlreadyExistsError
 from difs_p2p.identity import Identity
 from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
@@ -359,14 +360,16 @@ async def test_small_peers_take_two_mib_objects_with_one_replica_through_one_ent
 async def test_a_place_of_other_content_under_a_held_version_frees_nothing(
     network: list[Peer], tmp_path: Path
 ) -> None:
-    """Someone uploads other bytes and places them under a published name and version,
-    then goes away: every holder keeps the published copy (holding and segments)."""
+    """Someone uploads other bytes and places them under a published name and version
+    (refused: every holder has that version), then goes away: every holder keeps the
+    published copy (holding and segments)."""
     src = random_file(tmp_path, 8 * SEG)
     async with client_for(network[0], publisher=Identity.generate()) as client:
         published = await client.put(src, "/victim", segment_size=SEG, replicas=5)
     integrity = published.manifest.integrity
     other = random_file(tmp_path, 8 * SEG)
-    await interrupt(network[0], other, "/victim", "placed, not published")
+    with pytest.raises(AlreadyExistsError, match="published at the same time"):
+        await interrupt(network[0], other, "/victim", "placed, not published")
     for _ in range(3):  # maintenance rounds until past the grace time: nothing is collected
         for peer in network:
             assert peer.maintainer is not None
