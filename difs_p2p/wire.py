@@ -40,6 +40,10 @@ Segment bytes are never copied: :func:`encode` returns the header and the payloa
 separate parts (for ``socket.sendmsg`` or ``writelines``), and :func:`decode_payload`
 returns the segment bytes of PUT_SEG and DATA as a view of the buffer it was given, so
 that buffer must stay unchanged while the frame is in use.
+
+The module is longer than most (a codec table): the header, every message type's encoder
+and decoder and their limits are one table, read and changed together (a new message type
+touches each part once), and the golden vectors in tests/test_wire.py cover it as a whole.
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
-"""The simulator's structure: no import cycles, and a world that drives any mode."""
+"""The simulator's structure: a world that drives any mode (its layers and the absence of
+import cycles are checked with the package's: tests/test_structure.py)."""
 
 from __future__ import annotations
 
-import ast
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,48 +19,6 @@ from sim.population import SimPeer
 from sim.scenario import parse_scenario
 from sim.vloop import run_virtual
 from sim.world import World
-
-SIM = Path(__file__).resolve().parent.parent / "sim"
-
-
-def _sim_imports(path: Path) -> set[str]:
-    """The sim modules ``path`` imports, anywhere in it (TYPE_CHECKING blocks included)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        else:
-            continue
-        found |= {n for n in names if n.startswith("sim.") and (SIM / f"{n[4:]}.py").exists()}
-    return {n[4:] for n in found}
-
-
-def test_sim_has_no_import_cycles() -> None:
-    """The modules of sim/ import each other without a cycle (TYPE_CHECKING imports count)."""
-    graph = {p.stem: _sim_imports(p) for p in SIM.glob("*.py")}
-    assert graph["world"] and graph["runner"]  # the scan finds imports
-    done: set[str] = set()
-
-    def visit(module: str, path: list[str]) -> None:
-        if module in path:
-            cycle = [*path[path.index(module) :], module]
-            pytest.fail("import cycle: " + " -> ".join(cycle))
-        if module in done:
-            return
-        for imported in sorted(graph[module]):
-            visit(imported, [*path, module])
-        done.add(module)
-
-    for module in sorted(graph):
-        visit(module, [])
-
-
-def test_no_sim_module_is_over_600_lines() -> None:
-    """Every simulator module stays readable in one sitting."""
-    for path in SIM.glob("*.py"):
-        assert len(path.read_text(encoding="utf-8").splitlines()) <= 600, path.name
 
 
 @dataclass
