@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence, Set
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from difs_p2p import control, segments, wire
 from difs_p2p.config import PeerConfig
@@ -32,7 +32,7 @@ from difs_p2p.holders import HolderEntry, build_holder_entry, parse_holder_entry
 from difs_p2p.holdings import Holding, Holdings, Query, holding_owner
 from difs_p2p.identity import Identity
 from difs_p2p.net import PeerNetwork
-from difs_p2p.ops import MAX_PROBE_RANGES
+from difs_p2p.ops import MAX_PROBE_RANGES, PlacedRange, PlaceReply
 from difs_p2p.placement import choose_targets, range_key, shortfall
 from difs_p2p.records import split_entries
 from difs_p2p.routing import Contact
@@ -287,7 +287,7 @@ class Replicator:
         ranges: list[tuple[int, int]],
         replicas: int,
         mine: list[Holding],
-    ) -> dict[str, Any]:
+    ) -> PlaceReply:
         """Make r copies of each range on the closest peers to its range key that accept
         it, this peer included where placement picks it (its new holdings are appended
         to ``mine``); the entries, holders per range and warnings ``place`` answers."""
@@ -296,7 +296,7 @@ class Replicator:
         warnings: list[str] = []
         me = self.node_id
 
-        async def place_range(i: int, start: int, end: int) -> dict[str, Any]:
+        async def place_range(i: int, start: int, end: int) -> PlacedRange:
             async def copy(contact: Contact) -> HolderEntry:
                 if contact.node_id == me:
                     holding, entry = await self.hold(
@@ -326,10 +326,10 @@ class Replicator:
             warning = shortfall(start, end, len(made), replicas, len(candidates))
             if warning is not None:
                 warnings.append(warning)
-            return {"start": start, "end": end, "holders": [e.node_id.hex() for e in made]}
+            return PlacedRange(start, end, tuple(e.node_id.hex() for e in made))
 
         placed = await asyncio.gather(*(place_range(i, a, b) for i, (a, b) in enumerate(ranges)))
-        return {"entries": entries, "ranges": list(placed), "warnings": sorted(set(warnings))}
+        return PlaceReply(tuple(entries), tuple(placed), tuple(sorted(set(warnings))))
 
     async def probe_ranges(
         self, address: tuple[str, int], queries: list[Query], *, limit: float
