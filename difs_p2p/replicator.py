@@ -32,7 +32,15 @@ from difs_p2p.holders import HolderEntry, build_holder_entry, parse_holder_entry
 from difs_p2p.holdings import Holding, Holdings, Query, holding_owner
 from difs_p2p.identity import Identity
 from difs_p2p.net import PeerNetwork
-from difs_p2p.ops import MAX_PROBE_RANGES, PlacedRange, PlaceReply
+from difs_p2p.ops import (
+    MAX_PROBE_RANGES,
+    HoldReason,
+    HoldRequest,
+    PlacedRange,
+    PlaceReply,
+    RangeRequest,
+    RangesRequest,
+)
 from difs_p2p.placement import choose_targets, range_key, shortfall
 from difs_p2p.records import split_entries
 from difs_p2p.routing import Contact
@@ -64,7 +72,7 @@ def open_stored(store: SegmentStore, seg_id: bytes) -> tuple[BinaryIO, int]:
 async def _expect_ack(conn: Connection) -> None:
     frame = await conn.read_frame()
     if isinstance(frame, wire.Error):
-        raise remote_error(frame)
+        raise remote_error(frame, conn.peer_address)
     if not isinstance(frame, wire.Ack):
         raise IntegrityError("expected an ACK")
 
@@ -223,25 +231,13 @@ class Replicator:
                     pending -= 1
             for _ in range(pending):
                 await _expect_ack(conn)
-            reply = await conn.call(
-                "hold",
-                key=key.hex(),
-                version=version,
-                integrity=integrity.hex(),
-                segment_count=len(hashes),
-                start=start,
-                end=end,
-                reason={
-                    "kind": kind,
-                    "key": key.hex(),
-                    "version": version,
-                    "start": start,
-                    "end": end,
-                },
+            reason = HoldReason(kind, key, version, start, end)
+            reply = await conn.request(
+                HoldRequest(key, version, integrity, len(hashes), start, end, reason)
             )
         finally:
             conn.close()
-        entry = parse_holder_entry(bytes.fromhex(str(reply.get("entry", ""))))
+        entry = parse_holder_entry(bytes.fromhex(reply.entry))
         if (entry.key, entry.version, entry.start, entry.end) != (key, version, start, end):
             raise IntegrityError("holder signed an entry for something else")
         return entry
@@ -336,7 +332,8 @@ class Replicator:
     ) -> list[bool] | None:
         """Ask a peer over one connection whether it holds each range (key, version, start,
         end): its answers in order, or None if it did not answer within ``limit`` seconds
-        per request. A peer without ``holds_ranges`` is asked range by range (``holds``)."""
+        per request (or answered what does not decode). A peer without ``holds_ranges`` is
+        asked range by range (``holds``)."""
         try:
             async with asyncio.timeout(limit):
                 conn = await Connection.open(
@@ -350,24 +347,20 @@ class Replicator:
                     if batched:
                         try:
                             async with asyncio.timeout(limit):
-                                reply = await conn.call(
-                                    "holds_ranges",
-                                    ranges=[[k.hex(), v, a, b] for k, v, a, b in chunk],
+                                reply = await conn.request(
+                                    RangesRequest(tuple(RangeRequest(*q) for q in chunk))
                                 )
                         except RemoteRejectedError:
                             batched = False  # an older peer: unknown operation
                         else:
-                            holds = reply.get("holds")
-                            if not isinstance(holds, list) or len(holds) != len(chunk):
+                            if len(reply.holds) != len(chunk):
                                 return None
-                            answers += [x is True for x in holds]
+                            answers += reply.holds
                             continue
-                    for key, version, start, end in chunk:
+                    for query in chunk:
                         async with asyncio.timeout(limit):
-                            reply = await conn.call(
-                                "holds", key=key.hex(), version=version, start=start, end=end
-                            )
-                        answers.append(reply.get("holds") is True)
+                            single = await conn.request(RangeRequest(*query))
+                        answers.append(single.holds)
                 return answers
             finally:
                 conn.close()
