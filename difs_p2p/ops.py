@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeGuard, TypeVar
 
 from difs_p2p.errors import UsageError, WireError
 
@@ -136,6 +136,17 @@ def _strings(body: dict[str, Any], op: str, name: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _bad(op, name, "a list of strings")
     return tuple(value)
+
+
+def _is_hex(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a string of hex digits (any even length)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _hex(value: object, op: str, name: str, size: int) -> bytes:
@@ -470,7 +481,7 @@ def _publish_request(args: dict[str, Any]) -> PublishRequest:
     manifest, entries = args.get("manifest"), args.get("entries", [])
     if not isinstance(manifest, str):
         raise UsageError("manifest must be the manifest's JSON text")
-    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+    if not isinstance(entries, list) or not all(_is_hex(e) for e in entries):
         raise UsageError("entries must be a list of hex strings")
     return PublishRequest(manifest, tuple(entries))
 
@@ -601,7 +612,7 @@ def _suspect_reply(body: dict[str, Any]) -> SuspectReply:
 
 def _hold_reply(body: dict[str, Any]) -> HoldReply:
     entry = body.get("entry")
-    if not isinstance(entry, str):
+    if not _is_hex(entry):
         raise _bad("hold", "entry", "a hex string")
     return HoldReply(entry)
 

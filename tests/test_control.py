@@ -353,6 +353,7 @@ def test_the_documented_replies_cover_every_operation() -> None:
         ("resolve", {"manifests": "x"}, "resolve.manifests"),
         ("resolve", {"holders": [1]}, "resolve.holders"),
         ("holds", {}, "holds.holds"),
+        ("hold", {"entry": "not hex"}, "hold.entry"),
         ("holds_ranges", {"holds": [True, 1]}, "holds_ranges.holds"),
         ("prove", {"holds": True, "sig": "zz"}, "prove.sig"),
         ("prove", {"holds": "yes"}, "prove.holds"),
@@ -378,8 +379,9 @@ def test_a_malformed_reply_is_the_peers_fault(op: str, body: dict[str, object], 
         ops.PlaceRequest(KEY, 1, INTEGRITY, 1, 1, 1000),  # over MAX_REPLICAS
         ops.HoldRequest(KEY, 1, INTEGRITY, 9, 0, 4, ops.HoldReason("place", KEY, 1, 0, 3)),
         ops.RangesRequest((ops.RangeRequest(KEY, 1, 0, 0),) * 1025),
+        ops.PublishRequest("{}", ("aa", "not hex")),
     ],
-    ids=["prove-range", "short-key", "replicas", "reason-range", "too-many-ranges"],
+    ids=["prove-range", "short-key", "replicas", "reason-range", "too-many-ranges", "entries"],
 )
 def test_our_own_bad_request_is_a_usage_error_before_sending(request_: ops.Op[object]) -> None:
     """A request the peer's check would refuse is refused here (UsageError), unsent."""
