@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from difs_p2p.control import OperatorCredential, read_token_file
+from difs_p2p.ops import StatusRequest
 from difs_p2p.transfer import Connection
 
 STOP_TIMEOUT = 30.0
@@ -98,7 +99,7 @@ async def peer_status(address: tuple[str, int]) -> dict[str, Any]:
         address, io_timeout=10.0, credential=OperatorCredential(token_of(address))
     )
     try:
-        return await conn.call("status")
+        return (await conn.request(StatusRequest())).report
     finally:
         conn.close()
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from difs_p2p import errors, wire
+from difs_p2p import errors, ops, wire
 from difs_p2p.config import parse_hostport
 from difs_p2p.transfer import Connection
 
@@ -297,21 +297,26 @@ async def entry_peer(peer: str | None) -> tuple[str, int]:
     return address
 
 
-async def call_peer(
-    address: tuple[str, int], op: str, *, token: bytes | None = None, **args: Any
-) -> dict[str, Any]:
+async def request_peer(
+    address: tuple[str, int], request: ops.Op[T], *, token: bytes | None = None
+) -> T:
+    """One typed control request (ops.py) to the peer at ``address``, as its operator if
+    ``token`` is given; its typed reply."""
     from difs_p2p.control import OperatorCredential
 
     await check_peer(address)
     credential = OperatorCredential(token) if token is not None else None
     conn = await Connection.open(address, io_timeout=30.0, credential=credential)
     try:
-        return await conn.call(op, **args)
+        return await conn.request(request)
     finally:
         conn.close()
 
 
 async def peer_status(peer: str | None, token_file: Path | None) -> dict[str, Any]:
-    """The status of the peer (an operator operation: it needs the peer's token)."""
+    """The status of the peer (an operator operation: it needs the peer's token), as the
+    JSON object it answered."""
     address = resolve_peer(peer)
-    return await call_peer(address, "status", token=resolve_token(peer, token_file, address))
+    token = resolve_token(peer, token_file, address)
+    reply = await request_peer(address, ops.StatusRequest(), token=token)
+    return ops.encode_reply("status", reply)

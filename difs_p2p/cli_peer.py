@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from difs_p2p import errors
+from difs_p2p import errors, ops
 from difs_p2p.cli_common import (
     JsonOpt,
     LogLevel,
@@ -185,12 +185,14 @@ def check(
 
 
 async def _check(peer: str | None, repair: bool, token_file: Path | None) -> dict[str, Any]:
+    """The peer's ``check`` answer, as the JSON object it sent."""
     from difs_p2p.control import OperatorCredential
 
     address = await entry_peer(peer)
     token = resolve_token(peer, token_file, address)
     conn = await Connection.open(address, io_timeout=3600.0, credential=OperatorCredential(token))
     try:
-        return await conn.call("check", repair=repair)
+        reply = await conn.request(ops.CheckRequest(repair))
+        return ops.encode_reply("check", reply)
     finally:
         conn.close()

@@ -64,8 +64,6 @@ from difs_p2p.ops import (
     PublishRequest,
     ResolveReply,
     ResolveRequest,
-    decode_reply,
-    encode_request,
 )
 from difs_p2p.pins import Pins
 from difs_p2p.publish import (
@@ -214,19 +212,14 @@ class Client:
             self._conn.close()
             self._conn = None
 
-    async def _call(self, op: str, **args: Any) -> dict[str, Any]:
+    async def _request(self, request: Op[R]) -> R:
+        """A typed control request to the entry peer (ops.py) on the data connection."""
         conn = await self._data_conn()
         try:
-            return await conn.call(op, **args)
+            return await conn.request(request)
         except (PeerError, OSError):
             conn.close()
             raise
-
-    async def _request(self, request: Op[R]) -> R:
-        """A typed control request to the entry peer (ops.py), sent through ``_call``."""
-        op, args = encode_request(request)
-        reply: R = decode_reply(op, await self._call(op, **args))
-        return reply
 
     # -- resolve ---------------------------------------------------------------------------
 

@@ -32,9 +32,7 @@ from typing import Any, Final, Protocol
 from difs_p2p import ops, wire
 from difs_p2p.errors import IntegrityError, StorageError, UsageError
 from difs_p2p.identity import Identity, node_id_for, verify_signature
-
-# Re-exported for the serving peer's handlers (defined in ops.py).
-from difs_p2p.ops import OPS, ProveRequest, hex_arg, int_arg
+from difs_p2p.ops import OPS
 
 __all__ = [
     "CONTROL_TABLE",
@@ -45,11 +43,8 @@ __all__ = [
     "OpRule",
     "OperatorCredential",
     "PeerCredential",
-    "ProveRequest",
     "Role",
     "check_proof",
-    "hex_arg",
-    "int_arg",
     "load_or_create_token",
     "may_ask",
     "new_nonce",

@@ -3,9 +3,11 @@
 ``abandon``), each with its row in the permission table (control.CONTROL_TABLE), which
 service.py checks before a handler runs.
 
-:class:`Operations` is built by the peer from its running parts; its handlers keep the
-``args: dict[str, Any]`` style of the CALL frame. See docs/ARCHITECTURE.md, "Publish" and
-"Fetch", for how a client uses them.
+:class:`Operations` is built by the peer from its running parts. Each handler takes the
+operation's typed request, decoded and checked by service.py with the operation's row of
+ops.OPS, and answers its typed reply, which the service encodes with the same row: no
+handler reads the CALL's arguments. See docs/ARCHITECTURE.md, "Publish" and "Fetch", for
+how a client uses them.
 """
 
 from __future__ import annotations
@@ -17,25 +19,44 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from difs_p2p import control, segments
+from difs_p2p import segments
 from difs_p2p.config import PeerConfig
 from difs_p2p.control import CONTROL_TABLE
 from difs_p2p.dht import Dht
-from difs_p2p.errors import (
-    DifsError,
-    IntegrityError,
-    PermissionDeniedError,
-    UsageError,
-    WireError,
-)
+from difs_p2p.errors import DifsError, IntegrityError, PermissionDeniedError, UsageError, WireError
 from difs_p2p.holders import parse_holder_entry
-from difs_p2p.holdings import Holding, Holdings, Query
+from difs_p2p.holdings import Holding, Holdings
 from difs_p2p.holdproof import prove_message
 from difs_p2p.identity import Identity
 from difs_p2p.maintenance import gc_due
 from difs_p2p.manifest import Manifest, parse_manifest
 from difs_p2p.net import PeerNetwork
-from difs_p2p.ops import MAX_PROBE_RANGES, hex_arg, int_arg
+from difs_p2p.ops import (
+    AbandonReply,
+    AbandonRequest,
+    CheckReply,
+    CheckRequest,
+    HoldReply,
+    HoldRequest,
+    HoldsRangesReply,
+    HoldsReply,
+    PlaceReply,
+    PlaceRequest,
+    ProveReply,
+    ProveRequest,
+    PublishReply,
+    PublishRequest,
+    RangeRequest,
+    RangesRequest,
+    ReleaseReply,
+    ReleaseRequest,
+    ResolveReply,
+    ResolveRequest,
+    StatusReply,
+    StatusRequest,
+    SuspectReply,
+    SuspectRequest,
+)
 from difs_p2p.records import record_hash, split_entries
 from difs_p2p.repair import Maintainer
 from difs_p2p.replicator import Replicator
@@ -81,7 +102,7 @@ class Operations:
         self.network = network
         self.status = status
         self.spawn = spawn
-        self.handlers: dict[str, ControlHandler] = {
+        self.handlers: dict[str, ControlHandler[Any, Any]] = {
             "status": self._op_status,
             "resolve": self._op_resolve,
             "place": self._op_place,
@@ -102,20 +123,20 @@ class Operations:
     def address(self) -> tuple[str, int]:
         return self.replicator.address
 
-    async def _op_status(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        return self.status()
+    async def _op_status(self, conn: Connection, request: StatusRequest) -> StatusReply:
+        return StatusReply(self.status())
 
-    async def _op_resolve(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_resolve(self, conn: Connection, request: ResolveRequest) -> ResolveReply:
         """The valid manifests under a name key (best first), its history and holders."""
-        key = _key_arg(args)
-        dht = self.dht
-        records, entries = await dht.resolve(key)
+        records, entries = await self.dht.resolve(request.key)
         split = split_entries(entries)
-        history = [e.decode() for e in split.history]
-        holders = [e.hex() for e in split.holders]
-        return {"manifests": [r.decode() for r in records], "history": history, "holders": holders}
+        return ResolveReply(
+            tuple(r.decode() for r in records),
+            tuple(e.decode() for e in split.history),
+            tuple(e.hex() for e in split.holders),
+        )
 
-    async def _op_place(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_place(self, conn: Connection, request: PlaceRequest) -> PlaceReply:
         """Place a just-uploaded object: r copies of each range, this peer included only
         where placement picks it.
 
@@ -125,13 +146,9 @@ class Operations:
         pushed from the uploaded segments, which are then dropped unless kept. The ranges
         kept are freed again unless ``publish`` on this connection stores the manifest.
         """
-        key, version, integrity = (
-            _key_arg(args),
-            int_arg(args, "version"),
-            hex_arg(args, "integrity", 32),
-        )
-        count, stripes = int_arg(args, "segment_count"), int_arg(args, "stripes")
-        replicas = max(1, int_arg(args, "replicas"))
+        key, version, integrity = request.key, request.version, request.integrity
+        count, stripes = request.segment_count, request.stripes
+        replicas = max(1, request.replicas)
         session = self.uploads.session(conn)
         session.busy += 1
         mine: list[Holding] = []
@@ -157,20 +174,16 @@ class Operations:
             await asyncio.to_thread(self.store.end_session, session.id, [integrity, *hashes])
         return placed
 
-    async def _op_hold(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_hold(self, conn: Connection, request: HoldRequest) -> HoldReply:
         """Check that segments start..end are stored here and sign a holder entry."""
-        key, version, integrity = (
-            _key_arg(args),
-            int_arg(args, "version"),
-            hex_arg(args, "integrity", 32),
-        )
-        count = int_arg(args, "segment_count")
-        start, end = int_arg(args, "start"), int_arg(args, "end")
-        reason = args.get("reason")
-        if conn.role == "peer" and isinstance(reason, dict) and reason.get("kind") == "repair":
+        key, version, start, end = request.key, request.version, request.start, request.end
+        reason = request.reason
+        if conn.role == "peer" and reason is not None and reason.kind == "repair":
             await self._check_co_holder(conn, key, version, start, end)
-        _, entry = await self.replicator.hold(key, version, integrity, count, start, end)
-        return {"entry": entry.raw.hex()}
+        _, entry = await self.replicator.hold(
+            key, version, request.integrity, request.segment_count, start, end
+        )
+        return HoldReply(entry.raw.hex())
 
     async def _check_co_holder(
         self, conn: Connection, key: bytes, version: int, start: int, end: int
@@ -189,7 +202,7 @@ class Operations:
                     return
         raise PermissionDeniedError("a repair comes from a holder of the range; this peer is not")
 
-    async def _op_publish(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_publish(self, conn: Connection, request: PublishRequest) -> PublishReply:
         """Store a signed manifest and its holder entries on the name's key/value peers.
 
         If every one of the k closest peers took the manifest, no other record can win
@@ -198,10 +211,10 @@ class Operations:
         belong to (the record rides first in the same request); if some peer refused
         entries, they are sent again once the record is there.
         """
-        raw = str(args.get("manifest", "")).encode()
+        raw = request.manifest.encode()
         manifest = parse_manifest(raw)
         dht = self.dht
-        entries = [bytes.fromhex(str(e)) for e in args.get("entries", []) if isinstance(e, str)]
+        entries = [bytes.fromhex(e) for e in request.entries]
         items = [raw, *entries]
         stored = await dht.put_with_entries(manifest.key, raw, items)
         accepted = stored.accepted
@@ -231,12 +244,7 @@ class Operations:
             manifest.deleted or manifest.version > self.config.repair.keep
         ):
             self.spawn(self._release_everywhere(manifest))
-        return {
-            "accepted": accepted,
-            "winner": winner,
-            "readable_paths": stored.readable_paths,
-            "quorum": stored.quorum,
-        }
+        return PublishReply(accepted, winner, stored.readable_paths, stored.quorum)
 
     async def _release_everywhere(self, proof: Manifest) -> None:
         """Show every known holder of the name the owner's new manifest (a tombstone, or
@@ -258,26 +266,20 @@ class Operations:
                     address, io_timeout=self.config.io_timeout, network=self.network
                 )
                 try:
-                    await conn.call("release", key=key.hex(), proof=proof.raw.decode())
+                    await conn.request(ReleaseRequest(key, proof.raw.decode()))
                 finally:
                     conn.close()
             except DifsError as exc:
                 log.info("release_failed peer=%s reason=%s", address, exc)
 
-    async def _op_release(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_release(self, conn: Connection, request: ReleaseRequest) -> ReleaseReply:
         """Free what an owner-signed manifest (``proof``) supersedes; open to anyone, as
         the proof alone decides."""
-        key = _key_arg(args)
-        proof = args.get("proof")
-        if not isinstance(proof, str):
-            raise UsageError(
-                "release needs the owner's signed proof: a tombstone or newer manifest"
-            )
         try:
-            manifest = parse_manifest(proof.encode(), key)
+            manifest = parse_manifest(request.proof.encode(), request.key)
         except WireError as exc:
             raise UsageError(f"malformed proof: {exc}") from None
-        return {"freed": await self._release(key, manifest)}
+        return ReleaseReply(await self._release(request.key, manifest))
 
     async def _release(self, key: bytes, proof: Manifest) -> int:
         """Free the holdings of ``key`` that ``proof`` supersedes in their own lineage
@@ -295,68 +297,64 @@ class Operations:
                 freed += await self.replicator.free_holding(h)
         return freed
 
-    async def _op_holds(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_holds(self, conn: Connection, request: RangeRequest) -> HoldsReply:
         """Whether this peer holds a range (asked by other holders for failure detection)."""
-        key, version = _key_arg(args), int_arg(args, "version")
-        start, end = int_arg(args, "start"), int_arg(args, "end")
-        return {"holds": self.holdings.covers(key, version, start, end)}
+        r = request
+        return HoldsReply(self.holdings.covers(r.key, r.version, r.start, r.end))
 
-    async def _op_holds_ranges(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        """Whether this peer holds each of up to ``MAX_PROBE_RANGES`` ranges, in order (one
-        request per co-holder and maintenance round)."""
-        queries = _ranges_arg(args)
+    async def _op_holds_ranges(self, conn: Connection, request: RangesRequest) -> HoldsRangesReply:
+        """Whether this peer holds each of up to ``ops.MAX_PROBE_RANGES`` ranges, in order
+        (one request per co-holder and maintenance round)."""
         db = self.holdings
 
-        def answer() -> list[bool]:
-            return [db.covers(key, version, start, end) for key, version, start, end in queries]
+        def answer() -> tuple[bool, ...]:
+            return tuple(db.covers(r.key, r.version, r.start, r.end) for r in request.ranges)
 
-        return {"holds": await asyncio.to_thread(answer)}
+        return HoldsRangesReply(await asyncio.to_thread(answer))
 
-    async def _op_prove(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_prove(self, conn: Connection, request: ProveRequest) -> ProveReply:
         """Prove to a DHT peer listing our entry that we hold a range: our node key's
         signature over its nonce and the range (holdproof.prove_message), if we hold it."""
-        request = CONTROL_TABLE["prove"].check(args)
-        assert isinstance(request, control.ProveRequest)
         key, version, start, end = request.key, request.version, request.start, request.end
         if not self.holdings.covers(key, version, start, end):
-            return {"holds": False}
+            return ProveReply(False)
         message = prove_message(request.nonce, key, version, start, end)
-        return {"holds": True, "sig": self.identity.sign(message).hex()}
+        return ProveReply(True, self.identity.sign(message))
 
-    async def _op_check(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_check(self, conn: Connection, request: CheckRequest) -> CheckReply:
         """Verify every stored segment; with repair, quarantine damage and fetch good copies."""
-        repair = args.get("repair") is True
+        repair = request.repair
         report = await asyncio.to_thread(self.store.check, repair)
         healed = 0
         if repair:
             for seg_id in [*report.corrupt, *report.missing]:
                 healed += await self._heal(seg_id)
         orphans = await asyncio.to_thread(self.store.orphans)
-        return {
-            "checked": report.checked,
-            "ok": report.ok,
-            "corrupt": [c.hex() for c in report.corrupt],
-            "missing": [m.hex() for m in report.missing],
-            "healed": healed,
+        return CheckReply(
+            report.checked,
+            report.ok,
+            tuple(c.hex() for c in report.corrupt),
+            tuple(m.hex() for m in report.missing),
+            healed,
             # segments no holding keeps: sent by an upload in progress, or orphaned (left
             # by a failed one and collected within the grace time)
-            "uploading": {"segments": orphans.pending, "bytes": orphans.pending_bytes},
-            "orphans": {"segments": orphans.orphaned, "bytes": orphans.orphaned_bytes},
-            "orphan_grace": self.config.repair.orphan_grace,
-        }
+            (orphans.pending, orphans.pending_bytes),
+            (orphans.orphaned, orphans.orphaned_bytes),
+            self.config.repair.orphan_grace,
+        )
 
-    async def _op_suspect(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_suspect(self, conn: Connection, request: SuspectRequest) -> SuspectReply:
         """A fetcher got a bad copy of a segment from us: verify it, heal it if damaged."""
-        seg_id = hex_arg(args, "segment", 32)
+        seg_id = request.segment
         store = self.store
         if not store.has(seg_id):
-            return {"damaged": False, "healed": 0}
+            return SuspectReply(False, 0)
         try:
             await asyncio.to_thread(store.read, seg_id)
-            return {"damaged": False, "healed": 0}
+            return SuspectReply(False, 0)
         except IntegrityError:
             pass
-        return {"damaged": True, "healed": await self._heal(seg_id)}
+        return SuspectReply(True, await self._heal(seg_id))
 
     async def _heal(self, seg_id: bytes) -> int:
         """Fetch a good copy of a damaged or missing segment from another holder."""
@@ -364,32 +362,7 @@ class Operations:
         self.maintainer.stats.healed_segments += healed
         return healed
 
-    async def _op_abandon(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_abandon(self, conn: Connection, request: AbandonRequest) -> AbandonReply:
         """The client gives up a publish: drop what this connection uploaded and placed
         but did not publish."""
-        return {"freed": await self.uploads.abandon(conn)}
-
-
-def _ranges_arg(args: dict[str, Any]) -> list[Query]:
-    """The ``ranges`` argument of ``holds_ranges``: [[key hex, version, start, end], ...]."""
-    items = args.get("ranges")
-    if not isinstance(items, list) or len(items) > MAX_PROBE_RANGES:
-        raise UsageError(f"ranges must be a list of at most {MAX_PROBE_RANGES} ranges")
-    queries: list[Query] = []
-    for item in items:
-        if not isinstance(item, list) or len(item) != 4:
-            raise UsageError("each range must be [key, version, start, end]")
-        fields = dict(zip(("key", "version", "start", "end"), item, strict=True))
-        queries.append(
-            (
-                _key_arg(fields),
-                int_arg(fields, "version"),
-                int_arg(fields, "start"),
-                int_arg(fields, "end"),
-            )
-        )
-    return queries
-
-
-def _key_arg(args: dict[str, Any]) -> bytes:
-    return hex_arg(args, "key", 20)
+        return AbandonReply(await self.uploads.abandon(conn))

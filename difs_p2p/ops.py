@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeGuard, TypeVar
 
 from difs_p2p.errors import UsageError, WireError
 
@@ -67,8 +67,6 @@ __all__ = [
     "decode_reply",
     "encode_reply",
     "encode_request",
-    "hex_arg",
-    "int_arg",
     "no_args",
 ]
 
@@ -92,7 +90,7 @@ class Op(Generic[R]):
 # -- argument checks ----------------------------------------------------------------------
 
 
-def hex_arg(args: dict[str, Any], name: str, size: int) -> bytes:
+def _hex_arg(args: dict[str, Any], name: str, size: int) -> bytes:
     """Argument ``name``: exactly ``size`` bytes, sent as hex (UsageError otherwise)."""
     value = args.get(name)
     try:
@@ -104,7 +102,7 @@ def hex_arg(args: dict[str, Any], name: str, size: int) -> bytes:
     return raw
 
 
-def int_arg(args: dict[str, Any], name: str) -> int:
+def _int_arg(args: dict[str, Any], name: str) -> int:
     """Argument ``name``: a non-negative integer below 2**62 (UsageError otherwise)."""
     value = args.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
@@ -138,6 +136,17 @@ def _strings(body: dict[str, Any], op: str, name: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _bad(op, name, "a list of strings")
     return tuple(value)
+
+
+def _is_hex(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a string of hex digits (any even length)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _hex(value: object, op: str, name: str, size: int) -> bytes:
@@ -385,22 +394,22 @@ class CheckRequest(Op[CheckReply]):
 
 
 def _resolve_request(args: dict[str, Any]) -> ResolveRequest:
-    return ResolveRequest(hex_arg(args, "key", 20))
+    return ResolveRequest(_hex_arg(args, "key", 20))
 
 
 def _release_request(args: dict[str, Any]) -> ReleaseRequest:
     proof = args.get("proof")
     if not isinstance(proof, str):
         raise UsageError("release needs the owner's signed proof: a tombstone or newer manifest")
-    return ReleaseRequest(hex_arg(args, "key", 20), proof)
+    return ReleaseRequest(_hex_arg(args, "key", 20), proof)
 
 
 def _range_request(args: dict[str, Any]) -> RangeRequest:
     return RangeRequest(
-        hex_arg(args, "key", 20),
-        int_arg(args, "version"),
-        int_arg(args, "start"),
-        int_arg(args, "end"),
+        _hex_arg(args, "key", 20),
+        _int_arg(args, "version"),
+        _int_arg(args, "start"),
+        _int_arg(args, "end"),
     )
 
 
@@ -408,7 +417,7 @@ def _prove_request(args: dict[str, Any]) -> ProveRequest:
     r = _range_request(args)
     if r.end < r.start:
         raise UsageError("end must not be before start")
-    return ProveRequest(r.key, r.version, r.start, r.end, hex_arg(args, "nonce", NONCE_SIZE))
+    return ProveRequest(r.key, r.version, r.start, r.end, _hex_arg(args, "nonce", NONCE_SIZE))
 
 
 def _ranges_request(args: dict[str, Any]) -> RangesRequest:
@@ -435,12 +444,12 @@ def _hold_reason(value: object) -> HoldReason | None:
 
 def _hold_request(args: dict[str, Any]) -> HoldRequest:
     request = HoldRequest(
-        hex_arg(args, "key", 20),
-        int_arg(args, "version"),
-        hex_arg(args, "integrity", 32),
-        int_arg(args, "segment_count"),
-        int_arg(args, "start"),
-        int_arg(args, "end"),
+        _hex_arg(args, "key", 20),
+        _int_arg(args, "version"),
+        _hex_arg(args, "integrity", 32),
+        _int_arg(args, "segment_count"),
+        _int_arg(args, "start"),
+        _int_arg(args, "end"),
         _hold_reason(args.get("reason")),
     )
     reason = request.reason
@@ -456,12 +465,12 @@ def _hold_request(args: dict[str, Any]) -> HoldRequest:
 
 def _place_request(args: dict[str, Any]) -> PlaceRequest:
     request = PlaceRequest(
-        hex_arg(args, "key", 20),
-        int_arg(args, "version"),
-        hex_arg(args, "integrity", 32),
-        int_arg(args, "segment_count"),
-        int_arg(args, "stripes"),
-        int_arg(args, "replicas"),
+        _hex_arg(args, "key", 20),
+        _int_arg(args, "version"),
+        _hex_arg(args, "integrity", 32),
+        _int_arg(args, "segment_count"),
+        _int_arg(args, "stripes"),
+        _int_arg(args, "replicas"),
     )
     if request.replicas > MAX_REPLICAS:
         raise UsageError(f"replicas must be at most {MAX_REPLICAS}")
@@ -472,7 +481,7 @@ def _publish_request(args: dict[str, Any]) -> PublishRequest:
     manifest, entries = args.get("manifest"), args.get("entries", [])
     if not isinstance(manifest, str):
         raise UsageError("manifest must be the manifest's JSON text")
-    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+    if not isinstance(entries, list) or not all(_is_hex(e) for e in entries):
         raise UsageError("entries must be a list of hex strings")
     return PublishRequest(manifest, tuple(entries))
 
@@ -485,7 +494,7 @@ def _check_request(args: dict[str, Any]) -> CheckRequest:
 
 
 def _suspect_request(args: dict[str, Any]) -> SuspectRequest:
-    return SuspectRequest(hex_arg(args, "segment", 32))
+    return SuspectRequest(_hex_arg(args, "segment", 32))
 
 
 # -- requests: typed -> args (the asking side) --------------------------------------------
@@ -603,7 +612,7 @@ def _suspect_reply(body: dict[str, Any]) -> SuspectReply:
 
 def _hold_reply(body: dict[str, Any]) -> HoldReply:
     entry = body.get("entry")
-    if not isinstance(entry, str):
+    if not _is_hex(entry):
         raise _bad("hold", "entry", "a hex string")
     return HoldReply(entry)
 

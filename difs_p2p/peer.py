@@ -129,7 +129,7 @@ class Peer:
         )
         # The control operations by name (the service consults this table per request);
         # each runs on the operations of the running peer.
-        self._controls: dict[str, ControlHandler] = {
+        self._controls: dict[str, ControlHandler[Any, Any]] = {
             op: functools.partial(self._control, op) for op in sorted(OPERATIONS)
         }
 
@@ -256,11 +256,11 @@ class Peer:
             open_work=self._open_work,
         )
 
-    async def _control(self, op: str, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        """Run control operation ``op`` on the running peer's operations."""
+    async def _control(self, op: str, conn: Connection, request: Any) -> Any:
+        """Run control operation ``op`` (its typed request) on the running peer's operations."""
         if self._operations is None:
             raise NetworkError("the peer is not running")
-        return await self._operations.handlers[op](conn, args)
+        return await self._operations.handlers[op](conn, request)
 
     async def _join(self) -> None:
         """Bootstrap from --bootstrap addresses (retrying), else from saved contacts."""

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence, Set
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from difs_p2p import control, segments, wire
 from difs_p2p.config import PeerConfig
@@ -33,7 +33,15 @@ from difs_p2p.holders import HolderEntry, build_holder_entry, parse_holder_entry
 from difs_p2p.holdings import Holding, Holdings, Query, holding_owner
 from difs_p2p.identity import Identity
 from difs_p2p.net import PeerNetwork
-from difs_p2p.ops import MAX_PROBE_RANGES
+from difs_p2p.ops import (
+    MAX_PROBE_RANGES,
+    HoldReason,
+    HoldRequest,
+    PlacedRange,
+    PlaceReply,
+    RangeRequest,
+    RangesRequest,
+)
 from difs_p2p.placement import choose_targets, range_key, shortfall
 from difs_p2p.records import split_entries
 from difs_p2p.routing import Contact
@@ -65,7 +73,7 @@ def open_stored(store: SegmentStore, seg_id: bytes) -> tuple[BinaryIO, int]:
 async def _expect_ack(conn: Connection) -> None:
     frame = await conn.read_frame()
     if isinstance(frame, wire.Error):
-        raise remote_error(frame)
+        raise remote_error(frame, conn.peer_address)
     if not isinstance(frame, wire.Ack):
         raise IntegrityError("expected an ACK")
 
@@ -224,25 +232,13 @@ class Replicator:
                     pending -= 1
             for _ in range(pending):
                 await _expect_ack(conn)
-            reply = await conn.call(
-                "hold",
-                key=key.hex(),
-                version=version,
-                integrity=integrity.hex(),
-                segment_count=len(hashes),
-                start=start,
-                end=end,
-                reason={
-                    "kind": kind,
-                    "key": key.hex(),
-                    "version": version,
-                    "start": start,
-                    "end": end,
-                },
+            reason = HoldReason(kind, key, version, start, end)
+            reply = await conn.request(
+                HoldRequest(key, version, integrity, len(hashes), start, end, reason)
             )
         finally:
             conn.close()
-        entry = parse_holder_entry(bytes.fromhex(str(reply.get("entry", ""))))
+        entry = parse_holder_entry(bytes.fromhex(reply.entry))
         if (entry.key, entry.version, entry.start, entry.end) != (key, version, start, end):
             raise IntegrityError("holder signed an entry for something else")
         return entry
@@ -288,7 +284,7 @@ class Replicator:
         ranges: list[tuple[int, int]],
         replicas: int,
         mine: list[Holding],
-    ) -> dict[str, Any]:
+    ) -> PlaceReply:
         """Make r copies of each range on the closest peers to its range key that accept
         it, this peer included where placement picks it (its new holdings are appended
         to ``mine``); the entries, holders per range and warnings ``place`` answers."""
@@ -297,7 +293,7 @@ class Replicator:
         warnings: list[str] = []
         me = self.node_id
 
-        async def place_range(i: int, start: int, end: int) -> dict[str, Any]:
+        async def place_range(i: int, start: int, end: int) -> PlacedRange:
             taken: list[AlreadyExistsError] = []
 
             async def copy(contact: Contact) -> HolderEntry:
@@ -343,26 +339,27 @@ class Replicator:
             warning = shortfall(start, end, len(made), replicas, len(candidates))
             if warning is not None:
                 warnings.append(warning)
-            return {"start": start, "end": end, "holders": [e.node_id.hex() for e in made]}
+            return PlacedRange(start, end, tuple(e.node_id.hex() for e in made))
 
         # every range's placement ends before a failure is raised, so that ``mine`` lists
         # every holding made here (the caller frees them) and no push outlives the call
         outcomes = await asyncio.gather(
             *(place_range(i, a, b) for i, (a, b) in enumerate(ranges)), return_exceptions=True
         )
-        placed = []
+        placed: list[PlacedRange] = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
             placed.append(outcome)
-        return {"entries": entries, "ranges": placed, "warnings": sorted(set(warnings))}
+        return PlaceReply(tuple(entries), tuple(placed), tuple(sorted(set(warnings))))
 
     async def probe_ranges(
         self, address: tuple[str, int], queries: list[Query], *, limit: float
     ) -> list[bool] | None:
         """Ask a peer over one connection whether it holds each range (key, version, start,
         end): its answers in order, or None if it did not answer within ``limit`` seconds
-        per request. A peer without ``holds_ranges`` is asked range by range (``holds``)."""
+        per request (or answered what does not decode). A peer without ``holds_ranges`` is
+        asked range by range (``holds``)."""
         try:
             async with asyncio.timeout(limit):
                 conn = await Connection.open(
@@ -376,24 +373,20 @@ class Replicator:
                     if batched:
                         try:
                             async with asyncio.timeout(limit):
-                                reply = await conn.call(
-                                    "holds_ranges",
-                                    ranges=[[k.hex(), v, a, b] for k, v, a, b in chunk],
+                                reply = await conn.request(
+                                    RangesRequest(tuple(RangeRequest(*q) for q in chunk))
                                 )
                         except RemoteRejectedError:
                             batched = False  # an older peer: unknown operation
                         else:
-                            holds = reply.get("holds")
-                            if not isinstance(holds, list) or len(holds) != len(chunk):
+                            if len(reply.holds) != len(chunk):
                                 return None
-                            answers += [x is True for x in holds]
+                            answers += reply.holds
                             continue
-                    for key, version, start, end in chunk:
+                    for query in chunk:
                         async with asyncio.timeout(limit):
-                            reply = await conn.call(
-                                "holds", key=key.hex(), version=version, start=start, end=end
-                            )
-                        answers.append(reply.get("holds") is True)
+                            single = await conn.request(RangeRequest(*query))
+                        answers.append(single.holds)
                 return answers
             finally:
                 conn.close()

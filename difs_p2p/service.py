@@ -2,9 +2,11 @@
 
 Requests are read as they arrive and answered concurrently, replies leave in request order;
 segments go out with sendfile. Each request is checked against the permission table
-(control.CONTROL_TABLE) before any work; control operations go to the peer's handlers
-(``controls``, see operations.py), uploaded segments to the connection's upload session
-(uploads.py), and GET_SEG is answered from the segment store.
+(control.CONTROL_TABLE) before any work, and a CALL's arguments are decoded there into the
+operation's typed request (ops.OPS); control operations go to the peer's handlers
+(``controls``, see operations.py), which answer a typed reply that the same row of ops.OPS
+encodes; uploaded segments go to the connection's upload session (uploads.py), and GET_SEG
+is answered from the segment store.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
-from difs_p2p import control, wire
+from difs_p2p import control, ops, wire
 from difs_p2p.config import PeerConfig
 from difs_p2p.control import CONTROL_TABLE, OpRule, Role
 from difs_p2p.errors import (
@@ -142,8 +144,22 @@ async def _enqueue(
     return False
 
 
-# A control operation's handler: (connection, CALL arguments) -> reply body.
-ControlHandler = Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]
+Req = TypeVar("Req", bound=ops.Op[Any])
+Rep = TypeVar("Rep")
+
+# A control operation's handler: (connection, typed request) -> typed reply, the request
+# and reply classes of the operation's row in ops.OPS (the service decodes the one and
+# encodes the other; a handler never sees the CALL's arguments).
+ControlHandler = Callable[[Connection, Req], Awaitable[Rep]]
+
+
+def _reply_body(op: str, reply: object) -> dict[str, Any]:
+    """The REPLY body for a handler's typed reply to ``op``; TypeError (a bug here, answered
+    as INTERNAL) if the handler answered anything but the operation's reply class."""
+    codec = ops.OPS[op]
+    if not isinstance(reply, codec.reply):
+        raise TypeError(f"the {op} handler answered a {type(reply).__name__}")
+    return codec.encode_reply(reply)
 
 
 class Service:
@@ -157,7 +173,7 @@ class Service:
         token: bytes,
         store: SegmentStore,
         uploads: Uploads,
-        controls: dict[str, ControlHandler],
+        controls: dict[str, ControlHandler[Any, Any]],
         budget: ByteBudget,
         open_work: RateBucket,
     ) -> None:
@@ -313,7 +329,9 @@ class Service:
         return asyncio.create_task(_ready(hello)), True
 
     def _dispatch(self, conn: Connection, frame: wire.Frame) -> asyncio.Task[Reply]:
-        """Check a request against the permission table, then start answering it."""
+        """Check a request against the permission table, then start answering it (a CALL
+        with the typed request its arguments decoded to)."""
+        request: object = None
         try:
             if isinstance(frame, wire.Call):
                 rule = CONTROL_TABLE.get(frame.op)
@@ -337,7 +355,7 @@ class Service:
                     raise BusyError(f"too many {frame.op} requests from strangers: try later")
         except DifsError as exc:
             return _refusal(frame.request_id, exc)
-        return asyncio.create_task(self._answer(conn, frame))
+        return asyncio.create_task(self._answer(conn, frame, request))
 
     async def _write_replies(
         self, conn: Connection, replies: asyncio.Queue[asyncio.Task[Reply] | None]
@@ -362,9 +380,9 @@ class Service:
                     conn.in_flight = max(0, conn.in_flight - 1)
                     conn.last_work = time.monotonic()
 
-    async def _answer(self, conn: Connection, frame: wire.Frame) -> Reply:
+    async def _answer(self, conn: Connection, frame: wire.Frame, request: object) -> Reply:
         try:
-            return await self._answer_frame(conn, frame)
+            return await self._answer_frame(conn, frame, request)
         except DifsError as exc:
             return wire.Error(request_id=frame.request_id, code=error_code(exc), message=str(exc))
         except Exception as exc:
@@ -376,11 +394,11 @@ class Service:
                 message=f"internal error in the peer ({type(exc).__name__})",
             )
 
-    async def _answer_frame(self, conn: Connection, frame: wire.Frame) -> Reply:
+    async def _answer_frame(self, conn: Connection, frame: wire.Frame, request: object) -> Reply:
         if isinstance(frame, wire.Call):
             handler = self.controls[frame.op]
-            body = await handler(conn, frame.args)
-            return wire.Reply(request_id=frame.request_id, body=body)
+            reply = await handler(conn, request)
+            return wire.Reply(request_id=frame.request_id, body=_reply_body(frame.op, reply))
         if isinstance(frame, wire.PutSeg):
             stored = await self.uploads.receive(conn, frame.seg_id, frame.data)
             return wire.Ack(request_id=frame.request_id, seg_id=frame.seg_id, stored=stored)

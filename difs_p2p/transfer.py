@@ -177,7 +177,7 @@ class Connection:
         self.loop = asyncio.get_running_loop()
         self._header = bytearray(wire.HEADER_SIZE)
         self._send_lock = asyncio.Lock()
-        # Held for a whole request/reply exchange (``call``, or a caller's pipelined
+        # Held for a whole request/reply exchange (``request``, or a caller's pipelined
         # uploads), so that tasks sharing the connection take turns instead of reading
         # each other's replies. An exchange cut short (cancelled, failed) closes the
         # connection: its reply may still arrive, and nobody may read it as theirs.
@@ -392,17 +392,15 @@ class Connection:
 
         UsageError before anything is sent if the request would not pass the peer's check;
         the remote error if the peer answers one; WireError if the reply does not decode.
+        Safe to use from concurrent tasks: requests on one connection take turns.
         """
         op, args = ops.encode_request(request)
-        body = await self.call(op, **args)
+        body = await self._call(op, args)
         reply: R = ops.decode_reply(op, body)
         return reply
 
-    async def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """Send a CALL and return its REPLY body (or raise the remote error).
-
-        Safe to use from concurrent tasks: calls on one connection take turns.
-        """
+    async def _call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Send a CALL and return its REPLY body (or raise the remote error)."""
         async with self.exchange:
             complete = False
             try:

@@ -10,10 +10,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from difs_p2p import wire
 from difs_p2p.config import DhtConfig, PeerConfig
 from difs_p2p.dht import Dht
 from difs_p2p.identity import Identity
 from difs_p2p.recordstore import AcceptAll, RecordPolicy
+from difs_p2p.transfer import Connection, remote_error
 
 if TYPE_CHECKING:
     from difs_p2p.client import Client
@@ -48,6 +50,17 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(step)
+
+
+async def raw_call(conn: Connection, op: str, **args: Any) -> dict[str, Any]:
+    """A CALL with exactly these arguments, unchecked (what a peer does with requests our
+    typed ones never send, or the JSON it answers): its REPLY body, or the remote error."""
+    await conn.send(wire.Call(request_id=0, op=op, args=args))
+    frame = await conn.read_frame()
+    if isinstance(frame, wire.Error):
+        raise remote_error(frame, conn.peer_address)
+    assert isinstance(frame, wire.Reply), frame
+    return dict(frame.body)
 
 
 def wait_for_sync(condition: Callable[[], bool], timeout: float = 20.0) -> None:

@@ -28,6 +28,7 @@ from difs_p2p.holders import parse_holder_entry
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import build_manifest
 from difs_p2p.names import name_key
+from difs_p2p.ops import PlaceRequest, PublishRequest
 from difs_p2p.peer import Peer
 from difs_p2p.records import canonical_json
 from difs_p2p.recordstore import AcceptAll
@@ -37,6 +38,7 @@ from tests.helpers import (
     client_for,
     new_dht,
     peer_config,
+    raw_call,
     start_dhts,
     start_peer_process,
     start_peers,
@@ -611,7 +613,7 @@ async def _operator(peer: Peer) -> Connection:
 
 async def _refused(conn: Connection, op: str, **args: object) -> None:
     with pytest.raises(PermissionDeniedError):
-        await conn.call(op, **args)
+        await raw_call(conn, op, **args)
 
 
 def _one_segment_object() -> tuple[bytes, bytes, bytes, bytes]:
@@ -751,9 +753,9 @@ async def test_the_operator_with_the_token_may_do_everything(
         for sid, blob in ((seg_id, data), (root, hash_list)):
             assert isinstance(await _upload(operator, sid, blob), wire.Ack)
         args = {"key": key.hex(), "version": 1, "integrity": root.hex(), "segment_count": 1}
-        held = await operator.call("hold", **args, start=0, end=0)
+        held = await raw_call(operator, "hold", **args, start=0, end=0)
         assert parse_holder_entry(bytes.fromhex(held["entry"])).key == key
-        placed = await operator.call("place", **args, stripes=1, replicas=2)
+        placed = await raw_call(operator, "place", **args, stripes=1, replicas=2)
         assert len(placed["entries"]) >= 2
         owner = Identity.generate()
         manifest = build_manifest(
@@ -770,13 +772,13 @@ async def test_the_operator_with_the_token_may_do_everything(
             integrity=root,
             created=0.0,
         )
-        published = await operator.call(
-            "publish", manifest=manifest.raw.decode(), entries=placed["entries"]
+        published = await raw_call(
+            operator, "publish", manifest=manifest.raw.decode(), entries=placed["entries"]
         )
         assert published["winner"] == manifest.hash
-        assert (await operator.call("status"))["node_id"] == peer.node_id.hex()
-        assert (await operator.call("check"))["ok"] >= 2
-        assert (await operator.call("suspect", segment=seg_id.hex()))["damaged"] is False
+        assert (await raw_call(operator, "status"))["node_id"] == peer.node_id.hex()
+        assert (await raw_call(operator, "check"))["ok"] >= 2
+        assert (await raw_call(operator, "suspect", segment=seg_id.hex()))["damaged"] is False
     finally:
         operator.close()
     out = tmp_path / "out"
@@ -828,7 +830,7 @@ async def test_a_peer_may_push_a_range_but_not_control_the_peer(trio: list[Peer]
         await _refused(conn, "hold", **args)
         await _refused(conn, "hold", **args, reason={**reason, "kind": "repair"})
         assert peer.replicator.holdings.of_key(key) == []
-        held = await conn.call("hold", **args, reason={**reason, "kind": "place"})
+        held = await raw_call(conn, "hold", **args, reason={**reason, "kind": "place"})
         assert parse_holder_entry(bytes.fromhex(held["entry"])).node_id == peer.node_id
         await _refused(conn, "place", **args, stripes=1, replicas=3)
         await _refused(conn, "status")
@@ -846,7 +848,7 @@ async def test_suspect_reports_from_strangers_are_rate_limited(trio: list[Peer])
     try:
         for _ in range(100):
             try:
-                await conn.call("suspect", segment=os.urandom(32).hex())
+                await raw_call(conn, "suspect", segment=os.urandom(32).hex())
             except BusyError:
                 busy += 1
     finally:
@@ -937,7 +939,7 @@ async def test_a_full_peer_makes_room_for_another_address(tmp_path: Path) -> Non
         await wait_for(lambda: peer.server is not None and peer.server.connections == 16)
         conn = await _operator(peer)
         try:
-            assert (await conn.call("status"))["node_id"] == peer.node_id.hex()
+            assert (await raw_call(conn, "status"))["node_id"] == peer.node_id.hex()
         finally:
             conn.close()
         assert peer.server.evicted >= 1
@@ -1095,7 +1097,7 @@ async def _release_call(address: tuple[str, int], key: bytes, **args: str) -> di
 
     conn = await Connection.open(address, io_timeout=5.0)
     try:
-        return await conn.call("release", key=key.hex(), **args)
+        return await raw_call(conn, "release", key=key.hex(), **args)
     except DifsError as exc:
         return {"error": str(exc)}
     finally:
@@ -1184,16 +1186,11 @@ async def test_a_strangers_entries_and_history_for_a_victims_name_are_refused(
     # stop it, so the entry sets and holders must
     async with client_for(peers[0], publisher=stranger) as client:
         hashes, integrity, _ = await client._upload(swap, SEG, None)
-        placed = await client._call(
-            "place",
-            key=key.hex(),
-            version=1000,
-            integrity=integrity.hex(),
-            segment_count=len(hashes),
-            stripes=segments.default_stripes(len(hashes)),
-            replicas=3,
+        stripes = segments.default_stripes(len(hashes))
+        placed = await client._request(
+            PlaceRequest(key, 1000, integrity, len(hashes), stripes, replicas=3)
         )
-        assert placed["entries"], "honest peers signed holder entries for the stranger"
+        assert placed.entries, "honest peers signed holder entries for the stranger"
         fake = build_manifest(
             stranger,
             name=name,
@@ -1208,9 +1205,9 @@ async def test_a_strangers_entries_and_history_for_a_victims_name_are_refused(
             integrity=integrity,
             created=1.0,
         )
-        await client._call("publish", manifest=fake.raw.decode(), entries=placed["entries"])
+        await client._request(PublishRequest(fake.raw.decode(), placed.entries))
     # and straight from the stranger's node, to every peer
-    await evil.add_entries(key, [fake.raw, *(bytes.fromhex(e) for e in placed["entries"])])
+    await evil.add_entries(key, [fake.raw, *(bytes.fromhex(e) for e in placed.entries)])
 
     for p in peers:
         stored = p.replicator.dht.store.entries(key, p.clock())
@@ -1712,7 +1709,7 @@ async def test_a_writer_whose_delegation_ran_out_cannot_delete_by_backdating(
         for peer in net:
             conn = await Connection.open(peer.address, io_timeout=5.0)  # a stranger
             try:
-                reply = await conn.call("release", key=m.key.hex(), proof=tomb.raw.decode())
+                reply = await raw_call(conn, "release", key=m.key.hex(), proof=tomb.raw.decode())
                 freed += int(reply.get("freed", 0))
             finally:
                 conn.close()
@@ -1735,7 +1732,8 @@ async def _squat(address: tuple[str, int], key: bytes, version: int, me: Identit
             await conn.send(wire.PutSeg(request_id=i + 1, seg_id=sid, data=data))
             assert isinstance(await conn.read_frame(), wire.Ack)
         reason = {"kind": "place", "key": key.hex(), "version": version, "start": 0, "end": 0}
-        await conn.call(
+        await raw_call(
+            conn,
             "hold",
             key=key.hex(),
             version=version,

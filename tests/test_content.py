@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from difs_p2p.holders import (
 )
 from difs_p2p.identity import Identity
 from difs_p2p.names import name_key
+from difs_p2p.ops import Op, ResolveReply
 from difs_p2p.peer import Peer
 from difs_p2p.pins import Pins
 from difs_p2p.placement import range_key
@@ -498,13 +500,14 @@ async def test_holder_entries_with_bad_signatures_are_never_used(
     class Forging(Client):
         keep_valid = True
 
-        async def _call(self, op: str, **args: Any) -> dict[str, Any]:
-            body = await super()._call(op, **args)
-            if op == "resolve":
-                valid = [str(h) for h in body["holders"]]
+        async def _request(self, request: Op[Any]) -> Any:
+            reply = await super()._request(request)
+            if isinstance(reply, ResolveReply):
+                valid = list(reply.holders)
                 entry = decode_holder_entry(bytes.fromhex(valid[0]))
-                body["holders"] = [_forged(entry, port)] + (valid if self.keep_valid else [])
-            return body
+                holders = [_forged(entry, port)] + (valid if self.keep_valid else [])
+                reply = replace(reply, holders=tuple(holders))
+            return reply
 
     forging = Forging(network[4].address)
     async with forging:

@@ -40,7 +40,7 @@ from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
 from difs_p2p.segments import segment_hash
 from difs_p2p.transfer import BudgetedPool, ByteBudget, Connection, remote_error
-from tests.helpers import peer_config, start_peers, stop_all, wait_for
+from tests.helpers import peer_config, raw_call, start_peers, stop_all, wait_for
 
 PROTOCOL = Path(__file__).parent.parent / "docs" / "PROTOCOL.md"
 
@@ -271,6 +271,69 @@ def test_requests_and_replies_round_trip_through_the_one_codec(op: str) -> None:
     assert ops.decode_reply(op, body) == reply
 
 
+# Each reply shape as the handlers built it by hand before they answered typed replies:
+# the JSON on the wire (keys in this order) must not change, so that peers of both kinds
+# understand each other.
+SIG = b"\x01" * 64
+WIRE_REPLIES: list[tuple[str, object, dict[str, object]]] = [
+    ("status", ops.StatusReply({"node_id": "ab", "contacts": 3}), {"node_id": "ab", "contacts": 3}),
+    (
+        "resolve",
+        ops.ResolveReply(("{}",), (), ("ee", "ff")),
+        {"manifests": ["{}"], "history": [], "holders": ["ee", "ff"]},
+    ),
+    (
+        "place",
+        ops.PlaceReply(("aa", "bb"), (ops.PlacedRange(0, 4, ("01", "02")),), ("w",)),
+        {
+            "entries": ["aa", "bb"],
+            "ranges": [{"start": 0, "end": 4, "holders": ["01", "02"]}],
+            "warnings": ["w"],
+        },
+    ),
+    ("hold", ops.HoldReply("abcd"), {"entry": "abcd"}),
+    (
+        "publish",
+        ops.PublishReply(2, None, 1, 3),
+        {"accepted": 2, "winner": None, "readable_paths": 1, "quorum": 3},
+    ),
+    ("release", ops.ReleaseReply(4096), {"freed": 4096}),
+    ("abandon", ops.AbandonReply(0), {"freed": 0}),
+    ("holds", ops.HoldsReply(False), {"holds": False}),
+    ("holds_ranges", ops.HoldsRangesReply((True, False)), {"holds": [True, False]}),
+    ("prove", ops.ProveReply(False), {"holds": False}),
+    ("prove", ops.ProveReply(True, SIG), {"holds": True, "sig": SIG.hex()}),
+    (
+        "check",
+        ops.CheckReply(5, 4, ("aa",), (), 1, (2, 8192), (0, 0), 300.0),
+        {
+            "checked": 5,
+            "ok": 4,
+            "corrupt": ["aa"],
+            "missing": [],
+            "healed": 1,
+            "uploading": {"segments": 2, "bytes": 8192},
+            "orphans": {"segments": 0, "bytes": 0},
+            "orphan_grace": 300.0,
+        },
+    ),
+    ("suspect", ops.SuspectReply(True, 1), {"damaged": True, "healed": 1}),
+]
+
+
+@pytest.mark.parametrize(("op", "reply", "body"), WIRE_REPLIES)
+def test_a_typed_reply_encodes_to_the_json_handlers_sent_before(
+    op: str, reply: object, body: dict[str, object]
+) -> None:
+    """A handler's typed reply leaves as the same JSON text the dict-built reply did."""
+    assert json.dumps(ops.encode_reply(op, reply)) == json.dumps(body)
+
+
+def test_every_reply_shape_has_its_wire_form() -> None:
+    """WIRE_REPLIES covers every control operation."""
+    assert {op for op, _, _ in WIRE_REPLIES} == set(ops.OPS)
+
+
 def test_the_documented_replies_cover_every_operation() -> None:
     """docs/PROTOCOL.md's control-operation table has a reply for each operation."""
     text = PROTOCOL.read_text()
@@ -290,6 +353,7 @@ def test_the_documented_replies_cover_every_operation() -> None:
         ("resolve", {"manifests": "x"}, "resolve.manifests"),
         ("resolve", {"holders": [1]}, "resolve.holders"),
         ("holds", {}, "holds.holds"),
+        ("hold", {"entry": "not hex"}, "hold.entry"),
         ("holds_ranges", {"holds": [True, 1]}, "holds_ranges.holds"),
         ("prove", {"holds": True, "sig": "zz"}, "prove.sig"),
         ("prove", {"holds": "yes"}, "prove.holds"),
@@ -315,8 +379,9 @@ def test_a_malformed_reply_is_the_peers_fault(op: str, body: dict[str, object], 
         ops.PlaceRequest(KEY, 1, INTEGRITY, 1, 1, 1000),  # over MAX_REPLICAS
         ops.HoldRequest(KEY, 1, INTEGRITY, 9, 0, 4, ops.HoldReason("place", KEY, 1, 0, 3)),
         ops.RangesRequest((ops.RangeRequest(KEY, 1, 0, 0),) * 1025),
+        ops.PublishRequest("{}", ("aa", "not hex")),
     ],
-    ids=["prove-range", "short-key", "replicas", "reason-range", "too-many-ranges"],
+    ids=["prove-range", "short-key", "replicas", "reason-range", "too-many-ranges", "entries"],
 )
 def test_our_own_bad_request_is_a_usage_error_before_sending(request_: ops.Op[object]) -> None:
     """A request the peer's check would refuse is refused here (UsageError), unsent."""
@@ -338,11 +403,11 @@ async def test_remote_errors_name_the_peer_and_stay_apart_from_misuse(tmp_path: 
         where = f"{peers[0].address[0]}:{peers[0].address[1]}"
         try:
             with pytest.raises(RemoteRejectedError) as rejected:
-                await conn.call("holds", key="zz", version=1, start=0, end=0)
+                await raw_call(conn, "holds", key="zz", version=1, start=0, end=0)
             assert not isinstance(rejected.value, UsageError)
             assert where in str(rejected.value) and "BAD_REQUEST" in str(rejected.value)
             with pytest.raises(RemoteUnsupportedError) as unknown:
-                await conn.call("teleport")
+                await raw_call(conn, "teleport")
             assert unknown.value.code == wire.ErrorCode.UNSUPPORTED
             with pytest.raises(RemotePermissionDeniedError):
                 await conn.request(ops.StatusRequest())  # a stranger

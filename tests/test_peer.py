@@ -19,7 +19,7 @@ from difs_p2p.peer import Peer
 from difs_p2p.segments import segment_hash
 from difs_p2p.transfer import Connection
 from difs_p2p.wire import MESSAGES, Error, ErrorCode, GetSeg, MsgType, encode_header
-from tests.helpers import client_for, peer_config, start_peers, stop_all, wait_for
+from tests.helpers import client_for, peer_config, raw_call, start_peers, stop_all, wait_for
 
 
 async def test_identity_is_persistent_and_private(tmp_path: Path) -> None:
@@ -146,7 +146,7 @@ async def test_stalled_tcp_peer_is_dropped_and_others_are_served(tmp_path: Path)
             peer.address, io_timeout=5, credential=OperatorCredential(peer.control_token)
         )
         try:
-            assert (await conn.call("status"))["node_id"] == peer.node_id.hex()
+            assert (await raw_call(conn, "status"))["node_id"] == peer.node_id.hex()
         finally:
             conn.close()
         oversized = b"\x01\x02\x00\x00\x00\x00\x00\x01\xff\xff\xff\xff"  # CALL of 4 GiB
@@ -172,7 +172,7 @@ async def test_a_failing_handler_answers_with_an_internal_error(tmp_path: Path) 
     peer = Peer(peer_config(tmp_path / "p"))
     await peer.start()
 
-    async def broken(conn: Connection, args: dict[str, object]) -> dict[str, object]:
+    async def broken(conn: Connection, request: object) -> object:
         raise KeyError("a bug")
 
     peer._controls["status"] = broken
@@ -183,9 +183,51 @@ async def test_a_failing_handler_answers_with_an_internal_error(tmp_path: Path) 
         try:
             async with asyncio.timeout(5):
                 with pytest.raises(DifsError, match="internal error in the peer"):
-                    await conn.call("status")
-                holds = await conn.call("holds", key="00" * 20, version=1, start=0, end=0)
+                    await raw_call(conn, "status")
+                holds = await raw_call(conn, "holds", key="00" * 20, version=1, start=0, end=0)
             assert holds == {"holds": False}
+        finally:
+            conn.close()
+    finally:
+        await peer.stop()
+
+
+async def test_handlers_take_typed_requests_and_answer_typed_replies(tmp_path: Path) -> None:
+    """A handler gets the CALL decoded into its typed request; a reply of another
+    operation's type is a bug answered INTERNAL, the connection going on."""
+    from typing import Any
+
+    from difs_p2p import ops
+    from difs_p2p.errors import RemoteError
+
+    peer = Peer(peer_config(tmp_path / "p"))
+    await peer.start()
+    seen: list[object] = []
+    holds = peer._controls["holds"]
+
+    async def recording(conn: Connection, request: Any) -> Any:
+        seen.append(request)
+        return await holds(conn, request)
+
+    async def confused(conn: Connection, request: object) -> object:
+        return ops.HoldsReply(True)
+
+    peer._controls["holds"] = recording
+    peer._controls["status"] = confused
+    try:
+        conn = await Connection.open(
+            peer.address, io_timeout=5, credential=OperatorCredential(peer.control_token)
+        )
+        try:
+            async with asyncio.timeout(5):
+                reply = await raw_call(conn, "holds", key="0a" * 20, version=3, start=1, end=2)
+                assert reply == {"holds": False}
+                assert seen == [ops.RangeRequest(b"\x0a" * 20, 3, 1, 2)]
+                with pytest.raises(RemoteError, match="internal error in the peer") as caught:
+                    await conn.request(ops.StatusRequest())
+                assert caught.value.code == ErrorCode.INTERNAL
+                typed = await conn.request(ops.RangeRequest(b"\x0a" * 20, 3, 1, 2))
+                assert typed == ops.HoldsReply(False)
         finally:
             conn.close()
     finally:

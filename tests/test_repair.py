@@ -41,7 +41,7 @@ from difs_p2p.manifest import Lineage, Manifest
 from difs_p2p.peer import Peer
 from difs_p2p.records import record_hash
 from difs_p2p.transfer import Connection
-from tests.helpers import client_for, start_peers, stop_all
+from tests.helpers import client_for, raw_call, start_peers, stop_all
 
 SEG = 64 << 10
 
@@ -443,14 +443,13 @@ def count_probe_connections(peers: list[Peer]) -> dict[bytes, list[object]]:
 
             async def counting(
                 conn: Connection,
-                args: dict[str, Any],
+                request: Any,
                 handler: Any = handler,
                 into: list[object] = seen[p.node_id],
-            ) -> dict[str, Any]:
+            ) -> Any:
                 if not any(c is conn for c in into):
                     into.append(conn)
-                result: dict[str, Any] = await handler(conn, args)
-                return result
+                return await handler(conn, request)
 
             p._controls[op] = counting
     return seen
@@ -560,7 +559,8 @@ async def test_holds_ranges_answers_each_range_in_order(
     holder = next(p for p in network if p.node_id.hex() in result.ranges[0]["holders"])
     conn = await Connection.open(holder.address, io_timeout=5)
     try:
-        reply = await conn.call(
+        reply = await raw_call(
+            conn,
             "holds_ranges",
             ranges=[[key, 1, 0, 7], [key, 2, 0, 7], [key, 1, 0, 8], ["00" * 20, 1, 0, 0]],
         )
@@ -573,7 +573,7 @@ async def test_holds_ranges_answers_each_range_in_order(
             [[key, 1, 0, 0]] * 1025,
         ):
             with pytest.raises(RemoteRejectedError):
-                await conn.call("holds_ranges", ranges=bad)
+                await raw_call(conn, "holds_ranges", ranges=bad)
     finally:
         conn.close()
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from difs_p2p.errors import NetworkError
 from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.holders import build_holder_entry, decode_holder_entry
 from difs_p2p.identity import Identity
+from difs_p2p.ops import Op, ResolveReply
 from difs_p2p.transfer import BufferPool
 from tests.helpers import client_for, start_peer_process, start_peers, stop_all
 
@@ -121,13 +123,11 @@ async def test_a_range_only_a_silent_holder_claims_fails_after_its_derived_give_
         first, last = 56, 63  # the last of 8 ranges of 8 segments
 
         class OnlySilentForTheEnd(Client):
-            async def _call(self, op: str, **args: Any) -> dict[str, Any]:
-                body = await super()._call(op, **args)
-                if op == "resolve":
+            async def _request(self, request: Op[Any]) -> Any:
+                reply = await super()._request(request)
+                if isinstance(reply, ResolveReply):
                     kept = [
-                        h
-                        for h in body["holders"]
-                        if decode_holder_entry(bytes.fromhex(h)).end < last
+                        h for h in reply.holders if decode_holder_entry(bytes.fromhex(h)).end < last
                     ]
                     entry = decode_holder_entry(bytes.fromhex(kept[0]))
                     false = build_holder_entry(
@@ -141,8 +141,8 @@ async def test_a_range_only_a_silent_holder_claims_fails_after_its_derived_give_
                         port=port,
                         issued=0,
                     )
-                    body["holders"] = [*kept, false.raw.hex()]
-                return body
+                    reply = replace(reply, holders=(*kept, false.raw.hex()))
+                return reply
 
         quick = PlanConfig(initial_deadline=0.2, quiet_floor=0.5, give_up_floor=1.0)
         async with OnlySilentForTheEnd(
@@ -191,10 +191,10 @@ async def test_a_holder_announcing_more_data_than_a_segment_is_refused_before_al
             await client.put(src, "/stall/boast", segment_size=SEG, replicas=3)
 
         class WithABoastfulHolder(Client):
-            async def _call(self, op: str, **args: Any) -> dict[str, Any]:
-                body = await super()._call(op, **args)
-                if op == "resolve":
-                    entry = decode_holder_entry(bytes.fromhex(body["holders"][0]))
+            async def _request(self, request: Op[Any]) -> Any:
+                reply = await super()._request(request)
+                if isinstance(reply, ResolveReply):
+                    entry = decode_holder_entry(bytes.fromhex(reply.holders[0]))
                     false = build_holder_entry(
                         Identity.generate(),
                         key=entry.key,
@@ -206,8 +206,8 @@ async def test_a_holder_announcing_more_data_than_a_segment_is_refused_before_al
                         port=port,
                         issued=0,
                     )
-                    body["holders"] = [false.raw.hex(), *body["holders"]]
-                return body
+                    reply = replace(reply, holders=(false.raw.hex(), *reply.holders))
+                return reply
 
         monkeypatch.setattr(BufferPool, "take", take)
         async with WithABoastfulHolder(peers[1].address, io_timeout=FOREVER) as client:

@@ -23,6 +23,7 @@ from difs_p2p.control import PeerCredential
 from difs_p2p.errors import AlreadyExistsError
 from difs_p2p.identity import Identity
 from difs_p2p.names import name_key
+from difs_p2p.ops import AbandonRequest, PlaceReply, PlaceRequest
 from difs_p2p.peer import Peer
 from difs_p2p.placement import range_key
 from difs_p2p.transfer import Connection
@@ -69,16 +70,11 @@ def random_file(tmp_path: Path, size: int) -> Path:
     return path
 
 
-async def place(client: Client, name: str, integrity: bytes, count: int) -> dict[str, object]:
+async def place(client: Client, name: str, integrity: bytes, count: int) -> PlaceReply:
     """The ``place`` a put sends after its upload, for version 1 of ``name``."""
-    return await client._call(
-        "place",
-        key=name_key(name).hex(),
-        version=1,
-        integrity=integrity.hex(),
-        segment_count=count,
-        stripes=segments.default_stripes(count),
-        replicas=3,
+    stripes = segments.default_stripes(count)
+    return await client._request(
+        PlaceRequest(name_key(name), 1, integrity, count, stripes, replicas=3)
     )
 
 
@@ -100,7 +96,7 @@ async def interrupt(entry: Peer, src: Path, name: str, point: str) -> None:
             return
         await place(client, name, integrity, len(hashes))
         if point == "placed, publish abandoned":
-            await client._call("abandon")
+            await client._request(AbandonRequest())
     finally:
         await client.close()
 
