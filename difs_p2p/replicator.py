@@ -329,11 +329,12 @@ class Replicator:
                 # the missing copies are made in parallel; a refusal moves on to the next
                 made = await self.make_copies(candidates, replicas, copy)
             if not made and taken:
-                # the peers hold this version as another object its owner signed: another
-                # put of the same version won the race (their publish bound it first)
+                # every peer asked holds this version's range as other content: another put
+                # of the same version ran at the same time (or someone holds junk there)
                 raise AlreadyExistsError(
-                    f"version {version} of this name was published at the same time with "
-                    f"other content (segments {start}..{end} are held as that version)"
+                    f"every peer asked for segments {start}..{end} holds other content under "
+                    f"version {version} of this name (another put of this version at the same "
+                    "time, or junk held there): nothing was published"
                 )
             entries.extend(e.raw.hex() for e in made)
             warning = shortfall(start, end, len(made), replicas, len(candidates))

@@ -1754,7 +1754,7 @@ async def test_junk_held_under_the_next_version_cannot_retire_the_current_one(
     update (it fails: no range could be placed, nothing is published) but cannot turn it
     into a loss: with peers keeping one version, the current one stays whole."""
     from difs_p2p.config import RepairConfig
-    from difs_p2p.errors import CapacityError
+    from difs_p2p.errors import AlreadyExistsError
 
     net = await start_peers(tmp_path / "net", 5, repair=RepairConfig(keep=1))
     try:
@@ -1768,7 +1768,7 @@ async def test_junk_held_under_the_next_version_cannot_retire_the_current_one(
         update = tmp_path / "update"
         update.write_bytes(os.urandom(4 * SEG))
         async with client_for(net[0], publisher=owner) as client:
-            with pytest.raises(CapacityError, match="nothing was published"):
+            with pytest.raises(AlreadyExistsError, match="nothing was published"):
                 await client.put(update, "/upd", segment_size=SEG, replicas=2, update=True)
         # before: the update was published with no holder, and version 1 was retired
         assert await fetch(net, tmp_path, "/upd") == src.read_bytes()

@@ -364,7 +364,7 @@ async def test_a_place_of_other_content_under_a_held_version_frees_nothing(
         published = await client.put(src, "/victim", segment_size=SEG, replicas=5)
     integrity = published.manifest.integrity
     other = random_file(tmp_path, 8 * SEG)
-    with pytest.raises(AlreadyExistsError, match="published at the same time"):
+    with pytest.raises(AlreadyExistsError, match="holds other content"):
         await interrupt(network[0], other, "/victim", "placed, not published")
     for _ in range(3):  # maintenance rounds until past the grace time: nothing is collected
         for peer in network:
