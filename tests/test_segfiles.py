@@ -184,4 +184,4 @@ def test_segment_ids_are_32_bytes(bad: object) -> None:
     """check_id refuses anything but 32 bytes-like bytes with a UsageError."""
     with pytest.raises(UsageError):
         check_id(bad)  # type: ignore[arg-type]
-    assert check_id(bytearray(32)) == bytes(32)
+    assert check_id(bytearray(32)) == bytes(32)  # type: ignore[arg-type]
