@@ -3,7 +3,6 @@ persistence and what the policy refuses, with a small policy whose bytes spell i
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from difs_p2p.errors import StorageError
-from difs_p2p.recordstore import AcceptAll, EntryFacts, RecordStore, StoreResult
+from difs_p2p.recordstore import EntryFacts, RecordStore, StoreResult
 
 KEY = b"k" * 20
 OTHER_KEY = b"o" * 20
@@ -166,6 +165,7 @@ def test_a_source_fills_only_its_share_of_the_records() -> None:
 def test_items_and_keys_list_only_live_records() -> None:
     """items() is a snapshot of the live records; keys() also names keys with entries."""
     s = open_store()
+    assert s.keys(0.0) == []
     s.put(KEY, record(1), 0.0)
     s.put(OTHER_KEY, record(3), 60.0)
     s.add_entry(b"h" * 20, entry(1, history=True), 60.0)
@@ -313,6 +313,7 @@ def test_records_entries_and_quotas_survive_a_reopen(tmp_path: Path) -> None:
     assert again.get(KEY, 1.0) == record(1)
     assert again.entries(KEY, 1.0) == [entry(1, signer=3)]
     assert again.counts() == (2, 1)
+    assert sorted(again.keys(1.0)) == sorted([KEY, OTHER_KEY])
     assert again.put(b"t" * 20, record(1), 1.0, "10.0.0.1").reason == (
         "this source's share of the records is full"
     )
@@ -356,44 +357,3 @@ def test_a_path_that_is_not_a_database_is_a_storage_error(tmp_path: Path) -> Non
     junk.write_bytes(b"not a database" * 100)
     with pytest.raises(StorageError, match="record database"):
         open_store(junk)
-
-
-def test_records_nobody_restores_expire() -> None:
-    """A record or entry not stored again within the TTL is gone; a re-stored one stays."""
-    from difs_p2p.recordstore import RecordStore
-
-    store = RecordStore(None, AcceptAll(), ttl=100.0, max_records=10, max_entries_per_key=10)
-    a, b = os.urandom(20), os.urandom(20)
-    store.put(a, b"\x01a", now=0.0)
-    store.put(b, b"\x01b", now=0.0)
-    store.add_entry(a, b"entry-01", now=0.0)
-    store.put(b, b"\x01b", now=90.0)  # republished
-    assert store.get(a, now=150.0) is None and store.entries(a, now=150.0) == []
-    assert store.get(b, now=150.0) == b"\x01b"
-    assert store.expire(now=150.0) == 2
-    store.close()
-
-
-def test_record_store_keys_list_records_and_entry_sets(tmp_path: Path) -> None:
-    """keys() names every key with a live record or entry, also after a reopen from disk."""
-    from difs_p2p.recordstore import RecordStore
-
-    def open_store(path: Path | None) -> RecordStore:
-        return RecordStore(path, AcceptAll(), ttl=100.0, max_records=10, max_entries_per_key=10)
-
-    a, b = os.urandom(20), os.urandom(20)
-    store = open_store(None)
-    assert store.keys(now=0.0) == []
-    store.add_entry(a, b"entry-01", now=0.0)
-    assert store.keys(now=0.0) == [a]
-    store.put(b, b"\x01b", now=0.0)
-    assert sorted(store.keys(now=0.0)) == sorted([a, b])
-    assert store.keys(now=150.0) == []
-    store.close()
-    disk = tmp_path / "records.db"
-    first = open_store(disk)
-    first.put(a, b"\x01a", now=0.0)
-    first.close()
-    again = open_store(disk)
-    assert again.keys(now=0.0) == [a]
-    again.close()

@@ -1,5 +1,6 @@
 """Segment files on a real directory: placement, crash-safe writes, reads, recovery of what
-a crash leaves, quarantine, the directory lock and OS errors as package errors."""
+a crash leaves, quarantine and OS errors as package errors (the directory lock and bad
+roots are tested through the store, in test_store.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from difs_p2p.errors import CapacityError, NotFoundError, StorageError, UsageError
-from difs_p2p.segfiles import SegmentFiles, blake3_digest, check_id, os_error
+from difs_p2p.segfiles import SegmentFiles, blake3_digest, os_error
 
 
 def seg(data: bytes) -> tuple[bytes, memoryview]:
@@ -147,22 +148,6 @@ def test_quarantine_leaves_a_file_written_since_alone(files: SegmentFiles) -> No
     assert files.quarantine(seg_id, None, "damaged again") is True  # already gone
 
 
-def test_a_store_directory_is_open_once(tmp_path: Path) -> None:
-    """A second open of the same root is a StorageError until the first is closed."""
-    first = SegmentFiles(tmp_path / "store")
-    with pytest.raises(StorageError, match="already open"):
-        SegmentFiles(tmp_path / "store")
-    first.close()
-    SegmentFiles(tmp_path / "store").close()
-
-
-def test_a_root_that_is_a_file_is_refused(tmp_path: Path) -> None:
-    """A root that cannot be a writable directory is a StorageError saying so."""
-    (tmp_path / "file").write_bytes(b"")
-    with pytest.raises(StorageError, match="writable directory"):
-        SegmentFiles(tmp_path / "file")
-
-
 @pytest.mark.parametrize(
     ("code", "error"),
     [
@@ -177,11 +162,3 @@ def test_os_errors_become_capacity_or_storage_errors(code: int, error: type[Exce
     translated = os_error(OSError(code, os.strerror(code)), "doing a thing")
     assert type(translated) is error
     assert "doing a thing" in str(translated)
-
-
-@pytest.mark.parametrize("bad", [b"", b"x" * 31, b"x" * 33, "x" * 32, 32])
-def test_segment_ids_are_32_bytes(bad: object) -> None:
-    """check_id refuses anything but 32 bytes-like bytes with a UsageError."""
-    with pytest.raises(UsageError):
-        check_id(bad)  # type: ignore[arg-type]
-    assert check_id(bytearray(32)) == bytes(32)  # type: ignore[arg-type]
