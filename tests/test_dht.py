@@ -5,31 +5,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import heapq
 import os
-import random
 import socket
 from collections import Counter
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import umsgpack
-from hypothesis import given
-from hypothesis import strategies as st
 from kademlia.node import Node
-from kademlia.routing import KBucket, RoutingTable
 
 from difs_p2p.config import DhtConfig
 from difs_p2p.dht import IDENTIFY_DOMAIN, Dht
 from difs_p2p.dhtrecords import entry_set_digest
-from difs_p2p.dhtwire import pack as _pack
-from difs_p2p.dhtwire import unpack as _unpack
 from difs_p2p.identity import Identity
 from difs_p2p.idwork import generate_with_work, has_work
-from difs_p2p.lookup import LookupResult, MorePages, RttEstimator
+from difs_p2p.lookup import LookupResult, MorePages
 from difs_p2p.recordstore import AcceptAll
-from difs_p2p.routing import ExactRoutingTable as _ExactRoutingTable
 from tests.helpers import FAST_DHT, new_dht, start_dhts, stop_all, wait_for
 
 
@@ -38,24 +29,6 @@ class RefuseAll(AcceptAll):
 
     def record_rank(self, key: bytes, value: bytes, now: float) -> tuple[int, ...] | None:
         return None
-
-
-_VALUES = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.binary(max_size=300)
-    | st.text(max_size=50),
-    lambda inner: st.lists(inner, max_size=8) | st.dictionaries(st.text(max_size=10), inner),
-    max_leaves=30,
-)
-
-
-@given(_VALUES)
-def test_datagram_codec_is_the_stock_encoding_byte_for_byte(value: object) -> None:
-    """Our C msgpack codec writes exactly what u-msgpack (rpcudp's) writes, and reads it."""
-    assert _pack(value) == umsgpack.packb(value)
-    assert _unpack(umsgpack.packb(value)) == value
 
 
 # Silent peers cost a 0.1 s stall; waiting for their 30 s RPC timeout would overrun the
@@ -263,21 +236,6 @@ async def test_closest_fills_up_with_known_contacts_that_were_late() -> None:
         assert len(await asker.closest(key, 3)) == 3
     finally:
         await stop_all(nodes)
-
-
-def test_stall_time_follows_the_round_trip_within_bounds() -> None:
-    """The stall time is the cap before any reply, then srtt + 4 rttvar, clamped."""
-    rtt = RttEstimator()
-    assert rtt.timeout(0.1, 0.5) == 0.5
-    for _ in range(50):
-        rtt.observe(0.001)  # a LAN
-    assert rtt.timeout(0.1, 0.5) == 0.1
-    for _ in range(50):
-        rtt.observe(0.2)  # a slow path
-    assert 0.2 <= rtt.timeout(0.1, 0.5) <= 0.5
-    for sample in (0.05, 3.0, 0.05, 3.0):
-        rtt.observe(sample)  # wild jitter hits the cap
-    assert rtt.timeout(0.1, 0.5) == 0.5
 
 
 async def test_put_counts_acceptances_not_answers() -> None:
@@ -734,92 +692,6 @@ async def test_contacts_per_ip_are_capped() -> None:
         assert all(len(n.contacts()) <= 2 for n in nodes)
     finally:
         await stop_all(nodes)
-
-
-class _NoPings:
-    """Stands in for the protocol of a routing table: the head pings are only counted."""
-
-    def __init__(self) -> None:
-        self.dht = self
-        self.pings = 0
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        coro.close()
-        self.pings += 1
-
-    async def call_ping(self, node: Node) -> tuple[bool, Any]:
-        return (False, None)
-
-
-def test_routing_table_indexes_follow_every_change() -> None:
-    """Per-IP counts, bucket choice and k nearest agree with a scan of the table throughout.
-
-    Small buckets (k = 4) and six addresses make adds fill buckets, split them and feed
-    the replacement cache; removals (evictions) promote replacements; an ID comes back
-    from another address; buckets are split by hand as well.
-    """
-    rng = random.Random(5)
-    ips = [f"192.0.2.{i}" for i in range(6)]
-    me = Node(rng.randbytes(20))
-    protocol = _NoPings()
-    table = _ExactRoutingTable(protocol, 4, me)
-
-    def new_node(node_id: bytes | None = None) -> Node:
-        return Node(node_id or rng.randbytes(20), rng.choice(ips), rng.randrange(1, 65536))
-
-    def near(node_id: bytes) -> bytes:
-        """An ID sharing a long prefix with ``node_id`` (lands in deep buckets)."""
-        cut = rng.randrange(1, 3)
-        return node_id[:cut] + rng.randbytes(20 - cut)
-
-    def check() -> None:
-        contacts = table.all_contacts()
-        per_ip = Counter(n.ip for n in contacts)
-        for ip in [*ips, "198.51.100.1"]:
-            assert table.contacts_at(ip) == per_ip[ip]
-        for bucket in table.buckets:
-            if len(bucket) == table.ksize:
-                assert table._depth(bucket) == KBucket.depth(bucket)
-        for _ in range(3):
-            target = Node(rng.choice([rng.randbytes(20), near(me.id)]))
-            if contacts and rng.random() < 0.3:
-                target = Node(rng.choice(contacts).id)
-            assert table.get_bucket_for(target) == RoutingTable.get_bucket_for(table, target)
-            exclude = rng.choice(contacts) if contacts and rng.random() < 0.5 else None
-            for k in (1, 4, 9, 50):
-                allowed = [
-                    n
-                    for n in contacts
-                    if exclude is None or (n.ip, n.port) != (exclude.ip, exclude.port)
-                ]
-                truth = heapq.nsmallest(k, allowed, key=lambda n: n.long_id ^ target.long_id)
-                assert table.find_neighbors(target, k, exclude) == truth
-
-    replaced = promoted = 0
-    for _ in range(1500):
-        op = rng.random()
-        contacts = table.all_contacts()
-        if op < 0.6 or not contacts:
-            table.add_contact(new_node(near(me.id) if rng.random() < 0.5 else None))
-        elif op < 0.7:
-            # the same ID from another address replaces the contact
-            table.add_contact(new_node(rng.choice(contacts).id))
-            replaced += 1
-        elif op < 0.9:
-            victim = rng.choice(contacts)
-            had_spare = bool(table.buckets[table.get_bucket_for(victim)].replacement_nodes)
-            table.remove_contact(victim)
-            promoted += had_spare
-        elif op < 0.97:
-            spares = [n for b in table.buckets for n in b.replacement_nodes.values()]
-            table.remove_contact(rng.choice(spares) if spares else new_node())
-        else:
-            table.split_bucket(rng.randrange(len(table.buckets)))
-        check()
-    assert len(table.buckets) > 5 and replaced > 50 and promoted > 50 and protocol.pings > 0
-    table.flush()
-    assert table.all_contacts() == [] and all(table.contacts_at(ip) == 0 for ip in ips)
-    assert table.find_neighbors(Node(rng.randbytes(20)), 4) == []
 
 
 async def test_store_flood_is_rate_limited() -> None:
