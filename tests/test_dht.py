@@ -5,32 +5,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import heapq
 import os
-import random
 import socket
 from collections import Counter
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import umsgpack
-from hypothesis import given
-from hypothesis import strategies as st
 from kademlia.node import Node
-from kademlia.routing import KBucket, RoutingTable
 
 from difs_p2p.config import DhtConfig
 from difs_p2p.dht import IDENTIFY_DOMAIN, Dht
-from difs_p2p.dhtrecords import entry_set_digest, page_plan
-from difs_p2p.dhtwire import pack as _pack
-from difs_p2p.dhtwire import unpack as _unpack
+from difs_p2p.dhtrecords import entry_set_digest
 from difs_p2p.identity import Identity
-from difs_p2p.idwork import generate_with_work, has_work, load_or_create_with_work, work_bits
-from difs_p2p.lookup import LookupResult, MorePages, RttEstimator
+from difs_p2p.idwork import generate_with_work, has_work
+from difs_p2p.lookup import LookupResult, MorePages
 from difs_p2p.recordstore import AcceptAll
-from difs_p2p.routing import Contact, valid_address
-from difs_p2p.routing import ExactRoutingTable as _ExactRoutingTable
 from tests.helpers import FAST_DHT, new_dht, start_dhts, stop_all, wait_for
 
 
@@ -39,24 +29,6 @@ class RefuseAll(AcceptAll):
 
     def record_rank(self, key: bytes, value: bytes, now: float) -> tuple[int, ...] | None:
         return None
-
-
-_VALUES = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.binary(max_size=300)
-    | st.text(max_size=50),
-    lambda inner: st.lists(inner, max_size=8) | st.dictionaries(st.text(max_size=10), inner),
-    max_leaves=30,
-)
-
-
-@given(_VALUES)
-def test_datagram_codec_is_the_stock_encoding_byte_for_byte(value: object) -> None:
-    """Our C msgpack codec writes exactly what u-msgpack (rpcudp's) writes, and reads it."""
-    assert _pack(value) == umsgpack.packb(value)
-    assert _unpack(umsgpack.packb(value)) == value
 
 
 # Silent peers cost a 0.1 s stall; waiting for their 30 s RPC timeout would overrun the
@@ -266,21 +238,6 @@ async def test_closest_fills_up_with_known_contacts_that_were_late() -> None:
         await stop_all(nodes)
 
 
-def test_stall_time_follows_the_round_trip_within_bounds() -> None:
-    """The stall time is the cap before any reply, then srtt + 4 rttvar, clamped."""
-    rtt = RttEstimator()
-    assert rtt.timeout(0.1, 0.5) == 0.5
-    for _ in range(50):
-        rtt.observe(0.001)  # a LAN
-    assert rtt.timeout(0.1, 0.5) == 0.1
-    for _ in range(50):
-        rtt.observe(0.2)  # a slow path
-    assert 0.2 <= rtt.timeout(0.1, 0.5) <= 0.5
-    for sample in (0.05, 3.0, 0.05, 3.0):
-        rtt.observe(sample)  # wild jitter hits the cap
-    assert rtt.timeout(0.1, 0.5) == 0.5
-
-
 async def test_put_counts_acceptances_not_answers() -> None:
     """put() returns 0 when every peer answered but refused (stock set() says True)."""
     nodes = await start_dhts(5, policy=RefuseAll())
@@ -473,32 +430,6 @@ async def test_resolve_pages_entries_after_a_large_record() -> None:
         assert set(got) == set(entries)
     finally:
         await stop_all(nodes)
-
-
-@given(st.lists(st.binary(min_size=1, max_size=40), max_size=20), st.randoms())
-def test_entry_set_digest_depends_on_the_set_not_its_order(
-    entries: list[bytes], rng: random.Random
-) -> None:
-    """The digest of an entry set is the same in any order; another set has another."""
-    shuffled = list(entries)
-    rng.shuffle(shuffled)
-    assert entry_set_digest(shuffled) == entry_set_digest(entries)
-    assert entry_set_digest([*entries, b"\x00" * 41]) != entry_set_digest(entries)
-    # lengths are part of the digest: moving a byte between entries changes it
-    assert entry_set_digest([b"ab", b"c"]) != entry_set_digest([b"a", b"bc"])
-
-
-def test_page_plan_reads_one_peer_per_entry_set() -> None:
-    """Peers without a digest are read whole; one group per other digest; ours is skipped."""
-
-    def more(i: int, digest: bytes | None) -> MorePages:
-        return MorePages(Contact(bytes([i]) * 20, "127.0.0.1", 1000 + i), 5, digest, [])
-
-    ours, other, third = b"o" * 16, b"x" * 16, b"t" * 16
-    peers = [more(0, other), more(1, None), more(2, ours), more(3, other), more(4, third)]
-    whole, groups = page_plan(peers, ours)
-    assert whole == [peers[1]]
-    assert groups == [[peers[0], peers[3]], [peers[4]]]
 
 
 def _count_page_requests(node: Dht, counts: Counter[bytes]) -> None:
@@ -763,92 +694,6 @@ async def test_contacts_per_ip_are_capped() -> None:
         await stop_all(nodes)
 
 
-class _NoPings:
-    """Stands in for the protocol of a routing table: the head pings are only counted."""
-
-    def __init__(self) -> None:
-        self.dht = self
-        self.pings = 0
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        coro.close()
-        self.pings += 1
-
-    async def call_ping(self, node: Node) -> tuple[bool, Any]:
-        return (False, None)
-
-
-def test_routing_table_indexes_follow_every_change() -> None:
-    """Per-IP counts, bucket choice and k nearest agree with a scan of the table throughout.
-
-    Small buckets (k = 4) and six addresses make adds fill buckets, split them and feed
-    the replacement cache; removals (evictions) promote replacements; an ID comes back
-    from another address; buckets are split by hand as well.
-    """
-    rng = random.Random(5)
-    ips = [f"192.0.2.{i}" for i in range(6)]
-    me = Node(rng.randbytes(20))
-    protocol = _NoPings()
-    table = _ExactRoutingTable(protocol, 4, me)
-
-    def new_node(node_id: bytes | None = None) -> Node:
-        return Node(node_id or rng.randbytes(20), rng.choice(ips), rng.randrange(1, 65536))
-
-    def near(node_id: bytes) -> bytes:
-        """An ID sharing a long prefix with ``node_id`` (lands in deep buckets)."""
-        cut = rng.randrange(1, 3)
-        return node_id[:cut] + rng.randbytes(20 - cut)
-
-    def check() -> None:
-        contacts = table.all_contacts()
-        per_ip = Counter(n.ip for n in contacts)
-        for ip in [*ips, "198.51.100.1"]:
-            assert table.contacts_at(ip) == per_ip[ip]
-        for bucket in table.buckets:
-            if len(bucket) == table.ksize:
-                assert table._depth(bucket) == KBucket.depth(bucket)
-        for _ in range(3):
-            target = Node(rng.choice([rng.randbytes(20), near(me.id)]))
-            if contacts and rng.random() < 0.3:
-                target = Node(rng.choice(contacts).id)
-            assert table.get_bucket_for(target) == RoutingTable.get_bucket_for(table, target)
-            exclude = rng.choice(contacts) if contacts and rng.random() < 0.5 else None
-            for k in (1, 4, 9, 50):
-                allowed = [
-                    n
-                    for n in contacts
-                    if exclude is None or (n.ip, n.port) != (exclude.ip, exclude.port)
-                ]
-                truth = heapq.nsmallest(k, allowed, key=lambda n: n.long_id ^ target.long_id)
-                assert table.find_neighbors(target, k, exclude) == truth
-
-    replaced = promoted = 0
-    for _ in range(1500):
-        op = rng.random()
-        contacts = table.all_contacts()
-        if op < 0.6 or not contacts:
-            table.add_contact(new_node(near(me.id) if rng.random() < 0.5 else None))
-        elif op < 0.7:
-            # the same ID from another address replaces the contact
-            table.add_contact(new_node(rng.choice(contacts).id))
-            replaced += 1
-        elif op < 0.9:
-            victim = rng.choice(contacts)
-            had_spare = bool(table.buckets[table.get_bucket_for(victim)].replacement_nodes)
-            table.remove_contact(victim)
-            promoted += had_spare
-        elif op < 0.97:
-            spares = [n for b in table.buckets for n in b.replacement_nodes.values()]
-            table.remove_contact(rng.choice(spares) if spares else new_node())
-        else:
-            table.split_bucket(rng.randrange(len(table.buckets)))
-        check()
-    assert len(table.buckets) > 5 and replaced > 50 and promoted > 50 and protocol.pings > 0
-    table.flush()
-    assert table.all_contacts() == [] and all(table.contacts_at(ip) == 0 for ip in ips)
-    assert table.find_neighbors(Node(rng.randbytes(20)), 4) == []
-
-
 async def test_store_flood_is_rate_limited() -> None:
     """One sender's flood of stores is cut to the per-sender rate; the peer keeps serving."""
     config = DhtConfig(
@@ -876,71 +721,6 @@ async def test_store_flood_is_rate_limited() -> None:
         await stop_all(nodes)
 
 
-def test_records_nobody_restores_expire() -> None:
-    """A record or entry not stored again within the TTL is gone; a re-stored one stays."""
-    from difs_p2p.recordstore import RecordStore
-
-    store = RecordStore(None, AcceptAll(), ttl=100.0, max_records=10, max_entries_per_key=10)
-    a, b = os.urandom(20), os.urandom(20)
-    store.put(a, b"\x01a", now=0.0)
-    store.put(b, b"\x01b", now=0.0)
-    store.add_entry(a, b"entry-01", now=0.0)
-    store.put(b, b"\x01b", now=90.0)  # republished
-    assert store.get(a, now=150.0) is None and store.entries(a, now=150.0) == []
-    assert store.get(b, now=150.0) == b"\x01b"
-    assert store.expire(now=150.0) == 2
-    store.close()
-
-
-def test_record_store_keys_list_records_and_entry_sets(tmp_path: Path) -> None:
-    """keys() names every key with a live record or entry, also after a reopen from disk."""
-    from difs_p2p.recordstore import RecordStore
-
-    def open_store(path: Path | None) -> RecordStore:
-        return RecordStore(path, AcceptAll(), ttl=100.0, max_records=10, max_entries_per_key=10)
-
-    a, b = os.urandom(20), os.urandom(20)
-    store = open_store(None)
-    assert store.keys(now=0.0) == []
-    store.add_entry(a, b"entry-01", now=0.0)
-    assert store.keys(now=0.0) == [a]
-    store.put(b, b"\x01b", now=0.0)
-    assert sorted(store.keys(now=0.0)) == sorted([a, b])
-    assert store.keys(now=150.0) == []
-    store.close()
-    disk = tmp_path / "records.db"
-    first = open_store(disk)
-    first.put(a, b"\x01a", now=0.0)
-    first.close()
-    again = open_store(disk)
-    assert again.keys(now=0.0) == [a]
-    again.close()
-
-
-def test_only_ipv4_addresses_with_ports_are_contacts() -> None:
-    """A contact address is a dotted IPv4 address (not unspecified, multicast or
-    broadcast) and a port 1-65535; nothing else can reach a socket."""
-    assert valid_address(("127.0.0.1", 4000)) and valid_address(("10.0.0.7", 1))
-    for bad in [
-        ("evil\x00host", 4000),
-        ("localhost", 4000),
-        ("example.com", 4000),
-        ("::1", 4000),
-        ("1.2.3.4.5", 4000),
-        ("0.0.0.0", 4000),
-        ("224.0.0.1", 4000),
-        ("255.255.255.255", 4000),
-        ("127.0.0.1", 0),
-        ("127.0.0.1", 65536),
-        ("127.0.0.1", True),
-        ("127.0.0.1", "80"),
-        (b"127.0.0.1", 80),
-        ("a" * 64, 80),
-        ("127.0.0.1",),
-    ]:
-        assert not valid_address(bad), bad
-
-
 async def test_contact_without_node_id_work_is_not_added() -> None:
     """At the default difficulty, a peer whose node ID lacks the node-ID work is not
     added; one with it is."""
@@ -962,23 +742,6 @@ async def test_contact_without_node_id_work_is_not_added() -> None:
         assert nodes[1].node_id not in known
     finally:
         await stop_all(nodes)
-
-
-def test_peer_key_is_ground_and_a_weak_key_replaced(tmp_path: Path) -> None:
-    """A peer key is made with the node-ID work and kept; a key without it is moved
-    aside to peer.key.weak and replaced by one with it."""
-    path = tmp_path / "peer.key"
-    first = load_or_create_with_work(path, 8)
-    assert work_bits(first.node_id) >= 8
-    assert load_or_create_with_work(path, 8).node_id == first.node_id
-    weak = Identity.generate()
-    while has_work(weak.node_id, 10):
-        weak = Identity.generate()
-    text = weak.private_key.private_bytes_raw().hex() + "\n"
-    path.write_text(text)
-    new = load_or_create_with_work(path, 10)
-    assert has_work(new.node_id, 10) and new.node_id != weak.node_id
-    assert path.with_name("peer.key.weak").read_text() == text
 
 
 class _Picky(AcceptAll):

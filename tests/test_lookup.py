@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from difs_p2p.identity import distance
-from difs_p2p.lookup import Lookup, LookupResult, deal_paths, merge
+from difs_p2p.lookup import Lookup, LookupResult, RttEstimator, deal_paths, merge
 from difs_p2p.routing import Contact
 
 SILENT = object()  # the contact never answers
@@ -337,3 +337,18 @@ def test_reply_from_a_contact_not_asked_is_ignored() -> None:
     machine.reply(a, contacts_body([b]), 0.0)  # a second answer is not taken
     assert machine.ask(0.0) == []
     assert machine.result().closest == [a]
+
+
+def test_stall_time_follows_the_round_trip_within_bounds() -> None:
+    """The stall time is the cap before any reply, then srtt + 4 rttvar, clamped."""
+    rtt = RttEstimator()
+    assert rtt.timeout(0.1, 0.5) == 0.5
+    for _ in range(50):
+        rtt.observe(0.001)  # a LAN
+    assert rtt.timeout(0.1, 0.5) == 0.1
+    for _ in range(50):
+        rtt.observe(0.2)  # a slow path
+    assert 0.2 <= rtt.timeout(0.1, 0.5) <= 0.5
+    for sample in (0.05, 3.0, 0.05, 3.0):
+        rtt.observe(sample)  # wild jitter hits the cap
+    assert rtt.timeout(0.1, 0.5) == 0.5

@@ -165,6 +165,7 @@ def test_a_source_fills_only_its_share_of_the_records() -> None:
 def test_items_and_keys_list_only_live_records() -> None:
     """items() is a snapshot of the live records; keys() also names keys with entries."""
     s = open_store()
+    assert s.keys(0.0) == []
     s.put(KEY, record(1), 0.0)
     s.put(OTHER_KEY, record(3), 60.0)
     s.add_entry(b"h" * 20, entry(1, history=True), 60.0)
@@ -312,6 +313,7 @@ def test_records_entries_and_quotas_survive_a_reopen(tmp_path: Path) -> None:
     assert again.get(KEY, 1.0) == record(1)
     assert again.entries(KEY, 1.0) == [entry(1, signer=3)]
     assert again.counts() == (2, 1)
+    assert sorted(again.keys(1.0)) == sorted([KEY, OTHER_KEY])
     assert again.put(b"t" * 20, record(1), 1.0, "10.0.0.1").reason == (
         "this source's share of the records is full"
     )

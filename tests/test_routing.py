@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import heapq
 import random
+from collections import Counter
 from collections.abc import Coroutine
 from typing import Any
 
 import pytest
 from kademlia.node import Node
+from kademlia.routing import KBucket, RoutingTable
 
 from difs_p2p.identity import distance
 from difs_p2p.routing import (
@@ -31,6 +34,9 @@ from difs_p2p.routing import (
         ("224.0.0.1", False),
         ("::1", False),
         ("example.com", False),
+        ("localhost", False),
+        ("evil\x00host", False),
+        ("a" * 64, False),
         ("192.0.2.1\x00", False),
         ("192.0.2.256", False),
         ("1.2.3.4.5", False),
@@ -58,6 +64,8 @@ def test_valid_host(host: object, ok: bool) -> None:
         (["192.0.2.1", 1], False),
         (("192.0.2.1",), False),
         (("example.com", 80), False),
+        (("0.0.0.0", 4000), False),
+        ((b"127.0.0.1", 80), False),
     ],
 )
 def test_valid_address(addr: object, ok: bool) -> None:
@@ -143,3 +151,74 @@ def test_contacts_per_ip_are_counted() -> None:
     assert table.contacts_at("192.0.2.50") == 3
     assert table.contacts_at("192.0.2.51") == 1
     assert table.contacts_at("192.0.2.52") == 0
+
+
+def test_routing_table_indexes_follow_every_change() -> None:
+    """Per-IP counts, bucket choice and k nearest agree with a scan of the table throughout.
+
+    Small buckets (k = 4) and six addresses make adds fill buckets, split them and feed
+    the replacement cache; removals (evictions) promote replacements; an ID comes back
+    from another address; buckets are split by hand as well.
+    """
+    rng = random.Random(5)
+    ips = [f"192.0.2.{i}" for i in range(6)]
+    me = Node(rng.randbytes(20))
+    protocol = _NoPings()
+    table = ExactRoutingTable(protocol, 4, me)
+
+    def new_node(node_id: bytes | None = None) -> Node:
+        return Node(node_id or rng.randbytes(20), rng.choice(ips), rng.randrange(1, 65536))
+
+    def near(node_id: bytes) -> bytes:
+        """An ID sharing a long prefix with ``node_id`` (lands in deep buckets)."""
+        cut = rng.randrange(1, 3)
+        return node_id[:cut] + rng.randbytes(20 - cut)
+
+    def check() -> None:
+        contacts = table.all_contacts()
+        per_ip = Counter(n.ip for n in contacts)
+        for ip in [*ips, "198.51.100.1"]:
+            assert table.contacts_at(ip) == per_ip[ip]
+        for bucket in table.buckets:
+            if len(bucket) == table.ksize:
+                assert table._depth(bucket) == KBucket.depth(bucket)
+        for _ in range(3):
+            target = Node(rng.choice([rng.randbytes(20), near(me.id)]))
+            if contacts and rng.random() < 0.3:
+                target = Node(rng.choice(contacts).id)
+            assert table.get_bucket_for(target) == RoutingTable.get_bucket_for(table, target)
+            exclude = rng.choice(contacts) if contacts and rng.random() < 0.5 else None
+            for k in (1, 4, 9, 50):
+                allowed = [
+                    n
+                    for n in contacts
+                    if exclude is None or (n.ip, n.port) != (exclude.ip, exclude.port)
+                ]
+                truth = heapq.nsmallest(k, allowed, key=lambda n: n.long_id ^ target.long_id)
+                assert table.find_neighbors(target, k, exclude) == truth
+
+    replaced = promoted = 0
+    for _ in range(1500):
+        op = rng.random()
+        contacts = table.all_contacts()
+        if op < 0.6 or not contacts:
+            table.add_contact(new_node(near(me.id) if rng.random() < 0.5 else None))
+        elif op < 0.7:
+            # the same ID from another address replaces the contact
+            table.add_contact(new_node(rng.choice(contacts).id))
+            replaced += 1
+        elif op < 0.9:
+            victim = rng.choice(contacts)
+            had_spare = bool(table.buckets[table.get_bucket_for(victim)].replacement_nodes)
+            table.remove_contact(victim)
+            promoted += had_spare
+        elif op < 0.97:
+            spares = [n for b in table.buckets for n in b.replacement_nodes.values()]
+            table.remove_contact(rng.choice(spares) if spares else new_node())
+        else:
+            table.split_bucket(rng.randrange(len(table.buckets)))
+        check()
+    assert len(table.buckets) > 5 and replaced > 50 and promoted > 50 and protocol.pings > 0
+    table.flush()
+    assert table.all_contacts() == [] and all(table.contacts_at(ip) == 0 for ip in ips)
+    assert table.find_neighbors(Node(rng.randbytes(20)), 4) == []
