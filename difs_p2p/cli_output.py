@@ -2,7 +2,7 @@
 
 Sizes and rates are in binary units (KiB, MiB) everywhere, bars and summaries alike. The
 summary lines are pure functions of the numbers they show (tested in
-tests/test_cli_units.py); rich is imported only by what draws tables and bars, so that a
+tests/test_cli_output.py); rich is imported only by what draws tables and bars, so that a
 command that prints neither starts without it.
 """
 

@@ -1648,18 +1648,13 @@ async def _squat(address: tuple[str, int], key: bytes, version: int, me: Identit
         conn.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="since d3c2425 the entry peer refuses the place as AlreadyExists (the version is "
-    "held as other content) where this test expects CapacityError: the expected error "
-    "is to be settled, the assertion is left as it was",
-)
 async def test_junk_held_under_the_next_version_cannot_retire_the_current_one(
     tmp_path: Path,
 ) -> None:
     """A peer that makes every peer hold junk under an owner's next version blocks that
-    update (it fails: no range could be placed, nothing is published) but cannot turn it
-    into a loss: with peers keeping one version, the current one stays whole."""
+    update (it fails as already existing: no range could be placed, nothing is published)
+    but cannot turn it into a loss: with peers keeping one version, the current one stays
+    whole."""
     from difs_p2p.config import RepairConfig
     from difs_p2p.errors import AlreadyExistsError
 
