@@ -77,6 +77,7 @@ from difs_p2p.publish import (
     upload,
 )
 from difs_p2p.ranges import ByteRange
+from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.transfer import Connection
 
 __all__ = [
@@ -502,7 +503,7 @@ class Client:
 
     async def _upload(
         self, source: Path | IO[bytes], segment_size: int, progress: Progress | None
-    ) -> tuple[list[bytes], bytes, int]:
+    ) -> tuple[list[SegmentId], IntegrityRoot, int]:
         """Send the object's segments and hash list to the entry peer (publish.upload)."""
         return await upload(await self._data_conn(), source, segment_size, progress)
 

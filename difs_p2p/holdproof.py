@@ -399,7 +399,7 @@ class HolderProver:
         hash_list = await self._get(conn, integrity)
         if hash_list is None:
             return "no hash list"
-        ids = segments.verify_hash_list(hash_list, integrity, manifest.segment_count)
+        ids = segments.verify_hash_list(hash_list, manifest.integrity, manifest.segment_count)
         index = challenge.segment
         if not 0 <= index < len(ids):
             return "segment index outside the object"

@@ -34,6 +34,7 @@ from difs_p2p.holdproof import prove_message
 from difs_p2p.identity import Identity
 from difs_p2p.maintenance import gc_due
 from difs_p2p.manifest import Manifest, parse_manifest
+from difs_p2p.names import NameKey
 from difs_p2p.net import PeerNetwork
 from difs_p2p.ops import MAX_PROBE_RANGES, hex_arg, int_arg
 from difs_p2p.records import record_hash, split_entries
@@ -279,7 +280,7 @@ class Operations:
             raise UsageError(f"malformed proof: {exc}") from None
         return {"freed": await self._release(key, manifest)}
 
-    async def _release(self, key: bytes, proof: Manifest) -> int:
+    async def _release(self, key: NameKey, proof: Manifest) -> int:
         """Free the holdings of ``key`` that ``proof`` supersedes in their own lineage
         (``maintenance.gc_due``: same owner or delegate, same lineage root, a tombstone or
         ``keep`` versions newer). Holdings whose lineage is not known yet learn it first
@@ -318,7 +319,7 @@ class Operations:
         request = CONTROL_TABLE["prove"].check(args)
         assert isinstance(request, control.ProveRequest)
         key, version, start, end = request.key, request.version, request.start, request.end
-        if not self.holdings.covers(key, version, start, end):
+        if not self.holdings.covers(NameKey(key), version, start, end):
             return {"holds": False}
         message = prove_message(request.nonce, key, version, start, end)
         return {"holds": True, "sig": self.identity.sign(message).hex()}
@@ -391,5 +392,5 @@ def _ranges_arg(args: dict[str, Any]) -> list[Query]:
     return queries
 
 
-def _key_arg(args: dict[str, Any]) -> bytes:
-    return hex_arg(args, "key", 20)
+def _key_arg(args: dict[str, Any]) -> NameKey:
+    return NameKey(hex_arg(args, "key", 20))

@@ -66,6 +66,7 @@ from difs_p2p.dht import Dht
 from difs_p2p.errors import DifsError
 from difs_p2p.holders import HolderEntry
 from difs_p2p.holdings import Holding, Holdings, Query
+from difs_p2p.identity import NodeId
 from difs_p2p.maintenance import (
     Action,
     FailureDetector,
@@ -356,7 +357,7 @@ class Maintainer:
             await self._repair(check, rkey, missing, avoid)
 
     async def _repair(
-        self, check: RangeCheck, rkey: bytes, missing: int, avoid: set[bytes]
+        self, check: RangeCheck, rkey: bytes, missing: int, avoid: set[NodeId]
     ) -> None:
         """Copy a range short of copies to the closest live peers to its range key that do
         not hold it (one at a time, paced by the bandwidth bound)."""

@@ -31,12 +31,14 @@ from difs_p2p.errors import (
 )
 from difs_p2p.holders import HolderEntry, build_holder_entry, parse_holder_entry
 from difs_p2p.holdings import Holding, Holdings, Query, holding_owner
-from difs_p2p.identity import Identity
+from difs_p2p.identity import Identity, NodeId
+from difs_p2p.names import NameKey
 from difs_p2p.net import PeerNetwork
 from difs_p2p.ops import MAX_PROBE_RANGES
 from difs_p2p.placement import choose_targets, range_key, shortfall
 from difs_p2p.records import split_entries
 from difs_p2p.routing import Contact
+from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.store import SegmentStore
 from difs_p2p.transfer import Connection, remote_error
 
@@ -96,8 +98,8 @@ class Replicator:
         self.network = network
 
     @property
-    def node_id(self) -> bytes:
-        return bytes(self.identity.node_id)
+    def node_id(self) -> NodeId:
+        return self.identity.node_id
 
     # -- keeping ranges here -----------------------------------------------------------------
 
@@ -106,7 +108,7 @@ class Replicator:
         if not self.store.has(integrity):
             raise NotFoundError(f"hash list {integrity.hex()[:16]} is not stored here")
         data = await asyncio.to_thread(self.store.read, integrity)
-        return list(segments.verify_hash_list(data, integrity, count))
+        return list(segments.verify_hash_list(data, IntegrityRoot(SegmentId(integrity)), count))
 
     async def hold(
         self,
@@ -128,7 +130,7 @@ class Replicator:
         """
         if count and not start <= end < count:
             raise UsageError("range outside the object")
-        existing = await asyncio.to_thread(self.holdings.get, key, version, start)
+        existing = await asyncio.to_thread(self.holdings.get, NameKey(key), version, start)
         if existing is not None:
             if (existing.integrity, existing.end) != (integrity, end):
                 raise AlreadyExistsError(
@@ -137,10 +139,18 @@ class Replicator:
             return None, self.sign_entry(key, version, integrity, start, end)
         if hashes is None:
             hashes = await self.hash_list(integrity, count)
-        owner = holding_owner(key, version, start)
+        owner = holding_owner(NameKey(key), version, start)
         wanted = [integrity, *hashes[start : end + 1]]
         await asyncio.to_thread(self.store.add_refs, wanted, owner)
-        holding = Holding(key, version, integrity, count, start, end, self.clock())
+        holding = Holding(
+            NameKey(key),
+            version,
+            IntegrityRoot(SegmentId(integrity)),
+            count,
+            start,
+            end,
+            self.clock(),
+        )
         await asyncio.to_thread(self.holdings.add, holding)
         return holding, self.sign_entry(key, version, integrity, start, end)
 
@@ -150,9 +160,9 @@ class Replicator:
         host, port = self.address
         return build_holder_entry(
             self.identity,
-            key=key,
+            key=NameKey(key),
             version=version,
-            integrity=integrity,
+            integrity=IntegrityRoot(SegmentId(integrity)),
             start=start,
             end=end,
             host=host,
@@ -164,7 +174,7 @@ class Replicator:
         """Freshly signed holder entries for everything this peer holds of ``key``."""
         return [
             self.sign_entry(h.key, h.version, h.integrity, h.start, h.end)
-            for h in self.holdings.of_key(key)
+            for h in self.holdings.of_key(NameKey(key))
         ]
 
     async def free_holding(self, h: Holding) -> int:
@@ -253,7 +263,7 @@ class Replicator:
         missing: int,
         copy: Callable[[Contact], Awaitable[HolderEntry]],
         *,
-        asked: Set[bytes] = frozenset(),
+        asked: Set[NodeId] = frozenset(),
         parallel: bool = True,
         doing: str = "place",
     ) -> list[HolderEntry]:
@@ -328,7 +338,8 @@ class Replicator:
                 )
 
             # the closest peers to the range key, this one included
-            candidates = await self.dht.closest(range_key(integrity, i), replicas + 8)
+            rkey = range_key(IntegrityRoot(SegmentId(integrity)), i)
+            candidates = await self.dht.closest(rkey, replicas + 8)
             async with sem:
                 # the missing copies are made in parallel; a refusal moves on to the next
                 made = await self.make_copies(candidates, replicas, copy)
@@ -436,5 +447,5 @@ class Replicator:
         if not isinstance(frame, wire.Data):
             raise NotFoundError("holder has no copy")
         data = bytes(frame.data)
-        segments.verify_segment(seg_id, data)
+        segments.verify_segment(SegmentId(seg_id), data)
         return data

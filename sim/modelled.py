@@ -47,7 +47,7 @@ from difs_p2p.net import DatagramNetwork
 from difs_p2p.placement import choose_targets
 from difs_p2p.recordpolicy import RecordValidator
 from difs_p2p.records import split_entries
-from difs_p2p.segments import default_stripes, segment_hash
+from difs_p2p.segments import IntegrityRoot, default_stripes, segment_hash
 from sim.catalog import StoredObject
 from sim.mode import Run
 from sim.models import Address, fetch_time, transfer_time
@@ -78,7 +78,7 @@ class ModelledMode:
         run = self.run
         identity = Identity.from_seed(key_seed)
         dht = Dht(
-            bytes(identity.node_id),
+            identity.node_id,
             self.policy,
             run.scenario.dht,
             clock=self.clock,
@@ -114,7 +114,8 @@ class ModelledMode:
         t0 = run.now()
         split = run.model.partitioned
         version = previous.version + 1 if previous else 1
-        integrity = bytes(segment_hash(f"{run.seed}|{name}|{version}".encode()))
+        # a stand-in root: the simulator moves no segment bytes
+        integrity = IntegrityRoot(segment_hash(f"{run.seed}|{name}|{version}".encode()))
         count = -(-size // w.segment_size)
         stripes = default_stripes(count)
         manifest = build_manifest(

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from difs_p2p.dht import Dht
-from difs_p2p.identity import Identity
+from difs_p2p.identity import Identity, NodeId
 from sim.models import Address, pick_group
 
 # Bootstrap contacts given to a joining peer.
@@ -42,8 +42,8 @@ class SimPeer:
     segments: int = 0
 
     @property
-    def node_id(self) -> bytes:
-        return bytes(self.identity.node_id)
+    def node_id(self) -> NodeId:
+        return self.identity.node_id
 
     @property
     def dht(self) -> Dht:

@@ -31,6 +31,7 @@ from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
 from difs_p2p.records import canonical_json
 from difs_p2p.recordstore import AcceptAll
+from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.transfer import Connection
 from tests.helpers import (
     FAST_DHT,
@@ -121,7 +122,7 @@ async def test_other_key_cannot_overwrite_even_with_a_higher_version(
         segment_count=0,
         stripes=0,
         replicas=0,
-        integrity=b"\xcc" * 32,
+        integrity=IntegrityRoot(SegmentId(b"\xcc" * 32)),
         deleted=True,
         created=0.0,
     )
@@ -614,12 +615,12 @@ async def _refused(conn: Connection, op: str, **args: object) -> None:
         await conn.call(op, **args)
 
 
-def _one_segment_object() -> tuple[bytes, bytes, bytes, bytes]:
+def _one_segment_object() -> tuple[bytes, SegmentId, bytes, IntegrityRoot]:
     """A one-segment object: its bytes, segment id, hash list and integrity root."""
     data = os.urandom(SEG)
-    seg_id = bytes(segments.segment_hash(data))
+    seg_id = segments.segment_hash(data)
     hash_list = segments.encode_hash_list([seg_id])
-    return data, seg_id, hash_list, bytes(segments.hash_list_root(hash_list))
+    return data, seg_id, hash_list, segments.hash_list_root(hash_list)
 
 
 async def _upload(conn: Connection, seg_id: bytes, data: bytes) -> wire.Frame | None:
@@ -1082,7 +1083,7 @@ def _strangers_tombstone(name: str, stranger: Identity, victim_v1: str) -> bytes
         segment_count=0,
         stripes=0,
         replicas=0,
-        integrity=bytes(32),
+        integrity=IntegrityRoot(SegmentId(bytes(32))),
         deleted=True,
         created=1.0,
     ).raw
@@ -1246,7 +1247,7 @@ async def _junk_records(evil: Dht, target: Peer, n: int) -> int:
             segment_count=0,
             stripes=1,
             replicas=1,
-            integrity=bytes(32),
+            integrity=IntegrityRoot(SegmentId(bytes(32))),
             created=1.0,
         )
         ok, reply = await proto.call(target.address, "store", evil.node_id, m.key, m.raw)
@@ -1482,7 +1483,7 @@ def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() ->
         holder,
         key=key,
         version=3,
-        integrity=bytes(32),
+        integrity=IntegrityRoot(SegmentId(bytes(32))),
         start=0,
         end=9,
         host="127.0.0.1",
@@ -1535,7 +1536,7 @@ def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() ->
     assert check_prove_reply(c, ["holds"]) != "" and check_prove_reply(c, {"holds": 1}) != ""
     # a segment is checked against the hash list and the manifest's integrity root
     blocks = [os.urandom(100) for _ in range(3)]
-    ids = [bytes(segments.segment_hash(b)) for b in blocks]
+    ids = [segments.segment_hash(b) for b in blocks]
     hash_list = segments.encode_hash_list(ids)
     manifest = build_manifest(
         holder,
@@ -1548,7 +1549,7 @@ def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() ->
         segment_count=3,
         stripes=1,
         replicas=1,
-        integrity=bytes(segments.hash_list_root(hash_list)),
+        integrity=segments.hash_list_root(hash_list),
         created=0.0,
     )
     assert check_segment(manifest, hash_list, 1, blocks[1]) == ""
@@ -1703,7 +1704,7 @@ async def test_a_writer_whose_delegation_ran_out_cannot_delete_by_backdating(
             segment_count=0,
             stripes=0,
             replicas=3,
-            integrity=bytes(32),
+            integrity=IntegrityRoot(SegmentId(bytes(32))),
             deleted=True,
             created=expired - 60,
             delegation=cert,
@@ -1726,9 +1727,9 @@ async def _squat(address: tuple[str, int], key: bytes, version: int, me: Identit
     """As a peer (any key pair), make the peer at ``address`` hold one junk segment under
     ``key``'s ``version``, range 0 (a `hold` with a `place` reason)."""
     junk = os.urandom(100)
-    seg_id = bytes(segments.segment_hash(junk))
+    seg_id = segments.segment_hash(junk)
     hash_list = segments.encode_hash_list([seg_id])
-    root = bytes(segments.hash_list_root(hash_list))
+    root = segments.hash_list_root(hash_list)
     conn = await Connection.open(address, io_timeout=5, credential=PeerCredential(me))
     try:
         for i, (sid, data) in enumerate(((root, hash_list), (seg_id, junk))):

@@ -25,7 +25,7 @@ from difs_p2p.dht import IDENTIFY_DOMAIN, Dht
 from difs_p2p.dhtrecords import entry_set_digest, page_plan
 from difs_p2p.dhtwire import pack as _pack
 from difs_p2p.dhtwire import unpack as _unpack
-from difs_p2p.identity import Identity
+from difs_p2p.identity import Identity, NodeId
 from difs_p2p.idwork import generate_with_work, has_work, load_or_create_with_work, work_bits
 from difs_p2p.lookup import LookupResult, MorePages, RttEstimator
 from difs_p2p.recordstore import AcceptAll
@@ -396,7 +396,7 @@ async def test_malformed_replies_do_not_raise_on_the_caller() -> None:
 async def test_rpc_timeout_and_receive_buffer_come_from_config() -> None:
     """The RPC timeout is configurable (stock: 5 s) and the receive buffer is enlarged."""
     config = DhtConfig(id_difficulty=0, rpc_timeout=0.3)
-    node = Dht(os.urandom(20), AcceptAll(), config)
+    node = Dht(NodeId(os.urandom(20)), AcceptAll(), config)
     await node.start("127.0.0.1", 0)
     try:
         dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -492,7 +492,7 @@ def test_page_plan_reads_one_peer_per_entry_set() -> None:
     """Peers without a digest are read whole; one group per other digest; ours is skipped."""
 
     def more(i: int, digest: bytes | None) -> MorePages:
-        return MorePages(Contact(bytes([i]) * 20, "127.0.0.1", 1000 + i), 5, digest, [])
+        return MorePages(Contact(NodeId(bytes([i]) * 20), "127.0.0.1", 1000 + i), 5, digest, [])
 
     ours, other, third = b"o" * 16, b"x" * 16, b"t" * 16
     peers = [more(0, other), more(1, None), more(2, ours), more(3, other), more(4, third)]

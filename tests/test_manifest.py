@@ -22,9 +22,10 @@ from difs_p2p.holders import (
 )
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import Lineage, Manifest, build_manifest, choose_records, parse_manifest
-from difs_p2p.names import name_key
+from difs_p2p.names import NameKey, name_key
 from difs_p2p.recordpolicy import CLOCK_SKEW, RecordValidator
 from difs_p2p.records import canonical_json
+from difs_p2p.segments import IntegrityRoot, SegmentId
 
 
 def test_a_remembered_parse_checks_the_key_and_the_bytes_each_time() -> None:
@@ -41,7 +42,7 @@ def test_a_remembered_parse_checks_the_key_and_the_bytes_each_time() -> None:
         segment_count=1,
         stripes=1,
         replicas=3,
-        integrity=bytes(32),
+        integrity=IntegrityRoot(SegmentId(bytes(32))),
         created=1.0,
     )
     key = name_key("/a/b")
@@ -63,6 +64,7 @@ STRANGER = Identity.from_seed(b"\x02" * 32)
 WRITER = Identity.from_seed(b"\x03" * 32)
 NAME = "/a.com/x"
 KEY = name_key(NAME)
+ROOT = IntegrityRoot(SegmentId(b"\x11" * 32))
 
 
 def make(
@@ -72,7 +74,7 @@ def make(
     version: int = 1,
     parent: Manifest | None = None,
     size: int = 10_000,
-    integrity: bytes = b"\x11" * 32,
+    integrity: IntegrityRoot = ROOT,
     delegation: Delegation | None = None,
     created: float = 1.0,
 ) -> Manifest:
@@ -95,7 +97,7 @@ def make(
 
 
 V1 = make()
-V2 = make(version=2, parent=V1, integrity=b"\x22" * 32)
+V2 = make(version=2, parent=V1, integrity=IntegrityRoot(SegmentId(b"\x22" * 32)))
 
 
 def reencode(raw: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
@@ -226,7 +228,11 @@ FORGED = make(STRANGER, version=5, parent=V2)  # a stranger's copy of the owner'
         (V2.raw, V1.raw, True),  # the owner's next version
         (V1.raw, V2.raw, False),  # a stale version replayed
         (V2.raw, V2.raw, False),  # not newer
-        (make(version=2, parent=V1, integrity=b"\x99" * 32).raw, V2.raw, False),  # a fork
+        (
+            make(version=2, parent=V1, integrity=IntegrityRoot(SegmentId(b"\x99" * 32))).raw,
+            V2.raw,
+            False,
+        ),  # a fork
         (FORGED.raw, V2.raw, False),  # forged by a stranger, whatever its version
         (V2.raw, b"damaged", True),  # a damaged stored record gives way
     ],
@@ -264,8 +270,8 @@ def test_best_records_drops_invalid_values_and_counts_repeats() -> None:
 def test_choose_records_orders_forks_and_owners() -> None:
     """Within an owner, equal versions go by more peers then smaller bytes; owners follow
     one another, and repeated records add their votes."""
-    fork_a = make(version=2, parent=V1, integrity=b"\xaa" * 32)
-    fork_b = make(version=2, parent=V1, integrity=b"\xbb" * 32)
+    fork_a = make(version=2, parent=V1, integrity=IntegrityRoot(SegmentId(b"\xaa" * 32)))
+    fork_b = make(version=2, parent=V1, integrity=IntegrityRoot(SegmentId(b"\xbb" * 32)))
     small, large = sorted([fork_a, fork_b], key=lambda m: m.raw)
     assert choose_records([(large, 2), (small, 1)]) == [large, small]
     assert choose_records([(large, 1), (small, 1)]) == [small, large]
@@ -334,13 +340,13 @@ def test_key_namespace_names_belong_to_their_key() -> None:
 
 
 def holder(
-    signer: Identity = WRITER, *, key: bytes = KEY, start: int = 0, issued: int = 1000
+    signer: Identity = WRITER, *, key: NameKey = KEY, start: int = 0, issued: int = 1000
 ) -> HolderEntry:
     return build_holder_entry(
         signer,
         key=key,
         version=2,
-        integrity=b"\x22" * 32,
+        integrity=IntegrityRoot(SegmentId(b"\x22" * 32)),
         start=start,
         end=start + 3,
         host="10.0.0.7",

@@ -38,8 +38,10 @@ from difs_p2p.maintenance import (
     round_phase,
 )
 from difs_p2p.manifest import Lineage, Manifest
+from difs_p2p.names import NameKey
 from difs_p2p.peer import Peer
 from difs_p2p.records import record_hash
+from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.transfer import Connection
 from tests.helpers import client_for, start_peers, stop_all
 
@@ -122,7 +124,7 @@ def test_gc_policy() -> None:
     def manifest(version: int, deleted: bool) -> Manifest:
         return Manifest(
             "/x",
-            b"k" * 20,
+            NameKey(b"k" * 20),
             version,
             None,
             None,
@@ -131,7 +133,7 @@ def test_gc_policy() -> None:
             0,
             0,
             0,
-            bytes(32),
+            IntegrityRoot(SegmentId(bytes(32))),
             deleted,
             0.0,
             b"p" * 32,
@@ -263,7 +265,9 @@ def holding(
     key: bytes, version: int = 1, since: float = 0.0, start: int = 0, end: int = 15
 ) -> Holding:
     lineage = Lineage(b"", record_hash(b""), version)  # that of manifest_for's manifests
-    return Holding(key, version, b"i" * 32, 16, start, end, since, lineage)
+    return Holding(
+        NameKey(key), version, IntegrityRoot(SegmentId(b"i" * 32)), 16, start, end, since, lineage
+    )
 
 
 def manifest_for(h: Holding, *, version: int | None = None, deleted: bool = False) -> Manifest:
@@ -315,7 +319,9 @@ def test_names_are_read_again_every_n_rounds_and_at_once_when_needed() -> None:
     assert resolve_due(view_of(h, [], rounds=1), [h], 10, True)
     newer = holding(b"k" * 20, version=2)
     assert resolve_due(view_of(h, [], rounds=1), [h, newer], 10, False)
-    other = Holding(h.key, 1, b"j" * 32, 16, 0, 15, 0.0)  # same version, other content
+    other = Holding(
+        h.key, 1, IntegrityRoot(SegmentId(b"j" * 32)), 16, 0, 15, 0.0
+    )  # same version, other content
     assert resolve_due(view_of(h, [], rounds=1), [other], 10, False)
     assert resolve_due(view_of(h, [], rounds=1), [h], 1, False)  # every round, as before
 

@@ -339,7 +339,7 @@ async def test_small_peers_take_two_mib_objects_with_one_replica_through_one_ent
                     segments.segment_hash(data[: 1 << 20]),
                     segments.segment_hash(data[1 << 20 :]),
                 ]
-                root = bytes(segments.hash_list_root(segments.encode_hash_list(hashes)))
+                root = segments.hash_list_root(segments.encode_hash_list(hashes))
                 key = int.from_bytes(range_key(root, 0), "big")
                 if max(peers, key=lambda p: int.from_bytes(p.node_id, "big") ^ key) is entry:
                     break  # the entry peer is the last choice
@@ -395,18 +395,20 @@ def test_a_holding_is_orphaned_only_without_manifest_entries_or_newer_version() 
     from difs_p2p.holdings import Holding
     from difs_p2p.maintenance import NameView, orphaned
     from difs_p2p.manifest import Manifest
+    from difs_p2p.names import NameKey
+    from difs_p2p.segments import IntegrityRoot, SegmentId
 
-    key, root = b"k" * 20, b"i" * 32
+    key, root = NameKey(b"k" * 20), IntegrityRoot(SegmentId(b"i" * 32))
     h = Holding(key, 2, root, 100, 0, 99, since=0.0)
 
-    def manifest(version: int, integrity: bytes = root) -> Manifest:
+    def manifest(version: int, integrity: IntegrityRoot = root) -> Manifest:
         return Manifest(
             "/x", key, version, None, None, 100 * 4096, 4096, 100, 2, 3, integrity,
             False, 0.0, b"p" * 32, b"",
         )  # fmt: skip
 
     v1, v2, v3 = manifest(1), manifest(2), manifest(3)
-    other = manifest(2, b"j" * 32)  # the version another upload won
+    other = manifest(2, IntegrityRoot(SegmentId(b"j" * 32)))  # the version another upload won
     entry = build_holder_entry(
         Identity.generate(), key=key, version=2, integrity=root, start=0, end=99,
         host="127.0.0.1", port=4000, issued=1,
