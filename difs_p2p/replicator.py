@@ -440,7 +440,7 @@ class Replicator:
             address, io_timeout=self.config.io_timeout, network=self.network
         )
         try:
-            await conn.send(wire.GetSeg(request_id=0, seg_id=seg_id, offset=0, length=0))
+            await conn.send(wire.GetSeg(request_id=0, seg_id=SegmentId(seg_id), offset=0, length=0))
             frame = await conn.read_frame()
         finally:
             conn.close()

@@ -623,7 +623,7 @@ def _one_segment_object() -> tuple[bytes, SegmentId, bytes, IntegrityRoot]:
     return data, seg_id, hash_list, segments.hash_list_root(hash_list)
 
 
-async def _upload(conn: Connection, seg_id: bytes, data: bytes) -> wire.Frame | None:
+async def _upload(conn: Connection, seg_id: SegmentId, data: bytes) -> wire.Frame | None:
     await conn.send(wire.PutSeg(request_id=1, seg_id=seg_id, data=data))
     return await conn.read_frame()
 
@@ -1369,7 +1369,9 @@ async def test_a_strangers_unpublished_uploads_are_collected_and_honest_publishe
             conns.append(conn)
             for i in range(count):
                 data = os.urandom(size)
-                put = wire.PutSeg(request_id=i, seg_id=blake3.blake3(data).digest(), data=data)
+                put = wire.PutSeg(
+                    request_id=i, seg_id=SegmentId(blake3.blake3(data).digest()), data=data
+                )
                 await conn.send(put)
                 if isinstance(await conn.read_frame(), wire.Error):
                     break  # no space (or refused outright)

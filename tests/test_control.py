@@ -38,7 +38,7 @@ from difs_p2p.errors import (
 )
 from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
-from difs_p2p.segments import segment_hash
+from difs_p2p.segments import SegmentId, segment_hash
 from difs_p2p.transfer import BudgetedPool, ByteBudget, Connection, remote_error
 from tests.helpers import peer_config, start_peers, stop_all, wait_for
 
@@ -348,7 +348,9 @@ async def test_remote_errors_name_the_peer_and_stay_apart_from_misuse(tmp_path: 
                 await conn.request(ops.StatusRequest())  # a stranger
             reply = await conn.request(ops.RangeRequest(KEY, 1, 0, 0))
             assert reply == ops.HoldsReply(False)
-            await conn.send(wire.GetSeg(request_id=0, seg_id=INTEGRITY, offset=0, length=0))
+            await conn.send(
+                wire.GetSeg(request_id=0, seg_id=SegmentId(INTEGRITY), offset=0, length=0)
+            )
             frame = await conn.read_frame()
             assert isinstance(frame, wire.Error)
             missing = remote_error(frame, conn.peer_address)

@@ -16,7 +16,7 @@ from difs_p2p.control import OperatorCredential, PeerCredential
 from difs_p2p.errors import NetworkError, PeerError, StorageError
 from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
-from difs_p2p.segments import segment_hash
+from difs_p2p.segments import SegmentId, segment_hash
 from difs_p2p.transfer import Connection
 from difs_p2p.wire import MESSAGES, Error, ErrorCode, GetSeg, MsgType, encode_header
 from tests.helpers import client_for, peer_config, start_peers, stop_all, wait_for
@@ -207,7 +207,7 @@ async def test_pipelined_segments_are_stored_each_with_its_own_bytes(tmp_path: P
     await peer.start()
     sizes = [1 << 20, 300_000, 1 << 20, (1 << 20) + 7, 5, 1 << 20] * 3
     blobs = [os.urandom(n) for n in sizes]
-    ids = [blake3.blake3(b).digest() for b in blobs]
+    ids = [SegmentId(blake3.blake3(b).digest()) for b in blobs]
     corrupt = 4
     try:
         conn = await Connection.open(

@@ -17,6 +17,7 @@ from difs_p2p.errors import (
     UsageError,
     WireError,
 )
+from difs_p2p.segments import SegmentId
 from difs_p2p.transfer import (
     BudgetedPool,
     ByteBudget,
@@ -25,7 +26,7 @@ from difs_p2p.transfer import (
     Server,
 )
 
-SEG_ID = b"\x05" * 32
+SEG_ID = SegmentId(b"\x05" * 32)
 
 
 async def tcp_pair(io_timeout: float = 5.0) -> tuple[Connection, socket.socket]:

@@ -25,6 +25,7 @@ from difs_p2p.identity import Identity
 from difs_p2p.names import name_key
 from difs_p2p.peer import Peer
 from difs_p2p.placement import range_key
+from difs_p2p.segments import SegmentId
 from difs_p2p.transfer import Connection
 from tests.helpers import (
     client_for,
@@ -91,7 +92,7 @@ async def interrupt(entry: Peer, src: Path, name: str, point: str) -> None:
             conn = await client._data_conn()
             for i in range(5):
                 chunk = data[i * SEG : (i + 1) * SEG]
-                seg_id = blake3.blake3(chunk).digest()
+                seg_id = SegmentId(blake3.blake3(chunk).digest())
                 await conn.send(wire.PutSeg(request_id=i, seg_id=seg_id, data=chunk))
                 assert isinstance(await conn.read_frame(), wire.Ack)
             return
@@ -225,7 +226,7 @@ async def test_an_upload_cut_by_a_peer_restart_is_collected_after_the_grace_time
         try:
             for i in range(8):
                 chunk = os.urandom(SEG)
-                seg_id = blake3.blake3(chunk).digest()
+                seg_id = SegmentId(blake3.blake3(chunk).digest())
                 await conn.send(wire.PutSeg(request_id=i, seg_id=seg_id, data=chunk))
                 assert isinstance(await conn.read_frame(), wire.Ack)
             await entry.stop()  # with the upload's connection still open
@@ -248,7 +249,9 @@ async def test_an_idle_upload_connection_is_dropped_after_the_grace_time(
         for i in range(4):
             chunk = os.urandom(SEG)
             await conn.send(
-                wire.PutSeg(request_id=i, seg_id=blake3.blake3(chunk).digest(), data=chunk)
+                wire.PutSeg(
+                    request_id=i, seg_id=SegmentId(blake3.blake3(chunk).digest()), data=chunk
+                )
             )
             assert isinstance(await conn.read_frame(), wire.Ack)
         assert used(network[0]) > 4 * SEG
@@ -276,7 +279,9 @@ async def test_a_thousand_tiny_uploads_are_charged_their_disk_cost(tmp_path: Pat
             for i in range(1000):
                 data = i.to_bytes(8, "big")
                 await conn.send(
-                    wire.PutSeg(request_id=i, seg_id=blake3.blake3(data).digest(), data=data)
+                    wire.PutSeg(
+                        request_id=i, seg_id=SegmentId(blake3.blake3(data).digest()), data=data
+                    )
                 )
                 answers.append(await conn.read_frame())
             accepted = sum(isinstance(a, wire.Ack) for a in answers)
@@ -455,7 +460,7 @@ def test_pending_uploads_of_a_killed_peer_are_collected_after_its_restart(
             try:
                 for i in range(8):
                     chunk = os.urandom(SEG)
-                    seg_id = blake3.blake3(chunk).digest()
+                    seg_id = SegmentId(blake3.blake3(chunk).digest())
                     await conn.send(wire.PutSeg(request_id=i, seg_id=seg_id, data=chunk))
                     assert isinstance(await conn.read_frame(), wire.Ack)
                 proc.send_signal(signal.SIGKILL)
