@@ -16,7 +16,7 @@ from difs_p2p.config import RepairConfig
 from difs_p2p.errors import RemoteRejectedError
 from difs_p2p.holders import HolderEntry, build_holder_entry
 from difs_p2p.holdings import Holding, Query
-from difs_p2p.identity import Identity
+from difs_p2p.identity import Identity, NodeId
 from difs_p2p.maintenance import (
     Action,
     FailureDetector,
@@ -40,6 +40,7 @@ from difs_p2p.maintenance import (
 from difs_p2p.manifest import Lineage, Manifest
 from difs_p2p.names import NameKey
 from difs_p2p.peer import Peer
+from difs_p2p.placement import RangeKey
 from difs_p2p.records import record_hash
 from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.transfer import Connection
@@ -48,14 +49,14 @@ from tests.helpers import client_for, start_peers, stop_all
 SEG = 64 << 10
 
 
-def ids(*values: int) -> list[bytes]:
-    return [v.to_bytes(20, "big") for v in values]
+def ids(*values: int) -> list[NodeId]:
+    return [NodeId(v.to_bytes(20, "big")) for v in values]
 
 
 def test_plan_range_leader_repairs_and_no_copy_is_dropped_for_claims() -> None:
     """Only the live holder closest to the key repairs; a far copy is kept however many
     nearer holders claim the range (claims are cheap to make)."""
-    key = (0).to_bytes(20, "big")
+    key = RangeKey((0).to_bytes(20, "big"))
     a, b, c, d = ids(1, 2, 3, 4)
     assert plan_range(a, key, [a, b], 3) == (Action.REPAIR, 1)
     assert plan_range(b, key, [a, b], 3) == (Action.NONE, 0)
@@ -65,7 +66,7 @@ def test_plan_range_leader_repairs_and_no_copy_is_dropped_for_claims() -> None:
 
 def test_failure_detector_tells_suspect_from_dead() -> None:
     detector = FailureDetector(dead_after=3)
-    peer = b"p" * 20
+    peer = NodeId(b"p" * 20)
     assert detector.record(peer, False) is Health.SUSPECT
     assert detector.record(peer, False) is Health.SUSPECT
     assert detector.record(peer, True, 1.5) is Health.ALIVE  # slow, not dead
@@ -78,7 +79,7 @@ def test_dead_peers_are_probed_less_and_less_often() -> None:
     """Alive and suspect peers are probed every round; a dead one after 1, 2, 4, 8...
     rounds, at least every dead_backoff rounds; an answer puts it back to every round."""
     detector = FailureDetector(dead_after=2, dead_backoff=4)
-    peer = b"p" * 20
+    peer = NodeId(b"p" * 20)
     probed = []
     for n in range(16):
         if detector.due(peer):
@@ -374,12 +375,12 @@ def test_probes_are_batched_per_co_holder_and_never_repeated_in_a_round() -> Non
     batches = probe_batches(checks, {})
     assert set(batches) == {a.node_id, b.node_id}
     assert len(batches[a.node_id].queries) == 4 and len(batches[b.node_id].queries) == 1
-    answered: dict[bytes, dict[Query, bool] | None] = {
+    answered: dict[NodeId, dict[Query, bool] | None] = {
         a.node_id: {q: True for q in batches[a.node_id].queries},
         b.node_id: None,
     }
     assert probe_batches(checks, answered) == {}
-    partly: dict[bytes, dict[Query, bool] | None] = {a.node_id: {checks[0].query: True}}
+    partly: dict[NodeId, dict[Query, bool] | None] = {a.node_id: {checks[0].query: True}}
     assert probe_batches(checks, partly)[a.node_id].queries == [c.query for c in checks[1:]]
 
 
@@ -392,14 +393,14 @@ def test_range_health_from_one_rounds_answers() -> None:
     view = view_of(h, [entry_of(x, h, 0, 7) for x in (a, b, c, d)])
     (check,) = range_checks([h], view, me.node_id)
     dead = {c.node_id}
-    answers: dict[bytes, dict[Query, bool] | None] = {
+    answers: dict[NodeId, dict[Query, bool] | None] = {
         a.node_id: {check.query: True},
         b.node_id: None,
         c.node_id: None,
         # d not asked
     }
 
-    def health(node: bytes) -> Health:
+    def health(node: NodeId) -> Health:
         return Health.DEAD if node in dead else Health.SUSPECT
 
     alive, suspect = range_health(check, answers, health)
@@ -420,7 +421,7 @@ def test_a_fresh_view_is_needed_when_short_or_a_holder_turned() -> None:
     assert not needs_fresh_view(check, [a.node_id], [b.node_id], set())  # suspect counts
     assert needs_fresh_view(check, [a.node_id], [b.node_id], {b.node_id})  # ...once
     assert needs_fresh_view(check, [a.node_id], [], set())  # b dead or gone: short
-    assert not needs_fresh_view(check, [a.node_id, b.node_id], [], {os.urandom(20)})
+    assert not needs_fresh_view(check, [a.node_id, b.node_id], [], {NodeId(os.urandom(20))})
 
 
 def test_read_view_keeps_valid_items() -> None:
