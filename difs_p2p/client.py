@@ -54,7 +54,7 @@ from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.holders import HolderEntry, decode_holder_entry, verify_holder_entry
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import Manifest, build_manifest, linked, parse_manifest
-from difs_p2p.names import name_key, normalize_name
+from difs_p2p.names import NameKey, name_key, normalize_name
 from difs_p2p.net import HOST_NETWORK, Connector
 from difs_p2p.ops import (
     AbandonRequest,
@@ -156,7 +156,7 @@ class PublishResult:
 
 
 def _decode_resolved(
-    key: bytes, reply: ResolveReply
+    key: NameKey, reply: ResolveReply
 ) -> tuple[list[Manifest], list[Manifest], list[HolderEntry]]:
     """Manifests verified; holder entries only decoded (see ``Resolved``)."""
     manifests, history, holders = [], [], []

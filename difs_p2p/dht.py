@@ -366,7 +366,7 @@ class Dht:
         start: Iterable[Node] | None = None,
         k: int | None = None,
         with_value: bool = False,
-        claimed: set[bytes] | None = None,
+        claimed: set[NodeId] | None = None,
         remember: bool = True,
     ) -> LookupResult:
         """Iterative Kademlia lookup with ``alpha`` requests in flight (the rules are
@@ -473,7 +473,7 @@ class Dht:
             return found
         k = self.config.ksize
         known = [contact_of(n) for n in self._proto().router.find_neighbors(Node(key), d * k)]
-        claimed: set[bytes] = set()
+        claimed: set[NodeId] = set()
         self.stats["lookups"] += 1
         results = await asyncio.gather(
             *(

@@ -10,6 +10,7 @@ import contextlib
 import enum
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from difs_p2p import segments
 from difs_p2p.errors import DifsError
@@ -23,7 +24,10 @@ from difs_p2p.records import split_entries
 # -- pure decisions --------------------------------------------------------------------------
 
 
-def keys_for_round(keys: Sequence[bytes], round_no: int, per_round: int) -> list[bytes]:
+K = TypeVar("K", bound=bytes)
+
+
+def keys_for_round(keys: Sequence[K], round_no: int, per_round: int) -> list[K]:
     """The names one round looks after: all of them, or a share when there are many.
 
     Keys are split into ``ceil(len / per_round)`` phases by their first bytes (uniform:

@@ -44,7 +44,7 @@ from difs_p2p.maintenance import Action, plan_range
 from difs_p2p.manifest import build_manifest, parse_manifest
 from difs_p2p.names import name_key
 from difs_p2p.net import DatagramNetwork
-from difs_p2p.placement import choose_targets
+from difs_p2p.placement import RangeKey, choose_targets
 from difs_p2p.recordpolicy import RecordValidator
 from difs_p2p.records import split_entries
 from difs_p2p.segments import IntegrityRoot, default_stripes, segment_hash
@@ -175,7 +175,12 @@ class ModelledMode:
         return obj
 
     async def _place_range(
-        self, asker: SimPeer, rkey: bytes, replicas: int, count: int, exclude: Collection[int] = ()
+        self,
+        asker: SimPeer,
+        rkey: RangeKey,
+        replicas: int,
+        count: int,
+        exclude: Collection[int] = (),
     ) -> list[SimPeer]:
         """Placement: up to ``count`` new holders for the range with key ``rkey`` (of an
         object with ``replicas`` copies), the closest live peers to it as ``asker`` finds

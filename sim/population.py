@@ -92,7 +92,7 @@ class Population:
 
     def __init__(self) -> None:
         self.peers: list[SimPeer] = []
-        self.by_id: dict[bytes, SimPeer] = {}
+        self.by_id: dict[NodeId, SimPeer] = {}
         self.alive = LiveSet()
         self.ready = LiveSet()
         # Peer index -> group, while the network is split (empty when whole).
