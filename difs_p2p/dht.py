@@ -257,7 +257,7 @@ class Dht:
         public_key, signature = proof.public_key, proof.signature
         if node_id_for(public_key) != node.id:
             return False
-        if not has_work(bytes(node.id), self.config.id_difficulty):
+        if not has_work(NodeId(bytes(node.id)), self.config.id_difficulty):
             self.peer_warning(address, "node ID lacks the node-ID work")
             return False
         try:
