@@ -54,7 +54,7 @@ from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.holders import HolderEntry, decode_holder_entry, verify_holder_entry
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import Manifest, build_manifest, linked, parse_manifest
-from difs_p2p.names import name_key, normalize_name
+from difs_p2p.names import NameKey, name_key, normalize_name
 from difs_p2p.net import HOST_NETWORK, Connector
 from difs_p2p.ops import (
     AbandonRequest,
@@ -75,6 +75,7 @@ from difs_p2p.publish import (
     upload,
 )
 from difs_p2p.ranges import ByteRange
+from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.transfer import Connection
 
 __all__ = [
@@ -153,7 +154,7 @@ class PublishResult:
 
 
 def _decode_resolved(
-    key: bytes, reply: ResolveReply
+    key: NameKey, reply: ResolveReply
 ) -> tuple[list[Manifest], list[Manifest], list[HolderEntry]]:
     """Manifests verified; holder entries only decoded (see ``Resolved``)."""
     manifests, history, holders = [], [], []
@@ -495,7 +496,7 @@ class Client:
 
     async def _upload(
         self, source: Path | IO[bytes], segment_size: int, progress: Progress | None
-    ) -> tuple[list[bytes], bytes, int]:
+    ) -> tuple[list[SegmentId], IntegrityRoot, int]:
         """Send the object's segments and hash list to the entry peer (publish.upload)."""
         return await upload(await self._data_conn(), source, segment_size, progress)
 

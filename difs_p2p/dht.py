@@ -1,7 +1,9 @@
 """The DHT adapter: with the modules split out of it, the only code that imports ``kademlia``.
 
 The rest of DIFS-P2P sees :class:`Dht`: start, bootstrap, put/get a validated record by
-20-byte key, add/get signed entries under a key, the k closest live peers, stop.
+20-byte key, add/get signed entries under a key, the k closest live peers, stop. A key is
+plain ``bytes``: a name key, a range key or a node ID may each be one (see
+:mod:`~difs_p2p.routing`); a peer's ID is a :data:`~difs_p2p.identity.NodeId`.
 
 From the library we keep the wire format (rpcudp's msgpack datagrams, so stock peers can
 still talk to us), the routing table's k-buckets and the ``Node`` type. We replace what
@@ -66,7 +68,7 @@ from difs_p2p.dhtguard import AddressGuard
 from difs_p2p.dhtproto import DhtProtocol, EntryGate
 from difs_p2p.dhtrecords import Records, Stored
 from difs_p2p.errors import IntegrityError, NetworkError, WireError
-from difs_p2p.identity import Identity, distance, node_id_for, verify_signature
+from difs_p2p.identity import Identity, NodeId, distance, node_id_for, verify_signature
 from difs_p2p.idwork import has_work
 from difs_p2p.lookup import Lookup, LookupResult, RttEstimator, deal_paths, merge
 from difs_p2p.net import DatagramNetwork, DatagramTransport, UdpNetwork
@@ -87,7 +89,7 @@ class Dht:
 
     def __init__(
         self,
-        node_id: bytes,
+        node_id: NodeId,
         policy: RecordPolicy,
         config: DhtConfig | None = None,
         *,
@@ -132,8 +134,8 @@ class Dht:
         self.records = Records(self)
 
     @property
-    def node_id(self) -> bytes:
-        return bytes(self.node.id)
+    def node_id(self) -> NodeId:
+        return NodeId(bytes(self.node.id))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -255,7 +257,7 @@ class Dht:
         public_key, signature = proof.public_key, proof.signature
         if node_id_for(public_key) != node.id:
             return False
-        if not has_work(bytes(node.id), self.config.id_difficulty):
+        if not has_work(NodeId(bytes(node.id)), self.config.id_difficulty):
             self.peer_warning(address, "node ID lacks the node-ID work")
             return False
         try:
@@ -364,7 +366,7 @@ class Dht:
         start: Iterable[Node] | None = None,
         k: int | None = None,
         with_value: bool = False,
-        claimed: set[bytes] | None = None,
+        claimed: set[NodeId] | None = None,
         remember: bool = True,
     ) -> LookupResult:
         """Iterative Kademlia lookup with ``alpha`` requests in flight (the rules are
@@ -471,7 +473,7 @@ class Dht:
             return found
         k = self.config.ksize
         known = [contact_of(n) for n in self._proto().router.find_neighbors(Node(key), d * k)]
-        claimed: set[bytes] = set()
+        claimed: set[NodeId] = set()
         self.stats["lookups"] += 1
         results = await asyncio.gather(
             *(

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from difs_p2p import dhtwire
 from difs_p2p.config import DhtConfig
 from difs_p2p.errors import WireError
-from difs_p2p.identity import distance
+from difs_p2p.identity import NodeId, distance
 from difs_p2p.lookup import LookupResult, MorePages, RttEstimator
 from difs_p2p.recordstore import RecordStore
 from difs_p2p.routing import Contact
@@ -103,7 +103,7 @@ def entry_batches(
 
 def union(paths: Sequence[Sequence[Contact]], key: bytes) -> list[Contact]:
     """The contacts of all paths, each once, closest to ``key`` first."""
-    seen: dict[bytes, Contact] = {}
+    seen: dict[NodeId, Contact] = {}
     for path in paths:
         for c in path:
             seen.setdefault(c.node_id, c)
@@ -195,7 +195,7 @@ class Records:
         replies, more = await asyncio.gather(stores, added)
         entries_accepted += more
         older: list[Contact] = []
-        took: set[bytes] = set()
+        took: set[NodeId] = set()
         for contact, (ok, reply) in zip(peers, replies, strict=True):
             answer = _store_reply(ok, reply)
             if answer is not None and answer.entries is not None:
@@ -221,7 +221,7 @@ class Records:
                     refused += 1
         accepted += len(took)
         used = [p for p in paths if p]
-        served: set[bytes] = set()
+        served: set[NodeId] = set()
         readable = sum(
             await asyncio.gather(
                 *(
@@ -245,7 +245,7 @@ class Records:
         return Stored(accepted, refused, entries_accepted, len(used), readable, quorum)
 
     async def _read_back(
-        self, key: bytes, value: bytes, peers: list[Contact], served: set[bytes]
+        self, key: bytes, value: bytes, peers: list[Contact], served: set[NodeId]
     ) -> bool:
         """Whether one of ``peers`` (one path's, closest first) serves ``value`` (or a
         better record) at ``key``: asked in waves of 1, 2, 4, ... peers until one does,

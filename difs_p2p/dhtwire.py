@@ -22,6 +22,7 @@ from typing import Final
 import msgpack
 
 from difs_p2p.errors import WireError
+from difs_p2p.identity import NodeId
 from difs_p2p.routing import Contact, is_id, valid_address
 
 REQUEST: Final = b"\x00"
@@ -309,7 +310,7 @@ def decode_contacts(body: object, limit: int, field: str = "nodes") -> list[Cont
         nid, ip, port = item
         if not (is_id(nid) and valid_address((ip, port))):
             raise WireError("contact id or address is not valid", field=f"{field}[{i}]")
-        out.append(Contact(bytes(nid), ip, port))
+        out.append(Contact(NodeId(bytes(nid)), ip, port))
     return out
 
 

@@ -60,6 +60,7 @@ from difs_p2p.holders import HolderEntry, verify_holder_entry
 from difs_p2p.manifest import Manifest
 from difs_p2p.net import Connector
 from difs_p2p.ops import RangeRequest, RangesRequest, SuspectRequest
+from difs_p2p.segments import SegmentId
 from difs_p2p.transfer import Connection
 
 # Ending of the temporary file a fetch writes beside its output (".NAME.<hex>.part").
@@ -254,7 +255,9 @@ async def is_alive(address: tuple[str, int], network: Connector) -> bool:
 
 # What asking one holder for the hash list gives: the holder, its connection, the list,
 # and the figures the plan is seeded with.
-_Answer = tuple[tuple[str, int], Connection, list[bytes], tuple[tuple[str, int], float, int, float]]
+_Answer = tuple[
+    tuple[str, int], Connection, list[SegmentId], tuple[tuple[str, int], float, int, float]
+]
 
 
 class Fetch:
@@ -299,11 +302,11 @@ class Fetch:
                     f"range {self.first}-{self.last} is outside the object (size {manifest.size})"
                 )
         self.progress = progress
-        self.hashes: list[bytes] = []
+        self.hashes: list[SegmentId] = []
         self.first_byte = 0.0
         self.written = 0
         # (holder, segment) pairs that failed verification, reported after the fetch
-        self.suspects: list[tuple[tuple[str, int], bytes]] = []
+        self.suspects: list[tuple[tuple[str, int], SegmentId]] = []
         # connections opened before the transfer, handed to the workers
         self._opened: dict[tuple[str, int], Connection] = {}
         # the hash list's exchange: (holder, first-byte delay, bytes, seconds receiving)
@@ -353,7 +356,7 @@ class Fetch:
             if any(h.start <= index <= h.end and self._checked.get(h.raw, True) for h in entries)
         ]
 
-    async def _hash_list(self) -> list[bytes]:
+    async def _hash_list(self) -> list[SegmentId]:
         """The verified hash list (see :class:`_HashListAsk`); the connection it came on
         is kept for that holder's worker."""
         if self.manifest.segment_count == 0:
@@ -512,9 +515,7 @@ class _HashListAsk:
             if not isinstance(frame, wire.Data):
                 raise NotFoundError(f"{address[0]}:{address[1]} has no hash list")
             count = fetch.manifest.segment_count
-            hashes: list[bytes] = list(
-                segments.verify_hash_list(bytes(frame.data), self.root, count)
-            )
+            hashes = segments.verify_hash_list(bytes(frame.data), self.root, count)
             seed = (address, first - sent, len(frame.data), loop.time() - first)
             return address, conn, hashes, seed
         except BaseException:

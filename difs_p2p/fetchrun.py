@@ -25,6 +25,7 @@ from difs_p2p import segments, wire
 from difs_p2p.errors import DifsError, IntegrityError, PeerError
 from difs_p2p.fetchplan import FetchPlan, Holder, first_holders
 from difs_p2p.net import Connector
+from difs_p2p.segments import SegmentId
 from difs_p2p.transfer import BufferPool, Connection
 
 # Parallel holder connections per fetch.
@@ -75,7 +76,7 @@ class SegmentRun:
     def __init__(
         self,
         name: str,
-        hashes: list[bytes],
+        hashes: list[SegmentId],
         plan: FetchPlan,
         holders: Holders,
         slice_of: Callable[[int], tuple[int, int, int]],
@@ -106,7 +107,7 @@ class SegmentRun:
         self.written = 0
         self.served: set[Holder] = set()
         # (holder, segment) pairs that failed verification, reported after the fetch
-        self.suspects: list[tuple[Holder, bytes]] = []
+        self.suspects: list[tuple[Holder, SegmentId]] = []
         # in-order delivery for streams: index -> data (bounded by the pipelines' depth)
         self.ready: dict[int, bytes | memoryview] = {}
         self.owners: dict[int, bytearray] = {}

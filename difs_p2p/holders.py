@@ -26,8 +26,10 @@ import struct
 from dataclasses import dataclass
 
 from difs_p2p.errors import WireError
-from difs_p2p.identity import SIGNATURE_SIZE, Identity, node_id_for, verify_signature
+from difs_p2p.identity import SIGNATURE_SIZE, Identity, NodeId, node_id_for, verify_signature
+from difs_p2p.names import NameKey
 from difs_p2p.records import HOLDER_KIND
+from difs_p2p.segments import IntegrityRoot, SegmentId
 
 HOLDER_DOMAIN = b"difs-holder-v1\x00"
 _HOLDER = struct.Struct("!B20sQ32sII4sHQ32s")
@@ -38,9 +40,9 @@ HOLDER_SIZE = _HOLDER.size + SIGNATURE_SIZE
 class HolderEntry:
     """A peer's signed claim to hold segments ``start..end`` of one version of a name."""
 
-    key: bytes
+    key: NameKey
     version: int
-    integrity: bytes
+    integrity: IntegrityRoot
     start: int
     end: int
     host: str
@@ -50,8 +52,8 @@ class HolderEntry:
     raw: bytes
 
     @property
-    def node_id(self) -> bytes:
-        return bytes(node_id_for(self.public_key))
+    def node_id(self) -> NodeId:
+        return node_id_for(self.public_key)
 
     @property
     def identity(self) -> bytes:
@@ -62,9 +64,9 @@ class HolderEntry:
 def build_holder_entry(
     identity: Identity,
     *,
-    key: bytes,
+    key: NameKey,
     version: int,
-    integrity: bytes,
+    integrity: IntegrityRoot,
     start: int,
     end: int,
     host: str,
@@ -107,9 +109,9 @@ def decode_holder_entry(raw: bytes) -> HolderEntry:
     if end < start or port == 0 or version == 0:
         raise WireError("bad range, port or version", field="range", offset=61)
     return HolderEntry(
-        key=key,
+        key=NameKey(key),
         version=version,
-        integrity=integrity,
+        integrity=IntegrityRoot(SegmentId(integrity)),
         start=start,
         end=end,
         host=socket.inet_ntoa(ip),

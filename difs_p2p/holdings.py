@@ -16,13 +16,15 @@ from typing import Any
 
 from difs_p2p.errors import AlreadyExistsError
 from difs_p2p.manifest import Lineage
+from difs_p2p.names import NameKey
+from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.sqlitedb import Database
 
 __all__ = ["Holding", "Holdings", "Query", "holding_owner"]
 
 # A range asked about (a co-holder's probe, ``holds_ranges``): (name key, version, first
 # segment, last segment).
-Query = tuple[bytes, int, int, int]
+Query = tuple[NameKey, int, int, int]
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS holdings(key BLOB, version INTEGER, integrity BLOB,"
@@ -38,9 +40,9 @@ class Holding:
     """One range of one name version kept here (segments ``start..end`` of ``integrity``),
     held since ``since`` (wall-clock seconds)."""
 
-    key: bytes
+    key: NameKey
     version: int
-    integrity: bytes
+    integrity: IntegrityRoot
     segment_count: int
     start: int
     end: int
@@ -55,7 +57,7 @@ class Holding:
         return holding_owner(self.key, self.version, self.start)
 
 
-def holding_owner(key: bytes, version: int, start: int) -> bytes:
+def holding_owner(key: NameKey, version: int, start: int) -> bytes:
     return key + version.to_bytes(8, "big") + start.to_bytes(4, "big")
 
 
@@ -111,7 +113,7 @@ class Holdings:
                 ),
             )
 
-    def bind(self, key: bytes, version: int, integrity: bytes, lineage: Lineage) -> int:
+    def bind(self, key: NameKey, version: int, integrity: IntegrityRoot, lineage: Lineage) -> int:
         """Record the lineage of held ranges of (key, version, integrity) that have none
         yet; a lineage once bound never changes. How many rows were bound."""
         with self._db.locked("binding a lineage") as db:
@@ -136,7 +138,7 @@ class Holdings:
             ).fetchall()
         return [_holding(r) for r in rows]
 
-    def get(self, key: bytes, version: int, start: int) -> Holding | None:
+    def get(self, key: NameKey, version: int, start: int) -> Holding | None:
         """The holding of a range starting at ``start`` of one version, if any (without
         its lineage)."""
         with self._db.locked("reading a holding") as db:
@@ -145,10 +147,12 @@ class Holdings:
                 (key, version, start),
             ).fetchone()
         return (
-            None if r is None else Holding(bytes(r[0]), r[1], bytes(r[2]), r[3], r[4], r[5], r[6])
+            None
+            if r is None
+            else Holding(_key(r[0]), r[1], _integrity(r[2]), r[3], r[4], r[5], r[6])
         )
 
-    def of_key(self, key: bytes) -> list[Holding]:
+    def of_key(self, key: NameKey) -> list[Holding]:
         with self._db.locked("listing holdings") as db:
             rows = db.execute(
                 f"SELECT {_COLUMNS} FROM holdings WHERE key=? ORDER BY version, start",
@@ -156,7 +160,7 @@ class Holdings:
             ).fetchall()
         return [_holding(r) for r in rows]
 
-    def covers(self, key: bytes, version: int, start: int, end: int) -> bool:
+    def covers(self, key: NameKey, version: int, start: int, end: int) -> bool:
         """Whether one holding of (key, version) covers segments start..end."""
         with self._db.locked("looking up a holding") as db:
             row = db.execute(
@@ -173,4 +177,12 @@ def _holding(r: Sequence[Any]) -> Holding:
     lineage = None
     if r[7] is not None and r[8] is not None:
         lineage = Lineage(bytes(r[7]), str(r[8]), int(r[1]), str(r[9] or ""))
-    return Holding(bytes(r[0]), r[1], bytes(r[2]), r[3], r[4], r[5], r[6], lineage)
+    return Holding(_key(r[0]), r[1], _integrity(r[2]), r[3], r[4], r[5], r[6], lineage)
+
+
+def _key(blob: bytes) -> NameKey:
+    return NameKey(bytes(blob))
+
+
+def _integrity(blob: bytes) -> IntegrityRoot:
+    return IntegrityRoot(SegmentId(bytes(blob)))

@@ -48,6 +48,8 @@ from difs_p2p.net import Connector
 from difs_p2p.ops import ProveReply, ProveRequest, decode_reply, encode_reply
 from difs_p2p.records import RecordKind, record_kind, split_entries
 from difs_p2p.recordstore import RecordStore
+from difs_p2p.names import NameKey
+from difs_p2p.segments import SegmentId
 from difs_p2p.transfer import Connection
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ class Claim:
     signer: bytes
     host: str
     port: int
-    key: bytes
+    key: NameKey
     version: int
 
     @classmethod
@@ -399,7 +401,7 @@ class HolderProver:
         hash_list = await self._get(conn, integrity)
         if hash_list is None:
             return "no hash list"
-        ids = segments.verify_hash_list(hash_list, integrity, manifest.segment_count)
+        ids = segments.verify_hash_list(hash_list, manifest.integrity, manifest.segment_count)
         index = challenge.segment
         if not 0 <= index < len(ids):
             return "segment index outside the object"
@@ -410,7 +412,7 @@ class HolderProver:
         return await asyncio.to_thread(check_segment, manifest, hash_list, index, data)
 
     async def _get(self, conn: Connection, seg_id: bytes) -> bytes | None:
-        await conn.send(wire.GetSeg(request_id=0, seg_id=seg_id, offset=0, length=0))
+        await conn.send(wire.GetSeg(request_id=0, seg_id=SegmentId(seg_id), offset=0, length=0))
         frame = await conn.read_frame()
         if not isinstance(frame, wire.Data):
             return None

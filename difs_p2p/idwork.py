@@ -19,20 +19,20 @@ import logging
 from pathlib import Path
 
 from difs_p2p.errors import StorageError
-from difs_p2p.identity import Identity, load_or_create
+from difs_p2p.identity import Identity, NodeId, load_or_create
 
 log = logging.getLogger(__name__)
 
 WORK_DOMAIN = b"difs-work-v1\x00"
 
 
-def work_bits(node_id: bytes) -> int:
+def work_bits(node_id: NodeId) -> int:
     """The number of leading zero bits of the node ID's work hash (0-256)."""
     digest = int.from_bytes(hashlib.sha256(WORK_DOMAIN + node_id).digest(), "big")
     return 256 - digest.bit_length()
 
 
-def has_work(node_id: bytes, bits: int) -> bool:
+def has_work(node_id: NodeId, bits: int) -> bool:
     """Whether ``node_id`` satisfies the puzzle at difficulty ``bits``."""
     return bits <= 0 or work_bits(node_id) >= bits
 

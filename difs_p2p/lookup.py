@@ -33,7 +33,7 @@ from difs_p2p.dhtwire import (
     decode_lookup_reply,
 )
 from difs_p2p.errors import WireError
-from difs_p2p.identity import distance
+from difs_p2p.identity import NodeId, distance
 from difs_p2p.routing import Contact
 
 
@@ -138,8 +138,8 @@ class Lookup:
         k: int,
         alpha: int,
         stall: float,
-        me: bytes,
-        claimed: set[bytes] | None = None,
+        me: NodeId,
+        claimed: set[NodeId] | None = None,
         with_value: bool = False,
         limit: int | None = None,
     ) -> None:
@@ -149,24 +149,24 @@ class Lookup:
         self.stall, self.me, self.with_value = stall, me, with_value
         self.limit = 2 * k if limit is None else limit
         self._goal = int.from_bytes(target, "big")
-        self._shortlist: dict[bytes, Contact] = {}
+        self._shortlist: dict[NodeId, Contact] = {}
         # (distance, id) of every shortlist entry, kept sorted (IDs differ, so distances do)
-        self._order: list[tuple[int, bytes]] = []
+        self._order: list[tuple[int, NodeId]] = []
         for c in start:
             if c.node_id != me:
                 if c.node_id not in self._shortlist:
                     bisect.insort(self._order, (self._dist(c), c.node_id))
                 self._shortlist[c.node_id] = c
-        self._contacted: set[bytes] = set()
+        self._contacted: set[NodeId] = set()
         self._lone = claimed is None
         self._taken = self._contacted if claimed is None else claimed
-        self._responded: dict[bytes, Contact] = {}
+        self._responded: dict[NodeId, Contact] = {}
         # requests in flight: contact id -> when it stops holding a slot
-        self._stalls_at: dict[bytes, float] = {}
-        self._late: set[bytes] = set()
+        self._stalls_at: dict[NodeId, float] = {}
+        self._late: set[NodeId] = set()
         # the distance of the closest peer that answered
         self._best: int | None = None
-        self._depth: dict[bytes, int] = dict.fromkeys(self._shortlist, 1)
+        self._depth: dict[NodeId, int] = dict.fromkeys(self._shortlist, 1)
         self._result = LookupResult(closest=[])
         self._done = False
 
@@ -175,7 +175,7 @@ class Lookup:
 
     # -- what to do --------------------------------------------------------------------------
 
-    def _active(self) -> list[bytes]:
+    def _active(self) -> list[NodeId]:
         return [i for i in self._stalls_at if i not in self._late]
 
     def _candidates(self) -> list[Contact]:

@@ -10,20 +10,24 @@ import contextlib
 import enum
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from difs_p2p import segments
 from difs_p2p.errors import DifsError
 from difs_p2p.holders import HolderEntry, parse_holder_entry
 from difs_p2p.holdings import Holding, Query
-from difs_p2p.identity import distance
+from difs_p2p.identity import NodeId, distance
 from difs_p2p.manifest import Lineage, Manifest, linked, parse_manifest, supersedes
-from difs_p2p.placement import range_key
+from difs_p2p.placement import RangeKey, range_key
 from difs_p2p.records import split_entries
 
 # -- pure decisions --------------------------------------------------------------------------
 
 
-def keys_for_round(keys: Sequence[bytes], round_no: int, per_round: int) -> list[bytes]:
+K = TypeVar("K", bound=bytes)
+
+
+def keys_for_round(keys: Sequence[K], round_no: int, per_round: int) -> list[K]:
     """The names one round looks after: all of them, or a share when there are many.
 
     Keys are split into ``ceil(len / per_round)`` phases by their first bytes (uniform:
@@ -53,11 +57,11 @@ class FailureDetector:
 
     dead_after: int
     dead_backoff: int = 16
-    failures: dict[bytes, int] = field(default_factory=dict)
-    slow: dict[bytes, float] = field(default_factory=dict)
-    skipped: dict[bytes, int] = field(default_factory=dict)
+    failures: dict[NodeId, int] = field(default_factory=dict)
+    slow: dict[NodeId, float] = field(default_factory=dict)
+    skipped: dict[NodeId, int] = field(default_factory=dict)
 
-    def record(self, node_id: bytes, ok: bool, seconds: float = 0.0) -> Health:
+    def record(self, node_id: NodeId, ok: bool, seconds: float = 0.0) -> Health:
         self.skipped.pop(node_id, None)
         if ok:
             self.failures.pop(node_id, None)
@@ -66,7 +70,7 @@ class FailureDetector:
         self.failures[node_id] = self.failures.get(node_id, 0) + 1
         return self.health(node_id)
 
-    def due(self, node_id: bytes) -> bool:
+    def due(self, node_id: NodeId) -> bool:
         """Whether to probe a peer this round; if not, the round is counted as skipped."""
         beyond = self.failures.get(node_id, 0) - self.dead_after
         if beyond < 0:
@@ -78,7 +82,7 @@ class FailureDetector:
         self.skipped[node_id] = skipped + 1
         return False
 
-    def health(self, node_id: bytes) -> Health:
+    def health(self, node_id: NodeId) -> Health:
         n = self.failures.get(node_id, 0)
         if n == 0:
             return Health.ALIVE
@@ -106,18 +110,18 @@ class Action(enum.Enum):
     REPAIR = "repair"
 
 
-def round_phase(node_id: bytes) -> float:
+def round_phase(node_id: NodeId) -> float:
     """Where in the interval a peer's maintenance rounds fall, in [0, 1): spread evenly
     over peers, the same for one peer across restarts."""
     return int.from_bytes(node_id[:4], "big") / 2**32
 
 
 def plan_range(
-    me: bytes,
-    key: bytes,
-    alive: Sequence[bytes],
+    me: NodeId,
+    key: RangeKey,
+    alive: Sequence[NodeId],
     replicas: int,
-    suspect: Sequence[bytes] = (),
+    suspect: Sequence[NodeId] = (),
 ) -> tuple[Action, int]:
     """What this holder should do for one range.
 
@@ -309,11 +313,11 @@ class RangeCheck:
         return (self.holding.key, self.holding.version, self.start, self.end)
 
     @property
-    def key(self) -> bytes:
+    def key(self) -> RangeKey:
         return range_key(self.holding.integrity, self.index)
 
 
-def range_checks(held: Sequence[Holding], view: NameView, me: bytes) -> list[RangeCheck]:
+def range_checks(held: Sequence[Holding], view: NameView, me: NodeId) -> list[RangeCheck]:
     """Every range of ``held`` whose version the view has a matching manifest for, with the
     view's other holders covering it (one entry per holder)."""
     checks: list[RangeCheck] = []
@@ -325,7 +329,7 @@ def range_checks(held: Sequence[Holding], view: NameView, me: bytes) -> list[Ran
         for index, (start, end) in enumerate(ranges):
             if not (h.start <= start and end <= h.end):
                 continue
-            others: dict[bytes, HolderEntry] = {}
+            others: dict[NodeId, HolderEntry] = {}
             for e in view.entries:
                 if (
                     e.version == h.version
@@ -348,11 +352,11 @@ class ProbeBatch:
 
 
 def probe_batches(
-    checks: Sequence[RangeCheck], answers: Mapping[bytes, Mapping[Query, bool] | None]
-) -> dict[bytes, ProbeBatch]:
+    checks: Sequence[RangeCheck], answers: Mapping[NodeId, Mapping[Query, bool] | None]
+) -> dict[NodeId, ProbeBatch]:
     """Group the queries of ``checks`` by co-holder, one batch each, leaving out what
     ``answers`` (this round's) already has and holders that did not answer this round."""
-    batches: dict[bytes, ProbeBatch] = {}
+    batches: dict[NodeId, ProbeBatch] = {}
     for check in checks:
         query = check.query
         for e in check.others:
@@ -369,17 +373,17 @@ def probe_batches(
 
 def range_health(
     check: RangeCheck,
-    answers: Mapping[bytes, Mapping[Query, bool] | None],
-    health: Callable[[bytes], Health],
-) -> tuple[list[bytes], list[bytes]]:
+    answers: Mapping[NodeId, Mapping[Query, bool] | None],
+    health: Callable[[NodeId], Health],
+) -> tuple[list[NodeId], list[NodeId]]:
     """The other holders of a range that answered holding it (alive), and those that may
     still hold it (suspect): silent this round but not yet dead, or not asked yet.
 
     A holder that answered that it does not hold the range counts as gone for it, as does
     one ``dead_after`` rounds silent.
     """
-    alive: list[bytes] = []
-    suspect: list[bytes] = []
+    alive: list[NodeId] = []
+    suspect: list[NodeId] = []
     for e in check.others:
         node = e.node_id
         known = answers.get(node)
@@ -394,7 +398,7 @@ def range_health(
 
 
 def needs_fresh_view(
-    check: RangeCheck, alive: Sequence[bytes], suspect: Sequence[bytes], turned: Set[bytes]
+    check: RangeCheck, alive: Sequence[NodeId], suspect: Sequence[NodeId], turned: Set[NodeId]
 ) -> bool:
     """Whether a range's check must be redone on a fresh resolve before acting: it looks
     short of copies (repair, and who leads it, need the current holder set: another

@@ -41,8 +41,9 @@ from difs_p2p.identity import (
     fingerprint,
     verify_signature,
 )
-from difs_p2p.names import key_namespace_owner, name_key, normalize_name
+from difs_p2p.names import NameKey, key_namespace_owner, name_key, normalize_name
 from difs_p2p.records import canonical_json, is_hex, is_time, is_uint, record_hash
+from difs_p2p.segments import IntegrityRoot, SegmentId
 
 MANIFEST_DOMAIN = b"difs-manifest-v1\x00"
 MANIFEST_FORMAT = 1
@@ -59,7 +60,7 @@ class Manifest:
     """A verified manifest; ``raw`` holds the exact signed bytes."""
 
     name: str
-    key: bytes
+    key: NameKey
     version: int
     parent: str | None
     root: str | None
@@ -68,7 +69,7 @@ class Manifest:
     segment_count: int
     stripes: int
     replicas: int
-    integrity: bytes  # the hash list's BLAKE3 root (hex in the JSON)
+    integrity: IntegrityRoot  # the hash list's BLAKE3 root (hex in the JSON)
     deleted: bool
     created: float
     publisher: bytes
@@ -175,7 +176,7 @@ def build_manifest(
     segment_count: int,
     stripes: int,
     replicas: int,
-    integrity: bytes,
+    integrity: IntegrityRoot,
     deleted: bool = False,
     created: float,
     delegation: Delegation | None = None,
@@ -212,8 +213,9 @@ def build_manifest(
 def parse_manifest(raw: bytes, key: bytes | None = None) -> Manifest:
     """Decode and verify a signed manifest (shape, limits, signature, name key).
 
-    Raises WireError for malformed bytes and IntegrityError for a bad signature or a
-    record stored under the wrong key. A pure function of its arguments, so the last
+    ``key``, when given, is the DHT key the record was found under (plain ``bytes``, as the
+    DHT's keys are). Raises WireError for malformed bytes and IntegrityError for a bad
+    signature or a record stored under the wrong key. A pure function of its arguments, so the last
     ``_PARSED_CACHE`` results are remembered (a peer parses the same manifest as a record,
     as a history entry, on every resolve and maintenance round); errors are not.
     """
@@ -318,7 +320,7 @@ def _parse_manifest(raw: bytes, key: bytes | None) -> Manifest:
     )
     return Manifest(
         name=name,
-        key=bytes.fromhex(info["key"]),
+        key=NameKey(bytes.fromhex(info["key"])),
         version=info["version"],
         parent=info["parent"],
         root=info["root"],
@@ -327,7 +329,7 @@ def _parse_manifest(raw: bytes, key: bytes | None) -> Manifest:
         segment_count=count,
         stripes=info["stripes"],
         replicas=info["replicas"],
-        integrity=bytes.fromhex(info["integrity"]),
+        integrity=IntegrityRoot(SegmentId(bytes.fromhex(info["integrity"]))),
         deleted=info["deleted"],
         created=float(created),
         publisher=publisher,

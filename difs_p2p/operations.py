@@ -30,6 +30,7 @@ from difs_p2p.holdproof import prove_message
 from difs_p2p.identity import Identity
 from difs_p2p.maintenance import gc_due
 from difs_p2p.manifest import Manifest, parse_manifest
+from difs_p2p.names import NameKey
 from difs_p2p.net import PeerNetwork
 from difs_p2p.ops import (
     AbandonReply,
@@ -281,7 +282,7 @@ class Operations:
             raise UsageError(f"malformed proof: {exc}") from None
         return ReleaseReply(await self._release(request.key, manifest))
 
-    async def _release(self, key: bytes, proof: Manifest) -> int:
+    async def _release(self, key: NameKey, proof: Manifest) -> int:
         """Free the holdings of ``key`` that ``proof`` supersedes in their own lineage
         (``maintenance.gc_due``: same owner or delegate, same lineage root, a tombstone or
         ``keep`` versions newer). Holdings whose lineage is not known yet learn it first
@@ -316,7 +317,7 @@ class Operations:
         """Prove to a DHT peer listing our entry that we hold a range: our node key's
         signature over its nonce and the range (holdproof.prove_message), if we hold it."""
         key, version, start, end = request.key, request.version, request.start, request.end
-        if not self.holdings.covers(key, version, start, end):
+        if not self.holdings.covers(NameKey(key), version, start, end):
             return ProveReply(False)
         message = prove_message(request.nonce, key, version, start, end)
         return ProveReply(True, self.identity.sign(message))

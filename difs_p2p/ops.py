@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeGuard, TypeVar
 
 from difs_p2p.errors import UsageError, WireError
+from difs_p2p.names import NameKey
+from difs_p2p.segments import IntegrityRoot, SegmentId
 
 __all__ = [
     "MAX_PROBE_RANGES",
@@ -212,7 +214,7 @@ class ResolveReply:
 class ResolveRequest(Op[ResolveReply]):
     """``resolve``: the records of one name key."""
 
-    key: bytes
+    key: NameKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +226,7 @@ class ReleaseReply:
 class ReleaseRequest(Op[ReleaseReply]):
     """``release``: free what the owner-signed manifest ``proof`` (JSON text) supersedes."""
 
-    key: bytes
+    key: NameKey
     proof: str
 
 
@@ -240,7 +242,7 @@ class HoldsReply:
 class RangeRequest(Op[HoldsReply]):
     """``holds``: one range of one version."""
 
-    key: bytes
+    key: NameKey
     version: int
     start: int
     end: int
@@ -273,7 +275,7 @@ class ProveReply:
 class ProveRequest(Op[ProveReply]):
     """``prove``: sign a challenge over one range of one version (see holdproof.py)."""
 
-    key: bytes
+    key: NameKey
     version: int
     start: int
     end: int
@@ -290,7 +292,7 @@ class SuspectReply:
 class SuspectRequest(Op[SuspectReply]):
     """``suspect``: a fetcher got a bad copy of this segment."""
 
-    segment: bytes
+    segment: SegmentId
 
 
 # -- uploads ------------------------------------------------------------------------------
@@ -301,7 +303,7 @@ class HoldReason:
     """Why a peer asks another to hold a range: it places a new upload or repairs a range."""
 
     kind: str
-    key: bytes
+    key: NameKey
     version: int
     start: int
     end: int
@@ -316,9 +318,9 @@ class HoldReply:
 
 @dataclass(frozen=True, slots=True)
 class HoldRequest(Op[HoldReply]):
-    key: bytes
+    key: NameKey
     version: int
-    integrity: bytes
+    integrity: IntegrityRoot
     segment_count: int
     start: int
     end: int
@@ -345,9 +347,9 @@ class PlaceReply:
 
 @dataclass(frozen=True, slots=True)
 class PlaceRequest(Op[PlaceReply]):
-    key: bytes
+    key: NameKey
     version: int
-    integrity: bytes
+    integrity: IntegrityRoot
     segment_count: int
     stripes: int
     replicas: int
@@ -394,19 +396,19 @@ class CheckRequest(Op[CheckReply]):
 
 
 def _resolve_request(args: dict[str, Any]) -> ResolveRequest:
-    return ResolveRequest(_hex_arg(args, "key", 20))
+    return ResolveRequest(NameKey(_hex_arg(args, "key", 20)))
 
 
 def _release_request(args: dict[str, Any]) -> ReleaseRequest:
     proof = args.get("proof")
     if not isinstance(proof, str):
         raise UsageError("release needs the owner's signed proof: a tombstone or newer manifest")
-    return ReleaseRequest(_hex_arg(args, "key", 20), proof)
+    return ReleaseRequest(NameKey(_hex_arg(args, "key", 20)), proof)
 
 
 def _range_request(args: dict[str, Any]) -> RangeRequest:
     return RangeRequest(
-        _hex_arg(args, "key", 20),
+        NameKey(_hex_arg(args, "key", 20)),
         _int_arg(args, "version"),
         _int_arg(args, "start"),
         _int_arg(args, "end"),
@@ -444,9 +446,9 @@ def _hold_reason(value: object) -> HoldReason | None:
 
 def _hold_request(args: dict[str, Any]) -> HoldRequest:
     request = HoldRequest(
-        _hex_arg(args, "key", 20),
+        NameKey(_hex_arg(args, "key", 20)),
         _int_arg(args, "version"),
-        _hex_arg(args, "integrity", 32),
+        IntegrityRoot(SegmentId(_hex_arg(args, "integrity", 32))),
         _int_arg(args, "segment_count"),
         _int_arg(args, "start"),
         _int_arg(args, "end"),
@@ -465,9 +467,9 @@ def _hold_request(args: dict[str, Any]) -> HoldRequest:
 
 def _place_request(args: dict[str, Any]) -> PlaceRequest:
     request = PlaceRequest(
-        _hex_arg(args, "key", 20),
+        NameKey(_hex_arg(args, "key", 20)),
         _int_arg(args, "version"),
-        _hex_arg(args, "integrity", 32),
+        IntegrityRoot(SegmentId(_hex_arg(args, "integrity", 32))),
         _int_arg(args, "segment_count"),
         _int_arg(args, "stripes"),
         _int_arg(args, "replicas"),
@@ -494,7 +496,7 @@ def _check_request(args: dict[str, Any]) -> CheckRequest:
 
 
 def _suspect_request(args: dict[str, Any]) -> SuspectRequest:
-    return SuspectRequest(_hex_arg(args, "segment", 32))
+    return SuspectRequest(SegmentId(_hex_arg(args, "segment", 32)))
 
 
 # -- requests: typed -> args (the asking side) --------------------------------------------

@@ -43,7 +43,7 @@ from difs_p2p.diskcost import DiskCost
 from difs_p2p.errors import NetworkError, StorageError
 from difs_p2p.holdings import Holdings
 from difs_p2p.holdproof import HolderProver
-from difs_p2p.identity import Identity
+from difs_p2p.identity import Identity, NodeId
 from difs_p2p.idwork import load_or_create_with_work
 from difs_p2p.net import HOST_NETWORK, PeerNetwork
 from difs_p2p.operations import OPERATIONS, Operations
@@ -345,10 +345,10 @@ class Peer:
         return self.store
 
     @property
-    def node_id(self) -> bytes:
+    def node_id(self) -> NodeId:
         if self.identity is None:
             raise NetworkError("the peer is not started")
-        return bytes(self.identity.node_id)
+        return self.identity.node_id
 
     @property
     def control_token(self) -> bytes:

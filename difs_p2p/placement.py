@@ -12,35 +12,42 @@ returns).
 
 The entry peer is a candidate like any other: it keeps a copy only where it is among the
 closest peers that accept.
+
+A range key is a :data:`RangeKey`, its own id type: the DHT takes it as a plain ``bytes``
+key like a name key or a node ID, but a name key is not accepted where a range key is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence, Set
-from typing import Protocol, TypeVar
+from typing import NewType, Protocol, TypeVar
 
 from difs_p2p import segments
+from difs_p2p.identity import NodeId
 
-__all__ = ["Candidate", "choose_targets", "range_key", "shortfall"]
+__all__ = ["Candidate", "RangeKey", "choose_targets", "range_key", "shortfall"]
+
+RangeKey = NewType("RangeKey", bytes)
+"""Where the copies of one range of an object go (20 bytes, :func:`range_key`)."""
 
 
 class Candidate(Protocol):
     """A peer found by a lookup (``dht.Contact``; the simulator's contacts too)."""
 
     @property
-    def node_id(self) -> bytes: ...
+    def node_id(self) -> NodeId: ...
 
 
 C = TypeVar("C", bound=Candidate)
 
 
-def range_key(integrity: bytes, index: int) -> bytes:
+def range_key(integrity: segments.IntegrityRoot, index: int) -> RangeKey:
     """Where range ``index`` of an object lives: the peers closest to this key."""
-    return bytes(segments.segment_hash(integrity + index.to_bytes(4, "big")))[:20]
+    return RangeKey(bytes(segments.segment_hash(integrity + index.to_bytes(4, "big")))[:20])
 
 
 def choose_targets(
-    candidates: Sequence[C], missing: int, asked: Set[bytes] = frozenset()
+    candidates: Sequence[C], missing: int, asked: Set[NodeId] = frozenset()
 ) -> list[C]:
     """The peers to ask now for ``missing`` more copies of a range.
 

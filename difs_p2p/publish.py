@@ -34,6 +34,7 @@ from difs_p2p.identity import Identity, fingerprint
 from difs_p2p.manifest import Manifest, build_manifest
 from difs_p2p.names import key_namespace_owner
 from difs_p2p.ops import PlaceReply, PublishReply
+from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.transfer import Connection, remote_error
 
 # Requests in flight per connection: enough to keep a loopback link busy (measured: 8).
@@ -137,8 +138,9 @@ def build_tombstone(publisher: Identity, current: Manifest, top: int, now: float
 # -- the source -----------------------------------------------------------------------------
 
 
-def read_and_hash(fh: IO[bytes], size: int) -> tuple[bytes, bytes]:
-    """The next segment of ``fh`` and its id (in a worker thread: one hop for both).
+def read_and_hash(fh: IO[bytes], size: int) -> tuple[bytes, SegmentId]:
+    """The next segment of ``fh`` and its id (in a worker thread: one hop for both); two
+    empty values at the end of the input.
 
     A pipe returns what it has; reads go on until the segment is full or the input ends.
     """
@@ -150,7 +152,7 @@ def read_and_hash(fh: IO[bytes], size: int) -> tuple[bytes, bytes]:
             parts.append(more)
             got += len(more)
         chunk = b"".join(parts)
-    return chunk, bytes(segments.segment_hash(chunk)) if chunk else b""
+    return chunk, segments.segment_hash(chunk) if chunk else SegmentId(b"")
 
 
 def source_size(path: Path) -> int | None:
@@ -194,7 +196,7 @@ class _Pipeline:
         if self.progress and length:
             self.progress(length)
 
-    async def put(self, request_id: int, seg_id: bytes, data: bytes, progress: int) -> None:
+    async def put(self, request_id: int, seg_id: SegmentId, data: bytes, progress: int) -> None:
         if len(self.pending) >= PIPELINE:
             await self.take_ack()
         await self.conn.send(wire.PutSeg(request_id=request_id, seg_id=seg_id, data=data))
@@ -207,12 +209,11 @@ class _Pipeline:
 
 async def upload(
     conn: Connection, source: Path | IO[bytes], segment_size: int, progress: Progress | None
-) -> tuple[list[bytes], bytes, int]:
+) -> tuple[list[SegmentId], IntegrityRoot, int]:
     """Send every segment, then the hash list, to the entry peer on ``conn`` with PIPELINE
     puts in flight; the segment hashes, the integrity root and the number of bytes sent."""
-    hashes: list[bytes] = []
+    hashes: list[SegmentId] = []
     pipeline = _Pipeline(conn, progress)
-    integrity = b""
     size = 0
     fh = await asyncio.to_thread(open_source, source) if isinstance(source, Path) else source
     try:
@@ -229,10 +230,9 @@ async def upload(
                 # the hash list goes in the same pipeline (no round trip of its own)
                 hash_list = segments.encode_hash_list(hashes)
                 if len(hash_list) > INLINE_HASH:
-                    root = await asyncio.to_thread(segments.hash_list_root, hash_list)
+                    integrity = await asyncio.to_thread(segments.hash_list_root, hash_list)
                 else:
-                    root = segments.hash_list_root(hash_list)
-                integrity = bytes(root)
+                    integrity = segments.hash_list_root(hash_list)
                 await pipeline.put(len(hashes), integrity, hash_list, 0)
                 await pipeline.drain()
                 complete = True

@@ -66,6 +66,7 @@ from difs_p2p.dht import Dht
 from difs_p2p.errors import DifsError
 from difs_p2p.holders import HolderEntry
 from difs_p2p.holdings import Holding, Holdings, Query
+from difs_p2p.identity import NodeId
 from difs_p2p.maintenance import (
     Action,
     FailureDetector,
@@ -88,6 +89,7 @@ from difs_p2p.maintenance import (
     resolve_due,
     round_phase,
 )
+from difs_p2p.placement import RangeKey
 from difs_p2p.records import split_entries
 from difs_p2p.replicator import Replicator
 from difs_p2p.routing import Contact
@@ -150,8 +152,8 @@ class Maintainer:
         self._views: dict[bytes, NameView] = {}
         # this round's answers per co-holder (None: it did not answer), and the holders
         # whose health got worse this round
-        self._answers: dict[bytes, dict[Query, bool] | None] = {}
-        self._turned: set[bytes] = set()
+        self._answers: dict[NodeId, dict[Query, bool] | None] = {}
+        self._turned: set[NodeId] = set()
 
     async def run(self) -> None:
         # Peers started together would all run their rounds at once (with 20 peers and
@@ -287,7 +289,7 @@ class Maintainer:
         self.stats.freed_bytes += freed
         log.info("gc key=%s version=%d freed=%d", h.key.hex()[:12], h.version, freed)
 
-    def _health_of(self, check: RangeCheck) -> tuple[list[bytes], list[bytes]]:
+    def _health_of(self, check: RangeCheck) -> tuple[list[NodeId], list[NodeId]]:
         return range_health(check, self._answers, self.detector.health)
 
     async def _probe(self, checks: Mapping[bytes, Sequence[RangeCheck]]) -> None:
@@ -356,7 +358,7 @@ class Maintainer:
             await self._repair(check, rkey, missing, avoid)
 
     async def _repair(
-        self, check: RangeCheck, rkey: bytes, missing: int, avoid: set[bytes]
+        self, check: RangeCheck, rkey: RangeKey, missing: int, avoid: set[NodeId]
     ) -> None:
         """Copy a range short of copies to the closest live peers to its range key that do
         not hold it (one at a time, paced by the bandwidth bound)."""

@@ -31,7 +31,8 @@ from difs_p2p.errors import (
 )
 from difs_p2p.holders import HolderEntry, build_holder_entry, parse_holder_entry
 from difs_p2p.holdings import Holding, Holdings, Query, holding_owner
-from difs_p2p.identity import Identity
+from difs_p2p.identity import Identity, NodeId
+from difs_p2p.names import NameKey
 from difs_p2p.net import PeerNetwork
 from difs_p2p.ops import (
     MAX_PROBE_RANGES,
@@ -45,6 +46,7 @@ from difs_p2p.ops import (
 from difs_p2p.placement import choose_targets, range_key, shortfall
 from difs_p2p.records import split_entries
 from difs_p2p.routing import Contact
+from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.store import SegmentStore
 from difs_p2p.transfer import Connection, remote_error
 
@@ -104,8 +106,8 @@ class Replicator:
         self.network = network
 
     @property
-    def node_id(self) -> bytes:
-        return bytes(self.identity.node_id)
+    def node_id(self) -> NodeId:
+        return self.identity.node_id
 
     # -- keeping ranges here -----------------------------------------------------------------
 
@@ -114,7 +116,7 @@ class Replicator:
         if not self.store.has(integrity):
             raise NotFoundError(f"hash list {integrity.hex()[:16]} is not stored here")
         data = await asyncio.to_thread(self.store.read, integrity)
-        return list(segments.verify_hash_list(data, integrity, count))
+        return list(segments.verify_hash_list(data, IntegrityRoot(SegmentId(integrity)), count))
 
     async def hold(
         self,
@@ -136,7 +138,7 @@ class Replicator:
         """
         if count and not start <= end < count:
             raise UsageError("range outside the object")
-        existing = await asyncio.to_thread(self.holdings.get, key, version, start)
+        existing = await asyncio.to_thread(self.holdings.get, NameKey(key), version, start)
         if existing is not None:
             if (existing.integrity, existing.end) != (integrity, end):
                 raise AlreadyExistsError(
@@ -145,10 +147,18 @@ class Replicator:
             return None, self.sign_entry(key, version, integrity, start, end)
         if hashes is None:
             hashes = await self.hash_list(integrity, count)
-        owner = holding_owner(key, version, start)
+        owner = holding_owner(NameKey(key), version, start)
         wanted = [integrity, *hashes[start : end + 1]]
         await asyncio.to_thread(self.store.add_refs, wanted, owner)
-        holding = Holding(key, version, integrity, count, start, end, self.clock())
+        holding = Holding(
+            NameKey(key),
+            version,
+            IntegrityRoot(SegmentId(integrity)),
+            count,
+            start,
+            end,
+            self.clock(),
+        )
         await asyncio.to_thread(self.holdings.add, holding)
         return holding, self.sign_entry(key, version, integrity, start, end)
 
@@ -158,9 +168,9 @@ class Replicator:
         host, port = self.address
         return build_holder_entry(
             self.identity,
-            key=key,
+            key=NameKey(key),
             version=version,
-            integrity=integrity,
+            integrity=IntegrityRoot(SegmentId(integrity)),
             start=start,
             end=end,
             host=host,
@@ -172,7 +182,7 @@ class Replicator:
         """Freshly signed holder entries for everything this peer holds of ``key``."""
         return [
             self.sign_entry(h.key, h.version, h.integrity, h.start, h.end)
-            for h in self.holdings.of_key(key)
+            for h in self.holdings.of_key(NameKey(key))
         ]
 
     async def free_holding(self, h: Holding) -> int:
@@ -185,9 +195,9 @@ class Replicator:
     async def push_range(
         self,
         address: tuple[str, int],
-        key: bytes,
+        key: NameKey,
         version: int,
-        integrity: bytes,
+        integrity: IntegrityRoot,
         start: int,
         end: int,
         pace: Pace | None = None,
@@ -249,7 +259,7 @@ class Replicator:
         missing: int,
         copy: Callable[[Contact], Awaitable[HolderEntry]],
         *,
-        asked: Set[bytes] = frozenset(),
+        asked: Set[NodeId] = frozenset(),
         parallel: bool = True,
         doing: str = "place",
     ) -> list[HolderEntry]:
@@ -276,9 +286,9 @@ class Replicator:
 
     async def place(
         self,
-        key: bytes,
+        key: NameKey,
         version: int,
-        integrity: bytes,
+        integrity: IntegrityRoot,
         count: int,
         hashes: list[bytes],
         ranges: list[tuple[int, int]],
@@ -324,7 +334,8 @@ class Replicator:
                 )
 
             # the closest peers to the range key, this one included
-            candidates = await self.dht.closest(range_key(integrity, i), replicas + 8)
+            rkey = range_key(IntegrityRoot(SegmentId(integrity)), i)
+            candidates = await self.dht.closest(rkey, replicas + 8)
             async with sem:
                 # the missing copies are made in parallel; a refusal moves on to the next
                 made = await self.make_copies(candidates, replicas, copy)
@@ -423,12 +434,12 @@ class Replicator:
             address, io_timeout=self.config.io_timeout, network=self.network
         )
         try:
-            await conn.send(wire.GetSeg(request_id=0, seg_id=seg_id, offset=0, length=0))
+            await conn.send(wire.GetSeg(request_id=0, seg_id=SegmentId(seg_id), offset=0, length=0))
             frame = await conn.read_frame()
         finally:
             conn.close()
         if not isinstance(frame, wire.Data):
             raise NotFoundError("holder has no copy")
         data = bytes(frame.data)
-        segments.verify_segment(seg_id, data)
+        segments.verify_segment(SegmentId(seg_id), data)
         return data

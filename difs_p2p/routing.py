@@ -20,6 +20,8 @@ from typing import Any, TypeGuard
 from kademlia.node import Node
 from kademlia.routing import RoutingTable
 
+from difs_p2p.identity import NodeId
+
 KEY_SIZE = 20
 
 
@@ -27,7 +29,7 @@ KEY_SIZE = 20
 class Contact:
     """A peer as the DHT knows it. Its TCP port has the same number as its UDP port."""
 
-    node_id: bytes
+    node_id: NodeId
     host: str
     port: int
 
@@ -72,7 +74,7 @@ def valid_address(addr: object) -> bool:
 
 def contact_of(node: Node) -> Contact:
     """The :class:`Contact` of a library ``Node``."""
-    return Contact(node_id=bytes(node.id), host=str(node.ip), port=int(node.port))
+    return Contact(node_id=NodeId(bytes(node.id)), host=str(node.ip), port=int(node.port))
 
 
 class ExactRoutingTable(RoutingTable):  # type: ignore[misc]

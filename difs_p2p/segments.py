@@ -9,7 +9,8 @@ Integrity::
 
     segment id   SegmentId = BLAKE3(segment bytes)                    32 bytes
     hash list    id(0) || id(1) || ... || id(count - 1)               32 x count bytes
-    root         BLAKE3(hash list)       (BLAKE3(b"") for 0 segments) 32 bytes
+    root         IntegrityRoot = BLAKE3(hash list)                    32 bytes
+                 (BLAKE3(b"") for 0 segments; the hash list's own SegmentId)
 
 The signed manifest carries the root. A fetcher gets the hash list from any peer, checks
 it against the root (:func:`verify_hash_list`), then checks each segment against its id
@@ -46,6 +47,13 @@ MAX_SEGMENTS = 1 << 19
 
 SegmentId = NewType("SegmentId", bytes)
 """BLAKE3 of a segment's bytes, 32 bytes."""
+
+IntegrityRoot = NewType("IntegrityRoot", SegmentId)
+"""BLAKE3 of an object's hash list, 32 bytes: the root a manifest signs.
+
+It is a kind of :data:`SegmentId`: the hash list is uploaded, stored and fetched as one
+segment under its root, so a root goes wherever a segment id may (``store.put(root, ...)``),
+but a segment id is not accepted where a root is expected."""
 
 # Buffers of at least 1 MiB are hashed with BLAKE3's multi-threaded mode (max_threads=AUTO).
 # Measured on the 2-core test machine (blake3 1.0.11, medians of 9 rounds hashing 256 MiB,
@@ -180,7 +188,7 @@ def default_stripes(count: int) -> int:
     return max(1, min(_MAX_STRIPES, count // _MIN_SEGMENTS_PER_STRIPE))
 
 
-def encode_hash_list(hashes: Sequence[bytes]) -> bytes:
+def encode_hash_list(hashes: Sequence[SegmentId]) -> bytes:
     """The hash list: the segment ids concatenated in order."""
     if len(hashes) > MAX_SEGMENTS:
         raise UsageError(f"{len(hashes)} segments is more than {MAX_SEGMENTS}")
@@ -212,12 +220,12 @@ def decode_hash_list(data: bytes, expected_count: int) -> list[SegmentId]:
     return [SegmentId(bytes(data[i : i + HASH_SIZE])) for i in range(0, expected, HASH_SIZE)]
 
 
-def hash_list_root(data: bytes) -> bytes:
+def hash_list_root(data: bytes) -> IntegrityRoot:
     """The integrity root: BLAKE3 of the hash list (``BLAKE3(b"")`` for no segments)."""
-    return _blake3(data)
+    return IntegrityRoot(SegmentId(_blake3(data)))
 
 
-def verify_hash_list(data: bytes, root: bytes, count: int) -> list[SegmentId]:
+def verify_hash_list(data: bytes, root: IntegrityRoot, count: int) -> list[SegmentId]:
     """The segment ids of a hash list received from a peer, checked against ``root``.
 
     WireError if ``data`` cannot hold ``count`` ids (checked first, so no more than
@@ -231,7 +239,7 @@ def verify_hash_list(data: bytes, root: bytes, count: int) -> list[SegmentId]:
     return ids
 
 
-def verify_segment(expected: bytes, data: bytes | bytearray | memoryview) -> None:
+def verify_segment(expected: SegmentId, data: bytes | bytearray | memoryview) -> None:
     """IntegrityError unless BLAKE3 of ``data`` is ``expected``."""
     if _blake3(data) != expected:
         raise IntegrityError(f"segment {bytes(expected).hex()[:16]} does not match its hash")

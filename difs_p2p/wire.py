@@ -60,6 +60,7 @@ from typing import Any, Final, NamedTuple, TypeAlias, TypeGuard
 
 from difs_p2p.errors import UsageError, WireError
 from difs_p2p.identity import NODE_ID_SIZE
+from difs_p2p.segments import SegmentId
 
 __all__ = [
     "HEADER",
@@ -270,7 +271,7 @@ class PutSeg:
     """Store a segment under its id."""
 
     request_id: int
-    seg_id: bytes
+    seg_id: SegmentId
     data: bytes | memoryview
 
 
@@ -279,7 +280,7 @@ class GetSeg:
     """Read ``length`` bytes of a segment from ``offset`` (length 0: to the end)."""
 
     request_id: int
-    seg_id: bytes
+    seg_id: SegmentId
     offset: int
     length: int
 
@@ -297,7 +298,7 @@ class Ack:
     """The answer to PUT_SEG; ``stored`` is False when the segment was already there."""
 
     request_id: int
-    seg_id: bytes
+    seg_id: SegmentId
     stored: bool
 
 
@@ -633,7 +634,7 @@ def _encode_get_seg(frame: GetSeg) -> bytes:
 
 def _decode_get_seg(request_id: int, payload: Buffer) -> GetSeg:
     seg_id, offset, length = _GET_SEG.unpack(payload)
-    return GetSeg(request_id=request_id, seg_id=seg_id, offset=offset, length=length)
+    return GetSeg(request_id=request_id, seg_id=SegmentId(seg_id), offset=offset, length=length)
 
 
 def _encode_ack(frame: Ack) -> bytes:
@@ -649,7 +650,7 @@ def _decode_ack(request_id: int, payload: Buffer) -> Ack:
             field="ack_flags",
             offset=HEADER_SIZE + SEGMENT_ID_SIZE,
         )
-    return Ack(request_id=request_id, seg_id=seg_id, stored=bool(flags & _ACK_STORED))
+    return Ack(request_id=request_id, seg_id=SegmentId(seg_id), stored=bool(flags & _ACK_STORED))
 
 
 def _check_segment(data: bytes | memoryview) -> None:
@@ -659,7 +660,7 @@ def _check_segment(data: bytes | memoryview) -> None:
 
 def _decode_put_seg(request_id: int, payload: Buffer) -> PutSeg:
     view = memoryview(payload)
-    seg_id = bytes(view[:SEGMENT_ID_SIZE])
+    seg_id = SegmentId(bytes(view[:SEGMENT_ID_SIZE]))
     return PutSeg(request_id=request_id, seg_id=seg_id, data=view[SEGMENT_ID_SIZE:])
 
 

@@ -15,10 +15,11 @@ import umsgpack
 
 from difs_p2p import wire
 from difs_p2p.names import name_key
+from difs_p2p.segments import SegmentId
 from fuzz.structure import samples
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
-_SEG_ID = bytes(range(32))
+_SEG_ID = SegmentId(bytes(range(32)))
 _SENDER = bytes(range(1, 21))
 _MSG_ID = bytes(range(100, 120))
 

@@ -22,6 +22,7 @@ from difs_p2p.holders import HOLDER_DOMAIN, build_holder_entry
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import MANIFEST_DOMAIN, build_manifest
 from difs_p2p.records import canonical_json
+from difs_p2p.segments import IntegrityRoot, SegmentId
 
 T = TypeVar("T")
 
@@ -231,7 +232,7 @@ def samples() -> Samples:
         identity,
         key=first.key,
         version=1,
-        integrity=bytes(32),
+        integrity=IntegrityRoot(SegmentId(bytes(32))),
         start=0,
         end=3,
         host="127.0.0.1",

@@ -32,6 +32,7 @@ from difs_p2p.dht import Dht
 from difs_p2p.dhtproto import DhtProtocol
 from difs_p2p.errors import BadNameError, IntegrityError, UsageError, WireError
 from difs_p2p.holders import HOLDER_SIZE, parse_holder_entry
+from difs_p2p.identity import NodeId
 from difs_p2p.manifest import parse_manifest
 from difs_p2p.names import MAX_NAME_BYTES, key_namespace_owner, name_key, normalize_name
 from difs_p2p.recordpolicy import RecordValidator
@@ -170,7 +171,7 @@ class DhtHarness:
         self.node = self._build()
 
     def _build(self) -> _Node:
-        dht = Dht(node_id=bytes(KEY_SIZE), policy=RecordValidator(), config=DhtConfig())
+        dht = Dht(node_id=NodeId(bytes(KEY_SIZE)), policy=RecordValidator(), config=DhtConfig())
         protocol = DhtProtocol(dht)
         transport = FakeTransport()
         protocol.transport = transport

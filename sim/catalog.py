@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from difs_p2p.manifest import Manifest
-from difs_p2p.placement import range_key
+from difs_p2p.names import NameKey
+from difs_p2p.placement import RangeKey, range_key
 from difs_p2p.segments import stripe_ranges
 
 
@@ -26,7 +27,7 @@ class StoredObject:
     during_split: bool
     # per range of the manifest's stripes: (first, last) segment, range key, bytes
     ranges: list[tuple[int, int]]
-    range_keys: list[bytes]
+    range_keys: list[RangeKey]
     range_bytes: list[int]
     # per range: indexes of the peers holding it, and whether a repair is running
     holders: list[list[int]]
@@ -59,7 +60,7 @@ class StoredObject:
         return self.manifest.name
 
     @property
-    def key(self) -> bytes:
+    def key(self) -> NameKey:
         return self.manifest.key
 
     @property

@@ -44,10 +44,10 @@ from difs_p2p.maintenance import Action, plan_range
 from difs_p2p.manifest import build_manifest, parse_manifest
 from difs_p2p.names import name_key
 from difs_p2p.net import DatagramNetwork
-from difs_p2p.placement import choose_targets
+from difs_p2p.placement import RangeKey, choose_targets
 from difs_p2p.recordpolicy import RecordValidator
 from difs_p2p.records import split_entries
-from difs_p2p.segments import default_stripes, segment_hash
+from difs_p2p.segments import IntegrityRoot, default_stripes, segment_hash
 from sim.catalog import StoredObject
 from sim.mode import Run
 from sim.models import Address, fetch_time, transfer_time
@@ -78,7 +78,7 @@ class ModelledMode:
         run = self.run
         identity = Identity.from_seed(key_seed)
         dht = Dht(
-            bytes(identity.node_id),
+            identity.node_id,
             self.policy,
             run.scenario.dht,
             clock=self.clock,
@@ -114,7 +114,8 @@ class ModelledMode:
         t0 = run.now()
         split = run.model.partitioned
         version = previous.version + 1 if previous else 1
-        integrity = bytes(segment_hash(f"{run.seed}|{name}|{version}".encode()))
+        # a stand-in root: the simulator moves no segment bytes
+        integrity = IntegrityRoot(segment_hash(f"{run.seed}|{name}|{version}".encode()))
         count = -(-size // w.segment_size)
         stripes = default_stripes(count)
         manifest = build_manifest(
@@ -174,7 +175,12 @@ class ModelledMode:
         return obj
 
     async def _place_range(
-        self, asker: SimPeer, rkey: bytes, replicas: int, count: int, exclude: Collection[int] = ()
+        self,
+        asker: SimPeer,
+        rkey: RangeKey,
+        replicas: int,
+        count: int,
+        exclude: Collection[int] = (),
     ) -> list[SimPeer]:
         """Placement: up to ``count`` new holders for the range with key ``rkey`` (of an
         object with ``replicas`` copies), the closest live peers to it as ``asker`` finds

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from difs_p2p.dht import Dht
-from difs_p2p.identity import Identity
+from difs_p2p.identity import Identity, NodeId
 from sim.models import Address, pick_group
 
 # Bootstrap contacts given to a joining peer.
@@ -42,8 +42,8 @@ class SimPeer:
     segments: int = 0
 
     @property
-    def node_id(self) -> bytes:
-        return bytes(self.identity.node_id)
+    def node_id(self) -> NodeId:
+        return self.identity.node_id
 
     @property
     def dht(self) -> Dht:
@@ -92,7 +92,7 @@ class Population:
 
     def __init__(self) -> None:
         self.peers: list[SimPeer] = []
-        self.by_id: dict[bytes, SimPeer] = {}
+        self.by_id: dict[NodeId, SimPeer] = {}
         self.alive = LiveSet()
         self.ready = LiveSet()
         # Peer index -> group, while the network is split (empty when whole).

@@ -10,14 +10,18 @@ from difs_p2p.delegation import Delegation
 from difs_p2p.holders import HolderEntry, build_holder_entry
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import Manifest, build_manifest
-from difs_p2p.names import name_key
+from difs_p2p.names import NameKey, name_key
 from difs_p2p.records import canonical_json
+from difs_p2p.segments import IntegrityRoot, SegmentId
 
 OWNER = Identity.from_seed(b"\x01" * 32)
 STRANGER = Identity.from_seed(b"\x02" * 32)
 WRITER = Identity.from_seed(b"\x03" * 32)
 NAME = "/a.com/x"
 KEY = name_key(NAME)
+
+
+ROOT = IntegrityRoot(SegmentId(b"\x11" * 32))
 
 
 def make(
@@ -27,7 +31,7 @@ def make(
     version: int = 1,
     parent: Manifest | None = None,
     size: int = 10_000,
-    integrity: bytes = b"\x11" * 32,
+    integrity: IntegrityRoot = ROOT,
     delegation: Delegation | None = None,
     created: float = 1.0,
 ) -> Manifest:
@@ -50,7 +54,7 @@ def make(
 
 
 V1 = make()
-V2 = make(version=2, parent=V1, integrity=b"\x22" * 32)
+V2 = make(version=2, parent=V1, integrity=IntegrityRoot(SegmentId(b"\x22" * 32)))
 
 
 def reencode(raw: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
@@ -79,13 +83,13 @@ DELETE = object()
 
 
 def holder(
-    signer: Identity = WRITER, *, key: bytes = KEY, start: int = 0, issued: int = 1000
+    signer: Identity = WRITER, *, key: NameKey = KEY, start: int = 0, issued: int = 1000
 ) -> HolderEntry:
     return build_holder_entry(
         signer,
         key=key,
         version=2,
-        integrity=b"\x22" * 32,
+        integrity=IntegrityRoot(SegmentId(b"\x22" * 32)),
         start=start,
         end=start + 3,
         host="10.0.0.7",

@@ -32,6 +32,7 @@ from difs_p2p.ops import PlaceRequest, PublishRequest
 from difs_p2p.peer import Peer
 from difs_p2p.records import canonical_json
 from difs_p2p.recordstore import AcceptAll
+from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.transfer import Connection
 from tests.helpers import (
     FAST_DHT,
@@ -123,7 +124,7 @@ async def test_other_key_cannot_overwrite_even_with_a_higher_version(
         segment_count=0,
         stripes=0,
         replicas=0,
-        integrity=b"\xcc" * 32,
+        integrity=IntegrityRoot(SegmentId(b"\xcc" * 32)),
         deleted=True,
         created=0.0,
     )
@@ -616,15 +617,15 @@ async def _refused(conn: Connection, op: str, **args: object) -> None:
         await raw_call(conn, op, **args)
 
 
-def _one_segment_object() -> tuple[bytes, bytes, bytes, bytes]:
+def _one_segment_object() -> tuple[bytes, SegmentId, bytes, IntegrityRoot]:
     """A one-segment object: its bytes, segment id, hash list and integrity root."""
     data = os.urandom(SEG)
-    seg_id = bytes(segments.segment_hash(data))
+    seg_id = segments.segment_hash(data)
     hash_list = segments.encode_hash_list([seg_id])
-    return data, seg_id, hash_list, bytes(segments.hash_list_root(hash_list))
+    return data, seg_id, hash_list, segments.hash_list_root(hash_list)
 
 
-async def _upload(conn: Connection, seg_id: bytes, data: bytes) -> wire.Frame | None:
+async def _upload(conn: Connection, seg_id: SegmentId, data: bytes) -> wire.Frame | None:
     await conn.send(wire.PutSeg(request_id=1, seg_id=seg_id, data=data))
     return await conn.read_frame()
 
@@ -1084,7 +1085,7 @@ def _strangers_tombstone(name: str, stranger: Identity, victim_v1: str) -> bytes
         segment_count=0,
         stripes=0,
         replicas=0,
-        integrity=bytes(32),
+        integrity=IntegrityRoot(SegmentId(bytes(32))),
         deleted=True,
         created=1.0,
     ).raw
@@ -1243,7 +1244,7 @@ async def _junk_records(evil: Dht, target: Peer, n: int) -> int:
             segment_count=0,
             stripes=1,
             replicas=1,
-            integrity=bytes(32),
+            integrity=IntegrityRoot(SegmentId(bytes(32))),
             created=1.0,
         )
         ok, reply = await proto.call(target.address, "store", evil.node_id, m.key, m.raw)
@@ -1365,7 +1366,9 @@ async def test_a_strangers_unpublished_uploads_are_collected_and_honest_publishe
             conns.append(conn)
             for i in range(count):
                 data = os.urandom(size)
-                put = wire.PutSeg(request_id=i, seg_id=blake3.blake3(data).digest(), data=data)
+                put = wire.PutSeg(
+                    request_id=i, seg_id=SegmentId(blake3.blake3(data).digest()), data=data
+                )
                 await conn.send(put)
                 if isinstance(await conn.read_frame(), wire.Error):
                     break  # no space (or refused outright)
@@ -1601,7 +1604,7 @@ async def test_a_writer_whose_delegation_ran_out_cannot_delete_by_backdating(
             segment_count=0,
             stripes=0,
             replicas=3,
-            integrity=bytes(32),
+            integrity=IntegrityRoot(SegmentId(bytes(32))),
             deleted=True,
             created=expired - 60,
             delegation=cert,
@@ -1624,9 +1627,9 @@ async def _squat(address: tuple[str, int], key: bytes, version: int, me: Identit
     """As a peer (any key pair), make the peer at ``address`` hold one junk segment under
     ``key``'s ``version``, range 0 (a `hold` with a `place` reason)."""
     junk = os.urandom(100)
-    seg_id = bytes(segments.segment_hash(junk))
+    seg_id = segments.segment_hash(junk)
     hash_list = segments.encode_hash_list([seg_id])
-    root = bytes(segments.hash_list_root(hash_list))
+    root = segments.hash_list_root(hash_list)
     conn = await Connection.open(address, io_timeout=5, credential=PeerCredential(me))
     try:
         for i, (sid, data) in enumerate(((root, hash_list), (seg_id, junk))):

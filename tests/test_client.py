@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from difs_p2p.client import Resolved
 from difs_p2p.holders import build_holder_entry, decode_holder_entry
+from difs_p2p.segments import IntegrityRoot, SegmentId
 from tests.signed import KEY, V1, V2, WRITER, holder
 
 
@@ -21,7 +22,7 @@ def test_resolved_entries_are_matched_to_a_version_and_checked_when_used() -> No
         WRITER,
         key=KEY,
         version=2,
-        integrity=b"\x33" * 32,  # version 2, but not V2's content
+        integrity=IntegrityRoot(SegmentId(b"\x33" * 32)),  # version 2, but not V2's content
         start=0,
         end=3,
         host="10.0.0.7",

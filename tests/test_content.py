@@ -117,7 +117,7 @@ async def test_placement_passes_over_full_peers_to_make_r_copies(tmp_path: Path)
         while True:  # content whose range key is closest to a full peer, so one refuses
             data = os.urandom(4096)
             hash_list = segments.encode_hash_list([segments.segment_hash(data)])
-            key = int.from_bytes(range_key(bytes(segments.hash_list_root(hash_list)), 0), "big")
+            key = int.from_bytes(range_key(segments.hash_list_root(hash_list), 0), "big")
             nearest = min(peers[1:], key=lambda p: int.from_bytes(p.node_id, "big") ^ key)
             if nearest.node_id in full:
                 break

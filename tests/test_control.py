@@ -37,8 +37,9 @@ from difs_p2p.errors import (
     WireError,
 )
 from difs_p2p.identity import Identity
+from difs_p2p.names import NameKey
 from difs_p2p.peer import Peer
-from difs_p2p.segments import segment_hash
+from difs_p2p.segments import IntegrityRoot, SegmentId, segment_hash
 from difs_p2p.transfer import BudgetedPool, ByteBudget, Connection, remote_error
 from tests.helpers import peer_config, raw_call, start_peers, stop_all, wait_for
 
@@ -226,7 +227,8 @@ async def test_an_idle_connection_holds_none_of_the_upload_budget(tmp_path: Path
 
 # -- typed control operations (ops.py) ------------------------------------------------------
 
-KEY, INTEGRITY, NONCE = b"\x0a" * 20, b"\x0b" * 32, b"\x0c" * 32
+KEY, INTEGRITY = NameKey(b"\x0a" * 20), IntegrityRoot(SegmentId(b"\x0b" * 32))
+NONCE = b"\x0c" * 32
 SAMPLES: dict[str, tuple[object, object]] = {
     "status": (ops.StatusRequest(), ops.StatusReply({"id": "ab", "contacts": 3})),
     "resolve": (ops.ResolveRequest(KEY), ops.ResolveReply(("{}",), ("{}", "{}"), ("ee",))),
@@ -375,7 +377,7 @@ def test_a_malformed_reply_is_the_peers_fault(op: str, body: dict[str, object], 
     "request_",
     [
         ops.ProveRequest(KEY, 1, 7, 0, NONCE),  # end before start
-        ops.ResolveRequest(b"short"),
+        ops.ResolveRequest(NameKey(b"short")),
         ops.PlaceRequest(KEY, 1, INTEGRITY, 1, 1, 1000),  # over MAX_REPLICAS
         ops.HoldRequest(KEY, 1, INTEGRITY, 9, 0, 4, ops.HoldReason("place", KEY, 1, 0, 3)),
         ops.RangesRequest((ops.RangeRequest(KEY, 1, 0, 0),) * 1025),
@@ -413,7 +415,9 @@ async def test_remote_errors_name_the_peer_and_stay_apart_from_misuse(tmp_path: 
                 await conn.request(ops.StatusRequest())  # a stranger
             reply = await conn.request(ops.RangeRequest(KEY, 1, 0, 0))
             assert reply == ops.HoldsReply(False)
-            await conn.send(wire.GetSeg(request_id=0, seg_id=INTEGRITY, offset=0, length=0))
+            await conn.send(
+                wire.GetSeg(request_id=0, seg_id=SegmentId(INTEGRITY), offset=0, length=0)
+            )
             frame = await conn.read_frame()
             assert isinstance(frame, wire.Error)
             missing = remote_error(frame, conn.peer_address)

@@ -17,7 +17,7 @@ from kademlia.node import Node
 from difs_p2p.config import DhtConfig
 from difs_p2p.dht import IDENTIFY_DOMAIN, Dht
 from difs_p2p.dhtrecords import entry_set_digest
-from difs_p2p.identity import Identity
+from difs_p2p.identity import Identity, NodeId
 from difs_p2p.idwork import generate_with_work, has_work
 from difs_p2p.lookup import LookupResult, MorePages
 from difs_p2p.recordstore import AcceptAll
@@ -353,7 +353,7 @@ async def test_malformed_replies_do_not_raise_on_the_caller() -> None:
 async def test_rpc_timeout_and_receive_buffer_come_from_config() -> None:
     """The RPC timeout is configurable (stock: 5 s) and the receive buffer is enlarged."""
     config = DhtConfig(id_difficulty=0, rpc_timeout=0.3)
-    node = Dht(os.urandom(20), AcceptAll(), config)
+    node = Dht(NodeId(os.urandom(20)), AcceptAll(), config)
     await node.start("127.0.0.1", 0)
     try:
         dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

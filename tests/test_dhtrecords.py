@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from difs_p2p.dhtrecords import Stored, entry_batches, entry_set_digest, page_plan, union
 from difs_p2p.dhtwire import ENTRY_BATCH_BYTES
+from difs_p2p.identity import NodeId
 from difs_p2p.lookup import MorePages
 from difs_p2p.routing import Contact
 
@@ -32,7 +33,7 @@ def test_page_plan_reads_one_peer_per_entry_set() -> None:
     """Peers without a digest are read whole; one group per other digest; ours is skipped."""
 
     def more(i: int, digest: bytes | None) -> MorePages:
-        return MorePages(Contact(bytes([i]) * 20, "127.0.0.1", 1000 + i), 5, digest, [])
+        return MorePages(Contact(NodeId(bytes([i]) * 20), "127.0.0.1", 1000 + i), 5, digest, [])
 
     ours, other, third = b"o" * 16, b"x" * 16, b"t" * 16
     peers = [more(0, other), more(1, None), more(2, ours), more(3, other), more(4, third)]
@@ -71,7 +72,7 @@ def test_union_lists_each_contact_once_closest_first() -> None:
     key = bytes(20)
 
     def contact(i: int, port: int = 1000) -> Contact:
-        return Contact(i.to_bytes(20, "big"), "127.0.0.1", port)
+        return Contact(NodeId(i.to_bytes(20, "big")), "127.0.0.1", port)
 
     paths = [[contact(5), contact(1)], [contact(3), contact(5, 2000)], []]
     assert union(paths, key) == [contact(1), contact(3), contact(5)]

@@ -35,6 +35,7 @@ from difs_p2p.dhtwire import (
     ValueReply,
 )
 from difs_p2p.errors import WireError
+from difs_p2p.identity import NodeId
 from difs_p2p.routing import Contact
 
 GOLDEN_DIR = Path(__file__).parent / "data" / "dhtwire"
@@ -45,7 +46,7 @@ ME = bytes(range(100, 120))
 KEY = bytes(range(200, 220))
 TOKEN = bytes(range(16))
 NONCE = bytes(range(50, 66))
-PEER = Contact(bytes(range(30, 50)), "192.0.2.7", 4001)
+PEER = Contact(NodeId(bytes(range(30, 50))), "192.0.2.7", 4001)
 
 # One request of each RPC: (body as stock rpcudp writes it, typed arguments)
 REQUESTS: dict[str, tuple[list[Any], dhtwire.RequestArgs]] = {

@@ -9,14 +9,16 @@ import pytest
 from difs_p2p.errors import AlreadyExistsError, StorageError
 from difs_p2p.holdings import Holding, Holdings, holding_owner
 from difs_p2p.manifest import Lineage
+from difs_p2p.names import NameKey
+from difs_p2p.segments import IntegrityRoot, SegmentId
 
-KEY = b"\x01" * 20
-OTHER = b"\x02" * 20
-ROOT = b"\x11" * 32
+KEY = NameKey(b"\x01" * 20)
+OTHER = NameKey(b"\x02" * 20)
+ROOT = IntegrityRoot(SegmentId(b"\x11" * 32))
 LINEAGE = Lineage(b"\x33" * 32, "r" * 64, 1, "m" * 64)
 
 
-def held(key: bytes = KEY, version: int = 1, start: int = 0, end: int = 7) -> Holding:
+def held(key: NameKey = KEY, version: int = 1, start: int = 0, end: int = 7) -> Holding:
     return Holding(key, version, ROOT, 16, start, end, 5.0)
 
 
@@ -48,7 +50,7 @@ def test_holdings_survive_a_restart(tmp_path: Path) -> None:
     ],
 )
 def test_covers_answers_for_one_holding(
-    db: Holdings, key: bytes, version: int, start: int, end: int, covered: bool
+    db: Holdings, key: NameKey, version: int, start: int, end: int, covered: bool
 ) -> None:
     """covers is true only when one holding of that name and version spans the range."""
     db.add(held(start=0, end=7))
@@ -82,7 +84,7 @@ def test_a_bound_lineage_is_kept_and_guards_its_range(db: Holdings) -> None:
     (h,) = db.all()
     assert h.lineage == LINEAGE
     with pytest.raises(AlreadyExistsError):
-        db.add(Holding(KEY, 1, b"\x99" * 32, 16, 0, 7, 6.0))
+        db.add(Holding(KEY, 1, IntegrityRoot(SegmentId(b"\x99" * 32)), 16, 0, 7, 6.0))
 
 
 def test_owner_tag_names_the_range() -> None:

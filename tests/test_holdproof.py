@@ -9,6 +9,7 @@ from difs_p2p import segments
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import build_manifest
 from difs_p2p.names import name_key
+from difs_p2p.segments import IntegrityRoot, SegmentId
 
 
 def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() -> None:
@@ -34,7 +35,7 @@ def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() ->
         holder,
         key=key,
         version=3,
-        integrity=bytes(32),
+        integrity=IntegrityRoot(SegmentId(bytes(32))),
         start=0,
         end=9,
         host="127.0.0.1",
@@ -87,7 +88,7 @@ def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() ->
     assert check_prove_reply(c, ["holds"]) != "" and check_prove_reply(c, {"holds": 1}) != ""
     # a segment is checked against the hash list and the manifest's integrity root
     blocks = [os.urandom(100) for _ in range(3)]
-    ids = [bytes(segments.segment_hash(b)) for b in blocks]
+    ids = [segments.segment_hash(b) for b in blocks]
     hash_list = segments.encode_hash_list(ids)
     manifest = build_manifest(
         holder,
@@ -100,7 +101,7 @@ def test_proof_decisions_what_to_challenge_sampling_and_what_a_reply_proves() ->
         segment_count=3,
         stripes=1,
         replicas=1,
-        integrity=bytes(segments.hash_list_root(hash_list)),
+        integrity=segments.hash_list_root(hash_list),
         created=0.0,
     )
     assert check_segment(manifest, hash_list, 1, blocks[1]) == ""

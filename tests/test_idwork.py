@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from difs_p2p.identity import Identity
+from difs_p2p.identity import Identity, NodeId
 from difs_p2p.idwork import (
     WORK_DOMAIN,
     generate_with_work,
@@ -37,7 +37,7 @@ def test_peer_key_is_ground_and_a_weak_key_replaced(tmp_path: Path) -> None:
 def test_work_bits_count_the_leading_zero_bits_of_the_domain_hash() -> None:
     """work_bits is the number of leading zero bits of SHA-256(domain || node id)."""
     for i in range(64):
-        node_id = bytes([i]) * 20
+        node_id = NodeId(bytes([i]) * 20)
         digest = hashlib.sha256(WORK_DOMAIN + node_id).digest()
         as_bits = "".join(f"{byte:08b}" for byte in digest)
         zeros = len(as_bits) - len(as_bits.lstrip("0"))
@@ -57,10 +57,10 @@ def test_work_bits_count_the_leading_zero_bits_of_the_domain_hash() -> None:
 def test_has_work_compares_the_bits_with_the_difficulty(bits: int, needed: int, ok: bool) -> None:
     """An id has the work at difficulty d if d <= 0 or its work bits reach d."""
     node_id = next(
-        bytes([a, b]) * 10
+        NodeId(bytes([a, b]) * 10)
         for a in range(256)
         for b in range(256)
-        if work_bits(bytes([a, b]) * 10) == bits
+        if work_bits(NodeId(bytes([a, b]) * 10)) == bits
     )
     assert has_work(node_id, needed) is ok
 

@@ -16,9 +16,12 @@ from difs_p2p.manifest import Lineage, Manifest, build_manifest, choose_records,
 from difs_p2p.names import name_key
 from difs_p2p.recordpolicy import RecordValidator
 from difs_p2p.recordstore import RecordStore, write_source
+from difs_p2p.segments import IntegrityRoot, SegmentId
 
 NAME = "/a.com/x"
 KEY = name_key(NAME)
+ROOT_11 = IntegrityRoot(SegmentId(b"\x11" * 32))
+ROOT_99 = IntegrityRoot(SegmentId(b"\x99" * 32))
 OWNER, STRANGER, WRITER = Identity.generate(), Identity.generate(), Identity.generate()
 
 
@@ -48,7 +51,7 @@ def version_of(
         segment_count=0 if deleted else 1,
         stripes=0 if deleted else 1,
         replicas=3,
-        integrity=bytes.fromhex(integrity),
+        integrity=IntegrityRoot(SegmentId(bytes.fromhex(integrity))),
         deleted=deleted,
         created=created,
         delegation=delegation,
@@ -76,7 +79,7 @@ EVIL_FORGED_LINK = build_manifest(
     segment_count=0,
     stripes=0,
     replicas=0,
-    integrity=bytes(32),
+    integrity=IntegrityRoot(SegmentId(bytes(32))),
     deleted=True,
     created=1.0,
 )
@@ -141,7 +144,7 @@ def holder(version: int, integrity: str, signer: Identity | None = None) -> byte
         signer or Identity.generate(),
         key=KEY,
         version=version,
-        integrity=bytes.fromhex(integrity),
+        integrity=IntegrityRoot(SegmentId(bytes.fromhex(integrity))),
         start=0,
         end=0,
         host="127.0.0.1",
@@ -182,7 +185,7 @@ def test_entries_are_admitted_only_for_versions_the_owner_signed(
 def test_gc_frees_only_on_the_owners_proof() -> None:
     """A holding is collected on its owner's tombstone or keep-newer version, never on a
     stranger's deleted v1000, and never before its lineage is known."""
-    h = Holding(KEY, 1, bytes.fromhex("11" * 32), 1, 0, 0, 0.0, V1.lineage)
+    h = Holding(KEY, 1, ROOT_11, 1, 0, 0, 0.0, V1.lineage)
     assert gc_due(h.lineage, TOMB, keep=3, now=0.0)
     assert not gc_due(h.lineage, V2, keep=3, now=0.0)
     assert gc_due(h.lineage, V2, keep=1, now=0.0)
@@ -197,7 +200,7 @@ def test_gc_frees_only_on_the_owners_proof() -> None:
 def test_a_holding_learns_its_lineage_from_the_chosen_record_only() -> None:
     """An unbound holding binds to the manifest of its version and integrity linked to
     the view's chosen record; a stranger's copy of that version binds nothing."""
-    h = Holding(KEY, 1, bytes.fromhex("11" * 32), 1, 0, 0, 0.0)
+    h = Holding(KEY, 1, ROOT_11, 1, 0, 0, 0.0)
     assert bind_lineage(h, NameView(V2, {}, [], proofs=[V2, V1])) == V1.lineage
     evil_copy = version_of(STRANGER, 1, None)  # same version and integrity, other key
     assert bind_lineage(h, NameView(V2, {}, [], proofs=[evil_copy, V2])) is None
@@ -213,15 +216,18 @@ def test_holdings_databases_gain_lineage_columns_in_place(tmp_path: Path) -> Non
         "CREATE TABLE holdings(key BLOB, version INTEGER, integrity BLOB, count INTEGER,"
         " start INTEGER, end_ INTEGER, since REAL, PRIMARY KEY(key, version, start))"
     )
-    db.execute("INSERT INTO holdings VALUES(?,?,?,?,?,?,?)", (KEY, 1, b"\x11" * 32, 1, 0, 0, 5.0))
+    db.execute(
+        "INSERT INTO holdings VALUES(?,?,?,?,?,?,?)",
+        (KEY, 1, ROOT_11, 1, 0, 0, 5.0),
+    )
     db.commit()
     db.close()
     holdings = Holdings(path)
     (old,) = holdings.all()
     assert old.lineage is None and old.since == 5.0
-    assert holdings.bind(KEY, 1, b"\x11" * 32, V1.lineage) == 1
-    assert holdings.bind(KEY, 1, b"\x11" * 32, EVIL_V1.lineage) == 0  # bound once
-    holdings.add(Holding(KEY, 1, b"\x11" * 32, 1, 0, 0, 9.0))  # a re-hold keeps it
+    assert holdings.bind(KEY, 1, ROOT_11, V1.lineage) == 1
+    assert holdings.bind(KEY, 1, ROOT_11, EVIL_V1.lineage) == 0  # bound once
+    holdings.add(Holding(KEY, 1, ROOT_11, 1, 0, 0, 9.0))  # a re-hold keeps it
     assert holdings.of_key(KEY)[0].lineage == V1.lineage
     holdings.close()
 
@@ -247,7 +253,7 @@ def test_one_signer_holds_a_bounded_share_of_a_name() -> None:
             one,
             key=KEY,
             version=2,
-            integrity=bytes.fromhex("22" * 32),
+            integrity=IntegrityRoot(SegmentId(bytes.fromhex("22" * 32))),
             start=i,
             end=i,
             host="127.0.0.1",
@@ -298,7 +304,7 @@ def version_of_name(signer: Identity, name: str) -> Manifest:
         segment_count=0,
         stripes=1,
         replicas=1,
-        integrity=bytes(32),
+        integrity=IntegrityRoot(SegmentId(bytes(32))),
         created=1.0,
     )
 
@@ -465,15 +471,15 @@ def test_a_bound_holding_is_not_replaced_by_other_bytes_under_its_version(
     from difs_p2p.errors import AlreadyExistsError
 
     holdings = Holdings(tmp_path / "h.sqlite3")
-    mine = Holding(KEY, 1, b"\x11" * 32, 1, 0, 0, 1.0)
-    other = Holding(KEY, 1, b"\x99" * 32, 1, 0, 0, 2.0)
+    mine = Holding(KEY, 1, ROOT_11, 1, 0, 0, 1.0)
+    other = Holding(KEY, 1, ROOT_99, 1, 0, 0, 2.0)
     holdings.add(other)
     holdings.add(mine)  # unbound: the owner's placement replaces it
-    holdings.bind(KEY, 1, b"\x11" * 32, V1.lineage)
+    holdings.bind(KEY, 1, ROOT_11, V1.lineage)
     with pytest.raises(AlreadyExistsError):
         holdings.add(other)
     (kept,) = holdings.all()
-    assert kept.integrity == b"\x11" * 32 and kept.lineage == V1.lineage
+    assert kept.integrity == ROOT_11 and kept.lineage == V1.lineage
     holdings.close()
 
 
@@ -491,7 +497,7 @@ def test_one_source_fills_only_its_share_of_all_entries() -> None:
             Identity.generate(),
             key=m.key,
             version=1,
-            integrity=bytes(32),
+            integrity=IntegrityRoot(SegmentId(bytes(32))),
             start=0,
             end=0,
             host="127.0.0.1",

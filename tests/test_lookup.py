@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from difs_p2p.identity import distance
+from difs_p2p.identity import NodeId, distance
 from difs_p2p.lookup import Lookup, LookupResult, RttEstimator, deal_paths, merge
 from difs_p2p.routing import Contact
 
@@ -19,7 +19,7 @@ Answer = Callable[[Contact], object]
 
 
 def contact(rng: random.Random, i: int) -> Contact:
-    return Contact(rng.randbytes(20), f"10.0.{i // 250}.{i % 250 + 1}", 4000)
+    return Contact(NodeId(rng.randbytes(20)), f"10.0.{i // 250}.{i % 250 + 1}", 4000)
 
 
 def contacts_body(cs: list[Contact]) -> list[list[object]]:
@@ -177,7 +177,11 @@ def test_a_lying_contact_does_not_derail_the_lookup(lie: str) -> None:
     # made-up contacts in the half of the ID space away from the target
     top = int.from_bytes(target, "big") ^ (1 << 159)
     far = [
-        Contact(((top >> 150 << 150) | rng.getrandbits(150)).to_bytes(20, "big"), "10.9.9.9", i + 1)
+        Contact(
+            NodeId(((top >> 150 << 150) | rng.getrandbits(150)).to_bytes(20, "big")),
+            "10.9.9.9",
+            i + 1,
+        )
         for i in range(20)
     ]
     bodies: dict[str, object] = {

@@ -9,7 +9,7 @@ import pytest
 
 from difs_p2p.holders import HolderEntry, build_holder_entry
 from difs_p2p.holdings import Holding, Query
-from difs_p2p.identity import Identity
+from difs_p2p.identity import Identity, NodeId
 from difs_p2p.maintenance import (
     Action,
     FailureDetector,
@@ -31,17 +31,20 @@ from difs_p2p.maintenance import (
     round_phase,
 )
 from difs_p2p.manifest import Lineage, Manifest
+from difs_p2p.names import NameKey
+from difs_p2p.placement import RangeKey
 from difs_p2p.records import record_hash
+from difs_p2p.segments import IntegrityRoot, SegmentId
 
 
-def ids(*values: int) -> list[bytes]:
-    return [v.to_bytes(20, "big") for v in values]
+def ids(*values: int) -> list[NodeId]:
+    return [NodeId(v.to_bytes(20, "big")) for v in values]
 
 
 def test_plan_range_leader_repairs_and_no_copy_is_dropped_for_claims() -> None:
     """Only the live holder closest to the key repairs; a far copy is kept however many
     nearer holders claim the range (claims are cheap to make)."""
-    key = (0).to_bytes(20, "big")
+    key = RangeKey((0).to_bytes(20, "big"))
     a, b, c, d = ids(1, 2, 3, 4)
     assert plan_range(a, key, [a, b], 3) == (Action.REPAIR, 1)
     assert plan_range(b, key, [a, b], 3) == (Action.NONE, 0)
@@ -51,7 +54,7 @@ def test_plan_range_leader_repairs_and_no_copy_is_dropped_for_claims() -> None:
 
 def test_failure_detector_tells_suspect_from_dead() -> None:
     detector = FailureDetector(dead_after=3)
-    peer = b"p" * 20
+    peer = NodeId(b"p" * 20)
     assert detector.record(peer, False) is Health.SUSPECT
     assert detector.record(peer, False) is Health.SUSPECT
     assert detector.record(peer, True, 1.5) is Health.ALIVE  # slow, not dead
@@ -64,7 +67,7 @@ def test_dead_peers_are_probed_less_and_less_often() -> None:
     """Alive and suspect peers are probed every round; a dead one after 1, 2, 4, 8...
     rounds, at least every dead_backoff rounds; an answer puts it back to every round."""
     detector = FailureDetector(dead_after=2, dead_backoff=4)
-    peer = b"p" * 20
+    peer = NodeId(b"p" * 20)
     probed = []
     for n in range(16):
         if detector.due(peer):
@@ -110,7 +113,7 @@ def test_gc_policy() -> None:
     def manifest(version: int, deleted: bool) -> Manifest:
         return Manifest(
             "/x",
-            b"k" * 20,
+            NameKey(b"k" * 20),
             version,
             None,
             None,
@@ -119,7 +122,7 @@ def test_gc_policy() -> None:
             0,
             0,
             0,
-            bytes(32),
+            IntegrityRoot(SegmentId(bytes(32))),
             deleted,
             0.0,
             b"p" * 32,
@@ -137,7 +140,9 @@ def holding(
     key: bytes, version: int = 1, since: float = 0.0, start: int = 0, end: int = 15
 ) -> Holding:
     lineage = Lineage(b"", record_hash(b""), version)  # that of manifest_for's manifests
-    return Holding(key, version, b"i" * 32, 16, start, end, since, lineage)
+    return Holding(
+        NameKey(key), version, IntegrityRoot(SegmentId(b"i" * 32)), 16, start, end, since, lineage
+    )
 
 
 def manifest_for(h: Holding, *, version: int | None = None, deleted: bool = False) -> Manifest:
@@ -189,7 +194,9 @@ def test_names_are_read_again_every_n_rounds_and_at_once_when_needed() -> None:
     assert resolve_due(view_of(h, [], rounds=1), [h], 10, True)
     newer = holding(b"k" * 20, version=2)
     assert resolve_due(view_of(h, [], rounds=1), [h, newer], 10, False)
-    other = Holding(h.key, 1, b"j" * 32, 16, 0, 15, 0.0)  # same version, other content
+    other = Holding(
+        h.key, 1, IntegrityRoot(SegmentId(b"j" * 32)), 16, 0, 15, 0.0
+    )  # same version, other content
     assert resolve_due(view_of(h, [], rounds=1), [other], 10, False)
     assert resolve_due(view_of(h, [], rounds=1), [h], 1, False)  # every round, as before
 
@@ -242,12 +249,12 @@ def test_probes_are_batched_per_co_holder_and_never_repeated_in_a_round() -> Non
     batches = probe_batches(checks, {})
     assert set(batches) == {a.node_id, b.node_id}
     assert len(batches[a.node_id].queries) == 4 and len(batches[b.node_id].queries) == 1
-    answered: dict[bytes, dict[Query, bool] | None] = {
+    answered: dict[NodeId, dict[Query, bool] | None] = {
         a.node_id: {q: True for q in batches[a.node_id].queries},
         b.node_id: None,
     }
     assert probe_batches(checks, answered) == {}
-    partly: dict[bytes, dict[Query, bool] | None] = {a.node_id: {checks[0].query: True}}
+    partly: dict[NodeId, dict[Query, bool] | None] = {a.node_id: {checks[0].query: True}}
     assert probe_batches(checks, partly)[a.node_id].queries == [c.query for c in checks[1:]]
 
 
@@ -260,14 +267,14 @@ def test_range_health_from_one_rounds_answers() -> None:
     view = view_of(h, [entry_of(x, h, 0, 7) for x in (a, b, c, d)])
     (check,) = range_checks([h], view, me.node_id)
     dead = {c.node_id}
-    answers: dict[bytes, dict[Query, bool] | None] = {
+    answers: dict[NodeId, dict[Query, bool] | None] = {
         a.node_id: {check.query: True},
         b.node_id: None,
         c.node_id: None,
         # d not asked
     }
 
-    def health(node: bytes) -> Health:
+    def health(node: NodeId) -> Health:
         return Health.DEAD if node in dead else Health.SUSPECT
 
     alive, suspect = range_health(check, answers, health)
@@ -288,7 +295,7 @@ def test_a_fresh_view_is_needed_when_short_or_a_holder_turned() -> None:
     assert not needs_fresh_view(check, [a.node_id], [b.node_id], set())  # suspect counts
     assert needs_fresh_view(check, [a.node_id], [b.node_id], {b.node_id})  # ...once
     assert needs_fresh_view(check, [a.node_id], [], set())  # b dead or gone: short
-    assert not needs_fresh_view(check, [a.node_id, b.node_id], [], {os.urandom(20)})
+    assert not needs_fresh_view(check, [a.node_id, b.node_id], [], {NodeId(os.urandom(20))})
 
 
 def test_read_view_keeps_valid_items() -> None:

@@ -15,6 +15,7 @@ from difs_p2p.identity import Identity
 from difs_p2p.manifest import Lineage, build_manifest, choose_records, parse_manifest
 from difs_p2p.names import name_key
 from difs_p2p.records import canonical_json
+from difs_p2p.segments import IntegrityRoot, SegmentId
 from tests.signed import (
     DELETE,
     KEY,
@@ -44,7 +45,7 @@ def test_a_remembered_parse_checks_the_key_and_the_bytes_each_time() -> None:
         segment_count=1,
         stripes=1,
         replicas=3,
-        integrity=bytes(32),
+        integrity=IntegrityRoot(SegmentId(bytes(32))),
         created=1.0,
     )
     key = name_key("/a/b")
@@ -153,8 +154,8 @@ def test_malformed_manifests_are_wire_errors(raw: bytes, field: str) -> None:
 def test_choose_records_orders_forks_and_owners() -> None:
     """Within an owner, equal versions go by more peers then smaller bytes; owners follow
     one another, and repeated records add their votes."""
-    fork_a = make(version=2, parent=V1, integrity=b"\xaa" * 32)
-    fork_b = make(version=2, parent=V1, integrity=b"\xbb" * 32)
+    fork_a = make(version=2, parent=V1, integrity=IntegrityRoot(SegmentId(b"\xaa" * 32)))
+    fork_b = make(version=2, parent=V1, integrity=IntegrityRoot(SegmentId(b"\xbb" * 32)))
     small, large = sorted([fork_a, fork_b], key=lambda m: m.raw)
     assert choose_records([(large, 2), (small, 1)]) == [large, small]
     assert choose_records([(large, 1), (small, 1)]) == [small, large]

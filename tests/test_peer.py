@@ -15,8 +15,9 @@ import pytest
 from difs_p2p.control import OperatorCredential, PeerCredential
 from difs_p2p.errors import NetworkError, PeerError, StorageError
 from difs_p2p.identity import Identity
+from difs_p2p.names import NameKey
 from difs_p2p.peer import Peer
-from difs_p2p.segments import segment_hash
+from difs_p2p.segments import SegmentId, segment_hash
 from difs_p2p.transfer import Connection
 from difs_p2p.wire import MESSAGES, Error, ErrorCode, GetSeg, MsgType, encode_header
 from tests.helpers import client_for, peer_config, raw_call, start_peers, stop_all, wait_for
@@ -222,11 +223,11 @@ async def test_handlers_take_typed_requests_and_answer_typed_replies(tmp_path: P
             async with asyncio.timeout(5):
                 reply = await raw_call(conn, "holds", key="0a" * 20, version=3, start=1, end=2)
                 assert reply == {"holds": False}
-                assert seen == [ops.RangeRequest(b"\x0a" * 20, 3, 1, 2)]
+                assert seen == [ops.RangeRequest(NameKey(b"\x0a" * 20), 3, 1, 2)]
                 with pytest.raises(RemoteError, match="internal error in the peer") as caught:
                     await conn.request(ops.StatusRequest())
                 assert caught.value.code == ErrorCode.INTERNAL
-                typed = await conn.request(ops.RangeRequest(b"\x0a" * 20, 3, 1, 2))
+                typed = await conn.request(ops.RangeRequest(NameKey(b"\x0a" * 20), 3, 1, 2))
                 assert typed == ops.HoldsReply(False)
         finally:
             conn.close()
@@ -249,7 +250,7 @@ async def test_pipelined_segments_are_stored_each_with_its_own_bytes(tmp_path: P
     await peer.start()
     sizes = [1 << 20, 300_000, 1 << 20, (1 << 20) + 7, 5, 1 << 20] * 3
     blobs = [os.urandom(n) for n in sizes]
-    ids = [blake3.blake3(b).digest() for b in blobs]
+    ids = [SegmentId(blake3.blake3(b).digest()) for b in blobs]
     corrupt = 4
     try:
         conn = await Connection.open(

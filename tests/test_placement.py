@@ -8,16 +8,18 @@ from dataclasses import dataclass
 import pytest
 
 from difs_p2p import segments
+from difs_p2p.identity import NodeId
 from difs_p2p.placement import choose_targets, range_key, shortfall
+from difs_p2p.segments import IntegrityRoot, SegmentId
 
 
 @dataclass(frozen=True)
 class Peer:
-    node_id: bytes
+    node_id: NodeId
 
 
 def peers(*names: str) -> list[Peer]:
-    return [Peer(n.encode()) for n in names]
+    return [Peer(NodeId(n.encode())) for n in names]
 
 
 def place(
@@ -25,7 +27,7 @@ def place(
     replicas: int,
     answers: Callable[[Peer], bool],
     *,
-    asked: set[bytes] | None = None,
+    asked: set[NodeId] | None = None,
     parallel: bool = True,
 ) -> tuple[list[str], list[str]]:
     """Drive choose_targets as the peer and repair do: ask a batch, record the outcomes,
@@ -79,7 +81,9 @@ def test_choose_targets_asks_the_closest_peers_that_accept(
     order: str,
 ) -> None:
     """The copies go to the first candidates that accept, each peer asked at most once."""
-    got, asked = place(peers(*candidates), replicas, answers, asked={h.encode() for h in holding})
+    got, asked = place(
+        peers(*candidates), replicas, answers, asked={NodeId(h.encode()) for h in holding}
+    )
     assert "".join(got) == made
     assert "".join(asked) == order
 
@@ -95,7 +99,7 @@ def test_one_by_one_asks_the_same_peers_as_in_parallel() -> None:
 def test_the_entry_peer_keeps_a_copy_only_among_the_r_closest(position: int, keeps: bool) -> None:
     """The entry peer is a candidate like any other: a copy only if among the r closest."""
     others = peers(*"abcde")
-    me = Peer(b"me")
+    me = Peer(NodeId(b"me"))
     candidates = [*others[:position], me, *others[position:]]
     made, _ = place(candidates, 3, accept_all)
     assert ("me" in made) is keeps
@@ -104,7 +108,7 @@ def test_the_entry_peer_keeps_a_copy_only_among_the_r_closest(position: int, kee
 
 def test_the_entry_peer_replaces_a_refusal_when_next_in_line() -> None:
     """When a closer peer refuses, the next candidate, the entry peer too, is asked."""
-    candidates = [*peers("a", "b", "c"), Peer(b"me"), *peers("d")]
+    candidates = [*peers("a", "b", "c"), Peer(NodeId(b"me")), *peers("d")]
     made, _ = place(candidates, 3, refuse("b"))
     assert made == ["a", "c", "me"]
 
@@ -132,6 +136,6 @@ def test_shortfall_warns_when_the_network_is_too_small(
 
 def test_range_key_is_the_hash_of_the_root_and_index() -> None:
     """Range i lives at BLAKE3(integrity || i)[:20]; ranges of one object differ."""
-    root = bytes(range(32))
+    root = IntegrityRoot(SegmentId(bytes(range(32))))
     assert range_key(root, 1) == bytes(segments.segment_hash(root + b"\0\0\0\1"))[:20]
     assert len({range_key(root, i) for i in range(16)}) == 16

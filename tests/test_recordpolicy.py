@@ -7,6 +7,7 @@ import pytest
 
 from difs_p2p.names import name_key
 from difs_p2p.recordpolicy import CLOCK_SKEW, RecordValidator
+from difs_p2p.segments import IntegrityRoot, SegmentId
 from tests.signed import KEY, STRANGER, V1, V2, holder, make, reencode, setter
 
 FORGED = make(STRANGER, version=5, parent=V2)  # a stranger's copy of the owner's links
@@ -18,7 +19,11 @@ FORGED = make(STRANGER, version=5, parent=V2)  # a stranger's copy of the owner'
         (V2.raw, V1.raw, True),  # the owner's next version
         (V1.raw, V2.raw, False),  # a stale version replayed
         (V2.raw, V2.raw, False),  # not newer
-        (make(version=2, parent=V1, integrity=b"\x99" * 32).raw, V2.raw, False),  # a fork
+        (
+            make(version=2, parent=V1, integrity=IntegrityRoot(SegmentId(b"\x99" * 32))).raw,
+            V2.raw,
+            False,
+        ),  # a fork
         (FORGED.raw, V2.raw, False),  # forged by a stranger, whatever its version
         (V2.raw, b"damaged", True),  # a damaged stored record gives way
     ],

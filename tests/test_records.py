@@ -22,6 +22,7 @@ from difs_p2p.records import (
     record_kind,
     split_entries,
 )
+from difs_p2p.segments import IntegrityRoot, SegmentId
 
 SIGNER = Identity.generate()
 MANIFEST = build_manifest(
@@ -35,14 +36,14 @@ MANIFEST = build_manifest(
     segment_count=1,
     stripes=1,
     replicas=3,
-    integrity=bytes(32),
+    integrity=IntegrityRoot(SegmentId(bytes(32))),
     created=1.0,
 ).raw
 HOLDER = build_holder_entry(
     SIGNER,
     key=name_key("/a/b"),
     version=1,
-    integrity=b"\0" * 32,
+    integrity=IntegrityRoot(SegmentId(b"\0" * 32)),
     start=0,
     end=0,
     host="127.0.0.1",

@@ -12,7 +12,7 @@ import pytest
 from kademlia.node import Node
 from kademlia.routing import KBucket, RoutingTable
 
-from difs_p2p.identity import distance
+from difs_p2p.identity import NodeId, distance
 from difs_p2p.routing import (
     Contact,
     ExactRoutingTable,
@@ -85,7 +85,7 @@ def test_is_id(value: object, ok: bool) -> None:
 def test_contact_of_a_node() -> None:
     """A library Node becomes a Contact with the same id and address."""
     node = Node(b"i" * 20, "192.0.2.9", 7)
-    assert contact_of(node) == Contact(b"i" * 20, "192.0.2.9", 7)
+    assert contact_of(node) == Contact(NodeId(b"i" * 20), "192.0.2.9", 7)
     assert contact_of(node).address == ("192.0.2.9", 7)
 
 

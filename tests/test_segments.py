@@ -16,7 +16,9 @@ from difs_p2p.segments import (
     MAX_SEGMENT_SIZE,
     MAX_SEGMENTS,
     MIN_SEGMENT_SIZE,
+    IntegrityRoot,
     Layout,
+    SegmentId,
     decode_hash_list,
     default_stripes,
     encode_hash_list,
@@ -223,7 +225,7 @@ def test_empty_object_root() -> None:
     """An object without segments has an empty hash list whose root is BLAKE3(b"")."""
     assert encode_hash_list([]) == b""
     assert hash_list_root(b"") == blake3.blake3(b"").digest()
-    assert verify_hash_list(b"", blake3.blake3(b"").digest(), 0) == []
+    assert verify_hash_list(b"", IntegrityRoot(SegmentId(blake3.blake3(b"").digest())), 0) == []
 
 
 @pytest.mark.parametrize("size", [0, 1, MIB - 1, MIB, 3 * MIB + 5])
@@ -235,7 +237,7 @@ def test_segment_hash_is_blake3_for_every_buffer_type(size: int) -> None:
     assert segment_hash(bytearray(data)) == expected
     assert segment_hash(memoryview(data)) == expected
     assert hash_list_root(data) == expected
-    verify_segment(expected, memoryview(data))
+    verify_segment(SegmentId(expected), memoryview(data))
 
 
 def test_segment_hash_of_wide_memoryview() -> None:
@@ -257,7 +259,7 @@ def test_hash_list_round_trip(segments: list[bytes]) -> None:
 def test_encode_hash_list_refuses_bad_ids() -> None:
     """Only 32-byte ids can be listed."""
     with pytest.raises(UsageError, match="segment id 1 has 31 bytes"):
-        encode_hash_list([bytes(32), bytes(31)])
+        encode_hash_list([SegmentId(bytes(32)), SegmentId(bytes(31))])
 
 
 @given(st.binary(max_size=400), st.integers(-3, 20))
@@ -317,7 +319,7 @@ def test_verify_hash_list_detects_any_flipped_bit(count: int, data: st.DataObjec
     bad_root = bytearray(root)
     bad_root[bit % len(root)] ^= 1 << (bit % 8)
     with pytest.raises(IntegrityError):
-        verify_hash_list(hash_list, bytes(bad_root), count)
+        verify_hash_list(hash_list, IntegrityRoot(SegmentId(bytes(bad_root))), count)
 
 
 def test_verify_hash_list_every_bit_of_a_small_list() -> None:

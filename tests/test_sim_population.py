@@ -8,7 +8,7 @@ import pytest
 
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import build_manifest
-from difs_p2p.segments import default_stripes
+from difs_p2p.segments import IntegrityRoot, SegmentId, default_stripes
 from sim.catalog import Catalog, StoredObject
 from sim.population import SEEDS_PER_JOIN, LiveSet, Population, SimPeer
 
@@ -123,7 +123,7 @@ def _object(name: str, version: int, size: int, user: int = 0) -> StoredObject:
         segment_count=count,
         stripes=default_stripes(count),
         replicas=3,
-        integrity=b"\x01" * 32,
+        integrity=IntegrityRoot(SegmentId(b"\x01" * 32)),
         created=1.0,
     )
     return StoredObject.of(manifest, user, 0.0, during_split=False)

@@ -38,7 +38,7 @@ class _CountingMode:
 
     def create_peer(self, index: int, key_seed: bytes) -> SimPeer:
         identity = Identity.from_seed(key_seed)
-        node = Dht(bytes(identity.node_id), RecordValidator(), clock=self.clock)
+        node = Dht(identity.node_id, RecordValidator(), clock=self.clock)
         return SimPeer(index, identity, node, ("10.0.0.1", 4000 + index), joined=self.run.now())
 
     async def start(self, peer: SimPeer, seeds: list[Address]) -> bool:

@@ -17,6 +17,8 @@ from difs_p2p.errors import (
     UsageError,
     WireError,
 )
+from difs_p2p.names import NameKey
+from difs_p2p.segments import SegmentId
 from difs_p2p.transfer import (
     BudgetedPool,
     ByteBudget,
@@ -25,7 +27,7 @@ from difs_p2p.transfer import (
     Server,
 )
 
-SEG_ID = b"\x05" * 32
+SEG_ID = SegmentId(b"\x05" * 32)
 
 
 async def tcp_pair(io_timeout: float = 5.0) -> tuple[Connection, socket.socket]:
@@ -181,7 +183,7 @@ async def test_a_typed_request_gets_a_typed_reply_or_the_remote_error(
         await other.send(wire.Reply(request_id=0, body={"holds": "yes"}))
 
     server = asyncio.create_task(serve())
-    request = ops.RangeRequest(b"\xaa" * 20, 1, 0, 3)
+    request = ops.RangeRequest(NameKey(b"\xaa" * 20), 1, 0, 3)
     assert await conn.request(request) == ops.HoldsReply(True)
     with pytest.raises(RemoteNotFoundError, match="NOT_FOUND"):
         await conn.request(request)
@@ -196,7 +198,7 @@ async def test_a_bad_request_of_ours_is_refused_before_sending(
     """A typed request that would not check is a UsageError; nothing reaches the peer."""
     conn, raw = pair
     with pytest.raises(UsageError):
-        await conn.request(ops.ProveRequest(b"\xaa" * 20, 1, 5, 2, b"\x00" * 32))
+        await conn.request(ops.ProveRequest(NameKey(b"\xaa" * 20), 1, 5, 2, b"\x00" * 32))
     raw.setblocking(False)
     with pytest.raises(BlockingIOError):
         raw.recv(1)

@@ -26,6 +26,7 @@ from difs_p2p.names import name_key
 from difs_p2p.ops import AbandonRequest, PlaceReply, PlaceRequest
 from difs_p2p.peer import Peer
 from difs_p2p.placement import range_key
+from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.transfer import Connection
 from tests.helpers import (
     client_for,
@@ -70,7 +71,7 @@ def random_file(tmp_path: Path, size: int) -> Path:
     return path
 
 
-async def place(client: Client, name: str, integrity: bytes, count: int) -> PlaceReply:
+async def place(client: Client, name: str, integrity: IntegrityRoot, count: int) -> PlaceReply:
     """The ``place`` a put sends after its upload, for version 1 of ``name``."""
     stripes = segments.default_stripes(count)
     return await client._request(
@@ -87,7 +88,7 @@ async def interrupt(entry: Peer, src: Path, name: str, point: str) -> None:
             conn = await client._data_conn()
             for i in range(5):
                 chunk = data[i * SEG : (i + 1) * SEG]
-                seg_id = blake3.blake3(chunk).digest()
+                seg_id = SegmentId(blake3.blake3(chunk).digest())
                 await conn.send(wire.PutSeg(request_id=i, seg_id=seg_id, data=chunk))
                 assert isinstance(await conn.read_frame(), wire.Ack)
             return
@@ -221,7 +222,7 @@ async def test_an_upload_cut_by_a_peer_restart_is_collected_after_the_grace_time
         try:
             for i in range(8):
                 chunk = os.urandom(SEG)
-                seg_id = blake3.blake3(chunk).digest()
+                seg_id = SegmentId(blake3.blake3(chunk).digest())
                 await conn.send(wire.PutSeg(request_id=i, seg_id=seg_id, data=chunk))
                 assert isinstance(await conn.read_frame(), wire.Ack)
             await entry.stop()  # with the upload's connection still open
@@ -244,7 +245,9 @@ async def test_an_idle_upload_connection_is_dropped_after_the_grace_time(
         for i in range(4):
             chunk = os.urandom(SEG)
             await conn.send(
-                wire.PutSeg(request_id=i, seg_id=blake3.blake3(chunk).digest(), data=chunk)
+                wire.PutSeg(
+                    request_id=i, seg_id=SegmentId(blake3.blake3(chunk).digest()), data=chunk
+                )
             )
             assert isinstance(await conn.read_frame(), wire.Ack)
         assert used(network[0]) > 4 * SEG
@@ -272,7 +275,9 @@ async def test_a_thousand_tiny_uploads_are_charged_their_disk_cost(tmp_path: Pat
             for i in range(1000):
                 data = i.to_bytes(8, "big")
                 await conn.send(
-                    wire.PutSeg(request_id=i, seg_id=blake3.blake3(data).digest(), data=data)
+                    wire.PutSeg(
+                        request_id=i, seg_id=SegmentId(blake3.blake3(data).digest()), data=data
+                    )
                 )
                 answers.append(await conn.read_frame())
             accepted = sum(isinstance(a, wire.Ack) for a in answers)
@@ -335,7 +340,7 @@ async def test_small_peers_take_two_mib_objects_with_one_replica_through_one_ent
                     segments.segment_hash(data[: 1 << 20]),
                     segments.segment_hash(data[1 << 20 :]),
                 ]
-                root = bytes(segments.hash_list_root(segments.encode_hash_list(hashes)))
+                root = segments.hash_list_root(segments.encode_hash_list(hashes))
                 key = int.from_bytes(range_key(root, 0), "big")
                 if max(peers, key=lambda p: int.from_bytes(p.node_id, "big") ^ key) is entry:
                     break  # the entry peer is the last choice
@@ -391,18 +396,20 @@ def test_a_holding_is_orphaned_only_without_manifest_entries_or_newer_version() 
     from difs_p2p.holdings import Holding
     from difs_p2p.maintenance import NameView, orphaned
     from difs_p2p.manifest import Manifest
+    from difs_p2p.names import NameKey
+    from difs_p2p.segments import IntegrityRoot, SegmentId
 
-    key, root = b"k" * 20, b"i" * 32
+    key, root = NameKey(b"k" * 20), IntegrityRoot(SegmentId(b"i" * 32))
     h = Holding(key, 2, root, 100, 0, 99, since=0.0)
 
-    def manifest(version: int, integrity: bytes = root) -> Manifest:
+    def manifest(version: int, integrity: IntegrityRoot = root) -> Manifest:
         return Manifest(
             "/x", key, version, None, None, 100 * 4096, 4096, 100, 2, 3, integrity,
             False, 0.0, b"p" * 32, b"",
         )  # fmt: skip
 
     v1, v2, v3 = manifest(1), manifest(2), manifest(3)
-    other = manifest(2, b"j" * 32)  # the version another upload won
+    other = manifest(2, IntegrityRoot(SegmentId(b"j" * 32)))  # the version another upload won
     entry = build_holder_entry(
         Identity.generate(), key=key, version=2, integrity=root, start=0, end=99,
         host="127.0.0.1", port=4000, issued=1,
@@ -449,7 +456,7 @@ def test_pending_uploads_of_a_killed_peer_are_collected_after_its_restart(
             try:
                 for i in range(8):
                     chunk = os.urandom(SEG)
-                    seg_id = blake3.blake3(chunk).digest()
+                    seg_id = SegmentId(blake3.blake3(chunk).digest())
                     await conn.send(wire.PutSeg(request_id=i, seg_id=seg_id, data=chunk))
                     assert isinstance(await conn.read_frame(), wire.Ack)
                 proc.send_signal(signal.SIGKILL)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from difs_p2p import wire
 from difs_p2p.errors import UsageError, WireError
+from difs_p2p.segments import SegmentId
 from difs_p2p.wire import (
     HEADER,
     HEADER_SIZE,
@@ -50,7 +51,7 @@ from difs_p2p.wire import (
 GOLDEN_DIR = Path(__file__).parent / "data" / "wire"
 REGEN_GOLDEN = os.environ.get("DIFS_REGEN_GOLDEN") == "1"
 
-SEG_ID = bytes(range(32))
+SEG_ID = SegmentId(bytes(range(32)))
 
 # One frame of each type, with values that exercise every byte of every field.
 GOLDEN: dict[str, Frame] = {
@@ -161,7 +162,9 @@ def test_type_and_error_code_numbers_are_fixed() -> None:
 
 def test_get_seg_layout_spelled_out() -> None:
     """GET_SEG is header, segment id, u64 offset, u32 length, all big-endian."""
-    raw = encode_bytes(GetSeg(request_id=0x11223344, seg_id=b"\xaa" * 32, offset=5, length=6))
+    raw = encode_bytes(
+        GetSeg(request_id=0x11223344, seg_id=SegmentId(b"\xaa" * 32), offset=5, length=6)
+    )
     assert raw == (
         b"\x01\x06\x00\x00\x11\x22\x33\x44\x00\x00\x00\x2c"
         + b"\xaa" * 32
@@ -172,7 +175,7 @@ def test_get_seg_layout_spelled_out() -> None:
 
 def test_ack_and_error_layout_spelled_out() -> None:
     """ACK is segment id then a flags byte; ERROR is a u16 code then UTF-8 text."""
-    ack = encode_bytes(Ack(request_id=1, seg_id=b"\x00" * 32, stored=False))
+    ack = encode_bytes(Ack(request_id=1, seg_id=SegmentId(b"\x00" * 32), stored=False))
     assert ack == b"\x01\x08\x00\x00\x00\x00\x00\x01\x00\x00\x00\x21" + b"\x00" * 33
     err = encode_bytes(Error(request_id=2, code=ErrorCode.BUSY, message="é"))
     assert err == b"\x01\x04\x00\x00\x00\x00\x00\x02\x00\x00\x00\x04\x00\x08\xc3\xa9"
@@ -664,12 +667,12 @@ def test_empty_segments_are_frames_too() -> None:
         Reply(request_id=1, body={"x": "y" * MAX_CONTROL_PAYLOAD}),
         Reply(request_id=1, body={"x": nested_lists(32)}),
         Error(request_id=1, code=70000, message=""),
-        PutSeg(request_id=1, seg_id=b"short", data=b""),
+        PutSeg(request_id=1, seg_id=SegmentId(b"short"), data=b""),
         PutSeg(request_id=1, seg_id=SEG_ID, data=memoryview(bytearray(MAX_SEGMENT + 1))),
         GetSeg(request_id=1, seg_id=SEG_ID, offset=-1, length=0),
         GetSeg(request_id=1, seg_id=SEG_ID, offset=0, length=1 << 32),
         Data(request_id=1, data=memoryview(bytearray(MAX_SEGMENT + 1))),
-        Ack(request_id=1, seg_id=SEG_ID * 2, stored=True),
+        Ack(request_id=1, seg_id=SegmentId(SEG_ID * 2), stored=True),
     ],
     ids=lambda frame: type(frame).__name__,
 )
