@@ -339,7 +339,14 @@ async def bench_level(
         """One untimed warm-up per client, then ``items`` timed; the clients closed after."""
         try:
             ops = [make(c) for c in clients]
-            await asyncio.gather(*(op(i) for op, i in zip(ops, warmups, strict=True)))
+            warm = await asyncio.gather(
+                *(op(i) for op, i in zip(ops, warmups, strict=True)), return_exceptions=True
+            )
+            for outcome in warm:  # an untimed warm-up that failed is reported, not fatal
+                if isinstance(outcome, BaseException) and not isinstance(outcome, DifsError):
+                    raise outcome
+                if isinstance(outcome, DifsError):
+                    print(f"warm-up failed: {type(outcome).__name__}: {outcome}", flush=True)
             return await timed(ops, items, pids, lambda: datagrams_sent(addresses))
         finally:
             for c in clients:

@@ -390,21 +390,28 @@ class Records:
 
         A request still unanswered a stall time after the latest reply (adaptive, as in
         lookups) counts as unanswered, ``(False, None)``: a dead peer among the k closest
-        costs a write the stall time, not ``rpc_timeout``. It runs on in the background:
-        a late store still lands, and a timeout still counts towards evicting the contact.
+        costs a write the stall time, not ``rpc_timeout``. Until the first reply, each
+        request has its whole ``rpc_timeout``: peers that are all slower than the stall
+        time (a loaded machine, a slow link) are waited for, not all taken for dead. A
+        request cut short runs on in the background: a late store still lands, and a
+        timeout still counts towards evicting the contact.
         """
         tasks = [asyncio.create_task(c) for c in calls]
         stall = self.host.rtt.timeout(
             self.host.config.lookup_stall_min, self.host.config.lookup_stall
         )
         pending = set(tasks)
+        answered = False
         try:
             while pending:
                 done, pending = await asyncio.wait(
-                    pending, timeout=stall, return_when=asyncio.FIRST_COMPLETED
+                    pending,
+                    timeout=stall if answered else None,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 if not done:
                     break
+                answered = answered or any(t.result()[0] for t in done)
         except BaseException:
             for task in pending:
                 task.cancel()

@@ -1,19 +1,22 @@
-"""The DHT's record helpers that decide without I/O: entry-set digests, the page plan,
-entry batches and the union of lookup paths."""
+"""The DHT's record helpers: entry-set digests, the page plan, entry batches and the union
+of lookup paths (no I/O), and how long a write waits for its peers' replies."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from difs_p2p.config import DhtConfig
 from difs_p2p.dhtrecords import Stored, entry_batches, entry_set_digest, page_plan, union
 from difs_p2p.dhtwire import ENTRY_BATCH_BYTES
 from difs_p2p.identity import NodeId
 from difs_p2p.lookup import MorePages
 from difs_p2p.routing import Contact
+from tests.helpers import start_dhts, stop_all
 
 
 @given(st.lists(st.binary(min_size=1, max_size=40), max_size=20), st.randoms())
@@ -88,3 +91,36 @@ def test_a_write_is_readable_at_a_quorum_of_paths(
 ) -> None:
     """Stored.readable holds when as many disjoint paths served it back as the quorum."""
     assert Stored(3, 0, 0, 3, readable_paths, quorum).readable is readable
+
+
+# -- how long a write waits for its peers' replies (a started node, no peers needed) ----------
+
+
+async def _reply_after(delay: float, ok: bool) -> tuple[bool, object]:
+    """A request whose reply arrives after ``delay`` seconds (``ok``: it was answered)."""
+    await asyncio.sleep(delay)
+    return (ok, b"reply" if ok else None)
+
+
+async def test_a_write_waits_for_the_first_reply_past_the_stall_time() -> None:
+    """When every peer answers later than the stall time (a loaded machine), the replies
+    are still counted: the stall cuts only stragglers after a first reply."""
+    config = DhtConfig(id_difficulty=0, rpc_timeout=5.0, lookup_stall=0.05, lookup_stall_min=0.05)
+    [node] = await start_dhts(1, config=config)
+    try:
+        replies = await node.records._answers([_reply_after(0.3, True) for _ in range(3)])
+        assert replies == [(True, b"reply")] * 3
+    finally:
+        await stop_all([node])
+
+
+async def test_a_write_cuts_stragglers_a_stall_time_after_a_reply() -> None:
+    """After a first reply, a request unanswered a stall time later counts as unanswered
+    (a dead peer costs a write the stall time, not the RPC timeout)."""
+    config = DhtConfig(id_difficulty=0, rpc_timeout=5.0, lookup_stall=0.05, lookup_stall_min=0.05)
+    [node] = await start_dhts(1, config=config)
+    try:
+        replies = await node.records._answers([_reply_after(0.01, True), _reply_after(3.0, True)])
+        assert replies == [(True, b"reply"), (False, None)]
+    finally:
+        await stop_all([node])
