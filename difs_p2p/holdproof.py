@@ -44,11 +44,11 @@ from difs_p2p.errors import DifsError, IntegrityError, WireError
 from difs_p2p.holders import HolderEntry, decode_holder_entry
 from difs_p2p.identity import verify_signature
 from difs_p2p.manifest import Manifest, parse_manifest
+from difs_p2p.names import NameKey
 from difs_p2p.net import Connector
 from difs_p2p.ops import ProveReply, ProveRequest, decode_reply, encode_reply
 from difs_p2p.records import RecordKind, record_kind, split_entries
 from difs_p2p.recordstore import RecordStore
-from difs_p2p.names import NameKey
 from difs_p2p.segments import SegmentId
 from difs_p2p.transfer import Connection
 
