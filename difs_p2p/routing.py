@@ -55,8 +55,13 @@ def valid_host(host: object) -> bool:
     byte) raises an error that is not an ``OSError``, which closes an asyncio datagram
     transport for good. IPv6 is refused too: the DHT runs on IPv4 (one family per DHT).
     """
-    if not isinstance(host, str) or len(host) > 15:
-        return False
+    return isinstance(host, str) and len(host) <= 15 and _sendable_ipv4(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sendable_ipv4(host: str) -> bool:
+    """``valid_host`` of a short string, remembered: every contact of every reply is
+    checked, and the same few hundred addresses come back again and again."""
     try:
         ip = ipaddress.IPv4Address(host)
     except ValueError:

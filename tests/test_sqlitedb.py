@@ -50,3 +50,17 @@ def test_errors_are_translated() -> None:
 def test_unopenable_path_is_a_storage_error(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="cannot open"):
         Database(tmp_path / "missing-dir" / "x.sqlite3", "the test db")
+
+
+def test_the_lock_is_released_after_an_error() -> None:
+    """A failed statement inside ``locked`` leaves the lock free for the next caller."""
+    db = Database(None, "the test db", "CREATE TABLE t(a);")
+    with pytest.raises(StorageError), db.locked("selecting") as conn:
+        conn.execute("SELECT * FROM missing")
+    assert not db.lock.locked()
+    with pytest.raises(RuntimeError), db.locked("working"):
+        raise RuntimeError("not sqlite")  # other errors pass through untranslated
+    assert not db.lock.locked()
+    with db.locked("inserting") as conn:
+        conn.execute("INSERT INTO t VALUES (1)")
+    assert db.count("t") == 1
