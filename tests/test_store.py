@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -561,17 +564,42 @@ def test_layout_on_disk(store: SegmentStore, root: Path) -> None:
     assert (root / "index.sqlite3").is_file()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_unwritable_root_is_storage_error(tmp_path: Path) -> None:
-    """A directory the store cannot write to is refused with a StorageError."""
-    root = tmp_path / "ro"
-    root.mkdir()
-    root.chmod(0o500)
+NOBODY = 65534  # the unprivileged user of Debian and most Linux systems
+
+
+@contextlib.contextmanager
+def _unprivileged(path: Path) -> Iterator[None]:
+    """Run the block as an ordinary user that owns ``path``: as root (CI, containers)
+    directory permissions would not apply. The effective uid is restored afterwards."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.chown(path, NOBODY, NOBODY)
+    os.setegid(NOBODY)
+    os.seteuid(NOBODY)
     try:
-        with pytest.raises(StorageError, match="writable directory"):
-            SegmentStore(root, 1000)
+        yield
     finally:
-        root.chmod(0o700)
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def test_unwritable_root_is_storage_error() -> None:
+    """A directory the store cannot write to is refused with a StorageError (as root too:
+    the store is opened as an ordinary user owning a read-only directory)."""
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)  # an ordinary user may reach the directory inside
+        root = base / "ro"
+        root.mkdir()
+        root.chmod(0o500)
+        with _unprivileged(root), pytest.raises(StorageError, match="writable directory"):
+            SegmentStore(root, 1000)
+        assert os.geteuid() == os.getuid()
+        assert list(root.iterdir()) == []  # nothing was created in it
+    finally:
+        (base / "ro").chmod(0o700)
+        shutil.rmtree(base)
 
 
 def test_root_that_is_a_file_is_storage_error(tmp_path: Path) -> None:
