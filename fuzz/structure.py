@@ -18,6 +18,7 @@ from typing import Any, Final, TypeVar
 
 import umsgpack
 
+from difs_p2p import dhtwire
 from difs_p2p.holders import HOLDER_DOMAIN, build_holder_entry
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import MANIFEST_DOMAIN, build_manifest
@@ -26,19 +27,9 @@ from difs_p2p.segments import IntegrityRoot, SegmentId
 
 T = TypeVar("T")
 
-# The DHT's request names, plus one it does not know.
-RPC_NAMES: Final = (
-    "ping",
-    "store",
-    "find_node",
-    "find_value",
-    "stun",
-    "add_entries",
-    "find_entries",
-    "leave",
-    "identify",
-    "bogus",
-)
+# The DHT's request names (sorted: a fuzz input picks the same one in every run), plus
+# one it does not know.
+RPC_NAMES: Final = (*sorted(dhtwire.RPCS), "bogus")
 # Integers at the edges of the fields and limits that peers' numbers meet.
 INTERESTING_INTS: Final = (
     0,
