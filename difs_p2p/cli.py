@@ -60,7 +60,8 @@ def _peer_options(show_version: VersionOpt = False) -> None:
     """Run a DIFS-P2P storage peer."""
 
 
-peer_app.command()(cli_peer.join)
+peer_app.command(context_settings=cli_peer.JOIN_CONTEXT)(cli_peer.join)
+peer_app.command()(cli_peer.config)
 peer_app.command()(cli_peer.status)
 peer_app.command()(cli_peer.check)
 

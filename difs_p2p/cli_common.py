@@ -17,13 +17,16 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+import types
+import typing
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from typer.models import OptionInfo
 
-from difs_p2p import errors, ops, wire
+from difs_p2p import conffile, errors, ops, wire
 from difs_p2p.config import parse_hostport
 from difs_p2p.transfer import Connection
 
@@ -83,6 +86,117 @@ def exit_code(exc: errors.DifsError) -> int:
 def difs_home() -> Path:
     """Where the CLI keeps its files: $DIFS_HOME, else ~/.difs."""
     return Path(os.environ.get("DIFS_HOME") or Path.home() / ".difs")
+
+
+# -- the configuration file (difs.toml, rules in conffile.py) ------------------------------
+
+# The variable naming the configuration file; without it, $DIFS_HOME/difs.toml if it exists.
+CONFIG_ENV = "DIFS_CONFIG"
+# The environment rule: option --some-option of `difs-peer join` is DIFS_PEER_SOME_OPTION
+# (DIFS_PEER alone stays the client's peer address), option --some-option of the client
+# commands ([client] table) is DIFS_SOME_OPTION (so DIFS_PEER and DIFS_TOKEN_FILE as before).
+PEER_ENV_PREFIX = "DIFS_PEER"
+CLIENT_ENV_PREFIX = "DIFS"
+
+
+def config_file(explicit: Path | None) -> Path | None:
+    """The configuration file: ``explicit`` (--config, else $DIFS_CONFIG), which must
+    exist, else $DIFS_HOME/difs.toml if it exists, else None."""
+    if explicit is None and os.environ.get(CONFIG_ENV):
+        explicit = Path(os.environ[CONFIG_ENV])
+    if explicit is not None:
+        return explicit
+    default = difs_home() / "difs.toml"
+    return default if default.exists() else None
+
+
+def read_config(path: Path) -> tuple[dict[str, Any], str]:
+    """The TOML document in ``path`` and its text; UsageError (naming the file) if it
+    cannot be read or is not TOML."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(conffile.MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise errors.UsageError(
+            f"{path}: cannot read the configuration file: {exc.strerror or exc}"
+        ) from None
+    if len(data) > conffile.MAX_FILE_BYTES:
+        raise errors.UsageError(f"{path}: larger than 1 MiB, not a configuration file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.UsageError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    return conffile.parse(text, str(path)), text
+
+
+def config_values(
+    path: Path, table: str, tables: Mapping[str, list[conffile.Setting]]
+) -> dict[str, Any]:
+    """The values ``[table]`` of the configuration file ``path`` sets, checked against
+    ``tables[table]`` (by parameter name); UsageError naming the file, line and key."""
+    doc, text = read_config(path)
+    conffile.check_tables(doc, tables, str(path), text)
+    return conffile.table_values(
+        doc, table, tables[table], source=str(path), text=text, base=path.parent
+    )
+
+
+def _kind(annotation: Any) -> tuple[conffile.Kind, tuple[str, ...]]:
+    """The file's kind of an option annotated ``annotation`` (``int``, ``Path | None``...)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is list:
+        return conffile.Kind.LIST, ()
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return conffile.Kind.CHOICE, tuple(str(m.value) for m in annotation)
+    kinds = {
+        bool: conffile.Kind.BOOL,
+        int: conffile.Kind.INT,
+        float: conffile.Kind.FLOAT,
+        str: conffile.Kind.STR,
+        Path: conffile.Kind.PATH,
+    }
+    if annotation not in kinds:
+        raise TypeError(f"an option of type {annotation!r} has no kind in difs.toml")
+    return kinds[annotation], ()
+
+
+def settings_of(
+    command: Callable[..., Any],
+    checks: Mapping[str, Callable[[str], object]] | None = None,
+    skip: tuple[str, ...] = (),
+) -> list[conffile.Setting]:
+    """The options of the typer command ``command`` (its signature: names, types,
+    flags, help, defaults) as settings of the configuration file, in their order;
+    ``checks`` adds a value rule per parameter name; ``skip`` leaves parameters out."""
+    import inspect
+
+    hints = typing.get_type_hints(command, include_extras=True)
+    settings = []
+    for name, parameter in inspect.signature(command).parameters.items():
+        hint = hints.get(name)
+        if name in skip or typing.get_origin(hint) is not Annotated:
+            continue
+        base, *extras = typing.get_args(hint)
+        info = next((e for e in extras if isinstance(e, OptionInfo)), None)
+        if info is None:
+            continue
+        decls = [d.split("/")[0] for d in info.param_decls or () if d.startswith("--")]
+        flag = decls[0] if decls else "--" + name.replace("_", "-")
+        kind, choices = _kind(base)
+        default = parameter.default
+        settings.append(
+            conffile.Setting(
+                key=flag.removeprefix("--"),
+                name=name,
+                kind=kind,
+                help=info.help or "",
+                default=default.value if isinstance(default, enum.Enum) else default,
+                choices=choices,
+                check=(checks or {}).get(name),
+            )
+        )
+    return settings
 
 
 def report_error(message: str, code: int, as_json: bool) -> None:
@@ -168,7 +282,11 @@ def setup_logging(level: str) -> None:
 
 PeerOpt = Annotated[
     str | None,
-    typer.Option("--peer", help="HOST:PORT of the peer (default: $DIFS_PEER or the local peer)"),
+    typer.Option(
+        "--peer",
+        help="HOST:PORT of the peer (default: $DIFS_PEER, else [client] peer in difs.toml,"
+        " else the local peer)",
+    ),
 ]
 JsonOpt = Annotated[
     bool, typer.Option("--json", metavar="", help="print JSON for scripts (errors too)")
@@ -177,7 +295,8 @@ TokenOpt = Annotated[
     Path | None,
     typer.Option(
         "--token-file",
-        help="the peer's control token (default: $DIFS_TOKEN_FILE, else the local peer's)",
+        help="the peer's control token (default: $DIFS_TOKEN_FILE, else [client] token-file"
+        " in difs.toml, else the local peer's)",
     ),
 ]
 KeyOpt = Annotated[
@@ -190,12 +309,31 @@ KeyOpt = Annotated[
 ]
 
 
+def _client_options(peer: PeerOpt = None, token_file: TokenOpt = None) -> None:
+    """The options the [client] table of difs.toml sets (read for their keys and help)."""
+
+
+def client_settings() -> list[conffile.Setting]:
+    """The [client] table's settings: --peer and --token-file of the client commands."""
+    return settings_of(_client_options, {"peer": parse_hostport})
+
+
+def client_config() -> dict[str, Any]:
+    """What the configuration file's [client] table sets (by parameter name); {} without
+    a file. A bad file is a UsageError naming it (the [peer] table is join's to check)."""
+    path = config_file(None)
+    if path is None:
+        return {}
+    return config_values(path, "client", {"client": client_settings(), "peer": []})
+
+
 # -- the peer, its control token, the publisher key ----------------------------------------
 
 
 def resolve_peer(peer: str | None) -> tuple[str, int]:
-    """The peer to talk to: --peer, else $DIFS_PEER, else the local peer's address file."""
-    text = peer or os.environ.get("DIFS_PEER")
+    """The peer to talk to: --peer, else $DIFS_PEER, else the configuration file's
+    [client] peer, else the local peer's address file."""
+    text = _chosen_peer(peer)
     if text:
         return parse_hostport(text)
     address_file = difs_home() / "peer" / "address"
@@ -208,17 +346,27 @@ def resolve_peer(peer: str | None) -> tuple[str, int]:
         ) from None
 
 
+def _chosen_peer(peer: str | None) -> str | None:
+    """The peer named by --peer, $DIFS_PEER or the file's [client] peer (None: the local one)."""
+    return peer or os.environ.get("DIFS_PEER") or client_config().get("peer")
+
+
 def resolve_token(peer: str | None, token_file: Path | None, address: tuple[str, int]) -> bytes:
     """The control token for ``address``: --token-file, else $DIFS_TOKEN_FILE, else the
-    local peer's ($DIFS_HOME/peer/control.token) when ``address`` is the local peer's."""
+    configuration file's [client] token-file, else the local peer's
+    ($DIFS_HOME/peer/control.token) when ``address`` is the local peer's."""
     from difs_p2p.control import read_token_file
 
-    text = str(token_file) if token_file else os.environ.get("DIFS_TOKEN_FILE")
+    text = (
+        str(token_file)
+        if token_file
+        else os.environ.get("DIFS_TOKEN_FILE") or client_config().get("token_file")
+    )
     local = difs_home() / "peer"
     path: Path | None = None
     if text:
         path = Path(text)
-    elif not (peer or os.environ.get("DIFS_PEER")) or _local_address(local) == address:
+    elif not _chosen_peer(peer) or _local_address(local) == address:
         path = local / "control.token"
     if path is not None:
         with contextlib.suppress(FileNotFoundError):
