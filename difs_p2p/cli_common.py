@@ -156,9 +156,8 @@ def _kind(annotation: Any) -> tuple[conffile.Kind, tuple[str, ...]]:
         str: conffile.Kind.STR,
         Path: conffile.Kind.PATH,
     }
-    if annotation not in kinds:
-        raise TypeError(f"an option of type {annotation!r} has no kind in difs.toml")
-    return kinds[annotation], ()
+    # any other type is written as a string, which the command converts as it does a flag's
+    return kinds.get(annotation, conffile.Kind.STR), ()
 
 
 def settings_of(

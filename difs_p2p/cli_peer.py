@@ -77,6 +77,7 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         envvar="DIFS_CONFIG",
+        allow_from_autoenv=False,  # DIFS_CONFIG only, not DIFS_PEER_CONFIG_PATH
         is_eager=True,
         callback=_load_config,
         help="configuration file (default: $DIFS_CONFIG, else $DIFS_HOME/difs.toml if it"

@@ -194,8 +194,13 @@ _BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
 
 
 def check_env(environ: Mapping[str, str], prefix: str, settings: Sequence[Setting]) -> None:
-    """UsageError naming the variable if an environment variable of ``settings`` holds a
-    value its setting refuses (the command then reads the variables itself)."""
+    """UsageError naming the variable if a variable ``PREFIX_...`` names no setting (a
+    typo would be ignored otherwise) or holds a value its setting refuses (the command
+    then reads the variables itself)."""
+    known = [env_name(prefix, s) for s in settings]
+    for name in sorted(environ):
+        if name.startswith(f"{prefix}_") and name not in known:
+            raise UsageError(f"environment {name}: no such setting{_suggest(name, known)}")
     for setting in settings:
         name = env_name(prefix, setting)
         text = environ.get(name)

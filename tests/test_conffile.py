@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
+import typer
 
 from difs_p2p import conffile
-from difs_p2p.cli_common import client_settings
+from difs_p2p.cli_common import client_settings, settings_of
 from difs_p2p.cli_peer import example_config, join_settings
 from difs_p2p.conffile import Kind, Setting
 from difs_p2p.config import parse_hostport, parse_size
@@ -142,6 +143,8 @@ def test_line_of_finds_a_key_in_its_table(
         ({"DIFS_PEER_LOG_LEVEL": "loud"}, "DIFS_PEER_LOG_LEVEL: 'loud' is not one of"),
         ({"DIFS_PEER_CAPACITY": "lots"}, "DIFS_PEER_CAPACITY: not a size: 'lots'"),
         ({"DIFS_PEER_BOOTSTRAP": "1.2.3.4:5 nohost"}, "malformed address 'nohost'"),
+        ({"DIFS_PEER": "1.2.3.4:5", "DIFS_HOME": "/x"}, None),  # not settings of the table
+        ({"DIFS_PEER_PROT": "1"}, "DIFS_PEER_PROT: no such setting .did you mean 'DIFS_PEER_PORT'"),
     ],
 )
 def test_environment_values_are_checked_with_the_variables_name(
@@ -208,3 +211,27 @@ def test_join_settings_come_from_the_command() -> None:
         "DIFS_PEER_REPAIR_INTERVAL"
     )
     assert [s.key for s in client_settings()] == ["peer", "token-file"]
+
+
+def _sample(
+    tcp_port: Annotated[int | None, typer.Option(help="TCP port if not --port")] = None,
+    drain: Annotated[bool, typer.Option("--drain/--no-drain", help="hand over first")] = False,
+    listen: Annotated[list[str] | None, typer.Option("--listen", "-l", help="addresses")] = None,
+    ratio: Annotated[float, typer.Option(help="a ratio")] = 0.5,
+    when: Annotated[complex, typer.Option(help="a type the file writes as a string")] = 1j,
+    positional: str = "",
+) -> None:
+    """A command with the kinds of options others may add to join."""
+
+
+def test_settings_of_derives_any_command_s_options() -> None:
+    """settings_of reads names, flags, kinds, help and defaults from a command's
+    signature: optional types, flag pairs, short aliases; other types are strings."""
+    got = [(s.key, s.name, s.kind, s.help, s.default) for s in settings_of(_sample)]
+    assert got == [
+        ("tcp-port", "tcp_port", Kind.INT, "TCP port if not --port", None),
+        ("drain", "drain", Kind.BOOL, "hand over first", False),
+        ("listen", "listen", Kind.LIST, "addresses", None),
+        ("ratio", "ratio", Kind.FLOAT, "a ratio", 0.5),
+        ("when", "when", Kind.STR, "a type the file writes as a string", 1j),
+    ]
