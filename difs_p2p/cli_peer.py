@@ -223,7 +223,13 @@ def config(
         bool,
         typer.Option("--example", metavar="", help="print a complete commented difs.toml instead"),
     ] = False,
-    config_path: ConfigOpt = None,
+    config_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="configuration file to check (default: as join finds it)",
+        ),
+    ] = None,
 ) -> None:
     """Show the settings join would start with and where each comes from (environment,
     configuration file, default), checking the file; --example prints a commented
@@ -238,7 +244,7 @@ def config(
     command = ctx.parent.command.get_command(ctx.parent, "join")  # type: ignore[attr-defined]
     args = ["--config", str(config_path)] if config_path is not None else []
     with command.make_context("join", args, parent=ctx.parent) as join_ctx:
-        typer.echo(f"# configuration file: {config_path or 'none'}")
+        typer.echo(f"# configuration file: {join_ctx.params.get('config_path') or 'none'}")
         for setting in join_settings():
             source = join_ctx.get_parameter_source(setting.name)
             origin = {
