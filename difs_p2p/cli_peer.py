@@ -11,6 +11,7 @@ are read (``_load_config``); the keys are derived from join's signature
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ import typer
 from difs_p2p import conffile, errors, ops
 from difs_p2p.cli_common import (
     CLIENT_ENV_PREFIX,
+    CONTEXT,
     PEER_ENV_PREFIX,
     JsonOpt,
     LogLevel,
@@ -46,7 +48,7 @@ from difs_p2p.config import PeerConfig, RepairConfig, parse_hostport, parse_size
 from difs_p2p.transfer import Connection
 
 # The context join runs in: its options read DIFS_PEER_<OPTION> from the environment.
-JOIN_CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": PEER_ENV_PREFIX}
+JOIN_CONTEXT = {**CONTEXT, "auto_envvar_prefix": PEER_ENV_PREFIX}
 # Value rules beyond the type that the file's values are checked against (so that a bad
 # value names the file, line and key); the flags meet the same rules in join.
 _VALUE_CHECKS: dict[str, Callable[[str], object]] = {
@@ -138,6 +140,8 @@ def join(
     Example: difs-peer join --bootstrap 127.0.0.1:4000 --data ./peer2 --capacity 5GiB
     """
     setup_logging(log_level.value)
+    if config_path is not None:
+        logging.getLogger(__name__).info("configuration file=%s", config_path)
     try:
         data_dir = data or difs_home() / "peer"
         if data_dir.exists() and not data_dir.is_dir():

@@ -59,7 +59,8 @@ def test_a_flag_beats_the_environment_which_beats_the_file(tmp_path: Path) -> No
     assert (tmp_path / "env" / "peer.key").exists()
     assert (tmp_path / "flag" / "peer.key").exists()
     assert not (tmp_path / "from-file").exists() and not (tmp_path / "env2").exists()
-    assert " INFO " in outs["file"][1]  # the file's log level reached the peer
+    # logged at INFO: the level the file set reached the peer
+    assert f"configuration file={home / 'difs.toml'}" in outs["file"][1]
     assert " INFO " not in outs["flag"][1]
 
 
