@@ -63,6 +63,7 @@ def _peer_options(show_version: VersionOpt = False) -> None:
 peer_app.command()(cli_peer.join)
 peer_app.command()(cli_peer.status)
 peer_app.command()(cli_peer.check)
+peer_app.command()(cli_peer.leave)
 
 # -- difs ----------------------------------------------------------------------------------
 
