@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 # Names drained at once (each pushes its ranges one after the other).
 DRAIN_PARALLEL = 4
+# DHT keys handed over at once (each a lookup and its stores).
+RECORDS_PARALLEL = 8
 # How long a finished drain waits for the ``leave`` command to collect its summary
 # before the peer stops anyway (it polls every half second), and how long after the
 # summary was answered (the reply is a few hundred bytes, written at once).
@@ -136,7 +138,10 @@ class Drainer:
         assert progress is not None
         try:
             await self._drain(progress)
-        except DifsError as exc:
+        except Exception as exc:
+            # never left half-leaving: a failed drain ends incomplete, the peer stays
+            if not isinstance(exc, DifsError):
+                log.exception("drain_failed")
             progress.range_failed(("", 0, 0, 0), f"the drain failed: {exc}")
         self.state = progress.finish(self.clock())
         s = progress.summary(self.clock())
@@ -292,23 +297,27 @@ class Drainer:
         were handed over."""
         store, me = self.dht.store, self.replicator.node_id
         now = self.clock()
-        handed = 0
-        for key in await asyncio.to_thread(store.keys, now):
-            value = await asyncio.to_thread(store.get, key, now)
-            raw = await asyncio.to_thread(store.entries, key, now)
-            entries = [e for e in raw if not _own_entry(e, me)]
-            try:
-                if value is not None:
-                    await self.dht.put_with_entries(key, value, entries)
-                elif entries:
-                    await self.dht.add_entries(key, entries)
-                else:
-                    continue
-            except DifsError as exc:
-                log.info("drain_record_failed key=%s reason=%s", key.hex()[:12], exc)
-                continue
-            handed += 1
-        return handed
+        slots = asyncio.Semaphore(RECORDS_PARALLEL)
+
+        async def hand_over(key: bytes) -> bool:
+            async with slots:
+                value = await asyncio.to_thread(store.get, key, now)
+                raw = await asyncio.to_thread(store.entries, key, now)
+                entries = [e for e in raw if not _own_entry(e, me)]
+                try:
+                    if value is not None:
+                        await self.dht.put_with_entries(key, value, entries)
+                    elif entries:
+                        await self.dht.add_entries(key, entries)
+                    else:
+                        return False
+                except DifsError as exc:
+                    log.info("drain_record_failed key=%s reason=%s", key.hex()[:12], exc)
+                    return False
+                return True
+
+        keys = await asyncio.to_thread(store.keys, now)
+        return sum(await asyncio.gather(*(hand_over(k) for k in keys)))
 
 
 def _ref(h: Holding) -> RangeRef:
