@@ -395,3 +395,43 @@ def test_leave_help_names_the_exit_code() -> None:
     """``difs-peer leave --help`` documents the incomplete-drain exit code."""
     out = run_cli("difs-peer", "leave", "--help", env=dict(os.environ))
     assert out.returncode == 0 and "Exit 13" in out.stdout
+
+
+def test_an_incomplete_drain_keeps_the_peer_until_a_second_signal(tmp_path: Path) -> None:
+    """2 peers, r=2: ``leave`` reports the ranges it cannot hand over and exits 13 with
+    the peer still running; SIGTERM with --drain ends incomplete too and the peer stays;
+    a second SIGTERM stops it at once, exit 0, its data directory intact."""
+    env = dict(os.environ, DIFS_HOME=str(tmp_path / "home"))
+    env.pop("DIFS_PEER", None)
+    seed_proc, seed = start_peer_process(tmp_path / "a")
+    procs = [seed_proc]
+    try:
+        proc, address = start_peer_process(tmp_path / "b", "--drain", "--bootstrap", seed)
+        procs.append(proc)
+        src = tmp_path / "in.bin"
+        src.write_bytes(os.urandom(4 * SEG))
+        token = str(tmp_path / "a" / "control.token")
+        put = run_cli(
+            "difs", "put", str(src), "/stay/x", "--peer", seed, "--segment-size", "64KiB",
+            "--replicas", "2", "--token-file", token, env=env,
+        )  # fmt: skip
+        assert put.returncode == 0, put.stderr
+        own = str(tmp_path / "b" / "control.token")
+        out = run_cli("difs-peer", "leave", "--peer", address, "--token-file", own, env=env)
+        assert out.returncode == 13, out.stderr
+        assert "not handed over" in out.stdout and "1 of 2 live copies" in out.stdout
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "drain_incomplete" in line:
+                break
+        assert proc.poll() is None  # it stays
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert (tmp_path / "b" / "holdings.sqlite3").exists()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=15)
