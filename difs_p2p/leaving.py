@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 # Names drained at once (each pushes its ranges one after the other).
 DRAIN_PARALLEL = 4
+# The peer logs the drain's progress at most this often (seconds), besides its start and end.
+PROGRESS_LOG_EVERY = 5.0
 # DHT keys handed over at once (each a lookup and its stores).
 RECORDS_PARALLEL = 8
 # How long a finished drain waits for the ``leave`` command to collect its summary
@@ -93,6 +95,7 @@ class Drainer:
         self.exiting = False
         self._task: asyncio.Task[Any] | None = None
         self._watched = False
+        self._logged = 0.0
 
     @property
     def leaving(self) -> bool:
@@ -275,6 +278,13 @@ class Drainer:
             if made:
                 await self.dht.add_entries(h.key, [e.raw for e in made])
         ok = progress.range_result(ref, replicas, len(alive), len(made))
+        now = self.clock()
+        if now - self._logged >= PROGRESS_LOG_EVERY:
+            self._logged = now
+            log.warning(
+                "drain_progress ranges=%d/%d bytes=%d", progress.done, progress.total,
+                progress.bytes_moved,
+            )  # fmt: skip
         log.info(
             "drain_range %s alive_elsewhere=%d copies=%d ok=%s progress=%d/%d bytes=%d",
             describe(ref),

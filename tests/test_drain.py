@@ -303,6 +303,27 @@ async def test_cancelling_a_drain_makes_a_normal_peer_again(
         assert reply.state == "done"
 
 
+async def test_only_the_operator_may_make_a_peer_leave(tmp_path: Path) -> None:
+    """``drain`` from a stranger or another peer is FORBIDDEN and starts nothing."""
+    from difs_p2p.control import PeerCredential
+    from difs_p2p.errors import PermissionDeniedError
+
+    peers = await start_peers(tmp_path / "net", 2)
+    try:
+        target, other = peers
+        assert other.identity is not None
+        for credential in (None, PeerCredential(other.identity)):
+            conn = await Connection.open(target.address, io_timeout=10.0, credential=credential)
+            try:
+                with pytest.raises(PermissionDeniedError):
+                    await conn.request(ops.DrainRequest("start", True))
+            finally:
+                conn.close()
+        assert target.drainer.state is DrainState.IDLE and not target.drainer.leaving
+    finally:
+        await stop_all(peers)
+
+
 # -- processes ------------------------------------------------------------------------------
 
 
