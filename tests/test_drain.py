@@ -456,3 +456,65 @@ def test_an_incomplete_drain_keeps_the_peer_until_a_second_signal(tmp_path: Path
             if p.poll() is None:
                 p.kill()
             p.wait(timeout=15)
+
+
+def test_ctrl_c_of_leave_cancels_the_drain_and_leave_again_resumes(tmp_path: Path) -> None:
+    """Ctrl-C of ``leave`` while the drain waits on silent peers (SIGSTOP) exits 130 and
+    cancels the drain (the peer stays, a normal peer); ``leave`` again completes, exit 0."""
+    env = dict(os.environ, DIFS_HOME=str(tmp_path / "home"))
+    env.pop("DIFS_PEER", None)
+    procs: dict[str, subprocess.Popen[str]] = {}
+    data: dict[str, Path] = {}
+    try:
+        seed = ""
+        for i in range(3):
+            proc, address = start_peer_process(
+                tmp_path / f"p{i}", *(["--bootstrap", seed] if seed else [])
+            )
+            seed = seed or address
+            procs[address], data[address] = proc, tmp_path / f"p{i}"
+        src = tmp_path / "in.bin"
+        src.write_bytes(os.urandom(8 * SEG))
+        put = run_cli(
+            "difs", "put", str(src), "/ctrlc/x", "--peer", seed, "--segment-size", "64KiB",
+            "--replicas", "2", "--token-file", str(data[seed] / "control.token"), "--json",
+            env=env,
+        )  # fmt: skip
+        assert put.returncode == 0, put.stderr
+        held = {a: ranges_held(put.stdout, data[a]) for a in procs if a != seed}
+        leaving = max(held, key=lambda a: held[a])
+        assert held[leaving] > 0
+        others = [a for a in procs if a != leaving]
+        token = str(data[leaving] / "control.token")
+        for a in others:
+            procs[a].send_signal(signal.SIGSTOP)
+        leave = subprocess.Popen(
+            [str(BIN / "difs-peer"), "leave", "--peer", leaving, "--token-file", token],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert leave.stdout is not None
+        assert leave.stdout.readline().startswith("draining:")
+        leave.send_signal(signal.SIGINT)
+        assert leave.wait(timeout=30) == 130
+        status = run_cli(
+            "difs-peer", "status", "--peer", leaving, "--token-file", token, "--json", env=env
+        )
+        assert json.loads(status.stdout)["drain"]["state"] == "cancelled", status.stderr
+        for a in others:
+            procs[a].send_signal(signal.SIGCONT)
+        assert procs[leaving].poll() is None
+        again = run_cli(
+            "difs-peer", "leave", "--peer", leaving, "--token-file", token, "--json", env=env
+        )
+        assert again.returncode == 0, again.stderr + again.stdout
+        assert json.loads(again.stdout)["state"] == "done"
+        assert procs[leaving].wait(timeout=30) == 0
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            proc.wait(timeout=15)
