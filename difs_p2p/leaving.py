@@ -105,10 +105,11 @@ class Drainer:
     def start(self, force: bool, *, watched: bool) -> None:
         """Start draining (or, already draining, take the new ``force``). ``watched``: an
         operator's ``leave`` polls for the summary, so a finished drain waits for it."""
-        self.force = self.force or force
-        self._watched = self._watched or watched
         if self.state is DrainState.DRAINING or self.exiting:
+            self.force = self.force or force
+            self._watched = self._watched or watched
             return
+        self.force, self._watched = force, watched
         self.state = DrainState.DRAINING
         self.progress = DrainProgress(started=self.clock())
         self.reported.clear()
@@ -202,12 +203,8 @@ class Drainer:
         me = self.replicator.node_id
         checks = range_checks(held, view, me)
         covered = {(c.holding.version, c.holding.start) for c in checks}
-        per_holding: dict[tuple[int, int], int] = {}
-        for c in checks:
-            per_holding[(c.holding.version, c.holding.start)] = (
-                per_holding.get((c.holding.version, c.holding.start), 0) + 1
-            )
-        progress.add_ranges(sum(n - 1 for n in per_holding.values()))
+        # a holding counts as one range until it turns out to span several stripes
+        progress.add_ranges(len(checks) - len(covered))
         for h in held:
             if (h.version, h.start) in covered:
                 continue

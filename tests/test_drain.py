@@ -292,15 +292,22 @@ async def test_a_drain_cut_short_loses_nothing_and_resumes(
 async def test_cancelling_a_drain_makes_a_normal_peer_again(
     five: list[Peer], tmp_path: Path
 ) -> None:
-    """``drain cancel`` (a Ctrl-C of leave) stops the drain: the peer takes copies again."""
-    await publish(five[0], tmp_path, "/cancel", 40, 2)
-    leaver = five[1]
-    await drain_call(leaver, "start")
-    reply = await drain_call(leaver, "cancel")
-    if reply.state == "cancelled":
-        assert not leaver.drainer.leaving and not leaver.left.is_set()
-    else:  # the drain had already ended (nothing held here to hand over)
-        assert reply.state == "done"
+    """A cancelled drain (Ctrl-C of leave) leaves a normal peer that takes copies again and
+    keeps all it held; a new drain then completes."""
+    results = [await publish(five[0], tmp_path, f"/cancel/{i}", 8, 2) for i in range(2)]
+    leaver = a_holder(five, results, five[0])
+    held = leaver.replicator.holdings.all()
+    leaver.drainer.start(False, watched=True)
+    assert leaver.drainer.leaving
+    leaver.drainer.cancel()
+    assert await leaver.drainer.wait() is DrainState.CANCELLED
+    assert not leaver.drainer.leaving and not leaver.left.is_set()
+    assert leaver.replicator.holdings.all() == held
+    with pytest.raises(Exception, match="not stored") as caught:
+        await drain_call_hold(leaver, five[0])
+    assert not isinstance(caught.value, BusyError)
+    report = await leaver.drain()
+    assert report["state"] == "done" and leaver.left.is_set()
 
 
 async def test_only_the_operator_may_make_a_peer_leave(tmp_path: Path) -> None:
