@@ -64,6 +64,7 @@ peer_app.command(context_settings=cli_peer.JOIN_CONTEXT)(cli_peer.join)
 peer_app.command()(cli_peer.config)
 peer_app.command()(cli_peer.status)
 peer_app.command()(cli_peer.check)
+peer_app.command()(cli_peer.leave)
 
 # -- difs ----------------------------------------------------------------------------------
 

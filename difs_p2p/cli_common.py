@@ -66,6 +66,7 @@ EXIT_NAMES: dict[int, str] = {
     10: "timeout",
     11: "local_storage",
     12: "peer_misbehaved",
+    13: "drain_incomplete",
     130: "interrupted",
     143: "terminated",
 }

@@ -105,6 +105,28 @@ def check_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def drain_line(report: dict[str, Any]) -> str:
+    """One progress line of ``difs-peer leave``: ranges done of total, bytes moved."""
+    return (
+        f"{report.get('state', '?')}: {report.get('done', 0)}/{report.get('ranges', 0)} ranges, "
+        f"{report.get('handed_over', 0)} handed over, {report.get('already_safe', 0)} already "
+        f"safe, {len(report.get('failed', []))} failed, "
+        f"{format_size(report.get('bytes_moved', 0))} moved, {report.get('seconds', 0.0):.1f} s"
+    )
+
+
+def drain_summary(report: dict[str, Any]) -> list[str]:
+    """What ``difs-peer leave`` prints when the drain has ended."""
+    lines = [drain_line(report)]
+    lines += [f"  not handed over: {line}" for line in report.get("failed", [])]
+    if report.get("unpublished"):
+        lines.append(
+            f"  {report['unpublished']} ranges of never published uploads left as they are"
+        )
+    lines.append(f"{report.get('records', 0)} DHT records handed over")
+    return lines
+
+
 def key_info(me: Identity, path: Path) -> dict[str, str]:
     return {
         "key_file": str(path),

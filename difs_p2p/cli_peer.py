@@ -1,6 +1,6 @@
 """The ``difs-peer`` commands: run a storage peer (join), show its configuration (config),
-and ask a running one for its status or to check its segments. The typer app that holds
-them is wired in cli.py.
+ask a running one for its status or to check its segments, and make one leave the network
+for good (leave). The typer app that holds them is wired in cli.py.
 
 Every option of join is also a key of the configuration file's ``[peer]`` table and an
 environment variable (``DIFS_PEER_<OPTION>``): a flag beats the environment, which beats
@@ -11,6 +11,7 @@ are read (``_load_config``); the keys are derived from join's signature
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -43,7 +44,7 @@ from difs_p2p.cli_common import (
     settings_of,
     setup_logging,
 )
-from difs_p2p.cli_output import check_lines, print_json, print_status
+from difs_p2p.cli_output import check_lines, drain_line, drain_summary, print_json, print_status
 from difs_p2p.config import PeerConfig, RepairConfig, parse_hostport, parse_size
 from difs_p2p.transfer import Connection
 
@@ -130,6 +131,14 @@ def join(
             " keeps, idle uploads, ranges whose manifest never appeared"
         ),
     ] = 300.0,
+    drain: Annotated[
+        bool,
+        typer.Option(
+            "--drain",
+            help="on SIGTERM/SIGINT hand every range and record over to other peers before"
+            " stopping (a second signal stops at once)",
+        ),
+    ] = False,
     config_path: ConfigOpt = None,  # read before the other options, by _load_config
     log_level: Annotated[LogLevel, typer.Option(help="how much to log on stderr")] = (
         LogLevel.warning
@@ -161,6 +170,7 @@ def join(
                 orphan_grace=orphan_grace,
             ),
             tcp_limit_loopback=limit_loopback,
+            drain_on_signal=drain,
         )
     except errors.DifsError as exc:
         raise fail(exc) from None
@@ -284,8 +294,21 @@ async def _run_peer(config: PeerConfig, started: list[bool]) -> None:
     started.append(True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    draining: list[asyncio.Task[Any]] = []
+
+    def on_signal() -> None:
+        if config.drain_on_signal and not draining and not stop.is_set():
+            typer.echo(
+                "draining: handing ranges and records to other peers before stopping "
+                "(send the signal again to stop at once)",
+                err=True,
+            )
+            draining.append(peer.spawn(peer.drain()))
+        else:
+            stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         status = peer.status()
         typer.echo(
@@ -293,7 +316,15 @@ async def _run_peer(config: PeerConfig, started: list[bool]) -> None:
             f"contacts={status['routing_table']}",
         )
         sys.stdout.flush()
-        await stop.wait()
+        # a signal, or a drain (leave, or a signal with --drain) that handed everything over
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(peer.left.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if peer.left.is_set():
+            typer.echo("peer left the network: its ranges are held elsewhere", err=True)
     finally:
         await peer.stop()
         typer.echo("peer stopped", err=True)
@@ -342,4 +373,74 @@ async def _check(peer: str | None, repair: bool, token_file: Path | None) -> dic
         reply = await conn.request(ops.CheckRequest(repair))
         return ops.encode_reply("check", reply)
     finally:
+        conn.close()
+
+
+# `difs-peer leave` exits with this code when some range could not get its r copies on
+# other peers (the peer stays, unless --force made it leave anyway).
+EXIT_DRAIN_INCOMPLETE = 13
+# How often `leave` asks the peer how its drain goes.
+LEAVE_POLL = 0.5
+
+
+def leave(
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            metavar="",
+            help="leave even if some range cannot get its r copies on other peers",
+        ),
+    ] = False,
+    peer: PeerOpt = None,
+    token_file: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a running peer leave the network for good: it takes no new copies, hands
+    every range it holds to the next closest peers until each has its r live copies
+    elsewhere, hands over its DHT records, then exits. It deletes nothing: run again, a
+    drain skips the ranges already safe; Ctrl-C cancels it (the peer stays). Exit 13 if
+    some range could not be handed over (the peer stays unless --force).
+
+    Example: difs-peer leave --peer 127.0.0.1:4000
+    """
+    result = run(lambda: _leave(peer, force, token_file, as_json), as_json)
+    if as_json:
+        print_json(result)
+    else:
+        for line in drain_summary(result):
+            typer.echo(line)
+    if result["state"] != "done":
+        raise typer.Exit(EXIT_DRAIN_INCOMPLETE)
+
+
+async def _leave(
+    peer: str | None, force: bool, token_file: Path | None, as_json: bool
+) -> dict[str, Any]:
+    """Start the peer's drain and follow it to its end; the final report. Cancelled
+    (Ctrl-C), it cancels the drain: the peer stays a normal peer."""
+    from difs_p2p.control import OperatorCredential
+
+    address = await entry_peer(peer)
+    token = resolve_token(peer, token_file, address)
+    conn = await Connection.open(address, io_timeout=30.0, credential=OperatorCredential(token))
+    ended = False
+    try:
+        reply = await conn.request(ops.DrainRequest("start", force))
+        last = ""
+        while reply.state == "draining":
+            line = drain_line(ops.encode_reply("drain", reply))
+            if not as_json and line != last:
+                typer.echo(line)
+                sys.stdout.flush()
+                last = line
+            await asyncio.sleep(LEAVE_POLL)
+            reply = await conn.request(ops.DrainRequest("status"))
+        ended = True
+        return ops.encode_reply("drain", reply)
+    finally:
+        if not ended:
+            with contextlib.suppress(errors.DifsError, TimeoutError, OSError):
+                async with asyncio.timeout(3.0):
+                    await conn.request(ops.DrainRequest("cancel"))
         conn.close()

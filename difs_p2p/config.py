@@ -306,6 +306,10 @@ class PeerConfig:
     # Work a stranger may queue (`suspect`: re-verify a segment): per second, with a burst.
     open_work_rate: float = 1.0
     open_work_burst: float = 8.0
+    # Leaving the network (drain): on SIGTERM/SIGINT hand every range and record over to
+    # the next closest peers before stopping (`difs-peer join --drain`); off by default,
+    # as a stop for a restart needs no hand-over.
+    drain_on_signal: bool = False
 
     def __post_init__(self) -> None:
         try:

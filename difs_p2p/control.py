@@ -112,6 +112,7 @@ CONTROL_TABLE: Final[dict[str, OpRule]] = {
     "check": OpRule(Access.OPERATOR, OPS["check"].check, "verify every stored segment"),
     "status": OpRule(Access.OPERATOR, OPS["status"].check, "the peer's view of itself"),
     "abandon": OpRule(Access.PEER, OPS["abandon"].check, "drop what this connection uploaded"),
+    "drain": OpRule(Access.OPERATOR, OPS["drain"].check, "leave the network: hand ranges over"),
 }
 assert {op for op in CONTROL_TABLE if op.islower()} == set(OPS)
 

@@ -1,6 +1,6 @@
 """The control operations a peer answers (``status``, ``resolve``, ``place``, ``hold``,
 ``publish``, ``release``, ``holds``, ``holds_ranges``, ``prove``, ``check``, ``suspect``,
-``abandon``), each with its row in the permission table (control.CONTROL_TABLE), which
+``abandon``, ``drain``), each with its row in the permission table (control.CONTROL_TABLE), which
 service.py checks before a handler runs.
 
 :class:`Operations` is built by the peer from its running parts. Each handler takes the
@@ -23,11 +23,20 @@ from difs_p2p import segments
 from difs_p2p.config import PeerConfig
 from difs_p2p.control import CONTROL_TABLE
 from difs_p2p.dht import Dht
-from difs_p2p.errors import DifsError, IntegrityError, PermissionDeniedError, UsageError, WireError
+from difs_p2p.drain import LEAVING
+from difs_p2p.errors import (
+    BusyError,
+    DifsError,
+    IntegrityError,
+    PermissionDeniedError,
+    UsageError,
+    WireError,
+)
 from difs_p2p.holders import parse_holder_entry
 from difs_p2p.holdings import Holding, Holdings
 from difs_p2p.holdproof import prove_message
 from difs_p2p.identity import Identity
+from difs_p2p.leaving import Drainer
 from difs_p2p.maintenance import gc_due
 from difs_p2p.manifest import Manifest, parse_manifest
 from difs_p2p.names import NameKey
@@ -37,6 +46,8 @@ from difs_p2p.ops import (
     AbandonRequest,
     CheckReply,
     CheckRequest,
+    DrainReply,
+    DrainRequest,
     HoldReply,
     HoldRequest,
     HoldsRangesReply,
@@ -91,6 +102,7 @@ class Operations:
         network: PeerNetwork,
         status: Callable[[], dict[str, Any]],
         spawn: Callable[[Coroutine[Any, Any, Any]], object],
+        drainer: Drainer,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -103,6 +115,7 @@ class Operations:
         self.network = network
         self.status = status
         self.spawn = spawn
+        self.drainer = drainer
         self.handlers: dict[str, ControlHandler[Any, Any]] = {
             "status": self._op_status,
             "resolve": self._op_resolve,
@@ -116,6 +129,7 @@ class Operations:
             "check": self._op_check,
             "suspect": self._op_suspect,
             "abandon": self._op_abandon,
+            "drain": self._op_drain,
         }
         # every control operation has its handler, and no handler is unlisted
         assert set(self.handlers) == OPERATIONS
@@ -150,6 +164,7 @@ class Operations:
         key, version, integrity = request.key, request.version, request.integrity
         count, stripes = request.segment_count, request.stripes
         replicas = max(1, request.replicas)
+        self._refuse_if_leaving()
         session = self.uploads.session(conn)
         session.busy += 1
         mine: list[Holding] = []
@@ -179,12 +194,19 @@ class Operations:
         """Check that segments start..end are stored here and sign a holder entry."""
         key, version, start, end = request.key, request.version, request.start, request.end
         reason = request.reason
+        self._refuse_if_leaving()
         if conn.role == "peer" and reason is not None and reason.kind == "repair":
             await self._check_co_holder(conn, key, version, start, end)
         _, entry = await self.replicator.hold(
             key, version, request.integrity, request.segment_count, start, end
         )
         return HoldReply(entry.raw.hex())
+
+    def _refuse_if_leaving(self) -> None:
+        """A leaving peer takes no new copies: BUSY, so that placement and repair ask the
+        next peer."""
+        if self.drainer.leaving:
+            raise BusyError(LEAVING)
 
     async def _check_co_holder(
         self, conn: Connection, key: bytes, version: int, start: int, end: int
@@ -367,3 +389,26 @@ class Operations:
         """The client gives up a publish: drop what this connection uploaded and placed
         but did not publish."""
         return AbandonReply(await self.uploads.abandon(conn))
+
+    async def _op_drain(self, conn: Connection, request: DrainRequest) -> DrainReply:
+        """Leave the network (the operator's ``difs-peer leave``): start the drain, report
+        how it goes, or cancel it (see leaving.py)."""
+        drainer = self.drainer
+        if request.action == "start":
+            drainer.start(request.force, watched=True)
+        elif request.action == "cancel":
+            drainer.cancel()
+        report = drainer.report()
+        return DrainReply(
+            report["state"],
+            report.get("ranges", 0),
+            report.get("done", 0),
+            report.get("already_safe", 0),
+            report.get("handed_over", 0),
+            report.get("unpublished", 0),
+            tuple(report.get("failed", ())),
+            report.get("bytes_moved", 0),
+            report.get("copies_made", 0),
+            report.get("records", 0),
+            report.get("seconds", 0.0),
+        )

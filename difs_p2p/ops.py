@@ -40,6 +40,8 @@ __all__ = [
     "AbandonRequest",
     "CheckReply",
     "CheckRequest",
+    "DrainReply",
+    "DrainRequest",
     "HoldReason",
     "HoldReply",
     "HoldRequest",
@@ -738,6 +740,81 @@ def _encode_check_reply(reply: CheckReply) -> dict[str, Any]:
     }
 
 
+# -- leaving the network (drain) -------------------------------------------------------------
+
+DRAIN_ACTIONS: Final = ("start", "status", "cancel")
+
+
+@dataclass(frozen=True, slots=True)
+class DrainReply:
+    """``drain``: where the peer's drain stands (``state``: idle, draining, done,
+    incomplete, cancelled) and its accounting (see drain.DrainProgress.summary)."""
+
+    state: str
+    ranges: int = 0
+    done: int = 0
+    already_safe: int = 0
+    handed_over: int = 0
+    unpublished: int = 0
+    failed: tuple[str, ...] = ()
+    bytes_moved: int = 0
+    copies_made: int = 0
+    records: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class DrainRequest(Op[DrainReply]):
+    """``drain``: start leaving (``force``: stop even if some range cannot get its r
+    copies elsewhere), ask how it goes, or cancel it."""
+
+    action: str
+    force: bool = False
+
+
+def _drain_request(args: dict[str, Any]) -> DrainRequest:
+    action, force = args.get("action"), args.get("force", False)
+    if action not in DRAIN_ACTIONS:
+        raise UsageError(f"action must be one of {', '.join(DRAIN_ACTIONS)}")
+    if not isinstance(force, bool):
+        raise UsageError("force must be true or false")
+    return DrainRequest(str(action), force)
+
+
+def _encode_drain(request: DrainRequest) -> dict[str, Any]:
+    return {"action": request.action, "force": request.force}
+
+
+_DRAIN_COUNTS: Final = (
+    "ranges",
+    "done",
+    "already_safe",
+    "handed_over",
+    "unpublished",
+    "bytes_moved",
+    "copies_made",
+    "records",
+)
+
+
+def _drain_reply(body: dict[str, Any]) -> DrainReply:
+    state = body.get("state")
+    if not isinstance(state, str) or len(state) > 32:
+        raise _bad("drain", "state", "a short string")
+    seconds = body.get("seconds", 0.0)
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+        raise _bad("drain", "seconds", "a number of seconds")
+    counts = {name: _int(body, "drain", name, 0) for name in _DRAIN_COUNTS}
+    return DrainReply(
+        state, failed=_strings(body, "drain", "failed"), seconds=float(seconds), **counts
+    )
+
+
+def _encode_drain_reply(reply: DrainReply) -> dict[str, Any]:
+    body: dict[str, Any] = {name: getattr(reply, name) for name in _DRAIN_COUNTS}
+    return {**body, "state": reply.state, "failed": list(reply.failed), "seconds": reply.seconds}
+
+
 # -- the table ------------------------------------------------------------------------------
 
 
@@ -824,6 +901,14 @@ OPS: Final[dict[str, OpCodec]] = {
         _encode_none,
         _freed_reply("abandon"),
         _encode_freed,
+    ),
+    "drain": OpCodec(
+        DrainRequest,
+        DrainReply,
+        _drain_request,
+        _encode_drain,
+        _drain_reply,
+        _encode_drain_reply,
     ),
 }
 _BY_TYPE: Final[dict[type, str]] = {codec.request: op for op, codec in OPS.items()}

@@ -20,6 +20,10 @@ and the orphan sweep (uploads.py), the control operations (operations.py) and th
 service that answers connections (service.py). It owns every task it starts (a
 ``TaskSet``); :meth:`Peer.stop` cancels them, closes the sockets, saves the contacts and
 removes the address file.
+
+A peer that leaves for good drains first (leaving.py: ``difs-peer leave``, or a signal
+with ``--drain``): it takes no new copies, hands its ranges and records to the next
+closest peers, and then sets :attr:`Peer.left`, which ends ``difs-peer join``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from difs_p2p.holdings import Holdings
 from difs_p2p.holdproof import HolderProver
 from difs_p2p.identity import Identity, NodeId
 from difs_p2p.idwork import load_or_create_with_work
+from difs_p2p.leaving import Drainer
 from difs_p2p.net import HOST_NETWORK, PeerNetwork
 from difs_p2p.operations import OPERATIONS, Operations
 from difs_p2p.recordpolicy import RecordValidator
@@ -121,6 +126,7 @@ class Peer:
         self.prover: HolderProver | None = None
         self._replicator: Replicator | None = None
         self._operations: Operations | None = None
+        self._drainer: Drainer | None = None
         self._tasks = TaskSet("peer")
         self._token: bytes | None = None
         self._uploads = ByteBudget(config.upload_budget)
@@ -232,6 +238,15 @@ class Peer:
             cfg.repair, replicator=replicator, holdings=holdings, dht=dht, clock=self.clock
         )
         uploads = Uploads(store, replicator, cfg.repair.orphan_grace)
+        drainer = Drainer(
+            cfg,
+            replicator=replicator,
+            holdings=holdings,
+            dht=dht,
+            clock=self.clock,
+            spawn=self.spawn,
+        )
+        self._drainer = drainer
         self._operations = Operations(
             cfg,
             identity=identity,
@@ -244,6 +259,7 @@ class Peer:
             network=self.network,
             status=self.status,
             spawn=self.spawn,
+            drainer=drainer,
         )
         return Service(
             cfg,
@@ -254,6 +270,7 @@ class Peer:
             controls=self._controls,
             budget=self._uploads,
             open_work=self._open_work,
+            leaving=lambda: drainer.leaving,
         )
 
     async def _control(self, op: str, conn: Connection, request: Any) -> Any:
@@ -326,6 +343,7 @@ class Peer:
             self.holdings = None
         self._replicator = None
         self._operations = None
+        self._drainer = None
         with contextlib.suppress(OSError):
             (self.data_dir / "address").unlink()
         if self._lock_file is not None:
@@ -394,6 +412,7 @@ class Peer:
             "holdings": len(self.replicator.holdings.all()),
             "maintenance": self.maintainer.stats.as_dict() if self.maintainer else {},
             "dht": dht.traffic(),
+            "drain": self._drainer.report() if self._drainer else {"state": "idle"},
         }
 
     @property
@@ -402,6 +421,26 @@ class Peer:
         if self._replicator is None:
             raise NetworkError("the peer is not running")
         return self._replicator
+
+    @property
+    def drainer(self) -> Drainer:
+        """The running peer's drain (leaving the network)."""
+        if self._drainer is None:
+            raise NetworkError("the peer is not running")
+        return self._drainer
+
+    @property
+    def left(self) -> asyncio.Event:
+        """Set once a drain has handed everything over and the peer may stop."""
+        return self.drainer.exit
+
+    async def drain(self, force: bool = False) -> dict[str, Any]:
+        """Leave the network: hand every range and record over (leaving.py) and wait for
+        the drain to end; its report. ``left`` is set if the peer may now stop."""
+        drainer = self.drainer
+        drainer.start(force, watched=False)
+        await drainer.wait()
+        return drainer.report()
 
     def _maintainer(self) -> Maintainer:
         if self.maintainer is None:

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO, TypeVar
 from difs_p2p import control, ops, wire
 from difs_p2p.config import PeerConfig
 from difs_p2p.control import CONTROL_TABLE, OpRule, Role
+from difs_p2p.drain import LEAVING
 from difs_p2p.errors import (
     BusyError,
     DifsError,
@@ -176,6 +177,7 @@ class Service:
         controls: dict[str, ControlHandler[Any, Any]],
         budget: ByteBudget,
         open_work: RateBucket,
+        leaving: Callable[[], bool] = lambda: False,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -188,6 +190,8 @@ class Service:
         self.budget = budget
         # the rate of open-to-strangers requests that cost work
         self.open_work = open_work
+        # whether the peer is leaving the network (draining): it takes no new segments
+        self.leaving = leaving
 
     async def serve(self, conn: Connection) -> None:
         """Serve a connection; when it closes, free what its uploads left unpublished."""
@@ -243,6 +247,11 @@ class Service:
                                 "uploads need a peer's or the operator's proof (HELLO)"
                             )
                             await _enqueue(replies, writer, _refusal(header.request_id, refused))
+                            break
+                        if self.leaving():
+                            # refused from the header, as above: the sender moves on
+                            busy = BusyError(LEAVING)
+                            await _enqueue(replies, writer, _refusal(header.request_id, busy))
                             break
                         # the segment is a view of this buffer until its answer is done
                         try:

@@ -43,7 +43,7 @@ def status(address: str, data: Path) -> dict[str, object]:
 def test_every_command_has_help() -> None:
     """Each command answers --help with a description and an example."""
     for binary, commands in (
-        ("difs-peer", ["join", "status", "check"]),
+        ("difs-peer", ["join", "status", "check", "leave"]),
         ("difs", ["peers", "put", "get", "rm", "stat", "versions", "whoami", "delegate", "revoke"]),
         ("difs key", ["new"]),
     ):

@@ -254,6 +254,10 @@ SAMPLES: dict[str, tuple[object, object]] = {
     ),
     "suspect": (ops.SuspectRequest(INTEGRITY), ops.SuspectReply(True, 1)),
     "abandon": (ops.AbandonRequest(), ops.AbandonReply(0)),
+    "drain": (
+        ops.DrainRequest("start", True),
+        ops.DrainReply("draining", 4, 1, 1, 0, 0, ("ab/v1/0..3: why",), 8192, 0, 0, 1.5),
+    ),
 }
 
 
@@ -320,6 +324,23 @@ WIRE_REPLIES: list[tuple[str, object, dict[str, object]]] = [
         },
     ),
     ("suspect", ops.SuspectReply(True, 1), {"damaged": True, "healed": 1}),
+    (
+        "drain",
+        ops.DrainReply("done", 2, 2, 1, 1, 0, (), 4096, 1, 3, 0.5),
+        {
+            "ranges": 2,
+            "done": 2,
+            "already_safe": 1,
+            "handed_over": 1,
+            "unpublished": 0,
+            "bytes_moved": 4096,
+            "copies_made": 1,
+            "records": 3,
+            "state": "done",
+            "failed": [],
+            "seconds": 0.5,
+        },
+    ),
 ]
 
 
@@ -364,6 +385,9 @@ def test_the_documented_replies_cover_every_operation() -> None:
         ("abandon", {"freed": True}, "abandon.freed"),
         ("check", {"checked": 1, "ok": 1, "uploading": []}, "check.uploading"),
         ("suspect", {"damaged": False}, "suspect.healed"),
+        ("drain", {"state": 7}, "drain.state"),
+        ("drain", {"state": "done", "bytes_moved": -1}, "drain.bytes_moved"),
+        ("drain", {"state": "done", "failed": [1]}, "drain.failed"),
     ],
 )
 def test_a_malformed_reply_is_the_peers_fault(op: str, body: dict[str, object], field: str) -> None:

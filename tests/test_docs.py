@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from difs_p2p import cli_common, client, names, segments
+from difs_p2p import cli_common, cli_peer, client, names, segments
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -207,6 +207,7 @@ def test_exit_code_table_matches_the_code() -> None:
     """The README's exit-code table lists exactly the codes the CLI uses."""
     table = {int(code): meaning for code, meaning in _table("## Exit codes")}
     used = {code for _, code in cli_common.EXIT_CODES} | {0, 1, 130, 143}
+    used.add(cli_peer.EXIT_DRAIN_INCOMPLETE)  # difs-peer leave: a range not handed over
     assert set(table) == used
     assert set(cli_common.EXIT_NAMES) == used - {0}
     # each error class's code is described by the words of its class
