@@ -89,7 +89,7 @@ from difs_p2p.maintenance import (
     resolve_due,
     round_phase,
 )
-from difs_p2p.placement import RangeKey
+from difs_p2p.placement import RangeKey, domain_of
 from difs_p2p.records import split_entries
 from difs_p2p.replicator import Replicator
 from difs_p2p.routing import Contact
@@ -355,16 +355,31 @@ class Maintainer:
         )
         if action is Action.REPAIR:
             avoid = {e.node_id for e in check.others}
-            await self._repair(check, rkey, missing, avoid)
+            holding = {*others, *suspect}
+            await self._repair(check, rkey, missing, avoid, holding)
 
     async def _repair(
-        self, check: RangeCheck, rkey: RangeKey, missing: int, avoid: set[NodeId]
+        self,
+        check: RangeCheck,
+        rkey: RangeKey,
+        missing: int,
+        avoid: set[NodeId],
+        holding: set[NodeId],
     ) -> None:
         """Copy a range short of copies to the closest live peers to its range key that do
-        not hold it (one at a time, paced by the bandwidth bound)."""
+        not hold it, on failure domains its copies do not use yet where possible (one at a
+        time, paced by the bandwidth bound). ``holding``: the other holders that may still
+        hold it (their domains count as used, with this peer's)."""
         h, manifest, start, end = check.holding, check.manifest, check.start, check.end
         candidates = await self.dht.closest(rkey, manifest.replicas + 8)
         dead = {c.node_id for c in candidates if self.detector.health(c.node_id) is Health.DEAD}
+        zones = {c.node_id: c.zone for c in candidates}
+        me = self.dht.me
+        used = [domain_of(me.host, me.port, zones.get(me.node_id, me.zone))] + [
+            domain_of(e.host, e.port, zones.get(e.node_id, ""))
+            for e in check.others
+            if e.node_id in holding
+        ]
 
         async def copy(contact: Contact) -> HolderEntry:
             return await self.replicator.push_range(
@@ -376,6 +391,7 @@ class Maintainer:
             missing,
             copy,
             asked={self.node_id, *avoid, *dead},
+            used=used,
             parallel=False,
             doing="repair",
         )

@@ -32,6 +32,8 @@ class Contact:
     node_id: NodeId
     host: str
     port: int
+    # The operator's failure-domain label (``--zone``); empty: unknown (placement.py).
+    zone: str = ""
 
     @property
     def address(self) -> tuple[str, int]:

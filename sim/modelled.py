@@ -44,7 +44,7 @@ from difs_p2p.maintenance import Action, plan_range
 from difs_p2p.manifest import build_manifest, parse_manifest
 from difs_p2p.names import name_key
 from difs_p2p.net import DatagramNetwork
-from difs_p2p.placement import RangeKey, choose_targets
+from difs_p2p.placement import RangeKey, choose_targets, domain_of
 from difs_p2p.recordpolicy import RecordValidator
 from difs_p2p.records import split_entries
 from difs_p2p.segments import IntegrityRoot, default_stripes, segment_hash
@@ -189,8 +189,11 @@ class ModelledMode:
         by_id = self.run.population.by_id
         contacts = await asker.dht.closest(rkey, replicas + 8)
         live = [c for c in contacts if (p := by_id.get(c.node_id)) is not None and p.alive]
-        holders = {self.run.population.peers[i].node_id for i in exclude}
-        return [by_id[c.node_id] for c in choose_targets(live, count, holders)]
+        held = [self.run.population.peers[i] for i in exclude]
+        holders = {p.node_id for p in held}
+        # the holders' failure domains count as used (addresses: memory_address)
+        used = [domain_of(*p.address) for p in held]
+        return [by_id[c.node_id] for c in choose_targets(live, count, holders, used)]
 
     def _hold(self, peer: SimPeer, obj: StoredObject, start: int, end: int) -> HolderEntry:
         """``peer`` now holds segments start..end of ``obj``: record it; its signed entry."""
