@@ -27,7 +27,7 @@ from difs_p2p.cli_common import (
     setup_logging,
 )
 from difs_p2p.cli_output import check_lines, print_json, print_status
-from difs_p2p.config import PeerConfig, RepairConfig, parse_hostport, parse_size
+from difs_p2p.config import DhtConfig, PeerConfig, RepairConfig, parse_hostport, parse_size
 from difs_p2p.transfer import Connection
 
 
@@ -73,6 +73,13 @@ def join(
             " keeps, idle uploads, ranges whose manifest never appeared"
         ),
     ] = 300.0,
+    max_contacts_per_ip: Annotated[
+        int,
+        typer.Option(
+            help="DHT routing-table contacts per IPv4 address or IPv6 /64 (Sybil limit);"
+            " peers beyond it may still hold copies"
+        ),
+    ] = 4,
     log_level: Annotated[LogLevel, typer.Option(help="how much to log on stderr")] = (
         LogLevel.warning
     ),
@@ -101,6 +108,7 @@ def join(
                 orphan_grace=orphan_grace,
             ),
             tcp_limit_loopback=limit_loopback,
+            dht=DhtConfig(max_contacts_per_ip=max_contacts_per_ip),
         )
     except errors.DifsError as exc:
         raise fail(exc) from None
