@@ -47,12 +47,17 @@ async def test_peers_over_the_per_ip_cap_still_get_copies(tmp_path: Path) -> Non
         src.write_bytes(os.urandom(8 * SEG))
         async with client_for(entry, publisher=Identity.generate()) as client:
             result = await client.put(src, "/capped", segment_size=SEG, replicas=4)
+            stat = await client.stat("/capped")
         in_table = {c.node_id.hex() for c in dht.contacts()}
         assert len(in_table) <= 2
         for r in result.ranges:
             holders = set(r["holders"])
             assert len(holders) == 4
             assert holders - in_table - {entry.node_id.hex()}, "no peer over the cap holds it"
+        # on loopback each port is an address: four holders, four addresses per range
+        assert [(r["holders"], r["addresses"]) for r in stat["ranges"]] == [(4, 4)] * len(
+            result.ranges
+        )
     finally:
         await stop_all(peers)
 
