@@ -50,6 +50,7 @@ __all__ = [
     "choose_targets",
     "domain_of",
     "range_key",
+    "shares_an_address",
     "shortfall",
     "spread",
 ]
@@ -185,6 +186,13 @@ def spread(domains: Iterable[Domain]) -> tuple[int, int, int]:
         len({d.network for d in ds}),
         len({d.zone for d in ds if d.zone}),
     )
+
+
+def shares_an_address(addresses: Iterable[tuple[str, int]]) -> bool:
+    """Whether some of the copies at these ``(host, port)`` addresses are on one address
+    (:func:`domain_of`): the range is under-spread, one host failure loses two copies."""
+    ds = [domain_of(host, port) for host, port in addresses]
+    return spread(ds)[0] < len(ds)
 
 
 def shortfall(start: int, end: int, copies: int, replicas: int, found: int) -> str | None:

@@ -89,7 +89,7 @@ from difs_p2p.maintenance import (
     resolve_due,
     round_phase,
 )
-from difs_p2p.placement import RangeKey, domain_of
+from difs_p2p.placement import RangeKey, domain_of, shares_an_address
 from difs_p2p.records import split_entries
 from difs_p2p.replicator import Replicator
 from difs_p2p.routing import Contact
@@ -113,6 +113,9 @@ class RepairStats:
     resolves: int = 0
     probes: int = 0
     last_round: float = 0.0
+    # ranges the last round checked whose live copies share an address (under-spread:
+    # repair spreads new copies but never moves a held one)
+    shared_ranges: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -154,6 +157,8 @@ class Maintainer:
         # whose health got worse this round
         self._answers: dict[NodeId, dict[Query, bool] | None] = {}
         self._turned: set[NodeId] = set()
+        # ranges of this round whose live copies share an address
+        self._shared = 0
 
     async def run(self) -> None:
         # Peers started together would all run their rounds at once (with 20 peers and
@@ -217,12 +222,14 @@ class Maintainer:
                     log.info("maintain_failed key=%s reason=%s", key.hex()[:12], exc)
             if stale:
                 await self._probe({key: checks[key] for key in stale})
+            self._shared = 0
             for key, cs in checks.items():
                 for check in cs:
                     try:
                         await self._act(check)
                     except DifsError as exc:
                         log.info("maintain_failed key=%s reason=%s", key.hex()[:12], exc)
+            self.stats.shared_ranges = self._shared
             self.stats.rounds += 1
             self.stats.last_round = self.clock()
 
@@ -344,6 +351,12 @@ class Maintainer:
         alive = [me, *others]
         rkey = check.key
         action, missing = plan_range(me, rkey, alive, check.manifest.replicas, suspect)
+        live = {*others}
+        copies = [self.dht.me.address] + [
+            (e.host, e.port) for e in check.others if e.node_id in live
+        ]
+        if shares_an_address(copies):
+            self._shared += 1
         log.debug(
             "range key=%s range=%d..%d alive=%d suspect=%d action=%s",
             h.key.hex()[:12],

@@ -9,7 +9,15 @@ import pytest
 
 from difs_p2p import segments
 from difs_p2p.identity import NodeId
-from difs_p2p.placement import Domain, choose_targets, domain_of, range_key, shortfall, spread
+from difs_p2p.placement import (
+    Domain,
+    choose_targets,
+    domain_of,
+    range_key,
+    shares_an_address,
+    shortfall,
+    spread,
+)
 from difs_p2p.segments import IntegrityRoot, SegmentId
 
 
@@ -308,6 +316,24 @@ def test_spread_counts_distinct_addresses_networks_and_known_zones() -> None:
     """Two copies on one address and one elsewhere in its /24: 2 addresses, 1 network."""
     ds = [at(s).domain for s in ("a@10.0.0.4/z1", "b@10.0.0.4", "c@10.0.0.5/z1")]
     assert spread(ds) == (2, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("addresses", "shared"),
+    [
+        ([("10.0.0.4", 1), ("10.0.0.5", 1), ("10.0.1.4", 1)], False),
+        ([("10.0.0.4", 1), ("10.0.0.4", 2), ("10.0.1.4", 1)], True),
+        ([("2001:db8:0:1::1", 1), ("2001:db8:0:1::2", 1)], True),
+        ([("127.0.0.1", 1), ("127.0.0.1", 2)], False),
+        ([("10.0.0.4", 1)], False),
+        ([], False),
+    ],
+)
+def test_copies_sharing_an_address_are_under_spread(
+    addresses: list[tuple[str, int]], shared: bool
+) -> None:
+    """Two copies on one address (or IPv6 /64; loopback ports apart) share a host."""
+    assert shares_an_address(addresses) is shared
 
 
 @pytest.mark.parametrize(
