@@ -164,7 +164,7 @@ class Dht:
     async def stop(self) -> None:
         """Tell contacts we leave, cancel every task, fail outstanding RPCs, close the socket."""
         if self.protocol is not None:
-            for contact in self.contacts():
+            for contact in [*self.contacts(), *self.overflow()]:
                 self.protocol.notify(contact.address, "leave", self.node_id)
         await self._tasks.close()
         if self.protocol is not None:

@@ -119,6 +119,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
                 if not self.router.is_new_node(node) and self._at_address(node):
                     self.router.remove_contact(node)
                     self._failures.pop(node.id, None)
+                elif node.id in self.router.overflow:
+                    self.router.remove_contact(node)  # only at its own address
             return
         else:
             if not args or not is_id(args[0]):

@@ -717,6 +717,22 @@ async def test_peers_over_the_cap_are_named_in_replies_and_found_for_placement()
         await stop_all(nodes)
 
 
+async def test_a_peer_over_the_cap_that_leaves_is_dropped_from_the_overflow() -> None:
+    """A peer kept in the overflow that stops (and says so) is no longer named."""
+    config = dataclasses.replace(FAST_DHT, max_contacts_per_ip=2, limit_loopback=True)
+    nodes = await start_dhts(5, config=config)
+    try:
+        seed = nodes[0]
+        await wait_for(lambda: len(seed.overflow()) >= 2)
+        over = seed.overflow()[0]
+        leaving = next(n for n in nodes if n.node_id == over.node_id)
+        await leaving.stop()
+        nodes.remove(leaving)
+        await wait_for(lambda: over.node_id not in {c.node_id for c in seed.overflow()})
+    finally:
+        await stop_all(nodes)
+
+
 async def test_store_flood_is_rate_limited() -> None:
     """One sender's flood of stores is cut to the per-sender rate; the peer keeps serving."""
     config = DhtConfig(
