@@ -195,12 +195,18 @@ class ExactRoutingTable(RoutingTable):  # type: ignore[misc]
         most ``per_group(ip)`` of them (None: no limit) per address group, so that a
         reply names no more peers of one address than a table could hold."""
         k = k or self.ksize
+        if not self.overflow:
+            # the buckets alone hold no more of one address than the cap
+            return self.find_neighbors(node, k, exclude)
         target = node.long_id
         home = None if exclude is None else (exclude.ip, exclude.port)
-        extra = [n for n in self.overflow.values() if (n.ip, n.port) != home]
+        spare = [n for n in self.overflow.values() if (n.ip, n.port) != home]
         want = k
         while True:
-            found = self.find_neighbors(node, want, exclude) + extra
+            found = self.find_neighbors(node, want, exclude)
+            # overflow peers beyond the farthest of ``want`` contacts cannot be in
+            far = found[-1].long_id ^ target if len(found) >= want else None
+            found += [n for n in spare if far is None or n.long_id ^ target < far]
             found.sort(key=lambda n: n.long_id ^ target)
             out: list[Node] = []
             counts: dict[str | None, int] = {}
