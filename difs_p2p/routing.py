@@ -204,8 +204,10 @@ class ExactRoutingTable(RoutingTable):  # type: ignore[misc]
         want = k
         while True:
             found = self.find_neighbors(node, want, exclude)
-            # overflow peers beyond the farthest of ``want`` contacts cannot be in
-            far = found[-1].long_id ^ target if len(found) >= want else None
+            # overflow peers beyond the farthest of ``want`` contacts cannot be in (unless
+            # these are all the contacts: then the next pass is not coming)
+            more = len(found) >= want and want < len(self._ids)
+            far = found[-1].long_id ^ target if more else None
             found += [n for n in spare if far is None or n.long_id ^ target < far]
             found.sort(key=lambda n: n.long_id ^ target)
             out: list[Node] = []

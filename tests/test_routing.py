@@ -243,6 +243,22 @@ def test_closest_known_adds_the_overflow_with_at_most_limit_per_address(
         assert kept == sorted(extra, key=lambda n: distance(n.id, target))[:most]
 
 
+def test_closest_known_fills_from_the_overflow_when_the_cap_drops_contacts() -> None:
+    """When every contact is taken and the per-address limit dropped some, farther
+    overflow peers fill the answer up to k."""
+    table = ExactRoutingTable(_NoPings(), 8, Node(b"\xff" * 20))
+    table.overflow_max = 8
+    # four contacts of one address near the target (ID 0), four overflow peers farther
+    crowd = [Node(bytes(19) + bytes([i]), "192.0.2.1", i) for i in range(1, 5)]
+    for n in crowd:
+        table.add_contact(n)
+    spare = [Node(bytes([i]) + bytes(19), f"198.51.100.{i}", 1) for i in range(1, 5)]
+    for n in spare:
+        table.add_overflow(n)
+    got = table.closest_known(Node(bytes(20)), 4, per_group=lambda ip: 1)
+    assert got == [crowd[0], *spare[:3]]
+
+
 def test_routing_table_indexes_follow_every_change() -> None:
     """Per-IP counts, bucket choice and k nearest agree with a scan of the table throughout.
 
