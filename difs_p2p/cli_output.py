@@ -195,9 +195,11 @@ def print_stat(result: dict[str, Any]) -> None:
         console.print(f"publisher: {info['publisher']} (delegate)")
     console.print(f"manifest:  {info['hash_of_manifest']}")
     console.print(f"versions:  {', '.join(str(v) for v in result['versions'])}")
-    ranges = Table("segments", "holders", "answering", title="ranges")
+    ranges = Table("segments", "holders", "answering", "addresses", title="ranges")
     for r in result["ranges"]:
-        ranges.add_row(f"{r['start']}-{r['end']}", str(r["holders"]), str(r["live"]))
+        ranges.add_row(
+            f"{r['start']}-{r['end']}", str(r["holders"]), str(r["live"]), str(r["addresses"])
+        )
     console.print(ranges)
     holders = Table("storage", "address", "segments", "answers", title="holders")
     for h in result["storages"]:

@@ -45,7 +45,7 @@ from difs_p2p.cli_common import (
     setup_logging,
 )
 from difs_p2p.cli_output import check_lines, drain_line, drain_summary, print_json, print_status
-from difs_p2p.config import PeerConfig, RepairConfig, parse_hostport, parse_size
+from difs_p2p.config import DhtConfig, PeerConfig, RepairConfig, parse_hostport, parse_size
 from difs_p2p.transfer import Connection
 
 # The context join runs in: its options read DIFS_PEER_<OPTION> from the environment.
@@ -131,6 +131,13 @@ def join(
             " keeps, idle uploads, ranges whose manifest never appeared"
         ),
     ] = 300.0,
+    max_contacts_per_ip: Annotated[
+        int,
+        typer.Option(
+            help="DHT routing-table contacts per IPv4 address or IPv6 /64 (Sybil limit);"
+            " peers beyond it may still hold copies"
+        ),
+    ] = 4,
     drain: Annotated[
         bool,
         typer.Option(
@@ -171,6 +178,7 @@ def join(
             ),
             tcp_limit_loopback=limit_loopback,
             drain_on_signal=drain,
+            dht=DhtConfig(max_contacts_per_ip=max_contacts_per_ip),
         )
     except errors.DifsError as exc:
         raise fail(exc) from None

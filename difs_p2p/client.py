@@ -66,6 +66,7 @@ from difs_p2p.ops import (
     ResolveRequest,
 )
 from difs_p2p.pins import Pins
+from difs_p2p.placement import domain_of, spread
 from difs_p2p.publish import (
     build_tombstone,
     check_placed,
@@ -540,6 +541,8 @@ class Client:
         for start, end in ranges:
             covering = [h for h in holders if h.start <= start and end <= h.end]
             alive = sum(1 for h in covering if live[(h.host, h.port)])
+            # failure domains: fewer addresses than holders is a range under-spread
+            hosts, networks, _ = spread(domain_of(h.host, h.port) for h in covering)
             per_range.append(
                 {
                     "start": start,
@@ -547,6 +550,8 @@ class Client:
                     "holders": len(covering),
                     "live": alive,
                     "margin": alive - 1,
+                    "addresses": hosts,
+                    "networks": networks,
                 }
             )
         return {

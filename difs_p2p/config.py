@@ -178,7 +178,9 @@ class DhtConfig:
     # Caps on what one peer stores for the network: count of records and of set entries.
     max_records: int = 100_000
     max_entries_per_key: int = 512
-    # Sybil cost: routing-table contacts per IPv4 address (S/Kademlia-style limit).
+    # Sybil cost: routing-table contacts per IPv4 address or IPv6 /64 (S/Kademlia-style
+    # limit; `difs-peer join --max-contacts-per-ip`). Peers beyond it are kept in a
+    # bounded overflow (overflow_contacts), usable as holders but not for routing.
     max_contacts_per_ip: int = 4
     # store/add_entries requests per second per sender address, with this burst.
     write_rate: float = 50.0
@@ -215,6 +217,12 @@ class DhtConfig:
     token_period: float = 300.0
     # Hand-over to a newcomer: at most this many records (each with at most 32 entries).
     handover_max_records: int = 1000
+    # Placement across failure domains: verified peers refused a routing-table slot only
+    # by max_contacts_per_ip are kept, up to this many (the least recently seen dropped),
+    # and named in find_node replies and placement lookups when among the closest (at
+    # most max_contacts_per_ip of one address per reply); 0 keeps none. 64 = 3 x k,
+    # about the peers a busy host of containers puts beyond the cap.
+    overflow_contacts: int = 64
 
     def __post_init__(self) -> None:
         if self.ksize < 1 or self.alpha < 1:
@@ -233,6 +241,10 @@ class DhtConfig:
             raise UsageError("token_period must be positive")
         if self.handover_max_records < 0:
             raise UsageError("handover_max_records must not be negative")
+        if self.max_contacts_per_ip < 1:
+            raise UsageError("--max-contacts-per-ip must be at least 1")
+        if self.overflow_contacts < 0:
+            raise UsageError("overflow_contacts must not be negative")
 
 
 @dataclass(frozen=True, slots=True)

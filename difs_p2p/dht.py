@@ -164,7 +164,7 @@ class Dht:
     async def stop(self) -> None:
         """Tell contacts we leave, cancel every task, fail outstanding RPCs, close the socket."""
         if self.protocol is not None:
-            for contact in self.contacts():
+            for contact in [*self.contacts(), *self.overflow()]:
                 self.protocol.notify(contact.address, "leave", self.node_id)
         await self._tasks.close()
         if self.protocol is not None:
@@ -296,10 +296,19 @@ class Dht:
             await asyncio.gather(*list(self._verifying.values()), return_exceptions=True)
 
     def ip_allowed(self, node: Node) -> bool:
-        """At most ``max_contacts_per_ip`` contacts per IPv4 address (loopback exempt)."""
-        if not self.guard.limited(node.ip):
-            return True
-        return self._proto().router.contacts_at(node.ip) < self.config.max_contacts_per_ip
+        """At most ``max_contacts_per_ip`` contacts per IPv4 address or IPv6 /64 in the
+        routing table (loopback exempt unless ``limit_loopback``)."""
+        limit = self.per_ip_limit(node.ip)
+        return limit is None or self._proto().router.contacts_at(node.ip) < limit
+
+    def per_ip_limit(self, ip: str | None) -> int | None:
+        """How many contacts of one address a routing table, and a reply, holds at most
+        (None: no limit, loopback unless ``limit_loopback``)."""
+        return self.config.max_contacts_per_ip if self.guard.limited(ip) else None
+
+    def overflow(self) -> list[Contact]:
+        """Verified peers kept out of the routing table only by the per-IP cap."""
+        return [contact_of(n) for n in self._proto().router.overflow.values()]
 
     async def ping(self, address: tuple[str, int]) -> bytes | None:
         """Ping an address; on success the peer joins the routing table and its ID returns."""
@@ -353,7 +362,9 @@ class Dht:
         while True:
             await asyncio.sleep(self.config.liveness_interval)
             proto = self._proto()
-            nodes = proto.router.all_contacts()
+            # the overflow too: a live one stays (and takes a slot its address freed), a
+            # dead one goes after evict_after_failures pings as a contact does
+            nodes = [*proto.router.all_contacts(), *proto.router.overflow.values()]
             await asyncio.gather(*(proto.call_ping(n) for n in nodes))
 
     # -- lookups ---------------------------------------------------------------------------
@@ -501,12 +512,16 @@ class Dht:
         other known contacts follow them (the caller's transfer finds out which are up).
         """
         count = count or self.config.ksize
-        found = (await self.lookup(key, "find_node", k=count)).closest
+        # peers over the per-IP cap (overflow) are asked and returned like contacts:
+        # placement keeps one address from taking many copies
+        router = self._proto().router
+        start = router.closest_known(Node(key), min(count, self.config.ksize))
+        found = (await self.lookup(key, "find_node", start=start, k=count)).closest
         everyone = [*found, self.me]
         everyone.sort(key=lambda c: distance(c.node_id, key))
         if len(everyone) < count:
             have = {c.node_id for c in everyone}
-            known = self._proto().router.find_neighbors(Node(key), count)
+            known = router.closest_known(Node(key), count)
             everyone += [contact_of(n) for n in known if n.id not in have][: count - len(everyone)]
         return everyone[:count]
 

@@ -46,6 +46,7 @@ class DhtHost(Protocol):
     def is_verified(self, node: Node) -> bool: ...
     def verify_later(self, node: Node) -> None: ...
     def ip_allowed(self, node: Node) -> bool: ...
+    def per_ip_limit(self, ip: str | None) -> int | None: ...
     def _hand_over(self, node: Node) -> Coroutine[Any, Any, None]: ...
 
 
@@ -72,6 +73,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         super().__init__(dht.node, dht.store, dht.config.ksize)
         self.dht = dht
         self.router = ExactRoutingTable(self, dht.config.ksize, dht.node)
+        self.router.overflow_max = dht.config.overflow_contacts
         self._wait_timeout = dht.config.rpc_timeout
         self._expected: dict[bytes, tuple[str, int]] = {}
         self._failures: dict[bytes, int] = {}
@@ -117,6 +119,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
                 if not self.router.is_new_node(node) and self._at_address(node):
                     self.router.remove_contact(node)
                     self._failures.pop(node.id, None)
+                elif node.id in self.router.overflow:
+                    self.router.remove_contact(node)  # only at its own address
             return
         else:
             if not args or not is_id(args[0]):
@@ -168,7 +172,12 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         if isinstance(request, dhtwire.StunArgs | dhtwire.LeaveArgs):
             raise WireError(f"{name} is answered before dispatch", field="name")
         key = request.key
-        neighbors = [contact_of(n) for n in self.router.find_neighbors(Node(key), exclude=sender)]
+        # the closest contacts and peers over the per-IP cap (overflow), no more of one
+        # address than the cap lets a routing table hold
+        found = self.router.closest_known(
+            Node(key), exclude=sender, per_group=self.dht.per_ip_limit
+        )
+        neighbors = [contact_of(n) for n in found]
         if isinstance(request, dhtwire.FindArgs):
             if name == "find_value":
                 value = store.get(key, now)
@@ -358,6 +367,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             self.dht.verify_later(node)  # added once it proves its ID
             return
         if not self.dht.ip_allowed(node):
+            # over the per-IP cap: not in a bucket, but usable as a holder (overflow)
+            self.router.add_overflow(node)
             return
         self.router.add_contact(node)
         self.dht.spawn(self.dht._hand_over(node))

@@ -89,7 +89,7 @@ from difs_p2p.maintenance import (
     resolve_due,
     round_phase,
 )
-from difs_p2p.placement import RangeKey
+from difs_p2p.placement import RangeKey, domain_of, shares_an_address
 from difs_p2p.records import split_entries
 from difs_p2p.replicator import Replicator
 from difs_p2p.routing import Contact
@@ -113,6 +113,9 @@ class RepairStats:
     resolves: int = 0
     probes: int = 0
     last_round: float = 0.0
+    # ranges the last round checked whose live copies share an address (under-spread:
+    # repair spreads new copies but never moves a held one)
+    shared_ranges: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -154,6 +157,8 @@ class Maintainer:
         # whose health got worse this round
         self._answers: dict[NodeId, dict[Query, bool] | None] = {}
         self._turned: set[NodeId] = set()
+        # ranges of this round whose live copies share an address
+        self._shared = 0
 
     async def run(self) -> None:
         # Peers started together would all run their rounds at once (with 20 peers and
@@ -217,12 +222,14 @@ class Maintainer:
                     log.info("maintain_failed key=%s reason=%s", key.hex()[:12], exc)
             if stale:
                 await self._probe({key: checks[key] for key in stale})
+            self._shared = 0
             for key, cs in checks.items():
                 for check in cs:
                     try:
                         await self._act(check)
                     except DifsError as exc:
                         log.info("maintain_failed key=%s reason=%s", key.hex()[:12], exc)
+            self.stats.shared_ranges = self._shared
             self.stats.rounds += 1
             self.stats.last_round = self.clock()
 
@@ -344,6 +351,12 @@ class Maintainer:
         alive = [me, *others]
         rkey = check.key
         action, missing = plan_range(me, rkey, alive, check.manifest.replicas, suspect)
+        live = {*others}
+        copies = [self.dht.me.address] + [
+            (e.host, e.port) for e in check.others if e.node_id in live
+        ]
+        if shares_an_address(copies):
+            self._shared += 1
         log.debug(
             "range key=%s range=%d..%d alive=%d suspect=%d action=%s",
             h.key.hex()[:12],
@@ -355,16 +368,31 @@ class Maintainer:
         )
         if action is Action.REPAIR:
             avoid = {e.node_id for e in check.others}
-            await self._repair(check, rkey, missing, avoid)
+            holding = {*others, *suspect}
+            await self._repair(check, rkey, missing, avoid, holding)
 
     async def _repair(
-        self, check: RangeCheck, rkey: RangeKey, missing: int, avoid: set[NodeId]
+        self,
+        check: RangeCheck,
+        rkey: RangeKey,
+        missing: int,
+        avoid: set[NodeId],
+        holding: set[NodeId],
     ) -> None:
         """Copy a range short of copies to the closest live peers to its range key that do
-        not hold it (one at a time, paced by the bandwidth bound)."""
+        not hold it, on failure domains its copies do not use yet where possible (one at a
+        time, paced by the bandwidth bound). ``holding``: the other holders that may still
+        hold it (their domains count as used, with this peer's)."""
         h, manifest, start, end = check.holding, check.manifest, check.start, check.end
         candidates = await self.dht.closest(rkey, manifest.replicas + 8)
         dead = {c.node_id for c in candidates if self.detector.health(c.node_id) is Health.DEAD}
+        zones = {c.node_id: c.zone for c in candidates}
+        me = self.dht.me
+        used = [domain_of(me.host, me.port, zones.get(me.node_id, me.zone))] + [
+            domain_of(e.host, e.port, zones.get(e.node_id, ""))
+            for e in check.others
+            if e.node_id in holding
+        ]
 
         async def copy(contact: Contact) -> HolderEntry:
             return await self.replicator.push_range(
@@ -376,6 +404,7 @@ class Maintainer:
             missing,
             copy,
             asked={self.node_id, *avoid, *dead},
+            used=used,
             parallel=False,
             doing="repair",
         )

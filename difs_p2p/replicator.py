@@ -43,7 +43,7 @@ from difs_p2p.ops import (
     RangeRequest,
     RangesRequest,
 )
-from difs_p2p.placement import choose_targets, range_key, shortfall
+from difs_p2p.placement import Domain, choose_targets, domain_of, range_key, shortfall
 from difs_p2p.records import split_entries
 from difs_p2p.routing import Contact
 from difs_p2p.segments import IntegrityRoot, SegmentId
@@ -260,17 +260,22 @@ class Replicator:
         copy: Callable[[Contact], Awaitable[HolderEntry]],
         *,
         asked: Set[NodeId] = frozenset(),
+        used: Sequence[Domain] = (),
         parallel: bool = True,
         doing: str = "place",
     ) -> list[HolderEntry]:
         """Ask ``candidates`` in the order placement.choose_targets gives for ``missing``
         copies (all missing ones at once if ``parallel``, else one by one), the next one
         when a peer refuses or fails; the holder entries made. Peers in ``asked`` are not
-        asked."""
+        asked; ``used`` are the failure domains of the copies that exist already (each
+        copy made here adds its own)."""
         made: list[HolderEntry] = []
         done = set(asked)
+        domains = list(used)
         while len(made) < missing:
-            batch = choose_targets(candidates, missing - len(made) if parallel else 1, done)
+            batch = choose_targets(
+                candidates, missing - len(made) if parallel else 1, done, domains
+            )
             if not batch:
                 break
             done.update(c.node_id for c in batch)
@@ -282,6 +287,7 @@ class Replicator:
                     raise outcome
                 else:
                     made.append(outcome)
+                    domains.append(domain_of(contact.host, contact.port, contact.zone))
         return made
 
     async def place(

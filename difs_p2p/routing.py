@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import functools
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -32,6 +33,8 @@ class Contact:
     node_id: NodeId
     host: str
     port: int
+    # The operator's failure-domain label (``--zone``); empty: unknown (placement.py).
+    zone: str = ""
 
     @property
     def address(self) -> tuple[str, int]:
@@ -77,6 +80,21 @@ def valid_address(addr: object) -> bool:
     return type(port) is int and 0 < port < 65536 and isinstance(host, str) and valid_host(host)
 
 
+@functools.lru_cache(maxsize=4096)
+def address_group(ip: str | None) -> str | None:
+    """What the per-IP cap counts ``ip`` as: an IPv4 address is itself, an IPv6 address
+    its /64 (one host's usual share, and what one attacker's machine gets)."""
+    if ip is None or ":" not in ip:
+        return ip
+    try:
+        addr = ipaddress.IPv6Address(ip)
+    except ValueError:
+        return ip
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
+
+
 def contact_of(node: Node) -> Contact:
     """The :class:`Contact` of a library ``Node``."""
     return Contact(node_id=NodeId(bytes(node.id)), host=str(node.ip), port=int(node.port))
@@ -93,9 +111,19 @@ class ExactRoutingTable(RoutingTable):  # type: ignore[misc]
     (at most k contacts each) and updates two indexes of the table's contacts: their IDs
     in sorted order (``find_neighbors`` then collects the k nearest subtree by subtree,
     see ``_nearest_ids``, instead of reading the whole table) and how many there are per
-    IP address (the per-IP cap reads one counter). Replacement-cache entries are not
-    contacts: they count once promoted (by a removal or a split).
+    IP address (the per-IP cap reads one counter; an IPv6 address counts as its /64,
+    :func:`address_group`). Replacement-cache entries are not contacts: they count once
+    promoted (by a removal or a split).
+
+    **Overflow.** A verified peer refused a bucket slot only by the per-IP cap is kept in
+    ``overflow`` (at most ``overflow_max``, the least recently seen dropped first): never
+    in a bucket, so the cap still bounds what one address holds of the routing table, but
+    :meth:`closest_known` returns it (find_node replies, placement candidates) when it is
+    among the closest, so peers beyond the cap can still hold copies.
     """
+
+    # Most contacts kept in the overflow (DhtConfig.overflow_contacts; set by the protocol).
+    overflow_max: int = 0
 
     def flush(self) -> None:
         super().flush()
@@ -105,6 +133,8 @@ class ExactRoutingTable(RoutingTable):  # type: ignore[misc]
         self._ids: list[int] = []
         self._members: dict[int, list[Node]] = {}
         self._per_ip: dict[str | None, int] = {}
+        # verified peers over the per-IP cap, by ID, least recently seen first
+        self.overflow: dict[bytes, Node] = {}
 
     # -- the indexes -----------------------------------------------------------------------
 
@@ -114,7 +144,8 @@ class ExactRoutingTable(RoutingTable):  # type: ignore[misc]
             members = self._members[node.long_id] = []
             bisect.insort(self._ids, node.long_id)
         members.append(node)
-        self._per_ip[node.ip] = self._per_ip.get(node.ip, 0) + 1
+        group = address_group(node.ip)
+        self._per_ip[group] = self._per_ip.get(group, 0) + 1
 
     def _unindex(self, node: Node) -> None:
         members = self._members[node.long_id]
@@ -122,11 +153,12 @@ class ExactRoutingTable(RoutingTable):  # type: ignore[misc]
         if not members:
             del self._members[node.long_id]
             del self._ids[bisect.bisect_left(self._ids, node.long_id)]
-        left = self._per_ip[node.ip] - 1
+        group = address_group(node.ip)
+        left = self._per_ip[group] - 1
         if left:
-            self._per_ip[node.ip] = left
+            self._per_ip[group] = left
         else:
-            del self._per_ip[node.ip]
+            del self._per_ip[group]
 
     def _reindex(self, before: dict[bytes, Node], after: dict[bytes, Node]) -> None:
         """The contacts of some buckets went from ``before`` to ``after`` (by ID)."""
@@ -138,8 +170,60 @@ class ExactRoutingTable(RoutingTable):  # type: ignore[misc]
                 self._index(node)
 
     def contacts_at(self, ip: str | None) -> int:
-        """How many contacts of the table have this IP address."""
-        return self._per_ip.get(ip, 0)
+        """How many contacts of the table have this IP address (IPv6: this /64)."""
+        return self._per_ip.get(address_group(ip), 0)
+
+    # -- the overflow ----------------------------------------------------------------------
+
+    def add_overflow(self, node: Node) -> None:
+        """Keep (or refresh) a verified peer that the per-IP cap kept out of the buckets."""
+        if self.overflow_max <= 0 or not self.is_new_node(node):
+            return
+        self.overflow.pop(node.id, None)
+        self.overflow[node.id] = node
+        while len(self.overflow) > self.overflow_max:
+            del self.overflow[next(iter(self.overflow))]
+
+    def closest_known(
+        self,
+        node: Node,
+        k: int | None = None,
+        exclude: Node | None = None,
+        per_group: Callable[[str | None], int | None] = lambda ip: None,
+    ) -> list[Node]:
+        """The ``k`` contacts and overflow peers closest to ``node``, closest first, at
+        most ``per_group(ip)`` of them (None: no limit) per address group, so that a
+        reply names no more peers of one address than a table could hold."""
+        k = k or self.ksize
+        if not self.overflow:
+            # the buckets alone hold no more of one address than the cap
+            return self.find_neighbors(node, k, exclude)
+        target = node.long_id
+        home = None if exclude is None else (exclude.ip, exclude.port)
+        spare = [n for n in self.overflow.values() if (n.ip, n.port) != home]
+        want = k
+        while True:
+            found = self.find_neighbors(node, want, exclude)
+            # overflow peers beyond the farthest of ``want`` contacts cannot be in (unless
+            # these are all the contacts: then the next pass is not coming)
+            more = len(found) >= want and want < len(self._ids)
+            far = found[-1].long_id ^ target if more else None
+            found += [n for n in spare if far is None or n.long_id ^ target < far]
+            found.sort(key=lambda n: n.long_id ^ target)
+            out: list[Node] = []
+            counts: dict[str | None, int] = {}
+            for n in found:
+                group = address_group(n.ip)
+                limit = per_group(n.ip)
+                if limit is not None and counts.get(group, 0) >= limit:
+                    continue
+                counts[group] = counts.get(group, 0) + 1
+                out.append(n)
+                if len(out) >= k:
+                    return out
+            if want >= len(self._ids):
+                return out
+            want *= 2
 
     # -- the library's table, with the indexes kept ----------------------------------------
 
@@ -161,6 +245,9 @@ class ExactRoutingTable(RoutingTable):  # type: ignore[misc]
         """Remove the contact with ``node``'s ID only if it is at ``node``'s address: a
         claim to the ID from another address (a forged ``leave``, a stale contact) does
         not remove the peer that holds it."""
+        spare = self.overflow.get(node.id)
+        if spare is not None and (spare.ip, spare.port) == (node.ip, node.port):
+            del self.overflow[node.id]
         index = self.get_bucket_for(node)
         if index is None:
             return
@@ -184,6 +271,7 @@ class ExactRoutingTable(RoutingTable):  # type: ignore[misc]
         added = bucket.add_node(node)
         self._reindex(before, bucket.nodes)
         if added:
+            self.overflow.pop(node.id, None)  # in a bucket now
             return
         if bucket.has_in_range(self.node) or self._depth(bucket) % 5 != 0:
             self.split_bucket(index)

@@ -94,9 +94,16 @@ class Recorder:
     survival: list[bool] = field(default_factory=list)
     convergence: list[bool] = field(default_factory=list)
     events: list[tuple[float, str]] = field(default_factory=list)
+    # per placement of a range (publish or repair): copies after it, and the distinct
+    # addresses, networks and zones holding them
+    spreads: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     def event(self, t: float, what: str) -> None:
         self.events.append((t, what))
+
+    def placed(self, spread: tuple[int, int, int], copies: int) -> None:
+        """A range was placed: its ``copies`` are on ``spread`` (placement.spread)."""
+        self.spreads.append((copies, *spread))
 
     def publish_failed(self, reason: str) -> None:
         self.publishes += 1
@@ -151,6 +158,17 @@ class Recorder:
                 names_without_record=sum(1 for c in record_copies if c == 0),
             )
         )
+
+    def _spread(self) -> dict[str, Any]:
+        """How placements (modelled modes) spread each range's copies over domains."""
+        n = len(self.spreads)
+        return {
+            "placements": n,
+            "mean_copies": _r(sum(s[0] for s in self.spreads) / n) if n else 0.0,
+            "mean_addresses": _r(sum(s[1] for s in self.spreads) / n) if n else 0.0,
+            "mean_zones": _r(sum(s[3] for s in self.spreads) / n) if n else 0.0,
+            "shared_address": sum(1 for s in self.spreads if s[1] < s[0]),
+        }
 
     def summary(
         self, spec: RunSpec, live_segments: Sequence[int], network: NetStats
@@ -236,6 +254,7 @@ class Recorder:
                 "max": int(max(held, default=0.0)),
                 "gini": _r(gini(held)),
             },
+            "spread": self._spread(),
             "samples": [s.as_dict() for s in self.samples],
             "events": [{"t": _r(t), "what": w} for t, w in self.events],
         }

@@ -33,6 +33,7 @@ What this mode models around the peers:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import Callable, Collection
 
@@ -44,7 +45,7 @@ from difs_p2p.maintenance import Action, plan_range
 from difs_p2p.manifest import build_manifest, parse_manifest
 from difs_p2p.names import name_key
 from difs_p2p.net import DatagramNetwork
-from difs_p2p.placement import RangeKey, choose_targets
+from difs_p2p.placement import RangeKey, choose_targets, domain_of, spread
 from difs_p2p.recordpolicy import RecordValidator
 from difs_p2p.records import split_entries
 from difs_p2p.segments import IntegrityRoot, default_stripes, segment_hash
@@ -188,9 +189,27 @@ class ModelledMode:
         already). A publish asks for r holders; a repair for the missing ones."""
         by_id = self.run.population.by_id
         contacts = await asker.dht.closest(rkey, replicas + 8)
-        live = [c for c in contacts if (p := by_id.get(c.node_id)) is not None and p.alive]
-        holders = {self.run.population.peers[i].node_id for i in exclude}
-        return [by_id[c.node_id] for c in choose_targets(live, count, holders)]
+        # the contacts with the zones their peers were given (the scenario's `zones`)
+        live = [
+            dataclasses.replace(c, zone=self._zone(p))
+            for c in contacts
+            if (p := by_id.get(c.node_id)) is not None and p.alive
+        ]
+        held = [self.run.population.peers[i] for i in exclude]
+        holders = {p.node_id for p in held}
+        # the holders' failure domains count as used (addresses: memory_address)
+        used = [domain_of(*p.address, self._zone(p)) for p in held]
+        chosen = choose_targets(live, count, holders, used)
+        self.run.rec.placed(
+            spread([*used, *(domain_of(c.host, c.port, c.zone) for c in chosen)]),
+            len(used) + len(chosen),
+        )
+        return [by_id[c.node_id] for c in chosen]
+
+    def _zone(self, peer: SimPeer) -> str:
+        """The zone label of ``peer`` (none unless the scenario sets ``zones``)."""
+        zones = self.run.scenario.zones
+        return f"z{peer.index % zones}" if zones else ""
 
     def _hold(self, peer: SimPeer, obj: StoredObject, start: int, end: int) -> HolderEntry:
         """``peer`` now holds segments start..end of ``obj``: record it; its signed entry."""

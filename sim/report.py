@@ -64,6 +64,13 @@ def summary_text(result: SimResult) -> str:
                 f"  storage     segments per peer min {st['min']} median {st['median']:.0f} "
                 f"max {st['max']}, Gini {st['gini']:.2f}"
             )
+        sp = run.get("spread") or {}
+        if sp.get("placements"):
+            lines.append(
+                f"  spread      {sp['placements']} placements: {sp['mean_copies']:.2f} copies on "
+                f"{sp['mean_addresses']:.2f} addresses, {sp['mean_zones']:.2f} zones; "
+                f"{sp['shared_address']} with two copies on one address"
+            )
         if conv["checked"]:
             lines.append(
                 f"  convergence {conv['resolved']}/{conv['checked']} (peer, name) pairs "

@@ -135,6 +135,9 @@ class Scenario:
     repair_arms: tuple[bool, ...] = (False,)
     repair: Repair = field(default_factory=Repair)
     checks: Checks = field(default_factory=Checks)
+    # Failure domains: peer i is in zone "z{i % zones}" (as `difs-peer join --zone`), which
+    # placement spreads copies over; 0 labels no zones.
+    zones: int = 0
 
     def runs(self) -> Iterator[RunSpec]:
         """Every combination of the list-valued settings, in file order."""
@@ -464,6 +467,7 @@ def parse_scenario(data: Mapping[str, Any], name: str = "scenario") -> Scenario:
         repair_arms=arms,
         repair=repair,
         checks=_checks(t.table("checks")),
+        zones=t.integer("zones", 0),
     )
     t.done()
     for p in scenario.partitions:

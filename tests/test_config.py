@@ -155,6 +155,8 @@ DHT_ERRORS: list[tuple[dict[str, Any], str]] = [
     ({"write_quorum_paths": 0}, "disjoint_paths and write_quorum_paths"),
     ({"token_period": 0.0}, "token_period"),
     ({"handover_max_records": -1}, "handover_max_records"),
+    ({"max_contacts_per_ip": 0}, "--max-contacts-per-ip"),
+    ({"overflow_contacts": -1}, "overflow_contacts"),
 ]
 
 PROOF_ERRORS: list[tuple[dict[str, Any], str]] = [

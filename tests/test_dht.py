@@ -14,6 +14,7 @@ from typing import Any
 import umsgpack
 from kademlia.node import Node
 
+from difs_p2p import dhtwire
 from difs_p2p.config import DhtConfig
 from difs_p2p.dht import IDENTIFY_DOMAIN, Dht
 from difs_p2p.dhtrecords import entry_set_digest
@@ -690,6 +691,44 @@ async def test_contacts_per_ip_are_capped() -> None:
     nodes = await start_dhts(6, config=config)
     try:
         assert all(len(n.contacts()) <= 2 for n in nodes)
+    finally:
+        await stop_all(nodes)
+
+
+async def test_peers_over_the_cap_are_named_in_replies_and_found_for_placement() -> None:
+    """Six peers on one address with a cap of 2: peers kept out of a routing table by the
+    cap are in its overflow, named in its find_node replies for keys they are closest to,
+    and returned by closest."""
+    config = dataclasses.replace(FAST_DHT, max_contacts_per_ip=2, limit_loopback=True)
+    nodes = await start_dhts(6, config=config)
+    try:
+        seed = nodes[0]
+        assert len(seed.contacts()) <= 2
+        await wait_for(lambda: len(seed.overflow()) >= 3)
+        for over in seed.overflow():
+            asker = next(n for n in nodes[1:] if n.node_id != over.node_id)
+            ok, reply = await asker.call_find(seed.me, "find_node", over.node_id)
+            assert ok
+            named = dhtwire.decode_contacts(reply, config.ksize)
+            assert named[0].node_id == over.node_id
+            assert len(named) <= 2  # no more of one address than the cap
+            assert over.node_id in {c.node_id for c in await seed.closest(over.node_id, 3)}
+    finally:
+        await stop_all(nodes)
+
+
+async def test_a_peer_over_the_cap_that_leaves_is_dropped_from_the_overflow() -> None:
+    """A peer kept in the overflow that stops (and says so) is no longer named."""
+    config = dataclasses.replace(FAST_DHT, max_contacts_per_ip=2, limit_loopback=True)
+    nodes = await start_dhts(5, config=config)
+    try:
+        seed = nodes[0]
+        await wait_for(lambda: len(seed.overflow()) >= 2)
+        over = seed.overflow()[0]
+        leaving = next(n for n in nodes if n.node_id == over.node_id)
+        await leaving.stop()
+        nodes.remove(leaving)
+        await wait_for(lambda: over.node_id not in {c.node_id for c in seed.overflow()})
     finally:
         await stop_all(nodes)
 

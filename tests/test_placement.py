@@ -9,17 +9,41 @@ import pytest
 
 from difs_p2p import segments
 from difs_p2p.identity import NodeId
-from difs_p2p.placement import choose_targets, range_key, shortfall
+from difs_p2p.placement import (
+    Domain,
+    choose_targets,
+    domain_of,
+    range_key,
+    shares_an_address,
+    shortfall,
+    spread,
+)
 from difs_p2p.segments import IntegrityRoot, SegmentId
 
 
 @dataclass(frozen=True)
 class Peer:
     node_id: NodeId
+    host: str = "10.0.0.1"
+    port: int = 4000
+    zone: str = ""
+
+    @property
+    def domain(self) -> Domain:
+        return domain_of(self.host, self.port, self.zone)
 
 
 def peers(*names: str) -> list[Peer]:
-    return [Peer(NodeId(n.encode())) for n in names]
+    """Peers named by one letter each, each on its own address in its own /24."""
+    return [Peer(NodeId(n.encode()), f"10.0.{ord(n[0])}.1") for n in names]
+
+
+def at(spec: str) -> Peer:
+    """``name@host[:port][/zone]``, e.g. ``a@10.0.0.4/z1``, ``b@127.0.0.1:2``."""
+    name, where = spec.split("@")
+    where, _, zone = where.partition("/")
+    host, port = where.rsplit(":", 1) if where.count(":") == 1 else (where, "4000")
+    return Peer(NodeId(name.encode()), host, int(port), zone)
 
 
 def place(
@@ -28,6 +52,7 @@ def place(
     answers: Callable[[Peer], bool],
     *,
     asked: set[NodeId] | None = None,
+    used: Sequence[Domain] = (),
     parallel: bool = True,
 ) -> tuple[list[str], list[str]]:
     """Drive choose_targets as the peer and repair do: ask a batch, record the outcomes,
@@ -35,8 +60,9 @@ def place(
     made: list[str] = []
     order: list[str] = []
     done = set(asked or ())
+    domains = list(used)
     while len(made) < replicas:
-        batch = choose_targets(candidates, replicas - len(made) if parallel else 1, done)
+        batch = choose_targets(candidates, replicas - len(made) if parallel else 1, done, domains)
         if not batch:
             break
         done.update(p.node_id for p in batch)
@@ -44,6 +70,7 @@ def place(
             order.append(p.node_id.decode())
             if answers(p):
                 made.append(p.node_id.decode())
+                domains.append(p.domain)
     return made, order
 
 
@@ -116,6 +143,197 @@ def test_the_entry_peer_replaces_a_refusal_when_next_in_line() -> None:
 def test_duplicate_candidates_are_asked_once() -> None:
     """A lookup listing a peer twice does not make it two copies."""
     assert choose_targets(peers("a", "a", "b", "c"), 3) == peers("a", "b", "c")
+
+
+# (case, candidates in lookup order, r, answers, domains of copies present, made, asked)
+DOMAIN_CASES = [
+    (
+        "copies on distinct addresses first",
+        "a@10.0.0.4 b@10.0.0.4 c@10.0.0.4 d@10.0.1.5 e@10.0.2.6",
+        3,
+        accept_all,
+        "",
+        "ade",
+        "ade",
+    ),
+    (
+        "a second copy on one address only when no new one is left, closest first",
+        "a@10.0.0.4 b@10.0.0.4 c@10.0.0.4 d@10.0.1.5",
+        3,
+        accept_all,
+        "",
+        "adb",
+        "adb",
+    ),
+    (
+        "distinct /24 before one /24",
+        "a@10.0.0.1 b@10.0.0.2 c@10.0.1.1",
+        2,
+        accept_all,
+        "",
+        "ac",
+        "ac",
+    ),
+    (
+        "distinct IPv6 /48 before one /48",
+        "a@2001:db8:1:1::1 b@2001:db8:1:2::1 c@2001:db8:2::1",
+        2,
+        accept_all,
+        "",
+        "ac",
+        "ac",
+    ),
+    (
+        "one IPv6 /64 is one address",
+        "a@2001:db8:1:1::1 b@2001:db8:1:1::2 c@2001:db8:1:2::1",
+        2,
+        accept_all,
+        "",
+        "ac",
+        "ac",
+    ),
+    (
+        "an IPv4-mapped IPv6 address is the IPv4 address",
+        "a@10.0.0.4 b@::ffff:10.0.0.4 c@10.0.1.5",
+        2,
+        accept_all,
+        "",
+        "ac",
+        "ac",
+    ),
+    (
+        "distinct zones first",
+        "a@10.0.0.1/z1 b@10.0.1.1/z1 c@10.0.2.1/z2",
+        2,
+        accept_all,
+        "",
+        "ac",
+        "ac",
+    ),
+    (
+        "an unknown zone shares nothing",
+        "a@10.0.0.1/z1 b@10.0.1.1 c@10.0.2.1/z1",
+        2,
+        accept_all,
+        "",
+        "ab",
+        "ab",
+    ),
+    (
+        "a zone claimed on a used address loses to a new address",
+        "a@10.0.0.1/z1 b@10.0.0.1/z2 c@10.0.1.1/z1",
+        2,
+        accept_all,
+        "",
+        "ac",
+        "ac",
+    ),
+    (
+        "loopback ports are distinct addresses",
+        "a@127.0.0.1:1 b@127.0.0.1:2 c@10.0.0.1",
+        2,
+        accept_all,
+        "",
+        "ab",
+        "ab",
+    ),
+    (
+        "a used loopback port is a used address",
+        "a@127.0.0.1:1 b@127.0.0.1:2",
+        1,
+        accept_all,
+        "127.0.0.1:1",
+        "b",
+        "b",
+    ),
+    (
+        "existing holders' addresses count as used",
+        "a@10.0.0.4 b@10.0.1.5 c@10.0.2.6",
+        1,
+        accept_all,
+        "10.0.0.4",
+        "b",
+        "b",
+    ),
+    (
+        "a refusal is replaced by the best one left; its domain stays free",
+        "a@10.0.0.4 b@10.0.0.4 c@10.0.1.5 d@10.0.2.6",
+        2,
+        refuse("a"),
+        "",
+        "cb",
+        "acb",
+    ),
+    (
+        "too few domains and refusals: every candidate asked once",
+        "a@10.0.0.4 b@10.0.0.4 c@10.0.0.4",
+        3,
+        refuse("b"),
+        "",
+        "ac",
+        "abc",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("candidates", "replicas", "answers", "used", "made", "order"),
+    [c[1:] for c in DOMAIN_CASES],
+    ids=[c[0] for c in DOMAIN_CASES],
+)
+def test_copies_go_to_distinct_failure_domains_first(
+    candidates: str,
+    replicas: int,
+    answers: Callable[[Peer], bool],
+    used: str,
+    made: str,
+    order: str,
+) -> None:
+    """Addresses, then networks, then zones holding fewest copies first; closest of equals."""
+    domains = [at(f"x@{u}").domain for u in used.split()]
+    got, asked = place([at(c) for c in candidates.split()], replicas, answers, used=domains)
+    assert "".join(got) == made
+    assert "".join(asked) == order
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "domain"),
+    [
+        ("10.77.0.4", 4000, Domain("10.77.0.4", "10.77.0.0/24")),
+        ("2001:db8:1:2:3::4", 4000, Domain("2001:db8:1:2::/64", "2001:db8:1::/48")),
+        ("::ffff:10.77.0.4", 1, Domain("10.77.0.4", "10.77.0.0/24")),
+        ("127.0.0.5", 4001, Domain("127.0.0.5:4001", "127.0.0.5:4001")),
+        ("::1", 4001, Domain("::1:4001", "::1:4001")),
+        ("peer.example", 4001, Domain("peer.example", "peer.example")),
+    ],
+)
+def test_domain_of_an_address(host: str, port: int, domain: Domain) -> None:
+    """An IPv4 address in its /24, an IPv6 /64 in its /48, a loopback port on its own."""
+    assert domain_of(host, port) == domain
+
+
+def test_spread_counts_distinct_addresses_networks_and_known_zones() -> None:
+    """Two copies on one address and one elsewhere in its /24: 2 addresses, 1 network."""
+    ds = [at(s).domain for s in ("a@10.0.0.4/z1", "b@10.0.0.4", "c@10.0.0.5/z1")]
+    assert spread(ds) == (2, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("addresses", "shared"),
+    [
+        ([("10.0.0.4", 1), ("10.0.0.5", 1), ("10.0.1.4", 1)], False),
+        ([("10.0.0.4", 1), ("10.0.0.4", 2), ("10.0.1.4", 1)], True),
+        ([("2001:db8:0:1::1", 1), ("2001:db8:0:1::2", 1)], True),
+        ([("127.0.0.1", 1), ("127.0.0.1", 2)], False),
+        ([("10.0.0.4", 1)], False),
+        ([], False),
+    ],
+)
+def test_copies_sharing_an_address_are_under_spread(
+    addresses: list[tuple[str, int]], shared: bool
+) -> None:
+    """Two copies on one address (or IPv6 /64; loopback ports apart) share a host."""
+    assert shares_an_address(addresses) is shared
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from difs_p2p.identity import NodeId, distance
 from difs_p2p.routing import (
     Contact,
     ExactRoutingTable,
+    address_group,
     contact_of,
     is_id,
     valid_address,
@@ -151,6 +152,111 @@ def test_contacts_per_ip_are_counted() -> None:
     assert table.contacts_at("192.0.2.50") == 3
     assert table.contacts_at("192.0.2.51") == 1
     assert table.contacts_at("192.0.2.52") == 0
+
+
+@pytest.mark.parametrize(
+    ("ip", "group"),
+    [
+        ("192.0.2.50", "192.0.2.50"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
+        ("::ffff:192.0.2.50", "192.0.2.50"),
+        ("not an address", "not an address"),
+        (None, None),
+    ],
+)
+def test_the_cap_counts_an_ipv4_address_or_an_ipv6_64(ip: str | None, group: str | None) -> None:
+    """The per-IP cap counts IPv4 addresses, and IPv6 addresses by their /64."""
+    assert address_group(ip) == group
+
+
+def test_contacts_of_one_ipv6_64_count_together() -> None:
+    """Two addresses in one IPv6 /64 count as one address for the cap."""
+    rng = random.Random(7)
+    table = ExactRoutingTable(_NoPings(), 8, Node(rng.randbytes(20)))
+    table.add_contact(Node(rng.randbytes(20), "2001:db8:0:1::1", 1))
+    table.add_contact(Node(rng.randbytes(20), "2001:db8:0:1::2", 1))
+    assert table.contacts_at("2001:db8:0:1::3") == 2
+    assert table.contacts_at("2001:db8:0:2::1") == 0
+
+
+def _overflowing(size: int, overflow_max: int) -> tuple[ExactRoutingTable, list[Node]]:
+    """A table with one contact per address and ``size`` peers of 198.51.100.7 offered to
+    its overflow, in order."""
+    rng = random.Random(8)
+    table = ExactRoutingTable(_NoPings(), 8, Node(rng.randbytes(20)))
+    table.overflow_max = overflow_max
+    for i in range(6):
+        table.add_contact(Node(rng.randbytes(20), f"192.0.2.{i + 1}", 1))
+    extra = [Node(rng.randbytes(20), "198.51.100.7", 1000 + i) for i in range(size)]
+    for n in extra:
+        table.add_overflow(n)
+    return table, extra
+
+
+def test_the_overflow_is_bounded_and_drops_the_least_recently_seen() -> None:
+    """The overflow keeps at most overflow_max peers; seeing one again keeps it longest."""
+    table, extra = _overflowing(4, 3)
+    assert list(table.overflow.values()) == extra[1:]
+    table.add_overflow(extra[1])  # seen again
+    table.add_overflow(extra[0])
+    assert list(table.overflow.values()) == [extra[3], extra[1], extra[0]]
+    assert table.contacts_at("198.51.100.7") == 0  # never in a bucket
+
+
+def test_an_overflow_of_zero_keeps_nothing() -> None:
+    """With overflow_max 0 no peer over the cap is kept."""
+    table, _ = _overflowing(3, 0)
+    assert table.overflow == {}
+
+
+def test_overflow_peers_leave_on_removal_at_their_address_or_on_a_slot() -> None:
+    """A removal at the peer's own address drops it from the overflow; a bucket slot
+    taken moves it out of the overflow."""
+    table, extra = _overflowing(3, 8)
+    table.remove_contact(Node(extra[0].id, "192.0.2.99", extra[0].port))  # forged address
+    assert extra[0].id in table.overflow
+    table.remove_contact(extra[0])
+    assert extra[0].id not in table.overflow
+    table.add_contact(extra[1])
+    assert extra[1].id not in table.overflow
+    assert extra[1] in table.all_contacts()
+
+
+@pytest.mark.parametrize(("limit", "most"), [(None, 3), (2, 2), (1, 1)])
+def test_closest_known_adds_the_overflow_with_at_most_limit_per_address(
+    limit: int | None, most: int
+) -> None:
+    """closest_known is the XOR sort of contacts and overflow, at most limit per address."""
+    table, extra = _overflowing(3, 8)
+    everyone = [*table.all_contacts(), *extra]
+    rng = random.Random(9)
+    for _ in range(20):
+        target = rng.randbytes(20)
+        got = table.closest_known(Node(target), 9, per_group=lambda ip: limit)
+        kept = [n for n in got if n.ip == "198.51.100.7"]
+        assert len(kept) == most
+        truth = sorted(everyone, key=lambda n: distance(n.id, target))
+        truth = [n for n in truth if n.ip != "198.51.100.7" or n in kept]
+        assert got == truth[:9]
+        # the ones kept are the closest of their address
+        assert kept == sorted(extra, key=lambda n: distance(n.id, target))[:most]
+
+
+def test_closest_known_fills_from_the_overflow_when_the_cap_drops_contacts() -> None:
+    """When every contact is taken and the per-address limit dropped some, farther
+    overflow peers fill the answer up to k."""
+    table = ExactRoutingTable(_NoPings(), 8, Node(b"\xff" * 20))
+    table.overflow_max = 8
+    # four contacts of one address near the target (ID 0), four overflow peers farther
+    crowd = [Node(bytes(19) + bytes([i]), "192.0.2.1", i) for i in range(1, 5)]
+    for n in crowd:
+        table.add_contact(n)
+    spare = [Node(bytes([i]) + bytes(19), f"198.51.100.{i}", 1) for i in range(1, 5)]
+    for n in spare:
+        table.add_overflow(n)
+    got = table.closest_known(Node(bytes(20)), 4, per_group=lambda ip: 1)
+    assert got == [crowd[0], *spare[:3]]
 
 
 def test_routing_table_indexes_follow_every_change() -> None:

@@ -411,3 +411,13 @@ def test_cli_peers_option_runs_only_that_population(tmp_path: Path) -> None:
     assert [(r["label"], r["peers"]) for r in runs] == [("N=6", 6)]
     refused = runner.invoke(app, [str(scenario), "--peers", "1"])
     assert refused.exit_code == 2
+
+
+def test_placement_spreads_copies_over_zones() -> None:
+    """With peers in 3 zones and r = 3, placements put a range's copies in 3 zones (the
+    closest 3 peers alone would average about 2.1) and never two on one address."""
+    (run,) = json.loads(run_scenario(_tiny(zones=3), 11).metrics_json())["runs"]
+    spread = run["spread"]
+    assert spread["placements"] > 0
+    assert spread["shared_address"] == 0
+    assert spread["mean_zones"] >= 2.9, spread
