@@ -44,6 +44,7 @@ from difs_p2p.errors import DifsError
 from difs_p2p.holders import HolderEntry, parse_holder_entry
 from difs_p2p.holdings import Holding, Holdings, Query
 from difs_p2p.maintenance import RangeCheck, probe_batches, range_checks, read_view
+from difs_p2p.placement import domain_of
 from difs_p2p.records import RecordKind, record_kind
 from difs_p2p.replicator import Replicator
 from difs_p2p.routing import Contact
@@ -265,11 +266,20 @@ class Drainer:
                     self._count,
                 )
 
+            # the live copies elsewhere fix the failure domains already used (this peer's
+            # own does not count: it is leaving)
+            zones = {c.node_id: c.zone for c in candidates}
+            used = [
+                domain_of(e.host, e.port, zones.get(e.node_id, ""))
+                for e in check.others
+                if e.node_id in alive
+            ]
             made = await self.replicator.make_copies(
                 candidates,
                 missing,
                 copy,
                 asked={me, *(e.node_id for e in check.others)},
+                used=used,
                 doing="drain",
             )
             if made:
