@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from difs_p2p import errors, ops, wire
+from difs_p2p.addresses import format_address
 from difs_p2p.config import parse_hostport
+from difs_p2p.net import resolve
 from difs_p2p.transfer import Connection
 
 if TYPE_CHECKING:
@@ -168,7 +170,11 @@ def setup_logging(level: str) -> None:
 
 PeerOpt = Annotated[
     str | None,
-    typer.Option("--peer", help="HOST:PORT of the peer (default: $DIFS_PEER or the local peer)"),
+    typer.Option(
+        "--peer",
+        help="HOST:PORT or [IPv6]:PORT of the peer, HOST an address or a name (default:"
+        " $DIFS_PEER or the local peer)",
+    ),
 ]
 JsonOpt = Annotated[
     bool, typer.Option("--json", metavar="", help="print JSON for scripts (errors too)")
@@ -225,9 +231,9 @@ def resolve_token(peer: str | None, token_file: Path | None, address: tuple[str,
             return read_token_file(path)
     missing = f" ({path} not found)" if path is not None else ""
     raise errors.PermissionDeniedError(
-        f"permission denied: this needs the control token of the peer at {address[0]}:"
-        f"{address[1]} (its DATA/control.token){missing}; pass --token-file PATH or set "
-        "DIFS_TOKEN_FILE"
+        f"permission denied: this needs the control token of the peer at"
+        f" {format_address(*address)} (its DATA/control.token){missing}; pass --token-file"
+        " PATH or set DIFS_TOKEN_FILE"
     )
 
 
@@ -271,7 +277,7 @@ def read_key(path: Path) -> Identity:
 async def check_peer(address: tuple[str, int]) -> None:
     """NetworkError unless a DIFS peer listens at ``address``: it must answer a HELLO
     within HELLO_TIMEOUT (anything else on the port fails here, not after a 30 s stall)."""
-    where = f"{address[0]}:{address[1]}"
+    where = format_address(*address)
     conn = await Connection.open(address, io_timeout=HELLO_TIMEOUT, connect_timeout=HELLO_TIMEOUT)
     try:
         await conn.send(wire.Hello(request_id=0, peer=None))
@@ -291,10 +297,20 @@ async def check_peer(address: tuple[str, int]) -> None:
 
 
 async def entry_peer(peer: str | None) -> tuple[str, int]:
-    """The peer to talk to (``resolve_peer``), checked to be a DIFS peer."""
-    address = resolve_peer(peer)
-    await check_peer(address)
-    return address
+    """The peer to talk to (``resolve_peer``), checked to be a DIFS peer. A host name
+    is resolved without blocking, and its addresses tried in turn (``localhost`` may
+    be 127.0.0.1 or ::1); the first that answers HELLO is the peer."""
+    host, port = resolve_peer(peer)
+    failure: errors.DifsError | None = None
+    for address in await resolve(host, port):
+        try:
+            await check_peer(address)
+        except errors.DifsError as exc:
+            failure = failure or exc
+            continue
+        return address
+    assert failure is not None  # resolve returns at least one address
+    raise failure
 
 
 async def request_peer(
@@ -316,7 +332,7 @@ async def request_peer(
 async def peer_status(peer: str | None, token_file: Path | None) -> dict[str, Any]:
     """The status of the peer (an operator operation: it needs the peer's token), as the
     JSON object it answered."""
-    address = resolve_peer(peer)
+    address = await entry_peer(peer)
     token = resolve_token(peer, token_file, address)
     reply = await request_peer(address, ops.StatusRequest(), token=token)
     return ops.encode_reply("status", reply)

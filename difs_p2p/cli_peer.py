@@ -34,10 +34,23 @@ from difs_p2p.transfer import Connection
 def join(
     bootstrap: Annotated[
         list[str] | None,
-        typer.Option("--bootstrap", "-b", help="HOST:PORT of a peer to join through; repeatable"),
+        typer.Option(
+            "--bootstrap",
+            "-b",
+            help="HOST:PORT or [IPv6]:PORT of a peer to join through (HOST may be a name);"
+            " repeatable",
+        ),
     ] = None,
-    host: Annotated[str, typer.Option(help="IPv4 address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="UDP+TCP port (0 picks a free one)")] = 0,
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen",
+            help="address to listen on: IPv4, IPv6, 0.0.0.0 or :: (every address, IPv6 and IPv4)",
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="UDP port, and TCP port unless --tcp-port (0 picks a free one)")
+    ] = 0,
     data: Annotated[
         Path | None, typer.Option(help="data directory (default: $DIFS_HOME/peer)")
     ] = None,
@@ -73,6 +86,24 @@ def join(
             " keeps, idle uploads, ranges whose manifest never appeared"
         ),
     ] = 300.0,
+    advertise: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST[:PORT] others reach this peer's TCP service at (behind NAT, in a"
+            " container; HOST may be a name, PORT defaults to the TCP port); default: the"
+            " --listen address, or for 0.0.0.0/:: what two other peers observe"
+        ),
+    ] = None,
+    tcp_port: Annotated[
+        int, typer.Option(help="TCP port of the segment service (default: the UDP port)")
+    ] = 0,
+    zone: Annotated[
+        str,
+        typer.Option(help="where this peer runs (a rack, a site: <= 32 of A-Z a-z 0-9 . _ -)"),
+    ] = "",
+    host: Annotated[
+        str | None, typer.Option("--host", hidden=True, help="deprecated: --listen")
+    ] = None,
     log_level: Annotated[LogLevel, typer.Option(help="how much to log on stderr")] = (
         LogLevel.warning
     ),
@@ -80,6 +111,8 @@ def join(
     """Start a peer: a new network without --bootstrap, else join through the given peers.
 
     Example: difs-peer join --bootstrap 127.0.0.1:4000 --data ./peer2 --capacity 5GiB
+
+    Example: difs-peer join --listen :: --advertise 203.0.113.7:4100 --port 4100
     """
     setup_logging(log_level.value)
     try:
@@ -88,7 +121,7 @@ def join(
             raise errors.StorageError(f"data directory {data_dir} is not a directory")
         config = PeerConfig(
             data_dir=data_dir,
-            host=host,
+            host=host or listen,
             port=port,
             bootstrap=tuple(parse_hostport(b) for b in bootstrap or ()),
             capacity=parse_size(capacity),
@@ -101,6 +134,9 @@ def join(
                 orphan_grace=orphan_grace,
             ),
             tcp_limit_loopback=limit_loopback,
+            advertise=parse_hostport(advertise, default_port=0) if advertise else None,
+            tcp_port=tcp_port,
+            zone=zone,
         )
     except errors.DifsError as exc:
         raise fail(exc) from None
@@ -141,9 +177,10 @@ async def _run_peer(config: PeerConfig, started: list[bool]) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         status = peer.status()
+        known = "" if status["address_known"] else " address_known=no"
         typer.echo(
-            f"peer ready address={status['address']} id={status['node_id']} "
-            f"contacts={status['routing_table']}",
+            f"peer ready address={status['address']} listen={status['listen']}{known}"
+            f" id={status['node_id']} contacts={status['routing_table']}",
         )
         sys.stdout.flush()
         await stop.wait()

@@ -21,6 +21,7 @@ from typing import Final
 
 import msgpack
 
+from difs_p2p.addresses import normalize_host
 from difs_p2p.errors import WireError
 from difs_p2p.identity import NodeId
 from difs_p2p.routing import Contact, is_id, valid_address
@@ -298,7 +299,8 @@ def encode_contacts(contacts: list[Contact]) -> list[list[object]]:
 
 def decode_contacts(body: object, limit: int, field: str = "nodes") -> list[Contact]:
     """The contacts of a find_* reply: at most ``limit`` ``[id, ip, port]``, each a
-    20-byte id and an IPv4 address a datagram may go to (``valid_address``)."""
+    20-byte id and an IPv4 or IPv6 address (text, never a name) a datagram may go to
+    (``valid_address``); an IPv4-mapped IPv6 address becomes the plain IPv4 text."""
     if not isinstance(body, list):
         raise WireError("contacts are not a list", field=field)
     if len(body) > limit:
@@ -310,6 +312,8 @@ def decode_contacts(body: object, limit: int, field: str = "nodes") -> list[Cont
         nid, ip, port = item
         if not (is_id(nid) and valid_address((ip, port))):
             raise WireError("contact id or address is not valid", field=f"{field}[{i}]")
+        if ":" in ip:
+            ip = normalize_host(ip)
         out.append(Contact(NodeId(bytes(nid)), ip, port))
     return out
 

@@ -193,12 +193,21 @@ def test_request_arguments(name: str, args: list[object], outcome: object) -> No
         assert dhtwire.decode_args(name, args) == outcome
 
 
+def test_ipv6_contacts_decode_and_mapped_ones_become_ipv4() -> None:
+    """IPv6 contacts are accepted; an IPv4-mapped one becomes plain IPv4 text."""
+    body = [[PEER.node_id, "fd77::1", 4000], [PEER.node_id, "::ffff:10.77.0.2", 4001]]
+    found = dhtwire.decode_contacts(body, 40)
+    assert [c.address for c in found] == [("fd77::1", 4000), ("10.77.0.2", 4001)]
+
+
 @pytest.mark.parametrize(
     "body",
     [
         [[PEER.node_id, "example.com", 1]],
         [[PEER.node_id, "192.0.2.1\x00", 1]],
-        [[PEER.node_id, "::1", 1]],
+        [[PEER.node_id, "::", 1]],
+        [[PEER.node_id, "ff02::1", 1]],
+        [[PEER.node_id, "fe80::1%eth0", 1]],
         [[PEER.node_id, "192.0.2.1", 0]],
         [[PEER.node_id, "192.0.2.1", 65536]],
         [[PEER.node_id, "255.255.255.255", 1]],
@@ -209,7 +218,7 @@ def test_request_arguments(name: str, args: list[object], outcome: object) -> No
     ],
 )
 def test_bad_contact_lists_are_refused(body: object) -> None:
-    """A contact list with any contact that is not a valid IPv4 peer is refused whole."""
+    """A contact list with any contact that is not a valid IP peer is refused whole."""
     with pytest.raises(WireError):
         dhtwire.decode_contacts(body, 40)
 
