@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from difs_p2p import control
-from difs_p2p.addresses import format_address, is_ipv6, is_wildcard, sendable_host
+from difs_p2p.addresses import AddressVotes, format_address, is_ipv6, is_wildcard, sendable_host
 from difs_p2p.config import PeerConfig
 from difs_p2p.dht import Dht
+from difs_p2p.dhtwire import PeerInfo
 from difs_p2p.diskcost import DiskCost
 from difs_p2p.errors import NetworkError, StorageError, UsageError
 from difs_p2p.holdings import Holdings
@@ -67,6 +68,12 @@ CONTACTS_VERSION = 1
 CONTACTS_SAVE_INTERVAL = 60.0
 # Contacts kept in contacts.json: enough to rejoin even if most of them are gone.
 CONTACTS_SAVED = 64
+# The learned address (a wildcard bind without --advertise): contacts asked per check, and
+# how often it is checked (every 10 s while unknown, then every 5 min: a changed network
+# is followed within minutes, and a check is 8 small datagrams).
+LEARN_ASK = 8
+LEARN_RETRY = 10.0
+LEARN_INTERVAL = 300.0
 
 
 def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -116,6 +123,9 @@ class Peer:
         # Whether the advertised address is known (a wildcard bind without --advertise
         # learns it from what other peers observe).
         self.advertised = False
+        # a wildcard bind without --advertise: what other peers observe (AddressVotes)
+        self._learning = False
+        self._votes = AddressVotes()
         self.data_dir = config.data_dir
         self.identity: Identity | None = None
         self.dht: Dht | None = None
@@ -202,6 +212,8 @@ class Peer:
             self.tcp_port = cfg.tcp_port or self.port
             self.bound = (self.dht.me.host, self.port)
             await self._advertise()
+            # told to contacts in the signed identify info block (dht.py)
+            self.dht.info = PeerInfo(self.tcp_port, cfg.zone)
             self.holdings = Holdings(self.data_dir / "holdings.sqlite3")
             service = self._compose(self.identity, self._token, self.store, self.dht, self.holdings)
             self.server = Server(
@@ -215,6 +227,9 @@ class Peer:
             self.server.start()
             self.started_at = self.clock()
             await self._join()
+            if self._learning:
+                await self.learn_address()
+                self.spawn(self._learn_loop())
             self._write_address()
             self.spawn(self._save_contacts_loop())
             self.spawn(self._maintainer().run())
@@ -236,7 +251,7 @@ class Peer:
         elif not is_wildcard(self.bound[0]):
             self.host, self.advertised = self.bound[0], True
         else:
-            self.host = self.bound[0]
+            self.host, self._learning = self.bound[0], True
             log.warning(
                 "address_unknown listen=%s: no --advertise; the address others reach this"
                 " peer at is learned once two peers agree on it (status says when)",
@@ -244,6 +259,37 @@ class Peer:
             )
         if self.advertised:
             self._dht().node.ip = self.host
+
+    async def learn_address(self) -> None:
+        """Ask up to ``LEARN_ASK`` contacts which address they see us at (``stun``) and
+        adopt the one ``AddressVotes`` agrees on (a wildcard bind without --advertise)."""
+        dht = self._dht()
+        asked = dht.contacts()[:LEARN_ASK]
+        seen = await asyncio.gather(*(dht.observed_address(c) for c in asked))
+        now = self.clock()
+        for contact, host in zip(asked, seen, strict=True):
+            if host is not None:
+                self._votes.observe(contact.address, host, now)
+        winner = self._votes.winner(now)
+        if winner is None or (self.advertised and winner == self.host):
+            return
+        log.warning(
+            "address_learned address=%s listen=%s",
+            format_address(winner, self.tcp_port),
+            format_address(*self.bound),
+        )
+        self.host, self.advertised = winner, True
+        dht.node.ip = winner
+        if self._replicator is not None:
+            self._replicator.address = self.address
+        if self.started_at:
+            self._write_address()
+
+    async def _learn_loop(self) -> None:
+        """Re-check the learned address: soon while unknown, then every LEARN_INTERVAL."""
+        while True:
+            await asyncio.sleep(LEARN_INTERVAL if self.advertised else LEARN_RETRY)
+            await self.learn_address()
 
     def _write_address(self) -> None:
         """DATA/address: where a local client reaches this peer (see the module doc)."""
@@ -434,7 +480,12 @@ class Peer:
             "uptime": round(self.clock() - self.started_at, 3),
             "routing_table": len(contacts),
             "contacts": [
-                {"id": c.node_id.hex(), "address": f"{c.host}:{c.port}"}
+                {
+                    "id": c.node_id.hex(),
+                    "address": format_address(c.host, c.port),
+                    "tcp_port": c.tcp_port or c.port,
+                    "zone": c.zone,
+                }
                 for c in dht.neighbors(self.node_id, 10)
             ],
             "records": records,

@@ -336,7 +336,7 @@ class Replicator:
                         mine.append(holding)
                     return entry
                 return await self.push_range(
-                    contact.address,
+                    contact.tcp_address,
                     key,
                     version,
                     integrity,

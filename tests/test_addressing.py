@@ -4,19 +4,25 @@ advertised address, dual-stack, host names."""
 from __future__ import annotations
 
 import io
+import socket
 from pathlib import Path
 
 import pytest
+from kademlia.node import Node
 
+from difs_p2p import dhtwire
 from difs_p2p.client import Client
+from difs_p2p.dht import Dht
 from difs_p2p.errors import NetworkError
 from difs_p2p.holders import decode_holder_entry
 from difs_p2p.identity import Identity
 from difs_p2p.names import name_key
 from difs_p2p.net import resolve
 from difs_p2p.peer import Peer
+from difs_p2p.recordstore import AcceptAll
+from difs_p2p.routing import Contact
 from difs_p2p.transfer import Connection
-from tests.helpers import peer_config, stop_all, wait_for
+from tests.helpers import FAST_DHT, new_dht, peer_config, stop_all, wait_for
 
 
 async def _holder_hosts(peer: Peer, name: str) -> set[str]:
@@ -132,3 +138,110 @@ async def test_host_names_resolve_and_failures_name_the_host() -> None:
     assert await resolve("::ffff:10.0.0.1", 7) == [("10.0.0.1", 7)]
     with pytest.raises(NetworkError, match=r"no-such-host\.invalid"):
         await resolve("no-such-host.invalid", 4000)
+
+
+def _free_tcp_port() -> int:
+    """A TCP port free right now (for --tcp-port, which takes a number)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_separate_tcp_port_is_told_and_used(tmp_path: Path) -> None:
+    """Peers whose TCP port differs from their UDP port tell it (and their zone) in the
+    signed identify info: contacts carry it, placement pushes to it, holder entries
+    name it, and a put and a get go through."""
+    peers: list[Peer] = []
+    try:
+        for i in range(3):
+            seed = () if not peers else ((peers[0].host, peers[0].port),)
+            p = Peer(
+                peer_config(
+                    tmp_path / f"p{i}", tcp_port=_free_tcp_port(), zone=f"z{i}", bootstrap=seed
+                )
+            )
+            await p.start()
+            peers.append(p)
+        assert all(p.tcp_port != p.port for p in peers)
+        assert peers[0].dht is not None
+        told = {(c.node_id, c.tcp_port, c.zone) for c in peers[0].dht.contacts()}
+        assert told == {(p.node_id, p.tcp_port, f"z{i}") for i, p in enumerate(peers) if i}
+        described = await peers[0].dht.describe([peers[1].dht.me])  # type: ignore[union-attr]
+        assert described[0].tcp_address == ("127.0.0.1", peers[1].tcp_port)
+        data = b"t" * 90_000
+        assert await _put_get(peers[1], peers[2], "/tcp/file", data) == data
+        assert peers[0].dht is not None
+        entries = await peers[0].dht.get_entries(name_key("/tcp/file"))
+        ports = {decode_holder_entry(e).port for e in entries if e[:1] == b"\x01"}
+        assert ports and ports <= {p.tcp_port for p in peers}
+    finally:
+        await stop_all(peers)
+
+
+class _ForgingDht(Dht):
+    """A peer that alters (or strips) its signed info block after signing it."""
+
+    strip = False
+
+    def prove_identity(self, request: dhtwire.IdentifyArgs, addr: tuple[str, int]) -> object:
+        reply = super().prove_identity(request, addr)
+        if isinstance(reply, list) and len(reply) == 4:
+            if self.strip:
+                return reply[:3]
+            reply[3] = dhtwire.PeerInfo(9, "forged").encode()
+        return reply
+
+
+@pytest.mark.parametrize("strip", [False, True])
+async def test_a_forged_or_stripped_info_block_fails_identify(strip: bool) -> None:
+    """The info block is under the identify signature: changing it or removing it
+    makes the proof fail, and the contact is not admitted or described."""
+    honest = new_dht(AcceptAll())
+    me = Identity.generate()
+    liar = _ForgingDht(me.node_id, AcceptAll(), FAST_DHT, identity=me)
+    liar.strip = strip
+    liar.info = dhtwire.PeerInfo(4100, "real")
+    try:
+        await honest.start("127.0.0.1", 0)
+        await liar.start("127.0.0.1", 0)
+        node = Node(liar.node_id, "127.0.0.1", liar.me.port)
+        assert not await honest.verify(node)
+        assert honest.peer_info == {}
+        bare = Contact(liar.node_id, "127.0.0.1", liar.me.port)
+        assert (await honest.describe([bare]))[0].tcp_port == 0
+    finally:
+        await stop_all([honest, liar])
+
+
+async def test_an_older_peer_without_info_is_still_verified() -> None:
+    """A peer that sends no info block (older peers) passes identify; its contact
+    keeps the defaults (TCP port = UDP port, no zone)."""
+    a, b = new_dht(AcceptAll()), new_dht(AcceptAll())
+    try:
+        await a.start("127.0.0.1", 0)
+        await b.start("127.0.0.1", 0)  # b.info is None: it answers as older peers do
+        described = await a.describe([b.me])
+        assert described[0].tcp_address == b.me.address and described[0].zone == ""
+        assert a.is_verified(Node(b.node_id, "127.0.0.1", b.me.port))
+    finally:
+        await stop_all([a, b])
+
+
+async def test_a_wildcard_peer_learns_its_address_from_two_observers(tmp_path: Path) -> None:
+    """A peer on 0.0.0.0 without --advertise joins two peers, asks them what they
+    observe, and adopts 127.0.0.1 (two observers agree); its entries may then be signed."""
+    peers = [Peer(peer_config(tmp_path / "p0"))]
+    try:
+        await peers[0].start()
+        seed = (("127.0.0.1", peers[0].port),)
+        peers.append(Peer(peer_config(tmp_path / "p1", bootstrap=seed)))
+        await peers[1].start()
+        wild = Peer(peer_config(tmp_path / "wild", host="0.0.0.0", bootstrap=seed))
+        peers.append(wild)
+        await wild.start()
+        status = wild.status()
+        assert status["address_known"] is True
+        assert status["address"] == f"127.0.0.1:{wild.port}"
+        assert wild.replicator.sign_entry(b"k" * 20, 1, b"i" * 32, 0, 0).host == "127.0.0.1"
+    finally:
+        await stop_all(peers)
