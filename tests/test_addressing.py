@@ -4,7 +4,10 @@ advertised address, dual-stack, host names."""
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,15 @@ from difs_p2p.peer import Peer
 from difs_p2p.recordstore import AcceptAll
 from difs_p2p.routing import Contact
 from difs_p2p.transfer import Connection
-from tests.helpers import FAST_DHT, new_dht, peer_config, stop_all, wait_for
+from tests.helpers import (
+    BIN,
+    FAST_DHT,
+    new_dht,
+    peer_config,
+    start_peer_process,
+    stop_all,
+    wait_for,
+)
 
 
 async def _holder_hosts(peer: Peer, name: str) -> set[str]:
@@ -245,3 +256,56 @@ async def test_a_wildcard_peer_learns_its_address_from_two_observers(tmp_path: P
         assert wild.replicator.sign_entry(b"k" * 20, 1, b"i" * 32, 0, 0).host == "127.0.0.1"
     finally:
         await stop_all(peers)
+
+
+def test_cli_dual_stack_peer_with_advertise_serves_put_and_get(tmp_path: Path) -> None:
+    """difs-peer join --listen :: --advertise [::1] (processes), a second peer joined
+    through [::1]:P; difs put via --peer [::1]:P and get via --peer localhost:P."""
+    env = dict(os.environ, DIFS_HOME=str(tmp_path / "home"))
+    env["DIFS_TOKEN_FILE"] = str(tmp_path / "a" / "control.token")
+    procs = []
+    try:
+        first, seed = start_peer_process(tmp_path / "a", "--listen", "::", "--advertise", "[::1]")
+        procs.append(first)
+        assert seed.startswith("[::1]:")
+        port = seed.rsplit(":", 1)[1]
+        second, other = start_peer_process(
+            tmp_path / "b", "--listen", "::1", "--bootstrap", f"[::1]:{port}"
+        )
+        procs.append(second)
+        src = tmp_path / "in.bin"
+        src.write_bytes(os.urandom(200_000))
+        put = subprocess.run(
+            [str(BIN / "difs"), "put", str(src), "/v6/cli.bin", "--peer", f"[::1]:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+        assert put.returncode == 0, put.stderr
+        out = tmp_path / "out.bin"
+        get = subprocess.run(
+            [
+                str(BIN / "difs"),
+                "get",
+                "/v6/cli.bin",
+                "-o",
+                str(out),
+                "--peer",
+                f"localhost:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+        assert get.returncode == 0, get.stderr
+        assert out.read_bytes() == src.read_bytes()
+        assert other.startswith("[::1]:")
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=20)
