@@ -309,3 +309,33 @@ def test_cli_dual_stack_peer_with_advertise_serves_put_and_get(tmp_path: Path) -
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             proc.wait(timeout=20)
+
+
+async def test_a_fetch_never_takes_another_node_at_a_holders_address(tmp_path: Path) -> None:
+    """The only holder of an object is replaced by a fresh node on the same port: the
+    fetch sees the HELLO's node ID is not the entry's signer, does not use it, and fails
+    as a network error naming it (not "not found" from the wrong peer)."""
+    peers = [Peer(peer_config(tmp_path / "p0"))]
+    await peers[0].start()
+    try:
+        for i in (1, 2):
+            p = Peer(peer_config(tmp_path / f"p{i}", bootstrap=(peers[0].address,)))
+            await p.start()
+            peers.append(p)
+        me = Identity.generate()
+        async with Client(peers[0].address, token=peers[0].control_token, publisher=me) as c:
+            await c.put(io.BytesIO(b"only" * 10_000), "/one/copy", replicas=1)
+        holder = next(p for p in peers if p.replicator.holdings.all())
+        reader = next(p for p in peers if p is not holder)
+        await holder.stop()
+        peers.remove(holder)
+        impostor = Peer(
+            peer_config(tmp_path / "impostor", port=holder.port, bootstrap=(reader.address,))
+        )
+        await impostor.start()
+        peers.append(impostor)
+        async with Client(reader.address) as c:
+            with pytest.raises(NetworkError, match="not the holder its entries name"):
+                await c.get("/one/copy", io.BytesIO())
+    finally:
+        await stop_all(peers)
