@@ -185,8 +185,9 @@ class AddressVotes:
     Each observer votes once, by its IP address (its latest observation counts); an
     observer on loopback votes by IP and port (local peers share 127.0.0.1). An address
     wins when at least ``quorum`` observers agree on it and more agree on it than on any
-    other; observations of a loopback address count only while no other address wins
-    (a peer whose peers all run on this host may use loopback). Observations older than
+    other; observations of a loopback address count only while no observer sees another
+    address (a peer whose peers all run on this host may use loopback; one with a
+    single remote observer adopts nothing until a second agrees). Observations older than
     ``max_age`` seconds are forgotten, so the address follows a changed network.
     """
 
@@ -216,14 +217,14 @@ class AddressVotes:
                 del self._votes[voter]
                 continue
             counts[host] = counts.get(host, 0) + 1
-        for loopback in (False, True):
-            ranked = sorted(
-                ((n, h) for h, n in counts.items() if is_loopback(h) == loopback),
-                key=lambda item: (-item[0], item[1]),
-            )
-            if not ranked or ranked[0][0] < self.quorum:
-                continue
-            if len(ranked) > 1 and ranked[1][0] == ranked[0][0]:
-                return None  # a tie: no address is agreed
-            return ranked[0][1]
-        return None
+        # loopback is for loopback use only: it counts while no one observes us at
+        # another address (else our entries would reach peers that cannot use it)
+        others = {h: n for h, n in counts.items() if not is_loopback(h)}
+        ranked = sorted(
+            ((n, h) for h, n in (others or counts).items()), key=lambda item: (-item[0], item[1])
+        )
+        if not ranked or ranked[0][0] < self.quorum:
+            return None
+        if len(ranked) > 1 and ranked[1][0] == ranked[0][0]:
+            return None  # a tie: no address is agreed
+        return ranked[0][1]

@@ -173,6 +173,15 @@ def _votes(observations: list[tuple[tuple[str, int], str]]) -> str | None:
             ],
             "fd77::1",
         ),
+        # one remote observer is no quorum, and loopback no longer counts
+        (
+            [
+                (("127.0.0.1", 4001), "127.0.0.1"),
+                (("127.0.0.1", 4002), "127.0.0.1"),
+                (("10.0.0.3", 4000), "10.0.0.1"),
+            ],
+            None,
+        ),
         # observed wildcards, multicast and names are not votes
         ([(("10.0.0.2", 1), "0.0.0.0"), (("10.0.0.3", 1), "0.0.0.0")], None),
         ([(("10.0.0.2", 1), "evil.example"), (("10.0.0.3", 1), "evil.example")], None),
