@@ -14,6 +14,7 @@ import pytest
 from kademlia.node import Node
 
 from difs_p2p import dhtwire
+from difs_p2p.cli_output import print_status
 from difs_p2p.client import Client
 from difs_p2p.dht import Dht
 from difs_p2p.errors import NetworkError
@@ -339,3 +340,26 @@ async def test_a_fetch_never_takes_another_node_at_a_holders_address(tmp_path: P
                 await c.get("/one/copy", io.BytesIO())
     finally:
         await stop_all(peers)
+
+
+def test_status_says_when_the_address_is_not_known(capsys: pytest.CaptureFixture[str]) -> None:
+    """difs-peer status shows the bound address and warns while the advertised one is
+    not known (a wildcard bind without --advertise)."""
+    status = {
+        "node_id": "ab" * 20,
+        "address": "127.0.0.1:4100",
+        "listen": "0.0.0.0:4100",
+        "address_known": False,
+        "routing_table": 0,
+        "records": 0,
+        "entries": 0,
+        "storage": {"used": 0, "capacity": 1, "segments": 0},
+        "contacts": [],
+    }
+    print_status(status)
+    out = capsys.readouterr().out
+    assert "listening on 0.0.0.0:4100" in out
+    assert "not known yet" in out
+    print_status({**status, "listen": "127.0.0.1:4100", "address_known": True})
+    out = capsys.readouterr().out
+    assert "listening on" not in out and "not known" not in out
