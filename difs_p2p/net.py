@@ -37,9 +37,13 @@ def family_of(host: str) -> socket.AddressFamily:
 
 
 def _new_socket(host: str, kind: socket.SocketKind) -> socket.socket:
-    """A socket of ``host``'s family; bound to ``::`` it takes IPv4 too (dual-stack),
-    bound to another IPv6 address only IPv6."""
-    sock = socket.socket(family_of(host), kind)
+    """A socket of ``host``'s family, to bind; bound to ``::`` it takes IPv4 too
+    (dual-stack), bound to another IPv6 address only IPv6. NetworkError if the host has
+    no such family."""
+    try:
+        sock = socket.socket(family_of(host), kind)
+    except OSError as exc:  # no IPv6 on this host, say
+        raise NetworkError(f"cannot listen on {host}: {exc.strerror or exc}") from None
     if sock.family == socket.AF_INET6:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
