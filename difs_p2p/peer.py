@@ -462,6 +462,11 @@ class Peer:
         return (self.host, self.tcp_port or self.port)
 
     @property
+    def dht_address(self) -> tuple[str, int]:
+        """Where other peers reach the DHT (UDP): what --bootstrap takes."""
+        return (self.host, self.port)
+
+    @property
     def contact(self) -> Contact:
         return Contact(self.node_id, self.host, self.port, self.tcp_port, self.config.zone)
 

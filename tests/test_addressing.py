@@ -166,7 +166,7 @@ async def test_a_separate_tcp_port_is_told_and_used(tmp_path: Path) -> None:
     peers: list[Peer] = []
     try:
         for i in range(3):
-            seed = () if not peers else ((peers[0].host, peers[0].port),)
+            seed = () if not peers else (peers[0].dht_address,)
             p = Peer(
                 peer_config(
                     tmp_path / f"p{i}", tcp_port=_free_tcp_port(), zone=f"z{i}", bootstrap=seed
