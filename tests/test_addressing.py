@@ -363,3 +363,20 @@ def test_status_says_when_the_address_is_not_known(capsys: pytest.CaptureFixture
     print_status({**status, "listen": "127.0.0.1:4100", "address_known": True})
     out = capsys.readouterr().out
     assert "listening on" not in out and "not known" not in out
+
+
+def test_cli_a_peer_name_that_does_not_resolve_is_a_network_error(tmp_path: Path) -> None:
+    """difs with --peer (or $DIFS_PEER) naming a host that does not resolve fails with
+    the network exit code and a message naming the host."""
+    env = dict(os.environ, DIFS_HOME=str(tmp_path / "home"), DIFS_PEER="no-such-host.invalid:4000")
+    for extra in ([], ["--peer", "no-such-host.invalid:4000"]):
+        out = subprocess.run(
+            [str(BIN / "difs"), "stat", "/x", *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+        assert out.returncode == 9, out.stderr
+        assert "cannot resolve host name 'no-such-host.invalid'" in out.stderr
