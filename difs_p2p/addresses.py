@@ -143,10 +143,13 @@ def split_hostport(text: str, *, default_port: int | None = None) -> tuple[str, 
 
 
 def check_listen(host: str) -> str:
-    """The address to bind (normalised): any IPv4 or IPv6 address, ``0.0.0.0`` or ``::``."""
+    """The address to bind (normalised): any IPv4 or IPv6 address, ``0.0.0.0``, ``::``,
+    or ``localhost`` (127.0.0.1)."""
+    if isinstance(host, str) and host.lower() == "localhost":
+        return "127.0.0.1"
     ip = ip_of(host)
     if ip is None or ip.is_multicast or ip == _BROADCAST:
-        raise UsageError(f"--listen must be an IPv4 or IPv6 address, not {host!r}")
+        raise UsageError(f"--listen must be an IPv4 or IPv6 address or localhost, not {host!r}")
     return str(ip)
 
 

@@ -111,8 +111,10 @@ def test_listen_and_zone_checks() -> None:
     """--listen takes IP literals and wildcards; --zone short safe labels."""
     assert check_listen("::") == "::"
     assert check_listen("0.0.0.0") == "0.0.0.0"
+    assert check_listen("localhost") == "127.0.0.1"
+    assert check_listen("FD77::1") == "fd77::1"
     assert is_wildcard("::") and is_wildcard("0.0.0.0") and not is_wildcard("::1")
-    for bad in ("localhost", "ff02::1", "", "1.2.3"):
+    for bad in ("example.com", "ff02::1", "", "1.2.3"):
         with pytest.raises(UsageError):
             check_listen(bad)
     assert check_zone("eu-west.rack_3") == "eu-west.rack_3"

@@ -184,7 +184,7 @@ PROOF_ERRORS: list[tuple[dict[str, Any], str]] = [
 ]
 
 PEER_ERRORS: list[tuple[dict[str, Any], str]] = [
-    ({"host": "localhost"}, "--listen must be an IPv4 or IPv6 address"),
+    ({"host": "example.com"}, "--listen must be an IPv4 or IPv6 address"),
     ({"host": "ff02::1"}, "--listen must be an IPv4 or IPv6 address"),
     ({"host": "fe80::1%eth0"}, "--listen must be an IPv4 or IPv6 address"),
     ({"advertise": ("0.0.0.0", 4000)}, "--advertise must be a reachable"),
