@@ -47,7 +47,7 @@ through this ``Dht``. Datagrams are handled synchronously in
 ``datagram_received`` (no task per datagram), and every background task belongs to the
 ``Dht``'s :class:`~difs_p2p.tasks.TaskSet` and is cancelled by :meth:`Dht.stop`.
 
-The module is longer than most (about 660 lines): it is the one place that drives the
+The module is longer than most (about 680 lines): it is the one place that drives the
 library's protocol and routing table, and the identify exchange (proofs of node IDs and
 the signed info block that tells a contact's TCP port and zone, ``describe``) belongs
 with the contacts it admits; its decisions are already in the pure modules above.
