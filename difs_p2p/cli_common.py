@@ -27,7 +27,9 @@ import typer
 from typer.models import OptionInfo
 
 from difs_p2p import conffile, errors, ops, wire
+from difs_p2p.addresses import format_address
 from difs_p2p.config import parse_hostport
+from difs_p2p.net import resolve
 from difs_p2p.transfer import Connection
 
 if TYPE_CHECKING:
@@ -284,8 +286,8 @@ PeerOpt = Annotated[
     str | None,
     typer.Option(
         "--peer",
-        help="HOST:PORT of the peer (default: $DIFS_PEER, else [client] peer in difs.toml,"
-        " else the local peer)",
+        help="HOST:PORT or [IPv6]:PORT of the peer, HOST an address or a name (default:"
+        " $DIFS_PEER, else [client] peer in difs.toml, else the local peer)",
     ),
 ]
 JsonOpt = Annotated[
@@ -373,9 +375,9 @@ def resolve_token(peer: str | None, token_file: Path | None, address: tuple[str,
             return read_token_file(path)
     missing = f" ({path} not found)" if path is not None else ""
     raise errors.PermissionDeniedError(
-        f"permission denied: this needs the control token of the peer at {address[0]}:"
-        f"{address[1]} (its DATA/control.token){missing}; pass --token-file PATH or set "
-        "DIFS_TOKEN_FILE"
+        f"permission denied: this needs the control token of the peer at"
+        f" {format_address(*address)} (its DATA/control.token){missing}; pass --token-file"
+        " PATH or set DIFS_TOKEN_FILE"
     )
 
 
@@ -419,7 +421,7 @@ def read_key(path: Path) -> Identity:
 async def check_peer(address: tuple[str, int]) -> None:
     """NetworkError unless a DIFS peer listens at ``address``: it must answer a HELLO
     within HELLO_TIMEOUT (anything else on the port fails here, not after a 30 s stall)."""
-    where = f"{address[0]}:{address[1]}"
+    where = format_address(*address)
     conn = await Connection.open(address, io_timeout=HELLO_TIMEOUT, connect_timeout=HELLO_TIMEOUT)
     try:
         await conn.send(wire.Hello(request_id=0, peer=None))
@@ -439,10 +441,20 @@ async def check_peer(address: tuple[str, int]) -> None:
 
 
 async def entry_peer(peer: str | None) -> tuple[str, int]:
-    """The peer to talk to (``resolve_peer``), checked to be a DIFS peer."""
-    address = resolve_peer(peer)
-    await check_peer(address)
-    return address
+    """The peer to talk to (``resolve_peer``), checked to be a DIFS peer. A host name
+    is resolved without blocking, and its addresses tried in turn (``localhost`` may
+    be 127.0.0.1 or ::1); the first that answers HELLO is the peer."""
+    host, port = resolve_peer(peer)
+    failure: errors.DifsError | None = None
+    for address in await resolve(host, port):
+        try:
+            await check_peer(address)
+        except errors.DifsError as exc:
+            failure = failure or exc
+            continue
+        return address
+    assert failure is not None  # resolve returns at least one address
+    raise failure
 
 
 async def request_peer(
@@ -464,7 +476,7 @@ async def request_peer(
 async def peer_status(peer: str | None, token_file: Path | None) -> dict[str, Any]:
     """The status of the peer (an operator operation: it needs the peer's token), as the
     JSON object it answered."""
-    address = resolve_peer(peer)
+    address = await entry_peer(peer)
     token = resolve_token(peer, token_file, address)
     reply = await request_peer(address, ops.StatusRequest(), token=token)
     return ops.encode_reply("status", reply)

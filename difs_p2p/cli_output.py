@@ -154,6 +154,13 @@ def print_status(status: dict[str, Any]) -> None:
     console = Console()
     storage = status["storage"]
     console.print(f"[bold]peer[/] {status['node_id']}  {status['address']}")
+    if status.get("listen") and status["listen"] != status["address"]:
+        console.print(f"listening on {status['listen']}")
+    if status.get("address_known") is False:
+        console.print(
+            "[yellow]address others reach this peer at: not known yet[/] (no --advertise;"
+            " learned once two peers agree): it signs no holder entries meanwhile"
+        )
     console.print(
         f"routing table: {status['routing_table']} contacts   records: {status['records']}"
         f"   holder entries: {status['entries']}"

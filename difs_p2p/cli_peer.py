@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from difs_p2p import conffile, errors, ops
+from difs_p2p.addresses import check_listen, check_zone
 from difs_p2p.cli_common import (
     CLIENT_ENV_PREFIX,
     CONTEXT,
@@ -55,6 +56,9 @@ JOIN_CONTEXT = {**CONTEXT, "auto_envvar_prefix": PEER_ENV_PREFIX}
 _VALUE_CHECKS: dict[str, Callable[[str], object]] = {
     "capacity": parse_size,
     "bootstrap": parse_hostport,
+    "listen": check_listen,
+    "advertise": lambda text: parse_hostport(text, default_port=0),
+    "zone": check_zone,
 }
 
 
@@ -92,10 +96,23 @@ ConfigOpt = Annotated[
 def join(
     bootstrap: Annotated[
         list[str] | None,
-        typer.Option("--bootstrap", "-b", help="HOST:PORT of a peer to join through; repeatable"),
+        typer.Option(
+            "--bootstrap",
+            "-b",
+            help="HOST:PORT or [IPv6]:PORT of a peer to join through (HOST may be a name);"
+            " repeatable",
+        ),
     ] = None,
-    host: Annotated[str, typer.Option(help="IPv4 address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="UDP+TCP port (0 picks a free one)")] = 0,
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen",
+            help="address to listen on: IPv4, IPv6, 0.0.0.0 or :: (every address, IPv6 and IPv4)",
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="UDP port, and TCP port unless --tcp-port (0 picks a free one)")
+    ] = 0,
     data: Annotated[
         Path | None, typer.Option(help="data directory (default: $DIFS_HOME/peer)")
     ] = None,
@@ -131,6 +148,24 @@ def join(
             " keeps, idle uploads, ranges whose manifest never appeared"
         ),
     ] = 300.0,
+    advertise: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST[:PORT] others reach this peer's TCP service at (behind NAT, in a"
+            " container; HOST may be a name, PORT defaults to the TCP port); default: the"
+            " --listen address, or for 0.0.0.0/:: what two other peers observe"
+        ),
+    ] = None,
+    tcp_port: Annotated[
+        int, typer.Option(help="TCP port of the segment service (default: the UDP port)")
+    ] = 0,
+    zone: Annotated[
+        str,
+        typer.Option(help="where this peer runs (a rack, a site: <= 32 of A-Z a-z 0-9 . _ -)"),
+    ] = "",
+    host: Annotated[
+        str | None, typer.Option("--host", hidden=True, help="deprecated: --listen")
+    ] = None,
     max_contacts_per_ip: Annotated[
         int,
         typer.Option(
@@ -154,6 +189,8 @@ def join(
     """Start a peer: a new network without --bootstrap, else join through the given peers.
 
     Example: difs-peer join --bootstrap 127.0.0.1:4000 --data ./peer2 --capacity 5GiB
+
+    Example: difs-peer join --listen :: --advertise 203.0.113.7:4100 --port 4100
     """
     setup_logging(log_level.value)
     if config_path is not None:
@@ -164,7 +201,7 @@ def join(
             raise errors.StorageError(f"data directory {data_dir} is not a directory")
         config = PeerConfig(
             data_dir=data_dir,
-            host=host,
+            host=host or listen,
             port=port,
             bootstrap=tuple(parse_hostport(b) for b in bootstrap or ()),
             capacity=parse_size(capacity),
@@ -179,6 +216,9 @@ def join(
             tcp_limit_loopback=limit_loopback,
             drain_on_signal=drain,
             dht=DhtConfig(max_contacts_per_ip=max_contacts_per_ip),
+            advertise=parse_hostport(advertise, default_port=0) if advertise else None,
+            tcp_port=tcp_port,
+            zone=zone,
         )
     except errors.DifsError as exc:
         raise fail(exc) from None
@@ -194,8 +234,9 @@ def join(
 
 
 def join_settings() -> list[conffile.Setting]:
-    """The options of join as the [peer] table's settings (all but --config)."""
-    return settings_of(join, _VALUE_CHECKS, skip=("config_path",))
+    """The options of join as the [peer] table's settings (all but --config and the hidden
+    --host, an old name of --listen)."""
+    return settings_of(join, _VALUE_CHECKS, skip=("config_path", "host"))
 
 
 def config_tables() -> dict[str, list[conffile.Setting]]:
@@ -319,9 +360,10 @@ async def _run_peer(config: PeerConfig, started: list[bool]) -> None:
         loop.add_signal_handler(sig, on_signal)
     try:
         status = peer.status()
+        known = "" if status["address_known"] else " address_known=no"
         typer.echo(
-            f"peer ready address={status['address']} id={status['node_id']} "
-            f"contacts={status['routing_table']}",
+            f"peer ready address={status['address']} listen={status['listen']}{known}"
+            f" id={status['node_id']} contacts={status['routing_table']}",
         )
         sys.stdout.flush()
         # a signal, or a drain (leave, or a signal with --drain) that handed everything over

@@ -6,11 +6,11 @@ constants.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from difs_p2p.addresses import check_listen, check_zone, format_address, ip_of, split_hostport
 from difs_p2p.errors import UsageError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
@@ -65,27 +65,15 @@ def format_size(n: float) -> str:
 
 
 def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` (IPv4 address or ``localhost``) into a tuple.
-
-    The DHT runs on IPv4 only (one address family per DHT), so ``localhost`` maps to
-    127.0.0.1 and IPv6 literals are refused with a clear message.
+    """Parse an operator's ``HOST:PORT`` into a tuple: an IPv4 address, ``[IPv6]:PORT``
+    or a host name (see ``addresses.split_hostport``; with ``default_port``, a bare
+    host too). A name is returned as is, to be resolved without blocking
+    (``net.resolve``); ``localhost`` is 127.0.0.1 at once.
     """
-    host, sep, port_text = text.strip().rpartition(":")
-    if not sep:
-        if default_port is None:
-            raise UsageError(f"malformed address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:4000")
-        host, port_text = text.strip(), str(default_port)
-    if host.startswith("[") or ":" in host:
-        raise UsageError(f"malformed address {text!r}: IPv6 is not supported, use an IPv4 address")
+    host, port = split_hostport(text, default_port=default_port)
     if host == "localhost":
         host = "127.0.0.1"
-    try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
-        raise UsageError(f"malformed address {text!r}: {host!r} is not an IPv4 address") from None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise UsageError(f"malformed address {text!r}: port must be 1-65535")
-    return host, int(port_text)
+    return host, port
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,8 +273,11 @@ class PeerConfig:
     """Everything a storage peer needs to start."""
 
     data_dir: Path
+    # The address the sockets bind (--listen): IPv4, IPv6, 0.0.0.0 or :: (dual-stack).
+    # Loopback by default: a peer reachable from other hosts is the operator's choice.
     host: str = "127.0.0.1"
-    # 0 picks a free port; the same number serves UDP (DHT) and TCP (segments).
+    # 0 picks a free port; the same number serves UDP (DHT) and TCP (segments) unless
+    # tcp_port is set.
     port: int = 0
     bootstrap: tuple[tuple[str, int], ...] = ()
     # 10 GiB: a storage peer's default share of its disk; set with --capacity.
@@ -322,12 +313,35 @@ class PeerConfig:
     # the next closest peers before stopping (`difs-peer join --drain`); off by default,
     # as a stop for a restart needs no hand-over.
     drain_on_signal: bool = False
+    # -- real networks (addresses) --
+    # What holder entries and the address file carry (--advertise HOST:PORT; a host name
+    # is resolved at start; port 0, or HOST alone: the peer's own TCP port). None: the
+    # bound address, or for a wildcard bind the address at least two other peers observe
+    # (addresses.AddressVotes).
+    advertise: tuple[str, int] | None = None
+    # The TCP port of the segment service (--tcp-port); 0: the UDP port's number.
+    tcp_port: int = 0
+    # A label of where the peer runs (--zone: a rack, a site), told to others in the
+    # identify info block, so that placement spreads copies over zones. "": none.
+    zone: str = ""
+
+    @property
+    def listen(self) -> str:
+        """The bound address (``host``; --listen)."""
+        return self.host
 
     def __post_init__(self) -> None:
-        try:
-            ipaddress.IPv4Address(self.host)
-        except ValueError:
-            raise UsageError(f"--host must be an IPv4 address, not {self.host!r}") from None
+        object.__setattr__(self, "host", check_listen(self.host))
+        if self.advertise is not None:
+            host, port = self.advertise
+            ip = ip_of(host)
+            if not 0 <= port < 65536 or (ip is not None and (ip.is_unspecified or ip.is_multicast)):
+                raise UsageError(
+                    f"--advertise must be a reachable HOST:PORT, not {format_address(host, port)}"
+                )
+        if not 0 <= self.tcp_port < 65536:
+            raise UsageError(f"--tcp-port must be 0-65535, not {self.tcp_port}")
+        check_zone(self.zone)
         if not 0 <= self.port < 65536:
             raise UsageError(f"--port must be 0-65535, not {self.port}")
         if self.capacity < 0:

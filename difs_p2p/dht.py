@@ -32,7 +32,8 @@ Every datagram field is the sender's choice, so (docs/PROTOCOL.md, "DHT datagram
   datagram transport for good when ``sendto`` raises anything but ``OSError``;
 * ``leave`` removes a contact only when it comes from that contact's address;
 * identify proofs are bound to (id, ip, port) and to the node-ID work (``idwork``), and a
-  contact named in a reply proves its ID before a lookup asks it anything;
+  contact named in a reply proves its ID before a lookup asks it anything; the info
+  block (TCP port, zone) a contact sends is under that proof's signature;
 * a source that has not proved it receives at its address gets no reply larger than its
   request (return-routability tokens, handed out by the padded identify exchange);
 * ``get``, ``resolve`` and writes run over disjoint paths (``lookup_paths``), and a write
@@ -45,6 +46,11 @@ the lookup state machine (:mod:`~difs_p2p.lookup`); requests are answered by
 through this ``Dht``. Datagrams are handled synchronously in
 ``datagram_received`` (no task per datagram), and every background task belongs to the
 ``Dht``'s :class:`~difs_p2p.tasks.TaskSet` and is cancelled by :meth:`Dht.stop`.
+
+The module is longer than most (about 680 lines): it is the one place that drives the
+library's protocol and routing table, and the identify exchange (proofs of node IDs and
+the signed info block that tells a contact's TCP port and zone, ``describe``) belongs
+with the contacts it admits; its decisions are already in the pure modules above.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from typing import Any
 from kademlia.node import Node
 
 from difs_p2p import dhtwire
+from difs_p2p.addresses import normalize_host
 from difs_p2p.config import DhtConfig
 from difs_p2p.dhtguard import AddressGuard
 from difs_p2p.dhtproto import DhtProtocol, EntryGate
@@ -73,15 +80,19 @@ from difs_p2p.idwork import has_work
 from difs_p2p.lookup import Lookup, LookupResult, RttEstimator, deal_paths, merge
 from difs_p2p.net import DatagramNetwork, DatagramTransport, UdpNetwork
 from difs_p2p.recordstore import RecordPolicy, RecordStore
-from difs_p2p.routing import KEY_SIZE, Contact, contact_of, is_id
+from difs_p2p.routing import KEY_SIZE, Contact, contact_of, is_id, valid_address
 from difs_p2p.tasks import TaskSet
 
 # Contact is re-exported for peer.py until it imports it from difs_p2p.routing.
-__all__ = ["IDENTIFY_DOMAIN", "Dht"]
+__all__ = ["IDENTIFY_DOMAIN", "IDENTIFY_INFO_DOMAIN", "Dht"]
 
 log = logging.getLogger(__name__)
 
 IDENTIFY_DOMAIN = b"difs-identify-v1\x00"
+# A proof with the info block signs this domain + nonce + node id + the block's bytes.
+IDENTIFY_INFO_DOMAIN = b"difs-identify-v2\x00"
+# describe(): identify checks at once, and how long it waits for them in all.
+DESCRIBE_CONCURRENCY = 8
 
 
 class Dht:
@@ -107,6 +118,11 @@ class Dht:
         # (node id, ip, port) -> public key of contacts that proved their ID at that
         # address (bounded): a proof holds for the address it was made at, nowhere else
         self.verified: dict[tuple[bytes, str, int], bytes] = {}
+        # what verified contacts said about themselves (TCP port, zone), same keys
+        self.peer_info: dict[tuple[bytes, str, int], dhtwire.PeerInfo] = {}
+        # what this peer says about itself in identify replies (set by its owner;
+        # None: no info block, as older peers)
+        self.info: dhtwire.PeerInfo | None = None
         self._verifying: dict[tuple[bytes, str, int], asyncio.Task[Any]] = {}
         self.config = config or DhtConfig()
         self.node = Node(node_id)
@@ -211,15 +227,45 @@ class Dht:
     # -- routing table ---------------------------------------------------------------------
 
     def contacts(self) -> list[Contact]:
-        return [contact_of(n) for n in self._proto().router.all_contacts()]
+        return [self._described(contact_of(n)) for n in self._proto().router.all_contacts()]
 
     def neighbors(self, key: bytes, count: int | None = None) -> list[Contact]:
         nodes = self._proto().router.find_neighbors(Node(key), count or self.config.ksize)
-        return [contact_of(n) for n in nodes]
+        return [self._described(contact_of(n)) for n in nodes]
 
     @property
     def me(self) -> Contact:
-        return contact_of(self.node)
+        me = contact_of(self.node)
+        if self.info is None:
+            return me
+        return Contact(me.node_id, me.host, me.port, self.info.tcp_port, self.info.zone)
+
+    def _described(self, contact: Contact) -> Contact:
+        """``contact`` with the TCP port and zone it proved in its identify reply."""
+        info = self.peer_info.get((contact.node_id, contact.host, contact.port))
+        if info is None or contact.node_id == self.node_id:
+            return contact
+        return Contact(contact.node_id, contact.host, contact.port, info.tcp_port, info.zone)
+
+    async def describe(self, contacts: Sequence[Contact]) -> list[Contact]:
+        """``contacts`` with their TCP port and zone filled from their signed identify
+        info, verifying those not verified yet (at most ``DESCRIBE_CONCURRENCY`` at once,
+        each within the RPC timeout). A contact that does not answer, or an older peer
+        that sends no info, is kept as it is (TCP port 0: the UDP port's number, zone
+        ""): the caller's connection finds out whether it is up, as before."""
+        limit = asyncio.Semaphore(DESCRIBE_CONCURRENCY)
+
+        async def one(contact: Contact) -> Contact:
+            if contact.node_id == self.node_id:
+                return self.me
+            if self.identity is not None and not self.is_verified(
+                Node(contact.node_id, contact.host, contact.port)
+            ):
+                async with limit:
+                    await self.verify(Node(contact.node_id, contact.host, contact.port))
+            return self._described(contact)
+
+        return list(await asyncio.gather(*(one(c) for c in contacts)))
 
     # -- node identity and per-sender limits -------------------------------------------------
 
@@ -228,8 +274,14 @@ class Dht:
         and, when the request is padded (newer peers), the token for its address."""
         if self.identity is None or request.nonce is None:
             return False
-        message = IDENTIFY_DOMAIN + request.nonce + self.node_id
         token = self.guard.token_for(addr) if request.padded else None
+        if request.info and self.info is not None:
+            info = self.info.encode()
+            message = IDENTIFY_INFO_DOMAIN + request.nonce + self.node_id + info
+            return dhtwire.IdentifyReply(
+                self.identity.public_key, self.identity.sign(message), token, info
+            ).encode()
+        message = IDENTIFY_DOMAIN + request.nonce + self.node_id
         return dhtwire.IdentifyReply(
             self.identity.public_key, self.identity.sign(message), token
         ).encode()
@@ -246,7 +298,7 @@ class Dht:
             return True
         nonce = os.urandom(dhtwire.NONCE_SIZE)
         address = (node.ip, node.port)
-        ask = dhtwire.IdentifyArgs(self.node_id, nonce, padded=True)
+        ask = dhtwire.IdentifyArgs(self.node_id, nonce, padded=True, info=True)
         ok, reply = await self._proto().call(address, "identify", *dhtwire.encode_args(ask))
         if not ok:
             return False
@@ -260,16 +312,25 @@ class Dht:
         if not has_work(NodeId(bytes(node.id)), self.config.id_difficulty):
             self.peer_warning(address, "node ID lacks the node-ID work")
             return False
+        # the info block, when sent, is under the signature (another domain: a proof
+        # without it cannot be passed off as one with it, nor the other way round)
+        message = IDENTIFY_DOMAIN + nonce + bytes(node.id)
+        if proof.info is not None:
+            message = IDENTIFY_INFO_DOMAIN + nonce + bytes(node.id) + proof.info
         try:
-            verify_signature(public_key, signature, IDENTIFY_DOMAIN + nonce + bytes(node.id))
-        except IntegrityError:
+            verify_signature(public_key, signature, message)
+            info = None if proof.info is None else dhtwire.decode_info(proof.info)
+        except (IntegrityError, WireError):
             return False
         if proof.token is not None:
             self.guard.remember_token(address, proof.token)
         if len(self.verified) >= 10 * self.config.max_verified:
             self.verified.clear()
+            self.peer_info.clear()
             self.guard.forget_proven()
         self.verified[(bytes(node.id), node.ip, node.port)] = public_key
+        if info is not None:
+            self.peer_info[(bytes(node.id), node.ip, node.port)] = info
         self.guard.mark_proven(address)
         return True
 
@@ -309,6 +370,17 @@ class Dht:
     def overflow(self) -> list[Contact]:
         """Verified peers kept out of the routing table only by the per-IP cap."""
         return [contact_of(n) for n in self._proto().router.overflow.values()]
+
+    async def observed_address(self, contact: Contact) -> str | None:
+        """The source IP address ``contact`` sees our datagrams come from (its ``stun``
+        answer), or None if it does not answer with an IP literal and valid port."""
+        ok, reply = await self._proto().request(contact.address, "stun")
+        if not ok or not (isinstance(reply, list) and len(reply) == 2):
+            return None
+        host, port = reply
+        if not valid_address((host, port)):
+            return None
+        return normalize_host(str(host))
 
     async def ping(self, address: tuple[str, int]) -> bytes | None:
         """Ping an address; on success the peer joins the routing table and its ID returns."""
@@ -516,13 +588,18 @@ class Dht:
         # placement keeps one address from taking many copies
         router = self._proto().router
         start = router.closest_known(Node(key), min(count, self.config.ksize))
-        found = (await self.lookup(key, "find_node", start=start, k=count)).closest
+        found = [
+            self._described(c)
+            for c in (await self.lookup(key, "find_node", start=start, k=count)).closest
+        ]
         everyone = [*found, self.me]
         everyone.sort(key=lambda c: distance(c.node_id, key))
         if len(everyone) < count:
             have = {c.node_id for c in everyone}
             known = router.closest_known(Node(key), count)
-            everyone += [contact_of(n) for n in known if n.id not in have][: count - len(everyone)]
+            everyone += [self._described(contact_of(n)) for n in known if n.id not in have][
+                : count - len(everyone)
+            ]
         return everyone[:count]
 
     # -- records (difs_p2p.dhtrecords.Records) --------------------------------------------

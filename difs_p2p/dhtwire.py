@@ -21,7 +21,8 @@ from typing import Final
 
 import msgpack
 
-from difs_p2p.errors import WireError
+from difs_p2p.addresses import MAX_ZONE, check_zone, normalize_host
+from difs_p2p.errors import UsageError, WireError
 from difs_p2p.identity import NodeId
 from difs_p2p.routing import Contact, is_id, valid_address
 
@@ -42,6 +43,13 @@ NONCE_SIZE: Final = 16
 # address. A request may carry at most MAX_PAD bytes of padding.
 IDENTIFY_PAD: Final = 80
 MAX_PAD: Final = 256
+# A request that asks for the signed info block (TCP port, zone) starts its padding with
+# this marker (older peers ignore padding's content, and answer without the block); the
+# padding is longer, so that the reply with the block still fits.
+INFO_MARKER: Final = b"difs-info-v1"
+INFO_PAD: Final = 128
+# The info block: version 1, TCP port (u16), zone length (u8), zone (<= 32 bytes).
+INFO_VERSION: Final = 1
 TOKEN_SIZE: Final = 16
 # Bytes of the entry-set digest in a find_entries reply.
 ENTRY_DIGEST_SIZE: Final = 16
@@ -170,6 +178,8 @@ class IdentifyArgs:
     sender: bytes
     nonce: bytes | None
     padded: bool = False
+    # the padding asks for the signed info block (INFO_MARKER)
+    info: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,12 +252,13 @@ def decode_args(name: str, args: list[object]) -> RequestArgs:
     if name == "ping":
         return PingArgs(sender)
     if name == "identify":
-        nonce, padded = None, len(rest) == 2
+        nonce, padded, info = None, len(rest) == 2, False
         if len(rest) in (1, 2) and isinstance(rest[0], bytes) and len(rest[0]) == NONCE_SIZE:
             pad = rest[1] if padded else b""
             if isinstance(pad, bytes) and len(pad) <= MAX_PAD:
                 nonce = bytes(rest[0])
-        return IdentifyArgs(sender, nonce, padded)
+                info = pad.startswith(INFO_MARKER)
+        return IdentifyArgs(sender, nonce, padded, info)
     if not rest or not is_id(rest[0]):
         raise WireError("key is not 20 bytes", field=f"{name}.key")
     key = bytes(rest[0])
@@ -275,8 +286,10 @@ def encode_args(args: RequestArgs) -> list[object]:
             return [] if sender is None else [sender]
         case PingArgs(sender):
             return [sender]
-        case IdentifyArgs(sender, nonce, padded):
+        case IdentifyArgs(sender, nonce, padded, info):
             out: list[object] = [sender, nonce]
+            if info:
+                return [*out, INFO_MARKER.ljust(INFO_PAD, b"\x00")]
             return [*out, bytes(IDENTIFY_PAD)] if padded else out
         case FindArgs(sender, key):
             return [sender, key]
@@ -298,7 +311,8 @@ def encode_contacts(contacts: list[Contact]) -> list[list[object]]:
 
 def decode_contacts(body: object, limit: int, field: str = "nodes") -> list[Contact]:
     """The contacts of a find_* reply: at most ``limit`` ``[id, ip, port]``, each a
-    20-byte id and an IPv4 address a datagram may go to (``valid_address``)."""
+    20-byte id and an IPv4 or IPv6 address (text, never a name) a datagram may go to
+    (``valid_address``); an IPv4-mapped IPv6 address becomes the plain IPv4 text."""
     if not isinstance(body, list):
         raise WireError("contacts are not a list", field=field)
     if len(body) > limit:
@@ -310,6 +324,8 @@ def decode_contacts(body: object, limit: int, field: str = "nodes") -> list[Cont
         nid, ip, port = item
         if not (is_id(nid) and valid_address((ip, port))):
             raise WireError("contact id or address is not valid", field=f"{field}[{i}]")
+        if ":" in ip:
+            ip = normalize_host(ip)
         out.append(Contact(NodeId(bytes(nid)), ip, port))
     return out
 
@@ -417,29 +433,67 @@ def decode_lookup_reply(
 
 
 @dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """What a peer says about itself in its identify reply, under its signature: the
+    TCP port of its segment service and its zone label ("" when none)."""
+
+    tcp_port: int
+    zone: str = ""
+
+    def encode(self) -> bytes:
+        zone = self.zone.encode("ascii")
+        return bytes([INFO_VERSION]) + self.tcp_port.to_bytes(2, "big") + bytes([len(zone)]) + zone
+
+
+def decode_info(raw: object) -> PeerInfo:
+    """The info block of an identify reply (``WireError`` unless exactly well formed)."""
+    if not isinstance(raw, bytes) or not 4 <= len(raw) <= 4 + MAX_ZONE:
+        raise WireError("info block is not 4-36 bytes", field="identify.info")
+    if raw[0] != INFO_VERSION:
+        raise WireError(f"info block version {raw[0]}", field="identify.info", offset=0)
+    port, size = int.from_bytes(raw[1:3], "big"), raw[3]
+    if port == 0 or len(raw) != 4 + size:
+        raise WireError("info block port 0 or zone length wrong", field="identify.info", offset=1)
+    try:
+        zone = check_zone(raw[4:].decode("ascii"))
+    except (UnicodeDecodeError, UsageError):
+        raise WireError("zone label is not valid", field="identify.info", offset=4) from None
+    return PeerInfo(port, zone)
+
+
+@dataclass(frozen=True, slots=True)
 class IdentifyReply:
-    """An identify proof: public key, signature, and the token for our address (None if
-    the peer sent none or one that is not 16 bytes)."""
+    """An identify proof: public key, signature, the token for our address (None if
+    the peer sent none or one that is not 16 bytes), and the info block when asked for
+    (its bytes, covered by the signature; None from a peer that sent none)."""
 
     public_key: bytes
     signature: bytes
     token: bytes | None = None
+    info: bytes | None = None
 
     def encode(self) -> list[object]:
         out: list[object] = [self.public_key, self.signature]
+        if self.info is not None:
+            return [*out, self.token, self.info]
         return out if self.token is None else [*out, self.token]
 
 
 def decode_identify(body: object) -> IdentifyReply:
-    if not (isinstance(body, list) and len(body) in (2, 3)):
-        raise WireError("identify reply is not [key, signature(, token)]", field="identify")
+    """``[key, signature]``, ``[key, signature, token]`` (older peers) or ``[key,
+    signature, token or nil, info bytes]``."""
+    if not (isinstance(body, list) and len(body) in (2, 3, 4)):
+        raise WireError("identify reply is not [key, signature(, token(, info))]", field="identify")
     public_key, signature = body[0], body[1]
     if not (isinstance(public_key, bytes) and isinstance(signature, bytes)):
         raise WireError("key or signature is not bytes", field="identify.proof")
-    token = body[2] if len(body) == 3 else None
+    token = body[2] if len(body) >= 3 else None
     if not (isinstance(token, bytes) and len(token) == TOKEN_SIZE):
         token = None
-    return IdentifyReply(public_key, signature, token)
+    info = body[3] if len(body) == 4 else None
+    if info is not None and not (isinstance(info, bytes) and len(info) <= 4 + MAX_ZONE):
+        raise WireError("info block is not bytes of at most 36", field="identify.info")
+    return IdentifyReply(public_key, signature, token, info)
 
 
 def token_reply(body: object) -> bytes | None:

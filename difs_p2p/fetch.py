@@ -330,6 +330,16 @@ class Fetch:
             self._checked[entry.raw] = ok
         return ok
 
+    def check_node(self, address: tuple[str, int], hello: wire.Frame | None) -> None:
+        """PeerError unless ``hello`` is the HELLO answer of a node whose key signed an
+        entry for ``address``."""
+        where = f"{address[0]}:{address[1]}"
+        if not isinstance(hello, wire.Hello) or hello.peer is None:
+            raise PeerError(f"{where} did not say its node id")
+        ids = {h.node_id.hex() for h in self._by_address.get(address, ())}
+        if hello.peer.lower() not in ids:
+            raise PeerError(f"{where} is node {hello.peer[:16]}, not the holder its entries name")
+
     def usable(self, address: tuple[str, int]) -> bool:
         """Whether ``address`` has an entry with a valid signature (checked up to the first)."""
         return any(self._trusted(h) for h in self._by_address.get(address, ()))
@@ -506,7 +516,17 @@ class _HashListAsk:
         sent = loop.time()
         self.connects.append(sent - t0)
         try:
+            # HELLO first, pipelined with the request (no extra round trip): the node ID
+            # it reports must be a signer of this address's entries, so that an address
+            # that now reaches another node (a local peer on the same port, a restarted
+            # host) is never taken for the holder
+            await conn.send(wire.Hello(request_id=0, peer=None))
             await conn.send(wire.GetSeg(request_id=0, seg_id=self.root, offset=0, length=0))
+            try:
+                fetch.check_node(address, await conn.read_frame())
+            except PeerError:
+                self.unreachable += 1  # the holder is not at its address any more
+                raise
             header = await conn.read_header()
             first = loop.time()
             if header is None:

@@ -257,7 +257,7 @@ class Drainer:
 
             async def copy(contact: Contact) -> HolderEntry:
                 return await self.replicator.push_range(
-                    contact.address,
+                    contact.tcp_address,
                     h.key,
                     h.version,
                     h.integrity,

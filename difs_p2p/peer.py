@@ -10,7 +10,9 @@ directory holds everything the peer must keep across restarts::
     DATA/records.sqlite3  DHT records and holder entries this peer stores for the network
     DATA/holdings.sqlite3 the ranges this peer holds (holdings.py)
     DATA/store/           segments (see store.py)
-    DATA/address          HOST:PORT while the peer runs (how the CLI finds its local peer)
+    DATA/address          HOST:PORT while the peer runs (how the CLI finds its local peer):
+                          the advertised address, else (a wildcard bind not yet knowing
+                          it) the loopback address of the bound family
     DATA/lock             held (flock) while a peer uses the directory
 
 The peer composes its parts at start: the DHT (dht.py) with the holder-entry prover
@@ -41,16 +43,18 @@ from pathlib import Path
 from typing import IO, Any
 
 from difs_p2p import control
+from difs_p2p.addresses import AddressVotes, format_address, is_ipv6, is_wildcard, sendable_host
 from difs_p2p.config import PeerConfig
 from difs_p2p.dht import Dht
+from difs_p2p.dhtwire import PeerInfo
 from difs_p2p.diskcost import DiskCost
-from difs_p2p.errors import NetworkError, StorageError
+from difs_p2p.errors import NetworkError, StorageError, UsageError
 from difs_p2p.holdings import Holdings
 from difs_p2p.holdproof import HolderProver
 from difs_p2p.identity import Identity, NodeId
 from difs_p2p.idwork import load_or_create_with_work
 from difs_p2p.leaving import Drainer
-from difs_p2p.net import HOST_NETWORK, PeerNetwork
+from difs_p2p.net import HOST_NETWORK, PeerNetwork, resolve
 from difs_p2p.operations import OPERATIONS, Operations
 from difs_p2p.recordpolicy import RecordValidator
 from difs_p2p.repair import Maintainer
@@ -69,6 +73,12 @@ CONTACTS_VERSION = 1
 CONTACTS_SAVE_INTERVAL = 60.0
 # Contacts kept in contacts.json: enough to rejoin even if most of them are gone.
 CONTACTS_SAVED = 64
+# The learned address (a wildcard bind without --advertise): contacts asked per check, and
+# how often it is checked (every 10 s while unknown, then every 5 min: a changed network
+# is followed within minutes, and a check is 8 small datagrams).
+LEARN_ASK = 8
+LEARN_RETRY = 10.0
+LEARN_INTERVAL = 300.0
 
 
 def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -110,14 +120,25 @@ class Peer:
         self.clock = clock
         # The host's sockets; the simulator passes its relay network.
         self.network = network
-        # The address other peers reach us at (set when the DHT socket is open).
+        # The address other peers reach us at (set when the DHT socket is open): the
+        # advertised host; the bound one (maybe a wildcard) while none is known.
         self.host = config.host
+        # The address the sockets are bound to (a wildcard for --listen 0.0.0.0 / ::).
+        self.bound: tuple[str, int] = (config.host, 0)
+        # Whether the advertised address is known (a wildcard bind without --advertise
+        # learns it from what other peers observe).
+        self.advertised = False
+        # a wildcard bind without --advertise: what other peers observe (AddressVotes)
+        self._learning = False
+        self._votes = AddressVotes()
         self.data_dir = config.data_dir
         self.identity: Identity | None = None
         self.dht: Dht | None = None
         self.store: SegmentStore | None = None
         self.server: Server | None = None
         self.port = 0
+        # the segment service's port (--tcp-port, else the UDP port's number)
+        self.tcp_port = 0
         self.started_at = 0.0
         self._lock_file: IO[bytes] | None = None
         self.holdings: Holdings | None = None
@@ -175,7 +196,7 @@ class Peer:
             self.store = await asyncio.to_thread(
                 functools.partial(SegmentStore, self.data_dir / "store", cfg.capacity, cost=cost)
             )
-            tcp, datagrams = await self.network.listen(cfg.host, cfg.port)
+            tcp, datagrams = await self.network.listen(cfg.host, cfg.port, cfg.tcp_port)
             self.dht = Dht(
                 self.identity.node_id,
                 RecordValidator(),
@@ -194,7 +215,11 @@ class Peer:
             )
             self.dht.entry_gate = self.prover
             self.port = await self.dht.start(cfg.host, cfg.port, network=datagrams)
-            self.host = self.dht.me.host
+            self.tcp_port = cfg.tcp_port or self.port
+            self.bound = (self.dht.me.host, self.port)
+            await self._advertise()
+            # told to contacts in the signed identify info block (dht.py)
+            self.dht.info = PeerInfo(self.tcp_port, cfg.zone)
             self.holdings = Holdings(self.data_dir / "holdings.sqlite3")
             service = self._compose(self.identity, self._token, self.store, self.dht, self.holdings)
             self.server = Server(
@@ -208,13 +233,82 @@ class Peer:
             self.server.start()
             self.started_at = self.clock()
             await self._join()
-            _atomic_write(self.data_dir / "address", f"{self.host}:{self.port}\n".encode())
+            if self._learning:
+                await self.learn_address()
+                self.spawn(self._learn_loop())
+            self._write_address()
             self.spawn(self._save_contacts_loop())
             self.spawn(self._maintainer().run())
             self.spawn(service.uploads.sweep())
         except BaseException:
             await self.stop()
             raise
+
+    async def _advertise(self) -> None:
+        """Decide the advertised address: --advertise (a name resolved now), else the
+        bound address unless it is a wildcard (then learned later, see AddressVotes)."""
+        cfg = self.config
+        if cfg.advertise is not None:
+            host = (await resolve(*cfg.advertise))[0][0]
+            if not sendable_host(host):
+                raise UsageError(f"--advertise names {host!r}, which others cannot reach")
+            self.host, self.advertised = host, True
+            self.tcp_port = cfg.advertise[1] or self.tcp_port
+        elif not is_wildcard(self.bound[0]):
+            self.host, self.advertised = self.bound[0], True
+        else:
+            self.host, self._learning = self.bound[0], True
+            log.warning(
+                "address_unknown listen=%s: no --advertise; the address others reach this"
+                " peer at is learned once two peers agree on it (status says when)",
+                format_address(*self.bound),
+            )
+        if self.advertised:
+            self._dht().node.ip = self.host
+
+    async def learn_address(self) -> None:
+        """Ask up to ``LEARN_ASK`` contacts which address they see us at (``stun``) and
+        adopt the one ``AddressVotes`` agrees on (a wildcard bind without --advertise)."""
+        dht = self._dht()
+        asked = dht.contacts()[:LEARN_ASK]
+        seen = await asyncio.gather(*(dht.observed_address(c) for c in asked))
+        now = self.clock()
+        for contact, host in zip(asked, seen, strict=True):
+            if host is not None:
+                self._votes.observe(contact.address, host, now)
+        winner = self._votes.winner(now)
+        if winner is None or (self.advertised and winner == self.host):
+            return
+        log.warning(
+            "address_learned address=%s listen=%s",
+            format_address(winner, self.tcp_port),
+            format_address(*self.bound),
+        )
+        self.host, self.advertised = winner, True
+        dht.node.ip = winner
+        if self._replicator is not None:
+            self._replicator.address = self.address
+        if self.started_at:
+            self._write_address()
+
+    async def _learn_loop(self) -> None:
+        """Re-check the learned address: soon while unknown, then every LEARN_INTERVAL."""
+        while True:
+            await asyncio.sleep(LEARN_INTERVAL if self.advertised else LEARN_RETRY)
+            await self.learn_address()
+
+    def _write_address(self) -> None:
+        """DATA/address: where a local client reaches this peer (see the module doc)."""
+        text = format_address(*self.reach_address)
+        _atomic_write(self.data_dir / "address", f"{text}\n".encode())
+
+    @property
+    def reach_address(self) -> tuple[str, int]:
+        """The advertised address; while it is unknown (a wildcard bind), the loopback
+        address of the bound family, where a client on this host reaches the peer."""
+        if self.advertised:
+            return self.address
+        return ("::1" if is_ipv6(self.bound[0]) else "127.0.0.1", self.tcp_port or self.port)
 
     def _compose(
         self, identity: Identity, token: bytes, store: SegmentStore, dht: Dht, holdings: Holdings
@@ -284,15 +378,20 @@ class Peer:
         cfg = self.config
         dht = self._dht()
         if cfg.bootstrap:
+            # the operator's names resolve here (every address of each), never a peer's
+            seeds: list[tuple[str, int]] = []
+            for host, port in cfg.bootstrap:
+                seeds += await resolve(host, port)
+            seeds = list(dict.fromkeys(seeds))
             delay = cfg.bootstrap_backoff
             for attempt in range(1, cfg.bootstrap_attempts + 1):
-                if await dht.bootstrap(list(cfg.bootstrap)) > 0:
+                if await dht.bootstrap(seeds) > 0:
                     return
                 if attempt < cfg.bootstrap_attempts:
                     log.info("bootstrap_retry attempt=%d delay=%.1f", attempt, delay)
                     await asyncio.sleep(delay)
                     delay *= 2
-            tried = ", ".join(f"{h}:{p}" for h, p in cfg.bootstrap)
+            tried = ", ".join(format_address(h, p) for h, p in cfg.bootstrap)
             raise NetworkError(
                 f"bootstrap failed: no answer from {tried} after {cfg.bootstrap_attempts} attempts"
             )
@@ -377,11 +476,17 @@ class Peer:
 
     @property
     def address(self) -> tuple[str, int]:
+        """Where other peers reach the segment service (TCP): the advertised address."""
+        return (self.host, self.tcp_port or self.port)
+
+    @property
+    def dht_address(self) -> tuple[str, int]:
+        """Where other peers reach the DHT (UDP): what --bootstrap takes."""
         return (self.host, self.port)
 
     @property
     def contact(self) -> Contact:
-        return Contact(self.node_id, self.host, self.port)
+        return Contact(self.node_id, self.host, self.port, self.tcp_port, self.config.zone)
 
     def status(self) -> dict[str, Any]:
         """A view of this peer and of the network as it sees it."""
@@ -391,11 +496,19 @@ class Peer:
         records, entries = dht.store.counts()
         return {
             "node_id": self.node_id.hex(),
-            "address": f"{self.host}:{self.port}",
+            "address": format_address(*self.reach_address),
+            # real networks: the bound address, and whether the advertised one is known
+            "listen": format_address(*self.bound),
+            "address_known": self.advertised,
             "uptime": round(self.clock() - self.started_at, 3),
             "routing_table": len(contacts),
             "contacts": [
-                {"id": c.node_id.hex(), "address": f"{c.host}:{c.port}"}
+                {
+                    "id": c.node_id.hex(),
+                    "address": format_address(c.host, c.port),
+                    "tcp_port": c.tcp_port or c.port,
+                    "zone": c.zone,
+                }
                 for c in dht.neighbors(self.node_id, 10)
             ],
             "records": records,

@@ -396,7 +396,7 @@ class Maintainer:
 
         async def copy(contact: Contact) -> HolderEntry:
             return await self.replicator.push_range(
-                contact.address, h.key, h.version, h.integrity, start, end, self._pace
+                contact.tcp_address, h.key, h.version, h.integrity, start, end, self._pace
             )
 
         placed = await self.replicator.make_copies(

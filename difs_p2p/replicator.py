@@ -19,12 +19,14 @@ from collections.abc import Awaitable, Callable, Sequence, Set
 from typing import BinaryIO
 
 from difs_p2p import control, segments, wire
+from difs_p2p.addresses import format_address, sendable_host
 from difs_p2p.config import PeerConfig
 from difs_p2p.dht import Dht
 from difs_p2p.errors import (
     AlreadyExistsError,
     DifsError,
     IntegrityError,
+    NetworkError,
     NotFoundError,
     RemoteRejectedError,
     UsageError,
@@ -138,6 +140,7 @@ class Replicator:
         """
         if count and not start <= end < count:
             raise UsageError("range outside the object")
+        self._reachable()
         existing = await asyncio.to_thread(self.holdings.get, NameKey(key), version, start)
         if existing is not None:
             if (existing.integrity, existing.end) != (integrity, end):
@@ -162,10 +165,21 @@ class Replicator:
         await asyncio.to_thread(self.holdings.add, holding)
         return holding, self.sign_entry(key, version, integrity, start, end)
 
+    def _reachable(self) -> tuple[str, int]:
+        """Where others reach this peer; NetworkError while it does not know (a wildcard
+        bind whose address no two peers have observed yet, docs/SECURITY.md)."""
+        host, port = self.address
+        if not sendable_host(host):
+            raise NetworkError(
+                f"this peer does not know the address others reach it at (it listens on"
+                f" {format_address(host, port)}): start it with --advertise HOST:PORT"
+            )
+        return host, port
+
     def sign_entry(
         self, key: bytes, version: int, integrity: bytes, start: int, end: int
     ) -> HolderEntry:
-        host, port = self.address
+        host, port = self._reachable()
         return build_holder_entry(
             self.identity,
             key=NameKey(key),
@@ -328,7 +342,7 @@ class Replicator:
                         mine.append(holding)
                     return entry
                 return await self.push_range(
-                    contact.address,
+                    contact.tcp_address,
                     key,
                     version,
                     integrity,

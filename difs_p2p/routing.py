@@ -21,6 +21,7 @@ from typing import Any, TypeGuard
 from kademlia.node import Node
 from kademlia.routing import RoutingTable
 
+from difs_p2p.addresses import sendable_host
 from difs_p2p.identity import NodeId
 
 KEY_SIZE = 20
@@ -28,17 +29,27 @@ KEY_SIZE = 20
 
 @dataclass(frozen=True, slots=True)
 class Contact:
-    """A peer as the DHT knows it. Its TCP port has the same number as its UDP port."""
+    """A peer as the DHT knows it: its UDP address, and what its signed identify info
+    says (docs/PROTOCOL.md, "identify"): its TCP port (0: not known yet, taken to be the
+    UDP port's number) and its zone label ("" when none or not known)."""
 
     node_id: NodeId
     host: str
     port: int
+    # real networks: the TCP port and zone from the identify info block
+    tcp_port: int = 0
     # The operator's failure-domain label (``--zone``); empty: unknown (placement.py).
     zone: str = ""
 
     @property
     def address(self) -> tuple[str, int]:
+        """The UDP (DHT) address."""
         return (self.host, self.port)
+
+    @property
+    def tcp_address(self) -> tuple[str, int]:
+        """The address of the peer's segment service (TCP)."""
+        return (self.host, self.tcp_port or self.port)
 
 
 def is_id(value: object) -> TypeGuard[bytes]:
@@ -46,34 +57,23 @@ def is_id(value: object) -> TypeGuard[bytes]:
     return isinstance(value, bytes) and len(value) == KEY_SIZE
 
 
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
-
-
 @functools.lru_cache(maxsize=4096)
 def valid_host(host: object) -> bool:
-    """Whether ``host`` is an IPv4 address in dotted form that a datagram may go to.
+    """Whether ``host`` is an IPv4 or IPv6 address in text form that a datagram may go to.
 
     Anything else from a peer is refused before it reaches a socket: a host name would
-    be resolved (blocking the loop), and a string the socket layer cannot encode (a NUL
-    byte) raises an error that is not an ``OSError``, which closes an asyncio datagram
-    transport for good. IPv6 is refused too: the DHT runs on IPv4 (one family per DHT).
+    be resolved (blocking the loop, and letting a peer steer our resolver), and a string
+    the socket layer cannot encode (a NUL byte) raises an error that is not an
+    ``OSError``, which closes an asyncio datagram transport for good. Unspecified,
+    multicast and broadcast addresses are refused too (``addresses.sendable_host``).
+    Remembered: every contact of every reply is checked, and the same few hundred
+    addresses come back again and again.
     """
-    return isinstance(host, str) and len(host) <= 15 and _sendable_ipv4(host)
-
-
-@functools.lru_cache(maxsize=4096)
-def _sendable_ipv4(host: str) -> bool:
-    """``valid_host`` of a short string, remembered: every contact of every reply is
-    checked, and the same few hundred addresses come back again and again."""
-    try:
-        ip = ipaddress.IPv4Address(host)
-    except ValueError:
-        return False
-    return not (ip.is_unspecified or ip.is_multicast or ip == _BROADCAST)
+    return isinstance(host, str) and len(host) <= 45 and sendable_host(host)
 
 
 def valid_address(addr: object) -> bool:
-    """Whether ``addr`` is an ``(IPv4 address, port 1-65535)`` pair."""
+    """Whether ``addr`` is an ``(IP address, port 1-65535)`` pair (``valid_host``)."""
     if not (isinstance(addr, tuple) and len(addr) == 2):
         return False
     host, port = addr

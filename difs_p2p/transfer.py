@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import difs_p2p.wire as wire
 from difs_p2p import ops
+from difs_p2p.addresses import format_address, normalize_host
 from difs_p2p.errors import (
     AlreadyExistsError,
     BusyError,
@@ -194,7 +195,9 @@ class Connection:
         self.last_work = time.monotonic()
         self.in_flight = 0
         try:
-            self.peer_address: tuple[str, int] = sock.getpeername()[:2]
+            name = sock.getpeername()
+            # an IPv4 client of a dual-stack listener as plain IPv4 text
+            self.peer_address: tuple[str, int] = (normalize_host(str(name[0])), int(name[1]))
         except OSError:
             self.peer_address = ("?", 0)
 
@@ -215,10 +218,10 @@ class Connection:
             async with asyncio.timeout(connect_timeout):
                 sock = await network.connect(address)
         except TimeoutError:
-            raise DifsTimeoutError(f"connect to {address[0]}:{address[1]} timed out") from None
+            raise DifsTimeoutError(f"connect to {format_address(*address)} timed out") from None
         except OSError as exc:
             raise NetworkError(
-                f"cannot connect to {address[0]}:{address[1]}: {exc.strerror or exc}"
+                f"cannot connect to {format_address(*address)}: {exc.strerror or exc}"
             ) from None
         conn = cls(sock, io_timeout)
         if credential is not None:
@@ -247,7 +250,7 @@ class Connection:
                 server_id = bytes.fromhex(challenge.peer)
                 if expect_id is not None and server_id != expect_id:
                     raise PeerError(
-                        f"{self.peer_address[0]}:{self.peer_address[1]} is node "
+                        f"{format_address(*self.peer_address)} is node "
                         f"{challenge.peer[:16]}, not {expect_id.hex()[:16]}"
                     )
                 auth = credential.prove(challenge.nonce, server_id)
@@ -581,7 +584,7 @@ class Server:
                     await asyncio.sleep(0.1)
                     continue
                 raise
-            host = str(address[0])
+            host = normalize_host(str(address[0]))
             if not self._admit(host):
                 self.refused += 1
                 client.close()

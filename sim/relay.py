@@ -87,7 +87,9 @@ class RelayedPeerNetwork:
         # The peer's own listener (where a client on the same host connects directly).
         self.inner: Address | None = None
 
-    async def listen(self, host: str, port: int) -> tuple[socket.socket, DatagramNetwork]:
+    async def listen(
+        self, host: str, port: int, tcp_port: int = 0
+    ) -> tuple[socket.socket, DatagramNetwork]:
         tcp, udp = bind_sockets(self.relay.host, 0)
         inner = tcp.getsockname()
         self.inner = (str(inner[0]), int(inner[1]))

@@ -94,10 +94,19 @@ def test_format_size(n: int, text: str) -> None:
         ("192.168.1.2", 4000, ("192.168.1.2", 4000)),
         ("localhost", 80, ("127.0.0.1", 80)),
         ("1.2.3.4:5", 4000, ("1.2.3.4", 5)),
+        ("[::1]:4000", None, ("::1", 4000)),
+        ("[fd77::1]:4000", None, ("fd77::1", 4000)),
+        ("[FD77:0::1]", 9, ("fd77::1", 9)),
+        ("fd77::1", 4000, ("fd77::1", 4000)),
+        ("::", 4000, ("::", 4000)),
+        ("[::ffff:10.0.0.1]:7", None, ("10.0.0.1", 7)),
+        ("seed.example.org:4000", None, ("seed.example.org", 4000)),
+        ("Seed.Example.ORG.", 4000, ("seed.example.org", 4000)),
     ],
 )
 def test_parse_hostport(text: str, default_port: int | None, address: tuple[str, int]) -> None:
-    """HOST:PORT with an IPv4 address or localhost; the port may have a default."""
+    """HOST:PORT with an IPv4 address, [IPv6] or a name (not resolved yet); the port
+    may have a default; IPv6 and mapped IPv4 come back in their one text."""
     assert parse_hostport(text, default_port=default_port) == address
 
 
@@ -105,10 +114,14 @@ def test_parse_hostport(text: str, default_port: int | None, address: tuple[str,
     ("text", "why"),
     [
         ("127.0.0.1", "expected HOST:PORT"),
-        ("[::1]:4000", "IPv6 is not supported"),
-        ("::1:4000", "IPv6 is not supported"),
-        ("example.com:4000", "is not an IPv4 address"),
-        ("256.0.0.1:4000", "is not an IPv4 address"),
+        ("::1:4000", "expected HOST:PORT"),
+        ("fd77::1::2:4000", "write an IPv6 address with a port as"),
+        ("[::1:4000", "missing"),
+        ("[::1]4000", "expected \\[IPv6\\]:PORT"),
+        ("[example.com]:4000", "is not an IPv6 address"),
+        ("exa mple.com:4000", "is not an IP address or host name"),
+        ("host\x00:4000", "is not an IP address or host name"),
+        ("256.0.0.1:4000", "is not an IP address or host name"),
         ("127.0.0.1:0", "port must be 1-65535"),
         ("127.0.0.1:65536", "port must be 1-65535"),
         ("127.0.0.1:-1", "port must be 1-65535"),
@@ -173,8 +186,15 @@ PROOF_ERRORS: list[tuple[dict[str, Any], str]] = [
 ]
 
 PEER_ERRORS: list[tuple[dict[str, Any], str]] = [
-    ({"host": "localhost"}, "--host must be an IPv4 address"),
-    ({"host": "::1"}, "--host must be an IPv4 address"),
+    ({"host": "example.com"}, "--listen must be an IPv4 or IPv6 address"),
+    ({"host": "ff02::1"}, "--listen must be an IPv4 or IPv6 address"),
+    ({"host": "fe80::1%eth0"}, "--listen must be an IPv4 or IPv6 address"),
+    ({"advertise": ("0.0.0.0", 4000)}, "--advertise must be a reachable"),
+    ({"advertise": ("::", 4000)}, "--advertise must be a reachable"),
+    ({"advertise": ("10.0.0.1", 65536)}, "--advertise must be a reachable"),
+    ({"tcp_port": 65536}, "--tcp-port must be 0-65535"),
+    ({"zone": "x" * 33}, "--zone must be at most 32"),
+    ({"zone": "rack 1"}, "--zone must be at most 32"),
     ({"port": -1}, "--port must be 0-65535"),
     ({"port": 65536}, "--port must be 0-65535"),
     ({"capacity": -1}, "--capacity must not be negative"),

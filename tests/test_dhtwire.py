@@ -193,12 +193,21 @@ def test_request_arguments(name: str, args: list[object], outcome: object) -> No
         assert dhtwire.decode_args(name, args) == outcome
 
 
+def test_ipv6_contacts_decode_and_mapped_ones_become_ipv4() -> None:
+    """IPv6 contacts are accepted; an IPv4-mapped one becomes plain IPv4 text."""
+    body = [[PEER.node_id, "fd77::1", 4000], [PEER.node_id, "::ffff:10.77.0.2", 4001]]
+    found = dhtwire.decode_contacts(body, 40)
+    assert [c.address for c in found] == [("fd77::1", 4000), ("10.77.0.2", 4001)]
+
+
 @pytest.mark.parametrize(
     "body",
     [
         [[PEER.node_id, "example.com", 1]],
         [[PEER.node_id, "192.0.2.1\x00", 1]],
-        [[PEER.node_id, "::1", 1]],
+        [[PEER.node_id, "::", 1]],
+        [[PEER.node_id, "ff02::1", 1]],
+        [[PEER.node_id, "fe80::1%eth0", 1]],
         [[PEER.node_id, "192.0.2.1", 0]],
         [[PEER.node_id, "192.0.2.1", 65536]],
         [[PEER.node_id, "255.255.255.255", 1]],
@@ -209,7 +218,7 @@ def test_request_arguments(name: str, args: list[object], outcome: object) -> No
     ],
 )
 def test_bad_contact_lists_are_refused(body: object) -> None:
-    """A contact list with any contact that is not a valid IPv4 peer is refused whole."""
+    """A contact list with any contact that is not a valid IP peer is refused whole."""
     with pytest.raises(WireError):
         dhtwire.decode_contacts(body, 40)
 
@@ -397,3 +406,63 @@ def test_datagram_codec_is_the_stock_encoding_byte_for_byte(value: object) -> No
     """Our C msgpack codec writes exactly what u-msgpack (rpcudp's) writes, and reads it."""
     assert dhtwire.pack(value) == umsgpack.packb(value)
     assert dhtwire.unpack(umsgpack.packb(value)) == value
+
+
+@pytest.mark.parametrize(
+    ("info", "raw"),
+    [
+        (dhtwire.PeerInfo(4100), b"\x01\x10\x04\x00"),
+        (dhtwire.PeerInfo(65535, "eu-west.rack_3"), b"\x01\xff\xff\x0eeu-west.rack_3"),
+        (dhtwire.PeerInfo(1, "z" * 32), b"\x01\x00\x01\x20" + b"z" * 32),
+    ],
+)
+def test_the_identify_info_block_round_trips(info: dhtwire.PeerInfo, raw: bytes) -> None:
+    """The info block: version, TCP port, zone length, zone; decoded back exactly."""
+    assert info.encode() == raw
+    assert dhtwire.decode_info(raw) == info
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\x01\x10\x04",  # short
+        b"\x02\x10\x04\x00",  # unknown version
+        b"\x01\x00\x00\x00",  # port 0
+        b"\x01\x10\x04\x02a",  # zone shorter than its length
+        b"\x01\x10\x04\x01ab",  # trailing bytes
+        b"\x01\x10\x04\x01 ",  # a space in the zone
+        b"\x01\x10\x04\x01\xff",  # not ASCII
+        b"\x01\x10\x04\x21" + b"z" * 33,  # zone over 32
+        "text",
+        None,
+    ],
+)
+def test_malformed_info_blocks_are_wire_errors(raw: object) -> None:
+    """Any info block that is not exactly well formed is a WireError."""
+    with pytest.raises(WireError):
+        dhtwire.decode_info(raw)
+
+
+def test_identify_replies_old_and_new_decode() -> None:
+    """Older peers' replies (no token, token) still decode; the new one carries info;
+    the request that asks for info is padded so that the reply fits."""
+    key, sig = b"k" * 32, b"s" * 64
+    old = dhtwire.decode_identify([key, sig])
+    assert (old.token, old.info) == (None, None)
+    info = dhtwire.PeerInfo(4101, "rack-1").encode()
+    new = dhtwire.decode_identify([key, sig, None, info])
+    assert (new.token, new.info) == (None, info)
+    assert dhtwire.decode_identify(dhtwire.IdentifyReply(key, sig, TOKEN, info).encode()) == (
+        dhtwire.IdentifyReply(key, sig, TOKEN, info)
+    )
+    with pytest.raises(WireError):
+        dhtwire.decode_identify([key, sig, TOKEN, b"x" * 37])
+    ask = dhtwire.IdentifyArgs(b"i" * 20, b"n" * 16, padded=True, info=True)
+    args = dhtwire.encode_args(ask)
+    assert dhtwire.decode_args("identify", args) == ask
+    request = dhtwire.encode_request(b"m" * 20, "identify", args, None)
+    longest = dhtwire.IdentifyReply(key, sig, TOKEN, dhtwire.PeerInfo(65535, "z" * 32).encode())
+    assert len(dhtwire.encode_reply(b"m" * 20, longest.encode())) <= len(request)
+    plain = dhtwire.IdentifyArgs(b"i" * 20, b"n" * 16, padded=True)
+    assert dhtwire.decode_args("identify", dhtwire.encode_args(plain)) == plain

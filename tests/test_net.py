@@ -150,3 +150,38 @@ async def test_udp_network_binds_its_own_socket() -> None:
     finally:
         udp.close()
         other.close()
+
+
+@pytest.mark.parametrize(
+    ("host", "family", "v6only"),
+    [("::1", socket.AF_INET6, 1), ("::", socket.AF_INET6, 0), ("0.0.0.0", socket.AF_INET, None)],
+)
+def test_sockets_take_the_family_of_their_address(
+    host: str, family: socket.AddressFamily, v6only: int | None
+) -> None:
+    """IPv6 addresses bind IPv6 sockets on one port; :: is dual-stack, others v6-only."""
+    tcp, udp = bind_sockets(host, 0)
+    try:
+        assert tcp.family == udp.family == family
+        assert tcp.getsockname()[1] == udp.getsockname()[1]
+        if v6only is not None:
+            for sock in (tcp, udp):
+                assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == v6only
+    finally:
+        tcp.close()
+        udp.close()
+
+
+def test_a_separate_tcp_port_binds_tcp_there() -> None:
+    """With a TCP port given, TCP listens there and UDP on its own port."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    wanted = probe.getsockname()[1]
+    probe.close()
+    tcp, udp = bind_sockets("127.0.0.1", 0, tcp_port=wanted)
+    try:
+        assert tcp.getsockname()[1] == wanted
+        assert udp.getsockname()[1] != 0
+    finally:
+        tcp.close()
+        udp.close()

@@ -33,7 +33,14 @@ from difs_p2p.routing import (
         ("0.0.0.0", False),
         ("255.255.255.255", False),
         ("224.0.0.1", False),
-        ("::1", False),
+        ("::1", True),
+        ("fd77::1", True),
+        ("::ffff:10.0.0.1", True),
+        ("::", False),
+        ("ff02::1", False),
+        ("fe80::1%eth0", False),
+        ("[::1]", False),
+        ("::1\x00", False),
         ("example.com", False),
         ("localhost", False),
         ("evil\x00host", False),
@@ -48,7 +55,7 @@ from difs_p2p.routing import (
     ],
 )
 def test_valid_host(host: object, ok: bool) -> None:
-    """Only dotted IPv4 addresses a datagram may go to are valid hosts."""
+    """Only IPv4 and IPv6 literals a datagram may go to are valid hosts (no names)."""
     assert valid_host(host) is ok
 
 
