@@ -1,0 +1,139 @@
+"""The rejoin decisions (membership.py): states, backoff, candidates, publish quorum."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from difs_p2p.membership import (
+    ISOLATED,
+    OK,
+    THIN,
+    Membership,
+    Transition,
+    network_state,
+    publish_quorum,
+)
+
+
+@pytest.mark.parametrize(
+    ("size", "most_seen", "ksize", "state"),
+    [
+        (0, 0, 20, OK),  # never saw another peer: a one-peer network
+        (0, 1, 20, ISOLATED),
+        (0, 40, 20, ISOLATED),
+        (4, 20, 20, THIN),  # below 20 / 4
+        (5, 20, 20, OK),
+        (4, 100, 20, THIN),  # most_seen capped at k
+        (5, 100, 20, OK),
+        (1, 4, 20, OK),  # a 5-peer network: 4 / 4 = 1 contact is enough
+        (1, 8, 20, THIN),
+        (2, 8, 20, OK),
+        (3, 3, 20, OK),
+    ],
+)
+def test_network_state(size: int, most_seen: int, ksize: int, state: str) -> None:
+    """The state follows the share of the most contacts (capped at k) still known."""
+    assert network_state(size, most_seen, ksize, 0.25) == state
+
+
+@pytest.mark.parametrize(
+    ("most_seen", "ksize", "quorum"),
+    [(0, 20, 1), (1, 20, 1), (2, 20, 2), (4, 20, 3), (19, 20, 10), (20, 20, 11), (500, 20, 11)],
+)
+def test_publish_quorum(most_seen: int, ksize: int, quorum: int) -> None:
+    """Half the key/value peers the network should have (this one included), rounded up."""
+    assert publish_quorum(most_seen, ksize) == quorum
+
+
+def test_transitions_and_retry_times() -> None:
+    """Losing the network schedules an attempt at once; rejoining resets the backoff."""
+    m = Membership(20, rng=random.Random(1))
+    assert m.observe(20, 0.0) is None
+    assert m.observe(3, 10.0) == Transition(OK, THIN, 3, 20)
+    assert m.due(10.0)
+    assert m.observe(0, 11.0) == Transition(THIN, ISOLATED, 0, 20)
+    assert m.due(11.0)  # still the first attempt's time
+    m.attempted(11.0)
+    assert m.attempts == 1 and m.last_attempt == 11.0
+    assert not m.due(11.0)
+    assert m.observe(6, 12.0) == Transition(ISOLATED, OK, 6, 20)
+    assert m.attempts == 0 and m.next_attempt is None and not m.due(1e9)
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
+    """Delays double from the minimum, each between half and all of it, and stop at the cap."""
+    m = Membership(20, backoff_min=1.0, backoff_max=60.0, rng=random.Random(7))
+    m.observe(5, 0.0)
+    m.observe(0, 1.0)
+    delays = [m.attempted(float(i)) for i in range(12)]
+    for i, delay in enumerate(delays):
+        full = min(60.0, 2.0**i)
+        assert full / 2 <= delay <= full
+    assert max(delays) <= 60.0
+    assert m.due(11.0 + delays[-1])  # never gives up
+
+
+def test_a_leave_lowers_most_seen_but_silence_does_not() -> None:
+    """Peers that leave cleanly shrink the expected network; evicted ones do not."""
+    m = Membership(20)
+    m.observe(2, 0.0)
+    m.evicted(("10.0.0.1", 1))
+    m.observe(1, 1.0)
+    assert m.most_seen == 2
+    m.left()
+    assert m.most_seen == 1
+    m.observe(0, 2.0)
+    m.left()
+    assert m.most_seen == 0
+    assert m.observe(0, 3.0) == Transition(ISOLATED, OK, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("lost", "bootstrap", "saved", "known", "me", "limit", "expected"),
+    [
+        ([], [], [], [], None, 64, []),
+        (["a", "b"], ["c"], ["d"], [], None, 64, ["b", "a", "c", "d"]),  # newest lost first
+        (["a"], ["a", "c"], ["c", "d"], [], None, 64, ["a", "c", "d"]),  # each once
+        (["a"], ["b"], ["c"], ["b"], "c", 64, ["a"]),  # not known, not me
+        (["a", "b"], ["c"], ["d"], [], None, 2, ["b", "a"]),
+    ],
+)
+def test_candidates(
+    lost: list[str],
+    bootstrap: list[str],
+    saved: list[str],
+    known: list[str],
+    me: str | None,
+    limit: int,
+    expected: list[str],
+) -> None:
+    """Lost contacts, then --bootstrap, then saved ones; deduplicated and bounded."""
+
+    def addr(name: str) -> tuple[str, int]:
+        return ("10.0.0." + str(ord(name)), 4000)
+
+    m = Membership(20)
+    for name in lost:
+        m.evicted(addr(name))
+    got = m.candidates(
+        [addr(n) for n in bootstrap],
+        [addr(n) for n in saved],
+        known=[addr(n) for n in known],
+        me=addr(me) if me else None,
+        limit=limit,
+    )
+    assert got == [addr(n) for n in expected]
+
+
+def test_lost_memory_is_bounded_and_forgets_who_is_back() -> None:
+    """Only the newest evicted addresses are kept; one that answers again is dropped."""
+    m = Membership(20, remembered=3)
+    for i in range(5):
+        m.evicted(("10.0.0.1", 4000 + i))
+    m.evicted(("10.0.0.1", 4002))  # evicted again: newest
+    assert m.lost == [("10.0.0.1", p) for p in (4002, 4004, 4003)]
+    m.back(("10.0.0.1", 4004))
+    assert m.lost == [("10.0.0.1", 4002), ("10.0.0.1", 4003)]
+    assert m.as_dict()["lost_remembered"] == 2
