@@ -5,14 +5,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
+import time
+from pathlib import Path
 
 import pytest
 
+from difs_p2p.config import PeerConfig
 from difs_p2p.dht import Dht
+from difs_p2p.errors import NetworkError
+from difs_p2p.identity import Identity
 from difs_p2p.membership import ISOLATED, OK
-from difs_p2p.net import DatagramTransport, UdpNetwork
+from difs_p2p.net import HOST_NETWORK, DatagramNetwork, DatagramTransport, UdpNetwork, bind_sockets
+from difs_p2p.ops import PublishRequest, StatusRequest
+from difs_p2p.peer import Peer
+from difs_p2p.publish import check_published
 from difs_p2p.recordstore import AcceptAll
-from tests.helpers import FAST_DHT, new_dht, stop_all, wait_for
+from tests.helpers import FAST_DHT, client_for, new_dht, stop_all, wait_for
+from tests.signed import make
 
 # liveness pings every 0.1 s, one missed reply evicts: a cut is noticed in well under 1 s
 PARTITION_DHT = dataclasses.replace(
@@ -68,16 +78,42 @@ class _Transport:
 class CutNetwork:
     """Real UDP whose link can be cut both ways (a partition of one host)."""
 
-    def __init__(self) -> None:
+    def __init__(self, udp: UdpNetwork | None = None) -> None:
         self.cut = False
+        self.udp = udp or UdpNetwork()
 
     async def open_datagram(
         self, host: str, port: int, protocol: asyncio.DatagramProtocol, *, recv_buffer: int
     ) -> tuple[DatagramTransport, tuple[str, int]]:
-        transport, address = await UdpNetwork().open_datagram(
+        transport, address = await self.udp.open_datagram(
             host, port, _Link(protocol, self), recv_buffer=recv_buffer
         )
         return _Transport(transport, self), address
+
+
+class CutHost:
+    """The host's sockets for a peer whose DHT link can be cut (TCP stays up, so that
+    its operator can still ask it things)."""
+
+    def __init__(self) -> None:
+        self.udp: CutNetwork | None = None
+
+    @property
+    def cut(self) -> bool:
+        return self.udp is not None and self.udp.cut
+
+    @cut.setter
+    def cut(self, value: bool) -> None:
+        assert self.udp is not None
+        self.udp.cut = value
+
+    async def listen(self, host: str, port: int) -> tuple[socket.socket, DatagramNetwork]:
+        tcp, udp = bind_sockets(host, port)
+        self.udp = CutNetwork(UdpNetwork(udp))
+        return tcp, self.udp
+
+    async def connect(self, address: tuple[str, int]) -> socket.socket:
+        return await HOST_NETWORK.connect(address)
 
 
 async def _network(n: int) -> tuple[list[Dht], Dht, CutNetwork]:
@@ -135,3 +171,77 @@ async def test_peers_that_leave_do_not_make_the_last_one_isolated() -> None:
         assert nodes[0].membership.most_seen == 0
     finally:
         await nodes[0].stop()
+
+
+async def _peers(tmp_path: Path) -> tuple[list[Peer], Peer, CutHost]:
+    """Two peers and a third whose DHT link can be cut, all joined."""
+    first = Peer(PeerConfig(tmp_path / "p0", dht=PARTITION_DHT))
+    await first.start()
+    other = Peer(PeerConfig(tmp_path / "p1", dht=PARTITION_DHT, bootstrap=(first.address,)))
+    await other.start()
+    host = CutHost()
+    cut = Peer(
+        PeerConfig(tmp_path / "p2", dht=PARTITION_DHT, bootstrap=(first.address,)), network=host
+    )
+    await cut.start()
+    return [first, other], cut, host
+
+
+async def test_a_cut_off_peer_refuses_to_answer_for_the_network(tmp_path: Path) -> None:
+    """Through an isolated peer, resolve, get and put fail with NetworkError (the name it
+    holds may be stale) and a publish stores nothing; status says so; once back, it works."""
+    peers, cut, host = await _peers(tmp_path)
+    publisher = Identity.generate()
+    source = tmp_path / "data"
+    source.write_bytes(b"v1" * 1000)
+    try:
+        async with client_for(peers[0], publisher=publisher) as c:
+            await c.put(source, "/a.com/f")
+        dht = cut.dht
+        assert dht is not None
+        await wait_for(lambda: len(dht.contacts()) == 2)
+        async with client_for(cut, publisher=publisher) as c:
+            assert (await c.resolve("/a.com/f")).manifest.version == 1
+            host.cut = True
+            await wait_for(lambda: dht.network_state().state == ISOLATED)
+            with pytest.raises(NetworkError, match=r"knows 0 others \(it knew 2\): it is cut off"):
+                await c.resolve("/a.com/f")
+            with pytest.raises(NetworkError, match="cut off"):
+                await c.put(source, "/a.com/f", update=True)
+            # the peer itself refuses to store a manifest while cut off
+            v2 = make(publisher, name="/a.com/g")
+            reply = await c._request(PublishRequest(v2.raw.decode(), ()))
+            assert (reply.accepted, reply.winner, reply.required) == (0, None, 2)
+            with pytest.raises(NetworkError, match="reached only 0 of the 2 key/value peers"):
+                check_published(v2, reply)
+            assert dht.store.get(v2.key, time.time()) is None
+            status = (await c._request(StatusRequest())).report
+            assert (status["network"], status["routing_table"], status["most_seen"]) == (
+                ISOLATED,
+                0,
+                2,
+            )
+            assert status["rejoin_attempts"] >= 1 and status["next_rejoin"] is not None
+            host.cut = False
+            await wait_for(lambda: dht.network_state().state == OK)
+            assert (await c.resolve("/a.com/f")).manifest.version == 1
+    finally:
+        await stop_all([*peers, cut])
+
+
+async def test_a_one_peer_network_reads_and_publishes(tmp_path: Path) -> None:
+    """A peer that never saw another is not cut off: it publishes and reads alone."""
+    peer = Peer(PeerConfig(tmp_path / "p0", dht=PARTITION_DHT))
+    await peer.start()
+    source = tmp_path / "data"
+    source.write_bytes(b"x" * 5000)
+    try:
+        async with client_for(peer, publisher=Identity.generate()) as c:
+            result = await c.put(source, "/a.com/f")
+            assert result.accepted == 1
+            await c.get("/a.com/f", tmp_path / "out")
+            assert (tmp_path / "out").read_bytes() == source.read_bytes()
+            status = (await c._request(StatusRequest())).report
+            assert (status["network"], status["most_seen"]) == (OK, 0)
+    finally:
+        await peer.stop()
