@@ -273,6 +273,8 @@ def get(
         "sources": result.sources,
         "retries": result.retries,
         "mb_per_s": round(result.bytes / result.seconds / 1e6, 1) if result.seconds else 0,
+        # holders given up (stalled or failed): what they owed came from others
+        "gave_up": [f"{h}:{p}" for h, p in result.gave_up],
     }
     if as_json:
         # stdout carries the data with -o -
