@@ -417,6 +417,9 @@ class Dht:
             log.debug("rejoin_saved_failed error=%s", exc)
             saved = []
         candidates = membership.candidates(self.seeds, saved, known=known, me=self.me.address)
+        if not candidates and not known:
+            membership.nothing_to_ask(now)  # a one-peer network: nobody to ask
+            return 0
         delay = membership.attempted(now)
         pinged = await asyncio.gather(*(self.ping(a) for a in candidates))
         answered = [

@@ -11,10 +11,12 @@ table's size and the time by the DHT's rejoin loop (``dht.Dht._rejoin_loop``, th
   at once, less the contacts that said they were leaving (a peer that shuts down cleanly
   sends ``leave``; a partition and a crash look alike: silence, which does not lower it).
   A peer that never saw another (a one-peer network) is ``ok``: it is cut off from nothing.
-* when to try again: at once on becoming thin or isolated, then after a backoff that
+* when to try again: at once on becoming thin or isolated (or on knowing nobody at all,
+  as after a restart during a partition: then it is not cut off from anything it knows
+  of, so it stays ``ok``, but it keeps asking), then after a backoff that
   doubles from ``backoff_min`` up to ``backoff_max`` with jitter (half to all of it, so
   that the peers of a healed partition do not retry in step), and never gives up while the
-  peer runs; back to ``ok`` resets it.
+  peer runs; ``ok`` with another peer known resets it.
 * whom: the contacts recently evicted for not answering (exactly the ones a partition
   took away; the newest ``remembered`` are kept), then the ``--bootstrap`` peers, then
   the saved contacts (contacts.json), without duplicates or this peer's own address;
@@ -114,14 +116,25 @@ class Membership:
         self.most_seen = max(self.most_seen, size)
         new = network_state(size, self.most_seen, self.ksize, self.thin_share)
         if new == self.state:
+            self._schedule(now)
             return None
         old, self.state = self.state, new
-        if new == OK:
+        self._schedule(now)
+        return Transition(old, new, size, self.most_seen)
+
+    @property
+    def seeking(self) -> bool:
+        """Whether the peer looks for others: cut off, or knowing none at all (a peer
+        that restarted while its network was out of reach keeps asking its saved
+        contacts, though it is not cut off from anything it knows of)."""
+        return self.state != OK or self.size == 0
+
+    def _schedule(self, now: float) -> None:
+        if not self.seeking:
             self.attempts = 0
             self.next_attempt = None
-        elif old == OK:
+        elif self.next_attempt is None:
             self.next_attempt = now  # try at once
-        return Transition(old, new, size, self.most_seen)
 
     def left(self) -> None:
         """A contact said it leaves the network: it no longer counts in ``most_seen``."""
@@ -138,6 +151,11 @@ class Membership:
         """A contact at ``address`` answers again: it is no longer a lost one."""
         self._evicted.pop(address, None)
 
+    def nothing_to_ask(self, now: float) -> None:
+        """An attempt was due but nobody is known to ask (a one-peer network): look again
+        after ``backoff_max``, without counting an attempt."""
+        self.next_attempt = now + self.backoff_max
+
     def attempted(self, now: float) -> float:
         """A rejoin attempt started at ``now``; returns the delay before the next one."""
         self.attempts += 1
@@ -151,7 +169,7 @@ class Membership:
 
     def due(self, now: float) -> bool:
         """Whether a rejoin attempt is due at ``now``."""
-        return self.state != OK and self.next_attempt is not None and now >= self.next_attempt
+        return self.seeking and self.next_attempt is not None and now >= self.next_attempt
 
     @property
     def lost(self) -> list[Address]:
@@ -190,6 +208,6 @@ class Membership:
             "most_seen": self.most_seen,
             "rejoin_attempts": self.attempts,
             "last_rejoin": self.last_attempt,
-            "next_rejoin": self.next_attempt,
+            "next_rejoin": self.next_attempt if self.attempts or self.state != OK else None,
             "lost_remembered": len(self._evicted),
         }

@@ -137,3 +137,18 @@ def test_lost_memory_is_bounded_and_forgets_who_is_back() -> None:
     m.back(("10.0.0.1", 4004))
     assert m.lost == [("10.0.0.1", 4002), ("10.0.0.1", 4003)]
     assert m.as_dict()["lost_remembered"] == 2
+
+
+def test_a_peer_that_knows_nobody_keeps_asking_without_being_cut_off() -> None:
+    """Alone (a restart while its network is out of reach), a peer is ok but asks again
+    with backoff; with nobody to ask (a one-peer network) it only looks again later."""
+    m = Membership(20, backoff_max=60.0, rng=random.Random(3))
+    assert m.observe(0, 0.0) is None and m.state == OK
+    assert m.due(0.0)
+    m.nothing_to_ask(0.0)
+    assert not m.due(59.0) and m.due(60.0)
+    assert m.attempts == 0 and m.as_dict()["next_rejoin"] is None
+    m.attempted(60.0)
+    assert m.as_dict()["next_rejoin"] == m.next_attempt
+    assert m.observe(1, 61.0) is None
+    assert not m.due(1e9) and m.attempts == 0

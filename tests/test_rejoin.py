@@ -215,6 +215,7 @@ async def test_a_cut_off_peer_refuses_to_answer_for_the_network(tmp_path: Path) 
             with pytest.raises(NetworkError, match="reached only 0 of the 2 key/value peers"):
                 check_published(v2, reply)
             assert dht.store.get(v2.key, time.time()) is None
+            await wait_for(lambda: dht.membership.attempts >= 1)
             status = (await c._request(StatusRequest())).report
             assert (status["network"], status["routing_table"], status["most_seen"]) == (
                 ISOLATED,
@@ -245,3 +246,24 @@ async def test_a_one_peer_network_reads_and_publishes(tmp_path: Path) -> None:
             assert (status["network"], status["most_seen"]) == (OK, 0)
     finally:
         await peer.stop()
+
+
+async def test_a_peer_alone_keeps_asking_its_seeds_until_one_answers() -> None:
+    """A peer whose seeds were all down when it started (a restart during a partition)
+    is not cut off from anything it knows, but it keeps asking them and joins once one
+    is up."""
+    gone = new_dht(AcceptAll(), PARTITION_DHT)
+    port = await gone.start("127.0.0.1", 0)
+    await gone.stop()
+    alone = new_dht(AcceptAll(), PARTITION_DHT)
+    await alone.start("127.0.0.1", 0)
+    back = new_dht(AcceptAll(), PARTITION_DHT)
+    try:
+        assert await alone.bootstrap([("127.0.0.1", port)]) == 0
+        assert alone.network_state().state == OK
+        await wait_for(lambda: alone.membership.attempts >= 2)
+        await back.start("127.0.0.1", port)
+        await wait_for(lambda: [c.node_id for c in alone.contacts()] == [back.node_id])
+        assert alone.membership.attempts == 0
+    finally:
+        await stop_all([alone, back])
