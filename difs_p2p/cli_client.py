@@ -279,7 +279,14 @@ def get(
     if as_json:
         # stdout carries the data with -o -
         typer.echo(json.dumps(summary, indent=2, sort_keys=True), err=to_stdout)
-    elif not to_stdout:
+        return
+    for host, port in result.gave_up:
+        typer.echo(
+            f"warning: gave up on holder {host}:{port} (stalled or failed); "
+            "what it owed came from other holders",
+            err=True,
+        )
+    if not to_stdout:
         typer.echo(
             fetched_line(
                 summary["name"],
