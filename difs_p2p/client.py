@@ -34,7 +34,6 @@ from difs_p2p.errors import (
     DeletedError,
     DifsError,
     IntegrityError,
-    NetworkError,
     NotFoundError,
     PeerError,
     PermissionDeniedError,
@@ -55,7 +54,7 @@ from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.holders import HolderEntry, decode_holder_entry, verify_holder_entry
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import Manifest, build_manifest, linked, parse_manifest
-from difs_p2p.membership import ISOLATED, THIN
+from difs_p2p.membership import cut_off_error
 from difs_p2p.names import NameKey, name_key, normalize_name
 from difs_p2p.net import HOST_NETWORK, Connector
 from difs_p2p.ops import (
@@ -174,19 +173,6 @@ def _decode_resolved(
     return manifests, history, holders
 
 
-def check_network(reply: ResolveReply, peer: tuple[str, int]) -> None:
-    """NetworkError if the entry peer says it is cut off from the network (thin or
-    isolated, membership.py): what it found is not what the network holds (a newer
-    version, the name itself, may be beyond the partition). A peer that never saw
-    another (a one-peer network) says ok."""
-    if reply.network in (THIN, ISOLATED):
-        raise NetworkError(
-            f"the entry peer {peer[0]}:{peer[1]} knows {reply.knows} others (it knew "
-            f"{reply.most_seen}): it is cut off from the network ({reply.network}), so its "
-            "answer may be stale; it keeps trying to rejoin (try again, or another peer)"
-        )
-
-
 class Client:
     """A connection to an entry peer, plus direct connections to holders while fetching."""
 
@@ -251,7 +237,9 @@ class Client:
         norm = normalize_name(name)
         key = name_key(norm)
         reply = await self._request(ResolveRequest(key))
-        check_network(reply, self.peer)
+        cut_off = cut_off_error(self.peer, reply.network, reply.knows, reply.most_seen)
+        if cut_off is not None:
+            raise cut_off
         manifests, history, holders = _decode_resolved(key, reply)
         if not manifests:
             raise NotFoundError(f"{norm} is not published")

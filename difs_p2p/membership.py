@@ -20,7 +20,8 @@ table's size and the time by the DHT's rejoin loop (``dht.Dht._rejoin_loop``, th
 * whom: the contacts recently evicted for not answering (exactly the ones a partition
   took away; the newest ``remembered`` are kept), then the ``--bootstrap`` peers, then
   the saved contacts (contacts.json), without duplicates or this peer's own address;
-* how many key/value peers a publish must reach (:func:`publish_quorum`).
+* how many key/value peers a publish must reach (:func:`publish_quorum`), and what a
+  client makes of a cut-off entry peer's answer (:func:`cut_off_error`).
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from difs_p2p.errors import NetworkError
+
 __all__ = [
     "ISOLATED",
     "OK",
     "THIN",
     "Membership",
     "Transition",
+    "cut_off_error",
     "network_state",
     "publish_quorum",
 ]
@@ -67,6 +71,20 @@ def publish_quorum(most_seen: int, ksize: int) -> int:
     cannot publish alone, and a one-peer network still can (1 of 1)."""
     expected = min(ksize, most_seen) + 1
     return (expected + 1) // 2
+
+
+def cut_off_error(peer: Address, state: str, knows: int, most_seen: int) -> NetworkError | None:
+    """What a client raises when its entry peer says it is cut off from the network
+    (``thin`` or ``isolated`` in a ``resolve`` reply): what it found is not what the
+    network holds (a newer version, the name itself, may be beyond the partition).
+    None for ``ok`` (a peer that never saw another, a one-peer network, says ok)."""
+    if state not in (THIN, ISOLATED):
+        return None
+    return NetworkError(
+        f"the entry peer {peer[0]}:{peer[1]} knows {knows} others (it knew {most_seen}): "
+        f"it is cut off from the network ({state}), so its answer may be stale; it keeps "
+        "trying to rejoin (try again, or another peer)"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from difs_p2p.membership import (
     THIN,
     Membership,
     Transition,
+    cut_off_error,
     network_state,
     publish_quorum,
 )
@@ -152,3 +153,21 @@ def test_a_peer_that_knows_nobody_keeps_asking_without_being_cut_off() -> None:
     assert m.as_dict()["next_rejoin"] == m.next_attempt
     assert m.observe(1, 61.0) is None
     assert not m.due(1e9) and m.attempts == 0
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ("ok", None),
+        ("later", None),  # a state word a later version may add: not an error here
+        (THIN, "knows 2 others (it knew 20): it is cut off from the network (thin)"),
+        (ISOLATED, "knows 2 others (it knew 20): it is cut off from the network (isolated)"),
+    ],
+)
+def test_cut_off_error(state: str, message: str | None) -> None:
+    """A client fails with a network error naming the entry peer when it is cut off."""
+    error = cut_off_error(("10.0.0.1", 4000), state, 2, 20)
+    if message is None:
+        assert error is None
+    else:
+        assert error is not None and message in str(error) and "10.0.0.1:4000" in str(error)
