@@ -273,11 +273,20 @@ def get(
         "sources": result.sources,
         "retries": result.retries,
         "mb_per_s": round(result.bytes / result.seconds / 1e6, 1) if result.seconds else 0,
+        # holders given up (stalled or failed): what they owed came from others
+        "gave_up": [f"{h}:{p}" for h, p in result.gave_up],
     }
     if as_json:
         # stdout carries the data with -o -
         typer.echo(json.dumps(summary, indent=2, sort_keys=True), err=to_stdout)
-    elif not to_stdout:
+        return
+    for host, port in result.gave_up:
+        typer.echo(
+            f"warning: gave up on holder {host}:{port} (stalled or failed); "
+            "what it owed came from other holders",
+            err=True,
+        )
+    if not to_stdout:
         typer.echo(
             fetched_line(
                 summary["name"],

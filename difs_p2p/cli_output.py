@@ -147,6 +147,25 @@ def print_key_info(info: dict[str, str], as_json: bool) -> None:
 # -- tables --------------------------------------------------------------------------------
 
 
+def network_line(status: dict[str, Any], now: float) -> str:
+    """The ``network:`` line of ``status``: ok, thin or isolated, and while cut off the
+    rejoin attempts (an older peer without these fields: an empty string)."""
+    state = status.get("network")
+    if not isinstance(state, str):
+        return ""
+    line = f"network: {state}   knows {status.get('routing_table', 0)} peers"
+    line += f" (most seen {status.get('most_seen', 0)})"
+    if state == "ok":
+        return line
+    line += "   cut off from the network: rejoining"
+    attempts, last, nxt = (status.get(k) for k in ("rejoin_attempts", "last_rejoin", "next_rejoin"))
+    if isinstance(last, (int, float)):
+        line += f", attempt {attempts} {max(0.0, now - last):.1f} s ago"
+    if isinstance(nxt, (int, float)):
+        line += f", next in {max(0.0, nxt - now):.1f} s"
+    return line
+
+
 def print_status(status: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -161,6 +180,8 @@ def print_status(status: dict[str, Any]) -> None:
             "[yellow]address others reach this peer at: not known yet[/] (no --advertise;"
             " learned once two peers agree): it signs no holder entries meanwhile"
         )
+    if line := network_line(status, time.time()):
+        console.print(line, markup=False)
     console.print(
         f"routing table: {status['routing_table']} contacts   records: {status['records']}"
         f"   holder entries: {status['entries']}"

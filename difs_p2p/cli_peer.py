@@ -381,7 +381,8 @@ async def _run_peer(config: PeerConfig, started: list[bool]) -> None:
 
 
 def status(peer: PeerOpt = None, token_file: TokenOpt = None, as_json: JsonOpt = False) -> None:
-    """Show a peer's view of the network: ID, address, contacts, storage.
+    """Show a peer's view of the network: ID, address, contacts, storage, and whether it
+    is part of the network (network: ok, thin or isolated, and its rejoin attempts).
 
     Example: difs-peer status --peer 127.0.0.1:4000
     """

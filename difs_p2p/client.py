@@ -54,6 +54,7 @@ from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.holders import HolderEntry, decode_holder_entry, verify_holder_entry
 from difs_p2p.identity import Identity
 from difs_p2p.manifest import Manifest, build_manifest, linked, parse_manifest
+from difs_p2p.membership import cut_off_error
 from difs_p2p.names import NameKey, name_key, normalize_name
 from difs_p2p.net import HOST_NETWORK, Connector
 from difs_p2p.ops import (
@@ -237,6 +238,9 @@ class Client:
         norm = normalize_name(name)
         key = name_key(norm)
         reply = await self._request(ResolveRequest(key))
+        cut_off = cut_off_error(self.peer, reply.network, reply.knows, reply.most_seen)
+        if cut_off is not None:
+            raise cut_off
         manifests, history, holders = _decode_resolved(key, reply)
         if not manifests:
             raise NotFoundError(f"{norm} is not published")

@@ -211,8 +211,28 @@ class DhtConfig:
     # most max_contacts_per_ip of one address per reply); 0 keeps none. 64 = 3 x k,
     # about the peers a busy host of containers puts beyond the cap.
     overflow_contacts: int = 64
+    # Rejoin (membership.py). The routing table is "thin" below this share of the most
+    # contacts it held (capped at ksize): a quarter, 5 of k = 20, leaves lookups a few
+    # paths but tells a peer that lost most of the network from one that lost a few
+    # contacts; "isolated" at 0. A thin or isolated peer retries its lost contacts,
+    # --bootstrap peers and saved contacts at once, then after rejoin_min doubling up to
+    # rejoin_max seconds (TCP-like backoff: a healed link is found within a minute
+    # without flooding the peers of a long partition), with jitter; never gives up.
+    thin_share: float = 0.25
+    rejoin_min: float = 1.0
+    rejoin_max: float = 60.0
+    # How often the rejoin loop looks at the routing table's size (a len(): cheap).
+    rejoin_check: float = 1.0
+    # Contacts evicted for not answering that are remembered to retry (newest kept).
+    lost_remembered: int = 64
 
     def __post_init__(self) -> None:
+        if not 0 < self.thin_share <= 1:
+            raise UsageError("thin_share must be in (0, 1]")
+        if not 0 < self.rejoin_min <= self.rejoin_max or self.rejoin_check <= 0:
+            raise UsageError("need 0 < rejoin_min <= rejoin_max and rejoin_check > 0")
+        if self.lost_remembered < 0:
+            raise UsageError("lost_remembered must not be negative")
         if self.ksize < 1 or self.alpha < 1:
             raise UsageError("ksize and alpha must be at least 1")
         if self.rpc_timeout <= 0:

@@ -47,10 +47,14 @@ through this ``Dht``. Datagrams are handled synchronously in
 ``datagram_received`` (no task per datagram), and every background task belongs to the
 ``Dht``'s :class:`~difs_p2p.tasks.TaskSet` and is cancelled by :meth:`Dht.stop`.
 
-The module is longer than most (about 680 lines): it is the one place that drives the
-library's protocol and routing table, and the identify exchange (proofs of node IDs and
-the signed info block that tells a contact's TCP port and zone, ``describe``) belongs
-with the contacts it admits; its decisions are already in the pure modules above.
+A peer cut off from the network rejoins (the rejoin loop, on :mod:`~difs_p2p.membership`'s
+decisions: when it is thin or isolated, when to retry, whom to ask).
+
+The module is longer than most (about 760 lines): it is the one place where the library's
+node, protocol and routing table meet our loops (refresh, liveness, rejoin), and the
+identify exchange (proofs of node IDs and the signed info block that tells a contact's
+TCP port and zone, ``describe``) belongs with the contacts it admits; its decisions are
+already in the pure modules (lookup, membership, dhtguard, routing, addresses).
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ from difs_p2p.errors import IntegrityError, NetworkError, WireError
 from difs_p2p.identity import Identity, NodeId, distance, node_id_for, verify_signature
 from difs_p2p.idwork import has_work
 from difs_p2p.lookup import Lookup, LookupResult, RttEstimator, deal_paths, merge
+from difs_p2p.membership import ISOLATED, OK, Membership, Transition
 from difs_p2p.net import DatagramNetwork, DatagramTransport, UdpNetwork
 from difs_p2p.recordstore import RecordPolicy, RecordStore
 from difs_p2p.routing import KEY_SIZE, Contact, contact_of, is_id, valid_address
@@ -148,6 +153,17 @@ class Dht:
         # round trips of lookup replies, for the stall time
         self.rtt = RttEstimator()
         self.records = Records(self)
+        # whether this peer is cut off, when and whom it asks to rejoin (membership.py)
+        self.membership = Membership(
+            self.config.ksize,
+            thin_share=self.config.thin_share,
+            backoff_min=self.config.rejoin_min,
+            backoff_max=self.config.rejoin_max,
+            remembered=self.config.lost_remembered,
+            rng=self.rng,
+        )
+        # the saved contacts (contacts.json) a rejoin also asks; the peer sets this
+        self.saved_contacts: Callable[[], list[tuple[str, int]]] = list
 
     @property
     def node_id(self) -> NodeId:
@@ -175,6 +191,7 @@ class Dht:
         self.node.ip, self.node.port = ip, bound
         self.spawn(self._refresh_loop())
         self.spawn(self._liveness_loop())
+        self.spawn(self._rejoin_loop())
         return bound
 
     async def stop(self) -> None:
@@ -428,6 +445,82 @@ class Dht:
                 await self._refresh_far(known)
             elif self.seeds:
                 await self.bootstrap(self.seeds)
+
+    def network_state(self) -> Membership:
+        """The membership decisions, brought up to date with the routing table now."""
+        self._observe()
+        return self.membership
+
+    def _observe(self) -> None:
+        change = self.membership.observe(len(self.contacts()), self.clock())
+        if change is not None:
+            self._log_transition(change)
+
+    def _log_transition(self, change: Transition) -> None:
+        if change.new == OK:
+            log.warning(
+                "network_rejoined was=%s contacts=%d most_seen=%d",
+                change.old,
+                change.size,
+                change.most_seen,
+            )
+        else:
+            log.warning(
+                "network_%s contacts=%d most_seen=%d: cut off from the network, rejoining",
+                "isolated" if change.new == ISOLATED else "thin",
+                change.size,
+                change.most_seen,
+            )
+
+    async def _rejoin_loop(self) -> None:
+        """Every ``rejoin_check`` seconds, look at the routing table; while it is thin or
+        isolated, ask the lost contacts, --bootstrap peers and saved contacts again
+        (``Membership`` says when and whom). Never gives up while the peer runs."""
+        while True:
+            await asyncio.sleep(self.config.rejoin_check)
+            self._observe()
+            now = self.clock()
+            if not self.membership.due(now):
+                continue
+            await self.rejoin(now)
+
+    async def rejoin(self, now: float) -> int:
+        """One rejoin attempt: ping the candidates, then look up our own ID and refresh
+        the far buckets through those that answered; the routing table's size after."""
+        membership = self.membership
+        known = [c.address for c in self.contacts()]
+        try:
+            saved = self.saved_contacts()
+        except Exception as exc:  # a damaged file must not end the loop
+            log.debug("rejoin_saved_failed error=%s", exc)
+            saved = []
+        candidates = membership.candidates(self.seeds, saved, known=known, me=self.me.address)
+        if not candidates and not known:
+            membership.nothing_to_ask(now)  # a one-peer network: nobody to ask
+            return 0
+        delay = membership.attempted(now)
+        pinged = await asyncio.gather(*(self.ping(a) for a in candidates))
+        answered = [
+            Node(i, a[0], a[1]) for i, a in zip(pinged, candidates, strict=True) if i is not None
+        ]
+        for node in answered:
+            membership.back((node.ip, node.port))
+        start = answered or self._proto().router.find_neighbors(self.node, self.config.alpha)
+        if start:
+            await self.lookup(self.node_id, "find_node", start=start)
+            await self._refresh_far(start)
+            await self.settle()
+        size = len(self.contacts())
+        log.info(
+            "rejoin_attempt n=%d asked=%d answered=%d contacts=%d next_in=%.1f",
+            membership.attempts,
+            len(candidates),
+            len(answered),
+            size,
+            delay,
+        )
+        self._observe()
+        return size
 
     async def _liveness_loop(self) -> None:
         """Ping contacts regularly so that crashed peers are noticed and evicted."""

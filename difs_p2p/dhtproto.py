@@ -23,6 +23,7 @@ from difs_p2p.dhtguard import AddressGuard
 from difs_p2p.dhtrecords import entry_set_digest
 from difs_p2p.errors import DifsError, WireError
 from difs_p2p.identity import Identity
+from difs_p2p.membership import Membership
 from difs_p2p.recordstore import RecordStore, write_source
 from difs_p2p.routing import Contact, ExactRoutingTable, contact_of, is_id, valid_address
 
@@ -39,6 +40,8 @@ class DhtHost(Protocol):
     entry_gate: EntryGate | None
     clock: Callable[[], float]
     guard: AddressGuard
+    # told of contacts evicted for not answering and of contacts that leave
+    membership: Membership
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
     def peer_warning(self, addr: tuple[str, int], message: str) -> None: ...
@@ -119,6 +122,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
                 if not self.router.is_new_node(node) and self._at_address(node):
                     self.router.remove_contact(node)
                     self._failures.pop(node.id, None)
+                    self.dht.membership.left()
                 elif node.id in self.router.overflow:
                     self.router.remove_contact(node)  # only at its own address
             return
@@ -354,6 +358,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             if failures >= self.dht.config.evict_after_failures:
                 self._failures.pop(node.id, None)
                 self.router.remove_contact(node)
+                self.dht.membership.evicted((node.ip, node.port))
             return result
         self._failures.pop(node.id, None)
         self.welcome_if_new(node)

@@ -81,6 +81,14 @@ class FetchResult:
     hedged: int = 0
     # holders that were late at least once (slow, stalled, or never answering)
     late: list[tuple[str, int]] = field(default_factory=list)
+    # holders the fetch gave up on: failed or given up by the plan, or still late when the
+    # other holders had delivered everything (what they owed was taken from others)
+    gave_up: list[tuple[str, int]] = field(default_factory=list)
+
+
+def gave_up(plan: FetchPlan) -> list[tuple[str, int]]:
+    """The holders a finished fetch stopped waiting for (``FetchResult.gave_up``)."""
+    return sorted(plan.dead | {h for h in plan.late_seen if plan.is_late(h)})
 
 
 def merged_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -414,6 +422,7 @@ class Fetch:
             plan.retries if plan else 0,
             hedged=plan.hedged if plan else 0,
             late=list(plan.late_seen) if plan else [],
+            gave_up=gave_up(plan) if plan else [],
         )
 
     def _slice(self, index: int) -> tuple[int, int, int]:

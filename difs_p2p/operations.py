@@ -39,6 +39,7 @@ from difs_p2p.identity import Identity
 from difs_p2p.leaving import Drainer
 from difs_p2p.maintenance import gc_due
 from difs_p2p.manifest import Manifest, parse_manifest
+from difs_p2p.membership import OK, publish_quorum
 from difs_p2p.names import NameKey
 from difs_p2p.net import PeerNetwork
 from difs_p2p.ops import (
@@ -145,10 +146,15 @@ class Operations:
         """The valid manifests under a name key (best first), its history and holders."""
         records, entries = await self.dht.resolve(request.key)
         split = split_entries(entries)
+        # a peer cut off from the network says so: its answer is not the network's
+        state = self.dht.network_state()
         return ResolveReply(
             tuple(r.decode() for r in records),
             tuple(e.decode() for e in split.history),
             tuple(e.hex() for e in split.holders),
+            state.state,
+            state.size,
+            state.most_seen,
         )
 
     async def _op_place(self, conn: Connection, request: PlaceRequest) -> PlaceReply:
@@ -239,6 +245,19 @@ class Operations:
         dht = self.dht
         entries = [bytes.fromhex(e) for e in request.entries]
         items = [raw, *entries]
+        state = dht.network_state()
+        required = publish_quorum(state.most_seen, self.config.dht.ksize)
+        if state.state != OK:
+            # cut off: the few peers it sees would be the name's only copies; nothing
+            # is stored (the client reports the publish failed, see check_published)
+            log.warning(
+                "publish_refused key=%s network=%s contacts=%d most_seen=%d",
+                manifest.key.hex()[:12],
+                state.state,
+                state.size,
+                state.most_seen,
+            )
+            return PublishReply(0, None, 0, 0, required)
         stored = await dht.put_with_entries(manifest.key, raw, items)
         accepted = stored.accepted
         if accepted and stored.entries_accepted < accepted * len(items):
@@ -252,6 +271,16 @@ class Operations:
                 # only this peer and peers off the read paths (Sybils near the key, say)
                 # serve it: not published
                 winner = None
+        if winner == manifest.hash and accepted < required:
+            # fewer than a quorum of the name's key/value peers took it: not published
+            # (the few that did keep it; see docs/ARCHITECTURE.md, "Rejoin")
+            log.warning(
+                "publish_short key=%s accepted=%d required=%d",
+                manifest.key.hex()[:12],
+                accepted,
+                required,
+            )
+            winner = None
         if winner == manifest.hash:
             self.uploads.published(conn, manifest.key, manifest.version, manifest.integrity)
         if winner == manifest.hash and not manifest.deleted:
@@ -267,7 +296,7 @@ class Operations:
             manifest.deleted or manifest.version > self.config.repair.keep
         ):
             self.spawn(self._release_everywhere(manifest))
-        return PublishReply(accepted, winner, stored.readable_paths, stored.quorum)
+        return PublishReply(accepted, winner, stored.readable_paths, stored.quorum, required)
 
     async def _release_everywhere(self, proof: Manifest) -> None:
         """Show every known holder of the name the owner's new manifest (a tombstone, or

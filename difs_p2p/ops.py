@@ -135,6 +135,14 @@ def _bool(body: dict[str, Any], op: str, name: str) -> bool:
     return value
 
 
+def _state(body: dict[str, Any], op: str, name: str) -> str:
+    """A short state word (unknown words are kept: a later version may add some)."""
+    value = body.get(name, "ok")
+    if not isinstance(value, str) or not 0 < len(value) <= 16 or not value.isalpha():
+        raise _bad(op, name, "a short word")
+    return value
+
+
 def _strings(body: dict[str, Any], op: str, name: str) -> tuple[str, ...]:
     value = body.get(name, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -210,6 +218,11 @@ class ResolveReply:
     manifests: tuple[str, ...]
     history: tuple[str, ...]
     holders: tuple[str, ...]
+    # rejoin: whether the answering peer is part of the network ("ok", "thin" or
+    # "isolated", membership.py), how many peers it knows now and the most it knew
+    network: str = "ok"
+    knows: int = 0
+    most_seen: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +379,9 @@ class PublishReply:
     winner: str | None
     readable_paths: int = 0
     quorum: int = 0
+    # rejoin: the key/value peers (this one included) that had to take the record
+    # (membership.publish_quorum); ``accepted`` below it: not published
+    required: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,6 +606,9 @@ def _resolve_reply(body: dict[str, Any]) -> ResolveReply:
         _strings(body, "resolve", "manifests"),
         _strings(body, "resolve", "history"),
         _strings(body, "resolve", "holders"),
+        _state(body, "resolve", "network"),
+        _int(body, "resolve", "knows", 0),
+        _int(body, "resolve", "most_seen", 0),
     )
 
 
@@ -645,6 +664,7 @@ def _publish_reply(body: dict[str, Any]) -> PublishReply:
         winner,
         _int(body, "publish", "readable_paths", 0),
         _int(body, "publish", "quorum", 0),
+        _int(body, "publish", "required", 0),
     )
 
 
@@ -687,6 +707,9 @@ def _encode_resolve_reply(reply: ResolveReply) -> dict[str, Any]:
         "manifests": list(reply.manifests),
         "history": list(reply.history),
         "holders": list(reply.holders),
+        "network": reply.network,
+        "knows": reply.knows,
+        "most_seen": reply.most_seen,
     }
 
 
@@ -724,6 +747,7 @@ def _encode_publish_reply(reply: PublishReply) -> dict[str, Any]:
         "winner": reply.winner,
         "readable_paths": reply.readable_paths,
         "quorum": reply.quorum,
+        "required": reply.required,
     }
 
 

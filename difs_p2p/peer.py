@@ -6,7 +6,8 @@ directory holds everything the peer must keep across restarts::
     DATA/peer.key         Ed25519 private key (hex, mode 0600); the node ID derives from it
     DATA/control.token    the operator's credential: 32 random bytes as hex, mode 0600,
                           created once (see control.py; the CLI reads it)
-    DATA/contacts.json    known contacts, rewritten atomically, used to rejoin after a restart
+    DATA/contacts.json    known contacts, rewritten atomically (not while the peer is cut
+                          off), used to rejoin after a restart or a partition
     DATA/records.sqlite3  DHT records and holder entries this peer stores for the network
     DATA/holdings.sqlite3 the ranges this peer holds (holdings.py)
     DATA/store/           segments (see store.py)
@@ -54,6 +55,7 @@ from difs_p2p.holdproof import HolderProver
 from difs_p2p.identity import Identity, NodeId
 from difs_p2p.idwork import load_or_create_with_work
 from difs_p2p.leaving import Drainer
+from difs_p2p.membership import OK
 from difs_p2p.net import HOST_NETWORK, PeerNetwork, resolve
 from difs_p2p.operations import OPERATIONS, Operations
 from difs_p2p.recordpolicy import RecordValidator
@@ -214,6 +216,8 @@ class Peer:
                 own_key=self.identity.public_key,
             )
             self.dht.entry_gate = self.prover
+            contacts_file = self.data_dir / "contacts.json"
+            self.dht.saved_contacts = lambda: load_contacts(contacts_file)
             self.port = await self.dht.start(cfg.host, cfg.port, network=datagrams)
             self.tcp_port = cfg.tcp_port or self.port
             self.bound = (self.dht.me.host, self.port)
@@ -413,7 +417,8 @@ class Peer:
         if self.dht is None or self.dht.protocol is None:
             return
         contacts = self.dht.neighbors(self.dht.node_id, CONTACTS_SAVED)
-        if not contacts:
+        if not contacts or self.dht.network_state().state != OK:
+            # a cut-off peer keeps the list it had: it rejoins through it (and restarts)
             return
         data = {
             "version": CONTACTS_VERSION,
@@ -502,6 +507,8 @@ class Peer:
             "address_known": self.advertised,
             "uptime": round(self.clock() - self.started_at, 3),
             "routing_table": len(contacts),
+            # ok | thin | isolated, the most contacts held, the rejoin attempts (rejoin)
+            **dht.network_state().as_dict(),
             "contacts": [
                 {
                     "id": c.node_id.hex(),

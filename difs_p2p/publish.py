@@ -96,8 +96,17 @@ def check_placed(placed: PlaceReply) -> None:
 
 def check_published(manifest: Manifest, reply: PublishReply) -> None:
     """Whether the entry peer's answer to ``publish`` means ``manifest`` is published:
-    NetworkError if it could not be read back on enough lookup paths, AlreadyExistsError
-    if another record won."""
+    NetworkError if it could not be read back on enough lookup paths or reached fewer
+    than the quorum of the name's key/value peers (``required``: the entry peer may be
+    cut off from the network; it stores nothing then), AlreadyExistsError if another
+    record won. Of a failed publish, the entry peer drops what the client uploaded and
+    placed (``abandon``) and the other holders' copies are collected as orphans."""
+    if reply.winner is None and reply.required and reply.accepted < reply.required:
+        raise NetworkError(
+            f"{manifest.name} reached only {reply.accepted} of the {reply.required} "
+            "key/value peers a publish needs: it is not published (is the entry peer cut "
+            "off from the network? see `difs-peer status`; try again)"
+        )
     if reply.winner is None and reply.readable_paths < reply.quorum:
         raise NetworkError(
             f"{manifest.name} was stored but could be read back on only "

@@ -82,6 +82,27 @@ def test_three_processes_form_a_network_and_notice_a_leaver(tmp_path: Path) -> N
     assert all(p.returncode == 0 for p in procs)
 
 
+def test_status_says_whether_the_peer_is_part_of_the_network(tmp_path: Path) -> None:
+    """A lone peer (never saw another) is ok: status says so in text and in --json."""
+    proc, address = start_peer_process(tmp_path / "a")
+    try:
+        token = str(tmp_path / "a" / "control.token")
+        report = status(address, tmp_path / "a")
+        assert (report["network"], report["most_seen"], report["next_rejoin"]) == ("ok", 0, None)
+        out = subprocess.run(
+            [str(BIN / "difs-peer"), "status", "--peer", address, "--token-file", token],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "network: ok   knows 0 peers (most seen 0)" in out.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [

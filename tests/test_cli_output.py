@@ -12,6 +12,7 @@ from difs_p2p.cli_output import (
     Bars,
     check_lines,
     fetched_line,
+    network_line,
     plural,
     published_line,
     rate,
@@ -170,3 +171,35 @@ def test_bars_are_silent_without_a_terminal(capsys: pytest.CaptureFixture[str]) 
         bars.settle(0, 100, 1.0)
     assert bars.progress is None
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("status", "line"),
+    [
+        ({"routing_table": 3}, ""),  # an older peer: no network fields
+        (
+            {"network": "ok", "routing_table": 12, "most_seen": 20},
+            "network: ok   knows 12 peers (most seen 20)",
+        ),
+        (
+            {
+                "network": "isolated",
+                "routing_table": 0,
+                "most_seen": 4,
+                "rejoin_attempts": 3,
+                "last_rejoin": 98.0,
+                "next_rejoin": 104.5,
+            },
+            "network: isolated   knows 0 peers (most seen 4)   cut off from the network: "
+            "rejoining, attempt 3 2.0 s ago, next in 4.5 s",
+        ),
+        (
+            {"network": "thin", "routing_table": 2, "most_seen": 20, "next_rejoin": 100.0},
+            "network: thin   knows 2 peers (most seen 20)   cut off from the network: "
+            "rejoining, next in 0.0 s",
+        ),
+    ],
+)
+def test_network_line(status: dict[str, Any], line: str) -> None:
+    """The status line says whether the peer is cut off and when it tries again."""
+    assert network_line(status, 100.0) == line

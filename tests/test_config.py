@@ -170,6 +170,12 @@ DHT_ERRORS: list[tuple[dict[str, Any], str]] = [
     ({"handover_max_records": -1}, "handover_max_records"),
     ({"max_contacts_per_ip": 0}, "--max-contacts-per-ip"),
     ({"overflow_contacts": -1}, "overflow_contacts"),
+    ({"thin_share": 0.0}, "thin_share"),
+    ({"thin_share": 1.5}, "thin_share"),
+    ({"rejoin_min": 0.0}, "rejoin_min <= rejoin_max"),
+    ({"rejoin_min": 61.0}, "rejoin_min <= rejoin_max"),
+    ({"rejoin_check": 0.0}, "rejoin_check"),
+    ({"lost_remembered": -1}, "lost_remembered"),
 ]
 
 PROOF_ERRORS: list[tuple[dict[str, Any], str]] = [

@@ -285,8 +285,15 @@ WIRE_REPLIES: list[tuple[str, object, dict[str, object]]] = [
     ("status", ops.StatusReply({"node_id": "ab", "contacts": 3}), {"node_id": "ab", "contacts": 3}),
     (
         "resolve",
-        ops.ResolveReply(("{}",), (), ("ee", "ff")),
-        {"manifests": ["{}"], "history": [], "holders": ["ee", "ff"]},
+        ops.ResolveReply(("{}",), (), ("ee", "ff"), "thin", 2, 20),
+        {
+            "manifests": ["{}"],
+            "history": [],
+            "holders": ["ee", "ff"],
+            "network": "thin",
+            "knows": 2,
+            "most_seen": 20,
+        },
     ),
     (
         "place",
@@ -300,8 +307,8 @@ WIRE_REPLIES: list[tuple[str, object, dict[str, object]]] = [
     ("hold", ops.HoldReply("abcd"), {"entry": "abcd"}),
     (
         "publish",
-        ops.PublishReply(2, None, 1, 3),
-        {"accepted": 2, "winner": None, "readable_paths": 1, "quorum": 3},
+        ops.PublishReply(2, None, 1, 3, 11),
+        {"accepted": 2, "winner": None, "readable_paths": 1, "quorum": 3, "required": 11},
     ),
     ("release", ops.ReleaseReply(4096), {"freed": 4096}),
     ("abandon", ops.AbandonReply(0), {"freed": 0}),
@@ -375,6 +382,10 @@ def test_the_documented_replies_cover_every_operation() -> None:
     [
         ("resolve", {"manifests": "x"}, "resolve.manifests"),
         ("resolve", {"holders": [1]}, "resolve.holders"),
+        ("resolve", {"network": "x" * 17}, "resolve.network"),
+        ("resolve", {"network": 1}, "resolve.network"),
+        ("resolve", {"knows": -1}, "resolve.knows"),
+        ("publish", {"accepted": 1, "winner": None, "required": "2"}, "publish.required"),
         ("holds", {}, "holds.holds"),
         ("hold", {"entry": "not hex"}, "hold.entry"),
         ("holds_ranges", {"holds": [True, 1]}, "holds_ranges.holds"),

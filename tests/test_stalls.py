@@ -221,3 +221,37 @@ async def test_a_holder_announcing_more_data_than_a_segment_is_refused_before_al
         for writer in conns:
             writer.close()
         await stop_all(peers)
+
+
+async def test_a_holder_paused_mid_fetch_is_given_up_and_the_fetch_completes(
+    processes: list[tuple[subprocess.Popen[str], tuple[str, int]]], tmp_path: Path
+) -> None:
+    """Three holders of every range; one is stopped (SIGSTOP) once a quarter of the object
+    came in: the fetch completes from the other two and reports the paused one given up."""
+    entry = processes[0][1]
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(256 * SEG))
+    token = read_token_file(tmp_path / "p0" / "control.token")
+    async with Client(entry, publisher=Identity.generate(), token=token) as client:
+        await client.put(src, "/stall/mid", segment_size=SEG, replicas=3)
+        resolved = await client.resolve("/stall/mid")
+    holders = {(h.host, h.port) for h in resolved.holders}
+    proc, paused = next((p, a) for p, a in processes[1:] if a in holders)
+    got: list[int] = []
+
+    def progress(n: int) -> None:
+        got.append(n)
+        if len(got) == 64:  # a quarter of the segments
+            os.kill(proc.pid, signal.SIGSTOP)
+
+    out = tmp_path / "out"
+    try:
+        async with asyncio.timeout(120):  # only a guard: a fetch that waits never ends
+            async with Client(entry, io_timeout=FOREVER) as client:
+                result = await client.get("/stall/mid", out, progress=progress)
+        assert stopped(proc.pid), "the holder was paused until the fetch ended"
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert out.read_bytes() == src.read_bytes()
+    assert paused in result.gave_up
+    assert paused in result.late and result.hedged >= 1
