@@ -182,17 +182,24 @@ def print_status(status: dict[str, Any]) -> None:
         )
     if line := network_line(status, time.time()):
         console.print(line, markup=False)
-    console.print(
-        f"routing table: {status['routing_table']} contacts   records: {status['records']}"
-        f"   holder entries: {status['entries']}"
+    beyond = (
+        f" (+{status['overflow']} beyond the per-address cap)" if status.get("overflow") else ""
     )
+    console.print(
+        f"routing table: {status['routing_table']} contacts{beyond}   records:"
+        f" {status['records']}   holder entries: {status['entries']}"
+    )
+    drain = status.get("drain") or {}
+    if drain.get("state", "idle") != "idle":
+        console.print(f"drain {drain_line(drain)}", markup=False, soft_wrap=True)
     console.print(
         f"storage: {format_size(storage['used'])} used of {format_size(storage['capacity'])}"
         f" ({storage['segments']} segments)"
     )
-    table = Table("contact id", "address", title="closest contacts")
+    zones = any(c.get("zone") for c in status["contacts"])
+    table = Table("contact id", "address", *(["zone"] if zones else []), title="closest contacts")
     for c in status["contacts"]:
-        table.add_row(c["id"], c["address"])
+        table.add_row(c["id"], c["address"], *([c.get("zone", "")] if zones else []))
     console.print(table)
     m = status.get("maintenance") or {}
     if m:

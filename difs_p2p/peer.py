@@ -507,6 +507,8 @@ class Peer:
             "address_known": self.advertised,
             "uptime": round(self.clock() - self.started_at, 3),
             "routing_table": len(contacts),
+            # verified peers beyond the per-address cap: no routing, still holders (placement)
+            "overflow": len(dht.overflow()),
             # ok | thin | isolated, the most contacts held, the rejoin attempts (rejoin)
             **dht.network_state().as_dict(),
             "contacts": [

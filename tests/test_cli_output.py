@@ -14,6 +14,7 @@ from difs_p2p.cli_output import (
     fetched_line,
     network_line,
     plural,
+    print_status,
     published_line,
     rate,
     version_line,
@@ -203,3 +204,49 @@ def test_bars_are_silent_without_a_terminal(capsys: pytest.CaptureFixture[str]) 
 def test_network_line(status: dict[str, Any], line: str) -> None:
     """The status line says whether the peer is cut off and when it tries again."""
     assert network_line(status, 100.0) == line
+
+
+def _status(**extra: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "node_id": "ab" * 20,
+        "address": "10.77.0.2:4000",
+        "listen": "0.0.0.0:4000",
+        "address_known": True,
+        "network": "ok",
+        "routing_table": 4,
+        "records": 1,
+        "entries": 2,
+        "storage": {"used": 0, "capacity": 1 << 30, "segments": 0},
+        "contacts": [{"id": "cd" * 20, "address": "10.77.0.3:4000", "zone": ""}],
+    }
+    return base | extra
+
+
+@pytest.mark.parametrize(
+    ("extra", "shown", "hidden"),
+    [
+        ({}, ["listening on 0.0.0.0:4000", "routing table: 4 contacts   "], ["beyond", "drain"]),
+        ({"overflow": 3}, ["4 contacts (+3 beyond the per-address cap)"], ["drain"]),
+        (
+            {"drain": {"state": "draining", "done": 1, "ranges": 4, "bytes_moved": 2048}},
+            ["drain draining: 1/4 ranges", "2.0 KiB moved"],
+            ["beyond"],
+        ),
+        ({"drain": {"state": "idle"}}, [], ["drain"]),
+        (
+            {"contacts": [{"id": "cd" * 20, "address": "10.77.0.3:4000", "zone": "rack-2"}]},
+            ["rack-2", "zone"],
+            [],
+        ),
+    ],
+)
+def test_status_text_shows_the_overflow_the_drain_and_zones(
+    capsys: pytest.CaptureFixture[str], extra: dict[str, Any], shown: list[str], hidden: list[str]
+) -> None:
+    """difs-peer status names peers beyond the cap, a drain under way and contact zones."""
+    print_status(_status(**extra))
+    out = capsys.readouterr().out
+    for text in shown:
+        assert text in out
+    for text in hidden:
+        assert text not in out
