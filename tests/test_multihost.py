@@ -86,6 +86,11 @@ def stat(host: Host, entry: str, name: str) -> dict[str, Any]:
     return result
 
 
+def knows(peer: PeerProc, other: PeerProc) -> bool:
+    """Whether ``other`` is among the contacts ``peer``'s status lists (its 10 nearest)."""
+    return other.address in {c["address"] for c in peer.status()["contacts"]}
+
+
 def random_file(path: Path, size: int) -> Path:
     path.write_bytes(os.urandom(size))
     return path
@@ -217,8 +222,10 @@ def test_partitioned_host_rejoins_and_sees_what_was_published_meanwhile(
     publish(peers[1], v1, "/mh/part", "--replicas", "5")
     cut = peers[3]
     net["h4"].cut()
-    # every request of the isolated peer is lost: its contacts are evicted
+    # every request of the isolated peer is lost: its contacts are evicted, and the others
+    # forget it too (nobody would call it back once the link is up)
     wait_for_sync(lambda: cut.status()["routing_table"] == 0, timeout=60)
+    wait_for_sync(lambda: not any(knows(p, cut) for p in peers if p is not cut), timeout=60)
     v2 = random_file(tmp_path / "v2", 256 * KiB)
     publish(peers[1], v2, "/mh/part", "--replicas", "3", "--update")
     net["h4"].restore()
