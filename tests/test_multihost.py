@@ -240,23 +240,25 @@ def test_partitioned_host_rejoins_and_sees_what_was_published_meanwhile(
 
 
 def test_copies_of_a_range_go_to_distinct_addresses(net: Net, tmp_path: Path) -> None:
-    """Two peers on each of h1..h3 and one on h4, h5: the 3 copies of every range are on 3
-    distinct addresses."""
+    """Three peers on each of h1..h3 and one on h4, h5 (11 peers, 5 addresses): the 3 copies
+    of every range (32 ranges) are on 3 distinct addresses."""
     h1 = net["h1"]
     first = net.start_peers((h1, [LISTEN, h1.ipv4, "--port", str(PORT)]))[0]
-    second = [(h, PORT) for h in net.hosts[1:5]] + [(h, PORT + 1) for h in net.hosts[:3]]
+    others = [(h, PORT) for h in net.hosts[1:5]]
+    others += [(h, PORT + i) for i in (1, 2) for h in net.hosts[:3]]
     rest = net.start_peers(
-        *((h, [LISTEN, h.ipv4, "--port", str(p), "--bootstrap", first.address]) for h, p in second)
+        *((h, [LISTEN, h.ipv4, "--port", str(p), "--bootstrap", first.address]) for h, p in others)
     )
-    peers = [first, *rest]
-    for n in range(4):
-        src = random_file(tmp_path / f"src{n}", 256 * KiB)
-        publish(peers[-1], src, f"/mh/distinct/{n}", "--replicas", "3", "--segment-size", "64KiB")
-        st = stat(net["h6"], peers[-1].address, f"/mh/distinct/{n}")
-        by_range: dict[int, set[str]] = {}
-        for s in st["storages"]:
-            by_range.setdefault(s["segment"]["start"], set()).add(host_of(s["address"]))
-        assert by_range and all(len(ips) == 3 for ips in by_range.values()), st["storages"]
+    entry = rest[-1]
+    # 256 segments of 4 KiB: 32 ranges, each placed on its own
+    src = random_file(tmp_path / "src", MiB)
+    publish(entry, src, "/mh/distinct", "--replicas", "3", "--segment-size", "4KiB")
+    st = stat(net["h6"], entry.address, "/mh/distinct")
+    by_range: dict[int, list[str]] = {}
+    for s in st["storages"]:
+        by_range.setdefault(s["segment"]["start"], []).append(host_of(s["address"]))
+    assert len(by_range) == 32, st["ranges"]
+    assert all(len(set(ips)) == len(ips) == 3 for ips in by_range.values()), by_range
 
 
 @pytest.mark.xfail(not HAS_LEAVE, strict=True, reason="needs difs-peer leave")
