@@ -278,13 +278,39 @@ class Host:
         self.net.peers.append(peer)
         return peer
 
-    def cut(self) -> None:
-        """Take this host's link down on the bridge side: every packet to or from it is lost."""
-        sh("ip", "link", "set", self.veth, "down")
+    def cut(self, drop: bool = False) -> None:
+        """Cut this host off: its link goes down on the bridge side (the host sees no
+        carrier), or with ``drop`` an nftables rule in the host drops every packet on its
+        link while the link stays up (a partition further away). Either way every packet
+        to or from it is lost."""
+        if drop:
+            rules = f"""
+table inet {PREFIX}cut {{
+    chain input {{ type filter hook input priority 0; iifname "eth0" drop; }}
+    chain output {{ type filter hook output priority 0; oifname "eth0" drop; }}
+}}
+"""
+            sh(*self.exec_args("nft", "-f", "-"), input=rules)
+        else:
+            sh("ip", "link", "set", self.veth, "down")
 
     def restore(self) -> None:
-        """Bring the link back up."""
+        """Undo ``cut``: the link up, the drop rule (if any) gone."""
         sh("ip", "link", "set", self.veth, "up")
+        sh(*self.exec_args("nft", "delete", "table", "inet", f"{PREFIX}cut"), check=False)
+
+    def reaches(self, address: str, port: int = 9, timeout: float = 1.0) -> bool:
+        """Whether a TCP connection from here to ``address`` gets an answer (a refusal
+        counts: nothing listens on ``port``) within ``timeout`` seconds."""
+        family = "AF_INET6" if ":" in address else "AF_INET"
+        code = (
+            "import errno, socket\n"
+            f"s = socket.socket(socket.{family})\n"
+            f"s.settimeout({timeout})\n"
+            f"e = s.connect_ex(({address!r}, {port}))\n"
+            "raise SystemExit(0 if e in (0, errno.ECONNREFUSED) else 1)\n"
+        )
+        return self.run(sys.executable, "-c", code, check=False).returncode == 0
 
     def add_address(self, index: int) -> tuple[str, str]:
         """Give this host a second address pair, 10.77.0.INDEX and fd77::INDEX."""

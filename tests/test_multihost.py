@@ -18,7 +18,18 @@ from typing import Any
 import pytest
 
 from tests.helpers import wait_for_sync
-from tests.netns import BIN, Host, Net, PeerProc, netns_missing, nft_missing, ready
+from tests.netns import (
+    BIN,
+    PREFIX,
+    Host,
+    Net,
+    PeerProc,
+    netns_missing,
+    nft_missing,
+    ready,
+    sh,
+    sweep_stale,
+)
 
 MISSING = netns_missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
@@ -100,6 +111,38 @@ def fetch(host: Host, entry: str, name: str, out: Path) -> bytes:
     """``difs get`` in ``host`` through the peer at ``entry``; the bytes it wrote."""
     host.difs("get", name, "--peer", entry, "-o", str(out))
     return out.read_bytes()
+
+
+def _ours(tag: str) -> list[str]:
+    """Namespaces and links whose name starts with ``tag``."""
+    names = [line.split()[0] for line in sh("ip", "netns", "list").splitlines() if line.strip()]
+    for line in sh("ip", "-o", "link", "show").splitlines():
+        names.append(line.split(":", 2)[1].strip().split("@", 1)[0])
+    return [n for n in names if n.startswith(tag) and not n[len(tag)].isdigit()]
+
+
+def test_harness_links_cuts_and_cleans_up(tmp_path: Path) -> None:
+    """Hosts reach each other over IPv4 and IPv6; a cut (link down, or a drop rule) and its
+    restore work; closing leaves no namespace or link behind; a dead run's are swept."""
+    with Net(tmp_path, hosts=2) as net:
+        h1, h2 = net.hosts
+        assert h1.reaches(h2.ipv4) and h1.reaches(h2.ipv6)
+        for drop in [False] + ([True] if nft_missing() is None else []):
+            h2.cut(drop=drop)
+            assert not h1.reaches(h2.ipv4)
+            h2.restore()
+            assert h1.reaches(h2.ipv4)
+        tag = net.tag
+        assert len(_ours(tag)) == 2 + 2 + 1  # two namespaces, two veths, the bridge
+    assert _ours(tag) == []
+    # what a killed run left: its pid is gone, the next run removes it
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"{PREFIX}{dead.pid:x}-1"
+    sh("ip", "netns", "add", f"{stale}h1")
+    sh("ip", "link", "add", f"{stale}br", "type", "bridge")
+    assert set(sweep_stale()) >= {f"{stale}h1", f"{stale}br"}
+    assert _ours(stale) == []
 
 
 def test_publish_on_h2_fetch_on_h5(net: Net, tmp_path: Path) -> None:
