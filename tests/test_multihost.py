@@ -210,11 +210,13 @@ def test_listen_on_any_address_announces_a_reachable_one(
     peers = start(net, net.hosts[:5], v6=v6, bind={3: anywhere})
     entry = hostport(net["h3"].ipv6 if v6 else net["h3"].ipv4)
     peers[2].local = entry  # its printed address may be the wildcard until it learns one
+    h3 = net["h3"].ipv6 if v6 else net["h3"].ipv4
+    # without --advertise it learns its address from what other peers observe
+    wait_for_sync(lambda: host_of(peers[2].status()["address"]) == h3, timeout=15)
     src = random_file(tmp_path / "src", 2 * MiB)
     # r = 5: every peer, so the one on h3 holds every range
     publish(peers[2], src, "/mh/any", "--replicas", "5")
     st = stat(net["h6"], entry, "/mh/any")
-    h3 = net["h3"].ipv6 if v6 else net["h3"].ipv4
     mine = [s for s in st["storages"] if host_of(s["address"]) == h3]
     assert mine and all(s["live"] for s in mine), st["storages"]
     assert not any(host_of(s["address"]) in ("0.0.0.0", "::") for s in st["storages"])
