@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.small
 	$(BIN)/python -m bench.repair
+	$(BIN)/python -m bench.multihost
 
 fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,fuzz]'
