@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint types unit bench fuzz clean
+.PHONY: install sysdeps demo test lint types unit bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# iproute2 and nftables for the multi-host tests and benchmark (as root on Debian, if missing)
+sysdeps:
+	.ci/sysdeps
 
 demo: $(STAMP)
 	$(BIN)/python -m difs_p2p.demo
@@ -25,12 +29,13 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
-	$(BIN)/pytest -q
+# two workers, a test file at a time each (pytest-xdist); `pytest tests/x.py` runs one file
+unit: $(STAMP) sysdeps
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test: lint types unit
 
-bench: $(STAMP)
+bench: $(STAMP) sysdeps
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.small
 	$(BIN)/python -m bench.repair

@@ -12,8 +12,7 @@ root and ``ip netns``, else it says why and does nothing):
 * drain: six peers, objects published with r = 3 until one peer holds about
   ``DIFS_BENCH_DRAIN_MIB`` (default 1024 MiB); ``difs-peer leave`` on it: seconds until it
   exited, bytes its host sent meanwhile and bytes all hosts sent (veth counters), and
-  whether every range then has r live copies. Needs ``difs-peer leave``; reported as
-  skipped without it.
+  whether every range then has r live copies.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,16 +34,6 @@ MiB = 1 << 20
 PORT = 4000
 TCP_PORT = 5001
 FAST_MAINTENANCE = ("--repair-interval", "0.5", "--resolve-every", "1", "--dead-after", "2")
-
-
-def _help(*args: str) -> str:
-    return subprocess.run(
-        [str(BIN / "difs-peer"), *args, "--help"], capture_output=True, text=True
-    ).stdout
-
-
-def listen_flag() -> str:
-    return "--listen" if "--listen" in _help("join") else "--host"
 
 
 # -- the TCP limit of a path: a sink in one namespace, a sender in another ------------------
@@ -122,7 +110,7 @@ def part_fetch(root: Path, size: int) -> dict[str, Any]:
     with Net(root / "fetch", hosts=2) as net:
         h1, h2 = net.hosts
         peer = net.start_peers(
-            (h1, [listen_flag(), h1.ipv4, "--port", str(PORT), "--capacity", "64GiB"])
+            (h1, ["--listen", h1.ipv4, "--port", str(PORT), "--capacity", "64GiB"])
         )[0]
         src = root / "src"
         with src.open("wb") as fh:
@@ -156,7 +144,7 @@ def wait(condition: Callable[[], bool], timeout: float) -> float | None:
 
 
 def network(net: Net, hosts: list[Host], *extra: str) -> list[PeerProc]:
-    flag = listen_flag()
+    flag = "--listen"
     first = net.start_peers((hosts[0], [flag, hosts[0].ipv4, "--port", str(PORT), *extra]))[0]
     rest = net.start_peers(
         *(
@@ -202,8 +190,6 @@ def veth_tx(net: Net) -> dict[str, int]:
 
 
 def part_drain(root: Path, target: int) -> dict[str, Any]:
-    if " leave " not in _help():
-        return {"skipped": "difs-peer has no leave command in this build"}
     with Net(root / "drain", hosts=6) as net:
         peers = network(net, net.hosts, *FAST_MAINTENANCE, "--capacity", "64GiB")
         leaving = peers[3]

@@ -115,6 +115,7 @@ def test_supersedes_needs_the_same_owner_and_lineage_and_a_higher_version(
         ([(V1, 4), (V2, 1)], None, V2),  # within an owner, the highest version
         ([(EVIL_TOMB, 1)], OWNER.public_key, EVIL_TOMB),  # no record of the pinned owner
     ],
+    ids=["peers", "pin", "summed", "version", "no-pinned"],  # the keys are random
 )
 def test_readers_choose_the_owner_most_peers_vouch_for(
     found: list[tuple[Manifest, int]], pinned: bytes | None, first: Manifest

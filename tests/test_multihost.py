@@ -2,8 +2,6 @@
 
 Hosts h1..hN on one bridge (tests/netns.py): 10.77.0.i and fd77::i. Each test builds its
 own network and removes it; peers start in parallel, objects are small, timings short.
-A scenario that needs an option this build does not have yet (``--listen``,
-``--advertise``, ``difs-peer leave``) is expected to fail (strict xfail) until it has it.
 """
 
 from __future__ import annotations
@@ -39,18 +37,7 @@ KiB = 1 << 10
 MiB = 1 << 20
 
 
-def _help(*args: str) -> str:
-    return subprocess.run(
-        [str(BIN / "difs-peer"), *args, "--help"], capture_output=True, text=True
-    ).stdout
-
-
-JOIN_HELP = _help("join")
-HAS_LISTEN = "--listen" in JOIN_HELP
-HAS_ADVERTISE = "--advertise" in JOIN_HELP
-HAS_LEAVE = " leave " in _help()
-# The listen address option: --listen, else the older --host (IPv4 only).
-LISTEN = "--listen" if HAS_LISTEN else "--host"
+LISTEN = "--listen"
 # Maintenance fast enough for a test: rounds every 0.5 s, each reading every held name.
 FAST_MAINTENANCE = ("--repair-interval", "0.5", "--resolve-every", "1", "--dead-after", "2")
 
@@ -194,11 +181,6 @@ def test_fetch_fails_over_when_a_holder_is_killed(net: Net, tmp_path: Path) -> N
     assert head + rest == src.read_bytes()
 
 
-@pytest.mark.xfail(
-    not HAS_LISTEN,
-    strict=True,
-    reason="without --listen a peer on 0.0.0.0 announces 0.0.0.0 in its holder entries",
-)
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_listen_on_any_address_announces_a_reachable_one(
     net: Net, tmp_path: Path, family: str
@@ -223,7 +205,6 @@ def test_listen_on_any_address_announces_a_reachable_one(
     assert fetch(net["h6"], entry, "/mh/any", tmp_path / "out") == src.read_bytes()
 
 
-@pytest.mark.xfail(not HAS_ADVERTISE, strict=True, reason="needs difs-peer join --advertise")
 def test_peer_behind_nat_advertises_the_routers_address(net: Net, tmp_path: Path) -> None:
     """A peer behind a NAT router (DNAT + SNAT) with --advertise of the router's public
     address holds copies that other hosts fetch through the router."""
@@ -307,7 +288,6 @@ def test_copies_of_a_range_go_to_distinct_addresses(net: Net, tmp_path: Path) ->
     assert all(len(set(ips)) == len(ips) == 3 for ips in by_range.values()), by_range
 
 
-@pytest.mark.xfail(not HAS_LEAVE, strict=True, reason="needs difs-peer leave")
 def test_drained_peer_leaves_no_range_short(net: Net, tmp_path: Path) -> None:
     """`difs-peer leave` on a holder: when it has exited, every range still has r live
     copies elsewhere, and the object is fetched intact."""
