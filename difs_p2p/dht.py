@@ -50,7 +50,7 @@ through this ``Dht``. Datagrams are handled synchronously in
 A peer cut off from the network rejoins (the rejoin loop, on :mod:`~difs_p2p.membership`'s
 decisions: when it is thin or isolated, when to retry, whom to ask).
 
-The module is longer than most (about 760 lines): it is the one place where the library's
+The module is longer than most (about 800 lines): it is the one place where the library's
 node, protocol and routing table meet our loops (refresh, liveness, rejoin), and the
 identify exchange (proofs of node IDs and the signed info block that tells a contact's
 TCP port and zone, ``describe``) belongs with the contacts it admits; its decisions are
