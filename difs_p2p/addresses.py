@@ -82,6 +82,20 @@ def is_loopback(host: str) -> bool:
     return ip is not None and ip.is_loopback
 
 
+def address_group(ip: str | None) -> str | None:
+    """What the per-IP cap counts ``ip`` as: an IPv4 address is itself, an IPv6 address
+    its /64 (one host's usual share, and what one attacker's machine gets)."""
+    if ip is None or ":" not in ip:
+        return ip
+    try:
+        addr = ipaddress.IPv6Address(ip)
+    except ValueError:
+        return ip
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
+
+
 def is_ipv6(host: str) -> bool:
     """Whether ``host`` is an IPv6 address (a mapped IPv4 address is IPv4)."""
     return isinstance(ip_of(host), ipaddress.IPv6Address)

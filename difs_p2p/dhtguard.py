@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 
 from difs_p2p import dhtwire
+from difs_p2p.addresses import address_group, is_loopback
 from difs_p2p.config import DhtConfig
 
 # Return-routability tokens: HMAC-SHA-256 of the source address and the period, cut.
@@ -92,12 +93,14 @@ class AddressGuard:
         ``limit_loopback``)."""
         if ip is None:
             return False
-        return self.config.limit_loopback or not ip.startswith("127.")
+        return self.config.limit_loopback or not is_loopback(ip)
 
     def allow_write(self, ip: str | None, now: float) -> bool:
-        """Per-sender token bucket for store/add_entries requests."""
+        """Per-sender token bucket for store/add_entries requests (an IPv6 sender's
+        bucket is its /64's: one host's usual share)."""
         if not self.limited(ip) or ip is None:
             return True
+        ip = address_group(ip) or ip
         rate, burst = self.config.write_rate, self.config.write_burst
         tokens, last = self._write_buckets.get(ip, (burst, now))
         tokens = min(burst, tokens + (now - last) * rate)

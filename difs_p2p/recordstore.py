@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from difs_p2p.addresses import address_group, is_loopback
 from difs_p2p.sqlitedb import Database
 
 
@@ -96,9 +97,11 @@ CREATE INDEX IF NOT EXISTS entries_signer ON entries(k, signer);
 
 
 def write_source(host: str, port: int) -> str:
-    """The source a write is counted against: the sender's IPv4 address, or address and
-    port on loopback, where a local network runs all its peers on one address."""
-    return f"{host}:{port}" if host.startswith("127.") else host
+    """The source a write is counted against: the sender's IPv4 address or IPv6 /64, or
+    address and port on loopback, where a local network runs all its peers on one address."""
+    if is_loopback(host):
+        return f"{host}:{port}"
+    return address_group(host) or host
 
 
 class AcceptAll:

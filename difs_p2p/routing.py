@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -21,7 +20,7 @@ from typing import Any, TypeGuard
 from kademlia.node import Node
 from kademlia.routing import RoutingTable
 
-from difs_p2p.addresses import sendable_host
+from difs_p2p.addresses import address_group, sendable_host
 from difs_p2p.identity import NodeId
 
 KEY_SIZE = 20
@@ -81,20 +80,6 @@ def valid_address(addr: object) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def address_group(ip: str | None) -> str | None:
-    """What the per-IP cap counts ``ip`` as: an IPv4 address is itself, an IPv6 address
-    its /64 (one host's usual share, and what one attacker's machine gets)."""
-    if ip is None or ":" not in ip:
-        return ip
-    try:
-        addr = ipaddress.IPv6Address(ip)
-    except ValueError:
-        return ip
-    if addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
-
-
 def contact_of(node: Node) -> Contact:
     """The :class:`Contact` of a library ``Node``."""
     return Contact(node_id=NodeId(bytes(node.id)), host=str(node.ip), port=int(node.port))

@@ -79,6 +79,9 @@ def test_tokens_from_other_peers_expire_after_one_period() -> None:
         ("192.0.2.1", False, True),
         ("127.0.0.1", False, False),
         ("127.0.0.1", True, True),
+        ("::1", False, False),
+        ("::1", True, True),
+        ("fd77::5", False, True),
         (None, True, False),
     ],
 )
@@ -96,3 +99,13 @@ def test_write_bucket_allows_a_burst_then_the_rate() -> None:
     assert g.allow_write(ip, 10.5)  # one token back after half a second
     assert not g.allow_write(ip, 10.5)
     assert g.allow_write("127.0.0.1", 10.5)  # loopback is exempt
+
+
+def test_ipv6_senders_of_one_64_share_a_write_bucket() -> None:
+    """An IPv6 host has a /64 of addresses: its writes draw from one bucket, another /64
+    has its own, and ::1 is exempt like 127.0.0.1."""
+    g = guard(Clock(), write_rate=2.0, write_burst=2.0)
+    assert g.allow_write("fd77::1:1", 10.0) and g.allow_write("fd77::1:2", 10.0)
+    assert not g.allow_write("fd77::9:9", 10.0)  # the same /64, bucket empty
+    assert g.allow_write("fd77:0:0:1::1", 10.0)  # another /64
+    assert all(g.allow_write("::1", 10.0) for _ in range(5))

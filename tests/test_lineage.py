@@ -311,9 +311,14 @@ def version_of_name(signer: Identity, name: str) -> Manifest:
 
 
 def test_sources_are_addresses_or_loopback_ports() -> None:
-    """Writes count per IPv4 address; on loopback, where local peers share one, per port."""
+    """Writes count per IPv4 address or IPv6 /64; on loopback (127.0.0.0/8, ::1), where
+    local peers share one address, per port."""
     assert write_source("10.1.2.3", 4000) == write_source("10.1.2.3", 4001) == "10.1.2.3"
     assert write_source("127.0.0.1", 4000) != write_source("127.0.0.1", 4001)
+    assert write_source("::1", 4000) != write_source("::1", 4001)
+    assert write_source("fd77::1", 4000) == write_source("fd77::ffff:2", 4001) == "fd77::/64"
+    assert write_source("fd77:0:0:1::1", 4000) != write_source("fd77::1", 4000)
+    assert write_source("::ffff:10.1.2.3", 4000) == "10.1.2.3"
 
 
 # -- with real peers ------------------------------------------------------------------------

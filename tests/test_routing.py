@@ -12,11 +12,11 @@ import pytest
 from kademlia.node import Node
 from kademlia.routing import KBucket, RoutingTable
 
+from difs_p2p.addresses import address_group
 from difs_p2p.identity import NodeId, distance
 from difs_p2p.routing import (
     Contact,
     ExactRoutingTable,
-    address_group,
     contact_of,
     is_id,
     valid_address,
