@@ -125,6 +125,41 @@ class Estimate:
         return max(config.late_floor, expected)
 
 
+class PushPace:
+    """How long a peer receiving a push (placement, repair, a drain) may stay silent, with
+    no acknowledgement, before the push gives it up: the rule a fetch applies to a quiet
+    holder (``give_up_factor`` of its measured deadlines, at least ``quiet_floor``), fed
+    with the push's acknowledgements: the first one's delay, then the time between them.
+    A silent peer or link costs ~16 s before the first acknowledgement and ~10 s after on
+    a fast link (not a fixed 30 s), more on a slow one, in proportion to its rate."""
+
+    __slots__ = ("_since", "config", "estimate")
+
+    def __init__(self, config: PlanConfig | None = None) -> None:
+        self.config = config or PlanConfig()
+        self.estimate = Estimate()
+        self._since: float | None = None
+
+    def sent(self, now: float) -> None:
+        """A segment went out (the first one starts the clock)."""
+        if self._since is None:
+            self._since = now
+
+    def acked(self, size: int, now: float) -> None:
+        """The receiver acknowledged a segment of ``size`` bytes."""
+        since = now if self._since is None else self._since
+        if self.estimate.srtt is None:
+            self.estimate.first_byte(now - since)
+        else:
+            self.estimate.transfer(size, now - since)
+        self._since = now
+
+    def limit(self, size: int) -> float:
+        """Seconds to wait for the next acknowledgement of a ``size``-byte segment."""
+        deadline = self.estimate.deadline(size, self.config)
+        return max(self.config.quiet_floor, self.config.give_up_factor * deadline)
+
+
 @dataclass(slots=True)
 class _Request:
     index: int

@@ -13,6 +13,7 @@ that built it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence, Set
@@ -31,6 +32,7 @@ from difs_p2p.errors import (
     RemoteRejectedError,
     UsageError,
 )
+from difs_p2p.fetchplan import PushPace
 from difs_p2p.holders import HolderEntry, build_holder_entry, parse_holder_entry
 from difs_p2p.holdings import Holding, Holdings, Query, holding_owner
 from difs_p2p.identity import Identity, NodeId
@@ -236,26 +238,40 @@ class Replicator:
             network=self.network,
             credential=control.PeerCredential(self.identity),
         )
+        loop = asyncio.get_running_loop()
+        # a receiver (or link) gone silent is given up at its measured rate (PushPace),
+        # never later than the configured I/O deadline
+        acks = PushPace()
+        sizes: collections.deque[int] = collections.deque()
+
+        async def ack() -> None:
+            size = sizes.popleft()
+            conn.io_timeout = min(self.config.io_timeout, acks.limit(size))
+            await _expect_ack(conn)
+            acks.acked(size, loop.time())
+
         try:
             ids = [integrity, *hashes[start : end + 1]]
-            pending = 0
             for seg_id in ids:
                 # straight from the segment file with sendfile (the receiver verifies)
                 fh, size = await asyncio.to_thread(open_stored, store, seg_id)
                 try:
                     if pace is not None:
                         await pace(size)
+                    acks.sent(loop.time())
+                    conn.io_timeout = min(self.config.io_timeout, acks.limit(size))
                     await conn.send_file(
                         0, fh, 0, size, msg_type=wire.MsgType.PUT_SEG, prefix=seg_id
                     )
                 finally:
                     fh.close()
-                pending += 1
-                if pending >= PUSH_WINDOW:
-                    await _expect_ack(conn)
-                    pending -= 1
-            for _ in range(pending):
-                await _expect_ack(conn)
+                sizes.append(size)
+                if len(sizes) >= PUSH_WINDOW:
+                    await ack()
+            while sizes:
+                await ack()
+            # the receiver checks the whole range before it signs: the full deadline
+            conn.io_timeout = self.config.io_timeout
             reason = HoldReason(kind, key, version, start, end)
             reply = await conn.request(
                 HoldRequest(key, version, integrity, len(hashes), start, end, reason)

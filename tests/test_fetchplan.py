@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from difs_p2p.errors import UsageError
-from difs_p2p.fetchplan import Estimate, FetchPlan, PlanConfig, first_holders, hedge_delay
+from difs_p2p.fetchplan import (
+    Estimate,
+    FetchPlan,
+    PlanConfig,
+    PushPace,
+    first_holders,
+    hedge_delay,
+)
 
 A, B, C = ("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.3", 3)
 MiB = 1 << 20
@@ -343,3 +350,36 @@ def test_the_hash_list_is_hedged_after_three_fastest_connects(
 ) -> None:
     """One more holder is asked after max(50 ms, 3 x the fastest connect seen)."""
     assert hedge_delay(connects) == pytest.approx(delay)
+
+
+@pytest.mark.parametrize(
+    ("acks", "limit"),
+    [
+        # nothing acknowledged yet: 16 initial deadlines (16 x 1 s)
+        ([], 16.0),
+        # one acknowledgement: its delay is the first-byte sample, no rate yet
+        ([(0.01, MiB)], 16.0),
+        # a fast link (1 MiB every 10 ms): the quiet floor
+        ([(0.01, MiB), (0.02, MiB), (0.03, MiB), (0.04, MiB)], 10.0),
+        # a slow link (1 MiB per 2 s): 16 deadlines of about 2 x 2 s, far past the floor
+        ([(2.0, MiB), (4.0, MiB), (6.0, MiB), (8.0, MiB)], None),
+    ],
+)
+def test_a_push_waits_for_acknowledgements_in_proportion_to_their_rate(
+    acks: list[tuple[float, int]], limit: float | None
+) -> None:
+    """A silent receiver of a push is given up after 16 of its measured deadlines, at
+    least the quiet floor: not a fixed I/O deadline."""
+    pace = PushPace(CONFIG)
+    pace.sent(0.0)
+    for at, size in acks:
+        pace.acked(size, at)
+    if limit is not None:
+        assert pace.limit(MiB) == pytest.approx(limit)
+    else:
+        assert pace.limit(MiB) > 3 * CONFIG.quiet_floor
+        fast = PushPace(CONFIG)
+        fast.sent(0.0)
+        for i in range(1, 5):
+            fast.acked(MiB, i * 0.01)
+        assert pace.limit(MiB) > fast.limit(MiB)
