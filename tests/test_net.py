@@ -118,11 +118,27 @@ async def test_a_port_in_use_is_a_network_error() -> None:
         udp.close()
 
 
+def _udp_port_free_for_tcp() -> tuple[socket.socket, int]:
+    """A UDP socket bound to a port whose TCP number is free (another test's connection
+    may have that number as its local port: then another port is taken)."""
+    for _ in range(50):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        port = udp.getsockname()[1]
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            probe.bind(("127.0.0.1", port))
+            return udp, port
+        except OSError:
+            udp.close()
+        finally:
+            probe.close()
+    raise AssertionError("no UDP port whose TCP number is free")
+
+
 async def test_a_udp_port_in_use_is_a_network_error() -> None:
     """A port free for TCP but taken for UDP is refused, naming UDP."""
-    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    taken.bind(("127.0.0.1", 0))
-    port = taken.getsockname()[1]
+    taken, port = _udp_port_free_for_tcp()
     try:
         with pytest.raises(NetworkError, match=r"in use on 127.0.0.1 \(UDP\)"):
             bind_sockets("127.0.0.1", port)
