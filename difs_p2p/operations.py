@@ -272,6 +272,12 @@ class Operations:
                 # serve it: not published
                 winner = None
         if winner == manifest.hash and accepted < required:
+            # a store answered after the stall time (a loaded peer) still lands: count
+            # once more before calling the publish short (an identical record is only
+            # refreshed where it is held already)
+            again = await dht.put_with_entries(manifest.key, raw, items)
+            accepted = max(accepted, again.accepted)
+        if winner == manifest.hash and accepted < required:
             # fewer than a quorum of the name's key/value peers took it: not published
             # (the few that did keep it; see docs/ARCHITECTURE.md, "Rejoin")
             log.warning(
