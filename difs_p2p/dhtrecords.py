@@ -190,7 +190,7 @@ class Records:
         # request with a bare `false` and is asked again the old way.
         batches = entry_batches(entries, first=dhtwire.ENTRY_BATCH_BYTES - len(value))
         first, rest = batches[0], batches[1:]
-        stores = self._answers([self.host.call_store(c, key, value, first) for c in peers])
+        stores = self._store_at(peers, key, value, first)
         added = self._send_entries(key, rest, peers)
         replies, more = await asyncio.gather(stores, added)
         entries_accepted += more
@@ -211,7 +211,7 @@ class Records:
             else:
                 refused += 1
         if older:
-            again = self._answers([self.host.call_store(c, key, value) for c in older])
+            again = self._store_at(older, key, value)
             replies, more = await asyncio.gather(again, self._send_entries(key, [first], older))
             entries_accepted += more
             for contact, (ok, reply) in zip(older, replies, strict=True):
@@ -382,6 +382,13 @@ class Records:
             if ok:
                 accepted += dhtwire.decode_count(reply)
         return accepted
+
+    async def _store_at(
+        self, peers: Sequence[Contact], key: bytes, value: bytes, entries: Sequence[bytes] = ()
+    ) -> list[tuple[bool, Any]]:
+        """``store`` at each of ``peers`` (``_answers``). The requests are made only once
+        this runs: a write cancelled before (a drain stopped, say) leaves none unsent."""
+        return await self._answers([self.host.call_store(c, key, value, entries) for c in peers])
 
     async def _answers(
         self, calls: Sequence[Coroutine[Any, Any, tuple[bool, Any]]]
