@@ -59,6 +59,9 @@ class Stored:
     paths: int = 0
     readable_paths: int = 0
     quorum: int = 0
+    # peers (this one included) that answered the store at all, took it or not: how many
+    # of the key's peers the write reached (a partition, not a policy, keeps it low)
+    reached: int = 0
 
     @property
     def readable(self) -> bool:
@@ -178,7 +181,8 @@ class Records:
         peers = union(paths, key)
         accepted = refused = 0
         here = False
-        if self._among_closest(key, peers):
+        mine = self._among_closest(key, peers)
+        if mine:
             if self.host.store.put(key, value, self.host.clock()).accepted:
                 accepted += 1
                 here = True
@@ -196,6 +200,7 @@ class Records:
         entries_accepted += more
         older: list[Contact] = []
         took: set[NodeId] = set()
+        reached = int(mine) + sum(ok for ok, _ in replies)
         for contact, (ok, reply) in zip(peers, replies, strict=True):
             answer = _store_reply(ok, reply)
             if answer is not None and answer.entries is not None:
@@ -242,7 +247,7 @@ class Records:
             )
             accepted = len(served) + here
             refused += len(took) - len(served)
-        return Stored(accepted, refused, entries_accepted, len(used), readable, quorum)
+        return Stored(accepted, refused, entries_accepted, len(used), readable, quorum, reached)
 
     async def _read_back(
         self, key: bytes, value: bytes, peers: list[Contact], served: set[NodeId]

@@ -271,19 +271,24 @@ class Operations:
                 # only this peer and peers off the read paths (Sybils near the key, say)
                 # serve it: not published
                 winner = None
-        if winner == manifest.hash and accepted < required:
+        # the quorum is of the key/value peers the write reached (they answered, took the
+        # record or refused it by policy): a partition, not a refusal, keeps it low
+        reached = max(accepted, stored.reached)
+        if winner == manifest.hash and reached < required:
             # a store answered after the stall time (a loaded peer) still lands: count
             # once more before calling the publish short (an identical record is only
             # refreshed where it is held already)
             again = await dht.put_with_entries(manifest.key, raw, items)
             accepted = max(accepted, again.accepted)
-        if winner == manifest.hash and accepted < required:
-            # fewer than a quorum of the name's key/value peers took it: not published
-            # (the few that did keep it; see docs/ARCHITECTURE.md, "Rejoin")
+            reached = max(reached, again.accepted, again.reached)
+        if winner == manifest.hash and reached < required:
+            # fewer than a quorum of the name's key/value peers answered: not published
+            # (the few that took it keep it; see docs/ARCHITECTURE.md, "Rejoin")
             log.warning(
-                "publish_short key=%s accepted=%d required=%d",
+                "publish_short key=%s accepted=%d reached=%d required=%d",
                 manifest.key.hex()[:12],
                 accepted,
+                reached,
                 required,
             )
             winner = None

@@ -103,9 +103,9 @@ def check_published(manifest: Manifest, reply: PublishReply) -> None:
     placed (``abandon``) and the other holders' copies are collected as orphans."""
     if reply.winner is None and reply.required and reply.accepted < reply.required:
         raise NetworkError(
-            f"{manifest.name} reached only {reply.accepted} of the {reply.required} "
-            "key/value peers a publish needs: it is not published (is the entry peer cut "
-            "off from the network? see `difs-peer status`; try again)"
+            f"{manifest.name} reached fewer than the {reply.required} key/value peers a "
+            f"publish needs ({reply.accepted} took it): it is not published (is the entry "
+            "peer cut off from the network? see `difs-peer status`; try again)"
         )
     if reply.winner is None and reply.readable_paths < reply.quorum:
         raise NetworkError(
