@@ -64,13 +64,16 @@ def network_state(size: int, most_seen: int, ksize: int, thin_share: float) -> s
 
 
 def publish_quorum(most_seen: int, ksize: int) -> int:
-    """How many of a name's key/value peers (this one included) must take a record for a
-    publish to count: half of those the network should have, rounded up. That is k + 1
-    peers where this peer once knew k others or more (the k closest and itself), fewer
-    in a small network: the peers it has seen, not those it sees now, so a thin peer
-    cannot publish alone, and a one-peer network still can (1 of 1)."""
+    """How many of a name's key/value peers (this one included) a publish must reach for
+    it to count: a quarter of those the network should have, rounded up, the share below
+    which a routing table is thin. That is 6 where this peer once knew k = 20 others or
+    more (the k closest and itself), fewer in a small network: the peers it has seen, not
+    those it sees now, so a peer cut off from most of the network cannot publish alone
+    before its table empties, and a one-peer network still can (1 of 1). Not a majority:
+    under loss or load a write's lookup finds and reaches fewer than k peers, and a
+    majority turned those publishes into failures."""
     expected = min(ksize, most_seen) + 1
-    return (expected + 1) // 2
+    return (expected + 3) // 4
 
 
 def cut_off_error(peer: Address, state: str, knows: int, most_seen: int) -> NetworkError | None:

@@ -213,8 +213,8 @@ async def test_a_cut_off_peer_refuses_to_answer_for_the_network(tmp_path: Path) 
             # the peer itself refuses to store a manifest while cut off
             v2 = make(publisher, name="/a.com/g")
             reply = await c._request(PublishRequest(v2.raw.decode(), ()))
-            assert (reply.accepted, reply.winner, reply.required) == (0, None, 2)
-            short = r"reached fewer than the 2 key/value peers a publish needs \(0 took it\)"
+            assert (reply.accepted, reply.winner, reply.required) == (0, None, 1)
+            short = r"reached fewer than the 1 key/value peers a publish needs \(0 took it\)"
             with pytest.raises(NetworkError, match=short):
                 check_published(v2, reply)
             assert dht.store.get(v2.key, time.time()) is None
