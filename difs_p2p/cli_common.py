@@ -251,15 +251,29 @@ async def _cancellable(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 def run(coro_fn: Callable[[], Coroutine[Any, Any, T]], as_json: bool = False) -> T:
-    """Run an async command, turning our errors into one line and an exit code."""
+    """Run an async command, turning our errors into one line and an exit code.
+
+    A Ctrl-C while the event loop is being made is held until the loop exists (raised in
+    the middle of its construction, the half-made loop printed a traceback as it was
+    collected), then counts as an interruption like any other."""
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     try:
-        return asyncio.run(_cancellable(coro_fn))
+        with asyncio.Runner() as runner:
+            runner.get_loop()
+            signal.signal(signal.SIGINT, previous)
+            if held:
+                raise _Interrupted(held[0])
+            return runner.run(_cancellable(coro_fn))
     except errors.DifsError as exc:
         raise fail(exc, as_json) from None
     except _Interrupted as exc:
         code = 128 + exc.signum
         report_error(f"interrupted ({exc})", code, as_json)
         raise typer.Exit(code) from None
+    finally:
+        if signal.getsignal(signal.SIGINT) is not previous:
+            signal.signal(signal.SIGINT, previous)
 
 
 class LogLevel(enum.StrEnum):
