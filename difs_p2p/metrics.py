@@ -29,7 +29,7 @@ import bisect
 import contextlib
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from difs_p2p.membership import ISOLATED, OK, THIN
@@ -189,8 +189,6 @@ class _Membership(Protocol):
 
 class _DhtProtocol(Protocol):
     @property
-    def dropped(self) -> int: ...
-    @property
     def rpcs(self) -> RpcStats: ...
 
 
@@ -198,6 +196,7 @@ class _Dht(Protocol):
     @property
     def protocol(self) -> _DhtProtocol | None: ...
     def contacts(self) -> Sequence[object]: ...
+    def traffic(self) -> Mapping[str, int]: ...
     def network_state(self) -> _Membership: ...
 
 
@@ -292,11 +291,20 @@ def collect(peer: Scraped) -> Iterator[Metric]:
         for s in NETWORK_STATES:
             states.add_metric([s], 1.0 if s == state else 0.0)
         yield states
+        traffic = dht.traffic()
+        datagrams = CounterMetricFamily(
+            "difs_dht_datagrams", "DHT datagrams sent and received.", labels=["direction"]
+        )
+        datagrams.add_metric(["sent"], traffic["sent"])
+        datagrams.add_metric(["received"], traffic["received"])
+        yield datagrams
         yield _counter(
             "difs_dht_bad_datagrams",
-            "Datagrams dropped: malformed, unexpected replies, refused by the record store.",
-            proto.dropped,
+            "DHT datagrams dropped: malformed, replies nobody waits for (late or forged),"
+            " requests the record store failed on.",
+            traffic["dropped"],
         )
+        yield _counter("difs_dht_lookups", "Iterative DHT lookups run.", traffic["lookups"])
         rpcs = proto.rpcs
         calls = CounterMetricFamily(
             "difs_dht_rpcs",

@@ -247,6 +247,44 @@ async def test_verification_failure_of_a_fetched_segment_is_counted(tmp_path: Pa
         await stop_all(peers)
 
 
+async def _crash(peer: Peer) -> None:
+    """Stop answering at once, without telling anyone (as kill -9 would)."""
+    assert peer.server is not None and peer.dht is not None and peer.dht.transport is not None
+    peer.dht.transport.close()
+    await peer.server.stop()
+    peer.server = None
+
+
+async def test_repair_figures_follow_a_lost_copy(tmp_path: Path) -> None:
+    """A crashed holder shows as under-replicated ranges, then as repair bytes, then 0."""
+    peers = await start_peers(tmp_path, 5)
+    try:
+        async with client_for(peers[0], publisher=Identity.generate()) as client:
+            result = await client.put(io.BytesIO(DATA), NAME, replicas=3, segment_size=64 * 1024)
+        holders = {h for r in result.ranges for h in r["holders"]} - {peers[0].node_id.hex()}
+        victim = next(p for p in peers if p.node_id.hex() in holders)
+        await _crash(victim)
+        live = [p for p in peers if p is not victim]
+
+        def total(family: str, name: str) -> float:
+            return sum(_value(_samples(render(p)), family, name) for p in live)
+
+        short = "difs_under_replicated_ranges"
+        assert total(short, short) == 0
+        for p in live:
+            assert p.maintainer is not None
+            await p.maintainer.round()
+        assert total(short, short) >= 1
+        for _ in range(4):
+            for p in live:
+                assert p.maintainer is not None
+                await p.maintainer.round()
+        assert total("difs_repair_bytes", "difs_repair_bytes_total") >= 64 * 1024
+        assert total(short, short) == 0
+    finally:
+        await stop_all(peers)
+
+
 async def test_gateway_figures_are_rendered(tmp_path: Path) -> None:
     """What the gateway counted shows under difs_gateway_* with bounded code labels."""
     (peer,) = await start_peers(tmp_path, 1)
