@@ -30,7 +30,7 @@ import contextlib
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from difs_p2p.membership import ISOLATED, OK, THIN
 
@@ -242,149 +242,146 @@ class Scraped(Protocol):
     def gateway_metrics(self) -> GatewayMetrics: ...
 
 
-def _gauge(name: str, doc: str, value: float) -> Metric:
-    from prometheus_client.core import GaugeMetricFamily
-
-    return GaugeMetricFamily(name, doc, value=value)
-
-
-def _counter(name: str, doc: str, value: float) -> Metric:
-    from prometheus_client.core import CounterMetricFamily
-
-    return CounterMetricFamily(name, doc, value=value)
-
-
-def _histogram(name: str, doc: str, labels: Sequence[str] = ()) -> Any:
-    from prometheus_client.core import HistogramMetricFamily
-
-    return HistogramMetricFamily(name, doc, labels=labels)
-
-
-def _add_histogram(family: Any, labels: Sequence[str], hist: Histogram) -> None:
-    family.add_metric(list(labels), hist.cumulative(), hist.sum)
-
-
-def collect(peer: Scraped) -> Iterator[Metric]:
+def collect(peer: Scraped) -> list[Metric]:
     """The metric families of ``peer`` now (what a scrape returns, before the process
-    collector's)."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    collector's); a part of the peer that is not running leaves its own out."""
+    from prometheus_client import core
 
+    Counter, Gauge = core.CounterMetricFamily, core.GaugeMetricFamily
+    Hist = core.HistogramMetricFamily
+
+    out: list[Metric] = []
     store = peer.store
     if store is not None:
-        yield _gauge("difs_storage_used_bytes", "Bytes of segments stored.", store.used)
-        yield _gauge(
-            "difs_storage_offered_bytes", "Bytes this peer offers to store.", store.capacity
-        )
-        yield _gauge("difs_storage_segments", "Segments stored.", store.count)
+        out += [
+            Gauge("difs_storage_used_bytes", "Bytes of segments stored.", value=store.used),
+            Gauge(
+                "difs_storage_offered_bytes",
+                "Bytes this peer offers to store (its capacity).",
+                value=store.capacity,
+            ),
+            Gauge("difs_storage_segments", "Segments stored.", value=store.count),
+        ]
     dht = peer.dht
-    if dht is not None and dht.protocol is not None:
-        proto = dht.protocol
-        yield _gauge(
-            "difs_dht_routing_table_peers", "Contacts in the routing table.", len(dht.contacts())
+    proto = dht.protocol if dht is not None else None
+    if dht is not None and proto is not None:
+        out.append(
+            Gauge(
+                "difs_dht_routing_table_peers",
+                "Contacts in the routing table.",
+                value=len(dht.contacts()),
+            )
         )
         state = dht.network_state().state
-        states = GaugeMetricFamily(
+        states = Gauge(
             "difs_network_state",
-            "Whether the peer is part of the network (1 for the current state).",
+            "Whether the peer is part of the network (1 for its current state).",
             labels=["state"],
         )
         for s in NETWORK_STATES:
             states.add_metric([s], 1.0 if s == state else 0.0)
-        yield states
         traffic = dht.traffic()
-        datagrams = CounterMetricFamily(
+        datagrams = Counter(
             "difs_dht_datagrams", "DHT datagrams sent and received.", labels=["direction"]
         )
         datagrams.add_metric(["sent"], traffic["sent"])
         datagrams.add_metric(["received"], traffic["received"])
-        yield datagrams
-        yield _counter(
-            "difs_dht_bad_datagrams",
-            "DHT datagrams dropped: malformed, replies nobody waits for (late or forged),"
-            " requests the record store failed on.",
-            traffic["dropped"],
-        )
-        yield _counter("difs_dht_lookups", "Iterative DHT lookups run.", traffic["lookups"])
-        rpcs = proto.rpcs
-        calls = CounterMetricFamily(
+        calls = Counter(
             "difs_dht_rpcs",
-            "Outgoing DHT requests by name and outcome.",
+            "DHT requests this peer sent, by name and outcome.",
             labels=["rpc", "outcome"],
         )
-        for (name, outcome), n in rpcs.counts.items():
-            calls.add_metric([name, outcome], n)
-        yield calls
-        durations = _histogram(
+        durations = Hist(
             "difs_dht_rpc_duration_seconds",
             "Seconds from sending a DHT request to its reply.",
-            ["rpc"],
+            labels=["rpc"],
         )
-        for name, hist in rpcs.durations.items():
-            _add_histogram(durations, [name], hist)
-        yield durations
+        for (name, outcome), n in proto.rpcs.counts.items():
+            calls.add_metric([name, outcome], n)
+        for name, hist in proto.rpcs.durations.items():
+            durations.add_metric([name], hist.cumulative(), hist.sum)
+        out += [
+            states,
+            datagrams,
+            Counter(
+                "difs_dht_bad_datagrams",
+                "DHT datagrams dropped: malformed, replies nobody waits for (late or"
+                " forged), requests the record store failed on.",
+                value=traffic["dropped"],
+            ),
+            Counter("difs_dht_lookups", "Iterative DHT lookups run.", value=traffic["lookups"]),
+            calls,
+            durations,
+        ]
     service = peer.service
     if service is not None:
-        yield _counter(
-            "difs_segment_served_bytes",
-            "Segment bytes sent to other peers and clients.",
-            service.served_bytes,
+        out.append(
+            Counter(
+                "difs_segment_served_bytes",
+                "Segment bytes sent to fetchers.",
+                value=service.served_bytes,
+            )
         )
     maintainer = peer.maintainer
     if maintainer is not None:
-        replicating = maintainer.replicator
-        yield _counter(
-            "difs_segment_fetched_bytes",
-            "Verified segment bytes this peer's own fetches received (heal, the gateway).",
-            replicating.fetched_bytes + peer.gateway_metrics.received_bytes,
-        )
-        yield _counter(
-            "difs_verification_failures",
-            "Segments received by this peer that failed verification.",
-            replicating.verification_failures,
-        )
-        yield _counter(
-            "difs_repair_bytes",
-            "Bytes copied to other peers by repair.",
-            maintainer.stats.repair_bytes,
-        )
-        yield _gauge(
-            "difs_under_replicated_ranges",
-            "Ranges the last maintenance round found short of copies.",
-            maintainer.stats.under_replicated,
-        )
-    yield from _gateway(peer.gateway_metrics)
-
-
-def _gateway(gw: GatewayMetrics) -> Iterator[Metric]:
-    from prometheus_client.core import CounterMetricFamily
-
-    responses = CounterMetricFamily(
+        replicator, stats = maintainer.replicator, maintainer.stats
+        out += [
+            Counter(
+                "difs_segment_fetched_bytes",
+                "Verified segment bytes this peer's own fetches received (heals, the gateway's).",
+                value=replicator.fetched_bytes + peer.gateway_metrics.received_bytes,
+            ),
+            Counter(
+                "difs_verification_failures",
+                "Segments this peer received that failed verification.",
+                value=replicator.verification_failures,
+            ),
+            Counter(
+                "difs_repair_bytes",
+                "Bytes repair copied to other peers.",
+                value=stats.repair_bytes,
+            ),
+            Gauge(
+                "difs_under_replicated_ranges",
+                "Ranges the last maintenance round found with fewer live copies than"
+                " their replicas.",
+                value=stats.under_replicated,
+            ),
+        ]
+    gw = peer.gateway_metrics
+    responses = Counter(
         "difs_gateway_responses", "HTTP responses of the gateway by status.", labels=["code"]
     )
     for code, n in sorted(gw.responses.items()):
         responses.add_metric([code], n)
-    yield responses
-    yield _gauge(
-        "difs_gateway_requests_in_flight", "HTTP requests the gateway is answering.", gw.in_flight
-    )
-    ttfb = _histogram(
+    ttfb = Hist(
         "difs_gateway_time_to_first_byte_seconds",
         "Seconds from an HTTP request to the first body byte of its response.",
     )
-    _add_histogram(ttfb, [], gw.ttfb)
-    yield ttfb
-    yield _counter("difs_gateway_sent_bytes", "Body bytes the gateway sent.", gw.fetched_bytes)
+    ttfb.add_metric([], gw.ttfb.cumulative(), gw.ttfb.sum)
+    out += [
+        responses,
+        Gauge(
+            "difs_gateway_requests_in_flight",
+            "HTTP requests the gateway is answering.",
+            value=gw.in_flight,
+        ),
+        ttfb,
+        Counter("difs_gateway_sent_bytes", "Body bytes the gateway sent.", value=gw.fetched_bytes),
+    ]
+    return out
 
 
 def render(peer: Scraped) -> bytes:
     """The exposition text (Prometheus text format 0.0.4) of ``peer``'s figures now, with
-    the process' (RSS, CPU, open files) on Linux."""
+    the process' (memory, CPU, open files: prometheus_client's process collector, Linux
+    only), from a registry made for this scrape."""
     from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
     from prometheus_client.registry import Collector
 
     class PeerCollector(Collector):
         def collect(self) -> Iterable[Metric]:
-            return list(collect(peer))
+            return collect(peer)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PeerCollector())

@@ -9,6 +9,8 @@ import io
 import math
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,6 +145,12 @@ def test_gateway_metrics_count_responses_bytes_and_requests_in_flight() -> None:
     assert gw.ttfb.count == 2
     assert gw.fetched_bytes == 1024
     assert gw.received_bytes == 2048
+
+
+def test_prometheus_client_is_imported_only_by_a_scrape() -> None:
+    """The CLI's modules load without prometheus_client (its import costs ~70 ms)."""
+    code = "import sys, difs_p2p.cli, difs_p2p.metrics;sys.exit('prometheus_client' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 0
 
 
 # -- real peers --------------------------------------------------------------------------
