@@ -372,18 +372,23 @@ def collect(peer: Scraped) -> list[Metric]:
     return out
 
 
+class PeerCollector:
+    """A ``prometheus_client`` collector of one peer's figures, read at each scrape."""
+
+    def __init__(self, peer: Scraped) -> None:
+        self.peer = peer
+
+    def collect(self) -> list[Metric]:
+        return collect(self.peer)
+
+
 def render(peer: Scraped) -> bytes:
     """The exposition text (Prometheus text format 0.0.4) of ``peer``'s figures now, with
     the process' (memory, CPU, open files: prometheus_client's process collector, Linux
     only), from a registry made for this scrape."""
     from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-    from prometheus_client.registry import Collector
-
-    class PeerCollector(Collector):
-        def collect(self) -> Iterable[Metric]:
-            return collect(peer)
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PeerCollector())
+    registry.register(PeerCollector(peer))
     ProcessCollector(namespace="difs", registry=registry)
     return generate_latest(registry)
