@@ -86,7 +86,8 @@ class Chunks:
         self.pieces: collections.deque[memoryview] = collections.deque()
         # pieces the reader has taken so far
         self.taken = 0
-        # bytes of segments received from holders (dropped duplicate copies included)
+        # bytes received from holders for segments (frame headers and duplicate copies
+        # a hedge dropped included; the hash list not)
         self.received = 0
         # perf_counter() when the first piece was put (0.0: none yet)
         self.first_at = 0.0
@@ -242,9 +243,15 @@ class SegmentRun:
             piece = self.ready.pop(index)
             buf = self.owners.pop(index)
             if chunks is not None:
-                # the reader owns the piece and its buffer from now on
-                chunks.put(memoryview(piece))
-                continue
+                if 2 * len(piece) < len(buf):
+                    # a small part of its buffer (a span's first or last segment, a short
+                    # last segment): copied, so that the reader does not hold the buffer
+                    chunks.put(memoryview(bytes(piece)))
+                    self.pool.give(buf)
+                else:
+                    # the reader owns the piece and its buffer from now on
+                    chunks.put(memoryview(piece))
+                continue  # the window moves when the reader takes it (``window_moved``)
             assert stream is not None
             stream.write(piece)
             self.pool.give(buf)
