@@ -252,6 +252,7 @@ async def test_a_holder_lost_mid_stream_is_replaced_by_another_copy(network: lis
         victim = next(p for p in _holders(placed["ranges"], network) if p is not network[0])
         await victim.stop()
         got.extend([bytes(c) async for c in stream])
+        assert stream.result is not None and victim.address in stream.result.gave_up
     assert b"".join(got) == data
 
 
@@ -366,3 +367,30 @@ async def test_holders_unreachable_raise_from_open_stream(network: list[Peer]) -
             await client.open_stream("/s/unreachable")
         assert recording.open() == 1  # the entry peer's connection
         assert _fetch_tasks() == 0
+
+
+async def test_corrupt_copies_are_replaced_by_good_ones_before_they_are_yielded(
+    network: list[Peer],
+) -> None:
+    """Every copy on one holder of each range damaged: the stream yields the good bytes."""
+    data = os.urandom(32 * SEG)
+    placed = await _publish(network[0], "/s/tampered", data, replicas=2)
+    ranges = placed["ranges"]
+    assert isinstance(ranges, list)
+    damaged = 0
+    for placed_range in ranges:
+        peer = next(p for p in network if p.node_id.hex() == placed_range["holders"][0])
+        for i in range(placed_range["start"], placed_range["end"] + 1):
+            digest = segments.segment_hash(data[i * SEG : (i + 1) * SEG]).hex()
+            path = peer.data_dir / "store" / "segments" / digest[:2] / digest[2:4] / digest
+            raw = bytearray(path.read_bytes())
+            raw[100] ^= 0xFF
+            path.write_bytes(bytes(raw))
+            damaged += 1
+    assert damaged == 32
+    async with (
+        Client(network[1].address) as client,
+        await client.open_stream("/s/tampered") as stream,
+    ):
+        assert await _read(stream) == data
+        assert stream.result is not None and stream.result.retries >= 1
