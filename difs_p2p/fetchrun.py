@@ -2,6 +2,12 @@
 the verify-and-write of each segment. The I/O only: every decision is the
 :class:`~difs_p2p.fetchplan.FetchPlan`'s, which :class:`SegmentRun` feeds with events.
 
+Verified segments go to a file (``pwrite`` at their offset), a synchronous stream (in
+order), or :class:`Chunks`, the bounded buffer an async reader
+(:class:`~difs_p2p.stream.ObjectStream`) takes them from in order: the fetch asks for no
+segment more than ``Chunks.window`` past the one the reader takes next, so a reader that
+stops reading stops the fetch.
+
 One worker per holder keeps up to ``pipeline`` GET_SEG requests in flight (asking the plan
 which segment next), receives each answer straight into a reused buffer (telling the plan
 as bytes come: there is no deadline on this path), and hands the segment to a task that
@@ -14,9 +20,11 @@ has segments nobody running can take, and ends the fetch when a segment has no h
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import IO, Protocol
@@ -37,6 +45,10 @@ STREAM_WINDOW = 64
 INLINE_HASH = 64 << 10
 # How often a fetch looks at its holders' deadlines (late ones are hedged within this).
 SUPERVISE_TICK = 0.02
+# How often a stream's fetch looks while it waits for its reader with nothing asked of
+# any holder (a worker that asks wakes it at once): a paused reader costs one look a
+# second, not fifty.
+REST_TICK = 1.0
 
 Progress = Callable[[int], None]
 
@@ -57,14 +69,64 @@ class Holders(Protocol):
     def possible(self, plan: FetchPlan) -> Callable[[int, set[Holder]], bool]: ...
 
 
+class Chunks:
+    """Verified pieces of an object in order, waiting for an async reader.
+
+    The fetch puts each piece as soon as it and all before it are verified; the reader
+    takes them. The fetch asks for no segment more than ``window - 1`` past the one the
+    reader takes next, so at most ``window`` segments are in flight, received or waiting
+    here at any time. A piece taken belongs to the reader (its receive buffer is never
+    reused by the fetch).
+    """
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError("a stream window holds at least one segment")
+        self.window = window
+        self.pieces: collections.deque[memoryview] = collections.deque()
+        # pieces the reader has taken so far
+        self.taken = 0
+        # bytes received from holders for segments (frame headers and duplicate copies
+        # a hedge dropped included; the hash list not)
+        self.received = 0
+        # perf_counter() when the first piece was put (0.0: none yet)
+        self.first_at = 0.0
+        # set whenever a piece is put or the fetch ends; the reader clears it
+        self.changed = asyncio.Event()
+        # called when the reader takes a piece (the fetch's window moved on)
+        self.moved: Callable[[], None] = _nothing
+
+    def put(self, piece: memoryview) -> None:
+        if not self.first_at:
+            self.first_at = time.perf_counter()
+        self.pieces.append(piece.toreadonly())
+        self.changed.set()
+
+    def take(self) -> memoryview | None:
+        """The next piece, None if none is waiting."""
+        if not self.pieces:
+            return None
+        piece = self.pieces.popleft()
+        self.taken += 1
+        self.moved()
+        return piece
+
+
+def _nothing() -> None:
+    return None
+
+
 class Output:
     """Where verified segments go: ``pwrite`` into a file at their offset, or in order
-    into a stream (holding at most the window's segments)."""
+    into a stream (holding at most the window's segments) or to an async reader."""
 
-    def __init__(self, fd: int | None, stream: IO[bytes] | None, first: int) -> None:
+    def __init__(
+        self, fd: int | None, stream: IO[bytes] | None, first: int, chunks: Chunks | None = None
+    ) -> None:
         self.fd = fd
         self.stream = stream
         self.first = first
+        self.chunks = chunks
         # writes to ``fd`` under way in threads
         self.writes: set[asyncio.Future[int]] = set()
 
@@ -129,6 +191,10 @@ class SegmentRun:
         self.processing: set[asyncio.Task[None]] = set()
         self.workers: dict[Holder, asyncio.Task[None]] = {}
         self._next_out = 0  # position in ``order`` of the next segment a stream writes
+        # the supervisor waits for an event rather than the clock (``reader_behind``)
+        self.resting = False
+        if output.chunks is not None:
+            output.chunks.moved = self.window_moved
 
     # -- the plan changed -----------------------------------------------------------------
 
@@ -137,6 +203,13 @@ class SegmentRun:
         if self.idle:
             old, self.wake = self.wake, asyncio.Event()
             old.set()
+
+    def window_moved(self) -> None:
+        """A stream's reader took a piece: segments past the window may be asked now (of
+        the running workers, or of holders the supervisor starts)."""
+        self.kick()
+        if self.resting:
+            self.supervise.set()
 
     def fail(self, address: Holder, reason: str, lead: bool) -> None:
         self.problems.append(reason)
@@ -148,6 +221,13 @@ class SegmentRun:
 
     def limit(self) -> int | None:
         """The last segment a stream may ask for now (its window), None for a file."""
+        chunks = self.output.chunks
+        if chunks is not None:
+            # the reader's position, not the delivery's: a reader that does not read
+            # holds the fetch within its window
+            if chunks.taken >= len(self.order):
+                return None
+            return self.order[chunks.taken] + chunks.window - 1
         if self.output.stream is None or self._next_out >= len(self.order):
             return None
         return self.order[self._next_out] + STREAM_WINDOW
@@ -155,14 +235,26 @@ class SegmentRun:
     # -- verified segments out --------------------------------------------------------------
 
     def deliver_stream(self) -> None:
-        stream = self.output.stream
-        assert stream is not None
+        stream, chunks = self.output.stream, self.output.chunks
         moved = False
         while self._next_out < len(self.order) and self.order[self._next_out] in self.ready:
             index = self.order[self._next_out]
             self._next_out += 1
-            stream.write(self.ready.pop(index))
-            self.pool.give(self.owners.pop(index))
+            piece = self.ready.pop(index)
+            buf = self.owners.pop(index)
+            if chunks is not None:
+                if 2 * len(piece) < len(buf):
+                    # a small part of its buffer (a span's first or last segment, a short
+                    # last segment): copied, so that the reader does not hold the buffer
+                    chunks.put(memoryview(bytes(piece)))
+                    self.pool.give(buf)
+                else:
+                    # the reader owns the piece and its buffer from now on
+                    chunks.put(memoryview(piece))
+                continue  # the window moves when the reader takes it (``window_moved``)
+            assert stream is not None
+            stream.write(piece)
+            self.pool.give(buf)
             moved = True
         if moved:
             self.kick()  # the window moved on
@@ -235,6 +327,8 @@ class SegmentRun:
             if n == 0:
                 raise PeerError(f"connection closed by {address[0]}:{address[1]}")
             got += n
+            if self.output.chunks is not None:
+                self.output.chunks.received += n
             self.plan.received(address, n, self.loop.time())
 
     async def ask(self, conn: Connection, address: Holder) -> None:
@@ -247,6 +341,8 @@ class SegmentRun:
                 wire.GetSeg(request_id=picked, seg_id=self.hashes[picked], offset=0, length=0)
             )
         if requests:
+            if self.resting:
+                self.supervise.set()  # deadlines run again
             await conn.send_many(requests)
 
     async def answer(self, conn: Connection, address: Holder, header_buf: bytearray) -> None:
@@ -321,6 +417,13 @@ class SegmentRun:
                     await event.wait()
                 finally:
                     self.idle.discard(address)
+                if closed_by_peer(conn.sock):
+                    # A holder closes a connection idle for its idle time (a stream's
+                    # reader that paused): connect again, it has done nothing wrong.
+                    conn.close()
+                    conn = await Connection.open(
+                        address, io_timeout=self.io_timeout, network=self.network
+                    )
         except (DifsError, OSError) as exc:
             self.fail(address, f"{address[0]}:{address[1]}: {exc}", lead)
         finally:
@@ -352,6 +455,20 @@ class SegmentRun:
 
     # -- the supervisor -------------------------------------------------------------------
 
+    def reader_behind(self, running: list[Holder]) -> bool:
+        """Whether a stream's fetch waits for its reader alone: every segment it may ask
+        for is asked and in (no queued one inside the window, nothing owed by any
+        running holder, nothing being verified), so no deadline can pass and no holder
+        needs starting until the reader takes a piece."""
+        if self.output.chunks is None or self.processing:
+            return False
+        limit, queue = self.limit(), self.plan.queue
+        # a segment back in the queue was asked inside the window, and the window only
+        # moves on: the front of the queue is the lowest segment inside it, if any is
+        if limit is not None and queue and queue[0] <= limit:
+            return False
+        return all(a in self.idle and not self.plan.owes(a) for a in running)
+
     async def run(self) -> None:
         """Fetch every wanted segment, or raise why not."""
         plan = self.plan
@@ -366,11 +483,20 @@ class SegmentRun:
             )
             for i, address in enumerate(first):
                 self.start(address, i == 0)
+            looked = self.loop.time()
             while plan.remaining > 0:
                 if self.crashed:
                     raise self.crashed[0]
                 running = [a for a, t in self.workers.items() if not t.done()]
-                if plan.failures != failures or all(a in self.idle for a in running):
+                now = self.loop.time()
+                # While a stream waits for its reader, the looks over the whole queue
+                # (no holder left for a segment, holders to start) are made once per
+                # REST_TICK, not at each piece the reader takes: nothing is asked now.
+                self.resting = self.reader_behind(running)
+                full = not self.resting or now - looked >= REST_TICK
+                if full:
+                    looked = now
+                if full and (plan.failures != failures or all(a in self.idle for a in running)):
                     failures = plan.failures
                     index = plan.stuck(self.holders.possible(plan))
                     if index is not None:
@@ -387,14 +513,16 @@ class SegmentRun:
                         task.cancel()
                 if tick.late or tick.give_up:
                     self.kick()
-                self.start_more()
+                if full:
+                    self.start_more()
                 if not any(not t.done() for t in self.workers.values()) and not self.processing:
                     raise PeerError(
                         f"fetch of {self.name} stalled: {'; '.join(self.problems[-3:])}"
                     )
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(SUPERVISE_TICK):
+                    async with asyncio.timeout(REST_TICK if self.resting else SUPERVISE_TICK):
                         await self.supervise.wait()
+                self.resting = False
                 self.supervise.clear()
             await asyncio.gather(*list(self.processing))
         finally:
@@ -405,9 +533,21 @@ class SegmentRun:
                 await asyncio.gather(*tasks, return_exceptions=True)
             finally:
                 await finish(self.output.writes)
-        if self.output.stream is not None:
+        if self.output.stream is not None or self.output.chunks is not None:
             self.deliver_stream()
+        if self.output.stream is not None:
             self.output.stream.flush()
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end closed ``sock`` (or reset it), without waiting; bytes
+    waiting to be read are left for the next frame."""
+    try:
+        return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 async def finish(futures: set[asyncio.Future[int]]) -> None:
