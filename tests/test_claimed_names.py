@@ -3,6 +3,7 @@ and strangers are refused, delegates publish for the owner, a claim is permanent
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
@@ -156,3 +157,18 @@ async def test_reserved_names_are_refused_before_any_upload(
             await client.put(src, "/t.com/a/@claim", segment_size=SEG)
     assert peers[0].store is not None
     assert not peers[0].store.has(segment_hash(src.read_bytes()))
+
+
+async def test_concurrent_readers_of_a_prefix_share_one_claim_lookup(peers: list[Peer]) -> None:
+    """Names of one prefix resolved at once by one client (a gateway's) cost one claim
+    lookup at the entry peer, and every later one is answered from the client's memory."""
+    async with client_for(peers[0], publisher=Identity.generate()) as client:
+        await client.claim("/t.com/")
+    dht = peers[1].replicator.dht
+    async with Client(peers[1].address) as reader:
+        before = dht.stats["lookups"]
+        owners = await asyncio.gather(*(reader.prefix_owner(f"/t.com/{i}") for i in range(8)))
+        assert len(set(owners)) == 1 and owners[0] is not None
+        assert dht.stats["lookups"] - before == 1
+        await reader.prefix_owner("/t.com/9")
+        assert dht.stats["lookups"] - before == 1
