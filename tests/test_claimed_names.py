@@ -61,8 +61,9 @@ async def get_bytes(peer: Peer, name: str) -> bytes:
 
 
 async def test_a_claimed_prefix_keeps_squatters_and_strangers_out(peers: list[Peer]) -> None:
-    """Mallory's /t.com/a at the plain key is ignored once Alice claimed /t.com/; Alice's
-    own name from before the claim stays hers; Mallory can neither publish nor claim."""
+    """Mallory's /t.com/a at the plain key is ignored once Alice claimed /t.com/, and her
+    /t.com/m from before the claim too (Alice may publish that name); Alice's own name from
+    before the claim stays hers; Mallory can neither publish nor claim."""
     alice, mallory = Identity.generate(), Identity.generate()
     planted = squat(mallory, "/t.com/a")
     stored = await peers[1].replicator.dht.put_with_entries(name_key("/t.com/a"), planted.raw, [])
@@ -90,6 +91,9 @@ async def test_a_claimed_prefix_keeps_squatters_and_strangers_out(peers: list[Pe
         assert await reader.prefix_owner("/t.com/anything") == alice.public_key
         with pytest.raises(NotFoundError, match="not published by the owner"):
             await reader.resolve("/t.com/m")  # Mallory's, from before the claim
+    async with client_for(peers[0], publisher=alice) as client:  # the name is free for Alice
+        await client.put(io.BytesIO(b"mine" * 100), "/t.com/m", segment_size=SEG)
+    assert await get_bytes(peers[3], "/t.com/m") == b"mine" * 100
     async with client_for(peers[2], publisher=mallory) as client:
         with pytest.raises(PermissionDeniedError, match=f"claimed by {alice.fingerprint}"):
             await client.put(io.BytesIO(b"b" * 100), "/t.com/b", segment_size=SEG)
