@@ -186,7 +186,10 @@ def normalize_folder(prefix: str) -> str:
         full = normalize_name(prefix.rstrip("/") + "/x")
     except BadNameError as exc:
         raise UsageError(f"bad prefix {prefix!r}: {exc}") from None
-    return full[: -len("/x")]
+    folder = full[: -len("/x")]
+    if not folder:
+        raise UsageError("/ has no listing: list a prefix such as /key/<fingerprint>/")
+    return folder
 
 
 def check_parent(parent: str) -> None:
