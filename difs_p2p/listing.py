@@ -432,6 +432,19 @@ def valid_children(raws: Iterable[bytes], key: bytes, now: float) -> list[ChildE
     return out
 
 
+def entries_by_shard(raws: Iterable[bytes]) -> dict[bytes, list[bytes]]:
+    """Child entries grouped by their shard key (decoded, not verified: for re-storing,
+    where the storing peers verify); what does not decode is dropped."""
+    out: dict[bytes, list[bytes]] = {}
+    for raw in raws:
+        try:
+            entry = decode_child(raw)
+        except WireError:
+            continue
+        out.setdefault(entry.shard, []).append(entry.raw)
+    return out
+
+
 # -- writing: where an entry goes ---------------------------------------------------------
 
 

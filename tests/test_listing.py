@@ -334,3 +334,45 @@ def test_each_level_of_a_name_is_listed_in_its_folder() -> None:
     assert descend(f"{ROOT}/b/", f"{ROOT}/a")
     assert descend(f"{ROOT}/b/", f"{ROOT}/b/x")
     assert not descend(f"{ROOT}/b/", f"{ROOT}/c")
+
+
+def _policy_cases() -> list[tuple[str, bytes, ChildEntry, bytes | None, list[bytes], bool]]:
+    from tests.signed import make
+
+    a_b = make(name=f"{ROOT}/a/b")
+    other = make(name=f"{ROOT}/c")
+    strangers = make(WRITER, name=f"/key/{WRITER.fingerprint}/a/b")
+    obj = child("b", parent=ROOT + "/a")
+    folder = child("a", flags=FOLDER)
+    full = [child(f"c{i}").raw for i in range(256)]
+    return [
+        ("at its shard", obj.shard, obj, None, [], True),
+        ("at a full shard", folder.shard, folder, None, full, False),
+        ("replacing in a full shard", folder.shard, child("c5"), None, full, True),
+        ("at another shard", folder.shard, obj, None, [], False),
+        ("beside its own name", a_b.key, obj, a_b.raw, [], True),
+        ("beside a name below its folder", a_b.key, folder, a_b.raw, [], True),
+        ("beside another name", other.key, obj, other.raw, [], False),
+        ("beside no record", a_b.key, obj, None, [], False),
+        ("beside another owner's name", strangers.key, obj, strangers.raw, [], False),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("case", "key", "entry", "record", "history", "admitted"),
+    _policy_cases(),
+    ids=[c[0] for c in _policy_cases()],
+)
+def test_storing_peers_admit_child_entries_at_their_shard_or_beside_their_name(
+    case: str, key: bytes, entry: ChildEntry, record: bytes | None, history: list[bytes],
+    admitted: bool,
+) -> None:  # fmt: skip
+    """recordpolicy: a child entry goes to its shard key (up to 2B there, replacing by
+    identity) or into the entry set of a name it lists, signed for that name's owner."""
+    from difs_p2p.recordpolicy import RecordValidator
+    from difs_p2p.recordstore import EntryFacts
+
+    policy = RecordValidator()
+    assert policy.entry_identity(key, entry.raw, NOW) == (entry.store_identity, entry.issued)
+    facts = policy.entry_admission(key, entry.raw, record, history, NOW)
+    assert isinstance(facts, EntryFacts) is admitted, facts

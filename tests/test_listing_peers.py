@@ -12,6 +12,7 @@ import pytest
 
 from difs_p2p import segments
 from difs_p2p.client import Client
+from difs_p2p.config import RepairConfig
 from difs_p2p.dhtwire import MAX_VALUE_SIZE
 from difs_p2p.errors import UsageError
 from difs_p2p.identity import Identity
@@ -22,6 +23,7 @@ from difs_p2p.listing import (
     ListEntry,
     build_child,
     bulk_layout,
+    decode_child,
     owner_fingerprint,
     shard_key,
 )
@@ -165,3 +167,30 @@ async def test_a_folder_of_600_children_splits_and_lists_completely(
         got = await client.list_page(root, after=None, limit=1000)
         assert f"{root}/late/" in names(got.entries)
         assert len(got.entries) == 601
+
+
+async def test_holders_restore_a_lost_child_entry_when_they_republish(tmp_path: Path) -> None:
+    """The publisher leaves its child entries beside the name; a holder's republish puts
+    them back at their shard keys once the shard peers lost them (records expire)."""
+    peers = await start_peers(
+        tmp_path / "net", 3, repair=RepairConfig(interval=3600.0, republish_every=0.0)
+    )
+    try:
+        me = Identity.generate()
+        fp = owner_fingerprint(me.public_key)
+        root = f"/key/{me.fingerprint}"
+        async with client_for(peers[0], publisher=me) as client:
+            await put(client, f"{root}/a/b", b"data")
+            assert names((await client.list_page(root + "/a")).entries) == [f"{root}/a/b"]
+            key = shard_key(fp, root + "/a", 0, 0)
+            for peer in peers:  # every copy of the shard is lost
+                store = peer.dht.store
+                idents = [decode_child(e).store_identity for e in store.entries(key, time.time())]
+                store.remove_entries(key, idents)
+            assert (await client.list_page(root + "/a")).entries == []
+            for peer in peers:
+                assert peer.maintainer is not None
+                await peer.maintainer.round()
+            assert names((await client.list_page(root + "/a")).entries) == [f"{root}/a/b"]
+    finally:
+        await stop_all(peers)
