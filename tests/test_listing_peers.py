@@ -184,6 +184,7 @@ async def test_holders_restore_a_lost_child_entry_when_they_republish(tmp_path: 
             assert names((await client.list_page(root + "/a")).entries) == [f"{root}/a/b"]
             key = shard_key(fp, root + "/a", 0, 0)
             for peer in peers:  # every copy of the shard is lost
+                assert peer.dht is not None
                 store = peer.dht.store
                 idents = [decode_child(e).store_identity for e in store.entries(key, time.time())]
                 store.remove_entries(key, idents)
