@@ -17,13 +17,14 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import io
 import json
 import logging
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -720,13 +721,28 @@ class Client:
         """One page of the names in folder ``prefix`` (its children; with ``recursive``
         everything below it, folders included), in UTF-8 byte order of the full names,
         after the continuation token ``after``. Deleted names are not listed."""
+        return await self._page(prefix, recursive, after, limit, {})
+
+    async def _page(
+        self,
+        prefix: str,
+        recursive: bool,
+        after: str | None,
+        limit: int,
+        cache: dict[str, list[ListEntry]],
+    ) -> ListPage:
+        """A page of :meth:`list_page`; folders already read in ``cache`` are not read
+        again (the shards of a folder are in hash order, so every page of a stateless
+        listing reads its folders whole)."""
         if not isinstance(limit, int) or limit < 1:
             raise UsageError(f"limit must be a positive number, not {limit!r}")
         folder = normalize_folder(prefix)
         _, owner = self._listing_owner(folder)
         after_name = decode_token(after) if after is not None else None
+        for done in [f for f in cache if not descend(f + "/", after_name)]:
+            del cache[done]  # nothing past the token is in it
         out: list[ListEntry] = []
-        await self._walk(owner, folder, recursive, after_name, limit + 1, out)
+        await self._walk(owner, folder, recursive, after_name, limit + 1, out, cache)
         page = out[:limit]
         more = len(out) > limit
         return ListPage(page, encode_token(page[-1].name) if more else None)
@@ -739,16 +755,31 @@ class Client:
         after: str | None,
         want: int,
         out: list[ListEntry],
+        cache: dict[str, list[ListEntry]],
     ) -> None:
         """Depth-first in byte order: a folder's entry ("x/") comes before its names,
         which come before the next sibling, so the whole walk is in byte order."""
-        for entry in await self._folder(owner, folder):
+        if folder not in cache:
+            cache[folder] = await self._folder(owner, folder)
+        for entry in cache[folder]:
             if len(out) >= want:
                 return
             if after is None or entry.name > after:
                 out.append(entry)
             if recursive and entry.folder and descend(entry.name, after):
-                await self._walk(owner, entry.name[:-1], True, after, want, out)
+                await self._walk(owner, entry.name[:-1], True, after, want, out, cache)
+
+    async def add_children(self, key: bytes, entries: Sequence[bytes]) -> int:
+        """Store signed child entries (listing.build_child) at ``key`` through the entry
+        peer (its operator only): their shard key, or the name key of a name they list.
+        Returns the acceptances summed over the key's peers; each peer verifies each entry.
+        For writers that lay a folder out at once (``listing.bulk_layout``)."""
+        stored = 0
+        for i in range(0, len(entries), MAX_CHILDREN_PER_CALL):
+            batch = entries[i : i + MAX_CHILDREN_PER_CALL]
+            reply = await self._request(AddChildrenRequest(key, tuple(e.hex() for e in batch)))
+            stored += reply.stored
+        return stored
 
     async def _list_name(self, manifest: Manifest) -> str:
         """Write the child entries of a just-published (or deleted) name: the object in
@@ -764,12 +795,7 @@ class Client:
         try:
             for parent, child, is_folder in folder_ancestors(manifest.name, folder):
                 written.extend(await self._add_child(owner, manifest, parent, child, is_folder))
-            if written:
-                for i in range(0, len(written), MAX_CHILDREN_PER_CALL):
-                    batch = written[i : i + MAX_CHILDREN_PER_CALL]
-                    await self._request(
-                        AddChildrenRequest(manifest.key, tuple(e.hex() for e in batch))
-                    )
+            await self.add_children(manifest.key, written)
         except (DifsError, OSError) as exc:
             return f"the listing of {manifest.name} was not updated: {exc}"
         return ""
@@ -809,7 +835,7 @@ class Client:
                 )
                 if is_folder and fresh:
                     return stored
-                await self._request(AddChildrenRequest(key, (entry.raw.hex(),)))
+                await self.add_children(key, [entry.raw])
                 return [*stored, entry.raw]
             if not any(e.marker for e in shard):
                 marker = build_child(
@@ -823,7 +849,7 @@ class Client:
                     issued=int(now),
                     delegation=manifest.delegation,
                 )
-                await self._request(AddChildrenRequest(key, (marker.raw.hex(),)))
+                await self.add_children(key, [marker.raw])
                 stored.append(marker.raw)
             level += 1
             bits = path_bits(child, level)
@@ -836,10 +862,12 @@ class Client:
         after: str | None = None,
         page: int = 1000,
     ) -> AsyncIterator[ListEntry]:
-        """Every name in folder ``prefix`` (see :meth:`list_page`), read ``page`` at a time."""
+        """Every name in folder ``prefix`` (see :meth:`list_page`), ``page`` at a time;
+        each folder is read once for the whole iteration."""
         token = after
+        cache: dict[str, builtins.list[ListEntry]] = {}
         while True:
-            got = await self.list_page(prefix, recursive=recursive, after=token, limit=page)
+            got = await self._page(prefix, recursive, token, page, cache)
             for entry in got.entries:
                 yield entry
             if got.next is None:

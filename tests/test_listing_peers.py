@@ -27,7 +27,6 @@ from difs_p2p.listing import (
     owner_fingerprint,
     shard_key,
 )
-from difs_p2p.ops import AddChildrenRequest
 from difs_p2p.peer import Peer
 from tests.helpers import client_for, start_peers, stop_all
 
@@ -117,13 +116,10 @@ async def test_strangers_entries_are_refused_by_storing_peers(network: list[Peer
         owner, owner=fp, parent=root, child="a", flags=OBJECT, level=0, issued=now
     )
     async with client_for(network[2], publisher=owner) as client:
-        stored = await client._request(AddChildrenRequest(forged.shard, (forged.raw.hex(),)))
-        assert stored.stored == 0
+        assert await client.add_children(forged.shard, [forged.raw]) == 0
         elsewhere = shard_key(fp, root + "/other", 0, 0)
-        stored = await client._request(AddChildrenRequest(elsewhere, (genuine.raw.hex(),)))
-        assert stored.stored == 0
-        stored = await client._request(AddChildrenRequest(genuine.shard, (genuine.raw.hex(),)))
-        assert stored.stored > 0
+        assert await client.add_children(elsewhere, [genuine.raw]) == 0
+        assert await client.add_children(genuine.shard, [genuine.raw]) > 0
         assert names((await client.list_page(root)).entries) == [f"{root}/a"]
 
 
@@ -159,8 +155,7 @@ async def test_a_folder_of_600_children_splits_and_lists_completely(
                 )  # fmt: skip
             assert all(len(r) <= MAX_VALUE_SIZE for r in raws)
             key = shard_key(fp, root, level, bits)
-            reply = await client._request(AddChildrenRequest(key, tuple(r.hex() for r in raws)))
-            assert reply.stored >= len(raws)
+            assert await client.add_children(key, raws) >= len(raws)
         listed = [e.name async for e in client.list(root, page=250)]
         assert listed == [f"{root}/{c}" for c in sorted(children)]
         await put(client, f"{root}/late/one", b"x")
