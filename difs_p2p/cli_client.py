@@ -1,4 +1,5 @@
-"""The ``difs`` commands that move content: peers, put, get, rm, stat, versions, ls.
+"""The ``difs`` commands that move content: peers, put, get, rm, stat, versions, ls; and
+who owns a prefix: claim, owner.
 
 Each is a thin layer over :class:`difs_p2p.client.Client`: it resolves the entry peer,
 the pins and the publisher key (cli_common), runs one client call under ``run`` and prints
@@ -394,6 +395,74 @@ def versions(
         typer.echo(version_line(r))
 
 
+def claim(
+    prefix: Annotated[str, typer.Argument(help="a first component to own, e.g. /t.com/")],
+    peer: PeerOpt = None,
+    key: KeyOpt = None,
+    token_file: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Claim PREFIX for your publisher key: names under it are then yours and your delegates'.
+
+    Publishes PREFIX/@claim; the first key to claim a prefix owns it for good (a claim by
+    the same key again is a no-op). Only a first component is claimed: deeper prefixes are
+    handed out with difs delegate; /key/<fingerprint>/ belongs to its key already.
+
+    Example: difs claim /t.com/
+    """
+    from difs_p2p.client import Client
+
+    async def go() -> Any:
+        publisher = load_publisher(key)
+        pins, _ = pins_for(prefix, None)
+        address = await entry_peer(peer)
+        token = resolve_token(peer, token_file, address)
+        async with Client(address, publisher=publisher, pins=pins, token=token) as client:
+            return await client.claim(prefix)
+
+    manifest = run(go, as_json)
+    print_ownership(manifest.name, manifest.owner, as_json)
+
+
+def owner(
+    name: Annotated[str, typer.Argument(help="a name or prefix, e.g. /t.com/x or /t.com/")],
+    peer: PeerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show who owns NAME's prefix: claimed by a key, self-certifying, or unclaimed.
+
+    Example: difs owner /t.com/index.html
+    """
+    from difs_p2p.client import Client
+    from difs_p2p.names import top_prefix
+
+    async def go() -> Any:
+        if top_prefix(name) is None:
+            return None  # /key/<fp>/: no lookup needed
+        pins, _ = pins_for(name, None)
+        async with Client(await entry_peer(peer), pins=pins) as client:
+            return await client.prefix_owner(name)
+
+    print_ownership(name, run(go, as_json), as_json)
+
+
+def print_ownership(name: str, claim_owner: bytes | None, as_json: bool) -> None:
+    """``difs claim`` and ``difs owner``'s output (claims.ownership)."""
+    from difs_p2p.claims import ownership
+
+    info = ownership(name, claim_owner)
+    if as_json:
+        print_json(info)
+    elif info["state"] == "claimed":
+        typer.echo(f"{info['prefix']} is claimed by {info['fingerprint']} (key {info['owner']})")
+    elif info["state"] == "self-certifying":
+        typer.echo(f"{info['prefix']} is self-certifying: it belongs to key {info['fingerprint']}")
+    else:
+        typer.echo(
+            f"{info['prefix']} is not claimed: each name under it belongs to its first publisher"
+        )
+
+
 def ls(
     prefix: Annotated[str, typer.Argument(help="folder to list, e.g. /key/<fingerprint>/videos/")],
     recursive: Annotated[
@@ -411,9 +480,9 @@ def ls(
 ) -> None:
     """List the names in folder PREFIX, in byte order (a folder ends with '/').
 
-    Only a prefix with one owner has a listing: /key/<fingerprint>/ names. Deleted names
-    are not listed. With --limit, the last line (on stderr)
-    gives the token to pass to --after for the next page.
+    Only a prefix with one owner has a listing: /key/<fingerprint>/ names, and names
+    under a claimed first component (difs claim). Deleted names are not listed. With
+    --limit, the last line (on stderr) gives the token to pass to --after for the next page.
 
     Example: difs ls /key/3f2a.../videos/ --recursive
     """

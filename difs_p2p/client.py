@@ -7,6 +7,11 @@ opens its own holder connections. It never trusts what it is told: manifests and
 are verified again here, the hash list against the signed integrity root, and every segment
 against its hash before a byte of it is written out.
 
+The module is longer than most (about 780 lines): it is the whole Python API, and each of
+put, get, rm, stat, versions, revoke and claim is a short sequence of requests to the
+entry peer and holders whose decisions are already pure elsewhere (publish, fetch,
+fetchplan, claims, manifest); splitting it would split one connection's state.
+
 Example::
 
     async with Client(("127.0.0.1", 4000), publisher=Identity.generate()) as client:
@@ -24,15 +29,25 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from difs_p2p import segments
+from difs_p2p.claims import (
+    ClaimCache,
+    admit,
+    claim_content,
+    claim_prefix,
+    claimed_scope,
+    publish_key,
+    refused,
+)
 from difs_p2p.control import OperatorCredential
 from difs_p2p.delegation import REVOCATIONS, Delegation
 from difs_p2p.errors import (
+    AlreadyExistsError,
     DeletedError,
     DifsError,
     IntegrityError,
@@ -54,7 +69,7 @@ from difs_p2p.fetch import (
 )
 from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.holders import HolderEntry, decode_holder_entry, verify_holder_entry
-from difs_p2p.identity import Identity
+from difs_p2p.identity import Identity, fingerprint
 from difs_p2p.listing import (
     FOLDER,
     OBJECT,
@@ -80,9 +95,16 @@ from difs_p2p.listing import (
     sub_shards,
     valid_children,
 )
-from difs_p2p.manifest import Manifest, build_manifest, linked, parse_manifest
+from difs_p2p.manifest import Manifest, build_manifest, linked, owned_key, parse_manifest
 from difs_p2p.membership import cut_off_error
-from difs_p2p.names import NameKey, name_key, normalize_name
+from difs_p2p.names import (
+    NameKey,
+    claim_name,
+    is_claim,
+    name_key,
+    normalize_name,
+    top_prefix,
+)
 from difs_p2p.net import HOST_NETWORK, Connector
 from difs_p2p.ops import (
     MAX_CHILDREN_PER_CALL,
@@ -243,6 +265,10 @@ class Client:
         # when a fetch counts a holder as late, and when it gives one up
         self.fetch_config = fetch_config or PlanConfig()
         self._conn: Connection | None = None
+        # Prefix claims looked up (claims.py): an owner for 60 s, "not claimed" for 10 s.
+        self._claims = ClaimCache()
+        # A second connection to the entry peer, for a claim lookup run beside the name's
+        self._side: Connection | None = None
 
     async def __aenter__(self) -> Client:
         return self
@@ -254,6 +280,9 @@ class Client:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._side is not None:
+            self._side.close()
+            self._side = None
 
     async def _request(self, request: Op[R]) -> R:
         """A typed control request to the entry peer (ops.py) on the data connection."""
@@ -269,21 +298,16 @@ class Client:
     async def resolve(self, name: str) -> Resolved:
         """The newest valid manifest of ``name``, its history and its holders.
 
-        The record comes from the owner the entry peer's lookup chose (the one most of the
-        k closest peers vouch for: ``manifest.choose_records``), or from the pinned owner
-        when this client pinned one. Only that owner's lineage counts: history from other
-        keys or other lineages is ignored, and versions written by a writer the owner has
-        since revoked are skipped (the newest valid version is used).
+        Under a claimed prefix only the claim owner's manifests count, found at the name's
+        owned key (claims.py); elsewhere the name key's. The record comes from the owner
+        the entry peer's lookup chose (the one most of the k closest peers vouch for:
+        ``manifest.choose_records``), or from the pinned owner when this client pinned one.
+        Only that owner's lineage counts: history from other keys or other lineages is
+        ignored, and versions written by a writer the owner has since revoked are skipped
+        (the newest valid version is used).
         """
         norm = normalize_name(name)
-        key = name_key(norm)
-        reply = await self._request(ResolveRequest(key))
-        cut_off = cut_off_error(self.peer, reply.network, reply.knows, reply.most_seen)
-        if cut_off is not None:
-            raise cut_off
-        manifests, history, holders = _decode_resolved(key, reply)
-        if not manifests:
-            raise NotFoundError(f"{norm} is not published")
+        manifests, history, holders = await self._find(norm)
         best = self._check_pin(norm, manifests, history)
         lineage = {m.version: m for m in [*history, *manifests] if linked(m, best)}
         lineage[best.version] = best
@@ -444,7 +468,12 @@ class Client:
             top = known.top
         except NotFoundError:
             previous, top = None, 0
+        claimed = await self.prefix_owner(norm) if claimed_scope(norm) else None
+        # the name's key, and whether this key may publish under the prefix's claim
+        key = publish_key(norm, claimed, self.publisher.public_key, delegation)
         check_publish(norm, previous, self.publisher.public_key, delegation, update, self.clock())
+        if previous is not None:
+            key = previous.key  # a name claimed after its version 1 keeps its key
         try:
             if on_phase is not None:
                 on_phase("upload")
@@ -462,7 +491,7 @@ class Client:
                 on_phase("place")
             placed = await self._request(
                 PlaceRequest(
-                    key=name_key(norm),
+                    key=key,
                     version=version,
                     integrity=integrity,
                     segment_count=layout.count,
@@ -485,6 +514,7 @@ class Client:
                 integrity=integrity,
                 created=self.clock(),
                 delegation=delegation,
+                key=key,
             )
             if on_phase is not None:
                 on_phase("publish")
@@ -665,19 +695,132 @@ class Client:
         result.resolve = resolve
         return result
 
+    # -- prefix claims ---------------------------------------------------------------------
+
+    async def prefix_owner(self, name: str) -> bytes | None:
+        """The public key that claimed the first component of ``name`` (a name or a
+        prefix: ``/t.com/x`` and ``/t.com/`` alike), None if it is not claimed or is a
+        ``/key/<fp>/`` name (owned by its key). Answers are remembered: an owner for 60 s,
+        "not claimed" for 10 s."""
+        prefix = top_prefix(normalize_name(name))
+        if prefix is None:
+            return None
+        known = self._claims.get(prefix, self.clock())
+        if known is not None:
+            return known.owner
+        claim = claim_name(prefix)
+        manifests, history, _ = await self._lookup(name_key(claim), side=True)
+        owner = self._check_pin(claim, manifests, history).owner if manifests else None
+        self._claims.put(prefix, owner, self.clock())
+        return owner
+
+    async def claim(self, prefix: str) -> Manifest:
+        """Claim the first component ``prefix`` (``/t.com/``) for this client's key: publish
+        its claim object ``/t.com/@claim``. Claiming a prefix this key owns already
+        returns its claim; one another key claimed is a PermissionDeniedError naming that
+        key's fingerprint."""
+        if self.publisher is None:
+            raise UsageError("claiming needs a publisher key")
+        scope = claim_prefix(prefix)
+        self._claims.forget(scope)
+        owner = await self.prefix_owner(scope)
+        mine = self.publisher.public_key
+        if owner is None:
+            try:
+                result = await self.put(
+                    io.BytesIO(claim_content(scope)),
+                    claim_name(scope),
+                    segment_size=segments.MIN_SEGMENT_SIZE,
+                )
+            except AlreadyExistsError:  # another key claimed it at the same time
+                self._claims.forget(scope)
+                owner = await self.prefix_owner(scope)
+            else:
+                self._claims.put(scope, mine, self.clock())
+                return result.manifest
+        if owner != mine:
+            shown = fingerprint(owner) if owner is not None else "another key"
+            raise PermissionDeniedError(f"{scope} is claimed by {shown}")
+        return (await self.resolve(claim_name(scope))).manifest
+
+    async def _find(self, norm: str) -> tuple[list[Manifest], list[Manifest], list[HolderEntry]]:
+        """The manifests (admitted by the prefix's claim: claims.admit), history and
+        holder entries of the name ``norm``; NotFoundError or PermissionDeniedError when
+        none is admitted.
+
+        Under a claimed prefix, the owned key; if nothing of the owner is there, the
+        plain key (the owner's names from before its claim). With no claim answer
+        remembered, the claim lookup runs beside the plain key's on a second connection,
+        so a name under an unclaimed prefix costs no extra round trip.
+        """
+        plain = name_key(norm)
+        owner: bytes | None = None
+        found: Found | None = None
+        scope = claimed_scope(norm)
+        if scope is not None:
+            known = self._claims.get(scope, self.clock())
+            if known is not None:
+                owner = known.owner
+            else:
+                owner, found = await _both(self.prefix_owner(norm), self._lookup(plain))
+            if owner is not None:
+                at_owned = await self._lookup(owned_key(norm, owner))
+                if admit(norm, owner, at_owned[0]):
+                    found = at_owned
+        if found is None:
+            found = await self._lookup(plain)
+        manifests, history, holders = found
+        usable = admit(norm, owner, manifests)
+        if not usable:
+            raise refused(norm, owner, manifests)
+        return usable, admit(norm, owner, history), holders
+
+    async def _lookup(self, key: NameKey, *, side: bool = False) -> Found:
+        """The entry peer's ``resolve`` of ``key``: manifests verified, holder entries
+        decoded (``_decode_resolved``); on the second connection with ``side``. A cut-off
+        entry peer is an error (membership.cut_off_error)."""
+        if side:
+            conn = await self._side_conn()
+            try:
+                reply = await conn.request(ResolveRequest(key))
+            except (PeerError, OSError):
+                conn.close()
+                raise
+        else:
+            reply = await self._request(ResolveRequest(key))
+        cut_off = cut_off_error(self.peer, reply.network, reply.knows, reply.most_seen)
+        if cut_off is not None:
+            raise cut_off
+        return _decode_resolved(key, reply)
+
+    async def _side_conn(self) -> Connection:
+        """The second connection to the entry peer (a new one if the last was closed)."""
+        if self._side is None or self._side.closed:
+            self._side = await Connection.open(
+                self.peer,
+                io_timeout=self.io_timeout,
+                network=self.network,
+                credential=OperatorCredential(self.token) if self.token is not None else None,
+            )
+        return self._side
+
     # -- listing ---------------------------------------------------------------------------
 
-    def _listing_owner(self, folder: str) -> tuple[str, bytes]:
+    async def _listing_owner(self, folder: str) -> tuple[str, bytes]:
         """(the owned root above ``folder``, its owner's fingerprint): only a folder with
-        one owner has a listing. Here: self-certifying ``/key/<fp>/`` names."""
+        one owner has a listing: under ``/key/<fp>/`` (that key's) or under a claimed first
+        component (the claim owner's, :meth:`prefix_owner`)."""
         root = listing_root(folder + "/x")
-        if root is None:
-            top = folder.split("/")[1]
+        if root is not None:
+            return root
+        top = folder.split("/")[1]
+        owner = await self.prefix_owner(f"/{top}/")
+        if owner is None:
             raise UsageError(
                 f"/{top}/ is not claimed, so it has no listing; its owner can claim it with "
                 f"`difs claim /{top}/`"
             )
-        return root
+        return f"/{top}", owner_fingerprint(owner)
 
     async def _shard(self, key: bytes) -> list[ChildEntry]:
         """The valid child entries at one shard key, read through the entry peer."""
@@ -737,7 +880,7 @@ class Client:
         if not isinstance(limit, int) or limit < 1:
             raise UsageError(f"limit must be a positive number, not {limit!r}")
         folder = normalize_folder(prefix)
-        _, owner = self._listing_owner(folder)
+        _, owner = await self._listing_owner(folder)
         after_name = decode_token(after) if after is not None else None
         for done in [f for f in cache if not descend(f + "/", after_name)]:
             del cache[done]  # nothing past the token is in it
@@ -784,15 +927,21 @@ class Client:
     async def _list_name(self, manifest: Manifest) -> str:
         """Write the child entries of a just-published (or deleted) name: the object in
         its folder, each folder in the one above, up to the owned root. A name without a
-        listing (no owner for its prefix) has none. Returns a warning, or ""."""
-        root = listing_root(manifest.name)
-        if root is None or self.publisher is None:
-            return ""
-        folder, owner = root
-        if owner != owner_fingerprint(manifest.owner):
+        listing (no owner for its prefix) has none, nor has a claim object. Returns a
+        warning, or ""."""
+        if self.publisher is None or is_claim(manifest.name):
             return ""
         written: list[bytes] = []
         try:
+            root = listing_root(manifest.name)
+            if root is None:
+                claimed = await self.prefix_owner(manifest.name)
+                if claimed is None:
+                    return ""
+                root = ("/" + manifest.name.split("/")[1], owner_fingerprint(claimed))
+            folder, owner = root
+            if owner != owner_fingerprint(manifest.owner):
+                return ""
             for parent, child, is_folder in folder_ancestors(manifest.name, folder):
                 written.extend(await self._add_child(owner, manifest, parent, child, is_folder))
             await self.add_children(manifest.key, written)
@@ -873,6 +1022,22 @@ class Client:
             if got.next is None:
                 return
             token = got.next
+
+
+# What a name key's resolve gives a client: manifests, history, holder entries.
+Found = tuple[list[Manifest], list[Manifest], list[HolderEntry]]
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Run two awaitables at once and return both results; the first error, if any, once
+    both are done (neither is left running)."""
+    a, b = await asyncio.gather(first, second, return_exceptions=True)
+    for result in (a, b):
+        if isinstance(result, BaseException):
+            raise result
+    return a, b  # type: ignore[return-value]
 
 
 def _revoked(m: Manifest, revoked: dict[str, set[bytes]]) -> bool:

@@ -2,7 +2,8 @@
 
 Starts 5 ``difs-peer join`` processes on 127.0.0.1 (the first starts the network, the
 others join through it), shows each peer's view of the network, publishes a file through
-one peer and fetches it by name through another, then stops every peer with SIGTERM.
+one peer (after claiming its prefix, so that its names are the demo key's) and fetches it
+by name through another, then stops every peer with SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import time
 from pathlib import Path
 
 PEERS = 5
-DEMO_NAME = "/demo.local/hello.bin"
+DEMO_PREFIX = "/demo.local/"
+DEMO_NAME = DEMO_PREFIX + "hello.bin"
 DEMO_SIZE = 64 << 20
 
 
@@ -98,7 +100,12 @@ def _publish_and_fetch(root: Path, addresses: list[str]) -> int:
         fh.write(os.urandom(DEMO_SIZE))
     env = dict(os.environ, DIFS_HOME=str(root / "publisher"))
     env["DIFS_TOKEN_FILE"] = str(root / "peer0" / "control.token")  # the entry peer's operator
-    print(f"\npublishing {src.name} ({DEMO_SIZE >> 20} MiB) as {DEMO_NAME} via {addresses[0]}")
+    claim = _run([difs, "claim", DEMO_PREFIX, "--peer", addresses[0]], env=env)
+    if claim.returncode != 0:
+        print(claim.stderr)
+        return 1
+    print(f"\n{claim.stdout.strip()}")
+    print(f"publishing {src.name} ({DEMO_SIZE >> 20} MiB) as {DEMO_NAME} via {addresses[0]}")
     t0 = time.perf_counter()
     put = _run([difs, "put", str(src), DEMO_NAME, "--peer", addresses[0], "--json"], env=env)
     put_s = time.perf_counter() - t0

@@ -16,6 +16,12 @@ BLAKE3 root of the hash list (see segments.py). A tombstone is a manifest with
 ``deleted: true`` and no content. A writer the owner delegated to adds its certificate
 (delegation.py).
 
+**Key**: ``key`` is the name key of ``name`` (names.name_key), or, for a name under a
+claimed prefix, its owned key for the manifest's owner (:func:`owned_key`: the publisher,
+or the owner that delegated to it). A claim object (``/t.com/@claim``) and a
+``/key/<fp>/`` name always take the plain name key; a claim object carries no delegation,
+and ``@claim`` anywhere else in a name is refused (names.reserved_problem).
+
 **Lineage**: a name's versions signed by one owner and linked to one version 1 form its
 history. :func:`supersedes`, :func:`linked` and :func:`choose_records` are the rules that
 holders, the DHT's policy (recordpolicy.py) and readers apply to it. Pure.
@@ -41,7 +47,15 @@ from difs_p2p.identity import (
     fingerprint,
     verify_signature,
 )
-from difs_p2p.names import NameKey, key_namespace_owner, name_key, normalize_name
+from difs_p2p.names import (
+    NameKey,
+    is_claim,
+    key_namespace_owner,
+    name_key,
+    normalize_name,
+    owned_name_key,
+    reserved_problem,
+)
 from difs_p2p.records import canonical_json, is_hex, is_time, is_uint, record_hash
 from difs_p2p.segments import IntegrityRoot, SegmentId
 
@@ -164,6 +178,12 @@ def choose_records(
     return sorted(by_raw.values(), key=record_rank)
 
 
+def owned_key(name: str, owner: bytes) -> NameKey:
+    """The owned key of ``name`` for the owner public key ``owner`` (names.owned_name_key
+    over the key's fingerprint)."""
+    return owned_name_key(name, bytes.fromhex(fingerprint(owner)))
+
+
 def build_manifest(
     identity: Identity,
     *,
@@ -180,15 +200,19 @@ def build_manifest(
     deleted: bool = False,
     created: float,
     delegation: Delegation | None = None,
+    key: NameKey | None = None,
 ) -> Manifest:
-    """Sign a manifest with the publisher's key (a delegate passes its delegation)."""
+    """Sign a manifest with the publisher's key (a delegate passes its delegation).
+
+    ``key``: the DHT key it is stored under, the name key by default; under a claimed
+    prefix the name's :func:`owned_key` (any other key is refused like a parsed one)."""
     norm = normalize_name(name)
     body = {
         "t": "difs-manifest",
         "v": MANIFEST_FORMAT,
         "info": {
             "name": norm,
-            "key": name_key(norm).hex(),
+            "key": (name_key(norm) if key is None else key).hex(),
             "version": version,
             "parent": parent,
             "root": root,
@@ -269,8 +293,11 @@ def _parse_manifest(raw: bytes, key: bytes | None) -> Manifest:
         norm = normalize_name(name)
     except Exception as exc:
         raise WireError(f"bad name: {exc}", field="info.name") from None
-    if norm != name or info["key"] != name_key(norm).hex():
+    if norm != name:
         raise IntegrityError("manifest name and key do not match")
+    reserved = reserved_problem(norm)
+    if reserved is not None:
+        raise WireError(f"reserved name {norm}: {reserved}", field="info.name")
     for field_name in ("version", "size", "segment_size", "segment_count", "stripes", "replicas"):
         if not is_uint(info[field_name]):
             raise WireError("not a non-negative integer", field=f"info.{field_name}")
@@ -294,12 +321,12 @@ def _parse_manifest(raw: bytes, key: bytes | None) -> Manifest:
         raise WireError("size, segment size and segment count disagree", field="info")
     if info["deleted"] and size != 0:
         raise WireError("a tombstone has no content", field="info.deleted")
-    if key is not None and bytes.fromhex(info["key"]) != key:
-        raise IntegrityError("manifest stored under the wrong key")
     publisher = bytes.fromhex(str(pub))
     delegation = None
     owner = publisher
     if "delegation" in obj:
+        if is_claim(name):
+            raise IntegrityError(f"the claim {name} must be signed by its owner's own key")
         delegation = parse_delegation(obj["delegation"])
         if delegation.writer != publisher:
             raise IntegrityError("the delegation is for another writer key")
@@ -311,6 +338,12 @@ def _parse_manifest(raw: bytes, key: bytes | None) -> Manifest:
     namespace = key_namespace_owner(name)
     if namespace is not None and namespace != fingerprint(owner):
         raise IntegrityError(f"{name} belongs to key {namespace}, not to the signer")
+    if info["key"] != name_key(norm).hex() and (
+        namespace is not None or is_claim(name) or info["key"] != owned_key(norm, owner).hex()
+    ):
+        raise IntegrityError("manifest name and key do not match")
+    if key is not None and bytes.fromhex(info["key"]) != key:
+        raise IntegrityError("manifest stored under the wrong key")
     if canonical_json(obj) != raw:
         # One manifest, one encoding: its record hash (parent/root links) is then unique.
         raise WireError("manifest is not in canonical JSON form")
@@ -348,6 +381,7 @@ __all__ = [
     "build_manifest",
     "choose_records",
     "linked",
+    "owned_key",
     "parse_manifest",
     "supersedes",
 ]

@@ -24,6 +24,17 @@ The name key is the DHT key of a name::
 that is, the first 20 bytes of the SHA-256 digest of the 12-byte ASCII domain tag
 ``difs-name-v1`` followed by one zero byte, then the normal form encoded as UTF-8 (no
 length prefix, no terminator).
+
+**Claimed prefixes.** A first component (``/t.com/``) is claimed by publishing the reserved
+object ``/t.com/@claim`` (its first publisher owns the prefix, see claims.py). A name under
+a claimed first component lives at its *owned key*, derived from the name and the claim
+owner's 16-byte key fingerprint, so that nobody else can store a record there::
+
+    owned_name_key(name, fp) = SHA-256(b"difs-owned-name-v1\x00" || fp || UTF-8(normal form))[0:20]
+
+``@claim`` is a reserved component: it may only be the second and last component of a
+two-component name (:func:`reserved_problem`). ``/key/<fp>/`` names are owned by their key
+and never claimed.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import re
 import unicodedata
 from typing import NewType
 
-from difs_p2p.errors import BadNameError
+from difs_p2p.errors import BadNameError, UsageError
 
 NameKey = NewType("NameKey", bytes)
 """The 20-byte DHT key of a name (see :func:`name_key`)."""
@@ -69,6 +80,12 @@ _SHOWN_CHARS = 48
 # Self-certifying names: /key/<fingerprint of the publisher key>/... (key_namespace_owner).
 KEY_NAMESPACE = "key"
 _FINGERPRINT = re.compile(r"[0-9a-f]{32}")
+# The reserved last component of a prefix's claim object: /<first component>/@claim.
+CLAIM = "@claim"
+# Domain separation of owned name keys from plain name keys (and from any other hash).
+_OWNED_KEY_DOMAIN = b"difs-owned-name-v1\x00"
+# A key fingerprint (identity.fingerprint) as bytes: the first 16 bytes of its SHA-256.
+FINGERPRINT_SIZE = 16
 
 
 def _show(text: str) -> str:
@@ -157,3 +174,48 @@ def name_key(name: str) -> NameKey:
     norm = normalize_name(name)
     digest = hashlib.sha256(_NAME_KEY_DOMAIN + norm.encode("utf-8")).digest()
     return NameKey(digest[:NAME_KEY_SIZE])
+
+
+def owned_name_key(name: str, owner_fp: bytes) -> NameKey:
+    """The 20-byte DHT key of ``name`` under a prefix claimed by the key whose 16-byte
+    fingerprint is ``owner_fp``.
+
+    ``SHA-256(b"difs-owned-name-v1\\x00" + owner_fp + normalize_name(name).encode("utf-8"))[:20]``.
+    Only manifests whose owner has that fingerprint are valid there (manifest.py), so no
+    other key can store a record under it. UsageError if ``owner_fp`` is not 16 bytes.
+    """
+    if len(owner_fp) != FINGERPRINT_SIZE:
+        raise UsageError(f"an owner fingerprint is {FINGERPRINT_SIZE} bytes, not {len(owner_fp)}")
+    norm = normalize_name(name)
+    digest = hashlib.sha256(_OWNED_KEY_DOMAIN + bytes(owner_fp) + norm.encode("utf-8")).digest()
+    return NameKey(digest[:NAME_KEY_SIZE])
+
+
+def top_prefix(name: str) -> str | None:
+    """The claimable prefix ``name`` is under: its first component as ``"/t.com/"``; None
+    for self-certifying names (``/key/<fp>/...``), which their key owns."""
+    first = name_components(name)[0]
+    return None if first == KEY_NAMESPACE else f"/{first}/"
+
+
+def claim_name(prefix: str) -> str:
+    """The claim object of ``prefix``'s first component: ``"/t.com/"`` -> ``"/t.com/@claim"``."""
+    return f"/{name_components(prefix)[0]}/{CLAIM}"
+
+
+def is_claim(name: str) -> bool:
+    """Whether ``name`` is a claim object (``/<first component>/@claim``)."""
+    parts = name_components(name)
+    return len(parts) == 2 and parts[1] == CLAIM and parts[0] not in (KEY_NAMESPACE, CLAIM)
+
+
+def reserved_problem(name: str) -> str | None:
+    """Why ``name`` may not be published, if it uses the reserved component ``@claim``
+    anywhere but as a claim object (``/t.com/@claim``); else None."""
+    parts = name_components(name)
+    if CLAIM in parts and not is_claim(name):
+        return (
+            f"{CLAIM!r} is reserved: only /<first component>/{CLAIM} (a prefix's claim, "
+            "made with `difs claim`) may use it"
+        )
+    return None

@@ -141,6 +141,7 @@ def build_tombstone(publisher: Identity, current: Manifest, top: int, now: float
         integrity=segments.hash_list_root(b""),
         deleted=True,
         created=now,
+        key=current.key,
     )
 
 

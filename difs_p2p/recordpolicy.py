@@ -138,7 +138,7 @@ def child_admission(
     try:
         child = decode_child(entry)
     except WireError:
-        return "invalid child entry"
+        return "invalid entry"
     if child.shard == key:
         if len(history) >= MAX_SHARD_ENTRIES:
             ident = child.store_identity

@@ -46,7 +46,10 @@ def test_every_command_has_help() -> None:
         ("difs-peer", ["join", "status", "check", "leave"]),
         (
             "difs",
-            ["peers", "put", "get", "rm", "stat", "versions", "ls", "whoami", "delegate", "revoke"],
+            [
+                *("peers", "put", "get", "rm", "stat", "versions", "ls", "claim", "owner"),
+                *("whoami", "delegate", "revoke"),
+            ],
         ),
         ("difs key", ["new"]),
     ):
@@ -552,6 +555,8 @@ def test_exit_codes_follow_the_table(net: Net, tmp_path: Path) -> None:
     writer = tmp_path / "writer.key"
     assert net.difs("key", "new", str(writer)).returncode == 0
     writer_pub = json.loads(net.difs("whoami", "--key", str(writer), "--json").stdout)
+    # a delegation counts only under a claimed prefix
+    assert net.difs("claim", "/del", "--peer", peer).returncode == 0
     cert = net.difs("delegate", "/del", writer_pub["public_key"], "--days", "0.00001")
     assert cert.returncode == 0, cert.stderr
     (tmp_path / "d.delegation").write_text(cert.stdout)
@@ -591,6 +596,43 @@ def test_exit_codes_follow_the_table(net: Net, tmp_path: Path) -> None:
     )
     assert loud.returncode == 2 and "loud" in loud.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_claim_and_owner_as_processes(net: Net, tmp_path: Path) -> None:
+    """`difs claim` makes a prefix its key's (again: the same claim), `difs owner` says who
+    owns a name's prefix, and another key can neither claim it nor publish under it."""
+    peer = next(iter(net.procs))
+    claimed = net.difs("claim", "/claimed.org/", "--peer", peer)
+    assert claimed.returncode == 0, claimed.stderr
+    me = json.loads(net.difs("whoami", "--json").stdout)["fingerprint"]  # the key it made
+    assert claimed.stdout.startswith(f"/claimed.org/ is claimed by {me}"), claimed.stdout
+    again = net.difs("claim", "/claimed.org", "--peer", peer, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["fingerprint"] == me
+    owner = net.difs("owner", "/claimed.org/a/b", "--peer", peer, "--json")
+    assert owner.returncode == 0, owner.stderr
+    assert json.loads(owner.stdout) | {"owner": None} == {
+        "name": "/claimed.org/a/b",
+        "prefix": "/claimed.org/",
+        "state": "claimed",
+        "owner": None,
+        "fingerprint": me,
+    }
+    free = net.difs("owner", "/free.org/x", "--peer", peer)
+    assert free.returncode == 0 and "is not claimed" in free.stdout, free.stderr
+    mine = net.difs("owner", f"/key/{me}/x")
+    assert mine.returncode == 0 and "self-certifying" in mine.stdout, mine.stderr
+    other = tmp_path / "other.key"
+    assert net.difs("key", "new", str(other)).returncode == 0
+    taken = net.difs("claim", "/claimed.org/", "--key", str(other), "--peer", peer)
+    assert taken.returncode == 6 and f"claimed by {me}" in taken.stderr, taken.stderr
+    src = tmp_path / "s.bin"
+    src.write_bytes(b"s" * 100)
+    squat = net.difs("put", str(src), "/claimed.org/x", "--key", str(other), "--peer", peer)
+    assert squat.returncode == 6 and "ask its owner for a delegation" in squat.stderr
+    for bad in ("/claimed.org/deeper", f"/key/{me}/"):
+        refused = net.difs("claim", bad, "--peer", peer)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
 
 
 def _peak_rss(proc: subprocess.Popen[bytes]) -> int:

@@ -349,6 +349,7 @@ async def test_revoking_a_delegate_leaves_the_owner_in_charge(tmp_path: Path) ->
             alice, prefix="/t.com", writer=bob.public_key, expires=time.time() + 3600
         )
         async with client_for(peers[0], publisher=alice) as client:
+            await client.claim("/t.com/")  # a delegation counts only under a claimed prefix
             await client.put(files[0], name, segment_size=SEG)
         async with client_for(peers[1], publisher=bob) as client:
             await client.put(files[1], name, segment_size=SEG, update=True, delegation=cert)

@@ -190,3 +190,24 @@ async def test_holders_restore_a_lost_child_entry_when_they_republish(tmp_path: 
             assert names((await client.list_page(root + "/a")).entries) == [f"{root}/a/b"]
     finally:
         await stop_all(peers)
+
+
+async def test_a_claimed_prefix_lists_its_owners_names(network: list[Peer]) -> None:
+    """Under a claimed first component the claim owner's names list (the claim object
+    itself does not); a stranger's own entries for that folder are not read."""
+    owner, stranger = Identity.generate(), Identity.generate()
+    async with client_for(network[1], publisher=owner) as client:
+        await client.claim("/t.com/")
+        await put(client, "/t.com/videos/a.mp4", b"aaa")
+        await put(client, "/t.com/index.html", b"<p>")
+        got = await client.list_page("/t.com/", recursive=True)
+        assert names(got.entries) == ["/t.com/index.html", "/t.com/videos/", "/t.com/videos/a.mp4"]
+        now = int(time.time())
+        spam = build_child(
+            stranger, owner=owner_fingerprint(stranger.public_key), parent="/t.com",
+            child="spam", flags=OBJECT, level=0, issued=now,
+        )  # fmt: skip
+        assert await client.add_children(spam.shard, [spam.raw]) > 0  # its own shard tree
+        assert names((await client.list_page("/t.com")).entries) == [
+            "/t.com/index.html", "/t.com/videos/",
+        ]  # fmt: skip
