@@ -7,10 +7,10 @@ opens its own holder connections. It never trusts what it is told: manifests and
 are verified again here, the hash list against the signed integrity root, and every segment
 against its hash before a byte of it is written out.
 
-The module is longer than most (about 780 lines): it is the whole Python API, and each of
-put, get, rm, stat, versions, revoke and claim is a short sequence of requests to the
-entry peer and holders whose decisions are already pure elsewhere (publish, fetch,
-fetchplan, claims, manifest); splitting it would split one connection's state.
+The module is longer than most (about 1,050 lines): it is the whole Python API, and each
+of put, get, rm, stat, versions, revoke, claim and list is a short sequence of requests to
+the entry peer and holders whose decisions are already pure elsewhere (publish, fetch,
+fetchplan, claims, listing, manifest); splitting it would split one connection's state.
 
 Example::
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import math
@@ -48,7 +49,13 @@ from difs_p2p.identity import (
     fingerprint,
     verify_signature,
 )
-from difs_p2p.names import KEY_NAMESPACE, MAX_COMPONENT_BYTES, MAX_NAME_BYTES, normalize_name
+from difs_p2p.names import (
+    KEY_NAMESPACE,
+    MAX_COMPONENT_BYTES,
+    MAX_COMPONENTS,
+    MAX_NAME_BYTES,
+    normalize_name,
+)
 from difs_p2p.records import CHILD_KIND, MAX_CREATED, canonical_json
 
 CHILD_DOMAIN = b"difs-child-v1\x00"
@@ -195,12 +202,19 @@ def normalize_folder(prefix: str) -> str:
 def check_parent(parent: str) -> None:
     """WireError unless ``parent`` is a folder in normal form (at most 2 below the limit of
     a name, so a child fits)."""
+    if not _parent_ok(parent):
+        raise WireError(f"bad parent folder {parent[:64]!r}", field="parent")
+
+
+@functools.lru_cache(maxsize=1024)
+def _parent_ok(parent: str) -> bool:
+    """Whether ``parent`` is a folder in normal form (remembered: a listing's entries share
+    a few parents)."""
     try:
         ok = normalize_folder(parent) == parent
     except UsageError:
         ok = False
-    if not ok or len(parent.encode()) > MAX_NAME_BYTES - 2:
-        raise WireError(f"bad parent folder {parent[:64]!r}", field="parent")
+    return ok and len(parent.encode()) <= MAX_NAME_BYTES - 2
 
 
 def folder_ancestors(name: str, root: str) -> list[tuple[str, str, bool]]:
@@ -376,15 +390,21 @@ def _take(raw: bytes, at: int, length: int, head: int, field: str) -> tuple[byte
 
 
 def _check_child(parent: str, child: str, level: int, bits: int) -> None:
-    if not child or "/" in child or len(child.encode()) > MAX_COMPONENT_BYTES:
+    size = len(child.encode())
+    if not child or "/" in child or size > MAX_COMPONENT_BYTES:
         raise WireError(f"bad child component {child[:64]!r}", field="child")
-    full = f"{parent}/{child}"
+    # the parent is a valid folder (check_parent): the child must be a valid component in
+    # normal form, and the name they make within the limits of a name
     try:
-        ok = normalize_name(full) == full
+        ok = normalize_name(f"/_/{child}") == f"/_/{child}"
     except BadNameError:
         ok = False
-    if not ok:
-        raise WireError(f"bad child name {full[:64]!r}", field="child")
+    fits = (
+        len(parent.encode()) + 1 + size <= MAX_NAME_BYTES
+        and parent.count("/") + 1 <= MAX_COMPONENTS
+    )
+    if not ok or not fits:
+        raise WireError(f"bad child name {parent[:48]!r}/{child[:48]!r}", field="child")
     if bits != path_bits(child, level):
         raise WireError("path bits are not the child's", field="bits", offset=19)
 

@@ -102,6 +102,7 @@ def test_a_child_entry_round_trips_and_verifies() -> None:
         (signed(body(name="x\x07")), "child"),
         (signed(body(name="")), "child"),
         (signed(body(name="e\u0301")), "child"),  # not NFC
+        (signed(body(parent=ROOT + ("/" + "p" * 240) * 4, name="c" * 30)), "child"),  # too long
         (signed(body(parent="/a//b")), "parent"),
         (signed(body(parent="/key")), "parent"),
         (signed(body(parent="/key/zz")), "parent"),
