@@ -28,6 +28,7 @@ from difs_p2p.listing import (
     shard_key,
 )
 from difs_p2p.peer import Peer
+from difs_p2p.recordstore import AcceptAll
 from tests.helpers import client_for, start_peers, stop_all
 
 
@@ -102,9 +103,12 @@ async def test_an_unclaimed_prefix_has_no_listing(network: list[Peer]) -> None:
             await client.list_page("/x.com/")
 
 
-async def test_strangers_entries_are_refused_by_storing_peers(network: list[Peer]) -> None:
+async def test_strangers_entries_are_refused_by_storing_peers_and_readers(
+    network: list[Peer],
+) -> None:
     """A child entry signed by another key than the folder's owner, or replayed at another
-    folder's shard key, is stored by no peer."""
+    folder's shard key, is stored by no honest peer, and ignored by readers when a hostile
+    peer serves it."""
     owner, stranger = Identity.generate(), Identity.generate()
     fp = owner_fingerprint(owner.public_key)
     root = f"/key/{owner.fingerprint}"
@@ -120,6 +124,20 @@ async def test_strangers_entries_are_refused_by_storing_peers(network: list[Peer
         elsewhere = shard_key(fp, root + "/other", 0, 0)
         assert await client.add_children(elsewhere, [genuine.raw]) == 0
         assert await client.add_children(genuine.shard, [genuine.raw]) > 0
+        assert names((await client.list_page(root)).entries) == [f"{root}/a"]
+        # a hostile storing peer (here: one that stores anything) serves the forgery and a
+        # replay from another folder's shard: the reader drops both
+        replayed = build_child(
+            owner, owner=fp, parent=root + "/other", child="b", flags=OBJECT, level=0,
+            issued=now,
+        )  # fmt: skip
+        for peer in network:
+            assert peer.dht is not None
+            store = peer.dht.store
+            honest, store.policy = store.policy, AcceptAll()
+            for raw in (forged.raw, replayed.raw):
+                assert store.add_entry(genuine.shard, raw, time.time()).accepted
+            store.policy = honest
         assert names((await client.list_page(root)).entries) == [f"{root}/a"]
 
 
