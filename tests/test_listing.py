@@ -1,11 +1,17 @@
 """Child entries and the pure rules of a listing (listing.py), without sockets: the codec
 and every refusal, shard keys and path bits, where writers store and where readers look,
-merging, byte order, pages and tokens."""
+merging, byte order, pages and tokens.
+
+The golden child entries live in tests/data/listing/. After a deliberate change of the
+format, rewrite them with ``DIFS_REGEN_GOLDEN=1 pytest tests/test_listing.py``."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -121,6 +127,42 @@ def test_malformed_child_entries_are_wire_errors(raw: bytes, field: str) -> None
     with pytest.raises(WireError) as caught:
         decode_child(raw)
     assert caught.value.field == field
+
+
+GOLDEN_DIR = Path(__file__).parent / "data" / "listing"
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("object", lambda: child("clip.mp4", level=2, issued=NOW, version=3, size=1234)),
+        ("folder", lambda: child("videos", flags=FOLDER)),
+        (
+            "marker",
+            lambda: build_child(
+                OWNER, owner=FP, parent=ROOT, child="", flags=SPLIT, level=1, bits=1, issued=NOW
+            ),
+        ),
+        ("delegated", lambda: _delegated(ROOT + "/v", NOW + 10)),
+    ],
+)
+def test_golden_child_entries(name: str, make: object) -> None:
+    """The bytes of each kind of entry are fixed (Ed25519 signatures are deterministic)."""
+    assert callable(make)
+    entry = make()
+    path = GOLDEN_DIR / f"{name}.bin"
+    if os.environ.get("DIFS_REGEN_GOLDEN") == "1":
+        GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(entry.raw)
+    assert path.read_bytes() == entry.raw
+    assert parse_child(path.read_bytes(), NOW) == entry
+
+
+@given(st.binary(max_size=400))
+def test_any_bytes_decode_or_are_a_wire_error(raw: bytes) -> None:
+    """A peer's bytes are a child entry or a WireError, never another exception."""
+    with contextlib.suppress(WireError):
+        decode_child(b"\x02" + raw)
 
 
 def test_every_truncation_is_a_wire_error() -> None:

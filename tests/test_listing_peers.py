@@ -25,6 +25,7 @@ from difs_p2p.listing import (
     bulk_layout,
     decode_child,
     owner_fingerprint,
+    path_bits,
     shard_key,
 )
 from difs_p2p.peer import Peer
@@ -229,3 +230,32 @@ async def test_a_claimed_prefix_lists_its_owners_names(network: list[Peer]) -> N
         assert names((await client.list_page("/t.com")).entries) == [
             "/t.com/index.html", "/t.com/videos/",
         ]  # fmt: skip
+
+
+async def test_a_writer_splits_a_full_shard_and_stores_one_level_deeper(
+    network: list[Peer],
+) -> None:
+    """With SHARD_ENTRIES children at level 0, a publish marks that shard split and stores
+    its entry in the level-1 shard of its path; the listing has all of them."""
+    owner = Identity.generate()
+    fp = owner_fingerprint(owner.public_key)
+    root = f"/key/{owner.fingerprint}"
+    now = int(time.time())
+    full = [
+        build_child(owner, owner=fp, parent=root, child=f"c{i:03d}", flags=OBJECT, level=0,
+                    issued=now).raw
+        for i in range(SHARD_ENTRIES)
+    ]  # fmt: skip
+    async with client_for(network[0], publisher=owner) as client:
+        assert await client.add_children(shard_key(fp, root, 0, 0), full) >= len(full)
+        await put(client, f"{root}/zz-new", b"new")
+        peer = network[0]
+        assert peer.dht is not None
+        level0 = [decode_child(e) for e in await peer.dht.get_entries(shard_key(fp, root, 0, 0))]
+        assert any(e.marker for e in level0)
+        assert "zz-new" not in [e.child for e in level0]
+        deeper = shard_key(fp, root, 1, path_bits("zz-new", 1))
+        assert "zz-new" in [decode_child(e).child for e in await peer.dht.get_entries(deeper)]
+        listed = names((await client.list_page(root)).entries)
+        want = [f"{root}/c{i:03d}" for i in range(SHARD_ENTRIES)] + [f"{root}/zz-new"]
+        assert listed == sorted(want)
