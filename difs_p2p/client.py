@@ -942,7 +942,10 @@ class Client:
             folder, owner = root
             if owner != owner_fingerprint(manifest.owner):
                 return ""
+            delegation = manifest.delegation
             for parent, child, is_folder in folder_ancestors(manifest.name, folder):
+                if delegation is not None and not delegation.covers(f"{parent}/{child}"):
+                    break  # a delegate lists only below its prefix (the owner above it)
                 written.extend(await self._add_child(owner, manifest, parent, child, is_folder))
             await self.add_children(manifest.key, written)
         except (DifsError, OSError) as exc:

@@ -13,6 +13,7 @@ import pytest
 from difs_p2p import segments
 from difs_p2p.client import Client
 from difs_p2p.config import RepairConfig
+from difs_p2p.delegation import build_delegation
 from difs_p2p.dhtwire import MAX_VALUE_SIZE
 from difs_p2p.errors import UsageError
 from difs_p2p.identity import Identity
@@ -259,3 +260,23 @@ async def test_a_writer_splits_a_full_shard_and_stores_one_level_deeper(
         listed = names((await client.list_page(root)).entries)
         want = [f"{root}/c{i:03d}" for i in range(SHARD_ENTRIES)] + [f"{root}/zz-new"]
         assert listed == sorted(want)
+
+
+async def test_a_delegate_lists_its_names_below_its_prefix(network: list[Peer]) -> None:
+    """A writer delegated /t.com/a/b lists what it publishes there, its folder b in /t.com/a
+    included; the folders above its prefix are the owner's to list."""
+    owner, writer = Identity.generate(), Identity.generate()
+    cert = build_delegation(
+        owner, prefix="/t.com/a/b", writer=writer.public_key, expires=time.time() + 3600.5
+    )
+    async with client_for(network[1], publisher=owner) as client:
+        await client.claim("/t.com/")
+    async with client_for(network[2], publisher=writer) as client:
+        await client.put(
+            io.BytesIO(b"post"), "/t.com/a/b/c", segment_size=segments.MIN_SEGMENT_SIZE,
+            replicas=1, delegation=cert,
+        )  # fmt: skip
+        got = await client.list_page("/t.com/a", recursive=True)
+        assert names(got.entries) == ["/t.com/a/b/", "/t.com/a/b/c"]
+        assert got.entries[1].publisher == writer.public_key
+        assert (await client.list_page("/t.com")).entries == []
