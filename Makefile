@@ -40,6 +40,7 @@ bench: $(STAMP) sysdeps
 	$(BIN)/python -m bench.small
 	$(BIN)/python -m bench.repair
 	$(BIN)/python -m bench.multihost
+	$(BIN)/python -m bench.listing
 
 fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,fuzz]'

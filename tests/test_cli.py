@@ -47,7 +47,7 @@ def test_every_command_has_help() -> None:
         (
             "difs",
             [
-                *("peers", "put", "get", "rm", "stat", "versions", "claim", "owner"),
+                *("peers", "put", "get", "rm", "stat", "versions", "ls", "claim", "owner"),
                 *("whoami", "delegate", "revoke"),
             ],
         ),
