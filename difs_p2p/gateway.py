@@ -1,0 +1,346 @@
+"""The HTTP gateway: content by name for browsers, video players and curl (read-only).
+
+``difs-peer join --http HOST:PORT`` runs one :class:`Gateway` in the peer's process. It
+is owned by the peer: started once the peer is up, stopped first at shutdown. Routes::
+
+    GET, HEAD /<name...>[?version=N]   the object (ranges, conditional requests)
+    OPTIONS   /<anything>              CORS preflight
+    GET       /healthz                 200 "ok" while the peer's network state is ok,
+                                       else 503 with the state
+
+Each request is answered through one :class:`~difs_p2p.client.Client` of the peer's own
+TCP service, without the control token: the gateway is a stranger to its peer, so it can
+resolve and fetch and nothing else. What to answer is decided by ``httprules`` (pure);
+this module only moves bytes: the body is written chunk by chunk as the fetch verifies it
+(``await resp.write``: a slow client holds the fetch back, memory stays bounded), a client
+that goes away cancels the handler, which closes the fetch, and a failure after the status
+line aborts the connection, so that a client never takes a short body for a whole one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import IO, cast
+
+from aiohttp import web
+
+from difs_p2p import httprules
+from difs_p2p.addresses import format_address, is_ipv6, is_wildcard
+from difs_p2p.client import Client, Resolved
+from difs_p2p.errors import DifsError, NetworkError, UsageError
+from difs_p2p.fetch import Fetch, FetchResult, choose_version, fetch_into
+from difs_p2p.httprules import Span
+from difs_p2p.manifest import Manifest
+from difs_p2p.names import normalize_name
+
+log = logging.getLogger(__name__)
+
+# Bytes a stream fetches ahead of its reader: what one slow client can hold in memory.
+WINDOW = 4 << 20
+# Seconds a request may spend resolving its name before it is answered 504.
+RESOLVE_TIMEOUT = 30.0
+# CORS: any page may read content (it is public and the gateway is read-only).
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": (
+        "Content-Range, Content-Length, ETag, Accept-Ranges, Last-Modified, Content-Disposition"
+    ),
+}
+PREFLIGHT = {
+    "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
+    "Access-Control-Allow-Headers": (
+        "Range, If-Match, If-None-Match, If-Modified-Since, If-Unmodified-Since, If-Range"
+    ),
+    "Access-Control-Max-Age": "86400",
+}
+ALLOW = "GET, HEAD, OPTIONS"
+
+
+class _Chunks:
+    """A writable stream whose writes the gateway reads back as chunks (what a fetch into a
+    stream writes, in order); ``end`` ends it, with the fetch's error if it failed."""
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._ready = asyncio.Event()
+        self._done = False
+        self._error: BaseException | None = None
+
+    def write(self, data: bytes) -> int:
+        self._chunks.append(bytes(data))
+        self._ready.set()
+        return len(data)
+
+    def flush(self) -> None:
+        return None
+
+    def end(self, error: BaseException | None = None) -> None:
+        self._done, self._error = True, error
+        self._ready.set()
+
+    def ended(self, task: asyncio.Future[FetchResult]) -> None:
+        """The fetch writing here is over: end the stream with its failure, if any."""
+        self.end(asyncio.CancelledError() if task.cancelled() else task.exception())
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            while self._chunks:
+                yield self._chunks.popleft()
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                return
+            self._ready.clear()
+            await self._ready.wait()
+
+
+class ObjectStream:
+    """The verified bytes ``first``..``last`` of one version, as chunks in order, fetched
+    ``WINDOW`` bytes at a time: the next window is fetched once the reader took the last
+    one, so a slow reader holds the fetch back. ``aclose`` stops the fetch at once."""
+
+    def __init__(self, client: Client, resolved: Resolved, manifest: Manifest, span: Span) -> None:
+        self.manifest = manifest
+        self.first, self.last = span
+        self.length = self.last - self.first + 1
+        self._client = client
+        self._entries = resolved.entries_for(manifest)
+        self._task: asyncio.Future[FetchResult] | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        client = self._client
+        pos = self.first
+        while pos <= self.last:
+            end = min(self.last, pos + WINDOW - 1)
+            fetch = Fetch(
+                self.manifest,
+                self._entries,
+                (pos, end),
+                None,
+                io_timeout=client.io_timeout,
+                network=client.network,
+                config=client.fetch_config,
+            )
+            chunks = _Chunks()
+            task = asyncio.ensure_future(
+                fetch_into(fetch, cast(IO[bytes], chunks), time.perf_counter(), False)
+            )
+            task.add_done_callback(chunks.ended)
+            self._task = task
+            async for chunk in chunks:
+                yield chunk
+            pos = end + 1
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def http_url(host: str, port: int) -> str:
+    """The URL a local client reaches a gateway bound to ``host``:``port`` at (a wildcard
+    bind: the loopback address of its family)."""
+    if is_wildcard(host):
+        host = "::1" if is_ipv6(host) else "127.0.0.1"
+    return f"http://{format_address(host, port)}/"
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The gateway's listening socket (``::`` takes IPv4 too); NetworkError if it cannot
+    be bound."""
+    try:
+        if host == "::":
+            return socket.create_server(
+                (host, port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=128
+            )
+        family = socket.AF_INET6 if is_ipv6(host) else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as exc:
+        raise NetworkError(
+            f"cannot serve HTTP on {format_address(host, port)}: {exc.strerror or exc}"
+        ) from None
+
+
+class Gateway:
+    """The HTTP server. ``await gw.start(host, port)``, then ``await gw.stop()``."""
+
+    def __init__(
+        self,
+        entry: tuple[str, int],
+        *,
+        state: Callable[[], str],
+        io_timeout: float = 30.0,
+    ) -> None:
+        """``entry``: the peer's own TCP service; ``state``: its network state (``ok``,
+        ``thin``, ``isolated``)."""
+        self.client = Client(entry, io_timeout=io_timeout)
+        self._state = state
+        self._runner: web.AppRunner | None = None
+        self.bound: tuple[str, int] = ("", 0)
+        app = web.Application()
+        app.on_response_prepare.append(self._cors)
+        app.router.add_get("/healthz", self._healthz, allow_head=True)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self.app = app
+
+    @property
+    def url(self) -> str:
+        return http_url(*self.bound)
+
+    async def start(self, host: str, port: int) -> None:
+        """Bind ``host``:``port`` (NetworkError if it cannot) and serve."""
+        sock = _listen(host, port)
+        try:
+            # a client that disconnects cancels its handler (which closes the fetch)
+            runner = web.AppRunner(
+                self.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+            )
+            await runner.setup()
+            self._runner = runner
+            await web.SockSite(runner, sock).start()
+        except BaseException:
+            sock.close()
+            await self.stop()
+            raise
+        self.bound = (host, sock.getsockname()[1])
+        log.info("gateway_started url=%s", self.url)
+
+    async def stop(self) -> None:
+        """Stop serving: requests under way are cancelled, their fetches closed."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+        await self.client.close()
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    async def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(CORS)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        state = self._state()
+        status = 200 if state == "ok" else 503
+        return web.Response(status=status, text=f"{state}\n")
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "OPTIONS":
+            return web.Response(status=204, headers=PREFLIGHT)
+        if request.method not in ("GET", "HEAD"):
+            return self._error(request, 405, f"{request.method} is not allowed", {"Allow": ALLOW})
+        try:
+            return await self._object(request)
+        except DifsError as exc:
+            return self._error(request, httprules.error_status(exc), str(exc))
+        except TimeoutError:
+            return self._error(request, 504, "the network did not answer in time")
+        except OSError as exc:
+            return self._error(request, 502, f"the network failed: {exc}")
+
+    def _error(
+        self,
+        request: web.Request,
+        status: int,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        as_json = httprules.wants_json(request.headers.get("Accept"), request.query.get("format"))
+        body, ctype = httprules.error_body(status, message, as_json)
+        extra = dict(headers or {})
+        if httprules.retry_after(status):
+            extra["Retry-After"] = str(httprules.RETRY_AFTER)
+        response = web.Response(status=status, body=body, headers=extra)
+        response.content_type = ctype.split(";")[0]
+        if "charset" in ctype:
+            response.charset = "utf-8"
+        return response
+
+    async def _version(self, request: web.Request) -> int | None:
+        text = request.query.get("version")
+        if text is None:
+            return None
+        if not (text.isascii() and text.isdigit()) or len(text) > 12:
+            raise UsageError(f"bad version {text!r}: a positive number")
+        return int(text)
+
+    async def _object(self, request: web.Request) -> web.StreamResponse:
+        name = normalize_name(request.path)
+        version = await self._version(request)
+        async with asyncio.timeout(RESOLVE_TIMEOUT):
+            resolved: Resolved = await self.client.resolve(name)
+        manifest = choose_version(resolved.manifest, resolved.history, version)
+        res = httprules.Resource(
+            manifest.name,
+            manifest.size,
+            httprules.etag_of(manifest.hash),
+            manifest.created,
+            pinned=version is not None,
+        )
+        boundary = secrets.token_hex(16)
+        ans = httprules.answer(request.method, request.headers, res, boundary)
+        if ans.status in (304, 412, 416):
+            body = b"" if ans.status == 304 else f"{ans.status} {ans.reason}\n".encode()
+            short = web.Response(status=ans.status, headers=ans.headers, body=body or None)
+            if body:
+                short.content_type = "text/plain"
+            return short
+        response = web.StreamResponse(status=ans.status, headers=ans.headers)
+        response.content_length = ans.length
+        if request.method == "HEAD" or not ans.spans:
+            await response.prepare(request)
+            await response.write_eof()
+            return response
+        await self._send(request, response, ans, resolved, manifest)
+        return response
+
+    async def _send(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        ans: httprules.Answer,
+        resolved: Resolved,
+        manifest: Manifest,
+    ) -> None:
+        """Stream the answer's spans. The first chunk is fetched before the status line,
+        so that a fetch that cannot start is still an error status; a failure after it
+        aborts the connection."""
+        multipart = bool(ans.boundary)
+        for i, span in enumerate(ans.spans):
+            stream = ObjectStream(self.client, resolved, manifest, span)
+            started = False
+            try:
+                async for chunk in stream:
+                    if not response.prepared:
+                        await response.prepare(request)
+                    if multipart and not started:
+                        head = httprules.part_head(
+                            ans.boundary, ans.part_type, span, manifest.size, i == 0
+                        )
+                        await response.write(head)
+                    started = True
+                    await response.write(chunk)
+            except (DifsError, OSError, TimeoutError):
+                if not response.prepared:
+                    raise
+                _abort(request)
+                raise
+            finally:
+                await stream.aclose()
+        if multipart:
+            await response.write(httprules.multipart_tail(ans.boundary))
+        await response.write_eof()
+
+
+def _abort(request: web.Request) -> None:
+    """Drop the connection: the body already promised more bytes than will come."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
