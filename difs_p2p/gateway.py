@@ -20,14 +20,10 @@ line aborts the connection, so that a client never takes a short body for a whol
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
 import secrets
 import socket
-import time
-from collections.abc import AsyncIterator, Callable
-from typing import IO, cast
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -35,15 +31,13 @@ from difs_p2p import httprules
 from difs_p2p.addresses import format_address, is_ipv6, is_wildcard
 from difs_p2p.client import Client, Resolved
 from difs_p2p.errors import DifsError, NetworkError, UsageError
-from difs_p2p.fetch import Fetch, FetchResult, choose_version, fetch_into
-from difs_p2p.httprules import Span
+from difs_p2p.fetch import choose_version
 from difs_p2p.manifest import Manifest
 from difs_p2p.names import normalize_name
+from difs_p2p.stream import ObjectStream
 
 log = logging.getLogger(__name__)
 
-# Bytes a stream fetches ahead of its reader: what one slow client can hold in memory.
-WINDOW = 4 << 20
 # Seconds a request may spend resolving its name before it is answered 504.
 RESOLVE_TIMEOUT = 30.0
 # CORS: any page may read content (it is public and the gateway is read-only).
@@ -61,89 +55,6 @@ PREFLIGHT = {
     "Access-Control-Max-Age": "86400",
 }
 ALLOW = "GET, HEAD, OPTIONS"
-
-
-class _Chunks:
-    """A writable stream whose writes the gateway reads back as chunks (what a fetch into a
-    stream writes, in order); ``end`` ends it, with the fetch's error if it failed."""
-
-    def __init__(self) -> None:
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._ready = asyncio.Event()
-        self._done = False
-        self._error: BaseException | None = None
-
-    def write(self, data: bytes) -> int:
-        self._chunks.append(bytes(data))
-        self._ready.set()
-        return len(data)
-
-    def flush(self) -> None:
-        return None
-
-    def end(self, error: BaseException | None = None) -> None:
-        self._done, self._error = True, error
-        self._ready.set()
-
-    def ended(self, task: asyncio.Future[FetchResult]) -> None:
-        """The fetch writing here is over: end the stream with its failure, if any."""
-        self.end(asyncio.CancelledError() if task.cancelled() else task.exception())
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while True:
-            while self._chunks:
-                yield self._chunks.popleft()
-            if self._done:
-                if self._error is not None:
-                    raise self._error
-                return
-            self._ready.clear()
-            await self._ready.wait()
-
-
-class ObjectStream:
-    """The verified bytes ``first``..``last`` of one version, as chunks in order, fetched
-    ``WINDOW`` bytes at a time: the next window is fetched once the reader took the last
-    one, so a slow reader holds the fetch back. ``aclose`` stops the fetch at once."""
-
-    def __init__(self, client: Client, resolved: Resolved, manifest: Manifest, span: Span) -> None:
-        self.manifest = manifest
-        self.first, self.last = span
-        self.length = self.last - self.first + 1
-        self._client = client
-        self._entries = resolved.entries_for(manifest)
-        self._task: asyncio.Future[FetchResult] | None = None
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        client = self._client
-        pos = self.first
-        while pos <= self.last:
-            end = min(self.last, pos + WINDOW - 1)
-            fetch = Fetch(
-                self.manifest,
-                self._entries,
-                (pos, end),
-                None,
-                io_timeout=client.io_timeout,
-                network=client.network,
-                config=client.fetch_config,
-            )
-            chunks = _Chunks()
-            task = asyncio.ensure_future(
-                fetch_into(fetch, cast(IO[bytes], chunks), time.perf_counter(), False)
-            )
-            task.add_done_callback(chunks.ended)
-            self._task = task
-            async for chunk in chunks:
-                yield chunk
-            pos = end + 1
-
-    async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
 
 
 def http_url(host: str, port: int) -> str:
@@ -298,7 +209,7 @@ class Gateway:
             await response.prepare(request)
             await response.write_eof()
             return response
-        await self._send(request, response, ans, resolved, manifest)
+        await self._send(request, response, ans, resolved, manifest, version)
         return response
 
     async def _send(
@@ -308,15 +219,17 @@ class Gateway:
         ans: httprules.Answer,
         resolved: Resolved,
         manifest: Manifest,
+        version: int | None,
     ) -> None:
         """Stream the answer's spans. The first chunk is fetched before the status line,
         so that a fetch that cannot start is still an error status; a failure after it
         aborts the connection."""
         multipart = bool(ans.boundary)
         for i, span in enumerate(ans.spans):
-            stream = ObjectStream(self.client, resolved, manifest, span)
             started = False
+            stream: ObjectStream | None = None
             try:
+                stream = await self.client.open_stream(resolved, version=version, span=span)
                 async for chunk in stream:
                     if not response.prepared:
                         await response.prepare(request)
@@ -333,7 +246,8 @@ class Gateway:
                 _abort(request)
                 raise
             finally:
-                await stream.aclose()
+                if stream is not None:
+                    await stream.aclose()
         if multipart:
             await response.write(httprules.multipart_tail(ans.boundary))
         await response.write_eof()
@@ -343,4 +257,4 @@ def _abort(request: web.Request) -> None:
     """Drop the connection: the body already promised more bytes than will come."""
     transport = request.transport
     if transport is not None:
-        transport.close()
+        transport.abort()

@@ -30,6 +30,7 @@ SEG = 64 * 1024
 SIZE = 300_000
 CONTENT = os.urandom(SIZE)
 V2 = os.urandom(1000)
+BIG = 15 * (4 << 20)
 
 
 @dataclass
@@ -275,9 +276,9 @@ async def test_failed_holder_gives_502_and_aborts_a_started_body(tmp_path: Path)
     try:
         assert gw.gateway is not None
         big = tmp_path / "big"
-        big.write_bytes(os.urandom(32 << 20))
-        # two segments of 16 MiB: one range, on one holder
-        await client.put(big, "/t.com/big", segment_size=16 << 20, replicas=1)
+        big.write_bytes(os.urandom(BIG))
+        # 15 segments of 4 MiB: one range, on one holder; a stream reads 16 MiB ahead
+        await client.put(big, "/t.com/big", segment_size=4 << 20, replicas=1)
         address = await _holder(client, "/t.com/big")
         holder = next(p for p in peers if p.address == address)
         out = tmp_path / "out"
@@ -297,7 +298,7 @@ async def test_failed_holder_gives_502_and_aborts_a_started_body(tmp_path: Path)
         stopped.append(holder)
         code = await asyncio.wait_for(proc.wait(), 30)
         assert code != 0
-        assert out.stat().st_size < 32 << 20
+        assert out.stat().st_size < BIG
         failed = await curl(gw.gateway.url + "t.com/big")
         assert failed.code == 502
         assert failed.headers["retry-after"].isdigit()
