@@ -59,6 +59,7 @@ from difs_p2p.identity import Identity, NodeId
 from difs_p2p.idwork import load_or_create_with_work
 from difs_p2p.leaving import Drainer
 from difs_p2p.membership import OK
+from difs_p2p.metrics import GatewayMetrics
 from difs_p2p.net import HOST_NETWORK, PeerNetwork, resolve
 from difs_p2p.operations import OPERATIONS, Operations
 from difs_p2p.recordpolicy import RecordValidator
@@ -166,6 +167,10 @@ class Peer:
         self._controls: dict[str, ControlHandler[Any, Any]] = {
             op: functools.partial(self._control, op) for op in sorted(OPERATIONS)
         }
+        # metrics: what the HTTP gateway counts (metrics.py renders it with the figures
+        # of the parts), and the running TCP service (its served bytes)
+        self.gateway_metrics = GatewayMetrics()
+        self.service: Service | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -231,6 +236,7 @@ class Peer:
             self.dht.info = PeerInfo(self.tcp_port, cfg.zone)
             self.holdings = Holdings(self.data_dir / "holdings.sqlite3")
             service = self._compose(self.identity, self._token, self.store, self.dht, self.holdings)
+            self.service = service
             self.server = Server(
                 tcp,
                 service.serve,
@@ -482,6 +488,7 @@ class Peer:
             self.holdings.close()
             self.holdings = None
         self._replicator = None
+        self.service = None
         self._operations = None
         self._drainer = None
         with contextlib.suppress(OSError):
