@@ -7,6 +7,7 @@ is owned by the peer: started once the peer is up, stopped first at shutdown. Ro
     OPTIONS   /<anything>              CORS preflight
     GET       /healthz                 200 "ok" while the peer's network state is ok,
                                        else 503 with the state
+    GET       /metrics                 the peer's figures for Prometheus (metrics.py)
 
 Each request is answered through one :class:`~difs_p2p.client.Client` of the peer's own
 TCP service, without the control token: the gateway is a stranger to its peer, so it can
@@ -15,6 +16,9 @@ this module only moves bytes: the body is written chunk by chunk as the fetch ve
 (``await resp.write``: a slow client holds the fetch back, memory stays bounded), a client
 that goes away cancels the handler, which closes the fetch, and a failure after the status
 line aborts the connection, so that a client never takes a short body for a whole one.
+Every response is counted in the peer's ``GatewayMetrics`` (status, time to the status
+line, which for a body is the time to its first verified chunk), with the requests in
+flight and the bytes sent.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import asyncio
 import logging
 import secrets
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -33,6 +38,7 @@ from difs_p2p.client import Client, Resolved
 from difs_p2p.errors import DifsError, NetworkError, UsageError
 from difs_p2p.fetch import choose_version
 from difs_p2p.manifest import Manifest
+from difs_p2p.metrics import GatewayMetrics
 from difs_p2p.names import normalize_name
 from difs_p2p.stream import ObjectStream
 
@@ -55,6 +61,9 @@ PREFLIGHT = {
     "Access-Control-Max-Age": "86400",
 }
 ALLOW = "GET, HEAD, OPTIONS"
+# The Prometheus text format's media type.
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_STARTED = web.RequestKey("started", float)
 
 
 def http_url(host: str, port: int) -> str:
@@ -89,17 +98,23 @@ class Gateway:
         entry: tuple[str, int],
         *,
         state: Callable[[], str],
+        metrics: GatewayMetrics,
+        render: Callable[[], bytes],
         io_timeout: float = 30.0,
     ) -> None:
         """``entry``: the peer's own TCP service; ``state``: its network state (``ok``,
-        ``thin``, ``isolated``)."""
+        ``thin``, ``isolated``); ``metrics``: where responses are counted; ``render``:
+        the peer's figures in the Prometheus text format."""
         self.client = Client(entry, io_timeout=io_timeout)
         self._state = state
+        self.metrics = metrics
+        self._render = render
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] = ("", 0)
-        app = web.Application()
-        app.on_response_prepare.append(self._cors)
+        app = web.Application(middlewares=[self._count])
+        app.on_response_prepare.append(self._prepared)
         app.router.add_get("/healthz", self._healthz, allow_head=True)
+        app.router.add_get("/metrics", self._metrics, allow_head=True)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self.app = app
 
@@ -134,8 +149,27 @@ class Gateway:
 
     # -- handlers ------------------------------------------------------------------------------
 
-    async def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
+    @web.middleware
+    async def _count(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        request[_STARTED] = time.perf_counter()
+        with self.metrics.inflight():
+            return await handler(request)
+
+    async def _prepared(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Each response as its status line goes out: CORS headers, and counted."""
         response.headers.update(CORS)
+        started = request.get(_STARTED)
+        ttfb = time.perf_counter() - started if started is not None else None
+        self.metrics.observe(response.status, ttfb)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self._render())
+        response.headers["Content-Type"] = METRICS_TYPE
+        return response
 
     async def _healthz(self, request: web.Request) -> web.Response:
         state = self._state()
@@ -240,6 +274,7 @@ class Gateway:
                         await response.write(head)
                     started = True
                     await response.write(chunk)
+                    self.metrics.sent(len(chunk))
             except (DifsError, OSError, TimeoutError):
                 if not response.prepared:
                     raise
@@ -248,6 +283,7 @@ class Gateway:
             finally:
                 if stream is not None:
                     await stream.aclose()
+                    self.metrics.received(stream.received)
         if multipart:
             await response.write(httprules.multipart_tail(ans.boundary))
         await response.write_eof()

@@ -59,7 +59,7 @@ from difs_p2p.identity import Identity, NodeId
 from difs_p2p.idwork import load_or_create_with_work
 from difs_p2p.leaving import Drainer
 from difs_p2p.membership import OK
-from difs_p2p.metrics import GatewayMetrics
+from difs_p2p.metrics import GatewayMetrics, render
 from difs_p2p.net import HOST_NETWORK, PeerNetwork, resolve
 from difs_p2p.operations import OPERATIONS, Operations
 from difs_p2p.recordpolicy import RecordValidator
@@ -326,6 +326,8 @@ class Peer:
         gateway = Gateway(
             (host, self.tcp_port or self.port),
             state=lambda: self._dht().network_state().state,
+            metrics=self.gateway_metrics,
+            render=lambda: render(self),
             io_timeout=cfg.io_timeout,
         )
         try:

@@ -411,3 +411,23 @@ async def test_cli_peer_serves_its_ready_line_url(tmp_path: Path) -> None:
         proc.terminate()
         await proc.wait()
     assert not (tmp_path / "p" / "http").exists()
+
+
+async def test_metrics_count_the_gateway(net: Net) -> None:
+    """/metrics serves the peer's figures; responses, bytes sent and time to first byte
+    of the gateway's own requests are counted."""
+    before = net.gateway.gateway_metrics.fetched_bytes
+    assert (await curl("-H", "Range: bytes=0-999", net.url + "t.com/clip.mp4")).code == 206
+    assert (await curl(net.url + "t.com/nothing")).code == 404
+    got = await curl(net.url + "metrics")
+    assert got.code == 200
+    assert got.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text = got.body.decode()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")
+    assert float(lines['difs_gateway_responses_total{code="206"}']) >= 1
+    assert float(lines['difs_gateway_responses_total{code="404"}']) >= 1
+    assert float(lines["difs_gateway_time_to_first_byte_seconds_count"]) >= 2
+    # this scrape is in flight while it is rendered
+    assert float(lines["difs_gateway_requests_in_flight"]) == 1
+    assert net.gateway.gateway_metrics.fetched_bytes == before + 1000
+    assert float(lines["difs_gateway_sent_bytes_total"]) == before + 1000
