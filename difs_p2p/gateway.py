@@ -4,6 +4,9 @@
 is owned by the peer: started once the peer is up, stopped first at shutdown. Routes::
 
     GET, HEAD /<name...>[?version=N]   the object (ranges, conditional requests)
+    GET, HEAD /<folder...>/[?after=T]  the folder's page of names, HTML or JSON (Accept,
+                                       ?format=json); /<folder> without the slash is
+                                       301 to it when it has no object but a listing
     OPTIONS   /<anything>              CORS preflight
     GET       /healthz                 200 "ok" while the peer's network state is ok,
                                        else 503 with the state
@@ -24,6 +27,7 @@ flight and the bytes sent.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import socket
@@ -35,8 +39,9 @@ from aiohttp import web
 from difs_p2p import httprules
 from difs_p2p.addresses import format_address, is_ipv6, is_wildcard
 from difs_p2p.client import Client, Resolved
-from difs_p2p.errors import DifsError, NetworkError, UsageError
+from difs_p2p.errors import DifsError, NetworkError, NotFoundError, UsageError
 from difs_p2p.fetch import choose_version
+from difs_p2p.listing import normalize_folder
 from difs_p2p.manifest import Manifest
 from difs_p2p.metrics import GatewayMetrics
 from difs_p2p.names import normalize_name
@@ -44,6 +49,8 @@ from difs_p2p.stream import ObjectStream
 
 log = logging.getLogger(__name__)
 
+# Names on one directory page (Client.list_page's default); ?after= continues it.
+PAGE = 1000
 # Seconds a request may spend resolving its name before it is answered 504.
 RESOLVE_TIMEOUT = 30.0
 # CORS: any page may read content (it is public and the gateway is read-only).
@@ -182,6 +189,8 @@ class Gateway:
         if request.method not in ("GET", "HEAD"):
             return self._error(request, 405, f"{request.method} is not allowed", {"Allow": ALLOW})
         try:
+            if request.path.endswith("/"):
+                return await self._directory(request)
             return await self._object(request)
         except DifsError as exc:
             return self._error(request, httprules.error_status(exc), str(exc))
@@ -208,6 +217,36 @@ class Gateway:
             response.charset = "utf-8"
         return response
 
+    async def _is_folder(self, name: str) -> bool:
+        """Whether ``name`` has a listing with at least one name in it."""
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                page = await self.client.list_page(name, limit=1)
+        except (DifsError, TimeoutError, OSError):
+            return False
+        return bool(page.entries)
+
+    async def _directory(self, request: web.Request) -> web.Response:
+        """A folder's page of names: HTML, or JSON when asked (Accept, ?format=json)."""
+        if request.path == "/":
+            raise NotFoundError("/ has no listing: open a folder such as /key/<fingerprint>/")
+        folder = normalize_folder(request.path)
+        after = request.query.get("after")
+        async with asyncio.timeout(RESOLVE_TIMEOUT):
+            page = await self.client.list_page(folder, after=after, limit=PAGE)
+        prefix = folder + "/"
+        headers = {"Cache-Control": httprules.LATEST, "X-Content-Type-Options": "nosniff"}
+        if httprules.wants_json(request.headers.get("Accept"), request.query.get("format")):
+            body = json.dumps(httprules.directory_json(prefix, page.entries, page.next))
+            response = web.Response(text=body, headers=headers)
+            response.content_type = "application/json"
+            return response
+        text = httprules.directory_html(prefix, page.entries, page.next)
+        response = web.Response(text=text, headers=headers)
+        response.content_type = "text/html"
+        response.charset = "utf-8"
+        return response
+
     async def _version(self, request: web.Request) -> int | None:
         text = request.query.get("version")
         if text is None:
@@ -219,8 +258,15 @@ class Gateway:
     async def _object(self, request: web.Request) -> web.StreamResponse:
         name = normalize_name(request.path)
         version = await self._version(request)
-        async with asyncio.timeout(RESOLVE_TIMEOUT):
-            resolved: Resolved = await self.client.resolve(name)
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                resolved: Resolved = await self.client.resolve(name)
+        except NotFoundError:
+            if version is None and await self._is_folder(name):
+                raw = request.rel_url
+                query = f"?{raw.raw_query_string}" if raw.raw_query_string else ""
+                raise web.HTTPMovedPermanently(f"{raw.raw_path}/{query}") from None
+            raise
         manifest = choose_version(resolved.manifest, resolved.history, version)
         res = httprules.Resource(
             manifest.name,
