@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import socket
 import time
@@ -81,7 +82,7 @@ def http_url(host: str, port: int) -> str:
     return f"http://{format_address(host, port)}/"
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
     """The gateway's listening socket (``::`` takes IPv4 too); NetworkError if it cannot
     be bound."""
     try:
@@ -92,9 +93,13 @@ def _listen(host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if is_ipv6(host) else socket.AF_INET
         return socket.create_server((host, port), family=family, backlog=128)
     except OSError as exc:
-        raise NetworkError(
-            f"cannot serve HTTP on {format_address(host, port)}: {exc.strerror or exc}"
-        ) from None
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise NetworkError(f"cannot serve HTTP on {format_address(host, port)}: {reason}") from None
+
+
+def host_of(sock: socket.socket) -> str:
+    """The address ``sock`` is bound to (``::`` for a dual-stack wildcard)."""
+    return str(sock.getsockname()[0])
 
 
 class Gateway:
@@ -129,9 +134,9 @@ class Gateway:
     def url(self) -> str:
         return http_url(*self.bound)
 
-    async def start(self, host: str, port: int) -> None:
-        """Bind ``host``:``port`` (NetworkError if it cannot) and serve."""
-        sock = _listen(host, port)
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on ``sock`` (from :func:`listen`), which the gateway now owns."""
+        self.bound = (host_of(sock), sock.getsockname()[1])
         try:
             # a client that disconnects cancels its handler (which closes the fetch)
             runner = web.AppRunner(
@@ -144,7 +149,6 @@ class Gateway:
             sock.close()
             await self.stop()
             raise
-        self.bound = (host, sock.getsockname()[1])
         log.info("gateway_started url=%s", self.url)
 
     async def stop(self) -> None:

@@ -276,8 +276,9 @@ async def _holder(client: Client, name: str) -> tuple[str, int]:
 
 
 async def test_failed_holder_gives_502_and_aborts_a_started_body(tmp_path: Path) -> None:
-    """With the only holder stopped, a request is 502 with Retry-After; stopped after the
-    headers went out, the connection is dropped and curl fails (never exits 0)."""
+    """A client that leaves ends its request; with the only holder stopped after the
+    headers went out, the connection is dropped and curl fails (never exits 0); then a
+    request is 502 with Retry-After."""
     peers = await start_peers(tmp_path, 3)
     gw = await _gateway_peer(tmp_path, peers[0])
     client = client_for(peers[0], publisher=Identity.generate())
@@ -290,12 +291,22 @@ async def test_failed_holder_gives_502_and_aborts_a_started_body(tmp_path: Path)
         await client.put(big, "/t.com/big", segment_size=4 << 20, replicas=1)
         address = await _holder(client, "/t.com/big")
         holder = next(p for p in peers if p.address == address)
+        # a client that goes away mid-body: its request ends, the stream is closed
+        quitter = await asyncio.create_subprocess_exec(
+            CURL, "-s", "--limit-rate", "1M", "-o", os.devnull, gw.gateway.url + "t.com/big"
+        )
+        metrics = gw.gateway_metrics
+        await wait_for(lambda: metrics.fetched_bytes > 0, timeout=20)
+        assert metrics.in_flight == 1
+        quitter.kill()
+        await quitter.wait()
+        await wait_for(lambda: metrics.in_flight == 0, timeout=10)
         out = tmp_path / "out"
         proc = await asyncio.create_subprocess_exec(
             CURL,
             "-s",
             "--limit-rate",
-            "1M",
+            "8M",
             "-D",
             str(tmp_path / "head"),
             "-o",
