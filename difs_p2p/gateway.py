@@ -74,12 +74,32 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _STARTED = web.RequestKey("started", float)
 
 
-def http_url(host: str, port: int) -> str:
-    """The URL a local client reaches a gateway bound to ``host``:``port`` at (a wildcard
-    bind: the loopback address of its family)."""
+def loopback_of(host: str) -> str:
+    """Where a local client reaches a socket bound to ``host``: ``host``, or for a
+    wildcard the loopback address of its family."""
     if is_wildcard(host):
-        host = "::1" if is_ipv6(host) else "127.0.0.1"
-    return f"http://{format_address(host, port)}/"
+        return "::1" if is_ipv6(host) else "127.0.0.1"
+    return host
+
+
+def http_url(host: str, port: int) -> str:
+    """The URL a local client reaches a gateway bound to ``host``:``port`` at."""
+    return f"http://{format_address(loopback_of(host), port)}/"
+
+
+def bind_gateway(address: tuple[str, int] | None, *, optional: bool) -> socket.socket | None:
+    """The gateway's socket on ``address`` (None: no gateway). An ``optional`` address
+    (the CLI's default) that is taken leaves the peer without a gateway, with a warning;
+    one the operator chose raises NetworkError."""
+    if address is None:
+        return None
+    try:
+        return listen(*address)
+    except NetworkError as exc:
+        if not optional:
+            raise
+        log.warning("gateway_off reason=%s: the peer runs without its HTTP gateway", exc)
+        return None
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -183,9 +203,8 @@ class Gateway:
         return response
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        state = self._state()
-        status = 200 if state == "ok" else 503
-        return web.Response(status=status, text=f"{state}\n")
+        status, text = httprules.health(self._state())
+        return web.Response(status=status, text=text)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         if request.method == "OPTIONS":

@@ -53,8 +53,7 @@ from difs_p2p.dht import Dht
 from difs_p2p.dhtwire import PeerInfo
 from difs_p2p.diskcost import DiskCost
 from difs_p2p.errors import NetworkError, StorageError, UsageError
-from difs_p2p.gateway import Gateway
-from difs_p2p.gateway import listen as listen_http
+from difs_p2p.gateway import Gateway, bind_gateway, loopback_of
 from difs_p2p.holdings import Holdings
 from difs_p2p.holdproof import HolderProver
 from difs_p2p.identity import Identity, NodeId
@@ -202,7 +201,8 @@ class Peer:
         cfg = self.config
         self._prepare_data_dir()
         try:
-            self._http_socket = self._bind_http()
+            # the gateway's address first: a taken --http fails before the peer joins
+            self._http_socket = bind_gateway(cfg.http, optional=cfg.http_optional)
             # the node-ID puzzle costs ~0.2 s of CPU at the first start: off the loop
             self.identity = await asyncio.to_thread(
                 load_or_create_with_work, self.data_dir / "peer.key", cfg.dht.id_difficulty
@@ -317,32 +317,14 @@ class Peer:
             await asyncio.sleep(LEARN_INTERVAL if self.advertised else LEARN_RETRY)
             await self.learn_address()
 
-    def _bind_http(self) -> socket.socket | None:
-        """The gateway's socket on ``config.http``, bound before anything else starts. The
-        CLI's default address, if taken, leaves the peer without a gateway (a warning);
-        an address the operator chose fails the start at once (NetworkError)."""
-        cfg = self.config
-        if cfg.http is None:
-            return None
-        try:
-            return listen_http(*cfg.http)
-        except NetworkError as exc:
-            if not cfg.http_optional:
-                raise
-            log.warning("gateway_off reason=%s: the peer runs without its HTTP gateway", exc)
-            return None
-
     async def _start_gateway(self) -> None:
         """Serve HTTP on the bound socket through this peer's own TCP service."""
         cfg = self.config
         sock, self._http_socket = self._http_socket, None
         if sock is None:
             return
-        host = self.bound[0]
-        if is_wildcard(host):
-            host = "::1" if is_ipv6(host) else "127.0.0.1"
         gateway = Gateway(
-            (host, self.tcp_port or self.port),
+            (loopback_of(self.bound[0]), self.tcp_port or self.port),
             state=lambda: self._dht().network_state().state,
             metrics=self.gateway_metrics,
             render=lambda: render(self),
