@@ -40,7 +40,7 @@ from aiohttp import web
 from difs_p2p import httprules
 from difs_p2p.addresses import format_address, is_ipv6, is_wildcard
 from difs_p2p.client import Client, Resolved
-from difs_p2p.errors import DifsError, NetworkError, NotFoundError, UsageError
+from difs_p2p.errors import BusyError, DifsError, NetworkError, NotFoundError, UsageError
 from difs_p2p.fetch import choose_version
 from difs_p2p.listing import normalize_folder
 from difs_p2p.manifest import Manifest
@@ -69,6 +69,11 @@ PREFLIGHT = {
     "Access-Control-Max-Age": "86400",
 }
 ALLOW = "GET, HEAD, OPTIONS"
+# Bodies streamed at once; more requests for content are answered 503 (Retry-After). Each
+# stream holds up to its window (16 MiB) for a client that does not read, so slow clients
+# hold at most 256 MiB; and each takes a connection to each holder it reads from, well under
+# the 32 a holder allows one address.
+MAX_STREAMS = 16
 # The Prometheus text format's media type.
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _STARTED = web.RequestKey("started", float)
@@ -123,7 +128,7 @@ def host_of(sock: socket.socket) -> str:
 
 
 class Gateway:
-    """The HTTP server. ``await gw.start(host, port)``, then ``await gw.stop()``."""
+    """The HTTP server. ``await gw.start(listen(host, port))``, then ``await gw.stop()``."""
 
     def __init__(
         self,
@@ -142,6 +147,9 @@ class Gateway:
         self.metrics = metrics
         self._render = render
         self._runner: web.AppRunner | None = None
+        # bodies being streamed, and how many may be at once
+        self.streams = 0
+        self.max_streams = MAX_STREAMS
         self.bound: tuple[str, int] = ("", 0)
         app = web.Application(middlewares=[self._count])
         app.on_response_prepare.append(self._prepared)
@@ -312,7 +320,13 @@ class Gateway:
             await response.prepare(request)
             await response.write_eof()
             return response
-        await self._send(request, response, ans, resolved, manifest, version)
+        if self.streams >= self.max_streams:
+            raise BusyError(f"the gateway is streaming {self.streams} bodies, its most: try later")
+        self.streams += 1
+        try:
+            await self._send(request, response, ans, resolved, manifest, version)
+        finally:
+            self.streams -= 1
         return response
 
     async def _send(

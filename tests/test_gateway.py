@@ -276,9 +276,9 @@ async def _holder(client: Client, name: str) -> tuple[str, int]:
 
 
 async def test_failed_holder_gives_502_and_aborts_a_started_body(tmp_path: Path) -> None:
-    """A client that leaves ends its request; with the only holder stopped after the
-    headers went out, the connection is dropped and curl fails (never exits 0); then a
-    request is 502 with Retry-After."""
+    """A client that leaves ends its request; over the stream limit a request is 503;
+    with the only holder stopped after the headers went out, the connection is dropped
+    and curl fails (never exits 0); then a request is 502 with Retry-After."""
     peers = await start_peers(tmp_path, 3)
     gw = await _gateway_peer(tmp_path, peers[0])
     client = client_for(peers[0], publisher=Identity.generate())
@@ -298,6 +298,10 @@ async def test_failed_holder_gives_502_and_aborts_a_started_body(tmp_path: Path)
         metrics = gw.gateway_metrics
         await wait_for(lambda: metrics.fetched_bytes > 0, timeout=20)
         assert metrics.in_flight == 1
+        gw.gateway.max_streams = 1
+        busy = await curl(gw.gateway.url + "t.com/big")
+        assert busy.code == 503 and busy.headers["retry-after"].isdigit()
+        gw.gateway.max_streams = 16
         quitter.kill()
         await quitter.wait()
         await wait_for(lambda: metrics.in_flight == 0, timeout=10)
