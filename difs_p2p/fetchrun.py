@@ -24,6 +24,7 @@ import collections
 import contextlib
 import functools
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import IO, Protocol
@@ -44,6 +45,10 @@ STREAM_WINDOW = 64
 INLINE_HASH = 64 << 10
 # How often a fetch looks at its holders' deadlines (late ones are hedged within this).
 SUPERVISE_TICK = 0.02
+# How often a stream's fetch looks while it waits for its reader with nothing asked of
+# any holder (a worker that asks wakes it at once): a paused reader costs one look a
+# second, not fifty.
+REST_TICK = 1.0
 
 Progress = Callable[[int], None]
 
@@ -81,7 +86,8 @@ class Chunks:
         self.pieces: collections.deque[memoryview] = collections.deque()
         # pieces the reader has taken so far
         self.taken = 0
-        # bytes of segments received from holders (dropped duplicate copies included)
+        # bytes received from holders for segments (frame headers and duplicate copies
+        # a hedge dropped included; the hash list not)
         self.received = 0
         # perf_counter() when the first piece was put (0.0: none yet)
         self.first_at = 0.0
@@ -185,8 +191,10 @@ class SegmentRun:
         self.processing: set[asyncio.Task[None]] = set()
         self.workers: dict[Holder, asyncio.Task[None]] = {}
         self._next_out = 0  # position in ``order`` of the next segment a stream writes
+        # the supervisor waits for an event rather than the clock (``reader_behind``)
+        self.resting = False
         if output.chunks is not None:
-            output.chunks.moved = self.kick
+            output.chunks.moved = self.window_moved
 
     # -- the plan changed -----------------------------------------------------------------
 
@@ -195,6 +203,13 @@ class SegmentRun:
         if self.idle:
             old, self.wake = self.wake, asyncio.Event()
             old.set()
+
+    def window_moved(self) -> None:
+        """A stream's reader took a piece: segments past the window may be asked now (of
+        the running workers, or of holders the supervisor starts)."""
+        self.kick()
+        if self.resting:
+            self.supervise.set()
 
     def fail(self, address: Holder, reason: str, lead: bool) -> None:
         self.problems.append(reason)
@@ -228,9 +243,15 @@ class SegmentRun:
             piece = self.ready.pop(index)
             buf = self.owners.pop(index)
             if chunks is not None:
-                # the reader owns the piece and its buffer from now on
-                chunks.put(memoryview(piece))
-                continue
+                if 2 * len(piece) < len(buf):
+                    # a small part of its buffer (a span's first or last segment, a short
+                    # last segment): copied, so that the reader does not hold the buffer
+                    chunks.put(memoryview(bytes(piece)))
+                    self.pool.give(buf)
+                else:
+                    # the reader owns the piece and its buffer from now on
+                    chunks.put(memoryview(piece))
+                continue  # the window moves when the reader takes it (``window_moved``)
             assert stream is not None
             stream.write(piece)
             self.pool.give(buf)
@@ -320,6 +341,8 @@ class SegmentRun:
                 wire.GetSeg(request_id=picked, seg_id=self.hashes[picked], offset=0, length=0)
             )
         if requests:
+            if self.resting:
+                self.supervise.set()  # deadlines run again
             await conn.send_many(requests)
 
     async def answer(self, conn: Connection, address: Holder, header_buf: bytearray) -> None:
@@ -394,6 +417,13 @@ class SegmentRun:
                     await event.wait()
                 finally:
                     self.idle.discard(address)
+                if closed_by_peer(conn.sock):
+                    # A holder closes a connection idle for its idle time (a stream's
+                    # reader that paused): connect again, it has done nothing wrong.
+                    conn.close()
+                    conn = await Connection.open(
+                        address, io_timeout=self.io_timeout, network=self.network
+                    )
         except (DifsError, OSError) as exc:
             self.fail(address, f"{address[0]}:{address[1]}: {exc}", lead)
         finally:
@@ -425,6 +455,20 @@ class SegmentRun:
 
     # -- the supervisor -------------------------------------------------------------------
 
+    def reader_behind(self, running: list[Holder]) -> bool:
+        """Whether a stream's fetch waits for its reader alone: every segment it may ask
+        for is asked and in (no queued one inside the window, nothing owed by any
+        running holder, nothing being verified), so no deadline can pass and no holder
+        needs starting until the reader takes a piece."""
+        if self.output.chunks is None or self.processing:
+            return False
+        limit, queue = self.limit(), self.plan.queue
+        # a segment back in the queue was asked inside the window, and the window only
+        # moves on: the front of the queue is the lowest segment inside it, if any is
+        if limit is not None and queue and queue[0] <= limit:
+            return False
+        return all(a in self.idle and not self.plan.owes(a) for a in running)
+
     async def run(self) -> None:
         """Fetch every wanted segment, or raise why not."""
         plan = self.plan
@@ -439,11 +483,20 @@ class SegmentRun:
             )
             for i, address in enumerate(first):
                 self.start(address, i == 0)
+            looked = self.loop.time()
             while plan.remaining > 0:
                 if self.crashed:
                     raise self.crashed[0]
                 running = [a for a, t in self.workers.items() if not t.done()]
-                if plan.failures != failures or all(a in self.idle for a in running):
+                now = self.loop.time()
+                # While a stream waits for its reader, the looks over the whole queue
+                # (no holder left for a segment, holders to start) are made once per
+                # REST_TICK, not at each piece the reader takes: nothing is asked now.
+                self.resting = self.reader_behind(running)
+                full = not self.resting or now - looked >= REST_TICK
+                if full:
+                    looked = now
+                if full and (plan.failures != failures or all(a in self.idle for a in running)):
                     failures = plan.failures
                     index = plan.stuck(self.holders.possible(plan))
                     if index is not None:
@@ -460,14 +513,16 @@ class SegmentRun:
                         task.cancel()
                 if tick.late or tick.give_up:
                     self.kick()
-                self.start_more()
+                if full:
+                    self.start_more()
                 if not any(not t.done() for t in self.workers.values()) and not self.processing:
                     raise PeerError(
                         f"fetch of {self.name} stalled: {'; '.join(self.problems[-3:])}"
                     )
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(SUPERVISE_TICK):
+                    async with asyncio.timeout(REST_TICK if self.resting else SUPERVISE_TICK):
                         await self.supervise.wait()
+                self.resting = False
                 self.supervise.clear()
             await asyncio.gather(*list(self.processing))
         finally:
@@ -482,6 +537,17 @@ class SegmentRun:
             self.deliver_stream()
         if self.output.stream is not None:
             self.output.stream.flush()
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end closed ``sock`` (or reset it), without waiting; bytes
+    waiting to be read are left for the next frame."""
+    try:
+        return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 async def finish(futures: set[asyncio.Future[int]]) -> None:

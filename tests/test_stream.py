@@ -4,6 +4,7 @@ backpressure, closing, holders failing and lying, on real peers on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -115,6 +116,7 @@ async def test_a_stream_yields_the_published_bytes(network: list[Peer], size: in
         got = await _read(stream)
         assert got == data
         assert stream.first_byte > 0 or size == 0
+        assert stream.result is not None and stream.result.bytes == size
     async with Client(network[2].address) as client:
         assert b"".join([bytes(c) async for c in client.stream("/s/whole")]) == data
 
@@ -129,7 +131,8 @@ async def test_a_stream_yields_the_published_bytes(network: list[Peer], size: in
     ],
 )
 async def test_a_span_yields_exactly_its_bytes(network: list[Peer], first: int, last: int) -> None:
-    """A span yields bytes first..last inclusive, nothing before or after."""
+    """A span yields bytes first..last inclusive, nothing before or after, in chunks that
+    hold no buffer much larger than themselves."""
     data = os.urandom(5 * SEG + 100)
     await _publish(network[0], "/s/span", data)
     async with (
@@ -137,7 +140,10 @@ async def test_a_span_yields_exactly_its_bytes(network: list[Peer], first: int, 
         await client.open_stream("/s/span", span=(first, last)) as stream,
     ):
         assert stream.length == last - first + 1
-        assert await _read(stream) == data[first : last + 1]
+        chunks = [chunk async for chunk in stream]
+        assert b"".join(chunks) == data[first : last + 1]
+        # a small piece of a segment is copied: a chunk never keeps a much larger buffer
+        assert all(len(c.obj) <= 2 * len(c) for c in chunks)  # type: ignore[arg-type]
 
 
 async def test_stream_takes_http_ranges_and_open_stream_checks_spans(
@@ -246,6 +252,7 @@ async def test_a_holder_lost_mid_stream_is_replaced_by_another_copy(network: lis
         victim = next(p for p in _holders(placed["ranges"], network) if p is not network[0])
         await victim.stop()
         got.extend([bytes(c) async for c in stream])
+        assert stream.result is not None and victim.address in stream.result.gave_up
     assert b"".join(got) == data
 
 
@@ -296,3 +303,94 @@ async def test_a_corrupt_segment_is_never_yielded(network: list[Peer]) -> None:
             async for chunk in stream:
                 got.append(bytes(chunk))
     assert b"".join(got) == data[: damaged * SEG]
+
+
+def _closed_by_holder(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+async def test_a_reader_paused_past_the_holders_idle_time_still_gets_everything(
+    tmp_path: Path,
+) -> None:
+    """Holders close the connections of a stream whose reader paused; the fetch connects
+    again when the reader goes on."""
+    peers = await start_peers(tmp_path / "net", 3, idle_timeout=0.3)
+    try:
+        data = os.urandom(100 * SEG)
+        await _publish(peers[0], "/s/paused", data, replicas=2)
+        recording = _Recording()
+        async with Client(peers[1].address, network=recording) as client:
+            resolved = await client.resolve("/s/paused")
+            entry = recording.open()
+            async with await client.open_stream(resolved) as stream:
+                got = [bytes(await anext(stream))]
+                holders = recording.sockets[entry:]
+                await wait_for(
+                    lambda: all(_closed_by_holder(s) for s in holders if s.fileno() != -1)
+                )
+                got.extend([bytes(c) async for c in stream])
+        assert b"".join(got) == data
+    finally:
+        await stop_all(peers)
+
+
+async def test_a_stream_dropped_without_closing_stops_its_fetch(network: list[Peer]) -> None:
+    """A stream its reader drops unclosed cancels its fetch: connections and tasks end."""
+    data = os.urandom(100 * SEG)
+    await _publish(network[0], "/s/dropped", data, replicas=2)
+    recording = _Recording()
+    async with Client(network[1].address, network=recording) as client:
+        resolved = await client.resolve("/s/dropped")
+        entry = recording.open()
+        stream = await client.open_stream(resolved)
+        assert bytes(await anext(stream)) == data[:SEG]
+        del stream
+        gc.collect()
+        await wait_for(lambda: recording.open() == entry and _fetch_tasks() == 0)
+
+
+async def test_holders_unreachable_raise_from_open_stream(network: list[Peer]) -> None:
+    """With every holder stopped, open_stream raises NetworkError and leaves nothing open."""
+    placed = await _publish(network[0], "/s/unreachable", os.urandom(3 * SEG), replicas=1)
+    holders = _holders(placed["ranges"], network)
+    entry = next(p for p in network if p not in holders)
+    for peer in holders:
+        await peer.stop()
+    recording = _Recording()
+    async with Client(entry.address, network=recording) as client:
+        with pytest.raises(NetworkError):
+            await client.open_stream("/s/unreachable")
+        assert recording.open() == 1  # the entry peer's connection
+        assert _fetch_tasks() == 0
+
+
+async def test_corrupt_copies_are_replaced_by_good_ones_before_they_are_yielded(
+    network: list[Peer],
+) -> None:
+    """Every copy on one holder of each range damaged: the stream yields the good bytes."""
+    data = os.urandom(32 * SEG)
+    placed = await _publish(network[0], "/s/tampered", data, replicas=2)
+    ranges = placed["ranges"]
+    assert isinstance(ranges, list)
+    damaged = 0
+    for placed_range in ranges:
+        peer = next(p for p in network if p.node_id.hex() == placed_range["holders"][0])
+        for i in range(placed_range["start"], placed_range["end"] + 1):
+            digest = segments.segment_hash(data[i * SEG : (i + 1) * SEG]).hex()
+            path = peer.data_dir / "store" / "segments" / digest[:2] / digest[2:4] / digest
+            raw = bytearray(path.read_bytes())
+            raw[100] ^= 0xFF
+            path.write_bytes(bytes(raw))
+            damaged += 1
+    assert damaged == 32
+    async with (
+        Client(network[1].address) as client,
+        await client.open_stream("/s/tampered") as stream,
+    ):
+        assert await _read(stream) == data
+        assert stream.result is not None and stream.result.retries >= 1
