@@ -339,8 +339,8 @@ def _read(path: Path) -> bytes:
 
 
 async def test_http_off_busy_and_explicit_addresses(tmp_path: Path) -> None:
-    """--http off has no gateway; the default address taken: a warning and the peer runs;
-    an explicit address taken: the start fails with a clear error (exit 9)."""
+    """--http off has no gateway; an address taken: the start fails with a clear error
+    (exit 9); a malformed one is a usage error (exit 2)."""
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -375,6 +375,19 @@ async def test_http_off_busy_and_explicit_addresses(tmp_path: Path) -> None:
         _, err = await taken.communicate()
         assert taken.returncode == 9
         assert f"cannot serve HTTP on 127.0.0.1:{port}" in err.decode()
+        junk = await asyncio.create_subprocess_exec(
+            str(BIN / "difs-peer"),
+            "join",
+            "--data",
+            str(tmp_path / "junk"),
+            "--http",
+            "junk",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        _, err = await junk.communicate()
+        assert junk.returncode == 2 and "--http must be HOST:PORT" in err.decode()
+        assert not (tmp_path / "junk").exists()
     finally:
         busy.close()
 
