@@ -340,7 +340,9 @@ class Gateway:
     ) -> None:
         """Stream the answer's spans. The first chunk is fetched before the status line,
         so that a fetch that cannot start is still an error status; a failure after it
-        aborts the connection."""
+        resets the connection and is logged once here (a client that went away at DEBUG);
+        the handler then returns as if done, aiohttp's write to the reset connection
+        failing quietly."""
         multipart = bool(ans.boundary)
         for i, span in enumerate(ans.spans):
             started = False
@@ -358,11 +360,19 @@ class Gateway:
                     started = True
                     await response.write(chunk)
                     self.metrics.sent(len(chunk))
-            except (DifsError, OSError, TimeoutError):
+            except (DifsError, OSError, TimeoutError) as exc:
                 if not response.prepared:
                     raise
+                # the status line is out: only a dropped connection tells the client
                 _abort(request)
-                raise
+                gone = isinstance(exc, ConnectionError)  # the client went away
+                log.log(
+                    logging.DEBUG if gone else logging.WARNING,
+                    "gateway_body_failed name=%s error=%s",
+                    manifest.name,
+                    exc,
+                )
+                return
             finally:
                 if stream is not None:
                     await stream.aclose()

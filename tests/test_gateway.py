@@ -275,7 +275,9 @@ async def _holder(client: Client, name: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def test_failed_holder_gives_502_and_aborts_a_started_body(tmp_path: Path) -> None:
+async def test_failed_holder_gives_502_and_aborts_a_started_body(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A client that leaves ends its request; over the stream limit a request is 503;
     with the only holder stopped after the headers went out, the connection is dropped
     and curl fails (never exits 0); then a request is 502 with Retry-After."""
@@ -323,6 +325,7 @@ async def test_failed_holder_gives_502_and_aborts_a_started_body(tmp_path: Path)
         code = await asyncio.wait_for(proc.wait(), 30)
         assert code != 0
         assert out.stat().st_size < BIG
+        assert any("gateway_body_failed" in r.getMessage() for r in caplog.records)
         failed = await curl(gw.gateway.url + "t.com/big")
         assert failed.code == 502
         assert failed.headers["retry-after"].isdigit()
