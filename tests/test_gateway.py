@@ -520,6 +520,9 @@ async def test_directory_pages(net: Net) -> None:
     assert '<a href="a%20%3Cb%3E.mp4">a &lt;b&gt;.mp4</a>' in html
     assert '<a href="sub/">sub/</a>' in html
     assert f"<td>{SIZE}</td>" in html
+    head = await curl("-I", url + "/")
+    assert head.code == 200 and head.body == b""
+    assert int(head.headers["content-length"]) == len(page.body)
     listed = await curl("-H", "Accept: application/json", url + "/")
     assert listed.headers["content-type"] == "application/json; charset=utf-8"
     body = json.loads(listed.body)
