@@ -14,6 +14,7 @@ directory holds everything the peer must keep across restarts::
     DATA/address          HOST:PORT while the peer runs (how the CLI finds its local peer):
                           the advertised address, else (a wildcard bind not yet knowing
                           it) the loopback address of the bound family
+    DATA/http             the HTTP gateway's URL while it runs (--http; gateway.py)
     DATA/lock             held (flock) while a peer uses the directory
 
 The peer composes its parts at start: the DHT (dht.py) with the holder-entry prover
@@ -22,7 +23,8 @@ ranges between peers (replicator.py), the maintenance loop (repair.py), upload s
 and the orphan sweep (uploads.py), the control operations (operations.py) and the TCP
 service that answers connections (service.py). It owns every task it starts (a
 ``TaskSet``); :meth:`Peer.stop` cancels them, closes the sockets, saves the contacts and
-removes the address file.
+removes the address file. With ``PeerConfig.http`` the peer also runs the HTTP gateway
+(gateway.py), started once the peer is up and stopped first.
 
 A peer that leaves for good drains first (leaving.py: ``difs-peer leave``, or a signal
 with ``--drain``): it takes no new copies, hands its ranges and records to the next
@@ -38,6 +40,7 @@ import functools
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -50,13 +53,14 @@ from difs_p2p.dht import Dht
 from difs_p2p.dhtwire import PeerInfo
 from difs_p2p.diskcost import DiskCost
 from difs_p2p.errors import NetworkError, StorageError, UsageError
+from difs_p2p.gateway import Gateway, bind_gateway, loopback_of
 from difs_p2p.holdings import Holdings
 from difs_p2p.holdproof import HolderProver
 from difs_p2p.identity import Identity, NodeId
 from difs_p2p.idwork import load_or_create_with_work
 from difs_p2p.leaving import Drainer
 from difs_p2p.membership import OK
-from difs_p2p.metrics import GatewayMetrics
+from difs_p2p.metrics import GatewayMetrics, render
 from difs_p2p.net import HOST_NETWORK, PeerNetwork, resolve
 from difs_p2p.operations import OPERATIONS, Operations
 from difs_p2p.recordpolicy import RecordValidator
@@ -151,6 +155,9 @@ class Peer:
         self._replicator: Replicator | None = None
         self._operations: Operations | None = None
         self._drainer: Drainer | None = None
+        # the HTTP gateway (--http), while it runs; its socket, bound first thing at start
+        self.gateway: Gateway | None = None
+        self._http_socket: socket.socket | None = None
         self._tasks = TaskSet("peer")
         self._token: bytes | None = None
         self._uploads = ByteBudget(config.upload_budget)
@@ -194,6 +201,8 @@ class Peer:
         cfg = self.config
         self._prepare_data_dir()
         try:
+            # the gateway's address first: a taken --http fails before the peer joins
+            self._http_socket = bind_gateway(cfg.http, optional=cfg.http_optional)
             # the node-ID puzzle costs ~0.2 s of CPU at the first start: off the loop
             self.identity = await asyncio.to_thread(
                 load_or_create_with_work, self.data_dir / "peer.key", cfg.dht.id_difficulty
@@ -250,6 +259,7 @@ class Peer:
             self.spawn(self._save_contacts_loop())
             self.spawn(self._maintainer().run())
             self.spawn(service.uploads.sweep())
+            await self._start_gateway()
         except BaseException:
             await self.stop()
             raise
@@ -306,6 +316,23 @@ class Peer:
         while True:
             await asyncio.sleep(LEARN_INTERVAL if self.advertised else LEARN_RETRY)
             await self.learn_address()
+
+    async def _start_gateway(self) -> None:
+        """Serve HTTP on the bound socket through this peer's own TCP service."""
+        cfg = self.config
+        sock, self._http_socket = self._http_socket, None
+        if sock is None:
+            return
+        gateway = Gateway(
+            (loopback_of(self.bound[0]), self.tcp_port or self.port),
+            state=lambda: self._dht().network_state().state,
+            metrics=self.gateway_metrics,
+            render=lambda: render(self),
+            io_timeout=cfg.io_timeout,
+        )
+        await gateway.start(sock)
+        self.gateway = gateway
+        _atomic_write(self.data_dir / "http", f"{gateway.url}\n".encode())
 
     def _write_address(self) -> None:
         """DATA/address: where a local client reaches this peer (see the module doc)."""
@@ -437,6 +464,14 @@ class Peer:
 
     async def stop(self) -> None:
         """Stop serving, cancel every task, save contacts and release the data directory."""
+        if self.gateway is not None:
+            gateway, self.gateway = self.gateway, None
+            await gateway.stop()
+        if self._http_socket is not None:
+            self._http_socket.close()
+            self._http_socket = None
+        with contextlib.suppress(OSError):
+            (self.data_dir / "http").unlink()
         await self._tasks.close()
         if self.server is not None:
             await self.server.stop()
@@ -512,6 +547,8 @@ class Peer:
             # real networks: the bound address, and whether the advertised one is known
             "listen": format_address(*self.bound),
             "address_known": self.advertised,
+            # the HTTP gateway's URL (--http), None without one
+            "http": self.gateway.url if self.gateway is not None else None,
             "uptime": round(self.clock() - self.started_at, 3),
             "routing_table": len(contacts),
             # verified peers beyond the per-address cap: no routing, still holders (placement)
