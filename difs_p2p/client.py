@@ -33,7 +33,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -273,8 +273,6 @@ class Client:
         self._conn: Connection | None = None
         # Prefix claims looked up (claims.py): an owner for 60 s, "not claimed" for 10 s.
         self._claims = ClaimCache()
-        # A second connection to the entry peer, for a claim lookup run beside the name's
-        self._side: Connection | None = None
         # Claim lookups under way, per prefix: concurrent readers of one prefix wait for one
         self._claim_lookups: dict[str, asyncio.Future[None]] = {}
 
@@ -288,9 +286,6 @@ class Client:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        if self._side is not None:
-            self._side.close()
-            self._side = None
 
     async def _request(self, request: Op[R]) -> R:
         """A typed control request to the entry peer (ops.py) on the data connection."""
@@ -775,13 +770,32 @@ class Client:
             # another task is looking it up: wait (without cancelling its lookup), then
             # read its answer, or look up ourselves if it failed
             await asyncio.wait([under_way])
+        owner, _ = await self._claim_lookup(prefix, None)
+        return owner
+
+    async def _claim_lookup(
+        self, prefix: str, beside: NameKey | None
+    ) -> tuple[bytes | None, Found | None]:
+        """Look up ``prefix``'s claim (concurrent callers wait for this one) and remember
+        it; with ``beside``, that key's records in the same ``resolve`` request (``also``),
+        so a name under an unclaimed prefix costs no extra round trip. An entry peer that
+        predates ``also`` answers only the first key: the name is then looked up after."""
         done = self._claim_lookups[prefix] = asyncio.get_running_loop().create_future()
         try:
             claim = claim_name(prefix)
-            manifests, history, _ = await self._lookup(name_key(claim), side=True)
+            found: Found | None = None
+            if beside is None:
+                manifests, history, _ = await self._lookup(name_key(claim))
+            else:
+                reply = await self._resolve_reply(ResolveRequest(beside, also=name_key(claim)))
+                found = _decode_resolved(beside, reply)
+                if reply.also is not None:
+                    manifests, history, _ = _decode_resolved(name_key(claim), reply.also)
+                else:
+                    manifests, history, _ = await self._lookup(name_key(claim))
             owner = self._check_pin(claim, manifests, history).owner if manifests else None
             self._claims.put(prefix, owner, self.clock())
-            return owner
+            return owner, found
         finally:
             del self._claim_lookups[prefix]
             done.set_result(None)
@@ -822,8 +836,8 @@ class Client:
 
         Under a claimed prefix, the owned key; if nothing of the owner is there, the
         plain key (the owner's names from before its claim). With no claim answer
-        remembered, the claim lookup runs beside the plain key's on a second connection,
-        so a name under an unclaimed prefix costs no extra round trip.
+        remembered, the claim is looked up in the plain key's request (``also``), so a
+        name under an unclaimed prefix costs no extra round trip.
         """
         plain = name_key(norm)
         owner: bytes | None = None
@@ -833,8 +847,10 @@ class Client:
             known = self._claims.get(scope, self.clock())
             if known is not None:
                 owner = known.owner
+            elif scope in self._claim_lookups:  # another task is looking it up
+                owner = await self.prefix_owner(norm)
             else:
-                owner, found = await _both(self.prefix_owner(norm), self._lookup(plain))
+                owner, found = await self._claim_lookup(scope, plain)
             if owner is not None:
                 at_owned = await self._lookup(owned_key(norm, owner))
                 if admit(norm, owner, at_owned[0]):
@@ -847,34 +863,19 @@ class Client:
             raise refused(norm, owner, manifests)
         return usable, admit(norm, owner, history), holders
 
-    async def _lookup(self, key: NameKey, *, side: bool = False) -> Found:
+    async def _lookup(self, key: NameKey) -> Found:
         """The entry peer's ``resolve`` of ``key``: manifests verified, holder entries
-        decoded (``_decode_resolved``); on the second connection with ``side``. A cut-off
-        entry peer is an error (membership.cut_off_error)."""
-        if side:
-            conn = await self._side_conn()
-            try:
-                reply = await conn.request(ResolveRequest(key))
-            except (PeerError, OSError):
-                conn.close()
-                raise
-        else:
-            reply = await self._request(ResolveRequest(key))
+        decoded (``_decode_resolved``)."""
+        return _decode_resolved(key, await self._resolve_reply(ResolveRequest(key)))
+
+    async def _resolve_reply(self, request: ResolveRequest) -> ResolveReply:
+        """A ``resolve`` request's reply; a cut-off entry peer is an error
+        (membership.cut_off_error)."""
+        reply = await self._request(request)
         cut_off = cut_off_error(self.peer, reply.network, reply.knows, reply.most_seen)
         if cut_off is not None:
             raise cut_off
-        return _decode_resolved(key, reply)
-
-    async def _side_conn(self) -> Connection:
-        """The second connection to the entry peer (a new one if the last was closed)."""
-        if self._side is None or self._side.closed:
-            self._side = await Connection.open(
-                self.peer,
-                io_timeout=self.io_timeout,
-                network=self.network,
-                credential=OperatorCredential(self.token) if self.token is not None else None,
-            )
-        return self._side
+        return reply
 
     # -- listing ---------------------------------------------------------------------------
 
@@ -1101,18 +1102,6 @@ class Client:
 
 # What a name key's resolve gives a client: manifests, history, holder entries.
 Found = tuple[list[Manifest], list[Manifest], list[HolderEntry]]
-A = TypeVar("A")
-B = TypeVar("B")
-
-
-async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
-    """Run two awaitables at once and return both results; the first error, if any, once
-    both are done (neither is left running)."""
-    a, b = await asyncio.gather(first, second, return_exceptions=True)
-    for result in (a, b):
-        if isinstance(result, BaseException):
-            raise result
-    return a, b  # type: ignore[return-value]
 
 
 def _revoked(m: Manifest, revoked: dict[str, set[bytes]]) -> bool:

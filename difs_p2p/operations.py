@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -151,8 +152,16 @@ class Operations:
         return StatusReply(self.status())
 
     async def _op_resolve(self, conn: Connection, request: ResolveRequest) -> ResolveReply:
-        """The valid manifests under a name key (best first), its history and holders."""
-        records, entries = await self.dht.resolve(request.key)
+        """The valid manifests under a name key (best first), its history and holders; with
+        ``also``, those of a second key (a claim object), looked up at the same time."""
+        if request.also is None:
+            return self._resolved(*await self.dht.resolve(request.key))
+        (records, entries), also = await asyncio.gather(
+            self.dht.resolve(request.key), self.dht.resolve(request.also)
+        )
+        return dataclasses.replace(self._resolved(records, entries), also=self._resolved(*also))
+
+    def _resolved(self, records: list[bytes], entries: list[bytes]) -> ResolveReply:
         split = split_entries(entries)
         # a peer cut off from the network says so: its answer is not the network's
         state = self.dht.network_state()

@@ -234,13 +234,18 @@ class ResolveReply:
     network: str = "ok"
     knows: int = 0
     most_seen: int = 0
+    # the records of the request's ``also`` key, looked up at the same time (None when the
+    # request named none, or the peer predates the field)
+    also: ResolveReply | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ResolveRequest(Op[ResolveReply]):
-    """``resolve``: the records of one name key."""
+    """``resolve``: the records of one name key, and optionally of a second one (``also``:
+    a prefix's claim object, looked up beside the name in one round trip)."""
 
     key: NameKey
+    also: NameKey | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,7 +430,8 @@ class CheckRequest(Op[CheckReply]):
 
 
 def _resolve_request(args: dict[str, Any]) -> ResolveRequest:
-    return ResolveRequest(NameKey(_hex_arg(args, "key", 20)))
+    also = NameKey(_hex_arg(args, "also", 20)) if args.get("also") is not None else None
+    return ResolveRequest(NameKey(_hex_arg(args, "key", 20)), also)
 
 
 def _release_request(args: dict[str, Any]) -> ReleaseRequest:
@@ -540,7 +546,9 @@ def _encode_none(request: object) -> dict[str, Any]:
 
 
 def _encode_key(request: ResolveRequest) -> dict[str, Any]:
-    return {"key": request.key.hex()}
+    if request.also is None:
+        return {"key": request.key.hex()}
+    return {"key": request.key.hex(), "also": request.also.hex()}
 
 
 def _encode_release(request: ReleaseRequest) -> dict[str, Any]:
@@ -612,7 +620,10 @@ def _freed_reply(op: str) -> Callable[[dict[str, Any]], Any]:
     return decode
 
 
-def _resolve_reply(body: dict[str, Any]) -> ResolveReply:
+def _resolve_reply(body: dict[str, Any], nested: bool = False) -> ResolveReply:
+    also = body.get("also")
+    if also is not None and (nested or not isinstance(also, dict)):
+        raise _bad("resolve", "also", "one reply object")
     return ResolveReply(
         _strings(body, "resolve", "manifests"),
         _strings(body, "resolve", "history"),
@@ -620,6 +631,7 @@ def _resolve_reply(body: dict[str, Any]) -> ResolveReply:
         _state(body, "resolve", "network"),
         _int(body, "resolve", "knows", 0),
         _int(body, "resolve", "most_seen", 0),
+        _resolve_reply(also, nested=True) if also is not None else None,
     )
 
 
@@ -721,6 +733,7 @@ def _encode_resolve_reply(reply: ResolveReply) -> dict[str, Any]:
         "network": reply.network,
         "knows": reply.knows,
         "most_seen": reply.most_seen,
+        **({"also": _encode_resolve_reply(reply.also)} if reply.also is not None else {}),
     }
 
 

@@ -280,6 +280,16 @@ def test_requests_and_replies_round_trip_through_the_one_codec(op: str) -> None:
     assert ops.decode_reply(op, body) == reply
 
 
+def test_a_resolve_with_a_second_key_round_trips() -> None:
+    """``resolve`` with ``also`` (a claim object's key) and its nested reply round-trip."""
+    request = ops.ResolveRequest(KEY, also=NameKey(b"\x0d" * 20))
+    reply = ops.ResolveReply(("{}",), (), (), also=ops.ResolveReply((), ("{}",), ("ee",)))
+    name, args = ops.encode_request(request)
+    assert CONTROL_TABLE[name].check(json.loads(json.dumps(args))) == request
+    body = json.loads(json.dumps(ops.encode_reply(name, reply)))
+    assert ops.decode_reply(name, body) == reply
+
+
 # Each reply shape as the handlers built it by hand before they answered typed replies:
 # the JSON on the wire (keys in this order) must not change, so that peers of both kinds
 # understand each other.
@@ -296,6 +306,26 @@ WIRE_REPLIES: list[tuple[str, object, dict[str, object]]] = [
             "network": "thin",
             "knows": 2,
             "most_seen": 20,
+        },
+    ),
+    (
+        "resolve",
+        ops.ResolveReply(("{}",), (), (), also=ops.ResolveReply((), (), ("ee",))),
+        {
+            "manifests": ["{}"],
+            "history": [],
+            "holders": [],
+            "network": "ok",
+            "knows": 0,
+            "most_seen": 0,
+            "also": {
+                "manifests": [],
+                "history": [],
+                "holders": ["ee"],
+                "network": "ok",
+                "knows": 0,
+                "most_seen": 0,
+            },
         },
     ),
     (
@@ -390,6 +420,8 @@ def test_the_documented_replies_cover_every_operation() -> None:
         ("resolve", {"network": "x" * 17}, "resolve.network"),
         ("resolve", {"network": 1}, "resolve.network"),
         ("resolve", {"knows": -1}, "resolve.knows"),
+        ("resolve", {"also": "x"}, "resolve.also"),
+        ("resolve", {"also": {"also": {}}}, "resolve.also"),
         ("publish", {"accepted": 1, "winner": None, "required": "2"}, "publish.required"),
         ("holds", {}, "holds.holds"),
         ("hold", {"entry": "not hex"}, "hold.entry"),
