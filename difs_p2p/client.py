@@ -271,6 +271,8 @@ class Client:
         self._claims = ClaimCache()
         # A second connection to the entry peer, for a claim lookup run beside the name's
         self._side: Connection | None = None
+        # Claim lookups under way, per prefix: concurrent readers of one prefix wait for one
+        self._claim_lookups: dict[str, asyncio.Future[None]] = {}
 
     async def __aenter__(self) -> Client:
         return self
@@ -703,18 +705,30 @@ class Client:
         """The public key that claimed the first component of ``name`` (a name or a
         prefix: ``/t.com/x`` and ``/t.com/`` alike), None if it is not claimed or is a
         ``/key/<fp>/`` name (owned by its key). Answers are remembered: an owner for 60 s,
-        "not claimed" for 10 s."""
+        "not claimed" for 10 s; concurrent calls for one prefix share one lookup."""
         prefix = top_prefix(normalize_name(name))
         if prefix is None:
             return None
-        known = self._claims.get(prefix, self.clock())
-        if known is not None:
-            return known.owner
-        claim = claim_name(prefix)
-        manifests, history, _ = await self._lookup(name_key(claim), side=True)
-        owner = self._check_pin(claim, manifests, history).owner if manifests else None
-        self._claims.put(prefix, owner, self.clock())
-        return owner
+        while True:
+            known = self._claims.get(prefix, self.clock())
+            if known is not None:
+                return known.owner
+            under_way = self._claim_lookups.get(prefix)
+            if under_way is None:
+                break
+            # another task is looking it up: wait (without cancelling its lookup), then
+            # read its answer, or look up ourselves if it failed
+            await asyncio.wait([under_way])
+        done = self._claim_lookups[prefix] = asyncio.get_running_loop().create_future()
+        try:
+            claim = claim_name(prefix)
+            manifests, history, _ = await self._lookup(name_key(claim), side=True)
+            owner = self._check_pin(claim, manifests, history).owner if manifests else None
+            self._claims.put(prefix, owner, self.clock())
+            return owner
+        finally:
+            del self._claim_lookups[prefix]
+            done.set_result(None)
 
     async def claim(self, prefix: str) -> Manifest:
         """Claim the first component ``prefix`` (``/t.com/``) for this client's key: publish

@@ -3,6 +3,7 @@ and strangers are refused, delegates publish for the owner, a claim is permanent
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
@@ -60,8 +61,9 @@ async def get_bytes(peer: Peer, name: str) -> bytes:
 
 
 async def test_a_claimed_prefix_keeps_squatters_and_strangers_out(peers: list[Peer]) -> None:
-    """Mallory's /t.com/a at the plain key is ignored once Alice claimed /t.com/; Alice's
-    own name from before the claim stays hers; Mallory can neither publish nor claim."""
+    """Mallory's /t.com/a at the plain key is ignored once Alice claimed /t.com/, and her
+    /t.com/m from before the claim too (Alice may publish that name); Alice's own name from
+    before the claim stays hers; Mallory can neither publish nor claim."""
     alice, mallory = Identity.generate(), Identity.generate()
     planted = squat(mallory, "/t.com/a")
     stored = await peers[1].replicator.dht.put_with_entries(name_key("/t.com/a"), planted.raw, [])
@@ -89,6 +91,9 @@ async def test_a_claimed_prefix_keeps_squatters_and_strangers_out(peers: list[Pe
         assert await reader.prefix_owner("/t.com/anything") == alice.public_key
         with pytest.raises(NotFoundError, match="not published by the owner"):
             await reader.resolve("/t.com/m")  # Mallory's, from before the claim
+    async with client_for(peers[0], publisher=alice) as client:  # the name is free for Alice
+        await client.put(io.BytesIO(b"mine" * 100), "/t.com/m", segment_size=SEG)
+    assert await get_bytes(peers[3], "/t.com/m") == b"mine" * 100
     async with client_for(peers[2], publisher=mallory) as client:
         with pytest.raises(PermissionDeniedError, match=f"claimed by {alice.fingerprint}"):
             await client.put(io.BytesIO(b"b" * 100), "/t.com/b", segment_size=SEG)
@@ -156,3 +161,18 @@ async def test_reserved_names_are_refused_before_any_upload(
             await client.put(src, "/t.com/a/@claim", segment_size=SEG)
     assert peers[0].store is not None
     assert not peers[0].store.has(segment_hash(src.read_bytes()))
+
+
+async def test_concurrent_readers_of_a_prefix_share_one_claim_lookup(peers: list[Peer]) -> None:
+    """Names of one prefix resolved at once by one client (a gateway's) cost one claim
+    lookup at the entry peer, and every later one is answered from the client's memory."""
+    async with client_for(peers[0], publisher=Identity.generate()) as client:
+        await client.claim("/t.com/")
+    dht = peers[1].replicator.dht
+    async with Client(peers[1].address) as reader:
+        before = dht.stats["lookups"]
+        owners = await asyncio.gather(*(reader.prefix_owner(f"/t.com/{i}") for i in range(8)))
+        assert len(set(owners)) == 1 and owners[0] is not None
+        assert dht.stats["lookups"] - before == 1
+        await reader.prefix_owner("/t.com/9")
+        assert dht.stats["lookups"] - before == 1
