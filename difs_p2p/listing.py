@@ -26,6 +26,10 @@ The children of one folder are kept in a tree of **shards**, each at its own DHT
 (:func:`shard_key`); a shard holds at most :data:`SHARD_ENTRIES` entries, then a split
 marker sends writers one level deeper along the child's path bits (:func:`path_bits`).
 Pure.
+
+This module is longer than most (about 650 lines): the entry's codec and the rules that
+write and read it (placement in shards, what a reader checks, order and pages) change
+together, with the record format in docs/PROTOCOL.md, so they stay side by side.
 """
 
 from __future__ import annotations
