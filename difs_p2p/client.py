@@ -80,24 +80,26 @@ from difs_p2p.listing import (
     REMOVED,
     SPLIT,
     ChildEntry,
+    Listed,
     ListEntry,
     ListPage,
     build_child,
+    checked,
     decode_token,
+    decoded_children,
     descend,
     encode_token,
     folder_ancestors,
-    is_split,
+    group_children,
     listing_root,
-    merge_children,
     next_issued,
     normalize_folder,
     owner_fingerprint,
     path_bits,
     place_here,
     shard_key,
+    split_below,
     sub_shards,
-    valid_children,
 )
 from difs_p2p.manifest import Manifest, build_manifest, linked, owned_key, parse_manifest
 from difs_p2p.membership import cut_off_error
@@ -897,6 +899,12 @@ class Client:
 
     async def _shard(self, key: bytes) -> list[ChildEntry]:
         """The valid child entries at one shard key, read through the entry peer."""
+        now = self.clock()
+        return [e for e in await self._shard_decoded(key) if checked(e, now)]
+
+    async def _shard_decoded(self, key: bytes) -> list[ChildEntry]:
+        """The child entries at one shard key that decode and belong there, signatures not
+        checked yet (a reader checks those it uses)."""
         raws: list[bytes] = []
         offset = 0
         for _ in range(64):
@@ -906,25 +914,26 @@ class Client:
             if reply.next <= offset:
                 break
             offset = reply.next
-        return valid_children(raws, key, self.clock())
+        return decoded_children(raws, key)
 
-    async def _folder(self, owner: bytes, folder: str) -> list[ListEntry]:
-        """Every live child of ``folder``, in byte order: its shard tree read level by
-        level (into both halves of every split or full shard), merged."""
+    async def _folder(self, owner: bytes, folder: str) -> list[Listed]:
+        """Every child of ``folder``, in byte order: its shard tree read level by level
+        (into both halves of every split or full shard), grouped per name; signatures
+        are checked as names are used."""
         slots = asyncio.Semaphore(LIST_READS_IN_FLIGHT)
         found: list[ChildEntry] = []
 
         async def read(level: int, bits: int) -> list[tuple[int, int]]:
             async with slots:
-                shard = await self._shard(shard_key(owner, folder, level, bits))
+                shard = await self._shard_decoded(shard_key(owner, folder, level, bits))
             found.extend(shard)
-            return sub_shards(level, bits) if is_split(shard) else []
+            return sub_shards(level, bits) if split_below(shard, self.clock()) else []
 
         todo = [(0, 0)]
         while todo:
             below = await asyncio.gather(*(read(level, bits) for level, bits in todo))
             todo = [s for subs in below for s in subs]
-        return merge_children(found)
+        return group_children(found)
 
     async def list_page(
         self,
@@ -945,7 +954,7 @@ class Client:
         recursive: bool,
         after: str | None,
         limit: int,
-        cache: dict[str, list[ListEntry]],
+        cache: dict[str, list[Listed]],
     ) -> ListPage:
         """A page of :meth:`list_page`; folders already read in ``cache`` are not read
         again (the shards of a folder are in hash order, so every page of a stateless
@@ -971,18 +980,26 @@ class Client:
         after: str | None,
         want: int,
         out: list[ListEntry],
-        cache: dict[str, list[ListEntry]],
+        cache: dict[str, list[Listed]],
     ) -> None:
         """Depth-first in byte order: a folder's entry ("x/") comes before its names,
         which come before the next sibling, so the whole walk is in byte order."""
         if folder not in cache:
             cache[folder] = await self._folder(owner, folder)
-        for entry in cache[folder]:
+        now = self.clock()
+        for listed in cache[folder]:
             if len(out) >= want:
                 return
-            if after is None or entry.name > after:
+            wanted = after is None or listed.name > after
+            inside = recursive and listed.name.endswith("/") and descend(listed.name, after)
+            if not (wanted or inside):
+                continue  # before the token: its signatures are never checked
+            entry = listed.entry(now)
+            if entry is None:
+                continue
+            if wanted:
                 out.append(entry)
-            if recursive and entry.folder and descend(entry.name, after):
+            if inside and entry.folder:
                 await self._walk(owner, entry.name[:-1], True, after, want, out, cache)
 
     async def add_children(self, key: bytes, entries: Sequence[bytes]) -> int:
@@ -1090,7 +1107,7 @@ class Client:
         """Every name in folder ``prefix`` (see :meth:`list_page`), ``page`` at a time;
         each folder is read once for the whole iteration."""
         token = after
-        cache: dict[str, builtins.list[ListEntry]] = {}
+        cache: dict[str, builtins.list[Listed]] = {}
         while True:
             got = await self._page(prefix, recursive, token, page, cache)
             for entry in got.entries:

@@ -26,6 +26,10 @@ The children of one folder are kept in a tree of **shards**, each at its own DHT
 (:func:`shard_key`); a shard holds at most :data:`SHARD_ENTRIES` entries, then a split
 marker sends writers one level deeper along the child's path bits (:func:`path_bits`).
 Pure.
+
+This module is longer than most (about 650 lines): the entry's codec and the rules that
+write and read it (placement in shards, what a reader checks, order and pages) change
+together, with the record format in docs/PROTOCOL.md, so they stay side by side.
 """
 
 from __future__ import annotations
@@ -439,6 +443,29 @@ def parse_child(raw: bytes, now: float) -> ChildEntry:
     return entry
 
 
+def checked(entry: ChildEntry, now: float) -> bool:
+    """Whether a decoded entry verifies (:func:`verify_child`)."""
+    try:
+        verify_child(entry, now)
+    except IntegrityError:
+        return False
+    return True
+
+
+def decoded_children(raws: Iterable[bytes], key: bytes) -> list[ChildEntry]:
+    """The entries among ``raws`` that decode and belong at shard ``key``, signatures
+    **not** checked: a reader checks those it uses (:class:`Listed`, :func:`split_below`)."""
+    out = []
+    for raw in raws:
+        try:
+            entry = decode_child(raw)
+        except WireError:
+            continue
+        if entry.shard == key:
+            out.append(entry)
+    return out
+
+
 def valid_children(raws: Iterable[bytes], key: bytes, now: float) -> list[ChildEntry]:
     """The entries among ``raws`` that verify and belong at shard ``key``."""
     out = []
@@ -479,8 +506,19 @@ def place_here(shard: Sequence[ChildEntry], entry: ChildEntry) -> bool:
 
 
 def is_split(shard: Sequence[ChildEntry]) -> bool:
-    """Whether a reader descends below a shard: it holds a split marker or is full."""
+    """Whether a reader descends below a shard of valid entries: it holds a split marker
+    or is full."""
     return any(e.marker for e in shard) or sum(not e.marker for e in shard) >= SHARD_ENTRIES
+
+
+def split_below(shard: Sequence[ChildEntry], now: float) -> bool:
+    """:func:`is_split` over decoded entries, checking only what decides it: a marker
+    that verifies, or SHARD_ENTRIES children that verify (checked only when there are
+    that many), so forgeries served by a peer buy a reader no extra reads."""
+    if any(e.marker and checked(e, now) for e in shard):
+        return True
+    children = [e for e in shard if not e.marker]
+    return len(children) >= SHARD_ENTRIES and is_split([e for e in children if checked(e, now)])
 
 
 def next_issued(shard: Sequence[ChildEntry], entry_identity: object, now: float) -> int:
@@ -534,23 +572,52 @@ class ListPage:
     next: str | None
 
 
-def merge_children(entries: Iterable[ChildEntry]) -> list[ListEntry]:
-    """The newest entry per identity, removed ones and markers dropped, in byte order of
-    the full names (Python orders str by code point, which is UTF-8 byte order)."""
-    newest: dict[tuple[bytes, str, str, bool], ChildEntry] = {}
+@dataclass(slots=True)
+class Listed:
+    """One name of a folder as read: its entries (one identity), newest first, their
+    signatures checked only when the name is used (:meth:`entry`)."""
+
+    name: str
+    candidates: list[ChildEntry]
+    _picked: ListEntry | None = None
+    _done: bool = False
+
+    def entry(self, now: float | None) -> ListEntry | None:
+        """The newest entry that verifies (``now`` None: all are verified already), or
+        None if none does or that one is a removal. Checked once."""
+        if not self._done:
+            self._done = True
+            for e in self.candidates:
+                if now is None or checked(e, now):
+                    if not e.removed:
+                        self._picked = ListEntry(
+                            e.full_name, e.folder, e.size, e.version, e.created, e.writer
+                        )
+                    break
+        return self._picked
+
+
+def group_children(entries: Iterable[ChildEntry]) -> list[Listed]:
+    """The entries per identity, newest first (issued, version, removal), markers dropped,
+    in byte order of the full names (Python orders str by code point, which is UTF-8
+    byte order)."""
+    groups: dict[tuple[bytes, str, str, bool], list[ChildEntry]] = {}
     for e in entries:
-        if e.marker:
-            continue
-        have = newest.get(e.identity)
-        if have is None or e.freshness > have.freshness:
-            newest[e.identity] = e
+        if not e.marker:
+            groups.setdefault(e.identity, []).append(e)
     out = [
-        ListEntry(e.full_name, e.folder, e.size, e.version, e.created, e.writer)
-        for e in newest.values()
-        if not e.removed
+        Listed(found[0].full_name, sorted(found, key=lambda e: e.freshness, reverse=True))
+        for found in groups.values()
     ]
-    out.sort(key=lambda e: e.name)
+    out.sort(key=lambda listed: listed.name)
     return out
+
+
+def merge_children(entries: Iterable[ChildEntry]) -> list[ListEntry]:
+    """The newest of verified entries per identity, removed ones and markers dropped, in
+    byte order of the full names."""
+    picked = (listed.entry(None) for listed in group_children(entries))
+    return [e for e in picked if e is not None]
 
 
 def encode_token(name: str) -> str:

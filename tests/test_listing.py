@@ -38,6 +38,7 @@ from difs_p2p.listing import (
     descend,
     encode_token,
     folder_ancestors,
+    group_children,
     is_split,
     merge_children,
     next_issued,
@@ -48,6 +49,7 @@ from difs_p2p.listing import (
     path_bits,
     place_here,
     shard_key,
+    split_below,
     sub_shards,
     valid_children,
 )
@@ -419,3 +421,36 @@ def test_storing_peers_admit_child_entries_at_their_shard_or_beside_their_name(
     assert policy.entry_identity(key, entry.raw, NOW) == (entry.store_identity, entry.issued)
     facts = policy.entry_admission(key, entry.raw, record, history, NOW)
     assert isinstance(facts, EntryFacts) is admitted, facts
+
+
+def _forged(e: ChildEntry) -> ChildEntry:
+    """``e`` with its last signature byte flipped: it still decodes."""
+    return decode_child(e.raw[:-1] + bytes([e.raw[-1] ^ 1]))
+
+
+def test_a_reader_checks_signatures_only_of_names_it_uses_and_falls_back() -> None:
+    """A forged newer entry loses to the newest one that verifies; a verified removal
+    hides the name; each name is checked once, when used."""
+    old, new = child("a", issued=NOW, size=1), child("a", issued=NOW + 5, size=2)
+    forged = _forged(child("a", issued=NOW + 9, size=666))
+    gone = child("b", flags=OBJECT | REMOVED, issued=NOW + 1, version=2, size=0)
+    groups = group_children([old, forged, new, child("b"), gone])
+    assert [g.name for g in groups] == [f"{ROOT}/a", f"{ROOT}/b"]
+    assert [e.size for e in groups[0].candidates] == [666, 2, 1]
+    picked = groups[0].entry(NOW)
+    assert picked is not None and picked.size == 2
+    assert groups[1].entry(NOW) is None
+
+
+def test_forgeries_never_send_a_reader_deeper() -> None:
+    """split_below: a forged marker or SHARD_ENTRIES forged children do not split a shard;
+    a valid marker or SHARD_ENTRIES valid children do."""
+    marker = build_child(
+        OWNER, owner=FP, parent=ROOT, child="", flags=SPLIT, level=0, bits=0, issued=NOW
+    )
+    full = [child(f"c{i}") for i in range(SHARD_ENTRIES)]
+    assert split_below([marker], NOW)
+    assert split_below(full, NOW)
+    assert not split_below([_forged(marker)], NOW)
+    assert not split_below([_forged(e) for e in full], NOW)
+    assert not split_below([*full[:-1], _forged(full[-1])], NOW)
