@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 PEERS = 5
@@ -29,18 +30,25 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def _start_peer(data: Path, bootstrap: str | None) -> tuple[subprocess.Popen[str], str]:
+def _start_peer(
+    data: Path, bootstrap: str | None, http: str | None
+) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """Start one peer (its log in DATA.log); the fields of its ready line."""
     cmd = [_bin("difs-peer"), "join", "--data", str(data), "--capacity", "1GiB"]
     if bootstrap:
         cmd += ["--bootstrap", bootstrap]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if http is not None:
+        cmd += ["--http", http]
+    with data.with_suffix(".log").open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("peer ready"):
         proc.kill()
-        raise SystemExit(f"peer failed to start: {line}{proc.stderr.read() if proc.stderr else ''}")
-    fields = dict(part.split("=", 1) for part in line.split()[2:])
-    return proc, fields["address"]
+        proc.wait()
+        log_text = data.with_suffix(".log").read_text()
+        raise SystemExit(f"peer failed to start: {line}{log_text}")
+    return proc, dict(part.split("=", 1) for part in line.split()[2:])
 
 
 def _run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -52,15 +60,21 @@ def main() -> int:
     procs: list[subprocess.Popen[str]] = []
     try:
         print(f"starting {PEERS} peers on 127.0.0.1 (data under {root})")
-        first, seed = _start_peer(root / "peer0", None)
+        # the first peer serves HTTP on 127.0.0.1:8080 (a peer's default), or when that
+        # port is taken, the second peer on a free port
+        first, ready = _start_peer(root / "peer0", None, None)
         procs.append(first)
+        seed = ready["address"]
+        gateway = ready.get("http")
         addresses = [seed]
         print(f"  peer0 started a new network at {seed}")
         for i in range(1, PEERS):
-            proc, address = _start_peer(root / f"peer{i}", seed)
+            http = "127.0.0.1:0" if i == 1 and gateway is None else "off"
+            proc, ready = _start_peer(root / f"peer{i}", seed, http)
             procs.append(proc)
-            addresses.append(address)
-            print(f"  peer{i} joined through {seed}, listening at {address}")
+            addresses.append(ready["address"])
+            gateway = gateway or ready.get("http")
+            print(f"  peer{i} joined through {seed}, listening at {ready['address']}")
         print("\neach peer's view of the network:")
         for i, address in enumerate(addresses):
             token = str(root / f"peer{i}" / "control.token")  # status is for its operator
@@ -74,6 +88,8 @@ def main() -> int:
                 f"contacts: " + ", ".join(c["address"] for c in status["contacts"])
             )
         if _publish_and_fetch(root, addresses) != 0:
+            return 1
+        if gateway is not None and _through_the_gateway(root, gateway) != 0:
             return 1
         return 0
     finally:
@@ -146,6 +162,33 @@ def _publish_and_fetch(root: Path, addresses: list[str]) -> int:
         f"({DEMO_SIZE / get_s / (1 << 20):.0f} MiB/s), byte-identical: {same}"
     )
     return 0 if same else 1
+
+
+def _through_the_gateway(root: Path, gateway: str) -> int:
+    """Read the folder and the object back over HTTP, as a browser or curl would; from a
+    terminal, leave the network up until Enter so that the addresses can be opened."""
+    gateway = gateway.rstrip("/")
+    folder = f"{gateway}{DEMO_PREFIX}"
+    with urllib.request.urlopen(folder + "?format=json", timeout=30) as reply:
+        names = [entry["name"] for entry in json.load(reply)["entries"]]
+    request = urllib.request.Request(gateway + DEMO_NAME, headers={"Range": "bytes=0-1023"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        status, body = reply.status, reply.read()
+    same = body == (root / "hello.bin").read_bytes()[:1024]
+    print(
+        f"\nthrough the HTTP gateway {gateway}: the folder {DEMO_PREFIX} lists "
+        f"{', '.join(names)}; a range request for the first KiB: {status}, verified: {same}"
+    )
+    if not same:
+        return 1
+    if sys.stdin.isatty():
+        print(f"\nOpen it in a browser: {folder} (the folder) or {gateway}{DEMO_NAME}")
+        print(f"or: curl -r 0-99 {gateway}{DEMO_NAME} | xxd | head")
+        try:
+            input("The network stays up until you press Enter (or Ctrl-C). ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+    return 0
 
 
 def _has_command(binary: str, command: str) -> bool:
