@@ -17,6 +17,7 @@ directory holds everything the peer must keep across restarts::
     DATA/http             the HTTP gateway's URL while it runs (--http; gateway.py)
     DATA/s3               the S3 API's URL while it runs (--s3; s3api.py)
     DATA/s3keys.sqlite3   the S3 access keys and their buckets (s3keys.py)
+    DATA/s3-uploads/      multipart uploads being staged (--s3; s3multipart.py)
     DATA/lock             held (flock) while a peer uses the directory
 
 The peer composes its parts at start: the DHT (dht.py) with the holder-entry prover
@@ -72,6 +73,7 @@ from difs_p2p.replicator import Replicator
 from difs_p2p.routing import Contact
 from difs_p2p.s3api import S3Server
 from difs_p2p.s3keys import KeyStore
+from difs_p2p.s3multipart import MultipartStore
 from difs_p2p.service import ControlHandler, RateBucket, Service
 from difs_p2p.store import SegmentStore
 from difs_p2p.tasks import TaskSet
@@ -353,6 +355,11 @@ class Peer:
         assert self._token is not None
         try:
             keys = await asyncio.to_thread(KeyStore, self.data_dir / "s3keys.sqlite3")
+            try:
+                uploads = await asyncio.to_thread(MultipartStore, self.data_dir / "s3-uploads")
+            except BaseException:
+                keys.close()
+                raise
         except BaseException:
             sock.close()
             raise
@@ -360,6 +367,7 @@ class Peer:
             (loopback_of(self.bound[0]), self.tcp_port or self.port),
             token=self._token,
             keys=keys,
+            uploads=uploads,
             io_timeout=self.config.io_timeout,
         )
         await server.start(sock)

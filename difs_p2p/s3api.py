@@ -35,9 +35,9 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -59,18 +59,24 @@ from difs_p2p.errors import (
 from difs_p2p.gateway import host_of, http_url
 from difs_p2p.identity import fingerprint
 from difs_p2p.listing import decode_token, encode_token
-from difs_p2p.manifest import Manifest
+from difs_p2p.manifest import Manifest, ObjectMeta
 from difs_p2p.names import claim_name
 from difs_p2p.s3auth import Auth, BodyChecks, ChunkedDecoder, SignedRequest, authenticate
 from difs_p2p.s3errors import S3Error
 from difs_p2p.s3keys import KeyStore, S3Key
+from difs_p2p.s3multipart import MultipartStore, Upload
+from difs_p2p.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
 # The region S3 clients are told (GetBucketLocation answers "" for it, as S3 does).
 REGION = "us-east-1"
-# Seconds a request may spend on one DIFS operation before it is answered 503.
-OP_TIMEOUT = 60.0
+# Every part of a multipart upload but the last is at least this large (S3's rule).
+MIN_PART_SIZE = 5 << 20
+# Seconds between sweeps of abandoned multipart uploads (their grace: the store's).
+EXPIRE_EVERY = 3600.0
+# A placeholder S3 ETag as long as any: metadata is checked with it before the body.
+_LONGEST_ETAG = "0" * 32 + "-10000"
 # Bytes read from a body this server parses whole (Delete, CreateBucket, Complete...).
 MAX_XML = s3xml.MAX_BODY
 # Bytes of the body chunks handed to Client.put at once.
@@ -149,25 +155,47 @@ def signed_request(request: web.BaseRequest) -> SignedRequest:
 
 
 def s3_etag(manifest: Manifest) -> str:
-    """The ETag an S3 client is shown for a version, quoted: the MD5 ETag signed in its
-    metadata when it has one, else the manifest hash (a DIFS ETag names one version)."""
-    meta = getattr(manifest, "meta", None)
-    etag = getattr(meta, "etag", None) if meta is not None else None
-    return f'"{etag}"' if isinstance(etag, str) and etag else httprules.etag_of(manifest.hash)
+    """The ETag an S3 client is shown for a version, quoted: the S3 ETag signed in its
+    metadata (the body's MD5, or the multipart ETag) when it has one, else the manifest
+    hash (a version published by other means)."""
+    etag = manifest.meta.etag if manifest.meta is not None else None
+    return f'"{etag}"' if etag else httprules.etag_of(manifest.hash)
 
 
 def s3_content_type(manifest: Manifest, key: str) -> str:
     """The Content-Type of a version: from its metadata, else from the key's extension."""
-    meta = getattr(manifest, "meta", None)
-    ctype = getattr(meta, "content_type", None) if meta is not None else None
-    return ctype if isinstance(ctype, str) and ctype else httprules.content_type(key)
+    ctype = manifest.meta.content_type if manifest.meta is not None else None
+    return ctype or httprules.content_type(key)
 
 
 def user_meta(manifest: Manifest) -> dict[str, str]:
     """The ``x-amz-meta-*`` headers of a version (from its signed metadata)."""
-    meta = getattr(manifest, "meta", None)
-    user = getattr(meta, "user", None) if meta is not None else None
-    return {f"x-amz-meta-{k}": v for k, v in dict(user or {}).items()}
+    user = manifest.meta.user if manifest.meta is not None else {}
+    return {f"x-amz-meta-{k}": v for k, v in user.items()}
+
+
+def meta_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The metadata headers of a request kept with an object: Content-Type and the
+    ``x-amz-meta-*`` pairs (names lower-case), as a multipart upload stores them."""
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        low = name.lower()
+        if low == "content-type" or low.startswith("x-amz-meta-"):
+            out[low] = value
+    return out
+
+
+def object_meta(stored: Mapping[str, str], etag: str | None) -> ObjectMeta:
+    """The signed metadata of an object from its metadata headers and its S3 ETag;
+    InvalidArgument or MetadataTooLarge when DIFS cannot sign it."""
+    user = {k[len("x-amz-meta-") :]: v for k, v in stored.items() if k.startswith("x-amz-meta-")}
+    ctype = stored.get("content-type") or None
+    try:
+        return ObjectMeta(content_type=ctype, etag=etag, user=user)
+    except UsageError as exc:
+        if "bytes" in str(exc):
+            raise S3Error("MetadataTooLarge", str(exc), 400) from None
+        raise S3Error("InvalidArgument", str(exc), 400) from None
 
 
 def version_id(text: str | None) -> int | None:
@@ -227,18 +255,21 @@ class S3Server:
         *,
         token: bytes,
         keys: KeyStore,
+        uploads: MultipartStore,
         io_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``entry``: the peer's own TCP service; ``token``: its control token (the
-        access keys' clients publish with it); ``keys``: the credential store."""
+        access keys' clients publish with it); ``keys``: the credential store;
+        ``uploads``: where multipart uploads are staged. The server owns both."""
         self.entry = entry
         self.token = token
         self.keys = keys
+        self.uploads = uploads
+        self._tasks = TaskSet("s3")
         self.io_timeout = io_timeout
         self.clock = clock
         self._clients: dict[str, Client] = {}
-        # a reader client (no identity) for what anyone may read
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] = ("", 0)
         app = web.Application(client_max_size=MAX_XML)
@@ -263,16 +294,28 @@ class S3Server:
             sock.close()
             await self.stop()
             raise
+        self._tasks.spawn(self._expire_loop(), "s3-expire")
         log.info("s3_started url=%s", self.url)
+
+    async def _expire_loop(self) -> None:
+        """Free abandoned multipart uploads (older than the store's grace) every hour."""
+        while True:
+            removed = await self.uploads.expire()
+            if removed:
+                log.info("s3_uploads_expired count=%d", removed)
+            await asyncio.sleep(EXPIRE_EVERY)
 
     async def stop(self) -> None:
         """Stop serving: requests under way are cancelled, uploads abandoned."""
+        await self._tasks.close()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
         clients, self._clients = self._clients, {}
         for client in clients.values():
             await client.close()
+        self.uploads.close()
+        self.keys.close()
 
     def client_for(self, key: S3Key) -> Client:
         """The Client an access key acts through (one per key, kept)."""
@@ -296,8 +339,7 @@ class S3Server:
             if key is None:  # deleted since
                 raise S3Error("InvalidAccessKeyId", extra={"AWSAccessKeyId": auth.access_key})
             ctx = _Ctx(self, request, target, auth, key, self.client_for(key))
-            async with asyncio.timeout(OP_TIMEOUT):
-                response = await ctx.run()
+            response = await ctx.run()
         except S3Error as exc:
             response = self._error(exc, resource, request_id, request.method)
         except TimeoutError:
@@ -416,7 +458,7 @@ class _Ctx:
             if "versions" in q:
                 return await self.list_versions()
             if "uploads" in q:
-                raise S3Error("NotImplemented", "multipart uploads are not supported yet")
+                return await self.list_uploads()
             if q.get("list-type") == "2":
                 return await self.list_objects(v2=True)
             return await self.list_objects(v2=False)
@@ -426,8 +468,17 @@ class _Ctx:
 
     async def _object_op(self, method: str) -> web.StreamResponse:
         q = self.query
-        if "uploads" in q or "uploadId" in q:
-            raise S3Error("NotImplemented", "multipart uploads are not supported yet")
+        if method == "POST" and "uploads" in q:
+            return await self.create_upload()
+        if "uploadId" in q:
+            if method == "PUT" and "partNumber" in q:
+                return await self.upload_part()
+            if method == "POST":
+                return await self.complete_upload()
+            if method == "DELETE":
+                return await self.abort_upload()
+            if method == "GET":
+                return await self.list_parts()
         if method in ("GET", "HEAD"):
             return await self.get_object(method)
         if method == "PUT":
@@ -780,29 +831,47 @@ class _Ctx:
         if checks is not None:
             checks.verify(trailers)
 
-    async def _publish(self, chunks: AsyncIterator[bytes], name: str) -> Manifest:
-        """Publish ``chunks`` as a new version of ``name`` (an error of the chunks, such
-        as a failed check, abandons it: nothing is published)."""
-        reader = _BodyReader(chunks, asyncio.get_running_loop())
-        result = await self.client.put(reader, name, update=True)  # type: ignore[arg-type]
+    async def _publish(
+        self,
+        source: AsyncIterator[bytes] | IO[bytes],
+        name: str,
+        meta: Callable[[], ObjectMeta],
+    ) -> Manifest:
+        """Publish ``source`` as a new version of ``name`` with the metadata ``meta()``
+        gives once the source is read (an error of the source, such as a failed check,
+        abandons it: nothing is published)."""
+        if isinstance(source, AsyncIterator):
+            source = _BodyReader(source, asyncio.get_running_loop())  # type: ignore[assignment]
+        assert not isinstance(source, AsyncIterator)
+        result = await self.client.put(source, name, update=True, metadata_after=meta)
         for warning in result.warnings:
             log.warning("s3_put_warning name=%s warning=%s", name, warning)
         return result.manifest
 
+    def _stored_meta(self) -> dict[str, str]:
+        """The request's metadata headers, checked (with the longest ETag) before any
+        body is read."""
+        stored = meta_headers(self.request.headers)
+        object_meta(stored, _LONGEST_ETAG)
+        return stored
+
     async def put_object(self) -> web.Response:
         name = self._name()
         await self._own_bucket()
+        stored = self._stored_meta()
         headers = {k.lower(): v for k, v in self.request.headers.items()}
         checks = BodyChecks(headers, self.auth)
-        manifest = await self._publish(self._payload(checks), name)
+        manifest = await self._publish(
+            self._payload(checks), name, lambda: object_meta(stored, checks.md5_hex)
+        )
         etag = f'"{checks.md5_hex}"'
         return web.Response(
             status=200, headers={"ETag": etag, "x-amz-version-id": str(manifest.version)}
         )
 
-    async def copy_object(self) -> web.Response:
-        name = self._name()
-        await self._own_bucket()
+    async def _copy_source(self) -> tuple[Resolved, Manifest, bool]:
+        """The version ``x-amz-copy-source`` names (URL-encoded ``/bucket/key``, and
+        ``?versionId=``), its copy conditions checked; and whether it names the newest."""
         source_text = unquote(self.request.headers["x-amz-copy-source"])
         path, _, query = source_text.partition("?")
         src_bucket, _, src_key = path.lstrip("/").partition("/")
@@ -816,10 +885,17 @@ class _Ctx:
             raise S3Error("NoSuchKey", extra={"Key": src_key}) from None
         source = self._version(resolved, src_version)
         self._copy_conditions(source)
+        return resolved, source, version_id(src_version) is None
+
+    async def copy_object(self) -> web.Response:
+        name = self._name()
+        await self._own_bucket()
+        resolved, source, newest = await self._copy_source()
+        src_name = resolved.manifest.name
         directive = self.request.headers.get("x-amz-metadata-directive", "COPY").upper()
         if directive not in ("COPY", "REPLACE"):
             raise S3Error("InvalidArgument", "Unknown metadata directive.")
-        if src_name == name and directive == "COPY" and src_version is None:
+        if src_name == name and directive == "COPY" and newest:
             raise S3Error(
                 "InvalidRequest",
                 "This copy request is illegal because it is trying to copy an object to "
@@ -836,7 +912,15 @@ class _Ctx:
                     md5.update(data)
                     yield data
 
-        manifest = await self._publish(chunks(), name)
+        if directive == "REPLACE":
+            stored = self._stored_meta()
+        else:
+            stored = {}
+            if source.meta is not None:
+                stored = {f"x-amz-meta-{k}": v for k, v in source.meta.user.items()}
+                if source.meta.content_type:
+                    stored["content-type"] = source.meta.content_type
+        manifest = await self._publish(chunks(), name, lambda: object_meta(stored, md5.hexdigest()))
         body = s3xml.copy_result("CopyObjectResult", f'"{md5.hexdigest()}"', manifest.created)
         headers = {
             "x-amz-version-id": str(manifest.version),
@@ -910,3 +994,145 @@ class _Ctx:
                 err = s3_error_of(exc)
                 results.append(s3xml.Deleted(key, version, err.code, err.message))
         return _xml(s3xml.delete_result(results, quiet))
+
+    # -- multipart uploads -------------------------------------------------------------------
+
+    def _upload(self) -> Upload:
+        """The upload ``?uploadId=`` names, of this key and this bucket and key."""
+        upload_id = self.query["uploadId"]
+        upload = self.server.uploads.get(upload_id)
+        if (
+            upload is None
+            or upload.access_key != self.key.access_key
+            or (upload.bucket, upload.key) != (self.target.bucket, self.target.key)
+        ):
+            raise S3Error("NoSuchUpload", extra={"UploadId": upload_id[:64]})
+        return upload
+
+    async def create_upload(self) -> web.Response:
+        self._name()
+        await self._own_bucket()
+        stored = self._stored_meta()
+        bucket, key = self.target.bucket, self.target.key
+        upload_id = self.server.uploads.create(bucket, key, self.key.access_key, stored)
+        return _xml(s3xml.initiate_multipart(bucket, key, upload_id))
+
+    def _part_number(self) -> int:
+        text = self.query.get("partNumber", "")
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text[:6]) <= 10000:
+            raise S3Error("InvalidArgument", "Part number must be an integer between 1 and 10000")
+        return int(text)
+
+    async def upload_part(self) -> web.Response:
+        upload = self._upload()
+        number = self._part_number()
+        if "x-amz-copy-source" in self.request.headers:
+            return await self._upload_part_copy(upload, number)
+        headers = {k.lower(): v for k, v in self.request.headers.items()}
+        checks = BodyChecks(headers, self.auth)
+        part = await self.server.uploads.put_part(upload.upload_id, number, self._payload(checks))
+        return web.Response(status=200, headers={"ETag": f'"{part.etag}"'})
+
+    async def _upload_part_copy(self, upload: Upload, number: int) -> web.Response:
+        resolved, source, _ = await self._copy_source()
+        span: tuple[int, int] | None = None
+        text = self.request.headers.get("x-amz-copy-source-range")
+        if text is not None:
+            span = _copy_range(text, source.size)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            if source.size == 0:
+                return
+            async with await self.client.open_stream(
+                resolved, version=source.version, span=span
+            ) as stream:
+                async for chunk in stream:
+                    yield bytes(chunk)
+
+        part = await self.server.uploads.put_part(upload.upload_id, number, chunks())
+        body = s3xml.copy_result("CopyPartResult", f'"{part.etag}"', part.modified)
+        return _xml(body, headers={"x-amz-copy-source-version-id": str(source.version)})
+
+    async def complete_upload(self) -> web.Response:
+        upload = self._upload()
+        name = self._name()
+        await self._own_bucket()
+        listed = s3xml.parse_complete(await self._read_small())
+        numbers = [n for n, _ in listed]
+        if numbers != sorted(set(numbers)):
+            raise S3Error("InvalidPartOrder")
+        have = {p.number: p for p in self.server.uploads.parts(upload.upload_id)}
+        for i, (number, etag) in enumerate(listed):
+            part = have.get(number)
+            if part is None or part.etag != etag.lower():
+                raise S3Error("InvalidPart", extra={"PartNumber": str(number), "ETag": etag})
+            if i < len(listed) - 1 and part.size < MIN_PART_SIZE:
+                raise S3Error(
+                    "EntityTooSmall",
+                    extra={"ProposedSize": str(part.size), "MinSizeAllowed": str(MIN_PART_SIZE)},
+                )
+        etag = self.server.uploads.multipart_etag(upload.upload_id, numbers)
+        meta = object_meta(upload.meta, etag)
+        reader = self.server.uploads.reader(upload.upload_id, numbers)
+        try:
+            await self._publish(reader, name, lambda: meta)
+        finally:
+            reader.close()
+        self.server.uploads.remove(upload.upload_id)
+        bucket, key = self.target.bucket, self.target.key
+        body = s3xml.complete_multipart(f"/{bucket}/{key}", bucket, key, f'"{etag}"')
+        return _xml(body)
+
+    async def abort_upload(self) -> web.Response:
+        upload = self._upload()
+        self.server.uploads.remove(upload.upload_id)
+        return web.Response(status=204)
+
+    async def list_parts(self) -> web.Response:
+        upload = self._upload()
+        q = self.query
+        marker_text = q.get("part-number-marker", "0")
+        max_text = q.get("max-parts", "1000")
+        if not all(t.isascii() and t.isdigit() and len(t) <= 6 for t in (marker_text, max_text)):
+            raise S3Error("InvalidArgument", "part-number-marker and max-parts are numbers")
+        marker, max_parts = int(marker_text), min(int(max_text), 1000)
+        parts = [p for p in self.server.uploads.parts(upload.upload_id) if p.number > marker]
+        rows = [s3xml.PartRow(p.number, f'"{p.etag}"', p.size, p.modified) for p in parts]
+        body = s3xml.list_parts(
+            upload.bucket,
+            upload.key,
+            upload.upload_id,
+            rows[:max_parts],
+            marker,
+            max_parts,
+            len(rows) > max_parts,
+            self.owner,
+        )
+        return _xml(body)
+
+    async def list_uploads(self) -> web.Response:
+        await self._bucket_owner()
+        prefix = self.query.get("prefix", "")
+        uploads = [
+            s3xml.UploadRow(u.key, u.upload_id, u.created)
+            for u in self.server.uploads.uploads(self.target.bucket, prefix)
+            if u.access_key == self.key.access_key
+        ]
+        body = s3xml.list_uploads(self.target.bucket, prefix, uploads[:1000], 1000, self.owner)
+        return _xml(body)
+
+
+def _copy_range(text: str, size: int) -> tuple[int, int]:
+    """``x-amz-copy-source-range: bytes=first-last`` as an inclusive span of ``size``."""
+    unit, _, spec = text.strip().partition("=")
+    first_text, _, last_text = spec.partition("-")
+    ok = unit == "bytes" and all(t.isascii() and t.isdigit() for t in (first_text, last_text))
+    if not ok:
+        raise S3Error(
+            "InvalidArgument",
+            "The x-amz-copy-source-range value must be of the form bytes=first-last",
+        )
+    first, last = int(first_text), int(last_text)
+    if first > last or last >= size:
+        raise S3Error("InvalidRange", extra={"ActualObjectSize": str(size), "RangeRequested": text})
+    return first, last
