@@ -18,6 +18,7 @@ directory holds everything the peer must keep across restarts::
     DATA/s3               the S3 API's URL while it runs (--s3; s3api.py)
     DATA/s3keys.sqlite3   the S3 access keys and their buckets (s3keys.py)
     DATA/s3-uploads/      multipart uploads being staged (--s3; s3multipart.py)
+    DATA/s3-spool/        S3 bodies being received, published once whole and checked
     DATA/lock             held (flock) while a peer uses the directory
 
 The peer composes its parts at start: the DHT (dht.py) with the holder-entry prover
@@ -33,6 +34,10 @@ the S3 API (s3api.py) likewise.
 A peer that leaves for good drains first (leaving.py: ``difs-peer leave``, or a signal
 with ``--drain``): it takes no new copies, hands its ranges and records to the next
 closest peers, and then sets :attr:`Peer.left`, which ends ``difs-peer join``.
+
+The module is longer than most (about 670 lines): it composes every part of a peer, and
+starting, stopping and reporting each (the HTTP gateway and the S3 API among them) is a
+few lines that belong with the lifecycle they are ordered in.
 """
 
 from __future__ import annotations
@@ -368,6 +373,7 @@ class Peer:
             token=self._token,
             keys=keys,
             uploads=uploads,
+            spool=self.data_dir / "s3-spool",
             io_timeout=self.config.io_timeout,
         )
         await server.start(sock)

@@ -21,7 +21,7 @@ before the end of the body is reported, so a failed check abandons the upload an
 is published; readers never see a partial object (the manifest is signed after the
 upload).
 
-The module is longer than most (about 1,000 lines): it is the whole S3 surface, one small
+The module is longer than most (about 1,150 lines): it is the whole S3 surface, one small
 handler per operation over the Client, whose decisions are pure elsewhere (s3xml, s3auth,
 httprules, listing); splitting it would scatter the request context every handler shares.
 """
@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import logging
 import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import IO, Any
+from pathlib import Path
+from typing import IO
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -61,7 +61,8 @@ from difs_p2p.identity import fingerprint
 from difs_p2p.listing import decode_token, encode_token
 from difs_p2p.manifest import Manifest, ObjectMeta
 from difs_p2p.names import claim_name
-from difs_p2p.s3auth import Auth, BodyChecks, ChunkedDecoder, SignedRequest, authenticate
+from difs_p2p.s3auth import Auth, SignedRequest, authenticate, body_decoder, split_target
+from difs_p2p.s3body import BodyChecks
 from difs_p2p.s3errors import S3Error
 from difs_p2p.s3keys import KeyStore, S3Key
 from difs_p2p.s3multipart import MultipartStore, Upload
@@ -79,8 +80,10 @@ EXPIRE_EVERY = 3600.0
 _LONGEST_ETAG = "0" * 32 + "-10000"
 # Bytes read from a body this server parses whole (Delete, CreateBucket, Complete...).
 MAX_XML = s3xml.MAX_BODY
-# Bytes of the body chunks handed to Client.put at once.
+# Bytes read from a request body at once.
 READ_CHUNK = 1 << 20
+# Bytes of a body written to its spool file at once (one worker-thread hop).
+SPOOL_BATCH = 4 << 20
 # Query parameters that name a sub-resource this server does not implement.
 UNSUPPORTED = frozenset(
     {
@@ -141,12 +144,7 @@ def parse_target(raw_path: str) -> Target:
 
 def signed_request(request: web.BaseRequest) -> SignedRequest:
     """What ``s3auth`` verifies: method, path and query exactly as sent, headers."""
-    raw = request.raw_path
-    path, _, query_text = raw.partition("?")
-    query: list[tuple[str, str]] = []
-    for pair in query_text.split("&") if query_text else []:
-        name, _, value = pair.partition("=")
-        query.append((name, value))
+    path, query = split_target(request.raw_path)
     headers: dict[str, str] = {}
     for name, value in request.headers.items():
         low = name.lower()
@@ -207,43 +205,16 @@ def version_id(text: str | None) -> int | None:
     return int(text)
 
 
-class _BodyReader(io.RawIOBase):
-    """A blocking file-like over an async iterator of chunks, for ``Client.put``, which
-    reads its source in a worker thread: each read waits for the event loop to produce
-    the next chunk. An error of the iterator (a failed check) is raised by the read."""
+def _empty_dir(path: Path) -> None:
+    """Create ``path``, or delete the files in it."""
+    path.mkdir(parents=True, exist_ok=True)
+    for entry in path.iterdir():
+        entry.unlink(missing_ok=True)
 
-    def __init__(self, chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self._chunks = chunks
-        self._loop = loop
-        self._buffer = b""
-        self._done = False
 
-    def readable(self) -> bool:
-        return True
-
-    async def _next(self) -> bytes:
-        try:
-            return bytes(await anext(self._chunks))
-        except StopAsyncIteration:
-            return b""
-
-    def read(self, size: int = -1) -> bytes:
-        if not self._buffer and not self._done:
-            got = asyncio.run_coroutine_threadsafe(self._next(), self._loop).result()
-            if got:
-                self._buffer = got
-            else:
-                self._done = True
-        if size is None or size < 0:
-            size = len(self._buffer)
-        out, self._buffer = self._buffer[:size], self._buffer[size:]
-        return out
-
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
+def _write_all(fh: IO[bytes], batch: list[bytes]) -> None:
+    for data in batch:
+        fh.write(data)
 
 
 class S3Server:
@@ -256,16 +227,20 @@ class S3Server:
         token: bytes,
         keys: KeyStore,
         uploads: MultipartStore,
+        spool: Path,
         io_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``entry``: the peer's own TCP service; ``token``: its control token (the
         access keys' clients publish with it); ``keys``: the credential store;
-        ``uploads``: where multipart uploads are staged. The server owns both."""
+        ``uploads``: where multipart uploads are staged (the server owns both);
+        ``spool``: a directory of its own where bodies are written before they are
+        published (emptied at start: what a crash left)."""
         self.entry = entry
         self.token = token
         self.keys = keys
         self.uploads = uploads
+        self.spool = spool
         self._tasks = TaskSet("s3")
         self.io_timeout = io_timeout
         self.clock = clock
@@ -284,6 +259,7 @@ class S3Server:
         """Serve on ``sock`` (from ``gateway.listen``), which the server now owns."""
         self.bound = (host_of(sock), sock.getsockname()[1])
         try:
+            await asyncio.to_thread(_empty_dir, self.spool)
             runner = web.AppRunner(
                 self.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
             )
@@ -424,6 +400,10 @@ class _Ctx:
         self.client = client
         self.query = request.query
         self.owner = (fingerprint(key.identity.public_key), key.name or key.access_key)
+
+    def _headers(self) -> dict[str, str]:
+        """The request's headers by lower-case name (repeated ones joined with ",")."""
+        return dict(signed_request(self.request).headers)
 
     async def run(self) -> web.StreamResponse:
         method, q = self.request.method, self.query
@@ -805,16 +785,10 @@ class _Ctx:
             parts.append(chunk)
         return b"".join(parts)
 
-    def _chunked(self) -> bool:
-        payload = self.auth.payload
-        encoding = self.request.headers.get("Content-Encoding", "")
-        return payload.startswith("STREAMING-") or "aws-chunked" in encoding.lower()
-
     async def _payload(self, checks: BodyChecks | None = None) -> AsyncIterator[bytes]:
         """The request's payload (aws-chunked framing removed), through ``checks``, which
         are verified before the end is reported: a failed check raises instead."""
-        headers = {k.lower(): v for k, v in self.request.headers.items()}
-        decoder = ChunkedDecoder(headers, self.auth) if self._chunked() else None
+        decoder = body_decoder(self.auth, self._headers())
         content = self.request.content
         while True:
             data = await content.read(READ_CHUNK)
@@ -831,6 +805,28 @@ class _Ctx:
         if checks is not None:
             checks.verify(trailers)
 
+    async def _spool(self, chunks: AsyncIterator[bytes]) -> Path:
+        """Write ``chunks`` to a new file of the spool directory (disk writes in a worker
+        thread, a batch at a time); on any error (a failed check) the file is removed."""
+        path = self.server.spool / secrets.token_hex(16)
+        fh = await asyncio.to_thread(path.open, "wb")
+        try:
+            batch: list[bytes] = []
+            size = 0
+            async for chunk in chunks:
+                batch.append(chunk)
+                size += len(chunk)
+                if size >= SPOOL_BATCH:
+                    await asyncio.to_thread(_write_all, fh, batch)
+                    batch, size = [], 0
+            await asyncio.to_thread(_write_all, fh, batch)
+            await asyncio.to_thread(fh.close)
+        except BaseException:
+            fh.close()
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
     async def _publish(
         self,
         source: AsyncIterator[bytes] | IO[bytes],
@@ -838,12 +834,18 @@ class _Ctx:
         meta: Callable[[], ObjectMeta],
     ) -> Manifest:
         """Publish ``source`` as a new version of ``name`` with the metadata ``meta()``
-        gives once the source is read (an error of the source, such as a failed check,
-        abandons it: nothing is published)."""
-        if isinstance(source, AsyncIterator):
-            source = _BodyReader(source, asyncio.get_running_loop())  # type: ignore[assignment]
-        assert not isinstance(source, AsyncIterator)
-        result = await self.client.put(source, name, update=True, metadata_after=meta)
+        gives once the source is read. A body from the network is spooled to disk first,
+        whole and checked (an error, such as a failed check, publishes nothing): the
+        publish reads its source in worker threads, which must never wait on a client."""
+        path: Path | None = None
+        try:
+            if isinstance(source, AsyncIterator):
+                path = await self._spool(source)
+            put_source: Path | IO[bytes] = path if path is not None else source  # type: ignore[assignment]
+            result = await self.client.put(put_source, name, update=True, metadata_after=meta)
+        finally:
+            if path is not None:
+                path.unlink(missing_ok=True)
         for warning in result.warnings:
             log.warning("s3_put_warning name=%s warning=%s", name, warning)
         return result.manifest
@@ -859,8 +861,7 @@ class _Ctx:
         name = self._name()
         await self._own_bucket()
         stored = self._stored_meta()
-        headers = {k.lower(): v for k, v in self.request.headers.items()}
-        checks = BodyChecks(headers, self.auth)
+        checks = BodyChecks(self._headers(), self.auth.payload)
         manifest = await self._publish(
             self._payload(checks), name, lambda: object_meta(stored, checks.md5_hex)
         )
@@ -980,8 +981,7 @@ class _Ctx:
 
     async def delete_objects(self) -> web.Response:
         await self._own_bucket()
-        headers = {k.lower(): v for k, v in self.request.headers.items()}
-        checks = BodyChecks(headers, self.auth)
+        checks = BodyChecks(self._headers(), self.auth.payload)
         parts = [c async for c in self._payload(checks)]
         quiet, keys = s3xml.parse_delete(b"".join(parts))
         results: list[s3xml.Deleted] = []
@@ -1028,8 +1028,7 @@ class _Ctx:
         number = self._part_number()
         if "x-amz-copy-source" in self.request.headers:
             return await self._upload_part_copy(upload, number)
-        headers = {k.lower(): v for k, v in self.request.headers.items()}
-        checks = BodyChecks(headers, self.auth)
+        checks = BodyChecks(self._headers(), self.auth.payload)
         part = await self.server.uploads.put_part(upload.upload_id, number, self._payload(checks))
         return web.Response(status=200, headers={"ETag": f'"{part.etag}"'})
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
+import functools
 import hashlib
 import os
 import zlib
@@ -13,15 +15,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
-import boto3
+import boto3  # type: ignore[import-untyped]
 import pytest
 import pytest_asyncio
-from botocore import UNSIGNED
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.config import Config
-from botocore.credentials import Credentials
-from botocore.exceptions import ClientError
+from botocore import UNSIGNED  # type: ignore[import-untyped]
+from botocore.auth import S3SigV4Auth  # type: ignore[import-untyped]
+from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+from botocore.config import Config  # type: ignore[import-untyped]
+from botocore.credentials import Credentials  # type: ignore[import-untyped]
+from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
 from difs_p2p.peer import Peer
 from difs_p2p.s3keys import S3Key
@@ -61,9 +63,15 @@ def _client(url: str, access: str | None, secret: str | None, **kw: Any) -> Any:
     )
 
 
+# boto3's threads: the loop's default executor stays the peers' (a boto3 call waiting for
+# its answer there would hold a thread the server needs)
+BOTO = concurrent.futures.ThreadPoolExecutor(32)
+
+
 async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """A blocking boto3 call, off the loop the peers run on."""
-    return await asyncio.to_thread(fn, *args, **kwargs)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(BOTO, functools.partial(fn, *args, **kwargs))
 
 
 async def code_of(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
@@ -154,7 +162,9 @@ async def test_put_get_head(net: Net) -> None:
     assert code == "304"
     code = await code_of(s3.get_object, Bucket="alice.com", Key="docs/report.bin", IfMatch='"x"')
     assert code == "PreconditionFailed"
-    code = await code_of(s3.get_object, Bucket="alice.com", Key="docs/report.bin", Range="bytes=400000-")
+    code = await code_of(
+        s3.get_object, Bucket="alice.com", Key="docs/report.bin", Range="bytes=400000-"
+    )
     assert code == "InvalidRange"
     assert await code_of(s3.get_object, Bucket="alice.com", Key="nope") == "NoSuchKey"
     assert await code_of(s3.get_object, Bucket="nobody-here", Key="x") == "NoSuchBucket"
@@ -182,7 +192,9 @@ async def test_list_v2_pages_with_delimiter(net: Net) -> None:
     s3 = net.alice
     await run(s3.create_bucket, Bucket="pages")
     keys = [f"k{i:02d}" for i in range(20)] + [f"dir{i}/x" for i in range(5)] + ["dir0/y"]
-    await asyncio.gather(*(run(s3.put_object, Bucket="pages", Key=k, Body=k.encode()) for k in keys))
+    await asyncio.gather(
+        *(run(s3.put_object, Bucket="pages", Key=k, Body=k.encode()) for k in keys)
+    )
     seen: list[str] = []
     prefixes: list[str] = []
     token = None
@@ -230,7 +242,11 @@ async def test_list_v1_markers(net: Net) -> None:
     assert not rest["IsTruncated"]
     paginator = s3.get_paginator("list_objects")
     listed = await run(
-        lambda: [c["Key"] for p in paginator.paginate(Bucket="v1list", PaginationConfig={"PageSize": 2}) for c in p.get("Contents", [])]
+        lambda: [
+            c["Key"]
+            for p in paginator.paginate(Bucket="v1list", PaginationConfig={"PageSize": 2})
+            for c in p.get("Contents", [])
+        ]
     )
     assert listed == keys
 
@@ -283,9 +299,7 @@ async def test_delete_versions_and_delete_objects(net: Net) -> None:
         Delete={"Objects": [{"Key": "a"}, {"Key": "b"}, {"Key": "none"}], "Quiet": True},
     )
     assert "Deleted" not in out and "Errors" not in out
-    loud = await run(
-        s3.delete_objects, Bucket="vers", Delete={"Objects": [{"Key": "x" * 1030}]}
-    )
+    loud = await run(s3.delete_objects, Bucket="vers", Delete={"Objects": [{"Key": "x" * 1030}]})
     assert loud["Errors"][0]["Code"] == "KeyTooLongError"
     assert (await run(s3.list_objects_v2, Bucket="vers"))["KeyCount"] == 0
     assert await code_of(s3.delete_bucket, Bucket="alice.com") == "BucketNotEmpty"
@@ -298,11 +312,12 @@ async def test_copy_object(net: Net) -> None:
     """CopyObject copies bytes and metadata (COPY), or takes new metadata (REPLACE)."""
     s3 = net.alice
     body = b"copy me" * 1000
-    await run(
-        s3.put_object, Bucket="alice.com", Key="src", Body=body, Metadata={"a": "1"}
-    )
+    await run(s3.put_object, Bucket="alice.com", Key="src", Body=body, Metadata={"a": "1"})
     out = await run(
-        s3.copy_object, Bucket="alice.com", Key="dst", CopySource={"Bucket": "alice.com", "Key": "src"}
+        s3.copy_object,
+        Bucket="alice.com",
+        Key="dst",
+        CopySource={"Bucket": "alice.com", "Key": "src"},
     )
     assert out["CopyObjectResult"]["ETag"] == f'"{hashlib.md5(body).hexdigest()}"'
     got = await run(s3.get_object, Bucket="alice.com", Key="dst")
@@ -358,10 +373,16 @@ async def test_multipart_upload(net: Net) -> None:
     s3 = net.alice
     first = os.urandom(5 * MiB)
     last = os.urandom(1000)
-    up = await run(s3.create_multipart_upload, Bucket="alice.com", Key="big.bin", ContentType="video/mp4")
+    up = await run(
+        s3.create_multipart_upload, Bucket="alice.com", Key="big.bin", ContentType="video/mp4"
+    )
     uid = up["UploadId"]
-    p1 = await run(s3.upload_part, Bucket="alice.com", Key="big.bin", UploadId=uid, PartNumber=1, Body=first)
-    p2 = await run(s3.upload_part, Bucket="alice.com", Key="big.bin", UploadId=uid, PartNumber=2, Body=last)
+    p1 = await run(
+        s3.upload_part, Bucket="alice.com", Key="big.bin", UploadId=uid, PartNumber=1, Body=first
+    )
+    p2 = await run(
+        s3.upload_part, Bucket="alice.com", Key="big.bin", UploadId=uid, PartNumber=2, Body=last
+    )
     parts = await run(s3.list_parts, Bucket="alice.com", Key="big.bin", UploadId=uid)
     assert [(p["PartNumber"], p["Size"]) for p in parts["Parts"]] == [(1, 5 * MiB), (2, 1000)]
     uploads = await run(s3.list_multipart_uploads, Bucket="alice.com")
@@ -390,7 +411,14 @@ async def test_multipart_upload(net: Net) -> None:
     sid = small["UploadId"]
     etags = []
     for n in (1, 2):
-        r = await run(s3.upload_part, Bucket="alice.com", Key="small.bin", UploadId=sid, PartNumber=n, Body=b"x")
+        r = await run(
+            s3.upload_part,
+            Bucket="alice.com",
+            Key="small.bin",
+            UploadId=sid,
+            PartNumber=n,
+            Body=b"x",
+        )
         etags.append({"PartNumber": n, "ETag": r["ETag"]})
     code = await code_of(
         s3.complete_multipart_upload,
@@ -405,7 +433,9 @@ async def test_multipart_upload(net: Net) -> None:
         Bucket="alice.com",
         Key="small.bin",
         UploadId=sid,
-        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": '"00000000000000000000000000000000"'}]},
+        MultipartUpload={
+            "Parts": [{"PartNumber": 1, "ETag": '"00000000000000000000000000000000"'}]
+        },
     )
     assert code == "InvalidPart"
     await run(s3.abort_multipart_upload, Bucket="alice.com", Key="small.bin", UploadId=sid)
