@@ -414,6 +414,8 @@ def _v2_string_to_sign(req: SignedRequest, date: str, query_headers: Mapping[str
     lines += [headers.get("content-type", "").strip(), date]
     lines += [f"{name}:{amz[name]}" for name in sorted(amz)]
     resource = req.raw_path or "/"
+    if resource.count("/") == 1 and resource != "/":
+        resource += "/"  # a bucket's resource is "/bucket/" (S3's SigV2 rule)
     sub = sorted(
         (name, _decode(value, True).decode("utf-8", "replace"))
         for name, value in req.query

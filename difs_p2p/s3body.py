@@ -316,6 +316,12 @@ CHECKSUMS: dict[str, tuple[int, Callable[[], _Hasher]]] = {
 """The ``x-amz-checksum-*`` algorithms verified (crc64nvme is not: NotImplemented)."""
 
 
+# x-amz-checksum-* headers that are not a checksum value (GetObject's "mode: ENABLED"...)
+_NOT_CHECKSUMS = frozenset(
+    {"x-amz-checksum-mode", "x-amz-checksum-type", "x-amz-checksum-algorithm"}
+)
+
+
 def _b64(text: str, size: int) -> bytes | None:
     try:
         raw = base64.b64decode(text.strip(), validate=True)
@@ -348,11 +354,11 @@ class BodyChecks:
             self._sha256 = hashlib.sha256()
             self._claimed_sha256 = payload.lower()
         self._expected: dict[str, bytes | None] = {}  # None: in the trailers
-        in_headers = [n for n in headers if n.startswith("x-amz-checksum-")]
-        in_trailers = [n for n in trailer_names(headers) if n.startswith("x-amz-checksum-")]
-        names = in_headers + in_trailers
-        if "x-amz-checksum-type" in names:
-            names.remove("x-amz-checksum-type")
+        names = [
+            name
+            for name in [*headers, *trailer_names(headers)]
+            if name.startswith("x-amz-checksum-") and name not in _NOT_CHECKSUMS
+        ]
         if len(names) > 1:
             raise s3errors.invalid_request("Expecting a single x-amz-checksum- header")
         self._hashers: dict[str, _Hasher] = {}

@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
-import boto3  # type: ignore[import-untyped]
+import boto3
 import pytest
 import pytest_asyncio
-from botocore import UNSIGNED  # type: ignore[import-untyped]
-from botocore.auth import S3SigV4Auth  # type: ignore[import-untyped]
-from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
-from botocore.config import Config  # type: ignore[import-untyped]
-from botocore.credentials import Credentials  # type: ignore[import-untyped]
-from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+from botocore import UNSIGNED
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
+from botocore.exceptions import ClientError
 
 from difs_p2p.peer import Peer
 from difs_p2p.s3keys import S3Key

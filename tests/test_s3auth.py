@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import base64
 import calendar
+import contextlib
 import hashlib
-from collections.abc import Callable
+import itertools
+import time
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
+from urllib.parse import urlsplit
 
+import boto3
+import google_crc32c
 import pytest
+from botocore.awsrequest import AWSResponse
+from botocore.config import Config
+from hypothesis import given
+from hypothesis import strategies as st
 
 from difs_p2p import s3errors
 from difs_p2p.s3auth import (
     EMPTY_SHA256,
+    BodyChecks,
+    ChunkedDecoder,
+    ChunkSigner,
     SignedRequest,
     authenticate,
+    body_decoder,
     canonical_query,
     canonical_uri,
     split_target,
@@ -433,3 +450,415 @@ def test_aws_documented_sigv2_header_and_query_verify() -> None:
     with pytest.raises(S3Error) as caught:
         authenticate(forged, secret_of, 1175139620.0)
     assert caught.value.code == "SignatureDoesNotMatch"
+
+
+# -- requests signed by botocore ------------------------------------------------------------
+
+BOTO_KEY = "DIFSAAAAAAAAAAAAAAAA"
+BOTO_SECRET = "s3cr3t/with+odd=chars0123456789abcdefghi"
+KEYS = [
+    "izone.mp4",
+    "dir/sub/a b+c$d&e=f.txt",
+    "unicode/ü€😀.bin",
+    "odd/(x)!*'@:;,~.-_",
+    "slashes//double/./dot/../x",
+    "percent/%2F%41",
+]
+
+
+def boto_secret(access_key: str) -> str | None:
+    return BOTO_SECRET if access_key == BOTO_KEY else None
+
+
+def boto_client(endpoint: str = "http://127.0.0.1:9000", **config: Any) -> Any:
+    """A boto3 S3 client (path-style) whose requests are captured instead of sent."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=BOTO_KEY,
+        aws_secret_access_key=BOTO_SECRET,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, **config),
+    )
+    return client
+
+
+class _Raw:
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield b""
+
+
+def captured(client: Any, call: Callable[[Any], object]) -> tuple[SignedRequest, bytes]:
+    """The request (as the server would see it) and the body that ``call`` made boto3 send."""
+    seen: list[tuple[SignedRequest, bytes]] = []
+
+    def before_send(request: Any, **_: Any) -> AWSResponse:
+        url = urlsplit(request.url)
+        body = request.body
+        if hasattr(body, "read"):
+            body.seek(0)
+            body = body.read()
+        heads = {"host": url.netloc}
+        for name, value in request.headers.items():
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            heads[name.lower()] = text
+        target = url.path + ("?" + url.query if url.query else "")
+        path, query = split_target(target)
+        seen.append((SignedRequest(request.method, path, query, heads), body or b""))
+        return AWSResponse(request.url, 200, {}, _Raw())
+
+    client.meta.events.register("before-send.s3.*", before_send)
+    try:
+        call(client)
+    finally:
+        client.meta.events.unregister("before-send.s3.*", before_send)
+    assert len(seen) == 1
+    return seen[0]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_botocore_header_signatures_verify(key: str) -> None:
+    """PutObject, GetObject with a range, ListObjectsV2 and a multipart upload part, as boto3
+    signs them (any key characters), verify; the body's checksums hold."""
+    client = boto_client()
+    calls: list[Callable[[Any], object]] = [
+        lambda c: c.put_object(Bucket="a.com", Key=key, Body=b"hello"),
+        lambda c: c.get_object(Bucket="a.com", Key=key, Range="bytes=0-1"),
+        lambda c: c.list_objects_v2(Bucket="a.com", Prefix=key, Delimiter="/"),
+        lambda c: c.upload_part(Bucket="a.com", Key=key, UploadId="u+1/=", PartNumber=2, Body=b"x"),
+    ]
+    for call in calls:
+        req, body = captured(client, call)
+        auth = authenticate(req, boto_secret, time.time())
+        assert (auth.access_key, auth.presigned) == (BOTO_KEY, False)
+        checks = BodyChecks(req.headers, auth.payload)
+        checks.update(body)
+        checks.verify()
+        assert checks.md5_hex == hashlib.md5(body).hexdigest()
+        tampered = replace(req, raw_path=req.raw_path + "x")
+        with pytest.raises(S3Error, match="SignatureDoesNotMatch"):
+            authenticate(tampered, boto_secret, time.time())
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_botocore_presigned_urls_verify(key: str) -> None:
+    """Presigned URLs as boto3 makes them, SigV4 (s3v4) and SigV2 (its default here), verify
+    until they expire."""
+    now = time.time()
+    for version in ("s3v4", "s3"):
+        client = boto_client(signature_version=version)
+        for method, params in (
+            ("get_object", {"Bucket": "a.com", "Key": key, "VersionId": "3"}),
+            ("put_object", {"Bucket": "a.com", "Key": key}),
+        ):
+            url = urlsplit(client.generate_presigned_url(method, Params=params, ExpiresIn=60))
+            path, query = split_target(url.path + "?" + url.query)
+            http = "GET" if method == "get_object" else "PUT"
+            req = SignedRequest(http, path, query, {"host": url.netloc})
+            auth = authenticate(req, boto_secret, now)
+            assert (auth.access_key, auth.presigned, auth.payload) == (
+                BOTO_KEY,
+                True,
+                "UNSIGNED-PAYLOAD",
+            )
+            with pytest.raises(S3Error, match="Request has expired"):
+                authenticate(req, boto_secret, now + 62)
+            other = "PUT" if http == "GET" else "GET"
+            with pytest.raises(S3Error, match="SignatureDoesNotMatch"):
+                authenticate(replace(req, method=other), boto_secret, now)
+            smuggled = {"host": url.netloc, "x-amz-copy-source": "/a.com/secret"}
+            with pytest.raises(S3Error, match=r"not signed|SignatureDoesNotMatch"):
+                authenticate(replace(req, headers=smuggled), boto_secret, now)
+
+
+def test_botocore_sigv2_header_signatures_verify() -> None:
+    """Requests boto3 signs with SigV2 (signature_version "s3", as s3cmd may) verify."""
+    client = boto_client(signature_version="s3")
+    for call in (
+        lambda c: c.put_object(Bucket="a.com", Key="k/x y", Body=b"data", ContentType="a/b"),
+        lambda c: c.get_object(Bucket="a.com", Key="k", VersionId="7"),
+        lambda c: c.list_objects(Bucket="a.com", Prefix="k/"),
+    ):
+        req, _ = captured(client, call)
+        assert req.headers["authorization"].startswith("AWS ")
+        auth = authenticate(req, boto_secret, time.time())
+        assert auth.access_key == BOTO_KEY
+        with pytest.raises(S3Error, match="SignatureDoesNotMatch"):
+            authenticate(replace(req, method="DELETE"), boto_secret, time.time())
+
+
+def test_boto3_aws_chunked_upload_decodes_to_the_original() -> None:
+    """boto3's PutObject over https (aws-chunked, STREAMING-UNSIGNED-PAYLOAD-TRAILER with a
+    CRC32 trailer) decodes to exactly the bytes put, and the trailer checksum verifies."""
+    data = bytes(range(256)) * 9000  # 2.2 MiB: three of botocore's 1 MiB chunks
+    client = boto_client("https://127.0.0.1:9000")
+    req, body = captured(client, lambda c: c.put_object(Bucket="a.com", Key="f", Body=data))
+    assert req.headers["x-amz-content-sha256"] == "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+    assert body != data
+    auth = authenticate(req, boto_secret, time.time())
+    decoder = body_decoder(auth, req.headers)
+    assert decoder is not None
+    checks = BodyChecks(req.headers, auth.payload)
+    out = bytearray()
+    for start in range(0, len(body), 65536):
+        for piece in decoder.feed(body[start : start + 65536]):
+            checks.update(piece)
+            out += piece
+    trailers = decoder.finish()
+    assert bytes(out) == data
+    assert checks.verify(trailers) == {
+        "x-amz-checksum-crc32": base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+    }
+    assert checks.md5_hex == hashlib.md5(data).hexdigest()
+
+
+# -- aws-chunked bodies ---------------------------------------------------------------------
+
+
+def example_signer() -> ChunkSigner:
+    """The chunk signer of AWS's documented chunked upload (seed signature 4f232c...)."""
+    req = v4_request(
+        "PUT",
+        "/examplebucket/chunkObject.txt",
+        {
+            "host": "s3.amazonaws.com",
+            "x-amz-date": "20130524T000000Z",
+            "x-amz-storage-class": "REDUCED_REDUNDANCY",
+            "x-amz-content-sha256": "STREAMING-AWS4-HMAC-SHA256-PAYLOAD",
+            "content-encoding": "aws-chunked",
+            "x-amz-decoded-content-length": "66560",
+            "content-length": "66824",
+        },
+        "content-encoding;content-length;host;x-amz-content-sha256;x-amz-date;"
+        "x-amz-decoded-content-length;x-amz-storage-class",
+        "4f232c4386841ef735655705268965c44a0e4690baa4adea153f7db9fa80a0a9",
+    )
+    auth = authenticate(req, secret_of, EXAMPLE_NOW)
+    assert auth.payload == "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"
+    assert auth.chunk_signer is not None
+    return auth.chunk_signer
+
+
+# AWS's documented chunk signatures: 64 KiB of "a", 1 KiB of "a", the final empty chunk
+EXAMPLE_CHUNKS = [
+    (65536, "ad80c730a21e5b8d04586a2213dd63b9a0e99e0e2307b0ade35a65485a288648"),
+    (1024, "0055627c9e194cb4542bae2aa5492e3c1575bbb81b612b7d234b86a503ef5497"),
+    (0, "b6c6ea8a5354eaf15b3cb7646744f4275b71ea724fed81ceb9323e279d449df9"),
+]
+EXAMPLE_BODY = b"".join(
+    f"{size:x};chunk-signature={sig}\r\n".encode() + b"a" * size + b"\r\n"
+    for size, sig in EXAMPLE_CHUNKS
+)
+assert len(EXAMPLE_BODY) == 66824
+
+
+def decode(decoder: ChunkedDecoder, *pieces: bytes) -> tuple[bytes, dict[str, str]]:
+    out = bytearray()
+    for piece in pieces:
+        for chunk in decoder.feed(piece):
+            out += chunk
+    return bytes(out), decoder.finish()
+
+
+def test_aws_documented_chunked_upload_decodes_with_its_signatures() -> None:
+    """AWS's documented chunked upload (3 chunks, their documented signatures) decodes to
+    66,560 bytes of "a"; any changed byte of data or signature is refused."""
+    signer = example_signer()
+    payload, trailers = decode(
+        ChunkedDecoder("STREAMING-AWS4-HMAC-SHA256-PAYLOAD", signer, 66560), EXAMPLE_BODY
+    )
+    assert (payload, trailers) == (b"a" * 66560, {})
+    for at in (40, 100, 65700, len(EXAMPLE_BODY) - 40):
+        bad = bytearray(EXAMPLE_BODY)
+        bad[at] = ord("b") if bad[at] != ord("b") else ord("c")
+        with pytest.raises(S3Error) as caught:
+            decode(ChunkedDecoder("STREAMING-AWS4-HMAC-SHA256-PAYLOAD", signer), bytes(bad))
+        assert caught.value.code in ("SignatureDoesNotMatch", "InvalidRequest")
+
+
+def signed_body(signer: ChunkSigner, chunks: list[bytes], trailers: dict[str, str]) -> bytes:
+    """A signed aws-chunked body (with signed trailers when ``trailers``)."""
+    out = bytearray()
+    previous = signer.seed_signature
+    for chunk in [*chunks, b""]:
+        previous = signer.chunk_signature(previous, hashlib.sha256(chunk).hexdigest())
+        out += f"{len(chunk):x};chunk-signature={previous}\r\n".encode() + chunk
+        out += b"\r\n" if chunk else b""
+    if trailers:
+        canonical = "".join(f"{k}:{v}\n" for k, v in trailers.items()).encode()
+        out += canonical.replace(b"\n", b"\r\n")
+        signature = signer.trailer_signature(previous, canonical)
+        out += f"x-amz-trailer-signature:{signature}\r\n".encode()
+    return bytes(out + b"\r\n")
+
+
+def test_signed_trailer_body_decodes_and_its_trailer_signature_is_checked() -> None:
+    """A STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER body decodes with its trailers; a changed
+    trailer value or signature is SignatureDoesNotMatch."""
+    signer = example_signer()
+    data = [b"x" * 9000, b"y" * 100]
+    crc = base64.b64encode(zlib.crc32(b"".join(data)).to_bytes(4, "big")).decode()
+    body = signed_body(signer, data, {"x-amz-checksum-crc32": crc})
+    mode = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER"
+    names = ["x-amz-checksum-crc32"]
+    payload, trailers = decode(ChunkedDecoder(mode, signer, 9100, names), body)
+    assert (payload, trailers) == (b"".join(data), {"x-amz-checksum-crc32": crc})
+    forged = body.replace(crc.encode(), b"AAAAAA==")
+    with pytest.raises(S3Error, match="SignatureDoesNotMatch"):
+        decode(ChunkedDecoder(mode, signer, 9100, names), forged)
+    unsigned = body[: body.index(b"x-amz-trailer-signature")] + b"\r\n"
+    with pytest.raises(S3Error, match="SignatureDoesNotMatch"):
+        decode(ChunkedDecoder(mode, signer, 9100, names), unsigned)
+
+
+UNSIGNED = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"5\r\nhello\r\n", "IncompleteBody"),
+        (b"5\r\nhel", "IncompleteBody"),
+        (b"", "IncompleteBody"),
+        (b"5\r\nhelloXX0\r\n\r\n", "InvalidRequest"),
+        (b"zz\r\n", "InvalidRequest"),
+        (b"0x5\r\nhello\r\n0\r\n\r\n", "InvalidRequest"),
+        (b" 5\r\nhello\r\n0\r\n\r\n", "InvalidRequest"),
+        (b"5\nhello\r\n0\r\n\r\n", "InvalidRequest"),
+        (b"1000001\r\n", "InvalidRequest"),
+        (b"5" * 5000, "InvalidRequest"),
+        (b"5;chunk-signature=" + b"0" * 64 + b"\r\nhello\r\n0\r\n\r\n", "InvalidRequest"),
+        (b"0\r\nx-amz-checksum-sha1:AAAA\r\n\r\n", "InvalidRequest"),
+        (b"0\r\nbad line\r\n\r\n", "InvalidRequest"),
+        (b"0\r\n\r\nextra", "InvalidRequest"),
+        (b"4\r\nhello\r\n0\r\n\r\n", "InvalidRequest"),
+        (b"6\r\nhello!\r\n0\r\n\r\n", "InvalidRequest"),
+    ],
+)
+def test_malformed_unsigned_bodies_are_refused(body: bytes, code: str) -> None:
+    """Truncated, malformed, oversized or over-long aws-chunked bodies fail with S3Error."""
+    with pytest.raises(S3Error) as caught:
+        decode(ChunkedDecoder(UNSIGNED, None, 5), body)
+    assert caught.value.code == code
+
+
+def test_decoded_length_and_announced_trailers_are_checked() -> None:
+    """Fewer bytes than x-amz-decoded-content-length, or an announced trailer that never
+    came, is IncompleteBody."""
+    with pytest.raises(S3Error, match="IncompleteBody"):
+        decode(ChunkedDecoder(UNSIGNED, None, 6), b"5\r\nhello\r\n0\r\n\r\n")
+    with pytest.raises(S3Error, match="IncompleteBody"):
+        decode(ChunkedDecoder(UNSIGNED, None, 5, ["x-amz-checksum-crc32"]), b"0\r\n\r\n")
+    assert decode(ChunkedDecoder(UNSIGNED), b"5\r\nhello\r\n0\r\n\r\n") == (b"hello", {})
+
+
+BOTO_STYLE = (
+    b"9\r\nfirst one\r\n3\r\n\xff\x00\r\r\n0\r\nx-amz-checksum-crc32:"
+    + base64.b64encode(zlib.crc32(b"first one\xff\x00\r").to_bytes(4, "big"))
+    + b"\r\n\r\n"
+)
+
+
+@given(st.lists(st.integers(0, len(BOTO_STYLE)), max_size=8))
+def test_chunk_boundaries_anywhere_give_the_same_payload(cuts: list[int]) -> None:
+    """The body split at any points decodes to the same payload and trailers."""
+    points = [0, *sorted(cuts), len(BOTO_STYLE)]
+    pieces = [BOTO_STYLE[a:b] for a, b in itertools.pairwise(points)]
+    decoder = ChunkedDecoder(UNSIGNED, None, 12, ["x-amz-checksum-crc32"])
+    payload, trailers = decode(decoder, *pieces)
+    assert payload == b"first one\xff\x00\r"
+    assert list(trailers) == ["x-amz-checksum-crc32"]
+
+
+@given(st.binary(max_size=300), st.booleans(), st.integers(1, 50))
+def test_any_bytes_decode_or_raise_s3error(data: bytes, signed: bool, step: int) -> None:
+    """Arbitrary bytes, fed in any steps, in either mode, never raise anything but S3Error."""
+    signer = ChunkSigner("0" * 64, b"k" * 32, "20130524/us-east-1/s3/aws4_request", "x")
+    mode = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER" if signed else UNSIGNED
+    decoder = ChunkedDecoder(mode, signer if signed else None, None, ["x-amz-checksum-crc32"])
+    with contextlib.suppress(S3Error):
+        decode(decoder, *(data[i : i + step] for i in range(0, len(data), step)))
+
+
+@given(st.binary(max_size=200))
+def test_any_bytes_after_a_valid_prefix_decode_or_raise_s3error(tail: bytes) -> None:
+    """A valid start followed by arbitrary bytes decodes or raises S3Error, nothing else."""
+    decoder = ChunkedDecoder(UNSIGNED, None, None, ["x-amz-checksum-crc32"])
+    with contextlib.suppress(S3Error):
+        decode(decoder, b"3\r\nabc\r\n", tail)
+
+
+# -- body checks ----------------------------------------------------------------------------
+
+DATA = b"The quick brown fox"
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+RIGHT = {
+    "content-md5": b64(hashlib.md5(DATA).digest()),
+    "x-amz-checksum-crc32": b64(zlib.crc32(DATA).to_bytes(4, "big")),
+    "x-amz-checksum-crc32c": b64(google_crc32c.value(DATA).to_bytes(4, "big")),
+    "x-amz-checksum-sha1": b64(hashlib.sha1(DATA).digest()),
+    "x-amz-checksum-sha256": b64(hashlib.sha256(DATA).digest()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RIGHT))
+def test_right_digests_verify_and_wrong_ones_are_bad_digest(name: str) -> None:
+    """Each digest header verifies over the right body and is BadDigest over another."""
+    checks = BodyChecks({name: RIGHT[name]})
+    checks.update(DATA[:5])
+    checks.update(memoryview(DATA)[5:])
+    verified = checks.verify()
+    assert verified == ({} if name == "content-md5" else {name: RIGHT[name]})
+    wrong = BodyChecks({name: RIGHT[name]})
+    wrong.update(DATA + b".")
+    with pytest.raises(S3Error) as caught:
+        wrong.verify()
+    assert (caught.value.code, caught.value.status) == ("BadDigest", 400)
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({"content-md5": "not base64!"}, "InvalidDigest"),
+        ({"content-md5": b64(b"short")}, "InvalidDigest"),
+        ({"x-amz-checksum-crc32": "AAAAAAAA"}, "InvalidRequest"),
+        ({"x-amz-checksum-sha256": "%%%"}, "InvalidRequest"),
+        ({"x-amz-checksum-crc64nvme": "AAAAAAAAAAA="}, "NotImplemented"),
+        (
+            {"x-amz-checksum-crc32": RIGHT["x-amz-checksum-crc32"], "x-amz-checksum-sha1": "x"},
+            "InvalidRequest",
+        ),
+    ],
+)
+def test_malformed_digest_headers_are_refused(headers: dict[str, str], code: str) -> None:
+    """A digest header that is not base64 of the right size is refused before any byte."""
+    with pytest.raises(S3Error) as caught:
+        BodyChecks(headers)
+    assert caught.value.code == code
+
+
+def test_signed_payload_hash_is_checked_and_trailer_checksums_come_at_the_end() -> None:
+    """A hex x-amz-content-sha256 must match the body; a checksum announced in x-amz-trailer
+    is checked against the trailer's value."""
+    good = BodyChecks({}, hashlib.sha256(DATA).hexdigest())
+    good.update(DATA)
+    assert good.verify() == {}
+    bad = BodyChecks({}, hashlib.sha256(b"other").hexdigest())
+    bad.update(DATA)
+    with pytest.raises(S3Error) as caught:
+        bad.verify()
+    assert caught.value.code == "XAmzContentSHA256Mismatch"
+    name = "x-amz-checksum-crc32c"
+    trailed = BodyChecks({"x-amz-trailer": name}, UNSIGNED)
+    trailed.update(DATA)
+    assert trailed.verify({name: RIGHT[name]}) == {name: RIGHT[name]}
+    with pytest.raises(S3Error, match="BadDigest"):
+        trailed.verify({name: RIGHT["x-amz-checksum-crc32"]})
+    with pytest.raises(S3Error, match="InvalidRequest"):
+        trailed.verify({})
+    assert trailed.md5_hex == hashlib.md5(DATA).hexdigest()
