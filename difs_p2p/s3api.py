@@ -75,6 +75,7 @@ REGION = "us-east-1"
 MIN_PART_SIZE = 5 << 20
 # Seconds between sweeps of abandoned multipart uploads (their grace: the store's).
 EXPIRE_EVERY = 3600.0
+_REQUEST_ID = web.RequestKey("request_id", str)
 # A placeholder S3 ETag as long as any: metadata is checked with it before the body.
 _LONGEST_ETAG = "0" * 32 + "-10000"
 # Bytes read from a body this server parses whole (Delete, CreateBucket, Complete...).
@@ -247,6 +248,7 @@ class S3Server:
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] = ("", 0)
         app = web.Application(client_max_size=MAX_XML)
+        app.on_response_prepare.append(self._prepared)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self.app = app
 
@@ -306,6 +308,7 @@ class S3Server:
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         request_id = secrets.token_hex(8).upper()
+        request[_REQUEST_ID] = request_id
         resource = request.path
         try:
             target = parse_target(request.raw_path)
@@ -329,9 +332,13 @@ class S3Server:
         except OSError as exc:
             err = S3Error("ServiceUnavailable", f"the network failed: {exc}")
             response = self._error(err, resource, request_id, request.method)
-        if not response.prepared:
-            response.headers["x-amz-request-id"] = request_id
         return response
+
+    async def _prepared(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Each response as its status line goes out: its request id."""
+        request_id = request.get(_REQUEST_ID)
+        if request_id is not None:
+            response.headers["x-amz-request-id"] = request_id
 
     def _authenticate(self, request: web.Request) -> Auth:
         def secret_of(access_key: str) -> str | None:
@@ -744,7 +751,6 @@ class _Ctx:
         try:
             async for chunk in stream:
                 if not response.prepared:
-                    response.headers["x-amz-request-id"] = secrets.token_hex(8).upper()
                     await response.prepare(self.request)
                 await response.write(chunk)
         except (DifsError, OSError, TimeoutError) as exc:

@@ -7,7 +7,10 @@ import base64
 import concurrent.futures
 import functools
 import hashlib
+import json
 import os
+import signal
+import subprocess
 import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from botocore.exceptions import ClientError
 
 from difs_p2p.peer import Peer
 from difs_p2p.s3keys import S3Key
-from tests.helpers import peer_config, start_peers, stop_all
+from tests.helpers import BIN, peer_config, start_peers, stop_all
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -520,3 +523,47 @@ async def test_unsupported_and_errors_are_s3_xml(net: Net) -> None:
         await run(s3.get_object, Bucket="alice.com", Key="missing")
     meta = info.value.response["ResponseMetadata"]
     assert meta["HTTPStatusCode"] == 404 and meta["RequestId"]
+
+
+async def test_difs_peer_join_serves_s3(tmp_path: Path) -> None:
+    """A difs-peer process with --s3 prints its URL; a key from difs s3-key works there."""
+    await run(_join_with_s3, tmp_path)
+
+
+def _join_with_s3(tmp_path: Path) -> None:
+    data = tmp_path / "peer"
+    proc = subprocess.Popen(
+        [
+            str(BIN / "difs-peer"),
+            "join",
+            "--data",
+            str(data),
+            "--http",
+            "off",
+            "--s3",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("peer ready"), line
+        url = dict(part.split("=", 1) for part in line.split()[2:])["s3"]
+        assert (data / "s3").read_text().strip() == url
+        made = subprocess.run(
+            [str(BIN / "difs"), "s3-key", "create", "--data", str(data), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        key = json.loads(made.stdout)
+        s3 = _client(url.rstrip("/"), key["access_key"], key["secret"])
+        s3.create_bucket(Bucket="cli-bucket")
+        assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["cli-bucket"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+    assert not (data / "s3").exists()
