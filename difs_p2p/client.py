@@ -453,6 +453,7 @@ class Client:
         delegation: Delegation | None = None,
         on_phase: Phase | None = None,
         metadata: ObjectMeta | None = None,
+        metadata_after: Callable[[], ObjectMeta | None] | None = None,
     ) -> PublishResult:
         """Publish ``source`` under ``name`` (a new version with ``update``).
 
@@ -463,6 +464,8 @@ class Client:
         its ``delegation``; the name stays the owner's. ``metadata`` (content type, S3
         ETag, user pairs) is signed into this version's manifest; a version published
         without it has none (nothing is inherited from the previous version).
+        ``metadata_after``, if given, is called once ``source`` is read whole and gives
+        the metadata instead: what is known only then (the S3 API's ETag, the body's MD5).
         """
         if metadata is not None and not isinstance(metadata, ObjectMeta):
             raise UsageError("metadata must be an ObjectMeta")
@@ -520,6 +523,8 @@ class Client:
                 )
             )
             check_placed(placed)
+            if metadata_after is not None:
+                metadata = metadata_after()
             manifest = build_manifest(
                 self.publisher,
                 name=norm,

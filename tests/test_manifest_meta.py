@@ -3,6 +3,8 @@ manifests without it (golden vectors in tests/data/manifest/, made before the fi
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import signal
@@ -316,7 +318,9 @@ def test_cli_metadata_options_refused(
 
 async def test_metadata_through_real_peers_and_the_gateway(tmp_path: Path) -> None:
     """Client.put signs metadata into its version only: resolve returns it, the gateway
-    serves its type; an update without metadata has none; rm's tombstone has none."""
+    serves its type; an update without metadata has none; metadata_after gives what is
+    known once the body is read (its MD5), and its error publishes nothing; rm's
+    tombstone has none."""
     peers = await start_peers(tmp_path, 2, http=("127.0.0.1", 0))
     client = client_for(peers[0], publisher=Identity.generate())
     src = tmp_path / "src"
@@ -344,6 +348,30 @@ async def test_metadata_through_real_peers_and_the_gateway(tmp_path: Path) -> No
                         assert r.status == 200, await r.text()
                         assert r.headers["Content-Type"] == ctype
                         assert r.headers["ETag"] == f'"{etag}"'  # the version's, not the MD5
+        content = b"y" * 7000
+        md5 = hashlib.md5(usedforsecurity=False)
+
+        class Hashing(io.BytesIO):
+            def read(self, size: int | None = -1) -> bytes:
+                data = super().read(size)
+                md5.update(data)
+                return data
+
+        def refuse() -> ObjectMeta:
+            raise UsageError("the body's checksum does not match")
+
+        with pytest.raises(UsageError, match="checksum"):
+            await client.put(Hashing(content), name, replicas=1, update=True, metadata_after=refuse)
+        assert (await client.resolve(name)).manifest.version == 2  # nothing published
+        md5 = hashlib.md5(usedforsecurity=False)
+        v3 = await client.put(
+            Hashing(content),
+            name,
+            replicas=1,
+            update=True,
+            metadata_after=lambda: ObjectMeta(etag=md5.hexdigest()),
+        )
+        assert v3.manifest.meta == ObjectMeta(etag=hashlib.md5(content).hexdigest())
         tomb = await client.rm(name)
         assert tomb.meta is None and b"meta" not in tomb.raw
     finally:
