@@ -116,6 +116,14 @@ def test_meta_round_trips(meta: ObjectMeta) -> None:
     } | ({"user"} if meta.user else set())
 
 
+def test_meta_encoding_is_fixed() -> None:
+    """A manifest with metadata has the bytes of its golden vector (the encoding is fixed)."""
+    m = with_meta(golden()[0][1], META)
+    assert m.raw == (GOLDEN / "meta.json").read_bytes()
+    assert b',"meta":{"content_type":"video/mp4","etag":"' in m.raw
+    assert parse_manifest(m.raw).meta == META
+
+
 def test_meta_is_read_only_and_sorted() -> None:
     """The user pairs are a sorted read-only copy: the caller's dict cannot change them."""
     pairs = {"b": "2", "a": "1"}
