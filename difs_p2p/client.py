@@ -633,6 +633,7 @@ class Client:
         info["publisher"] = m.publisher.hex()
         info["owner"] = m.owner.hex()
         info["hash_of_manifest"] = m.hash
+        info["meta"] = m.meta.as_json() if m.meta is not None else None
         storages = [
             {
                 "storage": h.node_id.hex(),

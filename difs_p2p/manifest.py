@@ -78,9 +78,11 @@ def _no_constant(name: str) -> Any:
 
 # The canonical JSON of a manifest's "meta" object, at most: the longest name (1,024 bytes)
 # with a delegation of that very name and every number at its largest makes a manifest of
-# 3,182 bytes, and 4,096 - 3,182 - len(',"meta":') leaves 906; rounded down. So any valid
-# name takes any valid metadata. (S3 allows 2 KiB of x-amz-meta-*; here about 850 bytes
-# of pairs fit when the content type is short.)
+# 3,182 bytes, and 4,096 - 3,182 - len(',"meta":') leaves 906; rounded down. So any name
+# takes any valid metadata, unless JSON escapes it ('"' and '\' cost a byte more each:
+# such a name with such a delegation may not fit even without metadata). S3 allows
+# 2 KiB of x-amz-meta-*; here, beside a usual content type and ETag, about 800 bytes of
+# names and values.
 MAX_META_BYTES = 896
 # S3 and HTTP: a media type of at most 255 characters.
 MAX_CONTENT_TYPE = 255

@@ -3,14 +3,23 @@ manifests without it (golden vectors in tests/data/manifest/, made before the fi
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from difs_p2p import httprules
+from difs_p2p.cli_client import parse_metadata
 from difs_p2p.delegation import build_delegation
 from difs_p2p.errors import IntegrityError, UsageError, WireError
+from difs_p2p.identity import Identity
 from difs_p2p.manifest import (
     MANIFEST_DOMAIN,
     MAX_CONTENT_TYPE,
@@ -26,6 +35,7 @@ from difs_p2p.names import MAX_COMPONENT_BYTES, MAX_NAME_BYTES
 from difs_p2p.publish import build_tombstone
 from difs_p2p.records import canonical_json
 from difs_p2p.segments import IntegrityRoot, SegmentId
+from tests.helpers import BIN, client_for, start_peer_process, start_peers, stop_all
 from tests.signed import OWNER, WRITER, make
 
 GOLDEN = Path(__file__).parent / "data" / "manifest"
@@ -104,6 +114,14 @@ def test_meta_round_trips(meta: ObjectMeta) -> None:
     assert set(obj["meta"]) == {
         k for k, v in (("content_type", meta.content_type), ("etag", meta.etag)) if v
     } | ({"user"} if meta.user else set())
+
+
+def test_meta_encoding_is_fixed() -> None:
+    """A manifest with metadata has the bytes of its golden vector (the encoding is fixed)."""
+    m = with_meta(golden()[0][1], META)
+    assert m.raw == (GOLDEN / "meta.json").read_bytes()
+    assert b',"meta":{"content_type":"video/mp4","etag":"' in m.raw
+    assert parse_manifest(m.raw).meta == META
 
 
 def test_meta_is_read_only_and_sorted() -> None:
@@ -246,3 +264,166 @@ def test_largest_meta_fits_the_longest_delegated_manifest() -> None:
     )
     assert len(m.raw) <= MAX_MANIFEST_SIZE
     assert parse_manifest(m.raw).meta == m.meta
+
+
+@pytest.mark.parametrize(
+    ("media_type", "name", "expected"),
+    [
+        (None, "/t.com/a.mp4", "video/mp4"),
+        (None, "/t.com/a", "application/octet-stream"),
+        ("text/x-custom", "/t.com/a.mp4", "text/x-custom"),
+        ("text/plain; charset=utf-8", "/t.com/a", "text/plain; charset=utf-8"),
+    ],
+)
+def test_gateway_type_from_meta_else_extension(
+    media_type: str | None, name: str, expected: str
+) -> None:
+    """The gateway's Content-Type is the signed one when set, else the extension's."""
+    res = httprules.Resource(name, 10, '"etag"', 1764064800.0, media_type=media_type)
+    assert httprules.content_headers(res)["Content-Type"] == expected
+    whole = httprules.answer("GET", {"Range": "bytes=0-0,5-5"}, res, "b")
+    assert whole.part_type == expected
+
+
+@pytest.mark.parametrize(
+    ("content_type", "pairs", "expected"),
+    [
+        (None, None, None),
+        (None, [], None),
+        ("text/plain", None, ObjectMeta("text/plain")),
+        (
+            None,
+            ["Colour=blue", "mtime=5", "empty="],
+            ObjectMeta(user={"colour": "blue", "mtime": "5", "empty": ""}),
+        ),
+        (None, ["a=b=c"], ObjectMeta(user={"a": "b=c"})),
+    ],
+)
+def test_cli_metadata_options(
+    content_type: str | None, pairs: list[str] | None, expected: ObjectMeta | None
+) -> None:
+    """--content-type and --meta NAME=VALUE make the metadata; names are lower-cased."""
+    assert parse_metadata(content_type, pairs) == expected
+
+
+@pytest.mark.parametrize(
+    ("content_type", "pairs", "message"),
+    [
+        (None, ["novalue"], "NAME=VALUE"),
+        (None, ["a=1", "A=2"], "twice"),
+        (None, ["a b=1"], "metadata name"),
+        ("", None, "content type"),
+        ("text/plain\n", None, "content type"),
+    ],
+)
+def test_cli_metadata_options_refused(
+    content_type: str | None, pairs: list[str] | None, message: str
+) -> None:
+    """Bad --meta or --content-type values are usage errors naming the problem."""
+    with pytest.raises(UsageError, match=message):
+        parse_metadata(content_type, pairs)
+
+
+async def test_metadata_through_real_peers_and_the_gateway(tmp_path: Path) -> None:
+    """Client.put signs metadata into its version only: resolve returns it, the gateway
+    serves its type; an update without metadata has none; metadata_after gives what is
+    known once the body is read (its MD5), and its error publishes nothing; rm's
+    tombstone has none."""
+    peers = await start_peers(tmp_path, 2, http=("127.0.0.1", 0))
+    client = client_for(peers[0], publisher=Identity.generate())
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 5000)
+    name = "/t.com/doc.bin"
+    try:
+        with pytest.raises(UsageError):
+            await client.put(src, name, metadata="text/plain")  # type: ignore[arg-type]
+        v1 = await client.put(src, name, replicas=1, metadata=META)
+        assert v1.manifest.meta == META
+        assert (await client.resolve(name)).manifest.meta == META
+        v2 = await client.put(src, name, replicas=1, update=True)
+        resolved = await client.resolve(name)
+        assert v2.manifest.meta is None and resolved.manifest.meta is None
+        assert [m.meta for m in resolved.history] == [META, None]
+        gateway = peers[1].gateway
+        assert gateway is not None
+        async with aiohttp.ClientSession() as http:
+            for query, ctype, etag in (
+                ("", "application/octet-stream", v2.manifest.hash),
+                ("?version=1", "video/mp4", v1.manifest.hash),
+            ):
+                for method in ("GET", "HEAD"):
+                    async with http.request(method, f"{gateway.url}t.com/doc.bin{query}") as r:
+                        assert r.status == 200, await r.text()
+                        assert r.headers["Content-Type"] == ctype
+                        assert r.headers["ETag"] == f'"{etag}"'  # the version's, not the MD5
+        content = b"y" * 7000
+        md5 = hashlib.md5(usedforsecurity=False)
+
+        class Hashing(io.BytesIO):
+            def read(self, size: int | None = -1) -> bytes:
+                data = super().read(size)
+                md5.update(data)
+                return data
+
+        def refuse() -> ObjectMeta:
+            raise UsageError("the body's checksum does not match")
+
+        with pytest.raises(UsageError, match="checksum"):
+            await client.put(Hashing(content), name, replicas=1, update=True, metadata_after=refuse)
+        assert (await client.resolve(name)).manifest.version == 2  # nothing published
+        md5 = hashlib.md5(usedforsecurity=False)
+        v3 = await client.put(
+            Hashing(content),
+            name,
+            replicas=1,
+            update=True,
+            metadata_after=lambda: ObjectMeta(etag=md5.hexdigest()),
+        )
+        assert v3.manifest.meta == ObjectMeta(etag=hashlib.md5(content).hexdigest())
+        tomb = await client.rm(name)
+        assert tomb.meta is None and b"meta" not in tomb.raw
+    finally:
+        await client.close()
+        await stop_all(peers)
+
+
+def test_cli_put_signs_metadata_and_stat_shows_it(tmp_path: Path) -> None:
+    """difs put --content-type --meta publishes metadata that difs stat prints and --json
+    returns; a malformed --meta fails with exit 2 before anything is sent."""
+    proc, address = start_peer_process(tmp_path / "p")
+    env = dict(os.environ, DIFS_HOME=str(tmp_path / "home"))
+    env["DIFS_TOKEN_FILE"] = str(tmp_path / "p" / "control.token")
+    env.pop("DIFS_PEER", None)
+
+    def difs(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "difs"), *args, "--peer", address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"hello\n")
+    try:
+        bad = difs("put", str(src), "/cli/a.txt", "--meta", "novalue")
+        assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr
+        put = difs(
+            "put", str(src), "/cli/a.txt", "--replicas", "1", "--json",
+            "--content-type", "text/markdown", "--meta", "Colour=blue", "--meta", "mtime=5",
+        )  # fmt: skip
+        assert put.returncode == 0, put.stderr
+        expected = {"content_type": "text/markdown", "user": {"colour": "blue", "mtime": "5"}}
+        assert json.loads(put.stdout)["meta"] == expected
+        stat = difs("stat", "/cli/a.txt", "--json")
+        assert stat.returncode == 0, stat.stderr
+        assert json.loads(stat.stdout)["info"]["meta"] == expected
+        text = difs("stat", "/cli/a.txt")
+        assert text.returncode == 0, text.stderr
+        assert "type:      text/markdown" in text.stdout
+        assert "meta:      colour=blue" in text.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
