@@ -86,6 +86,7 @@ MAX_SKEW = 15 * 60.0
 MAX_PRESIGN_EXPIRES = 7 * 24 * 3600
 """The longest validity of a SigV4 presigned URL (S3's: 7 days)."""
 _ALGORITHM = "AWS4-HMAC-SHA256"
+_SPACE = " \t"  # what may surround the parts of an Authorization header
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _AMZ_DATE = re.compile(r"\d{8}T\d{6}Z")
 # x-amz-* headers that may go unsigned: they describe the body, which BodyChecks and the
@@ -142,10 +143,16 @@ def split_target(target: str) -> tuple[str, list[tuple[str, str]]]:
     return path, pairs
 
 
+def _utf8(text: str) -> bytes:
+    """``text`` as the bytes that came in (aiohttp keeps undecodable header and path bytes
+    as surrogates: they are given back, never an exception)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _decode(text: str, plus_is_space: bool) -> bytes:
     if plus_is_space:
         text = text.replace("+", " ")
-    return unquote_to_bytes(text)
+    return unquote_to_bytes(_utf8(text))
 
 
 def _encode(raw: bytes) -> str:
@@ -176,9 +183,9 @@ def _header_value(value: str) -> str:
 @functools.lru_cache(maxsize=256)
 def signing_key(secret: str, day: str, region: str, service: str = "s3") -> bytes:
     """SigV4's signing key of ``secret`` for a day (``YYYYMMDD``), region and service."""
-    key = ("AWS4" + secret).encode()
+    key = _utf8("AWS4" + secret)
     for part in (day, region, service, "aws4_request"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+        key = hmac.new(key, _utf8(part), hashlib.sha256).digest()
     return key
 
 
@@ -194,7 +201,7 @@ def _iso(t: float) -> str:
 
 
 def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
+    return hmac.compare_digest(_utf8(a), _utf8(b))
 
 
 def authenticate(req: SignedRequest, secret_of: Callable[[str], str | None], now: float) -> Auth:
@@ -262,9 +269,9 @@ def _v4_header(
     bad = s3errors.authorization_header_malformed
     fields: dict[str, str] = {}
     for item in header[len(_ALGORITHM) + 1 :].split(","):
-        name, eq, value = item.strip().partition("=")
+        name, eq, value = item.strip(_SPACE).partition("=")
         if not eq or name in fields:
-            raise bad(f"malformed Authorization component {item.strip()!r}")
+            raise bad(f"malformed Authorization component {item.strip(_SPACE)!r}")
         fields[name] = value
     if set(fields) != {"Credential", "SignedHeaders", "Signature"}:
         raise bad("the Authorization header needs Credential, SignedHeaders and Signature")
@@ -392,10 +399,10 @@ def _verify_v4(
     )
     scope = f"{v4.day}/{v4.region}/s3/aws4_request"
     string_to_sign = "\n".join(
-        [_ALGORITHM, date, scope, hashlib.sha256(canonical_request.encode()).hexdigest()]
+        [_ALGORITHM, date, scope, hashlib.sha256(_utf8(canonical_request)).hexdigest()]
     )
     key = signing_key(secret, v4.day, v4.region)
-    expected = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+    expected = hmac.new(key, _utf8(string_to_sign), hashlib.sha256).hexdigest()
     if not _same(expected, v4.signature):
         raise s3errors.signature_does_not_match(v4.access_key, string_to_sign, canonical_request)
     return key
@@ -435,7 +442,7 @@ def _verify_v2(
     query_headers: Mapping[str, str],
 ) -> None:
     string_to_sign = _v2_string_to_sign(req, date, query_headers)
-    digest = hmac.new(secret.encode(), string_to_sign.encode(), hashlib.sha1).digest()
+    digest = hmac.new(_utf8(secret), _utf8(string_to_sign), hashlib.sha1).digest()
     expected = base64.b64encode(digest).decode()
     if not _same(expected, signature):
         raise s3errors.signature_does_not_match(access_key, string_to_sign)
@@ -444,7 +451,7 @@ def _verify_v2(
 def _v2_header(
     req: SignedRequest, header: str, secret_of: Callable[[str], str | None], now: float
 ) -> Auth:
-    access_key, colon, signature = header[4:].strip().rpartition(":")
+    access_key, colon, signature = header[4:].strip(_SPACE).rpartition(":")
     if not colon or not access_key or not signature:
         raise s3errors.authorization_header_malformed("expected 'AWS AccessKeyId:Signature'")
     secret = secret_of(access_key)

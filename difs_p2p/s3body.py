@@ -52,7 +52,12 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
+    return hmac.compare_digest(_utf8(a), _utf8(b))
+
+
+def _utf8(text: str) -> bytes:
+    """Never an exception for the surrogates aiohttp keeps undecodable bytes as."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)
@@ -71,14 +76,14 @@ class ChunkSigner:
         text = "\n".join(
             ["AWS4-HMAC-SHA256-PAYLOAD", self.date, self.scope, previous, EMPTY_SHA256, data_sha256]
         )
-        return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest()
+        return hmac.new(self.key, _utf8(text), hashlib.sha256).hexdigest()
 
     def trailer_signature(self, previous: str, canonical_trailers: bytes) -> str:
         """The signature of the trailers (``name:value\\n`` each, in order), chained after
         the final chunk's signature."""
         digest = hashlib.sha256(canonical_trailers).hexdigest()
         text = "\n".join(["AWS4-HMAC-SHA256-TRAILER", self.date, self.scope, previous, digest])
-        return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest()
+        return hmac.new(self.key, _utf8(text), hashlib.sha256).hexdigest()
 
 
 # -- aws-chunked bodies --------------------------------------------------------------------

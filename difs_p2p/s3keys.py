@@ -180,15 +180,15 @@ class KeyStore:
             )
             return cur.rowcount > 0
 
-    def buckets(self, access_key: str) -> builtins.list[tuple[str, float]]:
-        """The buckets ``access_key`` made through this peer with their creation times,
-        by name (what ListBuckets answers)."""
+    def buckets(self, access_key: str) -> builtins.list[str]:
+        """The buckets ``access_key`` made through this peer, by name (what ListBuckets
+        answers; their creation dates are their claims')."""
         with self._db.locked("listing buckets") as conn:
             rows = conn.execute(
-                "SELECT bucket, created FROM s3buckets WHERE access_key = ? ORDER BY bucket",
+                "SELECT bucket FROM s3buckets WHERE access_key = ? ORDER BY bucket",
                 (access_key,),
             ).fetchall()
-        return [(str(bucket), float(created)) for bucket, created in rows]
+        return [str(bucket) for (bucket,) in rows]
 
 
 def _key(row: tuple[str, str, str, str, float]) -> S3Key:

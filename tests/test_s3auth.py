@@ -7,6 +7,7 @@ import calendar
 import contextlib
 import hashlib
 import itertools
+import re
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -650,6 +651,7 @@ EXAMPLE_BODY = b"".join(
     for size, sig in EXAMPLE_CHUNKS
 )
 assert len(EXAMPLE_BODY) == 66824
+SIGNER = example_signer()
 
 
 def decode(decoder: ChunkedDecoder, *pieces: bytes) -> tuple[bytes, dict[str, str]]:
@@ -862,3 +864,85 @@ def test_signed_payload_hash_is_checked_and_trailer_checksums_come_at_the_end() 
     with pytest.raises(S3Error, match="InvalidRequest"):
         trailed.verify({})
     assert trailed.md5_hex == hashlib.md5(DATA).hexdigest()
+
+
+# -- any request: an Auth or an S3Error -----------------------------------------------------
+
+ODD = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["", "\udcff", "é", "AWS4-HMAC-SHA256", "20130524T000000Z", "%zz", "+", "/"]),
+)
+QUERY_NAMES = [
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Signature",
+    "X-Amz-Content-Sha256",
+    "AWSAccessKeyId",
+    "Expires",
+    "Signature",
+    "uploadId",
+    "acl",
+    "x-amz-meta-q",
+]
+HEADER_NAMES = ["authorization", "x-amz-date", "x-amz-content-sha256", "date", "host", "range"]
+
+
+def spliced(base: str) -> st.SearchStrategy[str]:
+    """``base`` with a random slice replaced by odd text."""
+    return st.tuples(st.integers(0, len(base)), st.integers(0, 12), ODD).map(
+        lambda t: base[: t[0]] + t[2] + base[t[0] + t[1] :]
+    )
+
+
+GOOD_AUTH = get_example().headers["authorization"]
+
+
+@given(
+    st.sampled_from(["GET", "PUT", "é"]),
+    st.one_of(ODD, spliced("/test.txt")),
+    st.lists(st.tuples(st.sampled_from(QUERY_NAMES), ODD), max_size=8),
+    st.dictionaries(st.sampled_from(HEADER_NAMES), ODD, max_size=6),
+    st.one_of(spliced(GOOD_AUTH), st.builds(lambda t: "AWS " + t, ODD), ODD),
+    st.floats(0, 2e9),
+)
+def test_any_request_authenticates_or_raises_s3error(
+    method: str,
+    path: str,
+    query: list[tuple[str, str]],
+    heads: dict[str, str],
+    authorization: str,
+    now: float,
+) -> None:
+    """Whatever a client sends (mangled signatures, odd bytes, any time), authentication
+    answers an Auth or raises S3Error, never anything else."""
+    if "authorization" in heads:
+        heads["authorization"] = authorization
+    req = SignedRequest(method, path, query, heads)
+    with contextlib.suppress(S3Error):
+        authenticate(req, lambda _: SK, now)
+
+
+@given(st.integers(0, len(get_example().headers["authorization"])), ODD)
+def test_mangled_example_authorization_never_verifies(at: int, text: str) -> None:
+    """AWS's example with any text inserted into its Authorization header never verifies
+    unless the header is unchanged in meaning (spaces or tabs around its parts)."""
+    req = get_example()
+    mangled = GOOD_AUTH[:at] + text + GOOD_AUTH[at:]
+    try:
+        auth = authenticate(headers(req, authorization=mangled), secret_of, EXAMPLE_NOW)
+    except S3Error:
+        return
+    assert auth.access_key == AK
+    assert re.sub("[ \t]", "", mangled) == GOOD_AUTH.replace(" ", "")
+
+
+@given(st.lists(st.integers(0, len(EXAMPLE_BODY)), max_size=6))
+def test_signed_chunk_boundaries_anywhere_give_the_same_payload(cuts: list[int]) -> None:
+    """AWS's signed chunked example split at any points decodes to the same payload."""
+    points = [0, *sorted(cuts), len(EXAMPLE_BODY)]
+    pieces = [EXAMPLE_BODY[a:b] for a, b in itertools.pairwise(points)]
+    decoder = ChunkedDecoder("STREAMING-AWS4-HMAC-SHA256-PAYLOAD", SIGNER, 66560)
+    assert decode(decoder, *pieces) == (b"a" * 66560, {})
