@@ -48,6 +48,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -55,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from difs_p2p.errors import CapacityError
+from difs_p2p.errors import CapacityError, StorageError
 from difs_p2p.s3errors import (
     S3Error,
     entity_too_large,
@@ -267,7 +268,7 @@ class MultipartStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CapacityError(f"cannot create {self.root}: {exc.strerror or exc}") from exc
+            raise StorageError(f"cannot create {self.root}: {exc.strerror or exc}") from exc
         self.db = Database(self.root / "index.sqlite3", "the multipart upload index", _SCHEMA)
         # bytes of committed parts, and of parts being written (reserved as they arrive)
         self._staged = 0
@@ -280,7 +281,8 @@ class MultipartStore:
 
     def _recover(self) -> None:
         """Delete what a crash left (temporaries, files without a row, directories without
-        an upload) and rows whose file is missing; count the staged bytes."""
+        an upload) and the rows whose file is missing or not of the recorded size (with
+        the file); count the staged bytes."""
         with self.db.locked("reading the multipart index") as conn:
             uploads = {row[0] for row in conn.execute("SELECT id FROM uploads")}
             rows = {
@@ -300,8 +302,13 @@ class MultipartStore:
                     with contextlib.suppress(OSError):
                         os.unlink(item.path)
         missing = [
-            (upload, file) for upload, file in rows if not (self.root / upload / file).is_file()
+            (upload, file)
+            for (upload, file), size in rows.items()
+            if _file_size(self.root / upload / file) != size
         ]
+        for upload, file in missing:
+            with contextlib.suppress(OSError):
+                (self.root / upload / file).unlink()
         with self.db.locked("dropping parts whose file is missing") as conn:
             for upload in uploads:
                 (self.root / upload).mkdir(exist_ok=True)
@@ -325,7 +332,7 @@ class MultipartStore:
         except OSError as exc:
             if exc.errno in _NO_SPACE:
                 raise _no_space("creating an upload") from exc
-            raise
+            raise StorageError(f"cannot create an upload in {self.root}: {exc}") from exc
         try:
             with self.db.locked("creating an upload") as conn:
                 conn.execute(
@@ -435,7 +442,7 @@ class MultipartStore:
         except OSError as exc:
             if exc.errno in _NO_SPACE:
                 raise _no_space(f"writing part {number}") from exc
-            raise
+            raise StorageError(f"writing part {number} failed: {exc.strerror or exc}") from exc
         except CapacityError as exc:
             raise _no_space(f"recording part {number}") from exc
         finally:
@@ -576,6 +583,15 @@ def _upload(row: tuple[object, ...]) -> Upload:
         json.loads(str(meta)),
         float(str(created)),
     )
+
+
+def _file_size(path: Path) -> int:
+    """The size of a regular file, -1 if there is none."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return -1
+    return st.st_size if stat.S_ISREG(st.st_mode) else -1
 
 
 def _open_writer(directory: Path, number: int) -> _PartWriter:
