@@ -54,7 +54,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from difs_p2p.errors import CapacityError, StorageError
 from difs_p2p.s3errors import (
@@ -77,6 +77,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # S3's limits: part numbers 1-10,000 and at most 5 GiB a part (AWS "Amazon S3 multipart
 # upload limits"); the 5 MiB minimum of all parts but the last is checked at completion.
@@ -326,6 +327,9 @@ class MultipartStore:
 
     def create(self, bucket: str, key: str, access_key: str, meta: dict[str, str]) -> str:
         """Start an upload; its id (32 random hex digits: URL-safe, never starts with -)."""
+        for text in (bucket, key, access_key, *meta, *meta.values()):
+            if not isinstance(text, str) or not _utf8(text):
+                raise invalid_argument("names and metadata must be valid UTF-8 text")
         upload_id = secrets.token_hex(16)
         try:
             (self.root / upload_id).mkdir()
@@ -407,7 +411,7 @@ class MultipartStore:
         writer: _PartWriter | None = None
         recorded = False
         try:
-            writer = await asyncio.to_thread(_open_writer, self.root / upload_id, number)
+            writer = await _disk(upload_id, number, _PartWriter, self.root / upload_id, number)
             pending: asyncio.Future[None] | None = None
             batch: list[bytes] = []
             gathered = 0
@@ -424,7 +428,9 @@ class MultipartStore:
                     if gathered >= _BATCH:
                         if pending is not None:
                             await pending
-                        pending = asyncio.ensure_future(asyncio.to_thread(writer.write, batch))
+                        pending = asyncio.ensure_future(
+                            _disk(upload_id, number, writer.write, batch)
+                        )
                         batch, gathered = [], 0
             finally:
                 if pending is not None and not pending.done():
@@ -432,19 +438,11 @@ class MultipartStore:
                         await pending  # its error, if any, is raised just below
             if pending is not None:
                 pending.result()
-            await asyncio.to_thread(writer.finish, batch)
-            part, replaced = await asyncio.to_thread(self._record, upload_id, number, writer)
+            await _disk(upload_id, number, writer.finish, batch)
+            part, replaced = await _disk(upload_id, number, self._record, upload_id, number, writer)
             recorded = True
             self._staged += part.size - replaced
             return part
-        except FileNotFoundError as exc:
-            raise no_such_upload(upload_id) from exc  # removed while the part was written
-        except OSError as exc:
-            if exc.errno in _NO_SPACE:
-                raise _no_space(f"writing part {number}") from exc
-            raise StorageError(f"writing part {number} failed: {exc.strerror or exc}") from exc
-        except CapacityError as exc:
-            raise _no_space(f"recording part {number}") from exc
         finally:
             self._writing -= counted
             if writer is not None and not recorded:
@@ -585,6 +583,30 @@ def _upload(row: tuple[object, ...]) -> Upload:
     )
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+async def _disk(upload_id: str, number: int, fn: Callable[..., _T], *args: object) -> _T:
+    """``fn(*args)`` in a worker thread, its disk errors translated: the upload's directory
+    gone (removed meanwhile) NoSuchUpload, no space ServiceUnavailable, others
+    StorageError. Errors of the part's source pass through untouched."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except FileNotFoundError as exc:
+        raise no_such_upload(upload_id) from exc
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise _no_space(f"writing part {number}") from exc
+        raise StorageError(f"writing part {number} failed: {exc.strerror or exc}") from exc
+    except CapacityError as exc:
+        raise _no_space(f"recording part {number}") from exc
+
+
 def _file_size(path: Path) -> int:
     """The size of a regular file, -1 if there is none."""
     try:
@@ -592,7 +614,3 @@ def _file_size(path: Path) -> int:
     except OSError:
         return -1
     return st.st_size if stat.S_ISREG(st.st_mode) else -1
-
-
-def _open_writer(directory: Path, number: int) -> _PartWriter:
-    return _PartWriter(directory, number)

@@ -455,3 +455,28 @@ async def test_the_event_loop_runs_while_a_large_part_is_written(store: Multipar
     await task
     assert part.size == 64 << 20
     assert len(seen) >= 60, len(seen)
+
+
+async def test_a_client_gone_mid_part_leaves_nothing(store: MultipartStore) -> None:
+    """The source's own error (a connection reset) reaches the caller as it is, and the
+    half-written part leaves no file and no bytes counted."""
+    upload_id = store.create("a.com", "k", "AK", {})
+    await store.put_part(upload_id, 1, chunks_of(b"kept"))
+
+    async def cut() -> AsyncIterator[bytes]:
+        yield b"x" * (3 << 20)
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        await store.put_part(upload_id, 2, cut())
+    assert len(list((store.root / upload_id).iterdir())) == 1
+    assert store.staged_bytes() == 4
+
+
+def test_text_that_is_not_utf8_is_refused(store: MultipartStore) -> None:
+    """A key or metadata with a lone surrogate is InvalidArgument, not a database error."""
+    for key, meta in (("bad\udc80", {}), ("k", {"x": "\ud800"})):
+        with pytest.raises(S3Error) as err:
+            store.create("a.com", key, "AK", meta)
+        assert err.value.code == "InvalidArgument"
+    assert store.uploads("a.com") == []
