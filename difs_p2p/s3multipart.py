@@ -20,7 +20,7 @@ is set to that file (a re-upload of a part number replaces the row in one transa
 the old file is deleted after). A crash (kill -9) at any point leaves a temporary, or a
 file no row names, or a row still naming the old complete file: opening the store deletes
 temporaries, files without a row and directories without an upload, and drops rows whose
-file is missing. So a part is either the old one or the new one, whole.
+file is missing or not of the recorded size. So a part is the old one or the new one, whole.
 
 Errors are ``s3errors.S3Error`` with the S3 code the client sees: an unknown upload id
 (any string a client sends; checked against the id form before any path is built)
