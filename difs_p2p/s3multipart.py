@@ -126,6 +126,17 @@ class Part:
 
 
 @dataclass(frozen=True, slots=True)
+class _PartRow:
+    """A part's index row, as the reader needs it."""
+
+    upload: str
+    number: int
+    file: str
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class Upload:
     """An upload in progress: where it will be published, by whom, with what metadata."""
 
@@ -217,26 +228,45 @@ class _PartWriter:
 
 
 class _PartsReader(io.RawIOBase):
-    """The concatenation of open part files, read once in order."""
+    """The concatenation of open part files, read once in order, each checked against
+    its recorded size and MD5 as it ends: a part damaged on disk since it was stored
+    raises ``InvalidPart`` (after ``damaged(number, file)``) instead of being read."""
 
-    def __init__(self, files: list[io.BufferedReader]) -> None:
+    def __init__(
+        self,
+        files: list[tuple[io.BufferedReader, _PartRow]],
+        damaged: Callable[[_PartRow], None],
+    ) -> None:
         self._files = files
+        self._damaged = damaged
         self._at = 0
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._size = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
         while self._at < len(self._files):
-            n = self._files[self._at].readinto(buffer)
+            fh, row = self._files[self._at]
+            n = fh.readinto(buffer)
             if n:
-                return n
-            self._files[self._at].close()
+                self._md5.update(memoryview(buffer)[:n])
+                self._size += n
+                if self._size <= row.size:
+                    return n
+            if self._size != row.size or self._md5.hexdigest() != row.etag:
+                self.close()
+                self._damaged(row)
+                raise invalid_part(row.number, row.etag)
+            fh.close()
             self._at += 1
+            self._md5 = hashlib.md5(usedforsecurity=False)
+            self._size = 0
         return 0
 
     def close(self) -> None:
-        for fh in self._files[self._at :]:
+        for fh, _ in self._files[self._at :]:
             fh.close()
         self._at = len(self._files)
         super().close()
@@ -274,6 +304,7 @@ class MultipartStore:
         # bytes of committed parts, and of parts being written (reserved as they arrive)
         self._staged = 0
         self._writing = 0
+        self._count = threading.Lock()  # a damaged part is dropped from a reader's thread
         # uploads with a part being written: never expired meanwhile
         self._busy: dict[str, int] = {}
         self._recover()
@@ -385,6 +416,11 @@ class MultipartStore:
         """Bytes of all stored parts plus those being written (for the peer's status)."""
         return self._staged + self._writing
 
+    def _add(self, *, staged: int = 0, writing: int = 0) -> None:
+        with self._count:
+            self._staged += staged
+            self._writing += writing
+
     def _require(self, upload_id: str) -> Upload:
         upload = self.get(upload_id)
         if upload is None:
@@ -422,7 +458,7 @@ class MultipartStore:
                         continue
                     self._reserve(counted, len(data))
                     counted += len(data)
-                    self._writing += len(data)
+                    self._add(writing=len(data))
                     batch.append(data)
                     gathered += len(data)
                     if gathered >= _BATCH:
@@ -441,10 +477,10 @@ class MultipartStore:
             await _disk(upload_id, number, writer.finish, batch)
             part, replaced = await _disk(upload_id, number, self._record, upload_id, number, writer)
             recorded = True
-            self._staged += part.size - replaced
+            self._add(staged=part.size - replaced)
             return part
         finally:
-            self._writing -= counted
+            self._add(writing=-counted)
             if writer is not None and not recorded:
                 await asyncio.to_thread(writer.discard)
             count = self._busy.pop(upload_id, 1) - 1
@@ -483,33 +519,48 @@ class MultipartStore:
     def reader(self, upload_id: str, numbers: list[int]) -> BinaryIO:
         """One stream of the parts ``numbers`` in that order (InvalidPart if one is not
         there). The files are opened now: replacing or removing a part afterwards does
-        not change what the stream reads. The caller closes it."""
-        files = self._part_files(upload_id, numbers)
-        opened: list[io.BufferedReader] = []
+        not change what the stream reads. Each part is checked against its size and MD5
+        as it is read; a damaged one is dropped and the read raises InvalidPart (the client
+        uploads it again). Reads block: read it in a worker thread. The caller closes it."""
+        rows = self._part_rows(upload_id, numbers)
+        opened: list[tuple[io.BufferedReader, _PartRow]] = []
         try:
-            for path in files:
-                opened.append(open(path, "rb"))  # noqa: SIM115 (closed by the reader)
+            for row in rows:
+                opened.append((open(self.root / upload_id / row.file, "rb"), row))  # noqa: SIM115
         except OSError as exc:
-            for fh in opened:
+            for fh, _ in opened:
                 fh.close()
             raise S3Error("InvalidPart", f"a part cannot be read: {exc.strerror}") from exc
-        return io.BufferedReader(_PartsReader(opened), _BATCH)
+        return io.BufferedReader(_PartsReader(opened, self._drop_damaged), _BATCH)
+
+    def _drop_damaged(self, row: _PartRow) -> None:
+        """Forget a part found damaged (if its row still names that file) and delete it."""
+        log.warning("multipart.damaged upload=%s part=%d", row.upload, row.number)
+        with self.db.locked("dropping a damaged part") as conn:
+            gone = conn.execute(
+                "DELETE FROM parts WHERE upload = ? AND number = ? AND file = ?",
+                (row.upload, row.number, row.file),
+            ).rowcount
+        if gone:
+            self._add(staged=-row.size)
+        with contextlib.suppress(OSError):
+            (self.root / row.upload / row.file).unlink()
 
     def multipart_etag(self, upload_id: str, numbers: list[int]) -> str:
         """The ETag of the object the parts ``numbers`` make: ``md5(digests)-N``."""
-        etags = self._part_etags(upload_id, numbers)
-        return multipart_etag([bytes.fromhex(etag) for etag in etags])
+        rows = self._part_rows(upload_id, numbers)
+        return multipart_etag([bytes.fromhex(row.etag) for row in rows])
 
-    def _part_rows(self, upload_id: str, numbers: list[int]) -> list[tuple[str, str]]:
-        """(file, etag) of each of ``numbers``; InvalidPart for a missing one."""
+    def _part_rows(self, upload_id: str, numbers: list[int]) -> list[_PartRow]:
+        """The rows of ``numbers`` in that order; InvalidPart for a missing one."""
         self._require(upload_id)
         if not numbers:
             raise malformed_xml("a multipart upload needs at least one part")
         with self.db.locked("reading parts") as conn:
             found = {
-                int(n): (str(f), str(e))
-                for n, f, e in conn.execute(
-                    "SELECT number, file, etag FROM parts WHERE upload = ?", (upload_id,)
+                int(n): _PartRow(upload_id, int(n), str(f), str(e), int(z))
+                for n, f, e, z in conn.execute(
+                    "SELECT number, file, etag, size FROM parts WHERE upload = ?", (upload_id,)
                 )
             }
         rows = []
@@ -518,12 +569,6 @@ class MultipartStore:
                 raise invalid_part(number)
             rows.append(found[number])
         return rows
-
-    def _part_files(self, upload_id: str, numbers: list[int]) -> list[Path]:
-        return [self.root / upload_id / f for f, _ in self._part_rows(upload_id, numbers)]
-
-    def _part_etags(self, upload_id: str, numbers: list[int]) -> list[str]:
-        return [e for _, e in self._part_rows(upload_id, numbers)]
 
     # -- removal ----------------------------------------------------------------------------
 
@@ -542,7 +587,7 @@ class MultipartStore:
             ).fetchone()[0]
             conn.execute("DELETE FROM parts WHERE upload = ?", (upload_id,))
             conn.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
-        self._staged -= int(size)
+        self._add(staged=-int(size))
 
     async def expire(self, now: float | None = None) -> int:
         """Remove the uploads whose last activity (creation, newest part) is older than

@@ -480,3 +480,40 @@ def test_text_that_is_not_utf8_is_refused(store: MultipartStore) -> None:
             store.create("a.com", key, "AK", meta)
         assert err.value.code == "InvalidArgument"
     assert store.uploads("a.com") == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
+async def test_a_part_damaged_on_disk_is_not_read(
+    store: MultipartStore, tmp_path: Path, damage: str
+) -> None:
+    """A part file changed since it was stored (a flipped byte, cut short, grown) makes
+    the reader raise InvalidPart at that part; the part is dropped, the others stay."""
+    upload_id = store.create("a.com", "k", "AK", {})
+    await store.put_part(upload_id, 1, chunks_of(b"a" * 300_000))
+    await store.put_part(upload_id, 2, chunks_of(b"b" * 300_000))
+    (two,) = [p for p in (store.root / upload_id).iterdir() if p.name.startswith("2.")]
+    body = bytearray(two.read_bytes())
+    if damage == "flip":
+        body[150_000] ^= 1
+    elif damage == "truncate":
+        del body[-1]
+    else:
+        body += b"b"
+    two.write_bytes(bytes(body))
+    with pytest.raises(S3Error) as err, store.reader(upload_id, [1, 2]) as fh:
+        fh.read()
+    assert err.value.code == "InvalidPart"
+    assert err.value.extra["PartNumber"] == "2"
+    assert [p.number for p in store.parts(upload_id)] == [1]
+    assert not two.exists()
+    assert store.staged_bytes() == 300_000
+    assert read_all(store, upload_id, [1]) == b"a" * 300_000
+
+
+async def test_an_empty_part(store: MultipartStore) -> None:
+    """A part with no bytes is stored, with the MD5 of nothing, and reads as nothing."""
+    upload_id = store.create("a.com", "k", "AK", {})
+    part = await store.put_part(upload_id, 1, chunks_of(b""))
+    await store.put_part(upload_id, 2, chunks_of(b"x"))
+    assert (part.size, part.etag) == (0, hashlib.md5(b"").hexdigest())
+    assert read_all(store, upload_id, [1, 2, 1]) == b"x"
