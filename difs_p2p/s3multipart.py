@@ -13,6 +13,7 @@ Layout under the root (``DATA/s3-uploads/``)::
     <upload id>/               one directory per upload (the id is 32 hex digits)
     <upload id>/<n>.<gen>      part n; gen is random per write, the row names the file
     <upload id>/.tmp-...       a part being written
+    .removed-<upload id>/      an upload removed, its files being deleted
 
 A part is written to a temporary file beside its final one, its MD5 computed as it is
 written, fsynced, renamed to a new name and the directory fsynced; only then the index row
@@ -91,6 +92,7 @@ _BATCH = 1 << 20
 _ID = re.compile(r"[0-9a-f]{32}")
 _PART_FILE = re.compile(r"([0-9]{1,5})\.([0-9a-f]{16})")
 _TMP_PREFIX = ".tmp-"
+_REMOVED_PREFIX = ".removed-"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 _SCHEMA = """
@@ -307,6 +309,8 @@ class MultipartStore:
         self._count = threading.Lock()  # a damaged part is dropped from a reader's thread
         # uploads with a part being written: never expired meanwhile
         self._busy: dict[str, int] = {}
+        # deletions of removed uploads' files under way in the loop's executor
+        self._deleting: set[asyncio.Future[None]] = set()
         self._recover()
 
     # -- opening ----------------------------------------------------------------------------
@@ -574,9 +578,33 @@ class MultipartStore:
 
     def remove(self, upload_id: str) -> None:
         """Forget the upload and delete its parts (after completion or on abort);
-        NoSuchUpload for an unknown one. A part still being written is then refused."""
+        NoSuchUpload for an unknown one. A part still being written is then refused.
+
+        Called on the event loop, it only renames the upload's directory to a
+        ``.removed-`` name: the files (up to 10,000 parts of 5 GiB) are deleted by a worker
+        thread of the loop's executor, which the loop waits for when it shuts down; what a
+        crash leaves there is deleted on the next open."""
         self._forget(upload_id)
-        shutil.rmtree(self.root / upload_id, ignore_errors=True)
+        gone = self._detach(upload_id)
+        if gone is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            shutil.rmtree(gone, ignore_errors=True)
+            return
+        deleting = loop.run_in_executor(None, shutil.rmtree, gone, True)
+        self._deleting.add(deleting)
+        deleting.add_done_callback(self._deleting.discard)
+
+    def _detach(self, upload_id: str) -> Path | None:
+        """Rename a forgotten upload's directory out of the way; the new path."""
+        gone = self.root / f"{_REMOVED_PREFIX}{upload_id}"
+        try:
+            os.rename(self.root / upload_id, gone)
+        except OSError:
+            return None
+        return gone
 
     def _forget(self, upload_id: str) -> None:
         """Drop the upload's rows and its bytes from the count; NoSuchUpload if unknown."""
@@ -610,7 +638,9 @@ class MultipartStore:
                 self._forget(upload_id)
             except S3Error:
                 continue  # removed meanwhile
-            await asyncio.to_thread(shutil.rmtree, self.root / upload_id, True)
+            gone = self._detach(upload_id)
+            if gone is not None:
+                await asyncio.to_thread(shutil.rmtree, gone, True)
             removed += 1
             log.info("multipart.expired upload=%s", upload_id)
         return removed

@@ -17,6 +17,7 @@ import pytest
 
 from difs_p2p.s3errors import S3Error
 from difs_p2p.s3multipart import MultipartStore, Part, multipart_etag
+from tests.helpers import wait_for
 
 
 class Clock:
@@ -236,6 +237,7 @@ async def test_abort_removes_files(store: MultipartStore, tmp_path: Path) -> Non
     store.remove(gone)
     assert store.get(gone) is None
     assert not (tmp_path / "s3-uploads" / gone).exists()
+    await wait_for(lambda: not list(store.root.glob(".removed-*")), timeout=10)
     assert store.staged_bytes() == 4
     with pytest.raises(S3Error) as err:
         store.parts(gone)
@@ -326,6 +328,8 @@ def test_opening_removes_crash_leftovers(tmp_path: Path) -> None:
     (root / keep / ".tmp-3.0123456789abcdef").write_bytes(b"partial")
     (root / keep / "4.0123456789abcdef").write_bytes(b"renamed, never recorded")
     (root / ("f" * 32)).mkdir()
+    (root / (".removed-" + "e" * 32)).mkdir()
+    (root / (".removed-" + "e" * 32) / "1.0123456789abcdef").write_bytes(b"being deleted")
     (root / ("f" * 32) / "1.0123456789abcdef").write_bytes(b"no upload")
     one, two = sorted((root / damaged).iterdir())
     one.unlink()
