@@ -49,7 +49,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -67,6 +66,7 @@ from difs_p2p.s3errors import (
     no_such_upload,
     service_unavailable,
 )
+from difs_p2p.s3parts import REMOVED_PREFIX, PartRow, PartsReader, PartWriter, file_size
 from difs_p2p.sqlitedb import Database
 
 __all__ = [
@@ -90,9 +90,6 @@ DEFAULT_EXPIRE_AFTER = 24 * 3600.0
 # large enough that the thread hop is cheap, small enough to bound memory per part.
 _BATCH = 1 << 20
 _ID = re.compile(r"[0-9a-f]{32}")
-_PART_FILE = re.compile(r"([0-9]{1,5})\.([0-9a-f]{16})")
-_TMP_PREFIX = ".tmp-"
-_REMOVED_PREFIX = ".removed-"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 _SCHEMA = """
@@ -128,17 +125,6 @@ class Part:
 
 
 @dataclass(frozen=True, slots=True)
-class _PartRow:
-    """A part's index row, as the reader needs it."""
-
-    upload: str
-    number: int
-    file: str
-    etag: str
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
 class Upload:
     """An upload in progress: where it will be published, by whom, with what metadata."""
 
@@ -169,109 +155,6 @@ def _check_number(number: int) -> None:
             "partNumber",
             str(number),
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _PartWriter:
-    """One part being written: its temporary file, MD5 and size (used by worker threads).
-
-    A lock orders writes and ``discard``: a write still running in a thread after its
-    caller was cancelled finishes before the file is closed, never on a reused fd."""
-
-    def __init__(self, directory: Path, number: int) -> None:
-        self.directory = directory
-        gen = secrets.token_hex(8)
-        self.tmp = directory / f"{_TMP_PREFIX}{number}.{gen}"
-        self.final = f"{number}.{gen}"
-        self.md5 = hashlib.md5(usedforsecurity=False)
-        self.size = 0
-        self.lock = threading.Lock()
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-
-    def write(self, batch: list[bytes]) -> None:
-        with self.lock:
-            if self.fd < 0:
-                return
-            for chunk in batch:
-                self.md5.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(self.fd, view) :]
-                self.size += len(chunk)
-
-    def finish(self, batch: list[bytes]) -> None:
-        """Write the last batch, fsync, close and rename to the final name; fsync the
-        directory."""
-        self.write(batch)
-        with self.lock:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-            os.rename(self.tmp, self.directory / self.final)
-        _fsync_dir(self.directory)
-
-    def discard(self) -> None:
-        """Close and delete the temporary, and the renamed file if it got that far."""
-        with self.lock:
-            if self.fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(self.fd)
-                self.fd = -1
-            for path in (self.tmp, self.directory / self.final):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-
-
-class _PartsReader(io.RawIOBase):
-    """The concatenation of open part files, read once in order, each checked against
-    its recorded size and MD5 as it ends: a part damaged on disk since it was stored
-    raises ``InvalidPart`` (after ``damaged(number, file)``) instead of being read."""
-
-    def __init__(
-        self,
-        files: list[tuple[io.BufferedReader, _PartRow]],
-        damaged: Callable[[_PartRow], None],
-    ) -> None:
-        self._files = files
-        self._damaged = damaged
-        self._at = 0
-        self._md5 = hashlib.md5(usedforsecurity=False)
-        self._size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        while self._at < len(self._files):
-            fh, row = self._files[self._at]
-            n = fh.readinto(buffer)
-            if n:
-                self._md5.update(memoryview(buffer)[:n])
-                self._size += n
-                if self._size <= row.size:
-                    return n
-            if self._size != row.size or self._md5.hexdigest() != row.etag:
-                self.close()
-                self._damaged(row)
-                raise invalid_part(row.number, row.etag)
-            fh.close()
-            self._at += 1
-            self._md5 = hashlib.md5(usedforsecurity=False)
-            self._size = 0
-        return 0
-
-    def close(self) -> None:
-        for fh, _ in self._files[self._at :]:
-            fh.close()
-        self._at = len(self._files)
-        super().close()
 
 
 class MultipartStore:
@@ -340,7 +223,7 @@ class MultipartStore:
         missing = [
             (upload, file)
             for (upload, file), size in rows.items()
-            if _file_size(self.root / upload / file) != size
+            if file_size(self.root / upload / file) != size
         ]
         for upload, file in missing:
             with contextlib.suppress(OSError):
@@ -448,10 +331,10 @@ class MultipartStore:
         self._require(upload_id)
         self._busy[upload_id] = self._busy.get(upload_id, 0) + 1
         counted = 0  # bytes of this part in self._writing
-        writer: _PartWriter | None = None
+        writer: PartWriter | None = None
         recorded = False
         try:
-            writer = await _disk(upload_id, number, _PartWriter, self.root / upload_id, number)
+            writer = await _disk(upload_id, number, PartWriter, self.root / upload_id, number)
             pending: asyncio.Future[None] | None = None
             batch: list[bytes] = []
             gathered = 0
@@ -498,7 +381,7 @@ class MultipartStore:
         if self.max_staged is not None and self.staged_bytes() + more > self.max_staged:
             raise _no_space("staging a part")
 
-    def _record(self, upload_id: str, number: int, writer: _PartWriter) -> tuple[Part, int]:
+    def _record(self, upload_id: str, number: int, writer: PartWriter) -> tuple[Part, int]:
         """Point the part's row at the new file (worker thread) and delete the file it
         replaces; the part and the size it replaced. NoSuchUpload if the upload is gone."""
         part = Part(number, writer.md5.hexdigest(), writer.size, self.clock())
@@ -527,7 +410,7 @@ class MultipartStore:
         as it is read; a damaged one is dropped and the read raises InvalidPart (the client
         uploads it again). Reads block: read it in a worker thread. The caller closes it."""
         rows = self._part_rows(upload_id, numbers)
-        opened: list[tuple[io.BufferedReader, _PartRow]] = []
+        opened: list[tuple[io.BufferedReader, PartRow]] = []
         try:
             for row in rows:
                 opened.append((open(self.root / upload_id / row.file, "rb"), row))  # noqa: SIM115
@@ -535,9 +418,9 @@ class MultipartStore:
             for fh, _ in opened:
                 fh.close()
             raise S3Error("InvalidPart", f"a part cannot be read: {exc.strerror}") from exc
-        return io.BufferedReader(_PartsReader(opened, self._drop_damaged), _BATCH)
+        return io.BufferedReader(PartsReader(opened, self._drop_damaged), _BATCH)
 
-    def _drop_damaged(self, row: _PartRow) -> None:
+    def _drop_damaged(self, row: PartRow) -> None:
         """Forget a part found damaged (if its row still names that file) and delete it."""
         log.warning("multipart.damaged upload=%s part=%d", row.upload, row.number)
         with self.db.locked("dropping a damaged part") as conn:
@@ -555,14 +438,14 @@ class MultipartStore:
         rows = self._part_rows(upload_id, numbers)
         return multipart_etag([bytes.fromhex(row.etag) for row in rows])
 
-    def _part_rows(self, upload_id: str, numbers: list[int]) -> list[_PartRow]:
+    def _part_rows(self, upload_id: str, numbers: list[int]) -> list[PartRow]:
         """The rows of ``numbers`` in that order; InvalidPart for a missing one."""
         self._require(upload_id)
         if not numbers:
             raise malformed_xml("a multipart upload needs at least one part")
         with self.db.locked("reading parts") as conn:
             found = {
-                int(n): _PartRow(upload_id, int(n), str(f), str(e), int(z))
+                int(n): PartRow(upload_id, int(n), str(f), str(e), int(z))
                 for n, f, e, z in conn.execute(
                     "SELECT number, file, etag, size FROM parts WHERE upload = ?", (upload_id,)
                 )
@@ -599,7 +482,7 @@ class MultipartStore:
 
     def _detach(self, upload_id: str) -> Path | None:
         """Rename a forgotten upload's directory out of the way; the new path."""
-        gone = self.root / f"{_REMOVED_PREFIX}{upload_id}"
+        gone = self.root / f"{REMOVED_PREFIX}{upload_id}"
         try:
             os.rename(self.root / upload_id, gone)
         except OSError:
@@ -680,12 +563,3 @@ async def _disk(upload_id: str, number: int, fn: Callable[..., _T], *args: objec
         raise StorageError(f"writing part {number} failed: {exc.strerror or exc}") from exc
     except CapacityError as exc:
         raise _no_space(f"recording part {number}") from exc
-
-
-def _file_size(path: Path) -> int:
-    """The size of a regular file, -1 if there is none."""
-    try:
-        st = path.lstat()
-    except OSError:
-        return -1
-    return st.st_size if stat.S_ISREG(st.st_mode) else -1
