@@ -281,6 +281,8 @@ class MultipartStore:
     def uploads(self, bucket: str, prefix: str = "") -> list[Upload]:
         """The uploads in progress to ``bucket`` whose key starts with ``prefix``, by key
         (UTF-8 byte order, as S3 lists) and then by creation."""
+        if not (_utf8(bucket) and _utf8(prefix)):
+            return []  # nothing stored is named so (create refuses it)
         with self.db.locked("listing uploads") as conn:
             rows = conn.execute(
                 "SELECT id, bucket, key, access_key, meta, created FROM uploads"

@@ -484,6 +484,7 @@ def test_text_that_is_not_utf8_is_refused(store: MultipartStore) -> None:
             store.create("a.com", key, "AK", meta)
         assert err.value.code == "InvalidArgument"
     assert store.uploads("a.com") == []
+    assert store.uploads("a.com", "\udc80") == []
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
@@ -521,3 +522,18 @@ async def test_an_empty_part(store: MultipartStore) -> None:
     await store.put_part(upload_id, 2, chunks_of(b"x"))
     assert (part.size, part.etag) == (0, hashlib.md5(b"").hexdigest())
     assert read_all(store, upload_id, [1, 2, 1]) == b"x"
+
+
+async def test_the_same_part_twice_at_once(store: MultipartStore) -> None:
+    """Two uploads of one part number at the same time leave one of them, whole, and one
+    file; the staged bytes count it once."""
+    upload_id = store.create("a.com", "k", "AK", {})
+    one, two = b"1" * (3 << 20), b"2" * (2 << 20)
+    await asyncio.gather(
+        store.put_part(upload_id, 7, chunks_of(one)), store.put_part(upload_id, 7, chunks_of(two))
+    )
+    (part,) = store.parts(upload_id)
+    assert read_all(store, upload_id, [7]) in (one, two)
+    assert part.etag == hashlib.md5(read_all(store, upload_id, [7])).hexdigest()
+    assert len(list((store.root / upload_id).iterdir())) == 1
+    assert store.staged_bytes() == part.size
