@@ -149,7 +149,8 @@ def _no_space(doing: str) -> S3Error:
 
 
 def _check_number(number: int) -> None:
-    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 10_000:
+    is_int = isinstance(number, int) and not isinstance(number, bool)
+    if not is_int or not 1 <= number <= MAX_PART_NUMBER:
         raise invalid_argument(
             f"Part number must be an integer between 1 and {MAX_PART_NUMBER}, inclusive",
             "partNumber",
