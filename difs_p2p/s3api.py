@@ -60,6 +60,7 @@ from difs_p2p.gateway import host_of, http_url
 from difs_p2p.identity import fingerprint
 from difs_p2p.listing import decode_token, encode_token
 from difs_p2p.manifest import Manifest, ObjectMeta
+from difs_p2p.names import claim_name
 from difs_p2p.s3auth import Auth, SignedRequest, authenticate, body_decoder, split_target
 from difs_p2p.s3body import BodyChecks
 from difs_p2p.s3errors import S3Error
@@ -496,13 +497,19 @@ class _Ctx:
 
     async def list_buckets(self) -> web.Response:
         out: list[tuple[str, float]] = []
-        for bucket, created in self._my_buckets():
-            if await self.client.prefix_owner(f"/{bucket}/") == self.mine:
-                out.append((bucket, created))
+        for bucket in self._my_buckets():
+            # still this identity's (a claim is permanent; this checks the record), dated
+            # by its claim
+            try:
+                claim = await self.client.resolve(claim_name(f"/{bucket}/"))
+            except NotFoundError:
+                continue
+            if claim.manifest.owner == self.mine:
+                out.append((bucket, claim.manifest.created))
         return _xml(s3xml.list_buckets(self.owner[0], self.owner[1], out))
 
-    def _my_buckets(self) -> list[tuple[str, float]]:
-        """The buckets this key made through this peer (and when)."""
+    def _my_buckets(self) -> list[str]:
+        """The buckets this key made through this peer."""
         return list(self.server.keys.buckets(self.key.access_key))
 
     async def create_bucket(self) -> web.Response:
@@ -516,7 +523,7 @@ class _Ctx:
                 raise S3Error("BucketAlreadyExists", extra={"BucketName": bucket}) from None
         elif owner != self.mine:
             raise S3Error("BucketAlreadyExists", extra={"BucketName": bucket})
-        elif bucket in dict(self._my_buckets()):
+        elif bucket in self._my_buckets():
             raise S3Error("BucketAlreadyOwnedByYou", extra={"BucketName": bucket})
         self.server.keys.add_bucket(self.key.access_key, bucket)
         return web.Response(status=200, headers={"Location": f"/{bucket}"})

@@ -13,6 +13,7 @@ Layout under the root (``DATA/s3-uploads/``)::
     <upload id>/               one directory per upload (the id is 32 hex digits)
     <upload id>/<n>.<gen>      part n; gen is random per write, the row names the file
     <upload id>/.tmp-...       a part being written
+    .removed-<upload id>/      an upload removed, its files being deleted
 
 A part is written to a temporary file beside its final one, its MD5 computed as it is
 written, fsynced, renamed to a new name and the directory fsynced; only then the index row
@@ -20,7 +21,7 @@ is set to that file (a re-upload of a part number replaces the row in one transa
 the old file is deleted after). A crash (kill -9) at any point leaves a temporary, or a
 file no row names, or a row still naming the old complete file: opening the store deletes
 temporaries, files without a row and directories without an upload, and drops rows whose
-file is missing. So a part is either the old one or the new one, whole.
+file is missing or not of the recorded size. So a part is the old one or the new one, whole.
 
 Errors are ``s3errors.S3Error`` with the S3 code the client sees: an unknown upload id
 (any string a client sends; checked against the id form before any path is built)
@@ -53,9 +54,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
-from difs_p2p.errors import CapacityError
+from difs_p2p.errors import CapacityError, StorageError
 from difs_p2p.s3errors import (
     S3Error,
     entity_too_large,
@@ -65,6 +66,7 @@ from difs_p2p.s3errors import (
     no_such_upload,
     service_unavailable,
 )
+from difs_p2p.s3parts import REMOVED_PREFIX, PartRow, PartsReader, PartWriter, file_size
 from difs_p2p.sqlitedb import Database
 
 __all__ = [
@@ -76,6 +78,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # S3's limits: part numbers 1-10,000 and at most 5 GiB a part (AWS "Amazon S3 multipart
 # upload limits"); the 5 MiB minimum of all parts but the last is checked at completion.
@@ -87,8 +90,6 @@ DEFAULT_EXPIRE_AFTER = 24 * 3600.0
 # large enough that the thread hop is cheap, small enough to bound memory per part.
 _BATCH = 1 << 20
 _ID = re.compile(r"[0-9a-f]{32}")
-_PART_FILE = re.compile(r"([0-9]{1,5})\.([0-9a-f]{16})")
-_TMP_PREFIX = ".tmp-"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 _SCHEMA = """
@@ -148,96 +149,13 @@ def _no_space(doing: str) -> S3Error:
 
 
 def _check_number(number: int) -> None:
-    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 10_000:
+    is_int = isinstance(number, int) and not isinstance(number, bool)
+    if not is_int or not 1 <= number <= MAX_PART_NUMBER:
         raise invalid_argument(
             f"Part number must be an integer between 1 and {MAX_PART_NUMBER}, inclusive",
             "partNumber",
             str(number),
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _PartWriter:
-    """One part being written: its temporary file, MD5 and size (used by worker threads).
-
-    A lock orders writes and ``discard``: a write still running in a thread after its
-    caller was cancelled finishes before the file is closed, never on a reused fd."""
-
-    def __init__(self, directory: Path, number: int) -> None:
-        self.directory = directory
-        gen = secrets.token_hex(8)
-        self.tmp = directory / f"{_TMP_PREFIX}{number}.{gen}"
-        self.final = f"{number}.{gen}"
-        self.md5 = hashlib.md5(usedforsecurity=False)
-        self.size = 0
-        self.lock = threading.Lock()
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-
-    def write(self, batch: list[bytes]) -> None:
-        with self.lock:
-            if self.fd < 0:
-                return
-            for chunk in batch:
-                self.md5.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(self.fd, view) :]
-                self.size += len(chunk)
-
-    def finish(self, batch: list[bytes]) -> None:
-        """Write the last batch, fsync, close and rename to the final name; fsync the
-        directory."""
-        self.write(batch)
-        with self.lock:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-            os.rename(self.tmp, self.directory / self.final)
-        _fsync_dir(self.directory)
-
-    def discard(self) -> None:
-        """Close and delete the temporary, and the renamed file if it got that far."""
-        with self.lock:
-            if self.fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(self.fd)
-                self.fd = -1
-            for path in (self.tmp, self.directory / self.final):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-
-
-class _PartsReader(io.RawIOBase):
-    """The concatenation of open part files, read once in order."""
-
-    def __init__(self, files: list[io.BufferedReader]) -> None:
-        self._files = files
-        self._at = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        while self._at < len(self._files):
-            n = self._files[self._at].readinto(buffer)
-            if n:
-                return n
-            self._files[self._at].close()
-            self._at += 1
-        return 0
-
-    def close(self) -> None:
-        for fh in self._files[self._at :]:
-            fh.close()
-        self._at = len(self._files)
-        super().close()
 
 
 class MultipartStore:
@@ -267,20 +185,24 @@ class MultipartStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CapacityError(f"cannot create {self.root}: {exc.strerror or exc}") from exc
+            raise StorageError(f"cannot create {self.root}: {exc.strerror or exc}") from exc
         self.db = Database(self.root / "index.sqlite3", "the multipart upload index", _SCHEMA)
         # bytes of committed parts, and of parts being written (reserved as they arrive)
         self._staged = 0
         self._writing = 0
+        self._count = threading.Lock()  # a damaged part is dropped from a reader's thread
         # uploads with a part being written: never expired meanwhile
         self._busy: dict[str, int] = {}
+        # deletions of removed uploads' files under way in the loop's executor
+        self._deleting: set[asyncio.Future[None]] = set()
         self._recover()
 
     # -- opening ----------------------------------------------------------------------------
 
     def _recover(self) -> None:
         """Delete what a crash left (temporaries, files without a row, directories without
-        an upload) and rows whose file is missing; count the staged bytes."""
+        an upload) and the rows whose file is missing or not of the recorded size (with
+        the file); count the staged bytes."""
         with self.db.locked("reading the multipart index") as conn:
             uploads = {row[0] for row in conn.execute("SELECT id FROM uploads")}
             rows = {
@@ -300,8 +222,13 @@ class MultipartStore:
                     with contextlib.suppress(OSError):
                         os.unlink(item.path)
         missing = [
-            (upload, file) for upload, file in rows if not (self.root / upload / file).is_file()
+            (upload, file)
+            for (upload, file), size in rows.items()
+            if file_size(self.root / upload / file) != size
         ]
+        for upload, file in missing:
+            with contextlib.suppress(OSError):
+                (self.root / upload / file).unlink()
         with self.db.locked("dropping parts whose file is missing") as conn:
             for upload in uploads:
                 (self.root / upload).mkdir(exist_ok=True)
@@ -319,13 +246,16 @@ class MultipartStore:
 
     def create(self, bucket: str, key: str, access_key: str, meta: dict[str, str]) -> str:
         """Start an upload; its id (32 random hex digits: URL-safe, never starts with -)."""
+        for text in (bucket, key, access_key, *meta, *meta.values()):
+            if not isinstance(text, str) or not _utf8(text):
+                raise invalid_argument("names and metadata must be valid UTF-8 text")
         upload_id = secrets.token_hex(16)
         try:
             (self.root / upload_id).mkdir()
         except OSError as exc:
             if exc.errno in _NO_SPACE:
                 raise _no_space("creating an upload") from exc
-            raise
+            raise StorageError(f"cannot create an upload in {self.root}: {exc}") from exc
         try:
             with self.db.locked("creating an upload") as conn:
                 conn.execute(
@@ -352,6 +282,8 @@ class MultipartStore:
     def uploads(self, bucket: str, prefix: str = "") -> list[Upload]:
         """The uploads in progress to ``bucket`` whose key starts with ``prefix``, by key
         (UTF-8 byte order, as S3 lists) and then by creation."""
+        if not (_utf8(bucket) and _utf8(prefix)):
+            return []  # nothing stored is named so (create refuses it)
         with self.db.locked("listing uploads") as conn:
             rows = conn.execute(
                 "SELECT id, bucket, key, access_key, meta, created FROM uploads"
@@ -373,6 +305,11 @@ class MultipartStore:
     def staged_bytes(self) -> int:
         """Bytes of all stored parts plus those being written (for the peer's status)."""
         return self._staged + self._writing
+
+    def _add(self, *, staged: int = 0, writing: int = 0) -> None:
+        with self._count:
+            self._staged += staged
+            self._writing += writing
 
     def _require(self, upload_id: str) -> Upload:
         upload = self.get(upload_id)
@@ -397,10 +334,10 @@ class MultipartStore:
         self._require(upload_id)
         self._busy[upload_id] = self._busy.get(upload_id, 0) + 1
         counted = 0  # bytes of this part in self._writing
-        writer: _PartWriter | None = None
+        writer: PartWriter | None = None
         recorded = False
         try:
-            writer = await asyncio.to_thread(_open_writer, self.root / upload_id, number)
+            writer = await _disk(upload_id, number, PartWriter, self.root / upload_id, number)
             pending: asyncio.Future[None] | None = None
             batch: list[bytes] = []
             gathered = 0
@@ -411,13 +348,15 @@ class MultipartStore:
                         continue
                     self._reserve(counted, len(data))
                     counted += len(data)
-                    self._writing += len(data)
+                    self._add(writing=len(data))
                     batch.append(data)
                     gathered += len(data)
                     if gathered >= _BATCH:
                         if pending is not None:
                             await pending
-                        pending = asyncio.ensure_future(asyncio.to_thread(writer.write, batch))
+                        pending = asyncio.ensure_future(
+                            _disk(upload_id, number, writer.write, batch)
+                        )
                         batch, gathered = [], 0
             finally:
                 if pending is not None and not pending.done():
@@ -425,21 +364,13 @@ class MultipartStore:
                         await pending  # its error, if any, is raised just below
             if pending is not None:
                 pending.result()
-            await asyncio.to_thread(writer.finish, batch)
-            part, replaced = await asyncio.to_thread(self._record, upload_id, number, writer)
+            await _disk(upload_id, number, writer.finish, batch)
+            part, replaced = await _disk(upload_id, number, self._record, upload_id, number, writer)
             recorded = True
-            self._staged += part.size - replaced
+            self._add(staged=part.size - replaced)
             return part
-        except FileNotFoundError as exc:
-            raise no_such_upload(upload_id) from exc  # removed while the part was written
-        except OSError as exc:
-            if exc.errno in _NO_SPACE:
-                raise _no_space(f"writing part {number}") from exc
-            raise
-        except CapacityError as exc:
-            raise _no_space(f"recording part {number}") from exc
         finally:
-            self._writing -= counted
+            self._add(writing=-counted)
             if writer is not None and not recorded:
                 await asyncio.to_thread(writer.discard)
             count = self._busy.pop(upload_id, 1) - 1
@@ -453,7 +384,7 @@ class MultipartStore:
         if self.max_staged is not None and self.staged_bytes() + more > self.max_staged:
             raise _no_space("staging a part")
 
-    def _record(self, upload_id: str, number: int, writer: _PartWriter) -> tuple[Part, int]:
+    def _record(self, upload_id: str, number: int, writer: PartWriter) -> tuple[Part, int]:
         """Point the part's row at the new file (worker thread) and delete the file it
         replaces; the part and the size it replaced. NoSuchUpload if the upload is gone."""
         part = Part(number, writer.md5.hexdigest(), writer.size, self.clock())
@@ -478,33 +409,48 @@ class MultipartStore:
     def reader(self, upload_id: str, numbers: list[int]) -> BinaryIO:
         """One stream of the parts ``numbers`` in that order (InvalidPart if one is not
         there). The files are opened now: replacing or removing a part afterwards does
-        not change what the stream reads. The caller closes it."""
-        files = self._part_files(upload_id, numbers)
-        opened: list[io.BufferedReader] = []
+        not change what the stream reads. Each part is checked against its size and MD5
+        as it is read; a damaged one is dropped and the read raises InvalidPart (the client
+        uploads it again). Reads block: read it in a worker thread. The caller closes it."""
+        rows = self._part_rows(upload_id, numbers)
+        opened: list[tuple[io.BufferedReader, PartRow]] = []
         try:
-            for path in files:
-                opened.append(open(path, "rb"))  # noqa: SIM115 (closed by the reader)
+            for row in rows:
+                opened.append((open(self.root / upload_id / row.file, "rb"), row))  # noqa: SIM115
         except OSError as exc:
-            for fh in opened:
+            for fh, _ in opened:
                 fh.close()
             raise S3Error("InvalidPart", f"a part cannot be read: {exc.strerror}") from exc
-        return io.BufferedReader(_PartsReader(opened), _BATCH)
+        return io.BufferedReader(PartsReader(opened, self._drop_damaged), _BATCH)
+
+    def _drop_damaged(self, row: PartRow) -> None:
+        """Forget a part found damaged (if its row still names that file) and delete it."""
+        log.warning("multipart.damaged upload=%s part=%d", row.upload, row.number)
+        with self.db.locked("dropping a damaged part") as conn:
+            gone = conn.execute(
+                "DELETE FROM parts WHERE upload = ? AND number = ? AND file = ?",
+                (row.upload, row.number, row.file),
+            ).rowcount
+        if gone:
+            self._add(staged=-row.size)
+        with contextlib.suppress(OSError):
+            (self.root / row.upload / row.file).unlink()
 
     def multipart_etag(self, upload_id: str, numbers: list[int]) -> str:
         """The ETag of the object the parts ``numbers`` make: ``md5(digests)-N``."""
-        etags = self._part_etags(upload_id, numbers)
-        return multipart_etag([bytes.fromhex(etag) for etag in etags])
+        rows = self._part_rows(upload_id, numbers)
+        return multipart_etag([bytes.fromhex(row.etag) for row in rows])
 
-    def _part_rows(self, upload_id: str, numbers: list[int]) -> list[tuple[str, str]]:
-        """(file, etag) of each of ``numbers``; InvalidPart for a missing one."""
+    def _part_rows(self, upload_id: str, numbers: list[int]) -> list[PartRow]:
+        """The rows of ``numbers`` in that order; InvalidPart for a missing one."""
         self._require(upload_id)
         if not numbers:
             raise malformed_xml("a multipart upload needs at least one part")
         with self.db.locked("reading parts") as conn:
             found = {
-                int(n): (str(f), str(e))
-                for n, f, e in conn.execute(
-                    "SELECT number, file, etag FROM parts WHERE upload = ?", (upload_id,)
+                int(n): PartRow(upload_id, int(n), str(f), str(e), int(z))
+                for n, f, e, z in conn.execute(
+                    "SELECT number, file, etag, size FROM parts WHERE upload = ?", (upload_id,)
                 )
             }
         rows = []
@@ -514,19 +460,37 @@ class MultipartStore:
             rows.append(found[number])
         return rows
 
-    def _part_files(self, upload_id: str, numbers: list[int]) -> list[Path]:
-        return [self.root / upload_id / f for f, _ in self._part_rows(upload_id, numbers)]
-
-    def _part_etags(self, upload_id: str, numbers: list[int]) -> list[str]:
-        return [e for _, e in self._part_rows(upload_id, numbers)]
-
     # -- removal ----------------------------------------------------------------------------
 
     def remove(self, upload_id: str) -> None:
         """Forget the upload and delete its parts (after completion or on abort);
-        NoSuchUpload for an unknown one. A part still being written is then refused."""
+        NoSuchUpload for an unknown one. A part still being written is then refused.
+
+        Called on the event loop, it only renames the upload's directory to a
+        ``.removed-`` name: the files (up to 10,000 parts of 5 GiB) are deleted by a worker
+        thread of the loop's executor, which the loop waits for when it shuts down; what a
+        crash leaves there is deleted on the next open."""
         self._forget(upload_id)
-        shutil.rmtree(self.root / upload_id, ignore_errors=True)
+        gone = self._detach(upload_id)
+        if gone is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            shutil.rmtree(gone, ignore_errors=True)
+            return
+        deleting = loop.run_in_executor(None, shutil.rmtree, gone, True)
+        self._deleting.add(deleting)
+        deleting.add_done_callback(self._deleting.discard)
+
+    def _detach(self, upload_id: str) -> Path | None:
+        """Rename a forgotten upload's directory out of the way; the new path."""
+        gone = self.root / f"{REMOVED_PREFIX}{upload_id}"
+        try:
+            os.rename(self.root / upload_id, gone)
+        except OSError:
+            return None
+        return gone
 
     def _forget(self, upload_id: str) -> None:
         """Drop the upload's rows and its bytes from the count; NoSuchUpload if unknown."""
@@ -537,7 +501,7 @@ class MultipartStore:
             ).fetchone()[0]
             conn.execute("DELETE FROM parts WHERE upload = ?", (upload_id,))
             conn.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
-        self._staged -= int(size)
+        self._add(staged=-int(size))
 
     async def expire(self, now: float | None = None) -> int:
         """Remove the uploads whose last activity (creation, newest part) is older than
@@ -560,7 +524,9 @@ class MultipartStore:
                 self._forget(upload_id)
             except S3Error:
                 continue  # removed meanwhile
-            await asyncio.to_thread(shutil.rmtree, self.root / upload_id, True)
+            gone = self._detach(upload_id)
+            if gone is not None:
+                await asyncio.to_thread(shutil.rmtree, gone, True)
             removed += 1
             log.info("multipart.expired upload=%s", upload_id)
         return removed
@@ -578,5 +544,25 @@ def _upload(row: tuple[object, ...]) -> Upload:
     )
 
 
-def _open_writer(directory: Path, number: int) -> _PartWriter:
-    return _PartWriter(directory, number)
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+async def _disk(upload_id: str, number: int, fn: Callable[..., _T], *args: object) -> _T:
+    """``fn(*args)`` in a worker thread, its disk errors translated: the upload's directory
+    gone (removed meanwhile) NoSuchUpload, no space ServiceUnavailable, others
+    StorageError. Errors of the part's source pass through untouched."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except FileNotFoundError as exc:
+        raise no_such_upload(upload_id) from exc
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise _no_space(f"writing part {number}") from exc
+        raise StorageError(f"writing part {number} failed: {exc.strerror or exc}") from exc
+    except CapacityError as exc:
+        raise _no_space(f"recording part {number}") from exc

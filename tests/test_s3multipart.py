@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import pytest
 
 from difs_p2p.s3errors import S3Error
 from difs_p2p.s3multipart import MultipartStore, Part, multipart_etag
+from tests.helpers import wait_for
 
 
 class Clock:
@@ -232,6 +237,7 @@ async def test_abort_removes_files(store: MultipartStore, tmp_path: Path) -> Non
     store.remove(gone)
     assert store.get(gone) is None
     assert not (tmp_path / "s3-uploads" / gone).exists()
+    await wait_for(lambda: not list(store.root.glob(".removed-*")), timeout=10)
     assert store.staged_bytes() == 4
     with pytest.raises(S3Error) as err:
         store.parts(gone)
@@ -269,3 +275,265 @@ async def test_expire_after_the_grace_time_and_not_before(
     assert await store.expire(clock.now + 90) == 1
     assert store.get(active) is None
     assert store.staged_bytes() == 0
+
+
+async def test_an_upload_removed_while_a_part_is_written(store: MultipartStore) -> None:
+    """A part whose upload is removed before it is recorded is NoSuchUpload, and leaves
+    no file behind."""
+    upload_id = store.create("a.com", "k", "AKID", {})
+
+    async def then_abort() -> AsyncIterator[bytes]:
+        yield b"a" * (2 << 20)
+        store.remove(upload_id)
+        yield b"b"
+
+    with pytest.raises(S3Error) as err:
+        await store.put_part(upload_id, 1, then_abort())
+    assert err.value.code == "NoSuchUpload"
+    assert not (store.root / upload_id).exists()
+    assert store.staged_bytes() == 0
+
+
+async def test_expire_skips_an_upload_being_written(store: MultipartStore, clock: Clock) -> None:
+    """An old upload with a part arriving is not expired under it."""
+    upload_id = store.create("a.com", "k", "AKID", {})
+    clock.now += 1000
+    arrived = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"first"
+        arrived.set()
+        await go_on.wait()
+        yield b"second"
+
+    task = asyncio.create_task(store.put_part(upload_id, 1, slow()))
+    await arrived.wait()
+    assert await store.expire() == 0
+    go_on.set()
+    await task
+    assert read_all(store, upload_id, [1]) == b"firstsecond"
+
+
+def test_opening_removes_crash_leftovers(tmp_path: Path) -> None:
+    """Opening deletes temporaries, files without a row, directories without an upload,
+    and rows whose file is missing or shorter than recorded; the rest stays."""
+    root = tmp_path / "up"
+    store = MultipartStore(root)
+    keep, damaged = store.create("a.com", "k", "AK", {}), store.create("a.com", "d", "AK", {})
+    for upload_id in (keep, damaged):
+        for number in (1, 2):
+            asyncio.run(store.put_part(upload_id, number, chunks_of(b"%d" % number * 100)))
+    store.close()
+    (root / keep / ".tmp-3.0123456789abcdef").write_bytes(b"partial")
+    (root / keep / "4.0123456789abcdef").write_bytes(b"renamed, never recorded")
+    (root / ("f" * 32)).mkdir()
+    (root / (".removed-" + "e" * 32)).mkdir()
+    (root / (".removed-" + "e" * 32) / "1.0123456789abcdef").write_bytes(b"being deleted")
+    (root / ("f" * 32) / "1.0123456789abcdef").write_bytes(b"no upload")
+    one, two = sorted((root / damaged).iterdir())
+    one.unlink()
+    two.write_bytes(b"short")
+    store = MultipartStore(root)
+    assert [p.number for p in store.parts(keep)] == [1, 2]
+    assert read_all(store, keep, [1, 2]) == b"1" * 100 + b"2" * 100
+    assert store.parts(damaged) == []
+    assert sorted(files_of(root)) == sorted(
+        str(p.relative_to(root)) for p in (root / keep).iterdir()
+    )
+    assert len(files_of(root)) == 2
+    assert store.staged_bytes() == 200
+    store.close()
+
+
+_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from difs_p2p.s3multipart import MultipartStore
+
+    async def forever():
+        yield b"x" * (3 << 20)
+        yield b"y" * (1 << 20)
+        print("writing", flush=True)
+        await asyncio.Event().wait()
+
+    store = MultipartStore(Path(sys.argv[1]))
+    asyncio.run(store.put_part(sys.argv[2], 2, forever()))
+    """
+)
+
+
+def test_kill_9_mid_part_leaves_other_parts_intact(tmp_path: Path) -> None:
+    """A process killed while writing a part leaves a temporary, which the next open
+    deletes; the parts stored before are intact."""
+    root = tmp_path / "up"
+    store = MultipartStore(root)
+    upload_id = store.create("a.com", "k", "AK", {})
+    first = os.urandom(300_000)
+    asyncio.run(store.put_part(upload_id, 1, chunks_of(first)))
+    store.close()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(root), upload_id],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "writing"
+        assert [p.name for p in (root / upload_id).iterdir() if p.name.startswith(".tmp-")]
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    store = MultipartStore(root)
+    assert [p.name for p in (root / upload_id).iterdir() if p.name.startswith(".")] == []
+    assert [p.number for p in store.parts(upload_id)] == [1]
+    assert read_all(store, upload_id, [1]) == first
+    assert store.staged_bytes() == len(first)
+    store.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (needs root and mount permission; skipped otherwise)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+async def test_full_disk_mid_part(small_disk: Path) -> None:
+    """ENOSPC while a part is written: ServiceUnavailable, its temporary deleted, the
+    other parts and uploads intact, and a part that fits is accepted afterwards."""
+    store = MultipartStore(small_disk / "up")
+    upload_id = store.create("a.com", "k", "AK", {})
+    other = store.create("a.com", "other", "AK", {})
+    await store.put_part(upload_id, 1, chunks_of(b"1" * 200_000))
+    await store.put_part(other, 1, chunks_of(b"o" * 1000))
+    with pytest.raises(S3Error) as err:
+        await store.put_part(upload_id, 2, chunks_of(b"2" * (4 << 20)))
+    assert err.value.code == "ServiceUnavailable"
+    assert "no space" in err.value.message
+    assert [p.name for p in (small_disk / "up" / upload_id).iterdir() if "tmp" in p.name] == []
+    assert read_all(store, upload_id, [1]) == b"1" * 200_000
+    assert read_all(store, other, [1]) == b"o" * 1000
+    assert store.staged_bytes() == 201_000
+    await store.put_part(upload_id, 2, chunks_of(b"2" * 1000))
+    assert read_all(store, upload_id, [1, 2]) == b"1" * 200_000 + b"2" * 1000
+    store.close()
+
+
+async def test_the_event_loop_runs_while_a_large_part_is_written(store: MultipartStore) -> None:
+    """While a 64 MiB part is written, the loop keeps running other tasks between its
+    chunks: the chunks come from a generator that never awaits, so a ticker task moves
+    between them only because the writes go to a thread (each 1 MiB batch)."""
+    upload_id = store.create("a.com", "big", "AK", {})
+    block = os.urandom(256 << 10)
+    ticks = 0
+    seen: set[int] = set()
+    stop = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(64 * 4):
+            seen.add(ticks)
+            yield block
+
+    task = asyncio.create_task(ticker())
+    part = await store.put_part(upload_id, 1, chunks())
+    stop = True
+    await task
+    assert part.size == 64 << 20
+    assert len(seen) >= 60, len(seen)
+
+
+async def test_a_client_gone_mid_part_leaves_nothing(store: MultipartStore) -> None:
+    """The source's own error (a connection reset) reaches the caller as it is, and the
+    half-written part leaves no file and no bytes counted."""
+    upload_id = store.create("a.com", "k", "AK", {})
+    await store.put_part(upload_id, 1, chunks_of(b"kept"))
+
+    async def cut() -> AsyncIterator[bytes]:
+        yield b"x" * (3 << 20)
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        await store.put_part(upload_id, 2, cut())
+    assert len(list((store.root / upload_id).iterdir())) == 1
+    assert store.staged_bytes() == 4
+
+
+def test_text_that_is_not_utf8_is_refused(store: MultipartStore) -> None:
+    """A key or metadata with a lone surrogate is InvalidArgument, not a database error."""
+    for key, meta in (("bad\udc80", {}), ("k", {"x": "\ud800"})):
+        with pytest.raises(S3Error) as err:
+            store.create("a.com", key, "AK", meta)
+        assert err.value.code == "InvalidArgument"
+    assert store.uploads("a.com") == []
+    assert store.uploads("a.com", "\udc80") == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
+async def test_a_part_damaged_on_disk_is_not_read(
+    store: MultipartStore, tmp_path: Path, damage: str
+) -> None:
+    """A part file changed since it was stored (a flipped byte, cut short, grown) makes
+    the reader raise InvalidPart at that part; the part is dropped, the others stay."""
+    upload_id = store.create("a.com", "k", "AK", {})
+    await store.put_part(upload_id, 1, chunks_of(b"a" * 300_000))
+    await store.put_part(upload_id, 2, chunks_of(b"b" * 300_000))
+    (two,) = [p for p in (store.root / upload_id).iterdir() if p.name.startswith("2.")]
+    body = bytearray(two.read_bytes())
+    if damage == "flip":
+        body[150_000] ^= 1
+    elif damage == "truncate":
+        del body[-1]
+    else:
+        body += b"b"
+    two.write_bytes(bytes(body))
+    with pytest.raises(S3Error) as err, store.reader(upload_id, [1, 2]) as fh:
+        fh.read()
+    assert err.value.code == "InvalidPart"
+    assert err.value.extra["PartNumber"] == "2"
+    assert [p.number for p in store.parts(upload_id)] == [1]
+    assert not two.exists()
+    assert store.staged_bytes() == 300_000
+    assert read_all(store, upload_id, [1]) == b"a" * 300_000
+
+
+async def test_an_empty_part(store: MultipartStore) -> None:
+    """A part with no bytes is stored, with the MD5 of nothing, and reads as nothing."""
+    upload_id = store.create("a.com", "k", "AK", {})
+    part = await store.put_part(upload_id, 1, chunks_of(b""))
+    await store.put_part(upload_id, 2, chunks_of(b"x"))
+    assert (part.size, part.etag) == (0, hashlib.md5(b"").hexdigest())
+    assert read_all(store, upload_id, [1, 2, 1]) == b"x"
+
+
+async def test_the_same_part_twice_at_once(store: MultipartStore) -> None:
+    """Two uploads of one part number at the same time leave one of them, whole, and one
+    file; the staged bytes count it once."""
+    upload_id = store.create("a.com", "k", "AK", {})
+    one, two = b"1" * (3 << 20), b"2" * (2 << 20)
+    await asyncio.gather(
+        store.put_part(upload_id, 7, chunks_of(one)), store.put_part(upload_id, 7, chunks_of(two))
+    )
+    (part,) = store.parts(upload_id)
+    assert read_all(store, upload_id, [7]) in (one, two)
+    assert part.etag == hashlib.md5(read_all(store, upload_id, [7])).hexdigest()
+    assert len(list((store.root / upload_id).iterdir())) == 1
+    assert store.staged_bytes() == part.size
