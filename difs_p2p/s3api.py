@@ -8,18 +8,21 @@ from the method, the path and the sub-resource query (``?uploads``, ``?versions`
 answers S3's XML; anything else is 501 NotImplemented. Every answer carries an
 ``x-amz-request-id``; every error is S3's XML ``Error`` document with its status.
 
-Each access key (``s3keys.KeyStore``) acts through one :class:`~difs_p2p.client.Client`
-of this peer, with the key's publisher identity and the peer's control token (publishing
-needs it), kept for the server's life. Buckets are prefix claims: CreateBucket claims
-``/bucket/`` for the key's identity; writes need the bucket to be the key's; reads work on
+Each access key (``s3keys.KeyStore``) acts through clients of this peer
+(:class:`~difs_p2p.client.Client`: up to ``CLIENTS_PER_KEY`` for requests at once, kept
+for the server's life) with the key's publisher identity and the peer's control token
+(publishing needs it). Buckets are prefix claims: CreateBucket claims ``/bucket/`` for
+the key's identity; writes need the bucket to be the key's; reads work on
 any claimed bucket (DIFS content is public: any gateway serves it). A bucket's claim is
 permanent: DeleteBucket only forgets it in the key's bucket list, the name stays the key's.
 
-An upload is published only whole: the body is streamed into ``Client.put`` through the
-checks (Content-MD5, x-amz-checksum-*, the payload hash, aws-chunked framing), which run
-before the end of the body is reported, so a failed check abandons the upload and nothing
-is published; readers never see a partial object (the manifest is signed after the
-upload).
+An upload is published only whole and checked: the body (aws-chunked framing removed)
+is written to a spool file (``DATA/s3-spool/``) through the checks (Content-MD5,
+x-amz-checksum-*, the signed payload hash, chunk signatures), and only a body that passed
+them all is published with ``Client.put``, its S3 metadata (the MD5 as ETag) signed into
+the manifest; a failed check publishes nothing, and readers never see a partial object.
+Spooling keeps the publish's worker threads (which read its source) from ever waiting on
+a slow client.
 
 The module is longer than most (about 1,150 lines): it is the whole S3 surface, one small
 handler per operation over the Client, whose decisions are pure elsewhere (s3xml, s3auth,
@@ -29,12 +32,13 @@ httprules, listing); splitting it would scatter the request context every handle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -72,6 +76,8 @@ log = logging.getLogger(__name__)
 
 # The region S3 clients are told (GetBucketLocation answers "" for it, as S3 does).
 REGION = "us-east-1"
+# Clients (connections to the peer) one access key's requests use at once at most.
+CLIENTS_PER_KEY = 4
 # Every part of a multipart upload but the last is at least this large (S3's rule).
 MIN_PART_SIZE = 5 << 20
 # Seconds between sweeps of abandoned multipart uploads (their grace: the store's).
@@ -245,7 +251,8 @@ class S3Server:
         self._tasks = TaskSet("s3")
         self.io_timeout = io_timeout
         self.clock = clock
-        self._clients: dict[str, Client] = {}
+        # each access key's clients, and how many requests each serves now
+        self._clients: dict[str, dict[Client, int]] = {}
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] = ("", 0)
         app = web.Application(client_max_size=MAX_XML)
@@ -290,20 +297,29 @@ class S3Server:
             runner, self._runner = self._runner, None
             await runner.cleanup()
         clients, self._clients = self._clients, {}
-        for client in clients.values():
-            await client.close()
+        for pool in clients.values():
+            for client in pool:
+                await client.close()
         self.uploads.close()
         self.keys.close()
 
-    def client_for(self, key: S3Key) -> Client:
-        """The Client an access key acts through (one per key, kept)."""
-        client = self._clients.get(key.access_key)
-        if client is None:
+    @contextlib.contextmanager
+    def client_for(self, key: S3Key) -> Iterator[Client]:
+        """A Client the access key acts through for one request: an idle one of its own,
+        else a new one up to CLIENTS_PER_KEY, else the least busy (one Client's exchanges
+        with the peer take turns on its connection, so requests at once use several)."""
+        pool = self._clients.setdefault(key.access_key, {})
+        client = min(pool, key=pool.__getitem__, default=None)
+        if client is None or (pool[client] > 0 and len(pool) < CLIENTS_PER_KEY):
             client = Client(
                 self.entry, publisher=key.identity, token=self.token, io_timeout=self.io_timeout
             )
-            self._clients[key.access_key] = client
-        return client
+            pool[client] = 0
+        pool[client] += 1
+        try:
+            yield client
+        finally:
+            pool[client] -= 1
 
     # -- the one handler -------------------------------------------------------------------
 
@@ -317,8 +333,8 @@ class S3Server:
             key = self.keys.get(auth.access_key)
             if key is None:  # deleted since
                 raise S3Error("InvalidAccessKeyId", extra={"AWSAccessKeyId": auth.access_key})
-            ctx = _Ctx(self, request, target, auth, key, self.client_for(key))
-            response = await ctx.run()
+            with self.client_for(key) as client:
+                response = await _Ctx(self, request, target, auth, key, client).run()
         except S3Error as exc:
             response = self._error(exc, resource, request_id, request.method)
         except TimeoutError:
