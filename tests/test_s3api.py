@@ -29,6 +29,8 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from difs_p2p.peer import Peer
+from difs_p2p.s3api import meta_headers, object_meta, parse_target, version_id
+from difs_p2p.s3errors import S3Error
 from difs_p2p.s3keys import S3Key
 from tests.helpers import BIN, peer_config, start_peers, stop_all
 
@@ -567,3 +569,65 @@ def _join_with_s3(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=15)
     assert not (data / "s3").exists()
+
+
+@pytest.mark.parametrize(
+    ("raw", "bucket", "key"),
+    [
+        ("/", "", ""),
+        ("/b.com", "b.com", ""),
+        ("/b.com/", "b.com", ""),
+        ("/b.com/a/b.txt?versionId=2", "b.com", "a/b.txt"),
+        ("/b.com/a%2Fb%20c%2B", "b.com", "a/b c+"),
+        ("/b.com/caf%C3%A9", "b.com", "caf\u00e9"),
+        ("/b.com/a//b/", "b.com", "a//b/"),
+    ],
+)
+async def test_parse_target(raw: str, bucket: str, key: str) -> None:
+    """A path-style request path as sent gives its bucket and key, percent-decoded."""
+    target = parse_target(raw)
+    assert (target.bucket, target.key) == (bucket, key)
+
+
+@pytest.mark.parametrize("raw", ["/b.com/%FF", "relative"])
+async def test_bad_targets_are_invalid_uri(raw: str) -> None:
+    """A path that is not UTF-8 once decoded, or not absolute, is InvalidURI."""
+    with pytest.raises(S3Error) as info:
+        parse_target(raw)
+    assert info.value.code == "InvalidURI"
+
+
+@pytest.mark.parametrize(("text", "version"), [(None, None), ("null", None), ("1", 1), ("42", 42)])
+async def test_version_ids(text: str | None, version: int | None) -> None:
+    """versionId is a DIFS version number; null or none is the newest."""
+    assert version_id(text) == version
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "abc", "1" * 13, "\u0661"])
+async def test_bad_version_ids(text: str) -> None:
+    """Anything but a positive number (or null) is InvalidArgument."""
+    with pytest.raises(S3Error) as info:
+        version_id(text)
+    assert info.value.code == "InvalidArgument"
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({"content-type": "text/plain", "x-amz-meta-a": "1"}, None),
+        ({"x-amz-meta-a": "\u00e9"}, "InvalidArgument"),
+        ({"x-amz-meta-big": "v" * 2000}, "MetadataTooLarge"),
+    ],
+)
+async def test_object_meta_from_headers(headers: dict[str, str], code: str | None) -> None:
+    """Metadata headers become signed metadata, or S3's error when DIFS cannot sign them."""
+    stored = meta_headers({**{k.title(): v for k, v in headers.items()}, "Host": "x"})
+    assert stored == headers
+    if code is None:
+        meta = object_meta(stored, "0" * 32)
+        assert meta.content_type == headers.get("content-type")
+        assert dict(meta.user) == {"a": "1"}
+        return
+    with pytest.raises(S3Error) as info:
+        object_meta(stored, "0" * 32)
+    assert info.value.code == code
