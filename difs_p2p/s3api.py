@@ -76,8 +76,13 @@ log = logging.getLogger(__name__)
 
 # The region S3 clients are told (GetBucketLocation answers "" for it, as S3 does).
 REGION = "us-east-1"
-# Clients (connections to the peer) one access key's requests use at once at most.
-CLIENTS_PER_KEY = 4
+# Clients one access key's requests use at once at most. Each holds a connection (two
+# while it looks up a claim) to the peer from loopback, which counts against the peer's 32
+# connections per address unless --no-limit-loopback.
+CLIENTS_PER_KEY = 2
+# Object bodies streamed at once (as the gateway's MAX_STREAMS); more GETs are answered
+# 503 SlowDown, which S3 clients retry.
+MAX_STREAMS = 16
 # Every part of a multipart upload but the last is at least this large (S3's rule).
 MIN_PART_SIZE = 5 << 20
 # Seconds between sweeps of abandoned multipart uploads (their grace: the store's).
@@ -248,6 +253,9 @@ class S3Server:
         self.keys = keys
         self.uploads = uploads
         self.spool = spool
+        # bodies being streamed (GetObject), and how many may be at once
+        self.streams = 0
+        self.max_streams = MAX_STREAMS
         self._tasks = TaskSet("s3")
         self.io_timeout = io_timeout
         self.clock = clock
@@ -746,7 +754,14 @@ class _Ctx:
             await response.prepare(self.request)
             await response.write_eof()
             return response
-        await self._send(response, resolved, manifest, ans.spans[0])
+        server = self.server
+        if server.streams >= server.max_streams:
+            raise S3Error("SlowDown", f"{server.streams} bodies are being sent: try later")
+        server.streams += 1
+        try:
+            await self._send(response, resolved, manifest, ans.spans[0])
+        finally:
+            server.streams -= 1
         return response
 
     def _object_headers(self, manifest: Manifest, base: dict[str, str]) -> dict[str, str]:
