@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import base64
 import calendar
+import contextlib
+import datetime
 import email.utils
 import functools
 import hashlib
@@ -194,6 +196,20 @@ def _amz_time(text: str) -> float:
     if not _AMZ_DATE.fullmatch(text):
         raise ValueError(text)
     return float(calendar.timegm(time.strptime(text, "%Y%m%dT%H%M%SZ")))
+
+
+def _http_time(text: str) -> float | None:
+    """Seconds since the epoch of an HTTP date (``Tue, 27 Mar 2007 19:36:42 +0000``; no
+    zone is UTC) or an ISO 8601 basic one; None if it is neither."""
+    with contextlib.suppress(ValueError):
+        return _amz_time(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        return when.timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
 
 def _iso(t: float) -> str:
@@ -416,7 +432,7 @@ def _v2_string_to_sign(req: SignedRequest, date: str, query_headers: Mapping[str
     amz: dict[str, str] = {}
     for name, value in [*headers.items(), *query_headers.items()]:
         if name.startswith("x-amz-"):
-            amz[name] = ",".join(part.strip() for part in value.split(","))
+            amz[name] = value.strip()
     lines = [req.method.upper(), headers.get("content-md5", "").strip()]
     lines += [headers.get("content-type", "").strip(), date]
     lines += [f"{name}:{amz[name]}" for name in sorted(amz)]
@@ -458,12 +474,11 @@ def _v2_header(
     if secret is None:
         raise s3errors.invalid_access_key_id(access_key)
     stamp = req.headers.get("x-amz-date") or req.headers.get("date", "")
-    try:
-        request_time = email.utils.parsedate_to_datetime(stamp).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
+    request_time = _http_time(stamp)
+    if request_time is None:
         raise s3errors.access_denied(
             "AWS authentication requires a valid Date or x-amz-date header"
-        ) from None
+        )
     if abs(now - request_time) > MAX_SKEW:
         raise s3errors.request_time_too_skewed(stamp, _iso(now), int(MAX_SKEW * 1000))
     _verify_v2(req, access_key, signature, secret, req.headers.get("date", "").strip(), {})

@@ -6,6 +6,7 @@ import base64
 import calendar
 import contextlib
 import hashlib
+import hmac
 import itertools
 import re
 import time
@@ -946,3 +947,32 @@ def test_signed_chunk_boundaries_anywhere_give_the_same_payload(cuts: list[int])
     pieces = [EXAMPLE_BODY[a:b] for a, b in itertools.pairwise(points)]
     decoder = ChunkedDecoder("STREAMING-AWS4-HMAC-SHA256-PAYLOAD", SIGNER, 66560)
     assert decode(decoder, *pieces) == (b"a" * 66560, {})
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    ["Tue, 27 Mar 2007 19:36:42 +0000", "Tue, 27 Mar 2007 19:36:42 -0000", "20070327T193642Z"],
+)
+def test_sigv2_header_with_x_amz_date_as_s3cmd_signs(stamp: str) -> None:
+    """SigV2 with x-amz-date and no Date header (s3cmd's way): the date line is empty, the
+    x-amz-date is among the signed amz headers and decides the skew (a date without a zone
+    is UTC)."""
+    now = float(calendar.timegm((2007, 3, 27, 19, 36, 42)))
+    text = f"PUT\n\ntext/plain\n\nx-amz-date:{stamp}\nx-amz-meta-a:1, 2\n/b/\u00fc%20k?acl"
+    signature = b64(hmac.new(SK.encode(), text.encode(), hashlib.sha1).digest())
+    req = SignedRequest(
+        "PUT",
+        "/b/\u00fc%20k",
+        [("acl", ""), ("ignored", "x")],
+        {
+            "content-type": "text/plain",
+            "x-amz-date": stamp,
+            "x-amz-meta-a": "1, 2",
+            "authorization": f"AWS {AK}:{signature}",
+        },
+    )
+    assert authenticate(req, secret_of, now + 900).access_key == AK
+    with pytest.raises(S3Error, match="RequestTimeTooSkewed"):
+        authenticate(req, secret_of, now + 901)
+    with pytest.raises(S3Error, match="SignatureDoesNotMatch"):
+        authenticate(headers(req, **{"content-type": "text/html"}), secret_of, now)
