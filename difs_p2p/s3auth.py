@@ -78,9 +78,11 @@ __all__ = [
     "authenticate",
     "body_decoder",
     "canonical_query",
+    "canonical_request",
     "canonical_uri",
     "signing_key",
     "split_target",
+    "v4_string_to_sign",
 ]
 
 MAX_SKEW = 15 * 60.0
@@ -384,6 +386,33 @@ def _unsigned_amz_headers(headers: Mapping[str, str], signed: Iterable[str]) -> 
     )
 
 
+def canonical_request(
+    req: SignedRequest,
+    signed_headers: Iterable[str],
+    payload: str,
+    query: Iterable[tuple[str, str]] | None = None,
+) -> str:
+    """SigV4's canonical request of ``req`` (``query``: its query, less what is not signed)."""
+    names = list(signed_headers)
+    headers = "".join(f"{name}:{_header_value(req.headers.get(name, ''))}\n" for name in names)
+    return "\n".join(
+        [
+            req.method.upper(),
+            canonical_uri(req.raw_path),
+            canonical_query(req.query if query is None else query),
+            headers,
+            ";".join(names),
+            payload,
+        ]
+    )
+
+
+def v4_string_to_sign(date: str, scope: str, canonical: str) -> str:
+    """SigV4's string to sign: the algorithm, the request's time, the credential scope
+    (``DAY/REGION/SERVICE/aws4_request``) and the canonical request's SHA-256."""
+    return "\n".join([_ALGORITHM, date, scope, hashlib.sha256(_utf8(canonical)).hexdigest()])
+
+
 def _verify_v4(
     req: SignedRequest,
     v4: _V4,
@@ -400,27 +429,12 @@ def _verify_v4(
             "There were headers present in the request which were not signed",
             HeadersNotSigned=", ".join(unsigned),
         )
-    canonical_headers = "".join(
-        f"{name}:{_header_value(req.headers.get(name, ''))}\n" for name in v4.signed_headers
-    )
-    canonical_request = "\n".join(
-        [
-            req.method.upper(),
-            canonical_uri(req.raw_path),
-            canonical_query(query),
-            canonical_headers,
-            ";".join(v4.signed_headers),
-            payload,
-        ]
-    )
-    scope = f"{v4.day}/{v4.region}/s3/aws4_request"
-    string_to_sign = "\n".join(
-        [_ALGORITHM, date, scope, hashlib.sha256(_utf8(canonical_request)).hexdigest()]
-    )
+    canonical = canonical_request(req, v4.signed_headers, payload, query)
+    string_to_sign = v4_string_to_sign(date, f"{v4.day}/{v4.region}/s3/aws4_request", canonical)
     key = signing_key(secret, v4.day, v4.region)
     expected = hmac.new(key, _utf8(string_to_sign), hashlib.sha256).hexdigest()
     if not _same(expected, v4.signature):
-        raise s3errors.signature_does_not_match(v4.access_key, string_to_sign, canonical_request)
+        raise s3errors.signature_does_not_match(v4.access_key, string_to_sign, canonical)
     return key
 
 
