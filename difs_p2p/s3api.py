@@ -357,6 +357,10 @@ class S3Server:
         except OSError as exc:
             err = S3Error("ServiceUnavailable", f"the network failed: {exc}")
             response = self._error(err, resource, request_id, request.method)
+        except Exception:  # a bug: answered as S3 does (clients retry), logged with its trace
+            log.exception("s3_request_failed request_id=%s path=%s", request_id, resource)
+            err = S3Error("InternalError")
+            response = self._error(err, resource, request_id, request.method)
         return response
 
     async def _prepared(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -453,11 +457,13 @@ class _Ctx:
 
     async def _bucket_op(self, method: str) -> web.StreamResponse:
         q = self.query
-        if method == "PUT" and not q:
+        # x-id names the operation for the SDK's logs (boto3 adds it): not a sub-resource
+        plain = not (set(q) - {"x-id"})
+        if method == "PUT" and plain:
             return await self.create_bucket()
-        if method == "HEAD" and not q:
+        if method == "HEAD" and plain:
             return await self.head_bucket()
-        if method == "DELETE" and not q:
+        if method == "DELETE" and plain:
             return await self.delete_bucket()
         if method == "GET":
             if "location" in q:
@@ -475,7 +481,8 @@ class _Ctx:
             return await self.list_objects(v2=False)
         if method == "POST" and "delete" in q:
             return await self.delete_objects()
-        raise S3Error("NotImplemented", f"{method} on a bucket with {dict(q)} is not supported")
+        shown = sorted(q)[:8]
+        raise S3Error("NotImplemented", f"{method} on a bucket with {shown} is not supported")
 
     async def _object_op(self, method: str) -> web.StreamResponse:
         q = self.query
