@@ -161,6 +161,16 @@ async def test_put_get_head(net: Net) -> None:
     part = await run(s3.get_object, Bucket="alice.com", Key="docs/report.bin", Range="bytes=10-19")
     assert await run(part["Body"].read) == body[10:20]
     assert part["ContentRange"] == f"bytes 10-19/{len(body)}"
+    renamed = await run(
+        s3.head_object,
+        Bucket="alice.com",
+        Key="docs/report.bin",
+        ResponseContentType="text/plain",
+        ResponseContentDisposition="attachment",
+    )
+    assert renamed["ContentType"] == "text/plain"
+    assert renamed["ContentDisposition"] == "attachment"
+    assert renamed["ResponseMetadata"]["RequestId"]
     code = await code_of(
         s3.get_object, Bucket="alice.com", Key="docs/report.bin", IfNoneMatch=f'"{md5}"'
     )
