@@ -17,8 +17,9 @@ any claimed bucket (DIFS content is public: any gateway serves it). A bucket's c
 permanent: DeleteBucket only forgets it in the key's bucket list, the name stays the key's.
 
 An upload is published only whole and checked: the body (aws-chunked framing removed)
-is written to a spool file (``DATA/s3-spool/``) through the checks (Content-MD5,
-x-amz-checksum-*, the signed payload hash, chunk signatures), and only a body that passed
+is received through the checks (Content-MD5,
+x-amz-checksum-*, the signed payload hash, chunk signatures) into memory (up to
+``SMALL_BODY``) or a spool file (``DATA/s3-spool/``), and only a body that passed
 them all is published with ``Client.put``, its S3 metadata (the MD5 as ETag) signed into
 the manifest; a failed check publishes nothing, and readers never see a partial object.
 Spooling keeps the publish's worker threads (which read its source) from ever waiting on
@@ -34,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import logging
 import secrets
 import socket
@@ -96,6 +98,9 @@ MAX_XML = s3xml.MAX_BODY
 READ_CHUNK = 1 << 20
 # Bytes of a body written to its spool file at once (one worker-thread hop).
 SPOOL_BATCH = 4 << 20
+# Bodies up to this size are kept in memory, not spooled: a small object costs no disk
+# round trip. (A request holds at most SPOOL_BATCH of its body in memory either way.)
+SMALL_BODY = 1 << 20
 # Query parameters that name a sub-resource this server does not implement.
 UNSUPPORTED = frozenset(
     {
@@ -850,27 +855,35 @@ class _Ctx:
         if checks is not None:
             checks.verify(trailers)
 
-    async def _spool(self, chunks: AsyncIterator[bytes]) -> Path:
-        """Write ``chunks`` to a new file of the spool directory (disk writes in a worker
-        thread, a batch at a time); on any error (a failed check) the file is removed."""
-        path = self.server.spool / secrets.token_hex(16)
-        fh = await asyncio.to_thread(path.open, "wb")
+    async def _receive(self, chunks: AsyncIterator[bytes]) -> bytes | Path:
+        """The whole of ``chunks``: in memory up to SMALL_BODY bytes, else in a new file
+        of the spool directory (disk writes in a worker thread, a batch at a time); on any
+        error (a failed check) the file is removed."""
+        batch: list[bytes] = []
+        size = 0
+        path: Path | None = None
+        fh: IO[bytes] | None = None
         try:
-            batch: list[bytes] = []
-            size = 0
             async for chunk in chunks:
                 batch.append(chunk)
                 size += len(chunk)
-                if size >= SPOOL_BATCH:
+                if fh is None and size > SMALL_BODY:
+                    path = self.server.spool / secrets.token_hex(16)
+                    fh = await asyncio.to_thread(path.open, "wb")
+                if fh is not None and size >= SPOOL_BATCH:
                     await asyncio.to_thread(_write_all, fh, batch)
                     batch, size = [], 0
+            if fh is None or path is None:
+                return b"".join(batch)
             await asyncio.to_thread(_write_all, fh, batch)
             await asyncio.to_thread(fh.close)
+            return path
         except BaseException:
-            fh.close()
-            path.unlink(missing_ok=True)
+            if fh is not None:
+                fh.close()
+            if path is not None:
+                path.unlink(missing_ok=True)
             raise
-        return path
 
     async def _publish(
         self,
@@ -879,14 +892,20 @@ class _Ctx:
         meta: Callable[[], ObjectMeta],
     ) -> Manifest:
         """Publish ``source`` as a new version of ``name`` with the metadata ``meta()``
-        gives once the source is read. A body from the network is spooled to disk first,
-        whole and checked (an error, such as a failed check, publishes nothing): the
-        publish reads its source in worker threads, which must never wait on a client."""
+        gives once the source is read. A body from the network is received whole and
+        checked first (an error, such as a failed check, publishes nothing): the publish
+        reads its source in worker threads, which must never wait on a client."""
         path: Path | None = None
         try:
+            put_source: Path | IO[bytes]
             if isinstance(source, AsyncIterator):
-                path = await self._spool(source)
-            put_source: Path | IO[bytes] = path if path is not None else source  # type: ignore[assignment]
+                got = await self._receive(source)
+                if isinstance(got, Path):
+                    put_source = path = got
+                else:
+                    put_source = io.BytesIO(got)
+            else:
+                put_source = source
             result = await self.client.put(put_source, name, update=True, metadata_after=meta)
         finally:
             if path is not None:

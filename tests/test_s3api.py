@@ -365,7 +365,8 @@ async def test_copy_object(net: Net) -> None:
 
 
 async def test_bad_content_md5_publishes_nothing(net: Net) -> None:
-    """A body that does not match its Content-MD5 is refused and nothing is published."""
+    """A body that does not match its Content-MD5 is refused and nothing is published,
+    small (in memory) or large (spooled: the spool file is removed)."""
     s3 = net.alice
     wrong = base64.b64encode(hashlib.md5(b"other").digest()).decode()
     code = await code_of(
@@ -373,6 +374,17 @@ async def test_bad_content_md5_publishes_nothing(net: Net) -> None:
     )
     assert code == "BadDigest"
     assert await code_of(s3.head_object, Bucket="alice.com", Key="bad-md5") == "404"
+    big = os.urandom(3 * MiB)  # over SMALL_BODY: received in a spool file
+    code = await code_of(
+        s3.put_object, Bucket="alice.com", Key="bad-big", Body=big, ContentMD5=wrong
+    )
+    assert code == "BadDigest"
+    assert await code_of(s3.head_object, Bucket="alice.com", Key="bad-big") == "404"
+    right = base64.b64encode(hashlib.md5(big).digest()).decode()
+    await run(s3.put_object, Bucket="alice.com", Key="big", Body=big, ContentMD5=right)
+    got = await run(s3.get_object, Bucket="alice.com", Key="big")
+    assert await run(got["Body"].read) == big
+    assert list((net.peers[-1].data_dir / "s3-spool").iterdir()) == []
 
 
 async def test_authentication_errors(net: Net) -> None:
