@@ -8,7 +8,7 @@ and 143).
 
 This module only wires the typer apps (the entry points ``peer_main`` and ``client_main``)
 to the commands, which live by family: ``cli_peer`` (difs-peer), ``cli_client`` (difs
-commands that move content), ``cli_keys`` (publisher keys and delegations). What they
+commands that move content), ``cli_keys`` (publisher keys, delegations, S3 keys). What they
 share is in ``cli_common`` (run and cancel, exit codes, options, finding the peer, its
 token and the key) and ``cli_output`` (JSON, summaries, tables, progress bars). Commands
 are listed in ``--help`` in the order they are registered here.
@@ -104,6 +104,18 @@ key_app = typer.Typer(
 )
 client_app.add_typer(key_app, name="key")
 key_app.command("new")(cli_keys.key_new)
+
+s3_key_app = typer.Typer(
+    help="Create, list and delete the access keys of a peer's S3 API.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    context_settings=CONTEXT,
+)
+client_app.add_typer(s3_key_app, name="s3-key")
+s3_key_app.command("create")(cli_keys.s3_key_create)
+s3_key_app.command("list")(cli_keys.s3_key_list)
+s3_key_app.command("delete")(cli_keys.s3_key_delete)
 
 
 def _main(app: typer.Typer) -> None:

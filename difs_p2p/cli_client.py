@@ -45,6 +45,7 @@ from difs_p2p.config import format_size, parse_size
 if TYPE_CHECKING:
     from difs_p2p.delegation import Delegation
     from difs_p2p.listing import ListEntry, ListPage
+    from difs_p2p.manifest import ObjectMeta
     from difs_p2p.pins import Pins
     from difs_p2p.ranges import ByteRange
 
@@ -99,6 +100,26 @@ def parse_segment_size(text: str) -> int:
         raise
 
 
+def parse_metadata(content_type: str | None, pairs: list[str] | None) -> ObjectMeta | None:
+    """--content-type and --meta NAME=VALUE (names lower-cased, as S3 does): the object's
+    metadata, None without either; UsageError for a pair without '=', a name given
+    twice, or what ObjectMeta refuses."""
+    from difs_p2p.manifest import ObjectMeta
+
+    user: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        key = key.lower()
+        if not sep:
+            raise errors.UsageError(f"--meta {pair!r}: NAME=VALUE")
+        if key in user:
+            raise errors.UsageError(f"--meta {key} is given twice")
+        user[key] = value
+    if content_type is None and not user:
+        return None
+    return ObjectMeta(content_type=content_type, user=user)
+
+
 def parse_byte_range(text: str | None) -> ByteRange | None:
     """--range: None (the whole content) when absent."""
     from difs_p2p.ranges import parse_range
@@ -136,10 +157,27 @@ def put(
     key: KeyOpt = None,
     token_file: TokenOpt = None,
     as_json: JsonOpt = False,
+    content_type: Annotated[
+        str | None,
+        typer.Option(
+            "--content-type",
+            metavar="TYPE",
+            help="media type signed into the manifest (else the extension's is served)",
+        ),
+    ] = None,
+    meta: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--meta",
+            metavar="NAME=VALUE",
+            help="user metadata signed into the manifest (x-amz-meta-NAME); repeatable",
+        ),
+    ] = None,
 ) -> None:
     """Publish FILE under NAME: segments go to storage peers, the signed manifest to the DHT.
 
-    FILE may be - (stdin) or any pipe: it is read once, segment by segment.
+    FILE may be - (stdin) or any pipe: it is read once, segment by segment. --content-type
+    and --meta sign metadata into this version (a new version has only what it is given).
 
     Example: tar c photos | difs put - /backups/photos.tar --replicas 3
     """
@@ -147,6 +185,7 @@ def put(
 
     async def go() -> Any:
         seg = parse_segment_size(segment_size)
+        metadata = parse_metadata(content_type, meta)
         cert = load_delegation(delegation) if delegation is not None else None
         if file == "-" and sys.stdin.isatty():
             raise errors.UsageError("put - reads the content from stdin: pipe it in")
@@ -176,6 +215,7 @@ def put(
                     delegation=cert,
                     progress=bars.advance,
                     on_phase=on_phase,
+                    metadata=metadata,
                 )
                 bars.settle(0, result.manifest.size, result.upload_seconds)
                 return result
@@ -195,6 +235,7 @@ def put(
         "upload_seconds": round(result.upload_seconds, 3),
         "mb_per_s": round(m.size / result.seconds / 1e6, 1) if result.seconds else 0,
         "warnings": result.warnings,
+        "meta": m.meta.as_json() if m.meta is not None else None,
     }
     if as_json:
         print_json(summary)

@@ -1,11 +1,12 @@
 """The ``difs`` commands about publisher keys and delegations: whoami, key new, delegate,
-revoke. The typer apps that hold them are wired in cli.py."""
+revoke; and the S3 API's credentials: s3-key create, list, delete. The typer apps that hold
+them are wired in cli.py."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -16,6 +17,7 @@ from difs_p2p.cli_common import (
     PeerOpt,
     TokenOpt,
     default_key_file,
+    difs_home,
     entry_peer,
     fail,
     load_publisher,
@@ -24,6 +26,9 @@ from difs_p2p.cli_common import (
     run,
 )
 from difs_p2p.cli_output import key_info, print_json, print_key_info
+
+if TYPE_CHECKING:
+    from difs_p2p.s3keys import S3Key
 
 
 def delegation_expiry(days: float, now: float) -> float:
@@ -130,3 +135,110 @@ def key_new(
     except errors.DifsError as exc:
         raise fail(exc, as_json) from None
     print_key_info(key_info(me, target), as_json)
+
+
+# -- difs s3-key: the S3 API's credentials ------------------------------------------------
+
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(help="the peer's data directory (default: $DIFS_HOME/peer)"),
+]
+
+
+def s3_key_store_path(data: Path | None) -> Path:
+    """The S3 key store of the peer whose data directory is ``data`` (default: the local
+    peer's, as ``difs-peer join`` uses)."""
+    return (data or difs_home() / "peer") / "s3keys.sqlite3"
+
+
+def s3_key_create(
+    name: Annotated[str, typer.Option(help="a name for people (e.g. laptop-rclone)")] = "",
+    identity: Annotated[
+        Path | None,
+        typer.Option(
+            help="sign as this publisher key file (e.g. ~/.difs/publisher.key) instead of a new key"
+        ),
+    ] = None,
+    data: DataOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an S3 access key and secret for the peer's S3 API (printed once).
+
+    What is put through the S3 API with it is published under its publisher key: a new
+    one, or --identity's.
+
+    Example: difs s3-key create --name laptop-rclone
+    """
+    from difs_p2p.s3keys import KeyStore
+
+    try:
+        signer = read_key(identity) if identity is not None else None
+        with KeyStore(s3_key_store_path(data)) as store:
+            key = store.create(name, signer)
+    except errors.DifsError as exc:
+        raise fail(exc, as_json) from None
+    info = s3_key_info(key)
+    if as_json:
+        print_json({**info, "secret": key.secret})
+        return
+    typer.echo(f"access key: {key.access_key}")
+    typer.echo(f"secret:     {key.secret}")
+    typer.echo(f"publisher:  {info['publisher']}")
+    typer.echo("the secret is not shown again; store it now")
+
+
+def s3_key_list(data: DataOpt = None, as_json: JsonOpt = False) -> None:
+    """List the S3 access keys of the peer (never their secrets).
+
+    Example: difs s3-key list
+    """
+    from difs_p2p.s3keys import KeyStore
+
+    try:
+        with KeyStore(s3_key_store_path(data)) as store:
+            keys = store.list()
+    except errors.DifsError as exc:
+        raise fail(exc, as_json) from None
+    rows = [s3_key_info(key) for key in keys]
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        typer.echo(
+            f"{row['access_key']}  {row['created']}  {row['publisher'][:16]}…  {row['name']}"
+        )
+
+
+def s3_key_delete(
+    access_key: Annotated[str, typer.Argument(help="the access key to delete")],
+    data: DataOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete an S3 access key: requests signed with it are refused from now on (what was
+    published with it stays).
+
+    Example: difs s3-key delete DIFSABCDEFGHIJKLMNOP
+    """
+    from difs_p2p.s3keys import KeyStore
+
+    try:
+        with KeyStore(s3_key_store_path(data)) as store:
+            if not store.delete(access_key):
+                raise errors.NotFoundError(f"no S3 key {access_key}")
+    except errors.DifsError as exc:
+        raise fail(exc, as_json) from None
+    if as_json:
+        print_json({"deleted": access_key})
+        return
+    typer.echo(f"deleted {access_key}")
+
+
+def s3_key_info(key: S3Key) -> dict[str, str]:
+    """What ``difs s3-key`` shows of a key (never the secret)."""
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(key.created))
+    return {
+        "access_key": key.access_key,
+        "name": key.name,
+        "publisher": key.publisher,
+        "created": created,
+    }

@@ -231,6 +231,13 @@ def print_stat(result: dict[str, Any]) -> None:
     if info["publisher"] != info["owner"]:
         console.print(f"publisher: {info['publisher']} (delegate)")
     console.print(f"manifest:  {info['hash_of_manifest']}")
+    meta = info.get("meta") or {}
+    if meta.get("content_type"):
+        console.print(f"type:      {meta['content_type']}", markup=False)
+    if meta.get("etag"):
+        console.print(f"s3 etag:   {meta['etag']}", markup=False)
+    for key, value in (meta.get("user") or {}).items():
+        console.print(f"meta:      {key}={value}", markup=False)
     console.print(f"versions:  {', '.join(str(v) for v in result['versions'])}")
     ranges = Table("segments", "holders", "answering", "addresses", title="ranges")
     for r in result["ranges"]:

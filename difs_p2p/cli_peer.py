@@ -52,6 +52,7 @@ from difs_p2p.config import (
     RepairConfig,
     parse_hostport,
     parse_http,
+    parse_s3,
     parse_size,
 )
 from difs_p2p.transfer import Connection
@@ -69,6 +70,7 @@ _VALUE_CHECKS: dict[str, Callable[[str], object]] = {
     "advertise": lambda text: parse_hostport(text, default_port=0),
     "zone": check_zone,
     "http": parse_http,
+    "s3": parse_s3,
 }
 
 
@@ -200,6 +202,13 @@ def join(
             " curl), or off; the default address, if taken, leaves the peer without one"
         ),
     ] = DEFAULT_HTTP,
+    s3: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT of the S3 API (boto3, the aws CLI, rclone...; access keys from"
+            " `difs s3-key create`), or off"
+        ),
+    ] = "off",
     log_level: Annotated[LogLevel, typer.Option(help="how much to log on stderr")] = (
         LogLevel.warning
     ),
@@ -240,6 +249,7 @@ def join(
             http=parse_http(http),
             # the default address may be taken (another peer's gateway): run without one
             http_optional=getattr(ctx.get_parameter_source("http"), "name", "") == "DEFAULT",
+            s3=parse_s3(s3),
         )
     except errors.DifsError as exc:
         raise fail(exc) from None
@@ -383,6 +393,7 @@ async def _run_peer(config: PeerConfig, started: list[bool]) -> None:
         status = peer.status()
         known = "" if status["address_known"] else " address_known=no"
         http = f" http={status['http']}" if status.get("http") else ""
+        http += f" s3={status['s3']}" if status.get("s3") else ""
         typer.echo(
             f"peer ready address={status['address']} listen={status['listen']}{known}"
             f" id={status['node_id']} contacts={status['routing_table']}{http}",

@@ -99,7 +99,14 @@ from difs_p2p.listing import (
     sub_shards,
     valid_children,
 )
-from difs_p2p.manifest import Manifest, build_manifest, linked, owned_key, parse_manifest
+from difs_p2p.manifest import (
+    Manifest,
+    ObjectMeta,
+    build_manifest,
+    linked,
+    owned_key,
+    parse_manifest,
+)
 from difs_p2p.membership import cut_off_error
 from difs_p2p.names import (
     NameKey,
@@ -445,6 +452,8 @@ class Client:
         progress: Progress | None = None,
         delegation: Delegation | None = None,
         on_phase: Phase | None = None,
+        metadata: ObjectMeta | None = None,
+        metadata_after: Callable[[], ObjectMeta | None] | None = None,
     ) -> PublishResult:
         """Publish ``source`` under ``name`` (a new version with ``update``).
 
@@ -452,8 +461,14 @@ class Client:
         segment: memory stays bounded by the upload pipeline whatever the size, which is
         known only at the end (the manifest is signed after the upload). A path to a FIFO
         or a character device is read as a stream. A delegate of the name's owner passes
-        its ``delegation``; the name stays the owner's.
+        its ``delegation``; the name stays the owner's. ``metadata`` (content type, S3
+        ETag, user pairs) is signed into this version's manifest; a version published
+        without it has none (nothing is inherited from the previous version).
+        ``metadata_after``, if given, is called once ``source`` is read whole and gives
+        the metadata instead: what is known only then (the S3 API's ETag, the body's MD5).
         """
+        if metadata is not None and not isinstance(metadata, ObjectMeta):
+            raise UsageError("metadata must be an ObjectMeta")
         if self.publisher is None:
             raise UsageError("publishing needs a publisher key")
         if self.token is None:
@@ -508,6 +523,8 @@ class Client:
                 )
             )
             check_placed(placed)
+            if metadata_after is not None:
+                metadata = metadata_after()
             manifest = build_manifest(
                 self.publisher,
                 name=norm,
@@ -523,6 +540,7 @@ class Client:
                 created=self.clock(),
                 delegation=delegation,
                 key=key,
+                meta=metadata,
             )
             if on_phase is not None:
                 on_phase("publish")
@@ -615,6 +633,7 @@ class Client:
         info["publisher"] = m.publisher.hex()
         info["owner"] = m.owner.hex()
         info["hash_of_manifest"] = m.hash
+        info["meta"] = m.meta.as_json() if m.meta is not None else None
         storages = [
             {
                 "storage": h.node_id.hex(),

@@ -76,7 +76,7 @@ def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, 
     return host, port
 
 
-def parse_http(text: str) -> tuple[str, int] | None:
+def parse_http(text: str, option: str = "--http") -> tuple[str, int] | None:
     """The gateway's address (``--http``): ``HOST:PORT`` with an IP address (``[IPv6]:PORT``,
     ``localhost``), or ``off`` (None)."""
     if text.strip().lower() == "off":
@@ -89,9 +89,14 @@ def parse_http(text: str) -> tuple[str, int] | None:
         return check_listen(host), 0 if any_port else port
     except UsageError:
         raise UsageError(
-            f"--http must be HOST:PORT with an IP address (127.0.0.1:8080, [::1]:8080,"
+            f"{option} must be HOST:PORT with an IP address (127.0.0.1:8080, [::1]:8080,"
             f" 0.0.0.0:8080) or off, not {text!r}"
         ) from None
+
+
+def parse_s3(text: str) -> tuple[str, int] | None:
+    """The S3 API's address (``--s3``): ``HOST:PORT`` with an IP address, or ``off``."""
+    return parse_http(text, "--s3")
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +376,11 @@ class PeerConfig:
     # logs a warning and runs without a gateway (a chosen address that cannot be bound
     # fails the start).
     http_optional: bool = False
+    # -- S3 API --
+    # Where the S3 API listens (--s3 HOST:PORT; s3api.py). None: no S3 API, the default
+    # (the CLI's too): it publishes with the peer's control token for every access key in
+    # DATA/s3keys.sqlite3, so an operator turns it on.
+    s3: tuple[str, int] | None = None
 
     @property
     def listen(self) -> str:
@@ -393,6 +403,10 @@ class PeerConfig:
             if not 0 <= self.http[1] < 65536:
                 raise UsageError(f"--http port must be 0-65535, not {self.http[1]}")
             object.__setattr__(self, "http", (check_listen(self.http[0]), self.http[1]))
+        if self.s3 is not None:
+            if not 0 <= self.s3[1] < 65536:
+                raise UsageError(f"--s3 port must be 0-65535, not {self.s3[1]}")
+            object.__setattr__(self, "s3", (check_listen(self.s3[0]), self.s3[1]))
         if not 0 <= self.port < 65536:
             raise UsageError(f"--port must be 0-65535, not {self.port}")
         if self.capacity < 0:

@@ -305,6 +305,7 @@ class Gateway:
             httprules.etag_of(manifest.hash),
             manifest.created,
             pinned=version is not None,
+            media_type=manifest.meta.content_type if manifest.meta else None,
         )
         boundary = secrets.token_hex(16)
         ans = httprules.answer(request.method, request.headers, res, boundary)

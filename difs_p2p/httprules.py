@@ -15,10 +15,12 @@ of RFC 9110 section 13.2.2:
    ranges coalesced; more than ``MAX_PARTS`` parts: 200 with the whole body); none
    satisfiable, 416 with ``Content-Range: bytes */N``; a malformed header is ignored.
 
-The ETag is the manifest's record hash (strong: one manifest, one content); the date is
-the manifest's ``created`` time. Besides: the response headers (type from the extension,
-``nosniff``, ``Content-Disposition`` after RFC 6266/8187, cache headers), the multipart
-framing, the status of each error, and the directory page (HTML or JSON).
+The ETag is the manifest's record hash (strong: one manifest, one content; never the S3
+ETag a manifest's metadata may carry: a DIFS ETag names one version record); the date is
+the manifest's ``created`` time. Besides: the response headers (type from the manifest's
+metadata, else from the extension, ``nosniff``, ``Content-Disposition`` after RFC
+6266/8187, cache headers), the multipart framing, the status of each error, and the
+directory page (HTML or JSON).
 """
 
 from __future__ import annotations
@@ -236,6 +238,8 @@ class Resource:
     modified: float
     # ?version=N: content that never changes
     pinned: bool = False
+    # the media type the publisher signed into the manifest (meta.content_type), if any
+    media_type: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +272,7 @@ def representation_headers(res: Resource) -> dict[str, str]:
 def content_headers(res: Resource) -> dict[str, str]:
     """The headers that describe the body (not sent on 304)."""
     return {
-        "Content-Type": content_type(res.name),
+        "Content-Type": res.media_type or content_type(res.name),
         "X-Content-Type-Options": "nosniff",
         "Content-Disposition": content_disposition(res.name),
     }

@@ -10,7 +10,10 @@ object size). Canonical JSON (sorted keys, no spaces, UTF-8; records.canonical_j
      "v": 1}
 
 The signature covers ``b"difs-manifest-v1\\x00"`` + the canonical JSON of the object
-without ``sig``. ``parent`` is the record hash (BLAKE3 of the signed record bytes) of the
+without ``sig``. Optional top-level fields: ``delegation`` (below) and ``meta``, the
+object's S3-style metadata (:class:`ObjectMeta`: content type, S3 ETag, ``x-amz-meta-*``
+pairs), signed like the rest; a manifest without them is byte for byte what versions
+before them made. ``parent`` is the record hash (BLAKE3 of the signed record bytes) of the
 previous version, ``root`` that of version 1 (both null in version 1). ``integrity`` is the
 BLAKE3 root of the hash list (see segments.py). A tombstone is a manifest with
 ``deleted: true`` and no content. A writer the owner delegated to adds its certificate
@@ -34,12 +37,14 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from difs_p2p.delegation import Delegation, parse_delegation
-from difs_p2p.errors import IntegrityError, WireError
+from difs_p2p.errors import IntegrityError, UsageError, WireError
 from difs_p2p.identity import (
     PUBLIC_KEY_SIZE,
     SIGNATURE_SIZE,
@@ -69,6 +74,122 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+# -- object metadata ------------------------------------------------------------------------
+
+# The canonical JSON of a manifest's "meta" object, at most: the longest name (1,024 bytes)
+# with a delegation of that very name and every number at its largest makes a manifest of
+# 3,182 bytes, and 4,096 - 3,182 - len(',"meta":') leaves 906; rounded down. So any name
+# takes any valid metadata, unless JSON escapes it ('"' and '\' cost a byte more each:
+# such a name with such a delegation may not fit even without metadata). S3 allows
+# 2 KiB of x-amz-meta-*; here, beside a usual content type and ETag, about 800 bytes of
+# names and values.
+MAX_META_BYTES = 896
+# S3 and HTTP: a media type of at most 255 characters.
+MAX_CONTENT_TYPE = 255
+# S3 ETag text: the MD5 of the body, or for a multipart upload the MD5 of the parts' MD5s
+# with "-N", N parts (1 to 10,000, S3's most).
+_ETAG = re.compile(r"[0-9a-f]{32}(?:-([1-9][0-9]{0,4}))?")
+MAX_PARTS = 10_000
+# RFC 9110 token characters (a header field name), lower-case letters only.
+_TOKEN = re.compile(r"[0-9a-z!#$%&'*+.^_`|~-]+")
+
+
+def _printable(text: str) -> bool:
+    """Printable ASCII (space to tilde): what an HTTP header value carries unencoded."""
+    return all(" " <= ch <= "~" for ch in text)
+
+
+def meta_problem(content_type: object, etag: object, user: object) -> tuple[str, str] | None:
+    """What is wrong with these metadata values, as (field, message); None if they are
+    valid. Pure: the one rule :class:`ObjectMeta` and :func:`parse_manifest` apply."""
+    if content_type is not None:
+        if not isinstance(content_type, str) or not content_type:
+            return "meta.content_type", "the content type is not a non-empty string"
+        if len(content_type) > MAX_CONTENT_TYPE or not _printable(content_type):
+            return (
+                "meta.content_type",
+                f"the content type must be at most {MAX_CONTENT_TYPE} printable ASCII characters",
+            )
+    if etag is not None:
+        match = _ETAG.fullmatch(etag) if isinstance(etag, str) else None
+        if match is None or int(match.group(1) or 1) > MAX_PARTS:
+            return "meta.etag", f"bad ETag {etag!r}: 32 lowercase hex, or 32 hex and -N parts"
+    if not isinstance(user, Mapping):
+        return "meta.user", "the user metadata is not a mapping"
+    for key, value in user.items():
+        if not isinstance(key, str) or not _TOKEN.fullmatch(key):
+            return "meta.user", f"bad metadata name {key!r}: a lower-case HTTP token"
+        if not isinstance(value, str) or not _printable(value):
+            return "meta.user", f"bad value of metadata {key!r}: printable ASCII text"
+    encoded = _meta_json(content_type, etag, user)
+    if len(canonical_json(encoded)) > MAX_META_BYTES:
+        return "meta", f"the metadata takes more than {MAX_META_BYTES} bytes encoded"
+    return None
+
+
+def _meta_json(content_type: Any, etag: Any, user: Mapping[str, str]) -> dict[str, Any]:
+    """The "meta" object: only the fields that are set (``user`` only when not empty)."""
+    out: dict[str, Any] = {}
+    if content_type is not None:
+        out["content_type"] = content_type
+    if etag is not None:
+        out["etag"] = etag
+    if user:
+        out["user"] = dict(user)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectMeta:
+    """An object's metadata, signed into its manifest (the optional ``meta`` field).
+
+    ``content_type``: the media type the gateway and the S3 API serve (else one from the
+    name's extension). ``etag``: the S3 ETag text without quotes: the body's MD5 in
+    lowercase hex, or ``md5(part MD5s)-N`` for a multipart upload. ``user``: the
+    ``x-amz-meta-*`` pairs, names lower-case without the prefix. Validated on
+    construction (:func:`meta_problem`): UsageError. Metadata with nothing set is no
+    metadata (the manifest then has no ``meta``).
+    """
+
+    content_type: str | None = None
+    etag: str | None = None
+    user: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problem = meta_problem(self.content_type, self.etag, self.user)
+        if problem is not None:
+            raise UsageError(problem[1])
+        # a read-only copy: the signed manifest cannot change under the caller's dict
+        object.__setattr__(self, "user", MappingProxyType(dict(sorted(self.user.items()))))
+
+    def __hash__(self) -> int:
+        return hash((self.content_type, self.etag, tuple(self.user.items())))
+
+    @property
+    def empty(self) -> bool:
+        return self.content_type is None and self.etag is None and not self.user
+
+    def as_json(self) -> dict[str, Any]:
+        """The manifest's ``meta`` object."""
+        return _meta_json(self.content_type, self.etag, self.user)
+
+
+def parse_meta(obj: object) -> ObjectMeta:
+    """Decode a manifest's ``meta`` object (WireError naming the field). One encoding: no
+    other keys, no null or empty ``user``, not empty."""
+    if not isinstance(obj, dict) or not obj:
+        raise WireError("meta is not a non-empty object", field="meta")
+    if not set(obj) <= {"content_type", "etag", "user"}:
+        raise WireError("unexpected fields in meta", field="meta")
+    if any(v is None for v in obj.values()) or obj.get("user", True) == {}:
+        raise WireError("meta has a null or empty field (leave it out)", field="meta")
+    content_type, etag, user = obj.get("content_type"), obj.get("etag"), obj.get("user", {})
+    problem = meta_problem(content_type, etag, user)
+    if problem is not None:
+        raise WireError(problem[1], field=problem[0])
+    return ObjectMeta(content_type, etag, user)
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     """A verified manifest; ``raw`` holds the exact signed bytes."""
@@ -91,6 +212,8 @@ class Manifest:
     # The key the name belongs to: the publisher, or the owner that delegated to it.
     owner: bytes = b""
     delegation: Delegation | None = None
+    # -- object metadata --
+    meta: ObjectMeta | None = None
 
     @property
     def hash(self) -> str:
@@ -201,11 +324,16 @@ def build_manifest(
     created: float,
     delegation: Delegation | None = None,
     key: NameKey | None = None,
+    meta: ObjectMeta | None = None,
 ) -> Manifest:
     """Sign a manifest with the publisher's key (a delegate passes its delegation).
 
     ``key``: the DHT key it is stored under, the name key by default; under a claimed
-    prefix the name's :func:`owned_key` (any other key is refused like a parsed one)."""
+    prefix the name's :func:`owned_key` (any other key is refused like a parsed one).
+    ``meta``: the object's metadata (none on a tombstone: UsageError); empty metadata is
+    left out, so the manifest is then exactly what it is without."""
+    if meta is not None and not meta.empty and deleted:
+        raise UsageError("a tombstone carries no metadata")
     norm = normalize_name(name)
     body = {
         "t": "difs-manifest",
@@ -230,6 +358,8 @@ def build_manifest(
     }
     if delegation is not None:
         body["delegation"] = delegation.as_json()
+    if meta is not None and not meta.empty:
+        body["meta"] = meta.as_json()
     body["sig"] = identity.sign(MANIFEST_DOMAIN + canonical_json(body)).hex()
     return parse_manifest(canonical_json(body))
 
@@ -284,7 +414,7 @@ def _parse_manifest(raw: bytes, key: bytes | None) -> Manifest:
         "created",
     }
     top = {"t", "v", "info", "publisher", "sig"}
-    if set(info) != expected or set(obj) - {"delegation"} != top:
+    if set(info) != expected or set(obj) - {"delegation", "meta"} != top:
         raise WireError("unexpected or missing fields", field="info")
     name = info["name"]
     if not isinstance(name, str):
@@ -335,6 +465,9 @@ def _parse_manifest(raw: bytes, key: bytes | None) -> Manifest:
         if created > delegation.expires:
             raise IntegrityError("the delegation had expired when this version was made")
         owner = delegation.owner
+    meta = parse_meta(obj["meta"]) if "meta" in obj else None
+    if meta is not None and info["deleted"]:
+        raise WireError("a tombstone carries no metadata", field="meta")
     namespace = key_namespace_owner(name)
     if namespace is not None and namespace != fingerprint(owner):
         raise IntegrityError(f"{name} belongs to key {namespace}, not to the signer")
@@ -369,19 +502,25 @@ def _parse_manifest(raw: bytes, key: bytes | None) -> Manifest:
         raw=raw,
         owner=owner,
         delegation=delegation,
+        meta=meta,
     )
 
 
 __all__ = [
     "MANIFEST_DOMAIN",
     "MANIFEST_FORMAT",
+    "MAX_CONTENT_TYPE",
     "MAX_MANIFEST_SIZE",
+    "MAX_META_BYTES",
     "Lineage",
     "Manifest",
+    "ObjectMeta",
     "build_manifest",
     "choose_records",
     "linked",
+    "meta_problem",
     "owned_key",
     "parse_manifest",
+    "parse_meta",
     "supersedes",
 ]

@@ -15,6 +15,10 @@ directory holds everything the peer must keep across restarts::
                           the advertised address, else (a wildcard bind not yet knowing
                           it) the loopback address of the bound family
     DATA/http             the HTTP gateway's URL while it runs (--http; gateway.py)
+    DATA/s3               the S3 API's URL while it runs (--s3; s3api.py)
+    DATA/s3keys.sqlite3   the S3 access keys and their buckets (s3keys.py)
+    DATA/s3-uploads/      multipart uploads being staged (--s3; s3multipart.py)
+    DATA/s3-spool/        S3 bodies being received, published once whole and checked
     DATA/lock             held (flock) while a peer uses the directory
 
 The peer composes its parts at start: the DHT (dht.py) with the holder-entry prover
@@ -24,11 +28,16 @@ and the orphan sweep (uploads.py), the control operations (operations.py) and th
 service that answers connections (service.py). It owns every task it starts (a
 ``TaskSet``); :meth:`Peer.stop` cancels them, closes the sockets, saves the contacts and
 removes the address file. With ``PeerConfig.http`` the peer also runs the HTTP gateway
-(gateway.py), started once the peer is up and stopped first.
+(gateway.py), started once the peer is up and stopped first; with ``PeerConfig.s3``
+the S3 API (s3api.py) likewise.
 
 A peer that leaves for good drains first (leaving.py: ``difs-peer leave``, or a signal
 with ``--drain``): it takes no new copies, hands its ranges and records to the next
 closest peers, and then sets :attr:`Peer.left`, which ends ``difs-peer join``.
+
+The module is longer than most (about 670 lines): it composes every part of a peer, and
+starting, stopping and reporting each (the HTTP gateway and the S3 API among them) is a
+few lines that belong with the lifecycle they are ordered in.
 """
 
 from __future__ import annotations
@@ -67,6 +76,9 @@ from difs_p2p.recordpolicy import RecordValidator
 from difs_p2p.repair import Maintainer
 from difs_p2p.replicator import Replicator
 from difs_p2p.routing import Contact
+from difs_p2p.s3api import S3Server
+from difs_p2p.s3keys import KeyStore
+from difs_p2p.s3multipart import MultipartStore
 from difs_p2p.service import ControlHandler, RateBucket, Service
 from difs_p2p.store import SegmentStore
 from difs_p2p.tasks import TaskSet
@@ -158,6 +170,9 @@ class Peer:
         # the HTTP gateway (--http), while it runs; its socket, bound first thing at start
         self.gateway: Gateway | None = None
         self._http_socket: socket.socket | None = None
+        # the S3 API (--s3), while it runs; its socket, bound first thing at start
+        self.s3: S3Server | None = None
+        self._s3_socket: socket.socket | None = None
         self._tasks = TaskSet("peer")
         self._token: bytes | None = None
         self._uploads = ByteBudget(config.upload_budget)
@@ -203,6 +218,7 @@ class Peer:
         try:
             # the gateway's address first: a taken --http fails before the peer joins
             self._http_socket = bind_gateway(cfg.http, optional=cfg.http_optional)
+            self._s3_socket = bind_gateway(cfg.s3, optional=False)
             # the node-ID puzzle costs ~0.2 s of CPU at the first start: off the loop
             self.identity = await asyncio.to_thread(
                 load_or_create_with_work, self.data_dir / "peer.key", cfg.dht.id_difficulty
@@ -260,6 +276,7 @@ class Peer:
             self.spawn(self._maintainer().run())
             self.spawn(service.uploads.sweep())
             await self._start_gateway()
+            await self._start_s3()
         except BaseException:
             await self.stop()
             raise
@@ -333,6 +350,35 @@ class Peer:
         await gateway.start(sock)
         self.gateway = gateway
         _atomic_write(self.data_dir / "http", f"{gateway.url}\n".encode())
+
+    async def _start_s3(self) -> None:
+        """Serve the S3 API on the bound socket through this peer's own TCP service, as
+        its operator (the access keys publish with the control token)."""
+        sock, self._s3_socket = self._s3_socket, None
+        if sock is None:
+            return
+        assert self._token is not None
+        try:
+            keys = await asyncio.to_thread(KeyStore, self.data_dir / "s3keys.sqlite3")
+            try:
+                uploads = await asyncio.to_thread(MultipartStore, self.data_dir / "s3-uploads")
+            except BaseException:
+                keys.close()
+                raise
+        except BaseException:
+            sock.close()
+            raise
+        server = S3Server(
+            (loopback_of(self.bound[0]), self.tcp_port or self.port),
+            token=self._token,
+            keys=keys,
+            uploads=uploads,
+            spool=self.data_dir / "s3-spool",
+            io_timeout=self.config.io_timeout,
+        )
+        await server.start(sock)
+        self.s3 = server
+        _atomic_write(self.data_dir / "s3", f"{server.url}\n".encode())
 
     def _write_address(self) -> None:
         """DATA/address: where a local client reaches this peer (see the module doc)."""
@@ -464,6 +510,14 @@ class Peer:
 
     async def stop(self) -> None:
         """Stop serving, cancel every task, save contacts and release the data directory."""
+        if self.s3 is not None:
+            s3, self.s3 = self.s3, None
+            await s3.stop()
+        if self._s3_socket is not None:
+            self._s3_socket.close()
+            self._s3_socket = None
+        with contextlib.suppress(OSError):
+            (self.data_dir / "s3").unlink()
         if self.gateway is not None:
             gateway, self.gateway = self.gateway, None
             await gateway.stop()
@@ -549,6 +603,8 @@ class Peer:
             "address_known": self.advertised,
             # the HTTP gateway's URL (--http), None without one
             "http": self.gateway.url if self.gateway is not None else None,
+            # the S3 API's URL (--s3), None without one
+            "s3": self.s3.url if self.s3 is not None else None,
             "uptime": round(self.clock() - self.started_at, 3),
             "routing_table": len(contacts),
             # verified peers beyond the per-address cap: no routing, still holders (placement)

@@ -1,0 +1,162 @@
+"""The files of staged multipart parts: the crash-safe writer and the verified reader.
+
+:mod:`difs_p2p.s3multipart` keeps the index and decides; this module only does the disk
+I/O of one part (in worker threads): :class:`PartWriter` writes a temporary beside the
+part's final name with the MD5 as it goes, fsyncs, renames and fsyncs the directory;
+:class:`PartsReader` reads parts one after the other as one stream, each checked against
+the size and MD5 of its index row when it ends. File names are ``<number>.<16 hex>``
+(random per write), temporaries ``.tmp-<number>.<16 hex>``; an upload removed is renamed to
+``.removed-<upload id>`` while its files are deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import secrets
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from difs_p2p.s3errors import invalid_part
+
+__all__ = [
+    "REMOVED_PREFIX",
+    "TMP_PREFIX",
+    "PartRow",
+    "PartWriter",
+    "PartsReader",
+    "file_size",
+    "fsync_dir",
+]
+
+TMP_PREFIX = ".tmp-"
+REMOVED_PREFIX = ".removed-"
+
+
+@dataclass(frozen=True, slots=True)
+class PartRow:
+    """A part's index row, as the reader needs it."""
+
+    upload: str
+    number: int
+    file: str
+    etag: str
+    size: int
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory (its entries: a rename in it is then durable)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PartWriter:
+    """One part being written: its temporary file, MD5 and size (used by worker threads).
+
+    A lock orders writes and ``discard``: a write still running in a thread after its
+    caller was cancelled finishes before the file is closed, never on a reused fd."""
+
+    def __init__(self, directory: Path, number: int) -> None:
+        self.directory = directory
+        gen = secrets.token_hex(8)
+        self.tmp = directory / f"{TMP_PREFIX}{number}.{gen}"
+        self.final = f"{number}.{gen}"
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+        self.lock = threading.Lock()
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def write(self, batch: list[bytes]) -> None:
+        with self.lock:
+            if self.fd < 0:
+                return
+            for chunk in batch:
+                self.md5.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self.fd, view) :]
+                self.size += len(chunk)
+
+    def finish(self, batch: list[bytes]) -> None:
+        """Write the last batch, fsync, close and rename to the final name; fsync the
+        directory."""
+        self.write(batch)
+        with self.lock:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.rename(self.tmp, self.directory / self.final)
+        fsync_dir(self.directory)
+
+    def discard(self) -> None:
+        """Close and delete the temporary, and the renamed file if it got that far."""
+        with self.lock:
+            if self.fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self.fd)
+                self.fd = -1
+            for path in (self.tmp, self.directory / self.final):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+class PartsReader(io.RawIOBase):
+    """The concatenation of open part files, read once in order, each checked against
+    its recorded size and MD5 as it ends: a part damaged on disk since it was stored
+    raises ``InvalidPart`` (after ``damaged(row)``) instead of being read."""
+
+    def __init__(
+        self,
+        files: list[tuple[io.BufferedReader, PartRow]],
+        damaged: Callable[[PartRow], None],
+    ) -> None:
+        self._files = files
+        self._damaged = damaged
+        self._at = 0
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        while self._at < len(self._files):
+            fh, row = self._files[self._at]
+            n = fh.readinto(buffer)
+            if n:
+                self._md5.update(memoryview(buffer)[:n])
+                self._size += n
+                if self._size <= row.size:
+                    return n
+            if self._size != row.size or self._md5.hexdigest() != row.etag:
+                self.close()
+                self._damaged(row)
+                raise invalid_part(row.number, row.etag)
+            fh.close()
+            self._at += 1
+            self._md5 = hashlib.md5(usedforsecurity=False)
+            self._size = 0
+        return 0
+
+    def close(self) -> None:
+        for fh, _ in self._files[self._at :]:
+            fh.close()
+        self._at = len(self._files)
+        super().close()
+
+
+def file_size(path: Path) -> int:
+    """The size of a regular file, -1 if there is none."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return -1
+    return st.st_size if stat.S_ISREG(st.st_mode) else -1

@@ -1,0 +1,569 @@
+"""The S3 API against real peers, driven by boto3 (and hand-signed raw requests)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import functools
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import zlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import boto3
+import pytest
+import pytest_asyncio
+from botocore import UNSIGNED
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
+from botocore.exceptions import ClientError
+
+from difs_p2p.peer import Peer
+from difs_p2p.s3keys import S3Key
+from tests.helpers import BIN, peer_config, start_peers, stop_all
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+T = TypeVar("T")
+CONFIG = Config(
+    s3={"addressing_style": "path"},
+    signature_version="s3v4",
+    retries={"max_attempts": 1},
+    region_name="us-east-1",
+)
+MiB = 1 << 20
+
+
+@dataclass
+class Net:
+    peers: list[Peer]
+    url: str
+    alice: Any  # boto3 S3 clients
+    bob: Any
+    alice_key: S3Key
+    make: Callable[..., Any]
+
+
+def _client(url: str, access: str | None, secret: str | None, **kw: Any) -> Any:
+    config = CONFIG.merge(Config(signature_version=UNSIGNED)) if access is None else CONFIG
+    return boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id=access or "x",
+        aws_secret_access_key=secret or "x",
+        config=config,
+        **kw,
+    )
+
+
+# boto3's threads: the loop's default executor stays the peers' (a boto3 call waiting for
+# its answer there would hold a thread the server needs)
+BOTO = concurrent.futures.ThreadPoolExecutor(32)
+
+
+async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A blocking boto3 call, off the loop the peers run on."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(BOTO, functools.partial(fn, *args, **kwargs))
+
+
+async def code_of(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+    """The S3 error code a boto3 call fails with."""
+    with pytest.raises(ClientError) as info:
+        await run(fn, *args, **kwargs)
+    return str(info.value.response["Error"]["Code"])
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def net(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Net]:
+    root: Path = tmp_path_factory.mktemp("s3")
+    peers = await start_peers(root, 2)
+    s3peer = Peer(peer_config(root / "s3", bootstrap=(peers[0].address,), s3=("127.0.0.1", 0)))
+    await s3peer.start()
+    assert s3peer.s3 is not None
+    url = s3peer.s3.url.rstrip("/")
+    alice_key = s3peer.s3.keys.create("alice")
+    bob_key = s3peer.s3.keys.create("bob")
+
+    def make(access: str | None, secret: str | None) -> Any:
+        return _client(url, access, secret)
+
+    alice = make(alice_key.access_key, alice_key.secret)
+    bob = make(bob_key.access_key, bob_key.secret)
+    try:
+        await run(alice.create_bucket, Bucket="alice.com")
+        yield Net([*peers, s3peer], url, alice, bob, alice_key, make)
+    finally:
+        await stop_all([s3peer, *peers])
+
+
+async def test_ready_file_and_status(net: Net) -> None:
+    """The S3 URL is in DATA/s3 and in the peer's status while it runs."""
+    s3peer = net.peers[-1]
+    assert (s3peer.data_dir / "s3").read_text().strip() == net.url + "/"
+    assert s3peer.status()["s3"] == net.url + "/"
+
+
+async def test_buckets(net: Net) -> None:
+    """Create, re-create, someone else's, list, head, location, versioning."""
+    s3 = net.alice
+    assert await code_of(s3.create_bucket, Bucket="alice.com") == "BucketAlreadyOwnedByYou"
+    assert await code_of(net.bob.create_bucket, Bucket="alice.com") == "BucketAlreadyExists"
+    await run(s3.create_bucket, Bucket="alice-two")
+    names = [b["Name"] for b in (await run(s3.list_buckets))["Buckets"]]
+    assert names == ["alice-two", "alice.com"]
+    assert (await run(net.bob.list_buckets))["Buckets"] == []
+    await run(s3.head_bucket, Bucket="alice.com")
+    assert await code_of(s3.head_bucket, Bucket="nobody-here") == "404"
+    loc = await run(s3.get_bucket_location, Bucket="alice.com")
+    assert loc["LocationConstraint"] is None
+    ver = await run(s3.get_bucket_versioning, Bucket="alice.com")
+    assert ver["Status"] == "Enabled"
+    assert await code_of(s3.create_bucket, Bucket="ab") == "InvalidBucketName"
+    assert await code_of(s3.get_bucket_acl, Bucket="alice.com") == "NotImplemented"
+
+
+async def test_put_get_head(net: Net) -> None:
+    """An object round-trips with its MD5 ETag, content type, metadata and ranges."""
+    s3 = net.alice
+    body = os.urandom(300_000)
+    md5 = hashlib.md5(body).hexdigest()
+    put = await run(
+        s3.put_object,
+        Bucket="alice.com",
+        Key="docs/report.bin",
+        Body=body,
+        ContentType="application/x-report",
+        Metadata={"Colour": "blue"},
+    )
+    assert put["ETag"] == f'"{md5}"'
+    got = await run(s3.get_object, Bucket="alice.com", Key="docs/report.bin")
+    assert await run(got["Body"].read) == body
+    assert got["ETag"] == f'"{md5}"'
+    assert got["ContentType"] == "application/x-report"
+    assert got["Metadata"] == {"colour": "blue"}
+    assert got["ContentLength"] == len(body)
+    head = await run(s3.head_object, Bucket="alice.com", Key="docs/report.bin")
+    assert head["ContentLength"] == len(body)
+    assert head["ETag"] == f'"{md5}"'
+    part = await run(s3.get_object, Bucket="alice.com", Key="docs/report.bin", Range="bytes=10-19")
+    assert await run(part["Body"].read) == body[10:20]
+    assert part["ContentRange"] == f"bytes 10-19/{len(body)}"
+    code = await code_of(
+        s3.get_object, Bucket="alice.com", Key="docs/report.bin", IfNoneMatch=f'"{md5}"'
+    )
+    assert code == "304"
+    code = await code_of(s3.get_object, Bucket="alice.com", Key="docs/report.bin", IfMatch='"x"')
+    assert code == "PreconditionFailed"
+    code = await code_of(
+        s3.get_object, Bucket="alice.com", Key="docs/report.bin", Range="bytes=400000-"
+    )
+    assert code == "InvalidRange"
+    assert await code_of(s3.get_object, Bucket="alice.com", Key="nope") == "NoSuchKey"
+    assert await code_of(s3.get_object, Bucket="nobody-here", Key="x") == "NoSuchBucket"
+    assert await code_of(s3.head_object, Bucket="alice.com", Key="nope") == "404"
+    empty = await run(s3.put_object, Bucket="alice.com", Key="empty", Body=b"")
+    assert empty["ETag"] == '"d41d8cd98f00b204e9800998ecf8427e"'
+    got = await run(s3.get_object, Bucket="alice.com", Key="empty")
+    assert await run(got["Body"].read) == b""
+
+
+async def test_writes_need_the_bucket_owner(net: Net) -> None:
+    """Another key reads a bucket but cannot write or delete in it."""
+    await run(net.alice.put_object, Bucket="alice.com", Key="shared.txt", Body=b"hi")
+    got = await run(net.bob.get_object, Bucket="alice.com", Key="shared.txt")
+    assert await run(got["Body"].read) == b"hi"
+    code = await code_of(net.bob.put_object, Bucket="alice.com", Key="x", Body=b"no")
+    assert code == "AccessDenied"
+    assert await code_of(net.bob.delete_object, Bucket="alice.com", Key="shared.txt") == (
+        "AccessDenied"
+    )
+
+
+async def test_list_v2_pages_with_delimiter(net: Net) -> None:
+    """ListObjectsV2 pages through keys and common prefixes with continuation tokens."""
+    s3 = net.alice
+    await run(s3.create_bucket, Bucket="pages")
+    keys = [f"k{i:02d}" for i in range(20)] + [f"dir{i}/x" for i in range(5)] + ["dir0/y"]
+    await asyncio.gather(
+        *(run(s3.put_object, Bucket="pages", Key=k, Body=k.encode()) for k in keys)
+    )
+    seen: list[str] = []
+    prefixes: list[str] = []
+    token = None
+    pages = 0
+    while True:
+        kw: dict[str, Any] = {"Bucket": "pages", "Delimiter": "/", "MaxKeys": 7}
+        if token:
+            kw["ContinuationToken"] = token
+        page = await run(s3.list_objects_v2, **kw)
+        pages += 1
+        seen += [c["Key"] for c in page.get("Contents", [])]
+        prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+        assert page["KeyCount"] <= 7
+        if not page["IsTruncated"]:
+            break
+        token = page["NextContinuationToken"]
+    assert pages == 4
+    assert seen == sorted(k for k in keys if "/" not in k)
+    assert prefixes == [f"dir{i}/" for i in range(5)]
+    flat = await run(s3.list_objects_v2, Bucket="pages", Prefix="dir0/")
+    assert [c["Key"] for c in flat["Contents"]] == ["dir0/x", "dir0/y"]
+    assert flat["Contents"][0]["Size"] == len(b"dir0/x")
+    everything = await run(s3.list_objects_v2, Bucket="pages", StartAfter="k18")
+    assert [c["Key"] for c in everything["Contents"]] == ["k19"]
+    partial = await run(s3.list_objects_v2, Bucket="pages", Prefix="dir", Delimiter="/")
+    assert [p["Prefix"] for p in partial["CommonPrefixes"]] == [f"dir{i}/" for i in range(5)]
+    other = await run(s3.list_objects_v2, Bucket="pages", Prefix="dir0", Delimiter="x")
+    assert [p["Prefix"] for p in other["CommonPrefixes"]] == ["dir0/x"]
+    assert [c["Key"] for c in other["Contents"]] == ["dir0/y"]
+
+
+async def test_list_v1_markers(net: Net) -> None:
+    """ListObjects (V1) pages with NextMarker over common prefixes, and url encoding."""
+    s3 = net.alice
+    await run(s3.create_bucket, Bucket="v1list")
+    keys = ["a", "b/1", "b/2", "c d", "e"]
+    for k in keys:
+        await run(s3.put_object, Bucket="v1list", Key=k, Body=b"x")
+    page = await run(s3.list_objects, Bucket="v1list", Delimiter="/", MaxKeys=2)
+    assert [c["Key"] for c in page["Contents"]] == ["a"]
+    assert [p["Prefix"] for p in page["CommonPrefixes"]] == ["b/"]
+    assert page["IsTruncated"] and page["NextMarker"] == "b/"
+    rest = await run(s3.list_objects, Bucket="v1list", Delimiter="/", Marker="b/")
+    assert [c["Key"] for c in rest["Contents"]] == ["c d", "e"]
+    assert not rest["IsTruncated"]
+    paginator = s3.get_paginator("list_objects")
+    listed = await run(
+        lambda: [
+            c["Key"]
+            for p in paginator.paginate(Bucket="v1list", PaginationConfig={"PageSize": 2})
+            for c in p.get("Contents", [])
+        ]
+    )
+    assert listed == keys
+
+
+async def test_odd_keys_list_as_written(net: Net) -> None:
+    """Keys that are not DIFS names (escaped) list exactly as written; others are refused."""
+    s3 = net.alice
+    await run(s3.create_bucket, Bucket="odd")
+    keys = ["a//b", "dir/", "50%off", "@claim", "./x", "caf\u00e9"]
+    for k in keys:
+        await run(s3.put_object, Bucket="odd", Key=k, Body=k.encode())
+    listed = await run(s3.list_objects_v2, Bucket="odd")
+    assert sorted(c["Key"] for c in listed["Contents"]) == sorted(keys)
+    for k in keys:
+        got = await run(s3.get_object, Bucket="odd", Key=k)
+        assert await run(got["Body"].read) == k.encode()
+    code = await code_of(s3.put_object, Bucket="odd", Key="cafe\u0301", Body=b"x")
+    assert code == "InvalidArgument"
+    assert await code_of(s3.put_object, Bucket="odd", Key="x" * 1020, Body=b"x") == (
+        "KeyTooLongError"
+    )
+
+
+async def test_delete_versions_and_delete_objects(net: Net) -> None:
+    """Versions, versionId reads, deletes as delete markers, quiet DeleteObjects."""
+    s3 = net.alice
+    await run(s3.create_bucket, Bucket="vers")
+    v1 = await run(s3.put_object, Bucket="vers", Key="f", Body=b"one")
+    v2 = await run(s3.put_object, Bucket="vers", Key="f", Body=b"two")
+    assert (v1["VersionId"], v2["VersionId"]) == ("1", "2")
+    old = await run(s3.get_object, Bucket="vers", Key="f", VersionId="1")
+    assert await run(old["Body"].read) == b"one"
+    assert await code_of(s3.get_object, Bucket="vers", Key="f", VersionId="9") == "NoSuchVersion"
+    listed = await run(s3.list_object_versions, Bucket="vers")
+    assert [(v["VersionId"], v["IsLatest"]) for v in listed["Versions"]] == [
+        ("2", True),
+        ("1", False),
+    ]
+    gone = await run(s3.delete_object, Bucket="vers", Key="f")
+    assert gone["DeleteMarker"] is True and gone["VersionId"] == "3"
+    assert await code_of(s3.get_object, Bucket="vers", Key="f") == "NoSuchKey"
+    again = await run(s3.delete_object, Bucket="vers", Key="f")
+    assert again["ResponseMetadata"]["HTTPStatusCode"] == 204
+    await run(s3.delete_object, Bucket="vers", Key="never-was")
+    for k in ("a", "b"):
+        await run(s3.put_object, Bucket="vers", Key=k, Body=b"x")
+    out = await run(
+        s3.delete_objects,
+        Bucket="vers",
+        Delete={"Objects": [{"Key": "a"}, {"Key": "b"}, {"Key": "none"}], "Quiet": True},
+    )
+    assert "Deleted" not in out and "Errors" not in out
+    loud = await run(s3.delete_objects, Bucket="vers", Delete={"Objects": [{"Key": "x" * 1030}]})
+    assert loud["Errors"][0]["Code"] == "KeyTooLongError"
+    assert (await run(s3.list_objects_v2, Bucket="vers"))["KeyCount"] == 0
+    assert await code_of(s3.delete_bucket, Bucket="alice.com") == "BucketNotEmpty"
+    await run(s3.delete_bucket, Bucket="vers")
+    names = [b["Name"] for b in (await run(s3.list_buckets))["Buckets"]]
+    assert "vers" not in names
+
+
+async def test_copy_object(net: Net) -> None:
+    """CopyObject copies bytes and metadata (COPY), or takes new metadata (REPLACE)."""
+    s3 = net.alice
+    body = b"copy me" * 1000
+    await run(s3.put_object, Bucket="alice.com", Key="src", Body=body, Metadata={"a": "1"})
+    out = await run(
+        s3.copy_object,
+        Bucket="alice.com",
+        Key="dst",
+        CopySource={"Bucket": "alice.com", "Key": "src"},
+    )
+    assert out["CopyObjectResult"]["ETag"] == f'"{hashlib.md5(body).hexdigest()}"'
+    got = await run(s3.get_object, Bucket="alice.com", Key="dst")
+    assert await run(got["Body"].read) == body
+    assert got["Metadata"] == {"a": "1"}
+    await run(
+        s3.copy_object,
+        Bucket="alice.com",
+        Key="dst2",
+        CopySource="alice.com/src",
+        MetadataDirective="REPLACE",
+        Metadata={"b": "2"},
+    )
+    head = await run(s3.head_object, Bucket="alice.com", Key="dst2")
+    assert head["Metadata"] == {"b": "2"}
+    code = await code_of(
+        s3.copy_object,
+        Bucket="alice.com",
+        Key="dst3",
+        CopySource="alice.com/src",
+        CopySourceIfMatch='"nope"',
+    )
+    assert code == "PreconditionFailed"
+    code = await code_of(
+        s3.copy_object, Bucket="alice.com", Key="dst3", CopySource="alice.com/missing"
+    )
+    assert code == "NoSuchKey"
+
+
+async def test_bad_content_md5_publishes_nothing(net: Net) -> None:
+    """A body that does not match its Content-MD5 is refused and nothing is published."""
+    s3 = net.alice
+    wrong = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+    code = await code_of(
+        s3.put_object, Bucket="alice.com", Key="bad-md5", Body=b"body", ContentMD5=wrong
+    )
+    assert code == "BadDigest"
+    assert await code_of(s3.head_object, Bucket="alice.com", Key="bad-md5") == "404"
+
+
+async def test_authentication_errors(net: Net) -> None:
+    """Wrong secret, unknown key and anonymous requests are refused as S3 does."""
+    wrong = net.make(net.alice_key.access_key, "not-the-secret")
+    assert await code_of(wrong.list_buckets) == "SignatureDoesNotMatch"
+    unknown = net.make("DIFSUNKNOWNKEY000000", "x" * 40)
+    assert await code_of(unknown.list_buckets) == "InvalidAccessKeyId"
+    anonymous = net.make(None, None)
+    assert await code_of(anonymous.list_objects_v2, Bucket="alice.com") == "AccessDenied"
+
+
+async def test_multipart_upload(net: Net) -> None:
+    """Parts, listings, complete with the multipart ETag, too-small parts, abort."""
+    s3 = net.alice
+    first = os.urandom(5 * MiB)
+    last = os.urandom(1000)
+    up = await run(
+        s3.create_multipart_upload, Bucket="alice.com", Key="big.bin", ContentType="video/mp4"
+    )
+    uid = up["UploadId"]
+    p1 = await run(
+        s3.upload_part, Bucket="alice.com", Key="big.bin", UploadId=uid, PartNumber=1, Body=first
+    )
+    p2 = await run(
+        s3.upload_part, Bucket="alice.com", Key="big.bin", UploadId=uid, PartNumber=2, Body=last
+    )
+    parts = await run(s3.list_parts, Bucket="alice.com", Key="big.bin", UploadId=uid)
+    assert [(p["PartNumber"], p["Size"]) for p in parts["Parts"]] == [(1, 5 * MiB), (2, 1000)]
+    uploads = await run(s3.list_multipart_uploads, Bucket="alice.com")
+    assert [u["UploadId"] for u in uploads["Uploads"]] == [uid]
+    done = await run(
+        s3.complete_multipart_upload,
+        Bucket="alice.com",
+        Key="big.bin",
+        UploadId=uid,
+        MultipartUpload={
+            "Parts": [
+                {"PartNumber": 1, "ETag": p1["ETag"]},
+                {"PartNumber": 2, "ETag": p2["ETag"]},
+            ]
+        },
+    )
+    digests = hashlib.md5(hashlib.md5(first).digest() + hashlib.md5(last).digest()).hexdigest()
+    assert done["ETag"] == f'"{digests}-2"'
+    got = await run(s3.get_object, Bucket="alice.com", Key="big.bin")
+    assert got["ETag"] == f'"{digests}-2"' and got["ContentType"] == "video/mp4"
+    assert await run(got["Body"].read) == first + last
+    assert await code_of(s3.list_parts, Bucket="alice.com", Key="big.bin", UploadId=uid) == (
+        "NoSuchUpload"
+    )
+    small = await run(s3.create_multipart_upload, Bucket="alice.com", Key="small.bin")
+    sid = small["UploadId"]
+    etags = []
+    for n in (1, 2):
+        r = await run(
+            s3.upload_part,
+            Bucket="alice.com",
+            Key="small.bin",
+            UploadId=sid,
+            PartNumber=n,
+            Body=b"x",
+        )
+        etags.append({"PartNumber": n, "ETag": r["ETag"]})
+    code = await code_of(
+        s3.complete_multipart_upload,
+        Bucket="alice.com",
+        Key="small.bin",
+        UploadId=sid,
+        MultipartUpload={"Parts": etags},
+    )
+    assert code == "EntityTooSmall"
+    code = await code_of(
+        s3.complete_multipart_upload,
+        Bucket="alice.com",
+        Key="small.bin",
+        UploadId=sid,
+        MultipartUpload={
+            "Parts": [{"PartNumber": 1, "ETag": '"00000000000000000000000000000000"'}]
+        },
+    )
+    assert code == "InvalidPart"
+    await run(s3.abort_multipart_upload, Bucket="alice.com", Key="small.bin", UploadId=sid)
+    assert await code_of(s3.list_parts, Bucket="alice.com", Key="small.bin", UploadId=sid) == (
+        "NoSuchUpload"
+    )
+    assert await code_of(s3.head_object, Bucket="alice.com", Key="small.bin") == "404"
+
+
+async def test_upload_part_copy(net: Net) -> None:
+    """UploadPartCopy takes a byte range of an existing object."""
+    s3 = net.alice
+    body = os.urandom(100_000)
+    await run(s3.put_object, Bucket="alice.com", Key="copy-src", Body=body)
+    up = await run(s3.create_multipart_upload, Bucket="alice.com", Key="copy-dst")
+    uid = up["UploadId"]
+    part = await run(
+        s3.upload_part_copy,
+        Bucket="alice.com",
+        Key="copy-dst",
+        UploadId=uid,
+        PartNumber=1,
+        CopySource="alice.com/copy-src",
+        CopySourceRange="bytes=100-199",
+    )
+    etag = part["CopyPartResult"]["ETag"]
+    assert etag == f'"{hashlib.md5(body[100:200]).hexdigest()}"'
+    await run(
+        s3.complete_multipart_upload,
+        Bucket="alice.com",
+        Key="copy-dst",
+        UploadId=uid,
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]},
+    )
+    got = await run(s3.get_object, Bucket="alice.com", Key="copy-dst")
+    assert await run(got["Body"].read) == body[100:200]
+
+
+async def test_aws_chunked_with_trailer(net: Net) -> None:
+    """A hand-signed aws-chunked body with a CRC32 trailer is stored without its framing."""
+    data = os.urandom(70_000)
+    crc = base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+    framed = (
+        f"{len(data):x}\r\n".encode()
+        + data
+        + b"\r\n0\r\n"
+        + f"x-amz-checksum-crc32:{crc}\r\n\r\n".encode()
+    )
+    url = f"{net.url}/alice.com/chunked.bin"
+    headers = {
+        "Content-Encoding": "aws-chunked",
+        "x-amz-decoded-content-length": str(len(data)),
+        "x-amz-trailer": "x-amz-checksum-crc32",
+        "x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+    }
+    req = AWSRequest(method="PUT", url=url, data=framed, headers=headers)
+    req.context["checksum"] = {"request_algorithm": {"in": "trailer"}}
+    creds = Credentials(net.alice_key.access_key, net.alice_key.secret)
+    S3SigV4Auth(creds, "s3", "us-east-1").add_auth(req)
+    async with aiohttp.ClientSession() as session:
+        async with session.put(url, data=framed, headers=dict(req.headers.items())) as resp:
+            assert resp.status == 200, await resp.text()
+            assert resp.headers["x-amz-request-id"]
+        bad = framed.replace(crc.encode(), base64.b64encode(b"\0\0\0\0"))
+        req = AWSRequest(method="PUT", url=url + "2", data=bad, headers=headers)
+        req.context["checksum"] = {"request_algorithm": {"in": "trailer"}}
+        S3SigV4Auth(creds, "s3", "us-east-1").add_auth(req)
+        async with session.put(url + "2", data=bad, headers=dict(req.headers.items())) as resp:
+            assert resp.status == 400
+            assert b"<Code>BadDigest</Code>" in await resp.read()
+    got = await run(net.alice.get_object, Bucket="alice.com", Key="chunked.bin")
+    assert await run(got["Body"].read) == data
+    assert await code_of(net.alice.head_object, Bucket="alice.com", Key="chunked.bin2") == "404"
+
+
+async def test_unsupported_and_errors_are_s3_xml(net: Net) -> None:
+    """Unsupported operations answer 501 NotImplemented in S3 XML with a request id."""
+    s3 = net.alice
+    assert await code_of(s3.get_bucket_policy, Bucket="alice.com") == "NotImplemented"
+    assert await code_of(s3.get_object_tagging, Bucket="alice.com", Key="x") == "NotImplemented"
+    with pytest.raises(ClientError) as info:
+        await run(s3.get_object, Bucket="alice.com", Key="missing")
+    meta = info.value.response["ResponseMetadata"]
+    assert meta["HTTPStatusCode"] == 404 and meta["RequestId"]
+
+
+async def test_difs_peer_join_serves_s3(tmp_path: Path) -> None:
+    """A difs-peer process with --s3 prints its URL; a key from difs s3-key works there."""
+    await run(_join_with_s3, tmp_path)
+
+
+def _join_with_s3(tmp_path: Path) -> None:
+    data = tmp_path / "peer"
+    proc = subprocess.Popen(
+        [
+            str(BIN / "difs-peer"),
+            "join",
+            "--data",
+            str(data),
+            "--http",
+            "off",
+            "--s3",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("peer ready"), line
+        url = dict(part.split("=", 1) for part in line.split()[2:])["s3"]
+        assert (data / "s3").read_text().strip() == url
+        made = subprocess.run(
+            [str(BIN / "difs"), "s3-key", "create", "--data", str(data), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        key = json.loads(made.stdout)
+        s3 = _client(url.rstrip("/"), key["access_key"], key["secret"])
+        s3.create_bucket(Bucket="cli-bucket")
+        assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["cli-bucket"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+    assert not (data / "s3").exists()
