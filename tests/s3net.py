@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -10,11 +11,24 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from difs_p2p.client import Client
+from difs_p2p.control import read_token_file
+from difs_p2p.identity import Identity
+from difs_p2p.listing import (
+    FOLDER,
+    OBJECT,
+    SPLIT,
+    build_child,
+    bulk_layout,
+    owner_fingerprint,
+    shard_key,
+)
 from tests.helpers import wait_for_sync
 
 BIN = Path(sys.executable).parent
@@ -63,6 +77,7 @@ class S3Network:
     root: Path
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
     url: str = ""
+    address: str = ""  # the S3 peer's HOST:PORT
 
     @property
     def data(self) -> Path:
@@ -73,19 +88,14 @@ class S3Network:
         """Environment for ``difs`` commands: a home of their own."""
         return dict(os.environ, DIFS_HOME=str(self.root / "home"))
 
-    def create_key(self, name: str) -> tuple[str, str]:
-        """A new access key of the S3 peer: (access key id, secret)."""
+    def create_key(self, name: str, identity: Path | None = None) -> tuple[str, str]:
+        """A new access key of the S3 peer (publishing as the key file ``identity``, else as
+        a new publisher key): (access key id, secret)."""
+        cmd = [str(BIN / "difs"), "s3-key", "create", "--data", str(self.data), "--name", name]
+        if identity is not None:
+            cmd += ["--identity", str(identity)]
         out = subprocess.run(
-            [
-                str(BIN / "difs"),
-                "s3-key",
-                "create",
-                "--data",
-                str(self.data),
-                "--name",
-                name,
-                "--json",
-            ],
+            [*cmd, "--json"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -94,7 +104,51 @@ class S3Network:
         )
         assert out.returncode == 0, out.stderr
         made = json.loads(out.stdout)
-        return str(made["access_key"]), str(made.get("secret") or made["secret_key"])
+        return str(made["access_key"]), str(made["secret"])
+
+    def lay_out(self, owner: Identity, bucket: str, sizes: dict[str, int]) -> None:
+        """List keys ``folder/name`` (key -> size) in ``bucket`` without uploading them: their
+        child entries, signed by the bucket's owner, laid out at once as one-by-one puts
+        would leave them (``listing.bulk_layout``), stored through the S3 peer. Each folder
+        must be written only here; the bucket's own shard gets one entry per folder (it
+        must stay unsplit: under ``listing.SHARD_ENTRIES`` entries)."""
+        asyncio.run(self._lay_out(owner, bucket, sizes))
+
+    async def _lay_out(self, owner: Identity, bucket: str, sizes: dict[str, int]) -> None:
+        fp = owner_fingerprint(owner.public_key)
+        now = int(time.time())
+        folders: dict[str, list[str]] = {}
+        for key in sizes:
+            folder, name = key.split("/")
+            folders.setdefault(folder, []).append(name)
+        shards: list[tuple[bytes, list[bytes]]] = []
+        root = f"/{bucket}"
+        tops = [
+            build_child(owner, owner=fp, parent=root, child=f, flags=FOLDER, level=0, issued=now,
+                        created=now).raw
+            for f in folders
+        ]  # fmt: skip
+        shards.append((shard_key(fp, root, 0, 0), tops))
+        for folder, names in folders.items():
+            parent = f"{root}/{folder}"
+            for level, bits, mine, split in bulk_layout(sorted(names)):
+                raws = [
+                    build_child(owner, owner=fp, parent=parent, child=c, flags=OBJECT,
+                                level=level, issued=now, version=1,
+                                size=sizes[f"{folder}/{c}"], created=now).raw
+                    for c in mine
+                ]  # fmt: skip
+                if split:
+                    raws.append(
+                        build_child(owner, owner=fp, parent=parent, child="", flags=SPLIT,
+                                    level=level, bits=bits, issued=now).raw
+                    )  # fmt: skip
+                shards.append((shard_key(fp, parent, level, bits), raws))
+        host, port = self.address.rsplit(":", 1)
+        token = read_token_file(self.data / "control.token")
+        async with Client((host, int(port)), token=token) as client:
+            for shard, raws in shards:
+                await client.add_children(shard, raws)
 
     def stop(self) -> None:
         stop_processes(self.procs)
@@ -132,6 +186,7 @@ def start_s3_network(root: Path, n: int = 3) -> S3Network:
         first, ready = _start_peer(root / "p0", "--s3", "127.0.0.1:0")
         net.procs.append(first)
         net.url = ready["s3"] if "://" in ready["s3"] else f"http://{ready['s3']}"
+        net.address = ready["address"]
         for i in range(1, n):
             net.procs.append(_start_peer(root / f"p{i}", "--bootstrap", ready["address"])[0])
     except BaseException:
