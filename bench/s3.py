@@ -95,7 +95,7 @@ def run(size_mib: int, peers: int, n_keys: int, tmp: Path) -> dict[str, Any]:
 
     env = dict(os.environ, DIFS_HOME=str(tmp / "home"))
     env["DIFS_TOKEN_FILE"] = str(tmp / "p0" / "control.token")
-    extra = ("--capacity", "64GiB", "--repair-interval", "3600")
+    extra = ("--capacity", "64GiB", "--repair-interval", "3600", "--http", "off")
     procs: list[subprocess.Popen[str]] = []
     try:
         first, seed = start_peer_process(tmp / "p0", None, "--s3", "127.0.0.1:0", *extra)
@@ -134,8 +134,8 @@ def run(size_mib: int, peers: int, n_keys: int, tmp: Path) -> dict[str, Any]:
         s3_put = timed(s3.upload_file, str(src), bucket, "s3.bin")
         difs_put = difs("put", str(src), f"/{bucket}/difs.bin", "--peer", seed, env=env)
         s3_get = timed(s3.download_file, bucket, "s3.bin", str(tmp / "s3.out"))
-        difs_get = difs("get", f"/{bucket}/difs.bin", str(tmp / "difs.out"), "--peer", seed,
-                        env=env)  # fmt: skip
+        difs_get = difs("get", f"/{bucket}/difs.bin", "-o", str(tmp / "difs.out"), "--peer",
+                        seed, env=env)  # fmt: skip
         intact = same_file(src, tmp / "s3.out") and same_file(src, tmp / "difs.out")
         for path in (src, tmp / "s3.out", tmp / "difs.out"):
             path.unlink()
@@ -152,11 +152,13 @@ def run(size_mib: int, peers: int, n_keys: int, tmp: Path) -> dict[str, Any]:
         print(f"{n_keys} keys stored as {len(shards)} shards of child entries in {store_s:.1f} s")
         sent0, received0 = asyncio.run(traffic(addresses))
         started = time.perf_counter()
-        pages = list(
-            s3.get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix="keys/", PaginationConfig={"PageSize": 1000}
-            )
-        )
+        pages: list[dict[str, Any]] = []
+        page_s: list[float] = []
+        for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix="keys/", PaginationConfig={"PageSize": 1000}
+        ):
+            pages.append(page)
+            page_s.append(time.perf_counter() - started - sum(page_s))
         list_s = time.perf_counter() - started
         sent1, received1 = asyncio.run(traffic(addresses))
         listed = [o["Key"] for p in pages for o in p.get("Contents", [])]
@@ -164,7 +166,8 @@ def run(size_mib: int, peers: int, n_keys: int, tmp: Path) -> dict[str, Any]:
         print(
             f"ListObjectsV2 of {len(listed)} keys in {len(pages)} pages: {list_s:.2f} s "
             f"({len(listed) / list_s:.0f} keys/s); complete and in order: {complete}; "
-            f"datagrams sent {sent1 - sent0}, received {received1 - received0}"
+            f"datagrams sent {sent1 - sent0}, received {received1 - received0}; seconds per "
+            f"page: {', '.join(f'{t:.2f}' for t in page_s)}"
         )
     finally:
         stop_processes(procs)
@@ -183,6 +186,7 @@ def run(size_mib: int, peers: int, n_keys: int, tmp: Path) -> dict[str, Any]:
         "keys_store_s": round(store_s, 2),
         "list_pages": len(pages),
         "list_s": round(list_s, 3),
+        "list_page_s": [round(t, 3) for t in page_s],
         "list_datagrams_sent": sent1 - sent0,
         "list_datagrams_received": received1 - received0,
         "list_complete_in_order": complete,
