@@ -8,18 +8,22 @@ from the method, the path and the sub-resource query (``?uploads``, ``?versions`
 answers S3's XML; anything else is 501 NotImplemented. Every answer carries an
 ``x-amz-request-id``; every error is S3's XML ``Error`` document with its status.
 
-Each access key (``s3keys.KeyStore``) acts through one :class:`~difs_p2p.client.Client`
-of this peer, with the key's publisher identity and the peer's control token (publishing
-needs it), kept for the server's life. Buckets are prefix claims: CreateBucket claims
-``/bucket/`` for the key's identity; writes need the bucket to be the key's; reads work on
+Each access key (``s3keys.KeyStore``) acts through clients of this peer
+(:class:`~difs_p2p.client.Client`: up to ``CLIENTS_PER_KEY`` for requests at once, kept
+for the server's life) with the key's publisher identity and the peer's control token
+(publishing needs it). Buckets are prefix claims: CreateBucket claims ``/bucket/`` for
+the key's identity; writes need the bucket to be the key's; reads work on
 any claimed bucket (DIFS content is public: any gateway serves it). A bucket's claim is
 permanent: DeleteBucket only forgets it in the key's bucket list, the name stays the key's.
 
-An upload is published only whole: the body is streamed into ``Client.put`` through the
-checks (Content-MD5, x-amz-checksum-*, the payload hash, aws-chunked framing), which run
-before the end of the body is reported, so a failed check abandons the upload and nothing
-is published; readers never see a partial object (the manifest is signed after the
-upload).
+An upload is published only whole and checked: the body (aws-chunked framing removed)
+is received through the checks (Content-MD5,
+x-amz-checksum-*, the signed payload hash, chunk signatures) into memory (up to
+``SMALL_BODY``) or a spool file (``DATA/s3-spool/``), and only a body that passed
+them all is published with ``Client.put``, its S3 metadata (the MD5 as ETag) signed into
+the manifest; a failed check publishes nothing, and readers never see a partial object.
+Spooling keeps the publish's worker threads (which read its source) from ever waiting on
+a slow client.
 
 The module is longer than most (about 1,150 lines): it is the whole S3 surface, one small
 handler per operation over the Client, whose decisions are pure elsewhere (s3xml, s3auth,
@@ -29,12 +33,14 @@ httprules, listing); splitting it would scatter the request context every handle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import io
 import logging
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -72,6 +78,13 @@ log = logging.getLogger(__name__)
 
 # The region S3 clients are told (GetBucketLocation answers "" for it, as S3 does).
 REGION = "us-east-1"
+# Clients one access key's requests use at once at most. Each holds a connection (two
+# while it looks up a claim) to the peer from loopback, which counts against the peer's 32
+# connections per address unless --no-limit-loopback.
+CLIENTS_PER_KEY = 2
+# Object bodies streamed at once (as the gateway's MAX_STREAMS); more GETs are answered
+# 503 SlowDown, which S3 clients retry.
+MAX_STREAMS = 16
 # Every part of a multipart upload but the last is at least this large (S3's rule).
 MIN_PART_SIZE = 5 << 20
 # Seconds between sweeps of abandoned multipart uploads (their grace: the store's).
@@ -85,6 +98,9 @@ MAX_XML = s3xml.MAX_BODY
 READ_CHUNK = 1 << 20
 # Bytes of a body written to its spool file at once (one worker-thread hop).
 SPOOL_BATCH = 4 << 20
+# Bodies up to this size are kept in memory, not spooled: a small object costs no disk
+# round trip. (A request holds at most SPOOL_BATCH of its body in memory either way.)
+SMALL_BODY = 1 << 20
 # Query parameters that name a sub-resource this server does not implement.
 UNSUPPORTED = frozenset(
     {
@@ -242,10 +258,14 @@ class S3Server:
         self.keys = keys
         self.uploads = uploads
         self.spool = spool
+        # bodies being streamed (GetObject), and how many may be at once
+        self.streams = 0
+        self.max_streams = MAX_STREAMS
         self._tasks = TaskSet("s3")
         self.io_timeout = io_timeout
         self.clock = clock
-        self._clients: dict[str, Client] = {}
+        # each access key's clients, and how many requests each serves now
+        self._clients: dict[str, dict[Client, int]] = {}
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] = ("", 0)
         app = web.Application(client_max_size=MAX_XML)
@@ -290,20 +310,29 @@ class S3Server:
             runner, self._runner = self._runner, None
             await runner.cleanup()
         clients, self._clients = self._clients, {}
-        for client in clients.values():
-            await client.close()
+        for pool in clients.values():
+            for client in pool:
+                await client.close()
         self.uploads.close()
         self.keys.close()
 
-    def client_for(self, key: S3Key) -> Client:
-        """The Client an access key acts through (one per key, kept)."""
-        client = self._clients.get(key.access_key)
-        if client is None:
+    @contextlib.contextmanager
+    def client_for(self, key: S3Key) -> Iterator[Client]:
+        """A Client the access key acts through for one request: an idle one of its own,
+        else a new one up to CLIENTS_PER_KEY, else the least busy (one Client's exchanges
+        with the peer take turns on its connection, so requests at once use several)."""
+        pool = self._clients.setdefault(key.access_key, {})
+        client = min(pool, key=pool.__getitem__, default=None)
+        if client is None or (pool[client] > 0 and len(pool) < CLIENTS_PER_KEY):
             client = Client(
                 self.entry, publisher=key.identity, token=self.token, io_timeout=self.io_timeout
             )
-            self._clients[key.access_key] = client
-        return client
+            pool[client] = 0
+        pool[client] += 1
+        try:
+            yield client
+        finally:
+            pool[client] -= 1
 
     # -- the one handler -------------------------------------------------------------------
 
@@ -317,8 +346,8 @@ class S3Server:
             key = self.keys.get(auth.access_key)
             if key is None:  # deleted since
                 raise S3Error("InvalidAccessKeyId", extra={"AWSAccessKeyId": auth.access_key})
-            ctx = _Ctx(self, request, target, auth, key, self.client_for(key))
-            response = await ctx.run()
+            with self.client_for(key) as client:
+                response = await _Ctx(self, request, target, auth, key, client).run()
         except S3Error as exc:
             response = self._error(exc, resource, request_id, request.method)
         except TimeoutError:
@@ -332,6 +361,10 @@ class S3Server:
             response = self._error(s3_error_of(exc), resource, request_id, request.method)
         except OSError as exc:
             err = S3Error("ServiceUnavailable", f"the network failed: {exc}")
+            response = self._error(err, resource, request_id, request.method)
+        except Exception:  # a bug: answered as S3 does (clients retry), logged with its trace
+            log.exception("s3_request_failed request_id=%s path=%s", request_id, resource)
+            err = S3Error("InternalError")
             response = self._error(err, resource, request_id, request.method)
         return response
 
@@ -429,11 +462,13 @@ class _Ctx:
 
     async def _bucket_op(self, method: str) -> web.StreamResponse:
         q = self.query
-        if method == "PUT" and not q:
+        # x-id names the operation for the SDK's logs (boto3 adds it): not a sub-resource
+        plain = not (set(q) - {"x-id"})
+        if method == "PUT" and plain:
             return await self.create_bucket()
-        if method == "HEAD" and not q:
+        if method == "HEAD" and plain:
             return await self.head_bucket()
-        if method == "DELETE" and not q:
+        if method == "DELETE" and plain:
             return await self.delete_bucket()
         if method == "GET":
             if "location" in q:
@@ -451,7 +486,8 @@ class _Ctx:
             return await self.list_objects(v2=False)
         if method == "POST" and "delete" in q:
             return await self.delete_objects()
-        raise S3Error("NotImplemented", f"{method} on a bucket with {dict(q)} is not supported")
+        shown = sorted(q)[:8]
+        raise S3Error("NotImplemented", f"{method} on a bucket with {shown} is not supported")
 
     async def _object_op(self, method: str) -> web.StreamResponse:
         q = self.query
@@ -730,7 +766,14 @@ class _Ctx:
             await response.prepare(self.request)
             await response.write_eof()
             return response
-        await self._send(response, resolved, manifest, ans.spans[0])
+        server = self.server
+        if server.streams >= server.max_streams:
+            raise S3Error("SlowDown", f"{server.streams} bodies are being sent: try later")
+        server.streams += 1
+        try:
+            await self._send(response, resolved, manifest, ans.spans[0])
+        finally:
+            server.streams -= 1
         return response
 
     def _object_headers(self, manifest: Manifest, base: dict[str, str]) -> dict[str, str]:
@@ -812,27 +855,35 @@ class _Ctx:
         if checks is not None:
             checks.verify(trailers)
 
-    async def _spool(self, chunks: AsyncIterator[bytes]) -> Path:
-        """Write ``chunks`` to a new file of the spool directory (disk writes in a worker
-        thread, a batch at a time); on any error (a failed check) the file is removed."""
-        path = self.server.spool / secrets.token_hex(16)
-        fh = await asyncio.to_thread(path.open, "wb")
+    async def _receive(self, chunks: AsyncIterator[bytes]) -> bytes | Path:
+        """The whole of ``chunks``: in memory up to SMALL_BODY bytes, else in a new file
+        of the spool directory (disk writes in a worker thread, a batch at a time); on any
+        error (a failed check) the file is removed."""
+        batch: list[bytes] = []
+        size = 0
+        path: Path | None = None
+        fh: IO[bytes] | None = None
         try:
-            batch: list[bytes] = []
-            size = 0
             async for chunk in chunks:
                 batch.append(chunk)
                 size += len(chunk)
-                if size >= SPOOL_BATCH:
+                if fh is None and size > SMALL_BODY:
+                    path = self.server.spool / secrets.token_hex(16)
+                    fh = await asyncio.to_thread(path.open, "wb")
+                if fh is not None and size >= SPOOL_BATCH:
                     await asyncio.to_thread(_write_all, fh, batch)
                     batch, size = [], 0
+            if fh is None or path is None:
+                return b"".join(batch)
             await asyncio.to_thread(_write_all, fh, batch)
             await asyncio.to_thread(fh.close)
+            return path
         except BaseException:
-            fh.close()
-            path.unlink(missing_ok=True)
+            if fh is not None:
+                fh.close()
+            if path is not None:
+                path.unlink(missing_ok=True)
             raise
-        return path
 
     async def _publish(
         self,
@@ -841,14 +892,20 @@ class _Ctx:
         meta: Callable[[], ObjectMeta],
     ) -> Manifest:
         """Publish ``source`` as a new version of ``name`` with the metadata ``meta()``
-        gives once the source is read. A body from the network is spooled to disk first,
-        whole and checked (an error, such as a failed check, publishes nothing): the
-        publish reads its source in worker threads, which must never wait on a client."""
+        gives once the source is read. A body from the network is received whole and
+        checked first (an error, such as a failed check, publishes nothing): the publish
+        reads its source in worker threads, which must never wait on a client."""
         path: Path | None = None
         try:
+            put_source: Path | IO[bytes]
             if isinstance(source, AsyncIterator):
-                path = await self._spool(source)
-            put_source: Path | IO[bytes] = path if path is not None else source  # type: ignore[assignment]
+                got = await self._receive(source)
+                if isinstance(got, Path):
+                    put_source = path = got
+                else:
+                    put_source = io.BytesIO(got)
+            else:
+                put_source = source
             result = await self.client.put(put_source, name, update=True, metadata_after=meta)
         finally:
             if path is not None:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import base64
 import calendar
+import contextlib
+import datetime
 import email.utils
 import functools
 import hashlib
@@ -76,9 +78,11 @@ __all__ = [
     "authenticate",
     "body_decoder",
     "canonical_query",
+    "canonical_request",
     "canonical_uri",
     "signing_key",
     "split_target",
+    "v4_string_to_sign",
 ]
 
 MAX_SKEW = 15 * 60.0
@@ -194,6 +198,20 @@ def _amz_time(text: str) -> float:
     if not _AMZ_DATE.fullmatch(text):
         raise ValueError(text)
     return float(calendar.timegm(time.strptime(text, "%Y%m%dT%H%M%SZ")))
+
+
+def _http_time(text: str) -> float | None:
+    """Seconds since the epoch of an HTTP date (``Tue, 27 Mar 2007 19:36:42 +0000``; no
+    zone is UTC) or an ISO 8601 basic one; None if it is neither."""
+    with contextlib.suppress(ValueError):
+        return _amz_time(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        return when.timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
 
 def _iso(t: float) -> str:
@@ -368,6 +386,33 @@ def _unsigned_amz_headers(headers: Mapping[str, str], signed: Iterable[str]) -> 
     )
 
 
+def canonical_request(
+    req: SignedRequest,
+    signed_headers: Iterable[str],
+    payload: str,
+    query: Iterable[tuple[str, str]] | None = None,
+) -> str:
+    """SigV4's canonical request of ``req`` (``query``: its query, less what is not signed)."""
+    names = list(signed_headers)
+    headers = "".join(f"{name}:{_header_value(req.headers.get(name, ''))}\n" for name in names)
+    return "\n".join(
+        [
+            req.method.upper(),
+            canonical_uri(req.raw_path),
+            canonical_query(req.query if query is None else query),
+            headers,
+            ";".join(names),
+            payload,
+        ]
+    )
+
+
+def v4_string_to_sign(date: str, scope: str, canonical: str) -> str:
+    """SigV4's string to sign: the algorithm, the request's time, the credential scope
+    (``DAY/REGION/SERVICE/aws4_request``) and the canonical request's SHA-256."""
+    return "\n".join([_ALGORITHM, date, scope, hashlib.sha256(_utf8(canonical)).hexdigest()])
+
+
 def _verify_v4(
     req: SignedRequest,
     v4: _V4,
@@ -384,27 +429,12 @@ def _verify_v4(
             "There were headers present in the request which were not signed",
             HeadersNotSigned=", ".join(unsigned),
         )
-    canonical_headers = "".join(
-        f"{name}:{_header_value(req.headers.get(name, ''))}\n" for name in v4.signed_headers
-    )
-    canonical_request = "\n".join(
-        [
-            req.method.upper(),
-            canonical_uri(req.raw_path),
-            canonical_query(query),
-            canonical_headers,
-            ";".join(v4.signed_headers),
-            payload,
-        ]
-    )
-    scope = f"{v4.day}/{v4.region}/s3/aws4_request"
-    string_to_sign = "\n".join(
-        [_ALGORITHM, date, scope, hashlib.sha256(_utf8(canonical_request)).hexdigest()]
-    )
+    canonical = canonical_request(req, v4.signed_headers, payload, query)
+    string_to_sign = v4_string_to_sign(date, f"{v4.day}/{v4.region}/s3/aws4_request", canonical)
     key = signing_key(secret, v4.day, v4.region)
     expected = hmac.new(key, _utf8(string_to_sign), hashlib.sha256).hexdigest()
     if not _same(expected, v4.signature):
-        raise s3errors.signature_does_not_match(v4.access_key, string_to_sign, canonical_request)
+        raise s3errors.signature_does_not_match(v4.access_key, string_to_sign, canonical)
     return key
 
 
@@ -416,7 +446,7 @@ def _v2_string_to_sign(req: SignedRequest, date: str, query_headers: Mapping[str
     amz: dict[str, str] = {}
     for name, value in [*headers.items(), *query_headers.items()]:
         if name.startswith("x-amz-"):
-            amz[name] = ",".join(part.strip() for part in value.split(","))
+            amz[name] = value.strip()
     lines = [req.method.upper(), headers.get("content-md5", "").strip()]
     lines += [headers.get("content-type", "").strip(), date]
     lines += [f"{name}:{amz[name]}" for name in sorted(amz)]
@@ -458,12 +488,11 @@ def _v2_header(
     if secret is None:
         raise s3errors.invalid_access_key_id(access_key)
     stamp = req.headers.get("x-amz-date") or req.headers.get("date", "")
-    try:
-        request_time = email.utils.parsedate_to_datetime(stamp).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
+    request_time = _http_time(stamp)
+    if request_time is None:
         raise s3errors.access_denied(
             "AWS authentication requires a valid Date or x-amz-date header"
-        ) from None
+        )
     if abs(now - request_time) > MAX_SKEW:
         raise s3errors.request_time_too_skewed(stamp, _iso(now), int(MAX_SKEW * 1000))
     _verify_v2(req, access_key, signature, secret, req.headers.get("date", "").strip(), {})

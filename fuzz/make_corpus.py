@@ -8,7 +8,10 @@ formats do; ``tests/test_fuzz_targets.py`` checks that the checked-in files are 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import shutil
+import zlib
 from pathlib import Path
 
 import umsgpack
@@ -17,6 +20,7 @@ from difs_p2p import wire
 from difs_p2p.names import name_key
 from difs_p2p.segments import SegmentId
 from fuzz.structure import samples
+from fuzz.targets import S3_SIGNER
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 _SEG_ID = SegmentId(bytes(range(32)))
@@ -126,6 +130,70 @@ def _hash_list_seeds() -> dict[str, bytes]:
     }
 
 
+def _crc32(data: bytes) -> bytes:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big"))
+
+
+def _aws_chunked_seeds() -> dict[str, bytes]:
+    """Bodies as boto3 frames them (unsigned, a CRC32 trailer) and signed with trailers
+    (the target's signer), fed whole and in small pieces; and cut ones."""
+    data = b"first chunk" + bytes(range(256))
+    unsigned = b"%x\r\n%s\r\n0\r\nx-amz-checksum-crc32:%s\r\n\r\n" % (
+        len(data),
+        data,
+        _crc32(data),
+    )
+    signed = bytearray()
+    previous = S3_SIGNER.seed_signature
+    for chunk in (data, b""):
+        previous = S3_SIGNER.chunk_signature(previous, hashlib.sha256(chunk).hexdigest())
+        signed += b"%x;chunk-signature=%s\r\n%s" % (len(chunk), previous.encode(), chunk)
+        signed += b"\r\n" if chunk else b""
+    trailer = b"x-amz-checksum-crc32:" + _crc32(data) + b"\n"
+    signed += trailer.replace(b"\n", b"\r\n")
+    signature = S3_SIGNER.trailer_signature(previous, trailer)
+    signed += b"x-amz-trailer-signature:" + signature.encode() + b"\r\n\r\n"
+    return {
+        "unsigned": b"\xfe" + unsigned,
+        "unsigned_bytewise": b"\x00" + unsigned,
+        "unsigned_cut": b"\x0e" + unsigned[:-9],
+        "signed": b"\xff" + bytes(signed),
+        "signed_pieces": b"\x07" + bytes(signed),
+    }
+
+
+def _s3_request_seeds() -> dict[str, bytes]:
+    """AWS's documented requests: SigV4 header (GET object), a presigned URL, SigV2
+    (header and query)."""
+    sha = hashlib.sha256(b"").hexdigest()
+    return {
+        "sigv4_header": (
+            "GET /test.txt\nhost: examplebucket.s3.amazonaws.com\nrange: bytes=0-9\n"
+            f"x-amz-content-sha256: {sha}\nx-amz-date: 20130524T000000Z\n"
+            "authorization: AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/"
+            "us-east-1/s3/aws4_request, SignedHeaders=host;range;x-amz-content-sha256;"
+            "x-amz-date, Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+        ).encode(),
+        "sigv4_presigned": (
+            b"GET /test.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE"
+            b"%2F20130524%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20130524T000000Z"
+            b"&X-Amz-Expires=86400&X-Amz-SignedHeaders=host&X-Amz-Signature="
+            b"aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404\n"
+            b"host: examplebucket.s3.amazonaws.com"
+        ),
+        "sigv2_header": (
+            b"GET /johnsmith/photos/puppy.jpg\nhost: s3.amazonaws.com\n"
+            b"date: Tue, 27 Mar 2007 19:36:42 +0000\n"
+            b"authorization: AWS AKIAIOSFODNN7EXAMPLE:bWq2s1WEIj+Ydj0vQ697zp+IXMU="
+        ),
+        "sigv2_query": (
+            b"GET /johnsmith/photos/puppy.jpg?AWSAccessKeyId=AKIAIOSFODNN7EXAMPLE"
+            b"&Signature=NpgCjnDzrM%2BWFzoENXmpNDUsSn8%3D&Expires=1175139620\n"
+            b"host: s3.amazonaws.com"
+        ),
+    }
+
+
 def seed_inputs() -> dict[str, dict[str, bytes]]:
     """Every target's seeds, by file name."""
     return {
@@ -136,6 +204,8 @@ def seed_inputs() -> dict[str, dict[str, bytes]]:
         "holder_entry": _holder_seeds(),
         "names": _name_seeds(),
         "hash_list": _hash_list_seeds(),
+        "aws_chunked": _aws_chunked_seeds(),
+        "s3_request": _s3_request_seeds(),
     }
 
 

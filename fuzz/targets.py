@@ -37,6 +37,16 @@ from difs_p2p.manifest import parse_manifest
 from difs_p2p.names import MAX_NAME_BYTES, key_namespace_owner, name_key, normalize_name
 from difs_p2p.recordpolicy import RecordValidator
 from difs_p2p.routing import KEY_SIZE
+from difs_p2p.s3auth import (
+    STREAMING_SIGNED_TRAILER,
+    STREAMING_UNSIGNED_TRAILER,
+    ChunkedDecoder,
+    ChunkSigner,
+    SignedRequest,
+    authenticate,
+    signing_key,
+)
+from difs_p2p.s3errors import S3Error
 from difs_p2p.segments import HASH_SIZE, decode_hash_list
 from fuzz.structure import (
     ByteSource,
@@ -476,6 +486,71 @@ def hash_list(data: bytes) -> None:
     assert all(len(h) == HASH_SIZE for h in hashes)
 
 
+# -- 7. S3 request bodies (aws-chunked) -----------------------------------------------------
+
+# The chunk signer of AWS's documented chunked upload (seed signature 4f232c...), so that
+# the seeds' signed chunks verify and the fuzzer reaches the code behind them.
+S3_SECRET: Final = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+S3_DATE: Final = "20130524T000000Z"
+S3_SIGNER: Final = ChunkSigner(
+    "4f232c4386841ef735655705268965c44a0e4690baa4adea153f7db9fa80a0a9",
+    signing_key(S3_SECRET, "20130524", "us-east-1"),
+    "20130524/us-east-1/s3/aws4_request",
+    S3_DATE,
+)
+S3_TRAILERS: Final = ("x-amz-checksum-crc32",)
+
+
+def _chunked_result(data: bytes, signed: bool, step: int) -> tuple[bytes, dict[str, str]] | str:
+    """What a fresh decoder makes of ``data`` fed ``step`` bytes at a time: the payload and
+    trailers, or the code of the S3Error it raised."""
+    mode = STREAMING_SIGNED_TRAILER if signed else STREAMING_UNSIGNED_TRAILER
+    decoder = ChunkedDecoder(mode, S3_SIGNER if signed else None, None, S3_TRAILERS)
+    out = bytearray()
+    try:
+        for start in range(0, len(data), step):
+            for piece in decoder.feed(data[start : start + step]):
+                out += piece
+        return bytes(out), decoder.finish()
+    except S3Error as exc:
+        return exc.code
+
+
+def aws_chunked(data: bytes) -> None:
+    """ChunkedDecoder raises only S3Error, and how the body is split never changes the
+    result. The first byte chooses the mode (bit 0: signed with trailers, else unsigned)
+    and the size of the pieces fed (the other bits, 1 to 128 bytes)."""
+    if not data:
+        return
+    signed = bool(data[0] & 1)
+    body = data[1:]
+    whole = _chunked_result(body, signed, max(len(body), 1))
+    split = _chunked_result(body, signed, (data[0] >> 1) + 1)
+    assert whole == split, (whole, split)
+
+
+# -- 8. S3 request authentication ---------------------------------------------------------
+
+
+def s3_request(data: bytes) -> None:
+    """authenticate raises only S3Error on any request. The input is the request as text
+    (UTF-8, undecodable bytes kept as surrogates, as aiohttp keeps them): the method and
+    target on the first line, then ``name: value`` header lines."""
+    text = data.decode("utf-8", "surrogateescape")
+    first, _, rest = text.partition("\n")
+    method, _, target = first.partition(" ")
+    path, _, query_text = target.partition("?")
+    query = [(k, v) for k, _, v in (p.partition("=") for p in query_text.split("&") if p)]
+    headers: dict[str, str] = {}
+    for line in rest.split("\n"):
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    req = SignedRequest(method, path, query, headers)
+    for now in (1369353600.0, 1369353600.0 + 86400, 1175024202.0, 1175139620.0):
+        with contextlib.suppress(S3Error):
+            authenticate(req, lambda _: S3_SECRET, now)
+
+
 # -- the table ------------------------------------------------------------------------------
 
 
@@ -493,4 +568,6 @@ TARGETS: Final[dict[str, Target]] = {
     "holder_entry": Target(holder_entry, 1024),
     "names": Target(names, 4096),
     "hash_list": Target(hash_list, 8192),
+    "aws_chunked": Target(aws_chunked, 70_000),
+    "s3_request": Target(s3_request, 4096),
 }

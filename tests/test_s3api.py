@@ -29,6 +29,10 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from difs_p2p.peer import Peer
+from difs_p2p.s3api import meta_headers, object_meta, parse_target, version_id
+from difs_p2p.s3auth import signing_key
+from difs_p2p.s3body import ChunkSigner
+from difs_p2p.s3errors import S3Error
 from difs_p2p.s3keys import S3Key
 from tests.helpers import BIN, peer_config, start_peers, stop_all
 
@@ -159,6 +163,16 @@ async def test_put_get_head(net: Net) -> None:
     part = await run(s3.get_object, Bucket="alice.com", Key="docs/report.bin", Range="bytes=10-19")
     assert await run(part["Body"].read) == body[10:20]
     assert part["ContentRange"] == f"bytes 10-19/{len(body)}"
+    renamed = await run(
+        s3.head_object,
+        Bucket="alice.com",
+        Key="docs/report.bin",
+        ResponseContentType="text/plain",
+        ResponseContentDisposition="attachment",
+    )
+    assert renamed["ContentType"] == "text/plain"
+    assert renamed["ContentDisposition"] == "attachment"
+    assert renamed["ResponseMetadata"]["RequestId"]
     code = await code_of(
         s3.get_object, Bucket="alice.com", Key="docs/report.bin", IfNoneMatch=f'"{md5}"'
     )
@@ -351,7 +365,8 @@ async def test_copy_object(net: Net) -> None:
 
 
 async def test_bad_content_md5_publishes_nothing(net: Net) -> None:
-    """A body that does not match its Content-MD5 is refused and nothing is published."""
+    """A body that does not match its Content-MD5 is refused and nothing is published,
+    small (in memory) or large (spooled: the spool file is removed)."""
     s3 = net.alice
     wrong = base64.b64encode(hashlib.md5(b"other").digest()).decode()
     code = await code_of(
@@ -359,6 +374,17 @@ async def test_bad_content_md5_publishes_nothing(net: Net) -> None:
     )
     assert code == "BadDigest"
     assert await code_of(s3.head_object, Bucket="alice.com", Key="bad-md5") == "404"
+    big = os.urandom(3 * MiB)  # over SMALL_BODY: received in a spool file
+    code = await code_of(
+        s3.put_object, Bucket="alice.com", Key="bad-big", Body=big, ContentMD5=wrong
+    )
+    assert code == "BadDigest"
+    assert await code_of(s3.head_object, Bucket="alice.com", Key="bad-big") == "404"
+    right = base64.b64encode(hashlib.md5(big).digest()).decode()
+    await run(s3.put_object, Bucket="alice.com", Key="big", Body=big, ContentMD5=right)
+    got = await run(s3.get_object, Bucket="alice.com", Key="big")
+    assert await run(got["Body"].read) == big
+    assert list((net.peers[-1].data_dir / "s3-spool").iterdir()) == []
 
 
 async def test_authentication_errors(net: Net) -> None:
@@ -567,3 +593,121 @@ def _join_with_s3(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=15)
     assert not (data / "s3").exists()
+
+
+@pytest.mark.parametrize(
+    ("raw", "bucket", "key"),
+    [
+        ("/", "", ""),
+        ("/b.com", "b.com", ""),
+        ("/b.com/", "b.com", ""),
+        ("/b.com/a/b.txt?versionId=2", "b.com", "a/b.txt"),
+        ("/b.com/a%2Fb%20c%2B", "b.com", "a/b c+"),
+        ("/b.com/caf%C3%A9", "b.com", "caf\u00e9"),
+        ("/b.com/a//b/", "b.com", "a//b/"),
+    ],
+)
+async def test_parse_target(raw: str, bucket: str, key: str) -> None:
+    """A path-style request path as sent gives its bucket and key, percent-decoded."""
+    target = parse_target(raw)
+    assert (target.bucket, target.key) == (bucket, key)
+
+
+@pytest.mark.parametrize("raw", ["/b.com/%FF", "relative"])
+async def test_bad_targets_are_invalid_uri(raw: str) -> None:
+    """A path that is not UTF-8 once decoded, or not absolute, is InvalidURI."""
+    with pytest.raises(S3Error) as info:
+        parse_target(raw)
+    assert info.value.code == "InvalidURI"
+
+
+@pytest.mark.parametrize(("text", "version"), [(None, None), ("null", None), ("1", 1), ("42", 42)])
+async def test_version_ids(text: str | None, version: int | None) -> None:
+    """versionId is a DIFS version number; null or none is the newest."""
+    assert version_id(text) == version
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "abc", "1" * 13, "\u0661"])
+async def test_bad_version_ids(text: str) -> None:
+    """Anything but a positive number (or null) is InvalidArgument."""
+    with pytest.raises(S3Error) as info:
+        version_id(text)
+    assert info.value.code == "InvalidArgument"
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({"content-type": "text/plain", "x-amz-meta-a": "1"}, None),
+        ({"x-amz-meta-a": "\u00e9"}, "InvalidArgument"),
+        ({"x-amz-meta-big": "v" * 2000}, "MetadataTooLarge"),
+    ],
+)
+async def test_object_meta_from_headers(headers: dict[str, str], code: str | None) -> None:
+    """Metadata headers become signed metadata, or S3's error when DIFS cannot sign them."""
+    stored = meta_headers({**{k.title(): v for k, v in headers.items()}, "Host": "x"})
+    assert stored == headers
+    if code is None:
+        meta = object_meta(stored, "0" * 32)
+        assert meta.content_type == headers.get("content-type")
+        assert dict(meta.user) == {"a": "1"}
+        return
+    with pytest.raises(S3Error) as info:
+        object_meta(stored, "0" * 32)
+    assert info.value.code == code
+
+
+class _StreamingSigV4(S3SigV4Auth):  # type: ignore[misc]
+    """botocore's SigV4 with the signed aws-chunked payload announced."""
+
+    def payload(self, request: AWSRequest) -> str:
+        return "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"
+
+
+def _signed_chunked(
+    key: S3Key, url: str, data: bytes, sizes: list[int]
+) -> tuple[bytes, dict[str, str]]:
+    """A PUT of ``data`` as signed aws-chunked chunks of ``sizes``: (body, headers)."""
+    headers = {
+        "Content-Encoding": "aws-chunked",
+        "x-amz-decoded-content-length": str(len(data)),
+    }
+    req = AWSRequest(method="PUT", url=url, data=b"", headers=headers)
+    _StreamingSigV4(Credentials(key.access_key, key.secret), "s3", "us-east-1").add_auth(req)
+    signed = dict(req.headers.items())
+    seed = signed["Authorization"].rsplit("Signature=", 1)[1]
+    date = signed["X-Amz-Date"]
+    day = date[:8]
+    signer = ChunkSigner(
+        seed, signing_key(key.secret, day, "us-east-1"), f"{day}/us-east-1/s3/aws4_request", date
+    )
+    body = b""
+    previous = seed
+    at = 0
+    for size in [*sizes, 0]:
+        chunk = data[at : at + size]
+        at += size
+        previous = signer.chunk_signature(previous, hashlib.sha256(chunk).hexdigest())
+        body += f"{len(chunk):x};chunk-signature={previous}\r\n".encode() + chunk + b"\r\n"
+    return body, signed
+
+
+async def test_signed_aws_chunked(net: Net) -> None:
+    """A signed aws-chunked body is stored without its framing; a changed byte in a chunk
+    fails its chunk signature and publishes nothing."""
+    data = os.urandom(100_000)
+    url = f"{net.url}/alice.com/signed-chunks.bin"
+    sizes = [65536, len(data) - 65536]
+    body, headers = _signed_chunked(net.alice_key, url, data, sizes)
+    bad_body, bad_headers = _signed_chunked(net.alice_key, url + "-bad", data, sizes)
+    tampered = bad_body[:70_000] + bytes([bad_body[70_000] ^ 1]) + bad_body[70_001:]
+    async with aiohttp.ClientSession() as session:
+        async with session.put(url + "-bad", data=tampered, headers=bad_headers) as resp:
+            assert resp.status == 403, await resp.text()
+            assert b"<Code>SignatureDoesNotMatch</Code>" in await resp.read()
+        async with session.put(url, data=body, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+    got = await run(net.alice.get_object, Bucket="alice.com", Key="signed-chunks.bin")
+    assert await run(got["Body"].read) == data
+    code = await code_of(net.alice.head_object, Bucket="alice.com", Key="signed-chunks.bin-bad")
+    assert code == "404"

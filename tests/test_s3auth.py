@@ -6,6 +6,7 @@ import base64
 import calendar
 import contextlib
 import hashlib
+import hmac
 import itertools
 import re
 import time
@@ -33,8 +34,11 @@ from difs_p2p.s3auth import (
     authenticate,
     body_decoder,
     canonical_query,
+    canonical_request,
     canonical_uri,
+    signing_key,
     split_target,
+    v4_string_to_sign,
 )
 from difs_p2p.s3errors import S3Error
 
@@ -946,3 +950,86 @@ def test_signed_chunk_boundaries_anywhere_give_the_same_payload(cuts: list[int])
     pieces = [EXAMPLE_BODY[a:b] for a, b in itertools.pairwise(points)]
     decoder = ChunkedDecoder("STREAMING-AWS4-HMAC-SHA256-PAYLOAD", SIGNER, 66560)
     assert decode(decoder, *pieces) == (b"a" * 66560, {})
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    ["Tue, 27 Mar 2007 19:36:42 +0000", "Tue, 27 Mar 2007 19:36:42 -0000", "20070327T193642Z"],
+)
+def test_sigv2_header_with_x_amz_date_as_s3cmd_signs(stamp: str) -> None:
+    """SigV2 with x-amz-date and no Date header (s3cmd's way): the date line is empty, the
+    x-amz-date is among the signed amz headers and decides the skew (a date without a zone
+    is UTC)."""
+    now = float(calendar.timegm((2007, 3, 27, 19, 36, 42)))
+    text = f"PUT\n\ntext/plain\n\nx-amz-date:{stamp}\nx-amz-meta-a:1, 2\n/b/\u00fc%20k?acl"
+    signature = b64(hmac.new(SK.encode(), text.encode(), hashlib.sha1).digest())
+    req = SignedRequest(
+        "PUT",
+        "/b/\u00fc%20k",
+        [("acl", ""), ("ignored", "x")],
+        {
+            "content-type": "text/plain",
+            "x-amz-date": stamp,
+            "x-amz-meta-a": "1, 2",
+            "authorization": f"AWS {AK}:{signature}",
+        },
+    )
+    assert authenticate(req, secret_of, now + 900).access_key == AK
+    with pytest.raises(S3Error, match="RequestTimeTooSkewed"):
+        authenticate(req, secret_of, now + 901)
+    with pytest.raises(S3Error, match="SignatureDoesNotMatch"):
+        authenticate(headers(req, **{"content-type": "text/html"}), secret_of, now)
+
+
+# AWS's SigV4 test suite (aws-sig-v4-test-suite; service "service", 20150830T123600Z, key
+# AKIDEXAMPLE): the cases whose paths need no normalization, which S3 never does.
+SUITE_SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+SUITE_HEADERS = {"host": "example.amazonaws.com", "x-amz-date": "20150830T123600Z"}
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "more", "body", "signature"),
+    [
+        ("GET", "/", {}, b"", "5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31"),
+        (
+            "GET",
+            "/?Param1=value1",
+            {},
+            b"",
+            "a67d582fa61cc504c4bae71f336f98b97f1ea3c7a6bfe1b6e45aec72011b9aeb",
+        ),
+        (
+            "GET",
+            "/?Param2=value2&Param1=value1",
+            {},
+            b"",
+            "b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500",
+        ),
+        (
+            "POST",
+            "/",
+            {"content-type": "application/x-www-form-urlencoded"},
+            b"Param1=value1",
+            "ff11897932ad3f4e8b18135d722051e5ac45fc38421b1da7b9d196a0fe09473a",
+        ),
+    ],
+    ids=[
+        "get-vanilla",
+        "get-vanilla-query",
+        "get-vanilla-query-order",
+        "post-x-www-form-urlencoded",
+    ],
+)
+def test_aws_sigv4_test_suite(
+    method: str, target: str, more: dict[str, str], body: bytes, signature: str
+) -> None:
+    """The canonical request, string to sign and signing key give the suite's signatures."""
+    path, query = split_target(target)
+    heads = {**SUITE_HEADERS, **more}
+    req = SignedRequest(method, path, query, heads)
+    canonical = canonical_request(req, sorted(heads), hashlib.sha256(body).hexdigest())
+    text = v4_string_to_sign(
+        "20150830T123600Z", "20150830/us-east-1/service/aws4_request", canonical
+    )
+    key = signing_key(SUITE_SECRET, "20150830", "us-east-1", "service")
+    assert hmac.new(key, text.encode(), hashlib.sha256).hexdigest() == signature
