@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -179,7 +180,8 @@ def collect() -> list[str]:
             cwd=tmp,
         )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return [str(tests / line) for line in out.stdout.splitlines() if "::" in line]
+    ids = [line for line in out.stdout.splitlines() if re.match(r"test_\w+\.py::\w+::\w+$", line)]
+    return [str(tests / line) for line in ids]
 
 
 def run_suite(cwd: Path, config: str, node_ids: list[str]) -> set[str]:
