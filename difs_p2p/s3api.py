@@ -25,7 +25,7 @@ the manifest; a failed check publishes nothing, and readers never see a partial 
 Spooling keeps the publish's worker threads (which read its source) from ever waiting on
 a slow client.
 
-The module is longer than most (about 1,150 lines): it is the whole S3 surface, one small
+The module is longer than most (about 1,200 lines): it is the whole S3 surface, one small
 handler per operation over the Client, whose decisions are pure elsewhere (s3xml, s3auth,
 httprules, listing); splitting it would scatter the request context every handler shares.
 """

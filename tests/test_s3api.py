@@ -124,8 +124,13 @@ async def test_buckets(net: Net) -> None:
     assert await code_of(s3.create_bucket, Bucket="alice.com") == "BucketAlreadyOwnedByYou"
     assert await code_of(net.bob.create_bucket, Bucket="alice.com") == "BucketAlreadyExists"
     await run(s3.create_bucket, Bucket="alice-two")
+    empty = await run(s3.list_objects_v2, Bucket="alice-two", Delimiter="/")
+    assert empty["KeyCount"] == 0 and not empty["IsTruncated"]
+    assert (await run(s3.list_objects, Bucket="alice-two"))["IsTruncated"] is False
+    assert (await run(s3.list_object_versions, Bucket="alice-two")).get("Versions") is None
+    assert await code_of(s3.list_objects_v2, Bucket="nobody-here") == "NoSuchBucket"
     names = [b["Name"] for b in (await run(s3.list_buckets))["Buckets"]]
-    assert names == ["alice-two", "alice.com"]
+    assert {"alice-two", "alice.com"} <= set(names) and names == sorted(names)
     assert (await run(net.bob.list_buckets))["Buckets"] == []
     await run(s3.head_bucket, Bucket="alice.com")
     assert await code_of(s3.head_bucket, Bucket="nobody-here") == "404"
@@ -308,6 +313,15 @@ async def test_delete_versions_and_delete_objects(net: Net) -> None:
     again = await run(s3.delete_object, Bucket="vers", Key="f")
     assert again["ResponseMetadata"]["HTTPStatusCode"] == 204
     await run(s3.delete_object, Bucket="vers", Key="never-was")
+    await run(s3.put_object, Bucket="vers", Key="g", Body=b"1")
+    await run(s3.delete_object, Bucket="vers", Key="g")
+    await run(s3.put_object, Bucket="vers", Key="g", Body=b"3")
+    listed = await run(s3.list_object_versions, Bucket="vers", Prefix="g")
+    assert [v["VersionId"] for v in listed["Versions"]] == ["3", "1"]
+    assert [(m["VersionId"], m["IsLatest"]) for m in listed["DeleteMarkers"]] == [("2", False)]
+    code = await code_of(s3.get_object, Bucket="vers", Key="g", VersionId="2")
+    assert code == "MethodNotAllowed"
+    await run(s3.delete_object, Bucket="vers", Key="g")
     for k in ("a", "b"):
         await run(s3.put_object, Bucket="vers", Key=k, Body=b"x")
     out = await run(
@@ -319,7 +333,9 @@ async def test_delete_versions_and_delete_objects(net: Net) -> None:
     loud = await run(s3.delete_objects, Bucket="vers", Delete={"Objects": [{"Key": "x" * 1030}]})
     assert loud["Errors"][0]["Code"] == "KeyTooLongError"
     assert (await run(s3.list_objects_v2, Bucket="vers"))["KeyCount"] == 0
-    assert await code_of(s3.delete_bucket, Bucket="alice.com") == "BucketNotEmpty"
+    await run(s3.create_bucket, Bucket="not-empty")
+    await run(s3.put_object, Bucket="not-empty", Key="x", Body=b"x")
+    assert await code_of(s3.delete_bucket, Bucket="not-empty") == "BucketNotEmpty"
     await run(s3.delete_bucket, Bucket="vers")
     names = [b["Name"] for b in (await run(s3.list_buckets))["Buckets"]]
     assert "vers" not in names
