@@ -6,7 +6,8 @@ publisher key is the one ``difs`` uses (``difs s3-key create --identity``), so b
 under the same bucket (a claimed prefix).
 
 - A file of ``DIFS_BENCH_S3_MIB`` MiB (default 256) is uploaded with boto3's
-  ``upload_file`` (its default transfer: 8 MiB parts, 10 threads) and with ``difs put``,
+  ``upload_file`` (its default transfer: 8 MiB parts, 10 threads; then again as one
+  PutObject, for comparison) and with ``difs put``,
   then read back with ``download_file`` and ``difs get``; whole-command wall times (the
   ``difs`` commands as processes, boto3 calls in this process), each once. The ratio is
   difs time / S3 time: 1.0 means S3 is as fast as the native commands; the target is 0.8.
@@ -91,6 +92,7 @@ async def store_keys(address: tuple[str, int], shards: list[tuple[bytes, list[by
 
 def run(size_mib: int, peers: int, n_keys: int, tmp: Path) -> dict[str, Any]:
     import boto3
+    from boto3.s3.transfer import TransferConfig
     from botocore.config import Config
 
     env = dict(os.environ, DIFS_HOME=str(tmp / "home"))
@@ -132,6 +134,9 @@ def run(size_mib: int, peers: int, n_keys: int, tmp: Path) -> dict[str, Any]:
             for _ in range(size_mib):
                 f.write(os.urandom(MiB))
         s3_put = timed(s3.upload_file, str(src), bucket, "s3.bin")
+        # the same as one PutObject (no multipart): tells staging the parts from the rest
+        single = TransferConfig(multipart_threshold=size_mib * MiB + 1)
+        s3_single = timed(s3.upload_file, str(src), bucket, "single.bin", Config=single)
         difs_put = difs("put", str(src), f"/{bucket}/difs.bin", "--peer", seed, env=env)
         s3_get = timed(s3.download_file, bucket, "s3.bin", str(tmp / "s3.out"))
         difs_get = difs("get", f"/{bucket}/difs.bin", "-o", str(tmp / "difs.out"), "--peer",
@@ -142,7 +147,8 @@ def run(size_mib: int, peers: int, n_keys: int, tmp: Path) -> dict[str, Any]:
         put_ratio, get_ratio = difs_put / s3_put, difs_get / s3_get
         print(
             f"{size_mib} MiB: upload boto3 {s3_put:.2f} s, difs put {difs_put:.2f} s "
-            f"(ratio {put_ratio:.2f}, target >= {TARGET}); download boto3 {s3_get:.2f} s, "
+            f"(ratio {put_ratio:.2f}, target >= {TARGET}; as one PutObject {s3_single:.2f} s, "
+            f"ratio {difs_put / s3_single:.2f}); download boto3 {s3_get:.2f} s, "
             f"difs get {difs_get:.2f} s (ratio {get_ratio:.2f}); bytes intact: {intact}"
         )
 
@@ -177,6 +183,8 @@ def run(size_mib: int, peers: int, n_keys: int, tmp: Path) -> dict[str, Any]:
         "upload_boto3_s": round(s3_put, 2),
         "upload_difs_s": round(difs_put, 2),
         "upload_ratio": round(put_ratio, 2),
+        "upload_single_put_s": round(s3_single, 2),
+        "upload_single_put_ratio": round(difs_put / s3_single, 2),
         "download_boto3_s": round(s3_get, 2),
         "download_difs_s": round(difs_get, 2),
         "download_ratio": round(get_ratio, 2),
