@@ -180,6 +180,8 @@ def print_status(status: dict[str, Any]) -> None:
             "[yellow]address others reach this peer at: not known yet[/] (no --advertise;"
             " learned once two peers agree): it signs no holder entries meanwhile"
         )
+    if status.get("http"):
+        console.print(f"HTTP gateway: {status['http']}", markup=False)
     if line := network_line(status, time.time()):
         console.print(line, markup=False)
     beyond = (

@@ -46,9 +46,18 @@ from difs_p2p.cli_common import (
     setup_logging,
 )
 from difs_p2p.cli_output import check_lines, drain_line, drain_summary, print_json, print_status
-from difs_p2p.config import DhtConfig, PeerConfig, RepairConfig, parse_hostport, parse_size
+from difs_p2p.config import (
+    DhtConfig,
+    PeerConfig,
+    RepairConfig,
+    parse_hostport,
+    parse_http,
+    parse_size,
+)
 from difs_p2p.transfer import Connection
 
+# Where the HTTP gateway listens unless --http says otherwise: kubo's gateway address.
+DEFAULT_HTTP = "127.0.0.1:8080"
 # The context join runs in: its options read DIFS_PEER_<OPTION> from the environment.
 JOIN_CONTEXT = {**CONTEXT, "auto_envvar_prefix": PEER_ENV_PREFIX}
 # Value rules beyond the type that the file's values are checked against (so that a bad
@@ -59,6 +68,7 @@ _VALUE_CHECKS: dict[str, Callable[[str], object]] = {
     "listen": check_listen,
     "advertise": lambda text: parse_hostport(text, default_port=0),
     "zone": check_zone,
+    "http": parse_http,
 }
 
 
@@ -94,6 +104,7 @@ ConfigOpt = Annotated[
 
 
 def join(
+    ctx: typer.Context,
     bootstrap: Annotated[
         list[str] | None,
         typer.Option(
@@ -182,6 +193,13 @@ def join(
         ),
     ] = False,
     config_path: ConfigOpt = None,  # read before the other options, by _load_config
+    http: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT of the read-only HTTP gateway (GET a name: browsers, players,"
+            " curl), or off; the default address, if taken, leaves the peer without one"
+        ),
+    ] = DEFAULT_HTTP,
     log_level: Annotated[LogLevel, typer.Option(help="how much to log on stderr")] = (
         LogLevel.warning
     ),
@@ -219,6 +237,9 @@ def join(
             advertise=parse_hostport(advertise, default_port=0) if advertise else None,
             tcp_port=tcp_port,
             zone=zone,
+            http=parse_http(http),
+            # the default address may be taken (another peer's gateway): run without one
+            http_optional=getattr(ctx.get_parameter_source("http"), "name", "") == "DEFAULT",
         )
     except errors.DifsError as exc:
         raise fail(exc) from None
@@ -361,9 +382,10 @@ async def _run_peer(config: PeerConfig, started: list[bool]) -> None:
     try:
         status = peer.status()
         known = "" if status["address_known"] else " address_known=no"
+        http = f" http={status['http']}" if status.get("http") else ""
         typer.echo(
             f"peer ready address={status['address']} listen={status['listen']}{known}"
-            f" id={status['node_id']} contacts={status['routing_table']}",
+            f" id={status['node_id']} contacts={status['routing_table']}{http}",
         )
         sys.stdout.flush()
         # a signal, or a drain (leave, or a signal with --drain) that handed everything over

@@ -12,6 +12,11 @@ Example::
     async with Client(("127.0.0.1", 4000), publisher=Identity.generate()) as client:
         await client.put(Path("izone.mp4"), "/a.com/izone.mp4")
         await client.get("/a.com/izone.mp4", Path("copy.mp4"))
+        async for chunk in client.stream("/a.com/izone.mp4", byte_range=(0, 1023)):
+            ...
+
+The module is longer than most (about 700 lines): it is the one Python API, each of its
+methods a thin sequence of calls into the modules below that users read in one place.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import io
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -78,6 +83,7 @@ from difs_p2p.publish import (
 )
 from difs_p2p.ranges import ByteRange
 from difs_p2p.segments import IntegrityRoot, SegmentId
+from difs_p2p.stream import ObjectStream
 from difs_p2p.transfer import Connection
 
 __all__ = [
@@ -85,6 +91,7 @@ __all__ = [
     "MAX_REPLICAS",
     "Client",
     "FetchResult",
+    "ObjectStream",
     "Phase",
     "Progress",
     "PublishResult",
@@ -618,6 +625,58 @@ class Client:
         result = await fetch_into(fetch, out, started, sync)
         result.resolve = resolve
         return result
+
+    # -- stream ----------------------------------------------------------------------------
+
+    async def open_stream(
+        self,
+        name: str | Resolved,
+        *,
+        version: int | None = None,
+        span: tuple[int, int] | None = None,
+    ) -> ObjectStream:
+        """``name`` (or one version, or the inclusive byte ``span`` of it) as an async
+        iterator of verified chunks (:class:`~difs_p2p.stream.ObjectStream`; close it, or
+        use ``async with``). ``name`` may be what :meth:`resolve` returned already. The
+        span is checked as given: ``0 <= first <= last < size`` (else UsageError; trim an
+        HTTP range first, as :meth:`stream` does). Errors of the name (not found,
+        deleted) and of reaching its holders for the hash list are raised here, later
+        ones by the iteration."""
+        started = time.perf_counter()
+        resolved = name if isinstance(name, Resolved) else await self.resolve(name)
+        resolve = time.perf_counter() - started
+        manifest = choose_version(resolved.manifest, resolved.history, version)
+        if span is not None and (len(span) != 2 or not all(type(x) is int for x in span)):
+            raise UsageError(f"span {span!r} is not a pair of byte offsets")
+        fetch = Fetch(
+            manifest,
+            resolved.entries_for(manifest),
+            span,
+            None,
+            io_timeout=self.io_timeout,
+            network=self.network,
+            config=self.fetch_config,
+        )
+        return await ObjectStream.open(fetch, started=started, resolve=resolve)
+
+    async def stream(
+        self,
+        name: str | Resolved,
+        byte_range: tuple[int, int] | ByteRange | None = None,
+        version: int | None = None,
+    ) -> AsyncIterator[memoryview]:
+        """Verified chunks of ``name`` (or one version, or a byte range with ``get``'s
+        HTTP semantics), over :meth:`open_stream`; closing the generator stops the fetch."""
+        resolved = name if isinstance(name, Resolved) else await self.resolve(name)
+        span: tuple[int, int] | None = None
+        if byte_range is not None:
+            if not isinstance(byte_range, ByteRange):
+                byte_range = ByteRange(start=byte_range[0], end=byte_range[1])
+            manifest = choose_version(resolved.manifest, resolved.history, version)
+            span = byte_range.resolve(manifest.size)
+        async with await self.open_stream(resolved, version=version, span=span) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
 
 def _revoked(m: Manifest, revoked: dict[str, set[bytes]]) -> bool:

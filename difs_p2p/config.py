@@ -76,6 +76,24 @@ def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, 
     return host, port
 
 
+def parse_http(text: str) -> tuple[str, int] | None:
+    """The gateway's address (``--http``): ``HOST:PORT`` with an IP address (``[IPv6]:PORT``,
+    ``localhost``), or ``off`` (None)."""
+    if text.strip().lower() == "off":
+        return None
+    head, _, port_text = text.strip().rpartition(":")
+    # port 0 (a free port, for tests) is refused by split_hostport, which reads peers' ports
+    any_port = port_text == "0"
+    try:
+        host, port = split_hostport(f"{head}:1" if any_port else text)
+        return check_listen(host), 0 if any_port else port
+    except UsageError:
+        raise UsageError(
+            f"--http must be HOST:PORT with an IP address (127.0.0.1:8080, [::1]:8080,"
+            f" 0.0.0.0:8080) or off, not {text!r}"
+        ) from None
+
+
 @dataclass(frozen=True, slots=True)
 class RepairConfig:
     """How a peer looks after what it holds."""
@@ -344,6 +362,15 @@ class PeerConfig:
     # A label of where the peer runs (--zone: a rack, a site), told to others in the
     # identify info block, so that placement spreads copies over zones. "": none.
     zone: str = ""
+    # -- HTTP gateway --
+    # Where the read-only HTTP gateway listens (--http HOST:PORT; gateway.py). None: no
+    # gateway, the default here so that tests and embedders opt in; the CLI's default is
+    # 127.0.0.1:8080, as kubo's gateway.
+    http: tuple[str, int] | None = None
+    # The address is the CLI's default, not the operator's choice: if it is taken, the peer
+    # logs a warning and runs without a gateway (a chosen address that cannot be bound
+    # fails the start).
+    http_optional: bool = False
 
     @property
     def listen(self) -> str:
@@ -362,6 +389,10 @@ class PeerConfig:
         if not 0 <= self.tcp_port < 65536:
             raise UsageError(f"--tcp-port must be 0-65535, not {self.tcp_port}")
         check_zone(self.zone)
+        if self.http is not None:
+            if not 0 <= self.http[1] < 65536:
+                raise UsageError(f"--http port must be 0-65535, not {self.http[1]}")
+            object.__setattr__(self, "http", (check_listen(self.http[0]), self.http[1]))
         if not 0 <= self.port < 65536:
             raise UsageError(f"--port must be 0-65535, not {self.port}")
         if self.capacity < 0:

@@ -24,6 +24,7 @@ from difs_p2p.dhtrecords import entry_set_digest
 from difs_p2p.errors import DifsError, WireError
 from difs_p2p.identity import Identity
 from difs_p2p.membership import Membership
+from difs_p2p.metrics import RpcStats
 from difs_p2p.recordstore import RecordStore, write_source
 from difs_p2p.routing import Contact, ExactRoutingTable, contact_of, is_id, valid_address
 
@@ -78,7 +79,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self.router = ExactRoutingTable(self, dht.config.ksize, dht.node)
         self.router.overflow_max = dht.config.overflow_contacts
         self._wait_timeout = dht.config.rpc_timeout
-        self._expected: dict[bytes, tuple[str, int]] = {}
+        # msg id -> (address asked, request name, loop time sent)
+        self._expected: dict[bytes, tuple[tuple[str, int], str, float]] = {}
         self._failures: dict[bytes, int] = {}
         self.dropped = 0
         # datagrams sent and received (requests and replies), for status and benchmarks
@@ -86,6 +88,9 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self.received = 0
         # replies cut to a token because the source had not proved its address
         self.token_replies = 0
+        # outgoing requests by name and outcome, and their durations (metrics.py); leave
+        # is sent without waiting for a reply, so it has neither
+        self.rpcs = RpcStats(dhtwire.RPCS - {"leave"})
 
     # -- incoming --------------------------------------------------------------------------
 
@@ -246,13 +251,17 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
 
     def _handle_reply(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
         pending = self._outstanding.get(msg_id)
-        if pending is None or self._expected.get(msg_id) != addr:
+        expected = self._expected.get(msg_id)
+        if pending is None or expected is None or expected[0] != addr:
             self.dropped += 1
             return
         future, timer = pending
         timer.cancel()
         del self._outstanding[msg_id]
         del self._expected[msg_id]
+        _, name, sent = expected
+        outcome = "refused" if dhtwire.token_reply(body) is not None else "ok"
+        self.rpcs.record(name, outcome, asyncio.get_running_loop().time() - sent)
         if not future.done():
             future.set_result((True, body))
 
@@ -293,11 +302,13 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         except ValueError:
             data = b""  # too large for one request
         if not data or not self.send(data, address):
+            self.rpcs.record(name, "error")
             future.set_result((False, None))
             return future
-        timer = loop.call_later(self._wait_timeout, self._on_timeout, msg_id)
+        now = loop.time()
+        timer = loop.call_at(now + self._wait_timeout, self._on_timeout, msg_id)
         self._outstanding[msg_id] = (future, timer)
-        self._expected[msg_id] = address
+        self._expected[msg_id] = (address, name, now)
         return future
 
     async def request(self, address: tuple[str, int], name: str, *args: Any) -> tuple[bool, Any]:
@@ -314,7 +325,9 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
 
     def _on_timeout(self, msg_id: bytes) -> None:
         pending = self._outstanding.pop(msg_id, None)
-        self._expected.pop(msg_id, None)
+        expected = self._expected.pop(msg_id, None)
+        if expected is not None:
+            self.rpcs.record(expected[1], "timeout")
         if pending is not None and not pending[0].done():
             pending[0].set_result((False, None))
 

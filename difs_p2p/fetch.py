@@ -41,7 +41,7 @@ from difs_p2p.errors import (
     WireError,
 )
 from difs_p2p.fetchplan import FetchPlan, PlanConfig, hedge_delay
-from difs_p2p.fetchrun import Output, Progress, SegmentRun
+from difs_p2p.fetchrun import Chunks, Output, Progress, SegmentRun
 
 __all__ = [
     "Fetch",
@@ -212,9 +212,10 @@ def choose_version(newest: Manifest, history: list[Manifest], version: int | Non
 
 
 async def fetch_into(
-    fetch: Fetch, out: Path | IO[bytes], started: float, sync: bool
+    fetch: Fetch, out: Path | IO[bytes] | Chunks, started: float, sync: bool
 ) -> FetchResult:
-    """Run ``fetch`` into a stream, or a path through a temporary file (``into_file``).
+    """Run ``fetch`` into a stream, an async reader's ``Chunks``, or a path through a
+    temporary file (``into_file``).
     A fetch that fails without any holder having served a bad copy failed to reach or
     was refused by the holders: NetworkError, not IntegrityError."""
     try:
@@ -322,6 +323,8 @@ class Fetch:
         self.plan: FetchPlan | None = None
         # holders that served at least one verified segment
         self.served: set[tuple[str, int]] = set()
+        # called once the hash list is verified (a holder answered): segments come next
+        self.on_listed: Callable[[], None] | None = None
 
     def sources(self) -> list[tuple[str, int]]:
         return list(self._by_address)
@@ -386,7 +389,7 @@ class Fetch:
         self._opened[address] = conn
         return hashes
 
-    async def run(self, out: Path | IO[bytes], started: float) -> FetchResult:
+    async def run(self, out: Path | IO[bytes] | Chunks, started: float) -> FetchResult:
         try:
             return await self._run(out, started)
         finally:
@@ -394,8 +397,10 @@ class Fetch:
                 conn.close()
             self._opened.clear()
 
-    async def _run(self, out: Path | IO[bytes], started: float) -> FetchResult:
+    async def _run(self, out: Path | IO[bytes] | Chunks, started: float) -> FetchResult:
         self.hashes = await self._hash_list()
+        if self.on_listed is not None:
+            self.on_listed()
         if self.manifest.size == 0:
             if isinstance(out, Path):
                 await asyncio.to_thread(out.write_bytes, b"")
@@ -410,6 +415,8 @@ class Fetch:
                     await asyncio.to_thread(os.fsync, fd)
             finally:
                 os.close(fd)
+        elif isinstance(out, Chunks):
+            await self._fetch(wanted, None, None, started, out)
         else:
             await self._fetch(wanted, None, out, started)
         plan = self.plan
@@ -452,7 +459,12 @@ class Fetch:
         return possible
 
     async def _fetch(
-        self, wanted: list[int], fd: int | None, stream: IO[bytes] | None, started: float
+        self,
+        wanted: list[int],
+        fd: int | None,
+        stream: IO[bytes] | None,
+        started: float,
+        chunks: Chunks | None = None,
     ) -> None:
         plan = self.plan = FetchPlan(wanted, lambda i: self.layout.bounds(i)[1], self.config)
         if self._seed is not None:
@@ -465,7 +477,7 @@ class Fetch:
             plan,
             self,
             self._slice,
-            Output(fd, stream, self.first),
+            Output(fd, stream, self.first, chunks),
             wanted=wanted,
             opened=self._opened,
             segment_size=self.manifest.segment_size,

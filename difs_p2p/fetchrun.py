@@ -2,6 +2,12 @@
 the verify-and-write of each segment. The I/O only: every decision is the
 :class:`~difs_p2p.fetchplan.FetchPlan`'s, which :class:`SegmentRun` feeds with events.
 
+Verified segments go to a file (``pwrite`` at their offset), a synchronous stream (in
+order), or :class:`Chunks`, the bounded buffer an async reader
+(:class:`~difs_p2p.stream.ObjectStream`) takes them from in order: the fetch asks for no
+segment more than ``Chunks.window`` past the one the reader takes next, so a reader that
+stops reading stops the fetch.
+
 One worker per holder keeps up to ``pipeline`` GET_SEG requests in flight (asking the plan
 which segment next), receives each answer straight into a reused buffer (telling the plan
 as bytes come: there is no deadline on this path), and hands the segment to a task that
@@ -14,6 +20,7 @@ has segments nobody running can take, and ends the fetch when a segment has no h
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
@@ -57,14 +64,63 @@ class Holders(Protocol):
     def possible(self, plan: FetchPlan) -> Callable[[int, set[Holder]], bool]: ...
 
 
+class Chunks:
+    """Verified pieces of an object in order, waiting for an async reader.
+
+    The fetch puts each piece as soon as it and all before it are verified; the reader
+    takes them. The fetch asks for no segment more than ``window - 1`` past the one the
+    reader takes next, so at most ``window`` segments are in flight, received or waiting
+    here at any time. A piece taken belongs to the reader (its receive buffer is never
+    reused by the fetch).
+    """
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError("a stream window holds at least one segment")
+        self.window = window
+        self.pieces: collections.deque[memoryview] = collections.deque()
+        # pieces the reader has taken so far
+        self.taken = 0
+        # bytes of segments received from holders (dropped duplicate copies included)
+        self.received = 0
+        # perf_counter() when the first piece was put (0.0: none yet)
+        self.first_at = 0.0
+        # set whenever a piece is put or the fetch ends; the reader clears it
+        self.changed = asyncio.Event()
+        # called when the reader takes a piece (the fetch's window moved on)
+        self.moved: Callable[[], None] = _nothing
+
+    def put(self, piece: memoryview) -> None:
+        if not self.first_at:
+            self.first_at = time.perf_counter()
+        self.pieces.append(piece.toreadonly())
+        self.changed.set()
+
+    def take(self) -> memoryview | None:
+        """The next piece, None if none is waiting."""
+        if not self.pieces:
+            return None
+        piece = self.pieces.popleft()
+        self.taken += 1
+        self.moved()
+        return piece
+
+
+def _nothing() -> None:
+    return None
+
+
 class Output:
     """Where verified segments go: ``pwrite`` into a file at their offset, or in order
-    into a stream (holding at most the window's segments)."""
+    into a stream (holding at most the window's segments) or to an async reader."""
 
-    def __init__(self, fd: int | None, stream: IO[bytes] | None, first: int) -> None:
+    def __init__(
+        self, fd: int | None, stream: IO[bytes] | None, first: int, chunks: Chunks | None = None
+    ) -> None:
         self.fd = fd
         self.stream = stream
         self.first = first
+        self.chunks = chunks
         # writes to ``fd`` under way in threads
         self.writes: set[asyncio.Future[int]] = set()
 
@@ -129,6 +185,8 @@ class SegmentRun:
         self.processing: set[asyncio.Task[None]] = set()
         self.workers: dict[Holder, asyncio.Task[None]] = {}
         self._next_out = 0  # position in ``order`` of the next segment a stream writes
+        if output.chunks is not None:
+            output.chunks.moved = self.kick
 
     # -- the plan changed -----------------------------------------------------------------
 
@@ -148,6 +206,13 @@ class SegmentRun:
 
     def limit(self) -> int | None:
         """The last segment a stream may ask for now (its window), None for a file."""
+        chunks = self.output.chunks
+        if chunks is not None:
+            # the reader's position, not the delivery's: a reader that does not read
+            # holds the fetch within its window
+            if chunks.taken >= len(self.order):
+                return None
+            return self.order[chunks.taken] + chunks.window - 1
         if self.output.stream is None or self._next_out >= len(self.order):
             return None
         return self.order[self._next_out] + STREAM_WINDOW
@@ -155,14 +220,20 @@ class SegmentRun:
     # -- verified segments out --------------------------------------------------------------
 
     def deliver_stream(self) -> None:
-        stream = self.output.stream
-        assert stream is not None
+        stream, chunks = self.output.stream, self.output.chunks
         moved = False
         while self._next_out < len(self.order) and self.order[self._next_out] in self.ready:
             index = self.order[self._next_out]
             self._next_out += 1
-            stream.write(self.ready.pop(index))
-            self.pool.give(self.owners.pop(index))
+            piece = self.ready.pop(index)
+            buf = self.owners.pop(index)
+            if chunks is not None:
+                # the reader owns the piece and its buffer from now on
+                chunks.put(memoryview(piece))
+                continue
+            assert stream is not None
+            stream.write(piece)
+            self.pool.give(buf)
             moved = True
         if moved:
             self.kick()  # the window moved on
@@ -235,6 +306,8 @@ class SegmentRun:
             if n == 0:
                 raise PeerError(f"connection closed by {address[0]}:{address[1]}")
             got += n
+            if self.output.chunks is not None:
+                self.output.chunks.received += n
             self.plan.received(address, n, self.loop.time())
 
     async def ask(self, conn: Connection, address: Holder) -> None:
@@ -405,8 +478,9 @@ class SegmentRun:
                 await asyncio.gather(*tasks, return_exceptions=True)
             finally:
                 await finish(self.output.writes)
-        if self.output.stream is not None:
+        if self.output.stream is not None or self.output.chunks is not None:
             self.deliver_stream()
+        if self.output.stream is not None:
             self.output.stream.flush()
 
 

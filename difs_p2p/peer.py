@@ -14,6 +14,7 @@ directory holds everything the peer must keep across restarts::
     DATA/address          HOST:PORT while the peer runs (how the CLI finds its local peer):
                           the advertised address, else (a wildcard bind not yet knowing
                           it) the loopback address of the bound family
+    DATA/http             the HTTP gateway's URL while it runs (--http; gateway.py)
     DATA/lock             held (flock) while a peer uses the directory
 
 The peer composes its parts at start: the DHT (dht.py) with the holder-entry prover
@@ -22,7 +23,8 @@ ranges between peers (replicator.py), the maintenance loop (repair.py), upload s
 and the orphan sweep (uploads.py), the control operations (operations.py) and the TCP
 service that answers connections (service.py). It owns every task it starts (a
 ``TaskSet``); :meth:`Peer.stop` cancels them, closes the sockets, saves the contacts and
-removes the address file.
+removes the address file. With ``PeerConfig.http`` the peer also runs the HTTP gateway
+(gateway.py), started once the peer is up and stopped first.
 
 A peer that leaves for good drains first (leaving.py: ``difs-peer leave``, or a signal
 with ``--drain``): it takes no new copies, hands its ranges and records to the next
@@ -50,12 +52,14 @@ from difs_p2p.dht import Dht
 from difs_p2p.dhtwire import PeerInfo
 from difs_p2p.diskcost import DiskCost
 from difs_p2p.errors import NetworkError, StorageError, UsageError
+from difs_p2p.gateway import Gateway
 from difs_p2p.holdings import Holdings
 from difs_p2p.holdproof import HolderProver
 from difs_p2p.identity import Identity, NodeId
 from difs_p2p.idwork import load_or_create_with_work
 from difs_p2p.leaving import Drainer
 from difs_p2p.membership import OK
+from difs_p2p.metrics import GatewayMetrics, render
 from difs_p2p.net import HOST_NETWORK, PeerNetwork, resolve
 from difs_p2p.operations import OPERATIONS, Operations
 from difs_p2p.recordpolicy import RecordValidator
@@ -150,6 +154,8 @@ class Peer:
         self._replicator: Replicator | None = None
         self._operations: Operations | None = None
         self._drainer: Drainer | None = None
+        # the HTTP gateway (--http), while it runs
+        self.gateway: Gateway | None = None
         self._tasks = TaskSet("peer")
         self._token: bytes | None = None
         self._uploads = ByteBudget(config.upload_budget)
@@ -161,6 +167,10 @@ class Peer:
         self._controls: dict[str, ControlHandler[Any, Any]] = {
             op: functools.partial(self._control, op) for op in sorted(OPERATIONS)
         }
+        # metrics: what the HTTP gateway counts (metrics.py renders it with the figures
+        # of the parts), and the running TCP service (its served bytes)
+        self.gateway_metrics = GatewayMetrics()
+        self.service: Service | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -226,6 +236,7 @@ class Peer:
             self.dht.info = PeerInfo(self.tcp_port, cfg.zone)
             self.holdings = Holdings(self.data_dir / "holdings.sqlite3")
             service = self._compose(self.identity, self._token, self.store, self.dht, self.holdings)
+            self.service = service
             self.server = Server(
                 tcp,
                 service.serve,
@@ -244,6 +255,7 @@ class Peer:
             self.spawn(self._save_contacts_loop())
             self.spawn(self._maintainer().run())
             self.spawn(service.uploads.sweep())
+            await self._start_gateway()
         except BaseException:
             await self.stop()
             raise
@@ -300,6 +312,33 @@ class Peer:
         while True:
             await asyncio.sleep(LEARN_INTERVAL if self.advertised else LEARN_RETRY)
             await self.learn_address()
+
+    async def _start_gateway(self) -> None:
+        """Serve HTTP on ``config.http`` through this peer's own TCP service. The CLI's
+        default address, if taken, leaves the peer without a gateway (a warning); an
+        address the operator chose fails the start (NetworkError)."""
+        cfg = self.config
+        if cfg.http is None:
+            return
+        host = self.bound[0]
+        if is_wildcard(host):
+            host = "::1" if is_ipv6(host) else "127.0.0.1"
+        gateway = Gateway(
+            (host, self.tcp_port or self.port),
+            state=lambda: self._dht().network_state().state,
+            metrics=self.gateway_metrics,
+            render=lambda: render(self),
+            io_timeout=cfg.io_timeout,
+        )
+        try:
+            await gateway.start(*cfg.http)
+        except NetworkError as exc:
+            if not cfg.http_optional:
+                raise
+            log.warning("gateway_off reason=%s: the peer runs without its HTTP gateway", exc)
+            return
+        self.gateway = gateway
+        _atomic_write(self.data_dir / "http", f"{gateway.url}\n".encode())
 
     def _write_address(self) -> None:
         """DATA/address: where a local client reaches this peer (see the module doc)."""
@@ -431,6 +470,11 @@ class Peer:
 
     async def stop(self) -> None:
         """Stop serving, cancel every task, save contacts and release the data directory."""
+        if self.gateway is not None:
+            gateway, self.gateway = self.gateway, None
+            await gateway.stop()
+        with contextlib.suppress(OSError):
+            (self.data_dir / "http").unlink()
         await self._tasks.close()
         if self.server is not None:
             await self.server.stop()
@@ -446,6 +490,7 @@ class Peer:
             self.holdings.close()
             self.holdings = None
         self._replicator = None
+        self.service = None
         self._operations = None
         self._drainer = None
         with contextlib.suppress(OSError):
@@ -505,6 +550,8 @@ class Peer:
             # real networks: the bound address, and whether the advertised one is known
             "listen": format_address(*self.bound),
             "address_known": self.advertised,
+            # the HTTP gateway's URL (--http), None without one
+            "http": self.gateway.url if self.gateway is not None else None,
             "uptime": round(self.clock() - self.started_at, 3),
             "routing_table": len(contacts),
             # verified peers beyond the per-address cap: no routing, still holders (placement)

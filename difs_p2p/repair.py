@@ -116,6 +116,8 @@ class RepairStats:
     # ranges the last round checked whose live copies share an address (under-spread:
     # repair spreads new copies but never moves a held one)
     shared_ranges: int = 0
+    # metrics: ranges the last round checked with fewer live copies than their replicas
+    under_replicated: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -159,6 +161,7 @@ class Maintainer:
         self._turned: set[NodeId] = set()
         # ranges of this round whose live copies share an address
         self._shared = 0
+        self._short = 0
 
     async def run(self) -> None:
         # Peers started together would all run their rounds at once (with 20 peers and
@@ -222,7 +225,7 @@ class Maintainer:
                     log.info("maintain_failed key=%s reason=%s", key.hex()[:12], exc)
             if stale:
                 await self._probe({key: checks[key] for key in stale})
-            self._shared = 0
+            self._shared = self._short = 0
             for key, cs in checks.items():
                 for check in cs:
                     try:
@@ -230,6 +233,7 @@ class Maintainer:
                     except DifsError as exc:
                         log.info("maintain_failed key=%s reason=%s", key.hex()[:12], exc)
             self.stats.shared_ranges = self._shared
+            self.stats.under_replicated = self._short
             self.stats.rounds += 1
             self.stats.last_round = self.clock()
 
@@ -357,6 +361,8 @@ class Maintainer:
         ]
         if shares_an_address(copies):
             self._shared += 1
+        if len(set(alive)) < check.manifest.replicas:
+            self._short += 1
         log.debug(
             "range key=%s range=%d..%d alive=%d suspect=%d action=%s",
             h.key.hex()[:12],

@@ -108,6 +108,10 @@ class Replicator:
         self.address = address
         self.clock = clock
         self.network = network
+        # metrics: verified segment bytes this peer fetched for itself (heal), and the
+        # segments it received that failed verification
+        self.fetched_bytes = 0
+        self.verification_failures = 0
 
     @property
     def node_id(self) -> NodeId:
@@ -477,5 +481,10 @@ class Replicator:
         if not isinstance(frame, wire.Data):
             raise NotFoundError("holder has no copy")
         data = bytes(frame.data)
-        segments.verify_segment(SegmentId(seg_id), data)
+        try:
+            segments.verify_segment(SegmentId(seg_id), data)
+        except IntegrityError:
+            self.verification_failures += 1
+            raise
+        self.fetched_bytes += len(data)
         return data

@@ -192,6 +192,8 @@ class Service:
         self.open_work = open_work
         # whether the peer is leaving the network (draining): it takes no new segments
         self.leaving = leaving
+        # segment bytes sent (GET_SEG replies), for metrics.py
+        self.served_bytes = 0
 
     async def serve(self, conn: Connection) -> None:
         """Serve a connection; when it closes, free what its uploads left unpublished."""
@@ -380,6 +382,7 @@ class Service:
                         await conn.send_file(
                             reply.request_id, reply.file, reply.offset, reply.length
                         )
+                        self.served_bytes += reply.length
                     finally:
                         reply.file.close()
                 elif reply is not None:
