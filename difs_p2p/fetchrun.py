@@ -24,6 +24,7 @@ import collections
 import contextlib
 import functools
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import IO, Protocol
@@ -44,6 +45,10 @@ STREAM_WINDOW = 64
 INLINE_HASH = 64 << 10
 # How often a fetch looks at its holders' deadlines (late ones are hedged within this).
 SUPERVISE_TICK = 0.02
+# How often a stream's fetch looks while it waits for its reader with nothing asked of
+# any holder (a worker that asks wakes it at once): a paused reader costs one look a
+# second, not fifty.
+REST_TICK = 1.0
 
 Progress = Callable[[int], None]
 
@@ -185,8 +190,10 @@ class SegmentRun:
         self.processing: set[asyncio.Task[None]] = set()
         self.workers: dict[Holder, asyncio.Task[None]] = {}
         self._next_out = 0  # position in ``order`` of the next segment a stream writes
+        # the supervisor waits for an event rather than the clock (``tick_wait``)
+        self.resting = False
         if output.chunks is not None:
-            output.chunks.moved = self.kick
+            output.chunks.moved = self.window_moved
 
     # -- the plan changed -----------------------------------------------------------------
 
@@ -195,6 +202,13 @@ class SegmentRun:
         if self.idle:
             old, self.wake = self.wake, asyncio.Event()
             old.set()
+
+    def window_moved(self) -> None:
+        """A stream's reader took a piece: segments past the window may be asked now (of
+        the running workers, or of holders the supervisor starts)."""
+        self.kick()
+        if self.resting:
+            self.supervise.set()
 
     def fail(self, address: Holder, reason: str, lead: bool) -> None:
         self.problems.append(reason)
@@ -320,6 +334,8 @@ class SegmentRun:
                 wire.GetSeg(request_id=picked, seg_id=self.hashes[picked], offset=0, length=0)
             )
         if requests:
+            if self.resting:
+                self.supervise.set()  # deadlines run again
             await conn.send_many(requests)
 
     async def answer(self, conn: Connection, address: Holder, header_buf: bytearray) -> None:
@@ -394,6 +410,13 @@ class SegmentRun:
                     await event.wait()
                 finally:
                     self.idle.discard(address)
+                if closed_by_peer(conn.sock):
+                    # A holder closes a connection idle for its idle time (a stream's
+                    # reader that paused): connect again, it has done nothing wrong.
+                    conn.close()
+                    conn = await Connection.open(
+                        address, io_timeout=self.io_timeout, network=self.network
+                    )
         except (DifsError, OSError) as exc:
             self.fail(address, f"{address[0]}:{address[1]}: {exc}", lead)
         finally:
@@ -424,6 +447,19 @@ class SegmentRun:
                 busy += 1
 
     # -- the supervisor -------------------------------------------------------------------
+
+    def tick_wait(self) -> float:
+        """How long the supervisor may wait for an event before it looks at the clock:
+        ``SUPERVISE_TICK``; ``REST_TICK`` while a stream waits for its reader (nothing
+        asked of any holder, nothing being verified: no deadline can pass), until a
+        worker asks a holder again (``ask`` wakes it)."""
+        if self.output.chunks is None or self.processing:
+            return SUPERVISE_TICK
+        running = [a for a, t in self.workers.items() if not t.done()]
+        if any(a not in self.idle or self.plan.owes(a) for a in running):
+            return SUPERVISE_TICK
+        self.resting = True
+        return REST_TICK
 
     async def run(self) -> None:
         """Fetch every wanted segment, or raise why not."""
@@ -466,8 +502,9 @@ class SegmentRun:
                         f"fetch of {self.name} stalled: {'; '.join(self.problems[-3:])}"
                     )
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(SUPERVISE_TICK):
+                    async with asyncio.timeout(self.tick_wait()):
                         await self.supervise.wait()
+                self.resting = False
                 self.supervise.clear()
             await asyncio.gather(*list(self.processing))
         finally:
@@ -482,6 +519,17 @@ class SegmentRun:
             self.deliver_stream()
         if self.output.stream is not None:
             self.output.stream.flush()
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end closed ``sock`` (or reset it), without waiting; bytes
+    waiting to be read are left for the next frame."""
+    try:
+        return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 async def finish(futures: set[asyncio.Future[int]]) -> None:

@@ -4,6 +4,7 @@ backpressure, closing, holders failing and lying, on real peers on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -296,3 +297,67 @@ async def test_a_corrupt_segment_is_never_yielded(network: list[Peer]) -> None:
             async for chunk in stream:
                 got.append(bytes(chunk))
     assert b"".join(got) == data[: damaged * SEG]
+
+
+def _closed_by_holder(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+async def test_a_reader_paused_past_the_holders_idle_time_still_gets_everything(
+    tmp_path: Path,
+) -> None:
+    """Holders close the connections of a stream whose reader paused; the fetch connects
+    again when the reader goes on."""
+    peers = await start_peers(tmp_path / "net", 3, idle_timeout=0.3)
+    try:
+        data = os.urandom(100 * SEG)
+        await _publish(peers[0], "/s/paused", data, replicas=2)
+        recording = _Recording()
+        async with Client(peers[1].address, network=recording) as client:
+            resolved = await client.resolve("/s/paused")
+            entry = recording.open()
+            async with await client.open_stream(resolved) as stream:
+                got = [bytes(await anext(stream))]
+                holders = recording.sockets[entry:]
+                await wait_for(
+                    lambda: all(_closed_by_holder(s) for s in holders if s.fileno() != -1)
+                )
+                got.extend([bytes(c) async for c in stream])
+        assert b"".join(got) == data
+    finally:
+        await stop_all(peers)
+
+
+async def test_a_stream_dropped_without_closing_stops_its_fetch(network: list[Peer]) -> None:
+    """A stream its reader drops unclosed cancels its fetch: connections and tasks end."""
+    data = os.urandom(100 * SEG)
+    await _publish(network[0], "/s/dropped", data, replicas=2)
+    recording = _Recording()
+    async with Client(network[1].address, network=recording) as client:
+        resolved = await client.resolve("/s/dropped")
+        entry = recording.open()
+        stream = await client.open_stream(resolved)
+        assert bytes(await anext(stream)) == data[:SEG]
+        del stream
+        gc.collect()
+        await wait_for(lambda: recording.open() == entry and _fetch_tasks() == 0)
+
+
+async def test_holders_unreachable_raise_from_open_stream(network: list[Peer]) -> None:
+    """With every holder stopped, open_stream raises NetworkError and leaves nothing open."""
+    placed = await _publish(network[0], "/s/unreachable", os.urandom(3 * SEG), replicas=1)
+    holders = _holders(placed["ranges"], network)
+    entry = next(p for p in network if p not in holders)
+    for peer in holders:
+        await peer.stop()
+    recording = _Recording()
+    async with Client(entry.address, network=recording) as client:
+        with pytest.raises(NetworkError):
+            await client.open_stream("/s/unreachable")
+        assert recording.open() == 1  # the entry peer's connection
+        assert _fetch_tasks() == 0
