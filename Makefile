@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# iproute2 and nftables for the multi-host tests and benchmark (as root on Debian, if missing)
+# iproute2 and nftables for the multi-host tests and benchmark, ffmpeg, chromium and curl for
+# the gateway's clients (as root on Debian, if missing)
 sysdeps:
 	.ci/sysdeps
 
@@ -40,6 +41,7 @@ bench: $(STAMP) sysdeps
 	$(BIN)/python -m bench.small
 	$(BIN)/python -m bench.repair
 	$(BIN)/python -m bench.multihost
+	$(BIN)/python -m bench.gateway
 
 fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,fuzz]'
