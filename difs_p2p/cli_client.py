@@ -1,4 +1,4 @@
-"""The ``difs`` commands that move content: peers, put, get, rm, stat, versions.
+"""The ``difs`` commands that move content: peers, put, get, rm, stat, versions, ls.
 
 Each is a thin layer over :class:`difs_p2p.client.Client`: it resolves the entry peer,
 the pins and the publisher key (cli_common), runs one client call under ``run`` and prints
@@ -37,11 +37,13 @@ from difs_p2p.cli_output import (
     print_status,
     published_line,
     version_line,
+    when,
 )
-from difs_p2p.config import parse_size
+from difs_p2p.config import format_size, parse_size
 
 if TYPE_CHECKING:
     from difs_p2p.delegation import Delegation
+    from difs_p2p.listing import ListEntry, ListPage
     from difs_p2p.pins import Pins
     from difs_p2p.ranges import ByteRange
 
@@ -390,3 +392,68 @@ def versions(
         return
     for r in rows:
         typer.echo(version_line(r))
+
+
+def ls(
+    prefix: Annotated[str, typer.Argument(help="folder to list, e.g. /key/<fingerprint>/videos/")],
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="everything below PREFIX, folders too")
+    ] = False,
+    after: Annotated[
+        str | None, typer.Option("--after", help="continue after this token (from --limit)")
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, help="at most N names, then the token to continue"),
+    ] = None,
+    peer: PeerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the names in folder PREFIX, in byte order (a folder ends with '/').
+
+    Only a prefix with one owner has a listing: /key/<fingerprint>/ names. Deleted names
+    are not listed. With --limit, the last line (on stderr)
+    gives the token to pass to --after for the next page.
+
+    Example: difs ls /key/3f2a.../videos/ --recursive
+    """
+    from difs_p2p.client import Client
+
+    async def go() -> ListPage:
+        from difs_p2p.listing import ListPage
+
+        async with Client(await entry_peer(peer)) as client:
+            if limit is not None:
+                return await client.list_page(prefix, recursive=recursive, after=after, limit=limit)
+            entries = [e async for e in client.list(prefix, recursive=recursive, after=after)]
+            return ListPage(entries, None)
+
+    page = run(go, as_json)
+    if as_json:
+        print_json({"entries": [listed_json(e) for e in page.entries], "next": page.next})
+        return
+    for entry in page.entries:
+        typer.echo(listed_line(entry))
+    if page.next is not None:
+        typer.echo(f"more: difs ls {prefix} --after {page.next}", err=True)
+
+
+def listed_json(entry: ListEntry) -> dict[str, Any]:
+    """One name of ``difs ls --json``."""
+    return {
+        "name": entry.name,
+        "folder": entry.folder,
+        "size": entry.size,
+        "version": entry.version,
+        "created": entry.created,
+        "publisher": entry.publisher.hex(),
+    }
+
+
+def listed_line(entry: ListEntry) -> str:
+    """One name of ``difs ls``: size, version and date of an object, then the name."""
+    if entry.folder:
+        return f"{'-':>12}  {'':>4}  {'':23}  {entry.name}"
+    return (
+        f"{format_size(entry.size):>12}  v{entry.version:<3}  {when(entry.created)}  {entry.name}"
+    )

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -58,12 +59,40 @@ from difs_p2p.fetch import (
 from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.holders import HolderEntry, decode_holder_entry, verify_holder_entry
 from difs_p2p.identity import Identity
+from difs_p2p.listing import (
+    FOLDER,
+    OBJECT,
+    REMOVED,
+    SPLIT,
+    ChildEntry,
+    ListEntry,
+    ListPage,
+    build_child,
+    decode_token,
+    descend,
+    encode_token,
+    folder_ancestors,
+    is_split,
+    listing_root,
+    merge_children,
+    next_issued,
+    normalize_folder,
+    owner_fingerprint,
+    path_bits,
+    place_here,
+    shard_key,
+    sub_shards,
+    valid_children,
+)
 from difs_p2p.manifest import Manifest, build_manifest, linked, parse_manifest
 from difs_p2p.membership import cut_off_error
 from difs_p2p.names import NameKey, name_key, normalize_name
 from difs_p2p.net import HOST_NETWORK, Connector
 from difs_p2p.ops import (
+    MAX_CHILDREN_PER_CALL,
     AbandonRequest,
+    AddChildrenRequest,
+    ChildrenRequest,
     Op,
     PlaceReply,
     PlaceRequest,
@@ -91,6 +120,8 @@ __all__ = [
     "MAX_REPLICAS",
     "Client",
     "FetchResult",
+    "ListEntry",
+    "ListPage",
     "ObjectStream",
     "Phase",
     "Progress",
@@ -105,6 +136,14 @@ DEFAULT_REPLICAS = 3
 MAX_REPLICAS = 16
 
 R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+# Shard reads of one listing in flight at once.
+LIST_READS_IN_FLIGHT = 16
+# A folder's entry is signed again when a name under it is published only if the one
+# stored is older than this (it expires 48 h after its last store).
+FOLDER_REFRESH = 12 * 3600.0
 
 # Called with the name of each publish phase as it begins: "upload" (segments to the
 # entry peer), "place" (the entry peer pushes replicas), "publish" (manifest to the DHT).
@@ -457,10 +496,13 @@ class Client:
                 on_phase("publish")
             result = await self._publish(manifest, placed, started)
             result.upload_seconds = uploaded
-            return result
         except BaseException as exc:
             await self._abandon(exc)
             raise
+        warning = await self._list_name(manifest)
+        if warning:
+            result.warnings.append(warning)
+        return result
 
     async def _abandon(self, exc: BaseException) -> None:
         """After a failed publish, tell the entry peer to drop what this connection uploaded
@@ -519,6 +561,9 @@ class Client:
         resolved = await self.resolve(name)
         tombstone = build_tombstone(self.publisher, resolved.manifest, resolved.top, self.clock())
         await self._publish(tombstone, PlaceReply((), (), ()), time.perf_counter())
+        warning = await self._list_name(tombstone)
+        if warning:
+            log.warning("listing_not_updated name=%s reason=%s", tombstone.name, warning)
         return tombstone
 
     async def stat(self, name: str) -> dict[str, Any]:
@@ -677,6 +722,188 @@ class Client:
         async with await self.open_stream(resolved, version=version, span=span) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+    # -- listing ---------------------------------------------------------------------------
+
+    def _listing_owner(self, folder: str) -> tuple[str, bytes]:
+        """(the owned root above ``folder``, its owner's fingerprint): only a folder with
+        one owner has a listing. Here: self-certifying ``/key/<fp>/`` names."""
+        root = listing_root(folder + "/x")
+        if root is None:
+            top = folder.split("/")[1]
+            raise UsageError(
+                f"/{top}/ is not claimed, so it has no listing; its owner can claim it with "
+                f"`difs claim /{top}/`"
+            )
+        return root
+
+    async def _shard(self, key: bytes) -> list[ChildEntry]:
+        """The valid child entries at one shard key, read through the entry peer."""
+        raws: list[bytes] = []
+        offset = 0
+        for _ in range(64):
+            reply = await self._request(ChildrenRequest(key, offset))
+            for e in reply.entries:
+                raws.append(bytes.fromhex(e))
+            if reply.next <= offset:
+                break
+            offset = reply.next
+        return valid_children(raws, key, self.clock())
+
+    async def _folder(self, owner: bytes, folder: str) -> list[ListEntry]:
+        """Every live child of ``folder``, in byte order: its shard tree read level by
+        level (into both halves of every split or full shard), merged."""
+        slots = asyncio.Semaphore(LIST_READS_IN_FLIGHT)
+        found: list[ChildEntry] = []
+
+        async def read(level: int, bits: int) -> list[tuple[int, int]]:
+            async with slots:
+                shard = await self._shard(shard_key(owner, folder, level, bits))
+            found.extend(shard)
+            return sub_shards(level, bits) if is_split(shard) else []
+
+        todo = [(0, 0)]
+        while todo:
+            below = await asyncio.gather(*(read(level, bits) for level, bits in todo))
+            todo = [s for subs in below for s in subs]
+        return merge_children(found)
+
+    async def list_page(
+        self,
+        prefix: str,
+        *,
+        recursive: bool = False,
+        after: str | None = None,
+        limit: int = 1000,
+    ) -> ListPage:
+        """One page of the names in folder ``prefix`` (its children; with ``recursive``
+        everything below it, folders included), in UTF-8 byte order of the full names,
+        after the continuation token ``after``. Deleted names are not listed."""
+        if not isinstance(limit, int) or limit < 1:
+            raise UsageError(f"limit must be a positive number, not {limit!r}")
+        folder = normalize_folder(prefix)
+        _, owner = self._listing_owner(folder)
+        after_name = decode_token(after) if after is not None else None
+        out: list[ListEntry] = []
+        await self._walk(owner, folder, recursive, after_name, limit + 1, out)
+        page = out[:limit]
+        more = len(out) > limit
+        return ListPage(page, encode_token(page[-1].name) if more else None)
+
+    async def _walk(
+        self,
+        owner: bytes,
+        folder: str,
+        recursive: bool,
+        after: str | None,
+        want: int,
+        out: list[ListEntry],
+    ) -> None:
+        """Depth-first in byte order: a folder's entry ("x/") comes before its names,
+        which come before the next sibling, so the whole walk is in byte order."""
+        for entry in await self._folder(owner, folder):
+            if len(out) >= want:
+                return
+            if after is None or entry.name > after:
+                out.append(entry)
+            if recursive and entry.folder and descend(entry.name, after):
+                await self._walk(owner, entry.name[:-1], True, after, want, out)
+
+    async def _list_name(self, manifest: Manifest) -> str:
+        """Write the child entries of a just-published (or deleted) name: the object in
+        its folder, each folder in the one above, up to the owned root. A name without a
+        listing (no owner for its prefix) has none. Returns a warning, or ""."""
+        root = listing_root(manifest.name)
+        if root is None or self.publisher is None:
+            return ""
+        folder, owner = root
+        if owner != owner_fingerprint(manifest.owner):
+            return ""
+        written: list[bytes] = []
+        try:
+            for parent, child, is_folder in folder_ancestors(manifest.name, folder):
+                written.extend(await self._add_child(owner, manifest, parent, child, is_folder))
+            if written:
+                for i in range(0, len(written), MAX_CHILDREN_PER_CALL):
+                    batch = written[i : i + MAX_CHILDREN_PER_CALL]
+                    await self._request(
+                        AddChildrenRequest(manifest.key, tuple(e.hex() for e in batch))
+                    )
+        except (DifsError, OSError) as exc:
+            return f"the listing of {manifest.name} was not updated: {exc}"
+        return ""
+
+    async def _add_child(
+        self, owner: bytes, manifest: Manifest, parent: str, child: str, is_folder: bool
+    ) -> list[bytes]:
+        """Walk ``child``'s shard path in ``parent`` and store its entry where
+        ``listing.place_here`` says, marking full shards split on the way. Returns what
+        was stored (nothing for a folder whose entry is fresh)."""
+        assert self.publisher is not None
+        flags = FOLDER if is_folder else OBJECT | (REMOVED if manifest.deleted else 0)
+        level, bits = 0, 0
+        stored: list[bytes] = []
+        while True:
+            key = shard_key(owner, parent, level, bits)
+            shard = await self._shard(key)
+            now = self.clock()
+            identity = (owner, parent, child, is_folder)
+            issued = next_issued(shard, identity, now)
+            entry = build_child(
+                self.publisher,
+                owner=owner,
+                parent=parent,
+                child=child,
+                flags=flags,
+                level=level,
+                issued=issued,
+                version=0 if is_folder else manifest.version,
+                size=0 if is_folder or manifest.deleted else manifest.size,
+                created=now if is_folder else manifest.created,
+                delegation=manifest.delegation,
+            )
+            if place_here(shard, entry):
+                fresh = any(
+                    e.identity == identity and e.issued > now - FOLDER_REFRESH for e in shard
+                )
+                if is_folder and fresh:
+                    return stored
+                await self._request(AddChildrenRequest(key, (entry.raw.hex(),)))
+                return [*stored, entry.raw]
+            if not any(e.marker for e in shard):
+                marker = build_child(
+                    self.publisher,
+                    owner=owner,
+                    parent=parent,
+                    child="",
+                    flags=SPLIT,
+                    level=level,
+                    bits=bits,
+                    issued=int(now),
+                    delegation=manifest.delegation,
+                )
+                await self._request(AddChildrenRequest(key, (marker.raw.hex(),)))
+                stored.append(marker.raw)
+            level += 1
+            bits = path_bits(child, level)
+
+    async def list(
+        self,
+        prefix: str,
+        *,
+        recursive: bool = False,
+        after: str | None = None,
+        page: int = 1000,
+    ) -> AsyncIterator[ListEntry]:
+        """Every name in folder ``prefix`` (see :meth:`list_page`), read ``page`` at a time."""
+        token = after
+        while True:
+            got = await self.list_page(prefix, recursive=recursive, after=token, limit=page)
+            for entry in got.entries:
+                yield entry
+            if got.next is None:
+                return
+            token = got.next
 
 
 def _revoked(m: Manifest, revoked: dict[str, set[bytes]]) -> bool:

@@ -113,6 +113,10 @@ CONTROL_TABLE: Final[dict[str, OpRule]] = {
     "status": OpRule(Access.OPERATOR, OPS["status"].check, "the peer's view of itself"),
     "abandon": OpRule(Access.PEER, OPS["abandon"].check, "drop what this connection uploaded"),
     "drain": OpRule(Access.OPERATOR, OPS["drain"].check, "leave the network: hand ranges over"),
+    "children": OpRule(Access.ANYONE, OPS["children"].check, "read a folder's child entries"),
+    "add_children": OpRule(
+        Access.OPERATOR, OPS["add_children"].check, "store a folder's child entries"
+    ),
 }
 assert {op for op in CONTROL_TABLE if op.islower()} == set(OPS)
 

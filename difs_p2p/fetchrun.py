@@ -86,7 +86,8 @@ class Chunks:
         self.pieces: collections.deque[memoryview] = collections.deque()
         # pieces the reader has taken so far
         self.taken = 0
-        # bytes of segments received from holders (dropped duplicate copies included)
+        # bytes received from holders for segments (frame headers and duplicate copies
+        # a hedge dropped included; the hash list not)
         self.received = 0
         # perf_counter() when the first piece was put (0.0: none yet)
         self.first_at = 0.0
@@ -190,7 +191,7 @@ class SegmentRun:
         self.processing: set[asyncio.Task[None]] = set()
         self.workers: dict[Holder, asyncio.Task[None]] = {}
         self._next_out = 0  # position in ``order`` of the next segment a stream writes
-        # the supervisor waits for an event rather than the clock (``tick_wait``)
+        # the supervisor waits for an event rather than the clock (``reader_behind``)
         self.resting = False
         if output.chunks is not None:
             output.chunks.moved = self.window_moved
@@ -242,9 +243,15 @@ class SegmentRun:
             piece = self.ready.pop(index)
             buf = self.owners.pop(index)
             if chunks is not None:
-                # the reader owns the piece and its buffer from now on
-                chunks.put(memoryview(piece))
-                continue
+                if 2 * len(piece) < len(buf):
+                    # a small part of its buffer (a span's first or last segment, a short
+                    # last segment): copied, so that the reader does not hold the buffer
+                    chunks.put(memoryview(bytes(piece)))
+                    self.pool.give(buf)
+                else:
+                    # the reader owns the piece and its buffer from now on
+                    chunks.put(memoryview(piece))
+                continue  # the window moves when the reader takes it (``window_moved``)
             assert stream is not None
             stream.write(piece)
             self.pool.give(buf)
@@ -448,18 +455,19 @@ class SegmentRun:
 
     # -- the supervisor -------------------------------------------------------------------
 
-    def tick_wait(self) -> float:
-        """How long the supervisor may wait for an event before it looks at the clock:
-        ``SUPERVISE_TICK``; ``REST_TICK`` while a stream waits for its reader (nothing
-        asked of any holder, nothing being verified: no deadline can pass), until a
-        worker asks a holder again (``ask`` wakes it)."""
+    def reader_behind(self, running: list[Holder]) -> bool:
+        """Whether a stream's fetch waits for its reader alone: every segment it may ask
+        for is asked and in (no queued one inside the window, nothing owed by any
+        running holder, nothing being verified), so no deadline can pass and no holder
+        needs starting until the reader takes a piece."""
         if self.output.chunks is None or self.processing:
-            return SUPERVISE_TICK
-        running = [a for a, t in self.workers.items() if not t.done()]
-        if any(a not in self.idle or self.plan.owes(a) for a in running):
-            return SUPERVISE_TICK
-        self.resting = True
-        return REST_TICK
+            return False
+        limit, queue = self.limit(), self.plan.queue
+        # a segment back in the queue was asked inside the window, and the window only
+        # moves on: the front of the queue is the lowest segment inside it, if any is
+        if limit is not None and queue and queue[0] <= limit:
+            return False
+        return all(a in self.idle and not self.plan.owes(a) for a in running)
 
     async def run(self) -> None:
         """Fetch every wanted segment, or raise why not."""
@@ -475,11 +483,20 @@ class SegmentRun:
             )
             for i, address in enumerate(first):
                 self.start(address, i == 0)
+            looked = self.loop.time()
             while plan.remaining > 0:
                 if self.crashed:
                     raise self.crashed[0]
                 running = [a for a, t in self.workers.items() if not t.done()]
-                if plan.failures != failures or all(a in self.idle for a in running):
+                now = self.loop.time()
+                # While a stream waits for its reader, the looks over the whole queue
+                # (no holder left for a segment, holders to start) are made once per
+                # REST_TICK, not at each piece the reader takes: nothing is asked now.
+                self.resting = self.reader_behind(running)
+                full = not self.resting or now - looked >= REST_TICK
+                if full:
+                    looked = now
+                if full and (plan.failures != failures or all(a in self.idle for a in running)):
                     failures = plan.failures
                     index = plan.stuck(self.holders.possible(plan))
                     if index is not None:
@@ -496,13 +513,14 @@ class SegmentRun:
                         task.cancel()
                 if tick.late or tick.give_up:
                     self.kick()
-                self.start_more()
+                if full:
+                    self.start_more()
                 if not any(not t.done() for t in self.workers.values()) and not self.processing:
                     raise PeerError(
                         f"fetch of {self.name} stalled: {'; '.join(self.problems[-3:])}"
                     )
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.tick_wait()):
+                    async with asyncio.timeout(REST_TICK if self.resting else SUPERVISE_TICK):
                         await self.supervise.wait()
                 self.resting = False
                 self.supervise.clear()

@@ -4,6 +4,9 @@
 is owned by the peer: started once the peer is up, stopped first at shutdown. Routes::
 
     GET, HEAD /<name...>[?version=N]   the object (ranges, conditional requests)
+    GET, HEAD /<folder...>/[?after=T]  the folder's page of names, HTML or JSON (Accept,
+                                       ?format=json); /<folder> without the slash is
+                                       301 to it when it has no object but a listing
     OPTIONS   /<anything>              CORS preflight
     GET       /healthz                 200 "ok" while the peer's network state is ok,
                                        else 503 with the state
@@ -24,7 +27,9 @@ flight and the bytes sent.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import secrets
 import socket
 import time
@@ -35,8 +40,9 @@ from aiohttp import web
 from difs_p2p import httprules
 from difs_p2p.addresses import format_address, is_ipv6, is_wildcard
 from difs_p2p.client import Client, Resolved
-from difs_p2p.errors import DifsError, NetworkError, UsageError
+from difs_p2p.errors import BusyError, DifsError, NetworkError, NotFoundError, UsageError
 from difs_p2p.fetch import choose_version
+from difs_p2p.listing import normalize_folder
 from difs_p2p.manifest import Manifest
 from difs_p2p.metrics import GatewayMetrics
 from difs_p2p.names import normalize_name
@@ -44,6 +50,8 @@ from difs_p2p.stream import ObjectStream
 
 log = logging.getLogger(__name__)
 
+# Names on one directory page (Client.list_page's default); ?after= continues it.
+PAGE = 1000
 # Seconds a request may spend resolving its name before it is answered 504.
 RESOLVE_TIMEOUT = 30.0
 # CORS: any page may read content (it is public and the gateway is read-only).
@@ -61,20 +69,45 @@ PREFLIGHT = {
     "Access-Control-Max-Age": "86400",
 }
 ALLOW = "GET, HEAD, OPTIONS"
+# Bodies streamed at once; more requests for content are answered 503 (Retry-After). Each
+# stream holds up to its window (16 MiB) for a client that does not read, so slow clients
+# hold at most 256 MiB; and each takes a connection to each holder it reads from, well under
+# the 32 a holder allows one address.
+MAX_STREAMS = 16
 # The Prometheus text format's media type.
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _STARTED = web.RequestKey("started", float)
 
 
-def http_url(host: str, port: int) -> str:
-    """The URL a local client reaches a gateway bound to ``host``:``port`` at (a wildcard
-    bind: the loopback address of its family)."""
+def loopback_of(host: str) -> str:
+    """Where a local client reaches a socket bound to ``host``: ``host``, or for a
+    wildcard the loopback address of its family."""
     if is_wildcard(host):
-        host = "::1" if is_ipv6(host) else "127.0.0.1"
-    return f"http://{format_address(host, port)}/"
+        return "::1" if is_ipv6(host) else "127.0.0.1"
+    return host
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def http_url(host: str, port: int) -> str:
+    """The URL a local client reaches a gateway bound to ``host``:``port`` at."""
+    return f"http://{format_address(loopback_of(host), port)}/"
+
+
+def bind_gateway(address: tuple[str, int] | None, *, optional: bool) -> socket.socket | None:
+    """The gateway's socket on ``address`` (None: no gateway). An ``optional`` address
+    (the CLI's default) that is taken leaves the peer without a gateway, with a warning;
+    one the operator chose raises NetworkError."""
+    if address is None:
+        return None
+    try:
+        return listen(*address)
+    except NetworkError as exc:
+        if not optional:
+            raise
+        log.warning("gateway_off reason=%s: the peer runs without its HTTP gateway", exc)
+        return None
+
+
+def listen(host: str, port: int) -> socket.socket:
     """The gateway's listening socket (``::`` takes IPv4 too); NetworkError if it cannot
     be bound."""
     try:
@@ -85,13 +118,17 @@ def _listen(host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if is_ipv6(host) else socket.AF_INET
         return socket.create_server((host, port), family=family, backlog=128)
     except OSError as exc:
-        raise NetworkError(
-            f"cannot serve HTTP on {format_address(host, port)}: {exc.strerror or exc}"
-        ) from None
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise NetworkError(f"cannot serve HTTP on {format_address(host, port)}: {reason}") from None
+
+
+def host_of(sock: socket.socket) -> str:
+    """The address ``sock`` is bound to (``::`` for a dual-stack wildcard)."""
+    return str(sock.getsockname()[0])
 
 
 class Gateway:
-    """The HTTP server. ``await gw.start(host, port)``, then ``await gw.stop()``."""
+    """The HTTP server. ``await gw.start(listen(host, port))``, then ``await gw.stop()``."""
 
     def __init__(
         self,
@@ -110,6 +147,9 @@ class Gateway:
         self.metrics = metrics
         self._render = render
         self._runner: web.AppRunner | None = None
+        # bodies being streamed, and how many may be at once
+        self.streams = 0
+        self.max_streams = MAX_STREAMS
         self.bound: tuple[str, int] = ("", 0)
         app = web.Application(middlewares=[self._count])
         app.on_response_prepare.append(self._prepared)
@@ -122,9 +162,9 @@ class Gateway:
     def url(self) -> str:
         return http_url(*self.bound)
 
-    async def start(self, host: str, port: int) -> None:
-        """Bind ``host``:``port`` (NetworkError if it cannot) and serve."""
-        sock = _listen(host, port)
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on ``sock`` (from :func:`listen`), which the gateway now owns."""
+        self.bound = (host_of(sock), sock.getsockname()[1])
         try:
             # a client that disconnects cancels its handler (which closes the fetch)
             runner = web.AppRunner(
@@ -137,7 +177,6 @@ class Gateway:
             sock.close()
             await self.stop()
             raise
-        self.bound = (host, sock.getsockname()[1])
         log.info("gateway_started url=%s", self.url)
 
     async def stop(self) -> None:
@@ -172,9 +211,8 @@ class Gateway:
         return response
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        state = self._state()
-        status = 200 if state == "ok" else 503
-        return web.Response(status=status, text=f"{state}\n")
+        status, text = httprules.health(self._state())
+        return web.Response(status=status, text=text)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         if request.method == "OPTIONS":
@@ -182,6 +220,8 @@ class Gateway:
         if request.method not in ("GET", "HEAD"):
             return self._error(request, 405, f"{request.method} is not allowed", {"Allow": ALLOW})
         try:
+            if request.path.endswith("/"):
+                return await self._directory(request)
             return await self._object(request)
         except DifsError as exc:
             return self._error(request, httprules.error_status(exc), str(exc))
@@ -208,6 +248,36 @@ class Gateway:
             response.charset = "utf-8"
         return response
 
+    async def _is_folder(self, name: str) -> bool:
+        """Whether ``name`` has a listing with at least one name in it."""
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                page = await self.client.list_page(name, limit=1)
+        except (DifsError, TimeoutError, OSError):
+            return False
+        return bool(page.entries)
+
+    async def _directory(self, request: web.Request) -> web.Response:
+        """A folder's page of names: HTML, or JSON when asked (Accept, ?format=json)."""
+        if request.path == "/":
+            raise NotFoundError("/ has no listing: open a folder such as /key/<fingerprint>/")
+        folder = normalize_folder(request.path)
+        after = request.query.get("after")
+        async with asyncio.timeout(RESOLVE_TIMEOUT):
+            page = await self.client.list_page(folder, after=after, limit=PAGE)
+        prefix = folder + "/"
+        headers = {"Cache-Control": httprules.LATEST, "X-Content-Type-Options": "nosniff"}
+        if httprules.wants_json(request.headers.get("Accept"), request.query.get("format")):
+            body = json.dumps(httprules.directory_json(prefix, page.entries, page.next))
+            response = web.Response(text=body, headers=headers)
+            response.content_type = "application/json"
+            return response
+        text = httprules.directory_html(prefix, page.entries, page.next)
+        response = web.Response(text=text, headers=headers)
+        response.content_type = "text/html"
+        response.charset = "utf-8"
+        return response
+
     async def _version(self, request: web.Request) -> int | None:
         text = request.query.get("version")
         if text is None:
@@ -219,8 +289,15 @@ class Gateway:
     async def _object(self, request: web.Request) -> web.StreamResponse:
         name = normalize_name(request.path)
         version = await self._version(request)
-        async with asyncio.timeout(RESOLVE_TIMEOUT):
-            resolved: Resolved = await self.client.resolve(name)
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                resolved: Resolved = await self.client.resolve(name)
+        except NotFoundError:
+            if version is None and await self._is_folder(name):
+                raw = request.rel_url
+                query = f"?{raw.raw_query_string}" if raw.raw_query_string else ""
+                raise web.HTTPMovedPermanently(f"{raw.raw_path}/{query}") from None
+            raise
         manifest = choose_version(resolved.manifest, resolved.history, version)
         res = httprules.Resource(
             manifest.name,
@@ -243,7 +320,13 @@ class Gateway:
             await response.prepare(request)
             await response.write_eof()
             return response
-        await self._send(request, response, ans, resolved, manifest, version)
+        if self.streams >= self.max_streams:
+            raise BusyError(f"the gateway is streaming {self.streams} bodies, its most: try later")
+        self.streams += 1
+        try:
+            await self._send(request, response, ans, resolved, manifest, version)
+        finally:
+            self.streams -= 1
         return response
 
     async def _send(
@@ -257,7 +340,9 @@ class Gateway:
     ) -> None:
         """Stream the answer's spans. The first chunk is fetched before the status line,
         so that a fetch that cannot start is still an error status; a failure after it
-        aborts the connection."""
+        resets the connection and is logged once here (a client that went away at DEBUG);
+        the handler then returns as if done, aiohttp's write to the reset connection
+        failing quietly."""
         multipart = bool(ans.boundary)
         for i, span in enumerate(ans.spans):
             started = False
@@ -275,11 +360,19 @@ class Gateway:
                     started = True
                     await response.write(chunk)
                     self.metrics.sent(len(chunk))
-            except (DifsError, OSError, TimeoutError):
+            except (DifsError, OSError, TimeoutError) as exc:
                 if not response.prepared:
                     raise
+                # the status line is out: only a dropped connection tells the client
                 _abort(request)
-                raise
+                gone = isinstance(exc, ConnectionError)  # the client went away
+                log.log(
+                    logging.DEBUG if gone else logging.WARNING,
+                    "gateway_body_failed name=%s error=%s",
+                    manifest.name,
+                    exc,
+                )
+                return
             finally:
                 if stream is not None:
                     await stream.aclose()

@@ -422,6 +422,12 @@ def retry_after(status: int) -> bool:
     return status in (502, 503, 504)
 
 
+def health(state: str) -> tuple[int, str]:
+    """``/healthz``: 200 ``ok`` while the peer's network state is ``ok``; 503 with the
+    state (``thin``, ``isolated``) otherwise, so a load balancer skips a cut-off peer."""
+    return (200 if state == "ok" else 503), f"{state}\n"
+
+
 def wants_json(accept: str | None, fmt: str | None = None) -> bool:
     """Whether the client asks for JSON (``?format=json``, or ``Accept`` preferring
     application/json over text/html)."""

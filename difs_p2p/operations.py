@@ -1,7 +1,7 @@
 """The control operations a peer answers (``status``, ``resolve``, ``place``, ``hold``,
 ``publish``, ``release``, ``holds``, ``holds_ranges``, ``prove``, ``check``, ``suspect``,
-``abandon``, ``drain``), each with its row in the permission table (control.CONTROL_TABLE), which
-service.py checks before a handler runs.
+``abandon``, ``drain``, ``children``, ``add_children``), each with its row in the permission
+table (control.CONTROL_TABLE), which service.py checks before a handler runs.
 
 :class:`Operations` is built by the peer from its running parts. Each handler takes the
 operation's typed request, decoded and checked by service.py with the operation's row of
@@ -37,16 +37,22 @@ from difs_p2p.holdings import Holding, Holdings
 from difs_p2p.holdproof import prove_message
 from difs_p2p.identity import Identity
 from difs_p2p.leaving import Drainer
+from difs_p2p.listing import decode_child
 from difs_p2p.maintenance import gc_due
 from difs_p2p.manifest import Manifest, parse_manifest
 from difs_p2p.membership import OK, publish_quorum
 from difs_p2p.names import NameKey
 from difs_p2p.net import PeerNetwork
 from difs_p2p.ops import (
+    MAX_CHILDREN_BYTES,
     AbandonReply,
     AbandonRequest,
+    AddChildrenReply,
+    AddChildrenRequest,
     CheckReply,
     CheckRequest,
+    ChildrenReply,
+    ChildrenRequest,
     DrainReply,
     DrainRequest,
     HoldReply,
@@ -70,7 +76,7 @@ from difs_p2p.ops import (
     SuspectReply,
     SuspectRequest,
 )
-from difs_p2p.records import record_hash, split_entries
+from difs_p2p.records import child_entries, record_hash, split_entries
 from difs_p2p.repair import Maintainer
 from difs_p2p.replicator import Replicator
 from difs_p2p.service import ControlHandler
@@ -131,6 +137,8 @@ class Operations:
             "suspect": self._op_suspect,
             "abandon": self._op_abandon,
             "drain": self._op_drain,
+            "children": self._op_children,
+            "add_children": self._op_add_children,
         }
         # every control operation has its handler, and no handler is unlisted
         assert set(self.handlers) == OPERATIONS
@@ -452,3 +460,28 @@ class Operations:
             report.get("records", 0),
             report.get("seconds", 0.0),
         )
+
+    async def _op_children(self, conn: Connection, request: ChildrenRequest) -> ChildrenReply:
+        """The child entries the DHT holds at a shard key (unverified: the client checks
+        them), in byte order from ``offset``, as many as fit in one reply."""
+        found = sorted(child_entries(await self.dht.get_entries(request.key)))
+        page: list[str] = []
+        size, at = 0, request.offset
+        while at < len(found) and (not page or size + len(found[at]) <= MAX_CHILDREN_BYTES):
+            page.append(found[at].hex())
+            size += len(found[at])
+            at += 1
+        return ChildrenReply(tuple(page), at if at < len(found) else 0)
+
+    async def _op_add_children(
+        self, conn: Connection, request: AddChildrenRequest
+    ) -> AddChildrenReply:
+        """Store child entries at a key (their shard key, or the entry set of a name they
+        list): the key's peers verify and admit each (recordpolicy.child_admission)."""
+        raws = [bytes.fromhex(e) for e in request.entries]
+        for i, raw in enumerate(raws):
+            try:
+                decode_child(raw)
+            except WireError as exc:
+                raise UsageError(f"entry {i} is not a child entry: {exc}") from None
+        return AddChildrenReply(await self.dht.add_entries(request.key, raws))

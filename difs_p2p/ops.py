@@ -33,13 +33,19 @@ from difs_p2p.names import NameKey
 from difs_p2p.segments import IntegrityRoot, SegmentId
 
 __all__ = [
+    "MAX_CHILDREN_BYTES",
+    "MAX_CHILDREN_PER_CALL",
     "MAX_PROBE_RANGES",
     "MAX_REPLICAS",
     "OPS",
     "AbandonReply",
     "AbandonRequest",
+    "AddChildrenReply",
+    "AddChildrenRequest",
     "CheckReply",
     "CheckRequest",
+    "ChildrenReply",
+    "ChildrenRequest",
     "DrainReply",
     "DrainRequest",
     "HoldReason",
@@ -83,6 +89,11 @@ MAX_REPLICAS: Final = 64
 # Ranges asked in one holds_ranges request: a probe of every range two peers share is
 # split into requests of at most this many (replicator.probe_ranges).
 MAX_PROBE_RANGES: Final = 1024
+# Child entries (listing.py) one add_children may carry: a shard's cap (2 x 128).
+MAX_CHILDREN_PER_CALL: Final = 256
+# Bytes of child entries in one children reply (twice that in hex), under the control
+# payload limit (wire.MAX_CONTROL_PAYLOAD, 256 KiB); the rest follows from ``next``.
+MAX_CHILDREN_BYTES: Final = 96 * 1024
 
 
 class Op(Generic[R]):
@@ -839,6 +850,85 @@ def _encode_drain_reply(reply: DrainReply) -> dict[str, Any]:
     return {**body, "state": reply.state, "failed": list(reply.failed), "seconds": reply.seconds}
 
 
+# -- listing (child entries, listing.py) ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChildrenReply:
+    """``children``: child entries (hex, unverified: the asking side checks them) from
+    offset on, and the offset of the rest (0: none left)."""
+
+    entries: tuple[str, ...]
+    next: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChildrenRequest(Op[ChildrenReply]):
+    """``children``: the child entries the DHT holds at one shard key, from ``offset``."""
+
+    key: bytes
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AddChildrenReply:
+    """``add_children``: acceptances summed over the key's peers (this one included)."""
+
+    stored: int
+
+
+@dataclass(frozen=True, slots=True)
+class AddChildrenRequest(Op[AddChildrenReply]):
+    """``add_children``: store signed child entries (hex) at one shard key."""
+
+    key: bytes
+    entries: tuple[str, ...]
+
+
+def _children_request(args: dict[str, Any]) -> ChildrenRequest:
+    return ChildrenRequest(_hex_arg(args, "key", 20), _int_arg(args, "offset"))
+
+
+def _encode_children(request: ChildrenRequest) -> dict[str, Any]:
+    return {"key": request.key.hex(), "offset": request.offset}
+
+
+def _children_reply(body: dict[str, Any]) -> ChildrenReply:
+    entries = _strings(body, "children", "entries")
+    if not all(_is_hex(e) for e in entries):
+        raise _bad("children", "entries", "a list of hex strings")
+    return ChildrenReply(entries, _int(body, "children", "next", 0))
+
+
+def _encode_children_reply(reply: ChildrenReply) -> dict[str, Any]:
+    return {"entries": list(reply.entries), "next": reply.next}
+
+
+def _add_children_request(args: dict[str, Any]) -> AddChildrenRequest:
+    entries = args.get("entries")
+    if (
+        not isinstance(entries, list)
+        or not 0 < len(entries) <= MAX_CHILDREN_PER_CALL
+        or not all(_is_hex(e) and e for e in entries)
+    ):
+        raise UsageError(
+            f"entries must be a list of 1 to {MAX_CHILDREN_PER_CALL} child entries in hex"
+        )
+    return AddChildrenRequest(_hex_arg(args, "key", 20), tuple(entries))
+
+
+def _encode_add_children(request: AddChildrenRequest) -> dict[str, Any]:
+    return {"key": request.key.hex(), "entries": list(request.entries)}
+
+
+def _add_children_reply(body: dict[str, Any]) -> AddChildrenReply:
+    return AddChildrenReply(_int(body, "add_children", "stored"))
+
+
+def _encode_add_children_reply(reply: AddChildrenReply) -> dict[str, Any]:
+    return {"stored": reply.stored}
+
+
 # -- the table ------------------------------------------------------------------------------
 
 
@@ -933,6 +1023,22 @@ OPS: Final[dict[str, OpCodec]] = {
         _encode_drain,
         _drain_reply,
         _encode_drain_reply,
+    ),
+    "children": OpCodec(
+        ChildrenRequest,
+        ChildrenReply,
+        _children_request,
+        _encode_children,
+        _children_reply,
+        _encode_children_reply,
+    ),
+    "add_children": OpCodec(
+        AddChildrenRequest,
+        AddChildrenReply,
+        _add_children_request,
+        _encode_add_children,
+        _add_children_reply,
+        _encode_add_children_reply,
     ),
 }
 _BY_TYPE: Final[dict[type, str]] = {codec.request: op for op, codec in OPS.items()}

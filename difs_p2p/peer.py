@@ -40,6 +40,7 @@ import functools
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -52,7 +53,7 @@ from difs_p2p.dht import Dht
 from difs_p2p.dhtwire import PeerInfo
 from difs_p2p.diskcost import DiskCost
 from difs_p2p.errors import NetworkError, StorageError, UsageError
-from difs_p2p.gateway import Gateway
+from difs_p2p.gateway import Gateway, bind_gateway, loopback_of
 from difs_p2p.holdings import Holdings
 from difs_p2p.holdproof import HolderProver
 from difs_p2p.identity import Identity, NodeId
@@ -154,8 +155,9 @@ class Peer:
         self._replicator: Replicator | None = None
         self._operations: Operations | None = None
         self._drainer: Drainer | None = None
-        # the HTTP gateway (--http), while it runs
+        # the HTTP gateway (--http), while it runs; its socket, bound first thing at start
         self.gateway: Gateway | None = None
+        self._http_socket: socket.socket | None = None
         self._tasks = TaskSet("peer")
         self._token: bytes | None = None
         self._uploads = ByteBudget(config.upload_budget)
@@ -199,6 +201,8 @@ class Peer:
         cfg = self.config
         self._prepare_data_dir()
         try:
+            # the gateway's address first: a taken --http fails before the peer joins
+            self._http_socket = bind_gateway(cfg.http, optional=cfg.http_optional)
             # the node-ID puzzle costs ~0.2 s of CPU at the first start: off the loop
             self.identity = await asyncio.to_thread(
                 load_or_create_with_work, self.data_dir / "peer.key", cfg.dht.id_difficulty
@@ -314,29 +318,19 @@ class Peer:
             await self.learn_address()
 
     async def _start_gateway(self) -> None:
-        """Serve HTTP on ``config.http`` through this peer's own TCP service. The CLI's
-        default address, if taken, leaves the peer without a gateway (a warning); an
-        address the operator chose fails the start (NetworkError)."""
+        """Serve HTTP on the bound socket through this peer's own TCP service."""
         cfg = self.config
-        if cfg.http is None:
+        sock, self._http_socket = self._http_socket, None
+        if sock is None:
             return
-        host = self.bound[0]
-        if is_wildcard(host):
-            host = "::1" if is_ipv6(host) else "127.0.0.1"
         gateway = Gateway(
-            (host, self.tcp_port or self.port),
+            (loopback_of(self.bound[0]), self.tcp_port or self.port),
             state=lambda: self._dht().network_state().state,
             metrics=self.gateway_metrics,
             render=lambda: render(self),
             io_timeout=cfg.io_timeout,
         )
-        try:
-            await gateway.start(*cfg.http)
-        except NetworkError as exc:
-            if not cfg.http_optional:
-                raise
-            log.warning("gateway_off reason=%s: the peer runs without its HTTP gateway", exc)
-            return
+        await gateway.start(sock)
         self.gateway = gateway
         _atomic_write(self.data_dir / "http", f"{gateway.url}\n".encode())
 
@@ -473,6 +467,9 @@ class Peer:
         if self.gateway is not None:
             gateway, self.gateway = self.gateway, None
             await gateway.stop()
+        if self._http_socket is not None:
+            self._http_socket.close()
+            self._http_socket = None
         with contextlib.suppress(OSError):
             (self.data_dir / "http").unlink()
         await self._tasks.close()

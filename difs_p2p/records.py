@@ -7,7 +7,8 @@ of two kinds, told apart by its first byte and by nothing else:
 
 * a **manifest** (manifest.py; a delegation certificate travels inside one,
   delegation.py): canonical JSON of an object, so its first byte is ``{`` (0x7B);
-* a **holder entry** (holders.py): binary, its first byte the kind byte 1.
+* a **holder entry** (holders.py): binary, its first byte the kind byte 1;
+* a **child entry** (listing.py, a folder listing's entry): binary, the kind byte 2.
 
 Any other value (empty, another first byte) is neither: :func:`record_kind` raises
 WireError. The kind only says which decoder to use; that decoder checks all the rest.
@@ -27,17 +28,24 @@ from difs_p2p.errors import WireError
 
 
 class RecordKind(enum.Enum):
-    """The two encodings of a signed record."""
+    """The encodings of a signed record."""
 
     MANIFEST = "manifest"  # canonical JSON, starts with "{"
     HOLDER = "holder"  # binary, starts with HOLDER_KIND
+    CHILD = "child"  # binary, starts with CHILD_KIND
 
 
 # The first byte of a manifest: the "{" of its canonical JSON object.
 MANIFEST_START = b"{"
 # The first byte of a holder entry (its struct's kind field, offset 0).
 HOLDER_KIND = 1
-_KINDS = {MANIFEST_START[0]: RecordKind.MANIFEST, HOLDER_KIND: RecordKind.HOLDER}
+# The first byte of a child entry (listing.py).
+CHILD_KIND = 2
+_KINDS = {
+    MANIFEST_START[0]: RecordKind.MANIFEST,
+    HOLDER_KIND: RecordKind.HOLDER,
+    CHILD_KIND: RecordKind.CHILD,
+}
 
 
 def record_kind(raw: bytes) -> RecordKind:
@@ -59,7 +67,8 @@ class Entries(NamedTuple):
 
 def split_entries(raws: Iterable[bytes]) -> Entries:
     """Split an entry set into history manifests and holder entries, by kind only (the
-    caller still decodes and verifies what it uses). Values of neither kind are dropped."""
+    caller still decodes and verifies what it uses). Values of other kinds (child
+    entries, see :func:`child_entries`) are dropped."""
     history: list[bytes] = []
     holders: list[bytes] = []
     for raw in raws:
@@ -69,6 +78,11 @@ def split_entries(raws: Iterable[bytes]) -> Entries:
         elif kind is RecordKind.HOLDER:
             holders.append(raw)
     return Entries(history, holders)
+
+
+def child_entries(raws: Iterable[bytes]) -> list[bytes]:
+    """The child entries (kind CHILD_KIND) of an entry set, in order, not decoded."""
+    return [raw for raw in raws if raw[:1] == bytes([CHILD_KIND])]
 
 
 def record_hash(record: bytes) -> str:

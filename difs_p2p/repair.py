@@ -39,7 +39,9 @@ looks at every name version it holds:
   (a holder that learns of the extra copy only at its next read trims then);
 * **republish**: it re-announces its holder entries and re-stores the manifest and history
   (``republish_every`` after the holding began, or after the last time), so records
-  outlive the peers that first stored them.
+  outlive the peers that first stored them; and the child entries its publisher left in
+  the name's entry set (listing.py), beside the name and at their shard keys, so the
+  folders above a held name stay listed.
 
 So an idle peer's round costs one TCP connection per co-holder and, per name, a resolve
 one round in ``resolve_every``, instead of a resolve and a connection per range and name.
@@ -67,6 +69,7 @@ from difs_p2p.errors import DifsError
 from difs_p2p.holders import HolderEntry
 from difs_p2p.holdings import Holding, Holdings, Query
 from difs_p2p.identity import NodeId
+from difs_p2p.listing import entries_by_shard
 from difs_p2p.maintenance import (
     Action,
     FailureDetector,
@@ -90,7 +93,7 @@ from difs_p2p.maintenance import (
     round_phase,
 )
 from difs_p2p.placement import RangeKey, domain_of, shares_an_address
-from difs_p2p.records import split_entries
+from difs_p2p.records import child_entries, split_entries
 from difs_p2p.replicator import Replicator
 from difs_p2p.routing import Contact
 
@@ -293,6 +296,14 @@ class Maintainer:
             # history first: peers admit a holder entry only once they have the manifest
             # of its version (the record, or a history manifest)
             await dht.add_entries(key, [*history, *mine])
+        children = child_entries(raw)
+        if children:
+            # the storing peers verify each again (recordpolicy.child_admission)
+            shards = entries_by_shard(children)
+            await asyncio.gather(
+                dht.add_entries(key, children),
+                *(dht.add_entries(shard, batch) for shard, batch in shards.items()),
+            )
 
     async def _collect(self, h: Holding) -> None:
         freed = await self.replicator.free_holding(h)

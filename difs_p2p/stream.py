@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from difs_p2p.errors import UsageError
-from difs_p2p.fetch import Fetch, fetch_into
+from difs_p2p.fetch import Fetch, FetchResult, fetch_into
 from difs_p2p.fetchrun import STREAM_WINDOW, Chunks
 from difs_p2p.manifest import Manifest
 from difs_p2p.tasks import TaskSet
@@ -51,13 +51,14 @@ class _Outcome:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False
     error: Exception | None = None
+    result: FetchResult | None = None
 
 
 async def _pump(fetch: Fetch, chunks: Chunks, outcome: _Outcome, started: float) -> None:
     """Run ``fetch`` into ``chunks``; keep its error for the reader."""
     fetch.on_listed = outcome.ready.set
     try:
-        await fetch_into(fetch, chunks, started, False)
+        outcome.result = await fetch_into(fetch, chunks, started, False)
     except Exception as exc:
         outcome.error = exc
     finally:
@@ -73,10 +74,10 @@ class ObjectStream:
     ``__anext__`` raises the fetch's error (``NotFoundError``, ``NetworkError``,
     ``IntegrityError``...) once the chunks verified before it have been yielded; a chunk
     is never yielded unverified. A chunk is a read-only ``memoryview`` that belongs to
-    the reader (the fetch never reuses its buffer). Figures: ``received`` (bytes of
-    segments received from holders so far), ``first_byte`` (seconds from the call to
-    the first verified chunk, 0.0 before it), ``resolve`` (seconds of it resolving the
-    name).
+    the reader (the fetch never reuses its buffer). Figures: ``received`` (bytes
+    received from holders for segments so far), ``first_byte`` (seconds from the call
+    to the first verified chunk, 0.0 before it), ``resolve`` (seconds of it resolving
+    the name), ``result`` (the fetch's ``FetchResult`` once every chunk was read).
     """
 
     def __init__(self, fetch: Fetch, *, started: float, resolve: float = 0.0) -> None:
@@ -108,6 +109,12 @@ class ObjectStream:
         """Seconds from the call to the first verified chunk (0.0 before it)."""
         first = self._chunks.first_at
         return first - self._started if first else 0.0
+
+    @property
+    def result(self) -> FetchResult | None:
+        """The fetch's figures (sources, retries, hedged, late, gave_up) once the last
+        chunk was read; None before, and for a stream closed or failed."""
+        return self._outcome.result
 
     @property
     def closed(self) -> bool:

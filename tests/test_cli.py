@@ -44,7 +44,10 @@ def test_every_command_has_help() -> None:
     """Each command answers --help with a description and an example."""
     for binary, commands in (
         ("difs-peer", ["join", "status", "check", "leave"]),
-        ("difs", ["peers", "put", "get", "rm", "stat", "versions", "whoami", "delegate", "revoke"]),
+        (
+            "difs",
+            ["peers", "put", "get", "rm", "stat", "versions", "ls", "whoami", "delegate", "revoke"],
+        ),
         ("difs key", ["new"]),
     ):
         for command in commands:

@@ -15,6 +15,7 @@ from difs_p2p.config import (
     RepairConfig,
     format_size,
     parse_hostport,
+    parse_http,
     parse_size,
 )
 from difs_p2p.errors import UsageError
@@ -258,3 +259,39 @@ def test_peer_config_edges_are_accepted(tmp_path: Path) -> None:
     """Port 0 and 65535, capacity 0 and the smallest upload budget are valid."""
     PeerConfig(tmp_path, port=0, capacity=0)
     PeerConfig(tmp_path, port=65535, upload_budget=(16 << 20) + 64)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("off", None),
+        (" OFF ", None),
+        ("127.0.0.1:8080", ("127.0.0.1", 8080)),
+        ("localhost:0", ("127.0.0.1", 0)),
+        ("[::1]:8080", ("::1", 8080)),
+        ("[::]:80", ("::", 80)),
+        ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+    ],
+)
+def test_http_addresses(text: str, expected: tuple[str, int] | None) -> None:
+    """--http takes an IP address and port (0: any free port), or off."""
+    assert parse_http(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "8080", "127.0.0.1", "example.org:80", "127.0.0.1:65536", "[::1]", "on", ":80"]
+)
+def test_bad_http_addresses(text: str) -> None:
+    """Anything else is refused with the forms --http takes."""
+    with pytest.raises(UsageError, match="--http must be HOST:PORT"):
+        parse_http(text)
+
+
+def test_http_config_checks_its_port(tmp_path: Path) -> None:
+    """PeerConfig.http: off by default; a bad port or host is refused."""
+    assert PeerConfig(tmp_path).http is None
+    assert PeerConfig(tmp_path, http=("localhost", 0)).http == ("127.0.0.1", 0)
+    with pytest.raises(UsageError):
+        PeerConfig(tmp_path, http=("127.0.0.1", 70000))
+    with pytest.raises(UsageError):
+        PeerConfig(tmp_path, http=("example.org", 80))

@@ -73,6 +73,7 @@ def test_strangers_may_only_read_probe_resolve_release_and_report() -> None:
     open_to_strangers = {op for op, rule in CONTROL_TABLE.items() if may_ask(Role.STRANGER, rule)}
     assert open_to_strangers == {
         "HELLO", "GET_SEG", "holds", "holds_ranges", "resolve", "release", "suspect", "prove",
+        "children",
     }  # fmt: skip
     assert CONTROL_TABLE["suspect"].access is Access.ANYONE_RATED
 
@@ -258,6 +259,8 @@ SAMPLES: dict[str, tuple[object, object]] = {
         ops.DrainRequest("start", True),
         ops.DrainReply("draining", 4, 1, 1, 0, 0, ("ab/v1/0..3: why",), 8192, 0, 0, 1.5),
     ),
+    "children": (ops.ChildrenRequest(KEY, 3), ops.ChildrenReply(("02ab",), 7)),
+    "add_children": (ops.AddChildrenRequest(KEY, ("02ab", "02cd")), ops.AddChildrenReply(5)),
 }
 
 
@@ -348,6 +351,8 @@ WIRE_REPLIES: list[tuple[str, object, dict[str, object]]] = [
             "seconds": 0.5,
         },
     ),
+    ("children", ops.ChildrenReply(("02ab",), 0), {"entries": ["02ab"], "next": 0}),
+    ("add_children", ops.AddChildrenReply(3), {"stored": 3}),
 ]
 
 

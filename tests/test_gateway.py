@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import os
 import shutil
 import socket
@@ -11,12 +12,14 @@ import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
 
 from difs_p2p.client import Client
 from difs_p2p.identity import Identity
+from difs_p2p.listing import encode_token
 from difs_p2p.peer import Peer
 from tests.helpers import BIN, client_for, peer_config, start_peers, stop_all, wait_for
 
@@ -83,6 +86,8 @@ class Net:
     client: Client
     etag: str
     v1_etag: str
+    # /key/<fp>/videos: "a <b>.mp4" and "sub/c.txt" in it
+    folder: str
 
 
 async def _gateway_peer(root: Path, seed: Peer) -> Peer:
@@ -101,9 +106,13 @@ async def net(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Net]:
     gw = await _gateway_peer(root, peers[0])
     src = root / "src"
     src.write_bytes(CONTENT)
-    client = client_for(peers[0], publisher=Identity.generate())
+    me = Identity.generate()
+    client = client_for(peers[0], publisher=me)
     try:
         await client.put(src, "/t.com/clip.mp4", segment_size=SEG, replicas=2)
+        folder = f"/key/{me.fingerprint}/videos"
+        await client.put(src, f"{folder}/a <b>.mp4", segment_size=SEG, replicas=2)
+        await client.put(src, f"{folder}/sub/c.txt", segment_size=SEG, replicas=2)
         await client.put(src, "/t.com/vidéo été.mp4", segment_size=SEG, replicas=2)
         await client.put(src, "/t.com/gone.txt", segment_size=SEG, replicas=2)
         await client.rm("/t.com/gone.txt")
@@ -112,7 +121,7 @@ async def net(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Net]:
         await client.put(src, "/t.com/versions.bin", segment_size=SEG, replicas=2, update=True)
         etag = '"' + (await client.resolve("/t.com/clip.mp4")).manifest.hash + '"'
         assert gw.gateway is not None
-        yield Net(peers, gw, gw.gateway.url, client, etag, f'"{v1.manifest.hash}"')
+        yield Net(peers, gw, gw.gateway.url, client, etag, f'"{v1.manifest.hash}"', folder)
     finally:
         await client.close()
         await stop_all([gw, *peers])
@@ -266,9 +275,12 @@ async def _holder(client: Client, name: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def test_failed_holder_gives_502_and_aborts_a_started_body(tmp_path: Path) -> None:
-    """With the only holder stopped, a request is 502 with Retry-After; stopped after the
-    headers went out, the connection is dropped and curl fails (never exits 0)."""
+async def test_failed_holder_gives_502_and_aborts_a_started_body(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that leaves ends its request; over the stream limit a request is 503;
+    with the only holder stopped after the headers went out, the connection is dropped
+    and curl fails (never exits 0); then a request is 502 with Retry-After."""
     peers = await start_peers(tmp_path, 3)
     gw = await _gateway_peer(tmp_path, peers[0])
     client = client_for(peers[0], publisher=Identity.generate())
@@ -281,12 +293,26 @@ async def test_failed_holder_gives_502_and_aborts_a_started_body(tmp_path: Path)
         await client.put(big, "/t.com/big", segment_size=4 << 20, replicas=1)
         address = await _holder(client, "/t.com/big")
         holder = next(p for p in peers if p.address == address)
+        # a client that goes away mid-body: its request ends, the stream is closed
+        quitter = await asyncio.create_subprocess_exec(
+            CURL, "-s", "--limit-rate", "1M", "-o", os.devnull, gw.gateway.url + "t.com/big"
+        )
+        metrics = gw.gateway_metrics
+        await wait_for(lambda: metrics.fetched_bytes > 0, timeout=20)
+        assert metrics.in_flight == 1
+        gw.gateway.max_streams = 1
+        busy = await curl(gw.gateway.url + "t.com/big")
+        assert busy.code == 503 and busy.headers["retry-after"].isdigit()
+        gw.gateway.max_streams = 16
+        quitter.kill()
+        await quitter.wait()
+        await wait_for(lambda: metrics.in_flight == 0, timeout=10)
         out = tmp_path / "out"
         proc = await asyncio.create_subprocess_exec(
             CURL,
             "-s",
             "--limit-rate",
-            "1M",
+            "8M",
             "-D",
             str(tmp_path / "head"),
             "-o",
@@ -299,6 +325,7 @@ async def test_failed_holder_gives_502_and_aborts_a_started_body(tmp_path: Path)
         code = await asyncio.wait_for(proc.wait(), 30)
         assert code != 0
         assert out.stat().st_size < BIG
+        assert any("gateway_body_failed" in r.getMessage() for r in caplog.records)
         failed = await curl(gw.gateway.url + "t.com/big")
         assert failed.code == 502
         assert failed.headers["retry-after"].isdigit()
@@ -315,8 +342,8 @@ def _read(path: Path) -> bytes:
 
 
 async def test_http_off_busy_and_explicit_addresses(tmp_path: Path) -> None:
-    """--http off has no gateway; the default address taken: a warning and the peer runs;
-    an explicit address taken: the start fails with a clear error (exit 9)."""
+    """--http off has no gateway; an address taken: the start fails with a clear error
+    (exit 9); a malformed one is a usage error (exit 2)."""
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -351,6 +378,19 @@ async def test_http_off_busy_and_explicit_addresses(tmp_path: Path) -> None:
         _, err = await taken.communicate()
         assert taken.returncode == 9
         assert f"cannot serve HTTP on 127.0.0.1:{port}" in err.decode()
+        junk = await asyncio.create_subprocess_exec(
+            str(BIN / "difs-peer"),
+            "join",
+            "--data",
+            str(tmp_path / "junk"),
+            "--http",
+            "junk",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        _, err = await junk.communicate()
+        assert junk.returncode == 2 and "--http must be HOST:PORT" in err.decode()
+        assert not (tmp_path / "junk").exists()
     finally:
         busy.close()
 
@@ -431,3 +471,30 @@ async def test_metrics_count_the_gateway(net: Net) -> None:
     assert float(lines["difs_gateway_requests_in_flight"]) == 1
     assert net.gateway.gateway_metrics.fetched_bytes == before + 1000
     assert float(lines["difs_gateway_sent_bytes_total"]) == before + 1000
+
+
+async def test_directory_pages(net: Net) -> None:
+    """A folder: 301 to its slash form, an HTML page of escaped links with sizes and
+    dates, JSON by Accept or ?format=json, and ?after= continuing after a name."""
+    url = net.url + net.folder.lstrip("/")
+    moved = await curl(url)
+    assert moved.code == 301
+    assert moved.headers["location"] == net.folder + "/"
+    page = await curl(url + "/")
+    assert page.code == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    html = page.body.decode()
+    assert '<a href="a%20%3Cb%3E.mp4">a &lt;b&gt;.mp4</a>' in html
+    assert '<a href="sub/">sub/</a>' in html
+    assert f"<td>{SIZE}</td>" in html
+    listed = await curl("-H", "Accept: application/json", url + "/")
+    assert listed.headers["content-type"] == "application/json; charset=utf-8"
+    body = json.loads(listed.body)
+    assert [e["name"] for e in body["entries"]] == ["a <b>.mp4", "sub/"]
+    assert body["entries"][0]["size"] == SIZE and body["next"] is None
+    token = encode_token(body["entries"][0]["path"])
+    rest = json.loads((await curl(f"{url}/?format=json&after={quote(token)}")).body)
+    assert [e["name"] for e in rest["entries"]] == ["sub/"]
+    linked = await curl(url + "/a%20%3Cb%3E.mp4")
+    assert linked.code == 200 and linked.body == CONTENT
+    assert (await curl(net.url + "t.com/")).code == 400  # no owner: no listing

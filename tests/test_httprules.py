@@ -393,3 +393,11 @@ def test_directory_json() -> None:
 def test_http_dates(text: str, seconds: int | None) -> None:
     """The three HTTP date forms parse; anything else is no date (the header is ignored)."""
     assert httprules.parse_date(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("state", "status"), [("ok", 200), ("thin", 503), ("isolated", 503), ("", 503)]
+)
+def test_health(state: str, status: int) -> None:
+    """/healthz is 200 only while the network state is ok; the body names the state."""
+    assert httprules.health(state) == (status, f"{state}\n")

@@ -73,7 +73,7 @@ def test_the_first_byte_tells_the_kind(raw: bytes, kind: RecordKind) -> None:
     [
         (b"", "empty record"),
         (b"\x00", "unknown record kind 0x00"),
-        (b"\x02" + HOLDER[1:], "unknown record kind 0x02"),  # a holder entry of another kind
+        (b"\x03" + HOLDER[1:], "unknown record kind 0x03"),  # a holder entry of another kind
         (b"[1,2]", "unknown record kind 0x5b"),  # JSON, but not an object
         (b" {}", "unknown record kind 0x20"),  # not canonical: leading space
         (b"\xff" * 179, "unknown record kind 0xff"),
