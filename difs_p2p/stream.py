@@ -78,6 +78,7 @@ class ObjectStream:
     received from holders for segments so far), ``first_byte`` (seconds from the call
     to the first verified chunk, 0.0 before it), ``resolve`` (seconds of it resolving
     the name), ``result`` (the fetch's ``FetchResult`` once every chunk was read).
+    Made by :meth:`open` (``Client.open_stream``), which starts the fetch.
     """
 
     def __init__(self, fetch: Fetch, *, started: float, resolve: float = 0.0) -> None:
@@ -96,7 +97,7 @@ class ObjectStream:
 
     @property
     def received(self) -> int:
-        """Bytes of segments received from holders so far."""
+        """Bytes received from holders for segments so far (frame headers included)."""
         return self._chunks.received
 
     @property
@@ -177,6 +178,6 @@ class ObjectStream:
 
     def __del__(self) -> None:
         # dropped without aclose: its fetch must not wait for a reader that is gone
-        for task in self._tasks:
+        for task in getattr(self, "_tasks", ()):
             with contextlib.suppress(RuntimeError):  # the loop is closed already
                 task.cancel()

@@ -15,6 +15,7 @@ import pytest
 from difs_p2p import segments
 from difs_p2p.client import Client
 from difs_p2p.errors import DeletedError, IntegrityError, NetworkError, NotFoundError, UsageError
+from difs_p2p.fetchrun import Chunks, closed_by_peer
 from difs_p2p.identity import Identity
 from difs_p2p.net import HOST_NETWORK
 from difs_p2p.peer import Peer
@@ -100,6 +101,40 @@ def _holders(ranges: object, network: list[Peer]) -> list[Peer]:
 def test_window_for_bounds_segments_and_bytes(segment_size: int, window: int) -> None:
     """The stream window is the smaller of STREAM_WINDOW segments and 16 MiB, at least 1."""
     assert window_for(segment_size) == window
+
+
+async def test_chunks_hand_pieces_over_in_order_and_move_the_window() -> None:
+    """Pieces come out in the order put, read-only; each take moves the fetch's window."""
+    chunks = Chunks(window=2)
+    moves: list[int] = []
+    chunks.moved = lambda: moves.append(chunks.taken)
+    assert chunks.take() is None and chunks.first_at == 0.0
+    for piece in (b"ab", b"cd", b"e"):
+        chunks.put(memoryview(bytearray(piece)))
+    assert chunks.changed.is_set() and chunks.first_at > 0
+    taken = [chunks.take() for _ in range(4)]
+    assert [bytes(t) for t in taken if t is not None] == [b"ab", b"cd", b"e"]
+    assert taken[3] is None
+    assert all(t.readonly for t in taken if t is not None)
+    assert moves == [1, 2, 3]
+    with pytest.raises(ValueError):
+        Chunks(window=0)
+
+
+def test_closed_by_peer_tells_a_closed_connection_from_an_idle_one() -> None:
+    """Idle: no; bytes waiting: no (and they stay); the other end closed or reset: yes."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        assert not closed_by_peer(a)
+        b.send(b"x")
+        assert not closed_by_peer(a)
+        assert a.recv(1) == b"x"
+        b.close()
+        assert closed_by_peer(a)
+    finally:
+        a.close()
+    assert closed_by_peer(a)  # our own end closed
 
 
 @pytest.mark.parametrize("size", [0, 1, SEG, 3 * SEG, 20 * SEG + 7])
