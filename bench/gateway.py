@@ -14,7 +14,8 @@ its content comes from the holder over TCP, as a gateway's does). One object of
 - memory: 8 concurrent ``curl --limit-rate`` clients (``DIFS_BENCH_GATEWAY_RATE``, default
   1M, for ``DIFS_BENCH_GATEWAY_SLOW_S`` seconds, default 10) of the whole object; the
   serving peer's resident memory sampled meanwhile (its peak; target < 200 MB), against
-  what it was just before them, and its peak over the whole run (VmHWM).
+  what it was just before them (the difference per client: about a stream's window,
+  ``stream.STREAM_BUFFER``), and its peak over the whole run (VmHWM).
 
 Prints a table and writes ``bench/results/gateway.json``. Each figure is a whole process'
 wall time on a machine other work may share: run it on a quiet one.
@@ -157,6 +158,8 @@ def slow_clients(curl: str, url: str, pid: int, env: dict[str, str]) -> dict[str
         "serving_rss_mb_before_slow": before,
         "serving_rss_mb_peak_sampled": max(samples),
         "serving_rss_mb_samples": len(samples),
+        # what each slow client holds in the serving peer (its stream's window ahead of it)
+        "serving_rss_mb_per_slow_client": (max(samples) - before) / SLOW_CLIENTS,
     }
 
 
@@ -219,6 +222,7 @@ def main() -> int:
             f"< {TARGET_RSS_MB:.0f}",
         ),
         ("RSS MB, before the slow clients", f"{r['serving_rss_mb_before_slow']:.0f}", ""),
+        ("RSS MB per slow client", f"{r['serving_rss_mb_per_slow_client']:.1f}", ""),
         ("RSS MB, peak of the run", f"{r['serving_rss_mb_peak_run']:.0f}", ""),
     ]
     print(f"{'gateway':<34}{'value':>10}  target")
