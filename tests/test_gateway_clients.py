@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_asyncio
@@ -27,6 +28,9 @@ from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
 from difs_p2p.stream import STREAM_BUFFER
 from tests.helpers import BIN, client_for, peer_config, start_peers, stop_all, wait_for
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser, Page
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -233,65 +237,135 @@ async def test_ffprobe_and_ffmpeg_read_by_ranges(videos: Net) -> None:
         assert stream_types(cut) == ["audio", "video"], (name, cut)
 
 
-@needs_chromium
-async def test_chromium_plays_and_seeks(videos: Net) -> None:
-    """Headless Chromium loads a page from the gateway whose <video> plays the MP4 with its
-    index at the end: it seeks to 25 s, gets ``seeked`` there, and playback moves on."""
-    playwright = pytest.importorskip("playwright.async_api", reason="needs playwright (dev extra)")
-    net = videos
-    before = responses(net.gateway, 206)
-    async with playwright.async_playwright() as p:
-        browser = await p.chromium.launch(
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's Chromium, headless, driven by playwright."""
+    api = pytest.importorskip("playwright.async_api", reason="needs playwright (dev extra)")
+    async with api.async_playwright() as p:
+        chromium = await p.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
         )
         try:
-            page = await browser.new_page()
-            # (the browser aborts its own requests when it seeks: only statuses are checked)
-            statuses: list[int] = []
-            page.on("response", lambda r: statuses.append(r.status))
-            loaded = await page.goto(net.url + "t.com/player.html")
-            assert loaded is not None and loaded.status == 200
-            await page.wait_for_function(
-                "() => { const v = document.getElementById('v');"
-                " return v.readyState >= 1 || v.error !== null; }",
-                timeout=20_000,
-            )
-            state = await page.evaluate(
-                "() => { const v = document.getElementById('v');"
-                " return [v.error && v.error.message, v.duration]; }"
-            )
-            assert state[0] is None, state
-            assert abs(state[1] - 30.0) < 0.2, state
-            seeked = await page.evaluate(
-                """() => new Promise((resolve, reject) => {
-                    const v = document.getElementById('v');
-                    v.addEventListener('seeked', () => resolve(v.currentTime), {once: true});
-                    v.addEventListener('error', () => reject(v.error.message), {once: true});
-                    v.currentTime = 25;
-                })"""
-            )
-            assert seeked >= 25
-            # playback advances: a timeupdate past the seek target
-            played = await asyncio.wait_for(
-                page.evaluate(
-                    """() => new Promise((resolve, reject) => {
-                        const v = document.getElementById('v');
-                        v.addEventListener('timeupdate', () => {
-                            if (v.currentTime > 25.2) resolve(v.currentTime);
-                        });
-                        v.addEventListener('error', () => reject(v.error.message));
-                        v.play().catch(reject);
-                    })"""
-                ),
-                20,
-            )
-            assert played > 25.2
-            assert statuses and set(statuses) <= {200, 206}, statuses
+            yield chromium
         finally:
-            await browser.close()
+            await chromium.close()
+
+
+async def page_promise(page: Page, script: str, arg: object = None) -> Any:
+    """The value of a script returning a promise, failing after 20 s."""
+    return await asyncio.wait_for(page.evaluate(script, arg), 20)
+
+
+@needs_chromium
+async def test_chromium_plays_and_seeks(videos: Net, browser: Browser) -> None:
+    """Headless Chromium loads a page from the gateway whose <video> plays the MP4 with its
+    index at the end: it seeks to 25 s, gets ``seeked`` there, and playback moves on."""
+    net = videos
+    before = responses(net.gateway, 206)
+    page = await browser.new_page()
+    try:
+        # (the browser aborts its own requests when it seeks: only statuses are checked)
+        statuses: list[int] = []
+        page.on("response", lambda r: statuses.append(r.status))
+        loaded = await page.goto(net.url + "t.com/player.html")
+        assert loaded is not None and loaded.status == 200
+        await page.wait_for_function(
+            "() => { const v = document.getElementById('v');"
+            " return v.readyState >= 1 || v.error !== null; }",
+            timeout=20_000,
+        )
+        state = await page.evaluate(
+            "() => { const v = document.getElementById('v');"
+            " return [v.error && v.error.message, v.duration]; }"
+        )
+        assert state[0] is None, state
+        assert abs(state[1] - 30.0) < 0.2, state
+        seeked = await page_promise(
+            page,
+            """() => new Promise((resolve, reject) => {
+                const v = document.getElementById('v');
+                v.addEventListener('seeked', () => resolve(v.currentTime), {once: true});
+                v.addEventListener('error', () => reject(v.error.message), {once: true});
+                v.currentTime = 25;
+            })""",
+        )
+        assert seeked >= 25
+        # playback advances: a timeupdate past the seek target
+        played = await page_promise(
+            page,
+            """() => new Promise((resolve, reject) => {
+                const v = document.getElementById('v');
+                v.addEventListener('timeupdate', () => {
+                    if (v.currentTime > 25.2) resolve(v.currentTime);
+                });
+                v.addEventListener('error', () => reject(v.error.message));
+                v.play().catch(reject);
+            })""",
+        )
+        assert played > 25.2
+        assert statuses and set(statuses) <= {200, 206}, statuses
+    finally:
+        await page.close()
     # the browser reads media by ranges (from "bytes=0-"; whether a seek takes another
     # request depends on what it buffered already)
     assert responses(net.gateway, 206) > before
+
+
+@needs_chromium
+async def test_chromium_reads_across_origins(videos: Net, browser: Browser) -> None:
+    """A page of another origin (localhost, not 127.0.0.1) reads the gateway as the
+    browser enforces CORS: a fetch with Range and If-None-Match (preflighted) sees 206,
+    Content-Range and ETag; a <video crossorigin> loads; a PUT is never sent."""
+    net = videos
+    other = net.url.replace("127.0.0.1", "localhost")
+    assert other != net.url
+    page = await browser.new_page()
+    try:
+        loaded = await page.goto(other + "t.com/player.html")
+        assert loaded is not None and loaded.status == 200
+        etag = '"' + (await net.client.resolve("/t.com/fast.mp4")).manifest.hash + '"'
+        preflights = responses(net.gateway, 204)
+        got = await page_promise(
+            page,
+            """async (url) => {
+                const r = await fetch(url, {headers: {
+                    'Range': 'bytes=100-199', 'If-None-Match': '"other"'}});
+                const body = await r.arrayBuffer();
+                return [r.status, r.headers.get('Content-Range'), r.headers.get('ETag'),
+                        body.byteLength];
+            }""",
+            net.url + "t.com/fast.mp4",
+        )
+        size = (net.root / "fast.mp4").stat().st_size
+        assert got == [206, f"bytes 100-199/{size}", etag, 100]
+        duration = await page_promise(
+            page,
+            """(url) => new Promise((resolve, reject) => {
+                const v = document.createElement('video');
+                v.crossOrigin = 'anonymous';
+                v.muted = true;
+                v.addEventListener('loadedmetadata', () => resolve(v.duration), {once: true});
+                v.addEventListener('error', () => reject(v.error.message), {once: true});
+                v.src = url;
+                document.body.appendChild(v);
+            })""",
+            net.url + "t.com/fast.mp4",
+        )
+        assert abs(duration - 30.0) < 0.2
+        # If-None-Match is no simple header: the browser asked first (OPTIONS, 204)
+        assert responses(net.gateway, 204) > preflights
+        refused = await page_promise(
+            page,
+            """async (url) => {
+                try { await fetch(url, {method: 'PUT', body: 'x'}); return 'sent'; }
+                catch (e) { return e.name; }
+            }""",
+            net.url + "t.com/fast.mp4",
+        )
+        # the preflight allows GET, HEAD and OPTIONS only: the browser never sends the PUT
+        assert refused == "TypeError"
+    finally:
+        await page.close()
 
 
 async def hang_up_after(url: str, path: str, limit: int) -> int:
