@@ -241,7 +241,8 @@ class Resource:
 @dataclass(frozen=True, slots=True)
 class Answer:
     """What to send: the status, the headers, the byte spans of the body in order (none
-    for HEAD, 304, 412, 416) and, for a multipart answer, its boundary."""
+    for 304, 412, 416; a HEAD sends the headers of a GET without its spans), the body's
+    length and, for a multipart answer, its boundary."""
 
     status: int
     headers: dict[str, str]

@@ -334,6 +334,39 @@ async def test_failed_holder_gives_502_and_aborts_a_started_body(
         await stop_all([p for p in [gw, *peers] if p not in stopped])
 
 
+async def test_stopping_the_peer_ends_requests_under_way(tmp_path: Path) -> None:
+    """The peer stops its gateway first: a body under way is cut (curl fails), the
+    stop completes and DATA/http is gone."""
+    (peer,) = await start_peers(tmp_path, 1)
+    gw = await _gateway_peer(tmp_path, peer)
+    client = client_for(peer, publisher=Identity.generate())
+    try:
+        assert gw.gateway is not None
+        src = tmp_path / "src"
+        # more than a stream's window and the sockets' buffers hold (loopback's take MBs)
+        src.write_bytes(os.urandom(48 << 20))
+        await client.put(src, "/t.com/slow", segment_size=4 << 20, replicas=1)
+        head = tmp_path / "head"
+        proc = await asyncio.create_subprocess_exec(
+            CURL,
+            "-s",
+            "--limit-rate",
+            "8M",
+            "-D",
+            str(head),
+            "-o",
+            os.devnull,
+            gw.gateway.url + "t.com/slow",
+        )
+        await wait_for(lambda: b"200 OK" in _read(head), timeout=20)
+        await asyncio.wait_for(gw.stop(), 30)
+        assert await asyncio.wait_for(proc.wait(), 30) != 0
+        assert gw.gateway is None and not (gw.data_dir / "http").exists()
+    finally:
+        await client.close()
+        await stop_all([gw, peer])
+
+
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -487,6 +520,9 @@ async def test_directory_pages(net: Net) -> None:
     assert '<a href="a%20%3Cb%3E.mp4">a &lt;b&gt;.mp4</a>' in html
     assert '<a href="sub/">sub/</a>' in html
     assert f"<td>{SIZE}</td>" in html
+    head = await curl("-I", url + "/")
+    assert head.code == 200 and head.body == b""
+    assert int(head.headers["content-length"]) == len(page.body)
     listed = await curl("-H", "Accept: application/json", url + "/")
     assert listed.headers["content-type"] == "application/json; charset=utf-8"
     body = json.loads(listed.body)
