@@ -458,8 +458,8 @@ async def test_default_address_busy_leaves_the_peer_running(tmp_path: Path) -> N
 
 
 async def test_cli_peer_serves_its_ready_line_url(tmp_path: Path) -> None:
-    """difs-peer join --http 127.0.0.1:0: the ready line and DATA/http name a URL curl
-    can fetch from; the file is removed at exit."""
+    """difs-peer join --http 127.0.0.1:0: the ready line, DATA/http and status name a
+    URL curl fetches content from; the file is removed at exit."""
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "difs-peer"),
         "join",
@@ -480,6 +480,27 @@ async def test_cli_peer_serves_its_ready_line_url(tmp_path: Path) -> None:
         assert health.code == 200 and health.body == b"ok\n"
         missing = await curl(url + "t.com/none")
         assert missing.code == 404
+        host, port = fields["address"].rsplit(":", 1)
+        token = bytes.fromhex((tmp_path / "p" / "control.token").read_text().strip())
+        src = tmp_path / "src"
+        src.write_bytes(CONTENT)
+        async with Client((host, int(port)), token=token, publisher=Identity.generate()) as c:
+            await c.put(src, "/t.com/served.mp4", replicas=1)
+        served = await curl(url + "t.com/served.mp4")
+        assert served.code == 200 and served.body == CONTENT
+        status = await asyncio.create_subprocess_exec(
+            str(BIN / "difs-peer"),
+            "status",
+            "--json",
+            "--peer",
+            fields["address"],
+            "--token-file",
+            str(tmp_path / "p" / "control.token"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, _ = await status.communicate()
+        assert json.loads(out)["http"] == url
     finally:
         proc.terminate()
         await proc.wait()
