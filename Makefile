@@ -26,7 +26,8 @@ $(S3TESTS_STAMP): tests/data/s3tests-requirements.txt
 
 s3tests-venv: $(S3TESTS_STAMP)
 
-# iproute2 and nftables for the multi-host tests and benchmark (as root on Debian, if missing)
+# iproute2 and nftables for the multi-host tests and benchmark, ffmpeg, chromium and curl for
+# the gateway's clients, rclone and s3cmd for the S3 clients (as root on Debian, if missing)
 sysdeps:
 	.ci/sysdeps
 
@@ -54,6 +55,7 @@ bench: $(STAMP) sysdeps
 	$(BIN)/python -m bench.multihost
 	$(BIN)/python -m bench.listing
 	$(BIN)/python -m bench.s3
+	$(BIN)/python -m bench.gateway
 
 fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,fuzz]'
