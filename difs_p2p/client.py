@@ -143,7 +143,7 @@ from difs_p2p.publish import (
 )
 from difs_p2p.ranges import ByteRange
 from difs_p2p.segments import IntegrityRoot, SegmentId
-from difs_p2p.stream import ObjectStream
+from difs_p2p.stream import STREAM_BUFFER, ObjectStream
 from difs_p2p.transfer import Connection
 
 __all__ = [
@@ -727,6 +727,7 @@ class Client:
         *,
         version: int | None = None,
         span: tuple[int, int] | None = None,
+        buffer: int = STREAM_BUFFER,
     ) -> ObjectStream:
         """``name`` (or one version, or the inclusive byte ``span`` of it) as an async
         iterator of verified chunks (:class:`~difs_p2p.stream.ObjectStream`; close it, or
@@ -734,7 +735,8 @@ class Client:
         span is checked as given: ``0 <= first <= last < size`` (else UsageError; trim an
         HTTP range first, as :meth:`stream` does). Errors of the name (not found,
         deleted) and of reaching its holders for the hash list are raised here, later
-        ones by the iteration."""
+        ones by the iteration. ``buffer``: the most bytes of segments the fetch holds
+        ahead of the reader (a server with many slow readers passes less)."""
         started = time.perf_counter()
         resolved = name if isinstance(name, Resolved) else await self.resolve(name)
         resolve = time.perf_counter() - started
@@ -750,7 +752,7 @@ class Client:
             network=self.network,
             config=self.fetch_config,
         )
-        return await ObjectStream.open(fetch, started=started, resolve=resolve)
+        return await ObjectStream.open(fetch, started=started, resolve=resolve, buffer=buffer)
 
     async def stream(
         self,

@@ -62,7 +62,7 @@ from difs_p2p.errors import (
     PermissionDeniedError,
     UsageError,
 )
-from difs_p2p.gateway import host_of, http_url
+from difs_p2p.gateway import BODY_BUFFER, host_of, http_url
 from difs_p2p.identity import fingerprint
 from difs_p2p.listing import decode_token, encode_token
 from difs_p2p.manifest import Manifest, ObjectMeta
@@ -797,7 +797,9 @@ class _Ctx:
     ) -> None:
         """Stream one span; the first chunk before the status line (so that a fetch that
         cannot start is an error status), a failure after it drops the connection."""
-        stream = await self.client.open_stream(resolved, version=manifest.version, span=span)
+        stream = await self.client.open_stream(
+            resolved, version=manifest.version, span=span, buffer=BODY_BUFFER
+        )
         try:
             async for chunk in stream:
                 if not response.prepared:

@@ -36,10 +36,10 @@ __all__ = ["STREAM_BUFFER", "ObjectStream", "window_for"]
 STREAM_BUFFER = 16 << 20
 
 
-def window_for(segment_size: int) -> int:
+def window_for(segment_size: int, buffer: int = STREAM_BUFFER) -> int:
     """Segments a stream's fetch may run ahead of its reader: ``STREAM_WINDOW``, or fewer
-    so that they hold at most ``STREAM_BUFFER`` bytes; at least one."""
-    return max(1, min(STREAM_WINDOW, STREAM_BUFFER // max(1, segment_size)))
+    so that they hold at most ``buffer`` bytes; at least one."""
+    return max(1, min(STREAM_WINDOW, buffer // max(1, segment_size)))
 
 
 @dataclass(slots=True)
@@ -81,7 +81,9 @@ class ObjectStream:
     Made by :meth:`open` (``Client.open_stream``), which starts the fetch.
     """
 
-    def __init__(self, fetch: Fetch, *, started: float, resolve: float = 0.0) -> None:
+    def __init__(
+        self, fetch: Fetch, *, started: float, resolve: float = 0.0, buffer: int = STREAM_BUFFER
+    ) -> None:
         self.manifest: Manifest = fetch.manifest
         # inclusive; an empty object is first=0, last=-1
         self.first: int = fetch.first
@@ -90,7 +92,7 @@ class ObjectStream:
         self.resolve = resolve
         self._fetch = fetch
         self._started = started
-        self._chunks = Chunks(window_for(fetch.manifest.segment_size))
+        self._chunks = Chunks(window_for(fetch.manifest.segment_size, buffer))
         self._outcome = _Outcome()
         self._tasks = TaskSet(f"stream {fetch.manifest.name}")
         self._closed = False
@@ -122,10 +124,13 @@ class ObjectStream:
         return self._closed
 
     @classmethod
-    async def open(cls, fetch: Fetch, *, started: float, resolve: float = 0.0) -> ObjectStream:
+    async def open(
+        cls, fetch: Fetch, *, started: float, resolve: float = 0.0, buffer: int = STREAM_BUFFER
+    ) -> ObjectStream:
         """Start ``fetch``; return once a holder answered with the verified hash list. An
-        error until then (every holder unreachable, none with the object) is raised here."""
-        stream = cls(fetch, started=started, resolve=resolve)
+        error until then (every holder unreachable, none with the object) is raised here.
+        ``buffer``: the most bytes of segments the fetch runs ahead of the reader."""
+        stream = cls(fetch, started=started, resolve=resolve, buffer=buffer)
         outcome = stream._outcome
         stream._tasks.spawn(_pump(fetch, stream._chunks, outcome, started), name="stream")
         try:

@@ -24,9 +24,9 @@ import pytest_asyncio
 
 from difs_p2p.client import Client
 from difs_p2p.control import read_token_file
+from difs_p2p.gateway import BODY_BUFFER
 from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
-from difs_p2p.stream import STREAM_BUFFER
 from tests.helpers import BIN, client_for, peer_config, start_peers, stop_all, wait_for
 
 if TYPE_CHECKING:
@@ -407,7 +407,7 @@ async def test_client_gone_stops_the_fetch(net: Net) -> None:
     assert got >= MiB
     await wait_for(lambda: gw.in_flight == 0, timeout=20)
     # the stream's window, and what the server's and client's socket buffers took
-    bound = STREAM_BUFFER + 8 * MiB
+    bound = BODY_BUFFER + 8 * MiB
     assert gw.received_bytes - received <= bound, (gw.received_bytes - received, bound)
     assert sum(s.served_bytes for s in holders) - served <= bound
     assert bound < BIG // 2
