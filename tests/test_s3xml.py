@@ -116,6 +116,8 @@ def _feed(grouper: s3xml.Grouper, keys: list[str]) -> None:
         ("", "", 2, ["a", "b/1"], [], True),
         ("", "-", 10, ["a", "b/1", "b/2", "c"], [], False),
         ("x", "/", 10, [], [], False),
+        ("", "", 0, [], [], False),
+        ("", "/", 0, [], [], False),
     ],
 )
 def test_grouper_rolls_up_and_stops(
@@ -126,7 +128,8 @@ def test_grouper_rolls_up_and_stops(
     prefixes: list[str],
     truncated: bool,
 ) -> None:
-    """Keys roll up into common prefixes, and the listing stops at max-keys."""
+    """Keys roll up into common prefixes, and the listing stops at max-keys (max-keys 0:
+    nothing, not truncated, as in S3)."""
     g = s3xml.Grouper(prefix, delimiter, max_keys)
     _feed(g, ["a", "b/1", "b/2", "c"])
     assert [i.key for i in g.out.items] == items
