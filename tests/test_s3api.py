@@ -651,8 +651,7 @@ async def test_parse_target(raw: str, bucket: str, key: str) -> None:
     ],
 )
 async def test_parse_copy_source(header: str, bucket: str, key: str, version: str | None) -> None:
-    """x-amz-copy-source: the version is split off only at a literal ?versionId=, then the
-    bucket and key are URL-decoded."""
+    """x-amz-copy-source: split at a literal ?versionId= only, then URL-decoded."""
     assert parse_copy_source(header) == (bucket, key, version)
 
 
@@ -765,8 +764,7 @@ async def test_signed_aws_chunked(net: Net) -> None:
 
 
 async def test_listings_carry_the_etag_head_object_gives(net: Net) -> None:
-    """ListObjects V1 and V2 and ListObjectVersions show each object's ETag, the one
-    HeadObject gives: the MD5 of a put, the multipart ETag of a completed upload."""
+    """ListObjects V1/V2 and ListObjectVersions show the ETag HeadObject gives (MD5, multipart)."""
     s3 = net.alice
     await run(s3.create_bucket, Bucket="etags")
     await run(s3.put_object, Bucket="etags", Key="d/plain", Body=b"plain body")
@@ -803,15 +801,13 @@ async def test_max_keys_zero_lists_nothing_untruncated(net: Net) -> None:
 
 
 async def test_an_empty_continuation_token_is_refused_as_s3_does(net: Net) -> None:
-    """An empty continuation-token is an incorrect token (InvalidArgument), as S3 and
-    moto answer it, not a listing from the start."""
+    """An empty continuation-token is InvalidArgument, as S3 and moto answer it."""
     code = await code_of(net.alice.list_objects_v2, Bucket="alice.com", ContinuationToken="")
     assert code == "InvalidArgument"
 
 
 async def test_delete_bucket_aborts_its_unfinished_uploads(net: Net) -> None:
-    """DeleteBucket with only an unfinished multipart upload in it succeeds, as in S3,
-    and the upload is aborted with it."""
+    """DeleteBucket succeeds over an unfinished multipart upload (as S3) and aborts it."""
     s3 = net.alice
     await run(s3.create_bucket, Bucket="mpu-gone")
     up = await run(s3.create_multipart_upload, Bucket="mpu-gone", Key="big")
@@ -828,8 +824,7 @@ async def test_delete_bucket_aborts_its_unfinished_uploads(net: Net) -> None:
 
 @pytest.mark.parametrize("key", [" ", "_", "__", "?versionId", "a?versionId=7", "%41 b+c"])
 async def test_copy_source_keys_are_url_decoded(net: Net, key: str) -> None:
-    """CopyObject and UploadPartCopy find a source key with spaces, '?versionId', '%' or
-    '+' in it: x-amz-copy-source is URL-decoded after its query is split off."""
+    """CopyObject and UploadPartCopy find source keys with ' ', '?versionId', '%', '+'."""
     s3 = net.alice
     body = b"source " + key.encode()
     await run(s3.put_object, Bucket="alice.com", Key=key, Body=body)

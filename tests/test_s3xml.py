@@ -128,8 +128,7 @@ def test_grouper_rolls_up_and_stops(
     prefixes: list[str],
     truncated: bool,
 ) -> None:
-    """Keys roll up into common prefixes, and the listing stops at max-keys (max-keys 0:
-    nothing, not truncated, as in S3)."""
+    """Keys roll up into common prefixes, and the listing stops at max-keys."""
     g = s3xml.Grouper(prefix, delimiter, max_keys)
     _feed(g, ["a", "b/1", "b/2", "c"])
     assert [i.key for i in g.out.items] == items
