@@ -94,6 +94,7 @@ from difs_p2p.listing import (
     listing_root,
     next_issued,
     normalize_folder,
+    object_etag,
     owner_fingerprint,
     path_bits,
     place_here,
@@ -1091,6 +1092,7 @@ class Client:
                 size=0 if is_folder or manifest.deleted else manifest.size,
                 created=now if is_folder else manifest.created,
                 delegation=manifest.delegation,
+                etag="" if is_folder or manifest.deleted else _etag(manifest),
             )
             if place_here(shard, entry):
                 fresh = any(
@@ -1140,6 +1142,11 @@ class Client:
 
 # What a name key's resolve gives a client: manifests, history, holder entries.
 Found = tuple[list[Manifest], list[Manifest], list[HolderEntry]]
+
+
+def _etag(m: Manifest) -> str:
+    """The ETag a version's child entry carries (listing.object_etag)."""
+    return object_etag(m.meta.etag if m.meta is not None else None, m.hash)
 
 
 def _revoked(m: Manifest, revoked: dict[str, set[bytes]]) -> bool:

@@ -18,6 +18,9 @@ owner (or a delegate of it). Binary, record kind 2 (records.CHILD_KIND)::
     47  f64  created (unix seconds; the manifest's for an object)
     55  u16  parent length, then the parent folder's normal form (``/t.com/videos``)
     ..  u8   child length, then the child component (empty for a marker)
+    ..  u8   ETag length, then the object's ETag, ASCII (empty for a folder, a marker or
+             a removal): its S3 ETag (32 hex, or 32 hex "-" parts) when its manifest's
+             metadata has one, else its manifest record hash (64 hex)
     ..  32B  writer's Ed25519 public key
     ..  u16  delegation length, then its canonical JSON (0: the writer is the owner)
     ..  64B  signature over b"difs-child-v1\\x00" + every byte before it
@@ -27,7 +30,7 @@ The children of one folder are kept in a tree of **shards**, each at its own DHT
 marker sends writers one level deeper along the child's path bits (:func:`path_bits`).
 Pure.
 
-This module is longer than most (about 650 lines): the entry's codec and the rules that
+This module is longer than most (about 680 lines): the entry's codec and the rules that
 write and read it (placement in shards, what a reader checks, order and pages) change
 together, with the record format in docs/PROTOCOL.md, so they stay side by side.
 """
@@ -40,6 +43,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -64,7 +68,7 @@ from difs_p2p.records import CHILD_KIND, MAX_CREATED, canonical_json
 
 CHILD_DOMAIN = b"difs-child-v1\x00"
 SHARD_DOMAIN = b"difs-children-v1\x00"
-# Entries a writer puts in one shard before it splits it: 128 entries of about 250 bytes
+# Entries a writer puts in one shard before it splits it: 128 entries of about 300 bytes
 # are one or two find_entries pages, and 100,000 children need about 1,000 shards.
 SHARD_ENTRIES = 128
 # What a storing peer keeps per shard key: twice the split point, room for writers that
@@ -80,6 +84,9 @@ _HEAD = struct.Struct("!BB16sBIQQQd")
 FINGERPRINT_SIZE = 16
 _U16 = struct.Struct("!H")
 _MAX_DELEGATION = 4096
+# What an object's entry may carry as its ETag: an S3 ETag (manifest.ObjectMeta.etag) or a
+# manifest record hash (BLAKE3, 64 hex).
+_ETAG = re.compile(r"[0-9a-f]{32}(?:-[1-9][0-9]{0,4})?|[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +106,8 @@ class ChildEntry:
     writer: bytes
     delegation: Delegation | None
     raw: bytes
+    # ETag in listings
+    etag: str = ""
 
     @property
     def marker(self) -> bool:
@@ -144,6 +153,13 @@ class ChildEntry:
     @property
     def shard(self) -> bytes:
         return shard_key(self.owner, self.parent, self.level, self.bits)
+
+
+def object_etag(meta_etag: str | None, manifest_hash: str) -> str:
+    """An object's ETag, unquoted, as its child entry carries it and the S3 API shows it:
+    the S3 ETag of its manifest's metadata when it has one, else its manifest record hash
+    (what the gateway calls its ETag)."""
+    return meta_etag or manifest_hash
 
 
 def owner_fingerprint(public_key: bytes) -> bytes:
@@ -252,8 +268,9 @@ def _body(
     child: str,
     writer: bytes,
     delegation: Delegation | None,
+    etag: str = "",
 ) -> bytes:
-    p, c = parent.encode(), child.encode()
+    p, c, t = parent.encode(), child.encode(), etag.encode()
     d = canonical_json(delegation.as_json()) if delegation is not None else b""
     return b"".join(
         (
@@ -264,6 +281,8 @@ def _body(
             p,
             bytes([len(c)]),
             c,
+            bytes([len(t)]),
+            t,
             writer,
             _U16.pack(len(d)),
             d,
@@ -285,8 +304,10 @@ def build_child(
     created: float = 0.0,
     bits: int | None = None,
     delegation: Delegation | None = None,
+    etag: str = "",
 ) -> ChildEntry:
-    """Sign a child entry (``child`` empty and ``bits`` given for a split marker)."""
+    """Sign a child entry (``child`` empty and ``bits`` given for a split marker;
+    ``etag`` for a live object only)."""
     if bits is None:
         bits = path_bits(child, level)
     body = _body(
@@ -302,6 +323,7 @@ def build_child(
         child,
         writer.public_key,
         delegation,
+        etag,
     )
     return decode_child(body + writer.sign(CHILD_DOMAIN + body))
 
@@ -330,6 +352,9 @@ def decode_child(raw: bytes) -> ChildEntry:
     if at >= len(raw):
         raise WireError("child entry truncated", field="child", offset=at)
     child_bytes, at = _take(raw, at, raw[at], 1, "child")
+    if at >= len(raw):
+        raise WireError("child entry truncated", field="etag", offset=at)
+    etag_bytes, at = _take(raw, at, raw[at], 1, "etag")
     if len(raw) < at + PUBLIC_KEY_SIZE + 2:
         raise WireError("child entry truncated", field="writer", offset=at)
     writer = raw[at : at + PUBLIC_KEY_SIZE]
@@ -344,6 +369,9 @@ def decode_child(raw: bytes) -> ChildEntry:
         parent, child = parent_bytes.decode(), child_bytes.decode()
     except UnicodeDecodeError:
         raise WireError("parent or child is not UTF-8", field="parent", offset=55) from None
+    etag = etag_bytes.decode("latin-1")
+    if etag_bytes and (flags != OBJECT or not _ETAG.fullmatch(etag)):
+        raise WireError("only a live object has an ETag, 32 or 64 hex", field="etag")
     check_parent(parent)
     root = listing_root(parent + "/x")
     if root is not None and root[1] != owner:
@@ -383,6 +411,7 @@ def decode_child(raw: bytes) -> ChildEntry:
         writer,
         delegation,
         raw,
+        etag,
     )
 
 
@@ -553,7 +582,8 @@ def bulk_layout(children: Sequence[str], level: int = 0, bits: int = 0) -> Layou
 @dataclass(frozen=True, slots=True)
 class ListEntry:
     """One name in a listing: its full name (a folder's ends with '/'), whether it is a
-    folder, the size, version and creation time of an object, and who signed its entry."""
+    folder, the size, version and creation time of an object, who signed its entry, and
+    the object's ETag."""
 
     name: str
     folder: bool
@@ -561,6 +591,9 @@ class ListEntry:
     version: int
     created: float
     publisher: bytes
+    # ETag in listings: the object's, unquoted, as its entry carries it (None: a folder,
+    # or an entry written without one)
+    etag: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -591,7 +624,13 @@ class Listed:
                 if now is None or checked(e, now):
                     if not e.removed:
                         self._picked = ListEntry(
-                            e.full_name, e.folder, e.size, e.version, e.created, e.writer
+                            e.full_name,
+                            e.folder,
+                            e.size,
+                            e.version,
+                            e.created,
+                            e.writer,
+                            e.etag or None,
                         )
                     break
         return self._picked

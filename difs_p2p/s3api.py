@@ -64,7 +64,7 @@ from difs_p2p.errors import (
 )
 from difs_p2p.gateway import BODY_BUFFER, host_of, http_url
 from difs_p2p.identity import fingerprint
-from difs_p2p.listing import decode_token, encode_token
+from difs_p2p.listing import decode_token, encode_token, object_etag
 from difs_p2p.manifest import Manifest, ObjectMeta
 from difs_p2p.names import claim_name
 from difs_p2p.s3auth import Auth, SignedRequest, authenticate, body_decoder, split_target
@@ -173,8 +173,8 @@ def s3_etag(manifest: Manifest) -> str:
     """The ETag an S3 client is shown for a version, quoted: the S3 ETag signed in its
     metadata (the body's MD5, or the multipart ETag) when it has one, else the manifest
     hash (a version published by other means)."""
-    etag = manifest.meta.etag if manifest.meta is not None else None
-    return f'"{etag}"' if etag else httprules.etag_of(manifest.hash)
+    meta_etag = manifest.meta.etag if manifest.meta is not None else None
+    return f'"{object_etag(meta_etag, manifest.hash)}"'
 
 
 def s3_content_type(manifest: Manifest, key: str) -> str:
@@ -220,6 +220,25 @@ def version_id(text: str | None) -> int | None:
     if not (text.isascii() and text.isdigit()) or len(text) > 12 or int(text) < 1:
         raise S3Error("InvalidArgument", "Invalid version id specified", 400)
     return int(text)
+
+
+def parse_copy_source(header: str) -> tuple[str, str, str | None]:
+    """(bucket, key, versionId or None) of an ``x-amz-copy-source`` header:
+    ``[/]bucket/key[?versionId=v]``, the bucket and key URL-encoded. The version is split
+    off the raw text before decoding, and only a literal ``?versionId=`` is one (an encoded
+    ``%3F`` and any other ``?`` belong to the key); InvalidArgument without a bucket and a
+    key."""
+    path, sep, version = header.rpartition("?versionId=")
+    if not sep:
+        path, version = header, ""
+    try:
+        text = unquote(path.removeprefix("/"), errors="strict")
+    except UnicodeDecodeError:
+        raise S3Error("InvalidArgument", "Copy Source is not URL-encoded UTF-8") from None
+    src_bucket, _, src_key = text.partition("/")
+    if not src_bucket or not src_key:
+        raise S3Error("InvalidArgument", "Copy Source must mention the source bucket and key")
+    return src_bucket, src_key, unquote(version) if sep else None
 
 
 def _empty_dir(path: Path) -> None:
@@ -574,6 +593,10 @@ class _Ctx:
         page = await self.client.list_page(f"/{bucket}", limit=1)
         if page.entries:
             raise S3Error("BucketNotEmpty", extra={"BucketName": bucket})
+        for upload in self.server.uploads.uploads(bucket):
+            if upload.access_key == self.key.access_key:
+                with contextlib.suppress(S3Error):  # NoSuchUpload: aborted meanwhile
+                    self.server.uploads.remove(upload.upload_id)  # S3 aborts them too
         self.server.keys.remove_bucket(self.key.access_key, bucket)
         return web.Response(status=204)
 
@@ -626,6 +649,8 @@ class _Ctx:
         folder = s3xml.prefix_folder(bucket, lq.prefix)
         recursive = lq.delimiter != "/"
         grouper = s3xml.Grouper(lq.prefix, lq.delimiter, lq.max_keys, skip)
+        if lq.max_keys == 0:
+            return grouper.out  # nothing to read
         token = encode_token(after) if after is not None else None
         try:
             entries = self.client.list(folder, recursive=recursive, after=token, page=1000)
@@ -638,7 +663,10 @@ class _Ctx:
                     continue
                 if lq.marker and key <= lq.marker:
                     continue
-                item = s3xml.Item(key, entry.size, entry.created, version_id=str(entry.version))
+                etag = f'"{entry.etag}"' if entry.etag else None
+                item = s3xml.Item(
+                    key, entry.size, entry.created, etag=etag, version_id=str(entry.version)
+                )
                 if not grouper.add(item, entry.name):
                     break
         except UsageError:  # a prefix that is no DIFS folder: nothing is under it
@@ -939,12 +967,9 @@ class _Ctx:
     async def _copy_source(self) -> tuple[Resolved, Manifest, bool]:
         """The version ``x-amz-copy-source`` names (URL-encoded ``/bucket/key``, and
         ``?versionId=``), its copy conditions checked; and whether it names the newest."""
-        source_text = unquote(self.request.headers["x-amz-copy-source"])
-        path, _, query = source_text.partition("?")
-        src_bucket, _, src_key = path.lstrip("/").partition("/")
-        if not src_bucket or not src_key:
-            raise S3Error("InvalidArgument", "Copy Source must mention the source bucket and key")
-        src_version = query[len("versionId=") :] if query.startswith("versionId=") else None
+        src_bucket, src_key, src_version = parse_copy_source(
+            self.request.headers["x-amz-copy-source"]
+        )
         src_name = s3xml.object_name(src_bucket, src_key)
         try:
             resolved = await self.client.resolve(src_name)

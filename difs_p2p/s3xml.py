@@ -234,8 +234,11 @@ class Grouper:
 
     def add(self, item: Item, name: str) -> bool:
         """Take ``item`` (its DIFS name ``name``); False when the listing is full and
-        ``item`` is not taken (the listing is then truncated)."""
+        ``item`` is not taken (the listing is then truncated; with ``max_keys`` 0 it is
+        empty and not truncated, as in S3)."""
         out = self.out
+        if self.max_keys == 0:
+            return False  # S3: no keys and not truncated
         if not item.key.startswith(self.prefix):
             return True
         if self.skip is not None and item.key.startswith(self.skip):

@@ -43,6 +43,7 @@ from difs_p2p.listing import (
     merge_children,
     next_issued,
     normalize_folder,
+    object_etag,
     owner_fingerprint,
     paginate,
     parse_child,
@@ -62,11 +63,12 @@ NOW = 1_800_000_000
 
 
 def child(name: str = "a", *, flags: int = OBJECT, level: int = 0, issued: int = NOW,
-          version: int = 1, size: int = 5, parent: str = ROOT) -> ChildEntry:  # fmt: skip
+          version: int = 1, size: int = 5, parent: str = ROOT,
+          etag: str = "") -> ChildEntry:  # fmt: skip
     return build_child(
         OWNER, owner=FP, parent=parent, child=name, flags=flags, level=level, issued=issued,
         version=0 if flags & FOLDER else version, size=0 if flags & FOLDER else size,
-        created=1000.5,
+        created=1000.5, etag=etag,
     )  # fmt: skip
 
 
@@ -77,10 +79,10 @@ def signed(body: bytes, by: Identity = OWNER) -> bytes:
 
 def body(*, flags: int = OBJECT, owner: bytes = FP, level: int = 0, bits: int | None = None,
          parent: str = ROOT, name: str = "a", version: int = 1, size: int = 1,
-         created: float = 1.0, writer: Identity = OWNER) -> bytes:  # fmt: skip
+         created: float = 1.0, writer: Identity = OWNER, etag: str = "") -> bytes:  # fmt: skip
     b = path_bits(name, level) if bits is None else bits
     return _body(flags, owner, level, b, NOW, version, size, created, parent, name,
-                 writer.public_key, None)  # fmt: skip
+                 writer.public_key, None, etag)  # fmt: skip
 
 
 def test_a_child_entry_round_trips_and_verifies() -> None:
@@ -122,6 +124,14 @@ def test_a_child_entry_round_trips_and_verifies() -> None:
         (signed(body())[:-1], "signature"),
         (signed(body()) + b"\x00", "signature"),
         (b"\x01" + signed(body())[1:], "kind"),
+        (signed(body(etag="0" * 31)), "etag"),
+        (signed(body(etag="A" * 32)), "etag"),
+        (signed(body(etag="0" * 32 + "-0")), "etag"),
+        (signed(body(etag="0" * 32 + "-100000")), "etag"),
+        (signed(body(etag="0" * 63)), "etag"),
+        (signed(body(etag="0" * 32 + "\n")), "etag"),
+        (signed(body(flags=FOLDER, version=0, size=0, etag="0" * 32)), "etag"),
+        (signed(body(flags=OBJECT | REMOVED, etag="0" * 32)), "etag"),
     ],
 )
 def test_malformed_child_entries_are_wire_errors(raw: bytes, field: str) -> None:
@@ -131,13 +141,42 @@ def test_malformed_child_entries_are_wire_errors(raw: bytes, field: str) -> None
     assert caught.value.field == field
 
 
+@pytest.mark.parametrize(
+    "etag", ["", "0123456789abcdef" * 2, "0123456789abcdef" * 2 + "-10000", "ab" * 32]
+)
+def test_an_object_entry_carries_its_etag_signed(etag: str) -> None:
+    """An object's entry carries its ETag (or none), signed, and the listing shows it."""
+    e = child("clip.mp4", etag=etag)
+    again = parse_child(e.raw, NOW)
+    assert again.etag == etag
+    (listed,) = merge_children([again])
+    assert listed.etag == (etag or None)
+    if etag:
+        at = e.raw.index(etag.encode())
+        forged = e.raw[:at] + (b"1" if e.raw[at : at + 1] != b"1" else b"2") + e.raw[at + 1 :]
+        with pytest.raises(IntegrityError):
+            parse_child(forged, NOW)
+
+
+def test_object_etag_is_the_s3_etag_else_the_manifest_hash() -> None:
+    """The ETag an entry carries is the metadata's S3 ETag when there is one."""
+    assert object_etag("ab" * 16, "cd" * 32) == "ab" * 16
+    assert object_etag(None, "cd" * 32) == "cd" * 32
+    assert object_etag("", "cd" * 32) == "cd" * 32
+
+
 GOLDEN_DIR = Path(__file__).parent / "data" / "listing"
 
 
 @pytest.mark.parametrize(
     ("name", "make"),
     [
-        ("object", lambda: child("clip.mp4", level=2, issued=NOW, version=3, size=1234)),
+        (
+            "object",
+            lambda: child(
+                "clip.mp4", level=2, issued=NOW, version=3, size=1234, etag="0f" * 16 + "-2"
+            ),
+        ),
         ("folder", lambda: child("videos", flags=FOLDER)),
         (
             "marker",

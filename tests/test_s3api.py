@@ -29,7 +29,13 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from difs_p2p.peer import Peer
-from difs_p2p.s3api import meta_headers, object_meta, parse_target, version_id
+from difs_p2p.s3api import (
+    meta_headers,
+    object_meta,
+    parse_copy_source,
+    parse_target,
+    version_id,
+)
 from difs_p2p.s3auth import signing_key
 from difs_p2p.s3body import ChunkSigner
 from difs_p2p.s3errors import S3Error
@@ -629,6 +635,34 @@ async def test_parse_target(raw: str, bucket: str, key: str) -> None:
     assert (target.bucket, target.key) == (bucket, key)
 
 
+@pytest.mark.parametrize(
+    ("header", "bucket", "key", "version"),
+    [
+        ("b.com/a", "b.com", "a", None),
+        ("/b.com/a/b.txt", "b.com", "a/b.txt", None),
+        ("b.com/%20", "b.com", " ", None),
+        ("b.com/_", "b.com", "_", None),
+        ("b.com/%3FversionId", "b.com", "?versionId", None),
+        ("b.com/%3FversionId?versionId=3", "b.com", "?versionId", "3"),
+        ("b.com/a%3FversionId%3D7", "b.com", "a?versionId=7", None),
+        ("b.com/a?versionId=null", "b.com", "a", "null"),
+        ("b.com/a?b", "b.com", "a?b", None),
+        ("b.com/caf%C3%A9+x", "b.com", "caf\u00e9+x", None),
+    ],
+)
+async def test_parse_copy_source(header: str, bucket: str, key: str, version: str | None) -> None:
+    """x-amz-copy-source: split at a literal ?versionId= only, then URL-decoded."""
+    assert parse_copy_source(header) == (bucket, key, version)
+
+
+@pytest.mark.parametrize("header", ["b.com", "b.com/", "/b.com", "%2Fa", "b.com/%FF"])
+async def test_bad_copy_sources_are_invalid_argument(header: str) -> None:
+    """A copy source without a bucket and a key, or not UTF-8, is InvalidArgument."""
+    with pytest.raises(S3Error) as info:
+        parse_copy_source(header)
+    assert info.value.code == "InvalidArgument"
+
+
 @pytest.mark.parametrize("raw", ["/b.com/%FF", "relative"])
 async def test_bad_targets_are_invalid_uri(raw: str) -> None:
     """A path that is not UTF-8 once decoded, or not absolute, is InvalidURI."""
@@ -727,3 +761,86 @@ async def test_signed_aws_chunked(net: Net) -> None:
     assert await run(got["Body"].read) == data
     code = await code_of(net.alice.head_object, Bucket="alice.com", Key="signed-chunks.bin-bad")
     assert code == "404"
+
+
+async def test_listings_carry_the_etag_head_object_gives(net: Net) -> None:
+    """ListObjects V1/V2 and ListObjectVersions show the ETag HeadObject gives (MD5, multipart)."""
+    s3 = net.alice
+    await run(s3.create_bucket, Bucket="etags")
+    await run(s3.put_object, Bucket="etags", Key="d/plain", Body=b"plain body")
+    up = await run(s3.create_multipart_upload, Bucket="etags", Key="d/multi")
+    part = await run(
+        s3.upload_part, Bucket="etags", Key="d/multi", UploadId=up["UploadId"], PartNumber=1,
+        Body=b"part",
+    )  # fmt: skip
+    await run(
+        s3.complete_multipart_upload, Bucket="etags", Key="d/multi", UploadId=up["UploadId"],
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
+    )  # fmt: skip
+    heads = {
+        k: (await run(s3.head_object, Bucket="etags", Key=k))["ETag"]
+        for k in ("d/plain", "d/multi")
+    }
+    assert heads["d/plain"] == f'"{hashlib.md5(b"plain body").hexdigest()}"'
+    assert heads["d/multi"].endswith('-1"')
+    v2 = await run(s3.list_objects_v2, Bucket="etags")
+    v1 = await run(s3.list_objects, Bucket="etags", Prefix="d/")
+    versions = await run(s3.list_object_versions, Bucket="etags")
+    for listed in (v2["Contents"], v1["Contents"], versions["Versions"]):
+        assert {c["Key"]: c["ETag"] for c in listed} == heads
+
+
+async def test_max_keys_zero_lists_nothing_untruncated(net: Net) -> None:
+    """max-keys=0 answers no keys and IsTruncated false, V1 and V2, as S3 does."""
+    s3 = net.alice
+    await run(s3.put_object, Bucket="alice.com", Key="mk0", Body=b"x")
+    v2 = await run(s3.list_objects_v2, Bucket="alice.com", MaxKeys=0)
+    assert (v2["KeyCount"], v2["IsTruncated"], v2.get("Contents")) == (0, False, None)
+    v1 = await run(s3.list_objects, Bucket="alice.com", MaxKeys=0)
+    assert (v1["IsTruncated"], v1.get("Contents")) == (False, None)
+
+
+async def test_an_empty_continuation_token_is_refused_as_s3_does(net: Net) -> None:
+    """An empty continuation-token is InvalidArgument, as S3 and moto answer it."""
+    code = await code_of(net.alice.list_objects_v2, Bucket="alice.com", ContinuationToken="")
+    assert code == "InvalidArgument"
+
+
+async def test_delete_bucket_aborts_its_unfinished_uploads(net: Net) -> None:
+    """DeleteBucket succeeds over an unfinished multipart upload (as S3) and aborts it."""
+    s3 = net.alice
+    await run(s3.create_bucket, Bucket="mpu-gone")
+    up = await run(s3.create_multipart_upload, Bucket="mpu-gone", Key="big")
+    await run(
+        s3.upload_part, Bucket="mpu-gone", Key="big", UploadId=up["UploadId"], PartNumber=1,
+        Body=b"staged",
+    )  # fmt: skip
+    await run(s3.delete_bucket, Bucket="mpu-gone")
+    s3peer = net.peers[-1]
+    assert s3peer.s3 is not None
+    assert s3peer.s3.uploads.get(up["UploadId"]) is None
+    assert s3peer.s3.uploads.uploads("mpu-gone") == []
+
+
+@pytest.mark.parametrize("key", [" ", "_", "__", "?versionId", "a?versionId=7", "%41 b+c"])
+async def test_copy_source_keys_are_url_decoded(net: Net, key: str) -> None:
+    """CopyObject and UploadPartCopy find source keys with ' ', '?versionId', '%', '+'."""
+    s3 = net.alice
+    body = b"source " + key.encode()
+    await run(s3.put_object, Bucket="alice.com", Key=key, Body=body)
+    source = {"Bucket": "alice.com", "Key": key}
+    await run(s3.copy_object, Bucket="alice.com", Key="copied", CopySource=source)
+    got = await run(s3.get_object, Bucket="alice.com", Key="copied")
+    assert await run(got["Body"].read) == body
+    up = await run(s3.create_multipart_upload, Bucket="alice.com", Key="part-copied")
+    part = await run(
+        s3.upload_part_copy, Bucket="alice.com", Key="part-copied", UploadId=up["UploadId"],
+        PartNumber=1, CopySource=source,
+    )  # fmt: skip
+    await run(
+        s3.complete_multipart_upload, Bucket="alice.com", Key="part-copied",
+        UploadId=up["UploadId"],
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["CopyPartResult"]["ETag"]}]},
+    )  # fmt: skip
+    got = await run(s3.get_object, Bucket="alice.com", Key="part-copied")
+    assert await run(got["Body"].read) == body

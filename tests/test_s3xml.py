@@ -116,6 +116,8 @@ def _feed(grouper: s3xml.Grouper, keys: list[str]) -> None:
         ("", "", 2, ["a", "b/1"], [], True),
         ("", "-", 10, ["a", "b/1", "b/2", "c"], [], False),
         ("x", "/", 10, [], [], False),
+        ("", "", 0, [], [], False),
+        ("", "/", 0, [], [], False),
     ],
 )
 def test_grouper_rolls_up_and_stops(
