@@ -265,10 +265,13 @@ class Client:
         network: Connector = HOST_NETWORK,
         fetch_config: PlanConfig | None = None,
         token: bytes | None = None,
+        folders: FolderCache[Listed] | None = None,
     ) -> None:
         """``token``: the entry peer's control token (DATA/control.token); with it the
         client proves itself the peer's operator, which publishing, deleting and ``status``
-        need. Without it the client is a stranger: it can resolve and fetch."""
+        need. Without it the client is a stranger: it can resolve and fetch. ``folders``:
+        the folder cache of listings (listcache.py) to share with other clients of one
+        writer, so that each reads what any of them wrote (default: its own)."""
         self.peer = peer
         self.token = token
         # How connections are opened: the host's sockets, or the simulator's relay.
@@ -286,7 +289,7 @@ class Client:
         self._claim_lookups: dict[str, asyncio.Future[None]] = {}
         # -- listing pages -- Folders read for a listing, for its next pages (listcache.py):
         # 10 s, 100,000 entries in all; a first page reads again, a put or rm drops its folders.
-        self._folders: FolderCache[Listed] = FolderCache()
+        self.folders: FolderCache[Listed] = folders if folders is not None else FolderCache()
 
     async def __aenter__(self) -> Client:
         return self
@@ -964,13 +967,13 @@ class Client:
         ago for a continued page (``fresh`` False); a first page always reads it again."""
         key = (owner, folder)
         if not fresh:
-            kept = self._folders.get(key, self.clock())
+            kept = self.folders.get(key, self.clock())
             if kept is not None:
                 return kept
-        since = self._folders.generation
+        since = self.folders.generation
         read = await self._folder(owner, folder)
         entries = sum(len(listed.candidates) for listed in read)
-        self._folders.put(key, read, self.clock(), since, entries)
+        self.folders.put(key, read, self.clock(), since, entries)
         return read
 
     async def list_page(
@@ -1080,7 +1083,7 @@ class Client:
                         break  # a delegate lists only below its prefix (the owner above it)
                     written.extend(await self._add_child(owner, manifest, parent, child, is_folder))
             finally:  # this writer's next pages read its write
-                self._folders.invalidate(owner, [parent for parent, _, _ in levels])
+                self.folders.invalidate(owner, [parent for parent, _, _ in levels])
             await self.add_children(manifest.key, written)
         except (DifsError, OSError) as exc:
             return f"the listing of {manifest.name} was not updated: {exc}"

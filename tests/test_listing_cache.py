@@ -166,3 +166,31 @@ async def test_continued_pages_read_nothing_and_a_put_shows_up_on_them(
             page = await client.list_page(root, after=page.next, limit=100)
             rest += [e.name for e in page.entries]
         assert rest[-1] == f"{root}/zzz"  # the writer's put dropped its folder
+
+
+async def test_clients_sharing_a_folder_cache_read_each_others_writes(
+    network: list[Peer],
+) -> None:
+    """Two clients of one writer (as the S3 server's per key) share a folder cache: a put
+    through one shows up on the other's continued page, which reads nothing itself."""
+    owner = Identity.generate()
+    root = f"/key/{owner.fingerprint}"
+    children = [f"key-{i:04d}" for i in range(150)]
+    async with (
+        client_for(network[0], publisher=owner) as reader,
+        client_for(network[0], publisher=owner, folders=reader.folders) as writer,
+    ):
+        await lay_out(writer, owner, root, children)
+        page = await reader.list_page(root, limit=100)
+        assert page.next is not None
+        await writer.put(
+            io.BytesIO(b"x"), f"{root}/zzz", segment_size=segments.MIN_SEGMENT_SIZE, replicas=1
+        )
+        calls = count_children(network[0])
+        rest = await reader.list_page(root, after=page.next, limit=100)
+        assert [e.name for e in rest.entries][-1] == f"{root}/zzz"
+        assert calls[0] > 0  # the writer's put dropped the shared folder: read again
+        calls[0] = 0
+        again = await writer.list_page(root, after=page.next, limit=100)
+        assert again == rest
+        assert calls[0] == 0  # and kept it for both
