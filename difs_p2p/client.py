@@ -26,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import builtins
 import contextlib
 import io
 import json
@@ -74,6 +73,7 @@ from difs_p2p.fetch import (
 from difs_p2p.fetchplan import PlanConfig
 from difs_p2p.holders import HolderEntry, decode_holder_entry, verify_holder_entry
 from difs_p2p.identity import Identity, fingerprint
+from difs_p2p.listcache import FolderCache
 from difs_p2p.listing import (
     FOLDER,
     OBJECT,
@@ -266,10 +266,13 @@ class Client:
         network: Connector = HOST_NETWORK,
         fetch_config: PlanConfig | None = None,
         token: bytes | None = None,
+        folders: FolderCache[Listed] | None = None,
     ) -> None:
         """``token``: the entry peer's control token (DATA/control.token); with it the
         client proves itself the peer's operator, which publishing, deleting and ``status``
-        need. Without it the client is a stranger: it can resolve and fetch."""
+        need. Without it the client is a stranger: it can resolve and fetch. ``folders``:
+        the folder cache of listings (listcache.py) to share with other clients of one
+        writer, so that each reads what any of them wrote (default: its own)."""
         self.peer = peer
         self.token = token
         # How connections are opened: the host's sockets, or the simulator's relay.
@@ -285,6 +288,9 @@ class Client:
         self._claims = ClaimCache()
         # Claim lookups under way, per prefix: concurrent readers of one prefix wait for one
         self._claim_lookups: dict[str, asyncio.Future[None]] = {}
+        # -- listing pages -- Folders read for a listing, for its next pages (listcache.py):
+        # 10 s, 100,000 entries in all; a first page reads again, a put or rm drops its folders.
+        self.folders: FolderCache[Listed] = folders if folders is not None else FolderCache()
 
     async def __aenter__(self) -> Client:
         return self
@@ -957,6 +963,20 @@ class Client:
             todo = [s for subs in below for s in subs]
         return group_children(found)
 
+    async def _cached_folder(self, owner: bytes, folder: str, fresh: bool) -> Sequence[Listed]:
+        """:meth:`_folder`, or the same folder read less than ``listcache.LIST_CACHE_TTL``
+        ago for a continued page (``fresh`` False); a first page always reads it again."""
+        key = (owner, folder)
+        if not fresh:
+            kept = self.folders.get(key, self.clock())
+            if kept is not None:
+                return kept
+        since = self.folders.generation
+        read = await self._folder(owner, folder)
+        entries = sum(len(listed.candidates) for listed in read)
+        self.folders.put(key, read, self.clock(), since, entries)
+        return read
+
     async def list_page(
         self,
         prefix: str,
@@ -967,7 +987,9 @@ class Client:
     ) -> ListPage:
         """One page of the names in folder ``prefix`` (its children; with ``recursive``
         everything below it, folders included), in UTF-8 byte order of the full names,
-        after the continuation token ``after``. Deleted names are not listed."""
+        after the continuation token ``after``. Deleted names are not listed. A page with a
+        token may use folders this client read up to 10 s before (``listcache.py``); a
+        first page reads them again."""
         return await self._page(prefix, recursive, after, limit, {})
 
     async def _page(
@@ -976,7 +998,7 @@ class Client:
         recursive: bool,
         after: str | None,
         limit: int,
-        cache: dict[str, list[Listed]],
+        cache: dict[str, Sequence[Listed]],
     ) -> ListPage:
         """A page of :meth:`list_page`; folders already read in ``cache`` are not read
         again (the shards of a folder are in hash order, so every page of a stateless
@@ -1002,12 +1024,12 @@ class Client:
         after: str | None,
         want: int,
         out: list[ListEntry],
-        cache: dict[str, list[Listed]],
+        cache: dict[str, Sequence[Listed]],
     ) -> None:
         """Depth-first in byte order: a folder's entry ("x/") comes before its names,
         which come before the next sibling, so the whole walk is in byte order."""
         if folder not in cache:
-            cache[folder] = await self._folder(owner, folder)
+            cache[folder] = await self._cached_folder(owner, folder, after is None)
         now = self.clock()
         for listed in cache[folder]:
             if len(out) >= want:
@@ -1055,10 +1077,14 @@ class Client:
             if owner != owner_fingerprint(manifest.owner):
                 return ""
             delegation = manifest.delegation
-            for parent, child, is_folder in folder_ancestors(manifest.name, folder):
-                if delegation is not None and not delegation.covers(f"{parent}/{child}"):
-                    break  # a delegate lists only below its prefix (the owner above it)
-                written.extend(await self._add_child(owner, manifest, parent, child, is_folder))
+            levels = folder_ancestors(manifest.name, folder)
+            try:
+                for parent, child, is_folder in levels:
+                    if delegation is not None and not delegation.covers(f"{parent}/{child}"):
+                        break  # a delegate lists only below its prefix (the owner above it)
+                    written.extend(await self._add_child(owner, manifest, parent, child, is_folder))
+            finally:  # this writer's next pages read its write
+                self.folders.invalidate(owner, [parent for parent, _, _ in levels])
             await self.add_children(manifest.key, written)
         except (DifsError, OSError) as exc:
             return f"the listing of {manifest.name} was not updated: {exc}"
@@ -1130,7 +1156,7 @@ class Client:
         """Every name in folder ``prefix`` (see :meth:`list_page`), ``page`` at a time;
         each folder is read once for the whole iteration."""
         token = after
-        cache: dict[str, builtins.list[Listed]] = {}
+        cache: dict[str, Sequence[Listed]] = {}
         while True:
             got = await self._page(prefix, recursive, token, page, cache)
             for entry in got.entries:

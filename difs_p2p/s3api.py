@@ -343,8 +343,13 @@ class S3Server:
         pool = self._clients.setdefault(key.access_key, {})
         client = min(pool, key=pool.__getitem__, default=None)
         if client is None or (pool[client] > 0 and len(pool) < CLIENTS_PER_KEY):
+            first = next(iter(pool), None)  # the key's Clients share one folder cache
             client = Client(
-                self.entry, publisher=key.identity, token=self.token, io_timeout=self.io_timeout
+                self.entry,
+                publisher=key.identity,
+                token=self.token,
+                io_timeout=self.io_timeout,
+                folders=first.folders if first is not None else None,
             )
             pool[client] = 0
         pool[client] += 1
