@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import os
@@ -432,12 +433,19 @@ async def test_default_address_busy_leaves_the_peer_running(tmp_path: Path) -> N
     """The CLI's default address taken: the peer warns and runs without a gateway."""
     busy = socket.socket()
     busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        busy.bind(("127.0.0.1", 8080))
-    except OSError:
-        pass  # already taken by someone else: just as good
-    else:
+
+    def take() -> bool:
+        try:
+            busy.bind(("127.0.0.1", 8080))
+        except OSError:
+            return False  # a peer of another test holds it for now
         busy.listen()
+        return True
+
+    # Hold the port ourselves: another test's peer may hold it now and free it any time.
+    # Taken by a long-lived process instead, the port is just as busy.
+    with contextlib.suppress(AssertionError):
+        await wait_for(take, timeout=20, step=0.1)
     try:
         proc = await asyncio.create_subprocess_exec(
             str(BIN / "difs-peer"),
