@@ -320,9 +320,16 @@ class MultipartStore:
     # -- parts ------------------------------------------------------------------------------
 
     async def put_part(
-        self, upload_id: str, number: int, chunks: AsyncIterator[bytes | memoryview]
+        self,
+        upload_id: str,
+        number: int,
+        chunks: AsyncIterator[bytes | memoryview],
+        md5: Callable[[], str] | None = None,
     ) -> Part:
         """Store part ``number`` of the upload from ``chunks`` (replacing an earlier one).
+
+        ``md5``, if given, gives the part's MD5 (hex) once ``chunks`` ended: the producer
+        hashed the bytes on their way (an S3 body's checks), so they are not hashed again.
 
         Chunks are copied as they arrive (a producer may reuse its buffer) and written in
         batches of about 1 MiB by a worker thread while the next batch is read: the loop
@@ -337,7 +344,9 @@ class MultipartStore:
         writer: PartWriter | None = None
         recorded = False
         try:
-            writer = await _disk(upload_id, number, PartWriter, self.root / upload_id, number)
+            writer = await _disk(
+                upload_id, number, PartWriter, self.root / upload_id, number, md5 is None
+            )
             pending: asyncio.Future[None] | None = None
             batch: list[bytes] = []
             gathered = 0
@@ -365,7 +374,10 @@ class MultipartStore:
             if pending is not None:
                 pending.result()
             await _disk(upload_id, number, writer.finish, batch)
-            part, replaced = await _disk(upload_id, number, self._record, upload_id, number, writer)
+            etag = md5() if md5 is not None else None
+            part, replaced = await _disk(
+                upload_id, number, self._record, upload_id, number, writer, etag
+            )
             recorded = True
             self._add(staged=part.size - replaced)
             return part
@@ -384,10 +396,16 @@ class MultipartStore:
         if self.max_staged is not None and self.staged_bytes() + more > self.max_staged:
             raise _no_space("staging a part")
 
-    def _record(self, upload_id: str, number: int, writer: PartWriter) -> tuple[Part, int]:
+    def _record(
+        self, upload_id: str, number: int, writer: PartWriter, etag: str | None
+    ) -> tuple[Part, int]:
         """Point the part's row at the new file (worker thread) and delete the file it
-        replaces; the part and the size it replaced. NoSuchUpload if the upload is gone."""
-        part = Part(number, writer.md5.hexdigest(), writer.size, self.clock())
+        replaces; the part (``etag``: its MD5 when the writer did not hash it) and the size
+        it replaced. NoSuchUpload if the upload is gone."""
+        if etag is None:
+            assert writer.md5 is not None
+            etag = writer.md5.hexdigest()
+        part = Part(number, etag, writer.size, self.clock())
         with self.db.locked(f"recording part {number}") as conn, self.db.transaction():
             if conn.execute("SELECT 1 FROM uploads WHERE id = ?", (upload_id,)).fetchone() is None:
                 raise no_such_upload(upload_id)

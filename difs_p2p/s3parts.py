@@ -2,7 +2,8 @@
 
 :mod:`difs_p2p.s3multipart` keeps the index and decides; this module only does the disk
 I/O of one part (in worker threads): :class:`PartWriter` writes a temporary beside the
-part's final name with the MD5 as it goes, fsyncs, renames and fsyncs the directory;
+part's final name with the MD5 as it goes (unless its caller hashed the bytes already),
+fsyncs, renames and fsyncs the directory;
 :class:`PartsReader` reads parts one after the other as one stream, each checked against
 the size and MD5 of its index row when it ends. File names are ``<number>.<16 hex>``
 (random per write), temporaries ``.tmp-<number>.<16 hex>``; an upload removed is renamed to
@@ -64,12 +65,13 @@ class PartWriter:
     A lock orders writes and ``discard``: a write still running in a thread after its
     caller was cancelled finishes before the file is closed, never on a reused fd."""
 
-    def __init__(self, directory: Path, number: int) -> None:
+    def __init__(self, directory: Path, number: int, md5: bool = True) -> None:
+        """``md5``: compute the part's MD5 as it is written (not when the caller has it)."""
         self.directory = directory
         gen = secrets.token_hex(8)
         self.tmp = directory / f"{TMP_PREFIX}{number}.{gen}"
         self.final = f"{number}.{gen}"
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.md5 = hashlib.md5(usedforsecurity=False) if md5 else None
         self.size = 0
         self.lock = threading.Lock()
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -79,7 +81,8 @@ class PartWriter:
             if self.fd < 0:
                 return
             for chunk in batch:
-                self.md5.update(chunk)
+                if self.md5 is not None:
+                    self.md5.update(chunk)
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(self.fd, view) :]
