@@ -29,7 +29,15 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from difs_p2p.peer import Peer
-from difs_p2p.s3api import STREAMED_PUTS, meta_headers, object_meta, parse_target, version_id
+from difs_p2p.s3api import (
+    STREAMED_PUTS,
+    BodyAborted,
+    BodyPipe,
+    meta_headers,
+    object_meta,
+    parse_target,
+    version_id,
+)
 from difs_p2p.s3auth import signing_key
 from difs_p2p.s3body import ChunkSigner
 from difs_p2p.s3errors import S3Error
@@ -425,6 +433,29 @@ async def test_busy_streams_spool_the_body(net: Net) -> None:
     got = await run(s3.get_object, Bucket="alice.com", Key="spooled")
     assert await run(got["Body"].read) == big
     assert list((net.peers[-1].data_dir / "s3-spool").iterdir()) == []
+
+
+async def test_body_pipe_reads_and_failures() -> None:
+    """A BodyPipe hands its chunks out in the sizes asked, ends only when closed, waits
+    for room past its limit, and raises on every read once failed."""
+    pipe = BodyPipe(limit=8)
+    await pipe.put(b"abcde")
+    await pipe.put(b"fgh")
+    waiting = asyncio.ensure_future(pipe.put(b"ijk"))  # past the limit: waits for a read
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    assert await asyncio.to_thread(pipe.read, 3) == b"abc"
+    await waiting
+    assert await asyncio.to_thread(pipe.read, 100) == b"defghijk"
+    pipe.close()
+    assert await asyncio.to_thread(pipe.read, 100) == b""
+    failed = BodyPipe()
+    reader = asyncio.ensure_future(asyncio.to_thread(failed.read, 10))  # waits for data
+    failed.fail()
+    with pytest.raises(BodyAborted):
+        await reader
+    with pytest.raises(BodyAborted):
+        await failed.put(b"late")
 
 
 class _UnsignedSigV4(S3SigV4Auth):  # type: ignore[misc]
