@@ -9,7 +9,8 @@ The store never publishes and never touches what is published.
 Layout under the root (``DATA/s3-uploads/``)::
 
     index.sqlite3              uploads (id, bucket, key, access key, meta, created) and
-                               parts (upload, number, etag, size, modified, file)
+                               parts (upload, number, etag, size, modified, file,
+                               crc32c: what the reader checks the file against)
     <upload id>/               one directory per upload (the id is 32 hex digits)
     <upload id>/<n>.<gen>      part n; gen is random per write, the row names the file
     <upload id>/.tmp-...       a part being written
@@ -109,6 +110,7 @@ CREATE TABLE IF NOT EXISTS parts (
     size INTEGER NOT NULL,
     modified REAL NOT NULL,
     file TEXT NOT NULL,
+    crc32c INTEGER,
     PRIMARY KEY (upload, number)
 );
 """
@@ -187,6 +189,7 @@ class MultipartStore:
         except OSError as exc:
             raise StorageError(f"cannot create {self.root}: {exc.strerror or exc}") from exc
         self.db = Database(self.root / "index.sqlite3", "the multipart upload index", _SCHEMA)
+        self.db.add_columns("parts", {"crc32c": "INTEGER"})  # an index of an older version
         # bytes of committed parts, and of parts being written (reserved as they arrive)
         self._staged = 0
         self._writing = 0
@@ -414,9 +417,18 @@ class MultipartStore:
                 (upload_id, number),
             ).fetchone()
             conn.execute(
-                "INSERT OR REPLACE INTO parts (upload, number, etag, size, modified, file)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (upload_id, number, part.etag, part.size, part.modified, writer.final),
+                "INSERT OR REPLACE INTO parts"
+                " (upload, number, etag, size, modified, file, crc32c)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    upload_id,
+                    number,
+                    part.etag,
+                    part.size,
+                    part.modified,
+                    writer.final,
+                    writer.crc32c,
+                ),
             )
         if old is None:
             return part, 0
@@ -466,9 +478,12 @@ class MultipartStore:
             raise malformed_xml("a multipart upload needs at least one part")
         with self.db.locked("reading parts") as conn:
             found = {
-                int(n): PartRow(upload_id, int(n), str(f), str(e), int(z))
-                for n, f, e, z in conn.execute(
-                    "SELECT number, file, etag, size FROM parts WHERE upload = ?", (upload_id,)
+                int(n): PartRow(
+                    upload_id, int(n), str(f), str(e), int(z), None if c is None else int(c)
+                )
+                for n, f, e, z, c in conn.execute(
+                    "SELECT number, file, etag, size, crc32c FROM parts WHERE upload = ?",
+                    (upload_id,),
                 )
             }
         rows = []
