@@ -42,7 +42,6 @@ import io
 import logging
 import secrets
 import socket
-import sys
 import threading
 import time
 from collections import deque
@@ -1061,13 +1060,16 @@ class _Ctx:
             result = await self.client.put(
                 cast(IO[bytes], pipe), name, update=True, metadata_after=checked_meta
             )
-        except BaseException:
+        except BaseException as exc:
             pipe.fail()
             feeder.cancel()
             await asyncio.wait([feeder])
-            if not feeder.cancelled() and feeder.exception() is not None:
-                raise feeder.exception() from None  # type: ignore[misc]
-            if isinstance(sys.exc_info()[1], BodyAborted):
+            if not isinstance(exc, Exception):  # cancelled (the client left): stays so
+                raise
+            failure = None if feeder.cancelled() else feeder.exception()
+            if failure is not None:
+                raise failure from None  # why the body failed: a check, the client
+            if isinstance(exc, BodyAborted):
                 raise incomplete_body("the body stopped before its end") from None
             raise
         finally:
