@@ -1058,7 +1058,7 @@ class _Ctx:
         feeder = asyncio.ensure_future(feed())
         try:
             result = await self.client.put(
-                cast(IO[bytes], pipe), name, update=True, metadata_after=checked_meta
+                cast(IO[bytes], pipe), name, update=True, metadata_after=checked_meta, fresh=True
             )
         except BaseException as exc:
             pipe.fail()

@@ -494,6 +494,37 @@ async def test_disconnect_mid_body_publishes_nothing(net: Net) -> None:
     assert await run(got["Body"].read) == data
 
 
+async def test_a_version_published_during_a_streamed_put(net: Net) -> None:
+    """A PutObject of the same key published while a large one streams does not stop it:
+    the streamed one, finishing last, becomes the next version."""
+    server = net.peers[-1].s3
+    assert server is not None
+    url = f"{net.url}/alice.com/raced.bin"
+    size = 4 * MiB
+    big = os.urandom(size)
+    req = AWSRequest(method="PUT", url=url, data=b"", headers={"Content-Length": str(size)})
+    key = net.alice_key
+    _UnsignedSigV4(Credentials(key.access_key, key.secret), "s3", "us-east-1").add_auth(req)
+    host, port = server.bound
+    reader, writer = await asyncio.open_connection(host, port)
+    head = f"PUT /alice.com/raced.bin HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    for name, value in req.headers.items():
+        head += f"{name}: {value}\r\n"
+    writer.write(head.encode() + b"\r\n" + big[: size // 2])
+    await writer.drain()
+    await wait_for(lambda: server.streamed_puts == 1)
+    await run(net.alice.put_object, Bucket="alice.com", Key="raced.bin", Body=b"small")
+    writer.write(big[size // 2 :])
+    await writer.drain()
+    answer = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert b"x-amz-version-id: 2" in answer.lower()
+    got = await run(net.alice.get_object, Bucket="alice.com", Key="raced.bin")
+    assert await run(got["Body"].read) == big
+
+
 async def test_authentication_errors(net: Net) -> None:
     """Wrong secret, unknown key and anonymous requests are refused as S3 does."""
     wrong = net.make(net.alice_key.access_key, "not-the-secret")
