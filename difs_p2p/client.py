@@ -458,6 +458,7 @@ class Client:
         on_phase: Phase | None = None,
         metadata: ObjectMeta | None = None,
         metadata_after: Callable[[], ObjectMeta | None] | None = None,
+        fresh: bool = False,
     ) -> PublishResult:
         """Publish ``source`` under ``name`` (a new version with ``update``).
 
@@ -470,6 +471,8 @@ class Client:
         without it has none (nothing is inherited from the previous version).
         ``metadata_after``, if given, is called once ``source`` is read whole and gives
         the metadata instead: what is known only then (the S3 API's ETag, the body's MD5).
+        ``fresh``: look the name up again once ``source`` is read, so that a version
+        published meanwhile (a long upload streamed from a client) is parent of this one.
         """
         if metadata is not None and not isinstance(metadata, ObjectMeta):
             raise UsageError("metadata must be an ObjectMeta")
@@ -489,18 +492,7 @@ class Client:
         expected = (
             await asyncio.to_thread(source_size, source) if isinstance(source, Path) else None
         )
-        try:
-            known = await self.resolve(norm)
-            previous: Manifest | None = known.manifest
-            top = known.top
-        except NotFoundError:
-            previous, top = None, 0
-        claimed = await self.prefix_owner(norm) if claimed_scope(norm) else None
-        # the name's key, and whether this key may publish under the prefix's claim
-        key = publish_key(norm, claimed, self.publisher.public_key, delegation)
-        check_publish(norm, previous, self.publisher.public_key, delegation, update, self.clock())
-        if previous is not None:
-            key = previous.key  # a name claimed after its version 1 keeps its key
+        previous, top, key = await self._target(norm, delegation, update)
         try:
             if on_phase is not None:
                 on_phase("upload")
@@ -510,6 +502,8 @@ class Client:
             layout = segments.Layout(size, segment_size)
             if (expected is not None and size != expected) or len(hashes) != layout.count:
                 raise UsageError(f"{source} changed while it was being published")
+            if fresh:  # versions published while the source was read count
+                previous, top, key = await self._target(norm, delegation, update)
             # above every version the lineage used, even one by a since-revoked writer (the
             # name's peers only take a higher version); parented on the newest valid one
             version = max(top, previous.version) + 1 if previous else 1
@@ -557,6 +551,26 @@ class Client:
         if warning:
             result.warnings.append(warning)
         return result
+
+    async def _target(
+        self, norm: str, delegation: Delegation | None, update: bool
+    ) -> tuple[Manifest | None, int, NameKey]:
+        """The version ``norm`` has now, the highest its lineage used, and the key a new
+        version is published under (checked: this publisher may)."""
+        assert self.publisher is not None
+        try:
+            known = await self.resolve(norm)
+            previous: Manifest | None = known.manifest
+            top = known.top
+        except NotFoundError:
+            previous, top = None, 0
+        claimed = await self.prefix_owner(norm) if claimed_scope(norm) else None
+        # the name's key, and whether this key may publish under the prefix's claim
+        key = publish_key(norm, claimed, self.publisher.public_key, delegation)
+        check_publish(norm, previous, self.publisher.public_key, delegation, update, self.clock())
+        if previous is not None:
+            key = previous.key  # a name claimed after its version 1 keeps its key
+        return previous, top, key
 
     async def _abandon(self, exc: BaseException) -> None:
         """After a failed publish, tell the entry peer to drop what this connection uploaded

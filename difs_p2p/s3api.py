@@ -17,15 +17,18 @@ any claimed bucket (DIFS content is public: any gateway serves it). A bucket's c
 permanent: DeleteBucket only forgets it in the key's bucket list, the name stays the key's.
 
 An upload is published only whole and checked: the body (aws-chunked framing removed)
-is received through the checks (Content-MD5,
-x-amz-checksum-*, the signed payload hash, chunk signatures) into memory (up to
-``SMALL_BODY``) or a spool file (``DATA/s3-spool/``), and only a body that passed
-them all is published with ``Client.put``, its S3 metadata (the MD5 as ETag) signed into
-the manifest; a failed check publishes nothing, and readers never see a partial object.
-Spooling keeps the publish's worker threads (which read its source) from ever waiting on
-a slow client.
+goes through the checks (Content-MD5, x-amz-checksum-*, the signed payload hash, chunk
+signatures; hashed in worker threads) and only a body that passed them all is published,
+its S3 metadata (the MD5 as ETag) signed into the manifest; a failed check publishes
+nothing, and readers never see a partial object. A PutObject body over ``SMALL_BODY`` is
+published while it arrives (:class:`BodyPipe`: ``Client.put`` reads it in worker
+threads, up to ``PIPE_BYTES`` ahead of them), the pipe ending only once the checks passed
+and any failure (a check, the client gone) stopping the publish before the manifest is
+signed. Up to ``STREAMED_PUTS`` do so at once (each holds a worker thread waiting on its
+client); other bodies are received whole first, into memory (up to ``SMALL_BODY``) or a
+spool file (``DATA/s3-spool/``), then published.
 
-The module is longer than most (about 1,200 lines): it is the whole S3 surface, one small
+The module is longer than most (about 1,400 lines): it is the whole S3 surface, one small
 handler per operation over the Client, whose decisions are pure elsewhere (s3xml, s3auth,
 httprules, listing); splitting it would scatter the request context every handler shares.
 """
@@ -39,11 +42,13 @@ import io
 import logging
 import secrets
 import socket
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -69,7 +74,7 @@ from difs_p2p.manifest import Manifest, ObjectMeta
 from difs_p2p.names import claim_name
 from difs_p2p.s3auth import Auth, SignedRequest, authenticate, body_decoder, split_target
 from difs_p2p.s3body import BodyChecks
-from difs_p2p.s3errors import S3Error
+from difs_p2p.s3errors import S3Error, incomplete_body
 from difs_p2p.s3keys import KeyStore, S3Key
 from difs_p2p.s3multipart import MultipartStore, Upload
 from difs_p2p.tasks import TaskSet
@@ -96,11 +101,18 @@ _LONGEST_ETAG = "0" * 32 + "-10000"
 MAX_XML = s3xml.MAX_BODY
 # Bytes read from a request body at once.
 READ_CHUNK = 1 << 20
+# Bytes of a body hashed by its checks at once (one worker-thread hop).
+CHECK_BATCH = 1 << 20
 # Bytes of a body written to its spool file at once (one worker-thread hop).
 SPOOL_BATCH = 4 << 20
 # Bodies up to this size are kept in memory, not spooled: a small object costs no disk
 # round trip. (A request holds at most SPOOL_BATCH of its body in memory either way.)
 SMALL_BODY = 1 << 20
+# Bytes of a streamed PutObject body held between the request and the publish reading it.
+PIPE_BYTES = 8 << 20
+# PutObject bodies published while they arrive at once; more are spooled first. Each
+# holds a worker thread waiting on its client (the default executor has few).
+STREAMED_PUTS = 2
 # Query parameters that name a sub-resource this server does not implement.
 UNSUPPORTED = frozenset(
     {
@@ -248,9 +260,83 @@ def _empty_dir(path: Path) -> None:
         entry.unlink(missing_ok=True)
 
 
+def _check_all(checks: BodyChecks, batch: list[bytes]) -> None:
+    for data in batch:
+        checks.update(data)
+
+
 def _write_all(fh: IO[bytes], batch: list[bytes]) -> None:
     for data in batch:
         fh.write(data)
+
+
+class BodyAborted(Exception):
+    """The body a :class:`BodyPipe` was carrying failed (its feeder tells why)."""
+
+
+class BodyPipe:
+    """A request body handed from the event loop to the publish's worker threads while it
+    arrives: the loop :meth:`put` s chunks (waiting while ``limit`` bytes are unread) and
+    :meth:`close` s it only once the body passed every check; a thread :meth:`read` s it
+    as a file. :meth:`fail` (a check failed, the client left) makes every read raise
+    :class:`BodyAborted`, so the publish stops before signing anything."""
+
+    def __init__(self, limit: int = PIPE_BYTES) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._cond = threading.Condition()
+        self._chunks: deque[bytes] = deque()
+        self._held = 0
+        self._limit = limit
+        self._space = asyncio.Event()
+        self.closed = False  # the whole body is in and checked
+        self.failed = False
+
+    async def put(self, data: bytes) -> None:
+        while True:
+            with self._cond:
+                if self.failed:
+                    raise BodyAborted("the publish stopped reading")
+                if self._held < self._limit:
+                    self._chunks.append(data)
+                    self._held += len(data)
+                    self._cond.notify()
+                    return
+                self._space.clear()
+            await self._space.wait()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def fail(self) -> None:
+        with self._cond:
+            self.failed = True
+            self._chunks.clear()
+            self._held = 0
+            self._cond.notify_all()
+        self._loop.call_soon_threadsafe(self._space.set)
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (blocks until some are there); b"" at the checked end."""
+        with self._cond:
+            while not self._chunks and not self.closed and not self.failed:
+                self._cond.wait()
+            if self.failed:
+                raise BodyAborted("the request body failed")
+            out: list[bytes] = []
+            got = 0
+            while self._chunks and (size < 0 or got < size):
+                data = self._chunks.popleft()
+                if size >= 0 and got + len(data) > size:
+                    self._chunks.appendleft(data[size - got :])
+                    data = data[: size - got]
+                out.append(data)
+                got += len(data)
+            self._held -= got
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            self._loop.call_soon_threadsafe(self._space.set)
+        return b"".join(out)
 
 
 class S3Server:
@@ -280,6 +366,10 @@ class S3Server:
         # bodies being streamed (GetObject), and how many may be at once
         self.streams = 0
         self.max_streams = MAX_STREAMS
+        # PutObject bodies being published while they arrive, and how many may be at once
+        # (the others are spooled first)
+        self.streamed_puts = 0
+        self.max_streamed_puts = STREAMED_PUTS
         self._tasks = TaskSet("s3")
         self.io_timeout = io_timeout
         self.clock = clock
@@ -872,9 +962,14 @@ class _Ctx:
 
     async def _payload(self, checks: BodyChecks | None = None) -> AsyncIterator[bytes]:
         """The request's payload (aws-chunked framing removed), through ``checks``, which
-        are verified before the end is reported: a failed check raises instead."""
+        are verified before the end is reported: a failed check raises instead. The
+        checks hash a batch (CHECK_BATCH bytes) in a worker thread while the next one is
+        read: the loop never hashes a large body."""
         decoder = body_decoder(self.auth, self._headers())
         content = self.request.content
+        hashing: asyncio.Future[None] | None = None
+        batch: list[bytes] = []
+        gathered = 0
         while True:
             data = await content.read(READ_CHUNK)
             if not data:
@@ -882,12 +977,24 @@ class _Ctx:
             pieces = decoder.feed(data) if decoder is not None else [data]
             for piece in pieces:
                 piece = bytes(piece)
+                if not piece:
+                    continue
                 if checks is not None:
-                    checks.update(piece)
-                if piece:
-                    yield piece
+                    batch.append(piece)
+                    gathered += len(piece)
+                    if gathered >= CHECK_BATCH:
+                        if hashing is not None:
+                            await hashing
+                        hashing = asyncio.ensure_future(
+                            asyncio.to_thread(_check_all, checks, batch)
+                        )
+                        batch, gathered = [], 0
+                yield piece
         trailers = decoder.finish() if decoder is not None else {}
         if checks is not None:
+            if hashing is not None:
+                await hashing
+            _check_all(checks, batch)
             checks.verify(trailers)
 
     async def _receive(self, chunks: AsyncIterator[bytes]) -> bytes | Path:
@@ -949,6 +1056,63 @@ class _Ctx:
             log.warning("s3_put_warning name=%s warning=%s", name, warning)
         return result.manifest
 
+    def _streamable(self) -> bool:
+        """Whether this PutObject's body is large enough to publish while it arrives (a
+        small one is received whole: no worker thread waits on it)."""
+        text = self.request.headers.get("x-amz-decoded-content-length")
+        if text is None:
+            text = self.request.headers.get("Content-Length")
+        return text is None or not text.isdigit() or int(text) > SMALL_BODY
+
+    async def _publish_streamed(
+        self, chunks: AsyncIterator[bytes], name: str, meta: Callable[[], ObjectMeta]
+    ) -> Manifest:
+        """Publish ``chunks`` as they arrive, through a :class:`BodyPipe` the publish's
+        worker threads read. The pipe ends only once every check passed (``chunks``
+        raises otherwise), and ``meta`` is asked only then, before the manifest is
+        signed; on a failed check, a client gone or any error the pipe fails, the publish
+        stops and abandons what it uploaded: nothing is published."""
+        pipe = BodyPipe()
+
+        async def feed() -> None:
+            try:
+                async for chunk in chunks:
+                    await pipe.put(chunk)
+            except BaseException:
+                pipe.fail()
+                raise
+            pipe.close()
+
+        def checked_meta() -> ObjectMeta:
+            if not pipe.closed or pipe.failed:
+                raise BodyAborted("the body was not received whole")
+            return meta()
+
+        feeder = asyncio.ensure_future(feed())
+        try:
+            result = await self.client.put(
+                cast(IO[bytes], pipe), name, update=True, metadata_after=checked_meta, fresh=True
+            )
+        except BaseException as exc:
+            pipe.fail()
+            feeder.cancel()
+            await asyncio.wait([feeder])
+            if not isinstance(exc, Exception):  # cancelled (the client left): stays so
+                raise
+            failure = None if feeder.cancelled() else feeder.exception()
+            if failure is not None:
+                raise failure from None  # why the body failed: a check, the client
+            if isinstance(exc, BodyAborted):
+                raise incomplete_body("the body stopped before its end") from None
+            raise
+        finally:
+            if not feeder.done():
+                feeder.cancel()
+                await asyncio.wait([feeder])
+        for warning in result.warnings:
+            log.warning("s3_put_warning name=%s warning=%s", name, warning)
+        return result.manifest
+
     def _stored_meta(self) -> dict[str, str]:
         """The request's metadata headers, checked (with the longest ETag) before any
         body is read."""
@@ -961,9 +1125,17 @@ class _Ctx:
         await self._own_bucket()
         stored = self._stored_meta()
         checks = BodyChecks(self._headers(), self.auth.payload)
-        manifest = await self._publish(
-            self._payload(checks), name, lambda: object_meta(stored, checks.md5_hex)
-        )
+        payload = self._payload(checks)
+        meta = lambda: object_meta(stored, checks.md5_hex)  # noqa: E731
+        server = self.server
+        if self._streamable() and server.streamed_puts < server.max_streamed_puts:
+            server.streamed_puts += 1
+            try:
+                manifest = await self._publish_streamed(payload, name, meta)
+            finally:
+                server.streamed_puts -= 1
+        else:
+            manifest = await self._publish(payload, name, meta)
         etag = f'"{checks.md5_hex}"'
         return web.Response(
             status=200, headers={"ETag": etag, "x-amz-version-id": str(manifest.version)}
@@ -1125,7 +1297,9 @@ class _Ctx:
         if "x-amz-copy-source" in self.request.headers:
             return await self._upload_part_copy(upload, number)
         checks = BodyChecks(self._headers(), self.auth.payload)
-        part = await self.server.uploads.put_part(upload.upload_id, number, self._payload(checks))
+        part = await self.server.uploads.put_part(
+            upload.upload_id, number, self._payload(checks), md5=lambda: checks.md5_hex
+        )
         return web.Response(status=200, headers={"ETag": f'"{part.etag}"'})
 
     async def _upload_part_copy(self, upload: Upload, number: int) -> web.Response:

@@ -9,7 +9,8 @@ The store never publishes and never touches what is published.
 Layout under the root (``DATA/s3-uploads/``)::
 
     index.sqlite3              uploads (id, bucket, key, access key, meta, created) and
-                               parts (upload, number, etag, size, modified, file)
+                               parts (upload, number, etag, size, modified, file,
+                               crc32c: what the reader checks the file against)
     <upload id>/               one directory per upload (the id is 32 hex digits)
     <upload id>/<n>.<gen>      part n; gen is random per write, the row names the file
     <upload id>/.tmp-...       a part being written
@@ -109,6 +110,7 @@ CREATE TABLE IF NOT EXISTS parts (
     size INTEGER NOT NULL,
     modified REAL NOT NULL,
     file TEXT NOT NULL,
+    crc32c INTEGER,
     PRIMARY KEY (upload, number)
 );
 """
@@ -187,6 +189,7 @@ class MultipartStore:
         except OSError as exc:
             raise StorageError(f"cannot create {self.root}: {exc.strerror or exc}") from exc
         self.db = Database(self.root / "index.sqlite3", "the multipart upload index", _SCHEMA)
+        self.db.add_columns("parts", {"crc32c": "INTEGER"})  # an index of an older version
         # bytes of committed parts, and of parts being written (reserved as they arrive)
         self._staged = 0
         self._writing = 0
@@ -320,9 +323,16 @@ class MultipartStore:
     # -- parts ------------------------------------------------------------------------------
 
     async def put_part(
-        self, upload_id: str, number: int, chunks: AsyncIterator[bytes | memoryview]
+        self,
+        upload_id: str,
+        number: int,
+        chunks: AsyncIterator[bytes | memoryview],
+        md5: Callable[[], str] | None = None,
     ) -> Part:
         """Store part ``number`` of the upload from ``chunks`` (replacing an earlier one).
+
+        ``md5``, if given, gives the part's MD5 (hex) once ``chunks`` ended: the producer
+        hashed the bytes on their way (an S3 body's checks), so they are not hashed again.
 
         Chunks are copied as they arrive (a producer may reuse its buffer) and written in
         batches of about 1 MiB by a worker thread while the next batch is read: the loop
@@ -337,7 +347,9 @@ class MultipartStore:
         writer: PartWriter | None = None
         recorded = False
         try:
-            writer = await _disk(upload_id, number, PartWriter, self.root / upload_id, number)
+            writer = await _disk(
+                upload_id, number, PartWriter, self.root / upload_id, number, md5 is None
+            )
             pending: asyncio.Future[None] | None = None
             batch: list[bytes] = []
             gathered = 0
@@ -365,7 +377,10 @@ class MultipartStore:
             if pending is not None:
                 pending.result()
             await _disk(upload_id, number, writer.finish, batch)
-            part, replaced = await _disk(upload_id, number, self._record, upload_id, number, writer)
+            etag = md5() if md5 is not None else None
+            part, replaced = await _disk(
+                upload_id, number, self._record, upload_id, number, writer, etag
+            )
             recorded = True
             self._add(staged=part.size - replaced)
             return part
@@ -384,10 +399,16 @@ class MultipartStore:
         if self.max_staged is not None and self.staged_bytes() + more > self.max_staged:
             raise _no_space("staging a part")
 
-    def _record(self, upload_id: str, number: int, writer: PartWriter) -> tuple[Part, int]:
+    def _record(
+        self, upload_id: str, number: int, writer: PartWriter, etag: str | None
+    ) -> tuple[Part, int]:
         """Point the part's row at the new file (worker thread) and delete the file it
-        replaces; the part and the size it replaced. NoSuchUpload if the upload is gone."""
-        part = Part(number, writer.md5.hexdigest(), writer.size, self.clock())
+        replaces; the part (``etag``: its MD5 when the writer did not hash it) and the size
+        it replaced. NoSuchUpload if the upload is gone."""
+        if etag is None:
+            assert writer.md5 is not None
+            etag = writer.md5.hexdigest()
+        part = Part(number, etag, writer.size, self.clock())
         with self.db.locked(f"recording part {number}") as conn, self.db.transaction():
             if conn.execute("SELECT 1 FROM uploads WHERE id = ?", (upload_id,)).fetchone() is None:
                 raise no_such_upload(upload_id)
@@ -396,9 +417,18 @@ class MultipartStore:
                 (upload_id, number),
             ).fetchone()
             conn.execute(
-                "INSERT OR REPLACE INTO parts (upload, number, etag, size, modified, file)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (upload_id, number, part.etag, part.size, part.modified, writer.final),
+                "INSERT OR REPLACE INTO parts"
+                " (upload, number, etag, size, modified, file, crc32c)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    upload_id,
+                    number,
+                    part.etag,
+                    part.size,
+                    part.modified,
+                    writer.final,
+                    writer.crc32c,
+                ),
             )
         if old is None:
             return part, 0
@@ -448,9 +478,12 @@ class MultipartStore:
             raise malformed_xml("a multipart upload needs at least one part")
         with self.db.locked("reading parts") as conn:
             found = {
-                int(n): PartRow(upload_id, int(n), str(f), str(e), int(z))
-                for n, f, e, z in conn.execute(
-                    "SELECT number, file, etag, size FROM parts WHERE upload = ?", (upload_id,)
+                int(n): PartRow(
+                    upload_id, int(n), str(f), str(e), int(z), None if c is None else int(c)
+                )
+                for n, f, e, z, c in conn.execute(
+                    "SELECT number, file, etag, size, crc32c FROM parts WHERE upload = ?",
+                    (upload_id,),
                 )
             }
         rows = []

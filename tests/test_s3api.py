@@ -30,6 +30,9 @@ from botocore.exceptions import ClientError
 
 from difs_p2p.peer import Peer
 from difs_p2p.s3api import (
+    STREAMED_PUTS,
+    BodyAborted,
+    BodyPipe,
     meta_headers,
     object_meta,
     parse_copy_source,
@@ -40,7 +43,7 @@ from difs_p2p.s3auth import signing_key
 from difs_p2p.s3body import ChunkSigner
 from difs_p2p.s3errors import S3Error
 from difs_p2p.s3keys import S3Key
-from tests.helpers import BIN, peer_config, start_peers, stop_all
+from tests.helpers import BIN, peer_config, start_peers, stop_all, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -388,7 +391,7 @@ async def test_copy_object(net: Net) -> None:
 
 async def test_bad_content_md5_publishes_nothing(net: Net) -> None:
     """A body that does not match its Content-MD5 is refused and nothing is published,
-    small (in memory) or large (spooled: the spool file is removed)."""
+    small (in memory) or large (published while it arrives: abandoned at the end)."""
     s3 = net.alice
     wrong = base64.b64encode(hashlib.md5(b"other").digest()).decode()
     code = await code_of(
@@ -396,7 +399,7 @@ async def test_bad_content_md5_publishes_nothing(net: Net) -> None:
     )
     assert code == "BadDigest"
     assert await code_of(s3.head_object, Bucket="alice.com", Key="bad-md5") == "404"
-    big = os.urandom(3 * MiB)  # over SMALL_BODY: received in a spool file
+    big = os.urandom(3 * MiB)  # over SMALL_BODY: streamed to the publish
     code = await code_of(
         s3.put_object, Bucket="alice.com", Key="bad-big", Body=big, ContentMD5=wrong
     )
@@ -407,6 +410,120 @@ async def test_bad_content_md5_publishes_nothing(net: Net) -> None:
     got = await run(s3.get_object, Bucket="alice.com", Key="big")
     assert await run(got["Body"].read) == big
     assert list((net.peers[-1].data_dir / "s3-spool").iterdir()) == []
+
+
+async def test_busy_streams_spool_the_body(net: Net) -> None:
+    """With every streamed PutObject slot taken, a large body is spooled first: a bad
+    Content-MD5 publishes nothing and leaves no spool file, a good one is published."""
+    s3 = net.alice
+    server = net.peers[-1].s3
+    assert server is not None
+    big = os.urandom(3 * MiB)
+    wrong = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+    right = base64.b64encode(hashlib.md5(big).digest()).decode()
+    server.max_streamed_puts = 0
+    try:
+        code = await code_of(
+            s3.put_object, Bucket="alice.com", Key="spooled", Body=big, ContentMD5=wrong
+        )
+        assert code == "BadDigest"
+        assert await code_of(s3.head_object, Bucket="alice.com", Key="spooled") == "404"
+        await run(s3.put_object, Bucket="alice.com", Key="spooled", Body=big, ContentMD5=right)
+    finally:
+        server.max_streamed_puts = STREAMED_PUTS
+    got = await run(s3.get_object, Bucket="alice.com", Key="spooled")
+    assert await run(got["Body"].read) == big
+    assert list((net.peers[-1].data_dir / "s3-spool").iterdir()) == []
+
+
+async def test_body_pipe_reads_and_failures() -> None:
+    """A BodyPipe hands its chunks out in the sizes asked, ends only when closed, waits
+    for room past its limit, and raises on every read once failed."""
+    pipe = BodyPipe(limit=8)
+    await pipe.put(b"abcde")
+    await pipe.put(b"fgh")
+    waiting = asyncio.ensure_future(pipe.put(b"ijk"))  # past the limit: waits for a read
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    assert await asyncio.to_thread(pipe.read, 3) == b"abc"
+    await waiting
+    assert await asyncio.to_thread(pipe.read, 100) == b"defghijk"
+    pipe.close()
+    assert await asyncio.to_thread(pipe.read, 100) == b""
+    failed = BodyPipe()
+    reader = asyncio.ensure_future(asyncio.to_thread(failed.read, 10))  # waits for data
+    failed.fail()
+    with pytest.raises(BodyAborted):
+        await reader
+    with pytest.raises(BodyAborted):
+        await failed.put(b"late")
+
+
+class _UnsignedSigV4(S3SigV4Auth):  # type: ignore[misc]
+    """botocore's SigV4 over an unsigned payload."""
+
+    def payload(self, request: AWSRequest) -> str:
+        return "UNSIGNED-PAYLOAD"
+
+
+async def test_disconnect_mid_body_publishes_nothing(net: Net) -> None:
+    """A client that hangs up halfway through a streamed PutObject body publishes
+    nothing, and the key can be written afterwards."""
+    server = net.peers[-1].s3
+    assert server is not None
+    url = f"{net.url}/alice.com/hung-up.bin"
+    size = 4 * MiB
+    req = AWSRequest(method="PUT", url=url, data=b"", headers={"Content-Length": str(size)})
+    key = net.alice_key
+    _UnsignedSigV4(Credentials(key.access_key, key.secret), "s3", "us-east-1").add_auth(req)
+    host, port = server.bound
+    _, writer = await asyncio.open_connection(host, port)
+    head = f"PUT /alice.com/hung-up.bin HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    for name, value in req.headers.items():
+        head += f"{name}: {value}\r\n"
+    writer.write(head.encode() + b"\r\n" + os.urandom(size // 2))
+    await writer.drain()
+    await wait_for(lambda: server.streamed_puts == 1)
+    writer.close()
+    await writer.wait_closed()
+    await wait_for(lambda: server.streamed_puts == 0)
+    assert await code_of(net.alice.head_object, Bucket="alice.com", Key="hung-up.bin") == "404"
+    data = os.urandom(2 * MiB)
+    await run(net.alice.put_object, Bucket="alice.com", Key="hung-up.bin", Body=data)
+    got = await run(net.alice.get_object, Bucket="alice.com", Key="hung-up.bin")
+    assert got["VersionId"] == "1"
+    assert await run(got["Body"].read) == data
+
+
+async def test_a_version_published_during_a_streamed_put(net: Net) -> None:
+    """A PutObject of the same key published while a large one streams does not stop it:
+    the streamed one, finishing last, becomes the next version."""
+    server = net.peers[-1].s3
+    assert server is not None
+    url = f"{net.url}/alice.com/raced.bin"
+    size = 4 * MiB
+    big = os.urandom(size)
+    req = AWSRequest(method="PUT", url=url, data=b"", headers={"Content-Length": str(size)})
+    key = net.alice_key
+    _UnsignedSigV4(Credentials(key.access_key, key.secret), "s3", "us-east-1").add_auth(req)
+    host, port = server.bound
+    reader, writer = await asyncio.open_connection(host, port)
+    head = f"PUT /alice.com/raced.bin HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    for name, value in req.headers.items():
+        head += f"{name}: {value}\r\n"
+    writer.write(head.encode() + b"\r\n" + big[: size // 2])
+    await writer.drain()
+    await wait_for(lambda: server.streamed_puts == 1)
+    await run(net.alice.put_object, Bucket="alice.com", Key="raced.bin", Body=b"small")
+    writer.write(big[size // 2 :])
+    await writer.drain()
+    answer = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert b"x-amz-version-id: 2" in answer.lower()
+    got = await run(net.alice.get_object, Bucket="alice.com", Key="raced.bin")
+    assert await run(got["Body"].read) == big
 
 
 async def test_authentication_errors(net: Net) -> None:

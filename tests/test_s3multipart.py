@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -487,15 +488,20 @@ def test_text_that_is_not_utf8_is_refused(store: MultipartStore) -> None:
     assert store.uploads("a.com", "\udc80") == []
 
 
+@pytest.mark.parametrize("checked_by", ["crc32c", "md5"])
 @pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
 async def test_a_part_damaged_on_disk_is_not_read(
-    store: MultipartStore, tmp_path: Path, damage: str
+    store: MultipartStore, tmp_path: Path, damage: str, checked_by: str
 ) -> None:
     """A part file changed since it was stored (a flipped byte, cut short, grown) makes
-    the reader raise InvalidPart at that part; the part is dropped, the others stay."""
+    the reader raise InvalidPart at that part; the part is dropped, the others stay. A
+    part staged without a CRC32C (by an older version) is checked by its MD5."""
     upload_id = store.create("a.com", "k", "AK", {})
     await store.put_part(upload_id, 1, chunks_of(b"a" * 300_000))
     await store.put_part(upload_id, 2, chunks_of(b"b" * 300_000))
+    if checked_by == "md5":
+        with store.db.locked("test") as conn:
+            conn.execute("UPDATE parts SET crc32c = NULL")
     (two,) = [p for p in (store.root / upload_id).iterdir() if p.name.startswith("2.")]
     body = bytearray(two.read_bytes())
     if damage == "flip":
@@ -513,6 +519,35 @@ async def test_a_part_damaged_on_disk_is_not_read(
     assert not two.exists()
     assert store.staged_bytes() == 300_000
     assert read_all(store, upload_id, [1]) == b"a" * 300_000
+
+
+async def test_an_index_without_crc32c_is_upgraded(tmp_path: Path, clock: Clock) -> None:
+    """An index made before parts had a CRC32C opens with the column added; its parts
+    read back (checked by their MD5) and new parts get a CRC32C."""
+    root = tmp_path / "s3-uploads"
+    store = MultipartStore(root, clock=clock)
+    upload_id = store.create("a.com", "k", "AK", {})
+    await store.put_part(upload_id, 1, chunks_of(b"old" * 1000))
+    store.close()
+    with sqlite3.connect(root / "index.sqlite3") as conn:
+        conn.execute("ALTER TABLE parts DROP COLUMN crc32c")
+    store = MultipartStore(root, clock=clock)
+    try:
+        await store.put_part(upload_id, 2, chunks_of(b"new"))
+        with store.db.locked("test") as conn:
+            crcs = conn.execute("SELECT number, crc32c FROM parts ORDER BY number").fetchall()
+        assert crcs[0] == (1, None) and crcs[1][1] is not None
+        assert read_all(store, upload_id, [1, 2]) == b"old" * 1000 + b"new"
+    finally:
+        store.close()
+
+
+async def test_a_part_hashed_by_its_producer(store: MultipartStore) -> None:
+    """A part whose producer gives its MD5 takes that as its ETag (not hashed again)."""
+    upload_id = store.create("a.com", "k", "AK", {})
+    part = await store.put_part(upload_id, 1, chunks_of(b"data"), md5=lambda: "ab" * 16)
+    assert part.etag == "ab" * 16
+    assert read_all(store, upload_id, [1]) == b"data"
 
 
 async def test_an_empty_part(store: MultipartStore) -> None:
