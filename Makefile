@@ -42,9 +42,10 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
-# two workers, a test file at a time each (pytest-xdist); `pytest tests/x.py` runs one file
+# three workers, a test file at a time each (pytest-xdist): most tests wait on sockets and
+# processes, so a third worker fills the two cores; `pytest tests/x.py` runs one file
 unit: $(STAMP) sysdeps s3tests-venv
-	$(BIN)/pytest -q -n 2 --dist loadfile
+	$(BIN)/pytest -q -n 3 --dist loadfile
 
 test: lint types unit
 
