@@ -131,6 +131,27 @@ def host_of(sock: socket.socket) -> str:
     return str(sock.getsockname()[0])
 
 
+async def serve(app: web.Application, sock: socket.socket) -> web.AppRunner:
+    """Serve ``app`` on the bound ``sock`` (from :func:`listen`), which it then owns (closed
+    here if serving cannot start). A client that disconnects cancels its handler, which
+    closes what the handler opened (a stream's fetch); ``cleanup()`` of the runner stops."""
+    try:
+        runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+        )
+        await runner.setup()
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        sock.close()
+        await runner.cleanup()
+        raise
+    return runner
+
+
 class Gateway:
     """The HTTP server. ``await gw.start(listen(host, port))``, then ``await gw.stop()``."""
 
@@ -170,15 +191,8 @@ class Gateway:
         """Serve on ``sock`` (from :func:`listen`), which the gateway now owns."""
         self.bound = (host_of(sock), sock.getsockname()[1])
         try:
-            # a client that disconnects cancels its handler (which closes the fetch)
-            runner = web.AppRunner(
-                self.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
-            )
-            await runner.setup()
-            self._runner = runner
-            await web.SockSite(runner, sock).start()
+            self._runner = await serve(self.app, sock)
         except BaseException:
-            sock.close()
             await self.stop()
             raise
         log.info("gateway_started url=%s", self.url)

@@ -67,7 +67,7 @@ from difs_p2p.errors import (
     PermissionDeniedError,
     UsageError,
 )
-from difs_p2p.gateway import BODY_BUFFER, host_of, http_url
+from difs_p2p.gateway import BODY_BUFFER, host_of, http_url, serve
 from difs_p2p.identity import fingerprint
 from difs_p2p.listing import decode_token, encode_token, object_etag
 from difs_p2p.manifest import Manifest, ObjectMeta
@@ -391,14 +391,13 @@ class S3Server:
         self.bound = (host_of(sock), sock.getsockname()[1])
         try:
             await asyncio.to_thread(_empty_dir, self.spool)
-            runner = web.AppRunner(
-                self.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
-            )
-            await runner.setup()
-            self._runner = runner
-            await web.SockSite(runner, sock).start()
         except BaseException:
             sock.close()
+            await self.stop()
+            raise
+        try:
+            self._runner = await serve(self.app, sock)
+        except BaseException:
             await self.stop()
             raise
         self._tasks.spawn(self._expire_loop(), "s3-expire")
