@@ -26,10 +26,16 @@ $(S3TESTS_STAMP): tests/data/s3tests-requirements.txt
 
 s3tests-venv: $(S3TESTS_STAMP)
 
-# iproute2 and nftables for the multi-host tests and benchmark, ffmpeg, chromium and curl for
-# the gateway's clients, rclone and s3cmd for the S3 clients (as root on Debian, if missing)
+# The commands the tests and benchmarks drive, as COMMAND:DEBIAN_PACKAGE, installed by
+# .ci/sysdeps when missing (as root on Debian): `ip` and `nft` for the multi-host tests in
+# network namespaces, `systemd-analyze` for deploy/difs-peer.service, `promtool` to lint the
+# peer's /metrics, `ffmpeg`/`ffprobe`, `chromium` and `curl` as the HTTP gateway's clients,
+# `rclone` and `s3cmd` as S3 clients.
+SYSDEPS := ip:iproute2 nft:nftables systemd-analyze:systemd promtool:prometheus \
+	ffmpeg:ffmpeg ffprobe:ffmpeg chromium:chromium curl:curl rclone:rclone s3cmd:s3cmd
+
 sysdeps:
-	.ci/sysdeps
+	.ci/sysdeps $(SYSDEPS)
 
 demo: $(STAMP)
 	$(BIN)/python -m difs_p2p.demo
@@ -43,9 +49,10 @@ types: $(STAMP)
 	$(BIN)/mypy
 
 # three workers, a test file at a time each (pytest-xdist): most tests wait on sockets and
-# processes, so a third worker fills the two cores; `pytest tests/x.py` runs one file
+# processes, so a third worker fills the two cores; `pytest tests/x.py` runs one file. Here a
+# skipped test fails (tests/conftest.py): everything it needs was installed above.
 unit: $(STAMP) sysdeps s3tests-venv
-	$(BIN)/pytest -q -n 3 --dist loadfile
+	DIFS_TESTS_REQUIRE_ALL=1 $(BIN)/pytest -q -n 3 --dist loadfile
 
 test: lint types unit
 

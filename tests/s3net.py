@@ -36,19 +36,6 @@ STOP_TIMEOUT = 30.0
 
 
 @functools.cache
-def difs_has_s3() -> bool:
-    """Whether ``difs-peer join`` has the ``--s3`` option."""
-    out = subprocess.run(
-        [str(BIN / "difs-peer"), "join", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=dict(os.environ, COLUMNS="200"),
-    )
-    return "--s3" in out.stdout
-
-
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that was free a moment ago (for servers without port 0)."""
     with socket.socket() as sock:

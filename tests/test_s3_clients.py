@@ -22,15 +22,11 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from difs_p2p.identity import Identity, load_or_create
-from tests.s3net import BIN, S3Network, difs_has_s3, start_s3_network
+from tests.s3net import BIN, S3Network, start_s3_network
 
 # DIFS_S3_CLIENTS_URL=http://HOST:PORT runs these tests against another S3 server instead
 # (moto_server, say: any access key works there), to tell a client's quirk from ours.
 OTHER = os.environ.get("DIFS_S3_CLIENTS_URL")
-
-pytestmark = pytest.mark.skipif(
-    not OTHER and not difs_has_s3(), reason="this difs-peer has no --s3"
-)
 
 MiB = 1 << 20
 REGION = "us-east-1"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3net import difs_has_s3, start_moto, start_s3_network
+from tests.s3net import start_moto, start_s3_network
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -211,7 +211,7 @@ def run_suite(cwd: Path, config: str, node_ids: list[str]) -> set[str]:
 class Runs:
     selected: list[str]
     moto: set[str]
-    difs: set[str] | None  # None: this DIFS has no S3 API
+    difs: set[str]
 
 
 @pytest.fixture(scope="module")
@@ -222,29 +222,30 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     selected = select(collect(), include, exclude)
     assert selected
     moto = start_moto()
-    net = start_s3_network(root / "net") if difs_has_s3() else None
+    try:
+        net = start_s3_network(root / "net")
+    except BaseException:
+        moto.stop()
+        raise
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             any_key = ("difs-test-key", "difs-test-secret")
             moto_run = pool.submit(
                 run_suite, root / "moto", suite_config(moto.url, any_key, any_key), selected
             )
-            difs_run = None
-            if net is not None:
-                main, alt = net.create_key("main"), net.create_key("alt")
-                difs_run = pool.submit(
-                    run_suite, root / "difs", suite_config(net.url, main, alt), selected
-                )
+            main, alt = net.create_key("main"), net.create_key("alt")
+            difs_run = pool.submit(
+                run_suite, root / "difs", suite_config(net.url, main, alt), selected
+            )
             names = {f"{n.split('::')[-2]}::{n.split('::')[-1]}" for n in selected}
             moto_passed = moto_run.result() & names
-            difs_passed = None if difs_run is None else difs_run.result() & names
+            difs_passed = difs_run.result() & names
     finally:
         moto.stop()
-        if net is not None:
-            net.stop()
+        net.stop()
     print(
         f"s3-tests: {len(selected)} selected; moto passed {len(moto_passed)}; "
-        + ("DIFS has no S3 API" if difs_passed is None else f"DIFS passed {len(difs_passed)}")
+        f"DIFS passed {len(difs_passed)}"
     )
     if os.environ.get("DIFS_S3TESTS_KEEP"):
         shutil.copytree(root, Path(os.environ["DIFS_S3TESTS_KEEP"]), dirs_exist_ok=True)
@@ -262,8 +263,6 @@ def test_moto_passes_the_harness_baseline(runs: Runs) -> None:
 @pytest.mark.timeout(RUN_TIMEOUT + 120)
 def test_difs_passes_every_supported_test_moto_passes(runs: Runs) -> None:
     """Among the supported operations DIFS passes at least what moto passes."""
-    if runs.difs is None:
-        pytest.skip("this difs-peer has no --s3")
     missing = sorted(runs.moto - runs.difs)
     assert missing == [], f"moto passes, DIFS fails: {missing}"
 
@@ -272,8 +271,6 @@ def test_difs_passes_every_supported_test_moto_passes(runs: Runs) -> None:
 @pytest.mark.timeout(RUN_TIMEOUT + 120)
 def test_difs_pass_count_never_falls(runs: Runs) -> None:
     """DIFS passes at least as many tests as s3tests-ratchet.json records."""
-    if runs.difs is None:
-        pytest.skip("this difs-peer has no --s3")
     floor = json.loads((DATA / "s3tests-ratchet.json").read_text())["difs_passed"]
     assert len(runs.difs) >= floor, f"DIFS passed {len(runs.difs)}, the ratchet is {floor}"
     if len(runs.difs) > floor:
