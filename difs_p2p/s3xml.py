@@ -308,11 +308,12 @@ def _enc(text: str, url: bool) -> str:
     return quote(text, safe="/") if url else text
 
 
-def _owner(doc: _Doc, owner_id: str, name: str) -> None:
-    doc.open("Owner")
+def _owner(doc: _Doc, owner_id: str, name: str, tag: str = "Owner") -> None:
+    """An ``Owner`` (or ``Initiator``) element: ID and DisplayName."""
+    doc.open(tag)
     doc.leaf("ID", owner_id)
     doc.leaf("DisplayName", name)
-    doc.close("Owner")
+    doc.close(tag)
 
 
 def error_xml(
@@ -561,9 +562,7 @@ def list_parts(
     doc = _Doc()
     doc.open("ListPartsResult", ns=True)
     doc.leaves([("Bucket", bucket), ("Key", key), ("UploadId", upload_id)])
-    doc.open("Initiator")
-    doc.leaves([("ID", owner[0]), ("DisplayName", owner[1])])
-    doc.close("Initiator")
+    _owner(doc, *owner, tag="Initiator")
     _owner(doc, *owner)
     doc.leaf("StorageClass", "STANDARD")
     doc.leaf("PartNumberMarker", marker)
@@ -604,9 +603,7 @@ def list_uploads(
     for u in uploads:
         doc.open("Upload")
         doc.leaves([("Key", u.key), ("UploadId", u.upload_id)])
-        doc.open("Initiator")
-        doc.leaves([("ID", owner[0]), ("DisplayName", owner[1])])
-        doc.close("Initiator")
+        _owner(doc, *owner, tag="Initiator")
         _owner(doc, *owner)
         doc.leaf("StorageClass", "STANDARD")
         doc.leaf("Initiated", timestamp(u.initiated))
