@@ -30,6 +30,7 @@ from typing import Any
 import blake3
 
 from bench.peers import cpu_seconds, peak_rss_mb, start_network, stop_processes, write_results
+from bench.torrent import beside_libtorrent, print_beside
 from difs_p2p.client import Client
 
 MiB = 1 << 20
@@ -304,6 +305,9 @@ def main() -> int:
         rows: list[dict[str, Any]] = []
         for size in sizes:
             rows += content_bench(root / str(size), size)
+        # libtorrent on the same 256 MiB file, beside our whole `difs get` (bench/torrent.py)
+        torrent_src = root / str(256 * MiB) / "src.bin"
+        beside = beside_libtorrent(torrent_src) if 256 * MiB in sizes else None
     print(f"{'limit':<26}{'MB/s':>8}")
     for name, value in limits.items():
         print(f"{name:<26}{value:>8.0f}")
@@ -345,7 +349,10 @@ def main() -> int:
                 f"{row['op']:<26}{row['normal_seconds']:>10.3f}{row['seconds']:>10.3f}"
                 f"{row['ratio']:>10.2f}{row['transfer_ratio']:>12.2f}"
             )
-    write_results("latest", {"limits": limits, "rows": rows, "sizes": sizes})
+    if beside is not None:
+        print()
+        print_beside(beside)
+    write_results("latest", {"limits": limits, "rows": rows, "sizes": sizes, "libtorrent": beside})
     return 0
 
 
