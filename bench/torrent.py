@@ -12,11 +12,12 @@ buffers, socket buffers and disk queues, a faster tick, torrents that start at o
 than on the auto-manager's next pass; otherwise libtorrent's stock settings and flags (the
 fetcher then connects over uTP, about 1 s after the torrent is added).
 
-``beside_libtorrent`` is what ``python -m bench`` runs after its 256 MiB fetches: our
-whole command (``difs get NAME -o FILE``, the process's wall time including start-up and
-exit, the object published with r = 1 on a network of two ``difs-peer`` processes), then
-libtorrent tuned and default on the same source file, ``DIFS_BENCH_TORRENT_RUNS`` times
-alternated (default 1), and our ratio to libtorrent's tuned figure (target >= 5).
+``beside_libtorrent`` is what ``python -m bench`` runs after its fetches, on the source
+file of its smallest size (256 MiB by default): our whole command (``difs get NAME -o
+FILE``, the process's wall time including start-up and exit, the object published with
+r = 1 on a network of two ``difs-peer`` processes), then libtorrent tuned and default on
+the same source file, ``DIFS_BENCH_TORRENT_RUNS`` times alternated (default 1), and our
+ratio to libtorrent's tuned figure (target >= 5).
 ``python -m bench.torrent`` does the same on a file of ``DIFS_BENCH_MIB`` MiB (default
 256) and writes ``bench/results/torrent.json``.
 """
