@@ -106,8 +106,11 @@ def entry_batches(
     return batches
 
 
-# Keys whose last resolve a ResolveCache keeps, and keys whose last write it remembers.
+# Keys whose last resolve a ResolveCache keeps, the bytes of records and entries it keeps
+# (an answer above a sixteenth of them is not kept: a name with hundreds of entries is
+# rarely a small hot one), and keys whose last write it remembers.
 RESOLVE_CACHE_KEYS = 4096
+RESOLVE_CACHE_BYTES = 16 << 20
 _WRITES_REMEMBERED = 4096
 
 Resolution = tuple[list[bytes], list[bytes]]
@@ -127,9 +130,13 @@ class ResolveCache:
     never anything else.
     """
 
-    def __init__(self, bound: float, size: int = RESOLVE_CACHE_KEYS) -> None:
+    def __init__(
+        self, bound: float, size: int = RESOLVE_CACHE_KEYS, max_bytes: int = RESOLVE_CACHE_BYTES
+    ) -> None:
         self.bound = bound
         self.size = size
+        self.max_bytes = max_bytes
+        self.bytes = 0  # of the records and entries kept
         self._answers: OrderedDict[bytes, tuple[float, Resolution]] = OrderedDict()
         self._epoch = 0  # counts writes
         self._writes: OrderedDict[bytes, int] = OrderedDict()  # key -> epoch of its last write
@@ -142,7 +149,7 @@ class ResolveCache:
             return None
         at, (records, entries) = hit
         if not 0 <= now - at <= self.bound:
-            del self._answers[key]
+            self._drop(key)
             return None
         return list(records), list(entries)
 
@@ -156,24 +163,36 @@ class ResolveCache:
 
     def keep(self, key: bytes, token: int, now: float, answer: Resolution) -> bool:
         """Keep ``answer`` for ``key`` unless a write to it began since ``token``."""
-        if self.bound <= 0 or not self.current(key, token):
+        weight = _weight(answer)
+        if self.bound <= 0 or not self.current(key, token) or weight > self.max_bytes // 16:
             return False
-        self._answers.pop(key, None)
+        self._drop(key)
         self._answers[key] = (now, (list(answer[0]), list(answer[1])))
-        while len(self._answers) > self.size:
-            self._answers.popitem(last=False)
+        self.bytes += weight
+        while len(self._answers) > self.size or self.bytes > self.max_bytes:
+            self._drop(next(iter(self._answers)))  # the oldest
         return True
+
+    def _drop(self, key: bytes) -> None:
+        gone = self._answers.pop(key, None)
+        if gone is not None:
+            self.bytes -= _weight(gone[1])
 
     def written(self, key: bytes) -> None:
         """A write through this peer to ``key`` begins or ended: drop its answer; resolves
         begun before now are not kept."""
         self._epoch += 1
-        self._answers.pop(key, None)
+        self._drop(key)
         self._writes.pop(key, None)
         self._writes[key] = self._epoch
         while len(self._writes) > _WRITES_REMEMBERED:
             _, epoch = self._writes.popitem(last=False)
             self._floor = max(self._floor, epoch)
+
+
+def _weight(answer: Resolution) -> int:
+    """The bytes of an answer's records and entries."""
+    return sum(map(len, answer[0])) + sum(map(len, answer[1]))
 
 
 def union(paths: Sequence[Sequence[Contact]], key: bytes) -> list[Contact]:

@@ -54,8 +54,9 @@ def test_resolve_cache_rules(steps: list[str], now: float, hit: bool) -> None:
 
 
 def test_resolve_cache_off_bounded_and_copies() -> None:
-    """Bound 0 keeps nothing; the oldest key goes first beyond ``size``; a forgotten
-    write makes older lookups unkeepable; callers get copies."""
+    """Bound 0 keeps nothing; the oldest key goes first beyond ``size`` or the byte
+    budget, a large answer is not kept; a forgotten write makes older lookups unkeepable;
+    callers get copies."""
     off = ResolveCache(0.0)
     assert not off.keep(A, off.begin(), 1.0, ANSWER)
     small = ResolveCache(5.0, size=1)
@@ -66,6 +67,12 @@ def test_resolve_cache_off_bounded_and_copies() -> None:
     assert got is not None
     got[0].append(b"mine")
     assert small.get(B, 1.0) == ANSWER
+    weighed = ResolveCache(5.0, max_bytes=16 * 20)  # keeps answers of at most 20 bytes
+    assert not weighed.keep(A, weighed.begin(), 1.0, ([b"r" * 15], [b"e" * 6]))
+    for i in range(40):  # 11 bytes each: 440 in all
+        assert weighed.keep(i.to_bytes(20, "big"), weighed.begin(), 1.0, ANSWER)
+    assert weighed.bytes <= 16 * 20 and weighed.get((39).to_bytes(20, "big"), 1.0) == ANSWER
+    assert weighed.get(bytes(20), 1.0) is None  # the oldest went first
     many = ResolveCache(5.0)
     old = many.begin()
     for i in range(5000):  # more writes than are remembered one by one
