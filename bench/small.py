@@ -6,7 +6,8 @@ Run with ``python -m bench.small``. For each concurrency level C (``1`` and ``16
 clients fetch them all back in a shuffled order and compare every byte with the source
 (cold: each name once, so every resolve is a lookup), then fetch again, N fetches in all,
 fetcher j one name over and over (hot: a resolve within the entry peer's resolve cache
-bound, ``resolve_cache``, 1 s by default, is answered from it). Client j enters the
+bound, ``--resolve-cache``, 1 s here unless ``DIFS_BENCH_SMALL_CACHE`` says otherwise, is
+answered from it). Client j enters the
 network through peer j mod 20 (publish) or j + 10 mod 20 (fetch) and is reused for all
 its operations, after one untimed warm-up operation. All clients run in this one
 process. After the publishes, untimed, each publisher updates one of its names and reads
@@ -81,6 +82,9 @@ SEED = 1
 # phase's per-operation figures. DIFS_BENCH_SMALL_REPAIR=3600 (--repair-interval of the
 # peers) leaves it out of them.
 BACKGROUND_WINDOW = 10.0
+# The peers' resolve cache (seconds; difs-peer join --resolve-cache): the staleness bound of
+# a reader through another entry peer than the writer's.
+RESOLVE_CACHE = os.environ.get("DIFS_BENCH_SMALL_CACHE", "1")
 # The targets (ops/s at 16 concurrent clients).
 TARGETS = {"publish": 300.0, "fetch (cold)": 2000.0, "fetch (hot)": 2000.0}
 
@@ -464,7 +468,7 @@ async def run(
     procs: list[subprocess.Popen[str]] = []
     try:
         extra = ("--repair-interval", repair_interval) if repair_interval else ()
-        procs, addresses = start_network(root, PEERS, *extra)
+        procs, addresses = start_network(root, PEERS, "--resolve-cache", RESOLVE_CACHE, *extra)
         t0 = time.perf_counter()
         tables = await wait_formed(addresses)
         formed = time.perf_counter() - t0
@@ -534,6 +538,7 @@ def main() -> int:
             "ops_per_phase": n,
             "concurrency": levels,
             "repair_interval": repair or "default",
+            "resolve_cache_s": float(RESOLVE_CACHE),
             "loadavg": os.getloadavg(),
             "cpus": os.cpu_count(),
         }

@@ -33,8 +33,6 @@ FAST_DHT = DhtConfig(
     lookup_stall_min=0.5,
     liveness_interval=3600.0,
     id_difficulty=0,
-    # every resolve looks up (tests of the resolve cache turn it on themselves)
-    resolve_cache=0.0,
 )
 
 
