@@ -4,6 +4,7 @@ within the bound."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -162,4 +163,28 @@ async def test_cached_resolve_sends_no_lookup_and_a_write_here_refreshes_it(
     finally:
         await writer.close()
         await reader.close()
+        await stop_all(peers)
+
+
+async def test_concurrent_resolves_of_one_name_share_one_lookup(tmp_path: Path) -> None:
+    """Eight readers resolving one name at once through one entry peer cost it one lookup
+    of the name and one of its prefix's claim, not eight of each."""
+    peers = await start(tmp_path / "net", 4, 60.0)
+    src = tmp_path / "src"
+    src.write_bytes(b"hot")
+    name = "/bound.example/many"
+    entry = peers[1]
+    assert entry.dht is not None
+    writer = client_for(peers[0], publisher=Identity.generate())
+    readers = [Client(entry.address) for _ in range(8)]
+    try:
+        await writer.put(src, name)
+        lookups = entry.dht.stats["lookups"]
+        resolved = await asyncio.gather(*(r.resolve(name) for r in readers))
+        assert {r.manifest.version for r in resolved} == {1}
+        assert entry.dht.stats["lookups"] - lookups == 2
+    finally:
+        await writer.close()
+        for r in readers:
+            await r.close()
         await stop_all(peers)
