@@ -101,6 +101,7 @@ class Phase:
     client_cpu: float
     peers_cpu: float
     datagrams: int
+    lookups: int = 0
     errors: list[str] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
 
@@ -116,25 +117,34 @@ class Phase:
         return ranked[max(0, math.ceil(q * len(ranked)) - 1)] * 1000
 
 
-async def datagrams_sent(addresses: Sequence[tuple[str, int]]) -> int:
-    """DHT datagrams the peers at ``addresses`` have sent so far (from their status).
+async def dht_counts(addresses: Sequence[tuple[str, int]]) -> tuple[int, int]:
+    """DHT datagrams the peers at ``addresses`` have sent so far, and the lookups they
+    ran (maintenance's included), from their status.
 
     Counted by the peers rather than the host (/proc/net/snmp), so that other programs'
     UDP traffic on a shared machine does not show up as ours.
     """
     statuses = await asyncio.gather(*(peer_status(a) for a in addresses))
-    return sum(int(s["dht"]["sent"]) for s in statuses)
+    return (
+        sum(int(s["dht"]["sent"]) for s in statuses),
+        sum(int(s["dht"]["lookups"]) for s in statuses),
+    )
 
 
-async def _no_datagrams() -> int:
-    return 0
+async def datagrams_sent(addresses: Sequence[tuple[str, int]]) -> int:
+    """DHT datagrams the peers at ``addresses`` have sent so far (``dht_counts``)."""
+    return (await dht_counts(addresses))[0]
+
+
+async def _no_datagrams() -> tuple[int, int]:
+    return 0, 0
 
 
 async def timed(
     ops: Sequence[Op],
     items: Sequence[int],
     pids: Sequence[int],
-    datagrams: Callable[[], Awaitable[int]] = _no_datagrams,
+    datagrams: Callable[[], Awaitable[tuple[int, int]]] = _no_datagrams,
 ) -> Phase:
     """Run ``items`` through the ``ops`` (each serving one at a time), all ops concurrently.
 
@@ -156,7 +166,7 @@ async def timed(
                 continue
             latencies.append(time.perf_counter() - t0)
 
-    datagrams0 = await datagrams()
+    datagrams0, lookups0 = await datagrams()
     peers0 = sum(cpu_seconds(p) for p in pids)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
@@ -166,13 +176,15 @@ async def timed(
     seconds = time.perf_counter() - t0
     client_cpu = time.process_time() - cpu0
     peers_cpu = sum(cpu_seconds(p) for p in pids) - peers0
+    datagrams1, lookups1 = await datagrams()
     return Phase(
         ops=len(items),
         seconds=seconds,
         latencies=latencies,
         client_cpu=client_cpu,
         peers_cpu=peers_cpu,
-        datagrams=await datagrams() - datagrams0,
+        datagrams=datagrams1 - datagrams0,
+        lookups=lookups1 - lookups0,
         errors=errors,
         failed=failed,
     )
@@ -297,6 +309,7 @@ def row(op: str, concurrency: int, phase: Phase, limit: Phase) -> dict[str, Any]
         "client_cpu_ms_per_op": phase.client_cpu / done * 1000,
         "peers_cpu_ms_per_op": phase.peers_cpu / done * 1000,
         "udp_datagrams_per_op": phase.datagrams / done,
+        "dht_lookups_per_op": phase.lookups / done,
         "target_ops_s": TARGETS.get(op),
         "x_target": phase.ops_s / TARGETS[op] if op in TARGETS else math.nan,
     }
@@ -362,7 +375,7 @@ async def bench_level(
                 raise outcome
             if isinstance(outcome, DifsError):
                 print(f"warm-up failed: {type(outcome).__name__}: {outcome}", flush=True)
-        return await timed(ops, items, pids, lambda: datagrams_sent(addresses))
+        return await timed(ops, items, pids, lambda: dht_counts(addresses))
 
     async def read_after_write(j: int, client: Client) -> bool:
         """Publisher j updates its warm-up object and reads it back at once."""
@@ -468,7 +481,8 @@ async def run(
     procs: list[subprocess.Popen[str]] = []
     try:
         extra = ("--repair-interval", repair_interval) if repair_interval else ()
-        procs, addresses = start_network(root, PEERS, "--resolve-cache", RESOLVE_CACHE, *extra)
+        cache = ("--resolve-cache", RESOLVE_CACHE) if RESOLVE_CACHE else ()  # "": a peer without it
+        procs, addresses = start_network(root, PEERS, *cache, *extra)
         t0 = time.perf_counter()
         tables = await wait_formed(addresses)
         formed = time.perf_counter() - t0
@@ -538,7 +552,7 @@ def main() -> int:
             "ops_per_phase": n,
             "concurrency": levels,
             "repair_interval": repair or "default",
-            "resolve_cache_s": float(RESOLVE_CACHE),
+            "resolve_cache_s": float(RESOLVE_CACHE or 0),
             "loadavg": os.getloadavg(),
             "cpus": os.cpu_count(),
         }
@@ -546,6 +560,7 @@ def main() -> int:
     print(
         f"{'op':<28}{'C':>4}{'ops/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'x limit':>9}{'target':>8}"
         f"{'x target':>9}{'errors':>7}{'client CPU':>11}{'peers CPU':>10}{'UDP dgrams':>11}"
+        f"{'lookups':>8}"
     )
     for r in [*result["limits"], *result["rows"]]:
         target = r.get("target_ops_s")
@@ -554,7 +569,7 @@ def main() -> int:
             f"{r['p99_ms']:>9.2f}{r['x_limit']:>9.4f}{target or math.nan:>8.0f}"
             f"{r.get('x_target', math.nan):>9.3f}{r['errors']:>7}"
             f"{r['client_cpu_ms_per_op']:>11.2f}{r['peers_cpu_ms_per_op']:>10.2f}"
-            f"{r['udp_datagrams_per_op']:>11.0f}"
+            f"{r['udp_datagrams_per_op']:>11.0f}{r['dht_lookups_per_op']:>8.1f}"
         )
     for check in result["read_after_write"]:
         print(
@@ -563,8 +578,9 @@ def main() -> int:
         )
     print(
         "CPU columns: ms per operation of this process and of all peers together; UDP: "
-        f"datagrams the peers sent per operation. {os.cpu_count()} CPUs, load average "
-        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}."
+        "datagrams the peers sent per operation; lookups: DHT lookups the peers ran per "
+        "operation (maintenance included; a hot fetch answered from the cache runs none). "
+        f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}."
     )
     for b in result["background"]:
         print(
