@@ -6,6 +6,10 @@ may be answered from memory (``ResolveCache``).
 
 :class:`Records` sends through its :class:`RecordsHost` (the ``Dht``): lookups, requests
 to a contact, owned tasks. It never touches a socket or the routing table itself.
+
+Longer than most: the write, read, paging and caching paths of records and entries share
+one state (the closest peers of recent lookups, the resolve cache), and the pure rules
+beside them are each small.
 """
 
 from __future__ import annotations
