@@ -1,11 +1,19 @@
 """Small-object benchmark: 4 KiB publishes and fetches on a 20-peer network on 127.0.0.1.
 
-Run with ``python -m bench.small``. For each concurrency level C (``1`` and ``32`` unless
+Run with ``python -m bench.small``. For each concurrency level C (``1`` and ``16`` unless
 ``DIFS_BENCH_SMALL_C`` says otherwise, e.g. ``1,8,32``), C clients publish
 ``DIFS_BENCH_SMALL_N`` (default 500) distinct 4 KiB objects with r = 3, then C other
-clients fetch them all back in a shuffled order and compare every byte with the source.
-Client j enters the network through peer j mod 20 (publish) or j + 10 mod 20 (fetch) and
-is reused for all its operations, after one untimed warm-up operation.
+clients fetch them all back in a shuffled order and compare every byte with the source
+(cold: each name once, so every resolve is a lookup), then fetch again, N fetches in all,
+fetcher j one name over and over (hot: a resolve within the entry peer's resolve cache
+bound, ``--resolve-cache``, 1 s here unless ``DIFS_BENCH_SMALL_CACHE`` says otherwise, is
+answered from it). Client j enters the
+network through peer j mod 20 (publish) or j + 10 mod 20 (fetch) and is reused for all
+its operations, after one untimed warm-up operation. All clients run in this one
+process. After the publishes, untimed, each publisher updates one of its names and reads
+it back at once through its entry peer (read-after-write: it must see the new bytes;
+failures are counted and shown).
+The rows show ops/s against the targets (2,000 fetches/s, 300 publishes/s at C = 16).
 
 The limit for each level is measured in the same run: 4 KiB request and 4 KiB reply round
 trips at the same concurrency, between this process and a trivial echo server in another
@@ -56,7 +64,7 @@ from bench.peers import (
     write_results,
 )
 from difs_p2p.client import Client
-from difs_p2p.errors import DifsError, IntegrityError
+from difs_p2p.errors import DifsError, IntegrityError, NotFoundError
 from difs_p2p.identity import Identity
 
 OBJECT_SIZE = 4096
@@ -74,6 +82,11 @@ SEED = 1
 # phase's per-operation figures. DIFS_BENCH_SMALL_REPAIR=3600 (--repair-interval of the
 # peers) leaves it out of them.
 BACKGROUND_WINDOW = 10.0
+# The peers' resolve cache (seconds; difs-peer join --resolve-cache): the staleness bound of
+# a reader through another entry peer than the writer's.
+RESOLVE_CACHE = os.environ.get("DIFS_BENCH_SMALL_CACHE", "1")
+# The targets (ops/s at 16 concurrent clients).
+TARGETS = {"publish": 300.0, "fetch (cold)": 2000.0, "fetch (hot)": 2000.0}
 
 Op = Callable[[int], Awaitable[None]]
 
@@ -88,6 +101,7 @@ class Phase:
     client_cpu: float
     peers_cpu: float
     datagrams: int
+    lookups: int = 0
     errors: list[str] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
 
@@ -103,25 +117,34 @@ class Phase:
         return ranked[max(0, math.ceil(q * len(ranked)) - 1)] * 1000
 
 
-async def datagrams_sent(addresses: Sequence[tuple[str, int]]) -> int:
-    """DHT datagrams the peers at ``addresses`` have sent so far (from their status).
+async def dht_counts(addresses: Sequence[tuple[str, int]]) -> tuple[int, int]:
+    """DHT datagrams the peers at ``addresses`` have sent so far, and the lookups they
+    ran (maintenance's included), from their status.
 
     Counted by the peers rather than the host (/proc/net/snmp), so that other programs'
     UDP traffic on a shared machine does not show up as ours.
     """
     statuses = await asyncio.gather(*(peer_status(a) for a in addresses))
-    return sum(int(s["dht"]["sent"]) for s in statuses)
+    return (
+        sum(int(s["dht"]["sent"]) for s in statuses),
+        sum(int(s["dht"]["lookups"]) for s in statuses),
+    )
 
 
-async def _no_datagrams() -> int:
-    return 0
+async def datagrams_sent(addresses: Sequence[tuple[str, int]]) -> int:
+    """DHT datagrams the peers at ``addresses`` have sent so far (``dht_counts``)."""
+    return (await dht_counts(addresses))[0]
+
+
+async def _no_datagrams() -> tuple[int, int]:
+    return 0, 0
 
 
 async def timed(
     ops: Sequence[Op],
     items: Sequence[int],
     pids: Sequence[int],
-    datagrams: Callable[[], Awaitable[int]] = _no_datagrams,
+    datagrams: Callable[[], Awaitable[tuple[int, int]]] = _no_datagrams,
 ) -> Phase:
     """Run ``items`` through the ``ops`` (each serving one at a time), all ops concurrently.
 
@@ -143,7 +166,7 @@ async def timed(
                 continue
             latencies.append(time.perf_counter() - t0)
 
-    datagrams0 = await datagrams()
+    datagrams0, lookups0 = await datagrams()
     peers0 = sum(cpu_seconds(p) for p in pids)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
@@ -153,13 +176,15 @@ async def timed(
     seconds = time.perf_counter() - t0
     client_cpu = time.process_time() - cpu0
     peers_cpu = sum(cpu_seconds(p) for p in pids) - peers0
+    datagrams1, lookups1 = await datagrams()
     return Phase(
         ops=len(items),
         seconds=seconds,
         latencies=latencies,
         client_cpu=client_cpu,
         peers_cpu=peers_cpu,
-        datagrams=await datagrams() - datagrams0,
+        datagrams=datagrams1 - datagrams0,
+        lookups=lookups1 - lookups0,
         errors=errors,
         failed=failed,
     )
@@ -284,6 +309,9 @@ def row(op: str, concurrency: int, phase: Phase, limit: Phase) -> dict[str, Any]
         "client_cpu_ms_per_op": phase.client_cpu / done * 1000,
         "peers_cpu_ms_per_op": phase.peers_cpu / done * 1000,
         "udp_datagrams_per_op": phase.datagrams / done,
+        "dht_lookups_per_op": phase.lookups / done,
+        "target_ops_s": TARGETS.get(op),
+        "x_target": phase.ops_s / TARGETS[op] if op in TARGETS else math.nan,
     }
 
 
@@ -309,8 +337,9 @@ async def bench_level(
     addresses: Sequence[tuple[str, int]],
     pids: Sequence[int],
     sources: Path,
-) -> tuple[Phase, Phase]:
-    """Publish, then fetch, ``indexes`` with ``concurrency`` clients.
+) -> tuple[Phase, Phase, Phase, tuple[int, int]]:
+    """Publish, then fetch (cold, then hot), ``indexes`` with ``concurrency`` clients;
+    and the read-after-write checks (passed, made) of the publishers.
 
     The first ``concurrency`` indexes are warm-ups, one per client, outside the timings.
     """
@@ -336,24 +365,45 @@ async def bench_level(
     async def phase(
         clients: Sequence[Client], make: Callable[[Client], Op], items: list[int]
     ) -> Phase:
-        """One untimed warm-up per client, then ``items`` timed; the clients closed after."""
+        """One untimed warm-up per client, then ``items`` timed."""
+        ops = [make(c) for c in clients]
+        warm = await asyncio.gather(
+            *(op(i) for op, i in zip(ops, warmups, strict=True)), return_exceptions=True
+        )
+        for outcome in warm:  # an untimed warm-up that failed is reported, not fatal
+            if isinstance(outcome, BaseException) and not isinstance(outcome, DifsError):
+                raise outcome
+            if isinstance(outcome, DifsError):
+                print(f"warm-up failed: {type(outcome).__name__}: {outcome}", flush=True)
+        return await timed(ops, items, pids, lambda: dht_counts(addresses))
+
+    async def read_after_write(j: int, client: Client) -> bool:
+        """Publisher j updates its warm-up object and reads it back at once."""
+        i = warmups[j]
+        fresh = os.urandom(OBJECT_SIZE)
+        path = sources / f"raw-{i}"
+        await asyncio.to_thread(path.write_bytes, fresh)
         try:
-            ops = [make(c) for c in clients]
-            warm = await asyncio.gather(
-                *(op(i) for op, i in zip(ops, warmups, strict=True)), return_exceptions=True
-            )
-            for outcome in warm:  # an untimed warm-up that failed is reported, not fatal
-                if isinstance(outcome, BaseException) and not isinstance(outcome, DifsError):
-                    raise outcome
-                if isinstance(outcome, DifsError):
-                    print(f"warm-up failed: {type(outcome).__name__}: {outcome}", flush=True)
-            return await timed(ops, items, pids, lambda: datagrams_sent(addresses))
-        finally:
-            for c in clients:
-                await c.close()
+            try:
+                await client.put(path, object_name(i), replicas=REPLICAS, update=True)
+            except NotFoundError:  # its warm-up publish failed: a first version then
+                await client.put(path, object_name(i), replicas=REPLICAS)
+            buf = io.BytesIO()
+            await client.get(object_name(i), buf)
+        except DifsError as exc:
+            print(f"read-after-write {object_name(i)}: {type(exc).__name__}: {exc}", flush=True)
+            return False
+        data[i] = fresh
+        return buf.getvalue() == fresh
 
     progress(f"publish C={concurrency}: {len(timed_indexes)} objects")
-    published = await phase(publishers, publish_op, list(timed_indexes))
+    try:
+        published = await phase(publishers, publish_op, list(timed_indexes))
+        checks = await asyncio.gather(*(read_after_write(j, c) for j, c in enumerate(publishers)))
+    finally:
+        for c in publishers:
+            await c.close()
+    raw = (sum(checks), len(checks))
 
     # Fetch through other entry peers than the publishers', in a shuffled order.
     fetchers = [
@@ -371,8 +421,28 @@ async def bench_level(
 
     order = sorted(set(timed_indexes) - set(published.failed))
     random.Random(SEED + concurrency).shuffle(order)
-    progress(f"fetch C={concurrency}: {len(order)} objects")
-    return published, await phase(fetchers, fetch_op, order)
+    progress(f"fetch C={concurrency}: {len(order)} objects, cold")
+    try:
+        cold = await phase(fetchers, fetch_op, order)
+        # fetcher j reads name j of the last ones published, again and again (as the
+        # readers of a hot name behind one entry peer do)
+        hot_names = sorted(order)[-concurrency:]
+
+        def hot_op(client: Client) -> Op:
+            fetch = fetch_op(client)
+            name = hot_names[fetchers.index(client) % len(hot_names)]
+
+            async def op(_: int) -> None:
+                await fetch(name)
+
+            return op
+
+        progress(f"fetch C={concurrency}: {len(order)} fetches, each fetcher one name, hot")
+        hot = await phase(fetchers, hot_op, list(range(len(order))))
+    finally:
+        for c in fetchers:
+            await c.close()
+    return published, cold, hot, raw
 
 
 async def background(
@@ -411,7 +481,8 @@ async def run(
     procs: list[subprocess.Popen[str]] = []
     try:
         extra = ("--repair-interval", repair_interval) if repair_interval else ()
-        procs, addresses = start_network(root, PEERS, *extra)
+        cache = ("--resolve-cache", RESOLVE_CACHE) if RESOLVE_CACHE else ()  # "": a peer without it
+        procs, addresses = start_network(root, PEERS, *cache, *extra)
         t0 = time.perf_counter()
         tables = await wait_formed(addresses)
         formed = time.perf_counter() - t0
@@ -421,14 +492,20 @@ async def run(
         limits: list[dict[str, Any]] = []
         rows: list[dict[str, Any]] = []
         idle: list[dict[str, Any]] = []
+        raws: list[dict[str, Any]] = []
         first = 0
         for c in levels:
             limit = await measure_limit(echo_port, c, max(n, LIMIT_OPS), echo_pid)
             limits.append(row("loopback 4 KiB round trip", c, limit, limit))
-            published, fetched = await bench_level(
+            published, cold, hot, (raw_ok, raw_made) = await bench_level(
                 c, range(first, first + c + n), addresses, pids, sources
             )
-            rows += [row("publish", c, published, limit), row("fetch", c, fetched, limit)]
+            rows += [
+                row("publish", c, published, limit),
+                row("fetch (cold)", c, cold, limit),
+                row("fetch (hot)", c, hot, limit),
+            ]
+            raws.append({"concurrency": c, "ok": raw_ok, "checked": raw_made})
             first += c + n
             quiet = await background(addresses, pids, *idle_window)
             idle.append({"concurrency": c, "stored": first, **quiet})
@@ -439,6 +516,7 @@ async def run(
             "limits": limits,
             "rows": rows,
             "background": idle,
+            "read_after_write": raws,
             "peers_peak_rss_mb": [round(peak_rss_mb(p), 1) for p in pids],
         }
     finally:
@@ -447,7 +525,7 @@ async def run(
 
 def main() -> int:
     n = int(os.environ.get("DIFS_BENCH_SMALL_N", "500"))
-    levels = [int(c) for c in os.environ.get("DIFS_BENCH_SMALL_C", "1,32").split(",")]
+    levels = [int(c) for c in os.environ.get("DIFS_BENCH_SMALL_C", "1,16").split(",")]
     repair = os.environ.get("DIFS_BENCH_SMALL_REPAIR")
     wait, window = (float(x) for x in os.environ.get("DIFS_BENCH_SMALL_IDLE", "0,10").split(","))
     ctx = multiprocessing.get_context("spawn")
@@ -474,25 +552,35 @@ def main() -> int:
             "ops_per_phase": n,
             "concurrency": levels,
             "repair_interval": repair or "default",
+            "resolve_cache_s": float(RESOLVE_CACHE or 0),
             "loadavg": os.getloadavg(),
             "cpus": os.cpu_count(),
         }
     )
     print(
-        f"{'op':<28}{'C':>4}{'ops/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'x limit':>9}{'errors':>7}"
-        f"{'client CPU':>11}{'peers CPU':>10}{'UDP dgrams':>11}"
+        f"{'op':<28}{'C':>4}{'ops/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'x limit':>9}{'target':>8}"
+        f"{'x target':>9}{'errors':>7}{'client CPU':>11}{'peers CPU':>10}{'UDP dgrams':>11}"
+        f"{'lookups':>8}"
     )
     for r in [*result["limits"], *result["rows"]]:
+        target = r.get("target_ops_s")
         print(
             f"{r['op']:<28}{r['concurrency']:>4}{r['ops_s']:>9.0f}{r['p50_ms']:>9.2f}"
-            f"{r['p99_ms']:>9.2f}{r['x_limit']:>9.4f}{r['errors']:>7}"
+            f"{r['p99_ms']:>9.2f}{r['x_limit']:>9.4f}{target or math.nan:>8.0f}"
+            f"{r.get('x_target', math.nan):>9.3f}{r['errors']:>7}"
             f"{r['client_cpu_ms_per_op']:>11.2f}{r['peers_cpu_ms_per_op']:>10.2f}"
-            f"{r['udp_datagrams_per_op']:>11.0f}"
+            f"{r['udp_datagrams_per_op']:>11.0f}{r['dht_lookups_per_op']:>8.1f}"
+        )
+    for check in result["read_after_write"]:
+        print(
+            f"read-after-write at C={check['concurrency']}: {check['ok']} of {check['checked']} "
+            "writers read their update at once through their entry peer"
         )
     print(
         "CPU columns: ms per operation of this process and of all peers together; UDP: "
-        f"datagrams the peers sent per operation. {os.cpu_count()} CPUs, load average "
-        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}."
+        "datagrams the peers sent per operation; lookups: DHT lookups the peers ran per "
+        "operation (maintenance included; a hot fetch answered from the cache runs none). "
+        f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}."
     )
     for b in result["background"]:
         print(

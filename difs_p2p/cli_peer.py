@@ -209,6 +209,14 @@ def join(
             " `difs s3-key create`), or off"
         ),
     ] = "off",
+    resolve_cache: Annotated[
+        float,
+        typer.Option(
+            help="seconds a resolve is answered from this peer's own resolve of the name"
+            " (hot names cost no lookup; readers through other peers see a new version"
+            " within it, writers through this one at once); 0 turns it off"
+        ),
+    ] = 0.0,
     log_level: Annotated[LogLevel, typer.Option(help="how much to log on stderr")] = (
         LogLevel.warning
     ),
@@ -242,7 +250,7 @@ def join(
             ),
             tcp_limit_loopback=limit_loopback,
             drain_on_signal=drain,
-            dht=DhtConfig(max_contacts_per_ip=max_contacts_per_ip),
+            dht=DhtConfig(max_contacts_per_ip=max_contacts_per_ip, resolve_cache=resolve_cache),
             advertise=parse_hostport(advertise, default_port=0) if advertise else None,
             tcp_port=tcp_port,
             zone=zone,

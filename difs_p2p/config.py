@@ -248,6 +248,13 @@ class DhtConfig:
     rejoin_check: float = 1.0
     # Contacts evicted for not answering that are remembered to retry (newest kept).
     lost_remembered: int = 64
+    # -- small objects: resolve cache --
+    # A client's resolve is answered from this peer's last resolve of the same key if
+    # that ended at most this many seconds ago (and no write through this peer touched
+    # the key since it began): the staleness bound a reader at another entry peer sees
+    # (a writer reads its own write at once through its entry peer). 0, the default,
+    # turns it off (`difs-peer join --resolve-cache 1` turns it on).
+    resolve_cache: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.thin_share <= 1:
@@ -256,6 +263,8 @@ class DhtConfig:
             raise UsageError("need 0 < rejoin_min <= rejoin_max and rejoin_check > 0")
         if self.lost_remembered < 0:
             raise UsageError("lost_remembered must not be negative")
+        if not 0 <= self.resolve_cache <= 60:
+            raise UsageError("--resolve-cache must be 0-60 seconds")
         if self.ksize < 1 or self.alpha < 1:
             raise UsageError("ksize and alpha must be at least 1")
         if self.rpc_timeout <= 0:

@@ -716,6 +716,11 @@ class Dht:
         """``get`` and ``get_entries`` in one lookup: (valid records best first, entries)."""
         return await self.records.resolve(key)
 
+    async def resolve_cached(self, key: bytes) -> tuple[list[bytes], list[bytes]]:
+        """``resolve`` for a client, answered from a resolve of the last ``resolve_cache``
+        seconds when no write through this peer touched the key since (``Records``)."""
+        return await self.records.resolve_cached(key)
+
     async def add_entries(self, key: bytes, entries: Sequence[bytes]) -> int:
         """Add signed entries under ``key`` on the k closest peers; returns acceptances."""
         return await self.records.add_entries(key, entries)

@@ -1,10 +1,15 @@
 """Records and entry sets over the DHT: writes with read-back, reads with read-repair,
 entry paging (:class:`Records`), and the pure parts: the entry-set digest, which further
 pages to read (``page_plan``), how entries are cut into requests (``entry_batches``), the
-union of disjoint paths, and what a write achieved (``Stored``).
+union of disjoint paths, what a write achieved (``Stored``), and which resolves a client
+may be answered from memory (``ResolveCache``).
 
 :class:`Records` sends through its :class:`RecordsHost` (the ``Dht``): lookups, requests
 to a contact, owned tasks. It never touches a socket or the routing table itself.
+
+Longer than most: the write, read, paging and caching paths of records and entries share
+one state (the closest peers of recent lookups, the resolve cache), and the pure rules
+beside them are each small.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -104,6 +110,95 @@ def entry_batches(
     return batches
 
 
+# Keys whose last resolve a ResolveCache keeps, the bytes of records and entries it keeps
+# (an answer above a sixteenth of them is not kept: a name with hundreds of entries is
+# rarely a small hot one), and keys whose last write it remembers.
+RESOLVE_CACHE_KEYS = 4096
+RESOLVE_CACHE_BYTES = 16 << 20
+_WRITES_REMEMBERED = 4096
+
+Resolution = tuple[list[bytes], list[bytes]]
+
+
+class ResolveCache:
+    """Which resolves a client may be answered from memory: pure (the caller passes the
+    time), no I/O.
+
+    A resolve (records, entries) is kept for ``bound`` seconds from when it ended. A write
+    through this peer to a key (``written``, called as the write starts and once it is
+    done) drops the key's answer, and an answer from a resolve that began before the
+    key's latest write is not kept (``keep`` with the ``begin`` token): the writer's next
+    resolve here reads its write. Writes that reach this peer from elsewhere do not
+    touch it: a reader here sees them after at most ``bound`` seconds. Only what a
+    resolve returned is kept (records the policy ranked valid; entries as they came),
+    never anything else.
+    """
+
+    def __init__(
+        self, bound: float, size: int = RESOLVE_CACHE_KEYS, max_bytes: int = RESOLVE_CACHE_BYTES
+    ) -> None:
+        self.bound = bound
+        self.size = size
+        self.max_bytes = max_bytes
+        self.bytes = 0  # of the records and entries kept
+        self._answers: OrderedDict[bytes, tuple[float, Resolution]] = OrderedDict()
+        self._epoch = 0  # counts writes
+        self._writes: OrderedDict[bytes, int] = OrderedDict()  # key -> epoch of its last write
+        self._floor = 0  # writes older than this one are forgotten: no answer older is kept
+
+    def get(self, key: bytes, now: float) -> Resolution | None:
+        """A copy of the answer for ``key`` if its resolve ended at most ``bound`` ago."""
+        hit = self._answers.get(key)
+        if hit is None:
+            return None
+        at, (records, entries) = hit
+        if not 0 <= now - at <= self.bound:
+            self._drop(key)
+            return None
+        return list(records), list(entries)
+
+    def begin(self) -> int:
+        """A token for a resolve that starts now (pass it to ``keep`` and ``current``)."""
+        return self._epoch
+
+    def current(self, key: bytes, token: int) -> bool:
+        """Whether no write to ``key`` began since the resolve holding ``token`` did."""
+        return token >= self._floor and self._writes.get(key, 0) <= token
+
+    def keep(self, key: bytes, token: int, now: float, answer: Resolution) -> bool:
+        """Keep ``answer`` for ``key`` unless a write to it began since ``token``."""
+        weight = _weight(answer)
+        if self.bound <= 0 or not self.current(key, token) or weight > self.max_bytes // 16:
+            return False
+        self._drop(key)
+        self._answers[key] = (now, (list(answer[0]), list(answer[1])))
+        self.bytes += weight
+        while len(self._answers) > self.size or self.bytes > self.max_bytes:
+            self._drop(next(iter(self._answers)))  # the oldest
+        return True
+
+    def _drop(self, key: bytes) -> None:
+        gone = self._answers.pop(key, None)
+        if gone is not None:
+            self.bytes -= _weight(gone[1])
+
+    def written(self, key: bytes) -> None:
+        """A write through this peer to ``key`` begins or ended: drop its answer; resolves
+        begun before now are not kept."""
+        self._epoch += 1
+        self._drop(key)
+        self._writes.pop(key, None)
+        self._writes[key] = self._epoch
+        while len(self._writes) > _WRITES_REMEMBERED:
+            _, epoch = self._writes.popitem(last=False)
+            self._floor = max(self._floor, epoch)
+
+
+def _weight(answer: Resolution) -> int:
+    """The bytes of an answer's records and entries."""
+    return sum(map(len, answer[0])) + sum(map(len, answer[1]))
+
+
 def union(paths: Sequence[Sequence[Contact]], key: bytes) -> list[Contact]:
     """The contacts of all paths, each once, closest to ``key`` first."""
     seen: dict[NodeId, Contact] = {}
@@ -155,6 +250,10 @@ class Records:
         # key -> (loop time, k closest peers that answered a lookup of it), oldest first
         # (per disjoint path)
         self._recent_closest: dict[bytes, tuple[float, list[list[Contact]]]] = {}
+        # answers to clients' resolves (resolve_cached), and the lookups under way for
+        # them: key -> (ResolveCache token, task)
+        self.cache = ResolveCache(host.config.resolve_cache)
+        self._inflight: dict[bytes, tuple[int, asyncio.Task[Resolution]]] = {}
 
     async def put(self, key: bytes, value: bytes) -> int:
         """Store a record on the k closest peers (and here, if we are among them).
@@ -177,6 +276,13 @@ class Records:
         """
         if len(value) > dhtwire.MAX_VALUE_SIZE:
             raise ValueError(f"record of {len(value)} bytes exceeds {dhtwire.MAX_VALUE_SIZE}")
+        self.cache.written(key)
+        try:
+            return await self._put_with_entries(key, value, entries)
+        finally:
+            self.cache.written(key)  # this writer's next resolve here reads its write
+
+    async def _put_with_entries(self, key: bytes, value: bytes, entries: Sequence[bytes]) -> Stored:
         paths = await self._closest_for_write(key)
         peers = union(paths, key)
         accepted = refused = 0
@@ -310,13 +416,46 @@ class Records:
         """
         return self._best_records(key, await self.host.lookup_paths(key, "find_value"))
 
-    async def resolve(self, key: bytes) -> tuple[list[bytes], list[bytes]]:
+    async def resolve_cached(self, key: bytes) -> Resolution:
+        """``resolve`` for a client: answered from this peer's last resolve of ``key`` if
+        it ended at most ``resolve_cache`` seconds ago and no write through this peer
+        touched ``key`` since it began (:class:`ResolveCache`); concurrent calls for one
+        key share one lookup. Maintenance and draining call ``resolve`` (always a lookup).
+        """
+        if self.cache.bound <= 0:
+            return await self.resolve(key)
+        hit = self.cache.get(key, asyncio.get_running_loop().time())
+        if hit is not None:
+            return hit
+        flight = self._inflight.get(key)
+        if flight is None or not self.cache.current(key, flight[0]):
+            task = asyncio.get_running_loop().create_task(self.resolve(key))
+            self.host.adopt(task)
+            flight = (self.cache.begin(), task)
+            self._inflight[key] = flight
+
+            def landed(_: object, key: bytes = key, flight: Any = flight) -> None:
+                if self._inflight.get(key) is flight:
+                    del self._inflight[key]
+
+            task.add_done_callback(landed)
+        records, entries = await asyncio.shield(flight[1])
+        return list(records), list(entries)
+
+    async def resolve(self, key: bytes) -> Resolution:
         """``get`` and ``get_entries`` in one lookup: (valid records best first, entries).
 
         Each of the k closest peers is asked once for its record and its entries
         (``find_entries`` with the value flag); a peer that answers without saying whether
-        it holds a record (it predates the flag) is asked with ``find_value``.
+        it holds a record (it predates the flag) is asked with ``find_value``. The answer
+        is kept for ``resolve_cached`` (unless a write began meanwhile).
         """
+        token = self.cache.begin()
+        answer = await self._resolve(key)
+        self.cache.keep(key, token, asyncio.get_running_loop().time(), answer)
+        return answer
+
+    async def _resolve(self, key: bytes) -> Resolution:
         found = await self.host.lookup_paths(key, "find_entries", with_value=True)
         if found.value_unknown:
             asked = found.value_unknown
@@ -354,8 +493,12 @@ class Records:
 
     async def add_entries(self, key: bytes, entries: Sequence[bytes]) -> int:
         """Add signed entries under ``key`` on the k closest peers; returns acceptances."""
-        paths = await self._closest_for_write(key)
-        return await self._add_entries_to(key, entries, union(paths, key))
+        self.cache.written(key)
+        try:
+            paths = await self._closest_for_write(key)
+            return await self._add_entries_to(key, entries, union(paths, key))
+        finally:
+            self.cache.written(key)
 
     async def _add_entries_to(
         self, key: bytes, entries: Sequence[bytes], peers: list[Contact]

@@ -153,11 +153,13 @@ class Operations:
 
     async def _op_resolve(self, conn: Connection, request: ResolveRequest) -> ResolveReply:
         """The valid manifests under a name key (best first), its history and holders; with
-        ``also``, those of a second key (a claim object), looked up at the same time."""
+        ``also``, those of a second key (a claim object), looked up at the same time.
+        Answered from a resolve of the last ``resolve_cache`` seconds if there is one
+        (``Dht.resolve_cached``: the staleness bound for names written elsewhere)."""
         if request.also is None:
-            return self._resolved(*await self.dht.resolve(request.key))
+            return self._resolved(*await self.dht.resolve_cached(request.key))
         (records, entries), also = await asyncio.gather(
-            self.dht.resolve(request.key), self.dht.resolve(request.also)
+            self.dht.resolve_cached(request.key), self.dht.resolve_cached(request.also)
         )
         return dataclasses.replace(self._resolved(records, entries), also=self._resolved(*also))
 
