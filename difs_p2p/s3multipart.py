@@ -486,7 +486,9 @@ class MultipartStore:
                 )
             pending: asyncio.Future[None] | None = None
             batch: list[bytes] = []
-            buf = bytearray()
+            # the next segment's pieces (views of immutable chunks: copied once, joined)
+            pieces: list[memoryview] = []
+            held = 0
             try:
                 async for chunk in chunks:
                     if not chunk:
@@ -494,10 +496,16 @@ class MultipartStore:
                     self._reserve(counted, len(chunk))
                     counted += len(chunk)
                     self._add(writing=len(chunk))
-                    buf += chunk
-                    while len(buf) >= size:
-                        batch.append(bytes(buf[:size]))
-                        del buf[:size]
+                    # a producer may reuse a buffer it lends: only bytes are kept as views
+                    view = memoryview(chunk if isinstance(chunk, bytes) else bytes(chunk))
+                    while view:
+                        take = min(size - held, len(view))
+                        pieces.append(view[:take])
+                        held += take
+                        view = view[take:]
+                        if held == size:
+                            batch.append(b"".join(pieces))
+                            pieces, held = [], 0
                     if len(batch) >= _SEGMENT_BATCH:
                         if pending is not None:
                             await pending
@@ -511,8 +519,8 @@ class MultipartStore:
                         await pending  # its error, if any, is raised just below
             if pending is not None:
                 pending.result()
-            if buf:
-                batch.append(bytes(buf))
+            if pieces:
+                batch.append(b"".join(pieces))
             if batch:
                 await _disk(upload_id, number, writer.write, batch)
             etag = md5() if md5 is not None else None
