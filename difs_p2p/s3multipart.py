@@ -68,6 +68,7 @@ import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -122,6 +123,8 @@ _ID = re.compile(r"[0-9a-f]{32}")
 # The segment size of an object whose parts go to the segment store: every part whose size
 # is a multiple of it (boto3's 8 MiB, the CLI's 5 MiB...) is published as it is stored.
 PART_SEGMENT_SIZE = 1 << 20
+# Threads storing parts' segments at once (each mostly waits on fsync).
+_WRITERS = 8
 # Segments stored in one call of the segment store (one worker-thread hop, one transaction).
 _SEGMENT_BATCH = 4
 # The file column of a part stored as segments: this prefix and its generation.
@@ -251,6 +254,9 @@ class MultipartStore:
         self._staged = 0
         self._writing = 0
         self._count = threading.Lock()  # a damaged part is dropped from a reader's thread
+        # threads of their own for the segment store's writes (they wait on fsync): the
+        # loop's few default workers stay free for the body checks' hashing
+        self._writers = ThreadPoolExecutor(_WRITERS, thread_name_prefix="s3-parts")
         # uploads with a part being written: never expired meanwhile
         self._busy: dict[str, int] = {}
         # deletions of removed uploads' files under way in the loop's executor
@@ -308,6 +314,7 @@ class MultipartStore:
             log.info("multipart.recover released_writes=%d", len(writing))
 
     def close(self) -> None:
+        self._writers.shutdown(wait=True)
         self.db.close()
 
     # -- uploads ----------------------------------------------------------------------------
@@ -510,7 +517,7 @@ class MultipartStore:
                         if pending is not None:
                             await pending
                         pending = asyncio.ensure_future(
-                            _disk(upload_id, number, writer.write, batch)
+                            _disk(upload_id, number, writer.write, batch, pool=self._writers)
                         )
                         batch = []
             finally:
@@ -522,7 +529,7 @@ class MultipartStore:
             if pieces:
                 batch.append(b"".join(pieces))
             if batch:
-                await _disk(upload_id, number, writer.write, batch)
+                await _disk(upload_id, number, writer.write, batch, pool=self._writers)
             etag = md5() if md5 is not None else None
             part, replaced = await _disk(
                 upload_id, number, self._record_segments, upload_id, number, gen, writer, etag
@@ -880,11 +887,19 @@ def _utf8(text: str) -> bool:
     return True
 
 
-async def _disk(upload_id: str, number: int, fn: Callable[..., _T], *args: object) -> _T:
+async def _disk(
+    upload_id: str,
+    number: int,
+    fn: Callable[..., _T],
+    *args: object,
+    pool: ThreadPoolExecutor | None = None,
+) -> _T:
     """``fn(*args)`` in a worker thread, its disk errors translated: the upload's directory
     gone (removed meanwhile) NoSuchUpload, no space ServiceUnavailable, others
     StorageError. Errors of the part's source pass through untouched."""
     try:
+        if pool is not None:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
         return await asyncio.to_thread(fn, *args)
     except FileNotFoundError as exc:
         raise no_such_upload(upload_id) from exc

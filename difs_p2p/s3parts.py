@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import blake3
 import google_crc32c
 
 from difs_p2p.s3errors import invalid_part
-from difs_p2p.segments import segment_hash
 
 __all__ = [
     "REMOVED_PREFIX",
@@ -198,7 +198,9 @@ class SegmentWriter:
         for segment in batch:
             if self.md5 is not None:
                 self.md5.update(segment)
-            items.append((segment_hash(segment), segment))
+            # one thread per segment: parts arrive in parallel, so BLAKE3's own threads
+            # would only contend for the same cores
+            items.append((blake3.blake3(segment).digest(), segment))
         with self.lock:
             if self.discarded:
                 return
