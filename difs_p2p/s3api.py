@@ -26,7 +26,9 @@ threads, up to ``PIPE_BYTES`` ahead of them), the pipe ending only once the chec
 and any failure (a check, the client gone) stopping the publish before the manifest is
 signed. Up to ``STREAMED_PUTS`` do so at once (each holds a worker thread waiting on its
 client); other bodies are received whole first, into memory (up to ``SMALL_BODY``) or a
-spool file (``DATA/s3-spool/``), then published.
+spool file (``DATA/s3-spool/``), then published. The parts of a multipart upload are
+stored in the peer's segment store as they arrive (s3multipart); at completion, parts that
+make one object there are published by a :class:`StoredClient` without being read again.
 
 The module is longer than most (about 1,400 lines): it is the whole S3 surface, one small
 handler per operation over the Client, whose decisions are pure elsewhere (s3xml, s3auth,
@@ -1090,6 +1092,13 @@ class _Ctx:
             log.warning("s3_put_warning name=%s warning=%s", name, warning)
         return result.manifest
 
+    def _declared_length(self) -> int | None:
+        """The body's length as the request declares it (decoded, for aws-chunked)."""
+        text = self.request.headers.get("x-amz-decoded-content-length")
+        if text is None:
+            text = self.request.headers.get("Content-Length")
+        return int(text) if text is not None and text.isascii() and text.isdigit() else None
+
     def _streamable(self) -> bool:
         """Whether this PutObject's body is large enough to publish while it arrives (a
         small one is received whole: no worker thread waits on it)."""
@@ -1332,7 +1341,11 @@ class _Ctx:
             return await self._upload_part_copy(upload, number)
         checks = BodyChecks(self._headers(), self.auth.payload)
         part = await self.server.uploads.put_part(
-            upload.upload_id, number, self._payload(checks), md5=lambda: checks.md5_hex
+            upload.upload_id,
+            number,
+            self._payload(checks),
+            md5=lambda: checks.md5_hex,
+            declared=self._declared_length(),
         )
         return web.Response(status=200, headers={"ETag": f'"{part.etag}"'})
 

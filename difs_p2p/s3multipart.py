@@ -105,6 +105,7 @@ __all__ = [
     "StoredObject",
     "Upload",
     "multipart_etag",
+    "part_segment_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,12 @@ DEFAULT_EXPIRE_AFTER = 24 * 3600.0
 # large enough that the thread hop is cheap, small enough to bound memory per part.
 _BATCH = 1 << 20
 _ID = re.compile(r"[0-9a-f]{32}")
-# The segment size of an object whose parts go to the segment store: every part whose size
-# is a multiple of it (boto3's 8 MiB, the CLI's 5 MiB...) is published as it is stored.
+# The segment size of an object whose parts go to the segment store, unless its first part
+# says otherwise (part_segment_size): every part whose size is a multiple of it (boto3's
+# 8 MiB, the CLI's 5 MiB...) is published as it is stored.
 PART_SEGMENT_SIZE = 1 << 20
+# The largest segment size a part's size may choose (fewer files and fsyncs per part).
+MAX_PART_SEGMENT_SIZE = 4 << 20
 # Threads storing parts' segments at once (each mostly waits on fsync).
 _WRITERS = 8
 # Segments stored in one call of the segment store (one worker-thread hop, one transaction).
@@ -190,6 +194,18 @@ class StoredObject:
     segment_size: int
 
 
+def part_segment_size(declared: int | None, default: int = PART_SEGMENT_SIZE) -> int:
+    """The segment size of an upload whose first part declares ``declared`` bytes: the
+    largest power of two up to MAX_PART_SEGMENT_SIZE dividing it, at least ``default``
+    (which an undeclared size, or one it does not divide, gets)."""
+    if declared is None or declared <= 0 or declared % default:
+        return default
+    size = default
+    while size * 2 <= MAX_PART_SEGMENT_SIZE and declared % (size * 2) == 0:
+        size *= 2
+    return size
+
+
 def multipart_etag(digests: list[bytes]) -> str:
     """S3's ETag of a multipart object: MD5 of the parts' binary MD5s, then ``-N``."""
     joined = hashlib.md5(b"".join(digests), usedforsecurity=False)
@@ -250,6 +266,7 @@ class MultipartStore:
         self.db.add_columns(
             "parts", {"crc32c": "INTEGER", "segments": "BLOB", "seg_size": "INTEGER"}
         )
+        self.db.add_columns("uploads", {"seg_size": "INTEGER"})
         # bytes of committed parts, and of parts being written (reserved as they arrive)
         self._staged = 0
         self._writing = 0
@@ -400,8 +417,12 @@ class MultipartStore:
         number: int,
         chunks: AsyncIterator[bytes | memoryview],
         md5: Callable[[], str] | None = None,
+        declared: int | None = None,
     ) -> Part:
         """Store part ``number`` of the upload from ``chunks`` (replacing an earlier one).
+
+        ``declared``: the part's size as its request declares it (Content-Length), which
+        chooses the upload's segment size if it is the first part to arrive.
 
         ``md5``, if given, gives the part's MD5 (hex) once ``chunks`` ended: the producer
         hashed the bytes on their way (an S3 body's checks), so they are not hashed again.
@@ -415,7 +436,8 @@ class MultipartStore:
         _check_number(number)
         self._require(upload_id)
         if self.segments is not None:
-            return await self._put_segments(upload_id, number, chunks, md5, self.segments)
+            size = self._segment_size(upload_id, declared)
+            return await self._put_segments(upload_id, number, chunks, md5, self.segments, size)
         self._busy[upload_id] = self._busy.get(upload_id, 0) + 1
         counted = 0  # bytes of this part in self._writing
         writer: PartWriter | None = None
@@ -473,6 +495,7 @@ class MultipartStore:
         chunks: AsyncIterator[bytes | memoryview],
         md5: Callable[[], str] | None,
         segments: Segments,
+        size: int,
     ) -> Part:
         """``put_part`` into the segment store: the part cut into segments of the upload's
         segment size as it arrives, a batch stored (hashed, written, indexed) by a worker
@@ -480,7 +503,6 @@ class MultipartStore:
         so that a crash's leftovers are released on the next open; on any failure its
         segments are released at once."""
         self._busy[upload_id] = self._busy.get(upload_id, 0) + 1
-        size = self.segment_size
         gen = secrets.token_hex(8)
         owner = part_owner(upload_id, number, gen)
         writer = SegmentWriter(segments, owner, size, md5 is None)
@@ -544,6 +566,20 @@ class MultipartStore:
             count = self._busy.pop(upload_id, 1) - 1
             if count:
                 self._busy[upload_id] = count
+
+    def _segment_size(self, upload_id: str, declared: int | None) -> int:
+        """The upload's segment size: set by the first part to arrive (parts arrive at
+        once, so the first to record it wins and the others read it)."""
+        wanted = part_segment_size(declared, self.segment_size)
+        with self.db.locked("choosing the segment size") as conn:
+            conn.execute(
+                "UPDATE uploads SET seg_size = ? WHERE id = ? AND seg_size IS NULL",
+                (wanted, upload_id),
+            )
+            row = conn.execute("SELECT seg_size FROM uploads WHERE id = ?", (upload_id,)).fetchone()
+        if row is None:
+            raise no_such_upload(upload_id)
+        return int(row[0])
 
     def _drop_write(self, writer: SegmentWriter) -> None:
         """Release a part's segments that were not recorded, and its row in ``writing``."""

@@ -11,13 +11,14 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from difs_p2p.s3errors import S3Error
-from difs_p2p.s3multipart import MultipartStore, Part, multipart_etag
+from difs_p2p.s3multipart import MultipartStore, Part, multipart_etag, part_segment_size
 from difs_p2p.store import SegmentStore
 from tests.helpers import wait_for, wait_for_sync
 
@@ -623,6 +624,9 @@ def test_kill_9_mid_part_in_the_segment_store(tmp_path: Path) -> None:
     segments = SegmentStore(seg_root, 1 << 30)
     assert segments.count > 2
     store = MultipartStore(root, segments=segments, expire_after=100.0, clock=clock)
+    # a segment the kill left written but not indexed is an orphan: the peer's sweep
+    # collects it after the grace time (here: now)
+    segments.collect_orphans(time.time() + 1)
     assert segments.count == 2
     assert [p.number for p in store.parts(upload_id)] == [1]
     assert read_all(store, upload_id, [1]) == first
@@ -657,5 +661,41 @@ def test_segment_parts_stored_once_replaced_and_removed(tmp_path: Path) -> None:
     assert segments.count == 5
     store.remove(upload_id)
     assert segments.count == 0
+    store.close()
+    segments.close()
+
+
+@pytest.mark.parametrize(
+    ("declared", "size"),
+    [
+        (None, 1 << 20),
+        (0, 1 << 20),
+        (8 << 20, 4 << 20),
+        (64 << 20, 4 << 20),
+        (6 << 20, 2 << 20),
+        (5 << 20, 1 << 20),
+        ((5 << 20) + 4099, 1 << 20),
+        (1000, 1 << 20),
+    ],
+)
+def test_part_segment_size(declared: int | None, size: int) -> None:
+    """The first part's declared size chooses the largest power of two up to 4 MiB
+    dividing it, 1 MiB when it divides nothing larger."""
+    assert part_segment_size(declared) == size
+
+
+def test_first_part_chooses_the_segment_size(tmp_path: Path) -> None:
+    """The first part to arrive sets the upload's segment size; later parts keep it,
+    whatever they declare."""
+    segments = SegmentStore(tmp_path / "store", 1 << 30)
+    store = MultipartStore(tmp_path / "up", segments=segments)
+    upload_id = store.create("a.com", "k", "AK", {})
+    one, two = os.urandom(8 << 20), os.urandom(5 << 20)
+    asyncio.run(store.put_part(upload_id, 1, chunks_of(one), declared=len(one)))
+    asyncio.run(store.put_part(upload_id, 2, chunks_of(two), declared=len(two)))
+    assert segments.count == 2 + 2  # 4 MiB segments: 2 of part 1, 4 + 1 MiB of part 2
+    stored = store.stored_object(upload_id, [1, 2])
+    assert stored is not None and stored.segment_size == 4 << 20
+    assert b"".join(segments.read(h) for h in stored.hashes) == one + two
     store.close()
     segments.close()
