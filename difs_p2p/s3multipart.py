@@ -7,9 +7,10 @@ until then: the parts wait here, and the S3 server publishes their concatenation
 The store never publishes and never touches what is published.
 
 Given the peer's segment store (``segments``, as the peer does), a part is not staged in a
-file but stored there as it arrives, cut into segments of ``segment_size`` (1 MiB) and
-kept by the part's own owner tag (``s3parts.part_owner``); its row records the segment
-ids. When every part but the last is a multiple of that size, the parts make one object
+file but stored there as it arrives, cut into segments of the upload's segment size (which
+the first part to arrive chooses from its declared size: ``part_segment_size``) and kept
+by the part's own owner tag (``s3parts.part_owner``); its row records the segment ids.
+When every part but the last is a multiple of that size, the parts make one object
 already stored (:meth:`MultipartStore.stored_object`): the server stores its hash list
 (:meth:`MultipartStore.store_hash_list`) and publishes it without reading a byte again;
 otherwise the parts are read back (verified) and published as a stream. The ``writing``
