@@ -361,7 +361,9 @@ class Peer:
         try:
             keys = await asyncio.to_thread(KeyStore, self.data_dir / "s3keys.sqlite3")
             try:
-                uploads = await asyncio.to_thread(MultipartStore, self.data_dir / "s3-uploads")
+                uploads = await asyncio.to_thread(
+                    MultipartStore, self.data_dir / "s3-uploads", segments=self.store
+                )
             except BaseException:
                 keys.close()
                 raise

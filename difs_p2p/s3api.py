@@ -26,7 +26,9 @@ threads, up to ``PIPE_BYTES`` ahead of them), the pipe ending only once the chec
 and any failure (a check, the client gone) stopping the publish before the manifest is
 signed. Up to ``STREAMED_PUTS`` do so at once (each holds a worker thread waiting on its
 client); other bodies are received whole first, into memory (up to ``SMALL_BODY``) or a
-spool file (``DATA/s3-spool/``), then published.
+spool file (``DATA/s3-spool/``), then published. The parts of a multipart upload are
+stored in the peer's segment store as they arrive (s3multipart); at completion, parts that
+make one object there are published by a :class:`StoredClient` without being read again.
 
 The module is longer than most (about 1,400 lines): it is the whole S3 surface, one small
 handler per operation over the Client, whose decisions are pure elsewhere (s3xml, s3auth,
@@ -48,7 +50,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any, cast
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -72,11 +74,13 @@ from difs_p2p.identity import fingerprint
 from difs_p2p.listing import decode_token, encode_token, object_etag
 from difs_p2p.manifest import Manifest, ObjectMeta
 from difs_p2p.names import claim_name
+from difs_p2p.publish import Progress
 from difs_p2p.s3auth import Auth, SignedRequest, authenticate, body_decoder, split_target
 from difs_p2p.s3body import BodyChecks
 from difs_p2p.s3errors import S3Error, incomplete_body
 from difs_p2p.s3keys import KeyStore, S3Key
-from difs_p2p.s3multipart import MultipartStore, Upload
+from difs_p2p.s3multipart import MultipartStore, StoredObject, Upload
+from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -268,6 +272,39 @@ def _check_all(checks: BodyChecks, batch: list[bytes]) -> None:
 def _write_all(fh: IO[bytes], batch: list[bytes]) -> None:
     for data in batch:
         fh.write(data)
+
+
+class StoredClient(Client):
+    """A Client whose ``put`` publishes an object already in its entry peer's segment
+    store (a multipart upload's parts, stored as they arrived): the upload step only
+    names the segments and the hash list stored there, so no byte crosses the connection
+    and nothing is written or hashed again; resolving, placing, signing and publishing
+    are ``Client.put``'s own. Its source is never read."""
+
+    def __init__(
+        self, entry: tuple[str, int], stored: StoredObject, integrity: bytes, **kwargs: Any
+    ) -> None:
+        super().__init__(entry, **kwargs)
+        self.stored = stored
+        self.integrity = integrity
+
+    async def _upload(
+        self, source: Path | IO[bytes], segment_size: int, progress: Progress | None
+    ) -> tuple[list[SegmentId], IntegrityRoot, int]:
+        if segment_size != self.stored.segment_size:
+            raise UsageError("a stored object is published with its own segment size")
+        hashes = [SegmentId(h) for h in self.stored.hashes]
+        return hashes, IntegrityRoot(SegmentId(self.integrity)), self.stored.size
+
+
+class _NoSource(io.RawIOBase):
+    """The source of a StoredClient's put: reading it is a bug (nothing must publish it)."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        raise UsageError("a stored object's source is not read")
 
 
 class BodyAborted(Exception):
@@ -1055,6 +1092,13 @@ class _Ctx:
             log.warning("s3_put_warning name=%s warning=%s", name, warning)
         return result.manifest
 
+    def _declared_length(self) -> int | None:
+        """The body's length as the request declares it (decoded, for aws-chunked)."""
+        text = self.request.headers.get("x-amz-decoded-content-length")
+        if text is None:
+            text = self.request.headers.get("Content-Length")
+        return int(text) if text is not None and text.isascii() and text.isdigit() else None
+
     def _streamable(self) -> bool:
         """Whether this PutObject's body is large enough to publish while it arrives (a
         small one is received whole: no worker thread waits on it)."""
@@ -1297,7 +1341,11 @@ class _Ctx:
             return await self._upload_part_copy(upload, number)
         checks = BodyChecks(self._headers(), self.auth.payload)
         part = await self.server.uploads.put_part(
-            upload.upload_id, number, self._payload(checks), md5=lambda: checks.md5_hex
+            upload.upload_id,
+            number,
+            self._payload(checks),
+            md5=lambda: checks.md5_hex,
+            declared=self._declared_length(),
         )
         return web.Response(status=200, headers={"ETag": f'"{part.etag}"'})
 
@@ -1339,17 +1387,51 @@ class _Ctx:
                     "EntityTooSmall",
                     extra={"ProposedSize": str(part.size), "MinSizeAllowed": str(MIN_PART_SIZE)},
                 )
-        etag = self.server.uploads.multipart_etag(upload.upload_id, numbers)
+        uploads = self.server.uploads
+        etag = uploads.multipart_etag(upload.upload_id, numbers)
         meta = object_meta(upload.meta, etag)
-        reader = self.server.uploads.reader(upload.upload_id, numbers)
-        try:
-            await self._publish(reader, name, lambda: meta)
-        finally:
-            reader.close()
-        self.server.uploads.remove(upload.upload_id)
+        stored = uploads.stored_object(upload.upload_id, numbers) if uploads.segments else None
+        if stored is not None:
+            await self._publish_stored(upload, stored, name, meta)
+        else:
+            reader = uploads.reader(upload.upload_id, numbers)
+            try:
+                await self._publish(reader, name, lambda: meta)
+            finally:
+                reader.close()
+        uploads.remove(upload.upload_id)
         bucket, key = self.target.bucket, self.target.key
         body = s3xml.complete_multipart(f"/{bucket}/{key}", bucket, key, f'"{etag}"')
         return _xml(body)
+
+    async def _publish_stored(
+        self, upload: Upload, stored: StoredObject, name: str, meta: ObjectMeta
+    ) -> None:
+        """Publish the parts already in the peer's segment store as ``name``: their hash
+        list stored (kept by the upload until it is removed), then placed and published
+        by a :class:`StoredClient` without reading a byte of them again."""
+        integrity = await self.server.uploads.store_hash_list(upload.upload_id, stored.hashes)
+        client = StoredClient(
+            self.server.entry,
+            stored,
+            integrity,
+            publisher=self.key.identity,
+            token=self.server.token,
+            io_timeout=self.server.io_timeout,
+            folders=self.client.folders,
+        )
+        try:
+            result = await client.put(
+                cast(IO[bytes], _NoSource()),
+                name,
+                update=True,
+                segment_size=stored.segment_size,
+                metadata=meta,
+            )
+        finally:
+            await client.close()
+        for warning in result.warnings:
+            log.warning("s3_put_warning name=%s warning=%s", name, warning)
 
     async def abort_upload(self) -> web.Response:
         upload = self._upload()

@@ -6,6 +6,22 @@ until then: the parts wait here, and the S3 server publishes their concatenation
 (:meth:`MultipartStore.reader`) with ``Client.put`` and calls :meth:`MultipartStore.remove`.
 The store never publishes and never touches what is published.
 
+Given the peer's segment store (``segments``, as the peer does), a part is not staged in a
+file but stored there as it arrives, cut into segments of the upload's segment size (which
+the first part to arrive chooses from its declared size: ``part_segment_size``) and kept
+by the part's own owner tag (``s3parts.part_owner``); its row records the segment ids.
+When every part but the last is a multiple of that size, the parts make one object
+already stored (:meth:`MultipartStore.stored_object`): the server stores its hash list
+(:meth:`MultipartStore.store_hash_list`) and publishes it without reading a byte again;
+otherwise the parts are read back (verified) and published as a stream. The ``writing``
+table names the owner tags whose segments nothing records yet (a part being stored) or
+any more (a part replaced, an upload removed): they are released at once, and on the
+next open what a crash left there. Segments are charged to the store's capacity like any.
+
+The module is longer than most (about 900 lines): the two ways of keeping parts (files, and
+segments in the peer's store) share one index, its crash rules and its expiry, which would
+be harder to keep consistent split apart.
+
 Layout under the root (``DATA/s3-uploads/``)::
 
     index.sqlite3              uploads (id, bucket, key, access key, meta, created) and
@@ -52,12 +68,13 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from difs_p2p.errors import CapacityError, StorageError
+from difs_p2p.errors import CapacityError, DifsError, StorageError
 from difs_p2p.s3errors import (
     S3Error,
     entity_too_large,
@@ -67,15 +84,29 @@ from difs_p2p.s3errors import (
     no_such_upload,
     service_unavailable,
 )
-from difs_p2p.s3parts import REMOVED_PREFIX, PartRow, PartsReader, PartWriter, file_size
+from difs_p2p.s3parts import (
+    REMOVED_PREFIX,
+    ChainReader,
+    PartRow,
+    PartsReader,
+    PartWriter,
+    Segments,
+    SegmentWriter,
+    file_size,
+    list_owner,
+    part_owner,
+)
+from difs_p2p.segments import encode_hash_list, hash_list_root
 from difs_p2p.sqlitedb import Database
 
 __all__ = [
     "MAX_PART_NUMBER",
     "MultipartStore",
     "Part",
+    "StoredObject",
     "Upload",
     "multipart_etag",
+    "part_segment_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,6 +122,18 @@ DEFAULT_EXPIRE_AFTER = 24 * 3600.0
 # large enough that the thread hop is cheap, small enough to bound memory per part.
 _BATCH = 1 << 20
 _ID = re.compile(r"[0-9a-f]{32}")
+# The segment size of an object whose parts go to the segment store, unless its first part
+# says otherwise (part_segment_size): every part whose size is a multiple of it (boto3's
+# 8 MiB, the CLI's 5 MiB...) is published as it is stored.
+PART_SEGMENT_SIZE = 1 << 20
+# The largest segment size a part's size may choose (fewer files and fsyncs per part).
+MAX_PART_SEGMENT_SIZE = 4 << 20
+# Threads storing parts' segments at once (each mostly waits on fsync).
+_WRITERS = 8
+# Segments stored in one call of the segment store (one worker-thread hop, one transaction).
+_SEGMENT_BATCH = 4
+# The file column of a part stored as segments: this prefix and its generation.
+_SEGMENTS = "seg."
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 _SCHEMA = """
@@ -112,6 +155,10 @@ CREATE TABLE IF NOT EXISTS parts (
     file TEXT NOT NULL,
     crc32c INTEGER,
     PRIMARY KEY (upload, number)
+);
+CREATE TABLE IF NOT EXISTS writing (
+    upload TEXT NOT NULL,
+    owner BLOB PRIMARY KEY
 );
 """
 
@@ -136,6 +183,28 @@ class Upload:
     access_key: str
     meta: dict[str, str]
     created: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """The parts of an upload as one object already in the segment store: its segment
+    ids in order, its size and segment size (every segment full but the last)."""
+
+    hashes: list[bytes]
+    size: int
+    segment_size: int
+
+
+def part_segment_size(declared: int | None, default: int = PART_SEGMENT_SIZE) -> int:
+    """The segment size of an upload whose first part declares ``declared`` bytes: the
+    largest power of two up to MAX_PART_SEGMENT_SIZE dividing it, at least ``default``
+    (which an undeclared size, or one it does not divide, gets)."""
+    if declared is None or declared <= 0 or declared % default:
+        return default
+    size = default
+    while size * 2 <= MAX_PART_SEGMENT_SIZE and declared % (size * 2) == 0:
+        size *= 2
+    return size
 
 
 def multipart_etag(digests: list[bytes]) -> str:
@@ -178,8 +247,13 @@ class MultipartStore:
         max_part_size: int = DEFAULT_MAX_PART_SIZE,
         clock: Callable[[], float] = time.time,
         max_staged: int | None = None,
+        segments: Segments | None = None,
+        segment_size: int = PART_SEGMENT_SIZE,
     ) -> None:
         self.root = Path(root)
+        # the peer's segment store: parts go there as segments (None: staged in files)
+        self.segments = segments
+        self.segment_size = segment_size
         self.expire_after = expire_after
         self.max_part_size = max_part_size
         self.max_staged = max_staged
@@ -189,11 +263,18 @@ class MultipartStore:
         except OSError as exc:
             raise StorageError(f"cannot create {self.root}: {exc.strerror or exc}") from exc
         self.db = Database(self.root / "index.sqlite3", "the multipart upload index", _SCHEMA)
-        self.db.add_columns("parts", {"crc32c": "INTEGER"})  # an index of an older version
+        # an index of an older version
+        self.db.add_columns(
+            "parts", {"crc32c": "INTEGER", "segments": "BLOB", "seg_size": "INTEGER"}
+        )
+        self.db.add_columns("uploads", {"seg_size": "INTEGER"})
         # bytes of committed parts, and of parts being written (reserved as they arrive)
         self._staged = 0
         self._writing = 0
         self._count = threading.Lock()  # a damaged part is dropped from a reader's thread
+        # threads of their own for the segment store's writes (they wait on fsync): the
+        # loop's few default workers stay free for the body checks' hashing
+        self._writers = ThreadPoolExecutor(_WRITERS, thread_name_prefix="s3-parts")
         # uploads with a part being written: never expired meanwhile
         self._busy: dict[str, int] = {}
         # deletions of removed uploads' files under way in the loop's executor
@@ -227,7 +308,7 @@ class MultipartStore:
         missing = [
             (upload, file)
             for (upload, file), size in rows.items()
-            if file_size(self.root / upload / file) != size
+            if not file.startswith(_SEGMENTS) and file_size(self.root / upload / file) != size
         ]
         for upload, file in missing:
             with contextlib.suppress(OSError):
@@ -241,8 +322,17 @@ class MultipartStore:
             self._staged = int(
                 conn.execute("SELECT COALESCE(SUM(size), 0) FROM parts").fetchone()[0]
             )
+            writing = [bytes(row[0]) for row in conn.execute("SELECT owner FROM writing")]
+        if writing and self.segments is not None:
+            # parts whose segments were being stored when the process died
+            for owner in writing:
+                self.segments.release(owner)
+            with self.db.locked("forgetting parts being written") as conn:
+                conn.executemany("DELETE FROM writing WHERE owner = ?", [(o,) for o in writing])
+            log.info("multipart.recover released_writes=%d", len(writing))
 
     def close(self) -> None:
+        self._writers.shutdown(wait=True)
         self.db.close()
 
     # -- uploads ----------------------------------------------------------------------------
@@ -328,8 +418,12 @@ class MultipartStore:
         number: int,
         chunks: AsyncIterator[bytes | memoryview],
         md5: Callable[[], str] | None = None,
+        declared: int | None = None,
     ) -> Part:
         """Store part ``number`` of the upload from ``chunks`` (replacing an earlier one).
+
+        ``declared``: the part's size as its request declares it (Content-Length), which
+        chooses the upload's segment size if it is the first part to arrive.
 
         ``md5``, if given, gives the part's MD5 (hex) once ``chunks`` ended: the producer
         hashed the bytes on their way (an S3 body's checks), so they are not hashed again.
@@ -342,6 +436,9 @@ class MultipartStore:
         """
         _check_number(number)
         self._require(upload_id)
+        if self.segments is not None:
+            size = self._segment_size(upload_id, declared)
+            return await self._put_segments(upload_id, number, chunks, md5, self.segments, size)
         self._busy[upload_id] = self._busy.get(upload_id, 0) + 1
         counted = 0  # bytes of this part in self._writing
         writer: PartWriter | None = None
@@ -391,6 +488,164 @@ class MultipartStore:
             count = self._busy.pop(upload_id, 1) - 1
             if count:
                 self._busy[upload_id] = count
+
+    async def _put_segments(
+        self,
+        upload_id: str,
+        number: int,
+        chunks: AsyncIterator[bytes | memoryview],
+        md5: Callable[[], str] | None,
+        segments: Segments,
+        size: int,
+    ) -> Part:
+        """``put_part`` into the segment store: the part cut into segments of the upload's
+        segment size as it arrives, a batch stored (hashed, written, indexed) by a worker
+        thread while the next is read. Its owner tag is recorded as being written first,
+        so that a crash's leftovers are released on the next open; on any failure its
+        segments are released at once."""
+        self._busy[upload_id] = self._busy.get(upload_id, 0) + 1
+        gen = secrets.token_hex(8)
+        owner = part_owner(upload_id, number, gen)
+        writer = SegmentWriter(segments, owner, size, md5 is None)
+        counted = 0
+        recorded = False
+        try:
+            with self.db.locked(f"starting part {number}") as conn:
+                conn.execute(
+                    "INSERT INTO writing (upload, owner) VALUES (?, ?)", (upload_id, owner)
+                )
+            pending: asyncio.Future[None] | None = None
+            batch: list[bytes] = []
+            # the next segment's pieces (views of immutable chunks: copied once, joined)
+            pieces: list[memoryview] = []
+            held = 0
+            try:
+                async for chunk in chunks:
+                    if not chunk:
+                        continue
+                    self._reserve(counted, len(chunk))
+                    counted += len(chunk)
+                    self._add(writing=len(chunk))
+                    # a producer may reuse a buffer it lends: only bytes are kept as views
+                    view = memoryview(chunk if isinstance(chunk, bytes) else bytes(chunk))
+                    while view:
+                        take = min(size - held, len(view))
+                        pieces.append(view[:take])
+                        held += take
+                        view = view[take:]
+                        if held == size:
+                            batch.append(b"".join(pieces))
+                            pieces, held = [], 0
+                    if len(batch) >= _SEGMENT_BATCH:
+                        if pending is not None:
+                            await pending
+                        pending = asyncio.ensure_future(
+                            _disk(upload_id, number, writer.write, batch, pool=self._writers)
+                        )
+                        batch = []
+            finally:
+                if pending is not None and not pending.done():
+                    with contextlib.suppress(Exception):
+                        await pending  # its error, if any, is raised just below
+            if pending is not None:
+                pending.result()
+            if pieces:
+                batch.append(b"".join(pieces))
+            if batch:
+                await _disk(upload_id, number, writer.write, batch, pool=self._writers)
+            etag = md5() if md5 is not None else None
+            part, replaced = await _disk(
+                upload_id, number, self._record_segments, upload_id, number, gen, writer, etag
+            )
+            recorded = True
+            self._add(staged=part.size - replaced)
+            return part
+        finally:
+            self._add(writing=-counted)
+            if not recorded:
+                await asyncio.to_thread(self._drop_write, writer)
+            count = self._busy.pop(upload_id, 1) - 1
+            if count:
+                self._busy[upload_id] = count
+
+    def _segment_size(self, upload_id: str, declared: int | None) -> int:
+        """The upload's segment size: set by the first part to arrive (parts arrive at
+        once, so the first to record it wins and the others read it)."""
+        wanted = part_segment_size(declared, self.segment_size)
+        with self.db.locked("choosing the segment size") as conn:
+            conn.execute(
+                "UPDATE uploads SET seg_size = ? WHERE id = ? AND seg_size IS NULL",
+                (wanted, upload_id),
+            )
+            row = conn.execute("SELECT seg_size FROM uploads WHERE id = ?", (upload_id,)).fetchone()
+        if row is None:
+            raise no_such_upload(upload_id)
+        return int(row[0])
+
+    def _drop_write(self, writer: SegmentWriter) -> None:
+        """Release a part's segments that were not recorded, and its row in ``writing``."""
+        writer.discard()
+        with self.db.locked("forgetting a part being written") as conn:
+            conn.execute("DELETE FROM writing WHERE owner = ?", (writer.owner,))
+
+    def _record_segments(
+        self, upload_id: str, number: int, gen: str, writer: SegmentWriter, etag: str | None
+    ) -> tuple[Part, int]:
+        """``_record`` for a part stored as segments (worker thread): the row names its
+        generation and segment ids; the segments of the write it replaces are released
+        (their owner recorded in ``writing`` in the same transaction, so a crash before
+        the release leaves them to the next open)."""
+        if etag is None:
+            assert writer.md5 is not None
+            etag = writer.md5.hexdigest()
+        part = Part(number, etag, writer.size, self.clock())
+        with self.db.locked(f"recording part {number}") as conn, self.db.transaction():
+            if conn.execute("SELECT 1 FROM uploads WHERE id = ?", (upload_id,)).fetchone() is None:
+                raise no_such_upload(upload_id)
+            old = conn.execute(
+                "SELECT file, size FROM parts WHERE upload = ? AND number = ?",
+                (upload_id, number),
+            ).fetchone()
+            conn.execute(
+                "INSERT OR REPLACE INTO parts"
+                " (upload, number, etag, size, modified, file, crc32c, segments, seg_size)"
+                " VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                (
+                    upload_id,
+                    number,
+                    part.etag,
+                    part.size,
+                    part.modified,
+                    _SEGMENTS + gen,
+                    b"".join(writer.hashes),
+                    writer.segment_size,
+                ),
+            )
+            conn.execute("DELETE FROM writing WHERE owner = ?", (writer.owner,))
+            old_owner = None
+            if old is not None and str(old[0]).startswith(_SEGMENTS):
+                old_owner = part_owner(upload_id, number, str(old[0])[len(_SEGMENTS) :])
+                conn.execute(
+                    "INSERT OR IGNORE INTO writing (upload, owner) VALUES (?, ?)",
+                    (upload_id, old_owner),
+                )
+        if old is None:
+            return part, 0
+        if old_owner is not None:
+            self._release([old_owner])
+        else:
+            with contextlib.suppress(OSError):
+                (self.root / upload_id / str(old[0])).unlink()
+        return part, int(old[1])
+
+    def _release(self, owners: list[bytes]) -> None:
+        """Release segment owners recorded in ``writing`` and forget them (worker thread)."""
+        if self.segments is None or not owners:
+            return
+        for owner in owners:
+            self.segments.release(owner)
+        with self.db.locked("forgetting released parts") as conn:
+            conn.executemany("DELETE FROM writing WHERE owner = ?", [(o,) for o in owners])
 
     def _reserve(self, size: int, more: int) -> None:
         """Refuse ``more`` bytes of a part that has ``size`` when past a limit."""
@@ -443,6 +698,8 @@ class MultipartStore:
         as it is read; a damaged one is dropped and the read raises InvalidPart (the client
         uploads it again). Reads block: read it in a worker thread. The caller closes it."""
         rows = self._part_rows(upload_id, numbers)
+        if any(row.hashes is not None for row in rows):
+            return io.BufferedReader(ChainReader(self._pieces(rows)), _BATCH)
         opened: list[tuple[io.BufferedReader, PartRow]] = []
         try:
             for row in rows:
@@ -452,6 +709,58 @@ class MultipartStore:
                 fh.close()
             raise S3Error("InvalidPart", f"a part cannot be read: {exc.strerror}") from exc
         return io.BufferedReader(PartsReader(opened, self._drop_damaged), _BATCH)
+
+    def _pieces(self, rows: list[PartRow]) -> Iterator[bytes]:
+        """The bytes of parts some of which are stored as segments (each read back
+        verified from the segment store; a part of an older version read from its file and
+        checked), for ``reader``."""
+        for row in rows:
+            if row.hashes is None:
+                try:
+                    fh = open(self.root / row.upload / row.file, "rb")  # noqa: SIM115
+                except OSError as exc:
+                    raise invalid_part(row.number, row.etag) from exc
+                with io.BufferedReader(PartsReader([(fh, row)], self._drop_damaged)) as one:
+                    while data := one.read(_BATCH):
+                        yield data
+                continue
+            assert self.segments is not None
+            for seg_id in row.segment_ids:
+                try:
+                    yield self.segments.read(seg_id)
+                except DifsError as exc:
+                    log.warning("multipart.damaged upload=%s part=%d", row.upload, row.number)
+                    raise invalid_part(row.number, row.etag) from exc
+
+    def stored_object(self, upload_id: str, numbers: list[int]) -> StoredObject | None:
+        """The parts ``numbers`` as one object already in the segment store, if they make
+        one: every part stored as segments of one size, every part but the last a multiple
+        of it. None otherwise (the parts are then read back with ``reader``)."""
+        rows = self._part_rows(upload_id, numbers)
+        if any(row.hashes is None for row in rows):
+            return None
+        size = rows[0].segment_size
+        if any(row.segment_size != size for row in rows):
+            return None
+        if any(row.size % size for row in rows[:-1]):
+            return None
+        hashes = [seg_id for row in rows for seg_id in row.segment_ids]
+        return StoredObject(hashes, sum(row.size for row in rows), size)
+
+    async def store_hash_list(self, upload_id: str, hashes: list[bytes]) -> bytes:
+        """Store the hash list of ``hashes`` in the segment store, kept by the upload
+        (freed when it is removed); its integrity root."""
+        assert self.segments is not None
+        segments = self.segments
+        hash_list = encode_hash_list(hashes)  # type: ignore[arg-type]
+        owner = list_owner(upload_id)
+
+        def put() -> bytes:
+            integrity = bytes(hash_list_root(hash_list))
+            segments.put_many([(integrity, hash_list)], owner)
+            return integrity
+
+        return await _disk(upload_id, 0, put)
 
     def _drop_damaged(self, row: PartRow) -> None:
         """Forget a part found damaged (if its row still names that file) and delete it."""
@@ -479,10 +788,18 @@ class MultipartStore:
         with self.db.locked("reading parts") as conn:
             found = {
                 int(n): PartRow(
-                    upload_id, int(n), str(f), str(e), int(z), None if c is None else int(c)
+                    upload_id,
+                    int(n),
+                    str(f),
+                    str(e),
+                    int(z),
+                    None if c is None else int(c),
+                    None if h is None else bytes(h),
+                    int(g or 0),
                 )
-                for n, f, e, z, c in conn.execute(
-                    "SELECT number, file, etag, size, crc32c FROM parts WHERE upload = ?",
+                for n, f, e, z, c, h, g in conn.execute(
+                    "SELECT number, file, etag, size, crc32c, segments, seg_size FROM parts"
+                    " WHERE upload = ?",
                     (upload_id,),
                 )
             }
@@ -503,18 +820,25 @@ class MultipartStore:
         ``.removed-`` name: the files (up to 10,000 parts of 5 GiB) are deleted by a worker
         thread of the loop's executor, which the loop waits for when it shuts down; what a
         crash leaves there is deleted on the next open."""
-        self._forget(upload_id)
+        owners = self._forget(upload_id)
         gone = self._detach(upload_id)
-        if gone is None:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            shutil.rmtree(gone, ignore_errors=True)
+            self._delete(gone, owners)
             return
-        deleting = loop.run_in_executor(None, shutil.rmtree, gone, True)
+        deleting = loop.run_in_executor(None, self._delete, gone, owners)
         self._deleting.add(deleting)
         deleting.add_done_callback(self._deleting.discard)
+
+    def _delete(self, gone: Path | None, owners: list[bytes]) -> None:
+        """Delete a removed upload's files and release its segments (worker thread)."""
+        if gone is not None:
+            shutil.rmtree(gone, ignore_errors=True)
+        try:
+            self._release(owners)
+        except DifsError as exc:  # released at the next open
+            log.warning("multipart.release_failed error=%s", exc)
 
     def _detach(self, upload_id: str) -> Path | None:
         """Rename a forgotten upload's directory out of the way; the new path."""
@@ -525,16 +849,32 @@ class MultipartStore:
             return None
         return gone
 
-    def _forget(self, upload_id: str) -> None:
-        """Drop the upload's rows and its bytes from the count; NoSuchUpload if unknown."""
+    def _forget(self, upload_id: str) -> list[bytes]:
+        """Drop the upload's rows and its bytes from the count; NoSuchUpload if unknown.
+        The owner tags of what it keeps in the segment store, for ``_release``."""
         self._require(upload_id)
         with self.db.locked("removing an upload") as conn, self.db.transaction():
             size = conn.execute(
                 "SELECT COALESCE(SUM(size), 0) FROM parts WHERE upload = ?", (upload_id,)
             ).fetchone()[0]
+            if self.segments is not None:
+                # what the upload keeps in the segment store: released next, or at the
+                # next open if the process dies first
+                gens = conn.execute(
+                    "SELECT number, file FROM parts WHERE upload = ? AND segments IS NOT NULL",
+                    (upload_id,),
+                ).fetchall()
+                owners = [part_owner(upload_id, int(n), str(f)[len(_SEGMENTS) :]) for n, f in gens]
+                conn.executemany(
+                    "INSERT OR IGNORE INTO writing (upload, owner) VALUES (?, ?)",
+                    [(upload_id, o) for o in [*owners, list_owner(upload_id)]],
+                )
+            else:
+                owners = []
             conn.execute("DELETE FROM parts WHERE upload = ?", (upload_id,))
             conn.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
         self._add(staged=-int(size))
+        return owners if self.segments is None else [*owners, list_owner(upload_id)]
 
     async def expire(self, now: float | None = None) -> int:
         """Remove the uploads whose last activity (creation, newest part) is older than
@@ -554,12 +894,11 @@ class MultipartStore:
             if upload_id in self._busy:
                 continue
             try:
-                self._forget(upload_id)
+                owners = self._forget(upload_id)
             except S3Error:
                 continue  # removed meanwhile
             gone = self._detach(upload_id)
-            if gone is not None:
-                await asyncio.to_thread(shutil.rmtree, gone, True)
+            await asyncio.to_thread(self._delete, gone, owners)
             removed += 1
             log.info("multipart.expired upload=%s", upload_id)
         return removed
@@ -585,11 +924,19 @@ def _utf8(text: str) -> bool:
     return True
 
 
-async def _disk(upload_id: str, number: int, fn: Callable[..., _T], *args: object) -> _T:
+async def _disk(
+    upload_id: str,
+    number: int,
+    fn: Callable[..., _T],
+    *args: object,
+    pool: ThreadPoolExecutor | None = None,
+) -> _T:
     """``fn(*args)`` in a worker thread, its disk errors translated: the upload's directory
     gone (removed meanwhile) NoSuchUpload, no space ServiceUnavailable, others
     StorageError. Errors of the part's source pass through untouched."""
     try:
+        if pool is not None:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
         return await asyncio.to_thread(fn, *args)
     except FileNotFoundError as exc:
         raise no_such_upload(upload_id) from exc

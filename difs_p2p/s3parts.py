@@ -9,6 +9,13 @@ the size and CRC32C of its index row when it ends (the MD5 was checked as the pa
 arrived; a CRC32C costs a fraction of a second pass of MD5). File names are ``<number>.<16 hex>``
 (random per write), temporaries ``.tmp-<number>.<16 hex>``; an upload removed is renamed to
 ``.removed-<upload id>`` while its files are deleted.
+
+With the peer's segment store at hand, a part is not staged in a file: :class:`SegmentWriter`
+cuts it into segments of the upload's segment size as it arrives and stores them in the
+segment store (BLAKE3 per segment, MD5 unless its caller hashed the bytes), kept by the
+part's own owner tag (:func:`part_owner`: upload, number and a random generation), so that
+releasing that tag frees exactly that write of the part. The upload's hash list, stored at
+completion, is kept by :func:`list_owner`.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import blake3
 import google_crc32c
 
 from difs_p2p.s3errors import invalid_part
@@ -31,15 +40,51 @@ from difs_p2p.s3errors import invalid_part
 __all__ = [
     "REMOVED_PREFIX",
     "TMP_PREFIX",
+    "ChainReader",
     "PartRow",
     "PartWriter",
     "PartsReader",
+    "SegmentWriter",
+    "Segments",
     "file_size",
     "fsync_dir",
+    "list_owner",
+    "part_owner",
 ]
 
 TMP_PREFIX = ".tmp-"
 REMOVED_PREFIX = ".removed-"
+# Owner tags of a part's segments and of an upload's hash list in the segment store.
+PART_OWNER = b"s3-part:"
+LIST_OWNER = b"s3-list:"
+
+
+class Segments(Protocol):
+    """What parts need of the peer's segment store (``store.SegmentStore``, a module of
+    the same layer as the index's, which therefore does not import it)."""
+
+    def put_many(
+        self,
+        items: Sequence[tuple[bytes, bytes | bytearray | memoryview]],
+        owner: bytes | None = None,
+        session: bytes | None = None,
+    ) -> int: ...
+
+    def release(self, owner: bytes) -> int: ...
+
+    def read(
+        self, seg_id: bytes, offset: int = 0, length: int | None = None, verify: bool = True
+    ) -> bytes: ...
+
+
+def part_owner(upload_id: str, number: int, gen: str) -> bytes:
+    """The owner tag of one write (generation ``gen``, 16 hex) of part ``number``."""
+    return PART_OWNER + bytes.fromhex(upload_id) + number.to_bytes(2, "big") + bytes.fromhex(gen)
+
+
+def list_owner(upload_id: str) -> bytes:
+    """The owner tag of an upload's hash list (stored when it completes)."""
+    return LIST_OWNER + bytes.fromhex(upload_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +99,14 @@ class PartRow:
     # CRC32C of the file's bytes (None for a part staged by an older version: its MD5 is
     # checked instead)
     crc32c: int | None = None
+    # a part stored as segments: their ids concatenated, and the segment size
+    hashes: bytes | None = None
+    segment_size: int = 0
+
+    @property
+    def segment_ids(self) -> list[bytes]:
+        h = self.hashes or b""
+        return [h[i : i + 32] for i in range(0, len(h), 32)]
 
 
 def fsync_dir(path: Path) -> None:
@@ -119,6 +172,49 @@ class PartWriter:
                     path.unlink()
 
 
+class SegmentWriter:
+    """One part stored as segments in the peer's segment store (used by worker threads):
+    its segment ids in order, MD5 and size. Every segment is a full ``segment_size`` but
+    the last; ``write`` takes whole segments only.
+
+    A lock orders writes and ``discard``: a write still running in a thread after its
+    caller was cancelled finishes before the part's segments are released, and a write
+    after ``discard`` stores nothing."""
+
+    def __init__(self, store: Segments, owner: bytes, segment_size: int, md5: bool = True) -> None:
+        self.store = store
+        self.owner = owner
+        self.segment_size = segment_size
+        self.md5 = hashlib.md5(usedforsecurity=False) if md5 else None
+        self.hashes: list[bytes] = []
+        self.size = 0
+        self.lock = threading.Lock()
+        self.discarded = False
+
+    def write(self, batch: list[bytes]) -> None:
+        """Hash and store ``batch`` (segments, in order) in one store call; CapacityError
+        when the store is full (nothing of the batch stored)."""
+        items: list[tuple[bytes, bytes]] = []
+        for segment in batch:
+            if self.md5 is not None:
+                self.md5.update(segment)
+            # one thread per segment: parts arrive in parallel, so BLAKE3's own threads
+            # would only contend for the same cores
+            items.append((blake3.blake3(segment).digest(), segment))
+        with self.lock:
+            if self.discarded:
+                return
+            self.store.put_many(items, self.owner)
+            self.hashes.extend(seg_id for seg_id, _ in items)
+            self.size += sum(len(segment) for segment in batch)
+
+    def discard(self) -> None:
+        """Release the part's segments (those nothing else keeps are deleted)."""
+        with self.lock:
+            self.discarded = True
+            self.store.release(self.owner)
+
+
 class PartsReader(io.RawIOBase):
     """The concatenation of open part files, read once in order, each checked against
     its recorded size and CRC32C (its MD5 if it has none) as it ends: a part damaged on
@@ -173,6 +269,34 @@ class PartsReader(io.RawIOBase):
         for fh, _ in self._files[self._at :]:
             fh.close()
         self._at = len(self._files)
+        super().close()
+
+
+class ChainReader(io.RawIOBase):
+    """The bytes of ``pieces`` (an iterator of byte strings) as one stream, read once."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._pieces = pieces
+        self._left = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        while not self._left:
+            piece = next(self._pieces, None)
+            if piece is None:
+                return 0
+            self._left = memoryview(piece)
+        n = min(len(buffer), len(self._left))
+        buffer[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
         super().close()
 
 

@@ -43,6 +43,7 @@ from difs_p2p.s3auth import signing_key
 from difs_p2p.s3body import ChunkSigner
 from difs_p2p.s3errors import S3Error
 from difs_p2p.s3keys import S3Key
+from difs_p2p.segments import segment_hash
 from tests.helpers import BIN, peer_config, start_peers, stop_all, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -611,6 +612,95 @@ async def test_multipart_upload(net: Net) -> None:
         "NoSuchUpload"
     )
     assert await code_of(s3.head_object, Bucket="alice.com", Key="small.bin") == "404"
+
+
+def _segment_ids(data: bytes) -> list[bytes]:
+    """The ids of ``data``'s 1 MiB segments (as a multipart part is stored)."""
+    return [segment_hash(data[i : i + MiB]) for i in range(0, len(data), MiB)]
+
+
+async def _complete(s3: Any, key: str, uid: str, etags: dict[int, str]) -> Any:
+    parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+    return await run(
+        s3.complete_multipart_upload,
+        Bucket="alice.com",
+        Key=key,
+        UploadId=uid,
+        MultipartUpload={"Parts": parts},
+    )
+
+
+async def test_multipart_parts_out_of_order_and_uploaded_again(net: Net) -> None:
+    """Parts sent at once, out of order, one of them uploaded again: the object is the
+    last upload of each part, and the replaced part's segments are freed at once."""
+    s3, store = net.alice, net.peers[-1].store
+    assert store is not None
+    data = {1: os.urandom(5 * MiB), 2: os.urandom(6 * MiB), 3: os.urandom(777)}
+    wrong = os.urandom(5 * MiB)
+    uid = (await run(s3.create_multipart_upload, Bucket="alice.com", Key="ooo.bin"))["UploadId"]
+
+    async def put(number: int, body: bytes) -> str:
+        r = await run(
+            s3.upload_part,
+            Bucket="alice.com",
+            Key="ooo.bin",
+            UploadId=uid,
+            PartNumber=number,
+            Body=body,
+        )
+        return str(r["ETag"])
+
+    await put(1, wrong)
+    assert all(store.has(i) for i in _segment_ids(wrong))
+    e3, e2, e1 = await asyncio.gather(put(3, data[3]), put(2, data[2]), put(1, data[1]))
+    assert not any(store.has(i) for i in _segment_ids(wrong))
+    await _complete(s3, "ooo.bin", uid, {1: e1, 2: e2, 3: e3})
+    got = await run(s3.get_object, Bucket="alice.com", Key="ooo.bin")
+    assert await run(got["Body"].read) == data[1] + data[2] + data[3]
+
+
+async def test_multipart_unaligned_parts_fall_back(net: Net) -> None:
+    """A part whose size is not a multiple of the segment size (not the last) is read
+    back and published the slow way: the object is still right."""
+    s3 = net.alice
+    first, last = os.urandom(5 * MiB + 4099), os.urandom(1000)
+    uid = (await run(s3.create_multipart_upload, Bucket="alice.com", Key="odd.bin"))["UploadId"]
+    etags = {}
+    for n, body in ((1, first), (2, last)):
+        r = await run(
+            s3.upload_part, Bucket="alice.com", Key="odd.bin", UploadId=uid, PartNumber=n, Body=body
+        )
+        etags[n] = r["ETag"]
+    await _complete(s3, "odd.bin", uid, etags)
+    got = await run(s3.get_object, Bucket="alice.com", Key="odd.bin")
+    assert await run(got["Body"].read) == first + last
+
+
+async def test_multipart_abort_and_bad_part_free_the_segments(net: Net) -> None:
+    """Abort frees a part's segments from the peer's store; a part whose Content-MD5 is
+    wrong is refused and stores nothing."""
+    s3, store = net.alice, net.peers[-1].store
+    assert store is not None
+    body, bad = os.urandom(3 * MiB), os.urandom(2 * MiB)
+    uid = (await run(s3.create_multipart_upload, Bucket="alice.com", Key="ab.bin"))["UploadId"]
+    await run(
+        s3.upload_part, Bucket="alice.com", Key="ab.bin", UploadId=uid, PartNumber=1, Body=body
+    )
+    assert all(store.has(i) for i in _segment_ids(body))
+    md5 = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+    code = await code_of(
+        s3.upload_part,
+        Bucket="alice.com",
+        Key="ab.bin",
+        UploadId=uid,
+        PartNumber=2,
+        Body=bad,
+        ContentMD5=md5,
+    )
+    assert code == "BadDigest"
+    assert not any(store.has(i) for i in _segment_ids(bad))
+    await run(s3.abort_multipart_upload, Bucket="alice.com", Key="ab.bin", UploadId=uid)
+    await wait_for(lambda: not any(store.has(i) for i in _segment_ids(body)))
 
 
 async def test_upload_part_copy(net: Net) -> None:
