@@ -4,6 +4,7 @@ Importing typer (with click and pydantic) cost more than the rest of a small ``d
 together, so the commands people run most are recognised here with the standard library
 alone, and everything else goes to the typer apps of cli.py unchanged:
 
+* ``--version`` alone prints the version as cli.py does;
 * ``--help`` and ``-h`` of any command are printed from ``cli_help``, the text typer
   renders, generated from the apps (``python -m difs_p2p.cli``; tests/test_cli_fast.py
   fails when it drifts), when the terminal is at least 80 columns wide (the width the
@@ -182,7 +183,12 @@ def _run(command: str, kwargs: dict[str, Any]) -> int:
 
 
 def _help_or_none(prog: str) -> None:
+    """Print the help (or, for ``--version`` alone, the version) and exit, if argv asks."""
     text = help_text(prog, sys.argv[1:])
+    if sys.argv[1:] == ["--version"]:
+        from importlib.metadata import version
+
+        text = f"difs-p2p {version('difs-p2p')}\n"
     if text is not None:
         try:
             sys.stdout.write(text)
