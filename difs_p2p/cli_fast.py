@@ -178,7 +178,11 @@ def _run(command: str, kwargs: dict[str, Any]) -> int:
     except KeyboardInterrupt:  # before the command's event loop took over SIGINT
         return 130
     except BrokenPipeError:
-        return 0
+        # the reader of stdout went away: exit 1, silently, as typer does (the stream
+        # pointed at /dev/null so that the flush at exit does not complain again)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     return 0
 
 

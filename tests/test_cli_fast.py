@@ -288,3 +288,21 @@ def test_get_imports_no_typer(peer: dict[str, str], tmp_path: Path) -> None:
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
     assert "difs_p2p.client" in imported
     assert not {m.split(".")[0] for m in imported} & {"typer", "click", "rich", "pydantic"}
+
+
+def test_reader_gone_exits_as_typer(peer: dict[str, str], tmp_path: Path) -> None:
+    """A get to stdout whose reader closes the pipe early exits as the typer app does."""
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(1 << 20))  # more than a pipe holds
+    put = run(["put", str(src), "/fast/big.bin", "--replicas", "1"], typer=False, env=peer)
+    assert put.returncode == 0, put.stderr
+    codes = []
+    for typer in (False, True):
+        cmd = [sys.executable, "-c", TYPER.format(prog="difs", main="client_main")]
+        argv = [*(cmd if typer else [str(BIN / "difs")]), "get", "/fast/big.bin", "-o", "-"]
+        proc = subprocess.Popen(argv, env=peer, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.read(1)
+        proc.stdout.close()
+        codes.append((proc.wait(timeout=60), proc.stderr.read()))
+    assert codes[0] == codes[1]
