@@ -218,9 +218,10 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 
 def masked(text: str) -> str:
-    """``text`` with its hashes and numbers masked (timings and rates differ from run to
-    run, and each name has its own manifest)."""
-    return re.sub(r"\d+(\.\d+)?", "N", re.sub(r"[0-9a-f]{16,}", "H", text))
+    """``text`` with its hashes, numbers and units masked (timings and rates differ from
+    run to run, and each name has its own manifest)."""
+    numbers = re.sub(r"\d+(\.\d+)?", "N", re.sub(r"[0-9a-f]{16,}", "H", text))
+    return re.sub(r"N (?:[KMGT]i)?B\b", "N U", numbers)
 
 
 def test_get_and_put_agree_with_typer(peer: dict[str, str], tmp_path: Path) -> None:
