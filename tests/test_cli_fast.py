@@ -307,3 +307,22 @@ def test_reader_gone_exits_as_typer(peer: dict[str, str], tmp_path: Path) -> Non
         proc.stdout.close()
         codes.append((proc.wait(timeout=60), proc.stderr.read()))
     assert codes[0] == codes[1]
+
+
+def test_help_imports_only_its_text() -> None:
+    """``difs --help`` loads nothing of difs_p2p but cli_fast and cli_help, and no typer."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", str(BIN / "difs"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, COLUMNS="80"),
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout == cli_help.HELP["difs"][()]
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert {m for m in imported if m.startswith("difs_p2p.")} == {
+        "difs_p2p.cli_fast",
+        "difs_p2p.cli_help",
+    }
+    assert not {m.split(".")[0] for m in imported} & {"typer", "click", "rich", "asyncio"}
