@@ -61,8 +61,12 @@ def put(
     file: Annotated[str, typer.Argument(help="the file to publish, or - for stdin")],
     name: Annotated[str, typer.Argument(help="content name, e.g. /a.com/izone.mp4")],
     segment_size: Annotated[
-        str, typer.Option(help="segment size: a multiple of 4KiB from 4KiB to 16MiB")
-    ] = "1MiB",
+        str | None,
+        typer.Option(
+            help="segment size: a multiple of 4KiB from 4KiB to 16MiB "
+            "[default: 4MiB for a file of 64MiB or more, else 1MiB]"
+        ),
+    ] = None,
     replicas: Annotated[
         int, typer.Option(min=1, max=16, help="copies of every segment range (1-16)")
     ] = 3,

@@ -106,7 +106,7 @@ def load_delegation(path: Path) -> Delegation:
 def put_content(
     file: str,
     name: str,
-    segment_size: str = "1MiB",
+    segment_size: str | None = None,
     replicas: int = 3,
     update: bool = False,
     delegation: Path | None = None,
@@ -122,7 +122,7 @@ def put_content(
     from difs_p2p.client import Client
 
     async def go() -> Any:
-        seg = parse_segment_size(segment_size)
+        seg = None if segment_size is None else parse_segment_size(segment_size)
         metadata = parse_metadata(content_type, meta)
         cert = load_delegation(delegation) if delegation is not None else None
         if file == "-" and sys.stdin.isatty():

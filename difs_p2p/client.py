@@ -451,7 +451,7 @@ class Client:
         source: Path | IO[bytes],
         name: str,
         *,
-        segment_size: int = segments.DEFAULT_SEGMENT_SIZE,
+        segment_size: int | None = None,
         replicas: int = DEFAULT_REPLICAS,
         update: bool = False,
         progress: Progress | None = None,
@@ -474,6 +474,8 @@ class Client:
         the metadata instead: what is known only then (the S3 API's ETag, the body's MD5).
         ``fresh``: look the name up again once ``source`` is read, so that a version
         published meanwhile (a long upload streamed from a client) is parent of this one.
+        ``segment_size``: None for ``segments.default_segment_size`` of the file's size
+        (4 MiB from 64 MiB on, else 1 MiB; 1 MiB for a stream).
         """
         if metadata is not None and not isinstance(metadata, ObjectMeta):
             raise UsageError("metadata must be an ObjectMeta")
@@ -487,12 +489,15 @@ class Client:
         if not 1 <= replicas <= MAX_REPLICAS:
             raise UsageError(f"replicas must be between 1 and {MAX_REPLICAS}, not {replicas}")
         norm = normalize_name(name)
-        segment_size = segments.validate_segment_size(segment_size)
+        if segment_size is not None:
+            segment_size = segments.validate_segment_size(segment_size)
         started = time.perf_counter()
         # the size of a regular file, checked against what is read; None for a stream
         expected = (
             await asyncio.to_thread(source_size, source) if isinstance(source, Path) else None
         )
+        if segment_size is None:
+            segment_size = segments.default_segment_size(expected)
         previous, top, key = await self._target(norm, delegation, update)
         try:
             if on_phase is not None:

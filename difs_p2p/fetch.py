@@ -466,7 +466,12 @@ class Fetch:
         started: float,
         chunks: Chunks | None = None,
     ) -> None:
-        plan = self.plan = FetchPlan(wanted, lambda i: self.layout.bounds(i)[1], self.config)
+        plan = self.plan = FetchPlan(
+            wanted,
+            lambda i: self.layout.bounds(i)[1],
+            self.config,
+            segment_size=self.manifest.segment_size,
+        )
         if self._seed is not None:
             plan.seed(*self._seed)
         if not self.sources():

@@ -56,7 +56,7 @@ class PlanConfig:
     """How eagerly a fetch hedges and when it gives up on a holder."""
 
     # Requests in flight per holder connection: enough to keep a loopback link busy
-    # (measured: 8).
+    # (measured: 8); fewer for large segments (``pipeline_bytes``, ``depth``).
     pipeline: int = 8
     # The least time a request may take before its holder counts as late: a loaded CI
     # machine (two cores, several test runs) stalls a process's event loop for tens of ms;
@@ -88,6 +88,18 @@ class PlanConfig:
             raise UsageError("give-up times must be positive")
         if self.lead_head_start < 0:
             raise UsageError("lead_head_start must not be negative")
+        if self.pipeline_bytes < 1:
+            raise UsageError("pipeline_bytes must be at least 1")
+
+    # Large segments: pipelines budgeted in bytes.
+    # Bytes of segments asked of one holder and not received yet: the 8 requests of 1 MiB
+    # measured to keep a loopback link busy; with 4 MiB segments, 2 requests.
+    pipeline_bytes: int = 8 << 20
+
+    def depth(self, segment_size: int) -> int:
+        """Requests in flight per holder for segments of ``segment_size`` bytes:
+        ``pipeline``, or fewer so that they hold at most ``pipeline_bytes``; at least 1."""
+        return max(1, min(self.pipeline, self.pipeline_bytes // max(1, segment_size)))
 
 
 class Estimate:
@@ -197,9 +209,13 @@ class FetchPlan:
         wanted: Iterable[int],
         size_of: Callable[[int], int],
         config: PlanConfig | None = None,
+        segment_size: int = 0,
     ) -> None:
         self.config = config or PlanConfig()
         self.size_of = size_of
+        # requests in flight per holder: the config's depth for ``segment_size`` (its
+        # ``pipeline`` when no size is given)
+        self.depth = self.config.depth(segment_size) if segment_size else self.config.pipeline
         self.queue: collections.deque[int] = collections.deque(dict.fromkeys(wanted))
         self.state: dict[int, int] = dict.fromkeys(self.queue, QUEUED)
         self.remaining = len(self.queue)
@@ -330,7 +346,7 @@ class FetchPlan:
         Segments a late holder owes come first (a hedge), then the queue; never beyond
         ``limit`` (a stream's window), never one ``h`` failed or does not ``serve``."""
         state = self.holder(h)
-        if state.dead or state.late or len(state.inflight) >= self.config.pipeline:
+        if state.dead or state.late or len(state.inflight) >= self.depth:
             return None
         for index in self._hedge_candidates():
             if (

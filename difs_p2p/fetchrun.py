@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import functools
 import os
 import socket
@@ -38,8 +39,12 @@ from difs_p2p.transfer import BufferPool, Connection
 
 # Parallel holder connections per fetch.
 MAX_SOURCES = 8
-# Segments a stream fetch may run ahead of the next one it must write (bounds memory).
+# Segments a stream fetch may run ahead of the next one it must write (bounds memory),
+# and at most STREAM_BYTES of them.
 STREAM_WINDOW = 64
+STREAM_BYTES = 64 << 20
+# Bytes of free receive buffers a fetch keeps for reuse (48 of 1 MiB, 12 of 4 MiB).
+POOL_BYTES = 48 << 20
 # Buffers up to this size are hashed on the event loop: BLAKE3 takes about 10 us for
 # 64 KiB here, less than a hop to a worker thread and back.
 INLINE_HASH = 64 << 10
@@ -128,7 +133,7 @@ class Output:
         self.first = first
         self.chunks = chunks
         # writes to ``fd`` under way in threads
-        self.writes: set[asyncio.Future[int]] = set()
+        self.writes: set[asyncio.Future[None]] = set()
 
 
 class SegmentRun:
@@ -175,9 +180,11 @@ class SegmentRun:
         self.owners: dict[int, bytearray] = {}
         self.order = list(wanted)
         self.problems: list[str] = []
-        pipeline = plan.config.pipeline
+        pipeline = plan.depth
         # Receive buffers are reused: a fresh 1 MiB bytearray costs page faults every time.
-        self.pool = BufferPool(2 * pipeline * MAX_SOURCES, minimum=segment_size)
+        self.pool = BufferPool(max(2, POOL_BYTES // max(1, segment_size)), minimum=segment_size)
+        # segments a synchronous stream may run ahead of the one it writes next
+        self.stream_window = max(1, min(STREAM_WINDOW, STREAM_BYTES // max(1, segment_size)))
         # set when the supervisor should look again (a worker ended, the fetch is done)
         self.supervise = asyncio.Event()
         # idle workers wait on this; a new one replaces it each time the plan changes
@@ -230,7 +237,7 @@ class SegmentRun:
             return self.order[chunks.taken] + chunks.window - 1
         if self.output.stream is None or self._next_out >= len(self.order):
             return None
-        return self.order[self._next_out] + STREAM_WINDOW
+        return self.order[self._next_out] + self.stream_window
 
     # -- verified segments out --------------------------------------------------------------
 
@@ -259,20 +266,35 @@ class SegmentRun:
         if moved:
             self.kick()  # the window moved on
 
-    async def store(self, index: int, data: bytes | memoryview, buf: bytearray) -> None:
+    async def write(
+        self, fd: int, index: int, data: bytes | memoryview, expected: SegmentId | None
+    ) -> None:
+        """Write what is needed of segment ``index`` to the file in a thread; verified
+        there first if ``expected`` is given (one hop to a thread for both)."""
         pos, skip, length = self.slice_of(index)
+        # Shielded: a cancel cannot stop the thread, so the write is awaited (by the
+        # fetch's finally) before the fd can be closed and its number reused.
+        job = self.loop.run_in_executor(
+            None, verify_and_write, expected, data, skip, length, fd, pos - self.output.first
+        )
+        self.output.writes.add(job)
+        job.add_done_callback(self.output.writes.discard)
+        await asyncio.shield(job)
+
+    async def store(
+        self, index: int, data: bytes | memoryview, buf: bytearray, written: bool = False
+    ) -> None:
+        """Send segment ``index`` (verified) to the output; ``written``: it is in the
+        file already."""
+        _, skip, length = self.slice_of(index)
         piece = data[skip : skip + length]
         if not self.first_byte:
             self.first_byte = time.perf_counter() - self.started
             self.first_out.set()
         fd = self.output.fd
         if fd is not None:
-            # Shielded: a cancel cannot stop the thread, so the write is awaited (by the
-            # fetch's finally) before the fd can be closed and its number reused.
-            write = self.loop.run_in_executor(None, os.pwrite, fd, piece, pos - self.output.first)
-            self.output.writes.add(write)
-            write.add_done_callback(self.output.writes.discard)
-            await asyncio.shield(write)
+            if not written:
+                await self.write(fd, index, data, None)
             self.pool.give(buf)
         else:
             self.ready[index] = piece  # a view of the receive buffer, written out in order
@@ -289,14 +311,18 @@ class SegmentRun:
         self, address: Holder, index: int, data: memoryview | bytes, buf: bytearray
     ) -> None:
         """Verify segment ``index`` as ``address`` sent it, then write it out."""
+        fd = self.output.fd
+        # The first segment out is verified here, without a thread: a thread's result
+        # waits for the loop, which is busy receiving the rest of the pipeline (~4 ms
+        # of time to first byte for ~0.3 ms of hashing).
+        inline = len(data) <= INLINE_HASH or not self.first_byte
         try:
-            # The first segment out is verified here, without a thread: a thread's result
-            # waits for the loop, which is busy receiving the rest of the pipeline (~4 ms
-            # of time to first byte for ~0.3 ms of hashing).
-            if len(data) <= INLINE_HASH or not self.first_byte:
+            if inline:
                 segments.verify_segment(self.hashes[index], data)
-            else:
+            elif fd is None:
                 await asyncio.to_thread(segments.verify_segment, self.hashes[index], data)
+            else:
+                await self.write(fd, index, data, self.hashes[index])
         except IntegrityError as exc:
             self.pool.give(buf)
             self.suspects.append((address, self.hashes[index]))
@@ -308,7 +334,7 @@ class SegmentRun:
         finally:
             self.slots.release()
         self.served.add(address)
-        await self.store(index, data, buf)
+        await self.store(index, data, buf, written=not inline and fd is not None)
 
     def processed(self, task: asyncio.Task[None]) -> None:
         self.processing.discard(task)
@@ -539,6 +565,26 @@ class SegmentRun:
             self.output.stream.flush()
 
 
+def verify_and_write(
+    expected: SegmentId | None,
+    data: bytes | memoryview,
+    skip: int,
+    length: int,
+    fd: int,
+    offset: int,
+) -> None:
+    """Check ``data`` against ``expected`` (if given; IntegrityError, nothing written),
+    then write its ``length`` bytes from ``skip`` at ``offset`` of ``fd``, all of them."""
+    if expected is not None:
+        segments.verify_segment(expected, data)
+    piece = memoryview(data)[skip : skip + length]
+    while piece:
+        n = os.pwrite(fd, piece, offset)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "no byte written")
+        piece, offset = piece[n:], offset + n
+
+
 def closed_by_peer(sock: socket.socket) -> bool:
     """Whether the other end closed ``sock`` (or reset it), without waiting; bytes
     waiting to be read are left for the next frame."""
@@ -550,7 +596,7 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
-async def finish(futures: set[asyncio.Future[int]]) -> None:
+async def finish(futures: set[asyncio.Future[None]]) -> None:
     """Wait until every future in ``futures`` is done, even if cancelled meanwhile (the
     cancellation is raised once they are)."""
     cancelled = False

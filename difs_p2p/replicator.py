@@ -61,8 +61,11 @@ log = logging.getLogger(__name__)
 # Ranges placed at once by one ``place`` (each pushes to up to r peers in parallel).
 PLACE_PARALLEL = 4
 
-# Segments sent ahead of their acknowledgements when pushing a range.
+# Segments sent ahead of their acknowledgements when pushing a range, and at most
+# PUSH_BYTES of them: a receiver holds what is unacknowledged in memory, so 4 MiB segments
+# do not take four times the memory of 1 MiB ones.
 PUSH_WINDOW = 8
+PUSH_BYTES = 8 << 20
 
 Pace = Callable[[int], Awaitable[None]]
 
@@ -270,7 +273,7 @@ class Replicator:
                 finally:
                     fh.close()
                 sizes.append(size)
-                if len(sizes) >= PUSH_WINDOW:
+                while len(sizes) >= PUSH_WINDOW or sum(sizes) >= PUSH_BYTES:
                     await ack()
             while sizes:
                 await ack()

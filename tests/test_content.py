@@ -518,3 +518,32 @@ async def test_holder_entries_with_bad_signatures_are_never_used(
         with pytest.raises(NotFoundError):
             await forging.get("/forged", io.BytesIO())
     assert connections == []
+
+
+async def test_a_large_file_gets_large_segments_and_round_trips(
+    network: list[Peer], tmp_path: Path
+) -> None:
+    """A file of LARGE_OBJECT bytes is cut into 4 MiB segments by default, and its bytes
+    come back whole and in ranges across segment boundaries."""
+    src = tmp_path / "large.bin"
+    head, tail = os.urandom(5 << 20), os.urandom(4096)
+    with src.open("wb") as fh:  # sparse in the middle: quick to write and to hash
+        fh.write(head)
+        fh.seek(segments.LARGE_OBJECT - len(tail))
+        fh.write(tail)
+    async with client_for(network[0], publisher=Identity.generate()) as client:
+        result = await client.put(src, "/a.com/large.bin", replicas=1)
+    assert result.manifest.segment_size == segments.LARGE_SEGMENT_SIZE
+    assert result.manifest.segment_count == segments.LARGE_OBJECT // segments.LARGE_SEGMENT_SIZE
+    out = tmp_path / "out.bin"
+    seg = segments.LARGE_SEGMENT_SIZE
+    async with Client(network[3].address) as client:
+        await client.get("/a.com/large.bin", out)
+        span = io.BytesIO()
+        await client.get("/a.com/large.bin", span, byte_range=(seg - 10, seg + 10))
+    assert out.stat().st_size == segments.LARGE_OBJECT
+    with out.open("rb") as fh:
+        assert fh.read(len(head)) == head
+        fh.seek(segments.LARGE_OBJECT - len(tail))
+        assert fh.read() == tail
+    assert span.getvalue() == head[seg - 10 : seg + 11]

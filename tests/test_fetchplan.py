@@ -317,6 +317,32 @@ def test_plan_config_is_validated() -> None:
         PlanConfig(late_floor=2.0, initial_deadline=1.0)
     with pytest.raises(UsageError):
         PlanConfig(quiet_floor=0)
+    with pytest.raises(UsageError):
+        PlanConfig(pipeline_bytes=0)
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "budget", "segment_size", "depth"),
+    [
+        (8, 8 * MiB, 4096, 8),  # small segments: the request count bounds
+        (8, 8 * MiB, MiB, 8),
+        (8, 8 * MiB, 4 * MiB, 2),  # large segments: the byte budget bounds
+        (8, 8 * MiB, 3 * MiB, 2),
+        (8, 8 * MiB, 16 * MiB, 1),  # at least one request, however large
+        (2, 64 * MiB, MiB, 2),
+    ],
+)
+def test_pipeline_depth_is_budgeted_in_bytes(
+    pipeline: int, budget: int, segment_size: int, depth: int
+) -> None:
+    """Requests in flight per holder: ``pipeline``, fewer if they would pass the byte budget."""
+    config = PlanConfig(pipeline=pipeline, pipeline_bytes=budget)
+    assert config.depth(segment_size) == depth
+    plan = FetchPlan(range(10), lambda i: segment_size, config, segment_size=segment_size)
+    asked = []
+    while (index := plan.next_for(A, 0.0, everything)) is not None:
+        asked.append(index)
+    assert asked == list(range(depth))
 
 
 @pytest.mark.parametrize(

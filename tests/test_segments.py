@@ -13,6 +13,8 @@ from difs_p2p.errors import IntegrityError, UsageError, WireError
 from difs_p2p.segments import (
     DEFAULT_SEGMENT_SIZE,
     HASH_SIZE,
+    LARGE_OBJECT,
+    LARGE_SEGMENT_SIZE,
     MAX_SEGMENT_SIZE,
     MAX_SEGMENTS,
     MIN_SEGMENT_SIZE,
@@ -20,6 +22,7 @@ from difs_p2p.segments import (
     Layout,
     SegmentId,
     decode_hash_list,
+    default_segment_size,
     default_stripes,
     encode_hash_list,
     hash_list_root,
@@ -51,6 +54,22 @@ def test_limits_fit_together() -> None:
     assert validate_segment_size(DEFAULT_SEGMENT_SIZE) == MIB
     assert validate_segment_size(MIN_SEGMENT_SIZE) == 4096
     assert validate_segment_size(MAX_SEGMENT_SIZE) == 16 * MIB
+
+
+@pytest.mark.parametrize(
+    ("size", "segment_size"),
+    [
+        (None, DEFAULT_SEGMENT_SIZE),  # a stream: its size is known only at the end
+        (0, DEFAULT_SEGMENT_SIZE),
+        (LARGE_OBJECT - 1, DEFAULT_SEGMENT_SIZE),
+        (LARGE_OBJECT, LARGE_SEGMENT_SIZE),
+        (1 << 40, LARGE_SEGMENT_SIZE),
+    ],
+)
+def test_default_segment_size_grows_for_large_objects(size: int | None, segment_size: int) -> None:
+    """Objects from LARGE_OBJECT bytes on get LARGE_SEGMENT_SIZE segments, others 1 MiB."""
+    assert default_segment_size(size) == segment_size
+    assert validate_segment_size(segment_size) == segment_size
 
 
 @pytest.mark.parametrize("n", [0, -4096, 4095, 4097, 6144, MAX_SEGMENT_SIZE + 4096, 1 << 30])
