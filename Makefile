@@ -64,6 +64,7 @@ bench: $(STAMP) sysdeps
 	$(BIN)/python -m bench.listing
 	$(BIN)/python -m bench.s3
 	$(BIN)/python -m bench.gateway
+	$(BIN)/python -m bench.startup
 
 fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,fuzz]'

@@ -8,46 +8,37 @@ the result (cli_output). The typer app that holds them is wired in cli.py.
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from difs_p2p import errors
 from difs_p2p.cli_common import (
-    JsonOpt,
-    KeyOpt,
-    PeerOpt,
-    TokenOpt,
-    difs_home,
     entry_peer,
     load_publisher,
     peer_status,
     resolve_token,
     run,
 )
+from difs_p2p.cli_content import get_content, put_content
+
+# re-exported: the parsers' tests import them from here
+from difs_p2p.cli_content import parse_byte_range as parse_byte_range
+from difs_p2p.cli_content import parse_metadata as parse_metadata
+from difs_p2p.cli_content import parse_segment_size as parse_segment_size
+from difs_p2p.cli_content import pins_for as pins_for
+from difs_p2p.cli_options import JsonOpt, KeyOpt, PeerOpt, TokenOpt
 from difs_p2p.cli_output import (
-    Bars,
-    fetched_line,
-    plural,
     print_json,
     print_stat,
     print_status,
-    published_line,
     version_line,
     when,
 )
-from difs_p2p.config import format_size, parse_size
+from difs_p2p.config import format_size
 
 if TYPE_CHECKING:
-    from difs_p2p.delegation import Delegation
     from difs_p2p.listing import ListEntry, ListPage
-    from difs_p2p.manifest import ObjectMeta
-    from difs_p2p.pins import Pins
-    from difs_p2p.ranges import ByteRange
 
 TrustOpt = Annotated[
     str | None,
@@ -64,77 +55,6 @@ def peers(peer: PeerOpt = None, token_file: TokenOpt = None, as_json: JsonOpt = 
     """
     result = run(lambda: peer_status(peer, token_file), as_json)
     print_json(result) if as_json else print_status(result)
-
-
-def pins_for(name: str, trust: str | None) -> tuple[Pins, Callable[[], None]]:
-    """The pins to check ``name`` against, and what to call once the command succeeded:
-    with ``trust``, the key is used for this command and pinned only then (a typo or a
-    failed fetch pins nothing)."""
-    from difs_p2p.names import normalize_name
-    from difs_p2p.pins import Pins, parse_key
-
-    pins = Pins(difs_home() / "pins.json")
-    if trust is None:
-        return pins, lambda: None
-    key = parse_key(trust)
-    # An in-memory copy (never saved): names first seen by this command, such as a
-    # revocation list, are pinned again on their next use.
-    trial = Pins(None)
-    trial.pins = {**pins.pins, normalize_name(name): key}
-    return trial, lambda: pins.pin(name, key)
-
-
-def parse_segment_size(text: str) -> int:
-    """--segment-size: a size that is a valid segment size, with a hint for decimal units."""
-    from difs_p2p.segments import validate_segment_size
-
-    n = parse_size(text)
-    try:
-        return validate_segment_size(n)
-    except errors.UsageError as exc:
-        if n % 4096 and n % 1000 == 0:
-            raise errors.UsageError(
-                f"{exc} ({text} is {n:,} bytes: decimal units are powers of 1000; "
-                "did you mean KiB or MiB?)"
-            ) from None
-        raise
-
-
-def parse_metadata(content_type: str | None, pairs: list[str] | None) -> ObjectMeta | None:
-    """--content-type and --meta NAME=VALUE (names lower-cased, as S3 does): the object's
-    metadata, None without either; UsageError for a pair without '=', a name given
-    twice, or what ObjectMeta refuses."""
-    from difs_p2p.manifest import ObjectMeta
-
-    user: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        key = key.lower()
-        if not sep:
-            raise errors.UsageError(f"--meta {pair!r}: NAME=VALUE")
-        if key in user:
-            raise errors.UsageError(f"--meta {key} is given twice")
-        user[key] = value
-    if content_type is None and not user:
-        return None
-    return ObjectMeta(content_type=content_type, user=user)
-
-
-def parse_byte_range(text: str | None) -> ByteRange | None:
-    """--range: None (the whole content) when absent."""
-    from difs_p2p.ranges import parse_range
-
-    return None if text is None else parse_range(text)
-
-
-def load_delegation(path: Path) -> Delegation:
-    """--delegation: the delegation file an owner's ``difs delegate`` printed."""
-    from difs_p2p.delegation import parse_delegation
-
-    try:
-        return parse_delegation(json.loads(path.read_text()))
-    except (OSError, ValueError, errors.WireError, errors.IntegrityError) as exc:
-        raise errors.UsageError(f"cannot read delegation {path}: {exc}") from None
 
 
 def put(
@@ -185,77 +105,19 @@ def put(
 
     Example: tar c photos | difs put - /backups/photos.tar --replicas 3
     """
-    from difs_p2p.client import Client
-
-    async def go() -> Any:
-        seg = None if segment_size is None else parse_segment_size(segment_size)
-        metadata = parse_metadata(content_type, meta)
-        cert = load_delegation(delegation) if delegation is not None else None
-        if file == "-" and sys.stdin.isatty():
-            raise errors.UsageError("put - reads the content from stdin: pipe it in")
-        source: Any = sys.stdin.buffer if file == "-" else Path(file)
-        publisher = load_publisher(key)
-        pins, _ = pins_for(name, None)
-        address = await entry_peer(peer)
-        token = resolve_token(peer, token_file, address)
-        async with Client(address, publisher=publisher, pins=pins, token=token) as client:
-            with Bars() as bars:
-
-                def on_phase(phase: str) -> None:
-                    if phase == "upload":
-                        size = source.stat().st_size if isinstance(source, Path) else None
-                        bars.phase("uploading", size if size else None)
-                    elif phase == "place":
-                        bars.phase(f"placing {plural(replicas, 'replica')}", None, False)
-                    else:
-                        bars.phase("publishing the manifest", None, False)
-
-                result = await client.put(
-                    source,
-                    name,
-                    segment_size=seg,
-                    replicas=replicas,
-                    update=update,
-                    delegation=cert,
-                    progress=bars.advance,
-                    on_phase=on_phase,
-                    metadata=metadata,
-                )
-                bars.settle(0, result.manifest.size, result.upload_seconds)
-                return result
-
-    result = run(go, as_json)
-    m = result.manifest
-    summary = {
-        "name": m.name,
-        "version": m.version,
-        "size": m.size,
-        "segments": m.segment_count,
-        "key": m.key.hex(),
-        "manifest": m.hash,
-        "accepted_by": result.accepted,
-        "ranges": result.ranges,
-        "seconds": round(result.seconds, 3),
-        "upload_seconds": round(result.upload_seconds, 3),
-        "mb_per_s": round(m.size / result.seconds / 1e6, 1) if result.seconds else 0,
-        "warnings": result.warnings,
-        "meta": m.meta.as_json() if m.meta is not None else None,
-    }
-    if as_json:
-        print_json(summary)
-        return
-    for warning in result.warnings:
-        typer.echo(f"warning: {warning}", err=True)
-    typer.echo(
-        published_line(
-            m.name,
-            m.version,
-            m.size,
-            m.segment_count,
-            result.ranges,
-            result.seconds,
-            result.upload_seconds,
-        )
+    put_content(
+        file,
+        name,
+        segment_size,
+        replicas,
+        update,
+        delegation,
+        peer,
+        key,
+        token_file,
+        as_json,
+        content_type,
+        meta,
     )
 
 
@@ -286,66 +148,7 @@ def get(
 
     Example: difs get /a.com/izone.mp4 -o izone.mp4
     """
-    from difs_p2p.client import Client
-    from difs_p2p.names import name_components
-
-    to_stdout = output == "-"
-
-    async def go() -> Any:
-        rng = parse_byte_range(byte_range)
-        target: Any = sys.stdout.buffer if to_stdout else Path(output or name_components(name)[-1])
-        pins, pin_trusted = pins_for(name, trust)
-        async with Client(await entry_peer(peer), pins=pins) as client:
-            with Bars() as bars:
-                result = await client.get(
-                    name,
-                    target,
-                    version=version,
-                    byte_range=rng,
-                    progress=bars.advance,
-                    on_size=lambda n: bars.phase("fetching", n),
-                    sync=sync,
-                )
-                bars.settle(0, result.bytes, result.seconds - result.resolve)
-        pin_trusted()
-        return result
-
-    result = run(go, as_json)
-    summary = {
-        "name": result.manifest.name,
-        "version": result.manifest.version,
-        "bytes": result.bytes,
-        "seconds": round(result.seconds, 3),
-        "first_byte_ms": round(result.first_byte * 1000, 1),
-        "resolve_ms": round(result.resolve * 1000, 1),
-        "sources": result.sources,
-        "retries": result.retries,
-        "mb_per_s": round(result.bytes / result.seconds / 1e6, 1) if result.seconds else 0,
-        # holders given up (stalled or failed): what they owed came from others
-        "gave_up": [f"{h}:{p}" for h, p in result.gave_up],
-    }
-    if as_json:
-        # stdout carries the data with -o -
-        typer.echo(json.dumps(summary, indent=2, sort_keys=True), err=to_stdout)
-        return
-    for host, port in result.gave_up:
-        typer.echo(
-            f"warning: gave up on holder {host}:{port} (stalled or failed); "
-            "what it owed came from other holders",
-            err=True,
-        )
-    if not to_stdout:
-        typer.echo(
-            fetched_line(
-                summary["name"],
-                summary["version"],
-                result.bytes,
-                result.sources,
-                result.seconds,
-                result.resolve,
-            ),
-            err=True,
-        )
+    get_content(name, output, version, byte_range, peer, trust, sync, as_json)
 
 
 def rm(

@@ -23,16 +23,15 @@ from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-import typer
-from typer.models import OptionInfo
-
-from difs_p2p import conffile, errors, ops, wire
+from difs_p2p import errors, ops, wire
 from difs_p2p.addresses import format_address
+from difs_p2p.cli_output import echo
 from difs_p2p.config import parse_hostport
 from difs_p2p.net import resolve
 from difs_p2p.transfer import Connection
 
 if TYPE_CHECKING:
+    from difs_p2p import conffile
     from difs_p2p.identity import Identity
 
 T = TypeVar("T")
@@ -116,6 +115,8 @@ def config_file(explicit: Path | None) -> Path | None:
 def read_config(path: Path) -> tuple[dict[str, Any], str]:
     """The TOML document in ``path`` and its text; UsageError (naming the file) if it
     cannot be read or is not TOML."""
+    from difs_p2p import conffile
+
     try:
         with path.open("rb") as f:
             data = f.read(conffile.MAX_FILE_BYTES + 1)
@@ -137,6 +138,8 @@ def config_values(
 ) -> dict[str, Any]:
     """The values ``[table]`` of the configuration file ``path`` sets, checked against
     ``tables[table]`` (by parameter name); UsageError naming the file, line and key."""
+    from difs_p2p import conffile
+
     doc, text = read_config(path)
     conffile.check_tables(doc, tables, str(path), text)
     return conffile.table_values(
@@ -146,6 +149,8 @@ def config_values(
 
 def _kind(annotation: Any) -> tuple[conffile.Kind, tuple[str, ...]]:
     """The file's kind of an option annotated ``annotation`` (``int``, ``Path | None``...)."""
+    from difs_p2p import conffile
+
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is list:
@@ -172,6 +177,10 @@ def settings_of(
     flags, help, defaults) as settings of the configuration file, in their order;
     ``checks`` adds a value rule per parameter name; ``skip`` leaves parameters out."""
     import inspect
+
+    from typer.models import OptionInfo
+
+    from difs_p2p import conffile
 
     hints = typing.get_type_hints(command, include_extras=True)
     settings = []
@@ -205,16 +214,25 @@ def report_error(message: str, code: int, as_json: bool) -> None:
     """One line on stderr: plain text, or with ``as_json`` a JSON object."""
     if as_json:
         obj = {"error": message, "code": EXIT_NAMES.get(code, "unexpected"), "exit": code}
-        typer.echo(json.dumps(obj, sort_keys=True), err=True)
+        echo(json.dumps(obj, sort_keys=True), err=True)
     else:
-        typer.echo(f"error: {message}", err=True)
+        echo(f"error: {message}", err=True)
 
 
-def fail(exc: errors.DifsError, as_json: bool = False) -> typer.Exit:
+class CommandExit(Exception):
+    """The command ends with exit code ``code``, its error (if any) already reported:
+    ``cli._main`` and ``cli_fast`` exit with it (typer is not imported to raise it)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def fail(exc: errors.DifsError, as_json: bool = False) -> CommandExit:
     """Report ``exc`` and return the exit that carries its code (for ``raise``)."""
     code = exit_code(exc)
     report_error(str(exc), code, as_json)
-    return typer.Exit(code)
+    return CommandExit(code)
 
 
 class _Interrupted(Exception):
@@ -270,7 +288,7 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, T]], as_json: bool = False) ->
     except _Interrupted as exc:
         code = 128 + exc.signum
         report_error(f"interrupted ({exc})", code, as_json)
-        raise typer.Exit(code) from None
+        raise CommandExit(code) from None
     finally:
         if signal.getsignal(signal.SIGINT) is not previous:
             signal.signal(signal.SIGINT, previous)
@@ -294,44 +312,11 @@ def setup_logging(level: str) -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-# -- options shared by several commands ----------------------------------------------------
-
-PeerOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--peer",
-        help="HOST:PORT or [IPv6]:PORT of the peer, HOST an address or a name (default:"
-        " $DIFS_PEER, else [client] peer in difs.toml, else the local peer)",
-    ),
-]
-JsonOpt = Annotated[
-    bool, typer.Option("--json", metavar="", help="print JSON for scripts (errors too)")
-]
-TokenOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--token-file",
-        help="the peer's control token (default: $DIFS_TOKEN_FILE, else [client] token-file"
-        " in difs.toml, else the local peer's)",
-    ),
-]
-KeyOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--key",
-        help="publisher key file, which must exist (default: $DIFS_HOME/publisher.key,"
-        " created on first use)",
-    ),
-]
-
-
-def _client_options(peer: PeerOpt = None, token_file: TokenOpt = None) -> None:
-    """The options the [client] table of difs.toml sets (read for their keys and help)."""
-
-
 def client_settings() -> list[conffile.Setting]:
     """The [client] table's settings: --peer and --token-file of the client commands."""
-    return settings_of(_client_options, {"peer": parse_hostport})
+    from difs_p2p.cli_options import client_options
+
+    return settings_of(client_options, {"peer": parse_hostport})
 
 
 def client_config() -> dict[str, Any]:

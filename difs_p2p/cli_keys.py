@@ -12,10 +12,6 @@ import typer
 
 from difs_p2p import errors
 from difs_p2p.cli_common import (
-    JsonOpt,
-    KeyOpt,
-    PeerOpt,
-    TokenOpt,
     default_key_file,
     difs_home,
     entry_peer,
@@ -25,6 +21,7 @@ from difs_p2p.cli_common import (
     resolve_token,
     run,
 )
+from difs_p2p.cli_options import JsonOpt, KeyOpt, PeerOpt, TokenOpt
 from difs_p2p.cli_output import key_info, print_json, print_key_info
 
 if TYPE_CHECKING:

@@ -3,7 +3,8 @@
 Sizes and rates are in binary units (KiB, MiB) everywhere, bars and summaries alike. The
 summary lines are pure functions of the numbers they show (tested in
 tests/test_cli_output.py); rich is imported only by what draws tables and bars, so that a
-command that prints neither starts without it.
+command that prints neither starts without it, and typer not at all: ``echo`` writes a line
+as ``typer.echo`` does, so that the fast commands of ``cli_fast`` print the same bytes.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import json
 import sys
 import time
 from typing import TYPE_CHECKING, Any
-
-import typer
 
 from difs_p2p.config import format_size
 
@@ -25,8 +24,25 @@ if TYPE_CHECKING:
     from difs_p2p.identity import Identity
 
 
+# ANSI escape sequences, which ``echo`` strips from what goes to a file or a pipe (as click
+# does: an error message may carry text a peer sent).
+_ANSI = r"\033\[[;?0-9]*[a-zA-Z]"
+
+
+def echo(message: str, err: bool = False) -> None:
+    """One line on stdout (stderr with ``err``), flushed, as ``typer.echo`` writes it:
+    ANSI escape sequences stripped unless the stream is a terminal."""
+    stream = sys.stderr if err else sys.stdout
+    if "\033" in message and not stream.isatty():
+        import re
+
+        message = re.sub(_ANSI, "", message)
+    stream.write(message + "\n")
+    stream.flush()
+
+
 def print_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, sort_keys=True))
+    echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def plural(n: int, word: str) -> str:
@@ -141,7 +157,7 @@ def print_key_info(info: dict[str, str], as_json: bool) -> None:
         print_json(info)
         return
     for k, v in info.items():
-        typer.echo(f"{k}: {v}")
+        echo(f"{k}: {v}")
 
 
 # -- tables --------------------------------------------------------------------------------

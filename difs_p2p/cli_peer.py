@@ -29,10 +29,8 @@ from difs_p2p.cli_common import (
     CLIENT_ENV_PREFIX,
     CONTEXT,
     PEER_ENV_PREFIX,
-    JsonOpt,
+    CommandExit,
     LogLevel,
-    PeerOpt,
-    TokenOpt,
     client_settings,
     config_file,
     config_values,
@@ -45,6 +43,7 @@ from difs_p2p.cli_common import (
     settings_of,
     setup_logging,
 )
+from difs_p2p.cli_options import JsonOpt, PeerOpt, TokenOpt
 from difs_p2p.cli_output import check_lines, drain_line, drain_summary, print_json, print_status
 from difs_p2p.config import (
     DhtConfig,
@@ -265,9 +264,9 @@ def join(
     started: list[bool] = []
     try:
         run(lambda: _run_peer(config, started))
-    except typer.Exit as exc:
+    except CommandExit as exc:
         # a peer that failed to start leaves no data directory it created behind
-        if exc.exit_code != 0 and created is not None and not started:
+        if exc.code != 0 and created is not None and not started:
             shutil.rmtree(created, ignore_errors=True)
         raise
 

@@ -30,7 +30,6 @@ import contextlib
 import io
 import json
 import logging
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -381,6 +380,8 @@ class Client:
             exists = False
         if writer.hex() not in revoked:
             revoked.append(writer.hex())
+        import tempfile  # here: with shutil, a cost every `difs get` paid at start-up
+
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "revoked.json"
             path.write_text(json.dumps({"revoked": sorted(revoked)}))

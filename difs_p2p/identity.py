@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from difs_p2p.errors import IntegrityError, StorageError
 
@@ -87,6 +86,8 @@ class Identity:
 
     @classmethod
     def from_private_key(cls, key: Ed25519PrivateKey) -> Identity:
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
         public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         return cls(private_key=key, public_key=public, node_id=node_id_for(public))
 
