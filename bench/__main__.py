@@ -35,6 +35,10 @@ from difs_p2p.client import Client
 MiB = 1 << 20
 
 
+# DIFS_BENCH_PUBLISH_ONLY=1: only the publishes (and the limits they are compared with)
+PUBLISH_ONLY = os.environ.get("DIFS_BENCH_PUBLISH_ONLY") == "1"
+
+
 def limit_loopback_tcp(total: int = 512 * MiB, chunk: int = MiB) -> float:
     """MB/s of sock_sendall -> sock_recv_into between two threads' event loops."""
     server = socket.socket()
@@ -252,6 +256,8 @@ def content_bench(root: Path, size: int, peers_n: int = 5) -> list[dict[str, Any
                     "peers_cpu_s": stored,
                 }
             )
+            if PUBLISH_ONLY:
+                continue
             out = root / "out.bin"
             for target, what in ((out, "file"), (Path(os.devnull), "null")):
                 before = [cpu_seconds(p.pid) for p in procs]
@@ -295,12 +301,11 @@ def main() -> int:
     sizes = [int(s) * MiB for s in os.environ.get("DIFS_BENCH_MIB", "256,1024").split(",")]
     with tempfile.TemporaryDirectory(prefix="difs-bench-") as tmp:
         root = Path(tmp)
-        limits = {
-            "loopback_tcp_mb_s": limit_loopback_tcp(),
-            "blake3_mb_s": limit_blake3(),
-            "disk_write_fsync_mb_s": limit_disk(root),
-            "disk_segments_fsync_mb_s": limit_disk_segments(root),
-        }
+        limits = {"loopback_tcp_mb_s": limit_loopback_tcp()}
+        if not PUBLISH_ONLY:
+            limits["blake3_mb_s"] = limit_blake3()
+            limits["disk_write_fsync_mb_s"] = limit_disk(root)
+        limits["disk_segments_fsync_mb_s"] = limit_disk_segments(root)
         rows: list[dict[str, Any]] = []
         for size in sizes:
             rows += content_bench(root / str(size), size)

@@ -57,6 +57,7 @@ from difs_p2p.errors import (
     NotFoundError,
     PeerError,
     PermissionDeniedError,
+    RemoteUnsupportedError,
     UsageError,
 )
 from difs_p2p.fetch import (
@@ -124,6 +125,7 @@ from difs_p2p.ops import (
     MAX_CHILDREN_PER_CALL,
     AbandonRequest,
     AddChildrenRequest,
+    ChainRequest,
     ChildrenRequest,
     Op,
     PlaceReply,
@@ -135,6 +137,8 @@ from difs_p2p.ops import (
 from difs_p2p.pins import Pins
 from difs_p2p.placement import domain_of, spread
 from difs_p2p.publish import (
+    CHAIN_PIPELINE,
+    PIPELINE,
     build_tombstone,
     check_placed,
     check_publish,
@@ -497,7 +501,12 @@ class Client:
             if on_phase is not None:
                 on_phase("upload")
             upload_started = time.perf_counter()
-            hashes, integrity, size = await self._upload(source, segment_size, progress)
+            window = PIPELINE
+            if expected and await self._announce_chain(
+                key, previous, top, expected, segment_size, replicas
+            ):
+                window = CHAIN_PIPELINE
+            hashes, integrity, size = await self._upload(source, segment_size, progress, window)
             uploaded = time.perf_counter() - upload_started
             layout = segments.Layout(size, segment_size)
             if (expected is not None and size != expected) or len(hashes) != layout.count:
@@ -572,6 +581,29 @@ class Client:
             key = previous.key  # a name claimed after its version 1 keeps its key
         return previous, top, key
 
+    async def _announce_chain(
+        self,
+        key: NameKey,
+        previous: Manifest | None,
+        top: int,
+        size: int,
+        segment_size: int,
+        replicas: int,
+    ) -> bool:
+        """Announce the upload of ``size`` bytes (``chain``) so that the entry peer sends
+        each segment along its range's holders as it arrives; False from an entry peer
+        without ``chain`` (it stores the upload and pushes the copies at ``place``)."""
+        count = segments.Layout(size, segment_size).count
+        version = max(top, previous.version) + 1 if previous else 1
+        request = ChainRequest(
+            key, version, count, segment_size, segments.default_stripes(count), replicas
+        )
+        try:
+            await self._request(request)
+        except RemoteUnsupportedError:
+            return False
+        return True
+
     async def _abandon(self, exc: BaseException) -> None:
         """After a failed publish, tell the entry peer to drop what this connection uploaded
         and placed (``abandon``). Interrupted, or if the peer does not answer, just close
@@ -617,10 +649,14 @@ class Client:
         return self._conn
 
     async def _upload(
-        self, source: Path | IO[bytes], segment_size: int, progress: Progress | None
+        self,
+        source: Path | IO[bytes],
+        segment_size: int,
+        progress: Progress | None,
+        window: int = PIPELINE,
     ) -> tuple[list[SegmentId], IntegrityRoot, int]:
         """Send the object's segments and hash list to the entry peer (publish.upload)."""
-        return await upload(await self._data_conn(), source, segment_size, progress)
+        return await upload(await self._data_conn(), source, segment_size, progress, window)
 
     async def rm(self, name: str) -> Manifest:
         """Delete ``name``: publish a signed tombstone; holders then free the segments."""

@@ -39,6 +39,9 @@ from difs_p2p.transfer import Connection, remote_error
 
 # Requests in flight per connection: enough to keep a loopback link busy (measured: 8).
 PIPELINE = 8
+# With chain replication an ACK waits for every hop's copy: more puts in flight keep the
+# chain busy (the peers answer 16 requests per connection at once).
+CHAIN_PIPELINE = 16
 
 Progress = Callable[[int], None]
 
@@ -188,11 +191,12 @@ def open_source(path: Path) -> IO[bytes]:
 
 
 class _Pipeline:
-    """PUT_SEG frames on one connection with up to PIPELINE unacknowledged."""
+    """PUT_SEG frames on one connection with up to ``window`` unacknowledged."""
 
-    def __init__(self, conn: Connection, progress: Progress | None) -> None:
+    def __init__(self, conn: Connection, progress: Progress | None, window: int) -> None:
         self.conn = conn
         self.progress = progress
+        self.window = window
         # progress bytes of each frame not acknowledged yet, oldest first
         self.pending: collections.deque[int] = collections.deque()
 
@@ -207,7 +211,7 @@ class _Pipeline:
             self.progress(length)
 
     async def put(self, request_id: int, seg_id: SegmentId, data: bytes, progress: int) -> None:
-        if len(self.pending) >= PIPELINE:
+        if len(self.pending) >= self.window:
             await self.take_ack()
         await self.conn.send(wire.PutSeg(request_id=request_id, seg_id=seg_id, data=data))
         self.pending.append(progress)
@@ -218,12 +222,17 @@ class _Pipeline:
 
 
 async def upload(
-    conn: Connection, source: Path | IO[bytes], segment_size: int, progress: Progress | None
+    conn: Connection,
+    source: Path | IO[bytes],
+    segment_size: int,
+    progress: Progress | None,
+    window: int = PIPELINE,
 ) -> tuple[list[SegmentId], IntegrityRoot, int]:
-    """Send every segment, then the hash list, to the entry peer on ``conn`` with PIPELINE
-    puts in flight; the segment hashes, the integrity root and the number of bytes sent."""
+    """Send every segment, then the hash list, to the entry peer on ``conn`` with
+    ``window`` puts in flight (CHAIN_PIPELINE for an upload announced with ``chain``); the
+    segment hashes, the integrity root and the number of bytes sent."""
     hashes: list[SegmentId] = []
-    pipeline = _Pipeline(conn, progress)
+    pipeline = _Pipeline(conn, progress, window)
     size = 0
     fh = await asyncio.to_thread(open_source, source) if isinstance(source, Path) else source
     try:

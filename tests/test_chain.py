@@ -1,0 +1,181 @@
+"""Chain replication on real peers: an upload announced with ``chain`` flows through each
+range's holders as it arrives; a hop that dies or forwards bad bytes fails the publish
+cleanly, with nothing half-published."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from pathlib import Path
+
+import blake3
+import pytest
+
+from difs_p2p import wire
+from difs_p2p.client import Client
+from difs_p2p.control import PeerCredential
+from difs_p2p.errors import DifsError, NotFoundError
+from difs_p2p.identity import Identity
+from difs_p2p.ops import RelayHop, RelayRequest
+from difs_p2p.peer import Peer
+from difs_p2p.segments import SegmentId
+from difs_p2p.transfer import Connection
+from tests.helpers import client_for, start_peers, stop_all, wait_for
+
+SEG = 64 << 10
+
+
+def random_file(tmp_path: Path, size: int) -> Path:
+    path = tmp_path / f"src-{os.urandom(4).hex()}"
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def seg_ids(data: bytes) -> list[bytes]:
+    return [blake3.blake3(data[i : i + SEG]).digest() for i in range(0, len(data), SEG)]
+
+
+def by_id(peers: list[Peer]) -> dict[str, Peer]:
+    return {p.node_id.hex(): p for p in peers}
+
+
+def used(peer: Peer) -> int:
+    assert peer.store is not None
+    return peer.store.used
+
+
+async def test_a_chain_upload_with_three_replicas_lands_three_verified_copies(
+    tmp_path: Path,
+) -> None:
+    """r = 3 through the chain: every range on three distinct peers that each store its
+    segments, the entry peer stores nothing it does not hold, and the object reads back."""
+    peers = await start_peers(tmp_path / "net", 5)
+    try:
+        entry = peers[0]
+        src = random_file(tmp_path, 32 * SEG)
+        async with client_for(entry, publisher=Identity.generate()) as client:
+            result = await client.put(src, "/chain/three", segment_size=SEG, replicas=3)
+        assert entry.service is not None and entry.service.uploads.chained == 33
+        data = src.read_bytes()
+        ids = seg_ids(data)
+        held = set()
+        for r in result.ranges:
+            holders = r["holders"]
+            assert len(set(holders)) == len(holders) == 3
+            for node in holders:
+                store = by_id(peers)[node].store
+                assert store is not None
+                assert all(store.has(i) for i in ids[r["start"] : r["end"] + 1])
+            held.update(ids[r["start"] : r["end"] + 1] if entry.node_id.hex() in holders else [])
+        assert entry.store is not None
+        assert {i for i in ids if entry.store.has(i)} == held
+        async with Client(peers[4].address) as reader:
+            buf = io.BytesIO()
+            await reader.get("/chain/three", buf)
+        assert buf.getvalue() == data
+    finally:
+        await stop_all(peers)
+
+
+async def test_a_middle_hop_killed_mid_transfer_leaves_nothing_half_published(
+    tmp_path: Path,
+) -> None:
+    """A hop that forwards to another is stopped while segments flow: the put either
+    completes with every copy or fails, and then the name does not exist and the peers
+    still up keep nothing of it."""
+    peers = await start_peers(tmp_path / "net", 5)
+    entry = peers[0]
+    assert entry.service is not None
+    uploads = entry.service.uploads
+    victim: list[Peer] = []
+    try:
+        src = random_file(tmp_path, 64 * SEG)
+        started = asyncio.Event()
+
+        def progress(n: int) -> None:
+            started.set()
+
+        async def put() -> object:
+            async with client_for(entry, publisher=Identity.generate()) as client:
+                return await client.put(
+                    src, "/chain/cut", segment_size=SEG, replicas=3, progress=progress
+                )
+
+        task = asyncio.create_task(put())
+        await started.wait()
+        # a range whose chain has a remote hop that forwards to another remote hop
+        plans = [s.plan for s in uploads._sessions.values() if s.plan is not None]
+        assert plans
+        middle = next(
+            (r.hops[0] for r in plans[0].ranges if len(r.hops) >= 2),
+            None,
+        )
+        assert middle is not None
+        victim.append(by_id(peers)[middle.node_id.hex()])
+        await victim[0].stop()
+        outcome = await asyncio.gather(task, return_exceptions=True)
+        alive = [p for p in peers if p is not victim[0]]
+        if isinstance(outcome[0], BaseException):
+            assert isinstance(outcome[0], DifsError), outcome
+            async with Client(
+                peers[4].address if victim[0] is not peers[4] else entry.address
+            ) as c:
+                with pytest.raises(NotFoundError):
+                    await c.resolve("/chain/cut")
+            await wait_for(
+                lambda: all(used(p) == 0 and not p.replicator.holdings.all() for p in alive)
+            )
+        else:
+            async with Client(entry.address) as reader:
+                buf = io.BytesIO()
+                await reader.get("/chain/cut", buf)
+            assert buf.getvalue() == src.read_bytes()
+    finally:
+        await stop_all([p for p in peers if p not in victim])
+
+
+async def test_a_hop_that_forwards_corrupted_bytes_is_caught_by_the_next(
+    tmp_path: Path,
+) -> None:
+    """A hostile hop relays a segment whose bytes do not match its id: the next hop
+    refuses it (INTEGRITY) and neither it nor the hop after it keeps the bytes; a good
+    segment then flows through both."""
+    peers = await start_peers(tmp_path / "net", 3)
+    try:
+        first, second = peers[1], peers[2]
+        conn = await Connection.open(
+            first.address, io_timeout=10.0, credential=PeerCredential(Identity.generate())
+        )
+        try:
+            host, port = second.address
+            relay = await conn.request(
+                RelayRequest((RelayHop(host, port, bytes(second.node_id)),), 4 * SEG)
+            )
+            assert relay.ready == 1
+            good = os.urandom(SEG)
+            seg_id = SegmentId(blake3.blake3(good).digest())
+            bad = bytes([good[0] ^ 1]) + good[1:]
+            await conn.send(wire.PutSeg(request_id=1, seg_id=seg_id, data=bad))
+            refused = await conn.read_frame()
+            assert isinstance(refused, wire.Error) and refused.code == wire.ErrorCode.INTEGRITY
+            for peer in (first, second):
+                assert peer.store is not None and not peer.store.has(seg_id)
+        finally:
+            conn.close()
+        # the chain that failed is gone; a fresh one carries a good segment through
+        conn = await Connection.open(
+            first.address, io_timeout=10.0, credential=PeerCredential(Identity.generate())
+        )
+        try:
+            relay = await conn.request(
+                RelayRequest((RelayHop(host, port, bytes(second.node_id)),), 4 * SEG)
+            )
+            await conn.send(wire.PutSeg(request_id=2, seg_id=seg_id, data=good))
+            assert isinstance(await conn.read_frame(), wire.Ack)
+            for peer in (first, second):
+                assert peer.store is not None and peer.store.has(seg_id)
+        finally:
+            conn.close()
+    finally:
+        await stop_all(peers)
