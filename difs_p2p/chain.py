@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from difs_p2p import control, wire
-from difs_p2p.errors import DifsError, IntegrityError, PeerError, UsageError
+from difs_p2p.errors import BusyError, DifsError, IntegrityError, UsageError
 from difs_p2p.identity import Identity, NodeId
 from difs_p2p.net import PeerNetwork
 from difs_p2p.ops import ChainRequest, HoldReply, HoldRequest, RelayHop, RelayRequest
@@ -79,7 +79,9 @@ class Link:
         """Send a segment on; the future is done when the hop acknowledges it (``ack``)."""
         async with self._send:
             if self.failed is not None:
-                raise PeerError(f"the chain to {self.hop.host}:{self.hop.port} failed")
+                raise BusyError(
+                    f"the chain to {self.hop.host}:{self.hop.port} failed: {self.failed}"
+                )
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiting.append(done)
             try:
@@ -121,7 +123,7 @@ class Link:
         while self._waiting:
             waiting = self._waiting.popleft()
             if not waiting.done():
-                waiting.set_exception(PeerError(f"the next hop failed: {exc}"))
+                waiting.set_exception(BusyError(f"the next hop of the chain failed: {exc}"))
                 waiting.exception()  # retrieved: a waiter may be gone
         self.conn.close()
 
@@ -226,8 +228,9 @@ class ChainPlan:
         r.candidates = len(candidates)
         size = self.range_bytes(r) + 32 * self.request.segment_count
         asked: set[NodeId] = set()
+        here: list[Contact] = []  # this peer's contact, once it is a hop
         while r.copies < self.request.replicas:
-            domains: list[Domain] = [domain_of(c.host, c.port, c.zone) for c in r.hops]
+            domains: list[Domain] = [domain_of(c.host, c.port, c.zone) for c in here + r.hops]
             batch = choose_targets(candidates, self.request.replicas - r.copies, asked, domains)
             if not batch:
                 break
@@ -236,6 +239,7 @@ class ChainPlan:
             for c in batch:
                 if c.node_id == self.me:
                     r.mine = self.room(size)
+                    here = [c] if r.mine else []
                 else:
                     fresh.append(c)
             if fresh:
