@@ -243,30 +243,36 @@ class ChainPlan:
                 else:
                     fresh.append(c)
             if fresh:
-                await self._extend(r, fresh, size)
+                # hops never tried (after one that failed) may be picked again
+                untried = await self._extend(r, fresh, size)
+                asked.difference_update(c.node_id for c in untried)
         return r
 
-    async def _extend(self, r: ChainRange, fresh: list[Contact], size: int) -> None:
-        """Link ``fresh`` hops after the range's current ones; the hops that failed (and
-        those after them, unasked) are left out, to be replaced."""
+    async def _extend(self, r: ChainRange, fresh: list[Contact], size: int) -> list[Contact]:
+        """Link ``fresh`` hops after the range's current ones; the hop that failed is left
+        out, to be replaced; the hops of ``fresh`` never tried (after it) are returned."""
         if r.link is None:
             first, fresh = fresh[0], fresh[1:]
             try:
                 r.link = await self.open_link(hop_of(first))
             except (DifsError, OSError) as exc:
                 log.info("chain_skip peer=%s reason=%s", first.tcp_address, exc)
-                return
+                return fresh
             r.hops = [first]
         wanted = r.hops[1:] + fresh
         try:
             ready = await r.link.relay([hop_of(c) for c in wanted], size)
         except (DifsError, OSError) as exc:
+            # the first hop refused: dropped if it was alone; else its chain stays as it
+            # was and the fresh hops count as asked (asking again would fail the same way)
             log.info("chain_skip peer=%s reason=%s", r.hops[0].tcp_address, exc)
-            if len(r.hops) == 1:
-                r.link.close()
-                r.link, r.hops = None, []
-            return
+            if len(r.hops) > 1:
+                return []
+            r.link.close()
+            r.link, r.hops = None, []
+            return wanted
         r.hops = r.hops[:1] + wanted[:ready]
+        return wanted[ready + 1 :]
 
     def close(self) -> None:
         """Stop every lookup and setup, close every link (the hops drop what they got)."""

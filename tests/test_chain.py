@@ -21,7 +21,7 @@ from difs_p2p.ops import RelayHop, RelayRequest
 from difs_p2p.peer import Peer
 from difs_p2p.segments import SegmentId
 from difs_p2p.transfer import Connection
-from tests.helpers import client_for, start_peers, stop_all, wait_for
+from tests.helpers import client_for, peer_config, start_peers, stop_all, wait_for
 
 SEG = 64 << 10
 
@@ -179,3 +179,23 @@ async def test_a_hop_that_forwards_corrupted_bytes_is_caught_by_the_next(
             conn.close()
     finally:
         await stop_all(peers)
+
+
+async def test_a_hop_without_room_is_replaced_before_segments_flow(tmp_path: Path) -> None:
+    """r = 4 on five peers, one of them too small for a range: it refuses ``relay`` and
+    every range gets its four copies on the others; the small peer stores nothing."""
+    peers = await start_peers(tmp_path / "net", 4)
+    small = Peer(peer_config(tmp_path / "small", bootstrap=(peers[0].address,), capacity=SEG))
+    await small.start()
+    try:
+        dht = peers[0].dht
+        assert dht is not None
+        await wait_for(lambda: len(dht.contacts()) >= 4)
+        src = random_file(tmp_path, 32 * SEG)
+        async with client_for(peers[0], publisher=Identity.generate()) as client:
+            result = await client.put(src, "/chain/room", segment_size=SEG, replicas=4)
+        assert all(len(set(r["holders"])) == 4 for r in result.ranges)
+        assert small.node_id.hex() not in {h for r in result.ranges for h in r["holders"]}
+        assert used(small) == 0
+    finally:
+        await stop_all([*peers, small])
