@@ -86,10 +86,17 @@ class Link:
             self._waiting.append(done)
             try:
                 await self.conn.send(wire.PutSeg(request_id=0, seg_id=seg_id, data=data))
+            except (DifsError, OSError) as exc:
+                self._fail(exc)
+                raise self._gone(exc) from exc
             except BaseException as exc:
                 self._fail(exc)
                 raise
         return done
+
+    def _gone(self, exc: BaseException) -> BusyError:
+        """The error upstream sees for a next hop lost (BUSY: the uploader may try again)."""
+        return BusyError(f"the next hop {self.hop.host}:{self.hop.port} failed: {exc}")
 
     async def ack(self, done: asyncio.Future[None]) -> None:
         """Wait for the hop's ACK of a forwarded segment (reading ACKs in order)."""
@@ -99,6 +106,9 @@ class Link:
                     break
                 try:
                     frame = await self.conn.read_frame()
+                except (DifsError, OSError) as exc:
+                    self._fail(exc)
+                    raise self._gone(exc) from exc
                 except BaseException as exc:
                     self._fail(exc)
                     raise
@@ -106,11 +116,13 @@ class Link:
                 if isinstance(frame, wire.Ack) and first is not None:
                     first.set_result(None)
                     continue
-                why: DifsError = (
-                    remote_error(frame, self.conn.peer_address)
-                    if isinstance(frame, wire.Error)
-                    else IntegrityError("expected an ACK from the next hop")
-                )
+                why: DifsError
+                if isinstance(frame, wire.Error):
+                    why = remote_error(frame, self.conn.peer_address)
+                elif frame is None:
+                    why = BusyError(f"the next hop {self.hop.host}:{self.hop.port} went away")
+                else:
+                    why = IntegrityError("expected an ACK from the next hop")
                 if first is not None:
                     first.set_exception(why)
                 self._fail(why)

@@ -57,6 +57,7 @@ from difs_p2p.errors import (
     NotFoundError,
     PeerError,
     PermissionDeniedError,
+    RemoteBusyError,
     RemoteUnsupportedError,
     UsageError,
 )
@@ -501,12 +502,9 @@ class Client:
             if on_phase is not None:
                 on_phase("upload")
             upload_started = time.perf_counter()
-            window = PIPELINE
-            if expected and await self._announce_chain(
-                key, previous, top, expected, segment_size, replicas
-            ):
-                window = CHAIN_PIPELINE
-            hashes, integrity, size = await self._upload(source, segment_size, progress, window)
+            hashes, integrity, size = await self._upload_announced(
+                source, segment_size, progress, expected, key, previous, top, replicas
+            )
             uploaded = time.perf_counter() - upload_started
             layout = segments.Layout(size, segment_size)
             if (expected is not None and size != expected) or len(hashes) != layout.count:
@@ -580,6 +578,36 @@ class Client:
         if previous is not None:
             key = previous.key  # a name claimed after its version 1 keeps its key
         return previous, top, key
+
+    async def _upload_announced(
+        self,
+        source: Path | IO[bytes],
+        segment_size: int,
+        progress: Progress | None,
+        expected: int | None,
+        key: NameKey,
+        previous: Manifest | None,
+        top: int,
+        replicas: int,
+    ) -> tuple[list[SegmentId], IntegrityRoot, int]:
+        """Upload ``source``, announced with ``chain`` when its size is known (a regular
+        file). A chain that broke while segments flowed (a hop gone: BUSY) is given up (its
+        connection closed: every hop drops what it got) and the file uploaded once more,
+        on chains set up afresh, which pass over the hop that is gone."""
+        for attempt in range(2):
+            chained = bool(expected) and await self._announce_chain(
+                key, previous, top, expected or 0, segment_size, replicas
+            )
+            window = CHAIN_PIPELINE if chained else PIPELINE
+            try:
+                return await self._upload(source, segment_size, progress, window)
+            except RemoteBusyError as exc:
+                if not chained or attempt > 0 or not isinstance(source, Path):
+                    raise
+                log.info("chain_retry reason=%s", exc)
+                if self._conn is not None:
+                    self._conn.close()
+        raise AssertionError("unreachable")
 
     async def _announce_chain(
         self,
