@@ -112,10 +112,22 @@ class Uploads:
     ) -> bool:
         """One hop of a chain: forward the segment on ``link`` (if any) while storing it
         here (if ``keep``); done when both are durable (the store verifies the hash)."""
-        done = await link.forward(SegmentId(seg_id), data) if link is not None else None
-        stored = True
-        if keep:
-            stored = await asyncio.to_thread(store_pending, self.store, session, seg_id, data)
+        if not keep:
+            if link is None:
+                return True
+            await link.ack(await link.forward(SegmentId(seg_id), data))
+            return True
+        # the write starts first and runs while the segment is sent on
+        storing = asyncio.ensure_future(
+            asyncio.to_thread(store_pending, self.store, session, seg_id, data)
+        )
+        try:
+            done = await link.forward(SegmentId(seg_id), data) if link is not None else None
+        except BaseException:
+            # the buffer stays ours until the write that reads it has ended
+            await asyncio.gather(storing, return_exceptions=True)
+            raise
+        stored = await storing
         if link is not None and done is not None:
             await link.ack(done)
         return stored
