@@ -188,3 +188,40 @@ async def test_a_hop_without_room_is_replaced_before_segments_flow(tmp_path: Pat
         assert used(small) == 0
     finally:
         await stop_all([*peers, small])
+
+
+async def test_an_entry_peer_without_chain_takes_the_upload_and_places_it(
+    tmp_path: Path,
+) -> None:
+    """Against an entry peer that predates ``chain`` (UNSUPPORTED), the client uploads
+    and places as before: r copies, nothing forwarded along a chain."""
+    peers = await start_peers(tmp_path / "net", 4)
+    try:
+        entry = peers[0]
+        assert entry.service is not None
+        del entry.service.controls["chain"]
+        src = random_file(tmp_path, 16 * SEG)
+        async with client_for(entry, publisher=Identity.generate()) as client:
+            result = await client.put(src, "/chain/old", segment_size=SEG, replicas=2)
+        assert entry.service.uploads.chained == 0
+        assert all(len(set(r["holders"])) == 2 for r in result.ranges)
+    finally:
+        await stop_all(peers)
+
+
+async def test_a_peer_without_relay_is_passed_over(tmp_path: Path) -> None:
+    """A peer that predates ``relay`` answers UNSUPPORTED when a chain is set up: it is
+    replaced like a refusal and holds none of the copies."""
+    peers = await start_peers(tmp_path / "net", 5)
+    try:
+        old = peers[3]
+        assert old.service is not None
+        del old.service.controls["relay"]
+        src = random_file(tmp_path, 32 * SEG)
+        async with client_for(peers[0], publisher=Identity.generate()) as client:
+            result = await client.put(src, "/chain/mixed", segment_size=SEG, replicas=3)
+        assert all(len(set(r["holders"])) == 3 for r in result.ranges)
+        assert old.node_id.hex() not in {h for r in result.ranges for h in r["holders"]}
+        assert used(old) == 0
+    finally:
+        await stop_all(peers)
