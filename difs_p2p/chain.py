@@ -14,8 +14,10 @@ name key, version and range index: :func:`placement.chain_key`), and each range'
 set up when its first segment arrives (and the next range's then, ahead of its segments):
 placement.choose_targets picks the hops, this peer first where picked; a hop that cannot
 take part (no room, leaving, unreachable, an older peer without ``relay``) is replaced by
-the next candidate before any segment flows. A hop that fails once segments flow fails the
-upload: nothing is published and every hop's pending copy goes with its connection.
+the next candidate before any segment flows. Chains wait, open, for ``place`` after the
+whole upload; a ``relay`` again every third of the idle timeout keeps them alive. A hop
+that fails once segments flow fails the upload: nothing is published and every hop's
+pending copy goes with its connection (the client then uploads once more).
 """
 
 from __future__ import annotations
@@ -139,6 +141,16 @@ class Link:
                 waiting.exception()  # retrieved: a waiter may be gone
         self.conn.close()
 
+    async def keep_alive(self, to: Sequence[RelayHop], size: int) -> None:
+        """Ask the hops again to relay along ``to`` (nothing changes): a request that
+        keeps a chain whose segments are all sent from being closed as idle, or its
+        pending copies collected, while the rest of the upload flows. Skipped while
+        segments are in flight on it."""
+        async with self._send:
+            if self._waiting or self.failed is not None:
+                return
+            await self.conn.request(RelayRequest(tuple(to), size))
+
     async def hold(self, request: HoldRequest) -> HoldReply:
         """``hold`` on the hop (it asks its own downstream in turn)."""
         if self._waiting:
@@ -186,6 +198,7 @@ class ChainPlan:
         closest: Callable[[bytes, int], Awaitable[list[Contact]]],
         open_link: LinkOpener,
         room: Callable[[int], bool],
+        keepalive: float = 10.0,
     ) -> None:
         self.request = request
         self.me = me
@@ -202,6 +215,9 @@ class ChainPlan:
         self.hash_list: tuple[SegmentId, bytes] | None = None
         self._lookups: list[asyncio.Task[list[Contact]]] = []
         self._setups: dict[int, asyncio.Task[ChainRange]] = {}
+        # seconds between two keep-alives of the chains whose segments are all sent
+        self.keepalive = keepalive
+        self._keeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Start every range's lookup (the chains are set up as segments arrive)."""
@@ -211,6 +227,23 @@ class ChainPlan:
             asyncio.ensure_future(self.closest(chain_key(key, version, i), want))
             for i in range(len(self.ranges))
         ]
+        if self.keepalive > 0:
+            self._keeper = asyncio.ensure_future(self._keep_alive())
+
+    async def _keep_alive(self) -> None:
+        """Every ``keepalive`` seconds, ``Link.keep_alive`` on each chain set up (those
+        whose segments are sent wait for ``place``, after the whole upload; the next
+        range's waits for its first segment)."""
+        while True:
+            await asyncio.sleep(self.keepalive)
+            for task in list(self._setups.values()):
+                if not task.done() or task.cancelled() or task.exception():
+                    continue
+                r = task.result()
+                if r.link is not None:
+                    with contextlib.suppress(DifsError, OSError):
+                        hops = [hop_of(c) for c in r.hops[1:]]
+                        await r.link.keep_alive(hops, self.range_bytes(r))
 
     def next_index(self) -> int:
         """The index of the segment arriving now (called in arrival order)."""
@@ -288,6 +321,8 @@ class ChainPlan:
 
     def close(self) -> None:
         """Stop every lookup and setup, close every link (the hops drop what they got)."""
+        if self._keeper is not None:
+            self._keeper.cancel()
         for task in [*self._lookups, *self._setups.values()]:
             task.cancel()
         for task in self._setups.values():

@@ -279,7 +279,12 @@ class Operations:
         if request.segment_size > segments.MAX_SEGMENT_SIZE:
             raise UsageError(f"segments are at most {segments.MAX_SEGMENT_SIZE} bytes")
         plan = ChainPlan(
-            request, self.identity.node_id, self.dht.closest, self._open_link, self._room
+            request,
+            self.identity.node_id,
+            self.dht.closest,
+            self._open_link,
+            self._room,
+            keepalive=self.config.idle_timeout / 3,
         )
         plan.start()
         session.plan = plan
@@ -290,9 +295,12 @@ class Operations:
         uploaded on this connection forwarded to ``to[0]`` (which forwards to the rest);
         how many hops of ``to`` are linked."""
         self._refuse_if_leaving()
-        if not self._room(request.size):
-            raise CapacityError(f"no room here for {request.size} more bytes")
         session = self.uploads.session(conn)
+        # asked again (a keep-alive while the rest of the upload flows): still active
+        session.active = asyncio.get_running_loop().time()
+        if not session.relayed and not self._room(request.size):
+            raise CapacityError(f"no room here for {request.size} more bytes")
+        session.relayed = True
         if not request.to:
             return RelayReply(0)
         link = session.link

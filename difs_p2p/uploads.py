@@ -51,6 +51,8 @@ class UploadSession:
     # (on a holder asked to ``relay``) the link every segment is forwarded on
     plan: ChainPlan | None = None
     link: Link | None = None
+    # whether this connection was asked to ``relay`` (its room checked once)
+    relayed: bool = False
 
 
 def store_pending(

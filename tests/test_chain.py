@@ -11,11 +11,12 @@ from pathlib import Path
 
 import blake3
 
-from difs_p2p import wire
+from difs_p2p import segments, wire
 from difs_p2p.client import Client, PublishResult
 from difs_p2p.control import PeerCredential
 from difs_p2p.identity import Identity
-from difs_p2p.ops import RelayHop, RelayRequest
+from difs_p2p.names import name_key
+from difs_p2p.ops import ChainRequest, PlaceRequest, RelayHop, RelayRequest, StatusRequest
 from difs_p2p.peer import Peer
 from difs_p2p.segments import SegmentId
 from difs_p2p.transfer import Connection
@@ -223,5 +224,43 @@ async def test_a_peer_without_relay_is_passed_over(tmp_path: Path) -> None:
         assert all(len(set(r["holders"])) == 3 for r in result.ranges)
         assert old.node_id.hex() not in {h for r in result.ranges for h in r["holders"]}
         assert used(old) == 0
+    finally:
+        await stop_all(peers)
+
+
+async def test_chains_waiting_for_the_rest_of_a_long_upload_are_kept_alive(
+    tmp_path: Path,
+) -> None:
+    """Peers close connections idle for 1 s: the chains of ranges sent early are kept
+    alive (a ``relay`` again) while the upload pauses for 3 s, so place still finds every
+    copy."""
+    peers = await start_peers(tmp_path / "net", 4, idle_timeout=1.0)
+    try:
+        entry = peers[0]
+        data = os.urandom(32 * SEG)
+        ids = [SegmentId(i) for i in seg_ids(data)]
+        name = "/chain/slow"
+        key = name_key(name)
+        count, stripes = 32, segments.default_stripes(32)
+        async with client_for(entry, publisher=Identity.generate()) as client:
+            conn = await client._data_conn()
+            await conn.request(ChainRequest(key, 1, count, SEG, stripes, 3))
+
+            async def put(i: int, seg_id: SegmentId, chunk: bytes) -> None:
+                await conn.send(wire.PutSeg(request_id=i, seg_id=seg_id, data=chunk))
+                assert isinstance(await conn.read_frame(), wire.Ack)
+
+            for i in range(8):  # the first range
+                await put(i, ids[i], data[i * SEG : (i + 1) * SEG])
+            for _ in range(10):  # a pause longer than the idle time; this link stays busy
+                await conn.request(StatusRequest())
+                await asyncio.sleep(0.3)
+            for i in range(8, count):
+                await put(i, ids[i], data[i * SEG : (i + 1) * SEG])
+            hash_list = segments.encode_hash_list(ids)
+            root = segments.hash_list_root(hash_list)
+            await put(count, root, hash_list)
+            placed = await conn.request(PlaceRequest(key, 1, root, count, stripes, 3))
+        assert [len(set(r.holders)) for r in placed.ranges] == [3] * stripes
     finally:
         await stop_all(peers)
