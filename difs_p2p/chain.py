@@ -31,7 +31,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from difs_p2p import control, wire
-from difs_p2p.errors import BusyError, DifsError, IntegrityError, UsageError
+from difs_p2p.errors import (
+    BusyError,
+    CapacityError,
+    DifsError,
+    IntegrityError,
+    NetworkError,
+    UsageError,
+)
 from difs_p2p.identity import Identity, NodeId
 from difs_p2p.net import PeerNetwork
 from difs_p2p.ops import ChainRequest, HoldReply, HoldRequest, RelayHop, RelayRequest
@@ -182,6 +189,16 @@ class ChainRange:
     hops: list[Contact] = field(default_factory=list)
     # candidates the lookup found (for the shortfall warning)
     candidates: int = 0
+    # why the hops asked could not take part (no room here included)
+    refusals: list[DifsError] = field(default_factory=list)
+
+    def nowhere(self) -> DifsError:
+        """The error for a range no peer could take: no space when one said so."""
+        why = "; ".join(dict.fromkeys(str(e) for e in self.refusals[:4]))
+        where = f"segments {self.start}..{self.end}"
+        if any(isinstance(e, CapacityError) for e in self.refusals):
+            return CapacityError(f"no space on any peer asked for {where} ({why})")
+        return NetworkError(f"no peer could take {where} ({why or 'none found'})")
 
     @property
     def copies(self) -> int:
@@ -285,6 +302,8 @@ class ChainPlan:
                 if c.node_id == self.me:
                     r.mine = self.room(size)
                     here = [c] if r.mine else []
+                    if not r.mine:
+                        r.refusals.append(CapacityError(f"no room here for {size} bytes"))
                 else:
                     fresh.append(c)
             if fresh:
@@ -302,6 +321,7 @@ class ChainPlan:
                 r.link = await self.open_link(hop_of(first))
             except (DifsError, OSError) as exc:
                 log.info("chain_skip peer=%s reason=%s", first.tcp_address, exc)
+                r.refusals.append(exc if isinstance(exc, DifsError) else NetworkError(str(exc)))
                 return fresh
             r.hops = [first]
         wanted = r.hops[1:] + fresh
@@ -311,6 +331,7 @@ class ChainPlan:
             # the first hop refused: dropped if it was alone; else its chain stays as it
             # was and the fresh hops count as asked (asking again would fail the same way)
             log.info("chain_skip peer=%s reason=%s", r.hops[0].tcp_address, exc)
+            r.refusals.append(exc if isinstance(exc, DifsError) else NetworkError(str(exc)))
             if len(r.hops) > 1:
                 return []
             r.link.close()

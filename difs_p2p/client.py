@@ -58,7 +58,6 @@ from difs_p2p.errors import (
     PeerError,
     PermissionDeniedError,
     RemoteBusyError,
-    RemoteUnsupportedError,
     UsageError,
 )
 from difs_p2p.fetch import (
@@ -138,8 +137,6 @@ from difs_p2p.ops import (
 from difs_p2p.pins import Pins
 from difs_p2p.placement import domain_of, spread
 from difs_p2p.publish import (
-    CHAIN_PIPELINE,
-    PIPELINE,
     build_tombstone,
     check_placed,
     check_publish,
@@ -590,47 +587,28 @@ class Client:
         top: int,
         replicas: int,
     ) -> tuple[list[SegmentId], IntegrityRoot, int]:
-        """Upload ``source``, announced with ``chain`` when its size is known (a regular
-        file). A chain that broke while segments flowed (a hop gone: BUSY) is given up (its
-        connection closed: every hop drops what it got) and the file uploaded once more,
-        on chains set up afresh, which pass over the hop that is gone."""
+        """Upload ``source``, announced with ``chain`` when its size is known (a regular,
+        non-empty file) so that the entry peer sends each segment along its range's
+        holders as it arrives (an entry peer without ``chain`` stores the upload and
+        pushes the copies at ``place``). A chain that broke while segments flowed (a hop
+        gone: BUSY) is given up (the connection closed: every hop drops what it got) and
+        the file uploaded once more, on chains set up afresh that pass over that hop."""
+        announce = None
+        if expected and isinstance(source, Path):
+            count = segments.Layout(expected, segment_size).count
+            version = max(top, previous.version) + 1 if previous else 1
+            stripes = segments.default_stripes(count)
+            announce = ChainRequest(key, version, count, segment_size, stripes, replicas)
         for attempt in range(2):
-            chained = bool(expected) and await self._announce_chain(
-                key, previous, top, expected or 0, segment_size, replicas
-            )
-            window = CHAIN_PIPELINE if chained else PIPELINE
             try:
-                return await self._upload(source, segment_size, progress, window)
+                return await self._upload(source, segment_size, progress, announce)
             except RemoteBusyError as exc:
-                if not chained or attempt > 0 or not isinstance(source, Path):
+                if announce is None or attempt > 0:
                     raise
                 log.info("chain_retry reason=%s", exc)
                 if self._conn is not None:
                     self._conn.close()
         raise AssertionError("unreachable")
-
-    async def _announce_chain(
-        self,
-        key: NameKey,
-        previous: Manifest | None,
-        top: int,
-        size: int,
-        segment_size: int,
-        replicas: int,
-    ) -> bool:
-        """Announce the upload of ``size`` bytes (``chain``) so that the entry peer sends
-        each segment along its range's holders as it arrives; False from an entry peer
-        without ``chain`` (it stores the upload and pushes the copies at ``place``)."""
-        count = segments.Layout(size, segment_size).count
-        version = max(top, previous.version) + 1 if previous else 1
-        request = ChainRequest(
-            key, version, count, segment_size, segments.default_stripes(count), replicas
-        )
-        try:
-            await self._request(request)
-        except RemoteUnsupportedError:
-            return False
-        return True
 
     async def _abandon(self, exc: BaseException) -> None:
         """After a failed publish, tell the entry peer to drop what this connection uploaded
@@ -681,10 +659,10 @@ class Client:
         source: Path | IO[bytes],
         segment_size: int,
         progress: Progress | None,
-        window: int = PIPELINE,
+        announce: ChainRequest | None = None,
     ) -> tuple[list[SegmentId], IntegrityRoot, int]:
         """Send the object's segments and hash list to the entry peer (publish.upload)."""
-        return await upload(await self._data_conn(), source, segment_size, progress, window)
+        return await upload(await self._data_conn(), source, segment_size, progress, announce)
 
     async def rm(self, name: str) -> Manifest:
         """Delete ``name``: publish a signed tombstone; holders then free the segments."""

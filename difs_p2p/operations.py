@@ -215,7 +215,9 @@ class Operations:
         replicas = max(1, request.replicas)
         self._refuse_if_leaving()
         session = self.uploads.session(conn)
-        plan, session.plan = session.plan, None
+        plan = session.plans.pop(bytes(integrity), None)
+        if plan is None and session.plan is not None:
+            raise UsageError("place before the announced segments and hash list were sent")
         session.busy += 1
         mine: list[Holding] = []
         hashes: list[bytes] = []
@@ -275,7 +277,7 @@ class Operations:
         self._refuse_if_leaving()
         session = self.uploads.session(conn)
         if session.plan is not None:
-            raise UsageError("an upload is already announced on this connection")
+            raise UsageError("an upload announced on this connection is still being sent")
         if request.segment_size > segments.MAX_SEGMENT_SIZE:
             raise UsageError(f"segments are at most {segments.MAX_SEGMENT_SIZE} bytes")
         plan = ChainPlan(

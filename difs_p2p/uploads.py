@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from difs_p2p.chain import ChainPlan, Link
 from difs_p2p.errors import DifsError, UsageError
@@ -51,6 +51,8 @@ class UploadSession:
     # (on a holder asked to ``relay``) the link every segment is forwarded on
     plan: ChainPlan | None = None
     link: Link | None = None
+    # announced uploads received whole, waiting for their ``place``, by integrity root
+    plans: dict[bytes, ChainPlan] = field(default_factory=dict)
     # whether this connection was asked to ``relay`` (its room checked once)
     relayed: bool = False
 
@@ -144,11 +146,19 @@ class Uploads:
         count = plan.request.segment_count
         if n < count:
             r = await plan.route(plan.range_of(n))
+            if not r.copies:
+                raise r.nowhere()
             return await self._hop(session, r.mine, r.link, seg_id, data)
         if n > count:
             raise UsageError(f"more than the {count} segments and hash list announced")
-        routes = await plan.all_routes()
+        # received whole: the next segments on this connection are another upload's
         plan.hash_list = (SegmentId(seg_id), bytes(data))
+        session.plan = None
+        replaced = session.plans.pop(bytes(seg_id), None)
+        if replaced is not None:
+            replaced.close()  # the same object announced twice: the newer one is placed
+        session.plans[bytes(seg_id)] = plan
+        routes = await plan.all_routes()
         sent = [(r.link, await r.link.forward(SegmentId(seg_id), data)) for r in routes if r.link]
         stored = True
         if any(r.mine for r in routes):
@@ -172,9 +182,11 @@ class Uploads:
         that nothing else keeps; the bytes freed (as charged)."""
         freed = 0
         session.ended = True
-        if session.plan is not None:
-            session.plan.close()
-            session.plan = None
+        for plan in [session.plan, *session.plans.values()]:
+            if plan is not None:
+                plan.close()
+        session.plan = None
+        session.plans.clear()
         if session.link is not None:
             session.link.close()
             session.link = None
