@@ -45,6 +45,10 @@ from difs_p2p.client import Client
 MiB = 1 << 20
 
 
+# DIFS_BENCH_PUBLISH_ONLY=1: only the publishes (and the limits they are compared with)
+PUBLISH_ONLY = os.environ.get("DIFS_BENCH_PUBLISH_ONLY") == "1"
+
+
 def limit_loopback_tcp(total: int = 512 * MiB, chunk: int = MiB) -> float:
     """MB/s of sock_sendall -> sock_recv_into between two threads' event loops."""
     server = socket.socket()
@@ -322,6 +326,8 @@ def content_bench(
                     "peers_cpu_s": stored,
                 }
             )
+            if PUBLISH_ONLY:
+                continue
             out = root / "out.bin"
             for target, what in ((out, "file"), (Path(os.devnull), "null")):
                 before = [cpu_seconds(p.pid) for p in procs]
@@ -393,6 +399,15 @@ def print_report(limits: dict[str, float], rows: list[dict[str, Any]]) -> None:
             f"{ttfb:>9}{resolve:>9}{row['client_cpu_s']:>9.2f}{peers:>9}"
             f"{row['client_rss_mb']:>9.0f}"
         )
+    publish = {row["op"]: row["mb_s"] for row in rows if row["op"].startswith("publish ")}
+    ones = [op for op in publish if op.endswith(" r=1")]
+    if ones:
+        print()
+        print(f"{'publish, ratio to r = 1':<26}{'r=3':>9}{'r=5':>9}   (targets 0.6 and 0.4)")
+        for op in ones:
+            r3, r5 = (publish.get(op.replace("r=1", f"r={r}")) for r in (3, 5))
+            cells = (f"{r / publish[op]:.2f}" if r else "" for r in (r3, r5))
+            print(f"{op.removesuffix(' r=1'):<26}" + "".join(f"{c:>9}" for c in cells))
     by_op = {row["op"]: row for row in rows if "cmd_mb_s" in row}
     pairs = [(op, by_op[op.replace(" file", " null")]) for op in by_op if op.endswith(" file")]
     if pairs:
@@ -449,21 +464,21 @@ def main() -> int:
     compile_package()
     with tempfile.TemporaryDirectory(prefix="difs-bench-") as tmp:
         root = Path(tmp)
-        limits = {
-            "loopback_tcp_mb_s": limit_loopback_tcp(),
-            "blake3_mb_s": limit_blake3(),
-            "disk_write_fsync_mb_s": limit_disk(root),
-            "disk_segments_fsync_mb_s": limit_disk_segments(root),
-        }
+        limits = {"loopback_tcp_mb_s": limit_loopback_tcp()}
+        if not PUBLISH_ONLY:
+            limits["blake3_mb_s"] = limit_blake3()
+            limits["disk_write_fsync_mb_s"] = limit_disk(root)
+        limits["disk_segments_fsync_mb_s"] = limit_disk_segments(root)
         rows: list[dict[str, Any]] = []
         for i, size in enumerate(sizes):
-            rows += content_bench(root / str(size), size, ttfb=i == 0)
+            rows += content_bench(root / str(size), size, ttfb=i == 0 and not PUBLISH_ONLY)
         # libtorrent on the same file (the smallest size, 256 MiB by default), beside our
         # whole `difs get` (bench/torrent.py)
-        beside = beside_libtorrent(root / str(min(sizes)) / "src.bin")
+        beside = None if PUBLISH_ONLY else beside_libtorrent(root / str(min(sizes)) / "src.bin")
     print_report(limits, rows)
-    print()
-    print_beside(beside)
+    if beside is not None:
+        print()
+        print_beside(beside)
     write_results("latest", {"limits": limits, "rows": rows, "sizes": sizes, "libtorrent": beside})
     return 0
 

@@ -56,6 +56,7 @@ from difs_p2p.errors import (
     NotFoundError,
     PeerError,
     PermissionDeniedError,
+    RemoteBusyError,
     UsageError,
 )
 from difs_p2p.fetch import (
@@ -123,6 +124,7 @@ from difs_p2p.ops import (
     MAX_CHILDREN_PER_CALL,
     AbandonRequest,
     AddChildrenRequest,
+    ChainRequest,
     ChildrenRequest,
     Op,
     PlaceReply,
@@ -503,7 +505,9 @@ class Client:
             if on_phase is not None:
                 on_phase("upload")
             upload_started = time.perf_counter()
-            hashes, integrity, size = await self._upload(source, segment_size, progress)
+            hashes, integrity, size = await self._upload_announced(
+                source, segment_size, progress, expected, key, previous, top, replicas
+            )
             uploaded = time.perf_counter() - upload_started
             layout = segments.Layout(size, segment_size)
             if (expected is not None and size != expected) or len(hashes) != layout.count:
@@ -578,6 +582,40 @@ class Client:
             key = previous.key  # a name claimed after its version 1 keeps its key
         return previous, top, key
 
+    async def _upload_announced(
+        self,
+        source: Path | IO[bytes],
+        segment_size: int,
+        progress: Progress | None,
+        expected: int | None,
+        key: NameKey,
+        previous: Manifest | None,
+        top: int,
+        replicas: int,
+    ) -> tuple[list[SegmentId], IntegrityRoot, int]:
+        """Upload ``source``, announced with ``chain`` when its size is known (a regular,
+        non-empty file) so that the entry peer sends each segment along its range's
+        holders as it arrives (an entry peer without ``chain`` stores the upload and
+        pushes the copies at ``place``). A chain that broke while segments flowed (a hop
+        gone: BUSY) is given up (the connection closed: every hop drops what it got) and
+        the file uploaded once more, on chains set up afresh that pass over that hop."""
+        announce = None
+        if expected and isinstance(source, Path):
+            count = segments.Layout(expected, segment_size).count
+            version = max(top, previous.version) + 1 if previous else 1
+            stripes = segments.default_stripes(count)
+            announce = ChainRequest(key, version, count, segment_size, stripes, replicas)
+        for attempt in range(2):
+            try:
+                return await self._upload(source, segment_size, progress, announce)
+            except RemoteBusyError as exc:
+                if announce is None or attempt > 0:
+                    raise
+                log.info("chain_retry reason=%s", exc)
+                if self._conn is not None:
+                    self._conn.close()
+        raise AssertionError("unreachable")
+
     async def _abandon(self, exc: BaseException) -> None:
         """After a failed publish, tell the entry peer to drop what this connection uploaded
         and placed (``abandon``). Interrupted, or if the peer does not answer, just close
@@ -623,10 +661,14 @@ class Client:
         return self._conn
 
     async def _upload(
-        self, source: Path | IO[bytes], segment_size: int, progress: Progress | None
+        self,
+        source: Path | IO[bytes],
+        segment_size: int,
+        progress: Progress | None,
+        announce: ChainRequest | None = None,
     ) -> tuple[list[SegmentId], IntegrityRoot, int]:
         """Send the object's segments and hash list to the entry peer (publish.upload)."""
-        return await upload(await self._data_conn(), source, segment_size, progress)
+        return await upload(await self._data_conn(), source, segment_size, progress, announce)
 
     async def rm(self, name: str) -> Manifest:
         """Delete ``name``: publish a signed tombstone; holders then free the segments."""

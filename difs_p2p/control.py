@@ -108,6 +108,8 @@ CONTROL_TABLE: Final[dict[str, OpRule]] = {
     "suspect": OpRule(Access.ANYONE_RATED, OPS["suspect"].check, "re-verify a segment"),
     "hold": OpRule(Access.PEER_WITH_REASON, OPS["hold"].check, "sign a holder entry"),
     "place": OpRule(Access.OPERATOR, OPS["place"].check, "place an upload's replicas"),
+    "chain": OpRule(Access.OPERATOR, OPS["chain"].check, "announce an upload to chain"),
+    "relay": OpRule(Access.PEER, OPS["relay"].check, "forward this connection's uploads"),
     "publish": OpRule(Access.OPERATOR, OPS["publish"].check, "store a manifest and entries"),
     "check": OpRule(Access.OPERATOR, OPS["check"].check, "verify every stored segment"),
     "status": OpRule(Access.OPERATOR, OPS["status"].check, "the peer's view of itself"),

@@ -21,12 +21,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from difs_p2p import segments
+from difs_p2p.chain import ChainPlan, Link
 from difs_p2p.config import PeerConfig
 from difs_p2p.control import CONTROL_TABLE
 from difs_p2p.dht import Dht
 from difs_p2p.drain import LEAVING
 from difs_p2p.errors import (
     BusyError,
+    CapacityError,
     DifsError,
     IntegrityError,
     PermissionDeniedError,
@@ -50,6 +52,8 @@ from difs_p2p.ops import (
     AbandonRequest,
     AddChildrenReply,
     AddChildrenRequest,
+    ChainReply,
+    ChainRequest,
     CheckReply,
     CheckRequest,
     ChildrenReply,
@@ -68,6 +72,9 @@ from difs_p2p.ops import (
     PublishRequest,
     RangeRequest,
     RangesRequest,
+    RelayHop,
+    RelayReply,
+    RelayRequest,
     ReleaseReply,
     ReleaseRequest,
     ResolveReply,
@@ -91,6 +98,23 @@ log = logging.getLogger(__name__)
 
 # The control operations, as named in the permission table.
 OPERATIONS = frozenset(op for op in CONTROL_TABLE if op.islower())
+
+
+def chain_hashes(plan: ChainPlan, request: PlaceRequest) -> list[bytes]:
+    """The segment ids of a chain upload ``request`` places; UsageError unless it places
+    the upload announced (same key, layout and copies; its hash list received whole)."""
+    announced = plan.request
+    if plan.hash_list is None or plan.received != announced.segment_count + 1:
+        raise UsageError("place before the announced segments and hash list were sent")
+    if (request.key, request.segment_count, request.stripes, request.replicas) != (
+        announced.key,
+        announced.segment_count,
+        announced.stripes,
+        announced.replicas,
+    ) or plan.hash_list[0] != request.integrity:
+        raise UsageError("place does not match the upload announced on this connection")
+    data = plan.hash_list[1]
+    return [data[i : i + segments.HASH_SIZE] for i in range(0, len(data), segments.HASH_SIZE)]
 
 
 class Operations:
@@ -128,6 +152,8 @@ class Operations:
             "status": self._op_status,
             "resolve": self._op_resolve,
             "place": self._op_place,
+            "chain": self._op_chain,
+            "relay": self._op_relay,
             "hold": self._op_hold,
             "publish": self._op_publish,
             "release": self._op_release,
@@ -191,16 +217,24 @@ class Operations:
         replicas = max(1, request.replicas)
         self._refuse_if_leaving()
         session = self.uploads.session(conn)
+        plan = session.plans.pop(bytes(integrity), None)
+        if plan is None and session.plan is not None:
+            raise UsageError("place before the announced segments and hash list were sent")
         session.busy += 1
         mine: list[Holding] = []
         hashes: list[bytes] = []
         try:
-            hashes = await self.replicator.hash_list(integrity, count)
-            # an empty object is its hash list alone: one range of no segments
-            ranges = segments.stripe_ranges(count, stripes) or [(0, 0)]
-            placed = await self.replicator.place(
-                key, version, integrity, count, hashes, ranges, replicas, mine
-            )
+            if plan is not None:
+                # announced with ``chain``: the copies are made, each hop signs its entry
+                hashes = chain_hashes(plan, request)
+                placed = await self.replicator.place_chained(plan, version, integrity, mine)
+            else:
+                hashes = await self.replicator.hash_list(integrity, count)
+                # an empty object is its hash list alone: one range of no segments
+                ranges = segments.stripe_ranges(count, stripes) or [(0, 0)]
+                placed = await self.replicator.place(
+                    key, version, integrity, count, hashes, ranges, replicas, mine
+                )
         except BaseException:
             for h in mine:
                 with contextlib.suppress(DifsError):
@@ -209,6 +243,8 @@ class Operations:
         else:
             session.placed[(key, version, integrity)] = mine
         finally:
+            if plan is not None:
+                plan.close()  # every hop holds its ranges now (or failed)
             session.busy -= 1
             session.active = asyncio.get_running_loop().time()
             # what placement did not give this peer is not needed here any more
@@ -216,7 +252,8 @@ class Operations:
         return placed
 
     async def _op_hold(self, conn: Connection, request: HoldRequest) -> HoldReply:
-        """Check that segments start..end are stored here and sign a holder entry."""
+        """Check that segments start..end are stored here and sign a holder entry; on a
+        connection that relays (``relay``), the next hop's entries follow."""
         key, version, start, end = request.key, request.version, request.start, request.end
         reason = request.reason
         self._refuse_if_leaving()
@@ -225,7 +262,76 @@ class Operations:
         _, entry = await self.replicator.hold(
             key, version, request.integrity, request.segment_count, start, end
         )
-        return HoldReply(entry.raw.hex())
+        link = self.uploads.session(conn).link
+        if link is None:
+            return HoldReply(entry.raw.hex())
+        try:
+            after = await link.hold(request)
+        except DifsError as exc:
+            # this copy stands; the hops after it are left out (the entry peer sees fewer)
+            log.info("chain_hold_failed peer=%s reason=%s", link.hop.host, exc)
+            return HoldReply(entry.raw.hex())
+        return HoldReply(entry.raw.hex(), (after.entry, *after.chain))
+
+    async def _op_chain(self, conn: Connection, request: ChainRequest) -> ChainReply:
+        """Announce an upload on this connection: its ranges' holders are picked now and
+        every segment goes along its range's chain as it arrives (chain.py)."""
+        self._refuse_if_leaving()
+        session = self.uploads.session(conn)
+        if session.plan is not None:
+            raise UsageError("an upload announced on this connection is still being sent")
+        if request.segment_size > segments.MAX_SEGMENT_SIZE:
+            raise UsageError(f"segments are at most {segments.MAX_SEGMENT_SIZE} bytes")
+        plan = ChainPlan(
+            request,
+            self.identity.node_id,
+            self.dht.closest,
+            self._open_link,
+            self._room,
+            keepalive=self.config.idle_timeout / 3,
+        )
+        plan.start()
+        session.plan = plan
+        return ChainReply(len(plan.ranges))
+
+    async def _op_relay(self, conn: Connection, request: RelayRequest) -> RelayReply:
+        """Take part in a chain: room for ``size`` more bytes here, and every segment
+        uploaded on this connection forwarded to ``to[0]`` (which forwards to the rest);
+        how many hops of ``to`` are linked."""
+        self._refuse_if_leaving()
+        session = self.uploads.session(conn)
+        # asked again (a keep-alive while the rest of the upload flows): still active
+        session.active = asyncio.get_running_loop().time()
+        if not session.relayed and not self._room(request.size):
+            raise CapacityError(f"no room here for {request.size} more bytes")
+        session.relayed = True
+        if not request.to:
+            return RelayReply(0)
+        link = session.link
+        if link is not None and link.hop != request.to[0]:
+            raise UsageError("this connection relays to another peer")
+        if link is None:
+            try:
+                link = await self._open_link(request.to[0])
+            except (DifsError, OSError) as exc:
+                log.info("chain_skip peer=%s reason=%s", request.to[0].host, exc)
+                return RelayReply(0)
+            session.link = link
+        try:
+            ready = await link.relay(request.to[1:], request.size)
+        except (DifsError, OSError) as exc:
+            log.info("chain_skip peer=%s reason=%s", request.to[0].host, exc)
+            link.close()
+            session.link = None
+            return RelayReply(0)
+        return RelayReply(1 + ready)
+
+    async def _open_link(self, hop: RelayHop) -> Link:
+        return await Link.open(hop, self.identity, self.network, self.config.io_timeout)
+
+    def _room(self, size: int) -> bool:
+        """Whether this peer takes ``size`` more bytes now (room, and not leaving)."""
+        return not self.drainer.leaving and self.store.used + size <= self.store.capacity
 
     def _refuse_if_leaving(self) -> None:
         """A leaving peer takes no new copies: BUSY, so that placement and repair ask the

@@ -42,6 +42,8 @@ __all__ = [
     "AbandonRequest",
     "AddChildrenReply",
     "AddChildrenRequest",
+    "ChainReply",
+    "ChainRequest",
     "CheckReply",
     "CheckRequest",
     "ChildrenReply",
@@ -65,6 +67,9 @@ __all__ = [
     "PublishRequest",
     "RangeRequest",
     "RangesRequest",
+    "RelayHop",
+    "RelayReply",
+    "RelayRequest",
     "ReleaseReply",
     "ReleaseRequest",
     "ResolveReply",
@@ -342,9 +347,11 @@ class HoldReason:
 
 @dataclass(frozen=True, slots=True)
 class HoldReply:
-    """``hold``: the holder entry the peer signed (hex)."""
+    """``hold``: the holder entry the peer signed (hex); ``chain``: on a connection that
+    relays (``relay``), the entries its downstream hops signed, in chain order."""
 
     entry: str
+    chain: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +391,52 @@ class PlaceRequest(Op[PlaceReply]):
     segment_count: int
     stripes: int
     replicas: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReply:
+    """``chain``: the ranges the upload announced is cut into."""
+
+    ranges: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChainRequest(Op[ChainReply]):
+    """Announce an upload of ``segment_count`` segments (of at most ``segment_size``
+    bytes) before sending it: the entry peer picks each range's holders now and forwards
+    every segment along its range's chain as it arrives."""
+
+    key: NameKey
+    version: int
+    segment_count: int
+    segment_size: int
+    stripes: int
+    replicas: int
+
+
+@dataclass(frozen=True, slots=True)
+class RelayHop:
+    """One hop of a chain: where it listens and the node id it must prove."""
+
+    host: str
+    port: int
+    node_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RelayReply:
+    """``relay``: how many hops of ``to`` are linked (a prefix; the next one failed)."""
+
+    ready: int
+
+
+@dataclass(frozen=True, slots=True)
+class RelayRequest(Op[RelayReply]):
+    """Forward every segment uploaded on this connection to ``to[0]`` (which forwards to
+    the rest); the peer first checks it has room for ``size`` more bytes."""
+
+    to: tuple[RelayHop, ...]
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,6 +565,63 @@ def _place_request(args: dict[str, Any]) -> PlaceRequest:
     if request.replicas > MAX_REPLICAS:
         raise UsageError(f"replicas must be at most {MAX_REPLICAS}")
     return request
+
+
+def _chain_request(args: dict[str, Any]) -> ChainRequest:
+    request = ChainRequest(
+        NameKey(_hex_arg(args, "key", 20)),
+        _int_arg(args, "version"),
+        _int_arg(args, "segment_count"),
+        _int_arg(args, "segment_size"),
+        _int_arg(args, "stripes"),
+        _int_arg(args, "replicas"),
+    )
+    if not 1 <= request.replicas <= MAX_REPLICAS:
+        raise UsageError(f"replicas must be between 1 and {MAX_REPLICAS}")
+    if request.segment_count < 1 or request.stripes < 1 or request.segment_size < 1:
+        raise UsageError("a chain upload has at least one segment and one stripe")
+    return request
+
+
+def _relay_request(args: dict[str, Any]) -> RelayRequest:
+    hops = args.get("to")
+    if not isinstance(hops, list) or len(hops) >= MAX_REPLICAS:
+        raise UsageError(f"to must be a list of fewer than {MAX_REPLICAS} hops")
+    to = []
+    for hop in hops:
+        if not isinstance(hop, list) or len(hop) != 3 or not isinstance(hop[0], str):
+            raise UsageError("each hop must be [host, port, node id]")
+        port = _int_arg({"port": hop[1]}, "port")
+        if not 0 < port < 65536 or not hop[0]:
+            raise UsageError("each hop needs a host and a port in 1..65535")
+        to.append(RelayHop(hop[0], port, _hex_arg({"id": hop[2]}, "id", 20)))
+    return RelayRequest(tuple(to), _int_arg(args, "size"))
+
+
+def _encode_chain(request: ChainRequest) -> dict[str, Any]:
+    return {
+        "key": request.key.hex(),
+        "version": request.version,
+        "segment_count": request.segment_count,
+        "segment_size": request.segment_size,
+        "stripes": request.stripes,
+        "replicas": request.replicas,
+    }
+
+
+def _encode_relay(request: RelayRequest) -> dict[str, Any]:
+    return {
+        "to": [[h.host, h.port, h.node_id.hex()] for h in request.to],
+        "size": request.size,
+    }
+
+
+def _chain_reply(body: dict[str, Any]) -> ChainReply:
+    return ChainReply(_int(body, "chain", "ranges"))
+
+
+def _relay_reply(body: dict[str, Any]) -> RelayReply:
+    return RelayReply(_int(body, "relay", "ready"))
 
 
 def _publish_request(args: dict[str, Any]) -> PublishRequest:
@@ -660,7 +770,10 @@ def _hold_reply(body: dict[str, Any]) -> HoldReply:
     entry = body.get("entry")
     if not _is_hex(entry):
         raise _bad("hold", "entry", "a hex string")
-    return HoldReply(entry)
+    chain = _strings(body, "hold", "chain") if "chain" in body else ()
+    if not all(_is_hex(e) for e in chain):
+        raise _bad("hold", "chain", "a list of hex strings")
+    return HoldReply(entry, chain)
 
 
 def _place_reply(body: dict[str, Any]) -> PlaceReply:
@@ -752,6 +865,8 @@ def _encode_suspect_reply(reply: SuspectReply) -> dict[str, Any]:
 
 
 def _encode_hold_reply(reply: HoldReply) -> dict[str, Any]:
+    if reply.chain:
+        return {"entry": reply.entry, "chain": list(reply.chain)}
     return {"entry": reply.entry}
 
 
@@ -1044,6 +1159,22 @@ OPS: Final[dict[str, OpCodec]] = {
         _encode_children,
         _children_reply,
         _encode_children_reply,
+    ),
+    "chain": OpCodec(
+        ChainRequest,
+        ChainReply,
+        _chain_request,
+        _encode_chain,
+        _chain_reply,
+        lambda reply: {"ranges": reply.ranges},
+    ),
+    "relay": OpCodec(
+        RelayRequest,
+        RelayReply,
+        _relay_request,
+        _encode_relay,
+        _relay_reply,
+        lambda reply: {"ready": reply.ready},
     ),
     "add_children": OpCodec(
         AddChildrenRequest,

@@ -47,6 +47,7 @@ __all__ = [
     "Candidate",
     "Domain",
     "RangeKey",
+    "chain_key",
     "choose_targets",
     "domain_of",
     "range_key",
@@ -123,6 +124,13 @@ def _domain(c: Candidate) -> Domain:
 def range_key(integrity: segments.IntegrityRoot, index: int) -> RangeKey:
     """Where range ``index`` of an object lives: the peers closest to this key."""
     return RangeKey(bytes(segments.segment_hash(integrity + index.to_bytes(4, "big")))[:20])
+
+
+def chain_key(key: bytes, version: int, index: int) -> RangeKey:
+    """Where range ``index`` of version ``version`` of the name key ``key`` is placed by a
+    chain upload: known before the object's integrity root (nothing reads it back)."""
+    tag = b"difs-chain-v1" + bytes(key) + version.to_bytes(8, "big") + index.to_bytes(4, "big")
+    return RangeKey(bytes(segments.segment_hash(tag))[:20])
 
 
 class _Used:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from difs_p2p import segments, wire
+from difs_p2p import ops, segments, wire
 from difs_p2p.delegation import Delegation
 from difs_p2p.errors import (
     AlreadyExistsError,
@@ -27,18 +27,22 @@ from difs_p2p.errors import (
     NetworkError,
     PeerError,
     PermissionDeniedError,
+    RemoteUnsupportedError,
     UsageError,
 )
 from difs_p2p.fetchrun import INLINE_HASH
 from difs_p2p.identity import Identity, fingerprint
 from difs_p2p.manifest import Manifest, build_manifest
 from difs_p2p.names import key_namespace_owner
-from difs_p2p.ops import PlaceReply, PublishReply
+from difs_p2p.ops import ChainRequest, PlaceReply, PublishReply
 from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.transfer import Connection, remote_error
 
 # Requests in flight per connection: enough to keep a loopback link busy (measured: 8).
 PIPELINE = 8
+# With chain replication an ACK waits for every hop's copy: more puts in flight keep the
+# chain busy (the peers answer 16 requests per connection at once).
+CHAIN_PIPELINE = 16
 
 Progress = Callable[[int], None]
 
@@ -188,11 +192,12 @@ def open_source(path: Path) -> IO[bytes]:
 
 
 class _Pipeline:
-    """PUT_SEG frames on one connection with up to PIPELINE unacknowledged."""
+    """PUT_SEG frames on one connection with up to ``window`` unacknowledged."""
 
-    def __init__(self, conn: Connection, progress: Progress | None) -> None:
+    def __init__(self, conn: Connection, progress: Progress | None, window: int) -> None:
         self.conn = conn
         self.progress = progress
+        self.window = window
         # progress bytes of each frame not acknowledged yet, oldest first
         self.pending: collections.deque[int] = collections.deque()
 
@@ -207,7 +212,7 @@ class _Pipeline:
             self.progress(length)
 
     async def put(self, request_id: int, seg_id: SegmentId, data: bytes, progress: int) -> None:
-        if len(self.pending) >= PIPELINE:
+        if len(self.pending) >= self.window:
             await self.take_ack()
         await self.conn.send(wire.PutSeg(request_id=request_id, seg_id=seg_id, data=data))
         self.pending.append(progress)
@@ -217,19 +222,43 @@ class _Pipeline:
             await self.take_ack()
 
 
+async def _announce(conn: Connection, request: ChainRequest) -> bool:
+    """``chain`` on ``conn`` (its exchange held by the caller): False from an entry peer
+    that predates it (UNSUPPORTED)."""
+    op, args = ops.encode_request(request)
+    await conn.send(wire.Call(request_id=0, op=op, args=args))
+    frame = await conn.read_frame()
+    if isinstance(frame, wire.Error):
+        error = remote_error(frame, conn.peer_address)
+        if isinstance(error, RemoteUnsupportedError):
+            return False
+        raise error
+    if not isinstance(frame, wire.Reply):
+        raise PeerError(f"unexpected reply to {op}")
+    ops.decode_reply(op, dict(frame.body))
+    return True
+
+
 async def upload(
-    conn: Connection, source: Path | IO[bytes], segment_size: int, progress: Progress | None
+    conn: Connection,
+    source: Path | IO[bytes],
+    segment_size: int,
+    progress: Progress | None,
+    announce: ChainRequest | None = None,
 ) -> tuple[list[SegmentId], IntegrityRoot, int]:
     """Send every segment, then the hash list, to the entry peer on ``conn`` with PIPELINE
-    puts in flight; the segment hashes, the integrity root and the number of bytes sent."""
+    puts in flight; the segment hashes, the integrity root and the number of bytes sent.
+    With ``announce``, the upload is first announced (``chain``, in the same exchange, so
+    no other upload on ``conn`` comes between) and sent with CHAIN_PIPELINE in flight."""
     hashes: list[SegmentId] = []
-    pipeline = _Pipeline(conn, progress)
     size = 0
     fh = await asyncio.to_thread(open_source, source) if isinstance(source, Path) else source
     try:
         async with conn.exchange:  # the ACKs are ours alone
             complete = False
             try:
+                chained = announce is not None and await _announce(conn, announce)
+                pipeline = _Pipeline(conn, progress, CHAIN_PIPELINE if chained else PIPELINE)
                 while True:
                     chunk, seg_id = await asyncio.to_thread(read_and_hash, fh, segment_size)
                     if not chunk:

@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 from difs_p2p import control, segments, wire
 from difs_p2p.addresses import format_address, sendable_host
+from difs_p2p.chain import ChainPlan, ChainRange
 from difs_p2p.config import PeerConfig
 from difs_p2p.dht import Dht
 from difs_p2p.errors import (
@@ -41,6 +42,7 @@ from difs_p2p.net import PeerNetwork
 from difs_p2p.ops import (
     MAX_PROBE_RANGES,
     HoldReason,
+    HoldReply,
     HoldRequest,
     PlacedRange,
     PlaceReply,
@@ -68,6 +70,25 @@ PUSH_WINDOW = 8
 PUSH_BYTES = 8 << 20
 
 Pace = Callable[[int], Awaitable[None]]
+
+
+def chain_entries(
+    reply: HoldReply, r: ChainRange, key: NameKey, version: int, integrity: IntegrityRoot
+) -> list[HolderEntry]:
+    """The holder entries a chain's ``hold`` answered, each checked: signed by a hop of
+    that chain (once), for that range and version; IntegrityError otherwise."""
+    hops = {bytes(c.node_id) for c in r.hops}
+    entries: list[HolderEntry] = []
+    for raw in (reply.entry, *reply.chain):
+        entry = parse_holder_entry(bytes.fromhex(raw))
+        wanted = (key, version, integrity, r.start, r.end)
+        if (entry.key, entry.version, entry.integrity, entry.start, entry.end) != wanted:
+            raise IntegrityError("a hop signed a holder entry for something else")
+        if bytes(entry.node_id) not in hops:
+            raise IntegrityError("a holder entry came from a peer outside the chain")
+        hops.discard(bytes(entry.node_id))
+        entries.append(entry)
+    return entries
 
 
 def open_stored(store: SegmentStore, seg_id: bytes) -> tuple[BinaryIO, int]:
@@ -407,6 +428,64 @@ class Replicator:
                 raise outcome
             placed.append(outcome)
         return PlaceReply(tuple(entries), tuple(placed), tuple(sorted(set(warnings))))
+
+    async def place_chained(
+        self, plan: ChainPlan, version: int, integrity: IntegrityRoot, mine: list[Holding]
+    ) -> PlaceReply:
+        """Finish a chain upload (chain.py): every hop of each range's chain checks it has
+        the range and signs its holder entry (``hold`` down the chain), this peer too where
+        it is a hop (its new holdings are appended to ``mine``); ``place``'s answer."""
+        key = NameKey(plan.request.key)
+        count = plan.request.segment_count
+        routes = await plan.all_routes()
+
+        async def finish(r: ChainRange) -> tuple[PlacedRange, list[HolderEntry], str | None]:
+            made: list[HolderEntry] = []
+            taken: list[AlreadyExistsError] = []
+            if r.mine:
+                try:
+                    holding, entry = await self.hold(key, version, integrity, count, r.start, r.end)
+                except AlreadyExistsError as exc:
+                    taken.append(exc)
+                except DifsError as exc:
+                    log.info("place_skip peer=self reason=%s", exc)
+                else:
+                    if holding is not None:
+                        mine.append(holding)
+                    made.append(entry)
+            if r.link is not None:
+                reason = HoldReason("place", key, version, r.start, r.end)
+                request = HoldRequest(key, version, integrity, count, r.start, r.end, reason)
+                try:
+                    reply = await r.link.hold(request)
+                except AlreadyExistsError as exc:
+                    taken.append(exc)
+                except DifsError as exc:
+                    log.info("place_skip peer=%s reason=%s", r.hops[0].tcp_address, exc)
+                else:
+                    made += chain_entries(reply, r, key, version, integrity)
+            if not made and taken:
+                raise AlreadyExistsError(
+                    f"a peer asked for segments {r.start}..{r.end} holds other content under "
+                    f"version {version} of this name (another put of this version at the same "
+                    "time, or junk held there): nothing was published"
+                )
+            placed = PlacedRange(r.start, r.end, tuple(e.node_id.hex() for e in made))
+            replicas = plan.request.replicas
+            return placed, made, shortfall(r.start, r.end, len(made), replicas, r.candidates)
+
+        outcomes = await asyncio.gather(*(finish(r) for r in routes), return_exceptions=True)
+        entries: list[str] = []
+        placed: list[PlacedRange] = []
+        warnings: set[str] = set()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            placed.append(outcome[0])
+            entries += (e.raw.hex() for e in outcome[1])
+            if outcome[2] is not None:
+                warnings.add(outcome[2])
+        return PlaceReply(tuple(entries), tuple(placed), tuple(sorted(warnings)))
 
     async def probe_ranges(
         self, address: tuple[str, int], queries: list[Query], *, limit: float

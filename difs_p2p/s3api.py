@@ -74,6 +74,7 @@ from difs_p2p.identity import fingerprint
 from difs_p2p.listing import decode_token, encode_token, object_etag
 from difs_p2p.manifest import Manifest, ObjectMeta
 from difs_p2p.names import claim_name
+from difs_p2p.ops import ChainRequest
 from difs_p2p.publish import Progress
 from difs_p2p.s3auth import Auth, SignedRequest, authenticate, body_decoder, split_target
 from difs_p2p.s3body import BodyChecks
@@ -289,8 +290,14 @@ class StoredClient(Client):
         self.integrity = integrity
 
     async def _upload(
-        self, source: Path | IO[bytes], segment_size: int, progress: Progress | None
+        self,
+        source: Path | IO[bytes],
+        segment_size: int,
+        progress: Progress | None,
+        announce: ChainRequest | None = None,
     ) -> tuple[list[SegmentId], IntegrityRoot, int]:
+        if announce is not None:  # its source is a stream: never announced
+            raise UsageError("a stored object is not uploaded along chains")
         if segment_size != self.stored.segment_size:
             raise UsageError("a stored object is published with its own segment size")
         hashes = [SegmentId(h) for h in self.stored.hashes]

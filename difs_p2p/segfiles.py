@@ -10,9 +10,10 @@ Layout under a store's root (see :mod:`difs_p2p.segindex` for the index beside i
 * **placement**: a segment's path is derived only from the hex form of its id, two
   fan-out levels deep so no directory grows past a few thousand entries;
 * **writes** go to ``tmp/``, are fsynced, renamed into place, and the directory is fsynced
-  before the caller inserts the index row. A crash therefore leaves either a partial file
-  in ``tmp/`` (deleted on open) or a complete file without a row (rehashed and re-indexed
-  on open), never a row for a partial file.
+  before the caller inserts the index row (``write_group``: a group commit of several
+  segments, each fdatasync-ed, then one fsync per touched directory for the group). A
+  crash therefore leaves either a partial file in ``tmp/`` (deleted on open) or a complete
+  file without a row (rehashed and re-indexed on open), never a row for a partial file.
 
 :class:`SegmentFiles` does the disk I/O and nothing else: it keeps no index, takes no lock
 and decides nothing about capacity or references (the store does). OS errors are
@@ -223,6 +224,58 @@ class SegmentFiles:
                 _fsync_dir(directory)
         except OSError as exc:
             raise os_error(exc, "syncing segment directories") from exc
+
+    def write_group(
+        self, ids: Sequence[bytes], data: Mapping[bytes, memoryview], placed: list[str]
+    ) -> dict[bytes, CapacityError | StorageError]:
+        """Write segments as one group commit: every file written to ``tmp/`` first, then
+        each fdatasync-ed (enough for a new file: its size is flushed with its data, and the
+        disk flushes the group's writes together), renamed into place, and each touched
+        directory fsynced once for the whole group.
+
+        A segment whose write fails is left out and its error returned by id; a failed
+        directory fsync fails the group (raised). Paths renamed into place are appended to
+        ``placed`` for the caller to remove if a later step fails.
+        """
+        touched: set[str] = set()
+        failed: dict[bytes, CapacityError | StorageError] = {}
+        written: list[tuple[bytes, int, str, str]] = []
+        for seg_id in ids:
+            path = self._path_str(seg_id)
+            tmp = f"{self.tmp}/{seg_id.hex()}.{uuid.uuid4().hex}"
+            fd = -1
+            try:
+                self._make_parent(path, touched)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                view = data[seg_id]
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError as exc:
+                if fd >= 0:
+                    os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                failed[seg_id] = os_error(exc, f"writing segment {short(seg_id)}")
+                continue
+            written.append((seg_id, fd, tmp, path))
+        for seg_id, fd, tmp, path in written:
+            try:
+                os.fdatasync(fd)
+                os.rename(tmp, path)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                failed[seg_id] = os_error(exc, f"writing segment {short(seg_id)}")
+                continue
+            finally:
+                os.close(fd)
+            placed.append(path)
+        try:
+            for directory in sorted(touched, key=lambda p: p.count(os.sep), reverse=True):
+                _fsync_dir(directory)
+        except OSError as exc:
+            raise os_error(exc, "syncing segment directories") from exc
+        return failed
 
     def unlink(self, seg_id: bytes) -> None:
         """Delete a segment's file (nothing if there is none)."""

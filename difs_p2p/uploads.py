@@ -15,11 +15,13 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from difs_p2p.errors import DifsError
+from difs_p2p.chain import ChainPlan, Link
+from difs_p2p.errors import DifsError, UsageError
 from difs_p2p.holdings import Holding
 from difs_p2p.replicator import Replicator
+from difs_p2p.segments import SegmentId
 from difs_p2p.store import SegmentStore
 from difs_p2p.transfer import Connection
 
@@ -45,6 +47,14 @@ class UploadSession:
     # set before the store forgets the session; a write still in a thread then drops its
     # own pending row (see store_pending)
     ended: bool = False
+    # chain replication: the entry peer's plan of an upload announced with ``chain``, or
+    # (on a holder asked to ``relay``) the link every segment is forwarded on
+    plan: ChainPlan | None = None
+    link: Link | None = None
+    # announced uploads received whole, waiting for their ``place``, by integrity root
+    plans: dict[bytes, ChainPlan] = field(default_factory=dict)
+    # whether this connection was asked to ``relay`` (its room checked once)
+    relayed: bool = False
 
 
 def store_pending(
@@ -53,7 +63,7 @@ def store_pending(
     """Store an uploaded segment as pending in ``session`` (in a worker thread). A write
     that finishes after the session ended (its answer was cancelled with the connection)
     drops its own pending row, so that nothing stays pending for a session that is gone."""
-    stored = store.put(seg_id, data, None, session.id)
+    stored = store.put_grouped(seg_id, data, None, session.id)
     if session.ended:
         store.end_session(session.id, [seg_id])
     return stored
@@ -74,6 +84,8 @@ class Uploads:
         self.replicator = replicator
         self.orphan_grace = orphan_grace
         self._sessions: dict[Connection, UploadSession] = {}
+        # segments (and hash lists) received for uploads announced with ``chain``
+        self.chained = 0
 
     def session(self, conn: Connection) -> UploadSession:
         """The upload session of a connection (a new one on its first upload)."""
@@ -87,8 +99,72 @@ class Uploads:
         """Store a segment uploaded on ``conn`` as pending in its session; whether it was
         new here."""
         session = self.session(conn)
-        stored = await asyncio.to_thread(store_pending, self.store, session, seg_id, data)
+        if session.plan is not None:
+            stored = await self._receive_chained(session, session.plan, seg_id, data)
+        else:
+            stored = await self._hop(session, True, session.link, seg_id, data)
         session.active = asyncio.get_running_loop().time()
+        return stored
+
+    async def _hop(
+        self,
+        session: UploadSession,
+        keep: bool,
+        link: Link | None,
+        seg_id: bytes,
+        data: bytes | memoryview,
+    ) -> bool:
+        """One hop of a chain: forward the segment on ``link`` (if any) while storing it
+        here (if ``keep``); done when both are durable (the store verifies the hash)."""
+        if not keep:
+            if link is None:
+                return True
+            await link.ack(await link.forward(SegmentId(seg_id), data))
+            return True
+        # the write starts first and runs while the segment is sent on
+        storing = asyncio.ensure_future(
+            asyncio.to_thread(store_pending, self.store, session, seg_id, data)
+        )
+        try:
+            done = await link.forward(SegmentId(seg_id), data) if link is not None else None
+        except BaseException:
+            # the buffer stays ours until the write that reads it has ended
+            await asyncio.gather(storing, return_exceptions=True)
+            raise
+        stored = await storing
+        if link is not None and done is not None:
+            await link.ack(done)
+        return stored
+
+    async def _receive_chained(
+        self, session: UploadSession, plan: ChainPlan, seg_id: bytes, data: bytes | memoryview
+    ) -> bool:
+        """A segment of an upload announced with ``chain``: along its range's chain (the
+        hash list, last, along every range's)."""
+        n = plan.next_index()  # before any await: segments are numbered as they arrive
+        self.chained += 1
+        count = plan.request.segment_count
+        if n < count:
+            r = await plan.route(plan.range_of(n))
+            if not r.copies:
+                raise r.nowhere()
+            return await self._hop(session, r.mine, r.link, seg_id, data)
+        if n > count:
+            raise UsageError(f"more than the {count} segments and hash list announced")
+        # received whole: the next segments on this connection are another upload's
+        plan.hash_list = (SegmentId(seg_id), bytes(data))
+        session.plan = None
+        replaced = session.plans.pop(bytes(seg_id), None)
+        if replaced is not None:
+            replaced.close()  # the same object announced twice: the newer one is placed
+        session.plans[bytes(seg_id)] = plan
+        routes = await plan.all_routes()
+        sent = [(r.link, await r.link.forward(SegmentId(seg_id), data)) for r in routes if r.link]
+        stored = True
+        if any(r.mine for r in routes):
+            stored = await asyncio.to_thread(store_pending, self.store, session, seg_id, data)
+        for link, done in sent:
+            await link.ack(done)
         return stored
 
     def forget(self, conn: Connection) -> UploadSession | None:
@@ -106,6 +182,14 @@ class Uploads:
         that nothing else keeps; the bytes freed (as charged)."""
         freed = 0
         session.ended = True
+        for plan in [session.plan, *session.plans.values()]:
+            if plan is not None:
+                plan.close()
+        session.plan = None
+        session.plans.clear()
+        if session.link is not None:
+            session.link.close()
+            session.link = None
         try:
             for holdings in list(session.placed.values()):
                 for h in holdings:

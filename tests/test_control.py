@@ -239,7 +239,15 @@ SAMPLES: dict[str, tuple[object, object]] = {
     ),
     "hold": (
         ops.HoldRequest(KEY, 2, INTEGRITY, 9, 0, 4, ops.HoldReason("repair", KEY, 2, 0, 4)),
-        ops.HoldReply("abcd"),
+        ops.HoldReply("abcd", ("ef01", "2345")),
+    ),
+    "chain": (ops.ChainRequest(KEY, 3, 40, 1 << 20, 5, 3), ops.ChainReply(5)),
+    "relay": (
+        ops.RelayRequest(
+            (ops.RelayHop("127.0.0.1", 4001, b"\x02" * 20), ops.RelayHop("::1", 9, b"\x03" * 20)),
+            8 << 20,
+        ),
+        ops.RelayReply(2),
     ),
     "publish": (ops.PublishRequest("{}", ("aa", "bb")), ops.PublishReply(2, "h", 3, 3)),
     "release": (ops.ReleaseRequest(KEY, "{}"), ops.ReleaseReply(4096)),
@@ -295,6 +303,9 @@ def test_a_resolve_with_a_second_key_round_trips() -> None:
 # understand each other.
 SIG = b"\x01" * 64
 WIRE_REPLIES: list[tuple[str, object, dict[str, object]]] = [
+    ("chain", ops.ChainReply(4), {"ranges": 4}),
+    ("relay", ops.RelayReply(1), {"ready": 1}),
+    ("hold", ops.HoldReply("ab", ("cd",)), {"entry": "ab", "chain": ["cd"]}),
     ("status", ops.StatusReply({"node_id": "ab", "contacts": 3}), {"node_id": "ab", "contacts": 3}),
     (
         "resolve",

@@ -700,3 +700,90 @@ def test_release_spares_segments_an_upload_sent_again(store: SegmentStore) -> No
     store.put(*a, session=b"upload")
     assert store.release(b"v1") == 1000
     assert store.has(a[0]) and not store.has(b[0])
+
+
+# -- group commit ---------------------------------------------------------------------------
+
+
+def test_grouped_puts_from_many_threads_are_written_in_groups(root: Path) -> None:
+    """Eight threads storing 40 segments with put_grouped: every one stored and indexed
+    with its session's pending row, and the ones that queued behind a group being written
+    went to disk together (fewer groups than segments)."""
+    segments = [seg(i, 4096) for i in range(40)]
+    barrier = threading.Barrier(8)
+    results: list[bool] = []
+    queued = threading.Event()
+    groups: list[int] = []
+
+    class Watched(list[object]):
+        def append(self, item: object) -> None:
+            super().append(item)
+            if len(self) >= 7:
+                queued.set()
+
+    with SegmentStore(root, 1 << 20) as s:
+        real = s._commit_group
+
+        def commit(items: list[store_module._Grouped]) -> list[bool | BaseException]:
+            if not groups:
+                queued.wait(5)  # the first group waits until the others queued
+            groups.append(len(items))
+            return real(items)
+
+        s._group_queue = Watched()  # type: ignore[assignment]
+        s._commit_group = commit  # type: ignore[method-assign]
+
+        def worker(part: list[tuple[bytes, bytes]]) -> None:
+            barrier.wait()
+            for seg_id, data in part:
+                results.append(s.put_grouped(seg_id, data, session=b"up"))
+
+        threads = [threading.Thread(target=worker, args=(segments[i::8],)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [True] * 40
+        assert sum(groups) == 40 and len(groups) < 40
+        assert (s.used, s.count) == (40 * 4096, 40)
+        assert all(s.has(i) for i, _ in segments)
+        assert s.orphans().pending == 40
+        assert s.end_session(b"up") == 40 * 4096
+
+
+@pytest.mark.parametrize(
+    ("fail", "error"),
+    [(errno.ENOSPC, CapacityError), (errno.EIO, StorageError)],
+)
+def test_a_grouped_put_that_fails_fails_alone(
+    store: SegmentStore, root: Path, monkeypatch: pytest.MonkeyPatch, fail: int, error: type
+) -> None:
+    """In a group, a segment whose fdatasync fails gets its own error and leaves no file
+    and no charge; a bad hash is refused before the group; the others are stored."""
+    bad_id, bad = seg(7)
+    real = os.fdatasync
+    written: dict[int, str] = {}
+    real_open = os.open
+
+    def tracking_open(path: str, flags: int, mode: int = 0o777) -> int:
+        fd = real_open(path, flags, mode)
+        written[fd] = str(path)
+        return fd
+
+    def failing(fd: int) -> None:
+        if written.get(fd, "").rsplit("/", 1)[-1].startswith(bad_id.hex()):
+            raise OSError(fail, os.strerror(fail))
+        real(fd)
+
+    monkeypatch.setattr(os, "open", tracking_open)
+    monkeypatch.setattr(os, "fdatasync", failing)
+    good_id, good = seg(8)
+    with pytest.raises(error):
+        store.put_grouped(bad_id, bad)
+    with pytest.raises(IntegrityError):
+        store.put_grouped(good_id, bad)
+    assert store.put_grouped(good_id, good) is True
+    assert store.put_grouped(good_id, good) is False
+    assert (store.used, store.count) == (len(good), 1)
+    assert files_under(root / "tmp") == []
+    assert [p.name for p in files_under(root / "segments")] == [good_id.hex()]

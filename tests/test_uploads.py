@@ -25,7 +25,7 @@ from difs_p2p.identity import Identity
 from difs_p2p.names import name_key
 from difs_p2p.ops import AbandonRequest, PlaceReply, PlaceRequest
 from difs_p2p.peer import Peer
-from difs_p2p.placement import range_key
+from difs_p2p.placement import chain_key
 from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.transfer import Connection
 from tests.helpers import (
@@ -329,30 +329,31 @@ async def test_small_peers_take_two_mib_objects_with_one_replica_through_one_ent
     tmp_path: Path,
 ) -> None:
     """On peers that fit one 2 MiB object, two are published with r = 1 through one
-    entry peer (it stages each upload and keeps neither)."""
+    entry peer (it forwards each upload along its chain and keeps neither)."""
     peers = await start_peers(tmp_path / "net", 4, capacity=(5 << 20) // 2)
     try:
         entry = peers[0]
-        for n in range(2):
-            while True:  # content whose range the entry peer is the farthest peer from
-                data = os.urandom(2 << 20)
-                hashes = [
-                    segments.segment_hash(data[: 1 << 20]),
-                    segments.segment_hash(data[1 << 20 :]),
-                ]
-                root = segments.hash_list_root(segments.encode_hash_list(hashes))
-                key = int.from_bytes(range_key(root, 0), "big")
-                if max(peers, key=lambda p: int.from_bytes(p.node_id, "big") ^ key) is entry:
-                    break  # the entry peer is the last choice
+        names: list[str] = []
+        n = 0
+        for name in (f"/small/{i}" for i in range(1000)):
+            # a name whose (chain) range key the entry peer is the farthest peer from
+            key = int.from_bytes(chain_key(name_key(name), 1, 0), "big")
+            if max(peers, key=lambda p: int.from_bytes(p.node_id, "big") ^ key) is not entry:
+                continue
             src = tmp_path / f"two-{n}"
-            src.write_bytes(data)
+            src.write_bytes(os.urandom(2 << 20))
             async with client_for(entry, publisher=Identity.generate()) as client:
-                await client.put(src, f"/small/{n}", replicas=1)
+                await client.put(src, name, replicas=1)
             assert used(entry) == 0
+            names.append(name)
+            n += 1
+            if n == 2:
+                break
+        assert len(names) == 2
         async with Client(peers[1].address) as client:
-            for n in range(2):
+            for n, name in enumerate(names):
                 buf = io.BytesIO()
-                await client.get(f"/small/{n}", buf)
+                await client.get(name, buf)
                 assert buf.getvalue() == (tmp_path / f"two-{n}").read_bytes()
     finally:
         await stop_all(peers)
