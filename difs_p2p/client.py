@@ -50,6 +50,7 @@ from difs_p2p.control import OperatorCredential
 from difs_p2p.delegation import REVOCATIONS, Delegation
 from difs_p2p.errors import (
     AlreadyExistsError,
+    ClosedBeforeReplyError,
     DeletedError,
     DifsError,
     IntegrityError,
@@ -304,14 +305,23 @@ class Client:
             self._conn.close()
             self._conn = None
 
-    async def _request(self, request: Op[R]) -> R:
-        """A typed control request to the entry peer (ops.py) on the data connection."""
+    async def _request(self, request: Op[R], *, read_only: bool = False) -> R:
+        """A typed control request to the entry peer (ops.py) on the data connection.
+
+        A ``read_only`` request on a connection kept from before that the peer closed
+        meanwhile (its idle timeout: nothing answered, the socket at its end) is sent once
+        more on a new connection; other requests fail, as the peer may have acted on them.
+        """
+        reused = self._conn is not None and not self._conn.closed
         conn = await self._data_conn()
         try:
             return await conn.request(request)
-        except (PeerError, OSError):
+        except (PeerError, OSError) as exc:
             conn.close()
-            raise
+            if not (read_only and reused and _closed_by_peer(exc)):
+                raise
+        log.debug("request_retry op=%s reason=closed_while_idle", type(request).__name__)
+        return await (await self._data_conn()).request(request)
 
     # -- resolve ---------------------------------------------------------------------------
 
@@ -963,7 +973,7 @@ class Client:
     async def _resolve_reply(self, request: ResolveRequest) -> ResolveReply:
         """A ``resolve`` request's reply; a cut-off entry peer is an error
         (membership.cut_off_error)."""
-        reply = await self._request(request)
+        reply = await self._request(request, read_only=True)
         cut_off = cut_off_error(self.peer, reply.network, reply.knows, reply.most_seen)
         if cut_off is not None:
             raise cut_off
@@ -998,7 +1008,7 @@ class Client:
         raws: list[bytes] = []
         offset = 0
         for _ in range(64):
-            reply = await self._request(ChildrenRequest(key, offset))
+            reply = await self._request(ChildrenRequest(key, offset), read_only=True)
             for e in reply.entries:
                 raws.append(bytes.fromhex(e))
             if reply.next <= offset:
@@ -1241,3 +1251,9 @@ def _revoked(m: Manifest, revoked: dict[str, set[bytes]]) -> bool:
     """Whether ``m`` was written by a delegate its owner has revoked."""
     d = m.delegation
     return d is not None and m.publisher in revoked.get(d.prefix, set())
+
+
+def _closed_by_peer(exc: BaseException) -> bool:
+    """Whether a request failed because the peer had closed the connection before it
+    answered (an end of stream, a reset or a broken pipe), not because it answered."""
+    return isinstance(exc, ConnectionError | ClosedBeforeReplyError)

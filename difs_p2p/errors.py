@@ -55,6 +55,10 @@ class PeerError(DifsError):
     """A remote peer misbehaved or failed."""
 
 
+class ClosedBeforeReplyError(PeerError):
+    """The peer closed the connection before it answered a request (no reply frame)."""
+
+
 class WireError(PeerError):
     """Bytes received from the network do not decode.
 

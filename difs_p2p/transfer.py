@@ -44,6 +44,7 @@ from difs_p2p.errors import (
     AlreadyExistsError,
     BusyError,
     CapacityError,
+    ClosedBeforeReplyError,
     DeletedError,
     DifsError,
     DifsTimeoutError,
@@ -414,7 +415,7 @@ class Connection:
                 if not complete:
                     self.close()
         if frame is None:
-            raise PeerError("connection closed before the reply")
+            raise ClosedBeforeReplyError("connection closed before the reply")
         if isinstance(frame, wire.Error):
             raise remote_error(frame, self.peer_address)
         if not isinstance(frame, wire.Reply):

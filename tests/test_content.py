@@ -499,8 +499,8 @@ async def test_holder_entries_with_bad_signatures_are_never_used(
     class Forging(Client):
         keep_valid = True
 
-        async def _request(self, request: Op[Any]) -> Any:
-            reply = await super()._request(request)
+        async def _request(self, request: Op[Any], *, read_only: bool = False) -> Any:
+            reply = await super()._request(request, read_only=read_only)
             if isinstance(reply, ResolveReply):
                 valid = list(reply.holders)
                 entry = decode_holder_entry(bytes.fromhex(valid[0]))

@@ -123,8 +123,8 @@ async def test_a_range_only_a_silent_holder_claims_fails_after_its_derived_give_
         first, last = 56, 63  # the last of 8 ranges of 8 segments
 
         class OnlySilentForTheEnd(Client):
-            async def _request(self, request: Op[Any]) -> Any:
-                reply = await super()._request(request)
+            async def _request(self, request: Op[Any], *, read_only: bool = False) -> Any:
+                reply = await super()._request(request, read_only=read_only)
                 if isinstance(reply, ResolveReply):
                     kept = [
                         h for h in reply.holders if decode_holder_entry(bytes.fromhex(h)).end < last
@@ -191,8 +191,8 @@ async def test_a_holder_announcing_more_data_than_a_segment_is_refused_before_al
             await client.put(src, "/stall/boast", segment_size=SEG, replicas=3)
 
         class WithABoastfulHolder(Client):
-            async def _request(self, request: Op[Any]) -> Any:
-                reply = await super()._request(request)
+            async def _request(self, request: Op[Any], *, read_only: bool = False) -> Any:
+                reply = await super()._request(request, read_only=read_only)
                 if isinstance(reply, ResolveReply):
                     entry = decode_holder_entry(bytes.fromhex(reply.holders[0]))
                     false = build_holder_entry(

@@ -434,3 +434,23 @@ async def test_corrupt_copies_are_replaced_by_good_ones_before_they_are_yielded(
     ):
         assert await _read(stream) == data
         assert stream.result is not None and stream.result.retries >= 1
+
+
+async def test_a_resolve_after_the_entry_peer_closed_the_idle_connection_connects_again(
+    tmp_path: Path,
+) -> None:
+    """The entry peer closes a client's idle connection (its idle time); the client's next
+    resolve is sent again on a new connection instead of failing."""
+    peers = await start_peers(tmp_path / "net", 2, idle_timeout=0.3)
+    try:
+        await _publish(peers[0], "/s/idle", os.urandom(3 * SEG), replicas=1)
+        recording = _Recording()
+        async with Client(peers[1].address, network=recording) as client:
+            first = await client.resolve("/s/idle")
+            entry = recording.sockets[0]
+            await wait_for(lambda: _closed_by_holder(entry))
+            again = await client.resolve("/s/idle")
+        assert again.manifest.raw == first.manifest.raw
+        assert len(recording.sockets) == 2
+    finally:
+        await stop_all(peers)
