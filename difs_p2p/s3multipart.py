@@ -592,39 +592,45 @@ class MultipartStore:
         self, upload_id: str, number: int, gen: str, writer: SegmentWriter, etag: str | None
     ) -> tuple[Part, int]:
         """``_record`` for a part stored as segments (worker thread): the row names its
-        generation and segment ids; the segments of the write it replaces are released
-        (their owner recorded in ``writing`` in the same transaction, so a crash before
-        the release leaves them to the next open)."""
+        generation and segment ids, and the write's owner leaves ``writing``."""
         if etag is None:
             assert writer.md5 is not None
             etag = writer.md5.hexdigest()
         part = Part(number, etag, writer.size, self.clock())
-        with self.db.locked(f"recording part {number}") as conn, self.db.transaction():
+        row = (_SEGMENTS + gen, None, b"".join(writer.hashes), writer.segment_size)
+        return self._replace_part(upload_id, part, row, writer.owner)
+
+    def _replace_part(
+        self,
+        upload_id: str,
+        part: Part,
+        row: tuple[str, int | None, bytes | None, int | None],
+        done: bytes | None,
+    ) -> tuple[Part, int]:
+        """Write the part's row (file, crc32c, segments, seg_size) in place of the one it
+        replaces, whichever way either was stored, and free what that one held: its file,
+        or its segments (their owner recorded in ``writing`` in the same transaction, so a
+        crash before the release leaves them to the next open). ``done``: the owner of the
+        new write, which leaves ``writing``. The part and the size it replaced; NoSuchUpload
+        if the upload is gone."""
+        with self.db.locked(f"recording part {part.number}") as conn, self.db.transaction():
             if conn.execute("SELECT 1 FROM uploads WHERE id = ?", (upload_id,)).fetchone() is None:
                 raise no_such_upload(upload_id)
             old = conn.execute(
                 "SELECT file, size FROM parts WHERE upload = ? AND number = ?",
-                (upload_id, number),
+                (upload_id, part.number),
             ).fetchone()
             conn.execute(
                 "INSERT OR REPLACE INTO parts"
                 " (upload, number, etag, size, modified, file, crc32c, segments, seg_size)"
-                " VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
-                (
-                    upload_id,
-                    number,
-                    part.etag,
-                    part.size,
-                    part.modified,
-                    _SEGMENTS + gen,
-                    b"".join(writer.hashes),
-                    writer.segment_size,
-                ),
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (upload_id, part.number, part.etag, part.size, part.modified, *row),
             )
-            conn.execute("DELETE FROM writing WHERE owner = ?", (writer.owner,))
+            if done is not None:
+                conn.execute("DELETE FROM writing WHERE owner = ?", (done,))
             old_owner = None
             if old is not None and str(old[0]).startswith(_SEGMENTS):
-                old_owner = part_owner(upload_id, number, str(old[0])[len(_SEGMENTS) :])
+                old_owner = part_owner(upload_id, part.number, str(old[0])[len(_SEGMENTS) :])
                 conn.execute(
                     "INSERT OR IGNORE INTO writing (upload, owner) VALUES (?, ?)",
                     (upload_id, old_owner),
@@ -657,39 +663,14 @@ class MultipartStore:
     def _record(
         self, upload_id: str, number: int, writer: PartWriter, etag: str | None
     ) -> tuple[Part, int]:
-        """Point the part's row at the new file (worker thread) and delete the file it
-        replaces; the part (``etag``: its MD5 when the writer did not hash it) and the size
-        it replaced. NoSuchUpload if the upload is gone."""
+        """Point the part's row at the new file (worker thread) and free what the row it
+        replaces held; the part (``etag``: its MD5 when the writer did not hash it) and the
+        size it replaced. NoSuchUpload if the upload is gone."""
         if etag is None:
             assert writer.md5 is not None
             etag = writer.md5.hexdigest()
         part = Part(number, etag, writer.size, self.clock())
-        with self.db.locked(f"recording part {number}") as conn, self.db.transaction():
-            if conn.execute("SELECT 1 FROM uploads WHERE id = ?", (upload_id,)).fetchone() is None:
-                raise no_such_upload(upload_id)
-            old = conn.execute(
-                "SELECT file, size FROM parts WHERE upload = ? AND number = ?",
-                (upload_id, number),
-            ).fetchone()
-            conn.execute(
-                "INSERT OR REPLACE INTO parts"
-                " (upload, number, etag, size, modified, file, crc32c)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    upload_id,
-                    number,
-                    part.etag,
-                    part.size,
-                    part.modified,
-                    writer.final,
-                    writer.crc32c,
-                ),
-            )
-        if old is None:
-            return part, 0
-        with contextlib.suppress(OSError):
-            (self.root / upload_id / str(old[0])).unlink()
-        return part, int(old[1])
+        return self._replace_part(upload_id, part, (writer.final, writer.crc32c, None, None), None)
 
     def reader(self, upload_id: str, numbers: list[int]) -> BinaryIO:
         """One stream of the parts ``numbers`` in that order (InvalidPart if one is not
