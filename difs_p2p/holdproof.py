@@ -52,7 +52,7 @@ from typing import Any, Final
 
 from difs_p2p import segments, wire
 from difs_p2p.config import ProofConfig
-from difs_p2p.errors import DifsError, IntegrityError, UnsupportedError, WireError
+from difs_p2p.errors import DifsError, IntegrityError, RemoteUnsupportedError, WireError
 from difs_p2p.holders import HolderEntry, decode_holder_entry
 from difs_p2p.identity import verify_signature
 from difs_p2p.manifest import Manifest, parse_manifest
@@ -551,7 +551,7 @@ class HolderProver:
             nonce = os.urandom(PROVE_NONCE_SIZE)
             try:
                 reply = await conn.request(ProveManyRequest(items, nonce))
-            except UnsupportedError:
+            except RemoteUnsupportedError:
                 self.book.mark_old_style(address, self._clock())
             else:
                 self.stats.batches += 1
