@@ -310,7 +310,7 @@ class ProofConfig:
     concurrency: int = 8
     # -- batched challenges and kept connections (holdproof.py) --
     # a holder's new claims are gathered this long, then challenged in one prove_many
-    gather: float = 0.05
+    gather: float = 0.1
     # claims per prove_many (at most ops.MAX_PROVE_ITEMS)
     batch: int = 64
     # idle connections to holders kept for the next challenge, and for how long

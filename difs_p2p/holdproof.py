@@ -5,7 +5,7 @@ name. When a DHT peer admits entries from another peer, it challenges each new c
 signer key at an address, for a name key and version) once, in an owned background task:
 
 1. the claims pending for one holder (signer key and address) are gathered for
-   ``gather`` seconds (or until ``batch`` of them wait) and sent as one ``prove_many``
+   ``gather`` seconds (``batch`` at most in one) and sent as one ``prove_many``
    with a fresh 32-byte nonce and one of each claim's ranges; the holder answers, per
    item, whether it holds the range, and its node key's signature over
    :func:`prove_many_message` (domain, nonce, every item and every answer). A holder

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from pathlib import Path
 
@@ -196,7 +197,7 @@ def test_pending_bounds_count_per_key_and_signer_and_new_connections_are_paced()
     book.drop(claims[0])
     assert book.want(claims[2], 0.0) is True
     book.settle(claims[1], True, 0.0)
-    assert (not book.per_signer and not book.per_key) or book.per_signer[b"s" * 32] == 0
+    assert not book.pending and not book.per_signer and not book.per_key, "counts follow"
     assert book.want(claims[1], 1.0) is False, "proven"
     budget = ConnectBudget(rate=4.0)
     assert [budget.delay(0.0) for _ in range(4)] == [0.0] * 4
@@ -372,3 +373,23 @@ async def test_a_flood_of_claims_from_one_stranger_is_bounded(tmp_path: Path) ->
         assert not prover.admit(entries[-1].key, entries[-1].raw), "refused from now on"
     finally:
         await stop_all(peers)
+
+
+@pytest.mark.parametrize(
+    ("items", "error"),
+    [
+        ([], "1 to 64"),
+        ([["00" * 20, 1, 0, 0]] * 65, "1 to 64"),
+        ([["00" * 20, 1, 5, 4]], "before start"),
+        ([["00" * 20, 1, 0]], "[key, version, start, end]"),
+        ("items", "1 to 64"),
+    ],
+)
+def test_a_prove_many_request_is_checked_before_any_work(items: object, error: str) -> None:
+    """A prove_many from a stranger with no items, too many, a backward range or a short
+    item is refused by the request check (the serving peer does no lookup)."""
+    from difs_p2p.errors import UsageError
+    from difs_p2p.ops import OPS
+
+    with pytest.raises(UsageError, match=re.escape(error)):
+        OPS["prove_many"].check({"items": items, "nonce": "00" * 32})
