@@ -517,15 +517,15 @@ class HolderProver:
             async with asyncio.timeout(timeout):
                 conn, reused = await self._connect(address)
                 try:
-                    whys = await self._prove(conn, address, challenges)
-                except (DifsError, OSError):
-                    conn.close()
-                    if not reused:
-                        raise
-                    # a kept connection the holder closed (idle, or it restarted)
-                    conn, _ = await self._connect(address, fresh=True)
-                    whys = await self._prove(conn, address, challenges)
-                try:
+                    try:
+                        whys = await self._prove(conn, address, challenges)
+                    except (DifsError, OSError):
+                        if not reused:
+                            raise
+                        # a kept connection the holder closed (idle, or it restarted)
+                        conn.close()
+                        conn, _ = await self._connect(address, fresh=True)
+                        whys = await self._prove(conn, address, challenges)
                     for i, (c, integrity) in enumerate(batch):
                         if not whys[i] and c.segment is not None:
                             whys[i] = await self._check_segment(conn, c, integrity)
