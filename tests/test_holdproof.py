@@ -371,6 +371,7 @@ async def test_a_flood_of_claims_from_one_stranger_is_bounded(tmp_path: Path) ->
         assert prover.stats.batches - before.batches == 1
         assert prover.stats.failed - before.failed == cap
         assert not prover.admit(entries[-1].key, entries[-1].raw), "refused from now on"
+        assert peers[1].status()["proofs"]["batches"] == prover.stats.batches, "in status"
     finally:
         await stop_all(peers)
 
