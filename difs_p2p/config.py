@@ -305,9 +305,20 @@ class ProofConfig:
     # challenges waiting or running, in all, per key and per signer
     max_pending: int = 256
     max_pending_per_key: int = 32
-    max_pending_per_signer: int = 8
+    max_pending_per_signer: int = 64
     # challenges running at once
     concurrency: int = 8
+    # -- batched challenges and kept connections (holdproof.py) --
+    # a holder's new claims are gathered this long, then challenged in one prove_many
+    gather: float = 0.1
+    # claims per prove_many (at most ops.MAX_PROVE_ITEMS)
+    batch: int = 64
+    # idle connections to holders kept for the next challenge, and for how long
+    pool: int = 64
+    pool_idle: float = 10.0
+    # new connections to holders per second (a burst of as many): a flood of entries
+    # naming many addresses cannot make this peer open thousands of connections
+    connects_per_s: float = 50.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.segment_share <= 1.0:
@@ -318,6 +329,10 @@ class ProofConfig:
             raise UsageError("proof caches, pending challenges and concurrency must be >= 1")
         if min(self.max_pending_per_key, self.max_pending_per_signer) < 1:
             raise UsageError("pending challenges per key and per signer must be >= 1")
+        if not 1 <= self.batch <= 64 or self.pool < 0:
+            raise UsageError("proof batch must be 1 to 64 claims and the pool not negative")
+        if self.gather < 0 or self.pool_idle <= 0 or self.connects_per_s <= 0:
+            raise UsageError("proof gather must not be negative, pool_idle and rate positive")
 
 
 @dataclass(frozen=True, slots=True)

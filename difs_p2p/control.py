@@ -102,6 +102,9 @@ CONTROL_TABLE: Final[dict[str, OpRule]] = {
     "holds": OpRule(Access.ANYONE, OPS["holds"].check, "probe one range"),
     "holds_ranges": OpRule(Access.ANYONE, OPS["holds_ranges"].check, "probe many ranges"),
     "prove": OpRule(Access.ANYONE, OPS["prove"].check, "prove holding a range (signed nonce)"),
+    "prove_many": OpRule(
+        Access.ANYONE, OPS["prove_many"].check, "prove holding many ranges (one signature)"
+    ),
     "release": OpRule(
         Access.ANYONE, OPS["release"].check, "free a deleted name (owner-signed proof)"
     ),

@@ -37,7 +37,7 @@ from difs_p2p.errors import (
 )
 from difs_p2p.holders import parse_holder_entry
 from difs_p2p.holdings import Holding, Holdings
-from difs_p2p.holdproof import prove_message
+from difs_p2p.holdproof import prove_many_message, prove_message
 from difs_p2p.identity import Identity
 from difs_p2p.leaving import Drainer
 from difs_p2p.listing import decode_child
@@ -66,6 +66,8 @@ from difs_p2p.ops import (
     HoldsReply,
     PlaceReply,
     PlaceRequest,
+    ProveManyReply,
+    ProveManyRequest,
     ProveReply,
     ProveRequest,
     PublishReply,
@@ -160,6 +162,7 @@ class Operations:
             "holds": self._op_holds,
             "holds_ranges": self._op_holds_ranges,
             "prove": self._op_prove,
+            "prove_many": self._op_prove_many,
             "check": self._op_check,
             "suspect": self._op_suspect,
             "abandon": self._op_abandon,
@@ -508,6 +511,17 @@ class Operations:
             return ProveReply(False)
         message = prove_message(request.nonce, key, version, start, end)
         return ProveReply(True, self.identity.sign(message))
+
+    async def _op_prove_many(self, conn: Connection, request: ProveManyRequest) -> ProveManyReply:
+        """``prove`` for many ranges at once: which we hold, and one signature over the
+        nonce, every item and every answer (holdproof.prove_many_message)."""
+        holds = tuple(
+            self.holdings.covers(NameKey(r.key), r.version, r.start, r.end) for r in request.items
+        )
+        if not any(holds):
+            return ProveManyReply(holds)
+        message = prove_many_message(request.nonce, request.items, holds)
+        return ProveManyReply(holds, self.identity.sign(message))
 
     async def _op_check(self, conn: Connection, request: CheckRequest) -> CheckReply:
         """Verify every stored segment; with repair, quarantine damage and fetch good copies."""

@@ -61,6 +61,8 @@ __all__ = [
     "PlaceReply",
     "PlaceRequest",
     "PlacedRange",
+    "ProveManyReply",
+    "ProveManyRequest",
     "ProveReply",
     "ProveRequest",
     "PublishReply",
@@ -94,6 +96,8 @@ MAX_REPLICAS: Final = 64
 # Ranges asked in one holds_ranges request: a probe of every range two peers share is
 # split into requests of at most this many (replicator.probe_ranges).
 MAX_PROBE_RANGES: Final = 1024
+# claims one ``prove_many`` may ask about (holdproof.py gathers a holder's pending claims)
+MAX_PROVE_ITEMS: Final = 64
 # Child entries (listing.py) one add_children may carry: a shard's cap (2 x 128).
 MAX_CHILDREN_PER_CALL: Final = 256
 # Bytes of child entries in one children reply (twice that in hex), under the control
@@ -319,6 +323,24 @@ class ProveRequest(Op[ProveReply]):
 
 
 @dataclass(frozen=True, slots=True)
+class ProveManyReply:
+    """``prove_many``: per item, whether the peer holds its range; if it holds any, its
+    node key's signature over the nonce, every item and every answer (see holdproof.py)."""
+
+    holds: tuple[bool, ...]
+    sig: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProveManyRequest(Op[ProveManyReply]):
+    """``prove_many``: one challenge over up to MAX_PROVE_ITEMS ranges (of any names and
+    versions), one nonce, one signature in the reply."""
+
+    items: tuple[RangeRequest, ...]
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class SuspectReply:
     damaged: bool
     healed: int
@@ -510,6 +532,21 @@ def _prove_request(args: dict[str, Any]) -> ProveRequest:
     return ProveRequest(r.key, r.version, r.start, r.end, _hex_arg(args, "nonce", NONCE_SIZE))
 
 
+def _prove_many_request(args: dict[str, Any]) -> ProveManyRequest:
+    items = args.get("items")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_PROVE_ITEMS:
+        raise UsageError(f"items must be a list of 1 to {MAX_PROVE_ITEMS} ranges")
+    ranges = []
+    for item in items:
+        if not isinstance(item, list) or len(item) != 4:
+            raise UsageError("each item must be [key, version, start, end]")
+        r = _range_request(dict(zip(("key", "version", "start", "end"), item, strict=True)))
+        if r.end < r.start:
+            raise UsageError("end must not be before start")
+        ranges.append(r)
+    return ProveManyRequest(tuple(ranges), _hex_arg(args, "nonce", NONCE_SIZE))
+
+
 def _ranges_request(args: dict[str, Any]) -> RangesRequest:
     items = args.get("ranges")
     if not isinstance(items, list) or len(items) > MAX_PROBE_RANGES:
@@ -677,6 +714,11 @@ def _encode_prove(request: ProveRequest) -> dict[str, Any]:
     return {**_range_args(request), "nonce": request.nonce.hex()}
 
 
+def _encode_prove_many(request: ProveManyRequest) -> dict[str, Any]:
+    items = [[r.key.hex(), r.version, r.start, r.end] for r in request.items]
+    return {"items": items, "nonce": request.nonce.hex()}
+
+
 def _encode_suspect(request: SuspectRequest) -> dict[str, Any]:
     return {"segment": request.segment.hex()}
 
@@ -760,6 +802,17 @@ def _prove_reply(body: dict[str, Any]) -> ProveReply:
     if not _bool(body, "prove", "holds"):
         return ProveReply(False)
     return ProveReply(True, _hex(body.get("sig"), "prove", "sig", 64))
+
+
+def _prove_many_reply(body: dict[str, Any]) -> ProveManyReply:
+    holds = body.get("holds")
+    if not isinstance(holds, list) or not all(isinstance(h, bool) for h in holds):
+        raise _bad("prove_many", "holds", "a list of true or false")
+    if len(holds) > MAX_PROVE_ITEMS:
+        raise _bad("prove_many", "holds", f"at most {MAX_PROVE_ITEMS} answers")
+    if not any(holds):
+        return ProveManyReply(tuple(holds))
+    return ProveManyReply(tuple(holds), _hex(body.get("sig"), "prove_many", "sig", 64))
 
 
 def _suspect_reply(body: dict[str, Any]) -> SuspectReply:
@@ -858,6 +911,12 @@ def _encode_prove_reply(reply: ProveReply) -> dict[str, Any]:
     if not reply.holds or reply.sig is None:
         return {"holds": False}
     return {"holds": True, "sig": reply.sig.hex()}
+
+
+def _encode_prove_many_reply(reply: ProveManyReply) -> dict[str, Any]:
+    if not any(reply.holds) or reply.sig is None:
+        return {"holds": [False] * len(reply.holds)}
+    return {"holds": list(reply.holds), "sig": reply.sig.hex()}
 
 
 def _encode_suspect_reply(reply: SuspectReply) -> dict[str, Any]:
@@ -1124,6 +1183,14 @@ OPS: Final[dict[str, OpCodec]] = {
     ),
     "prove": OpCodec(
         ProveRequest, ProveReply, _prove_request, _encode_prove, _prove_reply, _encode_prove_reply
+    ),
+    "prove_many": OpCodec(
+        ProveManyRequest,
+        ProveManyReply,
+        _prove_many_request,
+        _encode_prove_many,
+        _prove_many_reply,
+        _encode_prove_many_reply,
     ),
     "check": OpCodec(
         CheckRequest, CheckReply, _check_request, _encode_check, _check_reply, _encode_check_reply

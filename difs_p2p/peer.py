@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -529,6 +530,8 @@ class Peer:
         with contextlib.suppress(OSError):
             (self.data_dir / "http").unlink()
         await self._tasks.close()
+        if self.prover is not None:
+            self.prover.close()
         if self.server is not None:
             await self.server.stop()
             self.server = None
@@ -637,6 +640,8 @@ class Peer:
             "maintenance": self.maintainer.stats.as_dict() if self.maintainer else {},
             "dht": dht.traffic(),
             "drain": self._drainer.report() if self._drainer else {"state": "idle"},
+            # proofs of holding this peer asked for (holdproof.py)
+            "proofs": dataclasses.asdict(self.prover.stats) if self.prover else {},
         }
 
     @property

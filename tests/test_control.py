@@ -73,6 +73,7 @@ def test_strangers_may_only_read_probe_resolve_release_and_report() -> None:
     open_to_strangers = {op for op, rule in CONTROL_TABLE.items() if may_ask(Role.STRANGER, rule)}
     assert open_to_strangers == {
         "HELLO", "GET_SEG", "holds", "holds_ranges", "resolve", "release", "suspect", "prove",
+        "prove_many",
         "children",
     }  # fmt: skip
     assert CONTROL_TABLE["suspect"].access is Access.ANYONE_RATED
@@ -257,6 +258,12 @@ SAMPLES: dict[str, tuple[object, object]] = {
         ops.HoldsRangesReply((True, False)),
     ),
     "prove": (ops.ProveRequest(KEY, 1, 0, 7, NONCE), ops.ProveReply(True, b"\x01" * 64)),
+    "prove_many": (
+        ops.ProveManyRequest(
+            (ops.RangeRequest(KEY, 1, 0, 7), ops.RangeRequest(KEY, 2, 3, 3)), NONCE
+        ),
+        ops.ProveManyReply((True, False), b"\x01" * 64),
+    ),
     "check": (
         ops.CheckRequest(True),
         ops.CheckReply(5, 4, ("aa",), (), 1, (2, 8192), (0, 0), 300.0),
@@ -360,6 +367,12 @@ WIRE_REPLIES: list[tuple[str, object, dict[str, object]]] = [
     ("holds_ranges", ops.HoldsRangesReply((True, False)), {"holds": [True, False]}),
     ("prove", ops.ProveReply(False), {"holds": False}),
     ("prove", ops.ProveReply(True, SIG), {"holds": True, "sig": SIG.hex()}),
+    ("prove_many", ops.ProveManyReply((False, False)), {"holds": [False, False]}),
+    (
+        "prove_many",
+        ops.ProveManyReply((True, False), SIG),
+        {"holds": [True, False], "sig": SIG.hex()},
+    ),
     (
         "check",
         ops.CheckReply(5, 4, ("aa",), (), 1, (2, 8192), (0, 0), 300.0),
