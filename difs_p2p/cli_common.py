@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
-import logging
 import os
 import signal
 import sys
@@ -22,13 +21,13 @@ from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-from difs_p2p import errors, ops, wire
+from difs_p2p import errors
 from difs_p2p.addresses import format_address
 from difs_p2p.cli_output import echo
 from difs_p2p.config import parse_hostport
 
 if TYPE_CHECKING:
-    from difs_p2p import conffile
+    from difs_p2p import conffile, ops
     from difs_p2p.identity import Identity
 
 T = TypeVar("T")
@@ -303,6 +302,8 @@ class LogLevel(enum.StrEnum):
 
 
 def setup_logging(level: str) -> None:
+    import logging
+
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -421,6 +422,7 @@ def read_key(path: Path) -> Identity:
 async def check_peer(address: tuple[str, int]) -> None:
     """NetworkError unless a DIFS peer listens at ``address``: it must answer a HELLO
     within HELLO_TIMEOUT (anything else on the port fails here, not after a 30 s stall)."""
+    from difs_p2p import wire
     from difs_p2p.transfer import Connection
 
     where = format_address(*address)
@@ -481,6 +483,8 @@ async def request_peer(
 async def peer_status(peer: str | None, token_file: Path | None) -> dict[str, Any]:
     """The status of the peer (an operator operation: it needs the peer's token), as the
     JSON object it answered."""
+    from difs_p2p import ops
+
     address = await entry_peer(peer)
     token = resolve_token(peer, token_file, address)
     reply = await request_peer(address, ops.StatusRequest(), token=token)

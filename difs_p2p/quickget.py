@@ -42,7 +42,7 @@ from difs_p2p.holders import HolderEntry, verify_holder_entry
 from difs_p2p.manifest import Manifest, owned_key
 from difs_p2p.membership import cut_off_error
 from difs_p2p.names import NameKey, claim_name, name_key, normalize_name
-from difs_p2p.ops import ResolveReply, ResolveRequest, decode_reply, encode_request
+from difs_p2p.opcodec import ResolveReply, ResolveRequest, resolve_call, resolve_reply
 from difs_p2p.pins import Pins
 from difs_p2p.resolution import (
     Found,
@@ -167,13 +167,13 @@ class _Entry:
             raise Fallback("the entry peer did not answer HELLO")
 
     def resolve(self, request: ResolveRequest) -> ResolveReply:
-        op, args = encode_request(request)
+        op, args = resolve_call(request)
         self.conn.send(wire.Call(request_id=0, op=op, args=args))
         frame = self.conn.read(RESOLVE_TIMEOUT)
         if not isinstance(frame, wire.Reply):
             raise Fallback(f"resolve answered with {type(frame).__name__}")
         try:
-            reply: ResolveReply = decode_reply(op, dict(frame.body))
+            reply = resolve_reply(dict(frame.body))
         except DifsError as exc:
             raise Fallback(str(exc)) from None
         if cut_off_error(self.address, reply.network, reply.knows, reply.most_seen):

@@ -27,7 +27,7 @@ from difs_p2p.manifest import Manifest, linked, parse_manifest
 from difs_p2p.names import NameKey
 
 if TYPE_CHECKING:
-    from difs_p2p.ops import ResolveReply
+    from difs_p2p.opcodec import ResolveReply
     from difs_p2p.pins import Pins
 
 __all__ = [
