@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from difs_p2p import errors
-from difs_p2p.addresses import format_address
+from difs_p2p.addresses import format_address, parse_hostport
 from difs_p2p.cli_output import echo
-from difs_p2p.config import parse_hostport
 
 if TYPE_CHECKING:
     from difs_p2p import conffile, ops

@@ -27,7 +27,7 @@ from difs_p2p.cli_common import (
     run,
 )
 from difs_p2p.cli_output import Bars, echo, fetched_line, plural, print_json, published_line
-from difs_p2p.config import parse_size
+from difs_p2p.sizes import parse_size
 
 if TYPE_CHECKING:
     from difs_p2p.delegation import Delegation
