@@ -18,7 +18,8 @@ the asyncio client raises from the same functions). Anything else raises
 :class:`Fallback` and the caller runs the asyncio client from the start: more than
 ``MAX_SEGMENTS`` segments or ``MAX_BYTES`` bytes, a record written under a delegation
 (revocations are looked up), no holder whose entries cover the object, a holder that
-fails, is slow (``HOLDER_TIMEOUT``) or sends a bad hash list or segment, an entry peer
+fails, is slow (``HOLDER_TIMEOUT``, ``HOLDER_RATE``), announces an answer larger than a
+segment, or sends a bad hash list or segment, an entry peer
 that is cut off or answers with an error, an output that is not a regular file in an
 existing directory, a host name to resolve. Hostile by default: nothing is written out
 before every segment is verified; a file output is written beside its path and renamed
@@ -67,6 +68,8 @@ RESOLVE_TIMEOUT = 30.0
 # A holder that takes longer than this for a connect or an answer hands the fetch to the
 # asyncio client (which hedges across holders).
 HOLDER_TIMEOUT = 2.0
+# ... or that sends the object slower than this (bytes per second).
+HOLDER_RATE = 2e6
 # Ending of the temporary file written beside the output (as fetch.PARTIAL_SUFFIX).
 PARTIAL_SUFFIX = ".part"
 
@@ -115,12 +118,20 @@ class _Conn:
                 raise Fallback("connection closed")
             got += n
 
-    def read(self, timeout: float) -> wire.Frame:
-        """The next frame, within ``timeout`` seconds per receive."""
+    def read(self, timeout: float, deadline: float | None = None, limit: int = 0) -> wire.Frame:
+        """The next frame, within ``timeout`` seconds per receive and, when given, by the
+        ``deadline`` (time.monotonic); a DATA frame longer than ``limit`` is refused
+        before its payload is received (0: the wire's own limit)."""
         try:
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    raise Fallback("the holder is slow")
             self.sock.settimeout(timeout)
             self._fill(memoryview(self.header))
             header = wire.parse_header(self.header)
+            if limit and header.type is wire.MsgType.DATA and header.length > limit:
+                raise Fallback(f"a DATA frame of {header.length} bytes, more than {limit}")
             payload = bytearray(header.length)
             self._fill(memoryview(payload))
             return wire.decode_payload(header, payload)
@@ -199,7 +210,6 @@ class _Entry:
             manifests, history, _ = decode_resolved(name_key(claim), reply.also)
             owner = pinned_choice(pins, claim, manifests, history).owner if manifests else None
             if owner is not None:
-                found = None
                 at_owned = self.lookup(owned_key(norm, owner))
                 if admit(norm, owner, at_owned[0]):
                     found = at_owned
@@ -237,6 +247,10 @@ def _fetch(manifest: Manifest, entries: list[HolderEntry]) -> list[bytes | memor
     """Every segment of ``manifest`` from one holder, each verified."""
     address, mine = _holder(manifest, entries)
     count = manifest.segment_count
+    # at most what the largest answer may hold: a segment, or the hash list
+    limit = max(manifest.segment_size, count * segments.HASH_SIZE)
+    # a holder that trickles the bytes in is slow too
+    deadline = time.monotonic() + HOLDER_TIMEOUT + manifest.size / HOLDER_RATE
     conn = _Conn(address, HOLDER_TIMEOUT)
     try:
         root = manifest.integrity
@@ -244,12 +258,12 @@ def _fetch(manifest: Manifest, entries: list[HolderEntry]) -> list[bytes | memor
             wire.Hello(request_id=0, peer=None),
             wire.GetSeg(request_id=0, seg_id=root, offset=0, length=0),
         )
-        hello = conn.read(HOLDER_TIMEOUT)
+        hello = conn.read(HOLDER_TIMEOUT, deadline)
         try:
             check_node(address, hello.peer if isinstance(hello, wire.Hello) else None, mine)
         except DifsError as exc:
             raise Fallback(str(exc)) from None
-        frame = conn.read(HOLDER_TIMEOUT)
+        frame = conn.read(HOLDER_TIMEOUT, deadline, limit)
         if not isinstance(frame, wire.Data):
             raise Fallback("no hash list")
         try:
@@ -261,7 +275,7 @@ def _fetch(manifest: Manifest, entries: list[HolderEntry]) -> list[bytes | memor
         )
         pieces: list[bytes | memoryview] = []
         for i in range(count):
-            frame = conn.read(HOLDER_TIMEOUT)
+            frame = conn.read(HOLDER_TIMEOUT, deadline, limit)
             if not isinstance(frame, wire.Data) or frame.request_id != i:
                 raise Fallback(f"segment {i} not sent")
             try:

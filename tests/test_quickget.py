@@ -79,6 +79,31 @@ def holder_of(name: str, env: dict[str, str]) -> str:
     return str(storage)
 
 
+@pytest.mark.parametrize(
+    ("host", "literal"),
+    [("127.0.0.1", True), ("::1", True), ("fe80::1", True), ("localhost", False), ("a.b", False)],
+)
+def test_ip_literal(host: str, literal: bool) -> None:
+    """Only an IP address is connected to directly; a name goes to the asyncio client."""
+    assert quickget.ip_literal(host) is literal
+
+
+def test_simple_output(tmp_path: Path) -> None:
+    """A regular file or a new name in a directory is written here; a directory, a
+    device, a FIFO or a missing directory is the asyncio client's (and its errors)."""
+    (tmp_path / "file").write_bytes(b"x")
+    os.mkfifo(tmp_path / "fifo")
+    cases = {
+        tmp_path / "file": True,
+        tmp_path / "new": True,
+        tmp_path: False,
+        Path("/dev/null"): False,
+        tmp_path / "fifo": False,
+        tmp_path / "missing" / "new": False,
+    }
+    assert {path: quickget.simple_output(path) for path in cases} == cases
+
+
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], Path]]:
     """Two peer processes; the environment of difs commands using the first, and the root
