@@ -258,6 +258,11 @@ def get_command(
     report_get(run(go, as_json), as_json, to_stdout)
 
 
+# On a terminal, only objects up to this size are fetched without the progress bar of the
+# asyncio client (beyond, the quick path hands them over once it knows the size).
+QUICK_ON_TERMINAL = 1 << 20
+
+
 def quick_get_content(
     name: str, output: str | None, peer: str | None, trust: str | None, as_json: bool
 ) -> Any | None:
@@ -266,7 +271,7 @@ def quick_get_content(
     the options and of the peer's address itself). CommandExit for a definitive error
     of the name (not found, deleted, refused)."""
     from difs_p2p.names import name_components
-    from difs_p2p.quickget import Fallback, quick_get
+    from difs_p2p.quickget import MAX_BYTES, Fallback, quick_get
 
     try:
         stdout = output == "-"
@@ -276,7 +281,8 @@ def quick_get_content(
     except errors.DifsError:
         return None
     try:
-        result = quick_get(address, name, target, pins)
+        limit = QUICK_ON_TERMINAL if sys.stderr.isatty() else MAX_BYTES
+        result = quick_get(address, name, target, pins, limit)
     except Fallback:
         return None
     except errors.DifsError as exc:

@@ -320,10 +320,15 @@ def _write_file(path: Path, pieces: list[bytes | memoryview]) -> None:
 
 
 def quick_get(
-    address: tuple[str, int], name: str, out: Path | IO[bytes], pins: Pins
+    address: tuple[str, int],
+    name: str,
+    out: Path | IO[bytes],
+    pins: Pins,
+    max_bytes: int = MAX_BYTES,
 ) -> QuickResult:
     """Fetch the newest version of ``name`` through the entry peer at ``address`` into
-    ``out`` (a path, or a binary stream written once every byte is verified).
+    ``out`` (a path, or a binary stream written once every byte is verified), if it is
+    at most ``max_bytes`` (and ``MAX_BYTES``) long.
 
     The definitive errors of the name (NotFoundError, DeletedError,
     PermissionDeniedError, BadNameError) are raised as the asyncio client raises them;
@@ -347,7 +352,7 @@ def quick_get(
         raise Fallback("written under a delegation: revocations are looked up")
     manifest = choose_version(valid[-1], valid, None)
     resolve = time.perf_counter() - started
-    if not 0 < manifest.segment_count <= MAX_SEGMENTS or manifest.size > MAX_BYTES:
+    if not 0 < manifest.segment_count <= MAX_SEGMENTS or manifest.size > min(max_bytes, MAX_BYTES):
         raise Fallback(f"{manifest.segment_count} segments, {manifest.size} bytes")
     pieces = _fetch(manifest, version_entries(holders, manifest))
     first = time.perf_counter() - started
