@@ -48,10 +48,12 @@ def difs(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[by
     )
 
 
-def get(name: str, out: Path | None, env: dict[str, str], *, quick: bool) -> Outcome:
-    """``difs get name -o out`` (None: stdout): exit code, stdout, stderr with numbers
-    masked, the bytes of ``out`` (None if there is none)."""
-    argv = ["get", name, "-o", str(out) if out is not None else "-"]
+def get(
+    name: str, out: Path | None, env: dict[str, str], *, quick: bool, extra: tuple[str, ...] = ()
+) -> Outcome:
+    """``difs get name -o out`` (None: stdout) with ``extra`` options: exit code, stdout,
+    stderr with numbers masked, the bytes of ``out`` (None if there is none)."""
+    argv = ["get", name, "-o", str(out) if out is not None else "-", *extra]
     cmd = [str(BIN / "difs")] if quick else [sys.executable, "-c", SLOW]
     done = subprocess.run([*cmd, *argv], capture_output=True, timeout=60, env=env, check=False)
     written = out.read_bytes() if out is not None and out.exists() else None
@@ -177,6 +179,22 @@ def test_quick_path_taken_without_asyncio(net: tuple[dict[str, str], Path], tmp_
     )
     assert done.returncode == 0 and done.stdout == b"small\n"
     assert done.stderr.decode().strip() == "['difs_p2p.quickget']"
+
+
+def test_json_summary(net: tuple[dict[str, str], Path], tmp_path: Path) -> None:
+    """``--json``: the same summary (numbers masked) and the same error object."""
+    env, _ = net
+    src = tmp_path / "src"
+    src.write_bytes(b"json\n")
+    put(src, "/quick/json.txt", env)
+    for name in ("/quick/json.txt", "/quick/json-missing.txt"):
+        outcomes = [
+            get(name, tmp_path / f"{quick}.out", env, quick=quick, extra=("--json",))
+            for quick in (True, False)
+        ]
+        shown = [(code, masked(out.decode()), err, written) for code, out, err, written in outcomes]
+        assert shown[0] == shown[1]
+        assert (shown[0][1] + shown[0][2]).startswith("{")
 
 
 def test_missing_deleted_and_large(net: tuple[dict[str, str], Path], tmp_path: Path) -> None:
