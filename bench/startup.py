@@ -4,8 +4,10 @@ A network of 3 ``difs-peer`` processes and a 6-byte object published on it; then
 rounds (``DIFS_BENCH_STARTUP_RUNS``) that each run every command once, in turn, so that the
 machine's other load falls on all of them alike: ``python -c pass`` (the limit: the
 interpreter alone), ``difs --help``, ``difs get NAME -o FILE``, ``difs get NAME -o -``
-(stdout), ``difs put`` of a 6-byte file under a new name, and the same get through the
-typer app (``cli.client_main``, the entry point before ``cli_fast``). Wall time of each
+(stdout), ``difs put`` of a 6-byte file under a new name, the same get through the
+typer app (``cli.client_main``, the entry point before ``cli_fast``), and through the
+asyncio client (``cli_content.get_command`` with the quick path of quickget.py off: what
+``difs get`` of a small object cost before it). Wall time of each
 process, median and p90, and each median as a ratio to ``python -c pass`` (target <= 3);
 the 10 modules that take longest to import on the get path (``python -X importtime``,
 self time). Writes ``bench/results/startup.json``.
@@ -38,6 +40,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = b"hello\n"
 # the typer app, as the `difs` script ran it before cli_fast
 TYPER = "import sys; sys.argv[0] = 'difs'; from difs_p2p.cli import client_main; client_main()"
+# `difs get NAME -o FILE` through the asyncio client (the quick path off)
+ASYNCIO = (
+    "import sys; from difs_p2p.cli_content import get_command; "
+    "get_command(sys.argv[1], sys.argv[2], quick=False)"
+)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -68,6 +75,7 @@ def commands(bin_dir: Path, work: Path, name: str) -> dict[str, Callable[[int], 
         "difs get -o -": lambda i: [difs, "get", name, "-o", "-"],
         "difs put": lambda i: [difs, "put", src, f"{name}.{bin_dir.parent.name}.{i}"],
         "typer: difs get -o FILE": lambda i: [python, "-c", TYPER, "get", name, "-o", out],
+        "asyncio: difs get -o FILE": lambda i: [python, "-c", ASYNCIO, name, out],
     }
 
 
@@ -157,9 +165,9 @@ def regular_install(root: Path) -> Path | None:
 
 def show(title: str, rows: dict[str, Any]) -> None:
     print(title)
-    print(f"  {'command':<26}{'median ms':>10}{'p90 ms':>10}{'x python':>10}")
+    print(f"  {'command':<28}{'median ms':>10}{'p90 ms':>10}{'x python':>10}")
     for label, row in rows.items():
-        print(f"  {label:<26}{row['median_ms']:>10}{row['p90_ms']:>10}{row['x_python']:>10}")
+        print(f"  {label:<28}{row['median_ms']:>10}{row['p90_ms']:>10}{row['x_python']:>10}")
 
 
 def main() -> int:

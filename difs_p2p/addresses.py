@@ -245,3 +245,15 @@ class AddressVotes:
         if len(ranked) > 1 and ranked[1][0] == ranked[0][0]:
             return None  # a tie: no address is agreed
         return ranked[0][1]
+
+
+def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Parse an operator's ``HOST:PORT`` into a tuple: an IPv4 address, ``[IPv6]:PORT``
+    or a host name (see ``addresses.split_hostport``; with ``default_port``, a bare
+    host too). A name is returned as is, to be resolved without blocking
+    (``net.resolve``); ``localhost`` is 127.0.0.1 at once.
+    """
+    host, port = split_hostport(text, default_port=default_port)
+    if host == "localhost":
+        host = "127.0.0.1"
+    return host, port

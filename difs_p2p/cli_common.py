@@ -9,11 +9,9 @@ $DIFS_HOME, the same way for every command.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import json
-import logging
 import os
 import signal
 import sys
@@ -23,15 +21,12 @@ from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-from difs_p2p import errors, ops, wire
-from difs_p2p.addresses import format_address
+from difs_p2p import errors
+from difs_p2p.addresses import format_address, parse_hostport
 from difs_p2p.cli_output import echo
-from difs_p2p.config import parse_hostport
-from difs_p2p.net import resolve
-from difs_p2p.transfer import Connection
 
 if TYPE_CHECKING:
-    from difs_p2p import conffile
+    from difs_p2p import conffile, ops
     from difs_p2p.identity import Identity
 
 T = TypeVar("T")
@@ -246,6 +241,8 @@ class _Interrupted(Exception):
 async def _cancellable(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run ``coro_fn()``; SIGINT or SIGTERM cancel it, so that its cleanup runs (a get
     removes its temporary file) before the process exits."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -274,6 +271,8 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, T]], as_json: bool = False) ->
     A Ctrl-C while the event loop is being made is held until the loop exists (raised in
     the middle of its construction, the half-made loop printed a traceback as it was
     collected), then counts as an interruption like any other."""
+    import asyncio  # here: a small `difs get` runs without it (quickget.py)
+
     held: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     try:
@@ -302,6 +301,8 @@ class LogLevel(enum.StrEnum):
 
 
 def setup_logging(level: str) -> None:
+    import logging
+
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -420,6 +421,9 @@ def read_key(path: Path) -> Identity:
 async def check_peer(address: tuple[str, int]) -> None:
     """NetworkError unless a DIFS peer listens at ``address``: it must answer a HELLO
     within HELLO_TIMEOUT (anything else on the port fails here, not after a 30 s stall)."""
+    from difs_p2p import wire
+    from difs_p2p.transfer import Connection
+
     where = format_address(*address)
     conn = await Connection.open(address, io_timeout=HELLO_TIMEOUT, connect_timeout=HELLO_TIMEOUT)
     try:
@@ -443,6 +447,8 @@ async def entry_peer(peer: str | None) -> tuple[str, int]:
     """The peer to talk to (``resolve_peer``), checked to be a DIFS peer. A host name
     is resolved without blocking, and its addresses tried in turn (``localhost`` may
     be 127.0.0.1 or ::1); the first that answers HELLO is the peer."""
+    from difs_p2p.net import resolve
+
     host, port = resolve_peer(peer)
     failure: errors.DifsError | None = None
     for address in await resolve(host, port):
@@ -462,6 +468,7 @@ async def request_peer(
     """One typed control request (ops.py) to the peer at ``address``, as its operator if
     ``token`` is given; its typed reply."""
     from difs_p2p.control import OperatorCredential
+    from difs_p2p.transfer import Connection
 
     await check_peer(address)
     credential = OperatorCredential(token) if token is not None else None
@@ -475,6 +482,8 @@ async def request_peer(
 async def peer_status(peer: str | None, token_file: Path | None) -> dict[str, Any]:
     """The status of the peer (an operator operation: it needs the peer's token), as the
     JSON object it answered."""
+    from difs_p2p import ops
+
     address = await entry_peer(peer)
     token = resolve_token(peer, token_file, address)
     reply = await request_peer(address, ops.StatusRequest(), token=token)

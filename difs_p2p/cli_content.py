@@ -16,14 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 from difs_p2p import errors
 from difs_p2p.cli_common import (
+    CommandExit,
     difs_home,
     entry_peer,
+    fail,
     load_publisher,
+    report_error,
+    resolve_peer,
     resolve_token,
     run,
 )
 from difs_p2p.cli_output import Bars, echo, fetched_line, plural, print_json, published_line
-from difs_p2p.config import parse_size
+from difs_p2p.sizes import parse_size
 
 if TYPE_CHECKING:
     from difs_p2p.delegation import Delegation
@@ -205,10 +209,32 @@ def get_content(
 ) -> None:
     """``difs get``: fetch ``name`` into ``output`` (``-``: stdout; default: the name's
     last component), print the summary; CommandExit with the error's code when it fails."""
+    get_command(name, output, version, byte_range, peer, trust, sync, as_json)
+
+
+def get_command(
+    name: str,
+    output: str | None = None,
+    version: int | None = None,
+    byte_range: str | None = None,
+    peer: str | None = None,
+    trust: str | None = None,
+    sync: bool = False,
+    as_json: bool = False,
+    quick: bool = True,
+) -> None:
+    """``get_content``. The newest version of a small object is fetched without asyncio
+    (quickget.py) when it can be, unless ``quick`` is False (tests compare the two);
+    anything else, and what that path hands back, by the asyncio client."""
+    to_stdout = output == "-"
+    if quick and version is None and byte_range is None and not sync:
+        done = quick_get_content(name, output, peer, trust, as_json)
+        if done is not None:
+            report_get(done, as_json, to_stdout)
+            return
+
     from difs_p2p.client import Client
     from difs_p2p.names import name_components
-
-    to_stdout = output == "-"
 
     async def go() -> Any:
         rng = parse_byte_range(byte_range)
@@ -229,7 +255,48 @@ def get_content(
         pin_trusted()
         return result
 
-    result = run(go, as_json)
+    report_get(run(go, as_json), as_json, to_stdout)
+
+
+# On a terminal, only objects up to this size are fetched without the progress bar of the
+# asyncio client (beyond, the quick path hands them over once it knows the size).
+QUICK_ON_TERMINAL = 1 << 20
+
+
+def quick_get_content(
+    name: str, output: str | None, peer: str | None, trust: str | None, as_json: bool
+) -> Any | None:
+    """``difs get`` of the newest version through ``quickget``: its result, or None when
+    the asyncio client is to do the command (from the start: it reports the errors of
+    the options and of the peer's address itself). CommandExit for a definitive error
+    of the name (not found, deleted, refused)."""
+    from difs_p2p.names import name_components
+    from difs_p2p.quickget import MAX_BYTES, Fallback, quick_get
+
+    try:
+        stdout = output == "-"
+        target: Any = sys.stdout.buffer if stdout else Path(output or name_components(name)[-1])
+        pins, pin_trusted = pins_for(name, trust)
+        address = resolve_peer(peer)
+    except errors.DifsError:
+        return None
+    try:
+        limit = QUICK_ON_TERMINAL if sys.stderr.isatty() else MAX_BYTES
+        result = quick_get(address, name, target, pins, limit)
+    except Fallback:
+        return None
+    except errors.DifsError as exc:
+        raise fail(exc, as_json) from None
+    except KeyboardInterrupt:
+        report_error("interrupted (SIGINT)", 130, as_json)
+        raise CommandExit(130) from None
+    pin_trusted()
+    return result
+
+
+def report_get(result: Any, as_json: bool, to_stdout: bool) -> None:
+    """Print what ``difs get`` prints of a finished fetch (fetch.FetchResult or
+    quickget.QuickResult)."""
     summary = {
         "name": result.manifest.name,
         "version": result.manifest.version,

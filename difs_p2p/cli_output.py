@@ -14,7 +14,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from difs_p2p.config import format_size
+from difs_p2p.sizes import format_size
 
 if TYPE_CHECKING:
     from pathlib import Path

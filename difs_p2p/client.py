@@ -72,7 +72,7 @@ from difs_p2p.fetch import (
     probe_holds,
 )
 from difs_p2p.fetchplan import PlanConfig
-from difs_p2p.holders import HolderEntry, decode_holder_entry, verify_holder_entry
+from difs_p2p.holders import HolderEntry, verify_holder_entry
 from difs_p2p.identity import Identity, fingerprint
 from difs_p2p.listcache import FolderCache
 from difs_p2p.listing import (
@@ -107,9 +107,7 @@ from difs_p2p.manifest import (
     Manifest,
     ObjectMeta,
     build_manifest,
-    linked,
     owned_key,
-    parse_manifest,
 )
 from difs_p2p.membership import cut_off_error
 from difs_p2p.names import (
@@ -145,6 +143,13 @@ from difs_p2p.publish import (
     upload,
 )
 from difs_p2p.ranges import ByteRange
+from difs_p2p.resolution import (
+    Found,
+    decode_resolved,
+    lineage,
+    pinned_choice,
+    version_entries,
+)
 from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.stream import STREAM_BUFFER, ObjectStream
 from difs_p2p.transfer import Connection
@@ -204,10 +209,7 @@ class Resolved:
 
     def entries_for(self, manifest: Manifest) -> list[HolderEntry]:
         """The holder entries of ``manifest``'s version, signatures not yet checked."""
-        integrity = manifest.integrity
-        return [
-            h for h in self.entries if h.version == manifest.version and h.integrity == integrity
-        ]
+        return version_entries(self.entries, manifest)
 
     def holders_for(self, manifest: Manifest) -> list[HolderEntry]:
         """The holder entries of ``manifest``'s version whose signatures are valid."""
@@ -233,25 +235,6 @@ class PublishResult:
     # seconds of `seconds` spent sending the segments to the entry peer (the upload alone,
     # without resolving the name before it nor placing the replicas after it)
     upload_seconds: float = 0.0
-
-
-def _decode_resolved(
-    key: NameKey, reply: ResolveReply
-) -> tuple[list[Manifest], list[Manifest], list[HolderEntry]]:
-    """Manifests verified; holder entries only decoded (see ``Resolved``)."""
-    manifests, history, holders = [], [], []
-    for raw in reply.manifests:
-        with contextlib.suppress(DifsError, TypeError):
-            manifests.append(parse_manifest(raw.encode(), key))
-    for raw in reply.history:
-        with contextlib.suppress(DifsError, TypeError):
-            history.append(parse_manifest(raw.encode(), key))
-    for raw in reply.holders:
-        with contextlib.suppress(DifsError, TypeError, ValueError):
-            entry = decode_holder_entry(bytes.fromhex(raw))
-            if entry.key == key:
-                holders.append(entry)
-    return manifests, history, holders
 
 
 class Client:
@@ -339,9 +322,7 @@ class Client:
         norm = normalize_name(name)
         manifests, history, holders = await self._find(norm)
         best = self._check_pin(norm, manifests, history)
-        lineage = {m.version: m for m in [*history, *manifests] if linked(m, best)}
-        lineage[best.version] = best
-        valid = sorted(lineage.values(), key=lambda m: m.version)
+        valid = lineage(best, manifests, history)
         if not norm.endswith("/" + REVOCATIONS) and any(m.delegation for m in valid):
             revoked = await self._revoked_writers(valid)
             valid = [m for m in valid if not _revoked(m, revoked)]
@@ -403,24 +384,8 @@ class Client:
         return result.manifest
 
     def _check_pin(self, name: str, records: list[Manifest], history: list[Manifest]) -> Manifest:
-        """The record to use: the entry peer's first choice, or the pinned owner's newest
-        record (else its newest history manifest) when ``name`` is pinned; pins the
-        owner on first sight."""
-        best = records[0]
-        if self.pins is None:
-            return best
-        pin = self.pins.pinned(name)
-        if pin is None:
-            self.pins.pin(name, best.owner)
-            return best
-        prefix, key = pin
-        mine = [m for m in records if m.owner == key] or [m for m in history if m.owner == key]
-        if mine:
-            return max(mine, key=lambda m: m.version)
-        raise PermissionDeniedError(
-            f"{name} is now signed by key {best.owner.hex()}, but {prefix} is pinned to "
-            f"{key.hex()}; pass --trust {best.owner.hex()} to accept the new key"
-        )
+        """The record to use (resolution.pinned_choice with this client's pins)."""
+        return pinned_choice(self.pins, name, records, history)
 
     async def versions(self, name: str) -> list[Manifest]:
         """Every known valid version of ``name`` in its owner's lineage, oldest first."""
@@ -890,9 +855,9 @@ class Client:
                 manifests, history, _ = await self._lookup(name_key(claim))
             else:
                 reply = await self._resolve_reply(ResolveRequest(beside, also=name_key(claim)))
-                found = _decode_resolved(beside, reply)
+                found = decode_resolved(beside, reply)
                 if reply.also is not None:
-                    manifests, history, _ = _decode_resolved(name_key(claim), reply.also)
+                    manifests, history, _ = decode_resolved(name_key(claim), reply.also)
                 else:
                     manifests, history, _ = await self._lookup(name_key(claim))
             owner = self._check_pin(claim, manifests, history).owner if manifests else None
@@ -967,8 +932,8 @@ class Client:
 
     async def _lookup(self, key: NameKey) -> Found:
         """The entry peer's ``resolve`` of ``key``: manifests verified, holder entries
-        decoded (``_decode_resolved``)."""
-        return _decode_resolved(key, await self._resolve_reply(ResolveRequest(key)))
+        decoded (``resolution.decode_resolved``)."""
+        return decode_resolved(key, await self._resolve_reply(ResolveRequest(key)))
 
     async def _resolve_reply(self, request: ResolveRequest) -> ResolveReply:
         """A ``resolve`` request's reply; a cut-off entry peer is an error
@@ -1236,10 +1201,6 @@ class Client:
             if got.next is None:
                 return
             token = got.next
-
-
-# What a name key's resolve gives a client: manifests, history, holder entries.
-Found = tuple[list[Manifest], list[Manifest], list[HolderEntry]]
 
 
 def _etag(m: Manifest) -> str:

@@ -6,74 +6,14 @@ constants.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from difs_p2p.addresses import check_listen, check_zone, format_address, ip_of, split_hostport
+from difs_p2p.addresses import parse_hostport as parse_hostport
 from difs_p2p.errors import UsageError
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "kib": 1 << 10,
-    "ki": 1 << 10,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "mib": 1 << 20,
-    "mi": 1 << 20,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "gib": 1 << 30,
-    "gi": 1 << 30,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "tib": 1 << 40,
-    "ti": 1 << 40,
-    "p": 1000**5,
-    "pb": 1000**5,
-    "pib": 1 << 50,
-    "pi": 1 << 50,
-}
-
-
-def parse_size(text: str) -> int:
-    """Parse a size such as ``10GiB``, ``500MB``, ``4096`` or ``1.5G`` into bytes.
-
-    Decimal units (kB, MB, GB) are powers of 1000, binary units (KiB, MiB, GiB) powers of 1024.
-    """
-    match = _SIZE_RE.match(text)
-    unit = (match.group(2) or "").lower() if match else ""
-    if match is None or unit not in _UNITS:
-        raise UsageError(f"not a size: {text!r} (examples: 4096, 500MB, 10GiB)")
-    value = float(match.group(1)) * _UNITS[unit]
-    if value != int(value) and unit in ("", "b"):
-        raise UsageError(f"not a size: {text!r} (bytes must be a whole number)")
-    return int(value)
-
-
-def format_size(n: float) -> str:
-    """Format a byte count for humans (binary units)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover - loop always returns
-
-
-def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:
-    """Parse an operator's ``HOST:PORT`` into a tuple: an IPv4 address, ``[IPv6]:PORT``
-    or a host name (see ``addresses.split_hostport``; with ``default_port``, a bare
-    host too). A name is returned as is, to be resolved without blocking
-    (``net.resolve``); ``localhost`` is 127.0.0.1 at once.
-    """
-    host, port = split_hostport(text, default_port=default_port)
-    if host == "localhost":
-        host = "127.0.0.1"
-    return host, port
+from difs_p2p.sizes import format_size as format_size
+from difs_p2p.sizes import parse_size as parse_size
 
 
 def parse_http(text: str, option: str = "--http") -> tuple[str, int] | None:

@@ -30,7 +30,6 @@ from typing import IO
 
 from difs_p2p import segments, wire
 from difs_p2p.errors import (
-    DeletedError,
     DifsError,
     IntegrityError,
     NetworkError,
@@ -60,6 +59,7 @@ from difs_p2p.holders import HolderEntry, verify_holder_entry
 from difs_p2p.manifest import Manifest
 from difs_p2p.net import Connector
 from difs_p2p.ops import RangeRequest, RangesRequest, SuspectRequest
+from difs_p2p.resolution import check_node, choose_version
 from difs_p2p.segments import SegmentId
 from difs_p2p.transfer import Connection
 
@@ -195,22 +195,6 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def choose_version(newest: Manifest, history: list[Manifest], version: int | None) -> Manifest:
-    """The manifest a fetch reads: ``newest``, or ``version`` of the name's ``history``;
-    UsageError, NotFoundError, or DeletedError if that version is a tombstone."""
-    manifest = newest
-    if version is not None:
-        if version < 1:
-            raise UsageError(f"version {version}: versions start at 1")
-        match = [m for m in history if m.version == version]
-        if not match:
-            raise NotFoundError(f"{newest.name} has no version {version}")
-        manifest = match[0]
-    if manifest.deleted:
-        raise DeletedError(f"{manifest.name} was deleted (version {manifest.version})")
-    return manifest
-
-
 async def fetch_into(
     fetch: Fetch, out: Path | IO[bytes] | Chunks, started: float, sync: bool
 ) -> FetchResult:
@@ -344,12 +328,8 @@ class Fetch:
     def check_node(self, address: tuple[str, int], hello: wire.Frame | None) -> None:
         """PeerError unless ``hello`` is the HELLO answer of a node whose key signed an
         entry for ``address``."""
-        where = f"{address[0]}:{address[1]}"
-        if not isinstance(hello, wire.Hello) or hello.peer is None:
-            raise PeerError(f"{where} did not say its node id")
-        ids = {h.node_id.hex() for h in self._by_address.get(address, ())}
-        if hello.peer.lower() not in ids:
-            raise PeerError(f"{where} is node {hello.peer[:16]}, not the holder its entries name")
+        node = hello.peer if isinstance(hello, wire.Hello) else None
+        check_node(address, node, self._by_address.get(address, ()))
 
     def usable(self, address: tuple[str, int]) -> bool:
         """Whether ``address`` has an entry with a valid signature (checked up to the first)."""

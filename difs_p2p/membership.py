@@ -27,11 +27,14 @@ table's size and the time by the DHT's rejoin loop (``dht.Dht._rejoin_loop``, th
 from __future__ import annotations
 
 import collections
-import random
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from difs_p2p.errors import NetworkError
+
+if TYPE_CHECKING:
+    import random
 
 __all__ = [
     "ISOLATED",
@@ -118,7 +121,11 @@ class Membership:
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.remembered = remembered
-        self.rng = rng or random.Random()
+        if rng is None:
+            import random  # here: a client that reads cut_off_error alone does not load it
+
+            rng = random.Random()
+        self.rng = rng
         self.size = 0
         self.most_seen = 0
         self.state = OK

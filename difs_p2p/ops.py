@@ -26,10 +26,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeGuard, TypeVar
+from typing import Any, Final, TypeGuard
 
 from difs_p2p.errors import UsageError, WireError
 from difs_p2p.names import NameKey
+from difs_p2p.opcodec import (
+    Op,
+    ResolveReply,
+    ResolveRequest,
+)
+from difs_p2p.opcodec import bad as _bad
+from difs_p2p.opcodec import check_resolve as _resolve_request
+from difs_p2p.opcodec import decode_resolve as _resolve_reply
+from difs_p2p.opcodec import encode_resolve as _encode_key
+from difs_p2p.opcodec import encode_resolve_reply as _encode_resolve_reply
+from difs_p2p.opcodec import hex_arg as _hex_arg
+from difs_p2p.opcodec import int_field as _int
+from difs_p2p.opcodec import strings_field as _strings
 from difs_p2p.segments import IntegrityRoot, SegmentId
 
 __all__ = [
@@ -87,8 +100,6 @@ __all__ = [
     "no_args",
 ]
 
-R = TypeVar("R")
-
 NONCE_SIZE: Final = 32
 # Replicas one `place` may ask for: far above any sensible r (3 by default), far below
 # "every known peer".
@@ -105,25 +116,7 @@ MAX_CHILDREN_PER_CALL: Final = 256
 MAX_CHILDREN_BYTES: Final = 96 * 1024
 
 
-class Op(Generic[R]):
-    """Base of the typed requests; ``R`` is the type of the reply."""
-
-    __slots__ = ()
-
-
 # -- argument checks ----------------------------------------------------------------------
-
-
-def _hex_arg(args: dict[str, Any], name: str, size: int) -> bytes:
-    """Argument ``name``: exactly ``size`` bytes, sent as hex (UsageError otherwise)."""
-    value = args.get(name)
-    try:
-        raw = bytes.fromhex(value) if isinstance(value, str) else b""
-    except ValueError:
-        raw = b""
-    if len(raw) != size:
-        raise UsageError(f"{name} must be {size} bytes of hex")
-    return raw
 
 
 def _int_arg(args: dict[str, Any], name: str) -> int:
@@ -137,37 +130,11 @@ def _int_arg(args: dict[str, Any], name: str) -> int:
 # -- reply field checks (the peer's fault when they fail) ---------------------------------
 
 
-def _bad(op: str, name: str, what: str) -> WireError:
-    return WireError(f"{op} reply: {name} must be {what}", field=f"{op}.{name}")
-
-
-def _int(body: dict[str, Any], op: str, name: str, default: int | None = None) -> int:
-    value = body.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise _bad(op, name, "a non-negative integer")
-    return value
-
-
 def _bool(body: dict[str, Any], op: str, name: str) -> bool:
     value = body.get(name)
     if not isinstance(value, bool):
         raise _bad(op, name, "true or false")
     return value
-
-
-def _state(body: dict[str, Any], op: str, name: str) -> str:
-    """A short state word (unknown words are kept: a later version may add some)."""
-    value = body.get(name, "ok")
-    if not isinstance(value, str) or not 0 < len(value) <= 16 or not value.isalpha():
-        raise _bad(op, name, "a short word")
-    return value
-
-
-def _strings(body: dict[str, Any], op: str, name: str) -> tuple[str, ...]:
-    value = body.get(name, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _bad(op, name, "a list of strings")
-    return tuple(value)
 
 
 def _is_hex(value: object) -> TypeGuard[str]:
@@ -228,33 +195,6 @@ class AbandonRequest(Op[AbandonReply]):
 
 
 # -- names ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ResolveReply:
-    """``resolve``: manifests (JSON text, best first), history manifests, holder entries
-    (hex), all unverified: the asking side checks them."""
-
-    manifests: tuple[str, ...]
-    history: tuple[str, ...]
-    holders: tuple[str, ...]
-    # rejoin: whether the answering peer is part of the network ("ok", "thin" or
-    # "isolated", membership.py), how many peers it knows now and the most it knew
-    network: str = "ok"
-    knows: int = 0
-    most_seen: int = 0
-    # the records of the request's ``also`` key, looked up at the same time (None when the
-    # request named none, or the peer predates the field)
-    also: ResolveReply | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ResolveRequest(Op[ResolveReply]):
-    """``resolve``: the records of one name key, and optionally of a second one (``also``:
-    a prefix's claim object, looked up beside the name in one round trip)."""
-
-    key: NameKey
-    also: NameKey | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,11 +444,6 @@ class CheckRequest(Op[CheckReply]):
 # -- requests: args -> typed (the serving side) -------------------------------------------
 
 
-def _resolve_request(args: dict[str, Any]) -> ResolveRequest:
-    also = NameKey(_hex_arg(args, "also", 20)) if args.get("also") is not None else None
-    return ResolveRequest(NameKey(_hex_arg(args, "key", 20)), also)
-
-
 def _release_request(args: dict[str, Any]) -> ReleaseRequest:
     proof = args.get("proof")
     if not isinstance(proof, str):
@@ -692,12 +627,6 @@ def _encode_none(request: object) -> dict[str, Any]:
     return {}
 
 
-def _encode_key(request: ResolveRequest) -> dict[str, Any]:
-    if request.also is None:
-        return {"key": request.key.hex()}
-    return {"key": request.key.hex(), "also": request.also.hex()}
-
-
 def _encode_release(request: ReleaseRequest) -> dict[str, Any]:
     return {"key": request.key.hex(), "proof": request.proof}
 
@@ -770,21 +699,6 @@ def _freed_reply(op: str) -> Callable[[dict[str, Any]], Any]:
         return cls(_int(body, op, "freed"))
 
     return decode
-
-
-def _resolve_reply(body: dict[str, Any], nested: bool = False) -> ResolveReply:
-    also = body.get("also")
-    if also is not None and (nested or not isinstance(also, dict)):
-        raise _bad("resolve", "also", "one reply object")
-    return ResolveReply(
-        _strings(body, "resolve", "manifests"),
-        _strings(body, "resolve", "history"),
-        _strings(body, "resolve", "holders"),
-        _state(body, "resolve", "network"),
-        _int(body, "resolve", "knows", 0),
-        _int(body, "resolve", "most_seen", 0),
-        _resolve_reply(also, nested=True) if also is not None else None,
-    )
 
 
 def _holds_reply(body: dict[str, Any]) -> HoldsReply:
@@ -889,18 +803,6 @@ def _encode_status_reply(reply: StatusReply) -> dict[str, Any]:
 
 def _encode_freed(reply: AbandonReply | ReleaseReply) -> dict[str, Any]:
     return {"freed": reply.freed}
-
-
-def _encode_resolve_reply(reply: ResolveReply) -> dict[str, Any]:
-    return {
-        "manifests": list(reply.manifests),
-        "history": list(reply.history),
-        "holders": list(reply.holders),
-        "network": reply.network,
-        "knows": reply.knows,
-        "most_seen": reply.most_seen,
-        **({"also": _encode_resolve_reply(reply.also)} if reply.also is not None else {}),
-    }
 
 
 def _encode_holds_reply(reply: HoldsReply | HoldsRangesReply) -> dict[str, Any]:

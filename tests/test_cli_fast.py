@@ -259,7 +259,8 @@ def test_get_and_put_agree_with_typer(peer: dict[str, str], tmp_path: Path) -> N
 
 
 def test_get_imports_no_typer(peer: dict[str, str], tmp_path: Path) -> None:
-    """A plain ``difs get`` imports neither typer, click, rich nor pydantic."""
+    """A plain ``difs get`` of a small object imports neither typer, click, rich,
+    pydantic, asyncio nor the asyncio client: it takes the quick path."""
     src = tmp_path / "x.txt"
     src.write_bytes(b"x")
     assert (
@@ -287,8 +288,14 @@ def test_get_imports_no_typer(peer: dict[str, str], tmp_path: Path) -> None:
     )
     assert done.returncode == 0 and done.stdout == "x"
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
-    assert "difs_p2p.client" in imported
-    assert not {m.split(".")[0] for m in imported} & {"typer", "click", "rich", "pydantic"}
+    assert "difs_p2p.quickget" in imported and "difs_p2p.client" not in imported
+    assert not {m.split(".")[0] for m in imported} & {
+        "typer",
+        "click",
+        "rich",
+        "pydantic",
+        "asyncio",
+    }
 
 
 def test_reader_gone_exits_as_typer(peer: dict[str, str], tmp_path: Path) -> None:
