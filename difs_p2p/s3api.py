@@ -265,9 +265,14 @@ def _empty_dir(path: Path) -> None:
         entry.unlink(missing_ok=True)
 
 
-def _check_all(checks: BodyChecks, batch: list[bytes]) -> None:
+def _check_lane(checks: BodyChecks, lane: int, batch: list[bytes]) -> None:
     for data in batch:
-        checks.update(data)
+        checks.update_lane(lane, data)
+
+
+async def _check_all(checks: BodyChecks, batch: list[bytes]) -> None:
+    """Count ``batch`` into ``checks`` in worker threads, one per lane at once."""
+    await asyncio.gather(*(asyncio.to_thread(_check_lane, checks, n, batch) for n in checks.lanes))
 
 
 def _write_all(fh: IO[bytes], batch: list[bytes]) -> None:
@@ -1006,8 +1011,9 @@ class _Ctx:
     async def _payload(self, checks: BodyChecks | None = None) -> AsyncIterator[bytes]:
         """The request's payload (aws-chunked framing removed), through ``checks``, which
         are verified before the end is reported: a failed check raises instead. The
-        checks hash a batch (CHECK_BATCH bytes) in a worker thread while the next one is
-        read: the loop never hashes a large body."""
+        checks hash a batch (CHECK_BATCH bytes) in worker threads (the MD5 beside the
+        SHA-256 and checksums) while the next one is read: the loop never hashes a large
+        body."""
         decoder = body_decoder(self.auth, self._headers())
         content = self.request.content
         hashing: asyncio.Future[None] | None = None
@@ -1028,16 +1034,15 @@ class _Ctx:
                     if gathered >= CHECK_BATCH:
                         if hashing is not None:
                             await hashing
-                        hashing = asyncio.ensure_future(
-                            asyncio.to_thread(_check_all, checks, batch)
-                        )
+                        hashing = asyncio.ensure_future(_check_all(checks, batch))
                         batch, gathered = [], 0
                 yield piece
         trailers = decoder.finish() if decoder is not None else {}
         if checks is not None:
             if hashing is not None:
                 await hashing
-            _check_all(checks, batch)
+            if batch:
+                await _check_all(checks, batch)
             checks.verify(trailers)
 
     async def _receive(self, chunks: AsyncIterator[bytes]) -> bytes | Path:
