@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import io
 import logging
@@ -50,7 +51,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, TypeVar, cast
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -74,7 +75,7 @@ from difs_p2p.identity import fingerprint
 from difs_p2p.listing import decode_token, encode_token, object_etag
 from difs_p2p.manifest import Manifest, ObjectMeta
 from difs_p2p.names import claim_name
-from difs_p2p.ops import ChainRequest
+from difs_p2p.ops import ChainRequest, Op, PlaceRequest
 from difs_p2p.publish import Progress
 from difs_p2p.s3auth import Auth, SignedRequest, authenticate, body_decoder, split_target
 from difs_p2p.s3body import BodyChecks
@@ -85,6 +86,8 @@ from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.tasks import TaskSet
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 # The region S3 clients are told (GetBucketLocation answers "" for it, as S3 does).
 REGION = "us-east-1"
@@ -285,7 +288,9 @@ class StoredClient(Client):
     store (a multipart upload's parts, stored as they arrived): the upload step only
     names the segments and the hash list stored there, so no byte crosses the connection
     and nothing is written or hashed again; resolving, placing, signing and publishing
-    are ``Client.put``'s own. Its source is never read."""
+    are ``Client.put``'s own, but its ``place`` asks the entry peer to keep its stored
+    copy as one of the r copies of every range (``keep``: r - 1 are pushed). Its source
+    is never read."""
 
     def __init__(
         self, entry: tuple[str, int], stored: StoredObject, integrity: bytes, **kwargs: Any
@@ -307,6 +312,11 @@ class StoredClient(Client):
             raise UsageError("a stored object is published with its own segment size")
         hashes = [SegmentId(h) for h in self.stored.hashes]
         return hashes, IntegrityRoot(SegmentId(self.integrity)), self.stored.size
+
+    async def _request(self, request: Op[R], *, read_only: bool = False) -> R:
+        if isinstance(request, PlaceRequest):
+            request = cast(Op[R], dataclasses.replace(request, keep=True))
+        return await super()._request(request, read_only=read_only)
 
 
 class _NoSource(io.RawIOBase):
