@@ -11,9 +11,11 @@ under the same bucket (a claimed prefix).
   then read back with ``download_file`` and ``difs get``; whole-command wall times (the
   ``difs`` commands as processes, boto3 calls in this process), each once. The ratio is
   difs time / S3 time: 1.0 means S3 is as fast as the native commands; the target is 0.8.
-- ``DIFS_BENCH_S3_KEYS`` keys (default 10,000) are laid out in the bucket as child entries
-  signed here and stored through the DHT (as bench/listing.py does: an S3 PutObject per
-  key would time the uploads, not the listing), then listed with ListObjectsV2 in pages of
+  The seconds from boto3 sending CompleteMultipartUpload to its answer are printed apart
+  (the publish of the stored parts: placement's copies pushed from the serving peer).
+- ``DIFS_BENCH_S3_KEYS`` keys (default 10,000; 0 skips the listing) are laid out in the
+  bucket as child entries signed here and stored through the DHT (as bench/listing.py
+  does: an S3 PutObject per key would time the uploads, not the listing), then listed with ListObjectsV2 in pages of
   1,000: seconds, and UDP datagrams sent and received by all peers during the listing.
 
 Prints the figures and writes ``bench/results/s3.json``.
