@@ -15,8 +15,9 @@ under the same bucket (a claimed prefix).
   (the publish of the stored parts: placement's copies pushed from the serving peer).
 - ``DIFS_BENCH_S3_KEYS`` keys (default 10,000; 0 skips the listing) are laid out in the
   bucket as child entries signed here and stored through the DHT (as bench/listing.py
-  does: an S3 PutObject per key would time the uploads, not the listing), then listed with ListObjectsV2 in pages of
-  1,000: seconds, and UDP datagrams sent and received by all peers during the listing.
+  does: an S3 PutObject per key would time the uploads, not the listing), then listed
+  with ListObjectsV2 in pages of 1,000: seconds, and UDP datagrams sent and received by
+  all peers during the listing.
 
 Prints the figures and writes ``bench/results/s3.json``.
 """

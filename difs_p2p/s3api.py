@@ -283,14 +283,25 @@ def _write_all(fh: IO[bytes], batch: list[bytes]) -> None:
         fh.write(data)
 
 
-class StoredClient(Client):
+class KeepingClient(Client):
+    """A Client of the S3 server's own peer whose ``place`` asks ``keep``: the peer's
+    stored copy is one of the r copies of every range and r - 1 are pushed. The peer
+    holds every segment of what the S3 server publishes already (a streamed body is
+    never announced along chains, so the entry peer stores it whole; a multipart
+    upload's parts are in its store); an upload announced along chains ignores it."""
+
+    async def _request(self, request: Op[R], *, read_only: bool = False) -> R:
+        if isinstance(request, PlaceRequest):
+            request = cast(Op[R], dataclasses.replace(request, keep=True))
+        return await super()._request(request, read_only=read_only)
+
+
+class StoredClient(KeepingClient):
     """A Client whose ``put`` publishes an object already in its entry peer's segment
     store (a multipart upload's parts, stored as they arrived): the upload step only
     names the segments and the hash list stored there, so no byte crosses the connection
-    and nothing is written or hashed again; resolving, placing, signing and publishing
-    are ``Client.put``'s own, but its ``place`` asks the entry peer to keep its stored
-    copy as one of the r copies of every range (``keep``: r - 1 are pushed). Its source
-    is never read."""
+    and nothing is written or hashed again; resolving, placing (``keep``), signing and
+    publishing are ``Client.put``'s own. Its source is never read."""
 
     def __init__(
         self, entry: tuple[str, int], stored: StoredObject, integrity: bytes, **kwargs: Any
@@ -312,11 +323,6 @@ class StoredClient(Client):
             raise UsageError("a stored object is published with its own segment size")
         hashes = [SegmentId(h) for h in self.stored.hashes]
         return hashes, IntegrityRoot(SegmentId(self.integrity)), self.stored.size
-
-    async def _request(self, request: Op[R], *, read_only: bool = False) -> R:
-        if isinstance(request, PlaceRequest):
-            request = cast(Op[R], dataclasses.replace(request, keep=True))
-        return await super()._request(request, read_only=read_only)
 
 
 class _NoSource(io.RawIOBase):
@@ -492,7 +498,7 @@ class S3Server:
         client = min(pool, key=pool.__getitem__, default=None)
         if client is None or (pool[client] > 0 and len(pool) < CLIENTS_PER_KEY):
             first = next(iter(pool), None)  # the key's Clients share one folder cache
-            client = Client(
+            client = KeepingClient(
                 self.entry,
                 publisher=key.identity,
                 token=self.token,

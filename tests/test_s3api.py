@@ -36,6 +36,7 @@ from difs_p2p.s3api import (
     STREAMED_PUTS,
     BodyAborted,
     BodyPipe,
+    KeepingClient,
     StoredClient,
     meta_headers,
     object_meta,
@@ -1095,5 +1096,28 @@ async def test_stored_object_keeps_the_serving_peers_copy(tmp_path: Path) -> Non
                 out = io.BytesIO()
                 await reader.get(f"/kept-{replicas}", out)
             assert out.getvalue() == data
+    finally:
+        await stop_all(peers)
+
+
+async def test_a_streamed_put_keeps_the_serving_peers_copy(tmp_path: Path) -> None:
+    """A stream the S3 server publishes (a PutObject body) has r copies of every range,
+    one of them on the serving peer, which stored it whole as it arrived."""
+    peers = await start_peers(tmp_path, 6)
+    try:
+        entry, seg = peers[0], 64 << 10
+        data = os.urandom(64 * seg)
+        async with KeepingClient(
+            entry.address, publisher=Identity.generate(), token=entry.control_token
+        ) as client:
+            result = await client.put(io.BytesIO(data), "/kept", segment_size=seg, replicas=2)
+        assert len(result.ranges) == 8
+        for placed in result.ranges:
+            assert entry.node_id.hex() in placed["holders"]
+            assert len(set(placed["holders"])) == 2
+        async with Client(peers[5].address) as reader:
+            out = io.BytesIO()
+            await reader.get("/kept", out)
+        assert out.getvalue() == data
     finally:
         await stop_all(peers)
