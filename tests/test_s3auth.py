@@ -828,7 +828,7 @@ def test_right_digests_verify_and_wrong_ones_are_bad_digest(name: str) -> None:
     assert (caught.value.code, caught.value.status) == ("BadDigest", 400)
 
 
-SHA = hashlib.sha256(DATA).hexdigest()
+PAYLOAD_SHA = hashlib.sha256(DATA).hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -836,9 +836,9 @@ SHA = hashlib.sha256(DATA).hexdigest()
     [
         ({}, UNSIGNED_PAYLOAD, [0]),
         ({"content-md5": RIGHT["content-md5"]}, UNSIGNED_PAYLOAD, [0]),
-        ({}, SHA, [0, 1]),
+        ({}, PAYLOAD_SHA, [0, 1]),
         ({"x-amz-checksum-crc32": RIGHT["x-amz-checksum-crc32"]}, UNSIGNED_PAYLOAD, [0, 1]),
-        ({"x-amz-checksum-sha256": RIGHT["x-amz-checksum-sha256"]}, SHA, [0, 1]),
+        ({"x-amz-checksum-sha256": RIGHT["x-amz-checksum-sha256"]}, PAYLOAD_SHA, [0, 1]),
     ],
 )
 def test_lanes_run_apart_verify_as_update_does(
