@@ -30,7 +30,7 @@ spool file (``DATA/s3-spool/``), then published. The parts of a multipart upload
 stored in the peer's segment store as they arrive (s3multipart); at completion, parts that
 make one object there are published by a :class:`StoredClient` without being read again.
 
-The module is longer than most (about 1,400 lines): it is the whole S3 surface, one small
+The module is longer than most (about 1,500 lines): it is the whole S3 surface, one small
 handler per operation over the Client, whose decisions are pure elsewhere (s3xml, s3auth,
 httprules, listing); splitting it would scatter the request context every handler shares.
 """
