@@ -236,7 +236,15 @@ class Operations:
                 # an empty object is its hash list alone: one range of no segments
                 ranges = segments.stripe_ranges(count, stripes) or [(0, 0)]
                 placed = await self.replicator.place(
-                    key, version, integrity, count, hashes, ranges, replicas, mine
+                    key,
+                    version,
+                    integrity,
+                    count,
+                    hashes,
+                    ranges,
+                    replicas,
+                    mine,
+                    keep=request.keep,
                 )
         except BaseException:
             for h in mine:

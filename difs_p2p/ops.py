@@ -127,6 +127,14 @@ def _int_arg(args: dict[str, Any], name: str) -> int:
     return value
 
 
+def _bool_arg(args: dict[str, Any], name: str) -> bool:
+    """Optional argument ``name``: a boolean, False when absent (UsageError otherwise)."""
+    value = args.get(name, False)
+    if not isinstance(value, bool):
+        raise UsageError(f"{name} must be true or false")
+    return value
+
+
 # -- reply field checks (the peer's fault when they fail) ---------------------------------
 
 
@@ -353,6 +361,9 @@ class PlaceRequest(Op[PlaceReply]):
     segment_count: int
     stripes: int
     replicas: int
+    # S3 multipart staging: the entry peer's stored copy is one of the r copies of every
+    # range (it holds the whole object durably already); r - 1 are pushed
+    keep: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,6 +544,7 @@ def _place_request(args: dict[str, Any]) -> PlaceRequest:
         _int_arg(args, "segment_count"),
         _int_arg(args, "stripes"),
         _int_arg(args, "replicas"),
+        _bool_arg(args, "keep"),
     )
     if request.replicas > MAX_REPLICAS:
         raise UsageError(f"replicas must be at most {MAX_REPLICAS}")
@@ -674,6 +686,7 @@ def _encode_place(request: PlaceRequest) -> dict[str, Any]:
         "segment_count": request.segment_count,
         "stripes": request.stripes,
         "replicas": request.replicas,
+        **({"keep": True} if request.keep else {}),
     }
 
 

@@ -358,10 +358,15 @@ class Replicator:
         ranges: list[tuple[int, int]],
         replicas: int,
         mine: list[Holding],
+        *,
+        keep: bool = False,
     ) -> PlaceReply:
         """Make r copies of each range on the closest peers to its range key that accept
         it, this peer included where placement picks it (its new holdings are appended
-        to ``mine``); the entries, holders per range and warnings ``place`` answers."""
+        to ``mine``); the entries, holders per range and warnings ``place`` answers.
+        ``keep``: this peer is every range's first candidate (it holds the whole object
+        already, as an S3 multipart upload's serving peer does), so placement counts its
+        copy and picks r - 1 others by its rules (failure domains apart from this one)."""
         entries: list[str] = []
         sem = asyncio.Semaphore(PLACE_PARALLEL)
         warnings: list[str] = []
@@ -400,6 +405,8 @@ class Replicator:
             # the closest peers to the range key, this one included
             rkey = range_key(IntegrityRoot(SegmentId(integrity)), i)
             candidates = await self.dht.closest(rkey, replicas + 8)
+            if keep:
+                candidates = [self.dht.me, *(c for c in candidates if c.node_id != me)]
             async with sem:
                 # the missing copies are made in parallel; a refusal moves on to the next
                 made = await self.make_copies(candidates, replicas, copy)

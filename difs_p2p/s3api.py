@@ -30,7 +30,7 @@ spool file (``DATA/s3-spool/``), then published. The parts of a multipart upload
 stored in the peer's segment store as they arrive (s3multipart); at completion, parts that
 make one object there are published by a :class:`StoredClient` without being read again.
 
-The module is longer than most (about 1,400 lines): it is the whole S3 surface, one small
+The module is longer than most (about 1,500 lines): it is the whole S3 surface, one small
 handler per operation over the Client, whose decisions are pure elsewhere (s3xml, s3auth,
 httprules, listing); splitting it would scatter the request context every handler shares.
 """
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import io
 import logging
@@ -50,7 +51,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, TypeVar, cast
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -74,7 +75,7 @@ from difs_p2p.identity import fingerprint
 from difs_p2p.listing import decode_token, encode_token, object_etag
 from difs_p2p.manifest import Manifest, ObjectMeta
 from difs_p2p.names import claim_name
-from difs_p2p.ops import ChainRequest
+from difs_p2p.ops import ChainRequest, Op, PlaceRequest
 from difs_p2p.publish import Progress
 from difs_p2p.s3auth import Auth, SignedRequest, authenticate, body_decoder, split_target
 from difs_p2p.s3body import BodyChecks
@@ -85,6 +86,8 @@ from difs_p2p.segments import IntegrityRoot, SegmentId
 from difs_p2p.tasks import TaskSet
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 # The region S3 clients are told (GetBucketLocation answers "" for it, as S3 does).
 REGION = "us-east-1"
@@ -265,9 +268,14 @@ def _empty_dir(path: Path) -> None:
         entry.unlink(missing_ok=True)
 
 
-def _check_all(checks: BodyChecks, batch: list[bytes]) -> None:
+def _check_lane(checks: BodyChecks, lane: int, batch: list[bytes]) -> None:
     for data in batch:
-        checks.update(data)
+        checks.update_lane(lane, data)
+
+
+async def _check_all(checks: BodyChecks, batch: list[bytes]) -> None:
+    """Count ``batch`` into ``checks`` in worker threads, one per lane at once."""
+    await asyncio.gather(*(asyncio.to_thread(_check_lane, checks, n, batch) for n in checks.lanes))
 
 
 def _write_all(fh: IO[bytes], batch: list[bytes]) -> None:
@@ -275,12 +283,25 @@ def _write_all(fh: IO[bytes], batch: list[bytes]) -> None:
         fh.write(data)
 
 
-class StoredClient(Client):
+class KeepingClient(Client):
+    """A Client of the S3 server's own peer whose ``place`` asks ``keep``: the peer's
+    stored copy is one of the r copies of every range and r - 1 are pushed. The peer
+    holds every segment of what the S3 server publishes already (a streamed body is
+    never announced along chains, so the entry peer stores it whole; a multipart
+    upload's parts are in its store); an upload announced along chains ignores it."""
+
+    async def _request(self, request: Op[R], *, read_only: bool = False) -> R:
+        if isinstance(request, PlaceRequest):
+            request = cast(Op[R], dataclasses.replace(request, keep=True))
+        return await super()._request(request, read_only=read_only)
+
+
+class StoredClient(KeepingClient):
     """A Client whose ``put`` publishes an object already in its entry peer's segment
     store (a multipart upload's parts, stored as they arrived): the upload step only
     names the segments and the hash list stored there, so no byte crosses the connection
-    and nothing is written or hashed again; resolving, placing, signing and publishing
-    are ``Client.put``'s own. Its source is never read."""
+    and nothing is written or hashed again; resolving, placing (``keep``), signing and
+    publishing are ``Client.put``'s own. Its source is never read."""
 
     def __init__(
         self, entry: tuple[str, int], stored: StoredObject, integrity: bytes, **kwargs: Any
@@ -477,7 +498,7 @@ class S3Server:
         client = min(pool, key=pool.__getitem__, default=None)
         if client is None or (pool[client] > 0 and len(pool) < CLIENTS_PER_KEY):
             first = next(iter(pool), None)  # the key's Clients share one folder cache
-            client = Client(
+            client = KeepingClient(
                 self.entry,
                 publisher=key.identity,
                 token=self.token,
@@ -1006,8 +1027,9 @@ class _Ctx:
     async def _payload(self, checks: BodyChecks | None = None) -> AsyncIterator[bytes]:
         """The request's payload (aws-chunked framing removed), through ``checks``, which
         are verified before the end is reported: a failed check raises instead. The
-        checks hash a batch (CHECK_BATCH bytes) in a worker thread while the next one is
-        read: the loop never hashes a large body."""
+        checks hash a batch (CHECK_BATCH bytes) in worker threads (the MD5 beside the
+        SHA-256 and checksums) while the next one is read: the loop never hashes a large
+        body."""
         decoder = body_decoder(self.auth, self._headers())
         content = self.request.content
         hashing: asyncio.Future[None] | None = None
@@ -1028,16 +1050,15 @@ class _Ctx:
                     if gathered >= CHECK_BATCH:
                         if hashing is not None:
                             await hashing
-                        hashing = asyncio.ensure_future(
-                            asyncio.to_thread(_check_all, checks, batch)
-                        )
+                        hashing = asyncio.ensure_future(_check_all(checks, batch))
                         batch, gathered = [], 0
                 yield piece
         trailers = decoder.finish() if decoder is not None else {}
         if checks is not None:
             if hashing is not None:
                 await hashing
-            _check_all(checks, batch)
+            if batch:
+                await _check_all(checks, batch)
             checks.verify(trailers)
 
     async def _receive(self, chunks: AsyncIterator[bytes]) -> bytes | Path:

@@ -383,8 +383,23 @@ class BodyChecks:
 
     def update(self, data: bytes | memoryview) -> None:
         """Count ``data`` (the next payload bytes) into every check."""
-        self.size += len(data)
-        self._md5.update(data)
+        for lane in self.lanes:
+            self.update_lane(lane, data)
+
+    @property
+    def lanes(self) -> list[int]:
+        """The lanes of :meth:`update_lane` that have work: 0 (the size and MD5) always,
+        1 (the SHA-256 and the checksums) when there is one."""
+        return [0, 1] if self._sha256 is not None or self._hashers else [0]
+
+    def update_lane(self, lane: int, data: bytes | memoryview) -> None:
+        """``update`` for one lane: lanes are independent, so two threads may run them at
+        once (hashlib and CRC release the GIL on large buffers: one body hashes on two
+        cores), each lane's calls in payload order."""
+        if lane == 0:
+            self.size += len(data)
+            self._md5.update(data)
+            return
         if self._sha256 is not None:
             self._sha256.update(data)
         for hasher in self._hashers.values():

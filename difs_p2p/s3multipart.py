@@ -515,8 +515,9 @@ class MultipartStore:
                     "INSERT INTO writing (upload, owner) VALUES (?, ?)", (upload_id, owner)
                 )
             pending: asyncio.Future[None] | None = None
-            batch: list[bytes] = []
-            # the next segment's pieces (views of immutable chunks: copied once, joined)
+            # segments as their pieces (views of immutable chunks), joined by the writer's
+            # thread: the loop never copies a part
+            batch: list[list[memoryview]] = []
             pieces: list[memoryview] = []
             held = 0
             try:
@@ -534,7 +535,7 @@ class MultipartStore:
                         held += take
                         view = view[take:]
                         if held == size:
-                            batch.append(b"".join(pieces))
+                            batch.append(pieces)
                             pieces, held = [], 0
                     if len(batch) >= _SEGMENT_BATCH:
                         if pending is not None:
@@ -550,7 +551,7 @@ class MultipartStore:
             if pending is not None:
                 pending.result()
             if pieces:
-                batch.append(b"".join(pieces))
+                batch.append(pieces)
             if batch:
                 await _disk(upload_id, number, writer.write, batch, pool=self._writers)
             etag = md5() if md5 is not None else None

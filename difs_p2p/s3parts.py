@@ -12,7 +12,8 @@ arrived; a CRC32C costs a fraction of a second pass of MD5). File names are ``<n
 
 With the peer's segment store at hand, a part is not staged in a file: :class:`SegmentWriter`
 cuts it into segments of the upload's segment size as it arrives and stores them in the
-segment store (BLAKE3 per segment, MD5 unless its caller hashed the bytes), kept by the
+segment store (BLAKE3 once per segment, in the writing thread, the store taking that id
+without hashing again; MD5 unless its caller hashed the bytes), kept by the
 part's own owner tag (:func:`part_owner`: upload, number and a random generation), so that
 releasing that tag frees exactly that write of the part. The upload's hash list, stored at
 completion, is kept by :func:`list_owner`.
@@ -68,6 +69,8 @@ class Segments(Protocol):
         items: Sequence[tuple[bytes, bytes | bytearray | memoryview]],
         owner: bytes | None = None,
         session: bytes | None = None,
+        *,
+        hashed: bool = False,
     ) -> int: ...
 
     def release(self, owner: bytes) -> int: ...
@@ -191,11 +194,13 @@ class SegmentWriter:
         self.lock = threading.Lock()
         self.discarded = False
 
-    def write(self, batch: list[bytes]) -> None:
-        """Hash and store ``batch`` (segments, in order) in one store call; CapacityError
-        when the store is full (nothing of the batch stored)."""
+    def write(self, batch: list[list[memoryview]]) -> None:
+        """Join, hash and store ``batch`` (segments in order, each as its pieces) in one
+        store call; CapacityError when the store is full (nothing of the batch stored).
+        Each segment is hashed once: the store takes the ids computed here."""
         items: list[tuple[bytes, bytes]] = []
-        for segment in batch:
+        for pieces in batch:
+            segment = b"".join(pieces)  # here, not in the loop: a copy of the whole part
             if self.md5 is not None:
                 self.md5.update(segment)
             # one thread per segment: parts arrive in parallel, so BLAKE3's own threads
@@ -204,9 +209,9 @@ class SegmentWriter:
         with self.lock:
             if self.discarded:
                 return
-            self.store.put_many(items, self.owner)
+            self.store.put_many(items, self.owner, hashed=True)
             self.hashes.extend(seg_id for seg_id, _ in items)
-            self.size += sum(len(segment) for segment in batch)
+            self.size += sum(len(segment) for _, segment in items)
 
     def discard(self) -> None:
         """Release the part's segments (those nothing else keeps are deleted)."""

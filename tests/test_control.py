@@ -295,6 +295,23 @@ def test_requests_and_replies_round_trip_through_the_one_codec(op: str) -> None:
     assert ops.decode_reply(op, body) == reply
 
 
+@pytest.mark.parametrize(("keep", "sent"), [(False, None), (True, True)])
+def test_place_keep_round_trips_and_is_sent_only_when_set(keep: bool, sent: object) -> None:
+    """``place`` with ``keep`` round-trips; without it the field is not sent (as before)."""
+    request = ops.PlaceRequest(KEY, 2, INTEGRITY, 9, 3, 3, keep=keep)
+    name, args = ops.encode_request(request)
+    assert args.get("keep") == sent
+    assert CONTROL_TABLE[name].check(json.loads(json.dumps(args))) == request
+
+
+@pytest.mark.parametrize("keep", [1, "true", None])
+def test_place_keep_that_is_not_a_boolean_is_refused(keep: object) -> None:
+    """A ``keep`` that is not true or false is a UsageError (BAD_REQUEST), not truthiness."""
+    _, args = ops.encode_request(ops.PlaceRequest(KEY, 2, INTEGRITY, 9, 3, 3))
+    with pytest.raises(UsageError, match="keep"):
+        CONTROL_TABLE["place"].check({**args, "keep": keep})
+
+
 def test_a_resolve_with_a_second_key_round_trips() -> None:
     """``resolve`` with ``also`` (a claim object's key) and its nested reply round-trip."""
     request = ops.ResolveRequest(KEY, also=NameKey(b"\x0d" * 20))

@@ -7,6 +7,7 @@ import base64
 import concurrent.futures
 import functools
 import hashlib
+import io
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 import aiohttp
 import boto3
@@ -28,11 +29,15 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
+from difs_p2p.client import Client
+from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer
 from difs_p2p.s3api import (
     STREAMED_PUTS,
     BodyAborted,
     BodyPipe,
+    KeepingClient,
+    StoredClient,
     meta_headers,
     object_meta,
     parse_copy_source,
@@ -43,7 +48,8 @@ from difs_p2p.s3auth import signing_key
 from difs_p2p.s3body import ChunkSigner
 from difs_p2p.s3errors import S3Error
 from difs_p2p.s3keys import S3Key
-from difs_p2p.segments import segment_hash
+from difs_p2p.s3multipart import StoredObject
+from difs_p2p.segments import SegmentId, encode_hash_list, hash_list_root, segment_hash
 from tests.helpers import BIN, peer_config, start_peers, stop_all, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -1051,3 +1057,67 @@ async def test_copy_source_keys_are_url_decoded(net: Net, key: str) -> None:
     )  # fmt: skip
     got = await run(s3.get_object, Bucket="alice.com", Key="part-copied")
     assert await run(got["Body"].read) == body
+
+
+async def test_stored_object_keeps_the_serving_peers_copy(tmp_path: Path) -> None:
+    """An object published from the serving peer's segment store (as a completed
+    multipart upload is) has r copies of every range, one of them on that peer."""
+    peers = await start_peers(tmp_path, 6)
+    try:
+        entry = peers[0]
+        assert entry.store is not None
+        seg = 64 << 10
+        data = os.urandom(64 * seg)
+        pieces = [data[i : i + seg] for i in range(0, len(data), seg)]
+        hashes = [bytes(segment_hash(p)) for p in pieces]
+        hash_list = encode_hash_list([SegmentId(h) for h in hashes])
+        integrity = bytes(hash_list_root(hash_list))
+        owner = b"s3-test-upload"
+        entry.store.put_many([*zip(hashes, pieces, strict=True), (integrity, hash_list)], owner)
+        for replicas in (1, 2):
+            async with StoredClient(
+                entry.address,
+                StoredObject(hashes, len(data), seg),
+                integrity,
+                publisher=Identity.generate(),
+                token=entry.control_token,
+            ) as client:
+                result = await client.put(
+                    cast(IO[bytes], io.BytesIO()),
+                    f"/kept-{replicas}",
+                    segment_size=seg,
+                    replicas=replicas,
+                )
+            assert len(result.ranges) == 8
+            for placed in result.ranges:
+                assert entry.node_id.hex() in placed["holders"]
+                assert len(set(placed["holders"])) == replicas
+            async with Client(peers[5].address) as reader:
+                out = io.BytesIO()
+                await reader.get(f"/kept-{replicas}", out)
+            assert out.getvalue() == data
+    finally:
+        await stop_all(peers)
+
+
+async def test_a_streamed_put_keeps_the_serving_peers_copy(tmp_path: Path) -> None:
+    """A stream the S3 server publishes (a PutObject body) has r copies of every range,
+    one of them on the serving peer, which stored it whole as it arrived."""
+    peers = await start_peers(tmp_path, 6)
+    try:
+        entry, seg = peers[0], 64 << 10
+        data = os.urandom(64 * seg)
+        async with KeepingClient(
+            entry.address, publisher=Identity.generate(), token=entry.control_token
+        ) as client:
+            result = await client.put(io.BytesIO(data), "/kept", segment_size=seg, replicas=2)
+        assert len(result.ranges) == 8
+        for placed in result.ranges:
+            assert entry.node_id.hex() in placed["holders"]
+            assert len(set(placed["holders"])) == 2
+        async with Client(peers[5].address) as reader:
+            out = io.BytesIO()
+            await reader.get("/kept", out)
+        assert out.getvalue() == data
+    finally:
+        await stop_all(peers)

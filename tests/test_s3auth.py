@@ -40,6 +40,7 @@ from difs_p2p.s3auth import (
     split_target,
     v4_string_to_sign,
 )
+from difs_p2p.s3body import UNSIGNED_PAYLOAD
 from difs_p2p.s3errors import S3Error
 
 # (code, status) as in Amazon S3's error table
@@ -825,6 +826,44 @@ def test_right_digests_verify_and_wrong_ones_are_bad_digest(name: str) -> None:
     with pytest.raises(S3Error) as caught:
         wrong.verify()
     assert (caught.value.code, caught.value.status) == ("BadDigest", 400)
+
+
+PAYLOAD_SHA = hashlib.sha256(DATA).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("headers", "payload", "lanes"),
+    [
+        ({}, UNSIGNED_PAYLOAD, [0]),
+        ({"content-md5": RIGHT["content-md5"]}, UNSIGNED_PAYLOAD, [0]),
+        ({}, PAYLOAD_SHA, [0, 1]),
+        ({"x-amz-checksum-crc32": RIGHT["x-amz-checksum-crc32"]}, UNSIGNED_PAYLOAD, [0, 1]),
+        ({"x-amz-checksum-sha256": RIGHT["x-amz-checksum-sha256"]}, PAYLOAD_SHA, [0, 1]),
+    ],
+)
+def test_lanes_run_apart_verify_as_update_does(
+    headers: dict[str, str], payload: str, lanes: list[int]
+) -> None:
+    """Each lane fed the whole payload on its own (lane 1 first) verifies as ``update``
+    does; a lane fed other bytes fails the check it carries."""
+    checks = BodyChecks(headers, payload)
+    assert checks.lanes == lanes
+    for lane in reversed(lanes):
+        checks.update_lane(lane, DATA[:7])
+        checks.update_lane(lane, memoryview(DATA)[7:])
+    whole = BodyChecks(headers, payload)
+    whole.update(DATA)
+    assert (checks.verify(), checks.size, checks.md5_hex) == (
+        whole.verify(),
+        len(DATA),
+        hashlib.md5(DATA).hexdigest(),
+    )
+    if lanes == [0, 1]:
+        skewed = BodyChecks(headers, payload)
+        skewed.update_lane(0, DATA)
+        skewed.update_lane(1, DATA + b".")
+        with pytest.raises(S3Error):
+            skewed.verify()
 
 
 @pytest.mark.parametrize(

@@ -300,6 +300,27 @@ def test_put_many_stores_new_segments(store: SegmentStore) -> None:
     assert sorted(store.drop_refs(b"owner")) == sorted({first[0], seg(2)[0], seg(3)[0]})
 
 
+def test_put_many_hashed_takes_the_callers_ids(
+    store: SegmentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """put_many(hashed=True) stores ids its caller computed without hashing again; a read
+    still verifies them."""
+    hashed: list[int] = []
+
+    def counting(view: memoryview) -> bytes:
+        hashed.append(len(view))
+        return blake3.blake3(view).digest()
+
+    monkeypatch.setattr(store_module, "blake3_digest", counting)
+    batch = [seg(1), seg(2)]
+    assert store.put_many(batch, owner=b"owner", hashed=True) == 2
+    assert hashed == []
+    assert store.put_many([seg(3)], owner=b"owner") == 1
+    assert hashed == [1000]
+    for seg_id, data in batch:
+        assert store.read(seg_id) == data
+
+
 def test_put_many_with_one_bad_hash_writes_nothing(store: SegmentStore, root: Path) -> None:
     """One item with a wrong hash refuses the whole batch before any write."""
     good = [seg(i) for i in range(5)]
