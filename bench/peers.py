@@ -29,7 +29,8 @@ def parse_address(text: str) -> tuple[str, int]:
 def start_peer_process(
     data: Path, bootstrap: str | None, *extra: str
 ) -> tuple[subprocess.Popen[str], str]:
-    """A real ``difs-peer join`` process (``extra`` options appended); it and its address."""
+    """A real ``difs-peer join`` process (``extra`` options appended; without an HTTP
+    gateway unless ``extra`` gives ``--http``); it and its address."""
     cmd = [
         str(Path(sys.executable).with_name("difs-peer")),
         "join",
@@ -41,6 +42,9 @@ def start_peer_process(
         "--no-limit-loopback",
         *extra,
     ]
+    if "--http" not in extra:
+        # no HTTP gateway unless the benchmark asks for one (each would try 127.0.0.1:8080)
+        cmd += ["--http", "off"]
     if bootstrap:
         cmd += ["--bootstrap", bootstrap]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

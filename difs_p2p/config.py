@@ -345,6 +345,12 @@ class PeerConfig:
     # (the CLI's too): it publishes with the peer's control token for every access key in
     # DATA/s3keys.sqlite3, so an operator turns it on.
     s3: tuple[str, int] | None = None
+    # -- Upload window --
+    # Segment bytes (PUT_SEG payloads) one connection may have received and not yet
+    # answered: past it the peer stops reading that connection until an answer is done, so
+    # a chain's hops (each holding a segment until its downstream acknowledged it) hold at
+    # most this much of an upload each, whatever its size. At least one segment frame.
+    upload_window: int = 16 << 20
 
     @property
     def listen(self) -> str:
@@ -381,3 +387,5 @@ class PeerConfig:
             raise UsageError("idle_timeout must be positive")
         if self.upload_budget < 16 * 1024 * 1024 + 64:
             raise UsageError("upload_budget must hold at least one maximal segment frame")
+        if self.upload_window <= 0 or self.upload_window > self.upload_budget:
+            raise UsageError("upload_window must be positive and at most upload_budget")

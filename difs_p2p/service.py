@@ -76,6 +76,11 @@ def _give_back(pool: BudgetedPool, buf: bytearray, answer: asyncio.Task[Reply]) 
         pool.give(buf)
 
 
+def _release(window: ByteBudget, n: int, answer: asyncio.Task[Reply]) -> None:
+    """An upload's answer is done: its bytes leave the connection's window."""
+    window.give(n)
+
+
 def _refusal(request_id: int, exc: DifsError) -> asyncio.Task[Reply]:
     return asyncio.create_task(
         _ready(wire.Error(request_id=request_id, code=error_code(exc), message=str(exc)))
@@ -194,6 +199,9 @@ class Service:
         self.leaving = leaving
         # segment bytes sent (GET_SEG replies), for metrics.py
         self.served_bytes = 0
+        # the most segment bytes one connection has had received and not answered
+        # (never past config.upload_window)
+        self.window_peak = 0
 
     async def serve(self, conn: Connection) -> None:
         """Serve a connection; when it closes, free what its uploads left unpublished."""
@@ -223,9 +231,12 @@ class Service:
         replies: asyncio.Queue[asyncio.Task[Reply] | None] = asyncio.Queue(SERVE_PIPELINE)
         writer = asyncio.create_task(self._write_replies(conn, replies))
         pool = BudgetedPool(self.budget, SERVE_PIPELINE // 4, conn.io_timeout)
+        # segment bytes received on this connection and not answered yet (upload_window)
+        window = ByteBudget(self.config.upload_window)
         try:
             while not writer.done():
                 buf: bytearray | None = None
+                held = 0
                 try:
                     header = await self._next_header(conn, writer)
                     if header is None:
@@ -255,10 +266,16 @@ class Service:
                             busy = BusyError(LEAVING)
                             await _enqueue(replies, writer, _refusal(header.request_id, busy))
                             break
+                        # past the window the payload waits unread (the sender's TCP
+                        # stalls) until an answer of this connection is done
+                        held = min(header.length, window.limit)
+                        await window.take(held)
+                        self.window_peak = max(self.window_peak, window.used)
                         # the segment is a view of this buffer until its answer is done
                         try:
                             buf = await pool.take(header.length)
                         except BusyError as exc:
+                            window.give(held)
                             # the payload is left unread: the connection cannot go on
                             await _enqueue(replies, writer, _refusal(header.request_id, exc))
                             break
@@ -268,6 +285,7 @@ class Service:
                     except BaseException:
                         if buf is not None:
                             pool.drop(buf)
+                        window.give(held)
                         raise
                     frame = wire.decode_payload(header, payload)
                 except wire.WireError as exc:
@@ -286,6 +304,12 @@ class Service:
                 answer = self._dispatch(conn, frame)
                 if buf is not None:
                     answer.add_done_callback(functools.partial(_give_back, pool, buf))
+                if held:
+                    answer.add_done_callback(functools.partial(_release, window, held))
+                # only the answer keeps the segment's buffer alive: a connection waiting
+                # for its next frame (a chain kept open until ``place``) holds none
+                del frame, payload, into
+                buf = None
                 if not await _enqueue(replies, writer, answer):
                     break  # a send failed: nothing more will be answered
         finally:

@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import threading
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import blake3
 
-from difs_p2p import segments, wire
+from difs_p2p import segments, transfer, wire
 from difs_p2p.client import Client, PublishResult
 from difs_p2p.control import PeerCredential
 from difs_p2p.identity import Identity
@@ -263,4 +267,80 @@ async def test_chains_waiting_for_the_rest_of_a_long_upload_are_kept_alive(
             placed = await conn.request(PlaceRequest(key, 1, root, count, stripes, 3))
         assert [len(set(r.holders)) for r in placed.ranges] == [3] * stripes
     finally:
+        await stop_all(peers)
+
+
+async def test_a_paused_downstream_hop_stops_the_upload_at_the_window(tmp_path: Path) -> None:
+    """Every hop's writes are held back, so no segment is acknowledged: the entry peer
+    reads no more of the client's pipeline than its upload window holds, no peer's
+    connection ever holds more than the window, and the publish completes once released."""
+    frame = SEG + 32  # a PUT_SEG payload: segment id and bytes
+    window = 3 * frame + 100
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(32))  # held writes must not starve the rest
+    peers = await start_peers(tmp_path / "net", 5, upload_window=window)
+    entry = peers[0]
+    assert entry.service is not None
+    release = threading.Event()
+    held: list[bytes] = []
+    try:
+        for peer in peers[1:]:
+            store = peer.store
+            assert store is not None
+
+            def put_grouped(seg_id: bytes, *args: Any, _put: Any = store.put_grouped) -> bool:
+                held.append(seg_id)
+                release.wait()
+                return bool(_put(seg_id, *args))
+
+            store.put_grouped = put_grouped  # type: ignore[method-assign,assignment]
+        src = random_file(tmp_path, 32 * SEG)
+
+        async def put() -> PublishResult:
+            async with client_for(entry, publisher=Identity.generate()) as client:
+                return await client.put(src, "/chain/window", segment_size=SEG, replicas=3)
+
+        task = asyncio.create_task(put())
+        # the first hop holds the window's three segments, none of them acknowledged
+        await wait_for(lambda: len(held) >= 3)
+        assert entry.service.uploads.chained <= 3
+        for peer in peers:
+            assert peer.service is not None
+            assert peer.service.window_peak <= window
+        release.set()
+        result = await task
+        assert all(len(set(r["holders"])) == 3 for r in result.ranges)
+        assert all(p.service is not None and p.service.window_peak <= window for p in peers)
+    finally:
+        release.set()
+        await stop_all(peers)
+
+
+async def test_a_connection_waiting_for_its_next_frame_keeps_no_segment_buffer(
+    tmp_path: Path,
+) -> None:
+    """Once an upload is answered nothing keeps its receive buffer: a connection left open
+    (as a chain waiting for ``place``) holds no segment in memory."""
+    peers = await start_peers(tmp_path, 1)
+    tracemalloc.start()
+    try:
+        conn = await Connection.open(
+            peers[0].address, io_timeout=10, credential=PeerCredential(Identity.generate())
+        )
+        try:
+            data = os.urandom(4 << 20)
+            seg_id = SegmentId(blake3.blake3(data).digest())
+            await conn.send(wire.PutSeg(request_id=1, seg_id=seg_id, data=data))
+            assert isinstance(await conn.read_frame(), wire.Ack)
+            only = [tracemalloc.Filter(True, transfer.__file__)]
+
+            def buffers() -> int:
+                traces = tracemalloc.take_snapshot().filter_traces(only).traces
+                return sum(1 for t in traces if t.size >= len(data))
+
+            await wait_for(lambda: buffers() == 0)
+        finally:
+            conn.close()
+    finally:
+        tracemalloc.stop()
         await stop_all(peers)

@@ -209,6 +209,8 @@ PEER_ERRORS: list[tuple[dict[str, Any], str]] = [
     ({"max_connections_per_address": 0}, "max_connections and max_connections_per_address"),
     ({"idle_timeout": 0.0}, "idle_timeout"),
     ({"upload_budget": 16 << 20}, "upload_budget"),
+    ({"upload_window": 0}, "upload_window"),
+    ({"upload_window": (256 << 20) + 1}, "upload_window"),
 ]
 
 
