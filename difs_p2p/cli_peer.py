@@ -216,6 +216,13 @@ def join(
             " within it, writers through this one at once); 0 turns it off"
         ),
     ] = 0.0,
+    s3_upload_expiry: Annotated[
+        float,
+        typer.Option(
+            help="seconds after its last part an unfinished S3 multipart upload is aborted"
+            " and its parts freed"
+        ),
+    ] = 86400.0,
     log_level: Annotated[LogLevel, typer.Option(help="how much to log on stderr")] = (
         LogLevel.warning
     ),
@@ -257,6 +264,7 @@ def join(
             # the default address may be taken (another peer's gateway): run without one
             http_optional=getattr(ctx.get_parameter_source("http"), "name", "") == "DEFAULT",
             s3=parse_s3(s3),
+            s3_upload_expiry=s3_upload_expiry,
         )
     except errors.DifsError as exc:
         raise fail(exc) from None

@@ -351,6 +351,11 @@ class PeerConfig:
     # a chain's hops (each holding a segment until its downstream acknowledged it) hold at
     # most this much of an upload each, whatever its size. At least one segment frame.
     upload_window: int = 16 << 20
+    # -- S3 multipart expiry --
+    # Seconds after its last activity an unfinished S3 multipart upload (no part arriving)
+    # is removed with what it stored (--s3-upload-expiry; S3 lifecycle rules commonly abort
+    # incomplete uploads after a day).
+    s3_upload_expiry: float = 86400.0
 
     @property
     def listen(self) -> str:
@@ -373,6 +378,8 @@ class PeerConfig:
             if not 0 <= self.http[1] < 65536:
                 raise UsageError(f"--http port must be 0-65535, not {self.http[1]}")
             object.__setattr__(self, "http", (check_listen(self.http[0]), self.http[1]))
+        if not self.s3_upload_expiry > 0:
+            raise UsageError(f"--s3-upload-expiry must be positive, not {self.s3_upload_expiry}")
         if self.s3 is not None:
             if not 0 <= self.s3[1] < 65536:
                 raise UsageError(f"--s3 port must be 0-65535, not {self.s3[1]}")

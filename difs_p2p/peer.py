@@ -363,7 +363,10 @@ class Peer:
             keys = await asyncio.to_thread(KeyStore, self.data_dir / "s3keys.sqlite3")
             try:
                 uploads = await asyncio.to_thread(
-                    MultipartStore, self.data_dir / "s3-uploads", segments=self.store
+                    MultipartStore,
+                    self.data_dir / "s3-uploads",
+                    segments=self.store,
+                    expire_after=self.config.s3_upload_expiry,
                 )
             except BaseException:
                 keys.close()
