@@ -211,6 +211,7 @@ PEER_ERRORS: list[tuple[dict[str, Any], str]] = [
     ({"upload_budget": 16 << 20}, "upload_budget"),
     ({"upload_window": 0}, "upload_window"),
     ({"upload_window": (256 << 20) + 1}, "upload_window"),
+    ({"s3_upload_expiry": 0.0}, "s3-upload-expiry"),
 ]
 
 
