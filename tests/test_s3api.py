@@ -794,41 +794,27 @@ async def test_difs_peer_join_serves_s3(tmp_path: Path) -> None:
 
 def _join_with_s3(tmp_path: Path) -> None:
     data = tmp_path / "peer"
-    proc = subprocess.Popen(
-        [
-            str(BIN / "difs-peer"),
-            "join",
-            "--data",
-            str(data),
-            "--http",
-            "off",
-            "--s3",
-            "127.0.0.1:0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, url = _start_s3_peer(data)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("peer ready"), line
-        url = dict(part.split("=", 1) for part in line.split()[2:])["s3"]
-        assert (data / "s3").read_text().strip() == url
-        made = subprocess.run(
-            [str(BIN / "difs"), "s3-key", "create", "--data", str(data), "--json"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        key = json.loads(made.stdout)
-        s3 = _client(url.rstrip("/"), key["access_key"], key["secret"])
+        assert (data / "s3").read_text().strip().rstrip("/") == url
+        s3 = _client(url, **_new_key(data))
         s3.create_bucket(Bucket="cli-bucket")
         assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["cli-bucket"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
+        _stop(proc)
     assert not (data / "s3").exists()
+
+
+def _new_key(data: Path) -> dict[str, str]:
+    """An access key made by `difs s3-key create` for the peer in ``data``."""
+    made = subprocess.run(
+        [str(BIN / "difs"), "s3-key", "create", "--data", str(data), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = json.loads(made.stdout)
+    return {"access": key["access_key"], "secret": key["secret"]}
 
 
 @pytest.mark.parametrize(
@@ -1155,14 +1141,8 @@ def _expiry_across_restarts(tmp_path: Path) -> None:
     data = tmp_path / "peer"
     proc, url = _start_s3_peer(data)
     try:
-        made = subprocess.run(
-            [str(BIN / "difs"), "s3-key", "create", "--data", str(data), "--json"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        key = json.loads(made.stdout)
-        s3 = _client(url, key["access_key"], key["secret"])
+        key = _new_key(data)
+        s3 = _client(url, **key)
         s3.create_bucket(Bucket="exp.com")
         uid = s3.create_multipart_upload(Bucket="exp.com", Key="big.bin")["UploadId"]
         s3.upload_part(
@@ -1177,7 +1157,7 @@ def _expiry_across_restarts(tmp_path: Path) -> None:
         asked again (for up to 15 s) while its expiry pass, run at its start, is under way."""
         proc, url = _start_s3_peer(data, *extra)
         try:
-            s3 = _client(url, key["access_key"], key["secret"])
+            s3 = _client(url, **key)
             deadline = time.monotonic() + 15
             while True:
                 listed = s3.list_multipart_uploads(Bucket="exp.com").get("Uploads", [])
