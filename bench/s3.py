@@ -62,6 +62,36 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> float:
     return time.perf_counter() - started
 
 
+def cpu_seconds(pids: list[int]) -> list[float]:
+    """CPU seconds (user + system) used so far by each process of ``pids``, then by this
+    process and its finished children (the ``difs`` commands) together."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = []
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out.append((int(fields[11]) + int(fields[12])) / tick)  # utime, stime
+    t = os.times()
+    return [*out, t.user + t.system + t.children_user + t.children_system]
+
+
+class Cpu:
+    """Wall and CPU seconds of one step: CPU per peer process and of the client side."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.cpu: dict[str, list[float]] = {}
+
+    def measure(self, label: str, fn: Any, *args: Any, **kwargs: Any) -> float:
+        before = cpu_seconds(self.pids)
+        took = timed(fn, *args, **kwargs)
+        after = cpu_seconds(self.pids)
+        self.cpu[label] = [round(b - a, 2) for a, b in zip(before, after, strict=True)]
+        return took
+
+    def total(self, label: str) -> float:
+        return sum(self.cpu[label])
+
+
 def same_file(a: Path, b: Path) -> bool:
     with a.open("rb") as fa, b.open("rb") as fb:
         while True:
@@ -179,13 +209,16 @@ def run(size_mib: int, peers: int, n_keys: int, tmp: Path) -> dict[str, Any]:
             "before-call.s3.CompleteMultipartUpload",
             lambda **_: marks.__setitem__("complete", time.perf_counter()),
         )
+        cpu = Cpu([p.pid for p in procs])
         started = time.perf_counter()
-        s3_put = timed(s3.upload_file, str(src), bucket, "s3.bin")
+        s3_put = cpu.measure("s3_put", s3.upload_file, str(src), bucket, "s3.bin")
         s3_complete = started + s3_put - marks.get("complete", started + s3_put)
         # the same as one PutObject (no multipart): tells staging the parts from the rest
         single = TransferConfig(multipart_threshold=size_mib * MiB + 1)
         s3_single = timed(s3.upload_file, str(src), bucket, "single.bin", Config=single)
-        difs_put = difs("put", str(src), f"/{bucket}/difs.bin", "--peer", seed, env=env)
+        difs_put = cpu.measure(
+            "difs_put", difs, "put", str(src), f"/{bucket}/difs.bin", "--peer", seed, env=env
+        )
         s3_get = timed(s3.download_file, bucket, "s3.bin", str(tmp / "s3.out"))
         difs_get = difs("get", f"/{bucket}/difs.bin", "-o", str(tmp / "difs.out"), "--peer",
                         seed, env=env)  # fmt: skip
@@ -199,6 +232,15 @@ def run(size_mib: int, peers: int, n_keys: int, tmp: Path) -> dict[str, Any]:
             f"{s3_complete:.2f} s of it; as one PutObject {s3_single:.2f} s, "
             f"ratio {difs_put / s3_single:.2f}); download boto3 {s3_get:.2f} s, "
             f"difs get {difs_get:.2f} s (ratio {get_ratio:.2f}); bytes intact: {intact}"
+        )
+        cores = os.cpu_count() or 1
+        floor = cpu.total("s3_put") / cores
+        print(
+            f"CPU seconds (peers, then the client side: boto3 or the difs command): "
+            f"boto3 upload_file {cpu.total('s3_put'):.2f} {cpu.cpu['s3_put']}, "
+            f"difs put {cpu.total('difs_put'):.2f} {cpu.cpu['difs_put']}; on {cores} cores "
+            f"upload_file cannot take less than {floor:.2f} s, which bounds the ratio at "
+            f"{difs_put / floor:.2f}"
         )
 
         listing: dict[str, Any] = {"keys": n_keys}
@@ -214,6 +256,8 @@ def run(size_mib: int, peers: int, n_keys: int, tmp: Path) -> dict[str, Any]:
         "upload_ratio": round(put_ratio, 2),
         "upload_complete_s": round(s3_complete, 2),
         "upload_single_put_s": round(s3_single, 2),
+        "upload_boto3_cpu_s": cpu.cpu["s3_put"],
+        "upload_difs_cpu_s": cpu.cpu["difs_put"],
         "upload_single_put_ratio": round(difs_put / s3_single, 2),
         "download_boto3_s": round(s3_get, 2),
         "download_difs_s": round(difs_get, 2),
