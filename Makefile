@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install sysdeps s3tests-venv demo test lint types unit bench fuzz clean
+.PHONY: install sysdeps s3tests-venv demo test lint types unit bench profile fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ bench: $(STAMP) sysdeps
 	$(BIN)/python -m bench.s3
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.startup
+
+# py-spy profiles of the client command and every peer: publish, fetch, small objects
+# (bench/profile.py; summaries in bench/results/profile-*.txt)
+profile: $(STAMP)
+	$(BIN)/python -m bench.profile
 
 fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,fuzz]'
