@@ -223,6 +223,14 @@ def join(
             " and its parts freed"
         ),
     ] = 86400.0,
+    s3_keepalive: Annotated[
+        float,
+        typer.Option(
+            help="seconds a CompleteMultipartUpload works before the S3 API answers 200 and"
+            " sends a space every this many seconds until its result (no client read timeout"
+            " fires)"
+        ),
+    ] = 10.0,
     log_level: Annotated[LogLevel, typer.Option(help="how much to log on stderr")] = (
         LogLevel.warning
     ),
@@ -265,6 +273,7 @@ def join(
             http_optional=getattr(ctx.get_parameter_source("http"), "name", "") == "DEFAULT",
             s3=parse_s3(s3),
             s3_upload_expiry=s3_upload_expiry,
+            s3_keepalive=s3_keepalive,
         )
     except errors.DifsError as exc:
         raise fail(exc) from None

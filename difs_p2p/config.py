@@ -356,6 +356,12 @@ class PeerConfig:
     # is removed with what it stored (--s3-upload-expiry; S3 lifecycle rules commonly abort
     # incomplete uploads after a day).
     s3_upload_expiry: float = 86400.0
+    # -- S3 slow answers --
+    # Seconds a CompleteMultipartUpload may work before its answer starts: past them the S3
+    # API answers 200 at once and sends a space every this many seconds until the document
+    # (or an Error) follows, as S3 does, so that no client or proxy read timeout (60 s for
+    # boto3 and the aws CLI) fires while a large object's copies are made (--s3-keepalive).
+    s3_keepalive: float = 10.0
 
     @property
     def listen(self) -> str:
@@ -380,6 +386,8 @@ class PeerConfig:
             object.__setattr__(self, "http", (check_listen(self.http[0]), self.http[1]))
         if not self.s3_upload_expiry > 0:
             raise UsageError(f"--s3-upload-expiry must be positive, not {self.s3_upload_expiry}")
+        if not self.s3_keepalive > 0:
+            raise UsageError(f"--s3-keepalive must be positive, not {self.s3_keepalive}")
         if self.s3 is not None:
             if not 0 <= self.s3[1] < 65536:
                 raise UsageError(f"--s3 port must be 0-65535, not {self.s3[1]}")

@@ -381,6 +381,7 @@ class Peer:
             uploads=uploads,
             spool=self.data_dir / "s3-spool",
             io_timeout=self.config.io_timeout,
+            keepalive=self.config.s3_keepalive,
         )
         await server.start(sock)
         self.s3 = server

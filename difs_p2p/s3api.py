@@ -38,6 +38,7 @@ httprules, listing); splitting it would scatter the request context every handle
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -48,7 +49,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
@@ -88,6 +89,9 @@ from difs_p2p.tasks import TaskSet
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+# How many completed multipart uploads' answers the S3 server keeps for a Complete sent
+# again (in memory: a restart forgets them; that Complete then gets NoSuchUpload).
+COMPLETED_KEPT = 1024
 
 # The region S3 clients are told (GetBucketLocation answers "" for it, as S3 does).
 REGION = "us-east-1"
@@ -416,13 +420,15 @@ class S3Server:
         uploads: MultipartStore,
         spool: Path,
         io_timeout: float = 30.0,
+        keepalive: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``entry``: the peer's own TCP service; ``token``: its control token (the
         access keys' clients publish with it); ``keys``: the credential store;
         ``uploads``: where multipart uploads are staged (the server owns both);
         ``spool``: a directory of its own where bodies are written before they are
-        published (emptied at start: what a crash left)."""
+        published (emptied at start: what a crash left); ``keepalive``: seconds a slow
+        answer (:meth:`_Ctx.answer_slowly`) waits before it starts, then between spaces."""
         self.entry = entry
         self.token = token
         self.keys = keys
@@ -436,7 +442,16 @@ class S3Server:
         self.streamed_puts = 0
         self.max_streamed_puts = STREAMED_PUTS
         self._tasks = TaskSet("s3")
+        # CompleteMultipartUpload publishes under way, by upload id (s3api answers a
+        # Complete sent again meanwhile with the same one)
+        self.completing: dict[str, asyncio.Task[bytes]] = {}
+        # the answers of the uploads completed last, by upload id, with who completed which
+        # key (a Complete sent again after its answer was lost gets the same answer)
+        self.completed: collections.OrderedDict[str, tuple[tuple[str, str, str], bytes]] = (
+            collections.OrderedDict()
+        )
         self.io_timeout = io_timeout
+        self.keepalive = keepalive
         self.clock = clock
         # each access key's clients, and how many requests each serves now
         self._clients: dict[str, dict[Client, int]] = {}
@@ -467,6 +482,18 @@ class S3Server:
             raise
         self._tasks.spawn(self._expire_loop(), "s3-expire")
         log.info("s3_started url=%s", self.url)
+
+    def remember_completed(
+        self, upload_id: str, whose: tuple[str, str, str], document: bytes
+    ) -> None:
+        """Keep the answer of a completed upload (the last COMPLETED_KEPT of them)."""
+        self.completed[upload_id] = (whose, document)
+        while len(self.completed) > COMPLETED_KEPT:
+            self.completed.popitem(last=False)
+
+    def spawn(self, coro: Coroutine[Any, Any, R], name: str) -> asyncio.Task[R]:
+        """Run ``coro`` as the server's own task (cancelled when it stops)."""
+        return self._tasks.spawn(coro, name)
 
     async def _expire_loop(self) -> None:
         """Free abandoned multipart uploads (older than the store's grace) every hour."""
@@ -526,25 +553,24 @@ class S3Server:
                 raise S3Error("InvalidAccessKeyId", extra={"AWSAccessKeyId": auth.access_key})
             with self.client_for(key) as client:
                 response = await _Ctx(self, request, target, auth, key, client).run()
-        except S3Error as exc:
-            response = self._error(exc, resource, request_id, request.method)
-        except TimeoutError:
-            response = self._error(
-                S3Error("ServiceUnavailable", "the network did not answer in time"),
-                resource,
-                request_id,
-                request.method,
-            )
-        except DifsError as exc:
-            response = self._error(s3_error_of(exc), resource, request_id, request.method)
-        except OSError as exc:
-            err = S3Error("ServiceUnavailable", f"the network failed: {exc}")
-            response = self._error(err, resource, request_id, request.method)
-        except Exception:  # a bug: answered as S3 does (clients retry), logged with its trace
-            log.exception("s3_request_failed request_id=%s path=%s", request_id, resource)
-            err = S3Error("InternalError")
+        except Exception as exc:
+            err = self.s3_error(exc, request_id, resource)
             response = self._error(err, resource, request_id, request.method)
         return response
+
+    def s3_error(self, exc: Exception, request_id: str, resource: str) -> S3Error:
+        """The S3 error a request that raised ``exc`` is answered with."""
+        if isinstance(exc, S3Error):
+            return exc
+        if isinstance(exc, TimeoutError):
+            return S3Error("ServiceUnavailable", "the network did not answer in time")
+        if isinstance(exc, DifsError):
+            return s3_error_of(exc)
+        if isinstance(exc, OSError):
+            return S3Error("ServiceUnavailable", f"the network failed: {exc}")
+        # a bug: answered as S3 does (clients retry), logged with its trace
+        log.error("s3_request_failed request_id=%s path=%s", request_id, resource, exc_info=exc)
+        return S3Error("InternalError")
 
     async def _prepared(self, request: web.Request, response: web.StreamResponse) -> None:
         """Each response as its status line goes out: its request id."""
@@ -590,6 +616,59 @@ def s3_error_of(exc: DifsError) -> S3Error:
     if isinstance(exc, NetworkError | IntegrityError):
         return S3Error("ServiceUnavailable", str(exc))
     return S3Error("InternalError", str(exc))
+
+
+async def answer_slowly(
+    request: web.Request,
+    work: Coroutine[Any, Any, bytes],
+    every: float,
+    error_document: Callable[[Exception], bytes],
+) -> web.StreamResponse:
+    """Answer ``request`` with the XML document ``work`` makes. When it takes longer than
+    ``every`` seconds, answer 200 and the XML declaration at once, then a space every
+    ``every`` seconds, then the document, or the ``error_document`` of what ``work``
+    raised (S3 does this for CompleteMultipartUpload; the SDKs read an Error in a 200
+    answer as a failure and retry it). A client gone meanwhile is no longer written to,
+    but ``work`` is done; it is cancelled only with the request (the server stopping).
+    What ``work`` raises before the answer starts is raised here."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({task}, timeout=every)
+        if task.done():
+            return _xml(task.result())
+        response = web.StreamResponse(status=200)
+        response.content_type = "application/xml"
+        gone = not await _written(response.prepare(request))
+        gone = gone or not await _written(response.write(s3xml.XML_DECLARATION))
+        while not task.done():
+            await asyncio.wait({task}, timeout=every)
+            if not task.done() and not gone:
+                gone = not await _written(response.write(b" "))
+        try:
+            body = task.result()
+        except Exception as exc:
+            body = error_document(exc)
+        if not gone and await _written(response.write(s3xml.after_declaration(body))):
+            await _written(response.write_eof())
+        return response
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+
+async def _joined(task: asyncio.Future[R]) -> R:
+    """``task``'s result, without cancelling it when the one waiting is cancelled."""
+    return await asyncio.shield(task)
+
+
+async def _written(sending: Awaitable[object]) -> bool:
+    """Whether ``sending`` (a slow answer's write) reached the client: False when it left."""
+    try:
+        await sending
+    except ConnectionError:  # aiohttp's ClientConnectionResetError is one
+        return False
+    return True
 
 
 def _xml(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -1397,7 +1476,14 @@ class _Ctx:
         body = s3xml.copy_result("CopyPartResult", f'"{part.etag}"', part.modified)
         return _xml(body, headers={"x-amz-copy-source-version-id": str(source.version)})
 
-    async def complete_upload(self) -> web.Response:
+    async def complete_upload(self) -> web.StreamResponse:
+        done = self.server.completed.get(self.query["uploadId"])
+        if done is not None and done[0] == (
+            self.key.access_key,
+            self.target.bucket,
+            self.target.key,
+        ):  # sent again after it succeeded (its answer lost to a timeout): the same answer
+            return _xml(done[1])
         upload = self._upload()
         name = self._name()
         await self._own_bucket()
@@ -1418,19 +1504,46 @@ class _Ctx:
         uploads = self.server.uploads
         etag = uploads.multipart_etag(upload.upload_id, numbers)
         meta = object_meta(upload.meta, etag)
-        stored = uploads.stored_object(upload.upload_id, numbers) if uploads.segments else None
-        if stored is not None:
-            await self._publish_stored(upload, stored, name, meta)
-        else:
-            reader = uploads.reader(upload.upload_id, numbers)
-            try:
-                await self._publish(reader, name, lambda: meta)
-            finally:
-                reader.close()
-        uploads.remove(upload.upload_id)
-        bucket, key = self.target.bucket, self.target.key
-        body = s3xml.complete_multipart(f"/{bucket}/{key}", bucket, key, f'"{etag}"')
-        return _xml(body)
+
+        async def publish() -> bytes:
+            stored = uploads.stored_object(upload.upload_id, numbers) if uploads.segments else None
+            if stored is not None:
+                await self._publish_stored(upload, stored, name, meta)
+            else:
+                reader = uploads.reader(upload.upload_id, numbers)
+                try:
+                    await self._publish(reader, name, lambda: meta)
+                finally:
+                    reader.close()
+            uploads.remove(upload.upload_id)
+            bucket, key = self.target.bucket, self.target.key
+            document = s3xml.complete_multipart(f"/{bucket}/{key}", bucket, key, f'"{etag}"')
+            whose = (upload.access_key, bucket, key)
+            self.server.remember_completed(upload.upload_id, whose, document)
+            return document
+
+        # The parts are checked: from here on S3 may answer 200 before the result. The
+        # publish is the server's, not this request's: a client that timed out and sent
+        # the same Complete again (the SDKs retry) waits for the same publish and answer.
+        completing = self.server.completing
+        task = completing.get(upload.upload_id)
+        if task is None:
+            task = self.server.spawn(publish(), f"s3-complete-{upload.upload_id}")
+            completing[upload.upload_id] = task
+            task.add_done_callback(lambda _: completing.pop(upload.upload_id, None))
+        return await self.answer_slowly(_joined(task))
+
+    async def answer_slowly(self, work: Coroutine[Any, Any, bytes]) -> web.StreamResponse:
+        """:func:`answer_slowly` with the server's keepalive and S3 Error documents."""
+        request_id = str(self.request.get(_REQUEST_ID, ""))
+        path = self.request.path
+
+        def error_document(exc: Exception) -> bytes:
+            err = self.server.s3_error(exc, request_id, path)
+            log.warning("s3_slow_answer_failed path=%s code=%s", path, err.code)
+            return s3xml.error_xml(err.code, err.message, path, request_id, err.extra)
+
+        return await answer_slowly(self.request, work, self.server.keepalive, error_document)
 
     async def _publish_stored(
         self, upload: Upload, stored: StoredObject, name: str, meta: ObjectMeta

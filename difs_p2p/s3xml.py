@@ -264,11 +264,21 @@ class Grouper:
 # -- rendering -----------------------------------------------------------------------------
 
 
+# What every document starts with; a slow answer sends it first, then spaces (XML allows
+# white space between the declaration and the root element), then the rest.
+XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>\n'
+
+
+def after_declaration(document: bytes) -> bytes:
+    """``document`` without its leading :data:`XML_DECLARATION` (sent already)."""
+    return document.removeprefix(XML_DECLARATION)
+
+
 class _Doc:
     """A tiny XML writer: elements with escaped text, in order."""
 
     def __init__(self) -> None:
-        self.parts: list[str] = ['<?xml version="1.0" encoding="UTF-8"?>\n']
+        self.parts: list[str] = [XML_DECLARATION.decode()]
 
     def open(self, tag: str, ns: bool = False) -> None:
         self.parts.append(f'<{tag} xmlns="{NS}">' if ns else f"<{tag}>")

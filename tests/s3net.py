@@ -166,11 +166,12 @@ def _start_peer(data: Path, *extra: str) -> tuple[subprocess.Popen[str], dict[st
     return proc, dict(part.split("=", 1) for part in line.split()[2:])
 
 
-def start_s3_network(root: Path, n: int = 3) -> S3Network:
-    """``n`` peer processes in ``root``/p0..; p0 serves S3 on a free port of 127.0.0.1."""
+def start_s3_network(root: Path, n: int = 3, *s3_options: str) -> S3Network:
+    """``n`` peer processes in ``root``/p0..; p0 serves S3 on a free port of 127.0.0.1
+    (with ``s3_options`` added to its command)."""
     net = S3Network(root)
     try:
-        first, ready = _start_peer(root / "p0", "--s3", "127.0.0.1:0")
+        first, ready = _start_peer(root / "p0", "--s3", "127.0.0.1:0", *s3_options)
         net.procs.append(first)
         net.url = ready["s3"] if "://" in ready["s3"] else f"http://{ready['s3']}"
         net.address = ready["address"]

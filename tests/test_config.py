@@ -212,6 +212,8 @@ PEER_ERRORS: list[tuple[dict[str, Any], str]] = [
     ({"upload_window": 0}, "upload_window"),
     ({"upload_window": (256 << 20) + 1}, "upload_window"),
     ({"s3_upload_expiry": 0.0}, "s3-upload-expiry"),
+    ({"s3_keepalive": 0.0}, "s3-keepalive"),
+    ({"s3_keepalive": -1.0}, "s3-keepalive"),
 ]
 
 

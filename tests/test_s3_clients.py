@@ -8,7 +8,10 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,8 +55,7 @@ class Server:
             config=Config(
                 s3={"addressing_style": "path"},
                 signature_version="s3v4",
-                retries={"max_attempts": 1},
-                **config,
+                **({"retries": {"max_attempts": 1}} | config),
             ),
         )
 
@@ -141,6 +143,73 @@ def test_boto3_multipart_upload_and_ranged_download(server: Server, tmp_path: Pa
     assert hashlib.sha256(dst.read_bytes()).digest() == hashlib.sha256(data).digest()
     part = client.get_object(Bucket=bucket, Key="media/big.bin", Range="bytes=7340032-7340041")
     assert part["Body"].read() == data[7340032:7340042]
+
+
+def stalled_complete(net: S3Network, root: Path, **config: Any) -> tuple[Any, float, bytes]:
+    """A 2-part upload completed by a boto3 client made with ``config`` while a holder of
+    the copies is stopped (SIGSTOP) for 3 s: the client, the seconds Complete took, the
+    bytes (the object is ``big.bin`` in the client's bucket ``slow-...``)."""
+    key, secret = net.create_key("slow")
+    server = Server(net.url, key, secret, root, net)
+    bucket = server.bucket("slow")
+    client = server.boto(**config)
+    client.bucket = bucket
+    data = os.urandom(10 * MiB)
+    upload = client.create_multipart_upload(Bucket=bucket, Key="big.bin")["UploadId"]
+    parts = []
+    for number in (1, 2):
+        piece = data[(number - 1) * 5 * MiB : number * 5 * MiB]
+        etag = client.upload_part(
+            Bucket=bucket, Key="big.bin", UploadId=upload, PartNumber=number, Body=piece
+        )["ETag"]
+        parts.append({"PartNumber": number, "ETag": etag})
+    holder = net.procs[1]  # with 3 peers and 3 copies, every range needs it
+    holder.send_signal(signal.SIGSTOP)
+    resume = threading.Timer(3.0, holder.send_signal, (signal.SIGCONT,))
+    resume.start()
+    try:
+        started = time.monotonic()
+        done = client.complete_multipart_upload(
+            Bucket=bucket, Key="big.bin", UploadId=upload, MultipartUpload={"Parts": parts}
+        )
+        waited = time.monotonic() - started
+    finally:
+        resume.cancel()
+        holder.send_signal(signal.SIGCONT)
+    assert waited > 1.0, "Complete did not outlast the read timeout: nothing shown"
+    assert done["ETag"].strip('"').endswith("-2")
+    return client, waited, data
+
+
+def test_boto3_complete_outlasting_its_read_timeout(tmp_path: Path) -> None:
+    """A CompleteMultipartUpload that takes longer than boto3's read timeout (1 s here;
+    60 s by default, which a large object's copies can outlast) succeeds at its one
+    attempt: the S3 API answers 200 and a space every 0.2 s (``--s3-keepalive``) until the
+    result. The object is then whole."""
+    net = start_s3_network(tmp_path / "net", 3, "--s3-keepalive", "0.2")
+    try:
+        client, _, data = stalled_complete(
+            net, tmp_path, read_timeout=1, retries={"total_max_attempts": 1}
+        )
+        assert client.get_object(Bucket=client.bucket, Key="big.bin")["Body"].read() == data
+    finally:
+        net.stop()
+
+
+def test_boto3_complete_sent_again_waits_for_the_same_publish(tmp_path: Path) -> None:
+    """Without keepalive spaces in time (--s3-keepalive 60), boto3 times out after 1 s and
+    sends the same Complete again, several times: each one waits for the publish the
+    first started, the last gets its answer, and one version is published."""
+    net = start_s3_network(tmp_path / "net", 3, "--s3-keepalive", "60")
+    try:
+        client, _, data = stalled_complete(
+            net, tmp_path, read_timeout=1, retries={"total_max_attempts": 10}
+        )
+        assert client.get_object(Bucket=client.bucket, Key="big.bin")["Body"].read() == data
+        versions = client.list_object_versions(Bucket=client.bucket)["Versions"]
+        assert [v["Key"] for v in versions] == ["big.bin"]
+    finally:
+        net.stop()
 
 
 def test_boto3_lists_2500_keys_in_pages_with_delimiter(server: Server) -> None:
