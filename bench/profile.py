@@ -15,9 +15,12 @@ scenarios (default ``put1,put3,get,small``); ``DIFS_PROFILE_MIB`` the size (defa
 Each process is sampled at 250 Hz without stopping it (``--nonblocking``). The summary per
 process: the samples taken (CPU time, not waiting), the functions with the most samples of
 their own (where the CPU is spent, C calls included as the Python line that made them),
-and the project's functions with the most samples of their own or of anything they called
-that is not the project's (which of our code spends it). Printed, and written with the
-raw collapsed stacks to ``bench/results/profile-SCENARIO-PROCESS.txt``.
+the project's functions with the most samples of their own or of anything they called
+that is not the project's (which of our code spends it), and the task each sample was in.
+Samples of a thread waiting (its innermost frame a selector, a lock or a work queue) are
+counted apart; the others are time at work, CPU or a blocking system call such as fsync.
+Printed, and written with the raw collapsed stacks to
+``bench/results/profile-SCENARIO-PROCESS.txt``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ MiB = 1 << 20
 BIN = Path(sys.executable).parent
 RATE = 250
 TOP = 12
+# Innermost frames of a thread that waits (for a socket, a lock, work): in --nonblocking
+# mode py-spy samples those too; the summary counts them apart.
+IDLE = frozenset({"EpollSelector.select", "Condition.wait", "_worker", "Event.wait"})
+# Where a library's or the standard library's path starts to name the module.
+_LIBRARY = re.compile(r"^.*(?:site-packages/|lib/python3\.\d+/)")
 # A frame in py-spy's collapsed output: "function (path/to/file.py:LINE)".
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
@@ -57,14 +65,10 @@ def frame_key(frame: str) -> tuple[str, str]:
     if m is None:
         return frame.strip(), ""
     path = m.group("file")
-    for marker in ("difs_p2p/", "site-packages/", "lib/python3"):
-        if marker in path:
-            path = (
-                path.split(marker, 1)[1]
-                if marker != "difs_p2p/"
-                else "difs_p2p/" + path.split(marker, 1)[1]
-            )
-            break
+    if "difs_p2p/" in path:
+        path = "difs_p2p/" + path.rsplit("difs_p2p/", 1)[1]
+    else:  # a library's or the standard library's: from its package on
+        path = _LIBRARY.sub("", path)
     return m.group("func"), path
 
 
@@ -101,7 +105,7 @@ def task_of(keys: Sequence[tuple[str, str]]) -> tuple[str, str]:
 def summarize(stacks: Sequence[tuple[list[str], int]], top: int = TOP, rate: int = RATE) -> str:
     """Samples in all; the top functions by own samples; our functions by the samples of
     their own plus of the non-project code under them; and by task (:func:`task_of`)."""
-    total = sum(n for _, n in stacks)
+    total = waiting = 0
     own: collections.Counter[tuple[str, str]] = collections.Counter()
     ours: collections.Counter[tuple[str, str]] = collections.Counter()
     tasks: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -109,11 +113,18 @@ def summarize(stacks: Sequence[tuple[list[str], int]], top: int = TOP, rate: int
         keys = [frame_key(f) for f in frames if not f.startswith(("process ", "thread "))]
         if not keys:
             continue
+        if keys[-1][0] in IDLE:
+            waiting += n
+            continue
+        total += n
         own[keys[-1]] += n
         project = [k for k in keys if k[1].startswith("difs_p2p/")]
         ours[project[-1] if project else ("(outside the project)", "")] += n
         tasks[task_of(keys)] += n
-    out = [f"{total} samples at {rate} Hz ({total / rate:.2f} CPU s)"]
+    out = [
+        f"{total} samples at {rate} Hz ({total / rate:.2f} s) at work, {waiting} waiting "
+        "(shares below: of the samples at work)"
+    ]
     views = (
         ("own samples", own),
         ("project function (with what it calls)", ours),
