@@ -98,7 +98,10 @@ def task_of(keys: Sequence[tuple[str, str]]) -> tuple[str, str]:
     thread); the outermost frame when there is neither."""
     for i in range(len(keys) - 1, -1, -1):
         if keys[i][0] in ("Handle._run", "_worker") and i + 1 < len(keys):
-            return keys[i + 1]
+            inner = keys[i + 1 :]
+            if inner[0][0] == "_WorkItem.run" and len(inner) > 1:  # the thread's function
+                return inner[1]
+            return inner[0]
     return keys[0]
 
 

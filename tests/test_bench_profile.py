@@ -18,30 +18,36 @@ thread (0x1);run (difs_p2p/cli_common.py:10);_blake3 (/x/difs_p2p/segments.py:77
 thread (0x1);run (difs_p2p/cli_common.py:10);Connection.send (/x/difs_p2p/transfer.py:5);\
 sock_sendall (/usr/lib/python3.11/asyncio/selector_events.py:1) 10
 thread (0x1);run_forever (/usr/lib/python3.11/asyncio/base_events.py:1);\
-Handle._run (/usr/lib/python3.11/asyncio/events.py:80);dumps (/usr/lib/python3.11/json/__init__.py:1) 10
+Handle._run (/usr/lib/python3.11/asyncio/events.py:80);\
+dumps (/usr/lib/python3.11/json/__init__.py:1) 10
 thread (0x2);_worker (/usr/lib/python3.11/concurrent/futures/thread.py:83) 5
+thread (0x3);_worker (/usr/lib/python3.11/concurrent/futures/thread.py:83);\
+_WorkItem.run (/usr/lib/python3.11/concurrent/futures/thread.py:58);\
+verify_and_write (/x/difs_p2p/fetchrun.py:582) 50
 not a stack line
 """
 
 
 def test_collapsed_stacks_are_read_and_ranked() -> None:
     stacks = parse_collapsed(STACKS.splitlines())
-    assert [n for _, n in stacks] == [30, 10, 10, 5]  # the malformed line is skipped
+    assert [n for _, n in stacks] == [30, 10, 10, 5, 50]  # the malformed line is skipped
     text = summarize(stacks)
     # the thread waiting for work (its innermost frame the work queue's) is counted apart
-    assert text.startswith(f"50 samples at {RATE} Hz (0.20 s) at work, 5 waiting")
+    assert text.startswith(f"100 samples at {RATE} Hz (0.40 s) at work, 5 waiting")
     own, rest = text.split("top by project function")
     ours, tasks = rest.split("top by task")
     # own samples: the innermost frame; the asyncio call is charged to itself
     assert own.index("_blake3") < own.index("sock_sendall")
-    assert "60.0%  _blake3  difs_p2p/segments.py" in own
+    assert "30.0%  _blake3  difs_p2p/segments.py" in own
     assert "_worker" not in own
     # by project function: the standard library's sock_sendall is charged to its caller
-    assert "20.0%  Connection.send  difs_p2p/transfer.py" in ours
-    assert "20.0%  (outside the project)" in ours
-    # by task: what the event loop ran (under Handle._run), else the outermost frame
-    assert "20.0%  dumps  json/__init__.py" in tasks
-    assert "80.0%  run  difs_p2p/cli_common.py" in tasks
+    assert "10.0%  Connection.send  difs_p2p/transfer.py" in ours
+    assert "10.0%  (outside the project)" in ours
+    # by task: what the event loop ran (under Handle._run) or a worker thread (under
+    # _WorkItem.run), else the outermost frame
+    assert "50.0%  verify_and_write  difs_p2p/fetchrun.py" in tasks
+    assert "10.0%  dumps  json/__init__.py" in tasks
+    assert "40.0%  run  difs_p2p/cli_common.py" in tasks
 
 
 def test_process_frames_name_the_process() -> None:
