@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
 
+from difs_p2p.classgen import field, valueclass
 from difs_p2p.errors import UsageError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -195,7 +195,7 @@ def socket_address(bound: str, host: str, port: int) -> tuple[str, int]:
 # -- the learned address ---------------------------------------------------------------------
 
 
-@dataclass
+@valueclass(frozen=False)
 class AddressVotes:
     """What other peers observe as our source address; the address adopted from it.
 

@@ -28,9 +28,9 @@ import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 
 from difs_p2p import control, wire
+from difs_p2p.classgen import field, valueclass
 from difs_p2p.errors import (
     BusyError,
     CapacityError,
@@ -177,7 +177,7 @@ def hop_of(contact: Contact) -> RelayHop:
     return RelayHop(host, port, bytes(contact.node_id))
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class ChainRange:
     """One range of a chain upload: whether this peer holds it, and the link to its first
     remote hop (the chain's other hops, in order)."""

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.delegation import Delegation
 from difs_p2p.errors import (
     BadNameError,
@@ -184,7 +184,7 @@ def ownership(name: str, claim_owner: bytes | None) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ClaimAnswer:
     """A remembered claim lookup: the owner's public key (None: not claimed), until when."""
 

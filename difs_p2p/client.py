@@ -32,7 +32,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -46,6 +45,7 @@ from difs_p2p.claims import (
     publish_key,
     refused,
 )
+from difs_p2p.classgen import field, valueclass
 from difs_p2p.control import OperatorCredential
 from difs_p2p.delegation import REVOCATIONS, Delegation
 from difs_p2p.errors import (
@@ -189,7 +189,7 @@ FOLDER_REFRESH = 12 * 3600.0
 Phase = Callable[[str], None]
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Resolved:
     """What the entry peer found for a name: manifests verified here; holder entries
     decoded and bound to the name, their signatures checked when first used."""
@@ -225,7 +225,7 @@ def _verified(entries: list[HolderEntry]) -> list[HolderEntry]:
     return good
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class PublishResult:
     manifest: Manifest
     accepted: int

@@ -22,10 +22,10 @@ import re
 import textwrap
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import UsageError
 
 # The largest configuration file read: a few KiB is plenty, anything near this is not one.
@@ -46,7 +46,7 @@ class Kind(enum.Enum):
     LIST = "a list of strings"
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Setting:
     """One option of a command, as the file and the environment know it."""
 

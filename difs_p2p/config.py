@@ -6,11 +6,11 @@ constants.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from difs_p2p.addresses import check_listen, check_zone, format_address, ip_of, split_hostport
 from difs_p2p.addresses import parse_hostport as parse_hostport
+from difs_p2p.classgen import field, valueclass
 from difs_p2p.errors import UsageError
 from difs_p2p.sizes import format_size as format_size
 from difs_p2p.sizes import parse_size as parse_size
@@ -39,7 +39,7 @@ def parse_s3(text: str) -> tuple[str, int] | None:
     return parse_http(text, "--s3")
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class RepairConfig:
     """How a peer looks after what it holds."""
 
@@ -94,7 +94,7 @@ class RepairConfig:
             raise UsageError("orphan_grace and orphan_per_segment must not be negative")
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class DhtConfig:
     """Tuning of the DHT adapter."""
 
@@ -227,7 +227,7 @@ class DhtConfig:
             raise UsageError("overflow_contacts must not be negative")
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ProofConfig:
     """How a DHT peer challenges the holder entries it admits (holdproof.py)."""
 
@@ -275,7 +275,7 @@ class ProofConfig:
             raise UsageError("proof gather must not be negative, pool_idle and rate positive")
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class PeerConfig:
     """Everything a storage peer needs to start."""
 

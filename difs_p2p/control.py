@@ -25,11 +25,11 @@ import hashlib
 import hmac
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 from difs_p2p import ops, wire
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import IntegrityError, StorageError, UsageError
 from difs_p2p.identity import Identity, node_id_for, verify_signature
 from difs_p2p.ops import OPS
@@ -81,7 +81,7 @@ class Access(enum.Enum):
     OPERATOR = "operator"
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class OpRule:
     """One row of the table: who may make the request, and how its arguments are checked
     (the check raises UsageError; unknown arguments are ignored, for later versions)."""
@@ -178,7 +178,7 @@ class Credential(Protocol):
     def prove(self, nonce: bytes, server_id: bytes) -> wire.Auth: ...
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class OperatorCredential:
     """The local operator: holds the peer's control token."""
 
@@ -193,7 +193,7 @@ class OperatorCredential:
         return wire.Auth(role="operator", key=None, proof=proof)
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class PeerCredential:
     """Another storage peer: proves its node key."""
 

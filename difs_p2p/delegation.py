@@ -7,9 +7,9 @@ covers the manifest (writer, prefix, expiry) and takes the name's owner from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import WireError
 from difs_p2p.identity import Identity, verify_signature
 from difs_p2p.names import normalize_name
@@ -20,7 +20,7 @@ DELEGATION_DOMAIN = b"difs-delegation-v1\x00"
 REVOCATIONS = "@revoked"
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Delegation:
     """An owner's signed permission for a writer key to publish names under a prefix.
 

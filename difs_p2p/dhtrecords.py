@@ -19,10 +19,10 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from difs_p2p import dhtwire
+from difs_p2p.classgen import valueclass
 from difs_p2p.config import DhtConfig
 from difs_p2p.errors import WireError
 from difs_p2p.identity import NodeId, distance
@@ -51,7 +51,7 @@ def entry_set_digest(entries: Iterable[bytes]) -> bytes:
     return h.digest()[: dhtwire.ENTRY_DIGEST_SIZE]
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Stored:
     """What storing a record (and entries) on the k closest peers achieved."""
 

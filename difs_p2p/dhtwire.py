@@ -16,12 +16,12 @@ too, so the handler only decides.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final
 
 import msgpack
 
 from difs_p2p.addresses import MAX_ZONE, check_zone, normalize_host
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import UsageError, WireError
 from difs_p2p.identity import NodeId
 from difs_p2p.routing import Contact, is_id, valid_address
@@ -93,7 +93,7 @@ def unpack(data: bytes, field: str = "body", offset: int = 0) -> object:
 # -- the envelope ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Request:
     """A request: its message id, RPC name, arguments (checked per RPC by
     :func:`decode_args`) and the token the sender holds for our address (None if it
@@ -105,7 +105,7 @@ class Request:
     token: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Reply:
     """A reply: the message id it answers and its body (checked by the caller, which
     knows what it asked)."""
@@ -153,24 +153,24 @@ def decode_datagram(data: bytes, max_size: int = 65_507) -> Request | Reply:
 # -- request arguments -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class PingArgs:
     sender: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class StunArgs:
     """``stun`` takes no arguments (any are ignored)."""
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class LeaveArgs:
     """``leave``: the sender's id, or None if it sent none (then nothing happens)."""
 
     sender: bytes | None
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class IdentifyArgs:
     """``identify``: the challenge nonce, None if the challenge is malformed (answered
     ``false``), and whether it was padded (newer peers: the reply carries a token)."""
@@ -182,7 +182,7 @@ class IdentifyArgs:
     info: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class FindArgs:
     """``find_node`` and ``find_value``."""
 
@@ -190,7 +190,7 @@ class FindArgs:
     key: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class FindEntriesArgs:
     """``find_entries``: one page from ``offset`` (not an integer: 0), with the record
     if ``with_value`` (the fourth argument is ``true``)."""
@@ -201,7 +201,7 @@ class FindEntriesArgs:
     with_value: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class StoreArgs:
     """``store``: ``value`` None if the request is malformed (refused); ``entries``
     None if the request had none (the reply is then a bare bool)."""
@@ -212,7 +212,7 @@ class StoreArgs:
     entries: tuple[bytes, ...] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class AddEntriesArgs:
     sender: bytes
     key: bytes
@@ -330,7 +330,7 @@ def decode_contacts(body: object, limit: int, field: str = "nodes") -> list[Cont
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ValueReply:
     """A find_value reply that holds the record."""
 
@@ -355,7 +355,7 @@ def value_of(body: object) -> bytes | None:
     return value if isinstance(value, bytes) else None
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class EntriesReply:
     """A find_entries reply: one page, where the next starts (-1: none), closer
     contacts, the entry-set digest (first page of several; None when absent or not 16
@@ -432,7 +432,7 @@ def decode_lookup_reply(
     raise ValueError(f"not a lookup request: {rpc!r}")
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class PeerInfo:
     """What a peer says about itself in its identify reply, under its signature: the
     TCP port of its segment service and its zone label ("" when none)."""
@@ -461,7 +461,7 @@ def decode_info(raw: object) -> PeerInfo:
     return PeerInfo(port, zone)
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class IdentifyReply:
     """An identify proof: public key, signature, the token for our address (None if
     the peer sent none or one that is not 16 bytes), and the info block when asked for
@@ -506,7 +506,7 @@ def token_reply(body: object) -> bytes | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class StoreReply:
     """A store reply: whether the record was taken, and the entries accepted (None: the
     request had no entries, the reply is a bare bool)."""

@@ -9,13 +9,13 @@ store full of tiny segments does not overrun the disk its capacity promises.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import StorageError, UsageError
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class DiskCost:
     """What a segment of ``size`` bytes is charged against a store's capacity.
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
+
+from difs_p2p.classgen import field, valueclass
 
 __all__ = [
     "LEAVING",
@@ -62,7 +63,7 @@ def describe(ref: RangeRef) -> str:
     return f"{key[:12]}/v{version}/{start}..{end}"
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class DrainProgress:
     """The accounting of one drain: started at ``started`` (seconds), ``total`` ranges."""
 

@@ -24,11 +24,11 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from difs_p2p import segments, wire
+from difs_p2p.classgen import field, valueclass
 from difs_p2p.errors import (
     DifsError,
     IntegrityError,
@@ -67,7 +67,7 @@ from difs_p2p.transfer import Connection
 PARTIAL_SUFFIX = ".part"
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class FetchResult:
     manifest: Manifest
     bytes: int

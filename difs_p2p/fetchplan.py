@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
+from difs_p2p.classgen import field, valueclass
 from difs_p2p.errors import UsageError
 
 Holder = tuple[str, int]
@@ -51,7 +51,7 @@ HASH_LIST_HEDGE = 0.05
 QUEUED, FLYING, ARRIVED, DONE = range(4)
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class PlanConfig:
     """How eagerly a fetch hedges and when it gives up on a holder."""
 
@@ -172,14 +172,14 @@ class PushPace:
         return max(self.config.quiet_floor, self.config.give_up_factor * deadline)
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class _Request:
     index: int
     size: int
     sent: float
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class _Holder:
     inflight: collections.deque[_Request] = field(default_factory=collections.deque)
     estimate: Estimate = field(default_factory=Estimate)
@@ -193,7 +193,7 @@ class _Holder:
     dead: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Tick:
     """What a look at the clock found: holders newly late, holders to give up."""
 

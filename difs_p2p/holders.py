@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass
 
 from difs_p2p.addresses import ip_of, sendable_host
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import WireError
 from difs_p2p.identity import SIGNATURE_SIZE, Identity, NodeId, node_id_for, verify_signature
 from difs_p2p.names import NameKey
@@ -46,7 +46,7 @@ HOLDER6_SIZE = _HOLDER6.size + SIGNATURE_SIZE
 _FORMATS = {HOLDER_SIZE: _HOLDER, HOLDER6_SIZE: _HOLDER6}
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class HolderEntry:
     """A peer's signed claim to hold segments ``start..end`` of one version of a name."""
 

@@ -10,10 +10,10 @@ before its manifest is signed: ``place`` comes before ``publish``) and never cha
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import AlreadyExistsError
 from difs_p2p.manifest import Lineage
 from difs_p2p.names import NameKey
@@ -35,7 +35,7 @@ _SCHEMA = (
 _COLUMNS = "key, version, integrity, count, start, end_, since, owner_key, root, manifest"
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Holding:
     """One range of one name version kept here (segments ``start..end`` of ``integrity``),
     held since ``since`` (wall-clock seconds)."""

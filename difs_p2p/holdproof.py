@@ -47,10 +47,10 @@ import struct
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 from difs_p2p import segments, wire
+from difs_p2p.classgen import field, valueclass
 from difs_p2p.config import ProofConfig
 from difs_p2p.errors import DifsError, IntegrityError, RemoteUnsupportedError, WireError
 from difs_p2p.holders import HolderEntry, decode_holder_entry
@@ -97,7 +97,7 @@ def prove_many_message(nonce: bytes, items: Sequence[RangeRequest], holds: Seque
     return b"".join(parts)
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Claim:
     """Who claims what: a signer key at an address holds ranges of one version of a key."""
 
@@ -117,7 +117,7 @@ class Claim:
         return (self.signer, self.host, self.port)
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Challenge:
     """One challenge to send: the range asked about, the nonce, and the segment index to
     read and verify (None: identity and claim only)."""
@@ -129,7 +129,7 @@ class Challenge:
     segment: int | None
 
 
-@dataclass
+@valueclass(frozen=False)
 class ProofStats:
     challenges: int = 0
     proven: int = 0
@@ -153,7 +153,7 @@ def _put_bounded(cache: OrderedDict[Any, float], item: object, until: float, cap
         cache.popitem(last=False)
 
 
-@dataclass
+@valueclass(frozen=False)
 class ProofBook:
     """Every decision of the challenger, without I/O: times are passed in."""
 
@@ -296,7 +296,7 @@ def check_prove_many_reply(
     return ["" if held else NOT_HELD for held in reply.holds]
 
 
-@dataclass
+@valueclass(frozen=False)
 class ConnectBudget:
     """New connections per second with a burst of one second's worth."""
 

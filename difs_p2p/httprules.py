@@ -32,10 +32,10 @@ import math
 import mimetypes
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import (
     BadNameError,
     BusyError,
@@ -98,7 +98,7 @@ DEFAULT_TYPE = "application/octet-stream"
 Span = tuple[int, int]  # inclusive first and last byte
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Unsatisfiable:
     """A Range whose ranges all start past the object: 416."""
 
@@ -227,7 +227,7 @@ def if_range_holds(header: str, etag: str) -> bool:
 # -- the answer --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Resource:
     """What the rules know of the version served."""
 
@@ -242,7 +242,7 @@ class Resource:
     media_type: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Answer:
     """What to send: the status, the headers, the byte spans of the body in order (none
     for 304, 412, 416; a HEAD sends the headers of a GET without its spans), the body's

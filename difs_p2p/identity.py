@@ -12,7 +12,6 @@ import functools
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NewType
 
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import IntegrityError, StorageError
 
 NodeId = NewType("NodeId", bytes)
@@ -76,7 +76,7 @@ def _signature_valid(public_key: bytes, signature: bytes, message: bytes) -> boo
     return True
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Identity:
     """An Ed25519 key pair with its derived node ID."""
 

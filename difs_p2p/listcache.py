@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from difs_p2p.classgen import valueclass
 
 T = TypeVar("T")
 
@@ -30,7 +31,7 @@ LIST_CACHE_TTL = 10.0
 LIST_CACHE_ENTRIES = 100_000
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class _Kept(Generic[T]):
     names: Sequence[T]
     read_at: float

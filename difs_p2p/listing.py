@@ -46,8 +46,8 @@ import math
 import re
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.delegation import Delegation, parse_delegation
 from difs_p2p.errors import BadNameError, IntegrityError, UsageError, WireError
 from difs_p2p.identity import (
@@ -89,7 +89,7 @@ _MAX_DELEGATION = 4096
 _ETAG = re.compile(r"[0-9a-f]{32}(?:-[1-9][0-9]{0,4})?|[0-9a-f]{64}")
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ChildEntry:
     """One decoded child entry (or split marker); see the module docstring."""
 
@@ -579,7 +579,7 @@ def bulk_layout(children: Sequence[str], level: int = 0, bits: int = 0) -> Layou
 # -- reading: merge, order, pages -------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ListEntry:
     """One name in a listing: its full name (a folder's ends with '/'), whether it is a
     folder, the size, version and creation time of an object, who signed its entry, and
@@ -596,7 +596,7 @@ class ListEntry:
     etag: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ListPage:
     """One page of a listing, in UTF-8 byte order of the names; ``next`` continues it
     (None: this was the last page)."""
@@ -605,7 +605,7 @@ class ListPage:
     next: str | None
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class Listed:
     """One name of a folder as read: its entries (one identity), newest first, their
     signatures checked only when the name is used (:meth:`entry`)."""

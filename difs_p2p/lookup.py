@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
+from difs_p2p.classgen import field, valueclass
 from difs_p2p.dhtwire import (
     EntriesReply,
     ValueReply,
@@ -37,7 +37,7 @@ from difs_p2p.identity import NodeId, distance
 from difs_p2p.routing import Contact
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class MorePages:
     """A find_entries reply that had further pages: who sent it, where the next page
     starts, the digest of the sender's whole entry set (None if it sent none) and the
@@ -49,7 +49,7 @@ class MorePages:
     first: list[bytes]
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class LookupResult:
     """What an iterative lookup found."""
 

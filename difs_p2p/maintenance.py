@@ -9,10 +9,10 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections.abc import Callable, Mapping, Sequence, Set
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 from difs_p2p import segments
+from difs_p2p.classgen import field, valueclass
 from difs_p2p.errors import DifsError
 from difs_p2p.holders import HolderEntry, parse_holder_entry
 from difs_p2p.holdings import Holding, Query
@@ -45,7 +45,7 @@ class Health(enum.Enum):
     DEAD = "dead"
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class FailureDetector:
     """Counts failed probes in a row per peer; ``dead_after`` of them make a peer dead.
 
@@ -89,7 +89,7 @@ class FailureDetector:
         return Health.DEAD if n >= self.dead_after else Health.SUSPECT
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class TokenBucket:
     """Bytes per second with a burst of one second's worth."""
 
@@ -174,7 +174,7 @@ def bind_lineage(h: Holding, view: NameView) -> Lineage | None:
 # What one range check asks a co-holder: (name key, version, first segment, last segment).
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class NameView:
     """A name as its last DHT resolve found it, used until the next one.
 
@@ -297,7 +297,7 @@ def collect_due(
     ]
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class RangeCheck:
     """One range this peer holds, and the other holders of it that the view knows."""
 
@@ -343,7 +343,7 @@ def range_checks(held: Sequence[Holding], view: NameView, me: NodeId) -> list[Ra
     return checks
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class ProbeBatch:
     """Everything one round asks one co-holder, over one connection."""
 

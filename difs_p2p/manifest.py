@@ -39,10 +39,10 @@ import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from difs_p2p.classgen import field, valueclass
 from difs_p2p.delegation import Delegation, parse_delegation
 from difs_p2p.errors import IntegrityError, UsageError, WireError
 from difs_p2p.identity import (
@@ -139,7 +139,7 @@ def _meta_json(content_type: Any, etag: Any, user: Mapping[str, str]) -> dict[st
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ObjectMeta:
     """An object's metadata, signed into its manifest (the optional ``meta`` field).
 
@@ -190,7 +190,7 @@ def parse_meta(obj: object) -> ObjectMeta:
     return ObjectMeta(content_type, etag, user)
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Manifest:
     """A verified manifest; ``raw`` holds the exact signed bytes."""
 
@@ -233,7 +233,7 @@ class Manifest:
         return json.loads(self.raw)["info"]  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Lineage:
     """What a holder remembers of the version it holds: the name's owner key, the hash of
     version 1 (the lineage root), the version and its manifest hash."""

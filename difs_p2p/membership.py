@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import NetworkError
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def cut_off_error(peer: Address, state: str, knows: int, most_seen: int) -> Netw
     )
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Transition:
     """The state changed from ``old`` to ``new`` with ``size`` contacts known."""
 

@@ -1,19 +1,18 @@
 """The base of the control operations' codecs (ops.py), and the ``resolve`` operation's.
 No I/O.
 
-:mod:`difs_p2p.ops` defines 35 request and reply classes, generated as dataclasses when
-it is imported (tens of milliseconds); the quick path of a small ``difs get``
-(:mod:`difs_p2p.quickget`) needs one operation, ``resolve``. Its request, reply and
-codecs live here, with the base class of typed requests (:class:`Op`) and the argument
-and reply-field checks every codec uses; ops.py imports them into its table (``OPS``),
-so both paths encode and check the very same way.
+:mod:`difs_p2p.ops` defines 35 request and reply classes and their codecs; the quick path
+of a small ``difs get`` (:mod:`difs_p2p.quickget`) needs one operation, ``resolve``. Its
+request, reply and codecs live here, with the base class of typed requests (:class:`Op`)
+and the argument and reply-field checks every codec uses; ops.py imports them into its
+table (``OPS``), so both paths encode and check the very same way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import UsageError, WireError
 from difs_p2p.names import NameKey
 
@@ -90,7 +89,7 @@ def strings_field(body: dict[str, Any], op: str, name: str) -> tuple[str, ...]:
 # -- resolve --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ResolveReply:
     """``resolve``: manifests (JSON text, best first), history manifests, holder entries
     (hex), all unverified: the asking side checks them."""
@@ -108,7 +107,7 @@ class ResolveReply:
     also: ResolveReply | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ResolveRequest(Op[ResolveReply]):
     """``resolve``: the records of one name key, and optionally of a second one (``also``:
     a prefix's claim object, looked up beside the name in one round trip)."""

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from difs_p2p import segments
+from difs_p2p import classgen, segments
 from difs_p2p.chain import ChainPlan, Link
 from difs_p2p.config import PeerConfig
 from difs_p2p.control import CONTROL_TABLE
@@ -190,7 +189,7 @@ class Operations:
         (records, entries), also = await asyncio.gather(
             self.dht.resolve_cached(request.key), self.dht.resolve_cached(request.also)
         )
-        return dataclasses.replace(self._resolved(records, entries), also=self._resolved(*also))
+        return classgen.replace(self._resolved(records, entries), also=self._resolved(*also))
 
     def _resolved(self, records: list[bytes], entries: list[bytes]) -> ResolveReply:
         split = split_entries(entries)

@@ -25,9 +25,9 @@ codecs sit side by side, so that a change to one operation is made in one place.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import UsageError, WireError
 from difs_p2p.names import NameKey
 from difs_p2p.opcodec import (
@@ -169,7 +169,7 @@ def _hex(value: object, op: str, name: str, size: int) -> bytes:
 # -- frames and operations without arguments ----------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class NoArgs:
     """A frame checked by the wire codec (HELLO, GET_SEG, PUT_SEG): no arguments."""
 
@@ -178,26 +178,26 @@ def no_args(args: dict[str, Any]) -> NoArgs:
     return NoArgs()
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class StatusReply:
     """``status``: the peer's view of itself (a report for people: its shape is free)."""
 
     report: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class StatusRequest(Op[StatusReply]):
     """``status``: no arguments."""
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class AbandonReply:
     """``abandon``: the bytes of this connection's upload the peer dropped."""
 
     freed: int
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class AbandonRequest(Op[AbandonReply]):
     """``abandon``: no arguments."""
 
@@ -205,12 +205,12 @@ class AbandonRequest(Op[AbandonReply]):
 # -- names ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ReleaseReply:
     freed: int
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ReleaseRequest(Op[ReleaseReply]):
     """``release``: free what the owner-signed manifest ``proof`` (JSON text) supersedes."""
 
@@ -221,12 +221,12 @@ class ReleaseRequest(Op[ReleaseReply]):
 # -- probes and proofs ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class HoldsReply:
     holds: bool
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class RangeRequest(Op[HoldsReply]):
     """``holds``: one range of one version."""
 
@@ -236,21 +236,21 @@ class RangeRequest(Op[HoldsReply]):
     end: int
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class HoldsRangesReply:
     """``holds_ranges``: one answer per range, in order."""
 
     holds: tuple[bool, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class RangesRequest(Op[HoldsRangesReply]):
     """``holds_ranges``: up to MAX_PROBE_RANGES ranges."""
 
     ranges: tuple[RangeRequest, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ProveReply:
     """``prove``: whether the peer holds the range, and then its node key's signature
     over the challenge (see holdproof.py)."""
@@ -259,7 +259,7 @@ class ProveReply:
     sig: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ProveRequest(Op[ProveReply]):
     """``prove``: sign a challenge over one range of one version (see holdproof.py)."""
 
@@ -270,7 +270,7 @@ class ProveRequest(Op[ProveReply]):
     nonce: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ProveManyReply:
     """``prove_many``: per item, whether the peer holds its range; if it holds any, its
     node key's signature over the nonce, every item and every answer (see holdproof.py)."""
@@ -279,7 +279,7 @@ class ProveManyReply:
     sig: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ProveManyRequest(Op[ProveManyReply]):
     """``prove_many``: one challenge over up to MAX_PROVE_ITEMS ranges (of any names and
     versions), one nonce, one signature in the reply."""
@@ -288,13 +288,13 @@ class ProveManyRequest(Op[ProveManyReply]):
     nonce: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class SuspectReply:
     damaged: bool
     healed: int
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class SuspectRequest(Op[SuspectReply]):
     """``suspect``: a fetcher got a bad copy of this segment."""
 
@@ -304,7 +304,7 @@ class SuspectRequest(Op[SuspectReply]):
 # -- uploads ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class HoldReason:
     """Why a peer asks another to hold a range: it places a new upload or repairs a range."""
 
@@ -315,7 +315,7 @@ class HoldReason:
     end: int
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class HoldReply:
     """``hold``: the holder entry the peer signed (hex); ``chain``: on a connection that
     relays (``relay``), the entries its downstream hops signed, in chain order."""
@@ -324,7 +324,7 @@ class HoldReply:
     chain: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class HoldRequest(Op[HoldReply]):
     key: NameKey
     version: int
@@ -335,7 +335,7 @@ class HoldRequest(Op[HoldReply]):
     reason: HoldReason | None
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class PlacedRange:
     """One range of a ``place``: the node ids (hex) that hold a copy."""
 
@@ -344,7 +344,7 @@ class PlacedRange:
     holders: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class PlaceReply:
     """``place``: the holder entries signed (hex), the copies per range, warnings."""
 
@@ -353,7 +353,7 @@ class PlaceReply:
     warnings: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class PlaceRequest(Op[PlaceReply]):
     key: NameKey
     version: int
@@ -366,14 +366,14 @@ class PlaceRequest(Op[PlaceReply]):
     keep: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ChainReply:
     """``chain``: the ranges the upload announced is cut into."""
 
     ranges: int
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ChainRequest(Op[ChainReply]):
     """Announce an upload of ``segment_count`` segments (of at most ``segment_size``
     bytes) before sending it: the entry peer picks each range's holders now and forwards
@@ -387,7 +387,7 @@ class ChainRequest(Op[ChainReply]):
     replicas: int
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class RelayHop:
     """One hop of a chain: where it listens and the node id it must prove."""
 
@@ -396,14 +396,14 @@ class RelayHop:
     node_id: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class RelayReply:
     """``relay``: how many hops of ``to`` are linked (a prefix; the next one failed)."""
 
     ready: int
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class RelayRequest(Op[RelayReply]):
     """Forward every segment uploaded on this connection to ``to[0]`` (which forwards to
     the rest); the peer first checks it has room for ``size`` more bytes."""
@@ -412,7 +412,7 @@ class RelayRequest(Op[RelayReply]):
     size: int
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class PublishReply:
     """``publish``: entries accepted, the record hash that won (None: none could be read
     back), and on how many of ``quorum`` lookup paths it was read back."""
@@ -426,13 +426,13 @@ class PublishReply:
     required: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class PublishRequest(Op[PublishReply]):
     manifest: str
     entries: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class CheckReply:
     """``check``: segments checked and ok, corrupt and missing ids (hex), healed, and the
     segments no holding keeps ((segments, bytes) uploading and orphaned)."""
@@ -447,7 +447,7 @@ class CheckReply:
     orphan_grace: float
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class CheckRequest(Op[CheckReply]):
     repair: bool
 
@@ -882,7 +882,7 @@ def _encode_check_reply(reply: CheckReply) -> dict[str, Any]:
 DRAIN_ACTIONS: Final = ("start", "status", "cancel")
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class DrainReply:
     """``drain``: where the peer's drain stands (``state``: idle, draining, done,
     incomplete, cancelled) and its accounting (see drain.DrainProgress.summary)."""
@@ -900,7 +900,7 @@ class DrainReply:
     seconds: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class DrainRequest(Op[DrainReply]):
     """``drain``: start leaving (``force``: stop even if some range cannot get its r
     copies elsewhere), ask how it goes, or cancel it."""
@@ -955,7 +955,7 @@ def _encode_drain_reply(reply: DrainReply) -> dict[str, Any]:
 # -- listing (child entries, listing.py) ----------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ChildrenReply:
     """``children``: child entries (hex, unverified: the asking side checks them) from
     offset on, and the offset of the rest (0: none left)."""
@@ -964,7 +964,7 @@ class ChildrenReply:
     next: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ChildrenRequest(Op[ChildrenReply]):
     """``children``: the child entries the DHT holds at one shard key, from ``offset``."""
 
@@ -972,14 +972,14 @@ class ChildrenRequest(Op[ChildrenReply]):
     offset: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class AddChildrenReply:
     """``add_children``: acceptances summed over the key's peers (this one included)."""
 
     stored: int
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class AddChildrenRequest(Op[AddChildrenReply]):
     """``add_children``: store signed child entries (hex) at one shard key."""
 
@@ -1034,7 +1034,7 @@ def _encode_add_children_reply(reply: AddChildrenReply) -> dict[str, Any]:
 # -- the table ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class OpCodec:
     """One control operation: its typed request and reply, and their codecs."""
 

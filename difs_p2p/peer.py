@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import functools
 import json
@@ -56,7 +55,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import IO, Any
 
-from difs_p2p import control
+from difs_p2p import classgen, control
 from difs_p2p.addresses import AddressVotes, format_address, is_ipv6, is_wildcard, sendable_host
 from difs_p2p.config import PeerConfig
 from difs_p2p.dht import Dht
@@ -645,7 +644,7 @@ class Peer:
             "dht": dht.traffic(),
             "drain": self._drainer.report() if self._drainer else {"state": "idle"},
             # proofs of holding this peer asked for (holdproof.py)
-            "proofs": dataclasses.asdict(self.prover.stats) if self.prover else {},
+            "proofs": classgen.asdict(self.prover.stats) if self.prover else {},
         }
 
     @property

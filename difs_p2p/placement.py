@@ -37,10 +37,10 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Sequence, Set
-from dataclasses import dataclass
 from typing import NewType, Protocol, TypeVar
 
 from difs_p2p import segments
+from difs_p2p.classgen import valueclass
 from difs_p2p.identity import NodeId
 
 __all__ = [
@@ -79,7 +79,7 @@ class Candidate(Protocol):
 C = TypeVar("C", bound=Candidate)
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Domain:
     """The failure domains of one peer: a copy on another peer of the same ``address``
     dies with the same host, of the same ``network`` with the same link, of the same

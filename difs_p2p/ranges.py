@@ -12,14 +12,13 @@ refused, as is an END before START.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import UsageError
 
 _FORMS = "expected START-END, START- or -N (e.g. 0-1023, 1048576-, -4096)"
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ByteRange:
     """A range before the object's size is known: ``start``/``end``, or a ``suffix`` length."""
 

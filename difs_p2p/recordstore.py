@@ -27,11 +27,11 @@ event loop.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from difs_p2p.addresses import address_group, is_loopback
+from difs_p2p.classgen import valueclass
 from difs_p2p.sqlitedb import Database
 
 
@@ -58,7 +58,7 @@ class RecordPolicy(Protocol):
         values count as several peers), best first: the one a reader uses first."""
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class EntryFacts:
     """What quotas need to know of an admitted entry: who signed it (``b""``: not capped
     per signer), which version it is for (older versions give way when a set is full) and
@@ -135,7 +135,7 @@ def _neg(value: bytes) -> tuple[int, ...]:
     return (*(-b for b in value), -len(value))
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class StoreResult:
     accepted: bool
     reason: str

@@ -57,12 +57,12 @@ shell around them: it reads the DHT, and copies, probes and frees through the pe
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from difs_p2p import classgen
+from difs_p2p.classgen import valueclass
 from difs_p2p.config import RepairConfig
 from difs_p2p.dht import Dht
 from difs_p2p.errors import DifsError
@@ -103,7 +103,7 @@ log = logging.getLogger(__name__)
 # -- the asyncio shell ----------------------------------------------------------------------
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class RepairStats:
     rounds: int = 0
     repaired_ranges: int = 0
@@ -123,7 +123,7 @@ class RepairStats:
     under_replicated: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return classgen.asdict(self)
 
 
 # Co-holders probed at once: a round's probes all run in parallel (a silent holder takes
@@ -282,7 +282,7 @@ class Maintainer:
             if lineage is not None:
                 db = self.holdings
                 await asyncio.to_thread(db.bind, h.key, h.version, h.integrity, lineage)
-                h = dataclasses.replace(h, lineage=lineage)
+                h = classgen.replace(h, lineage=lineage)
             out.append(h)
         return out
 

@@ -14,19 +14,19 @@ from __future__ import annotations
 import bisect
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from kademlia.node import Node
 from kademlia.routing import RoutingTable
 
 from difs_p2p.addresses import address_group, sendable_host
+from difs_p2p.classgen import valueclass
 from difs_p2p.identity import NodeId
 
 KEY_SIZE = 20
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Contact:
     """A peer as the DHT knows it: its UDP address, and what its signed identify info
     says (docs/PROTOCOL.md, "identify"): its TCP port (0: not known yet, taken to be the

@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import hashlib
 import io
 import logging
@@ -50,7 +49,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 from urllib.parse import unquote
@@ -58,7 +56,8 @@ from urllib.parse import unquote
 from aiohttp import web
 from multidict import CIMultiDict
 
-from difs_p2p import httprules, s3xml
+from difs_p2p import classgen, httprules, s3xml
+from difs_p2p.classgen import valueclass
 from difs_p2p.client import Client, Resolved
 from difs_p2p.errors import (
     BadNameError,
@@ -162,7 +161,7 @@ def s3_url(host: str, port: int) -> str:
     return http_url(host, port)
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Target:
     """What a request addresses: a bucket (or none: the service) and a key (or none)."""
 
@@ -296,7 +295,7 @@ class KeepingClient(Client):
 
     async def _request(self, request: Op[R], *, read_only: bool = False) -> R:
         if isinstance(request, PlaceRequest):
-            request = cast(Op[R], dataclasses.replace(request, keep=True))
+            request = cast(Op[R], classgen.replace(request, keep=True))
         return await super()._request(request, read_only=read_only)
 
 

@@ -43,10 +43,10 @@ import hmac
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from urllib.parse import quote, unquote_to_bytes
 
 from difs_p2p import s3errors
+from difs_p2p.classgen import valueclass
 from difs_p2p.s3body import (
     EMPTY_SHA256,
     STREAMING_PAYLOADS,
@@ -111,7 +111,7 @@ _V2_SUBRESOURCE_NAMES = (
 _V2_SUBRESOURCES = frozenset(_V2_SUBRESOURCE_NAMES.split())
 
 
-@dataclass(frozen=True)
+@valueclass
 class SignedRequest:
     """What authentication sees of an HTTP request."""
 
@@ -124,7 +124,7 @@ class SignedRequest:
     """Lower-case names -> values (repeated headers joined with ",")."""
 
 
-@dataclass(frozen=True)
+@valueclass
 class Auth:
     """An authenticated request: whose key signed it and how its body is to be read."""
 
@@ -249,7 +249,7 @@ def authenticate(req: SignedRequest, secret_of: Callable[[str], str | None], now
 # -- SigV4 ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@valueclass
 class _V4:
     access_key: str
     day: str

@@ -25,12 +25,12 @@ import hmac
 import re
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Protocol
 
 import google_crc32c
 
 from difs_p2p import s3errors
+from difs_p2p.classgen import valueclass
 from difs_p2p.s3errors import S3Error
 
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
@@ -60,7 +60,7 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-@dataclass(frozen=True)
+@valueclass
 class ChunkSigner:
     """What verifies the chunk signatures of a signed aws-chunked body: the request's
     signature (the seed), the signing key, the credential scope and the request's date."""

@@ -21,9 +21,9 @@ import os
 import secrets
 import string
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import StorageError, UsageError
 from difs_p2p.identity import Identity
 from difs_p2p.sqlitedb import Database
@@ -44,7 +44,7 @@ MAX_NAME = 200
 """The longest key name (a label for people: ``--name laptop-rclone``)."""
 
 
-@dataclass(frozen=True)
+@valueclass
 class S3Key:
     """An S3 credential: its access key and secret, the publisher identity the peer signs
     with for it, a name for people, and when it was made (seconds since the epoch)."""

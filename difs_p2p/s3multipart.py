@@ -70,10 +70,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import CapacityError, DifsError, StorageError
 from difs_p2p.s3errors import (
     S3Error,
@@ -163,7 +163,7 @@ CREATE TABLE IF NOT EXISTS writing (
 """
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Part:
     """A stored part: its number, MD5 (hex, no quotes: its S3 ETag), size, and when."""
 
@@ -173,7 +173,7 @@ class Part:
     modified: float
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Upload:
     """An upload in progress: where it will be published, by whom, with what metadata."""
 
@@ -185,7 +185,7 @@ class Upload:
     created: float
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class StoredObject:
     """The parts of an upload as one object already in the segment store: its segment
     ids in order, its size and segment size (every segment full but the last)."""

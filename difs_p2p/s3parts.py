@@ -29,13 +29,13 @@ import secrets
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import blake3
 import google_crc32c
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.s3errors import invalid_part
 
 __all__ = [
@@ -90,7 +90,7 @@ def list_owner(upload_id: str) -> bytes:
     return LIST_OWNER + bytes.fromhex(upload_id)
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class PartRow:
     """A part's index row, as the reader needs it."""
 

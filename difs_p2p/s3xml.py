@@ -37,12 +37,12 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import quote
 from xml.parsers import expat
 from xml.sax.saxutils import escape
 
+from difs_p2p.classgen import field, valueclass
 from difs_p2p.names import (
     CLAIM,
     KEY_NAMESPACE,
@@ -188,7 +188,7 @@ def prefix_folder(bucket: str, prefix: str) -> str:
 # -- listing -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Item:
     """One object in a listing or a version listing."""
 
@@ -201,7 +201,7 @@ class Item:
     delete_marker: bool = False
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class Listing:
     """What a ListObjects request found: objects, common prefixes, and where it stopped."""
 
@@ -379,7 +379,7 @@ def _prefixes(doc: _Doc, prefixes: Iterable[str], url: bool) -> None:
         doc.close("CommonPrefixes")
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class ListQuery:
     """A ListObjects request's parameters, as the client sent them."""
 
@@ -494,7 +494,7 @@ def copy_result(tag: str, etag: str, modified: float) -> bytes:
     return doc.bytes()
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Deleted:
     """One key of a DeleteObjects answer: deleted, or its error."""
 
@@ -548,7 +548,7 @@ def complete_multipart(location: str, bucket: str, key: str, etag: str) -> bytes
     return doc.bytes()
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class PartRow:
     """One uploaded part as ListParts shows it."""
 
@@ -591,7 +591,7 @@ def list_parts(
     return doc.bytes()
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class UploadRow:
     """One multipart upload under way as ListMultipartUploads shows it."""
 
@@ -641,7 +641,7 @@ def location(region: str) -> bytes:
 # -- parsing -------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class Node:
     """A parsed element: its local tag (namespace dropped), text and children."""
 

@@ -23,11 +23,11 @@ near-equal length (:func:`stripe_ranges`); each range is stored on its own set o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NewType
 
 import blake3
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import IntegrityError, UsageError, WireError
 
 # BLAKE3's default output: 256 bits, collision resistance far beyond any object count.
@@ -116,7 +116,7 @@ def validate_segment_size(n: int) -> int:
     return n
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Layout:
     """How an object of ``size`` bytes is cut into segments of ``segment_size`` bytes.
 

@@ -16,10 +16,10 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
 from difs_p2p import control, ops, wire
+from difs_p2p.classgen import valueclass
 from difs_p2p.config import PeerConfig
 from difs_p2p.control import CONTROL_TABLE, OpRule, Role
 from difs_p2p.drain import LEAVING
@@ -50,7 +50,7 @@ REQUEST_TYPES = frozenset(
 SERVE_PIPELINE = 16
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class FileReply:
     """A DATA reply whose bytes come straight from a file (sent with sendfile)."""
 
@@ -87,7 +87,7 @@ def _refusal(request_id: int, exc: DifsError) -> asyncio.Task[Reply]:
     )
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class RateBucket:
     """Requests per second with a burst; a request over the rate is refused, not delayed."""
 

@@ -58,10 +58,10 @@ import os
 import threading
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from difs_p2p.classgen import field, valueclass
 from difs_p2p.diskcost import DiskCost
 from difs_p2p.errors import CapacityError, IntegrityError, NotFoundError, UsageError
 from difs_p2p.segfiles import SegmentFiles, as_bytes_view, blake3_digest, check_id, short
@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 _COLLECT_BATCH = 256
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Orphans:
     """Segments no ref keeps: still pending in an upload session, or orphaned (waiting to
     be collected). Bytes are as charged."""
@@ -86,7 +86,7 @@ class Orphans:
     orphaned_bytes: int
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class _Grouped:
     """A segment waiting for its group commit, and its result once the group is written."""
 
@@ -102,7 +102,7 @@ class _Grouped:
 _GROUP_MAX = 64
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class CheckReport:
     """What ``SegmentStore.check`` found: every indexed segment is ok, corrupt or missing."""
 

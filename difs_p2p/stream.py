@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
 from types import TracebackType
 
+from difs_p2p.classgen import field, valueclass
 from difs_p2p.errors import UsageError
 from difs_p2p.fetch import Fetch, FetchResult, fetch_into
 from difs_p2p.fetchrun import STREAM_WINDOW, Chunks
@@ -42,7 +42,7 @@ def window_for(segment_size: int, buffer: int = STREAM_BUFFER) -> int:
     return max(1, min(STREAM_WINDOW, buffer // max(1, segment_size)))
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class _Outcome:
     """How a stream's fetch ended (kept apart from the stream, so that the fetch's task
     does not keep a stream its reader dropped alive)."""

@@ -15,9 +15,9 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 
 from difs_p2p.chain import ChainPlan, Link
+from difs_p2p.classgen import field, valueclass
 from difs_p2p.errors import DifsError, UsageError
 from difs_p2p.holdings import Holding
 from difs_p2p.replicator import Replicator
@@ -30,7 +30,7 @@ __all__ = ["UploadSession", "Uploads", "orphan_sweep_every", "store_pending"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
+@valueclass(frozen=False)
 class UploadSession:
     """What one connection uploaded and placed but has not published yet.
 

@@ -54,10 +54,10 @@ import math
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Final, NamedTuple, TypeAlias, TypeGuard
 
+from difs_p2p.classgen import valueclass
 from difs_p2p.errors import UsageError, WireError
 from difs_p2p.identity import NODE_ID_SIZE
 from difs_p2p.segments import SegmentId
@@ -203,7 +203,7 @@ assert set(MESSAGES) == set(MsgType)
 assert all(spec.max_payload <= MAX_PAYLOAD for spec in MESSAGES.values())
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass
 class Header:
     """A parsed frame header; ``length`` is within the limits of ``type``."""
 
@@ -214,7 +214,7 @@ class Header:
     length: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@valueclass(kw_only=True)
 class Auth:
     """A proof of a role in a HELLO: ``role`` "operator" (``proof``: 32-byte HMAC, no
     ``key``) or "peer" (``key``: 32-byte Ed25519 node key, ``proof``: 64-byte signature)."""
@@ -224,7 +224,7 @@ class Auth:
     proof: bytes
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@valueclass(kw_only=True)
 class Hello:
     """Opens a connection: who is speaking (``peer`` is a hex node id; None for clients).
 
@@ -240,7 +240,7 @@ class Hello:
     role: str | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@valueclass(kw_only=True)
 class Call:
     """A control request: operation ``op`` with JSON arguments (which cannot be named "op")."""
 
@@ -249,7 +249,7 @@ class Call:
     args: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@valueclass(kw_only=True)
 class Reply:
     """The successful answer to a CALL."""
 
@@ -257,7 +257,7 @@ class Reply:
     body: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@valueclass(kw_only=True)
 class Error:
     """A failed request: an ErrorCode (or an unknown code as int) and a message."""
 
@@ -266,7 +266,7 @@ class Error:
     message: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@valueclass(kw_only=True)
 class PutSeg:
     """Store a segment under its id."""
 
@@ -275,7 +275,7 @@ class PutSeg:
     data: bytes | memoryview
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@valueclass(kw_only=True)
 class GetSeg:
     """Read ``length`` bytes of a segment from ``offset`` (length 0: to the end)."""
 
@@ -285,7 +285,7 @@ class GetSeg:
     length: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@valueclass(kw_only=True)
 class Data:
     """Segment bytes: the answer to GET_SEG."""
 
@@ -293,7 +293,7 @@ class Data:
     data: bytes | memoryview
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@valueclass(kw_only=True)
 class Ack:
     """The answer to PUT_SEG; ``stored`` is False when the segment was already there."""
 

@@ -33,10 +33,10 @@ What this mode models around the peers:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 from collections.abc import Callable, Collection
 
+from difs_p2p import classgen
 from difs_p2p.dht import Dht
 from difs_p2p.errors import DifsError
 from difs_p2p.holders import HolderEntry, build_holder_entry, parse_holder_entry
@@ -191,7 +191,7 @@ class ModelledMode:
         contacts = await asker.dht.closest(rkey, replicas + 8)
         # the contacts with the zones their peers were given (the scenario's `zones`)
         live = [
-            dataclasses.replace(c, zone=self._zone(p))
+            classgen.replace(c, zone=self._zone(p))
             for c in contacts
             if (p := by_id.get(c.node_id)) is not None and p.alive
         ]

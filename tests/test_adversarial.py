@@ -1256,11 +1256,10 @@ async def _junk_records(evil: Dht, target: Peer, n: int) -> int:
 async def test_one_source_cannot_fill_a_peers_record_store(tmp_path: Path) -> None:
     """A stranger storing junk records from one address stops at its
     share of the record cap; honest names from other addresses are still stored."""
-    import dataclasses
-
+    from difs_p2p import classgen
     from difs_p2p.config import PeerConfig
 
-    small = dataclasses.replace(FAST_DHT, max_records=40)
+    small = classgen.replace(FAST_DHT, max_records=40)
     peers = [Peer(PeerConfig(data_dir=tmp_path / "p0", dht=small))]
     await peers[0].start()
     for i in range(1, 4):

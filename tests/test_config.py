@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from difs_p2p.classgen import FrozenError
 from difs_p2p.config import (
     DhtConfig,
     PeerConfig,
@@ -144,7 +144,7 @@ def test_defaults_are_valid_and_frozen(tmp_path: Path) -> None:
         RepairConfig(),
         ProofConfig(),
     )
-    with pytest.raises(FrozenInstanceError):
+    with pytest.raises(FrozenError):
         config.port = 1  # type: ignore[misc]
 
 

@@ -6,7 +6,6 @@ import asyncio
 import io
 import os
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 from difs_p2p import client as client_module
 from difs_p2p import fetch as fetch_module
 from difs_p2p import segments
+from difs_p2p.classgen import replace
 from difs_p2p.client import Client
 from difs_p2p.errors import (
     AlreadyExistsError,

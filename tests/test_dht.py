@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import os
 import socket
@@ -14,7 +13,7 @@ from typing import Any
 import umsgpack
 from kademlia.node import Node
 
-from difs_p2p import dhtwire
+from difs_p2p import classgen, dhtwire
 from difs_p2p.config import DhtConfig
 from difs_p2p.dht import IDENTIFY_DOMAIN, Dht
 from difs_p2p.dhtrecords import entry_set_digest
@@ -699,7 +698,7 @@ async def test_peers_over_the_cap_are_named_in_replies_and_found_for_placement()
     """Six peers on one address with a cap of 2: peers kept out of a routing table by the
     cap are in its overflow, named in its find_node replies for keys they are closest to,
     and returned by closest."""
-    config = dataclasses.replace(FAST_DHT, max_contacts_per_ip=2, limit_loopback=True)
+    config = classgen.replace(FAST_DHT, max_contacts_per_ip=2, limit_loopback=True)
     nodes = await start_dhts(6, config=config)
     try:
         seed = nodes[0]
@@ -719,7 +718,7 @@ async def test_peers_over_the_cap_are_named_in_replies_and_found_for_placement()
 
 async def test_a_peer_over_the_cap_that_leaves_is_dropped_from_the_overflow() -> None:
     """A peer kept in the overflow that stops (and says so) is no longer named."""
-    config = dataclasses.replace(FAST_DHT, max_contacts_per_ip=2, limit_loopback=True)
+    config = classgen.replace(FAST_DHT, max_contacts_per_ip=2, limit_loopback=True)
     nodes = await start_dhts(5, config=config)
     try:
         seed = nodes[0]
@@ -764,7 +763,7 @@ async def test_contact_without_node_id_work_is_not_added() -> None:
     """At the default difficulty, a peer whose node ID lacks the node-ID work is not
     added; one with it is."""
     bits = DhtConfig().id_difficulty
-    config = dataclasses.replace(FAST_DHT, id_difficulty=bits)
+    config = classgen.replace(FAST_DHT, id_difficulty=bits)
     weak = Identity.generate()
     while has_work(weak.node_id, bits):
         weak = Identity.generate()
@@ -796,7 +795,7 @@ class _Picky(AcceptAll):
 async def test_hand_over_sends_only_what_validates() -> None:
     """Hand-over gives a newcomer only records that validate, with only valid entries,
     nothing for keys without a valid record, and at most handover_max_records."""
-    config = dataclasses.replace(FAST_DHT, handover_max_records=2)
+    config = classgen.replace(FAST_DHT, handover_max_records=2)
     old, new = new_dht(AcceptAll(), config), new_dht(AcceptAll(), config)
     try:
         await old.start("127.0.0.1", 0)

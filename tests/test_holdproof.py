@@ -3,7 +3,6 @@ segment proves."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from difs_p2p import segments
+from difs_p2p import classgen, segments
 from difs_p2p.client import Client
 from difs_p2p.config import ProofConfig
 from difs_p2p.holders import HolderEntry, build_holder_entry, decode_holder_entry
@@ -316,7 +315,7 @@ async def test_a_kept_connection_survives_a_holder_restart(tmp_path: Path) -> No
             peer_config(holder.data_dir, port=holder.port, bootstrap=(sender.address,))
         )
         await restarted.start()
-        stats = [dataclasses.replace(p.prover.stats) for p in listing if p.prover is not None]
+        stats = [classgen.replace(p.prover.stats) for p in listing if p.prover is not None]
         for pr in _provers(peers):
             pr.book.proven.clear()
         await sender.dht.add_entries(m.key, entries)
@@ -360,7 +359,7 @@ async def test_a_flood_of_claims_from_one_stranger_is_bounded(tmp_path: Path) ->
             )
             for i in range(200)
         ]
-        before = dataclasses.replace(prover.stats)
+        before = classgen.replace(prover.stats)
         for e in entries:
             prover.admitted(e.key, e.raw)
         cap = prover.book.config.max_pending_per_signer

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
 
+from difs_p2p import classgen
 from difs_p2p.holders import HolderEntry, build_holder_entry
 from difs_p2p.holdings import Holding, Query
 from difs_p2p.identity import Identity, NodeId
@@ -226,7 +226,7 @@ def test_collect_due_frees_deleted_superseded_and_orphaned_versions() -> None:
     view = NameView(newest, {4: newest}, [])
     assert collect_due([h1, h2], view, 10.0, keep=3, orphan_after=3600.0) == [h1]
     orphan = NameView(None, {}, [])
-    unbound = dataclasses.replace(h1, lineage=None)  # placed, its manifest never seen
+    unbound = classgen.replace(h1, lineage=None)  # placed, its manifest never seen
     assert collect_due([unbound], orphan, 10.0, 3, 3600.0) == []
     assert collect_due([unbound], orphan, 3601.0, 3, 3600.0) == [unbound]
     # a holding bound to its owner's lineage is freed only by the owner's proof, never

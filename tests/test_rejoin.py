@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import socket
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from difs_p2p import classgen
 from difs_p2p.config import PeerConfig
 from difs_p2p.dht import Dht
 from difs_p2p.errors import NetworkError
@@ -25,7 +25,7 @@ from tests.helpers import FAST_DHT, client_for, new_dht, stop_all, wait_for
 from tests.signed import make
 
 # liveness pings every 0.1 s, one missed reply evicts: a cut is noticed in well under 1 s
-PARTITION_DHT = dataclasses.replace(
+PARTITION_DHT = classgen.replace(
     FAST_DHT,
     rpc_timeout=0.2,
     liveness_interval=0.1,
@@ -162,7 +162,7 @@ async def test_peers_that_leave_do_not_make_the_last_one_isolated() -> None:
     """A network that shrinks by clean shutdowns (``leave``) leaves its last peer ok."""
     # No liveness pings during the test: a ping that times out under load would evict a
     # contact as silent, and only the leaves are under test.
-    config = dataclasses.replace(PARTITION_DHT, rpc_timeout=2.0, liveness_interval=60.0)
+    config = classgen.replace(PARTITION_DHT, rpc_timeout=2.0, liveness_interval=60.0)
     nodes = [new_dht(AcceptAll(), config) for _ in range(3)]
     for node in nodes:
         await node.start("127.0.0.1", 0)

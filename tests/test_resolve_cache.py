@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from difs_p2p.classgen import replace
 from difs_p2p.client import Client
 from difs_p2p.config import PeerConfig
 from difs_p2p.dhtrecords import ResolveCache

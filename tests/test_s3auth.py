@@ -12,7 +12,6 @@ import re
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from difs_p2p import s3errors
+from difs_p2p.classgen import replace
 from difs_p2p.s3auth import (
     EMPTY_SHA256,
     BodyChecks,

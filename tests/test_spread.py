@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
+from difs_p2p.classgen import replace
 from difs_p2p.config import PeerConfig
 from difs_p2p.identity import Identity
 from difs_p2p.peer import Peer

@@ -10,13 +10,13 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from difs_p2p import wire
+from difs_p2p.classgen import replace
 from difs_p2p.client import Client
 from difs_p2p.config import parse_hostport
 from difs_p2p.control import read_token_file
