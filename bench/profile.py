@@ -202,6 +202,23 @@ def difs_cmd(*args: str) -> list[str]:
     return [str(BIN / "difs"), *args]
 
 
+def profiled(
+    scenario: str, cmd: list[str], size: int, peers: dict[int, str], root: Path, env: dict[str, str]
+) -> None:
+    """Run the command ``cmd`` (moving ``size`` bytes) under py-spy with every peer of
+    ``peers`` (pid: label) sampled meanwhile; report the profiles as ``scenario``."""
+    rec = Recorder(root)
+    for pid, label in peers.items():
+        rec.attach(f"{scenario}-{label}", pid)
+    time.sleep(0.5)  # py-spy attached before the first byte (it signals nothing to wait on)
+    wall, client = record_command(f"{scenario}-client", cmd, root, env)
+    sampled = rec.stop()
+    profiles = {"client": client, **{k.split("-", 1)[1]: v for k, v in sampled.items()}}
+    shown = " ".join([Path(cmd[0]).name, *cmd[1:]])
+    note = f"{shown}: whole command {wall:.2f} s, {size / wall / 1e6:.0f} MB/s"
+    report(scenario, profiles, note)
+
+
 def content(root: Path, size_mib: int, wanted: set[str]) -> None:
     procs, addresses = start_network(root, 3)
     entry, other = (f"{h}:{p}" for h, p in (addresses[0], addresses[1]))
@@ -212,46 +229,22 @@ def content(root: Path, size_mib: int, wanted: set[str]) -> None:
         for _ in range(size_mib):
             f.write(os.urandom(MiB))
     subprocess.run(difs_cmd("key", "new"), env=env, check=True, capture_output=True)
-    labels = {p.pid: f"peer{i}" for i, p in enumerate(procs)}
+    peers = {p.pid: f"peer{i}" for i, p in enumerate(procs)}
     try:
         for r in (1, 3):
-            name = f"/profile/r{r}.bin"
-            put = difs_cmd("put", str(src), name, "--replicas", str(r), "--peer", entry)
-            if f"put{r}" not in wanted and not (r == 1 and "get" in wanted):
-                continue
-            if f"put{r}" not in wanted:
+            # entering through peer0; the get below enters through peer1
+            put = difs_cmd("put", str(src), f"/profile/r{r}.bin", "--replicas", str(r))
+            put += ["--peer", entry]
+            if f"put{r}" in wanted:
+                profiled(f"put{r}", put, size_mib * MiB, peers, root, env)
+            elif r == 1 and "get" in wanted:
                 subprocess.run(put, env=env, check=True, capture_output=True)
-                continue
-            rec = Recorder(root)
-            for pid, label in labels.items():
-                rec.attach(f"put{r}-{label}", pid)
-            time.sleep(0.5)  # py-spy attached before the first byte (no condition to wait on)
-            wall, client = record_command(f"put{r}-client", put, root, env)
-            peers = rec.stop()
-            mb_s = size_mib * MiB / wall / 1e6
-            report(
-                f"put{r}",
-                {"client": client, **{k.split("-", 1)[1]: v for k, v in peers.items()}},
-                f"difs put {size_mib} MiB r={r}, whole command {wall:.2f} s ({mb_s:.0f} MB/s); "
-                f"entry peer0",
-            )
         if "get" in wanted:
-            for target in ("file", "null"):
-                out = str(root / "out.bin") if target == "file" else "/dev/null"
-                rec = Recorder(root)
-                for pid, label in labels.items():
-                    rec.attach(f"get{target}-{label}", pid)
-                time.sleep(0.5)
-                cmd = difs_cmd("get", "/profile/r1.bin", "-o", out, "--peer", other)
-                wall, client = record_command(f"get{target}-client", cmd, root, env)
-                peers = rec.stop()
-                mb_s = size_mib * MiB / wall / 1e6
-                report(
-                    f"get-{target}",
-                    {"client": client, **{k.split("-", 1)[1]: v for k, v in peers.items()}},
-                    f"difs get {size_mib} MiB -o {out}, whole command {wall:.2f} s "
-                    f"({mb_s:.0f} MB/s), entry peer1, the r=1 object's holder among the peers",
-                )
+            out = root / "out.bin"
+            for target, path in (("file", str(out)), ("null", os.devnull)):
+                get = difs_cmd("get", "/profile/r1.bin", "-o", path, "--peer", other)
+                profiled(f"get-{target}", get, size_mib * MiB, peers, root, env)
+            out.unlink()
     finally:
         stop_processes(procs)
 
