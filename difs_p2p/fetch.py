@@ -582,6 +582,14 @@ class _HashListAsk:
             for outcome in await asyncio.gather(*self.pending, return_exceptions=True):
                 if isinstance(outcome, tuple):
                     outcome[1].close()  # a second list that came in the same instant
+        if not self.fetch.sources():
+            # the object is there (its manifest verified) but its peers vouch for no
+            # holder now (the last ones failed their proofs of holding): unavailable for
+            # now, as an unreachable holder is, not missing
+            raise NetworkError(
+                f"no holder of {self.fetch.manifest.name} is known to be live: its holders "
+                "stopped answering or proving that they hold it"
+            )
         # every holder unreachable is a network failure, not a missing object
         errors = self.errors
         cls = (

@@ -20,6 +20,7 @@ from difs_p2p.errors import (
     AlreadyExistsError,
     DeletedError,
     DifsError,
+    NetworkError,
     NotFoundError,
     PermissionDeniedError,
 )
@@ -518,6 +519,29 @@ async def test_holder_entries_with_bad_signatures_are_never_used(
         with pytest.raises(NotFoundError):
             await forging.get("/forged", io.BytesIO())
     assert connections == []
+
+
+async def test_an_object_whose_peers_vouch_for_no_holder_is_unavailable_not_missing(
+    network: list[Peer], tmp_path: Path
+) -> None:
+    """When the name's peers list no holder of the newest version (its holders stopped
+    answering their proofs of holding), the fetch fails as a network error (the gateway's
+    502, exit 9), not as a missing object: the manifest is there, its bytes are not now."""
+    src = write(tmp_path, 3 * SEG)
+    async with client_for(network[0], publisher=Identity.generate()) as client:
+        await client.put(src, "/unvouched", segment_size=SEG, replicas=2)
+
+    class NoHolders(Client):
+        async def _request(self, request: Op[Any], *, read_only: bool = False) -> Any:
+            reply = await super()._request(request, read_only=read_only)
+            if isinstance(reply, ResolveReply):
+                reply = replace(reply, holders=())
+            return reply
+
+    async with NoHolders(network[4].address) as client:
+        assert (await client.resolve("/unvouched")).holders == []
+        with pytest.raises(NetworkError, match="no holder of /unvouched is known to be live"):
+            await client.get("/unvouched", io.BytesIO())
 
 
 async def test_a_large_file_gets_large_segments_and_round_trips(
