@@ -6,8 +6,9 @@
 ``__slots__``, ``__match_args__``, pickling. ``@valueclass(kw_only=True)`` takes keyword
 arguments only; ``@valueclass(frozen=False)`` makes a mutable one (no ``__hash__``).
 
-Only ``__init__`` is compiled, once per class; the other methods are shared by every value
-class and read the class's fields (``operator.attrgetter``). ``dataclasses`` (which
+Only ``__init__`` is compiled, once per class and only when the class is first
+instantiated; the other methods are shared by every value class and read the class's
+fields (``operator.attrgetter``). ``dataclasses`` (which
 imports ``inspect``, ``ast`` and ``dis``, and compiles every method of every class apart)
 is never imported: it took a third of what a command spent importing. Checkers such as
 mypy see dataclasses (``typing.dataclass_transform``).
@@ -193,7 +194,32 @@ def _build(cls: type[T], frozen: bool, kw_only: bool) -> type[T]:
         space["__hash__"] = None  # mutable and compared: unhashable
     new: type[T] = cast(Any, type(cls))(cls.__name__, cls.__bases__, space)
     new.__qualname__ = cls.__qualname__
-    # -- its __init__, compiled ---------------------------------------------------------
+    # -- its __init__, compiled when the class is first instantiated -------------------
+    if "__init__" not in cls.__dict__:
+        new.__init__ = _lazy_init(new, fields, frozen, kw_only)  # type: ignore[method-assign]
+    return new
+
+
+def _lazy_init(
+    cls: type, fields: list[tuple[str, Any]], frozen: bool, kw_only: bool
+) -> Callable[..., None]:
+    """An ``__init__`` that compiles ``cls``'s own on its first call and puts it in its
+    place: most classes a command imports are never instantiated by it."""
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init = _compile_init(cls, fields, frozen, kw_only)
+        if cls.__dict__.get("__init__") is __init__:
+            type.__setattr__(cls, "__init__", init)
+        init(self, *args, **kwargs)
+
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    return __init__
+
+
+def _compile_init(
+    cls: type, fields: list[tuple[str, Any]], frozen: bool, kw_only: bool
+) -> Callable[..., None]:
+    """``cls``'s ``__init__``: each field set from its argument or default, in order."""
     env: dict[str, Any] = {"__M": _MISSING, "__object": object}
     params, body = [], []
     for i, (name, default) in enumerate(fields):
@@ -217,11 +243,9 @@ def _build(cls: type[T], frozen: bool, kw_only: bool) -> type[T]:
     signature = ", ".join(["self", *(["*"] if kw_only and params else []), *params])
     source = "\n".join([f"def __init__({signature}):", *(body or [" pass"])])
     exec(source, env)
-    init = env["__init__"]
+    init: Callable[..., None] = env["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
-    if "__init__" not in cls.__dict__:
-        new.__init__ = init  # type: ignore[method-assign]
-    return new
+    return init
 
 
 def _slotted(cls: type, name: str) -> bool:

@@ -134,3 +134,23 @@ def test_same_behaviour_as_a_dataclass(x: int, y: int, tags: list[str]) -> None:
     assert repr(ours).removeprefix("Point") == repr(theirs).removeprefix("DataPoint")
     assert hash(ours) == hash(theirs)  # both hash the tuple of fields
     assert (ours == Point(x, y, tuple(tags))) == (theirs == DataPoint(x, y, tuple(tags)))
+
+
+def test_init_is_compiled_at_the_first_instance_and_checks_its_arguments() -> None:
+    @valueclass
+    class Late:
+        a: int
+        b: str = "x"
+
+    lazy = Late.__dict__["__init__"]
+    with pytest.raises(TypeError):
+        Late()  # type: ignore[call-arg]  # the compiled __init__ refuses, as a dataclass's
+    assert Late.__dict__["__init__"] is not lazy  # compiled once, in its place from now on
+    assert Late(1) == Late(1, "x") and Late(a=2, b="y").b == "y"
+    with pytest.raises(TypeError):
+        Late(1, "x", 3)  # type: ignore[call-arg]
+
+    class Sub(Late):  # a plain subclass inherits the compiled __init__
+        pass
+
+    assert Sub(5).a == 5
