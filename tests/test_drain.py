@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from difs_p2p import ops, segments
+from difs_p2p.classgen import replace
 from difs_p2p.client import PublishResult
 from difs_p2p.control import OperatorCredential
 from difs_p2p.drain import (
@@ -280,7 +281,10 @@ async def test_a_drain_cut_short_loses_nothing_and_resumes(
     again = Peer(peer_config(data, bootstrap=(entry.address,)))
     five[five.index(leaver)] = again
     await again.start()
-    assert sorted(again.replicator.holdings.all(), key=lambda h: (h.key, h.start)) == held
+    # the same ranges held; a holding's lineage may have been learned meanwhile (the
+    # maintenance binds each holding to its manifest when it sees one)
+    kept = sorted(again.replicator.holdings.all(), key=lambda h: (h.key, h.start))
+    assert [replace(h, lineage=None) for h in kept] == [replace(h, lineage=None) for h in held]
     report = await again.drain()
     assert report["state"] == "done" and report["failed"] == []
     assert report["already_safe"] >= first["handed_over"] + first["already_safe"]
