@@ -111,7 +111,7 @@ def _getter(names: list[str]) -> Callable[[Any], tuple[Any, ...]]:
 
 
 # The methods every value class shares: they read the class's fields from the class, so
-# nothing is compiled for them (only __init__ is, once per class).
+# nothing is compiled for them (only __init__ is, once per class, at its first instance).
 
 
 def _repr(self: Any) -> str:
@@ -178,7 +178,7 @@ def _build(cls: type[T], frozen: bool, kw_only: bool) -> type[T]:
     space["__value_fields__"] = tuple(names)
     space["__value_defaults__"] = dict(fields)
     space["__value_get__"] = staticmethod(_getter(names))
-    space["__match_args__"] = () if kw_only else tuple(names)
+    space.setdefault("__match_args__", () if kw_only else tuple(names))
     shared: dict[str, Any] = {
         "__repr__": _repr,
         "__eq__": _eq,
