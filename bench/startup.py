@@ -6,7 +6,7 @@ machine's other load falls on all of them alike: ``python -c pass`` (the limit: 
 interpreter alone), ``difs --help``, ``difs get NAME -o FILE``, ``difs get NAME -o -``
 (stdout), ``difs put`` of a 6-byte file under a new name, the same get through the
 typer app (``cli.client_main``, the entry point before ``cli_fast``), and through the
-asyncio client (``cli_content.get_command`` with the quick path of quickget.py off: what
+asyncio client (``cli_content.get_content`` with the quick path of quickget.py off: what
 ``difs get`` of a small object cost before it). Wall time of each
 process, median and p90, and each median as a ratio to ``python -c pass`` (target <= 3);
 the 10 modules that take longest to import on the get path (``python -X importtime``,
@@ -42,8 +42,8 @@ SMALL = b"hello\n"
 TYPER = "import sys; sys.argv[0] = 'difs'; from difs_p2p.cli import client_main; client_main()"
 # `difs get NAME -o FILE` through the asyncio client (the quick path off)
 ASYNCIO = (
-    "import sys; from difs_p2p.cli_content import get_command; "
-    "get_command(sys.argv[1], sys.argv[2], quick=False)"
+    "import sys; from difs_p2p.cli_content import get_content; "
+    "get_content(sys.argv[1], sys.argv[2], quick=False)"
 )
 
 

@@ -206,26 +206,14 @@ def get_content(
     trust: str | None = None,
     sync: bool = False,
     as_json: bool = False,
-) -> None:
-    """``difs get``: fetch ``name`` into ``output`` (``-``: stdout; default: the name's
-    last component), print the summary; CommandExit with the error's code when it fails."""
-    get_command(name, output, version, byte_range, peer, trust, sync, as_json)
-
-
-def get_command(
-    name: str,
-    output: str | None = None,
-    version: int | None = None,
-    byte_range: str | None = None,
-    peer: str | None = None,
-    trust: str | None = None,
-    sync: bool = False,
-    as_json: bool = False,
+    *,
     quick: bool = True,
 ) -> None:
-    """``get_content``. The newest version of a small object is fetched without asyncio
-    (quickget.py) when it can be, unless ``quick`` is False (tests compare the two);
-    anything else, and what that path hands back, by the asyncio client."""
+    """``difs get``: fetch ``name`` into ``output`` (``-``: stdout; default: the name's
+    last component), print the summary; CommandExit with the error's code when it fails.
+    The newest version of a small object is fetched without asyncio (quickget.py) when it
+    can be, unless ``quick`` is False (tests compare the two); anything else, and what
+    that path hands back, by the asyncio client."""
     to_stdout = output == "-"
     if quick and version is None and byte_range is None and not sync:
         done = quick_get_content(name, output, peer, trust, as_json)

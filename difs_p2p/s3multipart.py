@@ -68,10 +68,10 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from difs_p2p.classgen import valueclass
 from difs_p2p.errors import CapacityError, DifsError, StorageError
@@ -439,7 +439,7 @@ class MultipartStore:
         if self.segments is not None:
             size = self._segment_size(upload_id, declared)
             return await self._put_segments(upload_id, number, chunks, md5, self.segments, size)
-        self._busy[upload_id] = self._busy.get(upload_id, 0) + 1
+        self._part_started(upload_id)
         counted = 0  # bytes of this part in self._writing
         writer: PartWriter | None = None
         recorded = False
@@ -447,7 +447,7 @@ class MultipartStore:
             writer = await _disk(
                 upload_id, number, PartWriter, self.root / upload_id, number, md5 is None
             )
-            pending: asyncio.Future[None] | None = None
+            writes = _WriteAhead()
             batch: list[bytes] = []
             gathered = 0
             try:
@@ -461,18 +461,11 @@ class MultipartStore:
                     batch.append(data)
                     gathered += len(data)
                     if gathered >= _BATCH:
-                        if pending is not None:
-                            await pending
-                        pending = asyncio.ensure_future(
-                            _disk(upload_id, number, writer.write, batch)
-                        )
+                        await writes.start(_disk, upload_id, number, writer.write, batch)
                         batch, gathered = [], 0
             finally:
-                if pending is not None and not pending.done():
-                    with contextlib.suppress(Exception):
-                        await pending  # its error, if any, is raised just below
-            if pending is not None:
-                pending.result()
+                await writes.settle()
+            writes.check()
             await _disk(upload_id, number, writer.finish, batch)
             etag = md5() if md5 is not None else None
             part, replaced = await _disk(
@@ -485,9 +478,7 @@ class MultipartStore:
             self._add(writing=-counted)
             if writer is not None and not recorded:
                 await asyncio.to_thread(writer.discard)
-            count = self._busy.pop(upload_id, 1) - 1
-            if count:
-                self._busy[upload_id] = count
+            self._part_ended(upload_id)
 
     async def _put_segments(
         self,
@@ -503,7 +494,7 @@ class MultipartStore:
         thread while the next is read. Its owner tag is recorded as being written first,
         so that a crash's leftovers are released on the next open; on any failure its
         segments are released at once."""
-        self._busy[upload_id] = self._busy.get(upload_id, 0) + 1
+        self._part_started(upload_id)
         gen = secrets.token_hex(8)
         owner = part_owner(upload_id, number, gen)
         writer = SegmentWriter(segments, owner, size, md5 is None)
@@ -514,7 +505,7 @@ class MultipartStore:
                 conn.execute(
                     "INSERT INTO writing (upload, owner) VALUES (?, ?)", (upload_id, owner)
                 )
-            pending: asyncio.Future[None] | None = None
+            writes = _WriteAhead()
             # segments as their pieces (views of immutable chunks), joined by the writer's
             # thread: the loop never copies a part
             batch: list[list[memoryview]] = []
@@ -538,18 +529,13 @@ class MultipartStore:
                             batch.append(pieces)
                             pieces, held = [], 0
                     if len(batch) >= _SEGMENT_BATCH:
-                        if pending is not None:
-                            await pending
-                        pending = asyncio.ensure_future(
-                            _disk(upload_id, number, writer.write, batch, pool=self._writers)
+                        await writes.start(
+                            _disk, upload_id, number, writer.write, batch, pool=self._writers
                         )
                         batch = []
             finally:
-                if pending is not None and not pending.done():
-                    with contextlib.suppress(Exception):
-                        await pending  # its error, if any, is raised just below
-            if pending is not None:
-                pending.result()
+                await writes.settle()
+            writes.check()
             if pieces:
                 batch.append(pieces)
             if batch:
@@ -565,9 +551,16 @@ class MultipartStore:
             self._add(writing=-counted)
             if not recorded:
                 await asyncio.to_thread(self._drop_write, writer)
-            count = self._busy.pop(upload_id, 1) - 1
-            if count:
-                self._busy[upload_id] = count
+            self._part_ended(upload_id)
+
+    def _part_started(self, upload_id: str) -> None:
+        """A part of ``upload_id`` is being received (expiry leaves the upload alone)."""
+        self._busy[upload_id] = self._busy.get(upload_id, 0) + 1
+
+    def _part_ended(self, upload_id: str) -> None:
+        count = self._busy.pop(upload_id, 1) - 1
+        if count:
+            self._busy[upload_id] = count
 
     def _segment_size(self, upload_id: str, declared: int | None) -> int:
         """The upload's segment size: set by the first part to arrive (parts arrive at
@@ -904,6 +897,30 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+class _WriteAhead:
+    """A part's disk writes one at a time, each running in a worker thread while the loop
+    reads the next batch: :meth:`start` waits for the write under way, then starts the
+    next; :meth:`settle` (in a ``finally``) waits for the last without raising, and
+    :meth:`check` raises its error, if any."""
+
+    def __init__(self) -> None:
+        self._pending: asyncio.Future[Any] | None = None
+
+    async def start(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> None:
+        if self._pending is not None:
+            await self._pending
+        self._pending = asyncio.ensure_future(fn(*args, **kwargs))
+
+    async def settle(self) -> None:
+        if self._pending is not None and not self._pending.done():
+            with contextlib.suppress(Exception):
+                await self._pending  # its error, if any, is raised by check()
+
+    def check(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
 
 
 async def _disk(

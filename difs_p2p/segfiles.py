@@ -89,6 +89,21 @@ def hash_fd(fd: int) -> bytes:
     return hasher.digest()
 
 
+def _write_all(fd: int, data: memoryview) -> None:
+    """Write all of ``data`` to ``fd``."""
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _fsync_dirs(touched: set[str]) -> None:
+    """fsync each directory a write touched, deepest first (StorageError if one fails)."""
+    try:
+        for directory in sorted(touched, key=lambda p: p.count(os.sep), reverse=True):
+            _fsync_dir(directory)
+    except OSError as exc:
+        raise os_error(exc, "syncing segment directories") from exc
+
+
 def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -173,9 +188,7 @@ class SegmentFiles:
         """Write ``data`` to a new file ``tmp`` and fsync it."""
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            while data:
-                n = os.write(fd, data)
-                data = data[n:]
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -219,11 +232,7 @@ class SegmentFiles:
                     os.unlink(tmp)
                 raise os_error(exc, f"writing segment {short(seg_id)}") from exc
             placed.append(path)
-        try:
-            for directory in sorted(touched, key=lambda p: p.count(os.sep), reverse=True):
-                _fsync_dir(directory)
-        except OSError as exc:
-            raise os_error(exc, "syncing segment directories") from exc
+        _fsync_dirs(touched)
 
     def write_group(
         self, ids: Sequence[bytes], data: Mapping[bytes, memoryview], placed: list[str]
@@ -247,9 +256,7 @@ class SegmentFiles:
             try:
                 self._make_parent(path, touched)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                view = data[seg_id]
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, data[seg_id])
             except OSError as exc:
                 if fd >= 0:
                     os.close(fd)
@@ -270,11 +277,7 @@ class SegmentFiles:
             finally:
                 os.close(fd)
             placed.append(path)
-        try:
-            for directory in sorted(touched, key=lambda p: p.count(os.sep), reverse=True):
-                _fsync_dir(directory)
-        except OSError as exc:
-            raise os_error(exc, "syncing segment directories") from exc
+        _fsync_dirs(touched)
         return failed
 
     def unlink(self, seg_id: bytes) -> None:

@@ -3,8 +3,7 @@ output and exit code for every case, run as real processes against real peers.
 
 ``quick`` runs ``difs get`` as installed (cli_fast, which takes the quick path when it
 can); ``slow`` runs the same command with the quick path off (``cli_content.get_content``
-``get_command`` with ``quick=False``), so every difference between the
-two is the quick path's.
+with ``quick=False``), so every difference between the two is the quick path's.
 """
 
 from __future__ import annotations
@@ -28,13 +27,13 @@ BIN = Path(sys.executable).parent
 SLOW = """
 import sys
 from difs_p2p.cli_common import CommandExit
-from difs_p2p.cli_content import get_command
+from difs_p2p.cli_content import get_content
 from difs_p2p.cli_fast import fast_command
 
 call = fast_command(sys.argv[1:])
 assert call is not None
 try:
-    get_command(**call[1], quick=False)
+    get_content(**call[1], quick=False)
 except CommandExit as exc:
     sys.exit(exc.code)
 """
