@@ -27,7 +27,7 @@ import bisect
 import collections
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from difs_p2p import control, wire
 from difs_p2p.classgen import field, valueclass
@@ -93,19 +93,22 @@ class Link:
                 )
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiting.append(done)
-            try:
+            with self._failing():
                 await self.conn.send(wire.PutSeg(request_id=0, seg_id=seg_id, data=data))
-            except (DifsError, OSError) as exc:
-                self._fail(exc)
-                raise self._gone(exc) from exc
-            except BaseException as exc:
-                self._fail(exc)
-                raise
         return done
 
-    def _gone(self, exc: BaseException) -> BusyError:
-        """The error upstream sees for a next hop lost (BUSY: the uploader may try again)."""
-        return BusyError(f"the next hop {self.hop.host}:{self.hop.port} failed: {exc}")
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        """Any failure of the connection fails the link; a lost next hop is raised as the
+        error upstream sees (BUSY: the uploader may try again)."""
+        try:
+            yield
+        except (DifsError, OSError) as exc:
+            self._fail(exc)
+            raise BusyError(f"the next hop {self.hop.host}:{self.hop.port} failed: {exc}") from exc
+        except BaseException as exc:
+            self._fail(exc)
+            raise
 
     async def ack(self, done: asyncio.Future[None]) -> None:
         """Wait for the hop's ACK of a forwarded segment (reading ACKs in order)."""
@@ -113,14 +116,8 @@ class Link:
             async with self._read:
                 if done.done():
                     break
-                try:
+                with self._failing():
                     frame = await self.conn.read_frame()
-                except (DifsError, OSError) as exc:
-                    self._fail(exc)
-                    raise self._gone(exc) from exc
-                except BaseException as exc:
-                    self._fail(exc)
-                    raise
                 first = self._waiting.popleft() if self._waiting else None
                 if isinstance(frame, wire.Ack) and first is not None:
                     first.set_result(None)
