@@ -551,6 +551,8 @@ class SegmentRun:
                 self.resting = False
                 self.supervise.clear()
             await asyncio.gather(*list(self.processing))
+            if self.crashed:  # a segment's processing failed as the last ones finished
+                raise self.crashed[0]
         finally:
             try:
                 tasks = [*self.workers.values(), *self.processing]
