@@ -127,7 +127,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
                 if not self.router.is_new_node(node) and self._at_address(node):
                     self.router.remove_contact(node)
                     self._failures.pop(node.id, None)
-                    self.dht.membership.left()
+                    self.dht.membership.left(len(self.router.all_contacts()))
                 elif node.id in self.router.overflow:
                     self.router.remove_contact(node)  # only at its own address
             return

@@ -164,9 +164,12 @@ class Membership:
         elif self.next_attempt is None:
             self.next_attempt = now  # try at once
 
-    def left(self) -> None:
-        """A contact said it leaves the network: it no longer counts in ``most_seen``."""
-        self.most_seen = max(self.size, self.most_seen - 1)
+    def left(self, size: int) -> None:
+        """A contact said it leaves the network: it no longer counts in ``most_seen``.
+        ``size``: the contacts the table holds now that it is removed (the size last
+        observed may be older: two leaves in a row would otherwise keep one counted)."""
+        self.size = size
+        self.most_seen = max(size, self.most_seen - 1)
 
     def evicted(self, address: Address) -> None:
         """A contact at ``address`` was evicted for not answering: remember it (newest)."""

@@ -84,12 +84,23 @@ def test_a_leave_lowers_most_seen_but_silence_does_not() -> None:
     m.evicted(("10.0.0.1", 1))
     m.observe(1, 1.0)
     assert m.most_seen == 2
-    m.left()
+    m.left(0)
     assert m.most_seen == 1
     m.observe(0, 2.0)
-    m.left()
+    m.left(0)
     assert m.most_seen == 0
     assert m.observe(0, 3.0) == Transition(ISOLATED, OK, 0, 0)
+
+
+def test_leaves_in_a_row_count_with_the_table_size_at_each() -> None:
+    """Two contacts that leave one after the other, with no observation between (the size
+    last observed is still 2), leave a table that is ok, not cut off."""
+    m = Membership(20)
+    m.observe(2, 0.0)
+    m.left(1)
+    m.left(0)
+    assert m.most_seen == 0
+    assert m.observe(0, 1.0) is None and m.state == OK
 
 
 @pytest.mark.parametrize(
